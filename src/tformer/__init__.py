@@ -1,0 +1,25 @@
+"""tformer: the Transformer from first principles, checkpoint-compatible with GPT-2."""
+
+from tformer.models.checkpoints import CheckpointError
+from tformer.models.gpt2 import GPT2, GPT2Config
+from tformer.tokenizers import (
+    CharTokenizer,
+    GPT2Tokenizer,
+    HFTokenizer,
+    Tokenizer,
+    load_tokenizer,
+    train_bpe,
+)
+
+__all__ = [
+    "GPT2",
+    "CharTokenizer",
+    "CheckpointError",
+    "GPT2Config",
+    "GPT2Tokenizer",
+    "HFTokenizer",
+    "Tokenizer",
+    "load_tokenizer",
+    "train_bpe",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,284 @@
+"""GPT-2 (Radford et al., 2019, "Language Models are Unsupervised Multitask Learners").
+
+A decoder-only Transformer:
+
+    h_0 = E[x] + P[0..T-1]                      token + learned position embeddings
+    h_l = Block(h_{l-1}),  l = 1..n_layers      pre-LN blocks:
+            r = h + Attn(LN_1(h))               causal multi-head self-attention
+            h = r + MLP(LN_2(r))                GELU (tanh) feed-forward, d_ff = 4 C
+    logits = LN_f(h_L) E^T                      final LayerNorm; head tied to the embedding
+
+The norm placement and the residual are the sublayer connection's switches, so the same
+model also runs as post-LN or without norms (the final LayerNorm exists only for pre-LN,
+whose residual stream is otherwise never normalised). Only the pre-LN form is GPT-2 and can
+be saved in the Hugging Face layout.
+
+Initialisation (one place, `init_weights`): every weight matrix and embedding ~ N(0, 0.02),
+biases 0, LayerNorm gains 1; the two projections that write into the residual stream in each
+block (attention output, second MLP layer) ~ N(0, 0.02 / sqrt(2 n_layers)), so that the
+stream's variance does not grow with depth.
+"""
+
+import math
+import os
+from dataclasses import asdict, dataclass, fields
+
+import torch
+from torch import nn
+
+from tformer.nn import (
+    FeedForward,
+    HookPoint,
+    KVCache,
+    LayerNorm,
+    LearnedPositionalEmbedding,
+    MultiHeadAttention,
+    SublayerConnection,
+    TokenEmbedding,
+)
+from tformer.nn.attention import Implementation
+from tformer.nn.sublayer import NormPosition
+
+# name -> (n_layers, n_heads, d_model), as published.
+PRESETS: dict[str, tuple[int, int, int]] = {
+    "gpt2": (12, 12, 768),
+    "gpt2-medium": (24, 16, 1024),
+    "gpt2-large": (36, 20, 1280),
+    "gpt2-xl": (48, 25, 1600),
+}
+
+
+@dataclass
+class GPT2Config:
+    vocab_size: int = 50257
+    max_len: int = 1024
+    d_model: int = 768
+    n_layers: int = 12
+    n_heads: int = 12
+    d_ff: int | None = None  # None: 4 * d_model
+    dropout: float = 0.1
+    layer_norm_eps: float = 1e-5
+    init_std: float = 0.02
+    eos_token_id: int | None = None
+    norm_position: NormPosition = "pre"
+    residual: bool = True
+    attention: Implementation = "sdpa"
+
+    def __post_init__(self) -> None:
+        if self.d_ff is None:
+            self.d_ff = 4 * self.d_model
+        for name in ("vocab_size", "max_len", "d_model", "n_layers", "n_heads", "d_ff"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"GPT2Config.{name} must be a positive integer, got {value!r}")
+        if self.d_model % self.n_heads != 0:
+            raise ValueError(
+                f"GPT2Config: d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})"
+            )
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"GPT2Config.dropout must be in [0, 1), got {self.dropout}")
+        if self.norm_position not in ("pre", "post", "none"):
+            raise ValueError(
+                f"GPT2Config.norm_position must be 'pre', 'post' or 'none', got {self.norm_position!r}"
+            )
+        if self.attention not in ("sdpa", "explicit"):
+            raise ValueError(
+                f"GPT2Config.attention must be 'sdpa' or 'explicit', got {self.attention!r}"
+            )
+        if self.eos_token_id is not None and not 0 <= self.eos_token_id < self.vocab_size:
+            raise ValueError(
+                f"GPT2Config.eos_token_id {self.eos_token_id} is outside the vocabulary "
+                f"(size {self.vocab_size})"
+            )
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> "GPT2Config":
+        """A published size by name ('gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl')."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown GPT-2 preset {name!r}; choose one of {', '.join(PRESETS)}")
+        n_layers, n_heads, d_model = PRESETS[name]
+        preset = dict(n_layers=n_layers, n_heads=n_heads, d_model=d_model, eos_token_id=50256)
+        unknown = set(overrides) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown GPT2Config field(s): {', '.join(sorted(unknown))}")
+        return cls(**{**preset, **overrides})
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class Block(nn.Module):
+    """One decoder block, (B, T, C) -> (B, T, C).
+
+        resid_pre ──┬─────────────────────(+)── resid_mid ──┬──────────────────(+)── resid_post
+                    └─ LN_1 ─ Attn ─ attn_out ─┘            └─ LN_2 ─ MLP ─ mlp_out ─┘
+
+    (drawn pre-LN; the sublayer connections move the norms for post-LN or remove them.)
+    """
+
+    def __init__(self, config: GPT2Config) -> None:
+        super().__init__()
+        c = config
+        self.attn_sublayer = SublayerConnection(
+            c.d_model, c.norm_position, c.residual, c.dropout, c.layer_norm_eps
+        )
+        self.attn = MultiHeadAttention(
+            c.d_model, c.n_heads, causal=True, fused_qkv=True, dropout=c.dropout,
+            implementation=c.attention,
+        )  # fmt: skip
+        self.mlp_sublayer = SublayerConnection(
+            c.d_model, c.norm_position, c.residual, c.dropout, c.layer_norm_eps
+        )
+        self.mlp = FeedForward(c.d_model, c.d_ff, activation="gelu_tanh")
+        self.hook_resid_pre = HookPoint()
+        self.hook_attn_out = HookPoint()
+        self.hook_resid_mid = HookPoint()
+        self.hook_mlp_out = HookPoint()
+        self.hook_resid_post = HookPoint()
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+    ) -> torch.Tensor:
+        x = self.hook_resid_pre(x)
+
+        def attend(h: torch.Tensor) -> torch.Tensor:
+            return self.hook_attn_out(self.attn(h, attention_mask=attention_mask, cache=cache))
+
+        x = self.hook_resid_mid(self.attn_sublayer(x, attend))
+        x = self.mlp_sublayer(x, lambda h: self.hook_mlp_out(self.mlp(h)))
+        return self.hook_resid_post(x)
+
+
+class GPT2(nn.Module):
+    """GPT-2 language model: token ids (B, T) -> next-token logits (B, T, V)."""
+
+    def __init__(self, config: GPT2Config, seed: int | None = None) -> None:
+        super().__init__()
+        self.config = config
+        c = config
+        self.token_embedding = TokenEmbedding(c.vocab_size, c.d_model)
+        self.position_embedding = LearnedPositionalEmbedding(c.max_len, c.d_model)
+        self.embedding_dropout = nn.Dropout(c.dropout)
+        self.blocks = nn.ModuleList(Block(c) for _ in range(c.n_layers))
+        self.final_norm = (
+            LayerNorm(c.d_model, c.layer_norm_eps) if c.norm_position == "pre" else nn.Identity()
+        )
+        self.init_weights(seed)
+
+    @torch.no_grad()
+    def init_weights(self, seed: int | None = None) -> None:
+        """GPT-2's initialisation; the same seed gives the same weights."""
+        device = self.token_embedding.weight.device
+        if device.type == "meta":
+            return
+        g = torch.Generator(device=device)
+        if seed is None:
+            g.seed()
+        else:
+            g.manual_seed(seed)
+        std = self.config.init_std
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.normal_(module.weight, 0.0, std, generator=g)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, (TokenEmbedding, LearnedPositionalEmbedding)):
+                nn.init.normal_(module.weight, 0.0, std, generator=g)
+            elif isinstance(module, LayerNorm):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+        residual_std = std / math.sqrt(2 * self.config.n_layers)
+        for block in self.blocks:
+            nn.init.normal_(block.attn.w_o.weight, 0.0, residual_std, generator=g)
+            nn.init.normal_(block.mlp.w2.weight, 0.0, residual_std, generator=g)
+
+    def num_parameters(self) -> int:
+        """Trainable parameters, the tied embedding/head counted once."""
+        return sum(p.numel() for p in self.parameters())
+
+    def check_input(self, input_ids: torch.Tensor, past: int) -> None:
+        """Reject what the model cannot compute, with a message that says why."""
+        if input_ids.dim() != 2:
+            raise ValueError(
+                f"input_ids must have shape (batch, time), got {tuple(input_ids.shape)}; "
+                "add a batch dimension with input_ids[None]"
+            )
+        if input_ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
+            raise ValueError(f"input_ids must hold integer token ids, got {input_ids.dtype}")
+        t, v, max_len = input_ids.shape[1], self.config.vocab_size, self.config.max_len
+        if past + t > max_len:
+            raise ValueError(
+                f"sequence of {past + t} tokens is longer than the context window "
+                f"(max_len={max_len}); cut the input to its last {max_len} tokens"
+            )
+        if input_ids.numel() > 0:
+            low, high = int(input_ids.min()), int(input_ids.max())
+            if low < 0 or high >= v:
+                bad = low if low < 0 else high
+                raise ValueError(
+                    f"token id {bad} is outside the vocabulary (0..{v - 1}); was the text "
+                    "encoded with the tokenizer this model was trained with?"
+                )
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        caches: list[KVCache] | None = None,
+    ) -> torch.Tensor:
+        """input_ids (B, T) -> logits (B, T, V).
+
+        attention_mask (B, S): 1 for real tokens, 0 for padding, over every position the
+        attention sees (with caches, the cached ones too). position_ids (B, T): defaults to
+        0..T-1 after the cached positions. caches: one KVCache per block, for decoding.
+        """
+        past = caches[0].length if caches is not None else 0
+        self.check_input(input_ids, past)
+        if caches is not None and len(caches) != len(self.blocks):
+            raise ValueError(f"need one KV cache per block ({len(self.blocks)}), got {len(caches)}")
+        b, t = input_ids.shape
+        if position_ids is None:
+            position_ids = torch.arange(past, past + t, device=input_ids.device).unsqueeze(0)
+        x = self.token_embedding(input_ids) + self.position_embedding(position_ids)  # (B, T, C)
+        x = self.embedding_dropout(x)
+        for i, block in enumerate(self.blocks):
+            x = block(x, attention_mask, caches[i] if caches is not None else None)
+        x = self.final_norm(x)
+        # The output head is the token embedding itself (weight tying): (B, T, C) -> (B, T, V).
+        return nn.functional.linear(x, self.token_embedding.weight)
+
+    def new_caches(
+        self, batch_size: int, max_len: int | None = None, dtype: torch.dtype | None = None
+    ) -> list[KVCache]:
+        """One empty, preallocated KV cache per block."""
+        c, w = self.config, self.token_embedding.weight
+        return [
+            KVCache(batch_size, c.n_heads, max_len or c.max_len, c.d_model // c.n_heads,
+                    dtype or w.dtype, w.device)  # fmt: skip
+            for _ in self.blocks
+        ]
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path_or_name: str | os.PathLike,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ) -> "GPT2":
+        """Load a GPT-2 checkpoint in the Hugging Face layout: a local directory with
+        config.json and model.safetensors (or pytorch_model.bin), or a Hub name such as
+        'gpt2' when the network allows."""
+        from tformer.models.checkpoints import load_gpt2
+
+        return load_gpt2(path_or_name, dtype=dtype, device=device)
+
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        """Write config.json and model.safetensors in the Hugging Face layout, atomically;
+        `transformers.GPT2LMHeadModel.from_pretrained(directory)` loads the result."""
+        from tformer.models.checkpoints import save_gpt2
+
+        save_gpt2(self, directory)

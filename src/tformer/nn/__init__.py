@@ -1,0 +1,37 @@
+"""Transformer building blocks, one concept per module."""
+
+from tformer.nn.attention import (
+    MultiHeadAttention,
+    attention_weights,
+    causal_mask,
+    explicit_attention,
+    fused_attention,
+)
+from tformer.nn.embedding import (
+    LearnedPositionalEmbedding,
+    SinusoidalPositionalEncoding,
+    TokenEmbedding,
+    sinusoidal_table,
+)
+from tformer.nn.feedforward import FeedForward
+from tformer.nn.hooks import HookPoint
+from tformer.nn.kv_cache import KVCache
+from tformer.nn.norm import LayerNorm
+from tformer.nn.sublayer import SublayerConnection
+
+__all__ = [
+    "FeedForward",
+    "HookPoint",
+    "KVCache",
+    "LayerNorm",
+    "LearnedPositionalEmbedding",
+    "MultiHeadAttention",
+    "SinusoidalPositionalEncoding",
+    "SublayerConnection",
+    "TokenEmbedding",
+    "attention_weights",
+    "causal_mask",
+    "explicit_attention",
+    "fused_attention",
+    "sinusoidal_table",
+]

@@ -1,0 +1,181 @@
+"""Scaled dot-product attention and multi-head attention (Vaswani et al., 2017, sec. 3.2).
+
+    Attention(Q, K, V) = softmax(Q K^T / sqrt(d_k) + M) V
+
+M is 0 where a query may look at a key and -inf where it may not (a future token in causal
+attention, a padding token). Dividing by sqrt(d_k) keeps the dot products of unit-variance
+vectors at unit variance, so the softmax does not saturate as the head width grows.
+
+    MultiHead(X, Y) = Concat(head_1, ..., head_h) W^O
+    head_i          = Attention(X W_i^Q, Y W_i^K, Y W_i^V)
+
+Self-attention has Y = X; causal self-attention also masks the future; cross-attention takes
+Y from another sequence (the encoder's output, the "memory").
+
+Masks here are boolean, True where attention is allowed, and broadcast to (B, H, T, S).
+A query that may see no key at all (a padding position) gets zero output rather than NaN,
+on both paths.
+"""
+
+import math
+from typing import Literal
+
+import torch
+from torch import nn
+
+from tformer.nn.hooks import HookPoint
+from tformer.nn.kv_cache import KVCache
+
+Implementation = Literal["sdpa", "explicit"]
+
+
+def attention_weights(
+    q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """softmax(Q K^T / sqrt(d_k) + M): (B, H, T, D), (B, H, S, D) -> (B, H, T, S)."""
+    scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])  # (B, H, T, S)
+    if mask is None:
+        return torch.softmax(scores.float(), dim=-1).to(q.dtype)
+    scores = scores.float().masked_fill(~mask, float("-inf"))
+    # A row that is all -inf gives NaN in softmax; such a query attends to nothing.
+    return torch.softmax(scores, dim=-1).masked_fill(~mask, 0.0).to(q.dtype)
+
+
+def explicit_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    pattern_hook: nn.Module | None = None,
+) -> torch.Tensor:
+    """The equation written out: (B, H, T, D) x3 -> (B, H, T, D).
+
+    `pattern_hook` sees the attention weights (B, H, T, S), so they can be read or changed.
+    """
+    weights = attention_weights(q, k, mask)
+    if pattern_hook is not None:
+        weights = pattern_hook(weights)
+    if dropout_p > 0.0:
+        weights = nn.functional.dropout(weights, p=dropout_p)
+    return weights @ v
+
+
+def fused_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    is_causal: bool = False,
+    dropout_p: float = 0.0,
+) -> torch.Tensor:
+    """The same through PyTorch's fused kernel; never materialises the (T, S) weights."""
+    return nn.functional.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal
+    )
+
+
+def causal_mask(t: int, s: int, device: torch.device | None = None) -> torch.Tensor:
+    """(T, S) boolean mask for T new queries that follow S - T earlier (cached) positions."""
+    offset = s - t
+    rows = torch.arange(t, device=device).unsqueeze(1) + offset  # absolute query positions
+    return torch.arange(s, device=device).unsqueeze(0) <= rows
+
+
+class MultiHeadAttention(nn.Module):
+    """Multi-head attention: self, causal self, or cross.
+
+    `fused_qkv` keeps W^Q, W^K, W^V in one (C, 3C) projection (GPT-2); otherwise they are
+    three projections, which cross-attention needs because K and V come from the memory.
+    `implementation` picks the explicit path (which exposes the weights at `hook_pattern`)
+    or PyTorch's fused kernel; the two agree to float rounding.
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        n_heads: int,
+        causal: bool = False,
+        fused_qkv: bool = False,
+        bias: bool = True,
+        dropout: float = 0.0,
+        implementation: Implementation = "sdpa",
+    ) -> None:
+        super().__init__()
+        if d_model % n_heads != 0:
+            raise ValueError(f"d_model ({d_model}) must be divisible by n_heads ({n_heads})")
+        if implementation not in ("sdpa", "explicit"):
+            raise ValueError(f"unknown attention implementation {implementation!r}")
+        self.d_model, self.n_heads, self.d_head = d_model, n_heads, d_model // n_heads
+        self.causal = causal
+        self.fused_qkv = fused_qkv
+        self.dropout = dropout
+        self.implementation: Implementation = implementation
+        if fused_qkv:
+            self.w_qkv = nn.Linear(d_model, 3 * d_model, bias=bias)
+        else:
+            self.w_q = nn.Linear(d_model, d_model, bias=bias)
+            self.w_k = nn.Linear(d_model, d_model, bias=bias)
+            self.w_v = nn.Linear(d_model, d_model, bias=bias)
+        self.w_o = nn.Linear(d_model, d_model, bias=bias)
+        self.hook_pattern = HookPoint()
+
+    def split_heads(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        return x.view(b, t, self.n_heads, self.d_head).transpose(1, 2)  # (B, T, C) -> (B, H, T, D)
+
+    def project(
+        self, x: torch.Tensor, memory: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Q from x; K and V from the memory in cross-attention, else from x. Each (B, *, C)."""
+        if self.fused_qkv:
+            if memory is not None:
+                raise ValueError("cross-attention needs separate projections: fused_qkv=False")
+            return self.w_qkv(x).split(self.d_model, dim=-1)
+        source = x if memory is None else memory
+        return self.w_q(x), self.w_k(source), self.w_v(source)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        memory: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+    ) -> torch.Tensor:
+        """x (B, T, C); memory (B, S, C) for cross-attention; -> (B, T, C).
+
+        attention_mask (B, S) marks the keys that are real tokens (1/True) rather than
+        padding; with a cache it covers every position in the cache, old and new.
+        """
+        b, t, _ = x.shape
+        q, k, v = (self.split_heads(p) for p in self.project(x, memory))  # (B, H, *, D)
+        if cache is not None:
+            if memory is not None:
+                raise ValueError("a KV cache is for self-attention; cross-attention keys are fixed")
+            k, v = cache.update(k, v)  # (B, H, S, D): every position so far
+        s = k.shape[2]
+
+        mask = None
+        if attention_mask is not None:
+            if attention_mask.shape != (b, s):
+                raise ValueError(
+                    f"attention_mask has shape {tuple(attention_mask.shape)}, expected {(b, s)}"
+                )
+            mask = attention_mask.bool()[:, None, None, :]  # (B, S) -> (B, 1, 1, S)
+        # Without padding, a causal block with no cache (T = S) takes the kernel's own causal
+        # path, and one new token (T = 1) may see every key: neither needs a mask tensor.
+        needs_causal_mask = self.causal and t > 1 and (mask is not None or t != s)
+        if needs_causal_mask:
+            causal = causal_mask(t, s, x.device)  # (T, S)
+            mask = causal if mask is None else mask & causal  # -> (B, 1, T, S)
+        dropout_p = self.dropout if self.training else 0.0
+
+        if self.implementation == "explicit":
+            if self.causal and mask is None and t > 1:
+                mask = causal_mask(t, s, x.device)
+            out = explicit_attention(q, k, v, mask, dropout_p, self.hook_pattern)
+        else:
+            is_causal = self.causal and t > 1 and mask is None
+            out = fused_attention(q, k, v, mask, is_causal, dropout_p)
+        out = out.transpose(1, 2).reshape(b, t, self.d_model)  # (B, H, T, D) -> (B, T, C)
+        return self.w_o(out)

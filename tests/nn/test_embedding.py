@@ -1,0 +1,59 @@
+import math
+
+import pytest
+import torch
+
+from tformer.nn import (
+    LearnedPositionalEmbedding,
+    SinusoidalPositionalEncoding,
+    TokenEmbedding,
+    sinusoidal_table,
+)
+
+
+@pytest.mark.parametrize("d_model", [8, 7, 64])
+def test_sinusoidal_matches_paper_formula_elementwise(d_model):
+    max_len = 50
+    table = sinusoidal_table(max_len, d_model)
+    assert table.shape == (max_len, d_model)
+    for pos in (0, 1, 7, 49):
+        for j in range(d_model):
+            i = j // 2  # dimension j = 2i (sine) or 2i + 1 (cosine)
+            angle = pos / 10000 ** (2 * i / d_model)
+            expected = math.sin(angle) if j % 2 == 0 else math.cos(angle)
+            assert table[pos, j].item() == pytest.approx(expected, abs=1e-6)
+
+
+def test_sinusoidal_position_zero_is_alternating_zero_one():
+    assert torch.equal(sinusoidal_table(1, 6)[0], torch.tensor([0.0, 1, 0, 1, 0, 1]))
+
+
+def test_sinusoidal_encoding_has_no_parameters_and_indexes_positions():
+    pe = SinusoidalPositionalEncoding(max_len=20, d_model=6)
+    assert list(pe.parameters()) == [] and "table" not in pe.state_dict()
+    positions = torch.tensor([[3, 4], [0, 19]])
+    out = pe(positions)
+    assert out.shape == (2, 2, 6)
+    assert torch.equal(out[1, 1], sinusoidal_table(20, 6)[19])
+
+
+def test_token_embedding_is_a_row_lookup_with_optional_sqrt_d_scale():
+    emb = TokenEmbedding(vocab_size=10, d_model=4)
+    torch.nn.init.normal_(emb.weight)
+    ids = torch.tensor([[1, 9, 1]])
+    assert torch.equal(emb(ids)[0, 1], emb.weight[9])
+    reference = torch.nn.Embedding(10, 4)
+    reference.weight.data.copy_(emb.weight.data)
+    assert torch.equal(emb(ids), reference(ids))
+    scaled = TokenEmbedding(vocab_size=10, d_model=4, scale=True)
+    scaled.weight.data.copy_(emb.weight.data)
+    torch.testing.assert_close(scaled(ids), emb(ids) * 2.0, rtol=0, atol=0)
+
+
+def test_learned_positional_embedding_is_trainable_lookup():
+    pe = LearnedPositionalEmbedding(max_len=5, d_model=3)
+    torch.nn.init.normal_(pe.weight)
+    out = pe(torch.arange(5))
+    assert torch.equal(out, pe.weight)
+    out.sum().backward()
+    assert pe.weight.grad is not None
