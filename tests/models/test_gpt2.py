@@ -1,0 +1,165 @@
+import math
+
+import pytest
+import torch
+
+from tformer import GPT2, GPT2Config
+from tformer.models.gpt2 import PRESETS
+
+
+def tiny(**overrides) -> GPT2Config:
+    base = dict(vocab_size=97, max_len=16, d_model=24, n_layers=2, n_heads=3, dropout=0.0)
+    return GPT2Config(**{**base, **overrides})
+
+
+def published_count(n_layers, d_model, vocab=50257, max_len=1024):
+    # embeddings + per block (attention 4C^2 + 4C, MLP 8C^2 + 5C, two LayerNorms 4C) + ln_f
+    return vocab * d_model + max_len * d_model + n_layers * (12 * d_model**2 + 13 * d_model) + 2 * d_model
+
+
+@pytest.mark.parametrize(
+    "name, expected",
+    [
+        ("gpt2", 124_439_808),
+        ("gpt2-medium", 354_823_168),
+        ("gpt2-large", 774_030_080),
+        ("gpt2-xl", 1_557_611_200),
+    ],
+)
+def test_preset_parameter_counts_equal_published_checkpoints(name, expected):
+    with torch.device("meta"):
+        model = GPT2(GPT2Config.from_preset(name))
+    assert model.num_parameters() == expected
+    n_layers, _, d_model = PRESETS[name]
+    assert published_count(n_layers, d_model) == expected
+
+
+def test_head_is_tied_to_token_embedding():
+    model = GPT2(tiny(), seed=0)
+    x = torch.randint(0, 97, (1, 5))
+    hidden = {}
+    model.final_norm.register_forward_hook(lambda m, a, out: hidden.setdefault("h", out))
+    logits = model(x)
+    torch.testing.assert_close(logits, hidden["h"] @ model.token_embedding.weight.T)
+
+
+def test_logits_shape():
+    assert GPT2(tiny())(torch.randint(0, 97, (3, 7))).shape == (3, 7, 97)
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "explicit"])
+def test_future_tokens_never_change_past_logits(attention):
+    model = GPT2(tiny(attention=attention), seed=1).eval()
+    x = torch.randint(0, 97, (2, 10))
+    changed = x.clone()
+    changed[:, 6:] = (changed[:, 6:] + 1) % 97
+    torch.testing.assert_close(model(x)[:, :6], model(changed)[:, :6], rtol=0, atol=0)
+
+
+def test_explicit_and_sdpa_attention_give_the_same_model():
+    fast = GPT2(tiny(), seed=2).eval()
+    slow = GPT2(tiny(attention="explicit")).eval()
+    slow.load_state_dict(fast.state_dict())
+    x = torch.randint(0, 97, (2, 12))
+    torch.testing.assert_close(fast(x), slow(x), rtol=1e-5, atol=1e-5)
+
+
+def test_cached_decoding_equals_full_forward():
+    model = GPT2(tiny(), seed=3).eval()
+    x = torch.randint(0, 97, (2, 9))
+    full = model(x)
+    caches = model.new_caches(batch_size=2)
+    parts = [model(x[:, :5], caches=caches)]
+    parts += [model(x[:, i : i + 1], caches=caches) for i in range(5, 9)]
+    torch.testing.assert_close(torch.cat(parts, dim=1), full, rtol=1e-5, atol=1e-5)
+
+
+def test_initialisation_is_seeded_and_scales_residual_projections():
+    config = tiny(d_model=256, n_layers=8, n_heads=4)
+    a, b, c = GPT2(config, seed=7), GPT2(config, seed=7), GPT2(config, seed=8)
+    for (name, pa), pb in zip(a.named_parameters(), b.parameters(), strict=True):
+        assert torch.equal(pa, pb), name
+    assert not torch.equal(a.blocks[0].attn.w_qkv.weight, c.blocks[0].attn.w_qkv.weight)
+    residual_std = 0.02 / math.sqrt(2 * 8)
+    assert a.blocks[3].attn.w_o.weight.std().item() == pytest.approx(residual_std, rel=0.05)
+    assert a.blocks[3].mlp.w2.weight.std().item() == pytest.approx(residual_std, rel=0.05)
+    assert a.blocks[3].mlp.w1.weight.std().item() == pytest.approx(0.02, rel=0.05)
+    assert a.token_embedding.weight.std().item() == pytest.approx(0.02, rel=0.05)
+    assert torch.equal(a.blocks[0].attn.w_qkv.bias, torch.zeros(3 * 256))
+    assert torch.equal(a.final_norm.weight, torch.ones(256))
+
+
+def test_named_hook_points_expose_the_residual_stream():
+    model = GPT2(tiny(), seed=4).eval()
+    seen = {}
+    for name, module in model.named_modules():
+        if name.split(".")[-1].startswith("hook_") and "attn.hook_pattern" not in name:
+            module.register_forward_hook(lambda m, a, out, name=name: seen.__setitem__(name, out))
+    model(torch.randint(0, 97, (1, 5)))
+    b0, b1 = "blocks.0.", "blocks.1."
+    torch.testing.assert_close(seen[b0 + "hook_resid_post"], seen[b1 + "hook_resid_pre"])
+    torch.testing.assert_close(
+        seen[b0 + "hook_resid_mid"], seen[b0 + "hook_resid_pre"] + seen[b0 + "hook_attn_out"]
+    )
+    torch.testing.assert_close(
+        seen[b0 + "hook_resid_post"], seen[b0 + "hook_resid_mid"] + seen[b0 + "hook_mlp_out"]
+    )
+
+
+@pytest.mark.parametrize("norm_position", ["post", "none"])
+def test_other_norm_placements_build_without_final_norm(norm_position):
+    model = GPT2(tiny(norm_position=norm_position), seed=5)
+    assert isinstance(model.final_norm, torch.nn.Identity)
+    assert model(torch.randint(0, 97, (1, 4))).isfinite().all()
+
+
+def test_dropout_only_in_training():
+    model = GPT2(tiny(dropout=0.5), seed=6)
+    x = torch.randint(0, 97, (1, 8))
+    model.eval()
+    torch.testing.assert_close(model(x), model(x), rtol=0, atol=0)
+    model.train()
+    assert not torch.allclose(model(x), model(x))
+
+
+def test_token_id_outside_vocabulary_is_a_clear_error():
+    model = GPT2(tiny())
+    with pytest.raises(ValueError, match=r"token id 97 is outside the vocabulary \(0..96\)"):
+        model(torch.tensor([[1, 97]]))
+    with pytest.raises(ValueError, match="token id -1"):
+        model(torch.tensor([[-1, 2]]))
+
+
+def test_input_longer_than_context_is_a_clear_error():
+    with pytest.raises(ValueError, match=r"longer than the context window \(max_len=16\)"):
+        GPT2(tiny())(torch.zeros(1, 17, dtype=torch.long))
+
+
+def test_input_without_batch_dimension_is_a_clear_error():
+    with pytest.raises(ValueError, match=r"shape \(batch, time\)"):
+        GPT2(tiny())(torch.zeros(5, dtype=torch.long))
+
+
+def test_float_input_is_a_clear_error():
+    with pytest.raises(ValueError, match="integer token ids"):
+        GPT2(tiny())(torch.zeros(1, 5))
+
+
+def test_unknown_preset_lists_the_known_ones():
+    with pytest.raises(ValueError, match="unknown GPT-2 preset 'gpt3'.*gpt2-medium"):
+        GPT2Config.from_preset("gpt3")
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (dict(d_model=30, n_heads=4), "divisible"),
+        (dict(n_layers=0), "n_layers must be a positive integer"),
+        (dict(dropout=1.0), "dropout"),
+        (dict(norm_position="sandwich"), "norm_position"),
+        (dict(eos_token_id=500), "eos_token_id 500 is outside"),
+    ],
+)
+def test_bad_config_is_rejected(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        tiny(**overrides)
