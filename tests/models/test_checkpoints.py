@@ -43,7 +43,9 @@ def max_diff(a, b):
     return (a - b).abs().max().item()
 
 
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s['n_layer']}L{s['n_head']}H{s['n_embd']}C")
+@pytest.mark.parametrize(
+    "shape", SHAPES, ids=lambda s: f"{s['n_layer']}L{s['n_head']}H{s['n_embd']}C"
+)
 def test_hf_checkpoint_loads_with_identical_logits(shape, tmp_path):
     reference = hf_model(shape)
     reference.save_pretrained(tmp_path)
@@ -56,13 +58,19 @@ def test_hf_checkpoint_loads_with_identical_logits(shape, tmp_path):
     assert max_diff(ours[real], theirs[real]) <= 1e-4
 
 
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s['n_layer']}L{s['n_head']}H{s['n_embd']}C")
+@pytest.mark.parametrize(
+    "shape", SHAPES, ids=lambda s: f"{s['n_layer']}L{s['n_head']}H{s['n_embd']}C"
+)
 def test_saved_tformer_model_loads_in_transformers_with_identical_logits(shape, tmp_path):
     config = GPT2Config(
-        vocab_size=shape["vocab_size"], max_len=shape["n_positions"], d_model=shape["n_embd"],
-        n_layers=shape["n_layer"], n_heads=shape["n_head"], d_ff=shape.get("n_inner"),
+        vocab_size=shape["vocab_size"],
+        max_len=shape["n_positions"],
+        d_model=shape["n_embd"],
+        n_layers=shape["n_layer"],
+        n_heads=shape["n_head"],
+        d_ff=shape.get("n_inner"),
         dropout=0.0,
-    )  # fmt: skip
+    )
     model = GPT2(config, seed=0).eval()
     with torch.no_grad():
         for p in model.parameters():
@@ -76,7 +84,9 @@ def test_saved_tformer_model_loads_in_transformers_with_identical_logits(shape, 
     real = mask.bool()
     assert max_diff(ours[real], theirs[real]) <= 1e-4
     reloaded = GPT2.from_pretrained(tmp_path)
-    for (name, a), b in zip(model.state_dict().items(), reloaded.state_dict().values(), strict=True):
+    for (name, a), b in zip(
+        model.state_dict().items(), reloaded.state_dict().values(), strict=True
+    ):
         assert torch.equal(a, b), name
     assert reloaded.config == config
 
@@ -87,7 +97,9 @@ def test_pytorch_bin_and_unprefixed_names_load(tmp_path):
     reference.config.to_json_file(tmp_path / "bin" / "config.json")
     torch.save(reference.state_dict(), tmp_path / "bin" / "pytorch_model.bin")  # the older format
     reference.transformer.save_pretrained(tmp_path / "base")  # GPT2Model: no "transformer."
-    assert not any(k.startswith("transformer.") for k in load_file(tmp_path / "base" / "model.safetensors"))
+    assert not any(
+        k.startswith("transformer.") for k in load_file(tmp_path / "base" / "model.safetensors")
+    )
     ids, _ = batch(311, 37)
     with torch.no_grad():
         expected = reference(ids).logits
@@ -99,7 +111,10 @@ def test_sharded_safetensors_load(tmp_path):
     reference = hf_model(SHAPES[1])
     reference.config.to_json_file(tmp_path / "config.json")
     names = sorted(k for k in reference.state_dict() if k != "lm_head.weight")  # tied to wte
-    shards = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
+    shards = {
+        "model-00001-of-00002.safetensors": names[::2],
+        "model-00002-of-00002.safetensors": names[1::2],
+    }
     for shard, keys in shards.items():
         save_file({k: reference.state_dict()[k].contiguous() for k in keys}, tmp_path / shard)
     weight_map = {k: shard for shard, keys in shards.items() for k in keys}
@@ -138,12 +153,16 @@ def test_mismatched_shape_is_named(saved):
     config["n_embd"] = 32
     config["n_head"] = 2
     (saved / "config.json").write_text(json.dumps(config))
-    with pytest.raises(CheckpointError, match=r"shape does not match config.json: wte.weight \(50, 16\)"):
+    with pytest.raises(
+        CheckpointError, match=r"shape does not match config.json: wte.weight \(50, 16\)"
+    ):
         GPT2.from_pretrained(saved)
 
 
 def test_unexpected_tensor_is_named(saved):
-    rewrite_tensors(saved, lambda t: t.__setitem__("transformer.h.7.attn.c_attn.weight", torch.zeros(1)))
+    rewrite_tensors(
+        saved, lambda t: t.__setitem__("transformer.h.7.attn.c_attn.weight", torch.zeros(1))
+    )
     with pytest.raises(CheckpointError, match=r"tensors a GPT-2 does not have: h\.7\.attn\.c_attn"):
         GPT2.from_pretrained(saved)
 
@@ -164,7 +183,9 @@ def test_truncated_weights_file_is_reported(saved):
 def test_missing_config_or_weights_are_reported(tmp_path):
     with pytest.raises(CheckpointError, match="config.json: missing"):
         GPT2.from_pretrained(tmp_path)
-    (tmp_path / "config.json").write_text(json.dumps(dict(n_embd=16, n_layer=1, n_head=1, vocab_size=50)))
+    (tmp_path / "config.json").write_text(
+        json.dumps(dict(n_embd=16, n_layer=1, n_head=1, vocab_size=50))
+    )
     with pytest.raises(CheckpointError, match="no weights found"):
         GPT2.from_pretrained(tmp_path)
 
@@ -203,7 +224,9 @@ def test_hub_name_without_network_says_how_to_load_locally(monkeypatch):
 
 
 def test_post_ln_model_cannot_be_saved_as_gpt2(tmp_path):
-    model = GPT2(GPT2Config(vocab_size=20, max_len=8, d_model=8, n_layers=1, n_heads=2, norm_position="post"))
+    model = GPT2(
+        GPT2Config(vocab_size=20, max_len=8, d_model=8, n_layers=1, n_heads=2, norm_position="post")
+    )
     with pytest.raises(CheckpointError, match="only the GPT-2 architecture"):
         model.save_pretrained(tmp_path)
     assert not any(tmp_path.iterdir())  # nothing half-written

@@ -14,7 +14,12 @@ def tiny(**overrides) -> GPT2Config:
 
 def published_count(n_layers, d_model, vocab=50257, max_len=1024):
     # embeddings + per block (attention 4C^2 + 4C, MLP 8C^2 + 5C, two LayerNorms 4C) + ln_f
-    return vocab * d_model + max_len * d_model + n_layers * (12 * d_model**2 + 13 * d_model) + 2 * d_model
+    return (
+        vocab * d_model
+        + max_len * d_model
+        + n_layers * (12 * d_model**2 + 13 * d_model)
+        + 2 * d_model
+    )
 
 
 @pytest.mark.parametrize(

@@ -144,7 +144,9 @@ def test_kv_cache_decoding_equals_full_forward(implementation):
     full = mha(x, attention_mask=padding)
     cache = KVCache(2, 2, max_len=10, d_head=4)
     prefill = mha(x[:, :4], attention_mask=padding[:, :4], cache=cache)
-    steps = [mha(x[:, i : i + 1], attention_mask=padding[:, : i + 1], cache=cache) for i in range(4, 7)]
+    steps = [
+        mha(x[:, i : i + 1], attention_mask=padding[:, : i + 1], cache=cache) for i in range(4, 7)
+    ]
     incremental = torch.cat([prefill, *steps], dim=1)
     real = padding.unsqueeze(-1).expand_as(full)  # padding queries are not compared
     torch.testing.assert_close(incremental[real], full[real], rtol=1e-5, atol=1e-6)

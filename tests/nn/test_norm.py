@@ -15,7 +15,9 @@ def test_layer_norm_matches_formula_and_torch_module():
     torch.nn.init.normal_(ln.bias)
     x = torch.randn(3, 5, 16, dtype=torch.float64) * 4 + 2
     ln = ln.double()
-    torch.testing.assert_close(ln(x), layer_norm_formula(x, ln.weight, ln.bias, 1e-5), rtol=0, atol=1e-12)
+    torch.testing.assert_close(
+        ln(x), layer_norm_formula(x, ln.weight, ln.bias, 1e-5), rtol=0, atol=1e-12
+    )
     ref = torch.nn.LayerNorm(16, eps=1e-5).double()
     ref.load_state_dict(ln.state_dict())
     torch.testing.assert_close(ln(x), ref(x), rtol=0, atol=1e-12)

@@ -4,13 +4,14 @@ A checkpoint is a directory with `config.json` and the weights in `model.safeten
 sharded `model.safetensors.index.json`, or the older `pytorch_model.bin`). This is the only
 module that speaks Hugging Face's vocabulary; everything is translated here:
 
-    config.json          tformer                tensor                     tformer
-    n_embd               d_model                wte                        token_embedding
-    n_layer / n_head     n_layers / n_heads     wpe                        position_embedding
-    n_positions          max_len                h.i.ln_1 / h.i.ln_2        blocks.i.{attn,mlp}_sublayer.norm
-    n_inner              d_ff                   h.i.attn.c_attn / c_proj   blocks.i.attn.w_qkv / w_o
-    resid_pdrop          dropout                h.i.mlp.c_fc / c_proj      blocks.i.mlp.w1 / w2
-    layer_norm_epsilon   layer_norm_eps         ln_f                       final_norm
+    config.json          tformer              tensor                  tformer
+    n_embd               d_model              wte                     token_embedding
+    n_layer / n_head     n_layers / n_heads   wpe                     position_embedding
+    n_positions          max_len              h.i.ln_1, h.i.ln_2      blocks.i.attn_sublayer.norm,
+    n_inner              d_ff                                         blocks.i.mlp_sublayer.norm
+    resid_pdrop          dropout              h.i.attn.c_attn, c_proj blocks.i.attn.w_qkv, w_o
+    layer_norm_epsilon   layer_norm_eps       h.i.mlp.c_fc, c_proj    blocks.i.mlp.w1, w2
+                                              ln_f                    final_norm
 
 GPT-2's projections are `Conv1D` layers whose weight is stored (in, out), the transpose of
 `nn.Linear`'s (out, in). Tensor names may carry a `transformer.` prefix (GPT2LMHeadModel) or
@@ -152,7 +153,11 @@ def state_dict_from_hf(
     """GPT-2 tensors in Hugging Face naming -> tformer's, checking that every one is there."""
     tensors = {k.removeprefix("transformer."): v for k, v in tensors.items()}
     head = tensors.pop("lm_head.weight", None)
-    if head is not None and "wte.weight" in tensors and not torch.equal(head, tensors["wte.weight"]):
+    if (
+        head is not None
+        and "wte.weight" in tensors
+        and not torch.equal(head, tensors["wte.weight"])
+    ):
         raise CheckpointError(
             f"{source}: lm_head.weight differs from wte.weight; GPT-2's output head is tied "
             "to the token embedding, and an untied head is not supported"
@@ -181,8 +186,7 @@ def state_dict_from_hf(
         problems.append(f"tensors a GPT-2 does not have: {_short(unexpected)}")
     if problems:
         raise CheckpointError(
-            f"{source}: not a GPT-2 checkpoint that matches its config.json; "
-            + "; ".join(problems)
+            f"{source}: not a GPT-2 checkpoint that matches its config.json; " + "; ".join(problems)
         )
     return out
 

@@ -73,13 +73,15 @@ class GPT2Config:
                 raise ValueError(f"GPT2Config.{name} must be a positive integer, got {value!r}")
         if self.d_model % self.n_heads != 0:
             raise ValueError(
-                f"GPT2Config: d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})"
+                f"GPT2Config: d_model ({self.d_model}) must be divisible by "
+                f"n_heads ({self.n_heads})"
             )
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"GPT2Config.dropout must be in [0, 1), got {self.dropout}")
         if self.norm_position not in ("pre", "post", "none"):
             raise ValueError(
-                f"GPT2Config.norm_position must be 'pre', 'post' or 'none', got {self.norm_position!r}"
+                "GPT2Config.norm_position must be 'pre', 'post' or 'none', "
+                f"got {self.norm_position!r}"
             )
         if self.attention not in ("sdpa", "explicit"):
             raise ValueError(
@@ -123,9 +125,13 @@ class Block(nn.Module):
             c.d_model, c.norm_position, c.residual, c.dropout, c.layer_norm_eps
         )
         self.attn = MultiHeadAttention(
-            c.d_model, c.n_heads, causal=True, fused_qkv=True, dropout=c.dropout,
+            c.d_model,
+            c.n_heads,
+            causal=True,
+            fused_qkv=True,
+            dropout=c.dropout,
             implementation=c.attention,
-        )  # fmt: skip
+        )
         self.mlp_sublayer = SublayerConnection(
             c.d_model, c.norm_position, c.residual, c.dropout, c.layer_norm_eps
         )
@@ -257,8 +263,14 @@ class GPT2(nn.Module):
         """One empty, preallocated KV cache per block."""
         c, w = self.config, self.token_embedding.weight
         return [
-            KVCache(batch_size, c.n_heads, max_len or c.max_len, c.d_model // c.n_heads,
-                    dtype or w.dtype, w.device)  # fmt: skip
+            KVCache(
+                batch_size,
+                c.n_heads,
+                max_len or c.max_len,
+                c.d_model // c.n_heads,
+                dtype or w.dtype,
+                w.device,
+            )
             for _ in self.blocks
         ]
 

@@ -31,7 +31,9 @@ class KVCache(nn.Module):
         """Append (B, H, T, D) keys and values; return all (B, H, length, D) so far."""
         start, end = self.length, self.length + k.shape[2]
         if end > self.max_len:
-            raise ValueError(f"KV cache is full: {end} positions requested, room for {self.max_len}")
+            raise ValueError(
+                f"KV cache is full: {end} positions requested, room for {self.max_len}"
+            )
         self.k[:, :, start:end] = k
         self.v[:, :, start:end] = v
         self.length = end

@@ -1,0 +1,3 @@
+from tformer.cli.main import main
+
+main()

@@ -1,0 +1,1 @@
+"""The `tformer` command: one small module per subcommand."""

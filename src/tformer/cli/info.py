@@ -1,0 +1,52 @@
+"""`tformer info`: a preset's or a checkpoint's configuration and size."""
+
+from pathlib import Path
+
+import torch
+
+from tformer.cli.common import print_json
+from tformer.models.checkpoints import config_from_hf, resolve_checkpoint
+from tformer.models.gpt2 import GPT2, PRESETS, GPT2Config
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "info",
+        help="show a model's configuration and parameter count",
+        description="Show the configuration and parameter count of a GPT-2 preset "
+        f"({', '.join(PRESETS)}) or of a checkpoint directory.",
+    )
+    p.add_argument("source", help="a preset name or a checkpoint directory")
+    p.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    p.set_defaults(run=run)
+
+
+def describe(source: str) -> dict:
+    if source in PRESETS and not Path(source).exists():
+        config = GPT2Config.from_preset(source)
+    else:
+        from tformer.files import read_json
+
+        directory = resolve_checkpoint(source)
+        config = config_from_hf(read_json(directory / "config.json", "the model's config"), source)
+    with torch.device("meta"):
+        n = GPT2(config).num_parameters()
+    return {
+        "source": source,
+        "config": config.to_dict(),
+        "parameters": n,
+        "megabytes_float32": round(n * 4 / 2**20, 1),
+        "megabytes_bfloat16": round(n * 2 / 2**20, 1),
+    }
+
+
+def run(args) -> None:
+    d = describe(args.source)
+    if args.json:
+        print_json(d)
+        return
+    mb32, mb16 = d["megabytes_float32"], d["megabytes_bfloat16"]
+    print(f"{d['source']}: {d['parameters']:,} parameters")
+    print(f"  {mb32:,} MB in float32, {mb16:,} MB in bfloat16")
+    for key, value in d["config"].items():
+        print(f"  {key:<16} {value}")

@@ -1,0 +1,44 @@
+"""`tformer init`: a new, randomly initialised GPT-2, saved as a checkpoint."""
+
+from tformer.cli.common import print_json
+from tformer.models.gpt2 import GPT2, PRESETS, GPT2Config
+from tformer.tokenizers import GPT2Tokenizer
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "init",
+        help="create a randomly initialised GPT-2 checkpoint",
+        description="Create a GPT-2 with the GPT-2 initialisation and save it in the Hugging "
+        "Face layout (config.json, model.safetensors) with the GPT-2 tokenizer. Start from a "
+        "preset and override any size.",
+    )
+    p.add_argument("out", help="directory to write")
+    p.add_argument("--preset", default="gpt2", choices=list(PRESETS), help="(default: gpt2)")
+    p.add_argument("--n-layers", type=int, help="number of blocks")
+    p.add_argument("--n-heads", type=int, help="attention heads per block")
+    p.add_argument("--d-model", type=int, help="width of the residual stream")
+    p.add_argument("--max-len", type=int, help="context window in tokens")
+    p.add_argument("--seed", type=int, default=0, help="initialisation seed (default: 0)")
+    p.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    p.set_defaults(run=run)
+
+
+def run(args) -> None:
+    sizes = dict(
+        n_layers=args.n_layers, n_heads=args.n_heads, d_model=args.d_model, max_len=args.max_len
+    )
+    config = GPT2Config.from_preset(
+        args.preset, **{k: v for k, v in sizes.items() if v is not None}
+    )
+    model = GPT2(config, seed=args.seed)
+    model.save_pretrained(args.out)
+    GPT2Tokenizer().save(args.out)
+    if args.json:
+        print_json(
+            {"out": args.out, "parameters": model.num_parameters(), "config": config.to_dict()}
+        )
+    else:
+        print(
+            f"wrote {args.out}: GPT-2 with {model.num_parameters():,} parameters (random weights)"
+        )

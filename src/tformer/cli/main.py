@@ -1,0 +1,37 @@
+"""`tformer COMMAND ...`: parse, call the library, print."""
+
+import argparse
+import os
+import sys
+
+from tformer.cli import demo, generate, info, init, tokenize
+
+COMMANDS = [demo, info, init, tokenize, generate]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tformer",
+        description="The Transformer from first principles: GPT-2 models, checkpoint-compatible "
+        "with Hugging Face transformers.",
+        epilog="Run 'tformer COMMAND --help' for a command's options.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for command in COMMANDS:
+        command.add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        args.run(args)
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        # Errors at the boundary (bad checkpoint, bad option, missing file) are the user's
+        # to fix: say what is wrong without a stack trace, unless asked for one.
+        if os.environ.get("TFORMER_DEBUG"):
+            raise
+        print(f"tformer {args.command}: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        sys.exit(130)

@@ -1,0 +1,21 @@
+"""Text generation: samplers and cached decoding, outside the model."""
+
+from tformer.generate.decode import SamplingConfig, generate_ids, stream_tokens
+from tformer.generate.sampling import (
+    apply_temperature,
+    greedy,
+    sample,
+    top_k_filter,
+    top_p_filter,
+)
+
+__all__ = [
+    "SamplingConfig",
+    "apply_temperature",
+    "generate_ids",
+    "greedy",
+    "sample",
+    "stream_tokens",
+    "top_k_filter",
+    "top_p_filter",
+]

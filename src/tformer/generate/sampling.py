@@ -1,0 +1,47 @@
+"""Samplers: pure functions from next-token logits (B, V) to logits or token ids.
+
+temperature   p_i ∝ exp(z_i / T): T < 1 sharpens, T > 1 flattens
+top-k         keep the k largest logits, the rest become -inf
+top-p         keep the smallest set of most likely tokens whose probability reaches p
+              (Holtzman et al., 2020, "The Curious Case of Neural Text Degeneration")
+"""
+
+import torch
+
+
+def apply_temperature(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    if temperature <= 0:
+        raise ValueError("temperature must be > 0; use greedy decoding for temperature 0")
+    return logits / temperature
+
+
+def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """(B, V) -> (B, V) with all but the k largest logits set to -inf (ties kept)."""
+    if k <= 0:
+        raise ValueError(f"top-k must be a positive integer, got {k}")
+    k = min(k, logits.shape[-1])
+    kth = torch.topk(logits, k, dim=-1).values[..., -1:]  # (B, 1)
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
+    """(B, V) -> (B, V) keeping the smallest set of top tokens with total probability >= p."""
+    if not 0.0 < p <= 1.0:
+        raise ValueError(f"top-p must be in (0, 1], got {p}")
+    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+    probs = torch.softmax(sorted_logits.float(), dim=-1)
+    before = probs.cumsum(dim=-1) - probs  # probability of the tokens ranked above each one
+    drop_sorted = before >= p  # the set already reached p without this token
+    drop = drop_sorted.scatter(-1, order, drop_sorted)  # back to vocabulary order
+    return logits.masked_fill(drop, float("-inf"))
+
+
+def greedy(logits: torch.Tensor) -> torch.Tensor:
+    """(B, V) -> (B,) the most likely token."""
+    return logits.argmax(dim=-1)
+
+
+def sample(logits: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """(B, V) -> (B,) a token drawn from softmax(logits)."""
+    probs = torch.softmax(logits.float(), dim=-1)
+    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)

@@ -1,0 +1,97 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tformer.cli.main import main
+
+
+def run_cli(capsys, *argv):
+    main(list(argv))
+    return capsys.readouterr().out
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ckpt")
+    main(
+        [
+            "init",
+            str(out),
+            "--n-layers",
+            "2",
+            "--d-model",
+            "32",
+            "--n-heads",
+            "2",
+            "--max-len",
+            "64",
+        ]
+    )
+    return out
+
+
+def test_info_of_preset_as_json(capsys):
+    d = json.loads(run_cli(capsys, "info", "gpt2", "--json"))
+    assert d["parameters"] == 124_439_808 and d["config"]["n_layers"] == 12
+
+
+def test_init_writes_hf_layout_with_tokenizer(checkpoint, capsys):
+    names = {p.name for p in checkpoint.iterdir()}
+    assert {"config.json", "model.safetensors", "vocab.json", "merges.txt"} <= names
+    d = json.loads(run_cli(capsys, "info", str(checkpoint), "--json"))
+    assert d["config"]["d_model"] == 32
+
+
+def test_generate_json_is_reproducible(checkpoint, capsys):
+    argv = [
+        "generate",
+        str(checkpoint),
+        "--prompt",
+        "Hello",
+        "--max-new-tokens",
+        "8",
+        "--seed",
+        "1",
+        "--json",
+    ]
+    a = json.loads(run_cli(capsys, *argv))
+    b = json.loads(run_cli(capsys, *argv))
+    assert a["completion"] == b["completion"] and a["new_tokens"] <= 8
+
+
+def test_generate_streams_prompt_and_completion(checkpoint, capsys):
+    out = run_cli(
+        capsys, "generate", str(checkpoint), "--prompt", "Hi", "--max-new-tokens", "5", "--greedy"
+    )
+    assert out.startswith("Hi") and len(out) > 2
+
+
+def test_tokenize_json(capsys):
+    d = json.loads(run_cli(capsys, "tokenize", "Hello world", "--json"))
+    assert d["ids"] == [15496, 995] and d["pieces"] == ["Hello", " world"]
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["generate", "/nonexistent/ckpt", "--prompt", "x"], "no such directory"),
+        (["info", "gpt5"], "gpt5"),
+        (["init", "/tmp/x", "--n-heads", "5"], "divisible"),
+    ],
+)
+def test_bad_input_is_one_line_error_not_a_traceback(argv, message):
+    result = subprocess.run(
+        [sys.executable, "-m", "tformer", *argv], capture_output=True, text=True
+    )
+    assert result.returncode == 2
+    assert message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_help_explains_commands():
+    result = subprocess.run(
+        [sys.executable, "-m", "tformer", "--help"], capture_output=True, text=True
+    )
+    for command in ("demo", "info", "init", "tokenize", "generate"):
+        assert command in result.stdout
