@@ -120,6 +120,12 @@ class MultiHeadAttention(nn.Module):
         self.w_o = nn.Linear(d_model, d_model, bias=bias)
         self.hook_pattern = HookPoint()
 
+    def extra_repr(self) -> str:
+        return (
+            f"n_heads={self.n_heads}, d_head={self.d_head}, causal={self.causal}, "
+            f"implementation={self.implementation!r}"
+        )
+
     def split_heads(self, x: torch.Tensor) -> torch.Tensor:
         b, t, _ = x.shape
         return x.view(b, t, self.n_heads, self.d_head).transpose(1, 2)  # (B, T, C) -> (B, H, T, D)

@@ -33,6 +33,10 @@ class TokenEmbedding(nn.Module):
         x = nn.functional.embedding(ids, self.weight)  # (..., T) -> (..., T, C)
         return x * self.multiplier if self.multiplier != 1.0 else x
 
+    def extra_repr(self) -> str:
+        v, c = self.weight.shape
+        return f"{v}, {c}" + (f", scale={self.multiplier:.3g}" if self.multiplier != 1.0 else "")
+
 
 def sinusoidal_table(max_len: int, d_model: int) -> torch.Tensor:
     """The (max_len, d_model) table of PE(pos, 2i) = sin(.), PE(pos, 2i+1) = cos(.)."""
@@ -56,6 +60,9 @@ class SinusoidalPositionalEncoding(nn.Module):
     def forward(self, positions: torch.Tensor) -> torch.Tensor:
         return self.table[positions]  # (..., T) -> (..., T, C)
 
+    def extra_repr(self) -> str:
+        return f"{self.table.shape[0]}, {self.table.shape[1]}"
+
 
 class LearnedPositionalEmbedding(nn.Module):
     """Positions (..., T) -> trained vectors (..., T, C), one row per position."""
@@ -67,3 +74,6 @@ class LearnedPositionalEmbedding(nn.Module):
 
     def forward(self, positions: torch.Tensor) -> torch.Tensor:
         return nn.functional.embedding(positions, self.weight)  # (..., T) -> (..., T, C)
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[0]}, {self.weight.shape[1]}"

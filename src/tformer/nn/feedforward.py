@@ -37,5 +37,8 @@ class FeedForward(nn.Module):
         self.w1 = nn.Linear(d_model, d_ff)
         self.w2 = nn.Linear(d_ff, d_model)
 
+    def extra_repr(self) -> str:
+        return f"activation={self.activation!r}"
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.w2(activation_fn(self.activation, self.w1(x)))  # (B, T, C) -> (B, T, C)

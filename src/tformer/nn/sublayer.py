@@ -44,6 +44,9 @@ class SublayerConnection(nn.Module):
         self.norm = LayerNorm(d_model, eps) if norm_position != "none" else None
         self.dropout = nn.Dropout(dropout)
 
+    def extra_repr(self) -> str:
+        return f"norm_position={self.norm_position!r}, residual={self.residual}"
+
     def forward(self, x: torch.Tensor, sublayer: Callable[[torch.Tensor], torch.Tensor]):
         """(B, T, C) -> (B, T, C)."""
         if self.norm_position == "pre":
