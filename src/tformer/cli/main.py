@@ -4,6 +4,7 @@ import argparse
 import os
 import sys
 
+from tformer import __version__
 from tformer.cli import demo, generate, info, init, tokenize
 
 COMMANDS = [demo, info, init, tokenize, generate]
@@ -16,6 +17,7 @@ def build_parser() -> argparse.ArgumentParser:
         "with Hugging Face transformers.",
         epilog="Run 'tformer COMMAND --help' for a command's options.",
     )
+    parser.add_argument("--version", action="version", version=f"tformer {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for command in COMMANDS:
         command.add_parser(sub)
