@@ -2,10 +2,9 @@ import json
 
 import pytest
 
+import tformer.tokenizers
 from tformer import CharTokenizer, GPT2Tokenizer, HFTokenizer, load_tokenizer, train_bpe
 from tformer.tokenizers import bytes_to_unicode, tokenizer_for_model
-
-transformers = pytest.importorskip("transformers")
 
 MULTILINGUAL = [
     "Hello world",
@@ -63,6 +62,7 @@ def test_saved_vocabulary_has_gpt2_layout(saved_gpt2):
 
 @pytest.mark.parametrize("text", MULTILINGUAL + ["text<|endoftext|>more text"])
 def test_gpt2_matches_reference_tokenizers_token_for_token(gpt2, saved_gpt2, text):
+    transformers = pytest.importorskip("transformers")
     # transformers' two independent BPE implementations (Python and Rust), reading the
     # vocabulary that tformer wrote, must agree with tiktoken on every token.
     slow = transformers.GPT2Tokenizer.from_pretrained(saved_gpt2)
@@ -140,3 +140,52 @@ def test_directory_without_tokenizer(tmp_path):
     with pytest.raises(FileNotFoundError, match="not GPT-2's"):
         tokenizer_for_model(tmp_path, vocab_size=100)
     assert isinstance(tokenizer_for_model(tmp_path, vocab_size=50257), GPT2Tokenizer)
+
+
+def test_saved_gpt2_tokenizer_loads_without_the_cached_ranks(saved_gpt2, monkeypatch):
+    def offline():
+        raise RuntimeError("no network")
+
+    monkeypatch.setattr(tformer.tokenizers, "gpt2_ranks_file", offline)
+    loaded = load_tokenizer(saved_gpt2)
+    assert isinstance(loaded, GPT2Tokenizer)
+    assert loaded.encode("Hello world") == [15496, 995]
+
+
+def test_saving_a_tokenizer_replaces_the_one_already_there(gpt2, tmp_path):
+    gpt2.save(tmp_path)
+    trained = train_bpe(["some text to learn from " * 10], vocab_size=280)
+    trained.save(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tokenizer.json"]
+    assert load_tokenizer(tmp_path).vocab_size == trained.vocab_size < 50257
+    CharTokenizer.from_text("abc").save(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["char_tokenizer.json"]
+
+
+@pytest.mark.parametrize("bad", [[-1], [50257], [10**9]])
+def test_decoding_ids_outside_the_vocabulary_is_a_clear_error(gpt2, bad):
+    with pytest.raises(ValueError, match=f"token id {bad[0]} is outside the vocabulary"):
+        gpt2.decode(bad)
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        CharTokenizer.from_text("abc").decode([3 if bad[0] > 0 else -1])
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        train_bpe(["abc abc"], vocab_size=260).decode(bad)
+
+
+def test_hf_tokenizer_encode_leaves_the_wrapped_tokenizer_unchanged():
+    tok = train_bpe(["hello world " * 5], vocab_size=270)
+    before = tok.tokenizer.encode_special_tokens
+    tok.encode("<|endoftext|>")
+    tok.encode("<|endoftext|>", allow_special=True)
+    assert tok.tokenizer.encode_special_tokens == before
+
+
+def test_char_tokenizer_file_with_bad_entries_is_rejected(tmp_path):
+    (tmp_path / "char_tokenizer.json").write_text('{"type": "char", "chars": [1, 2]}')
+    with pytest.raises(ValueError, match="distinct single characters"):
+        load_tokenizer(tmp_path)
+
+
+def test_missing_directory_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no such directory"):
+        load_tokenizer(tmp_path / "nope")

@@ -40,6 +40,10 @@ GPT2_RANKS_URL = "https://openaipublic.blob.core.windows.net/encodings/r50k_base
 GPT2_RANKS_SDIST = ("openai-whisper==20250625", "whisper/assets/gpt2.tiktoken")
 
 CHAR_TOKENIZER_FILE = "char_tokenizer.json"
+# Every file a tokenizer may be saved as; saving one kind removes the others' files, so a
+# directory never holds two tokenizers that disagree.
+TOKENIZER_FILES = (CHAR_TOKENIZER_FILE, "tokenizer.json", "vocab.json", "merges.txt")
+TOKENIZER_FILES += ("tokenizer_config.json",)
 
 
 @runtime_checkable
@@ -58,6 +62,20 @@ class Tokenizer(Protocol):
     def decode(self, ids: Sequence[int]) -> str: ...
 
     def save(self, directory: str | os.PathLike) -> None: ...
+
+
+def check_ids(ids: Sequence[int], vocab_size: int) -> list[int]:
+    ids = [int(i) for i in ids]
+    bad = [i for i in ids if not 0 <= i < vocab_size]
+    if bad:
+        raise ValueError(f"token id {bad[0]} is outside the vocabulary (0..{vocab_size - 1})")
+    return ids
+
+
+def remove_other_tokenizers(directory: Path, keep: Sequence[str]) -> None:
+    for name in TOKENIZER_FILES:
+        if name not in keep:
+            (directory / name).unlink(missing_ok=True)
 
 
 def cache_dir() -> Path:
@@ -176,15 +194,16 @@ def merges_from_ranks(ranks: dict[bytes, int]) -> list[tuple[bytes, bytes]]:
 class GPT2Tokenizer:
     """GPT-2's byte-level BPE through tiktoken: "Hello world" -> [15496, 995]."""
 
-    def __init__(self, ranks_file: str | os.PathLike | None = None) -> None:
+    def __init__(self, ranks: dict[bytes, int] | None = None) -> None:
+        """ranks: token bytes -> rank; by default GPT-2's, from the cache (fetched once)."""
         import tiktoken
 
-        path = Path(ranks_file) if ranks_file is not None else gpt2_ranks_file()
-        self.ranks = parse_tiktoken_ranks(path.read_bytes(), str(path))
-        if len(self.ranks) != GPT2_EOT_ID or sorted(self.ranks.values()) != list(
-            range(GPT2_EOT_ID)
-        ):
-            raise ValueError(f"{path}: expected ranks 0..{GPT2_EOT_ID - 1}, one per line")
+        if ranks is None:
+            path = gpt2_ranks_file()
+            ranks = parse_tiktoken_ranks(path.read_bytes(), str(path))
+        if sorted(ranks.values()) != list(range(GPT2_EOT_ID)):
+            raise ValueError(f"GPT-2 BPE needs ranks 0..{GPT2_EOT_ID - 1}, one per token")
+        self.ranks = ranks
         self.special_tokens = {ENDOFTEXT: GPT2_EOT_ID}
         self.vocab_size = GPT2_EOT_ID + 1
         self.encoding = tiktoken.Encoding(
@@ -193,6 +212,19 @@ class GPT2Tokenizer:
             mergeable_ranks=self.ranks,
             special_tokens=self.special_tokens,
         )
+
+    @classmethod
+    def from_vocab_json(cls, path: str | os.PathLike) -> "GPT2Tokenizer":
+        """The ranks read back from a vocab.json that `save` wrote; no network needed."""
+        to_byte = {c: b for b, c in bytes_to_unicode().items()}
+        ranks = {}
+        for token, rank in read_json(path, "a GPT-2 vocabulary").items():
+            if token == ENDOFTEXT:
+                continue
+            if not isinstance(rank, int) or any(c not in to_byte for c in token):
+                raise ValueError(f"{path}: {token!r} is not a byte-level BPE token with an id")
+            ranks[bytes(to_byte[c] for c in token)] = rank
+        return cls(ranks)
 
     @property
     def eos_id(self) -> int:
@@ -204,7 +236,7 @@ class GPT2Tokenizer:
         return self.encoding.encode_ordinary(text)
 
     def decode(self, ids: Sequence[int]) -> str:
-        return self.encoding.decode(list(ids))
+        return self.encoding.decode(check_ids(ids, self.vocab_size))
 
     def save(self, directory: str | os.PathLike) -> None:
         """vocab.json + merges.txt + tokenizer_config.json: the Hugging Face GPT-2 layout."""
@@ -217,6 +249,10 @@ class GPT2Tokenizer:
         vocab = {spell(token): rank for token, rank in self.ranks.items()}
         vocab[ENDOFTEXT] = GPT2_EOT_ID
         merges = [f"{spell(a)} {spell(b)}" for a, b in merges_from_ranks(self.ranks)]
+        directory.mkdir(parents=True, exist_ok=True)
+        remove_other_tokenizers(
+            directory, keep=("vocab.json", "merges.txt", "tokenizer_config.json")
+        )
         atomic_write_text(directory / "vocab.json", json.dumps(vocab, ensure_ascii=False))
         atomic_write_text(directory / "merges.txt", "#version: 0.2\n" + "\n".join(merges) + "\n")
         atomic_write_json(
@@ -241,8 +277,10 @@ class CharTokenizer:
     """One id per distinct character of the text it was built from, in sorted order."""
 
     def __init__(self, chars: Sequence[str]) -> None:
-        if len(set(chars)) != len(chars) or any(len(c) != 1 for c in chars):
-            raise ValueError("CharTokenizer needs distinct single characters")
+        if any(not isinstance(c, str) or len(c) != 1 for c in chars) or len(set(chars)) != len(
+            chars
+        ):
+            raise ValueError("CharTokenizer needs a list of distinct single characters")
         if not chars:
             raise ValueError("CharTokenizer needs at least one character")
         self.chars = list(chars)
@@ -269,12 +307,12 @@ class CharTokenizer:
             ) from None
 
     def decode(self, ids: Sequence[int]) -> str:
-        return "".join(self.chars[i] for i in ids)
+        return "".join(self.chars[i] for i in check_ids(ids, self.vocab_size))
 
     def save(self, directory: str | os.PathLike) -> None:
-        atomic_write_json(
-            Path(directory) / CHAR_TOKENIZER_FILE, {"type": "char", "chars": self.chars}
-        )
+        directory = Path(directory)
+        atomic_write_json(directory / CHAR_TOKENIZER_FILE, {"type": "char", "chars": self.chars})
+        remove_other_tokenizers(directory, keep=(CHAR_TOKENIZER_FILE,))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "CharTokenizer":
@@ -327,21 +365,27 @@ class HFTokenizer:
         return self.special_tokens.get(ENDOFTEXT)
 
     def encode(self, text: str, allow_special: bool = False) -> list[int]:
-        self.tokenizer.encode_special_tokens = not allow_special
-        return self.tokenizer.encode(text, add_special_tokens=False).ids
+        before = self.tokenizer.encode_special_tokens
+        self.tokenizer.encode_special_tokens = not allow_special  # True: as ordinary text
+        try:
+            return self.tokenizer.encode(text, add_special_tokens=False).ids
+        finally:
+            self.tokenizer.encode_special_tokens = before
 
     def decode(self, ids: Sequence[int]) -> str:
-        return self.tokenizer.decode(list(ids), skip_special_tokens=False)
+        return self.tokenizer.decode(check_ids(ids, self.vocab_size), skip_special_tokens=False)
 
     def save(self, directory: str | os.PathLike) -> None:
-        atomic_write(Path(directory) / "tokenizer.json", lambda tmp: self.tokenizer.save(tmp))
+        directory = Path(directory)
+        atomic_write(directory / "tokenizer.json", lambda tmp: self.tokenizer.save(tmp))
+        remove_other_tokenizers(directory, keep=("tokenizer.json",))
 
 
 def train_bpe(
     texts: Iterable[str], vocab_size: int, min_frequency: int = 2, show_progress: bool = False
 ) -> HFTokenizer:
-    """Train a GPT-2-style byte-level BPE on your own texts (with <|endoftext|> as the
-    last-added special token)."""
+    """Train a GPT-2-style byte-level BPE on your own texts; <|endoftext|> is its one
+    special token (id 0)."""
     from tokenizers import Tokenizer as RustTokenizer
     from tokenizers import decoders, models, pre_tokenizers, trainers
 
@@ -372,6 +416,8 @@ def load_tokenizer(directory: str | os.PathLike) -> Tokenizer:
     GPT-2 (loaded with tiktoken); tokenizer.json; vocab.json + merges.txt.
     """
     directory = Path(directory)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"{directory}: no such directory")
     if (directory / CHAR_TOKENIZER_FILE).is_file():
         return CharTokenizer.load(directory / CHAR_TOKENIZER_FILE)
     config_path = directory / "tokenizer_config.json"
@@ -379,7 +425,7 @@ def load_tokenizer(directory: str | os.PathLike) -> Tokenizer:
         config_path.is_file()
         and read_json(config_path, "a tokenizer config").get("tformer_tokenizer") == "gpt2"
     ):
-        return GPT2Tokenizer()
+        return GPT2Tokenizer.from_vocab_json(directory / "vocab.json")
     if (directory / "tokenizer.json").is_file():
         return HFTokenizer.from_file(directory / "tokenizer.json")
     if (directory / "vocab.json").is_file() and (directory / "merges.txt").is_file():

@@ -77,21 +77,35 @@ def test_tokenize_json(capsys):
     "argv, message",
     [
         (["generate", "/nonexistent/ckpt", "--prompt", "x"], "no such directory"),
+        (["generate", "{ckpt}", "--prompt-file", "{ckpt}"], "Is a directory"),
+        (["generate", "{ckpt}", "--prompt", "x", "--top-p", "2"], "top_p must be in (0, 1]"),
         (["info", "gpt5"], "gpt5"),
         (["init", "/tmp/x", "--n-heads", "5"], "divisible"),
+        (["init", "{ckpt}/config.json/sub"], "Not a directory"),
+        (["tokenize", "x", "--tokenizer", "/nonexistent"], "no such directory"),
     ],
 )
-def test_bad_input_is_one_line_error_not_a_traceback(argv, message):
+def test_bad_input_is_one_line_error_not_a_traceback(checkpoint, argv, message):
+    argv = [a.replace("{ckpt}", str(checkpoint)) for a in argv]
     result = subprocess.run(
         [sys.executable, "-m", "tformer", *argv], capture_output=True, text=True
     )
     assert result.returncode == 2
     assert message in result.stderr and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
 
 
 def test_help_explains_commands():
     result = subprocess.run(
         [sys.executable, "-m", "tformer", "--help"], capture_output=True, text=True
     )
+    assert result.returncode == 0
     for command in ("demo", "info", "init", "tokenize", "generate"):
         assert command in result.stdout
+
+
+def test_temperature_zero_is_greedy_and_empty_prompt_starts_after_end_of_text(checkpoint, capsys):
+    base = ["generate", str(checkpoint), "--max-new-tokens", "6", "--json"]
+    greedy = json.loads(run_cli(capsys, *base, "--prompt", "", "--greedy"))
+    zero = json.loads(run_cli(capsys, *base, "--prompt", "", "--temperature", "0"))
+    assert greedy["completion"] == zero["completion"] and greedy["new_tokens"] > 0

@@ -98,3 +98,13 @@ def test_generation_stops_at_end_of_text_and_context():
     assert generate_ids(model, prompt, stopped) == first[:k]
     long = generate_ids(model, prompt, SamplingConfig(max_new_tokens=100, do_sample=False))
     assert len(long) == 32 - 2  # the context is full
+
+
+def test_generation_runs_in_eval_mode_and_restores_training_mode():
+    config = GPT2Config(vocab_size=50, max_len=32, d_model=16, n_layers=2, n_heads=2, dropout=0.5)
+    model = GPT2(config, seed=0).train()
+    prompt = torch.tensor([[1, 2, 3]])
+    greedy_config = SamplingConfig(max_new_tokens=10, do_sample=False)
+    first = generate_ids(model, prompt, greedy_config)
+    assert model.training
+    assert generate_ids(model, prompt, greedy_config) == first  # no dropout while generating

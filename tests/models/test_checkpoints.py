@@ -16,6 +16,7 @@ SHAPES = [
     dict(n_layer=3, n_head=5, n_embd=80, vocab_size=311, n_positions=37),
     dict(n_layer=1, n_head=1, n_embd=16, vocab_size=50, n_positions=8),
     dict(n_layer=2, n_head=4, n_embd=64, vocab_size=1000, n_positions=64, n_inner=100),
+    dict(n_layer=2, n_head=2, n_embd=24, vocab_size=77, n_positions=20, layer_norm_epsilon=1e-2),
 ]
 
 
@@ -69,6 +70,7 @@ def test_saved_tformer_model_loads_in_transformers_with_identical_logits(shape, 
         n_layers=shape["n_layer"],
         n_heads=shape["n_head"],
         d_ff=shape.get("n_inner"),
+        layer_norm_eps=shape.get("layer_norm_epsilon", 1e-5),
         dropout=0.0,
     )
     model = GPT2(config, seed=0).eval()
@@ -124,10 +126,17 @@ def test_sharded_safetensors_load(tmp_path):
         assert max_diff(GPT2.from_pretrained(tmp_path)(ids), reference(ids).logits) <= 1e-4
 
 
-def test_bfloat16_load(tmp_path):
-    hf_model(SHAPES[1]).save_pretrained(tmp_path)
+def test_bfloat16_load_gives_float32_logits_to_bf16_precision(tmp_path):
+    reference = hf_model(SHAPES[0])
+    reference.save_pretrained(tmp_path)
     model = GPT2.from_pretrained(tmp_path, dtype=torch.bfloat16)
     assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+    ids, _ = batch(311, 37)
+    with torch.no_grad():
+        ours, theirs = model(ids).float(), reference(ids).logits
+    # bf16 keeps 8 bits of mantissa: errors of a few hundredths on logits of spread ~1
+    # (measured 0.04), where a wrong weight would be off by whole units.
+    assert max_diff(ours, theirs) <= 0.1
 
 
 @pytest.fixture
@@ -164,6 +173,28 @@ def test_unexpected_tensor_is_named(saved):
         saved, lambda t: t.__setitem__("transformer.h.7.attn.c_attn.weight", torch.zeros(1))
     )
     with pytest.raises(CheckpointError, match=r"tensors a GPT-2 does not have: h\.7\.attn\.c_attn"):
+        GPT2.from_pretrained(saved)
+
+
+def test_tensor_stored_with_and_without_prefix_is_refused(saved):
+    rewrite_tensors(saved, lambda t: t.__setitem__("wte.weight", torch.zeros(50, 16)))
+    with pytest.raises(CheckpointError, match="stored twice.*wte.weight"):
+        GPT2.from_pretrained(saved)
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("layer_norm_epsilon", "x", "layer_norm_eps must be a positive number"),
+        ("resid_pdrop", None, "dropout must be a number"),
+        ("n_layer", "2", "n_layers must be a positive integer"),
+        ("vocab_size", "10", "vocab_size must be a positive integer"),
+    ],
+)
+def test_config_values_of_the_wrong_type_are_named(saved, field, value, message):
+    config = json.loads((saved / "config.json").read_text())
+    (saved / "config.json").write_text(json.dumps({**config, field: value}))
+    with pytest.raises(CheckpointError, match=message):
         GPT2.from_pretrained(saved)
 
 

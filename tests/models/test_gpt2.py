@@ -69,14 +69,31 @@ def test_explicit_and_sdpa_attention_give_the_same_model():
     torch.testing.assert_close(fast(x), slow(x), rtol=1e-5, atol=1e-5)
 
 
-def test_cached_decoding_equals_full_forward():
-    model = GPT2(tiny(), seed=3).eval()
-    x = torch.randint(0, 97, (2, 9))
+@pytest.mark.parametrize("attention", ["sdpa", "explicit"])
+def test_cached_decoding_equals_full_forward(attention):
+    # prefill 4, then a chunk of 3 (several new queries after cached ones), then one at a time
+    model = GPT2(tiny(attention=attention), seed=3).eval()
+    x = torch.randint(0, 97, (2, 10))
     full = model(x)
     caches = model.new_caches(batch_size=2)
-    parts = [model(x[:, :5], caches=caches)]
-    parts += [model(x[:, i : i + 1], caches=caches) for i in range(5, 9)]
+    parts = [model(x[:, :4], caches=caches), model(x[:, 4:7], caches=caches)]
+    parts += [model(x[:, i : i + 1], caches=caches) for i in range(7, 10)]
     torch.testing.assert_close(torch.cat(parts, dim=1), full, rtol=1e-5, atol=1e-5)
+
+
+def test_left_padded_row_with_cache_equals_the_row_alone():
+    model = GPT2(tiny(), seed=9).eval()
+    text = torch.randint(0, 97, (1, 6))
+    padded = torch.cat([torch.zeros(1, 3, dtype=torch.long), text], dim=1)  # 3 pad tokens
+    batch = torch.cat([padded, torch.randint(0, 97, (1, 9))])  # (2, 9)
+    mask = torch.ones(2, 9, dtype=torch.long)
+    mask[0, :3] = 0
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    caches = model.new_caches(batch_size=2)
+    first = model(batch[:, :5], mask[:, :5], positions[:, :5], caches)
+    rest = model(batch[:, 5:], mask, positions[:, 5:], caches)
+    together = torch.cat([first, rest], dim=1)[0, 3:]  # the real tokens of row 0
+    torch.testing.assert_close(together, model(text)[0], rtol=1e-5, atol=1e-5)
 
 
 def test_initialisation_is_seeded_and_scales_residual_projections():
@@ -145,9 +162,19 @@ def test_input_without_batch_dimension_is_a_clear_error():
         GPT2(tiny())(torch.zeros(5, dtype=torch.long))
 
 
-def test_float_input_is_a_clear_error():
-    with pytest.raises(ValueError, match="integer token ids"):
-        GPT2(tiny())(torch.zeros(1, 5))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.int16, torch.uint8])
+def test_input_of_another_dtype_is_a_clear_error(dtype):
+    with pytest.raises(ValueError, match="int64 or int32 token ids"):
+        GPT2(tiny())(torch.zeros(1, 5, dtype=dtype))
+
+
+def test_bad_position_ids_are_a_clear_error():
+    model = GPT2(tiny())
+    ids = torch.zeros(1, 3, dtype=torch.long)
+    with pytest.raises(ValueError, match=r"position_ids must lie in 0..15"):
+        model(ids, position_ids=torch.tensor([[14, 15, 16]]))
+    with pytest.raises(ValueError, match=r"position_ids must have shape \(batch, 3\)"):
+        model(ids, position_ids=torch.arange(3))
 
 
 def test_unknown_preset_lists_the_known_ones():

@@ -143,14 +143,24 @@ def test_kv_cache_decoding_equals_full_forward(implementation):
     padding[0, :2] = False  # left padding on the first row
     full = mha(x, attention_mask=padding)
     cache = KVCache(2, 2, max_len=10, d_head=4)
-    prefill = mha(x[:, :4], attention_mask=padding[:, :4], cache=cache)
+    prefill = mha(x[:, :3], attention_mask=padding[:, :3], cache=cache)
+    chunk = mha(x[:, 3:5], attention_mask=padding[:, :5], cache=cache)  # 2 queries after 3
     steps = [
-        mha(x[:, i : i + 1], attention_mask=padding[:, : i + 1], cache=cache) for i in range(4, 7)
+        mha(x[:, i : i + 1], attention_mask=padding[:, : i + 1], cache=cache) for i in range(5, 7)
     ]
-    incremental = torch.cat([prefill, *steps], dim=1)
+    incremental = torch.cat([prefill, chunk, *steps], dim=1)
     real = padding.unsqueeze(-1).expand_as(full)  # padding queries are not compared
     torch.testing.assert_close(incremental[real], full[real], rtol=1e-5, atol=1e-6)
     assert cache.length == 7
+
+
+@pytest.mark.parametrize("implementation", ["sdpa", "explicit"])
+def test_kv_cache_chunk_without_padding_equals_full_forward(implementation):
+    mha = MultiHeadAttention(8, 2, causal=True, fused_qkv=True, implementation=implementation)
+    x = torch.randn(1, 8, 8)
+    cache = KVCache(1, 2, max_len=8, d_head=4)
+    parts = [mha(x[:, :2], cache=cache), mha(x[:, 2:6], cache=cache), mha(x[:, 6:], cache=cache)]
+    torch.testing.assert_close(torch.cat(parts, dim=1), mha(x), rtol=1e-5, atol=1e-6)
 
 
 def test_kv_cache_overflow_is_reported():

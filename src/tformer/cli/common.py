@@ -2,9 +2,9 @@
 
 import json
 import sys
-from pathlib import Path
 
 from tformer.devices import DTYPES, parse_dtype, pick_device
+from tformer.models.checkpoints import load_config, load_gpt2, resolve_checkpoint
 from tformer.models.gpt2 import GPT2
 from tformer.tokenizers import Tokenizer, tokenizer_for_model
 
@@ -17,13 +17,11 @@ def add_device_options(parser) -> None:
 
 
 def load_model(checkpoint: str, device: str, dtype: str) -> tuple[GPT2, Tokenizer]:
-    model = GPT2.from_pretrained(checkpoint, dtype=parse_dtype(dtype), device=pick_device(device))
-    directory = Path(checkpoint) if Path(checkpoint).is_dir() else None
-    if directory is None:  # a Hub name: the tokenizer came with the download
-        from tformer.models.checkpoints import resolve_checkpoint
-
-        directory = resolve_checkpoint(checkpoint)
-    return model, tokenizer_for_model(directory, model.config.vocab_size)
+    """A checkpoint's model and tokenizer; the tokenizer is checked first, as it is cheaper."""
+    directory = resolve_checkpoint(checkpoint)
+    tokenizer = tokenizer_for_model(directory, load_config(directory).vocab_size)
+    model = load_gpt2(directory, dtype=parse_dtype(dtype), device=pick_device(device))
+    return model, tokenizer
 
 
 def print_json(obj) -> None:

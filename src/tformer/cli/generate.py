@@ -21,8 +21,10 @@ def add_parser(sub) -> None:
     source.add_argument("--prompt", help="the prompt text")
     source.add_argument("--prompt-file", help="read the prompt from this file")
     p.add_argument("--max-new-tokens", type=int, default=50, help="(default: 50)")
-    p.add_argument("--greedy", action="store_true", help="always take the most likely token")
-    p.add_argument("--temperature", type=float, default=1.0, help="(default: 1.0)")
+    p.add_argument(
+        "--greedy", action="store_true", help="always take the most likely token (no sampling)"
+    )
+    p.add_argument("--temperature", type=float, default=1.0, help="(default: 1.0; 0 means greedy)")
     p.add_argument("--top-k", type=int, help="sample from the k most likely tokens")
     p.add_argument("--top-p", type=float, help="sample from the smallest set with probability p")
     p.add_argument("--seed", type=int, help="seed for reproducible sampling")
@@ -46,14 +48,17 @@ def run(args) -> None:
     prompt = read_prompt(args)
     model, tokenizer = load_model(args.checkpoint, args.device, args.dtype)
     ids = tokenizer.encode(prompt)
-    if not ids:
-        raise ValueError("the prompt is empty")
+    if not ids:  # unconditional generation starts after an end-of-text, as GPT-2 was trained
+        if tokenizer.eos_id is None:
+            raise ValueError("the prompt is empty, and this tokenizer has no end-of-text token")
+        ids = [tokenizer.eos_id]
+    greedy = args.greedy or args.temperature == 0
     config = SamplingConfig(
         max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature,
+        temperature=1.0 if greedy else args.temperature,
         top_k=args.top_k,
         top_p=args.top_p,
-        do_sample=not args.greedy,
+        do_sample=not greedy,
         seed=args.seed,
         eos_token_id=tokenizer.eos_id,
     )

@@ -5,7 +5,7 @@ from pathlib import Path
 import torch
 
 from tformer.cli.common import print_json
-from tformer.models.checkpoints import config_from_hf, resolve_checkpoint
+from tformer.models.checkpoints import load_config, resolve_checkpoint
 from tformer.models.gpt2 import GPT2, PRESETS, GPT2Config
 
 
@@ -25,10 +25,7 @@ def describe(source: str) -> dict:
     if source in PRESETS and not Path(source).exists():
         config = GPT2Config.from_preset(source)
     else:
-        from tformer.files import read_json
-
-        directory = resolve_checkpoint(source)
-        config = config_from_hf(read_json(directory / "config.json", "the model's config"), source)
+        config = load_config(resolve_checkpoint(source))
     with torch.device("meta"):
         n = GPT2(config).num_parameters()
     return {

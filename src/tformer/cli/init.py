@@ -19,17 +19,24 @@ def add_parser(sub) -> None:
     p.add_argument("--n-heads", type=int, help="attention heads per block")
     p.add_argument("--d-model", type=int, help="width of the residual stream")
     p.add_argument("--max-len", type=int, help="context window in tokens")
+    p.add_argument("--d-ff", type=int, help="feed-forward width (default: 4 x d-model)")
+    p.add_argument("--dropout", type=float, help="dropout probability (default: 0.1)")
     p.add_argument("--seed", type=int, default=0, help="initialisation seed (default: 0)")
     p.add_argument("--json", action="store_true", help="print machine-readable JSON")
     p.set_defaults(run=run)
 
 
 def run(args) -> None:
-    sizes = dict(
-        n_layers=args.n_layers, n_heads=args.n_heads, d_model=args.d_model, max_len=args.max_len
+    options = dict(
+        n_layers=args.n_layers,
+        n_heads=args.n_heads,
+        d_model=args.d_model,
+        max_len=args.max_len,
+        d_ff=args.d_ff,
+        dropout=args.dropout,
     )
     config = GPT2Config.from_preset(
-        args.preset, **{k: v for k, v in sizes.items() if v is not None}
+        args.preset, **{k: v for k, v in options.items() if v is not None}
     )
     model = GPT2(config, seed=args.seed)
     model.save_pretrained(args.out)

@@ -28,9 +28,9 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
         args.run(args)
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
-        # Errors at the boundary (bad checkpoint, bad option, missing file) are the user's
-        # to fix: say what is wrong without a stack trace, unless asked for one.
+    except (ValueError, OSError, RuntimeError) as e:
+        # Errors at the boundary (bad checkpoint, bad option, a missing or unreadable file)
+        # are the user's to fix: say what is wrong without a stack trace, unless asked.
         if os.environ.get("TFORMER_DEBUG"):
             raise
         print(f"tformer {args.command}: error: {e}", file=sys.stderr)

@@ -1,7 +1,7 @@
 """Autoregressive decoding with a KV cache: prefill the prompt once, then one token a step.
 
-    prefill:  logits = model(prompt, caches)           fills every layer's cache
-    step:     logits = model(last_token, caches)        costs one position of work
+    prefill:      logits = model(prompt, caches)        fills every layer's cache
+    decode_step:  logits = model(last_token, caches)    costs one position of work
 
 The model only computes logits; choosing the next token is the samplers' job.
 """
@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from tformer.generate.sampling import apply_temperature, greedy, sample, top_k_filter, top_p_filter
+from tformer.nn import KVCache
 
 
 @dataclass
@@ -50,12 +51,22 @@ def next_token(
     return sample(logits, generator)
 
 
+def prefill(model: nn.Module, prompt: torch.Tensor, caches: list[KVCache]) -> torch.Tensor:
+    """Run the whole prompt (B, T) once, filling the caches; -> last logits (B, V)."""
+    return model(prompt, caches=caches)[:, -1]
+
+
+def decode_step(model: nn.Module, token: torch.Tensor, caches: list[KVCache]) -> torch.Tensor:
+    """Feed one new token per row (B,), attending to the cache; -> its logits (B, V)."""
+    return model(token[:, None], caches=caches)[:, -1]
+
+
 @torch.inference_mode()
 def stream_tokens(model: nn.Module, prompt: torch.Tensor, config: SamplingConfig) -> Iterator[int]:
     """Yield new token ids one at a time for a single prompt (1, T).
 
     Stops after max_new_tokens, at the end-of-text token (which is not yielded), or at the
-    end of the context window.
+    end of the context window. The model runs in eval mode (no dropout) while generating.
     """
     if prompt.dim() != 2 or prompt.shape[0] != 1 or prompt.shape[1] == 0:
         raise ValueError("stream_tokens takes one non-empty prompt of shape (1, T)")
@@ -65,18 +76,23 @@ def stream_tokens(model: nn.Module, prompt: torch.Tensor, config: SamplingConfig
     generator = None
     if config.seed is not None:
         generator = torch.Generator(device=prompt.device).manual_seed(config.seed)
-    caches = model.new_caches(batch_size=1)
-    logits = model(prompt, caches=caches)[:, -1]  # prefill: (1, T) -> (1, V)
-    length = prompt.shape[1]
-    for _ in range(config.max_new_tokens):
-        token = next_token(logits, config, generator)  # (1,)
-        if config.eos_token_id is not None and token.item() == config.eos_token_id:
-            return
-        yield token.item()
-        length += 1
-        if length >= max_len:
-            return
-        logits = model(token[:, None], caches=caches)[:, -1]  # one step: (1, 1) -> (1, V)
+    was_training = model.training
+    model.eval()
+    try:
+        caches = model.new_caches(batch_size=1)
+        logits = prefill(model, prompt, caches)
+        length = prompt.shape[1]
+        for _ in range(config.max_new_tokens):
+            token = next_token(logits, config, generator)  # (1,)
+            if config.eos_token_id is not None and token.item() == config.eos_token_id:
+                return
+            yield token.item()
+            length += 1
+            if length >= max_len:
+                return
+            logits = decode_step(model, token, caches)
+    finally:
+        model.train(was_training)
 
 
 def generate_ids(model: nn.Module, prompt: torch.Tensor, config: SamplingConfig) -> list[int]:

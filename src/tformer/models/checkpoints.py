@@ -9,7 +9,7 @@ module that speaks Hugging Face's vocabulary; everything is translated here:
     n_layer / n_head     n_layers / n_heads   wpe                     position_embedding
     n_positions          max_len              h.i.ln_1, h.i.ln_2      blocks.i.attn_sublayer.norm,
     n_inner              d_ff                                         blocks.i.mlp_sublayer.norm
-    resid_pdrop          dropout              h.i.attn.c_attn, c_proj blocks.i.attn.w_qkv, w_o
+    *_pdrop              *dropout              h.i.attn.c_attn, c_proj blocks.i.attn.w_qkv, w_o
     layer_norm_epsilon   layer_norm_eps       h.i.mlp.c_fc, c_proj    blocks.i.mlp.w1, w2
                                               ln_f                    final_norm
 
@@ -51,8 +51,8 @@ def config_to_hf(config: GPT2Config, dtype: torch.dtype) -> dict:
         "n_inner": config.d_ff,
         "activation_function": "gelu_new",
         "resid_pdrop": config.dropout,
-        "embd_pdrop": config.dropout,
-        "attn_pdrop": config.dropout,
+        "embd_pdrop": config.embedding_dropout,
+        "attn_pdrop": config.attention_dropout,
         "layer_norm_epsilon": config.layer_norm_eps,
         "initializer_range": config.init_std,
         "bos_token_id": config.eos_token_id,
@@ -88,7 +88,9 @@ def config_from_hf(hf: dict, source: str) -> GPT2Config:
     missing = [k for k in ("vocab_size", "n_embd", "n_layer", "n_head") if k not in hf]
     if missing:
         raise CheckpointError(f"{source}: config.json lacks {', '.join(missing)}")
-    eos = hf.get("eos_token_id")
+    eos, vocab = hf.get("eos_token_id"), hf["vocab_size"]
+    if not (isinstance(eos, int) and isinstance(vocab, int) and 0 <= eos < vocab):
+        eos = None  # GPT-2's configs name 50256 whatever the vocabulary; keep only a real one
     try:
         return GPT2Config(
             vocab_size=hf["vocab_size"],
@@ -98,9 +100,11 @@ def config_from_hf(hf: dict, source: str) -> GPT2Config:
             n_heads=hf["n_head"],
             d_ff=hf.get("n_inner"),
             dropout=hf.get("resid_pdrop", 0.1),
+            attention_dropout=hf.get("attn_pdrop", 0.1),
+            embedding_dropout=hf.get("embd_pdrop", 0.1),
             layer_norm_eps=hf.get("layer_norm_epsilon", 1e-5),
             init_std=hf.get("initializer_range", 0.02),
-            eos_token_id=eos if isinstance(eos, int) and 0 <= eos < hf["vocab_size"] else None,
+            eos_token_id=eos,
         )
     except ValueError as e:
         raise CheckpointError(f"{source}: {e}") from None
@@ -151,6 +155,15 @@ def state_dict_from_hf(
     tensors: dict[str, torch.Tensor], config: GPT2Config, source: str
 ) -> dict[str, torch.Tensor]:
     """GPT-2 tensors in Hugging Face naming -> tformer's, checking that every one is there."""
+    unprefixed = {k.removeprefix("transformer.") for k in tensors}
+    if len(unprefixed) != len(tensors):
+        both = sorted(
+            k for k in tensors if not k.startswith("transformer.") and "transformer." + k in tensors
+        )
+        raise CheckpointError(
+            f"{source}: tensors stored twice, with and without the 'transformer.' prefix: "
+            f"{_short(both)}"
+        )
     tensors = {k.removeprefix("transformer."): v for k, v in tensors.items()}
     head = tensors.pop("lm_head.weight", None)
     if (
@@ -270,13 +283,23 @@ def resolve_checkpoint(path_or_name: str | os.PathLike) -> Path:
         patterns += ["tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json"]
         return Path(snapshot_download(name, allow_patterns=patterns))
     except Exception as e:
+        reason = " ".join(str(e).split())  # one line, however the library formats it
         raise CheckpointError(
             f"{name!r} is not a local directory, and downloading it from the Hugging Face Hub "
-            f"failed ({type(e).__name__}: {e}). Without network access, point at a local "
+            f"failed ({type(e).__name__}: {reason}). Without network access, point at a local "
             "directory that holds config.json and model.safetensors (or pytorch_model.bin), "
             "for example one written by save_pretrained or copied from a machine that has "
             "the model."
         ) from None
+
+
+def load_config(directory: Path) -> GPT2Config:
+    """The GPT2Config of a checkpoint directory, from its config.json."""
+    try:
+        hf_config = read_json(directory / "config.json", "the model's config")
+    except (FileNotFoundError, ValueError) as e:
+        raise CheckpointError(str(e)) from None
+    return config_from_hf(hf_config, str(directory))
 
 
 def load_gpt2(
@@ -285,11 +308,7 @@ def load_gpt2(
     device: torch.device | str = "cpu",
 ) -> GPT2:
     directory = resolve_checkpoint(path_or_name)
-    try:
-        hf_config = read_json(directory / "config.json", "the model's config")
-    except (FileNotFoundError, ValueError) as e:
-        raise CheckpointError(str(e)) from None
-    config = config_from_hf(hf_config, str(directory))
+    config = load_config(directory)
     ours = state_dict_from_hf(read_tensors(directory), config, str(directory))
     with torch.device("meta"):
         model = GPT2(config)  # no memory, no initialisation: every tensor comes from the file

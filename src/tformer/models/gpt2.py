@@ -56,7 +56,9 @@ class GPT2Config:
     n_layers: int = 12
     n_heads: int = 12
     d_ff: int | None = None  # None: 4 * d_model
-    dropout: float = 0.1
+    dropout: float = 0.1  # on each sublayer's output, before it joins the residual stream
+    attention_dropout: float | None = None  # on the attention weights; None: same as dropout
+    embedding_dropout: float | None = None  # on token + position embeddings; None: same
     layer_norm_eps: float = 1e-5
     init_std: float = 0.02
     eos_token_id: int | None = None
@@ -67,17 +69,29 @@ class GPT2Config:
     def __post_init__(self) -> None:
         if self.d_ff is None:
             self.d_ff = 4 * self.d_model
+        if self.attention_dropout is None:
+            self.attention_dropout = self.dropout
+        if self.embedding_dropout is None:
+            self.embedding_dropout = self.dropout
         for name in ("vocab_size", "max_len", "d_model", "n_layers", "n_heads", "d_ff"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"GPT2Config.{name} must be a positive integer, got {value!r}")
+        for name in ("layer_norm_eps", "init_std"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"GPT2Config.{name} must be a positive number, got {value!r}")
+        for name in ("dropout", "attention_dropout", "embedding_dropout"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool):
+                raise ValueError(f"GPT2Config.{name} must be a number, got {value!r}")
+            if not 0.0 <= value < 1.0:
+                raise ValueError(f"GPT2Config.{name} must be in [0, 1), got {value}")
         if self.d_model % self.n_heads != 0:
             raise ValueError(
                 f"GPT2Config: d_model ({self.d_model}) must be divisible by "
                 f"n_heads ({self.n_heads})"
             )
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"GPT2Config.dropout must be in [0, 1), got {self.dropout}")
         if self.norm_position not in ("pre", "post", "none"):
             raise ValueError(
                 "GPT2Config.norm_position must be 'pre', 'post' or 'none', "
@@ -87,7 +101,9 @@ class GPT2Config:
             raise ValueError(
                 f"GPT2Config.attention must be 'sdpa' or 'explicit', got {self.attention!r}"
             )
-        if self.eos_token_id is not None and not 0 <= self.eos_token_id < self.vocab_size:
+        if self.eos_token_id is not None and (
+            not isinstance(self.eos_token_id, int) or not 0 <= self.eos_token_id < self.vocab_size
+        ):
             raise ValueError(
                 f"GPT2Config.eos_token_id {self.eos_token_id} is outside the vocabulary "
                 f"(size {self.vocab_size})"
@@ -129,7 +145,7 @@ class Block(nn.Module):
             c.n_heads,
             causal=True,
             fused_qkv=True,
-            dropout=c.dropout,
+            dropout=c.attention_dropout,
             implementation=c.attention,
         )
         self.mlp_sublayer = SublayerConnection(
@@ -167,7 +183,7 @@ class GPT2(nn.Module):
         c = config
         self.token_embedding = TokenEmbedding(c.vocab_size, c.d_model)
         self.position_embedding = LearnedPositionalEmbedding(c.max_len, c.d_model)
-        self.embedding_dropout = nn.Dropout(c.dropout)
+        self.embedding_dropout = nn.Dropout(c.embedding_dropout)
         self.blocks = nn.ModuleList(Block(c) for _ in range(c.n_layers))
         self.final_norm = (
             LayerNorm(c.d_model, c.layer_norm_eps) if c.norm_position == "pre" else nn.Identity()
@@ -205,15 +221,17 @@ class GPT2(nn.Module):
         """Trainable parameters, the tied embedding/head counted once."""
         return sum(p.numel() for p in self.parameters())
 
-    def check_input(self, input_ids: torch.Tensor, past: int) -> None:
+    def check_input(
+        self, input_ids: torch.Tensor, position_ids: torch.Tensor | None, past: int
+    ) -> None:
         """Reject what the model cannot compute, with a message that says why."""
         if input_ids.dim() != 2:
             raise ValueError(
                 f"input_ids must have shape (batch, time), got {tuple(input_ids.shape)}; "
                 "add a batch dimension with input_ids[None]"
             )
-        if input_ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
-            raise ValueError(f"input_ids must hold integer token ids, got {input_ids.dtype}")
+        if input_ids.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"input_ids must be int64 or int32 token ids, got {input_ids.dtype}")
         t, v, max_len = input_ids.shape[1], self.config.vocab_size, self.config.max_len
         if past + t > max_len:
             raise ValueError(
@@ -228,6 +246,17 @@ class GPT2(nn.Module):
                     f"token id {bad} is outside the vocabulary (0..{v - 1}); was the text "
                     "encoded with the tokenizer this model was trained with?"
                 )
+        if position_ids is not None:
+            if position_ids.dim() != 2 or position_ids.shape[1] != t:
+                raise ValueError(
+                    f"position_ids must have shape (batch, {t}) like input_ids, "
+                    f"got {tuple(position_ids.shape)}"
+                )
+            if (
+                position_ids.numel() > 0
+                and not 0 <= int(position_ids.min()) <= int(position_ids.max()) < max_len
+            ):
+                raise ValueError(f"position_ids must lie in 0..{max_len - 1}")
 
     def forward(
         self,
@@ -240,10 +269,12 @@ class GPT2(nn.Module):
 
         attention_mask (B, S): 1 for real tokens, 0 for padding, over every position the
         attention sees (with caches, the cached ones too). position_ids (B, T): defaults to
-        0..T-1 after the cached positions. caches: one KVCache per block, for decoding.
+        0..T-1 after the cached positions, as in transformers; with left padding pass
+        `(attention_mask.cumsum(-1) - 1).clamp(min=0)` so each row's text starts at position
+        0. caches: one KVCache per block, for decoding.
         """
         past = caches[0].length if caches is not None else 0
-        self.check_input(input_ids, past)
+        self.check_input(input_ids, position_ids, past)
         if caches is not None and len(caches) != len(self.blocks):
             raise ValueError(f"need one KV cache per block ({len(self.blocks)}), got {len(caches)}")
         b, t = input_ids.shape

@@ -47,7 +47,9 @@ class SublayerConnection(nn.Module):
     def extra_repr(self) -> str:
         return f"norm_position={self.norm_position!r}, residual={self.residual}"
 
-    def forward(self, x: torch.Tensor, sublayer: Callable[[torch.Tensor], torch.Tensor]):
+    def forward(
+        self, x: torch.Tensor, sublayer: Callable[[torch.Tensor], torch.Tensor]
+    ) -> torch.Tensor:
         """(B, T, C) -> (B, T, C)."""
         if self.norm_position == "pre":
             y = self.dropout(sublayer(self.norm(x)))
