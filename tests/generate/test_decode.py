@@ -1,0 +1,62 @@
+import torch
+
+from tformer import GPT2, GPT2Config
+from tformer.generate import SamplingConfig, generate_ids, greedy
+
+
+def tiny_model():
+    config = GPT2Config(vocab_size=50, max_len=32, d_model=16, n_layers=2, n_heads=2, dropout=0.0)
+    return GPT2(config, seed=0).eval()
+
+
+def uncached_greedy(model, prompt, n):
+    ids = prompt
+    for _ in range(n):
+        ids = torch.cat([ids, greedy(model(ids)[:, -1])[:, None]], dim=1)
+    return ids[0, prompt.shape[1] :].tolist()
+
+
+def test_cached_greedy_equals_uncached_greedy():
+    model = tiny_model()
+    prompt = torch.tensor([[1, 2, 3, 4]])
+    cached = generate_ids(model, prompt, SamplingConfig(max_new_tokens=20, do_sample=False))
+    assert cached == uncached_greedy(model, prompt, 20)
+
+
+def test_top_k_one_equals_greedy():
+    model = tiny_model()
+    prompt = torch.tensor([[5, 6]])
+    sampled = generate_ids(model, prompt, SamplingConfig(max_new_tokens=15, top_k=1, seed=3))
+    assert sampled == generate_ids(
+        model, prompt, SamplingConfig(max_new_tokens=15, do_sample=False)
+    )
+
+
+def test_same_seed_same_tokens():
+    model = tiny_model()
+    prompt = torch.tensor([[7]])
+    a = generate_ids(model, prompt, SamplingConfig(max_new_tokens=15, seed=11))
+    b = generate_ids(model, prompt, SamplingConfig(max_new_tokens=15, seed=11))
+    c = generate_ids(model, prompt, SamplingConfig(max_new_tokens=15, seed=12))
+    assert a == b and a != c
+
+
+def test_generation_stops_at_end_of_text_and_context():
+    model = tiny_model()
+    prompt = torch.tensor([[1, 2]])
+    first = generate_ids(model, prompt, SamplingConfig(max_new_tokens=10, seed=0))
+    k = next(i for i in range(1, 10) if first[i] not in first[:i])  # a token not seen before
+    stopped = SamplingConfig(max_new_tokens=10, seed=0, eos_token_id=first[k])
+    assert generate_ids(model, prompt, stopped) == first[:k]
+    long = generate_ids(model, prompt, SamplingConfig(max_new_tokens=100, do_sample=False))
+    assert len(long) == 32 - 2  # the context is full
+
+
+def test_generation_runs_in_eval_mode_and_restores_training_mode():
+    config = GPT2Config(vocab_size=50, max_len=32, d_model=16, n_layers=2, n_heads=2, dropout=0.5)
+    model = GPT2(config, seed=0).train()
+    prompt = torch.tensor([[1, 2, 3]])
+    greedy_config = SamplingConfig(max_new_tokens=10, do_sample=False)
+    first = generate_ids(model, prompt, greedy_config)
+    assert model.training
+    assert generate_ids(model, prompt, greedy_config) == first  # no dropout while generating
