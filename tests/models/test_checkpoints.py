@@ -17,6 +17,8 @@ SHAPES = [
     dict(n_layer=1, n_head=1, n_embd=16, vocab_size=50, n_positions=8),
     dict(n_layer=2, n_head=4, n_embd=64, vocab_size=1000, n_positions=64, n_inner=100),
     dict(n_layer=2, n_head=2, n_embd=24, vocab_size=77, n_positions=20, layer_norm_epsilon=1e-2),
+    dict(n_layer=2, n_head=3, n_embd=48, vocab_size=65, n_positions=32, activation_function="gelu"),
+    dict(n_layer=1, n_head=2, n_embd=32, vocab_size=65, n_positions=16, activation_function="relu"),
 ]
 
 
@@ -76,6 +78,9 @@ def test_saved_tformer_model_loads_in_transformers_with_identical_logits(shape, 
         n_heads=shape["n_head"],
         d_ff=shape.get("n_inner"),
         layer_norm_eps=shape.get("layer_norm_epsilon", 1e-5),
+        activation={"gelu": "gelu", "relu": "relu"}.get(
+            shape.get("activation_function"), "gelu_tanh"
+        ),
         dropout=0.0,
     )
     model = GPT2(config, seed=0).eval()
@@ -226,8 +231,8 @@ def test_other_architectures_are_refused(saved):
     (saved / "config.json").write_text(json.dumps({**config, "model_type": "llama"}))
     with pytest.raises(CheckpointError, match="model_type is 'llama'"):
         GPT2.from_pretrained(saved)
-    (saved / "config.json").write_text(json.dumps({**config, "activation_function": "relu"}))
-    with pytest.raises(CheckpointError, match="activation_function 'relu'"):
+    (saved / "config.json").write_text(json.dumps({**config, "activation_function": "swish"}))
+    with pytest.raises(CheckpointError, match="activation_function 'swish'"):
         GPT2.from_pretrained(saved)
 
 

@@ -32,8 +32,15 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be loaded as asked, with the reason and what to do."""
 
 
-# Activations that are GPT-2's tanh approximation of GELU under their various names.
-TANH_GELU_NAMES = {"gelu_new", "gelu_pytorch_tanh", "gelu_fast"}
+# Hugging Face activation names -> tformer's. GPT-2's tanh GELU goes by several names.
+ACTIVATION_NAMES = {
+    "gelu_new": "gelu_tanh",
+    "gelu_pytorch_tanh": "gelu_tanh",
+    "gelu_fast": "gelu_tanh",
+    "gelu": "gelu",
+    "relu": "relu",
+}
+HF_ACTIVATION = {"gelu_tanh": "gelu_new", "gelu": "gelu", "relu": "relu"}
 # Buffers that old GPT-2 checkpoints carry (the causal mask); they are not weights.
 IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias")
 
@@ -49,7 +56,7 @@ def config_to_hf(config: GPT2Config, dtype: torch.dtype) -> dict:
         "n_layer": config.n_layers,
         "n_head": config.n_heads,
         "n_inner": config.d_ff,
-        "activation_function": "gelu_new",
+        "activation_function": HF_ACTIVATION[config.activation],
         "resid_pdrop": config.dropout,
         "embd_pdrop": config.embedding_dropout,
         "attn_pdrop": config.attention_dropout,
@@ -71,10 +78,10 @@ def config_from_hf(hf: dict, source: str) -> GPT2Config:
     if model_type != "gpt2":
         raise CheckpointError(f"{source}: model_type is {model_type!r}, only 'gpt2' is supported")
     activation = hf.get("activation_function", "gelu_new")
-    if activation not in TANH_GELU_NAMES:
+    if activation not in ACTIVATION_NAMES:
         raise CheckpointError(
-            f"{source}: activation_function {activation!r} is not GPT-2's tanh GELU "
-            f"({', '.join(sorted(TANH_GELU_NAMES))})"
+            f"{source}: activation_function {activation!r} is not supported "
+            f"({', '.join(sorted(ACTIVATION_NAMES))})"
         )
     unsupported = {
         "scale_attn_weights": (False, "unscaled attention"),
@@ -99,6 +106,7 @@ def config_from_hf(hf: dict, source: str) -> GPT2Config:
             n_layers=hf["n_layer"],
             n_heads=hf["n_head"],
             d_ff=hf.get("n_inner"),
+            activation=ACTIVATION_NAMES[activation],
             dropout=hf.get("resid_pdrop", 0.1),
             attention_dropout=hf.get("attn_pdrop", 0.1),
             embedding_dropout=hf.get("embd_pdrop", 0.1),

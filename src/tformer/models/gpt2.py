@@ -37,6 +37,7 @@ from tformer.nn import (
     TokenEmbedding,
 )
 from tformer.nn.attention import Implementation
+from tformer.nn.feedforward import ACTIVATIONS, Activation
 from tformer.nn.sublayer import NormPosition
 
 # name -> (n_layers, n_heads, d_model), as published.
@@ -62,6 +63,7 @@ class GPT2Config:
     layer_norm_eps: float = 1e-5
     init_std: float = 0.02
     eos_token_id: int | None = None
+    activation: Activation = "gelu_tanh"  # GPT-2's; "gelu" (exact) is nanoGPT's and faster on CPU
     norm_position: NormPosition = "pre"
     residual: bool = True
     attention: Implementation = "sdpa"
@@ -96,6 +98,11 @@ class GPT2Config:
             raise ValueError(
                 "GPT2Config.norm_position must be 'pre', 'post' or 'none', "
                 f"got {self.norm_position!r}"
+            )
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(
+                f"GPT2Config.activation must be one of {', '.join(ACTIVATIONS)}, "
+                f"got {self.activation!r}"
             )
         if self.attention not in ("sdpa", "explicit"):
             raise ValueError(
@@ -151,7 +158,7 @@ class Block(nn.Module):
         self.mlp_sublayer = SublayerConnection(
             c.d_model, c.norm_position, c.residual, c.dropout, c.layer_norm_eps
         )
-        self.mlp = FeedForward(c.d_model, c.d_ff, activation="gelu_tanh")
+        self.mlp = FeedForward(c.d_model, c.d_ff, activation=c.activation)
         self.hook_resid_pre = HookPoint()
         self.hook_attn_out = HookPoint()
         self.hook_resid_mid = HookPoint()

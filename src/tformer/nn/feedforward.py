@@ -6,6 +6,7 @@ applied to every position separately, with W1: (C, d_ff) and W2: (d_ff, C). The 
 is ReLU, max(0, z), in the original Transformer and the tanh approximation of GELU in GPT-2:
 
     gelu_tanh(z) = 0.5 z (1 + tanh(sqrt(2 / pi) (z + 0.044715 z^3)))
+    gelu(z)      = z Phi(z) = 0.5 z (1 + erf(z / sqrt(2)))      (exact; nanoGPT, BERT)
 
 There is no activation after W2: the output goes straight back to the residual stream.
 """
@@ -15,7 +16,8 @@ from typing import Literal
 import torch
 from torch import nn
 
-Activation = Literal["relu", "gelu_tanh"]
+Activation = Literal["relu", "gelu_tanh", "gelu"]
+ACTIVATIONS = ("relu", "gelu_tanh", "gelu")
 
 
 def activation_fn(name: Activation, z: torch.Tensor) -> torch.Tensor:
@@ -23,7 +25,9 @@ def activation_fn(name: Activation, z: torch.Tensor) -> torch.Tensor:
         return torch.relu(z)
     if name == "gelu_tanh":
         return nn.functional.gelu(z, approximate="tanh")
-    raise ValueError(f"unknown activation {name!r}: choose 'relu' or 'gelu_tanh'")
+    if name == "gelu":
+        return nn.functional.gelu(z)
+    raise ValueError(f"unknown activation {name!r}: choose one of {', '.join(ACTIVATIONS)}")
 
 
 class FeedForward(nn.Module):
@@ -31,8 +35,10 @@ class FeedForward(nn.Module):
 
     def __init__(self, d_model: int, d_ff: int, activation: Activation = "gelu_tanh") -> None:
         super().__init__()
-        if activation not in ("relu", "gelu_tanh"):
-            raise ValueError(f"unknown activation {activation!r}: choose 'relu' or 'gelu_tanh'")
+        if activation not in ACTIVATIONS:
+            raise ValueError(
+                f"unknown activation {activation!r}: choose one of {', '.join(ACTIVATIONS)}"
+            )
         self.activation: Activation = activation
         self.w1 = nn.Linear(d_model, d_ff)
         self.w2 = nn.Linear(d_ff, d_model)
