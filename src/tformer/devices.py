@@ -21,3 +21,24 @@ def parse_dtype(name: str) -> torch.dtype:
     if name not in DTYPES:
         raise ValueError(f"unknown dtype {name!r}; choose one of {', '.join(DTYPES)}")
     return DTYPES[name]
+
+
+def bf16_supported(device: torch.device) -> bool:
+    """Whether this hardware computes in bfloat16 natively (AMX or AVX-512-BF16; CUDA >= sm80)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        return torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()
+    return False
+
+
+def training_dtype(name: str, device: torch.device) -> str:
+    """'auto' picks bfloat16 autocast where the hardware has it, else float32."""
+    if name == "auto":
+        return "bfloat16" if bf16_supported(device) else "float32"
+    if name == "float16" and device.type != "cuda":
+        raise ValueError("float16 training needs a CUDA GPU; on the CPU use bfloat16 or float32")
+    if name == "bfloat16" and not bf16_supported(device):
+        raise ValueError(f"this {device.type} has no native bfloat16; use --dtype float32")
+    parse_dtype(name)
+    return name

@@ -63,6 +63,10 @@ class Tokenizer(Protocol):
 
     def save(self, directory: str | os.PathLike) -> None: ...
 
+    def fingerprint(self) -> str:
+        """A string that differs whenever the mapping from text to ids differs."""
+        ...
+
 
 def check_ids(ids: Sequence[int], vocab_size: int) -> list[int]:
     ids = [int(i) for i in ids]
@@ -76,6 +80,10 @@ def remove_other_tokenizers(directory: Path, keep: Sequence[str]) -> None:
     for name in TOKENIZER_FILES:
         if name not in keep:
             (directory / name).unlink(missing_ok=True)
+
+
+def _sha(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
 
 def cache_dir() -> Path:
@@ -230,6 +238,12 @@ class GPT2Tokenizer:
     def eos_id(self) -> int:
         return GPT2_EOT_ID
 
+    def fingerprint(self) -> str:
+        digest = hashlib.sha256()
+        for token, rank in sorted(self.ranks.items(), key=lambda item: item[1]):
+            digest.update(len(token).to_bytes(2, "little") + token + rank.to_bytes(4, "little"))
+        return "gpt2:" + digest.hexdigest()[:16]
+
     def encode(self, text: str, allow_special: bool = False) -> list[int]:
         if allow_special:
             return self.encoding.encode(text, allowed_special="all")
@@ -295,6 +309,9 @@ class CharTokenizer:
     @property
     def eos_id(self) -> None:
         return None
+
+    def fingerprint(self) -> str:
+        return "char:" + _sha(json.dumps(self.chars))
 
     def encode(self, text: str, allow_special: bool = False) -> list[int]:
         try:
@@ -363,6 +380,9 @@ class HFTokenizer:
     @property
     def eos_id(self) -> int | None:
         return self.special_tokens.get(ENDOFTEXT)
+
+    def fingerprint(self) -> str:
+        return "hf:" + _sha(self.tokenizer.to_str())
 
     def encode(self, text: str, allow_special: bool = False) -> list[int]:
         before = self.tokenizer.encode_special_tokens

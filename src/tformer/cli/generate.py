@@ -12,6 +12,7 @@ from tformer.generate import SamplingConfig, stream_tokens
 def add_parser(sub) -> None:
     p = sub.add_parser(
         "generate",
+        aliases=["sample"],
         help="generate text from a checkpoint",
         description="Continue a prompt with a GPT-2 checkpoint (a directory in the Hugging Face "
         "layout). The prompt comes from --prompt, --prompt-file, or standard input.",

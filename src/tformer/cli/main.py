@@ -5,9 +5,9 @@ import os
 import sys
 
 from tformer import __version__
-from tformer.cli import demo, generate, info, init, tokenize
+from tformer.cli import demo, evaluate, generate, info, init, plot, tokenize, train
 
-COMMANDS = [demo, info, init, tokenize, generate]
+COMMANDS = [demo, train, evaluate, generate, plot, info, init, tokenize]
 
 
 def build_parser() -> argparse.ArgumentParser:

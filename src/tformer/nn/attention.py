@@ -34,11 +34,16 @@ def attention_weights(
 ) -> torch.Tensor:
     """softmax(Q K^T / sqrt(d_k) + M): (B, H, T, D), (B, H, S, D) -> (B, H, T, S)."""
     scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])  # (B, H, T, S)
-    if mask is None:
-        return torch.softmax(scores.float(), dim=-1).to(q.dtype)
-    scores = scores.float().masked_fill(~mask, float("-inf"))
-    # A row that is all -inf gives NaN in softmax; such a query attends to nothing.
-    return torch.softmax(scores, dim=-1).masked_fill(~mask, 0.0).to(q.dtype)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    weights = torch.softmax(scores, dim=-1, dtype=torch.float32)  # summed in float32
+    if mask is not None:
+        # A row that is all -inf gives NaN in softmax; such a query attends to nothing.
+        # Checked on the small boolean mask, so a causal mask costs no pass over the weights.
+        no_key = ~mask.any(dim=-1, keepdim=True)
+        if no_key.any():
+            weights = weights.masked_fill(no_key, 0.0)
+    return weights.to(q.dtype)
 
 
 def explicit_attention(

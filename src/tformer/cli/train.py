@@ -1,0 +1,269 @@
+"""`tformer train`: train a GPT on your text (or the built-in Shakespeare) and sample from it."""
+
+import json
+import sys
+import time
+from dataclasses import asdict, fields
+from pathlib import Path
+
+import torch
+
+from tformer.data.sources import load_corpus
+from tformer.data.tokens import LMBatches, tokenize_cached
+from tformer.devices import pick_device, training_dtype
+from tformer.files import atomic_write_json, read_json
+from tformer.generate import SamplingConfig, generate_ids
+from tformer.models.gpt2 import GPT2, PRESETS, GPT2Config
+from tformer.nn.feedforward import ACTIVATIONS
+from tformer.tokenizers import CharTokenizer, GPT2Tokenizer, load_tokenizer, train_bpe
+from tformer.train import TrainConfig, distributed, evaluate, fit
+from tformer.train.plots import plot_losses
+
+RUN_FILE = "run.json"  # what the run trains on, so --resume needs nothing but the directory
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "train",
+        help="train a GPT on your text, or on the built-in Shakespeare",
+        description="Train a GPT-2-style model. With no data given it trains a character-level "
+        "model on the built-in 'shakespeare' corpus. The run directory receives the config, "
+        "tokenizer, checkpoints (last, best), metrics.jsonl, loss.png and the final model, "
+        "which GPT2.from_pretrained(RUN_DIR) and transformers load. Defaults are nanoGPT's "
+        "CPU configuration for Shakespeare (about a minute on 2 cores). Under torchrun, "
+        "every process trains on its share of each batch (DDP).",
+    )
+    data = p.add_argument_group("data")
+    data.add_argument(
+        "--data",
+        help="a text file, a directory of .txt files, a .jsonl file with "
+        "a 'text' field, or 'shakespeare' (default); split 90/10",
+    )
+    data.add_argument("--train", dest="train_file", help="training text (with --val)")
+    data.add_argument("--val", dest="val_file", help="validation text (with --train)")
+    data.add_argument(
+        "--tokenizer",
+        default="char",
+        choices=["char", "gpt2", "bpe"],
+        help="characters, GPT-2's BPE, or a BPE trained on the data (default: char)",
+    )
+    data.add_argument("--bpe-vocab-size", type=int, default=4096, help="for --tokenizer bpe")
+
+    model = p.add_argument_group("model")
+    model.add_argument(
+        "--preset", choices=list(PRESETS), help="a GPT-2 size (default: the sizes below)"
+    )
+    model.add_argument("--n-layers", type=int, default=4)
+    model.add_argument("--n-heads", type=int, default=4)
+    model.add_argument("--d-model", type=int, default=128)
+    model.add_argument("--d-ff", type=int, help="default: 4 x d-model")
+    model.add_argument("--context", type=int, default=64, help="tokens per window (max_len)")
+    model.add_argument("--dropout", type=float, default=0.0)
+    model.add_argument(
+        "--activation",
+        default="gelu",
+        choices=ACTIVATIONS,
+        help="gelu (exact, as nanoGPT) or gelu_tanh (GPT-2's) (default: gelu)",
+    )
+    model.add_argument(
+        "--attention",
+        default="auto",
+        choices=["auto", "sdpa", "explicit"],
+        help="auto: explicit for bf16 training on CPU, where it is faster",
+    )
+
+    train = p.add_argument_group("training")
+    defaults = TrainConfig()
+    train.add_argument("--steps", type=int, default=defaults.steps)
+    train.add_argument(
+        "--batch-size",
+        type=int,
+        default=defaults.batch_size,
+        help="sequences per optimizer step, over all processes",
+    )
+    train.add_argument("--grad-accum", type=int, default=defaults.grad_accum)
+    train.add_argument("--lr", type=float, default=defaults.lr)
+    train.add_argument("--min-lr", type=float, default=defaults.min_lr)
+    train.add_argument("--warmup-steps", type=int, default=defaults.warmup_steps)
+    train.add_argument("--decay-steps", type=int, help="end of the cosine decay (default: --steps)")
+    train.add_argument("--weight-decay", type=float, default=defaults.weight_decay)
+    train.add_argument("--beta1", type=float, default=defaults.beta1)
+    train.add_argument("--beta2", type=float, default=defaults.beta2)
+    train.add_argument("--grad-clip", type=float, default=defaults.grad_clip, help="0: off")
+    train.add_argument("--eval-every", type=int, default=defaults.eval_every)
+    train.add_argument("--eval-batches", type=int, default=defaults.eval_batches)
+    train.add_argument(
+        "--final-eval",
+        default=defaults.final_eval,
+        choices=["full", "sample"],
+        help="score the whole validation set at the end, or --eval-batches like the others",
+    )
+    train.add_argument("--checkpoint-every", type=int, default=defaults.checkpoint_every)
+    train.add_argument("--seed", type=int, default=defaults.seed)
+    train.add_argument("--device", default="auto", help="cpu, cuda, ... (default: auto)")
+    train.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="autocast dtype; auto: bfloat16 where the hardware has it",
+    )
+    train.add_argument("--threads", type=int, help="CPU threads (default: torch's choice)")
+
+    out = p.add_argument_group("output")
+    out.add_argument("--out", default="runs/shakespeare-char", help="run directory")
+    out.add_argument("--resume", action="store_true", help="continue the run in --out exactly")
+    out.add_argument("--sample-tokens", type=int, default=300, help="tokens to sample at the end")
+    out.add_argument("--no-progress", action="store_true", help="no progress bar")
+    out.add_argument("--json", action="store_true", help="end with one JSON line of results")
+    p.set_defaults(run=run)
+
+
+def build_tokenizer(kind: str, text: str, bpe_vocab_size: int):
+    if kind == "char":
+        return CharTokenizer.from_text(text)
+    if kind == "gpt2":
+        return GPT2Tokenizer()
+    return train_bpe([text], vocab_size=bpe_vocab_size)
+
+
+def attention_for(choice: str, device: torch.device, dtype: str) -> str:
+    # Measured (docs/LOG.md): PyTorch's fused CPU attention is slow backwards in bf16.
+    if choice == "auto":
+        return "explicit" if device.type == "cpu" and dtype != "float32" else "sdpa"
+    return choice
+
+
+def run(args) -> None:
+    started = time.perf_counter()
+    device = pick_device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dist = distributed.init_from_env(device)
+    if device.type == "cuda" and dist.world_size > 1:
+        device = torch.device("cuda", dist.local_rank)
+    out = Path(args.out)
+    say = print if dist.is_main and not args.json else (lambda *a, **k: None)
+
+    if args.resume:
+        spec = read_json(out / RUN_FILE, "the description of a training run")
+        config = TrainConfig(**spec["train_config"])
+        model = GPT2.from_pretrained(out / "last", device=device)
+        tokenizer = load_tokenizer(out / "last")
+    else:
+        dtype = training_dtype(args.dtype, device)
+        config = TrainConfig(
+            **{f.name: getattr(args, f.name) for f in fields(TrainConfig) if f.name != "dtype"},
+            dtype=dtype,
+        )
+        spec = {
+            "data": args.data,
+            "train": args.train_file,
+            "val": args.val_file,
+            "tokenizer": args.tokenizer,
+            "bpe_vocab_size": args.bpe_vocab_size,
+            "train_config": asdict(config),
+        }
+    corpus = load_corpus(spec["data"], spec["train"], spec["val"])
+    if not args.resume:
+        tokenizer = build_tokenizer(
+            spec["tokenizer"], corpus.train + corpus.val, spec["bpe_vocab_size"]
+        )
+        model_config = model_config_from(args, tokenizer, device, config.dtype)
+        torch.manual_seed(config.seed)
+        model = GPT2(model_config, seed=config.seed).to(device)
+        if dist.is_main:
+            if (out / "last").exists():
+                raise FileExistsError(f"{out} already holds a run: add --resume, or pick --out")
+            out.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(out / RUN_FILE, spec)
+    context = model.config.max_len
+    train_data = LMBatches(tokenize_cached(corpus.train, tokenizer), context, "training")
+    val_data = LMBatches(tokenize_cached(corpus.val, tokenizer), context, "validation")
+    say(
+        f"data: {corpus.description}: {len(train_data):,} training and {len(val_data):,} "
+        f"validation tokens ({type(tokenizer).__name__}, vocabulary {tokenizer.vocab_size:,})"
+    )
+    say(
+        f"model: {model.num_parameters():,} parameters; {device}, {config.dtype}, attention "
+        f"{model.config.attention}, {torch.get_num_threads()} threads, {dist.world_size} "
+        f"process(es); run directory {out}"
+    )
+
+    history = fit(
+        model,
+        train_data,
+        val_data,
+        config,
+        out,
+        tokenizer,
+        resume=args.resume,
+        progress=not args.no_progress and not args.json,
+    )
+    if not dist.is_main:
+        return
+    plot_losses(out)
+    final = [r for r in history if r["type"] == "eval"]
+    if final:
+        val = final[-1]
+    else:  # resumed at the very end: nothing left to train, score what is there
+        metrics = evaluate(model, val_data, config.batch_size, None, config.dtype)
+        val = {f"val_{k}": v for k, v in metrics.items()}
+    sample = ""
+    if args.sample_tokens > 0:
+        start_id = tokenizer.eos_id if tokenizer.eos_id is not None else tokenizer.encode("\n")[0]
+        prompt = torch.tensor([[start_id]], device=device)
+        sampling = SamplingConfig(
+            max_new_tokens=min(args.sample_tokens, context - 1),
+            temperature=0.8,
+            top_k=200,
+            seed=config.seed,
+        )
+        sample = tokenizer.decode(generate_ids(model, prompt, sampling))
+    train_records = [r for r in history if r["type"] == "train"]
+    result = {
+        "run_dir": str(out),
+        "steps": config.steps,
+        "val_loss": round(val["val_loss"], 4),
+        "val_accuracy": round(val["val_accuracy"], 4),
+        "val_perplexity": round(val["val_perplexity"], 3),
+        "val_scope": "full" if val.get("full", True) else "sample",
+        "train_loss": round(train_records[-1]["loss"], 4) if train_records else None,
+        "tokens_per_second": train_records[-1]["tokens_per_second"] if train_records else None,
+        "seconds": round(time.perf_counter() - started, 1),
+        "device": str(device),
+        "dtype": config.dtype,
+        "parameters": model.num_parameters(),
+        "sample": sample,
+    }
+    if args.json:
+        print(json.dumps(result), file=sys.stdout)
+        return
+    scope = "whole validation set" if val.get("full", True) else f"{config.eval_batches} batches"
+    print(
+        f"validation: loss {result['val_loss']:.4f}, accuracy {result['val_accuracy']:.3f}, "
+        f"perplexity {result['val_perplexity']:.2f} ({scope})"
+    )
+    print(
+        f"{result['tokens_per_second']} tokens/s; {result['seconds']} s in all; "
+        f"loss curve {out / 'loss.png'}; model {out}"
+    )
+    if sample:
+        print("sample:\n" + sample)
+
+
+def model_config_from(args, tokenizer, device: torch.device, dtype: str) -> GPT2Config:
+    sizes = dict(n_layers=args.n_layers, n_heads=args.n_heads, d_model=args.d_model)
+    if args.preset:
+        sizes = {}  # the preset's own
+    common = dict(
+        vocab_size=tokenizer.vocab_size,
+        max_len=args.context,
+        d_ff=args.d_ff,
+        dropout=args.dropout,
+        activation=args.activation,
+        attention=attention_for(args.attention, device, dtype),
+        eos_token_id=tokenizer.eos_id,
+    )
+    if args.preset:
+        return GPT2Config.from_preset(args.preset, **sizes, **common)
+    return GPT2Config(**sizes, **common)

@@ -1,0 +1,96 @@
+"""Tokenised text as a memory-mapped array, and batches of windows drawn from it.
+
+A text is tokenised once; the ids are stored as a flat array (uint16 when the vocabulary
+fits, else uint32) under the cache directory, keyed by a hash of the text and of the
+tokenizer, so the next run maps the file and starts at once.
+
+A language-model example is a window of T + 1 consecutive tokens: the model reads the first
+T and is scored on predicting each of the T that follow (x = w[:-1], y = w[1:]).
+"""
+
+import hashlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from tformer.files import atomic_write
+from tformer.tokenizers import Tokenizer, cache_dir
+
+
+@dataclass
+class Batch:
+    """What the trainer feeds a model: `model(*inputs)` gives logits scored on `targets`."""
+
+    inputs: tuple[torch.Tensor, ...]
+    targets: torch.Tensor
+
+    def rows(self, start: int, end: int) -> "Batch":
+        return Batch(tuple(x[start:end] for x in self.inputs), self.targets[start:end])
+
+    def to(self, device: torch.device) -> "Batch":
+        return Batch(tuple(x.to(device) for x in self.inputs), self.targets.to(device))
+
+    def __len__(self) -> int:
+        return self.targets.shape[0]
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype(np.uint16) if vocab_size <= 2**16 else np.dtype(np.uint32)
+
+
+def tokenize_cached(text: str, tokenizer: Tokenizer) -> np.ndarray:
+    """The token ids of `text` as a read-only memory map, computed once per text and tokenizer."""
+    dtype = token_dtype(tokenizer.vocab_size)
+    key = hashlib.sha256()
+    key.update(tokenizer.fingerprint().encode())
+    key.update(b"\0")
+    key.update(text.encode("utf-8"))
+    path = cache_dir() / "tokens" / f"{key.hexdigest()[:32]}.{dtype.name}.bin"
+    if not path.is_file():
+        ids = np.asarray(tokenizer.encode(text), dtype=dtype)
+        if len(ids) == 0:
+            raise ValueError("the text encodes to no tokens at all")
+        atomic_write(path, lambda tmp: ids.tofile(tmp))
+    return np.memmap(path, dtype=dtype, mode="r")
+
+
+def cache_path_for(tokens: np.ndarray) -> Path | None:
+    return Path(tokens.filename) if isinstance(tokens, np.memmap) else None
+
+
+class LMBatches:
+    """Windows of T + 1 tokens from one array: random ones for training, in order for eval."""
+
+    def __init__(self, tokens: np.ndarray, context: int, name: str = "data") -> None:
+        if len(tokens) < context + 1:
+            raise ValueError(
+                f"the {name} text has {len(tokens):,} tokens, fewer than one context window "
+                f"needs ({context} + 1); use more text or a shorter --context"
+            )
+        self.tokens = tokens
+        self.context = context
+        self.offsets = np.arange(context + 1)
+
+    def __len__(self) -> int:
+        """Number of tokens."""
+        return len(self.tokens)
+
+    def windows(self, starts: np.ndarray) -> Batch:
+        w = torch.from_numpy(self.tokens[starts[:, None] + self.offsets].astype(np.int64))
+        return Batch((w[:, :-1],), w[:, 1:])  # (B, T) inputs, (B, T) targets
+
+    def sample(self, batch_size: int, generator: torch.Generator) -> Batch:
+        """`batch_size` windows at uniformly random positions drawn from `generator`."""
+        high = len(self.tokens) - self.context  # last start whose window fits
+        starts = torch.randint(0, high, (batch_size,), generator=generator).numpy()
+        return self.windows(starts)
+
+    def sequential(self, batch_size: int) -> Iterator[Batch]:
+        """Non-overlapping windows from the start: every token after the first is a target
+        exactly once (up to the last incomplete window)."""
+        starts = np.arange(0, len(self.tokens) - self.context, self.context)
+        for i in range(0, len(starts), batch_size):
+            yield self.windows(starts[i : i + batch_size])

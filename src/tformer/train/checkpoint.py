@@ -1,0 +1,92 @@
+"""Training checkpoints that a crash can never break.
+
+A run directory keeps every checkpoint in its own directory and points at the ones that
+matter with symbolic links:
+
+    run/checkpoints/step-000500/   model (Hugging Face layout), tokenizer, trainer_state.pt
+    run/last -> checkpoints/step-000500
+    run/best -> checkpoints/step-000250      (lowest validation loss so far)
+
+A checkpoint is written under a temporary name, flushed, and renamed into place; only then is
+the link swapped, itself atomically (a new link renamed over the old). A crash at any moment
+leaves `last` pointing at a complete checkpoint: the previous one or the new one.
+`trainer_state.pt` holds everything else an exact resume needs (optimizer moments, step, the
+random generators' states) and is read with `weights_only=True`.
+"""
+
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tformer.tokenizers import Tokenizer
+
+STATE_FILE = "trainer_state.pt"
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def point(link: Path, target: Path) -> None:
+    """Make `link` a symlink to `target` (relative), replacing any old link atomically."""
+    tmp = link.with_name(f".{link.name}.{uuid.uuid4().hex[:8]}.tmp")
+    os.symlink(os.path.relpath(target, link.parent), tmp)
+    os.replace(tmp, link)
+    _fsync_dir(link.parent)
+
+
+def save_checkpoint(
+    run_dir: Path, step: int, model: Any, tokenizer: Tokenizer | None, state: dict, best: bool
+) -> Path:
+    """Write checkpoint `step` and point `last` (and `best` if `best`) at it."""
+    checkpoints = run_dir / "checkpoints"
+    final = checkpoints / f"step-{step:06d}"
+    # A resumed run that reaches a step already saved before the crash would write the very
+    # same state (training is deterministic), so an existing checkpoint is kept as it is.
+    if not final.is_dir():
+        tmp = checkpoints / f".step-{step:06d}.{uuid.uuid4().hex[:8]}.tmp"
+        tmp.mkdir(parents=True)
+        try:
+            model.save_pretrained(tmp)
+            if tokenizer is not None:
+                tokenizer.save(tmp)
+            torch.save(state, tmp / STATE_FILE)
+            for f in tmp.iterdir():
+                with open(f, "rb") as handle:
+                    os.fsync(handle.fileno())
+            _fsync_dir(tmp)
+            os.replace(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        _fsync_dir(checkpoints)
+    point(run_dir / "last", final)
+    if best:
+        point(run_dir / "best", final)
+    prune(run_dir)
+    return final
+
+
+def prune(run_dir: Path) -> None:
+    """Remove checkpoints that neither `last` nor `best` points at, and stale temporaries."""
+    keep = {(run_dir / name).resolve() for name in ("last", "best") if (run_dir / name).exists()}
+    for path in (run_dir / "checkpoints").iterdir():
+        if path.resolve() not in keep:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def load_state(checkpoint: Path) -> dict:
+    path = checkpoint / STATE_FILE
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path}: missing; {checkpoint} is not a training checkpoint that can be resumed"
+        )
+    return torch.load(path, map_location="cpu", weights_only=True)

@@ -1,0 +1,360 @@
+"""One training loop for any model that maps inputs to logits: `fit` and `evaluate`.
+
+The loop, per optimizer step s:
+
+    lr_s = schedule(s)
+    for each of grad_accum micro-batches:       this process's rows of the global batch
+        loss = CE(model(x), y) / grad_accum    under bf16/fp16 autocast when asked
+        loss.backward()                        DDP averages gradients across processes
+    clip the gradient norm; AdamW step; log; evaluate and checkpoint when due
+
+The trainer knows nothing of GPT-2: a model is anything with `model(*batch.inputs)` ->
+logits (B, T, V), plus `save_pretrained(dir)` / `from_pretrained(dir)` for checkpoints.
+Training is deterministic for a given seed and number of processes: the data windows come
+from a torch.Generator, dropout from torch's global generator, and both states are saved in
+every checkpoint, so a resumed run continues with exactly the losses it would have had.
+"""
+
+import contextlib
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from tformer.data.tokens import LMBatches
+from tformer.files import atomic_write_json, atomic_write_text
+from tformer.tokenizers import Tokenizer
+from tformer.train import distributed
+from tformer.train.checkpoint import load_state, save_checkpoint
+from tformer.train.optim import build_optimizer, learning_rate
+
+METRICS_FILE = "metrics.jsonl"
+IGNORE_INDEX = -100  # targets to skip (padding), as in torch's cross_entropy
+EVAL_SEED = 1234  # the periodic evaluation always scores the same windows
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 2000
+    batch_size: int = 12  # sequences per optimizer step (all processes, all micro-batches)
+    grad_accum: int = 1  # micro-batches per optimizer step
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    warmup_steps: int = 100
+    decay_steps: int | None = None  # cosine decay ends here; None: at `steps`
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.99
+    grad_clip: float = 1.0  # 0: no clipping
+    eval_every: int = 250  # 0: only at the end
+    eval_batches: int = 20  # batches per periodic evaluation
+    final_eval: str = "full"  # the last evaluation: "full" validation set or the "sample"
+    checkpoint_every: int = 500  # 0: only at the end
+    seed: int = 1337
+    dtype: str = "float32"  # autocast dtype: float32 (off), bfloat16, float16 (CUDA only)
+
+    def __post_init__(self) -> None:
+        positive = ("steps", "batch_size", "grad_accum", "eval_batches")
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        non_negative = ("warmup_steps", "eval_every", "checkpoint_every", "weight_decay")
+        for name in (*non_negative, "grad_clip"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.batch_size % self.grad_accum != 0:
+            raise ValueError(
+                f"batch_size ({self.batch_size}) must be divisible by "
+                f"grad_accum ({self.grad_accum})"
+            )
+        if not 0 < self.min_lr <= self.lr:
+            raise ValueError(f"need 0 < min_lr <= lr, got min_lr={self.min_lr}, lr={self.lr}")
+        if self.final_eval not in ("full", "sample"):
+            raise ValueError(f"final_eval must be 'full' or 'sample', got {self.final_eval!r}")
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
+
+    @property
+    def last_decay_step(self) -> int:
+        return self.decay_steps if self.decay_steps is not None else self.steps
+
+
+def autocast(device: torch.device, dtype: str):
+    """Mixed precision: matmuls in bf16/fp16, reductions and weights in float32."""
+    enabled = dtype != "float32"
+    return torch.autocast(device.type, dtype=getattr(torch, dtype), enabled=enabled)
+
+
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean next-token loss over the targets that are not IGNORE_INDEX: (B, T, V), (B, T)."""
+    return nn.functional.cross_entropy(
+        logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX
+    )
+
+
+@torch.inference_mode()
+def evaluate(
+    model: nn.Module,
+    data: LMBatches,
+    batch_size: int,
+    max_batches: int | None = None,
+    dtype: str = "float32",
+) -> dict[str, float]:
+    """Loss, next-token accuracy and perplexity = exp(loss) on `data`.
+
+    With max_batches, the same fixed random windows each call (comparable across a run);
+    without, every window of the data in order. Across processes, each scores its share and
+    the sums are combined.
+    """
+    dist = distributed.current()
+    device = next(model.parameters()).device
+    if max_batches is None:
+        batches = list(data.sequential(batch_size))
+    else:
+        generator = torch.Generator().manual_seed(EVAL_SEED)
+        batches = [data.sample(batch_size, generator) for _ in range(max_batches)]
+    was_training = model.training
+    model.eval()
+    totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, count
+    for batch in batches[dist.rank :: dist.world_size]:
+        batch = batch.to(device)
+        with autocast(device, dtype):
+            logits = model(*batch.inputs)
+        scored = batch.targets != IGNORE_INDEX
+        loss_sum = nn.functional.cross_entropy(
+            logits.float().flatten(0, 1),
+            batch.targets.flatten(),
+            reduction="sum",
+            ignore_index=IGNORE_INDEX,
+        )
+        correct = ((logits.argmax(-1) == batch.targets) & scored).sum()
+        totals += torch.stack([loss_sum.double(), correct.double(), scored.sum().double()])
+    model.train(was_training)
+    loss_sum, correct, count = distributed.all_reduce_sum(totals).tolist()
+    loss = loss_sum / count
+    return {"loss": loss, "accuracy": correct / count, "perplexity": math.exp(loss)}
+
+
+class MetricsLog:
+    """metrics.jsonl: one JSON object per line, appended as training goes."""
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+
+    def truncate_after(self, step: int) -> None:
+        """Drop what a crashed run logged after the checkpoint it resumes from."""
+        if self.path is None or not self.path.is_file():
+            return
+        kept = [
+            line
+            for line in self.path.read_text(encoding="utf-8").splitlines()
+            if line.strip() and json.loads(line)["step"] <= step
+        ]
+        atomic_write_text(self.path, "".join(line + "\n" for line in kept))
+
+    def write(self, record: dict) -> None:
+        if self.path is not None:
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+def fit(
+    model: nn.Module,
+    train: LMBatches,
+    val: LMBatches | None,
+    config: TrainConfig,
+    run_dir: str | Path | None = None,
+    tokenizer: Tokenizer | None = None,
+    resume: bool = False,
+    progress: bool = True,
+) -> list[dict[str, Any]]:
+    """Train `model` in place; return the history (one record per step and per evaluation).
+
+    With run_dir: metrics.jsonl, checkpoints (`last`, `best`) every checkpoint_every steps
+    and at the end, and the final model (with `tokenizer`) in run_dir itself. With resume,
+    continue from run_dir/last exactly where it stopped.
+    """
+    dist = distributed.current()
+    device = next(model.parameters()).device
+    if config.batch_size % (config.grad_accum * dist.world_size) != 0:
+        raise ValueError(
+            f"batch_size ({config.batch_size}) must be divisible by grad_accum x processes "
+            f"({config.grad_accum} x {dist.world_size})"
+        )
+    micro = config.batch_size // config.grad_accum  # rows per micro-batch, all processes
+    rows = micro // dist.world_size  # this process's rows of each micro-batch
+    run_dir = Path(run_dir) if run_dir is not None else None
+    log = MetricsLog(run_dir / METRICS_FILE if run_dir is not None and dist.is_main else None)
+
+    torch.manual_seed(config.seed)  # dropout
+    generator = torch.Generator().manual_seed(config.seed)  # data windows
+    optimizer = build_optimizer(model, config.lr, config.weight_decay, (config.beta1, config.beta2))
+    scaler = torch.amp.GradScaler(device.type, enabled=config.dtype == "float16")
+    start, best_val = 0, math.inf
+    if resume:
+        if run_dir is None or not (run_dir / "last").exists():
+            raise FileNotFoundError(f"{run_dir}/last: no checkpoint to resume from")
+        start, best_val = restore(model, optimizer, scaler, generator, run_dir / "last", device)
+        log.truncate_after(start)
+    elif run_dir is not None and dist.is_main:
+        if (run_dir / "last").exists():
+            raise FileExistsError(
+                f"{run_dir} already holds a run; pass --resume to continue it, or choose "
+                "another output directory"
+            )
+        run_dir.mkdir(parents=True, exist_ok=True)
+        log.truncate_after(-1)
+        atomic_write_json(run_dir / "train_config.json", asdict(config))
+
+    ddp = DistributedDataParallel(model) if dist.world_size > 1 else model
+    model.train()
+    history: list[dict[str, Any]] = []
+    tokens_per_step = config.batch_size * train.context
+    bar = tqdm(
+        total=config.steps,
+        initial=start,
+        disable=not (progress and dist.is_main),
+        unit="step",
+        dynamic_ncols=True,
+    )
+    started = time.perf_counter()
+    for step in range(start, config.steps):
+        lr = learning_rate(
+            step, config.lr, config.min_lr, config.warmup_steps, config.last_decay_step
+        )
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        total = torch.zeros((), device=device)
+        for m in range(config.grad_accum):
+            # Every process draws the same global micro-batch and takes its own rows, so the
+            # data (and the result) do not depend on the number of processes.
+            batch = train.sample(micro, generator).rows(dist.rank * rows, (dist.rank + 1) * rows)
+            batch = batch.to(device)
+            with _maybe_no_sync(ddp, last_micro=m == config.grad_accum - 1):
+                with autocast(device, config.dtype):
+                    logits = ddp(*batch.inputs)
+                loss = cross_entropy(logits, batch.targets) / config.grad_accum
+                scaler.scale(loss).backward()
+            total += loss.detach()
+        if config.grad_clip > 0:
+            scaler.unscale_(optimizer)
+            nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+
+        loss_value = distributed.all_reduce_sum(total).item() / dist.world_size
+        elapsed = time.perf_counter() - started
+        done = step + 1
+        record = {
+            "type": "train",
+            "step": done,
+            "loss": loss_value,
+            "lr": lr,
+            "tokens_per_second": round((done - start) * tokens_per_step / elapsed, 1),
+        }
+        history.append(record)
+        log.write(record)
+        bar.update(1)
+        bar.set_postfix(
+            loss=f"{loss_value:.4f}",
+            lr=f"{lr:.2e}",
+            tok_s=f"{record['tokens_per_second']:.0f}",
+            refresh=False,
+        )
+
+        last = done == config.steps
+        if val is not None and ((config.eval_every and done % config.eval_every == 0) or last):
+            # Periodic evaluations score the same sample of windows each time; the final one
+            # may score the whole validation set (in bigger batches: no activations are kept).
+            full = last and config.final_eval == "full"
+            if full:
+                metrics = evaluate(model, val, 4 * micro, None, config.dtype)
+            else:
+                metrics = evaluate(model, val, micro, config.eval_batches, config.dtype)
+            record = {
+                "type": "eval",
+                "step": done,
+                "full": full,
+                **{f"val_{k}": v for k, v in metrics.items()},
+            }
+            history.append(record)
+            log.write(record)
+            bar.write(
+                f"step {done}: val loss {metrics['loss']:.4f}, accuracy "
+                f"{metrics['accuracy']:.3f}, perplexity {metrics['perplexity']:.2f}"
+            )
+            is_best = metrics["loss"] < best_val
+            best_val = min(best_val, metrics["loss"])
+        else:
+            is_best = False
+        if run_dir is not None and (
+            last or (config.checkpoint_every and done % config.checkpoint_every == 0)
+        ):
+            if dist.is_main:
+                state = training_state(done, best_val, optimizer, scaler, generator, config)
+                save_checkpoint(run_dir, done, model, tokenizer, state, is_best)
+            distributed.barrier()
+    bar.close()
+    if run_dir is not None and dist.is_main:
+        model.save_pretrained(run_dir)  # the finished model, loadable from the run directory
+        if tokenizer is not None:
+            tokenizer.save(run_dir)
+    return history
+
+
+def _maybe_no_sync(ddp: nn.Module, last_micro: bool):
+    """DDP averages gradients on every backward; before the last micro-batch that is wasted."""
+    if isinstance(ddp, DistributedDataParallel) and not last_micro:
+        return ddp.no_sync()
+    return contextlib.nullcontext()
+
+
+def training_state(
+    step: int,
+    best_val: float,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    generator: torch.Generator,
+    config: TrainConfig,
+) -> dict:
+    state = {
+        "step": step,
+        "best_val_loss": best_val,
+        "optimizer": optimizer.state_dict(),
+        "grad_scaler": scaler.state_dict(),
+        "data_rng": generator.get_state(),
+        "torch_rng": torch.get_rng_state(),
+        "config": asdict(config),
+    }
+    if torch.cuda.is_available():
+        state["cuda_rng"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    generator: torch.Generator,
+    checkpoint: Path,
+    device: torch.device,
+) -> tuple[int, float]:
+    """Load weights, optimizer and random states from a checkpoint; -> (step, best val loss)."""
+    state = load_state(checkpoint)
+    saved = type(model).from_pretrained(checkpoint, device=device)
+    model.load_state_dict(saved.state_dict())
+    optimizer.load_state_dict(state["optimizer"])
+    scaler.load_state_dict(state["grad_scaler"])
+    generator.set_state(state["data_rng"])
+    torch.set_rng_state(state["torch_rng"])
+    if "cuda_rng" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    return state["step"], state["best_val_loss"]
