@@ -1,3 +1,5 @@
+import random
+
 import pytest
 import torch
 
@@ -5,3 +7,25 @@ import torch
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def tiny_text() -> str:
+    """A few thousand characters with structure a tiny model learns in a few dozen steps."""
+    rng = random.Random(0)
+    subjects = ["the cat", "a dog", "my friend", "the king", "our queen"]
+    verbs = ["sees", "likes", "follows", "greets", "hears"]
+    objects = ["the moon", "a bird", "the river", "its shadow", "the sea"]
+    lines = [
+        f"{rng.choice(subjects)} {rng.choice(verbs)} {rng.choice(objects)}." for _ in range(400)
+    ]
+    return "\n".join(lines) + "\n"
+
+
+@pytest.fixture
+def corpus_file(tmp_path, monkeypatch, tiny_text):
+    """The tiny text in a file, with a private tformer cache for its tokens."""
+    monkeypatch.setenv("TFORMER_CACHE", str(tmp_path / "cache"))
+    path = tmp_path / "corpus.txt"
+    path.write_text(tiny_text, encoding="utf-8")
+    return path

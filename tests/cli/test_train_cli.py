@@ -1,0 +1,177 @@
+"""`tformer train`, `eval`, `plot` as a user runs them: in subprocesses, killed, under torchrun."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tformer import GPT2
+
+SMALL = [
+    "--n-layers",
+    "2",
+    "--n-heads",
+    "2",
+    "--d-model",
+    "32",
+    "--context",
+    "16",
+    "--batch-size",
+    "8",
+    "--lr",
+    "3e-3",
+    "--min-lr",
+    "3e-4",
+    "--warmup-steps",
+    "5",
+    "--eval-every",
+    "20",
+    "--eval-batches",
+    "2",
+    "--dropout",
+    "0.1",
+    "--dtype",
+    "float32",
+    "--threads",
+    "1",
+    "--sample-tokens",
+    "20",
+    "--no-progress",
+]
+
+
+@pytest.fixture
+def env(tmp_path):
+    return {**os.environ, "TFORMER_CACHE": str(tmp_path / "cache")}
+
+
+@pytest.fixture
+def corpus(corpus_file):
+    return corpus_file
+
+
+def tformer(*args, env, check=True):
+    result = subprocess.run(
+        [sys.executable, "-m", "tformer", *map(str, args)], capture_output=True, text=True, env=env
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(result.stderr)
+    return result
+
+
+def losses(run_dir):
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [(r["type"], r["step"], r.get("loss"), r.get("val_loss")) for r in records]
+
+
+def test_train_json_eval_and_plot(corpus, tmp_path, env):
+    run = tmp_path / "run"
+    out = tformer(
+        "train", "--data", corpus, "--steps", "40", "--out", run, *SMALL, "--json", env=env
+    )
+    result = json.loads(out.stdout.strip().splitlines()[-1])  # one JSON object, last line
+    assert result["steps"] == 40 and result["val_loss"] < 3.0 and result["sample"]
+    assert (run / "loss.png").stat().st_size > 1000
+    assert GPT2.from_pretrained(run).config.max_len == 16
+    scored = json.loads(tformer("eval", run, "--data", corpus, "--json", env=env).stdout)
+    assert scored["loss"] == pytest.approx(result["val_loss"], abs=1e-3)  # the same full val set
+    (run / "loss.png").unlink()
+    assert tformer("plot", run, env=env).stdout.strip().endswith("loss.png")
+    assert (run / "loss.png").is_file()
+
+
+def test_killed_run_resumes_with_exactly_the_same_losses(corpus, tmp_path, env):
+    steps = ["--steps", "300", "--checkpoint-every", "20"]
+    whole = tmp_path / "whole"
+    tformer("train", "--data", corpus, *steps, "--out", whole, *SMALL, env=env)
+
+    cut = tmp_path / "cut"
+    cmd = [
+        sys.executable,
+        "-m",
+        "tformer",
+        "train",
+        "--data",
+        str(corpus),
+        *steps,
+        "--out",
+        str(cut),
+        *SMALL,
+    ]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (cut / "last").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.005)
+    os.kill(proc.pid, signal.SIGKILL)  # no chance to clean up
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    killed_at = int((cut / "last").resolve().name.split("-")[1])
+    assert killed_at < 300
+
+    tformer("train", "--out", cut, "--resume", *SMALL, env=env)
+    assert losses(cut) == losses(whole)  # every step, before and after the crash
+
+
+def test_ddp_on_two_processes_matches_one_process(corpus, tmp_path, env):
+    common = ["--data", corpus, "--steps", "15", "--eval-every", "5", *SMALL]
+    single = tmp_path / "single"
+    tformer("train", *common, "--out", single, "--dropout", "0", env=env)
+    ddp = tmp_path / "ddp"
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        "--master_port",
+        "29517",
+        "-m",
+        "tformer",
+        "train",
+        *map(str, common),
+        "--out",
+        str(ddp),
+        "--dropout",
+        "0",
+    ]
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stderr
+    a, b = losses(single), losses(ddp)
+    assert [r[:2] for r in a] == [r[:2] for r in b]
+    for ra, rb in zip(a, b, strict=True):
+        for x, y in zip(ra[2:], rb[2:], strict=True):
+            assert (x is None and y is None) or abs(x - y) <= 1e-5
+
+
+@pytest.mark.parametrize(
+    "setup, args, message",
+    [
+        (lambda p: p.write_text(""), [], "holds no text"),
+        (lambda p: p.write_bytes(b"ok \xff\xfe bad"), [], "not UTF-8 text (byte 3 is 0xff)"),
+        (lambda p: p.write_text("short text"), [], "fewer than one context window"),
+        (lambda p: None, ["--batch-size", "7", "--grad-accum", "2"], "divisible by grad_accum"),
+    ],
+)
+def test_bad_input_is_a_one_line_error(tmp_path, env, tiny_text, setup, args, message):
+    path = tmp_path / "data.txt"
+    path.write_text(tiny_text)
+    setup(path)
+    result = tformer(
+        "train", "--data", path, "--out", tmp_path / "run", *SMALL, *args, env=env, check=False
+    )
+    assert result.returncode == 2
+    assert message in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "run" / "last").exists()
+
+
+def test_tokenizer_that_does_not_match_the_checkpoint_is_refused(corpus, tmp_path, env):
+    run = tmp_path / "run"
+    tformer("train", "--data", corpus, "--steps", "2", "--out", run, *SMALL, env=env)
+    chars = json.loads((run / "char_tokenizer.json").read_text())
+    chars["chars"].append("\u00e9")  # one token more than the model has
+    (run / "char_tokenizer.json").write_text(json.dumps(chars))
+    result = tformer("eval", run, "--data", corpus, env=env, check=False)
+    assert result.returncode == 2 and "do not belong together" in result.stderr

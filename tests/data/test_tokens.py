@@ -1,0 +1,67 @@
+import numpy as np
+import pytest
+import torch
+
+from tformer import CharTokenizer
+from tformer.data.tokens import LMBatches, tokenize_cached
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("TFORMER_CACHE", str(tmp_path / "cache"))
+
+
+def test_tokens_are_cached_and_reused(tmp_path):
+    text = "hello world " * 50
+    tok = CharTokenizer.from_text(text)
+    first = tokenize_cached(text, tok)
+    assert first.dtype == np.uint16 and isinstance(first, np.memmap)
+    assert first.tolist() == tok.encode(text)
+    files = list((tmp_path / "cache" / "tokens").iterdir())
+    assert len(files) == 1
+
+    def fail(*args, **kwargs):
+        raise AssertionError("encoded again")
+
+    tok.encode = fail
+    assert np.array_equal(tokenize_cached(text, tok), first)  # served from the file
+    other = CharTokenizer.from_text(text + "!")  # another tokenizer: another cache entry
+    tokenize_cached(text, other)
+    assert len(list((tmp_path / "cache" / "tokens").iterdir())) == 2
+
+
+def test_large_vocabulary_uses_uint32():
+    tok = CharTokenizer(list("ab"))
+    tok.vocab_size = 70_000  # as a big BPE would have
+    assert tokenize_cached("abba", tok).dtype == np.uint32
+
+
+def test_windows_are_contiguous_and_targets_are_shifted_inputs():
+    tokens = np.arange(100, dtype=np.uint16)
+    data = LMBatches(tokens, context=8)
+    batch = data.sample(5, torch.Generator().manual_seed(0))
+    (x,) = batch.inputs
+    assert x.shape == batch.targets.shape == (5, 8) and x.dtype == torch.int64
+    assert torch.equal(x[:, 1:] - x[:, :-1], torch.ones(5, 7, dtype=torch.int64))
+    assert torch.equal(batch.targets, x + 1)
+    assert int(batch.targets.max()) <= 99
+
+
+def test_same_generator_state_same_batch():
+    data = LMBatches(np.arange(1000, dtype=np.uint16), context=16)
+    g = torch.Generator().manual_seed(3)
+    state = g.get_state()
+    a = data.sample(4, g)
+    g.set_state(state)
+    assert torch.equal(data.sample(4, g).inputs[0], a.inputs[0])
+
+
+def test_sequential_windows_score_every_token_once():
+    tokens = np.arange(50, dtype=np.uint16)
+    targets = torch.cat([b.targets.flatten() for b in LMBatches(tokens, 8).sequential(2)])
+    assert targets.tolist() == list(range(1, 49))  # the last incomplete window is dropped
+
+
+def test_corpus_shorter_than_one_window_is_refused():
+    with pytest.raises(ValueError, match="fewer than one context window needs"):
+        LMBatches(np.arange(8, dtype=np.uint16), context=8, name="validation")

@@ -1,0 +1,172 @@
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from tformer import GPT2, CharTokenizer, GPT2Config
+from tformer.data.sources import split_text
+from tformer.data.tokens import LMBatches
+from tformer.train import TrainConfig, evaluate, fit
+from tformer.train import checkpoint as checkpoint_module
+
+
+def data_and_model(corpus_file, context=16, dropout=0.0):
+    text = corpus_file.read_text()
+    tok = CharTokenizer.from_text(text)
+    train_text, val_text = split_text(text)
+    train = LMBatches(np.array(tok.encode(train_text), dtype=np.uint16), context)
+    val = LMBatches(np.array(tok.encode(val_text), dtype=np.uint16), context)
+    config = GPT2Config(
+        vocab_size=tok.vocab_size,
+        max_len=context,
+        d_model=32,
+        n_layers=2,
+        n_heads=2,
+        dropout=dropout,
+    )
+    return tok, train, val, GPT2(config, seed=0)
+
+
+def quick(**overrides) -> TrainConfig:
+    base = dict(
+        steps=30,
+        batch_size=8,
+        lr=3e-3,
+        min_lr=3e-4,
+        warmup_steps=5,
+        eval_every=10,
+        eval_batches=2,
+        checkpoint_every=10,
+    )
+    return TrainConfig(**{**base, **overrides})
+
+
+def test_training_lowers_the_loss(corpus_file):
+    tok, train, val, model = data_and_model(corpus_file)
+    before = evaluate(model, val, 16)
+    history = fit(model, train, val, quick(steps=150, eval_every=50), progress=False)
+    after = evaluate(model, val, 16)
+    assert before["loss"] == pytest.approx(math.log(tok.vocab_size), abs=0.3)  # uniform at start
+    assert after["loss"] < 0.5 * before["loss"]
+    assert after["accuracy"] > 0.5
+    train_losses = [r["loss"] for r in history if r["type"] == "train"]
+    assert np.mean(train_losses[-10:]) < 0.5 * np.mean(train_losses[:10])
+
+
+def test_evaluate_matches_a_direct_computation(corpus_file):
+    _, _, val, model = data_and_model(corpus_file)
+    metrics = evaluate(model, val, batch_size=5)
+    logits, targets = [], []
+    with torch.no_grad():
+        for batch in val.sequential(7):
+            logits.append(model(*batch.inputs).flatten(0, 1))
+            targets.append(batch.targets.flatten())
+    logits, targets = torch.cat(logits), torch.cat(targets)
+    loss = torch.nn.functional.cross_entropy(logits, targets).item()
+    assert metrics["loss"] == pytest.approx(loss, rel=1e-6)
+    assert metrics["perplexity"] == pytest.approx(math.exp(loss), rel=1e-6)
+    accuracy = (logits.argmax(-1) == targets).float().mean().item()
+    assert metrics["accuracy"] == pytest.approx(accuracy, abs=1e-9)
+
+
+def test_gradient_accumulation_gives_the_same_training(corpus_file):
+    _, train, val, model_a = data_and_model(corpus_file)
+    _, _, _, model_b = data_and_model(corpus_file)
+    a = fit(model_a, train, None, quick(steps=5, eval_every=0), progress=False)
+    b = fit(model_b, train, None, quick(steps=5, eval_every=0, grad_accum=4), progress=False)
+    for ra, rb in zip(a, b, strict=True):
+        assert ra["loss"] == pytest.approx(rb["loss"], abs=1e-5)
+    for pa, pb in zip(model_a.parameters(), model_b.parameters(), strict=True):
+        torch.testing.assert_close(pa, pb, rtol=1e-4, atol=1e-5)
+
+
+def test_bfloat16_autocast_trains_close_to_float32(corpus_file):
+    _, train, _, model_a = data_and_model(corpus_file)
+    _, _, _, model_b = data_and_model(corpus_file)
+    a = fit(model_a, train, None, quick(steps=20, eval_every=0), progress=False)
+    b = fit(model_b, train, None, quick(steps=20, eval_every=0, dtype="bfloat16"), progress=False)
+    assert abs(a[-1]["loss"] - b[-1]["loss"]) < 0.05 * a[-1]["loss"]
+
+
+def test_run_directory_holds_metrics_checkpoints_and_a_loadable_model(corpus_file, tmp_path):
+    tok, train, val, model = data_and_model(corpus_file)
+    run = tmp_path / "run"
+    fit(model, train, val, quick(), run, tok, progress=False)
+    assert (run / "last").resolve().name == "step-000030"
+    assert (run / "best").is_symlink()
+    kept = {p.name for p in (run / "checkpoints").iterdir()}
+    assert kept == {(run / "last").resolve().name, (run / "best").resolve().name}
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["type"] == "train"] == list(range(1, 31))
+    assert [r["step"] for r in records if r["type"] == "eval"] == [10, 20, 30]
+    loaded = GPT2.from_pretrained(run)
+    ids = torch.tensor([tok.encode("the cat")])
+    torch.testing.assert_close(loaded(ids), model.eval()(ids))
+    transformers = pytest.importorskip("transformers")
+    theirs = transformers.GPT2LMHeadModel.from_pretrained(run).eval()
+    torch.testing.assert_close(theirs(ids).logits, loaded(ids), rtol=1e-4, atol=1e-4)
+
+
+def test_resume_continues_with_identical_losses_in_process(corpus_file, tmp_path, monkeypatch):
+    monkeypatch.setattr(checkpoint_module, "prune", lambda run_dir: None)  # keep step 20
+    tok, train, val, model = data_and_model(corpus_file, dropout=0.1)  # dropout RNG matters
+    whole = fit(model, train, val, quick(), tmp_path / "whole", tok, progress=False)
+    _, _, _, model = data_and_model(corpus_file, dropout=0.1)
+    fit(model, train, val, quick(steps=30), tmp_path / "cut", tok, progress=False)
+    # pretend the run stopped after step 20: point `last` back there and resume
+    checkpoint_module.point(
+        tmp_path / "cut" / "last", tmp_path / "cut" / "checkpoints" / "step-000020"
+    )
+    _, _, _, fresh = data_and_model(corpus_file, dropout=0.1)
+    resumed = fit(fresh, train, val, quick(), tmp_path / "cut", tok, resume=True, progress=False)
+    later = [r for r in whole if r["step"] > 20]
+    assert [(r["type"], r.get("loss"), r.get("val_loss")) for r in resumed] == [
+        (r["type"], r.get("loss"), r.get("val_loss")) for r in later
+    ]
+
+
+def test_crash_during_checkpoint_leaves_previous_one_loadable(corpus_file, tmp_path, monkeypatch):
+    tok, train, val, model = data_and_model(corpus_file)
+    run = tmp_path / "run"
+    real_save = torch.save
+    calls = {"n": 0}
+
+    def crashing_save(obj, path, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:  # the second checkpoint: write half a file, then die
+            with open(path, "wb") as f:
+                f.write(b"partial")
+            raise OSError("disk full")
+        return real_save(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint_module.torch, "save", crashing_save)
+    with pytest.raises(OSError, match="disk full"):
+        fit(model, train, val, quick(), run, tok, progress=False)
+    assert (run / "last").resolve().name == "step-000010"
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-000010"]
+    GPT2.from_pretrained(run / "last")
+    state = checkpoint_module.load_state(run / "last")
+    assert state["step"] == 10
+
+
+def test_starting_over_an_existing_run_is_refused(corpus_file, tmp_path):
+    tok, train, val, model = data_and_model(corpus_file)
+    fit(model, train, val, quick(steps=10), tmp_path / "run", tok, progress=False)
+    with pytest.raises(FileExistsError, match="pass --resume"):
+        fit(model, train, val, quick(steps=10), tmp_path / "run", tok, progress=False)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (dict(batch_size=10, grad_accum=4), "divisible by grad_accum"),
+        (dict(min_lr=1.0), "min_lr <= lr"),
+        (dict(dtype="int8"), "dtype"),
+        (dict(steps=0), "steps must be positive"),
+    ],
+)
+def test_bad_training_config_is_refused(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        quick(**overrides)
