@@ -1,5 +1,6 @@
 # The two set-up commands of the README, for a fresh machine:
-#   make run    install everything into .venv, then run the main job (for now: a short demo)
+#   make run    install everything into .venv, then train a character-level GPT on the
+#               built-in Shakespeare for about 5 minutes, report validation loss, print a sample
 #   make test   install everything into .venv, then run the test suite
 PYTHON ?= python3
 VENV ?= .venv
@@ -18,8 +19,13 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install -e ".[test]"
 	touch $@
 
+# The main job; each `make run` writes a new run directory, so nothing is overwritten.
+RUN_DIR ?= runs/shakespeare-$(shell date +%Y%m%d-%H%M%S)
 run: install
-	$(BIN)/tformer demo
+	$(BIN)/tformer train --data shakespeare --tokenizer char --out $(RUN_DIR) \
+		--n-layers 6 --n-heads 6 --d-model 192 --context 128 --batch-size 32 \
+		--steps 800 --lr 2e-3 --min-lr 2e-4 --warmup-steps 50 --eval-every 100 \
+		--checkpoint-every 200 --sample-tokens 500
 
 test: install
 	$(BIN)/python -m pytest -q
