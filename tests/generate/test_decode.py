@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from tformer import GPT2, GPT2Config
@@ -41,15 +42,33 @@ def test_same_seed_same_tokens():
     assert a == b and a != c
 
 
-def test_generation_stops_at_end_of_text_and_context():
+def test_generation_stops_at_end_of_text():
     model = tiny_model()
     prompt = torch.tensor([[1, 2]])
     first = generate_ids(model, prompt, SamplingConfig(max_new_tokens=10, seed=0))
     k = next(i for i in range(1, 10) if first[i] not in first[:i])  # a token not seen before
     stopped = SamplingConfig(max_new_tokens=10, seed=0, eos_token_id=first[k])
     assert generate_ids(model, prompt, stopped) == first[:k]
-    long = generate_ids(model, prompt, SamplingConfig(max_new_tokens=100, do_sample=False))
-    assert len(long) == 32 - 2  # the context is full
+
+
+def test_generation_past_the_context_slides_the_window():
+    model = tiny_model()  # max_len 32
+    prompt = torch.tensor([[1, 2, 3]])
+    out = generate_ids(model, prompt, SamplingConfig(max_new_tokens=60, do_sample=False))
+    assert len(out) == 60
+    tokens = [1, 2, 3, *out]
+    assert out[:29] == uncached_greedy(model, prompt, 29)  # up to a full window: as usual
+    # the 30th new token is predicted from the last 16 tokens (half the window), re-encoded
+    window = torch.tensor([tokens[32 - 16 : 32]])
+    assert out[29] == greedy(model(window)[:, -1]).item()
+
+
+def test_prompt_longer_than_the_context_keeps_its_end():
+    model = tiny_model()
+    long = torch.randint(0, 50, (1, 40))
+    with pytest.warns(UserWarning, match="only its last 31 are used"):
+        out = generate_ids(model, long, SamplingConfig(max_new_tokens=1, do_sample=False))
+    assert out == uncached_greedy(model, long[:, -31:], 1)
 
 
 def test_generation_runs_in_eval_mode_and_restores_training_mode():

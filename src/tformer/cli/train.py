@@ -213,7 +213,7 @@ def run(args) -> None:
         start_id = tokenizer.eos_id if tokenizer.eos_id is not None else tokenizer.encode("\n")[0]
         prompt = torch.tensor([[start_id]], device=device)
         sampling = SamplingConfig(
-            max_new_tokens=min(args.sample_tokens, context - 1),
+            max_new_tokens=args.sample_tokens,
             temperature=0.8,
             top_k=200,
             seed=config.seed,

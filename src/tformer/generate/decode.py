@@ -6,6 +6,7 @@
 The model only computes logits; choosing the next token is the samplers' job.
 """
 
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -65,32 +66,43 @@ def decode_step(model: nn.Module, token: torch.Tensor, caches: list[KVCache]) ->
 def stream_tokens(model: nn.Module, prompt: torch.Tensor, config: SamplingConfig) -> Iterator[int]:
     """Yield new token ids one at a time for a single prompt (1, T).
 
-    Stops after max_new_tokens, at the end-of-text token (which is not yielded), or at the
-    end of the context window. The model runs in eval mode (no dropout) while generating.
+    Stops after max_new_tokens or at the end-of-text token (which is not yielded). When the
+    context window is full, it slides: the last half of the tokens is encoded again into a
+    fresh cache and generation goes on from there. A prompt longer than the window keeps its
+    last max_len - 1 tokens. The model runs in eval mode (no dropout) while generating.
     """
     if prompt.dim() != 2 or prompt.shape[0] != 1 or prompt.shape[1] == 0:
         raise ValueError("stream_tokens takes one non-empty prompt of shape (1, T)")
     max_len = model.config.max_len
     if prompt.shape[1] >= max_len:
-        raise ValueError(f"the prompt ({prompt.shape[1]} tokens) fills the context ({max_len})")
+        warnings.warn(
+            f"the prompt has {prompt.shape[1]} tokens but the context window {max_len}: "
+            f"only its last {max_len - 1} are used",
+            stacklevel=2,
+        )
+        prompt = prompt[:, -(max_len - 1) :]
     generator = None
     if config.seed is not None:
         generator = torch.Generator(device=prompt.device).manual_seed(config.seed)
     was_training = model.training
     model.eval()
     try:
+        tokens = prompt[0].tolist()
         caches = model.new_caches(batch_size=1)
         logits = prefill(model, prompt, caches)
-        length = prompt.shape[1]
         for _ in range(config.max_new_tokens):
             token = next_token(logits, config, generator)  # (1,)
             if config.eos_token_id is not None and token.item() == config.eos_token_id:
                 return
             yield token.item()
-            length += 1
-            if length >= max_len:
-                return
-            logits = decode_step(model, token, caches)
+            tokens.append(token.item())
+            if len(tokens) < max_len:
+                logits = decode_step(model, token, caches)
+            else:  # the window is full: keep its last half and encode it again
+                kept = torch.tensor([tokens[-(max_len // 2) :]], device=prompt.device)
+                caches = model.new_caches(batch_size=1)
+                logits = prefill(model, kept, caches)
+                tokens = kept[0].tolist()
     finally:
         model.train(was_training)
 

@@ -1,0 +1,171 @@
+"""Training speed and quality on the built-in Shakespeare, nanoGPT's CPU configuration.
+
+The configuration (nanoGPT's published CPU run for Shakespeare, character level): 4 layers,
+4 heads, d_model 128, context 64, batch 12, 2000 steps, lr 1e-3 with 100 warm-up steps and
+cosine decay to 1e-4, dropout 0, weight decay 0.1, beta2 0.99, clipping 1.0, evaluation
+every 250 steps on 20 batches.
+
+1. `tformer train` with that configuration, timed as a whole process (start-up, data,
+   training, evaluations, checkpoints, plot, sample), in bfloat16 and float32; then the
+   final model scored on the whole validation split (`tformer eval`, not timed).
+2. The peer in the same run: transformers' GPT2LMHeadModel of the same shape, trained with
+   the same optimizer on the same windows in a minimal loop; tokens per second side by side.
+
+    python benchmarks/train_shakespeare.py [--json] [--peer-steps 300]
+"""
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import machine_line  # noqa: E402
+
+from tformer import CharTokenizer  # noqa: E402
+from tformer.data.sources import load_corpus  # noqa: E402
+from tformer.data.tokens import LMBatches, tokenize_cached  # noqa: E402
+from tformer.train.optim import build_optimizer, learning_rate  # noqa: E402
+
+NANOGPT_CPU = [
+    "--data",
+    "shakespeare",
+    "--tokenizer",
+    "char",
+    "--n-layers",
+    "4",
+    "--n-heads",
+    "4",
+    "--d-model",
+    "128",
+    "--context",
+    "64",
+    "--batch-size",
+    "12",
+    "--steps",
+    "2000",
+    "--lr",
+    "1e-3",
+    "--min-lr",
+    "1e-4",
+    "--warmup-steps",
+    "100",
+    "--dropout",
+    "0",
+    "--weight-decay",
+    "0.1",
+    "--beta2",
+    "0.99",
+    "--grad-clip",
+    "1.0",
+    "--eval-every",
+    "250",
+    "--eval-batches",
+    "20",
+    "--final-eval",
+    "sample",
+    "--activation",
+    "gelu",
+]
+
+
+def tformer(*args: str) -> dict:
+    out = subprocess.run(
+        [sys.executable, "-m", "tformer", *args], capture_output=True, text=True, check=True
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def timed_training(dtype: str, run_dir: Path) -> dict:
+    start = time.perf_counter()
+    result = tformer(
+        "train", *NANOGPT_CPU, "--dtype", dtype, "--out", str(run_dir), "--no-progress", "--json"
+    )
+    wall = time.perf_counter() - start
+    full = tformer("eval", str(run_dir), "--data", "shakespeare", "--json")
+    return {
+        "dtype": dtype,
+        "wall_seconds": round(wall, 1),
+        "tokens_per_second": result["tokens_per_second"],
+        "val_loss_full": full["loss"],
+        "val_loss_20_batches": result["val_loss"],
+    }
+
+
+def peer_tokens_per_second(dtype: str, steps: int) -> float:
+    """transformers' GPT-2 of the same shape in a plain training loop."""
+    import transformers
+
+    corpus = load_corpus("shakespeare")
+    tok = CharTokenizer.from_text(corpus.train + corpus.val)
+    data = LMBatches(tokenize_cached(corpus.train, tok), 64)
+    config = transformers.GPT2Config(
+        vocab_size=tok.vocab_size,
+        n_positions=64,
+        n_embd=128,
+        n_layer=4,
+        n_head=4,
+        activation_function="gelu",
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+    )
+    torch.manual_seed(1337)
+    model = transformers.GPT2LMHeadModel(config).train()
+    optimizer = build_optimizer(model, 1e-3, 0.1, (0.9, 0.99))
+    generator = torch.Generator().manual_seed(1337)
+
+    def step(i: int) -> None:
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(i, 1e-3, 1e-4, 100, 2000)
+        batch = data.sample(12, generator)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
+            logits = model(batch.inputs[0]).logits
+        loss = torch.nn.functional.cross_entropy(
+            logits.float().flatten(0, 1), batch.targets.flatten()
+        )
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    for i in range(10):
+        step(i)
+    start = time.perf_counter()
+    for i in range(steps):
+        step(10 + i)
+    return steps * 12 * 64 / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--peer-steps", type=int, default=300)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    print(machine_line(), file=sys.stderr)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for dtype in ("bfloat16", "float32"):
+            row = timed_training(dtype, Path(tmp) / dtype)
+            row["peer_tokens_per_second"] = round(peer_tokens_per_second(dtype, args.peer_steps))
+            row["ratio"] = round(row["tokens_per_second"] / row["peer_tokens_per_second"], 2)
+            rows.append(row)
+            print(
+                f"{dtype:>9}: tformer train {row['wall_seconds']:5.1f} s whole process, "
+                f"{row['tokens_per_second']:8.0f} tok/s | transformers loop "
+                f"{row['peer_tokens_per_second']:8.0f} tok/s | ratio {row['ratio']:.2f}x | "
+                f"val loss {row['val_loss_full']:.4f} (whole split), "
+                f"{row['val_loss_20_batches']:.4f} (20 batches)",
+                file=sys.stderr,
+            )
+    if args.json:
+        print(json.dumps({"machine": machine_line(), "results": rows}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,104 @@
+"""Milliseconds per training step of the nanoGPT CPU Shakespeare model, by code path.
+
+Times one optimizer step (forward, backward, clipping, fused AdamW) of the 4-layer,
+128-wide character model at batch 12 x 64, for each combination of autocast dtype, attention
+path and GELU form, tformer's model against transformers' GPT-2 of the same shape. This is
+the measurement behind `tformer train`'s defaults (see docs/LOG.md).
+
+    python benchmarks/train_step.py [--steps 100] [--json]
+"""
+
+import argparse
+import itertools
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import machine_line  # noqa: E402
+
+from tformer import GPT2, GPT2Config  # noqa: E402
+from tformer.train.optim import build_optimizer  # noqa: E402
+
+
+def ms_per_step(model, forward, dtype: str, steps: int) -> float:
+    optimizer = build_optimizer(model, 1e-3, 0.1, (0.9, 0.99))
+    x = torch.randint(0, 84, (12, 65), generator=torch.Generator().manual_seed(0))
+
+    def step() -> None:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
+            logits = forward(x[:, :-1])
+        loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), x[:, 1:].flatten())
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    for _ in range(10):
+        step()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    return (time.perf_counter() - start) / steps * 1000
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    import transformers
+
+    print(machine_line(), file=sys.stderr)
+    rows = []
+    for dtype, activation in itertools.product(("float32", "bfloat16"), ("gelu", "gelu_tanh")):
+        hf_config = transformers.GPT2Config(
+            vocab_size=84,
+            n_positions=64,
+            n_embd=128,
+            n_layer=4,
+            n_head=4,
+            activation_function="gelu" if activation == "gelu" else "gelu_new",
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+        )
+        peer = transformers.GPT2LMHeadModel(hf_config).train()
+        peer_ms = ms_per_step(peer, lambda x, m=peer: m(x).logits, dtype, args.steps)
+        for attention in ("sdpa", "explicit"):
+            config = GPT2Config(
+                vocab_size=84,
+                max_len=64,
+                d_model=128,
+                n_layers=4,
+                n_heads=4,
+                dropout=0.0,
+                activation=activation,
+                attention=attention,
+            )
+            model = GPT2(config, seed=0).train()
+            ms = ms_per_step(model, model, dtype, args.steps)
+            rows.append(
+                dict(
+                    dtype=dtype,
+                    activation=activation,
+                    attention=attention,
+                    tformer_ms=round(ms, 2),
+                    transformers_ms=round(peer_ms, 2),
+                    speedup=round(peer_ms / ms, 2),
+                )
+            )
+            print(
+                f"{dtype:>9} {activation:>9} {attention:>8}: tformer {ms:6.2f} ms/step, "
+                f"transformers {peer_ms:6.2f} ms/step, {peer_ms / ms:.2f}x",
+                file=sys.stderr,
+            )
+    if args.json:
+        print(json.dumps({"machine": machine_line(), "results": rows}))
+
+
+if __name__ == "__main__":
+    main()
