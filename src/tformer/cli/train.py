@@ -3,7 +3,7 @@
 import json
 import sys
 import time
-from dataclasses import asdict, fields
+from dataclasses import fields
 from pathlib import Path
 
 import torch
@@ -146,7 +146,7 @@ def run(args) -> None:
 
     if args.resume:
         spec = read_json(out / RUN_FILE, "the description of a training run")
-        config = TrainConfig(**spec["train_config"])
+        config = TrainConfig(**read_json(out / "train_config.json", "a training config"))
         model = GPT2.from_pretrained(out / "last", device=device)
         tokenizer = load_tokenizer(out / "last")
     else:
@@ -161,7 +161,6 @@ def run(args) -> None:
             "val": args.val_file,
             "tokenizer": args.tokenizer,
             "bpe_vocab_size": args.bpe_vocab_size,
-            "train_config": asdict(config),
         }
     corpus = load_corpus(spec["data"], spec["train"], spec["val"])
     if not args.resume:
@@ -176,6 +175,8 @@ def run(args) -> None:
                 raise FileExistsError(f"{out} already holds a run: add --resume, or pick --out")
             out.mkdir(parents=True, exist_ok=True)
             atomic_write_json(out / RUN_FILE, spec)
+    if args.resume:
+        say(f"resuming {out} from {(out / 'last').resolve().name}; the run's own settings apply")
     context = model.config.max_len
     train_data = LMBatches(tokenize_cached(corpus.train, tokenizer), context, "training")
     val_data = LMBatches(tokenize_cached(corpus.val, tokenizer), context, "validation")
@@ -210,8 +211,7 @@ def run(args) -> None:
         val = {f"val_{k}": v for k, v in metrics.items()}
     sample = ""
     if args.sample_tokens > 0:
-        start_id = tokenizer.eos_id if tokenizer.eos_id is not None else tokenizer.encode("\n")[0]
-        prompt = torch.tensor([[start_id]], device=device)
+        prompt = torch.tensor([[start_token(tokenizer)]], device=device)
         sampling = SamplingConfig(
             max_new_tokens=args.sample_tokens,
             temperature=0.8,
@@ -249,6 +249,16 @@ def run(args) -> None:
     )
     if sample:
         print("sample:\n" + sample)
+
+
+def start_token(tokenizer) -> int:
+    """Where an unprompted sample starts: after an end-of-text token, else on a new line."""
+    if tokenizer.eos_id is not None:
+        return tokenizer.eos_id
+    try:
+        return tokenizer.encode("\n")[0]
+    except (ValueError, IndexError):  # a character vocabulary without a newline
+        return 0
 
 
 def model_config_from(args, tokenizer, device: torch.device, dtype: str) -> GPT2Config:

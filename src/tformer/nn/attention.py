@@ -33,9 +33,12 @@ def attention_weights(
     q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None = None
 ) -> torch.Tensor:
     """softmax(Q K^T / sqrt(d_k) + M): (B, H, T, D), (B, H, S, D) -> (B, H, T, S)."""
-    scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])  # (B, H, T, S)
+    # Scaling q rather than the scores touches T x D numbers instead of T x S.
+    scores = (q / math.sqrt(q.shape[-1])) @ k.transpose(-2, -1)  # (B, H, T, S)
     if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf"))
+        # M as an additive bias: its gradient is the identity, so backward costs nothing.
+        bias = torch.zeros(mask.shape, dtype=scores.dtype, device=scores.device)
+        scores = scores + bias.masked_fill_(~mask, float("-inf"))
     weights = torch.softmax(scores, dim=-1, dtype=torch.float32)  # summed in float32
     if mask is not None:
         # A row that is all -inf gives NaN in softmax; such a query attends to nothing.

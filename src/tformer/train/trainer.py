@@ -245,7 +245,7 @@ def fit(
             total += loss.detach()
         if config.grad_clip > 0:
             scaler.unscale_(optimizer)
-            nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+            nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip, foreach=True)
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
@@ -287,10 +287,11 @@ def fit(
             }
             history.append(record)
             log.write(record)
-            bar.write(
-                f"step {done}: val loss {metrics['loss']:.4f}, accuracy "
-                f"{metrics['accuracy']:.3f}, perplexity {metrics['perplexity']:.2f}"
-            )
+            if dist.is_main:
+                bar.write(
+                    f"step {done}: val loss {metrics['loss']:.4f}, accuracy "
+                    f"{metrics['accuracy']:.3f}, perplexity {metrics['perplexity']:.2f}"
+                )
             is_best = metrics["loss"] < best_val
             best_val = min(best_val, metrics["loss"])
         else:
