@@ -6,8 +6,9 @@ cosine decay to 1e-4, dropout 0, weight decay 0.1, beta2 0.99, clipping 1.0, eva
 every 250 steps on 20 batches.
 
 1. `tformer train` with that configuration, timed as a whole process (start-up, data,
-   training, evaluations, checkpoints, plot, sample), in bfloat16 and float32; then the
-   final model scored on the whole validation split (`tformer eval`, not timed).
+   training, evaluations, checkpoints, the loss plot; no sample, as nanoGPT's train.py draws
+   none), in bfloat16 and float32; then the final model scored on the whole validation split
+   (`tformer eval`, not timed).
 2. The peer in the same run: transformers' GPT2LMHeadModel of the same shape, trained with
    the same optimizer on the same windows in a minimal loop; tokens per second side by side.
 
@@ -71,6 +72,8 @@ NANOGPT_CPU = [
     "sample",
     "--activation",
     "gelu",
+    "--sample-tokens",
+    "0",
 ]
 
 
