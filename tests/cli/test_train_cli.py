@@ -84,8 +84,10 @@ def test_train_json_eval_and_plot(corpus, tmp_path, env):
     assert (run / "loss.png").is_file()
 
 
-def test_killed_run_resumes_with_exactly_the_same_losses(corpus, tmp_path, env):
-    steps = ["--steps", "300", "--checkpoint-every", "20"]
+@pytest.mark.parametrize("delay", [0.0, 0.3])
+def test_killed_run_resumes_with_exactly_the_same_losses(corpus, tmp_path, env, delay):
+    # --dtype auto: bf16 autocast and the attention path it picks, where the CPU has bf16
+    steps = ["--steps", "300", "--checkpoint-every", "20", "--dtype", "auto"]
     whole = tmp_path / "whole"
     tformer("train", "--data", corpus, *steps, "--out", whole, *SMALL, env=env)
 
@@ -106,14 +108,20 @@ def test_killed_run_resumes_with_exactly_the_same_losses(corpus, tmp_path, env):
     deadline = time.time() + 120
     while not (cut / "last").exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.005)
+    time.sleep(delay)  # right after a checkpoint, or somewhere in a later step or evaluation
     os.kill(proc.pid, signal.SIGKILL)  # no chance to clean up
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
     killed_at = int((cut / "last").resolve().name.split("-")[1])
     assert killed_at < 300
 
-    tformer("train", "--out", cut, "--resume", *SMALL, env=env)
+    tformer("train", "--out", cut, "--resume", "--no-progress", env=env)
     assert losses(cut) == losses(whole)  # every step, before and after the crash
+    assert (cut / "best").resolve() == cut / "checkpoints" / (whole / "best").resolve().name
+    again = tformer("train", "--out", cut, "--resume", "--json", env=env)  # nothing left to do
+    assert json.loads(again.stdout.strip().splitlines()[-1])["val_loss"] == round(
+        losses(whole)[-1][3], 4
+    )
 
 
 def test_ddp_on_two_processes_matches_one_process(corpus, tmp_path, env):
@@ -164,7 +172,7 @@ def test_bad_input_is_a_one_line_error(tmp_path, env, tiny_text, setup, args, me
     )
     assert result.returncode == 2
     assert message in result.stderr and "Traceback" not in result.stderr
-    assert not (tmp_path / "run" / "last").exists()
+    assert not (tmp_path / "run").exists()  # nothing half-written
 
 
 def test_tokenizer_that_does_not_match_the_checkpoint_is_refused(corpus, tmp_path, env):
@@ -175,3 +183,8 @@ def test_tokenizer_that_does_not_match_the_checkpoint_is_refused(corpus, tmp_pat
     (run / "char_tokenizer.json").write_text(json.dumps(chars))
     result = tformer("eval", run, "--data", corpus, env=env, check=False)
     assert result.returncode == 2 and "do not belong together" in result.stderr
+
+
+def test_resume_without_a_checkpoint_says_so(tmp_path, env):
+    result = tformer("train", "--out", tmp_path / "nothing", "--resume", env=env, check=False)
+    assert result.returncode == 2 and "nothing to resume" in result.stderr

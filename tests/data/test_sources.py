@@ -73,3 +73,9 @@ def test_builtin_shakespeare_matches_its_published_facts():
     corpus = load_corpus("shakespeare")
     assert len(corpus.train) == 4_551_515 and corpus.train + corpus.val == text
     assert "Enter" in text and text.isascii()
+
+
+def test_jsonl_text_may_hold_unicode_line_separators(tmp_path):
+    text = "one\u2028two\u2029three\x85four"
+    (tmp_path / "u.jsonl").write_text(json.dumps({"text": text}, ensure_ascii=False) + "\r\n")
+    assert read_source(tmp_path / "u.jsonl") == text

@@ -88,6 +88,7 @@ def test_bfloat16_autocast_trains_close_to_float32(corpus_file):
     a = fit(model_a, train, None, quick(steps=20, eval_every=0), progress=False)
     b = fit(model_b, train, None, quick(steps=20, eval_every=0, dtype="bfloat16"), progress=False)
     assert abs(a[-1]["loss"] - b[-1]["loss"]) < 0.05 * a[-1]["loss"]
+    assert a[-1]["loss"] != b[-1]["loss"]  # autocast really computed in bf16
 
 
 def test_run_directory_holds_metrics_checkpoints_and_a_loadable_model(corpus_file, tmp_path):
@@ -170,3 +171,21 @@ def test_starting_over_an_existing_run_is_refused(corpus_file, tmp_path):
 def test_bad_training_config_is_refused(overrides, message):
     with pytest.raises(ValueError, match=message):
         quick(**overrides)
+
+
+def test_best_follows_every_better_evaluation_between_checkpoints(corpus_file, tmp_path):
+    tok, train, val, model = data_and_model(corpus_file)
+    run = tmp_path / "run"
+    config = quick(steps=40, eval_every=10, checkpoint_every=25)
+    history = fit(model, train, val, config, run, tok, progress=False)
+    evals = {r["step"]: r["val_loss"] for r in history if r["type"] == "eval"}
+    best_step = min(evals, key=evals.get)
+    assert (run / "best").resolve().name == f"step-{best_step:06d}"
+    assert checkpoint_module.load_state(run / "best")["best_val_loss"] == evals[best_step]
+
+
+def test_a_loss_that_diverges_stops_training_with_a_clear_error(corpus_file):
+    _, train, _, model = data_and_model(corpus_file)
+    config = quick(steps=30, lr=1e4, min_lr=1e4, warmup_steps=0, grad_clip=0, eval_every=0)
+    with pytest.raises(FloatingPointError, match="lower --lr"):
+        fit(model, train, None, config, progress=False)

@@ -33,7 +33,7 @@ def run(args) -> None:
     else:
         corpus = load_corpus(args.data)
         text = corpus.val if args.split == "val" else corpus.train
-    context = args.context or model.config.max_len
+    context = model.config.max_len if args.context is None else args.context
     if not 0 < context <= model.config.max_len:
         raise ValueError(f"--context must be in 1..{model.config.max_len}")
     data = LMBatches(tokenize_cached(text, tokenizer), context, args.split)

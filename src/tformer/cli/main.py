@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
         args.run(args)
-    except (ValueError, OSError, RuntimeError) as e:
+    except (ValueError, OSError, RuntimeError, ArithmeticError) as e:
         # Errors at the boundary (bad checkpoint, bad option, a missing or unreadable file)
         # are the user's to fix: say what is wrong without a stack trace, unless asked.
         if os.environ.get("TFORMER_DEBUG"):

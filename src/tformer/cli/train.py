@@ -1,5 +1,7 @@
 """`tformer train`: train a GPT on your text (or the built-in Shakespeare) and sample from it."""
 
+import argparse
+import hashlib
 import json
 import sys
 import time
@@ -8,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from tformer.data.sources import load_corpus
+from tformer.data.sources import BUILTIN_CORPORA, load_corpus
 from tformer.data.tokens import LMBatches, tokenize_cached
 from tformer.devices import pick_device, training_dtype
 from tformer.files import atomic_write_json, read_json
@@ -16,15 +18,17 @@ from tformer.generate import SamplingConfig, generate_ids
 from tformer.models.gpt2 import GPT2, PRESETS, GPT2Config
 from tformer.nn.feedforward import ACTIVATIONS
 from tformer.tokenizers import CharTokenizer, GPT2Tokenizer, load_tokenizer, train_bpe
-from tformer.train import TrainConfig, distributed, evaluate, fit
-from tformer.train.plots import plot_losses
+from tformer.train import TrainConfig, distributed, fit
+from tformer.train.plots import plot_losses, read_metrics
 
+SMALL_MODEL = dict(n_layers=4, n_heads=4, d_model=128)
 RUN_FILE = "run.json"  # what the run trains on, so --resume needs nothing but the directory
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser(
         "train",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         help="train a GPT on your text, or on the built-in Shakespeare",
         description="Train a GPT-2-style model. With no data given it trains a character-level "
         "model on the built-in 'shakespeare' corpus. The run directory receives the config, "
@@ -53,9 +57,9 @@ def add_parser(sub) -> None:
     model.add_argument(
         "--preset", choices=list(PRESETS), help="a GPT-2 size (default: the sizes below)"
     )
-    model.add_argument("--n-layers", type=int, default=4)
-    model.add_argument("--n-heads", type=int, default=4)
-    model.add_argument("--d-model", type=int, default=128)
+    model.add_argument("--n-layers", type=int, help="blocks (default: 4, or the preset's)")
+    model.add_argument("--n-heads", type=int, help="heads (default: 4, or the preset's)")
+    model.add_argument("--d-model", type=int, help="width (default: 128, or the preset's)")
     model.add_argument("--d-ff", type=int, help="default: 4 x d-model")
     model.add_argument("--context", type=int, default=64, help="tokens per window (max_len)")
     model.add_argument("--dropout", type=float, default=0.0)
@@ -90,7 +94,9 @@ def add_parser(sub) -> None:
     train.add_argument("--beta1", type=float, default=defaults.beta1)
     train.add_argument("--beta2", type=float, default=defaults.beta2)
     train.add_argument("--grad-clip", type=float, default=defaults.grad_clip, help="0: off")
-    train.add_argument("--eval-every", type=int, default=defaults.eval_every)
+    train.add_argument(
+        "--eval-every", type=int, default=defaults.eval_every, help="steps; 0: only at the end"
+    )
     train.add_argument("--eval-batches", type=int, default=defaults.eval_batches)
     train.add_argument(
         "--final-eval",
@@ -98,7 +104,12 @@ def add_parser(sub) -> None:
         choices=["full", "sample"],
         help="score the whole validation set at the end, or --eval-batches like the others",
     )
-    train.add_argument("--checkpoint-every", type=int, default=defaults.checkpoint_every)
+    train.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=defaults.checkpoint_every,
+        help="steps; 0: only at the end and at each better validation loss",
+    )
     train.add_argument("--seed", type=int, default=defaults.seed)
     train.add_argument("--device", default="auto", help="cpu, cuda, ... (default: auto)")
     train.add_argument(
@@ -111,7 +122,12 @@ def add_parser(sub) -> None:
 
     out = p.add_argument_group("output")
     out.add_argument("--out", default="runs/shakespeare-char", help="run directory")
-    out.add_argument("--resume", action="store_true", help="continue the run in --out exactly")
+    out.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in --out exactly; its own data, model and training settings "
+        "apply, and the other flags here are ignored (except --threads, --device, output)",
+    )
     out.add_argument("--sample-tokens", type=int, default=300, help="tokens to sample at the end")
     out.add_argument("--no-progress", action="store_true", help="no progress bar")
     out.add_argument("--json", action="store_true", help="end with one JSON line of results")
@@ -136,8 +152,6 @@ def attention_for(choice: str, device: torch.device, dtype: str) -> str:
 def run(args) -> None:
     started = time.perf_counter()
     device = pick_device(args.device)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     dist = distributed.init_from_env(device)
     if device.type == "cuda" and dist.world_size > 1:
         device = torch.device("cuda", dist.local_rank)
@@ -145,41 +159,48 @@ def run(args) -> None:
     say = print if dist.is_main and not args.json else (lambda *a, **k: None)
 
     if args.resume:
-        spec = read_json(out / RUN_FILE, "the description of a training run")
-        config = TrainConfig(**read_json(out / "train_config.json", "a training config"))
-        model = GPT2.from_pretrained(out / "last", device=device)
-        tokenizer = load_tokenizer(out / "last")
+        spec, config = read_run(out)
+        torch.set_num_threads(args.threads or spec["threads"])  # the same sums, the same digits
     else:
+        if args.threads:
+            torch.set_num_threads(args.threads)
         dtype = training_dtype(args.dtype, device)
-        config = TrainConfig(
-            **{f.name: getattr(args, f.name) for f in fields(TrainConfig) if f.name != "dtype"},
-            dtype=dtype,
-        )
+        options = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if f.name != "dtype"}
+        config = TrainConfig(**options, dtype=dtype)
         spec = {
-            "data": args.data,
-            "train": args.train_file,
-            "val": args.val_file,
+            "data": absolute(args.data) if args.data not in (None, *BUILTIN_CORPORA) else args.data,
+            "train": absolute(args.train_file),
+            "val": absolute(args.val_file),
             "tokenizer": args.tokenizer,
             "bpe_vocab_size": args.bpe_vocab_size,
+            "threads": torch.get_num_threads(),
         }
     corpus = load_corpus(spec["data"], spec["train"], spec["val"])
-    if not args.resume:
-        tokenizer = build_tokenizer(
-            spec["tokenizer"], corpus.train + corpus.val, spec["bpe_vocab_size"]
-        )
-        model_config = model_config_from(args, tokenizer, device, config.dtype)
-        torch.manual_seed(config.seed)
-        model = GPT2(model_config, seed=config.seed).to(device)
-        if dist.is_main:
-            if (out / "last").exists():
-                raise FileExistsError(f"{out} already holds a run: add --resume, or pick --out")
-            out.mkdir(parents=True, exist_ok=True)
-            atomic_write_json(out / RUN_FILE, spec)
+    fingerprint = text_fingerprint(corpus.train, corpus.val)
     if args.resume:
+        if spec.get("text_sha256") != fingerprint:
+            raise ValueError(
+                f"the training text of {out} has changed since the run started; resume needs "
+                "the same text (or start a new run)"
+            )
+        model = GPT2.from_pretrained(out / "last", device=device)
+        tokenizer = load_tokenizer(out / "last")
         say(f"resuming {out} from {(out / 'last').resolve().name}; the run's own settings apply")
+    else:
+        # BPE merges are learned from the training text only; a character vocabulary covers
+        # both parts, or a validation character unseen in training could not be encoded.
+        vocabulary_text = corpus.train if spec["tokenizer"] == "bpe" else corpus.train + corpus.val
+        tokenizer = build_tokenizer(spec["tokenizer"], vocabulary_text, spec["bpe_vocab_size"])
+        model_config = model_config_from(args, tokenizer, device, config.dtype)
+        model = GPT2(model_config, seed=config.seed).to(device)
     context = model.config.max_len
     train_data = LMBatches(tokenize_cached(corpus.train, tokenizer), context, "training")
     val_data = LMBatches(tokenize_cached(corpus.val, tokenizer), context, "validation")
+    if not args.resume and dist.is_main:  # only now that the data is known to be usable
+        if (out / "last").exists():
+            raise FileExistsError(f"{out} already holds a run: add --resume, or pick --out")
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(out / RUN_FILE, {**spec, "text_sha256": fingerprint})
     say(
         f"data: {corpus.description}: {len(train_data):,} training and {len(val_data):,} "
         f"validation tokens ({type(tokenizer).__name__}, vocabulary {tokenizer.vocab_size:,})"
@@ -203,20 +224,13 @@ def run(args) -> None:
     if not dist.is_main:
         return
     plot_losses(out)
-    final = [r for r in history if r["type"] == "eval"]
-    if final:
-        val = final[-1]
-    else:  # resumed at the very end: nothing left to train, score what is there
-        metrics = evaluate(model, val_data, config.batch_size, None, config.dtype)
-        val = {f"val_{k}": v for k, v in metrics.items()}
+    # The last evaluation of the run, also when a resumed run had nothing left to do.
+    val = [r for r in read_metrics(out) if r["type"] == "eval"][-1]
     sample = ""
     if args.sample_tokens > 0:
         prompt = torch.tensor([[start_token(tokenizer)]], device=device)
         sampling = SamplingConfig(
-            max_new_tokens=args.sample_tokens,
-            temperature=0.8,
-            top_k=200,
-            seed=config.seed,
+            max_new_tokens=args.sample_tokens, temperature=0.8, top_k=200, seed=config.seed
         )
         sample = tokenizer.decode(generate_ids(model, prompt, sampling))
     train_records = [r for r in history if r["type"] == "train"]
@@ -226,7 +240,7 @@ def run(args) -> None:
         "val_loss": round(val["val_loss"], 4),
         "val_accuracy": round(val["val_accuracy"], 4),
         "val_perplexity": round(val["val_perplexity"], 3),
-        "val_scope": "full" if val.get("full", True) else "sample",
+        "val_scope": "full" if val["full"] else "sample",
         "train_loss": round(train_records[-1]["loss"], 4) if train_records else None,
         "tokens_per_second": train_records[-1]["tokens_per_second"] if train_records else None,
         "seconds": round(time.perf_counter() - started, 1),
@@ -238,17 +252,41 @@ def run(args) -> None:
     if args.json:
         print(json.dumps(result), file=sys.stdout)
         return
-    scope = "whole validation set" if val.get("full", True) else f"{config.eval_batches} batches"
+    scope = "whole validation set" if val["full"] else f"{config.eval_batches} batches"
     print(
         f"validation: loss {result['val_loss']:.4f}, accuracy {result['val_accuracy']:.3f}, "
         f"perplexity {result['val_perplexity']:.2f} ({scope})"
     )
-    print(
-        f"{result['tokens_per_second']} tokens/s; {result['seconds']} s in all; "
-        f"loss curve {out / 'loss.png'}; model {out}"
-    )
+    speed = f"{result['tokens_per_second']:,.0f} tokens/s; " if train_records else ""
+    print(f"{speed}{result['seconds']} s in all; loss curve {out / 'loss.png'}; model {out}")
     if sample:
         print("sample:\n" + sample)
+
+
+def absolute(path: str | None) -> str | None:
+    return str(Path(path).expanduser().resolve()) if path is not None else None
+
+
+def text_fingerprint(train: str, val: str) -> str:
+    digest = hashlib.sha256(train.encode("utf-8"))
+    digest.update(b"\0")
+    digest.update(val.encode("utf-8"))
+    return digest.hexdigest()
+
+
+def read_run(out: Path) -> tuple[dict, TrainConfig]:
+    """What a run trains on and how, for --resume; with errors that say what is missing."""
+    if not (out / "last").exists():
+        raise FileNotFoundError(
+            f"{out}: nothing to resume (no 'last' checkpoint: the run saved none yet, or this "
+            "is not a run directory)"
+        )
+    spec = read_json(out / RUN_FILE, "the description of a training run")
+    saved = read_json(out / "train_config.json", "a training config")
+    try:
+        return spec, TrainConfig(**saved)
+    except TypeError as e:
+        raise ValueError(f"{out / 'train_config.json'}: not a training config ({e})") from None
 
 
 def start_token(tokenizer) -> int:
@@ -262,9 +300,11 @@ def start_token(tokenizer) -> int:
 
 
 def model_config_from(args, tokenizer, device: torch.device, dtype: str) -> GPT2Config:
-    sizes = dict(n_layers=args.n_layers, n_heads=args.n_heads, d_model=args.d_model)
-    if args.preset:
-        sizes = {}  # the preset's own
+    # Sizes given on the command line win; the rest come from the preset, else nanoGPT's
+    # small CPU model.
+    given = dict(n_layers=args.n_layers, n_heads=args.n_heads, d_model=args.d_model)
+    given = {k: v for k, v in given.items() if v is not None}
+    sizes = given if args.preset else {**SMALL_MODEL, **given}
     common = dict(
         vocab_size=tokenizer.vocab_size,
         max_len=args.context,

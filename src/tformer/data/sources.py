@@ -47,7 +47,10 @@ def read_text_file(path: Path) -> str:
 
 def read_jsonl(path: Path) -> list[str]:
     texts = []
-    for number, line in enumerate(read_text_file(path).splitlines(), start=1):
+    # Only "\n" ends a record: splitlines() would also split at U+2028 and friends, which
+    # JSON allows unescaped inside strings.
+    for number, line in enumerate(read_text_file(path).split("\n"), start=1):
+        line = line.removesuffix("\r")
         if not line.strip():
             continue
         try:

@@ -69,6 +69,9 @@ def config_to_hf(config: GPT2Config, dtype: torch.dtype) -> dict:
         "scale_attn_by_inverse_layer_idx": False,
         "reorder_and_upcast_attn": False,
         "torch_dtype": str(dtype).removeprefix("torch."),
+        # Which attention path computed it; other tools ignore the key. A resumed run must
+        # take the same path to repeat its losses to the last digit.
+        "tformer_attention": config.attention,
     }
 
 
@@ -113,6 +116,7 @@ def config_from_hf(hf: dict, source: str) -> GPT2Config:
             layer_norm_eps=hf.get("layer_norm_epsilon", 1e-5),
             init_std=hf.get("initializer_range", 0.02),
             eos_token_id=eos,
+            attention=hf.get("tformer_attention", "sdpa"),
         )
     except ValueError as e:
         raise CheckpointError(f"{source}: {e}") from None

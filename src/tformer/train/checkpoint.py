@@ -49,35 +49,54 @@ def save_checkpoint(
     """Write checkpoint `step` and point `last` (and `best` if `best`) at it."""
     checkpoints = run_dir / "checkpoints"
     final = checkpoints / f"step-{step:06d}"
-    # A resumed run that reaches a step already saved before the crash would write the very
-    # same state (training is deterministic), so an existing checkpoint is kept as it is.
-    if not final.is_dir():
-        tmp = checkpoints / f".step-{step:06d}.{uuid.uuid4().hex[:8]}.tmp"
-        tmp.mkdir(parents=True)
-        try:
-            model.save_pretrained(tmp)
-            if tokenizer is not None:
-                tokenizer.save(tmp)
-            torch.save(state, tmp / STATE_FILE)
-            for f in tmp.iterdir():
-                with open(f, "rb") as handle:
-                    os.fsync(handle.fileno())
-            _fsync_dir(tmp)
-            os.replace(tmp, final)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        _fsync_dir(checkpoints)
-    point(run_dir / "last", final)
+    if final.exists():  # nothing links to it (see forget_after): a leftover of a crash
+        shutil.rmtree(final)
+    tmp = checkpoints / f".step-{step:06d}.{uuid.uuid4().hex[:8]}.tmp"
+    tmp.mkdir(parents=True)
+    try:
+        model.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save(tmp)
+        torch.save(state, tmp / STATE_FILE)
+        for f in tmp.iterdir():
+            with open(f, "rb") as handle:
+                os.fsync(handle.fileno())
+        _fsync_dir(tmp)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _fsync_dir(checkpoints)
+    # `best` first: if the process dies between the two, `last` still holds the older state,
+    # whose best loss is the older one, and the resumed run re-points `best` when it gets there.
     if best:
         point(run_dir / "best", final)
+    point(run_dir / "last", final)
     prune(run_dir)
     return final
+
+
+def step_of(checkpoint: Path) -> int:
+    return int(checkpoint.resolve().name.removeprefix("step-"))
+
+
+def forget_after(run_dir: Path, step: int) -> None:
+    """Before resuming at `step`: drop what the interrupted run wrote past it (a `best` link
+    to a later step, checkpoints nothing links to, temporaries), so it cannot be mistaken
+    for the resumed run's own."""
+    best = run_dir / "best"
+    if best.is_symlink() and (not best.exists() or step_of(best) > step):
+        best.unlink()
+    prune(run_dir)
+    for leftover in run_dir.glob(".*.tmp"):
+        leftover.unlink(missing_ok=True)
 
 
 def prune(run_dir: Path) -> None:
     """Remove checkpoints that neither `last` nor `best` points at, and stale temporaries."""
     keep = {(run_dir / name).resolve() for name in ("last", "best") if (run_dir / name).exists()}
+    if not (run_dir / "checkpoints").is_dir():
+        return
     for path in (run_dir / "checkpoints").iterdir():
         if path.resolve() not in keep:
             shutil.rmtree(path, ignore_errors=True)
@@ -89,4 +108,7 @@ def load_state(checkpoint: Path) -> dict:
         raise FileNotFoundError(
             f"{path}: missing; {checkpoint} is not a training checkpoint that can be resumed"
         )
-    return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated or foreign: say which file, without a traceback
+        raise ValueError(f"{path}: cannot read the training state ({type(e).__name__})") from None

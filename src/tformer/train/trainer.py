@@ -18,6 +18,7 @@ every checkpoint, so a resumed run continues with exactly the losses it would ha
 import contextlib
 import json
 import math
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -32,7 +33,7 @@ from tformer.data.tokens import LMBatches
 from tformer.files import atomic_write_json, atomic_write_text
 from tformer.tokenizers import Tokenizer
 from tformer.train import distributed
-from tformer.train.checkpoint import load_state, save_checkpoint
+from tformer.train.checkpoint import forget_after, load_state, save_checkpoint
 from tformer.train.optim import build_optimizer, learning_rate
 
 METRICS_FILE = "metrics.jsonl"
@@ -113,6 +114,8 @@ def evaluate(
     without, every window of the data in order. Across processes, each scores its share and
     the sums are combined.
     """
+    if batch_size <= 0 or (max_batches is not None and max_batches <= 0):
+        raise ValueError("evaluate needs a positive batch size and number of batches")
     dist = distributed.current()
     device = next(model.parameters()).device
     if max_batches is None:
@@ -139,7 +142,8 @@ def evaluate(
     model.train(was_training)
     loss_sum, correct, count = distributed.all_reduce_sum(totals).tolist()
     loss = loss_sum / count
-    return {"loss": loss, "accuracy": correct / count, "perplexity": math.exp(loss)}
+    perplexity = math.exp(loss) if loss < 700 else math.inf  # a diverged model
+    return {"loss": loss, "accuracy": correct / count, "perplexity": perplexity}
 
 
 class MetricsLog:
@@ -200,11 +204,17 @@ def fit(
     start, best_val = 0, math.inf
     if resume:
         if run_dir is None or not (run_dir / "last").exists():
-            raise FileNotFoundError(f"{run_dir}/last: no checkpoint to resume from")
+            raise FileNotFoundError(
+                f"{run_dir}: no checkpoint to resume from (no 'last' link: the run saved none "
+                "yet, or this is not a run directory)"
+            )
         start, best_val = restore(model, optimizer, scaler, generator, run_dir / "last", device)
-        log.truncate_after(start)
+        if dist.is_main:
+            forget_after(run_dir, start)
+            log.truncate_after(start)
+        distributed.barrier()
     elif run_dir is not None and dist.is_main:
-        if (run_dir / "last").exists():
+        if (run_dir / "last").exists() or any((run_dir / "checkpoints").glob("step-*")):
             raise FileExistsError(
                 f"{run_dir} already holds a run; pass --resume to continue it, or choose "
                 "another output directory"
@@ -251,6 +261,11 @@ def fit(
         optimizer.zero_grad(set_to_none=True)
 
         loss_value = distributed.all_reduce_sum(total).item() / dist.world_size
+        if not math.isfinite(loss_value):
+            raise FloatingPointError(
+                f"the training loss became {loss_value} at step {step + 1}; lower --lr, keep "
+                "--grad-clip on, or resume from an earlier checkpoint"
+            )
         elapsed = time.perf_counter() - started
         done = step + 1
         record = {
@@ -290,15 +305,17 @@ def fit(
             if dist.is_main:
                 bar.write(
                     f"step {done}: val loss {metrics['loss']:.4f}, accuracy "
-                    f"{metrics['accuracy']:.3f}, perplexity {metrics['perplexity']:.2f}"
+                    f"{metrics['accuracy']:.3f}, perplexity {metrics['perplexity']:.2f}",
+                    file=sys.stderr,
                 )
             is_best = metrics["loss"] < best_val
             best_val = min(best_val, metrics["loss"])
         else:
             is_best = False
-        if run_dir is not None and (
-            last or (config.checkpoint_every and done % config.checkpoint_every == 0)
-        ):
+        # A checkpoint when due, at the end, and whenever the validation loss improves (so
+        # `best` always points at the best model evaluated).
+        due = config.checkpoint_every and done % config.checkpoint_every == 0
+        if run_dir is not None and (last or due or is_best):
             if dist.is_main:
                 state = training_state(done, best_val, optimizer, scaler, generator, config)
                 save_checkpoint(run_dir, done, model, tokenizer, state, is_best)
