@@ -181,10 +181,30 @@ def fit(
 ) -> list[dict[str, Any]]:
     """Train `model` in place; return the history (one record per step and per evaluation).
 
-    With run_dir: metrics.jsonl, checkpoints (`last`, `best`) every checkpoint_every steps
-    and at the end, and the final model (with `tokenizer`) in run_dir itself. With resume,
-    continue from run_dir/last exactly where it stopped.
+    With run_dir: metrics.jsonl, checkpoints (`last`, `best`) every checkpoint_every steps,
+    at each better validation loss and at the end, and the final model (with `tokenizer`) in
+    run_dir itself. With resume, continue from run_dir/last exactly where it stopped.
     """
+    # Numbers below ~1e-38 (denormals) take the CPU's slow path: late in training, when
+    # some gradients and Adam moments get that small, they made float32 steps 30% slower
+    # (docs/LOG.md). Flushing them to zero changes no printed digit of the loss.
+    torch.set_flush_denormal(True)
+    try:
+        return _fit(model, train, val, config, run_dir, tokenizer, resume, progress)
+    finally:
+        torch.set_flush_denormal(False)
+
+
+def _fit(
+    model: nn.Module,
+    train: LMBatches,
+    val: LMBatches | None,
+    config: TrainConfig,
+    run_dir: Path | str | None,
+    tokenizer: Tokenizer | None,
+    resume: bool,
+    progress: bool,
+) -> list[dict[str, Any]]:
     dist = distributed.current()
     device = next(model.parameters()).device
     if config.batch_size % (config.grad_accum * dist.world_size) != 0:
