@@ -1,5 +1,6 @@
 """What several commands share: loading a model with its tokenizer, printing JSON."""
 
+import argparse
 import json
 import sys
 
@@ -27,3 +28,14 @@ def load_model(checkpoint: str, device: str, dtype: str) -> tuple[GPT2, Tokenize
 def print_json(obj) -> None:
     json.dump(obj, sys.stdout, indent=2)
     print()
+
+
+class DefaultsFormatter(argparse.HelpFormatter):
+    """--help that shows each option's default, unless it has none or the help names it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        no_default = action.default is None or action.default is False  # 0 is a default
+        if "default" in text or no_default or action.default == argparse.SUPPRESS:
+            return text
+        return text + " (default: %(default)s)"

@@ -1,6 +1,5 @@
 """`tformer train`: train a GPT on your text (or the built-in Shakespeare) and sample from it."""
 
-import argparse
 import hashlib
 import json
 import sys
@@ -10,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from tformer.cli.common import DefaultsFormatter
 from tformer.data.sources import BUILTIN_CORPORA, load_corpus
 from tformer.data.tokens import LMBatches, tokenize_cached
 from tformer.devices import pick_device, training_dtype
@@ -28,7 +28,7 @@ RUN_FILE = "run.json"  # what the run trains on, so --resume needs nothing but t
 def add_parser(sub) -> None:
     p = sub.add_parser(
         "train",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsFormatter,
         help="train a GPT on your text, or on the built-in Shakespeare",
         description="Train a GPT-2-style model. With no data given it trains a character-level "
         "model on the built-in 'shakespeare' corpus. The run directory receives the config, "
@@ -62,7 +62,7 @@ def add_parser(sub) -> None:
     model.add_argument("--d-model", type=int, help="width (default: 128, or the preset's)")
     model.add_argument("--d-ff", type=int, help="default: 4 x d-model")
     model.add_argument("--context", type=int, default=64, help="tokens per window (max_len)")
-    model.add_argument("--dropout", type=float, default=0.0)
+    model.add_argument("--dropout", type=float, default=0.0, help="dropout probability")
     model.add_argument(
         "--activation",
         default="gelu",
@@ -78,26 +78,42 @@ def add_parser(sub) -> None:
 
     train = p.add_argument_group("training")
     defaults = TrainConfig()
-    train.add_argument("--steps", type=int, default=defaults.steps)
+    train.add_argument("--steps", type=int, default=defaults.steps, help="optimizer steps")
     train.add_argument(
         "--batch-size",
         type=int,
         default=defaults.batch_size,
         help="sequences per optimizer step, over all processes",
     )
-    train.add_argument("--grad-accum", type=int, default=defaults.grad_accum)
-    train.add_argument("--lr", type=float, default=defaults.lr)
-    train.add_argument("--min-lr", type=float, default=defaults.min_lr)
-    train.add_argument("--warmup-steps", type=int, default=defaults.warmup_steps)
+    train.add_argument(
+        "--grad-accum", type=int, default=defaults.grad_accum, help="micro-batches per step"
+    )
+    train.add_argument("--lr", type=float, default=defaults.lr, help="peak learning rate")
+    train.add_argument(
+        "--min-lr",
+        type=float,
+        default=defaults.min_lr,
+        help="learning rate at the end of the decay",
+    )
+    train.add_argument(
+        "--warmup-steps", type=int, default=defaults.warmup_steps, help="linear warm-up steps"
+    )
     train.add_argument("--decay-steps", type=int, help="end of the cosine decay (default: --steps)")
-    train.add_argument("--weight-decay", type=float, default=defaults.weight_decay)
-    train.add_argument("--beta1", type=float, default=defaults.beta1)
-    train.add_argument("--beta2", type=float, default=defaults.beta2)
+    train.add_argument(
+        "--weight-decay", type=float, default=defaults.weight_decay, help="AdamW decay on matrices"
+    )
+    train.add_argument("--beta1", type=float, default=defaults.beta1, help="AdamW beta1")
+    train.add_argument("--beta2", type=float, default=defaults.beta2, help="AdamW beta2")
     train.add_argument("--grad-clip", type=float, default=defaults.grad_clip, help="0: off")
     train.add_argument(
         "--eval-every", type=int, default=defaults.eval_every, help="steps; 0: only at the end"
     )
-    train.add_argument("--eval-batches", type=int, default=defaults.eval_batches)
+    train.add_argument(
+        "--eval-batches",
+        type=int,
+        default=defaults.eval_batches,
+        help="batches per periodic evaluation",
+    )
     train.add_argument(
         "--final-eval",
         default=defaults.final_eval,
@@ -110,7 +126,9 @@ def add_parser(sub) -> None:
         default=defaults.checkpoint_every,
         help="steps; 0: only at the end and at each better validation loss",
     )
-    train.add_argument("--seed", type=int, default=defaults.seed)
+    train.add_argument(
+        "--seed", type=int, default=defaults.seed, help="seed for initialisation, data and dropout"
+    )
     train.add_argument("--device", default="auto", help="cpu, cuda, ... (default: auto)")
     train.add_argument(
         "--dtype",
