@@ -11,7 +11,6 @@ T and is scored on predicting each of the T that follow (x = w[:-1], y = w[1:]).
 import hashlib
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -55,10 +54,6 @@ def tokenize_cached(text: str, tokenizer: Tokenizer) -> np.ndarray:
             raise ValueError("the text encodes to no tokens at all")
         atomic_write(path, lambda tmp: ids.tofile(tmp))
     return np.memmap(path, dtype=dtype, mode="r")
-
-
-def cache_path_for(tokens: np.ndarray) -> Path | None:
-    return Path(tokens.filename) if isinstance(tokens, np.memmap) else None
 
 
 class LMBatches:
