@@ -102,6 +102,7 @@ def test_run_directory_holds_metrics_checkpoints_and_a_loadable_model(corpus_fil
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if r["type"] == "train"] == list(range(1, 31))
     assert [r["step"] for r in records if r["type"] == "eval"] == [10, 20, 30]
+    assert (run / "loss.png").stat().st_size > 1000
     loaded = GPT2.from_pretrained(run)
     ids = torch.tensor([tok.encode("the cat")])
     torch.testing.assert_close(loaded(ids), model.eval()(ids))

@@ -19,7 +19,7 @@ from tformer.models.gpt2 import GPT2, PRESETS, GPT2Config
 from tformer.nn.feedforward import ACTIVATIONS
 from tformer.tokenizers import CharTokenizer, GPT2Tokenizer, load_tokenizer, train_bpe
 from tformer.train import TrainConfig, distributed, fit
-from tformer.train.plots import plot_losses, read_metrics
+from tformer.train.plots import read_metrics
 
 SMALL_MODEL = dict(n_layers=4, n_heads=4, d_model=128)
 RUN_FILE = "run.json"  # what the run trains on, so --resume needs nothing but the directory
@@ -241,7 +241,6 @@ def run(args) -> None:
     )
     if not dist.is_main:
         return
-    plot_losses(out)
     # The last evaluation of the run, also when a resumed run had nothing left to do.
     val = [r for r in read_metrics(out) if r["type"] == "eval"][-1]
     sample = ""

@@ -35,6 +35,7 @@ from tformer.tokenizers import Tokenizer
 from tformer.train import distributed
 from tformer.train.checkpoint import forget_after, load_state, save_checkpoint
 from tformer.train.optim import build_optimizer, learning_rate
+from tformer.train.plots import plot_losses
 
 METRICS_FILE = "metrics.jsonl"
 IGNORE_INDEX = -100  # targets to skip (padding), as in torch's cross_entropy
@@ -182,8 +183,9 @@ def fit(
     """Train `model` in place; return the history (one record per step and per evaluation).
 
     With run_dir: metrics.jsonl, checkpoints (`last`, `best`) every checkpoint_every steps,
-    at each better validation loss and at the end, and the final model (with `tokenizer`) in
-    run_dir itself. With resume, continue from run_dir/last exactly where it stopped.
+    at each better validation loss and at the end, and the final model (with `tokenizer`) and
+    the loss curve (loss.png) in run_dir itself. With resume, continue from run_dir/last
+    exactly where it stopped.
     """
     # Numbers below ~1e-38 (denormals) take the CPU's slow path: late in training, when
     # some gradients and Adam moments get that small, they made float32 steps 30% slower
@@ -345,6 +347,7 @@ def _fit(
         model.save_pretrained(run_dir)  # the finished model, loadable from the run directory
         if tokenizer is not None:
             tokenizer.save(run_dir)
+        plot_losses(run_dir)
     return history
 
 
