@@ -109,3 +109,21 @@ def test_temperature_zero_is_greedy_and_empty_prompt_starts_after_end_of_text(ch
     greedy = json.loads(run_cli(capsys, *base, "--prompt", "", "--greedy"))
     zero = json.loads(run_cli(capsys, *base, "--prompt", "", "--temperature", "0"))
     assert greedy["completion"] == zero["completion"] and greedy["new_tokens"] > 0
+
+
+def test_stop_string_ends_the_continuation_before_it(checkpoint, capsys):
+    base = ["generate", str(checkpoint), "--prompt", "Hello", "--max-new-tokens", "30"]
+    full = json.loads(run_cli(capsys, *base, "--greedy", "--json"))["completion"]
+    stop = full[10:14]  # a piece of text the model will produce
+    assert stop and full.find(stop) >= 0
+    stopped = json.loads(run_cli(capsys, *base, "--greedy", "--stop", stop, "--json"))
+    assert stopped["completion"] == full[: full.find(stop)]
+    streamed = run_cli(capsys, *base, "--greedy", "--stop", stop)
+    assert streamed == "Hello" + full[: full.find(stop)] + "\n"
+
+
+def test_repetition_penalty_changes_greedy_output(checkpoint, capsys):
+    base = ["generate", str(checkpoint), "--prompt", "Hello", "--max-new-tokens", "20", "--greedy"]
+    plain = json.loads(run_cli(capsys, *base, "--json"))["completion"]
+    penalised = json.loads(run_cli(capsys, *base, "--repetition-penalty", "2.0", "--json"))
+    assert penalised["completion"] != plain

@@ -79,3 +79,32 @@ def test_generation_runs_in_eval_mode_and_restores_training_mode():
     first = generate_ids(model, prompt, greedy_config)
     assert model.training
     assert generate_ids(model, prompt, greedy_config) == first  # no dropout while generating
+
+
+@pytest.mark.parametrize("penalty", [1.0, 1.3])
+def test_greedy_output_equals_transformers_generate(tmp_path, penalty):
+    transformers = pytest.importorskip("transformers")
+    config = GPT2Config(vocab_size=97, max_len=64, d_model=32, n_layers=2, n_heads=4, dropout=0.0)
+    model = GPT2(config, seed=5).eval()
+    with torch.no_grad():
+        for p in model.parameters():  # a sharper, less uniform model than the initialisation
+            p.add_(torch.randn_like(p) * 0.2)
+    model.save_pretrained(tmp_path)
+    theirs = transformers.GPT2LMHeadModel.from_pretrained(tmp_path).eval()
+    prompt = torch.tensor([[3, 14, 15, 92, 65]])
+    ours = generate_ids(
+        model,
+        prompt,
+        SamplingConfig(max_new_tokens=30, do_sample=False, repetition_penalty=penalty),
+    )
+    expected = theirs.generate(
+        prompt,
+        attention_mask=torch.ones_like(prompt),
+        max_new_tokens=30,
+        do_sample=False,
+        repetition_penalty=penalty,
+        pad_token_id=0,
+        eos_token_id=None,
+    )[0, 5:].tolist()
+    assert ours == expected
+    assert len(set(ours)) > 5  # a real continuation, not one token repeated

@@ -42,3 +42,17 @@ def test_top_p_against_brute_force_on_random_distributions():
                 if total >= p:
                     break
             assert torch.equal(kept[row], expected)
+
+
+def test_repetition_penalty_matches_the_ctrl_rule_and_transformers():
+    from tformer.generate import repetition_penalty
+
+    logits = torch.tensor([[2.0, -1.0, 0.5, -3.0, 1.0]])
+    seen = torch.tensor([[0, 1, 1]])  # repeats count once
+    out = repetition_penalty(logits, seen, 2.0)
+    assert out.tolist() == [[1.0, -2.0, 0.5, -3.0, 1.0]]
+    transformers = pytest.importorskip("transformers")
+    g = torch.Generator().manual_seed(0)
+    logits, seen = torch.randn(3, 50, generator=g), torch.randint(0, 50, (3, 12), generator=g)
+    reference = transformers.RepetitionPenaltyLogitsProcessor(1.3)(seen, logits.clone())
+    torch.testing.assert_close(repetition_penalty(logits, seen, 1.3), reference)

@@ -26,8 +26,8 @@ def load_model(checkpoint: str, device: str, dtype: str) -> tuple[GPT2, Tokenize
 
 
 def print_json(obj) -> None:
-    json.dump(obj, sys.stdout, indent=2)
-    print()
+    """One JSON object on one line: what every --json ends with."""
+    print(json.dumps(obj, ensure_ascii=False), file=sys.stdout)
 
 
 class DefaultsFormatter(argparse.HelpFormatter):

@@ -28,6 +28,19 @@ def add_parser(sub) -> None:
     p.add_argument("--temperature", type=float, default=1.0, help="(default: 1.0; 0 means greedy)")
     p.add_argument("--top-k", type=int, help="sample from the k most likely tokens")
     p.add_argument("--top-p", type=float, help="sample from the smallest set with probability p")
+    p.add_argument(
+        "--repetition-penalty",
+        type=float,
+        default=1.0,
+        help="> 1 makes tokens already in the text less likely (CTRL's rule; default: 1, off)",
+    )
+    p.add_argument(
+        "--stop",
+        action="append",
+        default=[],
+        metavar="TEXT",
+        help="stop when the continuation contains TEXT (not printed); may be repeated",
+    )
     p.add_argument("--seed", type=int, help="seed for reproducible sampling")
     add_device_options(p)
     p.add_argument("--json", action="store_true", help="print the result as JSON, no streaming")
@@ -62,6 +75,7 @@ def run(args) -> None:
         do_sample=not greedy,
         seed=args.seed,
         eos_token_id=tokenizer.eos_id,
+        repetition_penalty=args.repetition_penalty,
     )
     prompt_ids = torch.tensor([ids], device=model.token_embedding.weight.device)
     new_ids: list[int] = []
@@ -69,15 +83,22 @@ def run(args) -> None:
     start = time.perf_counter()
     if not args.json:
         print(prompt, end="", flush=True)
+    # Text that could still turn out to begin a stop string is held back until it cannot.
+    hold = max((len(s) for s in args.stop), default=1) - 1
+    completion = ""
     for token in stream_tokens(model, prompt_ids, config):
         new_ids.append(token)
-        text = tokenizer.decode(new_ids)
+        completion = tokenizer.decode(new_ids)
+        cut = min((i for i in (completion.find(s) for s in args.stop) if i >= 0), default=-1)
+        if cut >= 0:
+            completion = completion[:cut]
+            break
         # A character split across tokens decodes as U+FFFD until its last byte arrives.
-        if not args.json and not text.endswith("\ufffd"):
-            print(text[len(shown) :], end="", flush=True)
-            shown = text
+        ready = completion[: len(completion) - hold]
+        if not args.json and not ready.endswith("\ufffd") and len(ready) > len(shown):
+            print(ready[len(shown) :], end="", flush=True)
+            shown = ready
     seconds = time.perf_counter() - start
-    completion = tokenizer.decode(new_ids)
     if args.json:
         print_json(
             {

@@ -4,6 +4,7 @@ from tformer.generate.decode import SamplingConfig, generate_ids, stream_tokens
 from tformer.generate.sampling import (
     apply_temperature,
     greedy,
+    repetition_penalty,
     sample,
     top_k_filter,
     top_p_filter,
@@ -14,6 +15,7 @@ __all__ = [
     "apply_temperature",
     "generate_ids",
     "greedy",
+    "repetition_penalty",
     "sample",
     "stream_tokens",
     "top_k_filter",

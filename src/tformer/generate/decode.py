@@ -13,7 +13,14 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from tformer.generate.sampling import apply_temperature, greedy, sample, top_k_filter, top_p_filter
+from tformer.generate.sampling import (
+    apply_temperature,
+    greedy,
+    repetition_penalty,
+    sample,
+    top_k_filter,
+    top_p_filter,
+)
 from tformer.nn import KVCache
 
 
@@ -23,6 +30,7 @@ class SamplingConfig:
     temperature: float = 1.0
     top_k: int | None = None
     top_p: float | None = None
+    repetition_penalty: float = 1.0  # 1: off
     do_sample: bool = True  # False: greedy
     seed: int | None = None
     eos_token_id: int | None = None
@@ -36,12 +44,19 @@ class SamplingConfig:
             raise ValueError("top_k must be a positive integer")
         if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
             raise ValueError("top_p must be in (0, 1]")
+        if self.repetition_penalty <= 0:
+            raise ValueError("repetition_penalty must be > 0 (1 is off)")
 
 
 def next_token(
-    logits: torch.Tensor, config: SamplingConfig, generator: torch.Generator | None
+    logits: torch.Tensor,
+    config: SamplingConfig,
+    generator: torch.Generator | None,
+    seen: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """(B, V) next-token logits -> (B,) token ids."""
+    """(B, V) next-token logits, (B, N) ids so far (for the repetition penalty) -> (B,) ids."""
+    if seen is not None and config.repetition_penalty != 1.0:
+        logits = repetition_penalty(logits, seen, config.repetition_penalty)
     if not config.do_sample:
         return greedy(logits)
     logits = apply_temperature(logits, config.temperature)
@@ -87,15 +102,20 @@ def stream_tokens(model: nn.Module, prompt: torch.Tensor, config: SamplingConfig
     was_training = model.training
     model.eval()
     try:
-        tokens = prompt[0].tolist()
+        tokens = prompt[0].tolist()  # what the model sees (the window)
+        history = list(tokens)  # everything so far, for the repetition penalty
         caches = model.new_caches(batch_size=1)
         logits = prefill(model, prompt, caches)
         for _ in range(config.max_new_tokens):
-            token = next_token(logits, config, generator)  # (1,)
+            seen = None
+            if config.repetition_penalty != 1.0:
+                seen = torch.tensor([history], device=prompt.device)
+            token = next_token(logits, config, generator, seen)  # (1,)
             if config.eos_token_id is not None and token.item() == config.eos_token_id:
                 return
             yield token.item()
             tokens.append(token.item())
+            history.append(token.item())
             if len(tokens) < max_len:
                 logits = decode_step(model, token, caches)
             else:  # the window is full: keep its last half and encode it again

@@ -4,6 +4,8 @@ temperature   p_i ∝ exp(z_i / T): T < 1 sharpens, T > 1 flattens
 top-k         keep the k largest logits, the rest become -inf
 top-p         keep the smallest set of most likely tokens whose probability reaches p
               (Holtzman et al., 2020, "The Curious Case of Neural Text Degeneration")
+repetition    for every token already in the text, z / r if z > 0 else z * r
+              (Keskar et al., 2019, CTRL): r > 1 makes repeating less likely
 """
 
 import torch
@@ -13,6 +15,15 @@ def apply_temperature(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     if temperature <= 0:
         raise ValueError("temperature must be > 0; use greedy decoding for temperature 0")
     return logits / temperature
+
+
+def repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """(B, V) logits, (B, N) ids already in each text -> (B, V) with those tokens penalised."""
+    if penalty <= 0:
+        raise ValueError(f"repetition penalty must be > 0, got {penalty}")
+    scores = logits.gather(-1, seen)  # (B, N)
+    scores = torch.where(scores > 0, scores / penalty, scores * penalty)
+    return logits.scatter(-1, seen, scores)
 
 
 def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
