@@ -108,3 +108,38 @@ def test_greedy_output_equals_transformers_generate(tmp_path, penalty):
     )[0, 5:].tolist()
     assert ours == expected
     assert len(set(ours)) > 5  # a real continuation, not one token repeated
+
+
+PROMPTS = [[5, 6, 7], [1, 2, 3, 4, 5, 6, 7], [9, 8, 7, 6, 5], [42]]
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        SamplingConfig(max_new_tokens=12, do_sample=False),
+        SamplingConfig(max_new_tokens=12, seed=3, top_k=20, temperature=0.9),
+        SamplingConfig(max_new_tokens=12, do_sample=False, repetition_penalty=1.5),
+    ],
+    ids=["greedy", "sampled", "penalised"],
+)
+def test_left_padded_batch_equals_each_prompt_alone(config):
+    from tformer.generate import generate_batch
+
+    model = tiny_model()
+    together = generate_batch(model, PROMPTS, config)
+    alone = [generate_ids(model, torch.tensor([p]), config) for p in PROMPTS]
+    assert together == alone
+    assert all(len(out) == 12 for out in together)
+
+
+def test_batch_rows_stop_at_their_own_end_of_text():
+    from tformer.generate import generate_batch
+
+    model = tiny_model()
+    free = generate_batch(model, PROMPTS, SamplingConfig(max_new_tokens=10, do_sample=False))
+    eos = free[1][3]
+    stopped = SamplingConfig(max_new_tokens=10, do_sample=False, eos_token_id=eos)
+    outputs = generate_batch(model, PROMPTS, stopped)
+    for row, out in enumerate(free):
+        expected = out[: out.index(eos)] if eos in out else out
+        assert outputs[row] == expected

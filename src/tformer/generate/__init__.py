@@ -1,6 +1,12 @@
 """Text generation: samplers and cached decoding, outside the model."""
 
-from tformer.generate.decode import SamplingConfig, generate_ids, stream_tokens
+from tformer.generate.decode import (
+    SamplingConfig,
+    generate_batch,
+    generate_ids,
+    left_pad,
+    stream_tokens,
+)
 from tformer.generate.sampling import (
     apply_temperature,
     greedy,
@@ -13,6 +19,8 @@ from tformer.generate.sampling import (
 __all__ = [
     "SamplingConfig",
     "apply_temperature",
+    "generate_batch",
+    "left_pad",
     "generate_ids",
     "greedy",
     "repetition_penalty",

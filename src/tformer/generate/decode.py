@@ -130,3 +130,72 @@ def stream_tokens(model: nn.Module, prompt: torch.Tensor, config: SamplingConfig
 def generate_ids(model: nn.Module, prompt: torch.Tensor, config: SamplingConfig) -> list[int]:
     """All new token ids for one prompt (1, T)."""
     return list(stream_tokens(model, prompt, config))
+
+
+def left_pad(prompts: list[list[int]], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompts of different lengths -> ids (B, T) padded on the left, and mask (B, T)."""
+    t = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), t), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(prompts), t, dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        ids[row, t - len(prompt) :] = torch.tensor(prompt, dtype=torch.long)
+        mask[row, t - len(prompt) :] = 1
+    return ids, mask
+
+
+@torch.inference_mode()
+def generate_batch(
+    model: nn.Module, prompts: list[list[int]], config: SamplingConfig
+) -> list[list[int]]:
+    """New token ids for several prompts at once.
+
+    The prompts are padded on the left; the attention mask hides the padding and each row's
+    positions start at 0 where its text starts, so every row gets exactly what it would get
+    alone (each row samples from its own generator, seeded with config.seed). Rows stop at
+    their end-of-text; all stop when the context window is full (no sliding in a batch).
+    """
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("generate_batch needs one or more non-empty prompts")
+    device = model.token_embedding.weight.device
+    ids, mask = (x.to(device) for x in left_pad(prompts))
+    b, t = ids.shape
+    max_len = model.config.max_len
+    if t >= max_len:
+        raise ValueError(f"the longest prompt ({t} tokens) fills the context window ({max_len})")
+    generators = [None] * b
+    if config.seed is not None:
+        generators = [torch.Generator(device=device).manual_seed(config.seed) for _ in range(b)]
+    was_training = model.training
+    model.eval()
+    try:
+        caches = model.new_caches(batch_size=b, max_len=min(max_len, t + config.max_new_tokens))
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, T): 0 where each text starts
+        logits = model(ids, attention_mask=mask, position_ids=positions, caches=caches)[:, -1]
+        next_position = positions[:, -1:] + 1  # (B, 1)
+        histories = [list(p) for p in prompts]
+        outputs: list[list[int]] = [[] for _ in prompts]
+        finished = [False] * b
+        for step in range(config.max_new_tokens):
+            tokens = []
+            for row in range(b):
+                seen = None
+                if config.repetition_penalty != 1.0:
+                    seen = torch.tensor([histories[row]], device=device)
+                token = next_token(logits[row : row + 1], config, generators[row], seen).item()
+                if finished[row] or token == config.eos_token_id:
+                    finished[row] = True
+                    token = 0  # a finished row keeps feeding padding; nobody reads it
+                else:
+                    outputs[row].append(token)
+                    histories[row].append(token)
+                tokens.append(token)
+            last = step == config.max_new_tokens - 1 or t + step + 1 >= max_len
+            if all(finished) or last:  # no forward for logits nobody will read
+                break
+            mask = torch.cat([mask, torch.ones(b, 1, dtype=mask.dtype, device=device)], dim=1)
+            step_ids = torch.tensor(tokens, device=device)[:, None]  # (B, 1)
+            logits = model(step_ids, mask, next_position, caches)[:, -1]
+            next_position = next_position + 1
+        return outputs
+    finally:
+        model.train(was_training)
