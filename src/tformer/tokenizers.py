@@ -42,8 +42,13 @@ GPT2_RANKS_SDIST = ("openai-whisper==20250625", "whisper/assets/gpt2.tiktoken")
 CHAR_TOKENIZER_FILE = "char_tokenizer.json"
 # Every file a tokenizer may be saved as; saving one kind removes the others' files, so a
 # directory never holds two tokenizers that disagree.
-TOKENIZER_FILES = (CHAR_TOKENIZER_FILE, "tokenizer.json", "vocab.json", "merges.txt")
-TOKENIZER_FILES += ("tokenizer_config.json",)
+TOKENIZER_FILES = (
+    CHAR_TOKENIZER_FILE,
+    "tokenizer.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer_config.json",
+)
 
 
 @runtime_checkable

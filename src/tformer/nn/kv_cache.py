@@ -38,6 +38,3 @@ class KVCache(nn.Module):
         self.v[:, :, start:end] = v
         self.length = end
         return self.k[:, :, :end], self.v[:, :, :end]
-
-    def reset(self) -> None:
-        self.length = 0
