@@ -11,7 +11,7 @@ BIN := $(VENV)/bin
 install: $(VENV)/.installed
 
 # Torch is installed explicitly, and only where the environment has none: the package asks
-# for a range (torch>=2.4) so a GPU user's own build stays, and on a machine without torch
+# for a range (torch>=2.5) so a GPU user's own build stays, and on a machine without torch
 # torch==2.13.0 is the CPU build; an open range would fetch several GB of CUDA build.
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)

@@ -54,3 +54,8 @@ def read_json(path: str | os.PathLike, what: str) -> dict:
     if not isinstance(obj, dict):
         raise ValueError(f"{path}: expected a JSON object holding {what}")
     return obj
+
+
+def cache_dir() -> Path:
+    """$TFORMER_CACHE, else ~/.cache/tformer: token caches, corpora, compiled kernels."""
+    return Path(os.environ.get("TFORMER_CACHE", Path.home() / ".cache" / "tformer"))

@@ -28,7 +28,13 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
-from tformer.files import atomic_write, atomic_write_json, atomic_write_text, read_json
+from tformer.files import (
+    atomic_write,
+    atomic_write_json,
+    atomic_write_text,
+    cache_dir,
+    read_json,
+)
 
 ENDOFTEXT = "<|endoftext|>"
 GPT2_EOT_ID = 50256
@@ -89,11 +95,6 @@ def remove_other_tokenizers(directory: Path, keep: Sequence[str]) -> None:
 
 def _sha(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
-
-
-def cache_dir() -> Path:
-    """$TFORMER_CACHE, else ~/.cache/tformer."""
-    return Path(os.environ.get("TFORMER_CACHE", Path.home() / ".cache" / "tformer"))
 
 
 # ---------------------------------------------------------------------------------------

@@ -127,3 +127,44 @@ def test_repetition_penalty_changes_greedy_output(checkpoint, capsys):
     plain = json.loads(run_cli(capsys, *base, "--json"))["completion"]
     penalised = json.loads(run_cli(capsys, *base, "--repetition-penalty", "2.0", "--json"))
     assert penalised["completion"] != plain
+
+
+def test_generate_batch_of_prompts_with_several_samples_as_json(checkpoint, capsys, tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "Hello"}\n\n{"prompt": "A longer prompt here"}\n')
+    base = ["generate", str(checkpoint), "--max-new-tokens", "6", "--seed", "3", "--json"]
+    batch = json.loads(run_cli(capsys, *base, "--prompts-file", str(prompts), "--num-samples", "2"))
+    assert [(r["prompt_index"], r["sample"]) for r in batch["results"]] == [
+        (0, 0),
+        (0, 1),
+        (1, 0),
+        (1, 1),
+    ]
+    # Each sample equals generating its prompt alone with seed + sample.
+    for r in batch["results"]:
+        alone = base[:-3] + ["--seed", str(3 + r["sample"]), "--json", "--prompt", r["prompt"]]
+        assert json.loads(run_cli(capsys, *alone))["completion"] == r["completion"]
+    repeated = json.loads(run_cli(capsys, *base, "--prompt", "Hello", "--prompt", "Hi there"))
+    assert [r["prompt"] for r in repeated["results"]] == ["Hello", "Hi there"]
+
+
+def test_generate_reports_its_path_and_int8_runs(checkpoint, capsys):
+    argv = ["generate", str(checkpoint), "--prompt", "Hello", "--max-new-tokens", "5"]
+    main([*argv, "--quantize", "int8", "--greedy"])
+    captured = capsys.readouterr()
+    assert captured.out.startswith("Hello")
+    assert "decoding: weights int8" in captured.err
+    d = json.loads(run_cli(capsys, *argv, "--dtype", "bfloat16", "--json"))
+    assert d["path"]["weights"] == "bfloat16" and d["new_tokens"] <= 5
+
+
+def test_prompts_file_errors_name_the_line(checkpoint, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "ok"}\n{"text": "no prompt key"}\n')
+    result = subprocess.run(
+        [sys.executable, "-m", "tformer", "generate", str(checkpoint), "--prompts-file", str(bad)],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 2
+    assert f'{bad}:2: expected an object with a "prompt" string' in result.stderr

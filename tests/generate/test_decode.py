@@ -143,3 +143,36 @@ def test_batch_rows_stop_at_their_own_end_of_text():
     for row, out in enumerate(free):
         expected = out[: out.index(eos)] if eos in out else out
         assert outputs[row] == expected
+
+
+def test_several_samples_per_prompt_each_equal_to_its_own_seed_alone():
+    from tformer.generate import generate
+
+    model = tiny_model()
+    config = SamplingConfig(max_new_tokens=10, seed=4, top_p=0.9)
+    out = generate(model, PROMPTS[:2], config, num_samples=3)
+    assert len(out) == 6
+    for row, continuation in enumerate(out):
+        prompt, sample = PROMPTS[row // 3], row % 3
+        seeded = SamplingConfig(max_new_tokens=10, seed=4 + sample, top_p=0.9)
+        assert continuation == generate_ids(model, torch.tensor([prompt]), seeded)
+    assert len({tuple(c) for c in out[:3]}) > 1  # the samples of one prompt differ
+
+
+def test_model_generate_takes_a_tensor_or_lists_and_stops_at_its_end_of_text():
+    config = GPT2Config(
+        vocab_size=50, max_len=32, d_model=16, n_layers=2, n_heads=2, dropout=0.0, eos_token_id=7
+    )
+    model = GPT2(config, seed=0).eval()
+    greedy_config = SamplingConfig(max_new_tokens=8, do_sample=False)
+    from_tensor = model.generate(torch.tensor([[1, 2, 3], [4, 5, 6]]), greedy_config)
+    from_lists = model.generate([[1, 2, 3], [4, 5, 6]], greedy_config)
+    assert (
+        from_tensor
+        == from_lists
+        == [generate_ids(model, torch.tensor([p]), greedy_config) for p in ([1, 2, 3], [4, 5, 6])]
+    )
+    assert model.generate(torch.tensor([1, 2, 3]), greedy_config) == from_tensor[:1]
+    # The default config samples and stops at the model's end-of-text token.
+    for out in model.generate(torch.tensor([[1, 2, 3]]), num_samples=20):
+        assert 7 not in out and len(out) <= 50

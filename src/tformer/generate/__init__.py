@@ -2,6 +2,7 @@
 
 from tformer.generate.decode import (
     SamplingConfig,
+    generate,
     generate_batch,
     generate_ids,
     left_pad,
@@ -19,6 +20,7 @@ from tformer.generate.sampling import (
 __all__ = [
     "SamplingConfig",
     "apply_temperature",
+    "generate",
     "generate_batch",
     "left_pad",
     "generate_ids",

@@ -1,9 +1,11 @@
 """Autoregressive decoding with a KV cache: prefill the prompt once, then one token a step.
 
-    prefill:      logits = model(prompt, caches)        fills every layer's cache
-    decode_step:  logits = model(last_token, caches)    costs one position of work
+    prefill:      logits = model(prompt, caches)[-1]        fills every layer's cache
+    decode_step:  logits = model(last_token, caches)        costs one position of work
 
-The model only computes logits; choosing the next token is the samplers' job.
+Only the last position's logits are computed (model.unembed of model.features): a prompt's
+other positions need none, and for GPT-2 the output head is a third of the weights. The
+model only computes logits; choosing the next token is the samplers' job.
 """
 
 import warnings
@@ -69,12 +71,12 @@ def next_token(
 
 def prefill(model: nn.Module, prompt: torch.Tensor, caches: list[KVCache]) -> torch.Tensor:
     """Run the whole prompt (B, T) once, filling the caches; -> last logits (B, V)."""
-    return model(prompt, caches=caches)[:, -1]
+    return model.unembed(model.features(prompt, caches=caches)[:, -1])
 
 
 def decode_step(model: nn.Module, token: torch.Tensor, caches: list[KVCache]) -> torch.Tensor:
     """Feed one new token per row (B,), attending to the cache; -> its logits (B, V)."""
-    return model(token[:, None], caches=caches)[:, -1]
+    return model.unembed(model.features(token[:, None], caches=caches)[:, -1])
 
 
 @torch.inference_mode()
@@ -145,32 +147,42 @@ def left_pad(prompts: list[list[int]], pad_id: int = 0) -> tuple[torch.Tensor, t
 
 @torch.inference_mode()
 def generate_batch(
-    model: nn.Module, prompts: list[list[int]], config: SamplingConfig
+    model: nn.Module,
+    prompts: list[list[int]],
+    config: SamplingConfig,
+    seeds: list[int] | None = None,
 ) -> list[list[int]]:
     """New token ids for several prompts at once.
 
     The prompts are padded on the left; the attention mask hides the padding and each row's
     positions start at 0 where its text starts, so every row gets exactly what it would get
-    alone (each row samples from its own generator, seeded with config.seed). Rows stop at
-    their end-of-text; all stop when the context window is full (no sliding in a batch).
+    alone (each row samples from its own generator, seeded with seeds[row], or config.seed
+    for every row). Rows stop at their end-of-text; all stop when the context window is full
+    (no sliding in a batch).
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("generate_batch needs one or more non-empty prompts")
+    if seeds is not None and len(seeds) != len(prompts):
+        raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts")
     device = model.token_embedding.weight.device
     ids, mask = (x.to(device) for x in left_pad(prompts))
     b, t = ids.shape
     max_len = model.config.max_len
     if t >= max_len:
         raise ValueError(f"the longest prompt ({t} tokens) fills the context window ({max_len})")
-    generators = [None] * b
-    if config.seed is not None:
-        generators = [torch.Generator(device=device).manual_seed(config.seed) for _ in range(b)]
+    if seeds is None:
+        seeds = [config.seed] * b
+    generators = [
+        torch.Generator(device=device).manual_seed(seed) if seed is not None else None
+        for seed in seeds
+    ]
     was_training = model.training
     model.eval()
     try:
         caches = model.new_caches(batch_size=b, max_len=min(max_len, t + config.max_new_tokens))
         positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, T): 0 where each text starts
-        logits = model(ids, attention_mask=mask, position_ids=positions, caches=caches)[:, -1]
+        features = model.features(ids, attention_mask=mask, position_ids=positions, caches=caches)
+        logits = model.unembed(features[:, -1])
         next_position = positions[:, -1:] + 1  # (B, 1)
         histories = [list(p) for p in prompts]
         outputs: list[list[int]] = [[] for _ in prompts]
@@ -194,8 +206,32 @@ def generate_batch(
                 break
             mask = torch.cat([mask, torch.ones(b, 1, dtype=mask.dtype, device=device)], dim=1)
             step_ids = torch.tensor(tokens, device=device)[:, None]  # (B, 1)
-            logits = model(step_ids, mask, next_position, caches)[:, -1]
+            logits = model.unembed(model.features(step_ids, mask, next_position, caches)[:, -1])
             next_position = next_position + 1
         return outputs
     finally:
         model.train(was_training)
+
+
+def generate(
+    model: nn.Module,
+    prompts: list[list[int]],
+    config: SamplingConfig,
+    num_samples: int = 1,
+) -> list[list[int]]:
+    """num_samples continuations of every prompt: new token ids, prompt by prompt.
+
+    Sample j of a prompt is drawn with seed config.seed + j, so it equals what generating
+    that prompt alone with that seed gives. One row runs `stream_tokens` (which can slide
+    past the context window); several run as one left-padded batch.
+    """
+    if num_samples < 1:
+        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    rows = [list(p) for p in prompts for _ in range(num_samples)]
+    seeds = None
+    if config.seed is not None:
+        seeds = [config.seed + j for _ in prompts for j in range(num_samples)]
+    if len(rows) == 1:
+        device = model.token_embedding.weight.device
+        return [generate_ids(model, torch.tensor(rows, device=device), config)]
+    return generate_batch(model, rows, config, seeds)

@@ -332,6 +332,11 @@ def load_gpt2(
 def save_gpt2(model: GPT2, directory: str | os.PathLike) -> None:
     from safetensors.torch import save_file
 
+    if model.packed_head is not None:
+        raise ValueError(
+            "this model's weights were packed for decoding (tformer.generate.fast), which "
+            "rounds them; save the model before packing it"
+        )
     directory = Path(directory)
     tensors = {k: v.detach().cpu() for k, v in state_dict_to_hf(model).items()}
     dtype = model.token_embedding.weight.dtype

@@ -22,6 +22,7 @@ stream's variance does not grow with depth.
 import math
 import os
 from dataclasses import asdict, dataclass, fields
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -39,6 +40,9 @@ from tformer.nn import (
 from tformer.nn.attention import Implementation
 from tformer.nn.feedforward import ACTIVATIONS, Activation
 from tformer.nn.sublayer import NormPosition
+
+if TYPE_CHECKING:  # generation lives outside the model; generate() only calls it
+    from tformer.generate.decode import SamplingConfig
 
 # name -> (n_layers, n_heads, d_model), as published.
 PRESETS: dict[str, tuple[int, int, int]] = {
@@ -195,6 +199,9 @@ class GPT2(nn.Module):
         self.final_norm = (
             LayerNorm(c.d_model, c.layer_norm_eps) if c.norm_position == "pre" else nn.Identity()
         )
+        # For fast decoding, tformer.generate.fast puts a packed copy of the output head (the
+        # token embedding) here; see unembed.
+        self.packed_head: nn.Module | None = None
         self.init_weights(seed)
 
     @torch.no_grad()
@@ -280,6 +287,20 @@ class GPT2(nn.Module):
         `(attention_mask.cumsum(-1) - 1).clamp(min=0)` so each row's text starts at position
         0. caches: one KVCache per block, for decoding.
         """
+        return self.unembed(self.features(input_ids, attention_mask, position_ids, caches))
+
+    def features(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        caches: list[KVCache] | None = None,
+    ) -> torch.Tensor:
+        """input_ids (B, T) -> the final, normalised residual stream (B, T, C).
+
+        The arguments are forward's. Generation calls this and then `unembed` on the last
+        position only: a prompt's other positions need no logits.
+        """
         past = caches[0].length if caches is not None else 0
         self.check_input(input_ids, position_ids, past)
         if caches is not None and len(caches) != len(self.blocks):
@@ -291,8 +312,13 @@ class GPT2(nn.Module):
         x = self.embedding_dropout(x)
         for i, block in enumerate(self.blocks):
             x = block(x, attention_mask, caches[i] if caches is not None else None)
-        x = self.final_norm(x)
-        # The output head is the token embedding itself (weight tying): (B, T, C) -> (B, T, V).
+        return self.final_norm(x)
+
+    def unembed(self, x: torch.Tensor) -> torch.Tensor:
+        """(..., C) -> logits (..., V). The output head is the token embedding itself (weight
+        tying); fast decoding puts a packed copy of it in `packed_head`."""
+        if self.packed_head is not None:
+            return self.packed_head(x)
         return nn.functional.linear(x, self.token_embedding.weight)
 
     def new_caches(
@@ -311,6 +337,27 @@ class GPT2(nn.Module):
             )
             for _ in self.blocks
         ]
+
+    def generate(
+        self,
+        prompts: torch.Tensor | list[list[int]],
+        config: "SamplingConfig | None" = None,
+        num_samples: int = 1,
+    ) -> list[list[int]]:
+        """Continue prompts: token ids (B, T) or (T,), or lists of ids of different lengths.
+
+        Returns the new token ids of num_samples continuations per prompt, prompt by prompt.
+        config: the sampling controls (tformer.generate.SamplingConfig); by default sampling
+        at temperature 1 for 50 tokens, stopping at this model's end-of-text token. The
+        decoding itself lives in tformer.generate (KV cache, samplers, batching).
+        """
+        from tformer.generate.decode import SamplingConfig, generate
+
+        if config is None:
+            config = SamplingConfig(eos_token_id=self.config.eos_token_id)
+        if isinstance(prompts, torch.Tensor):
+            prompts = (prompts[None] if prompts.dim() == 1 else prompts).tolist()
+        return generate(self, prompts, config, num_samples)
 
     @classmethod
     def from_pretrained(

@@ -1,0 +1,155 @@
+"""The C kernels behind fast decoding on the CPU, compiled on first use.
+
+`linear.c` holds small-batch linear layers over float32, bfloat16 or int8 weights (see its
+header for why they beat a general matmul when decoding). The first call compiles it with
+the machine's C compiler for this CPU (`-O3 -march=native -fopenmp`) into
+$TFORMER_CACHE/kernels/, keyed by the source, the compiler and the CPU, so later runs load
+it at once. Without a compiler, or with TFORMER_KERNELS=0, `load()` returns None and
+`unavailable_reason()` says why; callers then use torch's own kernels.
+
+    kernels = load()
+    kernels.linear(x, weight, bias, out)          x (M, K) float32 -> out (M, N)
+"""
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from tformer.files import cache_dir
+
+SOURCE = Path(__file__).with_name("linear.c")
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
+
+_loaded: "Kernels | None" = None
+_reason: str | None = None
+
+
+@dataclass(frozen=True)
+class Kernels:
+    library: ctypes.CDLL
+    path: Path
+    avx512: bool
+
+    def linear(
+        self,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        scale: torch.Tensor | None,
+        bias: torch.Tensor | None,
+        out: torch.Tensor,
+    ) -> torch.Tensor:
+        """out (M, N) = x (M, K) weight (N, K)^T [* scale (N)] + bias (N), in float32.
+
+        weight is float32, bfloat16, or int8 with a float32 scale per row; every tensor is
+        contiguous and on the CPU (the caller checks; this is the inner loop).
+        """
+        m, k = x.shape
+        n = weight.shape[0]
+        b = bias.data_ptr() if bias is not None else None
+        if weight.dtype == torch.int8:
+            self.library.tformer_linear_i8(
+                x.data_ptr(), weight.data_ptr(), scale.data_ptr(), b, out.data_ptr(), m, n, k
+            )
+        elif weight.dtype == torch.bfloat16:
+            self.library.tformer_linear_bf16(
+                x.data_ptr(), weight.data_ptr(), b, out.data_ptr(), m, n, k
+            )
+        else:
+            self.library.tformer_linear_f32(
+                x.data_ptr(), weight.data_ptr(), b, out.data_ptr(), m, n, k
+            )
+        return out
+
+
+def load() -> Kernels | None:
+    """The compiled kernels, building them once per machine; None if that is not possible."""
+    global _loaded, _reason
+    if _loaded is not None or _reason is not None:
+        return _loaded
+    try:
+        _loaded = _build_and_load()
+    except KernelUnavailable as e:
+        _reason = str(e)
+    return _loaded
+
+
+def unavailable_reason() -> str | None:
+    """Why `load()` returned None (None if it has not been called or succeeded)."""
+    return _reason
+
+
+class KernelUnavailable(RuntimeError):
+    pass
+
+
+def _build_and_load() -> Kernels:
+    if os.environ.get("TFORMER_KERNELS", "1") == "0":
+        raise KernelUnavailable("switched off by TFORMER_KERNELS=0")
+    if platform.machine() not in ("x86_64", "AMD64", "aarch64", "arm64"):
+        raise KernelUnavailable(f"not built for {platform.machine()}")
+    compiler = shutil.which(os.environ.get("CC", "cc"))
+    if compiler is None:
+        raise KernelUnavailable("no C compiler found (set CC, or install gcc)")
+    path = _library_path(compiler)
+    if not path.exists():
+        _compile(compiler, path)
+    try:
+        library = ctypes.CDLL(str(path))
+    except OSError as e:
+        raise KernelUnavailable(f"could not load {path}: {e}") from e
+    pointer, size = ctypes.c_void_p, ctypes.c_int64
+    library.tformer_linear_f32.argtypes = [pointer] * 4 + [size] * 3
+    library.tformer_linear_bf16.argtypes = [pointer] * 4 + [size] * 3
+    library.tformer_linear_i8.argtypes = [pointer] * 5 + [size] * 3
+    for name in ("tformer_linear_f32", "tformer_linear_bf16", "tformer_linear_i8"):
+        getattr(library, name).restype = None
+    return Kernels(library, path, bool(library.tformer_has_avx512()))
+
+
+def _library_path(compiler: str) -> Path:
+    """One file per (source, compiler, flags, CPU): -march=native code is for this CPU only."""
+    try:
+        version = subprocess.run(
+            [compiler, "--version"], capture_output=True, text=True, timeout=30
+        ).stdout
+    except (OSError, subprocess.SubprocessError) as e:
+        raise KernelUnavailable(f"{compiler} --version failed: {e}") from e
+    key = hashlib.sha256()
+    for part in (SOURCE.read_bytes(), version.encode(), " ".join(FLAGS).encode(), _cpu_id()):
+        key.update(part)
+        key.update(b"\0")
+    return cache_dir() / "kernels" / f"linear-{key.hexdigest()[:24]}.so"
+
+
+def _cpu_id() -> bytes:
+    """The CPU's model name and feature flags, as far as the system tells them."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return platform.processor().encode()
+    wanted = ("model name", "flags", "Features", "CPU part")
+    return "\n".join(sorted({ln for ln in lines if ln.startswith(wanted)})).encode()
+
+
+def _compile(compiler: str, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    command = [compiler, *FLAGS, str(SOURCE), "-o", str(tmp)]
+    try:
+        result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+        if result.returncode != 0:
+            last = (result.stderr.strip().splitlines() or ["(no message)"])[-1]
+            raise KernelUnavailable(f"compiling {SOURCE.name} failed: {last}")
+        os.replace(tmp, path)  # concurrent builders each write their own file; last one wins
+    except (OSError, subprocess.SubprocessError) as e:
+        raise KernelUnavailable(f"compiling {SOURCE.name} failed: {e}") from e
+    finally:
+        tmp.unlink(missing_ok=True)

@@ -1,0 +1,91 @@
+"""A linear layer with its weights stored narrower, for fast decoding (weight-only).
+
+    y = x W^T + b,   W stored as float32, bfloat16, or int8 with one scale per output row:
+    int8 (symmetric):   s_n = max_k |W_nk| / 127,   q_nk = round(W_nk / s_n),   W ≈ q s
+
+Decoding reads every weight once per token, so narrower weights mean proportionally less
+memory traffic: bfloat16 halves it, int8 quarters it. Only the stored weights change:
+activations, bias and accumulation stay float32 (`x` in, float32 out).
+
+A few rows at a time (decoding) run the C kernels in tformer.kernels, which stream each
+weight row once at memory speed. Many rows (a prompt) or a GPU use torch's matmul: float32
+weights as they are, the others in bfloat16 where the hardware computes in it natively,
+else in float32. Inference only: no gradients flow through.
+"""
+
+import torch
+from torch import nn
+
+from tformer import kernels
+from tformer.devices import bf16_supported
+
+WEIGHT_DTYPES = ("float32", "bfloat16", "int8")
+
+# Up to this many rows the C kernels win (each weight row is read once for all of them);
+# above it the work is matmul-bound and torch's blocked matmul is faster.
+KERNEL_MAX_ROWS = 16
+
+
+def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, K) float -> int8 q (N, K) and float32 scale (N,), with q * scale[:, None] ≈ weight."""
+    w = weight.detach().float()
+    scale = w.abs().amax(dim=1) / 127.0  # (N,)
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # an all-zero row stays zero
+    q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
+    return q, scale
+
+
+class PackedLinear(nn.Module):
+    def __init__(
+        self, weight: torch.Tensor, bias: torch.Tensor | None, weight_dtype: str = "bfloat16"
+    ) -> None:
+        super().__init__()
+        if weight_dtype not in WEIGHT_DTYPES:
+            raise ValueError(
+                f"unknown weight dtype {weight_dtype!r}; choose one of {', '.join(WEIGHT_DTYPES)}"
+            )
+        self.weight_dtype = weight_dtype
+        self.out_features, self.in_features = weight.shape
+        scale = None
+        if weight_dtype == "int8":
+            stored, scale = quantize_int8(weight)
+        else:
+            stored = weight.detach().to(getattr(torch, weight_dtype)).contiguous()
+        self.register_buffer("weight", stored)  # (N, K)
+        self.register_buffer("scale", scale)  # (N,) for int8, else None
+        b = bias.detach().float().contiguous() if bias is not None else None
+        self.register_buffer("bias", b)  # (N,)
+        device = weight.device
+        self.compute_dtype = torch.float32
+        if weight_dtype != "float32" and bf16_supported(device):
+            self.compute_dtype = torch.bfloat16
+        self.kernels = kernels.load() if device.type == "cpu" else None
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, weight_dtype: str) -> "PackedLinear":
+        return cls(linear.weight, linear.bias, weight_dtype)
+
+    def extra_repr(self) -> str:
+        path = "C kernels" if self.kernels is not None else "torch"
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"weight_dtype={self.weight_dtype}, small batches: {path}"
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (..., K) -> (..., N), float32."""
+        if x.requires_grad:
+            raise RuntimeError("PackedLinear is for inference: it does not compute gradients")
+        shape = x.shape[:-1]
+        x = x.reshape(-1, self.in_features).float()  # (M, K)
+        if self.kernels is not None and x.shape[0] <= KERNEL_MAX_ROWS:
+            out = torch.empty(x.shape[0], self.out_features, device=x.device)
+            self.kernels.linear(x.contiguous(), self.weight, self.scale, self.bias, out)
+        else:
+            weight = self.weight.to(self.compute_dtype)  # int8 values are exact in bfloat16
+            out = nn.functional.linear(x.to(self.compute_dtype), weight).float()
+            if self.scale is not None:  # x (q s)^T = (x q^T) s: cheaper than dequantising
+                out = out * self.scale
+            if self.bias is not None:
+                out = out + self.bias
+        return out.view(*shape, self.out_features)

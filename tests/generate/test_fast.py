@@ -1,0 +1,86 @@
+import pytest
+import torch
+
+from tformer import GPT2, GPT2Config
+from tformer.generate import SamplingConfig, generate_batch, generate_ids
+from tformer.generate.fast import decoding_path, pack_for_decoding
+from tformer.nn.packed_linear import PackedLinear
+
+
+def sharp_model(seed=0):
+    """A tiny model whose logits are far from uniform, so greedy choices are well separated."""
+    config = GPT2Config(vocab_size=61, max_len=48, d_model=32, n_layers=2, n_heads=4, dropout=0.0)
+    model = GPT2(config, seed=seed).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.2)
+    return model
+
+
+def packed_copy(model, weights):
+    copy = GPT2(model.config)
+    copy.load_state_dict(model.state_dict())
+    path = pack_for_decoding(copy, weights)
+    return copy, path
+
+
+def test_packing_replaces_every_linear_layer_and_the_head():
+    model, path = packed_copy(sharp_model(), "int8")
+    assert not any(type(m) is torch.nn.Linear for m in model.modules())
+    assert isinstance(model.packed_head, PackedLinear)
+    assert sum(isinstance(m, PackedLinear) for m in model.modules()) == 4 * 2 + 1
+    assert path.weights == "int8" and "int8" in path.describe()
+
+
+def test_packed_float32_greedy_decoding_equals_the_plain_model_token_for_token():
+    model = sharp_model()
+    packed, path = packed_copy(model, "float32")
+    config = SamplingConfig(max_new_tokens=40, do_sample=False)
+    prompt = torch.tensor([[3, 1, 4, 1, 5]])
+    assert generate_ids(packed, prompt, config) == generate_ids(model, prompt, config)
+    with torch.inference_mode():
+        torch.testing.assert_close(packed(prompt), model(prompt), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("weights, tolerance", [("bfloat16", 0.04), ("int8", 0.15)])
+def test_narrow_weights_change_the_logits_only_by_their_rounding(weights, tolerance):
+    model = sharp_model()
+    packed, _ = packed_copy(model, weights)
+    prompt = torch.tensor([[3, 1, 4, 1, 5, 9, 2, 6]])
+    with torch.inference_mode():
+        caches = packed.new_caches(1)
+        step_logits = [packed(prompt[:, :1], caches=caches)]  # one token at a time: C kernels
+        for t in range(1, prompt.shape[1]):
+            step_logits.append(packed(prompt[:, t : t + 1], caches=caches))
+        expected = model(prompt)
+    spread = expected.std().item()  # the logits' own scale (measured errors: bf16 ~2% of
+    for t, logits in enumerate(step_logits):  # it, int8 ~4-7%)
+        error = (logits[0, -1] - expected[0, t]).abs().max().item()
+        assert error < tolerance * spread, (t, error, spread)
+    # ...and almost never the most likely token
+    same = sum(int(s[0, -1].argmax() == expected[0, t].argmax()) for t, s in enumerate(step_logits))
+    assert same >= len(step_logits) - 1
+
+
+def test_packed_batched_generation_equals_each_prompt_alone():
+    packed, _ = packed_copy(sharp_model(), "int8")
+    prompts = [[5, 6, 7], [1, 2, 3, 4, 5, 6, 7], [42]]
+    config = SamplingConfig(max_new_tokens=10, seed=1, top_k=10)
+    alone = [generate_ids(packed, torch.tensor([p]), config) for p in prompts]
+    assert generate_batch(packed, prompts, config) == alone
+
+
+def test_packed_models_refuse_to_be_saved_or_packed_again(tmp_path):
+    packed, _ = packed_copy(sharp_model(), "bfloat16")
+    with pytest.raises(ValueError, match="packed for decoding"):
+        packed.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="packed already"):
+        pack_for_decoding(packed, "int8")
+    with pytest.raises(ValueError, match="float32 model"):
+        pack_for_decoding(sharp_model().to(torch.bfloat16), "int8")
+
+
+def test_the_path_of_an_unpacked_model_says_so():
+    path = decoding_path(sharp_model())
+    assert path.weights == "model" and "not packed" in path.describe()
+    assert path.to_dict()["description"] == path.describe()

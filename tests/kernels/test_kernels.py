@@ -1,0 +1,60 @@
+import os
+
+import pytest
+import torch
+
+from tformer import kernels
+from tformer.nn.packed_linear import quantize_int8
+
+
+@pytest.fixture(scope="module")
+def compiled():
+    """The kernels must build where the suite runs, unless switched off on purpose."""
+    if os.environ.get("TFORMER_KERNELS") == "0":
+        pytest.skip("TFORMER_KERNELS=0: testing the torch fallback only")
+    loaded = kernels.load()
+    assert loaded is not None, f"the C kernels did not build: {kernels.unavailable_reason()}"
+    return loaded
+
+
+@pytest.mark.parametrize("rows", [1, 3, 16])
+@pytest.mark.parametrize("k", [37, 64, 200])  # 37 and 200 end in a partial 32-wide chunk
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_kernels_compute_x_times_w_transposed_plus_bias(compiled, rows, k, with_bias):
+    g = torch.Generator().manual_seed(rows * 1000 + k)
+    n = 45
+    x = torch.randn(rows, k, generator=g)
+    w = torch.randn(n, k, generator=g)
+    bias = torch.randn(n, generator=g) if with_bias else None
+    q, scale = quantize_int8(w)
+    cases = [
+        (w, None, w.double()),
+        (w.bfloat16(), None, w.bfloat16().double()),
+        (q, scale, q.double() * scale.double()[:, None]),
+    ]
+    for weight, s, exact in cases:
+        out = compiled.linear(x, weight, s, bias, torch.empty(rows, n))
+        reference = x.double() @ exact.T + (bias.double() if with_bias else 0)
+        # float32 accumulation over k terms of size ~1: error ~ sqrt(k) * 1e-7 * |terms|
+        torch.testing.assert_close(out.double(), reference, rtol=1e-5, atol=1e-4)
+
+
+def test_switched_off_kernels_report_why(monkeypatch):
+    monkeypatch.setattr(kernels, "_loaded", None)
+    monkeypatch.setattr(kernels, "_reason", None)
+    monkeypatch.setenv("TFORMER_KERNELS", "0")
+    assert kernels.load() is None
+    assert "TFORMER_KERNELS=0" in kernels.unavailable_reason()
+
+
+def test_a_failing_compiler_gives_its_message_and_no_library(monkeypatch, tmp_path):
+    monkeypatch.setattr(kernels, "_loaded", None)
+    monkeypatch.setattr(kernels, "_reason", None)
+    monkeypatch.setenv("TFORMER_CACHE", str(tmp_path))
+    fake = tmp_path / "cc"
+    fake.write_text("#!/bin/sh\necho 'cc: error: no such option' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("CC", str(fake))
+    assert kernels.load() is None
+    assert "compiling linear.c failed: cc: error: no such option" in kernels.unavailable_reason()
+    assert not list((tmp_path / "kernels").glob("*.so"))  # nothing half-written is left

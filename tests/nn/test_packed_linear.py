@@ -1,0 +1,52 @@
+import pytest
+import torch
+from torch import nn
+
+from tformer.nn.packed_linear import KERNEL_MAX_ROWS, PackedLinear, quantize_int8
+
+
+def test_int8_quantisation_error_is_at_most_half_a_step_per_weight():
+    w = torch.randn(64, 48, generator=torch.Generator().manual_seed(0))
+    w[3] = 0.0  # an all-zero row must stay zero, not divide by zero
+    q, scale = quantize_int8(w)
+    assert q.dtype == torch.int8 and q.abs().max() <= 127
+    assert torch.equal(q[3], torch.zeros(48, dtype=torch.int8))
+    error = (q.float() * scale[:, None] - w).abs()
+    assert (error <= scale[:, None] / 2 + 1e-7).all()
+    # The largest weight of each row is represented exactly (up to float rounding).
+    assert torch.allclose(q.abs().amax(1)[torch.arange(64) != 3].float(), torch.tensor(127.0))
+
+
+@pytest.mark.parametrize("weight_dtype", ["float32", "bfloat16", "int8"])
+def test_packed_linear_equals_linear_on_its_rounded_weights_for_few_and_many_rows(weight_dtype):
+    g = torch.Generator().manual_seed(1)
+    linear = nn.Linear(40, 24)
+    with torch.no_grad():
+        linear.weight.copy_(torch.randn(24, 40, generator=g))
+        linear.bias.copy_(torch.randn(24, generator=g))
+    packed = PackedLinear.from_linear(linear, weight_dtype)
+    if weight_dtype == "int8":
+        rounded = packed.weight.double() * packed.scale.double()[:, None]
+    else:
+        rounded = packed.weight.double()
+    for rows in (1, KERNEL_MAX_ROWS, 3 * KERNEL_MAX_ROWS):  # C kernels, then torch's matmul
+        x = torch.randn(2, rows, 40, generator=g)  # (B, T, K): any leading shape
+        with torch.inference_mode():
+            out = packed(x)
+        assert out.shape == (2, rows, 24) and out.dtype == torch.float32
+        reference = x.double() @ rounded.T + linear.bias.double()
+        # Many rows may compute in bfloat16 (on CPUs that have it): x rounded to 8 bits.
+        tight = weight_dtype == "float32" or 2 * rows <= KERNEL_MAX_ROWS
+        tolerance = 1e-4 if tight or packed.compute_dtype == torch.float32 else 0.3
+        torch.testing.assert_close(out.double(), reference, rtol=0, atol=tolerance)
+
+
+def test_packed_linear_refuses_to_train():
+    packed = PackedLinear.from_linear(nn.Linear(8, 4), "int8")
+    with pytest.raises(RuntimeError, match="inference"):
+        packed(torch.randn(1, 8, requires_grad=True))
+
+
+def test_unknown_weight_dtype_is_rejected():
+    with pytest.raises(ValueError, match="int4"):
+        PackedLinear.from_linear(nn.Linear(8, 4), "int4")
