@@ -17,7 +17,7 @@ def compiled():
     return loaded
 
 
-@pytest.mark.parametrize("rows", [1, 3, 16])
+@pytest.mark.parametrize("rows", [1, 3, 6, 16])  # 6: four rows at once, then two
 @pytest.mark.parametrize("k", [37, 64, 200])  # 37 and 200 end in a partial 32-wide chunk
 @pytest.mark.parametrize("with_bias", [True, False])
 def test_kernels_compute_x_times_w_transposed_plus_bias(compiled, rows, k, with_bias):

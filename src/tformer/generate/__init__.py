@@ -8,6 +8,7 @@ from tformer.generate.decode import (
     left_pad,
     stream_tokens,
 )
+from tformer.generate.fast import DecodingPath, decoding_path, pack_for_decoding
 from tformer.generate.sampling import (
     apply_temperature,
     greedy,
@@ -18,6 +19,9 @@ from tformer.generate.sampling import (
 )
 
 __all__ = [
+    "DecodingPath",
+    "decoding_path",
+    "pack_for_decoding",
     "SamplingConfig",
     "apply_temperature",
     "generate",

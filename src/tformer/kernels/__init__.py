@@ -28,6 +28,11 @@ from tformer.files import cache_dir
 SOURCE = Path(__file__).with_name("linear.c")
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
 
+
+class KernelUnavailable(RuntimeError):
+    """Why the kernels cannot be built or loaded here."""
+
+
 _loaded: "Kernels | None" = None
 _reason: str | None = None
 
@@ -84,10 +89,6 @@ def load() -> Kernels | None:
 def unavailable_reason() -> str | None:
     """Why `load()` returned None (None if it has not been called or succeeded)."""
     return _reason
-
-
-class KernelUnavailable(RuntimeError):
-    pass
 
 
 def _build_and_load() -> Kernels:

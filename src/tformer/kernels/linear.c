@@ -62,13 +62,50 @@ static inline float dot_i8(const int8_t *w, const float *x, int64_t k_len) {
     return acc;
 }
 
+/* Four activation rows at once: each weight is loaded and converted once for all four, which
+   matters once a batch has more than one row (the single-row loops are bound by memory, the
+   multi-row ones by arithmetic). out[r] = dot(w, x + r * k_len). (For int8 the single-row
+   AVX-512 loop above measured faster than this form.) */
+static inline void dot4_f32(const float *w, const float *x, int64_t k_len, float *out) {
+    const float *x0 = x, *x1 = x + k_len, *x2 = x + 2 * k_len, *x3 = x + 3 * k_len;
+    float a0 = 0.0f, a1 = 0.0f, a2 = 0.0f, a3 = 0.0f;
+#pragma omp simd reduction(+ : a0, a1, a2, a3)
+    for (int64_t k = 0; k < k_len; k++) {
+        float wk = w[k];
+        a0 += wk * x0[k];
+        a1 += wk * x1[k];
+        a2 += wk * x2[k];
+        a3 += wk * x3[k];
+    }
+    out[0] = a0, out[1] = a1, out[2] = a2, out[3] = a3;
+}
+
+static inline void dot4_bf16(const uint16_t *w, const float *x, int64_t k_len, float *out) {
+    const float *x0 = x, *x1 = x + k_len, *x2 = x + 2 * k_len, *x3 = x + 3 * k_len;
+    float a0 = 0.0f, a1 = 0.0f, a2 = 0.0f, a3 = 0.0f;
+#pragma omp simd reduction(+ : a0, a1, a2, a3)
+    for (int64_t k = 0; k < k_len; k++) {
+        float wk = bf16_to_float(w[k]);
+        a0 += wk * x0[k];
+        a1 += wk * x1[k];
+        a2 += wk * x2[k];
+        a3 += wk * x3[k];
+    }
+    out[0] = a0, out[1] = a1, out[2] = a2, out[3] = a3;
+}
+
 void tformer_linear_f32(const float *x, const float *w, const float *bias, float *y,
                         int64_t m_len, int64_t n_len, int64_t k_len) {
 #pragma omp parallel for schedule(static)
     for (int64_t n = 0; n < n_len; n++) {
         const float *row = w + n * k_len;
-        float b = bias ? bias[n] : 0.0f;
-        for (int64_t m = 0; m < m_len; m++) y[m * n_len + n] = dot_f32(row, x + m * k_len, k_len) + b;
+        float b = bias ? bias[n] : 0.0f, four[4];
+        int64_t m = 0;
+        for (; m + 4 <= m_len; m += 4) {
+            dot4_f32(row, x + m * k_len, k_len, four);
+            for (int r = 0; r < 4; r++) y[(m + r) * n_len + n] = four[r] + b;
+        }
+        for (; m < m_len; m++) y[m * n_len + n] = dot_f32(row, x + m * k_len, k_len) + b;
     }
 }
 
@@ -77,8 +114,13 @@ void tformer_linear_bf16(const float *x, const uint16_t *w, const float *bias, f
 #pragma omp parallel for schedule(static)
     for (int64_t n = 0; n < n_len; n++) {
         const uint16_t *row = w + n * k_len;
-        float b = bias ? bias[n] : 0.0f;
-        for (int64_t m = 0; m < m_len; m++) y[m * n_len + n] = dot_bf16(row, x + m * k_len, k_len) + b;
+        float b = bias ? bias[n] : 0.0f, four[4];
+        int64_t m = 0;
+        for (; m + 4 <= m_len; m += 4) {
+            dot4_bf16(row, x + m * k_len, k_len, four);
+            for (int r = 0; r < 4; r++) y[(m + r) * n_len + n] = four[r] + b;
+        }
+        for (; m < m_len; m++) y[m * n_len + n] = dot_bf16(row, x + m * k_len, k_len) + b;
     }
 }
 

@@ -21,9 +21,11 @@ from tformer.devices import bf16_supported
 
 WEIGHT_DTYPES = ("float32", "bfloat16", "int8")
 
-# Up to this many rows the C kernels win (each weight row is read once for all of them);
-# above it the work is matmul-bound and torch's blocked matmul is faster.
-KERNEL_MAX_ROWS = 16
+# Up to this many rows the C kernels win: they read each weight row once for all of them, at
+# memory speed, but compute in float32. With more rows the work is arithmetic, and torch's
+# blocked matmul (in bfloat16 where the CPU has it) is faster. Measured on an AMD Zen 4
+# (docs/LOG.md, 2026-11-25, fast generation).
+KERNEL_MAX_ROWS = {"float32": 16, "bfloat16": 4, "int8": 8}
 
 
 def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -78,7 +80,7 @@ class PackedLinear(nn.Module):
             raise RuntimeError("PackedLinear is for inference: it does not compute gradients")
         shape = x.shape[:-1]
         x = x.reshape(-1, self.in_features).float()  # (M, K)
-        if self.kernels is not None and x.shape[0] <= KERNEL_MAX_ROWS:
+        if self.kernels is not None and x.shape[0] <= KERNEL_MAX_ROWS[self.weight_dtype]:
             out = torch.empty(x.shape[0], self.out_features, device=x.device)
             self.kernels.linear(x.contiguous(), self.weight, self.scale, self.bias, out)
         else:
