@@ -1,0 +1,93 @@
+"""The linear layers of one decoding step of GPT-2 124M: tformer's C kernels against torch.
+
+Decoding a token multiplies a few activation rows by all 49 weight matrices of GPT-2 124M
+(4 per block, 12 blocks, and the 50257 x 768 head). This times that, for 1 to 16 rows and
+float32, bfloat16 and int8 weights, two ways in the same run: tformer's PackedLinear with
+its C kernels, and with torch's matmul (`F.linear` in the weight dtype; int8 as
+`(x q^T) s`, for lack of a faster torch kernel for many rows). It prints milliseconds per
+step, the effective weight bandwidth, and the ratio. The matrices total 124M weights, more
+than any cache, so every step reads them from memory, as in decoding.
+
+The row limits up to which PackedLinear uses the C kernels (KERNEL_MAX_ROWS) come from this.
+
+    python benchmarks/decode_linear.py [--rows 1 2 4 8 16] [--json]
+"""
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import machine_line  # noqa: E402
+
+from tformer import kernels  # noqa: E402
+from tformer.nn import packed_linear  # noqa: E402
+from tformer.nn.packed_linear import PackedLinear  # noqa: E402
+
+SHAPES = [(3 * 768, 768), (768, 768), (4 * 768, 768), (768, 4 * 768)] * 12 + [(50257, 768)]
+BYTES = {"float32": 4, "bfloat16": 2, "int8": 1}
+
+
+def step_seconds(layers: list[PackedLinear], rows: int, repeats: int) -> float:
+    inputs = {k: torch.randn(rows, k) for k in (768, 4 * 768)}
+    with torch.inference_mode():
+        for layer in layers:  # warm-up
+            layer(inputs[layer.in_features])
+        start = time.perf_counter()
+        for _ in range(repeats):
+            for layer in layers:
+                layer(inputs[layer.in_features])
+    return (time.perf_counter() - start) / repeats
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rows", type=int, nargs="+", default=[1, 2, 4, 8, 16])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    print(machine_line(), file=sys.stderr)
+    if kernels.load() is None:
+        sys.exit(f"the C kernels are unavailable: {kernels.unavailable_reason()}")
+    weights = sum(n * k for n, k in SHAPES)
+    generator = torch.Generator().manual_seed(0)
+    limits = dict(packed_linear.KERNEL_MAX_ROWS)
+    results = []
+    for dtype in ("float32", "bfloat16", "int8"):
+        layers = [
+            PackedLinear(torch.randn(n, k, generator=generator) * 0.02, torch.zeros(n), dtype)
+            for n, k in SHAPES
+        ]
+        for rows in args.rows:
+            times = {}
+            for path, limit in (("kernels", 10**9), ("torch", 0)):
+                packed_linear.KERNEL_MAX_ROWS[dtype] = limit
+                times[path] = step_seconds(layers, rows, args.repeats)
+            packed_linear.KERNEL_MAX_ROWS[dtype] = limits[dtype]
+            row = {
+                "weights": dtype,
+                "rows": rows,
+                "kernels_ms": round(times["kernels"] * 1e3, 2),
+                "torch_ms": round(times["torch"] * 1e3, 2),
+                "kernels_gb_per_s": round(weights * BYTES[dtype] / times["kernels"] / 1e9, 1),
+                "ratio": round(times["torch"] / times["kernels"], 2),
+                "uses_kernels": rows <= limits[dtype],
+            }
+            results.append(row)
+            print(
+                f"{dtype:>8} x {rows:2d} rows: C kernels {row['kernels_ms']:7.2f} ms "
+                f"({row['kernels_gb_per_s']:5.1f} GB/s) | torch {row['torch_ms']:7.2f} ms | "
+                f"{row['ratio']:.2f}x{'  <- used' if row['uses_kernels'] else ''}",
+                file=sys.stderr,
+            )
+        del layers
+    if args.json:
+        print(json.dumps({"machine": machine_line(), "results": results}))
+
+
+if __name__ == "__main__":
+    main()
