@@ -2,6 +2,7 @@
 
 from tformer.models.checkpoints import CheckpointError
 from tformer.models.gpt2 import GPT2, GPT2Config
+from tformer.models.seq2seq import Seq2SeqConfig, Seq2SeqTransformer
 from tformer.tokenizers import (
     CharTokenizer,
     GPT2Tokenizer,
@@ -18,6 +19,8 @@ __all__ = [
     "GPT2Config",
     "GPT2Tokenizer",
     "HFTokenizer",
+    "Seq2SeqConfig",
+    "Seq2SeqTransformer",
     "Tokenizer",
     "load_tokenizer",
     "train_bpe",

@@ -10,6 +10,13 @@ Schedule (as in GPT-2/3 training and nanoGPT), for step s = 0, 1, ...:
     warmup <= s <= decay:   min_lr + (lr - min_lr) * (1 + cos(pi r)) / 2  cosine decay,
                             r = (s - warmup) / (decay - warmup)
     s > decay:              min_lr
+
+The original Transformer's schedule (Vaswani et al., 2017, sec. 5.3), for step n = s + 1:
+
+    lr = factor * d_model^-0.5 * min(n^-0.5, n * warmup^-1.5)
+
+rises linearly for `warmup` steps, peaks at factor * (d_model * warmup)^-0.5, then decays
+as 1 / sqrt(n) (the paper: factor 1, warmup 4000).
 """
 
 import math
@@ -39,3 +46,11 @@ def learning_rate(step: int, lr: float, min_lr: float, warmup: int, decay_steps:
         return min_lr
     ratio = (step - warmup) / max(1, decay_steps - warmup)
     return min_lr + (lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * ratio))
+
+
+def inverse_sqrt_learning_rate(step: int, d_model: int, warmup: int, factor: float = 1.0) -> float:
+    """The paper's schedule at step s = 0, 1, ... (the formula's n is s + 1)."""
+    if warmup <= 0:
+        raise ValueError(f"the warm-up must be at least one step, got {warmup}")
+    n = step + 1
+    return factor * d_model**-0.5 * min(n**-0.5, n * warmup**-1.5)

@@ -1,0 +1,314 @@
+"""The encoder-decoder Transformer of "Attention Is All You Need" (Vaswani et al., 2017).
+
+    source ids (B, S) ─ Embed·sqrt(C) + PE ─ Dropout ─ N x EncoderLayer ─────── memory (B, S, C)
+                                                                                   │
+    target ids (B, T) ─ Embed·sqrt(C) + PE ─ Dropout ─ N x DecoderLayer(memory) ─ logits (B, T, V)
+
+    EncoderLayer:  x ─ [self-attention] ─ [feed-forward]
+    DecoderLayer:  x ─ [causal self-attention] ─ [cross-attention over memory] ─ [feed-forward]
+
+Each [sublayer] sits in a SublayerConnection: post-LN, LN(x + Dropout(F(x))), as in the paper
+(sec. 5.4), or pre-LN, x + Dropout(F(LN(x))), with a final LayerNorm after each stack.
+Embeddings are multiplied by sqrt(d_model) (sec. 3.4), the positions are the fixed
+sinusoids (sec. 3.5), the activation is ReLU (sec. 3.3). The output projection is the target
+embedding matrix (sec. 3.4, weight tying); with `share_embeddings` source and target also
+share one embedding over a joint vocabulary.
+
+The teacher-forced forward pass is for training: the target input is the target shifted
+right (BOS first), the labels the target itself (EOS last). Decoding uses `encode` once and
+then `decode` with a KV cache per decoder layer.
+"""
+
+import math
+from dataclasses import asdict, dataclass, fields
+
+import torch
+from torch import nn
+
+from tformer.nn import (
+    FeedForward,
+    HookPoint,
+    KVCache,
+    LayerNorm,
+    MultiHeadAttention,
+    SinusoidalPositionalEncoding,
+    SublayerConnection,
+    TokenEmbedding,
+)
+from tformer.nn.attention import Implementation
+from tformer.nn.feedforward import ACTIVATIONS, Activation
+from tformer.nn.sublayer import NormPosition
+
+# name -> (d_model, n_heads, layers per stack, d_ff, dropout)
+PRESETS: dict[str, tuple[int, int, int, int, float]] = {
+    "base": (512, 8, 6, 2048, 0.1),  # the paper's base model (Table 3)
+    "small": (256, 4, 3, 1024, 0.1),  # trains on a CPU in minutes
+}
+
+
+@dataclass
+class Seq2SeqConfig:
+    src_vocab_size: int
+    tgt_vocab_size: int
+    max_len: int = 256  # longest source or target sequence, in tokens
+    d_model: int = 512
+    n_heads: int = 8
+    n_encoder_layers: int = 6
+    n_decoder_layers: int = 6
+    d_ff: int = 2048
+    dropout: float = 0.1  # on every sublayer output and on the embedding sums (sec. 5.4)
+    attention_dropout: float = 0.0  # on the attention weights (not in the paper)
+    activation: Activation = "relu"
+    norm_position: NormPosition = "post"
+    residual: bool = True
+    layer_norm_eps: float = 1e-5
+    share_embeddings: bool = False  # one embedding for source and target (a joint vocabulary)
+    pad_id: int = 0
+    bos_id: int = 1
+    eos_id: int = 2
+    attention: Implementation = "sdpa"
+
+    def __post_init__(self) -> None:
+        for name in ("src_vocab_size", "tgt_vocab_size", "max_len", "d_model", "n_heads", "d_ff"):
+            if getattr(self, name) <= 0:
+                raise ValueError(
+                    f"Seq2SeqConfig.{name} must be positive, got {getattr(self, name)}"
+                )
+        for name in ("n_encoder_layers", "n_decoder_layers"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"Seq2SeqConfig.{name} must be >= 0")
+        if self.d_model % self.n_heads != 0:
+            raise ValueError(
+                f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})"
+            )
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"unknown activation {self.activation!r}")
+        if self.share_embeddings and self.src_vocab_size != self.tgt_vocab_size:
+            raise ValueError(
+                "share_embeddings needs one joint vocabulary: src_vocab_size "
+                f"({self.src_vocab_size}) != tgt_vocab_size ({self.tgt_vocab_size})"
+            )
+        for name in ("pad_id", "bos_id", "eos_id"):
+            if not 0 <= getattr(self, name) < self.tgt_vocab_size:
+                raise ValueError(f"Seq2SeqConfig.{name} is outside the target vocabulary")
+
+    @classmethod
+    def from_preset(
+        cls, name: str, src_vocab_size: int, tgt_vocab_size: int, **overrides
+    ) -> "Seq2SeqConfig":
+        """'base' (the paper's) or 'small' (3+3 layers, 256 wide), with fields overridden."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+        d_model, n_heads, n_layers, d_ff, dropout = PRESETS[name]
+        preset = dict(
+            d_model=d_model,
+            n_heads=n_heads,
+            n_encoder_layers=n_layers,
+            n_decoder_layers=n_layers,
+            d_ff=d_ff,
+            dropout=dropout,
+        )
+        unknown = set(overrides) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown Seq2SeqConfig field(s): {', '.join(sorted(unknown))}")
+        return cls(src_vocab_size, tgt_vocab_size, **{**preset, **overrides})
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def sublayer(c: Seq2SeqConfig) -> SublayerConnection:
+    return SublayerConnection(c.d_model, c.norm_position, c.residual, c.dropout, c.layer_norm_eps)
+
+
+def attention(c: Seq2SeqConfig, causal: bool) -> MultiHeadAttention:
+    return MultiHeadAttention(
+        c.d_model,
+        c.n_heads,
+        causal=causal,
+        dropout=c.attention_dropout,
+        implementation=c.attention,
+    )
+
+
+class EncoderLayer(nn.Module):
+    """Self-attention over the source, then the feed-forward network: (B, S, C) -> (B, S, C)."""
+
+    def __init__(self, config: Seq2SeqConfig) -> None:
+        super().__init__()
+        self.attn_sublayer = sublayer(config)
+        self.self_attn = attention(config, causal=False)
+        self.ff_sublayer = sublayer(config)
+        self.ff = FeedForward(config.d_model, config.d_ff, config.activation)
+        self.hook_resid_mid = HookPoint()
+        self.hook_resid_post = HookPoint()
+
+    def forward(self, x: torch.Tensor, src_mask: torch.Tensor | None) -> torch.Tensor:
+        x = self.attn_sublayer(x, lambda h: self.self_attn(h, attention_mask=src_mask))
+        x = self.hook_resid_mid(x)
+        return self.hook_resid_post(self.ff_sublayer(x, self.ff))
+
+
+class DecoderLayer(nn.Module):
+    """Causal self-attention, cross-attention over the memory, feed-forward: (B, T, C)."""
+
+    def __init__(self, config: Seq2SeqConfig) -> None:
+        super().__init__()
+        self.self_attn_sublayer = sublayer(config)
+        self.self_attn = attention(config, causal=True)
+        self.cross_attn_sublayer = sublayer(config)
+        self.cross_attn = attention(config, causal=False)
+        self.ff_sublayer = sublayer(config)
+        self.ff = FeedForward(config.d_model, config.d_ff, config.activation)
+        self.hook_resid_mid = HookPoint()  # after self-attention
+        self.hook_resid_cross = HookPoint()  # after cross-attention
+        self.hook_resid_post = HookPoint()
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        memory: torch.Tensor,
+        src_mask: torch.Tensor | None,
+        cache: KVCache | None = None,
+    ) -> torch.Tensor:
+        """x (B, T, C), memory (B, S, C), src_mask (B, S) -> (B, T, C)."""
+        x = self.self_attn_sublayer(x, lambda h: self.self_attn(h, cache=cache))
+        x = self.hook_resid_mid(x)
+        x = self.cross_attn_sublayer(
+            x, lambda h: self.cross_attn(h, memory=memory, attention_mask=src_mask)
+        )
+        x = self.hook_resid_cross(x)
+        return self.hook_resid_post(self.ff_sublayer(x, self.ff))
+
+
+class Seq2SeqTransformer(nn.Module):
+    """Source ids (B, S) and target input ids (B, T) -> next-target-token logits (B, T, V)."""
+
+    def __init__(self, config: Seq2SeqConfig, seed: int | None = None) -> None:
+        super().__init__()
+        self.config = config
+        c = config
+        self.tgt_embedding = TokenEmbedding(c.tgt_vocab_size, c.d_model, scale=True)
+        self.src_embedding = (
+            self.tgt_embedding
+            if c.share_embeddings
+            else TokenEmbedding(c.src_vocab_size, c.d_model, scale=True)
+        )
+        self.positions = SinusoidalPositionalEncoding(c.max_len, c.d_model)
+        self.embedding_dropout = nn.Dropout(c.dropout)
+        self.encoder_layers = nn.ModuleList(EncoderLayer(c) for _ in range(c.n_encoder_layers))
+        self.decoder_layers = nn.ModuleList(DecoderLayer(c) for _ in range(c.n_decoder_layers))
+        # Pre-LN leaves each stack's output un-normalised: one LayerNorm closes each stack.
+        pre = c.norm_position == "pre"
+        self.encoder_norm = LayerNorm(c.d_model, c.layer_norm_eps) if pre else nn.Identity()
+        self.decoder_norm = LayerNorm(c.d_model, c.layer_norm_eps) if pre else nn.Identity()
+        self.init_weights(seed)
+
+    @torch.no_grad()
+    def init_weights(self, seed: int | None = None) -> None:
+        """Xavier-uniform matrices and zero biases (as the Annotated Transformer and
+        torch.nn.Transformer do); embeddings N(0, 1/d_model), so that after the sqrt(d_model)
+        scaling a token vector has unit-variance entries, like the sinusoids it is added to."""
+        device = self.tgt_embedding.weight.device
+        if device.type == "meta":
+            return
+        g = torch.Generator(device=device)
+        if seed is None:
+            g.seed()
+        else:
+            g.manual_seed(seed)
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                bound = math.sqrt(6.0 / (module.in_features + module.out_features))
+                nn.init.uniform_(module.weight, -bound, bound, generator=g)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, TokenEmbedding):
+                nn.init.normal_(module.weight, 0.0, self.config.d_model**-0.5, generator=g)
+            elif isinstance(module, LayerNorm):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+
+    def num_parameters(self) -> int:
+        """Trainable parameters, shared embeddings counted once."""
+        return sum(p.numel() for p in self.parameters())
+
+    def check_ids(self, ids: torch.Tensor, vocab_size: int, what: str, offset: int = 0) -> None:
+        if ids.dim() != 2:
+            raise ValueError(f"{what} ids must have shape (batch, time), got {tuple(ids.shape)}")
+        if offset + ids.shape[1] > self.config.max_len:
+            raise ValueError(
+                f"{what} of {offset + ids.shape[1]} tokens is longer than max_len "
+                f"({self.config.max_len}); shorten it or build the model with a larger max_len"
+            )
+        if ids.numel() > 0 and not 0 <= int(ids.min()) <= int(ids.max()) < vocab_size:
+            raise ValueError(f"{what} token ids lie outside the vocabulary (0..{vocab_size - 1})")
+
+    def embed(self, embedding: TokenEmbedding, ids: torch.Tensor, offset: int) -> torch.Tensor:
+        """ids (B, T) at positions offset.. -> Dropout(E[ids] sqrt(C) + PE[pos]), (B, T, C)."""
+        positions = torch.arange(offset, offset + ids.shape[1], device=ids.device)
+        return self.embedding_dropout(embedding(ids) + self.positions(positions))
+
+    def source_mask(self, src_ids: torch.Tensor) -> torch.Tensor:
+        """(B, S) True at real source tokens, False at padding."""
+        return src_ids != self.config.pad_id
+
+    def encode(self, src_ids: torch.Tensor, src_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Source ids (B, S) -> memory (B, S, C). src_mask defaults to the non-pad tokens."""
+        self.check_ids(src_ids, self.config.src_vocab_size, "source")
+        if src_mask is None:
+            src_mask = self.source_mask(src_ids)
+        x = self.embed(self.src_embedding, src_ids, 0)
+        for layer in self.encoder_layers:
+            x = layer(x, src_mask)
+        return self.encoder_norm(x)
+
+    def decode(
+        self,
+        tgt_ids: torch.Tensor,
+        memory: torch.Tensor,
+        src_mask: torch.Tensor,
+        caches: list[KVCache] | None = None,
+    ) -> torch.Tensor:
+        """Target ids (B, T) after the cached ones, memory (B, S, C) -> features (B, T, C).
+
+        Target padding needs no mask: it is on the right, where causal attention keeps every
+        real position from seeing it, and the loss ignores the padded positions themselves.
+        """
+        past = caches[0].length if caches is not None else 0
+        self.check_ids(tgt_ids, self.config.tgt_vocab_size, "target", past)
+        x = self.embed(self.tgt_embedding, tgt_ids, past)
+        for i, layer in enumerate(self.decoder_layers):
+            x = layer(x, memory, src_mask, caches[i] if caches is not None else None)
+        return self.decoder_norm(x)
+
+    def unembed(self, x: torch.Tensor) -> torch.Tensor:
+        """(..., C) -> logits (..., V): the target embedding matrix as the output projection."""
+        return nn.functional.linear(x, self.tgt_embedding.weight)
+
+    def forward(
+        self,
+        src_ids: torch.Tensor,
+        tgt_ids: torch.Tensor,
+        src_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Teacher forcing: source (B, S), target input (B, T) -> logits (B, T, V)."""
+        if src_mask is None:
+            src_mask = self.source_mask(src_ids)
+        memory = self.encode(src_ids, src_mask)
+        return self.unembed(self.decode(tgt_ids, memory, src_mask))
+
+    def new_caches(self, batch_size: int, max_len: int | None = None) -> list[KVCache]:
+        """One empty self-attention KV cache per decoder layer."""
+        c, w = self.config, self.tgt_embedding.weight
+        return [
+            KVCache(
+                batch_size,
+                c.n_heads,
+                max_len or c.max_len,
+                c.d_model // c.n_heads,
+                w.dtype,
+                w.device,
+            )
+            for _ in self.decoder_layers
+        ]

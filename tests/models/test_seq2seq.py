@@ -1,0 +1,148 @@
+import pytest
+import torch
+from torch import nn
+
+from tformer.models.seq2seq import DecoderLayer, EncoderLayer, Seq2SeqConfig, Seq2SeqTransformer
+
+
+def tiny_config(**overrides):
+    fields = dict(
+        src_vocab_size=23,
+        tgt_vocab_size=19,
+        max_len=40,
+        d_model=32,
+        n_heads=4,
+        n_encoder_layers=2,
+        n_decoder_layers=2,
+        d_ff=48,
+        dropout=0.0,
+    )
+    return Seq2SeqConfig(**{**fields, **overrides})
+
+
+def copy_attention(ours, theirs: nn.MultiheadAttention) -> None:
+    w_q, w_k, w_v = theirs.in_proj_weight.chunk(3)
+    b_q, b_k, b_v = theirs.in_proj_bias.chunk(3)
+    for linear, w, b in ((ours.w_q, w_q, b_q), (ours.w_k, w_k, b_k), (ours.w_v, w_v, b_v)):
+        linear.weight.copy_(w)
+        linear.bias.copy_(b)
+    ours.w_o.weight.copy_(theirs.out_proj.weight)
+    ours.w_o.bias.copy_(theirs.out_proj.bias)
+
+
+def copy_feedforward_and_norms(ours, theirs, sublayers) -> None:
+    ours.ff.w1.load_state_dict(theirs.linear1.state_dict())
+    ours.ff.w2.load_state_dict(theirs.linear2.state_dict())
+    norms = [theirs.norm1, theirs.norm2] + ([theirs.norm3] if hasattr(theirs, "norm3") else [])
+    for sub, norm in zip(sublayers, norms, strict=True):
+        sub.norm.weight.copy_(norm.weight)
+        sub.norm.bias.copy_(norm.bias)
+
+
+@pytest.mark.parametrize("norm_position", ["post", "pre"])
+def test_encoder_layer_equals_torch_transformer_encoder_layer(norm_position):
+    config = tiny_config(norm_position=norm_position)
+    theirs = nn.TransformerEncoderLayer(
+        32, 4, 48, dropout=0.0, batch_first=True, norm_first=norm_position == "pre"
+    ).eval()
+    ours = EncoderLayer(config).eval()
+    with torch.no_grad():
+        copy_attention(ours.self_attn, theirs.self_attn)
+        copy_feedforward_and_norms(ours, theirs, (ours.attn_sublayer, ours.ff_sublayer))
+    x = torch.randn(3, 9, 32)
+    mask = torch.ones(3, 9, dtype=torch.bool)
+    mask[1, 6:] = False  # padding at the end of one source
+    expected = theirs(x, src_key_padding_mask=~mask)
+    got = ours(x, mask)
+    real = mask[:, :, None].expand_as(got)  # torch leaves padded positions unspecified
+    torch.testing.assert_close(got[real], expected[real], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("norm_position", ["post", "pre"])
+def test_decoder_layer_equals_torch_transformer_decoder_layer(norm_position):
+    config = tiny_config(norm_position=norm_position)
+    theirs = nn.TransformerDecoderLayer(
+        32, 4, 48, dropout=0.0, batch_first=True, norm_first=norm_position == "pre"
+    ).eval()
+    ours = DecoderLayer(config).eval()
+    with torch.no_grad():
+        copy_attention(ours.self_attn, theirs.self_attn)
+        copy_attention(ours.cross_attn, theirs.multihead_attn)
+        sublayers = (ours.self_attn_sublayer, ours.cross_attn_sublayer, ours.ff_sublayer)
+        copy_feedforward_and_norms(ours, theirs, sublayers)
+    x, memory = torch.randn(2, 7, 32), torch.randn(2, 5, 32)
+    src_mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]], dtype=torch.bool)
+    causal = nn.Transformer.generate_square_subsequent_mask(7)
+    expected = theirs(x, memory, tgt_mask=causal, memory_key_padding_mask=~src_mask)
+    torch.testing.assert_close(ours(x, memory, src_mask), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_embeddings_are_scaled_by_sqrt_d_model_and_add_the_sinusoids():
+    model = Seq2SeqTransformer(tiny_config(), seed=0)
+    ids = torch.tensor([[3, 4, 5]])
+    table = model.positions.table
+    expected = model.src_embedding.weight[ids] * 32**0.5 + table[:3]
+    torch.testing.assert_close(model.embed(model.src_embedding, ids, 0), expected)
+
+
+def test_output_projection_is_the_target_embedding_and_sharing_joins_all_three():
+    model = Seq2SeqTransformer(tiny_config(), seed=0)
+    x = torch.randn(2, 32)
+    torch.testing.assert_close(model.unembed(x), x @ model.tgt_embedding.weight.T)
+    assert model.src_embedding is not model.tgt_embedding
+    shared = Seq2SeqTransformer(tiny_config(tgt_vocab_size=23, share_embeddings=True), seed=0)
+    assert shared.src_embedding is shared.tgt_embedding
+    separate = Seq2SeqTransformer(tiny_config(tgt_vocab_size=23), seed=0)
+    assert shared.num_parameters() == separate.num_parameters() - 23 * 32
+    with pytest.raises(ValueError, match="joint vocabulary"):
+        tiny_config(share_embeddings=True)
+
+
+def test_source_padding_never_changes_the_result():
+    model = Seq2SeqTransformer(tiny_config(), seed=0).eval()
+    src = torch.tensor([[5, 6, 7, 8]])
+    tgt = torch.tensor([[1, 9, 10, 11]])
+    alone = model(src, tgt)
+    padded = model(torch.tensor([[5, 6, 7, 8, 0, 0, 0]]), tgt)  # pad_id 0 on the right
+    torch.testing.assert_close(padded, alone, rtol=1e-5, atol=1e-5)
+    # ...nor does batching with a longer sentence
+    batch_src = torch.tensor([[5, 6, 7, 8, 0, 0], [3, 4, 5, 6, 7, 8]])
+    batch_tgt = torch.tensor([[1, 9, 10, 11, 0], [1, 12, 13, 14, 15]])
+    torch.testing.assert_close(model(batch_src, batch_tgt)[0, :4], alone[0], rtol=1e-5, atol=1e-5)
+
+
+def test_cached_decoding_equals_the_full_decoder_pass():
+    model = Seq2SeqTransformer(tiny_config(), seed=0).eval()
+    src = torch.tensor([[5, 6, 7, 8, 9], [3, 4, 0, 0, 0]])
+    tgt = torch.tensor([[1, 9, 10, 11, 12, 13], [1, 4, 4, 5, 6, 7]])
+    src_mask = model.source_mask(src)
+    memory = model.encode(src, src_mask)
+    full = model.decode(tgt, memory, src_mask)
+    caches = model.new_caches(batch_size=2)
+    steps = [model.decode(tgt[:, t : t + 1], memory, src_mask, caches) for t in range(6)]
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-5, atol=1e-5)
+
+
+def test_a_target_token_never_sees_later_target_tokens():
+    model = Seq2SeqTransformer(tiny_config(), seed=0).eval()
+    src = torch.tensor([[5, 6, 7]])
+    a = model(src, torch.tensor([[1, 9, 10, 11]]))
+    b = model(src, torch.tensor([[1, 9, 3, 4]]))  # change the future
+    torch.testing.assert_close(a[:, :2], b[:, :2])
+    assert not torch.allclose(a[:, 2:], b[:, 2:])
+
+
+def test_presets_and_bad_input():
+    base = Seq2SeqConfig.from_preset("base", 37000, 37000, share_embeddings=True)
+    with torch.device("meta"):
+        model = Seq2SeqTransformer(base)
+    # The paper's base model with a shared 37000-token vocabulary: about 65M parameters
+    # (Table 3: 65 x 10^6), here 63.1M with the exact vocabulary and biases.
+    assert 60e6 < model.num_parameters() < 66e6
+    small = Seq2SeqTransformer(Seq2SeqConfig.from_preset("small", 50, 50, max_len=16), seed=0)
+    with pytest.raises(ValueError, match="longer than max_len"):
+        small(torch.zeros(1, 20, dtype=torch.long), torch.zeros(1, 3, dtype=torch.long))
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        small(torch.tensor([[60]]), torch.tensor([[1]]))
+    with pytest.raises(ValueError, match="unknown preset"):
+        Seq2SeqConfig.from_preset("large", 10, 10)

@@ -1,0 +1,44 @@
+import pytest
+import torch
+from torch.nn import functional as F
+
+from tformer.train.losses import label_smoothed_cross_entropy
+from tformer.train.optim import inverse_sqrt_learning_rate
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.1, 0.3])
+def test_label_smoothing_equals_torch_cross_entropy_and_ignores_padding(smoothing):
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 7, 11, generator=g) * 3
+    targets = torch.randint(0, 11, (3, 7), generator=g)
+    targets[0, 5:] = -100  # padding
+    targets[2, 2:] = -100
+    ours = label_smoothed_cross_entropy(logits, targets, smoothing)
+    reference = F.cross_entropy(
+        logits.flatten(0, 1), targets.flatten(), ignore_index=-100, label_smoothing=smoothing
+    )
+    torch.testing.assert_close(ours, reference, rtol=1e-6, atol=1e-6)
+    # The padded positions' logits do not matter.
+    changed = logits.clone()
+    changed[0, 5:] = 100.0
+    torch.testing.assert_close(label_smoothed_cross_entropy(changed, targets, smoothing), ours)
+
+
+def test_label_smoothing_is_the_cross_entropy_against_the_smoothed_distribution():
+    logits = torch.tensor([[2.0, 0.5, -1.0, 0.0]])
+    target = torch.tensor([1])
+    q = torch.full((4,), 0.1 / 4)
+    q[1] += 0.9
+    expected = -(q * torch.log_softmax(logits[0], -1)).sum()
+    torch.testing.assert_close(label_smoothed_cross_entropy(logits, target, 0.1), expected)
+
+
+def test_inverse_sqrt_schedule_rises_linearly_peaks_at_warmup_then_decays():
+    d, warmup = 512, 4000
+    lrs = [inverse_sqrt_learning_rate(s, d, warmup) for s in range(4 * warmup)]
+    peak = max(range(len(lrs)), key=lrs.__getitem__)
+    assert peak == warmup - 1  # n = warmup
+    assert lrs[peak] == pytest.approx((d * warmup) ** -0.5)
+    assert lrs[99] == pytest.approx(100 * d**-0.5 * warmup**-1.5)  # linear in n
+    assert lrs[4 * warmup - 1] == pytest.approx(lrs[peak] / 2)  # 1/sqrt(n) after the peak
+    assert inverse_sqrt_learning_rate(0, d, warmup, factor=2.0) == pytest.approx(2 * lrs[0])
