@@ -170,13 +170,21 @@ class DecoderLayer(nn.Module):
         memory: torch.Tensor,
         src_mask: torch.Tensor | None,
         cache: KVCache | None = None,
+        memory_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """x (B, T, C), memory (B, S, C), src_mask (B, S) -> (B, T, C)."""
+        """x (B, T, C), memory (B, S, C), src_mask (B, S) -> (B, T, C).
+
+        memory_kv: the cross-attention keys and values of the memory, when precomputed.
+        """
         x = self.self_attn_sublayer(x, lambda h: self.self_attn(h, cache=cache))
         x = self.hook_resid_mid(x)
-        x = self.cross_attn_sublayer(
-            x, lambda h: self.cross_attn(h, memory=memory, attention_mask=src_mask)
-        )
+
+        def cross(h: torch.Tensor) -> torch.Tensor:
+            if memory_kv is not None:
+                return self.cross_attn(h, attention_mask=src_mask, memory_kv=memory_kv)
+            return self.cross_attn(h, memory=memory, attention_mask=src_mask)
+
+        x = self.cross_attn_sublayer(x, cross)
         x = self.hook_resid_cross(x)
         return self.hook_resid_post(self.ff_sublayer(x, self.ff))
 
@@ -269,9 +277,12 @@ class Seq2SeqTransformer(nn.Module):
         memory: torch.Tensor,
         src_mask: torch.Tensor,
         caches: list[KVCache] | None = None,
+        memory_kvs: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
     ) -> torch.Tensor:
         """Target ids (B, T) after the cached ones, memory (B, S, C) -> features (B, T, C).
 
+        caches: one self-attention KVCache per decoder layer; memory_kvs: the layers'
+        cross-attention keys and values from `project_memory`, computed once per sentence.
         Target padding needs no mask: it is on the right, where causal attention keeps every
         real position from seeing it, and the loss ignores the padded positions themselves.
         """
@@ -279,8 +290,14 @@ class Seq2SeqTransformer(nn.Module):
         self.check_ids(tgt_ids, self.config.tgt_vocab_size, "target", past)
         x = self.embed(self.tgt_embedding, tgt_ids, past)
         for i, layer in enumerate(self.decoder_layers):
-            x = layer(x, memory, src_mask, caches[i] if caches is not None else None)
+            cache = caches[i] if caches is not None else None
+            memory_kv = memory_kvs[i] if memory_kvs is not None else None
+            x = layer(x, memory, src_mask, cache, memory_kv)
         return self.decoder_norm(x)
+
+    def project_memory(self, memory: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Every decoder layer's cross-attention keys and values (B, H, S, D) of the memory."""
+        return [layer.cross_attn.project_memory(memory) for layer in self.decoder_layers]
 
     def unembed(self, x: torch.Tensor) -> torch.Tensor:
         """(..., C) -> logits (..., V): the target embedding matrix as the output projection."""

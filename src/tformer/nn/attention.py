@@ -149,22 +149,37 @@ class MultiHeadAttention(nn.Module):
         source = x if memory is None else memory
         return self.w_q(x), self.w_k(source), self.w_v(source)
 
+    def project_memory(self, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cross-attention's keys and values (B, H, S, D) from the memory (B, S, C).
+
+        They depend only on the source, so a decoder computes them once per sentence and
+        passes them as `memory_kv` at every step.
+        """
+        if self.fused_qkv:
+            raise ValueError("cross-attention needs separate projections: fused_qkv=False")
+        return self.split_heads(self.w_k(memory)), self.split_heads(self.w_v(memory))
+
     def forward(
         self,
         x: torch.Tensor,
         memory: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         cache: KVCache | None = None,
+        memory_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """x (B, T, C); memory (B, S, C) for cross-attention; -> (B, T, C).
+        """x (B, T, C); memory (B, S, C) for cross-attention, or its projected keys and
+        values memory_kv (from project_memory); -> (B, T, C).
 
         attention_mask (B, S) marks the keys that are real tokens (1/True) rather than
         padding; with a cache it covers every position in the cache, old and new.
         """
         b, t, _ = x.shape
-        q, k, v = (self.split_heads(p) for p in self.project(x, memory))  # (B, H, *, D)
+        if memory_kv is not None:
+            q, (k, v) = self.split_heads(self.w_q(x)), memory_kv  # (B, H, *, D)
+        else:
+            q, k, v = (self.split_heads(p) for p in self.project(x, memory))  # (B, H, *, D)
         if cache is not None:
-            if memory is not None:
+            if memory is not None or memory_kv is not None:
                 raise ValueError("a KV cache is for self-attention; cross-attention keys are fixed")
             k, v = cache.update(k, v)  # (B, H, S, D): every position so far
         s = k.shape[2]

@@ -38,3 +38,9 @@ class KVCache(nn.Module):
         self.v[:, :, start:end] = v
         self.length = end
         return self.k[:, :, :end], self.v[:, :, :end]
+
+    def reorder(self, rows: torch.Tensor) -> None:
+        """Keep rows[i] of the cache as row i (B,): beam search follows its surviving beams."""
+        end = self.length
+        self.k[:, :, :end] = self.k[:, :, :end].index_select(0, rows)
+        self.v[:, :, :end] = self.v[:, :, :end].index_select(0, rows)
