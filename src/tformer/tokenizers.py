@@ -408,22 +408,29 @@ class HFTokenizer:
 
 
 def train_bpe(
-    texts: Iterable[str], vocab_size: int, min_frequency: int = 2, show_progress: bool = False
+    texts: Iterable[str],
+    vocab_size: int,
+    min_frequency: int = 2,
+    show_progress: bool = False,
+    special_tokens: Sequence[str] = (ENDOFTEXT,),
 ) -> HFTokenizer:
-    """Train a GPT-2-style byte-level BPE on your own texts; <|endoftext|> is its one
-    special token (id 0)."""
+    """Train a GPT-2-style byte-level BPE on your own texts. The special tokens take the
+    first ids in order: by default <|endoftext|> alone (id 0); a translation model uses
+    ("<pad>", "<s>", "</s>")."""
     from tokenizers import Tokenizer as RustTokenizer
     from tokenizers import decoders, models, pre_tokenizers, trainers
 
-    if vocab_size < 257:
-        raise ValueError(f"vocab_size {vocab_size} is too small: 256 bytes + <|endoftext|>")
+    if vocab_size < 256 + len(special_tokens):
+        raise ValueError(
+            f"vocab_size {vocab_size} is too small: 256 bytes + {len(special_tokens)} special"
+        )
     tokenizer = RustTokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
         min_frequency=min_frequency,
-        special_tokens=[ENDOFTEXT],
+        special_tokens=list(special_tokens),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=show_progress,
     )

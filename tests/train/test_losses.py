@@ -33,12 +33,11 @@ def test_label_smoothing_is_the_cross_entropy_against_the_smoothed_distribution(
     torch.testing.assert_close(label_smoothed_cross_entropy(logits, target, 0.1), expected)
 
 
-def test_inverse_sqrt_schedule_rises_linearly_peaks_at_warmup_then_decays():
+def test_inverse_sqrt_schedule_is_the_papers_formula():
     d, warmup = 512, 4000
-    lrs = [inverse_sqrt_learning_rate(s, d, warmup) for s in range(4 * warmup)]
-    peak = max(range(len(lrs)), key=lrs.__getitem__)
-    assert peak == warmup - 1  # n = warmup
-    assert lrs[peak] == pytest.approx((d * warmup) ** -0.5)
-    assert lrs[99] == pytest.approx(100 * d**-0.5 * warmup**-1.5)  # linear in n
-    assert lrs[4 * warmup - 1] == pytest.approx(lrs[peak] / 2)  # 1/sqrt(n) after the peak
-    assert inverse_sqrt_learning_rate(0, d, warmup, factor=2.0) == pytest.approx(2 * lrs[0])
+    paper = [d**-0.5 * min(n**-0.5, n * warmup**-1.5) for n in range(1, 4 * warmup + 1)]
+    ours = [inverse_sqrt_learning_rate(s, (d * warmup) ** -0.5, warmup) for s in range(4 * warmup)]
+    assert ours == pytest.approx(paper, rel=1e-9)
+    peak = max(range(len(ours)), key=ours.__getitem__)
+    assert peak == warmup - 1 and ours[peak] == pytest.approx((d * warmup) ** -0.5)
+    assert ours[-1] == pytest.approx(ours[peak] / 2)  # 1 / sqrt(n): n = 4 warmup

@@ -18,6 +18,8 @@ import torch
 from tformer.files import atomic_write, cache_dir
 from tformer.tokenizers import Tokenizer
 
+IGNORE_INDEX = -100  # a target the loss skips (padding), as in torch's cross_entropy
+
 
 @dataclass
 class Batch:

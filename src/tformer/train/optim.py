@@ -13,10 +13,10 @@ Schedule (as in GPT-2/3 training and nanoGPT), for step s = 0, 1, ...:
 
 The original Transformer's schedule (Vaswani et al., 2017, sec. 5.3), for step n = s + 1:
 
-    lr = factor * d_model^-0.5 * min(n^-0.5, n * warmup^-1.5)
+    lr = d_model^-0.5 * min(n^-0.5, n * warmup^-1.5)  =  peak * min(n / warmup, sqrt(warmup / n))
 
-rises linearly for `warmup` steps, peaks at factor * (d_model * warmup)^-0.5, then decays
-as 1 / sqrt(n) (the paper: factor 1, warmup 4000).
+rises linearly for `warmup` steps to its peak (d_model * warmup)^-0.5, then decays as
+1 / sqrt(n) (the paper: warmup 4000). Here the peak is a setting like any learning rate.
 """
 
 import math
@@ -48,9 +48,10 @@ def learning_rate(step: int, lr: float, min_lr: float, warmup: int, decay_steps:
     return min_lr + (lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * ratio))
 
 
-def inverse_sqrt_learning_rate(step: int, d_model: int, warmup: int, factor: float = 1.0) -> float:
-    """The paper's schedule at step s = 0, 1, ... (the formula's n is s + 1)."""
+def inverse_sqrt_learning_rate(step: int, peak_lr: float, warmup: int) -> float:
+    """The paper's schedule at step s = 0, 1, ... (n = s + 1): peak_lr * min(n / warmup,
+    sqrt(warmup / n)); the paper's own numbers are peak_lr = (d_model * warmup)^-0.5."""
     if warmup <= 0:
         raise ValueError(f"the warm-up must be at least one step, got {warmup}")
     n = step + 1
-    return factor * d_model**-0.5 * min(n**-0.5, n * warmup**-1.5)
+    return peak_lr * min(n / warmup, math.sqrt(warmup / n))

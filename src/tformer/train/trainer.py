@@ -29,16 +29,16 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from tformer.data.tokens import LMBatches
+from tformer.data.tokens import IGNORE_INDEX, LMBatches
 from tformer.files import atomic_write_json, atomic_write_text
 from tformer.tokenizers import Tokenizer
 from tformer.train import distributed
 from tformer.train.checkpoint import forget_after, load_state, save_checkpoint
-from tformer.train.optim import build_optimizer, learning_rate
+from tformer.train.losses import label_smoothed_cross_entropy
+from tformer.train.optim import build_optimizer, inverse_sqrt_learning_rate, learning_rate
 from tformer.train.plots import plot_losses
 
 METRICS_FILE = "metrics.jsonl"
-IGNORE_INDEX = -100  # targets to skip (padding), as in torch's cross_entropy
 EVAL_SEED = 1234  # the periodic evaluation always scores the same windows
 
 
@@ -51,6 +51,8 @@ class TrainConfig:
     min_lr: float = 1e-4
     warmup_steps: int = 100
     decay_steps: int | None = None  # cosine decay ends here; None: at `steps`
+    schedule: str = "cosine"  # or "inverse_sqrt": the original Transformer's, peaking at lr
+    label_smoothing: float = 0.0  # the original Transformer used 0.1
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.99
@@ -80,12 +82,23 @@ class TrainConfig:
             raise ValueError(f"need 0 < min_lr <= lr, got min_lr={self.min_lr}, lr={self.lr}")
         if self.final_eval not in ("full", "sample"):
             raise ValueError(f"final_eval must be 'full' or 'sample', got {self.final_eval!r}")
+        if self.schedule not in ("cosine", "inverse_sqrt"):
+            raise ValueError(f"schedule must be 'cosine' or 'inverse_sqrt', got {self.schedule!r}")
+        if self.schedule == "inverse_sqrt" and self.warmup_steps == 0:
+            raise ValueError("the inverse_sqrt schedule needs warmup_steps >= 1")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
 
     @property
     def last_decay_step(self) -> int:
         return self.decay_steps if self.decay_steps is not None else self.steps
+
+    def learning_rate(self, step: int) -> float:
+        if self.schedule == "inverse_sqrt":
+            return inverse_sqrt_learning_rate(step, self.lr, self.warmup_steps)
+        return learning_rate(step, self.lr, self.min_lr, self.warmup_steps, self.last_decay_step)
 
 
 def autocast(device: torch.device, dtype: str):
@@ -94,8 +107,12 @@ def autocast(device: torch.device, dtype: str):
     return torch.autocast(device.type, dtype=getattr(torch, dtype), enabled=enabled)
 
 
-def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def cross_entropy(
+    logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float = 0.0
+) -> torch.Tensor:
     """Mean next-token loss over the targets that are not IGNORE_INDEX: (B, T, V), (B, T)."""
+    if label_smoothing > 0:
+        return label_smoothed_cross_entropy(logits, targets, label_smoothing, IGNORE_INDEX)
     return nn.functional.cross_entropy(
         logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX
     )
@@ -248,7 +265,7 @@ def _fit(
     ddp = DistributedDataParallel(model) if dist.world_size > 1 else model
     model.train()
     history: list[dict[str, Any]] = []
-    tokens_per_step = config.batch_size * train.context
+    tokens_seen = 0  # scored target tokens since this process started (or resumed)
     bar = tqdm(
         total=config.steps,
         initial=start,
@@ -258,21 +275,21 @@ def _fit(
     )
     started = time.perf_counter()
     for step in range(start, config.steps):
-        lr = learning_rate(
-            step, config.lr, config.min_lr, config.warmup_steps, config.last_decay_step
-        )
+        lr = config.learning_rate(step)
         for group in optimizer.param_groups:
             group["lr"] = lr
         total = torch.zeros((), device=device)
         for m in range(config.grad_accum):
             # Every process draws the same global micro-batch and takes its own rows, so the
             # data (and the result) do not depend on the number of processes.
-            batch = train.sample(micro, generator).rows(dist.rank * rows, (dist.rank + 1) * rows)
-            batch = batch.to(device)
+            batch = train.sample(micro, generator)
+            tokens_seen += int((batch.targets != IGNORE_INDEX).sum())  # all processes' rows
+            batch = batch.rows(dist.rank * rows, (dist.rank + 1) * rows).to(device)
             with _maybe_no_sync(ddp, last_micro=m == config.grad_accum - 1):
                 with autocast(device, config.dtype):
                     logits = ddp(*batch.inputs)
-                loss = cross_entropy(logits, batch.targets) / config.grad_accum
+                loss = cross_entropy(logits, batch.targets, config.label_smoothing)
+                loss = loss / config.grad_accum
                 scaler.scale(loss).backward()
             total += loss.detach()
         if config.grad_clip > 0:
@@ -295,7 +312,7 @@ def _fit(
             "step": done,
             "loss": loss_value,
             "lr": lr,
-            "tokens_per_second": round((done - start) * tokens_per_step / elapsed, 1),
+            "tokens_per_second": round(tokens_seen / elapsed, 1),
         }
         history.append(record)
         log.write(record)

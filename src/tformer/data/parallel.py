@@ -1,0 +1,145 @@
+"""Parallel text for translation: reading sentence pairs, a synthetic task, and batches.
+
+A translation example is a pair (source x, target y), tokenised with one joint tokenizer.
+The model reads x and the target shifted right, and is scored on predicting y then the end:
+
+    inputs:  x + [EOS],  [BOS] + y        targets:  y + [EOS]
+
+Batches are bucketed by length: examples sorted by (source length, target length), and a
+batch is a run of neighbours in that order, so a batch's sentences have similar lengths and
+little of it is padding. Training draws runs at random positions (from a seeded generator,
+whose state the checkpoint keeps), wrapping around at the end so that every example is
+equally likely; evaluation walks the order once.
+"""
+
+import json
+import random
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from tformer.data.tokens import IGNORE_INDEX, Batch
+from tformer.tokenizers import Tokenizer
+
+Pair = tuple[str, str]
+
+
+def read_parallel(path: str | Path) -> list[Pair]:
+    """Sentence pairs from a TSV file (source<TAB>target per line) or JSONL ({"src", "tgt"})."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text (byte {e.start})") from None
+    pairs = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        if path.suffix == ".jsonl":
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{number}: not JSON ({e.msg})") from None
+            if not isinstance(record, dict) or not all(
+                isinstance(record.get(k), str) for k in ("src", "tgt")
+            ):
+                raise ValueError(
+                    f'{path}:{number}: expected an object with "src" and "tgt" strings'
+                )
+            pairs.append((record["src"], record["tgt"]))
+        else:
+            fields = line.split("\t")
+            if len(fields) != 2:
+                raise ValueError(
+                    f"{path}:{number}: expected source<TAB>target, found {len(fields)} field(s)"
+                )
+            pairs.append((fields[0], fields[1]))
+    if not pairs:
+        raise ValueError(f"{path}: no sentence pairs in it")
+    return pairs
+
+
+def number_words(
+    count: int = 10_000, seed: int = 0, source: str = "en", target: str = "fr"
+) -> list[Pair]:
+    """The synthetic task: the numbers 0..count-1 written in words, English to French
+    (21 -> "twenty-one" / "vingt et un"), shuffled with `seed`. Real words on both sides,
+    with the reorderings and irregular forms of real languages (80 -> "quatre-vingts")."""
+    from num2words import num2words
+
+    numbers = list(range(count))
+    random.Random(seed).shuffle(numbers)
+    return [(num2words(n, lang=source), num2words(n, lang=target)) for n in numbers]
+
+
+def split_pairs(
+    pairs: list[Pair], val: int, test: int
+) -> tuple[list[Pair], list[Pair], list[Pair]]:
+    """The last `test` pairs for testing, the `val` before them for validation, the rest
+    for training."""
+    if val + test >= len(pairs):
+        raise ValueError(f"{len(pairs)} pairs cannot hold {val} for validation and {test} for test")
+    train_end = len(pairs) - val - test
+    return pairs[:train_end], pairs[train_end : train_end + val], pairs[train_end + val :]
+
+
+class ParallelBatches:
+    """Length-bucketed batches of tokenised sentence pairs, for the Trainer."""
+
+    def __init__(
+        self,
+        pairs: list[Pair],
+        tokenizer: Tokenizer,
+        pad_id: int,
+        bos_id: int,
+        eos_id: int,
+        max_len: int,
+        name: str = "data",
+    ) -> None:
+        if not pairs:
+            raise ValueError(f"the {name} set has no sentence pairs")
+        self.pad_id, self.bos_id, self.eos_id = pad_id, bos_id, eos_id
+        examples = []
+        for src, tgt in pairs:
+            src_ids = tokenizer.encode(src)[: max_len - 1] + [eos_id]
+            tgt_ids = tokenizer.encode(tgt)[: max_len - 1]
+            examples.append((src_ids, tgt_ids))
+        # Bucketing: neighbours in this order have similar lengths.
+        examples.sort(key=lambda e: (len(e[0]), len(e[1])))
+        self.examples = examples
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def target_tokens(self) -> int:
+        """Target tokens scored in one pass over the data (each sentence's end included)."""
+        return sum(len(tgt) + 1 for _, tgt in self.examples)
+
+    def collate(self, examples: list[tuple[list[int], list[int]]]) -> Batch:
+        """-> inputs (source (B, S), target input (B, T)), targets (B, T)."""
+        b = len(examples)
+        s = max(len(src) for src, _ in examples)
+        t = max(len(tgt) for _, tgt in examples) + 1
+        src_ids = torch.full((b, s), self.pad_id, dtype=torch.long)
+        tgt_in = torch.full((b, t), self.pad_id, dtype=torch.long)
+        targets = torch.full((b, t), IGNORE_INDEX, dtype=torch.long)
+        for row, (src, tgt) in enumerate(examples):
+            src_ids[row, : len(src)] = torch.tensor(src)
+            tgt_in[row, : len(tgt) + 1] = torch.tensor([self.bos_id, *tgt])
+            targets[row, : len(tgt) + 1] = torch.tensor([*tgt, self.eos_id])
+        return Batch((src_ids, tgt_in), targets)
+
+    def sample(self, batch_size: int, generator: torch.Generator) -> Batch:
+        """A run of `batch_size` neighbours in length order from a random position (circular:
+        the run after the last example goes on with the first)."""
+        n = len(self.examples)
+        start = int(torch.randint(0, n, (1,), generator=generator))
+        return self.collate([self.examples[(start + i) % n] for i in range(batch_size)])
+
+    def sequential(self, batch_size: int) -> Iterator[Batch]:
+        """Every example once, in length order."""
+        for i in range(0, len(self.examples), batch_size):
+            yield self.collate(self.examples[i : i + batch_size])
