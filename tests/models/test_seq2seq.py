@@ -146,3 +146,26 @@ def test_presets_and_bad_input():
         small(torch.tensor([[60]]), torch.tensor([[1]]))
     with pytest.raises(ValueError, match="unknown preset"):
         Seq2SeqConfig.from_preset("large", 10, 10)
+
+
+@pytest.mark.parametrize("share", [False, True])
+def test_save_and_load_give_the_same_model(tmp_path, share):
+    config = tiny_config(tgt_vocab_size=23, share_embeddings=share, norm_position="pre")
+    model = Seq2SeqTransformer(config, seed=3).eval()
+    model.save_pretrained(tmp_path)
+    loaded = Seq2SeqTransformer.from_pretrained(tmp_path)
+    assert loaded.config == config
+    assert (loaded.src_embedding is loaded.tgt_embedding) == share
+    src, tgt = torch.tensor([[5, 6, 7, 0]]), torch.tensor([[1, 8, 9]])
+    torch.testing.assert_close(loaded(src, tgt), model(src, tgt), rtol=0, atol=0)
+
+
+def test_loading_another_kind_of_checkpoint_says_so(tmp_path):
+    from tformer import GPT2, GPT2Config
+    from tformer.models.checkpoints import CheckpointError
+
+    GPT2(GPT2Config(vocab_size=11, max_len=8, d_model=8, n_layers=1, n_heads=2)).save_pretrained(
+        tmp_path
+    )
+    with pytest.raises(CheckpointError, match="not an encoder-decoder"):
+        Seq2SeqTransformer.from_pretrained(tmp_path)

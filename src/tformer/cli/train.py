@@ -100,6 +100,19 @@ def add_parser(sub) -> None:
     )
     train.add_argument("--decay-steps", type=int, help="end of the cosine decay (default: --steps)")
     train.add_argument(
+        "--schedule",
+        default=defaults.schedule,
+        choices=["cosine", "inverse_sqrt"],
+        help="cosine decay to --min-lr, or the original Transformer's 1/sqrt(step) decay from "
+        "the peak --lr at --warmup-steps",
+    )
+    train.add_argument(
+        "--label-smoothing",
+        type=float,
+        default=defaults.label_smoothing,
+        help="mix the targets with the uniform distribution (the original Transformer: 0.1)",
+    )
+    train.add_argument(
         "--weight-decay", type=float, default=defaults.weight_decay, help="AdamW decay on matrices"
     )
     train.add_argument("--beta1", type=float, default=defaults.beta1, help="AdamW beta1")

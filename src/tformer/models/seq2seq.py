@@ -20,7 +20,9 @@ then `decode` with a KV cache per decoder layer.
 """
 
 import math
+import os
 from dataclasses import asdict, dataclass, fields
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -38,6 +40,8 @@ from tformer.nn import (
 from tformer.nn.attention import Implementation
 from tformer.nn.feedforward import ACTIVATIONS, Activation
 from tformer.nn.sublayer import NormPosition
+
+MODEL_TYPE = "tformer-seq2seq"  # config.json's model_type for this model
 
 # name -> (d_model, n_heads, layers per stack, d_ff, dropout)
 PRESETS: dict[str, tuple[int, int, int, int, float]] = {
@@ -329,3 +333,46 @@ class Seq2SeqTransformer(nn.Module):
             )
             for _ in self.decoder_layers
         ]
+
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        """config.json (with model_type "tformer-seq2seq") and model.safetensors, each
+        written atomically; shared embeddings are stored once."""
+        from safetensors.torch import save_model
+
+        from tformer.files import atomic_write, atomic_write_json
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        atomic_write(directory / "model.safetensors", lambda tmp: save_model(self, str(tmp)))
+        atomic_write_json(
+            directory / "config.json", {"model_type": MODEL_TYPE, **asdict(self.config)}
+        )
+
+    @classmethod
+    def from_pretrained(
+        cls, directory: str | os.PathLike, device: torch.device | str = "cpu"
+    ) -> "Seq2SeqTransformer":
+        """A model saved by save_pretrained."""
+        from safetensors.torch import load_model
+
+        from tformer.files import read_json
+        from tformer.models.checkpoints import CheckpointError
+
+        directory = Path(directory)
+        saved = read_json(directory / "config.json", "the model's config")
+        if saved.get("model_type") != MODEL_TYPE:
+            raise CheckpointError(
+                f"{directory}: not an encoder-decoder tformer checkpoint (model_type "
+                f"{saved.get('model_type')!r}, expected {MODEL_TYPE!r})"
+            )
+        known = {f.name for f in fields(Seq2SeqConfig)}
+        config = Seq2SeqConfig(**{k: v for k, v in saved.items() if k in known})
+        with torch.device("meta"):
+            model = cls(config)
+        model = model.to_empty(device=device)
+        model.positions = SinusoidalPositionalEncoding(config.max_len, config.d_model).to(device)
+        try:
+            load_model(model, str(directory / "model.safetensors"), device=str(device))
+        except (OSError, RuntimeError) as e:
+            raise CheckpointError(f"{directory}: cannot load model.safetensors ({e})") from None
+        return model.eval()
