@@ -5,9 +5,19 @@ import os
 import sys
 
 from tformer import __version__
-from tformer.cli import demo, evaluate, generate, info, init, plot, tokenize, train
+from tformer.cli import (
+    demo,
+    evaluate,
+    generate,
+    info,
+    init,
+    plot,
+    tokenize,
+    train,
+    translate,
+)
 
-COMMANDS = [demo, train, evaluate, generate, plot, info, init, tokenize]
+COMMANDS = [demo, train, evaluate, generate, translate, plot, info, init, tokenize]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,4 +1,5 @@
-"""`tformer train`: train a GPT on your text (or the built-in Shakespeare) and sample from it."""
+"""`tformer train`: train a GPT on your text (or the built-in Shakespeare) and sample from it;
+with --task translation, the encoder-decoder Transformer on sentence pairs."""
 
 import hashlib
 import json
@@ -15,6 +16,7 @@ from tformer.data.tokens import LMBatches, tokenize_cached
 from tformer.devices import pick_device, training_dtype
 from tformer.files import atomic_write_json, read_json
 from tformer.generate import SamplingConfig, generate_ids
+from tformer.models import seq2seq
 from tformer.models.gpt2 import GPT2, PRESETS, GPT2Config
 from tformer.nn.feedforward import ACTIVATIONS
 from tformer.tokenizers import CharTokenizer, GPT2Tokenizer, load_tokenizer, train_bpe
@@ -35,13 +37,22 @@ def add_parser(sub) -> None:
         "tokenizer, checkpoints (last, best), metrics.jsonl, loss.png and the final model, "
         "which GPT2.from_pretrained(RUN_DIR) and transformers load. Defaults are nanoGPT's "
         "CPU configuration for Shakespeare (about a minute on 2 cores). Under torchrun, "
-        "every process trains on its share of each batch (DDP).",
+        "every process trains on its share of each batch (DDP). With --task translation it "
+        "trains the encoder-decoder Transformer on sentence pairs (default: the built-in "
+        "'number-words', English to French) with a joint BPE, and reports test BLEU and chrF.",
+    )
+    p.add_argument(
+        "--task",
+        default="lm",
+        choices=["lm", "translation"],
+        help="lm: a GPT on text; translation: an encoder-decoder model on sentence pairs",
     )
     data = p.add_argument_group("data")
     data.add_argument(
         "--data",
-        help="a text file, a directory of .txt files, a .jsonl file with "
-        "a 'text' field, or 'shakespeare' (default); split 90/10",
+        help="a text file, a directory of .txt files, a .jsonl file with a 'text' field, or "
+        "'shakespeare' (default); split 90/10. Translation: a TSV (source<TAB>target) or "
+        "JSONL ({src, tgt}) file, or 'number-words' (default)",
     )
     data.add_argument("--train", dest="train_file", help="training text (with --val)")
     data.add_argument("--val", dest="val_file", help="validation text (with --train)")
@@ -55,14 +66,25 @@ def add_parser(sub) -> None:
 
     model = p.add_argument_group("model")
     model.add_argument(
-        "--preset", choices=list(PRESETS), help="a GPT-2 size (default: the sizes below)"
+        "--preset",
+        choices=[*PRESETS, *seq2seq.PRESETS],
+        help="a GPT-2 size (default: the sizes below); translation: small (default) or base",
     )
     model.add_argument("--n-layers", type=int, help="blocks (default: 4, or the preset's)")
     model.add_argument("--n-heads", type=int, help="heads (default: 4, or the preset's)")
     model.add_argument("--d-model", type=int, help="width (default: 128, or the preset's)")
     model.add_argument("--d-ff", type=int, help="default: 4 x d-model")
-    model.add_argument("--context", type=int, default=64, help="tokens per window (max_len)")
-    model.add_argument("--dropout", type=float, default=0.0, help="dropout probability")
+    model.add_argument(
+        "--context", type=int, help="tokens per window (max_len) (default: 64; translation: 128)"
+    )
+    model.add_argument(
+        "--dropout", type=float, help="dropout probability (default: 0; translation: 0.1)"
+    )
+    model.add_argument(
+        "--norm-position",
+        choices=["pre", "post"],
+        help="where the LayerNorms sit (default: pre as GPT-2; translation: post, the paper's)",
+    )
     model.add_argument(
         "--activation",
         default="gelu",
@@ -152,7 +174,10 @@ def add_parser(sub) -> None:
     train.add_argument("--threads", type=int, help="CPU threads (default: torch's choice)")
 
     out = p.add_argument_group("output")
-    out.add_argument("--out", default="runs/shakespeare-char", help="run directory")
+    out.add_argument(
+        "--out",
+        help="run directory (default: runs/shakespeare-char; translation: runs/translation)",
+    )
     out.add_argument(
         "--resume",
         action="store_true",
@@ -181,6 +206,25 @@ def attention_for(choice: str, device: torch.device, dtype: str) -> str:
 
 
 def run(args) -> None:
+    if args.out is None:
+        args.out = "runs/translation" if args.task == "translation" else "runs/shakespeare-char"
+    resuming_translation = (
+        args.resume
+        and read_json(Path(args.out) / RUN_FILE, "the description of a training run").get("task")
+        == "translation"
+    )
+    if args.task == "translation" or resuming_translation:
+        from tformer.cli import train_translation
+
+        if args.norm_position is None:
+            args.norm_position = "post"
+        return train_translation.run(args)
+    if args.context is None:
+        args.context = 64
+    if args.dropout is None:
+        args.dropout = 0.0
+    if args.norm_position is None:
+        args.norm_position = "pre"
     started = time.perf_counter()
     device = pick_device(args.device)
     dist = distributed.init_from_env(device)
@@ -341,6 +385,7 @@ def model_config_from(args, tokenizer, device: torch.device, dtype: str) -> GPT2
         d_ff=args.d_ff,
         dropout=args.dropout,
         activation=args.activation,
+        norm_position=args.norm_position,
         attention=attention_for(args.attention, device, dtype),
         eos_token_id=tokenizer.eos_id,
     )

@@ -15,6 +15,7 @@ equally likely; evaluation walks the order once.
 import json
 import random
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -143,3 +144,40 @@ class ParallelBatches:
         """Every example once, in length order."""
         for i in range(0, len(self.examples), batch_size):
             yield self.collate(self.examples[i : i + batch_size])
+
+
+BUILTIN_PARALLEL = ("number-words",)
+
+
+@dataclass
+class ParallelCorpus:
+    train: list[Pair]
+    val: list[Pair]
+    test: list[Pair]
+    description: str
+
+
+def load_parallel(
+    data: str | None, train_file: str | None = None, val_file: str | None = None
+) -> ParallelCorpus:
+    """Sentence pairs for training, validation and test.
+
+    data: 'number-words' (the built-in synthetic task, 10,000 pairs: 500 for validation and
+    500 for test), or a TSV/JSONL file whose last 5% (at most 2,000 pairs) is held out for
+    validation and as much again before it for test. Or explicit train and val files, with
+    the validation pairs as the test set too.
+    """
+    if train_file is not None or val_file is not None:
+        if train_file is None or val_file is None or data is not None:
+            raise ValueError("give --train and --val together, instead of --data")
+        val = read_parallel(val_file)
+        return ParallelCorpus(read_parallel(train_file), val, val, f"{train_file} + {val_file}")
+    if data in (None, "number-words"):
+        train, val, test = split_pairs(number_words(), val=500, test=500)
+        return ParallelCorpus(train, val, test, "number-words (English -> French, 0..9999)")
+    pairs = read_parallel(data)
+    held_out = min(2000, len(pairs) // 20)
+    if held_out == 0:
+        raise ValueError(f"{data}: {len(pairs)} pairs are too few to hold any out (need >= 20)")
+    train, val, test = split_pairs(pairs, val=held_out, test=held_out)
+    return ParallelCorpus(train, val, test, str(data))

@@ -1,0 +1,177 @@
+"""`tformer train --task translation`: train the encoder-decoder Transformer on sentence pairs.
+
+The same Trainer as for GPT-2, fed length-bucketed batches of pairs; a joint byte-level BPE
+learned from the training pairs (both languages) with <pad>, <s>, </s> as ids 0, 1, 2; the
+original Transformer's settings where the command line does not override them (post-LN,
+label smoothing 0.1, shared embeddings). At the end the test pairs are translated (greedy
+and beam search) and scored with sacrebleu's BLEU and chrF.
+"""
+
+import hashlib
+import json
+import sys
+import time
+from dataclasses import fields
+from pathlib import Path
+
+import torch
+
+from tformer.data.parallel import ParallelBatches, load_parallel
+from tformer.devices import pick_device, training_dtype
+from tformer.files import atomic_write_json
+from tformer.generate.beam import BeamConfig
+from tformer.generate.translate import corpus_scores, translate
+from tformer.models.seq2seq import PRESETS, Seq2SeqConfig, Seq2SeqTransformer
+from tformer.tokenizers import load_tokenizer, train_bpe
+from tformer.train import TrainConfig, distributed, fit
+from tformer.train.plots import read_metrics
+
+SPECIAL_TOKENS = ("<pad>", "<s>", "</s>")  # ids 0, 1, 2: the model's pad, bos and eos
+RUN_FILE = "run.json"
+DEFAULT_MAX_LEN = 128
+
+
+def pairs_fingerprint(pairs: list[tuple[str, str]]) -> str:
+    digest = hashlib.sha256()
+    for src, tgt in pairs:
+        digest.update(src.encode("utf-8") + b"\t" + tgt.encode("utf-8") + b"\n")
+    return digest.hexdigest()
+
+
+def model_config(args, vocab_size: int, attention: str) -> Seq2SeqConfig:
+    preset = args.preset or "small"
+    if preset not in PRESETS:
+        raise ValueError(
+            f"--preset {preset!r} is a GPT-2 size; translation presets: {', '.join(PRESETS)}"
+        )
+    overrides = {
+        "n_encoder_layers": args.n_layers,
+        "n_decoder_layers": args.n_layers,
+        "n_heads": args.n_heads,
+        "d_model": args.d_model,
+        "d_ff": args.d_ff,
+        "dropout": args.dropout,
+    }
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    return Seq2SeqConfig.from_preset(
+        preset,
+        vocab_size,
+        vocab_size,
+        max_len=args.context or DEFAULT_MAX_LEN,
+        share_embeddings=True,
+        norm_position=args.norm_position,
+        attention=attention,
+        **overrides,
+    )
+
+
+def run(args) -> None:
+    started = time.perf_counter()
+    device = pick_device(args.device)
+    dist = distributed.init_from_env(device)
+    if device.type == "cuda" and dist.world_size > 1:
+        device = torch.device("cuda", dist.local_rank)
+    out = Path(args.out)
+    say = print if dist.is_main and not args.json else (lambda *a, **k: None)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    if args.resume:
+        from tformer.cli.train import read_run
+
+        spec, config = read_run(out)
+        torch.set_num_threads(args.threads or spec["threads"])
+    else:
+        options = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if f.name != "dtype"}
+        config = TrainConfig(**options, dtype=training_dtype(args.dtype, device))
+        spec = {
+            "task": "translation",
+            "data": args.data,
+            "train": args.train_file,
+            "val": args.val_file,
+            "bpe_vocab_size": args.bpe_vocab_size,
+            "threads": torch.get_num_threads(),
+        }
+    corpus = load_parallel(spec["data"], spec["train"], spec["val"])
+    fingerprint = pairs_fingerprint(corpus.train + corpus.val)
+    if args.resume:
+        if spec.get("pairs_sha256") != fingerprint:
+            raise ValueError(f"the sentence pairs of {out} have changed since the run started")
+        model = Seq2SeqTransformer.from_pretrained(out / "last", device=device).train()
+        tokenizer = load_tokenizer(out / "last")
+    else:
+        texts = [s for pair in corpus.train for s in pair]
+        tokenizer = train_bpe(texts, spec["bpe_vocab_size"], special_tokens=SPECIAL_TOKENS)
+        from tformer.cli.train import attention_for
+
+        attention = attention_for(args.attention, device, config.dtype)
+        model_config_ = model_config(args, tokenizer.vocab_size, attention)
+        model = Seq2SeqTransformer(model_config_, seed=config.seed)
+        model = model.to(device)
+    c = model.config
+    ids = (c.pad_id, c.bos_id, c.eos_id)
+    train_data = ParallelBatches(corpus.train, tokenizer, *ids, c.max_len, "training")
+    val_data = ParallelBatches(corpus.val, tokenizer, *ids, c.max_len, "validation")
+    if not args.resume and dist.is_main:
+        if (out / "last").exists():
+            raise FileExistsError(f"{out} already holds a run: add --resume, or pick --out")
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(out / RUN_FILE, {**spec, "pairs_sha256": fingerprint})
+    say(
+        f"data: {corpus.description}: {len(corpus.train):,} training, {len(corpus.val):,} "
+        f"validation, {len(corpus.test):,} test pairs (joint BPE, vocabulary "
+        f"{tokenizer.vocab_size:,})"
+    )
+    say(
+        f"model: {model.num_parameters():,} parameters ({c.n_encoder_layers}+"
+        f"{c.n_decoder_layers} layers, d_model {c.d_model}, {c.norm_position}-LN); {device}, "
+        f"{config.dtype}, {dist.world_size} process(es); run directory {out}"
+    )
+    history = fit(
+        model,
+        train_data,
+        val_data,
+        config,
+        out,
+        tokenizer,
+        resume=args.resume,
+        progress=not args.no_progress and not args.json,
+    )
+    if not dist.is_main:
+        return
+    val = [r for r in read_metrics(out) if r["type"] == "eval"][-1]
+    sources = [src for src, _ in corpus.test]
+    references = [tgt for _, tgt in corpus.test]
+    decode_start = time.perf_counter()
+    greedy = translate(model, tokenizer, sources, None)
+    beam = translate(model, tokenizer, sources, BeamConfig(beam_size=4))
+    decode_seconds = time.perf_counter() - decode_start
+    train_records = [r for r in history if r["type"] == "train"]
+    result = {
+        "run_dir": str(out),
+        "steps": config.steps,
+        "val_loss": round(val["val_loss"], 4),
+        "val_accuracy": round(val["val_accuracy"], 4),
+        "test_pairs": len(corpus.test),
+        "test_greedy": {k: round(v, 2) for k, v in corpus_scores(greedy, references).items()},
+        "test_beam4": {k: round(v, 2) for k, v in corpus_scores(beam, references).items()},
+        "tokens_per_second": train_records[-1]["tokens_per_second"] if train_records else None,
+        "seconds": round(time.perf_counter() - started, 1),
+        "decode_seconds": round(decode_seconds, 1),
+        "device": str(device),
+        "dtype": config.dtype,
+        "parameters": model.num_parameters(),
+    }
+    if args.json:
+        print(json.dumps(result), file=sys.stdout)
+        return
+    print(f"validation: loss {result['val_loss']:.4f}, token accuracy {result['val_accuracy']:.3f}")
+    for name in ("greedy", "beam4"):
+        scores = result[f"test_{name}"]
+        print(
+            f"test ({len(corpus.test):,} pairs), {name}: BLEU {scores['bleu']:.2f}, chrF "
+            f"{scores['chrf']:.2f}"
+        )
+    print(f"{result['seconds']} s in all; model {out}")
+    for src, hyp, ref in list(zip(sources, beam, references, strict=True))[:3]:
+        print(f"  {src}\n    -> {hyp}\n    (reference: {ref})")

@@ -1,0 +1,112 @@
+"""`tformer train --task translation` and `tformer translate`, as a user runs them."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tformer.data.parallel import number_words
+
+TINY = [
+    "--task",
+    "translation",
+    "--n-layers",
+    "1",
+    "--n-heads",
+    "2",
+    "--d-model",
+    "32",
+    "--d-ff",
+    "64",
+    "--bpe-vocab-size",
+    "300",
+    "--batch-size",
+    "16",
+    "--lr",
+    "3e-3",
+    "--warmup-steps",
+    "5",
+    "--eval-every",
+    "20",
+    "--eval-batches",
+    "2",
+    "--checkpoint-every",
+    "10",
+    "--dropout",
+    "0.1",
+    "--label-smoothing",
+    "0.1",
+    "--threads",
+    "1",
+    "--no-progress",
+]
+
+
+@pytest.fixture
+def pairs_file(tmp_path):
+    path = tmp_path / "pairs.tsv"
+    path.write_text("".join(f"{s}\t{t}\n" for s, t in number_words(600, seed=1)), "utf-8")
+    return path
+
+
+def tformer(*args, stdin=None):
+    result = subprocess.run(
+        [sys.executable, "-m", "tformer", *map(str, args)],
+        capture_output=True,
+        text=True,
+        input=stdin,
+    )
+    if result.returncode != 0:
+        raise AssertionError(result.stderr)
+    return result.stdout
+
+
+def losses(run):
+    with open(run / "metrics.jsonl") as f:
+        return [json.loads(line)["loss"] for line in f if '"train"' in line]
+
+
+def test_train_translate_and_resume_after_a_kill(pairs_file, tmp_path):
+    steps = ["--data", pairs_file, "--steps", "60", *TINY]
+    whole = tmp_path / "whole"
+    result = json.loads(tformer("train", *steps, "--out", whole, "--json").splitlines()[-1])
+    assert result["test_pairs"] == 30  # 5% of 600 held out for test, as much for validation
+    assert set(result["test_beam4"]) == {"bleu", "chrf"}
+    assert losses(whole)[-1] < losses(whole)[0]
+
+    translated = tformer("translate", whole, stdin="five\n\nsixty-one\n").split("\n")
+    assert len(translated) == 4 and translated[1] == ""  # an empty line stays empty
+    greedy = json.loads(tformer("translate", whole, "--greedy", "--json", stdin="five\n"))
+    assert len(greedy["translations"]) == 1
+
+    cut = tmp_path / "cut"
+    command = [sys.executable, "-m", "tformer", "train", *map(str, steps), "--out", str(cut)]
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (cut / "last").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.005)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    tformer("train", "--out", cut, "--resume", "--no-progress")
+    assert losses(cut) == losses(whole)
+
+
+def test_translation_presets_and_data_errors_are_one_line(tmp_path):
+    bad = tmp_path / "bad.tsv"
+    bad.write_text("one\tun\ntwo deux\n", "utf-8")
+    for args, message in (
+        (["--data", bad], "bad.tsv:2: expected source<TAB>target"),
+        (["--preset", "gpt2"], "translation presets: base, small"),
+    ):
+        result = subprocess.run(
+            [sys.executable, "-m", "tformer", "train", "--task", "translation", *map(str, args)],
+            capture_output=True,
+            text=True,
+        )
+        assert result.returncode == 2 and message in result.stderr, result.stderr
+        assert "Traceback" not in result.stderr
