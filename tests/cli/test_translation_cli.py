@@ -110,3 +110,11 @@ def test_translation_presets_and_data_errors_are_one_line(tmp_path):
         )
         assert result.returncode == 2 and message in result.stderr, result.stderr
         assert "Traceback" not in result.stderr
+
+
+def test_eval_scores_a_translation_checkpoint_with_bleu(tmp_path, pairs_file):
+    run = tmp_path / "run"
+    tformer("train", "--data", pairs_file, "--steps", "20", *TINY, "--out", run)
+    result = json.loads(tformer("eval", run, "--data", pairs_file, "--json"))
+    assert result["split"] == "test" and result["pairs"] == 30
+    assert 0 <= result["bleu"] <= 100 and 0 <= result["accuracy"] <= 1

@@ -146,7 +146,7 @@ class ParallelBatches:
             yield self.collate(self.examples[i : i + batch_size])
 
 
-BUILTIN_PARALLEL = ("number-words",)
+BUILTIN_PARALLEL = ("number-words", "bible-en-es")
 
 
 @dataclass
@@ -163,9 +163,10 @@ def load_parallel(
     """Sentence pairs for training, validation and test.
 
     data: 'number-words' (the built-in synthetic task, 10,000 pairs: 500 for validation and
-    500 for test), or a TSV/JSONL file whose last 5% (at most 2,000 pairs) is held out for
-    validation and as much again before it for test. Or explicit train and val files, with
-    the validation pairs as the test set too.
+    500 for test), 'bible-en-es' (KJV to Reina-Valera 1909, split by book: see
+    tformer.data.bible), or a TSV/JSONL file whose last 5% (at most 2,000 pairs) is held
+    out for test and as much again before it for validation. Or explicit train and val
+    files, with the validation pairs as the test set too.
     """
     if train_file is not None or val_file is not None:
         if train_file is None or val_file is None or data is not None:
@@ -175,6 +176,13 @@ def load_parallel(
     if data in (None, "number-words"):
         train, val, test = split_pairs(number_words(), val=500, test=500)
         return ParallelCorpus(train, val, test, "number-words (English -> French, 0..9999)")
+    if data == "bible-en-es":
+        from tformer.data.bible import bible_en_es
+
+        splits, dropped = bible_en_es()
+        left_out = ", ".join(f"{n} ({why})" for why, n in dropped.items())
+        description = f"bible-en-es (KJV -> Reina-Valera 1909; verses left out: {left_out})"
+        return ParallelCorpus(splits["train"], splits["val"], splits["test"], description)
     pairs = read_parallel(data)
     held_out = min(2000, len(pairs) // 20)
     if held_out == 0:
