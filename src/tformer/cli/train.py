@@ -208,10 +208,11 @@ def attention_for(choice: str, device: torch.device, dtype: str) -> str:
 def run(args) -> None:
     if args.out is None:
         args.out = "runs/translation" if args.task == "translation" else "runs/shakespeare-char"
+    run_file = Path(args.out) / RUN_FILE
     resuming_translation = (
         args.resume
-        and read_json(Path(args.out) / RUN_FILE, "the description of a training run").get("task")
-        == "translation"
+        and run_file.is_file()
+        and read_json(run_file, "the description of a training run").get("task") == "translation"
     )
     if args.task == "translation" or resuming_translation:
         from tformer.cli import train_translation

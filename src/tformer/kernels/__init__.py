@@ -8,7 +8,7 @@ it at once. Without a compiler, or with TFORMER_KERNELS=0, `load()` returns None
 `unavailable_reason()` says why; callers then use torch's own kernels.
 
     kernels = load()
-    kernels.linear(x, weight, bias, out)          x (M, K) float32 -> out (M, N)
+    kernels.linear(x, weight, scale, bias, out)   x (M, K) float32 -> out (M, N)
 """
 
 import ctypes

@@ -1,0 +1,254 @@
+"""Translation: tformer's encoder-decoder Transformer against transformers' Marian, same size,
+same data, same tokenizer, the same wall-clock budget, in one run.
+
+Both models are the `small` preset's shape (3 + 3 post-LN layers, d_model 256, 4 heads,
+FFN 1024, ReLU, sinusoidal positions, embeddings scaled by sqrt(d_model) and shared between
+source, target and output, dropout 0.1), initialised from scratch. Both train with the same
+loop: AdamW (decay 0.01 on matrices), the paper's inverse-square-root schedule (peak --lr
+after --warmup steps, which needs no total step count), label smoothing 0.1, gradient
+clipping 1.0, bf16 autocast where the CPU has it, batches of --batch-size pairs bucketed by
+length, drawn from the same seeded generator. Each trains until --budget seconds have
+passed. Then both are scored on the validation pairs (loss, token accuracy) and translate
+the test pairs with greedy search and beam search (4 beams), batches of 32; BLEU and chrF
+by sacrebleu; decoding speed in target tokens per second.
+
+    python benchmarks/translation.py [--data bible-en-es|number-words] [--budget 300] [--json]
+"""
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import machine_line  # noqa: E402
+
+from tformer.data.parallel import ParallelBatches, load_parallel  # noqa: E402
+from tformer.data.tokens import IGNORE_INDEX  # noqa: E402
+from tformer.devices import bf16_supported  # noqa: E402
+from tformer.generate.beam import BeamConfig  # noqa: E402
+from tformer.generate.translate import corpus_scores, translate  # noqa: E402
+from tformer.models.seq2seq import Seq2SeqConfig, Seq2SeqTransformer  # noqa: E402
+from tformer.tokenizers import train_bpe  # noqa: E402
+from tformer.train.losses import label_smoothed_cross_entropy  # noqa: E402
+from tformer.train.optim import build_optimizer, inverse_sqrt_learning_rate  # noqa: E402
+
+SPECIALS = ("<pad>", "<s>", "</s>")
+PAD, BOS, EOS = 0, 1, 2
+
+
+def marian(vocab_size: int, max_len: int):
+    import transformers
+
+    config = transformers.MarianConfig(
+        vocab_size=vocab_size,
+        d_model=256,
+        encoder_layers=3,
+        decoder_layers=3,
+        encoder_attention_heads=4,
+        decoder_attention_heads=4,
+        encoder_ffn_dim=1024,
+        decoder_ffn_dim=1024,
+        activation_function="relu",
+        dropout=0.1,
+        attention_dropout=0.0,
+        activation_dropout=0.0,
+        max_position_embeddings=max_len,
+        scale_embedding=True,
+        share_encoder_decoder_embeddings=True,
+        tie_word_embeddings=True,
+        pad_token_id=PAD,
+        bos_token_id=BOS,
+        eos_token_id=EOS,
+        decoder_start_token_id=BOS,
+        forced_eos_token_id=None,
+    )
+    torch.manual_seed(0)
+    return transformers.MarianMTModel(config)
+
+
+class Contender:
+    """A model with a uniform interface for the loop: logits of a batch, translations."""
+
+    def __init__(self, name, model, logits, translate_fn):
+        self.name, self.model, self.logits, self.translate = name, model, logits, translate_fn
+
+
+def tformer_contender(vocab_size: int, max_len: int, tokenizer) -> Contender:
+    config = Seq2SeqConfig.from_preset(
+        "small",
+        vocab_size,
+        vocab_size,
+        max_len=max_len,
+        share_embeddings=True,
+        attention="explicit" if bf16_supported(torch.device("cpu")) else "sdpa",
+    )
+    model = Seq2SeqTransformer(config, seed=0)
+
+    def logits(src, tgt_in):
+        return model(src, tgt_in)
+
+    def translate_fn(sources, beam):
+        config_ = BeamConfig(beam_size=beam, max_new_tokens=max_len - 1) if beam > 1 else None
+        return translate(model, tokenizer, sources, config_, 32, max_len - 1)
+
+    return Contender("tformer", model, logits, translate_fn)
+
+
+def marian_contender(vocab_size: int, max_len: int, tokenizer) -> Contender:
+    model = marian(vocab_size, max_len)
+
+    def logits(src, tgt_in):
+        return model(input_ids=src, attention_mask=src != PAD, decoder_input_ids=tgt_in).logits
+
+    @torch.inference_mode()
+    def translate_fn(sources, beam):
+        model.eval()
+        encoded = [tokenizer.encode(s)[: max_len - 1] + [EOS] for s in sources]
+        order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
+        results = [""] * len(sources)
+        for start in range(0, len(order), 32):
+            rows = order[start : start + 32]
+            width = max(len(encoded[i]) for i in rows)
+            src = torch.full((len(rows), width), PAD, dtype=torch.long)
+            for r, i in enumerate(rows):
+                src[r, : len(encoded[i])] = torch.tensor(encoded[i])
+            out = model.generate(
+                input_ids=src,
+                attention_mask=src != PAD,
+                num_beams=beam,
+                do_sample=False,
+                max_new_tokens=max_len - 1,
+                length_penalty=1.0,
+            )
+            for r, i in enumerate(rows):
+                ids = [t for t in out[r].tolist() if t not in (PAD, BOS, EOS)]
+                results[i] = tokenizer.decode(ids)
+        model.train()
+        return results
+
+    return Contender("transformers Marian", model, logits, translate_fn)
+
+
+def train_for(contender: Contender, data, args, dtype) -> dict:
+    model = contender.model.train()
+    optimizer = build_optimizer(model, args.lr, 0.01, (0.9, 0.98))
+    generator = torch.Generator().manual_seed(0)
+    tokens, step = 0, 0
+    start = time.perf_counter()
+    while time.perf_counter() - start < args.budget:
+        for group in optimizer.param_groups:
+            group["lr"] = inverse_sqrt_learning_rate(step, args.lr, args.warmup)
+        batch = data.sample(args.batch_size, generator)
+        src, tgt_in = batch.inputs
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
+            logits = contender.logits(src, tgt_in)
+        loss = label_smoothed_cross_entropy(logits, batch.targets, 0.1, IGNORE_INDEX)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        tokens += int((batch.targets != IGNORE_INDEX).sum())
+        step += 1
+    seconds = time.perf_counter() - start
+    return {
+        "steps": step,
+        "train_seconds": round(seconds, 1),
+        "tokens_per_second": tokens / seconds,
+    }
+
+
+@torch.inference_mode()
+def validation_loss(contender: Contender, data) -> dict:
+    model = contender.model.eval()
+    total = correct = count = 0.0
+    for batch in data.sequential(64):
+        logits = contender.logits(*batch.inputs).float()
+        scored = batch.targets != IGNORE_INDEX
+        total += torch.nn.functional.cross_entropy(
+            logits.flatten(0, 1),
+            batch.targets.flatten(),
+            ignore_index=IGNORE_INDEX,
+            reduction="sum",
+        ).item()
+        correct += ((logits.argmax(-1) == batch.targets) & scored).sum().item()
+        count += scored.sum().item()
+    model.train()
+    return {"val_loss": total / count, "val_accuracy": correct / count}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", default="bible-en-es", help="bible-en-es or number-words")
+    parser.add_argument("--budget", type=float, default=300, help="training seconds per model")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
+    parser.add_argument("--warmup", type=int, default=200)
+    parser.add_argument("--vocab-size", type=int, default=8000)
+    parser.add_argument("--max-len", type=int, default=160)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    print(machine_line(), file=sys.stderr)
+    dtype = "bfloat16" if bf16_supported(torch.device("cpu")) else "float32"
+    corpus = load_parallel(args.data)
+    tokenizer = train_bpe([s for p in corpus.train for s in p], args.vocab_size, 2, False, SPECIALS)
+    train = ParallelBatches(corpus.train, tokenizer, PAD, BOS, EOS, args.max_len)
+    val = ParallelBatches(corpus.val, tokenizer, PAD, BOS, EOS, args.max_len)
+    sources = [s for s, _ in corpus.test]
+    references = [t for _, t in corpus.test]
+    rows = []
+    for make in (tformer_contender, marian_contender):
+        contender = make(tokenizer.vocab_size, args.max_len, tokenizer)
+        row = {
+            "name": contender.name,
+            "parameters": sum(p.numel() for p in contender.model.parameters()),
+        }
+        row.update(train_for(contender, train, args, dtype))
+        row.update(validation_loss(contender, val))
+        for beam in (1, 4):
+            start = time.perf_counter()
+            translations = contender.translate(sources, beam)
+            seconds = time.perf_counter() - start
+            scores = corpus_scores(translations, references)
+            produced = sum(len(tokenizer.encode(t)) + 1 for t in translations)
+            row[f"beam{beam}"] = {
+                "bleu": round(scores["bleu"], 2),
+                "chrf": round(scores["chrf"], 2),
+                "target_tokens_per_second": round(produced / seconds, 1),
+            }
+        rows.append(row)
+        print(
+            f"{row['name']:>20}: {row['parameters']:,} parameters, {row['steps']} steps in "
+            f"{row['train_seconds']} s, {row['tokens_per_second']:,.0f} target tok/s | val loss "
+            f"{row['val_loss']:.4f} | test BLEU greedy {row['beam1']['bleu']:.2f}, beam 4 "
+            f"{row['beam4']['bleu']:.2f} | decoding {row['beam1']['target_tokens_per_second']:,.0f}"
+            f" (greedy) / {row['beam4']['target_tokens_per_second']:,.0f} (beam 4) tok/s",
+            file=sys.stderr,
+        )
+    ours, theirs = rows
+    ratio = ours["tokens_per_second"] / theirs["tokens_per_second"]
+    print(
+        f"{args.data}, {args.budget:.0f} s each, {dtype}: training speed ratio {ratio:.2f}x; "
+        f"BLEU (beam 4) {ours['beam4']['bleu']:.2f} vs {theirs['beam4']['bleu']:.2f}",
+        file=sys.stderr,
+    )
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "machine": machine_line(),
+                    "data": args.data,
+                    "dtype": dtype,
+                    "budget_seconds": args.budget,
+                    "rows": rows,
+                    "training_speed_ratio": round(ratio, 2),
+                }
+            )
+        )
+
+
+if __name__ == "__main__":
+    main()
