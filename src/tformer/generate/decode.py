@@ -9,7 +9,7 @@ model only computes logits; choosing the next token is the samplers' job.
 """
 
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -53,10 +53,12 @@ class SamplingConfig:
 def next_token(
     logits: torch.Tensor,
     config: SamplingConfig,
-    generator: torch.Generator | None,
+    generator: torch.Generator | Sequence[torch.Generator | None] | None,
     seen: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """(B, V) next-token logits, (B, N) ids so far (for the repetition penalty) -> (B,) ids."""
+    """(B, V) next-token logits, (B, N) ids so far (for the repetition penalty) -> (B,) ids.
+
+    generator: one for all rows, or one per row (see sample)."""
     if seen is not None and config.repetition_penalty != 1.0:
         logits = repetition_penalty(logits, seen, config.repetition_penalty)
     if not config.do_sample:
@@ -188,19 +190,21 @@ def generate_batch(
         outputs: list[list[int]] = [[] for _ in prompts]
         finished = [False] * b
         for step in range(config.max_new_tokens):
-            tokens = []
+            seen = None
+            if config.repetition_penalty != 1.0:
+                # (B, N): histories of different lengths, padded by repeating their last id
+                # (a duplicate only penalises a token that is already penalised).
+                width = max(len(h) for h in histories)
+                seen = torch.tensor([h + h[-1:] * (width - len(h)) for h in histories])
+                seen = seen.to(device)
+            tokens = next_token(logits, config, generators, seen).tolist()  # every row at once
             for row in range(b):
-                seen = None
-                if config.repetition_penalty != 1.0:
-                    seen = torch.tensor([histories[row]], device=device)
-                token = next_token(logits[row : row + 1], config, generators[row], seen).item()
-                if finished[row] or token == config.eos_token_id:
+                if finished[row] or tokens[row] == config.eos_token_id:
                     finished[row] = True
-                    token = 0  # a finished row keeps feeding padding; nobody reads it
+                    tokens[row] = 0  # a finished row keeps feeding padding; nobody reads it
                 else:
-                    outputs[row].append(token)
-                    histories[row].append(token)
-                tokens.append(token)
+                    outputs[row].append(tokens[row])
+                    histories[row].append(tokens[row])
             last = step == config.max_new_tokens - 1 or t + step + 1 >= max_len
             if all(finished) or last:  # no forward for logits nobody will read
                 break

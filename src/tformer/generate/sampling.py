@@ -8,6 +8,8 @@ repetition    for every token already in the text, z / r if z > 0 else z * r
               (Keskar et al., 2019, CTRL): r > 1 makes repeating less likely
 """
 
+from collections.abc import Sequence
+
 import torch
 
 
@@ -52,19 +54,32 @@ def greedy(logits: torch.Tensor) -> torch.Tensor:
     return logits.argmax(dim=-1)
 
 
-def sample(logits: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+def sample(
+    logits: torch.Tensor,
+    generator: torch.Generator | Sequence[torch.Generator | None] | None = None,
+) -> torch.Tensor:
     """(B, V) -> (B,) a token drawn from softmax(logits), by inverting the cumulative sum.
 
     One uniform number u per row picks the first token whose cumulative probability exceeds
     u (times the total, which float rounding keeps only near 1). This costs one random number
     where torch.multinomial draws one per vocabulary entry: a millisecond per token for
-    GPT-2's 50,257, a tenth of a decoding step.
+    GPT-2's 50,257, a tenth of a decoding step. `generator` is one generator for all rows,
+    or one per row (a batch whose rows must each match their own run alone).
     """
     probs = torch.softmax(logits.double(), dim=-1)  # (B, V); float64 keeps the sum exact
     cdf = probs.cumsum(dim=-1)
-    u = torch.rand(probs.shape[0], 1, generator=generator, device=probs.device, dtype=cdf.dtype)
+    if isinstance(generator, Sequence):
+        if len(generator) != probs.shape[0]:
+            raise ValueError(f"{len(generator)} generators for {probs.shape[0]} rows")
+        u = torch.cat([_uniform(1, g, cdf) for g in generator])  # (B, 1)
+    else:
+        u = _uniform(probs.shape[0], generator, cdf)
     token = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).squeeze(-1)  # (B,)
     # u * total can round up to the total itself; the draw then belongs to the last token
     # that has any probability.
     last = probs.shape[-1] - 1 - (probs.flip(-1) > 0).int().argmax(-1)
     return torch.minimum(token, last)
+
+
+def _uniform(rows: int, generator: torch.Generator | None, like: torch.Tensor) -> torch.Tensor:
+    return torch.rand(rows, 1, generator=generator, device=like.device, dtype=like.dtype)
