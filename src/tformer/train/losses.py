@@ -25,10 +25,13 @@ def label_smoothed_cross_entropy(
     """logits (..., V), targets (...) -> the mean loss over non-ignored targets (a scalar)."""
     if not 0.0 <= smoothing < 1.0:
         raise ValueError(f"label smoothing must be in [0, 1), got {smoothing}")
-    log_p = torch.log_softmax(logits.float(), dim=-1).flatten(0, -2)  # (N, V)
+    # In float32 whatever the logits' dtype, without a float32 copy of the (N, V) logits.
+    log_p = torch.log_softmax(logits, dim=-1, dtype=torch.float32).flatten(0, -2)  # (N, V)
     targets = targets.flatten()  # (N,)
     keep = targets != ignore_index
-    log_p, targets = log_p[keep], targets[keep]
-    nll = -log_p.gather(-1, targets[:, None]).squeeze(-1)  # (N,) -log p_y
+    # Every position is computed and the ignored ones weighted 0: cheaper than selecting
+    # the kept rows, which copies the whole (N, V) array.
+    nll = -log_p.gather(-1, targets.clamp(min=0)[:, None]).squeeze(-1)  # (N,) -log p_y
     uniform = -log_p.mean(dim=-1)  # (N,) mean over the vocabulary of -log p_v
-    return ((1.0 - smoothing) * nll + smoothing * uniform).mean()
+    per_token = (1.0 - smoothing) * nll + smoothing * uniform
+    return (per_token * keep).sum() / keep.sum()
