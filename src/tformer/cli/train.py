@@ -60,7 +60,8 @@ def add_parser(sub) -> None:
         "--tokenizer",
         default="char",
         choices=["char", "gpt2", "bpe"],
-        help="characters, GPT-2's BPE, or a BPE trained on the data (default: char)",
+        help="characters, GPT-2's BPE, or a BPE trained on the data (default: char); "
+        "translation always learns a joint BPE of --bpe-vocab-size",
     )
     data.add_argument("--bpe-vocab-size", type=int, default=4096, help="for --tokenizer bpe")
 
@@ -89,7 +90,8 @@ def add_parser(sub) -> None:
         "--activation",
         default="gelu",
         choices=ACTIVATIONS,
-        help="gelu (exact, as nanoGPT) or gelu_tanh (GPT-2's) (default: gelu)",
+        help="gelu (exact, as nanoGPT) or gelu_tanh (GPT-2's) (default: gelu); translation "
+        "uses the paper's ReLU",
     )
     model.add_argument(
         "--attention",
@@ -184,7 +186,12 @@ def add_parser(sub) -> None:
         help="continue the run in --out exactly; its own data, model and training settings "
         "apply, and the other flags here are ignored (except --threads, --device, output)",
     )
-    out.add_argument("--sample-tokens", type=int, default=300, help="tokens to sample at the end")
+    out.add_argument(
+        "--sample-tokens",
+        type=int,
+        default=300,
+        help="tokens to sample at the end (translation shows three test translations instead)",
+    )
     out.add_argument("--no-progress", action="store_true", help="no progress bar")
     out.add_argument("--json", action="store_true", help="end with one JSON line of results")
     p.set_defaults(run=run)
