@@ -234,22 +234,12 @@ def run(args) -> None:
     if args.norm_position is None:
         args.norm_position = "pre"
     started = time.perf_counter()
-    device = pick_device(args.device)
-    dist = distributed.init_from_env(device)
-    if device.type == "cuda" and dist.world_size > 1:
-        device = torch.device("cuda", dist.local_rank)
-    out = Path(args.out)
-    say = print if dist.is_main and not args.json else (lambda *a, **k: None)
-
+    device, dist, out, say = start_run(args)
     if args.resume:
         spec, config = read_run(out)
         torch.set_num_threads(args.threads or spec["threads"])  # the same sums, the same digits
     else:
-        if args.threads:
-            torch.set_num_threads(args.threads)
-        dtype = training_dtype(args.dtype, device)
-        options = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if f.name != "dtype"}
-        config = TrainConfig(**options, dtype=dtype)
+        config = new_train_config(args, device)
         spec = {
             "data": absolute(args.data) if args.data not in (None, *BUILTIN_CORPORA) else args.data,
             "train": absolute(args.train_file),
@@ -343,6 +333,25 @@ def run(args) -> None:
     print(f"{speed}{result['seconds']} s in all; loss curve {out / 'loss.png'}; model {out}")
     if sample:
         print("sample:\n" + sample)
+
+
+def start_run(args):
+    """-> device, process group, run directory, and a print that only the main process uses
+    (and only without --json); shared by both tasks."""
+    device = pick_device(args.device)
+    dist = distributed.init_from_env(device)
+    if device.type == "cuda" and dist.world_size > 1:
+        device = torch.device("cuda", dist.local_rank)
+    say = print if dist.is_main and not args.json else (lambda *a, **k: None)
+    return device, dist, Path(args.out), say
+
+
+def new_train_config(args, device: torch.device) -> TrainConfig:
+    """The TrainConfig of a new run from its flags (each flag is one field)."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    options = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if f.name != "dtype"}
+    return TrainConfig(**options, dtype=training_dtype(args.dtype, device))
 
 
 def absolute(path: str | None) -> str | None:

@@ -11,19 +11,17 @@ import hashlib
 import json
 import sys
 import time
-from dataclasses import fields
-from pathlib import Path
 
 import torch
 
-from tformer.data.parallel import ParallelBatches, load_parallel
-from tformer.devices import pick_device, training_dtype
+from tformer.cli.train import absolute, attention_for, new_train_config, read_run, start_run
+from tformer.data.parallel import BUILTIN_PARALLEL, ParallelBatches, load_parallel
 from tformer.files import atomic_write_json
 from tformer.generate.beam import BeamConfig
 from tformer.generate.translate import corpus_scores, translate
 from tformer.models.seq2seq import PRESETS, Seq2SeqConfig, Seq2SeqTransformer
 from tformer.tokenizers import load_tokenizer, train_bpe
-from tformer.train import TrainConfig, distributed, fit
+from tformer.train import fit
 from tformer.train.plots import read_metrics
 
 SPECIAL_TOKENS = ("<pad>", "<s>", "</s>")  # ids 0, 1, 2: the model's pad, bos and eos
@@ -67,28 +65,18 @@ def model_config(args, vocab_size: int, attention: str) -> Seq2SeqConfig:
 
 def run(args) -> None:
     started = time.perf_counter()
-    device = pick_device(args.device)
-    dist = distributed.init_from_env(device)
-    if device.type == "cuda" and dist.world_size > 1:
-        device = torch.device("cuda", dist.local_rank)
-    out = Path(args.out)
-    say = print if dist.is_main and not args.json else (lambda *a, **k: None)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-
+    device, dist, out, say = start_run(args)
     if args.resume:
-        from tformer.cli.train import read_run
-
         spec, config = read_run(out)
-        torch.set_num_threads(args.threads or spec["threads"])
+        torch.set_num_threads(args.threads or spec["threads"])  # the same sums, the same digits
     else:
-        options = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if f.name != "dtype"}
-        config = TrainConfig(**options, dtype=training_dtype(args.dtype, device))
+        config = new_train_config(args, device)
+        builtin = args.data in (None, *BUILTIN_PARALLEL)
         spec = {
             "task": "translation",
-            "data": args.data,
-            "train": args.train_file,
-            "val": args.val_file,
+            "data": args.data if builtin else absolute(args.data),
+            "train": absolute(args.train_file),
+            "val": absolute(args.val_file),
             "bpe_vocab_size": args.bpe_vocab_size,
             "threads": torch.get_num_threads(),
         }
@@ -102,8 +90,6 @@ def run(args) -> None:
     else:
         texts = [s for pair in corpus.train for s in pair]
         tokenizer = train_bpe(texts, spec["bpe_vocab_size"], special_tokens=SPECIAL_TOKENS)
-        from tformer.cli.train import attention_for
-
         attention = attention_for(args.attention, device, config.dtype)
         model_config_ = model_config(args, tokenizer.vocab_size, attention)
         model = Seq2SeqTransformer(model_config_, seed=config.seed)
