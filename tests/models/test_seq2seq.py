@@ -169,3 +169,19 @@ def test_loading_another_kind_of_checkpoint_says_so(tmp_path):
     )
     with pytest.raises(CheckpointError, match="not an encoder-decoder"):
         Seq2SeqTransformer.from_pretrained(tmp_path)
+
+
+def test_switching_the_attention_path_keeps_the_outputs():
+    model = Seq2SeqTransformer(tiny_config(), seed=0).eval()
+    src, tgt = torch.tensor([[5, 6, 7, 0]]), torch.tensor([[1, 8, 9]])
+    fused = model(src, tgt)
+    model.set_attention("explicit")
+    assert model.config.attention == "explicit"
+    assert all(
+        m.implementation == "explicit"
+        for m in model.modules()
+        if type(m).__name__ == "MultiHeadAttention"
+    )
+    torch.testing.assert_close(model(src, tgt), fused, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="unknown attention"):
+        model.set_attention("flash")

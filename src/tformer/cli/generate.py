@@ -120,6 +120,7 @@ def prepare_model(args):
         raise ValueError("float16 is for GPUs; on the CPU use --dtype bfloat16 or float32")
     pack = device.type == "cpu" or args.quantize == "int8"
     model, tokenizer = load_model(args.checkpoint, args.device, "float32" if pack else args.dtype)
+    model.set_attention("sdpa")  # decoding: the fused kernel is faster (docs/LOG.md)
     if pack:
         pack_for_decoding(model, "int8" if args.quantize == "int8" else args.dtype)
     return model, tokenizer, decoding_path(model)

@@ -128,6 +128,7 @@ def run(args) -> None:
     val = [r for r in read_metrics(out) if r["type"] == "eval"][-1]
     sources = [src for src, _ in corpus.test]
     references = [tgt for _, tgt in corpus.test]
+    model.set_attention("sdpa")  # saved already; decoding is faster on the fused kernel
     decode_start = time.perf_counter()
     greedy = translate(model, tokenizer, sources, None)
     beam = translate(model, tokenizer, sources, BeamConfig(beam_size=4))

@@ -37,7 +37,7 @@ from tformer.nn import (
     SublayerConnection,
     TokenEmbedding,
 )
-from tformer.nn.attention import Implementation
+from tformer.nn.attention import Implementation, set_implementation
 from tformer.nn.feedforward import ACTIVATIONS, Activation
 from tformer.nn.sublayer import NormPosition
 
@@ -230,6 +230,12 @@ class GPT2(nn.Module):
         for block in self.blocks:
             nn.init.normal_(block.attn.w_o.weight, 0.0, residual_std, generator=g)
             nn.init.normal_(block.mlp.w2.weight, 0.0, residual_std, generator=g)
+
+    def set_attention(self, implementation: Implementation) -> None:
+        """Run attention on the explicit or the fused path from now on (see
+        tformer.nn.attention.set_implementation); the config records the choice."""
+        set_implementation(self, implementation)
+        self.config.attention = implementation
 
     def num_parameters(self) -> int:
         """Trainable parameters, the tied embedding/head counted once."""

@@ -37,7 +37,7 @@ from tformer.nn import (
     SublayerConnection,
     TokenEmbedding,
 )
-from tformer.nn.attention import Implementation
+from tformer.nn.attention import Implementation, set_implementation
 from tformer.nn.feedforward import ACTIVATIONS, Activation
 from tformer.nn.sublayer import NormPosition
 
@@ -240,6 +240,12 @@ class Seq2SeqTransformer(nn.Module):
             elif isinstance(module, LayerNorm):
                 nn.init.ones_(module.weight)
                 nn.init.zeros_(module.bias)
+
+    def set_attention(self, implementation: Implementation) -> None:
+        """Run attention on the explicit or the fused path from now on (see
+        tformer.nn.attention.set_implementation); the config records the choice."""
+        set_implementation(self, implementation)
+        self.config.attention = implementation
 
     def num_parameters(self) -> int:
         """Trainable parameters, shared embeddings counted once."""

@@ -208,3 +208,16 @@ class MultiHeadAttention(nn.Module):
             out = fused_attention(q, k, v, mask, is_causal, dropout_p)
         out = out.transpose(1, 2).reshape(b, t, self.d_model)  # (B, H, T, D) -> (B, T, C)
         return self.w_o(out)
+
+
+def set_implementation(model: nn.Module, implementation: Implementation) -> None:
+    """Switch every MultiHeadAttention inside `model` to the explicit or the fused path.
+
+    The two agree to float rounding, but not in speed: bf16 training on a CPU is faster on
+    the explicit path, inference on the fused one (docs/LOG.md).
+    """
+    if implementation not in ("sdpa", "explicit"):
+        raise ValueError(f"unknown attention implementation {implementation!r}")
+    for module in model.modules():
+        if isinstance(module, MultiHeadAttention):
+            module.implementation = implementation
