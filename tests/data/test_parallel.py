@@ -66,3 +66,10 @@ def test_split_keeps_the_last_pairs_for_test_and_refuses_too_few():
     assert (len(train), len(val), len(test)) == (5, 2, 3) and test[-1] == ("9", "9")
     with pytest.raises(ValueError, match="cannot hold"):
         split_pairs(pairs, val=5, test=5)
+
+
+def test_only_newlines_end_a_pair(tmp_path):
+    # U+2028 (LINE SEPARATOR) may sit inside a sentence; str.splitlines would cut there.
+    tsv = tmp_path / "pairs.tsv"
+    tsv.write_text("one\u2028line\tune\u2028ligne\r\ntwo\tdeux\n", encoding="utf-8")
+    assert read_parallel(tsv) == [("one\u2028line", "une\u2028ligne"), ("two", "deux")]

@@ -1,6 +1,5 @@
 """`tformer generate`: continue prompts, streaming the text as it is produced."""
 
-import json
 import sys
 import time
 from pathlib import Path
@@ -8,6 +7,7 @@ from pathlib import Path
 import torch
 
 from tformer.cli.common import load_model, print_json
+from tformer.data.sources import read_jsonl_fields, text_lines
 from tformer.devices import DTYPES, pick_device
 from tformer.generate import SamplingConfig, generate, stream_tokens
 from tformer.generate.fast import decoding_path, pack_for_decoding
@@ -93,21 +93,10 @@ def read_prompts(args) -> list[str]:
 
 
 def read_prompts_file(path: Path) -> list[str]:
-    lines = path.read_text(encoding="utf-8").splitlines()
-    if path.suffix != ".jsonl":
-        prompts = [line for line in lines if line.strip()]
+    if path.suffix == ".jsonl":
+        prompts = [prompt for (prompt,) in read_jsonl_fields(path, ("prompt",))]
     else:
-        prompts = []
-        for number, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{number}: not JSON ({e.msg})") from e
-            if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
-                raise ValueError(f'{path}:{number}: expected an object with a "prompt" string')
-            prompts.append(record["prompt"])
+        prompts = [line for line in text_lines(path) if line.strip()]
     if not prompts:
         raise ValueError(f"{path}: no prompts in it")
     return prompts

@@ -12,7 +12,6 @@ whose state the checkpoint keeps), wrapping around at the end so that every exam
 equally likely; evaluation walks the order once.
 """
 
-import json
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from tformer.data.sources import read_jsonl_fields, text_lines
 from tformer.data.tokens import IGNORE_INDEX, Batch
 from tformer.tokenizers import Tokenizer
 
@@ -31,27 +31,13 @@ def read_parallel(path: str | Path) -> list[Pair]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not UTF-8 text (byte {e.start})") from None
-    pairs = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        if path.suffix == ".jsonl":
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{number}: not JSON ({e.msg})") from None
-            if not isinstance(record, dict) or not all(
-                isinstance(record.get(k), str) for k in ("src", "tgt")
-            ):
-                raise ValueError(
-                    f'{path}:{number}: expected an object with "src" and "tgt" strings'
-                )
-            pairs.append((record["src"], record["tgt"]))
-        else:
+    if path.suffix == ".jsonl":
+        pairs = read_jsonl_fields(path, ("src", "tgt"))
+    else:
+        pairs = []
+        for number, line in enumerate(text_lines(path), start=1):
+            if not line.strip():
+                continue
             fields = line.split("\t")
             if len(fields) != 2:
                 raise ValueError(

@@ -44,22 +44,36 @@ def read_text_file(path: Path) -> str:
         ) from None
 
 
-def read_jsonl(path: Path) -> list[str]:
-    texts = []
-    # Only "\n" ends a record: splitlines() would also split at U+2028 and friends, which
-    # JSON allows unescaped inside strings.
-    for number, line in enumerate(read_text_file(path).split("\n"), start=1):
-        line = line.removesuffix("\r")
+def text_lines(path: Path) -> list[str]:
+    """A UTF-8 file's lines. Only "\n" ends a line: splitlines() would also split at U+2028
+    and friends, which text may contain and JSON allows unescaped inside strings."""
+    return [line.removesuffix("\r") for line in read_text_file(path).split("\n")]
+
+
+def read_jsonl_fields(path: Path, keys: tuple[str, ...]) -> list[tuple[str, ...]]:
+    """The string fields `keys` of every object in a JSONL file (blank lines skipped), with
+    an error naming the line that is not such an object."""
+    if len(keys) == 1:
+        wanted = f'a "{keys[0]}" string field'
+    else:
+        wanted = " and ".join(f'"{k}"' for k in keys) + " string fields"
+    records = []
+    for number, line in enumerate(text_lines(path), start=1):
         if not line.strip():
             continue
         try:
             record = json.loads(line)
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}:{number}: not valid JSON ({e.msg})") from None
-        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-            raise ValueError(f'{path}:{number}: expected an object with a "text" string field')
-        texts.append(record["text"])
-    return texts
+        if not isinstance(record, dict) or not all(isinstance(record.get(k), str) for k in keys):
+            raise ValueError(f"{path}:{number}: expected an object with {wanted}")
+        records.append(tuple(record[k] for k in keys))
+    return records
+
+
+def read_jsonl(path: Path) -> list[str]:
+    """The "text" field of every object in a JSONL file."""
+    return [text for (text,) in read_jsonl_fields(path, ("text",))]
 
 
 def read_source(source: str | os.PathLike) -> str:
