@@ -7,10 +7,14 @@ source, target and output, dropout 0.1), initialised from scratch. Both train wi
 loop: AdamW (decay 0.01 on matrices), the paper's inverse-square-root schedule (peak --lr
 after --warmup steps, which needs no total step count), label smoothing 0.1, gradient
 clipping 1.0, bf16 autocast where the CPU has it, batches of --batch-size pairs bucketed by
-length, drawn from the same seeded generator. Each trains until --budget seconds have
-passed. Then both are scored on the validation pairs (loss, token accuracy) and translate
-the test pairs with greedy search and beam search (4 beams), batches of 32; BLEU and chrF
-by sacrebleu; decoding speed in target tokens per second.
+length, drawn from the same seeded generator. Each computes the label-smoothed loss its own
+library's way: tformer's fused loss (tformer.train.losses), and for Marian the float32 upcast
+and torch's cross_entropy as transformers' own loss functions do. The process keeps freed
+memory for reuse (tformer.devices.keep_freed_memory, which tformer's trainer sets) for both
+models. Each trains until --budget seconds have passed. Then both are scored on the
+validation pairs (loss, token accuracy) and translate the test pairs with greedy search and
+beam search (4 beams), batches of 32; BLEU and chrF by sacrebleu; decoding speed in target
+tokens per second.
 
     python benchmarks/translation.py [--data bible-en-es|number-words] [--budget 300] [--json]
 """
@@ -28,7 +32,7 @@ from common import machine_line  # noqa: E402
 
 from tformer.data.parallel import ParallelBatches, load_parallel  # noqa: E402
 from tformer.data.tokens import IGNORE_INDEX  # noqa: E402
-from tformer.devices import bf16_supported  # noqa: E402
+from tformer.devices import bf16_supported, keep_freed_memory  # noqa: E402
 from tformer.generate.beam import BeamConfig  # noqa: E402
 from tformer.generate.translate import corpus_scores, translate  # noqa: E402
 from tformer.models.seq2seq import Seq2SeqConfig, Seq2SeqTransformer  # noqa: E402
@@ -71,10 +75,26 @@ def marian(vocab_size: int, max_len: int):
 
 
 class Contender:
-    """A model with a uniform interface for the loop: logits of a batch, translations."""
+    """A model with a uniform interface for the loop: logits of a batch, its loss,
+    translations."""
 
-    def __init__(self, name, model, logits, translate_fn):
-        self.name, self.model, self.logits, self.translate = name, model, logits, translate_fn
+    def __init__(self, name, model, logits, loss, translate_fn):
+        self.name, self.model, self.logits = name, model, logits
+        self.loss, self.translate = loss, translate_fn
+
+
+def transformers_loss(logits, targets):
+    """Label-smoothed cross-entropy as transformers computes losses: upcast, then torch's."""
+    return torch.nn.functional.cross_entropy(
+        logits.float().flatten(0, -2),
+        targets.flatten(),
+        ignore_index=IGNORE_INDEX,
+        label_smoothing=0.1,
+    )
+
+
+def tformer_loss(logits, targets):
+    return label_smoothed_cross_entropy(logits, targets, 0.1, IGNORE_INDEX)
 
 
 def tformer_contender(vocab_size: int, max_len: int, tokenizer) -> Contender:
@@ -95,7 +115,7 @@ def tformer_contender(vocab_size: int, max_len: int, tokenizer) -> Contender:
         config_ = BeamConfig(beam_size=beam, max_new_tokens=max_len - 1) if beam > 1 else None
         return translate(model, tokenizer, sources, config_, 32, max_len - 1)
 
-    return Contender("tformer", model, logits, translate_fn)
+    return Contender("tformer", model, logits, tformer_loss, translate_fn)
 
 
 def marian_contender(vocab_size: int, max_len: int, tokenizer) -> Contender:
@@ -130,7 +150,7 @@ def marian_contender(vocab_size: int, max_len: int, tokenizer) -> Contender:
         model.train()
         return results
 
-    return Contender("transformers Marian", model, logits, translate_fn)
+    return Contender("transformers Marian", model, logits, transformers_loss, translate_fn)
 
 
 def train_for(contender: Contender, data, args, dtype) -> dict:
@@ -146,7 +166,7 @@ def train_for(contender: Contender, data, args, dtype) -> dict:
         src, tgt_in = batch.inputs
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
             logits = contender.logits(src, tgt_in)
-        loss = label_smoothed_cross_entropy(logits, batch.targets, 0.1, IGNORE_INDEX)
+        loss = contender.loss(logits, batch.targets)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
@@ -192,6 +212,7 @@ def main() -> None:
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     print(machine_line(), file=sys.stderr)
+    keep_freed_memory()
     dtype = "bfloat16" if bf16_supported(torch.device("cpu")) else "float32"
     corpus = load_parallel(args.data)
     tokenizer = train_bpe([s for p in corpus.train for s in p], args.vocab_size, 2, False, SPECIALS)

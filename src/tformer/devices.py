@@ -42,3 +42,31 @@ def training_dtype(name: str, device: torch.device) -> str:
         raise ValueError(f"this {device.type} has no native bfloat16; use --dtype float32")
     parse_dtype(name)
     return name
+
+
+M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc's mallopt parameters (malloc.h)
+KEEP_FREED_BYTES = 1 << 30
+
+
+def keep_freed_memory() -> bool:
+    """Make this process's C allocator keep freed memory for reuse (glibc only).
+
+    A training step allocates and frees the same large activation buffers every time. By
+    default glibc serves each of them with a fresh mmap and returns it on free, so every
+    step pays page faults to zero them again: 10-20% of a translation step on the CPU
+    (docs/LOG.md). Here large blocks come from the heap instead, and up to 1 GiB of freed
+    memory is kept rather than given back. The setting lasts for the process. Returns
+    whether it took effect (False on other C libraries).
+    """
+    import ctypes
+    import ctypes.util
+    import platform
+
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        ok = libc.mallopt(M_MMAP_MAX, 0) == 1
+        return libc.mallopt(M_TRIM_THRESHOLD, KEEP_FREED_BYTES) == 1 and ok
+    except (OSError, AttributeError):
+        return False

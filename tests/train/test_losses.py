@@ -41,3 +41,47 @@ def test_inverse_sqrt_schedule_is_the_papers_formula():
     peak = max(range(len(ours)), key=ours.__getitem__)
     assert peak == warmup - 1 and ours[peak] == pytest.approx((d * warmup) ** -0.5)
     assert ours[-1] == pytest.approx(ours[peak] / 2)  # 1 / sqrt(n): n = 4 warmup
+
+
+def test_label_smoothing_gradient_equals_torch_over_several_blocks():
+    """More rows than one block, with padding: loss and gradient against torch's own."""
+    g = torch.Generator().manual_seed(1)
+    logits = (torch.randn(5, 40, 37, generator=g, dtype=torch.float64) * 4).requires_grad_()
+    targets = torch.randint(0, 37, (5, 40), generator=g)
+    targets[1, 30:] = -100
+    targets[4, 3:] = -100
+    ours = label_smoothed_cross_entropy(logits, targets, 0.1)
+    (grad,) = torch.autograd.grad(ours * 3.0, logits)
+    reference = F.cross_entropy(
+        logits.flatten(0, 1), targets.flatten(), ignore_index=-100, label_smoothing=0.1
+    )
+    (expected,) = torch.autograd.grad(reference * 3.0, logits)
+    torch.testing.assert_close(ours, reference, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(grad, expected, rtol=1e-10, atol=1e-12)
+    assert grad[4, 3:].abs().max() == 0  # padding gets no gradient
+
+
+def test_label_smoothing_passes_gradcheck():
+    g = torch.Generator().manual_seed(2)
+    logits = torch.randn(70, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    targets = torch.randint(0, 5, (70,), generator=g)
+    targets[::7] = -100
+    assert torch.autograd.gradcheck(
+        lambda x: label_smoothed_cross_entropy(x, targets, 0.2), (logits,)
+    )
+
+
+def test_label_smoothing_on_bfloat16_logits_is_computed_in_float32():
+    """bf16 logits (as autocast gives them): the loss is the float32 loss of the same
+    numbers, and the gradient comes back in bf16, rounded from the float32 one."""
+    g = torch.Generator().manual_seed(3)
+    logits = (torch.randn(130, 8000, generator=g) * 3).bfloat16().requires_grad_()
+    targets = torch.randint(0, 8000, (130,), generator=g)
+    ours = label_smoothed_cross_entropy(logits, targets, 0.1)
+    (grad,) = torch.autograd.grad(ours, logits)
+    exact = logits.detach().float().requires_grad_()
+    reference = F.cross_entropy(exact, targets, label_smoothing=0.1)
+    (expected,) = torch.autograd.grad(reference, exact)
+    assert ours.dtype == torch.float32 and grad.dtype == torch.bfloat16
+    torch.testing.assert_close(ours, reference, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(grad.float(), expected, rtol=1e-2, atol=1e-9)

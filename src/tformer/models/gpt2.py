@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from tformer.nn import (
+    Dropout,
     FeedForward,
     HookPoint,
     KVCache,
@@ -194,7 +195,7 @@ class GPT2(nn.Module):
         c = config
         self.token_embedding = TokenEmbedding(c.vocab_size, c.d_model)
         self.position_embedding = LearnedPositionalEmbedding(c.max_len, c.d_model)
-        self.embedding_dropout = nn.Dropout(c.embedding_dropout)
+        self.embedding_dropout = Dropout(c.embedding_dropout)
         self.blocks = nn.ModuleList(Block(c) for _ in range(c.n_layers))
         self.final_norm = (
             LayerNorm(c.d_model, c.layer_norm_eps) if c.norm_position == "pre" else nn.Identity()

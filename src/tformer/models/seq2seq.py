@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from tformer.nn import (
+    Dropout,
     FeedForward,
     HookPoint,
     KVCache,
@@ -207,7 +208,7 @@ class Seq2SeqTransformer(nn.Module):
             else TokenEmbedding(c.src_vocab_size, c.d_model, scale=True)
         )
         self.positions = SinusoidalPositionalEncoding(c.max_len, c.d_model)
-        self.embedding_dropout = nn.Dropout(c.dropout)
+        self.embedding_dropout = Dropout(c.dropout)
         self.encoder_layers = nn.ModuleList(EncoderLayer(c) for _ in range(c.n_encoder_layers))
         self.decoder_layers = nn.ModuleList(DecoderLayer(c) for _ in range(c.n_decoder_layers))
         # Pre-LN leaves each stack's output un-normalised: one LayerNorm closes each stack.

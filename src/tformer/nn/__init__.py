@@ -7,6 +7,7 @@ from tformer.nn.attention import (
     explicit_attention,
     fused_attention,
 )
+from tformer.nn.dropout import Dropout, dropout
 from tformer.nn.embedding import (
     LearnedPositionalEmbedding,
     SinusoidalPositionalEncoding,
@@ -20,6 +21,7 @@ from tformer.nn.norm import LayerNorm
 from tformer.nn.sublayer import SublayerConnection
 
 __all__ = [
+    "Dropout",
     "FeedForward",
     "HookPoint",
     "KVCache",
@@ -31,6 +33,7 @@ __all__ = [
     "TokenEmbedding",
     "attention_weights",
     "causal_mask",
+    "dropout",
     "explicit_attention",
     "fused_attention",
     "sinusoidal_table",

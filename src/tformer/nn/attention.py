@@ -23,6 +23,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from tformer.nn.dropout import dropout
 from tformer.nn.hooks import HookPoint
 from tformer.nn.kv_cache import KVCache
 
@@ -65,7 +66,7 @@ def explicit_attention(
     if pattern_hook is not None:
         weights = pattern_hook(weights)
     if dropout_p > 0.0:
-        weights = nn.functional.dropout(weights, p=dropout_p)
+        weights = dropout(weights, dropout_p)
     return weights @ v
 
 

@@ -22,6 +22,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from tformer.nn.dropout import Dropout
 from tformer.nn.norm import LayerNorm
 
 NormPosition = Literal["pre", "post", "none"]
@@ -42,7 +43,7 @@ class SublayerConnection(nn.Module):
         self.norm_position: NormPosition = norm_position
         self.residual = residual
         self.norm = LayerNorm(d_model, eps) if norm_position != "none" else None
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
 
     def extra_repr(self) -> str:
         return f"norm_position={self.norm_position!r}, residual={self.residual}"

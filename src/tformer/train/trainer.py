@@ -30,6 +30,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from tformer.data.tokens import IGNORE_INDEX, LMBatches
+from tformer.devices import keep_freed_memory
 from tformer.files import atomic_write_json, atomic_write_text
 from tformer.tokenizers import Tokenizer
 from tformer.train import distributed
@@ -110,12 +111,11 @@ def autocast(device: torch.device, dtype: str):
 def cross_entropy(
     logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float = 0.0
 ) -> torch.Tensor:
-    """Mean next-token loss over the targets that are not IGNORE_INDEX: (B, T, V), (B, T)."""
-    if label_smoothing > 0:
-        return label_smoothed_cross_entropy(logits, targets, label_smoothing, IGNORE_INDEX)
-    return nn.functional.cross_entropy(
-        logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX
-    )
+    """Mean next-token loss over the targets that are not IGNORE_INDEX: (B, T, V), (B, T).
+
+    Computed in float32 from logits of any dtype, without a float32 copy of them.
+    """
+    return label_smoothed_cross_entropy(logits, targets, label_smoothing, IGNORE_INDEX)
 
 
 @torch.inference_mode()
@@ -208,6 +208,8 @@ def fit(
     # some gradients and Adam moments get that small, they made float32 steps 30% slower
     # (docs/LOG.md). Flushing them to zero changes no printed digit of the loss.
     torch.set_flush_denormal(True)
+    # Reuse freed activation buffers instead of fresh pages from the OS every step.
+    keep_freed_memory()
     try:
         return _fit(model, train, val, config, run_dir, tokenizer, resume, progress)
     finally:

@@ -1,0 +1,82 @@
+"""Dropout (Srivastava et al., 2014).
+
+While training, every element is kept with probability 1 - p and scaled up, or zeroed:
+
+    y_i = x_i m_i / (1 - p),    m_i ~ Bernoulli(1 - p), independently
+
+so E[y] = x, and at evaluation y = x needs no correction. The gradient is the same mask:
+dL/dx_i = m_i / (1 - p) dL/dy_i.
+
+On the CPU the mask is cut from 64-bit random words, four 16-bit lanes per word. A lane u is
+uniform on 0..65535 and m = [u < k] with k = round((1 - p) 65536), so the keep probability
+is k / 65536 (within 1/131072 of 1 - p) and the scale is exactly its inverse, 65536 / k.
+One random draw makes four mask elements; torch's `bernoulli_` draws one number per element
+and was 4-5x slower here (docs/LOG.md). Elsewhere (CUDA) torch's fused dropout is used.
+"""
+
+import math
+
+import torch
+from torch import nn
+
+LANES = 65536  # values of one 16-bit lane
+
+
+def keep_threshold(p: float) -> int:
+    """k with P(u < k) = k / 65536 closest to 1 - p, for a lane u uniform on 0..65535."""
+    return round((1.0 - p) * LANES)
+
+
+def dropout_mask(
+    shape: torch.Size, p: float, device: torch.device, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, float]:
+    """A boolean keep-mask of `shape` (True with probability ~1 - p) and its scale 1 / P(keep)."""
+    n = math.prod(shape)
+    words = torch.empty((n + 3) // 4, dtype=torch.int64, device=device)
+    words.random_(-(2**63), 2**63 - 1, generator=generator)  # all 64 bits random
+    lanes = words.view(torch.int16)[:n].view(shape)  # as signed 16-bit: u - 32768
+    k = keep_threshold(p)
+    return lanes < k - LANES // 2, LANES / k if k > 0 else 0.0
+
+
+class MaskedScale(torch.autograd.Function):
+    """y = x m s; the backward pass multiplies by the same m s."""
+
+    @staticmethod
+    def forward(ctx, x, mask, scale):
+        ctx.save_for_backward(mask)
+        ctx.scale = scale
+        return x.mul(mask).mul_(scale)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        (mask,) = ctx.saved_tensors
+        return grad_y.mul(mask).mul_(ctx.scale), None, None
+
+
+def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
+    """x * m / (1 - p) with a fresh mask m while training; x itself otherwise."""
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"dropout probability must be in [0, 1], got {p}")
+    if not training or p == 0.0:
+        return x
+    if x.device.type != "cpu":
+        return nn.functional.dropout(x, p, training=True)
+    mask, scale = dropout_mask(x.shape, p, x.device)
+    return MaskedScale.apply(x, mask, scale)
+
+
+class Dropout(nn.Module):
+    """Zeroes each element with probability p while training, scaling the rest by 1/(1-p)."""
+
+    def __init__(self, p: float = 0.1) -> None:
+        super().__init__()
+        if not 0.0 <= p <= 1.0:
+            raise ValueError(f"dropout probability must be in [0, 1], got {p}")
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return dropout(x, self.p, self.training)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
