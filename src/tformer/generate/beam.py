@@ -41,6 +41,11 @@ def _steps(model: nn.Module, max_new_tokens: int) -> int:
     return min(max_new_tokens, model.config.max_len - 1)  # BOS takes position 0
 
 
+def until_end(ids: list[int], eos: int) -> list[int]:
+    """The ids before the first end token (all of them if there is none)."""
+    return ids[: ids.index(eos)] if eos in ids else ids
+
+
 @torch.inference_mode()
 def greedy_search(model: nn.Module, src_ids: torch.Tensor, max_new_tokens: int) -> list[list[int]]:
     """Source ids (B, S), padded with pad_id -> each sentence's target ids (no BOS/EOS)."""
@@ -54,20 +59,16 @@ def greedy_search(model: nn.Module, src_ids: torch.Tensor, max_new_tokens: int) 
         memory_kvs = model.project_memory(memory)
         caches = model.new_caches(b, max_len=steps + 1)
         token = torch.full((b, 1), c.bos_id, dtype=torch.long, device=src_ids.device)
-        outputs: list[list[int]] = [[] for _ in range(b)]
+        tokens = []  # one (B, 1) tensor per step
         finished = torch.zeros(b, dtype=torch.bool, device=src_ids.device)
         for _ in range(steps):
             features = model.decode(token, memory, src_mask, caches, memory_kvs)  # (B, 1, C)
             token = model.unembed(features[:, -1]).argmax(-1, keepdim=True)  # (B, 1)
+            tokens.append(token)
             finished |= token[:, 0] == c.eos_id
-            for row, (t, done) in enumerate(
-                zip(token[:, 0].tolist(), finished.tolist(), strict=True)
-            ):
-                if not done:
-                    outputs[row].append(t)
             if bool(finished.all()):
                 break
-        return outputs
+        return [until_end(row, c.eos_id) for row in torch.cat(tokens, dim=1).tolist()]
     finally:
         model.train(was_training)
 
@@ -100,62 +101,65 @@ def _beam_search(
     # The K beams start identical: only the first is live, or the top K would be K copies.
     beam_scores = torch.full((b, k), float("-inf"), device=device)
     beam_scores[:, 0] = 0.0
-    finished: list[list[tuple[float, list[int]]]] = [[] for _ in range(b)]  # (score, ids)
-    done = [False] * b
+    first_row = torch.arange(b, device=device)[:, None] * k  # (B, 1) each sentence's row 0
+    # The finished hypotheses, (score, ids) best first, at most K a sentence; how many each
+    # sentence has and the worst one's score, as tensors for the stopping test.
+    finished: list[list[tuple[float, list[int]]]] = [[] for _ in range(b)]
+    n_finished = torch.zeros(b, dtype=torch.long, device=device)
+    worst_finished = torch.full((b,), float("-inf"), dtype=torch.float64, device=device)
+    done = torch.zeros(b, dtype=torch.bool, device=device)
 
     def add_finished(sentence: int, total: float, ids: list[int], length: int) -> None:
         hypotheses = finished[sentence]
         hypotheses.append((total / length**alpha, ids))
         hypotheses.sort(key=lambda h: -h[0])
         del hypotheses[k:]  # keep the K best
+        n_finished[sentence] = len(hypotheses)
+        worst_finished[sentence] = hypotheses[-1][0]
 
     for step in range(steps):
         features = model.decode(generated[:, -1:], memory, src_mask, caches, memory_kvs)
         log_p = torch.log_softmax(model.unembed(features[:, -1]).float(), dim=-1)  # (B*K, V)
         v = log_p.shape[-1]
         scores = (beam_scores.view(b * k, 1) + log_p).view(b, k * v)  # (B, K*V)
-        top_scores, top_index = scores.topk(min(2 * k, k * v), dim=1)  # (B, 2K)
-        rows, tokens, new_scores = [], [], []
+        # The 2K best: each beam has one end token, so at least K of them go on.
+        top_scores, top_index = scores.topk(2 * k, dim=1)  # (B, 2K), best first
+        top_rows = first_row + top_index // v  # (B, 2K) the beam each extends
+        top_tokens = top_index % v
+        ends = top_tokens == eos
         length = step + 1  # tokens generated so far, this one included
-        for i in range(b):
-            live: list[tuple[float, int, int]] = []  # (score, source row, token)
-            if not done[i]:
-                for rank, (total, index) in enumerate(
-                    zip(top_scores[i].tolist(), top_index[i].tolist(), strict=True)
-                ):
-                    if total == float("-inf"):
-                        break
-                    row, token = i * k + index // v, index % v
-                    if token == eos:
-                        if rank < k:
-                            add_finished(i, total, generated[row, 1:].tolist(), length)
-                        continue
-                    live.append((total, row, token))
-                    if len(live) == k:
-                        break
-                if len(finished[i]) == k:
-                    best_live = live[0][0] / length**alpha if live else float("-inf")
-                    done[i] = config.early_stopping or finished[i][-1][0] >= best_live
-            if done[i]:  # a finished sentence keeps feeding its first row: nobody reads it
-                live = [(float("-inf"), i * k, eos)] * k
-            live += [(float("-inf"), i * k, eos)] * (k - len(live))
-            for total, row, token in live:
-                rows.append(row)
-                tokens.append(token)
-                new_scores.append(total)
-        if all(done):
+
+        # An end token among a sentence's K best candidates finishes a hypothesis.
+        new_ends = ends[:, :k] & (top_scores[:, :k] > float("-inf")) & ~done[:, None]
+        for i, rank in new_ends.nonzero().tolist():  # few: sentences end once or so
+            ids = generated[top_rows[i, rank], 1:].tolist()
+            add_finished(i, top_scores[i, rank].item(), ids, length)
+
+        # The K best candidates that do not end go on; a stable sort keeps their order.
+        going_on = torch.sort(ends.to(torch.uint8), dim=1, stable=True).indices[:, :k]
+        beam_scores = top_scores.gather(1, going_on)  # (B, K), best first
+        rows, tokens = top_rows.gather(1, going_on), top_tokens.gather(1, going_on)
+
+        # A sentence with K finished hypotheses is done when it stops early or when the
+        # best beam still going (its score now, which can only fall) cannot beat the worst.
+        best_going_on = beam_scores[:, 0].double() / length**alpha
+        can_stop = torch.tensor(config.early_stopping, device=device) | (
+            worst_finished >= best_going_on
+        )
+        done |= (n_finished == k) & can_stop
+        if bool(done.all()):
             break
-        order = torch.tensor(rows, device=device)
+        # A done sentence keeps feeding its first row an end token: nobody reads it.
+        beam_scores = beam_scores.masked_fill(done[:, None], float("-inf"))
+        rows = torch.where(done[:, None], first_row, rows)
+        tokens = tokens.masked_fill(done[:, None], eos)
+
+        order = rows.flatten()  # (B*K,)
         for cache in caches:
             cache.reorder(order)
-        next_tokens = torch.tensor(tokens, device=device)[:, None]
-        generated = torch.cat([generated.index_select(0, order), next_tokens], dim=1)
-        beam_scores = torch.tensor(new_scores, device=device).view(b, k)
+        generated = torch.cat([generated.index_select(0, order), tokens.view(b * k, 1)], dim=1)
     else:  # out of steps: the live beams finish where they are
-        for i in range(b):
-            if not done[i]:
-                for j in range(k):
-                    total = beam_scores[i, j].item()
-                    if total > float("-inf"):
-                        add_finished(i, total, generated[i * k + j, 1:].tolist(), steps)
+        alive = (beam_scores > float("-inf")) & ~done[:, None]
+        for i, j in alive.nonzero().tolist():
+            add_finished(i, beam_scores[i, j].item(), generated[i * k + j, 1:].tolist(), steps)
     return [hypotheses[0][1] if hypotheses else [] for hypotheses in finished]
