@@ -185,3 +185,17 @@ def test_switching_the_attention_path_keeps_the_outputs():
     torch.testing.assert_close(model(src, tgt), fused, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="unknown attention"):
         model.set_attention("flash")
+
+
+def test_initialisation_is_half_xavier_uniform_and_unit_embeddings():
+    config = Seq2SeqConfig.from_preset("small", 1000, 1000, share_embeddings=True)
+    model = Seq2SeqTransformer(config, seed=0)
+    ff = model.encoder_layers[0].ff.w1  # (1024, 256)
+    bound = 0.5 * (6.0 / (256 + 1024)) ** 0.5
+    assert ff.weight.abs().max() <= bound
+    assert ff.weight.std().item() == pytest.approx(bound / 3**0.5, rel=0.01)  # uniform
+    assert ff.bias.abs().max() == 0
+    token = model.tgt_embedding(torch.arange(1000))  # scaled by sqrt(256)
+    assert token.std().item() == pytest.approx(1.0, rel=0.02)
+    norm = model.encoder_layers[0].ff_sublayer.norm
+    assert torch.equal(norm.weight, torch.ones(256)) and norm.bias.abs().max() == 0

@@ -43,6 +43,7 @@ from tformer.nn.feedforward import ACTIVATIONS, Activation
 from tformer.nn.sublayer import NormPosition
 
 MODEL_TYPE = "tformer-seq2seq"  # config.json's model_type for this model
+INIT_GAIN = 0.5  # Xavier-uniform bounds are halved (see Seq2SeqTransformer.init_weights)
 
 # name -> (d_model, n_heads, layers per stack, d_ff, dropout)
 PRESETS: dict[str, tuple[int, int, int, int, float]] = {
@@ -219,9 +220,16 @@ class Seq2SeqTransformer(nn.Module):
 
     @torch.no_grad()
     def init_weights(self, seed: int | None = None) -> None:
-        """Xavier-uniform matrices and zero biases (as the Annotated Transformer and
-        torch.nn.Transformer do); embeddings N(0, 1/d_model), so that after the sqrt(d_model)
-        scaling a token vector has unit-variance entries, like the sinusoids it is added to."""
+        """Xavier-uniform matrices scaled by INIT_GAIN, zero biases; embeddings N(0, 1/d_model),
+        so that after the sqrt(d_model) scaling a token vector has unit-variance entries, like
+        the sinusoids it is added to.
+
+        Xavier's bound is sqrt(6 / (fan_in + fan_out)) (the Annotated Transformer and
+        torch.nn.Transformer use it as it is). Halving it makes each post-LN sublayer start
+        small next to the residual stream it is added to, and trained much faster: on
+        bible-en-es, validation loss 4.37 against 4.81 after 150 s, the same as GPT-2's and
+        Marian's N(0, 0.02^2), which at width 64 fails to learn the test suite's task at all
+        (docs/LOG.md)."""
         device = self.tgt_embedding.weight.device
         if device.type == "meta":
             return
@@ -232,7 +240,7 @@ class Seq2SeqTransformer(nn.Module):
             g.manual_seed(seed)
         for module in self.modules():
             if isinstance(module, nn.Linear):
-                bound = math.sqrt(6.0 / (module.in_features + module.out_features))
+                bound = INIT_GAIN * math.sqrt(6.0 / (module.in_features + module.out_features))
                 nn.init.uniform_(module.weight, -bound, bound, generator=g)
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
