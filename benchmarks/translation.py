@@ -11,10 +11,11 @@ length, drawn from the same seeded generator. Each computes the label-smoothed l
 library's way: tformer's fused loss (tformer.train.losses), and for Marian the float32 upcast
 and torch's cross_entropy as transformers' own loss functions do. The process keeps freed
 memory for reuse (tformer.devices.keep_freed_memory, which tformer's trainer sets) for both
-models. Each trains until --budget seconds have passed. Then both are scored on the
-validation pairs (loss, token accuracy) and translate the test pairs with greedy search and
-beam search (4 beams), batches of 32; BLEU and chrF by sacrebleu; decoding speed in target
-tokens per second.
+models. Each trains for --budget seconds, the two taking turns of --slice seconds so that
+both meet the same machine (this host's speed drifts by 10-20% over minutes). Then both
+are scored on the validation pairs (loss, token accuracy) and translate the test pairs with
+greedy search and beam search (4 beams), batches of 32; BLEU and chrF by sacrebleu;
+decoding speed in target tokens per second.
 
     python benchmarks/translation.py [--data bible-en-es|number-words] [--budget 300] [--json]
 """
@@ -153,32 +154,52 @@ def marian_contender(vocab_size: int, max_len: int, tokenizer) -> Contender:
     return Contender("transformers Marian", model, logits, transformers_loss, translate_fn)
 
 
-def train_for(contender: Contender, data, args, dtype) -> dict:
-    model = contender.model.train()
-    optimizer = build_optimizer(model, args.lr, 0.01, (0.9, 0.98))
-    generator = torch.Generator().manual_seed(0)
-    tokens, step = 0, 0
-    start = time.perf_counter()
-    while time.perf_counter() - start < args.budget:
-        for group in optimizer.param_groups:
-            group["lr"] = inverse_sqrt_learning_rate(step, args.lr, args.warmup)
-        batch = data.sample(args.batch_size, generator)
-        src, tgt_in = batch.inputs
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
-            logits = contender.logits(src, tgt_in)
-        loss = contender.loss(logits, batch.targets)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        tokens += int((batch.targets != IGNORE_INDEX).sum())
-        step += 1
-    seconds = time.perf_counter() - start
-    return {
-        "steps": step,
-        "train_seconds": round(seconds, 1),
-        "tokens_per_second": tokens / seconds,
-    }
+class TrainingRun:
+    """One contender's training, resumable: the loop runs in slices of wall-clock time."""
+
+    def __init__(self, contender: Contender, data, args, dtype) -> None:
+        self.contender, self.data, self.args, self.dtype = contender, data, args, dtype
+        self.model = contender.model.train()
+        self.optimizer = build_optimizer(self.model, args.lr, 0.01, (0.9, 0.98))
+        self.generator = torch.Generator().manual_seed(0)
+        self.tokens = self.steps = 0
+        self.seconds = 0.0
+
+    def train(self, seconds: float) -> None:
+        """Take steps until `seconds` more have passed (the last step may overrun)."""
+        args, model, optimizer = self.args, self.model, self.optimizer
+        start = time.perf_counter()
+        while time.perf_counter() - start < seconds:
+            for group in optimizer.param_groups:
+                group["lr"] = inverse_sqrt_learning_rate(self.steps, args.lr, args.warmup)
+            batch = self.data.sample(args.batch_size, self.generator)
+            src, tgt_in = batch.inputs
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.dtype == "bfloat16"):
+                logits = self.contender.logits(src, tgt_in)
+            loss = self.contender.loss(logits, batch.targets)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            self.tokens += int((batch.targets != IGNORE_INDEX).sum())
+            self.steps += 1
+        self.seconds += time.perf_counter() - start
+
+    def summary(self) -> dict:
+        return {
+            "steps": self.steps,
+            "train_seconds": round(self.seconds, 1),
+            "tokens_per_second": self.tokens / self.seconds,
+        }
+
+
+def train_interleaved(runs: list[TrainingRun], budget: float, slice_seconds: float) -> None:
+    """Each run trains `budget` seconds in turns of `slice_seconds`, so that both see the
+    same machine: this host's speed drifts by 10-20% over minutes (docs/LOG.md)."""
+    while any(run.seconds < budget for run in runs):
+        for run in runs:
+            if run.seconds < budget:
+                run.train(min(slice_seconds, budget - run.seconds))
 
 
 @torch.inference_mode()
@@ -204,6 +225,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", default="bible-en-es", help="bible-en-es or number-words")
     parser.add_argument("--budget", type=float, default=300, help="training seconds per model")
+    parser.add_argument(
+        "--slice", type=float, default=20, help="seconds each model trains before the other's turn"
+    )
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
     parser.add_argument("--warmup", type=int, default=200)
@@ -220,14 +244,19 @@ def main() -> None:
     val = ParallelBatches(corpus.val, tokenizer, PAD, BOS, EOS, args.max_len)
     sources = [s for s, _ in corpus.test]
     references = [t for _, t in corpus.test]
+    contenders = [
+        make(tokenizer.vocab_size, args.max_len, tokenizer)
+        for make in (tformer_contender, marian_contender)
+    ]
+    runs = [TrainingRun(contender, train, args, dtype) for contender in contenders]
+    train_interleaved(runs, args.budget, args.slice)
     rows = []
-    for make in (tformer_contender, marian_contender):
-        contender = make(tokenizer.vocab_size, args.max_len, tokenizer)
+    for contender, run in zip(contenders, runs, strict=True):
         row = {
             "name": contender.name,
             "parameters": sum(p.numel() for p in contender.model.parameters()),
         }
-        row.update(train_for(contender, train, args, dtype))
+        row.update(run.summary())
         row.update(validation_loss(contender, val))
         for beam in (1, 4):
             start = time.perf_counter()

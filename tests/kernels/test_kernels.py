@@ -56,5 +56,32 @@ def test_a_failing_compiler_gives_its_message_and_no_library(monkeypatch, tmp_pa
     fake.chmod(0o755)
     monkeypatch.setenv("CC", str(fake))
     assert kernels.load() is None
-    assert "compiling linear.c failed: cc: error: no such option" in kernels.unavailable_reason()
+    assert "compiling the kernels failed: cc: error: no such option" in kernels.unavailable_reason()
     assert not list((tmp_path / "kernels").glob("*.so"))  # nothing half-written is left
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+@pytest.mark.parametrize("v", [5, 37, 8000])  # 37: rows end in a partial vector
+def test_cross_entropy_kernel_equals_the_float64_formula(compiled, smoothing, v):
+    """Each row's loss and log-sum-exp, and the bf16 gradient, against float64 torch."""
+    g = torch.Generator().manual_seed(v)
+    logits = (torch.randn(67, v, generator=g) * 6).bfloat16()
+    logits[3, :] = -30.0  # a flat row, and a row whose target is far below its maximum
+    logits[4, 0] = 80.0
+    targets = torch.randint(0, v, (67,), generator=g)
+    targets[4] = 1
+    row_scale = torch.rand(67, generator=g)
+    loss, lse = compiled.smoothed_ce_forward(logits, targets, smoothing)
+    exact = logits.double()
+    log_p = torch.log_softmax(exact, -1)
+    expected = -(1 - smoothing) * log_p.gather(-1, targets[:, None])[:, 0]
+    expected -= smoothing * log_p.mean(-1)
+    torch.testing.assert_close(lse.double(), torch.logsumexp(exact, -1), rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(loss.double(), expected, rtol=1e-6, atol=1e-5)
+    grad = compiled.smoothed_ce_backward(logits, targets, lse, row_scale, smoothing)
+    q = torch.full_like(exact, smoothing / v)
+    q[torch.arange(67), targets] += 1 - smoothing
+    expected_grad = row_scale.double()[:, None] * (log_p.exp() - q)
+    assert grad.dtype == torch.bfloat16
+    # bf16 keeps 8 bits: within half a unit in the last place, plus the float32 arithmetic
+    torch.testing.assert_close(grad.double(), expected_grad, rtol=2**-8, atol=1e-30)

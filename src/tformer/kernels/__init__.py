@@ -1,14 +1,17 @@
-"""The C kernels behind fast decoding on the CPU, compiled on first use.
+"""The C kernels behind fast decoding and the training loss on the CPU, compiled on first use.
 
 `linear.c` holds small-batch linear layers over float32, bfloat16 or int8 weights (see its
-header for why they beat a general matmul when decoding). The first call compiles it with
-the machine's C compiler for this CPU (`-O3 -march=native -fopenmp`) into
-$TFORMER_CACHE/kernels/, keyed by the source, the compiler and the CPU, so later runs load
-it at once. Without a compiler, or with TFORMER_KERNELS=0, `load()` returns None and
-`unavailable_reason()` says why; callers then use torch's own kernels.
+header for why they beat a general matmul when decoding); `cross_entropy.c` the
+label-smoothed cross-entropy over bfloat16 logits, forward and backward, in one pass each.
+The first call compiles both with the machine's C compiler for this CPU (`-O3
+-march=native -fopenmp`) into one library in $TFORMER_CACHE/kernels/, keyed by the
+sources, the compiler and the CPU, so later runs load it at once. Without a compiler, or
+with TFORMER_KERNELS=0, `load()` returns None and `unavailable_reason()` says why; callers
+then use torch's own kernels.
 
     kernels = load()
     kernels.linear(x, weight, scale, bias, out)   x (M, K) float32 -> out (M, N)
+    kernels.smoothed_ce_forward(logits, targets, eps)   (N, V) bf16 -> loss, lse (N,)
 """
 
 import ctypes
@@ -25,7 +28,7 @@ import torch
 
 from tformer.files import cache_dir
 
-SOURCE = Path(__file__).with_name("linear.c")
+SOURCES = tuple(Path(__file__).with_name(name) for name in ("linear.c", "cross_entropy.c"))
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
 
 
@@ -73,6 +76,42 @@ class Kernels:
             )
         return out
 
+    def smoothed_ce_forward(
+        self, logits: torch.Tensor, targets: torch.Tensor, eps: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """logits (N, V) bfloat16, targets (N,) int64 in [0, V) -> each row's label-smoothed
+        loss and log-sum-exp, (N,) float32 each. Contiguous CPU tensors (the caller checks)."""
+        n, v = logits.shape
+        loss = torch.empty(n, dtype=torch.float32)
+        lse = torch.empty(n, dtype=torch.float32)
+        self.library.tformer_smoothed_ce_forward_bf16(
+            logits.data_ptr(), targets.data_ptr(), loss.data_ptr(), lse.data_ptr(), n, v, eps
+        )
+        return loss, lse
+
+    def smoothed_ce_backward(
+        self,
+        logits: torch.Tensor,
+        targets: torch.Tensor,
+        lse: torch.Tensor,
+        row_scale: torch.Tensor,
+        eps: float,
+    ) -> torch.Tensor:
+        """The gradient (N, V) bfloat16 of sum_i row_scale[i] loss_i with respect to logits."""
+        n, v = logits.shape
+        grad = torch.empty_like(logits)
+        self.library.tformer_smoothed_ce_backward_bf16(
+            logits.data_ptr(),
+            targets.data_ptr(),
+            lse.data_ptr(),
+            row_scale.data_ptr(),
+            grad.data_ptr(),
+            n,
+            v,
+            eps,
+        )
+        return grad
+
 
 def load() -> Kernels | None:
     """The compiled kernels, building them once per machine; None if that is not possible."""
@@ -106,11 +145,19 @@ def _build_and_load() -> Kernels:
         library = ctypes.CDLL(str(path))
     except OSError as e:
         raise KernelUnavailable(f"could not load {path}: {e}") from e
-    pointer, size = ctypes.c_void_p, ctypes.c_int64
+    pointer, size, real = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
     library.tformer_linear_f32.argtypes = [pointer] * 4 + [size] * 3
     library.tformer_linear_bf16.argtypes = [pointer] * 4 + [size] * 3
     library.tformer_linear_i8.argtypes = [pointer] * 5 + [size] * 3
-    for name in ("tformer_linear_f32", "tformer_linear_bf16", "tformer_linear_i8"):
+    library.tformer_smoothed_ce_forward_bf16.argtypes = [pointer] * 4 + [size] * 2 + [real]
+    library.tformer_smoothed_ce_backward_bf16.argtypes = [pointer] * 5 + [size] * 2 + [real]
+    for name in (
+        "tformer_linear_f32",
+        "tformer_linear_bf16",
+        "tformer_linear_i8",
+        "tformer_smoothed_ce_forward_bf16",
+        "tformer_smoothed_ce_backward_bf16",
+    ):
         getattr(library, name).restype = None
     return Kernels(library, path, bool(library.tformer_has_avx512()))
 
@@ -124,10 +171,11 @@ def _library_path(compiler: str) -> Path:
     except (OSError, subprocess.SubprocessError) as e:
         raise KernelUnavailable(f"{compiler} --version failed: {e}") from e
     key = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), version.encode(), " ".join(FLAGS).encode(), _cpu_id()):
+    sources = [source.read_bytes() for source in SOURCES]
+    for part in (*sources, version.encode(), " ".join(FLAGS).encode(), _cpu_id()):
         key.update(part)
         key.update(b"\0")
-    return cache_dir() / "kernels" / f"linear-{key.hexdigest()[:24]}.so"
+    return cache_dir() / "kernels" / f"tformer-{key.hexdigest()[:24]}.so"
 
 
 def _cpu_id() -> bytes:
@@ -143,14 +191,14 @@ def _cpu_id() -> bytes:
 def _compile(compiler: str, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    command = [compiler, *FLAGS, str(SOURCE), "-o", str(tmp)]
+    command = [compiler, *FLAGS, *map(str, SOURCES), "-lm", "-o", str(tmp)]
     try:
         result = subprocess.run(command, capture_output=True, text=True, timeout=300)
         if result.returncode != 0:
             last = (result.stderr.strip().splitlines() or ["(no message)"])[-1]
-            raise KernelUnavailable(f"compiling {SOURCE.name} failed: {last}")
+            raise KernelUnavailable(f"compiling the kernels failed: {last}")
         os.replace(tmp, path)  # concurrent builders each write their own file; last one wins
     except (OSError, subprocess.SubprocessError) as e:
-        raise KernelUnavailable(f"compiling {SOURCE.name} failed: {e}") from e
+        raise KernelUnavailable(f"compiling the kernels failed: {e}") from e
     finally:
         tmp.unlink(missing_ok=True)

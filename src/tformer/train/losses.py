@@ -17,12 +17,23 @@ eps = 0 is the ordinary cross-entropy.
 Both lines are computed here directly, a block of rows at a time, in float32 (or wider)
 from logits of any dtype: the (N, V) log-probabilities are never stored, and the gradient
 is written once, in the logits' dtype. With V = 8,000 this is several times cheaper than
-log_softmax with autograd's chain behind it (docs/LOG.md).
+log_softmax with autograd's chain behind it (docs/LOG.md). For bfloat16 logits on the CPU
+(autocast training) the same two lines run as one compiled C loop each
+(tformer/kernels/cross_entropy.c) when a compiler is there.
 """
 
 import torch
 
+from tformer import kernels
+
 ROWS_PER_BLOCK = 64  # a (64, V) float32 block stays in the CPU's cache for V up to ~8k
+
+
+def cpu_kernels(logits: torch.Tensor) -> kernels.Kernels | None:
+    """The compiled kernels, for bfloat16 logits on the CPU where they can be built."""
+    if logits.device.type != "cpu" or logits.dtype != torch.bfloat16:
+        return None
+    return kernels.load()
 
 
 class SmoothedCrossEntropy(torch.autograd.Function):
@@ -30,6 +41,12 @@ class SmoothedCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, targets, weights, smoothing):
+        ctx.smoothing = smoothing
+        compiled = cpu_kernels(logits)
+        if compiled is not None:
+            per_row, lse = compiled.smoothed_ce_forward(logits, targets, smoothing)  # (N,) x2
+            ctx.save_for_backward(logits, targets, weights, lse)
+            return (per_row * weights).sum()
         n, v = logits.shape
         dtype = torch.promote_types(logits.dtype, torch.float32)  # bf16 -> float32
         per_row = torch.empty(n, dtype=dtype, device=logits.device)  # (N,)
@@ -39,16 +56,24 @@ class SmoothedCrossEntropy(torch.autograd.Function):
             log_p_target = log_p.gather(-1, targets[rows, None]).squeeze(-1)  # (n_b,)
             # -sum_v q_v log p_v with q = (1 - eps) one-hot + eps / V
             per_row[rows] = -(1.0 - smoothing) * log_p_target - (smoothing / v) * log_p.sum(-1)
-        ctx.save_for_backward(logits, targets, weights)
-        ctx.smoothing = smoothing
+        ctx.save_for_backward(logits, targets, weights, None)
         return (per_row * weights).sum()
 
     @staticmethod
     def backward(ctx, grad_loss):
-        logits, targets, weights = ctx.saved_tensors
+        logits, targets, weights, lse = ctx.saved_tensors
         eps, (n, v) = ctx.smoothing, logits.shape
         dtype = torch.promote_types(logits.dtype, torch.float32)
-        row_scale = (weights * grad_loss).to(dtype)[:, None]  # (N, 1)
+        row_scale = (weights * grad_loss).to(dtype)  # (N,)
+        if lse is not None:  # the forward pass ran the compiled kernel
+            compiled = cpu_kernels(logits)
+            return (
+                compiled.smoothed_ce_backward(logits, targets, lse, row_scale, eps),
+                None,
+                None,
+                None,
+            )
+        row_scale = row_scale[:, None]  # (N, 1)
         grad = torch.empty_like(logits)  # (N, V), the logits' dtype
         for start in range(0, n, ROWS_PER_BLOCK):
             rows = slice(start, start + ROWS_PER_BLOCK)
