@@ -1,14 +1,28 @@
+import os
+
 import pytest
 import torch
 
+from tformer import kernels
 from tformer.nn import Dropout, dropout
 from tformer.nn.dropout import dropout_mask, keep_threshold
 
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(params=[True, False], ids=["compiled", "torch"])
+def compiled(request):
+    """Both ways of drawing the words: the C kernels' generator and torch's random_."""
+    if request.param and kernels.load() is None:
+        assert os.environ.get("TFORMER_KERNELS") == "0", kernels.unavailable_reason()
+        pytest.skip("TFORMER_KERNELS=0: testing the torch path only")
+    return request.param
+
 
 @pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
-def test_each_lane_keeps_with_probability_one_minus_p(p):
-    n = 400_000
-    mask, scale = dropout_mask(torch.Size([n]), p, torch.device("cpu"))
+def test_each_lane_keeps_with_probability_one_minus_p(p, compiled):
+    n = 400_001  # not a whole number of words
+    mask, scale = dropout_mask(torch.Size([n]), p, CPU, compiled=compiled)
     keep = keep_threshold(p) / 65536
     assert abs(keep - (1 - p)) <= 1 / 131072
     assert scale == pytest.approx(1 / keep, rel=1e-12)
@@ -18,8 +32,8 @@ def test_each_lane_keeps_with_probability_one_minus_p(p):
         assert abs(rate - keep) < 5 * sigma, (lane, rate, keep)
 
 
-def test_neighbouring_elements_are_independent():
-    mask, _ = dropout_mask(torch.Size([400_000]), 0.5, torch.device("cpu"))
+def test_neighbouring_elements_are_independent(compiled):
+    mask, _ = dropout_mask(torch.Size([400_000]), 0.5, CPU, compiled=compiled)
     m = mask.double() - 0.5
     for lag in (1, 2, 3, 4, 5):
         correlation = (m[:-lag] * m[lag:]).mean().item() / 0.25
@@ -63,3 +77,16 @@ def test_evaluation_and_the_extremes():
     assert torch.equal(dropout(x, 1.0), torch.zeros_like(x))
     with pytest.raises(ValueError, match="dropout probability"):
         Dropout(1.5)
+
+
+def test_compiled_masks_follow_torch_seed_and_not_the_thread_count(compiled):
+    threads = torch.get_num_threads()
+    try:
+        torch.manual_seed(5)
+        a, _ = dropout_mask(torch.Size([100_003]), 0.3, CPU, compiled=compiled)
+        torch.set_num_threads(1)
+        torch.manual_seed(5)
+        b, _ = dropout_mask(torch.Size([100_003]), 0.3, CPU, compiled=compiled)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(a, b)

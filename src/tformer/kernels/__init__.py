@@ -2,16 +2,18 @@
 
 `linear.c` holds small-batch linear layers over float32, bfloat16 or int8 weights (see its
 header for why they beat a general matmul when decoding); `cross_entropy.c` the
-label-smoothed cross-entropy over bfloat16 logits, forward and backward, in one pass each.
-The first call compiles both with the machine's C compiler for this CPU (`-O3
--march=native -fopenmp`) into one library in $TFORMER_CACHE/kernels/, keyed by the
-sources, the compiler and the CPU, so later runs load it at once. Without a compiler, or
+label-smoothed cross-entropy over bfloat16 logits, forward and backward, in one pass each;
+`dropout.c` dropout masks from a counter-based generator. The first call compiles them
+with the machine's C compiler for this CPU (`-O3 -march=native -fopenmp`) into one library
+in $TFORMER_CACHE/kernels/, keyed by the sources, the compiler and the CPU, so later runs
+load it at once. Without a compiler, or
 with TFORMER_KERNELS=0, `load()` returns None and `unavailable_reason()` says why; callers
 then use torch's own kernels.
 
     kernels = load()
     kernels.linear(x, weight, scale, bias, out)   x (M, K) float32 -> out (M, N)
     kernels.smoothed_ce_forward(logits, targets, eps)   (N, V) bf16 -> loss, lse (N,)
+    kernels.dropout_mask(n, seed, threshold)   -> (n,) bool, True with P = threshold / 65536
 """
 
 import ctypes
@@ -28,7 +30,9 @@ import torch
 
 from tformer.files import cache_dir
 
-SOURCES = tuple(Path(__file__).with_name(name) for name in ("linear.c", "cross_entropy.c"))
+SOURCES = tuple(
+    Path(__file__).with_name(name) for name in ("linear.c", "cross_entropy.c", "dropout.c")
+)
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
 
 
@@ -112,6 +116,12 @@ class Kernels:
         )
         return grad
 
+    def dropout_mask(self, n: int, seed: int, threshold: int) -> torch.Tensor:
+        """(n,) bool: True where the 16-bit lane of word seed's stream is below threshold."""
+        mask = torch.empty(n, dtype=torch.bool)
+        self.library.tformer_dropout_mask(mask.data_ptr(), n, seed, threshold)
+        return mask
+
 
 def load() -> Kernels | None:
     """The compiled kernels, building them once per machine; None if that is not possible."""
@@ -151,7 +161,9 @@ def _build_and_load() -> Kernels:
     library.tformer_linear_i8.argtypes = [pointer] * 5 + [size] * 3
     library.tformer_smoothed_ce_forward_bf16.argtypes = [pointer] * 4 + [size] * 2 + [real]
     library.tformer_smoothed_ce_backward_bf16.argtypes = [pointer] * 5 + [size] * 2 + [real]
+    library.tformer_dropout_mask.argtypes = [pointer, size, ctypes.c_uint64, ctypes.c_uint32]
     for name in (
+        "tformer_dropout_mask",
         "tformer_linear_f32",
         "tformer_linear_bf16",
         "tformer_linear_i8",

@@ -11,13 +11,18 @@ On the CPU the mask is cut from 64-bit random words, four 16-bit lanes per word.
 uniform on 0..65535 and m = [u < k] with k = round((1 - p) 65536), so the keep probability
 is k / 65536 (within 1/131072 of 1 - p) and the scale is exactly its inverse, 65536 / k.
 One random draw makes four mask elements; torch's `bernoulli_` draws one number per element
-and was 4-5x slower here (docs/LOG.md). Elsewhere (CUDA) torch's fused dropout is used.
+and was 4-5x slower here (docs/LOG.md). The words come from the compiled kernels'
+counter-based generator (tformer/kernels/dropout.c), seeded by one draw from torch's
+generator, so torch.manual_seed still fixes every mask; without the kernels from torch's
+`random_`. Elsewhere (CUDA) torch's fused dropout is used.
 """
 
 import math
 
 import torch
 from torch import nn
+
+from tformer import kernels
 
 LANES = 65536  # values of one 16-bit lane
 
@@ -28,15 +33,26 @@ def keep_threshold(p: float) -> int:
 
 
 def dropout_mask(
-    shape: torch.Size, p: float, device: torch.device, generator: torch.Generator | None = None
+    shape: torch.Size,
+    p: float,
+    device: torch.device,
+    generator: torch.Generator | None = None,
+    compiled: bool = True,
 ) -> tuple[torch.Tensor, float]:
-    """A boolean keep-mask of `shape` (True with probability ~1 - p) and its scale 1 / P(keep)."""
-    n = math.prod(shape)
+    """A boolean keep-mask of `shape` (True with probability ~1 - p) and its scale 1 / P(keep).
+
+    compiled=False draws the words with torch even where the C kernels are there.
+    """
+    n, k = math.prod(shape), keep_threshold(p)
+    scale = LANES / k if k > 0 else 0.0
+    library = kernels.load() if compiled and device.type == "cpu" else None
+    if library is not None:
+        seed = int(torch.randint(-(2**63), 2**63 - 1, (), generator=generator)) % 2**64
+        return library.dropout_mask(n, seed, k).view(shape), scale
     words = torch.empty((n + 3) // 4, dtype=torch.int64, device=device)
     words.random_(-(2**63), 2**63 - 1, generator=generator)  # all 64 bits random
     lanes = words.view(torch.int16)[:n].view(shape)  # as signed 16-bit: u - 32768
-    k = keep_threshold(p)
-    return lanes < k - LANES // 2, LANES / k if k > 0 else 0.0
+    return lanes < k - LANES // 2, scale
 
 
 class MaskedScale(torch.autograd.Function):
