@@ -85,3 +85,11 @@ def test_label_smoothing_on_bfloat16_logits_is_computed_in_float32():
     assert ours.dtype == torch.float32 and grad.dtype == torch.bfloat16
     torch.testing.assert_close(ours, reference, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(grad.float(), expected, rtol=1e-2, atol=1e-9)
+
+
+@pytest.mark.parametrize("bad", [-5, 11])
+def test_targets_outside_the_vocabulary_are_refused(bad):
+    logits = torch.randn(4, 11).bfloat16()
+    targets = torch.tensor([1, -100, bad, 3])
+    with pytest.raises(ValueError, match=r"targets must be in \[0, 11\)"):
+        label_smoothed_cross_entropy(logits, targets, 0.1)

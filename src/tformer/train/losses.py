@@ -98,6 +98,13 @@ def label_smoothed_cross_entropy(
     logits = logits.flatten(0, -2)  # (N, V)
     targets = targets.flatten()  # (N,)
     keep = targets != ignore_index
+    if logits.device.type == "cpu":  # (on a GPU, an index out of range fails in gather)
+        kept = targets[keep]
+        if kept.numel() and not 0 <= int(kept.min()) <= int(kept.max()) < logits.shape[-1]:
+            raise ValueError(
+                f"targets must be in [0, {logits.shape[-1]}) or {ignore_index} (ignored); "
+                f"got values from {int(kept.min())} to {int(kept.max())}"
+            )
     # Every position is computed and the ignored ones weighted 0: cheaper than selecting
     # the kept rows, which copies the whole (N, V) array.
     weights = keep.to(torch.promote_types(logits.dtype, torch.float32))
