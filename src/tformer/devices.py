@@ -1,5 +1,9 @@
 """Choosing where a model runs and in which floating-point format."""
 
+import ctypes
+import ctypes.util
+import platform
+
 import torch
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -58,10 +62,6 @@ def keep_freed_memory() -> bool:
     memory is kept rather than given back. The setting lasts for the process. Returns
     whether it took effect (False on other C libraries).
     """
-    import ctypes
-    import ctypes.util
-    import platform
-
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return False
     try:
