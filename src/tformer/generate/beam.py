@@ -140,12 +140,11 @@ def _beam_search(
         beam_scores = top_scores.gather(1, going_on)  # (B, K), best first
         rows, tokens = top_rows.gather(1, going_on), top_tokens.gather(1, going_on)
 
-        # A sentence with K finished hypotheses is done when it stops early or when the
-        # best beam still going (its score now, which can only fall) cannot beat the worst.
+        # A sentence with K finished hypotheses is done when it stops early, or when its
+        # best beam still going, scored as it stands now, is no better than the worst of
+        # them (the usual heuristic: with alpha > 0 a longer beam could still overtake).
         best_going_on = beam_scores[:, 0].double() / length**alpha
-        can_stop = torch.tensor(config.early_stopping, device=device) | (
-            worst_finished >= best_going_on
-        )
+        can_stop = (worst_finished >= best_going_on) | config.early_stopping
         done |= (n_finished == k) & can_stop
         if bool(done.all()):
             break
