@@ -118,3 +118,14 @@ def test_eval_scores_a_translation_checkpoint_with_bleu(tmp_path, pairs_file):
     result = json.loads(tformer("eval", run, "--data", pairs_file, "--json"))
     assert result["split"] == "test" and result["pairs"] == 30
     assert 0 <= result["bleu"] <= 100 and 0 <= result["accuracy"] <= 1
+
+
+def test_translation_defaults_are_the_papers(pairs_file, tmp_path):
+    """Without the flags: label smoothing 0.1, dropout 0.1, post-LN, as in the paper."""
+    flags = [a for a in TINY if a not in ("--dropout", "--label-smoothing", "0.1")]
+    run = tmp_path / "defaults"
+    tformer("train", "--data", pairs_file, "--steps", "2", *flags, "--out", run)
+    train_config = json.loads((run / "train_config.json").read_text())
+    model_config = json.loads((run / "config.json").read_text())
+    assert train_config["label_smoothing"] == 0.1
+    assert model_config["dropout"] == 0.1 and model_config["norm_position"] == "post"

@@ -133,8 +133,8 @@ def add_parser(sub) -> None:
     train.add_argument(
         "--label-smoothing",
         type=float,
-        default=defaults.label_smoothing,
-        help="mix the targets with the uniform distribution (the original Transformer: 0.1)",
+        help="mix the targets with the uniform distribution, as the original Transformer did "
+        "(default: 0; translation: 0.1)",
     )
     train.add_argument(
         "--weight-decay", type=float, default=defaults.weight_decay, help="AdamW decay on matrices"
@@ -226,6 +226,8 @@ def run(args) -> None:
 
         if args.norm_position is None:
             args.norm_position = "post"
+        if args.label_smoothing is None:
+            args.label_smoothing = 0.1
         return train_translation.run(args)
     if args.context is None:
         args.context = 64
@@ -233,6 +235,8 @@ def run(args) -> None:
         args.dropout = 0.0
     if args.norm_position is None:
         args.norm_position = "pre"
+    if args.label_smoothing is None:
+        args.label_smoothing = 0.0
     started = time.perf_counter()
     device, dist, out, say = start_run(args)
     if args.resume:
