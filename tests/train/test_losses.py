@@ -2,6 +2,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
+from tformer.train import losses
 from tformer.train.losses import label_smoothed_cross_entropy
 from tformer.train.optim import inverse_sqrt_learning_rate
 
@@ -71,9 +72,13 @@ def test_label_smoothing_passes_gradcheck():
     )
 
 
-def test_label_smoothing_on_bfloat16_logits_is_computed_in_float32():
+@pytest.mark.parametrize("compiled", [True, False], ids=["compiled", "torch"])
+def test_label_smoothing_on_bfloat16_logits_is_computed_in_float32(compiled, monkeypatch):
     """bf16 logits (as autocast gives them): the loss is the float32 loss of the same
-    numbers, and the gradient comes back in bf16, rounded from the float32 one."""
+    numbers, and the gradient comes back in bf16, rounded from the float32 one; on the
+    compiled C path and on torch's."""
+    if not compiled:
+        monkeypatch.setattr(losses, "cpu_kernels", lambda logits: None)
     g = torch.Generator().manual_seed(3)
     logits = (torch.randn(130, 8000, generator=g) * 3).bfloat16().requires_grad_()
     targets = torch.randint(0, 8000, (130,), generator=g)
