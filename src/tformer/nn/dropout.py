@@ -36,7 +36,6 @@ def dropout_mask(
     shape: torch.Size,
     p: float,
     device: torch.device,
-    generator: torch.Generator | None = None,
     compiled: bool = True,
 ) -> tuple[torch.Tensor, float]:
     """A boolean keep-mask of `shape` (True with probability ~1 - p) and its scale 1 / P(keep).
@@ -47,10 +46,10 @@ def dropout_mask(
     scale = LANES / k if k > 0 else 0.0
     library = kernels.load() if compiled and device.type == "cpu" else None
     if library is not None:
-        seed = int(torch.randint(-(2**63), 2**63 - 1, (), generator=generator)) % 2**64
+        seed = int(torch.randint(-(2**63), 2**63 - 1, ())) % 2**64
         return library.dropout_mask(n, seed, k).view(shape), scale
     words = torch.empty((n + 3) // 4, dtype=torch.int64, device=device)
-    words.random_(-(2**63), 2**63 - 1, generator=generator)  # all 64 bits random
+    words.random_(-(2**63), 2**63 - 1)  # all 64 bits random, torch's default generator
     lanes = words.view(torch.int16)[:n].view(shape)  # as signed 16-bit: u - 32768
     return lanes < k - LANES // 2, scale
 
