@@ -40,6 +40,7 @@ from tformer.models.seq2seq import Seq2SeqConfig, Seq2SeqTransformer  # noqa: E4
 from tformer.tokenizers import train_bpe  # noqa: E402
 from tformer.train.losses import label_smoothed_cross_entropy  # noqa: E402
 from tformer.train.optim import build_optimizer, inverse_sqrt_learning_rate  # noqa: E402
+from tformer.train.trainer import ScoredLogits  # noqa: E402
 
 SPECIALS = ("<pad>", "<s>", "</s>")
 PAD, BOS, EOS = 0, 1, 2
@@ -79,8 +80,9 @@ class Contender:
     """A model with a uniform interface for the loop: logits of a batch, its loss,
     translations."""
 
-    def __init__(self, name, model, logits, loss, translate_fn):
+    def __init__(self, name, model, logits, training_logits, loss, translate_fn):
         self.name, self.model, self.logits = name, model, logits
+        self.training_logits = training_logits  # (src, tgt_in, targets) -> logits, targets
         self.loss, self.translate = loss, translate_fn
 
 
@@ -112,11 +114,16 @@ def tformer_contender(vocab_size: int, max_len: int, tokenizer) -> Contender:
     def logits(src, tgt_in):
         return model(src, tgt_in)
 
+    scored = ScoredLogits(model)  # what tformer's trainer runs: logits at scored rows only
+
+    def training_logits(src, tgt_in, targets):
+        return scored((src, tgt_in), targets)
+
     def translate_fn(sources, beam):
         config_ = BeamConfig(beam_size=beam, max_new_tokens=max_len - 1) if beam > 1 else None
         return translate(model, tokenizer, sources, config_, 32, max_len - 1)
 
-    return Contender("tformer", model, logits, tformer_loss, translate_fn)
+    return Contender("tformer", model, logits, training_logits, tformer_loss, translate_fn)
 
 
 def marian_contender(vocab_size: int, max_len: int, tokenizer) -> Contender:
@@ -124,6 +131,9 @@ def marian_contender(vocab_size: int, max_len: int, tokenizer) -> Contender:
 
     def logits(src, tgt_in):
         return model(input_ids=src, attention_mask=src != PAD, decoder_input_ids=tgt_in).logits
+
+    def training_logits(src, tgt_in, targets):
+        return logits(src, tgt_in), targets
 
     @torch.inference_mode()
     def translate_fn(sources, beam):
@@ -151,7 +161,9 @@ def marian_contender(vocab_size: int, max_len: int, tokenizer) -> Contender:
         model.train()
         return results
 
-    return Contender("transformers Marian", model, logits, transformers_loss, translate_fn)
+    return Contender(
+        "transformers Marian", model, logits, training_logits, transformers_loss, translate_fn
+    )
 
 
 class TrainingRun:
@@ -175,8 +187,8 @@ class TrainingRun:
             batch = self.data.sample(args.batch_size, self.generator)
             src, tgt_in = batch.inputs
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.dtype == "bfloat16"):
-                logits = self.contender.logits(src, tgt_in)
-            loss = self.contender.loss(logits, batch.targets)
+                logits, targets = self.contender.training_logits(src, tgt_in, batch.targets)
+            loss = self.contender.loss(logits, targets)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()

@@ -21,11 +21,15 @@ def tiny_config(**overrides):
 
 
 def copy_attention(ours, theirs: nn.MultiheadAttention) -> None:
-    w_q, w_k, w_v = theirs.in_proj_weight.chunk(3)
-    b_q, b_k, b_v = theirs.in_proj_bias.chunk(3)
-    for linear, w, b in ((ours.w_q, w_q, b_q), (ours.w_k, w_k, b_k), (ours.w_v, w_v, b_v)):
-        linear.weight.copy_(w)
-        linear.bias.copy_(b)
+    if ours.cross:  # W^Q alone, W^K and W^V stacked
+        c = ours.d_model
+        ours.w_q.weight.copy_(theirs.in_proj_weight[:c])
+        ours.w_q.bias.copy_(theirs.in_proj_bias[:c])
+        ours.w_kv.weight.copy_(theirs.in_proj_weight[c:])
+        ours.w_kv.bias.copy_(theirs.in_proj_bias[c:])
+    else:
+        ours.w_qkv.weight.copy_(theirs.in_proj_weight)
+        ours.w_qkv.bias.copy_(theirs.in_proj_bias)
     ours.w_o.weight.copy_(theirs.out_proj.weight)
     ours.w_o.bias.copy_(theirs.out_proj.bias)
 

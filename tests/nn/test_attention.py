@@ -73,21 +73,20 @@ def test_causal_mask_with_cached_offset():
 def copy_to_torch_mha(mha: MultiHeadAttention) -> torch.nn.MultiheadAttention:
     ref = torch.nn.MultiheadAttention(mha.d_model, mha.n_heads, batch_first=True)
     with torch.no_grad():
-        if mha.fused_qkv:
+        if mha.cross:
+            ref.in_proj_weight.copy_(torch.cat([mha.w_q.weight, mha.w_kv.weight]))
+            ref.in_proj_bias.copy_(torch.cat([mha.w_q.bias, mha.w_kv.bias]))
+        else:
             ref.in_proj_weight.copy_(mha.w_qkv.weight)
             ref.in_proj_bias.copy_(mha.w_qkv.bias)
-        else:
-            ref.in_proj_weight.copy_(torch.cat([mha.w_q.weight, mha.w_k.weight, mha.w_v.weight]))
-            ref.in_proj_bias.copy_(torch.cat([mha.w_q.bias, mha.w_k.bias, mha.w_v.bias]))
         ref.out_proj.weight.copy_(mha.w_o.weight)
         ref.out_proj.bias.copy_(mha.w_o.bias)
     return ref.eval()
 
 
 @pytest.mark.parametrize("implementation", ["sdpa", "explicit"])
-@pytest.mark.parametrize("fused_qkv", [True, False])
-def test_self_attention_matches_torch_multihead_attention(implementation, fused_qkv):
-    mha = MultiHeadAttention(12, 3, fused_qkv=fused_qkv, implementation=implementation).eval()
+def test_self_attention_matches_torch_multihead_attention(implementation):
+    mha = MultiHeadAttention(12, 3, implementation=implementation).eval()
     ref = copy_to_torch_mha(mha)
     x = torch.randn(2, 7, 12)
     padding = torch.ones(2, 7, dtype=torch.bool)
@@ -98,7 +97,7 @@ def test_self_attention_matches_torch_multihead_attention(implementation, fused_
 
 @pytest.mark.parametrize("implementation", ["sdpa", "explicit"])
 def test_causal_self_attention_matches_torch_with_causal_mask(implementation):
-    mha = MultiHeadAttention(12, 4, causal=True, fused_qkv=True, implementation=implementation)
+    mha = MultiHeadAttention(12, 4, causal=True, implementation=implementation)
     mha.eval()
     ref = copy_to_torch_mha(mha)
     x = torch.randn(3, 6, 12)
@@ -109,7 +108,7 @@ def test_causal_self_attention_matches_torch_with_causal_mask(implementation):
 
 @pytest.mark.parametrize("implementation", ["sdpa", "explicit"])
 def test_cross_attention_matches_torch(implementation):
-    mha = MultiHeadAttention(8, 2, fused_qkv=False, implementation=implementation).eval()
+    mha = MultiHeadAttention(8, 2, cross=True, implementation=implementation).eval()
     ref = copy_to_torch_mha(mha)
     x, memory = torch.randn(2, 3, 8), torch.randn(2, 9, 8)
     memory_mask = torch.ones(2, 9, dtype=torch.bool)
@@ -119,15 +118,35 @@ def test_cross_attention_matches_torch(implementation):
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
 
 
-def test_cross_attention_needs_separate_projections():
-    mha = MultiHeadAttention(8, 2, fused_qkv=True)
-    with pytest.raises(ValueError, match="separate projections"):
-        mha(torch.randn(1, 2, 8), memory=torch.randn(1, 3, 8))
+def test_self_and_cross_attention_refuse_each_others_inputs():
+    x, memory = torch.randn(1, 2, 8), torch.randn(1, 3, 8)
+    with pytest.raises(ValueError, match="self-attention takes no memory"):
+        MultiHeadAttention(8, 2)(x, memory=memory)
+    with pytest.raises(ValueError, match="cross-attention needs the memory"):
+        MultiHeadAttention(8, 2, cross=True)(x)
+    with pytest.raises(ValueError, match="cannot be causal"):
+        MultiHeadAttention(8, 2, causal=True, cross=True)
+
+
+def test_weight_blocks_are_views_of_the_paper_s_four_matrices():
+    for cross in (False, True):
+        mha = MultiHeadAttention(8, 2, cross=cross)
+        biases = [mha.w_q.bias, *mha.w_kv.bias.split(8)] if cross else mha.w_qkv.bias.split(8)
+        x = torch.randn(1, 3, 8)
+        w_q, w_k, w_v, w_o = mha.weight_blocks()
+        assert w_o is mha.w_o.weight
+        projected = mha.project(x, x if cross else None)
+        for out, w, b in zip(projected, (w_q, w_k, w_v), biases, strict=True):
+            torch.testing.assert_close(out, x @ w.T + b)
+        with torch.no_grad():
+            w_v.zero_()  # a view: the stored W^V changes with it
+        v = mha.project(x, x if cross else None)[2]
+        torch.testing.assert_close(v, biases[2].expand(1, 3, 8))
 
 
 @pytest.mark.parametrize("implementation", ["sdpa", "explicit"])
 def test_future_tokens_never_change_past_outputs(implementation):
-    mha = MultiHeadAttention(8, 2, causal=True, fused_qkv=True, implementation=implementation)
+    mha = MultiHeadAttention(8, 2, causal=True, implementation=implementation)
     x = torch.randn(1, 6, 8)
     changed = x.clone()
     changed[:, 4:] = torch.randn(1, 2, 8)
@@ -137,7 +156,7 @@ def test_future_tokens_never_change_past_outputs(implementation):
 
 @pytest.mark.parametrize("implementation", ["sdpa", "explicit"])
 def test_kv_cache_decoding_equals_full_forward(implementation):
-    mha = MultiHeadAttention(8, 2, causal=True, fused_qkv=True, implementation=implementation)
+    mha = MultiHeadAttention(8, 2, causal=True, implementation=implementation)
     x = torch.randn(2, 7, 8)
     padding = torch.ones(2, 7, dtype=torch.bool)
     padding[0, :2] = False  # left padding on the first row
@@ -156,7 +175,7 @@ def test_kv_cache_decoding_equals_full_forward(implementation):
 
 @pytest.mark.parametrize("implementation", ["sdpa", "explicit"])
 def test_kv_cache_chunk_without_padding_equals_full_forward(implementation):
-    mha = MultiHeadAttention(8, 2, causal=True, fused_qkv=True, implementation=implementation)
+    mha = MultiHeadAttention(8, 2, causal=True, implementation=implementation)
     x = torch.randn(1, 8, 8)
     cache = KVCache(1, 2, max_len=8, d_head=4)
     parts = [mha(x[:, :2], cache=cache), mha(x[:, 2:6], cache=cache), mha(x[:, 6:], cache=cache)]
@@ -170,7 +189,7 @@ def test_kv_cache_overflow_is_reported():
 
 
 def test_pattern_hook_exposes_attention_weights():
-    mha = MultiHeadAttention(8, 2, causal=True, fused_qkv=True, implementation="explicit")
+    mha = MultiHeadAttention(8, 2, causal=True, implementation="explicit")
     seen = []
     mha.hook_pattern.register_forward_hook(lambda module, args, out: seen.append(out))
     mha(torch.randn(1, 4, 8))

@@ -39,6 +39,7 @@ from tformer.nn import (
     TokenEmbedding,
 )
 from tformer.nn.attention import Implementation, set_implementation
+from tformer.nn.capture import NameFilter, run_with_cache
 from tformer.nn.feedforward import ACTIVATIONS, Activation
 from tformer.nn.sublayer import NormPosition
 
@@ -156,7 +157,6 @@ class Block(nn.Module):
             c.d_model,
             c.n_heads,
             causal=True,
-            fused_qkv=True,
             dropout=c.attention_dropout,
             implementation=c.attention,
         )
@@ -295,6 +295,18 @@ class GPT2(nn.Module):
         0. caches: one KVCache per block, for decoding.
         """
         return self.unembed(self.features(input_ids, attention_mask, position_ids, caches))
+
+    def run_with_cache(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        names: NameFilter = None,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """logits (B, T, V) and the activations at the hook points, by name:
+        `logits, cache = model.run_with_cache(ids)`, then e.g.
+        `cache["blocks.0.hook_resid_post"]` (B, T, C) or `cache["blocks.0.attn.hook_pattern"]`
+        (B, H, T, T). See tformer.nn.capture."""
+        return run_with_cache(self, input_ids, attention_mask, names=names)
 
     def features(
         self,

@@ -39,6 +39,7 @@ from tformer.nn import (
     TokenEmbedding,
 )
 from tformer.nn.attention import Implementation, set_implementation
+from tformer.nn.capture import NameFilter, run_with_cache
 from tformer.nn.feedforward import ACTIVATIONS, Activation
 from tformer.nn.sublayer import NormPosition
 
@@ -127,11 +128,12 @@ def sublayer(c: Seq2SeqConfig) -> SublayerConnection:
     return SublayerConnection(c.d_model, c.norm_position, c.residual, c.dropout, c.layer_norm_eps)
 
 
-def attention(c: Seq2SeqConfig, causal: bool) -> MultiHeadAttention:
+def attention(c: Seq2SeqConfig, causal: bool = False, cross: bool = False) -> MultiHeadAttention:
     return MultiHeadAttention(
         c.d_model,
         c.n_heads,
         causal=causal,
+        cross=cross,
         dropout=c.attention_dropout,
         implementation=c.attention,
     )
@@ -143,13 +145,15 @@ class EncoderLayer(nn.Module):
     def __init__(self, config: Seq2SeqConfig) -> None:
         super().__init__()
         self.attn_sublayer = sublayer(config)
-        self.self_attn = attention(config, causal=False)
+        self.self_attn = attention(config)
         self.ff_sublayer = sublayer(config)
         self.ff = FeedForward(config.d_model, config.d_ff, config.activation)
+        self.hook_resid_pre = HookPoint()
         self.hook_resid_mid = HookPoint()
         self.hook_resid_post = HookPoint()
 
     def forward(self, x: torch.Tensor, src_mask: torch.Tensor | None) -> torch.Tensor:
+        x = self.hook_resid_pre(x)
         x = self.attn_sublayer(x, lambda h: self.self_attn(h, attention_mask=src_mask))
         x = self.hook_resid_mid(x)
         return self.hook_resid_post(self.ff_sublayer(x, self.ff))
@@ -163,9 +167,10 @@ class DecoderLayer(nn.Module):
         self.self_attn_sublayer = sublayer(config)
         self.self_attn = attention(config, causal=True)
         self.cross_attn_sublayer = sublayer(config)
-        self.cross_attn = attention(config, causal=False)
+        self.cross_attn = attention(config, cross=True)
         self.ff_sublayer = sublayer(config)
         self.ff = FeedForward(config.d_model, config.d_ff, config.activation)
+        self.hook_resid_pre = HookPoint()
         self.hook_resid_mid = HookPoint()  # after self-attention
         self.hook_resid_cross = HookPoint()  # after cross-attention
         self.hook_resid_post = HookPoint()
@@ -182,6 +187,7 @@ class DecoderLayer(nn.Module):
 
         memory_kv: the cross-attention keys and values of the memory, when precomputed.
         """
+        x = self.hook_resid_pre(x)
         x = self.self_attn_sublayer(x, lambda h: self.self_attn(h, cache=cache))
         x = self.hook_resid_mid(x)
 
@@ -238,10 +244,24 @@ class Seq2SeqTransformer(nn.Module):
             g.seed()
         else:
             g.manual_seed(seed)
+
+        def xavier_(weight: torch.Tensor) -> None:  # weight (fan_out, fan_in)
+            bound = INIT_GAIN * math.sqrt(6.0 / (weight.shape[0] + weight.shape[1]))
+            nn.init.uniform_(weight, -bound, bound, generator=g)
+
+        done: set[nn.Module] = set()
         for module in self.modules():
-            if isinstance(module, nn.Linear):
-                bound = INIT_GAIN * math.sqrt(6.0 / (module.in_features + module.out_features))
-                nn.init.uniform_(module.weight, -bound, bound, generator=g)
+            if isinstance(module, MultiHeadAttention):
+                # W^Q, W^K, W^V are C x C matrices even where they are stored stacked.
+                for weight in module.weight_blocks():
+                    xavier_(weight)
+                for linear in module.children():
+                    if isinstance(linear, nn.Linear):
+                        if linear.bias is not None:
+                            nn.init.zeros_(linear.bias)
+                        done.add(linear)
+            elif isinstance(module, nn.Linear) and module not in done:
+                xavier_(module.weight)
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
             elif isinstance(module, TokenEmbedding):
@@ -329,10 +349,27 @@ class Seq2SeqTransformer(nn.Module):
         src_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Teacher forcing: source (B, S), target input (B, T) -> logits (B, T, V)."""
+        return self.unembed(self.features(src_ids, tgt_ids, src_mask))
+
+    def features(
+        self,
+        src_ids: torch.Tensor,
+        tgt_ids: torch.Tensor,
+        src_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Teacher forcing up to the decoder's output (B, T, C), before the unembedding."""
         if src_mask is None:
             src_mask = self.source_mask(src_ids)
         memory = self.encode(src_ids, src_mask)
-        return self.unembed(self.decode(tgt_ids, memory, src_mask))
+        return self.decode(tgt_ids, memory, src_mask)
+
+    def run_with_cache(
+        self, src_ids: torch.Tensor, tgt_ids: torch.Tensor, names: NameFilter = None
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Teacher-forced logits (B, T, V) and the activations at the hook points, by name
+        (e.g. `decoder_layers.0.cross_attn.hook_pattern`, (B, H, T, S)); see
+        tformer.nn.capture."""
+        return run_with_cache(self, src_ids, tgt_ids, names=names)
 
     def new_caches(self, batch_size: int, max_len: int | None = None) -> list[KVCache]:
         """One empty self-attention KV cache per decoder layer."""

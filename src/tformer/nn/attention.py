@@ -94,10 +94,12 @@ def causal_mask(t: int, s: int, device: torch.device | None = None) -> torch.Ten
 class MultiHeadAttention(nn.Module):
     """Multi-head attention: self, causal self, or cross.
 
-    `fused_qkv` keeps W^Q, W^K, W^V in one (C, 3C) projection (GPT-2); otherwise they are
-    three projections, which cross-attention needs because K and V come from the memory.
-    `implementation` picks the explicit path (which exposes the weights at `hook_pattern`)
-    or PyTorch's fused kernel; the two agree to float rounding.
+    Self-attention keeps W^Q, W^K, W^V stacked in one (C, 3C) projection `w_qkv` (GPT-2's
+    layout), so one matmul over the input gives all three. Cross-attention (`cross=True`)
+    reads K and V from another sequence, the memory: it has W^Q alone (`w_q`) and W^K, W^V
+    stacked (`w_kv`). `weight_blocks` gives the four C x C matrices of the paper however
+    they are stored. `implementation` picks the explicit path (which exposes the weights at
+    `hook_pattern`) or PyTorch's fused kernel; the two agree to float rounding.
     """
 
     def __init__(
@@ -105,7 +107,7 @@ class MultiHeadAttention(nn.Module):
         d_model: int,
         n_heads: int,
         causal: bool = False,
-        fused_qkv: bool = False,
+        cross: bool = False,
         bias: bool = True,
         dropout: float = 0.0,
         implementation: Implementation = "sdpa",
@@ -115,25 +117,34 @@ class MultiHeadAttention(nn.Module):
             raise ValueError(f"d_model ({d_model}) must be divisible by n_heads ({n_heads})")
         if implementation not in ("sdpa", "explicit"):
             raise ValueError(f"unknown attention implementation {implementation!r}")
+        if causal and cross:
+            raise ValueError("cross-attention sees the whole memory: it cannot be causal")
         self.d_model, self.n_heads, self.d_head = d_model, n_heads, d_model // n_heads
         self.causal = causal
-        self.fused_qkv = fused_qkv
+        self.cross = cross
         self.dropout = dropout
         self.implementation: Implementation = implementation
-        if fused_qkv:
-            self.w_qkv = nn.Linear(d_model, 3 * d_model, bias=bias)
-        else:
+        if cross:
             self.w_q = nn.Linear(d_model, d_model, bias=bias)
-            self.w_k = nn.Linear(d_model, d_model, bias=bias)
-            self.w_v = nn.Linear(d_model, d_model, bias=bias)
+            self.w_kv = nn.Linear(d_model, 2 * d_model, bias=bias)
+        else:
+            self.w_qkv = nn.Linear(d_model, 3 * d_model, bias=bias)
         self.w_o = nn.Linear(d_model, d_model, bias=bias)
         self.hook_pattern = HookPoint()
 
     def extra_repr(self) -> str:
         return (
             f"n_heads={self.n_heads}, d_head={self.d_head}, causal={self.causal}, "
-            f"implementation={self.implementation!r}"
+            f"cross={self.cross}, implementation={self.implementation!r}"
         )
+
+    def weight_blocks(self) -> list[torch.Tensor]:
+        """W^Q, W^K, W^V, W^O: four (C, C) views of the stored weights, in that order."""
+        if self.cross:
+            qkv = [self.w_q.weight, *self.w_kv.weight.split(self.d_model)]
+        else:
+            qkv = list(self.w_qkv.weight.split(self.d_model))
+        return [*qkv, self.w_o.weight]
 
     def split_heads(self, x: torch.Tensor) -> torch.Tensor:
         b, t, _ = x.shape
@@ -143,12 +154,16 @@ class MultiHeadAttention(nn.Module):
         self, x: torch.Tensor, memory: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Q from x; K and V from the memory in cross-attention, else from x. Each (B, *, C)."""
-        if self.fused_qkv:
+        if not self.cross:
             if memory is not None:
-                raise ValueError("cross-attention needs separate projections: fused_qkv=False")
+                raise ValueError(
+                    "self-attention takes no memory; use MultiHeadAttention(cross=True)"
+                )
             return self.w_qkv(x).split(self.d_model, dim=-1)
-        source = x if memory is None else memory
-        return self.w_q(x), self.w_k(source), self.w_v(source)
+        if memory is None:
+            raise ValueError("cross-attention needs the memory (or its keys and values)")
+        k, v = self.w_kv(memory).split(self.d_model, dim=-1)
+        return self.w_q(x), k, v
 
     def project_memory(self, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Cross-attention's keys and values (B, H, S, D) from the memory (B, S, C).
@@ -156,9 +171,12 @@ class MultiHeadAttention(nn.Module):
         They depend only on the source, so a decoder computes them once per sentence and
         passes them as `memory_kv` at every step.
         """
-        if self.fused_qkv:
-            raise ValueError("cross-attention needs separate projections: fused_qkv=False")
-        return self.split_heads(self.w_k(memory)), self.split_heads(self.w_v(memory))
+        if not self.cross:
+            raise ValueError(
+                "only cross-attention reads a memory; use MultiHeadAttention(cross=True)"
+            )
+        k, v = self.w_kv(memory).split(self.d_model, dim=-1)
+        return self.split_heads(k), self.split_heads(v)
 
     def forward(
         self,
@@ -176,6 +194,8 @@ class MultiHeadAttention(nn.Module):
         """
         b, t, _ = x.shape
         if memory_kv is not None:
+            if not self.cross:
+                raise ValueError("only cross-attention takes memory_kv")
             q, (k, v) = self.split_heads(self.w_q(x)), memory_kv  # (B, H, *, D)
         else:
             q, k, v = (self.split_heads(p) for p in self.project(x, memory))  # (B, H, *, D)
