@@ -70,3 +70,24 @@ def keep_freed_memory() -> bool:
         return libc.mallopt(M_TRIM_THRESHOLD, KEEP_FREED_BYTES) == 1 and ok
     except (OSError, AttributeError):
         return False
+
+
+def cpu_model() -> str:
+    """The CPU's name, with family and model numbers (some hypervisors hide the full name)."""
+    fields = {}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                fields.setdefault(key.strip(), value.strip())
+    except OSError:
+        return platform.processor() or "unknown CPU"
+    name = fields.get("model name", "unknown CPU")
+    return f"{name} (family {fields.get('cpu family', '?')}, model {fields.get('model', '?')})"
+
+
+def machine_line() -> str:
+    """What a measurement ran on: CPU, torch version, threads, and the GPU if there is one."""
+    return f"CPU: {cpu_model()} | torch {torch.__version__} | {torch.get_num_threads()} threads" + (
+        f" | GPU: {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
+    )

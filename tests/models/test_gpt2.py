@@ -128,6 +128,26 @@ def test_named_hook_points_expose_the_residual_stream():
     )
 
 
+@pytest.mark.parametrize("norm_position", ["pre", "post", "none"])
+@pytest.mark.parametrize("residual", [True, False])
+def test_block_is_the_two_sublayers_in_the_chosen_wiring(norm_position, residual):
+    block = GPT2(tiny(norm_position=norm_position, residual=residual), seed=1).blocks[0]
+    x = torch.randn(2, 5, 24)
+
+    def wrap(connection, f, x):  # the sublayer connection, written out (tformer.nn.sublayer)
+        norm = connection.norm if norm_position != "none" else (lambda h: h)
+        skip = x if residual else 0.0
+        if norm_position == "pre":
+            return skip + f(norm(x))
+        return norm(skip + f(x))
+
+    h = wrap(block.attn_sublayer, block.attn, x)
+    expected = wrap(block.mlp_sublayer, block.mlp, h)
+    torch.testing.assert_close(block(x), expected)
+    if not residual and norm_position == "none":  # no residual, no norm: F(x) alone
+        torch.testing.assert_close(block(x), block.mlp(block.attn(x)))
+
+
 @pytest.mark.parametrize("norm_position", ["post", "none"])
 def test_other_norm_placements_build_without_final_norm(norm_position):
     model = GPT2(tiny(norm_position=norm_position), seed=5)

@@ -6,18 +6,34 @@ import sys
 
 from tformer import __version__
 from tformer.cli import (
+    attention,
     demo,
     evaluate,
     generate,
     info,
     init,
+    inspect,
+    lab,
     plot,
     tokenize,
     train,
     translate,
 )
 
-COMMANDS = [demo, train, evaluate, generate, translate, plot, info, init, tokenize]
+COMMANDS = [
+    demo,
+    train,
+    evaluate,
+    generate,
+    translate,
+    plot,
+    lab,
+    inspect,
+    attention,
+    info,
+    init,
+    tokenize,
+]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,225 @@
+"""The lab's report: a Markdown table and three plots, written into one directory.
+
+report.md            the settings, the table, the plots
+results.json         every number (one object per run)
+loss_curves.png      training loss per step, one panel per depth, one line per variant
+grad_norms.png       at initialisation, by layer: the parameters' gradient norm (top)
+                     and the gradient arriving at the residual stream (bottom)
+residual_norms.png   the residual stream's norm by layer, at initialisation (top) and
+                     after training (bottom)
+"""
+
+import math
+from dataclasses import asdict
+from pathlib import Path
+
+from tformer.files import atomic_write, atomic_write_json, atomic_write_text
+from tformer.lab.experiment import VARIANTS, LabConfig, LabData, RunResult
+
+REPORT_FILE = "report.md"
+RESULTS_FILE = "results.json"
+PLOTS = ("loss_curves.png", "grad_norms.png", "residual_norms.png")
+
+
+def finite_or_none(x: float | None) -> float | None:
+    """JSON has no NaN or infinity: such a number is written as null."""
+    return x if x is not None and math.isfinite(x) else None
+
+
+def json_safe(obj):
+    if isinstance(obj, float):
+        return finite_or_none(obj)
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
+def summary_rows(results: list[RunResult]) -> list[dict]:
+    """One row per run, the table's columns."""
+    return [
+        {
+            "depth": r.depth,
+            "variant": r.variant,
+            "label": VARIANTS[r.variant].label,
+            "final_val_loss": finite_or_none(r.final_val_loss),
+            "status": r.status,
+            "grad_ratio": finite_or_none(r.grad_ratio),
+            "residual_growth_init": finite_or_none(
+                r.init_residual_norms[-1] / r.init_residual_norms[0]
+                if r.init_residual_norms[0] > 0
+                else math.inf
+            ),
+            "seconds": r.seconds,
+        }
+        for r in results
+    ]
+
+
+def _number(x: float | None, digits: int) -> str:
+    return "—" if x is None else f"{x:.{digits}f}"
+
+
+def markdown_report(
+    config: LabConfig, data: LabData, results: list[RunResult], machine: str
+) -> str:
+    lines = [
+        "# The residual / LayerNorm lab",
+        "",
+        "Character-level GPTs on the built-in Shakespeare (vocabulary "
+        f"{data.tokenizer.vocab_size}), d_model {config.d_model}, {config.n_heads} heads, "
+        f"context {config.context}, batch "
+        f"{config.batch_size}, {config.steps} steps of AdamW (lr {config.lr:g}, cosine decay to "
+        f"{config.min_lr:g}; warm-up {config.warmup_steps} steps where the variant has it), "
+        f"gradient clipping 1.0, {config.dtype}, seed {config.seed}. The loss is the mean over "
+        f"{config.eval_batches} validation batches at the last step. Predicting each character "
+        f"from its frequency alone gives {data.unigram_loss:.3f} (the unigram loss), and a "
+        f"uniform guess {math.log(data.tokenizer.vocab_size):.3f}.",
+        "",
+        f"Machine: {machine}",
+        "",
+        "Status: *diverged* = the loss became NaN or infinite; *failed* = it ended no better "
+        "than the unigram loss; *trained* otherwise. Gradient ratio = ||dL/dθ|| of the last "
+        "layer's parameters over the first layer's, at initialisation, on one probe batch. "
+        "Stream growth = the residual stream's mean norm leaving the last layer over its norm "
+        "entering the first, at initialisation.",
+        "",
+        "| depth | variant | final val loss | status | gradient ratio (last/first) "
+        "| stream growth | seconds |",
+        "|---:|---|---:|---|---:|---:|---:|",
+    ]
+    for row in summary_rows(results):
+        lines.append(
+            f"| {row['depth']} | {row['label']} | {_number(row['final_val_loss'], 3)} | "
+            f"{row['status']} | {_number(row['grad_ratio'], 2)} | "
+            f"{_number(row['residual_growth_init'], 2)} | {row['seconds']:.0f} |"
+        )
+    lines += ["", "## Plots", ""]
+    for name in PLOTS:
+        lines += [f"![{name}]({name})", ""]
+    return "\n".join(lines)
+
+
+def _by_depth(results: list[RunResult]) -> dict[int, list[RunResult]]:
+    grouped: dict[int, list[RunResult]] = {}
+    for r in results:
+        grouped.setdefault(r.depth, []).append(r)
+    return grouped
+
+
+def _figure(rows: int, columns: int):
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no screen needed
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(
+        rows, columns, figsize=(4.2 * columns, 3.4 * rows), dpi=110, squeeze=False
+    )
+    return plt, fig, axes
+
+
+def _save(plt, fig, path: Path) -> None:
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
+    plt.close(fig)
+
+
+def _smooth(values: list[float], window: int) -> list[float]:
+    out, total = [], 0.0
+    for i, v in enumerate(values):
+        total += v
+        if i >= window:
+            total -= values[i - window]
+        out.append(total / min(i + 1, window))
+    return out
+
+
+def plot_loss_curves(results: list[RunResult], data: LabData, path: Path) -> None:
+    grouped = _by_depth(results)
+    plt, fig, axes = _figure(1, len(grouped))
+    ceiling = math.log(data.tokenizer.vocab_size) + 0.5
+    for ax, (depth, runs) in zip(axes[0], grouped.items(), strict=True):
+        for r in runs:
+            losses = [min(x, ceiling) if math.isfinite(x) else ceiling for x in r.train_loss]
+            window = max(1, len(losses) // 50)
+            ax.plot(range(1, len(losses) + 1), _smooth(losses, window), lw=1.1,
+                    label=VARIANTS[r.variant].label)  # fmt: skip
+        ax.axhline(data.unigram_loss, color="grey", ls=":", lw=1, label="unigram loss")
+        ax.set_title(f"{depth} layers")
+        ax.set_xlabel("step")
+        ax.set_ylim(top=ceiling)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("training loss (nats, smoothed)")
+    axes[0][-1].legend(fontsize=7)
+    _save(plt, fig, path)
+
+
+def _by_layer(ax, runs: list[RunResult], values, ylabel: str, log: bool = True) -> None:
+    for r in runs:
+        ys = values(r)
+        if ys is None:
+            continue
+        ax.plot(range(len(ys)), ys, "o-", ms=2.5, lw=1.1, label=VARIANTS[r.variant].label)
+    if log:
+        ax.set_yscale("log")
+    ax.set_ylabel(ylabel, fontsize=8)
+    ax.grid(alpha=0.3)
+
+
+def plot_grad_norms(results: list[RunResult], path: Path) -> None:
+    grouped = _by_depth(results)
+    plt, fig, axes = _figure(2, len(grouped))
+    for column, (depth, runs) in enumerate(grouped.items()):
+        top, bottom = axes[0][column], axes[1][column]
+        _by_layer(top, runs, lambda r: r.init_param_grads, "||dL/dθ|| of the layer")
+        _by_layer(bottom, runs, lambda r: r.init_residual_grads, "||dL/dx|| entering the layer")
+        top.set_title(f"{depth} layers, at initialisation")
+        bottom.set_xlabel("layer (0 = first)")
+    axes[0][-1].legend(fontsize=7)
+    _save(plt, fig, path)
+
+
+def plot_residual_norms(results: list[RunResult], path: Path) -> None:
+    grouped = _by_depth(results)
+    plt, fig, axes = _figure(2, len(grouped))
+    for column, (depth, runs) in enumerate(grouped.items()):
+        top, bottom = axes[0][column], axes[1][column]
+        _by_layer(top, runs, lambda r: r.init_residual_norms, "mean ||x|| per position")
+        _by_layer(bottom, runs, lambda r: r.final_residual_norms, "mean ||x|| per position")
+        top.set_title(f"{depth} layers, at initialisation")
+        bottom.set_title(f"{depth} layers, after training")
+        bottom.set_xlabel("residual stream after layer (0 = embeddings)")
+    axes[0][-1].legend(fontsize=7)
+    _save(plt, fig, path)
+
+
+def write_report(
+    out_dir: str | Path,
+    config: LabConfig,
+    data: LabData,
+    results: list[RunResult],
+    machine: str,
+) -> Path:
+    """Write report.md, results.json and the plots into out_dir; return report.md's path."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(
+        out_dir / RESULTS_FILE,
+        json_safe(
+            {
+                "machine": machine,
+                "config": asdict(config),
+                "unigram_loss": data.unigram_loss,
+                "summary": summary_rows(results),
+                "runs": [asdict(r) for r in results],
+            }
+        ),
+    )
+    plot_loss_curves(results, data, out_dir / PLOTS[0])
+    plot_grad_norms(results, out_dir / PLOTS[1])
+    plot_residual_norms(results, out_dir / PLOTS[2])
+    path = out_dir / REPORT_FILE
+    atomic_write_text(path, markdown_report(config, data, results, machine) + "\n")
+    return path
