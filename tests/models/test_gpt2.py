@@ -128,6 +128,24 @@ def test_named_hook_points_expose_the_residual_stream():
     )
 
 
+def test_xavier_initialisation_is_the_original_transformers():
+    a = GPT2(tiny(init="xavier", d_model=48, n_heads=4), seed=3)
+    b = GPT2(tiny(init="xavier", d_model=48, n_heads=4), seed=3)
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters(), strict=True))
+    block = a.blocks[1]
+    square = math.sqrt(6 / (48 + 48))  # W^Q, W^K, W^V, W^O: each 48 x 48
+    for w in block.attn.weight_blocks():
+        assert w.abs().max() <= square
+        assert w.std().item() == pytest.approx(square / math.sqrt(3), rel=0.1)
+    wide = math.sqrt(6 / (48 + 192))  # the MLP's 48 x 192 and 192 x 48
+    for w in (block.mlp.w1.weight, block.mlp.w2.weight):
+        assert w.std().item() == pytest.approx(wide / math.sqrt(3), rel=0.1)
+    assert a.token_embedding.weight.std().item() == pytest.approx(48**-0.5, rel=0.1)
+    assert torch.equal(block.mlp.w2.bias, torch.zeros(48))
+    with pytest.raises(ValueError, match="init"):
+        tiny(init="orthogonal")
+
+
 @pytest.mark.parametrize("norm_position", ["pre", "post", "none"])
 @pytest.mark.parametrize("residual", [True, False])
 def test_block_is_the_two_sublayers_in_the_chosen_wiring(norm_position, residual):

@@ -53,6 +53,13 @@ def add_parser(sub) -> None:
     p.add_argument("--lr", type=float, help=f"peak learning rate (default: {defaults.lr:g})")
     p.add_argument("--warmup-steps", type=int, help=f"(default: {defaults.warmup_steps})")
     p.add_argument("--seed", type=int, help=f"(default: {defaults.seed})")
+    p.add_argument(
+        "--init",
+        choices=["xavier", "gpt2"],
+        help="xavier: the original Transformer's initialisation, as Xiong et al. used; gpt2: "
+        "N(0, 0.02) with the projections into the residual stream scaled by 1/sqrt(2 layers) "
+        f"(default: {defaults.init})",
+    )
     p.add_argument("--fresh", action="store_true", help="rerun runs already saved in OUT/runs")
     p.add_argument("--device", default="cpu", help="cpu, cuda, ...")
     p.add_argument("--json", action="store_true", help="print the summary table as one JSON line")
@@ -64,7 +71,8 @@ def lab_config(args) -> LabConfig:
     settings = {f.name: getattr(base, f.name) for f in fields(LabConfig)}
     if args.variants is not None:
         settings["variants"] = tuple(v.strip() for v in args.variants.split(",") if v.strip())
-    for name in ("depths", "steps", "d_model", "n_heads", "context", "batch_size", "lr", "seed"):
+    names = ("depths", "steps", "d_model", "n_heads", "context", "batch_size", "lr", "seed", "init")
+    for name in names:
         if getattr(args, name) is not None:
             settings[name] = getattr(args, name)
     if args.warmup_steps is not None:

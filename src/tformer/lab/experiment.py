@@ -63,7 +63,7 @@ VARIANTS: dict[str, Variant] = {
 class LabConfig:
     depths: tuple[int, ...] = (2, 6, 12, 24)
     variants: tuple[str, ...] = tuple(VARIANTS)
-    steps: int = 1000
+    steps: int = 800
     d_model: int = 64
     n_heads: int = 4
     context: int = 64
@@ -76,6 +76,7 @@ class LabConfig:
     probe_batch_size: int = 32  # windows in the batch the instruments measure
     seed: int = 0
     dtype: str = "float32"
+    init: str = "xavier"  # the original Transformer's, as in Xiong et al.; or "gpt2"
 
     def __post_init__(self) -> None:
         self.depths = tuple(self.depths)
@@ -93,6 +94,8 @@ class LabConfig:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model ({self.d_model}) must be divisible by n_heads")
+        if self.init not in ("xavier", "gpt2"):
+            raise ValueError(f"init must be 'xavier' or 'gpt2', got {self.init!r}")
         # The trainer's own checks (learning rates, warm-up, dtype) apply to every run.
         self.train_config(VARIANTS[self.variants[0]])
 
@@ -123,6 +126,7 @@ class LabConfig:
             activation="gelu",  # exact GELU: faster than tanh's on CPUs (docs/LOG.md)
             norm_position=variant.norm_position,
             residual=variant.residual,
+            init=self.init,
         )
 
     def train_config(self, variant: Variant) -> TrainConfig:

@@ -72,7 +72,8 @@ def markdown_report(
         f"context {config.context}, batch "
         f"{config.batch_size}, {config.steps} steps of AdamW (lr {config.lr:g}, cosine decay to "
         f"{config.min_lr:g}; warm-up {config.warmup_steps} steps where the variant has it), "
-        f"gradient clipping 1.0, {config.dtype}, seed {config.seed}. The loss is the mean over "
+        f"gradient clipping 1.0, {config.dtype}, seed {config.seed}, initialisation "
+        f"`{config.init}`. The loss is the mean over "
         f"{config.eval_batches} validation batches at the last step. Predicting each character "
         f"from its frequency alone gives {data.unigram_loss:.3f} (the unigram loss), and a "
         f"uniform guess {math.log(data.tokenizer.vocab_size):.3f}.",

@@ -16,7 +16,10 @@ be saved in the Hugging Face layout.
 Initialisation (one place, `init_weights`): every weight matrix and embedding ~ N(0, 0.02),
 biases 0, LayerNorm gains 1; the two projections that write into the residual stream in each
 block (attention output, second MLP layer) ~ N(0, 0.02 / sqrt(2 n_layers)), so that the
-stream's variance does not grow with depth.
+stream's variance does not grow with depth. `init="xavier"` instead gives the original
+Transformer's: Xavier-uniform matrices, U(-b, b) with b = sqrt(6 / (fan_in + fan_out)) (W^Q,
+W^K, W^V each as its own C x C matrix), embeddings ~ N(0, 1/C), nothing scaled by depth;
+the residual / LayerNorm lab uses it, as Xiong et al. (2020) did.
 """
 
 import math
@@ -73,6 +76,7 @@ class GPT2Config:
     norm_position: NormPosition = "pre"
     residual: bool = True
     attention: Implementation = "sdpa"
+    init: str = "gpt2"  # "gpt2", or "xavier": the original Transformer's (see init_weights)
 
     def __post_init__(self) -> None:
         if self.d_ff is None:
@@ -110,6 +114,8 @@ class GPT2Config:
                 f"GPT2Config.activation must be one of {', '.join(ACTIVATIONS)}, "
                 f"got {self.activation!r}"
             )
+        if self.init not in ("gpt2", "xavier"):
+            raise ValueError(f"GPT2Config.init must be 'gpt2' or 'xavier', got {self.init!r}")
         if self.attention not in ("sdpa", "explicit"):
             raise ValueError(
                 f"GPT2Config.attention must be 'sdpa' or 'explicit', got {self.attention!r}"
@@ -207,7 +213,8 @@ class GPT2(nn.Module):
 
     @torch.no_grad()
     def init_weights(self, seed: int | None = None) -> None:
-        """GPT-2's initialisation; the same seed gives the same weights."""
+        """GPT-2's initialisation, or with config.init == "xavier" the original Transformer's
+        (see the module's docstring); the same seed gives the same weights."""
         device = self.token_embedding.weight.device
         if device.type == "meta":
             return
@@ -216,6 +223,9 @@ class GPT2(nn.Module):
             g.seed()
         else:
             g.manual_seed(seed)
+        if self.config.init == "xavier":
+            self.init_xavier(g)
+            return
         std = self.config.init_std
         for module in self.modules():
             if isinstance(module, nn.Linear):
@@ -231,6 +241,25 @@ class GPT2(nn.Module):
         for block in self.blocks:
             nn.init.normal_(block.attn.w_o.weight, 0.0, residual_std, generator=g)
             nn.init.normal_(block.mlp.w2.weight, 0.0, residual_std, generator=g)
+
+    def init_xavier(self, g: torch.Generator) -> None:
+        def xavier_(weight: torch.Tensor) -> None:  # weight (fan_out, fan_in)
+            bound = math.sqrt(6.0 / (weight.shape[0] + weight.shape[1]))
+            nn.init.uniform_(weight, -bound, bound, generator=g)
+
+        for block in self.blocks:
+            for weight in block.attn.weight_blocks():  # W^Q, W^K, W^V, W^O
+                xavier_(weight)
+            for linear in (block.mlp.w1, block.mlp.w2):
+                xavier_(linear.weight)
+        for module in self.modules():
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                nn.init.zeros_(module.bias)
+            elif isinstance(module, (TokenEmbedding, LearnedPositionalEmbedding)):
+                nn.init.normal_(module.weight, 0.0, self.config.d_model**-0.5, generator=g)
+            elif isinstance(module, LayerNorm):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
 
     def set_attention(self, implementation: Implementation) -> None:
         """Run attention on the explicit or the fused path from now on (see
