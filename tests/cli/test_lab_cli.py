@@ -18,8 +18,20 @@ def run_cli(capsys, *argv):
 @pytest.fixture(scope="module")
 def gpt_checkpoint(tmp_path_factory):
     out = tmp_path_factory.mktemp("gpt")
-    main(["init", str(out), "--n-layers", "2", "--d-model", "32", "--n-heads", "2",
-          "--max-len", "64"])  # fmt: skip
+    main(
+        [
+            "init",
+            str(out),
+            "--n-layers",
+            "2",
+            "--d-model",
+            "32",
+            "--n-heads",
+            "2",
+            "--max-len",
+            "64",
+        ]
+    )
     return out
 
 
@@ -46,8 +58,18 @@ def seq2seq_checkpoint(tmp_path_factory):
 
 def test_attention_grid_of_all_heads_and_weights_as_json(gpt_checkpoint, capsys, tmp_path):
     png = tmp_path / "a.png"
-    out = run_cli(capsys, "attention", str(gpt_checkpoint), "--text", "Hello there, world",
-                  "--layer", "1", "--out", str(png), "--json")  # fmt: skip
+    out = run_cli(
+        capsys,
+        "attention",
+        str(gpt_checkpoint),
+        "--text",
+        "Hello there, world",
+        "--layer",
+        "1",
+        "--out",
+        str(png),
+        "--json",
+    )
     result = json.loads(out)
     assert png.read_bytes()[:8] == PNG_MAGIC
     assert sorted(result["weights"]) == ["0", "1"]
@@ -61,8 +83,9 @@ def test_attention_grid_of_all_heads_and_weights_as_json(gpt_checkpoint, capsys,
 
 def test_attention_of_one_head_and_bad_choices(gpt_checkpoint, capsys, tmp_path):
     png = tmp_path / "h.png"
-    run_cli(capsys, "attention", str(gpt_checkpoint), "--text", "abc", "--head", "0",
-            "--out", str(png))  # fmt: skip
+    run_cli(
+        capsys, "attention", str(gpt_checkpoint), "--text", "abc", "--head", "0", "--out", str(png)
+    )
     assert png.read_bytes()[:8] == PNG_MAGIC
     for argv, message in [
         (["--head", "2"], "--head must be in 0..1"),
@@ -75,8 +98,18 @@ def test_attention_of_one_head_and_bad_choices(gpt_checkpoint, capsys, tmp_path)
 
 def test_cross_attention_of_a_translation_checkpoint(seq2seq_checkpoint, capsys, tmp_path):
     png = tmp_path / "cross.png"
-    out = run_cli(capsys, "attention", str(seq2seq_checkpoint), "--text", "the cat sees",
-                  "--target", "le chat", "--out", str(png), "--json")  # fmt: skip
+    out = run_cli(
+        capsys,
+        "attention",
+        str(seq2seq_checkpoint),
+        "--text",
+        "the cat sees",
+        "--target",
+        "le chat",
+        "--out",
+        str(png),
+        "--json",
+    )
     result = json.loads(out)
     assert result["kind"] == "cross-attention"
     assert result["query_tokens"][0] == "<s>" and result["key_tokens"][-1] == "</s>"
@@ -86,8 +119,7 @@ def test_cross_attention_of_a_translation_checkpoint(seq2seq_checkpoint, capsys,
 
 
 def test_inspect_reports_every_layer_and_the_lens_ends_at_the_loss(gpt_checkpoint, capsys):
-    out = run_cli(capsys, "inspect", str(gpt_checkpoint), "--text", "Hello there, world",
-                  "--json")  # fmt: skip
+    out = run_cli(capsys, "inspect", str(gpt_checkpoint), "--text", "Hello there, world", "--json")
     result = json.loads(out)
     assert [row["layer"] for row in result["layers"]] == ["blocks.0", "blocks.1"]
     assert set(result["layers"][0]["parameter_grads"]) == {"attn", "mlp"}
@@ -100,8 +132,16 @@ def test_inspect_reports_every_layer_and_the_lens_ends_at_the_loss(gpt_checkpoin
 
 
 def test_inspect_a_translation_checkpoint(seq2seq_checkpoint, capsys):
-    out = run_cli(capsys, "inspect", str(seq2seq_checkpoint), "--text", "a dog",
-                  "--target", "la lune", "--json")  # fmt: skip
+    out = run_cli(
+        capsys,
+        "inspect",
+        str(seq2seq_checkpoint),
+        "--text",
+        "a dog",
+        "--target",
+        "la lune",
+        "--json",
+    )
     result = json.loads(out)
     layers = [row["layer"] for row in result["layers"]]
     assert layers == ["encoder_layers.0", "encoder_layers.1", "decoder_layers.0"]

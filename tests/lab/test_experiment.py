@@ -8,7 +8,7 @@ import torch
 from tformer.cli.main import main
 from tformer.lab import experiment
 from tformer.lab.experiment import VARIANTS, LabConfig, status_of, unigram_loss
-from tformer.lab.report import PLOTS
+from tformer.lab.report import PLOTS, at_initialisation, color_of
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -48,7 +48,7 @@ def test_variants_set_the_switches_they_name():
 
 
 def test_a_run_whose_loss_becomes_nan_is_reported_diverged(monkeypatch, tmp_path):
-    def fit_that_blows_up(model, train, val, config, progress, on_record):
+    def fit_that_blows_up(model, train, val, config, progress, on_record, print_evaluations):
         on_record({"type": "train", "step": 1, "loss": 4.0, "lr": 1e-3})
         raise FloatingPointError("the training loss became nan at step 2")
 
@@ -95,8 +95,21 @@ def test_quick_lab_writes_its_report_and_resumes_from_saved_runs(tmp_path, capsy
 
 def test_a_variant_can_be_chosen_from_the_cli(tmp_path, capsys):
     out = tmp_path / "lab"
-    main(["lab", "--quick", "--depths", "1", "--variants", "pre,noresidual", "--steps", "5",
-          "--out", str(out), "--json"])  # fmt: skip
+    main(
+        [
+            "lab",
+            "--quick",
+            "--depths",
+            "1",
+            "--variants",
+            "pre,noresidual",
+            "--steps",
+            "5",
+            "--out",
+            str(out),
+            "--json",
+        ]
+    )
     runs = json.loads(capsys.readouterr().out)["runs"]
     assert [(r["depth"], r["variant"]) for r in runs] == [(1, "pre"), (1, "noresidual")]
 
@@ -105,3 +118,30 @@ def test_bad_lab_options_are_one_line_errors(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["lab", "--quick", "--variants", "pre,sideways", "--out", str(tmp_path)])
     assert "unknown variant(s) sideways" in capsys.readouterr().err
+
+
+def test_plots_draw_twins_that_share_their_start_once_in_fixed_colours():
+    def run(variant):
+        return experiment.RunResult(
+            2,
+            variant,
+            "trained",
+            2.5,
+            10,
+            1.0,
+            1.0,
+            [1.0, 1.0],
+            [{}, {}],
+            [1.0, 1.0],
+            [1.0, 1.0, 1.0],
+            None,
+        )
+
+    runs = [run("pre"), run("pre-nowarmup"), run("post-nowarmup"), run("nonorm")]
+    drawn = [(r.variant, label) for r, label in at_initialisation(runs)]
+    assert drawn == [
+        ("pre", "pre-LN (± warm-up)"),
+        ("post-nowarmup", "post-LN, no warm-up"),  # its twin is not in the grid
+        ("nonorm", "no LayerNorm"),
+    ]
+    assert color_of("nonorm") == "C4" and color_of("pre") == "C0"

@@ -98,8 +98,9 @@ def run(args) -> None:
     bar.close()
     report = write_report(args.out, config, data, results, machine)
     if args.json:
-        print_json(json_safe({"machine": machine, "report": str(report),
-                              "runs": summary_rows(results)}))  # fmt: skip
+        print_json(
+            json_safe({"machine": machine, "report": str(report), "runs": summary_rows(results)})
+        )
         return
     for row in summary_rows(results):
         loss = "—" if row["final_val_loss"] is None else f"{row['final_val_loss']:.3f}"

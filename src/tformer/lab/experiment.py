@@ -220,8 +220,15 @@ def run_one(
     started = time.perf_counter()
     diverged = False
     try:
-        fit(model, data.train, data.val, config.train_config(variant), progress=False,
-            on_record=records.append)  # fmt: skip
+        fit(
+            model,
+            data.train,
+            data.val,
+            config.train_config(variant),
+            progress=False,
+            on_record=records.append,
+            print_evaluations=False,
+        )
     except FloatingPointError:
         diverged = True
     seconds = time.perf_counter() - started

@@ -145,8 +145,13 @@ def plot_loss_curves(results: list[RunResult], data: LabData, path: Path) -> Non
         for r in runs:
             losses = [min(x, ceiling) if math.isfinite(x) else ceiling for x in r.train_loss]
             window = max(1, len(losses) // 50)
-            ax.plot(range(1, len(losses) + 1), _smooth(losses, window), lw=1.1,
-                    label=VARIANTS[r.variant].label)  # fmt: skip
+            ax.plot(
+                range(1, len(losses) + 1),
+                _smooth(losses, window),
+                lw=1.1,
+                color=color_of(r.variant),
+                label=VARIANTS[r.variant].label,
+            )
         ax.axhline(data.unigram_loss, color="grey", ls=":", lw=1, label="unigram loss")
         ax.set_title(f"{depth} layers")
         ax.set_xlabel("step")
@@ -157,14 +162,35 @@ def plot_loss_curves(results: list[RunResult], data: LabData, path: Path) -> Non
     _save(plt, fig, path)
 
 
-def _by_layer(ax, runs: list[RunResult], values, ylabel: str, log: bool = True) -> None:
+def color_of(variant: str) -> str:
+    """One colour per variant in every plot, whichever runs a plot leaves out."""
+    return f"C{list(VARIANTS).index(variant)}"
+
+
+def at_initialisation(runs: list[RunResult]) -> list[tuple[RunResult, str]]:
+    """The runs to draw at initialisation, with their labels: a variant and its no-warm-up
+    twin start from the same weights, so they are one line."""
+    present = {r.variant for r in runs}
+    drawn = []
     for r in runs:
-        ys = values(r)
-        if ys is None:
+        twin = r.variant + "-nowarmup"
+        if r.variant.endswith("-nowarmup") and r.variant.removesuffix("-nowarmup") in present:
             continue
-        ax.plot(range(len(ys)), ys, "o-", ms=2.5, lw=1.1, label=VARIANTS[r.variant].label)
-    if log:
-        ax.set_yscale("log")
+        label = VARIANTS[r.variant].label
+        drawn.append((r, f"{label} (± warm-up)" if twin in present else label))
+    return drawn
+
+
+def _by_layer(ax, runs: list[tuple[RunResult, str]], values, ylabel: str) -> None:
+    from matplotlib.ticker import MaxNLocator
+
+    for r, label in runs:
+        ys = values(r)
+        if ys is None:  # a diverged run has no state after training
+            continue
+        ax.plot(range(len(ys)), ys, "o-", ms=2.5, lw=1.1, color=color_of(r.variant), label=label)
+    ax.set_yscale("log")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel(ylabel, fontsize=8)
     ax.grid(alpha=0.3)
 
@@ -174,8 +200,9 @@ def plot_grad_norms(results: list[RunResult], path: Path) -> None:
     plt, fig, axes = _figure(2, len(grouped))
     for column, (depth, runs) in enumerate(grouped.items()):
         top, bottom = axes[0][column], axes[1][column]
-        _by_layer(top, runs, lambda r: r.init_param_grads, "||dL/dθ|| of the layer")
-        _by_layer(bottom, runs, lambda r: r.init_residual_grads, "||dL/dx|| entering the layer")
+        first = at_initialisation(runs)
+        _by_layer(top, first, lambda r: r.init_param_grads, "||dL/dθ|| of the layer")
+        _by_layer(bottom, first, lambda r: r.init_residual_grads, "||dL/dx|| entering the layer")
         top.set_title(f"{depth} layers, at initialisation")
         bottom.set_xlabel("layer (0 = first)")
     axes[0][-1].legend(fontsize=7)
@@ -187,12 +214,15 @@ def plot_residual_norms(results: list[RunResult], path: Path) -> None:
     plt, fig, axes = _figure(2, len(grouped))
     for column, (depth, runs) in enumerate(grouped.items()):
         top, bottom = axes[0][column], axes[1][column]
-        _by_layer(top, runs, lambda r: r.init_residual_norms, "mean ||x|| per position")
-        _by_layer(bottom, runs, lambda r: r.final_residual_norms, "mean ||x|| per position")
+        after = [(r, VARIANTS[r.variant].label) for r in runs]
+        norm = "mean ||x|| per position"
+        _by_layer(top, at_initialisation(runs), lambda r: r.init_residual_norms, norm)
+        _by_layer(bottom, after, lambda r: r.final_residual_norms, norm)
         top.set_title(f"{depth} layers, at initialisation")
         bottom.set_title(f"{depth} layers, after training")
         bottom.set_xlabel("residual stream after layer (0 = embeddings)")
     axes[0][-1].legend(fontsize=7)
+    axes[1][-1].legend(fontsize=7)
     _save(plt, fig, path)
 
 

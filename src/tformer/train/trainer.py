@@ -223,11 +223,13 @@ def fit(
     resume: bool = False,
     progress: bool = True,
     on_record: Callable[[dict[str, Any]], None] | None = None,
+    print_evaluations: bool = True,
 ) -> list[dict[str, Any]]:
     """Train `model` in place; return the history (one record per step and per evaluation).
 
-    on_record, if given, sees every record as it is made: an experiment keeps the history
-    of a run that stops with an error (a loss that became NaN) this way.
+    progress shows a progress bar; print_evaluations prints each evaluation's figures (to
+    standard error). on_record, if given, sees every record as it is made: an experiment
+    keeps the history of a run that stops with an error (a loss that became NaN) this way.
 
     With run_dir: metrics.jsonl, checkpoints (`last`, `best`) every checkpoint_every steps,
     at each better validation loss and at the end, and the final model (with `tokenizer`) and
@@ -241,7 +243,18 @@ def fit(
     # Reuse freed activation buffers instead of fresh pages from the OS every step.
     keep_freed_memory()
     try:
-        return _fit(model, train, val, config, run_dir, tokenizer, resume, progress, on_record)
+        return _fit(
+            model,
+            train,
+            val,
+            config,
+            run_dir,
+            tokenizer,
+            resume,
+            progress,
+            on_record,
+            print_evaluations,
+        )
     finally:
         torch.set_flush_denormal(False)
 
@@ -256,6 +269,7 @@ def _fit(
     resume: bool,
     progress: bool,
     on_record: Callable[[dict[str, Any]], None] | None,
+    print_evaluations: bool,
 ) -> list[dict[str, Any]]:
     dist = distributed.current()
     device = next(model.parameters()).device
@@ -379,7 +393,7 @@ def _fit(
             log.write(record)
             if on_record is not None:
                 on_record(record)
-            if dist.is_main:
+            if dist.is_main and print_evaluations:
                 bar.write(
                     f"step {done}: val loss {metrics['loss']:.4f}, accuracy "
                     f"{metrics['accuracy']:.3f}, perplexity {metrics['perplexity']:.2f}",
