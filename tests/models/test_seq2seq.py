@@ -203,3 +203,25 @@ def test_initialisation_is_half_xavier_uniform_and_unit_embeddings():
     assert token.std().item() == pytest.approx(1.0, rel=0.02)
     norm = model.encoder_layers[0].ff_sublayer.norm
     assert torch.equal(norm.weight, torch.ones(256)) and norm.bias.abs().max() == 0
+
+
+def test_a_checkpoint_with_the_old_attention_layout_is_refused_with_a_reason(tmp_path):
+    from safetensors.torch import save_file
+
+    from tformer.models.checkpoints import CheckpointError
+
+    model = Seq2SeqTransformer(tiny_config(), seed=0)
+    model.save_pretrained(tmp_path)
+    old = {k: v.contiguous() for k, v in model.state_dict().items() if "w_qkv" not in k}
+    for i in range(2):  # the layout before 2026-11-26: separate W^Q, W^K, W^V
+        w_q, w_k, w_v = model.encoder_layers[i].self_attn.w_qkv.weight.split(32)
+        old.update(
+            {
+                f"encoder_layers.{i}.self_attn.w_{n}.weight": w.contiguous()
+                for n, w in zip("qkv", (w_q, w_k, w_v), strict=True)
+            }
+        )
+    old.pop("src_embedding.weight", None)
+    save_file(old, str(tmp_path / "model.safetensors"))
+    with pytest.raises(CheckpointError, match="earlier tformer"):
+        Seq2SeqTransformer.from_pretrained(tmp_path)

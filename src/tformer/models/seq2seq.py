@@ -201,6 +201,17 @@ class DecoderLayer(nn.Module):
         return self.hook_resid_post(self.ff_sublayer(x, self.ff))
 
 
+def safetensor_names(path: Path) -> list[str]:
+    """The tensor names in a safetensors file (none if it cannot be read: loading says why)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return list(f.keys())
+    except (OSError, RuntimeError, ValueError):
+        return []
+
+
 class Seq2SeqTransformer(nn.Module):
     """Source ids (B, S) and target input ids (B, T) -> next-target-token logits (B, T, V)."""
 
@@ -423,8 +434,15 @@ class Seq2SeqTransformer(nn.Module):
             model = cls(config)
         model = model.to_empty(device=device)
         model.positions = SinusoidalPositionalEncoding(config.max_len, config.d_model).to(device)
+        weights = directory / "model.safetensors"
+        if any(key.endswith("self_attn.w_k.weight") for key in safetensor_names(weights)):
+            raise CheckpointError(
+                f"{directory}: saved by an earlier tformer that kept attention's W^Q, W^K, W^V "
+                "as separate matrices; this version stores them stacked (self_attn.w_qkv, "
+                "cross_attn.w_q + w_kv). Train the model again with this version"
+            )
         try:
-            load_model(model, str(directory / "model.safetensors"), device=str(device))
+            load_model(model, str(weights), device=str(device))
         except (OSError, RuntimeError) as e:
             raise CheckpointError(f"{directory}: cannot load model.safetensors ({e})") from None
         return model.eval()
