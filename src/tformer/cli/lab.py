@@ -31,7 +31,7 @@ def add_parser(sub) -> None:
         "layer) and after training, and write OUT/report.md with a table and plots "
         f"({', '.join(PLOTS)}) and OUT/results.json. Finished runs are kept in OUT/runs: "
         "run the same command again to resume an interrupted lab. The default grid takes "
-        "about 20 minutes on two CPU cores; --quick about 10 seconds.",
+        "about 20 minutes on two CPU cores; --quick about 20 seconds.",
     )
     p.add_argument("--out", default="lab-report", help="report directory")
     p.add_argument("--quick", action="store_true", help="a small grid for a first look or a test")

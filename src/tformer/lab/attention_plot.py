@@ -47,13 +47,16 @@ def plot_attention(
     fontsize = 8 if max(len(labels_q), len(labels_k)) <= 24 else 6
     for ax in axes.flat[len(heads) :]:
         ax.axis("off")
-    for ax, head in zip(axes.flat, heads, strict=False):
+    for i, (ax, head) in enumerate(zip(axes.flat, heads, strict=False)):
         image = ax.imshow(weights[head].float().cpu().numpy(), cmap="viridis", vmin=0.0, vmax=1.0)
         ax.set_title(f"head {head}", fontsize=9)
         ax.set_xticks(range(len(labels_k)), labels_k, rotation=90, fontsize=fontsize)
-        ax.set_yticks(range(len(labels_q)), labels_q, fontsize=fontsize)
         ax.set_xlabel("key", fontsize=8)
-        ax.set_ylabel("query", fontsize=8)
+        if i % columns == 0:  # the query labels once per row: they would overlap the left panel
+            ax.set_yticks(range(len(labels_q)), labels_q, fontsize=fontsize)
+            ax.set_ylabel("query", fontsize=8)
+        else:
+            ax.set_yticks([])
     fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.6, label="attention weight")
     fig.suptitle(title)
     path = Path(path)
