@@ -90,6 +90,7 @@ def test_attention_of_one_head_and_bad_choices(gpt_checkpoint, capsys, tmp_path)
     for argv, message in [
         (["--head", "2"], "--head must be in 0..1"),
         (["--layer", "5"], "--layer must be in 0..1"),
+        (["--stack", "encoder"], "--target and --stack are for translation checkpoints"),
     ]:
         with pytest.raises(SystemExit):
             main(["attention", str(gpt_checkpoint), "--text", "abc", "--out", str(png), *argv])

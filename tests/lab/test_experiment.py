@@ -72,7 +72,8 @@ def test_quick_lab_writes_its_report_and_resumes_from_saved_runs(tmp_path, capsy
     assert {(r["depth"], r["variant"]) for r in runs} == {
         (d, v) for d in config.depths for v in VARIANTS
     }
-    assert all(r["status"] in ("trained", "failed", "diverged") for r in runs)
+    status = {(r["depth"], r["variant"]): r["status"] for r in runs}
+    assert status[(2, "pre")] == status[(2, "post")] == "trained"  # they learn in 200 steps
     for name in PLOTS:
         assert (out / name).read_bytes()[:8] == PNG_MAGIC
     report = (out / "report.md").read_text(encoding="utf-8")

@@ -137,7 +137,7 @@ def test_uniform_attention_has_entropy_log_of_the_keys_seen():
         torch.testing.assert_close(per_head, torch.full((2,), expected), rtol=1e-5, atol=1e-6)
 
 
-def test_entropy_of_one_hot_attention_is_zero():
+def test_a_query_that_sees_one_key_has_entropy_zero():
     model = tiny_gpt(n_layers=1)
     inputs, _ = batch(b=1, t=1)  # one query, one key
     (per_head,) = attention_entropy(model, inputs).values()

@@ -190,3 +190,50 @@ def test_a_loss_that_diverges_stops_training_with_a_clear_error(corpus_file):
     config = quick(steps=30, lr=1e4, min_lr=1e4, warmup_steps=0, grad_clip=0, eval_every=0)
     with pytest.raises(FloatingPointError, match="lower --lr"):
         fit(model, train, None, config, progress=False)
+
+
+def test_scored_logits_skip_padding_with_the_same_loss_and_gradients():
+    from tformer.data.tokens import IGNORE_INDEX
+    from tformer.models.seq2seq import Seq2SeqConfig, Seq2SeqTransformer
+    from tformer.train.losses import label_smoothed_cross_entropy
+    from tformer.train.trainer import ScoredLogits
+
+    config = Seq2SeqConfig(
+        src_vocab_size=20,
+        tgt_vocab_size=20,
+        max_len=12,
+        d_model=16,
+        n_heads=2,
+        n_encoder_layers=1,
+        n_decoder_layers=1,
+        d_ff=24,
+        dropout=0.0,
+    )
+    model = Seq2SeqTransformer(config, seed=0)
+    src = torch.randint(3, 20, (3, 6), generator=torch.Generator().manual_seed(0))
+    tgt_in = torch.randint(3, 20, (3, 5), generator=torch.Generator().manual_seed(1))
+    targets = torch.randint(3, 20, (3, 5), generator=torch.Generator().manual_seed(2))
+    targets[0, 3:] = IGNORE_INDEX  # padding at the end of two rows
+    targets[2, 1:] = IGNORE_INDEX
+
+    def loss_and_grads(logits, kept):
+        model.zero_grad()
+        loss = label_smoothed_cross_entropy(logits, kept, 0.1, IGNORE_INDEX)
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters()]
+
+    logits, kept = ScoredLogits(model)((src, tgt_in), targets)
+    assert logits.shape == (15 - 2 - 4, 20) and torch.all(kept != IGNORE_INDEX)
+    loss, grads = loss_and_grads(logits, kept)
+    full_loss, full_grads = loss_and_grads(model(src, tgt_in), targets)  # every position
+    torch.testing.assert_close(loss, full_loss)
+    for g, full in zip(grads, full_grads, strict=True):
+        torch.testing.assert_close(g, full, rtol=1e-5, atol=1e-7)
+    # Without padding, or for a model without features/unembed: every position, in order.
+    logits, kept = ScoredLogits(model)((src, tgt_in), targets.clamp(min=0))
+    assert logits.shape == (15, 20) and torch.equal(kept, targets.clamp(min=0).flatten())
+    linear = torch.nn.Linear(4, 20)
+    x = torch.randn(3, 5, 4)
+    logits, kept = ScoredLogits(linear)((x,), targets)
+    torch.testing.assert_close(logits, linear(x).flatten(0, 1))
+    assert torch.equal(kept, targets.flatten())

@@ -33,12 +33,11 @@ def add_parser(sub) -> None:
     p.add_argument(
         "--stack",
         choices=["encoder", "decoder", "cross"],
-        default="cross",
-        help="translation checkpoints: which attention to draw",
+        help="translation checkpoints: which attention to draw (default: cross)",
     )
     p.add_argument("--target", help="translation checkpoints: the target sentence")
     p.add_argument("--out", default="attention.png", help="the PNG to write")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, ...")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ...")
     p.add_argument("--json", action="store_true", help="also print the weights as JSON")
     p.set_defaults(run=run)
 
@@ -66,6 +65,8 @@ def check_length(n: int, what: str) -> None:
 
 
 def gpt_weights(args) -> tuple[torch.Tensor, list[str], list[str], int, str]:
+    if args.target is not None or args.stack is not None:
+        raise ValueError("--target and --stack are for translation checkpoints")
     model, tokenizer = load_model(args.checkpoint, args.device, "float32")
     check_layer(args.layer, model.config.n_layers)
     ids = tokenizer.encode(args.text)
@@ -74,7 +75,8 @@ def gpt_weights(args) -> tuple[torch.Tensor, list[str], list[str], int, str]:
         raise ValueError(f"the text is longer than the model's context ({model.config.max_len})")
     name = f"blocks.{args.layer}.attn.hook_pattern"
     with torch.inference_mode():
-        _, cache = model.eval().run_with_cache(torch.tensor([ids]), names=[name])
+        device = next(model.parameters()).device
+        _, cache = model.eval().run_with_cache(torch.tensor([ids], device=device), names=[name])
     tokens = [tokenizer.decode([i]) for i in ids]
     return cache[name][0], tokens, tokens, model.config.n_heads, "causal self-attention"
 
@@ -83,7 +85,8 @@ def seq2seq_weights(args, directory) -> tuple[torch.Tensor, list[str], list[str]
     model = Seq2SeqTransformer.from_pretrained(directory, device=pick_device(args.device))
     tokenizer = load_tokenizer(directory)
     c = model.config
-    n_layers = c.n_encoder_layers if args.stack == "encoder" else c.n_decoder_layers
+    stack = args.stack or "cross"
+    n_layers = c.n_encoder_layers if stack == "encoder" else c.n_decoder_layers
     check_layer(args.layer, n_layers)
     src = tokenizer.encode(args.text)[: c.max_len - 1] + [c.eos_id]
     check_length(len(src) - 1, "text")
@@ -91,6 +94,8 @@ def seq2seq_weights(args, directory) -> tuple[torch.Tensor, list[str], list[str]
     with torch.inference_mode():
         if args.target is None:
             target = greedy_search(model, src_ids, c.max_len - 1)[0]
+            if not target:
+                raise ValueError("the model's translation is empty; give one with --target")
         else:
             target = tokenizer.encode(args.target)[: c.max_len - 1]
         check_length(len(target), "target")
@@ -99,13 +104,13 @@ def seq2seq_weights(args, directory) -> tuple[torch.Tensor, list[str], list[str]
             "encoder": (f"encoder_layers.{args.layer}.self_attn", "encoder self-attention"),
             "decoder": (f"decoder_layers.{args.layer}.self_attn", "decoder self-attention"),
             "cross": (f"decoder_layers.{args.layer}.cross_attn", "cross-attention"),
-        }[args.stack]
+        }[stack]
         name = f"{module}.hook_pattern"
         _, cache = model.eval().run_with_cache(src_ids, tgt_in, names=[name])
     src_tokens = [tokenizer.decode([i]) for i in src[:-1]] + ["</s>"]
     tgt_tokens = ["<s>"] + [tokenizer.decode([i]) for i in target]
-    queries = src_tokens if args.stack == "encoder" else tgt_tokens
-    keys = tgt_tokens if args.stack == "decoder" else src_tokens
+    queries = src_tokens if stack == "encoder" else tgt_tokens
+    keys = tgt_tokens if stack == "decoder" else src_tokens
     return cache[name][0], queries, keys, c.n_heads, kind
 
 

@@ -37,12 +37,14 @@ def add_parser(sub) -> None:
     p.add_argument("checkpoint", help="run or checkpoint directory")
     p.add_argument("--text", required=True, help="the text (translation: the source sentence)")
     p.add_argument("--target", help="translation checkpoints: the target sentence")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, ...")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ...")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(run=run)
 
 
 def gpt_inputs(args):
+    if args.target is not None:
+        raise ValueError("--target is for translation checkpoints")
     model, tokenizer = load_model(args.checkpoint, args.device, "float32")
     ids = tokenizer.encode(args.text)[: model.config.max_len + 1]
     if len(ids) < 2:
@@ -59,8 +61,12 @@ def seq2seq_inputs(args, directory):
     src_ids = torch.tensor([src], device=next(model.parameters()).device)
     if args.target is None:
         target = greedy_search(model, src_ids, c.max_len - 1)[0]
+        if not target:
+            raise ValueError("the model's translation is empty; give one with --target")
     else:
         target = tokenizer.encode(args.target)[: c.max_len - 1]
+        if not target:
+            raise ValueError("--target encodes to no tokens")
     tgt_in = torch.tensor([[c.bos_id, *target]], device=src_ids.device)
     targets = torch.tensor([[*target, c.eos_id]], device=src_ids.device)
     return model, tokenizer, (src_ids, tgt_in), targets

@@ -1,7 +1,7 @@
 """`tformer lab`: the residual / LayerNorm experiment, with a report and plots."""
 
 import sys
-from dataclasses import fields
+from dataclasses import replace
 
 from tqdm import tqdm
 
@@ -61,23 +61,19 @@ def add_parser(sub) -> None:
         f"(default: {defaults.init})",
     )
     p.add_argument("--fresh", action="store_true", help="rerun runs already saved in OUT/runs")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, ...")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ...")
     p.add_argument("--json", action="store_true", help="print the summary table as one JSON line")
     p.set_defaults(run=run)
 
 
 def lab_config(args) -> LabConfig:
+    """The default grid (or --quick's) with the options given on the command line."""
     base = LabConfig.quick() if args.quick else LabConfig()
-    settings = {f.name: getattr(base, f.name) for f in fields(LabConfig)}
+    names = ("depths", "steps", "d_model", "n_heads", "context", "batch_size", "lr")
+    overrides = {n: getattr(args, n) for n in (*names, "warmup_steps", "seed", "init")}
     if args.variants is not None:
-        settings["variants"] = tuple(v.strip() for v in args.variants.split(",") if v.strip())
-    names = ("depths", "steps", "d_model", "n_heads", "context", "batch_size", "lr", "seed", "init")
-    for name in names:
-        if getattr(args, name) is not None:
-            settings[name] = getattr(args, name)
-    if args.warmup_steps is not None:
-        settings["warmup_steps"] = args.warmup_steps
-    return LabConfig(**settings)
+        overrides["variants"] = tuple(v.strip() for v in args.variants.split(",") if v.strip())
+    return replace(base, **{k: v for k, v in overrides.items() if v is not None})
 
 
 def run(args) -> None:

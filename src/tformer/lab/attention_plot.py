@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from tformer.files import atomic_write
+from tformer.train.plots import pyplot
 
 
 def token_label(text: str) -> str:
@@ -26,11 +27,7 @@ def plot_attention(
     path: str | Path,
 ) -> Path:
     """weights (H, T, S) of one layer -> a PNG with one heatmap per head in `heads`."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only, no screen needed
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     if weights.dim() != 3 or weights.shape[1:] != (len(query_tokens), len(key_tokens)):
         raise ValueError(
             f"weights of shape {tuple(weights.shape)} do not match {len(query_tokens)} query "

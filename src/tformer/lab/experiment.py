@@ -94,9 +94,8 @@ class LabConfig:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model ({self.d_model}) must be divisible by n_heads")
-        if self.init not in ("xavier", "gpt2"):
-            raise ValueError(f"init must be 'xavier' or 'gpt2', got {self.init!r}")
-        # The trainer's own checks (learning rates, warm-up, dtype) apply to every run.
+        # The model's and the trainer's own checks (init; learning rates, dtype) apply too.
+        self.model_config(self.depths[0], VARIANTS[self.variants[0]], vocab_size=2)
         self.train_config(VARIANTS[self.variants[0]])
 
     @classmethod
@@ -280,8 +279,11 @@ def run_lab(
         if path.is_file() and not fresh:
             saved = read_json(path, "a saved lab run")
             if saved.get("fingerprint") == fingerprint:
-                results.append(result_from_dict(saved["result"]))
-                continue
+                try:
+                    results.append(result_from_dict(saved["result"]))
+                    continue
+                except (KeyError, TypeError):  # saved by another version: run it again
+                    pass
         result = run_one(config, depth, variant, data, device)
         atomic_write_json(path, {"fingerprint": fingerprint, "result": asdict(result)})
         results.append(result)

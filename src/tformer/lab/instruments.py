@@ -73,7 +73,8 @@ class GradientReport:
 
     def first_to_last(self) -> float:
         """||dL/dθ|| of the last layer over that of the first: about 1 when every layer
-        gets the same gradient, large when the gradient grows towards the output."""
+        gets the same gradient, large when the gradient grows towards the output. (In an
+        encoder-decoder: the last decoder layer over the first encoder layer.)"""
         return self.parameters[-1] / self.parameters[0] if self.parameters[0] > 0 else math.inf
 
 
@@ -111,7 +112,8 @@ def gradient_report(
 @torch.no_grad()
 def residual_norms(model: nn.Module, *inputs: torch.Tensor) -> list[float]:
     """Mean per-position L2 norm of the residual stream entering each layer, then of the
-    stream leaving the last one (len = layers + 1)."""
+    stream leaving the last one (len = layers + 1). Every position counts, padding too:
+    measure unpadded batches."""
     layers = residual_layers(model)
     names = [f"{layer}.hook_resid_pre" for layer in layers] + [f"{layers[-1]}.hook_resid_post"]
     _, cache = run_with_cache(model, *inputs, names=names)
@@ -122,8 +124,9 @@ def residual_norms(model: nn.Module, *inputs: torch.Tensor) -> list[float]:
 def attention_entropy(model: nn.Module, *inputs: torch.Tensor) -> dict[str, torch.Tensor]:
     """Each attention module's mean entropy per head (H,), in nats, by module name.
 
-    Averaged over the batch and over the queries that see at least one key (a padding query
-    that sees none has no distribution).
+    Averaged over the batch and over the queries that see at least one key. A query that
+    sees none (left padding under causal attention) has no distribution and is left out;
+    other padded queries count like real ones, so measure unpadded batches.
     """
     _, cache = run_with_cache(model, *inputs, names=lambda name: name.endswith(".hook_pattern"))
     entropies = {}
@@ -150,7 +153,8 @@ def output_stack(model: nn.Module) -> tuple[str, nn.Module]:
 def logit_lens(model: nn.Module, *inputs: torch.Tensor) -> torch.Tensor:
     """The logits each layer's residual stream would give if the model stopped there:
     (L + 1, B, T, V), from the embeddings (0) to the last layer's output (L), each through
-    the final norm and the unembedding. The last equals the model's own logits."""
+    the final norm and the unembedding. The last equals the model's own logits. That is
+    (L + 1) x B x T x V numbers: for long texts and large vocabularies, pass a slice."""
     prefix, norm = output_stack(model)
     layers = [name for name in residual_layers(model) if name.startswith(prefix + ".")]
     names = [f"{layers[0]}.hook_resid_pre"] + [f"{layer}.hook_resid_post" for layer in layers]

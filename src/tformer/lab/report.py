@@ -15,6 +15,7 @@ from pathlib import Path
 
 from tformer.files import atomic_write, atomic_write_json, atomic_write_text
 from tformer.lab.experiment import VARIANTS, LabConfig, LabData, RunResult
+from tformer.train.plots import pyplot
 
 REPORT_FILE = "report.md"
 RESULTS_FILE = "results.json"
@@ -110,11 +111,7 @@ def _by_depth(results: list[RunResult]) -> dict[int, list[RunResult]]:
 
 
 def _figure(rows: int, columns: int):
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only, no screen needed
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, axes = plt.subplots(
         rows, columns, figsize=(4.2 * columns, 3.4 * rows), dpi=110, squeeze=False
     )

@@ -243,15 +243,11 @@ class GPT2(nn.Module):
             nn.init.normal_(block.mlp.w2.weight, 0.0, residual_std, generator=g)
 
     def init_xavier(self, g: torch.Generator) -> None:
-        def xavier_(weight: torch.Tensor) -> None:  # weight (fan_out, fan_in)
-            bound = math.sqrt(6.0 / (weight.shape[0] + weight.shape[1]))
-            nn.init.uniform_(weight, -bound, bound, generator=g)
-
         for block in self.blocks:
             for weight in block.attn.weight_blocks():  # W^Q, W^K, W^V, W^O
-                xavier_(weight)
+                nn.init.xavier_uniform_(weight, generator=g)
             for linear in (block.mlp.w1, block.mlp.w2):
-                xavier_(linear.weight)
+                nn.init.xavier_uniform_(linear.weight, generator=g)
         for module in self.modules():
             if isinstance(module, nn.Linear) and module.bias is not None:
                 nn.init.zeros_(module.bias)

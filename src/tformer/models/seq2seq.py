@@ -19,7 +19,6 @@ right (BOS first), the labels the target itself (EOS last). Decoding uses `encod
 then `decode` with a KV cache per decoder layer.
 """
 
-import math
 import os
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -256,23 +255,19 @@ class Seq2SeqTransformer(nn.Module):
         else:
             g.manual_seed(seed)
 
-        def xavier_(weight: torch.Tensor) -> None:  # weight (fan_out, fan_in)
-            bound = INIT_GAIN * math.sqrt(6.0 / (weight.shape[0] + weight.shape[1]))
-            nn.init.uniform_(weight, -bound, bound, generator=g)
-
         done: set[nn.Module] = set()
         for module in self.modules():
             if isinstance(module, MultiHeadAttention):
                 # W^Q, W^K, W^V are C x C matrices even where they are stored stacked.
                 for weight in module.weight_blocks():
-                    xavier_(weight)
+                    nn.init.xavier_uniform_(weight, gain=INIT_GAIN, generator=g)
                 for linear in module.children():
                     if isinstance(linear, nn.Linear):
                         if linear.bias is not None:
                             nn.init.zeros_(linear.bias)
                         done.add(linear)
             elif isinstance(module, nn.Linear) and module not in done:
-                xavier_(module.weight)
+                nn.init.xavier_uniform_(module.weight, gain=INIT_GAIN, generator=g)
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
             elif isinstance(module, TokenEmbedding):

@@ -21,7 +21,7 @@ NameFilter = Callable[[str], bool] | Collection[str] | None
 
 
 def hook_point_names(model: nn.Module) -> list[str]:
-    """The names of every HookPoint in `model`, in the order they run within a layer."""
+    """The names of every HookPoint in `model`, in module order."""
     return [name for name, module in model.named_modules() if isinstance(module, HookPoint)]
 
 

@@ -8,6 +8,16 @@ from tformer.files import atomic_write
 PLOT_FILE = "loss.png"
 
 
+def pyplot():
+    """matplotlib.pyplot drawing into files only (no screen needed), imported on first use."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
 def read_metrics(run_dir: Path) -> list[dict]:
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
@@ -17,11 +27,7 @@ def read_metrics(run_dir: Path) -> list[dict]:
 
 def plot_losses(run_dir: str | Path) -> Path:
     """Write run_dir/loss.png from run_dir/metrics.jsonl; return its path."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only, no screen needed
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     run_dir = Path(run_dir)
     records = read_metrics(run_dir)
     train = [(r["step"], r["loss"]) for r in records if r["type"] == "train"]

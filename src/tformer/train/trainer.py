@@ -120,13 +120,14 @@ def cross_entropy(
 
 
 class ScoredLogits(nn.Module):
-    """The logits at the positions the loss scores (targets != IGNORE_INDEX), and those
-    targets: (inputs, targets (B, T)) -> logits (N, V), targets (N,).
+    """Logits and targets, one row per position: (inputs, targets (B, T)) -> logits (N, V),
+    targets (N,).
 
     A model with `features` (the final residual stream) and `unembed` computes logits only
-    at the scored positions, where padding leaves some out: the output layer is the widest
-    matmul of a small model (~8% of a translation batch is padding). Any other model's
-    logits come whole, with the padded positions left for the loss to ignore.
+    at the positions the loss scores (targets != IGNORE_INDEX) when padding leaves some
+    out: the output layer is the widest matmul of a small model, and ~8% of a translation
+    batch is padding. Otherwise every position comes back (N = B T), the padded ones for
+    the loss to ignore. (On a GPU, checking for padding waits for the device once a step.)
     """
 
     def __init__(self, model: nn.Module) -> None:
@@ -139,7 +140,7 @@ class ScoredLogits(nn.Module):
         model = self.model
         scored = targets != IGNORE_INDEX  # (B, T)
         if not (hasattr(model, "features") and hasattr(model, "unembed")) or bool(scored.all()):
-            return model(*inputs), targets
+            return model(*inputs).flatten(0, -2), targets.flatten()  # (B T, V), (B T,)
         features = model.features(*inputs)[scored]  # (B, T, C) -> (N, C)
         return model.unembed(features), targets[scored]
 
