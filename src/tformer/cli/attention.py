@@ -2,14 +2,16 @@
 
 import torch
 
-from tformer.cli.common import DefaultsFormatter, load_model, print_json
-from tformer.devices import pick_device
-from tformer.files import read_json
-from tformer.generate.beam import greedy_search
+from tformer.cli.common import (
+    DefaultsFormatter,
+    is_translation_checkpoint,
+    load_model,
+    load_translation_model,
+    print_json,
+    sentence_pair,
+)
 from tformer.lab.attention_plot import plot_attention
 from tformer.models.checkpoints import resolve_checkpoint
-from tformer.models.seq2seq import MODEL_TYPE, Seq2SeqTransformer
-from tformer.tokenizers import load_tokenizer
 
 MAX_TOKENS = 96  # beyond this a heatmap's labels are unreadable
 
@@ -82,24 +84,16 @@ def gpt_weights(args) -> tuple[torch.Tensor, list[str], list[str], int, str]:
 
 
 def seq2seq_weights(args, directory) -> tuple[torch.Tensor, list[str], list[str], int, str]:
-    model = Seq2SeqTransformer.from_pretrained(directory, device=pick_device(args.device))
-    tokenizer = load_tokenizer(directory)
-    c = model.config
-    stack = args.stack or "cross"
-    n_layers = c.n_encoder_layers if stack == "encoder" else c.n_decoder_layers
-    check_layer(args.layer, n_layers)
-    src = tokenizer.encode(args.text)[: c.max_len - 1] + [c.eos_id]
-    check_length(len(src) - 1, "text")
-    src_ids = torch.tensor([src], device=next(model.parameters()).device)
+    model, tokenizer = load_translation_model(directory, args.device)
+    c, stack = model.config, args.stack or "cross"
+    check_layer(args.layer, c.n_encoder_layers if stack == "encoder" else c.n_decoder_layers)
+    check_length(len(tokenizer.encode(args.text)), "text")
     with torch.inference_mode():
-        if args.target is None:
-            target = greedy_search(model, src_ids, c.max_len - 1)[0]
-            if not target:
-                raise ValueError("the model's translation is empty; give one with --target")
-        else:
-            target = tokenizer.encode(args.target)[: c.max_len - 1]
+        src, target = sentence_pair(model, tokenizer, args.text, args.target)
         check_length(len(target), "target")
-        tgt_in = torch.tensor([[c.bos_id, *target]], device=src_ids.device)
+        device = next(model.parameters()).device
+        src_ids = torch.tensor([src], device=device)
+        tgt_in = torch.tensor([[c.bos_id, *target]], device=device)
         module, kind = {
             "encoder": (f"encoder_layers.{args.layer}.self_attn", "encoder self-attention"),
             "decoder": (f"decoder_layers.{args.layer}.self_attn", "decoder self-attention"),
@@ -116,8 +110,7 @@ def seq2seq_weights(args, directory) -> tuple[torch.Tensor, list[str], list[str]
 
 def run(args) -> None:
     directory = resolve_checkpoint(args.checkpoint)
-    config = read_json(directory / "config.json", "the model's config")
-    if config.get("model_type") == MODEL_TYPE:
+    if is_translation_checkpoint(directory):
         weights, queries, keys, n_heads, kind = seq2seq_weights(args, directory)
     else:
         weights, queries, keys, n_heads, kind = gpt_weights(args)

@@ -3,11 +3,17 @@
 import argparse
 import json
 import sys
+from pathlib import Path
+
+import torch
 
 from tformer.devices import DTYPES, parse_dtype, pick_device
+from tformer.files import read_json
+from tformer.generate.beam import greedy_search
 from tformer.models.checkpoints import load_config, load_gpt2, resolve_checkpoint
 from tformer.models.gpt2 import GPT2
-from tformer.tokenizers import Tokenizer, tokenizer_for_model
+from tformer.models.seq2seq import MODEL_TYPE, Seq2SeqTransformer
+from tformer.tokenizers import Tokenizer, load_tokenizer, tokenizer_for_model
 
 
 def add_device_options(parser) -> None:
@@ -23,6 +29,37 @@ def load_model(checkpoint: str, device: str, dtype: str) -> tuple[GPT2, Tokenize
     tokenizer = tokenizer_for_model(directory, load_config(directory).vocab_size)
     model = load_gpt2(directory, dtype=parse_dtype(dtype), device=pick_device(device))
     return model, tokenizer
+
+
+def is_translation_checkpoint(directory: Path) -> bool:
+    """Whether a resolved checkpoint directory holds an encoder-decoder model."""
+    return (
+        read_json(directory / "config.json", "the model's config").get("model_type") == MODEL_TYPE
+    )
+
+
+def load_translation_model(directory: Path, device: str) -> tuple[Seq2SeqTransformer, Tokenizer]:
+    model = Seq2SeqTransformer.from_pretrained(directory, device=pick_device(device))
+    return model, load_tokenizer(directory)
+
+
+def sentence_pair(
+    model: Seq2SeqTransformer, tokenizer: Tokenizer, text: str, target: str | None
+) -> tuple[list[int], list[int]]:
+    """Source ids (ending with the end token) and target ids (no start or end token) of
+    `text`: `target` encoded, or else the model's greedy translation."""
+    c = model.config
+    src = tokenizer.encode(text)[: c.max_len - 1] + [c.eos_id]
+    if target is None:
+        device = next(model.parameters()).device
+        tgt = greedy_search(model, torch.tensor([src], device=device), c.max_len - 1)[0]
+        if not tgt:
+            raise ValueError("the model's translation is empty; give one with --target")
+    else:
+        tgt = tokenizer.encode(target)[: c.max_len - 1]
+        if not tgt:
+            raise ValueError("--target encodes to no tokens")
+    return src, tgt
 
 
 def print_json(obj) -> None:

@@ -4,10 +4,14 @@ import math
 
 import torch
 
-from tformer.cli.common import DefaultsFormatter, load_model, print_json
-from tformer.devices import pick_device
-from tformer.files import read_json
-from tformer.generate.beam import greedy_search
+from tformer.cli.common import (
+    DefaultsFormatter,
+    is_translation_checkpoint,
+    load_model,
+    load_translation_model,
+    print_json,
+    sentence_pair,
+)
 from tformer.lab.attention_plot import token_label
 from tformer.lab.instruments import (
     attention_entropy,
@@ -17,8 +21,6 @@ from tformer.lab.instruments import (
 )
 from tformer.lab.report import json_safe
 from tformer.models.checkpoints import resolve_checkpoint
-from tformer.models.seq2seq import MODEL_TYPE, Seq2SeqTransformer
-from tformer.tokenizers import load_tokenizer
 
 
 def add_parser(sub) -> None:
@@ -54,28 +56,18 @@ def gpt_inputs(args):
 
 
 def seq2seq_inputs(args, directory):
-    model = Seq2SeqTransformer.from_pretrained(directory, device=pick_device(args.device))
-    tokenizer = load_tokenizer(directory)
-    c = model.config
-    src = tokenizer.encode(args.text)[: c.max_len - 1] + [c.eos_id]
-    src_ids = torch.tensor([src], device=next(model.parameters()).device)
-    if args.target is None:
-        target = greedy_search(model, src_ids, c.max_len - 1)[0]
-        if not target:
-            raise ValueError("the model's translation is empty; give one with --target")
-    else:
-        target = tokenizer.encode(args.target)[: c.max_len - 1]
-        if not target:
-            raise ValueError("--target encodes to no tokens")
-    tgt_in = torch.tensor([[c.bos_id, *target]], device=src_ids.device)
-    targets = torch.tensor([[*target, c.eos_id]], device=src_ids.device)
+    model, tokenizer = load_translation_model(directory, args.device)
+    src, target = sentence_pair(model, tokenizer, args.text, args.target)
+    c, device = model.config, next(model.parameters()).device
+    src_ids = torch.tensor([src], device=device)
+    tgt_in = torch.tensor([[c.bos_id, *target]], device=device)
+    targets = torch.tensor([[*target, c.eos_id]], device=device)
     return model, tokenizer, (src_ids, tgt_in), targets
 
 
 def run(args) -> None:
     directory = resolve_checkpoint(args.checkpoint)
-    config = read_json(directory / "config.json", "the model's config")
-    if config.get("model_type") == MODEL_TYPE:
+    if is_translation_checkpoint(directory):
         model, tokenizer, inputs, targets = seq2seq_inputs(args, directory)
     else:
         model, tokenizer, inputs, targets = gpt_inputs(args)
