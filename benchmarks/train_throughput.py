@@ -1,0 +1,182 @@
+"""Training throughput and model FLOPs utilisation (MFU): tformer against transformers.
+
+For GPT-2 124M (context 1024, batch 1) and the small character model (6 layers, 384 wide,
+6 heads, context 256, vocabulary 65, batch 16), in float32 and with bf16 autocast: training
+tokens per second of one full step (forward, loss, backward, gradient clipping, fused
+AdamW), for tformer's GPT2 and transformers' GPT2LMHeadModel of the same configuration
+(no dropout), taking turns step by step so that both meet the same machine. tformer runs
+the way `tformer train` does (the explicit attention path for bf16 on a CPU, its own loss);
+transformers the way its users do (`labels=`, its own loss).
+
+MFU = tokens/s x FLOPs per token / peak FLOP/s, with FLOPs per token = 6 N + 12 L T C
+(N the parameters that multiply, i.e. all but the position embeddings, the head counted
+once; Chowdhery et al., 2022, appendix B), and the peak measured in the same run by a
+large float32 and bf16 matmul.
+
+    python benchmarks/train_throughput.py [--steps 4] [--only gpt2|char] [--json]
+"""
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import machine_line  # noqa: E402
+
+from tformer import GPT2, GPT2Config  # noqa: E402
+from tformer.devices import keep_freed_memory  # noqa: E402
+from tformer.train.optim import build_optimizer  # noqa: E402
+from tformer.train.trainer import cross_entropy  # noqa: E402
+
+# name -> (n_layers, n_heads, d_model, context, vocab_size, batch)
+MODELS = {
+    "gpt2": (12, 12, 768, 1024, 50257, 1),
+    "char": (6, 6, 384, 256, 65, 16),
+}
+
+
+def peak_flops(dtype: torch.dtype, n: int = 4096, repeats: int = 3) -> float:
+    """FLOP/s of an n x n x n matmul: this machine's practical peak for the dtype."""
+    a = torch.randn(n, n).to(dtype)
+    b = torch.randn(n, n).to(dtype)
+    a @ b  # warm-up
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best
+
+
+def flops_per_token(n_layers: int, d_model: int, context: int, vocab: int) -> float:
+    """6 N + 12 L T C, N = 12 L C^2 (attention and MLP matrices) + V C (the head)."""
+    n = 12 * n_layers * d_model**2 + vocab * d_model
+    return 6 * n + 12 * n_layers * context * d_model
+
+
+def build(name: str, dtype: str):
+    import transformers
+
+    n_layers, n_heads, d_model, context, vocab, _ = MODELS[name]
+    ours = GPT2(
+        GPT2Config(
+            vocab_size=vocab,
+            max_len=context,
+            d_model=d_model,
+            n_layers=n_layers,
+            n_heads=n_heads,
+            dropout=0.0,
+            attention="explicit" if dtype == "bfloat16" else "sdpa",  # as `tformer train`
+        ),
+        seed=0,
+    )
+    theirs = transformers.GPT2LMHeadModel(
+        transformers.GPT2Config(
+            vocab_size=vocab,
+            n_positions=context,
+            n_embd=d_model,
+            n_layer=n_layers,
+            n_head=n_heads,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+            bos_token_id=vocab - 1,  # GPT-2's 50256 is outside a character vocabulary
+            eos_token_id=vocab - 1,
+        )
+    )
+    return ours, theirs
+
+
+class Trainer:
+    """One model's training step on fixed random tokens."""
+
+    def __init__(self, model, loss_fn, dtype: str, batch: int, context: int, vocab: int):
+        self.model, self.loss_fn, self.dtype = model.train(), loss_fn, dtype
+        self.optimizer = build_optimizer(model, 1e-4, 0.1, (0.9, 0.95))
+        g = torch.Generator().manual_seed(0)
+        self.ids = torch.randint(0, vocab, (batch, context + 1), generator=g)
+        self.seconds, self.tokens = 0.0, 0
+
+    def step(self, timed: bool) -> None:
+        start = time.perf_counter()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.dtype == "bfloat16"):
+            loss = self.loss_fn(self.model, self.ids)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if timed:
+            self.seconds += time.perf_counter() - start
+            self.tokens += self.ids.shape[0] * (self.ids.shape[1] - 1)
+
+
+def tformer_loss(model, ids):
+    logits = model(ids[:, :-1])
+    with torch.autocast("cpu", enabled=False):
+        return cross_entropy(logits, ids[:, 1:])
+
+
+def transformers_loss(model, ids):
+    return model(input_ids=ids[:, :-1], labels=ids[:, :-1]).loss
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=4, help="timed steps per model and dtype")
+    parser.add_argument("--only", choices=list(MODELS))
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    machine = machine_line()
+    print(machine, file=sys.stderr)
+    keep_freed_memory()  # for both models, as tformer's trainer does
+    peaks = {"float32": peak_flops(torch.float32), "bfloat16": peak_flops(torch.bfloat16)}
+    print(
+        f"measured peak: float32 {peaks['float32'] / 1e12:.3f}, "
+        f"bf16 {peaks['bfloat16'] / 1e12:.3f} TFLOP/s",
+        file=sys.stderr,
+    )
+    rows = []
+    for name in [args.only] if args.only else list(MODELS):
+        n_layers, _, d_model, context, vocab, batch = MODELS[name]
+        per_token = flops_per_token(n_layers, d_model, context, vocab)
+        for dtype in ("float32", "bfloat16"):
+            ours, theirs = build(name, dtype)
+            runs = {
+                "tformer": Trainer(ours, tformer_loss, dtype, batch, context, vocab),
+                "transformers": Trainer(theirs, transformers_loss, dtype, batch, context, vocab),
+            }
+            for run in runs.values():
+                run.step(timed=False)  # warm-up
+            for _ in range(args.steps):
+                for run in runs.values():  # alternate, step by step
+                    run.step(timed=True)
+            row = {"model": name, "dtype": dtype, "batch": batch, "context": context}
+            for who, run in runs.items():
+                tokens_per_second = run.tokens / run.seconds
+                row[who] = {
+                    "tokens_per_second": round(tokens_per_second, 1),
+                    "mfu": round(tokens_per_second * per_token / peaks[dtype], 4),
+                }
+            row["ratio"] = round(
+                row["tformer"]["tokens_per_second"] / row["transformers"]["tokens_per_second"], 2
+            )
+            rows.append(row)
+            print(
+                f"{name:>5} {dtype:>8}: tformer {row['tformer']['tokens_per_second']:8.1f} tok/s "
+                f"(MFU {row['tformer']['mfu']:.1%}) | transformers "
+                f"{row['transformers']['tokens_per_second']:8.1f} tok/s "
+                f"(MFU {row['transformers']['mfu']:.1%}) | ratio {row['ratio']:.2f}x",
+                file=sys.stderr,
+            )
+            del ours, theirs, runs
+    if args.json:
+        peak_tflops = {k: round(v / 1e12, 3) for k, v in peaks.items()}
+        print(json.dumps({"machine": machine, "peak_tflops": peak_tflops, "rows": rows}))
+
+
+if __name__ == "__main__":
+    main()
