@@ -12,26 +12,6 @@ def run_cli(capsys, *argv):
     return capsys.readouterr().out
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    out = tmp_path_factory.mktemp("ckpt")
-    main(
-        [
-            "init",
-            str(out),
-            "--n-layers",
-            "2",
-            "--d-model",
-            "32",
-            "--n-heads",
-            "2",
-            "--max-len",
-            "64",
-        ]
-    )
-    return out
-
-
 def test_info_of_preset_as_json(capsys):
     d = json.loads(run_cli(capsys, "info", "gpt2", "--json"))
     assert d["parameters"] == 124_439_808 and d["config"]["n_layers"] == 12

@@ -16,26 +16,6 @@ def run_cli(capsys, *argv):
 
 
 @pytest.fixture(scope="module")
-def gpt_checkpoint(tmp_path_factory):
-    out = tmp_path_factory.mktemp("gpt")
-    main(
-        [
-            "init",
-            str(out),
-            "--n-layers",
-            "2",
-            "--d-model",
-            "32",
-            "--n-heads",
-            "2",
-            "--max-len",
-            "64",
-        ]
-    )
-    return out
-
-
-@pytest.fixture(scope="module")
 def seq2seq_checkpoint(tmp_path_factory):
     out = tmp_path_factory.mktemp("seq2seq")
     sentences = ["the cat sees the moon", "le chat voit la lune", "a dog hears the sea"] * 20
@@ -56,12 +36,12 @@ def seq2seq_checkpoint(tmp_path_factory):
     return out
 
 
-def test_attention_grid_of_all_heads_and_weights_as_json(gpt_checkpoint, capsys, tmp_path):
+def test_attention_grid_of_all_heads_and_weights_as_json(checkpoint, capsys, tmp_path):
     png = tmp_path / "a.png"
     out = run_cli(
         capsys,
         "attention",
-        str(gpt_checkpoint),
+        str(checkpoint),
         "--text",
         "Hello there, world",
         "--layer",
@@ -81,11 +61,9 @@ def test_attention_grid_of_all_heads_and_weights_as_json(gpt_checkpoint, capsys,
     assert torch.all(weights.triu(1) == 0)
 
 
-def test_attention_of_one_head_and_bad_choices(gpt_checkpoint, capsys, tmp_path):
+def test_attention_of_one_head_and_bad_choices(checkpoint, capsys, tmp_path):
     png = tmp_path / "h.png"
-    run_cli(
-        capsys, "attention", str(gpt_checkpoint), "--text", "abc", "--head", "0", "--out", str(png)
-    )
+    run_cli(capsys, "attention", str(checkpoint), "--text", "abc", "--head", "0", "--out", str(png))
     assert png.read_bytes()[:8] == PNG_MAGIC
     for argv, message in [
         (["--head", "2"], "--head must be in 0..1"),
@@ -93,7 +71,7 @@ def test_attention_of_one_head_and_bad_choices(gpt_checkpoint, capsys, tmp_path)
         (["--stack", "encoder"], "--target and --stack are for translation checkpoints"),
     ]:
         with pytest.raises(SystemExit):
-            main(["attention", str(gpt_checkpoint), "--text", "abc", "--out", str(png), *argv])
+            main(["attention", str(checkpoint), "--text", "abc", "--out", str(png), *argv])
         assert message in capsys.readouterr().err
 
 
@@ -119,8 +97,8 @@ def test_cross_attention_of_a_translation_checkpoint(seq2seq_checkpoint, capsys,
     torch.testing.assert_close(weights.sum(-1), torch.ones(weights.shape[0]))
 
 
-def test_inspect_reports_every_layer_and_the_lens_ends_at_the_loss(gpt_checkpoint, capsys):
-    out = run_cli(capsys, "inspect", str(gpt_checkpoint), "--text", "Hello there, world", "--json")
+def test_inspect_reports_every_layer_and_the_lens_ends_at_the_loss(checkpoint, capsys):
+    out = run_cli(capsys, "inspect", str(checkpoint), "--text", "Hello there, world", "--json")
     result = json.loads(out)
     assert [row["layer"] for row in result["layers"]] == ["blocks.0", "blocks.1"]
     assert set(result["layers"][0]["parameter_grads"]) == {"attn", "mlp"}
@@ -128,7 +106,7 @@ def test_inspect_reports_every_layer_and_the_lens_ends_at_the_loss(gpt_checkpoin
     lens_loss = result["logit_lens"]["loss"]
     assert len(lens_loss) == 3
     assert lens_loss[-1] == pytest.approx(result["loss"], rel=1e-5)
-    text = run_cli(capsys, "inspect", str(gpt_checkpoint), "--text", "Hello there")
+    text = run_cli(capsys, "inspect", str(checkpoint), "--text", "Hello there")
     assert "logit lens" in text and "blocks.1" in text
 
 

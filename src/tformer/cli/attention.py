@@ -4,6 +4,7 @@ import torch
 
 from tformer.cli.common import (
     DefaultsFormatter,
+    add_text_options,
     is_translation_checkpoint,
     load_model,
     load_translation_model,
@@ -28,8 +29,7 @@ def add_parser(sub) -> None:
         "self-attention, the decoder's self-attention or its cross-attention (which source "
         "tokens each target token looks at).",
     )
-    p.add_argument("checkpoint", help="run or checkpoint directory")
-    p.add_argument("--text", required=True, help="the text (translation: the source sentence)")
+    add_text_options(p)
     p.add_argument("--layer", type=int, default=0, help="layer index, from 0")
     p.add_argument("--head", type=int, help="one head (default: all heads in a grid)")
     p.add_argument(
@@ -37,9 +37,7 @@ def add_parser(sub) -> None:
         choices=["encoder", "decoder", "cross"],
         help="translation checkpoints: which attention to draw (default: cross)",
     )
-    p.add_argument("--target", help="translation checkpoints: the target sentence")
     p.add_argument("--out", default="attention.png", help="the PNG to write")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ...")
     p.add_argument("--json", action="store_true", help="also print the weights as JSON")
     p.set_defaults(run=run)
 

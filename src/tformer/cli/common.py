@@ -31,6 +31,14 @@ def load_model(checkpoint: str, device: str, dtype: str) -> tuple[GPT2, Tokenize
     return model, tokenizer
 
 
+def add_text_options(parser) -> None:
+    """The checkpoint and the text that `inspect` and `attention` run it on."""
+    parser.add_argument("checkpoint", help="run or checkpoint directory")
+    parser.add_argument("--text", required=True, help="the text (translation: the source)")
+    parser.add_argument("--target", help="translation checkpoints: the target sentence")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ...")
+
+
 def is_translation_checkpoint(directory: Path) -> bool:
     """Whether a resolved checkpoint directory holds an encoder-decoder model."""
     return (

@@ -6,6 +6,7 @@ import torch
 
 from tformer.cli.common import (
     DefaultsFormatter,
+    add_text_options,
     is_translation_checkpoint,
     load_model,
     load_translation_model,
@@ -36,10 +37,7 @@ def add_parser(sub) -> None:
         "checkpoint --text is the source and the target is --target or the model's greedy "
         "translation.",
     )
-    p.add_argument("checkpoint", help="run or checkpoint directory")
-    p.add_argument("--text", required=True, help="the text (translation: the source sentence)")
-    p.add_argument("--target", help="translation checkpoints: the target sentence")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ...")
+    add_text_options(p)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(run=run)
 
