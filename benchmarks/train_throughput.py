@@ -5,7 +5,7 @@ For GPT-2 124M (context 1024, batch 1) and the small character model (6 layers, 
 tokens per second of one full step (forward, loss, backward, gradient clipping, fused
 AdamW), for tformer's GPT2 and transformers' GPT2LMHeadModel of the same configuration
 (no dropout), taking turns step by step so that both meet the same machine. tformer runs
-the way `tformer train` does (the explicit attention path for bf16 on a CPU, its own loss);
+the way `tformer train` does (the blocked attention path for bf16 on a CPU, its own loss);
 transformers the way its users do (`labels=`, its own loss).
 
 MFU = tokens/s x FLOPs per token / peak FLOP/s, with FLOPs per token = 6 N + 12 L T C
@@ -70,7 +70,7 @@ def build(name: str, dtype: str):
             n_layers=n_layers,
             n_heads=n_heads,
             dropout=0.0,
-            attention="explicit" if dtype == "bfloat16" else "sdpa",  # as `tformer train`
+            attention="blocked" if dtype == "bfloat16" else "sdpa",  # as `tformer train`
         ),
         seed=0,
     )

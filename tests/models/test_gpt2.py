@@ -69,7 +69,25 @@ def test_explicit_and_sdpa_attention_give_the_same_model():
     torch.testing.assert_close(fast(x), slow(x), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("attention", ["sdpa", "explicit"])
+def test_blocked_attention_trains_the_same_model_at_a_long_context():
+    """Past 128 positions the blocked path skips the hidden key blocks: same loss and
+    gradients as the fused kernel."""
+    fast = GPT2(tiny(max_len=300), seed=4)
+    blocked = GPT2(tiny(max_len=300, attention="blocked"))
+    blocked.load_state_dict(fast.state_dict())
+    x = torch.randint(0, 97, (2, 300))
+    losses = []
+    for model in (fast, blocked):
+        logits = model(x[:, :-1])
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten())
+        loss.backward()
+        losses.append(loss)
+    torch.testing.assert_close(losses[0], losses[1], rtol=1e-5, atol=1e-5)
+    for p, q in zip(fast.parameters(), blocked.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "explicit", "blocked"])
 def test_cached_decoding_equals_full_forward(attention):
     # prefill 4, then a chunk of 3 (several new queries after cached ones), then one at a time
     model = GPT2(tiny(attention=attention), seed=3).eval()

@@ -7,6 +7,7 @@ from tformer.nn import (
     KVCache,
     MultiHeadAttention,
     attention_weights,
+    blocked_causal_attention,
     causal_mask,
     explicit_attention,
     fused_attention,
@@ -64,6 +65,68 @@ def test_query_that_sees_no_key_gets_zero_output_on_both_paths():
         torch.testing.assert_close(out[:, :, 0], torch.zeros(2, 3, 4))
 
 
+@pytest.mark.parametrize("block", [1, 3, 4, 10])  # uneven last block, one block for all
+def test_blocked_causal_attention_matches_formula(block):
+    q, k, v = qkv(t=10, s=10)
+    mask = causal_mask(10, 10)
+    expected = attention_formula(q, k, v, mask).float()
+    out = blocked_causal_attention(q, k, v, mask, block=block)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_blocked_causal_attention_with_padding_and_an_empty_query():
+    q, k, v = qkv(b=2, t=9, s=9)
+    padding = torch.ones(2, 9, dtype=torch.bool)
+    padding[1, :3] = False  # left padding: query 0 of the second row sees no key at all
+    mask = padding[:, None, None, :] & causal_mask(9, 9)  # (B, 1, T, S)
+    out = blocked_causal_attention(q, k, v, mask, block=4)
+    torch.testing.assert_close(out, explicit_attention(q, k, v, mask), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out[1, :, 0], torch.zeros(3, 4))
+
+
+def test_blocked_causal_attention_gradients_equal_explicit():
+    q, k, v = (t.requires_grad_() for t in qkv(t=11, s=11))
+    mask = causal_mask(11, 11)
+    grad = torch.randn(2, 3, 11, 4)
+    blocked = torch.autograd.grad(blocked_causal_attention(q, k, v, mask, block=4), (q, k, v), grad)
+    explicit = torch.autograd.grad(explicit_attention(q, k, v, mask), (q, k, v), grad)
+    for ours, reference in zip(blocked, explicit, strict=True):
+        torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dropout_p", [0.0, 0.3])
+def test_blocked_causal_attention_backward_passes_gradcheck(dropout_p):
+    """The hand-written backward against finite differences, in float64, with padding; the
+    dropout masks are fixed by reseeding before every call."""
+    q, k, v = (t.double().requires_grad_() for t in qkv(b=2, h=2, t=7, s=7, d=3))
+    padding = torch.ones(2, 7, dtype=torch.bool)
+    padding[1, :2] = False
+    mask = padding[:, None, None, :] & causal_mask(7, 7)
+
+    def attend(q, k, v):
+        torch.manual_seed(0)
+        return blocked_causal_attention(q, k, v, mask, dropout_p, block=3)
+
+    assert torch.autograd.gradcheck(attend, (q, k, v))
+    if dropout_p > 0:
+        no_dropout = blocked_causal_attention(q, k, v, mask, 0.0, block=3)
+        assert not torch.allclose(attend(q, k, v), no_dropout)
+
+
+def test_blocked_path_of_the_module_equals_explicit_in_bf16():
+    """Past QUERY_BLOCK positions the module takes the blocked path; its bf16 softmax
+    agrees with the explicit path's float32 one to bf16 rounding."""
+    torch.manual_seed(0)
+    explicit = MultiHeadAttention(32, 2, causal=True, implementation="explicit")
+    blocked = MultiHeadAttention(32, 2, causal=True, implementation="blocked")
+    blocked.load_state_dict(explicit.state_dict())
+    x = torch.randn(2, 600, 32)  # 600 > QUERY_BLOCK (128): five blocks, the last one short
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected, out = explicit(x).float(), blocked(x).float()
+    torch.testing.assert_close(out, expected, rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(blocked(x), explicit(x), rtol=1e-5, atol=1e-5)  # float32
+
+
 def test_causal_mask_with_cached_offset():
     # 2 new queries after 3 cached positions: query 0 is position 3, query 1 is position 4.
     expected = torch.tensor([[1, 1, 1, 1, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
@@ -84,7 +147,7 @@ def copy_to_torch_mha(mha: MultiHeadAttention) -> torch.nn.MultiheadAttention:
     return ref.eval()
 
 
-@pytest.mark.parametrize("implementation", ["sdpa", "explicit"])
+@pytest.mark.parametrize("implementation", ["sdpa", "explicit", "blocked"])
 def test_self_attention_matches_torch_multihead_attention(implementation):
     mha = MultiHeadAttention(12, 3, implementation=implementation).eval()
     ref = copy_to_torch_mha(mha)
@@ -95,7 +158,7 @@ def test_self_attention_matches_torch_multihead_attention(implementation):
     torch.testing.assert_close(mha(x, attention_mask=padding), expected, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("implementation", ["sdpa", "explicit"])
+@pytest.mark.parametrize("implementation", ["sdpa", "explicit", "blocked"])
 def test_causal_self_attention_matches_torch_with_causal_mask(implementation):
     mha = MultiHeadAttention(12, 4, causal=True, implementation=implementation)
     mha.eval()
@@ -106,7 +169,7 @@ def test_causal_self_attention_matches_torch_with_causal_mask(implementation):
     torch.testing.assert_close(mha(x), expected, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("implementation", ["sdpa", "explicit"])
+@pytest.mark.parametrize("implementation", ["sdpa", "explicit", "blocked"])
 def test_cross_attention_matches_torch(implementation):
     mha = MultiHeadAttention(8, 2, cross=True, implementation=implementation).eval()
     ref = copy_to_torch_mha(mha)
@@ -144,7 +207,7 @@ def test_weight_blocks_are_views_of_the_paper_s_four_matrices():
         torch.testing.assert_close(v, biases[2].expand(1, 3, 8))
 
 
-@pytest.mark.parametrize("implementation", ["sdpa", "explicit"])
+@pytest.mark.parametrize("implementation", ["sdpa", "explicit", "blocked"])
 def test_future_tokens_never_change_past_outputs(implementation):
     mha = MultiHeadAttention(8, 2, causal=True, implementation=implementation)
     x = torch.randn(1, 6, 8)
@@ -154,7 +217,7 @@ def test_future_tokens_never_change_past_outputs(implementation):
     assert not torch.allclose(mha(x)[:, 4:], mha(changed)[:, 4:])
 
 
-@pytest.mark.parametrize("implementation", ["sdpa", "explicit"])
+@pytest.mark.parametrize("implementation", ["sdpa", "explicit", "blocked"])
 def test_kv_cache_decoding_equals_full_forward(implementation):
     mha = MultiHeadAttention(8, 2, causal=True, implementation=implementation)
     x = torch.randn(2, 7, 8)
@@ -173,7 +236,7 @@ def test_kv_cache_decoding_equals_full_forward(implementation):
     assert cache.length == 7
 
 
-@pytest.mark.parametrize("implementation", ["sdpa", "explicit"])
+@pytest.mark.parametrize("implementation", ["sdpa", "explicit", "blocked"])
 def test_kv_cache_chunk_without_padding_equals_full_forward(implementation):
     mha = MultiHeadAttention(8, 2, causal=True, implementation=implementation)
     x = torch.randn(1, 8, 8)

@@ -18,6 +18,7 @@ from tformer.files import atomic_write_json, read_json
 from tformer.generate import SamplingConfig, generate_ids
 from tformer.models import seq2seq
 from tformer.models.gpt2 import GPT2, PRESETS, GPT2Config
+from tformer.nn.attention import IMPLEMENTATIONS
 from tformer.nn.feedforward import ACTIVATIONS
 from tformer.tokenizers import CharTokenizer, GPT2Tokenizer, load_tokenizer, train_bpe
 from tformer.train import TrainConfig, distributed, fit
@@ -96,8 +97,10 @@ def add_parser(sub) -> None:
     model.add_argument(
         "--attention",
         default="auto",
-        choices=["auto", "sdpa", "explicit"],
-        help="auto: explicit for bf16 training on CPU, where it is faster",
+        choices=["auto", *IMPLEMENTATIONS],
+        help="sdpa: PyTorch's fused kernel; explicit: the equation written out; blocked: "
+        "explicit, skipping the key blocks a causal mask hides (contexts above 128); auto: "
+        "blocked for bf16 training on a CPU, where it is fastest, else sdpa",
     )
 
     train = p.add_argument_group("training")
@@ -208,7 +211,7 @@ def build_tokenizer(kind: str, text: str, bpe_vocab_size: int):
 def attention_for(choice: str, device: torch.device, dtype: str) -> str:
     # Measured (docs/LOG.md): PyTorch's fused CPU attention is slow backwards in bf16.
     if choice == "auto":
-        return "explicit" if device.type == "cpu" and dtype != "float32" else "sdpa"
+        return "blocked" if device.type == "cpu" and dtype != "float32" else "sdpa"
     return choice
 
 

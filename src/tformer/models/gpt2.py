@@ -41,7 +41,7 @@ from tformer.nn import (
     SublayerConnection,
     TokenEmbedding,
 )
-from tformer.nn.attention import Implementation, set_implementation
+from tformer.nn.attention import IMPLEMENTATIONS, Implementation, set_implementation
 from tformer.nn.capture import NameFilter, run_with_cache
 from tformer.nn.feedforward import ACTIVATIONS, Activation
 from tformer.nn.sublayer import NormPosition
@@ -116,9 +116,10 @@ class GPT2Config:
             )
         if self.init not in ("gpt2", "xavier"):
             raise ValueError(f"GPT2Config.init must be 'gpt2' or 'xavier', got {self.init!r}")
-        if self.attention not in ("sdpa", "explicit"):
+        if self.attention not in IMPLEMENTATIONS:
             raise ValueError(
-                f"GPT2Config.attention must be 'sdpa' or 'explicit', got {self.attention!r}"
+                f"GPT2Config.attention must be one of {', '.join(IMPLEMENTATIONS)}, "
+                f"got {self.attention!r}"
             )
         if self.eos_token_id is not None and (
             not isinstance(self.eos_token_id, int) or not 0 <= self.eos_token_id < self.vocab_size
@@ -258,7 +259,7 @@ class GPT2(nn.Module):
                 nn.init.zeros_(module.bias)
 
     def set_attention(self, implementation: Implementation) -> None:
-        """Run attention on the explicit or the fused path from now on (see
+        """Run attention on the explicit, fused or blocked path from now on (see
         tformer.nn.attention.set_implementation); the config records the choice."""
         set_implementation(self, implementation)
         self.config.attention = implementation

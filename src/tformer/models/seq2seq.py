@@ -277,7 +277,7 @@ class Seq2SeqTransformer(nn.Module):
                 nn.init.zeros_(module.bias)
 
     def set_attention(self, implementation: Implementation) -> None:
-        """Run attention on the explicit or the fused path from now on (see
+        """Run attention on the explicit, fused or blocked path from now on (see
         tformer.nn.attention.set_implementation); the config records the choice."""
         set_implementation(self, implementation)
         self.config.attention = implementation

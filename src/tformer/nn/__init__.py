@@ -3,6 +3,7 @@
 from tformer.nn.attention import (
     MultiHeadAttention,
     attention_weights,
+    blocked_causal_attention,
     causal_mask,
     explicit_attention,
     fused_attention,
@@ -32,6 +33,7 @@ __all__ = [
     "SublayerConnection",
     "TokenEmbedding",
     "attention_weights",
+    "blocked_causal_attention",
     "causal_mask",
     "dropout",
     "explicit_attention",
