@@ -8,6 +8,7 @@ import sys
 import time
 
 import pytest
+import torch
 
 from tformer import GPT2
 
@@ -124,11 +125,15 @@ def test_killed_run_resumes_with_exactly_the_same_losses(corpus, tmp_path, env, 
     )
 
 
-def test_ddp_on_two_processes_matches_one_process(corpus, tmp_path, env):
+@pytest.mark.parametrize("parallel, grad_accum", [("ddp", "1"), ("fsdp", "2")])
+def test_two_processes_match_one_process(corpus, tmp_path, env, parallel, grad_accum):
+    """DDP and FSDP (with gradient accumulation, so its gradient sync is switched off and on)
+    on 2 gloo processes give one process's losses; the FSDP run saves whole checkpoints."""
     common = ["--data", corpus, "--steps", "15", "--eval-every", "5", *SMALL]
+    common += ["--grad-accum", grad_accum, "--parallel", parallel]
     single = tmp_path / "single"
     tformer("train", *common, "--out", single, "--dropout", "0", env=env)
-    ddp = tmp_path / "ddp"
+    ddp = tmp_path / parallel
     cmd = [
         sys.executable,
         "-m",
@@ -152,6 +157,10 @@ def test_ddp_on_two_processes_matches_one_process(corpus, tmp_path, env):
     for ra, rb in zip(a, b, strict=True):
         for x, y in zip(ra[2:], rb[2:], strict=True):
             assert (x is None and y is None) or abs(x - y) <= 1e-5
+    ours, theirs = GPT2.from_pretrained(single), GPT2.from_pretrained(ddp)
+    theirs_state = theirs.state_dict()
+    for name, x in ours.state_dict().items():
+        torch.testing.assert_close(x, theirs_state[name], rtol=1e-4, atol=1e-5, msg=name)
 
 
 @pytest.mark.parametrize(

@@ -91,6 +91,40 @@ def test_bfloat16_autocast_trains_close_to_float32(corpus_file):
     assert a[-1]["loss"] != b[-1]["loss"]  # autocast really computed in bf16
 
 
+def test_activation_checkpointing_trains_the_same_model(corpus_file):
+    """Recomputing each block in the backward pass (dropout replayed) changes no number."""
+    _, train, _, model_a = data_and_model(corpus_file, dropout=0.1)
+    _, _, _, model_b = data_and_model(corpus_file, dropout=0.1)
+    a = fit(model_a, train, None, quick(steps=5, eval_every=0), progress=False)
+    config = quick(steps=5, eval_every=0, activation_checkpointing=True)
+    b = fit(model_b, train, None, config, progress=False)
+    assert model_b.activation_checkpointing and not model_a.activation_checkpointing
+    assert [r["loss"] for r in a] == [r["loss"] for r in b]
+    for pa, pb in zip(model_a.parameters(), model_b.parameters(), strict=True):
+        torch.testing.assert_close(pa, pb, rtol=0, atol=0)
+
+
+def test_optimizer_state_by_parameter_name_and_the_older_numbered_one_both_restore(corpus_file):
+    from tformer.train import distributed
+    from tformer.train.optim import build_optimizer
+
+    _, train, _, model = data_and_model(corpus_file)
+    optimizer = build_optimizer(model, 1e-3, 0.1, (0.9, 0.99))
+    batch = train.sample(4, torch.Generator().manual_seed(0))
+    torch.nn.functional.cross_entropy(
+        model(*batch.inputs).flatten(0, 1), batch.targets.flatten()
+    ).backward()
+    optimizer.step()
+    by_name = distributed.optimizer_state(model, optimizer)
+    assert "blocks.0.attn.w_qkv.weight" in by_name["state"]
+    model.zero_grad(set_to_none=True)  # as in a resumed run
+    for saved in (by_name, optimizer.state_dict()):
+        fresh = build_optimizer(model, 1e-3, 0.1, (0.9, 0.99))
+        distributed.load_optimizer_state(model, fresh, saved)
+        for key, state in optimizer.state_dict()["state"].items():
+            torch.testing.assert_close(fresh.state_dict()["state"][key], state, rtol=0, atol=0)
+
+
 def test_run_directory_holds_metrics_checkpoints_and_a_loadable_model(corpus_file, tmp_path):
     tok, train, val, model = data_and_model(corpus_file)
     run = tmp_path / "run"
@@ -167,6 +201,7 @@ def test_starting_over_an_existing_run_is_refused(corpus_file, tmp_path):
         (dict(min_lr=1.0), "min_lr <= lr"),
         (dict(dtype="int8"), "dtype"),
         (dict(steps=0), "steps must be positive"),
+        (dict(parallel="zero3"), "parallel must be 'ddp' or 'fsdp'"),
     ],
 )
 def test_bad_training_config_is_refused(overrides, message):

@@ -178,6 +178,22 @@ def add_parser(sub) -> None:
     )
     train.add_argument("--threads", type=int, help="CPU threads (default: torch's choice)")
 
+    scale = p.add_argument_group("memory and scale")
+    scale.add_argument(
+        "--activation-checkpointing",
+        action="store_true",
+        help="keep only each layer's input and recompute its activations in the backward "
+        "pass: much less memory for ~1/3 more compute",
+    )
+    scale.add_argument(
+        "--parallel",
+        default=defaults.parallel,
+        choices=["ddp", "fsdp"],
+        help="under torchrun: ddp keeps a full replica per process and averages gradients; "
+        "fsdp shards parameters, gradients and optimizer state across processes "
+        "(for models that do not fit one device)",
+    )
+
     out = p.add_argument_group("output")
     out.add_argument(
         "--out",
@@ -288,7 +304,7 @@ def run(args) -> None:
     say(
         f"model: {model.num_parameters():,} parameters; {device}, {config.dtype}, attention "
         f"{model.config.attention}, {torch.get_num_threads()} threads, {dist.world_size} "
-        f"process(es); run directory {out}"
+        f"process(es){scale_note(dist, config)}; run directory {out}"
     )
 
     history = fit(
@@ -303,6 +319,8 @@ def run(args) -> None:
     )
     if not dist.is_main:
         return
+    if distributed.is_sharded(model):  # a sharded model runs only with every process
+        model = GPT2.from_pretrained(out, device=device)
     # The last evaluation of the run, also when a resumed run had nothing left to do.
     val = [r for r in read_metrics(out) if r["type"] == "eval"][-1]
     sample = ""
@@ -359,6 +377,16 @@ def new_train_config(args, device: torch.device) -> TrainConfig:
         torch.set_num_threads(args.threads)
     options = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if f.name != "dtype"}
     return TrainConfig(**options, dtype=training_dtype(args.dtype, device))
+
+
+def scale_note(dist: distributed.Distributed, config: TrainConfig) -> str:
+    """How the run shares out its work and memory, for its opening lines."""
+    parts = []
+    if dist.world_size > 1:
+        parts.append("FSDP, sharded" if config.parallel == "fsdp" else "DDP, replicated")
+    if config.activation_checkpointing:
+        parts.append("activation checkpointing")
+    return "".join(f", {part}" for part in parts)
 
 
 def absolute(path: str | None) -> str | None:

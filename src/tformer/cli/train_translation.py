@@ -14,14 +14,21 @@ import time
 
 import torch
 
-from tformer.cli.train import absolute, attention_for, new_train_config, read_run, start_run
+from tformer.cli.train import (
+    absolute,
+    attention_for,
+    new_train_config,
+    read_run,
+    scale_note,
+    start_run,
+)
 from tformer.data.parallel import BUILTIN_PARALLEL, ParallelBatches, load_parallel
 from tformer.files import atomic_write_json
 from tformer.generate.beam import BeamConfig
 from tformer.generate.translate import corpus_scores, translate
 from tformer.models.seq2seq import PRESETS, Seq2SeqConfig, Seq2SeqTransformer
 from tformer.tokenizers import load_tokenizer, train_bpe
-from tformer.train import fit
+from tformer.train import distributed, fit
 from tformer.train.plots import read_metrics
 
 SPECIAL_TOKENS = ("<pad>", "<s>", "</s>")  # ids 0, 1, 2: the model's pad, bos and eos
@@ -111,7 +118,8 @@ def run(args) -> None:
     say(
         f"model: {model.num_parameters():,} parameters ({c.n_encoder_layers}+"
         f"{c.n_decoder_layers} layers, d_model {c.d_model}, {c.norm_position}-LN); {device}, "
-        f"{config.dtype}, {dist.world_size} process(es); run directory {out}"
+        f"{config.dtype}, {dist.world_size} process(es){scale_note(dist, config)}; "
+        f"run directory {out}"
     )
     history = fit(
         model,
@@ -125,6 +133,8 @@ def run(args) -> None:
     )
     if not dist.is_main:
         return
+    if distributed.is_sharded(model):  # a sharded model runs only with every process
+        model = Seq2SeqTransformer.from_pretrained(out, device=device)
     val = [r for r in read_metrics(out) if r["type"] == "eval"][-1]
     sources = [src for src, _ in corpus.test]
     references = [tgt for _, tgt in corpus.test]

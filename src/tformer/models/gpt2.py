@@ -43,6 +43,7 @@ from tformer.nn import (
 )
 from tformer.nn.attention import IMPLEMENTATIONS, Implementation, set_implementation
 from tformer.nn.capture import NameFilter, run_with_cache
+from tformer.nn.checkpointing import run_layer
 from tformer.nn.feedforward import ACTIVATIONS, Activation
 from tformer.nn.sublayer import NormPosition
 
@@ -210,6 +211,7 @@ class GPT2(nn.Module):
         # For fast decoding, tformer.generate.fast puts a packed copy of the output head (the
         # token embedding) here; see unembed.
         self.packed_head: nn.Module | None = None
+        self.activation_checkpointing = False  # see set_activation_checkpointing
         self.init_weights(seed)
 
     @torch.no_grad()
@@ -263,6 +265,11 @@ class GPT2(nn.Module):
         tformer.nn.attention.set_implementation); the config records the choice."""
         set_implementation(self, implementation)
         self.config.attention = implementation
+
+    def set_activation_checkpointing(self, on: bool = True) -> None:
+        """While training, keep only each block's input and recompute the rest in the
+        backward pass (tformer.nn.checkpointing): less memory, ~1/3 more compute."""
+        self.activation_checkpointing = on
 
     def num_parameters(self) -> int:
         """Trainable parameters, the tied embedding/head counted once."""
@@ -355,8 +362,10 @@ class GPT2(nn.Module):
             position_ids = torch.arange(past, past + t, device=input_ids.device).unsqueeze(0)
         x = self.token_embedding(input_ids) + self.position_embedding(position_ids)  # (B, T, C)
         x = self.embedding_dropout(x)
+        recompute = self.activation_checkpointing and self.training
         for i, block in enumerate(self.blocks):
-            x = block(x, attention_mask, caches[i] if caches is not None else None)
+            cache = caches[i] if caches is not None else None
+            x = run_layer(block, x, attention_mask, cache, checkpointed=recompute)
         return self.final_norm(x)
 
     def unembed(self, x: torch.Tensor) -> torch.Tensor:

@@ -1,9 +1,22 @@
-"""Data-parallel training across processes with torch.distributed (DDP).
+"""Data-parallel training across processes with torch.distributed: DDP and FSDP.
 
 `torchrun --nproc_per_node=N -m tformer train ...` starts N processes with RANK, WORLD_SIZE
-and LOCAL_RANK set; each joins one process group (gloo on CPU, NCCL on GPUs), holds a full
-copy of the model, computes gradients on its own slice of every batch, and DDP averages the
-gradients across processes before each optimizer step, so all copies stay identical.
+and LOCAL_RANK set; each joins one process group (gloo on CPU, NCCL on GPUs) and computes
+gradients on its own slice of every batch.
+
+DDP (`--parallel ddp`): every process holds the whole model and optimizer state; the
+gradients are averaged (all-reduce) before each optimizer step, so all copies stay equal.
+Per step each process sends and receives about 2 (N - 1) / N x the gradients' bytes.
+
+FSDP (`--parallel fsdp`, Zhao et al., 2023, via `fully_shard`): each process keeps 1 / N of
+every parameter, gradient and optimizer state. A layer's parameters are gathered
+(all-gather) just before its forward pass and freed after it, gathered again for its
+backward pass, and the gradients are summed and scattered (reduce-scatter) so that each
+process updates its own shard: (N - 1) / N x the parameters' bytes twice and the gradients'
+once per step, 1.5x DDP's traffic, for a model N times larger than one device holds.
+
+Checkpoints are always whole (gathered on rank 0), so a run saved under FSDP resumes under
+DDP or in one process, and the other way round.
 """
 
 import os
@@ -11,6 +24,18 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.fsdp import FSDPModule, fully_shard, register_fsdp_forward_method
+
+LAYER_LISTS = ("blocks", "encoder_layers", "decoder_layers")  # GPT2's, Seq2SeqTransformer's
+FORWARD_METHODS = ("features", "unembed")  # called by the trainer instead of forward
 
 
 @dataclass(frozen=True)
@@ -49,3 +74,62 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
 def barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
+
+
+def shard(model: nn.Module) -> nn.Module:
+    """Shard `model` in place across the process group (FSDP): each layer of its layer lists
+    is one unit, gathered for its own forward and backward pass; the rest (embeddings, final
+    norm, the tied head) is the root unit."""
+    for name in LAYER_LISTS:
+        for layer in getattr(model, name, []):
+            fully_shard(layer)
+    fully_shard(model)
+    for method in FORWARD_METHODS:
+        if hasattr(model, method):
+            register_fsdp_forward_method(model, method)
+    return model
+
+
+def is_sharded(model: nn.Module) -> bool:
+    return isinstance(model, FSDPModule)
+
+
+FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)  # whole tensors, on rank 0
+
+
+def whole_model(model: nn.Module) -> nn.Module | None:
+    """The model with whole parameters, for saving: `model` itself unless it is sharded; then
+    (a collective: every rank calls it) an unsharded copy on the CPU of rank 0, None
+    elsewhere."""
+    if not is_sharded(model):
+        return model
+    state = get_model_state_dict(model, options=FULL)
+    if not current().is_main:
+        return None
+    with torch.device("meta"):
+        copy = type(model)(model.config)
+    copy.load_state_dict(state, assign=True)
+    return copy
+
+
+def load_whole_model_state(model: nn.Module, state: dict) -> None:
+    """Load whole tensors (a saved checkpoint's) into `model`, sharded or not."""
+    if is_sharded(model):
+        set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True))
+    else:
+        model.load_state_dict(state)
+
+
+def optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """The optimizer's whole state keyed by parameter name (a collective under FSDP; whole
+    on rank 0): the same file whether the run was sharded or not."""
+    options = FULL if is_sharded(model) else StateDictOptions(full_state_dict=True)
+    return get_optimizer_state_dict(model, optimizer, options=options)
+
+
+def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
+    if any(isinstance(key, int) for key in state["state"]):  # saved before names were used
+        optimizer.load_state_dict(state)
+        return
+    options = StateDictOptions(full_state_dict=True)
+    set_optimizer_state_dict(model, optimizer, optim_state_dict=state, options=options)

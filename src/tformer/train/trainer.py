@@ -65,6 +65,8 @@ class TrainConfig:
     checkpoint_every: int = 500  # 0: only at the end
     seed: int = 1337
     dtype: str = "float32"  # autocast dtype: float32 (off), bfloat16, float16 (CUDA only)
+    activation_checkpointing: bool = False  # recompute each layer's activations backwards
+    parallel: str = "ddp"  # across processes: "ddp" (replicas) or "fsdp" (sharded)
 
     def __post_init__(self) -> None:
         positive = ("steps", "batch_size", "grad_accum", "eval_batches")
@@ -92,6 +94,8 @@ class TrainConfig:
             raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
+        if self.parallel not in ("ddp", "fsdp"):
+            raise ValueError(f"parallel must be 'ddp' or 'fsdp', got {self.parallel!r}")
 
     @property
     def last_decay_step(self) -> int:
@@ -171,7 +175,17 @@ def evaluate(
     was_training = model.training
     model.eval()
     totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, count
-    for batch in batches[dist.rank :: dist.world_size]:
+    mine = batches[dist.rank :: dist.world_size]
+    if distributed.is_sharded(model):
+        # A sharded model's forward is a collective: every process runs as many as the
+        # busiest one, and the spare passes (on a batch already scored) count nothing.
+        rounds = math.ceil(len(batches) / dist.world_size)
+        mine += [None] * (rounds - len(mine))
+    for batch in mine:
+        if batch is None:
+            with autocast(device, dtype):
+                model(*batches[0].to(device).inputs)
+            continue
         batch = batch.to(device)
         with autocast(device, dtype):
             logits = model(*batch.inputs)
@@ -286,6 +300,13 @@ def _fit(
 
     torch.manual_seed(config.seed)  # dropout
     generator = torch.Generator().manual_seed(config.seed)  # data windows
+    if config.activation_checkpointing:
+        if not hasattr(model, "set_activation_checkpointing"):
+            raise ValueError(f"{type(model).__name__} has no activation checkpointing")
+        model.set_activation_checkpointing(True)
+    sharded = dist.world_size > 1 and config.parallel == "fsdp"
+    if sharded:
+        distributed.shard(model)  # before the optimizer: it updates the shards
     optimizer = build_optimizer(model, config.lr, config.weight_decay, (config.beta1, config.beta2))
     scaler = torch.amp.GradScaler(device.type, enabled=config.dtype == "float16")
     start, best_val = 0, math.inf
@@ -311,7 +332,7 @@ def _fit(
         atomic_write_json(run_dir / "train_config.json", asdict(config))
 
     scored = ScoredLogits(model)
-    ddp = DistributedDataParallel(scored) if dist.world_size > 1 else scored
+    ddp = DistributedDataParallel(scored) if dist.world_size > 1 and not sharded else scored
     model.train()
     history: list[dict[str, Any]] = []
     tokens_seen = 0  # scored target tokens since this process started (or resumed)
@@ -334,7 +355,7 @@ def _fit(
             batch = train.sample(micro, generator)
             tokens_seen += int((batch.targets != IGNORE_INDEX).sum())  # all processes' rows
             batch = batch.rows(dist.rank * rows, (dist.rank + 1) * rows).to(device)
-            with _maybe_no_sync(ddp, last_micro=m == config.grad_accum - 1):
+            with gradient_sync(ddp, on=m == config.grad_accum - 1):
                 with autocast(device, config.dtype):
                     logits, targets = ddp(batch.inputs, batch.targets)
                 loss = cross_entropy(logits, targets, config.label_smoothing)
@@ -408,29 +429,41 @@ def _fit(
         # `best` always points at the best model evaluated).
         due = config.checkpoint_every and done % config.checkpoint_every == 0
         if run_dir is not None and (last or due or is_best):
+            # Under FSDP every process takes part in gathering the whole state.
+            state = training_state(done, best_val, model, optimizer, scaler, generator, config)
+            whole = distributed.whole_model(model)
             if dist.is_main:
-                state = training_state(done, best_val, optimizer, scaler, generator, config)
-                save_checkpoint(run_dir, done, model, tokenizer, state, is_best)
+                save_checkpoint(run_dir, done, whole, tokenizer, state, is_best)
             distributed.barrier()
     bar.close()
-    if run_dir is not None and dist.is_main:
-        model.save_pretrained(run_dir)  # the finished model, loadable from the run directory
-        if tokenizer is not None:
-            tokenizer.save(run_dir)
-        plot_losses(run_dir)
+    if run_dir is not None:
+        whole = distributed.whole_model(model)
+        if dist.is_main:
+            whole.save_pretrained(run_dir)  # the finished model, loadable from the run directory
+            if tokenizer is not None:
+                tokenizer.save(run_dir)
+            plot_losses(run_dir)
     return history
 
 
-def _maybe_no_sync(ddp: nn.Module, last_micro: bool):
-    """DDP averages gradients on every backward; before the last micro-batch that is wasted."""
-    if isinstance(ddp, DistributedDataParallel) and not last_micro:
-        return ddp.no_sync()
-    return contextlib.nullcontext()
+@contextlib.contextmanager
+def gradient_sync(module: nn.Module, on: bool):
+    """Gradients are averaged across processes on every backward pass; before the last
+    micro-batch of a step that is wasted, so it is switched off there."""
+    if isinstance(module, DistributedDataParallel) and not on:
+        with module.no_sync():
+            yield
+    elif isinstance(module, ScoredLogits) and distributed.is_sharded(module.model):
+        module.model.set_requires_gradient_sync(on)
+        yield
+    else:
+        yield
 
 
 def training_state(
     step: int,
     best_val: float,
+    model: nn.Module,
     optimizer: torch.optim.Optimizer,
     scaler: torch.amp.GradScaler,
     generator: torch.Generator,
@@ -439,7 +472,7 @@ def training_state(
     state = {
         "step": step,
         "best_val_loss": best_val,
-        "optimizer": optimizer.state_dict(),
+        "optimizer": distributed.optimizer_state(model, optimizer),
         "grad_scaler": scaler.state_dict(),
         "data_rng": generator.get_state(),
         "torch_rng": torch.get_rng_state(),
@@ -461,8 +494,8 @@ def restore(
     """Load weights, optimizer and random states from a checkpoint; -> (step, best val loss)."""
     state = load_state(checkpoint)
     saved = type(model).from_pretrained(checkpoint, device=device)
-    model.load_state_dict(saved.state_dict())
-    optimizer.load_state_dict(state["optimizer"])
+    distributed.load_whole_model_state(model, saved.state_dict())
+    distributed.load_optimizer_state(model, optimizer, state["optimizer"])
     scaler.load_state_dict(state["grad_scaler"])
     generator.set_state(state["data_rng"])
     torch.set_rng_state(state["torch_rng"])
