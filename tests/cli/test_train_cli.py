@@ -125,15 +125,21 @@ def test_killed_run_resumes_with_exactly_the_same_losses(corpus, tmp_path, env, 
     )
 
 
-@pytest.mark.parametrize("parallel, grad_accum", [("ddp", "1"), ("fsdp", "2")])
-def test_two_processes_match_one_process(corpus, tmp_path, env, parallel, grad_accum):
-    """DDP and FSDP (with gradient accumulation, so its gradient sync is switched off and on)
-    on 2 gloo processes give one process's losses; the FSDP run saves whole checkpoints."""
-    common = ["--data", corpus, "--steps", "15", "--eval-every", "5", *SMALL]
-    common += ["--grad-accum", grad_accum, "--parallel", parallel]
+@pytest.mark.parametrize(
+    "options",
+    [
+        ["--parallel", "ddp"],
+        ["--parallel", "fsdp", "--grad-accum", "2", "--activation-checkpointing"],
+    ],
+)
+def test_two_processes_match_one_process(corpus, tmp_path, env, options):
+    """DDP, and FSDP with gradient accumulation (its gradient sync switched off and on) and
+    activation checkpointing (layers recomputed inside sharded units), on 2 gloo processes
+    give one process's losses; the FSDP run saves whole checkpoints."""
+    common = ["--data", corpus, "--steps", "15", "--eval-every", "5", *SMALL, *options]
     single = tmp_path / "single"
     tformer("train", *common, "--out", single, "--dropout", "0", env=env)
-    ddp = tmp_path / parallel
+    ddp = tmp_path / options[1]
     cmd = [
         sys.executable,
         "-m",

@@ -104,6 +104,17 @@ def test_activation_checkpointing_trains_the_same_model(corpus_file):
         torch.testing.assert_close(pa, pb, rtol=0, atol=0)
 
 
+def test_compiled_training_equals_eager_training(corpus_file):
+    _, train, _, model_a = data_and_model(corpus_file)
+    _, _, _, model_b = data_and_model(corpus_file)
+    a = fit(model_a, train, None, quick(steps=3, eval_every=0), progress=False)
+    b = fit(model_b, train, None, quick(steps=3, eval_every=0, compile=True), progress=False)
+    for ra, rb in zip(a, b, strict=True):
+        assert ra["loss"] == pytest.approx(rb["loss"], abs=1e-5)
+    for pa, pb in zip(model_a.parameters(), model_b.parameters(), strict=True):
+        torch.testing.assert_close(pa, pb, rtol=1e-4, atol=1e-5)
+
+
 def test_optimizer_state_by_parameter_name_and_the_older_numbered_one_both_restore(corpus_file):
     from tformer.train import distributed
     from tformer.train.optim import build_optimizer

@@ -178,6 +178,13 @@ def add_parser(sub) -> None:
     )
     train.add_argument("--threads", type=int, help="CPU threads (default: torch's choice)")
 
+    train.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the model for training: ~4-10%% faster steps on a CPU after "
+        "~30 s (small models) to ~3 min (GPT-2 124M) of compiling, so for long runs",
+    )
+
     scale = p.add_argument_group("memory and scale")
     scale.add_argument(
         "--activation-checkpointing",
@@ -380,8 +387,8 @@ def new_train_config(args, device: torch.device) -> TrainConfig:
 
 
 def scale_note(dist: distributed.Distributed, config: TrainConfig) -> str:
-    """How the run shares out its work and memory, for its opening lines."""
-    parts = []
+    """The run's speed, memory and scale options, for its opening lines."""
+    parts = ["compiled"] if config.compile else []
     if dist.world_size > 1:
         parts.append("FSDP, sharded" if config.parallel == "fsdp" else "DDP, replicated")
     if config.activation_checkpointing:

@@ -66,6 +66,7 @@ class TrainConfig:
     seed: int = 1337
     dtype: str = "float32"  # autocast dtype: float32 (off), bfloat16, float16 (CUDA only)
     activation_checkpointing: bool = False  # recompute each layer's activations backwards
+    compile: bool = False  # torch.compile the training forward (pays on long runs, LOG)
     parallel: str = "ddp"  # across processes: "ddp" (replicas) or "fsdp" (sharded)
 
     def __post_init__(self) -> None:
@@ -333,6 +334,7 @@ def _fit(
 
     scored = ScoredLogits(model)
     ddp = DistributedDataParallel(scored) if dist.world_size > 1 and not sharded else scored
+    step_model = torch.compile(ddp) if config.compile else ddp  # same parameters as `model`
     model.train()
     history: list[dict[str, Any]] = []
     tokens_seen = 0  # scored target tokens since this process started (or resumed)
@@ -357,7 +359,7 @@ def _fit(
             batch = batch.rows(dist.rank * rows, (dist.rank + 1) * rows).to(device)
             with gradient_sync(ddp, on=m == config.grad_accum - 1):
                 with autocast(device, config.dtype):
-                    logits, targets = ddp(batch.inputs, batch.targets)
+                    logits, targets = step_model(batch.inputs, batch.targets)
                 loss = cross_entropy(logits, targets, config.label_smoothing)
                 loss = loss / config.grad_accum
                 scaler.scale(loss).backward()
