@@ -122,7 +122,9 @@ class BlockedCausalAttention(torch.autograd.Function):
         q, k, v, *saved = ctx.saved_tensors
         t, scale = q.shape[-2], 1.0 / math.sqrt(q.shape[-1])
         grad_q = torch.empty_like(q)
-        grad_k, grad_v = torch.zeros_like(k), torch.zeros_like(v)
+        # dK and dV sum over the query blocks: in float32, rounded once at the end.
+        wide = torch.promote_types(k.dtype, torch.float32)
+        grad_k, grad_v = torch.zeros_like(k, dtype=wide), torch.zeros_like(v, dtype=wide)
         per_block = 2 if ctx.dropout else 1
         for i, start in enumerate(range(0, t, ctx.block)):
             end = min(start + ctx.block, t)
@@ -136,10 +138,11 @@ class BlockedCausalAttention(torch.autograd.Function):
             grad_weights = grad_o @ v[..., :end, :].transpose(-2, -1)  # (B, H, b - a, end)
             if ctx.dropout:
                 grad_weights = grad_weights * keep * ctx.keep_scale
+            # PyTorch's softmax backward kernel: P * (dP - rowsum(dP * P)), summed in float32
             grad_scores = torch._softmax_backward_data(grad_weights, weights, -1, weights.dtype)
             grad_q[..., start:end, :] = (grad_scores @ k[..., :end, :]) * scale
             grad_k[..., :end, :] += grad_scores.transpose(-2, -1) @ (q[..., start:end, :] * scale)
-        return grad_q, grad_k, grad_v, None, None, None
+        return grad_q, grad_k.to(k.dtype), grad_v.to(v.dtype), None, None, None
 
 
 def blocked_causal_attention(
