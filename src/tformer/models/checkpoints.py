@@ -26,6 +26,7 @@ import torch
 
 from tformer.files import atomic_write, atomic_write_json, read_json
 from tformer.models.gpt2 import GPT2, GPT2Config
+from tformer.nn.lora import lora_layers
 
 
 class CheckpointError(ValueError):
@@ -336,6 +337,12 @@ def save_gpt2(model: GPT2, directory: str | os.PathLike) -> None:
         raise ValueError(
             "this model's weights were packed for decoding (tformer.generate.fast), which "
             "rounds them; save the model before packing it"
+        )
+    if lora_layers(model):
+        raise ValueError(
+            "this model has LoRA layers, which the GPT-2 layout cannot hold: merge them into "
+            "the weights first (tformer.nn.lora.merge_lora), or save the adapters alone "
+            "(tformer.models.adapters.save_adapter)"
         )
     directory = Path(directory)
     tensors = {k: v.detach().cpu() for k, v in state_dict_to_hf(model).items()}

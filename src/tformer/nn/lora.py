@@ -1,0 +1,133 @@
+"""Low-rank adaptation, LoRA (Hu et al., 2021).
+
+Fine-tuning changes a pre-trained weight W (out x in) by some dW, and dW tends to have low
+"intrinsic rank". LoRA freezes W and learns dW as a product of two thin matrices:
+
+    h = x W^T + b + (alpha / r) dropout(x) A^T B^T,     A (r x in), B (out x r)
+
+A starts random (Kaiming-uniform with a = sqrt(5), nn.Linear's own initialisation, as PEFT
+does), B at zero, so the adapted model starts exactly equal to the base. Only A and B
+train: r (in + out) numbers per layer instead of in x out. Merging folds the update into
+the weight for inference at no extra cost:
+
+    W' = W + (alpha / r) B A
+
+The names follow PEFT's (`lora_A`, `lora_B`), and a LoRA layer is an nn.Linear whose own
+`weight` and `bias` are the frozen base, so the base keeps its parameter names.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from tformer.nn.dropout import Dropout
+
+
+@dataclass
+class LoRAConfig:
+    rank: int = 8  # r
+    alpha: float = 16.0  # the update is scaled by alpha / r
+    dropout: float = 0.0  # on the adapter's input only
+    targets: tuple[str, ...] = ("w_qkv",)  # linear layers, by the last part of their name
+
+    def __post_init__(self) -> None:
+        self.targets = tuple(self.targets)
+        if self.rank <= 0:
+            raise ValueError(f"the LoRA rank must be positive, got {self.rank}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"LoRA dropout must be in [0, 1), got {self.dropout}")
+        if not self.targets:
+            raise ValueError("LoRA needs at least one target module")
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / self.rank
+
+
+class LoRALinear(nn.Linear):
+    """A frozen linear layer plus a trainable rank-r update: (..., in) -> (..., out)."""
+
+    def __init__(self, base: nn.Linear, config: LoRAConfig) -> None:
+        has_bias = base.bias is not None
+        super().__init__(base.in_features, base.out_features, bias=has_bias, device="meta")
+        self.weight = base.weight  # the same tensors: no copy of the base
+        self.bias = base.bias
+        self.weight.requires_grad_(False)
+        if self.bias is not None:
+            self.bias.requires_grad_(False)
+        factory = {"device": base.weight.device, "dtype": base.weight.dtype}
+        self.lora_A = nn.Linear(base.in_features, config.rank, bias=False, **factory)
+        self.lora_B = nn.Linear(config.rank, base.out_features, bias=False, **factory)
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B.weight)
+        self.lora_dropout = Dropout(config.dropout)
+        self.scaling = config.scaling
+
+    def reset_parameters(self) -> None:
+        """The base weights are given, never drawn (nn.Linear's constructor calls this)."""
+        return
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        update = self.lora_B(self.lora_A(self.lora_dropout(x)))  # (..., out)
+        return super().forward(x) + update * self.scaling
+
+    def delta_weight(self) -> torch.Tensor:
+        """(alpha / r) B A: (out, in), the update as one matrix."""
+        return (self.lora_B.weight @ self.lora_A.weight) * self.scaling
+
+    def merged(self) -> nn.Linear:
+        """A plain linear layer computing the same function: W + (alpha / r) B A."""
+        merged = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
+        merged = merged.to(device=self.weight.device, dtype=self.weight.dtype)
+        with torch.no_grad():
+            merged.weight.copy_(self.weight + self.delta_weight())
+            if self.bias is not None:
+                merged.bias.copy_(self.bias)
+        return merged
+
+
+def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
+    """Every LoRA layer of `model`, by module name."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def add_lora(model: nn.Module, config: LoRAConfig) -> list[str]:
+    """Freeze `model` and put a LoRA update on each linear layer named by config.targets.
+    Returns the adapted layers' names; a target that matches nothing is an error."""
+    if lora_layers(model):
+        raise ValueError("this model already has LoRA layers; merge them first")
+    chosen = [
+        name
+        for name, module in model.named_modules()
+        if type(module) is nn.Linear and name.rsplit(".", 1)[-1] in config.targets
+    ]
+    found = {name.rsplit(".", 1)[-1] for name in chosen}
+    missing = [t for t in config.targets if t not in found]
+    if missing:
+        linear = sorted(
+            {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if type(m) is nn.Linear}
+        )
+        raise ValueError(
+            f"no linear layer named {', '.join(missing)}; this model's are: {', '.join(linear)}"
+        )
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    for name in chosen:
+        _replace(model, name, LoRALinear(model.get_submodule(name), config))
+    return chosen
+
+
+def merge_lora(model: nn.Module) -> list[str]:
+    """Fold every LoRA update into its weight (W + (alpha / r) B A) and drop the adapters;
+    the model computes the same function, at the base model's cost."""
+    layers = lora_layers(model)
+    for name, layer in layers.items():
+        _replace(model, name, layer.merged())
+    return list(layers)
+
+
+def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)

@@ -1,0 +1,95 @@
+"""LoRA adapters in PEFT's layout, checked against PEFT and transformers themselves."""
+
+import pytest
+import torch
+
+from tformer import GPT2, GPT2Config
+from tformer.models.adapters import load_adapter, save_adapter
+from tformer.models.checkpoints import CheckpointError
+from tformer.nn.lora import LoRAConfig, add_lora, lora_layers
+
+peft = pytest.importorskip("peft")
+transformers = pytest.importorskip("transformers")
+
+
+def base_checkpoint(tmp_path):
+    config = GPT2Config(vocab_size=61, max_len=20, d_model=32, n_layers=2, n_heads=4, dropout=0.0)
+    model = GPT2(config, seed=0).eval()
+    model.save_pretrained(tmp_path / "base")
+    return model
+
+
+def test_a_tformer_adapter_loads_in_peft_with_the_same_logits(tmp_path):
+    model = base_checkpoint(tmp_path)
+    add_lora(model, LoRAConfig(rank=4, alpha=8.0, targets=("w_qkv", "w_o", "w1", "w2")))
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for layer in lora_layers(model).values():
+            layer.lora_B.weight.copy_(torch.randn(layer.lora_B.weight.shape, generator=g))
+    save_adapter(model, tmp_path / "adapter")
+
+    hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "base")
+    theirs = peft.PeftModel.from_pretrained(hf, tmp_path / "adapter").eval()
+    ids = torch.randint(0, 61, (2, 11))
+    with torch.no_grad():
+        expected = theirs(input_ids=ids).logits
+        plain = hf.base_model(ids)  # sanity: the adapter changes the model
+    torch.testing.assert_close(model(ids), expected, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(
+        expected,
+        transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "base")(input_ids=ids).logits,
+        atol=1e-3,
+    )
+    del plain
+
+
+@pytest.mark.parametrize(
+    "targets", [["c_attn", "c_proj"], ["attn.c_proj"], r".*\.h\.\d+\.mlp\.c_fc"]
+)
+def test_a_peft_adapter_loads_in_tformer_with_the_same_logits(tmp_path, targets):
+    base_checkpoint(tmp_path)
+    hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "base")
+    config = peft.LoraConfig(r=3, lora_alpha=5, target_modules=targets, fan_in_fan_out=True)
+    theirs = peft.get_peft_model(hf, config)
+    torch.manual_seed(2)
+    with torch.no_grad():
+        for name, p in theirs.named_parameters():
+            if "lora_B" in name:
+                p.normal_()
+    theirs.save_pretrained(tmp_path / "adapter")
+    theirs.eval()
+
+    ours = GPT2.from_pretrained(tmp_path / "base").eval()
+    loaded = load_adapter(ours, tmp_path / "adapter")
+    assert loaded.rank == 3 and loaded.scaling == pytest.approx(5 / 3)
+    ids = torch.randint(0, 61, (2, 11))
+    with torch.no_grad():
+        expected = theirs(input_ids=ids).logits
+    torch.testing.assert_close(ours(ids), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_a_round_trip_keeps_every_adapter_number(tmp_path):
+    model = base_checkpoint(tmp_path)
+    add_lora(model, LoRAConfig(rank=2, targets=("w_o", "w2")))
+    save_adapter(model, tmp_path / "adapter")
+    again = GPT2.from_pretrained(tmp_path / "base")
+    config = load_adapter(again, tmp_path / "adapter")
+    assert config.targets == ("w2", "w_o")
+    for (name, a), (_, b) in zip(
+        model.state_dict().items(), again.state_dict().items(), strict=True
+    ):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+
+
+def test_bad_adapters_are_refused(tmp_path):
+    model = base_checkpoint(tmp_path)
+    with pytest.raises(ValueError, match="no LoRA layers"):
+        save_adapter(model, tmp_path / "none")
+    with pytest.raises(CheckpointError, match="no adapter_config.json"):
+        load_adapter(model, tmp_path)
+    (tmp_path / "adapter").mkdir()
+    (tmp_path / "adapter" / "adapter_config.json").write_text(
+        '{"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["q_proj"]}'
+    )
+    with pytest.raises(CheckpointError, match="name no GPT-2 linear layer"):
+        load_adapter(model, tmp_path / "adapter")
