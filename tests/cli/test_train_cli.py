@@ -129,7 +129,9 @@ def test_killed_run_resumes_with_exactly_the_same_losses(corpus, tmp_path, env, 
     "options",
     [
         ["--parallel", "ddp"],
-        ["--parallel", "fsdp", "--grad-accum", "2", "--activation-checkpointing"],
+        # 3 evaluation batches on 2 processes: one process runs a spare forward pass
+        ["--parallel", "fsdp", "--grad-accum", "2", "--activation-checkpointing"]
+        + ["--eval-batches", "3"],
     ],
 )
 def test_two_processes_match_one_process(corpus, tmp_path, env, options):
@@ -203,3 +205,40 @@ def test_tokenizer_that_does_not_match_the_checkpoint_is_refused(corpus, tmp_pat
 def test_resume_without_a_checkpoint_says_so(tmp_path, env):
     result = tformer("train", "--out", tmp_path / "nothing", "--resume", env=env, check=False)
     assert result.returncode == 2 and "nothing to resume" in result.stderr
+
+
+def test_init_fine_tunes_a_trained_run_and_refuses_a_new_shape(corpus, tmp_path, env):
+    base = tmp_path / "base"
+    tformer("train", "--data", corpus, "--steps", "60", "--out", base, *SMALL, env=env)
+    scratch_first = losses(base)[0][2]
+    base_last = [r for r in losses(base) if r[0] == "train"][-1][2]
+    tuned = tmp_path / "tuned"
+    small_lr = ["--lr", "1e-5", "--min-lr", "1e-6", "--warmup-steps", "0", "--steps", "3"]
+    options = ["--dtype", "float32", "--no-progress", "--sample-tokens", "0", "--json"]
+    result = tformer(
+        "train", "--data", corpus, "--init", base, "--out", tuned, *small_lr, *options, env=env
+    )
+    first = losses(tuned)[0][2]
+    assert first < base_last + 0.3 < scratch_first  # it starts where the base run ended
+    assert json.loads(result.stdout.strip().splitlines()[-1])["parameters"] == (
+        GPT2.from_pretrained(base).num_parameters()
+    )
+    assert json.loads((tuned / "run.json").read_text())["init"] == str(base.resolve())
+    refused = tformer(
+        "train", "--init", base, "--n-layers", "3", "--out", tmp_path / "x", env=env, check=False
+    )
+    assert refused.returncode == 2 and "drop --n-layers" in refused.stderr
+    longer = tformer(
+        "train",
+        "--data",
+        corpus,
+        "--init",
+        base,
+        "--context",
+        "64",
+        "--out",
+        tmp_path / "y",
+        env=env,
+        check=False,
+    )
+    assert longer.returncode == 2 and "longer than the window" in longer.stderr

@@ -12,6 +12,13 @@ from tformer.nn import (
     explicit_attention,
     fused_attention,
 )
+from tformer.nn import attention as attention_module
+
+
+@pytest.fixture(autouse=True)
+def small_query_blocks(monkeypatch):
+    """Blocks of 2 queries, so that the short sequences here take the blocked path too."""
+    monkeypatch.setattr(attention_module, "QUERY_BLOCK", 2)
 
 
 def attention_formula(q, k, v, mask=None):
@@ -113,9 +120,10 @@ def test_blocked_causal_attention_backward_passes_gradcheck(dropout_p):
         assert not torch.allclose(attend(q, k, v), no_dropout)
 
 
-def test_blocked_path_of_the_module_equals_explicit_in_bf16():
-    """Past QUERY_BLOCK positions the module takes the blocked path; its bf16 softmax
-    agrees with the explicit path's float32 one to bf16 rounding."""
+def test_blocked_path_of_the_module_equals_explicit_in_bf16(monkeypatch):
+    """Past QUERY_BLOCK positions the module takes the blocked path; its bf16 softmax and
+    gradients agree with the explicit path's (float32 softmax) to bf16 rounding."""
+    monkeypatch.setattr(attention_module, "QUERY_BLOCK", 128)  # as in training
     torch.manual_seed(0)
     explicit = MultiHeadAttention(32, 2, causal=True, implementation="explicit")
     blocked = MultiHeadAttention(32, 2, causal=True, implementation="blocked")
@@ -125,6 +133,15 @@ def test_blocked_path_of_the_module_equals_explicit_in_bf16():
         expected, out = explicit(x).float(), blocked(x).float()
     torch.testing.assert_close(out, expected, rtol=2e-2, atol=2e-2)
     torch.testing.assert_close(blocked(x), explicit(x), rtol=1e-5, atol=1e-5)  # float32
+    grads = []
+    for module in (explicit, blocked):
+        x_grad = x.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            module(x_grad).float().square().mean().backward()
+        grads.append([x_grad.grad, *(p.grad for p in module.parameters())])
+    for ours, reference in zip(grads[1], grads[0], strict=True):
+        scale = reference.abs().max()
+        torch.testing.assert_close(ours / scale, reference / scale, rtol=0, atol=2e-2)
 
 
 def test_causal_mask_with_cached_offset():

@@ -5,7 +5,7 @@ import hashlib
 import json
 import sys
 import time
-from dataclasses import fields
+from dataclasses import fields, replace
 from pathlib import Path
 
 import torch
@@ -20,7 +20,13 @@ from tformer.models import seq2seq
 from tformer.models.gpt2 import GPT2, PRESETS, GPT2Config
 from tformer.nn.attention import IMPLEMENTATIONS
 from tformer.nn.feedforward import ACTIVATIONS
-from tformer.tokenizers import CharTokenizer, GPT2Tokenizer, load_tokenizer, train_bpe
+from tformer.tokenizers import (
+    CharTokenizer,
+    GPT2Tokenizer,
+    load_tokenizer,
+    tokenizer_for_model,
+    train_bpe,
+)
 from tformer.train import TrainConfig, distributed, fit
 from tformer.train.plots import read_metrics
 
@@ -65,6 +71,16 @@ def add_parser(sub) -> None:
         "translation always learns a joint BPE of --bpe-vocab-size",
     )
     data.add_argument("--bpe-vocab-size", type=int, default=4096, help="for --tokenizer bpe")
+
+    start = p.add_argument_group("fine-tuning")
+    start.add_argument(
+        "--init",
+        metavar="CHECKPOINT",
+        help="start from this model instead of a random one: a tformer run directory or a "
+        "Hugging Face GPT-2 directory. Its shape and tokenizer apply (the size and "
+        "tokenizer flags are refused); --dropout, if given, replaces its dropout; "
+        "--context may be shorter than its window",
+    )
 
     model = p.add_argument_group("model")
     model.add_argument(
@@ -194,11 +210,10 @@ def add_parser(sub) -> None:
     )
     scale.add_argument(
         "--parallel",
-        default=defaults.parallel,
         choices=["ddp", "fsdp"],
-        help="under torchrun: ddp keeps a full replica per process and averages gradients; "
-        "fsdp shards parameters, gradients and optimizer state across processes "
-        "(for models that do not fit one device)",
+        help="under torchrun: ddp (default) keeps a full replica per process and averages "
+        "gradients; fsdp shards parameters, gradients and optimizer state across processes. "
+        "This and the two options above may change when a run resumes",
     )
 
     out = p.add_argument_group("output")
@@ -210,7 +225,8 @@ def add_parser(sub) -> None:
         "--resume",
         action="store_true",
         help="continue the run in --out exactly; its own data, model and training settings "
-        "apply, and the other flags here are ignored (except --threads, --device, output)",
+        "apply, and the other flags here are ignored (except --threads, --device, output, and "
+        "the memory and scale options)",
     )
     out.add_argument(
         "--sample-tokens",
@@ -255,6 +271,15 @@ def run(args) -> None:
         if args.label_smoothing is None:
             args.label_smoothing = 0.1
         return train_translation.run(args)
+    if args.init is not None and not args.resume:
+        shape = {"--preset": args.preset, "--n-layers": args.n_layers, "--n-heads": args.n_heads}
+        shape.update({"--d-model": args.d_model, "--d-ff": args.d_ff})
+        given = [flag for flag, value in shape.items() if value is not None]
+        if given:
+            raise ValueError(
+                f"--init takes the model's shape from {args.init}; drop {', '.join(given)}"
+            )
+        init_dropout, init_context = args.dropout, args.context  # None: the checkpoint's
     if args.context is None:
         args.context = 64
     if args.dropout is None:
@@ -266,7 +291,7 @@ def run(args) -> None:
     started = time.perf_counter()
     device, dist, out, say = start_run(args)
     if args.resume:
-        spec, config = read_run(out)
+        spec, config = read_run(out, args)
         torch.set_num_threads(args.threads or spec["threads"])  # the same sums, the same digits
     else:
         config = new_train_config(args, device)
@@ -277,6 +302,7 @@ def run(args) -> None:
             "tokenizer": args.tokenizer,
             "bpe_vocab_size": args.bpe_vocab_size,
             "threads": torch.get_num_threads(),
+            "init": absolute(args.init),
         }
     corpus = load_corpus(spec["data"], spec["train"], spec["val"])
     fingerprint = text_fingerprint(corpus.train, corpus.val)
@@ -289,6 +315,19 @@ def run(args) -> None:
         model = GPT2.from_pretrained(out / "last", device=device)
         tokenizer = load_tokenizer(out / "last")
         say(f"resuming {out} from {(out / 'last').resolve().name}; the run's own settings apply")
+    elif args.init is not None:
+        attention = attention_for(args.attention, device, config.dtype)
+        model = GPT2.from_pretrained(
+            args.init, device=device, dropout=init_dropout, attention=attention
+        )
+        tokenizer = tokenizer_for_model(args.init, model.config.vocab_size)
+        spec["context"] = init_context or model.config.max_len
+        if spec["context"] > model.config.max_len:
+            raise ValueError(
+                f"--context {spec['context']} is longer than the window of {args.init} "
+                f"({model.config.max_len} positions)"
+            )
+        say(f"starting from {args.init} ({model.num_parameters():,} parameters)")
     else:
         # BPE merges are learned from the training text only; a character vocabulary covers
         # both parts, or a validation character unseen in training could not be encoded.
@@ -296,7 +335,7 @@ def run(args) -> None:
         tokenizer = build_tokenizer(spec["tokenizer"], vocabulary_text, spec["bpe_vocab_size"])
         model_config = model_config_from(args, tokenizer, device, config.dtype)
         model = GPT2(model_config, seed=config.seed).to(device)
-    context = model.config.max_len
+    context = spec.get("context") or model.config.max_len  # a fine-tuning run may be shorter
     train_data = LMBatches(tokenize_cached(corpus.train, tokenizer), context, "training")
     val_data = LMBatches(tokenize_cached(corpus.val, tokenizer), context, "validation")
     if not args.resume and dist.is_main:  # only now that the data is known to be usable
@@ -383,6 +422,7 @@ def new_train_config(args, device: torch.device) -> TrainConfig:
     if args.threads:
         torch.set_num_threads(args.threads)
     options = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if f.name != "dtype"}
+    options["parallel"] = args.parallel or TrainConfig.parallel
     return TrainConfig(**options, dtype=training_dtype(args.dtype, device))
 
 
@@ -407,8 +447,10 @@ def text_fingerprint(train: str, val: str) -> str:
     return digest.hexdigest()
 
 
-def read_run(out: Path) -> tuple[dict, TrainConfig]:
-    """What a run trains on and how, for --resume; with errors that say what is missing."""
+def read_run(out: Path, args) -> tuple[dict, TrainConfig]:
+    """What a run trains on and how, for --resume; with errors that say what is missing.
+    How the work is spread may change (--parallel, --activation-checkpointing, --compile):
+    the arithmetic is the same, up to the order of sums across processes."""
     if not (out / "last").exists():
         raise FileNotFoundError(
             f"{out}: nothing to resume (no 'last' checkpoint: the run saved none yet, or this "
@@ -417,9 +459,15 @@ def read_run(out: Path) -> tuple[dict, TrainConfig]:
     spec = read_json(out / RUN_FILE, "the description of a training run")
     saved = read_json(out / "train_config.json", "a training config")
     try:
-        return spec, TrainConfig(**saved)
+        config = TrainConfig(**saved)
     except TypeError as e:
         raise ValueError(f"{out / 'train_config.json'}: not a training config ({e})") from None
+    return spec, replace(
+        config,
+        parallel=args.parallel or config.parallel,
+        activation_checkpointing=args.activation_checkpointing or config.activation_checkpointing,
+        compile=args.compile or config.compile,
+    )
 
 
 def start_token(tokenizer) -> int:

@@ -74,7 +74,7 @@ def run(args) -> None:
     started = time.perf_counter()
     device, dist, out, say = start_run(args)
     if args.resume:
-        spec, config = read_run(out)
+        spec, config = read_run(out, args)
         torch.set_num_threads(args.threads or spec["threads"])  # the same sums, the same digits
     else:
         config = new_train_config(args, device)

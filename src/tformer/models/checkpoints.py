@@ -20,6 +20,7 @@ not (GPT2Model, the original OpenAI upload); both load. The output head is tied 
 
 import os
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -319,9 +320,18 @@ def load_gpt2(
     path_or_name: str | os.PathLike,
     dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
+    *,
+    dropout: float | None = None,
+    attention: str | None = None,
 ) -> GPT2:
     directory = resolve_checkpoint(path_or_name)
     config = load_config(directory)
+    if dropout is not None:
+        config = replace(
+            config, dropout=dropout, attention_dropout=dropout, embedding_dropout=dropout
+        )
+    if attention is not None:
+        config = replace(config, attention=attention)
     ours = state_dict_from_hf(read_tensors(directory), config, str(directory))
     with torch.device("meta"):
         model = GPT2(config)  # no memory, no initialisation: every tensor comes from the file

@@ -266,6 +266,10 @@ class GPT2(nn.Module):
         set_implementation(self, implementation)
         self.config.attention = implementation
 
+    def layers(self) -> list[nn.Module]:
+        """The repeated blocks: the units of activation checkpointing and of FSDP sharding."""
+        return list(self.blocks)
+
     def set_activation_checkpointing(self, on: bool = True) -> None:
         """While training, keep only each block's input and recompute the rest in the
         backward pass (tformer.nn.checkpointing): less memory, ~1/3 more compute."""
@@ -419,13 +423,18 @@ class GPT2(nn.Module):
         path_or_name: str | os.PathLike,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
+        *,
+        dropout: float | None = None,
+        attention: Implementation | None = None,
     ) -> "GPT2":
         """Load a GPT-2 checkpoint in the Hugging Face layout: a local directory with
         config.json and model.safetensors (or pytorch_model.bin), or a Hub name such as
-        'gpt2' when the network allows."""
+        'gpt2' when the network allows. `dropout` (every dropout of the model) and
+        `attention` replace the saved settings, e.g. for fine-tuning; the weights are the
+        same either way."""
         from tformer.models.checkpoints import load_gpt2
 
-        return load_gpt2(path_or_name, dtype=dtype, device=device)
+        return load_gpt2(path_or_name, dtype, device, dropout=dropout, attention=attention)
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
         """Write config.json and model.safetensors in the Hugging Face layout, atomically;

@@ -284,6 +284,11 @@ class Seq2SeqTransformer(nn.Module):
         set_implementation(self, implementation)
         self.config.attention = implementation
 
+    def layers(self) -> list[nn.Module]:
+        """The encoder's and the decoder's layers: the units of activation checkpointing and
+        of FSDP sharding."""
+        return [*self.encoder_layers, *self.decoder_layers]
+
     def set_activation_checkpointing(self, on: bool = True) -> None:
         """While training, keep only each layer's input and recompute the rest in the
         backward pass (tformer.nn.checkpointing): less memory, ~1/3 more compute."""

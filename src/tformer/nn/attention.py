@@ -105,6 +105,7 @@ class BlockedCausalAttention(torch.autograd.Function):
             visible = mask[..., start:end, :end]
             scores = (q[..., start:end, :] * scale) @ k[..., :end, :].transpose(-2, -1)
             weights = torch.softmax(scores.masked_fill_(~visible, float("-inf")), dim=-1)
+            weights = weights.to(v.dtype)  # CUDA autocast computes softmax in float32
             if mask.dim() > 2:  # padding: a query that sees no key attends to nothing
                 weights.masked_fill_(~visible.any(dim=-1, keepdim=True), 0.0)
             kept, keep = weights, None
@@ -122,7 +123,8 @@ class BlockedCausalAttention(torch.autograd.Function):
         q, k, v, *saved = ctx.saved_tensors
         t, scale = q.shape[-2], 1.0 / math.sqrt(q.shape[-1])
         grad_q = torch.empty_like(q)
-        # dK and dV sum over the query blocks: in float32, rounded once at the end.
+        # dK and dV sum over the query blocks: each block's product comes in the inputs'
+        # dtype, the sum over blocks is kept in float32.
         wide = torch.promote_types(k.dtype, torch.float32)
         grad_k, grad_v = torch.zeros_like(k, dtype=wide), torch.zeros_like(v, dtype=wide)
         per_block = 2 if ctx.dropout else 1
@@ -313,7 +315,7 @@ class MultiHeadAttention(nn.Module):
         if blocked:
             if mask is None:
                 mask = causal_mask(t, s, x.device)
-            out = blocked_causal_attention(q, k, v, mask, dropout_p)
+            out = blocked_causal_attention(q, k, v, mask, dropout_p, block=QUERY_BLOCK)
         elif self.implementation in ("explicit", "blocked"):
             if self.causal and mask is None and t > 1:
                 mask = causal_mask(t, s, x.device)

@@ -34,8 +34,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.fsdp import FSDPModule, fully_shard, register_fsdp_forward_method
 
-LAYER_LISTS = ("blocks", "encoder_layers", "decoder_layers")  # GPT2's, Seq2SeqTransformer's
-FORWARD_METHODS = ("features", "unembed")  # called by the trainer instead of forward
+FORWARD_METHODS = ("features", "unembed")  # the trainer may call these instead of forward
 
 
 @dataclass(frozen=True)
@@ -77,12 +76,16 @@ def barrier() -> None:
 
 
 def shard(model: nn.Module) -> nn.Module:
-    """Shard `model` in place across the process group (FSDP): each layer of its layer lists
-    is one unit, gathered for its own forward and backward pass; the rest (embeddings, final
+    """Shard `model` in place across the process group (FSDP): each of `model.layers()` is
+    one unit, gathered for its own forward and backward pass; the rest (embeddings, final
     norm, the tied head) is the root unit."""
-    for name in LAYER_LISTS:
-        for layer in getattr(model, name, []):
-            fully_shard(layer)
+    if not hasattr(model, "layers"):
+        raise ValueError(
+            f"{type(model).__name__} does not list its layers (a `layers()` method), so FSDP "
+            "could only shard it as one unit; use --parallel ddp"
+        )
+    for layer in model.layers():
+        fully_shard(layer)
     fully_shard(model)
     for method in FORWARD_METHODS:
         if hasattr(model, method):
@@ -129,6 +132,11 @@ def optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
 
 def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
     if any(isinstance(key, int) for key in state["state"]):  # saved before names were used
+        if is_sharded(model):
+            raise ValueError(
+                "this checkpoint numbers its optimizer state (it predates sharded training): "
+                "resume it with --parallel ddp or in one process"
+            )
         optimizer.load_state_dict(state)
         return
     options = StateDictOptions(full_state_dict=True)

@@ -135,16 +135,20 @@ class ScoredLogits(nn.Module):
     the loss to ignore. (On a GPU, checking for padding waits for the device once a step.)
     """
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, one_path: bool = False) -> None:
         super().__init__()
         self.model = model
+        # A sharded model's forward is a collective: every process must take the same path,
+        # whatever padding its own rows have, so it always takes features + unembed.
+        self.one_path = one_path
 
     def forward(
         self, inputs: tuple[torch.Tensor, ...], targets: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         model = self.model
         scored = targets != IGNORE_INDEX  # (B, T)
-        if not (hasattr(model, "features") and hasattr(model, "unembed")) or bool(scored.all()):
+        has_features = hasattr(model, "features") and hasattr(model, "unembed")
+        if not has_features or (not self.one_path and bool(scored.all())):
             return model(*inputs).flatten(0, -2), targets.flatten()  # (B T, V), (B T,)
         features = model.features(*inputs)[scored]  # (B, T, C) -> (N, C)
         return model.unembed(features), targets[scored]
@@ -332,7 +336,7 @@ def _fit(
         log.truncate_after(-1)
         atomic_write_json(run_dir / "train_config.json", asdict(config))
 
-    scored = ScoredLogits(model)
+    scored = ScoredLogits(model, one_path=sharded)
     ddp = DistributedDataParallel(scored) if dist.world_size > 1 and not sharded else scored
     step_model = torch.compile(ddp) if config.compile else ddp  # same parameters as `model`
     model.train()
@@ -357,7 +361,7 @@ def _fit(
             batch = train.sample(micro, generator)
             tokens_seen += int((batch.targets != IGNORE_INDEX).sum())  # all processes' rows
             batch = batch.rows(dist.rank * rows, (dist.rank + 1) * rows).to(device)
-            with gradient_sync(ddp, on=m == config.grad_accum - 1):
+            with gradient_sync(ddp, model, on=m == config.grad_accum - 1):
                 with autocast(device, config.dtype):
                     logits, targets = step_model(batch.inputs, batch.targets)
                 loss = cross_entropy(logits, targets, config.label_smoothing)
@@ -449,15 +453,19 @@ def _fit(
 
 
 @contextlib.contextmanager
-def gradient_sync(module: nn.Module, on: bool):
-    """Gradients are averaged across processes on every backward pass; before the last
-    micro-batch of a step that is wasted, so it is switched off there."""
-    if isinstance(module, DistributedDataParallel) and not on:
-        with module.no_sync():
+def gradient_sync(wrapper: nn.Module, model: nn.Module, on: bool):
+    """Gradients are combined across processes on every backward pass; before the last
+    micro-batch of a step that is wasted, so it is switched off there (DDP wraps the model
+    in `wrapper`; FSDP shards `model` itself)."""
+    if isinstance(wrapper, DistributedDataParallel) and not on:
+        with wrapper.no_sync():
             yield
-    elif isinstance(module, ScoredLogits) and distributed.is_sharded(module.model):
-        module.model.set_requires_gradient_sync(on)
-        yield
+    elif distributed.is_sharded(model) and not on:
+        model.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            model.set_requires_gradient_sync(True)
     else:
         yield
 
