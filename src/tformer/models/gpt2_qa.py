@@ -1,0 +1,137 @@
+"""Extractive question answering with GPT-2: a span head on the final residual stream.
+
+For a sequence of T tokens (the question, then the context) the head scores every position
+as the answer's first token and as its last:
+
+    [s_t, e_t] = h_t W^T + b,     W (2, C), b (2,), h (B, T, C) the final normalised stream
+
+The answer is the span i <= j with the largest s_i + e_j. Training minimises the mean of the
+two cross-entropies over positions,
+
+    loss = (CE(s, start) + CE(e, end)) / 2,
+
+where a gold position outside 0..T-1 (an answer cut off by the window) is left out. A
+causal model sees only what comes before, so the question goes before the context: then
+every context token has read the question.
+
+The layer is transformers' `GPT2ForQuestionAnswering.qa_outputs` and the checkpoint its
+layout (GPT-2's tensors under `transformer.`, plus `qa_outputs.weight` and `.bias`), so
+checkpoints go both ways; a plain GPT-2 language-model checkpoint loads too, with a new
+head drawn like the rest of GPT-2's weights, N(0, init_std^2), and a zero bias.
+"""
+
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from tformer.files import atomic_write, atomic_write_json
+from tformer.models.checkpoints import (
+    CheckpointError,
+    config_to_hf,
+    load_config,
+    read_tensors,
+    resolve_checkpoint,
+    state_dict_from_hf,
+    state_dict_to_hf,
+)
+from tformer.models.gpt2 import GPT2, GPT2Config
+from tformer.nn.lora import lora_layers
+
+HEAD = ("qa_outputs.weight", "qa_outputs.bias")
+
+
+class GPT2ForQuestionAnswering(nn.Module):
+    """GPT-2 with a span head: token ids (B, T) -> start and end logits, (B, T) each."""
+
+    def __init__(self, config: GPT2Config, seed: int | None = None, gpt2: GPT2 | None = None):
+        """A new model from `seed`, or a new head on the given (e.g. pre-trained) `gpt2`."""
+        super().__init__()
+        self.config = config
+        self.gpt2 = gpt2 if gpt2 is not None else GPT2(config, seed=seed)
+        self.qa_outputs = nn.Linear(config.d_model, 2)
+        with torch.no_grad():  # GPT-2's N(0, init_std^2), drawn after the body's weights
+            g = torch.Generator().manual_seed(seed + 1) if seed is not None else None
+            shape = self.qa_outputs.weight.shape
+            self.qa_outputs.weight.copy_(torch.randn(shape, generator=g) * config.init_std)
+            self.qa_outputs.bias.zero_()
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.gpt2.features(input_ids, attention_mask, position_ids)  # (B, T, C)
+        start, end = self.qa_outputs(h).unbind(-1)  # (B, T, 2) -> (B, T) x2
+        return start, end
+
+    @staticmethod
+    def loss(
+        start_logits: torch.Tensor,
+        end_logits: torch.Tensor,
+        start_positions: torch.Tensor,
+        end_positions: torch.Tensor,
+    ) -> torch.Tensor:
+        """(CE(s, start) + CE(e, end)) / 2 over the batch; positions outside 0..T-1 (which
+        are clamped to T, as transformers does) are left out."""
+        t = start_logits.shape[1]
+        starts, ends = start_positions.clamp(0, t), end_positions.clamp(0, t)
+        start_loss = nn.functional.cross_entropy(start_logits.float(), starts, ignore_index=t)
+        end_loss = nn.functional.cross_entropy(end_logits.float(), ends, ignore_index=t)
+        return (start_loss + end_loss) / 2
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path_or_name: str | os.PathLike,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+        seed: int = 0,
+    ) -> "GPT2ForQuestionAnswering":
+        """A QA checkpoint (its head included), or a GPT-2 language model with a new head
+        drawn from `seed`."""
+        directory = resolve_checkpoint(path_or_name)
+        config = load_config(directory)
+        tensors = read_tensors(directory)
+        head = {name: tensors.pop(name) for name in HEAD if name in tensors}
+        if len(head) == 1:
+            raise CheckpointError(f"{directory}: has {next(iter(head))} but not the other half")
+        body = state_dict_from_hf(tensors, config, str(directory))
+        with torch.device("meta"):
+            gpt2 = GPT2(config)  # no memory, no initialisation: the weights come from the file
+        gpt2.load_state_dict(body, strict=True, assign=True)
+        model = cls(config, seed=seed, gpt2=gpt2)
+        if head:
+            if tuple(head["qa_outputs.weight"].shape) != (2, config.d_model):
+                raise CheckpointError(
+                    f"{directory}: qa_outputs.weight has shape "
+                    f"{tuple(head['qa_outputs.weight'].shape)}, expected (2, {config.d_model})"
+                )
+            with torch.no_grad():
+                model.qa_outputs.weight.copy_(head["qa_outputs.weight"])
+                model.qa_outputs.bias.copy_(head["qa_outputs.bias"])
+        return model.to(device=device, dtype=dtype).eval()
+
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        """config.json and model.safetensors as transformers' GPT2ForQuestionAnswering
+        writes them (no language-model head)."""
+        from safetensors.torch import save_file
+
+        if lora_layers(self):
+            raise ValueError("merge the LoRA layers first (tformer.nn.lora.merge_lora)")
+        directory = Path(directory)
+        tensors = {k: v.detach().cpu() for k, v in state_dict_to_hf(self.gpt2).items()}
+        tensors["qa_outputs.weight"] = self.qa_outputs.weight.detach().cpu().contiguous()
+        tensors["qa_outputs.bias"] = self.qa_outputs.bias.detach().cpu().contiguous()
+        config = config_to_hf(self.config, self.qa_outputs.weight.dtype)
+        config["architectures"] = ["GPT2ForQuestionAnswering"]
+        metadata = {"format": "pt"}
+        atomic_write(
+            directory / "model.safetensors", lambda tmp: save_file(tensors, tmp, metadata=metadata)
+        )
+        atomic_write_json(directory / "config.json", config)

@@ -1,0 +1,82 @@
+"""The span head against transformers' GPT2ForQuestionAnswering, checkpoints both ways."""
+
+import pytest
+import torch
+
+from tformer import GPT2, GPT2Config
+from tformer.models.gpt2_qa import GPT2ForQuestionAnswering
+
+transformers = pytest.importorskip("transformers")
+
+
+def config():
+    return GPT2Config(vocab_size=83, max_len=32, d_model=48, n_layers=2, n_heads=4, dropout=0.0)
+
+
+def batch():
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, 83, (3, 20), generator=g)
+    mask = torch.ones(3, 20, dtype=torch.long)
+    mask[2, 15:] = 0  # right padding in the last row
+    starts, ends = torch.tensor([2, 7, 40]), torch.tensor([4, 7, 41])  # the last: cut off
+    return ids, mask, starts, ends
+
+
+def assert_same_as_transformers(ours, theirs):
+    ids, mask, starts, ends = batch()
+    with torch.no_grad():
+        out = theirs(input_ids=ids, attention_mask=mask, start_positions=starts, end_positions=ends)
+        start, end = ours(ids, mask)
+    torch.testing.assert_close(start, out.start_logits, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(end, out.end_logits, rtol=1e-4, atol=1e-4)
+    loss = GPT2ForQuestionAnswering.loss(start, end, starts, ends)
+    torch.testing.assert_close(loss, out.loss, rtol=1e-4, atol=1e-4)
+
+
+def test_a_tformer_qa_checkpoint_loads_in_transformers_with_equal_logits_and_loss(tmp_path):
+    ours = GPT2ForQuestionAnswering(config(), seed=0).eval()
+    ours.save_pretrained(tmp_path)
+    theirs = transformers.GPT2ForQuestionAnswering.from_pretrained(tmp_path).eval()
+    assert_same_as_transformers(ours, theirs)
+
+
+def test_a_transformers_qa_checkpoint_loads_in_tformer(tmp_path):
+    torch.manual_seed(5)
+    hf_config = transformers.GPT2Config(
+        vocab_size=83, n_positions=32, n_embd=48, n_layer=2, n_head=4, resid_pdrop=0.0
+    )
+    theirs = transformers.GPT2ForQuestionAnswering(hf_config).eval()
+    with torch.no_grad():
+        theirs.qa_outputs.bias.normal_()  # a head that is not at its initial value
+    theirs.save_pretrained(tmp_path)
+    ours = GPT2ForQuestionAnswering.from_pretrained(tmp_path)
+    assert_same_as_transformers(ours, theirs)
+    again = tmp_path / "again"
+    ours.save_pretrained(again)
+    reloaded = GPT2ForQuestionAnswering.from_pretrained(again)
+    for (name, a), (_, b) in zip(
+        ours.state_dict().items(), reloaded.state_dict().items(), strict=True
+    ):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+
+
+def test_a_language_model_checkpoint_gets_a_new_seeded_head(tmp_path):
+    lm = GPT2(config(), seed=1).eval()
+    lm.save_pretrained(tmp_path)
+    a = GPT2ForQuestionAnswering.from_pretrained(tmp_path, seed=7)
+    b = GPT2ForQuestionAnswering.from_pretrained(tmp_path, seed=7)
+    torch.testing.assert_close(a.qa_outputs.weight, b.qa_outputs.weight, rtol=0, atol=0)
+    assert a.qa_outputs.weight.std().item() == pytest.approx(0.02, rel=0.3)
+    assert torch.equal(a.qa_outputs.bias, torch.zeros(2))
+    ids = batch()[0]
+    with torch.no_grad():
+        expected = lm.features(ids) @ a.qa_outputs.weight.T  # the body is the language model's
+        start, end = a(ids)
+    torch.testing.assert_close(torch.stack([start, end], -1), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_the_loss_leaves_out_answers_outside_the_window():
+    start, end = torch.randn(2, 5), torch.randn(2, 5)
+    both = GPT2ForQuestionAnswering.loss(start, end, torch.tensor([1, 9]), torch.tensor([2, 9]))
+    first = GPT2ForQuestionAnswering.loss(start[:1], end[:1], torch.tensor([1]), torch.tensor([2]))
+    torch.testing.assert_close(both, first)
