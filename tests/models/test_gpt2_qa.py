@@ -26,10 +26,10 @@ def assert_same_as_transformers(ours, theirs):
     ids, mask, starts, ends = batch()
     with torch.no_grad():
         out = theirs(input_ids=ids, attention_mask=mask, start_positions=starts, end_positions=ends)
-        start, end = ours(ids, mask)
-    torch.testing.assert_close(start, out.start_logits, rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(end, out.end_logits, rtol=1e-4, atol=1e-4)
-    loss = GPT2ForQuestionAnswering.loss(start, end, starts, ends)
+        spans = ours(ids, mask)  # (B, 2, T)
+    torch.testing.assert_close(spans[:, 0], out.start_logits, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(spans[:, 1], out.end_logits, rtol=1e-4, atol=1e-4)
+    loss = GPT2ForQuestionAnswering.loss(spans, starts, ends)
     torch.testing.assert_close(loss, out.loss, rtol=1e-4, atol=1e-4)
 
 
@@ -71,12 +71,21 @@ def test_a_language_model_checkpoint_gets_a_new_seeded_head(tmp_path):
     ids = batch()[0]
     with torch.no_grad():
         expected = lm.features(ids) @ a.qa_outputs.weight.T  # the body is the language model's
-        start, end = a(ids)
-    torch.testing.assert_close(torch.stack([start, end], -1), expected, rtol=1e-5, atol=1e-5)
+        spans = a(ids)
+    torch.testing.assert_close(spans.transpose(1, 2), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_the_loss_leaves_out_answers_outside_the_window():
-    start, end = torch.randn(2, 5), torch.randn(2, 5)
-    both = GPT2ForQuestionAnswering.loss(start, end, torch.tensor([1, 9]), torch.tensor([2, 9]))
-    first = GPT2ForQuestionAnswering.loss(start[:1], end[:1], torch.tensor([1]), torch.tensor([2]))
+    spans = torch.randn(2, 2, 5)
+    both = GPT2ForQuestionAnswering.loss(spans, torch.tensor([1, 9]), torch.tensor([2, 9]))
+    first = GPT2ForQuestionAnswering.loss(spans[:1], torch.tensor([1]), torch.tensor([2]))
     torch.testing.assert_close(both, first)
+
+
+def test_the_loss_is_one_cross_entropy_over_start_and_end_rows():
+    """What lets the trainer train it: (CE(s) + CE(e)) / 2 = CE over the 2B rows."""
+    spans, starts, ends = torch.randn(3, 2, 7), torch.tensor([0, 3, 6]), torch.tensor([1, 3, 6])
+    rows = torch.nn.functional.cross_entropy(
+        spans.flatten(0, 1), torch.stack([starts, ends], 1).flatten()
+    )
+    torch.testing.assert_close(GPT2ForQuestionAnswering.loss(spans, starts, ends), rows)

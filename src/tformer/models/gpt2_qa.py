@@ -43,7 +43,11 @@ HEAD = ("qa_outputs.weight", "qa_outputs.bias")
 
 
 class GPT2ForQuestionAnswering(nn.Module):
-    """GPT-2 with a span head: token ids (B, T) -> start and end logits, (B, T) each."""
+    """GPT-2 with a span head: token ids (B, T) -> span logits (B, 2, T), row 0 the start
+    logits and row 1 the end logits.
+
+    Stacked this way the loss is one cross-entropy over positions for 2B rows, so tformer's
+    trainer trains it as it trains a language model (targets (B, 2): start, end)."""
 
     def __init__(self, config: GPT2Config, seed: int | None = None, gpt2: GPT2 | None = None):
         """A new model from `seed`, or a new head on the given (e.g. pre-trained) `gpt2`."""
@@ -62,24 +66,20 @@ class GPT2ForQuestionAnswering(nn.Module):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    ) -> torch.Tensor:
         h = self.gpt2.features(input_ids, attention_mask, position_ids)  # (B, T, C)
-        start, end = self.qa_outputs(h).unbind(-1)  # (B, T, 2) -> (B, T) x2
-        return start, end
+        return self.qa_outputs(h).transpose(1, 2)  # (B, T, 2) -> (B, 2, T)
 
     @staticmethod
     def loss(
-        start_logits: torch.Tensor,
-        end_logits: torch.Tensor,
-        start_positions: torch.Tensor,
-        end_positions: torch.Tensor,
+        span_logits: torch.Tensor, start_positions: torch.Tensor, end_positions: torch.Tensor
     ) -> torch.Tensor:
         """(CE(s, start) + CE(e, end)) / 2 over the batch; positions outside 0..T-1 (which
         are clamped to T, as transformers does) are left out."""
-        t = start_logits.shape[1]
+        t = span_logits.shape[-1]
         starts, ends = start_positions.clamp(0, t), end_positions.clamp(0, t)
-        start_loss = nn.functional.cross_entropy(start_logits.float(), starts, ignore_index=t)
-        end_loss = nn.functional.cross_entropy(end_logits.float(), ends, ignore_index=t)
+        start_loss = nn.functional.cross_entropy(span_logits[:, 0].float(), starts, ignore_index=t)
+        end_loss = nn.functional.cross_entropy(span_logits[:, 1].float(), ends, ignore_index=t)
         return (start_loss + end_loss) / 2
 
     def num_parameters(self) -> int:
