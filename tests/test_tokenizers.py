@@ -189,3 +189,36 @@ def test_char_tokenizer_file_with_bad_entries_is_rejected(tmp_path):
 def test_missing_directory_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="no such directory"):
         load_tokenizer(tmp_path / "nope")
+
+
+def assert_offsets_cover_the_text(tok, text):
+    """Every token's span, in order, tiles the text (tokens inside one character share it),
+    and each span decodes to the token's own text where the token is whole characters."""
+    ids, spans = tok.encode_with_offsets(text)
+    assert ids == tok.encode(text) and len(spans) == len(ids)
+    position = 0
+    for token, (start, end) in zip(ids, spans, strict=True):
+        assert start <= end and (start == position or start == position - 1)
+        piece = tok.decode([token])
+        if "\ufffd" not in piece:  # a whole-character token: its span is exactly its text
+            assert text[start:end] == piece
+        position = end
+    assert position == len(text)
+
+
+@pytest.mark.parametrize("text", MULTILINGUAL)
+def test_gpt2_offsets_map_tokens_back_to_characters(gpt2, text):
+    assert_offsets_cover_the_text(gpt2, text)
+
+
+def test_offsets_of_a_character_split_across_tokens(gpt2):
+    # '🤖' is 4 UTF-8 bytes that GPT-2 splits into several tokens: each spans the emoji.
+    ids, spans = gpt2.encode_with_offsets("a🤖")
+    assert len(ids) > 2 and spans[0] == (0, 1) and all(span == (1, 2) for span in spans[1:])
+
+
+def test_char_and_trained_bpe_offsets():
+    text = "the lazy fox, and an unseen word: zebra 🦓"
+    assert_offsets_cover_the_text(CharTokenizer.from_text(text), text)
+    tok = train_bpe(["the quick brown fox jumps over the lazy dog. " * 20], vocab_size=300)
+    assert_offsets_cover_the_text(tok, text)

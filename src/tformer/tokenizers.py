@@ -72,11 +72,33 @@ class Tokenizer(Protocol):
 
     def decode(self, ids: Sequence[int]) -> str: ...
 
+    def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """Ids of ordinary text and each token's character span [start, end) in `text`
+        (question answering maps answers between the two). A token that covers part of a
+        character (byte-level BPE splits some) spans the whole character."""
+        ...
+
     def save(self, directory: str | os.PathLike) -> None: ...
 
     def fingerprint(self) -> str:
         """A string that differs whenever the mapping from text to ids differs."""
         ...
+
+
+def byte_spans_to_char_spans(text: str, lengths: Sequence[int]) -> list[tuple[int, int]]:
+    """Character spans of consecutive tokens of `lengths` UTF-8 bytes each that together
+    spell `text`; a token boundary inside a character widens both tokens to the whole of it."""
+    char_of_byte = []  # byte position -> the character it belongs to
+    for i, ch in enumerate(text):
+        char_of_byte += [i] * len(ch.encode("utf-8"))
+    if sum(lengths) != len(char_of_byte):
+        raise ValueError("the tokens do not spell the text")
+    spans, position = [], 0
+    for length in lengths:
+        first, last = position, position + length - 1
+        spans.append((char_of_byte[first], char_of_byte[last] + 1))
+        position += length
+    return spans
 
 
 def check_ids(ids: Sequence[int], vocab_size: int) -> list[int]:
@@ -258,6 +280,11 @@ class GPT2Tokenizer:
     def decode(self, ids: Sequence[int]) -> str:
         return self.encoding.decode(check_ids(ids, self.vocab_size))
 
+    def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        ids = self.encode(text)
+        lengths = [len(self.encoding.decode_single_token_bytes(i)) for i in ids]
+        return ids, byte_spans_to_char_spans(text, lengths)
+
     def save(self, directory: str | os.PathLike) -> None:
         """vocab.json + merges.txt + tokenizer_config.json: the Hugging Face GPT-2 layout."""
         directory = Path(directory)
@@ -332,6 +359,9 @@ class CharTokenizer:
     def decode(self, ids: Sequence[int]) -> str:
         return "".join(self.chars[i] for i in check_ids(ids, self.vocab_size))
 
+    def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        return self.encode(text), [(i, i + 1) for i in range(len(text))]
+
     def save(self, directory: str | os.PathLike) -> None:
         directory = Path(directory)
         atomic_write_json(directory / CHAR_TOKENIZER_FILE, {"type": "char", "chars": self.chars})
@@ -400,6 +430,15 @@ class HFTokenizer:
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(check_ids(ids, self.vocab_size), skip_special_tokens=False)
+
+    def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        before = self.tokenizer.encode_special_tokens
+        self.tokenizer.encode_special_tokens = True  # special-token strings as ordinary text
+        try:
+            encoding = self.tokenizer.encode(text, add_special_tokens=False)
+        finally:
+            self.tokenizer.encode_special_tokens = before
+        return encoding.ids, [tuple(span) for span in encoding.offsets]
 
     def save(self, directory: str | os.PathLike) -> None:
         directory = Path(directory)
