@@ -242,3 +242,58 @@ def test_init_fine_tunes_a_trained_run_and_refuses_a_new_shape(corpus, tmp_path,
         check=False,
     )
     assert longer.returncode == 2 and "longer than the window" in longer.stderr
+
+
+def capital_letter_questions(path, n, seed):
+    """A toy reading task: the answer is the one capital letter of a lowercase context."""
+    import random
+
+    rng = random.Random(seed)
+    with open(path, "w") as f:
+        for i in range(n):
+            letters = [rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(8, 24))]
+            where = rng.randrange(len(letters))
+            letters[where] = letters[where].upper()
+            context = "".join(letters)
+            answers = [{"text": context[where], "answer_start": where}]
+            record = {"id": f"q{i}", "context": context, "question": "capital?", "answers": answers}
+            f.write(json.dumps(record) + "\n")
+    return path
+
+
+def test_qa_task_trains_a_reader_from_scratch_and_resumes(tmp_path, env):
+    data = capital_letter_questions(tmp_path / "qa.jsonl", 400, seed=0)
+    run = tmp_path / "qa"
+    model = ["--n-layers", "2", "--n-heads", "2", "--d-model", "32", "--context", "20"]
+    options = ["--task", "qa", "--data", data, "--steps", "250", "--batch-size", "16"]
+    options += ["--lr", "3e-3", "--min-lr", "3e-4", "--warmup-steps", "10", "--stride", "4"]
+    options += ["--max-answer-tokens", "1", "--dtype", "float32", "--no-progress", "--json"]
+    result = tformer("train", *options, *model, "--out", run, env=env)
+    scores = json.loads(result.stdout.strip().splitlines()[-1])
+    assert scores["questions"] == 40  # the last 10% of the 400 contexts
+    assert scores["exact_match"] > 60 and scores["f1"] >= scores["exact_match"]
+    assert json.loads((run / "qa_scores.json").read_text())["f1"] == scores["f1"]
+    again = tformer("train", "--out", run, "--resume", "--json", env=env)  # nothing left to do
+    assert json.loads(again.stdout.strip().splitlines()[-1])["exact_match"] == scores["exact_match"]
+
+
+def test_qa_task_fine_tunes_a_language_model_checkpoint(tmp_path, env, checkpoint):
+    data = capital_letter_questions(tmp_path / "qa.jsonl", 40, seed=1)
+    options = ["--task", "qa", "--data", data, "--init", checkpoint, "--steps", "3"]
+    options += ["--batch-size", "4", "--context", "48", "--stride", "8", "--dtype", "float32"]
+    options += ["--json"]
+    result = tformer("train", *options, "--out", tmp_path / "tuned", env=env)
+    scores = json.loads(result.stdout.strip().splitlines()[-1])
+    assert scores["parameters"] == GPT2.from_pretrained(checkpoint).num_parameters() + 2 * 32 + 2
+    refused = tformer(
+        "train",
+        "--task",
+        "translation",
+        "--init",
+        checkpoint,
+        "--out",
+        tmp_path / "x",
+        env=env,
+        check=False,
+    )
+    assert refused.returncode == 2 and "--init starts GPT-2 models" in refused.stderr

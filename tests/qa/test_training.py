@@ -2,12 +2,11 @@
 
 import random
 
-import torch
-
 from tformer import CharTokenizer, GPT2Config
 from tformer.models.gpt2_qa import GPT2ForQuestionAnswering
-from tformer.qa import Answer, QAExample, best_answer, make_windows, squad_scores
+from tformer.qa import Answer, QAExample, make_windows, squad_scores
 from tformer.qa.batches import QABatches
+from tformer.qa.read import answer
 from tformer.train import TrainConfig, fit
 
 LOWER = "abcdefghijklmnopqrstuvwxyz"
@@ -26,8 +25,8 @@ def examples(n, seed):
 
 
 def test_fit_trains_a_reader_that_finds_the_answers():
-    tok = CharTokenizer.from_text(LOWER + LOWER.upper() + "?|#")
-    sep, null = tok.encode("|")[0], tok.encode("#")[0]
+    tok = CharTokenizer.from_text(LOWER + LOWER.upper() + "?\n")
+    sep = null = tok.encode("\n")[0]  # as tformer.qa.read.marker_tokens picks them
     config = GPT2Config(
         vocab_size=tok.vocab_size, max_len=16, d_model=32, n_layers=2, n_heads=2, dropout=0.0
     )
@@ -43,13 +42,6 @@ def test_fit_trains_a_reader_that_finds_the_answers():
     evals = [r for r in history if r["type"] == "eval"]
     assert evals[-1]["val_loss"] < 0.5 * evals[0]["val_loss"]
 
-    model.eval()
-    predictions = []
-    for example in val:
-        ws = make_windows(tok, example, 16, 4, sep, null)
-        batch = QABatches(ws, sep).collate(ws)
-        with torch.no_grad():
-            logits = model(*batch.inputs)
-        prediction = best_answer(ws, list(logits), example.context, max_answer_tokens=1)
-        predictions.append((prediction.text, [a.text for a in example.answers]))
-    assert squad_scores(predictions)["exact_match"] > 80
+    predictions = answer(model, tok, val, max_len=16, stride=4, max_answer_tokens=1)
+    pairs = [(p.text, [a.text for a in e.answers]) for p, e in zip(predictions, val, strict=True)]
+    assert squad_scores(pairs)["exact_match"] > 80

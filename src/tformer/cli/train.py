@@ -51,15 +51,18 @@ def add_parser(sub) -> None:
     p.add_argument(
         "--task",
         default="lm",
-        choices=["lm", "translation"],
-        help="lm: a GPT on text; translation: an encoder-decoder model on sentence pairs",
+        choices=["lm", "translation", "qa"],
+        help="lm: a GPT on text; translation: an encoder-decoder model on sentence pairs; "
+        "qa: a GPT-2 reader with a span head on SQuAD-style questions (see 'question "
+        "answering' below)",
     )
     data = p.add_argument_group("data")
     data.add_argument(
         "--data",
         help="a text file, a directory of .txt files, a .jsonl file with a 'text' field, or "
         "'shakespeare' (default); split 90/10. Translation: a TSV (source<TAB>target) or "
-        "JSONL ({src, tgt}) file, or 'number-words' (default)",
+        "JSONL ({src, tgt}) file, or 'number-words' (default). QA: a SQuAD .json or a .jsonl "
+        "file ({context, question, answers}), its last 10%% of contexts for validation",
     )
     data.add_argument("--train", dest="train_file", help="training text (with --val)")
     data.add_argument("--val", dest="val_file", help="validation text (with --train)")
@@ -71,6 +74,23 @@ def add_parser(sub) -> None:
         "translation always learns a joint BPE of --bpe-vocab-size",
     )
     data.add_argument("--bpe-vocab-size", type=int, default=4096, help="for --tokenizer bpe")
+
+    qa = p.add_argument_group("question answering (--task qa)")
+    qa.add_argument(
+        "--stride",
+        type=int,
+        default=64,
+        help="context tokens shared by neighbouring windows of a long context",
+    )
+    qa.add_argument(
+        "--max-answer-tokens", type=int, default=30, help="the longest answer considered"
+    )
+    qa.add_argument(
+        "--null-threshold",
+        type=float,
+        help="answer 'no answer' when its score beats the best span's by more than this "
+        "(default: 0 if the data has unanswerable questions, else never)",
+    )
 
     start = p.add_argument_group("fine-tuning")
     start.add_argument(
@@ -219,7 +239,8 @@ def add_parser(sub) -> None:
     out = p.add_argument_group("output")
     out.add_argument(
         "--out",
-        help="run directory (default: runs/shakespeare-char; translation: runs/translation)",
+        help="run directory (default: runs/shakespeare-char; translation: runs/translation; "
+        "qa: runs/qa)",
     )
     out.add_argument(
         "--resume",
@@ -254,24 +275,19 @@ def attention_for(choice: str, device: torch.device, dtype: str) -> str:
     return choice
 
 
+DEFAULT_OUT = {"lm": "runs/shakespeare-char", "translation": "runs/translation", "qa": "runs/qa"}
+
+
 def run(args) -> None:
     if args.out is None:
-        args.out = "runs/translation" if args.task == "translation" else "runs/shakespeare-char"
+        args.out = DEFAULT_OUT[args.task]
     run_file = Path(args.out) / RUN_FILE
-    resuming_translation = (
-        args.resume
-        and run_file.is_file()
-        and read_json(run_file, "the description of a training run").get("task") == "translation"
-    )
-    if args.task == "translation" or resuming_translation:
-        from tformer.cli import train_translation
-
-        if args.norm_position is None:
-            args.norm_position = "post"
-        if args.label_smoothing is None:
-            args.label_smoothing = 0.1
-        return train_translation.run(args)
+    task = args.task
+    if args.resume and run_file.is_file():  # a resumed run is what it was
+        task = read_json(run_file, "the description of a training run").get("task", "lm")
     if args.init is not None and not args.resume:
+        if task == "translation":
+            raise ValueError("--init starts GPT-2 models (--task lm or qa), not translation")
         shape = {"--preset": args.preset, "--n-layers": args.n_layers, "--n-heads": args.n_heads}
         shape.update({"--d-model": args.d_model, "--d-ff": args.d_ff})
         given = [flag for flag, value in shape.items() if value is not None]
@@ -279,15 +295,27 @@ def run(args) -> None:
             raise ValueError(
                 f"--init takes the model's shape from {args.init}; drop {', '.join(given)}"
             )
-        init_dropout, init_context = args.dropout, args.context  # None: the checkpoint's
-    if args.context is None:
-        args.context = 64
-    if args.dropout is None:
-        args.dropout = 0.0
+    if task == "translation":
+        from tformer.cli import train_translation
+
+        if args.norm_position is None:
+            args.norm_position = "post"
+        if args.label_smoothing is None:
+            args.label_smoothing = 0.1
+        return train_translation.run(args)
     if args.norm_position is None:
         args.norm_position = "pre"
     if args.label_smoothing is None:
         args.label_smoothing = 0.0
+    if task == "qa":
+        from tformer.cli import train_qa
+
+        return train_qa.run(args)
+    init_dropout, init_context = args.dropout, args.context  # None: the checkpoint's
+    if args.context is None:
+        args.context = 64
+    if args.dropout is None:
+        args.dropout = 0.0
     started = time.perf_counter()
     device, dist, out, say = start_run(args)
     if args.resume:

@@ -316,6 +316,20 @@ def load_config(directory: Path) -> GPT2Config:
     return config_from_hf(hf_config, str(directory))
 
 
+def with_settings(
+    config: GPT2Config, dropout: float | None = None, attention: str | None = None
+) -> GPT2Config:
+    """The config with every dropout and the attention path replaced where given: settings
+    that change how a model trains or runs, not its weights."""
+    if dropout is not None:
+        config = replace(
+            config, dropout=dropout, attention_dropout=dropout, embedding_dropout=dropout
+        )
+    if attention is not None:
+        config = replace(config, attention=attention)
+    return config
+
+
 def load_gpt2(
     path_or_name: str | os.PathLike,
     dtype: torch.dtype = torch.float32,
@@ -325,13 +339,7 @@ def load_gpt2(
     attention: str | None = None,
 ) -> GPT2:
     directory = resolve_checkpoint(path_or_name)
-    config = load_config(directory)
-    if dropout is not None:
-        config = replace(
-            config, dropout=dropout, attention_dropout=dropout, embedding_dropout=dropout
-        )
-    if attention is not None:
-        config = replace(config, attention=attention)
+    config = with_settings(load_config(directory), dropout, attention)
     ours = state_dict_from_hf(read_tensors(directory), config, str(directory))
     with torch.device("meta"):
         model = GPT2(config)  # no memory, no initialisation: every tensor comes from the file

@@ -35,6 +35,7 @@ from tformer.models.checkpoints import (
     resolve_checkpoint,
     state_dict_from_hf,
     state_dict_to_hf,
+    with_settings,
 )
 from tformer.models.gpt2 import GPT2, GPT2Config
 from tformer.nn.lora import lora_layers
@@ -92,11 +93,14 @@ class GPT2ForQuestionAnswering(nn.Module):
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
         seed: int = 0,
+        *,
+        dropout: float | None = None,
+        attention: str | None = None,
     ) -> "GPT2ForQuestionAnswering":
         """A QA checkpoint (its head included), or a GPT-2 language model with a new head
-        drawn from `seed`."""
+        drawn from `seed`; `dropout` and `attention` as in GPT2.from_pretrained."""
         directory = resolve_checkpoint(path_or_name)
-        config = load_config(directory)
+        config = with_settings(load_config(directory), dropout, attention)
         tensors = read_tensors(directory)
         head = {name: tensors.pop(name) for name in HEAD if name in tensors}
         if len(head) == 1:

@@ -1,0 +1,193 @@
+"""`tformer train --task qa`: train an extractive reader (GPT-2 with a span head).
+
+Questions come from a SQuAD JSON or JSONL file (--data: its last 10% of contexts are held
+out for validation; or --train and --val). The model starts from --init (a GPT-2 language
+model, which gets a new span head, or a QA checkpoint), or is a new GPT-2 of the sizes
+given, with a tokenizer learned from the data. Every question and its context become
+windows of --context tokens whose context slices overlap by --stride; the same trainer as
+for language models fits the span logits. At the end the validation questions are
+answered and scored with SQuAD's exact match and F1.
+"""
+
+import hashlib
+import json
+import sys
+import time
+
+import torch
+
+from tformer.cli.train import (
+    absolute,
+    attention_for,
+    build_tokenizer,
+    model_config_from,
+    new_train_config,
+    read_run,
+    scale_note,
+    start_run,
+)
+from tformer.files import atomic_write_json
+from tformer.models.gpt2_qa import GPT2ForQuestionAnswering
+from tformer.qa import QAExample, make_windows, read_qa_file, squad_scores
+from tformer.qa.batches import QABatches
+from tformer.qa.read import answer, marker_tokens
+from tformer.tokenizers import load_tokenizer, tokenizer_for_model
+from tformer.train import distributed, fit
+from tformer.train.plots import read_metrics
+
+RUN_FILE = "run.json"
+DEFAULT_CONTEXT = 256  # tokens per window of a new model
+
+
+def split_by_context(examples: list[QAExample]) -> tuple[list[QAExample], list[QAExample]]:
+    """The questions of the first 90% of contexts (in file order) and of the last 10%: no
+    context is in both, so validation measures reading new text."""
+    contexts = list(dict.fromkeys(e.context for e in examples))
+    if len(contexts) < 2:
+        raise ValueError("one context cannot be split for validation: pass --train and --val")
+    held_out = set(contexts[len(contexts) - max(1, len(contexts) // 10) :])
+    train = [e for e in examples if e.context not in held_out]
+    return train, [e for e in examples if e.context in held_out]
+
+
+def load_questions(spec: dict) -> tuple[list[QAExample], list[QAExample]]:
+    if spec["train"] or spec["val"]:
+        if not (spec["train"] and spec["val"]) or spec["data"]:
+            raise ValueError("give --train and --val together, instead of --data")
+        return read_qa_file(spec["train"]), read_qa_file(spec["val"])
+    if spec["data"] is None:
+        raise ValueError("question answering needs --data (a SQuAD .json or a .jsonl file)")
+    return split_by_context(read_qa_file(spec["data"]))
+
+
+def fingerprint(examples: list[QAExample]) -> str:
+    digest = hashlib.sha256()
+    for e in examples:
+        answers = [(a.text, a.start) for a in e.answers]
+        digest.update(json.dumps([e.id, e.question, e.context, answers]).encode("utf-8"))
+    return digest.hexdigest()
+
+
+def run(args) -> None:
+    started = time.perf_counter()
+    device, dist, out, say = start_run(args)
+    if args.resume:
+        spec, config = read_run(out, args)
+        torch.set_num_threads(args.threads or spec["threads"])
+    else:
+        config = new_train_config(args, device)
+        spec = {
+            "task": "qa",
+            "data": absolute(args.data),
+            "train": absolute(args.train_file),
+            "val": absolute(args.val_file),
+            "init": absolute(args.init),
+            "tokenizer": args.tokenizer,
+            "bpe_vocab_size": args.bpe_vocab_size,
+            "context": args.context,
+            "stride": args.stride,
+            "threads": torch.get_num_threads(),
+        }
+    train, val = load_questions(spec)
+    digest = fingerprint(train + val)
+    attention = attention_for(args.attention, device, config.dtype)
+    if args.resume:
+        if spec.get("questions_sha256") != digest:
+            raise ValueError(f"the questions of {out} have changed since the run started")
+        model = GPT2ForQuestionAnswering.from_pretrained(out / "last", device=device)
+        tokenizer = load_tokenizer(out / "last")
+    elif spec["init"] is not None:
+        model = GPT2ForQuestionAnswering.from_pretrained(
+            spec["init"], device=device, seed=config.seed, dropout=args.dropout, attention=attention
+        )
+        tokenizer = tokenizer_for_model(spec["init"], model.config.vocab_size)
+    else:
+        text = "\n".join(f"{e.question}\n{e.context}" for e in train + val)
+        tokenizer = build_tokenizer(spec["tokenizer"], text, spec["bpe_vocab_size"])
+        args.context = args.context or DEFAULT_CONTEXT
+        args.dropout = 0.0 if args.dropout is None else args.dropout
+        gpt2_config = model_config_from(args, tokenizer, device, config.dtype)
+        model = GPT2ForQuestionAnswering(gpt2_config, seed=config.seed).to(device)
+    max_len = spec["context"] or model.config.max_len
+    if max_len > model.config.max_len:
+        raise ValueError(
+            f"--context {max_len} is longer than the model's window ({model.config.max_len})"
+        )
+    separator, null = marker_tokens(tokenizer)
+
+    def windows(examples):
+        return [
+            w
+            for e in examples
+            for w in make_windows(tokenizer, e, max_len, spec["stride"], separator, null)
+        ]
+
+    train_data = QABatches(windows(train), separator, "training")
+    val_data = QABatches(windows(val), separator, "validation")
+    if not args.resume and dist.is_main:
+        if (out / "last").exists():
+            raise FileExistsError(f"{out} already holds a run: add --resume, or pick --out")
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(out / RUN_FILE, {**spec, "questions_sha256": digest})
+    say(
+        f"data: {len(train):,} training and {len(val):,} validation questions, "
+        f"{len(train_data):,} and {len(val_data):,} windows of up to {max_len} tokens "
+        f"(overlap {spec['stride']})"
+    )
+    say(
+        f"model: {model.num_parameters():,} parameters"
+        f"{' from ' + spec['init'] if spec['init'] else ''}; {device}, {config.dtype}, "
+        f"{dist.world_size} process(es){scale_note(dist, config)}; run directory {out}"
+    )
+    history = fit(
+        model,
+        train_data,
+        val_data,
+        config,
+        out,
+        tokenizer,
+        resume=args.resume,
+        progress=not args.no_progress and not args.json,
+    )
+    if not dist.is_main:
+        return
+    if distributed.is_sharded(model):
+        model = GPT2ForQuestionAnswering.from_pretrained(out, device=device)
+    unanswerable = any(not e.answers for e in train + val)
+    threshold = (
+        args.null_threshold if args.null_threshold is not None else (0.0 if unanswerable else None)
+    )
+    predictions = answer(
+        model, tokenizer, val, max_len, spec["stride"], args.max_answer_tokens, threshold
+    )
+    scores = squad_scores(
+        (p.text, [a.text for a in e.answers]) for p, e in zip(predictions, val, strict=True)
+    )
+    val_record = [r for r in read_metrics(out) if r["type"] == "eval"][-1]
+    train_records = [r for r in history if r["type"] == "train"]
+    result = {
+        "run_dir": str(out),
+        "steps": config.steps,
+        "val_loss": round(val_record["val_loss"], 4),
+        "exact_match": round(scores["exact_match"], 2),
+        "f1": round(scores["f1"], 2),
+        "questions": scores["count"],
+        "train_loss": round(train_records[-1]["loss"], 4) if train_records else None,
+        "seconds": round(time.perf_counter() - started, 1),
+        "parameters": model.num_parameters(),
+        "examples": [
+            {"question": e.question, "answer": p.text, "gold": [a.text for a in e.answers]}
+            for e, p in list(zip(val, predictions, strict=True))[:3]
+        ],
+    }
+    atomic_write_json(out / "qa_scores.json", result)
+    if args.json:
+        print(json.dumps(result), file=sys.stdout)
+        return
+    print(
+        f"validation: loss {result['val_loss']}, exact match {result['exact_match']:.2f}, "
+        f"F1 {result['f1']:.2f} over {result['questions']:,} questions; "
+        f"{result['seconds']:.1f} s in all; model {out}"
+    )
+    for example in result["examples"]:
+        print(f"  Q: {example['question']}\n  A: {example['answer']!r} (gold {example['gold']})")
