@@ -62,7 +62,8 @@ def add_parser(sub) -> None:
         help="a text file, a directory of .txt files, a .jsonl file with a 'text' field, or "
         "'shakespeare' (default); split 90/10. Translation: a TSV (source<TAB>target) or "
         "JSONL ({src, tgt}) file, or 'number-words' (default). QA: a SQuAD .json or a .jsonl "
-        "file ({context, question, answers}), its last 10%% of contexts for validation",
+        "file ({context, question, answers}), its last 10%% of contexts for validation, or "
+        "the built-in bible-qa or shakespeare-qa",
     )
     data.add_argument("--train", dest="train_file", help="training text (with --val)")
     data.add_argument("--val", dest="val_file", help="validation text (with --train)")

@@ -1,12 +1,14 @@
 """`tformer train --task qa`: train an extractive reader (GPT-2 with a span head).
 
 Questions come from a SQuAD JSON or JSONL file (--data: its last 10% of contexts are held
-out for validation; or --train and --val). The model starts from --init (a GPT-2 language
-model, which gets a new span head, or a QA checkpoint), or is a new GPT-2 of the sizes
-given, with a tokenizer learned from the data. Every question and its context become
-windows of --context tokens whose context slices overlap by --stride; the same trainer as
-for language models fits the span logits. At the end the validation questions are
-answered and scored with SQuAD's exact match and F1.
+out for validation; or --train and --val), or from a built-in cloze task (`bible-qa`,
+`shakespeare-qa`; tformer.qa.cloze), whose held-out books give validation and test. The
+model starts from --init (a GPT-2 language model, which gets a new span head, or a QA
+checkpoint), or is a new GPT-2 of the sizes given, with a tokenizer learned from the data.
+Every question and its context become windows of --context tokens whose context slices
+overlap by --stride; the same trainer as for language models fits the span logits. At the
+end the held-out questions (for the built-in tasks, the test books') are answered and
+scored with SQuAD's exact match and F1.
 """
 
 import hashlib
@@ -30,6 +32,7 @@ from tformer.files import atomic_write_json
 from tformer.models.gpt2_qa import GPT2ForQuestionAnswering
 from tformer.qa import QAExample, make_windows, read_qa_file, squad_scores
 from tformer.qa.batches import QABatches
+from tformer.qa.cloze import BUILTIN_QA, builtin_qa
 from tformer.qa.read import answer, marker_tokens
 from tformer.tokenizers import load_tokenizer, tokenizer_for_model
 from tformer.train import distributed, fit
@@ -50,14 +53,24 @@ def split_by_context(examples: list[QAExample]) -> tuple[list[QAExample], list[Q
     return train, [e for e in examples if e.context in held_out]
 
 
-def load_questions(spec: dict) -> tuple[list[QAExample], list[QAExample]]:
+def load_questions(spec: dict) -> tuple[list[QAExample], list[QAExample], list[QAExample]]:
+    """Training, validation and test questions; a file's test questions are its validation
+    ones (the built-in tasks hold out other books for test)."""
     if spec["train"] or spec["val"]:
         if not (spec["train"] and spec["val"]) or spec["data"]:
             raise ValueError("give --train and --val together, instead of --data")
-        return read_qa_file(spec["train"]), read_qa_file(spec["val"])
+        val = read_qa_file(spec["val"])
+        return read_qa_file(spec["train"]), val, val
     if spec["data"] is None:
-        raise ValueError("question answering needs --data (a SQuAD .json or a .jsonl file)")
-    return split_by_context(read_qa_file(spec["data"]))
+        raise ValueError(
+            "question answering needs --data: a SQuAD .json or .jsonl file, or "
+            + " or ".join(BUILTIN_QA)
+        )
+    if spec["data"] in BUILTIN_QA:
+        splits = builtin_qa(spec["data"])
+        return splits["train"], splits["val"], splits["test"]
+    train, val = split_by_context(read_qa_file(spec["data"]))
+    return train, val, val
 
 
 def fingerprint(examples: list[QAExample]) -> str:
@@ -78,7 +91,7 @@ def run(args) -> None:
         config = new_train_config(args, device)
         spec = {
             "task": "qa",
-            "data": absolute(args.data),
+            "data": args.data if args.data in BUILTIN_QA else absolute(args.data),
             "train": absolute(args.train_file),
             "val": absolute(args.val_file),
             "init": absolute(args.init),
@@ -88,7 +101,7 @@ def run(args) -> None:
             "stride": args.stride,
             "threads": torch.get_num_threads(),
         }
-    train, val = load_questions(spec)
+    train, val, test = load_questions(spec)
     digest = fingerprint(train + val)
     attention = attention_for(args.attention, device, config.dtype)
     if args.resume:
@@ -153,15 +166,15 @@ def run(args) -> None:
         return
     if distributed.is_sharded(model):
         model = GPT2ForQuestionAnswering.from_pretrained(out, device=device)
-    unanswerable = any(not e.answers for e in train + val)
+    unanswerable = any(not e.answers for e in train + val + test)
     threshold = (
         args.null_threshold if args.null_threshold is not None else (0.0 if unanswerable else None)
     )
     predictions = answer(
-        model, tokenizer, val, max_len, spec["stride"], args.max_answer_tokens, threshold
+        model, tokenizer, test, max_len, spec["stride"], args.max_answer_tokens, threshold
     )
     scores = squad_scores(
-        (p.text, [a.text for a in e.answers]) for p, e in zip(predictions, val, strict=True)
+        (p.text, [a.text for a in e.answers]) for p, e in zip(predictions, test, strict=True)
     )
     val_record = [r for r in read_metrics(out) if r["type"] == "eval"][-1]
     train_records = [r for r in history if r["type"] == "train"]
@@ -172,12 +185,13 @@ def run(args) -> None:
         "exact_match": round(scores["exact_match"], 2),
         "f1": round(scores["f1"], 2),
         "questions": scores["count"],
+        "scored_on": "test" if test is not val else "validation",
         "train_loss": round(train_records[-1]["loss"], 4) if train_records else None,
         "seconds": round(time.perf_counter() - started, 1),
         "parameters": model.num_parameters(),
         "examples": [
             {"question": e.question, "answer": p.text, "gold": [a.text for a in e.answers]}
-            for e, p in list(zip(val, predictions, strict=True))[:3]
+            for e, p in list(zip(test, predictions, strict=True))[:3]
         ],
     }
     atomic_write_json(out / "qa_scores.json", result)
@@ -185,9 +199,9 @@ def run(args) -> None:
         print(json.dumps(result), file=sys.stdout)
         return
     print(
-        f"validation: loss {result['val_loss']}, exact match {result['exact_match']:.2f}, "
-        f"F1 {result['f1']:.2f} over {result['questions']:,} questions; "
-        f"{result['seconds']:.1f} s in all; model {out}"
+        f"validation loss {result['val_loss']}; {result['scored_on']}: exact match "
+        f"{result['exact_match']:.2f}, F1 {result['f1']:.2f} over {result['questions']:,} "
+        f"questions; {result['seconds']:.1f} s in all; model {out}"
     )
     for example in result["examples"]:
         print(f"  Q: {example['question']}\n  A: {example['answer']!r} (gold {example['gold']})")
