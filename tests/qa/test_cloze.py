@@ -7,6 +7,9 @@ PLAYS = """THE TEMPEST
 by William Shakespeare
 
 
+PERSONS REPRESENTED.
+
+ALONSO, King of Naples.
 
 ACT I.
 

@@ -5,8 +5,9 @@ the other tasks already use, as the Children's Book Test (Hill et al., 2016) and
 CNN/Daily Mail questions (Hermann et al., 2015) were built from books and news:
 
 - the text is cut into units: the verses of the King James Bible (book by book), or the
-  spoken lines of Shakespeare's plays and poems (work by work; speaker names, stage
-  directions, act and scene headings left out);
+  spoken lines of Shakespeare's plays and poems (work by work, a play from its Act I, so
+  without its list of persons; speaker names, stage directions, act and scene headings left
+  out);
 - every unit that has CONTEXT_UNITS units before it in the same book or work is a question,
   and those units are its context (Bible 4 verses, Shakespeare 8 lines), so neighbouring
   examples share context but never a question;
@@ -54,7 +55,8 @@ FUNCTION_WORDS = """
     within without would yet you your yours yourself yourselves
     thee thou thy thine ye hath doth art hast dost shalt wilt unto saith said say says came
     come went go goes let make made upon thereof therein whereof wherefore hither thither
-    whither hence thence lo behold yea nay o oh ah sir tis twas ere oft nigh
+    whither whence wherein whereby hence thence lo behold yea nay o oh ah sir tis twas ere oft
+    nigh
 """
 STOPWORDS = frozenset(FUNCTION_WORDS.split())
 WORD = re.compile(r"[A-Za-z]+(?:'[a-z]+)?")
@@ -73,7 +75,11 @@ def shakespeare_units(text: str) -> dict[str, list[str]]:
     works = {}
     for n, byline in enumerate(bylines):
         end = titles[n + 1] if n + 1 < len(titles) else len(lines)  # the next work's title
-        spoken = [line.strip() for line in lines[byline + 1 : end] if is_spoken(line)]
+        begin = byline + 1
+        acts = [i for i in range(begin, end) if re.match(r"ACT (I|1)\b", lines[i].strip())]
+        if acts:  # a play: its text starts at Act I, after the list of persons
+            begin = acts[0]
+        spoken = [line.strip() for line in lines[begin:end] if is_spoken(line)]
         works[lines[titles[n]].strip()] = spoken
     return works
 
