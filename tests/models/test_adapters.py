@@ -31,20 +31,21 @@ def test_a_tformer_adapter_loads_in_peft_with_the_same_logits(tmp_path):
     hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "base")
     theirs = peft.PeftModel.from_pretrained(hf, tmp_path / "adapter").eval()
     ids = torch.randint(0, 61, (2, 11))
+    plain = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "base")
     with torch.no_grad():
         expected = theirs(input_ids=ids).logits
-        plain = hf.base_model(ids)  # sanity: the adapter changes the model
+        assert not torch.allclose(expected, plain(input_ids=ids).logits, atol=1e-3)  # it adapts
     torch.testing.assert_close(model(ids), expected, rtol=1e-4, atol=1e-4)
-    assert not torch.allclose(
-        expected,
-        transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "base")(input_ids=ids).logits,
-        atol=1e-3,
-    )
-    del plain
 
 
 @pytest.mark.parametrize(
-    "targets", [["c_attn", "c_proj"], ["attn.c_proj"], r".*\.h\.\d+\.mlp\.c_fc"]
+    "targets",
+    [
+        ["c_attn", "c_proj"],  # by suffix: both output projections
+        ["attn.c_proj"],
+        r".*\.h\.\d+\.mlp\.c_fc",  # a regular expression
+        r"transformer\.h\.0\.attn\.c_attn",  # one block only
+    ],
 )
 def test_a_peft_adapter_loads_in_tformer_with_the_same_logits(tmp_path, targets):
     base_checkpoint(tmp_path)
@@ -93,3 +94,14 @@ def test_bad_adapters_are_refused(tmp_path):
     )
     with pytest.raises(CheckpointError, match="name no GPT-2 linear layer"):
         load_adapter(model, tmp_path / "adapter")
+    # weights that do not match the configuration: refused before the model is touched
+    add_lora(model, LoRAConfig(rank=2, targets=("w_o",)))
+    save_adapter(model, tmp_path / "wrong")
+    config = (tmp_path / "wrong" / "adapter_config.json").read_text()
+    (tmp_path / "wrong" / "adapter_config.json").write_text(
+        config.replace("attn.c_proj", "mlp.c_fc")
+    )
+    fresh = GPT2.from_pretrained(tmp_path / "base")
+    with pytest.raises(CheckpointError, match="tensors do not match"):
+        load_adapter(fresh, tmp_path / "wrong")
+    assert not lora_layers(fresh) and all(p.requires_grad for p in fresh.parameters())

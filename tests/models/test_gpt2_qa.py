@@ -17,7 +17,7 @@ def batch():
     g = torch.Generator().manual_seed(3)
     ids = torch.randint(0, 83, (3, 20), generator=g)
     mask = torch.ones(3, 20, dtype=torch.long)
-    mask[2, 15:] = 0  # right padding in the last row
+    mask[2, 15:] = 0  # right padding in the last row (for the comparison with padding)
     starts, ends = torch.tensor([2, 7, 40]), torch.tensor([4, 7, 41])  # the last: cut off
     return ids, mask, starts, ends
 
@@ -25,12 +25,18 @@ def batch():
 def assert_same_as_transformers(ours, theirs):
     ids, mask, starts, ends = batch()
     with torch.no_grad():
-        out = theirs(input_ids=ids, attention_mask=mask, start_positions=starts, end_positions=ends)
-        spans = ours(ids, mask)  # (B, 2, T)
+        out = theirs(input_ids=ids, start_positions=starts, end_positions=ends)
+        spans = ours(ids)  # (B, 2, T)
+        padded = theirs(input_ids=ids, attention_mask=mask).start_logits
+        ours_padded = ours(ids, mask)[:, 0]
     torch.testing.assert_close(spans[:, 0], out.start_logits, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(spans[:, 1], out.end_logits, rtol=1e-4, atol=1e-4)
     loss = GPT2ForQuestionAnswering.loss(spans, starts, ends)
     torch.testing.assert_close(loss, out.loss, rtol=1e-4, atol=1e-4)
+    # with padding: equal at the real positions, -inf at the padded ones (see forward)
+    real = mask.bool()
+    torch.testing.assert_close(ours_padded[real], padded[real], rtol=1e-4, atol=1e-4)
+    assert torch.isneginf(ours_padded[~real]).all()
 
 
 def test_a_tformer_qa_checkpoint_loads_in_transformers_with_equal_logits_and_loss(tmp_path):
@@ -89,3 +95,19 @@ def test_the_loss_is_one_cross_entropy_over_start_and_end_rows():
         spans.flatten(0, 1), torch.stack([starts, ends], 1).flatten()
     )
     torch.testing.assert_close(GPT2ForQuestionAnswering.loss(spans, starts, ends), rows)
+
+
+def test_a_window_scores_the_same_whatever_its_batch_pads_it_to():
+    model = GPT2ForQuestionAnswering(config(), seed=2).eval()
+    ids = torch.randint(0, 83, (1, 10))
+    alone = model(ids, torch.ones(1, 10, dtype=torch.long))
+    padded_ids = torch.cat([ids, torch.zeros(1, 6, dtype=torch.long)], dim=1)
+    mask = torch.cat([torch.ones(1, 10), torch.zeros(1, 6)], dim=1).long()
+    padded = model(padded_ids, mask)
+    targets = torch.tensor([3]), torch.tensor([5])
+    torch.testing.assert_close(
+        GPT2ForQuestionAnswering.loss(padded, *targets),
+        GPT2ForQuestionAnswering.loss(alone, *targets),
+        rtol=1e-5,
+        atol=1e-5,
+    )

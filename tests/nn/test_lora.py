@@ -65,6 +65,7 @@ def test_merged_model_equals_the_adapted_one():
     assert not torch.allclose(adapted, tiny_gpt()(ids))  # the adapters do something
     merged = merge_lora(model)
     assert len(merged) == 4 and not lora_layers(model)
+    assert not any(p.requires_grad for p in model.parameters())  # frozen like the base
     torch.testing.assert_close(model(ids), adapted, rtol=1e-5, atol=1e-5)
 
 

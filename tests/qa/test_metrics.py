@@ -39,7 +39,9 @@ def test_questions_without_an_answer_follow_squad_2():
     assert exact_match("", []) == 1.0 and f1("", []) == 1.0
     assert exact_match("Denver", []) == 0.0 and f1("Denver", []) == 0.0
     assert f1("", ["Denver"]) == 0.0
-    assert f1("the", ["a"]) == 1.0  # both normalise to nothing
+    assert f1("the", ["a"]) == 1.0  # golds that normalise to nothing: a no-answer
+    assert exact_match("", ["the", "cat"]) == 0.0  # "the" is dropped, "cat" remains
+    assert exact_match("cat", ["the", "cat"]) == 1.0
 
 
 def test_scores_are_percent_means_over_questions():

@@ -92,6 +92,28 @@ def test_label_smoothing_on_bfloat16_logits_is_computed_in_float32(compiled, mon
     torch.testing.assert_close(grad.float(), expected, rtol=1e-2, atol=1e-9)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("compiled", [True, False], ids=["compiled", "torch"])
+def test_impossible_classes_at_minus_infinity_give_a_finite_loss(compiled, dtype, monkeypatch):
+    """Logits of -inf (the padded positions of a QA window) are legal without smoothing:
+    the loss and its gradient equal torch's, with zero gradient there."""
+    if not compiled:
+        monkeypatch.setattr(losses, "cpu_kernels", lambda logits: None)
+    g = torch.Generator().manual_seed(4)
+    logits = torch.randn(6, 40, generator=g)
+    logits[:, 30:] = float("-inf")
+    logits = logits.to(dtype).requires_grad_()
+    targets = torch.randint(0, 30, (6,), generator=g)
+    ours = label_smoothed_cross_entropy(logits, targets, 0.0)
+    (grad,) = torch.autograd.grad(ours, logits)
+    exact = logits.detach().float().requires_grad_()
+    reference = F.cross_entropy(exact, targets)
+    (expected,) = torch.autograd.grad(reference, exact)
+    torch.testing.assert_close(ours, reference, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(grad.float(), expected, rtol=1e-2, atol=1e-6)
+    assert torch.equal(grad[:, 30:].float(), torch.zeros(6, 10))
+
+
 @pytest.mark.parametrize("bad", [-5, 11])
 def test_targets_outside_the_vocabulary_are_refused(bad):
     logits = torch.randn(4, 11).bfloat16()

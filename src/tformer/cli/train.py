@@ -1,6 +1,7 @@
 """`tformer train`: train a GPT on your text (or the built-in Shakespeare) and sample from it;
 with --task translation, the encoder-decoder Transformer on sentence pairs."""
 
+import argparse
 import hashlib
 import json
 import sys
@@ -69,7 +70,6 @@ def add_parser(sub) -> None:
     data.add_argument("--val", dest="val_file", help="validation text (with --train)")
     data.add_argument(
         "--tokenizer",
-        default="char",
         choices=["char", "gpt2", "bpe"],
         help="characters, GPT-2's BPE, or a BPE trained on the data (default: char); "
         "translation always learns a joint BPE of --bpe-vocab-size",
@@ -126,7 +126,6 @@ def add_parser(sub) -> None:
     )
     model.add_argument(
         "--activation",
-        default="gelu",
         choices=ACTIVATIONS,
         help="gelu (exact, as nanoGPT) or gelu_tanh (GPT-2's) (default: gelu); translation "
         "uses the paper's ReLU",
@@ -217,7 +216,7 @@ def add_parser(sub) -> None:
 
     train.add_argument(
         "--compile",
-        action="store_true",
+        action=argparse.BooleanOptionalAction,
         help="torch.compile the model for training: ~4-10%% faster steps on a CPU after "
         "~30 s (small models) to ~3 min (GPT-2 124M) of compiling, so for long runs",
     )
@@ -225,7 +224,7 @@ def add_parser(sub) -> None:
     scale = p.add_argument_group("memory and scale")
     scale.add_argument(
         "--activation-checkpointing",
-        action="store_true",
+        action=argparse.BooleanOptionalAction,
         help="keep only each layer's input and recompute its activations in the backward "
         "pass: much less memory for ~1/3 more compute",
     )
@@ -290,12 +289,20 @@ def run(args) -> None:
         if task == "translation":
             raise ValueError("--init starts GPT-2 models (--task lm or qa), not translation")
         shape = {"--preset": args.preset, "--n-layers": args.n_layers, "--n-heads": args.n_heads}
-        shape.update({"--d-model": args.d_model, "--d-ff": args.d_ff})
+        shape.update(
+            {"--d-model": args.d_model, "--d-ff": args.d_ff, "--tokenizer": args.tokenizer}
+        )
+        shape.update({"--activation": args.activation, "--norm-position": args.norm_position})
         given = [flag for flag, value in shape.items() if value is not None]
         if given:
             raise ValueError(
-                f"--init takes the model's shape from {args.init}; drop {', '.join(given)}"
+                f"--init takes the model's shape and tokenizer from {args.init}; drop "
+                f"{', '.join(given)}"
             )
+    if args.tokenizer is None:
+        args.tokenizer = "char"
+    if args.activation is None:
+        args.activation = "gelu"
     if task == "translation":
         from tformer.cli import train_translation
 
@@ -451,7 +458,10 @@ def new_train_config(args, device: torch.device) -> TrainConfig:
     if args.threads:
         torch.set_num_threads(args.threads)
     options = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if f.name != "dtype"}
-    options["parallel"] = args.parallel or TrainConfig.parallel
+    defaults = TrainConfig()
+    for name in ("parallel", "activation_checkpointing", "compile"):  # None: not given
+        if options[name] is None:
+            options[name] = getattr(defaults, name)
     return TrainConfig(**options, dtype=training_dtype(args.dtype, device))
 
 
@@ -491,12 +501,12 @@ def read_run(out: Path, args) -> tuple[dict, TrainConfig]:
         config = TrainConfig(**saved)
     except TypeError as e:
         raise ValueError(f"{out / 'train_config.json'}: not a training config ({e})") from None
-    return spec, replace(
-        config,
-        parallel=args.parallel or config.parallel,
-        activation_checkpointing=args.activation_checkpointing or config.activation_checkpointing,
-        compile=args.compile or config.compile,
-    )
+    given = {
+        "parallel": args.parallel,
+        "activation_checkpointing": args.activation_checkpointing,
+        "compile": args.compile,
+    }
+    return spec, replace(config, **{k: v for k, v in given.items() if v is not None})
 
 
 def start_token(tokenizer) -> int:

@@ -11,7 +11,6 @@ end the held-out questions (for the built-in tasks, the test books') are answere
 scored with SQuAD's exact match and F1.
 """
 
-import hashlib
 import json
 import sys
 import time
@@ -33,24 +32,15 @@ from tformer.models.gpt2_qa import GPT2ForQuestionAnswering
 from tformer.qa import QAExample, make_windows, read_qa_file, squad_scores
 from tformer.qa.batches import QABatches
 from tformer.qa.cloze import BUILTIN_QA, builtin_qa
-from tformer.qa.read import answer, marker_tokens
+from tformer.qa.read import answer
+from tformer.qa.squad import fingerprint, split_by_context
+from tformer.qa.windows import marker_tokens
 from tformer.tokenizers import load_tokenizer, tokenizer_for_model
 from tformer.train import distributed, fit
 from tformer.train.plots import read_metrics
 
 RUN_FILE = "run.json"
 DEFAULT_CONTEXT = 256  # tokens per window of a new model
-
-
-def split_by_context(examples: list[QAExample]) -> tuple[list[QAExample], list[QAExample]]:
-    """The questions of the first 90% of contexts (in file order) and of the last 10%: no
-    context is in both, so validation measures reading new text."""
-    contexts = list(dict.fromkeys(e.context for e in examples))
-    if len(contexts) < 2:
-        raise ValueError("one context cannot be split for validation: pass --train and --val")
-    held_out = set(contexts[len(contexts) - max(1, len(contexts) // 10) :])
-    train = [e for e in examples if e.context not in held_out]
-    return train, [e for e in examples if e.context in held_out]
 
 
 def load_questions(spec: dict) -> tuple[list[QAExample], list[QAExample], list[QAExample]]:
@@ -73,14 +63,6 @@ def load_questions(spec: dict) -> tuple[list[QAExample], list[QAExample], list[Q
     return train, val, val
 
 
-def fingerprint(examples: list[QAExample]) -> str:
-    digest = hashlib.sha256()
-    for e in examples:
-        answers = [(a.text, a.start) for a in e.answers]
-        digest.update(json.dumps([e.id, e.question, e.context, answers]).encode("utf-8"))
-    return digest.hexdigest()
-
-
 def run(args) -> None:
     started = time.perf_counter()
     device, dist, out, say = start_run(args)
@@ -99,8 +81,12 @@ def run(args) -> None:
             "bpe_vocab_size": args.bpe_vocab_size,
             "context": args.context,
             "stride": args.stride,
+            "max_answer_tokens": args.max_answer_tokens,
+            "null_threshold": args.null_threshold,
             "threads": torch.get_num_threads(),
         }
+    if spec["max_answer_tokens"] < 1:
+        raise ValueError(f"--max-answer-tokens must be at least 1, got {spec['max_answer_tokens']}")
     train, val, test = load_questions(spec)
     digest = fingerprint(train + val)
     attention = attention_for(args.attention, device, config.dtype)
@@ -115,7 +101,7 @@ def run(args) -> None:
         )
         tokenizer = tokenizer_for_model(spec["init"], model.config.vocab_size)
     else:
-        text = "\n".join(f"{e.question}\n{e.context}" for e in train + val)
+        text = "\n".join(f"{e.question}\n{e.context}" for e in train + val + test)
         tokenizer = build_tokenizer(spec["tokenizer"], text, spec["bpe_vocab_size"])
         args.context = args.context or DEFAULT_CONTEXT
         args.dropout = 0.0 if args.dropout is None else args.dropout
@@ -167,11 +153,11 @@ def run(args) -> None:
     if distributed.is_sharded(model):
         model = GPT2ForQuestionAnswering.from_pretrained(out, device=device)
     unanswerable = any(not e.answers for e in train + val + test)
-    threshold = (
-        args.null_threshold if args.null_threshold is not None else (0.0 if unanswerable else None)
-    )
+    threshold = spec["null_threshold"]
+    if threshold is None and unanswerable:
+        threshold = 0.0
     predictions = answer(
-        model, tokenizer, test, max_len, spec["stride"], args.max_answer_tokens, threshold
+        model, tokenizer, test, max_len, spec["stride"], spec["max_answer_tokens"], threshold
     )
     scores = squad_scores(
         (p.text, [a.text for a in e.answers]) for p, e in zip(predictions, test, strict=True)

@@ -76,7 +76,10 @@ void tformer_smoothed_ce_forward_bf16(const uint16_t *logits, const int64_t *tar
         float lse = m + logf(sum_exp);
         float x_y = bf16_bits_to_float(row[targets[i]]);
         lse_rows[i] = lse;
-        loss_rows[i] = lse - (1.0f - eps) * x_y - (eps / (float)v) * sum_x;
+        /* eps = 0: no smoothing term at all, so -inf logits (positions that cannot be the
+           answer) give a finite loss instead of 0 x -inf */
+        float smooth = eps > 0.0f ? (eps / (float)v) * sum_x : 0.0f;
+        loss_rows[i] = lse - (1.0f - eps) * x_y - smooth;
     }
 }
 

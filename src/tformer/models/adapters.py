@@ -95,8 +95,9 @@ def save_adapter(model: GPT2, directory: str | os.PathLike) -> None:
     atomic_write_json(directory / CONFIG_FILE, config)
 
 
-def read_adapter_config(directory: Path, model: GPT2) -> LoRAConfig:
-    """The LoRAConfig of a PEFT adapter directory, refusing what tformer does not compute."""
+def read_adapter_config(directory: Path, model: GPT2) -> tuple[LoRAConfig, list[str]]:
+    """The LoRAConfig of a PEFT adapter directory and the names of the layers it adapts,
+    refusing what tformer does not compute."""
     path = directory / CONFIG_FILE
     if not path.is_file():
         raise CheckpointError(f"{directory}: no {CONFIG_FILE}; is this a PEFT adapter?")
@@ -130,12 +131,13 @@ def read_adapter_config(directory: Path, model: GPT2) -> LoRAConfig:
         raise CheckpointError(
             f"{path}: target modules {config['target_modules']!r} name no GPT-2 linear layer"
         )
-    return LoRAConfig(
+    lora = LoRAConfig(
         rank=config["r"],
         alpha=config["lora_alpha"],
         dropout=config.get("lora_dropout", 0.0),
         targets=tuple(sorted({name.rsplit(".", 1)[-1] for name in chosen})),  # e.g. w_qkv
     )
+    return lora, chosen
 
 
 def load_adapter(model: GPT2, directory: str | os.PathLike) -> LoRAConfig:
@@ -144,19 +146,18 @@ def load_adapter(model: GPT2, directory: str | os.PathLike) -> LoRAConfig:
     from safetensors.torch import load_file
 
     directory = Path(directory)
-    config = read_adapter_config(directory, model)
+    config, adapted = read_adapter_config(directory, model)
     names = module_names(model)
-    adapted = add_lora(model, config)
     tensors = load_file(directory / WEIGHTS_FILE)
-    expected = {
-        f"{PREFIX}{names[name]}.{part}.weight" for name in adapted for part in ("lora_A", "lora_B")
-    }
-    if set(tensors) != expected:
+    parts = ("lora_A", "lora_B")
+    expected = {f"{PREFIX}{names[name]}.{part}.weight" for name in adapted for part in parts}
+    if set(tensors) != expected:  # checked before the model is changed
         raise CheckpointError(
             f"{directory / WEIGHTS_FILE}: tensors do not match the configuration "
             f"(missing {sorted(expected - set(tensors))[:3]}, unexpected "
             f"{sorted(set(tensors) - expected)[:3]})"
         )
+    add_lora(model, config, names=adapted)
     layers = lora_layers(model)
     with torch.no_grad():
         for name in adapted:

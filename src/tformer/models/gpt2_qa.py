@@ -68,15 +68,29 @@ class GPT2ForQuestionAnswering(nn.Module):
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """Padding (attention_mask 0) gets logit -inf: it can be neither start nor end, and a
+        window's loss does not depend on how far the batch pads it. (transformers leaves
+        padded positions in; without padding the two agree.)"""
         h = self.gpt2.features(input_ids, attention_mask, position_ids)  # (B, T, C)
-        return self.qa_outputs(h).transpose(1, 2)  # (B, T, 2) -> (B, 2, T)
+        logits = self.qa_outputs(h).transpose(1, 2)  # (B, T, 2) -> (B, 2, T)
+        if attention_mask is not None:
+            logits = logits.masked_fill(attention_mask[:, None, :] == 0, float("-inf"))
+        return logits
+
+    def layers(self) -> list[nn.Module]:
+        """GPT-2's blocks (the units of activation checkpointing and FSDP)."""
+        return self.gpt2.layers()
+
+    def set_activation_checkpointing(self, on: bool = True) -> None:
+        self.gpt2.set_activation_checkpointing(on)
 
     @staticmethod
     def loss(
         span_logits: torch.Tensor, start_positions: torch.Tensor, end_positions: torch.Tensor
     ) -> torch.Tensor:
         """(CE(s, start) + CE(e, end)) / 2 over the batch; positions outside 0..T-1 (which
-        are clamped to T, as transformers does) are left out."""
+        are clamped to T, as transformers does) are left out. The trainer computes the same
+        as one cross-entropy over the (B, 2, T) logits; this is the reference for it."""
         t = span_logits.shape[-1]
         starts, ends = start_positions.clamp(0, t), end_positions.clamp(0, t)
         start_loss = nn.functional.cross_entropy(span_logits[:, 0].float(), starts, ignore_index=t)

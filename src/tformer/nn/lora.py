@@ -78,14 +78,15 @@ class LoRALinear(nn.Linear):
         return (self.lora_B.weight @ self.lora_A.weight) * self.scaling
 
     def merged(self) -> nn.Linear:
-        """A plain linear layer computing the same function: W + (alpha / r) B A."""
+        """A plain linear layer computing the same function: W + (alpha / r) B A, frozen like
+        the rest of the adapted model (requires_grad_(True) to train it further)."""
         merged = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
         merged = merged.to(device=self.weight.device, dtype=self.weight.dtype)
         with torch.no_grad():
             merged.weight.copy_(self.weight + self.delta_weight())
             if self.bias is not None:
                 merged.bias.copy_(self.bias)
-        return merged
+        return merged.requires_grad_(False)
 
 
 def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
@@ -93,11 +94,19 @@ def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
 
 
-def add_lora(model: nn.Module, config: LoRAConfig) -> list[str]:
-    """Freeze `model` and put a LoRA update on each linear layer named by config.targets.
-    Returns the adapted layers' names; a target that matches nothing is an error."""
+def add_lora(model: nn.Module, config: LoRAConfig, names: list[str] | None = None) -> list[str]:
+    """Freeze `model` and put a LoRA update on each linear layer named by config.targets
+    (the last part of its name, e.g. every block's `w_qkv`), or on exactly the layers
+    `names` (full module names). Returns the adapted layers' names; a target that matches
+    nothing is an error."""
     if lora_layers(model):
         raise ValueError("this model already has LoRA layers; merge them first")
+    linear = {name for name, module in model.named_modules() if type(module) is nn.Linear}
+    if names is not None:
+        unknown = [name for name in names if name not in linear]
+        if unknown:
+            raise ValueError(f"not linear layers of this model: {', '.join(unknown)}")
+        return _adapt(model, config, list(names))
     chosen = [
         name
         for name, module in model.named_modules()
@@ -112,11 +121,15 @@ def add_lora(model: nn.Module, config: LoRAConfig) -> list[str]:
         raise ValueError(
             f"no linear layer named {', '.join(missing)}; this model's are: {', '.join(linear)}"
         )
+    return _adapt(model, config, chosen)
+
+
+def _adapt(model: nn.Module, config: LoRAConfig, names: list[str]) -> list[str]:
     for parameter in model.parameters():
         parameter.requires_grad_(False)
-    for name in chosen:
+    for name in names:
         _replace(model, name, LoRALinear(model.get_submodule(name), config))
-    return chosen
+    return names
 
 
 def merge_lora(model: nn.Module) -> list[str]:

@@ -122,10 +122,11 @@ def cloze(example_id: str, context_units: list[str], question_unit: str) -> QAEx
     """One example, or None when no word of the question qualifies."""
     context = " ".join(context_units)
     candidates = []
+    words = [m.group() for m in WORD.finditer(question_unit)]
     for match in WORD.finditer(question_unit):
         word = match.group()
-        if len(word) < 3 or word.lower() in STOPWORDS:
-            continue
+        if len(word) < 3 or word.lower() in STOPWORDS or words.count(word) > 1:
+            continue  # a word the question repeats would give its own answer away
         found = list(re.finditer(rf"\b{re.escape(word)}\b", context))
         if found:
             candidates.append((match, found[-1].start()))

@@ -10,7 +10,8 @@ with tokens split on whitespace and |common| the size of the multiset intersecti
 counts as often as it occurs in both). A question scores its best over the gold answers;
 a data set scores 100 x the mean over its questions. SQuAD 2.0 adds questions without an
 answer: their only gold answer is the empty string, and then, as in the official script,
-F1 is 1 if both prediction and gold are empty and 0 if only one is.
+F1 is 1 if both prediction and gold are empty and 0 if only one is. As there too, gold
+answers that normalise to nothing ("the") are dropped first.
 """
 
 import re
@@ -28,16 +29,23 @@ def normalize_answer(text: str) -> str:
     return " ".join(ARTICLES.sub(" ", text).split())
 
 
+def gold_answers(golds: Sequence[str]) -> list[str]:
+    """The golds that say something after normalisation (the official SQuAD 2.0 script drops
+    the others), or [""] for a question without an answer."""
+    return [g for g in golds if normalize_answer(g)] or [""]
+
+
 def exact_match(prediction: str, golds: Sequence[str]) -> float:
     """1.0 if the prediction equals some gold answer after normalisation; no golds: a
     question without an answer, matched by the empty prediction."""
-    golds = list(golds) or [""]
-    return float(any(normalize_answer(prediction) == normalize_answer(g) for g in golds))
+    return float(
+        any(normalize_answer(prediction) == normalize_answer(g) for g in gold_answers(golds))
+    )
 
 
 def f1(prediction: str, golds: Sequence[str]) -> float:
     """The best token-overlap F1 of the prediction against the gold answers."""
-    return max(_f1(prediction, gold) for gold in (list(golds) or [""]))
+    return max(_f1(prediction, gold) for gold in gold_answers(golds))
 
 
 def _f1(prediction: str, gold: str) -> float:

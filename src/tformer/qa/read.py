@@ -9,22 +9,7 @@ from collections.abc import Sequence
 import torch
 
 from tformer.qa.batches import QABatches
-from tformer.qa.windows import Prediction, QAExample, best_answer, make_windows
-
-
-def marker_tokens(tokenizer) -> tuple[int, int]:
-    """The separator after the question and the null token at the end of a window: the
-    end-of-text token where the vocabulary has one, else a newline."""
-    if tokenizer.eos_id is not None:
-        return tokenizer.eos_id, tokenizer.eos_id
-    try:
-        (newline,) = tokenizer.encode("\n")
-    except ValueError:
-        raise ValueError(
-            "this tokenizer has neither an end-of-text token nor a newline to mark the end "
-            "of the question and the no-answer position"
-        ) from None
-    return newline, newline
+from tformer.qa.windows import Prediction, QAExample, best_answer, make_windows, marker_tokens
 
 
 @torch.inference_mode()

@@ -11,8 +11,12 @@ JSONL has one question per line: {"context": ..., "question": ..., "answers": [.
 the answers as SQuAD's list of {"text", "answer_start"} objects or as the Hugging Face
 datasets' {"text": [...], "answer_start": [...]}; "id" is optional. An empty answer list
 (or "is_impossible": true) is a question without an answer in its context (SQuAD 2.0).
+
+One file is split by context (`split_by_context`), so validation reads text not seen in
+training.
 """
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -79,3 +83,22 @@ def _from_record(record: dict, where: str, default_id: str) -> QAExample:
         raise ValueError(f"{where}: an answer needs 'text' and 'answer_start' ({e})") from None
     except ValueError as e:
         raise ValueError(f"{where}: {e}") from None
+
+
+def split_by_context(examples: list[QAExample]) -> tuple[list[QAExample], list[QAExample]]:
+    """The questions of the first 90% of contexts (in file order) and of the last 10%: no
+    context is in both, so validation measures reading new text."""
+    contexts = list(dict.fromkeys(e.context for e in examples))
+    if len(contexts) < 2:
+        raise ValueError("one context cannot be split for validation: pass --train and --val")
+    held_out = set(contexts[len(contexts) - max(1, len(contexts) // 10) :])
+    train = [e for e in examples if e.context not in held_out]
+    return train, [e for e in examples if e.context in held_out]
+
+
+def fingerprint(examples: list[QAExample]) -> str:
+    digest = hashlib.sha256()
+    for e in examples:
+        answers = [(a.text, a.start) for a in e.answers]
+        digest.update(json.dumps([e.id, e.question, e.context, answers]).encode("utf-8"))
+    return digest.hexdigest()

@@ -67,6 +67,21 @@ class Window:
         return self.context_start + len(self.offsets)
 
 
+def marker_tokens(tokenizer) -> tuple[int, int]:
+    """The separator after the question and the null token at the end of a window: the
+    end-of-text token where the vocabulary has one, else a newline."""
+    if tokenizer.eos_id is not None:
+        return tokenizer.eos_id, tokenizer.eos_id
+    try:
+        (newline,) = tokenizer.encode("\n")
+    except ValueError:
+        raise ValueError(
+            "this tokenizer has neither an end-of-text token nor a newline to mark the end "
+            "of the question and the no-answer position"
+        ) from None
+    return newline, newline
+
+
 def make_windows(
     tokenizer,
     example: QAExample,

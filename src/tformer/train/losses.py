@@ -55,7 +55,9 @@ class SmoothedCrossEntropy(torch.autograd.Function):
             log_p = torch.log_softmax(logits[rows], dim=-1, dtype=dtype)  # (n_b, V)
             log_p_target = log_p.gather(-1, targets[rows, None]).squeeze(-1)  # (n_b,)
             # -sum_v q_v log p_v with q = (1 - eps) one-hot + eps / V
-            per_row[rows] = -(1.0 - smoothing) * log_p_target - (smoothing / v) * log_p.sum(-1)
+            per_row[rows] = -(1.0 - smoothing) * log_p_target
+            if smoothing > 0:  # (at 0 the term is left out, so -inf logits stay finite)
+                per_row[rows] -= (smoothing / v) * log_p.sum(-1)
         ctx.save_for_backward(logits, targets, weights, None)
         return (per_row * weights).sum()
 
