@@ -6,6 +6,7 @@ import sys
 
 from tformer import __version__
 from tformer.cli import (
+    answer,
     attention,
     demo,
     evaluate,
@@ -26,6 +27,7 @@ COMMANDS = [
     evaluate,
     generate,
     translate,
+    answer,
     plot,
     lab,
     inspect,

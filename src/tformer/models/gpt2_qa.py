@@ -110,13 +110,20 @@ class GPT2ForQuestionAnswering(nn.Module):
         *,
         dropout: float | None = None,
         attention: str | None = None,
+        head_required: bool = False,
     ) -> "GPT2ForQuestionAnswering":
         """A QA checkpoint (its head included), or a GPT-2 language model with a new head
-        drawn from `seed`; `dropout` and `attention` as in GPT2.from_pretrained."""
+        drawn from `seed` (an error instead with head_required); `dropout` and `attention`
+        as in GPT2.from_pretrained."""
         directory = resolve_checkpoint(path_or_name)
         config = with_settings(load_config(directory), dropout, attention)
         tensors = read_tensors(directory)
         head = {name: tensors.pop(name) for name in HEAD if name in tensors}
+        if head_required and not head:
+            raise CheckpointError(
+                f"{directory}: no question-answering head (qa_outputs); train one with "
+                "'tformer train --task qa --init ...'"
+            )
         if len(head) == 1:
             raise CheckpointError(f"{directory}: has {next(iter(head))} but not the other half")
         body = state_dict_from_hf(tensors, config, str(directory))

@@ -1,14 +1,18 @@
 """Reading with a trained model: questions over contexts of any length -> answers.
 
 Each example is cut into windows (tformer.qa.windows), the windows are run through the
-reader in batches, and the best span over an example's windows is its answer.
+reader in batches, and the best span over an example's windows is its answer. Over a whole
+corpus, BM25 first picks the passages worth reading (tformer.qa.retrieval), and the answers
+found in them are ranked by the reader's span score.
 """
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
 from tformer.qa.batches import QABatches
+from tformer.qa.retrieval import Passage, PassageIndex
 from tformer.qa.windows import Prediction, QAExample, best_answer, make_windows, marker_tokens
 
 
@@ -45,3 +49,35 @@ def answer(
             best_answer(windows, mine, example.context, max_answer_tokens, null_threshold)
         )
     return predictions
+
+
+@dataclass(frozen=True)
+class CorpusAnswer:
+    text: str
+    score: float  # the reader's span score s_i + e_j
+    passage: Passage
+    retrieval_score: float  # the passage's BM25 score
+
+
+def answer_from_corpus(
+    model: torch.nn.Module,
+    tokenizer,
+    index: PassageIndex,
+    question: str,
+    max_len: int,
+    stride: int,
+    top_passages: int = 5,
+    max_answer_tokens: int = 30,
+) -> list[CorpusAnswer]:
+    """The answers the reader finds in the top_passages passages BM25 ranks highest for the
+    question, best first (one per passage)."""
+    found = index.search(question, top_passages)
+    if not found:
+        raise ValueError(f"no passage shares a word with the question {question!r}")
+    examples = [QAExample(f"passage-{i}", question, p.text) for i, (p, _) in enumerate(found)]
+    predictions = answer(model, tokenizer, examples, max_len, stride, max_answer_tokens)
+    answers = [
+        CorpusAnswer(prediction.text, prediction.score, passage, bm25)
+        for prediction, (passage, bm25) in zip(predictions, found, strict=True)
+    ]
+    return sorted(answers, key=lambda a: a.score, reverse=True)

@@ -97,7 +97,8 @@ def make_windows(
     room = max_len - len(question) - 2  # context tokens per window
     if room <= stride:
         raise ValueError(
-            f"question {example.id!r} takes {len(question)} tokens, which leaves {max(room, 0)} "
+            f"the question {example.question[:60]!r} ({example.id}) takes {len(question)} "
+            f"tokens, which leaves {max(room, 0)} "
             f"for the context in a window of {max_len} (with an overlap of {stride}); shorten "
             "the question or lower --stride"
         )
