@@ -132,6 +132,8 @@ def qa_throughput(config: GPT2Config, steps: int = 10) -> dict:
         resid_pdrop=0.0,
         embd_pdrop=0.0,
         attn_pdrop=0.0,
+        bos_token_id=config.vocab_size - 1,  # GPT-2's 50256 is outside this vocabulary
+        eos_token_id=config.vocab_size - 1,
     )
     theirs = transformers.GPT2ForQuestionAnswering(hf_config)
     g = torch.Generator().manual_seed(0)
