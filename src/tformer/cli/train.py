@@ -389,20 +389,9 @@ def run(args) -> None:
         f"process(es){scale_note(dist, config)}; run directory {out}"
     )
 
-    history = fit(
-        model,
-        train_data,
-        val_data,
-        config,
-        out,
-        tokenizer,
-        resume=args.resume,
-        progress=not args.no_progress and not args.json,
-    )
-    if not dist.is_main:
+    history, model = train_model(args, model, train_data, val_data, config, out, tokenizer)
+    if model is None:  # not the main process
         return
-    if distributed.is_sharded(model):  # a sharded model runs only with every process
-        model = GPT2.from_pretrained(out, device=device)
     # The last evaluation of the run, also when a resumed run had nothing left to do.
     val = [r for r in read_metrics(out) if r["type"] == "eval"][-1]
     sample = ""
@@ -463,6 +452,27 @@ def new_train_config(args, device: torch.device) -> TrainConfig:
         if options[name] is None:
             options[name] = getattr(defaults, name)
     return TrainConfig(**options, dtype=training_dtype(args.dtype, device))
+
+
+def train_model(args, model, train_data, val_data, config, out, tokenizer):
+    """fit() as every task's command runs it; -> (history, the trained model for what the
+    main process reports next, or None in the other processes). A sharded model runs only
+    with every process, so the main one reloads the saved whole model."""
+    history = fit(
+        model,
+        train_data,
+        val_data,
+        config,
+        out,
+        tokenizer,
+        resume=args.resume,
+        progress=not args.no_progress and not args.json,
+    )
+    if not distributed.current().is_main:
+        return history, None
+    if distributed.is_sharded(model):
+        model = type(model).from_pretrained(out, device=next(model.parameters()).device)
+    return history, model
 
 
 def scale_note(dist: distributed.Distributed, config: TrainConfig) -> str:

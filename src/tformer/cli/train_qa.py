@@ -26,6 +26,7 @@ from tformer.cli.train import (
     read_run,
     scale_note,
     start_run,
+    train_model,
 )
 from tformer.files import atomic_write_json
 from tformer.models.gpt2_qa import GPT2ForQuestionAnswering
@@ -36,7 +37,6 @@ from tformer.qa.read import answer
 from tformer.qa.squad import fingerprint, split_by_context
 from tformer.qa.windows import marker_tokens
 from tformer.tokenizers import load_tokenizer, tokenizer_for_model
-from tformer.train import distributed, fit
 from tformer.train.plots import read_metrics
 
 RUN_FILE = "run.json"
@@ -138,20 +138,9 @@ def run(args) -> None:
         f"{' from ' + spec['init'] if spec['init'] else ''}; {device}, {config.dtype}, "
         f"{dist.world_size} process(es){scale_note(dist, config)}; run directory {out}"
     )
-    history = fit(
-        model,
-        train_data,
-        val_data,
-        config,
-        out,
-        tokenizer,
-        resume=args.resume,
-        progress=not args.no_progress and not args.json,
-    )
-    if not dist.is_main:
+    history, model = train_model(args, model, train_data, val_data, config, out, tokenizer)
+    if model is None:  # not the main process
         return
-    if distributed.is_sharded(model):
-        model = GPT2ForQuestionAnswering.from_pretrained(out, device=device)
     unanswerable = any(not e.answers for e in train + val + test)
     threshold = spec["null_threshold"]
     if threshold is None and unanswerable:

@@ -21,6 +21,7 @@ from tformer.cli.train import (
     read_run,
     scale_note,
     start_run,
+    train_model,
 )
 from tformer.data.parallel import BUILTIN_PARALLEL, ParallelBatches, load_parallel
 from tformer.files import atomic_write_json
@@ -28,7 +29,6 @@ from tformer.generate.beam import BeamConfig
 from tformer.generate.translate import corpus_scores, translate
 from tformer.models.seq2seq import PRESETS, Seq2SeqConfig, Seq2SeqTransformer
 from tformer.tokenizers import load_tokenizer, train_bpe
-from tformer.train import distributed, fit
 from tformer.train.plots import read_metrics
 
 SPECIAL_TOKENS = ("<pad>", "<s>", "</s>")  # ids 0, 1, 2: the model's pad, bos and eos
@@ -121,20 +121,9 @@ def run(args) -> None:
         f"{config.dtype}, {dist.world_size} process(es){scale_note(dist, config)}; "
         f"run directory {out}"
     )
-    history = fit(
-        model,
-        train_data,
-        val_data,
-        config,
-        out,
-        tokenizer,
-        resume=args.resume,
-        progress=not args.no_progress and not args.json,
-    )
-    if not dist.is_main:
+    history, model = train_model(args, model, train_data, val_data, config, out, tokenizer)
+    if model is None:  # not the main process
         return
-    if distributed.is_sharded(model):  # a sharded model runs only with every process
-        model = Seq2SeqTransformer.from_pretrained(out, device=device)
     val = [r for r in read_metrics(out) if r["type"] == "eval"][-1]
     sources = [src for src, _ in corpus.test]
     references = [tgt for _, tgt in corpus.test]
