@@ -345,6 +345,7 @@ def load_gpt2(
         model = GPT2(config)  # no memory, no initialisation: every tensor comes from the file
     ours = {k: v.to(device=device, dtype=dtype) for k, v in ours.items()}
     model.load_state_dict(ours, strict=True, assign=True)
+    model.name_or_path = str(directory.resolve())
     return model.eval()
 
 
@@ -360,7 +361,7 @@ def save_gpt2(model: GPT2, directory: str | os.PathLike) -> None:
         raise ValueError(
             "this model has LoRA layers, which the GPT-2 layout cannot hold: merge them into "
             "the weights first (tformer.nn.lora.merge_lora), or save the adapters alone "
-            "(tformer.models.adapters.save_adapter)"
+            "(GPT2.save_pretrained, tformer.models.adapters.save_adapter)"
         )
     directory = Path(directory)
     tensors = {k: v.detach().cpu() for k, v in state_dict_to_hf(model).items()}

@@ -45,6 +45,7 @@ from tformer.nn.attention import IMPLEMENTATIONS, Implementation, set_implementa
 from tformer.nn.capture import NameFilter, run_with_cache
 from tformer.nn.checkpointing import run_layer
 from tformer.nn.feedforward import ACTIVATIONS, Activation
+from tformer.nn.lora import lora_layers
 from tformer.nn.sublayer import NormPosition
 
 if TYPE_CHECKING:  # generation lives outside the model; generate() only calls it
@@ -212,6 +213,9 @@ class GPT2(nn.Module):
         # token embedding) here; see unembed.
         self.packed_head: nn.Module | None = None
         self.activation_checkpointing = False  # see set_activation_checkpointing
+        # The checkpoint these weights came from (from_pretrained): LoRA adapters trained on
+        # them name it as their base when saved.
+        self.name_or_path: str | None = None
         self.init_weights(seed)
 
     @torch.no_grad()
@@ -429,16 +433,40 @@ class GPT2(nn.Module):
     ) -> "GPT2":
         """Load a GPT-2 checkpoint in the Hugging Face layout: a local directory with
         config.json and model.safetensors (or pytorch_model.bin), or a Hub name such as
-        'gpt2' when the network allows. `dropout` (every dropout of the model) and
-        `attention` replace the saved settings, e.g. for fine-tuning; the weights are the
-        same either way."""
-        from tformer.models.checkpoints import load_gpt2
+        'gpt2' when the network allows; or a LoRA adapter directory (PEFT's layout), which
+        loads the base model it names with the adapters on it. `dropout` (every dropout of
+        the model) and `attention` replace the saved settings, e.g. for fine-tuning; the
+        weights are the same either way."""
+        from tformer.models.adapters import is_adapter, load_adapted
+        from tformer.models.checkpoints import load_gpt2, resolve_checkpoint
 
-        return load_gpt2(path_or_name, dtype, device, dropout=dropout, attention=attention)
+        directory = resolve_checkpoint(path_or_name)
+        if is_adapter(directory):
+            settings = dict(dropout=dropout, attention=attention)
+            return load_adapted(directory, False, dtype, device, **settings)
+        return load_gpt2(directory, dtype, device, dropout=dropout, attention=attention)
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
         """Write config.json and model.safetensors in the Hugging Face layout, atomically;
-        `transformers.GPT2LMHeadModel.from_pretrained(directory)` loads the result."""
+        `transformers.GPT2LMHeadModel.from_pretrained(directory)` loads the result. A model
+        with LoRA layers saves its adapters alone, as PEFT does (tformer.models.adapters),
+        naming the checkpoint it was loaded from as their base."""
+        from tformer.models.adapters import save_adapter
         from tformer.models.checkpoints import save_gpt2
 
+        if lora_layers(self):
+            save_adapter(self, directory, base=base_of_adapters(self))
+            return
         save_gpt2(self, directory)
+
+
+def base_of_adapters(model: nn.Module) -> str:
+    """The checkpoint a model with LoRA layers was loaded from, which its saved adapters
+    name as their base."""
+    if model.name_or_path is None:
+        raise ValueError(
+            "this model has LoRA layers but was not loaded from a checkpoint, so its adapters "
+            "cannot name their base: save the base model and load it with from_pretrained "
+            "before adding LoRA, or merge the layers (tformer.nn.lora.merge_lora)"
+        )
+    return model.name_or_path

@@ -37,7 +37,7 @@ from tformer.models.checkpoints import (
     state_dict_to_hf,
     with_settings,
 )
-from tformer.models.gpt2 import GPT2, GPT2Config
+from tformer.models.gpt2 import GPT2, GPT2Config, base_of_adapters
 from tformer.nn.lora import lora_layers
 
 HEAD = ("qa_outputs.weight", "qa_outputs.bias")
@@ -61,6 +61,7 @@ class GPT2ForQuestionAnswering(nn.Module):
             shape = self.qa_outputs.weight.shape
             self.qa_outputs.weight.copy_(torch.randn(shape, generator=g) * config.init_std)
             self.qa_outputs.bias.zero_()
+        self.name_or_path = self.gpt2.name_or_path  # as GPT2's: the base of LoRA adapters
 
     def forward(
         self,
@@ -114,8 +115,14 @@ class GPT2ForQuestionAnswering(nn.Module):
     ) -> "GPT2ForQuestionAnswering":
         """A QA checkpoint (its head included), or a GPT-2 language model with a new head
         drawn from `seed` (an error instead with head_required); `dropout` and `attention`
-        as in GPT2.from_pretrained."""
+        as in GPT2.from_pretrained. A LoRA adapter directory of a reader (PEFT's layout,
+        task QUESTION_ANS) loads the base it names, with the adapters and the head on it."""
+        from tformer.models.adapters import is_adapter, load_adapted
+
         directory = resolve_checkpoint(path_or_name)
+        if is_adapter(directory):
+            settings = dict(dropout=dropout, attention=attention)
+            return load_adapted(directory, True, dtype, device, **settings)
         config = with_settings(load_config(directory), dropout, attention)
         tensors = read_tensors(directory)
         head = {name: tensors.pop(name) for name in HEAD if name in tensors}
@@ -130,6 +137,7 @@ class GPT2ForQuestionAnswering(nn.Module):
         with torch.device("meta"):
             gpt2 = GPT2(config)  # no memory, no initialisation: the weights come from the file
         gpt2.load_state_dict(body, strict=True, assign=True)
+        gpt2.name_or_path = str(directory.resolve())
         model = cls(config, seed=seed, gpt2=gpt2)
         if head:
             if tuple(head["qa_outputs.weight"].shape) != (2, config.d_model):
@@ -144,11 +152,15 @@ class GPT2ForQuestionAnswering(nn.Module):
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
         """config.json and model.safetensors as transformers' GPT2ForQuestionAnswering
-        writes them (no language-model head)."""
+        writes them (no language-model head); with LoRA layers, the adapters and the head
+        in PEFT's layout, as GPT2.save_pretrained."""
         from safetensors.torch import save_file
 
-        if lora_layers(self):
-            raise ValueError("merge the LoRA layers first (tformer.nn.lora.merge_lora)")
+        from tformer.models.adapters import save_adapter
+
+        if lora_layers(self):  # the adapters and the head alone, as PEFT saves them
+            save_adapter(self, directory, base=base_of_adapters(self))
+            return
         directory = Path(directory)
         tensors = {k: v.detach().cpu() for k, v in state_dict_to_hf(self.gpt2).items()}
         tensors["qa_outputs.weight"] = self.qa_outputs.weight.detach().cpu().contiguous()
