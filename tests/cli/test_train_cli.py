@@ -85,26 +85,13 @@ def test_train_json_eval_and_plot(corpus, tmp_path, env):
     assert (run / "loss.png").is_file()
 
 
-@pytest.mark.parametrize("delay", [0.0, 0.3])
-def test_killed_run_resumes_with_exactly_the_same_losses(corpus, tmp_path, env, delay):
-    # --dtype auto: bf16 autocast and the attention path it picks, where the CPU has bf16
-    steps = ["--steps", "300", "--checkpoint-every", "20", "--dtype", "auto"]
+def assert_killed_run_resumes_exactly(options, tmp_path, env, delay=0.0):
+    """Train with `options` once whole, once killed (SIGKILL) right after its first
+    checkpoint plus `delay` seconds and resumed: every logged loss must be the same."""
     whole = tmp_path / "whole"
-    tformer("train", "--data", corpus, *steps, "--out", whole, *SMALL, env=env)
-
+    tformer("train", *options, "--out", whole, env=env)
     cut = tmp_path / "cut"
-    cmd = [
-        sys.executable,
-        "-m",
-        "tformer",
-        "train",
-        "--data",
-        str(corpus),
-        *steps,
-        "--out",
-        str(cut),
-        *SMALL,
-    ]
+    cmd = [sys.executable, "-m", "tformer", "train", *map(str, options), "--out", str(cut)]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while not (cut / "last").exists() and proc.poll() is None and time.time() < deadline:
@@ -114,11 +101,20 @@ def test_killed_run_resumes_with_exactly_the_same_losses(corpus, tmp_path, env, 
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
     killed_at = int((cut / "last").resolve().name.split("-")[1])
-    assert killed_at < 300
+    assert killed_at < int(options[options.index("--steps") + 1])
 
     tformer("train", "--out", cut, "--resume", "--no-progress", env=env)
     assert losses(cut) == losses(whole)  # every step, before and after the crash
     assert (cut / "best").resolve() == cut / "checkpoints" / (whole / "best").resolve().name
+    return whole, cut
+
+
+@pytest.mark.parametrize("delay", [0.0, 0.3])
+def test_killed_run_resumes_with_exactly_the_same_losses(corpus, tmp_path, env, delay):
+    # --dtype auto: bf16 autocast and the attention path it picks, where the CPU has bf16
+    steps = ["--steps", "300", "--checkpoint-every", "20", "--dtype", "auto"]
+    options = ["--data", corpus, *SMALL, *steps]
+    whole, cut = assert_killed_run_resumes_exactly(options, tmp_path, env, delay)
     again = tformer("train", "--out", cut, "--resume", "--json", env=env)  # nothing left to do
     assert json.loads(again.stdout.strip().splitlines()[-1])["val_loss"] == round(
         losses(whole)[-1][3], 4
@@ -297,3 +293,120 @@ def test_qa_task_fine_tunes_a_language_model_checkpoint(tmp_path, env, checkpoin
         check=False,
     )
     assert refused.returncode == 2 and "--init starts GPT-2 models" in refused.stderr
+
+
+@pytest.fixture(scope="module")
+def base_run(tmp_path_factory, tiny_text):
+    """A small run on the tiny text, trained 60 steps, for fine-tuning."""
+    directory = tmp_path_factory.mktemp("base")
+    (directory / "corpus.txt").write_text(tiny_text, encoding="utf-8")
+    env = {**os.environ, "TFORMER_CACHE": str(directory / "cache")}
+    base = directory / "run"
+    tformer(
+        "train", "--data", directory / "corpus.txt", "--steps", "60", "--out", base, *SMALL, env=env
+    )
+    return base
+
+
+LORA = ["--lora-rank", "2", "--lora-targets", "c_attn,mlp.c_proj", "--warmup-steps", "0"]
+
+
+def test_lora_fine_tuning_trains_adapters_alone_and_merges(corpus, base_run, tmp_path, env):
+    tuned = tmp_path / "tuned"
+    options = ["--steps", "30", "--lr", "1e-2", "--dtype", "float32", "--sample-tokens", "0"]
+    result = tformer(
+        "train",
+        "--data",
+        corpus,
+        "--init",
+        base_run,
+        *LORA,
+        *options,
+        "--merge",
+        "--json",
+        "--out",
+        tuned,
+        env=env,
+    )
+    figures = json.loads(result.stdout.strip().splitlines()[-1])
+    base = GPT2.from_pretrained(base_run)
+    # rank 2 on every block's c_attn (32 -> 96) and mlp.c_proj (128 -> 32)
+    assert figures["trainable_parameters"] == 2 * (2 * (32 + 96) + 2 * (128 + 32))
+    assert figures["parameters"] == base.num_parameters()
+    train = [r[2] for r in losses(tuned) if r[0] == "train"]
+    assert sum(train[-5:]) < sum(train[:5])  # the adapters learn
+
+    adapted = GPT2.from_pretrained(tuned / "adapter")  # the base, and the adapters on it
+    merged = GPT2.from_pretrained(tuned)  # a plain model
+    assert (tuned / "last" / "adapter_config.json").is_file()  # checkpoints: adapters only
+    assert not (tuned / "last" / "model.safetensors").exists()
+    assert not (tuned / "adapter_config.json").exists()
+    for name, weight in base.state_dict().items():  # the base never changed
+        torch.testing.assert_close(adapted.state_dict()[name], weight, rtol=0, atol=0)
+    ids = torch.randint(0, base.config.vocab_size, (2, 16))
+    torch.testing.assert_close(merged(ids), adapted(ids), rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(merged(ids), base(ids), atol=1e-3)
+
+
+def test_killed_lora_run_resumes_exactly(corpus, base_run, tmp_path, env):
+    options = ["--data", corpus, "--init", base_run, *LORA, "--lora-dropout", "0.1"]
+    options += ["--steps", "150", "--checkpoint-every", "10", "--eval-every", "50"]
+    options += ["--dtype", "float32", "--threads", "1", "--sample-tokens", "0", "--no-progress"]
+    assert_killed_run_resumes_exactly(options, tmp_path, env)
+
+
+def test_killed_qa_run_resumes_exactly(tmp_path, env):
+    data = capital_letter_questions(tmp_path / "qa.jsonl", 200, seed=2)
+    options = ["--task", "qa", "--data", data, "--steps", "150", "--checkpoint-every", "10"]
+    options += ["--n-layers", "2", "--n-heads", "2", "--d-model", "32", "--context", "20"]
+    options += ["--batch-size", "8", "--stride", "4", "--dropout", "0.1", "--eval-every", "50"]
+    options += ["--dtype", "float32", "--threads", "1", "--no-progress"]
+    assert_killed_run_resumes_exactly(options, tmp_path, env)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--merge"], "--merge go with --lora-rank"),
+        (["--lora-rank", "2"], "give it with --init"),
+        (["--lora-rank", "2", "--init", "{base}", "--lora-targets", "c_proj"], "say attn.c_proj"),
+        (["--lora-rank", "0", "--init", "{base}"], "rank must be positive"),
+    ],
+)
+def test_bad_lora_flags_are_one_line_errors(corpus, base_run, tmp_path, env, args, message):
+    args = [a.replace("{base}", str(base_run)) for a in args]
+    result = tformer(
+        "train", "--data", corpus, *args, "--out", tmp_path / "x", env=env, check=False
+    )
+    assert result.returncode == 2 and message in result.stderr, result.stderr
+    assert not (tmp_path / "x").exists()
+
+
+def test_lora_cannot_stack_on_an_adapter_run_but_full_fine_tuning_can(
+    corpus, base_run, tmp_path, env
+):
+    options = ["--steps", "3", "--dtype", "float32", "--sample-tokens", "0", "--no-progress"]
+    adapters = tmp_path / "adapters"
+    tformer(
+        "train", "--data", corpus, "--init", base_run, *LORA, *options, "--out", adapters, env=env
+    )
+    again = tformer(
+        "train",
+        "--data",
+        corpus,
+        "--init",
+        adapters,
+        *LORA,
+        "--out",
+        tmp_path / "x",
+        env=env,
+        check=False,
+    )
+    assert again.returncode == 2 and "holds LoRA adapters" in again.stderr
+    full = tmp_path / "full"  # the adapters folded in, then every weight trains
+    tformer("train", "--data", corpus, "--init", adapters, *options, "--out", full, env=env)
+    assert (full / "model.safetensors").is_file()
+    assert (
+        GPT2.from_pretrained(full).num_parameters()
+        == GPT2.from_pretrained(base_run).num_parameters()
+    )

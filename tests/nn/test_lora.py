@@ -80,3 +80,16 @@ def test_bad_lora_settings_are_refused():
         add_lora(model, LoRAConfig())
     with pytest.raises(ValueError, match="not loaded from a checkpoint"):
         model.save_pretrained("/nonexistent")  # its adapters could not name their base
+
+
+def test_the_same_seed_draws_the_same_adapters():
+    def drawn(seed):
+        model = tiny_gpt()
+        torch.manual_seed(seed)  # the global generator must not matter
+        add_lora(model, LoRAConfig(rank=2, targets=("w_qkv", "w1")), seed=7)
+        return [layer.lora_A.weight for layer in lora_layers(model).values()]
+
+    first, second = drawn(0), drawn(1)
+    for a, b in zip(first, second, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert not torch.equal(first[0], first[1])  # each layer its own draw

@@ -6,7 +6,7 @@ import hashlib
 import json
 import sys
 import time
-from dataclasses import fields, replace
+from dataclasses import asdict, fields, replace
 from pathlib import Path
 
 import torch
@@ -17,10 +17,13 @@ from tformer.data.tokens import LMBatches, tokenize_cached
 from tformer.devices import pick_device, training_dtype
 from tformer.files import atomic_write_json, read_json
 from tformer.generate import SamplingConfig, generate_ids
-from tformer.models import seq2seq
+from tformer.models import adapters, seq2seq
+from tformer.models.adapters import lora_targets
 from tformer.models.gpt2 import GPT2, PRESETS, GPT2Config
+from tformer.models.gpt2_qa import GPT2ForQuestionAnswering
 from tformer.nn.attention import IMPLEMENTATIONS
 from tformer.nn.feedforward import ACTIVATIONS
+from tformer.nn.lora import LoRAConfig, add_lora, lora_layers, merge_lora
 from tformer.tokenizers import (
     CharTokenizer,
     GPT2Tokenizer,
@@ -101,6 +104,33 @@ def add_parser(sub) -> None:
         "Hugging Face GPT-2 directory. Its shape and tokenizer apply (the size and "
         "tokenizer flags are refused); --dropout, if given, replaces its dropout; "
         "--context may be shorter than its window",
+    )
+    start.add_argument(
+        "--lora-rank",
+        type=int,
+        metavar="R",
+        help="fine-tune with LoRA instead of in full: freeze --init's weights and train rank-R "
+        "updates of the --lora-targets layers (and a reader's new span head). Checkpoints "
+        "and the run directory then hold the adapters alone, in PEFT's layout, naming "
+        "--init as their base",
+    )
+    start.add_argument(
+        "--lora-alpha", type=float, help="the updates are scaled by alpha / R (default: 2 R)"
+    )
+    start.add_argument(
+        "--lora-dropout", type=float, help="dropout on the adapters' input (default: 0)"
+    )
+    start.add_argument(
+        "--lora-targets",
+        help="comma-separated layers to adapt, by Hugging Face's names (c_attn, attn.c_proj, "
+        "c_fc, mlp.c_proj) or tformer's (w_qkv, w_o, w1, w2) (default: c_attn, as PEFT's "
+        "for GPT-2)",
+    )
+    start.add_argument(
+        "--merge",
+        action="store_true",
+        help="at the end, fold the LoRA updates into the weights: the run directory then "
+        "holds a plain model (as any other run's) and RUN_DIR/adapter the adapters",
     )
 
     model = p.add_argument_group("model")
@@ -299,6 +329,7 @@ def run(args) -> None:
                 f"--init takes the model's shape and tokenizer from {args.init}; drop "
                 f"{', '.join(given)}"
             )
+    args.lora = None if args.resume else lora_settings(args)
     if args.tokenizer is None:
         args.tokenizer = "char"
     if args.activation is None:
@@ -339,6 +370,9 @@ def run(args) -> None:
             "bpe_vocab_size": args.bpe_vocab_size,
             "threads": torch.get_num_threads(),
             "init": absolute(args.init),
+            **init_settings(
+                args, init_dropout, attention_for(args.attention, device, config.dtype)
+            ),
         }
     corpus = load_corpus(spec["data"], spec["train"], spec["val"])
     fingerprint = text_fingerprint(corpus.train, corpus.val)
@@ -348,7 +382,7 @@ def run(args) -> None:
                 f"the training text of {out} has changed since the run started; resume needs "
                 "the same text (or start a new run)"
             )
-        model = GPT2.from_pretrained(out / "last", device=device)
+        model = GPT2.from_pretrained(out / "last", device=device, **saved_settings(spec))
         tokenizer = load_tokenizer(out / "last")
         say(f"resuming {out} from {(out / 'last').resolve().name}; the run's own settings apply")
     elif args.init is not None:
@@ -357,6 +391,7 @@ def run(args) -> None:
             args.init, device=device, dropout=init_dropout, attention=attention
         )
         tokenizer = tokenizer_for_model(args.init, model.config.vocab_size)
+        prepare_init(model, spec, config.seed, say)
         spec["context"] = init_context or model.config.max_len
         if spec["context"] > model.config.max_len:
             raise ValueError(
@@ -392,6 +427,9 @@ def run(args) -> None:
     history, model = train_model(args, model, train_data, val_data, config, out, tokenizer)
     if model is None:  # not the main process
         return
+    trainable = trainable_parameters(model)
+    if spec.get("merge"):
+        merge_run(model, out, tokenizer)
     # The last evaluation of the run, also when a resumed run had nothing left to do.
     val = [r for r in read_metrics(out) if r["type"] == "eval"][-1]
     sample = ""
@@ -415,6 +453,7 @@ def run(args) -> None:
         "device": str(device),
         "dtype": config.dtype,
         "parameters": model.num_parameters(),
+        "trainable_parameters": trainable,
         "sample": sample,
     }
     if args.json:
@@ -473,6 +512,83 @@ def train_model(args, model, train_data, val_data, config, out, tokenizer):
     if distributed.is_sharded(model):
         model = type(model).from_pretrained(out, device=next(model.parameters()).device)
     return history, model
+
+
+def lora_settings(args) -> dict | None:
+    """The LoRA settings of a new run from its flags; None: the run trains every weight."""
+    given = {
+        "--lora-alpha": args.lora_alpha,
+        "--lora-dropout": args.lora_dropout,
+        "--lora-targets": args.lora_targets,
+        "--merge": args.merge or None,
+    }
+    if args.lora_rank is None:
+        flags = [flag for flag, value in given.items() if value is not None]
+        if flags:
+            raise ValueError(f"{', '.join(flags)} go with --lora-rank (LoRA fine-tuning)")
+        return None
+    if args.init is None:
+        raise ValueError("LoRA adapts a trained model: give it with --init CHECKPOINT")
+    targets = [t.strip() for t in (args.lora_targets or "c_attn").split(",") if t.strip()]
+    lora = LoRAConfig(
+        rank=args.lora_rank,
+        alpha=args.lora_alpha if args.lora_alpha is not None else 2.0 * args.lora_rank,
+        dropout=args.lora_dropout or 0.0,
+        targets=lora_targets(targets),
+    )
+    return {**asdict(lora), "targets": list(lora.targets)}
+
+
+def init_settings(args, dropout: float | None, attention: str) -> dict:
+    """What a run started with --init keeps in run.json: the LoRA settings, and the dropout
+    and attention path, which a LoRA run's checkpoints (adapters only) cannot hold."""
+    if args.init is None:
+        return {}
+    return {"lora": args.lora, "merge": args.merge, "dropout": dropout, "attention": attention}
+
+
+def saved_settings(spec: dict) -> dict:
+    """from_pretrained's dropout and attention for resuming a run (None: the checkpoint's)."""
+    return {"dropout": spec.get("dropout"), "attention": spec.get("attention")}
+
+
+def prepare_init(model: GPT2 | GPT2ForQuestionAnswering, spec: dict, seed: int, say) -> None:
+    """The model a run starts from with --init: trained in full (an adapter checkpoint's
+    adapters folded in first), or frozen with LoRA layers added (a reader's head trains)."""
+    if lora_layers(model):
+        if spec["lora"]:
+            raise ValueError(
+                f"{spec['init']} holds LoRA adapters; new adapters start from a plain model "
+                "(train that run with --merge, and --init from it)"
+            )
+        merge_lora(model)
+        model.requires_grad_(True)
+        adapters.body(model).name_or_path = None  # these weights are no checkpoint's
+    if spec["lora"]:
+        lora = LoRAConfig(**spec["lora"])
+        names = add_lora(adapters.body(model), lora, seed=seed)
+        say(
+            f"LoRA: rank {lora.rank}, alpha {lora.alpha:g} on {len(names)} layers "
+            f"({', '.join(lora.targets)}); {trainable_parameters(model):,} of "
+            f"{model.num_parameters():,} parameters train"
+        )
+
+
+def merge_run(model: GPT2 | GPT2ForQuestionAnswering, out: Path, tokenizer) -> None:
+    """--merge: the adapters move to RUN_DIR/adapter, and the run directory gets the model
+    with their updates folded into its weights. Written in that order, a crash leaves a
+    loadable model in the run directory at every moment."""
+    model.save_pretrained(out / "adapter")
+    tokenizer.save(out / "adapter")
+    merge_lora(model)
+    adapters.body(model).name_or_path = None
+    model.save_pretrained(out)
+    for name in (adapters.CONFIG_FILE, adapters.WEIGHTS_FILE):
+        (out / name).unlink(missing_ok=True)
+
+
+def trainable_parameters(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
 def scale_note(dist: distributed.Distributed, config: TrainConfig) -> str:

@@ -21,12 +21,17 @@ from tformer.cli.train import (
     absolute,
     attention_for,
     build_tokenizer,
+    init_settings,
+    merge_run,
     model_config_from,
     new_train_config,
+    prepare_init,
     read_run,
+    saved_settings,
     scale_note,
     start_run,
     train_model,
+    trainable_parameters,
 )
 from tformer.files import atomic_write_json
 from tformer.models.gpt2_qa import GPT2ForQuestionAnswering
@@ -84,6 +89,9 @@ def run(args) -> None:
             "max_answer_tokens": args.max_answer_tokens,
             "null_threshold": args.null_threshold,
             "threads": torch.get_num_threads(),
+            **init_settings(
+                args, args.dropout, attention_for(args.attention, device, config.dtype)
+            ),
         }
     if spec["max_answer_tokens"] < 1:
         raise ValueError(f"--max-answer-tokens must be at least 1, got {spec['max_answer_tokens']}")
@@ -93,13 +101,16 @@ def run(args) -> None:
     if args.resume:
         if spec.get("questions_sha256") != digest:
             raise ValueError(f"the questions of {out} have changed since the run started")
-        model = GPT2ForQuestionAnswering.from_pretrained(out / "last", device=device)
+        model = GPT2ForQuestionAnswering.from_pretrained(
+            out / "last", device=device, **saved_settings(spec)
+        )
         tokenizer = load_tokenizer(out / "last")
     elif spec["init"] is not None:
         model = GPT2ForQuestionAnswering.from_pretrained(
             spec["init"], device=device, seed=config.seed, dropout=args.dropout, attention=attention
         )
         tokenizer = tokenizer_for_model(spec["init"], model.config.vocab_size)
+        prepare_init(model, spec, config.seed, say)
     else:
         text = "\n".join(f"{e.question}\n{e.context}" for e in train + val + test)
         tokenizer = build_tokenizer(spec["tokenizer"], text, spec["bpe_vocab_size"])
@@ -141,6 +152,9 @@ def run(args) -> None:
     history, model = train_model(args, model, train_data, val_data, config, out, tokenizer)
     if model is None:  # not the main process
         return
+    trainable = trainable_parameters(model)
+    if spec.get("merge"):
+        merge_run(model, out, tokenizer)
     unanswerable = any(not e.answers for e in train + val + test)
     threshold = spec["null_threshold"]
     if threshold is None and unanswerable:
@@ -164,6 +178,7 @@ def run(args) -> None:
         "train_loss": round(train_records[-1]["loss"], 4) if train_records else None,
         "seconds": round(time.perf_counter() - started, 1),
         "parameters": model.num_parameters(),
+        "trainable_parameters": trainable,
         "examples": [
             {"question": e.question, "answer": p.text, "gold": [a.text for a in e.answers]}
             for e, p in list(zip(test, predictions, strict=True))[:3]

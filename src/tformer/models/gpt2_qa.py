@@ -61,7 +61,6 @@ class GPT2ForQuestionAnswering(nn.Module):
             shape = self.qa_outputs.weight.shape
             self.qa_outputs.weight.copy_(torch.randn(shape, generator=g) * config.init_std)
             self.qa_outputs.bias.zero_()
-        self.name_or_path = self.gpt2.name_or_path  # as GPT2's: the base of LoRA adapters
 
     def forward(
         self,
@@ -77,6 +76,11 @@ class GPT2ForQuestionAnswering(nn.Module):
         if attention_mask is not None:
             logits = logits.masked_fill(attention_mask[:, None, :] == 0, float("-inf"))
         return logits
+
+    @property
+    def name_or_path(self) -> str | None:
+        """The checkpoint the body came from: the base its LoRA adapters name."""
+        return self.gpt2.name_or_path
 
     def layers(self) -> list[nn.Module]:
         """GPT-2's blocks (the units of activation checkpointing and FSDP)."""

@@ -49,7 +49,10 @@ class LoRAConfig:
 class LoRALinear(nn.Linear):
     """A frozen linear layer plus a trainable rank-r update: (..., in) -> (..., out)."""
 
-    def __init__(self, base: nn.Linear, config: LoRAConfig) -> None:
+    def __init__(
+        self, base: nn.Linear, config: LoRAConfig, generator: torch.Generator | None = None
+    ) -> None:
+        """`generator` (on the CPU) draws A; None: torch's global generator."""
         has_bias = base.bias is not None
         super().__init__(base.in_features, base.out_features, bias=has_bias, device="meta")
         self.weight = base.weight  # the same tensors: no copy of the base
@@ -60,7 +63,10 @@ class LoRALinear(nn.Linear):
         factory = {"device": base.weight.device, "dtype": base.weight.dtype}
         self.lora_A = nn.Linear(base.in_features, config.rank, bias=False, **factory)
         self.lora_B = nn.Linear(config.rank, base.out_features, bias=False, **factory)
-        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        a = torch.empty(self.lora_A.weight.shape)  # drawn on the CPU, the same everywhere
+        nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=generator)
+        with torch.no_grad():
+            self.lora_A.weight.copy_(a)
         nn.init.zeros_(self.lora_B.weight)
         self.lora_dropout = Dropout(config.dropout)
         self.scaling = config.scaling
@@ -94,11 +100,14 @@ def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
 
 
-def add_lora(model: nn.Module, config: LoRAConfig, names: list[str] | None = None) -> list[str]:
+def add_lora(
+    model: nn.Module, config: LoRAConfig, names: list[str] | None = None, seed: int | None = None
+) -> list[str]:
     """Freeze `model` and put a LoRA update on each linear layer named by config.targets
     (the last part of its name, e.g. every block's `w_qkv`), or on exactly the layers
     `names` (full module names). Returns the adapted layers' names; a target that matches
-    nothing is an error."""
+    nothing is an error. The A matrices are drawn from `seed` (None: torch's global
+    generator), layer by layer in the model's order."""
     if lora_layers(model):
         raise ValueError("this model already has LoRA layers; merge them first")
     linear = {name for name, module in model.named_modules() if type(module) is nn.Linear}
@@ -106,7 +115,7 @@ def add_lora(model: nn.Module, config: LoRAConfig, names: list[str] | None = Non
         unknown = [name for name in names if name not in linear]
         if unknown:
             raise ValueError(f"not linear layers of this model: {', '.join(unknown)}")
-        return _adapt(model, config, list(names))
+        return _adapt(model, config, list(names), seed)
     chosen = [
         name
         for name, module in model.named_modules()
@@ -121,14 +130,15 @@ def add_lora(model: nn.Module, config: LoRAConfig, names: list[str] | None = Non
         raise ValueError(
             f"no linear layer named {', '.join(missing)}; this model's are: {', '.join(linear)}"
         )
-    return _adapt(model, config, chosen)
+    return _adapt(model, config, chosen, seed)
 
 
-def _adapt(model: nn.Module, config: LoRAConfig, names: list[str]) -> list[str]:
+def _adapt(model: nn.Module, config: LoRAConfig, names: list[str], seed: int | None) -> list[str]:
+    generator = torch.Generator().manual_seed(seed) if seed is not None else None
     for parameter in model.parameters():
         parameter.requires_grad_(False)
     for name in names:
-        _replace(model, name, LoRALinear(model.get_submodule(name), config))
+        _replace(model, name, LoRALinear(model.get_submodule(name), config, generator))
     return names
 
 
