@@ -410,3 +410,49 @@ def test_lora_cannot_stack_on_an_adapter_run_but_full_fine_tuning_can(
         GPT2.from_pretrained(full).num_parameters()
         == GPT2.from_pretrained(base_run).num_parameters()
     )
+
+
+def swap_pairs(path, n, seed):
+    """A toy instruction: 'the cat, the sea so' -> ' the sea, the cat' (words of the tiny
+    text, so the base run's characters cover them)."""
+    import random
+
+    rng = random.Random(seed)
+    things = ["the cat", "a dog", "my friend", "the king", "the moon", "a bird", "the sea"]
+    with open(path, "w") as f:
+        for _ in range(n):
+            a, b = rng.sample(things, 2)
+            f.write(json.dumps({"prompt": f"{a} {b} so", "response": f" {b} {a}.\n"}) + "\n")
+    return path
+
+
+@pytest.mark.parametrize("lora", [[], ["--lora-rank", "4", "--lora-targets", "c_attn,c_fc"]])
+def test_sft_learns_the_responses(base_run, tmp_path, env, lora):
+    data = swap_pairs(tmp_path / "pairs.jsonl", 300, seed=0)
+    options = ["--task", "sft", "--data", data, "--init", base_run, "--context", "16"]
+    options += ["--steps", "150", "--batch-size", "16", "--lr", "1e-2", "--min-lr", "1e-3"]
+    options += ["--warmup-steps", "10", "--dtype", "float32", "--no-progress", "--json"]
+    result = tformer("train", *options, *lora, "--out", tmp_path / "sft", env=env)
+    figures = json.loads(result.stdout.strip().splitlines()[-1])
+    # Half of each response is the copy of a word seen in the prompt: a model that did not
+    # learn the task scores well below this.
+    assert figures["val_accuracy"] > 0.8, figures
+    assert len(figures["examples"]) == 3
+    assert (figures["trainable_parameters"] < figures["parameters"]) == bool(lora)
+    run = json.loads((tmp_path / "sft" / "run.json").read_text())
+    assert run["task"] == "sft" and run["lora"] == (
+        {"rank": 4, "alpha": 8.0, "dropout": 0.0, "targets": ["w_qkv", "w1"]} if lora else None
+    )
+
+
+def test_sft_needs_a_model_and_pairs(base_run, tmp_path, env):
+    (tmp_path / "bad.jsonl").write_text('{"prompt": "a"}\n')
+    cases = [
+        (["--data", tmp_path / "bad.jsonl"], "give it with --init"),
+        (["--data", tmp_path / "bad.jsonl", "--init", base_run], "line 1: needs a non-empty"),
+    ]
+    for args, message in cases:
+        result = tformer(
+            "train", "--task", "sft", *args, "--out", tmp_path / "x", env=env, check=False
+        )
+        assert result.returncode == 2 and message in result.stderr, result.stderr

@@ -55,10 +55,11 @@ def add_parser(sub) -> None:
     p.add_argument(
         "--task",
         default="lm",
-        choices=["lm", "translation", "qa"],
+        choices=["lm", "translation", "qa", "sft"],
         help="lm: a GPT on text; translation: an encoder-decoder model on sentence pairs; "
         "qa: a GPT-2 reader with a span head on SQuAD-style questions (see 'question "
-        "answering' below)",
+        "answering' below); sft: supervised fine-tuning of --init on prompt/response pairs, "
+        "the loss on the responses only",
     )
     data = p.add_argument_group("data")
     data.add_argument(
@@ -67,7 +68,8 @@ def add_parser(sub) -> None:
         "'shakespeare' (default); split 90/10. Translation: a TSV (source<TAB>target) or "
         "JSONL ({src, tgt}) file, or 'number-words' (default). QA: a SQuAD .json or a .jsonl "
         "file ({context, question, answers}), its last 10%% of contexts for validation, or "
-        "the built-in bible-qa or shakespeare-qa",
+        "the built-in bible-qa or shakespeare-qa. SFT: a .jsonl file ({prompt, response}), its "
+        "last 10%% for validation",
     )
     data.add_argument("--train", dest="train_file", help="training text (with --val)")
     data.add_argument("--val", dest="val_file", help="validation text (with --train)")
@@ -305,7 +307,12 @@ def attention_for(choice: str, device: torch.device, dtype: str) -> str:
     return choice
 
 
-DEFAULT_OUT = {"lm": "runs/shakespeare-char", "translation": "runs/translation", "qa": "runs/qa"}
+DEFAULT_OUT = {
+    "lm": "runs/shakespeare-char",
+    "translation": "runs/translation",
+    "qa": "runs/qa",
+    "sft": "runs/sft",
+}
 
 
 def run(args) -> None:
@@ -317,7 +324,7 @@ def run(args) -> None:
         task = read_json(run_file, "the description of a training run").get("task", "lm")
     if args.init is not None and not args.resume:
         if task == "translation":
-            raise ValueError("--init starts GPT-2 models (--task lm or qa), not translation")
+            raise ValueError("--init starts GPT-2 models (--task lm, qa or sft), not translation")
         shape = {"--preset": args.preset, "--n-layers": args.n_layers, "--n-heads": args.n_heads}
         shape.update(
             {"--d-model": args.d_model, "--d-ff": args.d_ff, "--tokenizer": args.tokenizer}
@@ -350,6 +357,10 @@ def run(args) -> None:
         from tformer.cli import train_qa
 
         return train_qa.run(args)
+    if task == "sft":
+        from tformer.cli import train_sft
+
+        return train_sft.run(args)
     init_dropout, init_context = args.dropout, args.context  # None: the checkpoint's
     if args.context is None:
         args.context = 64
