@@ -8,6 +8,7 @@ from tformer import __version__
 from tformer.cli import (
     answer,
     attention,
+    data,
     demo,
     evaluate,
     generate,
@@ -28,6 +29,7 @@ COMMANDS = [
     generate,
     translate,
     answer,
+    data,
     plot,
     lab,
     inspect,

@@ -68,7 +68,8 @@ def add_parser(sub) -> None:
         "'shakespeare' (default); split 90/10. Translation: a TSV (source<TAB>target) or "
         "JSONL ({src, tgt}) file, or 'number-words' (default). QA: a SQuAD .json or a .jsonl "
         "file ({context, question, answers}), its last 10%% of contexts for validation, or "
-        "the built-in bible-qa or shakespeare-qa. SFT: a .jsonl file ({prompt, response}), its "
+        "the built-in bible-qa or shakespeare-qa, or squad / squad-2.0 once 'tformer data squad' "
+        "has fetched them. SFT: a .jsonl file ({prompt, response}), its "
         "last 10%% for validation",
     )
     data.add_argument("--train", dest="train_file", help="training text (with --val)")

@@ -38,6 +38,7 @@ from tformer.models.gpt2_qa import GPT2ForQuestionAnswering
 from tformer.qa import QAExample, make_windows, read_qa_file, squad_scores
 from tformer.qa.batches import QABatches
 from tformer.qa.cloze import BUILTIN_QA, builtin_qa
+from tformer.qa.download import cached_squad
 from tformer.qa.read import answer
 from tformer.qa.squad import fingerprint, split_by_context
 from tformer.qa.windows import marker_tokens
@@ -45,6 +46,7 @@ from tformer.tokenizers import load_tokenizer, tokenizer_for_model
 from tformer.train.plots import read_metrics
 
 RUN_FILE = "run.json"
+SQUAD = {"squad": "1.1", "squad-2.0": "2.0"}  # --data names of the cached SQuAD versions
 DEFAULT_CONTEXT = 256  # tokens per window of a new model
 
 
@@ -58,12 +60,17 @@ def load_questions(spec: dict) -> tuple[list[QAExample], list[QAExample], list[Q
         return read_qa_file(spec["train"]), val, val
     if spec["data"] is None:
         raise ValueError(
-            "question answering needs --data: a SQuAD .json or .jsonl file, or "
-            + " or ".join(BUILTIN_QA)
+            "question answering needs --data: a SQuAD .json or .jsonl file, "
+            + ", ".join(BUILTIN_QA)
+            + ", or squad / squad-2.0 (after 'tformer data squad')"
         )
     if spec["data"] in BUILTIN_QA:
         splits = builtin_qa(spec["data"])
         return splits["train"], splits["val"], splits["test"]
+    if spec["data"] in SQUAD:  # downloaded with 'tformer data squad'; dev validates
+        paths = cached_squad(SQUAD[spec["data"]])
+        val = read_qa_file(paths["dev"])
+        return read_qa_file(paths["train"]), val, val
     train, val = split_by_context(read_qa_file(spec["data"]))
     return train, val, val
 
@@ -78,7 +85,7 @@ def run(args) -> None:
         config = new_train_config(args, device)
         spec = {
             "task": "qa",
-            "data": args.data if args.data in BUILTIN_QA else absolute(args.data),
+            "data": args.data if args.data in (*BUILTIN_QA, *SQUAD) else absolute(args.data),
             "train": absolute(args.train_file),
             "val": absolute(args.val_file),
             "init": absolute(args.init),
