@@ -96,3 +96,12 @@ def test_offsets_cut_the_answer_from_the_text_with_gpt2_tokens():
     logits = [torch.zeros(2, len(x.ids)) for x in windows]
     logits[windows.index(w)] = span_logits(w, w.start, w.end)
     assert best_answer(windows, logits, context).text == "römisch-katholische"
+
+
+def test_a_batch_of_windows_counts_its_input_tokens_for_throughput():
+    from tformer.qa.batches import QABatches
+
+    windows = windows_of() + windows_of(answer_start=2, answer="cde", max_len=10)
+    batch = QABatches(windows, SEP).collate(windows)
+    assert batch.tokens == sum(len(w.ids) for w in windows) == int(batch.inputs[1].sum())
+    assert batch.tokens > batch.targets.numel()  # not the two targets per window

@@ -23,16 +23,28 @@ IGNORE_INDEX = -100  # a target the loss skips (padding), as in torch's cross_en
 
 @dataclass
 class Batch:
-    """What the trainer feeds a model: `model(*inputs)` gives logits scored on `targets`."""
+    """What the trainer feeds a model: `model(*inputs)` gives logits scored on `targets`.
+    `tokens` is what the batch counts for throughput when that is not its scored targets
+    (a reader's input tokens, say: it has two targets per window)."""
 
     inputs: tuple[torch.Tensor, ...]
     targets: torch.Tensor
+    tokens: int | None = None
 
     def rows(self, start: int, end: int) -> "Batch":
+        """Rows start..end; they count their scored targets (the trainer counts tokens on
+        whole batches)."""
         return Batch(tuple(x[start:end] for x in self.inputs), self.targets[start:end])
 
     def to(self, device: torch.device) -> "Batch":
-        return Batch(tuple(x.to(device) for x in self.inputs), self.targets.to(device))
+        inputs = tuple(x.to(device) for x in self.inputs)
+        return Batch(inputs, self.targets.to(device), self.tokens)
+
+    def token_count(self) -> int:
+        """Tokens for throughput: `tokens` if given, else the targets the loss scores."""
+        if self.tokens is not None:
+            return self.tokens
+        return int((self.targets != IGNORE_INDEX).sum())
 
     def __len__(self) -> int:
         return self.targets.shape[0]

@@ -26,7 +26,8 @@ class QABatches:
         return len(self.windows)
 
     def collate(self, windows: list[Window]) -> Batch:
-        """-> inputs (ids (B, T), attention mask (B, T)), targets (B, 2): start, end."""
+        """-> inputs (ids (B, T), attention mask (B, T)), targets (B, 2): start, end; the
+        batch counts its unpadded input tokens for throughput."""
         t = max(len(w.ids) for w in windows)
         ids = torch.full((len(windows), t), self.pad_id, dtype=torch.long)
         mask = torch.zeros(len(windows), t, dtype=torch.long)
@@ -34,7 +35,7 @@ class QABatches:
             ids[row, : len(window.ids)] = torch.tensor(window.ids)
             mask[row, : len(window.ids)] = 1
         targets = torch.tensor([[w.start, w.end] for w in windows], dtype=torch.long)
-        return Batch((ids, mask), targets)
+        return Batch((ids, mask), targets, tokens=int(mask.sum()))
 
     def sample(self, batch_size: int, generator: torch.Generator) -> Batch:
         """`batch_size` windows drawn uniformly (with replacement) from `generator`."""

@@ -341,7 +341,7 @@ def _fit(
     step_model = torch.compile(ddp) if config.compile else ddp  # same parameters as `model`
     model.train()
     history: list[dict[str, Any]] = []
-    tokens_seen = 0  # scored target tokens since this process started (or resumed)
+    tokens_seen = 0  # tokens (Batch.token_count) since this process started (or resumed)
     bar = tqdm(
         total=config.steps,
         initial=start,
@@ -359,7 +359,7 @@ def _fit(
             # Every process draws the same global micro-batch and takes its own rows, so the
             # data (and the result) do not depend on the number of processes.
             batch = train.sample(micro, generator)
-            tokens_seen += int((batch.targets != IGNORE_INDEX).sum())  # all processes' rows
+            tokens_seen += batch.token_count()  # all processes' rows
             batch = batch.rows(dist.rank * rows, (dist.rank + 1) * rows).to(device)
             with gradient_sync(ddp, model, on=m == config.grad_accum - 1):
                 with autocast(device, config.dtype):
