@@ -1,7 +1,9 @@
+import math
 import os
 
 import pytest
 import torch
+from torch import nn
 
 from tformer import kernels
 from tformer.nn.packed_linear import quantize_int8
@@ -85,3 +87,48 @@ def test_cross_entropy_kernel_equals_the_float64_formula(compiled, smoothing, v)
     assert grad.dtype == torch.bfloat16
     # bf16 keeps 8 bits: within half a unit in the last place, plus the float32 arithmetic
     torch.testing.assert_close(grad.double(), expected_grad, rtol=2**-8, atol=1e-30)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gelu_tanh_and_its_gradient_match_the_formula_in_float64(compiled, dtype):
+    g = torch.Generator().manual_seed(0)
+    # ~4 M values: the parallel path, the ends of the range, zeros and huge values
+    z = torch.cat([torch.randn(1 << 22, generator=g) * 4, torch.tensor([0.0, -30, 30, 1e30])])
+    z = z.to(dtype)
+    grad = torch.randn(z.shape, generator=g).to(dtype)
+    # 0.5 z (1 + tanh(u)) = z sigmoid(2u): the same function, without the cancellation of
+    # 1 + tanh(u) that makes even float64 give 0 below z ~ -6.5
+    x = z.double()
+    u = math.sqrt(2 / math.pi) * (x + 0.044715 * x**3)
+    s = torch.sigmoid(2 * u)
+    exact = x * s
+    slope = math.sqrt(2 / math.pi) * (1 + 3 * 0.044715 * x**2)
+    exact_grad = grad.double() * (s + torch.nan_to_num(2 * x * s * (1 - s) * slope))
+    y, dz = compiled.gelu_tanh(z), compiled.gelu_tanh_backward(grad, z)
+    assert y.dtype == dz.dtype == dtype
+    if dtype == torch.float32:
+        torch.testing.assert_close(y.double(), exact, rtol=2e-6, atol=1e-7)
+        torch.testing.assert_close(dz.double(), exact_grad, rtol=2e-5, atol=1e-6)
+    else:  # float32 inside, then rounded: at most one bfloat16 step off, mostly exact
+        torch.testing.assert_close(y.double(), exact, rtol=2**-7, atol=1e-6)
+        torch.testing.assert_close(dz.double(), exact_grad, rtol=2**-7, atol=1e-6)
+        assert (y == exact.to(dtype)).float().mean() > 0.98
+        assert (dz == exact_grad.to(dtype)).float().mean() > 0.98
+    # torch's own, the path the model falls back to: the same within its precision
+    torch.testing.assert_close(y, nn.functional.gelu(z, approximate="tanh"))
+    torch_grad = torch.ops.aten.gelu_backward(grad, z, approximate="tanh")
+    torch.testing.assert_close(dz[:-1], torch_grad[:-1])  # torch's is NaN at 1e30
+
+
+def test_the_model_s_gelu_uses_the_kernels_and_autograd_agrees(compiled):
+    from tformer.nn.feedforward import gelu_tanh
+
+    z = torch.randn(64, 300, dtype=torch.float64).float().requires_grad_()
+    ours = gelu_tanh(z)
+    assert ours.grad_fn is not None and "Compiled" in type(ours.grad_fn).__name__
+    reference = gelu_tanh(z, compiled=False)
+    weights = torch.randn_like(z)
+    (grad,) = torch.autograd.grad((ours * weights).sum(), z)
+    (expected,) = torch.autograd.grad((reference * weights).sum(), z)
+    torch.testing.assert_close(ours, reference, rtol=2e-6, atol=1e-7)
+    torch.testing.assert_close(grad, expected, rtol=2e-5, atol=1e-6)

@@ -111,3 +111,28 @@ def test_a_window_scores_the_same_whatever_its_batch_pads_it_to():
         rtol=1e-5,
         atol=1e-5,
     )
+
+
+@pytest.mark.parametrize("attention", ["explicit", "sdpa", "blocked"])
+def test_padding_gives_the_same_real_logits_on_either_side(attention):
+    """Right padding skips the key mask (causality already hides it); left padding keeps
+    it. Either way each row's real positions score as the row alone does."""
+    model = GPT2ForQuestionAnswering(config(), seed=2).eval()
+    model.gpt2.set_attention(attention)
+    g = torch.Generator().manual_seed(5)
+    lengths = [12, 7, 9]
+    rows = [torch.randint(0, 83, (1, n), generator=g) for n in lengths]
+    alone = [model(row)[0] for row in rows]  # (2, n) each
+    t = max(lengths)
+    for side in ("right", "left"):
+        ids = torch.zeros(len(rows), t, dtype=torch.long)
+        mask = torch.zeros(len(rows), t, dtype=torch.long)
+        for i, (row, n) in enumerate(zip(rows, lengths, strict=True)):
+            where = slice(0, n) if side == "right" else slice(t - n, t)
+            ids[i, where], mask[i, where] = row[0], 1
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)  # each row's text from position 0
+        logits = model(ids, mask, positions)
+        for i, n in enumerate(lengths):
+            where = slice(0, n) if side == "right" else slice(t - n, t)
+            torch.testing.assert_close(logits[i][:, where], alone[i], rtol=1e-5, atol=1e-5)
+            assert torch.isinf(logits[i][:, mask[i] == 0]).all()

@@ -3,7 +3,8 @@
 `linear.c` holds small-batch linear layers over float32, bfloat16 or int8 weights (see its
 header for why they beat a general matmul when decoding); `cross_entropy.c` the
 label-smoothed cross-entropy over bfloat16 logits, forward and backward, in one pass each;
-`dropout.c` dropout masks from a counter-based generator. The first call compiles them
+`dropout.c` dropout masks from a counter-based generator; `gelu.c` GPT-2's tanh GELU and
+its derivative; `common.h` what they share. The first call compiles them
 with the machine's C compiler for this CPU (`-O3 -march=native -fopenmp`) into one library
 in $TFORMER_CACHE/kernels/, keyed by the sources, the compiler and the CPU, so later runs
 load it at once. Without a compiler, or with TFORMER_KERNELS=0, `load()` returns None and
@@ -13,6 +14,7 @@ load it at once. Without a compiler, or with TFORMER_KERNELS=0, `load()` returns
     kernels.linear(x, weight, scale, bias, out)   x (M, K) float32 -> out (M, N)
     kernels.smoothed_ce_forward(logits, targets, eps)   (N, V) bf16 -> loss, lse (N,)
     kernels.dropout_mask(n, seed, threshold)   -> (n,) bool, True with P = threshold / 65536
+    kernels.gelu_tanh(z), kernels.gelu_tanh_backward(grad, z)   float32 or bfloat16
 """
 
 import ctypes
@@ -30,8 +32,10 @@ import torch
 from tformer.files import cache_dir
 
 SOURCES = tuple(
-    Path(__file__).with_name(name) for name in ("linear.c", "cross_entropy.c", "dropout.c")
+    Path(__file__).with_name(name)
+    for name in ("linear.c", "cross_entropy.c", "dropout.c", "gelu.c")
 )
+HEADERS = (Path(__file__).with_name("common.h"),)  # part of the key, not compiled alone
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
 
 
@@ -121,6 +125,28 @@ class Kernels:
         self.library.tformer_dropout_mask(mask.data_ptr(), n, seed, threshold)
         return mask
 
+    def gelu_tanh(self, z: torch.Tensor) -> torch.Tensor:
+        """GPT-2's GELU, 0.5 z (1 + tanh(sqrt(2 / pi) (z + 0.044715 z^3))), elementwise on a
+        contiguous float32 or bfloat16 CPU tensor."""
+        y = torch.empty_like(z)
+        function = (
+            self.library.tformer_gelu_tanh_bf16
+            if z.dtype == torch.bfloat16
+            else (self.library.tformer_gelu_tanh_f32)
+        )
+        function(z.data_ptr(), y.data_ptr(), z.numel())
+        return y
+
+    def gelu_tanh_backward(self, grad: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """grad * d gelu_tanh(z) / dz; both contiguous, of z's dtype and shape."""
+        out = torch.empty_like(z)
+        if z.dtype == torch.bfloat16:
+            function = self.library.tformer_gelu_tanh_backward_bf16
+        else:
+            function = self.library.tformer_gelu_tanh_backward_f32
+        function(grad.data_ptr(), z.data_ptr(), out.data_ptr(), z.numel())
+        return out
+
 
 def load() -> Kernels | None:
     """The compiled kernels, building them once per machine; None if that is not possible."""
@@ -161,7 +187,15 @@ def _build_and_load() -> Kernels:
     library.tformer_smoothed_ce_forward_bf16.argtypes = [pointer] * 4 + [size] * 2 + [real]
     library.tformer_smoothed_ce_backward_bf16.argtypes = [pointer] * 5 + [size] * 2 + [real]
     library.tformer_dropout_mask.argtypes = [pointer, size, ctypes.c_uint64, ctypes.c_uint32]
+    for name in ("tformer_gelu_tanh_f32", "tformer_gelu_tanh_bf16"):
+        getattr(library, name).argtypes = [pointer, pointer, size]
+    for name in ("tformer_gelu_tanh_backward_f32", "tformer_gelu_tanh_backward_bf16"):
+        getattr(library, name).argtypes = [pointer, pointer, pointer, size]
     for name in (
+        "tformer_gelu_tanh_f32",
+        "tformer_gelu_tanh_bf16",
+        "tformer_gelu_tanh_backward_f32",
+        "tformer_gelu_tanh_backward_bf16",
         "tformer_dropout_mask",
         "tformer_linear_f32",
         "tformer_linear_bf16",
@@ -182,7 +216,7 @@ def _library_path(compiler: str) -> Path:
     except (OSError, subprocess.SubprocessError) as e:
         raise KernelUnavailable(f"{compiler} --version failed: {e}") from e
     key = hashlib.sha256()
-    sources = [source.read_bytes() for source in SOURCES]
+    sources = [source.read_bytes() for source in (*SOURCES, *HEADERS)]
     for part in (*sources, version.encode(), " ".join(FLAGS).encode(), _cpu_id()):
         key.update(part)
         key.update(b"\0")

@@ -8,50 +8,13 @@
 
    The forward pass reads each row twice (its maximum, then the sums) and the backward pass
    reads it once and writes the bfloat16 gradient once; all arithmetic is float32. Rows are
-   split over the OpenMP threads. exp is computed here (exp_neg below) so that the loops
-   vectorise without -ffast-math. */
+   split over the OpenMP threads. exp is computed by hand (exp_neg in common.h) so that the
+   loops vectorise without -ffast-math. */
 
 #include <math.h>
 #include <stdint.h>
-#include <string.h>
 
-static inline float bf16_bits_to_float(uint16_t h) {
-    uint32_t bits = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &bits, sizeof f);
-    return f;
-}
-
-/* float32 -> bfloat16, rounding to nearest even (as torch does; no NaN inputs here). */
-static inline uint16_t float_to_bf16_bits(float f) {
-    uint32_t bits;
-    memcpy(&bits, &f, sizeof bits);
-    bits += 0x7FFFu + ((bits >> 16) & 1u);
-    return (uint16_t)(bits >> 16);
-}
-
-/* exp(x) for x <= 0, relative error below 2e-7: x = k ln 2 + r with |r| <= ln(2) / 2,
-   exp(r) by its Taylor series to r^7, times 2^k built in the exponent bits. Below -87 the
-   result is 0 (float32 would be denormal there). */
-static inline float exp_neg(float x) {
-    const float log2e = 1.44269504088896341f, ln2_hi = 0.693145751953125f,
-                ln2_lo = 1.42860682030941723212e-6f;
-    float clamped = x < -87.0f ? -87.0f : x;
-    float k = rintf(clamped * log2e);
-    float r = (clamped - k * ln2_hi) - k * ln2_lo;
-    float p = 1.0f / 5040.0f;
-    p = p * r + 1.0f / 720.0f;
-    p = p * r + 1.0f / 120.0f;
-    p = p * r + 1.0f / 24.0f;
-    p = p * r + 1.0f / 6.0f;
-    p = p * r + 0.5f;
-    p = p * r + 1.0f;
-    p = p * r + 1.0f;
-    int32_t e = ((int32_t)k + 127) << 23;
-    float two_k;
-    memcpy(&two_k, &e, sizeof two_k);
-    return x < -87.0f ? 0.0f : p * two_k;
-}
+#include "common.h"
 
 /* loss_rows[i] = the smoothed cross-entropy of row i (not yet weighted). */
 void tformer_smoothed_ce_forward_bf16(const uint16_t *logits, const int64_t *targets,

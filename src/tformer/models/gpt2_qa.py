@@ -70,8 +70,14 @@ class GPT2ForQuestionAnswering(nn.Module):
     ) -> torch.Tensor:
         """Padding (attention_mask 0) gets logit -inf: it can be neither start nor end, and a
         window's loss does not depend on how far the batch pads it. (transformers leaves
-        padded positions in; without padding the two agree.)"""
-        h = self.gpt2.features(input_ids, attention_mask, position_ids)  # (B, T, C)
+        padded positions in; without padding the two agree.)
+
+        Padding at the end of the rows (as tformer.qa.batches pads) is not given to the
+        attention: under the causal mask no real token sees a later position anyway, so the
+        key mask would change only the padded positions, whose logits are -inf here. The
+        attention then takes its causal fast path."""
+        key_mask = None if right_padded(attention_mask) else attention_mask
+        h = self.gpt2.features(input_ids, key_mask, position_ids)  # (B, T, C)
         logits = self.qa_outputs(h).transpose(1, 2)  # (B, T, 2) -> (B, 2, T)
         if attention_mask is not None:
             logits = logits.masked_fill(attention_mask[:, None, :] == 0, float("-inf"))
@@ -176,3 +182,13 @@ class GPT2ForQuestionAnswering(nn.Module):
             directory / "model.safetensors", lambda tmp: save_file(tensors, tmp, metadata=metadata)
         )
         atomic_write_json(directory / "config.json", config)
+
+
+def right_padded(attention_mask: torch.Tensor | None) -> bool:
+    """True if there is no mask, or each row's real tokens (1) all come before its padding
+    (0): (B, T) non-increasing along T."""
+    if attention_mask is None:
+        return True
+    if attention_mask.dim() != 2:
+        return False
+    return bool((attention_mask[:, 1:] <= attention_mask[:, :-1]).all())

@@ -9,6 +9,10 @@ is ReLU, max(0, z), in the original Transformer and the tanh approximation of GE
     gelu(z)      = z Phi(z) = 0.5 z (1 + erf(z / sqrt(2)))      (exact; nanoGPT, BERT)
 
 There is no activation after W2: the output goes straight back to the residual stream.
+
+On the CPU, gelu_tanh runs in the compiled kernels (tformer/kernels/gelu.c) where they are
+built: the same function, 4-10x faster than torch's, whose tanh is slow on the CPUs
+measured (docs/LOG.md). torch's own is the reference, and the path under torch.compile.
 """
 
 from typing import Literal
@@ -16,15 +20,41 @@ from typing import Literal
 import torch
 from torch import nn
 
+from tformer import kernels
+
 Activation = Literal["relu", "gelu_tanh", "gelu"]
 ACTIVATIONS = ("relu", "gelu_tanh", "gelu")
+
+
+class CompiledGeluTanh(torch.autograd.Function):
+    """gelu_tanh and its gradient from the compiled CPU kernels."""
+
+    @staticmethod
+    def forward(ctx, z, library):
+        ctx.save_for_backward(z)
+        ctx.library = library
+        return library.gelu_tanh(z)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (z,) = ctx.saved_tensors
+        return ctx.library.gelu_tanh_backward(grad.contiguous().to(z.dtype), z), None
+
+
+def gelu_tanh(z: torch.Tensor, compiled: bool = True) -> torch.Tensor:
+    """0.5 z (1 + tanh(sqrt(2 / pi) (z + 0.044715 z^3))); compiled=False: always torch's."""
+    fast = compiled and z.device.type == "cpu" and z.dtype in (torch.float32, torch.bfloat16)
+    library = kernels.load() if fast and not torch.compiler.is_compiling() else None
+    if library is None:
+        return nn.functional.gelu(z, approximate="tanh")
+    return CompiledGeluTanh.apply(z.contiguous(), library)
 
 
 def activation_fn(name: Activation, z: torch.Tensor) -> torch.Tensor:
     if name == "relu":
         return torch.relu(z)
     if name == "gelu_tanh":
-        return nn.functional.gelu(z, approximate="tanh")
+        return gelu_tanh(z)
     if name == "gelu":
         return nn.functional.gelu(z)
     raise ValueError(f"unknown activation {name!r}: choose one of {', '.join(ACTIVATIONS)}")
