@@ -16,6 +16,7 @@ Also, tformer's QA training tokens/s against transformers' GPT2ForQuestionAnswer
 same configuration, batch and dtype, taking turns step by step.
 
     python benchmarks/transfer.py [--pretrain-steps 1000] [--steps 400] [--json] [--plot PATH]
+    python benchmarks/transfer.py --throughput-only     the tokens/s comparison alone
 """
 
 import argparse
@@ -24,6 +25,7 @@ import json
 import random
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +36,7 @@ from common import machine_line  # noqa: E402
 
 from tformer import GPT2, GPT2Config  # noqa: E402
 from tformer.data.sources import shakespeare_text  # noqa: E402
-from tformer.data.tokens import LMBatches  # noqa: E402
+from tformer.data.tokens import Batch, LMBatches  # noqa: E402
 from tformer.devices import keep_freed_memory  # noqa: E402
 from tformer.models.gpt2_qa import GPT2ForQuestionAnswering  # noqa: E402
 from tformer.nn.lora import LoRAConfig, add_lora  # noqa: E402
@@ -115,14 +117,17 @@ def fine_tune(kind, pretrained, tokenizer, questions, test, steps) -> dict:
     }
 
 
-def qa_throughput(config: GPT2Config, steps: int = 10) -> dict:
-    """Training tokens/s of the two readers on the same windows, step by step in turns."""
+def qa_throughput(config: GPT2Config, windows, separator: int, steps: int = 10) -> dict:
+    """Training tokens/s of the two readers, taking turns step by step on the same batches:
+    the task's own windows (right-padded, with attention masks) and, apart, full windows
+    without padding. Tokens are the real (unpadded) ones. tformer runs the attention path
+    `tformer train` picks for bf16 on a CPU (blocked)."""
     import transformers
 
     from tformer.train.optim import build_optimizer
     from tformer.train.trainer import cross_entropy
 
-    ours = GPT2ForQuestionAnswering(config, seed=0)
+    ours = GPT2ForQuestionAnswering(replace(config, attention="blocked"), seed=0)
     hf_config = transformers.GPT2Config(
         vocab_size=config.vocab_size,
         n_positions=CONTEXT,
@@ -137,33 +142,40 @@ def qa_throughput(config: GPT2Config, steps: int = 10) -> dict:
     )
     theirs = transformers.GPT2ForQuestionAnswering(hf_config)
     g = torch.Generator().manual_seed(0)
+    padded = [QABatches(windows, separator).sample(BATCH, g) for _ in range(steps + 1)]
     ids = torch.randint(0, config.vocab_size, (BATCH, CONTEXT), generator=g)
     starts = torch.randint(0, CONTEXT, (BATCH,), generator=g)
-    ends = (starts + 3).clamp(max=CONTEXT - 1)
+    full = Batch((ids, torch.ones_like(ids)), torch.stack([starts, (starts + 3) % CONTEXT], 1))
 
-    def our_loss():
-        logits = ours(ids)
-        return cross_entropy(logits.flatten(0, 1), torch.stack([starts, ends], 1).flatten())
+    def our_loss(batch):
+        return cross_entropy(ours(*batch.inputs).flatten(0, 1), batch.targets.flatten())
 
-    def their_loss():
-        return theirs(input_ids=ids, start_positions=starts, end_positions=ends).loss
+    def their_loss(batch):
+        ids, mask = batch.inputs
+        start, end = batch.targets.unbind(1)
+        return theirs(
+            input_ids=ids, attention_mask=mask, start_positions=start, end_positions=end
+        ).loss
 
     runs = {"tformer": (ours, our_loss), "transformers": (theirs, their_loss)}
     optimizers = {k: build_optimizer(m, 1e-4, 0.1, (0.9, 0.95)) for k, (m, _) in runs.items()}
-    seconds = dict.fromkeys(runs, 0.0)
-    for step in range(steps + 1):
-        for name, (_, loss_fn) in runs.items():
-            started = time.perf_counter()
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                loss = loss_fn()
-            loss.backward()
-            optimizers[name].step()
-            optimizers[name].zero_grad(set_to_none=True)
-            if step:  # the first is a warm-up
-                seconds[name] += time.perf_counter() - started
-    tokens = steps * BATCH * CONTEXT
-    rates = {name: round(tokens / s, 1) for name, s in seconds.items()}
-    return {**rates, "ratio": round(rates["tformer"] / rates["transformers"], 2)}
+    result = {}
+    for name, batches in (("windows", padded), ("full", [full] * (steps + 1))):
+        seconds = dict.fromkeys(runs, 0.0)
+        for step, batch in enumerate(batches):
+            for run, (_, loss_fn) in runs.items():
+                started = time.perf_counter()
+                with torch.autocast("cpu", dtype=torch.bfloat16):
+                    loss = loss_fn(batch)
+                loss.backward()
+                optimizers[run].step()
+                optimizers[run].zero_grad(set_to_none=True)
+                if step:  # the first is a warm-up
+                    seconds[run] += time.perf_counter() - started
+        tokens = sum(int(batch.inputs[1].sum()) for batch in batches[1:])
+        rates = {run: round(tokens / s, 1) for run, s in seconds.items()}
+        result[name] = {**rates, "ratio": round(rates["tformer"] / rates["transformers"], 2)}
+    return result
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -189,12 +201,26 @@ def plot(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def report_throughput(config: GPT2Config, windows, separator: int) -> dict:
+    throughput = qa_throughput(config, windows, separator)
+    for name, rates in throughput.items():
+        print(
+            f"QA training tokens/s ({name}): tformer {rates['tformer']:,.0f}, transformers "
+            f"{rates['transformers']:,.0f} ({rates['ratio']}x)",
+            file=sys.stderr,
+        )
+    return throughput
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--pretrain-steps", type=int, default=1000)
     parser.add_argument("--steps", type=int, default=400, help="fine-tuning steps per run")
     parser.add_argument("--plot", default="docs/qa/transfer.png")
     parser.add_argument("--json", action="store_true")
+    parser.add_argument(
+        "--throughput-only", action="store_true", help="only the QA tokens/s comparison"
+    )
     args = parser.parse_args()
     machine = machine_line()
     print(machine, file=sys.stderr)
@@ -207,6 +233,16 @@ def main() -> None:
     tokenizer = train_bpe([text], vocab_size=4096)
     splits = builtin_qa("shakespeare-qa")
     train, test = splits["train"], splits["test"]
+    separator, null = marker_tokens(tokenizer)
+    windows = [
+        w for e in train for w in make_windows(tokenizer, e, CONTEXT, STRIDE, separator, null)
+    ]
+    if args.throughput_only:
+        config = GPT2Config(vocab_size=tokenizer.vocab_size, eos_token_id=tokenizer.eos_id, **SHAPE)
+        throughput = report_throughput(config, windows, separator)
+        if args.json:
+            print(json.dumps({"machine": machine, "throughput": throughput}))
+        return
     started = time.perf_counter()
     pretrained = pretrain(tokenizer, text, args.pretrain_steps)
     pretrain_seconds = time.perf_counter() - started
@@ -222,12 +258,7 @@ def main() -> None:
                 f"{row['train_seconds']:.0f} s",
                 file=sys.stderr,
             )
-    throughput = qa_throughput(pretrained.config)
-    print(
-        f"QA training tokens/s: tformer {throughput['tformer']}, transformers "
-        f"{throughput['transformers']} ({throughput['ratio']}x)",
-        file=sys.stderr,
-    )
+    throughput = report_throughput(pretrained.config, windows, separator)
     plot(rows, Path(args.plot))
     if args.json:
         print(
