@@ -456,3 +456,66 @@ def test_sft_needs_a_model_and_pairs(base_run, tmp_path, env):
             "train", "--task", "sft", *args, "--out", tmp_path / "x", env=env, check=False
         )
         assert result.returncode == 2 and message in result.stderr, result.stderr
+
+
+def test_qa_task_trains_a_bidirectional_reader_and_answers_with_it(tmp_path, env):
+    data = capital_letter_questions(tmp_path / "qa.jsonl", 400, seed=0)
+    run = tmp_path / "encoder"
+    model = ["--reader", "encoder", "--n-layers", "2", "--n-heads", "2", "--d-model", "32"]
+    options = ["--task", "qa", "--data", data, "--steps", "250", "--batch-size", "16"]
+    options += ["--lr", "3e-3", "--min-lr", "3e-4", "--warmup-steps", "10", "--stride", "4"]
+    options += ["--context", "20", "--max-answer-tokens", "1", "--no-progress", "--json"]
+    result = tformer("train", *options, *model, "--out", run, env=env)
+    scores = json.loads(result.stdout.strip().splitlines()[-1])
+    assert scores["exact_match"] > 60, scores
+    assert json.loads((run / "config.json").read_text())["model_type"] == "tformer-encoder-qa"
+    (tmp_path / "corpus").mkdir()
+    (tmp_path / "corpus" / "a.txt").write_text("capital?qwertyuiopasdfghjkLzxcvbnm\n")
+    found = tformer(
+        "answer",
+        run,
+        "--corpus",
+        tmp_path / "corpus",
+        "--question",
+        "capital?",
+        "--json",
+        "--max-answer-tokens",
+        "1",
+        "--stride",
+        "4",
+        env=env,
+    )
+    assert found.returncode == 0, found.stderr
+    best = json.loads(found.stdout.strip().splitlines()[-1])["answers"][0]
+    assert best["answer"] == "L"
+
+
+def test_qa_task_reads_with_a_translation_model_s_encoder(tmp_path, env):
+    from tformer.models.seq2seq import Seq2SeqConfig, Seq2SeqTransformer
+    from tformer.tokenizers import CharTokenizer
+
+    data = capital_letter_questions(tmp_path / "qa.jsonl", 40, seed=1)
+    tokenizer = CharTokenizer.from_text("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ?\n")
+    config = Seq2SeqConfig(
+        tokenizer.vocab_size,
+        tokenizer.vocab_size,
+        max_len=48,
+        d_model=32,
+        n_heads=2,
+        n_encoder_layers=2,
+        n_decoder_layers=1,
+        d_ff=64,
+        share_embeddings=True,
+    )
+    Seq2SeqTransformer(config, seed=0).save_pretrained(tmp_path / "translation")
+    tokenizer.save(tmp_path / "translation")
+    options = ["--task", "qa", "--data", data, "--init", tmp_path / "translation"]
+    options += ["--steps", "3", "--batch-size", "4", "--stride", "8", "--json"]
+    result = tformer("train", *options, "--out", tmp_path / "reader", env=env)
+    assert result.returncode == 0, result.stderr
+    figures = json.loads(result.stdout.strip().splitlines()[-1])
+    assert figures["parameters"] < Seq2SeqTransformer(config).num_parameters()  # no decoder
+    refused = tformer(
+        "train", *options, "--reader", "gpt2", "--out", tmp_path / "x", env=env, check=False
+    )
+    assert refused.returncode == 2 and "drop --reader" in refused.stderr

@@ -5,8 +5,7 @@ import sys
 import time
 
 from tformer.devices import pick_device
-from tformer.models.gpt2_qa import GPT2ForQuestionAnswering
-from tformer.qa.read import answer_from_corpus
+from tformer.qa.read import answer_from_corpus, load_reader, vocab_size
 from tformer.qa.retrieval import BUILTIN_CORPORA, PassageIndex
 from tformer.tokenizers import tokenizer_for_model
 
@@ -48,11 +47,9 @@ def run(args) -> None:
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
     device = pick_device(args.device)
-    model = GPT2ForQuestionAnswering.from_pretrained(
-        args.checkpoint, device=device, head_required=True
-    )
-    model.gpt2.set_attention("sdpa")  # inference: the fused path
-    tokenizer = tokenizer_for_model(args.checkpoint, model.config.vocab_size)
+    # inference: the fused attention path
+    model = load_reader(args.checkpoint, device, attention="sdpa", head_required=True)
+    tokenizer = tokenizer_for_model(args.checkpoint, vocab_size(model))
     started = time.perf_counter()
     index, build_seconds = PassageIndex.for_corpus(args.corpus)
     loaded = time.perf_counter()

@@ -84,6 +84,14 @@ def add_parser(sub) -> None:
 
     qa = p.add_argument_group("question answering (--task qa)")
     qa.add_argument(
+        "--reader",
+        choices=["gpt2", "encoder"],
+        help="a new model's kind: gpt2, causal (the question before the context), or encoder, "
+        "the original Transformer's bidirectional encoder stack with the same span head "
+        "(--init: the checkpoint's kind; an encoder-decoder run gives its encoder) "
+        "(default: gpt2)",
+    )
+    qa.add_argument(
         "--stride",
         type=int,
         default=64,
@@ -576,6 +584,8 @@ def prepare_init(model: GPT2 | GPT2ForQuestionAnswering, spec: dict, seed: int, 
         merge_lora(model)
         model.requires_grad_(True)
         adapters.body(model).name_or_path = None  # these weights are no checkpoint's
+    if spec["lora"] and not isinstance(model, (GPT2, GPT2ForQuestionAnswering)):
+        raise ValueError("LoRA adapts GPT-2 models (PEFT's layout); train this reader in full")
     if spec["lora"]:
         lora = LoRAConfig(**spec["lora"])
         names = add_lora(adapters.body(model), lora, seed=seed)

@@ -18,6 +18,7 @@ import time
 import torch
 
 from tformer.cli.train import (
+    SMALL_MODEL,
     absolute,
     attention_for,
     build_tokenizer,
@@ -34,12 +35,14 @@ from tformer.cli.train import (
     trainable_parameters,
 )
 from tformer.files import atomic_write_json
+from tformer.models.encoder_qa import EncoderForQuestionAnswering
 from tformer.models.gpt2_qa import GPT2ForQuestionAnswering
+from tformer.models.seq2seq import Seq2SeqConfig
 from tformer.qa import QAExample, make_windows, read_qa_file, squad_scores
 from tformer.qa.batches import QABatches
 from tformer.qa.cloze import BUILTIN_QA, builtin_qa
 from tformer.qa.download import cached_squad
-from tformer.qa.read import answer
+from tformer.qa.read import answer, load_reader, vocab_size
 from tformer.qa.squad import fingerprint, split_by_context
 from tformer.qa.windows import marker_tokens
 from tformer.tokenizers import load_tokenizer, tokenizer_for_model
@@ -75,6 +78,32 @@ def load_questions(spec: dict) -> tuple[list[QAExample], list[QAExample], list[Q
     return train, val, val
 
 
+def reader_kind(args) -> str | None:
+    """--reader for a new model; a checkpoint (--init) is the reader it is."""
+    if args.init is not None:
+        if args.reader is not None:
+            raise ValueError(f"--init {args.init} decides the kind of reader; drop --reader")
+        return None
+    return args.reader or "gpt2"
+
+
+def encoder_config(args, tokenizer, attention: str) -> Seq2SeqConfig:
+    """A new bidirectional reader's config: the flags' sizes, else the small model's."""
+    d_model = args.d_model or SMALL_MODEL["d_model"]
+    return EncoderForQuestionAnswering.config_for(
+        tokenizer.vocab_size,
+        max_len=args.context,
+        d_model=d_model,
+        n_heads=args.n_heads or SMALL_MODEL["n_heads"],
+        n_encoder_layers=args.n_layers or SMALL_MODEL["n_layers"],
+        d_ff=args.d_ff or 4 * d_model,
+        dropout=args.dropout,
+        activation=args.activation,
+        norm_position=args.norm_position,
+        attention=attention,
+    )
+
+
 def run(args) -> None:
     started = time.perf_counter()
     device, dist, out, say = start_run(args)
@@ -96,6 +125,7 @@ def run(args) -> None:
             "max_answer_tokens": args.max_answer_tokens,
             "null_threshold": args.null_threshold,
             "threads": torch.get_num_threads(),
+            "reader": reader_kind(args),
             **init_settings(
                 args, args.dropout, attention_for(args.attention, device, config.dtype)
             ),
@@ -108,23 +138,26 @@ def run(args) -> None:
     if args.resume:
         if spec.get("questions_sha256") != digest:
             raise ValueError(f"the questions of {out} have changed since the run started")
-        model = GPT2ForQuestionAnswering.from_pretrained(
-            out / "last", device=device, **saved_settings(spec)
-        )
+        model = load_reader(out / "last", device, **saved_settings(spec))
         tokenizer = load_tokenizer(out / "last")
     elif spec["init"] is not None:
-        model = GPT2ForQuestionAnswering.from_pretrained(
-            spec["init"], device=device, seed=config.seed, dropout=args.dropout, attention=attention
+        model = load_reader(
+            spec["init"], device, config.seed, dropout=args.dropout, attention=attention
         )
-        tokenizer = tokenizer_for_model(spec["init"], model.config.vocab_size)
+        tokenizer = tokenizer_for_model(spec["init"], vocab_size(model))
         prepare_init(model, spec, config.seed, say)
     else:
         text = "\n".join(f"{e.question}\n{e.context}" for e in train + val + test)
         tokenizer = build_tokenizer(spec["tokenizer"], text, spec["bpe_vocab_size"])
         args.context = args.context or DEFAULT_CONTEXT
         args.dropout = 0.0 if args.dropout is None else args.dropout
-        gpt2_config = model_config_from(args, tokenizer, device, config.dtype)
-        model = GPT2ForQuestionAnswering(gpt2_config, seed=config.seed).to(device)
+        if spec["reader"] == "encoder":
+            model = EncoderForQuestionAnswering(
+                encoder_config(args, tokenizer, attention), seed=config.seed
+            ).to(device)
+        else:
+            gpt2_config = model_config_from(args, tokenizer, device, config.dtype)
+            model = GPT2ForQuestionAnswering(gpt2_config, seed=config.seed).to(device)
     max_len = spec["context"] or model.config.max_len
     if max_len > model.config.max_len:
         raise ValueError(

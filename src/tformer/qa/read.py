@@ -6,14 +6,50 @@ corpus, BM25 first picks the passages worth reading (tformer.qa.retrieval), and 
 found in them are ranked by the reader's span score.
 """
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
+from tformer.files import read_json
+from tformer.models import encoder_qa, seq2seq
+from tformer.models.checkpoints import resolve_checkpoint
+from tformer.models.encoder_qa import EncoderForQuestionAnswering
+from tformer.models.gpt2_qa import GPT2ForQuestionAnswering
 from tformer.qa.batches import QABatches
 from tformer.qa.retrieval import Passage, PassageIndex
 from tformer.qa.windows import Prediction, QAExample, best_answer, make_windows, marker_tokens
+
+Reader = GPT2ForQuestionAnswering | EncoderForQuestionAnswering
+
+
+def load_reader(
+    path: str | os.PathLike,
+    device: torch.device | str = "cpu",
+    seed: int = 0,
+    *,
+    dropout: float | None = None,
+    attention: str | None = None,
+    head_required: bool = False,
+) -> Reader:
+    """A reader of either kind, as its checkpoint says: GPT-2's (the Hugging Face layout, or
+    a LoRA adapter on one) or the bidirectional encoder's. A plain GPT-2 language model or
+    an encoder-decoder model loads with a new span head drawn from `seed` (an error instead
+    with head_required)."""
+    directory = resolve_checkpoint(path)
+    config = directory / "config.json"
+    kind = read_json(config, "the model's config").get("model_type") if config.is_file() else None
+    settings = dict(dropout=dropout, attention=attention, head_required=head_required)
+    if kind in (encoder_qa.MODEL_TYPE, seq2seq.MODEL_TYPE):
+        return EncoderForQuestionAnswering.from_pretrained(directory, device, seed, **settings)
+    return GPT2ForQuestionAnswering.from_pretrained(directory, device=device, seed=seed, **settings)
+
+
+def vocab_size(model: Reader) -> int:
+    if isinstance(model, EncoderForQuestionAnswering):
+        return model.config.src_vocab_size
+    return model.config.vocab_size
 
 
 @torch.inference_mode()

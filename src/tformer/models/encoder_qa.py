@@ -1,0 +1,170 @@
+"""Extractive question answering with a bidirectional reader: the original Transformer's
+encoder stack under the same span head as GPT-2's reader (tformer.models.gpt2_qa).
+
+    h = Encoder(Embed(ids) sqrt(C) + PE)           (B, T, C), every token sees every other
+    [s_t, e_t] = h_t W^T + b                         W (2, C), b (2,)
+    loss = (CE(s, start) + CE(e, end)) / 2
+
+GPT-2's reader is causal: a context token has read the question and the text before it,
+never the text after. Here each token attends both ways (padding aside), as BERT's readers
+do; docs/qa.md compares the two. The model is an encoder-decoder Transformer with no
+decoder (n_decoder_layers = 0) and one embedding, so the encoder of a translation run
+(`tformer train --task translation`) loads as a reader with a new head.
+
+A checkpoint is config.json (model_type "tformer-encoder-qa", the Seq2SeqConfig's fields)
+and model.safetensors (the encoder under `transformer.`, the head as `qa_outputs.`).
+"""
+
+import os
+from dataclasses import asdict, fields, replace
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from tformer.files import atomic_write, atomic_write_json, read_json
+from tformer.models.checkpoints import CheckpointError
+from tformer.models.seq2seq import INIT_GAIN, Seq2SeqConfig, Seq2SeqTransformer
+from tformer.models.seq2seq import MODEL_TYPE as SEQ2SEQ_TYPE
+from tformer.nn import SinusoidalPositionalEncoding
+
+MODEL_TYPE = "tformer-encoder-qa"
+
+
+class EncoderForQuestionAnswering(nn.Module):
+    """The encoder with a span head: token ids (B, T), attention mask (B, T) -> span logits
+    (B, 2, T), row 0 the start logits and row 1 the end logits; padding gets -inf."""
+
+    def __init__(
+        self,
+        config: Seq2SeqConfig,
+        seed: int | None = None,
+        transformer: Seq2SeqTransformer | None = None,
+    ) -> None:
+        """A new reader from `seed`, or a new head on the given encoder."""
+        super().__init__()
+        if config.n_decoder_layers != 0 or not config.share_embeddings:
+            raise ValueError("a reader's config has no decoder and one embedding")
+        self.config = config
+        self.transformer = (
+            transformer if transformer is not None else Seq2SeqTransformer(config, seed)
+        )
+        self.qa_outputs = nn.Linear(config.d_model, 2)
+        with torch.no_grad():  # as the encoder's own linear layers, drawn after them
+            g = torch.Generator().manual_seed(seed + 1) if seed is not None else None
+            weight = torch.empty(self.qa_outputs.weight.shape)
+            nn.init.xavier_uniform_(weight, gain=INIT_GAIN, generator=g)
+            self.qa_outputs.weight.copy_(weight)
+            self.qa_outputs.bias.zero_()
+
+    @staticmethod
+    def config_for(vocab_size: int, **sizes) -> Seq2SeqConfig:
+        """A reader's Seq2SeqConfig: one vocabulary, no decoder; `sizes` as Seq2SeqConfig's
+        (d_model, n_heads, n_encoder_layers, d_ff, max_len, dropout, norm_position, ...)."""
+        return Seq2SeqConfig(
+            vocab_size, vocab_size, n_decoder_layers=0, share_embeddings=True, **sizes
+        )
+
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        real = (
+            attention_mask.bool()
+            if attention_mask is not None
+            else torch.ones_like(input_ids, dtype=torch.bool)
+        )  # (B, T); the mask is always given: a pad id may also be a real token here
+        h = self.transformer.encode(input_ids, real)  # (B, T, C)
+        logits = self.qa_outputs(h).transpose(1, 2)  # (B, T, 2) -> (B, 2, T)
+        return logits.masked_fill(~real[:, None, :], float("-inf"))
+
+    def layers(self) -> list[nn.Module]:
+        """The encoder's layers (the units of activation checkpointing and FSDP)."""
+        return list(self.transformer.encoder_layers)
+
+    def set_activation_checkpointing(self, on: bool = True) -> None:
+        self.transformer.set_activation_checkpointing(on)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        """config.json and model.safetensors, each written atomically."""
+        from safetensors.torch import save_model
+
+        directory = Path(directory)
+        atomic_write(directory / "model.safetensors", lambda tmp: save_model(self, str(tmp)))
+        atomic_write_json(
+            directory / "config.json", {"model_type": MODEL_TYPE, **asdict(self.config)}
+        )
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        directory: str | os.PathLike,
+        device: torch.device | str = "cpu",
+        seed: int = 0,
+        *,
+        dropout: float | None = None,
+        attention: str | None = None,
+        head_required: bool = False,
+    ) -> "EncoderForQuestionAnswering":
+        """A reader saved by save_pretrained, or the encoder of an encoder-decoder
+        checkpoint with a new head drawn from `seed` (an error instead with head_required).
+        `dropout` (every dropout) and `attention` replace the saved settings."""
+        from safetensors.torch import load_model
+
+        directory = Path(directory)
+        saved = read_json(directory / "config.json", "the model's config")
+        kind = saved.get("model_type")
+        if kind not in (MODEL_TYPE, SEQ2SEQ_TYPE):
+            raise CheckpointError(
+                f"{directory}: neither a bidirectional reader nor an encoder-decoder "
+                f"checkpoint (model_type {kind!r})"
+            )
+        if kind == SEQ2SEQ_TYPE and head_required:
+            raise CheckpointError(
+                f"{directory}: an encoder-decoder model without a question-answering head; "
+                "train one with 'tformer train --task qa --init ...'"
+            )
+        known = {f.name for f in fields(Seq2SeqConfig)}
+        config = Seq2SeqConfig(**{k: v for k, v in saved.items() if k in known})
+        settings = {"dropout": dropout} if dropout is not None else {}
+        if attention is not None:
+            settings["attention"] = attention
+        if kind == MODEL_TYPE:
+            config = replace(config, **settings)
+            with torch.device("meta"):
+                model = cls(config)
+            model = model.to_empty(device=device)
+            model.transformer.positions = sinusoids(config, device)
+            try:
+                load_model(model, str(directory / "model.safetensors"), device=str(device))
+            except (OSError, RuntimeError) as e:
+                raise CheckpointError(f"{directory}: cannot load model.safetensors ({e})") from None
+            return model.eval()
+        # The encoder of a translation model: its source side, with a new head.
+        full = Seq2SeqTransformer.from_pretrained(directory, device=device)
+        config = replace(
+            config,
+            n_decoder_layers=0,
+            tgt_vocab_size=config.src_vocab_size,
+            share_embeddings=True,
+            **settings,
+        )
+        with torch.device("meta"):
+            transformer = Seq2SeqTransformer(config)
+        state = {
+            name: tensor
+            for name, tensor in full.state_dict().items()
+            if not name.startswith(("decoder_layers.", "decoder_norm.", "tgt_embedding."))
+        }
+        state["tgt_embedding.weight"] = state["src_embedding.weight"]  # one module, two names
+        transformer.load_state_dict(state, strict=True, assign=True)
+        transformer.tgt_embedding = transformer.src_embedding
+        transformer.positions = sinusoids(config, device)
+        return cls(config, seed=seed, transformer=transformer).to(device).eval()
+
+
+def sinusoids(config: Seq2SeqConfig, device: torch.device | str) -> SinusoidalPositionalEncoding:
+    """The fixed position table (a buffer that checkpoints do not hold)."""
+    return SinusoidalPositionalEncoding(config.max_len, config.d_model).to(device)
