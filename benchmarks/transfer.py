@@ -53,6 +53,16 @@ SHAPE = dict(n_layers=4, n_heads=4, d_model=128, max_len=CONTEXT, dropout=0.0)
 FRACTIONS = (0.01, 0.1, 1.0)
 
 
+def training_works_text() -> str:
+    """The spoken lines of the works whose questions train (not the validation and test
+    works): the pre-training text, and what the BPE is learned from."""
+    held_out = {w for works in SPLITS["shakespeare-qa"].values() for w in works}
+    works = shakespeare_units(shakespeare_text())
+    return "\n".join(
+        line for title, lines in works.items() if title not in held_out for line in lines
+    )
+
+
 def pretrain(tokenizer, text: str, steps: int) -> GPT2:
     config = GPT2Config(vocab_size=tokenizer.vocab_size, eos_token_id=tokenizer.eos_id, **SHAPE)
     model = GPT2(config, seed=0)
@@ -225,11 +235,7 @@ def main() -> None:
     machine = machine_line()
     print(machine, file=sys.stderr)
     keep_freed_memory()
-    held_out = {w for works in SPLITS["shakespeare-qa"].values() for w in works}
-    works = shakespeare_units(shakespeare_text())
-    text = "\n".join(
-        line for title, lines in works.items() if title not in held_out for line in lines
-    )
+    text = training_works_text()
     tokenizer = train_bpe([text], vocab_size=4096)
     splits = builtin_qa("shakespeare-qa")
     train, test = splits["train"], splits["test"]
