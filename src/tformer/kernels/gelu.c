@@ -12,6 +12,7 @@
    threads when there are enough of them. */
 
 #include <math.h>
+#include <omp.h>
 #include <stdint.h>
 
 #include "common.h"
@@ -35,31 +36,71 @@ static inline float gelu_derivative(float z) {
     return s + (w > 0.0f ? slope : 0.0f);
 }
 
-void tformer_gelu_tanh_f32(const float *z, float *y, int64_t n) {
-#pragma omp parallel for simd schedule(static) if (n >= PARALLEL_FROM)
-    for (int64_t i = 0; i < n; i++)
+/* Each function below runs its loop over [begin, end); the exported ones split [0, n)
+   into one range per OpenMP thread, or run it whole when n is small. (A loop under
+   `omp parallel for simd if (...)` is not vectorised when the condition is false.) */
+
+static void forward_f32(const float *z, float *y, int64_t begin, int64_t end) {
+#pragma omp simd
+    for (int64_t i = begin; i < end; i++)
         y[i] = z[i] * gelu_gate(z[i]);
 }
 
-void tformer_gelu_tanh_backward_f32(const float *grad, const float *z, float *out, int64_t n) {
-#pragma omp parallel for simd schedule(static) if (n >= PARALLEL_FROM)
-    for (int64_t i = 0; i < n; i++)
+static void backward_f32(const float *grad, const float *z, float *out, int64_t begin,
+                         int64_t end) {
+#pragma omp simd
+    for (int64_t i = begin; i < end; i++)
         out[i] = grad[i] * gelu_derivative(z[i]);
 }
 
-void tformer_gelu_tanh_bf16(const uint16_t *z, uint16_t *y, int64_t n) {
-#pragma omp parallel for simd schedule(static) if (n >= PARALLEL_FROM)
-    for (int64_t i = 0; i < n; i++) {
+static void forward_bf16(const uint16_t *z, uint16_t *y, int64_t begin, int64_t end) {
+#pragma omp simd
+    for (int64_t i = begin; i < end; i++) {
         float x = bf16_bits_to_float(z[i]);
         y[i] = float_to_bf16_bits(x * gelu_gate(x));
     }
 }
 
-void tformer_gelu_tanh_backward_bf16(const uint16_t *grad, const uint16_t *z, uint16_t *out,
-                                     int64_t n) {
-#pragma omp parallel for simd schedule(static) if (n >= PARALLEL_FROM)
-    for (int64_t i = 0; i < n; i++) {
+static void backward_bf16(const uint16_t *grad, const uint16_t *z, uint16_t *out,
+                          int64_t begin, int64_t end) {
+#pragma omp simd
+    for (int64_t i = begin; i < end; i++) {
         float x = bf16_bits_to_float(z[i]);
         out[i] = float_to_bf16_bits(bf16_bits_to_float(grad[i]) * gelu_derivative(x));
     }
+}
+
+/* Run CALL (which uses begin and end) over [0, n): split over the threads when n is large. */
+#define OVER_THREADS(n, CALL)                                                                  \
+    do {                                                                                       \
+        if ((n) < PARALLEL_FROM) {                                                             \
+            int64_t begin = 0, end = (n);                                                      \
+            CALL;                                                                              \
+        } else {                                                                               \
+            _Pragma("omp parallel") {                                                          \
+                int64_t threads = omp_get_num_threads(), me = omp_get_thread_num();            \
+                int64_t chunk = ((n) + threads - 1) / threads;                                 \
+                chunk = (chunk + 15) / 16 * 16; /* whole vectors per thread */                 \
+                int64_t begin = me * chunk < (n) ? me * chunk : (n);                           \
+                int64_t end = begin + chunk < (n) ? begin + chunk : (n);                       \
+                CALL;                                                                          \
+            }                                                                                  \
+        }                                                                                      \
+    } while (0)
+
+void tformer_gelu_tanh_f32(const float *z, float *y, int64_t n) {
+    OVER_THREADS(n, forward_f32(z, y, begin, end));
+}
+
+void tformer_gelu_tanh_backward_f32(const float *grad, const float *z, float *out, int64_t n) {
+    OVER_THREADS(n, backward_f32(grad, z, out, begin, end));
+}
+
+void tformer_gelu_tanh_bf16(const uint16_t *z, uint16_t *y, int64_t n) {
+    OVER_THREADS(n, forward_bf16(z, y, begin, end));
+}
+
+void tformer_gelu_tanh_backward_bf16(const uint16_t *grad, const uint16_t *z, uint16_t *out,
+                                     int64_t n) {
+    OVER_THREADS(n, backward_bf16(grad, z, out, begin, end));
 }
