@@ -133,3 +133,29 @@ def test_the_model_s_gelu_uses_the_kernels_and_autograd_agrees(compiled):
     (expected,) = torch.autograd.grad((reference * weights).sum(), z)
     torch.testing.assert_close(ours, reference, rtol=2e-6, atol=1e-7)
     torch.testing.assert_close(grad, expected, rtol=2e-5, atol=1e-6)
+
+
+def test_every_kernel_source_is_installed_with_the_package():
+    """pyproject.toml's package data must carry what the kernels compile from."""
+    from fnmatch import fnmatch
+    from pathlib import Path
+
+    import tomllib
+
+    root = Path(__file__).parents[2]
+    patterns = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"][
+        "package-data"
+    ]["tformer"]
+    package = Path(kernels.__file__).parents[1]
+    for source in (*kernels.SOURCES, *kernels.HEADERS):
+        name = source.relative_to(package).as_posix()
+        assert any(fnmatch(name, pattern) for pattern in patterns), name
+
+
+def test_missing_sources_mean_torch_s_kernels_not_a_crash(monkeypatch, tmp_path):
+    monkeypatch.setenv("TFORMER_KERNELS", "1")
+    monkeypatch.setattr(kernels, "HEADERS", (tmp_path / "gone.h",))
+    monkeypatch.setattr(kernels, "_loaded", None)
+    monkeypatch.setattr(kernels, "_reason", None)
+    assert kernels.load() is None
+    assert "not installed" in kernels.unavailable_reason()

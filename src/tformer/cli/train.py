@@ -111,10 +111,11 @@ def add_parser(sub) -> None:
     start.add_argument(
         "--init",
         metavar="CHECKPOINT",
-        help="start from this model instead of a random one: a tformer run directory or a "
-        "Hugging Face GPT-2 directory. Its shape and tokenizer apply (the size and "
-        "tokenizer flags are refused); --dropout, if given, replaces its dropout; "
-        "--context may be shorter than its window",
+        help="start from this model instead of a random one: a tformer run directory (a LoRA "
+        "run's adapters are folded in), a Hugging Face GPT-2 directory, or with --task qa "
+        "also a translation run, whose encoder then reads. Its shape and tokenizer apply "
+        "(the size and tokenizer flags are refused); --dropout, if given, replaces its "
+        "dropout; --context may be shorter than its window",
     )
     start.add_argument(
         "--lora-rank",

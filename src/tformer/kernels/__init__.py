@@ -216,7 +216,10 @@ def _library_path(compiler: str) -> Path:
     except (OSError, subprocess.SubprocessError) as e:
         raise KernelUnavailable(f"{compiler} --version failed: {e}") from e
     key = hashlib.sha256()
-    sources = [source.read_bytes() for source in (*SOURCES, *HEADERS)]
+    try:
+        sources = [source.read_bytes() for source in (*SOURCES, *HEADERS)]
+    except OSError as e:  # an installation without the sources: torch's kernels instead
+        raise KernelUnavailable(f"the kernel sources are not installed: {e}") from e
     for part in (*sources, version.encode(), " ".join(FLAGS).encode(), _cpu_id()):
         key.update(part)
         key.update(b"\0")
