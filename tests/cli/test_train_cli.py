@@ -403,6 +403,14 @@ def test_lora_cannot_stack_on_an_adapter_run_but_full_fine_tuning_can(
         check=False,
     )
     assert again.returncode == 2 and "holds LoRA adapters" in again.stderr
+    # the adapter directory samples and scores as a model: its base with the adapters
+    scored = tformer("eval", adapters, "--data", corpus, "--json", env=env)
+    val_loss = [r for r in losses(adapters) if r[0] == "eval"][-1][3]
+    assert json.loads(scored.stdout.strip().splitlines()[-1])["loss"] == pytest.approx(
+        val_loss, abs=1e-4
+    )
+    sampled = tformer("sample", adapters, "--prompt", "the", "--max-new-tokens", "5", env=env)
+    assert sampled.stdout.startswith("the")
     full = tmp_path / "full"  # the adapters folded in, then every weight trains
     tformer("train", "--data", corpus, "--init", adapters, *options, "--out", full, env=env)
     assert (full / "model.safetensors").is_file()

@@ -10,9 +10,11 @@ import torch
 from tformer.devices import DTYPES, parse_dtype, pick_device
 from tformer.files import read_json
 from tformer.generate.beam import greedy_search
+from tformer.models.adapters import is_adapter
 from tformer.models.checkpoints import load_config, load_gpt2, resolve_checkpoint
 from tformer.models.gpt2 import GPT2
 from tformer.models.seq2seq import MODEL_TYPE, Seq2SeqTransformer
+from tformer.nn.lora import merge_lora
 from tformer.tokenizers import Tokenizer, load_tokenizer, tokenizer_for_model
 
 
@@ -24,11 +26,16 @@ def add_device_options(parser) -> None:
 
 
 def load_model(checkpoint: str, device: str, dtype: str) -> tuple[GPT2, Tokenizer]:
-    """A checkpoint's model and tokenizer; the tokenizer is checked first, as it is cheaper."""
+    """A checkpoint's model and tokenizer; the tokenizer is checked first, as it is cheaper.
+    A LoRA adapter directory gives its base model with the adapters folded in."""
     directory = resolve_checkpoint(checkpoint)
+    where = dict(dtype=parse_dtype(dtype), device=pick_device(device))
+    if is_adapter(directory):
+        model = GPT2.from_pretrained(directory, **where)
+        merge_lora(model)  # W + (alpha / r) B A: the same function at the base's cost
+        return model.eval(), tokenizer_for_model(directory, model.config.vocab_size)
     tokenizer = tokenizer_for_model(directory, load_config(directory).vocab_size)
-    model = load_gpt2(directory, dtype=parse_dtype(dtype), device=pick_device(device))
-    return model, tokenizer
+    return load_gpt2(directory, **where), tokenizer
 
 
 def add_text_options(parser) -> None:
@@ -41,6 +48,8 @@ def add_text_options(parser) -> None:
 
 def is_translation_checkpoint(directory: Path) -> bool:
     """Whether a resolved checkpoint directory holds an encoder-decoder model."""
+    if is_adapter(directory):  # LoRA adapters are GPT-2's
+        return False
     return (
         read_json(directory / "config.json", "the model's config").get("model_type") == MODEL_TYPE
     )

@@ -4,16 +4,15 @@ for a translation checkpoint also BLEU and chrF on sentence pairs."""
 import json
 import time
 
-from tformer.cli.common import add_device_options, load_model
+from tformer.cli.common import add_device_options, is_translation_checkpoint, load_model
 from tformer.data.parallel import ParallelBatches, load_parallel
 from tformer.data.sources import load_corpus, read_source
 from tformer.data.tokens import LMBatches, tokenize_cached
 from tformer.devices import pick_device
-from tformer.files import read_json
 from tformer.generate.beam import BeamConfig
 from tformer.generate.translate import corpus_scores, translate
 from tformer.models.checkpoints import resolve_checkpoint
-from tformer.models.seq2seq import MODEL_TYPE, Seq2SeqTransformer
+from tformer.models.seq2seq import Seq2SeqTransformer
 from tformer.tokenizers import load_tokenizer
 from tformer.train import evaluate
 
@@ -50,8 +49,7 @@ def add_parser(sub) -> None:
 
 def run(args) -> None:
     directory = resolve_checkpoint(args.checkpoint)
-    config = read_json(directory / "config.json", "the model's config")
-    if config.get("model_type") == MODEL_TYPE:
+    if is_translation_checkpoint(directory):
         return run_translation(args, directory)
     if args.split == "test":
         raise ValueError("text is split 90/10 into train and val; there is no test split")
