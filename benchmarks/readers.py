@@ -56,7 +56,7 @@ def build(kind: str, vocab_size: int, eos: int | None) -> torch.nn.Module:
         max_len=CONTEXT,
         d_model=SHAPE["d_model"],
         n_heads=SHAPE["n_heads"],
-        n_encoder_layers=SHAPE["n_layers"],
+        n_layers=SHAPE["n_layers"],
         d_ff=4 * SHAPE["d_model"],
         dropout=0.0,
         norm_position=norm,

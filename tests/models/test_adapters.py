@@ -202,3 +202,25 @@ def test_lora_targets_are_named_either_way():
     assert lora_targets(["c_attn", "mlp.c_proj", "w1", "w_qkv"]) == ("w_qkv", "w2", "w1")
     with pytest.raises(ValueError, match="say attn.c_proj or mlp.c_proj"):
         lora_targets(["c_proj"])
+
+
+def test_a_language_model_s_adapters_start_a_reader_with_a_new_head(tmp_path):
+    base_checkpoint(tmp_path)
+    model = GPT2.from_pretrained(tmp_path / "base")
+    add_lora(model, LoRAConfig(rank=2), seed=0)
+    randomise_adapters(model)
+    model.save_pretrained(tmp_path / "lm-adapters")
+    reader = GPT2ForQuestionAnswering.from_pretrained(tmp_path / "lm-adapters", seed=5)
+    ids = torch.randint(0, 61, (2, 11))
+    torch.testing.assert_close(reader.gpt2.features(ids), model.features(ids), rtol=0, atol=0)
+    with pytest.raises(CheckpointError, match="without a question-answering head"):
+        GPT2ForQuestionAnswering.from_pretrained(tmp_path / "lm-adapters", head_required=True)
+
+
+def test_an_adapter_names_a_hub_model_by_its_name_and_a_directory_by_its_path(tmp_path):
+    from tformer.models.checkpoints import name_or_path
+
+    snapshot = tmp_path / "hub-cache" / "snapshots" / "abc123"
+    snapshot.mkdir(parents=True)
+    assert name_or_path("gpt2", snapshot) == "gpt2"  # not the machine's cache directory
+    assert name_or_path(str(snapshot), snapshot) == str(snapshot.resolve())

@@ -8,7 +8,7 @@ from tformer.models.encoder_qa import EncoderForQuestionAnswering
 from tformer.models.gpt2_qa import GPT2ForQuestionAnswering
 from tformer.models.seq2seq import Seq2SeqConfig, Seq2SeqTransformer
 
-SIZES = dict(d_model=32, n_heads=4, n_encoder_layers=2, d_ff=64, max_len=24, dropout=0.0)
+SIZES = dict(d_model=32, n_heads=4, n_layers=2, d_ff=64, max_len=24, dropout=0.0)
 
 
 def reader(seed=0, **overrides):
@@ -63,7 +63,18 @@ def test_a_reader_checkpoint_round_trips_exactly(tmp_path):
 
 
 def test_a_translation_model_s_encoder_becomes_a_reader(tmp_path):
-    config = Seq2SeqConfig(50, 50, share_embeddings=True, n_decoder_layers=2, **SIZES)
+    config = Seq2SeqConfig(
+        50,
+        50,
+        d_model=32,
+        n_heads=4,
+        n_encoder_layers=2,
+        n_decoder_layers=2,
+        d_ff=64,
+        max_len=24,
+        dropout=0.0,
+        share_embeddings=True,
+    )
     translator = Seq2SeqTransformer(config, seed=3).eval()
     translator.save_pretrained(tmp_path / "translation")
     with pytest.raises(CheckpointError, match="without a question-answering head"):

@@ -346,6 +346,8 @@ def run(args) -> None:
                 f"--init takes the model's shape and tokenizer from {args.init}; drop "
                 f"{', '.join(given)}"
             )
+    if task != "qa" and args.reader is not None and not args.resume:
+        raise ValueError("--reader picks the kind of question-answering model: add --task qa")
     args.lora = None if args.resume else lora_settings(args)
     if args.tokenizer is None:
         args.tokenizer = "char"
@@ -518,6 +520,10 @@ def train_model(args, model, train_data, val_data, config, out, tokenizer):
     """fit() as every task's command runs it; -> (history, the trained model for what the
     main process reports next, or None in the other processes). A sharded model runs only
     with every process, so the main one reloads the saved whole model."""
+    if config.parallel == "fsdp" and distributed.current().world_size > 1 and lora_layers(model):
+        raise ValueError(
+            "LoRA runs do not shard: its adapters are small, so train them with --parallel ddp"
+        )
     history = fit(
         model,
         train_data,

@@ -89,13 +89,18 @@ def reader_kind(args) -> str | None:
 
 def encoder_config(args, tokenizer, attention: str) -> Seq2SeqConfig:
     """A new bidirectional reader's config: the flags' sizes, else the small model's."""
+    if args.preset is not None:
+        raise ValueError(
+            "--preset names GPT-2's sizes; give the encoder reader's with --n-layers, "
+            "--n-heads, --d-model and --d-ff"
+        )
     d_model = args.d_model or SMALL_MODEL["d_model"]
     return EncoderForQuestionAnswering.config_for(
         tokenizer.vocab_size,
         max_len=args.context,
         d_model=d_model,
         n_heads=args.n_heads or SMALL_MODEL["n_heads"],
-        n_encoder_layers=args.n_layers or SMALL_MODEL["n_layers"],
+        n_layers=args.n_layers or SMALL_MODEL["n_layers"],
         d_ff=args.d_ff or 4 * d_model,
         dropout=args.dropout,
         activation=args.activation,

@@ -260,38 +260,74 @@ def load_adapter(model: Adaptable, directory: str | os.PathLike) -> LoRAConfig:
     return config
 
 
-def load_adapted(
+def load_base(
+    model_class: type,
     directory: Path,
-    question_answering: bool,
-    dtype: torch.dtype = torch.float32,
-    device: torch.device | str = "cpu",
-    *,
-    dropout: float | None = None,
-    attention: str | None = None,
+    dtype: torch.dtype,
+    device: torch.device | str,
+    dropout: float | None,
+    attention: str | None,
 ) -> Adaptable:
-    """The base model an adapter directory names, with the adapters on it (a QA model when
-    `question_answering`); dropout and attention as in GPT2.from_pretrained."""
-    config = read_config(directory)
-    base = config.get("base_model_name_or_path")
+    """The model an adapter directory names as its base (base_model_name_or_path)."""
+    base = read_config(directory).get("base_model_name_or_path")
     if not base:
         raise CheckpointError(
             f"{directory}: a LoRA adapter that does not name the model it adapts "
             "(base_model_name_or_path); load that model, then "
             "tformer.models.adapters.load_adapter(model, directory)"
         )
-    if question_answering and not has_head(config):
-        raise CheckpointError(
-            f"{directory}: a language-model adapter, without a question-answering head; "
-            "merge it first (tformer train ... --merge) to start a reader from it"
-        )
-    model_class = GPT2ForQuestionAnswering if question_answering else GPT2
     try:
-        model = model_class.from_pretrained(
+        return model_class.from_pretrained(
             base, dtype, device, dropout=dropout, attention=attention
         )
     except (CheckpointError, FileNotFoundError) as e:
         raise CheckpointError(
             f"{directory}: cannot load the model these adapters were trained on ({e})"
         ) from None
+
+
+def load_adapted_gpt2(
+    directory: Path,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+    *,
+    dropout: float | None = None,
+    attention: str | None = None,
+) -> GPT2:
+    """A language model's adapter directory: its base with the adapters on it; dropout and
+    attention as in GPT2.from_pretrained."""
+    if has_head(read_config(directory)):
+        raise CheckpointError(
+            f"{directory}: a question-answering adapter; load it with "
+            "GPT2ForQuestionAnswering.from_pretrained"
+        )
+    model = load_base(GPT2, directory, dtype, device, dropout, attention)
     load_adapter(model, directory)
     return model.eval()
+
+
+def load_adapted_reader(
+    directory: Path,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+    seed: int = 0,
+    *,
+    dropout: float | None = None,
+    attention: str | None = None,
+    head_required: bool = False,
+) -> GPT2ForQuestionAnswering:
+    """A reader's adapter directory: its base with the adapters and the span head on it. A
+    language model's adapter gives its base and adapters under a new head drawn from `seed`
+    (an error instead with head_required)."""
+    if has_head(read_config(directory)):
+        model = load_base(GPT2ForQuestionAnswering, directory, dtype, device, dropout, attention)
+        load_adapter(model, directory)
+        return model.eval()
+    if head_required:
+        raise CheckpointError(
+            f"{directory}: a language model's adapters, without a question-answering head; "
+            "train one with 'tformer train --task qa --init ...'"
+        )
+    gpt2 = load_adapted_gpt2(directory, dtype, device, dropout=dropout, attention=attention)
+    model = GPT2ForQuestionAnswering(gpt2.config, seed=seed, gpt2=gpt2)
+    return model.to(device=device, dtype=dtype).eval()

@@ -307,6 +307,14 @@ def resolve_checkpoint(path_or_name: str | os.PathLike) -> Path:
         ) from None
 
 
+def name_or_path(path_or_name: str | os.PathLike, directory: Path) -> str:
+    """How a saved adapter names its base: a local directory by its absolute path, a Hub
+    model by its name (not the cache directory it was downloaded to), as PEFT does."""
+    if Path(path_or_name).expanduser().is_dir():
+        return str(directory.resolve())
+    return str(path_or_name)
+
+
 def load_config(directory: Path) -> GPT2Config:
     """The GPT2Config of a checkpoint directory, from its config.json."""
     try:
@@ -345,7 +353,7 @@ def load_gpt2(
         model = GPT2(config)  # no memory, no initialisation: every tensor comes from the file
     ours = {k: v.to(device=device, dtype=dtype) for k, v in ours.items()}
     model.load_state_dict(ours, strict=True, assign=True)
-    model.name_or_path = str(directory.resolve())
+    model.name_or_path = name_or_path(path_or_name, directory)
     return model.eval()
 
 

@@ -58,11 +58,34 @@ class EncoderForQuestionAnswering(nn.Module):
             self.qa_outputs.bias.zero_()
 
     @staticmethod
-    def config_for(vocab_size: int, **sizes) -> Seq2SeqConfig:
-        """A reader's Seq2SeqConfig: one vocabulary, no decoder; `sizes` as Seq2SeqConfig's
-        (d_model, n_heads, n_encoder_layers, d_ff, max_len, dropout, norm_position, ...)."""
+    def config_for(
+        vocab_size: int,
+        max_len: int,
+        d_model: int,
+        n_heads: int,
+        n_layers: int,
+        d_ff: int,
+        dropout: float = 0.0,
+        norm_position: str = "post",
+        activation: str = "relu",
+        attention: str = "sdpa",
+    ) -> Seq2SeqConfig:
+        """A reader's Seq2SeqConfig: one vocabulary, n_layers encoder layers, no decoder
+        (post-LN and ReLU by default, the paper's layer)."""
         return Seq2SeqConfig(
-            vocab_size, vocab_size, n_decoder_layers=0, share_embeddings=True, **sizes
+            vocab_size,
+            vocab_size,
+            max_len=max_len,
+            d_model=d_model,
+            n_heads=n_heads,
+            n_encoder_layers=n_layers,
+            n_decoder_layers=0,
+            d_ff=d_ff,
+            dropout=dropout,
+            norm_position=norm_position,
+            activation=activation,
+            share_embeddings=True,
+            attention=attention,
         )
 
     def forward(

@@ -437,14 +437,16 @@ class GPT2(nn.Module):
         loads the base model it names with the adapters on it. `dropout` (every dropout of
         the model) and `attention` replace the saved settings, e.g. for fine-tuning; the
         weights are the same either way."""
-        from tformer.models.adapters import is_adapter, load_adapted
-        from tformer.models.checkpoints import load_gpt2, resolve_checkpoint
+        from tformer.models.adapters import is_adapter, load_adapted_gpt2
+        from tformer.models.checkpoints import load_gpt2, name_or_path, resolve_checkpoint
 
         directory = resolve_checkpoint(path_or_name)
         if is_adapter(directory):
             settings = dict(dropout=dropout, attention=attention)
-            return load_adapted(directory, False, dtype, device, **settings)
-        return load_gpt2(directory, dtype, device, dropout=dropout, attention=attention)
+            return load_adapted_gpt2(directory, dtype, device, **settings)
+        model = load_gpt2(directory, dtype, device, dropout=dropout, attention=attention)
+        model.name_or_path = name_or_path(path_or_name, directory)
+        return model
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
         """Write config.json and model.safetensors in the Hugging Face layout, atomically;

@@ -31,6 +31,7 @@ from tformer.models.checkpoints import (
     CheckpointError,
     config_to_hf,
     load_config,
+    name_or_path,
     read_tensors,
     resolve_checkpoint,
     state_dict_from_hf,
@@ -127,12 +128,12 @@ class GPT2ForQuestionAnswering(nn.Module):
         drawn from `seed` (an error instead with head_required); `dropout` and `attention`
         as in GPT2.from_pretrained. A LoRA adapter directory of a reader (PEFT's layout,
         task QUESTION_ANS) loads the base it names, with the adapters and the head on it."""
-        from tformer.models.adapters import is_adapter, load_adapted
+        from tformer.models.adapters import is_adapter, load_adapted_reader
 
         directory = resolve_checkpoint(path_or_name)
         if is_adapter(directory):
-            settings = dict(dropout=dropout, attention=attention)
-            return load_adapted(directory, True, dtype, device, **settings)
+            settings = dict(dropout=dropout, attention=attention, head_required=head_required)
+            return load_adapted_reader(directory, dtype, device, seed, **settings)
         config = with_settings(load_config(directory), dropout, attention)
         tensors = read_tensors(directory)
         head = {name: tensors.pop(name) for name in HEAD if name in tensors}
@@ -147,7 +148,7 @@ class GPT2ForQuestionAnswering(nn.Module):
         with torch.device("meta"):
             gpt2 = GPT2(config)  # no memory, no initialisation: the weights come from the file
         gpt2.load_state_dict(body, strict=True, assign=True)
-        gpt2.name_or_path = str(directory.resolve())
+        gpt2.name_or_path = name_or_path(path_or_name, directory)
         model = cls(config, seed=seed, gpt2=gpt2)
         if head:
             if tuple(head["qa_outputs.weight"].shape) != (2, config.d_model):
@@ -191,4 +192,5 @@ def right_padded(attention_mask: torch.Tensor | None) -> bool:
         return True
     if attention_mask.dim() != 2:
         return False
+    # On a GPU this reads one flag back from the device each forward pass.
     return bool((attention_mask[:, 1:] <= attention_mask[:, :-1]).all())

@@ -11,7 +11,7 @@ is ReLU, max(0, z), in the original Transformer and the tanh approximation of GE
 There is no activation after W2: the output goes straight back to the residual stream.
 
 On the CPU, gelu_tanh runs in the compiled kernels (tformer/kernels/gelu.c) where they are
-built: the same function, 4-10x faster than torch's, whose tanh is slow on the CPUs
+built: the same function, 2-3x faster than torch's, whose tanh is slow on the CPUs
 measured (docs/LOG.md). torch's own is the reference, and the path under torch.compile.
 """
 
@@ -19,6 +19,7 @@ from typing import Literal
 
 import torch
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from tformer import kernels
 
@@ -36,6 +37,7 @@ class CompiledGeluTanh(torch.autograd.Function):
         return library.gelu_tanh(z)
 
     @staticmethod
+    @once_differentiable  # the kernel's derivative is not itself differentiable
     def backward(ctx, grad):
         (z,) = ctx.saved_tensors
         return ctx.library.gelu_tanh_backward(grad.contiguous().to(z.dtype), z), None
