@@ -432,11 +432,8 @@ def run(args) -> None:
     context = spec.get("context") or model.config.max_len  # a fine-tuning run may be shorter
     train_data = LMBatches(tokenize_cached(corpus.train, tokenizer), context, "training")
     val_data = LMBatches(tokenize_cached(corpus.val, tokenizer), context, "validation")
-    if not args.resume and dist.is_main:  # only now that the data is known to be usable
-        if (out / "last").exists():
-            raise FileExistsError(f"{out} already holds a run: add --resume, or pick --out")
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(out / RUN_FILE, {**spec, "text_sha256": fingerprint})
+    if not args.resume:  # only now that the data is known to be usable
+        start_run_directory(out, {**spec, "text_sha256": fingerprint}, dist)
     say(
         f"data: {corpus.description}: {len(train_data):,} training and {len(val_data):,} "
         f"validation tokens ({type(tokenizer).__name__}, vocabulary {tokenizer.vocab_size:,})"
@@ -447,12 +444,11 @@ def run(args) -> None:
         f"process(es){scale_note(dist, config)}; run directory {out}"
     )
 
-    history, model = train_model(args, model, train_data, val_data, config, out, tokenizer)
+    history, model, trainable = train_model(
+        args, model, train_data, val_data, config, out, tokenizer, merge=spec.get("merge", False)
+    )
     if model is None:  # not the main process
         return
-    trainable = trainable_parameters(model)
-    if spec.get("merge"):
-        merge_run(model, out, tokenizer)
     # The last evaluation of the run, also when a resumed run had nothing left to do.
     val = [r for r in read_metrics(out) if r["type"] == "eval"][-1]
     sample = ""
@@ -504,6 +500,17 @@ def start_run(args):
     return device, dist, Path(args.out), say
 
 
+def start_run_directory(out: Path, record: dict, dist: distributed.Distributed) -> None:
+    """A new run's directory with its run.json (what it trains on, for --resume), refusing
+    one that holds a run already; the main process writes it."""
+    if not dist.is_main:
+        return
+    if (out / "last").exists():
+        raise FileExistsError(f"{out} already holds a run: add --resume, or pick --out")
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / RUN_FILE, record)
+
+
 def new_train_config(args, device: torch.device) -> TrainConfig:
     """The TrainConfig of a new run from its flags (each flag is one field)."""
     if args.threads:
@@ -516,10 +523,11 @@ def new_train_config(args, device: torch.device) -> TrainConfig:
     return TrainConfig(**options, dtype=training_dtype(args.dtype, device))
 
 
-def train_model(args, model, train_data, val_data, config, out, tokenizer):
+def train_model(args, model, train_data, val_data, config, out, tokenizer, merge=False):
     """fit() as every task's command runs it; -> (history, the trained model for what the
-    main process reports next, or None in the other processes). A sharded model runs only
-    with every process, so the main one reloads the saved whole model."""
+    main process reports next or None in the other processes, its trainable parameters).
+    A sharded model runs only with every process, so the main one reloads the saved whole
+    model. With `merge`, LoRA updates are folded into the weights at the end (merge_run)."""
     if config.parallel == "fsdp" and distributed.current().world_size > 1 and lora_layers(model):
         raise ValueError(
             "LoRA runs do not shard: its adapters are small, so train them with --parallel ddp"
@@ -535,10 +543,13 @@ def train_model(args, model, train_data, val_data, config, out, tokenizer):
         progress=not args.no_progress and not args.json,
     )
     if not distributed.current().is_main:
-        return history, None
+        return history, None, 0
     if distributed.is_sharded(model):
         model = type(model).from_pretrained(out, device=next(model.parameters()).device)
-    return history, model
+    trainable = trainable_parameters(model)
+    if merge:
+        merge_run(model, out, tokenizer)
+    return history, model, trainable
 
 
 def lora_settings(args) -> dict | None:

@@ -23,7 +23,6 @@ from tformer.cli.train import (
     attention_for,
     build_tokenizer,
     init_settings,
-    merge_run,
     model_config_from,
     new_train_config,
     prepare_init,
@@ -31,8 +30,8 @@ from tformer.cli.train import (
     saved_settings,
     scale_note,
     start_run,
+    start_run_directory,
     train_model,
-    trainable_parameters,
 )
 from tformer.files import atomic_write_json
 from tformer.models.encoder_qa import EncoderForQuestionAnswering
@@ -48,7 +47,6 @@ from tformer.qa.windows import marker_tokens
 from tformer.tokenizers import load_tokenizer, tokenizer_for_model
 from tformer.train.plots import read_metrics
 
-RUN_FILE = "run.json"
 SQUAD = {"squad": "1.1", "squad-2.0": "2.0"}  # --data names of the cached SQuAD versions
 DEFAULT_CONTEXT = 256  # tokens per window of a new model
 
@@ -179,11 +177,8 @@ def run(args) -> None:
 
     train_data = QABatches(windows(train), separator, "training")
     val_data = QABatches(windows(val), separator, "validation")
-    if not args.resume and dist.is_main:
-        if (out / "last").exists():
-            raise FileExistsError(f"{out} already holds a run: add --resume, or pick --out")
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(out / RUN_FILE, {**spec, "questions_sha256": digest})
+    if not args.resume:
+        start_run_directory(out, {**spec, "questions_sha256": digest}, dist)
     say(
         f"data: {len(train):,} training and {len(val):,} validation questions, "
         f"{len(train_data):,} and {len(val_data):,} windows of up to {max_len} tokens "
@@ -194,12 +189,11 @@ def run(args) -> None:
         f"{' from ' + spec['init'] if spec['init'] else ''}; {device}, {config.dtype}, "
         f"{dist.world_size} process(es){scale_note(dist, config)}; run directory {out}"
     )
-    history, model = train_model(args, model, train_data, val_data, config, out, tokenizer)
+    history, model, trainable = train_model(
+        args, model, train_data, val_data, config, out, tokenizer, merge=spec.get("merge", False)
+    )
     if model is None:  # not the main process
         return
-    trainable = trainable_parameters(model)
-    if spec.get("merge"):
-        merge_run(model, out, tokenizer)
     unanswerable = any(not e.answers for e in train + val + test)
     threshold = spec["null_threshold"]
     if threshold is None and unanswerable:

@@ -17,15 +17,14 @@ from tformer.cli.train import (
     absolute,
     attention_for,
     init_settings,
-    merge_run,
     new_train_config,
     prepare_init,
     read_run,
     saved_settings,
     scale_note,
     start_run,
+    start_run_directory,
     train_model,
-    trainable_parameters,
 )
 from tformer.data.prompts import (
     PromptBatches,
@@ -33,13 +32,11 @@ from tformer.data.prompts import (
     fingerprint,
     read_prompt_responses,
 )
-from tformer.files import atomic_write_json
 from tformer.generate import SamplingConfig, generate_ids
 from tformer.models.gpt2 import GPT2
 from tformer.tokenizers import load_tokenizer, tokenizer_for_model
 from tformer.train.plots import read_metrics
 
-RUN_FILE = "run.json"
 SHOWN = 3  # validation prompts answered at the end
 
 
@@ -106,11 +103,8 @@ def run(args) -> None:
     val_examples, val_counts = encode_pairs(val, tokenizer, max_len)
     train_data = PromptBatches(train_examples, pad, "training")
     val_data = PromptBatches(val_examples, pad, "validation")
-    if not args.resume and dist.is_main:
-        if (out / "last").exists():
-            raise FileExistsError(f"{out} already holds a run: add --resume, or pick --out")
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(out / RUN_FILE, {**spec, "pairs_sha256": digest})
+    if not args.resume:
+        start_run_directory(out, {**spec, "pairs_sha256": digest}, dist)
     cut = train_counts["cut"] + val_counts["cut"]
     left_out = train_counts["left_out"] + val_counts["left_out"]
     say(
@@ -123,12 +117,11 @@ def run(args) -> None:
         f"{config.dtype}, {dist.world_size} process(es){scale_note(dist, config)}; "
         f"run directory {out}"
     )
-    history, model = train_model(args, model, train_data, val_data, config, out, tokenizer)
+    history, model, trainable = train_model(
+        args, model, train_data, val_data, config, out, tokenizer, merge=spec.get("merge", False)
+    )
     if model is None:  # not the main process
         return
-    trainable = trainable_parameters(model)
-    if spec.get("merge"):
-        merge_run(model, out, tokenizer)
     val_record = [r for r in read_metrics(out) if r["type"] == "eval"][-1]
     train_records = [r for r in history if r["type"] == "train"]
     examples = []

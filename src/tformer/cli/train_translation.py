@@ -21,10 +21,10 @@ from tformer.cli.train import (
     read_run,
     scale_note,
     start_run,
+    start_run_directory,
     train_model,
 )
 from tformer.data.parallel import BUILTIN_PARALLEL, ParallelBatches, load_parallel
-from tformer.files import atomic_write_json
 from tformer.generate.beam import BeamConfig
 from tformer.generate.translate import corpus_scores, translate
 from tformer.models.seq2seq import PRESETS, Seq2SeqConfig, Seq2SeqTransformer
@@ -32,7 +32,6 @@ from tformer.tokenizers import load_tokenizer, train_bpe
 from tformer.train.plots import read_metrics
 
 SPECIAL_TOKENS = ("<pad>", "<s>", "</s>")  # ids 0, 1, 2: the model's pad, bos and eos
-RUN_FILE = "run.json"
 DEFAULT_MAX_LEN = 128
 
 
@@ -105,11 +104,8 @@ def run(args) -> None:
     ids = (c.pad_id, c.bos_id, c.eos_id)
     train_data = ParallelBatches(corpus.train, tokenizer, *ids, c.max_len, "training")
     val_data = ParallelBatches(corpus.val, tokenizer, *ids, c.max_len, "validation")
-    if not args.resume and dist.is_main:
-        if (out / "last").exists():
-            raise FileExistsError(f"{out} already holds a run: add --resume, or pick --out")
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(out / RUN_FILE, {**spec, "pairs_sha256": fingerprint})
+    if not args.resume:
+        start_run_directory(out, {**spec, "pairs_sha256": fingerprint}, dist)
     say(
         f"data: {corpus.description}: {len(corpus.train):,} training, {len(corpus.val):,} "
         f"validation, {len(corpus.test):,} test pairs (joint BPE, vocabulary "
@@ -121,7 +117,7 @@ def run(args) -> None:
         f"{config.dtype}, {dist.world_size} process(es){scale_note(dist, config)}; "
         f"run directory {out}"
     )
-    history, model = train_model(args, model, train_data, val_data, config, out, tokenizer)
+    history, model, _ = train_model(args, model, train_data, val_data, config, out, tokenizer)
     if model is None:  # not the main process
         return
     val = [r for r in read_metrics(out) if r["type"] == "eval"][-1]
