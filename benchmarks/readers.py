@@ -29,16 +29,22 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import machine_line  # noqa: E402
-from transfer import BATCH, CONTEXT, SHAPE, STRIDE, training_works_text  # noqa: E402
+from transfer import (  # noqa: E402
+    BATCH,
+    CONTEXT,
+    SHAPE,
+    STRIDE,
+    test_scores,
+    training_works_text,
+)
 
 from tformer import GPT2Config  # noqa: E402
 from tformer.devices import keep_freed_memory  # noqa: E402
 from tformer.models.encoder_qa import EncoderForQuestionAnswering  # noqa: E402
 from tformer.models.gpt2_qa import GPT2ForQuestionAnswering  # noqa: E402
-from tformer.qa import make_windows, squad_scores  # noqa: E402
+from tformer.qa import make_windows  # noqa: E402
 from tformer.qa.batches import QABatches  # noqa: E402
 from tformer.qa.cloze import builtin_qa  # noqa: E402
-from tformer.qa.read import answer  # noqa: E402
 from tformer.qa.windows import marker_tokens  # noqa: E402
 from tformer.tokenizers import train_bpe  # noqa: E402
 from tformer.train import TrainConfig, fit  # noqa: E402
@@ -84,10 +90,7 @@ def train_and_score(kind, tokenizer, questions, test, steps) -> dict:
     started = time.perf_counter()
     history = fit(model, QABatches(windows, separator), None, settings, progress=False)
     seconds = time.perf_counter() - started
-    predictions = answer(model, tokenizer, test, CONTEXT, STRIDE, max_answer_tokens=8)
-    scores = squad_scores(
-        (p.text, [a.text for a in e.answers]) for p, e in zip(predictions, test, strict=True)
-    )
+    scores = test_scores(model, tokenizer, test)
     return {
         "reader": kind,
         "questions": len(questions),

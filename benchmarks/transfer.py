@@ -113,10 +113,7 @@ def fine_tune(kind, pretrained, tokenizer, questions, test, steps) -> dict:
     started = time.perf_counter()
     fit(model, QABatches(windows, separator), None, settings, progress=False)
     seconds = time.perf_counter() - started
-    predictions = answer(model, tokenizer, test, CONTEXT, STRIDE, max_answer_tokens=8)
-    scores = squad_scores(
-        (p.text, [a.text for a in e.answers]) for p, e in zip(predictions, test, strict=True)
-    )
+    scores = test_scores(model, tokenizer, test)
     return {
         "method": kind,
         "questions": len(questions),
@@ -125,6 +122,14 @@ def fine_tune(kind, pretrained, tokenizer, questions, test, steps) -> dict:
         "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "train_seconds": round(seconds, 1),
     }
+
+
+def test_scores(model, tokenizer, test) -> dict:
+    """SQuAD exact match and F1 of a reader on the test questions (answers up to 8 tokens)."""
+    predictions = answer(model, tokenizer, test, CONTEXT, STRIDE, max_answer_tokens=8)
+    return squad_scores(
+        (p.text, [a.text for a in e.answers]) for p, e in zip(predictions, test, strict=True)
+    )
 
 
 def qa_throughput(config: GPT2Config, windows, separator: int, steps: int = 10) -> dict:
