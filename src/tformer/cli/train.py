@@ -529,9 +529,7 @@ def train_model(args, model, train_data, val_data, config, out, tokenizer, merge
     A sharded model runs only with every process, so the main one reloads the saved whole
     model. With `merge`, LoRA updates are folded into the weights at the end (merge_run)."""
     if config.parallel == "fsdp" and distributed.current().world_size > 1 and lora_layers(model):
-        raise ValueError(
-            "LoRA runs do not shard: its adapters are small, so train them with --parallel ddp"
-        )
+        raise ValueError("LoRA runs are not sharded (their adapters are small): use --parallel ddp")
     history = fit(
         model,
         train_data,
