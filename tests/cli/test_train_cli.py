@@ -527,3 +527,33 @@ def test_qa_task_reads_with_a_translation_model_s_encoder(tmp_path, env):
         "train", *options, "--reader", "gpt2", "--out", tmp_path / "x", env=env, check=False
     )
     assert refused.returncode == 2 and "drop --reader" in refused.stderr
+
+
+def test_two_processes_match_one_process_when_rows_score_unequally(base_run, tmp_path, env):
+    """Prompt/response pairs: each row scores as many targets as its response has tokens,
+    so the two processes' halves of a batch score different numbers; the loss is still
+    the mean over the whole batch's scored targets, as in one process."""
+    import random
+
+    rng = random.Random(3)
+    words = ["cat", "dog", "king", "queen", "moon", "bird", "sea", "river", "friend"]
+    with open(tmp_path / "pairs.jsonl", "w") as f:
+        for _ in range(200):
+            word = rng.choice(words)
+            reply = " " + " ".join(rng.choice(words) for _ in range(rng.randint(0, 2))) + "."
+            f.write(json.dumps({"prompt": word, "response": reply}) + "\n")
+    common = ["--task", "sft", "--data", tmp_path / "pairs.jsonl", "--init", base_run]
+    common += ["--steps", "10", "--batch-size", "8", "--eval-every", "5", "--dropout", "0"]
+    common += ["--dtype", "float32", "--threads", "1", "--no-progress", "--sample-tokens", "0"]
+    tformer("train", *common, "--out", tmp_path / "single", env=env)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2"]
+    cmd += ["--master_port", "29519", "-m", "tformer", "train", *map(str, common)]
+    result = subprocess.run(
+        cmd + ["--out", str(tmp_path / "ddp")], capture_output=True, text=True, env=env
+    )
+    assert result.returncode == 0, result.stderr
+    a, b = losses(tmp_path / "single"), losses(tmp_path / "ddp")
+    assert [r[:2] for r in a] == [r[:2] for r in b]
+    for ra, rb in zip(a, b, strict=True):
+        for x, y in zip(ra[2:], rb[2:], strict=True):
+            assert (x is None and y is None) or abs(x - y) <= 1e-5, (ra, rb)

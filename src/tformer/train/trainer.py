@@ -4,7 +4,9 @@ The loop, per optimizer step s:
 
     lr_s = schedule(s)
     for each of grad_accum micro-batches:       this process's rows of the global batch
-        loss = CE(model(x), y) / grad_accum    under bf16/fp16 autocast when asked
+        loss = CE(model(x), y) / grad_accum    under bf16/fp16 autocast when asked; with
+                                               several processes, the mean over all their
+                                               scored targets
         loss.backward()                        DDP averages gradients across processes
     clip the gradient norm; AdamW step; log; evaluate and checkpoint when due
 
@@ -360,11 +362,25 @@ def _fit(
             # data (and the result) do not depend on the number of processes.
             batch = train.sample(micro, generator)
             tokens_seen += batch.token_count()  # all processes' rows
-            batch = batch.rows(dist.rank * rows, (dist.rank + 1) * rows).to(device)
+            share = 1.0
+            if dist.world_size > 1:
+                # With padding the processes' rows score different numbers of targets: each
+                # process's mean is weighted by its share of the micro-batch's scored
+                # targets (times the processes the gradients are averaged over), so that the
+                # loss is the mean over all of them, as in one process.
+                everyone = int((batch.targets != IGNORE_INDEX).sum())
+                batch = batch.rows(dist.rank * rows, (dist.rank + 1) * rows)
+                share = int((batch.targets != IGNORE_INDEX).sum()) / everyone * dist.world_size
+            batch = batch.to(device)
             with gradient_sync(ddp, model, on=m == config.grad_accum - 1):
                 with autocast(device, config.dtype):
                     logits, targets = step_model(batch.inputs, batch.targets)
-                loss = cross_entropy(logits, targets, config.label_smoothing)
+                if share == 0.0:  # nothing to score here; the graph still joins the averaging
+                    loss = logits.sum() * 0.0
+                else:
+                    loss = cross_entropy(logits, targets, config.label_smoothing)
+                    if share != 1.0:
+                        loss = loss * share
                 loss = loss / config.grad_accum
                 scaler.scale(loss).backward()
             total += loss.detach()
