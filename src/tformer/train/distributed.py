@@ -20,19 +20,16 @@ DDP or in one process, and the other way round.
 """
 
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_model_state_dict,
-    get_optimizer_state_dict,
-    set_model_state_dict,
-    set_optimizer_state_dict,
-)
-from torch.distributed.fsdp import FSDPModule, fully_shard, register_fsdp_forward_method
+
+# torch.distributed.fsdp and .checkpoint take ~0.6 s to import, more than the rest of
+# tformer: they are imported where they are used, so that commands that do not train
+# (answer, generate, eval) start that much sooner.
 
 FORWARD_METHODS = ("features", "unembed")  # the trainer may call these instead of forward
 
@@ -84,6 +81,8 @@ def shard(model: nn.Module) -> nn.Module:
             f"{type(model).__name__} does not list its layers (a `layers()` method), so FSDP "
             "could only shard it as one unit; use --parallel ddp"
         )
+    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+
     for layer in model.layers():
         fully_shard(layer)
     fully_shard(model)
@@ -94,10 +93,16 @@ def shard(model: nn.Module) -> nn.Module:
 
 
 def is_sharded(model: nn.Module) -> bool:
-    return isinstance(model, FSDPModule)
+    fsdp = sys.modules.get("torch.distributed.fsdp")  # not imported: nothing is sharded
+    return fsdp is not None and isinstance(model, fsdp.FSDPModule)
 
 
-FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)  # whole tensors, on rank 0
+def whole_tensors(on_rank_0: bool):
+    """Options for reading whole tensors from (possibly sharded) state: gathered to rank 0's
+    CPU when `on_rank_0`."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, cpu_offload=on_rank_0)
 
 
 def whole_model(model: nn.Module) -> nn.Module | None:
@@ -106,7 +111,9 @@ def whole_model(model: nn.Module) -> nn.Module | None:
     elsewhere."""
     if not is_sharded(model):
         return model
-    state = get_model_state_dict(model, options=FULL)
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    state = get_model_state_dict(model, options=whole_tensors(on_rank_0=True))
     if not current().is_main:
         return None
     with torch.device("meta"):
@@ -118,7 +125,9 @@ def whole_model(model: nn.Module) -> nn.Module | None:
 def load_whole_model_state(model: nn.Module, state: dict) -> None:
     """Load whole tensors (a saved checkpoint's) into `model`, sharded or not."""
     if is_sharded(model):
-        set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True))
+        from torch.distributed.checkpoint.state_dict import set_model_state_dict
+
+        set_model_state_dict(model, state, options=whole_tensors(on_rank_0=False))
     else:
         model.load_state_dict(state)
 
@@ -126,7 +135,9 @@ def load_whole_model_state(model: nn.Module, state: dict) -> None:
 def optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
     """The optimizer's whole state keyed by parameter name (a collective under FSDP; whole
     on rank 0): the same file whether the run was sharded or not."""
-    options = FULL if is_sharded(model) else StateDictOptions(full_state_dict=True)
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    options = whole_tensors(on_rank_0=is_sharded(model))
     return get_optimizer_state_dict(model, optimizer, options=options)
 
 
@@ -139,5 +150,7 @@ def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, sta
             )
         optimizer.load_state_dict(state)
         return
-    options = StateDictOptions(full_state_dict=True)
+    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
+    options = whole_tensors(on_rank_0=False)
     set_optimizer_state_dict(model, optimizer, optim_state_dict=state, options=options)
