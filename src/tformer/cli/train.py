@@ -382,7 +382,6 @@ def run(args) -> None:
     device, dist, out, say = start_run(args)
     if args.resume:
         spec, config = read_run(out, args)
-        torch.set_num_threads(args.threads or spec["threads"])  # the same sums, the same digits
     else:
         config = new_train_config(args, device)
         spec = {
@@ -651,7 +650,8 @@ def text_fingerprint(train: str, val: str) -> str:
 
 
 def read_run(out: Path, args) -> tuple[dict, TrainConfig]:
-    """What a run trains on and how, for --resume; with errors that say what is missing.
+    """What a run trains on and how, for --resume (on the run's own number of threads, unless
+    --threads says otherwise); with errors that say what is missing.
     How the work is spread may change (--parallel, --activation-checkpointing, --compile):
     the arithmetic is the same, up to the order of sums across processes."""
     if not (out / "last").exists():
@@ -660,6 +660,7 @@ def read_run(out: Path, args) -> tuple[dict, TrainConfig]:
             "is not a run directory)"
         )
     spec = read_json(out / RUN_FILE, "the description of a training run")
+    torch.set_num_threads(args.threads or spec["threads"])  # the same sums, the same digits
     saved = read_json(out / "train_config.json", "a training config")
     try:
         config = TrainConfig(**saved)

@@ -61,7 +61,6 @@ def run(args) -> None:
     device, dist, out, say = start_run(args)
     if args.resume:
         spec, config = read_run(out, args)
-        torch.set_num_threads(args.threads or spec["threads"])
     else:
         if args.init is None:
             raise ValueError(
