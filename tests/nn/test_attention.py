@@ -144,6 +144,31 @@ def test_blocked_path_of_the_module_equals_explicit_in_bf16(monkeypatch):
         torch.testing.assert_close(ours / scale, reference / scale, rtol=0, atol=2e-2)
 
 
+@pytest.mark.parametrize("padded", [False, True])
+def test_explicit_path_in_bf16_matches_float32_to_bf16_rounding(padded):
+    """Under bf16 autocast the explicit path's matmuls run in bf16 (its softmax in float32):
+    outputs and every gradient stay within bf16 rounding of float32, with and without
+    queries that see no key."""
+    torch.manual_seed(0)
+    mha = MultiHeadAttention(64, 4, causal=True, implementation="explicit")
+    x = torch.randn(3, 50, 64)
+    padding = torch.ones(3, 50, dtype=torch.bool)
+    padding[1, :7] = False  # left padding: queries that see no key at all
+    mask = padding if padded else None
+    results = []
+    for dtype in (torch.float32, torch.bfloat16):
+        mha.zero_grad(set_to_none=True)
+        x_grad = x.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+            out = mha(x_grad, attention_mask=mask).float()
+        (out * torch.linspace(-1, 1, 64)).square().mean().backward()
+        results.append([out, x_grad.grad, *(p.grad.clone() for p in mha.parameters())])
+    for low, reference in zip(results[1], results[0], strict=True):
+        assert torch.isfinite(low).all()
+        scale = reference.abs().max()
+        torch.testing.assert_close(low / scale, reference / scale, rtol=0, atol=2e-2)
+
+
 def test_causal_mask_with_cached_offset():
     # 2 new queries after 3 cached positions: query 0 is position 3, query 1 is position 4.
     expected = torch.tensor([[1, 1, 1, 1, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
