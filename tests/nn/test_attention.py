@@ -72,6 +72,22 @@ def test_query_that_sees_no_key_gets_zero_output_on_both_paths():
         torch.testing.assert_close(out[:, :, 0], torch.zeros(2, 3, 4))
 
 
+@pytest.mark.parametrize("implementation", ["sdpa", "explicit", "blocked"])
+def test_query_that_sees_no_key_gets_finite_gradients(implementation, monkeypatch):
+    """Left padding in causal attention leaves the first queries no key to see: their
+    output is zero, and no NaN reaches the gradients through their softmax row."""
+    monkeypatch.setattr(attention_module, "QUERY_BLOCK", 4)  # so "blocked" takes its path
+    torch.manual_seed(0)
+    mha = MultiHeadAttention(8, 2, causal=True, implementation=implementation)
+    x = torch.randn(2, 9, 8, requires_grad=True)
+    padding = torch.ones(2, 9, dtype=torch.bool)
+    padding[1, :3] = False
+    out = mha(x, attention_mask=padding)
+    out.square().sum().backward()
+    for grad in (x.grad, *(p.grad for p in mha.parameters())):
+        assert torch.isfinite(grad).all()
+
+
 @pytest.mark.parametrize("block", [1, 3, 4, 10])  # uneven last block, one block for all
 def test_blocked_causal_attention_matches_formula(block):
     q, k, v = qkv(t=10, s=10)

@@ -44,17 +44,21 @@ def attention_weights(
     """softmax(Q K^T / sqrt(d_k) + M): (B, H, T, D), (B, H, S, D) -> (B, H, T, S)."""
     # Scaling q rather than the scores touches T x D numbers instead of T x S.
     scores = (q / math.sqrt(q.shape[-1])) @ k.transpose(-2, -1)  # (B, H, T, S)
+    no_key = None
     if mask is not None:
+        # A query that may see no key attends to nothing. Its row is left unmasked (an
+        # all -inf row would give NaN in softmax, and NaN gradients through it) and its
+        # weights are zeroed below. Checked on the small boolean mask, so a causal mask
+        # costs no pass over the weights.
+        empty = ~mask.any(dim=-1, keepdim=True)
+        if empty.any():
+            no_key, mask = empty, mask | empty
         # M as an additive bias: its gradient is the identity, so backward costs nothing.
         bias = torch.zeros(mask.shape, dtype=scores.dtype, device=scores.device)
         scores = scores + bias.masked_fill_(~mask, float("-inf"))
     weights = torch.softmax(scores, dim=-1, dtype=torch.float32)  # summed in float32
-    if mask is not None:
-        # A row that is all -inf gives NaN in softmax; such a query attends to nothing.
-        # Checked on the small boolean mask, so a causal mask costs no pass over the weights.
-        no_key = ~mask.any(dim=-1, keepdim=True)
-        if no_key.any():
-            weights = weights.masked_fill(no_key, 0.0)
+    if no_key is not None:
+        weights = weights.masked_fill(no_key, 0.0)
     return weights.to(q.dtype)
 
 
