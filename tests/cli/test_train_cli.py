@@ -85,6 +85,30 @@ def test_train_json_eval_and_plot(corpus, tmp_path, env):
     assert (run / "loss.png").is_file()
 
 
+def test_a_training_run_does_not_import_the_compiler_stack(corpus, tmp_path, env):
+    """torch._dynamo takes 1.1-1.5 s to import (a quarter of a short run's fixed cost): a
+    run that does not ask for --compile trains, evaluates, checkpoints and resumes without
+    it (torch.optim's optimizers import it; tformer's AdamW does not)."""
+    run = tmp_path / "run"
+    script = (
+        "import sys\n"
+        "from tformer.cli.main import main\n"
+        "sys.argv = ['tformer', *sys.argv[1:]]\n"
+        "try:\n"
+        "    main()\n"
+        "finally:\n"
+        "    print('dynamo imported:', 'torch._dynamo' in sys.modules)\n"
+    )
+    first = ["train", "--data", corpus, "--steps", "30", "--out", run, *SMALL]
+    for args in (first, ["train", "--out", run, "--resume", "--no-progress"]):  # loads the state
+        result = subprocess.run(
+            [sys.executable, "-c", script, *map(str, args)], capture_output=True, text=True, env=env
+        )
+        assert result.returncode == 0, result.stderr
+        assert "dynamo imported: False" in result.stdout
+    assert (run / "checkpoints").is_dir() and losses(run)[-1][1] == 30
+
+
 def assert_killed_run_resumes_exactly(options, tmp_path, env, delay=0.0):
     """Train with `options` once whole, once killed (SIGKILL) right after its first
     checkpoint plus `delay` seconds and resumed: every logged loss must be the same."""

@@ -4,7 +4,30 @@ import pytest
 import torch
 
 from tformer import GPT2, GPT2Config
-from tformer.train.optim import build_optimizer, learning_rate
+from tformer.train.optim import AdamW, build_optimizer, learning_rate
+
+
+def groups(model: torch.nn.Module) -> list[dict]:
+    params = list(model.parameters())
+    return [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": 0.1},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+
+
+def tiny_pair() -> tuple[GPT2, GPT2]:
+    config = GPT2Config(vocab_size=30, max_len=16, d_model=16, n_layers=2, n_heads=2, dropout=0.0)
+    return GPT2(config, seed=0), GPT2(config, seed=0)
+
+
+def train_steps(model, optimizer, steps: int, seed: int = 0) -> None:
+    g = torch.Generator().manual_seed(seed)
+    for step in range(steps):
+        for group in optimizer.param_groups:
+            group["lr"] = 1e-2 * (step + 1) / steps  # a schedule, as the trainer sets it
+        model(torch.randint(0, 30, (3, 16), generator=g)).square().mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
 
 
 def test_weight_decay_only_on_matrices():
@@ -41,3 +64,63 @@ def test_adamw_decay_is_decoupled_from_the_gradient():
     w.grad = torch.zeros(2, 2)  # no gradient: only the decay acts
     opt.step()
     torch.testing.assert_close(w.data, torch.full((2, 2), 1 - 0.1 * 0.5))
+
+
+def test_adamw_is_torch_s_fused_adamw_to_the_last_bit():
+    ours, theirs = tiny_pair()
+    our_optimizer = AdamW(groups(ours), lr=1e-2, betas=(0.9, 0.95))
+    their_optimizer = torch.optim.AdamW(groups(theirs), lr=1e-2, betas=(0.9, 0.95), fused=True)
+    train_steps(ours, our_optimizer, 5)
+    train_steps(theirs, their_optimizer, 5)
+    for p, q in zip(ours.parameters(), theirs.parameters(), strict=True):
+        assert torch.equal(p, q)
+    ours_saved, theirs_saved = our_optimizer.state_dict(), their_optimizer.state_dict()
+    assert ours_saved["param_groups"] == theirs_saved["param_groups"]
+    for key, state in theirs_saved["state"].items():
+        for name, tensor in state.items():
+            assert torch.equal(ours_saved["state"][key][name], tensor)
+
+
+def test_adamw_state_moves_to_and_from_torch_s_and_training_goes_on_alike():
+    ours, theirs = tiny_pair()
+    our_optimizer = AdamW(groups(ours), lr=1e-2, betas=(0.9, 0.95))
+    train_steps(ours, our_optimizer, 3)
+    theirs.load_state_dict(ours.state_dict())
+    their_optimizer = torch.optim.AdamW(groups(theirs), lr=1e-2, betas=(0.9, 0.95), fused=True)
+    their_optimizer.load_state_dict(our_optimizer.state_dict())  # ours -> torch's
+    back = AdamW(groups(ours), lr=1.0, betas=(0.5, 0.5))
+    back.load_state_dict(their_optimizer.state_dict())  # torch's -> ours, settings included
+    assert back.param_groups[0]["betas"] == (0.9, 0.95)
+    train_steps(ours, back, 2, seed=1)
+    train_steps(theirs, their_optimizer, 2, seed=1)
+    for p, q in zip(ours.parameters(), theirs.parameters(), strict=True):
+        assert torch.equal(p, q)
+
+
+def test_adamw_state_by_name_refuses_another_model_s():
+    ours, _ = tiny_pair()
+    optimizer = AdamW(groups(ours), lr=1e-2, betas=(0.9, 0.95))
+    train_steps(ours, optimizer, 1)
+    names = {p: name for name, p in ours.named_parameters()}
+    saved = optimizer.state_dict(names=names)
+    assert "blocks.0.attn.w_qkv.weight" in saved["state"]
+    other = GPT2(GPT2Config(vocab_size=30, max_len=16, d_model=16, n_layers=3, n_heads=2))
+    other_names = {p: name for name, p in other.named_parameters()}
+    with pytest.raises(ValueError, match="other parameters"):
+        AdamW(groups(other), lr=1e-2, betas=(0.9, 0.95)).load_state_dict(saved, other_names)
+
+
+def test_adamw_updates_parameters_of_two_dtypes_in_one_group_as_torch_does():
+    ours = [torch.nn.Parameter(torch.randn(4, 3)), torch.nn.Parameter(torch.randn(5).bfloat16())]
+    theirs = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    our_optimizer = AdamW([{"params": ours, "weight_decay": 0.1}], lr=0.1, betas=(0.9, 0.99))
+    their_optimizer = torch.optim.AdamW(
+        [{"params": theirs, "weight_decay": 0.1}], lr=0.1, betas=(0.9, 0.99), fused=True
+    )
+    for step in range(3):
+        for params, optimizer in ((ours, our_optimizer), (theirs, their_optimizer)):
+            for p in params:
+                p.grad = torch.full_like(p, 0.5 * (step + 1))
+            optimizer.step()
+    for p, q in zip(ours, theirs, strict=True):
+        assert p.dtype == q.dtype and torch.equal(p, q)

@@ -132,17 +132,38 @@ def load_whole_model_state(model: nn.Module, state: dict) -> None:
         model.load_state_dict(state)
 
 
-def optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+def parameter_names(model: nn.Module) -> dict[torch.Tensor, str]:
+    """Each parameter's name in `model` (a tied weight under its first name)."""
+    return {p: name for name, p in model.named_parameters()}
+
+
+def numbers_its_parameters(state: dict) -> bool:
+    """Whether an optimizer state numbers its parameters (torch.optim's own format, written
+    before checkpoints named them) rather than naming them."""
+    return any(isinstance(key, int) for group in state["param_groups"] for key in group["params"])
+
+
+def optimizer_state(model: nn.Module, optimizer) -> dict:
     """The optimizer's whole state keyed by parameter name (a collective under FSDP; whole
     on rank 0): the same file whether the run was sharded or not."""
+    from tformer.train.optim import AdamW
+
+    if isinstance(optimizer, AdamW):
+        return optimizer.state_dict(names=parameter_names(model))
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
     options = whole_tensors(on_rank_0=is_sharded(model))
     return get_optimizer_state_dict(model, optimizer, options=options)
 
 
-def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
-    if any(isinstance(key, int) for key in state["state"]):  # saved before names were used
+def load_optimizer_state(model: nn.Module, optimizer, state: dict) -> None:
+    from tformer.train.optim import AdamW
+
+    numbered = numbers_its_parameters(state)
+    if isinstance(optimizer, AdamW):
+        optimizer.load_state_dict(state, names=None if numbered else parameter_names(model))
+        return
+    if numbered:
         if is_sharded(model):
             raise ValueError(
                 "this checkpoint numbers its optimizer state (it predates sharded training): "

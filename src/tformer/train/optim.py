@@ -1,8 +1,15 @@
 """AdamW with decoupled weight decay on matrices only, and the learning-rate schedule.
 
 AdamW (Loshchilov and Hutter, 2019) shrinks weights by lr * wd each step, separately from
-the gradient step. Only matrices (weights of linear layers and embeddings) decay; biases and
-LayerNorm gains stay free, as decaying them only hurts.
+the gradient step. For a parameter p with gradient g at step t = 1, 2, ...:
+
+    m = b1 m + (1 - b1) g                                   first moment (exp_avg)
+    v = b2 v + (1 - b2) g^2                                 second moment (exp_avg_sq)
+    p = p - lr wd p                                         decoupled weight decay
+    p = p - lr (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps)
+
+Only matrices (weights of linear layers and embeddings) decay; biases and LayerNorm gains
+stay free, as decaying them only hurts.
 
 Schedule (as in GPT-2/3 training and nanoGPT), for step s = 0, 1, ...:
 
@@ -24,10 +31,146 @@ import math
 import torch
 from torch import nn
 
+from tformer.train import distributed
+
+
+class AdamW:
+    """AdamW over parameter groups (the equations above), each group with its own lr, betas,
+    eps and weight_decay, as in torch.optim.
+
+    The update itself is PyTorch's fused AdamW kernel, one pass over each tensor, so the
+    numbers are torch.optim.AdamW(fused=True)'s to the last bit (a test holds them to each
+    other). What this class leaves out is torch.optim's machinery: for a small model its
+    bookkeeping cost ~0.3 ms a step, and creating any torch.optim optimizer imports the
+    compiler stack (torch._dynamo), 1.1-1.5 s of a one-minute run (docs/LOG.md).
+
+    The state is kept in torch.optim.AdamW's layout (per parameter: "step" as a float32
+    scalar tensor, "exp_avg" m, "exp_avg_sq" v), and state_dict / load_state_dict use its
+    numbered format, so checkpoints move between the two.
+    """
+
+    def __init__(
+        self,
+        param_groups: list[dict],
+        lr: float,
+        betas: tuple[float, float],
+        eps: float = 1e-8,
+    ) -> None:
+        defaults = {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": 0.0}
+        self.param_groups = [{**defaults, **group} for group in param_groups]
+        for group in self.param_groups:
+            group["params"] = list(group["params"])
+        self.state: dict[torch.Tensor, dict[str, torch.Tensor]] = {}
+
+    def parameters(self) -> list[torch.Tensor]:
+        return [p for group in self.param_groups for p in group["params"]]
+
+    def state_of(self, p: torch.Tensor) -> dict[str, torch.Tensor]:
+        """p's state, created (step 0, zero moments) on its first update."""
+        if p not in self.state:
+            self.state[p] = {
+                "step": torch.zeros((), dtype=torch.float32, device=p.device),
+                "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
+                "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format),
+            }
+        return self.state[p]
+
+    @torch.no_grad()
+    def step(self) -> None:
+        """One update of every parameter that has a gradient."""
+        for group in self.param_groups:
+            kinds: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
+            for p in group["params"]:
+                if p.grad is not None:
+                    kinds.setdefault((p.device, p.dtype), []).append(p)
+            for params in kinds.values():  # the fused kernel takes one device and dtype
+                self.update(params, group)
+
+    def update(self, params: list[torch.Tensor], group: dict) -> None:
+        """The equations above for `params` (one device, one dtype), with the group's lr,
+        betas, eps and weight decay: t += 1, then one fused pass over each tensor."""
+        states = [self.state_of(p) for p in params]
+        steps = [state["step"] for state in states]
+        torch._foreach_add_(steps, 1)  # t
+        beta1, beta2 = group["betas"]
+        torch._fused_adamw_(
+            params,
+            [p.grad for p in params],
+            [state["exp_avg"] for state in states],
+            [state["exp_avg_sq"] for state in states],
+            [],  # no AMSGrad
+            steps,
+            lr=group["lr"],
+            beta1=beta1,
+            beta2=beta2,
+            weight_decay=group["weight_decay"],
+            eps=group["eps"],
+            amsgrad=False,
+            maximize=False,
+        )
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for p in self.parameters():
+            if set_to_none:
+                p.grad = None
+            elif p.grad is not None:
+                p.grad.zero_()
+
+    def hyperparameters(self, group: dict) -> dict:
+        """A group's settings, under torch.optim.AdamW(fused=True)'s keys."""
+        settings = {key: group[key] for key in ("weight_decay", "lr", "betas", "eps")}
+        flags = {"amsgrad": False, "maximize": False, "foreach": None, "capturable": False}
+        flags |= {"differentiable": False, "fused": True, "decoupled_weight_decay": True}
+        return settings | flags
+
+    def state_dict(self, names: dict[torch.Tensor, str] | None = None) -> dict:
+        """torch.optim's format: parameters numbered in group order; or, given each
+        parameter's name, keyed by name (torch.distributed.checkpoint's format)."""
+        key = {p: i for i, p in enumerate(self.parameters())} if names is None else names
+        groups = [
+            self.hyperparameters(group) | {"params": [key[p] for p in group["params"]]}
+            for group in self.param_groups
+        ]
+        state = {key[p]: dict(self.state[p]) for p in self.parameters() if p in self.state}
+        return {"state": state, "param_groups": groups}
+
+    def load_state_dict(self, saved: dict, names: dict[torch.Tensor, str] | None = None) -> None:
+        """Inverse of state_dict (numbered, or keyed by the names given); the groups must
+        hold the same parameters in the same order. Tensors are copied to each parameter's
+        device."""
+        groups = saved["param_groups"]
+        if len(groups) != len(self.param_groups):
+            raise ValueError(
+                f"the saved optimizer state has {len(groups)} parameter groups, this "
+                f"optimizer {len(self.param_groups)}: was it saved for another model?"
+            )
+        key = {p: i for i, p in enumerate(self.parameters())} if names is None else names
+        state: dict[torch.Tensor, dict[str, torch.Tensor]] = {}
+        for group, saved_group in zip(self.param_groups, groups, strict=True):
+            if [key[p] for p in group["params"]] != list(saved_group["params"]):
+                raise ValueError(
+                    "the saved optimizer state holds other parameters than this model's "
+                    "trainable ones: was it saved for another model or another fine-tuning?"
+                )
+            for p in group["params"]:
+                if key[p] in saved["state"]:
+                    saved_state = saved["state"][key[p]]
+                    state[p] = {
+                        "step": saved_state["step"].to(torch.float32).to(p.device).clone(),
+                        "exp_avg": saved_state["exp_avg"].to(p).clone(),
+                        "exp_avg_sq": saved_state["exp_avg_sq"].to(p).clone(),
+                    }
+            for setting in ("lr", "betas", "eps", "weight_decay"):
+                value = saved_group[setting]
+                group[setting] = tuple(value) if setting == "betas" else value
+        self.state = state
+
 
 def build_optimizer(
     model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float]
-) -> torch.optim.AdamW:
+) -> "AdamW | torch.optim.AdamW":
+    """AdamW with weight decay on the matrices only. A sharded (FSDP) model gets
+    torch.optim.AdamW, whose state torch.distributed.checkpoint knows how to gather."""
     params = [p for p in model.parameters() if p.requires_grad]  # tied weights appear once
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
@@ -35,8 +178,10 @@ def build_optimizer(
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
-    # The fused kernel does the whole update in one pass per tensor (same arithmetic).
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=True)
+    if distributed.is_sharded(model):
+        # The fused kernel does the whole update in one pass per tensor (same arithmetic).
+        return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=True)
+    return AdamW(groups, lr=lr, betas=betas)
 
 
 def learning_rate(step: int, lr: float, min_lr: float, warmup: int, decay_steps: int) -> float:

@@ -39,7 +39,12 @@ from tformer.tokenizers import Tokenizer
 from tformer.train import distributed
 from tformer.train.checkpoint import forget_after, load_state, save_checkpoint
 from tformer.train.losses import label_smoothed_cross_entropy
-from tformer.train.optim import build_optimizer, inverse_sqrt_learning_rate, learning_rate
+from tformer.train.optim import (
+    AdamW,
+    build_optimizer,
+    inverse_sqrt_learning_rate,
+    learning_rate,
+)
 from tformer.train.plots import plot_losses
 
 METRICS_FILE = "metrics.jsonl"
@@ -490,7 +495,7 @@ def training_state(
     step: int,
     best_val: float,
     model: nn.Module,
-    optimizer: torch.optim.Optimizer,
+    optimizer: AdamW | torch.optim.Optimizer,
     scaler: torch.amp.GradScaler,
     generator: torch.Generator,
     config: TrainConfig,
@@ -511,7 +516,7 @@ def training_state(
 
 def restore(
     model: nn.Module,
-    optimizer: torch.optim.Optimizer,
+    optimizer: AdamW | torch.optim.Optimizer,
     scaler: torch.amp.GradScaler,
     generator: torch.Generator,
     checkpoint: Path,
