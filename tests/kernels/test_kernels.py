@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from tformer import kernels
+from tformer.nn.attention import causal_mask, explicit_attention
 from tformer.nn.packed_linear import quantize_int8
 
 
@@ -159,3 +160,58 @@ def test_missing_sources_mean_torch_s_kernels_not_a_crash(monkeypatch, tmp_path)
     monkeypatch.setattr(kernels, "_reason", None)
     assert kernels.load() is None
     assert "not installed" in kernels.unavailable_reason()
+
+
+def attention_in_float64(qkv: torch.Tensor, n_heads: int, grad_out: torch.Tensor):
+    """The formula through autograd in float64: out (B, T, C), P (B, H, T, T), grad of qkv."""
+    b, t, three_c = qkv.shape
+    d = three_c // 3 // n_heads
+    x = qkv.double().requires_grad_()
+    q, k, v = x.view(b, t, 3, n_heads, d).permute(2, 0, 3, 1, 4)  # (B, H, T, D) each
+    scores = q @ k.transpose(-2, -1) / math.sqrt(d)
+    future = ~torch.ones(t, t, dtype=torch.bool).tril()
+    weights = scores.masked_fill(future, float("-inf")).softmax(-1)
+    out = (weights @ v).transpose(1, 2).reshape(b, t, three_c // 3)
+    out.backward(grad_out.double())
+    return out.detach(), weights.detach(), x.grad
+
+
+@pytest.mark.parametrize(
+    "b, t, h, d",
+    [(3, 64, 4, 32), (2, 13, 3, 24), (1, 1, 2, 16), (2, 128, 2, 64), (1, 9, 1, 8)],
+)  # nanoGPT's shape; sizes that end in partial blocks of 8 rows and 16 lanes; one position
+def test_causal_attention_kernel_matches_the_formula_in_float64(compiled, b, t, h, d):
+    g = torch.Generator().manual_seed(t * 100 + d)
+    qkv = (torch.randn(b, t, 3 * h * d, generator=g) * 1.5).bfloat16()
+    grad_out = torch.randn(b, t, h * d, generator=g).bfloat16()
+    out, weights = compiled.causal_attention(qkv, h)
+    grad_qkv = compiled.causal_attention_backward(qkv, weights, grad_out, h)
+    exact_out, exact_weights, exact_grad = attention_in_float64(qkv, h, grad_out)
+    assert out.dtype == grad_qkv.dtype == torch.bfloat16 and weights.dtype == torch.float32
+    assert torch.equal(weights.triu(1), torch.zeros_like(weights))  # nothing from the future
+    torch.testing.assert_close(weights.double(), exact_weights, rtol=0, atol=1e-6)
+    # float32 inside, one rounding to bfloat16 at the end: within about one bf16 step
+    for ours, exact in ((out, exact_out), (grad_qkv, exact_grad)):
+        scale = exact.abs().max()
+        torch.testing.assert_close(ours.double() / scale, exact / scale, rtol=2**-7, atol=2**-9)
+
+
+def test_causal_attention_kernel_is_closer_to_the_exact_values_than_the_explicit_path(compiled):
+    g = torch.Generator().manual_seed(0)
+    b, t, h, d = 4, 64, 4, 32
+    qkv = torch.randn(b, t, 3 * h * d, generator=g).bfloat16()
+    grad_out = torch.randn(b, t, h * d, generator=g).bfloat16()
+    out, weights = compiled.causal_attention(qkv, h)
+    grad_qkv = compiled.causal_attention_backward(qkv, weights, grad_out, h)
+    exact_out, _, exact_grad = attention_in_float64(qkv, h, grad_out)
+    x = qkv.clone().requires_grad_()  # the explicit path's torch operations in bf16
+    q, k, v = x.view(b, t, 3, h, d).permute(2, 0, 3, 1, 4)
+    torch_out = explicit_attention(q, k, v, causal_mask(t, t))
+    torch_out = torch_out.transpose(1, 2).reshape(b, t, h * d)
+    torch_out.backward(grad_out)
+
+    def error(ours, exact):
+        return ((ours.double() - exact).norm() / exact.norm()).item()
+
+    assert error(out, exact_out) < error(torch_out, exact_out)
+    assert error(grad_qkv, exact_grad) < error(x.grad, exact_grad)

@@ -1,8 +1,10 @@
 import math
+import os
 
 import pytest
 import torch
 
+from tformer import kernels
 from tformer.nn import (
     KVCache,
     MultiHeadAttention,
@@ -323,3 +325,49 @@ def test_pattern_hook_exposes_attention_weights():
 def test_heads_must_divide_width():
     with pytest.raises(ValueError, match="divisible"):
         MultiHeadAttention(10, 3)
+
+
+def test_blocked_path_hands_short_bf16_causal_attention_to_the_compiled_kernel(monkeypatch):
+    """At most QUERY_BLOCK positions in bf16 on the CPU, with no padding, cache or dropout,
+    the blocked path runs tformer/kernels/attention.c: its outputs and gradients agree with
+    the explicit path's to bf16 rounding. Anything else takes torch's operations."""
+    if os.environ.get("TFORMER_KERNELS") == "0":
+        pytest.skip("TFORMER_KERNELS=0: testing the torch fallback only")
+    assert kernels.load() is not None, kernels.unavailable_reason()
+    monkeypatch.setattr(attention_module, "QUERY_BLOCK", 128)  # as in training
+    calls = []
+    original = kernels.Kernels.causal_attention
+
+    def counted(self, qkv, n_heads):
+        calls.append(tuple(qkv.shape))
+        return original(self, qkv, n_heads)
+
+    monkeypatch.setattr(kernels.Kernels, "causal_attention", counted)
+    torch.manual_seed(0)
+    explicit = MultiHeadAttention(64, 4, causal=True, implementation="explicit")
+    blocked = MultiHeadAttention(64, 4, causal=True, implementation="blocked")
+    blocked.load_state_dict(explicit.state_dict())
+    x = torch.randn(3, 50, 64)
+    results = []
+    for module in (explicit, blocked):
+        x_grad = x.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = module(x_grad).float()
+        (out * torch.linspace(-1, 1, 64)).square().mean().backward()
+        results.append([out, x_grad.grad, *(p.grad for p in module.parameters())])
+    assert calls == [(3, 50, 192)]  # the blocked module's call, (B, T, 3C)
+    for ours, reference in zip(results[1], results[0], strict=True):
+        scale = reference.abs().max()
+        torch.testing.assert_close(ours / scale, reference / scale, rtol=0, atol=2e-2)
+
+    calls.clear()
+    with torch.no_grad():
+        blocked(x)  # float32
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            blocked(x, attention_mask=torch.ones(3, 50, dtype=torch.bool))  # a padding mask
+            blocked.dropout = 0.1  # attention dropout while training
+            blocked(x)
+            blocked.dropout = 0.0
+            blocked.eval()
+            blocked(x)  # the same module in evaluation: the kernel again
+    assert calls == [(3, 50, 192)]

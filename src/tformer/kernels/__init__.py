@@ -4,7 +4,8 @@
 header for why they beat a general matmul when decoding); `cross_entropy.c` the
 label-smoothed cross-entropy over bfloat16 logits, forward and backward, in one pass each;
 `dropout.c` dropout masks from a counter-based generator; `gelu.c` GPT-2's tanh GELU and
-its derivative; `common.h` what they share. The first call compiles them
+its derivative; `attention.c` causal self-attention over short sequences, forward and
+backward, head by head in float32; `common.h` what they share. The first call compiles them
 with the machine's C compiler for this CPU (`-O3 -march=native -fopenmp`) into one library
 in $TFORMER_CACHE/kernels/, keyed by the sources, the compiler and the CPU, so later runs
 load it at once. Without a compiler, or with TFORMER_KERNELS=0, `load()` returns None and
@@ -15,6 +16,8 @@ load it at once. Without a compiler, or with TFORMER_KERNELS=0, `load()` returns
     kernels.smoothed_ce_forward(logits, targets, eps)   (N, V) bf16 -> loss, lse (N,)
     kernels.dropout_mask(n, seed, threshold)   -> (n,) bool, True with P = threshold / 65536
     kernels.gelu_tanh(z), kernels.gelu_tanh_backward(grad, z)   float32 or bfloat16
+    kernels.causal_attention(qkv, n_heads)   qkv (B, T, 3C) bf16 -> out (B, T, C), weights
+    kernels.causal_attention_backward(qkv, weights, grad_out, n_heads)   -> grad_qkv
 """
 
 import ctypes
@@ -33,7 +36,7 @@ from tformer.files import cache_dir
 
 SOURCES = tuple(
     Path(__file__).with_name(name)
-    for name in ("linear.c", "cross_entropy.c", "dropout.c", "gelu.c")
+    for name in ("linear.c", "cross_entropy.c", "dropout.c", "gelu.c", "attention.c")
 )
 HEADERS = (Path(__file__).with_name("common.h"),)  # part of the key, not compiled alone
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
@@ -147,6 +150,41 @@ class Kernels:
         function(grad.data_ptr(), z.data_ptr(), out.data_ptr(), z.numel())
         return out
 
+    def causal_attention(
+        self, qkv: torch.Tensor, n_heads: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Causal self-attention of every head: qkv (B, T, 3C) contiguous bfloat16, the
+        fused Q, K, V projection -> out (B, T, C) bfloat16 (heads side by side, as the
+        output projection reads them) and the weights P (B, H, T, T) float32, zero above
+        the diagonal, which the backward pass needs."""
+        b, t, three_c = qkv.shape
+        d = three_c // 3 // n_heads
+        out = torch.empty(b, t, three_c // 3, dtype=torch.bfloat16)
+        weights = torch.empty(b, n_heads, t, t, dtype=torch.float32)
+        self.library.tformer_causal_attention_bf16(
+            qkv.data_ptr(), out.data_ptr(), weights.data_ptr(), b, t, n_heads, d
+        )
+        return out, weights
+
+    def causal_attention_backward(
+        self, qkv: torch.Tensor, weights: torch.Tensor, grad_out: torch.Tensor, n_heads: int
+    ) -> torch.Tensor:
+        """The gradient (B, T, 3C) bfloat16 of the projection qkv, from the forward pass's
+        qkv and weights and the output's gradient grad_out (B, T, C) bfloat16, contiguous."""
+        b, t, three_c = qkv.shape
+        grad_qkv = torch.empty_like(qkv)
+        self.library.tformer_causal_attention_backward_bf16(
+            qkv.data_ptr(),
+            weights.data_ptr(),
+            grad_out.data_ptr(),
+            grad_qkv.data_ptr(),
+            b,
+            t,
+            n_heads,
+            three_c // 3 // n_heads,
+        )
+        return grad_qkv
+
 
 def load() -> Kernels | None:
     """The compiled kernels, building them once per machine; None if that is not possible."""
@@ -191,7 +229,11 @@ def _build_and_load() -> Kernels:
         getattr(library, name).argtypes = [pointer, pointer, size]
     for name in ("tformer_gelu_tanh_backward_f32", "tformer_gelu_tanh_backward_bf16"):
         getattr(library, name).argtypes = [pointer, pointer, pointer, size]
+    library.tformer_causal_attention_bf16.argtypes = [pointer] * 3 + [size] * 4
+    library.tformer_causal_attention_backward_bf16.argtypes = [pointer] * 4 + [size] * 4
     for name in (
+        "tformer_causal_attention_bf16",
+        "tformer_causal_attention_backward_bf16",
         "tformer_gelu_tanh_f32",
         "tformer_gelu_tanh_bf16",
         "tformer_gelu_tanh_backward_f32",

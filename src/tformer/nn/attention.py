@@ -17,10 +17,14 @@ A query that may see no key at all (a padding position) gets zero output rather 
 on every path.
 
 Three paths compute the same thing: "explicit" writes the equation out and shows the
-weights at a hook; "sdpa" is PyTorch's fused kernel; "blocked" is the explicit path for
-long causal sequences, one block of queries at a time, so that the key blocks above the
-diagonal (which the mask would zero) are never computed: the fastest for bf16 training on
-a CPU at GPT-2's context (docs/LOG.md).
+weights at a hook; "sdpa" is PyTorch's fused kernel; "blocked" is the path for bf16
+training on a CPU. For long causal sequences it is the explicit path one block of queries
+at a time, so that the key blocks above the diagonal (which the mask would zero) are never
+computed: the fastest at GPT-2's context. For short ones (at most QUERY_BLOCK positions,
+no padding) it is the compiled kernel tformer/kernels/attention.c, which runs each head in
+float32 straight from the fused Q, K, V projection to the output projection's layout:
+1.7x torch's operations for nanoGPT's Shakespeare model, and closer to the exact values
+(docs/LOG.md).
 """
 
 import math
@@ -28,7 +32,9 @@ from typing import Literal
 
 import torch
 from torch import nn
+from torch.autograd.function import once_differentiable
 
+from tformer import kernels
 from tformer.nn.dropout import dropout, dropout_mask
 from tformer.nn.hooks import HookPoint
 from tformer.nn.kv_cache import KVCache
@@ -164,6 +170,30 @@ def blocked_causal_attention(
     return BlockedCausalAttention.apply(q, k, v, mask, dropout_p, block)
 
 
+class CompiledCausalAttention(torch.autograd.Function):
+    """Causal self-attention in the compiled CPU kernels: qkv (B, T, 3C) bfloat16, the fused
+    projection -> (B, T, C) bfloat16, the heads side by side. The equations are the blocked
+    path's (forward and backward), computed head by head in float32."""
+
+    @staticmethod
+    def forward(ctx, qkv, n_heads, library):
+        out, weights = library.causal_attention(qkv, n_heads)
+        ctx.save_for_backward(qkv, weights)
+        ctx.n_heads, ctx.library = n_heads, library
+        return out
+
+    @staticmethod
+    @once_differentiable  # the kernel's gradient is not itself differentiable
+    def backward(ctx, grad_out):
+        qkv, weights = ctx.saved_tensors
+        grad_out = grad_out.contiguous().to(torch.bfloat16)
+        return (
+            ctx.library.causal_attention_backward(qkv, weights, grad_out, ctx.n_heads),
+            None,
+            None,
+        )
+
+
 def fused_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -273,6 +303,26 @@ class MultiHeadAttention(nn.Module):
         k, v = self.w_kv(memory).split(self.d_model, dim=-1)
         return self.split_heads(k), self.split_heads(v)
 
+    def compiled_kernels(
+        self,
+        x: torch.Tensor,
+        memory: torch.Tensor | None,
+        attention_mask: torch.Tensor | None,
+        cache: KVCache | None,
+        memory_kv: tuple[torch.Tensor, torch.Tensor] | None,
+        dropout_p: float,
+    ) -> "kernels.Kernels | None":
+        """The compiled kernels when the blocked path hands this call to them: causal
+        self-attention of at most QUERY_BLOCK positions in bfloat16 on the CPU, with no
+        padding mask, cache or attention dropout; else None."""
+        short = 1 <= x.shape[1] <= QUERY_BLOCK
+        plain = memory is None and memory_kv is None and cache is None and attention_mask is None
+        if not (self.implementation == "blocked" and self.causal and short and plain):
+            return None
+        if dropout_p > 0.0 or not compiled_kernels_apply(x):
+            return None
+        return kernels.load()
+
     def forward(
         self,
         x: torch.Tensor,
@@ -288,6 +338,11 @@ class MultiHeadAttention(nn.Module):
         padding; with a cache it covers every position in the cache, old and new.
         """
         b, t, _ = x.shape
+        dropout_p = self.dropout if self.training else 0.0
+        library = self.compiled_kernels(x, memory, attention_mask, cache, memory_kv, dropout_p)
+        if library is not None:
+            qkv = self.w_qkv(x)  # (B, T, 3C), bf16 under autocast
+            return self.w_o(CompiledCausalAttention.apply(qkv.contiguous(), self.n_heads, library))
         if memory_kv is not None:
             if not self.cross:
                 raise ValueError("only cross-attention takes memory_kv")
@@ -313,7 +368,6 @@ class MultiHeadAttention(nn.Module):
         if needs_causal_mask:
             causal = causal_mask(t, s, x.device)  # (T, S)
             mask = causal if mask is None else mask & causal  # -> (B, 1, T, S)
-        dropout_p = self.dropout if self.training else 0.0
 
         blocked = self.implementation == "blocked" and self.causal and t == s > QUERY_BLOCK
         if blocked:
@@ -329,6 +383,15 @@ class MultiHeadAttention(nn.Module):
             out = fused_attention(q, k, v, mask, is_causal, dropout_p)
         out = out.transpose(1, 2).reshape(b, t, self.d_model)  # (B, H, T, D) -> (B, T, C)
         return self.w_o(out)
+
+
+def compiled_kernels_apply(x: torch.Tensor) -> bool:
+    """Whether x's projections come out in bfloat16 on the CPU, which the kernel takes."""
+    if x.device.type != "cpu" or torch.compiler.is_compiling():
+        return False
+    if torch.is_autocast_enabled("cpu"):
+        return torch.get_autocast_dtype("cpu") == torch.bfloat16
+    return x.dtype == torch.bfloat16
 
 
 def set_implementation(model: nn.Module, implementation: Implementation) -> None:
