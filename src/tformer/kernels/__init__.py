@@ -157,6 +157,8 @@ class Kernels:
         fused Q, K, V projection -> out (B, T, C) bfloat16 (heads side by side, as the
         output projection reads them) and the weights P (B, H, T, T) float32, zero above
         the diagonal, which the backward pass needs."""
+        if qkv.dtype != torch.bfloat16 or not qkv.is_contiguous() or qkv.device.type != "cpu":
+            raise ValueError("causal_attention takes a contiguous bfloat16 CPU tensor")
         b, t, three_c = qkv.shape
         d = three_c // 3 // n_heads
         out = torch.empty(b, t, three_c // 3, dtype=torch.bfloat16)

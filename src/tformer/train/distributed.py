@@ -22,10 +22,14 @@ DDP or in one process, and the other way round.
 import os
 import sys
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 from torch import nn
+
+if TYPE_CHECKING:  # optim imports this module
+    from tformer.train.optim import AdamW
 
 # torch.distributed.fsdp and .checkpoint take ~0.6 s to import, more than the rest of
 # tformer: they are imported where they are used, so that commands that do not train
@@ -143,7 +147,7 @@ def numbers_its_parameters(state: dict) -> bool:
     return any(isinstance(key, int) for group in state["param_groups"] for key in group["params"])
 
 
-def optimizer_state(model: nn.Module, optimizer) -> dict:
+def optimizer_state(model: nn.Module, optimizer: "AdamW | torch.optim.Optimizer") -> dict:
     """The optimizer's whole state keyed by parameter name (a collective under FSDP; whole
     on rank 0): the same file whether the run was sharded or not."""
     from tformer.train.optim import AdamW
@@ -156,7 +160,9 @@ def optimizer_state(model: nn.Module, optimizer) -> dict:
     return get_optimizer_state_dict(model, optimizer, options=options)
 
 
-def load_optimizer_state(model: nn.Module, optimizer, state: dict) -> None:
+def load_optimizer_state(
+    model: nn.Module, optimizer: "AdamW | torch.optim.Optimizer", state: dict
+) -> None:
     from tformer.train.optim import AdamW
 
     numbered = numbers_its_parameters(state)
