@@ -215,3 +215,21 @@ def test_causal_attention_kernel_is_closer_to_the_exact_values_than_the_explicit
 
     assert error(out, exact_out) < error(torch_out, exact_out)
     assert error(grad_qkv, exact_grad) < error(x.grad, exact_grad)
+
+
+def test_causal_attention_kernel_refuses_what_it_cannot_read(compiled):
+    qkv = torch.randn(2, 5, 3 * 2 * 8).bfloat16()
+    out, weights = compiled.causal_attention(qkv, 2)
+    grad = torch.randn(2, 5, 16).bfloat16()
+    bad_inputs = [
+        lambda: compiled.causal_attention(qkv.float(), 2),  # not bf16
+        lambda: compiled.causal_attention(qkv[:, :, :45], 2),  # 45 is not 3 H D
+        lambda: compiled.causal_attention(qkv.transpose(0, 1), 2),  # not contiguous
+        lambda: compiled.causal_attention(qkv[0], 2),  # not (B, T, 3C)
+        lambda: compiled.causal_attention_backward(qkv, weights[:, :1], grad, 2),
+        lambda: compiled.causal_attention_backward(qkv, weights, grad.float(), 2),
+        lambda: compiled.causal_attention_backward(qkv, weights, grad[:, :4], 2),
+    ]
+    for call in bad_inputs:
+        with pytest.raises(ValueError):
+            call()

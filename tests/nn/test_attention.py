@@ -368,6 +368,12 @@ def test_blocked_path_hands_short_bf16_causal_attention_to_the_compiled_kernel(m
             blocked.dropout = 0.1  # attention dropout while training
             blocked(x)
             blocked.dropout = 0.0
-            blocked.eval()
+            seen = []
+            handle = blocked.hook_pattern.register_forward_hook(lambda m, i, o: seen.append(o))
+            blocked(x)  # a hook on the weights: the explicit path forms them
+            handle.remove()
+            assert len(seen) == 1 and seen[0].shape == (3, 4, 50, 50)
+            blocked.double()(x.double())  # autocast leaves float64 alone: not bf16
+            blocked.float().eval()
             blocked(x)  # the same module in evaluation: the kernel again
     assert calls == [(3, 50, 192)]

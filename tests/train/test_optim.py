@@ -75,7 +75,10 @@ def test_adamw_is_torch_s_fused_adamw_to_the_last_bit():
     for p, q in zip(ours.parameters(), theirs.parameters(), strict=True):
         assert torch.equal(p, q)
     ours_saved, theirs_saved = our_optimizer.state_dict(), their_optimizer.state_dict()
-    assert ours_saved["param_groups"] == theirs_saved["param_groups"]
+    for our_group, their_group in zip(
+        ours_saved["param_groups"], theirs_saved["param_groups"], strict=True
+    ):  # torch's keys vary with its version: the ones it has must agree
+        assert {key: our_group[key] for key in their_group} == their_group
     for key, state in theirs_saved["state"].items():
         for name, tensor in state.items():
             assert torch.equal(ours_saved["state"][key][name], tensor)

@@ -157,15 +157,14 @@ class Kernels:
         fused Q, K, V projection -> out (B, T, C) bfloat16 (heads side by side, as the
         output projection reads them) and the weights P (B, H, T, T) float32, zero above
         the diagonal, which the backward pass needs."""
-        if qkv.dtype != torch.bfloat16 or not qkv.is_contiguous() or qkv.device.type != "cpu":
-            raise ValueError("causal_attention takes a contiguous bfloat16 CPU tensor")
-        b, t, three_c = qkv.shape
-        d = three_c // 3 // n_heads
-        out = torch.empty(b, t, three_c // 3, dtype=torch.bfloat16)
+        b, t, d = attention_shape(qkv, n_heads)
+        out = torch.empty(b, t, n_heads * d, dtype=torch.bfloat16)
         weights = torch.empty(b, n_heads, t, t, dtype=torch.float32)
-        self.library.tformer_causal_attention_bf16(
+        failed = self.library.tformer_causal_attention_bf16(
             qkv.data_ptr(), out.data_ptr(), weights.data_ptr(), b, t, n_heads, d
         )
+        if failed:
+            raise MemoryError(f"causal_attention: no memory for a head's buffers at T = {t}")
         return out, weights
 
     def causal_attention_backward(
@@ -173,9 +172,20 @@ class Kernels:
     ) -> torch.Tensor:
         """The gradient (B, T, 3C) bfloat16 of the projection qkv, from the forward pass's
         qkv and weights and the output's gradient grad_out (B, T, C) bfloat16, contiguous."""
-        b, t, three_c = qkv.shape
+        b, t, d = attention_shape(qkv, n_heads)
+        expected = {
+            "weights": (weights, (b, n_heads, t, t), torch.float32),
+            "grad_out": (grad_out, (b, t, n_heads * d), torch.bfloat16),
+        }
+        for name, (tensor, shape, dtype) in expected.items():
+            if tuple(tensor.shape) != shape or tensor.dtype != dtype:
+                raise ValueError(f"causal_attention_backward: {name} must be {dtype} {shape}")
+            if not tensor.is_contiguous() or tensor.device.type != "cpu":
+                raise ValueError(
+                    f"causal_attention_backward: {name} must be contiguous, on the CPU"
+                )
         grad_qkv = torch.empty_like(qkv)
-        self.library.tformer_causal_attention_backward_bf16(
+        failed = self.library.tformer_causal_attention_backward_bf16(
             qkv.data_ptr(),
             weights.data_ptr(),
             grad_out.data_ptr(),
@@ -183,9 +193,21 @@ class Kernels:
             b,
             t,
             n_heads,
-            three_c // 3 // n_heads,
+            d,
         )
+        if failed:
+            raise MemoryError(f"causal_attention: no memory for a head's buffers at T = {t}")
         return grad_qkv
+
+
+def attention_shape(qkv: torch.Tensor, n_heads: int) -> tuple[int, int, int]:
+    """(B, T, D) of a fused projection qkv (B, T, 3 H D), checked: the kernels read raw
+    memory, so a wrong shape or layout must not reach them."""
+    if qkv.dim() != 3 or qkv.shape[2] % (3 * n_heads) != 0 or qkv.shape[2] == 0:
+        raise ValueError(f"qkv must be (B, T, 3 H D) with H = {n_heads}, got {tuple(qkv.shape)}")
+    if qkv.dtype != torch.bfloat16 or not qkv.is_contiguous() or qkv.device.type != "cpu":
+        raise ValueError("the attention kernels take a contiguous bfloat16 CPU tensor")
+    return qkv.shape[0], qkv.shape[1], qkv.shape[2] // (3 * n_heads)
 
 
 def load() -> Kernels | None:
@@ -233,9 +255,9 @@ def _build_and_load() -> Kernels:
         getattr(library, name).argtypes = [pointer, pointer, pointer, size]
     library.tformer_causal_attention_bf16.argtypes = [pointer] * 3 + [size] * 4
     library.tformer_causal_attention_backward_bf16.argtypes = [pointer] * 4 + [size] * 4
+    library.tformer_causal_attention_bf16.restype = ctypes.c_int
+    library.tformer_causal_attention_backward_bf16.restype = ctypes.c_int
     for name in (
-        "tformer_causal_attention_bf16",
-        "tformer_causal_attention_backward_bf16",
         "tformer_gelu_tanh_f32",
         "tformer_gelu_tanh_bf16",
         "tformer_gelu_tanh_backward_f32",

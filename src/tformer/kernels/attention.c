@@ -13,6 +13,8 @@
    no head is ever transposed in memory. The forward pass keeps P (float32) for the backward
    pass, which writes dQ, dK, dV into the (B, T, 3C) layout of the projection's gradient.
 
+   Both functions return 0, or 1 if a task's buffers could not be allocated.
+
    Every product is the same small kernel (block8): eight rows of a float32 result, sixteen
    columns wide, summed over k, with eight independent accumulators so that consecutive
    multiply-adds do not wait for each other. Buffers are padded with zeros to whole blocks;
@@ -64,17 +66,23 @@ static inline void narrow_row(const float *src, uint16_t *dst, int64_t n, float 
 
 /* qkv (B, T, 3C) bf16, C = H D: head h's q, k, v at columns h D, C + h D, 2C + h D.
    out (B, T, C) bf16; weights (B, H, T, T) float32, P with zeros above the diagonal. */
-void tformer_causal_attention_bf16(const uint16_t *qkv, uint16_t *out, float *weights,
-                                   int64_t b_size, int64_t t_size, int64_t h_size,
-                                   int64_t d_size) {
+int tformer_causal_attention_bf16(const uint16_t *qkv, uint16_t *out, float *weights,
+                                  int64_t b_size, int64_t t_size, int64_t h_size,
+                                  int64_t d_size) {
     const int64_t c = h_size * d_size, row = 3 * c;
     const int64_t tp = round_up(t_size, LANES), dp = round_up(d_size, LANES);
     const float scale = 1.0f / sqrtf((float)d_size);
+    int failed = 0; /* a task's buffer could not be allocated */
 #pragma omp parallel for schedule(static)
     for (int64_t task = 0; task < b_size * h_size; task++) {
         int64_t b = task / h_size, h = task % h_size;
         const uint16_t *base = qkv + b * t_size * row + h * d_size;
         float *buffer = calloc(4 * tp * dp + tp * tp, sizeof(float));
+        if (buffer == NULL) {
+#pragma omp atomic write
+            failed = 1;
+            continue;
+        }
         float *q = buffer, *kt = q + tp * dp, *v = kt + dp * tp, *s = v + tp * dp;
         float *o = s + tp * tp;
         for (int64_t j = 0; j < t_size; j++) {
@@ -113,21 +121,28 @@ void tformer_causal_attention_bf16(const uint16_t *qkv, uint16_t *out, float *we
             narrow_row(o + i * dp, out + (b * t_size + i) * c + h * d_size, d_size, 1.0f);
         free(buffer);
     }
+    return failed;
 }
 
 /* grad_out (B, T, C) bf16 and the forward's weights -> grad_qkv (B, T, 3C) bf16. */
-void tformer_causal_attention_backward_bf16(const uint16_t *qkv, const float *weights,
-                                            const uint16_t *grad_out, uint16_t *grad_qkv,
-                                            int64_t b_size, int64_t t_size, int64_t h_size,
-                                            int64_t d_size) {
+int tformer_causal_attention_backward_bf16(const uint16_t *qkv, const float *weights,
+                                           const uint16_t *grad_out, uint16_t *grad_qkv,
+                                           int64_t b_size, int64_t t_size, int64_t h_size,
+                                           int64_t d_size) {
     const int64_t c = h_size * d_size, row = 3 * c;
     const int64_t tp = round_up(t_size, LANES), dp = round_up(d_size, LANES);
     const float scale = 1.0f / sqrtf((float)d_size);
+    int failed = 0; /* a task's buffer could not be allocated */
 #pragma omp parallel for schedule(static)
     for (int64_t task = 0; task < b_size * h_size; task++) {
         int64_t b = task / h_size, h = task % h_size;
         const uint16_t *base = qkv + b * t_size * row + h * d_size;
         float *buffer = calloc(7 * tp * dp + 2 * tp * tp, sizeof(float));
+        if (buffer == NULL) {
+#pragma omp atomic write
+            failed = 1;
+            continue;
+        }
         float *q = buffer, *k = q + tp * dp, *vt = k + tp * dp, *go = vt + dp * tp;
         float *p = go + tp * dp, *ds = p + tp * tp, *dq = ds + tp * tp, *dk = dq + tp * dp;
         float *dv = dk + tp * dp;
@@ -172,4 +187,5 @@ void tformer_causal_attention_backward_bf16(const uint16_t *qkv, const float *we
         }
         free(buffer);
     }
+    return failed;
 }

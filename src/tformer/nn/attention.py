@@ -33,6 +33,7 @@ from typing import Literal
 import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
+from torch.nn.modules import module as module_hooks
 
 from tformer import kernels
 from tformer.nn.dropout import dropout, dropout_mask
@@ -303,7 +304,7 @@ class MultiHeadAttention(nn.Module):
         k, v = self.w_kv(memory).split(self.d_model, dim=-1)
         return self.split_heads(k), self.split_heads(v)
 
-    def compiled_kernels(
+    def may_use_kernel(
         self,
         x: torch.Tensor,
         memory: torch.Tensor | None,
@@ -311,17 +312,17 @@ class MultiHeadAttention(nn.Module):
         cache: KVCache | None,
         memory_kv: tuple[torch.Tensor, torch.Tensor] | None,
         dropout_p: float,
-    ) -> "kernels.Kernels | None":
-        """The compiled kernels when the blocked path hands this call to them: causal
-        self-attention of at most QUERY_BLOCK positions in bfloat16 on the CPU, with no
-        padding mask, cache or attention dropout; else None."""
+    ) -> bool:
+        """Whether the blocked path may hand this call to the compiled kernel (if the
+        projection comes out in bf16): causal self-attention of at most QUERY_BLOCK
+        positions on the CPU with no padding mask, cache or attention dropout, and nothing
+        hooked on hook_pattern (the kernel never forms the weights as a tensor)."""
         short = 1 <= x.shape[1] <= QUERY_BLOCK
         plain = memory is None and memory_kv is None and cache is None and attention_mask is None
-        if not (self.implementation == "blocked" and self.causal and short and plain):
-            return None
-        if dropout_p > 0.0 or not compiled_kernels_apply(x):
-            return None
-        return kernels.load()
+        hooked = bool(self.hook_pattern._forward_hooks or self.hook_pattern._forward_pre_hooks)
+        hooked |= bool(module_hooks._global_forward_hooks or module_hooks._global_forward_pre_hooks)
+        blocked = self.implementation == "blocked" and self.causal
+        return blocked and short and plain and dropout_p == 0.0 and not hooked
 
     def forward(
         self,
@@ -339,16 +340,22 @@ class MultiHeadAttention(nn.Module):
         """
         b, t, _ = x.shape
         dropout_p = self.dropout if self.training else 0.0
-        library = self.compiled_kernels(x, memory, attention_mask, cache, memory_kv, dropout_p)
-        if library is not None:
-            qkv = self.w_qkv(x)  # (B, T, 3C), bf16 under autocast
-            return self.w_o(CompiledCausalAttention.apply(qkv.contiguous(), self.n_heads, library))
+        projected = None
+        if self.may_use_kernel(x, memory, attention_mask, cache, memory_kv, dropout_p):
+            qkv = self.w_qkv(x)  # (B, T, 3C)
+            library = kernels_for(qkv)
+            if library is not None:
+                out = CompiledCausalAttention.apply(qkv.contiguous(), self.n_heads, library)
+                return self.w_o(out)  # (B, T, C)
+            projected = qkv.split(self.d_model, dim=-1)
         if memory_kv is not None:
             if not self.cross:
                 raise ValueError("only cross-attention takes memory_kv")
             q, (k, v) = self.split_heads(self.w_q(x)), memory_kv  # (B, H, *, D)
         else:
-            q, k, v = (self.split_heads(p) for p in self.project(x, memory))  # (B, H, *, D)
+            if projected is None:
+                projected = self.project(x, memory)
+            q, k, v = (self.split_heads(p) for p in projected)  # (B, H, *, D)
         if cache is not None:
             if memory is not None or memory_kv is not None:
                 raise ValueError("a KV cache is for self-attention; cross-attention keys are fixed")
@@ -385,21 +392,21 @@ class MultiHeadAttention(nn.Module):
         return self.w_o(out)
 
 
-def compiled_kernels_apply(x: torch.Tensor) -> bool:
-    """Whether x's projections come out in bfloat16 on the CPU, which the kernel takes."""
-    if x.device.type != "cpu" or torch.compiler.is_compiling():
-        return False
-    if torch.is_autocast_enabled("cpu"):
-        return torch.get_autocast_dtype("cpu") == torch.bfloat16
-    return x.dtype == torch.bfloat16
+def kernels_for(qkv: torch.Tensor) -> "kernels.Kernels | None":
+    """The compiled kernels if they take this projection (bfloat16 on the CPU, outside
+    torch.compile), else None."""
+    if qkv.dtype != torch.bfloat16 or qkv.device.type != "cpu":
+        return None
+    return None if torch.compiler.is_compiling() else kernels.load()
 
 
 def set_implementation(model: nn.Module, implementation: Implementation) -> None:
     """Switch every MultiHeadAttention inside `model` to the explicit, fused or blocked path.
 
     They agree to float rounding, but not in speed: bf16 training on a CPU is fastest on
-    the explicit path (short contexts) or the blocked one (long), inference on the fused
-    one (docs/LOG.md).
+    the blocked one (the compiled kernel for short contexts, query blocks for long ones),
+    inference on the fused one (docs/LOG.md). The blocked path's kernel gives first-order
+    gradients only: for second-order ones (or torch.func) use the explicit path.
     """
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"unknown attention implementation {implementation!r}")

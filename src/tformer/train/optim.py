@@ -36,7 +36,7 @@ from tformer.train import distributed
 
 class AdamW:
     """AdamW over parameter groups (the equations above), each group with its own lr, betas,
-    eps and weight_decay, as in torch.optim.
+    eps and weight_decay (the constructor's by default, as in torch.optim).
 
     The update itself is PyTorch's fused AdamW kernel, one pass over each tensor, so the
     numbers are torch.optim.AdamW(fused=True)'s to the last bit (a test holds them to each
@@ -55,8 +55,9 @@ class AdamW:
         lr: float,
         betas: tuple[float, float],
         eps: float = 1e-8,
+        weight_decay: float = 1e-2,
     ) -> None:
-        defaults = {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": 0.0}
+        defaults = {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay}
         self.param_groups = [{**defaults, **group} for group in param_groups]
         for group in self.param_groups:
             group["params"] = list(group["params"])
