@@ -177,8 +177,9 @@ def add_parser(sub) -> None:
         default="auto",
         choices=["auto", *IMPLEMENTATIONS],
         help="sdpa: PyTorch's fused kernel; explicit: the equation written out; blocked: "
-        "explicit, skipping the key blocks a causal mask hides (contexts above 128); auto: "
-        "blocked for bf16 training on a CPU, where it is fastest, else sdpa",
+        "tformer's C kernel for contexts up to 128 without padding, else explicit skipping "
+        "the key blocks a causal mask hides; auto: blocked for bf16 training on a CPU, where "
+        "it is fastest, else sdpa",
     )
 
     train = p.add_argument_group("training")
