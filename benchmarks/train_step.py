@@ -1,11 +1,14 @@
 """Milliseconds per training step of the nanoGPT CPU Shakespeare model, by code path.
 
-Times one optimizer step (forward, backward, clipping, fused AdamW) of the 4-layer,
-128-wide character model at batch 12 x 64, for each combination of autocast dtype, attention
-path and GELU form, tformer's model against transformers' GPT-2 of the same shape. This is
-the measurement behind `tformer train`'s defaults (see docs/LOG.md).
+Times one optimizer step (forward, backward, clipping, AdamW) of the 4-layer, 128-wide
+character model at batch 12 x 64, for each combination of autocast dtype, attention path
+and GELU form, tformer's model against transformers' GPT-2 of the same shape. All the
+variants of one dtype and GELU take turns in chunks of steps, so that a change in the
+host's speed (this VM has two, minutes apart: docs/LOG.md) falls on all of them alike. As in
+`tformer train`, denormals are flushed and freed memory is kept, for both libraries. This
+is the measurement behind `tformer train`'s defaults (see docs/LOG.md).
 
-    python benchmarks/train_step.py [--steps 100] [--json]
+    python benchmarks/train_step.py [--steps 100] [--rounds 10] [--json]
 """
 
 import argparse
@@ -13,6 +16,7 @@ import itertools
 import json
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -21,10 +25,14 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import machine_line  # noqa: E402
 
 from tformer import GPT2, GPT2Config  # noqa: E402
+from tformer.devices import keep_freed_memory  # noqa: E402
 from tformer.train.optim import build_optimizer  # noqa: E402
 
+ATTENTION = ("sdpa", "explicit", "blocked")
 
-def ms_per_step(model, forward, dtype: str, steps: int) -> float:
+
+def training_step(model, forward, dtype: str) -> Callable[[], None]:
+    """One optimizer step of `model` on a fixed batch, as a function."""
     optimizer = build_optimizer(model, 1e-3, 0.1, (0.9, 0.99))
     x = torch.randint(0, 84, (12, 65), generator=torch.Generator().manual_seed(0))
 
@@ -33,25 +41,41 @@ def ms_per_step(model, forward, dtype: str, steps: int) -> float:
             logits = forward(x[:, :-1])
         loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), x[:, 1:].flatten())
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0, foreach=True)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    for _ in range(10):
-        step()
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    return (time.perf_counter() - start) / steps * 1000
+    return step
+
+
+def ms_per_step_in_turns(
+    steps: dict[str, Callable[[], None]], total: int, rounds: int
+) -> dict[str, float]:
+    """Milliseconds per step of each function, timed `total` steps each in `rounds` turns."""
+    for step in steps.values():
+        for _ in range(10):  # warm-up: allocations, kernel choices
+            step()
+    chunk = max(1, total // rounds)
+    seconds = dict.fromkeys(steps, 0.0)
+    for _ in range(rounds):
+        for name, step in steps.items():
+            start = time.perf_counter()
+            for _ in range(chunk):
+                step()
+            seconds[name] += time.perf_counter() - start
+    return {name: s / (chunk * rounds) * 1000 for name, s in seconds.items()}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--steps", type=int, default=100, help="steps timed per variant")
+    parser.add_argument("--rounds", type=int, default=10, help="turns the steps are split in")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     import transformers
 
+    torch.set_flush_denormal(True)
+    keep_freed_memory()
     print(machine_line(), file=sys.stderr)
     rows = []
     for dtype, activation in itertools.product(("float32", "bfloat16"), ("gelu", "gelu_tanh")):
@@ -67,8 +91,8 @@ def main() -> None:
             attn_pdrop=0.0,
         )
         peer = transformers.GPT2LMHeadModel(hf_config).train()
-        peer_ms = ms_per_step(peer, lambda x, m=peer: m(x).logits, dtype, args.steps)
-        for attention in ("sdpa", "explicit"):
+        steps = {"transformers": training_step(peer, lambda x, m=peer: m(x).logits, dtype)}
+        for attention in ATTENTION:
             config = GPT2Config(
                 vocab_size=84,
                 max_len=64,
@@ -80,20 +104,23 @@ def main() -> None:
                 attention=attention,
             )
             model = GPT2(config, seed=0).train()
-            ms = ms_per_step(model, model, dtype, args.steps)
+            steps[attention] = training_step(model, model, dtype)
+        ms = ms_per_step_in_turns(steps, args.steps, args.rounds)
+        peer_ms = ms.pop("transformers")
+        for attention, tformer_ms in ms.items():
             rows.append(
                 dict(
                     dtype=dtype,
                     activation=activation,
                     attention=attention,
-                    tformer_ms=round(ms, 2),
+                    tformer_ms=round(tformer_ms, 2),
                     transformers_ms=round(peer_ms, 2),
-                    speedup=round(peer_ms / ms, 2),
+                    speedup=round(peer_ms / tformer_ms, 2),
                 )
             )
             print(
-                f"{dtype:>9} {activation:>9} {attention:>8}: tformer {ms:6.2f} ms/step, "
-                f"transformers {peer_ms:6.2f} ms/step, {peer_ms / ms:.2f}x",
+                f"{dtype:>9} {activation:>9} {attention:>8}: tformer {tformer_ms:6.2f} ms/step, "
+                f"transformers {peer_ms:6.2f} ms/step, {peer_ms / tformer_ms:.2f}x",
                 file=sys.stderr,
             )
     if args.json:
