@@ -317,12 +317,16 @@ class MultiHeadAttention(nn.Module):
         projection comes out in bf16): causal self-attention of at most QUERY_BLOCK
         positions on the CPU with no padding mask, cache or attention dropout, and nothing
         hooked on hook_pattern (the kernel never forms the weights as a tensor)."""
+        if self.implementation != "blocked" or not self.causal:
+            return False  # the common case elsewhere (decoding, sdpa), answered first
         short = 1 <= x.shape[1] <= QUERY_BLOCK
         plain = memory is None and memory_kv is None and cache is None and attention_mask is None
-        hooked = bool(self.hook_pattern._forward_hooks or self.hook_pattern._forward_pre_hooks)
-        hooked |= bool(module_hooks._global_forward_hooks or module_hooks._global_forward_pre_hooks)
-        blocked = self.implementation == "blocked" and self.causal
-        return blocked and short and plain and dropout_p == 0.0 and not hooked
+        if not (short and plain and dropout_p == 0.0):
+            return False
+        hooked = self.hook_pattern._forward_hooks or self.hook_pattern._forward_pre_hooks
+        return not (
+            hooked or module_hooks._global_forward_hooks or module_hooks._global_forward_pre_hooks
+        )
 
     def forward(
         self,
