@@ -127,3 +127,41 @@ def test_adamw_updates_parameters_of_two_dtypes_in_one_group_as_torch_does():
             optimizer.step()
     for p, q in zip(ours, theirs, strict=True):
         assert p.dtype == q.dtype and torch.equal(p, q)
+
+
+def grads_of_scale(model: torch.nn.Module, scale: float) -> None:
+    g = torch.Generator().manual_seed(1)
+    for p in model.parameters():
+        p.grad = torch.randn(p.shape, generator=g) * scale
+
+
+@pytest.mark.parametrize("scale", [1.0, 1e-3])  # a norm above max_grad_norm, one below
+def test_clipping_inside_the_step_is_clip_grad_norm_then_the_step(scale):
+    ours, theirs = tiny_pair()
+    our_optimizer = AdamW(groups(ours), lr=1e-2, betas=(0.9, 0.95))
+    their_optimizer = torch.optim.AdamW(groups(theirs), lr=1e-2, betas=(0.9, 0.95), fused=True)
+    for step in range(3):
+        grads_of_scale(ours, scale * (step + 1))
+        grads_of_scale(theirs, scale * (step + 1))
+        norm = our_optimizer.step(max_grad_norm=0.5)
+        their_norm = torch.nn.utils.clip_grad_norm_(theirs.parameters(), 0.5, foreach=True)
+        their_optimizer.step()
+        assert torch.equal(norm, their_norm)  # the norm before clipping, to the last bit
+        assert (norm > 0.5) == (scale == 1.0)
+        for p, q in zip(ours.parameters(), theirs.parameters(), strict=True):
+            if scale == 1.0:  # g / (norm / c) against g * (c / norm): the last bit may differ
+                torch.testing.assert_close(p.grad, q.grad, rtol=1e-6, atol=0)
+                torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+            else:  # nothing to clip: exactly torch's
+                assert torch.equal(p.grad, q.grad) and torch.equal(p, q)
+    clipped = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in ours.parameters()]))
+    if scale == 1.0:
+        assert clipped.item() == pytest.approx(0.5, rel=1e-5)  # left clipped, as torch does
+
+
+def test_clipping_without_gradients_is_no_update():
+    model, _ = tiny_pair()
+    before = [p.detach().clone() for p in model.parameters()]
+    norm = AdamW(groups(model), lr=1e-2, betas=(0.9, 0.95)).step(max_grad_norm=1.0)
+    assert norm.item() == 0.0
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before, strict=True))

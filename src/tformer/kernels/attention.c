@@ -8,12 +8,16 @@
 
    Each head is one task for the OpenMP threads: its Q, K, V are read from the fused
    projection (B, T, 3C) in bfloat16 and widened to float32 once, every product runs in
-   float32 in the task's own buffers (48-90 KB at T 64, D 32: within the core's cache), and
+   float32 in the thread's own buffers (48-90 KB at T 64, D 32: within the core's cache), and
    the output is written straight into the (B, T, C) layout the output projection reads, so
    no head is ever transposed in memory. The forward pass keeps P (float32) for the backward
    pass, which writes dQ, dK, dV into the (B, T, 3C) layout of the projection's gradient.
 
-   Both functions return 0, or 1 if a task's buffers could not be allocated.
+   A thread's buffers are zeroed once and reused by each of its heads. That is safe because
+   every head writes the same places: what a head reads it has written itself, or nobody
+   writes (the zero padding).
+
+   Both functions return 0, or 1 if a thread's buffers could not be allocated.
 
    Every product is the same small kernel (block8): eight rows of a float32 result, sixteen
    columns wide, summed over k, with eight independent accumulators so that consecutive
@@ -64,64 +68,132 @@ static inline void narrow_row(const float *src, uint16_t *dst, int64_t n, float 
         dst[i] = float_to_bf16_bits(src[i] * scale);
 }
 
-/* qkv (B, T, 3C) bf16, C = H D: head h's q, k, v at columns h D, C + h D, 2C + h D.
-   out (B, T, C) bf16; weights (B, H, T, T) float32, P with zeros above the diagonal. */
-int tformer_causal_attention_bf16(const uint16_t *qkv, uint16_t *out, float *weights,
-                                  int64_t b_size, int64_t t_size, int64_t h_size,
-                                  int64_t d_size) {
+/* One head of the forward pass, in buffer (4 tp dp + tp tp floats). qkv (B, T, 3C) bf16,
+   C = H D: head h's q, k, v at columns h D, C + h D, 2C + h D. out (B, T, C) bf16; p_out
+   (T, T) float32, this head's P with zeros above the diagonal. */
+static void forward_head(const uint16_t *qkv, uint16_t *out, float *p_out, float *buffer,
+                         int64_t b, int64_t h, int64_t t_size, int64_t h_size,
+                         int64_t d_size) {
     const int64_t c = h_size * d_size, row = 3 * c;
     const int64_t tp = round_up(t_size, LANES), dp = round_up(d_size, LANES);
     const float scale = 1.0f / sqrtf((float)d_size);
-    int failed = 0; /* a task's buffer could not be allocated */
-#pragma omp parallel for schedule(static)
-    for (int64_t task = 0; task < b_size * h_size; task++) {
-        int64_t b = task / h_size, h = task % h_size;
-        const uint16_t *base = qkv + b * t_size * row + h * d_size;
+    const uint16_t *base = qkv + b * t_size * row + h * d_size;
+    float *q = buffer, *kt = q + tp * dp, *v = kt + dp * tp, *s = v + tp * dp;
+    float *o = s + tp * tp;
+    for (int64_t j = 0; j < t_size; j++) {
+        widen_row(base + j * row, q + j * dp, d_size, scale);
+        widen_row(base + j * row + 2 * c, v + j * dp, d_size, 1.0f);
+    }
+    for (int64_t d = 0; d < d_size; d++) /* K^T: row d is column d of K */
+        for (int64_t j = 0; j < t_size; j++)
+            kt[d * tp + j] = bf16_bits_to_float(base[j * row + c + d]);
+    for (int64_t i0 = 0; i0 < t_size; i0 += ROWS) /* S = (s Q) K^T, causal blocks */
+        for (int64_t j0 = 0; j0 < i0 + ROWS && j0 < t_size; j0 += LANES)
+            block8(q + i0 * dp, dp, 1, kt + j0, tp, d_size, s + i0 * tp + j0, tp);
+    for (int64_t i = 0; i < t_size; i++) { /* P = softmax over j <= i; 0 beyond */
+        float *si = s + i * tp, m = -INFINITY, sum = 0.0f;
+        int64_t n = i + 1, whole = round_up(n, LANES);
+        /* Whole vectors, lanes j >= n masked: no scalar remainder loop per row. */
+        for (int64_t j0 = 0; j0 < whole; j0 += LANES)
+#pragma omp simd reduction(max : m)
+            for (int64_t l = 0; l < LANES; l++)
+                m = j0 + l < n && si[j0 + l] > m ? si[j0 + l] : m;
+        for (int64_t j0 = 0; j0 < whole; j0 += LANES)
+#pragma omp simd reduction(+ : sum)
+            for (int64_t l = 0; l < LANES; l++) {
+                float e = j0 + l < n ? exp_neg(si[j0 + l] - m) : 0.0f;
+                si[j0 + l] = e;
+                sum += e;
+            }
+        float inv = 1.0f / sum;
+#pragma omp simd
+        for (int64_t j = 0; j < tp; j++)
+            si[j] = j < n ? si[j] * inv : 0.0f;
+        memcpy(p_out + i * t_size, si, t_size * sizeof(float));
+    }
+    for (int64_t i0 = 0; i0 < t_size; i0 += ROWS) { /* O = P V */
+        int64_t n = i0 + ROWS < t_size ? i0 + ROWS : t_size;
+        for (int64_t d0 = 0; d0 < d_size; d0 += LANES)
+            block8(s + i0 * tp, tp, 1, v + d0, dp, n, o + i0 * dp + d0, dp);
+    }
+    for (int64_t i = 0; i < t_size; i++)
+        narrow_row(o + i * dp, out + (b * t_size + i) * c + h * d_size, d_size, 1.0f);
+}
+
+/* qkv (B, T, 3C) bf16 -> out (B, T, C) bf16 and weights (B, H, T, T) float32. */
+int tformer_causal_attention_bf16(const uint16_t *qkv, uint16_t *out, float *weights,
+                                  int64_t b_size, int64_t t_size, int64_t h_size,
+                                  int64_t d_size) {
+    const int64_t tp = round_up(t_size, LANES), dp = round_up(d_size, LANES);
+    int failed = 0;
+#pragma omp parallel
+    {
         float *buffer = calloc(4 * tp * dp + tp * tp, sizeof(float));
         if (buffer == NULL) {
 #pragma omp atomic write
             failed = 1;
-            continue;
         }
-        float *q = buffer, *kt = q + tp * dp, *v = kt + dp * tp, *s = v + tp * dp;
-        float *o = s + tp * tp;
-        for (int64_t j = 0; j < t_size; j++) {
-            widen_row(base + j * row, q + j * dp, d_size, scale);
-            widen_row(base + j * row + 2 * c, v + j * dp, d_size, 1.0f);
-            for (int64_t d = 0; d < d_size; d++)
-                kt[d * tp + j] = bf16_bits_to_float(base[j * row + c + d]);
-        }
-        for (int64_t i0 = 0; i0 < t_size; i0 += ROWS) /* S = (s Q) K^T, causal blocks */
-            for (int64_t j0 = 0; j0 < i0 + ROWS && j0 < t_size; j0 += LANES)
-                block8(q + i0 * dp, dp, 1, kt + j0, tp, d_size, s + i0 * tp + j0, tp);
-        float *p_out = weights + task * t_size * t_size;
-        for (int64_t i = 0; i < t_size; i++) { /* P = softmax over j <= i; 0 beyond */
-            float *si = s + i * tp, m = -INFINITY, sum = 0.0f;
-            int64_t n = i + 1;
-#pragma omp simd reduction(max : m)
-            for (int64_t j = 0; j < n; j++)
-                m = si[j] > m ? si[j] : m;
-#pragma omp simd reduction(+ : sum)
-            for (int64_t j = 0; j < n; j++) {
-                si[j] = exp_neg(si[j] - m);
-                sum += si[j];
-            }
-            float inv = 1.0f / sum;
-#pragma omp simd
-            for (int64_t j = 0; j < tp; j++)
-                si[j] = j < n ? si[j] * inv : 0.0f;
-            memcpy(p_out + i * t_size, si, t_size * sizeof(float));
-        }
-        for (int64_t i0 = 0; i0 < t_size; i0 += ROWS) { /* O = P V */
-            int64_t n = i0 + ROWS < t_size ? i0 + ROWS : t_size;
-            for (int64_t d0 = 0; d0 < d_size; d0 += LANES)
-                block8(s + i0 * tp, tp, 1, v + d0, dp, n, o + i0 * dp + d0, dp);
-        }
-        for (int64_t i = 0; i < t_size; i++)
-            narrow_row(o + i * dp, out + (b * t_size + i) * c + h * d_size, d_size, 1.0f);
+#pragma omp for schedule(static)
+        for (int64_t task = 0; task < b_size * h_size; task++)
+            if (buffer != NULL)
+                forward_head(qkv, out, weights + task * t_size * t_size, buffer,
+                             task / h_size, task % h_size, t_size, h_size, d_size);
         free(buffer);
     }
     return failed;
+}
+
+/* One head of the backward pass, in buffer (7 tp dp + 2 tp tp floats): from qkv, the
+   head's P (T, T) p_in and grad_out (B, T, C) bf16 into grad_qkv (B, T, 3C) bf16. */
+static void backward_head(const uint16_t *qkv, const float *p_in, const uint16_t *grad_out,
+                          uint16_t *grad_qkv, float *buffer, int64_t b, int64_t h,
+                          int64_t t_size, int64_t h_size, int64_t d_size) {
+    const int64_t c = h_size * d_size, row = 3 * c;
+    const int64_t tp = round_up(t_size, LANES), dp = round_up(d_size, LANES);
+    const float scale = 1.0f / sqrtf((float)d_size);
+    const uint16_t *base = qkv + b * t_size * row + h * d_size;
+    float *q = buffer, *k = q + tp * dp, *vt = k + tp * dp, *go = vt + dp * tp;
+    float *p = go + tp * dp, *ds = p + tp * tp, *dq = ds + tp * tp, *dk = dq + tp * dp;
+    float *dv = dk + tp * dp;
+    for (int64_t j = 0; j < t_size; j++) {
+        widen_row(base + j * row, q + j * dp, d_size, scale);
+        widen_row(base + j * row + c, k + j * dp, d_size, 1.0f);
+        widen_row(grad_out + (b * t_size + j) * c + h * d_size, go + j * dp, d_size, 1.0f);
+        memcpy(p + j * tp, p_in + j * t_size, t_size * sizeof(float));
+    }
+    for (int64_t d = 0; d < d_size; d++) /* V^T: row d is column d of V */
+        for (int64_t j = 0; j < t_size; j++)
+            vt[d * tp + j] = bf16_bits_to_float(base[j * row + 2 * c + d]);
+    for (int64_t i0 = 0; i0 < t_size; i0 += ROWS) /* dP = dO V^T, into ds */
+        for (int64_t j0 = 0; j0 < i0 + ROWS && j0 < t_size; j0 += LANES)
+            block8(go + i0 * dp, dp, 1, vt + j0, tp, d_size, ds + i0 * tp + j0, tp);
+    for (int64_t i = 0; i < t_size; i++) { /* dS = P (dP - rowsum(P dP)) */
+        float *pi = p + i * tp, *di = ds + i * tp, r = 0.0f;
+        int64_t n = i + 1;
+#pragma omp simd reduction(+ : r)
+        for (int64_t j = 0; j < n; j++)
+            r += pi[j] * di[j];
+#pragma omp simd
+        for (int64_t j = 0; j < tp; j++)
+            di[j] = j < n ? pi[j] * (di[j] - r) : 0.0f;
+    }
+    for (int64_t i0 = 0; i0 < t_size; i0 += ROWS) { /* dQ = s dS K */
+        int64_t n = i0 + ROWS < t_size ? i0 + ROWS : t_size;
+        for (int64_t d0 = 0; d0 < d_size; d0 += LANES)
+            block8(ds + i0 * tp, tp, 1, k + d0, dp, n, dq + i0 * dp + d0, dp);
+    }
+    for (int64_t j0 = 0; j0 < t_size; j0 += ROWS) /* dK = dS^T (s Q), dV = P^T dO */
+        for (int64_t d0 = 0; d0 < d_size; d0 += LANES) {
+            int64_t n = t_size - j0; /* queries i >= j0; dS, P are 0 for i < j */
+            block8(ds + j0 * tp + j0, 1, tp, q + j0 * dp + d0, dp, n, dk + j0 * dp + d0, dp);
+            block8(p + j0 * tp + j0, 1, tp, go + j0 * dp + d0, dp, n, dv + j0 * dp + d0, dp);
+        }
+    for (int64_t i = 0; i < t_size; i++) {
+        uint16_t *g = grad_qkv + (b * t_size + i) * row + h * d_size;
+        narrow_row(dq + i * dp, g, d_size, scale);
+        narrow_row(dk + i * dp, g + c, d_size, 1.0f);
+        narrow_row(dv + i * dp, g + 2 * c, d_size, 1.0f);
+    }
 }
 
 /* grad_out (B, T, C) bf16 and the forward's weights -> grad_qkv (B, T, 3C) bf16. */
@@ -129,62 +201,20 @@ int tformer_causal_attention_backward_bf16(const uint16_t *qkv, const float *wei
                                            const uint16_t *grad_out, uint16_t *grad_qkv,
                                            int64_t b_size, int64_t t_size, int64_t h_size,
                                            int64_t d_size) {
-    const int64_t c = h_size * d_size, row = 3 * c;
     const int64_t tp = round_up(t_size, LANES), dp = round_up(d_size, LANES);
-    const float scale = 1.0f / sqrtf((float)d_size);
-    int failed = 0; /* a task's buffer could not be allocated */
-#pragma omp parallel for schedule(static)
-    for (int64_t task = 0; task < b_size * h_size; task++) {
-        int64_t b = task / h_size, h = task % h_size;
-        const uint16_t *base = qkv + b * t_size * row + h * d_size;
+    int failed = 0;
+#pragma omp parallel
+    {
         float *buffer = calloc(7 * tp * dp + 2 * tp * tp, sizeof(float));
         if (buffer == NULL) {
 #pragma omp atomic write
             failed = 1;
-            continue;
         }
-        float *q = buffer, *k = q + tp * dp, *vt = k + tp * dp, *go = vt + dp * tp;
-        float *p = go + tp * dp, *ds = p + tp * tp, *dq = ds + tp * tp, *dk = dq + tp * dp;
-        float *dv = dk + tp * dp;
-        const float *p_in = weights + task * t_size * t_size;
-        for (int64_t j = 0; j < t_size; j++) {
-            widen_row(base + j * row, q + j * dp, d_size, scale);
-            widen_row(base + j * row + c, k + j * dp, d_size, 1.0f);
-            for (int64_t d = 0; d < d_size; d++)
-                vt[d * tp + j] = bf16_bits_to_float(base[j * row + 2 * c + d]);
-            widen_row(grad_out + (b * t_size + j) * c + h * d_size, go + j * dp, d_size, 1.0f);
-            memcpy(p + j * tp, p_in + j * t_size, t_size * sizeof(float));
-        }
-        for (int64_t i0 = 0; i0 < t_size; i0 += ROWS) /* dP = dO V^T, into ds */
-            for (int64_t j0 = 0; j0 < i0 + ROWS && j0 < t_size; j0 += LANES)
-                block8(go + i0 * dp, dp, 1, vt + j0, tp, d_size, ds + i0 * tp + j0, tp);
-        for (int64_t i = 0; i < t_size; i++) { /* dS = P (dP - rowsum(P dP)) */
-            float *pi = p + i * tp, *di = ds + i * tp, r = 0.0f;
-            int64_t n = i + 1;
-#pragma omp simd reduction(+ : r)
-            for (int64_t j = 0; j < n; j++)
-                r += pi[j] * di[j];
-#pragma omp simd
-            for (int64_t j = 0; j < tp; j++)
-                di[j] = j < n ? pi[j] * (di[j] - r) : 0.0f;
-        }
-        for (int64_t i0 = 0; i0 < t_size; i0 += ROWS) { /* dQ = s dS K */
-            int64_t n = i0 + ROWS < t_size ? i0 + ROWS : t_size;
-            for (int64_t d0 = 0; d0 < d_size; d0 += LANES)
-                block8(ds + i0 * tp, tp, 1, k + d0, dp, n, dq + i0 * dp + d0, dp);
-        }
-        for (int64_t j0 = 0; j0 < t_size; j0 += ROWS) /* dK = dS^T (s Q), dV = P^T dO */
-            for (int64_t d0 = 0; d0 < d_size; d0 += LANES) {
-                int64_t n = t_size - j0; /* queries i >= j0; dS, P are 0 for i < j */
-                block8(ds + j0 * tp + j0, 1, tp, q + j0 * dp + d0, dp, n, dk + j0 * dp + d0, dp);
-                block8(p + j0 * tp + j0, 1, tp, go + j0 * dp + d0, dp, n, dv + j0 * dp + d0, dp);
-            }
-        for (int64_t i = 0; i < t_size; i++) {
-            uint16_t *g = grad_qkv + (b * t_size + i) * row + h * d_size;
-            narrow_row(dq + i * dp, g, d_size, scale);
-            narrow_row(dk + i * dp, g + c, d_size, 1.0f);
-            narrow_row(dv + i * dp, g + 2 * c, d_size, 1.0f);
-        }
+#pragma omp for schedule(static)
+        for (int64_t task = 0; task < b_size * h_size; task++)
+            if (buffer != NULL)
+                backward_head(qkv, weights + task * t_size * t_size, grad_out, grad_qkv,
+                              buffer, task / h_size, task % h_size, t_size, h_size, d_size);
         free(buffer);
     }
     return failed;

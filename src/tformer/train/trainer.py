@@ -389,10 +389,15 @@ def _fit(
                 loss = loss / config.grad_accum
                 scaler.scale(loss).backward()
             total += loss.detach()
-        if config.grad_clip > 0:
-            scaler.unscale_(optimizer)
-            nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip, foreach=True)
-        scaler.step(optimizer)
+        clip = config.grad_clip if config.grad_clip > 0 else None
+        if clip is not None:
+            scaler.unscale_(optimizer)  # clip the true gradients (a no-op unless float16)
+        if isinstance(optimizer, AdamW):
+            scaler.step(optimizer, max_grad_norm=clip)  # clipped inside the update's pass
+        else:  # FSDP's torch.optim.AdamW
+            if clip is not None:
+                nn.utils.clip_grad_norm_(model.parameters(), clip, foreach=True)
+            scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
 
