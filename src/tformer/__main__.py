@@ -1,3 +1,3 @@
-from tformer.cli.main import main
+from tformer.cli.main import entry
 
-main()
+entry()

@@ -148,3 +148,15 @@ def test_prompts_file_errors_name_the_line(checkpoint, tmp_path):
     )
     assert result.returncode == 2
     assert f'{bad}:2: expected an object with a "prompt" string' in result.stderr
+
+
+def test_the_program_ends_without_the_interpreter_s_last_sweep():
+    code = (
+        "import gc, sys\n"
+        "from tformer.cli.main import entry\n"
+        "sys.argv = ['tformer', 'info', 'gpt2', '--json']\n"
+        "entry()\n"
+        "print(gc.get_freeze_count() > 10_000)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip().splitlines()[-1] == "True"

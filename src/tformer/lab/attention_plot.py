@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from tformer.files import atomic_write
-from tformer.train.plots import pyplot
+from tformer.train.plots import new_figure
 
 
 def token_label(text: str) -> str:
@@ -27,7 +27,6 @@ def plot_attention(
     path: str | Path,
 ) -> Path:
     """weights (H, T, S) of one layer -> a PNG with one heatmap per head in `heads`."""
-    plt = pyplot()
     if weights.dim() != 3 or weights.shape[1:] != (len(query_tokens), len(key_tokens)):
         raise ValueError(
             f"weights of shape {tuple(weights.shape)} do not match {len(query_tokens)} query "
@@ -36,9 +35,8 @@ def plot_attention(
     columns = min(len(heads), 4)
     rows = math.ceil(len(heads) / columns)
     cell = max(2.5, 0.22 * max(len(query_tokens), len(key_tokens)) + 1.0)
-    fig, axes = plt.subplots(
-        rows, columns, figsize=(cell * columns, cell * rows), dpi=110, squeeze=False
-    )
+    fig = new_figure(figsize=(cell * columns, cell * rows), dpi=110)
+    axes = fig.subplots(rows, columns, squeeze=False)
     labels_q = [token_label(t) for t in query_tokens]
     labels_k = [token_label(t) for t in key_tokens]
     fontsize = 8 if max(len(labels_q), len(labels_k)) <= 24 else 6
@@ -58,5 +56,4 @@ def plot_attention(
     fig.suptitle(title)
     path = Path(path)
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", bbox_inches="tight"))
-    plt.close(fig)
     return path

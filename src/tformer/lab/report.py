@@ -15,7 +15,7 @@ from pathlib import Path
 
 from tformer.files import atomic_write, atomic_write_json, atomic_write_text
 from tformer.lab.experiment import VARIANTS, LabConfig, LabData, RunResult
-from tformer.train.plots import pyplot
+from tformer.train.plots import new_figure
 
 REPORT_FILE = "report.md"
 RESULTS_FILE = "results.json"
@@ -111,17 +111,13 @@ def _by_depth(results: list[RunResult]) -> dict[int, list[RunResult]]:
 
 
 def _figure(rows: int, columns: int):
-    plt = pyplot()
-    fig, axes = plt.subplots(
-        rows, columns, figsize=(4.2 * columns, 3.4 * rows), dpi=110, squeeze=False
-    )
-    return plt, fig, axes
+    fig = new_figure(figsize=(4.2 * columns, 3.4 * rows), dpi=110)
+    return fig, fig.subplots(rows, columns, squeeze=False)
 
 
-def _save(plt, fig, path: Path) -> None:
+def _save(fig, path: Path) -> None:
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
-    plt.close(fig)
 
 
 def _smooth(values: list[float], window: int) -> list[float]:
@@ -136,7 +132,7 @@ def _smooth(values: list[float], window: int) -> list[float]:
 
 def plot_loss_curves(results: list[RunResult], data: LabData, path: Path) -> None:
     grouped = _by_depth(results)
-    plt, fig, axes = _figure(1, len(grouped))
+    fig, axes = _figure(1, len(grouped))
     ceiling = math.log(data.tokenizer.vocab_size) + 0.5
     for ax, (depth, runs) in zip(axes[0], grouped.items(), strict=True):
         for r in runs:
@@ -156,7 +152,7 @@ def plot_loss_curves(results: list[RunResult], data: LabData, path: Path) -> Non
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("training loss (nats, smoothed)")
     axes[0][-1].legend(fontsize=7)
-    _save(plt, fig, path)
+    _save(fig, path)
 
 
 def color_of(variant: str) -> str:
@@ -194,7 +190,7 @@ def _by_layer(ax, runs: list[tuple[RunResult, str]], values, ylabel: str) -> Non
 
 def plot_grad_norms(results: list[RunResult], path: Path) -> None:
     grouped = _by_depth(results)
-    plt, fig, axes = _figure(2, len(grouped))
+    fig, axes = _figure(2, len(grouped))
     for column, (depth, runs) in enumerate(grouped.items()):
         top, bottom = axes[0][column], axes[1][column]
         first = at_initialisation(runs)
@@ -203,12 +199,12 @@ def plot_grad_norms(results: list[RunResult], path: Path) -> None:
         top.set_title(f"{depth} layers, at initialisation")
         bottom.set_xlabel("layer (0 = first)")
     axes[0][-1].legend(fontsize=7)
-    _save(plt, fig, path)
+    _save(fig, path)
 
 
 def plot_residual_norms(results: list[RunResult], path: Path) -> None:
     grouped = _by_depth(results)
-    plt, fig, axes = _figure(2, len(grouped))
+    fig, axes = _figure(2, len(grouped))
     for column, (depth, runs) in enumerate(grouped.items()):
         top, bottom = axes[0][column], axes[1][column]
         after = [(r, VARIANTS[r.variant].label) for r in runs]
@@ -220,7 +216,7 @@ def plot_residual_norms(results: list[RunResult], path: Path) -> None:
         bottom.set_xlabel("residual stream after layer (0 = embeddings)")
     axes[0][-1].legend(fontsize=7)
     axes[1][-1].legend(fontsize=7)
-    _save(plt, fig, path)
+    _save(fig, path)
 
 
 def write_report(
