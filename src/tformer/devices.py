@@ -6,6 +6,8 @@ import platform
 
 import torch
 
+from tformer import kernels
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -70,6 +72,19 @@ def keep_freed_memory() -> bool:
         return libc.mallopt(M_TRIM_THRESHOLD, KEEP_FREED_BYTES) == 1 and ok
     except (OSError, AttributeError):
         return False
+
+
+def flush_denormals(on: bool, pool: bool = True) -> None:
+    """Flush numbers below ~1e-38 (denormals, slow on the CPU) to zero, or stop flushing.
+
+    torch.set_flush_denormal sets the calling thread only; with pool, the compiled kernels
+    (built on first use) set the threads of the pool that runs parallel CPU operations too
+    (kernels/threads.c). Without the kernels only the calling thread is set.
+    """
+    torch.set_flush_denormal(on)
+    library = kernels.load() if pool else None
+    if library is not None:
+        library.flush_denormals(on)
 
 
 def cpu_model() -> str:

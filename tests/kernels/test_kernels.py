@@ -233,3 +233,22 @@ def test_causal_attention_kernel_refuses_what_it_cannot_read(compiled):
     for call in bad_inputs:
         with pytest.raises(ValueError):
             call()
+
+
+def test_denormals_are_flushed_on_every_thread_of_the_pool(compiled):
+    from tformer.devices import flush_denormals
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # one multiply split over two threads
+    x = torch.full((1 << 20,), 1e-20)
+    try:
+        assert (x * 1e-20 > 0).all()  # 1e-40: a denormal, not flushed by default
+        torch.set_flush_denormal(True)  # torch's own: the calling thread only
+        assert not (x * 1e-20 == 0).all()
+        flush_denormals(True)
+        assert (x * 1e-20 == 0).all()
+        flush_denormals(False)
+        assert (x * 1e-20 > 0).all()
+    finally:
+        flush_denormals(False)
+        torch.set_num_threads(threads)

@@ -5,7 +5,8 @@ header for why they beat a general matmul when decoding); `cross_entropy.c` the
 label-smoothed cross-entropy over bfloat16 logits, forward and backward, in one pass each;
 `dropout.c` dropout masks from a counter-based generator; `gelu.c` GPT-2's tanh GELU and
 its derivative; `attention.c` causal self-attention over short sequences, forward and
-backward, head by head in float32; `common.h` what they share. The first call compiles them
+backward, head by head in float32; `threads.c` denormals flushed on every thread;
+`common.h` what they share. The first call compiles them
 with the machine's C compiler for this CPU (`-O3 -march=native -fopenmp`) into one library
 in $TFORMER_CACHE/kernels/, keyed by the sources, the compiler and the CPU, so later runs
 load it at once. Without a compiler, or with TFORMER_KERNELS=0, `load()` returns None and
@@ -18,6 +19,7 @@ load it at once. Without a compiler, or with TFORMER_KERNELS=0, `load()` returns
     kernels.gelu_tanh(z), kernels.gelu_tanh_backward(grad, z)   float32 or bfloat16
     kernels.causal_attention(qkv, n_heads)   qkv (B, T, 3C) bf16 -> out (B, T, C), weights
     kernels.causal_attention_backward(qkv, weights, grad_out, n_heads)   -> grad_qkv
+    kernels.flush_denormals(on)   on every thread of the pool -> threads set
 """
 
 import ctypes
@@ -36,7 +38,7 @@ from tformer.files import cache_dir
 
 SOURCES = tuple(
     Path(__file__).with_name(name)
-    for name in ("linear.c", "cross_entropy.c", "dropout.c", "gelu.c", "attention.c")
+    for name in ("linear.c", "cross_entropy.c", "dropout.c", "gelu.c", "attention.c", "threads.c")
 )
 HEADERS = (Path(__file__).with_name("common.h"),)  # part of the key, not compiled alone
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
@@ -150,6 +152,11 @@ class Kernels:
         function(grad.data_ptr(), z.data_ptr(), out.data_ptr(), z.numel())
         return out
 
+    def flush_denormals(self, on: bool) -> int:
+        """Flush denormal numbers to zero (on) or not on every thread of the OpenMP pool
+        that torch and these kernels share; the number of threads set (0: not on this CPU)."""
+        return self.library.tformer_flush_denormals(int(on))
+
     def causal_attention(
         self, qkv: torch.Tensor, n_heads: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -255,6 +262,8 @@ def _build_and_load() -> Kernels:
         getattr(library, name).argtypes = [pointer, pointer, pointer, size]
     library.tformer_causal_attention_bf16.argtypes = [pointer] * 3 + [size] * 4
     library.tformer_causal_attention_backward_bf16.argtypes = [pointer] * 4 + [size] * 4
+    library.tformer_flush_denormals.argtypes = [ctypes.c_int]
+    library.tformer_flush_denormals.restype = ctypes.c_int
     library.tformer_causal_attention_bf16.restype = ctypes.c_int
     library.tformer_causal_attention_backward_bf16.restype = ctypes.c_int
     for name in (

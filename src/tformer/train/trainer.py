@@ -33,7 +33,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from tformer.data.tokens import IGNORE_INDEX, LMBatches
-from tformer.devices import keep_freed_memory
+from tformer.devices import flush_denormals, keep_freed_memory
 from tformer.files import atomic_write_json, atomic_write_text
 from tformer.tokenizers import Tokenizer
 from tformer.train import distributed
@@ -266,7 +266,8 @@ def fit(
     # Numbers below ~1e-38 (denormals) take the CPU's slow path: late in training, when
     # some gradients and Adam moments get that small, they made float32 steps 30% slower
     # (docs/LOG.md). Flushing them to zero changes no printed digit of the loss.
-    torch.set_flush_denormal(True)
+    on_cpu = next(model.parameters()).device.type == "cpu"
+    flush_denormals(True, pool=on_cpu)
     # Reuse freed activation buffers instead of fresh pages from the OS every step.
     keep_freed_memory()
     try:
@@ -283,7 +284,7 @@ def fit(
             print_evaluations,
         )
     finally:
-        torch.set_flush_denormal(False)
+        flush_denormals(False, pool=on_cpu)
 
 
 def _fit(
