@@ -12,8 +12,9 @@ every 250 steps on 20 batches.
 2. The peer in the same run: transformers' GPT2LMHeadModel of the same shape, trained with
    the same optimizer and schedule on the same windows for the same 2000 steps in a minimal
    loop (no evaluation, no checkpoints); tokens per second side by side. The peer's process
-   keeps freed memory for reuse as tformer's trainer does (keep_freed_memory). (nanoGPT's
-   own train.py is not on the package index, so it cannot be run here.)
+   keeps freed memory for reuse and flushes denormals on every thread, as tformer's trainer
+   does (keep_freed_memory, flush_denormals). (nanoGPT's own train.py is not on the package
+   index, so it cannot be run here.)
 
     python benchmarks/train_shakespeare.py [--json] [--peer-steps 2000]
 """
@@ -34,7 +35,7 @@ from common import machine_line  # noqa: E402
 from tformer import CharTokenizer  # noqa: E402
 from tformer.data.sources import load_corpus  # noqa: E402
 from tformer.data.tokens import LMBatches, tokenize_cached  # noqa: E402
-from tformer.devices import keep_freed_memory  # noqa: E402
+from tformer.devices import flush_denormals, keep_freed_memory  # noqa: E402
 from tformer.train.optim import build_optimizer, learning_rate  # noqa: E402
 
 NANOGPT_CPU = [
@@ -154,6 +155,7 @@ def main() -> None:
     args = parser.parse_args()
     print(machine_line(), file=sys.stderr)
     keep_freed_memory()  # for the peer's loop in this process, as `tformer train` does
+    flush_denormals(True)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for dtype in ("bfloat16", "float32"):

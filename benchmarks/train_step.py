@@ -6,7 +6,9 @@ and GELU form, tformer's model against transformers' GPT-2 of the same shape. Al
 variants of one dtype and GELU take turns in chunks of steps, so that a change in the
 host's speed (this VM has two, minutes apart: docs/LOG.md) falls on all of them alike. As in
 `tformer train`, denormals are flushed and freed memory is kept, for both libraries. This
-is the measurement behind `tformer train`'s defaults (see docs/LOG.md).
+is the measurement behind `tformer train`'s defaults (see docs/LOG.md). Both libraries use
+tformer's AdamW (bit-identical to torch's fused one); tformer clips inside its pass, as
+`tformer train` does, transformers' loop with torch's clip_grad_norm_, as its users do.
 
     python benchmarks/train_step.py [--steps 100] [--rounds 10] [--json]
 """
@@ -25,14 +27,15 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import machine_line  # noqa: E402
 
 from tformer import GPT2, GPT2Config  # noqa: E402
-from tformer.devices import keep_freed_memory  # noqa: E402
+from tformer.devices import flush_denormals, keep_freed_memory  # noqa: E402
 from tformer.train.optim import build_optimizer  # noqa: E402
 
 ATTENTION = ("sdpa", "explicit", "blocked")
 
 
-def training_step(model, forward, dtype: str) -> Callable[[], None]:
-    """One optimizer step of `model` on a fixed batch, as a function."""
+def training_step(model, forward, dtype: str, clip_in_step: bool) -> Callable[[], None]:
+    """One optimizer step of `model` on a fixed batch, as a function; gradients clipped to
+    norm 1 inside AdamW's pass (clip_in_step) or by torch's clip_grad_norm_."""
     optimizer = build_optimizer(model, 1e-3, 0.1, (0.9, 0.99))
     x = torch.randint(0, 84, (12, 65), generator=torch.Generator().manual_seed(0))
 
@@ -41,8 +44,11 @@ def training_step(model, forward, dtype: str) -> Callable[[], None]:
             logits = forward(x[:, :-1])
         loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), x[:, 1:].flatten())
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0, foreach=True)
-        optimizer.step()
+        if clip_in_step:
+            optimizer.step(max_grad_norm=1.0)
+        else:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0, foreach=True)
+            optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
     return step
@@ -74,7 +80,7 @@ def main() -> None:
     args = parser.parse_args()
     import transformers
 
-    torch.set_flush_denormal(True)
+    flush_denormals(True)
     keep_freed_memory()
     print(machine_line(), file=sys.stderr)
     rows = []
@@ -91,7 +97,8 @@ def main() -> None:
             attn_pdrop=0.0,
         )
         peer = transformers.GPT2LMHeadModel(hf_config).train()
-        steps = {"transformers": training_step(peer, lambda x, m=peer: m(x).logits, dtype)}
+        peer_forward = lambda x, m=peer: m(x).logits  # noqa: E731
+        steps = {"transformers": training_step(peer, peer_forward, dtype, clip_in_step=False)}
         for attention in ATTENTION:
             config = GPT2Config(
                 vocab_size=84,
@@ -104,7 +111,7 @@ def main() -> None:
                 attention=attention,
             )
             model = GPT2(config, seed=0).train()
-            steps[attention] = training_step(model, model, dtype)
+            steps[attention] = training_step(model, model, dtype, clip_in_step=True)
         ms = ms_per_step_in_turns(steps, args.steps, args.rounds)
         peer_ms = ms.pop("transformers")
         for attention, tformer_ms in ms.items():
