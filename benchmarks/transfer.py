@@ -194,10 +194,10 @@ def qa_throughput(config: GPT2Config, windows, separator: int, steps: int = 10) 
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    from tformer.train.plots import pyplot
+    from tformer.train.plots import new_figure
 
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig = new_figure(figsize=(6, 4))
+    ax = fig.subplots()
     for method, label in (
         ("scratch", "from scratch"),
         ("full", "pre-trained, full"),
@@ -213,7 +213,6 @@ def plot(rows: list[dict], path: Path) -> None:
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def report_throughput(config: GPT2Config, windows, separator: int) -> dict:

@@ -74,17 +74,21 @@ def keep_freed_memory() -> bool:
         return False
 
 
-def flush_denormals(on: bool, pool: bool = True) -> None:
-    """Flush numbers below ~1e-38 (denormals, slow on the CPU) to zero, or stop flushing.
+def flush_denormals(on: bool, pool: bool = True) -> bool:
+    """Flush numbers below ~1e-38 (denormals, slow on the CPU) to zero, or stop flushing;
+    return whether the calling thread flushed them before (to restore it later).
 
     torch.set_flush_denormal sets the calling thread only; with pool, the compiled kernels
     (built on first use) set the threads of the pool that runs parallel CPU operations too
-    (kernels/threads.c). Without the kernels only the calling thread is set.
+    (kernels/threads.c). Without the kernels only the calling thread is set, and the state
+    before is taken to be torch's default, not flushing.
     """
-    torch.set_flush_denormal(on)
     library = kernels.load() if pool else None
+    before = library.denormals_flushed() if library is not None else False
+    torch.set_flush_denormal(on)
     if library is not None:
         library.flush_denormals(on)
+    return before
 
 
 def cpu_model() -> str:

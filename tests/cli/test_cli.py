@@ -150,7 +150,7 @@ def test_prompts_file_errors_name_the_line(checkpoint, tmp_path):
     assert f'{bad}:2: expected an object with a "prompt" string' in result.stderr
 
 
-def test_the_program_ends_without_the_interpreter_s_last_sweep():
+def test_the_program_freezes_the_garbage_collector_s_objects_before_it_exits():
     code = (
         "import gc, sys\n"
         "from tformer.cli.main import entry\n"

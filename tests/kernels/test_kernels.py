@@ -245,10 +245,11 @@ def test_denormals_are_flushed_on_every_thread_of_the_pool(compiled):
         assert (x * 1e-20 > 0).all()  # 1e-40: a denormal, not flushed by default
         torch.set_flush_denormal(True)  # torch's own: the calling thread only
         assert not (x * 1e-20 == 0).all()
-        flush_denormals(True)
+        assert flush_denormals(True) is True  # the calling thread's state before
         assert (x * 1e-20 == 0).all()
-        flush_denormals(False)
+        assert flush_denormals(False) is True
         assert (x * 1e-20 > 0).all()
+        assert flush_denormals(False) is False
     finally:
         flush_denormals(False)
         torch.set_num_threads(threads)

@@ -146,7 +146,8 @@ def test_clipping_inside_the_step_is_clip_grad_norm_then_the_step(scale):
         norm = our_optimizer.step(max_grad_norm=0.5)
         their_norm = torch.nn.utils.clip_grad_norm_(theirs.parameters(), 0.5, foreach=True)
         their_optimizer.step()
-        assert torch.equal(norm, their_norm)  # the norm before clipping, to the last bit
+        # the norm before clipping: to the last bit, the parameters being in the same order
+        assert torch.equal(norm, their_norm)
         assert (norm > 0.5) == (scale == 1.0)
         for p, q in zip(ours.parameters(), theirs.parameters(), strict=True):
             if scale == 1.0:  # g / (norm / c) against g * (c / norm): the last bit may differ
@@ -165,3 +166,11 @@ def test_clipping_without_gradients_is_no_update():
     norm = AdamW(groups(model), lr=1e-2, betas=(0.9, 0.95)).step(max_grad_norm=1.0)
     assert norm.item() == 0.0
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before, strict=True))
+
+
+@pytest.mark.parametrize("bad", [0.0, -1.0])
+def test_clipping_to_a_norm_that_is_not_positive_is_refused(bad):
+    model, _ = tiny_pair()
+    grads_of_scale(model, 1.0)
+    with pytest.raises(ValueError, match="max_grad_norm must be positive"):
+        AdamW(groups(model), lr=1e-2, betas=(0.9, 0.95)).step(max_grad_norm=bad)

@@ -283,3 +283,21 @@ def test_scored_logits_skip_padding_with_the_same_loss_and_gradients():
     logits, kept = ScoredLogits(linear)((x,), targets)
     torch.testing.assert_close(logits, linear(x).flatten(0, 1))
     assert torch.equal(kept, targets.flatten())
+
+
+def test_fit_flushes_denormals_while_it_trains_and_restores_the_caller_s_setting(corpus_file):
+    from tformer import kernels
+    from tformer.devices import flush_denormals
+
+    library = kernels.load()
+    assert library is not None, kernels.unavailable_reason()
+    _, train, _, model = data_and_model(corpus_file)
+    seen = []
+    config = quick(steps=2, eval_every=0)
+    for caller_flushes in (False, True):
+        flush_denormals(caller_flushes)
+        record = lambda _: seen.append(library.denormals_flushed())  # noqa: E731
+        fit(model, train, None, config, progress=False, on_record=record)
+        assert library.denormals_flushed() is caller_flushes
+    flush_denormals(False)
+    assert seen == [True, True, True, True]  # flushed during every step

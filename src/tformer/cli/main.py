@@ -78,5 +78,7 @@ def entry() -> None:
     file is written and closed by then, so the objects are frozen (left out of that walk)
     instead; they are freed with the process all the same.
     """
-    main()
-    gc.freeze()
+    try:
+        main()
+    finally:  # an error's exit (sys.exit) ends the process just the same
+        gc.freeze()

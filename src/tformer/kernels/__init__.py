@@ -20,6 +20,7 @@ load it at once. Without a compiler, or with TFORMER_KERNELS=0, `load()` returns
     kernels.causal_attention(qkv, n_heads)   qkv (B, T, 3C) bf16 -> out (B, T, C), weights
     kernels.causal_attention_backward(qkv, weights, grad_out, n_heads)   -> grad_qkv
     kernels.flush_denormals(on)   on every thread of the pool -> threads set
+    kernels.denormals_flushed()   on the calling thread?
 """
 
 import ctypes
@@ -157,6 +158,10 @@ class Kernels:
         that torch and these kernels share; the number of threads set (0: not on this CPU)."""
         return self.library.tformer_flush_denormals(int(on))
 
+    def denormals_flushed(self) -> bool:
+        """Whether the calling thread flushes denormal numbers to zero."""
+        return bool(self.library.tformer_denormals_flushed())
+
     def causal_attention(
         self, qkv: torch.Tensor, n_heads: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -264,6 +269,8 @@ def _build_and_load() -> Kernels:
     library.tformer_causal_attention_backward_bf16.argtypes = [pointer] * 4 + [size] * 4
     library.tformer_flush_denormals.argtypes = [ctypes.c_int]
     library.tformer_flush_denormals.restype = ctypes.c_int
+    library.tformer_denormals_flushed.argtypes = []
+    library.tformer_denormals_flushed.restype = ctypes.c_int
     library.tformer_causal_attention_bf16.restype = ctypes.c_int
     library.tformer_causal_attention_backward_bf16.restype = ctypes.c_int
     for name in (

@@ -47,9 +47,10 @@ class AdamW:
 
     The update itself is PyTorch's fused AdamW kernel, one pass over each tensor, so the
     numbers are torch.optim.AdamW(fused=True)'s to the last bit (a test holds them to each
-    other). What this class leaves out is torch.optim's machinery: for a small model its
-    bookkeeping cost ~0.3 ms a step, and creating any torch.optim optimizer imports the
-    compiler stack (torch._dynamo), 1.1-1.5 s of a one-minute run (docs/LOG.md).
+    other; with clipping, see step). What this class leaves out is torch.optim's machinery:
+    for a small model its bookkeeping cost ~0.3 ms a step, and creating any torch.optim
+    optimizer imports the compiler stack (torch._dynamo), 1.1-1.5 s of a one-minute run
+    (docs/LOG.md).
 
     The state is kept in torch.optim.AdamW's layout (per parameter: "step" as a float32
     scalar tensor, "exp_avg" m, "exp_avg_sq" v), and state_dict / load_state_dict use its
@@ -91,8 +92,12 @@ class AdamW:
 
         Clipping here costs one norm of each gradient: the division happens inside the
         update's own pass, where clip_grad_norm_ would spend a second pass (and, on the CPU,
-        an op per tensor) multiplying them: ~0.5 ms of a 23 ms step (docs/LOG.md).
+        an op per tensor) multiplying them: ~0.3 ms of a 22 ms step (docs/LOG.md). Dividing
+        by ||g|| / c rather than multiplying by c / ||g|| can differ from clip_grad_norm_ in
+        the last bit (and the norm too when the parameters are summed in another order).
         """
+        if max_grad_norm is not None and not max_grad_norm > 0:
+            raise ValueError(f"max_grad_norm must be positive (or None), got {max_grad_norm}")
         kinds: list[tuple[list[torch.Tensor], dict]] = []
         for group in self.param_groups:
             by_kind: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
@@ -203,7 +208,7 @@ def global_norm(params: list[torch.Tensor]) -> torch.Tensor:
     for p in params:
         by_kind.setdefault((p.device, p.grad.dtype), []).append(p.grad)
     norms = [  # torch's foreach norm takes one device and dtype at a time
-        torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))).to(
+        torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads, dtype=torch.float32))).to(
             device=device, dtype=torch.float32
         )
         for grads in by_kind.values()

@@ -267,7 +267,7 @@ def fit(
     # some gradients and Adam moments get that small, they made float32 steps 30% slower
     # (docs/LOG.md). Flushing them to zero changes no printed digit of the loss.
     on_cpu = next(model.parameters()).device.type == "cpu"
-    flush_denormals(True, pool=on_cpu)
+    flushed_before = flush_denormals(True, pool=on_cpu)
     # Reuse freed activation buffers instead of fresh pages from the OS every step.
     keep_freed_memory()
     try:
@@ -284,7 +284,7 @@ def fit(
             print_evaluations,
         )
     finally:
-        flush_denormals(False, pool=on_cpu)
+        flush_denormals(flushed_before, pool=on_cpu)
 
 
 def _fit(
