@@ -6,11 +6,11 @@ label-smoothed cross-entropy over bfloat16 logits, forward and backward, in one 
 `dropout.c` dropout masks from a counter-based generator; `gelu.c` GPT-2's tanh GELU and
 its derivative; `attention.c` causal self-attention over short sequences, forward and
 backward, head by head in float32; `threads.c` denormals flushed on every thread;
-`common.h` what they share. The first call compiles them
-with the machine's C compiler for this CPU (`-O3 -march=native -fopenmp`) into one library
-in $TFORMER_CACHE/kernels/, keyed by the sources, the compiler and the CPU, so later runs
-load it at once. Without a compiler, or with TFORMER_KERNELS=0, `load()` returns None and
-`unavailable_reason()` says why; callers then use torch's own kernels.
+`common.h` what they share. The first call compiles them with the machine's C compiler for
+this CPU (`-O3 -march=native -fopenmp`) into one library in $TFORMER_CACHE/kernels/, keyed
+by the sources, the compiler and the CPU, so later runs load it at once. Without a
+compiler, or with TFORMER_KERNELS=0, `load()` returns None and `unavailable_reason()` says
+why; callers then use torch's own kernels.
 
     kernels = load()
     kernels.linear(x, weight, scale, bias, out)   x (M, K) float32 -> out (M, N)

@@ -207,12 +207,10 @@ def global_norm(params: list[torch.Tensor]) -> torch.Tensor:
     by_kind: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
     for p in params:
         by_kind.setdefault((p.device, p.grad.dtype), []).append(p.grad)
-    norms = [  # torch's foreach norm takes one device and dtype at a time
-        torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads, dtype=torch.float32))).to(
-            device=device, dtype=torch.float32
-        )
-        for grads in by_kind.values()
-    ]
+    norms = []
+    for grads in by_kind.values():  # torch's foreach norm takes one device and dtype at a time
+        each = torch._foreach_norm(grads, dtype=torch.float32)
+        norms.append(torch.linalg.vector_norm(torch.stack(each)).to(device))
     return torch.linalg.vector_norm(torch.stack(norms))
 
 

@@ -8,7 +8,7 @@ The loop, per optimizer step s:
                                                several processes, the mean over all their
                                                scored targets
         loss.backward()                        DDP averages gradients across processes
-    clip the gradient norm; AdamW step; log; evaluate and checkpoint when due
+    AdamW step, clipping the gradient norm in its pass; log; evaluate and checkpoint when due
 
 The trainer knows nothing of GPT-2: a model is anything with `model(*batch.inputs)` ->
 logits (B, T, V), plus `save_pretrained(dir)` / `from_pretrained(dir)` for checkpoints.
