@@ -68,6 +68,16 @@ static inline void narrow_row(const float *src, uint16_t *dst, int64_t n, float 
         dst[i] = float_to_bf16_bits(src[i] * scale);
 }
 
+/* A thread's buffer of n floats, zeroed; NULL, with *failed set, if there is no memory. */
+static float *thread_buffer(int64_t n, int *failed) {
+    float *buffer = calloc(n, sizeof(float));
+    if (buffer == NULL) {
+#pragma omp atomic write
+        *failed = 1;
+    }
+    return buffer;
+}
+
 /* One head of the forward pass, in buffer (4 tp dp + tp tp floats). qkv (B, T, 3C) bf16,
    C = H D: head h's q, k, v at columns h D, C + h D, 2C + h D. out (B, T, C) bf16; p_out
    (T, T) float32, this head's P with zeros above the diagonal. */
@@ -128,11 +138,7 @@ int tformer_causal_attention_bf16(const uint16_t *qkv, uint16_t *out, float *wei
     int failed = 0;
 #pragma omp parallel
     {
-        float *buffer = calloc(4 * tp * dp + tp * tp, sizeof(float));
-        if (buffer == NULL) {
-#pragma omp atomic write
-            failed = 1;
-        }
+        float *buffer = thread_buffer(4 * tp * dp + tp * tp, &failed);
 #pragma omp for schedule(static)
         for (int64_t task = 0; task < b_size * h_size; task++)
             if (buffer != NULL)
@@ -205,11 +211,7 @@ int tformer_causal_attention_backward_bf16(const uint16_t *qkv, const float *wei
     int failed = 0;
 #pragma omp parallel
     {
-        float *buffer = calloc(7 * tp * dp + 2 * tp * tp, sizeof(float));
-        if (buffer == NULL) {
-#pragma omp atomic write
-            failed = 1;
-        }
+        float *buffer = thread_buffer(7 * tp * dp + 2 * tp * tp, &failed);
 #pragma omp for schedule(static)
         for (int64_t task = 0; task < b_size * h_size; task++)
             if (buffer != NULL)
