@@ -10,9 +10,11 @@ is ReLU, max(0, z), in the original Transformer and the tanh approximation of GE
 
 There is no activation after W2: the output goes straight back to the residual stream.
 
-On the CPU, gelu_tanh runs in the compiled kernels (tformer/kernels/gelu.c) where they are
-built: the same function, 2-3x faster than torch's, whose tanh is slow on the CPUs
-measured (docs/LOG.md). torch's own is the reference, and the path under torch.compile.
+On the CPU both GELUs run in the compiled kernels (tformer/kernels/gelu.c) where they are
+built: the same functions. gelu_tanh is 2-3x faster than torch's, whose tanh is slow on the
+CPUs measured; the exact gelu writes its derivative in the forward pass, so its backward
+pass is one multiply (docs/LOG.md). torch's own are the reference, and the path under
+torch.compile.
 """
 
 from typing import Literal
@@ -52,13 +54,41 @@ def gelu_tanh(z: torch.Tensor, compiled: bool = True) -> torch.Tensor:
     return CompiledGeluTanh.apply(z.contiguous(), library)
 
 
+class CompiledGelu(torch.autograd.Function):
+    """The exact gelu from the compiled CPU kernels; the forward pass saves dy/dz."""
+
+    @staticmethod
+    def forward(ctx, z, library):
+        y, derivative = library.gelu(z, with_derivative=True)
+        ctx.save_for_backward(derivative)
+        ctx.library, ctx.dtype = library, z.dtype
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        (derivative,) = ctx.saved_tensors
+        return ctx.library.gelu_backward(grad.contiguous().to(ctx.dtype), derivative), None
+
+
+def gelu(z: torch.Tensor, compiled: bool = True) -> torch.Tensor:
+    """z Phi(z) = 0.5 z (1 + erf(z / sqrt(2))); compiled=False: always torch's."""
+    fast = compiled and z.device.type == "cpu" and z.dtype in (torch.float32, torch.bfloat16)
+    library = kernels.load() if fast and not torch.compiler.is_compiling() else None
+    if library is None:
+        return nn.functional.gelu(z)
+    if z.requires_grad and torch.is_grad_enabled():
+        return CompiledGelu.apply(z.contiguous(), library)
+    return library.gelu(z.contiguous(), with_derivative=False)[0]
+
+
 def activation_fn(name: Activation, z: torch.Tensor) -> torch.Tensor:
     if name == "relu":
         return torch.relu(z)
     if name == "gelu_tanh":
         return gelu_tanh(z)
     if name == "gelu":
-        return nn.functional.gelu(z)
+        return gelu(z)
     raise ValueError(f"unknown activation {name!r}: choose one of {', '.join(ACTIVATIONS)}")
 
 
