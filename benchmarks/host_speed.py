@@ -34,8 +34,15 @@ from tformer.train.trainer import cross_entropy  # noqa: E402
 
 
 def training_step() -> Callable[[], None]:
-    config = GPT2Config(
-        vocab_size=84, max_len=64, d_model=128, n_layers=4, n_heads=4, activation="gelu"
+    config = GPT2Config(  # as `tformer train` builds it for this configuration in bf16
+        vocab_size=84,
+        max_len=64,
+        d_model=128,
+        n_layers=4,
+        n_heads=4,
+        dropout=0.0,
+        activation="gelu",
+        attention="blocked",
     )
     model = GPT2(config, seed=0).train()
     optimizer = build_optimizer(model, 1e-3, 0.1, (0.9, 0.99))
@@ -85,7 +92,8 @@ def main() -> None:
         row["time"] = time.strftime("%H:%M:%S")
         rows.append(row)
         print(
-            f"{row['time']} " + " ".join(f"{row[name]:8.1f}" for name in turns)
+            f"{row['time']} "
+            + " ".join(f"{row[name]:8.1f}" for name in turns)
             + f"  {row['speedup']:8.2f}",
             file=sys.stderr,
         )

@@ -132,6 +132,8 @@ def peer_tokens_per_second(dtype: str, steps: int) -> float:
         resid_pdrop=0.0,
         embd_pdrop=0.0,
         attn_pdrop=0.0,
+        bos_token_id=None,  # GPT-2's 50256 is outside a character vocabulary
+        eos_token_id=None,
     )
     torch.manual_seed(1337)
     model = transformers.GPT2LMHeadModel(config).train()
