@@ -17,7 +17,7 @@ it at once. Without a compiler, or with TFORMER_KERNELS=0, `load()` returns None
     kernels.smoothed_ce_forward(logits, targets, eps)   (N, V) bf16 -> loss, lse (N,)
     kernels.dropout_mask(n, seed, threshold)   -> (n,) bool, True with P = threshold / 65536
     kernels.gelu_tanh(z), kernels.gelu_tanh_backward(grad, z)   float32 or bfloat16
-    kernels.gelu(z, with_derivative) -> y, dy/dz;  kernels.gelu_backward(grad, dy/dz)
+    kernels.gelu(z), kernels.gelu_and_derivative(z) -> y, dy/dz   float32 or bfloat16
     kernels.causal_attention(qkv, n_heads)   qkv (B, T, 3C) bf16 -> out (B, T, C), weights
     kernels.causal_attention_backward(qkv, weights, grad_out, n_heads)   -> grad_qkv
     kernels.flush_denormals(on)   on every thread of the pool -> threads set
@@ -44,10 +44,7 @@ SOURCES = tuple(
 )
 HEADERS = (Path(__file__).with_name("common.h"),)  # part of the key, not compiled alone
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
-if platform.machine() in ("x86_64", "AMD64"):
-    # GCC tunes AVX-512 CPUs for 256-bit vectors unless told; the kernels' 16-float loops are
-    # 5% faster (attention) to 20% (exact GELU) in whole registers on Zen 4 (docs/LOG.md).
-    FLAGS.append("-mprefer-vector-width=512")
+WIDE_VECTORS = "-mprefer-vector-width=512"
 
 
 class KernelUnavailable(RuntimeError):
@@ -158,31 +155,24 @@ class Kernels:
         function(grad.data_ptr(), z.data_ptr(), out.data_ptr(), z.numel())
         return out
 
-    def gelu(
-        self, z: torch.Tensor, with_derivative: bool
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def gelu(self, z: torch.Tensor) -> torch.Tensor:
         """The exact GELU, z Phi(z), elementwise on a contiguous float32 or bfloat16 CPU
-        tensor; with_derivative: also dy/dz, float32, for gelu_backward (else None)."""
+        tensor."""
         y = torch.empty_like(z)
-        d = torch.empty(z.shape, dtype=torch.float32) if with_derivative else None
-        function = (
-            self.library.tformer_gelu_bf16
-            if z.dtype == torch.bfloat16
-            else self.library.tformer_gelu_f32
-        )
-        function(z.data_ptr(), y.data_ptr(), d.data_ptr() if d is not None else None, z.numel())
+        self._gelu(z)(z.data_ptr(), y.data_ptr(), None, z.numel())
+        return y
+
+    def gelu_and_derivative(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The exact GELU and its derivative dy/dz, both in z's dtype: the backward pass is
+        then grad * dy/dz."""
+        y, d = torch.empty_like(z), torch.empty_like(z)
+        self._gelu(z)(z.data_ptr(), y.data_ptr(), d.data_ptr(), z.numel())
         return y, d
 
-    def gelu_backward(self, grad: torch.Tensor, derivative: torch.Tensor) -> torch.Tensor:
-        """grad * derivative, in grad's dtype (float32 or bfloat16, rounded once); both
-        contiguous, of one shape, the derivative float32 from gelu(z, True)."""
-        if grad.dtype != torch.bfloat16:
-            return grad * derivative
-        out = torch.empty_like(grad)
-        self.library.tformer_gelu_backward_bf16(
-            grad.data_ptr(), derivative.data_ptr(), out.data_ptr(), grad.numel()
-        )
-        return out
+    def _gelu(self, z: torch.Tensor):
+        if z.dtype == torch.bfloat16:
+            return self.library.tformer_gelu_bf16
+        return self.library.tformer_gelu_f32
 
     def flush_denormals(self, on: bool) -> int:
         """Flush denormal numbers to zero (on) or not on every thread of the OpenMP pool
@@ -296,7 +286,7 @@ def _build_and_load() -> Kernels:
         getattr(library, name).argtypes = [pointer, pointer, size]
     for name in ("tformer_gelu_tanh_backward_f32", "tformer_gelu_tanh_backward_bf16"):
         getattr(library, name).argtypes = [pointer, pointer, pointer, size]
-    for name in ("tformer_gelu_f32", "tformer_gelu_bf16", "tformer_gelu_backward_bf16"):
+    for name in ("tformer_gelu_f32", "tformer_gelu_bf16"):
         getattr(library, name).argtypes = [pointer] * 3 + [size]
     library.tformer_causal_attention_bf16.argtypes = [pointer] * 3 + [size] * 4
     library.tformer_causal_attention_backward_bf16.argtypes = [pointer] * 4 + [size] * 4
@@ -313,7 +303,6 @@ def _build_and_load() -> Kernels:
         "tformer_gelu_tanh_backward_bf16",
         "tformer_gelu_f32",
         "tformer_gelu_bf16",
-        "tformer_gelu_backward_bf16",
         "tformer_dropout_mask",
         "tformer_linear_f32",
         "tformer_linear_bf16",
@@ -338,10 +327,20 @@ def _library_path(compiler: str) -> Path:
         sources = [source.read_bytes() for source in (*SOURCES, *HEADERS)]
     except OSError as e:  # an installation without the sources: torch's kernels instead
         raise KernelUnavailable(f"the kernel sources are not installed: {e}") from e
-    for part in (*sources, version.encode(), " ".join(FLAGS).encode(), _cpu_id()):
+    for part in (*sources, version.encode(), " ".join(flags()).encode(), _cpu_id()):
         key.update(part)
         key.update(b"\0")
     return cache_dir() / "kernels" / f"tformer-{key.hexdigest()[:24]}.so"
+
+
+def flags() -> list[str]:
+    """The compiler flags for this CPU. GCC tunes AVX-512 CPUs for 256-bit vectors unless
+    told; where AVX-512 is recent enough to run bfloat16 (Zen 4, Sapphire Rapids: no clock
+    penalty for whole registers), the kernels' 16-float loops are built whole-register:
+    attention forward 6% faster, exact GELU 20% on Zen 4 (docs/LOG.md)."""
+    if b"avx512_bf16" in _cpu_id():
+        return [*FLAGS, WIDE_VECTORS]
+    return list(FLAGS)
 
 
 def _cpu_id() -> bytes:
@@ -357,7 +356,7 @@ def _cpu_id() -> bytes:
 def _compile(compiler: str, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    command = [compiler, *FLAGS, *map(str, SOURCES), "-lm", "-o", str(tmp)]
+    command = [compiler, *flags(), *map(str, SOURCES), "-lm", "-o", str(tmp)]
     try:
         result = subprocess.run(command, capture_output=True, text=True, timeout=300)
         if result.returncode != 0:

@@ -20,10 +20,11 @@
 
    (Abramowitz and Stegun, 7.1.26: absolute error below 1.5e-7; the formula torch's
    vectorised erf uses). Written for erfc, Phi does not cancel to 0 in the left tail as
-   0.5 (1 + erf) does (there its relative error grows, to ~4% at z = -13, where y ~ 1e-37).
-   Phi and phi share the one exp, exp(-a^2) = exp(-z^2 / 2), so the forward pass can write
-   the derivative for almost nothing, and the backward pass only multiplies the gradient by
-   it, where torch's gelu_backward computes erf and exp again.
+   0.5 (1 + erf) does (there its relative error grows, to ~4% at z = -13, where y ~ 1e-37;
+   with denormals flushed, y is 0 below z ~ -12.95). Phi and phi share the one exp,
+   exp(-a^2) = exp(-z^2 / 2), so the forward pass can write the derivative, in z's dtype
+   (the memory torch's gelu would keep z in), for almost nothing, and the backward pass only
+   multiplies the gradient by it, where torch's gelu_backward computes erf and exp again.
 
    Arithmetic is float32 throughout; bfloat16 results are rounded to nearest even, as torch
    rounds its own. Elements are split over the OpenMP threads when there are enough of
@@ -99,7 +100,7 @@ static void backward_bf16(const uint16_t *grad, const uint16_t *z, uint16_t *out
     }
 }
 
-/* The exact GELU: y, and with d (not NULL) dy/dz in float32. */
+/* The exact GELU: y, and with d (not NULL) dy/dz, in z's dtype. */
 static void exact_f32(const float *z, float *y, float *d, int64_t begin, int64_t end) {
     if (d == NULL) {
 #pragma omp simd
@@ -115,7 +116,8 @@ static void exact_f32(const float *z, float *y, float *d, int64_t begin, int64_t
     }
 }
 
-static void exact_bf16(const uint16_t *z, uint16_t *y, float *d, int64_t begin, int64_t end) {
+static void exact_bf16(const uint16_t *z, uint16_t *y, uint16_t *d, int64_t begin,
+                       int64_t end) {
     if (d == NULL) {
 #pragma omp simd
         for (int64_t i = begin; i < end; i++) {
@@ -128,16 +130,8 @@ static void exact_bf16(const uint16_t *z, uint16_t *y, float *d, int64_t begin, 
     for (int64_t i = begin; i < end; i++) {
         float x = bf16_bits_to_float(z[i]), e = exp_neg(-0.5f * x * x), cdf = normal_cdf(x, e);
         y[i] = float_to_bf16_bits(x * cdf);
-        d[i] = cdf + x * e * INV_SQRT_2PI;
+        d[i] = float_to_bf16_bits(cdf + x * e * INV_SQRT_2PI);
     }
-}
-
-/* out = grad * d, bfloat16 gradients and float32 derivatives, rounded once. */
-static void times_derivative_bf16(const uint16_t *grad, const float *d, uint16_t *out,
-                                  int64_t begin, int64_t end) {
-#pragma omp simd
-    for (int64_t i = begin; i < end; i++)
-        out[i] = float_to_bf16_bits(bf16_bits_to_float(grad[i]) * d[i]);
 }
 
 /* Run CALL (which uses begin and end) over [0, n): split over the threads when n is large. */
@@ -179,11 +173,6 @@ void tformer_gelu_f32(const float *z, float *y, float *d, int64_t n) {
     OVER_THREADS(n, exact_f32(z, y, d, begin, end));
 }
 
-void tformer_gelu_bf16(const uint16_t *z, uint16_t *y, float *d, int64_t n) {
+void tformer_gelu_bf16(const uint16_t *z, uint16_t *y, uint16_t *d, int64_t n) {
     OVER_THREADS(n, exact_bf16(z, y, d, begin, end));
-}
-
-void tformer_gelu_backward_bf16(const uint16_t *grad, const float *d, uint16_t *out,
-                                int64_t n) {
-    OVER_THREADS(n, times_derivative_bf16(grad, d, out, begin, end));
 }

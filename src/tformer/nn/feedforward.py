@@ -59,16 +59,15 @@ class CompiledGelu(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, z, library):
-        y, derivative = library.gelu(z, with_derivative=True)
+        y, derivative = library.gelu_and_derivative(z)
         ctx.save_for_backward(derivative)
-        ctx.library, ctx.dtype = library, z.dtype
         return y
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad):
         (derivative,) = ctx.saved_tensors
-        return ctx.library.gelu_backward(grad.contiguous().to(ctx.dtype), derivative), None
+        return grad.to(derivative.dtype) * derivative, None
 
 
 def gelu(z: torch.Tensor, compiled: bool = True) -> torch.Tensor:
@@ -79,7 +78,7 @@ def gelu(z: torch.Tensor, compiled: bool = True) -> torch.Tensor:
         return nn.functional.gelu(z)
     if z.requires_grad and torch.is_grad_enabled():
         return CompiledGelu.apply(z.contiguous(), library)
-    return library.gelu(z.contiguous(), with_derivative=False)[0]
+    return library.gelu(z.contiguous())
 
 
 def activation_fn(name: Activation, z: torch.Tensor) -> torch.Tensor:
