@@ -170,6 +170,7 @@ class Kernels:
         return y, d
 
     def _gelu(self, z: torch.Tensor):
+        """The exact GELU's C function for z's dtype."""
         if z.dtype == torch.bfloat16:
             return self.library.tformer_gelu_bf16
         return self.library.tformer_gelu_f32
