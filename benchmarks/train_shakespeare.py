@@ -42,6 +42,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import machine_line  # noqa: E402
+from nanogpt_style import gpt2_model  # noqa: E402
 
 from tformer import CharTokenizer  # noqa: E402
 from tformer.data.sources import load_corpus  # noqa: E402
@@ -121,26 +122,11 @@ def timed_training(dtype: str, run_dir: Path) -> dict:
 
 def peer_tokens_per_second(dtype: str, steps: int) -> float:
     """transformers' GPT-2 of the same shape in a plain training loop."""
-    import transformers
-
     corpus = load_corpus("shakespeare")
     tok = CharTokenizer.from_text(corpus.train + corpus.val)
     data = LMBatches(tokenize_cached(corpus.train, tok), 64)
-    config = transformers.GPT2Config(
-        vocab_size=tok.vocab_size,
-        n_positions=64,
-        n_embd=128,
-        n_layer=4,
-        n_head=4,
-        activation_function="gelu",
-        resid_pdrop=0.0,
-        embd_pdrop=0.0,
-        attn_pdrop=0.0,
-        bos_token_id=None,  # GPT-2's 50256 is outside a character vocabulary
-        eos_token_id=None,
-    )
     torch.manual_seed(1337)
-    model = transformers.GPT2LMHeadModel(config).train()
+    model = gpt2_model(tok.vocab_size).train()
     optimizer = build_optimizer(model, 1e-3, 0.1, (0.9, 0.99))
     generator = torch.Generator().manual_seed(1337)
 
