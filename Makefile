@@ -27,7 +27,10 @@ run: install
 		--steps 800 --lr 2e-3 --min-lr 2e-4 --warmup-steps 50 --eval-every 100 \
 		--checkpoint-every 200 --sample-tokens 500
 
+# The import contracts first (pyproject.toml: every import points down, no circles), then
+# the tests.
 test: install
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q
 
 lint: install

@@ -54,7 +54,7 @@ FRACTIONS = (0.1, 1.0)
 
 def build(kind: str, vocab_size: int, eos: int | None) -> torch.nn.Module:
     if kind == "gpt2":
-        config = GPT2Config(vocab_size=vocab_size, eos_token_id=eos, attention="blocked", **SHAPE)
+        config = GPT2Config(vocab_size=vocab_size, eos_id=eos, attention="blocked", **SHAPE)
         return GPT2ForQuestionAnswering(config, seed=1)
     norm, activation = ("pre", "gelu_tanh") if kind == "encoder-pre" else ("post", "relu")
     config = EncoderForQuestionAnswering.config_for(

@@ -64,7 +64,7 @@ def training_works_text() -> str:
 
 
 def pretrain(tokenizer, text: str, steps: int) -> GPT2:
-    config = GPT2Config(vocab_size=tokenizer.vocab_size, eos_token_id=tokenizer.eos_id, **SHAPE)
+    config = GPT2Config(vocab_size=tokenizer.vocab_size, eos_id=tokenizer.eos_id, **SHAPE)
     model = GPT2(config, seed=0)
     ids = np.array(tokenizer.encode(text), dtype=np.uint16)
     cut = int(0.95 * len(ids))
@@ -248,7 +248,7 @@ def main() -> None:
         w for e in train for w in make_windows(tokenizer, e, CONTEXT, STRIDE, separator, null)
     ]
     if args.throughput_only:
-        config = GPT2Config(vocab_size=tokenizer.vocab_size, eos_token_id=tokenizer.eos_id, **SHAPE)
+        config = GPT2Config(vocab_size=tokenizer.vocab_size, eos_id=tokenizer.eos_id, **SHAPE)
         throughput = report_throughput(config, windows, separator)
         if args.json:
             print(json.dumps({"machine": machine, "throughput": throughput}))

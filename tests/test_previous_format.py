@@ -70,6 +70,16 @@ def test_lora_adapter_run_loads_its_base_and_adapters(previous):
     torch.testing.assert_close(outputs(model, LM_INPUT), expected("lm_lora"), rtol=1e-5, atol=1e-6)
 
 
+def test_finished_translation_run_resumes_with_its_optimizer_state_renamed(previous, capsys):
+    """Its optimizer state is keyed by the parameter names of the time (`ff`, now `mlp`)."""
+    run = previous / "translation"
+    main(
+        ["train", "--out", str(run), "--resume", "--no-progress", "--json", "--sample-tokens", "0"]
+    )
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["task"] == "translation" and result["steps"] == 2
+
+
 def test_translation_run_gives_the_same_logits(previous):
     src, tgt = torch.tensor([[5, 6, 7, 2]]), torch.tensor([[1, 8, 9]])
     for directory in (previous / "translation", previous / "translation" / "last"):

@@ -1,6 +1,6 @@
 """tformer: the Transformer from first principles, checkpoint-compatible with GPT-2."""
 
-from tformer.models.checkpoints import CheckpointError
+from tformer.checkpoints import CheckpointError
 from tformer.models.gpt2 import GPT2, GPT2Config
 from tformer.models.seq2seq import Seq2SeqConfig, Seq2SeqTransformer
 from tformer.tokenizers import (

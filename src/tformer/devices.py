@@ -59,10 +59,10 @@ def keep_freed_memory() -> bool:
 
     A training step allocates and frees the same large activation buffers every time. By
     default glibc serves each of them with a fresh mmap and returns it on free, so every
-    step pays page faults to zero them again: 10-20% of a translation step on the CPU
-    (docs/LOG.md). Here large blocks come from the heap instead, and up to 1 GiB of freed
-    memory is kept rather than given back. The setting lasts for the process. Returns
-    whether it took effect (False on other C libraries).
+    step pays page faults to zero them again, a cost measured in docs/LOG.md. Here large
+    blocks come from the heap instead, and up to 1 GiB of freed memory is kept rather than
+    given back. The setting lasts for the process. Returns whether it took effect (False on
+    other C libraries).
     """
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return False

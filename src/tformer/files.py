@@ -5,10 +5,11 @@ and only then renamed over the final name; a rename within one file system is at
 reader sees the old file or the new one, never a torn mix.
 """
 
+import hashlib
 import json
 import os
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -59,3 +60,12 @@ def read_json(path: str | os.PathLike, what: str) -> dict:
 def cache_dir() -> Path:
     """$TFORMER_CACHE, else ~/.cache/tformer: token caches, corpora, compiled kernels."""
     return Path(os.environ.get("TFORMER_CACHE", Path.home() / ".cache" / "tformer"))
+
+
+def sha256_of(pieces: Iterable[str]) -> str:
+    """The sha256 (hex) of the pieces' UTF-8 bytes, one after another: how a run recognises
+    its data on --resume. Callers put separators in the pieces where they need them."""
+    digest = hashlib.sha256()
+    for piece in pieces:
+        digest.update(piece.encode("utf-8"))
+    return digest.hexdigest()

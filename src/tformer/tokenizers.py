@@ -34,6 +34,7 @@ from tformer.files import (
     atomic_write_text,
     cache_dir,
     read_json,
+    sha256_of,
 )
 
 ENDOFTEXT = "<|endoftext|>"
@@ -116,7 +117,7 @@ def remove_other_tokenizers(directory: Path, keep: Sequence[str]) -> None:
 
 
 def _sha(text: str) -> str:
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+    return sha256_of([text])[:16]
 
 
 # ---------------------------------------------------------------------------------------
@@ -475,6 +476,18 @@ def train_bpe(
     )
     tokenizer.train_from_iterator(texts, trainer=trainer)
     return HFTokenizer(tokenizer)
+
+
+def build_tokenizer(kind: str, text: str, bpe_vocab_size: int) -> Tokenizer:
+    """A new run's tokenizer: "char" (the characters of `text`), "gpt2" (GPT-2's BPE), or
+    "bpe" (a byte-level BPE of bpe_vocab_size learned from `text`)."""
+    if kind == "char":
+        return CharTokenizer.from_text(text)
+    if kind == "gpt2":
+        return GPT2Tokenizer()
+    if kind == "bpe":
+        return train_bpe([text], vocab_size=bpe_vocab_size)
+    raise ValueError(f"unknown tokenizer {kind!r}; choose char, gpt2 or bpe")
 
 
 # ---------------------------------------------------------------------------------------

@@ -481,7 +481,10 @@ def test_sft_needs_a_model_and_pairs(base_run, tmp_path, env):
     (tmp_path / "bad.jsonl").write_text('{"prompt": "a"}\n')
     cases = [
         (["--data", tmp_path / "bad.jsonl"], "give it with --init"),
-        (["--data", tmp_path / "bad.jsonl", "--init", base_run], "line 1: needs a non-empty"),
+        (
+            ["--data", tmp_path / "bad.jsonl", "--init", base_run],
+            'bad.jsonl:1: expected an object with "prompt" and "response" non-empty',
+        ),
     ]
     for args, message in cases:
         result = tformer(

@@ -66,10 +66,12 @@ def test_the_batch_loss_is_the_response_tokens_mean_negative_log_likelihood():
 def test_bad_files_name_the_line(tmp_path):
     path = tmp_path / "pairs.jsonl"
     path.write_text(json.dumps({"prompt": "a", "response": "b"}) + "\n" + '{"prompt": "a"}\n')
-    with pytest.raises(ValueError, match="line 2: needs a non-empty string 'response'"):
+    with pytest.raises(
+        ValueError, match=r":2: expected an object with \"prompt\" and \"response\" non-empty"
+    ):
         read_prompt_responses(path)
     path.write_text("{not json\n")
-    with pytest.raises(ValueError, match="line 1: not JSON"):
+    with pytest.raises(ValueError, match=":1: not valid JSON"):
         read_prompt_responses(path)
     path.write_text("\n")
     with pytest.raises(ValueError, match="no prompt/response pairs"):

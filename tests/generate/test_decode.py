@@ -47,7 +47,7 @@ def test_generation_stops_at_end_of_text():
     prompt = torch.tensor([[1, 2]])
     first = generate_ids(model, prompt, SamplingConfig(max_new_tokens=10, seed=0))
     k = next(i for i in range(1, 10) if first[i] not in first[:i])  # a token not seen before
-    stopped = SamplingConfig(max_new_tokens=10, seed=0, eos_token_id=first[k])
+    stopped = SamplingConfig(max_new_tokens=10, seed=0, eos_id=first[k])
     assert generate_ids(model, prompt, stopped) == first[:k]
 
 
@@ -138,7 +138,7 @@ def test_batch_rows_stop_at_their_own_end_of_text():
     model = tiny_model()
     free = generate_batch(model, PROMPTS, SamplingConfig(max_new_tokens=10, do_sample=False))
     eos = free[1][3]
-    stopped = SamplingConfig(max_new_tokens=10, do_sample=False, eos_token_id=eos)
+    stopped = SamplingConfig(max_new_tokens=10, do_sample=False, eos_id=eos)
     outputs = generate_batch(model, PROMPTS, stopped)
     for row, out in enumerate(free):
         expected = out[: out.index(eos)] if eos in out else out
@@ -159,20 +159,22 @@ def test_several_samples_per_prompt_each_equal_to_its_own_seed_alone():
     assert len({tuple(c) for c in out[:3]}) > 1  # the samples of one prompt differ
 
 
-def test_model_generate_takes_a_tensor_or_lists_and_stops_at_its_end_of_text():
+def test_generate_takes_a_tensor_or_lists_and_stops_at_the_model_s_end_of_text():
+    from tformer.generate import generate
+
     config = GPT2Config(
-        vocab_size=50, max_len=32, d_model=16, n_layers=2, n_heads=2, dropout=0.0, eos_token_id=7
+        vocab_size=50, max_len=32, d_model=16, n_layers=2, n_heads=2, dropout=0.0, eos_id=7
     )
     model = GPT2(config, seed=0).eval()
     greedy_config = SamplingConfig(max_new_tokens=8, do_sample=False)
-    from_tensor = model.generate(torch.tensor([[1, 2, 3], [4, 5, 6]]), greedy_config)
-    from_lists = model.generate([[1, 2, 3], [4, 5, 6]], greedy_config)
+    from_tensor = generate(model, torch.tensor([[1, 2, 3], [4, 5, 6]]), greedy_config)
+    from_lists = generate(model, [[1, 2, 3], [4, 5, 6]], greedy_config)
     assert (
         from_tensor
         == from_lists
         == [generate_ids(model, torch.tensor([p]), greedy_config) for p in ([1, 2, 3], [4, 5, 6])]
     )
-    assert model.generate(torch.tensor([1, 2, 3]), greedy_config) == from_tensor[:1]
+    assert generate(model, torch.tensor([1, 2, 3]), greedy_config) == from_tensor[:1]
     # The default config samples and stops at the model's end-of-text token.
-    for out in model.generate(torch.tensor([[1, 2, 3]]), num_samples=20):
+    for out in generate(model, torch.tensor([[1, 2, 3]]), num_samples=20):
         assert 7 not in out and len(out) <= 50

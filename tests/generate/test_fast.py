@@ -27,7 +27,7 @@ def packed_copy(model, weights):
 def test_packing_replaces_every_linear_layer_and_the_head():
     model, path = packed_copy(sharp_model(), "int8")
     assert not any(type(m) is torch.nn.Linear for m in model.modules())
-    assert isinstance(model.packed_head, PackedLinear)
+    assert isinstance(model.lm_head, PackedLinear)  # the tied head, packed like the rest
     assert sum(isinstance(m, PackedLinear) for m in model.modules()) == 4 * 2 + 1
     assert path.weights == "int8" and "int8" in path.describe()
 
@@ -84,3 +84,14 @@ def test_the_path_of_an_unpacked_model_says_so():
     path = decoding_path(sharp_model())
     assert path.weights == "model" and "not packed" in path.describe()
     assert path.to_dict()["description"] == path.describe()
+
+
+def test_a_model_with_lora_layers_is_refused_until_merged():
+    from tformer.nn.lora import LoRAConfig, add_lora, merge_lora
+
+    model = sharp_model()
+    add_lora(model, LoRAConfig(rank=2))
+    with pytest.raises(ValueError, match="merge them first"):
+        pack_for_decoding(model, "int8")
+    merge_lora(model)
+    assert pack_for_decoding(model, "int8").weights == "int8"

@@ -174,7 +174,7 @@ def test_the_instruments_work_on_the_encoder_decoder():
         "decoder_layers.1",
     ]
     report = gradient_report(model, (src, tgt_in), targets)
-    assert set(report.sublayers[2]) == {"self_attn", "cross_attn", "ff"}
+    assert set(report.sublayers[2]) == {"self_attn", "cross_attn", "mlp"}
     assert all(g > 0 for g in report.parameters + report.residual)
     _, cache = model.run_with_cache(src, tgt_in)
     assert cache["decoder_layers.1.cross_attn.hook_pattern"].shape == (2, 2, 5, 7)

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from tformer import GPT2, GPT2Config
+from tformer.checkpoints import CheckpointError
 from tformer.models.adapters import load_adapter, lora_targets, save_adapter
-from tformer.models.checkpoints import CheckpointError
 from tformer.models.gpt2_qa import GPT2ForQuestionAnswering
 from tformer.nn.lora import LoRAConfig, add_lora, lora_layers
 
@@ -218,9 +218,40 @@ def test_a_language_model_s_adapters_start_a_reader_with_a_new_head(tmp_path):
 
 
 def test_an_adapter_names_a_hub_model_by_its_name_and_a_directory_by_its_path(tmp_path):
-    from tformer.models.checkpoints import name_or_path
+    from tformer.checkpoints import name_or_path
 
     snapshot = tmp_path / "hub-cache" / "snapshots" / "abc123"
     snapshot.mkdir(parents=True)
     assert name_or_path("gpt2", snapshot) == "gpt2"  # not the machine's cache directory
     assert name_or_path(str(snapshot), snapshot) == str(snapshot.resolve())
+
+
+def test_load_weights_fills_the_existing_lora_layers_and_head(tmp_path):
+    model = qa_base(tmp_path)
+    add_lora(model.gpt2, LoRAConfig(rank=2, targets=("w_qkv", "w2")), seed=0)
+    randomise_adapters(model)
+    model.save_pretrained(tmp_path / "reader")
+    other = GPT2ForQuestionAnswering.from_pretrained(tmp_path / "base", seed=9)
+    add_lora(other.gpt2, LoRAConfig(rank=2, targets=("w_qkv", "w2")), seed=1)
+    layers = lora_layers(other)
+    other.load_weights(tmp_path / "reader")
+    assert lora_layers(other) == layers  # the same layers, filled in place
+    ids = torch.randint(0, 61, (2, 11))
+    torch.testing.assert_close(other.eval()(ids), model.eval()(ids), rtol=0, atol=0)
+    wrong = GPT2ForQuestionAnswering.from_pretrained(tmp_path / "base")
+    add_lora(wrong.gpt2, LoRAConfig(rank=2, targets=("w_o",)))
+    with pytest.raises(CheckpointError, match="this model's LoRA layers are"):
+        wrong.load_weights(tmp_path / "reader")
+
+
+def test_load_weights_of_a_language_model_with_lora_layers(tmp_path):
+    base_checkpoint(tmp_path)
+    model = GPT2.from_pretrained(tmp_path / "base")
+    add_lora(model, LoRAConfig(rank=2), seed=0)
+    randomise_adapters(model)
+    model.save_pretrained(tmp_path / "run")
+    other = GPT2.from_pretrained(tmp_path / "base")
+    add_lora(other, LoRAConfig(rank=2), seed=1)
+    other.load_weights(tmp_path / "run")
+    ids = torch.randint(0, 61, (2, 11))
+    torch.testing.assert_close(other(ids), model(ids), rtol=0, atol=0)

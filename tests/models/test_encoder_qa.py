@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from tformer.models.checkpoints import CheckpointError
+from tformer.checkpoints import CheckpointError
 from tformer.models.encoder_qa import EncoderForQuestionAnswering
 from tformer.models.gpt2_qa import GPT2ForQuestionAnswering
 from tformer.models.seq2seq import Seq2SeqConfig, Seq2SeqTransformer
@@ -87,3 +87,12 @@ def test_a_translation_model_s_encoder_becomes_a_reader(tmp_path):
     torch.testing.assert_close(model.transformer.encode(ids), memory, rtol=0, atol=0)
     fresh = EncoderForQuestionAnswering.from_pretrained(tmp_path / "translation", seed=4)
     torch.testing.assert_close(fresh(ids), model(ids), rtol=0, atol=0)  # a seeded head
+
+
+def test_load_weights_loads_a_saved_reader_in_place(tmp_path):
+    model = reader(seed=0)
+    model.save_pretrained(tmp_path)
+    other = reader(seed=1)
+    other.load_weights(tmp_path)
+    ids = torch.randint(0, 50, (2, 9))
+    torch.testing.assert_close(other(ids), model(ids), rtol=0, atol=0)

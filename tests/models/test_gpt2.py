@@ -245,9 +245,50 @@ def test_unknown_preset_lists_the_known_ones():
         (dict(n_layers=0), "n_layers must be a positive integer"),
         (dict(dropout=1.0), "dropout"),
         (dict(norm_position="sandwich"), "norm_position"),
-        (dict(eos_token_id=500), "eos_token_id 500 is outside"),
+        (dict(eos_id=500), "eos_id 500 is outside"),
     ],
 )
 def test_bad_config_is_rejected(overrides, message):
     with pytest.raises(ValueError, match=message):
         tiny(**overrides)
+
+
+def test_the_output_head_is_the_token_embedding_parameter_itself():
+    model = GPT2(tiny(), seed=0)
+    assert model.lm_head.weight is model.token_embedding.weight
+    assert "lm_head.weight" not in dict(model.named_parameters())  # counted once
+    torch.testing.assert_close(model.unembed(torch.eye(24)), model.token_embedding.weight.T)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    model(torch.randint(0, 97, (2, 6))).square().mean().backward()
+    optimizer.step()  # one tensor, updated once by both of its uses
+    assert model.lm_head.weight is model.token_embedding.weight
+
+
+def test_loading_by_assignment_ties_the_head_again_and_old_state_dicts_load():
+    model = GPT2(tiny(), seed=0).eval()
+    old = {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}  # before lm_head
+    with torch.device("meta"):
+        again = GPT2(tiny())
+    again.load_state_dict(old, strict=True, assign=True)
+    assert again.lm_head.weight is again.token_embedding.weight
+    assert again.num_parameters() == model.num_parameters()
+    plain = GPT2(tiny(), seed=1).eval()
+    plain.load_state_dict(model.state_dict())
+    x = torch.randint(0, 97, (1, 7))
+    torch.testing.assert_close(again.eval()(x), model(x), rtol=0, atol=0)
+    torch.testing.assert_close(plain(x), model(x), rtol=0, atol=0)
+
+
+def test_load_weights_loads_a_saved_model_in_place(tmp_path):
+    model = GPT2(tiny(), seed=0).eval()
+    model.save_pretrained(tmp_path)
+    other = GPT2(tiny(), seed=1).eval()
+    head = other.lm_head.weight
+    other.load_weights(tmp_path)
+    assert other.lm_head.weight is head is other.token_embedding.weight  # in place
+    x = torch.randint(0, 97, (1, 7))
+    torch.testing.assert_close(other(x), model(x), rtol=0, atol=0)
+    from tformer import CheckpointError
+
+    with pytest.raises(CheckpointError, match="saved with n_layers=2"):
+        GPT2(tiny(n_layers=3)).load_weights(tmp_path)

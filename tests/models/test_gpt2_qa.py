@@ -136,3 +136,12 @@ def test_padding_gives_the_same_real_logits_on_either_side(attention):
             where = slice(0, n) if side == "right" else slice(t - n, t)
             torch.testing.assert_close(logits[i][:, where], alone[i], rtol=1e-5, atol=1e-5)
             assert torch.isinf(logits[i][:, mask[i] == 0]).all()
+
+
+def test_load_weights_loads_a_saved_reader_in_place(tmp_path):
+    model = GPT2ForQuestionAnswering(config(), seed=0).eval()
+    model.save_pretrained(tmp_path)
+    other = GPT2ForQuestionAnswering(config(), seed=1).eval()
+    other.load_weights(tmp_path)
+    ids = batch()[0]
+    torch.testing.assert_close(other(ids), model(ids), rtol=0, atol=0)

@@ -35,8 +35,8 @@ def copy_attention(ours, theirs: nn.MultiheadAttention) -> None:
 
 
 def copy_feedforward_and_norms(ours, theirs, sublayers) -> None:
-    ours.ff.w1.load_state_dict(theirs.linear1.state_dict())
-    ours.ff.w2.load_state_dict(theirs.linear2.state_dict())
+    ours.mlp.w1.load_state_dict(theirs.linear1.state_dict())
+    ours.mlp.w2.load_state_dict(theirs.linear2.state_dict())
     norms = [theirs.norm1, theirs.norm2] + ([theirs.norm3] if hasattr(theirs, "norm3") else [])
     for sub, norm in zip(sublayers, norms, strict=True):
         sub.norm.weight.copy_(norm.weight)
@@ -52,7 +52,7 @@ def test_encoder_layer_equals_torch_transformer_encoder_layer(norm_position):
     ours = EncoderLayer(config).eval()
     with torch.no_grad():
         copy_attention(ours.self_attn, theirs.self_attn)
-        copy_feedforward_and_norms(ours, theirs, (ours.attn_sublayer, ours.ff_sublayer))
+        copy_feedforward_and_norms(ours, theirs, (ours.attn_sublayer, ours.mlp_sublayer))
     x = torch.randn(3, 9, 32)
     mask = torch.ones(3, 9, dtype=torch.bool)
     mask[1, 6:] = False  # padding at the end of one source
@@ -72,7 +72,7 @@ def test_decoder_layer_equals_torch_transformer_decoder_layer(norm_position):
     with torch.no_grad():
         copy_attention(ours.self_attn, theirs.self_attn)
         copy_attention(ours.cross_attn, theirs.multihead_attn)
-        sublayers = (ours.self_attn_sublayer, ours.cross_attn_sublayer, ours.ff_sublayer)
+        sublayers = (ours.self_attn_sublayer, ours.cross_attn_sublayer, ours.mlp_sublayer)
         copy_feedforward_and_norms(ours, theirs, sublayers)
     x, memory = torch.randn(2, 7, 32), torch.randn(2, 5, 32)
     src_mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]], dtype=torch.bool)
@@ -166,7 +166,7 @@ def test_save_and_load_give_the_same_model(tmp_path, share):
 
 def test_loading_another_kind_of_checkpoint_says_so(tmp_path):
     from tformer import GPT2, GPT2Config
-    from tformer.models.checkpoints import CheckpointError
+    from tformer.checkpoints import CheckpointError
 
     GPT2(GPT2Config(vocab_size=11, max_len=8, d_model=8, n_layers=1, n_heads=2)).save_pretrained(
         tmp_path
@@ -194,21 +194,21 @@ def test_switching_the_attention_path_keeps_the_outputs():
 def test_initialisation_is_half_xavier_uniform_and_unit_embeddings():
     config = Seq2SeqConfig.from_preset("small", 1000, 1000, share_embeddings=True)
     model = Seq2SeqTransformer(config, seed=0)
-    ff = model.encoder_layers[0].ff.w1  # (1024, 256)
+    ff = model.encoder_layers[0].mlp.w1  # (1024, 256)
     bound = 0.5 * (6.0 / (256 + 1024)) ** 0.5
     assert ff.weight.abs().max() <= bound
     assert ff.weight.std().item() == pytest.approx(bound / 3**0.5, rel=0.01)  # uniform
     assert ff.bias.abs().max() == 0
     token = model.tgt_embedding(torch.arange(1000))  # scaled by sqrt(256)
     assert token.std().item() == pytest.approx(1.0, rel=0.02)
-    norm = model.encoder_layers[0].ff_sublayer.norm
+    norm = model.encoder_layers[0].mlp_sublayer.norm
     assert torch.equal(norm.weight, torch.ones(256)) and norm.bias.abs().max() == 0
 
 
 def test_a_checkpoint_with_the_old_attention_layout_is_refused_with_a_reason(tmp_path):
     from safetensors.torch import save_file
 
-    from tformer.models.checkpoints import CheckpointError
+    from tformer.checkpoints import CheckpointError
 
     model = Seq2SeqTransformer(tiny_config(), seed=0)
     model.save_pretrained(tmp_path)
@@ -255,3 +255,43 @@ def test_activation_checkpointing_saves_memory_and_changes_no_gradient():
     for g, h in zip(grads, grads_ckpt, strict=True):
         torch.testing.assert_close(h, g, rtol=1e-6, atol=1e-7)
     assert ckpt_bytes < plain_bytes / 2
+
+
+def test_layers_name_their_parts_and_hook_points_as_gpt2_s_blocks():
+    model = Seq2SeqTransformer(tiny_config(), seed=0).eval()
+    seen = {}
+    for name, module in model.named_modules():
+        if name.split(".")[-1].startswith("hook_") and "hook_pattern" not in name:
+            module.register_forward_hook(lambda m, a, out, name=name: seen.__setitem__(name, out))
+    model(torch.tensor([[5, 6, 7, 8]]), torch.tensor([[1, 9, 10]]))
+    for stack, before_mlp in (("encoder_layers.0.", "mid"), ("decoder_layers.0.", "cross")):
+        layer = model.get_submodule(stack[:-1])
+        resid = seen[f"{stack}hook_resid_{before_mlp}"]
+        expected = layer.mlp_sublayer.norm(resid + seen[stack + "hook_mlp_out"])  # post-LN
+        torch.testing.assert_close(seen[stack + "hook_resid_post"], expected)
+    d = "decoder_layers.0."
+    expected = model.decoder_layers[0].cross_attn_sublayer.norm(
+        seen[d + "hook_resid_mid"] + seen[d + "hook_cross_attn_out"]
+    )
+    torch.testing.assert_close(seen[d + "hook_resid_cross"], expected)
+    assert d + "hook_attn_out" in seen and "encoder_layers.0.hook_attn_out" in seen
+
+
+def test_a_checkpoint_with_the_old_feed_forward_names_loads(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    model = Seq2SeqTransformer(tiny_config(), seed=0).eval()
+    model.save_pretrained(tmp_path)
+    tensors = load_file(tmp_path / "model.safetensors")
+    old = {  # the names before the sublayer was called mlp
+        k.replace(".mlp.", ".ff.").replace(".mlp_sublayer.", ".ff_sublayer."): v
+        for k, v in tensors.items()
+    }
+    assert any(".ff_sublayer." in k for k in old) and any(".ff.w1" in k for k in old)
+    save_file(old, str(tmp_path / "model.safetensors"))
+    src, tgt = torch.tensor([[5, 6, 7, 0]]), torch.tensor([[1, 8, 9]])
+    loaded = Seq2SeqTransformer.from_pretrained(tmp_path)
+    torch.testing.assert_close(loaded(src, tgt), model(src, tgt), rtol=0, atol=0)
+    other = Seq2SeqTransformer(tiny_config(), seed=5).eval()
+    other.load_weights(tmp_path)
+    torch.testing.assert_close(other(src, tgt), model(src, tgt), rtol=0, atol=0)

@@ -9,18 +9,18 @@ from tformer.nn import (
     KVCache,
     MultiHeadAttention,
     attention_weights,
+    blocked_attention,
     blocked_causal_attention,
     causal_mask,
     explicit_attention,
     fused_attention,
 )
-from tformer.nn import attention as attention_module
 
 
 @pytest.fixture(autouse=True)
 def small_query_blocks(monkeypatch):
     """Blocks of 2 queries, so that the short sequences here take the blocked path too."""
-    monkeypatch.setattr(attention_module, "QUERY_BLOCK", 2)
+    monkeypatch.setattr(blocked_attention, "QUERY_BLOCK", 2)
 
 
 def attention_formula(q, k, v, mask=None):
@@ -78,7 +78,7 @@ def test_query_that_sees_no_key_gets_zero_output_on_both_paths():
 def test_query_that_sees_no_key_gets_finite_gradients(implementation, monkeypatch):
     """Left padding in causal attention leaves the first queries no key to see: their
     output is zero, and no NaN reaches the gradients through their softmax row."""
-    monkeypatch.setattr(attention_module, "QUERY_BLOCK", 4)  # so "blocked" takes its path
+    monkeypatch.setattr(blocked_attention, "QUERY_BLOCK", 4)  # so "blocked" takes its path
     torch.manual_seed(0)
     mha = MultiHeadAttention(8, 2, causal=True, implementation=implementation)
     x = torch.randn(2, 9, 8, requires_grad=True)
@@ -141,7 +141,7 @@ def test_blocked_causal_attention_backward_passes_gradcheck(dropout_p):
 def test_blocked_path_of_the_module_equals_explicit_in_bf16(monkeypatch):
     """Past QUERY_BLOCK positions the module takes the blocked path; its bf16 softmax and
     gradients agree with the explicit path's (float32 softmax) to bf16 rounding."""
-    monkeypatch.setattr(attention_module, "QUERY_BLOCK", 128)  # as in training
+    monkeypatch.setattr(blocked_attention, "QUERY_BLOCK", 128)  # as in training
     torch.manual_seed(0)
     explicit = MultiHeadAttention(32, 2, causal=True, implementation="explicit")
     blocked = MultiHeadAttention(32, 2, causal=True, implementation="blocked")
@@ -160,6 +160,33 @@ def test_blocked_path_of_the_module_equals_explicit_in_bf16(monkeypatch):
     for ours, reference in zip(grads[1], grads[0], strict=True):
         scale = reference.abs().max()
         torch.testing.assert_close(ours / scale, reference / scale, rtol=0, atol=2e-2)
+
+
+def autograd_nodes(out: torch.Tensor) -> set[str]:
+    """The names of the autograd nodes that produced `out`."""
+    names, seen, todo = set(), set(), [out.grad_fn]
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.add(type(node).__name__)
+        todo += [child for child, _ in node.next_functions]
+    return names
+
+
+def test_blocked_implementation_runs_query_blocks_only_past_one_block():
+    """QUERY_BLOCK (2 here) decides the path: more positions and no cache, query blocks;
+    otherwise (float32, so not the kernel) the explicit path."""
+    mha = MultiHeadAttention(8, 2, causal=True, implementation="blocked")
+    blocked = "BlockedCausalAttentionBackward"
+    assert blocked in autograd_nodes(mha(torch.randn(1, 5, 8)))
+    assert blocked not in autograd_nodes(mha(torch.randn(1, 2, 8)))
+    cache = KVCache(1, 2, max_len=8, d_head=4)
+    mha(torch.randn(1, 2, 8), cache=cache)
+    assert blocked not in autograd_nodes(mha(torch.randn(1, 3, 8), cache=cache))  # T != S
+    explicit = MultiHeadAttention(8, 2, causal=True, implementation="explicit")
+    assert blocked not in autograd_nodes(explicit(torch.randn(1, 5, 8)))
 
 
 @pytest.mark.parametrize("padded", [False, True])
@@ -334,7 +361,7 @@ def test_blocked_path_hands_short_bf16_causal_attention_to_the_compiled_kernel(m
     if os.environ.get("TFORMER_KERNELS") == "0":
         pytest.skip("TFORMER_KERNELS=0: testing the torch fallback only")
     assert kernels.load() is not None, kernels.unavailable_reason()
-    monkeypatch.setattr(attention_module, "QUERY_BLOCK", 128)  # as in training
+    monkeypatch.setattr(blocked_attention, "QUERY_BLOCK", 128)  # as in training
     calls = []
     original = kernels.Kernels.causal_attention
 

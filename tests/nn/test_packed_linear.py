@@ -51,3 +51,23 @@ def test_packed_linear_refuses_to_train():
 def test_unknown_weight_dtype_is_rejected():
     with pytest.raises(ValueError, match="int4"):
         PackedLinear.from_linear(nn.Linear(8, 4), "int4")
+
+
+def test_pack_linear_layers_swaps_every_linear_layer_and_keeps_a_tied_weight():
+    from tformer.nn.packed_linear import pack_linear_layers, packed_layers
+
+    embedding = nn.Embedding(11, 8)
+    model = nn.ModuleDict(
+        {"inner": nn.Sequential(nn.Linear(8, 8), nn.ReLU()), "head": nn.Linear(8, 11, bias=False)}
+    )
+    model["head"].weight = embedding.weight  # tied, as GPT-2's head
+    x = torch.randn(3, 8)
+    with torch.no_grad():
+        expected = model["head"](model["inner"](x))
+    assert pack_linear_layers(model, "float32") == ["inner.0", "head"]
+    assert set(packed_layers(model)) == {"inner.0", "head"}
+    assert not any(type(m) is nn.Linear for m in model.modules())
+    with torch.inference_mode():
+        torch.testing.assert_close(model["head"](model["inner"](x)), expected)
+    with pytest.raises(ValueError, match="unknown weights"):
+        pack_linear_layers(nn.Linear(2, 2), "float16")

@@ -76,3 +76,18 @@ def test_dropout_applies_to_sublayer_output_in_training_only(x):
 def test_unknown_norm_position_is_rejected():
     with pytest.raises(ValueError, match="unknown norm position"):
         SublayerConnection(8, "middle")
+
+
+def test_a_final_norm_closes_only_a_pre_ln_stack():
+    from tformer.nn import LayerNorm
+    from tformer.nn.sublayer import NORM_POSITIONS, final_norm
+
+    assert NORM_POSITIONS == ("pre", "post", "none")
+    assert isinstance(final_norm(8, "pre", 1e-3), LayerNorm)
+    assert final_norm(8, "pre", 1e-3).eps == 1e-3
+    for position in ("post", "none"):
+        assert isinstance(final_norm(8, position), torch.nn.Identity)
+    with pytest.raises(ValueError, match="unknown norm position 'sandwich'"):
+        final_norm(8, "sandwich")
+    with pytest.raises(ValueError, match="unknown norm position"):
+        SublayerConnection(8, "sandwich")

@@ -2,17 +2,12 @@
 
 import torch
 
-from tformer.cli.common import (
-    DefaultsFormatter,
-    add_text_options,
-    is_translation_checkpoint,
-    load_model,
-    load_translation_model,
-    print_json,
-    sentence_pair,
-)
+from tformer.checkpoints import resolve_checkpoint
+from tformer.cli.common import DefaultsFormatter, add_text_options, load_model, print_json
+from tformer.devices import pick_device
+from tformer.generate.translate import sentence_pair
 from tformer.lab.attention_plot import plot_attention
-from tformer.models.checkpoints import resolve_checkpoint
+from tformer.models.load import is_translation_checkpoint, load_translation_model
 
 MAX_TOKENS = 96  # beyond this a heatmap's labels are unreadable
 
@@ -82,7 +77,7 @@ def gpt_weights(args) -> tuple[torch.Tensor, list[str], list[str], int, str]:
 
 
 def seq2seq_weights(args, directory) -> tuple[torch.Tensor, list[str], list[str], int, str]:
-    model, tokenizer = load_translation_model(directory, args.device)
+    model, tokenizer = load_translation_model(directory, pick_device(args.device))
     c, stack = model.config, args.stack or "cross"
     check_layer(args.layer, c.n_encoder_layers if stack == "encoder" else c.n_decoder_layers)
     check_length(len(tokenizer.encode(args.text)), "text")

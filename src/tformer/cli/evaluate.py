@@ -4,14 +4,15 @@ for a translation checkpoint also BLEU and chrF on sentence pairs."""
 import json
 import time
 
-from tformer.cli.common import add_device_options, is_translation_checkpoint, load_model
+from tformer.checkpoints import resolve_checkpoint
+from tformer.cli.common import add_device_options, load_model
 from tformer.data.parallel import ParallelBatches, load_parallel
 from tformer.data.sources import load_corpus, read_source
 from tformer.data.tokens import LMBatches, tokenize_cached
 from tformer.devices import pick_device
 from tformer.generate.beam import BeamConfig
 from tformer.generate.translate import corpus_scores, translate
-from tformer.models.checkpoints import resolve_checkpoint
+from tformer.models.load import is_translation_checkpoint
 from tformer.models.seq2seq import Seq2SeqTransformer
 from tformer.tokenizers import load_tokenizer
 from tformer.train import evaluate

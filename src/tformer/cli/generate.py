@@ -4,13 +4,12 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
-from tformer.cli.common import load_model, print_json
-from tformer.data.sources import read_jsonl_fields, text_lines
+from tformer.cli.common import print_json
+from tformer.data.prompts import read_prompt_list
 from tformer.devices import DTYPES, pick_device
-from tformer.generate import SamplingConfig, generate, stream_tokens
-from tformer.generate.fast import decoding_path, pack_for_decoding
+from tformer.generate import SamplingConfig, generate
+from tformer.generate.fast import load_for_decoding
+from tformer.generate.text import TextStream, cut_at_stop, encode_prompt
 
 
 def add_parser(sub) -> None:
@@ -86,33 +85,10 @@ def read_prompts(args) -> list[str]:
         with open(args.prompt_file, encoding="utf-8") as f:
             return [f.read()]
     if args.prompts_file is not None:
-        return read_prompts_file(Path(args.prompts_file))
+        return read_prompt_list(Path(args.prompts_file))
     if sys.stdin.isatty():
         raise ValueError("no prompt: give --prompt TEXT, --prompt-file FILE, or pipe text in")
     return [sys.stdin.read()]
-
-
-def read_prompts_file(path: Path) -> list[str]:
-    if path.suffix == ".jsonl":
-        prompts = [prompt for (prompt,) in read_jsonl_fields(path, ("prompt",))]
-    else:
-        prompts = [line for line in text_lines(path) if line.strip()]
-    if not prompts:
-        raise ValueError(f"{path}: no prompts in it")
-    return prompts
-
-
-def prepare_model(args):
-    """Load the checkpoint; on the CPU (or with --quantize) pack its weights for decoding."""
-    device = pick_device(args.device)
-    if device.type == "cpu" and args.dtype == "float16":
-        raise ValueError("float16 is for GPUs; on the CPU use --dtype bfloat16 or float32")
-    pack = device.type == "cpu" or args.quantize == "int8"
-    model, tokenizer = load_model(args.checkpoint, args.device, "float32" if pack else args.dtype)
-    model.set_attention("sdpa")  # decoding: the fused kernel is faster (docs/LOG.md)
-    if pack:
-        pack_for_decoding(model, "int8" if args.quantize == "int8" else args.dtype)
-    return model, tokenizer, decoding_path(model)
 
 
 def run(args) -> None:
@@ -129,8 +105,10 @@ def run(args) -> None:
         seed=args.seed,
         repetition_penalty=args.repetition_penalty,
     )
-    model, tokenizer, path = prepare_model(args)
-    config.eos_token_id = tokenizer.eos_id
+    device = pick_device(args.device)
+    quantize = args.quantize == "int8"
+    model, tokenizer, path = load_for_decoding(args.checkpoint, device, args.dtype, quantize)
+    config.eos_id = tokenizer.eos_id
     if not args.json:
         print(f"decoding: {path.describe()}", file=sys.stderr)
     ids = [encode_prompt(tokenizer, prompt) for prompt in prompts]
@@ -140,55 +118,28 @@ def run(args) -> None:
         run_batch(args, model, tokenizer, prompts, ids, config, path)
 
 
-def encode_prompt(tokenizer, prompt: str) -> list[int]:
-    ids = tokenizer.encode(prompt)
-    if not ids:  # unconditional generation starts after an end-of-text, as GPT-2 was trained
-        if tokenizer.eos_id is None:
-            raise ValueError("the prompt is empty, and this tokenizer has no end-of-text token")
-        ids = [tokenizer.eos_id]
-    return ids
-
-
-def cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
-    """The text before the first stop string, and whether one was found."""
-    cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
-    return (text[:cut], True) if cut >= 0 else (text, False)
-
-
 def stream_one(args, model, tokenizer, prompt, ids, config, path) -> None:
-    prompt_ids = torch.tensor([ids], device=model.token_embedding.weight.device)
-    new_ids: list[int] = []
-    shown = ""
+    stream = TextStream(model, tokenizer, ids, config, args.stop)
     start = time.perf_counter()
     if not args.json:
         print(prompt, end="", flush=True)
-    # Text that could still turn out to begin a stop string is held back until it cannot.
-    hold = max((len(s) for s in args.stop), default=1) - 1
-    completion = ""
-    for token in stream_tokens(model, prompt_ids, config):
-        new_ids.append(token)
-        completion, stopped = cut_at_stop(tokenizer.decode(new_ids), args.stop)
-        if stopped:
-            break
-        # A character split across tokens decodes as U+FFFD until its last byte arrives.
-        ready = completion[: len(completion) - hold]
-        if not args.json and not ready.endswith("\ufffd") and len(ready) > len(shown):
-            print(ready[len(shown) :], end="", flush=True)
-            shown = ready
+    for piece in stream:
+        if not args.json:
+            print(piece, end="", flush=True)
     seconds = time.perf_counter() - start
-    if args.json:
-        print_json(
-            {
-                "prompt": prompt,
-                "completion": completion,
-                "new_tokens": len(new_ids),
-                "seconds": round(seconds, 3),
-                "tokens_per_second": round(len(new_ids) / seconds, 2) if seconds > 0 else None,
-                "path": path.to_dict(),
-            }
-        )
-    else:
-        print(completion[len(shown) :])
+    if not args.json:
+        print()
+        return
+    print_json(
+        {
+            "prompt": prompt,
+            "completion": stream.completion,
+            "new_tokens": stream.new_tokens,
+            "seconds": round(seconds, 3),
+            "tokens_per_second": round(stream.new_tokens / seconds, 2) if seconds > 0 else None,
+            "path": path.to_dict(),
+        }
+    )
 
 
 def run_batch(args, model, tokenizer, prompts, ids, config, path) -> None:

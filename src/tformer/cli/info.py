@@ -4,9 +4,10 @@ from pathlib import Path
 
 import torch
 
+from tformer.checkpoints import resolve_checkpoint
 from tformer.cli.common import print_json
-from tformer.models.checkpoints import load_config, resolve_checkpoint
 from tformer.models.gpt2 import GPT2, PRESETS, GPT2Config
+from tformer.models.gpt2_layout import load_config
 
 
 def add_parser(sub) -> None:

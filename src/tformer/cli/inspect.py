@@ -4,15 +4,10 @@ import math
 
 import torch
 
-from tformer.cli.common import (
-    DefaultsFormatter,
-    add_text_options,
-    is_translation_checkpoint,
-    load_model,
-    load_translation_model,
-    print_json,
-    sentence_pair,
-)
+from tformer.checkpoints import resolve_checkpoint
+from tformer.cli.common import DefaultsFormatter, add_text_options, load_model, print_json
+from tformer.devices import pick_device
+from tformer.generate.translate import sentence_pair
 from tformer.lab.attention_plot import token_label
 from tformer.lab.instruments import (
     attention_entropy,
@@ -21,7 +16,7 @@ from tformer.lab.instruments import (
     residual_norms,
 )
 from tformer.lab.report import json_safe
-from tformer.models.checkpoints import resolve_checkpoint
+from tformer.models.load import is_translation_checkpoint, load_translation_model
 
 
 def add_parser(sub) -> None:
@@ -54,7 +49,7 @@ def gpt_inputs(args):
 
 
 def seq2seq_inputs(args, directory):
-    model, tokenizer = load_translation_model(directory, args.device)
+    model, tokenizer = load_translation_model(directory, pick_device(args.device))
     src, target = sentence_pair(model, tokenizer, args.text, args.target)
     c, device = model.config, next(model.parameters()).device
     src_ids = torch.tensor([src], device=device)

@@ -74,7 +74,7 @@ def entry() -> None:
     """The `tformer` program: main(), then the interpreter's exit without its last sweep.
 
     At exit Python's garbage collector walks every live object (~200,000 once torch and
-    matplotlib are loaded): 0.3 of the 0.45 s a process takes to end (docs/LOG.md). Every
+    matplotlib are loaded): most of the time a process takes to end (docs/LOG.md). Every
     file is written and closed by then, so the objects are frozen (left out of that walk)
     instead; they are freed with the process all the same.
     """

@@ -4,10 +4,10 @@ import json
 import sys
 import time
 
+from tformer.checkpoints import resolve_checkpoint
 from tformer.devices import pick_device
 from tformer.generate.beam import BeamConfig
 from tformer.generate.translate import translate
-from tformer.models.checkpoints import resolve_checkpoint
 from tformer.models.seq2seq import Seq2SeqTransformer
 from tformer.tokenizers import load_tokenizer
 

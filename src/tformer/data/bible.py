@@ -86,7 +86,7 @@ def read_verses() -> list[tuple[str, int, int, str, str]]:
     for key in MODULES:
         bible = modules.get_bible_from_module(key)
         # pysword decompresses a whole block of verses for every verse it returns; each
-        # block once is 100x faster (a private method, wrapped, not changed).
+        # block once is far faster (docs/LOG.md; a private method, wrapped, not changed).
         bible._decompressed_text = functools.lru_cache(maxsize=None)(bible._decompressed_text)
         bibles.append(bible)
     english, spanish = bibles

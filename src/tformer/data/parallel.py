@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from tformer.data.sources import read_jsonl_fields, text_lines
-from tformer.data.tokens import IGNORE_INDEX, Batch
+from tformer.data.tokens import IGNORE_INDEX, Batch, in_order
 from tformer.tokenizers import Tokenizer
 
 Pair = tuple[str, str]
@@ -128,8 +128,7 @@ class ParallelBatches:
 
     def sequential(self, batch_size: int) -> Iterator[Batch]:
         """Every example once, in length order."""
-        for i in range(0, len(self.examples), batch_size):
-            yield self.collate(self.examples[i : i + batch_size])
+        return map(self.collate, in_order(self.examples, batch_size))
 
 
 BUILTIN_PARALLEL = ("number-words", "bible-en-es")

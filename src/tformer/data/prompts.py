@@ -15,7 +15,6 @@ score and is left out. Batches are right-padded with targets IGNORE_INDEX: under
 attention no real position sees the padding, so no attention mask is needed.
 """
 
-import hashlib
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -23,7 +22,9 @@ from pathlib import Path
 
 import torch
 
-from tformer.data.tokens import IGNORE_INDEX, Batch
+from tformer.data.sources import read_jsonl_fields, text_lines
+from tformer.data.tokens import IGNORE_INDEX, Batch, draw, in_order
+from tformer.files import sha256_of
 from tformer.tokenizers import Tokenizer
 
 
@@ -39,35 +40,28 @@ def read_prompt_responses(path: str | Path) -> list[PromptResponse]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file (a JSONL file of prompt/response pairs)")
-    pairs = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}, line {number}: not JSON ({e.msg})") from None
-            if not isinstance(record, dict):
-                raise ValueError(f"{path}, line {number}: expected a JSON object")
-            for field in ("prompt", "response"):
-                if not isinstance(record.get(field), str) or not record[field]:
-                    raise ValueError(
-                        f"{path}, line {number}: needs a non-empty string '{field}' "
-                        '(each line: {"prompt": ..., "response": ...})'
-                    )
-            pairs.append(PromptResponse(record["prompt"], record["response"]))
+    fields = read_jsonl_fields(path, ("prompt", "response"), non_empty=True)
+    pairs = [PromptResponse(prompt, response) for prompt, response in fields]
     if not pairs:
         raise ValueError(f"{path}: no prompt/response pairs")
     return pairs
 
 
+def read_prompt_list(path: Path) -> list[str]:
+    """Prompts to continue: a .jsonl file of {"prompt": ...} objects, else one per
+    non-blank line."""
+    if path.suffix == ".jsonl":
+        prompts = [prompt for (prompt,) in read_jsonl_fields(path, ("prompt",))]
+    else:
+        prompts = [line for line in text_lines(path) if line.strip()]
+    if not prompts:
+        raise ValueError(f"{path}: no prompts in it")
+    return prompts
+
+
 def fingerprint(pairs: list[PromptResponse]) -> str:
     """A hash of the pairs, so that a resumed run can tell that its data changed."""
-    digest = hashlib.sha256()
-    for pair in pairs:
-        digest.update(json.dumps([pair.prompt, pair.response]).encode("utf-8"))
-    return digest.hexdigest()
+    return sha256_of(json.dumps([pair.prompt, pair.response]) for pair in pairs)
 
 
 @dataclass
@@ -131,10 +125,8 @@ class PromptBatches:
 
     def sample(self, batch_size: int, generator: torch.Generator) -> Batch:
         """`batch_size` pairs drawn uniformly (with replacement) from `generator`."""
-        rows = torch.randint(0, len(self.examples), (batch_size,), generator=generator)
-        return self.collate([self.examples[i] for i in rows.tolist()])
+        return self.collate(draw(self.examples, batch_size, generator))
 
     def sequential(self, batch_size: int) -> Iterator[Batch]:
         """Every pair once, in order."""
-        for i in range(0, len(self.examples), batch_size):
-            yield self.collate(self.examples[i : i + batch_size])
+        return map(self.collate, in_order(self.examples, batch_size))

@@ -50,13 +50,17 @@ def text_lines(path: Path) -> list[str]:
     return [line.removesuffix("\r") for line in read_text_file(path).split("\n")]
 
 
-def read_jsonl_fields(path: Path, keys: tuple[str, ...]) -> list[tuple[str, ...]]:
+def read_jsonl_fields(
+    path: Path, keys: tuple[str, ...], non_empty: bool = False
+) -> list[tuple[str, ...]]:
     """The string fields `keys` of every object in a JSONL file (blank lines skipped), with
-    an error naming the line that is not such an object."""
+    an error naming the line that is not such an object (or, with non_empty, has an empty
+    one)."""
+    kind = "non-empty string" if non_empty else "string"
     if len(keys) == 1:
-        wanted = f'a "{keys[0]}" string field'
+        wanted = f'a "{keys[0]}" {kind} field'
     else:
-        wanted = " and ".join(f'"{k}"' for k in keys) + " string fields"
+        wanted = " and ".join(f'"{k}"' for k in keys) + f" {kind} fields"
     records = []
     for number, line in enumerate(text_lines(path), start=1):
         if not line.strip():
@@ -65,7 +69,8 @@ def read_jsonl_fields(path: Path, keys: tuple[str, ...]) -> list[tuple[str, ...]
             record = json.loads(line)
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}:{number}: not valid JSON ({e.msg})") from None
-        if not isinstance(record, dict) or not all(isinstance(record.get(k), str) for k in keys):
+        valid = isinstance(record, dict) and all(isinstance(record.get(k), str) for k in keys)
+        if not valid or (non_empty and not all(record[k] for k in keys)):
             raise ValueError(f"{path}:{number}: expected an object with {wanted}")
         records.append(tuple(record[k] for k in keys))
     return records

@@ -9,14 +9,17 @@ T and is scored on predicting each of the T that follow (x = w[:-1], y = w[1:]).
 """
 
 import hashlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 import torch
 
 from tformer.files import atomic_write, cache_dir
 from tformer.tokenizers import Tokenizer
+
+T = TypeVar("T")
 
 IGNORE_INDEX = -100  # a target the loss skips (padding), as in torch's cross_entropy
 
@@ -48,6 +51,18 @@ class Batch:
 
     def __len__(self) -> int:
         return self.targets.shape[0]
+
+
+def draw(items: Sequence[T], n: int, generator: torch.Generator) -> list[T]:
+    """n items drawn uniformly, with replacement, from `generator`: a training batch's rows."""
+    rows = torch.randint(0, len(items), (n,), generator=generator)
+    return [items[i] for i in rows.tolist()]
+
+
+def in_order(items: Sequence[T], size: int) -> Iterator[Sequence[T]]:
+    """Every item once, in order, `size` at a time: an evaluation's batches."""
+    for i in range(0, len(items), size):
+        yield items[i : i + size]
 
 
 def token_dtype(vocab_size: int) -> np.dtype:

@@ -35,7 +35,7 @@ class SamplingConfig:
     repetition_penalty: float = 1.0  # 1: off
     do_sample: bool = True  # False: greedy
     seed: int | None = None
-    eos_token_id: int | None = None
+    eos_id: int | None = None  # the end-of-text token: generation stops there
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 0:
@@ -115,7 +115,7 @@ def stream_tokens(model: nn.Module, prompt: torch.Tensor, config: SamplingConfig
             if config.repetition_penalty != 1.0:
                 seen = torch.tensor([history], device=prompt.device)
             token = next_token(logits, config, generator, seen)  # (1,)
-            if config.eos_token_id is not None and token.item() == config.eos_token_id:
+            if config.eos_id is not None and token.item() == config.eos_id:
                 return
             yield token.item()
             tokens.append(token.item())
@@ -166,7 +166,7 @@ def generate_batch(
         raise ValueError("generate_batch needs one or more non-empty prompts")
     if seeds is not None and len(seeds) != len(prompts):
         raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts")
-    device = model.token_embedding.weight.device
+    device = next(model.parameters()).device
     ids, mask = (x.to(device) for x in left_pad(prompts))
     b, t = ids.shape
     max_len = model.config.max_len
@@ -199,7 +199,7 @@ def generate_batch(
                 seen = seen.to(device)
             tokens = next_token(logits, config, generators, seen).tolist()  # every row at once
             for row in range(b):
-                if finished[row] or tokens[row] == config.eos_token_id:
+                if finished[row] or tokens[row] == config.eos_id:
                     finished[row] = True
                     tokens[row] = 0  # a finished row keeps feeding padding; nobody reads it
                 else:
@@ -219,23 +219,30 @@ def generate_batch(
 
 def generate(
     model: nn.Module,
-    prompts: list[list[int]],
-    config: SamplingConfig,
+    prompts: torch.Tensor | list[list[int]],
+    config: SamplingConfig | None = None,
     num_samples: int = 1,
 ) -> list[list[int]]:
     """num_samples continuations of every prompt: new token ids, prompt by prompt.
 
-    Sample j of a prompt is drawn with seed config.seed + j, so it equals what generating
-    that prompt alone with that seed gives. One row runs `stream_tokens` (which can slide
-    past the context window); several run as one left-padded batch.
+    prompts: token ids (B, T) or (T,), or lists of ids of different lengths. config: the
+    sampling controls; by default sampling at temperature 1 for 50 tokens, stopping at the
+    model's end-of-text token (model.config.eos_id). Sample j of a prompt is drawn with seed
+    config.seed + j, so it equals what generating that prompt alone with that seed gives.
+    One row runs `stream_tokens` (which can slide past the context window); several run as
+    one left-padded batch.
     """
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    if config is None:
+        config = SamplingConfig(eos_id=model.config.eos_id)
+    if isinstance(prompts, torch.Tensor):
+        prompts = (prompts[None] if prompts.dim() == 1 else prompts).tolist()
     rows = [list(p) for p in prompts for _ in range(num_samples)]
     seeds = None
     if config.seed is not None:
         seeds = [config.seed + j for _ in prompts for j in range(num_samples)]
     if len(rows) == 1:
-        device = model.token_embedding.weight.device
+        device = next(model.parameters()).device
         return [generate_ids(model, torch.tensor(rows, device=device), config)]
     return generate_batch(model, rows, config, seeds)

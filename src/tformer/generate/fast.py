@@ -2,9 +2,10 @@
 
 Decoding one token reads every weight once, so on a CPU its speed is memory bandwidth
 divided by the bytes of weights. `pack_for_decoding(model, "int8")` swaps every linear layer
-of the blocks and the tied output head for a PackedLinear (tformer.nn.packed_linear) holding
-float32, bfloat16 or int8 weights; embeddings, norms, attention and the KV cache stay
-float32. On the CPU the packed layers run the C kernels in tformer.kernels when they build.
+of the model (the blocks' and the tied output head) for a PackedLinear
+(tformer.nn.packed_linear) holding float32, bfloat16 or int8 weights; embeddings, norms,
+attention and the KV cache stay float32. On the CPU the packed layers run the C kernels in
+tformer.kernels when they build.
 
     path = pack_for_decoding(model, "bfloat16")
     print(path.describe())     # weights bfloat16 (activations float32); linear layers: ...
@@ -18,7 +19,9 @@ import torch
 from torch import nn
 
 from tformer import kernels
-from tformer.nn.packed_linear import WEIGHT_DTYPES, PackedLinear
+from tformer.models.load import load_gpt2_with_tokenizer
+from tformer.nn.packed_linear import WEIGHT_DTYPES, pack_linear_layers, packed_layers
+from tformer.tokenizers import Tokenizer
 
 
 @dataclass(frozen=True)
@@ -61,38 +64,52 @@ class DecodingPath:
 
 
 def pack_for_decoding(model: nn.Module, weights: str) -> DecodingPath:
-    """Replace the linear layers of model.blocks and its output head with packed ones."""
+    """Replace every linear layer of the model with a packed one, in place."""
     if weights not in WEIGHT_DTYPES:
         raise ValueError(f"unknown weights {weights!r}; choose one of {', '.join(WEIGHT_DTYPES)}")
-    if model.token_embedding.weight.dtype != torch.float32:
+    if packed_layers(model):
+        raise ValueError("this model is packed already; load it again to pack it differently")
+    dtype = next(model.parameters()).dtype
+    if dtype != torch.float32:
         raise ValueError(
             "pack a float32 model: packing keeps activations in float32 and rounds only the "
-            f"weights, but this model is {model.token_embedding.weight.dtype}"
+            f"weights, but this model is {dtype}"
         )
-    if model.packed_head is not None:
-        raise ValueError("this model is packed already; load it again to pack it differently")
     model.eval()
-    with torch.no_grad():
-        for block in model.blocks:
-            for module in list(block.modules()):
-                for child_name, child in list(module.named_children()):
-                    if isinstance(child, nn.Linear):
-                        setattr(module, child_name, PackedLinear.from_linear(child, weights))
-        model.packed_head = PackedLinear(model.token_embedding.weight, None, weights)
+    pack_linear_layers(model, weights)
     return decoding_path(model)
 
 
 def decoding_path(model: nn.Module) -> DecodingPath:
     """Which path a model's decoding takes, packed or not."""
-    device = model.token_embedding.weight.device
-    head = model.packed_head
-    packed = isinstance(head, PackedLinear)
-    runs_kernels = packed and head.kernels is not None
+    parameter = next(model.parameters())  # embeddings and norms are never packed
+    layer = next(iter(packed_layers(model).values()), None)
+    packed = layer is not None
+    runs_kernels = packed and layer.kernels is not None
     return DecodingPath(
-        weights=head.weight_dtype if packed else "model",
-        model_dtype=str(model.token_embedding.weight.dtype).removeprefix("torch."),
-        device=str(device),
-        kernels=str(head.kernels.path) if runs_kernels else None,
-        fallback_reason=kernels.unavailable_reason() if packed and device.type == "cpu" else None,
+        weights=layer.weight_dtype if packed else "model",
+        model_dtype=str(parameter.dtype).removeprefix("torch."),
+        device=str(parameter.device),
+        kernels=str(layer.kernels.path) if runs_kernels else None,
+        fallback_reason=(
+            kernels.unavailable_reason() if packed and parameter.device.type == "cpu" else None
+        ),
         threads=torch.get_num_threads(),
     )
+
+
+def load_for_decoding(
+    checkpoint: str, device: torch.device, dtype: str, quantize: bool
+) -> tuple[nn.Module, Tokenizer, DecodingPath]:
+    """A GPT-2 checkpoint ready to decode, with its tokenizer and the path decoding takes:
+    on the CPU (or quantized) its weights packed as `dtype` (int8 with `quantize`), else the
+    model in `dtype`; attention on the fused kernel, the fastest for decoding."""
+    if device.type == "cpu" and dtype == "float16":
+        raise ValueError("float16 is for GPUs; on the CPU use --dtype bfloat16 or float32")
+    pack = device.type == "cpu" or quantize
+    weights = torch.float32 if pack else getattr(torch, dtype)
+    model, tokenizer = load_gpt2_with_tokenizer(checkpoint, device, weights)
+    model.set_attention("sdpa")
+    if pack:
+        pack_for_decoding(model, "int8" if quantize else dtype)
+    return model, tokenizer, decoding_path(model)

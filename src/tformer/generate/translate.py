@@ -56,3 +56,24 @@ def corpus_scores(translations: list[str], references: list[str]) -> dict[str, f
         "bleu": sacrebleu.corpus_bleu(translations, [references]).score,
         "chrf": sacrebleu.corpus_chrf(translations, [references]).score,
     }
+
+
+def sentence_pair(
+    model: nn.Module, tokenizer: Tokenizer, text: str, target: str | None
+) -> tuple[list[int], list[int]]:
+    """Source ids (ending with the end token) and target ids (no start or end token) of
+    `text`: `target` encoded, or else the model's greedy translation (what `tformer
+    inspect` and `tformer attention` show a translation model on). A target that encodes to
+    nothing is refused, naming --target."""
+    c = model.config
+    src = tokenizer.encode(text)[: c.max_len - 1] + [c.eos_id]
+    if target is None:
+        device = next(model.parameters()).device
+        tgt = greedy_search(model, torch.tensor([src], device=device), c.max_len - 1)[0]
+        if not tgt:
+            raise ValueError("the model's translation is empty; give one with --target")
+    else:
+        tgt = tokenizer.encode(target)[: c.max_len - 1]
+        if not tgt:
+            raise ValueError("--target encodes to no tokens")
+    return src, tgt

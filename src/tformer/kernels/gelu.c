@@ -7,9 +7,8 @@
      dy/dz = s + 2 z s (1 - s) sqrt(2 / pi) (1 + 3 0.044715 z^2)
 
    using 0.5 (1 + tanh(u)) = sigmoid(2u) and 1 - tanh(u)^2 = 4 s (1 - s). torch's CPU
-   kernels spend most of their time in tanh (docs/LOG.md: 3-5 ms for 3.1M values on Zen 4,
-   against 0.4 ms for a multiply); here each value costs one exp (exp_neg, which
-   vectorises) and one division.
+   kernels spend most of their time in tanh (docs/LOG.md); here each value costs one exp
+   (exp_neg, which vectorises) and one division.
 
    The exact GELU, with Phi and phi the standard normal's distribution and density:
 

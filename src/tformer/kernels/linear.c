@@ -11,7 +11,7 @@
      int8      w = q * scale[n]   with q in [-127, 127] and one scale per output row
 
    Compiled on first use with the machine's C compiler (-O3 -march=native -fopenmp) by
-   tformer/kernels/__init__.py, which falls back to torch when it cannot. */
+   tformer/kernels/build.py; tformer.kernels.load() falls back to torch when it cannot. */
 
 #include <stdint.h>
 #include <string.h>

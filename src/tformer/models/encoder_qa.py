@@ -12,21 +12,34 @@ decoder (n_decoder_layers = 0) and one embedding, so the encoder of a translatio
 (`tformer train --task translation`) loads as a reader with a new head.
 
 A checkpoint is config.json (model_type "tformer-encoder-qa", the Seq2SeqConfig's fields)
-and model.safetensors (the encoder under `transformer.`, the head as `qa_outputs.`).
+and model.safetensors (the encoder under `transformer.`, the head as `qa_outputs.`), read
+and written as the encoder-decoder's are (seq2seq).
 """
 
 import os
-from dataclasses import asdict, fields, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from tformer.files import atomic_write, atomic_write_json, read_json
-from tformer.models.checkpoints import CheckpointError
-from tformer.models.seq2seq import INIT_GAIN, Seq2SeqConfig, Seq2SeqTransformer
+from tformer.checkpoints import CheckpointError, write_model
+from tformer.models.common import count_parameters
+from tformer.models.seq2seq import (
+    INIT_GAIN,
+    Seq2SeqConfig,
+    Seq2SeqTransformer,
+    check_same_shape,
+    config_from_saved,
+    current_name,
+    load_state,
+    read_config,
+    read_state,
+    sinusoids,
+    state_to_save,
+)
 from tformer.models.seq2seq import MODEL_TYPE as SEQ2SEQ_TYPE
-from tformer.nn import SinusoidalPositionalEncoding
+from tformer.nn.seeding import seeded_generator
 
 MODEL_TYPE = "tformer-encoder-qa"
 
@@ -51,7 +64,7 @@ class EncoderForQuestionAnswering(nn.Module):
         )
         self.qa_outputs = nn.Linear(config.d_model, 2)
         with torch.no_grad():  # as the encoder's own linear layers, drawn after them
-            g = torch.Generator().manual_seed(seed + 1) if seed is not None else None
+            g = seeded_generator(seed + 1) if seed is not None else None
             weight = torch.empty(self.qa_outputs.weight.shape)
             nn.init.xavier_uniform_(weight, gain=INIT_GAIN, generator=g)
             self.qa_outputs.weight.copy_(weight)
@@ -108,17 +121,13 @@ class EncoderForQuestionAnswering(nn.Module):
         self.transformer.set_activation_checkpointing(on)
 
     def num_parameters(self) -> int:
-        return sum(p.numel() for p in self.parameters())
+        return count_parameters(self)
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
-        """config.json and model.safetensors, each written atomically."""
-        from safetensors.torch import save_model
-
-        directory = Path(directory)
-        atomic_write(directory / "model.safetensors", lambda tmp: save_model(self, str(tmp)))
-        atomic_write_json(
-            directory / "config.json", {"model_type": MODEL_TYPE, **asdict(self.config)}
-        )
+        """config.json and model.safetensors, each written atomically; the one embedding
+        stored once."""
+        state = state_to_save(self, True, prefix=PREFIX)
+        write_model(directory, state, {"model_type": MODEL_TYPE, **asdict(self.config)})
 
     @classmethod
     def from_pretrained(
@@ -134,60 +143,51 @@ class EncoderForQuestionAnswering(nn.Module):
         """A reader saved by save_pretrained, or the encoder of an encoder-decoder
         checkpoint with a new head drawn from `seed` (an error instead with head_required).
         `dropout` (every dropout) and `attention` replace the saved settings."""
-        from safetensors.torch import load_model
-
         directory = Path(directory)
-        saved = read_json(directory / "config.json", "the model's config")
-        kind = saved.get("model_type")
-        if kind not in (MODEL_TYPE, SEQ2SEQ_TYPE):
-            raise CheckpointError(
-                f"{directory}: neither a bidirectional reader nor an encoder-decoder "
-                f"checkpoint (model_type {kind!r})"
-            )
+        kind, saved = read_config(directory, (MODEL_TYPE, SEQ2SEQ_TYPE), WRONG_TYPE)
         if kind == SEQ2SEQ_TYPE and head_required:
             raise CheckpointError(
                 f"{directory}: an encoder-decoder model without a question-answering head; "
                 "train one with 'tformer train --task qa --init ...'"
             )
-        known = {f.name for f in fields(Seq2SeqConfig)}
-        config = Seq2SeqConfig(**{k: v for k, v in saved.items() if k in known})
-        settings = {"dropout": dropout} if dropout is not None else {}
-        if attention is not None:
-            settings["attention"] = attention
+        config = config_from_saved(saved)
         if kind == MODEL_TYPE:
-            config = replace(config, **settings)
-            with torch.device("meta"):
-                model = cls(config)
-            model = model.to_empty(device=device)
+            config = config.with_settings(dropout, attention)
+            state = read_state(directory, True, prefix=PREFIX)
+            model = load_state(lambda: cls(config), state, device, directory)
             model.transformer.positions = sinusoids(config, device)
-            try:
-                load_model(model, str(directory / "model.safetensors"), device=str(device))
-            except (OSError, RuntimeError) as e:
-                raise CheckpointError(f"{directory}: cannot load model.safetensors ({e})") from None
             return model.eval()
         # The encoder of a translation model: its source side, with a new head.
         full = Seq2SeqTransformer.from_pretrained(directory, device=device)
         config = replace(
-            config,
-            n_decoder_layers=0,
-            tgt_vocab_size=config.src_vocab_size,
-            share_embeddings=True,
-            **settings,
-        )
-        with torch.device("meta"):
-            transformer = Seq2SeqTransformer(config)
+            config, n_decoder_layers=0, tgt_vocab_size=config.src_vocab_size, share_embeddings=True
+        ).with_settings(dropout, attention)
         state = {
             name: tensor
             for name, tensor in full.state_dict().items()
             if not name.startswith(("decoder_layers.", "decoder_norm.", "tgt_embedding."))
         }
         state["tgt_embedding.weight"] = state["src_embedding.weight"]  # one module, two names
-        transformer.load_state_dict(state, strict=True, assign=True)
-        transformer.tgt_embedding = transformer.src_embedding
+        transformer = load_state(lambda: Seq2SeqTransformer(config), state, device, directory)
         transformer.positions = sinusoids(config, device)
         return cls(config, seed=seed, transformer=transformer).to(device).eval()
 
+    @staticmethod
+    def current_name(name: str) -> str:
+        """A parameter's name today, given the one an earlier version saved it under (an
+        old run's optimizer state is keyed by such names)."""
+        return current_name(name)
 
-def sinusoids(config: Seq2SeqConfig, device: torch.device | str) -> SinusoidalPositionalEncoding:
-    """The fixed position table (a buffer that checkpoints do not hold)."""
-    return SinusoidalPositionalEncoding(config.max_len, config.d_model).to(device)
+    def load_weights(self, directory: str | os.PathLike) -> None:
+        """Load, in place, the weights that save_pretrained wrote for a reader like this one."""
+        directory = Path(directory)
+        _, saved = read_config(directory, (MODEL_TYPE,), WRONG_TYPE)
+        check_same_shape(self.config, config_from_saved(saved), directory)
+        try:
+            self.load_state_dict(read_state(directory, True, prefix=PREFIX))
+        except RuntimeError as e:
+            raise CheckpointError(f"{directory}: cannot load model.safetensors ({e})") from None
+
+
+PREFIX = "transformer."  # the encoder's tensors; the head's are qa_outputs.*
+WRONG_TYPE = "neither a bidirectional reader nor an encoder-decoder checkpoint"

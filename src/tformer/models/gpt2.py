@@ -6,12 +6,16 @@ A decoder-only Transformer:
     h_l = Block(h_{l-1}),  l = 1..n_layers      pre-LN blocks:
             r = h + Attn(LN_1(h))               causal multi-head self-attention
             h = r + MLP(LN_2(r))                GELU (tanh) feed-forward, d_ff = 4 C
-    logits = LN_f(h_L) E^T                      final LayerNorm; head tied to the embedding
+    logits = lm_head(LN_f(h_L)) = LN_f(h_L) E^T  final LayerNorm; head tied to the embedding
 
 The norm placement and the residual are the sublayer connection's switches, so the same
 model also runs as post-LN or without norms (the final LayerNorm exists only for pre-LN,
-whose residual stream is otherwise never normalised). Only the pre-LN form is GPT-2 and can
-be saved in the Hugging Face layout.
+whose residual stream is otherwise never normalised: tformer.nn.sublayer.final_norm). Only
+the pre-LN form is GPT-2 and can be saved in the Hugging Face layout (gpt2_layout).
+
+The output head `lm_head` is an nn.Linear whose weight is the token embedding's own
+Parameter (weight tying): one tensor, counted once, updated once. Generation lives outside
+the model (tformer.generate): the model computes logits for positions, given KV caches.
 
 Initialisation (one place, `init_weights`): every weight matrix and embedding ~ N(0, 0.02),
 biases 0, LayerNorm gains 1; the two projections that write into the residual stream in each
@@ -24,12 +28,29 @@ the residual / LayerNorm lab uses it, as Xiong et al. (2020) did.
 
 import math
 import os
-from dataclasses import asdict, dataclass, fields
-from typing import TYPE_CHECKING
+from pathlib import Path
 
 import torch
 from torch import nn
 
+from tformer.checkpoints import (
+    CheckpointError,
+    name_or_path,
+    peft,
+    read_tensors,
+    resolve_checkpoint,
+    write_model,
+)
+from tformer.models import gpt2_adapters
+from tformer.models.common import count_parameters, from_state, switch_attention
+from tformer.models.gpt2_config import PRESETS, GPT2Config
+from tformer.models.gpt2_layout import (
+    check_hf_architecture,
+    config_to_hf,
+    load_config,
+    state_dict_from_hf,
+    state_dict_to_hf,
+)
 from tformer.nn import (
     Dropout,
     FeedForward,
@@ -41,110 +62,15 @@ from tformer.nn import (
     SublayerConnection,
     TokenEmbedding,
 )
-from tformer.nn.attention import IMPLEMENTATIONS, Implementation, set_implementation
+from tformer.nn.attention import Implementation
 from tformer.nn.capture import NameFilter, run_with_cache
 from tformer.nn.checkpointing import run_layer
-from tformer.nn.feedforward import ACTIVATIONS, Activation
 from tformer.nn.lora import lora_layers
-from tformer.nn.sublayer import NormPosition
+from tformer.nn.packed_linear import packed_layers
+from tformer.nn.seeding import seeded_generator
+from tformer.nn.sublayer import final_norm
 
-if TYPE_CHECKING:  # generation lives outside the model; generate() only calls it
-    from tformer.generate.decode import SamplingConfig
-
-# name -> (n_layers, n_heads, d_model), as published.
-PRESETS: dict[str, tuple[int, int, int]] = {
-    "gpt2": (12, 12, 768),
-    "gpt2-medium": (24, 16, 1024),
-    "gpt2-large": (36, 20, 1280),
-    "gpt2-xl": (48, 25, 1600),
-}
-
-
-@dataclass
-class GPT2Config:
-    vocab_size: int = 50257
-    max_len: int = 1024
-    d_model: int = 768
-    n_layers: int = 12
-    n_heads: int = 12
-    d_ff: int | None = None  # None: 4 * d_model
-    dropout: float = 0.1  # on each sublayer's output, before it joins the residual stream
-    attention_dropout: float | None = None  # on the attention weights; None: same as dropout
-    embedding_dropout: float | None = None  # on token + position embeddings; None: same
-    layer_norm_eps: float = 1e-5
-    init_std: float = 0.02
-    eos_token_id: int | None = None
-    activation: Activation = "gelu_tanh"  # GPT-2's; "gelu" (exact) is nanoGPT's and faster on CPU
-    norm_position: NormPosition = "pre"
-    residual: bool = True
-    attention: Implementation = "sdpa"
-    init: str = "gpt2"  # "gpt2", or "xavier": the original Transformer's (see init_weights)
-
-    def __post_init__(self) -> None:
-        if self.d_ff is None:
-            self.d_ff = 4 * self.d_model
-        if self.attention_dropout is None:
-            self.attention_dropout = self.dropout
-        if self.embedding_dropout is None:
-            self.embedding_dropout = self.dropout
-        for name in ("vocab_size", "max_len", "d_model", "n_layers", "n_heads", "d_ff"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"GPT2Config.{name} must be a positive integer, got {value!r}")
-        for name in ("layer_norm_eps", "init_std"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"GPT2Config.{name} must be a positive number, got {value!r}")
-        for name in ("dropout", "attention_dropout", "embedding_dropout"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or isinstance(value, bool):
-                raise ValueError(f"GPT2Config.{name} must be a number, got {value!r}")
-            if not 0.0 <= value < 1.0:
-                raise ValueError(f"GPT2Config.{name} must be in [0, 1), got {value}")
-        if self.d_model % self.n_heads != 0:
-            raise ValueError(
-                f"GPT2Config: d_model ({self.d_model}) must be divisible by "
-                f"n_heads ({self.n_heads})"
-            )
-        if self.norm_position not in ("pre", "post", "none"):
-            raise ValueError(
-                "GPT2Config.norm_position must be 'pre', 'post' or 'none', "
-                f"got {self.norm_position!r}"
-            )
-        if self.activation not in ACTIVATIONS:
-            raise ValueError(
-                f"GPT2Config.activation must be one of {', '.join(ACTIVATIONS)}, "
-                f"got {self.activation!r}"
-            )
-        if self.init not in ("gpt2", "xavier"):
-            raise ValueError(f"GPT2Config.init must be 'gpt2' or 'xavier', got {self.init!r}")
-        if self.attention not in IMPLEMENTATIONS:
-            raise ValueError(
-                f"GPT2Config.attention must be one of {', '.join(IMPLEMENTATIONS)}, "
-                f"got {self.attention!r}"
-            )
-        if self.eos_token_id is not None and (
-            not isinstance(self.eos_token_id, int) or not 0 <= self.eos_token_id < self.vocab_size
-        ):
-            raise ValueError(
-                f"GPT2Config.eos_token_id {self.eos_token_id} is outside the vocabulary "
-                f"(size {self.vocab_size})"
-            )
-
-    @classmethod
-    def from_preset(cls, name: str, **overrides) -> "GPT2Config":
-        """A published size by name ('gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl')."""
-        if name not in PRESETS:
-            raise ValueError(f"unknown GPT-2 preset {name!r}; choose one of {', '.join(PRESETS)}")
-        n_layers, n_heads, d_model = PRESETS[name]
-        preset = dict(n_layers=n_layers, n_heads=n_heads, d_model=d_model, eos_token_id=50256)
-        unknown = set(overrides) - {f.name for f in fields(cls)}
-        if unknown:
-            raise ValueError(f"unknown GPT2Config field(s): {', '.join(sorted(unknown))}")
-        return cls(**{**preset, **overrides})
-
-    def to_dict(self) -> dict:
-        return asdict(self)
+__all__ = ["GPT2", "PRESETS", "Block", "GPT2Config"]
 
 
 class Block(nn.Module):
@@ -206,17 +132,26 @@ class GPT2(nn.Module):
         self.position_embedding = LearnedPositionalEmbedding(c.max_len, c.d_model)
         self.embedding_dropout = Dropout(c.embedding_dropout)
         self.blocks = nn.ModuleList(Block(c) for _ in range(c.n_layers))
-        self.final_norm = (
-            LayerNorm(c.d_model, c.layer_norm_eps) if c.norm_position == "pre" else nn.Identity()
-        )
-        # For fast decoding, tformer.generate.fast puts a packed copy of the output head (the
-        # token embedding) here; see unembed.
-        self.packed_head: nn.Module | None = None
+        self.final_norm = final_norm(c.d_model, c.norm_position, c.layer_norm_eps)
+        # The output head: the token embedding's Parameter itself (weight tying). Made on the
+        # meta device, so that building it neither allocates nor draws random numbers.
+        self.lm_head = nn.Linear(c.d_model, c.vocab_size, bias=False, device="meta")
+        self.tie_weights()
+        # A state dict holds the head under both names; one without it (written before the
+        # head was a module) loads too, and loading by assignment is tied again afterwards.
+        self.register_load_state_dict_pre_hook(_fill_tied_head)
+        self.register_load_state_dict_post_hook(_tie_after_loading)
         self.activation_checkpointing = False  # see set_activation_checkpointing
         # The checkpoint these weights came from (from_pretrained): LoRA adapters trained on
         # them name it as their base when saved.
         self.name_or_path: str | None = None
         self.init_weights(seed)
+
+    def tie_weights(self) -> None:
+        """Make the output head's weight the token embedding's Parameter again (after
+        loading by assignment, which gives each name its own Parameter)."""
+        if type(self.lm_head) is nn.Linear:  # not once packed for decoding
+            self.lm_head.weight = self.token_embedding.weight
 
     @torch.no_grad()
     def init_weights(self, seed: int | None = None) -> None:
@@ -225,16 +160,14 @@ class GPT2(nn.Module):
         device = self.token_embedding.weight.device
         if device.type == "meta":
             return
-        g = torch.Generator(device=device)
-        if seed is None:
-            g.seed()
-        else:
-            g.manual_seed(seed)
+        g = seeded_generator(seed, device)
         if self.config.init == "xavier":
             self.init_xavier(g)
             return
         std = self.config.init_std
         for module in self.modules():
+            if module is self.lm_head:  # the token embedding, drawn as such
+                continue
             if isinstance(module, nn.Linear):
                 nn.init.normal_(module.weight, 0.0, std, generator=g)
                 if module.bias is not None:
@@ -267,8 +200,7 @@ class GPT2(nn.Module):
     def set_attention(self, implementation: Implementation) -> None:
         """Run attention on the explicit, fused or blocked path from now on (see
         tformer.nn.attention.set_implementation); the config records the choice."""
-        set_implementation(self, implementation)
-        self.config.attention = implementation
+        switch_attention(self, implementation)
 
     def layers(self) -> list[nn.Module]:
         """The repeated blocks: the units of activation checkpointing and of FSDP sharding."""
@@ -281,7 +213,7 @@ class GPT2(nn.Module):
 
     def num_parameters(self) -> int:
         """Trainable parameters, the tied embedding/head counted once."""
-        return sum(p.numel() for p in self.parameters())
+        return count_parameters(self)
 
     def check_input(
         self, input_ids: torch.Tensor, position_ids: torch.Tensor | None, past: int
@@ -377,11 +309,8 @@ class GPT2(nn.Module):
         return self.final_norm(x)
 
     def unembed(self, x: torch.Tensor) -> torch.Tensor:
-        """(..., C) -> logits (..., V). The output head is the token embedding itself (weight
-        tying); fast decoding puts a packed copy of it in `packed_head`."""
-        if self.packed_head is not None:
-            return self.packed_head(x)
-        return nn.functional.linear(x, self.token_embedding.weight)
+        """(..., C) -> logits (..., V) = x E^T: the output head, tied to the token embedding."""
+        return self.lm_head(x)
 
     def new_caches(
         self, batch_size: int, max_len: int | None = None, dtype: torch.dtype | None = None
@@ -400,27 +329,6 @@ class GPT2(nn.Module):
             for _ in self.blocks
         ]
 
-    def generate(
-        self,
-        prompts: torch.Tensor | list[list[int]],
-        config: "SamplingConfig | None" = None,
-        num_samples: int = 1,
-    ) -> list[list[int]]:
-        """Continue prompts: token ids (B, T) or (T,), or lists of ids of different lengths.
-
-        Returns the new token ids of num_samples continuations per prompt, prompt by prompt.
-        config: the sampling controls (tformer.generate.SamplingConfig); by default sampling
-        at temperature 1 for 50 tokens, stopping at this model's end-of-text token. The
-        decoding itself lives in tformer.generate (KV cache, samplers, batching).
-        """
-        from tformer.generate.decode import SamplingConfig, generate
-
-        if config is None:
-            config = SamplingConfig(eos_token_id=self.config.eos_token_id)
-        if isinstance(prompts, torch.Tensor):
-            prompts = (prompts[None] if prompts.dim() == 1 else prompts).tolist()
-        return generate(self, prompts, config, num_samples)
-
     @classmethod
     def from_pretrained(
         cls,
@@ -437,38 +345,104 @@ class GPT2(nn.Module):
         loads the base model it names with the adapters on it. `dropout` (every dropout of
         the model) and `attention` replace the saved settings, e.g. for fine-tuning; the
         weights are the same either way."""
-        from tformer.models.adapters import is_adapter, load_adapted_gpt2
-        from tformer.models.checkpoints import load_gpt2, name_or_path, resolve_checkpoint
-
         directory = resolve_checkpoint(path_or_name)
-        if is_adapter(directory):
-            settings = dict(dropout=dropout, attention=attention)
-            return load_adapted_gpt2(directory, dtype, device, **settings)
-        model = load_gpt2(directory, dtype, device, dropout=dropout, attention=attention)
+        if peft.is_adapter(directory):
+            model = gpt2_adapters.load_base(
+                lambda base: cls.from_pretrained(
+                    base, dtype, device, dropout=dropout, attention=attention
+                ),
+                directory,
+            )
+            gpt2_adapters.load_adapter(model, model.config, directory)
+            return model.eval()
+        config = load_config(directory).with_settings(dropout, attention)
+        model = cls.from_hf_tensors(config, read_tensors(directory), str(directory), dtype, device)
         model.name_or_path = name_or_path(path_or_name, directory)
-        return model
+        return model.eval()
+
+    @classmethod
+    def from_hf_tensors(
+        cls,
+        config: GPT2Config,
+        tensors: dict[str, torch.Tensor],
+        source: str,
+        dtype: torch.dtype,
+        device: torch.device | str,
+    ) -> "GPT2":
+        """A model with the weights of GPT-2 tensors in Hugging Face naming; nothing is
+        initialised or allocated twice."""
+        with torch.device("meta"):
+            shapes = {name: tuple(t.shape) for name, t in cls(config).state_dict().items()}
+        state = state_dict_from_hf(tensors, config, shapes, source)
+        return from_state(lambda: cls(config), state, device, dtype)
+
+    def hf_tensors(self) -> dict[str, torch.Tensor]:
+        """The weights in Hugging Face naming, refusing what that layout cannot hold."""
+        if packed_layers(self):
+            raise ValueError(
+                "this model's weights were packed for decoding (tformer.generate.fast), which "
+                "rounds them; save the model before packing it"
+            )
+        if lora_layers(self):
+            raise ValueError(
+                "this model has LoRA layers, which the GPT-2 layout cannot hold: merge them "
+                "into the weights first (tformer.nn.lora.merge_lora), or save the adapters "
+                "alone (GPT2.save_pretrained, tformer.models.adapters.save_adapter)"
+            )
+        return state_dict_to_hf(self.state_dict(), self.config)
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
         """Write config.json and model.safetensors in the Hugging Face layout, atomically;
         `transformers.GPT2LMHeadModel.from_pretrained(directory)` loads the result. A model
-        with LoRA layers saves its adapters alone, as PEFT does (tformer.models.adapters),
-        naming the checkpoint it was loaded from as their base."""
-        from tformer.models.adapters import save_adapter
-        from tformer.models.checkpoints import save_gpt2
-
+        with LoRA layers saves its adapters alone, as PEFT does (gpt2_adapters), naming the
+        checkpoint it was loaded from as their base."""
         if lora_layers(self):
-            save_adapter(self, directory, base=base_of_adapters(self))
+            base = gpt2_adapters.base_of_adapters(self.name_or_path)
+            gpt2_adapters.save_adapter(self, self.config, directory, base)
             return
-        save_gpt2(self, directory)
+        tensors = self.hf_tensors()
+        dtype = self.token_embedding.weight.dtype
+        write_model(directory, tensors, config_to_hf(self.config, dtype))
+
+    def load_weights(self, directory: str | os.PathLike) -> None:
+        """Load, in place, the weights that save_pretrained wrote for a model like this one:
+        the whole model's, or with LoRA layers the adapters' (into the existing layers)."""
+        directory = Path(directory)
+        if lora_layers(self):
+            gpt2_adapters.load_adapter_weights(self, self.config, directory)
+            return
+        check_same_shape(self.config, load_config(directory), directory)
+        shapes = {name: tuple(t.shape) for name, t in self.state_dict().items()}
+        tensors = read_tensors(directory)
+        self.load_state_dict(state_dict_from_hf(tensors, self.config, shapes, str(directory)))
 
 
-def base_of_adapters(model: nn.Module) -> str:
-    """The checkpoint a model with LoRA layers was loaded from, which its saved adapters
-    name as their base."""
-    if model.name_or_path is None:
-        raise ValueError(
-            "this model has LoRA layers but was not loaded from a checkpoint, so its adapters "
-            "cannot name their base: save the base model and load it with from_pretrained "
-            "before adding LoRA, or merge the layers (tformer.nn.lora.merge_lora)"
-        )
-    return model.name_or_path
+def check_same_shape(config: GPT2Config, saved: GPT2Config, directory: Path) -> None:
+    """Refuse weights saved by a model of another shape or architecture."""
+    check_hf_architecture(config)
+    for name in ("vocab_size", "max_len", "d_model", "n_layers", "n_heads", "d_ff", "activation"):
+        if getattr(saved, name) != getattr(config, name):
+            raise CheckpointError(
+                f"{directory}: saved with {name}={getattr(saved, name)!r}, this model has "
+                f"{getattr(config, name)!r}"
+            )
+
+
+def _fill_tied_head(
+    module: GPT2,
+    state_dict: dict,
+    prefix: str,
+    local_metadata: dict,
+    strict: bool,
+    missing_keys: list,
+    unexpected_keys: list,
+    error_msgs: list,
+) -> None:
+    """A state dict without the head's name (the head is the token embedding) loads."""
+    embedding = prefix + "token_embedding.weight"
+    if prefix + "lm_head.weight" not in state_dict and embedding in state_dict:
+        state_dict[prefix + "lm_head.weight"] = state_dict[embedding]
+
+
+def _tie_after_loading(module: GPT2, incompatible_keys: object) -> None:
+    module.tie_weights()

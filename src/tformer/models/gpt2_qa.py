@@ -26,20 +26,20 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from tformer.files import atomic_write, atomic_write_json
-from tformer.models.checkpoints import (
+from tformer.checkpoints import (
     CheckpointError,
-    config_to_hf,
-    load_config,
     name_or_path,
+    peft,
     read_tensors,
     resolve_checkpoint,
-    state_dict_from_hf,
-    state_dict_to_hf,
-    with_settings,
+    write_model,
 )
-from tformer.models.gpt2 import GPT2, GPT2Config, base_of_adapters
+from tformer.models import gpt2_adapters
+from tformer.models.common import count_parameters
+from tformer.models.gpt2 import GPT2, GPT2Config, check_same_shape
+from tformer.models.gpt2_layout import config_to_hf, load_config, state_dict_from_hf
 from tformer.nn.lora import lora_layers
+from tformer.nn.seeding import seeded_generator
 
 HEAD = ("qa_outputs.weight", "qa_outputs.bias")
 
@@ -58,7 +58,7 @@ class GPT2ForQuestionAnswering(nn.Module):
         self.gpt2 = gpt2 if gpt2 is not None else GPT2(config, seed=seed)
         self.qa_outputs = nn.Linear(config.d_model, 2)
         with torch.no_grad():  # GPT-2's N(0, init_std^2), drawn after the body's weights
-            g = torch.Generator().manual_seed(seed + 1) if seed is not None else None
+            g = seeded_generator(seed + 1) if seed is not None else None
             shape = self.qa_outputs.weight.shape
             self.qa_outputs.weight.copy_(torch.randn(shape, generator=g) * config.init_std)
             self.qa_outputs.bias.zero_()
@@ -110,7 +110,7 @@ class GPT2ForQuestionAnswering(nn.Module):
         return (start_loss + end_loss) / 2
 
     def num_parameters(self) -> int:
-        return sum(p.numel() for p in self.parameters())
+        return count_parameters(self)
 
     @classmethod
     def from_pretrained(
@@ -128,13 +128,12 @@ class GPT2ForQuestionAnswering(nn.Module):
         drawn from `seed` (an error instead with head_required); `dropout` and `attention`
         as in GPT2.from_pretrained. A LoRA adapter directory of a reader (PEFT's layout,
         task QUESTION_ANS) loads the base it names, with the adapters and the head on it."""
-        from tformer.models.adapters import is_adapter, load_adapted_reader
-
         directory = resolve_checkpoint(path_or_name)
-        if is_adapter(directory):
-            settings = dict(dropout=dropout, attention=attention, head_required=head_required)
-            return load_adapted_reader(directory, dtype, device, seed, **settings)
-        config = with_settings(load_config(directory), dropout, attention)
+        if peft.is_adapter(directory):
+            return cls.from_adapter(
+                directory, dtype, device, seed, dropout, attention, head_required
+            )
+        config = load_config(directory).with_settings(dropout, attention)
         tensors = read_tensors(directory)
         head = {name: tensors.pop(name) for name in HEAD if name in tensors}
         if head_required and not head:
@@ -144,45 +143,90 @@ class GPT2ForQuestionAnswering(nn.Module):
             )
         if len(head) == 1:
             raise CheckpointError(f"{directory}: has {next(iter(head))} but not the other half")
-        body = state_dict_from_hf(tensors, config, str(directory))
-        with torch.device("meta"):
-            gpt2 = GPT2(config)  # no memory, no initialisation: the weights come from the file
-        gpt2.load_state_dict(body, strict=True, assign=True)
+        gpt2 = GPT2.from_hf_tensors(config, tensors, str(directory), dtype, device)
         gpt2.name_or_path = name_or_path(path_or_name, directory)
         model = cls(config, seed=seed, gpt2=gpt2)
         if head:
-            if tuple(head["qa_outputs.weight"].shape) != (2, config.d_model):
-                raise CheckpointError(
-                    f"{directory}: qa_outputs.weight has shape "
-                    f"{tuple(head['qa_outputs.weight'].shape)}, expected (2, {config.d_model})"
-                )
+            check_head(head, config, directory)
             with torch.no_grad():
                 model.qa_outputs.weight.copy_(head["qa_outputs.weight"])
                 model.qa_outputs.bias.copy_(head["qa_outputs.bias"])
+        return model.to(device=device, dtype=dtype).eval()
+
+    @classmethod
+    def from_adapter(
+        cls,
+        directory: Path,
+        dtype: torch.dtype,
+        device: torch.device | str,
+        seed: int,
+        dropout: float | None,
+        attention: str | None,
+        head_required: bool,
+    ) -> "GPT2ForQuestionAnswering":
+        """A reader's adapter directory: its base with the adapters and the span head on it.
+        A language model's adapter gives its base and adapters under a new head drawn from
+        `seed` (an error instead with head_required)."""
+        if peft.has_head(peft.read_config(directory)):
+            model = gpt2_adapters.load_base(
+                lambda base: cls.from_pretrained(
+                    base, dtype, device, seed, dropout=dropout, attention=attention
+                ),
+                directory,
+            )
+            gpt2_adapters.load_adapter(model.gpt2, model.config, directory, model.qa_outputs)
+            return model.eval()
+        if head_required:
+            raise CheckpointError(
+                f"{directory}: a language model's adapters, without a question-answering head; "
+                "train one with 'tformer train --task qa --init ...'"
+            )
+        gpt2 = GPT2.from_pretrained(directory, dtype, device, dropout=dropout, attention=attention)
+        model = cls(gpt2.config, seed=seed, gpt2=gpt2)
         return model.to(device=device, dtype=dtype).eval()
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
         """config.json and model.safetensors as transformers' GPT2ForQuestionAnswering
         writes them (no language-model head); with LoRA layers, the adapters and the head
         in PEFT's layout, as GPT2.save_pretrained."""
-        from safetensors.torch import save_file
-
-        from tformer.models.adapters import save_adapter
-
         if lora_layers(self):  # the adapters and the head alone, as PEFT saves them
-            save_adapter(self, directory, base=base_of_adapters(self))
+            base = gpt2_adapters.base_of_adapters(self.name_or_path)
+            gpt2_adapters.save_adapter(self.gpt2, self.config, directory, base, self.qa_outputs)
             return
-        directory = Path(directory)
-        tensors = {k: v.detach().cpu() for k, v in state_dict_to_hf(self.gpt2).items()}
-        tensors["qa_outputs.weight"] = self.qa_outputs.weight.detach().cpu().contiguous()
-        tensors["qa_outputs.bias"] = self.qa_outputs.bias.detach().cpu().contiguous()
+        tensors = self.gpt2.hf_tensors()
+        tensors["qa_outputs.weight"] = self.qa_outputs.weight
+        tensors["qa_outputs.bias"] = self.qa_outputs.bias
         config = config_to_hf(self.config, self.qa_outputs.weight.dtype)
         config["architectures"] = ["GPT2ForQuestionAnswering"]
-        metadata = {"format": "pt"}
-        atomic_write(
-            directory / "model.safetensors", lambda tmp: save_file(tensors, tmp, metadata=metadata)
+        write_model(directory, tensors, config)
+
+    def load_weights(self, directory: str | os.PathLike) -> None:
+        """Load, in place, the weights that save_pretrained wrote for a reader like this one:
+        body and head, or with LoRA layers the adapters and the head."""
+        directory = Path(directory)
+        if lora_layers(self):
+            gpt2_adapters.load_adapter_weights(self.gpt2, self.config, directory, self.qa_outputs)
+            return
+        check_same_shape(self.config, load_config(directory), directory)
+        tensors = read_tensors(directory)
+        head = {name: tensors.pop(name) for name in HEAD if name in tensors}
+        if len(head) != len(HEAD):
+            raise CheckpointError(f"{directory}: no question-answering head (qa_outputs)")
+        check_head(head, self.config, directory)
+        shapes = {name: tuple(t.shape) for name, t in self.gpt2.state_dict().items()}
+        state = state_dict_from_hf(tensors, self.config, shapes, str(directory))
+        self.gpt2.load_state_dict(state)
+        with torch.no_grad():
+            self.qa_outputs.weight.copy_(head["qa_outputs.weight"])
+            self.qa_outputs.bias.copy_(head["qa_outputs.bias"])
+
+
+def check_head(head: dict[str, torch.Tensor], config: GPT2Config, directory: Path) -> None:
+    if tuple(head["qa_outputs.weight"].shape) != (2, config.d_model):
+        raise CheckpointError(
+            f"{directory}: qa_outputs.weight has shape "
+            f"{tuple(head['qa_outputs.weight'].shape)}, expected (2, {config.d_model})"
         )
-        atomic_write_json(directory / "config.json", config)
 
 
 def right_padded(attention_mask: torch.Tensor | None) -> bool:

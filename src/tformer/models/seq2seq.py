@@ -16,16 +16,33 @@ share one embedding over a joint vocabulary.
 
 The teacher-forced forward pass is for training: the target input is the target shifted
 right (BOS first), the labels the target itself (EOS last). Decoding uses `encode` once and
-then `decode` with a KV cache per decoder layer.
+then `decode` with a KV cache per decoder layer (tformer.generate.beam).
+
+The layers' parts and hook points have GPT-2's names (`attn`, `mlp`, `hook_attn_out`,
+`hook_mlp_out`, plus the decoder's `cross_attn` and `hook_cross_attn_out`). A checkpoint is
+config.json (model_type "tformer-seq2seq", the Seq2SeqConfig's fields) and model.safetensors
+(tformer's own tensor names; shared embeddings stored once). Checkpoints written before the
+feed-forward sublayer was called `mlp` (`ff.`, `ff_sublayer.`) load too.
 """
 
 import os
-from dataclasses import asdict, dataclass, fields
+import re
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from tformer.checkpoints import (
+    CheckpointError,
+    read_model_config,
+    read_tensors,
+    safetensor_names,
+    write_model,
+)
+from tformer.checkpoints.hf import WEIGHTS_FILE
+from tformer.models.common import Model, count_parameters, from_state, switch_attention
 from tformer.nn import (
     Dropout,
     FeedForward,
@@ -37,11 +54,12 @@ from tformer.nn import (
     SublayerConnection,
     TokenEmbedding,
 )
-from tformer.nn.attention import Implementation, set_implementation
+from tformer.nn.attention import Implementation
 from tformer.nn.capture import NameFilter, run_with_cache
 from tformer.nn.checkpointing import run_layer
 from tformer.nn.feedforward import ACTIVATIONS, Activation
-from tformer.nn.sublayer import NormPosition
+from tformer.nn.seeding import seeded_generator
+from tformer.nn.sublayer import NORM_POSITIONS, NormPosition, final_norm
 
 MODEL_TYPE = "tformer-seq2seq"  # config.json's model_type for this model
 INIT_GAIN = 0.5  # Xavier-uniform bounds are halved (see Seq2SeqTransformer.init_weights)
@@ -90,6 +108,11 @@ class Seq2SeqConfig:
             )
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"unknown activation {self.activation!r}")
+        if self.norm_position not in NORM_POSITIONS:
+            raise ValueError(
+                f"Seq2SeqConfig.norm_position must be one of {', '.join(NORM_POSITIONS)}, "
+                f"got {self.norm_position!r}"
+            )
         if self.share_embeddings and self.src_vocab_size != self.tgt_vocab_size:
             raise ValueError(
                 "share_embeddings needs one joint vocabulary: src_vocab_size "
@@ -120,6 +143,19 @@ class Seq2SeqConfig:
             raise ValueError(f"unknown Seq2SeqConfig field(s): {', '.join(sorted(unknown))}")
         return cls(src_vocab_size, tgt_vocab_size, **{**preset, **overrides})
 
+    def with_settings(
+        self, dropout: float | None = None, attention: Implementation | None = None
+    ) -> "Seq2SeqConfig":
+        """This config with the sublayer and embedding dropout and the attention path
+        replaced where given: settings that change how a model trains or runs, not its
+        weights."""
+        config = self
+        if dropout is not None:
+            config = replace(config, dropout=dropout)
+        if attention is not None:
+            config = replace(config, attention=attention)
+        return config
+
     def to_dict(self) -> dict:
         return asdict(self)
 
@@ -140,27 +176,41 @@ def attention(c: Seq2SeqConfig, causal: bool = False, cross: bool = False) -> Mu
 
 
 class EncoderLayer(nn.Module):
-    """Self-attention over the source, then the feed-forward network: (B, S, C) -> (B, S, C)."""
+    """Self-attention over the source, then the feed-forward network: (B, S, C) -> (B, S, C).
+
+    resid_pre ─[self-attention: attn_out]─ resid_mid ─[MLP: mlp_out]─ resid_post
+    """
 
     def __init__(self, config: Seq2SeqConfig) -> None:
         super().__init__()
         self.attn_sublayer = sublayer(config)
         self.self_attn = attention(config)
-        self.ff_sublayer = sublayer(config)
-        self.ff = FeedForward(config.d_model, config.d_ff, config.activation)
+        self.mlp_sublayer = sublayer(config)
+        self.mlp = FeedForward(config.d_model, config.d_ff, config.activation)
         self.hook_resid_pre = HookPoint()
+        self.hook_attn_out = HookPoint()
         self.hook_resid_mid = HookPoint()
+        self.hook_mlp_out = HookPoint()
         self.hook_resid_post = HookPoint()
 
     def forward(self, x: torch.Tensor, src_mask: torch.Tensor | None) -> torch.Tensor:
+        """x (B, S, C), src_mask (B, S) -> (B, S, C)."""
         x = self.hook_resid_pre(x)
-        x = self.attn_sublayer(x, lambda h: self.self_attn(h, attention_mask=src_mask))
-        x = self.hook_resid_mid(x)
-        return self.hook_resid_post(self.ff_sublayer(x, self.ff))
+
+        def attend(h: torch.Tensor) -> torch.Tensor:
+            return self.hook_attn_out(self.self_attn(h, attention_mask=src_mask))
+
+        x = self.hook_resid_mid(self.attn_sublayer(x, attend))
+        x = self.mlp_sublayer(x, lambda h: self.hook_mlp_out(self.mlp(h)))
+        return self.hook_resid_post(x)
 
 
 class DecoderLayer(nn.Module):
-    """Causal self-attention, cross-attention over the memory, feed-forward: (B, T, C)."""
+    """Causal self-attention, cross-attention over the memory, feed-forward: (B, T, C).
+
+    resid_pre ─[self-attention: attn_out]─ resid_mid ─[cross-attention: cross_attn_out]─
+        resid_cross ─[MLP: mlp_out]─ resid_post
+    """
 
     def __init__(self, config: Seq2SeqConfig) -> None:
         super().__init__()
@@ -168,11 +218,14 @@ class DecoderLayer(nn.Module):
         self.self_attn = attention(config, causal=True)
         self.cross_attn_sublayer = sublayer(config)
         self.cross_attn = attention(config, cross=True)
-        self.ff_sublayer = sublayer(config)
-        self.ff = FeedForward(config.d_model, config.d_ff, config.activation)
+        self.mlp_sublayer = sublayer(config)
+        self.mlp = FeedForward(config.d_model, config.d_ff, config.activation)
         self.hook_resid_pre = HookPoint()
+        self.hook_attn_out = HookPoint()
         self.hook_resid_mid = HookPoint()  # after self-attention
+        self.hook_cross_attn_out = HookPoint()
         self.hook_resid_cross = HookPoint()  # after cross-attention
+        self.hook_mlp_out = HookPoint()
         self.hook_resid_post = HookPoint()
 
     def forward(
@@ -188,28 +241,82 @@ class DecoderLayer(nn.Module):
         memory_kv: the cross-attention keys and values of the memory, when precomputed.
         """
         x = self.hook_resid_pre(x)
-        x = self.self_attn_sublayer(x, lambda h: self.self_attn(h, cache=cache))
+        x = self.self_attn_sublayer(x, lambda h: self.hook_attn_out(self.self_attn(h, cache=cache)))
         x = self.hook_resid_mid(x)
 
         def cross(h: torch.Tensor) -> torch.Tensor:
             if memory_kv is not None:
-                return self.cross_attn(h, attention_mask=src_mask, memory_kv=memory_kv)
-            return self.cross_attn(h, memory=memory, attention_mask=src_mask)
+                out = self.cross_attn(h, attention_mask=src_mask, memory_kv=memory_kv)
+            else:
+                out = self.cross_attn(h, memory=memory, attention_mask=src_mask)
+            return self.hook_cross_attn_out(out)
 
-        x = self.cross_attn_sublayer(x, cross)
-        x = self.hook_resid_cross(x)
-        return self.hook_resid_post(self.ff_sublayer(x, self.ff))
+        x = self.hook_resid_cross(self.cross_attn_sublayer(x, cross))
+        x = self.mlp_sublayer(x, lambda h: self.hook_mlp_out(self.mlp(h)))
+        return self.hook_resid_post(x)
 
 
-def safetensor_names(path: Path) -> list[str]:
-    """The tensor names in a safetensors file (none if it cannot be read: loading says why)."""
-    from safetensors import safe_open
+# Tensor names of checkpoints written before the feed-forward sublayer was called `mlp`.
+OLD_NAMES = re.compile(r"(^|\.)(encoder_layers|decoder_layers)\.(\d+)\.ff(_sublayer)?\.")
 
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            return list(f.keys())
-    except (OSError, RuntimeError, ValueError):
-        return []
+
+def current_name(name: str) -> str:
+    """'encoder_layers.0.ff.w1.weight' -> 'encoder_layers.0.mlp.w1.weight', and likewise
+    `ff_sublayer` -> `mlp_sublayer`; other names as they are."""
+    return OLD_NAMES.sub(r"\1\2.\3.mlp\4.", name)
+
+
+def upgrade_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A checkpoint's tensors under today's names (current_name)."""
+    return {current_name(name): t for name, t in state.items()}
+
+
+def read_config(directory: Path, model_types: tuple[str, ...], what: str) -> tuple[str, dict]:
+    """A tformer checkpoint's model_type and config.json, refusing any other model_type."""
+    saved = read_model_config(directory)
+    kind = saved.get("model_type")
+    if kind not in model_types:
+        raise CheckpointError(f"{directory}: {what} (model_type {kind!r})")
+    return kind, saved
+
+
+def config_from_saved(saved: dict) -> Seq2SeqConfig:
+    """The Seq2SeqConfig in a config.json (other keys, such as model_type, left out)."""
+    known = {f.name for f in fields(Seq2SeqConfig)}
+    return Seq2SeqConfig(**{k: v for k, v in saved.items() if k in known})
+
+
+def read_state(
+    directory: Path, share_embeddings: bool, prefix: str = ""
+) -> dict[str, torch.Tensor]:
+    """model.safetensors of a tformer checkpoint, by today's names; a shared embedding,
+    stored once, under both of its names."""
+    if any(
+        key.endswith("self_attn.w_k.weight") for key in safetensor_names(directory / WEIGHTS_FILE)
+    ):
+        raise CheckpointError(
+            f"{directory}: saved by an earlier tformer that kept attention's W^Q, W^K, W^V "
+            "as separate matrices; this version stores them stacked (self_attn.w_qkv, "
+            "cross_attn.w_q + w_kv). Train the model again with this version"
+        )
+    state = upgrade_names(read_tensors(directory))
+    if share_embeddings:  # one module under two names
+        src, tgt = prefix + "src_embedding.weight", prefix + "tgt_embedding.weight"
+        shared = state.get(src, state.get(tgt))
+        if shared is not None:
+            state[src] = state[tgt] = shared
+    return state
+
+
+def state_to_save(
+    model: nn.Module, share_embeddings: bool, prefix: str = ""
+) -> dict[str, torch.Tensor]:
+    """The model's tensors for model.safetensors: a shared embedding once, under its source
+    name."""
+    state = model.state_dict()
+    if share_embeddings:
+        del state[prefix + "tgt_embedding.weight"]
+    return state
 
 
 class Seq2SeqTransformer(nn.Module):
@@ -229,10 +336,8 @@ class Seq2SeqTransformer(nn.Module):
         self.embedding_dropout = Dropout(c.dropout)
         self.encoder_layers = nn.ModuleList(EncoderLayer(c) for _ in range(c.n_encoder_layers))
         self.decoder_layers = nn.ModuleList(DecoderLayer(c) for _ in range(c.n_decoder_layers))
-        # Pre-LN leaves each stack's output un-normalised: one LayerNorm closes each stack.
-        pre = c.norm_position == "pre"
-        self.encoder_norm = LayerNorm(c.d_model, c.layer_norm_eps) if pre else nn.Identity()
-        self.decoder_norm = LayerNorm(c.d_model, c.layer_norm_eps) if pre else nn.Identity()
+        self.encoder_norm = final_norm(c.d_model, c.norm_position, c.layer_norm_eps)
+        self.decoder_norm = final_norm(c.d_model, c.norm_position, c.layer_norm_eps)
         self.activation_checkpointing = False  # see set_activation_checkpointing
         self.init_weights(seed)
 
@@ -244,18 +349,12 @@ class Seq2SeqTransformer(nn.Module):
 
         Xavier's bound is sqrt(6 / (fan_in + fan_out)) (the Annotated Transformer and
         torch.nn.Transformer use it as it is). Halving it makes each post-LN sublayer start
-        small next to the residual stream it is added to, and trained much faster: on
-        bible-en-es, validation loss 4.37 against 4.81 after 150 s, the same as GPT-2's and
-        Marian's N(0, 0.02^2), which at width 64 fails to learn the test suite's task at all
-        (docs/LOG.md)."""
+        small next to the residual stream it is added to, which trains faster than either
+        the full bound or GPT-2's and Marian's N(0, 0.02^2) (measured: docs/LOG.md)."""
         device = self.tgt_embedding.weight.device
         if device.type == "meta":
             return
-        g = torch.Generator(device=device)
-        if seed is None:
-            g.seed()
-        else:
-            g.manual_seed(seed)
+        g = seeded_generator(seed, device)
 
         done: set[nn.Module] = set()
         for module in self.modules():
@@ -281,8 +380,7 @@ class Seq2SeqTransformer(nn.Module):
     def set_attention(self, implementation: Implementation) -> None:
         """Run attention on the explicit, fused or blocked path from now on (see
         tformer.nn.attention.set_implementation); the config records the choice."""
-        set_implementation(self, implementation)
-        self.config.attention = implementation
+        switch_attention(self, implementation)
 
     def layers(self) -> list[nn.Module]:
         """The encoder's and the decoder's layers: the units of activation checkpointing and
@@ -296,7 +394,7 @@ class Seq2SeqTransformer(nn.Module):
 
     def num_parameters(self) -> int:
         """Trainable parameters, shared embeddings counted once."""
-        return sum(p.numel() for p in self.parameters())
+        return count_parameters(self)
 
     def check_ids(self, ids: torch.Tensor, vocab_size: int, what: str, offset: int = 0) -> None:
         if ids.dim() != 2:
@@ -409,49 +507,77 @@ class Seq2SeqTransformer(nn.Module):
     def save_pretrained(self, directory: str | os.PathLike) -> None:
         """config.json (with model_type "tformer-seq2seq") and model.safetensors, each
         written atomically; shared embeddings are stored once."""
-        from safetensors.torch import save_model
-
-        from tformer.files import atomic_write, atomic_write_json
-
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        atomic_write(directory / "model.safetensors", lambda tmp: save_model(self, str(tmp)))
-        atomic_write_json(
-            directory / "config.json", {"model_type": MODEL_TYPE, **asdict(self.config)}
-        )
+        state = state_to_save(self, self.config.share_embeddings)
+        write_model(directory, state, {"model_type": MODEL_TYPE, **asdict(self.config)})
 
     @classmethod
     def from_pretrained(
         cls, directory: str | os.PathLike, device: torch.device | str = "cpu"
     ) -> "Seq2SeqTransformer":
         """A model saved by save_pretrained."""
-        from safetensors.torch import load_model
-
-        from tformer.files import read_json
-        from tformer.models.checkpoints import CheckpointError
-
         directory = Path(directory)
-        saved = read_json(directory / "config.json", "the model's config")
-        if saved.get("model_type") != MODEL_TYPE:
-            raise CheckpointError(
-                f"{directory}: not an encoder-decoder tformer checkpoint (model_type "
-                f"{saved.get('model_type')!r}, expected {MODEL_TYPE!r})"
-            )
-        known = {f.name for f in fields(Seq2SeqConfig)}
-        config = Seq2SeqConfig(**{k: v for k, v in saved.items() if k in known})
-        with torch.device("meta"):
-            model = cls(config)
-        model = model.to_empty(device=device)
-        model.positions = SinusoidalPositionalEncoding(config.max_len, config.d_model).to(device)
-        weights = directory / "model.safetensors"
-        if any(key.endswith("self_attn.w_k.weight") for key in safetensor_names(weights)):
-            raise CheckpointError(
-                f"{directory}: saved by an earlier tformer that kept attention's W^Q, W^K, W^V "
-                "as separate matrices; this version stores them stacked (self_attn.w_qkv, "
-                "cross_attn.w_q + w_kv). Train the model again with this version"
-            )
-        try:
-            load_model(model, str(weights), device=str(device))
-        except (OSError, RuntimeError) as e:
-            raise CheckpointError(f"{directory}: cannot load model.safetensors ({e})") from None
+        _, saved = read_config(directory, (MODEL_TYPE,), WRONG_TYPE)
+        config = config_from_saved(saved)
+        state = read_state(directory, config.share_embeddings)
+        model = load_state(lambda: cls(config), state, device, directory)
+        model.positions = sinusoids(config, device)
         return model.eval()
+
+    @staticmethod
+    def current_name(name: str) -> str:
+        """A parameter's name today, given the one an earlier version saved it under (an
+        old run's optimizer state is keyed by such names)."""
+        return current_name(name)
+
+    def load_weights(self, directory: str | os.PathLike) -> None:
+        """Load, in place, the weights that save_pretrained wrote for a model like this one."""
+        directory = Path(directory)
+        _, saved = read_config(directory, (MODEL_TYPE,), WRONG_TYPE)
+        check_same_shape(self.config, config_from_saved(saved), directory)
+        state = read_state(directory, self.config.share_embeddings)
+        try:
+            self.load_state_dict(state)
+        except RuntimeError as e:
+            raise CheckpointError(f"{directory}: cannot load model.safetensors ({e})") from None
+
+
+WRONG_TYPE = f"not an encoder-decoder tformer checkpoint (expected model_type {MODEL_TYPE!r})"
+SHAPE_FIELDS = (
+    "src_vocab_size",
+    "tgt_vocab_size",
+    "d_model",
+    "n_heads",
+    "n_encoder_layers",
+    "n_decoder_layers",
+    "d_ff",
+    "norm_position",
+    "share_embeddings",
+)
+
+
+def check_same_shape(config: Seq2SeqConfig, saved: Seq2SeqConfig, directory: Path) -> None:
+    """Refuse weights saved by a model of another shape or architecture."""
+    for name in SHAPE_FIELDS:
+        if getattr(saved, name) != getattr(config, name):
+            raise CheckpointError(
+                f"{directory}: saved with {name}={getattr(saved, name)!r}, this model has "
+                f"{getattr(config, name)!r}"
+            )
+
+
+def load_state(
+    build: Callable[[], Model],
+    state: dict[str, torch.Tensor],
+    device: torch.device | str,
+    directory: Path,
+) -> Model:
+    """from_state with the checkpoint named in the error when the tensors do not fit."""
+    try:
+        return from_state(build, state, device, torch.float32)
+    except RuntimeError as e:
+        raise CheckpointError(f"{directory}: cannot load model.safetensors ({e})") from None
+
+
+def sinusoids(config: Seq2SeqConfig, device: torch.device | str) -> SinusoidalPositionalEncoding:
+    """The fixed position table (a buffer that checkpoints do not hold)."""
+    return SinusoidalPositionalEncoding(config.max_len, config.d_model).to(device)

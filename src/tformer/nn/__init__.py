@@ -3,11 +3,11 @@
 from tformer.nn.attention import (
     MultiHeadAttention,
     attention_weights,
-    blocked_causal_attention,
     causal_mask,
     explicit_attention,
     fused_attention,
 )
+from tformer.nn.blocked_attention import blocked_causal_attention
 from tformer.nn.dropout import Dropout, dropout
 from tformer.nn.embedding import (
     LearnedPositionalEmbedding,

@@ -10,8 +10,8 @@ dL/dx_i = m_i / (1 - p) dL/dy_i.
 On the CPU the mask is cut from 64-bit random words, four 16-bit lanes per word. A lane u is
 uniform on 0..65535 and m = [u < k] with k = round((1 - p) 65536), so the keep probability
 is k / 65536 (within 1/131072 of 1 - p) and the scale is exactly its inverse, 65536 / k.
-One random draw makes four mask elements; torch's `bernoulli_` draws one number per element
-and was 4-5x slower here (docs/LOG.md). The words come from the compiled kernels'
+One random draw makes four mask elements, where torch's `bernoulli_` draws one number per
+element (docs/LOG.md compares them). The words come from the compiled kernels'
 counter-based generator (tformer/kernels/dropout.c), seeded by one draw from torch's
 generator, so torch.manual_seed still fixes every mask; without the kernels from torch's
 `random_`. Elsewhere (CUDA) torch's fused dropout is used.

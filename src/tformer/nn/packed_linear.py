@@ -11,6 +11,10 @@ A few rows at a time (decoding) run the C kernels in tformer.kernels, which stre
 weight row once at memory speed. Many rows (a prompt) or a GPU use torch's matmul: float32
 weights as they are, the others in bfloat16 where the hardware computes in it natively,
 else in float32. Inference only: no gradients flow through.
+
+`pack_linear_layers(model, "int8")` swaps every nn.Linear of a model for a PackedLinear of
+the same weights (a tied output head included: it packs the shared weight); the swap is
+one-way, and `packed_layers` finds the packed layers again.
 """
 
 import torch
@@ -23,8 +27,8 @@ WEIGHT_DTYPES = ("float32", "bfloat16", "int8")
 
 # Up to this many rows the C kernels win: they read each weight row once for all of them, at
 # memory speed, but compute in float32. With more rows the work is arithmetic, and torch's
-# blocked matmul (in bfloat16 where the CPU has it) is faster. Measured on an AMD Zen 4
-# (docs/LOG.md, 2026-11-25, fast generation).
+# blocked matmul (in bfloat16 where the CPU has it) is faster. The limits were measured
+# (docs/LOG.md, fast generation; benchmarks/decode_linear.py).
 KERNEL_MAX_ROWS = {"float32": 16, "bfloat16": 4, "int8": 8}
 
 
@@ -91,3 +95,35 @@ class PackedLinear(nn.Module):
             if self.bias is not None:
                 out = out + self.bias
         return out.view(*shape, self.out_features)
+
+
+def pack_linear_layers(model: nn.Module, weight_dtype: str) -> list[str]:
+    """Replace every nn.Linear inside `model` with a PackedLinear holding its weights as
+    `weight_dtype`; returns the replaced layers' names. A subclass of nn.Linear (a LoRA
+    layer) computes more than its weight and is refused: merge it first."""
+    if weight_dtype not in WEIGHT_DTYPES:
+        raise ValueError(
+            f"unknown weights {weight_dtype!r}; choose one of {', '.join(WEIGHT_DTYPES)}"
+        )
+    linear = [  # the layers inside the model, not the model itself
+        (name, module)
+        for name, module in model.named_modules()
+        if name and isinstance(module, nn.Linear)
+    ]
+    special = [name for name, module in linear if type(module) is not nn.Linear]
+    if special:
+        raise ValueError(
+            f"cannot pack {', '.join(special)}: not plain linear layers (LoRA layers: merge "
+            "them first, tformer.nn.lora.merge_lora)"
+        )
+    with torch.no_grad():
+        for name, module in linear:
+            parent, _, child = name.rpartition(".")
+            owner = model.get_submodule(parent) if parent else model
+            setattr(owner, child, PackedLinear.from_linear(module, weight_dtype))
+    return [name for name, _ in linear]
+
+
+def packed_layers(model: nn.Module) -> dict[str, PackedLinear]:
+    """Every PackedLinear of `model`, by module name."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, PackedLinear)}

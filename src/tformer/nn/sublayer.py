@@ -14,6 +14,12 @@ where the norm sits differs (x is the residual stream):
 With residual=False the skip path is cut ("x +" disappears) and the norm stays where it was:
 pre gives Dropout(F(LN(x))), post gives LN(Dropout(F(x))), none gives Dropout(F(x)).
 These two switches are what the residual/LayerNorm experiments vary.
+
+A stack of pre-LN sublayers never normalises its residual stream, so one final LayerNorm
+closes the stack (GPT-2's ln_f; Xiong et al., 2020); post-LN's stream is normalised by its
+last sublayer already, and "none" has no norms at all:
+
+    final_norm:   pre  LN(x)        post, none  x
 """
 
 from collections.abc import Callable
@@ -26,6 +32,14 @@ from tformer.nn.dropout import Dropout
 from tformer.nn.norm import LayerNorm
 
 NormPosition = Literal["pre", "post", "none"]
+NORM_POSITIONS: tuple[NormPosition, ...] = ("pre", "post", "none")
+
+
+def final_norm(d_model: int, norm_position: NormPosition, eps: float = 1e-5) -> nn.Module:
+    """The norm that closes a stack of sublayers: a LayerNorm for pre-LN, else identity."""
+    if norm_position not in NORM_POSITIONS:
+        raise ValueError(f"unknown norm position {norm_position!r}: 'pre', 'post' or 'none'")
+    return LayerNorm(d_model, eps) if norm_position == "pre" else nn.Identity()
 
 
 class SublayerConnection(nn.Module):
@@ -38,7 +52,7 @@ class SublayerConnection(nn.Module):
         eps: float = 1e-5,
     ) -> None:
         super().__init__()
-        if norm_position not in ("pre", "post", "none"):
+        if norm_position not in NORM_POSITIONS:
             raise ValueError(f"unknown norm position {norm_position!r}: 'pre', 'post' or 'none'")
         self.norm_position: NormPosition = norm_position
         self.residual = residual

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 
 import torch
 
-from tformer.data.tokens import Batch
+from tformer.data.tokens import Batch, draw, in_order
 from tformer.qa.windows import Window
 
 
@@ -39,10 +39,8 @@ class QABatches:
 
     def sample(self, batch_size: int, generator: torch.Generator) -> Batch:
         """`batch_size` windows drawn uniformly (with replacement) from `generator`."""
-        rows = torch.randint(0, len(self.windows), (batch_size,), generator=generator)
-        return self.collate([self.windows[i] for i in rows.tolist()])
+        return self.collate(draw(self.windows, batch_size, generator))
 
     def sequential(self, batch_size: int) -> Iterator[Batch]:
         """Every window once, in order."""
-        for i in range(0, len(self.windows), batch_size):
-            yield self.collate(self.windows[i : i + batch_size])
+        return map(self.collate, in_order(self.windows, batch_size))

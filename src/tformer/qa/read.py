@@ -12,9 +12,9 @@ from dataclasses import dataclass
 
 import torch
 
+from tformer.checkpoints import resolve_checkpoint
 from tformer.files import read_json
 from tformer.models import encoder_qa, seq2seq
-from tformer.models.checkpoints import resolve_checkpoint
 from tformer.models.encoder_qa import EncoderForQuestionAnswering
 from tformer.models.gpt2_qa import GPT2ForQuestionAnswering
 from tformer.qa.batches import QABatches

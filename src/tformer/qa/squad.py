@@ -16,11 +16,11 @@ One file is split by context (`split_by_context`), so validation reads text not 
 training.
 """
 
-import hashlib
 import json
 import os
 from pathlib import Path
 
+from tformer.files import sha256_of
 from tformer.qa.windows import Answer, QAExample
 
 
@@ -97,8 +97,7 @@ def split_by_context(examples: list[QAExample]) -> tuple[list[QAExample], list[Q
 
 
 def fingerprint(examples: list[QAExample]) -> str:
-    digest = hashlib.sha256()
-    for e in examples:
-        answers = [(a.text, a.start) for a in e.answers]
-        digest.update(json.dumps([e.id, e.question, e.context, answers]).encode("utf-8"))
-    return digest.hexdigest()
+    return sha256_of(
+        json.dumps([e.id, e.question, e.context, [(a.text, a.start) for a in e.answers]])
+        for e in examples
+    )

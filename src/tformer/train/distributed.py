@@ -22,18 +22,16 @@ DDP or in one process, and the other way round.
 import os
 import sys
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-if TYPE_CHECKING:  # optim imports this module
-    from tformer.train.optim import AdamW
+from tformer.train.optim import AdamW
 
-# torch.distributed.fsdp and .checkpoint take ~0.6 s to import, more than the rest of
-# tformer: they are imported where they are used, so that commands that do not train
-# (answer, generate, eval) start that much sooner.
+# torch.distributed.fsdp and .checkpoint are slow to import (docs/LOG.md): they are
+# imported where they are used, so that commands that do not train (answer, generate,
+# eval) start that much sooner.
 
 FORWARD_METHODS = ("features", "unembed")  # the trainer may call these instead of forward
 
@@ -147,11 +145,9 @@ def numbers_its_parameters(state: dict) -> bool:
     return any(isinstance(key, int) for group in state["param_groups"] for key in group["params"])
 
 
-def optimizer_state(model: nn.Module, optimizer: "AdamW | torch.optim.Optimizer") -> dict:
+def optimizer_state(model: nn.Module, optimizer: AdamW | torch.optim.Optimizer) -> dict:
     """The optimizer's whole state keyed by parameter name (a collective under FSDP; whole
     on rank 0): the same file whether the run was sharded or not."""
-    from tformer.train.optim import AdamW
-
     if isinstance(optimizer, AdamW):
         return optimizer.state_dict(names=parameter_names(model))
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
@@ -161,10 +157,8 @@ def optimizer_state(model: nn.Module, optimizer: "AdamW | torch.optim.Optimizer"
 
 
 def load_optimizer_state(
-    model: nn.Module, optimizer: "AdamW | torch.optim.Optimizer", state: dict
+    model: nn.Module, optimizer: AdamW | torch.optim.Optimizer, state: dict
 ) -> None:
-    from tformer.train.optim import AdamW
-
     numbered = numbers_its_parameters(state)
     if isinstance(optimizer, AdamW):
         optimizer.load_state_dict(state, names=None if numbered else parameter_names(model))

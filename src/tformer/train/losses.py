@@ -16,8 +16,8 @@ eps = 0 is the ordinary cross-entropy.
 
 Both lines are computed here directly, a block of rows at a time, in float32 (or wider)
 from logits of any dtype: the (N, V) log-probabilities are never stored, and the gradient
-is written once, in the logits' dtype. With V = 8,000 this is several times cheaper than
-log_softmax with autograd's chain behind it (docs/LOG.md). For bfloat16 logits on the CPU
+is written once, in the logits' dtype: cheaper than log_softmax with autograd's chain
+behind it for a large vocabulary (docs/LOG.md). For bfloat16 logits on the CPU
 (autocast training) the same two lines run as one compiled C loop each
 (tformer/kernels/cross_entropy.c) when a compiler is there.
 """

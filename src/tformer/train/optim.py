@@ -38,8 +38,6 @@ import math
 import torch
 from torch import nn
 
-from tformer.train import distributed
-
 
 class AdamW:
     """AdamW over parameter groups (the equations above), each group with its own lr, betas,
@@ -48,9 +46,8 @@ class AdamW:
     The update itself is PyTorch's fused AdamW kernel, one pass over each tensor, so the
     numbers are torch.optim.AdamW(fused=True)'s to the last bit (a test holds them to each
     other; with clipping, see step). What this class leaves out is torch.optim's machinery:
-    for a small model its bookkeeping cost ~0.3 ms a step, and creating any torch.optim
-    optimizer imports the compiler stack (torch._dynamo), 1.1-1.5 s of a one-minute run
-    (docs/LOG.md).
+    its bookkeeping on every step, and the compiler stack (torch._dynamo) that creating any
+    torch.optim optimizer imports, both of which a small model's run notices (docs/LOG.md).
 
     The state is kept in torch.optim.AdamW's layout (per parameter: "step" as a float32
     scalar tensor, "exp_avg" m, "exp_avg_sq" v), and state_dict / load_state_dict use its
@@ -92,9 +89,9 @@ class AdamW:
 
         Clipping here costs one norm of each gradient: the division happens inside the
         update's own pass, where clip_grad_norm_ would spend a second pass (and, on the CPU,
-        an op per tensor) multiplying them: ~0.3 ms of a 22 ms step (docs/LOG.md). Dividing
-        by ||g|| / c rather than multiplying by c / ||g|| can differ from clip_grad_norm_ in
-        the last bit (and the norm too when the parameters are summed in another order).
+        an op per tensor) multiplying them (docs/LOG.md). Dividing by ||g|| / c rather than
+        multiplying by c / ||g|| can differ from clip_grad_norm_ in the last bit (and the
+        norm too when the parameters are summed in another order).
         """
         if max_grad_norm is not None and not max_grad_norm > 0:
             raise ValueError(f"max_grad_norm must be positive (or None), got {max_grad_norm}")
@@ -215,7 +212,11 @@ def global_norm(params: list[torch.Tensor]) -> torch.Tensor:
 
 
 def build_optimizer(
-    model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float]
+    model: nn.Module,
+    lr: float,
+    weight_decay: float,
+    betas: tuple[float, float],
+    sharded: bool = False,
 ) -> "AdamW | torch.optim.AdamW":
     """AdamW with weight decay on the matrices only. A sharded (FSDP) model gets
     torch.optim.AdamW, whose state torch.distributed.checkpoint knows how to gather."""
@@ -226,7 +227,7 @@ def build_optimizer(
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
-    if distributed.is_sharded(model):
+    if sharded:
         # The fused kernel does the whole update in one pass per tensor (same arithmetic).
         return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=True)
     return AdamW(groups, lr=lr, betas=betas)

@@ -15,8 +15,8 @@ PLOT_FILE = "loss.png"
 def new_figure(**kwargs: Any) -> "Figure":
     """A matplotlib figure that draws into files only (no screen needed; Figure(**kwargs)).
 
-    matplotlib is imported on first use, and not through pyplot, which would add 0.1 s of
-    imports to every training run for its screen machinery.
+    matplotlib is imported on first use, and not through pyplot, which would add its screen
+    machinery's imports to every training run (docs/LOG.md).
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure

@@ -11,7 +11,7 @@ The loop, per optimizer step s:
     AdamW step, clipping the gradient norm in its pass; log; evaluate and checkpoint when due
 
 The trainer knows nothing of GPT-2: a model is anything with `model(*batch.inputs)` ->
-logits (B, T, V), plus `save_pretrained(dir)` / `from_pretrained(dir)` for checkpoints.
+logits (B, T, V), plus `save_pretrained(dir)` and `load_weights(dir)` (in place) for checkpoints.
 Training is deterministic for a given seed and number of processes: the data windows come
 from a torch.Generator, dropout from torch's global generator, and both states are saved in
 every checkpoint, so a resumed run continues with exactly the losses it would have had.
@@ -137,8 +137,8 @@ class ScoredLogits(nn.Module):
 
     A model with `features` (the final residual stream) and `unembed` computes logits only
     at the positions the loss scores (targets != IGNORE_INDEX) when padding leaves some
-    out: the output layer is the widest matmul of a small model, and ~8% of a translation
-    batch is padding. Otherwise every position comes back (N = B T), the padded ones for
+    out: the output layer is the widest matmul of a small model, and a translation batch
+    holds padding (docs/LOG.md). Otherwise every position comes back (N = B T), the padded ones for
     the loss to ignore. (On a GPU, checking for padding waits for the device once a step.)
     """
 
@@ -264,8 +264,8 @@ def fit(
     exactly where it stopped.
     """
     # Numbers below ~1e-38 (denormals) take the CPU's slow path: late in training, when
-    # some gradients and Adam moments get that small, they made float32 steps 30% slower
-    # (docs/LOG.md). Flushing them to zero changes no printed digit of the loss.
+    # some gradients and Adam moments get that small, they made float32 steps markedly
+    # slower (docs/LOG.md). Flushing them to zero changes no printed digit of the loss.
     on_cpu = next(model.parameters()).device.type == "cpu"
     flushed_before = flush_denormals(True, pool=on_cpu)
     # Reuse freed activation buffers instead of fresh pages from the OS every step.
@@ -313,6 +313,14 @@ def _fit(
 
     torch.manual_seed(config.seed)  # dropout
     generator = torch.Generator().manual_seed(config.seed)  # data windows
+    last = run_dir / "last" if run_dir is not None else None
+    if resume:
+        if last is None or not last.exists():
+            raise FileNotFoundError(
+                f"{run_dir}: no checkpoint to resume from (no 'last' link: the run saved none "
+                "yet, or this is not a run directory)"
+            )
+        model.load_weights(last)  # whole, before any sharding spreads them
     if config.activation_checkpointing:
         if not hasattr(model, "set_activation_checkpointing"):
             raise ValueError(f"{type(model).__name__} has no activation checkpointing")
@@ -320,16 +328,12 @@ def _fit(
     sharded = dist.world_size > 1 and config.parallel == "fsdp"
     if sharded:
         distributed.shard(model)  # before the optimizer: it updates the shards
-    optimizer = build_optimizer(model, config.lr, config.weight_decay, (config.beta1, config.beta2))
+    betas = (config.beta1, config.beta2)
+    optimizer = build_optimizer(model, config.lr, config.weight_decay, betas, sharded=sharded)
     scaler = torch.amp.GradScaler(device.type, enabled=config.dtype == "float16")
     start, best_val = 0, math.inf
     if resume:
-        if run_dir is None or not (run_dir / "last").exists():
-            raise FileNotFoundError(
-                f"{run_dir}: no checkpoint to resume from (no 'last' link: the run saved none "
-                "yet, or this is not a run directory)"
-            )
-        start, best_val = restore(model, optimizer, scaler, generator, run_dir / "last", device)
+        start, best_val = restore(model, optimizer, scaler, generator, last)
         if dist.is_main:
             forget_after(run_dir, start)
             log.truncate_after(start)
@@ -526,16 +530,32 @@ def restore(
     scaler: torch.amp.GradScaler,
     generator: torch.Generator,
     checkpoint: Path,
-    device: torch.device,
 ) -> tuple[int, float]:
-    """Load weights, optimizer and random states from a checkpoint; -> (step, best val loss)."""
+    """Load the optimizer and random states of a checkpoint whose weights the model holds
+    already (model.load_weights); -> (step, best validation loss so far)."""
     state = load_state(checkpoint)
-    saved = type(model).from_pretrained(checkpoint, device=device)
-    distributed.load_whole_model_state(model, saved.state_dict())
-    distributed.load_optimizer_state(model, optimizer, state["optimizer"])
+    optimizer_state = state["optimizer"]
+    if hasattr(model, "current_name"):  # a model whose parameters an earlier version named
+        optimizer_state = renamed(optimizer_state, model.current_name)
+    distributed.load_optimizer_state(model, optimizer, optimizer_state)
     scaler.load_state_dict(state["grad_scaler"])
     generator.set_state(state["data_rng"])
     torch.set_rng_state(state["torch_rng"])
     if "cuda_rng" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda_rng"])
     return state["step"], state["best_val_loss"]
+
+
+def renamed(optimizer_state: dict, current_name: Callable[[str], str]) -> dict:
+    """An optimizer state keyed by parameter names, under today's names (one numbering its
+    parameters stays as it is)."""
+
+    def rename(key):
+        return current_name(key) if isinstance(key, str) else key
+
+    groups = [
+        {**group, "params": [rename(p) for p in group["params"]]}
+        for group in optimizer_state["param_groups"]
+    ]
+    state = {rename(key): value for key, value in optimizer_state["state"].items()}
+    return {**optimizer_state, "state": state, "param_groups": groups}

@@ -1,0 +1,257 @@
+"""The C kernels as Python functions: each C function's signature beside its wrapper.
+
+The wrappers take and return torch tensors; the C functions read and write raw memory, so
+every tensor handed to them must be contiguous, on the CPU, of the dtype and shape the
+function expects. The inner loops of decoding (linear) leave that to their caller; the
+attention kernels, called once per layer, check it here.
+
+    kernels.linear(x, weight, scale, bias, out)   x (M, K) float32 -> out (M, N)
+    kernels.smoothed_ce_forward(logits, targets, eps)   (N, V) bf16 -> loss, lse (N,)
+    kernels.dropout_mask(n, seed, threshold)   -> (n,) bool, True with P = threshold / 65536
+    kernels.gelu_tanh(z), kernels.gelu_tanh_backward(grad, z)   float32 or bfloat16
+    kernels.gelu(z), kernels.gelu_and_derivative(z) -> y, dy/dz   float32 or bfloat16
+    kernels.causal_attention(qkv, n_heads)   qkv (B, T, 3C) bf16 -> out (B, T, C), weights
+    kernels.causal_attention_backward(qkv, weights, grad_out, n_heads)   -> grad_qkv
+    kernels.flush_denormals(on)   on every thread of the pool -> threads set
+    kernels.denormals_flushed()   on the calling thread?
+"""
+
+import ctypes
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+import torch
+
+POINTER, SIZE, REAL = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
+Wrapper = TypeVar("Wrapper", bound=Callable)
+
+# Every C function a wrapper calls: name -> (argument types, return type; None for void).
+SIGNATURES: dict[str, tuple[list[type], type | None]] = {}
+
+
+def c_function(
+    name: str, argtypes: list[type], restype: type | None = None
+) -> Callable[[Wrapper], Wrapper]:
+    """Declare a C function that the decorated wrapper calls (restype None: it returns
+    nothing). The wrapper itself is returned unchanged; Kernels.bind gives the declared
+    types to the library, so that ctypes converts the arguments instead of guessing."""
+
+    def declare(wrapper: Wrapper) -> Wrapper:
+        SIGNATURES[name] = (argtypes, restype)
+        return wrapper
+
+    return declare
+
+
+def by_dtype(z: torch.Tensor) -> str:
+    """The suffix of the C function for z's dtype: the kernels come in bf16 and f32."""
+    return "bf16" if z.dtype == torch.bfloat16 else "f32"
+
+
+@dataclass(frozen=True)
+class Kernels:
+    library: ctypes.CDLL
+    path: Path
+    avx512: bool
+
+    @classmethod
+    @c_function("tformer_has_avx512", [], ctypes.c_int)
+    def bind(cls, library: ctypes.CDLL, path: Path) -> "Kernels":
+        """The wrappers over a loaded library, each of its C functions given its signature."""
+        for name, (argtypes, restype) in SIGNATURES.items():
+            function = getattr(library, name)
+            function.argtypes, function.restype = argtypes, restype
+        return cls(library, path, bool(library.tformer_has_avx512()))
+
+    @c_function("tformer_linear_f32", [POINTER] * 4 + [SIZE] * 3)
+    @c_function("tformer_linear_bf16", [POINTER] * 4 + [SIZE] * 3)
+    @c_function("tformer_linear_i8", [POINTER] * 5 + [SIZE] * 3)
+    def linear(
+        self,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        scale: torch.Tensor | None,
+        bias: torch.Tensor | None,
+        out: torch.Tensor,
+    ) -> torch.Tensor:
+        """out (M, N) = x (M, K) weight (N, K)^T [* scale (N)] + bias (N), in float32.
+
+        weight is float32, bfloat16, or int8 with a float32 scale per row; every tensor is
+        contiguous and on the CPU (the caller checks; this is the inner loop).
+        """
+        m, k = x.shape
+        n = weight.shape[0]
+        b = bias.data_ptr() if bias is not None else None
+        if weight.dtype == torch.int8:
+            self.library.tformer_linear_i8(
+                x.data_ptr(), weight.data_ptr(), scale.data_ptr(), b, out.data_ptr(), m, n, k
+            )
+        elif weight.dtype == torch.bfloat16:
+            self.library.tformer_linear_bf16(
+                x.data_ptr(), weight.data_ptr(), b, out.data_ptr(), m, n, k
+            )
+        else:
+            self.library.tformer_linear_f32(
+                x.data_ptr(), weight.data_ptr(), b, out.data_ptr(), m, n, k
+            )
+        return out
+
+    @c_function("tformer_smoothed_ce_forward_bf16", [POINTER] * 4 + [SIZE] * 2 + [REAL])
+    def smoothed_ce_forward(
+        self, logits: torch.Tensor, targets: torch.Tensor, eps: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """logits (N, V) bfloat16, targets (N,) int64 in [0, V) -> each row's label-smoothed
+        loss and log-sum-exp, (N,) float32 each. Contiguous CPU tensors (the caller checks)."""
+        n, v = logits.shape
+        loss = torch.empty(n, dtype=torch.float32)
+        lse = torch.empty(n, dtype=torch.float32)
+        self.library.tformer_smoothed_ce_forward_bf16(
+            logits.data_ptr(), targets.data_ptr(), loss.data_ptr(), lse.data_ptr(), n, v, eps
+        )
+        return loss, lse
+
+    @c_function("tformer_smoothed_ce_backward_bf16", [POINTER] * 5 + [SIZE] * 2 + [REAL])
+    def smoothed_ce_backward(
+        self,
+        logits: torch.Tensor,
+        targets: torch.Tensor,
+        lse: torch.Tensor,
+        row_scale: torch.Tensor,
+        eps: float,
+    ) -> torch.Tensor:
+        """The gradient (N, V) bfloat16 of sum_i row_scale[i] loss_i with respect to logits."""
+        n, v = logits.shape
+        grad = torch.empty_like(logits)
+        self.library.tformer_smoothed_ce_backward_bf16(
+            logits.data_ptr(),
+            targets.data_ptr(),
+            lse.data_ptr(),
+            row_scale.data_ptr(),
+            grad.data_ptr(),
+            n,
+            v,
+            eps,
+        )
+        return grad
+
+    @c_function("tformer_dropout_mask", [POINTER, SIZE, ctypes.c_uint64, ctypes.c_uint32])
+    def dropout_mask(self, n: int, seed: int, threshold: int) -> torch.Tensor:
+        """(n,) bool: True where the 16-bit lane of word seed's stream is below threshold."""
+        mask = torch.empty(n, dtype=torch.bool)
+        self.library.tformer_dropout_mask(mask.data_ptr(), n, seed, threshold)
+        return mask
+
+    @c_function("tformer_gelu_tanh_f32", [POINTER, POINTER, SIZE])
+    @c_function("tformer_gelu_tanh_bf16", [POINTER, POINTER, SIZE])
+    def gelu_tanh(self, z: torch.Tensor) -> torch.Tensor:
+        """GPT-2's GELU, 0.5 z (1 + tanh(sqrt(2 / pi) (z + 0.044715 z^3))), elementwise on a
+        contiguous float32 or bfloat16 CPU tensor."""
+        y = torch.empty_like(z)
+        function = getattr(self.library, f"tformer_gelu_tanh_{by_dtype(z)}")
+        function(z.data_ptr(), y.data_ptr(), z.numel())
+        return y
+
+    @c_function("tformer_gelu_tanh_backward_f32", [POINTER] * 3 + [SIZE])
+    @c_function("tformer_gelu_tanh_backward_bf16", [POINTER] * 3 + [SIZE])
+    def gelu_tanh_backward(self, grad: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """grad * d gelu_tanh(z) / dz; both contiguous, of z's dtype and shape."""
+        out = torch.empty_like(z)
+        function = getattr(self.library, f"tformer_gelu_tanh_backward_{by_dtype(z)}")
+        function(grad.data_ptr(), z.data_ptr(), out.data_ptr(), z.numel())
+        return out
+
+    @c_function("tformer_gelu_f32", [POINTER] * 3 + [SIZE])
+    @c_function("tformer_gelu_bf16", [POINTER] * 3 + [SIZE])
+    def gelu(self, z: torch.Tensor) -> torch.Tensor:
+        """The exact GELU, z Phi(z), elementwise on a contiguous float32 or bfloat16 CPU
+        tensor."""
+        y = torch.empty_like(z)
+        function = getattr(self.library, f"tformer_gelu_{by_dtype(z)}")
+        function(z.data_ptr(), y.data_ptr(), None, z.numel())  # no derivative to write
+        return y
+
+    def gelu_and_derivative(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The exact GELU and its derivative dy/dz, both in z's dtype (gelu's C function,
+        given somewhere to write dy/dz): the backward pass is then grad * dy/dz."""
+        y, d = torch.empty_like(z), torch.empty_like(z)
+        function = getattr(self.library, f"tformer_gelu_{by_dtype(z)}")
+        function(z.data_ptr(), y.data_ptr(), d.data_ptr(), z.numel())
+        return y, d
+
+    @c_function("tformer_causal_attention_bf16", [POINTER] * 3 + [SIZE] * 4, ctypes.c_int)
+    def causal_attention(
+        self, qkv: torch.Tensor, n_heads: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Causal self-attention of every head: qkv (B, T, 3C) contiguous bfloat16, the
+        fused Q, K, V projection -> out (B, T, C) bfloat16 (heads side by side, as the
+        output projection reads them) and the weights P (B, H, T, T) float32, zero above
+        the diagonal, which the backward pass needs."""
+        b, t, d = attention_shape(qkv, n_heads)
+        out = torch.empty(b, t, n_heads * d, dtype=torch.bfloat16)
+        weights = torch.empty(b, n_heads, t, t, dtype=torch.float32)
+        failed = self.library.tformer_causal_attention_bf16(
+            qkv.data_ptr(), out.data_ptr(), weights.data_ptr(), b, t, n_heads, d
+        )
+        check_allocated(failed, t)
+        return out, weights
+
+    @c_function("tformer_causal_attention_backward_bf16", [POINTER] * 4 + [SIZE] * 4, ctypes.c_int)
+    def causal_attention_backward(
+        self, qkv: torch.Tensor, weights: torch.Tensor, grad_out: torch.Tensor, n_heads: int
+    ) -> torch.Tensor:
+        """The gradient (B, T, 3C) bfloat16 of the projection qkv, from the forward pass's
+        qkv and weights and the output's gradient grad_out (B, T, C) bfloat16, contiguous."""
+        b, t, d = attention_shape(qkv, n_heads)
+        expected = {
+            "weights": (weights, (b, n_heads, t, t), torch.float32),
+            "grad_out": (grad_out, (b, t, n_heads * d), torch.bfloat16),
+        }
+        for name, (tensor, shape, dtype) in expected.items():
+            if tuple(tensor.shape) != shape or tensor.dtype != dtype:
+                raise ValueError(f"causal_attention_backward: {name} must be {dtype} {shape}")
+            if not tensor.is_contiguous() or tensor.device.type != "cpu":
+                raise ValueError(
+                    f"causal_attention_backward: {name} must be contiguous, on the CPU"
+                )
+        grad_qkv = torch.empty_like(qkv)
+        failed = self.library.tformer_causal_attention_backward_bf16(
+            qkv.data_ptr(),
+            weights.data_ptr(),
+            grad_out.data_ptr(),
+            grad_qkv.data_ptr(),
+            b,
+            t,
+            n_heads,
+            d,
+        )
+        check_allocated(failed, t)
+        return grad_qkv
+
+    @c_function("tformer_flush_denormals", [ctypes.c_int], ctypes.c_int)
+    def flush_denormals(self, on: bool) -> int:
+        """Flush denormal numbers to zero (on) or not on every thread of the OpenMP pool
+        that torch and these kernels share; the number of threads set (0: not on this CPU)."""
+        return self.library.tformer_flush_denormals(int(on))
+
+    @c_function("tformer_denormals_flushed", [], ctypes.c_int)
+    def denormals_flushed(self) -> bool:
+        """Whether the calling thread flushes denormal numbers to zero."""
+        return bool(self.library.tformer_denormals_flushed())
+
+
+def attention_shape(qkv: torch.Tensor, n_heads: int) -> tuple[int, int, int]:
+    """(B, T, D) of a fused projection qkv (B, T, 3 H D), checked: the kernels read raw
+    memory, so a wrong shape or layout must not reach them."""
+    if qkv.dim() != 3 or qkv.shape[2] % (3 * n_heads) != 0 or qkv.shape[2] == 0:
+        raise ValueError(f"qkv must be (B, T, 3 H D) with H = {n_heads}, got {tuple(qkv.shape)}")
+    if qkv.dtype != torch.bfloat16 or not qkv.is_contiguous() or qkv.device.type != "cpu":
+        raise ValueError("the attention kernels take a contiguous bfloat16 CPU tensor")
+    return qkv.shape[0], qkv.shape[1], qkv.shape[2] // (3 * n_heads)
+
+
+def check_allocated(failed: int, t: int) -> None:
+    """The attention kernels return 1 when a thread could not allocate its buffers."""
+    if failed:
+        raise MemoryError(f"causal_attention: no memory for a head's buffers at T = {t}")

@@ -1,0 +1,108 @@
+"""Building the C kernels: compiler, flags, the cache of built libraries, and loading one.
+
+The sources are compiled together, with the machine's C compiler for this CPU, into one
+shared library in $TFORMER_CACHE/kernels/. Its name is a hash of everything the machine code
+depends on (the sources and the header they include, the compiler's version, the flags, the
+CPU's model and features), so a library is built once per machine and reused by every later
+run; a change to any of them builds a new one. Everything that can go wrong here (no
+compiler, a failed compilation, sources missing from an installation) raises
+KernelUnavailable with a message that says what, so that the caller can use torch instead.
+"""
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import uuid
+from pathlib import Path
+
+from tformer.files import cache_dir
+
+SOURCES = tuple(
+    Path(__file__).with_name(name)
+    for name in ("linear.c", "cross_entropy.c", "dropout.c", "gelu.c", "attention.c", "threads.c")
+)
+HEADERS = (Path(__file__).with_name("common.h"),)  # part of the key, not compiled alone
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
+WIDE_VECTORS = "-mprefer-vector-width=512"
+
+
+class KernelUnavailable(RuntimeError):
+    """Why the kernels cannot be built or loaded here."""
+
+
+def open_library() -> tuple[ctypes.CDLL, Path]:
+    """The kernels' shared library, compiled first if this machine has not built it yet,
+    and its path. Raises KernelUnavailable."""
+    if os.environ.get("TFORMER_KERNELS", "1") == "0":
+        raise KernelUnavailable("switched off by TFORMER_KERNELS=0")
+    if platform.machine() not in ("x86_64", "AMD64", "aarch64", "arm64"):
+        raise KernelUnavailable(f"not built for {platform.machine()}")
+    compiler = shutil.which(os.environ.get("CC", "cc"))
+    if compiler is None:
+        raise KernelUnavailable("no C compiler found (set CC, or install gcc)")
+    path = library_path(compiler)
+    if not path.exists():
+        compile_library(compiler, path)
+    try:
+        return ctypes.CDLL(str(path)), path
+    except OSError as e:
+        raise KernelUnavailable(f"could not load {path}: {e}") from e
+
+
+def library_path(compiler: str) -> Path:
+    """One file per (source, compiler, flags, CPU): -march=native code is for this CPU only."""
+    try:
+        version = subprocess.run(
+            [compiler, "--version"], capture_output=True, text=True, timeout=30
+        ).stdout
+    except (OSError, subprocess.SubprocessError) as e:
+        raise KernelUnavailable(f"{compiler} --version failed: {e}") from e
+    key = hashlib.sha256()
+    try:
+        sources = [source.read_bytes() for source in (*SOURCES, *HEADERS)]
+    except OSError as e:  # an installation without the sources: torch's kernels instead
+        raise KernelUnavailable(f"the kernel sources are not installed: {e}") from e
+    for part in (*sources, version.encode(), " ".join(flags()).encode(), cpu_id()):
+        key.update(part)
+        key.update(b"\0")
+    return cache_dir() / "kernels" / f"tformer-{key.hexdigest()[:24]}.so"
+
+
+def flags() -> list[str]:
+    """The compiler flags for this CPU. GCC tunes AVX-512 CPUs for 256-bit vectors unless
+    told; where AVX-512 is recent enough to run bfloat16 (Zen 4, Sapphire Rapids: no clock
+    penalty for whole registers), the kernels' 16-float loops are built whole-register, which
+    measured faster there (docs/LOG.md)."""
+    if b"avx512_bf16" in cpu_id():
+        return [*FLAGS, WIDE_VECTORS]
+    return list(FLAGS)
+
+
+def cpu_id() -> bytes:
+    """The CPU's model name and feature flags, as far as the system tells them."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return platform.processor().encode()
+    wanted = ("model name", "flags", "Features", "CPU part")
+    return "\n".join(sorted({ln for ln in lines if ln.startswith(wanted)})).encode()
+
+
+def compile_library(compiler: str, path: Path) -> None:
+    """Compile the sources into `path`, written whole or not at all."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    command = [compiler, *flags(), *map(str, SOURCES), "-lm", "-o", str(tmp)]
+    try:
+        result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+        if result.returncode != 0:
+            last = (result.stderr.strip().splitlines() or ["(no message)"])[-1]
+            raise KernelUnavailable(f"compiling the kernels failed: {last}")
+        os.replace(tmp, path)  # concurrent builders each write their own file; last one wins
+    except (OSError, subprocess.SubprocessError) as e:
+        raise KernelUnavailable(f"compiling the kernels failed: {e}") from e
+    finally:
+        tmp.unlink(missing_ok=True)

@@ -1,0 +1,47 @@
+"""A checkpoint directory's model with its tokenizer, whichever model it holds.
+
+load_gpt2_with_tokenizer(checkpoint, device, dtype)   GPT-2 (a LoRA adapter directory:
+                                                      its base, the updates folded in)
+is_translation_checkpoint(directory)                  an encoder-decoder's?
+load_translation_model(directory, device)             the encoder-decoder and its tokenizer
+"""
+
+from pathlib import Path
+
+import torch
+
+from tformer.checkpoints import read_model_config, resolve_checkpoint
+from tformer.checkpoints.peft import is_adapter
+from tformer.models.gpt2 import GPT2
+from tformer.models.gpt2_layout import load_config
+from tformer.models.seq2seq import MODEL_TYPE, Seq2SeqTransformer
+from tformer.nn.lora import merge_lora
+from tformer.tokenizers import Tokenizer, load_tokenizer, tokenizer_for_model
+
+
+def load_gpt2_with_tokenizer(
+    checkpoint: str, device: torch.device, dtype: torch.dtype
+) -> tuple[GPT2, Tokenizer]:
+    """A checkpoint's GPT-2 and tokenizer; the tokenizer is checked first, as it is cheaper.
+    A LoRA adapter directory gives its base model with the adapters folded in."""
+    directory = resolve_checkpoint(checkpoint)
+    if is_adapter(directory):
+        model = GPT2.from_pretrained(directory, dtype=dtype, device=device)
+        merge_lora(model)  # W + (alpha / r) B A: the same function at the base's cost
+        return model.eval(), tokenizer_for_model(directory, model.config.vocab_size)
+    tokenizer = tokenizer_for_model(directory, load_config(directory).vocab_size)
+    return GPT2.from_pretrained(directory, dtype=dtype, device=device), tokenizer
+
+
+def is_translation_checkpoint(directory: Path) -> bool:
+    """Whether a resolved checkpoint directory holds an encoder-decoder model."""
+    if is_adapter(directory):  # LoRA adapters are GPT-2's
+        return False
+    return read_model_config(directory).get("model_type") == MODEL_TYPE
+
+
+def load_translation_model(
+    directory: Path, device: torch.device
+) -> tuple[Seq2SeqTransformer, Tokenizer]:
+    model = Seq2SeqTransformer.from_pretrained(directory, device=device)
+    return model, load_tokenizer(directory)

@@ -1,0 +1,181 @@
+"""The blocked attention path: causal self-attention for bf16 training on a CPU.
+
+The reference is nn/attention.py's explicit path, softmax(Q K^T / sqrt(d_k) + M) V written
+out. MultiHeadAttention(implementation="blocked") computes the same causal self-attention
+in one of two ways that skip the work the causal mask would throw away:
+
+  * more than QUERY_BLOCK positions and no cache: one block of queries at a time
+    (BlockedCausalAttention). Queries [a, b) may only see keys [0, b), so the key blocks
+    above the diagonal are never computed, in the forward pass or the backward.
+  * at most QUERY_BLOCK positions, with no padding, cache, attention dropout or hook on the
+    weights, and the fused Q, K, V projection in bfloat16 on the CPU: the compiled kernel
+    tformer/kernels/attention.c (CompiledCausalAttention). It runs each head in float32
+    straight from the projection to the output projection's layout, so no head is ever
+    transposed in memory, and comes closer to the exact values than torch's bf16 operations.
+
+Anything else on this switch takes the explicit path. The kernel gives first-order
+gradients only: for second-order ones (or torch.func) use the explicit path. What chose
+this path and QUERY_BLOCK was measured: docs/LOG.md.
+"""
+
+import math
+
+import torch
+from torch import nn
+from torch.autograd.function import once_differentiable
+from torch.nn.modules import module as module_hooks
+
+from tformer import kernels
+from tformer.nn.dropout import dropout_mask
+
+QUERY_BLOCK = 128  # queries per block, and the most positions the kernel takes (docs/LOG.md)
+
+
+def in_query_blocks(t: int, s: int) -> bool:
+    """Whether causal self-attention of t queries over s keys runs a block of queries at a
+    time: no cache (t == s), and more positions than one block."""
+    return t == s > QUERY_BLOCK
+
+
+def blocked_causal_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor,
+    dropout_p: float = 0.0,
+    block: int | None = None,
+) -> torch.Tensor:
+    """Causal self-attention skipping the hidden key blocks (BlockedCausalAttention):
+    (B, H, T, D) x3 -> (B, H, T, D). `mask` (T, T) or (B, 1, T, T) must include causality;
+    `block` queries at a time, QUERY_BLOCK by default."""
+    block = QUERY_BLOCK if block is None else block
+    return BlockedCausalAttention.apply(q, k, v, mask, dropout_p, block)
+
+
+class BlockedCausalAttention(torch.autograd.Function):
+    """Causal self-attention a block of queries at a time: (B, H, T, D) x3 -> (B, H, T, D).
+
+    Queries [a, b) may only see keys [0, b), so each block's scores are (b - a, b) rather
+    than (b - a, T): with n blocks the scores cost (n + 1) / 2n of the full (T, T) matrix.
+    Per block, with P = softmax(S) the weights (after dropout, P m s):
+
+        S = Q_a K^T / sqrt(d),   O_a = P V
+        dV += P^T dO_a,   dP = dO_a V^T,   dS = P * (dP - rowsum(dP * P))
+        dQ_a = dS K / sqrt(d),   dK += dS^T Q_a / sqrt(d)
+
+    The backward is written out because autograd through the slices would allocate and
+    zero-fill a full-size gradient for every block's K and V slice. The softmax runs in the
+    scores' dtype (in bf16 its sums are float32 inside the kernel).
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, mask, dropout_p, block):
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        t, scale = q.shape[-2], 1.0 / math.sqrt(q.shape[-1])
+        out = torch.empty(*q.shape[:-1], v.shape[-1], dtype=q.dtype, device=q.device)
+        saved = []  # per block: the weights P, and the dropout mask if any
+        for start in range(0, t, block):
+            end = min(start + block, t)
+            visible = mask[..., start:end, :end]
+            scores = (q[..., start:end, :] * scale) @ k[..., :end, :].transpose(-2, -1)
+            weights = torch.softmax(scores.masked_fill_(~visible, float("-inf")), dim=-1)
+            weights = weights.to(v.dtype)  # CUDA autocast computes softmax in float32
+            if mask.dim() > 2:  # padding: a query that sees no key attends to nothing
+                weights.masked_fill_(~visible.any(dim=-1, keepdim=True), 0.0)
+            kept, keep = weights, None
+            if dropout_p > 0.0:
+                keep, ctx.keep_scale = dropout_mask(weights.shape, dropout_p, weights.device)
+                kept = weights * keep * ctx.keep_scale
+            out[..., start:end, :] = kept @ v[..., :end, :]  # (B, H, b - a, D)
+            saved += [weights] if keep is None else [weights, keep]
+        ctx.save_for_backward(q, k, v, *saved)
+        ctx.block, ctx.dropout = block, dropout_p > 0.0
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, *saved = ctx.saved_tensors
+        t, scale = q.shape[-2], 1.0 / math.sqrt(q.shape[-1])
+        grad_q = torch.empty_like(q)
+        # dK and dV sum over the query blocks: each block's product comes in the inputs'
+        # dtype, the sum over blocks is kept in float32.
+        wide = torch.promote_types(k.dtype, torch.float32)
+        grad_k, grad_v = torch.zeros_like(k, dtype=wide), torch.zeros_like(v, dtype=wide)
+        per_block = 2 if ctx.dropout else 1
+        for i, start in enumerate(range(0, t, ctx.block)):
+            end = min(start + ctx.block, t)
+            weights = saved[per_block * i]
+            grad_o = grad_out[..., start:end, :]  # (B, H, b - a, D)
+            kept = weights
+            if ctx.dropout:
+                keep = saved[per_block * i + 1]
+                kept = weights * keep * ctx.keep_scale
+            grad_v[..., :end, :] += kept.transpose(-2, -1) @ grad_o
+            grad_weights = grad_o @ v[..., :end, :].transpose(-2, -1)  # (B, H, b - a, end)
+            if ctx.dropout:
+                grad_weights = grad_weights * keep * ctx.keep_scale
+            # PyTorch's softmax backward kernel: P * (dP - rowsum(dP * P)), summed in float32
+            grad_scores = torch._softmax_backward_data(grad_weights, weights, -1, weights.dtype)
+            grad_q[..., start:end, :] = (grad_scores @ k[..., :end, :]) * scale
+            grad_k[..., :end, :] += grad_scores.transpose(-2, -1) @ (q[..., start:end, :] * scale)
+        return grad_q, grad_k.to(k.dtype), grad_v.to(v.dtype), None, None, None
+
+
+def kernel_may_take(t: int, dropout_p: float, pattern_hook: nn.Module) -> bool:
+    """Whether causal self-attention of t positions, with no padding, cache or memory, may
+    go to the compiled kernel (if its projection comes out in bf16 on the CPU, kernels_for):
+    at most QUERY_BLOCK positions, no attention dropout, and nothing hooked on the weights,
+    which the kernel never forms as a tensor."""
+    if not (1 <= t <= QUERY_BLOCK and dropout_p == 0.0):
+        return False
+    return not hooked(pattern_hook)
+
+
+def hooked(module: nn.Module) -> bool:
+    """Whether a forward hook would see `module`'s output: its own hooks, or global ones
+    (nn.modules.module.register_module_forward_hook). torch has no public way to ask, so
+    this reads the dictionaries nn.Module keeps them in."""
+    return bool(
+        module._forward_hooks
+        or module._forward_pre_hooks
+        or module_hooks._global_forward_hooks
+        or module_hooks._global_forward_pre_hooks
+    )
+
+
+def kernels_for(qkv: torch.Tensor) -> kernels.Kernels | None:
+    """The compiled kernels if they take this projection (bfloat16 on the CPU, outside
+    torch.compile), else None."""
+    return kernels.load_for(qkv, (torch.bfloat16,))
+
+
+def compiled_causal_attention(
+    qkv: torch.Tensor, n_heads: int, library: kernels.Kernels
+) -> torch.Tensor:
+    """Causal self-attention of every head in the compiled kernel: the fused projection
+    qkv (B, T, 3C) bfloat16 -> (B, T, C) bfloat16, the heads side by side."""
+    return CompiledCausalAttention.apply(qkv.contiguous(), n_heads, library)
+
+
+class CompiledCausalAttention(torch.autograd.Function):
+    """Causal self-attention in the compiled CPU kernels: qkv (B, T, 3C) bfloat16, the fused
+    projection -> (B, T, C) bfloat16, the heads side by side. The equations are the blocked
+    path's (forward and backward), computed head by head in float32."""
+
+    @staticmethod
+    def forward(ctx, qkv, n_heads, library):
+        out, weights = library.causal_attention(qkv, n_heads)
+        ctx.save_for_backward(qkv, weights)
+        ctx.n_heads, ctx.library = n_heads, library
+        return out
+
+    @staticmethod
+    @once_differentiable  # the kernel's gradient is not itself differentiable
+    def backward(ctx, grad_out):
+        qkv, weights = ctx.saved_tensors
+        grad_out = grad_out.contiguous().to(torch.bfloat16)
+        return (
+            ctx.library.causal_attention_backward(qkv, weights, grad_out, ctx.n_heads),
+            None,
+            None,
+        )

@@ -1,0 +1,200 @@
+"""The one skeleton every training task runs; a task fills in its own steps.
+
+    start       device, processes, the TrainConfig (new, or the run's own on --resume)
+    record      what run.json keeps of a new run                      task.new_record
+    data        load it, and its sha256 (a resumed run must see the same)
+                                                             task.load_data, task.fingerprint
+    model       new (or --init), or the run's `last` checkpoint      task.new_model, task.load_model
+    batches     the training and validation batches                  task.batches
+    train       fit(), with checkpoints, metrics and the final model in the run directory
+    result      the final evaluation, as a dict (what --json prints) task.finish
+
+Only the main process returns a result; the others return None.
+"""
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from tformer.devices import pick_device, training_dtype
+from tformer.nn.lora import lora_layers
+from tformer.recipes.run_dir import check_same_data, read_run, start_run_directory
+from tformer.recipes.spec import TrainSpec, train_options
+from tformer.recipes.start import attention_for, merge_run, trainable_parameters
+from tformer.tokenizers import Tokenizer, load_tokenizer
+from tformer.train import TrainConfig, distributed, fit
+from tformer.train.plots import read_metrics
+
+
+@dataclass
+class Run:
+    """One process's view of a run, as the task's steps see it."""
+
+    spec: TrainSpec
+    saved: dict  # run.json: what the run trains on
+    config: TrainConfig
+    device: torch.device
+    dist: distributed.Distributed
+    out: Path
+    attention: str  # the attention path the spec asks for on this device and dtype
+    say: Callable[[str], None]  # the run's messages: the main process's, unless silenced
+
+    @property
+    def resume(self) -> bool:
+        return self.spec.resume
+
+
+class Task(Protocol):
+    """A training task: a module with these names (tformer.recipes.lm, ...)."""
+
+    NAME: str  # run.json's task
+    FINGERPRINT: str  # run.json's key for the sha256 of the data
+    DATA: str  # what the data is called in messages, e.g. "sentence pairs"
+
+    def new_record(self, run: Run) -> dict: ...
+    def load_data(self, saved: dict) -> Any: ...
+    def fingerprint(self, data: Any) -> str: ...
+    def new_model(self, run: Run, data: Any) -> tuple[torch.nn.Module, Tokenizer]: ...
+    def load_model(self, run: Run, directory: Path) -> torch.nn.Module: ...
+    def batches(self, run: Run, model, tokenizer, data) -> tuple[Any, Any, str]: ...
+    def describe_model(self, run: Run, model: torch.nn.Module) -> str: ...
+    def finish(self, run: Run, model, tokenizer, data, history: list[dict]) -> dict: ...
+
+
+def run_task(task: Task, spec: TrainSpec) -> dict | None:
+    """Train (or resume) one run of `task` as `spec` asks; -> the result (main process)."""
+    started = time.perf_counter()
+    device = pick_device(spec.device)
+    dist = distributed.init_from_env(device)
+    if device.type == "cuda" and dist.world_size > 1:
+        device = torch.device("cuda", dist.local_rank)
+    out = Path(spec.out)
+    if spec.resume:
+        overrides = {
+            "parallel": spec.parallel,
+            "activation_checkpointing": spec.activation_checkpointing,
+            "compile": spec.compile,
+        }
+        saved, config = read_run(out, spec.threads, overrides)
+    else:
+        saved, config = {"task": task.NAME}, new_train_config(spec, device)
+    say = print if dist.is_main and spec.messages else _silent
+    attention = attention_for(spec.attention, device, config.dtype)
+    run = Run(spec, saved, config, device, dist, out, attention, say)
+    if not spec.resume:
+        saved.update(task.new_record(run))
+    data = task.load_data(saved)
+    digest = task.fingerprint(data)
+    if spec.resume:
+        check_same_data(saved, task.FINGERPRINT, digest, out, task.DATA)
+        model, tokenizer = task.load_model(run, out / "last"), load_tokenizer(out / "last")
+        say(f"resuming {out} from {(out / 'last').resolve().name}; the run's own settings apply")
+    else:
+        model, tokenizer = task.new_model(run, data)
+    train_data, val_data, description = task.batches(run, model, tokenizer, data)
+    if not spec.resume:  # only now that the data is known to be usable
+        start_run_directory(out, {**saved, task.FINGERPRINT: digest}, dist)
+    say(f"data: {description}")
+    say(
+        f"model: {model.num_parameters():,} parameters{task.describe_model(run, model)}; "
+        f"{device}, {config.dtype}, attention {model.config.attention}, "
+        f"{torch.get_num_threads()} threads, {dist.world_size} process(es){scale_note(run)}; "
+        f"run directory {out}"
+    )
+    history, model, trainable = train_model(task, run, model, train_data, val_data, tokenizer)
+    if model is None:  # not the main process
+        return None
+    evaluation = [r for r in read_metrics(out) if r["type"] == "eval"][-1]
+    trained = [r for r in history if r["type"] == "train"]
+    result = {
+        "task": task.NAME,
+        "run_dir": str(out),
+        "steps": config.steps,
+        "val_loss": round(evaluation["val_loss"], 4),
+        "val_accuracy": round(evaluation["val_accuracy"], 4),
+        "val_perplexity": round(evaluation["val_perplexity"], 3),
+        "val_scope": "full" if evaluation["full"] else "sample",
+        "train_loss": round(trained[-1]["loss"], 4) if trained else None,
+        "tokens_per_second": trained[-1]["tokens_per_second"] if trained else None,
+    }
+    result.update(task.finish(run, model, tokenizer, data, history))
+    result.update(
+        {
+            "seconds": round(time.perf_counter() - started, 1),
+            "device": str(device),
+            "dtype": config.dtype,
+            "parameters": model.num_parameters(),
+            "trainable_parameters": trainable,
+        }
+    )
+    return result
+
+
+def window_length(run: Run, model: torch.nn.Module) -> int:
+    """Tokens per training window: the spec's context (a fine-tuning run's may be shorter
+    than its model's), else the model's whole window."""
+    length = run.saved.get("context") or model.config.max_len
+    if length > model.config.max_len:
+        raise ValueError(
+            f"--context {length} is longer than the window of the model "
+            f"({model.config.max_len} positions)"
+        )
+    return length
+
+
+def _silent(*args, **kwargs) -> None:
+    pass
+
+
+def new_train_config(spec: TrainSpec, device: torch.device) -> TrainConfig:
+    """The TrainConfig of a new run from its spec (each field one flag); sets the threads."""
+    if spec.threads:
+        torch.set_num_threads(spec.threads)
+    options = train_options(spec)
+    defaults = TrainConfig()
+    for name in ("parallel", "activation_checkpointing", "compile"):  # None: not given
+        if options[name] is None:
+            options[name] = getattr(defaults, name)
+    return TrainConfig(**options, dtype=training_dtype(spec.dtype, device))
+
+
+def train_model(task: Task, run: Run, model, train_data, val_data, tokenizer):
+    """fit() as every task runs it; -> (history, the trained model for what the main process
+    reports next or None in the other processes, its trainable parameters). A sharded model
+    runs only with every process, so the main one reloads the saved whole model. A run with
+    merge=True folds its LoRA updates into the weights at the end (merge_run)."""
+    sharded = run.config.parallel == "fsdp" and run.dist.world_size > 1
+    if sharded and lora_layers(model):
+        raise ValueError("LoRA runs are not sharded (their adapters are small): use --parallel ddp")
+    history = fit(
+        model,
+        train_data,
+        val_data,
+        run.config,
+        run.out,
+        tokenizer,
+        resume=run.resume,
+        progress=run.spec.progress and run.spec.messages,
+    )
+    if not distributed.current().is_main:
+        return history, None, 0
+    if distributed.is_sharded(model):
+        model = task.load_model(run, run.out)  # the whole model the main process saved
+    trainable = trainable_parameters(model)
+    if run.saved.get("merge", False):
+        merge_run(model, run.out, tokenizer)
+    return history, model, trainable
+
+
+def scale_note(run: Run) -> str:
+    """The run's speed, memory and scale options, for its opening lines."""
+    parts = ["compiled"] if run.config.compile else []
+    if run.dist.world_size > 1:
+        parts.append("FSDP, sharded" if run.config.parallel == "fsdp" else "DDP, replicated")
+    if run.config.activation_checkpointing:
+        parts.append("activation checkpointing")
+    return "".join(f", {part}" for part in parts)
