@@ -7,6 +7,7 @@ from tformer.models import seq2seq
 from tformer.models.gpt2 import PRESETS
 from tformer.nn.attention import IMPLEMENTATIONS
 from tformer.nn.feedforward import ACTIVATIONS
+from tformer.nn.sublayer import NORM_POSITIONS
 from tformer.train import TrainConfig
 
 
@@ -135,8 +136,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
     )
     model.add_argument(
         "--norm-position",
-        choices=["pre", "post"],
-        help="where the LayerNorms sit (default: pre as GPT-2; translation: post, the paper's)",
+        choices=NORM_POSITIONS,
+        help="where the LayerNorms sit: pre (GPT-2), post (the paper's), or none (default: "
+        "pre; translation: post)",
     )
     model.add_argument(
         "--activation",

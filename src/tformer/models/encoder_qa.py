@@ -29,10 +29,10 @@ from tformer.models.seq2seq import (
     INIT_GAIN,
     Seq2SeqConfig,
     Seq2SeqTransformer,
-    check_same_shape,
     config_from_saved,
     current_name,
     load_state,
+    load_weights_into,
     read_config,
     read_state,
     sinusoids,
@@ -180,13 +180,7 @@ class EncoderForQuestionAnswering(nn.Module):
 
     def load_weights(self, directory: str | os.PathLike) -> None:
         """Load, in place, the weights that save_pretrained wrote for a reader like this one."""
-        directory = Path(directory)
-        _, saved = read_config(directory, (MODEL_TYPE,), WRONG_TYPE)
-        check_same_shape(self.config, config_from_saved(saved), directory)
-        try:
-            self.load_state_dict(read_state(directory, True, prefix=PREFIX))
-        except RuntimeError as e:
-            raise CheckpointError(f"{directory}: cannot load model.safetensors ({e})") from None
+        load_weights_into(self, self.config, Path(directory), MODEL_TYPE, WRONG_TYPE, PREFIX)
 
 
 PREFIX = "transformer."  # the encoder's tensors; the head's are qa_outputs.*

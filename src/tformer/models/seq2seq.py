@@ -271,6 +271,24 @@ def upgrade_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {current_name(name): t for name, t in state.items()}
 
 
+def load_weights_into(
+    module: nn.Module,
+    config: "Seq2SeqConfig",
+    directory: Path,
+    model_type: str,
+    wrong_type: str,
+    prefix: str = "",
+) -> None:
+    """Load, in place, the weights of a tformer checkpoint of `model_type` into `module`,
+    refusing one of another shape; `prefix` is where the Transformer's tensors sit."""
+    _, saved = read_config(directory, (model_type,), wrong_type)
+    check_same_shape(config, config_from_saved(saved), directory)
+    try:
+        module.load_state_dict(read_state(directory, config.share_embeddings, prefix=prefix))
+    except RuntimeError as e:
+        raise CheckpointError(f"{directory}: cannot load model.safetensors ({e})") from None
+
+
 def read_config(directory: Path, model_types: tuple[str, ...], what: str) -> tuple[str, dict]:
     """A tformer checkpoint's model_type and config.json, refusing any other model_type."""
     saved = read_model_config(directory)
@@ -531,14 +549,7 @@ class Seq2SeqTransformer(nn.Module):
 
     def load_weights(self, directory: str | os.PathLike) -> None:
         """Load, in place, the weights that save_pretrained wrote for a model like this one."""
-        directory = Path(directory)
-        _, saved = read_config(directory, (MODEL_TYPE,), WRONG_TYPE)
-        check_same_shape(self.config, config_from_saved(saved), directory)
-        state = read_state(directory, self.config.share_embeddings)
-        try:
-            self.load_state_dict(state)
-        except RuntimeError as e:
-            raise CheckpointError(f"{directory}: cannot load model.safetensors ({e})") from None
+        load_weights_into(self, self.config, Path(directory), MODEL_TYPE, WRONG_TYPE)
 
 
 WRONG_TYPE = f"not an encoder-decoder tformer checkpoint (expected model_type {MODEL_TYPE!r})"

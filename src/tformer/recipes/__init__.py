@@ -14,7 +14,7 @@ from pathlib import Path
 from tformer.recipes import lm, qa, sft, translation
 from tformer.recipes.run_dir import task_of
 from tformer.recipes.skeleton import run_task
-from tformer.recipes.spec import TASKS, TrainSpec, with_task_defaults
+from tformer.recipes.spec import DEFAULT_OUT, TASKS, TrainSpec, with_task_defaults
 
 TASK_MODULES = {"lm": lm, "translation": translation, "qa": qa, "sft": sft}
 
@@ -22,7 +22,9 @@ TASK_MODULES = {"lm": lm, "translation": translation, "qa": qa, "sft": sft}
 def train(spec: TrainSpec) -> dict | None:
     """Run the training task `spec` asks for, or resume the run in spec.out (which is then
     the task it was); -> the result, in the main process (None in the others)."""
-    if spec.resume and spec.out is not None:
+    if spec.out is None:
+        spec = replace(spec, out=DEFAULT_OUT[spec.task])
+    if spec.resume:
         task = task_of(Path(spec.out))
         if task is not None:  # a resumed run is what it was
             spec = replace(spec, task=task)

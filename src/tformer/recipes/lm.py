@@ -90,7 +90,7 @@ def describe_model(run: Run, model: GPT2) -> str:
     return ""
 
 
-def finish(run: Run, model: GPT2, tokenizer, corpus: Corpus, history: list[dict]) -> dict:
+def finish(run: Run, model: GPT2, tokenizer, corpus: Corpus) -> dict:
     """An unprompted sample of spec.sample_tokens tokens."""
     sample = ""
     if run.spec.sample_tokens > 0:

@@ -177,7 +177,7 @@ def describe_model(run: Run, model) -> str:
     return f" from {run.saved['init']}" if run.saved["init"] else ""
 
 
-def finish(run: Run, model, tokenizer, questions: Questions, history: list[dict]) -> dict:
+def finish(run: Run, model, tokenizer, questions: Questions) -> dict:
     """The test questions answered and scored; also written to RUN_DIR/qa_scores.json."""
     saved, test = run.saved, questions.test
     everything = questions.train + questions.val + test

@@ -107,7 +107,7 @@ def describe_model(run: Run, model: GPT2) -> str:
     return f" from {run.saved['init']}"
 
 
-def finish(run: Run, model: GPT2, tokenizer, pairs: Pairs, history: list[dict]) -> dict:
+def finish(run: Run, model: GPT2, tokenizer, pairs: Pairs) -> dict:
     """The first validation prompts answered greedily, beside their reference responses."""
     max_len = window_length(run, model)
     examples = []

@@ -62,7 +62,7 @@ class Task(Protocol):
     def load_model(self, run: Run, directory: Path) -> torch.nn.Module: ...
     def batches(self, run: Run, model, tokenizer, data) -> tuple[Any, Any, str]: ...
     def describe_model(self, run: Run, model: torch.nn.Module) -> str: ...
-    def finish(self, run: Run, model, tokenizer, data, history: list[dict]) -> dict: ...
+    def finish(self, run: Run, model, tokenizer, data) -> dict: ...
 
 
 def run_task(task: Task, spec: TrainSpec) -> dict | None:
@@ -121,7 +121,7 @@ def run_task(task: Task, spec: TrainSpec) -> dict | None:
         "train_loss": round(trained[-1]["loss"], 4) if trained else None,
         "tokens_per_second": trained[-1]["tokens_per_second"] if trained else None,
     }
-    result.update(task.finish(run, model, tokenizer, data, history))
+    result.update(task.finish(run, model, tokenizer, data))
     result.update(
         {
             "seconds": round(time.perf_counter() - started, 1),

@@ -96,11 +96,9 @@ class TrainSpec:
 
 
 def with_task_defaults(spec: TrainSpec) -> TrainSpec:
-    """The spec with the defaults every task shares filled in, after checking the flags
+    """The spec with the defaults the tasks share filled in, after checking the flags
     that do not go together (a resumed run's own settings are read later, from its
     directory)."""
-    if spec.out is None:
-        spec = replace(spec, out=DEFAULT_OUT[spec.task])
     if not spec.resume:
         check_new_run(spec)
     translation = spec.task == "translation"

@@ -105,7 +105,7 @@ def describe_model(run: Run, model: Seq2SeqTransformer) -> str:
     return f" ({layers} layers, d_model {c.d_model}, {c.norm_position}-LN)"
 
 
-def finish(run: Run, model, tokenizer, corpus: ParallelCorpus, history: list[dict]) -> dict:
+def finish(run: Run, model, tokenizer, corpus: ParallelCorpus) -> dict:
     """The test pairs translated greedily and with a beam of 4, scored."""
     sources = [src for src, _ in corpus.test]
     references = [tgt for _, tgt in corpus.test]
