@@ -18,8 +18,9 @@ The teacher-forced forward pass is for training: the target input is the target 
 right (BOS first), the labels the target itself (EOS last). Decoding uses `encode` once and
 then `decode` with a KV cache per decoder layer (tformer.generate.beam).
 
-The layers' parts and hook points have GPT-2's names (`attn`, `mlp`, `hook_attn_out`,
-`hook_mlp_out`, plus the decoder's `cross_attn` and `hook_cross_attn_out`). A checkpoint is
+The layers' feed-forward parts and hook points have GPT-2's names (`mlp`, `mlp_sublayer`,
+`hook_attn_out`, `hook_mlp_out`; the decoder also has `hook_cross_attn_out`); attention is
+`self_attn`, beside the decoder's `cross_attn`. A checkpoint is
 config.json (model_type "tformer-seq2seq", the Seq2SeqConfig's fields) and model.safetensors
 (tformer's own tensor names; shared embeddings stored once). Checkpoints written before the
 feed-forward sublayer was called `mlp` (`ff.`, `ff_sublayer.`) load too.
