@@ -101,10 +101,6 @@ class ParallelBatches:
     def __len__(self) -> int:
         return len(self.examples)
 
-    def target_tokens(self) -> int:
-        """Target tokens scored in one pass over the data (each sentence's end included)."""
-        return sum(len(tgt) + 1 for _, tgt in self.examples)
-
     def collate(self, examples: list[tuple[list[int], list[int]]]) -> Batch:
         """-> inputs (source (B, S), target input (B, T)), targets (B, T)."""
         b = len(examples)

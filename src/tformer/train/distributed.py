@@ -124,16 +124,6 @@ def whole_model(model: nn.Module) -> nn.Module | None:
     return copy
 
 
-def load_whole_model_state(model: nn.Module, state: dict) -> None:
-    """Load whole tensors (a saved checkpoint's) into `model`, sharded or not."""
-    if is_sharded(model):
-        from torch.distributed.checkpoint.state_dict import set_model_state_dict
-
-        set_model_state_dict(model, state, options=whole_tensors(on_rank_0=False))
-    else:
-        model.load_state_dict(state)
-
-
 def parameter_names(model: nn.Module) -> dict[torch.Tensor, str]:
     """Each parameter's name in `model` (a tied weight under its first name)."""
     return {p: name for name, p in model.named_parameters()}
