@@ -5,6 +5,7 @@ import argparse
 import json
 import sys
 
+from tformer.checks import parse_number
 from tformer.devices import DTYPES, parse_dtype, pick_device
 from tformer.models.gpt2 import GPT2
 from tformer.models.load import load_gpt2_with_tokenizer
@@ -45,3 +46,22 @@ class DefaultsFormatter(argparse.HelpFormatter):
         if "default" in text or no_default or action.default == argparse.SUPPRESS:
             return text
         return text + " (default: %(default)s)"
+
+
+def number(
+    integer: bool = False,
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = False,
+    high_open: bool = False,
+):
+    """An argparse `type` for a number in a range: a flag given NaN, infinity, a value out of
+    range or not a number is refused as `argument --flag: must be ..., got '...'`."""
+
+    def parse(text: str) -> int | float:
+        try:
+            return parse_number(text, integer, low, high, low_open, high_open)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    return parse

@@ -41,8 +41,15 @@ COMMANDS = [
 ]
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, with its errors on one line: what is wrong and where to read more."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="tformer",
         description="The Transformer from first principles: GPT-2 models, checkpoint-compatible "
         "with Hugging Face transformers.",
@@ -59,15 +66,31 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
         args.run(args)
-    except (ValueError, OSError, RuntimeError, ArithmeticError) as e:
+    except (ValueError, OSError, RuntimeError, ArithmeticError, LookupError) as e:
         # Errors at the boundary (bad checkpoint, bad option, a missing or unreadable file)
         # are the user's to fix: say what is wrong without a stack trace, unless asked.
         if os.environ.get("TFORMER_DEBUG"):
             raise
-        print(f"tformer {args.command}: error: {e}", file=sys.stderr)
+        print(f"tformer {args.command}: error: {one_line(e)}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
+        print(f"tformer {args.command}: interrupted", file=sys.stderr)
         sys.exit(130)
+    except Exception as e:  # a failure nobody foresaw: still one line, the traceback on request
+        if os.environ.get("TFORMER_DEBUG"):
+            raise
+        print(
+            f"tformer {args.command}: unexpected error: {type(e).__name__}: {one_line(e)} "
+            "(run with TFORMER_DEBUG=1 for the traceback, and please report it)",
+            file=sys.stderr,
+        )
+        sys.exit(1)
+
+
+def one_line(error: BaseException) -> str:
+    """An error's message on one line (an OSError's with its file: `str` of one names it)."""
+    text = str(error) or type(error).__name__
+    return " ".join(text.split())
 
 
 def entry() -> None:

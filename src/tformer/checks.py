@@ -1,0 +1,104 @@
+"""Checking a value at the boundary: a number in its range, one of a set of choices.
+
+Every check raises ConfigError naming the value and what it may be, e.g.
+
+    temperature must be a finite number > 0, got nan
+    top_k must be an integer >= 1, got 2.5
+
+The config dataclasses call these in __post_init__, so the Python API and the command line
+(whose flags parse with `parse_number`) say the same thing.
+"""
+
+import math
+from collections.abc import Iterable
+from typing import Any
+
+from tformer.errors import ConfigError
+
+
+def describe_range(
+    integer: bool = False,
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = False,
+    high_open: bool = False,
+) -> str:
+    """What a number may be, in words: "an integer >= 1", "a finite number in (0, 1]"."""
+    kind = "an integer" if integer else "a finite number"
+    if low is not None and high is not None:
+        left, right = "(" if low_open else "[", ")" if high_open else "]"
+        return f"{kind} in {left}{low:g}, {high:g}{right}"
+    if low is not None:
+        return f"{kind} {'>' if low_open else '>='} {low:g}"
+    if high is not None:
+        return f"{kind} {'<' if high_open else '<='} {high:g}"
+    return kind
+
+
+def number_problem(
+    value: Any,
+    integer: bool = False,
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = False,
+    high_open: bool = False,
+) -> str | None:
+    """None if `value` is such a number, else "must be ..., got ..." (no name)."""
+    wanted = describe_range(integer, low, high, low_open, high_open)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        ok = False  # True is an int to Python, never a count or a rate to a user
+    elif integer:
+        ok = isinstance(value, int)
+    else:
+        ok = math.isfinite(value)
+    if ok and low is not None:
+        ok = value > low if low_open else value >= low
+    if ok and high is not None:
+        ok = value < high if high_open else value <= high
+    return None if ok else f"must be {wanted}, got {value!r}"
+
+
+def check_number(
+    name: str,
+    value: Any,
+    integer: bool = False,
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = False,
+    high_open: bool = False,
+    optional: bool = False,
+) -> None:
+    """Raise ConfigError unless `value` is such a number (or None, when `optional`)."""
+    if optional and value is None:
+        return
+    problem = number_problem(value, integer, low, high, low_open, high_open)
+    if problem is not None:
+        raise ConfigError(f"{name} {problem}")
+
+
+def check_choice(name: str, value: Any, choices: Iterable[Any]) -> None:
+    """Raise ConfigError unless `value` is one of `choices`."""
+    choices = list(choices)
+    if value not in choices:
+        listed = ", ".join(repr(c) for c in choices)
+        raise ConfigError(f"{name} must be one of {listed}, got {value!r}")
+
+
+def parse_number(
+    text: str,
+    integer: bool = False,
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = False,
+    high_open: bool = False,
+) -> int | float:
+    """A flag's text as such a number; ValueError("must be ..., got ...") otherwise."""
+    try:
+        value = int(text) if integer else float(text)
+    except ValueError:
+        wanted = describe_range(integer, low, high, low_open, high_open)
+        raise ValueError(f"must be {wanted}, got {text!r}") from None
+    problem = number_problem(value, integer, low, high, low_open, high_open)
+    if problem is not None:
+        raise ValueError(f"{problem.removesuffix(repr(value))}{text!r}")
+    return value
