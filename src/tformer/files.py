@@ -1,17 +1,38 @@
-"""Writing files so that a crash never leaves a half-written one behind.
+"""Writing files so that a crash never leaves a half-written one behind, and one writer
+per directory.
 
 A file is written under a temporary name in the same directory, flushed to disk (fsync),
 and only then renamed over the final name; a rename within one file system is atomic, so a
-reader sees the old file or the new one, never a torn mix.
+reader sees the old file or the new one, never a torn mix. A write that fails (a full disk)
+becomes a WriteError that names the file and the cause (`write_failure`).
+
+A directory that one process writes for a long time (a training run) holds DIR/.lock,
+locked with flock(2) while it writes: a second writer is refused at once, told the first
+one's process id, and the kernel drops the lock when its holder dies, even by SIGKILL, so a
+crash never leaves a directory locked.
 """
 
+import errno
+import fcntl
 import hashlib
 import json
 import os
+import socket
 import uuid
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
+
+from safetensors import SafetensorError
+
+from tformer.errors import RunLockedError, WriteError
+
+LOCK_FILE = ".lock"
+# Errors that mean the disk is full, in words; any other OSError says its own strerror.
+FULL_DISK = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded"}
+# What a failed write raises: OSError, and torch's and safetensors' own errors for a full
+# disk (torch: RuntimeError "unexpected pos 64 vs 0").
+WRITE_ERRORS = (OSError, RuntimeError, SafetensorError)
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
@@ -69,3 +90,98 @@ def sha256_of(pieces: Iterable[str]) -> str:
     for piece in pieces:
         digest.update(piece.encode("utf-8"))
     return digest.hexdigest()
+
+
+def write_failure(
+    path: str | os.PathLike, error: BaseException, intact: str, what: str | None = None
+) -> WriteError:
+    """`error`, raised while writing `path` (`what`, if given, names it in the message), as
+    one line: the cause, the path and what is `intact` ("step 200 (RUN/last) is intact").
+    torch and safetensors report a full disk in their own words (a RuntimeError "unexpected
+    pos", a SafetensorError): when the file system has no room left, that is what the line
+    says."""
+    if isinstance(error, OSError) and error.errno in FULL_DISK:
+        cause = FULL_DISK[error.errno]
+    elif isinstance(error, OSError) and error.strerror:
+        cause = error.strerror
+    elif disk_is_full(Path(path)):
+        cause = FULL_DISK[errno.ENOSPC]
+    else:
+        cause = " ".join(str(error).split()) or type(error).__name__
+    failure = WriteError(f"{cause} while writing {what or path}; {intact}")
+    failure.errno = error.errno if isinstance(error, OSError) else errno.EIO
+    return failure
+
+
+def disk_is_full(path: Path) -> bool:
+    """Whether the file system that holds `path` (or its nearest existing parent) has less
+    than a MiB of room left for this user: a write that failed there ran out of space."""
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    try:
+        stats = os.statvfs(path)
+    except OSError:
+        return False
+    return stats.f_bavail * stats.f_frsize < 2**20
+
+
+class DirectoryLock:
+    """The lock on one directory, held until `release()` (or until the process ends)."""
+
+    def __init__(self, directory: Path, fd: int) -> None:
+        self.directory, self._fd = directory, fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the last descriptor drops the flock
+            self._fd = None
+
+
+def lock_directory(directory: str | os.PathLike) -> DirectoryLock:
+    """Lock DIR/.lock for this process (the directory must exist), writing its process id
+    there for whoever comes second; RunLockedError at once if another process holds it."""
+    directory = Path(directory)
+    # Not truncated on open: the file holds the current holder's id until we hold it.
+    fd = os.open(directory / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = _read_holder(fd)
+        os.close(fd)
+        raise _locked(directory, holder) from None
+    except BaseException:
+        os.close(fd)
+        raise
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()} {socket.gethostname()}\n".encode(), 0)
+    return DirectoryLock(directory, fd)
+
+
+def check_unlocked(directory: str | os.PathLike) -> None:
+    """RunLockedError if another process holds DIR/.lock; writes nothing."""
+    path = Path(directory) / LOCK_FILE
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # no lock file (or none we may read): nobody holds one
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise _locked(Path(directory), _read_holder(fd)) from None
+    finally:
+        os.close(fd)  # drops the probe's own lock, if it got one
+
+
+def _read_holder(fd: int) -> str:
+    words = os.pread(fd, 200, 0).decode("utf-8", "replace").split()
+    if not words:
+        return "another process"
+    host = f" on {words[1]}" if len(words) > 1 and words[1] != socket.gethostname() else ""
+    return f"process {words[0]}{host}"
+
+
+def _locked(directory: Path, holder: str) -> RunLockedError:
+    return RunLockedError(
+        f"{directory} is being written by {holder} (it holds {directory / LOCK_FILE}): wait "
+        "for it to finish or stop it; one process at a time writes a run directory"
+    )

@@ -16,6 +16,7 @@ Because every byte is a token, any text round-trips.
 """
 
 import base64
+import functools
 import hashlib
 import json
 import os
@@ -205,6 +206,12 @@ def bytes_to_unicode() -> dict[int, str]:
     return mapping
 
 
+@functools.cache
+def _byte_of_char() -> dict[str, int]:
+    """bytes_to_unicode reversed, built once: a stream decodes one token at a time."""
+    return {c: b for b, c in bytes_to_unicode().items()}
+
+
 def merges_from_ranks(ranks: dict[bytes, int]) -> list[tuple[bytes, bytes]]:
     """Recover the ordered merge list from token ranks.
 
@@ -280,6 +287,12 @@ class GPT2Tokenizer:
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.encoding.decode(check_ids(ids, self.vocab_size))
+
+    def decode_bytes(self, ids: Sequence[int]) -> bytes:
+        """The tokens' UTF-8 bytes, joined: decode(ids) is these bytes decoded with errors
+        replaced, so a stream can decode token by token (a character's bytes may be split
+        between tokens)."""
+        return self.encoding.decode_bytes(check_ids(ids, self.vocab_size))
 
     def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
         ids = self.encode(text)
@@ -360,6 +373,10 @@ class CharTokenizer:
     def decode(self, ids: Sequence[int]) -> str:
         return "".join(self.chars[i] for i in check_ids(ids, self.vocab_size))
 
+    def decode_bytes(self, ids: Sequence[int]) -> bytes:
+        """The characters' UTF-8 bytes (see GPT2Tokenizer.decode_bytes)."""
+        return self.decode(ids).encode("utf-8", errors="surrogatepass")
+
     def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
         return self.encode(text), [(i, i + 1) for i in range(len(text))]
 
@@ -373,7 +390,10 @@ class CharTokenizer:
         obj = read_json(path, "a character tokenizer")
         if obj.get("type") != "char" or not isinstance(obj.get("chars"), list):
             raise ValueError(f"{path}: not a character tokenizer file")
-        return cls(obj["chars"])
+        try:
+            return cls(obj["chars"])
+        except ValueError as e:  # the file names what to fix, not the class
+            raise ValueError(f"{path}: {e}") from None
 
 
 # ---------------------------------------------------------------------------------------
@@ -431,6 +451,26 @@ class HFTokenizer:
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(check_ids(ids, self.vocab_size), skip_special_tokens=False)
+
+    def decode_bytes(self, ids: Sequence[int]) -> bytes:
+        """The tokens' bytes, joined, for a byte-level BPE (see GPT2Tokenizer.decode_bytes):
+        each character of a token's string stands for one byte (bytes_to_unicode); a token
+        with other characters (an added token) stands for its UTF-8, as the Hugging Face
+        decoder has it. ValueError for other decoders, whose text is not a concatenation of
+        their tokens'."""
+        from tokenizers import decoders
+
+        if not isinstance(self.tokenizer.decoder, decoders.ByteLevel):
+            raise ValueError("decode_bytes needs a byte-level BPE tokenizer")
+        to_byte = _byte_of_char()
+        out = bytearray()
+        for i in check_ids(ids, self.vocab_size):
+            token = self.tokenizer.id_to_token(i)
+            if all(c in to_byte for c in token):
+                out += bytes(to_byte[c] for c in token)
+            else:
+                out += token.encode("utf-8")
+        return bytes(out)
 
     def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
         before = self.tokenizer.encode_special_tokens

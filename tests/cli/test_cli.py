@@ -58,7 +58,10 @@ def test_tokenize_json(capsys):
     [
         (["generate", "/nonexistent/ckpt", "--prompt", "x"], "no such directory"),
         (["generate", "{ckpt}", "--prompt-file", "{ckpt}"], "Is a directory"),
-        (["generate", "{ckpt}", "--prompt", "x", "--top-p", "2"], "top_p must be in (0, 1]"),
+        (
+            ["generate", "{ckpt}", "--prompt", "x", "--top-p", "2"],
+            "argument --top-p: must be a finite number in (0, 1]",
+        ),
         (["info", "gpt5"], "gpt5"),
         (["init", "/tmp/x", "--n-heads", "5"], "divisible"),
         (["init", "{ckpt}/config.json/sub"], "Not a directory"),
@@ -160,3 +163,30 @@ def test_the_program_freezes_the_garbage_collector_s_objects_before_it_exits():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip().splitlines()[-1] == "True"
+
+
+def test_a_batch_that_fills_the_window_says_so_in_json_and_one_warning_line(checkpoint, capsys):
+    argv = ["generate", str(checkpoint), "--prompt", "A", "--prompt", "B c d", "--json"]
+    main([*argv, "--max-new-tokens", "80", "--greedy"])  # the window is 64
+    captured = capsys.readouterr()
+    results = json.loads(captured.out)["results"]
+    assert [r["finish_reason"] for r in results] == ["context", "context"]
+    assert all(r["new_tokens"] < 80 and not r["prompt_truncated"] for r in results)
+    warning = captured.err.strip().splitlines()
+    assert len(warning) == 1 and warning[0].startswith("tformer generate: warning: the context")
+    main([*argv, "--max-new-tokens", "5"])
+    captured = capsys.readouterr()
+    assert [r["finish_reason"] for r in json.loads(captured.out)["results"]] == ["length"] * 2
+    assert captured.err == ""
+
+
+def test_a_prompt_cut_to_fit_is_one_warning_line_and_reported(checkpoint, capsys):
+    argv = ["generate", str(checkpoint), "--prompt", "word " * 80, "--max-new-tokens", "3"]
+    out = json.loads(run_cli(capsys, *argv, "--json"))
+    assert out["prompt_truncated"] and out["finish_reason"] == "length"
+    main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == (
+        "tformer generate: warning: the prompt has 81 tokens but the context window holds 64: "
+        "only its last 63 are used"
+    )

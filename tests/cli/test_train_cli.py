@@ -394,7 +394,7 @@ def test_killed_qa_run_resumes_exactly(tmp_path, env):
         (["--merge"], "--merge go with --lora-rank"),
         (["--lora-rank", "2"], "give it with --init"),
         (["--lora-rank", "2", "--init", "{base}", "--lora-targets", "c_proj"], "say attn.c_proj"),
-        (["--lora-rank", "0", "--init", "{base}"], "rank must be positive"),
+        (["--lora-rank", "0", "--init", "{base}"], "argument --lora-rank: must be an integer >= 1"),
     ],
 )
 def test_bad_lora_flags_are_one_line_errors(corpus, base_run, tmp_path, env, args, message):

@@ -129,3 +129,24 @@ def test_translation_defaults_are_the_papers(pairs_file, tmp_path):
     model_config = json.loads((run / "config.json").read_text())
     assert train_config["label_smoothing"] == 0.1
     assert model_config["dropout"] == 0.1 and model_config["norm_position"] == "post"
+
+
+def test_a_source_cut_to_fit_is_one_warning_line_and_reported(tmp_path, capsys):
+    from tformer.cli.main import main
+    from tformer.models.seq2seq import Seq2SeqConfig, Seq2SeqTransformer
+    from tformer.tokenizers import train_bpe
+
+    tokenizer = train_bpe(["one two three four"] * 4, 280, special_tokens=("<pad>", "<s>", "</s>"))
+    v = tokenizer.vocab_size + 30  # a target vocabulary larger than the tokenizer's
+    config = Seq2SeqConfig(v, v, max_len=12, d_model=16, n_heads=2, n_encoder_layers=1,
+                           n_decoder_layers=1, d_ff=32, dropout=0.0)  # fmt: skip
+    run = tmp_path / "untrained"
+    Seq2SeqTransformer(config, seed=0).save_pretrained(run)
+    tokenizer.save(run)
+    sentences = tmp_path / "in.txt"
+    sentences.write_text("one two\n" + "one two three four " * 5 + "\n")
+    main(["translate", str(run), "--input", str(sentences), "--json", "--max-new-tokens", "6"])
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["source_truncated"] == [False, True]
+    assert captured.err.startswith("tformer translate: warning: 1 of 2 source sentences")
+    assert len(captured.err.strip().splitlines()) == 1

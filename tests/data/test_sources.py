@@ -3,6 +3,7 @@ import json
 import pytest
 
 from tformer.data.sources import load_corpus, read_source, shakespeare_text, split_text
+from tformer.errors import DataError
 
 
 def test_text_file_directory_and_jsonl(tmp_path):
@@ -79,3 +80,11 @@ def test_jsonl_text_may_hold_unicode_line_separators(tmp_path):
     text = "one\u2028two\u2029three\x85four"
     (tmp_path / "u.jsonl").write_text(json.dumps({"text": text}, ensure_ascii=False) + "\r\n")
     assert read_source(tmp_path / "u.jsonl") == text
+
+
+def test_a_bad_record_is_a_data_error_with_its_place_and_field(tmp_path):
+    (tmp_path / "d.jsonl").write_text('{"text": "a"}\n\n{"text": 3}\n')
+    with pytest.raises(DataError) as error:
+        read_source(tmp_path / "d.jsonl")
+    assert error.value.where == f"{tmp_path / 'd.jsonl'}:3"
+    assert error.value.problem.endswith('"text" is a number, not a string')

@@ -2,6 +2,7 @@ import json
 
 import pytest
 
+from tformer.errors import DataError
 from tformer.qa.squad import read_qa_file
 from tformer.qa.windows import Answer
 
@@ -72,7 +73,7 @@ def test_jsonl_in_both_answer_layouts(tmp_path):
     [
         ("a.json", '{"nope": 1}', "not SQuAD JSON"),
         ("a.json", "{", "not valid JSON"),
-        ("a.jsonl", '{"question": "Who?"}\n', "a.jsonl:1: no context text"),
+        ("a.jsonl", '{"question": "Who?"}\n', "a.jsonl:1: 'context' is missing"),
         (
             "a.jsonl",
             json.dumps(
@@ -90,7 +91,17 @@ def test_jsonl_in_both_answer_layouts(tmp_path):
 def test_bad_files_get_a_clear_error(tmp_path, name, content, message):
     path = tmp_path / name
     path.write_text(content)
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(DataError, match=message):
         read_qa_file(path)
     with pytest.raises(FileNotFoundError, match="no such file"):
         read_qa_file(tmp_path / "missing.json")
+
+
+def test_a_squad_error_names_the_question_by_its_id(tmp_path):
+    document = {"data": [{"paragraphs": [{"context": CONTEXT, "qas": [
+        {"id": "56be4db0", "question": "Who?", "answers": [{"text": "Broncos"}]}]}]}]}  # fmt: skip
+    (tmp_path / "s.json").write_text(json.dumps(document))
+    with pytest.raises(DataError) as error:
+        read_qa_file(tmp_path / "s.json")
+    assert error.value.where.endswith("s.json, question '56be4db0'")
+    assert error.value.problem == "'answers'[0], 'answer_start' is missing"

@@ -209,10 +209,10 @@ def test_starting_over_an_existing_run_is_refused(corpus_file, tmp_path):
     "overrides, message",
     [
         (dict(batch_size=10, grad_accum=4), "divisible by grad_accum"),
-        (dict(min_lr=1.0), "min_lr <= lr"),
+        (dict(min_lr=1.0), "min_lr must be <= lr"),
         (dict(dtype="int8"), "dtype"),
-        (dict(steps=0), "steps must be positive"),
-        (dict(parallel="zero3"), "parallel must be 'ddp' or 'fsdp'"),
+        (dict(steps=0), "steps must be an integer >= 1"),
+        (dict(parallel="zero3"), "parallel must be one of 'ddp', 'fsdp'"),
     ],
 )
 def test_bad_training_config_is_refused(overrides, message):

@@ -4,6 +4,7 @@ import json
 import sys
 import time
 
+from tformer.cli.common import number
 from tformer.devices import pick_device
 from tformer.qa.read import answer_from_corpus, load_reader, vocab_size
 from tformer.qa.retrieval import BUILTIN_CORPORA, PassageIndex
@@ -26,14 +27,15 @@ def add_parser(sub) -> None:
         help=f"a directory of .txt files, one text file, or {' or '.join(BUILTIN_CORPORA)}",
     )
     p.add_argument("--question", required=True, help="the question, in plain words")
-    p.add_argument("--top-passages", type=int, default=5, help="passages to read (default: 5)")
-    p.add_argument("--top-answers", type=int, default=3, help="answers to show (default: 3)")
+    count = number(integer=True, low=1)
+    p.add_argument("--top-passages", type=count, default=5, help="passages to read (default: 5)")
+    p.add_argument("--top-answers", type=count, default=3, help="answers to show (default: 3)")
     p.add_argument(
-        "--max-answer-tokens", type=int, default=30, help="the longest answer (default: 30)"
+        "--max-answer-tokens", type=count, default=30, help="the longest answer (default: 30)"
     )
     p.add_argument(
         "--stride",
-        type=int,
+        type=count,
         help="tokens shared by the windows over a long passage (default: a quarter of the "
         "model's window)",
     )
@@ -43,9 +45,6 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> None:
-    for name in ("top_passages", "top_answers", "max_answer_tokens"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
     device = pick_device(args.device)
     # inference: the fused attention path
     model = load_reader(args.checkpoint, device, attention="sdpa", head_required=True)

@@ -3,7 +3,13 @@
 import torch
 
 from tformer.checkpoints import resolve_checkpoint
-from tformer.cli.common import DefaultsFormatter, add_text_options, load_model, print_json
+from tformer.cli.common import (
+    DefaultsFormatter,
+    add_text_options,
+    load_model,
+    number,
+    print_json,
+)
 from tformer.devices import pick_device
 from tformer.generate.translate import sentence_pair
 from tformer.lab.attention_plot import plot_attention
@@ -25,8 +31,9 @@ def add_parser(sub) -> None:
         "tokens each target token looks at).",
     )
     add_text_options(p)
-    p.add_argument("--layer", type=int, default=0, help="layer index, from 0")
-    p.add_argument("--head", type=int, help="one head (default: all heads in a grid)")
+    index = number(integer=True, low=0)
+    p.add_argument("--layer", type=index, default=0, help="layer index, from 0")
+    p.add_argument("--head", type=index, help="one head (default: all heads in a grid)")
     p.add_argument(
         "--stack",
         choices=["encoder", "decoder", "cross"],

@@ -1,12 +1,16 @@
 """What several commands share: their device and text flags, loading a checkpoint named
-on the command line, printing JSON."""
+on the command line, printing JSON and warnings."""
 
 import argparse
 import json
 import sys
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from tformer.checks import parse_number
 from tformer.devices import DTYPES, parse_dtype, pick_device
+from tformer.errors import TformerWarning
 from tformer.models.gpt2 import GPT2
 from tformer.models.load import load_gpt2_with_tokenizer
 from tformer.tokenizers import Tokenizer
@@ -65,3 +69,46 @@ def number(
             raise argparse.ArgumentTypeError(str(e)) from None
 
     return parse
+
+
+def read_utf8(path: str | None) -> str:
+    """A file's text, or standard input's when path is None; text that is not UTF-8 is
+    refused in one line that names where it came from."""
+    where = "standard input" if path is None else path
+    try:
+        if path is None:
+            # The bytes, decoded here: a non-UTF-8 locale would decode them otherwise, or
+            # smuggle undecodable bytes in as surrogates that no tokenizer can encode.
+            stdin = getattr(sys.stdin, "buffer", None)
+            return sys.stdin.read() if stdin is None else stdin.read().decode("utf-8")
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{where}: not UTF-8 text (byte {e.start}); save it as UTF-8") from None
+
+
+def non_empty(text: str) -> str:
+    """An argparse `type` for text that must not be empty (an empty --stop would stop
+    before the first token)."""
+    if not text:
+        raise argparse.ArgumentTypeError("must not be empty, got ''")
+    return text
+
+
+@contextmanager
+def warnings_as_lines(command: str) -> Iterator[None]:
+    """Within: every TformerWarning printed as one line on standard error,
+    `tformer COMMAND: warning: ...`, each time it is given; other warnings as usual."""
+
+    def show(message, category, filename, lineno, file=None, line=None) -> None:
+        if issubclass(category, TformerWarning):
+            text = " ".join(str(message).split())
+            print(f"tformer {command}: warning: {text}", file=sys.stderr)
+        else:
+            shown_before(message, category, filename, lineno, file, line)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", TformerWarning)
+        shown_before = warnings.showwarning
+        warnings.showwarning = show
+        yield

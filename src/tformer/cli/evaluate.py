@@ -5,7 +5,7 @@ import json
 import time
 
 from tformer.checkpoints import resolve_checkpoint
-from tformer.cli.common import add_device_options, load_model
+from tformer.cli.common import add_device_options, load_model, number
 from tformer.data.parallel import ParallelBatches, load_parallel
 from tformer.data.sources import load_corpus, read_source
 from tformer.data.tokens import LMBatches, tokenize_cached
@@ -40,9 +40,12 @@ def add_parser(sub) -> None:
         choices=["val", "train", "test", "all"],
         help="(default: val; translation: test)",
     )
-    p.add_argument("--beam-size", type=int, default=4, help="translation: 1 is greedy (default: 4)")
-    p.add_argument("--context", type=int, help="tokens per window (default: the model's max_len)")
-    p.add_argument("--batch-size", type=int, default=16)
+    count = number(integer=True, low=1)
+    p.add_argument(
+        "--beam-size", type=count, default=4, help="translation: 1 is greedy (default: 4)"
+    )
+    p.add_argument("--context", type=count, help="tokens per window (default: the model's max_len)")
+    p.add_argument("--batch-size", type=count, default=16, help="windows per batch (default: 16)")
     add_device_options(p)
     p.add_argument("--json", action="store_true", help="print one JSON line of results")
     p.set_defaults(run=run)

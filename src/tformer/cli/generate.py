@@ -2,14 +2,22 @@
 
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
-from tformer.cli.common import print_json
+import torch
+
+from tformer.checkpoints import resolve_checkpoint
+from tformer.cli.common import non_empty, number, print_json, read_utf8
 from tformer.data.prompts import read_prompt_list
 from tformer.devices import DTYPES, pick_device
-from tformer.generate import SamplingConfig, generate
+from tformer.errors import ConfigError
+from tformer.generate import SamplingConfig
+from tformer.generate.decode import MAX_SEED, continue_prompts
 from tformer.generate.fast import load_for_decoding
+from tformer.generate.limits import STOP
 from tformer.generate.text import TextStream, cut_at_stop, encode_prompt
+from tformer.models.load import is_translation_checkpoint
 
 
 def add_parser(sub) -> None:
@@ -22,7 +30,9 @@ def add_parser(sub) -> None:
         "prompt and one sample stream to the terminal as they are produced, several prompts "
         "(--prompt repeated, or --prompts-file) run as one batch. On the CPU the weights are "
         "packed for fast decoding (float32, bfloat16 or int8, read by compiled C kernels); "
-        "the path taken is printed to standard error.",
+        "the path taken is printed to standard error. A prompt cut to fit the context "
+        "window, or a batch that fills it, is reported as a warning on standard error and "
+        "in --json (finish_reason: stop, length or context).",
     )
     p.add_argument("checkpoint", help="checkpoint directory (or a Hub name, with network)")
     source = p.add_mutually_exclusive_group()
@@ -35,32 +45,56 @@ def add_parser(sub) -> None:
         help='a batch of prompts: one per line, or a .jsonl file of {"prompt": ...} objects',
     )
     p.add_argument(
-        "--num-samples", type=int, default=1, help="continuations per prompt (default: 1)"
+        "--num-samples",
+        type=number(integer=True, low=1),
+        default=1,
+        help="continuations per prompt (default: 1)",
     )
-    p.add_argument("--max-new-tokens", type=int, default=50, help="(default: 50)")
+    p.add_argument(
+        "--max-new-tokens", type=number(integer=True, low=0), default=50, help="(default: 50)"
+    )
     p.add_argument(
         "--greedy", action="store_true", help="always take the most likely token (no sampling)"
     )
-    p.add_argument("--temperature", type=float, default=1.0, help="(default: 1.0; 0 means greedy)")
-    p.add_argument("--top-k", type=int, help="sample from the k most likely tokens")
-    p.add_argument("--top-p", type=float, help="sample from the smallest set with probability p")
+    p.add_argument(
+        "--temperature",
+        type=number(low=0),
+        default=1.0,
+        help="(default: 1.0; 0 means greedy)",
+    )
+    p.add_argument(
+        "--top-k", type=number(integer=True, low=1), help="sample from the k most likely tokens"
+    )
+    p.add_argument(
+        "--top-p",
+        type=number(low=0, high=1, low_open=True),
+        help="sample from the smallest set with probability p",
+    )
     p.add_argument(
         "--repetition-penalty",
-        type=float,
+        type=number(low=0, low_open=True),
         default=1.0,
         help="> 1 makes tokens already in the text less likely (CTRL's rule; default: 1, off)",
     )
     p.add_argument(
         "--stop",
+        type=non_empty,
         action="append",
         default=[],
         metavar="TEXT",
         help="stop when the continuation contains TEXT (not printed); may be repeated",
     )
     p.add_argument(
-        "--seed", type=int, help="seed for reproducible sampling (sample j uses seed + j)"
+        "--seed",
+        type=number(integer=True, low=0, high=MAX_SEED),
+        help="seed for reproducible sampling (sample j uses seed + j)",
     )
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: auto)")
+    p.add_argument(
+        "--threads",
+        type=number(integer=True, low=1),
+        help="CPU threads for decoding (default: torch's choice)",
+    )
     p.add_argument(
         "--dtype",
         default="float32",
@@ -82,18 +116,27 @@ def read_prompts(args) -> list[str]:
     if args.prompt is not None:
         return args.prompt
     if args.prompt_file is not None:
-        with open(args.prompt_file, encoding="utf-8") as f:
-            return [f.read()]
+        return [read_utf8(args.prompt_file)]
     if args.prompts_file is not None:
         return read_prompt_list(Path(args.prompts_file))
     if sys.stdin.isatty():
         raise ValueError("no prompt: give --prompt TEXT, --prompt-file FILE, or pipe text in")
-    return [sys.stdin.read()]
+    return [read_utf8(None)]
+
+
+def check_is_language_model(checkpoint: str) -> str:
+    """The checkpoint's directory, refused with a clear message if it holds a translation
+    model (which `tformer translate` runs)."""
+    directory = resolve_checkpoint(checkpoint)
+    if is_translation_checkpoint(directory):
+        raise ConfigError(
+            f"{checkpoint} holds a translation (encoder-decoder) model, not a language model: "
+            "run it with 'tformer translate'"
+        )
+    return str(directory)
 
 
 def run(args) -> None:
-    if args.num_samples < 1:
-        raise ValueError("--num-samples must be at least 1")
     prompts = read_prompts(args)
     greedy = args.greedy or args.temperature == 0
     config = SamplingConfig(
@@ -105,13 +148,17 @@ def run(args) -> None:
         seed=args.seed,
         repetition_penalty=args.repetition_penalty,
     )
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    checkpoint = check_is_language_model(args.checkpoint)
     device = pick_device(args.device)
     quantize = args.quantize == "int8"
-    model, tokenizer, path = load_for_decoding(args.checkpoint, device, args.dtype, quantize)
-    config.eos_id = tokenizer.eos_id
+    model, tokenizer, path = load_for_decoding(checkpoint, device, args.dtype, quantize)
+    # Never draw an id the tokenizer cannot decode (the embedding table may be larger).
+    config = replace(config, eos_id=tokenizer.eos_id, vocab_limit=tokenizer.vocab_size)
+    ids = [encode_prompt(tokenizer, prompt) for prompt in prompts]
     if not args.json:
         print(f"decoding: {path.describe()}", file=sys.stderr)
-    ids = [encode_prompt(tokenizer, prompt) for prompt in prompts]
     if len(prompts) == 1 and args.num_samples == 1:
         stream_one(args, model, tokenizer, prompts[0], ids[0], config, path)
     else:
@@ -135,6 +182,8 @@ def stream_one(args, model, tokenizer, prompt, ids, config, path) -> None:
             "prompt": prompt,
             "completion": stream.completion,
             "new_tokens": stream.new_tokens,
+            "finish_reason": stream.finish_reason,
+            "prompt_truncated": stream.prompt_truncated,
             "seconds": round(seconds, 3),
             "tokens_per_second": round(stream.new_tokens / seconds, 2) if seconds > 0 else None,
             "path": path.to_dict(),
@@ -145,22 +194,24 @@ def stream_one(args, model, tokenizer, prompt, ids, config, path) -> None:
 def run_batch(args, model, tokenizer, prompts, ids, config, path) -> None:
     """Every prompt's samples in one left-padded batch; stop strings cut the results."""
     start = time.perf_counter()
-    outputs = generate(model, ids, config, args.num_samples)
+    outputs = continue_prompts(model, ids, config, args.num_samples)
     seconds = time.perf_counter() - start
     results = []
-    for row, new_ids in enumerate(outputs):
+    for row, output in enumerate(outputs):
         index, sample = divmod(row, args.num_samples)
-        completion, _ = cut_at_stop(tokenizer.decode(new_ids), args.stop)
+        completion, stopped = cut_at_stop(tokenizer.decode(output.ids), args.stop)
         results.append(
             {
                 "prompt_index": index,
                 "sample": sample,
                 "prompt": prompts[index],
                 "completion": completion,
-                "new_tokens": len(new_ids),
+                "new_tokens": len(output.ids),
+                "finish_reason": STOP if stopped else output.finish_reason,
+                "prompt_truncated": output.prompt_truncated,
             }
         )
-    total = sum(len(new_ids) for new_ids in outputs)
+    total = sum(len(output.ids) for output in outputs)
     if args.json:
         print_json(
             {

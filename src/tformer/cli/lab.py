@@ -8,7 +8,8 @@ from tqdm import tqdm
 from tformer.cli.common import DefaultsFormatter, print_json
 from tformer.devices import machine_line, pick_device
 from tformer.lab.experiment import VARIANTS, LabConfig, run_lab
-from tformer.lab.report import PLOTS, json_safe, summary_rows, write_report
+from tformer.lab.report import OUTPUT_NAMES, PLOTS, json_safe, summary_rows, write_report
+from tformer.recipes.run_dir import check_output_directory, output_directory
 
 
 def int_list(text: str) -> tuple[int, ...]:
@@ -78,6 +79,9 @@ def lab_config(args) -> LabConfig:
 
 def run(args) -> None:
     config = lab_config(args)
+    # A new or empty directory, or an earlier report of the lab's own (whose runs resume).
+    out = output_directory(args.out)
+    check_output_directory(out, "--out", ours=OUTPUT_NAMES)
     device = pick_device(args.device)
     machine = machine_line()
     print(machine, file=sys.stderr)
@@ -89,10 +93,10 @@ def run(args) -> None:
         bar.set_description(name)
         bar.refresh()
 
-    results, data = run_lab(config, args.out, device, args.fresh, on_run)
+    results, data = run_lab(config, out, device, args.fresh, on_run)
     bar.n = total
     bar.close()
-    report = write_report(args.out, config, data, results, machine)
+    report = write_report(out, config, data, results, machine)
     if args.json:
         print_json(
             json_safe({"machine": machine, "report": str(report), "runs": summary_rows(results)})

@@ -22,6 +22,8 @@ from tformer.cli import (
     train,
     translate,
 )
+from tformer.cli.common import warnings_as_lines
+from tformer.errors import TrainingInterrupted
 
 COMMANDS = [
     demo,
@@ -65,7 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
-        args.run(args)
+        with warnings_as_lines(args.command):
+            args.run(args)
     except (ValueError, OSError, RuntimeError, ArithmeticError, LookupError) as e:
         # Errors at the boundary (bad checkpoint, bad option, a missing or unreadable file)
         # are the user's to fix: say what is wrong without a stack trace, unless asked.
@@ -73,6 +76,9 @@ def main(argv: list[str] | None = None) -> None:
             raise
         print(f"tformer {args.command}: error: {one_line(e)}", file=sys.stderr)
         sys.exit(2)
+    except TrainingInterrupted as e:  # stopped at a signal after saving: how to go on
+        print(f"tformer {args.command}: {one_line(e)}", file=sys.stderr)
+        sys.exit(e.exit_code)
     except KeyboardInterrupt:
         print(f"tformer {args.command}: interrupted", file=sys.stderr)
         sys.exit(130)

@@ -1,5 +1,6 @@
 """`tformer plot`: the loss curve of a training run."""
 
+from tformer.recipes.run_dir import output_directory
 from tformer.train.plots import plot_losses
 
 
@@ -15,4 +16,4 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> None:
-    print(plot_losses(args.run_dir))
+    print(plot_losses(output_directory(args.run_dir, "RUN_DIR")))

@@ -2,13 +2,14 @@
 
 import argparse
 
-from tformer.cli.common import DefaultsFormatter
-from tformer.models import seq2seq
-from tformer.models.gpt2 import PRESETS
-from tformer.nn.attention import IMPLEMENTATIONS
-from tformer.nn.feedforward import ACTIVATIONS
-from tformer.nn.sublayer import NORM_POSITIONS
+from tformer.cli.common import DefaultsFormatter, number
+from tformer.recipes.spec import CHOICES, RANGES
 from tformer.train import TrainConfig
+
+
+def ranged(field: str):
+    """The argparse type of a TrainSpec field's flag: a number in the field's range."""
+    return number(**RANGES[field])
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
@@ -50,10 +51,13 @@ def add_parser(sub) -> argparse.ArgumentParser:
     data.add_argument(
         "--tokenizer",
         choices=["char", "gpt2", "bpe"],
-        help="characters, GPT-2's BPE, or a BPE trained on the data (default: char); "
-        "translation always learns a joint BPE of --bpe-vocab-size",
+        help="characters, GPT-2's BPE, or a BPE trained on the data (default: char; qa on "
+        "bible-qa, shakespeare-qa or squad: bpe); translation always learns a joint BPE of "
+        "--bpe-vocab-size",
     )
-    data.add_argument("--bpe-vocab-size", type=int, default=4096, help="for --tokenizer bpe")
+    data.add_argument(
+        "--bpe-vocab-size", type=ranged("bpe_vocab_size"), default=4096, help="for --tokenizer bpe"
+    )
 
     qa = p.add_argument_group("question answering (--task qa)")
     qa.add_argument(
@@ -66,16 +70,19 @@ def add_parser(sub) -> argparse.ArgumentParser:
     )
     qa.add_argument(
         "--stride",
-        type=int,
+        type=ranged("stride"),
         default=64,
         help="context tokens shared by neighbouring windows of a long context",
     )
     qa.add_argument(
-        "--max-answer-tokens", type=int, default=30, help="the longest answer considered"
+        "--max-answer-tokens",
+        type=ranged("max_answer_tokens"),
+        default=30,
+        help="the longest answer considered",
     )
     qa.add_argument(
         "--null-threshold",
-        type=float,
+        type=ranged("null_threshold"),
         help="answer 'no answer' when its score beats the best span's by more than this "
         "(default: 0 if the data has unanswerable questions, else never)",
     )
@@ -92,7 +99,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     )
     start.add_argument(
         "--lora-rank",
-        type=int,
+        type=ranged("lora_rank"),
         metavar="R",
         help="fine-tune with LoRA instead of in full: freeze --init's weights and train rank-R "
         "updates of the --lora-targets layers (and a reader's new span head). Checkpoints "
@@ -100,10 +107,14 @@ def add_parser(sub) -> argparse.ArgumentParser:
         "--init as their base",
     )
     start.add_argument(
-        "--lora-alpha", type=float, help="the updates are scaled by alpha / R (default: 2 R)"
+        "--lora-alpha",
+        type=ranged("lora_alpha"),
+        help="the updates are scaled by alpha / R (default: 2 R)",
     )
     start.add_argument(
-        "--lora-dropout", type=float, help="dropout on the adapters' input (default: 0)"
+        "--lora-dropout",
+        type=ranged("lora_dropout"),
+        help="dropout on the adapters' input (default: 0)",
     )
     start.add_argument(
         "--lora-targets",
@@ -121,35 +132,45 @@ def add_parser(sub) -> argparse.ArgumentParser:
     model = p.add_argument_group("model")
     model.add_argument(
         "--preset",
-        choices=[*PRESETS, *seq2seq.PRESETS],
+        choices=CHOICES["preset"],
         help="a GPT-2 size (default: the sizes below); translation: small (default) or base",
     )
-    model.add_argument("--n-layers", type=int, help="blocks (default: 4, or the preset's)")
-    model.add_argument("--n-heads", type=int, help="heads (default: 4, or the preset's)")
-    model.add_argument("--d-model", type=int, help="width (default: 128, or the preset's)")
-    model.add_argument("--d-ff", type=int, help="default: 4 x d-model")
     model.add_argument(
-        "--context", type=int, help="tokens per window (max_len) (default: 64; translation: 128)"
+        "--n-layers", type=ranged("n_layers"), help="blocks (default: 4, or the preset's)"
     )
     model.add_argument(
-        "--dropout", type=float, help="dropout probability (default: 0; translation: 0.1)"
+        "--n-heads", type=ranged("n_heads"), help="heads (default: 4, or the preset's)"
+    )
+    model.add_argument(
+        "--d-model", type=ranged("d_model"), help="width (default: 128, or the preset's)"
+    )
+    model.add_argument("--d-ff", type=ranged("d_ff"), help="default: 4 x d-model")
+    model.add_argument(
+        "--context",
+        type=ranged("context"),
+        help="tokens per window (max_len) (default: 64; translation: 128)",
+    )
+    model.add_argument(
+        "--dropout",
+        type=ranged("dropout"),
+        help="dropout probability (default: 0; translation: 0.1)",
     )
     model.add_argument(
         "--norm-position",
-        choices=NORM_POSITIONS,
+        choices=CHOICES["norm_position"],
         help="where the LayerNorms sit: pre (GPT-2), post (the paper's), or none (default: "
         "pre; translation: post)",
     )
     model.add_argument(
         "--activation",
-        choices=ACTIVATIONS,
+        choices=CHOICES["activation"],
         help="gelu (exact, as nanoGPT) or gelu_tanh (GPT-2's) (default: gelu); translation "
         "uses the paper's ReLU",
     )
     model.add_argument(
         "--attention",
         default="auto",
-        choices=["auto", *IMPLEMENTATIONS],
+        choices=CHOICES["attention"],
         help="sdpa: PyTorch's fused kernel; explicit: the equation written out; blocked: "
         "tformer's C kernel for contexts up to 128 without padding, else explicit skipping "
         "the key blocks a causal mask hides; auto: blocked for bf16 training on a CPU, where "
@@ -158,27 +179,41 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
     train = p.add_argument_group("training")
     defaults = TrainConfig()
-    train.add_argument("--steps", type=int, default=defaults.steps, help="optimizer steps")
+    train.add_argument(
+        "--steps",
+        type=ranged("steps"),
+        help=f"optimizer steps (default: {defaults.steps}; with --resume: the run's own)",
+    )
     train.add_argument(
         "--batch-size",
-        type=int,
+        type=ranged("batch_size"),
         default=defaults.batch_size,
         help="sequences per optimizer step, over all processes",
     )
     train.add_argument(
-        "--grad-accum", type=int, default=defaults.grad_accum, help="micro-batches per step"
+        "--grad-accum",
+        type=ranged("grad_accum"),
+        default=defaults.grad_accum,
+        help="micro-batches per step",
     )
-    train.add_argument("--lr", type=float, default=defaults.lr, help="peak learning rate")
+    train.add_argument("--lr", type=ranged("lr"), default=defaults.lr, help="peak learning rate")
     train.add_argument(
         "--min-lr",
-        type=float,
+        type=ranged("min_lr"),
         default=defaults.min_lr,
         help="learning rate at the end of the decay",
     )
     train.add_argument(
-        "--warmup-steps", type=int, default=defaults.warmup_steps, help="linear warm-up steps"
+        "--warmup-steps",
+        type=ranged("warmup_steps"),
+        default=defaults.warmup_steps,
+        help="linear warm-up steps",
     )
-    train.add_argument("--decay-steps", type=int, help="end of the cosine decay (default: --steps)")
+    train.add_argument(
+        "--decay-steps",
+        type=ranged("decay_steps"),
+        help="end of the cosine decay (default: --steps)",
+    )
     train.add_argument(
         "--schedule",
         default=defaults.schedule,
@@ -188,22 +223,30 @@ def add_parser(sub) -> argparse.ArgumentParser:
     )
     train.add_argument(
         "--label-smoothing",
-        type=float,
+        type=ranged("label_smoothing"),
         help="mix the targets with the uniform distribution, as the original Transformer did "
         "(default: 0; translation: 0.1)",
     )
     train.add_argument(
-        "--weight-decay", type=float, default=defaults.weight_decay, help="AdamW decay on matrices"
+        "--weight-decay",
+        type=ranged("weight_decay"),
+        default=defaults.weight_decay,
+        help="AdamW decay on matrices",
     )
-    train.add_argument("--beta1", type=float, default=defaults.beta1, help="AdamW beta1")
-    train.add_argument("--beta2", type=float, default=defaults.beta2, help="AdamW beta2")
-    train.add_argument("--grad-clip", type=float, default=defaults.grad_clip, help="0: off")
+    train.add_argument("--beta1", type=ranged("beta1"), default=defaults.beta1, help="AdamW beta1")
+    train.add_argument("--beta2", type=ranged("beta2"), default=defaults.beta2, help="AdamW beta2")
     train.add_argument(
-        "--eval-every", type=int, default=defaults.eval_every, help="steps; 0: only at the end"
+        "--grad-clip", type=ranged("grad_clip"), default=defaults.grad_clip, help="0: off"
+    )
+    train.add_argument(
+        "--eval-every",
+        type=ranged("eval_every"),
+        default=defaults.eval_every,
+        help="steps; 0: only at the end",
     )
     train.add_argument(
         "--eval-batches",
-        type=int,
+        type=ranged("eval_batches"),
         default=defaults.eval_batches,
         help="batches per periodic evaluation",
     )
@@ -215,12 +258,15 @@ def add_parser(sub) -> argparse.ArgumentParser:
     )
     train.add_argument(
         "--checkpoint-every",
-        type=int,
+        type=ranged("checkpoint_every"),
         default=defaults.checkpoint_every,
         help="steps; 0: only at the end and at each better validation loss",
     )
     train.add_argument(
-        "--seed", type=int, default=defaults.seed, help="seed for initialisation, data and dropout"
+        "--seed",
+        type=ranged("seed"),
+        default=defaults.seed,
+        help="seed for initialisation, data and dropout",
     )
     train.add_argument("--device", default="auto", help="cpu, cuda, ... (default: auto)")
     train.add_argument(
@@ -229,7 +275,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
         choices=["auto", "float32", "bfloat16", "float16"],
         help="autocast dtype; auto: bfloat16 where the hardware has it",
     )
-    train.add_argument("--threads", type=int, help="CPU threads (default: torch's choice)")
+    train.add_argument(
+        "--threads", type=ranged("threads"), help="CPU threads (default: torch's choice)"
+    )
 
     train.add_argument(
         "--compile",
@@ -267,8 +315,14 @@ def add_parser(sub) -> argparse.ArgumentParser:
         "the memory and scale options)",
     )
     out.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace tformer's own files in an --out that holds a run; files tformer did not "
+        "write are never touched",
+    )
+    out.add_argument(
         "--sample-tokens",
-        type=int,
+        type=ranged("sample_tokens"),
         default=300,
         help="tokens to sample at the end (translation shows three test translations instead)",
     )

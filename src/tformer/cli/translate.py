@@ -3,13 +3,15 @@
 import json
 import sys
 import time
+from pathlib import Path
 
 from tformer.checkpoints import resolve_checkpoint
+from tformer.cli.common import number, read_utf8
 from tformer.devices import pick_device
+from tformer.errors import ConfigError
 from tformer.generate.beam import BeamConfig
-from tformer.generate.translate import translate
-from tformer.models.seq2seq import Seq2SeqTransformer
-from tformer.tokenizers import load_tokenizer
+from tformer.generate.translate import translate_sentences
+from tformer.models.load import is_translation_checkpoint, load_translation_model
 
 
 def add_parser(sub) -> None:
@@ -18,14 +20,16 @@ def add_parser(sub) -> None:
         help="translate sentences with an encoder-decoder checkpoint",
         description="Translate one sentence per line, from standard input (or --input FILE) "
         "to standard output, with a model trained by 'tformer train --task translation'. "
-        "Beam search by default; --greedy for greedy search.",
+        "Beam search by default; --greedy for greedy search. A sentence longer than the "
+        "context window is cut to fit, with a warning on standard error (and "
+        "source_truncated in --json).",
     )
     p.add_argument("checkpoint", help="run or checkpoint directory")
     p.add_argument("--input", help="a file of sentences, one a line (default: standard input)")
-    p.add_argument("--beam-size", type=int, default=4, help="(default: 4)")
+    p.add_argument("--beam-size", type=number(integer=True, low=1), default=4, help="(default: 4)")
     p.add_argument(
         "--length-penalty",
-        type=float,
+        type=number(),
         default=1.0,
         help="alpha in score = log p / length^alpha; 0 favours short outputs (default: 1.0)",
     )
@@ -35,27 +39,39 @@ def add_parser(sub) -> None:
         action="store_true",
         help="stop a sentence once it has --beam-size finished hypotheses",
     )
-    p.add_argument("--max-new-tokens", type=int, default=128, help="(default: 128)")
-    p.add_argument("--batch-size", type=int, default=32, help="sentences at once (default: 32)")
+    p.add_argument(
+        "--max-new-tokens", type=number(integer=True, low=1), default=128, help="(default: 128)"
+    )
+    p.add_argument(
+        "--batch-size",
+        type=number(integer=True, low=1),
+        default=32,
+        help="sentences at once (default: 32)",
+    )
     p.add_argument("--device", default="auto", help="cpu, cuda, ... (default: auto)")
     p.add_argument("--json", action="store_true", help="print one JSON object with the results")
     p.set_defaults(run=run)
 
 
 def read_lines(path: str | None) -> list[str]:
-    if path is None:
-        if sys.stdin.isatty():
-            raise ValueError("no input: pipe sentences in, one a line, or give --input FILE")
-        text = sys.stdin.read()
-    else:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-    return text.splitlines()
+    if path is None and sys.stdin.isatty():
+        raise ValueError("no input: pipe sentences in, one a line, or give --input FILE")
+    return read_utf8(path).splitlines()
+
+
+def check_is_translation_model(checkpoint: str) -> Path:
+    """The checkpoint's directory, refused with a clear message unless it holds a
+    translation (encoder-decoder) model."""
+    directory = resolve_checkpoint(checkpoint)
+    if not is_translation_checkpoint(directory):
+        raise ConfigError(
+            f"{checkpoint} holds a language model (GPT-2), not a translation model: "
+            "run it with 'tformer generate'"
+        )
+    return directory
 
 
 def run(args) -> None:
-    if args.batch_size < 1:
-        raise ValueError("--batch-size must be at least 1")
     beam = None
     if not args.greedy:
         beam = BeamConfig(
@@ -65,19 +81,20 @@ def run(args) -> None:
             early_stopping=args.early_stopping,
         )
     sentences = read_lines(args.input)
-    directory = resolve_checkpoint(args.checkpoint)
-    model = Seq2SeqTransformer.from_pretrained(directory, device=pick_device(args.device))
+    directory = check_is_translation_model(args.checkpoint)
+    model, tokenizer = load_translation_model(directory, pick_device(args.device))
     model.set_attention("sdpa")  # the fused kernel decodes faster, whatever trained the model
-    tokenizer = load_tokenizer(directory)
     start = time.perf_counter()
     # Empty lines stay empty: nothing to translate.
     todo = [i for i, s in enumerate(sentences) if s.strip()]
-    done = translate(
+    done = translate_sentences(
         model, tokenizer, [sentences[i] for i in todo], beam, args.batch_size, args.max_new_tokens
     )
     translations = [""] * len(sentences)
+    truncated = [False] * len(sentences)
+    reasons: list[str | None] = [None] * len(sentences)  # None: an empty line, untouched
     for i, t in zip(todo, done, strict=True):
-        translations[i] = t
+        translations[i], truncated[i], reasons[i] = t.text, t.source_truncated, t.finish_reason
     seconds = time.perf_counter() - start
     if args.json:
         tokens = sum(len(tokenizer.encode(t)) for t in translations)
@@ -85,6 +102,8 @@ def run(args) -> None:
             json.dumps(
                 {
                     "translations": translations,
+                    "source_truncated": truncated,
+                    "finish_reason": reasons,
                     "sentences": len(sentences),
                     "seconds": round(seconds, 3),
                     "target_tokens_per_second": round(tokens / seconds, 1) if seconds else None,

@@ -21,32 +21,37 @@ import torch
 
 from tformer.data.sources import read_jsonl_fields, text_lines
 from tformer.data.tokens import IGNORE_INDEX, Batch, in_order
+from tformer.errors import ConfigError, DataError
 from tformer.tokenizers import Tokenizer
 
 Pair = tuple[str, str]
 
 
 def read_parallel(path: str | Path) -> list[Pair]:
-    """Sentence pairs from a TSV file (source<TAB>target per line) or JSONL ({"src", "tgt"})."""
+    """Sentence pairs from a TSV file (source<TAB>target per line) or JSONL ({"src", "tgt"});
+    a line that is not such a pair, or has an empty side, is a DataError naming it."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
     if path.suffix == ".jsonl":
-        pairs = read_jsonl_fields(path, ("src", "tgt"))
+        pairs = read_jsonl_fields(path, ("src", "tgt"), non_empty=True)
     else:
-        pairs = []
-        for number, line in enumerate(text_lines(path), start=1):
-            if not line.strip():
-                continue
-            fields = line.split("\t")
-            if len(fields) != 2:
-                raise ValueError(
-                    f"{path}:{number}: expected source<TAB>target, found {len(fields)} field(s)"
-                )
-            pairs.append((fields[0], fields[1]))
+        lines = enumerate(text_lines(path), start=1)
+        pairs = [tsv_pair(line, f"{path}:{n}") for n, line in lines if line.strip()]
     if not pairs:
-        raise ValueError(f"{path}: no sentence pairs in it")
+        raise DataError(str(path), "no sentence pairs in it")
     return pairs
+
+
+def tsv_pair(line: str, where: str) -> Pair:
+    """One line source<TAB>target as a pair, both sides non-empty."""
+    fields = line.split("\t")
+    if len(fields) != 2:
+        raise DataError(where, f"expected source<TAB>target, found {len(fields)} field(s)")
+    for side, text in zip(("source", "target"), fields, strict=True):
+        if not text.strip():
+            raise DataError(where, f"expected source<TAB>target; the {side} is empty")
+    return fields[0], fields[1]
 
 
 def number_words(
@@ -151,7 +156,7 @@ def load_parallel(
     """
     if train_file is not None or val_file is not None:
         if train_file is None or val_file is None or data is not None:
-            raise ValueError("give --train and --val together, instead of --data")
+            raise ConfigError("give --train and --val together, instead of --data")
         val = read_parallel(val_file)
         return ParallelCorpus(read_parallel(train_file), val, val, f"{train_file} + {val_file}")
     if data in (None, "number-words"):
@@ -167,6 +172,6 @@ def load_parallel(
     pairs = read_parallel(data)
     held_out = min(2000, len(pairs) // 20)
     if held_out == 0:
-        raise ValueError(f"{data}: {len(pairs)} pairs are too few to hold any out (need >= 20)")
+        raise DataError(str(data), f"{len(pairs)} pairs are too few to hold any out (need >= 20)")
     train, val, test = split_pairs(pairs, val=held_out, test=held_out)
     return ParallelCorpus(train, val, test, str(data))

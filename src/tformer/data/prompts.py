@@ -24,6 +24,7 @@ import torch
 
 from tformer.data.sources import read_jsonl_fields, text_lines
 from tformer.data.tokens import IGNORE_INDEX, Batch, draw, in_order
+from tformer.errors import DataError
 from tformer.files import sha256_of
 from tformer.tokenizers import Tokenizer
 
@@ -43,7 +44,7 @@ def read_prompt_responses(path: str | Path) -> list[PromptResponse]:
     fields = read_jsonl_fields(path, ("prompt", "response"), non_empty=True)
     pairs = [PromptResponse(prompt, response) for prompt, response in fields]
     if not pairs:
-        raise ValueError(f"{path}: no prompt/response pairs")
+        raise DataError(str(path), "no prompt/response pairs")
     return pairs
 
 
@@ -55,7 +56,7 @@ def read_prompt_list(path: Path) -> list[str]:
     else:
         prompts = [line for line in text_lines(path) if line.strip()]
     if not prompts:
-        raise ValueError(f"{path}: no prompts in it")
+        raise DataError(str(path), "no prompts in it")
     return prompts
 
 

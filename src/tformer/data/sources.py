@@ -15,6 +15,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from tformer.errors import ConfigError, DataError
 from tformer.files import atomic_write_text, cache_dir
 
 BUILTIN_CORPORA = ("shakespeare",)
@@ -38,9 +39,10 @@ def read_text_file(path: Path) -> str:
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise ValueError(
-            f"{path}: not UTF-8 text (byte {e.start} is {data[e.start]:#04x}); convert it, e.g. "
-            f"iconv -f latin1 -t utf-8"
+        raise DataError(
+            str(path),
+            f"not UTF-8 text (byte {e.start} is {data[e.start]:#04x}); convert it, e.g. "
+            "iconv -f latin1 -t utf-8",
         ) from None
 
 
@@ -50,12 +52,47 @@ def text_lines(path: Path) -> list[str]:
     return [line.removesuffix("\r") for line in read_text_file(path).split("\n")]
 
 
+def json_kind(value) -> str:
+    """What a JSON value is, in words, for an error: "an array", "a number", ..."""
+    if isinstance(value, bool):
+        return "true or false"
+    kinds = {dict: "an object", list: "an array", str: "a string", type(None): "null"}
+    return kinds.get(type(value), "a number")
+
+
+def parse_json(text: str, where: str):
+    """`text` as JSON; a DataError naming `where` if it is not. Python's json also reads
+    NaN and Infinity, which JSON has not: they are refused too."""
+
+    def refuse(constant: str):
+        raise DataError(where, f"not valid JSON ({constant} is no JSON number)")
+
+    try:
+        return json.loads(text, parse_constant=refuse)
+    except json.JSONDecodeError as e:
+        raise DataError(where, f"not valid JSON ({e.msg} at line {e.lineno})") from None
+    except RecursionError:  # nesting deeper than the interpreter's stack
+        raise DataError(where, "not usable JSON (nested too deeply)") from None
+
+
+def field_problem(record: dict, key: str, non_empty: bool) -> str | None:
+    """What is wrong with the string field `key` of a record (None: nothing)."""
+    if key not in record:
+        return f'"{key}" is missing'
+    value = record[key]
+    if not isinstance(value, str):
+        return f'"{key}" is {json_kind(value)}, not a string'
+    if non_empty and not value.strip():
+        return f'"{key}" is empty'
+    return None
+
+
 def read_jsonl_fields(
     path: Path, keys: tuple[str, ...], non_empty: bool = False
 ) -> list[tuple[str, ...]]:
     """The string fields `keys` of every object in a JSONL file (blank lines skipped), with
-    an error naming the line that is not such an object (or, with non_empty, has an empty
-    one)."""
+    a DataError naming the line and the field that is not such a string (or, with
+    non_empty, is blank)."""
     kind = "non-empty string" if non_empty else "string"
     if len(keys) == 1:
         wanted = f'a "{keys[0]}" {kind} field'
@@ -65,13 +102,14 @@ def read_jsonl_fields(
     for number, line in enumerate(text_lines(path), start=1):
         if not line.strip():
             continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{number}: not valid JSON ({e.msg})") from None
-        valid = isinstance(record, dict) and all(isinstance(record.get(k), str) for k in keys)
-        if not valid or (non_empty and not all(record[k] for k in keys)):
-            raise ValueError(f"{path}:{number}: expected an object with {wanted}")
+        where = f"{path}:{number}"
+        record = parse_json(line, where)
+        if not isinstance(record, dict):
+            raise DataError(where, f"expected an object with {wanted}, got {json_kind(record)}")
+        for key in keys:
+            problem = field_problem(record, key, non_empty)
+            if problem is not None:
+                raise DataError(where, f"expected an object with {wanted}; {problem}")
         records.append(tuple(record[k] for k in keys))
     return records
 
@@ -88,7 +126,7 @@ def read_source(source: str | os.PathLike) -> str:
     if path.is_dir():
         files = sorted(path.glob("*.txt"))
         if not files:
-            raise ValueError(f"{path}: a directory, but it holds no .txt files")
+            raise DataError(str(path), "a directory, but it holds no .txt files")
         documents = [read_text_file(f) for f in files]
     elif path.is_file():
         documents = read_jsonl(path) if path.suffix == ".jsonl" else [read_text_file(path)]
@@ -96,7 +134,7 @@ def read_source(source: str | os.PathLike) -> str:
         raise FileNotFoundError(f"{path}: no such file or directory")
     text = "\n".join(documents)
     if not text.strip():
-        raise ValueError(f"{path}: holds no text")
+        raise DataError(str(path), "holds no text")
     return text
 
 
@@ -155,7 +193,7 @@ def load_corpus(
     `train` and `val` paths."""
     if train is not None or val is not None:
         if data is not None or train is None or val is None:
-            raise ValueError("give either one data source, or both --train and --val")
+            raise ConfigError("give either one data source, or both --train and --val")
         return Corpus(read_source(train), read_source(val), f"train={train} val={val}")
     if data is None or data in BUILTIN_CORPORA:
         text = shakespeare_text()

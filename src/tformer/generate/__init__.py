@@ -1,7 +1,10 @@
 """Text generation: samplers and cached decoding, outside the model."""
 
 from tformer.generate.decode import (
+    Continuation,
     SamplingConfig,
+    continue_batch,
+    continue_prompts,
     generate,
     generate_batch,
     generate_ids,
@@ -9,9 +12,11 @@ from tformer.generate.decode import (
     stream_tokens,
 )
 from tformer.generate.fast import DecodingPath, decoding_path, pack_for_decoding
+from tformer.generate.limits import TruncationWarning
 from tformer.generate.sampling import (
     apply_temperature,
     greedy,
+    mask_beyond,
     repetition_penalty,
     sample,
     top_k_filter,
@@ -19,6 +24,11 @@ from tformer.generate.sampling import (
 )
 
 __all__ = [
+    "Continuation",
+    "TruncationWarning",
+    "continue_batch",
+    "continue_prompts",
+    "mask_beyond",
     "DecodingPath",
     "decoding_path",
     "pack_for_decoding",

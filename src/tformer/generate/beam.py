@@ -22,6 +22,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from tformer.checks import check_number
+from tformer.errors import ConfigError
+from tformer.generate.decode import Prompts, prompt_rows
+from tformer.generate.sampling import mask_beyond
+
 
 @dataclass
 class BeamConfig:
@@ -29,12 +34,32 @@ class BeamConfig:
     length_penalty: float = 1.0  # alpha; 0 ranks by total log-probability
     max_new_tokens: int = 128  # also capped by the model's max_len
     early_stopping: bool = False  # stop a sentence as soon as it has beam_size finished
+    # Ids from here on are never chosen: the tokenizer's size, when the model's target
+    # vocabulary is larger, so every translation can be decoded.
+    vocab_limit: int | None = None
 
     def __post_init__(self) -> None:
-        if self.beam_size < 1:
-            raise ValueError(f"beam_size must be >= 1, got {self.beam_size}")
-        if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        check_number("beam_size", self.beam_size, integer=True, low=1)
+        check_number("length_penalty", self.length_penalty)
+        check_number("max_new_tokens", self.max_new_tokens, integer=True, low=1)
+        if not isinstance(self.early_stopping, bool):
+            raise ConfigError(f"early_stopping must be True or False, got {self.early_stopping!r}")
+        check_number("vocab_limit", self.vocab_limit, integer=True, low=1, optional=True)
+
+
+def source_batch(model: nn.Module, src_ids: Prompts) -> torch.Tensor:
+    """Source ids as a tensor (B, S) or (S,), a list of ids or a list of lists, checked
+    against the source vocabulary -> (B, S) padded on the right with pad_id."""
+    rows = prompt_rows(src_ids, model.config.src_vocab_size, "src_ids")
+    width = max(len(r) for r in rows)
+    padded = [r + [model.config.pad_id] * (width - len(r)) for r in rows]
+    return torch.tensor(padded, device=next(model.parameters()).device)
+
+
+def _limit(logits: torch.Tensor, vocab_limit: int | None) -> torch.Tensor:
+    if vocab_limit is None or vocab_limit >= logits.shape[-1]:
+        return logits
+    return mask_beyond(logits, vocab_limit)
 
 
 def _steps(model: nn.Module, max_new_tokens: int) -> int:
@@ -47,8 +72,14 @@ def until_end(ids: list[int], eos: int) -> list[int]:
 
 
 @torch.inference_mode()
-def greedy_search(model: nn.Module, src_ids: torch.Tensor, max_new_tokens: int) -> list[list[int]]:
-    """Source ids (B, S), padded with pad_id -> each sentence's target ids (no BOS/EOS)."""
+def greedy_search(
+    model: nn.Module, src_ids: Prompts, max_new_tokens: int, vocab_limit: int | None = None
+) -> list[list[int]]:
+    """Source ids (B, S), padded with pad_id (or lists of ids) -> each sentence's target ids
+    (no BOS/EOS); ids from vocab_limit on are never chosen."""
+    check_number("max_new_tokens", max_new_tokens, integer=True, low=1)
+    check_number("vocab_limit", vocab_limit, integer=True, low=1, optional=True)
+    src_ids = source_batch(model, src_ids)
     c = model.config
     was_training = model.training
     model.eval()
@@ -63,7 +94,8 @@ def greedy_search(model: nn.Module, src_ids: torch.Tensor, max_new_tokens: int) 
         finished = torch.zeros(b, dtype=torch.bool, device=src_ids.device)
         for _ in range(steps):
             features = model.decode(token, memory, src_mask, caches, memory_kvs)  # (B, 1, C)
-            token = model.unembed(features[:, -1]).argmax(-1, keepdim=True)  # (B, 1)
+            logits = _limit(model.unembed(features[:, -1]), vocab_limit)  # (B, V)
+            token = logits.argmax(-1, keepdim=True)  # (B, 1)
             tokens.append(token)
             finished |= token[:, 0] == c.eos_id
             if bool(finished.all()):
@@ -74,8 +106,12 @@ def greedy_search(model: nn.Module, src_ids: torch.Tensor, max_new_tokens: int) 
 
 
 @torch.inference_mode()
-def beam_search(model: nn.Module, src_ids: torch.Tensor, config: BeamConfig) -> list[list[int]]:
-    """Source ids (B, S), padded with pad_id -> each sentence's best target ids (no BOS/EOS)."""
+def beam_search(model: nn.Module, src_ids: Prompts, config: BeamConfig) -> list[list[int]]:
+    """Source ids (B, S), padded with pad_id (or lists of ids) -> each sentence's best target
+    ids (no BOS/EOS)."""
+    if not isinstance(config, BeamConfig):
+        raise ConfigError(f"config must be a BeamConfig, got {type(config).__name__}")
+    src_ids = source_batch(model, src_ids)
     c = model.config
     was_training = model.training
     model.eval()
@@ -119,7 +155,8 @@ def _beam_search(
 
     for step in range(steps):
         features = model.decode(generated[:, -1:], memory, src_mask, caches, memory_kvs)
-        log_p = torch.log_softmax(model.unembed(features[:, -1]).float(), dim=-1)  # (B*K, V)
+        logits = _limit(model.unembed(features[:, -1]).float(), config.vocab_limit)
+        log_p = torch.log_softmax(logits, dim=-1)  # (B*K, V)
         v = log_p.shape[-1]
         scores = (beam_scores.view(b * k, 1) + log_p).view(b, k * v)  # (B, K*V)
         # The 2K best: each beam has one end token, so at least K of them go on.

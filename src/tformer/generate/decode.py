@@ -6,24 +6,36 @@
 Only the last position's logits are computed (model.unembed of model.features): a prompt's
 other positions need none, and for GPT-2 the output head is a third of the weights. The
 model only computes logits; choosing the next token is the samplers' job.
+
+Prompts are token ids as a tensor (B, T) or (T,), a list of ids, or a list of lists; each
+is checked against the model's vocabulary where it enters (`prompt_rows`). Every
+continuation ends for a reason (tformer.generate.limits): "stop", "length" or "context".
 """
 
-import warnings
+import numbers
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from tformer.checks import check_number
+from tformer.errors import ConfigError
+from tformer.generate.limits import CONTEXT, LENGTH, STOP, warn_truncated
 from tformer.generate.sampling import (
     apply_temperature,
     greedy,
+    mask_beyond,
     repetition_penalty,
     sample,
     top_k_filter,
     top_p_filter,
 )
 from tformer.nn import KVCache
+
+MAX_SEED = 2**63 - 1  # what torch.Generator.manual_seed takes, with room for seed + sample
+# What the Python API takes as prompts: see prompt_rows.
+Prompts = torch.Tensor | Sequence[int] | Sequence[Sequence[int]]
 
 
 @dataclass
@@ -36,18 +48,77 @@ class SamplingConfig:
     do_sample: bool = True  # False: greedy
     seed: int | None = None
     eos_id: int | None = None  # the end-of-text token: generation stops there
+    # Ids from here on are never drawn: the tokenizer's size, when the model's embedding
+    # table is larger (padded), so every id drawn can be decoded.
+    vocab_limit: int | None = None
 
     def __post_init__(self) -> None:
-        if self.max_new_tokens < 0:
-            raise ValueError("max_new_tokens must be >= 0")
-        if self.temperature <= 0:
-            raise ValueError("temperature must be > 0; for deterministic output use greedy")
-        if self.top_k is not None and self.top_k <= 0:
-            raise ValueError("top_k must be a positive integer")
-        if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
-            raise ValueError("top_p must be in (0, 1]")
-        if self.repetition_penalty <= 0:
-            raise ValueError("repetition_penalty must be > 0 (1 is off)")
+        check_number("max_new_tokens", self.max_new_tokens, integer=True, low=0)
+        check_number("temperature", self.temperature, low=0, low_open=True)
+        check_number("top_k", self.top_k, integer=True, low=1, optional=True)
+        check_number("top_p", self.top_p, low=0, high=1, low_open=True, optional=True)
+        check_number("repetition_penalty", self.repetition_penalty, low=0, low_open=True)
+        if not isinstance(self.do_sample, bool):
+            raise ConfigError(f"do_sample must be True or False, got {self.do_sample!r}")
+        check_number("seed", self.seed, integer=True, low=0, high=MAX_SEED, optional=True)
+        check_number("eos_id", self.eos_id, integer=True, low=0, optional=True)
+        check_number("vocab_limit", self.vocab_limit, integer=True, low=1, optional=True)
+
+
+@dataclass
+class Continuation:
+    """One prompt's new token ids, why they ended, and whether the prompt was cut to fit."""
+
+    ids: list[int]
+    finish_reason: str  # "stop", "length" or "context" (tformer.generate.limits)
+    prompt_truncated: bool = False
+
+
+def _is_id(x: object) -> bool:
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+def prompt_rows(prompts: Prompts, vocab_size: int, name: str = "prompts") -> list[list[int]]:
+    """Token ids as a tensor (B, T) or (T,), a list of ids or a list of lists -> rows of
+    ints; ConfigError naming `name` for anything else (a float tensor, an empty row, an id
+    outside the vocabulary)."""
+    if isinstance(prompts, torch.Tensor):
+        if (
+            prompts.dtype.is_floating_point
+            or prompts.dtype.is_complex
+            or prompts.dtype == torch.bool
+        ):
+            dtype = str(prompts.dtype).removeprefix("torch.")
+            raise ConfigError(f"{name} must hold integer token ids, got a {dtype} tensor")
+        if prompts.dim() not in (1, 2):
+            shape = tuple(prompts.shape)
+            raise ConfigError(f"{name} must have shape (B, T) or (T,), got {shape}")
+        prompts = (prompts[None] if prompts.dim() == 1 else prompts).tolist()
+    elif not isinstance(prompts, Sequence) or isinstance(prompts, str | bytes):
+        raise ConfigError(
+            f"{name} must be token ids (a tensor, a list of ids or a list of lists), "
+            f"got {type(prompts).__name__}"
+        )
+    elif prompts and all(_is_id(x) for x in prompts):
+        prompts = [prompts]  # one prompt as a plain list of ids
+    if len(prompts) == 0:
+        raise ConfigError(f"{name} is empty: give at least one prompt of token ids")
+    rows = []
+    for i, row in enumerate(prompts):
+        if isinstance(row, torch.Tensor) and row.dim() == 1 and not row.dtype.is_floating_point:
+            row = row.tolist()
+        if not isinstance(row, Sequence) or isinstance(row, str | bytes):
+            raise ConfigError(f"{name}[{i}] must be a list of token ids, got {row!r:.40}")
+        if len(row) == 0:
+            raise ConfigError(f"{name}[{i}] is empty: a prompt needs at least one token")
+        for x in row:
+            if not _is_id(x) or not 0 <= x < vocab_size:
+                raise ConfigError(
+                    f"{name}[{i}] holds {x!r:.40}, not a token id in 0..{vocab_size - 1} "
+                    "(the model's vocabulary)"
+                )
+        rows.append([int(x) for x in row])
+    return rows
 
 
 def next_token(
@@ -58,7 +129,10 @@ def next_token(
 ) -> torch.Tensor:
     """(B, V) next-token logits, (B, N) ids so far (for the repetition penalty) -> (B,) ids.
 
-    generator: one for all rows, or one per row (see sample)."""
+    generator: one for all rows, or one per row (see sample). Ids from config.vocab_limit on
+    are never chosen."""
+    if config.vocab_limit is not None and config.vocab_limit < logits.shape[-1]:
+        logits = mask_beyond(logits, config.vocab_limit)
     if seen is not None and config.repetition_penalty != 1.0:
         logits = repetition_penalty(logits, seen, config.repetition_penalty)
     if not config.do_sample:
@@ -81,23 +155,37 @@ def decode_step(model: nn.Module, token: torch.Tensor, caches: list[KVCache]) ->
     return model.unembed(model.features(token[:, None], caches=caches)[:, -1])
 
 
+def _check_config(config: object) -> SamplingConfig:
+    if not isinstance(config, SamplingConfig):
+        raise ConfigError(f"config must be a SamplingConfig, got {type(config).__name__}")
+    return config
+
+
+def one_prompt(model: nn.Module, prompt: Prompts) -> torch.Tensor:
+    """A single prompt, (1, T), (T,) or a list of ids, checked -> (1, T) on the model's device."""
+    rows = prompt_rows(prompt, model.config.vocab_size, "prompt")
+    if len(rows) != 1:
+        raise ConfigError(f"prompt must be one prompt, shape (1, T) or (T,), got {len(rows)} rows")
+    return torch.tensor(rows, device=next(model.parameters()).device)
+
+
 @torch.inference_mode()
-def stream_tokens(model: nn.Module, prompt: torch.Tensor, config: SamplingConfig) -> Iterator[int]:
-    """Yield new token ids one at a time for a single prompt (1, T).
+def stream_tokens(model: nn.Module, prompt: Prompts, config: SamplingConfig) -> Iterator[int]:
+    """Yield new token ids one at a time for a single prompt (1, T), (T,) or a list of ids.
 
     Stops after max_new_tokens or at the end-of-text token (which is not yielded). When the
     context window is full, it slides: the last half of the tokens is encoded again into a
     fresh cache and generation goes on from there. A prompt longer than the window keeps its
-    last max_len - 1 tokens. The model runs in eval mode (no dropout) while generating.
+    last max_len - 1 tokens, with a TruncationWarning. The model runs in eval mode (no
+    dropout) while generating.
     """
-    if prompt.dim() != 2 or prompt.shape[0] != 1 or prompt.shape[1] == 0:
-        raise ValueError("stream_tokens takes one non-empty prompt of shape (1, T)")
+    config = _check_config(config)
+    prompt = one_prompt(model, prompt)
     max_len = model.config.max_len
     if prompt.shape[1] >= max_len:
-        warnings.warn(
-            f"the prompt has {prompt.shape[1]} tokens but the context window {max_len}: "
-            f"only its last {max_len - 1} are used",
-            stacklevel=2,
+        warn_truncated(
+            f"the prompt has {prompt.shape[1]} tokens but the context window holds {max_len}: "
+            f"only its last {max_len - 1} are used"
         )
         prompt = prompt[:, -(max_len - 1) :]
     generator = None
@@ -131,9 +219,18 @@ def stream_tokens(model: nn.Module, prompt: torch.Tensor, config: SamplingConfig
         model.train(was_training)
 
 
-def generate_ids(model: nn.Module, prompt: torch.Tensor, config: SamplingConfig) -> list[int]:
-    """All new token ids for one prompt (1, T)."""
+def generate_ids(model: nn.Module, prompt: Prompts, config: SamplingConfig) -> list[int]:
+    """All new token ids for one prompt (1, T), (T,) or a list of ids."""
     return list(stream_tokens(model, prompt, config))
+
+
+def continue_one(model: nn.Module, prompt: Prompts, config: SamplingConfig) -> Continuation:
+    """One prompt's continuation (sliding past the context window), with its finish reason:
+    fewer than max_new_tokens means the end-of-text token came."""
+    prompt = one_prompt(model, prompt)
+    ids = generate_ids(model, prompt, config)
+    reason = LENGTH if len(ids) == config.max_new_tokens else STOP
+    return Continuation(ids, reason, prompt.shape[1] >= model.config.max_len)
 
 
 def left_pad(prompts: list[list[int]], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -147,31 +244,44 @@ def left_pad(prompts: list[list[int]], pad_id: int = 0) -> tuple[torch.Tensor, t
     return ids, mask
 
 
+def fit_batch(prompts: list[list[int]], max_len: int) -> tuple[list[list[int]], list[bool]]:
+    """Cut every prompt to its last max_len - 1 tokens (room for one new token), with one
+    TruncationWarning for all that were cut -> the prompts, and which were cut."""
+    cut = [len(p) >= max_len for p in prompts]
+    if any(cut):
+        longest = max(len(p) for p in prompts)
+        warn_truncated(
+            f"{sum(cut)} of {len(prompts)} prompts are longer than the context window holds "
+            f"({longest} tokens, window {max_len}): only their last {max_len - 1} are used"
+        )
+    return [p[-(max_len - 1) :] if c else p for p, c in zip(prompts, cut, strict=True)], cut
+
+
 @torch.inference_mode()
-def generate_batch(
+def continue_batch(
     model: nn.Module,
-    prompts: list[list[int]],
+    prompts: Prompts,
     config: SamplingConfig,
     seeds: list[int] | None = None,
-) -> list[list[int]]:
-    """New token ids for several prompts at once.
+) -> list[Continuation]:
+    """New token ids for several prompts at once, with each one's finish reason.
 
     The prompts are padded on the left; the attention mask hides the padding and each row's
     positions start at 0 where its text starts, so every row gets exactly what it would get
     alone (each row samples from its own generator, seeded with seeds[row], or config.seed
     for every row). Rows stop at their end-of-text; all stop when the context window is full
-    (no sliding in a batch).
+    (no sliding in a batch): those rows end with "context", and a TruncationWarning says so.
+    A prompt longer than the window keeps its last max_len - 1 tokens (a warning too).
     """
-    if not prompts or any(len(p) == 0 for p in prompts):
-        raise ValueError("generate_batch needs one or more non-empty prompts")
+    config = _check_config(config)
+    prompts = prompt_rows(prompts, model.config.vocab_size)
     if seeds is not None and len(seeds) != len(prompts):
-        raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts")
+        raise ConfigError(f"{len(seeds)} seeds for {len(prompts)} prompts")
+    max_len = model.config.max_len
+    prompts, cut = fit_batch(prompts, max_len)
     device = next(model.parameters()).device
     ids, mask = (x.to(device) for x in left_pad(prompts))
     b, t = ids.shape
-    max_len = model.config.max_len
-    if t >= max_len:
-        raise ValueError(f"the longest prompt ({t} tokens) fills the context window ({max_len})")
     if seeds is None:
         seeds = [config.seed] * b
     generators = [
@@ -181,68 +291,115 @@ def generate_batch(
     was_training = model.training
     model.eval()
     try:
-        caches = model.new_caches(batch_size=b, max_len=min(max_len, t + config.max_new_tokens))
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, T): 0 where each text starts
-        features = model.features(ids, attention_mask=mask, position_ids=positions, caches=caches)
-        logits = model.unembed(features[:, -1])
-        next_position = positions[:, -1:] + 1  # (B, 1)
-        histories = [list(p) for p in prompts]
-        outputs: list[list[int]] = [[] for _ in prompts]
-        finished = [False] * b
-        for step in range(config.max_new_tokens):
-            seen = None
-            if config.repetition_penalty != 1.0:
-                # (B, N): histories of different lengths, padded by repeating their last id
-                # (a duplicate only penalises a token that is already penalised).
-                width = max(len(h) for h in histories)
-                seen = torch.tensor([h + h[-1:] * (width - len(h)) for h in histories])
-                seen = seen.to(device)
-            tokens = next_token(logits, config, generators, seen).tolist()  # every row at once
-            for row in range(b):
-                if finished[row] or tokens[row] == config.eos_id:
-                    finished[row] = True
-                    tokens[row] = 0  # a finished row keeps feeding padding; nobody reads it
-                else:
-                    outputs[row].append(tokens[row])
-                    histories[row].append(tokens[row])
-            last = step == config.max_new_tokens - 1 or t + step + 1 >= max_len
-            if all(finished) or last:  # no forward for logits nobody will read
-                break
-            mask = torch.cat([mask, torch.ones(b, 1, dtype=mask.dtype, device=device)], dim=1)
-            step_ids = torch.tensor(tokens, device=device)[:, None]  # (B, 1)
-            logits = model.unembed(model.features(step_ids, mask, next_position, caches)[:, -1])
-            next_position = next_position + 1
-        return outputs
+        outputs, finished = _decode_batch(model, ids, mask, prompts, config, generators)
     finally:
         model.train(was_training)
+    reasons = [
+        STOP if done else LENGTH if len(out) == config.max_new_tokens else CONTEXT
+        for out, done in zip(outputs, finished, strict=True)
+    ]
+    short = reasons.count(CONTEXT)
+    if short:
+        warn_truncated(
+            f"the context window ({max_len} tokens) filled up after {max_len - t} new tokens: "
+            f"{short} of {b} continuations stopped short of max_new_tokens "
+            f"({config.max_new_tokens}); a batch does not slide its window, one prompt alone does"
+        )
+    return [Continuation(*row) for row in zip(outputs, reasons, cut, strict=True)]
 
 
-def generate(
+def _decode_batch(
     model: nn.Module,
-    prompts: torch.Tensor | list[list[int]],
+    ids: torch.Tensor,
+    mask: torch.Tensor,
+    prompts: list[list[int]],
+    config: SamplingConfig,
+    generators: list[torch.Generator | None],
+) -> tuple[list[list[int]], list[bool]]:
+    """The decoding loop of continue_batch -> each row's new ids and whether it ended with
+    the end-of-text token."""
+    b, t = ids.shape
+    device = ids.device
+    max_len = model.config.max_len
+    caches = model.new_caches(batch_size=b, max_len=min(max_len, t + config.max_new_tokens))
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, T): 0 where each text starts
+    features = model.features(ids, attention_mask=mask, position_ids=positions, caches=caches)
+    logits = model.unembed(features[:, -1])
+    next_position = positions[:, -1:] + 1  # (B, 1)
+    histories = [list(p) for p in prompts]
+    outputs: list[list[int]] = [[] for _ in prompts]
+    finished = [False] * b
+    for step in range(config.max_new_tokens):
+        seen = None
+        if config.repetition_penalty != 1.0:
+            # (B, N): histories of different lengths, padded by repeating their last id
+            # (a duplicate only penalises a token that is already penalised).
+            width = max(len(h) for h in histories)
+            seen = torch.tensor([h + h[-1:] * (width - len(h)) for h in histories])
+            seen = seen.to(device)
+        tokens = next_token(logits, config, generators, seen).tolist()  # every row at once
+        for row in range(b):
+            if finished[row] or tokens[row] == config.eos_id:
+                finished[row] = True
+                tokens[row] = 0  # a finished row keeps feeding padding; nobody reads it
+            else:
+                outputs[row].append(tokens[row])
+                histories[row].append(tokens[row])
+        last = step == config.max_new_tokens - 1 or t + step + 1 >= max_len
+        if all(finished) or last:  # no forward for logits nobody will read
+            break
+        mask = torch.cat([mask, torch.ones(b, 1, dtype=mask.dtype, device=device)], dim=1)
+        step_ids = torch.tensor(tokens, device=device)[:, None]  # (B, 1)
+        logits = model.unembed(model.features(step_ids, mask, next_position, caches)[:, -1])
+        next_position = next_position + 1
+    return outputs, finished
+
+
+def generate_batch(
+    model: nn.Module,
+    prompts: Prompts,
+    config: SamplingConfig,
+    seeds: list[int] | None = None,
+) -> list[list[int]]:
+    """New token ids for several prompts at once: continue_batch's ids alone."""
+    return [c.ids for c in continue_batch(model, prompts, config, seeds)]
+
+
+def continue_prompts(
+    model: nn.Module,
+    prompts: Prompts,
     config: SamplingConfig | None = None,
     num_samples: int = 1,
-) -> list[list[int]]:
-    """num_samples continuations of every prompt: new token ids, prompt by prompt.
+) -> list[Continuation]:
+    """num_samples continuations of every prompt, prompt by prompt, with finish reasons.
 
-    prompts: token ids (B, T) or (T,), or lists of ids of different lengths. config: the
-    sampling controls; by default sampling at temperature 1 for 50 tokens, stopping at the
-    model's end-of-text token (model.config.eos_id). Sample j of a prompt is drawn with seed
-    config.seed + j, so it equals what generating that prompt alone with that seed gives.
-    One row runs `stream_tokens` (which can slide past the context window); several run as
-    one left-padded batch.
+    prompts: token ids (B, T) or (T,), a list of ids, or lists of ids of different lengths.
+    config: the sampling controls; by default sampling at temperature 1 for 50 tokens,
+    stopping at the model's end-of-text token (model.config.eos_id). Sample j of a prompt is
+    drawn with seed config.seed + j, so it equals what generating that prompt alone with
+    that seed gives. One row runs `stream_tokens` (which can slide past the context window);
+    several run as one left-padded batch (continue_batch).
     """
-    if num_samples < 1:
-        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    check_number("num_samples", num_samples, integer=True, low=1)
     if config is None:
         config = SamplingConfig(eos_id=model.config.eos_id)
-    if isinstance(prompts, torch.Tensor):
-        prompts = (prompts[None] if prompts.dim() == 1 else prompts).tolist()
-    rows = [list(p) for p in prompts for _ in range(num_samples)]
+    config = _check_config(config)
+    prompts = prompt_rows(prompts, model.config.vocab_size)
+    rows = [p for p in prompts for _ in range(num_samples)]
     seeds = None
     if config.seed is not None:
         seeds = [config.seed + j for _ in prompts for j in range(num_samples)]
     if len(rows) == 1:
-        device = next(model.parameters()).device
-        return [generate_ids(model, torch.tensor(rows, device=device), config)]
-    return generate_batch(model, rows, config, seeds)
+        return [continue_one(model, rows[0], config)]
+    return continue_batch(model, rows, config, seeds)
+
+
+def generate(
+    model: nn.Module,
+    prompts: Prompts,
+    config: SamplingConfig | None = None,
+    num_samples: int = 1,
+) -> list[list[int]]:
+    """num_samples continuations of every prompt: new token ids, prompt by prompt (see
+    continue_prompts, which says why each ended too)."""
+    return [c.ids for c in continue_prompts(model, prompts, config, num_samples)]

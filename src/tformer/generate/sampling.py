@@ -6,23 +6,35 @@ top-p         keep the smallest set of most likely tokens whose probability reac
               (Holtzman et al., 2020, "The Curious Case of Neural Text Degeneration")
 repetition    for every token already in the text, z / r if z > 0 else z * r
               (Keskar et al., 2019, CTRL): r > 1 makes repeating less likely
+vocab limit   ids >= n become -inf: never drawn (the tokenizer knows only n of the ids)
 """
 
 from collections.abc import Sequence
 
 import torch
 
+from tformer.checks import check_number
+
+
+def mask_beyond(logits: torch.Tensor, limit: int) -> torch.Tensor:
+    """(B, V) -> (B, V) with the logits of ids >= limit set to -inf.
+
+    A model's embedding table can be larger than its tokenizer's vocabulary (padded to a
+    multiple of 64, or trained with another tokenizer); an id the tokenizer cannot decode
+    must never be drawn."""
+    check_number("vocab_limit", limit, integer=True, low=1)
+    beyond = torch.arange(limit, logits.shape[-1], device=logits.device)
+    return logits.index_fill(-1, beyond, float("-inf"))
+
 
 def apply_temperature(logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    if temperature <= 0:
-        raise ValueError("temperature must be > 0; use greedy decoding for temperature 0")
+    check_number("temperature", temperature, low=0, low_open=True)
     return logits / temperature
 
 
 def repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
     """(B, V) logits, (B, N) ids already in each text -> (B, V) with those tokens penalised."""
-    if penalty <= 0:
-        raise ValueError(f"repetition penalty must be > 0, got {penalty}")
+    check_number("repetition_penalty", penalty, low=0, low_open=True)
     scores = logits.gather(-1, seen)  # (B, N)
     scores = torch.where(scores > 0, scores / penalty, scores * penalty)
     return logits.scatter(-1, seen, scores)
@@ -30,8 +42,7 @@ def repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float)
 
 def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
     """(B, V) -> (B, V) with all but the k largest logits set to -inf (ties kept)."""
-    if k <= 0:
-        raise ValueError(f"top-k must be a positive integer, got {k}")
+    check_number("top_k", k, integer=True, low=1)
     k = min(k, logits.shape[-1])
     kth = torch.topk(logits, k, dim=-1).values[..., -1:]  # (B, 1)
     return logits.masked_fill(logits < kth, float("-inf"))
@@ -39,8 +50,7 @@ def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
 
 def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
     """(B, V) -> (B, V) keeping the smallest set of top tokens with total probability >= p."""
-    if not 0.0 < p <= 1.0:
-        raise ValueError(f"top-p must be in (0, 1], got {p}")
+    check_number("top_p", p, low=0, high=1, low_open=True)
     sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
     probs = torch.softmax(sorted_logits.float(), dim=-1)
     before = probs.cumsum(dim=-1) - probs  # probability of the tokens ranked above each one

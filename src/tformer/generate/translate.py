@@ -7,13 +7,60 @@ Sentences are encoded with an end token, sorted by length into batches (little p
 decoded with beam search (or greedy search without a BeamConfig) and returned in the
 order given. BLEU (Papineni et al., 2002) and chrF (Popović, 2015) come from sacrebleu, so
 the numbers are comparable with published ones.
+
+A source longer than the context window keeps its first max_len - 1 tokens (and its end
+token), and a translation cannot be longer than max_len - 1 tokens: `translate_sentences`
+reports both (source_truncated, finish_reason "context"), with a TruncationWarning each;
+finish_reason is "stop" for a translation that ended with its end token, "length" for one
+cut at max_new_tokens. The search never chooses an id the tokenizer cannot decode (the
+model's target vocabulary may be larger than the tokenizer's).
 """
+
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
 
+from tformer.checks import check_number
+from tformer.errors import ConfigError
 from tformer.generate.beam import BeamConfig, beam_search, greedy_search
+from tformer.generate.limits import CONTEXT, LENGTH, STOP, warn_truncated
+from tformer.generate.text import check_unicode
 from tformer.tokenizers import Tokenizer
+
+
+@dataclass
+class Translation:
+    text: str
+    source_truncated: bool  # the source was longer than the window and lost its end
+    finish_reason: str  # "stop", "length" or "context" (tformer.generate.limits)
+
+
+def check_sentences(sentences: object) -> list[str]:
+    if isinstance(sentences, str) or not isinstance(sentences, list | tuple):
+        raise ConfigError(f"sentences must be a list of strings, got {type(sentences).__name__}")
+    for i, s in enumerate(sentences):
+        if not isinstance(s, str):
+            raise ConfigError(f"sentences[{i}] must be a string, got {type(s).__name__}")
+        check_unicode(f"sentences[{i}]", s)
+    return list(sentences)
+
+
+def encode_sources(
+    tokenizer: Tokenizer, sentences: list[str], max_len: int, eos_id: int
+) -> tuple[list[list[int]], list[bool]]:
+    """Each sentence's ids with the end token, cut to the window -> ids, and which were cut
+    (one TruncationWarning for all of them)."""
+    encoded = [tokenizer.encode(s) for s in sentences]
+    cut = [len(ids) > max_len - 1 for ids in encoded]
+    if any(cut):
+        longest = max(len(ids) for ids in encoded)
+        warn_truncated(
+            f"{sum(cut)} of {len(sentences)} source sentences are longer than the context "
+            f"window holds ({longest} tokens, window {max_len}): only their first "
+            f"{max_len - 1} are translated"
+        )
+    return [ids[: max_len - 1] + [eos_id] for ids in encoded], cut
 
 
 def translate(
@@ -25,11 +72,42 @@ def translate(
     max_new_tokens: int = 128,
 ) -> list[str]:
     """Each sentence's translation; greedy search when config is None."""
+    translations = translate_sentences(
+        model, tokenizer, sentences, config, batch_size, max_new_tokens
+    )
+    return [t.text for t in translations]
+
+
+def translate_sentences(
+    model: nn.Module,
+    tokenizer: Tokenizer,
+    sentences: list[str],
+    config: BeamConfig | None = None,
+    batch_size: int = 32,
+    max_new_tokens: int = 128,
+) -> list[Translation]:
+    """Each sentence's translation, whether its source was cut to fit the window, and why
+    the translation ended; greedy search when config is None."""
+    sentences = check_sentences(sentences)
+    if config is not None and not isinstance(config, BeamConfig):
+        raise ConfigError(f"config must be a BeamConfig or None, got {type(config).__name__}")
+    check_number("batch_size", batch_size, integer=True, low=1)
+    check_number("max_new_tokens", max_new_tokens, integer=True, low=1)
     c = model.config
     device = next(model.parameters()).device
-    encoded = [tokenizer.encode(s)[: c.max_len - 1] + [c.eos_id] for s in sentences]
+    limit = tokenizer.vocab_size  # never choose an id the tokenizer cannot decode
+    if config is not None and config.vocab_limit is not None:
+        limit = min(limit, config.vocab_limit)
+    encoded, cut = encode_sources(tokenizer, sentences, c.max_len, c.eos_id)
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
     results: list[str] = [""] * len(sentences)
+    reasons: list[str] = [STOP] * len(sentences)
+    if config is not None:
+        config = replace(config, vocab_limit=limit)
+        max_new_tokens = config.max_new_tokens
+    # Both searches run at most `steps` steps (BOS takes position 0), and a translation that
+    # ended with its end token is shorter than that (the end token took a step).
+    steps = min(max_new_tokens, c.max_len - 1)
     for start in range(0, len(order), batch_size):
         rows = order[start : start + batch_size]
         width = max(len(encoded[i]) for i in rows)
@@ -38,12 +116,20 @@ def translate(
             src[r, : len(encoded[i])] = torch.tensor(encoded[i])
         src = src.to(device)
         if config is None:
-            outputs = greedy_search(model, src, max_new_tokens)
+            outputs = greedy_search(model, src, max_new_tokens, limit)
         else:
             outputs = beam_search(model, src, config)
         for i, ids in zip(rows, outputs, strict=True):
             results[i] = tokenizer.decode(ids)
-    return results
+            if len(ids) >= steps:
+                reasons[i] = LENGTH if steps == max_new_tokens else CONTEXT
+    full = reasons.count(CONTEXT)
+    if full:
+        warn_truncated(
+            f"{full} of {len(sentences)} translations filled the context window ({c.max_len} "
+            f"tokens) before their end token: they may be cut short"
+        )
+    return [Translation(*row) for row in zip(results, cut, reasons, strict=True)]
 
 
 def corpus_scores(translations: list[str], references: list[str]) -> dict[str, float]:

@@ -7,19 +7,30 @@ grad_norms.png       at initialisation, by layer: the parameters' gradient norm 
                      and the gradient arriving at the residual stream (bottom)
 residual_norms.png   the residual stream's norm by layer, at initialisation (top) and
                      after training (bottom)
+runs/                each finished run (tformer.lab.experiment), so a lab resumes
+
+The directory holds nothing else (OUTPUT_NAMES): `tformer lab` writes only into a new or
+empty one, or one of its own reports, and a failed write says which file and why.
 """
 
 import math
 from dataclasses import asdict
 from pathlib import Path
 
-from tformer.files import atomic_write, atomic_write_json, atomic_write_text
+from tformer.files import (
+    WRITE_ERRORS,
+    atomic_write,
+    atomic_write_json,
+    atomic_write_text,
+    write_failure,
+)
 from tformer.lab.experiment import VARIANTS, LabConfig, LabData, RunResult
 from tformer.train.plots import new_figure
 
 REPORT_FILE = "report.md"
 RESULTS_FILE = "results.json"
 PLOTS = ("loss_curves.png", "grad_norms.png", "residual_norms.png")
+OUTPUT_NAMES = (REPORT_FILE, RESULTS_FILE, *PLOTS, "runs")  # runs/: run_lab's
 
 
 def finite_or_none(x: float | None) -> float | None:
@@ -226,8 +237,19 @@ def write_report(
     results: list[RunResult],
     machine: str,
 ) -> Path:
-    """Write report.md, results.json and the plots into out_dir; return report.md's path."""
+    """Write report.md, results.json and the plots into out_dir; return report.md's path. A
+    failed write is a WriteError naming the file (each is written whole or not at all)."""
     out_dir = Path(out_dir)
+    try:
+        return _write_report(out_dir, config, data, results, machine)
+    except WRITE_ERRORS as e:
+        where = e.filename if isinstance(e, OSError) and e.filename else out_dir
+        raise write_failure(where, e, f"the finished runs in {out_dir / 'runs'} are kept") from None
+
+
+def _write_report(
+    out_dir: Path, config: LabConfig, data: LabData, results: list[RunResult], machine: str
+) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(
         out_dir / RESULTS_FILE,

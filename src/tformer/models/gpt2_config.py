@@ -2,6 +2,8 @@
 
 from dataclasses import asdict, dataclass, fields, replace
 
+from tformer.checks import check_choice, check_number, number_problem
+from tformer.errors import ConfigError
 from tformer.nn.attention import IMPLEMENTATIONS, Implementation
 from tformer.nn.feedforward import ACTIVATIONS, Activation
 from tformer.nn.sublayer import NORM_POSITIONS, NormPosition
@@ -37,53 +39,44 @@ class GPT2Config:
     init: str = "gpt2"  # "gpt2", or "xavier": the original Transformer's (see GPT2.init_weights)
 
     def __post_init__(self) -> None:
-        if self.d_ff is None:
+        if self.d_ff is None and is_count(self.d_model):
             self.d_ff = 4 * self.d_model
         if self.attention_dropout is None:
             self.attention_dropout = self.dropout
         if self.embedding_dropout is None:
             self.embedding_dropout = self.dropout
         for name in ("vocab_size", "max_len", "d_model", "n_layers", "n_heads", "d_ff"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"GPT2Config.{name} must be a positive integer, got {value!r}")
+            if not is_count(getattr(self, name)):
+                raise ConfigError(
+                    f"GPT2Config.{name} must be a positive integer, got {getattr(self, name)!r}"
+                )
         for name in ("layer_norm_eps", "init_std"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"GPT2Config.{name} must be a positive number, got {value!r}")
+            if number_problem(getattr(self, name), low=0.0, low_open=True) is not None:
+                raise ConfigError(
+                    f"GPT2Config.{name} must be a positive number, got {getattr(self, name)!r}"
+                )
         for name in ("dropout", "attention_dropout", "embedding_dropout"):
             value = getattr(self, name)
-            if not isinstance(value, (int, float)) or isinstance(value, bool):
-                raise ValueError(f"GPT2Config.{name} must be a number, got {value!r}")
-            if not 0.0 <= value < 1.0:
-                raise ValueError(f"GPT2Config.{name} must be in [0, 1), got {value}")
+            if not isinstance(value, int | float) or isinstance(value, bool):
+                raise ConfigError(f"GPT2Config.{name} must be a number, got {value!r}")
+            check_number(f"GPT2Config.{name}", value, low=0.0, high=1.0, high_open=True)
+        if not isinstance(self.residual, bool):
+            raise ConfigError(f"GPT2Config.residual must be True or False, got {self.residual!r}")
         if self.d_model % self.n_heads != 0:
-            raise ValueError(
+            raise ConfigError(
                 f"GPT2Config: d_model ({self.d_model}) must be divisible by "
                 f"n_heads ({self.n_heads})"
             )
-        if self.norm_position not in NORM_POSITIONS:
-            raise ValueError(
-                f"GPT2Config.norm_position must be one of {', '.join(NORM_POSITIONS)}, "
-                f"got {self.norm_position!r}"
-            )
-        if self.activation not in ACTIVATIONS:
-            raise ValueError(
-                f"GPT2Config.activation must be one of {', '.join(ACTIVATIONS)}, "
-                f"got {self.activation!r}"
-            )
-        if self.init not in ("gpt2", "xavier"):
-            raise ValueError(f"GPT2Config.init must be 'gpt2' or 'xavier', got {self.init!r}")
-        if self.attention not in IMPLEMENTATIONS:
-            raise ValueError(
-                f"GPT2Config.attention must be one of {', '.join(IMPLEMENTATIONS)}, "
-                f"got {self.attention!r}"
-            )
-        if self.eos_id is not None and (
-            not isinstance(self.eos_id, int) or not 0 <= self.eos_id < self.vocab_size
-        ):
-            raise ValueError(
-                f"GPT2Config.eos_id {self.eos_id} is outside the vocabulary "
+        check_choice("GPT2Config.norm_position", self.norm_position, NORM_POSITIONS)
+        check_choice("GPT2Config.activation", self.activation, ACTIVATIONS)
+        check_choice("GPT2Config.init", self.init, ("gpt2", "xavier"))
+        check_choice("GPT2Config.attention", self.attention, IMPLEMENTATIONS)
+        eos = self.eos_id
+        if eos is not None and (not isinstance(eos, int) or isinstance(eos, bool)):
+            raise ConfigError(f"GPT2Config.eos_id must be a token id, got {eos!r}")
+        if eos is not None and not 0 <= eos < self.vocab_size:
+            raise ConfigError(
+                f"GPT2Config.eos_id {self.eos_id!r} is outside the vocabulary "
                 f"(size {self.vocab_size})"
             )
 
@@ -91,12 +84,12 @@ class GPT2Config:
     def from_preset(cls, name: str, **overrides) -> "GPT2Config":
         """A published size by name ('gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl')."""
         if name not in PRESETS:
-            raise ValueError(f"unknown GPT-2 preset {name!r}; choose one of {', '.join(PRESETS)}")
+            raise ConfigError(f"unknown GPT-2 preset {name!r}; choose one of {', '.join(PRESETS)}")
         n_layers, n_heads, d_model = PRESETS[name]
         preset = dict(n_layers=n_layers, n_heads=n_heads, d_model=d_model, eos_id=END_OF_TEXT)
         unknown = set(overrides) - {f.name for f in fields(cls)}
         if unknown:
-            raise ValueError(f"unknown GPT2Config field(s): {', '.join(sorted(unknown))}")
+            raise ConfigError(f"unknown GPT2Config field(s): {', '.join(sorted(unknown))}")
         return cls(**{**preset, **overrides})
 
     def with_settings(
@@ -115,3 +108,8 @@ class GPT2Config:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def is_count(value) -> bool:
+    """A positive integer (True and 1.0 are not: a size is counted, not switched or measured)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0

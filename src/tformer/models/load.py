@@ -43,5 +43,14 @@ def is_translation_checkpoint(directory: Path) -> bool:
 def load_translation_model(
     directory: Path, device: torch.device
 ) -> tuple[Seq2SeqTransformer, Tokenizer]:
+    """The encoder-decoder and its tokenizer, refused together if the tokenizer has ids the
+    model's source vocabulary lacks (a smaller tokenizer is fine: decoding never chooses an
+    id it cannot decode)."""
+    tokenizer = load_tokenizer(directory)
     model = Seq2SeqTransformer.from_pretrained(directory, device=device)
-    return model, load_tokenizer(directory)
+    if tokenizer.vocab_size > model.config.src_vocab_size:
+        raise ValueError(
+            f"{directory}: the tokenizer has {tokenizer.vocab_size} tokens but the model's "
+            f"source vocabulary only {model.config.src_vocab_size}: they do not belong together"
+        )
+    return model, tokenizer

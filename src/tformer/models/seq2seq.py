@@ -43,6 +43,8 @@ from tformer.checkpoints import (
     write_model,
 )
 from tformer.checkpoints.hf import WEIGHTS_FILE
+from tformer.checks import check_choice, check_number
+from tformer.errors import ConfigError
 from tformer.models.common import Model, count_parameters, from_state, switch_attention
 from tformer.nn import (
     Dropout,
@@ -55,7 +57,7 @@ from tformer.nn import (
     SublayerConnection,
     TokenEmbedding,
 )
-from tformer.nn.attention import Implementation
+from tformer.nn.attention import IMPLEMENTATIONS, Implementation
 from tformer.nn.capture import NameFilter, run_with_cache
 from tformer.nn.checkpointing import run_layer
 from tformer.nn.feedforward import ACTIVATIONS, Activation
@@ -96,32 +98,35 @@ class Seq2SeqConfig:
 
     def __post_init__(self) -> None:
         for name in ("src_vocab_size", "tgt_vocab_size", "max_len", "d_model", "n_heads", "d_ff"):
-            if getattr(self, name) <= 0:
-                raise ValueError(
-                    f"Seq2SeqConfig.{name} must be positive, got {getattr(self, name)}"
-                )
+            check_number(f"Seq2SeqConfig.{name}", getattr(self, name), integer=True, low=1)
         for name in ("n_encoder_layers", "n_decoder_layers"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"Seq2SeqConfig.{name} must be >= 0")
+            check_number(f"Seq2SeqConfig.{name}", getattr(self, name), integer=True, low=0)
+        for name in ("dropout", "attention_dropout"):
+            check_number(
+                f"Seq2SeqConfig.{name}", getattr(self, name), low=0.0, high=1.0, high_open=True
+            )
+        check_number("Seq2SeqConfig.layer_norm_eps", self.layer_norm_eps, low=0.0, low_open=True)
+        for name in ("residual", "share_embeddings"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(
+                    f"Seq2SeqConfig.{name} must be True or False, got {getattr(self, name)!r}"
+                )
         if self.d_model % self.n_heads != 0:
-            raise ValueError(
+            raise ConfigError(
                 f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})"
             )
-        if self.activation not in ACTIVATIONS:
-            raise ValueError(f"unknown activation {self.activation!r}")
-        if self.norm_position not in NORM_POSITIONS:
-            raise ValueError(
-                f"Seq2SeqConfig.norm_position must be one of {', '.join(NORM_POSITIONS)}, "
-                f"got {self.norm_position!r}"
-            )
+        check_choice("Seq2SeqConfig.activation", self.activation, ACTIVATIONS)
+        check_choice("Seq2SeqConfig.norm_position", self.norm_position, NORM_POSITIONS)
+        check_choice("Seq2SeqConfig.attention", self.attention, IMPLEMENTATIONS)
         if self.share_embeddings and self.src_vocab_size != self.tgt_vocab_size:
-            raise ValueError(
+            raise ConfigError(
                 "share_embeddings needs one joint vocabulary: src_vocab_size "
                 f"({self.src_vocab_size}) != tgt_vocab_size ({self.tgt_vocab_size})"
             )
         for name in ("pad_id", "bos_id", "eos_id"):
-            if not 0 <= getattr(self, name) < self.tgt_vocab_size:
-                raise ValueError(f"Seq2SeqConfig.{name} is outside the target vocabulary")
+            check_number(f"Seq2SeqConfig.{name}", getattr(self, name), integer=True, low=0)
+            if not getattr(self, name) < self.tgt_vocab_size:
+                raise ConfigError(f"Seq2SeqConfig.{name} is outside the target vocabulary")
 
     @classmethod
     def from_preset(
@@ -129,7 +134,7 @@ class Seq2SeqConfig:
     ) -> "Seq2SeqConfig":
         """'base' (the paper's) or 'small' (3+3 layers, 256 wide), with fields overridden."""
         if name not in PRESETS:
-            raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+            raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
         d_model, n_heads, n_layers, d_ff, dropout = PRESETS[name]
         preset = dict(
             d_model=d_model,

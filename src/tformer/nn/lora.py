@@ -22,6 +22,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from tformer.checks import check_number
+from tformer.errors import ConfigError
 from tformer.nn.dropout import Dropout
 
 
@@ -33,13 +35,18 @@ class LoRAConfig:
     targets: tuple[str, ...] = ("w_qkv",)  # linear layers, by the last part of their name
 
     def __post_init__(self) -> None:
+        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
+            raise ConfigError(
+                f"the LoRA rank must be positive (an integer >= 1), got {self.rank!r}"
+            )
+        check_number("LoRA alpha", self.alpha, low=0.0, low_open=True)
+        check_number("LoRA dropout", self.dropout, low=0.0, high=1.0, high_open=True)
+        names = isinstance(self.targets, list | tuple)
+        if not names or not all(isinstance(t, str) for t in self.targets):
+            raise ConfigError(f"LoRA targets must be layer names, got {self.targets!r}")
         self.targets = tuple(self.targets)
-        if self.rank <= 0:
-            raise ValueError(f"the LoRA rank must be positive, got {self.rank}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"LoRA dropout must be in [0, 1), got {self.dropout}")
         if not self.targets:
-            raise ValueError("LoRA needs at least one target module")
+            raise ConfigError("LoRA needs at least one target module")
 
     @property
     def scaling(self) -> float:
@@ -116,6 +123,12 @@ def add_lora(
         if unknown:
             raise ValueError(f"not linear layers of this model: {', '.join(unknown)}")
         return _adapt(model, config, list(names), seed)
+    return _adapt(model, config, target_layers(model, config), seed)
+
+
+def target_layers(model: nn.Module, config: LoRAConfig) -> list[str]:
+    """The full names of the linear layers config.targets names (by the last part of their
+    name); a target that matches nothing is an error."""
     chosen = [
         name
         for name, module in model.named_modules()
@@ -130,7 +143,7 @@ def add_lora(
         raise ValueError(
             f"no linear layer named {', '.join(missing)}; this model's are: {', '.join(linear)}"
         )
-    return _adapt(model, config, chosen, seed)
+    return chosen
 
 
 def _adapt(model: nn.Module, config: LoRAConfig, names: list[str], seed: int | None) -> list[str]:

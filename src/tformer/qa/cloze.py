@@ -30,6 +30,7 @@ import json
 import random
 import re
 
+from tformer.errors import DataError
 from tformer.files import atomic_write_text, cache_dir
 from tformer.qa.windows import Answer, QAExample
 
@@ -165,6 +166,18 @@ def builtin_qa(name: str) -> dict[str, list[QAExample]]:
             for e in examples
         ]
         atomic_write_text(path, "\n".join(lines) + "\n")
+    try:
+        return read_cached_examples(path)
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+        raise DataError(
+            str(path),
+            f"a damaged cache of {name} ({type(e).__name__}: {e}); delete it and "
+            "the next run builds it again",
+        ) from None
+
+
+def read_cached_examples(path) -> dict[str, list[QAExample]]:
+    """The examples by split, as builtin_qa wrote them."""
     splits = {"train": [], "val": [], "test": []}
     for line in path.read_text(encoding="utf-8").splitlines():
         r = json.loads(line)

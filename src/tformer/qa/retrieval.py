@@ -28,6 +28,7 @@ import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from tformer.data.sources import read_text_file
 from tformer.files import cache_dir
 
 PASSAGE_WORDS = 120
@@ -45,7 +46,7 @@ class Passage:
 
 def file_passages(path: Path, name: str) -> list[Passage]:
     """Runs of paragraphs (split at blank lines) of about PASSAGE_WORDS words."""
-    lines = path.read_text(encoding="utf-8").splitlines()
+    lines = read_text_file(path).splitlines()
     passages, words, first, paragraph = [], 0, None, []
     for number, line in enumerate([*lines, ""], 1):
         if line.strip():

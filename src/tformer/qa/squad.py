@@ -20,77 +20,154 @@ import json
 import os
 from pathlib import Path
 
+from tformer.data.sources import json_kind, parse_json, read_text_file
+from tformer.errors import DataError
 from tformer.files import sha256_of
 from tformer.qa.windows import Answer, QAExample
 
 
 def read_qa_file(path: str | os.PathLike) -> list[QAExample]:
-    """Every question of a SQuAD JSON or a JSONL file; errors name the file and the place."""
+    """Every question of a SQuAD JSON or a JSONL file; a record that cannot be used is a
+    DataError naming the file, the line or the question's id (else its place in the JSON),
+    and the field."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file (SQuAD .json or .jsonl expected)")
-    text = path.read_text(encoding="utf-8")
+    text = read_text_file(path)
     if path.suffix == ".jsonl":
         examples = []
-        for number, line in enumerate(text.splitlines(), 1):
+        # Only "\n" ends a line: JSON strings may hold U+2028, which splitlines() splits at.
+        for number, line in enumerate(text.split("\n"), 1):
             if line.strip():
-                record = _json(line, f"{path}, line {number}")
-                examples.append(_from_record(record, f"{path}:{number}", f"{path.stem}-{number}"))
+                where = f"{path}:{number}"
+                record = expect(parse_json(line, where), dict, where, "the line")
+                examples.append(from_record(record, where, f"{path.stem}-{number}"))
     else:
-        examples = _from_squad(_json(text, str(path)), str(path))
+        examples = from_squad(parse_json(text, str(path)), str(path))
     if not examples:
-        raise ValueError(f"{path}: holds no questions")
+        raise DataError(str(path), "holds no questions")
     return examples
 
 
-def _json(text: str, where: str):
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{where}: not valid JSON ({e.msg} at line {e.lineno})") from None
+def expect(value, kind: type, where: str, what: str):
+    """`value` if it is of JSON type `kind` (dict, list, str), else a DataError saying
+    what `what` is instead."""
+    if not isinstance(value, kind):
+        wanted = {dict: "an object", list: "an array", str: "a string"}[kind]
+        raise DataError(where, f"{what}: expected {wanted}, got {json_kind(value)}")
+    return value
 
 
-def _from_squad(document: dict, where: str) -> list[QAExample]:
+def field(record: dict, key: str, kind: type, where: str, place: str = ""):
+    """record[key], which must be there and of JSON type `kind`."""
+    name = f"{place}, '{key}'" if place else f"'{key}'"
+    if key not in record:
+        raise DataError(where, f"{name} is missing")
+    return expect(record[key], kind, where, name)
+
+
+def from_squad(document, where: str) -> list[QAExample]:
+    """SQuAD's nesting data -> paragraphs -> qas, each level checked."""
     if not isinstance(document, dict) or not isinstance(document.get("data"), list):
-        raise ValueError(f"{where}: not SQuAD JSON (no 'data' list); JSONL needs a .jsonl name")
+        raise DataError(where, "not SQuAD JSON (no 'data' list); JSONL needs a .jsonl name")
     examples = []
-    for article in document["data"]:
-        for paragraph in article.get("paragraphs", []):
-            context = paragraph["context"]
-            for qa in paragraph.get("qas", []):
-                answers = [] if qa.get("is_impossible") else qa.get("answers", [])
-                record = {"id": qa["id"], "question": qa["question"], "answers": answers}
-                examples.append(_from_record({**record, "context": context}, where, qa["id"]))
+    for i, article in enumerate(document["data"]):
+        expect(article, dict, where, f"data[{i}]")
+        for j, paragraph in enumerate(field(article, "paragraphs", list, where, f"data[{i}]")):
+            place = f"data[{i}].paragraphs[{j}]"
+            expect(paragraph, dict, where, place)
+            context = field(paragraph, "context", str, where, place)
+            for k, qa in enumerate(field(paragraph, "qas", list, where, place)):
+                examples.append(from_squad_question(qa, context, where, f"{place}.qas[{k}]"))
     return examples
 
 
-def _from_record(record: dict, where: str, default_id: str) -> QAExample:
-    missing = [key for key in ("context", "question") if not isinstance(record.get(key), str)]
-    if missing:
-        raise ValueError(f"{where}: no {' or '.join(missing)} text")
-    answers = record.get("answers", [])
-    if isinstance(answers, dict):  # the datasets layout: parallel lists
-        answers = [
-            {"text": t, "answer_start": s}
-            for t, s in zip(answers.get("text", []), answers.get("answer_start", []), strict=True)
-        ]
-    try:
-        parsed = [Answer(a["text"], int(a["answer_start"])) for a in answers]
-        return QAExample(
-            str(record.get("id", default_id)), record["question"], record["context"], parsed
+def from_squad_question(qa, context: str, where: str, place: str) -> QAExample:
+    """One entry of a paragraph's "qas", named by its id once that is known to be one."""
+    expect(qa, dict, where, place)
+    if "id" not in qa:
+        raise DataError(where, f"{place}, 'id' is missing")
+    qa_id = qa["id"]
+    if isinstance(qa_id, bool) or not isinstance(qa_id, str | int):
+        raise DataError(where, f"{place}, 'id': expected a string, got {json_kind(qa_id)}")
+    where = f"{where}, question {str(qa_id)!r}"
+    impossible = qa.get("is_impossible", False)
+    if not isinstance(impossible, bool):
+        raise DataError(
+            where, f"'is_impossible': expected true or false, got {json_kind(impossible)}"
         )
-    except (KeyError, TypeError) as e:
-        raise ValueError(f"{where}: an answer needs 'text' and 'answer_start' ({e})") from None
-    except ValueError as e:
-        raise ValueError(f"{where}: {e}") from None
+    record = {
+        "id": qa_id,
+        "context": context,
+        "answers": [] if impossible else qa.get("answers", []),
+    }
+    if "question" in qa:
+        record["question"] = qa["question"]
+    return from_record(record, where, "")
 
 
-def split_by_context(examples: list[QAExample]) -> tuple[list[QAExample], list[QAExample]]:
+def from_record(record: dict, where: str, default_id: str) -> QAExample:
+    """One question: its context, question and answers (SQuAD's list of objects, or the
+    Hugging Face datasets' parallel lists)."""
+    context = field(record, "context", str, where)
+    question = field(record, "question", str, where)
+    answers = record.get("answers", [])
+    if isinstance(answers, dict):
+        answers = parallel_answers(answers, where)
+    expect(answers, list, where, "'answers'")
+    parsed = [parse_answer(a, context, where, f"'answers'[{i}]") for i, a in enumerate(answers)]
+    example_id = record.get("id", default_id)
+    if isinstance(example_id, bool) or not isinstance(example_id, str | int):
+        raise DataError(where, f"'id': expected a string, got {json_kind(example_id)}")
+    return QAExample(str(example_id), question, context, parsed)
+
+
+def parallel_answers(answers: dict, where: str) -> list[dict]:
+    """{"text": [...], "answer_start": [...]} -> SQuAD's list of answer objects."""
+    texts = field(answers, "text", list, where, "'answers'")
+    starts = field(answers, "answer_start", list, where, "'answers'")
+    if len(texts) != len(starts):
+        raise DataError(
+            where,
+            f"'answers': {len(texts)} 'text' but {len(starts)} 'answer_start' entries; "
+            "each answer needs both",
+        )
+    return [{"text": t, "answer_start": s} for t, s in zip(texts, starts, strict=True)]
+
+
+def parse_answer(answer, context: str, where: str, place: str) -> Answer:
+    """One answer object: its text, which must stand in the context at the character
+    `answer_start`."""
+    expect(answer, dict, where, place)
+    text = field(answer, "text", str, where, place)
+    if "answer_start" not in answer:
+        raise DataError(where, f"{place}, 'answer_start' is missing")
+    start = answer["answer_start"]
+    if isinstance(start, bool) or not isinstance(start, int) or start < 0:
+        number = isinstance(start, int | float) and not isinstance(start, bool)
+        got = repr(start) if number else json_kind(start)
+        raise DataError(
+            where, f"{place}, 'answer_start': expected a character offset >= 0, got {got}"
+        )
+    found = context[start : start + len(text)]
+    if found != text:
+        raise DataError(
+            where,
+            f"{place}: {text!r} is not at character {start} of the context (found {found!r} there)",
+        )
+    return Answer(text, start)
+
+
+def split_by_context(
+    examples: list[QAExample], source: str = "the questions"
+) -> tuple[list[QAExample], list[QAExample]]:
     """The questions of the first 90% of contexts (in file order) and of the last 10%: no
     context is in both, so validation measures reading new text."""
     contexts = list(dict.fromkeys(e.context for e in examples))
     if len(contexts) < 2:
-        raise ValueError("one context cannot be split for validation: pass --train and --val")
+        raise DataError(
+            source, "one context cannot be split for validation: pass --train and --val"
+        )
     held_out = set(contexts[len(contexts) - max(1, len(contexts) // 10) :])
     train = [e for e in examples if e.context not in held_out]
     return train, [e for e in examples if e.context in held_out]

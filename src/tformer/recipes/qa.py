@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from tformer.errors import ConfigError
 from tformer.files import atomic_write_json
 from tformer.models.encoder_qa import EncoderForQuestionAnswering
 from tformer.models.gpt2_qa import GPT2ForQuestionAnswering
@@ -58,10 +59,8 @@ class Questions:
 
 def new_record(run: Run) -> dict:
     spec = run.spec
-    if spec.max_answer_tokens < 1:
-        raise ValueError(f"--max-answer-tokens must be at least 1, got {spec.max_answer_tokens}")
     if spec.init is not None and spec.reader is not None:
-        raise ValueError(f"--init {spec.init} decides the kind of reader; drop --reader")
+        raise ConfigError(f"--init {spec.init} decides the kind of reader; drop --reader")
     return {
         **data_record(spec, (*BUILTIN_QA, *SQUAD)),
         "init": absolute(spec.init),
@@ -80,11 +79,11 @@ def new_record(run: Run) -> dict:
 def load_data(saved: dict) -> Questions:
     if saved["train"] or saved["val"]:
         if not (saved["train"] and saved["val"]) or saved["data"]:
-            raise ValueError("give --train and --val together, instead of --data")
+            raise ConfigError("give --train and --val together, instead of --data")
         val = read_qa_file(saved["val"])
         return Questions(read_qa_file(saved["train"]), val, val)
     if saved["data"] is None:
-        raise ValueError(
+        raise ConfigError(
             "question answering needs --data: a SQuAD .json or .jsonl file, "
             + ", ".join(BUILTIN_QA)
             + ", or squad / squad-2.0 (after 'tformer data squad')"
@@ -96,7 +95,7 @@ def load_data(saved: dict) -> Questions:
         paths = cached_squad(SQUAD[saved["data"]])
         val = read_qa_file(paths["dev"])
         return Questions(read_qa_file(paths["train"]), val, val)
-    train, val = split_by_context(read_qa_file(saved["data"]))
+    train, val = split_by_context(read_qa_file(saved["data"]), saved["data"])
     return Questions(train, val, val)
 
 
@@ -124,7 +123,7 @@ def new_model(run: Run, questions: Questions):
     dropout = 0.0 if spec.dropout is None else spec.dropout
     if saved["reader"] == "encoder":
         if spec.preset is not None:
-            raise ValueError(
+            raise ConfigError(
                 "--preset names GPT-2's sizes; give the encoder reader's with --n-layers, "
                 "--n-heads, --d-model and --d-ff"
             )

@@ -1,21 +1,203 @@
-"""A run directory's own record: run.json, and reading a run back for --resume.
+"""A run directory: tformer's alone, one writer at a time, and read back for --resume.
 
 RUN_DIR/run.json            what the run trains on (task, data, tokenizer, init, LoRA,
                             and a sha256 of its data), so --resume needs nothing but
-                            the directory
+                            the directory; its "format" marks the directory as a run
 RUN_DIR/train_config.json   how it trains (TrainConfig), written by the trainer
+RUN_DIR/.lock               held (flock) by the process writing the run (tformer.files)
 RUN_DIR/last, best, checkpoints/, metrics.jsonl, the final model: the trainer's
+
+What `train --out DIR` accepts (docs/run_directories.md):
+
+    DIR missing or empty         a new run
+    DIR holds a run              --resume continues it; --overwrite replaces the run's own
+                                 files (RUN_NAMES) and starts over, leaving any other file
+    DIR holds anything else      refused, naming what is there: tformer never writes over
+                                 files it did not write (a Hugging Face checkpoint, ...)
+
+Everything is checked before anything is written; a run.json written before the format
+field existed is recognised by what it always held ("threads", a "*_sha256" of the data).
 """
 
+import shutil
+from collections.abc import Collection
 from dataclasses import replace
 from pathlib import Path
 
 import torch
 
-from tformer.files import atomic_write_json, read_json
+from tformer.errors import ConfigError, RunDirectoryError
+from tformer.files import (
+    LOCK_FILE,
+    DirectoryLock,
+    atomic_write_json,
+    check_unlocked,
+    lock_directory,
+    read_json,
+    write_failure,
+)
+from tformer.tokenizers import TOKENIZER_FILES
 from tformer.train import TrainConfig, distributed
+from tformer.train.checkpoint import (
+    CHECKPOINT,
+    RUN_TEMPORARY,
+    TEMPORARY,
+    checkpoints_newest_first,
+    intact_note,
+)
+from tformer.train.metrics import METRICS_FILE, parse_metrics
+from tformer.train.plots import PLOT_FILE
 
 RUN_FILE = "run.json"
+FORMAT = "tformer-run/1"  # run.json's "format": this directory is a tformer run
+CONFIG_FILE = "train_config.json"
+# Every name a run writes at its top level: what --overwrite removes, and nothing else. The
+# model's files (Hugging Face layout, or a PEFT adapter), its tokenizer's, the question-
+# answering task's scores, and the adapters a merged LoRA run moves aside.
+RUN_NAMES = (
+    RUN_FILE,
+    CONFIG_FILE,
+    METRICS_FILE,
+    PLOT_FILE,
+    "last",
+    "best",
+    "checkpoints",
+    "config.json",
+    "model.safetensors",
+    "adapter_config.json",
+    "adapter_model.safetensors",
+    "adapter",
+    "qa_scores.json",
+    *TOKENIZER_FILES,
+)
+SHOWN = 6  # names listed in a refusal
+
+
+def output_directory(text: str | None, flag: str = "--out") -> Path:
+    """The directory a command was told to write; an empty name (which would mean the
+    current directory) is refused."""
+    if text is None or not str(text).strip():
+        raise ConfigError(f"{flag} must name a directory, got {text!r}")
+    return Path(text).expanduser()
+
+
+def is_run(directory: Path) -> bool:
+    """Whether `directory` holds a tformer run: a run.json with our format (or one of an
+    earlier version, which had none)."""
+    try:
+        saved = read_json(directory / RUN_FILE, "the description of a training run")
+    except (OSError, ValueError):
+        return False
+    if "format" in saved:
+        return str(saved["format"]).startswith("tformer-run/")
+    return "threads" in saved and any(key.endswith("_sha256") for key in saved)
+
+
+def contents(directory: Path) -> list[str]:
+    """The names in `directory` (sorted), leaving out our own lock and the temporaries an
+    interrupted atomic write of ours may have left (`.NAME.HEX.tmp`)."""
+    return sorted(
+        p.name
+        for p in directory.iterdir()
+        if p.name != LOCK_FILE and not RUN_TEMPORARY.fullmatch(p.name)
+    )
+
+
+def listing(names: list[str]) -> str:
+    shown = ", ".join(names[:SHOWN])
+    return shown + (f", and {len(names) - SHOWN} more" if len(names) > SHOWN else "")
+
+
+def check_new_run(out: Path, overwrite: bool) -> None:
+    """Refuse an --out that a new run may not write into (see the module's table); writes
+    nothing. Another process writing there is refused too (RunLockedError)."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise RunDirectoryError(f"--out {out} is a file, not a directory: pick another --out")
+    check_unlocked(out)
+    check_contents(out, overwrite)
+
+
+def check_contents(out: Path, overwrite: bool) -> None:
+    """check_new_run's verdict on what an existing directory `out` holds."""
+    names = contents(out)
+    if not names:
+        return
+    if is_run(out):
+        if overwrite:
+            return
+        raise RunDirectoryError(
+            f"{out} already holds a training run: add --resume to continue it, --overwrite "
+            "to start it over (its files are replaced), or pick another --out"
+        )
+    raise RunDirectoryError(
+        f"{out} holds files tformer did not write ({listing(names)}): pick an empty or new "
+        "--out; tformer never writes over them, even with --overwrite"
+    )
+
+
+def check_resumable(out: Path) -> None:
+    """Refuse an --out that holds no run to resume; writes nothing."""
+    if out.exists() and not out.is_dir():
+        raise RunDirectoryError(f"{out}: nothing to resume; it is a file, not a run directory")
+    if not out.is_dir():
+        raise FileNotFoundError(f"{out}: nothing to resume (no such directory)")
+    if not is_run(out):
+        names = contents(out)
+        held = f"it holds {listing(names)}" if names else "it is empty"
+        raise RunDirectoryError(f"{out}: nothing to resume; it is not a tformer run ({held})")
+
+
+def check_output_directory(
+    out: Path, flag: str, ours: Collection[str] = (), overwrite: bool = False
+) -> None:
+    """The rule for every other command that writes a directory (`init DIR`, `lab --out`):
+    DIR is missing or empty, or holds only names in `ours` (what the command itself
+    writes there, e.g. an earlier lab report it resumes); with `overwrite`, any directory
+    but a training run's, whose files are never written over. Writes nothing."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise RunDirectoryError(f"{flag} {out} is a file, not a directory: pick another {flag}")
+    names = contents(out)
+    if is_run(out):
+        raise RunDirectoryError(
+            f"{out} holds a training run ({listing(names)}); tformer never writes over it "
+            f"from here: pick another {flag}"
+        )
+    foreign = [name for name in names if name not in ours]
+    if foreign and not overwrite:
+        raise RunDirectoryError(
+            f"{out} is not empty ({listing(foreign)}): pick an empty or new {flag}"
+            + (", or add --overwrite to replace what is there" if not ours else "")
+            + (", or the directory of an earlier report of this command" if ours else "")
+        )
+
+
+def lock_run(out: Path) -> DirectoryLock:
+    """This process's claim on a run directory, for as long as it trains."""
+    return lock_directory(out)
+
+
+def clear_run(out: Path) -> None:
+    """--overwrite: remove what a run wrote (RUN_NAMES; under checkpoints/ only its
+    `step-NNNNNN` folders), never another file."""
+    for name in RUN_NAMES:
+        path = out / name
+        if name == "checkpoints" and path.is_dir() and not path.is_symlink():
+            for checkpoint in path.iterdir():
+                if CHECKPOINT.fullmatch(checkpoint.name) or TEMPORARY.fullmatch(checkpoint.name):
+                    shutil.rmtree(checkpoint)
+            if not any(path.iterdir()):
+                path.rmdir()
+        elif path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif path.is_symlink() or path.exists():
+            path.unlink()
+    for leftover in out.iterdir():
+        if RUN_TEMPORARY.fullmatch(leftover.name) and not leftover.is_dir():
+            leftover.unlink()
 
 
 def absolute(path: str | None) -> str | None:
@@ -38,15 +220,32 @@ def task_of(out: Path) -> str | None:
     return read_json(out / RUN_FILE, "the description of a training run").get("task", "lm")
 
 
-def start_run_directory(out: Path, record: dict, dist: distributed.Distributed) -> None:
-    """A new run's directory with its run.json, refusing one that holds a run already; the
-    main process writes it."""
+def start_run_directory(
+    out: Path, record: dict, dist: distributed.Distributed, overwrite: bool
+) -> DirectoryLock | None:
+    """A new run's directory with its run.json, locked for this run (the main process's
+    lock; None elsewhere). Checked again under the lock, since another process may have
+    started there meanwhile; with `overwrite`, the run there before is removed first."""
     if not dist.is_main:
-        return
-    if (out / "last").exists():
-        raise FileExistsError(f"{out} already holds a run: add --resume, or pick --out")
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out / RUN_FILE, record)
+        return None
+    check_new_run(out, overwrite)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise write_failure(out, e, "nothing was written") from None
+    lock = lock_run(out)
+    try:
+        check_contents(out, overwrite)
+        if overwrite and is_run(out):
+            clear_run(out)
+        try:
+            atomic_write_json(out / RUN_FILE, {"format": FORMAT, **record})
+        except OSError as e:
+            raise write_failure(out / RUN_FILE, e, "nothing was written") from None
+    except BaseException:
+        lock.release()
+        raise
+    return lock
 
 
 def read_run(
@@ -56,19 +255,60 @@ def read_run(
     unless `threads` says otherwise (the same sums, the same digits). `overrides` (None:
     not given) may change how the work is spread (parallel, activation_checkpointing,
     compile): the arithmetic is the same, up to the order of sums across processes."""
-    if not (out / "last").exists():
+    if not ((out / "last").is_symlink() or checkpoints_newest_first(out)):
         raise FileNotFoundError(
-            f"{out}: nothing to resume (no 'last' checkpoint: the run saved none yet, or this "
-            "is not a run directory)"
+            f"{out}: nothing to resume (no checkpoint: the run saved none yet); start it over "
+            "with --overwrite"
         )
     saved = read_json(out / RUN_FILE, "the description of a training run")
+    if (out / METRICS_FILE).is_file():  # a bad line stops the resume before it writes
+        parse_metrics(out / METRICS_FILE)
     torch.set_num_threads(threads or saved["threads"])
-    stored = read_json(out / "train_config.json", "a training config")
+    stored = read_json(out / CONFIG_FILE, "a training config")
     try:
         config = TrainConfig(**stored)
     except TypeError as e:
         raise ValueError(f"{out / 'train_config.json'}: not a training config ({e})") from None
     return saved, replace(config, **{k: v for k, v in overrides.items() if v is not None})
+
+
+def extended(config: TrainConfig, steps: int | None, reached: int, out: Path) -> TrainConfig:
+    """The run's config for --resume --steps N (None: not given, the run's own steps).
+
+    N is the run's new total: more than the steps it has done (`reached`), and not fewer
+    than it planned (a shorter run would have had another schedule). A cosine schedule
+    keeps its decay where the run had it (decay_steps, else the old total): a finished run
+    goes on at min_lr, as if it had been started with --steps N --decay-steps OLD, and its
+    losses are exactly that run's. An inverse square root schedule just goes on."""
+    if steps is None or (steps == config.steps and steps > reached):
+        return config
+    check = f"--steps {steps}"
+    if steps <= reached:
+        raise ConfigError(
+            f"{check}: {out} has already trained {reached} steps; to train longer, give a "
+            f"larger --steps"
+        )
+    if steps < config.steps:
+        raise ConfigError(
+            f"{check} is fewer than the {config.steps} steps {out} was started with; a run "
+            "can be extended, not shortened"
+        )
+    return replace(config, steps=steps, decay_steps=config.last_decay_step)
+
+
+def record_config(out: Path, config: TrainConfig) -> None:
+    """Keep an extended run's new total (and where its decay ends) in train_config.json,
+    so that a later --resume continues the extended run."""
+    path = out / CONFIG_FILE
+    stored = read_json(path, "a training config")
+    if (stored.get("steps"), stored.get("decay_steps")) == (config.steps, config.decay_steps):
+        return
+    try:
+        atomic_write_json(
+            path, {**stored, "steps": config.steps, "decay_steps": config.decay_steps}
+        )
+    except OSError as e:
+        raise write_failure(path, e, intact_note(out)) from None
 
 
 def check_same_data(saved: dict, key: str, digest: str, out: Path, what: str) -> None:

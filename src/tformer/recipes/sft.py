@@ -19,6 +19,7 @@ from tformer.data.prompts import (
     read_prompt_responses,
 )
 from tformer.data.prompts import fingerprint as pairs_fingerprint
+from tformer.errors import ConfigError, DataError
 from tformer.generate import SamplingConfig, generate_ids
 from tformer.models.gpt2 import GPT2
 from tformer.recipes.run_dir import absolute, data_record
@@ -41,7 +42,7 @@ class Pairs:
 def new_record(run: Run) -> dict:
     spec = run.spec
     if spec.init is None:
-        raise ValueError(
+        raise ConfigError(
             "supervised fine-tuning starts from a trained model: give it with --init "
             "(a tformer run directory or a Hugging Face GPT-2 directory)"
         )
@@ -57,15 +58,15 @@ def new_record(run: Run) -> dict:
 def load_data(saved: dict) -> Pairs:
     if saved["train"] or saved["val"]:
         if not (saved["train"] and saved["val"]) or saved["data"]:
-            raise ValueError("give --train and --val together, instead of --data")
+            raise ConfigError("give --train and --val together, instead of --data")
         return Pairs(read_prompt_responses(saved["train"]), read_prompt_responses(saved["val"]))
     if saved["data"] is None:
-        raise ValueError(
+        raise ConfigError(
             'supervised fine-tuning needs --data: a JSONL file of {"prompt", "response"}'
         )
     pairs = read_prompt_responses(saved["data"])
     if len(pairs) < 2:
-        raise ValueError(f"{saved['data']}: needs at least 2 pairs (the last 10% validate)")
+        raise DataError(saved["data"], "needs at least 2 pairs (the last 10% validate)")
     split = len(pairs) - max(1, len(pairs) // 10)
     return Pairs(pairs[:split], pairs[split:])
 

@@ -1,17 +1,24 @@
 """The one skeleton every training task runs; a task fills in its own steps.
 
+    claim       check --out before anything is read or written (recipes.run_dir): a new
+                run needs an empty or new directory (or --overwrite over a run); a
+                resumed one is locked against a second writer at once
     start       device, processes, the TrainConfig (new, or the run's own on --resume)
     record      what run.json keeps of a new run                      task.new_record
     data        load it, and its sha256 (a resumed run must see the same)
                                                              task.load_data, task.fingerprint
     model       new (or --init), or the run's `last` checkpoint      task.new_model, task.load_model
+                (if `last` cannot be read, the newest checkpoint that can, said so)
     batches     the training and validation batches                  task.batches
-    train       fit(), with checkpoints, metrics and the final model in the run directory
+    train       fit(), with checkpoints, metrics and the final model in the run directory; a
+                new run's directory is written (and locked) only now that its data and
+                model are known to work; a signal stops it with a checkpoint to resume
     result      the final evaluation, as a dict (what --json prints) task.finish
 
 Only the main process returns a result; the others return None.
 """
 
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,13 +28,26 @@ from typing import Any, Protocol
 import torch
 
 from tformer.devices import pick_device, training_dtype
+from tformer.errors import RunDirectoryError, TrainingInterrupted
+from tformer.files import DirectoryLock
 from tformer.nn.lora import lora_layers
-from tformer.recipes.run_dir import check_same_data, read_run, start_run_directory
+from tformer.recipes.run_dir import (
+    check_new_run,
+    check_resumable,
+    check_same_data,
+    extended,
+    lock_run,
+    output_directory,
+    read_run,
+    record_config,
+    start_run_directory,
+)
 from tformer.recipes.spec import TrainSpec, train_options
 from tformer.recipes.start import attention_for, merge_run, trainable_parameters
 from tformer.tokenizers import Tokenizer, load_tokenizer
 from tformer.train import TrainConfig, distributed, fit
-from tformer.train.plots import read_metrics
+from tformer.train.checkpoint import checkpoints_newest_first, load_state, point, step_of
+from tformer.train.metrics import read_metrics
 
 
 @dataclass
@@ -68,11 +88,45 @@ class Task(Protocol):
 def run_task(task: Task, spec: TrainSpec) -> dict | None:
     """Train (or resume) one run of `task` as `spec` asks; -> the result (main process)."""
     started = time.perf_counter()
+    out = output_directory(spec.out)
+    overwrite = spec.overwrite
     device = pick_device(spec.device)
     dist = distributed.init_from_env(device)
     if device.type == "cuda" and dist.world_size > 1:
         device = torch.device("cuda", dist.local_rank)
-    out = Path(spec.out)
+    locks: list[DirectoryLock] = []  # the main process's claim on the run directory
+    if dist.is_main:  # the others write nothing there
+        if spec.resume:
+            check_resumable(out)
+            locks.append(lock_run(out))
+        else:
+            check_new_run(out, overwrite)  # and again under the lock, once it is taken
+    try:
+        return train_run(task, spec, out, overwrite, device, dist, locks, started)
+    except TrainingInterrupted as e:
+        raise TrainingInterrupted(
+            f"{e.message}; continue with: tformer train --out {out} --resume",
+            e.step,
+            e.checkpoint,
+            e.exit_code,
+        ) from None
+    finally:
+        for lock in locks:
+            lock.release()
+
+
+def train_run(
+    task: Task,
+    spec: TrainSpec,
+    out: Path,
+    overwrite: bool,
+    device: torch.device,
+    dist: distributed.Distributed,
+    locks: list[DirectoryLock],
+    started: float,
+) -> dict | None:
+    """run_task's steps, once --out is known to be usable (a new run's lock joins `locks`
+    when its directory is written)."""
     if spec.resume:
         overrides = {
             "parallel": spec.parallel,
@@ -91,13 +145,24 @@ def run_task(task: Task, spec: TrainSpec) -> dict | None:
     digest = task.fingerprint(data)
     if spec.resume:
         check_same_data(saved, task.FINGERPRINT, digest, out, task.DATA)
-        model, tokenizer = task.load_model(run, out / "last"), load_tokenizer(out / "last")
-        say(f"resuming {out} from {(out / 'last').resolve().name}; the run's own settings apply")
+        checkpoint, model, tokenizer = resume_point(task, run)
+        planned = config.steps
+        run.config = config = extended(config, spec.steps, step_of(checkpoint), out)
+        say(f"resuming {out} from {checkpoint.name}; the run's own settings apply")
+        if config.steps != planned:
+            say(
+                f"extending the run from {planned} to {config.steps} steps; the learning "
+                f"rate keeps its schedule (decay ends at step {config.last_decay_step})"
+            )
     else:
         model, tokenizer = task.new_model(run, data)
     train_data, val_data, description = task.batches(run, model, tokenizer, data)
     if not spec.resume:  # only now that the data is known to be usable
-        start_run_directory(out, {**saved, task.FINGERPRINT: digest}, dist)
+        lock = start_run_directory(out, {**saved, task.FINGERPRINT: digest}, dist, overwrite)
+        if lock is not None:  # the main process's
+            locks.append(lock)
+    elif dist.is_main:
+        record_config(out, config)
     say(f"data: {description}")
     say(
         f"model: {model.num_parameters():,} parameters{task.describe_model(run, model)}; "
@@ -134,6 +199,41 @@ def run_task(task: Task, spec: TrainSpec) -> dict | None:
     return result
 
 
+def resume_point(task: Task, run: Run) -> tuple[Path, torch.nn.Module, Tokenizer]:
+    """The checkpoint a resumed run continues from, its model and its tokenizer: `last`,
+    or, when that cannot be read (weights or trainer_state.pt missing or torn), the newest
+    checkpoint that can, which `last` then points at (said on standard error)."""
+    last = run.out / "last"
+    candidates = [last.resolve()] if last.exists() else []
+    candidates += [
+        c.resolve() for c in checkpoints_newest_first(run.out) if c.resolve() not in candidates
+    ]
+    problems = [] if last.exists() else [f"{last} points at nothing"]
+    for checkpoint in candidates:
+        try:
+            load_state(checkpoint)  # read in full again by fit(); a torn file fails here
+            model = task.load_model(run, checkpoint)
+            tokenizer = load_tokenizer(checkpoint)
+        except Exception as e:  # any reason a checkpoint cannot be read: try the next one
+            problems.append(" ".join(str(e).split()))  # each names its file
+            continue
+        if problems:
+            if run.dist.is_main:
+                point(last, checkpoint)
+                print(
+                    f"{run.out}: cannot resume from the latest checkpoint "
+                    f"({'; '.join(problems)}); resuming from {checkpoint.name}, the newest "
+                    "that can be read",
+                    file=sys.stderr,
+                )
+            distributed.barrier()
+        return checkpoint, model, tokenizer
+    raise RunDirectoryError(
+        f"{run.out}: no checkpoint can be read ({'; '.join(problems) or 'none saved'}); "
+        "nothing to resume: start over with --overwrite"
+    )
+
+
 def window_length(run: Run, model: torch.nn.Module) -> int:
     """Tokens per training window: the spec's context (a fine-tuning run's may be shorter
     than its model's), else the model's whole window."""
@@ -154,7 +254,7 @@ def new_train_config(spec: TrainSpec, device: torch.device) -> TrainConfig:
     """The TrainConfig of a new run from its spec (each field one flag); sets the threads."""
     if spec.threads:
         torch.set_num_threads(spec.threads)
-    options = train_options(spec)
+    options = train_options(spec)  # without steps when not given: TrainConfig's
     defaults = TrainConfig()
     for name in ("parallel", "activation_checkpointing", "compile"):  # None: not given
         if options[name] is None:

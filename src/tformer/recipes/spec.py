@@ -10,10 +10,21 @@ checkpoint's setting. A resumed run (resume=True) is what it was: its own data, 
 training settings come from its run directory, and only the fields that say how this
 process runs (device, threads, out, progress, messages, parallel, activation_checkpointing,
 compile) apply.
+
+Every field is checked when a spec is made (`check_spec`): a value of the wrong type or out
+of its range (RANGES, CHOICES) is a ConfigError naming the field, as the flag would be.
 """
 
-from dataclasses import asdict, dataclass, replace
+import os
+from dataclasses import asdict, dataclass, fields, replace
 
+from tformer.checks import check_choice, check_number
+from tformer.errors import ConfigError
+from tformer.models import seq2seq
+from tformer.models.gpt2_config import PRESETS
+from tformer.nn.attention import IMPLEMENTATIONS
+from tformer.nn.feedforward import ACTIVATIONS
+from tformer.nn.sublayer import NORM_POSITIONS
 from tformer.train import TrainConfig
 
 TASKS = ("lm", "translation", "qa", "sft")
@@ -23,6 +34,71 @@ DEFAULT_OUT = {
     "qa": "runs/qa",
     "sft": "runs/sft",
 }
+# The built-in question-answering data sets are natural text whose questions (a verse, a
+# line) take too many character tokens for a window: they read with a BPE by default.
+BPE_QA_DATA = ("bible-qa", "shakespeare-qa", "squad", "squad-2.0")
+SEED_LIMIT = 2**64  # torch's generators take seeds below this
+
+# The range of every numeric field, as check_number's keywords; `tformer train`'s flags
+# parse with the same (tformer.cli.train_flags).
+UNIT = dict(low=0.0, high=1.0, high_open=True)  # a probability that is not 1: [0, 1)
+RANGES: dict[str, dict] = {
+    "bpe_vocab_size": dict(integer=True, low=257),  # 256 bytes and an end-of-text token
+    "stride": dict(integer=True, low=1),
+    "max_answer_tokens": dict(integer=True, low=1),
+    "null_threshold": dict(),
+    "lora_rank": dict(integer=True, low=1),
+    "lora_alpha": dict(low=0.0, low_open=True),
+    "lora_dropout": UNIT,
+    "n_layers": dict(integer=True, low=1),
+    "n_heads": dict(integer=True, low=1),
+    "d_model": dict(integer=True, low=1),
+    "d_ff": dict(integer=True, low=1),
+    "context": dict(integer=True, low=1),
+    "dropout": UNIT,
+    "steps": dict(integer=True, low=1),
+    "batch_size": dict(integer=True, low=1),
+    "grad_accum": dict(integer=True, low=1),
+    "lr": dict(low=0.0, low_open=True),
+    "min_lr": dict(low=0.0, low_open=True),
+    "warmup_steps": dict(integer=True, low=0),
+    "decay_steps": dict(integer=True, low=1),
+    "label_smoothing": UNIT,
+    "weight_decay": dict(low=0.0),
+    "beta1": UNIT,
+    "beta2": UNIT,
+    "grad_clip": dict(low=0.0),
+    "eval_every": dict(integer=True, low=0),
+    "eval_batches": dict(integer=True, low=1),
+    "checkpoint_every": dict(integer=True, low=0),
+    "seed": dict(integer=True, low=0),
+    "threads": dict(integer=True, low=1),
+    "sample_tokens": dict(integer=True, low=0),
+}
+CHOICES: dict[str, tuple] = {
+    "task": TASKS,
+    "tokenizer": ("char", "gpt2", "bpe"),
+    "reader": ("gpt2", "encoder"),
+    "preset": (*PRESETS, *seq2seq.PRESETS),
+    "norm_position": NORM_POSITIONS,
+    "activation": ACTIVATIONS,
+    "attention": ("auto", *IMPLEMENTATIONS),
+    "schedule": ("cosine", "inverse_sqrt"),
+    "final_eval": ("full", "sample"),
+    "dtype": ("auto", "float32", "bfloat16", "float16"),
+    "parallel": ("ddp", "fsdp"),
+}
+PATHS = {"data": "--data", "train_file": "--train", "val_file": "--val", "init": "--init"}
+TEXTS = ("lora_targets", "device")
+SWITCHES = (
+    "merge",
+    "compile",
+    "activation_checkpointing",
+    "resume",
+    "overwrite",
+    "progress",
+    "messages",
+)
 
 
 @dataclass
@@ -32,7 +108,7 @@ class TrainSpec:
     data: str | None = None  # a file, a directory of .txt files, or a built-in name
     train_file: str | None = None  # with val_file, instead of data
     val_file: str | None = None
-    tokenizer: str | None = None  # char, gpt2, bpe; None: char
+    tokenizer: str | None = None  # char, gpt2, bpe; None: the task's (with_task_defaults)
     bpe_vocab_size: int = 4096
     # question answering
     reader: str | None = None  # gpt2 or encoder; None: gpt2 (or --init's kind)
@@ -58,7 +134,7 @@ class TrainSpec:
     activation: str | None = None
     attention: str = "auto"
     # training (TrainConfig's fields; label_smoothing None: the task's default)
-    steps: int = TrainConfig.steps
+    steps: int | None = None  # None: not given (a new run: TrainConfig's; resumed: its own)
     batch_size: int = TrainConfig.batch_size
     grad_accum: int = TrainConfig.grad_accum
     lr: float = TrainConfig.lr
@@ -86,13 +162,50 @@ class TrainSpec:
     # output
     out: str | None = None  # None: DEFAULT_OUT of the task
     resume: bool = False
+    overwrite: bool = False  # replace tformer's own files of a run in `out` (never others)
     sample_tokens: int = 300
     progress: bool = True  # a progress bar
     messages: bool = True  # the run's opening lines and evaluations
 
     def __post_init__(self) -> None:
-        if self.task not in TASKS:
-            raise ValueError(f"unknown task {self.task!r}; choose one of {', '.join(TASKS)}")
+        check_spec(self)
+
+
+def check_spec(spec: TrainSpec) -> None:
+    """Every field of the right type and in its range, or a ConfigError naming it: the
+    Python API is refused as the flags are."""
+    if spec.task not in TASKS:  # the most likely slip from Python, said as it always was
+        raise ConfigError(f"unknown task {spec.task!r}; choose one of {', '.join(TASKS)}")
+    defaults = {f.name: f.default for f in fields(TrainSpec)}
+    for name, limits in RANGES.items():
+        check_number(name, getattr(spec, name), **limits, optional=defaults[name] is None)
+    for name, choices in CHOICES.items():
+        value = getattr(spec, name)
+        if value is not None or defaults[name] is not None:
+            check_choice(name, value, choices)
+    for name in SWITCHES:
+        value = getattr(spec, name)
+        if not isinstance(value, bool) and not (value is None and defaults[name] is None):
+            raise ConfigError(f"{name} must be True or False, got {value!r}")
+    for name in TEXTS:
+        value = getattr(spec, name)
+        if not isinstance(value, str) and not (value is None and defaults[name] is None):
+            raise ConfigError(f"{name} must be a string, got {value!r}")
+    for name, flag in {**PATHS, "out": "--out"}.items():
+        check_path(name, flag, getattr(spec, name))
+    if spec.seed >= SEED_LIMIT:
+        raise ConfigError(f"seed must be an integer in [0, 2**64), got {spec.seed!r}")
+
+
+def check_path(name: str, flag: str, value) -> None:
+    """A path field: None (not given) or a non-empty path. An empty one would silently
+    mean the current directory."""
+    if value is None:
+        return
+    if not isinstance(value, str | os.PathLike):
+        raise ConfigError(f"{name} ({flag}) must be a path, got {value!r}")
+    if str(value).strip() == "":
+        raise ConfigError(f"{name} ({flag}) must be a path, got an empty one")
 
 
 def with_task_defaults(spec: TrainSpec) -> TrainSpec:
@@ -102,8 +215,9 @@ def with_task_defaults(spec: TrainSpec) -> TrainSpec:
     if not spec.resume:
         check_new_run(spec)
     translation = spec.task == "translation"
+    builtin_qa = spec.task == "qa" and spec.data in BPE_QA_DATA
     defaults = {
-        "tokenizer": "char",
+        "tokenizer": "bpe" if builtin_qa else "char",
         "activation": "gelu",
         "norm_position": "post" if translation else "pre",
         "label_smoothing": 0.1 if translation else 0.0,
@@ -115,7 +229,7 @@ def check_new_run(spec: TrainSpec) -> None:
     """Refuse flags that a new run of this task cannot use, naming them."""
     if spec.init is not None:
         if spec.task == "translation":
-            raise ValueError("--init starts GPT-2 models (--task lm, qa or sft), not translation")
+            raise ConfigError("--init starts GPT-2 models (--task lm, qa or sft), not translation")
         shape = {
             "--preset": spec.preset,
             "--n-layers": spec.n_layers,
@@ -128,15 +242,19 @@ def check_new_run(spec: TrainSpec) -> None:
         }
         given = [flag for flag, value in shape.items() if value is not None]
         if given:
-            raise ValueError(
+            raise ConfigError(
                 f"--init takes the model's shape and tokenizer from {spec.init}; drop "
                 f"{', '.join(given)}"
             )
     if spec.task != "qa" and spec.reader is not None:
-        raise ValueError("--reader picks the kind of question-answering model: add --task qa")
+        raise ConfigError("--reader picks the kind of question-answering model: add --task qa")
 
 
 def train_options(spec: TrainSpec) -> dict:
-    """The spec's TrainConfig fields (dtype aside, which is resolved for the device)."""
-    fields = asdict(TrainConfig())
-    return {name: getattr(spec, name) for name in fields if name != "dtype"}
+    """The spec's TrainConfig fields (dtype aside, which is resolved for the device); steps
+    only when given, so that a new run takes TrainConfig's."""
+    names = [name for name in asdict(TrainConfig()) if name != "dtype"]
+    options = {name: getattr(spec, name) for name in names}
+    if options["steps"] is None:
+        del options["steps"]
+    return options

@@ -12,11 +12,12 @@ from pathlib import Path
 
 import torch
 
+from tformer.errors import ConfigError
 from tformer.models import adapters
 from tformer.models.adapters import lora_targets
 from tformer.models.gpt2 import GPT2, GPT2Config
 from tformer.models.gpt2_qa import GPT2ForQuestionAnswering
-from tformer.nn.lora import LoRAConfig, add_lora, lora_layers, merge_lora
+from tformer.nn.lora import LoRAConfig, add_lora, lora_layers, merge_lora, target_layers
 from tformer.recipes.spec import TrainSpec
 
 SMALL_MODEL = dict(n_layers=4, n_heads=4, d_model=128)  # sizes no flag or preset gives
@@ -63,10 +64,10 @@ def lora_settings(spec: TrainSpec) -> dict | None:
     if spec.lora_rank is None:
         flags = [flag for flag, value in given.items() if value is not None]
         if flags:
-            raise ValueError(f"{', '.join(flags)} go with --lora-rank (LoRA fine-tuning)")
+            raise ConfigError(f"{', '.join(flags)} go with --lora-rank (LoRA fine-tuning)")
         return None
     if spec.init is None:
-        raise ValueError("LoRA adapts a trained model: give it with --init CHECKPOINT")
+        raise ConfigError("LoRA adapts a trained model: give it with --init CHECKPOINT")
     targets = [t.strip() for t in (spec.lora_targets or "c_attn").split(",") if t.strip()]
     lora = LoRAConfig(
         rank=spec.lora_rank,
@@ -96,7 +97,7 @@ def prepare_init(model: torch.nn.Module, saved: dict, seed: int, say) -> None:
     adapters folded in first), or frozen with LoRA layers added (a reader's head trains)."""
     if lora_layers(model):
         if saved["lora"]:
-            raise ValueError(
+            raise ConfigError(
                 f"{saved['init']} holds LoRA adapters; new adapters start from a plain model "
                 "(train that run with --merge, and --init from it)"
             )
@@ -106,14 +107,29 @@ def prepare_init(model: torch.nn.Module, saved: dict, seed: int, say) -> None:
     if not saved["lora"]:
         return
     if not isinstance(model, (GPT2, GPT2ForQuestionAnswering)):
-        raise ValueError("LoRA adapts GPT-2 models (PEFT's layout); train this reader in full")
+        raise ConfigError("LoRA adapts GPT-2 models (PEFT's layout); train this reader in full")
     lora = LoRAConfig(**saved["lora"])
+    check_rank(adapters.body(model), lora)
     names = add_lora(adapters.body(model), lora, seed=seed)
     say(
         f"LoRA: rank {lora.rank}, alpha {lora.alpha:g} on {len(names)} layers "
         f"({', '.join(lora.targets)}); {trainable_parameters(model):,} of "
         f"{model.num_parameters():,} parameters train"
     )
+
+
+def check_rank(model: torch.nn.Module, lora: LoRAConfig) -> None:
+    """Refuse a rank above a layer's smaller side: B A (out x r times r x in) then has
+    more numbers than an update of that layer can use, for the cost of a full one."""
+    for name in target_layers(model, lora):
+        layer = model.get_submodule(name)
+        largest = min(layer.in_features, layer.out_features)
+        if lora.rank > largest:
+            raise ConfigError(
+                f"--lora-rank {lora.rank} is larger than the layer it adapts: {name} is "
+                f"{layer.out_features} x {layer.in_features}, so the rank can be at most "
+                f"{largest}"
+            )
 
 
 def merge_run(model: torch.nn.Module, out: Path, tokenizer) -> None:

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from tformer.data.parallel import BUILTIN_PARALLEL, ParallelBatches, ParallelCorpus, load_parallel
+from tformer.errors import ConfigError
 from tformer.files import sha256_of
 from tformer.generate.beam import BeamConfig
 from tformer.generate.translate import corpus_scores, translate
@@ -51,7 +52,7 @@ def model_config(spec: TrainSpec, vocab_size: int, attention: str) -> Seq2SeqCon
     """The preset (small by default) with the sizes the spec gives."""
     preset = spec.preset or "small"
     if preset not in PRESETS:
-        raise ValueError(
+        raise ConfigError(
             f"--preset {preset!r} is a GPT-2 size; translation presets: {', '.join(PRESETS)}"
         )
     overrides = {

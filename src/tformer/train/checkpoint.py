@@ -12,9 +12,15 @@ the link swapped, itself atomically (a new link renamed over the old). A crash a
 leaves `last` pointing at a complete checkpoint: the previous one or the new one.
 `trainer_state.pt` holds everything else an exact resume needs (optimizer moments, step, the
 random generators' states) and is read with `weights_only=True`.
+
+A save that fails (a full disk: torch and safetensors raise their own errors for it) removes
+its temporary and raises a WriteError naming the checkpoint, the cause and the step that is
+still intact. Pruning removes only what this module writes (`step-NNNNNN` directories and
+their temporaries): anything else under checkpoints/ is someone else's and stays.
 """
 
 import os
+import re
 import shutil
 import uuid
 from pathlib import Path
@@ -22,9 +28,14 @@ from typing import Any
 
 import torch
 
+from tformer.files import WRITE_ERRORS, write_failure
 from tformer.tokenizers import Tokenizer
 
 STATE_FILE = "trainer_state.pt"
+CHECKPOINT = re.compile(r"step-\d{6,}")  # a checkpoint's directory name
+TEMPORARY = re.compile(r"\.step-\d{6,}\.[0-9a-f]{8}\.tmp")  # one being written
+# The run directory's own temporaries: `.NAME.HEX.tmp`, by `point` and tformer.files.
+RUN_TEMPORARY = re.compile(r"\..+\.(?:[0-9a-f]{8}|[0-9a-f]{12})\.tmp")
 
 
 def _fsync_dir(path: Path) -> None:
@@ -46,14 +57,16 @@ def point(link: Path, target: Path) -> None:
 def save_checkpoint(
     run_dir: Path, step: int, model: Any, tokenizer: Tokenizer | None, state: dict, best: bool
 ) -> Path:
-    """Write checkpoint `step` and point `last` (and `best` if `best`) at it."""
+    """Write checkpoint `step` and point `last` (and `best` if `best`) at it; a failed
+    write is a WriteError that says which step is still intact."""
     checkpoints = run_dir / "checkpoints"
     final = checkpoints / f"step-{step:06d}"
+    intact = intact_note(run_dir)
     if final.exists():  # nothing links to it (see forget_after): a leftover of a crash
         shutil.rmtree(final)
     tmp = checkpoints / f".step-{step:06d}.{uuid.uuid4().hex[:8]}.tmp"
-    tmp.mkdir(parents=True)
     try:
+        tmp.mkdir(parents=True)
         model.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save(tmp)
@@ -63,21 +76,46 @@ def save_checkpoint(
                 os.fsync(handle.fileno())
         _fsync_dir(tmp)
         os.replace(tmp, final)
-    except BaseException:
+    except BaseException as e:
+        # described before the temporary goes: removing it frees the space it filled
+        failure = write_failure(final, e, intact) if isinstance(e, WRITE_ERRORS) else None
         shutil.rmtree(tmp, ignore_errors=True)
+        if failure is not None:
+            raise failure from None
         raise
-    _fsync_dir(checkpoints)
-    # `best` first: if the process dies between the two, `last` still holds the older state,
-    # whose best loss is the older one, and the resumed run re-points `best` when it gets there.
-    if best:
-        point(run_dir / "best", final)
-    point(run_dir / "last", final)
+    try:
+        _fsync_dir(checkpoints)
+        # `best` first: if the process dies between the two, `last` still holds the older
+        # state, whose best loss is the older one, and the resumed run re-points `best`
+        # when it gets there.
+        if best:
+            point(run_dir / "best", final)
+        point(run_dir / "last", final)
+    except OSError as e:
+        raise write_failure(run_dir / "last", e, f"{final} is complete; {intact}") from None
     prune(run_dir)
     return final
 
 
+def intact_note(run_dir: Path) -> str:
+    """What a failed write leaves intact: "step 200 (RUN/last) is intact"."""
+    last = run_dir / "last"
+    if not last.exists():
+        return "no checkpoint was saved before it"
+    return f"step {step_of(last)} ({last}) is intact"
+
+
 def step_of(checkpoint: Path) -> int:
     return int(checkpoint.resolve().name.removeprefix("step-"))
+
+
+def checkpoints_newest_first(run_dir: Path) -> list[Path]:
+    """The run's checkpoint directories (`checkpoints/step-NNNNNN`), the latest step first."""
+    folder = run_dir / "checkpoints"
+    if not folder.is_dir():
+        return []
+    found = [p for p in folder.iterdir() if CHECKPOINT.fullmatch(p.name) and p.is_dir()]
+    return sorted(found, key=lambda p: p.name, reverse=True)
 
 
 def forget_after(run_dir: Path, step: int) -> None:
@@ -88,17 +126,20 @@ def forget_after(run_dir: Path, step: int) -> None:
     if best.is_symlink() and (not best.exists() or step_of(best) > step):
         best.unlink()
     prune(run_dir)
-    for leftover in run_dir.glob(".*.tmp"):
-        leftover.unlink(missing_ok=True)
+    for leftover in run_dir.iterdir():
+        if RUN_TEMPORARY.fullmatch(leftover.name) and not leftover.is_dir():
+            leftover.unlink(missing_ok=True)
 
 
 def prune(run_dir: Path) -> None:
-    """Remove checkpoints that neither `last` nor `best` points at, and stale temporaries."""
+    """Remove the checkpoints that neither `last` nor `best` points at, and stale
+    temporaries: only `step-NNNNNN` and `.step-NNNNNN.HEX.tmp`, never another name."""
     keep = {(run_dir / name).resolve() for name in ("last", "best") if (run_dir / name).exists()}
     if not (run_dir / "checkpoints").is_dir():
         return
     for path in (run_dir / "checkpoints").iterdir():
-        if path.resolve() not in keep:
+        ours = CHECKPOINT.fullmatch(path.name) or TEMPORARY.fullmatch(path.name)
+        if ours and not path.is_symlink() and path.resolve() not in keep:
             shutil.rmtree(path, ignore_errors=True)
 
 

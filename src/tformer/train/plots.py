@@ -1,10 +1,11 @@
 """The loss curve of a run: training loss per step and validation loss per evaluation."""
 
-import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tformer.files import atomic_write
+from tformer.errors import DataError
+from tformer.files import atomic_write, write_failure
+from tformer.train.metrics import METRICS_FILE, read_metrics
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -26,19 +27,30 @@ def new_figure(**kwargs: Any) -> "Figure":
     return fig
 
 
-def read_metrics(run_dir: Path) -> list[dict]:
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: missing; is {run_dir} a training run directory?")
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
+def points(run_dir: Path, records: list[dict], kind: str, key: str) -> list[tuple[int, float]]:
+    """(step, value of `key`) of each record of type `kind`; a record without a number
+    there is an error naming the file."""
+    found = []
+    for record in records:
+        if record["type"] != kind:
+            continue
+        value = record.get(key)
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            where = f"{run_dir / METRICS_FILE}, step {record['step']}"
+            raise DataError(where, f"a {kind} record without a number '{key}'")
+        found.append((record["step"], value))
+    return found
 
 
-def plot_losses(run_dir: str | Path) -> Path:
-    """Write run_dir/loss.png from run_dir/metrics.jsonl; return its path."""
+def plot_losses(run_dir: str | Path, intact: str = "") -> Path:
+    """Write run_dir/loss.png from run_dir/metrics.jsonl; return its path. A write that
+    fails is a WriteError that ends with `intact` (what the caller knows is safe)."""
     run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"{run_dir}: no such directory (a training run's, expected)")
     records = read_metrics(run_dir)
-    train = [(r["step"], r["loss"]) for r in records if r["type"] == "train"]
-    evals = [(r["step"], r["val_loss"]) for r in records if r["type"] == "eval"]
+    train = points(run_dir, records, "train", "loss")
+    evals = points(run_dir, records, "eval", "val_loss")
     fig = new_figure(figsize=(8, 4.5), dpi=120)
     ax = fig.subplots()
     if train:
@@ -52,5 +64,8 @@ def plot_losses(run_dir: str | Path) -> Path:
     ax.legend()
     fig.tight_layout()
     path = run_dir / PLOT_FILE
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
+    try:
+        atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
+    except OSError as e:
+        raise write_failure(path, e, intact or f"{path.name} is as it was") from None
     return path

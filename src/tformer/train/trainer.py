@@ -18,7 +18,6 @@ every checkpoint, so a resumed run continues with exactly the losses it would ha
 """
 
 import contextlib
-import json
 import math
 import sys
 import time
@@ -32,13 +31,23 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from tformer.checks import check_choice, check_number
 from tformer.data.tokens import IGNORE_INDEX, LMBatches
 from tformer.devices import flush_denormals, keep_freed_memory
-from tformer.files import atomic_write_json, atomic_write_text
+from tformer.errors import ConfigError, RunDirectoryError, TrainingInterrupted
+from tformer.files import WRITE_ERRORS, atomic_write_json, write_failure
 from tformer.tokenizers import Tokenizer
 from tformer.train import distributed
-from tformer.train.checkpoint import forget_after, load_state, save_checkpoint
+from tformer.train.checkpoint import (
+    checkpoints_newest_first,
+    forget_after,
+    intact_note,
+    load_state,
+    save_checkpoint,
+)
+from tformer.train.interrupts import StopRequests
 from tformer.train.losses import label_smoothed_cross_entropy
+from tformer.train.metrics import METRICS_FILE, MetricsLog
 from tformer.train.optim import (
     AdamW,
     build_optimizer,
@@ -47,7 +56,6 @@ from tformer.train.optim import (
 )
 from tformer.train.plots import plot_losses
 
-METRICS_FILE = "metrics.jsonl"
 EVAL_SEED = 1234  # the periodic evaluation always scores the same windows
 
 
@@ -77,33 +85,39 @@ class TrainConfig:
     parallel: str = "ddp"  # across processes: "ddp" (replicas) or "fsdp" (sharded)
 
     def __post_init__(self) -> None:
-        positive = ("steps", "batch_size", "grad_accum", "eval_batches")
-        for name in positive:
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        non_negative = ("warmup_steps", "eval_every", "checkpoint_every", "weight_decay")
-        for name in (*non_negative, "grad_clip"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        """Refuse any field out of its range or of the wrong type, naming it: a NaN or a
+        beta of 1 would otherwise surface steps later as a loss blamed on --lr."""
+        for name in ("steps", "batch_size", "grad_accum", "eval_batches"):
+            check_number(name, getattr(self, name), integer=True, low=1)
+        for name in ("warmup_steps", "eval_every", "checkpoint_every"):
+            check_number(name, getattr(self, name), integer=True, low=0)
+        check_number("decay_steps", self.decay_steps, integer=True, low=1, optional=True)
+        check_number("seed", self.seed, integer=True, low=0)
+        for name in ("lr", "min_lr"):
+            check_number(name, getattr(self, name), low=0, low_open=True)
+        for name in ("weight_decay", "grad_clip"):
+            check_number(name, getattr(self, name), low=0)
+        for name in ("beta1", "beta2", "label_smoothing"):
+            check_number(name, getattr(self, name), low=0, high=1, high_open=True)
+        check_choice("schedule", self.schedule, ("cosine", "inverse_sqrt"))
+        check_choice("final_eval", self.final_eval, ("full", "sample"))
+        check_choice("dtype", self.dtype, ("float32", "bfloat16", "float16"))
+        check_choice("parallel", self.parallel, ("ddp", "fsdp"))
+        for name in ("activation_checkpointing", "compile"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if self.batch_size % self.grad_accum != 0:
-            raise ValueError(
+            raise ConfigError(
                 f"batch_size ({self.batch_size}) must be divisible by "
                 f"grad_accum ({self.grad_accum})"
             )
-        if not 0 < self.min_lr <= self.lr:
-            raise ValueError(f"need 0 < min_lr <= lr, got min_lr={self.min_lr}, lr={self.lr}")
-        if self.final_eval not in ("full", "sample"):
-            raise ValueError(f"final_eval must be 'full' or 'sample', got {self.final_eval!r}")
-        if self.schedule not in ("cosine", "inverse_sqrt"):
-            raise ValueError(f"schedule must be 'cosine' or 'inverse_sqrt', got {self.schedule!r}")
+        if self.min_lr > self.lr:
+            raise ConfigError(
+                f"min_lr must be <= lr (the schedule decays to it), got min_lr={self.min_lr}, "
+                f"lr={self.lr}"
+            )
         if self.schedule == "inverse_sqrt" and self.warmup_steps == 0:
-            raise ValueError("the inverse_sqrt schedule needs warmup_steps >= 1")
-        if not 0.0 <= self.label_smoothing < 1.0:
-            raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
-        if self.dtype not in ("float32", "bfloat16", "float16"):
-            raise ValueError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
-        if self.parallel not in ("ddp", "fsdp"):
-            raise ValueError(f"parallel must be 'ddp' or 'fsdp', got {self.parallel!r}")
+            raise ConfigError("the inverse_sqrt schedule needs warmup_steps >= 1")
 
     @property
     def last_decay_step(self) -> int:
@@ -217,29 +231,6 @@ def evaluate(
     return {"loss": loss, "accuracy": correct / count, "perplexity": perplexity}
 
 
-class MetricsLog:
-    """metrics.jsonl: one JSON object per line, appended as training goes."""
-
-    def __init__(self, path: Path | None) -> None:
-        self.path = path
-
-    def truncate_after(self, step: int) -> None:
-        """Drop what a crashed run logged after the checkpoint it resumes from."""
-        if self.path is None or not self.path.is_file():
-            return
-        kept = [
-            line
-            for line in self.path.read_text(encoding="utf-8").splitlines()
-            if line.strip() and json.loads(line)["step"] <= step
-        ]
-        atomic_write_text(self.path, "".join(line + "\n" for line in kept))
-
-    def write(self, record: dict) -> None:
-        if self.path is not None:
-            with open(self.path, "a", encoding="utf-8") as f:
-                f.write(json.dumps(record) + "\n")
-
-
 def fit(
     model: nn.Module,
     train: LMBatches,
@@ -261,7 +252,12 @@ def fit(
     With run_dir: metrics.jsonl, checkpoints (`last`, `best`) every checkpoint_every steps,
     at each better validation loss and at the end, and the final model (with `tokenizer`) and
     the loss curve (loss.png) in run_dir itself. With resume, continue from run_dir/last
-    exactly where it stopped.
+    exactly where it stopped; a config with more steps than the run had extends it (the
+    caller keeps decay_steps where it was: see tformer.recipes.run_dir.extended).
+
+    SIGINT or SIGTERM (tformer.train.interrupts) ends the current step, saves a checkpoint
+    and raises TrainingInterrupted; a second signal stops at once. A write that fails (a
+    full disk) raises WriteError, saying which checkpoint is intact.
     """
     # Numbers below ~1e-38 (denormals) take the CPU's slow path: late in training, when
     # some gradients and Adam moments get that small, they made float32 steps markedly
@@ -334,19 +330,29 @@ def _fit(
     start, best_val = 0, math.inf
     if resume:
         start, best_val = restore(model, optimizer, scaler, generator, last)
+        if start > config.steps:
+            raise ConfigError(
+                f"{last} is at step {start}, past the run's {config.steps} steps: give more steps"
+            )
         if dist.is_main:
             forget_after(run_dir, start)
-            log.truncate_after(start)
+            note = log.truncate_after(start)
+            if note is not None:
+                print(note, file=sys.stderr)
         distributed.barrier()
     elif run_dir is not None and dist.is_main:
-        if (run_dir / "last").exists() or any((run_dir / "checkpoints").glob("step-*")):
-            raise FileExistsError(
+        if (run_dir / "last").exists() or any(checkpoints_newest_first(run_dir)):
+            raise RunDirectoryError(
                 f"{run_dir} already holds a run; pass --resume to continue it, or choose "
                 "another output directory"
             )
         run_dir.mkdir(parents=True, exist_ok=True)
         log.truncate_after(-1)
-        atomic_write_json(run_dir / "train_config.json", asdict(config))
+        config_file = run_dir / "train_config.json"
+        try:
+            atomic_write_json(config_file, asdict(config))
+        except OSError as e:
+            raise write_failure(config_file, e, "no checkpoint was saved yet") from None
 
     scored = ScoredLogits(model, one_path=sharded)
     ddp = DistributedDataParallel(scored) if dist.world_size > 1 and not sharded else scored
@@ -354,6 +360,16 @@ def _fit(
     model.train()
     history: list[dict[str, Any]] = []
     tokens_seen = 0  # tokens (Batch.token_count) since this process started (or resumed)
+    intact = intact_note(run_dir) if run_dir is not None else ""  # for a failed write's note
+
+    def save(done: int, is_best: bool) -> None:
+        """Checkpoint `done`: under FSDP every process takes part in gathering it."""
+        state = training_state(done, best_val, model, optimizer, scaler, generator, config)
+        whole = distributed.whole_model(model)
+        if dist.is_main:
+            save_checkpoint(run_dir, done, whole, tokenizer, state, is_best)
+        distributed.barrier()
+
     bar = tqdm(
         total=config.steps,
         initial=start,
@@ -362,125 +378,158 @@ def _fit(
         dynamic_ncols=True,
     )
     started = time.perf_counter()
-    for step in range(start, config.steps):
-        lr = config.learning_rate(step)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        total = torch.zeros((), device=device)
-        for m in range(config.grad_accum):
-            # Every process draws the same global micro-batch and takes its own rows, so the
-            # data (and the result) do not depend on the number of processes.
-            batch = train.sample(micro, generator)
-            tokens_seen += batch.token_count()  # all processes' rows
-            share = 1.0
-            if dist.world_size > 1:
-                # With padding the processes' rows score different numbers of targets: each
-                # process's mean is weighted by its share of the micro-batch's scored
-                # targets (times the processes the gradients are averaged over), so that the
-                # loss is the mean over all of them, as in one process.
-                everyone = int((batch.targets != IGNORE_INDEX).sum())
-                batch = batch.rows(dist.rank * rows, (dist.rank + 1) * rows)
-                share = int((batch.targets != IGNORE_INDEX).sum()) / everyone * dist.world_size
-            batch = batch.to(device)
-            with gradient_sync(ddp, model, on=m == config.grad_accum - 1):
-                with autocast(device, config.dtype):
-                    logits, targets = step_model(batch.inputs, batch.targets)
-                if share == 0.0:  # nothing to score here; the graph still joins the averaging
-                    loss = logits.sum() * 0.0
-                else:
-                    loss = cross_entropy(logits, targets, config.label_smoothing)
-                    if share != 1.0:
-                        loss = loss * share
-                loss = loss / config.grad_accum
-                scaler.scale(loss).backward()
-            total += loss.detach()
-        clip = config.grad_clip if config.grad_clip > 0 else None
-        if clip is not None:
-            scaler.unscale_(optimizer)  # clip the true gradients (a no-op unless float16)
-        if isinstance(optimizer, AdamW):
-            scaler.step(optimizer, max_grad_norm=clip)  # clipped inside the update's pass
-        else:  # FSDP's torch.optim.AdamW
+    with StopRequests() as stops:
+        for step in range(start, config.steps):
+            lr = config.learning_rate(step)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            total = torch.zeros((), device=device)
+            for m in range(config.grad_accum):
+                # Every process draws the same global micro-batch and takes its own rows, so
+                # the data (and the result) do not depend on the number of processes.
+                batch = train.sample(micro, generator)
+                tokens_seen += batch.token_count()  # all processes' rows
+                share = 1.0
+                if dist.world_size > 1:
+                    # With padding the processes' rows score different numbers of targets:
+                    # each process's mean is weighted by its share of the micro-batch's
+                    # scored targets (times the processes the gradients are averaged over),
+                    # so that the loss is the mean over all of them, as in one process.
+                    everyone = int((batch.targets != IGNORE_INDEX).sum())
+                    batch = batch.rows(dist.rank * rows, (dist.rank + 1) * rows)
+                    share = int((batch.targets != IGNORE_INDEX).sum()) / everyone * dist.world_size
+                batch = batch.to(device)
+                with gradient_sync(ddp, model, on=m == config.grad_accum - 1):
+                    with autocast(device, config.dtype):
+                        logits, targets = step_model(batch.inputs, batch.targets)
+                    if share == 0.0:  # nothing to score here; the graph still joins the sync
+                        loss = logits.sum() * 0.0
+                    else:
+                        loss = cross_entropy(logits, targets, config.label_smoothing)
+                        if share != 1.0:
+                            loss = loss * share
+                    loss = loss / config.grad_accum
+                    scaler.scale(loss).backward()
+                total += loss.detach()
+            clip = config.grad_clip if config.grad_clip > 0 else None
             if clip is not None:
-                nn.utils.clip_grad_norm_(model.parameters(), clip, foreach=True)
-            scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
+                scaler.unscale_(optimizer)  # clip the true gradients (a no-op unless float16)
+            if isinstance(optimizer, AdamW):
+                scaler.step(optimizer, max_grad_norm=clip)  # clipped inside the update's pass
+            else:  # FSDP's torch.optim.AdamW
+                if clip is not None:
+                    nn.utils.clip_grad_norm_(model.parameters(), clip, foreach=True)
+                scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
 
-        loss_value = distributed.all_reduce_sum(total).item() / dist.world_size
-        if not math.isfinite(loss_value):
-            raise FloatingPointError(
-                f"the training loss became {loss_value} at step {step + 1}; lower --lr, keep "
-                "--grad-clip on, or resume from an earlier checkpoint"
-            )
-        elapsed = time.perf_counter() - started
-        done = step + 1
-        record = {
-            "type": "train",
-            "step": done,
-            "loss": loss_value,
-            "lr": lr,
-            "tokens_per_second": round(tokens_seen / elapsed, 1),
-        }
-        history.append(record)
-        log.write(record)
-        if on_record is not None:
-            on_record(record)
-        bar.update(1)
-        bar.set_postfix(
-            loss=f"{loss_value:.4f}",
-            lr=f"{lr:.2e}",
-            tok_s=f"{record['tokens_per_second']:.0f}",
-            refresh=False,
-        )
-
-        last = done == config.steps
-        if val is not None and ((config.eval_every and done % config.eval_every == 0) or last):
-            # Periodic evaluations score the same sample of windows each time; the final one
-            # may score the whole validation set (in bigger batches: no activations are kept).
-            full = last and config.final_eval == "full"
-            if full:
-                metrics = evaluate(model, val, 4 * micro, None, config.dtype)
-            else:
-                metrics = evaluate(model, val, micro, config.eval_batches, config.dtype)
+            # One all-reduce carries the loss and whether any process was asked to stop, so
+            # that all of them stop after the same step.
+            both = torch.cat([total.reshape(1), torch.tensor(stops.votes(), device=device)])
+            loss_sum, *votes = distributed.all_reduce_sum(both).tolist()
+            loss_value = loss_sum / dist.world_size
+            if not math.isfinite(loss_value):
+                raise FloatingPointError(
+                    f"the training loss became {loss_value} at step {step + 1}; lower --lr, "
+                    "keep --grad-clip on, or resume from an earlier checkpoint"
+                )
+            elapsed = time.perf_counter() - started
+            done = step + 1
             record = {
-                "type": "eval",
+                "type": "train",
                 "step": done,
-                "full": full,
-                **{f"val_{k}": v for k, v in metrics.items()},
+                "loss": loss_value,
+                "lr": lr,
+                "tokens_per_second": round(tokens_seen / elapsed, 1),
             }
             history.append(record)
-            log.write(record)
+            log.write(record, intact)
             if on_record is not None:
                 on_record(record)
-            if dist.is_main and print_evaluations:
-                bar.write(
-                    f"step {done}: val loss {metrics['loss']:.4f}, accuracy "
-                    f"{metrics['accuracy']:.3f}, perplexity {metrics['perplexity']:.2f}",
-                    file=sys.stderr,
-                )
-            is_best = metrics["loss"] < best_val
-            best_val = min(best_val, metrics["loss"])
-        else:
-            is_best = False
-        # A checkpoint when due, at the end, and whenever the validation loss improves (so
-        # `best` always points at the best model evaluated).
-        due = config.checkpoint_every and done % config.checkpoint_every == 0
-        if run_dir is not None and (last or due or is_best):
-            # Under FSDP every process takes part in gathering the whole state.
-            state = training_state(done, best_val, model, optimizer, scaler, generator, config)
-            whole = distributed.whole_model(model)
-            if dist.is_main:
-                save_checkpoint(run_dir, done, whole, tokenizer, state, is_best)
-            distributed.barrier()
+            bar.update(1)
+            bar.set_postfix(
+                loss=f"{loss_value:.4f}",
+                lr=f"{lr:.2e}",
+                tok_s=f"{record['tokens_per_second']:.0f}",
+                refresh=False,
+            )
+
+            last = done == config.steps
+            due_eval = config.eval_every and done % config.eval_every == 0
+            if val is not None and (due_eval or last):
+                # Periodic evaluations score the same sample of windows each time; the final
+                # one may score the whole validation set (in bigger batches: no activations
+                # are kept).
+                full = last and config.final_eval == "full"
+                if full:
+                    metrics = evaluate(model, val, 4 * micro, None, config.dtype)
+                else:
+                    metrics = evaluate(model, val, micro, config.eval_batches, config.dtype)
+                record = {
+                    "type": "eval",
+                    "step": done,
+                    "full": full,
+                    **{f"val_{k}": v for k, v in metrics.items()},
+                }
+                history.append(record)
+                log.write(record, intact)
+                if on_record is not None:
+                    on_record(record)
+                if dist.is_main and print_evaluations:
+                    bar.write(
+                        f"step {done}: val loss {metrics['loss']:.4f}, accuracy "
+                        f"{metrics['accuracy']:.3f}, perplexity {metrics['perplexity']:.2f}",
+                        file=sys.stderr,
+                    )
+                is_best = metrics["loss"] < best_val
+                best_val = min(best_val, metrics["loss"])
+            else:
+                is_best = False
+            # A checkpoint when due, at the end, and whenever the validation loss improves
+            # (so `best` always points at the best model evaluated), and when asked to stop.
+            due = config.checkpoint_every and done % config.checkpoint_every == 0
+            if dist.world_size == 1:  # a signal that came after the vote counts too
+                votes = stops.votes()
+            stop = sum(votes) > 0
+            if run_dir is not None and (last or due or is_best or stop):
+                save(done, is_best)
+                intact = intact_note(run_dir) if dist.is_main else ""
+            if stop:
+                bar.close()
+                raise interrupted(done, config.steps, run_dir, stops.exit_code(votes))
     bar.close()
     if run_dir is not None:
         whole = distributed.whole_model(model)
         if dist.is_main:
-            whole.save_pretrained(run_dir)  # the finished model, loadable from the run directory
-            if tokenizer is not None:
-                tokenizer.save(run_dir)
-            plot_losses(run_dir)
+            finish_run_directory(run_dir, whole, tokenizer, intact)
     return history
+
+
+def interrupted(step: int, steps: int, run_dir: Path | None, exit_code: int) -> TrainingInterrupted:
+    """The stop at a signal after step `step`, whose checkpoint the run directory holds."""
+    if run_dir is None:
+        return TrainingInterrupted(
+            f"interrupted at step {step} of {steps}; nothing saved (no run directory)",
+            step,
+            None,
+            exit_code,
+        )
+    saved = run_dir / "checkpoints" / f"step-{step:06d}"
+    message = f"interrupted at step {step} of {steps}; saved {saved}"
+    return TrainingInterrupted(message, step, str(saved), exit_code)
+
+
+def finish_run_directory(
+    run_dir: Path, model: nn.Module, tokenizer: Tokenizer | None, intact: str
+) -> None:
+    """The finished model, loadable from the run directory itself, and its loss curve."""
+    try:
+        model.save_pretrained(run_dir)
+        if tokenizer is not None:
+            tokenizer.save(run_dir)
+    except WRITE_ERRORS as e:
+        raise write_failure(run_dir, e, intact, what=f"the final model in {run_dir}") from None
+    plot_losses(run_dir, intact)
 
 
 @contextlib.contextmanager
