@@ -46,3 +46,14 @@ def test_read_json_names_the_file_and_the_problem(tmp_path):
     (tmp_path / "list.json").write_text("[1]")
     with pytest.raises(ValueError, match="expected a JSON object"):
         read_json(tmp_path / "list.json", "a config")
+
+
+def test_json_writes_numpy_and_torch_scalars_as_plain_numbers(tmp_path):
+    import numpy as np
+    import torch
+
+    scalars = {"a": np.int64(3), "b": np.float32(0.5), "c": torch.tensor(2)}
+    atomic_write_json(tmp_path / "c.json", scalars)
+    assert read_json(tmp_path / "c.json", "a config") == {"a": 3, "b": 0.5, "c": 2}
+    with pytest.raises(TypeError, match="object"):
+        atomic_write_json(tmp_path / "d.json", {"a": object()})

@@ -10,6 +10,7 @@ The config dataclasses call these in __post_init__, so the Python API and the co
 """
 
 import math
+import numbers
 from collections.abc import Iterable
 from typing import Any
 
@@ -27,12 +28,23 @@ def describe_range(
     kind = "an integer" if integer else "a finite number"
     if low is not None and high is not None:
         left, right = "(" if low_open else "[", ")" if high_open else "]"
-        return f"{kind} in {left}{low:g}, {high:g}{right}"
+        return f"{kind} in {left}{bound(low)}, {bound(high)}{right}"
     if low is not None:
-        return f"{kind} {'>' if low_open else '>='} {low:g}"
+        return f"{kind} {'>' if low_open else '>='} {bound(low)}"
     if high is not None:
-        return f"{kind} {'<' if high_open else '<='} {high:g}"
+        return f"{kind} {'<' if high_open else '<='} {bound(high)}"
     return kind
+
+
+def bound(value: float) -> str:
+    """A range's end as text: an integer exactly (a seed's 9223372036854775807, not
+    9.22337e+18), a whole float without its ".0" (1, not 1.0), another in Python's shortest
+    form (0.1, 1e-08)."""
+    if isinstance(value, numbers.Integral):
+        return str(int(value))
+    if float(value).is_integer() and abs(value) < 1e16:
+        return str(int(value))
+    return repr(float(value))
 
 
 def number_problem(
@@ -43,12 +55,16 @@ def number_problem(
     low_open: bool = False,
     high_open: bool = False,
 ) -> str | None:
-    """None if `value` is such a number, else "must be ..., got ..." (no name)."""
+    """None if `value` is such a number, else "must be ..., got ..." (no name).
+
+    Integers are any numbers.Integral (Python's int, numpy's int64), other numbers any
+    numbers.Real (float, numpy's float32); bools are neither here, and neither are NaN and
+    the infinities."""
     wanted = describe_range(integer, low, high, low_open, high_open)
-    if isinstance(value, bool) or not isinstance(value, int | float):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         ok = False  # True is an int to Python, never a count or a rate to a user
     elif integer:
-        ok = isinstance(value, int)
+        ok = isinstance(value, numbers.Integral)
     else:
         ok = math.isfinite(value)
     if ok and low is not None:

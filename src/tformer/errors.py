@@ -32,7 +32,8 @@ class ConfigError(TformerError, ValueError):
 
 class DataError(TformerError, ValueError):
     """A record of a data file that cannot be used: `where` is the file and the line or
-    entry (e.g. "train.jsonl, line 3"), `problem` what is wrong with which field."""
+    entry (e.g. "train.jsonl:3" for a line, "dev.json, question '56be4db0'" for an entry
+    of SQuAD JSON), `problem` what is wrong with which field."""
 
     def __init__(self, where: str, problem: str) -> None:
         super().__init__(f"{where}: {problem}")

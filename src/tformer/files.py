@@ -10,14 +10,25 @@ A directory that one process writes for a long time (a training run) holds DIR/.
 locked with flock(2) while it writes: a second writer is refused at once, told the first
 one's process id, and the kernel drops the lock when its holder dies, even by SIGKILL, so a
 crash never leaves a directory locked.
+
+Whether a directory is locked is asked (check_unlocked) by trying for a *shared* lock and
+letting it go at once: it fails only while a writer holds the exclusive one, and two such
+probes never refuse each other. For that moment a writer cannot take its exclusive lock,
+so lock_directory tries again for LOCK_PATIENCE seconds before it refuses: far longer than
+any probe holds its lock, far shorter than any writer holds its own. (A probe without
+taking any lock would need F_GETLK, which Linux answers only for fcntl locks, not for
+flock's.) The holder's process id is written into DIR/.lock only when it has checked what
+it was asked to do (DirectoryLock.announce): a command that is refused changes nothing.
 """
 
 import errno
 import fcntl
 import hashlib
 import json
+import numbers
 import os
 import socket
+import time
 import uuid
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -28,11 +39,16 @@ from safetensors import SafetensorError
 from tformer.errors import RunLockedError, WriteError
 
 LOCK_FILE = ".lock"
+LOCK_PATIENCE = 0.2  # seconds lock_directory waits out a probe's momentary shared lock
 # Errors that mean the disk is full, in words; any other OSError says its own strerror.
 FULL_DISK = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded"}
-# What a failed write raises: OSError, and torch's and safetensors' own errors for a full
-# disk (torch: RuntimeError "unexpected pos 64 vs 0").
+# What a failed write may raise: OSError, and torch's and safetensors' own errors for a full
+# disk. Catch these, then ask `is_write_error`: only some RuntimeErrors are failed writes.
 WRITE_ERRORS = (OSError, RuntimeError, SafetensorError)
+# How torch's RuntimeError says that a file could not be written ("unexpected pos 64 vs 0",
+# "PytorchStreamWriter failed writing file data/0: file write failed"); any other
+# RuntimeError during a save is a bug to report, not a full disk.
+TORCH_WRITE_FAILURES = ("unexpected pos", "PytorchStreamWriter failed", "file write failed")
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
@@ -61,7 +77,17 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+    text = json.dumps(obj, indent=2, ensure_ascii=False, default=plain_number)
+    atomic_write_text(path, text + "\n")
+
+
+def plain_number(value: Any) -> int | float:
+    """A numpy (or torch) scalar as the Python number JSON writes: a config may hold one."""
+    if hasattr(value, "item"):  # numpy's and torch's scalars
+        return value.item()
+    if isinstance(value, numbers.Real):  # e.g. a Fraction
+        return float(value)
+    raise TypeError(f"cannot write a {type(value).__name__} as JSON")
 
 
 def read_json(path: str | os.PathLike, what: str) -> dict:
@@ -90,6 +116,15 @@ def sha256_of(pieces: Iterable[str]) -> str:
     for piece in pieces:
         digest.update(piece.encode("utf-8"))
     return digest.hexdigest()
+
+
+def is_write_error(error: BaseException) -> bool:
+    """Whether `error` (raised while saving) means the file could not be written."""
+    if isinstance(error, OSError | SafetensorError):
+        return True
+    return isinstance(error, RuntimeError) and any(
+        words in str(error) for words in TORCH_WRITE_FAILURES
+    )
 
 
 def write_failure(
@@ -128,8 +163,16 @@ def disk_is_full(path: Path) -> bool:
 class DirectoryLock:
     """The lock on one directory, held until `release()` (or until the process ends)."""
 
-    def __init__(self, directory: Path, fd: int) -> None:
-        self.directory, self._fd = directory, fd
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+
+    def announce(self) -> None:
+        """Write this process's id (and host) into the lock file, for whoever comes second:
+        once the holder has checked what it was asked to do and starts writing."""
+        if self._fd is None:
+            return
+        os.ftruncate(self._fd, 0)
+        os.pwrite(self._fd, f"{os.getpid()} {socket.gethostname()}\n".encode(), 0)
 
     def release(self) -> None:
         if self._fd is not None:
@@ -138,34 +181,38 @@ class DirectoryLock:
 
 
 def lock_directory(directory: str | os.PathLike) -> DirectoryLock:
-    """Lock DIR/.lock for this process (the directory must exist), writing its process id
-    there for whoever comes second; RunLockedError at once if another process holds it."""
+    """Lock DIR/.lock for this process (the directory must exist; the file is created
+    empty if missing, and not written: see DirectoryLock.announce); RunLockedError if
+    another process holds it (after LOCK_PATIENCE seconds, which outlast a probe)."""
     directory = Path(directory)
     # Not truncated on open: the file holds the current holder's id until we hold it.
     fd = os.open(directory / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    deadline = time.monotonic() + LOCK_PATIENCE
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = _read_holder(fd)
-        os.close(fd)
-        raise _locked(directory, holder) from None
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise _locked(directory, _read_holder(fd)) from None
+                time.sleep(0.01)
     except BaseException:
         os.close(fd)
         raise
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()} {socket.gethostname()}\n".encode(), 0)
-    return DirectoryLock(directory, fd)
+    return DirectoryLock(fd)
 
 
 def check_unlocked(directory: str | os.PathLike) -> None:
-    """RunLockedError if another process holds DIR/.lock; writes nothing."""
+    """RunLockedError if another process holds DIR/.lock; writes nothing, and takes only a
+    shared lock for a moment (see the module's docstring)."""
     path = Path(directory) / LOCK_FILE
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:  # no lock file (or none we may read): nobody holds one
         return
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
     except BlockingIOError:
         raise _locked(Path(directory), _read_holder(fd)) from None
     finally:
@@ -173,11 +220,20 @@ def check_unlocked(directory: str | os.PathLike) -> None:
 
 
 def _read_holder(fd: int) -> str:
+    """Who holds the lock, as its file says; a process of this host that no longer runs
+    (the file names the previous holder until the new one announces itself) is not named."""
     words = os.pread(fd, 200, 0).decode("utf-8", "replace").split()
-    if not words:
+    if not words or not words[0].isdigit():
         return "another process"
-    host = f" on {words[1]}" if len(words) > 1 and words[1] != socket.gethostname() else ""
-    return f"process {words[0]}{host}"
+    if len(words) > 1 and words[1] != socket.gethostname():
+        return f"process {words[0]} on {words[1]}"
+    try:
+        os.kill(int(words[0]), 0)
+    except ProcessLookupError:
+        return "another process"
+    except OSError:  # alive, another user's (EPERM), or not a pid we can ask about
+        pass
+    return f"process {words[0]}"
 
 
 def _locked(directory: Path, holder: str) -> RunLockedError:

@@ -5,7 +5,8 @@
   - one line on standard error that names every string in `names` (the flag, field or
     file to fix), no traceback, and not the catch-all's "unexpected error",
   - every file under the paths in `keep` byte-identical afterwards (nothing the user
-    had is lost or changed).
+    had is lost or changed), a run's `.lock` included: a refused command writes no
+    process id there.
 """
 
 import hashlib

@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from tformer.data.parallel import read_parallel
 from tformer.data.prompts import read_prompt_list, read_prompt_responses
 from tformer.data.sources import read_source
-from tformer.errors import TformerError
+from tformer.errors import ConfigError, TformerError
 from tformer.generate import SamplingConfig
 from tformer.generate.beam import BeamConfig
 from tformer.models.gpt2_config import GPT2Config
@@ -88,12 +88,19 @@ def jsonl(records) -> str:
     return "\n".join(json.dumps(r) for r in records) + "\n"
 
 
+def assert_one_line(error: TformerError) -> None:
+    """The message is there, and one line (the CLI prints it as it is)."""
+    message = str(error)
+    assert message.strip(), "an error without a message"
+    assert "\n" not in message and "\r" not in message, f"more than one line: {message!r}"
+
+
 def only_our_errors(read, path: Path) -> None:
     """`read(path)` returns, or raises a TformerError with a one-line message."""
     try:
         read(path)
     except TformerError as e:
-        assert str(e), "an error without a message"
+        assert_one_line(e)
 
 
 @pytest.fixture
@@ -219,7 +226,71 @@ def only_config_errors(make) -> None:
     try:
         make()
     except TformerError as e:
-        assert str(e)
+        assert_one_line(e)
+
+
+def make_train_spec(**kwargs):
+    return with_task_defaults(TrainSpec(**kwargs))
+
+
+# Per config: arguments it must accept, and changes to them that it must refuse (each a
+# ConfigError naming the field), so that a check that accepts everything, or refuses
+# everything, fails here and not only in the fuzzing below.
+KNOWN = [
+    pytest.param(
+        make_train_spec,
+        {"task": "qa", "steps": 3, "lr": 1e-3, "out": "r"},
+        [("steps", 0), ("steps", 2.5), ("lr", math.nan), ("tokenizer", "words"),
+         ("progress", "yes"), ("dropout", 1.0)],
+        id="TrainSpec",
+    ),
+    pytest.param(
+        TrainConfig,
+        {"steps": 3, "batch_size": 4, "lr": 1e-3},
+        [("steps", -1), ("batch_size", True), ("lr", 0), ("schedule", "linear")],
+        id="TrainConfig",
+    ),
+    pytest.param(
+        GPT2Config,
+        {"d_model": 32, "n_heads": 4, "vocab_size": 50},
+        [("d_model", 0), ("vocab_size", "50"), ("norm_position", "middle"), ("dropout", -0.1)],
+        id="GPT2Config",
+    ),
+    pytest.param(
+        Seq2SeqConfig,
+        {"src_vocab_size": 50, "tgt_vocab_size": 50, "d_model": 32},
+        [("src_vocab_size", 0), ("d_model", 32.0), ("dropout", math.inf)],
+        id="Seq2SeqConfig",
+    ),
+    pytest.param(
+        SamplingConfig,
+        {"temperature": 0.7, "top_k": 5},
+        [("temperature", 0), ("top_k", 0), ("top_p", 1.5), ("do_sample", 1)],
+        id="SamplingConfig",
+    ),
+    pytest.param(
+        BeamConfig,
+        {"beam_size": 2},
+        [("beam_size", 0), ("max_new_tokens", None), ("length_penalty", math.nan)],
+        id="BeamConfig",
+    ),
+    pytest.param(
+        LoRAConfig,
+        {"rank": 4, "alpha": 8.0, "targets": ("w_qkv",)},
+        [("rank", 0), ("alpha", -1.0), ("dropout", 1.0)],
+        id="LoRAConfig",
+    ),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("make, good, bad", KNOWN)
+def test_known_good_configs_are_accepted_and_known_bad_refused(make, good, bad):
+    make(**good)
+    for name, value in bad:
+        with pytest.raises(ConfigError) as caught:
+            make(**{**good, name: value})
+        assert name in str(caught.value), str(caught.value)
+        assert_one_line(caught.value)
 
 
 @FUZZ

@@ -2,18 +2,22 @@
 holds something it may not write over, in one line naming what is there, and changes no
 file (docs/run_directories.md)."""
 
+import fcntl
+import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
 
 from tformer.cli.main import main
-from tformer.files import lock_directory
+from tformer.files import check_unlocked, lock_directory
+from tformer.recipes import run_dir
 
 TINY = ["--tokenizer", "char", "--n-layers", "1", "--n-heads", "2", "--d-model", "16",
         "--context", "16", "--batch-size", "4", "--eval-batches", "2", "--threads", "1",
@@ -46,6 +50,8 @@ def places(tmp_path_factory, tiny_text, tiny_checkpoint) -> dict[str, Path]:
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("TFORMER_CACHE", str(root / "cache"))
         main(["train", "--data", str(text), *TINY, "--steps", "2", "--out", str(run), "--json"])
+    # as another process left it: a refused command that wrote its own id would show
+    (run / ".lock").write_text("1 another-host\n")
     foreign = root / "notes"
     foreign.mkdir()
     (foreign / "thesis.tex").write_text("years of work\n")
@@ -127,15 +133,47 @@ def test_commands_that_write_a_directory_refuse_one_they_may_not(
     refused(paths(places, argv), names, keep=[places[k] for k in keep])
 
 
-def test_init_overwrite_writes_into_a_foreign_directory_but_keeps_other_files(
-    tmp_path, monkeypatch, tiny_checkpoint
+INIT_TINY = ["--n-layers", "1", "--n-heads", "2", "--d-model", "16", "--max-len", "16"]
+
+
+@pytest.mark.parametrize(
+    "foreign",
+    [
+        {"notes.txt": "mine\n"},  # a user's file beside a checkpoint's
+        {"tokenizer.json": '{"mine": true}\n'},  # another tokenizer, which init would remove
+    ],
+)
+def test_init_overwrite_refuses_a_directory_with_files_it_did_not_write(
+    refused, tmp_path, monkeypatch, tiny_checkpoint, foreign
 ):
     use_shared_cache(monkeypatch)
-    (tmp_path / "notes.txt").write_text("mine\n")
-    main(["init", str(tmp_path), "--overwrite", "--n-layers", "1", "--n-heads", "2",
-          "--d-model", "16", "--max-len", "16"])  # fmt: skip
-    assert (tmp_path / "notes.txt").read_text() == "mine\n"
-    assert (tmp_path / "model.safetensors").is_file()
+    out = tmp_path / "checkpoint"
+    shutil.copytree(tiny_checkpoint, out)
+    for name, text in foreign.items():
+        (out / name).write_text(text)
+    refused(["init", out, "--overwrite", *INIT_TINY], [*foreign, "even --overwrite"], keep=[out])
+
+
+def test_init_overwrite_replaces_a_checkpoint_init_wrote(tmp_path, monkeypatch, tiny_checkpoint):
+    use_shared_cache(monkeypatch)
+    out = tmp_path / "checkpoint"
+    shutil.copytree(tiny_checkpoint, out)
+    before = (out / "model.safetensors").read_bytes()
+    main(["init", str(out), "--overwrite", *INIT_TINY])
+    assert (out / "model.safetensors").read_bytes() != before
+    assert sorted(os.listdir(out)) == sorted(os.listdir(tiny_checkpoint))
+
+
+def test_init_refuses_a_seed_out_of_range(refused, tmp_path):
+    refused(["init", tmp_path / "new", "--seed", "-1", *INIT_TINY], ["--seed", "-1"])
+    assert not (tmp_path / "new").exists()
+
+
+def test_lab_takes_a_directory_for_its_report_only_by_its_mark(refused, tmp_path):
+    out = tmp_path / "mine"
+    (out / "runs").mkdir(parents=True)
+    (out / "runs" / "experiment-1.json").write_text("{}\n")  # a user's runs/, not the lab's
+    refused(["lab", "--out", out, "--quick"], ["not a lab report", "runs", "--out"], keep=[out])
 
 
 def copy_run(places, tmp_path) -> Path:
@@ -147,9 +185,9 @@ def copy_run(places, tmp_path) -> Path:
 @pytest.mark.parametrize(
     "line, where",
     [
-        ('{"type": "train", "loss": 1.0}\n', "line 2"),  # no step
-        ("not json at all\n", "line 2"),
-        ('["a list"]\n', "line 2"),
+        ('{"type": "train", "loss": 1.0}\n', ":2: "),  # no step
+        ("not json at all\n", ":2: "),
+        ('["a list"]\n', ":2: "),
     ],
 )
 def test_a_bad_metrics_line_is_named_by_resume_and_plot(refused, places, tmp_path, line, where):
@@ -173,7 +211,7 @@ def test_a_run_another_process_writes_is_refused_naming_it(refused, places, tmp_
     run = copy_run(places, tmp_path)
     holder = subprocess.Popen(
         [sys.executable, "-c", "import sys, time\nfrom tformer.files import lock_directory\n"
-         f"lock_directory({str(run)!r}); print('locked', flush=True); time.sleep(60)"],
+         f"lock_directory({str(run)!r}).announce(); print('locked', flush=True); time.sleep(60)"],
         stdout=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
@@ -201,3 +239,67 @@ def test_overwrite_replaces_a_run_but_keeps_files_tformer_did_not_write(places, 
     ).is_dir()
     assert (run / "last").resolve().name == "step-000003" != old
     assert sorted(os.listdir(run / "checkpoints"))[-1] == "step-000003"
+
+
+def test_overwrite_leaves_a_linked_checkpoint_where_it_points(places, tmp_path):
+    run = copy_run(places, tmp_path)
+    elsewhere = tmp_path / "my-checkpoint"
+    elsewhere.mkdir()
+    (elsewhere / "notes.txt").write_text("mine\n")
+    (run / "checkpoints" / "step-000009").symlink_to(elsewhere)
+    main(["train", "--data", str(places["text"]), *TINY, "--steps", "3", "--out", str(run),
+          "--overwrite", "--json"])  # fmt: skip
+    assert (elsewhere / "notes.txt").read_text() == "mine\n"
+    assert (run / "checkpoints" / "step-000009").is_symlink()
+    assert (run / "last").resolve().name == "step-000003"
+
+
+def test_an_overwrite_cut_short_leaves_a_run_that_overwrite_takes_up_again(
+    places, tmp_path, monkeypatch
+):
+    run = copy_run(places, tmp_path)
+    real_rmtree = shutil.rmtree
+
+    def fails_partway(path, *args, **kwargs):
+        if Path(path).name == "checkpoints" or Path(path).parent.name == "checkpoints":
+            raise OSError(5, "Input/output error", str(path))
+        return real_rmtree(path, *args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(run_dir.shutil, "rmtree", fails_partway)
+        with pytest.raises(OSError):
+            run_dir.clear_run(run)
+    assert run_dir.is_run(run)  # run.json goes last: still a run, so --overwrite works
+    main(["train", "--data", str(places["text"]), *TINY, "--steps", "3", "--out", str(run),
+          "--overwrite", "--json"])  # fmt: skip
+    assert (run / "last").resolve().name == "step-000003"
+
+
+def probing(directory: Path, seconds: float) -> None:
+    """Hold the shared lock a check_unlocked probe takes, for `seconds`, then let it go."""
+    fd = os.open(directory / ".lock", os.O_RDONLY | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    threading.Timer(seconds, os.close, [fd]).start()
+
+
+def test_a_probe_neither_refuses_a_writer_nor_another_probe(tmp_path):
+    probing(tmp_path, 0.05)
+    check_unlocked(tmp_path)  # a second probe meanwhile: not taken for a writer
+    lock_directory(tmp_path).release()  # waits the probe out instead of naming a stale pid
+
+
+@pytest.mark.parametrize(
+    "name, key, value, names",
+    [
+        ("train_config.json", "beta1", 1.5, ["beta1", "1.5"]),
+        ("train_config.json", "seed", 2**63, ["seed"]),
+        ("run.json", "task", "poetry", ["unknown task", "poetry"]),
+    ],
+)
+def test_a_bad_setting_in_a_run_file_is_named_with_the_file(
+    refused, places, tmp_path, name, key, value, names
+):
+    run = copy_run(places, tmp_path)
+    stored = json.loads((run / name).read_text())
+    (run / name).write_text(json.dumps({**stored, key: value}))
+    refused(["train", "--resume", "--out", run], [str(run / name), *names], keep=[run])

@@ -190,3 +190,41 @@ def test_a_prompt_cut_to_fit_is_one_warning_line_and_reported(checkpoint, capsys
         "tformer generate: warning: the prompt has 81 tokens but the context window holds 64: "
         "only its last 63 are used"
     )
+
+
+def test_a_batch_cut_by_a_stop_string_counts_the_tokens_kept_as_a_stream_does(checkpoint, capsys):
+    base = ["generate", str(checkpoint), "--max-new-tokens", "30", "--greedy", "--json"]
+    full = json.loads(run_cli(capsys, *base, "--prompt", "Hello"))["completion"]
+    stop = full[10:14]  # a piece of text the model will produce
+    alone = json.loads(run_cli(capsys, *base, "--prompt", "Hello", "--stop", stop))
+    assert alone["finish_reason"] == "stop" and alone["new_tokens"] < 30
+    batch = json.loads(
+        run_cli(capsys, *base, "--prompt", "Hello", "--prompt", "Hi", "--stop", stop)
+    )
+    first = batch["results"][0]
+    assert first["completion"] == alone["completion"] == full[: full.find(stop)]
+    assert first["finish_reason"] == "stop"
+    assert first["new_tokens"] == alone["new_tokens"]
+    assert batch["new_tokens"] == sum(r["new_tokens"] for r in batch["results"])
+
+
+def test_inspect_of_a_long_source_is_one_warning_line(tmp_path, capsys):
+    from tformer.models.seq2seq import Seq2SeqConfig, Seq2SeqTransformer
+    from tformer.tokenizers import train_bpe
+
+    tokenizer = train_bpe(["one two three four"] * 4, 280, special_tokens=("<pad>", "<s>", "</s>"))
+    v = tokenizer.vocab_size
+    config = Seq2SeqConfig(v, v, max_len=12, d_model=16, n_heads=2, n_encoder_layers=1,
+                           n_decoder_layers=1, d_ff=32, dropout=0.0)  # fmt: skip
+    run = tmp_path / "untrained"
+    Seq2SeqTransformer(config, seed=0).save_pretrained(run)
+    tokenizer.save(run)
+    argv = ["inspect", str(run), "--text", "one two three four " * 5, "--json"]
+    main([*argv, "--target", "one two"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("tformer inspect: warning: 1 of 1 source")
+    main([*argv, "--target", "three " * 20])  # the target too
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and err[1].startswith("tformer inspect: warning: the target has")
+    main(["inspect", str(run), "--text", "one two", "--target", "one", "--json"])
+    assert capsys.readouterr().err == ""

@@ -184,3 +184,19 @@ def test_generate_takes_a_tensor_or_lists_and_stops_at_the_model_s_end_of_text()
         samples = generate(model, torch.tensor([[1, 2, 3]]), num_samples=20)
     for out in samples:
         assert 7 not in out and len(out) <= 50
+
+
+def test_generate_takes_numpy_prompts_and_numpy_integer_ids():
+    import numpy as np
+
+    from tformer.generate import generate
+
+    config = GPT2Config(vocab_size=50, max_len=32, d_model=16, n_layers=1, n_heads=2, dropout=0.0)
+    model = GPT2(config, seed=0).eval()
+    greedy_config = SamplingConfig(max_new_tokens=4, do_sample=False)
+    expected = generate(model, [[1, 2, 3]], greedy_config)
+    assert generate(model, np.array([[1, 2, 3]]), greedy_config) == expected
+    assert generate(model, np.array([1, 2, 3], dtype=np.int32), greedy_config) == expected
+    assert generate(model, [np.array([1, 2, 3])], greedy_config) == expected
+    assert generate(model, [[np.int64(1), np.int16(2), 3]], greedy_config) == expected
+    assert generate(model, [(1, 2, 3), range(1, 4)], greedy_config) == expected * 2

@@ -75,3 +75,11 @@ def test_sample_never_draws_a_zero_probability_token_at_the_top_of_the_range(mon
     logits = torch.tensor([[0.0, 0.0, float("-inf"), float("-inf")]])
     monkeypatch.setattr(torch, "rand", lambda *shape, **kw: torch.ones(*shape, dtype=kw["dtype"]))
     assert sample(logits).item() == 1
+
+
+def test_mask_beyond_hides_the_ids_past_the_limit_and_nothing_without_one():
+    from tformer.generate import mask_beyond
+
+    logits = torch.arange(6.0).view(1, 6)
+    assert mask_beyond(logits, 4).tolist() == [[0.0, 1.0, 2.0, 3.0, float("-inf"), float("-inf")]]
+    assert mask_beyond(logits, None) is logits and mask_beyond(logits, 6) is logits

@@ -85,20 +85,53 @@ def random_stops(text, rng):
     return stops
 
 
+def byte_fallback_tokenizer():
+    """A SentencePiece-style BPE: characters outside its vocabulary are spelled by byte
+    tokens <0x00>..<0xFF>, which its decoder (ByteFallback, Fuse) reads as one U+FFFD per
+    byte of a character that is not complete. It has no token bytes (no decode_bytes)."""
+    from tokenizers import Tokenizer, decoders, models
+
+    from tformer.tokenizers import HFTokenizer
+
+    vocab = {"<unk>": 0, "a": 1, "b": 2, "▁": 3, "ab": 4, "é": 5}
+    vocab |= {f"<0x{b:02X}>": len(vocab) + b for b in range(256)}
+    bpe = Tokenizer(models.BPE(vocab, [("a", "b")], unk_token="<unk>", byte_fallback=True))
+    bpe.decoder = decoders.Sequence([decoders.ByteFallback(), decoders.Fuse()])
+    return HFTokenizer(bpe), lambda b: vocab[f"<0x{b:02X}>"], len(vocab) - 256
+
+
 def tokenizers():
     from tformer.tokenizers import GPT2Tokenizer, train_bpe
 
     gpt2 = GPT2Tokenizer()
     bpe = train_bpe(["héllo wörld ü 日本語 😀 the quick brown fox " * 20], vocab_size=300)
     bpe_bytes = {bpe.decode_bytes([i]): i for i in range(bpe.vocab_size)}
+    fallback, fallback_byte, _ = byte_fallback_tokenizer()
     return {
         "char": (CharTokenizer(list("ab é日😀\n\ufffd")), None),
         "gpt2": (gpt2, lambda b: gpt2.encoding.encode_single_token(bytes([b]))),
         "bpe": (bpe, lambda b: bpe_bytes[bytes([b])]),
+        "byte-fallback": (fallback, fallback_byte),
     }
 
 
-@pytest.mark.parametrize("kind", ["char", "gpt2", "bpe"])
+def fallback_ids(rng):
+    """Random ids for byte_fallback_tokenizer: ordinary tokens and non-ASCII byte tokens,
+    with runs of bytes that spell characters, whole or cut short. (An ASCII byte token in a
+    run is the one case the stream cannot follow: see the next test.)"""
+    _, byte, ordinary = byte_fallback_tokenizer()
+    ids = [
+        rng.randrange(ordinary) if rng.random() < 0.7 else byte(rng.randrange(0x80, 0x100))
+        for _ in range(rng.randrange(0, 12))
+    ]
+    for _ in range(rng.randrange(0, 4)):
+        whole = rng.choice(["é", "日本", "😀", "ü", "\ufffd"]).encode()
+        at = rng.randrange(len(ids) + 1)
+        ids[at:at] = [byte(b) for b in whole[: rng.randrange(1, 8)]]
+    return ids
+
+
+@pytest.mark.parametrize("kind", ["char", "gpt2", "bpe", "byte-fallback"])
 def test_the_stream_ends_as_decoding_everything_does_on_random_cases(kind):
     import random
 
@@ -109,6 +142,8 @@ def test_the_stream_ends_as_decoding_everything_does_on_random_cases(kind):
     for _ in range(1500):
         if split_bytes is None:
             ids = [rng.randrange(tokenizer.vocab_size) for _ in range(rng.randrange(0, 15))]
+        elif kind == "byte-fallback":
+            ids = fallback_ids(rng)
         else:
             ids = random_ids(tokenizer, rng, split_bytes)
         stops = random_stops(tokenizer.decode(ids), rng)
@@ -120,6 +155,34 @@ def test_the_stream_ends_as_decoding_everything_does_on_random_cases(kind):
             assert expected.startswith(shown), (ids, stops)
         assert shown == stream.completion == expected, (ids, stops)
         assert stream.new_tokens == drawn, (ids, stops)
+
+
+def test_a_byte_fallback_character_streams_once_all_its_bytes_are_in():
+    from tformer.generate.text import StreamedText
+
+    tokenizer, byte, _ = byte_fallback_tokenizer()
+    ids = [1, byte(0xE6), byte(0x97), byte(0xA5), 1]  # a 日 a
+    assert tokenizer.decode(ids[:3]) == "a\ufffd\ufffd"  # one U+FFFD per byte
+    stream = StreamedText(tokenizer, iter(ids), [])
+    pieces = list(stream)
+    assert "".join(pieces) == stream.completion == tokenizer.decode(ids) == "a日a"
+    assert [p for p in pieces if p] == ["a", "日a"]
+    # A run of bytes is held back until it ends: after 日, the byte E6 makes the decoder
+    # read the whole run as four U+FFFDs.
+    ids = [1, byte(0xE6), byte(0x97), byte(0xA5), byte(0xE6), byte(0x97), byte(0xA5)]
+    assert tokenizer.decode(ids[:5]) == "a" + "\ufffd" * 4
+    stream = StreamedText(tokenizer, iter(ids), [])
+    pieces = [p for p in stream if p]
+    assert pieces == ["a", "日日"] and stream.completion == tokenizer.decode(ids)
+    # Stops are matched against the text as it reads at each token: four U+FFFDs here.
+    stream = StreamedText(tokenizer, iter(ids), ["\ufffd" * 4])
+    assert "".join(stream) == stream.completion == "a" and stream.new_tokens == 5
+    # The one case that escapes: an ASCII byte in a run, read as "A" until the invalid
+    # byte after it makes the decoder read the whole run as U+FFFDs.
+    ids = [1, byte(0xE6), byte(0x97), byte(0xA5), byte(0x41), byte(0xE6), 1]
+    assert tokenizer.decode(ids) == "a" + "\ufffd" * 5 + "a"
+    stream = StreamedText(tokenizer, iter(ids), [])
+    assert "".join(stream) == stream.completion == "a日A" + "\ufffd" * 5 + "a"
 
 
 def test_a_tokenizer_without_bytes_streams_by_decoding_everything():

@@ -8,7 +8,7 @@ import torch
 from tformer.cli.main import main
 from tformer.lab import experiment
 from tformer.lab.experiment import VARIANTS, LabConfig, status_of, unigram_loss
-from tformer.lab.report import PLOTS, at_initialisation, color_of
+from tformer.lab.report import LAB_FORMAT, PLOTS, at_initialisation, color_of, is_report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -76,6 +76,7 @@ def test_quick_lab_writes_its_report_and_resumes_from_saved_runs(tmp_path, capsy
     assert status[(2, "pre")] == status[(2, "post")] == "trained"  # they learn in 200 steps
     for name in PLOTS:
         assert (out / name).read_bytes()[:8] == PNG_MAGIC
+    assert json.loads((out / "lab.json").read_text()) == {"format": LAB_FORMAT}
     report = (out / "report.md").read_text(encoding="utf-8")
     for variant in VARIANTS.values():
         assert variant.label in report
@@ -119,6 +120,23 @@ def test_bad_lab_options_are_one_line_errors(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["lab", "--quick", "--variants", "pre,sideways", "--out", str(tmp_path)])
     assert "unknown variant(s) sideways" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "files, ours",
+    [
+        ({"lab.json": '{"format": "tformer-lab/1"}', "runs/1-pre.json": "{}"}, True),
+        ({"report.md": "# lab", "runs/1-pre.json": "{}"}, True),  # before lab.json existed
+        ({"runs/experiment.json": "{}"}, False),  # a user's runs/: the name alone is not enough
+        ({"lab.json": '{"format": "my-lab"}'}, False),
+        ({"report.md": "# mine", "notes.txt": "mine"}, False),
+    ],
+)
+def test_a_lab_report_is_recognised_by_its_mark(tmp_path, files, ours):
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    assert is_report(tmp_path, sorted(p.name for p in tmp_path.iterdir())) == ours
 
 
 def test_plots_draw_twins_that_share_their_start_once_in_fixed_colours():

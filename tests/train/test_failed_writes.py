@@ -68,6 +68,31 @@ def test_safetensors_own_error_on_a_full_disk_is_named_as_one(corpus_file, tmp_p
     assert leftovers(tmp_path / "run") == []
 
 
+@pytest.mark.parametrize(
+    "error, reported",
+    [
+        (RuntimeError("[enforce fail at inline_container.cc:1] . unexpected pos 64 vs 0"), True),
+        (RuntimeError("expected a Tensor, got NoneType"), False),  # a bug, not a full disk
+    ],
+)
+def test_only_a_torch_error_that_says_a_write_failed_is_reported_as_one(
+    corpus_file, tmp_path, monkeypatch, error, reported
+):
+    tok, train, val, model = data_and_model(corpus_file)
+
+    def fails(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(checkpoint_module.torch, "save", fails)
+    run = tmp_path / "run"
+    with pytest.raises((RuntimeError, WriteError)) as failure:
+        fit(model, train, val, CONFIG, run, tok, progress=False)
+    assert isinstance(failure.value, WriteError) == reported
+    if not reported:
+        assert failure.value is error  # as it was raised, for its traceback
+    assert leftovers(run) == []
+
+
 def test_a_full_disk_while_logging_leaves_no_torn_line(tmp_path, monkeypatch):
     path = tmp_path / "metrics.jsonl"
     log = MetricsLog(path)
@@ -107,7 +132,10 @@ def small_disk(tmp_path):
         ["mount", "-t", "tmpfs", "-o", "size=600k", "tmpfs", str(mount)], capture_output=True
     )
     if made.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs here (needs root): {made.stderr.strip()}")
+        pytest.skip(
+            "needs root: the really full disk is a 600 KiB tmpfs, which only root may mount "
+            f"({made.stderr.strip()}); the simulated full disks above run everywhere"
+        )
     yield mount
     subprocess.run(["umount", "--lazy", str(mount)], check=True)
 
@@ -146,14 +174,14 @@ def test_pruning_removes_only_the_checkpoints_tformer_wrote(corpus_file, tmp_pat
 @pytest.mark.parametrize(
     "line, problem",
     [
-        ('{"type": "train", "loss": 1.0}', "line 2: a record without an integer 'step'"),
-        ("{not json", "line 2: not a JSON record"),
+        ('{"type": "train", "loss": 1.0}', "2: a record without an integer 'step'"),
+        ("{not json", "2: not a JSON record"),
     ],
 )
 def test_a_bad_metrics_line_names_the_file_and_the_line(tmp_path, line, problem):
     path = tmp_path / "metrics.jsonl"
     path.write_text(f'{{"type": "train", "step": 1}}\n{line}\n{{"type": "eval", "step": 2}}\n')
-    with pytest.raises(DataError, match=f"^{path}, {problem}$"):
+    with pytest.raises(DataError, match=f"^{path}:{problem}$"):
         MetricsLog(path).truncate_after(1)
 
 
@@ -161,5 +189,5 @@ def test_a_torn_last_metrics_line_is_dropped_with_a_note(tmp_path):
     path = tmp_path / "metrics.jsonl"
     path.write_text('{"type": "train", "step": 1}\n{"type": "train", "step": 2}\n{"type": "tr')
     note = MetricsLog(path).truncate_after(5)
-    assert note == f"{path}, line 3: dropped a torn last line (cut off by a crash)"
+    assert note == f"{path}:3: dropped a torn last line (cut off by a crash)"
     assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2]

@@ -96,7 +96,9 @@ def test_a_second_signal_stops_at_once_leaving_the_last_checkpoint_whole(
     real_save = checkpoint_module.torch.save
 
     def save_then_ctrl_c_again(obj, path, *args, **kwargs):
-        if obj["step"] == 13:  # the interrupt's own checkpoint, half written
+        if obj["step"] == 13:  # the interrupt's own checkpoint: Ctrl-C again, half written
+            with open(path, "wb") as f:
+                f.write(b"half")
             os.kill(os.getpid(), signal.SIGINT)
         return real_save(obj, path, *args, **kwargs)
 
@@ -117,20 +119,58 @@ def test_a_second_signal_stops_at_once_leaving_the_last_checkpoint_whole(
     assert type(stop.value) is KeyboardInterrupt  # not a saved TrainingInterrupted
     assert (run / "last").resolve().name == "step-000010"
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-000010"]
+    assert sorted(p.name for p in run.rglob("*.tmp")) == []  # the half-written one is gone
 
 
 def test_a_recipe_run_says_how_to_continue(tmp_path, monkeypatch, tiny_text):
     monkeypatch.setenv("TFORMER_CACHE", str(tmp_path / "cache"))
     text = tmp_path / "text.txt"
     text.write_text(tiny_text)
-    out = tmp_path / "run"
+    out = tmp_path / "my run"  # quoted in the line, to be pasted into a shell
     spec = TrainSpec(data=str(text), steps=50, out=str(out), **TINY, **QUIET)
     monkeypatch.setattr("tformer.recipes.skeleton.fit", interrupting_fit(4))
     with pytest.raises(TrainingInterrupted) as stop:
         train(spec)
-    assert str(stop.value).endswith(f"; continue with: tformer train --out {out} --resume")
+    assert str(stop.value).endswith(f"; continue with: tformer train --out '{out}' --resume")
     assert (out / "last").resolve().name == "step-000004"
     lock_directory(out).release()  # released on the way out
+
+
+def test_a_signal_in_the_last_step_lets_the_run_finish(corpus_file, tmp_path):
+    tok, train_data, val, model = data_and_model(corpus_file)
+    run = tmp_path / "run"
+    fit(model, train_data, val, CONFIG, run, tok, False, False, signal_at(20, signal.SIGINT))
+    assert (run / "last").resolve().name == "step-000020"
+    assert (run / "model.safetensors").is_file() and (run / "loss.png").is_file()
+
+
+def test_an_ignored_signal_stays_ignored(corpus_file, tmp_path):
+    """Under nohup SIGINT is ignored (SIG_IGN): training neither stops at it nor replaces
+    the choice; SIGTERM is still handled."""
+    tok, train_data, val, model = data_and_model(corpus_file)
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        run = tmp_path / "run"
+        fit(model, train_data, val, CONFIG, run, tok, False, False, signal_at(13, signal.SIGINT))
+        assert (run / "last").resolve().name == "step-000020"  # not stopped at step 13
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+        _, _, _, model = data_and_model(corpus_file)
+        with pytest.raises(TrainingInterrupted) as stop:
+            fit(
+                model,
+                train_data,
+                val,
+                CONFIG,
+                tmp_path / "again",
+                tok,
+                False,
+                False,
+                signal_at(13, signal.SIGTERM),
+            )
+        assert stop.value.step == 13 and stop.value.exit_code == 143
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def interrupting_fit(step: int):

@@ -16,7 +16,7 @@ from tformer.generate import SamplingConfig
 from tformer.generate.decode import MAX_SEED, continue_prompts
 from tformer.generate.fast import load_for_decoding
 from tformer.generate.limits import STOP
-from tformer.generate.text import TextStream, cut_at_stop, encode_prompt
+from tformer.generate.text import StreamedText, TextStream, encode_prompt
 from tformer.models.load import is_translation_checkpoint
 
 
@@ -192,26 +192,29 @@ def stream_one(args, model, tokenizer, prompt, ids, config, path) -> None:
 
 
 def run_batch(args, model, tokenizer, prompts, ids, config, path) -> None:
-    """Every prompt's samples in one left-padded batch; stop strings cut the results."""
+    """Every prompt's samples in one left-padded batch; stop strings cut the results as
+    they cut a stream: new_tokens counts the tokens kept, up to the one that completes the
+    stop string."""
     start = time.perf_counter()
     outputs = continue_prompts(model, ids, config, args.num_samples)
     seconds = time.perf_counter() - start
     results = []
     for row, output in enumerate(outputs):
         index, sample = divmod(row, args.num_samples)
-        completion, stopped = cut_at_stop(tokenizer.decode(output.ids), args.stop)
+        text = StreamedText(tokenizer, output.ids, args.stop)
+        completion = "".join(text)
         results.append(
             {
                 "prompt_index": index,
                 "sample": sample,
                 "prompt": prompts[index],
                 "completion": completion,
-                "new_tokens": len(output.ids),
-                "finish_reason": STOP if stopped else output.finish_reason,
+                "new_tokens": text.new_tokens,
+                "finish_reason": STOP if text.stopped else output.finish_reason,
                 "prompt_truncated": output.prompt_truncated,
             }
         )
-    total = sum(len(output.ids) for output in outputs)
+    total = sum(r["new_tokens"] for r in results)
     if args.json:
         print_json(
             {

@@ -5,11 +5,23 @@ from dataclasses import replace
 
 from tqdm import tqdm
 
-from tformer.cli.common import DefaultsFormatter, print_json
+from tformer.cli.common import DefaultsFormatter, number, print_json
 from tformer.devices import machine_line, pick_device
+from tformer.errors import RunDirectoryError
 from tformer.lab.experiment import VARIANTS, LabConfig, run_lab
-from tformer.lab.report import OUTPUT_NAMES, PLOTS, json_safe, summary_rows, write_report
-from tformer.recipes.run_dir import check_output_directory, output_directory
+from tformer.lab.report import (
+    LAB_FILE,
+    PLOTS,
+    is_report,
+    json_safe,
+    mark_report,
+    summary_rows,
+    write_report,
+)
+from tformer.recipes.output_dir import existing_names
+from tformer.recipes.run_dir import listing, output_directory
+
+COUNT = number(integer=True, low=1)
 
 
 def int_list(text: str) -> tuple[int, ...]:
@@ -46,14 +58,28 @@ def add_parser(sub) -> None:
         help=f"comma-separated, from: {', '.join(f'{k} ({v.label})' for k, v in VARIANTS.items())}"
         " (default: all)",
     )
-    p.add_argument("--steps", type=int, help=f"training steps per run (default: {defaults.steps})")
-    p.add_argument("--d-model", type=int, help=f"model width (default: {defaults.d_model})")
-    p.add_argument("--n-heads", type=int, help=f"(default: {defaults.n_heads})")
-    p.add_argument("--context", type=int, help=f"(default: {defaults.context})")
-    p.add_argument("--batch-size", type=int, help=f"(default: {defaults.batch_size})")
-    p.add_argument("--lr", type=float, help=f"peak learning rate (default: {defaults.lr:g})")
-    p.add_argument("--warmup-steps", type=int, help=f"(default: {defaults.warmup_steps})")
-    p.add_argument("--seed", type=int, help=f"(default: {defaults.seed})")
+    p.add_argument(
+        "--steps", type=COUNT, help=f"training steps per run (default: {defaults.steps})"
+    )
+    p.add_argument("--d-model", type=COUNT, help=f"model width (default: {defaults.d_model})")
+    p.add_argument("--n-heads", type=COUNT, help=f"(default: {defaults.n_heads})")
+    p.add_argument("--context", type=COUNT, help=f"(default: {defaults.context})")
+    p.add_argument("--batch-size", type=COUNT, help=f"(default: {defaults.batch_size})")
+    p.add_argument(
+        "--lr",
+        type=number(low=0.0, low_open=True),
+        help=f"peak learning rate (default: {defaults.lr:g})",
+    )
+    p.add_argument(
+        "--warmup-steps",
+        type=number(integer=True, low=0),
+        help=f"(default: {defaults.warmup_steps})",
+    )
+    p.add_argument(
+        "--seed",
+        type=number(integer=True, low=0, high=2**63 - 1),
+        help=f"(default: {defaults.seed})",
+    )
     p.add_argument(
         "--init",
         choices=["xavier", "gpt2"],
@@ -81,7 +107,12 @@ def run(args) -> None:
     config = lab_config(args)
     # A new or empty directory, or an earlier report of the lab's own (whose runs resume).
     out = output_directory(args.out)
-    check_output_directory(out, "--out", ours=OUTPUT_NAMES)
+    names = existing_names(out, "--out")
+    if names and not is_report(out, names):
+        raise RunDirectoryError(
+            f"{out} is not empty ({listing(names)}) and is not a lab report (no {LAB_FILE}): "
+            "pick an empty or new --out, or the directory of an earlier report of this command"
+        )
     device = pick_device(args.device)
     machine = machine_line()
     print(machine, file=sys.stderr)
@@ -93,6 +124,7 @@ def run(args) -> None:
         bar.set_description(name)
         bar.refresh()
 
+    mark_report(out)  # before run_lab writes runs/: whatever stops it, a report resumes
     results, data = run_lab(config, out, device, args.fresh, on_run)
     bar.n = total
     bar.close()

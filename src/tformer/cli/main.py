@@ -77,7 +77,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"tformer {args.command}: error: {one_line(e)}", file=sys.stderr)
         sys.exit(2)
     except TrainingInterrupted as e:  # stopped at a signal after saving: how to go on
-        print(f"tformer {args.command}: {one_line(e)}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun, every process stops: say it once
+            print(f"tformer {args.command}: {one_line(e)}", file=sys.stderr)
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
         print(f"tformer {args.command}: interrupted", file=sys.stderr)

@@ -40,10 +40,11 @@ def add_parser(sub) -> argparse.ArgumentParser:
         "--data",
         help="a text file, a directory of .txt files, a .jsonl file with a 'text' field, or "
         "'shakespeare' (default); split 90/10. Translation: a TSV (source<TAB>target) or "
-        "JSONL ({src, tgt}) file, or 'number-words' (default). QA: a SQuAD .json or a .jsonl "
-        "file ({context, question, answers}), its last 10%% of contexts for validation, or "
+        "JSONL ({src, tgt}) file, neither side empty, or 'number-words' (default). QA: a "
+        "SQuAD .json or a .jsonl file ({context, question, answers}), its last 10%% of "
+        "contexts for validation, or "
         "the built-in bible-qa or shakespeare-qa, or squad / squad-2.0 once 'tformer data squad' "
-        "has fetched them. SFT: a .jsonl file ({prompt, response}), its "
+        "has fetched them. SFT: a .jsonl file ({prompt, response}, neither empty), its "
         "last 10%% for validation",
     )
     data.add_argument("--train", dest="train_file", help="training text (with --val)")
@@ -311,8 +312,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
         "--resume",
         action="store_true",
         help="continue the run in --out exactly; its own data, model and training settings "
-        "apply, and the other flags here are ignored (except --threads, --device, output, and "
-        "the memory and scale options)",
+        "apply, and the other flags here are ignored (except --threads, --device, output, "
+        "the memory and scale options, and --steps N, which extends the run to N steps in "
+        "all, its learning-rate schedule kept)",
     )
     out.add_argument(
         "--overwrite",

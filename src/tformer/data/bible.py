@@ -27,7 +27,7 @@ import os
 import re
 from pathlib import Path
 
-from tformer.errors import DataError
+from tformer.data.cache import read_cache
 from tformer.files import atomic_write_text, cache_dir
 
 MODULES = ("engKJV2006eb", "spaRV1909eb")  # English, Spanish
@@ -130,15 +130,13 @@ def bible_en_es() -> tuple[dict[str, list[tuple[str, str]]], dict[str, int]]:
         for split, pairs in splits.items():
             lines += [json.dumps({"split": split, "src": s, "tgt": t}) for s, t in pairs]
         atomic_write_text(path, "\n".join(lines) + "\n")
-    try:
-        records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
-        splits = {"train": [], "val": [], "test": []}
-        for record in records[1:]:
-            splits[record["split"]].append((record["src"], record["tgt"]))
-        return splits, records[0]["dropped"]
-    except (ValueError, KeyError, TypeError, IndexError) as e:
-        raise DataError(
-            str(path),
-            f"a damaged cache of bible-en-es ({type(e).__name__}: {e}); delete it "
-            "and the next run builds it again",
-        ) from None
+    return read_cache(path, "bible-en-es", read_cached_pairs)
+
+
+def read_cached_pairs(path: Path) -> tuple[dict[str, list[tuple[str, str]]], dict[str, int]]:
+    """The pairs by split and the filter counts, as bible_en_es wrote them."""
+    records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+    splits = {"train": [], "val": [], "test": []}
+    for record in records[1:]:
+        splits[record["split"]].append((record["src"], record["tgt"]))
+    return splits, records[0]["dropped"]

@@ -56,12 +56,6 @@ def source_batch(model: nn.Module, src_ids: Prompts) -> torch.Tensor:
     return torch.tensor(padded, device=next(model.parameters()).device)
 
 
-def _limit(logits: torch.Tensor, vocab_limit: int | None) -> torch.Tensor:
-    if vocab_limit is None or vocab_limit >= logits.shape[-1]:
-        return logits
-    return mask_beyond(logits, vocab_limit)
-
-
 def _steps(model: nn.Module, max_new_tokens: int) -> int:
     return min(max_new_tokens, model.config.max_len - 1)  # BOS takes position 0
 
@@ -94,7 +88,7 @@ def greedy_search(
         finished = torch.zeros(b, dtype=torch.bool, device=src_ids.device)
         for _ in range(steps):
             features = model.decode(token, memory, src_mask, caches, memory_kvs)  # (B, 1, C)
-            logits = _limit(model.unembed(features[:, -1]), vocab_limit)  # (B, V)
+            logits = mask_beyond(model.unembed(features[:, -1]), vocab_limit)  # (B, V)
             token = logits.argmax(-1, keepdim=True)  # (B, 1)
             tokens.append(token)
             finished |= token[:, 0] == c.eos_id
@@ -155,7 +149,7 @@ def _beam_search(
 
     for step in range(steps):
         features = model.decode(generated[:, -1:], memory, src_mask, caches, memory_kvs)
-        logits = _limit(model.unembed(features[:, -1]).float(), config.vocab_limit)
+        logits = mask_beyond(model.unembed(features[:, -1]).float(), config.vocab_limit)
         log_p = torch.log_softmax(logits, dim=-1)  # (B*K, V)
         v = log_p.shape[-1]
         scores = (beam_scores.view(b * k, 1) + log_p).view(b, k * v)  # (B, K*V)

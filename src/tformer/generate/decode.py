@@ -7,9 +7,9 @@ Only the last position's logits are computed (model.unembed of model.features): 
 other positions need none, and for GPT-2 the output head is a third of the weights. The
 model only computes logits; choosing the next token is the samplers' job.
 
-Prompts are token ids as a tensor (B, T) or (T,), a list of ids, or a list of lists; each
-is checked against the model's vocabulary where it enters (`prompt_rows`). Every
-continuation ends for a reason (tformer.generate.limits): "stop", "length" or "context".
+Prompts are token ids as a tensor (B, T) or (T,), a numpy array, a list of ids, or a list
+of rows; each is checked against the model's vocabulary where it enters (`prompt_rows`).
+Every continuation ends for a reason (tformer.generate.limits): "stop", "length" or "context".
 """
 
 import numbers
@@ -35,6 +35,7 @@ from tformer.nn import KVCache
 
 MAX_SEED = 2**63 - 1  # what torch.Generator.manual_seed takes, with room for seed + sample
 # What the Python API takes as prompts: see prompt_rows.
+# Numpy arrays are taken too (through .tolist()); numpy is not a dependency of this module.
 Prompts = torch.Tensor | Sequence[int] | Sequence[Sequence[int]]
 
 
@@ -78,10 +79,20 @@ def _is_id(x: object) -> bool:
     return isinstance(x, numbers.Integral) and not isinstance(x, bool)
 
 
+def _as_list(x: object) -> object:
+    """A numpy array (or anything else with .tolist() that is not a Sequence) as nested
+    lists of Python numbers, which the checks below read; anything else as it is."""
+    if isinstance(x, torch.Tensor | Sequence) or not callable(getattr(x, "tolist", None)):
+        return x
+    return x.tolist()
+
+
 def prompt_rows(prompts: Prompts, vocab_size: int, name: str = "prompts") -> list[list[int]]:
-    """Token ids as a tensor (B, T) or (T,), a list of ids or a list of lists -> rows of
-    ints; ConfigError naming `name` for anything else (a float tensor, an empty row, an id
-    outside the vocabulary)."""
+    """Token ids as a tensor (B, T) or (T,), a numpy array, a list of ids or a list of rows
+    (lists, tuples, tensors or arrays) -> rows of ints; ids may be numpy integers.
+    ConfigError naming `name` for anything else (a float tensor, an empty row, an id outside
+    the vocabulary)."""
+    prompts = _as_list(prompts)
     if isinstance(prompts, torch.Tensor):
         if (
             prompts.dtype.is_floating_point
@@ -105,6 +116,7 @@ def prompt_rows(prompts: Prompts, vocab_size: int, name: str = "prompts") -> lis
         raise ConfigError(f"{name} is empty: give at least one prompt of token ids")
     rows = []
     for i, row in enumerate(prompts):
+        row = _as_list(row)
         if isinstance(row, torch.Tensor) and row.dim() == 1 and not row.dtype.is_floating_point:
             row = row.tolist()
         if not isinstance(row, Sequence) or isinstance(row, str | bytes):
@@ -131,8 +143,7 @@ def next_token(
 
     generator: one for all rows, or one per row (see sample). Ids from config.vocab_limit on
     are never chosen."""
-    if config.vocab_limit is not None and config.vocab_limit < logits.shape[-1]:
-        logits = mask_beyond(logits, config.vocab_limit)
+    logits = mask_beyond(logits, config.vocab_limit)
     if seen is not None and config.repetition_penalty != 1.0:
         logits = repetition_penalty(logits, seen, config.repetition_penalty)
     if not config.do_sample:
@@ -155,7 +166,8 @@ def decode_step(model: nn.Module, token: torch.Tensor, caches: list[KVCache]) ->
     return model.unembed(model.features(token[:, None], caches=caches)[:, -1])
 
 
-def _check_config(config: object) -> SamplingConfig:
+def check_sampling_config(config: object) -> SamplingConfig:
+    """config itself if it is a SamplingConfig; ConfigError otherwise."""
     if not isinstance(config, SamplingConfig):
         raise ConfigError(f"config must be a SamplingConfig, got {type(config).__name__}")
     return config
@@ -179,7 +191,7 @@ def stream_tokens(model: nn.Module, prompt: Prompts, config: SamplingConfig) -> 
     last max_len - 1 tokens, with a TruncationWarning. The model runs in eval mode (no
     dropout) while generating.
     """
-    config = _check_config(config)
+    config = check_sampling_config(config)
     prompt = one_prompt(model, prompt)
     max_len = model.config.max_len
     if prompt.shape[1] >= max_len:
@@ -273,7 +285,7 @@ def continue_batch(
     (no sliding in a batch): those rows end with "context", and a TruncationWarning says so.
     A prompt longer than the window keeps its last max_len - 1 tokens (a warning too).
     """
-    config = _check_config(config)
+    config = check_sampling_config(config)
     prompts = prompt_rows(prompts, model.config.vocab_size)
     if seeds is not None and len(seeds) != len(prompts):
         raise ConfigError(f"{len(seeds)} seeds for {len(prompts)} prompts")
@@ -383,7 +395,7 @@ def continue_prompts(
     check_number("num_samples", num_samples, integer=True, low=1)
     if config is None:
         config = SamplingConfig(eos_id=model.config.eos_id)
-    config = _check_config(config)
+    config = check_sampling_config(config)
     prompts = prompt_rows(prompts, model.config.vocab_size)
     rows = [p for p in prompts for _ in range(num_samples)]
     seeds = None

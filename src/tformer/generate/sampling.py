@@ -16,13 +16,16 @@ import torch
 from tformer.checks import check_number
 
 
-def mask_beyond(logits: torch.Tensor, limit: int) -> torch.Tensor:
-    """(B, V) -> (B, V) with the logits of ids >= limit set to -inf.
+def mask_beyond(logits: torch.Tensor, limit: int | None) -> torch.Tensor:
+    """(B, V) -> (B, V) with the logits of ids >= limit set to -inf; the logits themselves
+    when nothing lies beyond (no limit, or one of V or more).
 
     A model's embedding table can be larger than its tokenizer's vocabulary (padded to a
     multiple of 64, or trained with another tokenizer); an id the tokenizer cannot decode
     must never be drawn."""
-    check_number("vocab_limit", limit, integer=True, low=1)
+    check_number("vocab_limit", limit, integer=True, low=1, optional=True)
+    if limit is None or limit >= logits.shape[-1]:
+        return logits
     beyond = torch.arange(limit, logits.shape[-1], device=logits.device)
     return logits.index_fill(-1, beyond, float("-inf"))
 

@@ -6,15 +6,23 @@ keeps a character whose bytes have not all arrived (byte-level BPE splits some c
 between tokens) until they have. Stop strings are searched only in the new text and the
 text held back before it: the longest stop string less one character, as far as a stop
 string ending in the new text can reach back. Held-back text is shown once no stop string
-can begin in it, so what is shown is always a prefix of the final text.
+can begin in it.
 
-The result is exactly what decoding all the ids drawn and cutting at the first stop string
-gives (`cut_at_stop(tokenizer.decode(ids), stops)`), the stream ending at the token that
-completes a stop string. The stops are matched against the text as it reads at each token,
-where a character still missing bytes reads as U+FFFD, as whole-text decoding has it.
+What holds: the stream ends with what decoding all the ids drawn and cutting at the first
+stop string gives (`cut_at_stop(tokenizer.decode(ids), stops)`), the stream ending at the
+token that completes a stop string; the stops are matched against the text as it reads at
+each token, where a character still missing bytes reads as U+FFFD, as whole-text decoding
+has it. What is shown is always a prefix of that. A tokenizer without token bytes (a
+WordPiece or a SentencePiece byte-fallback decoder) is decoded whole at each token
+(WholeDecoder), which holds back text that may still change. One case escapes, with Hugging
+Face's ByteFallback decoder alone: a run of byte tokens holding an ASCII byte (<0x41>,
+which reads as "A" alone) that completes a character and then goes on with an invalid
+byte. The decoder then reads the whole run as U+FFFDs, text already shown included; the
+stream ends with what it showed followed by the text from where the two differ.
 """
 
 import codecs
+import os
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import replace
 
@@ -22,7 +30,12 @@ import torch
 from torch import nn
 
 from tformer.errors import ConfigError
-from tformer.generate.decode import SamplingConfig, one_prompt, stream_tokens
+from tformer.generate.decode import (
+    SamplingConfig,
+    check_sampling_config,
+    one_prompt,
+    stream_tokens,
+)
 from tformer.generate.limits import LENGTH, STOP
 from tformer.tokenizers import Tokenizer
 
@@ -78,9 +91,11 @@ class ByteDecoder:
     def add(self, token: int) -> str:
         return self.utf8.decode(self.tokenizer.decode_bytes([token]))
 
-    def pending(self) -> bool:
-        """Whether a character waits for more of its bytes."""
-        return bool(self.utf8.getstate()[0])
+    def window(self, held: str) -> str:
+        """`held` (the end of what add returned, not yet shown) and how the text reads
+        after it now: U+FFFD while a character waits for more of its bytes, as whole-text
+        decoding has it."""
+        return held + REPLACEMENT if self.utf8.getstate()[0] else held
 
     def flush(self) -> str:
         """The end: bytes of a character that never completed read as U+FFFD."""
@@ -89,24 +104,44 @@ class ByteDecoder:
 
 class WholeDecoder:
     """For a tokenizer whose text is not its tokens' bytes joined (no decode_bytes, e.g. a
-    WordPiece decoder): decode every id again at each token, as streams once all did."""
+    WordPiece or a SentencePiece byte-fallback decoder): decode every id again at each
+    token, and return the new text only when it can no longer change.
+
+    A byte-fallback decoder reads a run of byte tokens as one U+FFFD per byte while a
+    character misses some, and reads the whole run so again if a later byte in it is
+    invalid ("日" then "����"): text is held back while the last token alone reads as U+FFFD
+    (a byte of a run), trailing U+FFFDs are held back, and so is everything while the text
+    no longer begins with what was returned."""
 
     def __init__(self, tokenizer: Tokenizer) -> None:
-        self.tokenizer, self.ids, self.done = tokenizer, [], 0
-        self.text = ""
+        self.tokenizer, self.ids = tokenizer, []
+        self.text = ""  # every id decoded
+        self.shown = ""  # what add has returned, joined
 
     def add(self, token: int) -> str:
         self.ids.append(token)
         self.text = self.tokenizer.decode(self.ids)
-        complete = self.text.removesuffix(REPLACEMENT)
-        new, self.done = complete[self.done :], max(self.done, len(complete))
+        if REPLACEMENT in self.tokenizer.decode([token]):
+            return ""  # a byte of a run, which the next byte may make read otherwise
+        complete = self.text.rstrip(REPLACEMENT)
+        if not complete.startswith(self.shown):
+            return ""  # the text already returned reads otherwise now: wait until it agrees
+        new, self.shown = complete[len(self.shown) :], complete
         return new
 
-    def pending(self) -> bool:
-        return len(self.text) > self.done
+    def window(self, held: str) -> str:
+        start = len(self.shown) - len(held)  # what is shown for good ends here
+        if self.text.startswith(self.shown[:start]):
+            return self.text[start:]
+        return held + REPLACEMENT  # see flush
 
     def flush(self) -> str:
-        new, self.done = self.text[self.done :], len(self.text)
+        """The rest of the text; if it never agreed again with what was returned (a run
+        with an ASCII byte in it, read as U+FFFDs after all), the text from where the two
+        differ."""
+        agree = len(os.path.commonprefix([self.text, self.shown]))
+        new = self.text[len(self.shown) if agree == len(self.shown) else agree :]
+        self.shown += new
         return new
 
 
@@ -137,7 +172,7 @@ class StreamedText:
         for token in self.tokens:
             self.new_tokens += 1
             held += decoder.add(token)
-            window = held + REPLACEMENT if decoder.pending() else held
+            window = decoder.window(held)
             before, self.stopped = cut_at_stop(window, self.stops)
             if self.stopped:
                 shown.append(before)
@@ -171,21 +206,21 @@ class TextStream:
         config: SamplingConfig,
         stops: Sequence[str],
     ) -> None:
-        if not isinstance(config, SamplingConfig):
-            raise ConfigError(f"config must be a SamplingConfig, got {type(config).__name__}")
+        config = check_sampling_config(config)
         limit = min(tokenizer.vocab_size, config.vocab_limit or tokenizer.vocab_size)
         self.model, self.tokenizer = model, tokenizer
         self.config = replace(config, vocab_limit=limit)
         self.prompt = one_prompt(model, ids)  # (1, T), checked where it enters
-        self.stops = check_stops(stops)
+        # The stops are checked here, before anything is generated (stream_tokens is lazy).
+        tokens = stream_tokens(model, self.prompt, self.config)
+        self.text = StreamedText(tokenizer, tokens, stops)
         self.prompt_truncated = self.prompt.shape[1] >= model.config.max_len
         self.completion = ""
         self.new_tokens = 0
         self.finish_reason: str | None = None
 
     def __iter__(self) -> Iterator[str]:
-        tokens = stream_tokens(self.model, self.prompt, self.config)
-        text = StreamedText(self.tokenizer, tokens, self.stops)
+        text = self.text
         try:
             for piece in text:
                 self.new_tokens = text.new_tokens

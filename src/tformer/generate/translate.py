@@ -58,7 +58,7 @@ def encode_sources(
         warn_truncated(
             f"{sum(cut)} of {len(sentences)} source sentences are longer than the context "
             f"window holds ({longest} tokens, window {max_len}): only their first "
-            f"{max_len - 1} are translated"
+            f"{max_len - 1} are used"
         )
     return [ids[: max_len - 1] + [eos_id] for ids in encoded], cut
 
@@ -71,7 +71,7 @@ def translate(
     batch_size: int = 32,
     max_new_tokens: int = 128,
 ) -> list[str]:
-    """Each sentence's translation; greedy search when config is None."""
+    """translate_sentences' texts alone."""
     translations = translate_sentences(
         model, tokenizer, sentences, config, batch_size, max_new_tokens
     )
@@ -96,15 +96,14 @@ def translate_sentences(
     c = model.config
     device = next(model.parameters()).device
     limit = tokenizer.vocab_size  # never choose an id the tokenizer cannot decode
-    if config is not None and config.vocab_limit is not None:
-        limit = min(limit, config.vocab_limit)
+    if config is not None:
+        limit = min(limit, config.vocab_limit or limit)
+        config = replace(config, vocab_limit=limit)
+        max_new_tokens = config.max_new_tokens
     encoded, cut = encode_sources(tokenizer, sentences, c.max_len, c.eos_id)
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
     results: list[str] = [""] * len(sentences)
     reasons: list[str] = [STOP] * len(sentences)
-    if config is not None:
-        config = replace(config, vocab_limit=limit)
-        max_new_tokens = config.max_new_tokens
     # Both searches run at most `steps` steps (BOS takes position 0), and a translation that
     # ended with its end token is shorter than that (the end token took a step).
     steps = min(max_new_tokens, c.max_len - 1)
@@ -149,17 +148,24 @@ def sentence_pair(
 ) -> tuple[list[int], list[int]]:
     """Source ids (ending with the end token) and target ids (no start or end token) of
     `text`: `target` encoded, or else the model's greedy translation (what `tformer
-    inspect` and `tformer attention` show a translation model on). A target that encodes to
+    inspect` and `tformer attention` show a translation model on). Either one longer than
+    the context window is cut to fit, with a TruncationWarning; a target that encodes to
     nothing is refused, naming --target."""
     c = model.config
-    src = tokenizer.encode(text)[: c.max_len - 1] + [c.eos_id]
+    (src,), _ = encode_sources(tokenizer, [text], c.max_len, c.eos_id)
     if target is None:
         device = next(model.parameters()).device
         tgt = greedy_search(model, torch.tensor([src], device=device), c.max_len - 1)[0]
         if not tgt:
             raise ValueError("the model's translation is empty; give one with --target")
     else:
-        tgt = tokenizer.encode(target)[: c.max_len - 1]
+        tgt = tokenizer.encode(target)
         if not tgt:
             raise ValueError("--target encodes to no tokens")
+        if len(tgt) > c.max_len - 1:
+            warn_truncated(
+                f"the target has {len(tgt)} tokens but the context window holds {c.max_len}: "
+                f"only its first {c.max_len - 1} are used"
+            )
+            tgt = tgt[: c.max_len - 1]
     return src, tgt

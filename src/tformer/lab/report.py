@@ -8,9 +8,13 @@ grad_norms.png       at initialisation, by layer: the parameters' gradient norm 
 residual_norms.png   the residual stream's norm by layer, at initialisation (top) and
                      after training (bottom)
 runs/                each finished run (tformer.lab.experiment), so a lab resumes
+lab.json             {"format": "tformer-lab/1"}: marks the directory as a lab report,
+                     written when the lab starts (mark_report)
 
-The directory holds nothing else (OUTPUT_NAMES): `tformer lab` writes only into a new or
-empty one, or one of its own reports, and a failed write says which file and why.
+`tformer lab` writes only into a new or empty directory, or one of its own reports
+(is_report): one marked by lab.json, or one a lab wrote before the mark existed (its
+report.md or results.json, and only OUTPUT_NAMES). A directory is never taken for a report
+by a name alone that a user may have too (a `runs/`). A failed write says which file and why.
 """
 
 import math
@@ -22,6 +26,8 @@ from tformer.files import (
     atomic_write,
     atomic_write_json,
     atomic_write_text,
+    is_write_error,
+    read_json,
     write_failure,
 )
 from tformer.lab.experiment import VARIANTS, LabConfig, LabData, RunResult
@@ -30,7 +36,30 @@ from tformer.train.plots import new_figure
 REPORT_FILE = "report.md"
 RESULTS_FILE = "results.json"
 PLOTS = ("loss_curves.png", "grad_norms.png", "residual_norms.png")
-OUTPUT_NAMES = (REPORT_FILE, RESULTS_FILE, *PLOTS, "runs")  # runs/: run_lab's
+LAB_FILE = "lab.json"
+LAB_FORMAT = "tformer-lab/1"  # lab.json's "format": this directory is a lab report
+OUTPUT_NAMES = (LAB_FILE, REPORT_FILE, RESULTS_FILE, *PLOTS, "runs")  # runs/: run_lab's
+
+
+def is_report(out_dir: Path, names: list[str]) -> bool:
+    """Whether `out_dir`, holding `names`, is a report of the lab's own (see above)."""
+    if LAB_FILE in names:
+        try:
+            mark = read_json(out_dir / LAB_FILE, "the mark of a lab report")
+        except (OSError, ValueError):
+            return False
+        return str(mark.get("format", "")).startswith("tformer-lab/")
+    earlier = REPORT_FILE in names or RESULTS_FILE in names
+    return earlier and all(name in OUTPUT_NAMES for name in names)
+
+
+def mark_report(out_dir: Path) -> None:
+    """Mark `out_dir` as a lab report (lab.json), before anything else is written there."""
+    path = out_dir / LAB_FILE
+    try:
+        atomic_write_json(path, {"format": LAB_FORMAT})
+    except OSError as e:
+        raise write_failure(path, e, "nothing was written") from None
 
 
 def finite_or_none(x: float | None) -> float | None:
@@ -243,6 +272,8 @@ def write_report(
     try:
         return _write_report(out_dir, config, data, results, machine)
     except WRITE_ERRORS as e:
+        if not is_write_error(e):
+            raise
         where = e.filename if isinstance(e, OSError) and e.filename else out_dir
         raise write_failure(where, e, f"the finished runs in {out_dir / 'runs'} are kept") from None
 

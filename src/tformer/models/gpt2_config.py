@@ -1,5 +1,6 @@
 """GPT-2's configuration: sizes, regularisation, and the switches the experiments vary."""
 
+import numbers
 from dataclasses import asdict, dataclass, fields, replace
 
 from tformer.checks import check_choice, check_number, number_problem
@@ -57,7 +58,7 @@ class GPT2Config:
                 )
         for name in ("dropout", "attention_dropout", "embedding_dropout"):
             value = getattr(self, name)
-            if not isinstance(value, int | float) or isinstance(value, bool):
+            if not isinstance(value, numbers.Real) or isinstance(value, bool):
                 raise ConfigError(f"GPT2Config.{name} must be a number, got {value!r}")
             check_number(f"GPT2Config.{name}", value, low=0.0, high=1.0, high_open=True)
         if not isinstance(self.residual, bool):
@@ -72,7 +73,7 @@ class GPT2Config:
         check_choice("GPT2Config.init", self.init, ("gpt2", "xavier"))
         check_choice("GPT2Config.attention", self.attention, IMPLEMENTATIONS)
         eos = self.eos_id
-        if eos is not None and (not isinstance(eos, int) or isinstance(eos, bool)):
+        if eos is not None and (not isinstance(eos, numbers.Integral) or isinstance(eos, bool)):
             raise ConfigError(f"GPT2Config.eos_id must be a token id, got {eos!r}")
         if eos is not None and not 0 <= eos < self.vocab_size:
             raise ConfigError(
@@ -111,5 +112,6 @@ class GPT2Config:
 
 
 def is_count(value) -> bool:
-    """A positive integer (True and 1.0 are not: a size is counted, not switched or measured)."""
-    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+    """A positive integer, Python's or numpy's (True and 1.0 are not: a size is counted, not
+    switched or measured)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value > 0

@@ -17,6 +17,7 @@ The names follow PEFT's (`lora_A`, `lora_B`), and a LoRA layer is an nn.Linear w
 """
 
 import math
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -35,7 +36,8 @@ class LoRAConfig:
     targets: tuple[str, ...] = ("w_qkv",)  # linear layers, by the last part of their name
 
     def __post_init__(self) -> None:
-        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
+        rank = self.rank
+        if isinstance(rank, bool) or not isinstance(rank, numbers.Integral) or rank < 1:
             raise ConfigError(
                 f"the LoRA rank must be positive (an integer >= 1), got {self.rank!r}"
             )

@@ -30,7 +30,7 @@ import json
 import random
 import re
 
-from tformer.errors import DataError
+from tformer.data.cache import read_cache
 from tformer.files import atomic_write_text, cache_dir
 from tformer.qa.windows import Answer, QAExample
 
@@ -166,14 +166,7 @@ def builtin_qa(name: str) -> dict[str, list[QAExample]]:
             for e in examples
         ]
         atomic_write_text(path, "\n".join(lines) + "\n")
-    try:
-        return read_cached_examples(path)
-    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
-        raise DataError(
-            str(path),
-            f"a damaged cache of {name} ({type(e).__name__}: {e}); delete it and "
-            "the next run builds it again",
-        ) from None
+    return read_cache(path, name, read_cached_examples)
 
 
 def read_cached_examples(path) -> dict[str, list[QAExample]]:

@@ -11,8 +11,9 @@ fingerprint, --init and LoRA (tformer.recipes.start), training, the final evalua
 from dataclasses import replace
 from pathlib import Path
 
+from tformer.errors import ConfigError
 from tformer.recipes import lm, qa, sft, translation
-from tformer.recipes.run_dir import task_of
+from tformer.recipes.run_dir import RUN_FILE, task_of
 from tformer.recipes.skeleton import run_task
 from tformer.recipes.spec import DEFAULT_OUT, TASKS, TrainSpec, with_task_defaults
 
@@ -27,6 +28,11 @@ def train(spec: TrainSpec) -> dict | None:
     if spec.resume:
         task = task_of(Path(spec.out))
         if task is not None:  # a resumed run is what it was
+            if not isinstance(task, str) or task not in TASK_MODULES:
+                raise ConfigError(
+                    f"{Path(spec.out) / RUN_FILE}: unknown task {task!r}, expected one of "
+                    f"{', '.join(TASK_MODULES)}"
+                )
             spec = replace(spec, task=task)
     spec = with_task_defaults(spec)
     return run_task(TASK_MODULES[spec.task], spec)

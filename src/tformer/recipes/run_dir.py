@@ -20,7 +20,6 @@ field existed is recognised by what it always held ("threads", a "*_sha256" of t
 """
 
 import shutil
-from collections.abc import Collection
 from dataclasses import replace
 from pathlib import Path
 
@@ -42,8 +41,10 @@ from tformer.train.checkpoint import (
     CHECKPOINT,
     RUN_TEMPORARY,
     TEMPORARY,
+    UNREADABLE,
     checkpoints_newest_first,
     intact_note,
+    remove_temporaries,
 )
 from tformer.train.metrics import METRICS_FILE, parse_metrics
 from tformer.train.plots import PLOT_FILE
@@ -149,55 +150,27 @@ def check_resumable(out: Path) -> None:
         raise RunDirectoryError(f"{out}: nothing to resume; it is not a tformer run ({held})")
 
 
-def check_output_directory(
-    out: Path, flag: str, ours: Collection[str] = (), overwrite: bool = False
-) -> None:
-    """The rule for every other command that writes a directory (`init DIR`, `lab --out`):
-    DIR is missing or empty, or holds only names in `ours` (what the command itself
-    writes there, e.g. an earlier lab report it resumes); with `overwrite`, any directory
-    but a training run's, whose files are never written over. Writes nothing."""
-    if not out.exists():
-        return
-    if not out.is_dir():
-        raise RunDirectoryError(f"{flag} {out} is a file, not a directory: pick another {flag}")
-    names = contents(out)
-    if is_run(out):
-        raise RunDirectoryError(
-            f"{out} holds a training run ({listing(names)}); tformer never writes over it "
-            f"from here: pick another {flag}"
-        )
-    foreign = [name for name in names if name not in ours]
-    if foreign and not overwrite:
-        raise RunDirectoryError(
-            f"{out} is not empty ({listing(foreign)}): pick an empty or new {flag}"
-            + (", or add --overwrite to replace what is there" if not ours else "")
-            + (", or the directory of an earlier report of this command" if ours else "")
-        )
-
-
-def lock_run(out: Path) -> DirectoryLock:
-    """This process's claim on a run directory, for as long as it trains."""
-    return lock_directory(out)
-
-
 def clear_run(out: Path) -> None:
     """--overwrite: remove what a run wrote (RUN_NAMES; under checkpoints/ only its
-    `step-NNNNNN` folders), never another file."""
-    for name in RUN_NAMES:
+    `step-NNNNNN` folders, their temporaries and the ones set aside as unreadable, never a
+    link), never another file. run.json goes last: if this stops partway (an I/O error, a
+    signal), DIR is still a run, which --overwrite (or --resume) takes up again."""
+    for name in (n for n in RUN_NAMES if n != RUN_FILE):
         path = out / name
         if name == "checkpoints" and path.is_dir() and not path.is_symlink():
             for checkpoint in path.iterdir():
-                if CHECKPOINT.fullmatch(checkpoint.name) or TEMPORARY.fullmatch(checkpoint.name):
-                    shutil.rmtree(checkpoint)
+                ours = CHECKPOINT, TEMPORARY, UNREADABLE
+                if checkpoint.is_symlink() or not any(p.fullmatch(checkpoint.name) for p in ours):
+                    continue  # a link is someone else's, wherever it points
+                shutil.rmtree(checkpoint)
             if not any(path.iterdir()):
                 path.rmdir()
         elif path.is_dir() and not path.is_symlink():
             shutil.rmtree(path)
         elif path.is_symlink() or path.exists():
             path.unlink()
-    for leftover in out.iterdir():
-        if RUN_TEMPORARY.fullmatch(leftover.name) and not leftover.is_dir():
-            leftover.unlink()
+    remove_temporaries(out)
+    (out / RUN_FILE).unlink(missing_ok=True)
 
 
 def absolute(path: str | None) -> str | None:
@@ -233,9 +206,10 @@ def start_run_directory(
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise write_failure(out, e, "nothing was written") from None
-    lock = lock_run(out)
+    lock = lock_directory(out)
     try:
         check_contents(out, overwrite)
+        lock.announce()
         if overwrite and is_run(out):
             clear_run(out)
         try:
@@ -264,12 +238,19 @@ def read_run(
     if (out / METRICS_FILE).is_file():  # a bad line stops the resume before it writes
         parse_metrics(out / METRICS_FILE)
     torch.set_num_threads(threads or saved["threads"])
-    stored = read_json(out / CONFIG_FILE, "a training config")
+    path = out / CONFIG_FILE
+    stored = read_json(path, "a training config")
     try:
         config = TrainConfig(**stored)
     except TypeError as e:
-        raise ValueError(f"{out / 'train_config.json'}: not a training config ({e})") from None
-    return saved, replace(config, **{k: v for k, v in overrides.items() if v is not None})
+        raise ValueError(f"{path}: not a training config ({e})") from None
+    except ConfigError as e:  # a field out of its range: the file is where to fix it
+        raise ConfigError(f"{path}: {e}") from None
+    given = {k: v for k, v in overrides.items() if v is not None}
+    try:
+        return saved, replace(config, **given)
+    except ConfigError as e:  # the flags given with --resume, over the file's settings
+        raise ConfigError(f"{path} with the flags given: {e}") from None
 
 
 def extended(config: TrainConfig, steps: int | None, reached: int, out: Path) -> TrainConfig:

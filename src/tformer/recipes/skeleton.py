@@ -8,7 +8,8 @@
     data        load it, and its sha256 (a resumed run must see the same)
                                                              task.load_data, task.fingerprint
     model       new (or --init), or the run's `last` checkpoint      task.new_model, task.load_model
-                (if `last` cannot be read, the newest checkpoint that can, said so)
+                (if `last` is damaged, the newest checkpoint that can be read, said so;
+                the damaged ones are moved aside once the resume is known to go ahead)
     batches     the training and validation batches                  task.batches
     train       fit(), with checkpoints, metrics and the final model in the run directory; a
                 new run's directory is written (and locked) only now that its data and
@@ -18,6 +19,7 @@
 Only the main process returns a result; the others return None.
 """
 
+import shlex
 import sys
 import time
 from collections.abc import Callable
@@ -29,14 +31,13 @@ import torch
 
 from tformer.devices import pick_device, training_dtype
 from tformer.errors import RunDirectoryError, TrainingInterrupted
-from tformer.files import DirectoryLock
+from tformer.files import DirectoryLock, lock_directory
 from tformer.nn.lora import lora_layers
 from tformer.recipes.run_dir import (
     check_new_run,
     check_resumable,
     check_same_data,
     extended,
-    lock_run,
     output_directory,
     read_run,
     record_config,
@@ -46,7 +47,14 @@ from tformer.recipes.spec import TrainSpec, train_options
 from tformer.recipes.start import attention_for, merge_run, trainable_parameters
 from tformer.tokenizers import Tokenizer, load_tokenizer
 from tformer.train import TrainConfig, distributed, fit
-from tformer.train.checkpoint import checkpoints_newest_first, load_state, point, step_of
+from tformer.train.checkpoint import (
+    DAMAGE,
+    checkpoints_newest_first,
+    load_state,
+    point,
+    set_aside,
+    step_of,
+)
 from tformer.train.metrics import read_metrics
 
 
@@ -98,14 +106,14 @@ def run_task(task: Task, spec: TrainSpec) -> dict | None:
     if dist.is_main:  # the others write nothing there
         if spec.resume:
             check_resumable(out)
-            locks.append(lock_run(out))
+            locks.append(lock_directory(out))
         else:
             check_new_run(out, overwrite)  # and again under the lock, once it is taken
     try:
         return train_run(task, spec, out, overwrite, device, dist, locks, started)
     except TrainingInterrupted as e:
         raise TrainingInterrupted(
-            f"{e.message}; continue with: tformer train --out {out} --resume",
+            f"{e.message}; continue with: tformer train --out {shlex.quote(str(out))} --resume",
             e.step,
             e.checkpoint,
             e.exit_code,
@@ -145,8 +153,9 @@ def train_run(
     digest = task.fingerprint(data)
     if spec.resume:
         check_same_data(saved, task.FINGERPRINT, digest, out, task.DATA)
-        checkpoint, model, tokenizer = resume_point(task, run)
+        checkpoint, damaged, model, tokenizer = resume_point(task, run)
         planned = config.steps
+        # checked before anything is changed (below): a refused --steps leaves the run as it was
         run.config = config = extended(config, spec.steps, step_of(checkpoint), out)
         say(f"resuming {out} from {checkpoint.name}; the run's own settings apply")
         if config.steps != planned:
@@ -161,8 +170,13 @@ def train_run(
         lock = start_run_directory(out, {**saved, task.FINGERPRINT: digest}, dist, overwrite)
         if lock is not None:  # the main process's
             locks.append(lock)
-    elif dist.is_main:
-        record_config(out, config)
+    else:  # the first changes a resume makes, now that it is known to go ahead
+        for lock in locks:
+            lock.announce()
+        if damaged is not None:
+            fall_back(run, checkpoint, damaged)
+        if dist.is_main:
+            record_config(out, config)
     say(f"data: {description}")
     say(
         f"model: {model.num_parameters():,} parameters{task.describe_model(run, model)}; "
@@ -199,39 +213,58 @@ def train_run(
     return result
 
 
-def resume_point(task: Task, run: Run) -> tuple[Path, torch.nn.Module, Tokenizer]:
-    """The checkpoint a resumed run continues from, its model and its tokenizer: `last`,
-    or, when that cannot be read (weights or trainer_state.pt missing or torn), the newest
-    checkpoint that can, which `last` then points at (said on standard error)."""
+@dataclass
+class Damaged:
+    """What a resume found wrong with the checkpoints newer than the one it continues from."""
+
+    problems: list[str]  # each names its file
+    checkpoints: list[Path]  # the damaged checkpoints themselves (not a `last` to nothing)
+
+
+def resume_point(task: Task, run: Run) -> tuple[Path, Damaged | None, torch.nn.Module, Tokenizer]:
+    """The checkpoint a resumed run continues from, what was damaged before it (None:
+    nothing, it is `last`), its model and its tokenizer. That is `last`, or, when `last` is
+    damaged (weights or trainer_state.pt missing or torn: DAMAGE), the newest checkpoint
+    that can be read. Changes nothing: `fall_back` does, once the resume goes ahead. Any
+    other error (too many open files, an I/O error) stops the resume as it is."""
     last = run.out / "last"
     candidates = [last.resolve()] if last.exists() else []
     candidates += [
         c.resolve() for c in checkpoints_newest_first(run.out) if c.resolve() not in candidates
     ]
-    problems = [] if last.exists() else [f"{last} points at nothing"]
+    damaged = Damaged([] if last.exists() else [f"{last} points at nothing"], [])
     for checkpoint in candidates:
         try:
             load_state(checkpoint)  # read in full again by fit(); a torn file fails here
             model = task.load_model(run, checkpoint)
             tokenizer = load_tokenizer(checkpoint)
-        except Exception as e:  # any reason a checkpoint cannot be read: try the next one
-            problems.append(" ".join(str(e).split()))  # each names its file
+        except DAMAGE as e:  # this checkpoint cannot be read: try the next one
+            damaged.problems.append(" ".join(str(e).split()))
+            damaged.checkpoints.append(checkpoint)
             continue
-        if problems:
-            if run.dist.is_main:
-                point(last, checkpoint)
-                print(
-                    f"{run.out}: cannot resume from the latest checkpoint "
-                    f"({'; '.join(problems)}); resuming from {checkpoint.name}, the newest "
-                    "that can be read",
-                    file=sys.stderr,
-                )
-            distributed.barrier()
-        return checkpoint, model, tokenizer
+        return checkpoint, (damaged if damaged.problems else None), model, tokenizer
     raise RunDirectoryError(
-        f"{run.out}: no checkpoint can be read ({'; '.join(problems) or 'none saved'}); "
+        f"{run.out}: no checkpoint can be read ({'; '.join(damaged.problems) or 'none saved'}); "
         "nothing to resume: start over with --overwrite"
     )
+
+
+def fall_back(run: Run, checkpoint: Path, damaged: Damaged) -> None:
+    """Resume from `checkpoint` instead of `last`: move the damaged checkpoints aside
+    (`checkpoints/.step-NNNNNN.unreadable`, never pruned, so nothing is deleted), point
+    `last` at `checkpoint`, and say so on standard error (the main process)."""
+    if run.dist.is_main:
+        ours = (run.out / "checkpoints").resolve()
+        moved = [set_aside(c) for c in damaged.checkpoints if c.parent == ours and c.is_dir()]
+        point(run.out / "last", checkpoint)
+        kept = f"; kept as {', '.join(p.name for p in moved)}" if moved else ""
+        print(
+            f"{run.out}: cannot resume from the latest checkpoint "
+            f"({'; '.join(damaged.problems)}); resuming from {checkpoint.name}, the newest "
+            f"that can be read{kept}",
+            file=sys.stderr,
+        )
+    distributed.barrier()
 
 
 def window_length(run: Run, model: torch.nn.Module) -> int:

@@ -9,7 +9,8 @@ Fields left at None take the task's default (`with_task_defaults`), or with --in
 checkpoint's setting. A resumed run (resume=True) is what it was: its own data, model and
 training settings come from its run directory, and only the fields that say how this
 process runs (device, threads, out, progress, messages, parallel, activation_checkpointing,
-compile) apply.
+compile) apply, and `steps`, which extends the run to that many steps in all (its
+learning-rate schedule kept: tformer.recipes.run_dir.extended).
 
 Every field is checked when a spec is made (`check_spec`): a value of the wrong type or out
 of its range (RANGES, CHOICES) is a ConfigError naming the field, as the flag would be.
@@ -37,7 +38,7 @@ DEFAULT_OUT = {
 # The built-in question-answering data sets are natural text whose questions (a verse, a
 # line) take too many character tokens for a window: they read with a BPE by default.
 BPE_QA_DATA = ("bible-qa", "shakespeare-qa", "squad", "squad-2.0")
-SEED_LIMIT = 2**64  # torch's generators take seeds below this
+MAX_SEED = 2**63 - 1  # the largest seed every generator on the way takes (TrainConfig's too)
 
 # The range of every numeric field, as check_number's keywords; `tformer train`'s flags
 # parse with the same (tformer.cli.train_flags).
@@ -71,7 +72,7 @@ RANGES: dict[str, dict] = {
     "eval_every": dict(integer=True, low=0),
     "eval_batches": dict(integer=True, low=1),
     "checkpoint_every": dict(integer=True, low=0),
-    "seed": dict(integer=True, low=0),
+    "seed": dict(integer=True, low=0, high=MAX_SEED),
     "threads": dict(integer=True, low=1),
     "sample_tokens": dict(integer=True, low=0),
 }
@@ -193,8 +194,6 @@ def check_spec(spec: TrainSpec) -> None:
             raise ConfigError(f"{name} must be a string, got {value!r}")
     for name, flag in {**PATHS, "out": "--out"}.items():
         check_path(name, flag, getattr(spec, name))
-    if spec.seed >= SEED_LIMIT:
-        raise ConfigError(f"seed must be an integer in [0, 2**64), got {spec.seed!r}")
 
 
 def check_path(name: str, flag: str, value) -> None:

@@ -17,6 +17,10 @@ A save that fails (a full disk: torch and safetensors raise their own errors for
 its temporary and raises a WriteError naming the checkpoint, the cause and the step that is
 still intact. Pruning removes only what this module writes (`step-NNNNNN` directories and
 their temporaries): anything else under checkpoints/ is someone else's and stays.
+
+A checkpoint that a resume finds damaged (a torn or missing file) is moved aside, not
+deleted: `checkpoints/.step-NNNNNN.unreadable` (`set_aside`), which pruning never removes,
+so whatever can still be saved from it stays on disk for the user to look at or delete.
 """
 
 import os
@@ -27,8 +31,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 
-from tformer.files import WRITE_ERRORS, write_failure
+from tformer.files import is_write_error, write_failure
 from tformer.tokenizers import Tokenizer
 
 STATE_FILE = "trainer_state.pt"
@@ -36,6 +41,14 @@ CHECKPOINT = re.compile(r"step-\d{6,}")  # a checkpoint's directory name
 TEMPORARY = re.compile(r"\.step-\d{6,}\.[0-9a-f]{8}\.tmp")  # one being written
 # The run directory's own temporaries: `.NAME.HEX.tmp`, by `point` and tformer.files.
 RUN_TEMPORARY = re.compile(r"\..+\.(?:[0-9a-f]{8}|[0-9a-f]{12})\.tmp")
+# A damaged checkpoint a resume moved aside (set_aside): kept, never pruned.
+UNREADABLE = re.compile(r"\.step-\d{6,}\.unreadable(?:-\d+)?")
+# What reading a damaged checkpoint raises: a missing file, a torn one (safetensors' own
+# error; load_state's ValueError; a JSON file cut off, a JSONDecodeError), one that is not
+# what it should be (a CheckpointError): all ValueErrors but safetensors'. Anything else (too
+# many open files, an I/O error, no memory, a bug) says nothing about the checkpoint, and
+# must not make a resume give it up.
+DAMAGE = (FileNotFoundError, NotADirectoryError, SafetensorError, ValueError)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -78,7 +91,7 @@ def save_checkpoint(
         os.replace(tmp, final)
     except BaseException as e:
         # described before the temporary goes: removing it frees the space it filled
-        failure = write_failure(final, e, intact) if isinstance(e, WRITE_ERRORS) else None
+        failure = write_failure(final, e, intact) if is_write_error(e) else None
         shutil.rmtree(tmp, ignore_errors=True)
         if failure is not None:
             raise failure from None
@@ -110,12 +123,18 @@ def step_of(checkpoint: Path) -> int:
 
 
 def checkpoints_newest_first(run_dir: Path) -> list[Path]:
-    """The run's checkpoint directories (`checkpoints/step-NNNNNN`), the latest step first."""
+    """The run's checkpoint directories (`checkpoints/step-NNNNNN`), the latest step first;
+    a link of that name is not one (it is someone else's, wherever it points)."""
     folder = run_dir / "checkpoints"
     if not folder.is_dir():
         return []
-    found = [p for p in folder.iterdir() if CHECKPOINT.fullmatch(p.name) and p.is_dir()]
-    return sorted(found, key=lambda p: p.name, reverse=True)
+    found = [
+        p
+        for p in folder.iterdir()
+        if CHECKPOINT.fullmatch(p.name) and p.is_dir() and not p.is_symlink()
+    ]
+    # by the number: step-1000000 comes after step-999999, though not by name
+    return sorted(found, key=lambda p: int(p.name.removeprefix("step-")), reverse=True)
 
 
 def forget_after(run_dir: Path, step: int) -> None:
@@ -126,14 +145,34 @@ def forget_after(run_dir: Path, step: int) -> None:
     if best.is_symlink() and (not best.exists() or step_of(best) > step):
         best.unlink()
     prune(run_dir)
+    remove_temporaries(run_dir)
+
+
+def remove_temporaries(run_dir: Path) -> None:
+    """Remove the run directory's own stale temporaries (`.NAME.HEX.tmp` files at its top:
+    an atomic write or a link swap cut short)."""
     for leftover in run_dir.iterdir():
         if RUN_TEMPORARY.fullmatch(leftover.name) and not leftover.is_dir():
             leftover.unlink(missing_ok=True)
 
 
+def set_aside(checkpoint: Path) -> Path:
+    """Move a damaged checkpoint `checkpoints/step-NNNNNN` to `.step-NNNNNN.unreadable`
+    (`-2`, `-3`, ... if that is taken), where pruning never removes it; -> its new path."""
+    target = checkpoint.with_name(f".{checkpoint.name}.unreadable")
+    number = 1
+    while target.exists() or target.is_symlink():
+        number += 1
+        target = checkpoint.with_name(f".{checkpoint.name}.unreadable-{number}")
+    os.replace(checkpoint, target)
+    _fsync_dir(checkpoint.parent)
+    return target
+
+
 def prune(run_dir: Path) -> None:
     """Remove the checkpoints that neither `last` nor `best` points at, and stale
-    temporaries: only `step-NNNNNN` and `.step-NNNNNN.HEX.tmp`, never another name."""
+    temporaries: only `step-NNNNNN` and `.step-NNNNNN.HEX.tmp`, never another name (not a
+    checkpoint set aside as unreadable either)."""
     keep = {(run_dir / name).resolve() for name in ("last", "best") if (run_dir / name).exists()}
     if not (run_dir / "checkpoints").is_dir():
         return
@@ -151,5 +190,7 @@ def load_state(checkpoint: Path) -> dict:
         )
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, MemoryError):  # the machine's trouble, not the file's
+        raise
     except Exception as e:  # truncated or foreign: say which file, without a traceback
         raise ValueError(f"{path}: cannot read the training state ({type(e).__name__})") from None

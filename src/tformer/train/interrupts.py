@@ -3,12 +3,15 @@ scheduler's notice).
 
 While `fit` runs, the first such signal only sets a flag: the loop finishes its step, saves a
 checkpoint and stops with TrainingInterrupted, whose exit code is the shell's for the signal
-(128 + its number: 130, 143). A second signal stops at once (KeyboardInterrupt): whatever
-was being written is a temporary that never replaces a complete file. Across processes the
-flag rides on the loss's all-reduce, so every process stops after the same step.
+(128 + its number: 130, 143); in the last step the run just finishes, as it was about to.
+A second signal stops at once (KeyboardInterrupt): whatever was being written is a
+temporary that never replaces a complete file. Across processes the flag rides on the
+loss's all-reduce, so every process stops after the same step.
 
 The handlers are installed only in the main thread (Python delivers signals there), and the
-ones they replaced are put back when training ends.
+ones they replaced are put back when training ends. A signal that was ignored (SIG_IGN: a
+SIGINT under `nohup` or `cmd &` in a shell without job control) stays ignored: whoever
+started the process asked for that.
 """
 
 import signal
@@ -25,10 +28,6 @@ class StopRequests:
     def __init__(self) -> None:
         self.signal: int | None = None
         self._previous: dict[int, object] = {}
-
-    @property
-    def requested(self) -> bool:
-        return self.signal is not None
 
     def votes(self) -> list[float]:
         """This process's [SIGINT, SIGTERM] votes (0 or 1 each), to be summed across
@@ -49,6 +48,8 @@ class StopRequests:
     def __enter__(self) -> "StopRequests":
         if threading.current_thread() is threading.main_thread():
             for signum in SIGNALS:
+                if signal.getsignal(signum) is signal.SIG_IGN:
+                    continue
                 self._previous[signum] = signal.signal(signum, self._handle)
         return self
 

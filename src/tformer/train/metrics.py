@@ -33,13 +33,13 @@ def parse_metrics(path: Path) -> tuple[list[dict], str | None]:
             record = json.loads(line)
         except json.JSONDecodeError:
             if torn:
-                note = f"{path}, line {number}: dropped a torn last line (cut off by a crash)"
+                note = f"{path}:{number}: dropped a torn last line (cut off by a crash)"
                 continue
-            raise DataError(f"{path}, line {number}", "not a JSON record") from None
+            raise DataError(f"{path}:{number}", "not a JSON record") from None
         if not isinstance(record, dict) or not isinstance(record.get("step"), int):
-            raise DataError(f"{path}, line {number}", "a record without an integer 'step'")
+            raise DataError(f"{path}:{number}", "a record without an integer 'step'")
         if not isinstance(record.get("type"), str):
-            raise DataError(f"{path}, line {number}", "a record without a 'type'")
+            raise DataError(f"{path}:{number}", "a record without a 'type'")
         records.append(record)
     return records, note
 

@@ -35,7 +35,7 @@ from tformer.checks import check_choice, check_number
 from tformer.data.tokens import IGNORE_INDEX, LMBatches
 from tformer.devices import flush_denormals, keep_freed_memory
 from tformer.errors import ConfigError, RunDirectoryError, TrainingInterrupted
-from tformer.files import WRITE_ERRORS, atomic_write_json, write_failure
+from tformer.files import WRITE_ERRORS, atomic_write_json, is_write_error, write_failure
 from tformer.tokenizers import Tokenizer
 from tformer.train import distributed
 from tformer.train.checkpoint import (
@@ -57,6 +57,7 @@ from tformer.train.optim import (
 from tformer.train.plots import plot_losses
 
 EVAL_SEED = 1234  # the periodic evaluation always scores the same windows
+SEED_MAX = 2**63 - 1  # the largest seed every consumer of it takes (a signed 64-bit one)
 
 
 @dataclass
@@ -92,7 +93,7 @@ class TrainConfig:
         for name in ("warmup_steps", "eval_every", "checkpoint_every"):
             check_number(name, getattr(self, name), integer=True, low=0)
         check_number("decay_steps", self.decay_steps, integer=True, low=1, optional=True)
-        check_number("seed", self.seed, integer=True, low=0)
+        check_number("seed", self.seed, integer=True, low=0, high=SEED_MAX)
         for name in ("lr", "min_lr"):
             check_number(name, getattr(self, name), low=0, low_open=True)
         for name in ("weight_decay", "grad_clip"):
@@ -309,14 +310,13 @@ def _fit(
 
     torch.manual_seed(config.seed)  # dropout
     generator = torch.Generator().manual_seed(config.seed)  # data windows
-    last = run_dir / "last" if run_dir is not None else None
     if resume:
-        if last is None or not last.exists():
+        if run_dir is None or not (run_dir / "last").exists():
             raise FileNotFoundError(
                 f"{run_dir}: no checkpoint to resume from (no 'last' link: the run saved none "
                 "yet, or this is not a run directory)"
             )
-        model.load_weights(last)  # whole, before any sharding spreads them
+        model.load_weights(run_dir / "last")  # whole, before any sharding spreads them
     if config.activation_checkpointing:
         if not hasattr(model, "set_activation_checkpointing"):
             raise ValueError(f"{type(model).__name__} has no activation checkpointing")
@@ -327,32 +327,12 @@ def _fit(
     betas = (config.beta1, config.beta2)
     optimizer = build_optimizer(model, config.lr, config.weight_decay, betas, sharded=sharded)
     scaler = torch.amp.GradScaler(device.type, enabled=config.dtype == "float16")
-    start, best_val = 0, math.inf
     if resume:
-        start, best_val = restore(model, optimizer, scaler, generator, last)
-        if start > config.steps:
-            raise ConfigError(
-                f"{last} is at step {start}, past the run's {config.steps} steps: give more steps"
-            )
-        if dist.is_main:
-            forget_after(run_dir, start)
-            note = log.truncate_after(start)
-            if note is not None:
-                print(note, file=sys.stderr)
-        distributed.barrier()
-    elif run_dir is not None and dist.is_main:
-        if (run_dir / "last").exists() or any(checkpoints_newest_first(run_dir)):
-            raise RunDirectoryError(
-                f"{run_dir} already holds a run; pass --resume to continue it, or choose "
-                "another output directory"
-            )
-        run_dir.mkdir(parents=True, exist_ok=True)
-        log.truncate_after(-1)
-        config_file = run_dir / "train_config.json"
-        try:
-            atomic_write_json(config_file, asdict(config))
-        except OSError as e:
-            raise write_failure(config_file, e, "no checkpoint was saved yet") from None
+        start, best_val = resume_run(model, optimizer, scaler, generator, config, run_dir, log)
+    else:
+        start, best_val = 0, math.inf
+        if run_dir is not None and dist.is_main:
+            start_run(config, run_dir, log)
 
     scored = ScoredLogits(model, one_path=sharded)
     ddp = DistributedDataParallel(scored) if dist.world_size > 1 and not sharded else scored
@@ -456,35 +436,26 @@ def _fit(
 
             last = done == config.steps
             due_eval = config.eval_every and done % config.eval_every == 0
+            is_best = False
             if val is not None and (due_eval or last):
-                # Periodic evaluations score the same sample of windows each time; the final
-                # one may score the whole validation set (in bigger batches: no activations
-                # are kept).
-                full = last and config.final_eval == "full"
-                if full:
-                    metrics = evaluate(model, val, 4 * micro, None, config.dtype)
-                else:
-                    metrics = evaluate(model, val, micro, config.eval_batches, config.dtype)
-                record = {
-                    "type": "eval",
-                    "step": done,
-                    "full": full,
-                    **{f"val_{k}": v for k, v in metrics.items()},
-                }
+                record = evaluation(model, val, config, done, micro, final=last)
                 history.append(record)
                 log.write(record, intact)
                 if on_record is not None:
                     on_record(record)
                 if dist.is_main and print_evaluations:
                     bar.write(
-                        f"step {done}: val loss {metrics['loss']:.4f}, accuracy "
-                        f"{metrics['accuracy']:.3f}, perplexity {metrics['perplexity']:.2f}",
+                        f"step {done}: val loss {record['val_loss']:.4f}, accuracy "
+                        f"{record['val_accuracy']:.3f}, perplexity "
+                        f"{record['val_perplexity']:.2f}",
                         file=sys.stderr,
                     )
-                is_best = metrics["loss"] < best_val
-                best_val = min(best_val, metrics["loss"])
-            else:
-                is_best = False
+                # `best` follows the periodic evaluations, which score the same windows each
+                # time; a final full one may become `best` but sets no bar for them (a run
+                # extended past its end compares its later evaluations with like ones).
+                is_best = record["val_loss"] < best_val
+                if not record["full"]:
+                    best_val = min(best_val, record["val_loss"])
             # A checkpoint when due, at the end, and whenever the validation loss improves
             # (so `best` always points at the best model evaluated), and when asked to stop.
             due = config.checkpoint_every and done % config.checkpoint_every == 0
@@ -494,7 +465,7 @@ def _fit(
             if run_dir is not None and (last or due or is_best or stop):
                 save(done, is_best)
                 intact = intact_note(run_dir) if dist.is_main else ""
-            if stop:
+            if stop and not last:  # a signal in the last step: the run finishes as usual
                 bar.close()
                 raise interrupted(done, config.steps, run_dir, stops.exit_code(votes))
     bar.close()
@@ -503,6 +474,69 @@ def _fit(
         if dist.is_main:
             finish_run_directory(run_dir, whole, tokenizer, intact)
     return history
+
+
+def resume_run(
+    model: nn.Module,
+    optimizer: AdamW | torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    generator: torch.Generator,
+    config: TrainConfig,
+    run_dir: Path,
+    log: MetricsLog,
+) -> tuple[int, float]:
+    """Continue the run in `run_dir` from its `last` checkpoint (whose weights the model
+    holds already): its optimizer and random states, and what the interrupted run wrote
+    past it dropped (checkpoints, metrics); -> (step, best validation loss so far)."""
+    last = run_dir / "last"
+    start, best_val = restore(model, optimizer, scaler, generator, last)
+    if start > config.steps:
+        raise ConfigError(
+            f"{last} is at step {start}, past the run's {config.steps} steps: give more steps"
+        )
+    if distributed.current().is_main:
+        forget_after(run_dir, start)
+        note = log.truncate_after(start)
+        if note is not None:
+            print(note, file=sys.stderr)
+    distributed.barrier()
+    return start, best_val
+
+
+def start_run(config: TrainConfig, run_dir: Path, log: MetricsLog) -> None:
+    """A new run in `run_dir` (the main process's part): refused over an earlier run's
+    checkpoints; an empty metrics.jsonl and train_config.json."""
+    if (run_dir / "last").exists() or any(checkpoints_newest_first(run_dir)):
+        raise RunDirectoryError(
+            f"{run_dir} already holds a run; pass --resume to continue it, or choose "
+            "another output directory"
+        )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    log.truncate_after(-1)
+    config_file = run_dir / "train_config.json"
+    try:
+        atomic_write_json(config_file, asdict(config))
+    except OSError as e:
+        raise write_failure(config_file, e, "no checkpoint was saved yet") from None
+
+
+def evaluation(
+    model: nn.Module, val: LMBatches, config: TrainConfig, done: int, micro: int, final: bool
+) -> dict[str, Any]:
+    """The eval record after step `done`. Periodic evaluations score the same sample of
+    windows each time; the `final` one scores the whole validation set if
+    config.final_eval says so (in bigger batches: no activations are kept)."""
+    full = final and config.final_eval == "full"
+    if full:
+        metrics = evaluate(model, val, 4 * micro, None, config.dtype)
+    else:
+        metrics = evaluate(model, val, micro, config.eval_batches, config.dtype)
+    return {
+        "type": "eval",
+        "step": done,
+        "full": full,
+        **{f"val_{k}": v for k, v in metrics.items()},
+    }
 
 
 def interrupted(step: int, steps: int, run_dir: Path | None, exit_code: int) -> TrainingInterrupted:
@@ -528,6 +562,8 @@ def finish_run_directory(
         if tokenizer is not None:
             tokenizer.save(run_dir)
     except WRITE_ERRORS as e:
+        if not is_write_error(e):
+            raise
         raise write_failure(run_dir, e, intact, what=f"the final model in {run_dir}") from None
     plot_losses(run_dir, intact)
 
