@@ -239,5 +239,5 @@ def _read_holder(fd: int) -> str:
 def _locked(directory: Path, holder: str) -> RunLockedError:
     return RunLockedError(
         f"{directory} is being written by {holder} (it holds {directory / LOCK_FILE}): wait "
-        "for it to finish or stop it; one process at a time writes a run directory"
+        "for it to finish or stop it; one process at a time writes there"
     )

@@ -303,3 +303,17 @@ def test_a_bad_setting_in_a_run_file_is_named_with_the_file(
     stored = json.loads((run / name).read_text())
     (run / name).write_text(json.dumps({**stored, key: value}))
     refused(["train", "--resume", "--out", run], [str(run / name), *names], keep=[run])
+
+
+def test_a_second_lab_on_the_same_report_is_refused_while_one_writes(refused, tmp_path):
+    from tformer.files import lock_directory
+    from tformer.lab.report import mark_report
+
+    out = tmp_path / "report"
+    mark_report(out)
+    lock = lock_directory(out)  # another lab, writing this report
+    try:
+        lock.announce()
+        refused(["lab", "--out", out, "--quick"], ["being written by process", str(out)])
+    finally:
+        lock.release()

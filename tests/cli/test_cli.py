@@ -228,3 +228,11 @@ def test_inspect_of_a_long_source_is_one_warning_line(tmp_path, capsys):
     assert len(err) == 2 and err[1].startswith("tformer inspect: warning: the target has")
     main(["inspect", str(run), "--text", "one two", "--target", "one", "--json"])
     assert capsys.readouterr().err == ""
+
+
+def test_inspect_of_a_text_longer_than_the_window_is_one_warning_line(checkpoint, capsys):
+    main(["inspect", str(checkpoint), "--text", "the cat sat on the mat " * 40, "--json"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("tformer inspect: warning: --text is")
+    main(["inspect", str(checkpoint), "--text", "the cat sat on the mat", "--json"])
+    assert capsys.readouterr().err == ""

@@ -7,6 +7,7 @@ import torch
 from tformer.checkpoints import resolve_checkpoint
 from tformer.cli.common import DefaultsFormatter, add_text_options, load_model, print_json
 from tformer.devices import pick_device
+from tformer.generate.limits import warn_truncated
 from tformer.generate.translate import sentence_pair
 from tformer.lab.attention_plot import token_label
 from tformer.lab.instruments import (
@@ -41,7 +42,13 @@ def gpt_inputs(args):
     if args.target is not None:
         raise ValueError("--target is for translation checkpoints")
     model, tokenizer = load_model(args.checkpoint, args.device, "float32")
-    ids = tokenizer.encode(args.text)[: model.config.max_len + 1]
+    ids = tokenizer.encode(args.text)
+    if len(ids) > model.config.max_len + 1:  # inputs and the targets one token on
+        warn_truncated(
+            f"--text is {len(ids)} tokens; only its first {model.config.max_len + 1} fit the "
+            f"model's window of {model.config.max_len} and are inspected"
+        )
+        ids = ids[: model.config.max_len + 1]
     if len(ids) < 2:
         raise ValueError("--text must be at least two tokens long: each predicts the next")
     ids = torch.tensor([ids], device=next(model.parameters()).device)

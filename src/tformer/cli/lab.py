@@ -8,6 +8,7 @@ from tqdm import tqdm
 from tformer.cli.common import DefaultsFormatter, number, print_json
 from tformer.devices import machine_line, pick_device
 from tformer.errors import RunDirectoryError
+from tformer.files import lock_directory
 from tformer.lab.experiment import VARIANTS, LabConfig, run_lab
 from tformer.lab.report import (
     LAB_FILE,
@@ -103,16 +104,8 @@ def lab_config(args) -> LabConfig:
     return replace(base, **{k: v for k, v in overrides.items() if v is not None})
 
 
-def run(args) -> None:
-    config = lab_config(args)
-    # A new or empty directory, or an earlier report of the lab's own (whose runs resume).
-    out = output_directory(args.out)
-    names = existing_names(out, "--out")
-    if names and not is_report(out, names):
-        raise RunDirectoryError(
-            f"{out} is not empty ({listing(names)}) and is not a lab report (no {LAB_FILE}): "
-            "pick an empty or new --out, or the directory of an earlier report of this command"
-        )
+def run_with_progress(config: LabConfig, out, args):
+    """run_lab with the machine's line and a progress bar; -> results, data, machine line."""
     device = pick_device(args.device)
     machine = machine_line()
     print(machine, file=sys.stderr)
@@ -124,11 +117,30 @@ def run(args) -> None:
         bar.set_description(name)
         bar.refresh()
 
-    mark_report(out)  # before run_lab writes runs/: whatever stops it, a report resumes
     results, data = run_lab(config, out, device, args.fresh, on_run)
     bar.n = total
     bar.close()
-    report = write_report(out, config, data, results, machine)
+    return results, data, machine
+
+
+def run(args) -> None:
+    config = lab_config(args)
+    # A new or empty directory, or an earlier report of the lab's own (whose runs resume).
+    out = output_directory(args.out)
+    names = existing_names(out, "--out")
+    if names and not is_report(out, names):
+        raise RunDirectoryError(
+            f"{out} is not empty ({listing(names)}) and is not a lab report (no {LAB_FILE}): "
+            "pick an empty or new --out, or the directory of an earlier report of this command"
+        )
+    mark_report(out)  # before run_lab writes runs/: whatever stops it, a report resumes
+    lock = lock_directory(out)  # one lab writes a report at a time
+    try:
+        lock.announce()
+        results, data, machine = run_with_progress(config, out, args)
+        report = write_report(out, config, data, results, machine)
+    finally:
+        lock.release()
     if args.json:
         print_json(
             json_safe({"machine": machine, "report": str(report), "runs": summary_rows(results)})
