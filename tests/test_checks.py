@@ -1,6 +1,7 @@
 """checks.py: numbers in their ranges, choices, flag text parsed as numbers."""
 
 import math
+import re
 
 import numpy as np
 import pytest
@@ -41,7 +42,9 @@ def test_bools_are_no_numbers(value):
 
 @pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf, np.float32("nan")])
 def test_nan_and_infinities_are_refused(value):
-    assert number_problem(value) == f"must be a finite number, got {value!r}"
+    assert number_problem(value) == "must be a finite number"
+    with pytest.raises(ConfigError, match=re.escape(f"x must be a finite number, got {value!r}")):
+        check_number("x", value)
 
 
 @pytest.mark.parametrize("value", ["3", None, [3], 2.5, 3.0, np.float64(3.0)])

@@ -16,6 +16,9 @@ from typing import Any
 
 from tformer.errors import ConfigError
 
+# The largest seed: torch.Generator.manual_seed takes a signed 64-bit one.
+MAX_SEED = 2**63 - 1
+
 
 def describe_range(
     integer: bool = False,
@@ -55,7 +58,8 @@ def number_problem(
     low_open: bool = False,
     high_open: bool = False,
 ) -> str | None:
-    """None if `value` is such a number, else "must be ..., got ..." (no name).
+    """None if `value` is such a number, else what it must be: "must be an integer >= 1"
+    (no name, nothing of the value).
 
     Integers are any numbers.Integral (Python's int, numpy's int64), other numbers any
     numbers.Real (float, numpy's float32); bools are neither here, and neither are NaN and
@@ -71,7 +75,7 @@ def number_problem(
         ok = value > low if low_open else value >= low
     if ok and high is not None:
         ok = value < high if high_open else value <= high
-    return None if ok else f"must be {wanted}, got {value!r}"
+    return None if ok else f"must be {wanted}"
 
 
 def check_number(
@@ -89,7 +93,7 @@ def check_number(
         return
     problem = number_problem(value, integer, low, high, low_open, high_open)
     if problem is not None:
-        raise ConfigError(f"{name} {problem}")
+        raise ConfigError(f"{name} {problem}, got {value!r}")
 
 
 def check_choice(name: str, value: Any, choices: Iterable[Any]) -> None:
@@ -116,5 +120,5 @@ def parse_number(
         raise ValueError(f"must be {wanted}, got {text!r}") from None
     problem = number_problem(value, integer, low, high, low_open, high_open)
     if problem is not None:
-        raise ValueError(f"{problem.removesuffix(repr(value))}{text!r}")
+        raise ValueError(f"{problem}, got {text!r}")
     return value

@@ -8,7 +8,7 @@ import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from tformer.checks import parse_number
+from tformer.checks import MAX_SEED, parse_number
 from tformer.devices import DTYPES, parse_dtype, pick_device
 from tformer.errors import TformerWarning
 from tformer.models.gpt2 import GPT2
@@ -112,3 +112,7 @@ def warnings_as_lines(command: str) -> Iterator[None]:
         shown_before = warnings.showwarning
         warnings.showwarning = show
         yield
+
+
+# --seed of every command: a seed torch's generators take.
+seed = number(integer=True, low=0, high=MAX_SEED)

@@ -5,7 +5,7 @@ import time
 
 import torch
 
-from tformer.cli.common import number
+from tformer.cli.common import seed
 from tformer.generate import SamplingConfig, stream_tokens
 from tformer.models.gpt2 import GPT2, PRESETS, GPT2Config
 from tformer.tokenizers import GPT2Tokenizer
@@ -19,9 +19,7 @@ def add_parser(sub) -> None:
         "random GPT-2 in the Hugging Face layout, load it back (and into transformers when "
         "installed), and stream a few generated tokens.",
     )
-    p.add_argument(
-        "--seed", type=number(integer=True, low=0, high=2**63 - 1), default=0, help="(default: 0)"
-    )
+    p.add_argument("--seed", type=seed, default=0, help="(default: 0)")
     p.set_defaults(run=run)
 
 

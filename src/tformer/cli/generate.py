@@ -8,12 +8,12 @@ from pathlib import Path
 import torch
 
 from tformer.checkpoints import resolve_checkpoint
-from tformer.cli.common import non_empty, number, print_json, read_utf8
+from tformer.cli.common import non_empty, number, print_json, read_utf8, seed
 from tformer.data.prompts import read_prompt_list
 from tformer.devices import DTYPES, pick_device
 from tformer.errors import ConfigError
 from tformer.generate import SamplingConfig
-from tformer.generate.decode import MAX_SEED, continue_prompts
+from tformer.generate.decode import continue_prompts
 from tformer.generate.fast import load_for_decoding
 from tformer.generate.limits import STOP
 from tformer.generate.text import StreamedText, TextStream, encode_prompt
@@ -86,7 +86,7 @@ def add_parser(sub) -> None:
     )
     p.add_argument(
         "--seed",
-        type=number(integer=True, low=0, high=MAX_SEED),
+        type=seed,
         help="seed for reproducible sampling (sample j uses seed + j)",
     )
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: auto)")

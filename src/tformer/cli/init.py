@@ -9,7 +9,7 @@ writing the GPT-2 tokenizer would remove.
 
 from pathlib import Path
 
-from tformer.cli.common import number, print_json
+from tformer.cli.common import number, print_json, seed
 from tformer.errors import RunDirectoryError
 from tformer.files import WRITE_ERRORS, is_write_error, write_failure
 from tformer.models.gpt2 import GPT2, PRESETS, GPT2Config
@@ -25,7 +25,6 @@ OWN_NAMES = (
     "merges.txt",
     "tokenizer_config.json",
 )
-SEED_RANGE = dict(integer=True, low=0, high=2**63 - 1)
 COUNT = dict(integer=True, low=1)
 
 
@@ -49,9 +48,7 @@ def add_parser(sub) -> None:
         type=number(low=0.0, high=1.0, high_open=True),
         help="dropout probability (default: 0.1)",
     )
-    p.add_argument(
-        "--seed", type=number(**SEED_RANGE), default=0, help="initialisation seed (default: 0)"
-    )
+    p.add_argument("--seed", type=seed, default=0, help="initialisation seed (default: 0)")
     p.add_argument(
         "--overwrite",
         action="store_true",

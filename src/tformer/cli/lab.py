@@ -5,7 +5,7 @@ from dataclasses import replace
 
 from tqdm import tqdm
 
-from tformer.cli.common import DefaultsFormatter, number, print_json
+from tformer.cli.common import DefaultsFormatter, number, print_json, seed
 from tformer.devices import machine_line, pick_device
 from tformer.errors import RunDirectoryError
 from tformer.files import lock_directory
@@ -78,7 +78,7 @@ def add_parser(sub) -> None:
     )
     p.add_argument(
         "--seed",
-        type=number(integer=True, low=0, high=2**63 - 1),
+        type=seed,
         help=f"(default: {defaults.seed})",
     )
     p.add_argument(

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from tformer.checks import check_number
+from tformer.checks import MAX_SEED, check_number
 from tformer.errors import ConfigError
 from tformer.generate.limits import CONTEXT, LENGTH, STOP, warn_truncated
 from tformer.generate.sampling import (
@@ -33,7 +33,6 @@ from tformer.generate.sampling import (
 )
 from tformer.nn import KVCache
 
-MAX_SEED = 2**63 - 1  # what torch.Generator.manual_seed takes, with room for seed + sample
 # What the Python API takes as prompts: see prompt_rows.
 # Numpy arrays are taken too (through .tolist()); numpy is not a dependency of this module.
 Prompts = torch.Tensor | Sequence[int] | Sequence[Sequence[int]]

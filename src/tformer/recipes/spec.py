@@ -19,7 +19,7 @@ of its range (RANGES, CHOICES) is a ConfigError naming the field, as the flag wo
 import os
 from dataclasses import asdict, dataclass, fields, replace
 
-from tformer.checks import check_choice, check_number
+from tformer.checks import MAX_SEED, check_choice, check_number
 from tformer.errors import ConfigError
 from tformer.models import seq2seq
 from tformer.models.gpt2_config import PRESETS
@@ -38,7 +38,6 @@ DEFAULT_OUT = {
 # The built-in question-answering data sets are natural text whose questions (a verse, a
 # line) take too many character tokens for a window: they read with a BPE by default.
 BPE_QA_DATA = ("bible-qa", "shakespeare-qa", "squad", "squad-2.0")
-MAX_SEED = 2**63 - 1  # the largest seed every generator on the way takes (TrainConfig's too)
 
 # The range of every numeric field, as check_number's keywords; `tformer train`'s flags
 # parse with the same (tformer.cli.train_flags).

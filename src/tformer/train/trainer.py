@@ -31,7 +31,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from tformer.checks import check_choice, check_number
+from tformer.checks import MAX_SEED, check_choice, check_number
 from tformer.data.tokens import IGNORE_INDEX, LMBatches
 from tformer.devices import flush_denormals, keep_freed_memory
 from tformer.errors import ConfigError, RunDirectoryError, TrainingInterrupted
@@ -57,7 +57,6 @@ from tformer.train.optim import (
 from tformer.train.plots import plot_losses
 
 EVAL_SEED = 1234  # the periodic evaluation always scores the same windows
-SEED_MAX = 2**63 - 1  # the largest seed every consumer of it takes (a signed 64-bit one)
 
 
 @dataclass
@@ -93,7 +92,7 @@ class TrainConfig:
         for name in ("warmup_steps", "eval_every", "checkpoint_every"):
             check_number(name, getattr(self, name), integer=True, low=0)
         check_number("decay_steps", self.decay_steps, integer=True, low=1, optional=True)
-        check_number("seed", self.seed, integer=True, low=0, high=SEED_MAX)
+        check_number("seed", self.seed, integer=True, low=0, high=MAX_SEED)
         for name in ("lr", "min_lr"):
             check_number(name, getattr(self, name), low=0, low_open=True)
         for name in ("weight_decay", "grad_clip"):
