@@ -7,8 +7,10 @@ import sys
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 from tformer.checks import MAX_SEED, parse_number
+from tformer.data.sources import read_text_file, utf8_text
 from tformer.devices import DTYPES, parse_dtype, pick_device
 from tformer.errors import TformerWarning
 from tformer.models.gpt2 import GPT2
@@ -74,17 +76,12 @@ def number(
 def read_utf8(path: str | None) -> str:
     """A file's text, or standard input's when path is None; text that is not UTF-8 is
     refused in one line that names where it came from."""
-    where = "standard input" if path is None else path
-    try:
-        if path is None:
-            # The bytes, decoded here: a non-UTF-8 locale would decode them otherwise, or
-            # smuggle undecodable bytes in as surrogates that no tokenizer can encode.
-            stdin = getattr(sys.stdin, "buffer", None)
-            return sys.stdin.read() if stdin is None else stdin.read().decode("utf-8")
-        with open(path, encoding="utf-8") as f:
-            return f.read()
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{where}: not UTF-8 text (byte {e.start}); save it as UTF-8") from None
+    if path is not None:
+        return read_text_file(Path(path))
+    # The bytes, decoded here: a non-UTF-8 locale would decode them otherwise, or smuggle
+    # undecodable bytes in as surrogates that no tokenizer can encode.
+    stdin = getattr(sys.stdin, "buffer", None)
+    return sys.stdin.read() if stdin is None else utf8_text(stdin.read(), "standard input")
 
 
 def non_empty(text: str) -> str:

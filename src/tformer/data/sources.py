@@ -35,12 +35,17 @@ class Corpus:
 
 def read_text_file(path: Path) -> str:
     """A UTF-8 text file; a decoding error names the byte offset."""
-    data = path.read_bytes()
+    return utf8_text(path.read_bytes(), str(path))
+
+
+def utf8_text(data: bytes, where: str) -> str:
+    """Bytes read from `where` (a file, standard input) as UTF-8 text; DataError naming
+    `where` and the first byte that is not."""
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
         raise DataError(
-            str(path),
+            where,
             f"not UTF-8 text (byte {e.start} is {data[e.start]:#04x}); convert it, e.g. "
             "iconv -f latin1 -t utf-8",
         ) from None
