@@ -5,8 +5,10 @@ sampling and beam-search field a wrong value; the Python API a prompt of the wro
 type or vocabulary. Nothing here runs a model for long: most cases fail while parsing.
 """
 
+import io
 import json
 import math
+import sys
 
 import pytest
 import torch
@@ -87,6 +89,15 @@ def test_an_empty_stop_string_is_refused(refused, tiny_checkpoint):
 def test_a_prompt_with_undecodable_bytes_is_refused(refused, tiny_checkpoint):
     # What Python makes of a command line's bytes that are not UTF-8: surrogates.
     refused(["generate", tiny_checkpoint, "--prompt", "caf\udce9"], "the prompt is not UTF-8")
+
+
+@pytest.mark.parametrize("command", ["generate", "translate"])
+def test_standard_input_that_is_not_utf8_is_refused_naming_it(
+    refused, tiny_checkpoint, translation_checkpoint, monkeypatch, command
+):
+    checkpoint = tiny_checkpoint if command == "generate" else translation_checkpoint
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO("caf\xe9\n".encode("latin-1"))))
+    refused([command, checkpoint], ["standard input", "not UTF-8", "byte 3 is 0xe9"])
 
 
 def bad_prompt_files(tmp_path):
