@@ -13,6 +13,12 @@ Byte-level BPE (Sennrich et al., 2016; Radford et al., 2019): text is split by a
 expression into words, each word is turned into its UTF-8 bytes, and adjacent pieces are
 merged greedily by the rank of the pair, lowest rank first, until no ranked pair is left.
 Because every byte is a token, any text round-trips.
+
+A tokenizer may carry a chat template (`chat_template`: a Jinja template, or Hugging Face's
+list of named ones; tformer.generate.chat renders it): `save` writes it where Hugging Face
+keeps it, under "chat_template" in tokenizer_config.json, and `load_tokenizer` reads it back,
+so a fine-tuned model's checkpoints say how a conversation becomes its prompt. The
+tokenizer only keeps the template; it never reads it.
 """
 
 import base64
@@ -48,6 +54,7 @@ GPT2_RANKS_URL = "https://openaipublic.blob.core.windows.net/encodings/r50k_base
 GPT2_RANKS_SDIST = ("openai-whisper==20250625", "whisper/assets/gpt2.tiktoken")
 
 CHAR_TOKENIZER_FILE = "char_tokenizer.json"
+CONFIG_FILE = "tokenizer_config.json"
 # Every file a tokenizer may be saved as; saving one kind removes the others' files, so a
 # directory never holds two tokenizers that disagree.
 TOKENIZER_FILES = (
@@ -55,7 +62,7 @@ TOKENIZER_FILES = (
     "tokenizer.json",
     "vocab.json",
     "merges.txt",
-    "tokenizer_config.json",
+    CONFIG_FILE,
 )
 
 
@@ -63,6 +70,7 @@ TOKENIZER_FILES = (
 class Tokenizer(Protocol):
     vocab_size: int
     special_tokens: dict[str, int]
+    chat_template: str | list | None  # what tokenizer_config.json's "chat_template" holds
 
     @property
     def eos_id(self) -> int | None: ...
@@ -115,6 +123,17 @@ def remove_other_tokenizers(directory: Path, keep: Sequence[str]) -> None:
     for name in TOKENIZER_FILES:
         if name not in keep:
             (directory / name).unlink(missing_ok=True)
+
+
+def save_config(directory: Path, config: dict, chat_template: str | list | None) -> tuple[str, ...]:
+    """Write tokenizer_config.json: `config` and the chat template, if any; nothing when both
+    are empty. -> the names written, for remove_other_tokenizers to keep."""
+    if chat_template is not None:
+        config = {**config, "chat_template": chat_template}
+    if not config:
+        return ()
+    atomic_write_json(directory / CONFIG_FILE, config)
+    return (CONFIG_FILE,)
 
 
 def _sha(text: str) -> str:
@@ -249,6 +268,7 @@ class GPT2Tokenizer:
             raise ValueError(f"GPT-2 BPE needs ranks 0..{GPT2_EOT_ID - 1}, one per token")
         self.ranks = ranks
         self.special_tokens = {ENDOFTEXT: GPT2_EOT_ID}
+        self.chat_template: str | list | None = None
         self.vocab_size = GPT2_EOT_ID + 1
         self.encoding = tiktoken.Encoding(
             "gpt2",
@@ -311,13 +331,11 @@ class GPT2Tokenizer:
         vocab[ENDOFTEXT] = GPT2_EOT_ID
         merges = [f"{spell(a)} {spell(b)}" for a, b in merges_from_ranks(self.ranks)]
         directory.mkdir(parents=True, exist_ok=True)
-        remove_other_tokenizers(
-            directory, keep=("vocab.json", "merges.txt", "tokenizer_config.json")
-        )
+        remove_other_tokenizers(directory, keep=("vocab.json", "merges.txt", CONFIG_FILE))
         atomic_write_text(directory / "vocab.json", json.dumps(vocab, ensure_ascii=False))
         atomic_write_text(directory / "merges.txt", "#version: 0.2\n" + "\n".join(merges) + "\n")
-        atomic_write_json(
-            directory / "tokenizer_config.json",
+        save_config(
+            directory,
             {
                 "tokenizer_class": "GPT2Tokenizer",
                 "bos_token": ENDOFTEXT,
@@ -327,6 +345,7 @@ class GPT2Tokenizer:
                 "model_max_length": 1024,
                 "tformer_tokenizer": "gpt2",  # read back with tiktoken, the fast path
             },
+            self.chat_template,
         )
 
 
@@ -348,6 +367,7 @@ class CharTokenizer:
         self.index = {c: i for i, c in enumerate(self.chars)}
         self.vocab_size = len(self.chars)
         self.special_tokens: dict[str, int] = {}
+        self.chat_template: str | list | None = None
 
     @classmethod
     def from_text(cls, text: str) -> "CharTokenizer":
@@ -383,7 +403,8 @@ class CharTokenizer:
     def save(self, directory: str | os.PathLike) -> None:
         directory = Path(directory)
         atomic_write_json(directory / CHAR_TOKENIZER_FILE, {"type": "char", "chars": self.chars})
-        remove_other_tokenizers(directory, keep=(CHAR_TOKENIZER_FILE,))
+        written = save_config(directory, {}, self.chat_template)
+        remove_other_tokenizers(directory, keep=(CHAR_TOKENIZER_FILE, *written))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "CharTokenizer":
@@ -411,6 +432,7 @@ class HFTokenizer:
             for i, token in tokenizer.get_added_tokens_decoder().items()
             if token.special
         }
+        self.chat_template: str | list | None = None
 
     @classmethod
     def from_file(cls, path: str | os.PathLike) -> "HFTokenizer":
@@ -484,7 +506,13 @@ class HFTokenizer:
     def save(self, directory: str | os.PathLike) -> None:
         directory = Path(directory)
         atomic_write(directory / "tokenizer.json", lambda tmp: self.tokenizer.save(tmp))
-        remove_other_tokenizers(directory, keep=("tokenizer.json",))
+        # tokenizer.json does not say which token ends a text; a chat template that writes
+        # one (its eos_token) reads it from tokenizer_config.json
+        config = {}
+        if self.chat_template is not None and self.eos_id is not None:
+            config["eos_token"] = ENDOFTEXT
+        written = save_config(directory, config, self.chat_template)
+        remove_other_tokenizers(directory, keep=("tokenizer.json", *written))
 
 
 def train_bpe(
@@ -535,7 +563,8 @@ def build_tokenizer(kind: str, text: str, bpe_vocab_size: int) -> Tokenizer:
 
 
 def load_tokenizer(directory: str | os.PathLike) -> Tokenizer:
-    """The tokenizer saved in a checkpoint directory.
+    """The tokenizer saved in a checkpoint directory, with the chat template of its
+    tokenizer_config.json, if any.
 
     Looks for, in order: char_tokenizer.json; tokenizer_config.json written by tformer for
     GPT-2 (loaded with tiktoken); tokenizer.json; vocab.json + merges.txt.
@@ -543,13 +572,24 @@ def load_tokenizer(directory: str | os.PathLike) -> Tokenizer:
     directory = Path(directory)
     if not directory.is_dir():
         raise FileNotFoundError(f"{directory}: no such directory")
+    config_path = directory / CONFIG_FILE
+    config = read_json(config_path, "a tokenizer config") if config_path.is_file() else {}
+    chat_template = config.get("chat_template")
+    if not isinstance(chat_template, str | list | None):
+        raise ValueError(
+            f"{config_path}: chat_template is a {type(chat_template).__name__}; expected a "
+            'Jinja template (a string) or a list of {"name", "template"}'
+        )
+    tokenizer = _tokenizer_files(directory, config)
+    tokenizer.chat_template = chat_template
+    return tokenizer
+
+
+def _tokenizer_files(directory: Path, config: dict) -> Tokenizer:
+    """The tokenizer of load_tokenizer, from the files it finds."""
     if (directory / CHAR_TOKENIZER_FILE).is_file():
         return CharTokenizer.load(directory / CHAR_TOKENIZER_FILE)
-    config_path = directory / "tokenizer_config.json"
-    if (
-        config_path.is_file()
-        and read_json(config_path, "a tokenizer config").get("tformer_tokenizer") == "gpt2"
-    ):
+    if config.get("tformer_tokenizer") == "gpt2":
         return GPT2Tokenizer.from_vocab_json(directory / "vocab.json")
     if (directory / "tokenizer.json").is_file():
         return HFTokenizer.from_file(directory / "tokenizer.json")

@@ -8,6 +8,7 @@ import random
 import pytest
 import torch
 
+from tformer.generate.chat import SFT_TEMPLATE, load_chat_template, read_chat_template
 from tformer.models.encoder_qa import EncoderForQuestionAnswering
 from tformer.models.gpt2 import GPT2
 from tformer.models.seq2seq import Seq2SeqTransformer
@@ -123,6 +124,25 @@ def test_sft_recipe_fine_tunes_a_run_with_lora(data):
     result = train(spec)
     assert result["task"] == "sft" and result["trainable_parameters"] < result["parameters"]
     assert (out / "adapter_config.json").is_file() and len(result["examples"]) == 2
+
+
+def test_sft_checkpoints_carry_the_template_they_were_trained_with(data):
+    """The SFT task saves SFT_TEMPLATE with its tokenizer, in the run directory and in every
+    checkpoint, a resumed run too; a language model's run has no chat template."""
+    base = data["root"] / "base"
+    train(TrainSpec(data=str(data["text"]), context=16, steps=2, out=str(base), **TINY, **QUIET))
+    out = data["root"] / "sft"
+    sft = dict(task="sft", data=str(data["sft"]), init=str(base), sample_tokens=0)
+    train(TrainSpec(**sft, steps=2, out=str(out), dtype="float32", threads=1, **QUIET))
+    train(TrainSpec(out=str(out), resume=True, steps=3, progress=False, messages=False))
+    checkpoints = sorted((out / "checkpoints").glob("step-*"))
+    assert [c.name for c in checkpoints][-1] == "step-000003"
+    for directory in (out, out / "last", *checkpoints):
+        assert read_chat_template(directory) == SFT_TEMPLATE
+    assert load_chat_template(out).source == "checkpoint"
+    for directory in (base, base / "last"):
+        assert read_chat_template(directory) is None
+        assert load_chat_template(directory).source == "default"
 
 
 def test_a_spec_refuses_flags_that_do_not_go_together(data):

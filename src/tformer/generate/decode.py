@@ -26,6 +26,8 @@ from tformer.generate.sampling import (
     apply_temperature,
     greedy,
     mask_beyond,
+    min_p_filter,
+    occurrence_penalty,
     repetition_penalty,
     sample,
     top_k_filter,
@@ -45,6 +47,9 @@ class SamplingConfig:
     top_k: int | None = None
     top_p: float | None = None
     repetition_penalty: float = 1.0  # 1: off
+    presence_penalty: float = 0.0  # subtracted once from every token drawn before; 0: off
+    frequency_penalty: float = 0.0  # subtracted per time a token was drawn before; 0: off
+    min_p: float | None = None  # keep tokens at least min_p times the likeliest's probability
     do_sample: bool = True  # False: greedy
     seed: int | None = None
     eos_id: int | None = None  # the end-of-text token: generation stops there
@@ -58,6 +63,9 @@ class SamplingConfig:
         check_number("top_k", self.top_k, integer=True, low=1, optional=True)
         check_number("top_p", self.top_p, low=0, high=1, low_open=True, optional=True)
         check_number("repetition_penalty", self.repetition_penalty, low=0, low_open=True)
+        check_number("presence_penalty", self.presence_penalty, low=-2, high=2)
+        check_number("frequency_penalty", self.frequency_penalty, low=-2, high=2)
+        check_number("min_p", self.min_p, low=0, high=1, optional=True)
         if not isinstance(self.do_sample, bool):
             raise ConfigError(f"do_sample must be True or False, got {self.do_sample!r}")
         check_number("seed", self.seed, integer=True, low=0, high=MAX_SEED, optional=True)
@@ -137,14 +145,20 @@ def next_token(
     config: SamplingConfig,
     generator: torch.Generator | Sequence[torch.Generator | None] | None,
     seen: torch.Tensor | None = None,
+    drawn: Sequence[Sequence[int]] | None = None,
 ) -> torch.Tensor:
-    """(B, V) next-token logits, (B, N) ids so far (for the repetition penalty) -> (B,) ids.
+    """(B, V) next-token logits, (B, N) ids so far (for the repetition penalty), each row's
+    ids drawn so far (for the presence and frequency penalties) -> (B,) ids.
 
     generator: one for all rows, or one per row (see sample). Ids from config.vocab_limit on
     are never chosen."""
     logits = mask_beyond(logits, config.vocab_limit)
     if seen is not None and config.repetition_penalty != 1.0:
         logits = repetition_penalty(logits, seen, config.repetition_penalty)
+    if drawn is not None and (config.presence_penalty or config.frequency_penalty):
+        logits = occurrence_penalty(
+            logits, drawn, config.presence_penalty, config.frequency_penalty
+        )
     if not config.do_sample:
         return greedy(logits)
     logits = apply_temperature(logits, config.temperature)
@@ -152,6 +166,8 @@ def next_token(
         logits = top_k_filter(logits, config.top_k)
     if config.top_p is not None:
         logits = top_p_filter(logits, config.top_p)
+    if config.min_p is not None:
+        logits = min_p_filter(logits, config.min_p)
     return sample(logits, generator)
 
 
@@ -213,7 +229,10 @@ def stream_tokens(model: nn.Module, prompt: Prompts, config: SamplingConfig) -> 
             seen = None
             if config.repetition_penalty != 1.0:
                 seen = torch.tensor([history], device=prompt.device)
-            token = next_token(logits, config, generator, seen)  # (1,)
+            drawn = None
+            if config.presence_penalty or config.frequency_penalty:
+                drawn = [history[prompt.shape[1] :]]
+            token = next_token(logits, config, generator, seen, drawn)  # (1,)
             if config.eos_id is not None and token.item() == config.eos_id:
                 return
             yield token.item()
@@ -348,7 +367,7 @@ def _decode_batch(
             width = max(len(h) for h in histories)
             seen = torch.tensor([h + h[-1:] * (width - len(h)) for h in histories])
             seen = seen.to(device)
-        tokens = next_token(logits, config, generators, seen).tolist()  # every row at once
+        tokens = next_token(logits, config, generators, seen, outputs).tolist()  # every row
         for row in range(b):
             if finished[row] or tokens[row] == config.eos_id:
                 finished[row] = True

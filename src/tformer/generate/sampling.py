@@ -6,9 +6,13 @@ top-p         keep the smallest set of most likely tokens whose probability reac
               (Holtzman et al., 2020, "The Curious Case of Neural Text Degeneration")
 repetition    for every token already in the text, z / r if z > 0 else z * r
               (Keskar et al., 2019, CTRL): r > 1 makes repeating less likely
+occurrence    z - presence * [c > 0] - frequency * c, c = the token's count among those
+              drawn so far (OpenAI's presence and frequency penalties)
+min-p         keep the tokens with p_i >= min_p * max_j p_j (Nguyen et al., 2024)
 vocab limit   ids >= n become -inf: never drawn (the tokenizer knows only n of the ids)
 """
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -41,6 +45,31 @@ def repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float)
     scores = logits.gather(-1, seen)  # (B, N)
     scores = torch.where(scores > 0, scores / penalty, scores * penalty)
     return logits.scatter(-1, seen, scores)
+
+
+def occurrence_penalty(
+    logits: torch.Tensor, drawn: Sequence[Sequence[int]], presence: float, frequency: float
+) -> torch.Tensor:
+    """(B, V) logits, each row's ids drawn so far -> (B, V) with z - presence * [c > 0] -
+    frequency * c, c a token's count in its row (the rows may differ in length)."""
+    check_number("presence_penalty", presence)
+    check_number("frequency_penalty", frequency)
+    counts = torch.zeros(logits.shape, dtype=logits.dtype, device=logits.device)  # (B, V)
+    for row, ids in enumerate(drawn):
+        if ids:
+            index = torch.tensor(ids, device=logits.device)
+            counts[row].index_add_(0, index, torch.ones(len(ids), dtype=logits.dtype))
+    return logits - presence * (counts > 0).to(logits.dtype) - frequency * counts
+
+
+def min_p_filter(logits: torch.Tensor, min_p: float) -> torch.Tensor:
+    """(B, V) -> (B, V) keeping the tokens at least min_p times as likely as the likeliest:
+    log p_i >= log min_p + max_j log p_j, which is z_i >= log min_p + max_j z_j."""
+    check_number("min_p", min_p, low=0, high=1)
+    if min_p == 0:
+        return logits
+    floor = logits.max(dim=-1, keepdim=True).values + math.log(min_p)  # (B, 1)
+    return logits.masked_fill(logits < floor, float("-inf"))
 
 
 def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:

@@ -153,42 +153,71 @@ def decoder_for(tokenizer: Tokenizer) -> ByteDecoder | WholeDecoder:
     return ByteDecoder(tokenizer)
 
 
+class TextCutter:
+    """Token ids pushed one at a time -> the text ready to show, cut at the first stop
+    string: `add` returns the piece each token makes ready ("" while text is held back),
+    `finish` the rest when no more tokens come. `stopped` says a stop string was found
+    (then nothing more is added); `completion` is all the text returned so far."""
+
+    def __init__(self, tokenizer: Tokenizer, stops: Sequence[str]) -> None:
+        self.stops = check_stops(stops)
+        self.hold = max((len(s) for s in self.stops), default=1) - 1
+        self.decoder = decoder_for(tokenizer)
+        self.held = ""  # decoded, not shown: where a stop string may still begin
+        self.shown: list[str] = []
+        self.stopped = False
+
+    def add(self, token: int) -> str:
+        self.held += self.decoder.add(token)
+        window = self.decoder.window(self.held)
+        before, self.stopped = cut_at_stop(window, self.stops)
+        if self.stopped:
+            self.shown.append(before)
+            return before
+        ready = len(self.held) - self.hold
+        if ready <= 0:
+            return ""
+        piece, self.held = self.held[:ready], self.held[ready:]
+        self.shown.append(piece)
+        return piece
+
+    def finish(self) -> str:
+        self.held += self.decoder.flush()
+        before, self.stopped = cut_at_stop(self.held, self.stops)
+        self.held = ""
+        self.shown.append(before)
+        return before
+
+    @property
+    def completion(self) -> str:
+        return "".join(self.shown)
+
+
 class StreamedText:
     """Pieces of text to show as token ids arrive from `tokens`, cut at the first stop
     string. Afterwards `completion` is the whole text (stop string excluded), `new_tokens`
     how many ids were drawn, `stopped` whether a stop string ended it."""
 
     def __init__(self, tokenizer: Tokenizer, tokens: Iterable[int], stops: Sequence[str]) -> None:
-        self.tokenizer, self.tokens, self.stops = tokenizer, tokens, check_stops(stops)
+        self.tokens = tokens
+        self.cutter = TextCutter(tokenizer, stops)  # the stops are checked here
         self.completion = ""
         self.new_tokens = 0
         self.stopped = False
 
     def __iter__(self) -> Iterator[str]:
-        hold = max((len(s) for s in self.stops), default=1) - 1
-        decoder = decoder_for(self.tokenizer)
-        shown: list[str] = []
-        held = ""  # decoded, not shown: where a stop string may still begin
+        cutter = self.cutter
         for token in self.tokens:
             self.new_tokens += 1
-            held += decoder.add(token)
-            window = decoder.window(held)
-            before, self.stopped = cut_at_stop(window, self.stops)
-            if self.stopped:
-                shown.append(before)
-                yield before
+            piece = cutter.add(token)
+            if cutter.stopped:
+                yield piece
                 break
-            ready = len(held) - hold
-            if ready > 0:
-                shown.append(held[:ready])
-                yield held[:ready]
-                held = held[ready:]
+            if piece:
+                yield piece
         else:
-            held += decoder.flush()
-            before, self.stopped = cut_at_stop(held, self.stops)
-            shown.append(before)
-            yield before
-        self.completion = "".join(shown)
+            yield cutter.finish()
+        self.completion, self.stopped = cutter.completion, cutter.stopped
 
 
 class TextStream:

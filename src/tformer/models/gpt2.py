@@ -68,6 +68,7 @@ from tformer.nn.checkpointing import run_layer
 from tformer.nn.lora import lora_layers
 from tformer.nn.packed_linear import packed_layers
 from tformer.nn.seeding import seeded_generator
+from tformer.nn.slot_cache import SlotCache
 from tformer.nn.sublayer import final_norm
 
 __all__ = ["GPT2", "PRESETS", "Block", "GPT2Config"]
@@ -326,6 +327,16 @@ class GPT2(nn.Module):
                 dtype or w.dtype,
                 w.device,
             )
+            for _ in self.blocks
+        ]
+
+    def new_slot_caches(self, slots: int, dtype: torch.dtype | None = None) -> list[SlotCache]:
+        """One empty slot cache per block: `slots` sequences of up to max_len positions, each
+        with its own length (nn/slot_cache.py; a server's continuous batching)."""
+        c, w = self.config, self.token_embedding.weight
+        d_head = c.d_model // c.n_heads
+        return [
+            SlotCache(slots, c.n_heads, c.max_len, d_head, dtype or w.dtype, w.device)
             for _ in self.blocks
         ]
 

@@ -3,6 +3,7 @@
 load_gpt2_with_tokenizer(checkpoint, device, dtype)   GPT-2 (a LoRA adapter directory:
                                                       its base, the updates folded in)
 is_translation_checkpoint(directory)                  an encoder-decoder's?
+checkpoint_kind(directory)                            "language", "translation" or "qa"
 load_translation_model(directory, device)             the encoder-decoder and its tokenizer
 """
 
@@ -10,8 +11,9 @@ from pathlib import Path
 
 import torch
 
-from tformer.checkpoints import read_model_config, resolve_checkpoint
+from tformer.checkpoints import peft, read_model_config, resolve_checkpoint
 from tformer.checkpoints.peft import is_adapter
+from tformer.models import encoder_qa
 from tformer.models.gpt2 import GPT2
 from tformer.models.gpt2_layout import load_config
 from tformer.models.seq2seq import MODEL_TYPE, Seq2SeqTransformer
@@ -54,3 +56,22 @@ def load_translation_model(
             f"source vocabulary only {model.config.src_vocab_size}: they do not belong together"
         )
     return model, tokenizer
+
+
+LANGUAGE, TRANSLATION, QA = "language", "translation", "qa"
+
+
+def checkpoint_kind(directory: Path) -> str:
+    """What a resolved checkpoint directory holds: a language model (GPT-2, or a LoRA
+    adapter on one), a translation model (the encoder-decoder) or a question-answering
+    reader (GPT-2's or the encoder's span head)."""
+    if is_adapter(directory):
+        return QA if peft.has_head(peft.read_config(directory)) else LANGUAGE
+    config = read_model_config(directory)
+    if config.get("model_type") == MODEL_TYPE:
+        return TRANSLATION
+    if config.get("model_type") == encoder_qa.MODEL_TYPE:
+        return QA
+    if "GPT2ForQuestionAnswering" in (config.get("architectures") or []):
+        return QA
+    return LANGUAGE

@@ -5,6 +5,10 @@ files), each line {"prompt": ..., "response": ...}. The model starts from --init
 or with LoRA, and the same trainer as for language models fits it with the loss on the
 response tokens only (tformer.data.prompts). At the end the first validation prompts are
 answered greedily, next to the reference responses.
+
+The tokenizer carries SFT_TEMPLATE (tformer.generate.chat), the chat template of that
+format, into every checkpoint's tokenizer_config.json: a chat request to the fine-tuned
+model is then written out as its training pairs were.
 """
 
 from dataclasses import dataclass
@@ -21,6 +25,7 @@ from tformer.data.prompts import (
 from tformer.data.prompts import fingerprint as pairs_fingerprint
 from tformer.errors import ConfigError, DataError
 from tformer.generate import SamplingConfig, generate_ids
+from tformer.generate.chat import SFT_TEMPLATE
 from tformer.models.gpt2 import GPT2
 from tformer.recipes.run_dir import absolute, data_record
 from tformer.recipes.skeleton import Run, window_length
@@ -79,6 +84,7 @@ def new_model(run: Run, pairs: Pairs):
     saved = run.saved
     model = GPT2.from_pretrained(saved["init"], device=run.device, **saved_settings(saved))
     tokenizer = tokenizer_for_model(saved["init"], model.config.vocab_size)
+    tokenizer.chat_template = SFT_TEMPLATE  # saved with it; a resumed run reads it back
     prepare_init(model, saved, run.config.seed, run.say)
     return model, tokenizer
 

@@ -1,0 +1,87 @@
+"""A key/value cache of independent sequences, one per slot, each with its own length.
+
+A server decodes many requests at once, and they come and go at every step: a request
+starts with its prompt while others are halfway through theirs. KVCache (nn/kv_cache.py)
+keeps one length for its whole batch, so its rows must start together. Here slot i holds
+sequence i's keys and values at positions 0..length_i - 1, and a decoding step appends
+one token to each of the first B slots, row i at its own position p_i:
+
+    K[i, :, p_i] = k_i,   V[i, :, p_i] = v_i,   row i attends to positions 0..p_i
+
+The slots in use are always 0..B-1 (the scheduler moves the last one into a hole when a
+sequence leaves, `move`), so attention reads plain views K[:B, :, :P], P = max_i p_i + 1,
+and a mask (B, P) hides each row's positions beyond its own. Filling a slot with a
+prompt (`prefill`) writes positions 0..T-1 of that slot alone, as an ordinary causal
+forward pass of one sequence.
+
+The model sees the same interface as KVCache: `update(k, v)` stores the new keys and
+values and returns those attention should read; `length` is the positions already
+cached, as far as the model's own checks are concerned.
+"""
+
+import torch
+from torch import nn
+
+
+class SlotCache(nn.Module):
+    def __init__(
+        self,
+        slots: int,
+        n_heads: int,
+        max_len: int,
+        d_head: int,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        shape = (slots, n_heads, max_len, d_head)  # (slots, H, L, D)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.slots, self.max_len = slots, max_len
+        self.length = 0  # positions before the new ones, as the model's checks read it
+        self._slot: int | None = None  # prefill: the slot written from position 0
+        self._positions: torch.Tensor | None = None  # decode: (B,) each row's new position
+        self._span = 0  # decode: positions attention reads, max_i p_i + 1
+
+    def prefill(self, slot: int) -> None:
+        """The next update writes one sequence (1, H, T, D) into `slot` from position 0."""
+        if not 0 <= slot < self.slots:
+            raise ValueError(f"slot {slot} is not one of 0..{self.slots - 1}")
+        self._slot, self._positions, self.length = slot, None, 0
+
+    def decode(self, positions: torch.Tensor) -> None:
+        """The next update writes one token (B, H, 1, D) to each of slots 0..B-1, row i at
+        positions[i]; attention then reads positions 0..max(positions)."""
+        span = int(positions.max()) + 1
+        if span > self.max_len:
+            raise ValueError(f"KV cache slot is full: position {span - 1} of {self.max_len}")
+        self._slot, self._positions, self._span = None, positions, span
+        self.length = span - 1
+
+    def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store the new keys and values; return what attention reads: (1, H, T, D) after a
+        prefill, (B, H, P, D) after a decode step (mask what lies beyond each row's own
+        position)."""
+        if self._positions is None:
+            if self._slot is None:
+                raise RuntimeError("call prefill(slot) or decode(positions) before update")
+            s, t = self._slot, k.shape[2]
+            self.k[s : s + 1, :, :t] = k
+            self.v[s : s + 1, :, :t] = v
+            return self.k[s : s + 1, :, :t], self.v[s : s + 1, :, :t]
+        b = k.shape[0]
+        rows = torch.arange(b, device=k.device)
+        self.k[rows, :, self._positions] = k[:, :, 0]  # (B, H, D) into (B, H) cells
+        self.v[rows, :, self._positions] = v[:, :, 0]
+        return self.k[:b, :, : self._span], self.v[:b, :, : self._span]
+
+    def move(self, source: int, target: int, length: int) -> None:
+        """Copy the first `length` positions of slot `source` into slot `target`."""
+        self.k[target, :, :length] = self.k[source, :, :length]
+        self.v[target, :, :length] = self.v[source, :, :length]
+
+
+def decode_mask(positions: torch.Tensor) -> torch.Tensor:
+    """(B,) each row's new position -> (B, P) True where row i may attend: 0..p_i."""
+    span = int(positions.max()) + 1
+    return torch.arange(span, device=positions.device)[None, :] <= positions[:, None]

@@ -1,0 +1,94 @@
+"""What one server serves: a checkpoint, loaded in the background, and what runs it.
+
+A language model is run by the continuous-batching Scheduler on its own thread; a
+translation model or a question-answering reader by one worker thread, a request at a
+time. Either way the model is touched by one thread only. `ready` turns true once the
+model is loaded (GET /health answers 503 until then); `draining` once a shutdown began
+(new requests get 503).
+"""
+
+import sys
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from tformer.checkpoints import resolve_checkpoint
+from tformer.generate.chat import ChatTemplate, load_chat_template
+from tformer.generate.fast import load_for_decoding
+from tformer.models.load import checkpoint_kind
+from tformer.serve.metrics import Metrics
+from tformer.serve.scheduler import Scheduler
+
+
+@dataclass
+class ServeConfig:
+    checkpoint: str
+    model_id: str | None = None  # the name clients send as "model"; default: the directory's
+    max_batch: int = 16
+    max_queue: int = 256
+    dtype: str = "float32"
+    quantize: bool = False
+    device: torch.device | None = None
+    chat_template: str | None = None  # a Jinja file that overrides the checkpoint's
+    corpus: str | None = None  # /v1/answers: the text retrieved from when no context is given
+    api_key: str | None = None
+    max_body_bytes: int = 4 * 1024 * 1024
+    grace_seconds: float = 30.0
+
+
+class Service:
+    def __init__(self, config: ServeConfig) -> None:
+        self.config = config
+        self.directory = resolve_checkpoint(config.checkpoint)
+        self.kind = checkpoint_kind(self.directory)  # checked before the server starts
+        self.model_id = config.model_id or Path(self.directory).name
+        self.created = int(time.time())
+        self.metrics = Metrics()
+        self.ready = threading.Event()
+        self.draining = False
+        self.load_error: str | None = None
+        self.model = None
+        self.tokenizer = None
+        self.chat: ChatTemplate | None = None
+        self.context_length = 0
+        self.scheduler: Scheduler | None = None
+        self.worker = ThreadPoolExecutor(1, thread_name_prefix="tformer-model")
+        self.index = None  # /v1/answers: the corpus's BM25 index
+        self.worker_waiting = 0  # requests queued for the worker thread (or on it)
+
+    def load(self, loaders: dict[str, Callable[["Service", torch.device], None]]) -> None:
+        """Load the model with the loader for its kind and start what runs it; on failure
+        `load_error` says why."""
+        try:
+            loaders[self.kind](self, self.config.device or torch.device("cpu"))
+            self.ready.set()
+        except Exception as error:  # reported by the CLI, which then exits
+            self.load_error = f"{self.config.checkpoint}: {error}"
+
+    def close(self) -> None:
+        if self.scheduler is not None:
+            self.scheduler.close()
+        self.worker.shutdown(wait=False, cancel_futures=True)
+
+
+def load_language_model(service: Service, device: torch.device) -> None:
+    """A GPT-2 checkpoint packed for decoding, its chat template, and the scheduler's
+    thread."""
+    config = service.config
+    service.chat = load_chat_template(service.directory, config.chat_template)
+    model, tokenizer, path = load_for_decoding(
+        str(service.directory), device, config.dtype, config.quantize
+    )
+    print(f"tformer serve: decoding: {path.describe()}", file=sys.stderr)
+    service.model, service.tokenizer = model, tokenizer
+    service.context_length = model.config.max_len
+    service.scheduler = Scheduler(
+        model, tokenizer, config.max_batch, config.max_queue, service.metrics
+    )
+    thread = threading.Thread(target=service.scheduler.run, name="tformer-scheduler", daemon=True)
+    thread.start()

@@ -1,0 +1,113 @@
+"""Real servers for the tests: `python -m tformer serve` in a subprocess on 127.0.0.1 and a
+free port, on tiny checkpoints made here."""
+
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tformer.cli.main import main
+
+UNICODE_WORDS = ["日本語", "中文", "🙂", "🎉", "字符", "テキスト", "é", "ü", "Ω", "✓"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, process: subprocess.Popen, url: str, log: Path) -> None:
+        self.process, self.url, self.log = process, url, log
+
+    def metric(self, name: str) -> float:
+        for line in httpx.get(f"{self.url}/metrics").text.splitlines():
+            if line.startswith(name + " ") or line.startswith(name + "{"):
+                return float(line.rsplit(" ", 1)[1])
+        raise KeyError(name)
+
+    def wait_idle(self, seconds: float = 5.0) -> float:
+        """tformer_slots_busy once it reads 0, or after `seconds`."""
+        deadline = time.monotonic() + seconds
+        while (busy := self.metric("tformer_slots_busy")) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        return busy
+
+
+@contextmanager
+def serving(checkpoint: Path, *options: str, log_dir: Path):
+    port = free_port()
+    log = log_dir / f"serve-{port}.log"
+    command = [sys.executable, "-m", "tformer", "serve", str(checkpoint), "--port", str(port)]
+    with open(log, "wb") as out:
+        process = subprocess.Popen(
+            [*command, *options], stdout=out, stderr=subprocess.STDOUT, env=os.environ.copy()
+        )
+    server = Server(process, f"http://127.0.0.1:{port}", log)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"the server exited: {log.read_text()}")
+            try:
+                if httpx.get(f"{server.url}/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the server did not start: {log.read_text()}")
+            time.sleep(0.1)
+        yield server
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+
+
+@pytest.fixture(scope="session")
+def tiny_lm(tmp_path_factory) -> Path:
+    """A 2-layer, 32-wide GPT-2 with random weights and GPT-2's tokenizer, window 128."""
+    out = tmp_path_factory.mktemp("serve") / "tiny"
+    main(["init", str(out), "--n-layers", "2", "--d-model", "32", "--n-heads", "2",
+          "--max-len", "128", "--seed", "3"])  # fmt: skip
+    return out
+
+
+@pytest.fixture(scope="session")
+def unicode_lm(tmp_path_factory) -> Path:
+    """GPT-2's tokenizer, a few steps on Chinese, Japanese and emoji text: its tokens split
+    characters between them, as byte-level BPE does."""
+    root = tmp_path_factory.mktemp("serve-unicode")
+    rng = random.Random(0)
+    text = root / "u.txt"
+    text.write_text(" ".join(rng.choice(UNICODE_WORDS) for _ in range(6000)), encoding="utf-8")
+    out = root / "run"
+    main(["train", "--data", str(text), "--tokenizer", "gpt2", "--n-layers", "1",
+          "--d-model", "32", "--n-heads", "2", "--context", "32", "--steps", "40",
+          "--batch-size", "8", "--lr", "0.02", "--sample-tokens", "0",
+          "--out", str(out)])  # fmt: skip
+    return out
+
+
+@pytest.fixture(scope="session")
+def lm_server(tiny_lm, tmp_path_factory):
+    with serving(tiny_lm, "--max-batch", "8", log_dir=tmp_path_factory.mktemp("logs")) as s:
+        yield s
+
+
+@pytest.fixture
+def start_server(tmp_path):
+    """start_server(checkpoint, *options): a context manager serving it, as `serving`."""
+    return lambda checkpoint, *options: serving(checkpoint, *options, log_dir=tmp_path)
