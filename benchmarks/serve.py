@@ -27,10 +27,14 @@ One server runs at a time (the host has few CPUs); each point starts its own ser
 many slots as clients: llama-server `--parallel N`, tformer `--max-batch N` (--tformer-max-batch
 fixes it), and tformer `--max-batch 1` (one request at a time) as the baseline of batching.
 The servers take turns point by point (llama-server, tformer, tformer --max-batch 1, next
-point) so that they see the same phases of a drifting host. Before each point, one request
-per client of 8 tokens warms the server up. Goals checked at the end: tformer's tokens/s at
-least 1.5x llama-server's at 16 and 64 clients in the same precision, p99 TTFT no worse than
-llama-server's, at least 4x tformer --max-batch 1 at 16 clients, zero errors.
+point) so that they see the same phases of a drifting host. Each row records
+host_busy_before, the share of the CPUs busy in the second before its server started: on a
+2-CPU host any other program spoils the figures (llama.cpp's threads wait for each other
+spinning, and its decoding slows down tenfold and more when a CPU is taken). Before each
+point, one request per client of 8 tokens warms the server up. Goals checked at the end:
+tformer's tokens/s at least 1.5x llama-server's at 16 and 64 clients in the same precision,
+p99 TTFT no worse than llama-server's, at least 4x tformer --max-batch 1 at 16 clients, zero
+errors.
 
 --soak: 64 clients for 60 s against one tformer server (--soak-server llama for reference),
 where the clients drop a fraction of their requests mid-stream (close the connection after
@@ -361,18 +365,39 @@ def summary(requests: list[Request], start: float, deadline: float, client_cpu: 
 # The comparison: every point, servers taking turns, then the goals.
 
 
+def host_busy(seconds: float = 1.0) -> float:
+    """The share of all CPUs busy over `seconds` (before a point: other programs' load)."""
+
+    def times() -> list[int]:
+        with open("/proc/stat") as f:
+            return [int(v) for v in f.readline().split()[1:]]
+
+    before = times()
+    time.sleep(seconds)
+    delta = [b - a for a, b in zip(before, times(), strict=True)]
+    idle = delta[3] + delta[4]  # idle, iowait
+    return round(1 - idle / max(sum(delta), 1), 2)
+
+
 def measure(args: argparse.Namespace, log_dir: Path) -> list[dict]:
     rows = []
     for precision in args.precisions:
         for clients in args.clients:
             for server in args.servers:
+                busy = host_busy()
+                if busy > 0.1:
+                    # llama.cpp's threads wait for each other spinning: with another program
+                    # on these CPUs its decoding slows down by 10x and more.
+                    print(
+                        f"warning: {busy:.0%} of the CPUs busy before this point", file=sys.stderr
+                    )
                 command = server_command(args, server, precision, clients)
                 kind = "llama" if server == "llama" else "tformer"
                 with running(kind, command, log_dir) as live:
                     asyncio.run(warm_up(live, clients))
                     row = asyncio.run(load(live, clients, args.seconds, args.grace))
                 row = {"server": server, "precision": precision, "clients": clients, **row}
-                row["exit_code"] = live.exit_code
+                row.update(exit_code=live.exit_code, host_busy_before=busy)
                 rows.append(row)
                 print_row(row)
     return rows
@@ -585,16 +610,17 @@ def statuses(codes: list[int | None]) -> dict[str, int]:
 
 def soak(args: argparse.Namespace, log_dir: Path) -> dict:
     precision, clients = args.precisions[0], args.soak_clients
+    busy = host_busy()
     command = server_command(args, args.soak_server, precision, clients)
     with running(args.soak_server, command, log_dir) as server:
         asyncio.run(warm_up(server, clients))
         counts, rss = asyncio.run(soak_load(server, args))
-        busy = slots_busy(server)
+        slots = slots_busy(server)
         for _ in range(20):  # a cancelled request may take a decoding step to let go
-            if busy is not None and busy == 0:
+            if slots is not None and slots == 0:
                 break
             time.sleep(0.5)
-            busy = slots_busy(server)
+            slots = slots_busy(server)
         answers = asyncio.run(still_answers(server))
     mib = [round(b / 2**20, 1) for t, b in rss if t >= args.soak_warmup]
     memory = {"first": mib[0], "min": min(mib), "max": max(mib), "last": mib[-1]} if mib else {}
@@ -609,7 +635,7 @@ def soak(args: argparse.Namespace, log_dir: Path) -> dict:
         and counts["dropped_errors"] == 0,
         f"RSS after {args.soak_warmup:g} s grows at most {args.rss_tolerance:.0%}": bool(mib)
         and mib[-1] <= mib[0] * (1 + args.rss_tolerance),
-        "every slot free at the end": busy == 0,
+        "every slot free at the end": slots == 0,
         "still answers afterwards": answers,
     }
     if args.soak_server == "tformer":
@@ -624,7 +650,8 @@ def soak(args: argparse.Namespace, log_dir: Path) -> dict:
         **counts,
         "rss_mib_after_warmup": memory,
         "rss_mib_all": [(round(t, 1), round(b / 2**20, 1)) for t, b in rss],
-        "slots_busy_at_end": busy,
+        "slots_busy_at_end": slots,
+        "host_busy_before": busy,
         "exit_code": server.exit_code,
         "criteria": criteria,
         "pass": all(criteria.values()),

@@ -111,3 +111,10 @@ def lm_server(tiny_lm, tmp_path_factory):
 def start_server(tmp_path):
     """start_server(checkpoint, *options): a context manager serving it, as `serving`."""
     return lambda checkpoint, *options: serving(checkpoint, *options, log_dir=tmp_path)
+
+
+@pytest.fixture(scope="session")
+def serve_session(tmp_path_factory):
+    """start_server for fixtures that outlive one test."""
+    logs = tmp_path_factory.mktemp("serve-logs")
+    return lambda checkpoint, *options: serving(checkpoint, *options, log_dir=logs)

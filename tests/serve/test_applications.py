@@ -2,10 +2,8 @@
 /v1/translations and /v1/answers against tformer's own translate_sentences and reader."""
 
 import asyncio
-import importlib.util
 import json
 import threading
-from pathlib import Path
 
 import httpx
 import pytest
@@ -21,6 +19,7 @@ from tformer.qa.read import answer, answer_from_corpus, load_reader, vocab_size
 from tformer.qa.retrieval import PassageIndex
 from tformer.qa.windows import QAExample
 from tformer.serve import applications
+from tformer.serve.app import LOADERS
 from tformer.serve.errors import APIError
 from tformer.serve.protocol import TranslationRequest
 from tformer.serve.service import ServeConfig, Service
@@ -28,20 +27,6 @@ from tformer.tokenizers import CharTokenizer, load_tokenizer, tokenizer_for_mode
 
 SENTENCES = ["one two three", "four", "five six seven eight nine", "zero zero"]
 CONTEXT = "Moses went up the mountain of Sinai with Aaron, and they stayed there forty days."
-
-
-def conftest_helper(name: str):
-    """A plain function of this folder's conftest.py, loaded by its path: every test folder
-    has a module named conftest, so `from conftest import` finds whichever came first."""
-    spec = importlib.util.spec_from_file_location(
-        "serve_conftest", Path(__file__).with_name("conftest.py")
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return getattr(module, name)
-
-
-serving = conftest_helper("serving")
 
 
 # -- checkpoints and servers -------------------------------------------------------------
@@ -87,27 +72,22 @@ def texts(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def logs(tmp_path_factory):
-    return tmp_path_factory.mktemp("serve-logs")
-
-
-@pytest.fixture(scope="module")
-def translation_server(translator, logs):
-    with serving(translator, log_dir=logs) as server:
+def translation_server(translator, serve_session):
+    with serve_session(translator) as server:
         yield server
 
 
 @pytest.fixture(scope="module")
-def reader_server(reader, logs):
-    with serving(reader, log_dir=logs) as server:
+def reader_server(reader, serve_session):
+    with serve_session(reader) as server:
         yield server
 
 
 @pytest.fixture(scope="module")
-def corpus_server(reader, texts, logs, tmp_path_factory):
+def corpus_server(reader, texts, serve_session, tmp_path_factory):
     with pytest.MonkeyPatch.context() as patch:  # the index's cache, private to the test
         patch.setenv("TFORMER_CACHE", str(tmp_path_factory.mktemp("cache")))
-        with serving(reader, "--corpus", str(texts), log_dir=logs) as server:
+        with serve_session(reader, "--corpus", str(texts)) as server:
             yield server
 
 
@@ -213,7 +193,7 @@ def test_a_language_model_server_has_no_translations(lm_server):
 
 def test_requests_past_the_queue_limit_get_429_with_retry_after(translator):
     service = Service(ServeConfig(str(translator), max_queue=0, device=torch.device("cpu")))
-    service.load()
+    service.load(LOADERS)
     assert service.load_error is None, service.load_error
     gate = threading.Event()
     service.worker.submit(gate.wait)  # the worker is busy until the gate opens
