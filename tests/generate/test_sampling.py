@@ -83,3 +83,23 @@ def test_mask_beyond_hides_the_ids_past_the_limit_and_nothing_without_one():
     logits = torch.arange(6.0).view(1, 6)
     assert mask_beyond(logits, 4).tolist() == [[0.0, 1.0, 2.0, 3.0, float("-inf"), float("-inf")]]
     assert mask_beyond(logits, None) is logits and mask_beyond(logits, 6) is logits
+
+
+def test_occurrence_penalty_subtracts_presence_and_frequency_per_row():
+    from tformer.generate.sampling import occurrence_penalty
+
+    logits = torch.zeros(2, 5)
+    out = occurrence_penalty(logits, [[1, 1, 3], []], presence=0.5, frequency=0.25)
+    expected = torch.zeros(2, 5)
+    expected[0, 1] = -(0.5 + 2 * 0.25)  # drawn twice
+    expected[0, 3] = -(0.5 + 0.25)
+    torch.testing.assert_close(out, expected)
+
+
+def test_min_p_keeps_tokens_at_least_min_p_of_the_likeliest():
+    from tformer.generate.sampling import min_p_filter
+
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    kept = torch.isfinite(min_p_filter(logits, 0.2))  # floor: 0.2 * 0.5 = 0.1
+    assert kept.tolist() == [[True, True, True, False]]
+    assert torch.equal(min_p_filter(logits, 0.0), logits)

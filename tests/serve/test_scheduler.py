@@ -1,0 +1,91 @@
+"""The scheduler without HTTP: requests joining at different steps get exactly what each
+gets alone from tformer.generate, greedy and seeded sampling alike, and cancelled ones
+leave."""
+
+import pytest
+import torch
+
+from tformer.generate.decode import SamplingConfig, generate_ids
+from tformer.models.gpt2 import GPT2
+from tformer.models.gpt2_config import GPT2Config
+from tformer.serve.scheduler import CANCELLED, Job, QueueFull, Scheduler
+
+
+class Letters:
+    """A tokenizer whose token i is the letter chr(65 + i % 26)."""
+
+    vocab_size, eos_id = 90, None
+
+    def decode_bytes(self, ids):
+        return bytes(65 + i % 26 for i in ids)
+
+    def decode(self, ids):
+        return self.decode_bytes(ids).decode()
+
+
+def tiny() -> GPT2:
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=90, max_len=48, d_model=32, n_layers=2, n_heads=4, dropout=0.0)
+    return GPT2(config).eval()
+
+
+def run(scheduler: Scheduler, jobs: list[Job], join_every: int = 2) -> None:
+    """Submit the jobs one every `join_every` steps, then step until all are done."""
+    pending = list(jobs)
+    step = 0
+    while pending or scheduler.rows or scheduler.waiting:
+        if pending and step % join_every == 0:
+            scheduler.submit([pending.pop(0)])
+        scheduler.step()
+        step += 1
+
+
+def job(prompt, config, events, logprobs=0):
+    return Job(prompt, config, [], events.append, logprobs=logprobs)
+
+
+def test_staggered_requests_get_what_each_gets_alone():
+    model = tiny()
+    scheduler = Scheduler(model, Letters(), max_batch=3, max_queue=10)
+    prompts = [[1, 2, 3], [5, 6, 7, 8, 9, 10], [11], [3, 3, 3, 3], [7, 8], [9] * 7]
+    configs = [
+        SamplingConfig(max_new_tokens=10 + i, do_sample=False)
+        if i % 2 == 0
+        else SamplingConfig(max_new_tokens=12, temperature=0.9, top_p=0.95, seed=i)
+        for i in range(len(prompts))
+    ]
+    events = [[] for _ in prompts]
+    run(scheduler, [job(p, c, e) for p, c, e in zip(prompts, configs, events, strict=True)])
+    for prompt, config, got in zip(prompts, configs, events, strict=True):
+        ids = [t.id for event in got for t in event.tokens]
+        assert ids == generate_ids(model, prompt, config)
+        assert "".join(e.text for e in got) == Letters().decode(ids)
+        assert got[-1].finish_reason == "length"
+        assert got[-1].completion_tokens == config.max_new_tokens
+
+
+def test_a_cancelled_request_leaves_and_the_others_go_on():
+    model = tiny()
+    scheduler = Scheduler(model, Letters(), max_batch=2, max_queue=1)
+    config = SamplingConfig(max_new_tokens=20, do_sample=False)
+    kept, gone = [], []
+    jobs = [job([1, 2], config, gone), job([4, 5, 6], config, kept)]
+    scheduler.submit(jobs)
+    scheduler.step()
+    scheduler.step()
+    scheduler.cancel(jobs[0])
+    scheduler.step()
+    assert gone[-1].finish_reason == CANCELLED and len(scheduler.rows) == 1
+    while scheduler.rows:
+        scheduler.step()
+    assert [t.id for e in kept for t in e.tokens] == generate_ids(model, [4, 5, 6], config)
+
+
+def test_the_queue_is_bounded():
+    scheduler = Scheduler(tiny(), Letters(), max_batch=1, max_queue=1)
+    config = SamplingConfig(max_new_tokens=5, do_sample=False)
+    scheduler.submit([job([1], config, [])])
+    scheduler.step()  # running: the one slot is busy
+    scheduler.submit([job([2], config, [])])  # waits
+    with pytest.raises(QueueFull):
+        scheduler.submit([job([3], config, [])])
