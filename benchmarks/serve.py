@@ -28,9 +28,8 @@ many slots as clients: llama-server `--parallel N`, tformer `--max-batch N` (--t
 fixes it), and tformer `--max-batch 1` (one request at a time) as the baseline of batching.
 The servers take turns point by point (llama-server, tformer, tformer --max-batch 1, next
 point) so that they see the same phases of a drifting host. Each row records
-host_busy_before, the share of the CPUs busy in the second before its server started: on a
-2-CPU host any other program spoils the figures (llama.cpp's threads wait for each other
-spinning, and its decoding slows down tenfold and more when a CPU is taken). Before each
+`cpus`, how many CPUs the server, this client and other programs kept busy on average; on
+a 2-CPU host any other program spoils the figures (a warning says so). Before each
 point, one request per client of 8 tokens warms the server up. Goals checked at the end:
 tformer's tokens/s at least 1.5x llama-server's at 16 and 64 clients in the same precision,
 p99 TTFT no worse than llama-server's, at least 4x tformer --max-batch 1 at 16 clients, zero
@@ -277,9 +276,9 @@ async def stream_request(
     return r
 
 
-def new_client(connections: int, grace: float) -> httpx.AsyncClient:
+def new_client(connections: int, longest_wait: float) -> httpx.AsyncClient:
     limits = httpx.Limits(max_connections=connections + 8, max_keepalive_connections=connections)
-    timeout = httpx.Timeout(10.0, read=grace)
+    timeout = httpx.Timeout(10.0, read=longest_wait)
     return httpx.AsyncClient(limits=limits, timeout=timeout)
 
 
@@ -298,6 +297,36 @@ async def warm_up(server: Server, clients: int) -> None:
         raise RuntimeError(f"{server.url}: every warm-up request failed: {rs[0].error}")
 
 
+class CpuMeter:
+    """CPUs kept busy on average since it was made: by the server, by this client, by the
+    rest of the host (on a 2-CPU host any other program spoils the figures: llama.cpp's
+    threads wait for each other spinning and decode ten times slower when a CPU is taken)."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.start = self.read()
+
+    def read(self) -> tuple[float, float, float, float]:
+        """(now, seconds all CPUs were busy, the server's CPU seconds, this process's)."""
+        with open("/proc/stat") as f:
+            ticks = [int(v) for v in f.readline().split()[1:9]]
+        with open(f"/proc/{self.pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        host = sum(ticks) - ticks[3] - ticks[4]  # all but idle and iowait (steal counts)
+        server = int(fields[11]) + int(fields[12])  # utime, stime
+        tick = os.sysconf("SC_CLK_TCK")
+        return time.monotonic(), host / tick, server / tick, time.process_time()
+
+    def cpus(self) -> dict[str, float]:
+        (t0, host0, server0, client0), (t1, host1, server1, client1) = self.start, self.read()
+        server, client = server1 - server0, client1 - client0
+        others = host1 - host0 - server - client
+        return {
+            k: round(v / (t1 - t0), 2)
+            for k, v in {"server": server, "client": client, "others": max(others, 0.0)}.items()
+        }
+
+
 async def load(server: Server, clients: int, seconds: float, grace: float) -> dict:
     loop = asyncio.get_running_loop()
     requests: list[Request] = []
@@ -314,10 +343,10 @@ async def load(server: Server, clients: int, seconds: float, grace: float) -> di
             if r.error:
                 await asyncio.sleep(0.05)  # a failing server must not be flooded
 
-    cpu = time.process_time()
-    async with new_client(clients, grace) as client:
+    meter = CpuMeter(server.process.pid)
+    async with new_client(clients, seconds + grace) as client:
         await asyncio.gather(*(one_client(c, client) for c in range(clients)))
-    return summary(requests, start, deadline, time.process_time() - cpu)
+    return {**summary(requests, start, deadline), "cpus": meter.cpus()}
 
 
 def percentile(values: list[float], q: float) -> float | None:
@@ -330,7 +359,7 @@ def percentile(values: list[float], q: float) -> float | None:
     return s[lo] + (s[hi] - s[lo]) * (i - lo)
 
 
-def summary(requests: list[Request], start: float, deadline: float, client_cpu: float) -> dict:
+def summary(requests: list[Request], start: float, deadline: float) -> dict:
     ttft = [r.ttft for r in requests if r.ttft is not None]
     itl = [
         b - a
@@ -340,6 +369,7 @@ def summary(requests: list[Request], start: float, deadline: float, client_cpu: 
     ]
     completed = [r for r in requests if r.done]
     tokens = sum(r.tokens_by(deadline) for r in requests)
+    per_completed = sum(r.tokens_by(float("inf")) for r in completed) / max(len(completed), 1)
     ms = lambda x: None if x is None else round(x * 1000, 1)  # noqa: E731
     return {
         "tokens_per_s": round(tokens / (deadline - start), 1),
@@ -352,12 +382,7 @@ def summary(requests: list[Request], start: float, deadline: float, client_cpu: 
         "unanswered": sum(r.ttft is None and not r.error for r in requests),
         "errors": sum(r.error is not None for r in requests),
         "error_examples": sorted({r.error for r in requests if r.error})[:3],
-        "tokens_per_completed": round(
-            sum(r.tokens_by(float("inf")) for r in completed) / len(completed), 1
-        )
-        if completed
-        else None,
-        "client_cpu_percent": round(100 * client_cpu / (deadline - start)),
+        "tokens_per_completed": round(per_completed, 1) if completed else None,
     }
 
 
@@ -365,39 +390,18 @@ def summary(requests: list[Request], start: float, deadline: float, client_cpu: 
 # The comparison: every point, servers taking turns, then the goals.
 
 
-def host_busy(seconds: float = 1.0) -> float:
-    """The share of all CPUs busy over `seconds` (before a point: other programs' load)."""
-
-    def times() -> list[int]:
-        with open("/proc/stat") as f:
-            return [int(v) for v in f.readline().split()[1:]]
-
-    before = times()
-    time.sleep(seconds)
-    delta = [b - a for a, b in zip(before, times(), strict=True)]
-    idle = delta[3] + delta[4]  # idle, iowait
-    return round(1 - idle / max(sum(delta), 1), 2)
-
-
 def measure(args: argparse.Namespace, log_dir: Path) -> list[dict]:
     rows = []
     for precision in args.precisions:
         for clients in args.clients:
             for server in args.servers:
-                busy = host_busy()
-                if busy > 0.1:
-                    # llama.cpp's threads wait for each other spinning: with another program
-                    # on these CPUs its decoding slows down by 10x and more.
-                    print(
-                        f"warning: {busy:.0%} of the CPUs busy before this point", file=sys.stderr
-                    )
                 command = server_command(args, server, precision, clients)
                 kind = "llama" if server == "llama" else "tformer"
                 with running(kind, command, log_dir) as live:
                     asyncio.run(warm_up(live, clients))
                     row = asyncio.run(load(live, clients, args.seconds, args.grace))
                 row = {"server": server, "precision": precision, "clients": clients, **row}
-                row.update(exit_code=live.exit_code, host_busy_before=busy)
+                row["exit_code"] = live.exit_code
                 rows.append(row)
                 print_row(row)
     return rows
@@ -413,10 +417,12 @@ def print_row(row: dict) -> None:
         f"/{cell(row['ttft_p99_ms'], 7)} ms  ITL p50/p99 {cell(row['itl_p50_ms'], 6)}"
         f"/{cell(row['itl_p99_ms'], 6)} ms  requests {row['requests']:>4} "
         f"(completed {row['completed']}, unanswered {row['unanswered']}) "
-        f"errors {row['errors']}  client CPU {row['client_cpu_percent']}%",
+        f"errors {row['errors']}  CPUs {json.dumps(row['cpus'])}",
         file=sys.stderr,
         flush=True,
     )
+    if row["cpus"]["others"] > 0.1:
+        print(f"  warning: other programs kept {row['cpus']['others']} CPUs busy", file=sys.stderr)
 
 
 def goals(rows: list[dict]) -> list[dict]:
@@ -563,7 +569,7 @@ async def soak_load(server: Server, args: argparse.Namespace) -> tuple[dict, lis
         clients = (one_client(c, client) for c in range(args.soak_clients))
         await asyncio.gather(sample_memory(), send_malformed(client), *clients)
     counts = {
-        "normal": summary(normal, start, end, 0.0),
+        "normal": summary(normal, start, end),
         "dropped": len(dropped),
         "dropped_errors": sum(r.error is not None for r in dropped),
         "malformed_status": {kind: statuses(codes) for kind, codes in bad.items()},
@@ -592,7 +598,7 @@ def print_soak(outcome: dict) -> None:
         f"TTFT p50/p99 {normal['ttft_p50_ms']}/{normal['ttft_p99_ms']} ms",
         f"dropped mid-stream: {outcome['dropped']} ({outcome['dropped_errors']} errors)",
         f"malformed: {json.dumps(outcome['malformed_status'])}",
-        f"5xx answers: {outcome['status_5xx']}",
+        f"5xx answers: {outcome['status_5xx']}; CPUs busy: {json.dumps(outcome['cpus'])}",
         f"RSS after warm-up (MiB): {json.dumps(memory)}",
         f"slots busy at the end: {outcome['slots_busy_at_end']}, exit code {outcome['exit_code']}",
         *(f"{'pass' if ok else 'FAIL'}  {name}" for name, ok in outcome["criteria"].items()),
@@ -610,11 +616,12 @@ def statuses(codes: list[int | None]) -> dict[str, int]:
 
 def soak(args: argparse.Namespace, log_dir: Path) -> dict:
     precision, clients = args.precisions[0], args.soak_clients
-    busy = host_busy()
     command = server_command(args, args.soak_server, precision, clients)
     with running(args.soak_server, command, log_dir) as server:
         asyncio.run(warm_up(server, clients))
+        meter = CpuMeter(server.process.pid)
         counts, rss = asyncio.run(soak_load(server, args))
+        cpus = meter.cpus()
         slots = slots_busy(server)
         for _ in range(20):  # a cancelled request may take a decoding step to let go
             if slots is not None and slots == 0:
@@ -651,7 +658,7 @@ def soak(args: argparse.Namespace, log_dir: Path) -> dict:
         "rss_mib_after_warmup": memory,
         "rss_mib_all": [(round(t, 1), round(b / 2**20, 1)) for t, b in rss],
         "slots_busy_at_end": slots,
-        "host_busy_before": busy,
+        "cpus": cpus,
         "exit_code": server.exit_code,
         "criteria": criteria,
         "pass": all(criteria.values()),

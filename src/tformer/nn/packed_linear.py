@@ -17,6 +17,8 @@ the same weights (a tied output head included: it packs the shared weight); the 
 one-way, and `packed_layers` finds the packed layers again.
 """
 
+import time
+
 import torch
 from torch import nn
 
@@ -66,6 +68,9 @@ class PackedLinear(nn.Module):
         if weight_dtype != "float32" and bf16_supported(device):
             self.compute_dtype = torch.bfloat16
         self.kernels = kernels.load() if device.type == "cpu" else None
+        # Up to this many rows the C kernels run, beyond it torch's matmul; measured on the
+        # CPU in use by calibrate_kernel_rows, else the figures of KERNEL_MAX_ROWS.
+        self.kernel_max_rows = KERNEL_MAX_ROWS[weight_dtype]
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, weight_dtype: str) -> "PackedLinear":
@@ -84,17 +89,71 @@ class PackedLinear(nn.Module):
             raise RuntimeError("PackedLinear is for inference: it does not compute gradients")
         shape = x.shape[:-1]
         x = x.reshape(-1, self.in_features).float()  # (M, K)
-        if self.kernels is not None and x.shape[0] <= KERNEL_MAX_ROWS[self.weight_dtype]:
-            out = torch.empty(x.shape[0], self.out_features, device=x.device)
-            self.kernels.linear(x.contiguous(), self.weight, self.scale, self.bias, out)
+        if self.kernels is not None and x.shape[0] <= self.kernel_max_rows:
+            out = self.by_kernels(x)
         else:
-            weight = self.weight.to(self.compute_dtype)  # int8 values are exact in bfloat16
-            out = nn.functional.linear(x.to(self.compute_dtype), weight).float()
-            if self.scale is not None:  # x (q s)^T = (x q^T) s: cheaper than dequantising
-                out = out * self.scale
-            if self.bias is not None:
-                out = out + self.bias
+            out = self.by_torch(x)
         return out.view(*shape, self.out_features)
+
+    def by_kernels(self, x: torch.Tensor) -> torch.Tensor:
+        """(M, K) float32 -> (M, N) through the C kernels."""
+        out = torch.empty(x.shape[0], self.out_features, device=x.device)
+        self.kernels.linear(x.contiguous(), self.weight, self.scale, self.bias, out)
+        return out
+
+    def by_torch(self, x: torch.Tensor) -> torch.Tensor:
+        """(M, K) float32 -> (M, N) through torch's matmul."""
+        weight = self.weight.to(self.compute_dtype)  # int8 values are exact in bfloat16
+        out = nn.functional.linear(x.to(self.compute_dtype), weight).float()
+        if self.scale is not None:  # x (q s)^T = (x q^T) s: cheaper than dequantising
+            out = out * self.scale
+        if self.bias is not None:
+            out = out + self.bias
+        return out
+
+
+TAKEOVER = 1.1  # torch's matmul takes over where the kernels take 10% longer
+
+
+def calibrate_kernel_rows(model: nn.Module, most_rows: int, repeats: int = 5) -> dict:
+    """Measure, on the CPU in use, up to how many rows (1, 2, 4, ... most_rows) the C
+    kernels are about as fast as torch's matmul or faster, for each shape of packed layer in
+    the model, and set every layer's kernel_max_rows to it -> {"NxK dtype": rows}. Torch
+    takes over where it is clearly faster (by TAKEOVER), so timing noise at a near tie
+    does not switch paths.
+
+    Where the crossover lies depends on the CPU: on one without native bfloat16 torch
+    widens bfloat16 weights at every call and the kernels win at any batch; with AMX
+    torch wins early. A server, decoding many rows at once, calls this once at start."""
+    shapes: dict[tuple[int, int, str], list[PackedLinear]] = {}
+    for layer in packed_layers(model).values():
+        if layer.kernels is not None:
+            key = (layer.out_features, layer.in_features, layer.weight_dtype)
+            shapes.setdefault(key, []).append(layer)
+    limits = {}
+    with torch.inference_mode():
+        for (n, k, dtype), layers in shapes.items():
+            layer, limit, m = layers[0], 0, 1
+            while m <= most_rows:
+                x = torch.randn(m, k)
+                kernel_time = _fastest(layer.by_kernels, x, repeats)
+                if kernel_time > TAKEOVER * _fastest(layer.by_torch, x, repeats):
+                    break
+                limit, m = m, m * 2
+            for each in layers:
+                each.kernel_max_rows = limit
+            limits[f"{n}x{k} {dtype}"] = limit
+    return limits
+
+
+def _fastest(run, x: torch.Tensor, repeats: int) -> float:
+    run(x)  # warm: caches, and torch's first-call work
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run(x)
+        best = min(best, time.perf_counter() - start)
+    return best
 
 
 def pack_linear_layers(model: nn.Module, weight_dtype: str) -> list[str]:

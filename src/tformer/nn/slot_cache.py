@@ -11,8 +11,10 @@ one token to each of the first B slots, row i at its own position p_i:
 The slots in use are always 0..B-1 (the scheduler moves the last one into a hole when a
 sequence leaves, `move`), so attention reads plain views K[:B, :, :P], P = max_i p_i + 1,
 and a mask (B, P) hides each row's positions beyond its own. Filling a slot with a
-prompt (`prefill`) writes positions 0..T-1 of that slot alone, as an ordinary causal
-forward pass of one sequence.
+prompt (`prefill`) writes positions 0..T-1 of its slot: several prompts are prefilled
+as one right-padded batch, an ordinary causal forward pass (a prompt's tokens never see
+the padding after them, and what the padding leaves in the cache lies beyond the prompt,
+where decoding's mask hides it until decoding overwrites it).
 
 The model sees the same interface as KVCache: `update(k, v)` stores the new keys and
 values and returns those attention should read; `length` is the positions already
@@ -39,15 +41,19 @@ class SlotCache(nn.Module):
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.slots, self.max_len = slots, max_len
         self.length = 0  # positions before the new ones, as the model's checks read it
-        self._slot: int | None = None  # prefill: the slot written from position 0
+        self._slot: int | None = None  # prefill: the first slot written from position 0
+        self._count = 1  # prefill: how many slots
         self._positions: torch.Tensor | None = None  # decode: (B,) each row's new position
         self._span = 0  # decode: positions attention reads, max_i p_i + 1
 
-    def prefill(self, slot: int) -> None:
-        """The next update writes one sequence (1, H, T, D) into `slot` from position 0."""
-        if not 0 <= slot < self.slots:
-            raise ValueError(f"slot {slot} is not one of 0..{self.slots - 1}")
-        self._slot, self._positions, self.length = slot, None, 0
+    def prefill(self, first: int, count: int = 1) -> None:
+        """The next update writes `count` sequences (count, H, T, D) into slots first,
+        first + 1, ... from position 0."""
+        if not (first >= 0 and count >= 1 and first + count <= self.slots):
+            raise ValueError(
+                f"slots {first}..{first + count - 1} are not within 0..{self.slots - 1}"
+            )
+        self._slot, self._count, self._positions, self.length = first, count, None, 0
 
     def decode(self, positions: torch.Tensor) -> None:
         """The next update writes one token (B, H, 1, D) to each of slots 0..B-1, row i at
@@ -59,16 +65,16 @@ class SlotCache(nn.Module):
         self.length = span - 1
 
     def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store the new keys and values; return what attention reads: (1, H, T, D) after a
-        prefill, (B, H, P, D) after a decode step (mask what lies beyond each row's own
+        """Store the new keys and values; return what attention reads: (count, H, T, D)
+        after a prefill, (B, H, P, D) after a decode step (mask what lies beyond each row's own
         position)."""
         if self._positions is None:
             if self._slot is None:
                 raise RuntimeError("call prefill(slot) or decode(positions) before update")
-            s, t = self._slot, k.shape[2]
-            self.k[s : s + 1, :, :t] = k
-            self.v[s : s + 1, :, :t] = v
-            return self.k[s : s + 1, :, :t], self.v[s : s + 1, :, :t]
+            s, n, t = self._slot, self._count, k.shape[2]
+            self.k[s : s + n, :, :t] = k
+            self.v[s : s + n, :, :t] = v
+            return self.k[s : s + n, :, :t], self.v[s : s + n, :, :t]
         b = k.shape[0]
         rows = torch.arange(b, device=k.device)
         self.k[rows, :, self._positions] = k[:, :, 0]  # (B, H, D) into (B, H) cells

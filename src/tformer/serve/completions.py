@@ -340,6 +340,37 @@ def sse(data: dict | str) -> str:
     return f"data: {text}\n\n"
 
 
+@dataclass
+class Chunks:
+    """The server-sent events of one streamed response: `choice` for a choice's piece,
+    `usage` for the last chunk (empty choices), asked for by stream_options.include_usage;
+    then every chunk before it carries "usage": null, as OpenAI's do."""
+
+    rid: str
+    kind: str  # "text_completion" or "chat.completion.chunk"
+    created: int
+    model: str
+    include_usage: bool
+
+    def body(self, choices: list[dict]) -> dict:
+        return {
+            "id": self.rid,
+            "object": self.kind,
+            "created": self.created,
+            "model": self.model,
+            "choices": choices,
+        }
+
+    def choice(self, choice: dict) -> str:
+        body = self.body([choice])
+        if self.include_usage:
+            body["usage"] = None
+        return sse(body)
+
+    def usage(self, counts: dict) -> str:
+        return sse({**self.body([]), "usage": counts})
+
+
 def stream_error(choice: Choice) -> str:
     status = 503 if choice.finish_reason == CANCELLED else 500
     return sse(APIError(status, choice.error or "the request was cancelled").body())
@@ -348,22 +379,14 @@ def stream_error(choice: Choice) -> str:
 async def stream_completion(service, plan, rid, created, prompt_texts, watcher):
     req = plan.req
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
+    chunks = Chunks(rid, "text_completion", created, service.model_id, include_usage)
     choices = [Choice() for _ in plan.batch.jobs]
     offsets = [0] * len(choices)
 
     def chunk(index: int, text: str, logprobs, reason) -> str:
-        body = {
-            "id": rid,
-            "object": "text_completion",
-            "created": created,
-            "model": service.model_id,
-            "choices": [
-                {"text": text, "index": index, "logprobs": logprobs, "finish_reason": reason}
-            ],
-        }
-        if include_usage:
-            body["usage"] = None
-        return sse(body)
+        return chunks.choice(
+            {"text": text, "index": index, "logprobs": logprobs, "finish_reason": reason}
+        )
 
     try:
         if req.echo:
@@ -385,16 +408,7 @@ async def stream_completion(service, plan, rid, created, prompt_texts, watcher):
             if event.text or reason is not None or logprobs:
                 yield chunk(index, event.text, logprobs, reason)
         if include_usage:
-            yield sse(
-                {
-                    "id": rid,
-                    "object": "text_completion",
-                    "created": created,
-                    "model": service.model_id,
-                    "choices": [],
-                    "usage": usage(plan.prompts, choices),
-                }
-            )
+            yield chunks.usage(usage(plan.prompts, choices))
         yield sse("[DONE]")
     finally:
         watcher.cancel()
@@ -498,21 +512,13 @@ async def chat_completions(service: Service, request: Request, req: ChatRequest)
 
 async def stream_chat(service, req, prompt, batch, rid, created, watcher):
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
+    chunks = Chunks(rid, "chat.completion.chunk", created, service.model_id, include_usage)
     choices = [Choice() for _ in batch.jobs]
 
     def chunk(index: int, delta: dict, logprobs, reason) -> str:
-        body = {
-            "id": rid,
-            "object": "chat.completion.chunk",
-            "created": created,
-            "model": service.model_id,
-            "choices": [
-                {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": reason}
-            ],
-        }
-        if include_usage:
-            body["usage"] = None
-        return sse(body)
+        return chunks.choice(
+            {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": reason}
+        )
 
     try:
         for index in range(len(choices)):
@@ -529,16 +535,7 @@ async def stream_chat(service, req, prompt, batch, rid, created, watcher):
             if event.finish_reason is not None:
                 yield chunk(index, {}, None, event.finish_reason)
         if include_usage:
-            yield sse(
-                {
-                    "id": rid,
-                    "object": "chat.completion.chunk",
-                    "created": created,
-                    "model": service.model_id,
-                    "choices": [],
-                    "usage": usage([prompt], choices),
-                }
-            )
+            yield chunks.usage(usage([prompt], choices))
         yield sse("[DONE]")
     finally:
         watcher.cancel()

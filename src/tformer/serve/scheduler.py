@@ -191,44 +191,51 @@ class Scheduler:
     def step(self) -> None:
         """Forget cancelled rows, admit waiting jobs, then one decoding step for all."""
         self._drop(lambda row: row.job.cancelled, CANCELLED)
-        budget = PREFILL_BUDGET
-        while len(self.rows) < self.max_batch:
+        budget, admitted = PREFILL_BUDGET, []
+        while len(self.rows) + len(admitted) < self.max_batch and budget > 0:
             with self.condition:
                 job = self.waiting.popleft() if self.waiting else None
                 self._report()
             if job is None:
                 break
-            if job.cancelled:
-                continue
-            budget -= len(job.prompt)
-            self._admit(job)
-            if budget <= 0:
-                break
+            if not job.cancelled:
+                admitted.append(job)
+                budget -= len(job.prompt)
+        if admitted:
+            self._admit(admitted)
         self._drop(lambda row: row.token < 0, None)  # rows that ended at their first token
         if self.rows:
             self._decode()
         self._report()
 
-    def _admit(self, job: Job) -> None:
-        row = Row(job, self.tokenizer, self.device)
-        slot = len(self.rows)
-        prompt = torch.tensor([job.prompt], device=self.device)  # (1, T)
+    def _admit(self, jobs: list[Job]) -> None:
+        """Prefill the jobs' prompts as one right-padded batch into the next free slots and
+        draw each one's first token."""
+        rows = [Row(job, self.tokenizer, self.device) for job in jobs]
+        lengths = [len(job.prompt) for job in jobs]
+        width = max(lengths)
+        ids = torch.tensor([job.prompt + [0] * (width - len(job.prompt)) for job in jobs])
         for cache in self.caches:
-            cache.prefill(slot)
-        features = self.model.features(prompt, caches=self.caches)  # (1, T, C)
-        prompt_logprobs = None
-        if job.prompt_logprobs:
-            logits = self.model.unembed(features[0]).float()  # (T, V)
-            prompt_logprobs = [TokenLogprob(job.prompt[0], None, [])] + [
-                self._logprob(logits[t - 1], job.prompt[t], job) for t in range(1, len(job.prompt))
-            ]
-            last = logits[-1:]
-        else:
-            last = self.model.unembed(features[:, -1]).float()  # (1, V)
+            cache.prefill(len(self.rows), len(jobs))
+        features = self.model.features(ids.to(self.device), caches=self.caches)  # (N, T, C)
+        last = features[torch.arange(len(jobs)), torch.tensor(lengths) - 1]  # (N, C)
+        logits = self.model.unembed(last).float()  # (N, V)
+        self.rows.extend(rows)
         if self.metrics is not None:
-            self.metrics.prompt_tokens(len(job.prompt))
-        self.rows.append(row)
-        self._advance([row], last, prompt_logprobs)
+            self.metrics.prompt_tokens(sum(lengths))
+        prompt_logprobs = [
+            self._prompt_logprobs(job, features[i, : lengths[i]]) if job.prompt_logprobs else None
+            for i, job in enumerate(jobs)
+        ]
+        self._advance(rows, logits, prompt_logprobs)
+
+    def _prompt_logprobs(self, job: Job, features: torch.Tensor) -> list[TokenLogprob]:
+        """(T, C) a prompt's features -> each prompt token's log-probability given the ones
+        before it (the first has none)."""
+        logits = self.model.unembed(features).float()  # (T, V)
+        return [TokenLogprob(job.prompt[0], None, [])] + [
+            self._logprob(logits[t - 1], job.prompt[t], job) for t in range(1, len(job.prompt))
+        ]
 
     def _decode(self) -> None:
         tokens = torch.tensor([row.token for row in self.rows], device=self.device)  # (B,)
@@ -241,14 +248,14 @@ class Scheduler:
         logits = self.model.unembed(features[:, -1]).float()  # (B, V)
         for row in self.rows:
             row.position += 1
-        self._advance(self.rows, logits, None)
+        self._advance(self.rows, logits, [None] * len(self.rows))
         self._drop(lambda row: row.token < 0, None)
 
     def _advance(
         self,
         rows: list[Row],
         logits: torch.Tensor,
-        prompt_logprobs: list[TokenLogprob] | None,
+        prompt_logprobs: list[list[TokenLogprob] | None],
     ) -> None:
         """Draw each row's next token from its logits (B, V) and tell its job."""
         chosen = self._choose(rows, logits)
@@ -280,15 +287,10 @@ class Scheduler:
             if reason is not None and not row.cutter.stopped:
                 piece += row.cutter.finish()
             row.token = token if reason is None else -1
-            if piece or reason is not None or (row.pending and job.logprobs is not None):
-                event = Event(piece, row.pending, reason, len(row.drawn))
-                if prompt_logprobs is not None:
-                    event.prompt_logprobs, prompt_logprobs = prompt_logprobs, None
+            if piece or reason is not None or row.pending or prompt_logprobs[i] is not None:
+                event = Event(piece, row.pending, reason, len(row.drawn), prompt_logprobs[i])
                 row.pending = []
                 job.emit(event)
-            elif prompt_logprobs is not None:
-                job.emit(Event("", [], None, 0, prompt_logprobs))
-                prompt_logprobs = None
 
     def _choose(self, rows: list[Row], logits: torch.Tensor) -> list[int]:
         """Each row's next token: plain greedy rows at once, the others with their own
