@@ -70,10 +70,6 @@ from tformer.serve.protocol import AnswerRequest, TranslationRequest
 from tformer.serve.service import Service
 from tformer.tokenizers import tokenizer_for_model
 
-# `service` below is a tformer.serve.service.Service. It is not imported, nor anything that
-# imports it (completions): service.py imports this module to load the model, and modules
-# of one package do not import each other both ways.
-
 RETRY_AFTER_SECONDS = 1  # as /v1/completions'
 
 # A translation batch as `tformer translate` makes them: sentences of one request are

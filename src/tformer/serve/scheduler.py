@@ -129,7 +129,7 @@ class Scheduler:
         self.max_batch, self.max_queue = max_batch, max_queue
         self.max_len = model.config.max_len
         self.device = next(model.parameters()).device
-        self.caches = model.new_slot_caches(max_batch, dtype=torch.float32)
+        self.caches = model.new_slot_caches(max_batch)  # in the model's dtype
         self.rows: list[Row] = []  # row i is slot i
         self.waiting: deque[Job] = deque()
         self.condition = threading.Condition()

@@ -95,5 +95,11 @@ def load_language_model(service: Service, device: torch.device) -> None:
     service.scheduler = Scheduler(
         model, tokenizer, config.max_batch, config.max_queue, service.metrics
     )
+    cache_bytes = sum(c.k.nbytes + c.v.nbytes for c in service.scheduler.caches)
+    print(
+        f"tformer serve: KV cache: {config.max_batch} slots of {model.config.max_len} "
+        f"positions, {cache_bytes / 2**30:.2f} GiB",
+        file=sys.stderr,
+    )
     thread = threading.Thread(target=service.scheduler.run, name="tformer-scheduler", daemon=True)
     thread.start()
