@@ -86,6 +86,16 @@ def tiny_lm(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def slow_lm(tmp_path_factory) -> Path:
+    """Wide and deep enough (4 x 256, window 1024) that a long request takes seconds: time
+    for a test to act while it runs."""
+    out = tmp_path_factory.mktemp("serve-slow") / "slow"
+    main(["init", str(out), "--n-layers", "4", "--d-model", "256", "--n-heads", "4",
+          "--max-len", "1024"])  # fmt: skip
+    return out
+
+
+@pytest.fixture(scope="session")
 def unicode_lm(tmp_path_factory) -> Path:
     """GPT-2's tokenizer, a few steps on Chinese, Japanese and emoji text: its tokens split
     characters between them, as byte-level BPE does."""

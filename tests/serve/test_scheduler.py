@@ -29,9 +29,13 @@ def tiny() -> GPT2:
     return GPT2(config).eval()
 
 
-def run(scheduler: Scheduler, jobs: list[Job], join_every: int = 2) -> None:
-    """Submit the jobs one every `join_every` steps, then step until all are done."""
+def run(scheduler: Scheduler, jobs: list[Job], join_every: int) -> None:
+    """Submit the jobs one every `join_every` steps (0: all at once, so their prompts are
+    prefilled as one padded batch), then step until all are done."""
     pending = list(jobs)
+    if join_every == 0:
+        scheduler.submit(pending)
+        pending = []
     step = 0
     while pending or scheduler.rows or scheduler.waiting:
         if pending and step % join_every == 0:
@@ -44,9 +48,10 @@ def job(prompt, config, events, logprobs=0):
     return Job(prompt, config, [], events.append, logprobs=logprobs)
 
 
-def test_staggered_requests_get_what_each_gets_alone():
+@pytest.mark.parametrize("join_every", [2, 0])
+def test_staggered_or_batched_requests_get_what_each_gets_alone(join_every):
     model = tiny()
-    scheduler = Scheduler(model, Letters(), max_batch=3, max_queue=10)
+    scheduler = Scheduler(model, Letters(), max_batch=3 if join_every else 6, max_queue=10)
     prompts = [[1, 2, 3], [5, 6, 7, 8, 9, 10], [11], [3, 3, 3, 3], [7, 8], [9] * 7]
     configs = [
         SamplingConfig(max_new_tokens=10 + i, do_sample=False)
@@ -55,7 +60,8 @@ def test_staggered_requests_get_what_each_gets_alone():
         for i in range(len(prompts))
     ]
     events = [[] for _ in prompts]
-    run(scheduler, [job(p, c, e) for p, c, e in zip(prompts, configs, events, strict=True)])
+    jobs = [job(p, c, e) for p, c, e in zip(prompts, configs, events, strict=True)]
+    run(scheduler, jobs, join_every)
     for prompt, config, got in zip(prompts, configs, events, strict=True):
         ids = [t.id for event in got for t in event.tokens]
         assert ids == generate_ids(model, prompt, config)

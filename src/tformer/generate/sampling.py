@@ -58,7 +58,8 @@ def occurrence_penalty(
     for row, ids in enumerate(drawn):
         if ids:
             index = torch.tensor(ids, device=logits.device)
-            counts[row].index_add_(0, index, torch.ones(len(ids), dtype=logits.dtype))
+            ones = torch.ones(len(ids), dtype=logits.dtype, device=logits.device)
+            counts[row].index_add_(0, index, ones)
     return logits - presence * (counts > 0).to(logits.dtype) - frequency * counts
 
 

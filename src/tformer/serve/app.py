@@ -8,9 +8,9 @@
     GET  /health                 503 while loading, then 200
     GET  /metrics                Prometheus text (serve/metrics.py)
 
-Before a route runs, in this order: an unknown route is a 404; with --api-key, a /v1
-request without "Authorization: Bearer KEY" (compared in constant time) a 401; while
-loading or shutting down a 503; a body over the size limit a 413. Every error is OpenAI's
+Before a route runs, in this order: with --api-key, a /v1 request without "Authorization:
+Bearer KEY" (compared in constant time) is a 401; while loading or shutting down a 503; an
+unknown route a 404; a body over the size limit a 413. Every error is OpenAI's
 error object (serve/errors.py).
 """
 
@@ -70,6 +70,10 @@ def create_app(service: Service) -> FastAPI:
             response = await call_next(request)
         except APIError as e:
             response = e.response()
+        except Exception as error:  # a bug: one line in the response, the traceback logged
+            traceback.print_exception(error, file=sys.stderr)
+            message = f"internal error: {type(error).__name__}: {error}".splitlines()[0]
+            response = APIError(500, message).response()
         if path in ROUTES or path == "/v1/models":
             service.metrics.answered(path, response.status_code)
         return response
@@ -83,13 +87,8 @@ def create_app(service: Service) -> FastAPI:
         message = {404: f"no route {request.method} {request.url.path}"}.get(
             error.status_code, str(error.detail)
         )
-        return APIError(error.status_code, message, code="not_found").response()
-
-    @app.exception_handler(Exception)
-    async def unexpected(request: Request, error: Exception) -> JSONResponse:
-        traceback.print_exception(error, file=sys.stderr)
-        message = f"internal error: {type(error).__name__}: {error}".splitlines()[0]
-        return APIError(500, message).response()
+        code = "not_found" if error.status_code == 404 else None
+        return APIError(error.status_code, message, code=code).response()
 
     @app.post("/v1/completions")
     async def post_completions(request: Request):

@@ -27,11 +27,12 @@ from tformer.generate.decode import SamplingConfig
 from tformer.generate.limits import LENGTH, STOP
 from tformer.generate.text import check_unicode, encode_prompt
 from tformer.serve.errors import APIError, invalid
-from tformer.serve.protocol import ChatRequest, CompletionRequest, Sampling
+from tformer.serve.protocol import MAX_STOPS, ChatRequest, CompletionRequest, Sampling
 from tformer.serve.scheduler import CANCELLED, ERROR, Event, Job, QueueFull, TokenLogprob
 from tformer.serve.service import Service
 
 RETRY_AFTER_SECONDS = 1
+GREEDY_BELOW = 1e-5  # a temperature this low means greedy, as vLLM reads it
 
 
 @dataclass
@@ -55,13 +56,25 @@ class Batch:
         self.queue: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
         self.jobs: list[Job] = []
 
-    def add(self, prompt: list[int], config: SamplingConfig, stops: list[str], **extra) -> None:
+    def add(
+        self,
+        prompt: list[int],
+        config: SamplingConfig,
+        stops: list[str],
+        logprobs: int | None,
+        prompt_logprobs: bool = False,
+    ) -> None:
         index = len(self.jobs)
+        job = Job(prompt, config, stops, lambda event: None, logprobs, prompt_logprobs)
 
         def emit(event: Event) -> None:  # on the scheduler's thread
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, (index, event))
+            try:
+                self.loop.call_soon_threadsafe(self.queue.put_nowait, (index, event))
+            except RuntimeError:  # the event loop is closed: nobody is listening any more
+                job.cancelled = True
 
-        self.jobs.append(Job(prompt, config, stops, emit, **extra))
+        job.emit = emit
+        self.jobs.append(job)
 
     def submit(self) -> None:
         scheduler = self.service.scheduler
@@ -102,7 +115,7 @@ async def watch_disconnect(request: Request, batch: Batch) -> None:
 
 
 def sampling_config(req: Sampling, max_tokens: int, service: Service, j: int) -> SamplingConfig:
-    greedy = req.temperature == 0
+    greedy = req.temperature < GREEDY_BELOW  # logits / T overflows below this
     if req.logit_bias:
         raise invalid("logit_bias is not supported by this server", "logit_bias")
     try:
@@ -126,8 +139,8 @@ def sampling_config(req: Sampling, max_tokens: int, service: Service, j: int) ->
 
 def stop_strings(req: Sampling) -> list[str]:
     stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
-    if len(stops) > 16:
-        raise invalid(f"stop holds {len(stops)} strings; at most 16", "stop")
+    if len(stops) > MAX_STOPS:
+        raise invalid(f"stop holds {len(stops)} strings; at most {MAX_STOPS}", "stop")
     if any(not s for s in stops):
         raise invalid("stop strings must not be empty", "stop")
     return stops
@@ -145,7 +158,8 @@ def check_model(service: Service, name: str) -> None:
 
 def prompt_ids(service: Service, prompt: object) -> list[list[int]]:
     """The prompt field (text, texts, ids, or lists of ids) -> each prompt's ids."""
-    tokenizer, vocab = service.tokenizer, service.model.config.vocab_size
+    tokenizer = service.tokenizer
+    vocab = min(tokenizer.vocab_size, service.model.config.vocab_size)  # ids it can decode
     if isinstance(prompt, str):
         prompt = [prompt]
     if not prompt:
@@ -168,6 +182,17 @@ def prompt_ids(service: Service, prompt: object) -> list[list[int]]:
             raise invalid(f"prompt[{i}] holds {bad[0]}, not a token id in 0..{vocab - 1}", "prompt")
         rows.append(list(item))
     return rows
+
+
+def check_choices(service: Service, count: int) -> None:
+    """A request's sequences (prompts times n) must fit the slots and the queue at once."""
+    room = service.config.max_batch + service.config.max_queue
+    if count > room:
+        raise invalid(
+            f"the request asks for {count} sequences (prompts times n); this server takes at "
+            f"most {room} at once (--max-batch plus --max-queue)",
+            "n",
+        )
 
 
 def check_fits(service: Service, prompt: list[int], max_tokens: int, param: str) -> None:
@@ -220,6 +245,7 @@ def plan_completion(service: Service, req: CompletionRequest) -> CompletionPlan:
     if req.suffix is not None:
         raise invalid("suffix is not supported by this server", "suffix")
     prompts = prompt_ids(service, req.prompt)
+    check_choices(service, len(prompts) * req.n)
     stops = stop_strings(req)
     batch = Batch(service)
     for prompt in prompts:
@@ -264,7 +290,7 @@ async def completions(service: Service, request: Request, req: CompletionRequest
     plan = plan_completion(service, req)
     rid = f"cmpl-{uuid.uuid4().hex}"
     created = int(time.time())
-    prompt_texts = [service.tokenizer.decode(p) for p in plan.prompts]
+    prompt_texts = [service.tokenizer.decode(p) if req.echo else "" for p in plan.prompts]
     plan.batch.submit()
     watcher = asyncio.create_task(watch_disconnect(request, plan.batch))
     if req.stream:
@@ -392,7 +418,6 @@ async def stream_completion(service, plan, rid, created, prompt_texts, watcher):
         if req.echo:
             for index in range(len(choices)):
                 yield chunk(index, prompt_texts[index // req.n], None, None)
-                offsets[index] = len(prompt_texts[index // req.n])
         async for index, event in plan.batch.events():
             choice = choices[index]
             absorb(choice, event)
@@ -400,10 +425,10 @@ async def stream_completion(service, plan, rid, created, prompt_texts, watcher):
                 yield stream_error(choice)
                 continue
             logprobs = None
-            if req.logprobs is not None:
+            if req.logprobs is not None:  # offsets run over the tokens' texts, as unstreamed
                 part = Choice(tokens=event.tokens, prompt_logprobs=event.prompt_logprobs)
                 logprobs = completion_logprobs(service, part, offsets[index], req.echo)
-            offsets[index] += len(event.text)
+                offsets[index] += sum(len(t) for t in logprobs["tokens"])
             reason = event.finish_reason
             if event.text or reason is not None or logprobs:
                 yield chunk(index, event.text, logprobs, reason)
@@ -448,6 +473,7 @@ def plan_chat(service: Service, req: ChatRequest) -> tuple[list[int], Batch, int
         check_fits(service, prompt, 1, "max_tokens")
         max_tokens = service.context_length - len(prompt)
     check_fits(service, prompt, max_tokens, param)
+    check_choices(service, req.n)
     stops = stop_strings(req)
     batch = Batch(service)
     for j in range(req.n):

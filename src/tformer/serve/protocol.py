@@ -10,7 +10,7 @@ repetition_penalty, min_p. Fields OpenAI has and this server does not implement
 import json
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from tformer.checks import MAX_SEED
 from tformer.serve.errors import APIError, invalid
@@ -21,6 +21,14 @@ MAX_N = 64
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def null_is_the_default(cls, data: object) -> object:
+        """A field sent as null takes its default, as OpenAI's API reads it."""
+        if isinstance(data, dict):
+            return {k: v for k, v in data.items() if v is not None}
+        return data
 
 
 class StreamOptions(Strict):
@@ -49,7 +57,7 @@ class Sampling(Strict):
 
 class CompletionRequest(Sampling):
     prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = Field(16, ge=1)
+    max_tokens: int = Field(16, ge=1)
     logprobs: int | None = Field(None, ge=0, le=5)
     echo: bool = False
     suffix: str | None = None

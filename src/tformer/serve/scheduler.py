@@ -13,10 +13,11 @@ request leaves, the last row moves into its slot, so the batch stays a plain pre
 
 One loop (`step`):
   1. forget the requests cancelled since the last step (a client that went away);
-  2. admit waiting requests into free slots: each prompt is prefilled alone (the others
-     wait for one prefill of it, not for the whole batch to drain), and its first token is
-     drawn from the prefill's logits; admitting stops at PREFILL_BUDGET prompt tokens, so
-     the running rows are not held up by a burst of arrivals;
+  2. admit waiting requests into free slots: their prompts are prefilled together, one
+     right-padded batch (the running rows wait for that prefill, not for a batch to
+     drain), and each one's first token is drawn from the prefill's logits; a batch holds
+     at most PREFILL_BUDGET positions (its rows times its longest prompt; one prompt
+     always goes), so a burst of arrivals does not hold the running rows up for long;
   3. one decoding step for every running row: prefill/decode_step's arithmetic
      (tformer.generate.decode), per-row positions, and the samplers of
      tformer.generate.decode.next_token with each request's own SamplingConfig and
@@ -49,7 +50,7 @@ from tformer.generate.text import TextCutter
 from tformer.nn.slot_cache import decode_mask
 from tformer.tokenizers import Tokenizer
 
-# Prompt tokens prefilled in one loop before the running rows take their next step.
+# Positions (rows x longest prompt) prefilled in one loop before the running rows' step.
 PREFILL_BUDGET = 512
 CANCELLED = "cancelled"  # a finish reason no client sees: its connection is gone
 ERROR = "error"
@@ -78,7 +79,7 @@ class Event:
     error: str | None = None
 
 
-@dataclass
+@dataclass(eq=False)  # jobs are told apart by identity
 class Job:
     """One sequence to generate: a prompt's ids, how to sample, where events go."""
 
@@ -157,6 +158,7 @@ class Scheduler:
             if job in self.waiting:
                 self.waiting.remove(job)
                 self._report()
+                job.emit(Event("", [], CANCELLED))
             self.condition.notify()
 
     def counts(self) -> tuple[int, int]:
@@ -191,16 +193,22 @@ class Scheduler:
     def step(self) -> None:
         """Forget cancelled rows, admit waiting jobs, then one decoding step for all."""
         self._drop(lambda row: row.job.cancelled, CANCELLED)
-        budget, admitted = PREFILL_BUDGET, []
-        while len(self.rows) + len(admitted) < self.max_batch and budget > 0:
+        admitted, width = [], 0
+        while len(self.rows) + len(admitted) < self.max_batch:
             with self.condition:
-                job = self.waiting.popleft() if self.waiting else None
+                if not self.waiting:
+                    break
+                # The batch is right-padded: it costs its rows times its longest prompt.
+                cost = max(width, len(self.waiting[0].prompt)) * (len(admitted) + 1)
+                if admitted and cost > PREFILL_BUDGET:
+                    break  # the next step's batch takes it
+                job = self.waiting.popleft()
                 self._report()
-            if job is None:
-                break
-            if not job.cancelled:
-                admitted.append(job)
-                budget -= len(job.prompt)
+            if job.cancelled:  # cancelled between leaving the queue and here
+                job.emit(Event("", [], CANCELLED))
+                continue
+            admitted.append(job)
+            width = max(width, len(job.prompt))
         if admitted:
             self._admit(admitted)
         self._drop(lambda row: row.token < 0, None)  # rows that ended at their first token
@@ -318,7 +326,7 @@ class Scheduler:
         """(V,) logits -> the token's log-probability and the k most likely alternatives,
         over the ids the tokenizer can decode."""
         logp = torch.log_softmax(mask_beyond(logits[None], job.config.vocab_limit)[0], -1)
-        k = job.logprobs or 0
+        k = min(job.logprobs or 0, int(torch.isfinite(logp).sum()))
         top = []
         if k > 0:
             values, ids = logp.topk(k)
