@@ -25,6 +25,16 @@ CONFIG = quick(steps=20, final_eval="sample")  # checkpoints at steps 10 and 20
 QUIET = dict(dtype="float32", threads=1, seed=3, progress=False, messages=False)
 
 
+@pytest.fixture(autouse=True)
+def ctrl_c_raises():
+    """Ctrl-C as an interactive shell delivers it, however the test runner was started: a
+    runner started in the background of a script inherits SIGINT ignored, which the
+    trainer leaves alone on purpose."""
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, before)
+
+
 def train_losses(run_dir) -> dict[int, float]:
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
     records = [json.loads(line) for line in lines]
