@@ -48,6 +48,7 @@ from tformer.generate.limits import LENGTH, STOP
 from tformer.generate.sampling import mask_beyond
 from tformer.generate.text import TextCutter
 from tformer.nn.slot_cache import decode_mask
+from tformer.serve.metrics import Metrics
 from tformer.tokenizers import Tokenizer
 
 # Positions (rows x longest prompt) prefilled in one loop before the running rows' step.
@@ -124,7 +125,7 @@ class Scheduler:
         tokenizer: Tokenizer,
         max_batch: int,
         max_queue: int,
-        metrics=None,
+        metrics: "Metrics | None" = None,
     ) -> None:
         self.model, self.tokenizer = model.eval(), tokenizer
         self.max_batch, self.max_queue = max_batch, max_queue
@@ -161,11 +162,6 @@ class Scheduler:
                 job.emit(Event("", [], CANCELLED))
             self.condition.notify()
 
-    def counts(self) -> tuple[int, int]:
-        """(running, waiting)."""
-        with self.condition:
-            return len(self.rows), len(self.waiting)
-
     def close(self) -> None:
         with self.condition:
             self.closed = True
@@ -175,7 +171,7 @@ class Scheduler:
     def run(self) -> None:
         while True:
             with self.condition:
-                while not self.closed and not self.rows and not self._live_waiting():
+                while not self.closed and not self.rows and not self.waiting:
                     self.condition.wait()
                 if self.closed:
                     break
@@ -185,9 +181,6 @@ class Scheduler:
                 traceback.print_exc(file=sys.stderr)
                 self._fail_all(f"internal error while decoding: {error}")
         self._fail_all("the server shut down before this request finished", CANCELLED)
-
-    def _live_waiting(self) -> bool:
-        return any(not job.cancelled for job in self.waiting)
 
     @torch.inference_mode()
     def step(self) -> None:
