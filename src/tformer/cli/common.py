@@ -113,3 +113,20 @@ def warnings_as_lines(command: str) -> Iterator[None]:
 
 # --seed of every command: a seed torch's generators take.
 seed = number(integer=True, low=0, high=MAX_SEED)
+
+
+def add_weight_flags(p) -> None:
+    """--dtype and --quantize: how a language model's weights are stored for decoding."""
+    p.add_argument(
+        "--dtype",
+        default="float32",
+        choices=list(DTYPES),
+        help="weight format; on the CPU activations stay float32 (default: float32)",
+    )
+    p.add_argument(
+        "--quantize",
+        choices=["none", "int8"],
+        default="none",
+        help="int8: weight-only int8 with one scale per output row, a quarter of float32's "
+        "memory traffic (default: none)",
+    )

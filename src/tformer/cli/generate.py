@@ -8,9 +8,9 @@ from pathlib import Path
 import torch
 
 from tformer.checkpoints import resolve_checkpoint
-from tformer.cli.common import non_empty, number, print_json, read_utf8, seed
+from tformer.cli.common import add_weight_flags, non_empty, number, print_json, read_utf8, seed
 from tformer.data.prompts import read_prompt_list
-from tformer.devices import DTYPES, pick_device
+from tformer.devices import pick_device
 from tformer.errors import ConfigError
 from tformer.generate import SamplingConfig
 from tformer.generate.decode import continue_prompts
@@ -95,19 +95,7 @@ def add_parser(sub) -> None:
         type=number(integer=True, low=1),
         help="CPU threads for decoding (default: torch's choice)",
     )
-    p.add_argument(
-        "--dtype",
-        default="float32",
-        choices=list(DTYPES),
-        help="weight format; on the CPU activations stay float32 (default: float32)",
-    )
-    p.add_argument(
-        "--quantize",
-        choices=["none", "int8"],
-        default="none",
-        help="int8: weight-only int8 with one scale per output row, a quarter of float32's "
-        "memory traffic (default: none)",
-    )
+    add_weight_flags(p)
     p.add_argument("--json", action="store_true", help="print the result as JSON, no streaming")
     p.set_defaults(run=run)
 

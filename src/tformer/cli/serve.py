@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 import uvicorn
 
-from tformer.cli.common import non_empty, number
+from tformer.cli.common import add_weight_flags, non_empty, number
 from tformer.devices import pick_device
 from tformer.serve.app import LOADERS, create_app
 from tformer.serve.service import ServeConfig, Service
@@ -47,18 +47,7 @@ def add_parser(sub) -> None:
         default=256,
         help="requests waiting for a slot; more get 429 with Retry-After (default: 256)",
     )
-    p.add_argument(
-        "--dtype",
-        default="float32",
-        choices=["float32", "bfloat16", "float16"],
-        help="weight format; on the CPU activations stay float32 (default: float32)",
-    )
-    p.add_argument(
-        "--quantize",
-        choices=["none", "int8"],
-        default="none",
-        help="int8: weight-only int8 with one scale per output row (default: none)",
-    )
+    add_weight_flags(p)
     p.add_argument(
         "--api-key",
         type=non_empty,

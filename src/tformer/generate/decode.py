@@ -3,6 +3,10 @@
     prefill:      logits = model(prompt, caches)[-1]        fills every layer's cache
     decode_step:  logits = model(last_token, caches)        costs one position of work
 
+The same two steps over slot caches (nn/slot_cache.py), where each sequence has its own
+length: prefill_slots writes prompts into slots, decode_slots advances every slot by one
+token at its own position (a server's continuous batching, tformer.serve.scheduler).
+
 Only the last position's logits are computed (model.unembed of model.features): a prompt's
 other positions need none, and for GPT-2 the output head is a third of the weights. The
 model only computes logits; choosing the next token is the samplers' job.
@@ -34,6 +38,7 @@ from tformer.generate.sampling import (
     top_p_filter,
 )
 from tformer.nn import KVCache
+from tformer.nn.slot_cache import SlotCache, decode_mask
 
 # What the Python API takes as prompts: see prompt_rows.
 # Numpy arrays are taken too (through .tolist()); numpy is not a dependency of this module.
@@ -179,6 +184,35 @@ def prefill(model: nn.Module, prompt: torch.Tensor, caches: list[KVCache]) -> to
 def decode_step(model: nn.Module, token: torch.Tensor, caches: list[KVCache]) -> torch.Tensor:
     """Feed one new token per row (B,), attending to the cache; -> its logits (B, V)."""
     return model.unembed(model.features(token[:, None], caches=caches)[:, -1])
+
+
+def prefill_slots(
+    model: nn.Module, prompts: list[list[int]], caches: list[SlotCache], first: int
+) -> torch.Tensor:
+    """Prompts of different lengths into slots first, first + 1, ... of the slot caches, as
+    one right-padded batch; -> their features (N, T, C), row i's own at 0..len_i - 1.
+
+    Under causal attention a prompt's tokens never see the padding after them; what the
+    padding leaves in a slot lies beyond its prompt, hidden by decode_slots' mask until
+    decoding overwrites it."""
+    width = max(len(p) for p in prompts)
+    ids = torch.tensor([p + [0] * (width - len(p)) for p in prompts])  # (N, T)
+    for cache in caches:
+        cache.prefill(first, len(prompts))
+    device = next(model.parameters()).device
+    return model.features(ids.to(device), caches=caches)  # (N, T, C)
+
+
+def decode_slots(
+    model: nn.Module, tokens: torch.Tensor, positions: torch.Tensor, caches: list[SlotCache]
+) -> torch.Tensor:
+    """One new token per slot 0..B-1 (B,), each at its own position (B,), attending to its
+    own slot only up to there; -> the tokens' logits (B, V)."""
+    for cache in caches:
+        cache.decode(positions)
+    mask = decode_mask(positions)  # (B, P)
+    features = model.features(tokens[:, None], mask, positions[:, None], caches)  # (B, 1, C)
+    return model.unembed(features[:, -1])
 
 
 def check_sampling_config(config: object) -> SamplingConfig:

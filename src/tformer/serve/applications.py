@@ -65,12 +65,10 @@ from tformer.models.load import load_translation_model
 from tformer.qa.read import answer, answer_from_corpus, load_reader, vocab_size
 from tformer.qa.retrieval import PassageIndex
 from tformer.qa.windows import QAExample
-from tformer.serve.errors import APIError, invalid
+from tformer.serve.errors import busy, invalid
 from tformer.serve.protocol import AnswerRequest, TranslationRequest
 from tformer.serve.service import Service
 from tformer.tokenizers import tokenizer_for_model
-
-RETRY_AFTER_SECONDS = 1  # as /v1/completions'
 
 # A translation batch as `tformer translate` makes them: sentences of one request are
 # sorted by length and decoded this many at once.
@@ -109,13 +107,7 @@ async def on_worker(service: Service, work: Callable[[], T]) -> T:
     in_flight = service.worker_waiting  # on the event loop's thread only
     waiting = max(in_flight - 1, 0)  # one of them is running
     if in_flight > 0 and waiting >= service.config.max_queue:
-        raise APIError(
-            429,
-            f"the server is busy ({waiting} requests are waiting already); "
-            f"retry after {RETRY_AFTER_SECONDS} s",
-            code="rate_limit_exceeded",
-            headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
-        )
+        raise busy(f"{waiting} requests are waiting already")
     service.worker_waiting = in_flight + 1
     report_load(service)
     try:

@@ -26,12 +26,11 @@ from tformer.generate.chat import check_messages
 from tformer.generate.decode import SamplingConfig
 from tformer.generate.limits import LENGTH, STOP
 from tformer.generate.text import check_unicode, encode_prompt
-from tformer.serve.errors import APIError, invalid
+from tformer.serve.errors import APIError, busy, invalid
 from tformer.serve.protocol import MAX_STOPS, ChatRequest, CompletionRequest, Sampling
 from tformer.serve.scheduler import CANCELLED, ERROR, Event, Job, QueueFull, TokenLogprob
 from tformer.serve.service import Service
 
-RETRY_AFTER_SECONDS = 1
 GREEDY_BELOW = 1e-5  # a temperature this low means greedy, as vLLM reads it
 
 
@@ -81,12 +80,7 @@ class Batch:
         try:
             scheduler.submit(self.jobs)
         except QueueFull as e:
-            raise APIError(
-                429,
-                f"the server is busy ({e}); retry after {RETRY_AFTER_SECONDS} s",
-                code="rate_limit_exceeded",
-                headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
-            ) from None
+            raise busy(str(e)) from None
 
     def cancel(self) -> None:
         for job in self.jobs:

@@ -47,5 +47,18 @@ class APIError(Exception):
         return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
 
 
+RETRY_AFTER_SECONDS = 1
+
+
+def busy(why: str) -> APIError:
+    """429: the queue is full; the client may try again in a second."""
+    return APIError(
+        429,
+        f"the server is busy ({why}); retry after {RETRY_AFTER_SECONDS} s",
+        code="rate_limit_exceeded",
+        headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
+    )
+
+
 def invalid(message: str, param: str | None = None, code: str | None = "invalid_value") -> APIError:
     return APIError(400, message, param, code)

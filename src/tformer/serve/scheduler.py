@@ -43,11 +43,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from tformer.generate.decode import SamplingConfig, next_token
+from tformer.generate.decode import SamplingConfig, decode_slots, next_token, prefill_slots
 from tformer.generate.limits import LENGTH, STOP
 from tformer.generate.sampling import mask_beyond
 from tformer.generate.text import TextCutter
-from tformer.nn.slot_cache import decode_mask
 from tformer.serve.metrics import Metrics
 from tformer.tokenizers import Tokenizer
 
@@ -214,11 +213,9 @@ class Scheduler:
         draw each one's first token."""
         rows = [Row(job, self.tokenizer, self.device) for job in jobs]
         lengths = [len(job.prompt) for job in jobs]
-        width = max(lengths)
-        ids = torch.tensor([job.prompt + [0] * (width - len(job.prompt)) for job in jobs])
-        for cache in self.caches:
-            cache.prefill(len(self.rows), len(jobs))
-        features = self.model.features(ids.to(self.device), caches=self.caches)  # (N, T, C)
+        features = prefill_slots(
+            self.model, [job.prompt for job in jobs], self.caches, len(self.rows)
+        )
         last = features[torch.arange(len(jobs)), torch.tensor(lengths) - 1]  # (N, C)
         logits = self.model.unembed(last).float()  # (N, V)
         self.rows.extend(rows)
@@ -241,12 +238,7 @@ class Scheduler:
     def _decode(self) -> None:
         tokens = torch.tensor([row.token for row in self.rows], device=self.device)  # (B,)
         positions = torch.tensor([row.position for row in self.rows], device=self.device)
-        for cache in self.caches:
-            cache.decode(positions)
-        features = self.model.features(
-            tokens[:, None], decode_mask(positions), positions[:, None], self.caches
-        )  # (B, 1, C)
-        logits = self.model.unembed(features[:, -1]).float()  # (B, V)
+        logits = decode_slots(self.model, tokens, positions, self.caches).float()  # (B, V)
         for row in self.rows:
             row.position += 1
         self._advance(self.rows, logits, [None] * len(self.rows))
