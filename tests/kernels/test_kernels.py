@@ -21,12 +21,12 @@ def compiled():
     return loaded
 
 
-@pytest.mark.parametrize("rows", [1, 3, 6, 16])  # 6: four rows at once, then two
+@pytest.mark.parametrize("rows", [1, 3, 6, 17])  # tiles of 4 rows, then what is left
 @pytest.mark.parametrize("k", [37, 64, 200])  # 37 and 200 end in a partial 32-wide chunk
 @pytest.mark.parametrize("with_bias", [True, False])
 def test_kernels_compute_x_times_w_transposed_plus_bias(compiled, rows, k, with_bias):
     g = torch.Generator().manual_seed(rows * 1000 + k)
-    n = 45
+    n = 47  # tiles of 3 weight rows, then 2 left over
     x = torch.randn(rows, k, generator=g)
     w = torch.randn(n, k, generator=g)
     bias = torch.randn(n, generator=g) if with_bias else None
@@ -41,6 +41,27 @@ def test_kernels_compute_x_times_w_transposed_plus_bias(compiled, rows, k, with_
         reference = x.double() @ exact.T + (bias.double() if with_bias else 0)
         # float32 accumulation over k terms of size ~1: error ~ sqrt(k) * 1e-7 * |terms|
         torch.testing.assert_close(out.double(), reference, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("d", [16, 20])  # 20: not a whole number of vectors
+def test_slot_attention_stores_each_row_and_attends_over_its_own_positions(compiled, d):
+    g = torch.Generator().manual_seed(d)
+    slots, heads, max_len = 5, 3, 33
+    k_cache = torch.randn(slots, heads, max_len, d, generator=g)
+    v_cache = torch.randn(slots, heads, max_len, d, generator=g)
+    positions = torch.tensor([0, 32, 7, 19])  # 4 rows in slots 0..3: the first and last place
+    qkv = torch.randn(4, 3 * heads * d, generator=g) * 3  # scores of a few units: peaked
+    k_before, v_before = k_cache.clone(), v_cache.clone()
+    out = compiled.slot_attention(qkv, k_cache, v_cache, positions)
+    q, k, v = qkv.double().view(4, 3, heads, d).unbind(1)  # (B, H, D) each
+    for b, p in enumerate(positions.tolist()):
+        k_before[b, :, p], v_before[b, :, p] = k[b].float(), v[b].float()
+        keys, values = k_before[b, :, : p + 1].double(), v_before[b, :, : p + 1].double()
+        weights = torch.softmax((keys @ q[b, :, :, None])[..., 0] / math.sqrt(d), -1)  # (H, P)
+        expected = (weights[:, None, :] @ values)[:, 0]  # (H, D)
+        torch.testing.assert_close(out[b].double(), expected.reshape(-1), rtol=1e-5, atol=1e-5)
+    # The new keys and values are stored; nothing else in the cache changed (slot 4 unused).
+    assert torch.equal(k_cache, k_before) and torch.equal(v_cache, v_before)
 
 
 def test_switched_off_kernels_report_why(monkeypatch):

@@ -1,8 +1,10 @@
 """The slot cache: sequences of different lengths decoded together give each one's logits
 alone (a plain forward pass over its whole sequence is the reference)."""
 
+import pytest
 import torch
 
+from tformer import kernels
 from tformer.models.gpt2 import GPT2
 from tformer.models.gpt2_config import GPT2Config
 from tformer.nn.slot_cache import SlotCache, decode_mask
@@ -14,7 +16,22 @@ def tiny() -> GPT2:
     return GPT2(config).eval()
 
 
-def test_rows_at_their_own_positions_match_each_sequence_alone():
+@pytest.mark.parametrize("path", ["kernel", "general"])
+def test_rows_at_their_own_positions_match_each_sequence_alone(path, monkeypatch):
+    """Both ways of a decoding step: the C kernel (SlotCache.attend) and the general path
+    (update, then attention with decode_mask)."""
+    calls = []
+    if path == "general":
+        monkeypatch.setattr(kernels, "load_for", lambda tensor, dtypes: None)
+    elif kernels.load() is None:
+        pytest.skip(f"the C kernels are unavailable: {kernels.unavailable_reason()}")
+    else:
+        original = kernels.Kernels.slot_attention
+        monkeypatch.setattr(
+            kernels.Kernels,
+            "slot_attention",
+            lambda self, *args: calls.append(1) or original(self, *args),
+        )
     model = tiny()
     g = torch.Generator().manual_seed(1)
     sequences = [torch.randint(0, 61, (n,), generator=g).tolist() for n in (3, 9, 1, 6)]
@@ -36,6 +53,7 @@ def test_rows_at_their_own_positions_match_each_sequence_alone():
                 seq.append(int(new[row]))
                 alone = model(torch.tensor([seq]))[0, -1]
                 torch.testing.assert_close(logits[row], alone, atol=1e-5, rtol=1e-5)
+    assert len(calls) == (5 * 2 if path == "kernel" else 0)  # each step, each layer
 
 
 def test_move_copies_a_slot_and_decode_mask_covers_each_row():

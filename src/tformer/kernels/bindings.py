@@ -12,6 +12,7 @@ attention kernels, called once per layer, check it here.
     kernels.gelu(z), kernels.gelu_and_derivative(z) -> y, dy/dz   float32 or bfloat16
     kernels.causal_attention(qkv, n_heads)   qkv (B, T, 3C) bf16 -> out (B, T, C), weights
     kernels.causal_attention_backward(qkv, weights, grad_out, n_heads)   -> grad_qkv
+    kernels.slot_attention(qkv, k_cache, v_cache, positions)   -> out (B, C)
     kernels.flush_denormals(on)   on every thread of the pool -> threads set
     kernels.denormals_flushed()   on the calling thread?
 """
@@ -66,7 +67,7 @@ class Kernels:
         return cls(library, path, bool(library.tformer_has_avx512()))
 
     @c_function("tformer_linear_f32", [POINTER] * 4 + [SIZE] * 3)
-    @c_function("tformer_linear_bf16", [POINTER] * 4 + [SIZE] * 3)
+    @c_function("tformer_linear_bf16", [POINTER] * 4 + [SIZE] * 3, ctypes.c_int)
     @c_function("tformer_linear_i8", [POINTER] * 5 + [SIZE] * 3)
     def linear(
         self,
@@ -89,9 +90,11 @@ class Kernels:
                 x.data_ptr(), weight.data_ptr(), scale.data_ptr(), b, out.data_ptr(), m, n, k
             )
         elif weight.dtype == torch.bfloat16:
-            self.library.tformer_linear_bf16(
+            failed = self.library.tformer_linear_bf16(
                 x.data_ptr(), weight.data_ptr(), b, out.data_ptr(), m, n, k
             )
+            if failed:  # the kernel's reordered copy of x
+                raise MemoryError(f"no memory for a {m} x {k} float32 copy of the activations")
         else:
             self.library.tformer_linear_f32(
                 x.data_ptr(), weight.data_ptr(), b, out.data_ptr(), m, n, k
@@ -179,6 +182,37 @@ class Kernels:
         function = getattr(self.library, f"tformer_gelu_{by_dtype(z)}")
         function(z.data_ptr(), y.data_ptr(), d.data_ptr(), z.numel())
         return y, d
+
+    @c_function("tformer_slot_attention_f32", [POINTER] * 5 + [SIZE] * 4, ctypes.c_int)
+    def slot_attention(
+        self,
+        qkv: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        positions: torch.Tensor,
+    ) -> torch.Tensor:
+        """One decoding step over a slot cache: qkv (B, 3C) float32, the fused projection of
+        each row's new token; the caches (slots, H, L, D) float32; positions (B,) int64,
+        row b's position in slot b. Stores each row's key and value there and attends over
+        positions 0..positions[b] of its slot -> out (B, C) float32, heads side by side.
+        Contiguous CPU tensors (the caller checks)."""
+        b, c3 = qkv.shape
+        _, h, max_len, d = k_cache.shape
+        out = torch.empty(b, c3 // 3, dtype=torch.float32)
+        failed = self.library.tformer_slot_attention_f32(
+            qkv.data_ptr(),
+            k_cache.data_ptr(),
+            v_cache.data_ptr(),
+            positions.data_ptr(),
+            out.data_ptr(),
+            b,
+            h,
+            d,
+            max_len,
+        )
+        if failed:
+            raise MemoryError(f"no memory for the attention kernel's {max_len} scores")
+        return out
 
     @c_function("tformer_causal_attention_bf16", [POINTER] * 3 + [SIZE] * 4, ctypes.c_int)
     def causal_attention(

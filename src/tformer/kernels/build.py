@@ -22,7 +22,15 @@ from tformer.files import cache_dir
 
 SOURCES = tuple(
     Path(__file__).with_name(name)
-    for name in ("linear.c", "cross_entropy.c", "dropout.c", "gelu.c", "attention.c", "threads.c")
+    for name in (
+        "linear.c",
+        "cross_entropy.c",
+        "dropout.c",
+        "gelu.c",
+        "attention.c",
+        "slot_attention.c",
+        "threads.c",
+    )
 )
 HEADERS = (Path(__file__).with_name("common.h"),)  # part of the key, not compiled alone
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]

@@ -33,6 +33,7 @@ from tformer.nn.blocked_attention import (
     QUERY_BLOCK,
     blocked_causal_attention,
     compiled_causal_attention,
+    hooked,
     in_query_blocks,
     kernel_may_take,
     kernels_for,
@@ -40,6 +41,7 @@ from tformer.nn.blocked_attention import (
 from tformer.nn.dropout import dropout
 from tformer.nn.hooks import HookPoint
 from tformer.nn.kv_cache import KVCache
+from tformer.nn.slot_cache import SlotCache
 
 __all__ = [
     "IMPLEMENTATIONS",
@@ -239,6 +241,16 @@ class MultiHeadAttention(nn.Module):
                     out = compiled_causal_attention(qkv, self.n_heads, library)  # (B, T, C)
                     return self.w_o(out)
                 projected = qkv.split(self.d_model, dim=-1)  # not bf16 on the CPU: as below
+        # A server's decoding step (nn/slot_cache.py): each row's key and value stored and
+        # its attention over its own positions, in one kernel, when the cache can take it.
+        decoding = isinstance(cache, SlotCache) and t == 1 and self.causal and not self.cross
+        if decoding and memory is None and memory_kv is None and dropout_p == 0.0:
+            if not hooked(self.hook_pattern):
+                qkv = self.w_qkv(x)  # (B, 1, 3C)
+                out = cache.attend(qkv)
+                if out is not None:
+                    return self.w_o(out)
+                projected = qkv.split(self.d_model, dim=-1)
         if memory_kv is not None:
             if not self.cross:
                 raise ValueError("only cross-attention takes memory_kv")
