@@ -1,14 +1,16 @@
 """The linear layers of one decoding step of GPT-2 124M: tformer's C kernels against torch.
 
 Decoding a token multiplies a few activation rows by all 49 weight matrices of GPT-2 124M
-(4 per block, 12 blocks, and the 50257 x 768 head). This times that, for 1 to 16 rows and
-float32, bfloat16 and int8 weights, two ways in the same run: tformer's PackedLinear with
-its C kernels, and with torch's matmul (`F.linear` in the weight dtype; int8 as
-`(x q^T) s`, for lack of a faster torch kernel for many rows). It prints milliseconds per
-step, the effective weight bandwidth, and the ratio. The matrices total 124M weights, more
+(4 per block, 12 blocks, and the 50257 x 768 head). This times that, for 1 to 64 rows and
+float32, bfloat16 and int8 weights, two ways in the same run, taking turns: tformer's
+PackedLinear through its C kernels (`by_kernels`), and through torch's matmul (`by_torch`:
+`F.linear` in the compute dtype; int8 as `(x q^T) s`, for lack of a faster torch kernel for
+many rows). It prints milliseconds per step (the fastest of --repeats), the effective
+weight bandwidth and arithmetic rate, and the ratio. The matrices total 124M weights, more
 than any cache, so every step reads them from memory, as in decoding.
 
-The row limits up to which PackedLinear uses the C kernels (KERNEL_MAX_ROWS) come from this.
+The default row limits up to which PackedLinear uses the C kernels (KERNEL_MAX_ROWS, marked
+"default") come from this; a server measures its own (calibrate_kernel_rows).
 
     python benchmarks/decode_linear.py [--rows 1 2 4 8 16] [--weights float32 bfloat16] [--json]
 """
@@ -52,7 +54,12 @@ def step_seconds(layers: list[PackedLinear], path: str, rows: int, repeats: int)
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64])
-    parser.add_argument("--weights", nargs="+", default=["float32", "bfloat16", "int8"])
+    parser.add_argument(
+        "--weights",
+        nargs="+",
+        choices=packed_linear.WEIGHT_DTYPES,
+        default=["float32", "bfloat16", "int8"],
+    )
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
@@ -70,7 +77,7 @@ def main() -> None:
         ]
         for rows in args.rows:
             times = {}
-            for path in ("kernels", "torch"):  # turns, so that drift hits both alike
+            for path in ("kernels", "torch"):  # back to back for each row count
                 times[path] = step_seconds(layers, path, rows, args.repeats)
             row = {
                 "weights": dtype,
@@ -85,7 +92,8 @@ def main() -> None:
             results.append(row)
             print(
                 f"{dtype:>8} x {rows:2d} rows: C kernels {row['kernels_ms']:7.2f} ms "
-                f"({row['kernels_gb_per_s']:5.1f} GB/s, {row['kernels_gflop_per_s']:5.1f} GFLOP/s) | torch {row['torch_ms']:7.2f} ms | "
+                f"({row['kernels_gb_per_s']:5.1f} GB/s, {row['kernels_gflop_per_s']:5.1f} GFLOP/s)"
+                f" | torch {row['torch_ms']:7.2f} ms | "
                 f"{row['ratio']:.2f}x{'  <- default' if row['uses_kernels'] else ''}",
                 file=sys.stderr,
             )

@@ -47,7 +47,7 @@ tformer_slots_busy; llamacpp:requests_processing for llama-server), the server s
 a request, and tformer exits 0 on SIGTERM.
 
     python benchmarks/serve.py [--clients 1,4,16,64] [--precisions f32,bf16]
-                               [--servers llama,tformer,tformer-b1] [--seconds 20] [--json]
+                               [--servers llama,tformer,tformer-b1] [--seconds 60] [--json]
     python benchmarks/serve.py --soak [--soak-seconds 60] [--json]
 """
 
@@ -694,7 +694,12 @@ def parse_args() -> argparse.Namespace:
         default=list(SERVER_NAMES),
         help="llama,tformer,tformer-b1 (tformer-b1: tformer serve --max-batch 1)",
     )
-    add("--seconds", type=float, default=20.0, help="length of each point's window")
+    add(
+        "--seconds",
+        type=float,
+        default=60.0,
+        help="length of each point's window (at 64 clients one request takes about 30 s)",
+    )
     add(
         "--grace",
         type=float,

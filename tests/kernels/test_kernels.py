@@ -22,11 +22,13 @@ def compiled():
 
 
 @pytest.mark.parametrize("rows", [1, 3, 6, 17])  # tiles of 4 rows, then what is left
-@pytest.mark.parametrize("k", [37, 64, 200])  # 37 and 200 end in a partial 32-wide chunk
+# k: vectors of 8 or 16 floats (32 weights per bfloat16 step on AVX-512): 5 is less than one,
+# 37 and 200 end in a partial one on one build or the other
+@pytest.mark.parametrize("k", [5, 37, 64, 200])
 @pytest.mark.parametrize("with_bias", [True, False])
-def test_kernels_compute_x_times_w_transposed_plus_bias(compiled, rows, k, with_bias):
-    g = torch.Generator().manual_seed(rows * 1000 + k)
-    n = 47  # tiles of 3 weight rows, then 2 left over
+@pytest.mark.parametrize("n", [46, 47])  # tiles of 3 weight rows, then 1 or 2 left over
+def test_kernels_compute_x_times_w_transposed_plus_bias(compiled, rows, k, with_bias, n):
+    g = torch.Generator().manual_seed(rows * 1000 + k + n)
     x = torch.randn(rows, k, generator=g)
     w = torch.randn(n, k, generator=g)
     bias = torch.randn(n, generator=g) if with_bias else None
@@ -62,6 +64,10 @@ def test_slot_attention_stores_each_row_and_attends_over_its_own_positions(compi
         torch.testing.assert_close(out[b].double(), expected.reshape(-1), rtol=1e-5, atol=1e-5)
     # The new keys and values are stored; nothing else in the cache changed (slot 4 unused).
     assert torch.equal(k_cache, k_before) and torch.equal(v_cache, v_before)
+    with pytest.raises(ValueError, match="positions"):  # would write outside the cache
+        compiled.slot_attention(qkv, k_cache, v_cache, torch.tensor([0, 33, 7, 19]))
+    with pytest.raises(ValueError, match="qkv"):
+        compiled.slot_attention(qkv[:, 1:].contiguous(), k_cache, v_cache, positions)
 
 
 def test_switched_off_kernels_report_why(monkeypatch):

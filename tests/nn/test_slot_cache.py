@@ -16,22 +16,50 @@ def tiny() -> GPT2:
     return GPT2(config).eval()
 
 
+def count_kernel_calls(monkeypatch) -> list:
+    """A list that grows by one at each call of the slot-attention kernel."""
+    if kernels.load() is None:
+        pytest.skip(f"the C kernels are unavailable: {kernels.unavailable_reason()}")
+    calls, original = [], kernels.Kernels.slot_attention
+    monkeypatch.setattr(
+        kernels.Kernels, "slot_attention", lambda self, *a: calls.append(1) or original(self, *a)
+    )
+    return calls
+
+
+def test_another_mask_or_a_hook_on_the_weights_takes_the_general_path(monkeypatch):
+    model = tiny()
+    calls = count_kernel_calls(monkeypatch)
+    caches = model.new_slot_caches(2)
+    with torch.no_grad():
+        for cache in caches:
+            cache.prefill(0, 2)
+        model.features(torch.tensor([[1, 2, 3], [4, 5, 6]]), caches=caches)
+        positions, new = torch.tensor([3, 3]), torch.tensor([[7], [8]])
+
+        def step(mask):
+            for cache in caches:
+                cache.decode(positions)
+            return model.unembed(model.features(new, mask, positions[:, None], caches))
+
+        expected = step(decode_mask(positions))
+        assert len(calls) == 2  # the kernel, in each layer
+        hidden = decode_mask(positions).clone()
+        hidden[:, 0] = False  # not decode_mask: the kernel would ignore it
+        assert not torch.allclose(step(hidden), expected, atol=1e-3)
+        handle = model.blocks[0].attn.hook_pattern.register_forward_hook(lambda *args: None)
+        torch.testing.assert_close(step(decode_mask(positions)), expected, atol=1e-5, rtol=1e-5)
+        handle.remove()
+        assert len(calls) == 2 + 1  # neither the other mask nor the hooked layer's step
+
+
 @pytest.mark.parametrize("path", ["kernel", "general"])
 def test_rows_at_their_own_positions_match_each_sequence_alone(path, monkeypatch):
     """Both ways of a decoding step: the C kernel (SlotCache.attend) and the general path
     (update, then attention with decode_mask)."""
-    calls = []
+    calls = count_kernel_calls(monkeypatch)
     if path == "general":
         monkeypatch.setattr(kernels, "load_for", lambda tensor, dtypes: None)
-    elif kernels.load() is None:
-        pytest.skip(f"the C kernels are unavailable: {kernels.unavailable_reason()}")
-    else:
-        original = kernels.Kernels.slot_attention
-        monkeypatch.setattr(
-            kernels.Kernels,
-            "slot_attention",
-            lambda self, *args: calls.append(1) or original(self, *args),
-        )
     model = tiny()
     g = torch.Generator().manual_seed(1)
     sequences = [torch.randint(0, 61, (n,), generator=g).tolist() for n in (3, 9, 1, 6)]

@@ -6,8 +6,8 @@ label-smoothed cross-entropy over bfloat16 logits, forward and backward, in one 
 `dropout.c` dropout masks from a counter-based generator; `gelu.c` GPT-2's tanh GELU and the
 exact GELU, with their derivatives; `attention.c` causal self-attention over short
 sequences, forward and backward, head by head in float32; `slot_attention.c` a decoding
-step's attention over a server's slot cache, each row over its own positions; `threads.c` denormals flushed on
-every thread; `common.h` what they share.
+step's attention over a server's slot cache, each row over its own positions; `threads.c`
+denormals flushed on every thread; `common.h` what they share.
 
 The first call to `load()` compiles them with the machine's C compiler for this CPU
 (`-O3 -march=native -fopenmp`) into one library in $TFORMER_CACHE/kernels/, keyed by the

@@ -195,10 +195,24 @@ class Kernels:
         each row's new token; the caches (slots, H, L, D) float32; positions (B,) int64,
         row b's position in slot b. Stores each row's key and value there and attends over
         positions 0..positions[b] of its slot -> out (B, C) float32, heads side by side.
-        Contiguous CPU tensors (the caller checks)."""
-        b, c3 = qkv.shape
-        _, h, max_len, d = k_cache.shape
-        out = torch.empty(b, c3 // 3, dtype=torch.float32)
+        Checked here: a wrong shape or position would write outside the cache."""
+        for name, tensor in (("qkv", qkv), ("k_cache", k_cache), ("v_cache", v_cache)):
+            if not (tensor.device.type == "cpu" and tensor.dtype == torch.float32):
+                raise ValueError(f"{name} must be float32 on the CPU, got {tensor.dtype}")
+            if not tensor.is_contiguous():
+                raise ValueError(f"{name} must be contiguous")
+        if k_cache.dim() != 4 or v_cache.shape != k_cache.shape:
+            raise ValueError("k_cache and v_cache must be (slots, H, L, D), the same shape")
+        slots, h, max_len, d = k_cache.shape
+        b = qkv.shape[0]
+        if qkv.shape != (b, 3 * h * d) or b > slots:
+            raise ValueError(f"qkv must be (B <= {slots}, {3 * h * d}), got {tuple(qkv.shape)}")
+        if positions.shape != (b,) or positions.dtype != torch.int64:
+            raise ValueError(f"positions must be ({b},) int64")
+        if b and not (int(positions.min()) >= 0 and int(positions.max()) < max_len):
+            raise ValueError(f"positions must lie in 0..{max_len - 1}")
+        positions = positions.cpu().contiguous()
+        out = torch.empty(b, h * d, dtype=torch.float32)
         failed = self.library.tformer_slot_attention_f32(
             qkv.data_ptr(),
             k_cache.data_ptr(),

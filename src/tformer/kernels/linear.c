@@ -202,6 +202,7 @@ void tformer_linear_i8(const float *x, const int8_t *w, const float *scale, cons
 /* Returns 0, or -1 where the reordered copy of x could not be allocated (y untouched). */
 int tformer_linear_bf16(const float *x, const uint16_t *w, const float *bias, float *y,
                         int64_t m_len, int64_t n_len, int64_t k_len) {
+    if (m_len == 0 || n_len == 0) return 0;
     float *split = malloc((size_t)(m_len * k_len) * sizeof(float));
     if (split == NULL) return -1;
     split_pairs(x, split, m_len, k_len);

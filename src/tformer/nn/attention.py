@@ -244,13 +244,14 @@ class MultiHeadAttention(nn.Module):
         # A server's decoding step (nn/slot_cache.py): each row's key and value stored and
         # its attention over its own positions, in one kernel, when the cache can take it.
         decoding = isinstance(cache, SlotCache) and t == 1 and self.causal and not self.cross
-        if decoding and memory is None and memory_kv is None and dropout_p == 0.0:
-            if not hooked(self.hook_pattern):
-                qkv = self.w_qkv(x)  # (B, 1, 3C)
-                out = cache.attend(qkv)
-                if out is not None:
-                    return self.w_o(out)
-                projected = qkv.split(self.d_model, dim=-1)
+        inference = dropout_p == 0.0 and not torch.is_grad_enabled()  # the kernel: no backward
+        self_only = memory is None and memory_kv is None
+        if decoding and inference and self_only and not hooked(self.hook_pattern):
+            qkv = self.w_qkv(x)  # (B, 1, 3C)
+            out = cache.attend(qkv, attention_mask)
+            if out is not None:
+                return self.w_o(out)
+            projected = qkv.split(self.d_model, dim=-1)
         if memory_kv is not None:
             if not self.cross:
                 raise ValueError("only cross-attention takes memory_kv")

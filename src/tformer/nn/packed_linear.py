@@ -7,10 +7,10 @@ Decoding reads every weight once per token, so narrower weights mean proportiona
 memory traffic: bfloat16 halves it, int8 quarters it. Only the stored weights change:
 activations, bias and accumulation stay float32 (`x` in, float32 out).
 
-A few rows at a time (decoding) run the C kernels in tformer.kernels, which stream each
-weight row once at memory speed. Many rows (a prompt) or a GPU use torch's matmul: float32
-weights as they are, the others in bfloat16 where the hardware computes in it natively,
-else in float32. Inference only: no gradients flow through.
+A few rows at a time (decoding) run the C kernels in tformer.kernels, which read each
+weight once for all the rows, in register tiles (kernels/linear.c). Many rows (a prompt)
+or a GPU use torch's matmul: float32 weights as they are, the others in bfloat16 where the
+hardware computes in it natively, else in float32. Inference only: no gradients flow through.
 
 `pack_linear_layers(model, "int8")` swaps every nn.Linear of a model for a PackedLinear of
 the same weights (a tied output head included: it packs the shared weight); the swap is
@@ -27,10 +27,13 @@ from tformer.devices import bf16_supported
 
 WEIGHT_DTYPES = ("float32", "bfloat16", "int8")
 
-# Up to this many rows the C kernels win: they read each weight row once for all of them, at
-# memory speed, but compute in float32. With more rows the work is arithmetic, and torch's
-# blocked matmul (in bfloat16 where the CPU has it) is faster. The limits were measured
-# (docs/LOG.md, fast generation; benchmarks/decode_linear.py).
+# Up to this many rows the C kernels win: they read each weight once for all the rows, but
+# compute in float32. With more rows the work is arithmetic, and torch's blocked matmul (in
+# bfloat16 where the CPU has it) may be faster; a server measures where on its CPU
+# (calibrate_kernel_rows). These defaults were measured with the earlier, untiled kernels
+# (docs/LOG.md, fast generation) and are conservative: on a CPU without native bfloat16 the
+# tiled kernels beat torch up to 64 rows (docs/LOG.md, session 13). Re-measuring them on
+# both CPUs (benchmarks/decode_linear.py) is left to do.
 KERNEL_MAX_ROWS = {"float32": 16, "bfloat16": 4, "int8": 8}
 
 

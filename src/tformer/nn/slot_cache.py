@@ -50,6 +50,7 @@ class SlotCache(nn.Module):
         self._count = 1  # prefill: how many slots
         self._positions: torch.Tensor | None = None  # decode: (B,) each row's new position
         self._span = 0  # decode: positions attention reads, max_i p_i + 1
+        self._mask: torch.Tensor | None = None  # decode: decode_mask(positions)
 
     def prefill(self, first: int, count: int = 1) -> None:
         """The next update writes `count` sequences (count, H, T, D) into slots first,
@@ -66,7 +67,10 @@ class SlotCache(nn.Module):
         span = int(positions.max()) + 1
         if span > self.max_len:
             raise ValueError(f"KV cache slot is full: position {span - 1} of {self.max_len}")
+        if int(positions.min()) < 0 or positions.shape[0] > self.slots:
+            raise ValueError(f"decode takes up to {self.slots} positions, none negative")
         self._slot, self._positions, self._span = None, positions, span
+        self._mask = decode_mask(positions)  # what `attend` applies
         self.length = span - 1
 
     def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -86,20 +90,26 @@ class SlotCache(nn.Module):
         self.v[rows, :, self._positions] = v[:, :, 0]
         return self.k[:b, :, : self._span], self.v[:b, :, : self._span]
 
-    def attend(self, qkv: torch.Tensor) -> torch.Tensor | None:
+    def attend(self, qkv: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor | None:
         """A decoding step's attention from the fused projection qkv (B, 1, 3C) of each row's
         new token: store its key and value at its position and attend over positions
-        0..p_i of its own slot -> (B, 1, C), heads side by side. None where the C kernel
-        does not take it (not a decoding step, not float32 on the CPU, no kernels): the
-        caller then splits qkv, calls update and attends with decode_mask."""
+        0..p_i of its own slot -> (B, 1, C), heads side by side. The kernel applies exactly
+        decode_mask(positions), so it runs only when `mask` (B, P) is that mask. None
+        where it does not take the step (another mask, not a decoding step, not float32
+        on the CPU, no kernels): the caller then splits qkv, calls update and attends."""
         if self._positions is None or qkv.shape[1] != 1 or self.k.dtype != torch.float32:
+            return None
+        if mask is None or not (mask is self._mask or torch.equal(mask.bool(), self._mask)):
             return None
         library = kernels.load_for(qkv, (torch.float32,))
         if library is None:
             return None
         b = qkv.shape[0]
         out = library.slot_attention(
-            qkv.reshape(b, -1).contiguous(), self.k, self.v, self._positions.to(torch.int64).contiguous()
+            qkv.reshape(b, -1).contiguous(),
+            self.k,
+            self.v,
+            self._positions.to(torch.int64).contiguous(),
         )
         return out[:, None]  # (B, 1, C)
 
