@@ -28,10 +28,12 @@ run: install
 		--checkpoint-every 200 --sample-tokens 500
 
 # The import contracts first (pyproject.toml: every import points down, no circles), then
-# the tests.
+# the tests, on two pytest-xdist workers: much of the suite waits on the processes it
+# starts. Each test file goes to one worker (--dist loadfile), so a file's servers and
+# checkpoints are made once and its tests that share a port never overlap.
 test: install
 	$(BIN)/lint-imports
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 lint: install
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

@@ -11,6 +11,7 @@ import torch
 
 from tformer.cli.main import main
 from tformer.generate.beam import BeamConfig
+from tformer.generate.fast import pack_for_decoding
 from tformer.generate.translate import translate_sentences
 from tformer.models.gpt2_qa import GPT2ForQuestionAnswering
 from tformer.models.load import load_translation_model
@@ -133,6 +134,19 @@ def test_translations_of_a_list_equal_translate_sentences(translation_server, re
     assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
     one = translate(translation_server, input=SENTENCES[2], beam_size=3, max_tokens=10).json()
     assert [d["translation"] for d in one["data"]] == [expected[2].text]
+
+
+def test_int8_weights_translate_as_the_same_model_packed_in_process(translator, serve_session):
+    with serve_session(translator, "--quantize", "int8") as server:
+        response = translate(server, input=SENTENCES, beam_size=2, max_tokens=10)
+    assert response.status_code == 200, response.text
+    model, tokenizer = load_translation_model(translator, torch.device("cpu"))
+    model.set_attention("sdpa")
+    assert pack_for_decoding(model, "int8").weights == "int8"
+    expected = translate_sentences(
+        model, tokenizer, SENTENCES, BeamConfig(beam_size=2, max_new_tokens=10), 32, 10
+    )
+    assert [d["translation"] for d in response.json()["data"]] == [t.text for t in expected]
 
 
 def test_beam_size_one_is_the_cli_s_greedy_search(translation_server, translator, tmp_path, capsys):

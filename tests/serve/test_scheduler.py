@@ -95,3 +95,20 @@ def test_the_queue_is_bounded():
     scheduler.submit([job([2], config, [])])  # waits
     with pytest.raises(QueueFull):
         scheduler.submit([job([3], config, [])])
+
+
+def test_prefill_budget_is_larger_while_no_row_runs(monkeypatch):
+    from tformer.serve import scheduler as module
+
+    monkeypatch.setattr(module, "PREFILL_BUDGET", 8)  # positions: rows x longest prompt
+    monkeypatch.setattr(module, "IDLE_PREFILL_BUDGET", 12)
+    scheduler = Scheduler(tiny(), Letters(), max_batch=8, max_queue=10)
+    config = SamplingConfig(max_new_tokens=20, do_sample=False)
+    scheduler.submit([job([1, 2, 3, 4], config, []) for _ in range(4)])
+    scheduler.step()
+    assert len(scheduler.rows) == 3  # idle: 3 x 4 positions; 4 x 4 would pass 12
+    scheduler.submit([job([1, 2, 3, 4], config, []) for _ in range(3)])
+    scheduler.step()
+    assert len(scheduler.rows) == 5  # running: 2 x 4 positions a step
+    scheduler.step()
+    assert len(scheduler.rows) == 7

@@ -49,6 +49,7 @@ none with the corpus, is a 400 naming `question`.
 """
 
 import asyncio
+import sys
 import time
 import uuid
 import warnings
@@ -59,6 +60,7 @@ import torch
 
 from tformer.errors import ConfigError
 from tformer.generate.beam import BeamConfig
+from tformer.generate.fast import pack_for_decoding
 from tformer.generate.text import check_unicode
 from tformer.generate.translate import Translation, translate_sentences
 from tformer.models.load import load_translation_model
@@ -81,6 +83,7 @@ TRANSLATION_BATCH = 32
 def load_translation(service: Service, device: torch.device) -> None:
     model, tokenizer = load_translation_model(service.directory, device)
     model.set_attention("sdpa")  # the fused kernel decodes faster, whatever trained the model
+    pack_weights(service, model, device)
     service.model, service.tokenizer = model, tokenizer
     service.context_length = model.config.max_len
 
@@ -89,11 +92,30 @@ def load_reader_service(service: Service, device: torch.device) -> None:
     """The reader and its tokenizer, and the --corpus's BM25 index (built and cached now,
     so the first question does not wait for it)."""
     model = load_reader(service.directory, device, attention="sdpa", head_required=True)
+    pack_weights(service, model, device)
     service.model = model
     service.tokenizer = tokenizer_for_model(service.directory, vocab_size(model))
     service.context_length = model.config.max_len
     if service.config.corpus is not None:
         service.index, _ = PassageIndex.for_corpus(service.config.corpus)
+
+
+def pack_weights(service: Service, model: torch.nn.Module, device: torch.device) -> None:
+    """--dtype and --quantize for a translation model or a reader: on the CPU (or with int8)
+    every linear layer packed, as for a language model (tformer.generate.fast); on a GPU
+    these models run in float32, which a --dtype there is told."""
+    config = service.config
+    if device.type == "cpu" and config.dtype == "float16" and not config.quantize:
+        raise ValueError("float16 is for GPUs; on the CPU use --dtype bfloat16 or float32")
+    if device.type == "cpu" or config.quantize:
+        path = pack_for_decoding(model, "int8" if config.quantize else config.dtype)
+        print(f"tformer serve: weights: {path.describe()}", file=sys.stderr)
+    elif config.dtype != "float32":
+        print(
+            f"tformer serve: --dtype {config.dtype} is for language models on a GPU; "
+            "this model runs in float32",
+            file=sys.stderr,
+        )
 
 
 # -- the worker thread -------------------------------------------------------------------

@@ -18,6 +18,8 @@ One loop (`step`):
      drain), and each one's first token is drawn from the prefill's logits; a batch holds
      at most PREFILL_BUDGET positions (its rows times its longest prompt; one prompt
      always goes), so a burst of arrivals does not hold the running rows up for long;
+     with no row running nobody waits on the prefill, and it may hold IDLE_PREFILL_BUDGET
+     (a burst of arrivals at an idle server then gets its first tokens together);
   3. one decoding step for every running row: prefill/decode_step's arithmetic
      (tformer.generate.decode), per-row positions, and the samplers of
      tformer.generate.decode.next_token with each request's own SamplingConfig and
@@ -50,8 +52,10 @@ from tformer.generate.text import TextCutter
 from tformer.serve.metrics import Metrics
 from tformer.tokenizers import Tokenizer
 
-# Positions (rows x longest prompt) prefilled in one loop before the running rows' step.
+# Positions (rows x longest prompt) prefilled in one loop before the running rows' step,
+# and when no row is running (a bound on the prefill's memory only).
 PREFILL_BUDGET = 512
+IDLE_PREFILL_BUDGET = 4 * PREFILL_BUDGET
 CANCELLED = "cancelled"  # a finish reason no client sees: its connection is gone
 ERROR = "error"
 
@@ -186,13 +190,14 @@ class Scheduler:
         """Forget cancelled rows, admit waiting jobs, then one decoding step for all."""
         self._drop(lambda row: row.job.cancelled, CANCELLED)
         admitted, width = [], 0
+        budget = PREFILL_BUDGET if self.rows else IDLE_PREFILL_BUDGET
         while len(self.rows) + len(admitted) < self.max_batch:
             with self.condition:
                 if not self.waiting:
                     break
                 # The batch is right-padded: it costs its rows times its longest prompt.
                 cost = max(width, len(self.waiting[0].prompt)) * (len(admitted) + 1)
-                if admitted and cost > PREFILL_BUDGET:
+                if admitted and cost > budget:
                     break  # the next step's batch takes it
                 job = self.waiting.popleft()
                 self._report()
@@ -219,6 +224,7 @@ class Scheduler:
         last = features[torch.arange(len(jobs)), torch.tensor(lengths) - 1]  # (N, C)
         logits = self.model.unembed(last).float()  # (N, V)
         self.rows.extend(rows)
+        self._report()  # busy before the first token reaches anyone
         if self.metrics is not None:
             self.metrics.prompt_tokens(sum(lengths))
         prompt_logprobs = [
@@ -335,6 +341,7 @@ class Scheduler:
                     cache.move(last, i, moved.position)
                 self.rows[i] = moved
             self.rows.pop()
+        self._report()
 
     def _fail_all(self, message: str, reason: str = ERROR) -> None:
         rows, self.rows = self.rows, []
