@@ -208,9 +208,9 @@ def decode_slots(
 ) -> torch.Tensor:
     """One new token per slot 0..B-1 (B,), each at its own position (B,), attending to its
     own slot only up to there; -> the tokens' logits (B, V)."""
-    for cache in caches:
-        cache.decode(positions)
     mask = decode_mask(positions)  # (B, P)
+    for cache in caches:
+        cache.decode(positions, mask)
     features = model.features(tokens[:, None], mask, positions[:, None], caches)  # (B, 1, C)
     return model.unembed(features[:, -1])
 

@@ -61,16 +61,17 @@ class SlotCache(nn.Module):
             )
         self._slot, self._count, self._positions, self.length = first, count, None, 0
 
-    def decode(self, positions: torch.Tensor) -> None:
+    def decode(self, positions: torch.Tensor, mask: torch.Tensor | None = None) -> None:
         """The next update writes one token (B, H, 1, D) to each of slots 0..B-1, row i at
-        positions[i]; attention then reads positions 0..max(positions)."""
+        positions[i]; attention then reads positions 0..max(positions). `mask`, if given,
+        is decode_mask(positions), made once for every layer's cache."""
         span = int(positions.max()) + 1
         if span > self.max_len:
             raise ValueError(f"KV cache slot is full: position {span - 1} of {self.max_len}")
         if int(positions.min()) < 0 or positions.shape[0] > self.slots:
             raise ValueError(f"decode takes up to {self.slots} positions, none negative")
         self._slot, self._positions, self._span = None, positions, span
-        self._mask = decode_mask(positions)  # what `attend` applies
+        self._mask = decode_mask(positions) if mask is None else mask  # what `attend` applies
         self.length = span - 1
 
     def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
