@@ -2,12 +2,14 @@
 
 Decoding a token multiplies a few activation rows by all 49 weight matrices of GPT-2 124M
 (4 per block, 12 blocks, and the 50257 x 768 head). This times that, for 1 to 64 rows and
-float32, bfloat16 and int8 weights, two ways in the same run, taking turns: tformer's
-PackedLinear through its C kernels (`by_kernels`), and through torch's matmul (`by_torch`:
-`F.linear` in the compute dtype; int8 as `(x q^T) s`, for lack of a faster torch kernel for
-many rows). It prints milliseconds per step (the fastest of --repeats), the effective
-weight bandwidth and arithmetic rate, and the ratio. The matrices total 124M weights, more
-than any cache, so every step reads them from memory, as in decoding.
+float32, bfloat16 and int8 weights, three ways in the same run, taking turns: tformer's
+PackedLinear through its C kernels (`by_kernels`); through torch's matmul on (N, K) weights
+made once beforehand (`F.linear` in the compute dtype; int8 as `(x q^T) s`, for lack of a
+faster torch kernel for many rows), the peer; and PackedLinear's own torch path, which
+unpacks the kernels' panels at each call (`by_torch`), what a row count past the kernels'
+limit costs. It prints milliseconds per step (the fastest of --repeats), the effective
+weight bandwidth and arithmetic rate, and the ratio to the peer. The matrices total 124M
+weights, more than any cache, so every step reads them from memory, as in decoding.
 
 The default row limits up to which PackedLinear uses the C kernels (KERNEL_MAX_ROWS, marked
 "default") come from this; a server measures its own (calibrate_kernel_rows).
@@ -34,11 +36,20 @@ SHAPES = [(3 * 768, 768), (768, 768), (4 * 768, 768), (768, 4 * 768)] * 12 + [(5
 BYTES = {"float32": 4, "bfloat16": 2, "int8": 1}
 
 
-def step_seconds(layers: list[PackedLinear], path: str, rows: int, repeats: int) -> float:
-    """Seconds for one pass over every layer, by the C kernels or by torch (the fastest of
-    `repeats` passes)."""
+def step_seconds(
+    layers: list[PackedLinear], path: str, rows: int, repeats: int, weights: list[torch.Tensor]
+) -> float:
+    """Seconds for one pass over every layer (the fastest of `repeats` passes): by the C
+    kernels, by torch's matmul on `weights` (each layer's torch_weight), or by PackedLinear's
+    torch path."""
     inputs = {k: torch.randn(rows, k) for k in (768, 4 * 768)}
-    runs = [(getattr(layer, f"by_{path}"), inputs[layer.in_features]) for layer in layers]
+    if path == "matmul":
+        runs = [
+            (lambda x, layer=layer, w=w: layer.by_torch(x, w), inputs[layer.in_features])
+            for layer, w in zip(layers, weights, strict=True)
+        ]
+    else:
+        runs = [(getattr(layer, f"by_{path}"), inputs[layer.in_features]) for layer in layers]
     best = float("inf")
     with torch.inference_mode():
         for run, x in runs:  # warm-up
@@ -75,29 +86,32 @@ def main() -> None:
             PackedLinear(torch.randn(n, k, generator=generator) * 0.02, torch.zeros(n), dtype)
             for n, k in SHAPES
         ]
+        unpacked = [layer.torch_weight() for layer in layers]
         for rows in args.rows:
             times = {}
-            for path in ("kernels", "torch"):  # back to back for each row count
-                times[path] = step_seconds(layers, path, rows, args.repeats)
+            for path in ("kernels", "matmul", "torch"):  # back to back for each row count
+                times[path] = step_seconds(layers, path, rows, args.repeats, unpacked)
             row = {
                 "weights": dtype,
                 "rows": rows,
                 "kernels_ms": round(times["kernels"] * 1e3, 2),
-                "torch_ms": round(times["torch"] * 1e3, 2),
+                "torch_ms": round(times["matmul"] * 1e3, 2),
+                "torch_path_ms": round(times["torch"] * 1e3, 2),
                 "kernels_gb_per_s": round(weights * BYTES[dtype] / times["kernels"] / 1e9, 1),
                 "kernels_gflop_per_s": round(2 * rows * weights / times["kernels"] / 1e9, 1),
-                "ratio": round(times["torch"] / times["kernels"], 2),
+                "ratio": round(times["matmul"] / times["kernels"], 2),
                 "uses_kernels": rows <= limits[dtype],
             }
             results.append(row)
             print(
-                f"{dtype:>8} x {rows:2d} rows: C kernels {row['kernels_ms']:7.2f} ms "
+                f"{dtype:>8} x {rows:3d} rows: C kernels {row['kernels_ms']:7.2f} ms "
                 f"({row['kernels_gb_per_s']:5.1f} GB/s, {row['kernels_gflop_per_s']:5.1f} GFLOP/s)"
-                f" | torch {row['torch_ms']:7.2f} ms | "
-                f"{row['ratio']:.2f}x{'  <- default' if row['uses_kernels'] else ''}",
+                f" | torch {row['torch_ms']:7.2f} ms ({row['ratio']:.2f}x)"
+                f" | unpacking {row['torch_path_ms']:7.2f} ms"
+                f"{'  <- default' if row['uses_kernels'] else ''}",
                 file=sys.stderr,
             )
-        del layers
+        del layers, unpacked
     if args.json:
         print(json.dumps({"machine": machine_line(), "results": results}))
 

@@ -21,12 +21,12 @@ def compiled():
     return loaded
 
 
-@pytest.mark.parametrize("rows", [1, 3, 6, 17])  # tiles of 4 rows, then what is left
-# k: vectors of 8 or 16 floats (32 weights per bfloat16 step on AVX-512): 5 is less than one,
-# 37 and 200 end in a partial one on one build or the other
+@pytest.mark.parametrize("rows", [1, 3, 6, 7, 17])  # tiles of up to 6 rows, split evenly
+# k: odd ones end bfloat16's pairs with a zero
 @pytest.mark.parametrize("k", [5, 37, 64, 200])
 @pytest.mark.parametrize("with_bias", [True, False])
-@pytest.mark.parametrize("n", [46, 47])  # tiles of 3 weight rows, then 1 or 2 left over
+# panels of 16 columns (32 on AVX-512): n = 5 is one padded panel, 46 and 47 end in one
+@pytest.mark.parametrize("n", [5, 46, 47, 64])
 def test_kernels_compute_x_times_w_transposed_plus_bias(compiled, rows, k, with_bias, n):
     g = torch.Generator().manual_seed(rows * 1000 + k + n)
     x = torch.randn(rows, k, generator=g)
@@ -39,10 +39,28 @@ def test_kernels_compute_x_times_w_transposed_plus_bias(compiled, rows, k, with_
         (q, scale, q.double() * scale.double()[:, None]),
     ]
     for weight, s, exact in cases:
-        out = compiled.linear(x, weight, s, bias, torch.empty(rows, n))
+        panels = compiled.pack_linear(weight)
+        assert torch.equal(compiled.unpack_linear(panels, n, k), weight)
+        out = compiled.linear(x, panels, s, bias, torch.empty(rows, n))
         reference = x.double() @ exact.T + (bias.double() if with_bias else 0)
         # float32 accumulation over k terms of size ~1: error ~ sqrt(k) * 1e-7 * |terms|
         torch.testing.assert_close(out.double(), reference, rtol=1e-5, atol=1e-4)
+
+
+def test_a_rows_result_does_not_depend_on_the_other_rows(compiled):
+    """Each output is one lane's sum over k in order, whichever tile its row is in: a
+    request's logits on a server do not change with what else is in the batch."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(17, 300, generator=g)
+    w = torch.randn(70, 300, generator=g)
+    for weight in (w, w.bfloat16(), quantize_int8(w)[0]):
+        panels = compiled.pack_linear(weight)
+        s = quantize_int8(w)[1] if weight.dtype == torch.int8 else None
+        together = compiled.linear(x, panels, s, None, torch.empty(17, 70))
+        for rows in (slice(0, 1), slice(3, 5), slice(4, 11)):
+            part = x[rows].contiguous()
+            alone = compiled.linear(part, panels, s, None, torch.empty(part.shape[0], 70))
+            assert torch.equal(alone, together[rows])
 
 
 @pytest.mark.parametrize("d", [16, 20])  # 20: not a whole number of vectors

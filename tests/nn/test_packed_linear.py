@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch import nn
 
-from tformer.nn.packed_linear import KERNEL_MAX_ROWS, PackedLinear, quantize_int8
+from tformer.nn.packed_linear import PROMPT_ROWS, PackedLinear, quantize_int8
 
 
 def test_int8_quantisation_error_is_at_most_half_a_step_per_weight():
@@ -26,12 +26,12 @@ def test_packed_linear_equals_linear_on_its_rounded_weights_for_few_and_many_row
         linear.bias.copy_(torch.randn(24, generator=g))
     packed = PackedLinear.from_linear(linear, weight_dtype)
     if weight_dtype == "int8":
-        rounded = packed.weight.double() * packed.scale.double()[:, None]
+        rounded = packed.stored_weight().double() * packed.scale.double()[:, None]
     else:
-        rounded = packed.weight.double()
-    most = KERNEL_MAX_ROWS[weight_dtype]
-    for rows in (1, most // 2, most, 3 * most):  # C kernels, then torch's matmul (M = 2 rows)
-        x = torch.randn(2, rows, 40, generator=g)  # (B, T, K): any leading shape
+        rounded = packed.stored_weight().double()
+    most = packed.kernel_max_rows = 8  # the C kernels up to M = 8 rows of x, then torch
+    for rows in (1, most // 2, most, 3 * most):
+        x = torch.randn(2, rows, 40, generator=g)  # (B, T, K): M = 2 * rows
         with torch.inference_mode():
             out = packed(x)
         assert out.shape == (2, rows, 24) and out.dtype == torch.float32
@@ -71,3 +71,31 @@ def test_pack_linear_layers_swaps_every_linear_layer_and_keeps_a_tied_weight():
         torch.testing.assert_close(model["head"](model["inner"](x)), expected)
     with pytest.raises(ValueError, match="unknown weights"):
         pack_linear_layers(nn.Linear(2, 2), "float16")
+
+
+@pytest.mark.parametrize(
+    ("torch_wins_from", "expected"), [(8, 4), (1, 0), (None, "any"), (PROMPT_ROWS, 16)]
+)
+def test_calibration_keeps_the_kernels_up_to_the_last_row_count_they_held_at(
+    monkeypatch, torch_wins_from, expected
+):
+    """Row counts 1, 2, 4, 8, 16, then a prompt's; torch takes over only where clearly
+    faster, and where it never is the kernels keep every count."""
+    from tformer.nn import packed_linear
+
+    model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 4))
+    packed_linear.pack_linear_layers(model, "float32")
+    if packed_linear.packed_layers(model)["0"].kernels is None:
+        pytest.skip("no C kernels here: nothing to calibrate")
+
+    def fastest(run, x, repeats):  # kernels 1 s; torch 0.5 s from torch_wins_from rows on
+        if run.__name__ == "by_kernels":
+            return 1.0
+        return 0.5 if torch_wins_from is not None and x.shape[0] >= torch_wins_from else 1.0
+
+    monkeypatch.setattr(packed_linear, "_fastest", fastest)
+    limits = packed_linear.calibrate_kernel_rows(model, most_rows=16)
+    want = packed_linear.ANY if expected == "any" else expected
+    assert limits == {"8x8 float32": want, "4x8 float32": want}
+    layers = packed_linear.packed_layers(model).values()
+    assert all(layer.kernel_max_rows == want for layer in layers)

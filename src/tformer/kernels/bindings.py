@@ -5,7 +5,9 @@ every tensor handed to them must be contiguous, on the CPU, of the dtype and sha
 function expects. The inner loops of decoding (linear) leave that to their caller; the
 attention kernels, called once per layer, check it here.
 
-    kernels.linear(x, weight, scale, bias, out)   x (M, K) float32 -> out (M, N)
+    kernels.pack_linear(weight) -> panels   (N, K) float32, bfloat16 or int8, as linear reads it
+    kernels.unpack_linear(panels, n, k) -> weight (N, K)
+    kernels.linear(x, panels, scale, bias, out)   x (M, K) float32 -> out (M, N)
     kernels.smoothed_ce_forward(logits, targets, eps)   (N, V) bf16 -> loss, lse (N,)
     kernels.dropout_mask(n, seed, threshold)   -> (n,) bool, True with P = threshold / 65536
     kernels.gelu_tanh(z), kernels.gelu_tanh_backward(grad, z)   float32 or bfloat16
@@ -56,48 +58,74 @@ class Kernels:
     library: ctypes.CDLL
     path: Path
     avx512: bool
+    panel: int  # output columns per panel of linear's weights: two vectors of the build
 
     @classmethod
     @c_function("tformer_has_avx512", [], ctypes.c_int)
+    @c_function("tformer_linear_panel", [], ctypes.c_int)
     def bind(cls, library: ctypes.CDLL, path: Path) -> "Kernels":
         """The wrappers over a loaded library, each of its C functions given its signature."""
         for name, (argtypes, restype) in SIGNATURES.items():
             function = getattr(library, name)
             function.argtypes, function.restype = argtypes, restype
-        return cls(library, path, bool(library.tformer_has_avx512()))
+        return cls(
+            library, path, bool(library.tformer_has_avx512()), library.tformer_linear_panel()
+        )
+
+    def pack_linear(self, weight: torch.Tensor) -> torch.Tensor:
+        """weight (N, K) -> the panels linear reads (kernels/linear.c), a copy: N padded with
+        zero rows to G panels of P = self.panel columns each,
+
+            float32, int8   (G, K, P)          panels[g, k, j] = W[g P + j, k]
+            bfloat16        (G, K/2, P, 2)     panels[g, p, j] = (W[g P + j, 2p], W[.., 2p+1])
+
+        with K padded by a zero column to even for bfloat16: each pair is one 32-bit lane."""
+        n, k = weight.shape
+        groups, p = -(-n // self.panel), self.panel
+        pad_k = k % 2 if weight.dtype == torch.bfloat16 else 0
+        padded = torch.zeros(groups * p, k + pad_k, dtype=weight.dtype)
+        padded[:n, :k] = weight
+        if weight.dtype == torch.bfloat16:  # (G, P, K/2, 2) -> (G, K/2, P, 2)
+            return padded.view(groups, p, (k + pad_k) // 2, 2).permute(0, 2, 1, 3).contiguous()
+        return padded.view(groups, p, k).transpose(1, 2).contiguous()
+
+    def unpack_linear(self, panels: torch.Tensor, n: int, k: int) -> torch.Tensor:
+        """The (N, K) weight that pack_linear packed into `panels`, a new tensor."""
+        if panels.dtype == torch.bfloat16:
+            rows = panels.permute(0, 2, 1, 3)  # (G, P, K/2, 2)
+        else:
+            rows = panels.transpose(1, 2)  # (G, P, K)
+        return rows.reshape(panels.shape[0] * self.panel, -1)[:n, :k].contiguous()
 
     @c_function("tformer_linear_f32", [POINTER] * 4 + [SIZE] * 3)
-    @c_function("tformer_linear_bf16", [POINTER] * 4 + [SIZE] * 3, ctypes.c_int)
+    @c_function("tformer_linear_bf16", [POINTER] * 4 + [SIZE] * 3)
     @c_function("tformer_linear_i8", [POINTER] * 5 + [SIZE] * 3)
     def linear(
         self,
         x: torch.Tensor,
-        weight: torch.Tensor,
+        panels: torch.Tensor,
         scale: torch.Tensor | None,
         bias: torch.Tensor | None,
         out: torch.Tensor,
     ) -> torch.Tensor:
-        """out (M, N) = x (M, K) weight (N, K)^T [* scale (N)] + bias (N), in float32.
-
-        weight is float32, bfloat16, or int8 with a float32 scale per row; every tensor is
-        contiguous and on the CPU (the caller checks; this is the inner loop).
-        """
+        """out (M, N) = x (M, K) W (N, K)^T [* scale (N)] + bias (N), in float32, with W
+        packed by pack_linear: float32, bfloat16, or int8 with a float32 scale per row. Every
+        tensor is contiguous and on the CPU, the panels of an (N, K) weight (the caller
+        checks; this is the inner loop)."""
         m, k = x.shape
-        n = weight.shape[0]
+        n = out.shape[1]
         b = bias.data_ptr() if bias is not None else None
-        if weight.dtype == torch.int8:
+        if panels.dtype == torch.int8:
             self.library.tformer_linear_i8(
-                x.data_ptr(), weight.data_ptr(), scale.data_ptr(), b, out.data_ptr(), m, n, k
+                x.data_ptr(), panels.data_ptr(), scale.data_ptr(), b, out.data_ptr(), m, n, k
             )
-        elif weight.dtype == torch.bfloat16:
-            failed = self.library.tformer_linear_bf16(
-                x.data_ptr(), weight.data_ptr(), b, out.data_ptr(), m, n, k
+        elif panels.dtype == torch.bfloat16:
+            self.library.tformer_linear_bf16(
+                x.data_ptr(), panels.data_ptr(), b, out.data_ptr(), m, n, k
             )
-            if failed:  # the kernel's reordered copy of x
-                raise MemoryError(f"no memory for a {m} x {k} float32 copy of the activations")
         else:
             self.library.tformer_linear_f32(
-                x.data_ptr(), weight.data_ptr(), b, out.data_ptr(), m, n, k
+                x.data_ptr(), panels.data_ptr(), b, out.data_ptr(), m, n, k
             )
         return out
 

@@ -1,35 +1,41 @@
-/* Small-batch linear layers for decoding on the CPU:  y (M, N) = x (M, K) W(N, K)^T + b (N).
+/* Linear layers for decoding on the CPU:  y (M, N) = x (M, K) W(N, K)^T + b (N).
 
    Decoding multiplies a few activation rows (one per sequence in the batch) by every weight
    matrix. With one row the work is reading the weights: the speed is the memory bandwidth.
    With more rows each weight is used once per row, and the speed is how many multiply-adds
-   the loop issues per weight and activation it loads. These loops compute a tile of
-   MR x NR outputs at once, each output a vector of partial sums over K:
+   the loop issues per value it loads. These loops compute a tile of up to MR rows by one
+   panel of PANEL = 2 * LANES output columns as outer products, one k at a time:
 
-     acc[i][j] (LANES floats) += x[m+i, k:k+LANES] * W[n+j, k:k+LANES]    i < MR, j < NR
-     y[m+i, n+j] = sum of acc[i][j]'s lanes + b[n+j]
+     acc[i][v] (LANES floats) += x[m+i, k] * W[n + v*LANES : n + (v+1)*LANES, k]   i < MR, v < 2
+     y[m+i, n:n+PANEL] = acc[i] (* scale[n:n+PANEL]) + b[n:n+PANEL]
 
-   so every step loads NR weight vectors and MR activation vectors for MR * NR multiply-adds
-   (4 x 3: 7 loads for 12, where one row at a time takes 2 for 1). The 12 accumulators, 3
-   weight vectors and an activation vector fill the 16 vector registers of AVX2. The N
-   output columns are split over the OpenMP threads (the runtime torch uses); a thread's NR
-   weight rows stay in L1 while it runs every tile of rows over them. Activations and
-   accumulation stay float32; only the stored weights are narrower:
+   so every step loads two weight vectors and broadcasts MR activations for 2 * MR vector
+   multiply-adds (6 x 2: 8 loads for 12). The 12 accumulators, 2 weight vectors and a
+   broadcast activation fit the 16 vector registers of AVX2. Each output is one lane's sum
+   over k in order 0, 1, ..., K-1, whatever tile its row falls in: a row's result does not
+   depend on the other rows of the batch.
 
-     float32   w
-     bfloat16  w = the top 16 bits of a float32 (a shift converts it back exactly)
-     int8      w = q * scale[n]   with q in [-127, 127] and one scale per output row
+   The weights are stored in panels, so that the two vectors of a step are adjacent and a
+   panel is one stream from memory (PackedLinear packs them once, kernels.pack_linear):
 
-   bfloat16 weights are read as 32-bit lanes, each holding a pair W[n, 2p] (low half) and
-   W[n, 2p+1] (high half): `lane << 16` is the float W[n, 2p] and `lane & 0xFFFF0000` is
-   W[n, 2p+1], two instructions for 2 * LANES weights. The activations are reordered to
-   match once per call: within each block of 2 * LANES, the even positions, then the odd.
+     float32   panels[g][k][PANEL]          W[g*PANEL + j, k] at [g][k][j]
+     int8      panels[g][k][PANEL]          w = q * scale[n], q in [-127, 127]
+     bfloat16  panels[g][p][PANEL] pairs    32 bits: W[n, 2p] (low half), W[n, 2p+1] (high)
+
+   The last panel is padded with zero columns, bfloat16 panels with a zero k to an even K.
+   bfloat16 is the top 16 bits of a float32, so `pair << 16` is W[n, 2p] and
+   `pair & 0xFFFF0000` is W[n, 2p+1]: two instructions for 2 * LANES weights. Activations
+   and accumulation stay float32.
+
+   The panels are split over the OpenMP threads (the runtime torch uses). A panel stays in
+   the cache while every tile of rows runs over it; meanwhile each tile fetches its share of
+   the next panel, one step's bytes every (number of tiles) steps, so that reading memory
+   goes on evenly while the multiply-adds run (docs/LOG.md, session 14).
 
    Compiled on first use with the machine's C compiler (-O3 -march=native -fopenmp) by
    tformer/kernels/build.py; tformer.kernels.load() falls back to torch when it cannot. */
 
 #include <stdint.h>
-#include <stdlib.h>
 #include <string.h>
 
 #include "common.h"
@@ -42,8 +48,8 @@
 #else
 #define LANES 8
 #endif
-#define MR 4 /* activation rows per tile (column_block has a case for each of 1..MR) */
-#define NR 3 /* weight rows per tile */
+#define PANEL (2 * LANES) /* output columns per panel */
+#define MR 6              /* activation rows per tile (rows_by_panel has a case for 1..MR) */
 
 typedef float vfloat __attribute__((vector_size(LANES * sizeof(float))));
 typedef uint32_t vbits __attribute__((vector_size(LANES * sizeof(uint32_t))));
@@ -61,157 +67,198 @@ static inline vfloat load_floats(const float *p) {
     return v;
 }
 
-/* LANES weights as floats, from w[at]. For bfloat16 the LANES 32-bit lanes from w[at] hold
-   2 * LANES weights: half 0 is the even positions, half 1 the odd ones. */
-static inline vfloat load_weights(const void *w, int64_t at, int half, enum weights kind) {
-    if (kind == F32) return load_floats((const float *)w + at);
-    if (kind == I8) { /* widened to int32 (vpmovsxbd), then converted (vcvtdq2ps) */
-#if defined(__AVX512F__)
-        __m128i q = _mm_loadu_si128((const __m128i *)((const int8_t *)w + at));
-        return (vfloat)_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q));
-#elif defined(__AVX2__)
-        __m128i q = _mm_loadl_epi64((const __m128i *)((const int8_t *)w + at));
-        return (vfloat)_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q));
-#else /* GCC's generic conversion, element by element on x86 */
-        vint8 q;
-        memcpy(&q, (const int8_t *)w + at, sizeof q);
-        return __builtin_convertvector(__builtin_convertvector(q, vint32), vfloat);
-#endif
-    }
-    vbits bits;
-    memcpy(&bits, (const uint16_t *)w + at, sizeof bits);
-    bits = half == 0 ? bits << 16 : bits & 0xFFFF0000u;
+static inline vfloat bits_to_floats(vbits bits) {
     vfloat v;
     memcpy(&v, &bits, sizeof v);
     return v;
 }
 
-static inline float weight_at(const void *w, int64_t at, enum weights kind) {
-    if (kind == F32) return ((const float *)w)[at];
-    if (kind == I8) return (float)((const int8_t *)w)[at];
-    return bf16_bits_to_float(((const uint16_t *)w)[at]);
+/* LANES int8 weights from p, as floats: widened to int32 (vpmovsxbd), then converted. */
+static inline vfloat load_int8(const int8_t *p) {
+#if defined(__AVX512F__)
+    return (vfloat)_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p)));
+#elif defined(__AVX2__)
+    return (vfloat)_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p)));
+#else /* GCC's generic conversion, element by element on x86 */
+    vint8 q;
+    memcpy(&q, p, sizeof q);
+    return __builtin_convertvector(__builtin_convertvector(q, vint32), vfloat);
+#endif
 }
 
-static inline float lane_sum(vfloat v) {
-    float s = 0.0f;
-    for (int i = 0; i < LANES; i++) s += v[i];
-    return s;
+/* Bytes of one step of a panel: one k (float32, int8) or one pair of k (bfloat16). */
+ALWAYS_INLINE size_t step_bytes(enum weights kind) {
+    return kind == I8 ? PANEL : PANEL * 4;
 }
 
-/* One tile, mr <= MR rows of x by nr <= NR rows of w: y[i * n_len + j] for i < mr, j < nr.
-   Called with constant mr, nr and kind, so the loops unroll, the branches on kind go, and
-   acc stays in registers. For bfloat16 x is reordered by split_pairs (below). `ahead`, if
-   not NULL, is the next block's weights, fetched into the cache while these compute (the
-   hardware's own prefetching leaves a stall at each new block; docs/LOG.md). */
-ALWAYS_INLINE void tile(const float *x, const void *w, const float *scale, const float *bias,
-                        float *y, int64_t n_len, int64_t k_len, int mr, int nr,
-                        enum weights kind, const char *ahead) {
-    const size_t width = kind == F32 ? 4 : kind == BF16 ? 2 : 1; /* bytes per weight */
-    const int halves = kind == BF16 ? 2 : 1;
-    vfloat acc[MR][NR] = {{{0}}};
-    int64_t k = 0;
-    for (; k + halves * LANES <= k_len; k += halves * LANES)
-        for (int half = 0; half < halves; half++) {
-            vfloat wv[NR];
-            if (ahead && half == 0)
-                for (int j = 0; j < nr; j++)
-                    __builtin_prefetch(ahead + (size_t)(j * k_len + k) * width, 0, 2);
-#pragma GCC unroll 4
-            for (int j = 0; j < nr; j++) wv[j] = load_weights(w, j * k_len + k, half, kind);
-#pragma GCC unroll 4
-            for (int i = 0; i < mr; i++) {
-                vfloat xv = load_floats(x + i * k_len + k + half * LANES);
-#pragma GCC unroll 4
-                for (int j = 0; j < nr; j++) acc[i][j] += xv * wv[j];
+/* LANES copies of *p (vbroadcastss). */
+static inline vfloat broadcast(const float *p) {
+#if defined(__AVX512F__)
+    return (vfloat)_mm512_set1_ps(*p);
+#elif defined(__AVX2__)
+    return (vfloat)_mm256_broadcast_ss(p);
+#else
+    vfloat v;
+    for (int l = 0; l < LANES; l++) v[l] = *p;
+    return v;
+#endif
+}
+
+/* acc[i] += x[i, k] * (w0, w1) for i < mr: one step of a tile (a macro, not a function: GCC
+   keeps an array that a function is handed by address in memory, storing it every step). */
+#define MULTIPLY_ADD(acc, x, k_len, k, mr, w0_value, w1_value)                                   \
+    do {                                                                                         \
+        vfloat w0 = (w0_value), w1 = (w1_value);                                                 \
+        /* held in registers: left to itself GCC reloads w0 from memory for every row */         \
+        __asm__("" : "+v"(w0), "+v"(w1));                                                        \
+        _Pragma("GCC unroll 6") for (int i = 0; i < (mr); i++) {                                 \
+            vfloat xv = broadcast((x) + i * (k_len) + (k));                                      \
+            acc[i][0] += xv * w0;                                                                \
+            acc[i][1] += xv * w1;                                                                \
+        }                                                                                        \
+    } while (0)
+
+/* y[i, 0:cols] = acc[i] (* scale) (+ bias) for i < mr: y is a panel's place in the output,
+   rows n_len apart; scale and bias from the panel's first column. */
+ALWAYS_INLINE void store(vfloat acc[MR][2], float *y, int64_t n_len, int64_t cols, int mr,
+                         const float *scale, const float *bias) {
+    for (int i = 0; i < mr; i++) {
+        if (cols == PANEL) {
+            for (int v = 0; v < 2; v++) {
+                vfloat r = acc[i][v];
+                if (scale) r *= load_floats(scale + v * LANES);
+                if (bias) r += load_floats(bias + v * LANES);
+                memcpy(y + i * n_len + v * LANES, &r, sizeof r);
             }
+        } else { /* the last, padded panel */
+            float r[PANEL];
+            memcpy(r, acc[i], sizeof r);
+            for (int64_t j = 0; j < cols; j++)
+                y[i * n_len + j] = r[j] * (scale ? scale[j] : 1.0f) + (bias ? bias[j] : 0.0f);
         }
-    for (int i = 0; i < mr; i++)
-        for (int j = 0; j < nr; j++) {
-            float s = lane_sum(acc[i][j]);
-            for (int64_t t = k; t < k_len; t++)
-                s += x[i * k_len + t] * weight_at(w, j * k_len + t, kind);
-            if (scale) s *= scale[j];
-            y[i * n_len + j] = s + (bias ? bias[j] : 0.0f);
-        }
-}
-
-/* x (M, K) -> the same values with each whole block of 2 * LANES as its even positions,
-   then its odd ones; the positions past the last whole block stay in place. */
-static void split_pairs(const float *x, float *out, int64_t m_len, int64_t k_len) {
-    int64_t whole = k_len - k_len % (2 * LANES);
-    for (int64_t m = 0; m < m_len; m++) {
-        const float *row = x + m * k_len;
-        float *dst = out + m * k_len;
-        for (int64_t k = 0; k < whole; k += 2 * LANES)
-            for (int p = 0; p < LANES; p++) {
-                dst[k + p] = row[k + 2 * p];
-                dst[k + LANES + p] = row[k + 2 * p + 1];
-            }
-        memcpy(dst + whole, row + whole, (size_t)(k_len - whole) * sizeof(float));
     }
 }
 
-/* One block of NR output columns (the last block may be narrower), every tile of rows
-   over it: each (mr, nr) case is a call with constants, which the compiler specialises; the
-   ragged edge of N % NR columns goes one column at a time. Each entry point below runs the
-   blocks over its OpenMP threads with its own constant kind, which is why this is inlined
-   into each: a parallel loop's body becomes a function of its own before inlining, so one
-   shared loop would not see a constant kind. */
-ALWAYS_INLINE void column_block(const float *x, const void *w, const float *scale,
-                                const float *bias, float *y, int64_t m_len, int64_t n_len,
-                                int64_t k_len, int64_t n, enum weights kind) {
-    const size_t width = kind == F32 ? 4 : kind == BF16 ? 2 : 1; /* bytes per weight */
-    const char *wn = (const char *)w + (size_t)(n * k_len) * width;
+/* Rows x[0:mr] (each k_len long) times one panel, into y (rows n_len apart, cols valid
+   columns). Called with constant mr and kind, so the loops unroll, the branches on kind go,
+   and acc stays in registers. Every `every` steps one step's bytes of `ahead` (the next
+   panel) are fetched into the cache. */
+ALWAYS_INLINE void tile(const float *x, const char *panel, const float *scale, const float *bias,
+                        float *y, int64_t n_len, int64_t cols, int64_t k_len, int mr,
+                        enum weights kind, const char *ahead, int every) {
+    const size_t step = step_bytes(kind);
+    const int64_t steps = kind == BF16 ? k_len / 2 : k_len;
+    vfloat acc[MR][2];
+    for (int i = 0; i < MR; i++) acc[i][0] = acc[i][1] = (vfloat){0};
+    int countdown = every;
+    for (int64_t s = 0; s < steps; s++) {
+        const char *at = panel + s * step;
+        if (--countdown == 0) {
+            __builtin_prefetch(ahead, 0, 3);
+            if (step > 64) __builtin_prefetch(ahead + 64, 0, 3);
+            ahead += step;
+            countdown = every;
+        }
+        if (kind == F32) {
+            MULTIPLY_ADD(acc, x, k_len, s, mr, load_floats((const float *)at),
+                         load_floats((const float *)at + LANES));
+        } else if (kind == I8) {
+            MULTIPLY_ADD(acc, x, k_len, s, mr, load_int8((const int8_t *)at),
+                         load_int8((const int8_t *)at + LANES));
+        } else {
+            vbits b0, b1;
+            memcpy(&b0, at, sizeof b0);
+            memcpy(&b1, at + sizeof b0, sizeof b1);
+            MULTIPLY_ADD(acc, x, k_len, 2 * s, mr, bits_to_floats(b0 << 16),
+                         bits_to_floats(b1 << 16));
+            MULTIPLY_ADD(acc, x, k_len, 2 * s + 1, mr, bits_to_floats(b0 & 0xFFFF0000u),
+                         bits_to_floats(b1 & 0xFFFF0000u));
+        }
+    }
+    if (kind == BF16 && k_len % 2) { /* the last k, paired with a zero */
+        vbits b0, b1;
+        memcpy(&b0, panel + steps * step, sizeof b0);
+        memcpy(&b1, panel + steps * step + sizeof b0, sizeof b1);
+        MULTIPLY_ADD(acc, x, k_len, k_len - 1, mr, bits_to_floats(b0 << 16),
+                     bits_to_floats(b1 << 16));
+    }
+    store(acc, y, n_len, cols, mr, scale, bias);
+}
+
+/* Every row of x by panel g: the rows in tiles of at most MR, as even as they go (16 rows:
+   6, 5, 5), each tile a call with a constant row count that the compiler specialises. */
+ALWAYS_INLINE void rows_by_panel(const float *x, const void *panels, const float *scale,
+                                 const float *bias, float *y, int64_t m_len, int64_t n_len,
+                                 int64_t k_len, int64_t g, enum weights kind) {
+    const int64_t steps = kind == BF16 ? (k_len + 1) / 2 : k_len;
+    const size_t panel_bytes = (size_t)steps * step_bytes(kind);
+    const char *panel = (const char *)panels + g * panel_bytes;
+    const int64_t n = g * PANEL, cols = n_len - n < PANEL ? n_len - n : PANEL;
+    const int64_t n_panels = (n_len + PANEL - 1) / PANEL;
+    /* the last panel fetches itself again: harmless, and no branch in the loop */
+    const char *next = g + 1 < n_panels ? panel + panel_bytes : panel;
+    const int64_t tiles = (m_len + MR - 1) / MR;
     const float *sn = scale ? scale + n : NULL, *bn = bias ? bias + n : NULL;
-    for (int64_t m = 0; m < m_len; m += MR) {
+    for (int64_t t = 0, m = 0; t < tiles; t++) {
+        int64_t left = tiles - t, mr = (m_len - m + left - 1) / left;
         const float *xm = x + m * k_len;
         float *ym = y + m * n_len + n;
-        int64_t mr = m_len - m < MR ? m_len - m : MR;
-        const char *ahead = m == 0 && n + 2 * NR <= n_len ? wn + NR * k_len * width : NULL;
-        if (n + NR > n_len) {
-            for (int64_t j = 0; j < n_len - n; j++)
-                for (int64_t i = 0; i < mr; i++)
-                    tile(xm + i * k_len, wn + (size_t)(j * k_len) * width, sn ? sn + j : NULL,
-                         bn ? bn + j : NULL, ym + i * n_len + j, n_len, k_len, 1, 1, kind, NULL);
-        } else if (mr == MR) {
-            tile(xm, wn, sn, bn, ym, n_len, k_len, MR, NR, kind, ahead);
-        } else if (mr == 3) {
-            tile(xm, wn, sn, bn, ym, n_len, k_len, 3, NR, kind, ahead);
-        } else if (mr == 2) {
-            tile(xm, wn, sn, bn, ym, n_len, k_len, 2, NR, kind, ahead);
-        } else {
-            tile(xm, wn, sn, bn, ym, n_len, k_len, 1, NR, kind, ahead);
-        }
+        /* this tile's share of the next panel: steps / tiles steps' bytes */
+        const char *ahead = next + (size_t)(t * (steps / tiles)) * step_bytes(kind);
+        int every = (int)tiles;
+        /* Full panels get a tile of their own, where cols is the constant PANEL: in the one
+           for the last, padded panel GCC keeps acc in memory (store reads it by lane). */
+#define TILE(rows, columns) \
+    tile(xm, panel, sn, bn, ym, n_len, columns, k_len, rows, kind, ahead, every)
+#define TILES(columns)                                                                           \
+    switch (mr) {                                                                                \
+    case 6: TILE(6, columns); break;                                                             \
+    case 5: TILE(5, columns); break;                                                             \
+    case 4: TILE(4, columns); break;                                                             \
+    case 3: TILE(3, columns); break;                                                             \
+    case 2: TILE(2, columns); break;                                                             \
+    default: TILE(1, columns); break;                                                            \
+    }
+        if (cols == PANEL)
+            TILES(PANEL)
+        else
+            TILES(cols)
+#undef TILES
+#undef TILE
+        m += mr;
     }
 }
 
-void tformer_linear_f32(const float *x, const float *w, const float *bias, float *y,
+/* Each entry point runs the panels over its OpenMP threads with its own constant kind, which
+   is why rows_by_panel is inlined into each: a parallel loop's body becomes a function of
+   its own before inlining, so one shared loop would not see a constant kind. */
+void tformer_linear_f32(const float *x, const float *panels, const float *bias, float *y,
                         int64_t m_len, int64_t n_len, int64_t k_len) {
+    if (m_len == 0) return;
 #pragma omp parallel for schedule(static)
-    for (int64_t n = 0; n < n_len; n += NR)
-        column_block(x, w, NULL, bias, y, m_len, n_len, k_len, n, F32);
+    for (int64_t g = 0; g < (n_len + PANEL - 1) / PANEL; g++)
+        rows_by_panel(x, panels, NULL, bias, y, m_len, n_len, k_len, g, F32);
 }
 
-void tformer_linear_i8(const float *x, const int8_t *w, const float *scale, const float *bias,
-                       float *y, int64_t m_len, int64_t n_len, int64_t k_len) {
+void tformer_linear_i8(const float *x, const int8_t *panels, const float *scale,
+                       const float *bias, float *y, int64_t m_len, int64_t n_len,
+                       int64_t k_len) {
+    if (m_len == 0) return;
 #pragma omp parallel for schedule(static)
-    for (int64_t n = 0; n < n_len; n += NR)
-        column_block(x, w, scale, bias, y, m_len, n_len, k_len, n, I8);
+    for (int64_t g = 0; g < (n_len + PANEL - 1) / PANEL; g++)
+        rows_by_panel(x, panels, scale, bias, y, m_len, n_len, k_len, g, I8);
 }
 
-/* Returns 0, or -1 where the reordered copy of x could not be allocated (y untouched). */
-int tformer_linear_bf16(const float *x, const uint16_t *w, const float *bias, float *y,
-                        int64_t m_len, int64_t n_len, int64_t k_len) {
-    if (m_len == 0 || n_len == 0) return 0;
-    float *split = malloc((size_t)(m_len * k_len) * sizeof(float));
-    if (split == NULL) return -1;
-    split_pairs(x, split, m_len, k_len);
+void tformer_linear_bf16(const float *x, const uint16_t *panels, const float *bias, float *y,
+                         int64_t m_len, int64_t n_len, int64_t k_len) {
+    if (m_len == 0) return;
 #pragma omp parallel for schedule(static)
-    for (int64_t n = 0; n < n_len; n += NR)
-        column_block(split, w, NULL, bias, y, m_len, n_len, k_len, n, BF16);
-    free(split);
-    return 0;
+    for (int64_t g = 0; g < (n_len + PANEL - 1) / PANEL; g++)
+        rows_by_panel(x, panels, NULL, bias, y, m_len, n_len, k_len, g, BF16);
 }
+
+/* The output columns per panel, for packing weights (kernels.pack_linear). */
+int tformer_linear_panel(void) { return PANEL; }
 
 /* What the build can report: 1 when the loops use AVX-512 (16 floats a vector). */
 int tformer_has_avx512(void) {

@@ -7,16 +7,19 @@ Decoding reads every weight once per token, so narrower weights mean proportiona
 memory traffic: bfloat16 halves it, int8 quarters it. Only the stored weights change:
 activations, bias and accumulation stay float32 (`x` in, float32 out).
 
-A few rows at a time (decoding) run the C kernels in tformer.kernels, which read each
-weight once for all the rows, in register tiles (kernels/linear.c). Many rows (a prompt)
-or a GPU use torch's matmul: float32 weights as they are, the others in bfloat16 where the
-hardware computes in it natively, else in float32. Inference only: no gradients flow through.
+On the CPU the weights are stored in the panels the C kernels read (tformer.kernels,
+kernels/linear.c: each weight read once for all the rows, in register tiles), and the
+kernels run up to `kernel_max_rows` rows. Beyond it (a long prompt), or on a GPU, torch's
+matmul runs: float32 weights as they are, the others in bfloat16 where the hardware
+computes in it natively, else in float32 (on the CPU from the panels unpacked, a copy per
+call). Inference only: no gradients flow through.
 
 `pack_linear_layers(model, "int8")` swaps every nn.Linear of a model for a PackedLinear of
 the same weights (a tied output head included: it packs the shared weight); the swap is
 one-way, and `packed_layers` finds the packed layers again.
 """
 
+import math
 import time
 
 import torch
@@ -27,14 +30,18 @@ from tformer.devices import bf16_supported
 
 WEIGHT_DTYPES = ("float32", "bfloat16", "int8")
 
-# Up to this many rows the C kernels win: they read each weight once for all the rows, but
-# compute in float32. With more rows the work is arithmetic, and torch's blocked matmul (in
-# bfloat16 where the CPU has it) may be faster; a server measures where on its CPU
-# (calibrate_kernel_rows). These defaults were measured with the earlier, untiled kernels
-# (docs/LOG.md, fast generation) and are conservative: on a CPU without native bfloat16 the
-# tiled kernels beat torch up to 64 rows (docs/LOG.md, session 13). Re-measuring them on
-# both CPUs (benchmarks/decode_linear.py) is left to do.
-KERNEL_MAX_ROWS = {"float32": 16, "bfloat16": 4, "int8": 8}
+# Up to this many rows the C kernels run. With one row they read the weights at memory
+# bandwidth; with more they compute in float32 at nearly the CPU's peak (docs/LOG.md, session
+# 14), where torch must first unpack the panels: float32 keeps to the kernels at any count.
+# On a CPU with native bfloat16 matrix units (AMX) torch's bfloat16 matmul computes several
+# times faster once there are enough rows to use them, so the bfloat16 and int8 limits stay
+# low. A server measures the crossover on its own CPU (calibrate_kernel_rows); these
+# defaults hold elsewhere. Measured on the AMD machine (benchmarks/decode_linear.py), where
+# the kernels were faster at every row count up to 128; not yet on the Intel one.
+ANY = math.inf
+KERNEL_MAX_ROWS = {"float32": ANY, "bfloat16": 16, "int8": 32}
+# The rows of a prompt's prefill, the last count calibrate_kernel_rows measures.
+PROMPT_ROWS = 512
 
 
 def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -62,15 +69,21 @@ class PackedLinear(nn.Module):
             stored, scale = quantize_int8(weight)
         else:
             stored = weight.detach().to(getattr(torch, weight_dtype)).contiguous()
-        self.register_buffer("weight", stored)  # (N, K)
+        device = weight.device
+        self.kernels = kernels.load() if device.type == "cpu" else None
+        # The weights once: as the kernels' panels where they run, else (N, K).
+        if self.kernels is not None:
+            self.register_buffer("panels", self.kernels.pack_linear(stored))
+            self.weight = None
+        else:
+            self.register_buffer("weight", stored)  # (N, K)
+            self.panels = None
         self.register_buffer("scale", scale)  # (N,) for int8, else None
         b = bias.detach().float().contiguous() if bias is not None else None
         self.register_buffer("bias", b)  # (N,)
-        device = weight.device
         self.compute_dtype = torch.float32
         if weight_dtype != "float32" and bf16_supported(device):
             self.compute_dtype = torch.bfloat16
-        self.kernels = kernels.load() if device.type == "cpu" else None
         # Up to this many rows the C kernels run, beyond it torch's matmul; measured on the
         # CPU in use by calibrate_kernel_rows, else the figures of KERNEL_MAX_ROWS.
         self.kernel_max_rows = KERNEL_MAX_ROWS[weight_dtype]
@@ -98,15 +111,28 @@ class PackedLinear(nn.Module):
             out = self.by_torch(x)
         return out.view(*shape, self.out_features)
 
+    def stored_weight(self) -> torch.Tensor:
+        """The stored weights as (N, K), in their dtype (int8 without its scale): a copy
+        where the kernels' panels hold them."""
+        if self.panels is None:
+            return self.weight
+        return self.kernels.unpack_linear(self.panels, self.out_features, self.in_features)
+
     def by_kernels(self, x: torch.Tensor) -> torch.Tensor:
         """(M, K) float32 -> (M, N) through the C kernels."""
         out = torch.empty(x.shape[0], self.out_features, device=x.device)
-        self.kernels.linear(x.contiguous(), self.weight, self.scale, self.bias, out)
+        self.kernels.linear(x.contiguous(), self.panels, self.scale, self.bias, out)
         return out
 
-    def by_torch(self, x: torch.Tensor) -> torch.Tensor:
-        """(M, K) float32 -> (M, N) through torch's matmul."""
-        weight = self.weight.to(self.compute_dtype)  # int8 values are exact in bfloat16
+    def torch_weight(self) -> torch.Tensor:
+        """The (N, K) weight by_torch multiplies by, in the compute dtype (int8 values are
+        exact in bfloat16)."""
+        return self.stored_weight().to(self.compute_dtype)
+
+    def by_torch(self, x: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+        """(M, K) float32 -> (M, N) through torch's matmul, by `weight` if given (the
+        torch_weight() made beforehand), else made now."""
+        weight = self.torch_weight() if weight is None else weight
         out = nn.functional.linear(x.to(self.compute_dtype), weight).float()
         if self.scale is not None:  # x (q s)^T = (x q^T) s: cheaper than dequantising
             out = out * self.scale
@@ -119,11 +145,11 @@ TAKEOVER = 1.1  # torch's matmul takes over where the kernels take 10% longer
 
 
 def calibrate_kernel_rows(model: nn.Module, most_rows: int, repeats: int = 5) -> dict:
-    """Measure, on the CPU in use, up to how many rows (1, 2, 4, ... most_rows) the C
-    kernels are about as fast as torch's matmul or faster, for each shape of packed layer in
-    the model, and set every layer's kernel_max_rows to it -> {"NxK dtype": rows}. Torch
-    takes over where it is clearly faster (by TAKEOVER), so timing noise at a near tie
-    does not switch paths.
+    """Measure, on the CPU in use, up to how many rows (1, 2, 4, ... most_rows, then
+    PROMPT_ROWS for a prefill) the C kernels are about as fast as torch's matmul or faster,
+    for each shape of packed layer in the model, and set every layer's kernel_max_rows to
+    it -> {"NxK dtype": rows, or ANY where they held at every count}. Torch takes over where
+    it is clearly faster (by TAKEOVER), so timing noise at a near tie does not switch paths.
 
     Where the crossover lies depends on the CPU: on one without native bfloat16 torch
     widens bfloat16 weights at every call and the kernels win at any batch; with AMX
@@ -133,16 +159,18 @@ def calibrate_kernel_rows(model: nn.Module, most_rows: int, repeats: int = 5) ->
         if layer.kernels is not None:
             key = (layer.out_features, layer.in_features, layer.weight_dtype)
             shapes.setdefault(key, []).append(layer)
+    counts = [2**i for i in range(most_rows.bit_length()) if 2**i <= most_rows]
+    counts += [PROMPT_ROWS] if most_rows < PROMPT_ROWS else []
     limits = {}
     with torch.inference_mode():
         for (n, k, dtype), layers in shapes.items():
-            layer, limit, m = layers[0], 0, 1
-            while m <= most_rows:
+            layer, limit = layers[0], ANY
+            for i, m in enumerate(counts):
                 x = torch.randn(m, k)
                 kernel_time = _fastest(layer.by_kernels, x, repeats)
                 if kernel_time > TAKEOVER * _fastest(layer.by_torch, x, repeats):
+                    limit = counts[i - 1] if i else 0  # the last count they held at
                     break
-                limit, m = m, m * 2
             for each in layers:
                 each.kernel_max_rows = limit
             limits[f"{n}x{k} {dtype}"] = limit

@@ -21,7 +21,7 @@ from tformer.checkpoints import resolve_checkpoint
 from tformer.generate.chat import ChatTemplate, load_chat_template
 from tformer.generate.fast import load_for_decoding
 from tformer.models.load import checkpoint_kind
-from tformer.nn.packed_linear import calibrate_kernel_rows
+from tformer.nn.packed_linear import ANY, calibrate_kernel_rows
 from tformer.serve.metrics import Metrics
 from tformer.serve.scheduler import Scheduler
 
@@ -88,7 +88,7 @@ def load_language_model(service: Service, device: torch.device) -> None:
     print(f"tformer serve: decoding: {path.describe()}", file=sys.stderr)
     if path.kernels is not None:  # where torch's matmul overtakes them, on this CPU
         rows = calibrate_kernel_rows(model, config.max_batch)
-        shown = ", ".join(f"{shape}: {n}" for shape, n in rows.items())
+        shown = ", ".join(f"{shape}: {n if n < ANY else 'any'}" for shape, n in rows.items())
         print(f"tformer serve: C kernels up to rows: {shown}", file=sys.stderr)
     service.model, service.tokenizer = model, tokenizer
     service.context_length = model.config.max_len
