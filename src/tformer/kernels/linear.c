@@ -104,19 +104,16 @@ static inline vfloat broadcast(const float *p) {
 #endif
 }
 
-/* acc[i] += x[i, k] * (w0, w1) for i < mr: one step of a tile (a macro, not a function: GCC
-   keeps an array that a function is handed by address in memory, storing it every step). */
-#define MULTIPLY_ADD(acc, x, k_len, k, mr, w0_value, w1_value)                                   \
-    do {                                                                                         \
-        vfloat w0 = (w0_value), w1 = (w1_value);                                                 \
-        /* held in registers: left to itself GCC reloads w0 from memory for every row */         \
-        __asm__("" : "+v"(w0), "+v"(w1));                                                        \
-        _Pragma("GCC unroll 6") for (int i = 0; i < (mr); i++) {                                 \
-            vfloat xv = broadcast((x) + i * (k_len) + (k));                                      \
-            acc[i][0] += xv * w0;                                                                \
-            acc[i][1] += xv * w1;                                                                \
-        }                                                                                        \
-    } while (0)
+/* acc[i] += x[i, k] * (w0, w1) for i < mr: one step of a tile. */
+ALWAYS_INLINE void multiply_add(vfloat acc[MR][2], const float *x, int64_t k_len, int64_t k,
+                                int mr, vfloat w0, vfloat w1) {
+#pragma GCC unroll 6
+    for (int i = 0; i < mr; i++) {
+        vfloat xv = broadcast(x + i * k_len + k);
+        acc[i][0] += xv * w0;
+        acc[i][1] += xv * w1;
+    }
+}
 
 /* y[i, 0:cols] = acc[i] (* scale) (+ bias) for i < mr: y is a panel's place in the output,
    rows n_len apart; scale and bias from the panel's first column. */
@@ -160,18 +157,18 @@ ALWAYS_INLINE void tile(const float *x, const char *panel, const float *scale, c
             countdown = every;
         }
         if (kind == F32) {
-            MULTIPLY_ADD(acc, x, k_len, s, mr, load_floats((const float *)at),
+            multiply_add(acc, x, k_len, s, mr, load_floats((const float *)at),
                          load_floats((const float *)at + LANES));
         } else if (kind == I8) {
-            MULTIPLY_ADD(acc, x, k_len, s, mr, load_int8((const int8_t *)at),
+            multiply_add(acc, x, k_len, s, mr, load_int8((const int8_t *)at),
                          load_int8((const int8_t *)at + LANES));
         } else {
             vbits b0, b1;
             memcpy(&b0, at, sizeof b0);
             memcpy(&b1, at + sizeof b0, sizeof b1);
-            MULTIPLY_ADD(acc, x, k_len, 2 * s, mr, bits_to_floats(b0 << 16),
+            multiply_add(acc, x, k_len, 2 * s, mr, bits_to_floats(b0 << 16),
                          bits_to_floats(b1 << 16));
-            MULTIPLY_ADD(acc, x, k_len, 2 * s + 1, mr, bits_to_floats(b0 & 0xFFFF0000u),
+            multiply_add(acc, x, k_len, 2 * s + 1, mr, bits_to_floats(b0 & 0xFFFF0000u),
                          bits_to_floats(b1 & 0xFFFF0000u));
         }
     }
@@ -179,7 +176,7 @@ ALWAYS_INLINE void tile(const float *x, const char *panel, const float *scale, c
         vbits b0, b1;
         memcpy(&b0, panel + steps * step, sizeof b0);
         memcpy(&b1, panel + steps * step + sizeof b0, sizeof b1);
-        MULTIPLY_ADD(acc, x, k_len, k_len - 1, mr, bits_to_floats(b0 << 16),
+        multiply_add(acc, x, k_len, k_len - 1, mr, bits_to_floats(b0 << 16),
                      bits_to_floats(b1 << 16));
     }
     store(acc, y, n_len, cols, mr, scale, bias);
