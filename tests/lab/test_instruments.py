@@ -8,6 +8,7 @@ from tformer.lab.instruments import (
     attention_entropy,
     gradient_report,
     logit_lens,
+    logit_lens_top,
     residual_layers,
     residual_norms,
 )
@@ -120,6 +121,17 @@ def test_logit_lens_ends_at_the_models_logits_and_starts_at_the_embeddings(norm_
     with torch.no_grad():
         x = model.token_embedding(inputs) + model.position_embedding(torch.arange(10)[None])
         torch.testing.assert_close(lens[0], model.unembed(model.final_norm(x)))
+
+
+def test_logit_lens_top_is_the_lens_most_likely_tokens_and_their_probabilities():
+    model = tiny_gpt().eval()
+    inputs, _ = batch()
+    probs = torch.softmax(logit_lens(model, inputs), dim=-1)  # (L + 1, B, T, V)
+    ids, top = logit_lens_top(model, inputs, k=3)
+    assert ids.shape == top.shape == (4, 2, 10, 3)
+    expected = probs.topk(3, dim=-1)
+    assert torch.equal(ids, expected.indices)
+    torch.testing.assert_close(top, expected.values)
 
 
 def test_uniform_attention_has_entropy_log_of_the_keys_seen():

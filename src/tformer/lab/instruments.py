@@ -149,14 +149,33 @@ def output_stack(model: nn.Module) -> tuple[str, nn.Module]:
     raise TypeError(f"the logit lens needs a tformer model, got {type(model).__name__}")
 
 
+def lens_streams(model: nn.Module, *inputs: torch.Tensor) -> list[torch.Tensor]:
+    """The residual stream after the embeddings and after each layer of the output stack,
+    through the final norm: L + 1 tensors (B, T, C), ready for the unembedding."""
+    prefix, norm = output_stack(model)
+    layers = [name for name in residual_layers(model) if name.startswith(prefix + ".")]
+    names = [f"{layers[0]}.hook_resid_pre"] + [f"{layer}.hook_resid_post" for layer in layers]
+    _, cache = run_with_cache(model, *inputs, names=names)
+    return [norm(cache[name]) for name in names]
+
+
 @torch.no_grad()
 def logit_lens(model: nn.Module, *inputs: torch.Tensor) -> torch.Tensor:
     """The logits each layer's residual stream would give if the model stopped there:
     (L + 1, B, T, V), from the embeddings (0) to the last layer's output (L), each through
     the final norm and the unembedding. The last equals the model's own logits. That is
-    (L + 1) x B x T x V numbers: for long texts and large vocabularies, pass a slice."""
-    prefix, norm = output_stack(model)
-    layers = [name for name in residual_layers(model) if name.startswith(prefix + ".")]
-    names = [f"{layers[0]}.hook_resid_pre"] + [f"{layer}.hook_resid_post" for layer in layers]
-    _, cache = run_with_cache(model, *inputs, names=names)
-    return torch.stack([model.unembed(norm(cache[name])) for name in names])
+    (L + 1) x B x T x V numbers: for long texts and large vocabularies, logit_lens_top."""
+    return torch.stack([model.unembed(stream) for stream in lens_streams(model, *inputs)])
+
+
+@torch.no_grad()
+def logit_lens_top(
+    model: nn.Module, *inputs: torch.Tensor, k: int = 1
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The logit lens's k most likely tokens at every layer and position, and their
+    probabilities: ids and probabilities (L + 1, B, T, k), one layer's logits at a time."""
+    tops = [
+        torch.softmax(model.unembed(stream).float(), dim=-1).topk(k, dim=-1)
+        for stream in lens_streams(model, *inputs)
+    ]
+    return torch.stack([t.indices for t in tops]), torch.stack([t.values for t in tops])

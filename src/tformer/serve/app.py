@@ -4,6 +4,8 @@
     POST /v1/chat/completions    chat, rendered with the checkpoint's chat template
     POST /v1/translations        tformer's: translate with an encoder-decoder checkpoint
     POST /v1/answers             tformer's: answer a question from a context or the corpus
+    POST /v1/inspect             tformer's: attention, logit lens and residual norms on a
+                                 text, for language models (serve/inspect.py)
     GET  /v1/models              the one model served
     GET  /health                 503 while loading, then 200
     GET  /metrics                Prometheus text (serve/metrics.py)
@@ -24,12 +26,13 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException
 
 from tformer.models.load import LANGUAGE, QA, TRANSLATION
-from tformer.serve import applications, completions
+from tformer.serve import applications, completions, inspect
 from tformer.serve.errors import APIError
 from tformer.serve.protocol import (
     AnswerRequest,
     ChatRequest,
     CompletionRequest,
+    InspectRequest,
     TranslationRequest,
     parse_body,
 )
@@ -45,6 +48,7 @@ ROUTES = {
     "/v1/chat/completions": LANGUAGE,
     "/v1/translations": TRANSLATION,
     "/v1/answers": QA,
+    "/v1/inspect": LANGUAGE,
 }
 WHAT_RUNS = {
     LANGUAGE: "a language model: use /v1/completions or /v1/chat/completions",
@@ -115,6 +119,13 @@ def create_app(service: Service) -> FastAPI:
         req = parse_body(body, AnswerRequest)
         completions.check_model(service, req.model)
         return await applications.answers(service, req)
+
+    @app.post("/v1/inspect")
+    async def post_inspect(request: Request):
+        body = await read_body(service, request, LANGUAGE)
+        req = parse_body(body, InspectRequest)
+        completions.check_model(service, req.model)
+        return await inspect.inspect(service, req)
 
     @app.get("/v1/models")
     async def models():

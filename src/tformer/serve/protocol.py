@@ -102,6 +102,13 @@ class AnswerRequest(Strict):
     max_answer_tokens: int = Field(30, ge=1, le=512)
 
 
+class InspectRequest(Strict):
+    model: str
+    text: str = Field(min_length=1)
+    layer: int = Field(0, ge=0)  # whose attention comes back: every head of this layer
+    top: int = Field(3, ge=1, le=20)  # the logit lens's most likely tokens per position
+
+
 def parse_body(raw: bytes, model: type[Strict]) -> Strict:
     """A request body -> the request, or a 400 that names the field (or the JSON error)."""
     try:

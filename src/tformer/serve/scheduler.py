@@ -12,6 +12,8 @@ position, with a mask hiding what lies beyond each row. Rows are slots 0..B-1: w
 request leaves, the last row moves into its slot, so the batch stays a plain prefix.
 
 One loop (`step`):
+  0. run the calls other threads handed over (`call`: work that needs the model to itself,
+     such as /v1/inspect's hooked forward pass), between two steps;
   1. forget the requests cancelled since the last step (a client that went away);
   2. admit waiting requests into free slots: their prompts are prefilled together, one
      right-padded batch (the running rows wait for that prefill, not for a batch to
@@ -40,6 +42,7 @@ import time
 import traceback
 from collections import deque
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 import torch
@@ -137,6 +140,7 @@ class Scheduler:
         self.caches = model.new_slot_caches(max_batch)  # in the model's dtype
         self.rows: list[Row] = []  # row i is slot i
         self.waiting: deque[Job] = deque()
+        self.calls: deque[tuple[Callable[[], object], Future]] = deque()
         self.condition = threading.Condition()
         self.closed = False
         self.metrics = metrics
@@ -154,6 +158,19 @@ class Scheduler:
             self.waiting.extend(jobs)
             self._report()
             self.condition.notify()
+
+    def call(self, work: Callable[[], object]) -> Future:
+        """Run work() on the scheduler's thread between two steps -> a Future of its
+        result (or exception); QueueFull when --max-queue calls wait already."""
+        future: Future = Future()
+        with self.condition:
+            if self.closed:
+                raise QueueFull("the server is shutting down")
+            if len(self.calls) >= self.max_queue:
+                raise QueueFull(f"{len(self.calls)} requests are waiting already")
+            self.calls.append((work, future))
+            self.condition.notify()
+        return future
 
     def cancel(self, job: Job) -> None:
         """Drop a job: from the queue at once, from the running batch at the next step."""
@@ -174,7 +191,7 @@ class Scheduler:
     def run(self) -> None:
         while True:
             with self.condition:
-                while not self.closed and not self.rows and not self.waiting:
+                while not self.closed and not self.rows and not self.waiting and not self.calls:
                     self.condition.wait()
                 if self.closed:
                     break
@@ -187,7 +204,9 @@ class Scheduler:
 
     @torch.inference_mode()
     def step(self) -> None:
-        """Forget cancelled rows, admit waiting jobs, then one decoding step for all."""
+        """Run the calls handed over, forget cancelled rows, admit waiting jobs, then one
+        decoding step for all."""
+        self._run_calls()
         self._drop(lambda row: row.job.cancelled, CANCELLED)
         admitted, width = [], 0
         budget = PREFILL_BUDGET if self.rows else IDLE_PREFILL_BUDGET
@@ -212,6 +231,19 @@ class Scheduler:
         if self.rows:
             self._decode()
         self._report()
+
+    def _run_calls(self) -> None:
+        while True:
+            with self.condition:
+                if not self.calls:
+                    return
+                work, future = self.calls.popleft()
+            if not future.set_running_or_notify_cancel():
+                continue  # its caller gave up
+            try:
+                future.set_result(work())
+            except Exception as error:  # the caller's to report
+                future.set_exception(error)
 
     def _admit(self, jobs: list[Job]) -> None:
         """Prefill the jobs' prompts as one right-padded batch into the next free slots and
@@ -347,8 +379,12 @@ class Scheduler:
         rows, self.rows = self.rows, []
         with self.condition:
             jobs, self.waiting = list(self.waiting), deque()
+            calls, self.calls = list(self.calls), deque()
         for job in [row.job for row in rows] + jobs:
             job.emit(Event("", [], reason, 0, error=message))
+        for _, future in calls:
+            if future.set_running_or_notify_cancel():
+                future.set_exception(QueueFull(message))
         self._report()
 
     def _report(self) -> None:

@@ -1,0 +1,91 @@
+"""POST /v1/inspect: what the served language model does inside, on a piece of text.
+
+tformer's own endpoint, for the playground's Inside tab (and anyone curious). The text is
+run through the model once per instrument of tformer.lab.instruments, on the scheduler's
+thread between two decoding steps (the hooks must not see other requests' steps):
+
+    attention        every head's pattern in `layer`: softmax(Q K^T / sqrt(d) + M),
+                     (H, T, T), row t the distribution token t puts over tokens 0..t
+    logit lens       at every layer l = 0 (embeddings) .. L and position t, the `top` most
+                     likely next tokens of unembed(final_norm(x_l[t])) and their probabilities
+    residual norms   the mean ||x_l[t]||_2 over positions, entering each layer, then leaving
+                     the last (L + 1 values)
+
+Bounds: the text is at most MAX_INSPECT_TOKENS tokens and the model's context window, the
+smaller; beyond it, or with a layer the model does not have, a 400 naming the field.
+"""
+
+import asyncio
+
+import torch
+
+from tformer.lab.instruments import logit_lens_top, residual_norms
+from tformer.serve.applications import encode_text
+from tformer.serve.errors import busy, invalid
+from tformer.serve.protocol import InspectRequest
+from tformer.serve.scheduler import QueueFull
+from tformer.serve.service import Service
+
+# Attention for T tokens is H x T x T numbers: 256 tokens and 12 heads are 0.8M, ~6 MB of
+# JSON; past that a heatmap is no longer readable anyway.
+MAX_INSPECT_TOKENS = 256
+
+
+async def inspect(service: Service, req: InspectRequest) -> dict:
+    ids = encode_text(service, "text", req.text, "text")
+    most = min(MAX_INSPECT_TOKENS, service.context_length)
+    if len(ids) > most:
+        raise invalid(
+            f"the text is {len(ids)} tokens long; /v1/inspect takes at most {most} "
+            f"(the model's context window or {MAX_INSPECT_TOKENS}, the smaller)",
+            "text",
+        )
+    n_layers = service.model.config.n_layers
+    if req.layer >= n_layers:
+        raise invalid(
+            f"layer is {req.layer}, but this model's layers are 0..{n_layers - 1}", "layer"
+        )
+    try:
+        future = service.scheduler.call(lambda: look_inside(service, ids, req.layer, req.top))
+    except QueueFull as e:
+        raise busy(str(e)) from None
+    result = await asyncio.wrap_future(future)
+    return {"object": "inspection", "model": service.model_id, **result}
+
+
+def look_inside(service: Service, ids: list[int], layer: int, top: int) -> dict:
+    """The instruments on one text (on the scheduler's thread)."""
+    model, tokenizer = service.model, service.tokenizer
+    x = torch.tensor([ids], device=next(model.parameters()).device)  # (1, T)
+    previous = model.config.attention
+    model.set_attention("explicit")  # the only path that forms the pattern to capture
+    try:
+        with torch.inference_mode():
+            name = f"blocks.{layer}.attn.hook_pattern"
+            _, cache = model.run_with_cache(x, names=[name])
+            norms = residual_norms(model, x)
+            lens_ids, lens_probs = logit_lens_top(model, x, k=top)  # (L + 1, 1, T, k)
+    finally:
+        model.set_attention(previous)
+    pattern = cache[name][0].float()  # (H, T, T)
+    text = {i: tokenizer.decode([i]) for i in set(lens_ids.flatten().tolist()) | set(ids)}
+    lens = [
+        [
+            [
+                {"token": text[i], "id": i, "probability": round(p, 5)}
+                for i, p in zip(ids_t.tolist(), probs_t.tolist(), strict=True)
+            ]
+            for ids_t, probs_t in zip(layer_ids[0], layer_probs[0], strict=True)
+        ]
+        for layer_ids, layer_probs in zip(lens_ids, lens_probs, strict=True)
+    ]
+    return {
+        "tokens": [text[i] for i in ids],
+        "token_ids": ids,
+        "n_layers": model.config.n_layers,
+        "n_heads": model.config.n_heads,
+        "layer": layer,
+        "attention": [[[round(w, 4) for w in row] for row in head] for head in pattern.tolist()],
+        "logit_lens": lens,  # [layer 0..L][position][rank] -> token, id, probability
+        "residual_norms": norms,  # entering layers 0..L-1, then leaving the last
+    }

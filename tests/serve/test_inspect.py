@@ -1,0 +1,102 @@
+"""POST /v1/inspect against the lab's instruments on the same model, packed the same way,
+in this process; its bounds; and that it leaves generation running beside it untouched."""
+
+import threading
+
+import httpx
+import pytest
+import torch
+
+from tformer.generate.fast import load_for_decoding
+from tformer.lab.instruments import logit_lens, residual_norms
+from tformer.serve.inspect import MAX_INSPECT_TOKENS
+
+TEXT = "The quick brown fox jumps over the lazy dog.\nIt ran."
+
+
+def inspect(server, **fields):
+    body = {"model": "tiny", "text": TEXT, **fields}
+    return httpx.post(f"{server.url}/v1/inspect", json=body, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_lm):
+    model, tokenizer, _ = load_for_decoding(str(tiny_lm), torch.device("cpu"), "float32", False)
+    model.set_attention("explicit")
+    return model.eval(), tokenizer
+
+
+@pytest.mark.parametrize("layer", [0, 1])
+def test_inspection_is_the_lab_instruments_on_the_served_model(lm_server, reference, layer):
+    model, tokenizer = reference
+    response = inspect(lm_server, layer=layer, top=4)
+    assert response.status_code == 200, response.text
+    got = response.json()
+    ids = tokenizer.encode(TEXT)
+    t = len(ids)
+    assert got["token_ids"] == ids
+    assert got["tokens"] == [tokenizer.decode([i]) for i in ids]
+    assert "".join(got["tokens"]) == TEXT  # as the tokenizer splits it, nothing lost
+    assert (got["n_layers"], got["n_heads"], got["layer"]) == (2, 2, layer)
+    x = torch.tensor([ids])
+    with torch.inference_mode():
+        name = f"blocks.{layer}.attn.hook_pattern"
+        _, cache = model.run_with_cache(x, names=[name])
+        lens = torch.softmax(logit_lens(model, x).float(), -1)  # (L + 1, 1, T, V)
+        norms = residual_norms(model, x)
+    attention = torch.tensor(got["attention"])
+    assert attention.shape == (2, t, t)
+    torch.testing.assert_close(attention, cache[name][0], rtol=0, atol=6e-5)  # 4 decimals
+    assert torch.equal(attention.triu(1), torch.zeros(2, t, t))  # causal: nothing ahead
+    torch.testing.assert_close(torch.tensor(got["residual_norms"]), torch.tensor(norms))
+    assert len(got["logit_lens"]) == 3 and all(len(at) == t for at in got["logit_lens"])
+    for depth, layer_lens in enumerate(got["logit_lens"]):
+        for position, top in enumerate(layer_lens):
+            probs, ids_top = lens[depth, 0, position].topk(4)
+            assert [c["id"] for c in top] == ids_top.tolist()
+            assert [c["token"] for c in top] == [tokenizer.decode([i]) for i in ids_top.tolist()]
+            torch.testing.assert_close(
+                torch.tensor([c["probability"] for c in top]), probs, rtol=0, atol=1e-5
+            )
+
+
+@pytest.mark.parametrize(
+    ("fields", "param", "message"),
+    [
+        ({"text": "word " * (MAX_INSPECT_TOKENS + 1)}, "text", "at most 128"),
+        ({"text": "   "}, "text", "empty"),
+        ({"layer": 2}, "layer", "layers are 0..1"),
+        ({"layer": -1}, "layer", "greater than or equal to 0"),
+        ({"top": 21}, "top", "less than or equal to 20"),
+        ({"heads": 3}, "heads", "heads"),
+    ],
+)
+def test_bad_inspections_are_400s_naming_the_field(lm_server, fields, param, message):
+    response = inspect(lm_server, **fields)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == param and message in error["message"]
+
+
+def test_inspection_needs_the_served_model_and_a_language_model(lm_server):
+    response = inspect(lm_server, model="other")
+    assert response.status_code == 404 and "other" in response.json()["error"]["message"]
+
+
+def test_generation_beside_an_inspection_gives_the_same_tokens(lm_server):
+    """The inspection's hooks and its switch of attention path happen between two decoding
+    steps: a generation running meanwhile is the same as alone."""
+    request = {"model": "tiny", "prompt": "Once upon a time", "max_tokens": 60, "temperature": 0}
+
+    def complete() -> str:
+        response = httpx.post(f"{lm_server.url}/v1/completions", json=request, timeout=60)
+        return response.json()["choices"][0]["text"]
+
+    alone = complete()
+    beside: list[str] = []
+    thread = threading.Thread(target=lambda: beside.append(complete()))
+    thread.start()
+    for layer in (0, 1, 0, 1):
+        assert inspect(lm_server, layer=layer).status_code == 200
+    thread.join(60)
+    assert beside == [alone]
