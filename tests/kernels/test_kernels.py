@@ -51,16 +51,17 @@ def test_a_rows_result_does_not_depend_on_the_other_rows(compiled):
     """Each output is one lane's sum over k in order, whichever tile its row is in: a
     request's logits on a server do not change with what else is in the batch."""
     g = torch.Generator().manual_seed(5)
-    x = torch.randn(17, 300, generator=g)
-    w = torch.randn(70, 300, generator=g)
-    for weight in (w, w.bfloat16(), quantize_int8(w)[0]):
-        panels = compiled.pack_linear(weight)
-        s = quantize_int8(w)[1] if weight.dtype == torch.int8 else None
-        together = compiled.linear(x, panels, s, None, torch.empty(17, 70))
-        for rows in (slice(0, 1), slice(3, 5), slice(4, 11)):
-            part = x[rows].contiguous()
-            alone = compiled.linear(part, panels, s, None, torch.empty(part.shape[0], 70))
-            assert torch.equal(alone, together[rows])
+    x = torch.randn(17, 301, generator=g)  # odd k: bfloat16's last pair
+    w = torch.randn(70, 301, generator=g)
+    for bias in (None, torch.randn(70, generator=g)):
+        for weight in (w, w.bfloat16(), quantize_int8(w)[0]):
+            panels = compiled.pack_linear(weight)
+            s = quantize_int8(w)[1] if weight.dtype == torch.int8 else None
+            together = compiled.linear(x, panels, s, bias, torch.empty(17, 70))
+            for rows in (slice(0, 1), slice(16, 17), slice(3, 5), slice(4, 11)):
+                part = x[rows].contiguous()
+                alone = compiled.linear(part, panels, s, bias, torch.empty(part.shape[0], 70))
+                assert torch.equal(alone, together[rows]), (weight.dtype, bias is None, rows)
 
 
 @pytest.mark.parametrize("d", [16, 20])  # 20: not a whole number of vectors

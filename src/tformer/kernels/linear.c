@@ -11,9 +11,10 @@
 
    so every step loads two weight vectors and broadcasts MR activations for 2 * MR vector
    multiply-adds (6 x 2: 8 loads for 12). The 12 accumulators, 2 weight vectors and a
-   broadcast activation fit the 16 vector registers of AVX2. Each output is one lane's sum
-   over k in order 0, 1, ..., K-1, whatever tile its row falls in: a row's result does not
-   depend on the other rows of the batch.
+   broadcast activation fit the 16 vector registers of AVX2 (bfloat16's pairs need one or
+   two more: GCC keeps its mask constant in memory). Each output is one lane's chain of
+   fused multiply-adds over k in order 0, 1, ..., K-1, whatever tile its row falls in: a
+   row's result does not depend on the other rows of the batch.
 
    The weights are stored in panels, so that the two vectors of a step are adjacent and a
    panel is one stream from memory (PackedLinear packs them once, kernels.pack_linear):
@@ -30,7 +31,8 @@
    The panels are split over the OpenMP threads (the runtime torch uses). A panel stays in
    the cache while every tile of rows runs over it; meanwhile each tile fetches its share of
    the next panel, one step's bytes every (number of tiles) steps, so that reading memory
-   goes on evenly while the multiply-adds run (docs/LOG.md, session 14).
+   goes on evenly while the multiply-adds run (docs/LOG.md, session 14). (An int8 step is
+   less than a cache line, so a line is asked for more than once: harmless.)
 
    Compiled on first use with the machine's C compiler (-O3 -march=native -fopenmp) by
    tformer/kernels/build.py; tformer.kernels.load() falls back to torch when it cannot. */
@@ -104,14 +106,29 @@ static inline vfloat broadcast(const float *p) {
 #endif
 }
 
+/* a * b + c rounded once, always: where the compiler may choose to fuse or not, it may
+   choose differently in two copies of a loop, and a row's result would then depend on the
+   size of the tile it falls in. */
+static inline vfloat fused(vfloat a, vfloat b, vfloat c) {
+#if defined(__AVX512F__)
+    return (vfloat)_mm512_fmadd_ps((__m512)a, (__m512)b, (__m512)c);
+#elif defined(__FMA__)
+    return (vfloat)_mm256_fmadd_ps((__m256)a, (__m256)b, (__m256)c);
+#else
+    vfloat r;
+    for (int l = 0; l < LANES; l++) r[l] = fmaf(a[l], b[l], c[l]);
+    return r;
+#endif
+}
+
 /* acc[i] += x[i, k] * (w0, w1) for i < mr: one step of a tile. */
 ALWAYS_INLINE void multiply_add(vfloat acc[MR][2], const float *x, int64_t k_len, int64_t k,
                                 int mr, vfloat w0, vfloat w1) {
 #pragma GCC unroll 6
     for (int i = 0; i < mr; i++) {
         vfloat xv = broadcast(x + i * k_len + k);
-        acc[i][0] += xv * w0;
-        acc[i][1] += xv * w1;
+        acc[i][0] = fused(xv, w0, acc[i][0]);
+        acc[i][1] = fused(xv, w1, acc[i][1]);
     }
 }
 
@@ -123,15 +140,27 @@ ALWAYS_INLINE void store(vfloat acc[MR][2], float *y, int64_t n_len, int64_t col
         if (cols == PANEL) {
             for (int v = 0; v < 2; v++) {
                 vfloat r = acc[i][v];
-                if (scale) r *= load_floats(scale + v * LANES);
-                if (bias) r += load_floats(bias + v * LANES);
+                if (scale && bias)
+                    r = fused(r, load_floats(scale + v * LANES), load_floats(bias + v * LANES));
+                else if (scale)
+                    r *= load_floats(scale + v * LANES);
+                else if (bias)
+                    r += load_floats(bias + v * LANES);
                 memcpy(y + i * n_len + v * LANES, &r, sizeof r);
             }
-        } else { /* the last, padded panel */
+        } else { /* the last, padded panel: the same arithmetic, one column at a time */
             float r[PANEL];
             memcpy(r, acc[i], sizeof r);
-            for (int64_t j = 0; j < cols; j++)
-                y[i * n_len + j] = r[j] * (scale ? scale[j] : 1.0f) + (bias ? bias[j] : 0.0f);
+            for (int64_t j = 0; j < cols; j++) {
+                float out = r[j];
+                if (scale && bias)
+                    out = fmaf(out, scale[j], bias[j]);
+                else if (scale)
+                    out *= scale[j];
+                else if (bias)
+                    out += bias[j];
+                y[i * n_len + j] = out;
+            }
         }
     }
 }

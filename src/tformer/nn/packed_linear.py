@@ -7,12 +7,13 @@ Decoding reads every weight once per token, so narrower weights mean proportiona
 memory traffic: bfloat16 halves it, int8 quarters it. Only the stored weights change:
 activations, bias and accumulation stay float32 (`x` in, float32 out).
 
-On the CPU the weights are stored in the panels the C kernels read (tformer.kernels,
-kernels/linear.c: each weight read once for all the rows, in register tiles), and the
-kernels run up to `kernel_max_rows` rows. Beyond it (a long prompt), or on a GPU, torch's
-matmul runs: float32 weights as they are, the others in bfloat16 where the hardware
-computes in it natively, else in float32 (on the CPU from the panels unpacked, a copy per
-call). Inference only: no gradients flow through.
+On the CPU, where the C kernels load, the weights are stored in the panels they read
+(tformer.kernels, kernels/linear.c: each weight read once for all the rows, in register
+tiles), and the kernels run up to `kernel_max_rows` rows. Beyond it (a long prompt), or on
+a GPU, torch's matmul runs: float32 weights as they are, the others in bfloat16 where the
+hardware computes in it natively, else in float32 (on the CPU from the panels unpacked, a
+copy per call). Inference only: no gradients flow through; and a packed layer stays on the
+device and in the dtypes it was packed with (pack again rather than move it).
 
 `pack_linear_layers(model, "int8")` swaps every nn.Linear of a model for a PackedLinear of
 the same weights (a tied output head included: it packs the shared weight); the swap is
@@ -38,7 +39,7 @@ WEIGHT_DTYPES = ("float32", "bfloat16", "int8")
 # low. A server measures the crossover on its own CPU (calibrate_kernel_rows); these
 # defaults hold elsewhere. Measured on the AMD machine (benchmarks/decode_linear.py), where
 # the kernels were faster at every row count up to 128; not yet on the Intel one.
-ANY = math.inf
+ANY = math.inf  # a limit of no limit: compares with any row count (not JSON, not a range)
 KERNEL_MAX_ROWS = {"float32": ANY, "bfloat16": 16, "int8": 32}
 # The rows of a prompt's prefill, the last count calibrate_kernel_rows measures.
 PROMPT_ROWS = 512
@@ -145,7 +146,7 @@ TAKEOVER = 1.1  # torch's matmul takes over where the kernels take 10% longer
 
 
 def calibrate_kernel_rows(model: nn.Module, most_rows: int, repeats: int = 5) -> dict:
-    """Measure, on the CPU in use, up to how many rows (1, 2, 4, ... most_rows, then
+    """Measure, on the CPU in use, up to how many rows (1, 2, 4, ..., most_rows, then
     PROMPT_ROWS for a prefill) the C kernels are about as fast as torch's matmul or faster,
     for each shape of packed layer in the model, and set every layer's kernel_max_rows to
     it -> {"NxK dtype": rows, or ANY where they held at every count}. Torch takes over where
@@ -159,7 +160,7 @@ def calibrate_kernel_rows(model: nn.Module, most_rows: int, repeats: int = 5) ->
         if layer.kernels is not None:
             key = (layer.out_features, layer.in_features, layer.weight_dtype)
             shapes.setdefault(key, []).append(layer)
-    counts = [2**i for i in range(most_rows.bit_length()) if 2**i <= most_rows]
+    counts = [2**i for i in range(most_rows.bit_length()) if 2**i < most_rows] + [most_rows]
     counts += [PROMPT_ROWS] if most_rows < PROMPT_ROWS else []
     limits = {}
     with torch.inference_mode():
