@@ -15,6 +15,9 @@ import httpx
 import pytest
 
 from tformer.cli.main import main
+from tformer.models.gpt2_qa import GPT2ForQuestionAnswering
+from tformer.models.seq2seq import Seq2SeqConfig, Seq2SeqTransformer
+from tformer.tokenizers import CharTokenizer, load_tokenizer
 
 UNICODE_WORDS = ["日本語", "中文", "🙂", "🎉", "字符", "テキスト", "é", "ü", "Ω", "✓"]
 
@@ -128,3 +131,34 @@ def serve_session(tmp_path_factory):
     """start_server for fixtures that outlive one test."""
     logs = tmp_path_factory.mktemp("serve-logs")
     return lambda checkpoint, *options: serving(checkpoint, *options, log_dir=logs)
+
+
+@pytest.fixture(scope="session")
+def translator(tmp_path_factory):
+    """An encoder-decoder with random weights and a character tokenizer (window 32)."""
+    out = tmp_path_factory.mktemp("serve-translation") / "translator"
+    # ids 0, 1, 2 are the model's pad, start and end tokens: no letter of a sentence
+    tokenizer = CharTokenizer(["\x00", "\x01", "\x02", *sorted(set("abcdefghijklmnopqrstuvwxyz "))])
+    config = Seq2SeqConfig(
+        tokenizer.vocab_size,
+        tokenizer.vocab_size,
+        max_len=32,
+        d_model=32,
+        n_heads=2,
+        n_encoder_layers=1,
+        n_decoder_layers=1,
+        d_ff=64,
+        share_embeddings=True,
+    )
+    Seq2SeqTransformer(config, seed=0).save_pretrained(out)
+    tokenizer.save(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def reader(tiny_lm, tmp_path_factory):
+    """The tiny GPT-2 with a new span head, saved as a question-answering checkpoint."""
+    out = tmp_path_factory.mktemp("serve-qa") / "reader"
+    GPT2ForQuestionAnswering.from_pretrained(tiny_lm, seed=0).save_pretrained(out)
+    load_tokenizer(tiny_lm).save(out)
+    return out

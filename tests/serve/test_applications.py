@@ -13,9 +13,7 @@ from tformer.cli.main import main
 from tformer.generate.beam import BeamConfig
 from tformer.generate.fast import pack_for_decoding
 from tformer.generate.translate import translate_sentences
-from tformer.models.gpt2_qa import GPT2ForQuestionAnswering
 from tformer.models.load import load_translation_model
-from tformer.models.seq2seq import Seq2SeqConfig, Seq2SeqTransformer
 from tformer.qa.read import answer, answer_from_corpus, load_reader, vocab_size
 from tformer.qa.retrieval import PassageIndex
 from tformer.qa.windows import QAExample
@@ -24,44 +22,13 @@ from tformer.serve.app import LOADERS
 from tformer.serve.errors import APIError
 from tformer.serve.protocol import TranslationRequest
 from tformer.serve.service import ServeConfig, Service
-from tformer.tokenizers import CharTokenizer, load_tokenizer, tokenizer_for_model
+from tformer.tokenizers import tokenizer_for_model
 
 SENTENCES = ["one two three", "four", "five six seven eight nine", "zero zero"]
 CONTEXT = "Moses went up the mountain of Sinai with Aaron, and they stayed there forty days."
 
 
 # -- checkpoints and servers -------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def translator(tmp_path_factory):
-    """An encoder-decoder with random weights and a character tokenizer (window 32)."""
-    out = tmp_path_factory.mktemp("serve-translation") / "translator"
-    # ids 0, 1, 2 are the model's pad, start and end tokens: no letter of a sentence
-    tokenizer = CharTokenizer(["\x00", "\x01", "\x02", *sorted(set("abcdefghijklmnopqrstuvwxyz "))])
-    config = Seq2SeqConfig(
-        tokenizer.vocab_size,
-        tokenizer.vocab_size,
-        max_len=32,
-        d_model=32,
-        n_heads=2,
-        n_encoder_layers=1,
-        n_decoder_layers=1,
-        d_ff=64,
-        share_embeddings=True,
-    )
-    Seq2SeqTransformer(config, seed=0).save_pretrained(out)
-    tokenizer.save(out)
-    return out
-
-
-@pytest.fixture(scope="module")
-def reader(tiny_lm, tmp_path_factory):
-    """The tiny GPT-2 with a new span head, saved as a question-answering checkpoint."""
-    out = tmp_path_factory.mktemp("serve-qa") / "reader"
-    GPT2ForQuestionAnswering.from_pretrained(tiny_lm, seed=0).save_pretrained(out)
-    load_tokenizer(tiny_lm).save(out)
-    return out
 
 
 @pytest.fixture(scope="module")

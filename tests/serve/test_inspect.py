@@ -7,9 +7,12 @@ import httpx
 import pytest
 import torch
 
-from tformer.generate.fast import load_for_decoding
+from tformer.generate.beam import greedy_search
+from tformer.generate.fast import load_for_decoding, pack_for_decoding
 from tformer.lab.instruments import logit_lens, residual_norms
+from tformer.models.load import load_gpt2_with_tokenizer, load_translation_model
 from tformer.serve.inspect import MAX_INSPECT_TOKENS
+from tformer.train.metrics import read_metrics
 
 TEXT = "The quick brown fox jumps over the lazy dog.\nIt ran."
 
@@ -100,3 +103,51 @@ def test_generation_beside_an_inspection_gives_the_same_tokens(lm_server):
         assert inspect(lm_server, layer=layer).status_code == 200
     thread.join(60)
     assert beside == [alone]
+
+
+def test_a_translation_model_shows_its_alignment_as_the_model_computes_it(
+    translator, serve_session
+):
+    model, tokenizer = load_translation_model(translator, torch.device("cpu"))
+    pack_for_decoding(model, "float32")  # as the server packs it
+    model.set_attention("explicit")
+    with serve_session(translator) as server:
+        body = {"model": "translator", "text": "one two", "target": "three", "layer": 0}
+        got = httpx.post(f"{server.url}/v1/inspect", json=body, timeout=60).json()
+        own = httpx.post(
+            f"{server.url}/v1/inspect", json={**body, "target": None}, timeout=60
+        ).json()
+        too_long = httpx.post(
+            f"{server.url}/v1/inspect", json={**body, "target": "x" * 40}, timeout=60
+        )
+    c = model.config
+    src = [*tokenizer.encode("one two"), c.eos_id]
+    tgt = [c.bos_id, *tokenizer.encode("three")]
+    with torch.inference_mode():
+        name = "decoder_layers.0.cross_attn.hook_pattern"
+        _, cache = model.run_with_cache(torch.tensor([src]), torch.tensor([tgt]), names=[name])
+    assert got["tokens"] == [*"one two", "</s>"] and got["target_tokens"] == ["<s>", *"three"]
+    torch.testing.assert_close(torch.tensor(got["attention"]), cache[name][0], rtol=0, atol=6e-5)
+    with torch.inference_mode():
+        greedy = greedy_search(model, torch.tensor([src]), c.max_len - 1)[0]
+    assert own["target"] == tokenizer.decode(greedy)  # the model's own translation
+    assert too_long.status_code == 400 and too_long.json()["error"]["param"] == "target"
+
+
+def test_a_language_model_takes_no_target(lm_server):
+    response = inspect(lm_server, target="x")
+    assert response.status_code == 400 and response.json()["error"]["param"] == "target"
+
+
+def test_the_model_details_are_the_checkpoint_s(unicode_lm, serve_session):
+    model, _ = load_gpt2_with_tokenizer(str(unicode_lm), torch.device("cpu"), torch.float32)
+    with serve_session(unicode_lm) as server:
+        details = httpx.get(f"{server.url}/v1/models/run").json()
+        missing = httpx.get(f"{server.url}/v1/models/other")
+    assert details["parameters"] == model.num_parameters()
+    assert details["config"]["n_layers"] == 1 and details["kind"] == "language"
+    assert details["tokenizer"] == {"type": "GPT2Tokenizer", "vocab_size": 50257}
+    assert details["chat_template"] == "default" and "weights float32" in details["decoding"]
+    records = [r for r in read_metrics(unicode_lm) if r["type"] == "train"]
+    assert details["training"]["train"][-1] == [records[-1]["step"], records[-1]["loss"]]
+    assert missing.status_code == 404

@@ -25,7 +25,10 @@ def add_parser(sub) -> None:
         "is the checkpoint's, --chat-template's, or a plain transcript), decoding up to "
         "--max-batch requests at once with continuous batching; a translation model "
         "answers POST /v1/translations, a question-answering reader POST /v1/answers. "
-        "GET /v1/models, /health (503 while loading) and /metrics (Prometheus) always. "
+        "POST /v1/inspect shows inside a language model (attention, logit lens, residual "
+        "norms) or a translation's alignment. GET / is a playground page for all of it in a "
+        "browser. GET /v1/models, /health (503 while loading) and /metrics (Prometheus) "
+        "always. "
         "SIGTERM stops taking requests, lets the running ones finish for --grace-period "
         "seconds, and exits 0.",
     )
@@ -151,7 +154,8 @@ def run(args) -> None:
         else:
             print(
                 f"tformer serve: {service.model_id} ({service.kind}) ready on "
-                f"http://{args.host}:{args.port}",
+                f"http://{args.host}:{args.port}; the playground: open "
+                f"http://{args.host}:{args.port}/ in a browser",
                 file=sys.stderr,
                 flush=True,
             )

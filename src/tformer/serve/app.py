@@ -5,8 +5,10 @@
     POST /v1/translations        tformer's: translate with an encoder-decoder checkpoint
     POST /v1/answers             tformer's: answer a question from a context or the corpus
     POST /v1/inspect             tformer's: attention, logit lens and residual norms on a
-                                 text, for language models (serve/inspect.py)
+                                 text; a translation's alignment (serve/inspect.py)
     GET  /v1/models              the one model served
+    GET  /v1/models/{model}      it, with tformer's details (serve/playground.py)
+    GET  /                       the playground page, its files under /playground/
     GET  /health                 503 while loading, then 200
     GET  /metrics                Prometheus text (serve/metrics.py)
 
@@ -21,12 +23,13 @@ import sys
 import traceback
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response
+from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException
 
 from tformer.models.load import LANGUAGE, QA, TRANSLATION
-from tformer.serve import applications, completions, inspect
+from tformer.serve import applications, completions, inspect, playground
 from tformer.serve.errors import APIError
 from tformer.serve.protocol import (
     AnswerRequest,
@@ -122,7 +125,8 @@ def create_app(service: Service) -> FastAPI:
 
     @app.post("/v1/inspect")
     async def post_inspect(request: Request):
-        body = await read_body(service, request, LANGUAGE)
+        inspected = service.kind if service.kind in (LANGUAGE, TRANSLATION) else LANGUAGE
+        body = await read_body(service, request, inspected)
         req = parse_body(body, InspectRequest)
         completions.check_model(service, req.model)
         return await inspect.inspect(service, req)
@@ -142,6 +146,19 @@ def create_app(service: Service) -> FastAPI:
                 }
             ],
         }
+
+    @app.get("/v1/models/{model}")
+    async def model_details(model: str):
+        completions.check_model(service, model)
+        if not service.ready.is_set():
+            raise APIError(503, "the model is still loading; retry shortly", code="loading")
+        return playground.model_details(service)
+
+    @app.get("/")
+    async def page():
+        return FileResponse(playground.PAGE_DIRECTORY / "index.html")
+
+    app.mount("/playground", StaticFiles(directory=playground.PAGE_DIRECTORY), name="playground")
 
     @app.get("/health")
     async def health():

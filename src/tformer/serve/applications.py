@@ -109,8 +109,11 @@ def pack_weights(service: Service, model: torch.nn.Module, device: torch.device)
         raise ValueError("float16 is for GPUs; on the CPU use --dtype bfloat16 or float32")
     if device.type == "cpu" or config.quantize:
         path = pack_for_decoding(model, "int8" if config.quantize else config.dtype)
-        print(f"tformer serve: weights: {path.describe()}", file=sys.stderr)
-    elif config.dtype != "float32":
+        service.decoding = path.describe()
+        print(f"tformer serve: weights: {service.decoding}", file=sys.stderr)
+        return
+    service.decoding = f"weights float32, on {device}"
+    if config.dtype != "float32":
         print(
             f"tformer serve: --dtype {config.dtype} is for language models on a GPU; "
             "this model runs in float32",

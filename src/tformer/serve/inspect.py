@@ -11,16 +11,24 @@ thread between two decoding steps (the hooks must not see other requests' steps)
     residual norms   the mean ||x_l[t]||_2 over positions, entering each layer, then leaving
                      the last (L + 1 values)
 
-Bounds: the text is at most MAX_INSPECT_TOKENS tokens and the model's context window, the
-smaller; beyond it, or with a layer the model does not have, a 400 naming the field.
+For a translation model the text is the source and `target` its translation (the model's
+own greedy one if not given); what comes back is the cross-attention of decoder layer
+`layer`, every head (H, T, S): row t the distribution target token t (after the start
+token) puts over the source tokens, its alignment. It runs on the service's worker thread.
+
+Bounds: the text (and the target) at most MAX_INSPECT_TOKENS tokens and the model's context
+window, the smaller; beyond it, or with a layer the model does not have, a 400 naming the
+field.
 """
 
 import asyncio
 
 import torch
 
+from tformer.generate.beam import greedy_search
 from tformer.lab.instruments import logit_lens_top, residual_norms
-from tformer.serve.applications import encode_text
+from tformer.models.load import TRANSLATION
+from tformer.serve.applications import encode_text, on_worker
 from tformer.serve.errors import busy, invalid
 from tformer.serve.protocol import InspectRequest
 from tformer.serve.scheduler import QueueFull
@@ -32,25 +40,43 @@ MAX_INSPECT_TOKENS = 256
 
 
 async def inspect(service: Service, req: InspectRequest) -> dict:
-    ids = encode_text(service, "text", req.text, "text")
-    most = min(MAX_INSPECT_TOKENS, service.context_length)
-    if len(ids) > most:
-        raise invalid(
-            f"the text is {len(ids)} tokens long; /v1/inspect takes at most {most} "
-            f"(the model's context window or {MAX_INSPECT_TOKENS}, the smaller)",
-            "text",
-        )
-    n_layers = service.model.config.n_layers
+    translation = service.kind == TRANSLATION
+    ids = checked_text(service, "text", req.text, service.context_length)
+    if translation:
+        n_layers = service.model.config.n_decoder_layers
+        target = None  # the model's own translation
+        if req.target is not None:
+            target = checked_text(service, "target", req.target, service.context_length - 1)
+    else:
+        n_layers = service.model.config.n_layers
+        if req.target is not None:
+            raise invalid("target is for translation models; this is a language model", "target")
     if req.layer >= n_layers:
         raise invalid(
             f"layer is {req.layer}, but this model's layers are 0..{n_layers - 1}", "layer"
         )
-    try:
-        future = service.scheduler.call(lambda: look_inside(service, ids, req.layer, req.top))
-    except QueueFull as e:
-        raise busy(str(e)) from None
-    result = await asyncio.wrap_future(future)
+    if translation:
+        result = await on_worker(service, lambda: alignment(service, ids, target, req.layer))
+    else:
+        try:
+            future = service.scheduler.call(lambda: look_inside(service, ids, req.layer, req.top))
+        except QueueFull as e:
+            raise busy(str(e)) from None
+        result = await asyncio.wrap_future(future)
     return {"object": "inspection", "model": service.model_id, **result}
+
+
+def checked_text(service: Service, name: str, text: str, window: int) -> list[int]:
+    """A text's ids, or a 400 naming `name` when it is empty or too long to inspect."""
+    ids = encode_text(service, name, text, name)
+    most = min(MAX_INSPECT_TOKENS, window)
+    if len(ids) > most:
+        raise invalid(
+            f"the {name} is {len(ids)} tokens long; /v1/inspect takes at most {most} "
+            f"(the model's context window or {MAX_INSPECT_TOKENS}, the smaller)",
+            name,
+        )
+    return ids
 
 
 def look_inside(service: Service, ids: list[int], layer: int, top: int) -> dict:
@@ -88,4 +114,38 @@ def look_inside(service: Service, ids: list[int], layer: int, top: int) -> dict:
         "attention": [[[round(w, 4) for w in row] for row in head] for head in pattern.tolist()],
         "logit_lens": lens,  # [layer 0..L][position][rank] -> token, id, probability
         "residual_norms": norms,  # entering layers 0..L-1, then leaving the last
+    }
+
+
+def alignment(service: Service, source: list[int], target: list[int] | None, layer: int) -> dict:
+    """A translation model's cross-attention of one decoder layer (on the worker thread)."""
+    model, tokenizer = service.model, service.tokenizer
+    c = model.config
+    device = next(model.parameters()).device
+    src = [*source[: c.max_len - 1], c.eos_id]  # as the model reads a source: ending with </s>
+    if target is None:
+        with torch.inference_mode():
+            target = greedy_search(model, torch.tensor([src], device=device), c.max_len - 1)[0]
+        if not target:
+            raise invalid("the model's translation of the text is empty: give a target", "text")
+    previous = c.attention
+    model.set_attention("explicit")  # the only path that forms the pattern to capture
+    try:
+        with torch.inference_mode():
+            name = f"decoder_layers.{layer}.cross_attn.hook_pattern"
+            src_ids = torch.tensor([src], device=device)
+            tgt_in = torch.tensor([[c.bos_id, *target]], device=device)
+            _, cache = model.run_with_cache(src_ids, tgt_in, names=[name])
+    finally:
+        model.set_attention(previous)
+    pattern = cache[name][0].float()  # (H, T, S)
+    return {
+        "tokens": [tokenizer.decode([i]) for i in src[:-1]] + ["</s>"],
+        "target_tokens": ["<s>"] + [tokenizer.decode([i]) for i in target],
+        "text": tokenizer.decode(src[:-1]),
+        "target": tokenizer.decode(target),
+        "n_layers": c.n_decoder_layers,
+        "n_heads": c.n_heads,
+        "layer": layer,
+        "attention": [[[round(w, 4) for w in row] for row in head] for head in pattern.tolist()],
     }

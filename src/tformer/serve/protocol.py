@@ -107,6 +107,7 @@ class InspectRequest(Strict):
     text: str = Field(min_length=1)
     layer: int = Field(0, ge=0)  # whose attention comes back: every head of this layer
     top: int = Field(3, ge=1, le=20)  # the logit lens's most likely tokens per position
+    target: str | None = None  # translation models: the target (else the model's own)
 
 
 def parse_body(raw: bytes, model: type[Strict]) -> Strict:

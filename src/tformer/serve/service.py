@@ -57,6 +57,7 @@ class Service:
         self.tokenizer = None
         self.chat: ChatTemplate | None = None
         self.context_length = 0
+        self.decoding = ""  # which path the model runs on (DecodingPath.describe)
         self.scheduler: Scheduler | None = None
         self.worker = ThreadPoolExecutor(1, thread_name_prefix="tformer-model")
         self.index = None  # /v1/answers: the corpus's BM25 index
@@ -85,7 +86,8 @@ def load_language_model(service: Service, device: torch.device) -> None:
     model, tokenizer, path = load_for_decoding(
         str(service.directory), device, config.dtype, config.quantize
     )
-    print(f"tformer serve: decoding: {path.describe()}", file=sys.stderr)
+    service.decoding = path.describe()
+    print(f"tformer serve: decoding: {service.decoding}", file=sys.stderr)
     if path.kernels is not None:  # where torch's matmul overtakes them, on this CPU
         rows = calibrate_kernel_rows(model, config.max_batch)
         shown = ", ".join(f"{shape}: {n if n < ANY else 'any'}" for shape, n in rows.items())
