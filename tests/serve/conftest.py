@@ -162,3 +162,15 @@ def reader(tiny_lm, tmp_path_factory):
     GPT2ForQuestionAnswering.from_pretrained(tiny_lm, seed=0).save_pretrained(out)
     load_tokenizer(tiny_lm).save(out)
     return out
+
+
+@pytest.fixture(scope="module")
+def translation_server(translator, serve_session):
+    with serve_session(translator) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def reader_server(reader, serve_session):
+    with serve_session(reader) as server:
+        yield server

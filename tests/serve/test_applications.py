@@ -40,18 +40,6 @@ def texts(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def translation_server(translator, serve_session):
-    with serve_session(translator) as server:
-        yield server
-
-
-@pytest.fixture(scope="module")
-def reader_server(reader, serve_session):
-    with serve_session(reader) as server:
-        yield server
-
-
-@pytest.fixture(scope="module")
 def corpus_server(reader, texts, serve_session, tmp_path_factory):
     with pytest.MonkeyPatch.context() as patch:  # the index's cache, private to the test
         patch.setenv("TFORMER_CACHE", str(tmp_path_factory.mktemp("cache")))

@@ -115,18 +115,6 @@ def slow_server(slow_lm, serve_session):
         yield server
 
 
-@pytest.fixture(scope="module")
-def translation_server(translator, serve_session):
-    with serve_session(translator) as server:
-        yield server
-
-
-@pytest.fixture(scope="module")
-def reader_server(reader, serve_session):
-    with serve_session(reader) as server:
-        yield server
-
-
 def test_each_kind_of_model_gets_its_tabs_and_no_others(
     open_page, lm_server, chat_server, translation_server, reader_server
 ):

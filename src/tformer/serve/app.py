@@ -133,19 +133,7 @@ def create_app(service: Service) -> FastAPI:
 
     @app.get("/v1/models")
     async def models():
-        return {
-            "object": "list",
-            "data": [
-                {
-                    "id": service.model_id,
-                    "object": "model",
-                    "created": service.created,
-                    "owned_by": "tformer",
-                    "kind": service.kind,
-                    "context_length": service.context_length or None,
-                }
-            ],
-        }
+        return {"object": "list", "data": [playground.model_object(service)]}
 
     @app.get("/v1/models/{model}")
     async def model_details(model: str):

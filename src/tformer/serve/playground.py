@@ -25,9 +25,8 @@ PAGE_DIRECTORY = Path(__file__).with_name("playground")
 CURVE_POINTS = 400  # a training curve is thinned to about this many points a series
 
 
-def model_details(service: Service) -> dict:
-    config = getattr(service.model, "config", None)
-    tokenizer = service.tokenizer
+def model_object(service: Service) -> dict:
+    """The served model as GET /v1/models lists it."""
     return {
         "id": service.model_id,
         "object": "model",
@@ -35,6 +34,14 @@ def model_details(service: Service) -> dict:
         "owned_by": "tformer",
         "kind": service.kind,
         "context_length": service.context_length or None,
+    }
+
+
+def model_details(service: Service) -> dict:
+    config = getattr(service.model, "config", None)
+    tokenizer = service.tokenizer
+    return {
+        **model_object(service),
         "config": dataclasses.asdict(config) if dataclasses.is_dataclass(config) else None,
         "parameters": parameter_count(service.directory),
         "tokenizer": {
