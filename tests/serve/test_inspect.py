@@ -10,8 +10,11 @@ import torch
 from tformer.generate.beam import greedy_search
 from tformer.generate.fast import load_for_decoding, pack_for_decoding
 from tformer.lab.instruments import logit_lens, residual_norms
+from tformer.models.gpt2 import GPT2
+from tformer.models.gpt2_config import GPT2Config
 from tformer.models.load import load_gpt2_with_tokenizer, load_translation_model
 from tformer.serve.inspect import MAX_INSPECT_TOKENS
+from tformer.tokenizers import CharTokenizer
 from tformer.train.metrics import read_metrics
 
 TEXT = "The quick brown fox jumps over the lazy dog.\nIt ran."
@@ -151,3 +154,21 @@ def test_the_model_details_are_the_checkpoint_s(unicode_lm, serve_session):
     records = [r for r in read_metrics(unicode_lm) if r["type"] == "train"]
     assert details["training"]["train"][-1] == [records[-1]["step"], records[-1]["loss"]]
     assert missing.status_code == 404
+
+
+def test_a_tokenizer_smaller_than_the_vocabulary_bounds_the_logit_lens(tmp_path, start_server):
+    """The lens ranks only the ids the tokenizer has (the model may have spare ones), and
+    no more of them than there are."""
+    out = tmp_path / "letters"
+    config = GPT2Config(vocab_size=70, max_len=32, d_model=32, n_layers=1, n_heads=2)
+    GPT2(config).save_pretrained(out)
+    CharTokenizer(list("abcdefgh ")).save(out)
+    with start_server(out) as server:
+        body = {"model": "letters", "text": "abc def", "top": 20}
+        response = httpx.post(f"{server.url}/v1/inspect", json=body, timeout=60)
+    assert response.status_code == 200, response.text
+    lens = response.json()["logit_lens"]
+    assert all(len(top) == 9 for layer in lens for top in layer)
+    assert all(choice["id"] < 9 for layer in lens for top in layer for choice in top)
+    total = sum(choice["probability"] for choice in lens[0][0])
+    assert total == pytest.approx(1.0, abs=1e-4)  # a distribution over those 9

@@ -112,3 +112,21 @@ def test_prefill_budget_is_larger_while_no_row_runs(monkeypatch):
     assert len(scheduler.rows) == 5  # running: 2 x 4 positions a step
     scheduler.step()
     assert len(scheduler.rows) == 7
+
+
+def test_calls_run_between_steps_in_order_and_fail_at_shutdown():
+    scheduler = Scheduler(tiny(), Letters(), max_batch=1, max_queue=0)
+    first = scheduler.call(lambda: "first")  # an idle server takes one even with no queue
+    with pytest.raises(QueueFull):
+        scheduler.call(lambda: "second")
+    scheduler.step()
+    assert first.result(0) == "first"
+    broken = scheduler.call(lambda: 1 / 0)
+    scheduler.step()
+    with pytest.raises(ZeroDivisionError):  # the caller's to report, not the scheduler's
+        broken.result(0)
+    pending = scheduler.call(lambda: "never")
+    scheduler.close()
+    scheduler.run()  # returns at once: closed, and fails what was left
+    with pytest.raises(QueueFull, match="shut down"):
+        pending.result(0)

@@ -13,7 +13,7 @@ tformer.kernels when they build.
 Packing is one-way (it rounds the weights): load the model again to train or save it.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -34,6 +34,7 @@ class DecodingPath:
     kernels: str | None  # the compiled C kernels' file, when they run the linear layers
     fallback_reason: str | None  # why torch runs them instead, on a CPU
     threads: int
+    parameters: int | None = None  # the model's, counted before packing (None: not known)
 
     def describe(self) -> str:
         if self.weights == "model":
@@ -59,6 +60,7 @@ class DecodingPath:
             "kernels": self.kernels,
             "fallback_reason": self.fallback_reason,
             "threads": self.threads,
+            "parameters": self.parameters,
             "description": self.describe(),
         }
 
@@ -110,6 +112,7 @@ def load_for_decoding(
     weights = torch.float32 if pack else getattr(torch, dtype)
     model, tokenizer = load_gpt2_with_tokenizer(checkpoint, device, weights)
     model.set_attention("sdpa")
+    parameters = model.num_parameters()  # packed layers hold buffers, not parameters
     if pack:
         pack_for_decoding(model, "int8" if quantize else dtype)
-    return model, tokenizer, decoding_path(model)
+    return model, tokenizer, replace(decoding_path(model), parameters=parameters)

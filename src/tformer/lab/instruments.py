@@ -170,12 +170,14 @@ def logit_lens(model: nn.Module, *inputs: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def logit_lens_top(
-    model: nn.Module, *inputs: torch.Tensor, k: int = 1
+    model: nn.Module, *inputs: torch.Tensor, k: int = 1, vocab_limit: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The logit lens's k most likely tokens at every layer and position, and their
-    probabilities: ids and probabilities (L + 1, B, T, k), one layer's logits at a time."""
+    probabilities: ids and probabilities (L + 1, B, T, k), one layer's logits at a time.
+    With vocab_limit, over ids 0..vocab_limit-1 only (a tokenizer smaller than the model's
+    vocabulary): the softmax over those."""
     tops = [
-        torch.softmax(model.unembed(stream).float(), dim=-1).topk(k, dim=-1)
+        torch.softmax(model.unembed(stream)[..., :vocab_limit].float(), dim=-1).topk(k, dim=-1)
         for stream in lens_streams(model, *inputs)
     ]
     return torch.stack([t.indices for t in tops]), torch.stack([t.values for t in tops])

@@ -135,8 +135,8 @@ def create_app(service: Service) -> FastAPI:
     async def models():
         return {"object": "list", "data": [playground.model_object(service)]}
 
-    @app.get("/v1/models/{model}")
-    async def model_details(model: str):
+    @app.get("/v1/models/{model:path}")  # a --model-name may hold a slash
+    def model_details(model: str):  # reads metrics.jsonl: on a worker thread, not the loop
         completions.check_model(service, model)
         if not service.ready.is_set():
             raise APIError(503, "the model is still loading; retry shortly", code="loading")

@@ -107,6 +107,7 @@ def pack_weights(service: Service, model: torch.nn.Module, device: torch.device)
     config = service.config
     if device.type == "cpu" and config.dtype == "float16" and not config.quantize:
         raise ValueError("float16 is for GPUs; on the CPU use --dtype bfloat16 or float32")
+    service.parameters = model.num_parameters()  # packed layers hold buffers, not parameters
     if device.type == "cpu" or config.quantize:
         path = pack_for_decoding(model, "int8" if config.quantize else config.dtype)
         service.decoding = path.describe()

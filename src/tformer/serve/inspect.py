@@ -2,7 +2,8 @@
 
 tformer's own endpoint, for the playground's Inside tab (and anyone curious). The text is
 run through the model once per instrument of tformer.lab.instruments, on the scheduler's
-thread between two decoding steps (the hooks must not see other requests' steps):
+thread between two decoding steps (the hooks must not see other requests' steps), and the
+numbers are made JSON on another thread:
 
     attention        every head's pattern in `layer`: softmax(Q K^T / sqrt(d) + M),
                      (H, T, T), row t the distribution token t puts over tokens 0..t
@@ -29,7 +30,7 @@ from tformer.generate.beam import greedy_search
 from tformer.lab.instruments import logit_lens_top, residual_norms
 from tformer.models.load import TRANSLATION
 from tformer.serve.applications import encode_text, on_worker
-from tformer.serve.errors import busy, invalid
+from tformer.serve.errors import APIError, busy, invalid
 from tformer.serve.protocol import InspectRequest
 from tformer.serve.scheduler import QueueFull
 from tformer.serve.service import Service
@@ -41,7 +42,9 @@ MAX_INSPECT_TOKENS = 256
 
 async def inspect(service: Service, req: InspectRequest) -> dict:
     translation = service.kind == TRANSLATION
-    ids = checked_text(service, "text", req.text, service.context_length)
+    # a translation's source ends with </s>, which takes a place of the window
+    window = service.context_length - 1 if translation else service.context_length
+    ids = checked_text(service, "text", req.text, window)
     if translation:
         n_layers = service.model.config.n_decoder_layers
         target = None  # the model's own translation
@@ -57,12 +60,17 @@ async def inspect(service: Service, req: InspectRequest) -> dict:
         )
     if translation:
         result = await on_worker(service, lambda: alignment(service, ids, target, req.layer))
-    else:
-        try:
-            future = service.scheduler.call(lambda: look_inside(service, ids, req.layer, req.top))
-        except QueueFull as e:
-            raise busy(str(e)) from None
-        result = await asyncio.wrap_future(future)
+        return {"object": "inspection", "model": service.model_id, **result}
+    try:
+        future = service.scheduler.call(lambda: look_inside(service, ids, req.layer, req.top))
+    except QueueFull as e:
+        raise busy(str(e)) from None
+    try:
+        measured = await asyncio.wrap_future(future)
+    except QueueFull as e:  # the server shut down before the call ran
+        raise APIError(503, str(e), code="shutting_down") from None
+    # Formatting H x T x T weights as JSON takes a while: off the scheduler's thread.
+    result = await asyncio.to_thread(as_json, service, ids, req.layer, *measured)
     return {"object": "inspection", "model": service.model_id, **result}
 
 
@@ -79,10 +87,17 @@ def checked_text(service: Service, name: str, text: str, window: int) -> list[in
     return ids
 
 
-def look_inside(service: Service, ids: list[int], layer: int, top: int) -> dict:
-    """The instruments on one text (on the scheduler's thread)."""
-    model, tokenizer = service.model, service.tokenizer
+def vocab_limit(service: Service) -> int:
+    """Ids a prediction may take: those both the model and its tokenizer have."""
+    return min(service.tokenizer.vocab_size, service.model.config.vocab_size)
+
+
+def look_inside(service: Service, ids: list[int], layer: int, top: int) -> tuple:
+    """The instruments on one text (on the scheduler's thread): the layer's attention
+    (H, T, T), the residual norms, and the logit lens's ids and probabilities."""
+    model = service.model
     x = torch.tensor([ids], device=next(model.parameters()).device)  # (1, T)
+    limit = vocab_limit(service)
     previous = model.config.attention
     model.set_attention("explicit")  # the only path that forms the pattern to capture
     try:
@@ -90,10 +105,23 @@ def look_inside(service: Service, ids: list[int], layer: int, top: int) -> dict:
             name = f"blocks.{layer}.attn.hook_pattern"
             _, cache = model.run_with_cache(x, names=[name])
             norms = residual_norms(model, x)
-            lens_ids, lens_probs = logit_lens_top(model, x, k=top)  # (L + 1, 1, T, k)
+            lens = logit_lens_top(model, x, k=min(top, limit), vocab_limit=limit)
     finally:
         model.set_attention(previous)
-    pattern = cache[name][0].float()  # (H, T, T)
+    return cache[name][0].float().cpu(), norms, lens[0].cpu(), lens[1].cpu()
+
+
+def as_json(
+    service: Service,
+    ids: list[int],
+    layer: int,
+    pattern: torch.Tensor,
+    norms: list[float],
+    lens_ids: torch.Tensor,
+    lens_probs: torch.Tensor,
+) -> dict:
+    """What look_inside measured, as the response's fields."""
+    tokenizer, config = service.tokenizer, service.model.config
     text = {i: tokenizer.decode([i]) for i in set(lens_ids.flatten().tolist()) | set(ids)}
     lens = [
         [
@@ -108,8 +136,8 @@ def look_inside(service: Service, ids: list[int], layer: int, top: int) -> dict:
     return {
         "tokens": [text[i] for i in ids],
         "token_ids": ids,
-        "n_layers": model.config.n_layers,
-        "n_heads": model.config.n_heads,
+        "n_layers": config.n_layers,
+        "n_heads": config.n_heads,
         "layer": layer,
         "attention": [[[round(w, 4) for w in row] for row in head] for head in pattern.tolist()],
         "logit_lens": lens,  # [layer 0..L][position][rank] -> token, id, probability
@@ -122,10 +150,12 @@ def alignment(service: Service, source: list[int], target: list[int] | None, lay
     model, tokenizer = service.model, service.tokenizer
     c = model.config
     device = next(model.parameters()).device
-    src = [*source[: c.max_len - 1], c.eos_id]  # as the model reads a source: ending with </s>
-    if target is None:
+    src = [*source, c.eos_id]  # as the model reads a source: ending with </s>
+    if target is None:  # as long as an inspected text may be, in the tokenizer's ids
+        most = min(MAX_INSPECT_TOKENS, c.max_len - 1)
+        limit = min(tokenizer.vocab_size, c.tgt_vocab_size)
         with torch.inference_mode():
-            target = greedy_search(model, torch.tensor([src], device=device), c.max_len - 1)[0]
+            target = greedy_search(model, torch.tensor([src], device=device), most, limit)[0]
         if not target:
             raise invalid("the model's translation of the text is empty: give a target", "text")
     previous = c.attention

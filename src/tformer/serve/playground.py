@@ -7,15 +7,14 @@ fetched from elsewhere), served as files under /playground/. It asks for the API
 when the server wants one (a 401), and keeps it for the browser tab's session.
 
     GET /v1/models/{model}   OpenAI's model object, and tformer's details: the kind, the
-                             configuration, the parameter count (from the checkpoint's
-                             safetensors headers), the tokenizer, the decoding path, the
-                             chat template's source, and the training curve of the run
-                             directory it was saved in (metrics.jsonl), if any
+                             configuration, the parameter count, the tokenizer, the
+                             decoding path, where the chat template came from, and the
+                             training curve of the run directory it was saved in
+                             (metrics.jsonl), if any
 """
 
 import dataclasses
-import json
-import struct
+import math
 from pathlib import Path
 
 from tformer.serve.service import Service
@@ -43,35 +42,16 @@ def model_details(service: Service) -> dict:
     return {
         **model_object(service),
         "config": dataclasses.asdict(config) if dataclasses.is_dataclass(config) else None,
-        "parameters": parameter_count(service.directory),
+        "parameters": service.parameters,
         "tokenizer": {
             "type": type(tokenizer).__name__,
             "vocab_size": getattr(tokenizer, "vocab_size", None),
         },
         "decoding": service.decoding,
-        "chat_template": service.chat.source if service.chat is not None else None,
+        # where the template came from: "checkpoint", "default", or "file" (not its path)
+        "chat_template": service.chat.source.split(" ")[0] if service.chat is not None else None,
         "training": training_curve(service.directory),
     }
-
-
-def parameter_count(directory: Path) -> int | None:
-    """The numbers stored in the checkpoint's safetensors files, read from their headers
-    (8 bytes of length, then JSON: each tensor's shape); a tied weight is stored once."""
-    total, files = 0, sorted(Path(directory).glob("*.safetensors"))
-    try:
-        for path in files:
-            with open(path, "rb") as f:
-                (length,) = struct.unpack("<Q", f.read(8))
-                header = json.loads(f.read(length))
-            for name, entry in header.items():
-                if name != "__metadata__":
-                    size = 1
-                    for dim in entry["shape"]:
-                        size *= dim
-                    total += size
-    except (OSError, ValueError, KeyError, struct.error):
-        return None  # the model loaded, so this is only the page's figure missing
-    return total if files else None
 
 
 def training_curve(directory: Path) -> dict | None:
@@ -93,7 +73,7 @@ def training_curve(directory: Path) -> dict | None:
 
 def thin(points: list[list[float]]) -> list[list[float]]:
     """Every k-th point, and the last, so that about CURVE_POINTS remain."""
-    step = max(1, len(points) // CURVE_POINTS)
+    step = max(1, math.ceil(len(points) / CURVE_POINTS))
     kept = points[::step]
     if points and kept[-1] is not points[-1]:
         kept.append(points[-1])

@@ -166,7 +166,7 @@ class Scheduler:
         with self.condition:
             if self.closed:
                 raise QueueFull("the server is shutting down")
-            if len(self.calls) >= self.max_queue:
+            if self.calls and len(self.calls) >= self.max_queue:
                 raise QueueFull(f"{len(self.calls)} requests are waiting already")
             self.calls.append((work, future))
             self.condition.notify()
@@ -233,7 +233,10 @@ class Scheduler:
         self._report()
 
     def _run_calls(self) -> None:
-        while True:
+        """The calls waiting now; those that come meanwhile wait for the next step."""
+        with self.condition:
+            waiting = len(self.calls)
+        for _ in range(waiting):
             with self.condition:
                 if not self.calls:
                     return

@@ -58,6 +58,7 @@ class Service:
         self.chat: ChatTemplate | None = None
         self.context_length = 0
         self.decoding = ""  # which path the model runs on (DecodingPath.describe)
+        self.parameters: int | None = None  # the model's, counted before packing
         self.scheduler: Scheduler | None = None
         self.worker = ThreadPoolExecutor(1, thread_name_prefix="tformer-model")
         self.index = None  # /v1/answers: the corpus's BM25 index
@@ -86,7 +87,7 @@ def load_language_model(service: Service, device: torch.device) -> None:
     model, tokenizer, path = load_for_decoding(
         str(service.directory), device, config.dtype, config.quantize
     )
-    service.decoding = path.describe()
+    service.decoding, service.parameters = path.describe(), path.parameters
     print(f"tformer serve: decoding: {service.decoding}", file=sys.stderr)
     if path.kernels is not None:  # where torch's matmul overtakes them, on this CPU
         rows = calibrate_kernel_rows(model, config.max_batch)

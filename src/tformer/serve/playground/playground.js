@@ -40,18 +40,28 @@ async function call(path, body, signal) {
   }
 }
 
+let keyAsked = null;  // the answer being waited for, shared by every request that got a 401
+
 function askForKey(reason) {
+  if (keyAsked) return keyAsked;
   const dialog = $("#key-dialog");
   $("#key-reason").textContent = `${reason}.`;
   $("#api-key").value = "";
+  dialog.returnValue = "";  // "ok" once the key is given; Escape leaves it empty
   dialog.showModal();
-  return new Promise((resolve) => {
+  keyAsked = new Promise((resolve, reject) => {
     dialog.addEventListener("close", () => {
+      keyAsked = null;
       const key = $("#api-key").value.trim();
+      if (dialog.returnValue !== "ok" || !key) {
+        reject(new ApiError("this server needs an API key; reload the page to give one"));
+        return;
+      }
       sessionStorage.setItem("tformer-api-key", key);
       resolve(key);
     }, { once: true });
   });
+  return keyAsked;
 }
 
 // The data: {...} objects of a server-sent event stream, until [DONE].
@@ -59,30 +69,36 @@ async function* streamed(response) {
   const reader = response.body.getReader();
   const decoder = new TextDecoder();
   let buffer = "";
-  for (;;) {
-    const { value, done } = await reader.read();
-    if (done) return;
-    buffer += decoder.decode(value, { stream: true });
-    let end;
-    while ((end = buffer.indexOf("\n\n")) >= 0) {
-      const block = buffer.slice(0, end);
-      buffer = buffer.slice(end + 2);
-      for (const line of block.split("\n")) {
-        if (!line.startsWith("data: ")) continue;
-        const data = line.slice(6);
-        if (data === "[DONE]") return;
-        const chunk = JSON.parse(data);
-        if (chunk.error) throw new ApiError(chunk.error.message);
-        yield chunk;
+  try {
+    for (;;) {
+      const { value, done } = await reader.read();
+      if (done) return;
+      buffer += decoder.decode(value, { stream: true }).replace(/\r\n?/g, "\n");
+      let end;
+      while ((end = buffer.indexOf("\n\n")) >= 0) {
+        const block = buffer.slice(0, end);
+        buffer = buffer.slice(end + 2);
+        for (const line of block.split("\n")) {
+          if (!line.startsWith("data:")) continue;
+          const data = line.slice(5).trim();
+          if (data === "[DONE]") return;
+          const chunk = JSON.parse(data);
+          if (chunk.error) throw new ApiError(chunk.error.message);
+          yield chunk;
+        }
       }
     }
+  } finally {
+    reader.cancel().catch(() => {});  // a consumer that stopped early closes the stream
   }
 }
 
 function showError(where, error) {
   const box = $(`#${where}-error`);
   if (!error) { box.hidden = true; box.textContent = ""; return; }
-  box.textContent = error instanceof ApiError ? error.message : `${error.name}: ${error.message}`;
+  if (error instanceof ApiError) box.textContent = error.message;
+  else if (error instanceof TypeError) box.textContent = `The server could not be reached (${error.message}).`;
+  else box.textContent = `${error.name}: ${error.message}`;
   box.hidden = false;
 }
 
@@ -148,12 +164,11 @@ function showTab(name) {
   for (const button of document.querySelectorAll("#tabs button")) {
     const on = button.dataset.tab === name;
     button.setAttribute("aria-selected", String(on));
-    button.tabIndex = on ? 0 : -1;
   }
   for (const panel of document.querySelectorAll("main > section")) {
     panel.hidden = panel.id !== `tab-${name}`;
   }
-  if (name === "inside") copyTextInside();
+  if (name === "inside") copyTextInside();  // the text on screen, if new
 }
 
 function buildTabs(names) {
@@ -234,6 +249,7 @@ async function generate(event) {
   $("#generate-stop").disabled = false;
   const status = $("#generate-status");
   status.textContent = "waiting for the first token…";
+  output.setAttribute("aria-busy", "true");
   const started = performance.now();
   let tokens = 0, reason = null;
   try {
@@ -253,12 +269,14 @@ async function generate(event) {
       if (choice.finish_reason) reason = choice.finish_reason;
       status.textContent = `${tokens} tokens…`;
     }
-    status.textContent = `${tokens} tokens, ${reason === "stop" ? "stopped at a stop token or string" : "reached max tokens"}`;
+    const why = { stop: "stopped at a stop token or string", length: "reached max tokens" }[reason];
+    status.textContent = `${tokens} tokens, ${why || "the stream ended early"}`;
   } catch (error) {
     if (aborted(error)) status.textContent = `stopped after ${tokens} tokens`;
     else { status.textContent = ""; showError("generate", error); }
   } finally {
     generation = null;
+    output.removeAttribute("aria-busy");
     $("#generate-run").disabled = false;
     $("#generate-stop").disabled = true;
   }
@@ -297,10 +315,18 @@ async function chat(event) {
       const delta = chunk.choices[0] && chunk.choices[0].delta;
       if (delta && delta.content) reply.textContent += delta.content;
     }
-  } catch (error) {
-    if (!aborted(error)) showError("chat", error);
-  } finally {
     conversation.push({ role: "assistant", content: reply.textContent });
+  } catch (error) {
+    if (aborted(error)) {
+      conversation.push({ role: "assistant", content: reply.textContent });
+    } else {  // the turn did not happen: take it back, its text into the box again
+      conversation.pop();
+      reply.previousElementSibling.remove();
+      reply.remove();
+      $("#chat-input").value = text;
+      showError("chat", error);
+    }
+  } finally {
     chatting = null;
     $("#chat-send").disabled = false;
     $("#chat-stop").disabled = true;
@@ -381,17 +407,26 @@ function fillPicker(select, count, label, withAll) {
 // -- Inside --------------------------------------------------------------------------
 
 let inspection = null;  // the last /v1/inspect answer
+let inspecting = false;
+
+let copied = "";  // the generated text last copied into Inside
 
 function copyTextInside() {
   const generated = $("#generate-output");
   const text = generated ? generated.textContent : "";
-  if (text.trim()) $("#inside-text").value = text;
+  if (text.trim() && text !== copied) {
+    $("#inside-text").value = text;
+    copied = text;
+  }
 }
 
 async function lookInside(event) {
   if (event) event.preventDefault();
+  if (inspecting) return;
+  inspecting = true;
   showError("inside", null);
   $("#inside-run").disabled = true;
+  $("#inside-layer").disabled = true;
   try {
     const body = { model: state.model, text: $("#inside-text").value, layer: Number($("#inside-layer").value || 0), top: 5 };
     const response = await call("/v1/inspect", body);
@@ -405,7 +440,9 @@ async function lookInside(event) {
   } catch (error) {
     showError("inside", error);
   } finally {
+    inspecting = false;
     $("#inside-run").disabled = false;
+    $("#inside-layer").disabled = false;
   }
 }
 
@@ -486,22 +523,41 @@ function drawCurve(svg, series) {
 // -- Translate -----------------------------------------------------------------------
 
 let alignment = null;
+let translating = false;
 
 async function translate(event) {
   event.preventDefault();
+  if (translating) return;
+  translating = true;
   showError("translate", null);
   $("#translate-run").disabled = true;
+  $("#translate-heatmap").replaceChildren();
   try {
     const text = $("#translate-input").value;
     const body = { model: state.model, input: text, beam_size: numberField("beam_size") };
     const result = await (await call("/v1/translations", body)).json();
     const translation = result.data[0].translation;
     $("#translate-output").textContent = translation;
-    await drawAlignment(text, translation);
+    if (translation) await drawAlignment(text, translation);
   } catch (error) {
     showError("translate", error);
   } finally {
+    translating = false;
     $("#translate-run").disabled = false;
+  }
+}
+
+async function changeAlignmentLayer() {
+  if (!alignment || translating) return;
+  translating = true;
+  $("#translate-layer").disabled = true;
+  try {
+    await drawAlignment(alignment.text, alignment.target);
+  } catch (error) {
+    showError("translate", error);
+  } finally {
+    translating = false;
+    $("#translate-layer").disabled = false;
   }
 }
 
@@ -517,8 +573,12 @@ async function drawAlignment(text, target) {
 
 // -- Answer --------------------------------------------------------------------------
 
+let answering = false;
+
 async function answerQuestion(event) {
   event.preventDefault();
+  if (answering) return;
+  answering = true;
   showError("answer", null);
   $("#answer-run").disabled = true;
   try {
@@ -532,6 +592,7 @@ async function answerQuestion(event) {
   } catch (error) {
     showError("answer", error);
   } finally {
+    answering = false;
     $("#answer-run").disabled = false;
   }
 }
@@ -598,22 +659,37 @@ function wire() {
   on("#generate-stop", "click", () => generation && generation.abort());
   on("#chat-form", "submit", chat);
   on("#chat-stop", "click", () => chatting && chatting.abort());
-  on("#chat-clear", "click", () => { conversation = []; $("#chat-log").replaceChildren(); });
+  on("#chat-clear", "click", () => {
+    if (chatting) chatting.abort();
+    conversation = [];
+    $("#chat-log").replaceChildren();
+  });
   on("#inside-form", "submit", lookInside);
   on("#inside-layer", "change", () => lookInside());
   on("#inside-head", "change", () => inspection && drawAttention("#inside-heatmap", inspection.attention, inspection.tokens, inspection.tokens, $("#inside-head").value));
   on("#translate-form", "submit", translate);
-  on("#translate-layer", "change", () => alignment && drawAlignment(alignment.text, alignment.target).catch((e) => showError("translate", e)));
+  on("#translate-layer", "change", changeAlignmentLayer);
   on("#translate-head", "change", () => alignment && drawAttention("#translate-heatmap", alignment.attention, alignment.target_tokens, alignment.tokens, $("#translate-head").value));
   on("#answer-form", "submit", answerQuestion);
   for (const form of document.querySelectorAll("main form")) submitOnCtrlEnter(form);
 }
 
+const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
+
 async function start() {
   try {
     const models = await (await call("/v1/models")).json();
     state.model = models.data[0].id;
-    state.details = await (await call(`/v1/models/${encodeURIComponent(state.model)}`)).json();
+    for (let tries = 0; ; tries++) {  // 503 while the model loads: wait for it
+      try {
+        state.details = await (await call(`/v1/models/${encodeURIComponent(state.model)}`)).json();
+        break;
+      } catch (error) {
+        if (!/loading/.test(error.message) || tries >= 120) throw error;
+        $("#model-line").textContent = "the model is loading…";
+        await sleep(1000);
+      }
+    }
   } catch (error) {
     $("#model-line").textContent = "";
     const box = $("#page-error");
@@ -626,6 +702,13 @@ async function start() {
   buildTabs(tabsFor(d));
   wire();
   showModel(d);
+  const c = d.config || {};
+  const layers = d.kind === "translation" ? c.n_decoder_layers : c.n_layers;
+  for (const where of ["inside", "translate"]) {
+    if (!$(`#${where}-layer`) || !layers) continue;
+    fillPicker($(`#${where}-layer`), layers, "layer", false);
+    fillPicker($(`#${where}-head`), c.n_heads, "head", true);
+  }
 }
 
 start();
