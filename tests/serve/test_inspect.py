@@ -137,9 +137,43 @@ def test_a_translation_model_shows_its_alignment_as_the_model_computes_it(
     assert too_long.status_code == 400 and too_long.json()["error"]["param"] == "target"
 
 
-def test_a_language_model_takes_no_target(lm_server):
-    response = inspect(lm_server, target="x")
-    assert response.status_code == 400 and response.json()["error"]["param"] == "target"
+@pytest.mark.parametrize("field", ["target", "stack"])
+def test_a_language_model_takes_no_target_or_stack(lm_server, field):
+    response = inspect(lm_server, **{field: "cross"})
+    assert response.status_code == 400 and response.json()["error"]["param"] == field
+
+
+@pytest.mark.parametrize(
+    ("stack", "module", "rows", "cols"),
+    [
+        ("encoder", "encoder_layers.0.self_attn", "source", "source"),
+        ("decoder", "decoder_layers.0.self_attn", "target", "target"),
+        ("cross", "decoder_layers.0.cross_attn", "target", "source"),
+    ],
+)
+def test_each_stack_of_a_translation_model_and_its_lens(
+    translator, translation_server, stack, module, rows, cols
+):
+    model, tokenizer = load_translation_model(translator, torch.device("cpu"))
+    pack_for_decoding(model, "float32")  # as the server packs it
+    model.set_attention("explicit")
+    body = {"model": "translator", "text": "one two", "target": "three", "stack": stack}
+    got = httpx.post(f"{translation_server.url}/v1/inspect", json=body, timeout=60).json()
+    c = model.config
+    src = torch.tensor([[*tokenizer.encode("one two"), c.eos_id]])
+    tgt = torch.tensor([[c.bos_id, *tokenizer.encode("three")]])
+    with torch.inference_mode():
+        name = f"{module}.hook_pattern"
+        _, cache = model.run_with_cache(src, tgt, names=[name])
+        lens = torch.softmax(logit_lens(model, src, tgt).float(), -1)  # (L + 1, 1, T, V)
+        norms = residual_norms(model, src, tgt)
+    tokens = {"source": [*"one two", "</s>"], "target": ["<s>", *"three"]}
+    assert got["query_tokens"] == tokens[rows] and got["key_tokens"] == tokens[cols]
+    torch.testing.assert_close(torch.tensor(got["attention"]), cache[name][0], rtol=0, atol=6e-5)
+    torch.testing.assert_close(torch.tensor(got["residual_norms"]), torch.tensor(norms))
+    assert got["residual_layers"] == ["encoder_layers.0", "decoder_layers.0", "out"]
+    top = [[position[0]["id"] for position in layer] for layer in got["logit_lens"]]
+    assert top == lens[:, 0].argmax(-1).tolist()  # over the target's positions
 
 
 def test_the_model_details_are_the_checkpoint_s(unicode_lm, serve_session):

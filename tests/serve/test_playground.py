@@ -121,7 +121,7 @@ def test_each_kind_of_model_gets_its_tabs_and_no_others(
     expected = [
         (lm_server, ["Generate", "Inside", "Model"]),
         (chat_server, ["Generate", "Chat", "Inside", "Model"]),
-        (translation_server, ["Translate", "Model"]),
+        (translation_server, ["Translate", "Inside", "Model"]),
         (reader_server, ["Answer", "Model"]),
     ]
     for server, tabs in expected:
@@ -294,6 +294,34 @@ def test_a_translation_and_its_alignment_appear(open_page, translation_server):
     assert canvas.get_attribute("data-cols") == str(len("one two three") + 1)  # characters, </s>
     assert canvas.get_attribute("data-rows") == str(len(translation) + 1)  # <s>, characters
     opened.screenshot("translate")
+    assert opened.errors == []
+
+
+def test_inside_a_translation_model_each_stack_has_its_axes(open_page, translation_server):
+    opened = open_page(translation_server)
+    page = opened.page
+    page.fill("#translate-input", "one two")
+    page.click("#translate-run")
+    page.wait_for_selector("#translate-heatmap canvas")
+    translation = page.inner_text("#translate-output")
+    opened.tab("inside")  # the source and its translation come along
+    assert page.input_value("#inside-text") == "one two"
+    assert page.input_value("#inside-target") == translation
+    page.select_option("#inside-stack", "encoder")
+    page.click("#inside-run")
+    page.wait_for_selector("#inside-heatmap canvas")
+    page.select_option("#inside-head", "0")
+    canvas = page.locator("#inside-heatmap canvas")
+    source = len("one two") + 1  # characters and </s>
+    assert canvas.get_attribute("data-rows") == canvas.get_attribute("data-cols") == str(source)
+    page.select_option("#inside-stack", "decoder")
+    target = len(translation) + 1  # <s> and characters
+    page.wait_for_function(
+        f"document.querySelector('#inside-heatmap canvas').dataset.cols === '{target}'"
+    )
+    assert page.locator("#logit-lens tbody tr").count() == 2  # embeddings, decoder layer 0
+    assert page.locator("#logit-lens thead th").count() == target + 1
+    assert page.locator("#residual-norms rect").count() == 3  # encoder, decoder, out
     assert opened.errors == []
 
 

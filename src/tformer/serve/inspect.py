@@ -13,9 +13,12 @@ numbers are made JSON on another thread:
                      the last (L + 1 values)
 
 For a translation model the text is the source and `target` its translation (the model's
-own greedy one if not given); what comes back is the cross-attention of decoder layer
-`layer`, every head (H, T, S): row t the distribution target token t (after the start
-token) puts over the source tokens, its alignment. It runs on the service's worker thread.
+own greedy one if not given); the attention is that of `stack`'s layer `layer`: "cross"
+(the default), (H, T, S), row t the distribution target token t (after the start token)
+puts over the source tokens, its alignment; "encoder", source over source; "decoder",
+target over the target before it. The logit lens runs over the decoder's positions, the
+residual norms over the encoder's layers, then the decoder's. It runs on the service's
+worker thread, in turn with the translations.
 
 Bounds: the text (and the target) at most MAX_INSPECT_TOKENS tokens and the model's context
 window, the smaller; beyond it, or with a layer the model does not have, a 400 naming the
@@ -27,7 +30,7 @@ import asyncio
 import torch
 
 from tformer.generate.beam import greedy_search
-from tformer.lab.instruments import logit_lens_top, residual_norms
+from tformer.lab.instruments import logit_lens_top, residual_layers, residual_norms
 from tformer.models.load import TRANSLATION
 from tformer.serve.applications import encode_text, on_worker
 from tformer.serve.errors import APIError, busy, invalid
@@ -46,20 +49,25 @@ async def inspect(service: Service, req: InspectRequest) -> dict:
     window = service.context_length - 1 if translation else service.context_length
     ids = checked_text(service, "text", req.text, window)
     if translation:
-        n_layers = service.model.config.n_decoder_layers
+        stack = req.stack or "cross"
+        config = service.model.config
+        n_layers = config.n_encoder_layers if stack == "encoder" else config.n_decoder_layers
         target = None  # the model's own translation
         if req.target is not None:
             target = checked_text(service, "target", req.target, service.context_length - 1)
     else:
         n_layers = service.model.config.n_layers
-        if req.target is not None:
-            raise invalid("target is for translation models; this is a language model", "target")
+        for name in ("target", "stack"):
+            if getattr(req, name) is not None:
+                raise invalid(f"{name} is for translation models; this is a language model", name)
     if req.layer >= n_layers:
         raise invalid(
             f"layer is {req.layer}, but this model's layers are 0..{n_layers - 1}", "layer"
         )
     if translation:
-        result = await on_worker(service, lambda: alignment(service, ids, target, req.layer))
+        result = await on_worker(
+            service, lambda: inside_translation(service, ids, target, stack, req.layer, req.top)
+        )
         return {"object": "inspection", "model": service.model_id, **result}
     try:
         future = service.scheduler.call(lambda: look_inside(service, ids, req.layer, req.top))
@@ -121,9 +129,30 @@ def as_json(
     lens_probs: torch.Tensor,
 ) -> dict:
     """What look_inside measured, as the response's fields."""
-    tokenizer, config = service.tokenizer, service.model.config
-    text = {i: tokenizer.decode([i]) for i in set(lens_ids.flatten().tolist()) | set(ids)}
-    lens = [
+    tokenizer, model = service.tokenizer, service.model
+    return {
+        "tokens": [tokenizer.decode([i]) for i in ids],
+        "token_ids": ids,
+        "n_layers": model.config.n_layers,
+        "n_heads": model.config.n_heads,
+        "layer": layer,
+        "attention": weights_json(pattern),
+        "logit_lens": lens_json(tokenizer, lens_ids, lens_probs),
+        "residual_norms": norms,  # entering each layer, then leaving the last
+        "residual_layers": [*residual_layers(model), "out"],
+    }
+
+
+def weights_json(pattern: torch.Tensor) -> list:
+    """(H, T, S) attention weights -> nested lists, 4 decimals."""
+    return [[[round(w, 4) for w in row] for row in head] for head in pattern.tolist()]
+
+
+def lens_json(tokenizer, lens_ids: torch.Tensor, lens_probs: torch.Tensor) -> list:
+    """The logit lens's (L + 1, 1, T, k) ids and probabilities -> [layer 0..L][position]
+    [rank] -> {token, id, probability}."""
+    text = {i: tokenizer.decode([i]) for i in set(lens_ids.flatten().tolist())}
+    return [
         [
             [
                 {"token": text[i], "id": i, "probability": round(p, 5)}
@@ -133,49 +162,64 @@ def as_json(
         ]
         for layer_ids, layer_probs in zip(lens_ids, lens_probs, strict=True)
     ]
-    return {
-        "tokens": [text[i] for i in ids],
-        "token_ids": ids,
-        "n_layers": config.n_layers,
-        "n_heads": config.n_heads,
-        "layer": layer,
-        "attention": [[[round(w, 4) for w in row] for row in head] for head in pattern.tolist()],
-        "logit_lens": lens,  # [layer 0..L][position][rank] -> token, id, probability
-        "residual_norms": norms,  # entering layers 0..L-1, then leaving the last
-    }
 
 
-def alignment(service: Service, source: list[int], target: list[int] | None, layer: int) -> dict:
-    """A translation model's cross-attention of one decoder layer (on the worker thread)."""
+def inside_translation(
+    service: Service,
+    source: list[int],
+    target: list[int] | None,
+    stack: str,
+    layer: int,
+    top: int,
+) -> dict:
+    """A translation model's instruments on a source and target (on the worker thread)."""
     model, tokenizer = service.model, service.tokenizer
     c = model.config
     device = next(model.parameters()).device
     src = [*source, c.eos_id]  # as the model reads a source: ending with </s>
+    limit = min(tokenizer.vocab_size, c.tgt_vocab_size)
     if target is None:  # as long as an inspected text may be, in the tokenizer's ids
         most = min(MAX_INSPECT_TOKENS, c.max_len - 1)
-        limit = min(tokenizer.vocab_size, c.tgt_vocab_size)
         with torch.inference_mode():
             target = greedy_search(model, torch.tensor([src], device=device), most, limit)[0]
         if not target:
             raise invalid("the model's translation of the text is empty: give a target", "text")
+    module = {
+        "encoder": f"encoder_layers.{layer}.self_attn",
+        "decoder": f"decoder_layers.{layer}.self_attn",
+        "cross": f"decoder_layers.{layer}.cross_attn",
+    }[stack]
+    name = f"{module}.hook_pattern"
+    tgt_in = [c.bos_id, *target]
+    inputs = (torch.tensor([src], device=device), torch.tensor([tgt_in], device=device))
     previous = c.attention
     model.set_attention("explicit")  # the only path that forms the pattern to capture
     try:
         with torch.inference_mode():
-            name = f"decoder_layers.{layer}.cross_attn.hook_pattern"
-            src_ids = torch.tensor([src], device=device)
-            tgt_in = torch.tensor([[c.bos_id, *target]], device=device)
-            _, cache = model.run_with_cache(src_ids, tgt_in, names=[name])
+            _, cache = model.run_with_cache(*inputs, names=[name])
+            norms = residual_norms(model, *inputs)
+            lens_ids, lens_probs = logit_lens_top(
+                model, *inputs, k=min(top, limit), vocab_limit=limit
+            )
     finally:
         model.set_attention(previous)
-    pattern = cache[name][0].float()  # (H, T, S)
+    source_tokens = [tokenizer.decode([i]) for i in src[:-1]] + ["</s>"]
+    target_tokens = ["<s>"] + [tokenizer.decode([i]) for i in target]
+    queries = source_tokens if stack == "encoder" else target_tokens
+    keys = target_tokens if stack == "decoder" else source_tokens
     return {
-        "tokens": [tokenizer.decode([i]) for i in src[:-1]] + ["</s>"],
-        "target_tokens": ["<s>"] + [tokenizer.decode([i]) for i in target],
+        "tokens": source_tokens,
+        "target_tokens": target_tokens,
+        "query_tokens": queries,
+        "key_tokens": keys,
         "text": tokenizer.decode(src[:-1]),
         "target": tokenizer.decode(target),
-        "n_layers": c.n_decoder_layers,
+        "stack": stack,
+        "n_layers": c.n_encoder_layers if stack == "encoder" else c.n_decoder_layers,
         "n_heads": c.n_heads,
         "layer": layer,
-        "attention": [[[round(w, 4) for w in row] for row in head] for head in pattern.tolist()],
+        "attention": weights_json(cache[name][0].float()),
+        "logit_lens": lens_json(tokenizer, lens_ids.cpu(), lens_probs.cpu()),  # target positions
+        "residual_norms": norms,  # encoder layers, then decoder layers, then leaving the last
+        "residual_layers": [*residual_layers(model), "out"],
     }

@@ -108,6 +108,7 @@ class InspectRequest(Strict):
     layer: int = Field(0, ge=0)  # whose attention comes back: every head of this layer
     top: int = Field(3, ge=1, le=20)  # the logit lens's most likely tokens per position
     target: str | None = None  # translation models: the target (else the model's own)
+    stack: Literal["encoder", "decoder", "cross"] | None = None  # translation: default cross
 
 
 def parse_body(raw: bytes, model: type[Strict]) -> Strict:

@@ -154,7 +154,7 @@ function percent(p) { return `${(100 * p).toFixed(p < 0.1 ? 2 : 1)}%`; }
 // -- tabs ----------------------------------------------------------------------------
 
 function tabsFor(details) {
-  if (details.kind === "translation") return ["translate", "model"];
+  if (details.kind === "translation") return ["translate", "inside", "model"];
   if (details.kind === "qa") return ["answer", "model"];
   const chat = details.chat_template && details.chat_template !== "default";
   return chat ? ["generate", "chat", "inside", "model"] : ["generate", "inside", "model"];
@@ -412,12 +412,27 @@ let inspecting = false;
 let copied = "";  // the generated text last copied into Inside
 
 function copyTextInside() {
+  const translated = $("#translate-output");
+  if (translated) {  // a translation model: its last source and translation
+    const pair = `${$("#translate-input").value}\u0000${translated.textContent}`;
+    if (translated.textContent && pair !== copied) {
+      $("#inside-text").value = $("#translate-input").value;
+      $("#inside-target").value = translated.textContent;
+      copied = pair;
+    }
+    return;
+  }
   const generated = $("#generate-output");
   const text = generated ? generated.textContent : "";
   if (text.trim() && text !== copied) {
     $("#inside-text").value = text;
     copied = text;
   }
+}
+
+function drawInsideAttention() {
+  const r = inspection;
+  drawAttention("#inside-heatmap", r.attention, r.query_tokens || r.tokens, r.key_tokens || r.tokens, $("#inside-head").value);
 }
 
 async function lookInside(event) {
@@ -429,14 +444,21 @@ async function lookInside(event) {
   $("#inside-layer").disabled = true;
   try {
     const body = { model: state.model, text: $("#inside-text").value, layer: Number($("#inside-layer").value || 0), top: 5 };
+    if (state.details.kind === "translation") {
+      body.stack = $("#inside-stack").value;
+      const target = $("#inside-target").value;
+      if (target.trim()) body.target = target;
+    }
     const response = await call("/v1/inspect", body);
     inspection = await response.json();
     fillPicker($("#inside-layer"), inspection.n_layers, "layer", false);
     $("#inside-layer").value = String(inspection.layer);
     fillPicker($("#inside-head"), inspection.n_heads, "head", true);
-    drawAttention("#inside-heatmap", inspection.attention, inspection.tokens, inspection.tokens, $("#inside-head").value);
+    drawInsideAttention();
     drawLogitLens(inspection);
-    drawBars($("#residual-norms"), inspection.residual_norms, (i) => (i === inspection.n_layers ? "out" : `in ${i}`));
+    const names = inspection.residual_layers;
+    const short = (name) => name.replace("blocks.", "in ").replace("encoder_layers.", "enc ").replace("decoder_layers.", "dec ");
+    drawBars($("#residual-norms"), inspection.residual_norms, (i) => short(names[i]));
   } catch (error) {
     showError("inside", error);
   } finally {
@@ -451,7 +473,7 @@ function drawLogitLens(result) {
   table.replaceChildren();
   const head = table.createTHead().insertRow();
   head.append(document.createElement("th"));
-  for (const token of result.tokens) {
+  for (const token of result.target_tokens || result.tokens) {  // the positions predicting
     const th = document.createElement("th");
     th.textContent = visible(token);
     head.append(th);
@@ -666,7 +688,12 @@ function wire() {
   });
   on("#inside-form", "submit", lookInside);
   on("#inside-layer", "change", () => lookInside());
-  on("#inside-head", "change", () => inspection && drawAttention("#inside-heatmap", inspection.attention, inspection.tokens, inspection.tokens, $("#inside-head").value));
+  on("#inside-head", "change", () => inspection && drawInsideAttention());
+  on("#inside-stack", "change", () => {
+    const c = state.details.config;
+    fillPicker($("#inside-layer"), $("#inside-stack").value === "encoder" ? c.n_encoder_layers : c.n_decoder_layers, "layer", false);
+    if (inspection) lookInside();
+  });
   on("#translate-form", "submit", translate);
   on("#translate-layer", "change", changeAlignmentLayer);
   on("#translate-head", "change", () => alignment && drawAttention("#translate-heatmap", alignment.attention, alignment.target_tokens, alignment.tokens, $("#translate-head").value));
@@ -704,6 +731,10 @@ async function start() {
   showModel(d);
   const c = d.config || {};
   const layers = d.kind === "translation" ? c.n_decoder_layers : c.n_layers;
+  if (d.kind === "translation" && $("#inside-translation")) {
+    $("#inside-translation").hidden = false;
+    $("#inside-text").value = "";
+  }
   for (const where of ["inside", "translate"]) {
     if (!$(`#${where}-layer`) || !layers) continue;
     fillPicker($(`#${where}-layer`), layers, "layer", false);
