@@ -235,6 +235,14 @@ def test_the_attention_heatmap_has_a_cell_per_token_pair_and_follows_the_pickers
     assert page.locator("#logit-lens tbody tr").count() == 3  # embeddings, layers 0 and 1
     assert page.locator("#logit-lens thead th").count() == tokens + 1
     assert page.locator("#residual-norms rect").count() == 3
+    # From the keyboard: a cell's weight at a cursor the arrows move, a lens cell's
+    # alternatives on focus.
+    page.focus("#inside-heatmap canvas")
+    page.keyboard.press("ArrowDown")
+    tooltip = page.locator("#tooltip")
+    assert tooltip.is_visible() and "→" in tooltip.inner_text()
+    page.focus("#logit-lens tbody td")
+    assert tooltip.locator("tr").count() == 5  # the top 5, with their probabilities
     opened.screenshot("inside")
     assert opened.errors == []
 

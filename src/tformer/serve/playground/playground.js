@@ -371,15 +371,35 @@ function heatmap(weights, queries, keys, caption, labelled) {
     context.fillStyle = weightColour(w);
     context.fillRect(j * cell, i * cell, cell, cell);
   }));
+  // A cell's weight: under the pointer, or, from the keyboard, at a cursor the arrow keys move.
+  const tell = (i, j, x, y) => showTooltip({ getBoundingClientRect: () => ({ left: x, bottom: y }) },
+    [[`${visible(queries[i])} → ${visible(keys[j])}`, weights[i][j].toFixed(3)]]);
   canvas.addEventListener("mousemove", (event) => {
     const box = canvas.getBoundingClientRect();
     const j = Math.floor((event.clientX - box.left) / (box.width / keys.length));
     const i = Math.floor((event.clientY - box.top) / (box.height / queries.length));
     if (i < 0 || j < 0 || i >= queries.length || j >= keys.length) return;
-    showTooltip({ getBoundingClientRect: () => ({ left: event.clientX, bottom: event.clientY }) },
-      [[`${visible(queries[i])} → ${visible(keys[j])}`, weights[i][j].toFixed(3)]]);
+    tell(i, j, event.clientX, event.clientY);
   });
   canvas.addEventListener("mouseleave", hideTooltip);
+  canvas.tabIndex = 0;
+  let cursor = [0, 0];
+  const tellCursor = () => {
+    const box = canvas.getBoundingClientRect();
+    const [i, j] = cursor;
+    tell(i, j, box.left + (j + 1) * (box.width / keys.length), box.top + (i + 1) * (box.height / queries.length));
+  };
+  canvas.addEventListener("focus", tellCursor);
+  canvas.addEventListener("blur", hideTooltip);
+  canvas.addEventListener("keydown", (event) => {
+    const moves = { ArrowUp: [-1, 0], ArrowDown: [1, 0], ArrowLeft: [0, -1], ArrowRight: [0, 1] };
+    const move = moves[event.key];
+    if (!move) return;
+    event.preventDefault();
+    cursor = [Math.max(0, Math.min(queries.length - 1, cursor[0] + move[0])),
+      Math.max(0, Math.min(keys.length - 1, cursor[1] + move[1]))];
+    tellCursor();
+  });
   if (labelled) figure.append(axis("cols", keys, cell), axis("rows", queries, cell));
   figure.append(canvas);
   return figure;
@@ -488,7 +508,12 @@ function drawLogitLens(result) {
       const cell = row.insertCell();
       cell.textContent = visible(top[0].token);
       cell.style.background = probabilityColour(top[0].probability);
-      cell.title = top.map((c) => `${visible(c.token)} ${percent(c.probability)}`).join("\n");
+      cell.tabIndex = 0;  // its alternatives on hover, on focus and on a tap
+      const show = () => showTooltip(cell, top.map((c) => [visible(c.token), percent(c.probability)]));
+      cell.addEventListener("mouseenter", show);
+      cell.addEventListener("focus", show);
+      cell.addEventListener("mouseleave", hideTooltip);
+      cell.addEventListener("blur", hideTooltip);
     }
   });
 }
