@@ -149,7 +149,9 @@ function showTooltip(target, rows) {
 
 function hideTooltip() { $("#tooltip").hidden = true; }
 
-function percent(p) { return `${(100 * p).toFixed(p < 0.1 ? 2 : 1)}%`; }
+function percent(p) {  // two significant figures below 0.1%: 0.0020%, not 0.00%
+  return p < 0.001 ? `${(100 * p).toPrecision(2)}%` : `${(100 * p).toFixed(p < 0.1 ? 2 : 1)}%`;
+}
 
 // -- tabs ----------------------------------------------------------------------------
 
