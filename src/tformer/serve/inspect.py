@@ -26,6 +26,7 @@ field.
 """
 
 import asyncio
+from contextlib import contextmanager
 
 import torch
 
@@ -95,6 +96,18 @@ def checked_text(service: Service, name: str, text: str, window: int) -> list[in
     return ids
 
 
+@contextmanager
+def explicit_attention(model):
+    """The model's attention on the explicit path, the only one that forms the pattern a
+    hook can capture, then back on the path it was on."""
+    previous = model.config.attention
+    model.set_attention("explicit")
+    try:
+        yield
+    finally:
+        model.set_attention(previous)
+
+
 def vocab_limit(service: Service) -> int:
     """Ids a prediction may take: those both the model and its tokenizer have."""
     return min(service.tokenizer.vocab_size, service.model.config.vocab_size)
@@ -106,16 +119,11 @@ def look_inside(service: Service, ids: list[int], layer: int, top: int) -> tuple
     model = service.model
     x = torch.tensor([ids], device=next(model.parameters()).device)  # (1, T)
     limit = vocab_limit(service)
-    previous = model.config.attention
-    model.set_attention("explicit")  # the only path that forms the pattern to capture
-    try:
-        with torch.inference_mode():
-            name = f"blocks.{layer}.attn.hook_pattern"
-            _, cache = model.run_with_cache(x, names=[name])
-            norms = residual_norms(model, x)
-            lens = logit_lens_top(model, x, k=min(top, limit), vocab_limit=limit)
-    finally:
-        model.set_attention(previous)
+    with explicit_attention(model), torch.inference_mode():
+        name = f"blocks.{layer}.attn.hook_pattern"
+        _, cache = model.run_with_cache(x, names=[name])
+        norms = residual_norms(model, x)
+        lens = logit_lens_top(model, x, k=min(top, limit), vocab_limit=limit)
     return cache[name][0].float().cpu(), norms, lens[0].cpu(), lens[1].cpu()
 
 
@@ -192,17 +200,10 @@ def inside_translation(
     name = f"{module}.hook_pattern"
     tgt_in = [c.bos_id, *target]
     inputs = (torch.tensor([src], device=device), torch.tensor([tgt_in], device=device))
-    previous = c.attention
-    model.set_attention("explicit")  # the only path that forms the pattern to capture
-    try:
-        with torch.inference_mode():
-            _, cache = model.run_with_cache(*inputs, names=[name])
-            norms = residual_norms(model, *inputs)
-            lens_ids, lens_probs = logit_lens_top(
-                model, *inputs, k=min(top, limit), vocab_limit=limit
-            )
-    finally:
-        model.set_attention(previous)
+    with explicit_attention(model), torch.inference_mode():
+        _, cache = model.run_with_cache(*inputs, names=[name])
+        norms = residual_norms(model, *inputs)
+        lens_ids, lens_probs = logit_lens_top(model, *inputs, k=min(top, limit), vocab_limit=limit)
     source_tokens = [tokenizer.decode([i]) for i in src[:-1]] + ["</s>"]
     target_tokens = ["<s>"] + [tokenizer.decode([i]) for i in target]
     queries = source_tokens if stack == "encoder" else target_tokens

@@ -234,6 +234,8 @@ class Scheduler:
 
     def _run_calls(self) -> None:
         """The calls waiting now; those that come meanwhile wait for the next step."""
+        if not self.calls:  # the usual case, every step: no lock taken
+            return
         with self.condition:
             waiting = len(self.calls)
         for _ in range(waiting):
