@@ -169,10 +169,18 @@ def test_a_generation_streams_coloured_tokens_with_alternatives_and_stops(open_p
 def test_the_first_token_comes_as_fast_in_the_page_as_from_the_api(
     open_page, lm_server, record_property
 ):
-    """Measured, not asserted: the page's time to first streamed token against the API's
-    own on the same request (the body the page sent, replayed), the fastest of five each,
-    and beside them what a bare request costs each way, which the page cannot change
-    (reported in the test's properties and printed)."""
+    """Measured, not asserted: the page's time to first streamed token (from its Generate
+    button's click to the first token on screen) against the API's own on the same request
+    (the body the page sent, replayed), from the same browser by a bare `fetch` and from
+    Python on a kept-open connection, taking turns, the fastest of seven each; beside them
+    what a bare `GET /health` costs each way, which no page can change. Reported in the
+    test's properties and printed.
+
+    The page's click is dispatched inside the page (`element.click()`, the same handler a
+    person's click runs) and its end is awaited there, not through Playwright's `click` and
+    `wait_for_selector`: those keep the driver and the browser talking over the DevTools
+    protocol while the request runs, and on a two-core host that costs the page 5-20 ms
+    that a person's click does not."""
     opened = open_page(lm_server)
     page = opened.page
     page.fill("#prompt", TEXT)
@@ -182,15 +190,58 @@ def test_the_first_token_comes_as_fast_in_the_page_as_from_the_api(
     page.on("request", lambda r: sent.append(r.post_data_json) if "completions" in r.url else 0)
     client = httpx.Client()  # one connection kept open, as the browser keeps its own
 
-    def api_first_token(body: dict) -> float:
-        start = time.perf_counter()
+    def page_first_token() -> float:
+        return page.evaluate(
+            """async () => {
+                 const button = document.querySelector('#generate-run');
+                 const done = new Promise((resolve) => {
+                   const watch = new MutationObserver(() => {
+                     if (!button.disabled) { watch.disconnect(); resolve(); } });
+                   watch.observe(button, { attributes: true });
+                 });
+                 button.click();
+                 await done;
+                 return Number(document.querySelector('#generate-output').dataset.firstTokenMs);
+               }"""
+        ) / 1e3
+
+    def browser_first_token(body: dict) -> float:
+        return page.evaluate(
+            """async (body) => {
+                 const t = performance.now();
+                 const response = await fetch('/v1/completions', { method: 'POST',
+                   headers: { 'Content-Type': 'application/json' }, body: JSON.stringify(body) });
+                 const reader = response.body.getReader();
+                 const decoder = new TextDecoder();
+                 let seen = '';
+                 for (;;) {
+                   const { value, done } = await reader.read();
+                   if (done) throw new Error('no text came');
+                   seen += decoder.decode(value, { stream: true });
+                   for (const line of seen.split('\\n')) {
+                     if (!line.startsWith('data: {')) continue;
+                     const choice = JSON.parse(line.slice(6)).choices[0];
+                     if (choice && choice.text) {
+                       const took = performance.now() - t;
+                       while (!(await reader.read()).done) {}  // the server's slot ends as the page's does
+                       return took;
+                     }
+                   }
+                 }
+               }""",
+            body,
+        ) / 1e3
+
+    def python_first_token(body: dict) -> float:
+        start, took = time.perf_counter(), None
         with client.stream("POST", f"{lm_server.url}/v1/completions", json=body) as response:
             for line in response.iter_lines():
-                if line.startswith("data: {"):
+                if took is None and line.startswith("data: {"):
                     choice = json.loads(line[6:])["choices"]
                     if choice and choice[0]["text"]:
-                        return time.perf_counter() - start
-        raise AssertionError("no text came")
+                        took = time.perf_counter() - start
+        assert took is not None, "no text came"
+        return took
 
     def round_trips() -> tuple[float, float]:
         """The fastest bare request, GET /health, from the page and from Python."""
@@ -208,23 +259,25 @@ def test_the_first_token_comes_as_fast_in_the_page_as_from_the_api(
             python.append(time.perf_counter() - start)
         return browser / 1e3, min(python)
 
-    in_page, from_api = [], []
-    for _ in range(5):
-        page.click("#generate-run")
-        page.wait_for_selector("#generate-run:not([disabled])")
-        in_page.append(float(page.get_attribute("#generate-output", "data-first-token-ms")) / 1e3)
-        from_api.append(api_first_token(sent[-1]))
+    in_page, from_browser, from_python = [], [], []
+    for _ in range(7):
+        in_page.append(page_first_token())
+        from_browser.append(browser_first_token(sent[-1]))
+        from_python.append(python_first_token(sent[-1]))
     browser_trip, python_trip = round_trips()
     client.close()
     assert sent[-1]["logprobs"] == 5 and sent[-1]["stream"] is True
+    assert page.locator("#generate-output .token").count() == 8  # the page's run completed
     record_property("first_token_page_s", min(in_page))
-    record_property("first_token_api_s", min(from_api))
-    record_property("bare_request_page_s", browser_trip)
-    record_property("bare_request_api_s", python_trip)
-    page_ms, api_ms = min(in_page) * 1e3, min(from_api) * 1e3
+    record_property("first_token_api_from_browser_s", min(from_browser))
+    record_property("first_token_api_from_python_s", min(from_python))
+    record_property("bare_request_browser_s", browser_trip)
+    record_property("bare_request_python_s", python_trip)
     print(
-        f"time to first token: page {page_ms:.1f} ms, API {api_ms:.1f} ms; a bare request "
-        f"(GET /health): page {browser_trip * 1e3:.1f} ms, API {python_trip * 1e3:.1f} ms"
+        f"time to first token: page {min(in_page) * 1e3:.1f} ms, API from the browser "
+        f"{min(from_browser) * 1e3:.1f} ms, API from Python {min(from_python) * 1e3:.1f} ms; "
+        f"a bare request (GET /health): browser {browser_trip * 1e3:.1f} ms, Python "
+        f"{python_trip * 1e3:.1f} ms"
     )
     assert opened.errors == []
 

@@ -260,7 +260,7 @@ async function generate(event) {
       const choice = chunk.choices[0];
       if (!choice) continue;
       if (tokens === 0 && choice.text) {
-        output.dataset.firstTokenMs = String(Math.round(performance.now() - started));
+        output.dataset.firstTokenMs = (performance.now() - started).toFixed(1);
       }
       const lp = choice.logprobs;
       const entries = lp ? lp.tokens.map((token, i) => ({
