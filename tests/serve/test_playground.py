@@ -191,8 +191,9 @@ def test_the_first_token_comes_as_fast_in_the_page_as_from_the_api(
     client = httpx.Client()  # one connection kept open, as the browser keeps its own
 
     def page_first_token() -> float:
-        return page.evaluate(
-            """async () => {
+        return (
+            page.evaluate(
+                """async () => {
                  const button = document.querySelector('#generate-run');
                  const done = new Promise((resolve) => {
                    const watch = new MutationObserver(() => {
@@ -203,11 +204,14 @@ def test_the_first_token_comes_as_fast_in_the_page_as_from_the_api(
                  await done;
                  return Number(document.querySelector('#generate-output').dataset.firstTokenMs);
                }"""
-        ) / 1e3
+            )
+            / 1e3
+        )
 
     def browser_first_token(body: dict) -> float:
-        return page.evaluate(
-            """async (body) => {
+        return (
+            page.evaluate(
+                """async (body) => {
                  const t = performance.now();
                  const response = await fetch('/v1/completions', { method: 'POST',
                    headers: { 'Content-Type': 'application/json' }, body: JSON.stringify(body) });
@@ -223,14 +227,16 @@ def test_the_first_token_comes_as_fast_in_the_page_as_from_the_api(
                      const choice = JSON.parse(line.slice(6)).choices[0];
                      if (choice && choice.text) {
                        const took = performance.now() - t;
-                       while (!(await reader.read()).done) {}  // the server's slot ends as the page's does
+                       while (!(await reader.read()).done) {}  // to the end, as the page reads
                        return took;
                      }
                    }
                  }
                }""",
-            body,
-        ) / 1e3
+                body,
+            )
+            / 1e3
+        )
 
     def python_first_token(body: dict) -> float:
         start, took = time.perf_counter(), None

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from tformer.checkpoints.errors import CheckpointError
+from tformer.checkpoints.gguf import is_gguf
 from tformer.files import atomic_write, atomic_write_json, read_json
 
 CONFIG_FILE = "config.json"
@@ -105,13 +106,15 @@ def write_model(
 
 
 def resolve_checkpoint(path_or_name: str | os.PathLike) -> Path:
-    """A local checkpoint directory, or a Hub name downloaded through huggingface_hub."""
+    """A local checkpoint directory, a GGUF file (llama.cpp's; returned as it is), or a Hub
+    name downloaded through huggingface_hub."""
     path = Path(path_or_name).expanduser()
-    if path.is_dir():
+    if path.is_dir() or is_gguf(path):
         return path
     if path.exists():
         raise CheckpointError(
-            f"{path} is a file; pass the directory that holds config.json and the weights"
+            f"{path} is a file and not a GGUF file; pass the directory that holds config.json "
+            "and the weights, or a .gguf file"
         )
     name = str(path_or_name)
     if not HUB_ID.match(name):

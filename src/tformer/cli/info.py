@@ -5,8 +5,10 @@ from pathlib import Path
 import torch
 
 from tformer.checkpoints import resolve_checkpoint
+from tformer.checkpoints.gguf import is_gguf
 from tformer.cli.common import print_json
 from tformer.models.gpt2 import GPT2, PRESETS, GPT2Config
+from tformer.models.gpt2_gguf import read_gpt2_gguf_config
 from tformer.models.gpt2_layout import load_config
 
 
@@ -15,7 +17,7 @@ def add_parser(sub) -> None:
         "info",
         help="show a model's configuration and parameter count",
         description="Show the configuration and parameter count of a GPT-2 preset "
-        f"({', '.join(PRESETS)}) or of a checkpoint directory.",
+        f"({', '.join(PRESETS)}), a checkpoint directory or a GPT-2 GGUF file.",
     )
     p.add_argument("source", help="a preset name or a checkpoint directory")
     p.add_argument("--json", action="store_true", help="print machine-readable JSON")
@@ -25,6 +27,8 @@ def add_parser(sub) -> None:
 def describe(source: str) -> dict:
     if source in PRESETS and not Path(source).exists():
         config = GPT2Config.from_preset(source)
+    elif is_gguf(Path(source).expanduser()):
+        config = read_gpt2_gguf_config(source)
     else:
         config = load_config(resolve_checkpoint(source))
     with torch.device("meta"):

@@ -41,7 +41,8 @@ from tformer.checkpoints import (
     resolve_checkpoint,
     write_model,
 )
-from tformer.models import gpt2_adapters
+from tformer.checkpoints.gguf import is_gguf
+from tformer.models import gpt2_adapters, gpt2_gguf
 from tformer.models.common import count_parameters, from_state, switch_attention
 from tformer.models.gpt2_config import PRESETS, GPT2Config
 from tformer.models.gpt2_layout import (
@@ -70,6 +71,7 @@ from tformer.nn.packed_linear import packed_layers
 from tformer.nn.seeding import seeded_generator
 from tformer.nn.slot_cache import SlotCache
 from tformer.nn.sublayer import final_norm
+from tformer.tokenizers import Tokenizer
 
 __all__ = ["GPT2", "PRESETS", "Block", "GPT2Config"]
 
@@ -355,7 +357,11 @@ class GPT2(nn.Module):
         'gpt2' when the network allows; or a LoRA adapter directory (PEFT's layout), which
         loads the base model it names with the adapters on it. `dropout` (every dropout of
         the model) and `attention` replace the saved settings, e.g. for fine-tuning; the
-        weights are the same either way."""
+        weights are the same either way. A GGUF file (llama.cpp's, GPT-2's architecture)
+        loads too, its quantised tensors dequantised: see from_gguf."""
+        if is_gguf(Path(path_or_name).expanduser()):
+            gguf = cls.from_gguf(path_or_name, dtype, device, dropout=dropout, attention=attention)
+            return gguf[0]
         directory = resolve_checkpoint(path_or_name)
         if peft.is_adapter(directory):
             model = gpt2_adapters.load_base(
@@ -370,6 +376,44 @@ class GPT2(nn.Module):
         model = cls.from_hf_tensors(config, read_tensors(directory), str(directory), dtype, device)
         model.name_or_path = name_or_path(path_or_name, directory)
         return model.eval()
+
+    @classmethod
+    def from_gguf(
+        cls,
+        path: str | os.PathLike,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+        *,
+        dropout: float | None = None,
+        attention: Implementation | None = None,
+    ) -> tuple["GPT2", Tokenizer]:
+        """A GPT-2 GGUF file's model and tokenizer (models/gpt2_gguf.py): written by
+        save_gguf or by llama.cpp's converter; quantised tensors come back dequantised.
+        `dropout` and `attention` as in from_pretrained."""
+        path = Path(path).expanduser()
+        config, state, tokenizer = gpt2_gguf.read_gpt2_gguf(path)
+        config = config.with_settings(dropout, attention)
+        model = from_state(lambda: cls(config), state, device, dtype)
+        model.name_or_path = str(path.resolve())
+        return model.eval(), tokenizer
+
+    def save_gguf(
+        self,
+        path: str | os.PathLike,
+        tokenizer: Tokenizer,
+        type_name: str = "f32",
+        approximate_gelu: bool = False,
+        progress=None,
+    ) -> None:
+        """Write the model and its tokenizer as one GGUF file that llama.cpp runs, its weight
+        matrices as `type_name` (f32, f16, bf16, q8_0, q4_0); see models/gpt2_gguf.py for
+        the layout and what llama.cpp cannot compute (refused, with the reason)."""
+        if packed_layers(self) or lora_layers(self):
+            self.hf_tensors()  # refuses, saying why
+        gpt2_gguf.write_gpt2_gguf(
+            path, self.config, self.state_dict(), tokenizer, type_name, approximate_gelu,
+            progress,
+        )  # fmt: skip
 
     @classmethod
     def from_hf_tensors(

@@ -1,7 +1,8 @@
 """A checkpoint directory's model with its tokenizer, whichever model it holds.
 
 load_gpt2_with_tokenizer(checkpoint, device, dtype)   GPT-2 (a LoRA adapter directory:
-                                                      its base, the updates folded in)
+                                                      its base, the updates folded in; a
+                                                      GGUF file)
 is_translation_checkpoint(directory)                  an encoder-decoder's?
 checkpoint_kind(directory)                            "language", "translation" or "qa"
 load_translation_model(directory, device)             the encoder-decoder and its tokenizer
@@ -12,6 +13,7 @@ from pathlib import Path
 import torch
 
 from tformer.checkpoints import peft, read_model_config, resolve_checkpoint
+from tformer.checkpoints.gguf import is_gguf
 from tformer.checkpoints.peft import is_adapter
 from tformer.models import encoder_qa
 from tformer.models.gpt2 import GPT2
@@ -27,6 +29,8 @@ def load_gpt2_with_tokenizer(
     """A checkpoint's GPT-2 and tokenizer; the tokenizer is checked first, as it is cheaper.
     A LoRA adapter directory gives its base model with the adapters folded in."""
     directory = resolve_checkpoint(checkpoint)
+    if is_gguf(directory):  # one file: the model and its tokenizer together
+        return GPT2.from_gguf(directory, dtype=dtype, device=device)
     if is_adapter(directory):
         model = GPT2.from_pretrained(directory, dtype=dtype, device=device)
         merge_lora(model)  # W + (alpha / r) B A: the same function at the base's cost
@@ -37,7 +41,7 @@ def load_gpt2_with_tokenizer(
 
 def is_translation_checkpoint(directory: Path) -> bool:
     """Whether a resolved checkpoint directory holds an encoder-decoder model."""
-    if is_adapter(directory):  # LoRA adapters are GPT-2's
+    if is_gguf(directory) or is_adapter(directory):  # GGUF files, LoRA adapters: GPT-2's
         return False
     return read_model_config(directory).get("model_type") == MODEL_TYPE
 
@@ -64,7 +68,9 @@ LANGUAGE, TRANSLATION, QA = "language", "translation", "qa"
 def checkpoint_kind(directory: Path) -> str:
     """What a resolved checkpoint directory holds: a language model (GPT-2, or a LoRA
     adapter on one), a translation model (the encoder-decoder) or a question-answering
-    reader (GPT-2's or the encoder's span head)."""
+    reader (GPT-2's or the encoder's span head). A GGUF file holds a language model."""
+    if is_gguf(directory):
+        return LANGUAGE
     if is_adapter(directory):
         return QA if peft.has_head(peft.read_config(directory)) else LANGUAGE
     config = read_model_config(directory)

@@ -1,0 +1,95 @@
+"""`tformer export gguf CHECKPOINT`: a model in another engine's format."""
+
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from tformer.checkpoints import resolve_checkpoint
+from tformer.checkpoints.gguf import TYPE_NAMES
+from tformer.cli.common import print_json
+from tformer.models.gpt2_gguf import check_writable, name_table
+from tformer.models.load import (
+    LANGUAGE,
+    QA,
+    TRANSLATION,
+    checkpoint_kind,
+    load_gpt2_with_tokenizer,
+)
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "export",
+        help="write a model in another engine's format (GGUF for llama.cpp)",
+        description="Write a checkpoint in another engine's format.",
+    )
+    formats = p.add_subparsers(dest="format", metavar="FORMAT", required=True)
+    g = formats.add_parser(
+        "gguf",
+        help="a GPT-2 checkpoint as one GGUF file that llama.cpp runs",
+        description="Write a GPT-2 checkpoint (a run, a checkpoint directory, a LoRA "
+        "adapter, which is folded into its base, or a GGUF file) and its tokenizer as one "
+        "GGUF file in llama.cpp's gpt2 layout: weight matrices as --type, norms, biases and "
+        "position embeddings in f32 (q4_0 keeps the token embedding, also the output head, "
+        "in q8_0). Every tformer tokenizer carries over: GPT-2's BPE, a BPE trained here, "
+        "characters. `GPT2.from_pretrained(FILE)` and every command that takes a checkpoint "
+        "read the file back.",
+    )
+    g.add_argument("checkpoint", help="run or checkpoint directory (or a GGUF file)")
+    g.add_argument(
+        "--type",
+        default="f32",
+        choices=TYPE_NAMES,
+        help="the weight matrices' type: f32 (exact), f16, bf16, or block-quantised q8_0, "
+        "q4_0 (32 values per scale) (default: f32)",
+    )
+    g.add_argument("--out", type=Path, help="the file (default: CHECKPOINT/model-TYPE.gguf)")
+    g.add_argument(
+        "--approximate-gelu",
+        action="store_true",
+        help="export a model trained with exact GELU; llama.cpp computes GELU's tanh "
+        "approximation (at most 1e-3 apart per activation)",
+    )
+    g.add_argument("--json", action="store_true", help="print what was written as JSON")
+    g.set_defaults(run=run_gguf)
+
+
+def run_gguf(args) -> None:
+    checkpoint = Path(args.checkpoint).expanduser()
+    out = args.out
+    if out is None:
+        where = checkpoint if checkpoint.is_dir() else checkpoint.parent
+        out = where / f"model-{args.type}.gguf"
+    if out.exists() and out.resolve() == checkpoint.resolve():
+        raise ValueError(f"--out {out} is the checkpoint itself; name another file")
+    kind = checkpoint_kind(resolve_checkpoint(args.checkpoint))
+    if kind != LANGUAGE:
+        what = {TRANSLATION: "a translation model (an encoder-decoder)",
+                QA: "a question-answering reader (a span head)"}[kind]  # fmt: skip
+        raise ValueError(
+            f"{args.checkpoint} holds {what}; GGUF carries llama.cpp's gpt2 architecture, "
+            "a GPT-2 language model, and nothing else"
+        )
+    model, tokenizer = load_gpt2_with_tokenizer(str(args.checkpoint), torch.device("cpu"),
+                                                torch.float32)  # fmt: skip
+    check_writable(model.config, args.type, args.approximate_gelu)  # before the bar
+    total = len(name_table(model.config))
+    with tqdm(total=total, unit="tensor", desc=out.name, disable=args.json) as bar:
+        model.save_gguf(out, tokenizer, args.type, args.approximate_gelu,
+                        progress=lambda name: bar.update())  # fmt: skip
+    report = {
+        "file": str(out),
+        "type": args.type,
+        "bytes": out.stat().st_size,
+        "parameters": model.num_parameters(),
+        "tokenizer": type(tokenizer).__name__,
+    }
+    if args.json:
+        print_json(report)
+        return
+    print(
+        f"wrote {out} ({report['bytes'] / 2**20:,.1f} MiB, {args.type}, "
+        f"{report['parameters']:,} parameters); run it with llama.cpp, e.g. "
+        f"llama-cli -m {out}, or read it back with tformer generate {out}"
+    )
