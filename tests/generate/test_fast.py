@@ -42,6 +42,7 @@ def test_packed_float32_greedy_decoding_equals_the_plain_model_token_for_token()
         torch.testing.assert_close(packed(prompt), model(prompt), rtol=0, atol=1e-5)
 
 
+# int4 rounds these random weights coarsely: it is checked against the same rounded weights
 @pytest.mark.parametrize("weights, tolerance", [("bfloat16", 0.04), ("int8", 0.15)])
 def test_narrow_weights_change_the_logits_only_by_their_rounding(weights, tolerance):
     model = sharp_model()
@@ -62,12 +63,36 @@ def test_narrow_weights_change_the_logits_only_by_their_rounding(weights, tolera
     assert same >= len(step_logits) - 1
 
 
-def test_packed_batched_generation_equals_each_prompt_alone():
-    packed, _ = packed_copy(sharp_model(), "int8")
+@pytest.mark.parametrize("weights", ["int8", "int4"])
+def test_packed_batched_generation_equals_each_prompt_alone(weights):
+    packed, _ = packed_copy(sharp_model(), weights)
     prompts = [[5, 6, 7], [1, 2, 3, 4, 5, 6, 7], [42]]
     config = SamplingConfig(max_new_tokens=10, seed=1, top_k=10)
     alone = [generate_ids(packed, torch.tensor([p]), config) for p in prompts]
     assert generate_batch(packed, prompts, config) == alone
+
+
+def test_int4_packing_computes_what_its_dequantised_weights_compute():
+    """A packed int4 model against the unpacked model holding the same dequantised weights
+    (quantize_int4's, which equal ggml's q4_0): the logits agree to float rounding."""
+    from tformer.nn.packed_linear import dequantize_int4, quantize_int4
+
+    model = sharp_model()
+    rounded = GPT2(model.config)
+    rounded.load_state_dict(model.state_dict())
+    with torch.no_grad():  # the head untied: packing rounds it, not the token embedding
+        for module in rounded.modules():
+            if isinstance(module, torch.nn.Linear):
+                module.weight = torch.nn.Parameter(dequantize_int4(*quantize_int4(module.weight)))
+    packed, _ = packed_copy(model, "int4")
+    prompt = torch.tensor([[3, 1, 4, 1, 5, 9, 2, 6]])
+    with torch.inference_mode():
+        caches = packed.new_caches(1)
+        steps = [packed(prompt[:, t : t + 1], caches=caches) for t in range(prompt.shape[1])]
+        expected = rounded(prompt)
+        torch.testing.assert_close(packed(prompt), expected, rtol=0, atol=1e-4)
+    for t, logits in enumerate(steps):
+        torch.testing.assert_close(logits[0, -1], expected[0, t], rtol=0, atol=1e-4)
 
 
 def test_packed_models_refuse_to_be_saved_or_packed_again(tmp_path):

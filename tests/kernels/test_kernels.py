@@ -8,7 +8,7 @@ from torch import nn
 from tformer import kernels
 from tformer.kernels import build
 from tformer.nn.attention import causal_mask, explicit_attention
-from tformer.nn.packed_linear import quantize_int8
+from tformer.nn.packed_linear import dequantize_int4, quantize_int4, quantize_int8
 
 
 @pytest.fixture(scope="module")
@@ -45,6 +45,16 @@ def test_kernels_compute_x_times_w_transposed_plus_bias(compiled, rows, k, with_
         reference = x.double() @ exact.T + (bias.double() if with_bias else 0)
         # float32 accumulation over k terms of size ~1: error ~ sqrt(k) * 1e-7 * |terms|
         torch.testing.assert_close(out.double(), reference, rtol=1e-5, atol=1e-4)
+    # int4: groups of 32 k (k = 5, 37: one short group, a whole one and a short one)
+    q4, d4 = quantize_int4(w)
+    panels = compiled.pack_int4(q4, d4)
+    q_back, d_back = compiled.unpack_int4(panels, n, k)
+    assert torch.equal(q_back, q4) and torch.equal(d_back, d4)
+    exact = (q4.double() - 8) * d4.double().repeat_interleave(32, dim=1)[:, :k]
+    out = compiled.linear(x, panels, None, bias, torch.empty(rows, n))
+    reference = x.double() @ exact.T + (bias.double() if with_bias else 0)
+    # sum x q - 8 sum x: the cancellation costs a few more ulps of sum |x| q than direct sums
+    torch.testing.assert_close(out.double(), reference, rtol=1e-5, atol=4e-4)
 
 
 def test_a_rows_result_does_not_depend_on_the_other_rows(compiled):
@@ -62,6 +72,35 @@ def test_a_rows_result_does_not_depend_on_the_other_rows(compiled):
                 part = x[rows].contiguous()
                 alone = compiled.linear(part, panels, s, bias, torch.empty(part.shape[0], 70))
                 assert torch.equal(alone, together[rows]), (weight.dtype, bias is None, rows)
+        panels = compiled.pack_int4(*quantize_int4(w))  # int4: 1 and 2 rows take another path
+        together = compiled.linear(x, panels, None, bias, torch.empty(17, 70))
+        for rows in (slice(0, 1), slice(16, 17), slice(3, 5), slice(4, 11), slice(0, 3)):
+            part = x[rows].contiguous()
+            alone = compiled.linear(part, panels, None, bias, torch.empty(part.shape[0], 70))
+            assert torch.equal(alone, together[rows]), ("int4", bias is None, rows)
+
+
+def test_int4_quantisation_is_ggml_q4_0():
+    """quantize_int4 against the gguf package's q4_0 (llama.cpp's own numpy reference):
+    the same weights to the bit, a short last group as a group of its own."""
+    np = pytest.importorskip("numpy")
+    from tformer.checkpoints.gguf import decode, encode
+
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(9, 96, generator=g) * torch.rand(9, 1, generator=g) * 3
+    w[2, :32] = 0.0  # an all-zero group stays zero
+    w[4, 40] = -7.0  # a negative largest value: d > 0
+    ours = dequantize_int4(*quantize_int4(w))
+    theirs = torch.from_numpy(decode(encode(w.numpy(), "q4_0"), "q4_0"))
+    assert torch.equal(ours, theirs)
+    short = w[:, :70]  # 32, 32, 6: the last group's scale from its own 6 values
+    q, d = quantize_int4(short)
+    assert q.shape == (9, 70) and d.shape == (9, 3)
+    assert torch.equal(dequantize_int4(q, d)[:, :64], ours[:, :64])
+    tail = torch.zeros(9, 32)
+    tail[:, :6] = short[:, 64:]
+    expected = torch.from_numpy(decode(encode(tail.numpy(), "q4_0"), "q4_0"))[:, :6]
+    assert np.array_equal(dequantize_int4(q, d)[:, 64:].numpy(), expected.numpy())
 
 
 @pytest.mark.parametrize("d", [16, 20])  # 20: not a whole number of vectors

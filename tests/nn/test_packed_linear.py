@@ -17,7 +17,7 @@ def test_int8_quantisation_error_is_at_most_half_a_step_per_weight():
     assert torch.allclose(q.abs().amax(1)[torch.arange(64) != 3].float(), torch.tensor(127.0))
 
 
-@pytest.mark.parametrize("weight_dtype", ["float32", "bfloat16", "int8"])
+@pytest.mark.parametrize("weight_dtype", ["float32", "bfloat16", "int8", "int4"])
 def test_packed_linear_equals_linear_on_its_rounded_weights_for_few_and_many_rows(weight_dtype):
     g = torch.Generator().manual_seed(1)
     linear = nn.Linear(40, 24)
@@ -50,7 +50,7 @@ def test_packed_linear_refuses_to_train():
 
 def test_unknown_weight_dtype_is_rejected():
     with pytest.raises(ValueError, match="int4"):
-        PackedLinear.from_linear(nn.Linear(8, 4), "int4")
+        PackedLinear.from_linear(nn.Linear(8, 4), "int2")
 
 
 def test_pack_linear_layers_swaps_every_linear_layer_and_keeps_a_tied_weight():

@@ -27,7 +27,7 @@ def inspect(server, **fields):
 
 @pytest.fixture(scope="module")
 def reference(tiny_lm):
-    model, tokenizer, _ = load_for_decoding(str(tiny_lm), torch.device("cpu"), "float32", False)
+    model, tokenizer, _ = load_for_decoding(str(tiny_lm), torch.device("cpu"), "float32", None)
     model.set_attention("explicit")
     return model.eval(), tokenizer
 

@@ -28,7 +28,7 @@ def client(lm_server) -> openai.OpenAI:
 @pytest.fixture(scope="module")
 def reference(tiny_lm):
     """The model as `tformer generate` loads it, and its tokenizer."""
-    model, tokenizer, _ = load_for_decoding(str(tiny_lm), torch.device("cpu"), "float32", False)
+    model, tokenizer, _ = load_for_decoding(str(tiny_lm), torch.device("cpu"), "float32", None)
     return model, tokenizer
 
 
@@ -111,7 +111,7 @@ def test_a_stop_string_spanning_tokens_ends_the_text_before_it(client, reference
 
 
 def test_unicode_streams_whole_characters(unicode_lm, start_server):
-    model, tokenizer, _ = load_for_decoding(str(unicode_lm), torch.device("cpu"), "float32", False)
+    model, tokenizer, _ = load_for_decoding(str(unicode_lm), torch.device("cpu"), "float32", None)
     prompt = "中文 🙂"
     with start_server(unicode_lm) as server:
         client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="x", max_retries=0)

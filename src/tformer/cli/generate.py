@@ -140,7 +140,7 @@ def run(args) -> None:
         torch.set_num_threads(args.threads)
     checkpoint = check_is_language_model(args.checkpoint)
     device = pick_device(args.device)
-    quantize = args.quantize == "int8"
+    quantize = None if args.quantize == "none" else args.quantize
     model, tokenizer, path = load_for_decoding(checkpoint, device, args.dtype, quantize)
     # Never draw an id the tokenizer cannot decode (the embedding table may be larger).
     config = replace(config, eos_id=tokenizer.eos_id, vocab_limit=tokenizer.vocab_size)

@@ -120,7 +120,7 @@ def run(args) -> None:
         max_batch=args.max_batch,
         max_queue=args.max_queue,
         dtype=args.dtype,
-        quantize=args.quantize == "int8",
+        quantize=None if args.quantize == "none" else args.quantize,
         device=pick_device(args.device),
         chat_template=args.chat_template,
         corpus=args.corpus,

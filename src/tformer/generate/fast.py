@@ -3,7 +3,7 @@
 Decoding one token reads every weight once, so on a CPU its speed is memory bandwidth
 divided by the bytes of weights. `pack_for_decoding(model, "int8")` swaps every linear layer
 of the model (the blocks' and the tied output head) for a PackedLinear
-(tformer.nn.packed_linear) holding float32, bfloat16 or int8 weights; embeddings, norms,
+(tformer.nn.packed_linear) holding float32, bfloat16, int8 or int4 weights; embeddings, norms,
 attention and the KV cache stay float32. On the CPU the packed layers run the C kernels in
 tformer.kernels when they build.
 
@@ -28,7 +28,7 @@ from tformer.tokenizers import Tokenizer
 class DecodingPath:
     """Where decoding's time goes: the stored weights and the kernels that read them."""
 
-    weights: str  # float32, bfloat16, int8, or "model" (not packed: the model's own dtype)
+    weights: str  # float32, bfloat16, int8, int4, or "model" (not packed: the model's own)
     model_dtype: str  # the dtype of the model's parameters (activations, KV cache)
     device: str
     kernels: str | None  # the compiled C kernels' file, when they run the linear layers
@@ -41,6 +41,11 @@ class DecodingPath:
             stored = f"weights {self.model_dtype} (not packed)"
         elif self.weights == "int8":
             stored = "weights int8 (per-row scales, weight-only), activations float32"
+        elif self.weights == "int4":
+            stored = (
+                "weights int4 (a float16 scale per 32 weights of a row, weight-only), "
+                "activations float32"
+            )
         else:
             stored = f"weights {self.weights}, activations float32"
         if self.kernels is not None:
@@ -101,11 +106,12 @@ def decoding_path(model: nn.Module) -> DecodingPath:
 
 
 def load_for_decoding(
-    checkpoint: str, device: torch.device, dtype: str, quantize: bool
+    checkpoint: str, device: torch.device, dtype: str, quantize: str | None
 ) -> tuple[nn.Module, Tokenizer, DecodingPath]:
     """A GPT-2 checkpoint ready to decode, with its tokenizer and the path decoding takes:
-    on the CPU (or quantized) its weights packed as `dtype` (int8 with `quantize`), else the
-    model in `dtype`; attention on the fused kernel, the fastest for decoding."""
+    on the CPU (or quantized) its weights packed as `dtype` (as `quantize`, "int8" or
+    "int4", where given), else the model in `dtype`; attention on the fused kernel, the
+    fastest for decoding."""
     if device.type == "cpu" and dtype == "float16":
         raise ValueError("float16 is for GPUs; on the CPU use --dtype bfloat16 or float32")
     pack = device.type == "cpu" or quantize
@@ -114,5 +120,5 @@ def load_for_decoding(
     model.set_attention("sdpa")
     parameters = model.num_parameters()  # packed layers hold buffers, not parameters
     if pack:
-        pack_for_decoding(model, "int8" if quantize else dtype)
+        pack_for_decoding(model, quantize or dtype)
     return model, tokenizer, replace(decoding_path(model), parameters=parameters)

@@ -7,6 +7,7 @@ attention kernels, called once per layer, check it here.
 
     kernels.pack_linear(weight) -> panels   (N, K) float32, bfloat16 or int8, as linear reads it
     kernels.unpack_linear(panels, n, k) -> weight (N, K)
+    kernels.pack_int4(q, scale) -> panels   int4: q (N, K) in [0, 15], a float16 scale per 32 k
     kernels.linear(x, panels, scale, bias, out)   x (M, K) float32 -> out (M, N)
     kernels.smoothed_ce_forward(logits, targets, eps)   (N, V) bf16 -> loss, lse (N,)
     kernels.dropout_mask(n, seed, threshold)   -> (n,) bool, True with P = threshold / 65536
@@ -53,6 +54,9 @@ def by_dtype(z: torch.Tensor) -> str:
     return "bf16" if z.dtype == torch.bfloat16 else "f32"
 
 
+GROUP = 32  # int4: k per scale, as kernels/linear.c
+
+
 @dataclass(frozen=True)
 class Kernels:
     library: ctypes.CDLL
@@ -97,9 +101,44 @@ class Kernels:
             rows = panels.transpose(1, 2)  # (G, P, K)
         return rows.reshape(panels.shape[0] * self.panel, -1)[:n, :k].contiguous()
 
+    def pack_int4(self, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """q (N, K) uint8 in [0, 15] and scale (N, T) float16, one per group of GROUP k
+        (T = ceil(K / GROUP)), w = (q - 8) scale -> the uint8 panels linear reads, a copy:
+
+            (G, T, 2 P + GROUP P / 2)   per panel g and group t: the P scales' bytes, then
+                                        for each k of the group P / 2 bytes, byte j holding
+                                        column j's q (low 4 bits) and column j + P/2's (high)
+
+        N padded to G panels with q = 8, scale 0 (zero weights); K to whole groups the same
+        way (the kernel never reads the padding's k)."""
+        n, k = q.shape
+        groups, p, t = -(-n // self.panel), self.panel, -(-k // GROUP)
+        padded = torch.full((groups * p, t * GROUP), 8, dtype=torch.uint8)
+        padded[:n, :k] = q
+        scales = torch.zeros(groups * p, t, dtype=torch.float16)
+        scales[:n] = scale
+        padded = padded.view(groups, p, t, GROUP)
+        nibbles = padded[:, : p // 2] | (padded[:, p // 2 :] << 4)  # (G, P/2, T, GROUP)
+        nibbles = nibbles.permute(0, 2, 3, 1).reshape(groups, t, GROUP * p // 2)
+        scale_bytes = scales.view(groups, p, t).permute(0, 2, 1).contiguous().view(torch.uint8)
+        return torch.cat([scale_bytes, nibbles], dim=2).contiguous()  # (G, T, 2P + GROUP P/2)
+
+    def unpack_int4(
+        self, panels: torch.Tensor, n: int, k: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The q (N, K) and scale (N, T) that pack_int4 packed into `panels`, new tensors."""
+        groups, t, _ = panels.shape
+        p = self.panel
+        scales = panels[:, :, : 2 * p].contiguous().view(torch.float16)  # (G, T, P)
+        nibbles = panels[:, :, 2 * p :].reshape(groups, t, GROUP, p // 2)
+        q = torch.cat([nibbles & 15, nibbles >> 4], dim=3)  # (G, T, GROUP, P)
+        q = q.permute(0, 3, 1, 2).reshape(groups * p, t * GROUP)[:n, :k].contiguous()
+        return q, scales.permute(0, 2, 1).reshape(groups * p, t)[:n].contiguous()
+
     @c_function("tformer_linear_f32", [POINTER] * 4 + [SIZE] * 3)
     @c_function("tformer_linear_bf16", [POINTER] * 4 + [SIZE] * 3)
     @c_function("tformer_linear_i8", [POINTER] * 5 + [SIZE] * 3)
+    @c_function("tformer_linear_i4", [POINTER] * 4 + [SIZE] * 3, ctypes.c_int)
     def linear(
         self,
         x: torch.Tensor,
@@ -109,13 +148,20 @@ class Kernels:
         out: torch.Tensor,
     ) -> torch.Tensor:
         """out (M, N) = x (M, K) W (N, K)^T [* scale (N)] + bias (N), in float32, with W
-        packed by pack_linear: float32, bfloat16, or int8 with a float32 scale per row. Every
+        packed by pack_linear: float32, bfloat16, or int8 with a float32 scale per row; or
+        int4 packed by pack_int4 (uint8 panels, their scales inside: `scale` unused). Every
         tensor is contiguous and on the CPU, the panels of an (N, K) weight (the caller
         checks; this is the inner loop)."""
         m, k = x.shape
         n = out.shape[1]
         b = bias.data_ptr() if bias is not None else None
-        if panels.dtype == torch.int8:
+        if panels.dtype == torch.uint8:
+            status = self.library.tformer_linear_i4(
+                x.data_ptr(), panels.data_ptr(), b, out.data_ptr(), m, n, k
+            )
+            if status != 0:
+                raise MemoryError(f"int4 linear: no memory for the sums of {m} rows")
+        elif panels.dtype == torch.int8:
             self.library.tformer_linear_i8(
                 x.data_ptr(), panels.data_ptr(), scale.data_ptr(), b, out.data_ptr(), m, n, k
             )

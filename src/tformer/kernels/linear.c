@@ -22,11 +22,16 @@
      float32   panels[g][k][PANEL]          W[g*PANEL + j, k] at [g][k][j]
      int8      panels[g][k][PANEL]          w = q * scale[n], q in [-127, 127]
      bfloat16  panels[g][p][PANEL] pairs    32 bits: W[n, 2p] (low half), W[n, 2p+1] (high)
+     int4      panels[g][t] groups of 32 k: PANEL float16 scales d, then for each of the
+               32 k, PANEL/2 bytes: byte j = q of column j (low 4 bits) | q of column
+               j + PANEL/2 (high 4 bits);  w = (q - 8) d, q in [0, 15] (ggml's q4_0)
 
    The last panel is padded with zero columns, bfloat16 panels with a zero k to an even K.
    bfloat16 is the top 16 bits of a float32, so `pair << 16` is W[n, 2p] and
    `pair & 0xFFFF0000` is W[n, 2p+1]: two instructions for 2 * LANES weights. Activations
-   and accumulation stay float32.
+   and accumulation stay float32. An int4 step is one group, which sums x q over its k and
+   scales the sum once (int4_group); a K that is not a multiple of 32 ends in a short group
+   (its missing k are never read).
 
    The panels are split over the OpenMP threads (the runtime torch uses). A panel stays in
    the cache while every tile of rows runs over it; meanwhile each tile fetches its share of
@@ -38,6 +43,7 @@
    tformer/kernels/build.py; tformer.kernels.load() falls back to torch when it cannot. */
 
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "common.h"
@@ -58,7 +64,8 @@ typedef uint32_t vbits __attribute__((vector_size(LANES * sizeof(uint32_t))));
 typedef int8_t vint8 __attribute__((vector_size(LANES)));
 typedef int32_t vint32 __attribute__((vector_size(LANES * sizeof(int32_t))));
 
-enum weights { F32, BF16, I8 };
+enum weights { F32, BF16, I8, I4 };
+#define GROUP 32 /* int4: k per scale */
 
 /* The loops below are specialised by inlining them where their arguments are constants. */
 #define ALWAYS_INLINE static inline __attribute__((always_inline))
@@ -88,9 +95,58 @@ static inline vfloat load_int8(const int8_t *p) {
 #endif
 }
 
-/* Bytes of one step of a panel: one k (float32, int8) or one pair of k (bfloat16). */
+/* Bytes of one step of a panel: one k (float32, int8), one pair of k (bfloat16), or one
+   group of GROUP k with its scales (int4). */
 ALWAYS_INLINE size_t step_bytes(enum weights kind) {
+    if (kind == I4) return PANEL * 2 + GROUP * PANEL / 2;
     return kind == I8 ? PANEL : PANEL * 4;
+}
+
+/* Steps of a panel over k_len: k, pairs of k, or groups of k. */
+ALWAYS_INLINE int64_t panel_steps(enum weights kind, int64_t k_len) {
+    if (kind == I4) return (k_len + GROUP - 1) / GROUP;
+    return kind == BF16 ? (k_len + 1) / 2 : k_len;
+}
+
+/* LANES float16 values from p, as floats. */
+static inline vfloat load_halves(const uint16_t *p) {
+#if defined(__AVX512F__)
+    return (vfloat)_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p));
+#elif defined(__F16C__)
+    return (vfloat)_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p));
+#else /* float16 -> float32 by its bits: sign, exponent rebiased, mantissa (or subnormal) */
+    vfloat v;
+    for (int l = 0; l < LANES; l++) {
+        uint32_t h = p[l], sign = (h & 0x8000u) << 16, e = (h >> 10) & 0x1F, m = h & 0x3FF;
+        float f;
+        if (e == 0) f = (float)m * 0x1p-24f;
+        else if (e == 31) f = m ? __builtin_nanf("") : __builtin_inff();
+        else { uint32_t bits = ((e + 112) << 23) | (m << 13); memcpy(&f, &bits, 4); }
+        uint32_t bits;
+        memcpy(&bits, &f, 4);
+        bits |= sign;
+        memcpy(&v[l], &bits, 4);
+    }
+    return v;
+#endif
+}
+
+/* The 2 * LANES 4-bit q of one int4 step's LANES bytes, as floats: (low nibbles, high). */
+static inline void load_nibbles(const uint8_t *p, vfloat *low, vfloat *high) {
+#if defined(__AVX512F__)
+    __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)p));
+    *low = (vfloat)_mm512_cvtepi32_ps(_mm512_and_si512(v, _mm512_set1_epi32(15)));
+    *high = (vfloat)_mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4));
+#elif defined(__AVX2__)
+    __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)p));
+    *low = (vfloat)_mm256_cvtepi32_ps(_mm256_and_si256(v, _mm256_set1_epi32(15)));
+    *high = (vfloat)_mm256_cvtepi32_ps(_mm256_srli_epi32(v, 4));
+#else
+    for (int l = 0; l < LANES; l++) {
+        (*low)[l] = (float)(p[l] & 15);
+        (*high)[l] = (float)(p[l] >> 4);
+    }
+#endif
 }
 
 /* LANES copies of *p (vbroadcastss). */
@@ -165,27 +221,65 @@ ALWAYS_INLINE void store(vfloat acc[MR][2], float *y, int64_t n_len, int64_t col
     }
 }
 
+/* One int4 group of GROUP k (fewer in a short last group) for rows x[0:mr], added to acc:
+
+     acc[i] += d * (sum_j x[i, k0+j] q_j  -  8 xsum[i])    = sum_j x[i, k0+j] (q_j - 8) d
+
+   with xsum[i] = sum_j x[i, k0+j], computed once per call for every panel (xsums, rows
+   t_len apart). The sums run over the group in order, as fused multiply-adds on q as
+   floats, and acc is touched once per group, so the tile keeps only the group's sums in
+   registers (12 for 6 rows). Every row computes the same operations in the same order
+   whatever the tile: a row's result does not depend on the batch. With one or two rows the
+   q are widened where they are used; with more, once into a buffer that every row reads. */
+ALWAYS_INLINE void int4_group(vfloat acc[MR][2], const float *x, int64_t k_len, int mr,
+                              int64_t s, const char *at, const float *xsums, int64_t t_len) {
+    const uint8_t *q = (const uint8_t *)at + PANEL * 2;
+    const int64_t k0 = s * GROUP, here = k_len - k0 < GROUP ? k_len - k0 : GROUP;
+    vfloat sums[MR][2];
+    for (int i = 0; i < MR; i++) sums[i][0] = sums[i][1] = (vfloat){0};
+    if (mr <= 2) {
+        for (int64_t j = 0; j < here; j++) {
+            vfloat low, high;
+            load_nibbles(q + j * (PANEL / 2), &low, &high);
+            multiply_add(sums, x, k_len, k0 + j, mr, low, high);
+        }
+    } else {
+        vfloat qf[GROUP][2];
+        for (int64_t j = 0; j < here; j++) load_nibbles(q + j * (PANEL / 2), &qf[j][0], &qf[j][1]);
+        for (int64_t j = 0; j < here; j++) multiply_add(sums, x, k_len, k0 + j, mr, qf[j][0], qf[j][1]);
+    }
+    const vfloat d0 = load_halves((const uint16_t *)at);
+    const vfloat d1 = load_halves((const uint16_t *)at + LANES);
+#pragma GCC unroll 6
+    for (int i = 0; i < mr; i++) {
+        vfloat eight = broadcast(xsums + i * t_len + s) * 8.0f; /* exact: times 2^3 */
+        acc[i][0] = fused(d0, sums[i][0] - eight, acc[i][0]);
+        acc[i][1] = fused(d1, sums[i][1] - eight, acc[i][1]);
+    }
+}
+
 /* Rows x[0:mr] (each k_len long) times one panel, into y (rows n_len apart, cols valid
    columns). Called with constant mr and kind, so the loops unroll, the branches on kind go,
    and acc stays in registers. Every `every` steps one step's bytes of `ahead` (the next
    panel) are fetched into the cache. */
 ALWAYS_INLINE void tile(const float *x, const char *panel, const float *scale, const float *bias,
                         float *y, int64_t n_len, int64_t cols, int64_t k_len, int mr,
-                        enum weights kind, const char *ahead, int every) {
+                        enum weights kind, const char *ahead, int every, const float *xsums) {
     const size_t step = step_bytes(kind);
-    const int64_t steps = kind == BF16 ? k_len / 2 : k_len;
+    const int64_t steps = kind == BF16 ? k_len / 2 : panel_steps(kind, k_len);
     vfloat acc[MR][2];
     for (int i = 0; i < MR; i++) acc[i][0] = acc[i][1] = (vfloat){0};
     int countdown = every;
     for (int64_t s = 0; s < steps; s++) {
         const char *at = panel + s * step;
         if (--countdown == 0) {
-            __builtin_prefetch(ahead, 0, 3);
-            if (step > 64) __builtin_prefetch(ahead + 64, 0, 3);
+            for (size_t line = 0; line < step; line += 64) __builtin_prefetch(ahead + line, 0, 3);
             ahead += step;
             countdown = every;
         }
-        if (kind == F32) {
+        if (kind == I4) {
+            int4_group(acc, x, k_len, mr, s, at, xsums, steps);
+        } else if (kind == F32) {
             multiply_add(acc, x, k_len, s, mr, load_floats((const float *)at),
                          load_floats((const float *)at + LANES));
         } else if (kind == I8) {
@@ -215,8 +309,9 @@ ALWAYS_INLINE void tile(const float *x, const char *panel, const float *scale, c
    6, 5, 5), each tile a call with a constant row count that the compiler specialises. */
 ALWAYS_INLINE void rows_by_panel(const float *x, const void *panels, const float *scale,
                                  const float *bias, float *y, int64_t m_len, int64_t n_len,
-                                 int64_t k_len, int64_t g, enum weights kind) {
-    const int64_t steps = kind == BF16 ? (k_len + 1) / 2 : k_len;
+                                 int64_t k_len, int64_t g, enum weights kind,
+                                 const float *xsums) {
+    const int64_t steps = panel_steps(kind, k_len);
     const size_t panel_bytes = (size_t)steps * step_bytes(kind);
     const char *panel = (const char *)panels + g * panel_bytes;
     const int64_t n = g * PANEL, cols = n_len - n < PANEL ? n_len - n : PANEL;
@@ -228,6 +323,7 @@ ALWAYS_INLINE void rows_by_panel(const float *x, const void *panels, const float
     for (int64_t t = 0, m = 0; t < tiles; t++) {
         int64_t left = tiles - t, mr = (m_len - m + left - 1) / left;
         const float *xm = x + m * k_len;
+        const float *xs = xsums ? xsums + m * steps : NULL;
         float *ym = y + m * n_len + n;
         /* this tile's share of the next panel: steps / tiles steps' bytes */
         const char *ahead = next + (size_t)(t * (steps / tiles)) * step_bytes(kind);
@@ -235,7 +331,7 @@ ALWAYS_INLINE void rows_by_panel(const float *x, const void *panels, const float
         /* Full panels get a tile of their own, where cols is the constant PANEL: in the one
            for the last, padded panel GCC keeps acc in memory (store reads it by lane). */
 #define TILE(rows, columns) \
-    tile(xm, panel, sn, bn, ym, n_len, columns, k_len, rows, kind, ahead, every)
+    tile(xm, panel, sn, bn, ym, n_len, columns, k_len, rows, kind, ahead, every, xs)
 #define TILES(columns)                                                                           \
     switch (mr) {                                                                                \
     case 6: TILE(6, columns); break;                                                             \
@@ -263,7 +359,7 @@ void tformer_linear_f32(const float *x, const float *panels, const float *bias, 
     if (m_len == 0) return;
 #pragma omp parallel for schedule(static)
     for (int64_t g = 0; g < (n_len + PANEL - 1) / PANEL; g++)
-        rows_by_panel(x, panels, NULL, bias, y, m_len, n_len, k_len, g, F32);
+        rows_by_panel(x, panels, NULL, bias, y, m_len, n_len, k_len, g, F32, NULL);
 }
 
 void tformer_linear_i8(const float *x, const int8_t *panels, const float *scale,
@@ -272,7 +368,7 @@ void tformer_linear_i8(const float *x, const int8_t *panels, const float *scale,
     if (m_len == 0) return;
 #pragma omp parallel for schedule(static)
     for (int64_t g = 0; g < (n_len + PANEL - 1) / PANEL; g++)
-        rows_by_panel(x, panels, scale, bias, y, m_len, n_len, k_len, g, I8);
+        rows_by_panel(x, panels, scale, bias, y, m_len, n_len, k_len, g, I8, NULL);
 }
 
 void tformer_linear_bf16(const float *x, const uint16_t *panels, const float *bias, float *y,
@@ -280,7 +376,29 @@ void tformer_linear_bf16(const float *x, const uint16_t *panels, const float *bi
     if (m_len == 0) return;
 #pragma omp parallel for schedule(static)
     for (int64_t g = 0; g < (n_len + PANEL - 1) / PANEL; g++)
-        rows_by_panel(x, panels, NULL, bias, y, m_len, n_len, k_len, g, BF16);
+        rows_by_panel(x, panels, NULL, bias, y, m_len, n_len, k_len, g, BF16, NULL);
+}
+
+/* int4 also needs each row's sum over each group of k (int4_group): the rows' sums,
+   (m_len, groups), in order, once for every panel. Returns -1 if it has no memory for them. */
+int tformer_linear_i4(const float *x, const uint8_t *panels, const float *bias, float *y,
+                      int64_t m_len, int64_t n_len, int64_t k_len) {
+    if (m_len == 0) return 0;
+    const int64_t t_len = panel_steps(I4, k_len);
+    float *xsums = malloc((size_t)(m_len * t_len) * sizeof(float));
+    if (!xsums) return -1;
+    for (int64_t i = 0; i < m_len; i++)
+        for (int64_t t = 0; t < t_len; t++) {
+            float sum = 0.0f;
+            for (int64_t k = t * GROUP; k < k_len && k < (t + 1) * GROUP; k++)
+                sum += x[i * k_len + k];
+            xsums[i * t_len + t] = sum;
+        }
+#pragma omp parallel for schedule(static)
+    for (int64_t g = 0; g < (n_len + PANEL - 1) / PANEL; g++)
+        rows_by_panel(x, panels, NULL, bias, y, m_len, n_len, k_len, g, I4, xsums);
+    free(xsums);
+    return 0;
 }
 
 /* The output columns per panel, for packing weights (kernels.pack_linear). */

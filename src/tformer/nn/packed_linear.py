@@ -1,10 +1,14 @@
 """A linear layer with its weights stored narrower, for fast decoding (weight-only).
 
-    y = x W^T + b,   W stored as float32, bfloat16, or int8 with one scale per output row:
+    y = x W^T + b,   W stored as float32, bfloat16, int8 with one scale per output row, or
+    int4 with one scale per group of 32 k of a row (ggml's q4_0):
     int8 (symmetric):   s_n = max_k |W_nk| / 127,   q_nk = round(W_nk / s_n),   W ≈ q s
+    int4, group t:      d = m / -8 (m the W_nk of the group with the largest |W_nk|, d kept
+                        as float16), q = min(15, ⌊W_nk / d + 8.5⌋) in [0, 15],   W ≈ (q - 8) d
 
 Decoding reads every weight once per token, so narrower weights mean proportionally less
-memory traffic: bfloat16 halves it, int8 quarters it. Only the stored weights change:
+memory traffic: bfloat16 halves it, int8 quarters it, int4 (4.5 bits a weight with its
+scales) takes it to 14%. Only the stored weights change:
 activations, bias and accumulation stay float32 (`x` in, float32 out).
 
 On the CPU, where the C kernels load, the weights are stored in the panels they read
@@ -29,7 +33,8 @@ from torch import nn
 from tformer import kernels
 from tformer.devices import bf16_supported
 
-WEIGHT_DTYPES = ("float32", "bfloat16", "int8")
+WEIGHT_DTYPES = ("float32", "bfloat16", "int8", "int4")
+GROUP = 32  # int4: k per scale
 
 # Up to this many rows the C kernels run. With one row they read the weights at memory
 # bandwidth; with more they compute in float32 at nearly the CPU's peak (docs/LOG.md, session
@@ -38,9 +43,11 @@ WEIGHT_DTYPES = ("float32", "bfloat16", "int8")
 # times faster once there are enough rows to use them, so the bfloat16 and int8 limits stay
 # low. A server measures the crossover on its own CPU (calibrate_kernel_rows); these
 # defaults hold elsewhere. Measured on the AMD machine (benchmarks/decode_linear.py), where
-# the kernels were faster at every row count up to 128; not yet on the Intel one.
+# the kernels were faster at every row count up to 128; not yet on the Intel one. int4's
+# torch path dequantises every weight at each call, which costs more than the kernels' work
+# for a 512-token prompt: its kernels run at any count unless a calibration says otherwise.
 ANY = math.inf  # a limit of no limit: compares with any row count (not JSON, not a range)
-KERNEL_MAX_ROWS = {"float32": ANY, "bfloat16": 16, "int8": 32}
+KERNEL_MAX_ROWS = {"float32": ANY, "bfloat16": 16, "int8": 32, "int4": ANY}
 # The rows of a prompt's prefill, the last count calibrate_kernel_rows measures.
 PROMPT_ROWS = 512
 
@@ -54,6 +61,31 @@ def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, scale
 
 
+def quantize_int4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, K) float -> q (N, K) uint8 in [0, 15] and scale d (N, T) float16, one per group
+    of GROUP k (T = ceil(K / GROUP), a short last group), as ggml's q4_0 computes them:
+    (q - 8) d ≈ weight. d is m / -8 for m the group's value of largest magnitude, so m itself
+    is exactly -8 d before d's rounding; q is computed with the unrounded d."""
+    w = weight.detach().float()
+    n, k = w.shape
+    t = -(-k // GROUP)
+    groups = torch.zeros(n, t * GROUP)
+    groups[:, :k] = w
+    groups = groups.view(n, t, GROUP)
+    largest = groups.gather(2, groups.abs().argmax(dim=2, keepdim=True))  # (N, T, 1)
+    d = largest / -8.0
+    inverse = torch.where(d != 0, 1.0 / d, torch.zeros_like(d))
+    q = torch.trunc(groups * inverse + 8.5).clamp(0, 15).to(torch.uint8)  # ggml: min(15, ...)
+    return q.view(n, t * GROUP)[:, :k].contiguous(), d.squeeze(2).to(torch.float16)
+
+
+def dequantize_int4(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """The float32 (N, K) weights of quantize_int4's q and scale."""
+    n, k = q.shape
+    d = scale.float().repeat_interleave(GROUP, dim=1)[:, :k]  # (N, K)
+    return (q.float() - 8.0) * d
+
+
 class PackedLinear(nn.Module):
     def __init__(
         self, weight: torch.Tensor, bias: torch.Tensor | None, weight_dtype: str = "bfloat16"
@@ -65,19 +97,26 @@ class PackedLinear(nn.Module):
             )
         self.weight_dtype = weight_dtype
         self.out_features, self.in_features = weight.shape
-        scale = None
+        scale = group_scale = None
         if weight_dtype == "int8":
             stored, scale = quantize_int8(weight)
+        elif weight_dtype == "int4":
+            stored, group_scale = quantize_int4(weight)
         else:
             stored = weight.detach().to(getattr(torch, weight_dtype)).contiguous()
         device = weight.device
         self.kernels = kernels.load() if device.type == "cpu" else None
-        # The weights once: as the kernels' panels where they run, else (N, K).
-        if self.kernels is not None:
+        # The weights once: as the kernels' panels where they run (int4's scales inside
+        # them), else (N, K) with int4's scales (N, K / GROUP) beside.
+        if self.kernels is not None and weight_dtype == "int4":
+            self.register_buffer("panels", self.kernels.pack_int4(stored, group_scale))
+            self.weight = self.group_scale = None
+        elif self.kernels is not None:
             self.register_buffer("panels", self.kernels.pack_linear(stored))
-            self.weight = None
+            self.weight = self.group_scale = None
         else:
             self.register_buffer("weight", stored)  # (N, K)
+            self.register_buffer("group_scale", group_scale)  # (N, K / GROUP) for int4
             self.panels = None
         self.register_buffer("scale", scale)  # (N,) for int8, else None
         b = bias.detach().float().contiguous() if bias is not None else None
@@ -113,11 +152,17 @@ class PackedLinear(nn.Module):
         return out.view(*shape, self.out_features)
 
     def stored_weight(self) -> torch.Tensor:
-        """The stored weights as (N, K), in their dtype (int8 without its scale): a copy
-        where the kernels' panels hold them."""
+        """The stored weights as (N, K), in their dtype (int8 without its scale; int4, which
+        has no dtype, as the float32 values of q and its scales): a copy where the kernels'
+        panels hold them."""
+        n, k = self.out_features, self.in_features
+        if self.weight_dtype == "int4":
+            if self.panels is None:
+                return dequantize_int4(self.weight, self.group_scale)
+            return dequantize_int4(*self.kernels.unpack_int4(self.panels, n, k))
         if self.panels is None:
             return self.weight
-        return self.kernels.unpack_linear(self.panels, self.out_features, self.in_features)
+        return self.kernels.unpack_linear(self.panels, n, k)
 
     def by_kernels(self, x: torch.Tensor) -> torch.Tensor:
         """(M, K) float32 -> (M, N) through the C kernels."""
@@ -127,7 +172,7 @@ class PackedLinear(nn.Module):
 
     def torch_weight(self) -> torch.Tensor:
         """The (N, K) weight by_torch multiplies by, in the compute dtype (int8 values are
-        exact in bfloat16)."""
+        exact in bfloat16; int4's, q times a float16 scale, are rounded to it)."""
         return self.stored_weight().to(self.compute_dtype)
 
     def by_torch(self, x: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:

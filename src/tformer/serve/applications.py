@@ -101,7 +101,7 @@ def load_reader_service(service: Service, device: torch.device) -> None:
 
 
 def pack_weights(service: Service, model: torch.nn.Module, device: torch.device) -> None:
-    """--dtype and --quantize for a translation model or a reader: on the CPU (or with int8)
+    """--dtype and --quantize for a translation model or a reader: on the CPU (or quantised)
     every linear layer packed, as for a language model (tformer.generate.fast); on a GPU
     these models run in float32, which a --dtype there is told."""
     config = service.config
@@ -109,7 +109,7 @@ def pack_weights(service: Service, model: torch.nn.Module, device: torch.device)
         raise ValueError("float16 is for GPUs; on the CPU use --dtype bfloat16 or float32")
     service.parameters = model.num_parameters()  # packed layers hold buffers, not parameters
     if device.type == "cpu" or config.quantize:
-        path = pack_for_decoding(model, "int8" if config.quantize else config.dtype)
+        path = pack_for_decoding(model, config.quantize or config.dtype)
         service.decoding = path.describe()
         print(f"tformer serve: weights: {service.decoding}", file=sys.stderr)
         return
