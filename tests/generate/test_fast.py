@@ -74,17 +74,23 @@ def test_packed_batched_generation_equals_each_prompt_alone(weights):
 
 def test_int4_packing_computes_what_its_dequantised_weights_compute():
     """A packed int4 model against the unpacked model holding the same dequantised weights
-    (quantize_int4's, which equal ggml's q4_0): the logits agree to float rounding."""
-    from tformer.nn.packed_linear import dequantize_int4, quantize_int4
+    (quantize_int4's, which equal ggml's q4_0; the head's int8): the logits agree to float
+    rounding."""
+    from tformer.nn.packed_linear import dequantize_int4, quantize_int4, quantize_int8
 
     model = sharp_model()
     rounded = GPT2(model.config)
     rounded.load_state_dict(model.state_dict())
-    with torch.no_grad():  # the head untied: packing rounds it, not the token embedding
-        for module in rounded.modules():
-            if isinstance(module, torch.nn.Linear):
-                module.weight = torch.nn.Parameter(dequantize_int4(*quantize_int4(module.weight)))
-    packed, _ = packed_copy(model, "int4")
+    with torch.no_grad():  # the head untied: packing rounds it (to int8), not the embedding
+        for name, module in rounded.named_modules():
+            if name == "lm_head":
+                q, scale = quantize_int8(module.weight)
+                module.weight = torch.nn.Parameter(q.float() * scale[:, None])
+            elif isinstance(module, torch.nn.Linear):
+                module.weight.copy_(dequantize_int4(*quantize_int4(module.weight)))
+    packed, path = packed_copy(model, "int4")
+    assert packed.blocks[0].mlp.w1.weight_dtype == "int4"
+    assert packed.lm_head.weight_dtype == "int8" and path.weights == "int4"
     prompt = torch.tensor([[3, 1, 4, 1, 5, 9, 2, 6]])
     with torch.inference_mode():
         caches = packed.new_caches(1)

@@ -43,8 +43,8 @@ class DecodingPath:
             stored = "weights int8 (per-row scales, weight-only), activations float32"
         elif self.weights == "int4":
             stored = (
-                "weights int4 (a float16 scale per 32 weights of a row, weight-only), "
-                "activations float32"
+                "weights int4 (a float16 scale per 32 weights of a row, weight-only; an "
+                "output head int8), activations float32"
             )
         else:
             stored = f"weights {self.weights}, activations float32"
@@ -83,7 +83,10 @@ def pack_for_decoding(model: nn.Module, weights: str) -> DecodingPath:
             f"weights, but this model is {dtype}"
         )
     model.eval()
-    pack_linear_layers(model, weights)
+    # int4 keeps a model's output head in int8: the head is the matrix whose rounding costs
+    # the most (llama.cpp's quantiser keeps it wider too, and `export gguf --type q4_0`).
+    head = {"lm_head": "int8"} if weights == "int4" else {}
+    pack_linear_layers(model, weights, head)
     return decoding_path(model)
 
 

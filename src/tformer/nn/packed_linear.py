@@ -233,10 +233,14 @@ def _fastest(run, x: torch.Tensor, repeats: int) -> float:
     return best
 
 
-def pack_linear_layers(model: nn.Module, weight_dtype: str) -> list[str]:
+def pack_linear_layers(
+    model: nn.Module, weight_dtype: str, overrides: dict[str, str] | None = None
+) -> list[str]:
     """Replace every nn.Linear inside `model` with a PackedLinear holding its weights as
-    `weight_dtype`; returns the replaced layers' names. A subclass of nn.Linear (a LoRA
-    layer) computes more than its weight and is refused: merge it first."""
+    `weight_dtype` (or as `overrides[name]` for the layers it names); returns the replaced
+    layers' names. A subclass of nn.Linear (a LoRA layer) computes more than its weight and
+    is refused: merge it first."""
+    overrides = overrides or {}
     if weight_dtype not in WEIGHT_DTYPES:
         raise ValueError(
             f"unknown weights {weight_dtype!r}; choose one of {', '.join(WEIGHT_DTYPES)}"
@@ -256,7 +260,8 @@ def pack_linear_layers(model: nn.Module, weight_dtype: str) -> list[str]:
         for name, module in linear:
             parent, _, child = name.rpartition(".")
             owner = model.get_submodule(parent) if parent else model
-            setattr(owner, child, PackedLinear.from_linear(module, weight_dtype))
+            dtype = overrides.get(name, weight_dtype)
+            setattr(owner, child, PackedLinear.from_linear(module, dtype))
     return [name for name, _ in linear]
 
 
