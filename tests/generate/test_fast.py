@@ -126,3 +126,61 @@ def test_a_model_with_lora_layers_is_refused_until_merged():
         pack_for_decoding(model, "int8")
     merge_lora(model)
     assert pack_for_decoding(model, "int8").weights == "int8"
+
+
+@pytest.mark.parametrize("weights", ["float32", "bfloat16", "int8", "int4"])
+@pytest.mark.parametrize("activation", ["gelu_tanh", "gelu"])
+def test_the_fused_decoding_step_computes_what_the_modules_compute(weights, activation):
+    """models/gpt2_decode.py against the blocks' own forward, on the same packed weights:
+    every step's logits for three rows, and greedy generation token for token."""
+    config = GPT2Config(vocab_size=61, max_len=48, d_model=64, n_layers=2, n_heads=4,
+                        dropout=0.0, activation=activation)  # fmt: skip
+    model = GPT2(config, seed=0).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.2)
+    fused, path = packed_copy(model, weights)
+    if fused.fused_decoding is None:
+        pytest.skip("no C kernels here: nothing is fused")
+    assert path.fused and "in one call" in path.describe()
+    plain, _ = packed_copy(model, weights)
+    plain.fused_decoding = None
+    prompt = torch.tensor([[3, 1, 4, 1, 5], [9, 2, 6, 5, 3], [5, 8, 9, 7, 9]])
+    with torch.inference_mode():
+        caches = [fused.new_caches(3), plain.new_caches(3)]
+        for model_, cache in zip((fused, plain), caches, strict=True):
+            model_(prompt, caches=cache)  # the prompt: the modules' path for both
+        token = torch.tensor([[7], [1], [2]])
+        for _ in range(6):
+            ours, theirs = fused(token, caches=caches[0]), plain(token, caches=caches[1])
+            torch.testing.assert_close(ours, theirs, rtol=0, atol=2e-5)
+            token = theirs[:, -1].argmax(-1, keepdim=True)
+    assert caches[0][0].length == caches[1][0].length == 11
+    config = SamplingConfig(max_new_tokens=20, do_sample=False)
+    assert generate_ids(fused, prompt[:1], config) == generate_ids(plain, prompt[:1], config)
+
+
+def test_the_fused_step_steps_aside_where_it_cannot_run():
+    model, _ = packed_copy(sharp_model(), "int8")
+    fused = model.fused_decoding
+    if fused is None:
+        pytest.skip("no C kernels here: nothing is fused")
+    one = torch.tensor([[4]])
+    with torch.inference_mode():
+        caches = model.new_caches(1)
+        model(torch.tensor([[1, 2]]), caches=caches)
+        assert fused.applies(model, one, None, None, caches)
+        assert not fused.applies(model, one, torch.ones(1, 3), None, caches)  # a mask
+        assert not fused.applies(model, one, None, torch.tensor([[2]]), caches)  # positions
+        assert not fused.applies(model, torch.tensor([[4, 5]]), None, None, caches)  # 2 tokens
+        assert not fused.applies(model, one, None, None, None)
+        model.blocks[0].mlp.w1.kernel_max_rows = 0  # calibrated: torch's matmul for any rows
+        assert not fused.applies(model, one, None, None, caches)
+        model.blocks[0].mlp.w1.kernel_max_rows = 32
+        seen = []
+        hook = model.blocks[1].hook_resid_mid.register_forward_hook(lambda *a: seen.append(1))
+        assert not fused.applies(model, one, None, None, caches)
+        model(one, caches=caches)  # the modules' path: the hook sees its activation
+        assert seen == [1]
+        hook.remove()
+        assert fused.applies(model, one, None, None, caches)

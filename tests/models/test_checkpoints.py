@@ -244,7 +244,7 @@ def test_pickled_objects_in_bin_are_never_unpickled(tmp_path):
 
 
 def test_a_file_instead_of_a_directory_is_reported(saved):
-    with pytest.raises(CheckpointError, match="is a file; pass the directory"):
+    with pytest.raises(CheckpointError, match="is a file and not a GGUF file; pass the directory"):
         GPT2.from_pretrained(saved / "config.json")
 
 

@@ -35,6 +35,7 @@ class DecodingPath:
     fallback_reason: str | None  # why torch runs them instead, on a CPU
     threads: int
     parameters: int | None = None  # the model's, counted before packing (None: not known)
+    fused: bool = False  # a decoding step's blocks in one kernel call (models/gpt2_decode.py)
 
     def describe(self) -> str:
         if self.weights == "model":
@@ -50,6 +51,8 @@ class DecodingPath:
             stored = f"weights {self.weights}, activations float32"
         if self.kernels is not None:
             linear = f"tformer C kernels, {self.threads} threads"
+            if self.fused:
+                linear += "; each decoding step's blocks in one call"
         elif self.weights == "model":
             linear = f"torch on {self.device}, {self.threads} threads"
         else:
@@ -66,6 +69,7 @@ class DecodingPath:
             "fallback_reason": self.fallback_reason,
             "threads": self.threads,
             "parameters": self.parameters,
+            "fused": self.fused,
             "description": self.describe(),
         }
 
@@ -87,6 +91,9 @@ def pack_for_decoding(model: nn.Module, weights: str) -> DecodingPath:
     # the most (llama.cpp's quantiser keeps it wider too, and `export gguf --type q4_0`).
     head = {"lm_head": "int8"} if weights == "int4" else {}
     pack_linear_layers(model, weights, head)
+    fuse = getattr(model, "fuse_decoding", None)  # GPT-2's one-call decoding step
+    if fuse is not None:
+        fuse()
     return decoding_path(model)
 
 
@@ -105,6 +112,7 @@ def decoding_path(model: nn.Module) -> DecodingPath:
             kernels.unavailable_reason() if packed and parameter.device.type == "cpu" else None
         ),
         threads=torch.get_num_threads(),
+        fused=getattr(model, "fused_decoding", None) is not None,
     )
 
 

@@ -16,6 +16,8 @@ attention kernels, called once per layer, check it here.
     kernels.causal_attention(qkv, n_heads)   qkv (B, T, 3C) bf16 -> out (B, T, C), weights
     kernels.causal_attention_backward(qkv, weights, grad_out, n_heads)   -> grad_qkv
     kernels.slot_attention(qkv, k_cache, v_cache, positions)   -> out (B, C)
+    kernels.decode_blocks(blocks, x, work, k_caches, v_caches, positions, ...)   one decoding
+        step of a stack of pre-LN GPT-2 blocks, x (M, C) in place
     kernels.flush_denormals(on)   on every thread of the pool -> threads set
     kernels.denormals_flushed()   on the calling thread?
 """
@@ -55,6 +57,35 @@ def by_dtype(z: torch.Tensor) -> str:
 
 
 GROUP = 32  # int4: k per scale, as kernels/linear.c
+LINEAR_KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2, torch.uint8: 3}
+
+
+class LinearLayout(ctypes.Structure):
+    """decode_block.c's struct tformer_linear: one packed layer."""
+
+    _fields_ = [
+        ("panels", POINTER),
+        ("scale", POINTER),
+        ("bias", POINTER),
+        ("n", SIZE),
+        ("k", SIZE),
+        ("kind", SIZE),
+    ]
+
+
+class BlockLayout(ctypes.Structure):
+    """decode_block.c's struct tformer_block: one pre-LN block's norms and layers."""
+
+    _fields_ = [
+        ("norm1_weight", POINTER),
+        ("norm1_bias", POINTER),
+        ("norm2_weight", POINTER),
+        ("norm2_bias", POINTER),
+        ("qkv", LinearLayout),
+        ("out", LinearLayout),
+        ("up", LinearLayout),
+        ("down", LinearLayout),
+    ]
 
 
 @dataclass(frozen=True)
@@ -174,6 +205,53 @@ class Kernels:
                 x.data_ptr(), panels.data_ptr(), b, out.data_ptr(), m, n, k
             )
         return out
+
+    @staticmethod
+    def linear_layout(
+        panels: torch.Tensor, scale: torch.Tensor | None, bias: torch.Tensor | None, n: int, k: int
+    ) -> LinearLayout:
+        """A packed layer as decode_blocks reads it (the tensors must outlive its use)."""
+        return LinearLayout(
+            panels.data_ptr(),
+            scale.data_ptr() if scale is not None else None,
+            bias.data_ptr() if bias is not None else None,
+            n,
+            k,
+            LINEAR_KINDS[panels.dtype],
+        )
+
+    @c_function(
+        "tformer_decode_blocks",
+        [POINTER, SIZE] + [POINTER] * 5 + [SIZE] * 5 + [REAL, SIZE],
+        ctypes.c_int,
+    )
+    def decode_blocks(
+        self,
+        blocks: ctypes.Array,
+        x: torch.Tensor,
+        work: torch.Tensor,
+        k_caches: ctypes.Array,
+        v_caches: ctypes.Array,
+        positions: torch.Tensor,
+        d_ff: int,
+        heads: int,
+        max_len: int,
+        eps: float,
+        exact_gelu: bool,
+    ) -> None:
+        """One decoding step of every block (kernels/decode_block.c), x (M, C) float32 in
+        place: blocks an array of BlockLayout, work (M, 6C + F) float32, the caches arrays of
+        pointers to each block's (M, H, max_len, D) float32 keys and values, positions (M,)
+        int64 where each row's new key and value go. Contiguous CPU tensors (the caller
+        checks: this is the inner loop)."""
+        m, c = x.shape
+        status = self.library.tformer_decode_blocks(
+            ctypes.addressof(blocks), len(blocks), x.data_ptr(), work.data_ptr(),
+            ctypes.addressof(k_caches), ctypes.addressof(v_caches), positions.data_ptr(),
+            m, c, d_ff, heads, max_len, eps, int(exact_gelu),
+        )  # fmt: skip
+        if status != 0:
+            raise MemoryError("decode_blocks: a kernel could not allocate its buffers")
 
     @c_function("tformer_smoothed_ce_forward_bf16", [POINTER] * 4 + [SIZE] * 2 + [REAL])
     def smoothed_ce_forward(

@@ -29,6 +29,7 @@ SOURCES = tuple(
         "gelu.c",
         "attention.c",
         "slot_attention.c",
+        "decode_block.c",
         "threads.c",
     )
 )

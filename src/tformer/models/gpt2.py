@@ -45,6 +45,7 @@ from tformer.checkpoints.gguf import is_gguf
 from tformer.models import gpt2_adapters, gpt2_gguf
 from tformer.models.common import count_parameters, from_state, switch_attention
 from tformer.models.gpt2_config import PRESETS, GPT2Config
+from tformer.models.gpt2_decode import FusedDecoding
 from tformer.models.gpt2_layout import (
     check_hf_architecture,
     config_to_hf,
@@ -140,6 +141,7 @@ class GPT2(nn.Module):
         # meta device, so that building it neither allocates nor draws random numbers.
         self.lm_head = nn.Linear(c.d_model, c.vocab_size, bias=False, device="meta")
         self.tie_weights()
+        self.fused_decoding: FusedDecoding | None = None  # set by fuse_decoding, once packed
         # A state dict holds the head under both names; one without it (written before the
         # head was a module) loads too, and loading by assignment is tied again afterwards.
         self.register_load_state_dict_pre_hook(_fill_tied_head)
@@ -300,6 +302,11 @@ class GPT2(nn.Module):
         self.check_input(input_ids, position_ids, past)
         if caches is not None and len(caches) != len(self.blocks):
             raise ValueError(f"need one KV cache per block ({len(self.blocks)}), got {len(caches)}")
+        fused = self.fused_decoding
+        if fused is not None and fused.applies(
+            self, input_ids, attention_mask, position_ids, caches
+        ):
+            return fused.features(self, input_ids, caches)  # models/gpt2_decode.py
         b, t = input_ids.shape
         if position_ids is None:
             position_ids = torch.arange(past, past + t, device=input_ids.device).unsqueeze(0)
@@ -310,6 +317,12 @@ class GPT2(nn.Module):
             cache = caches[i] if caches is not None else None
             x = run_layer(block, x, attention_mask, cache, checkpointed=recompute)
         return self.final_norm(x)
+
+    def fuse_decoding(self) -> bool:
+        """Once packed for decoding with the C kernels: run each one-token decoding step's
+        blocks in one kernel call (models/gpt2_decode.py). Returns whether it can."""
+        self.fused_decoding = FusedDecoding.for_model(self)
+        return self.fused_decoding is not None
 
     def unembed(self, x: torch.Tensor) -> torch.Tensor:
         """(..., C) -> logits (..., V) = x E^T: the output head, tied to the token embedding."""

@@ -1,0 +1,129 @@
+"""GPT-2's decoding step in one call of the C kernels, beside the plain path.
+
+A decoding step feeds one new token per row through every block. Run module by module it
+is some fifteen PyTorch calls a block, and at batch 1 on a CPU those calls (each a few
+microseconds of Python and dispatch) took about as long as the arithmetic (docs/LOG.md).
+When a model is packed for decoding with the C kernels (tformer.generate.fast), the
+blocks of such a step run in one call instead (kernels/decode_block.c): LayerNorm, the
+packed projections, attention over the KV cache, GELU and the residual sums, for all the
+blocks, in place on the residual stream. The embeddings before it and the final norm and
+head after it stay the modules'. The plain path (Block.forward) is the reference; the tests
+hold the two together.
+
+The step applies when: the model is pre-LN GPT-2 with residuals and GELU; every linear
+layer of its blocks is packed for the kernels; it is not training; the step has one new
+token per row, no attention mask and no explicit positions; every cache is a KVCache at the
+same length with room left; the rows are no more than the kernels' row limit; and no
+forward hook is registered on a block's modules (hooks see every activation, which the
+fused step never materialises).
+"""
+
+import ctypes
+
+import torch
+from torch import nn
+
+from tformer import kernels
+from tformer.kernels.bindings import BlockLayout
+from tformer.nn.kv_cache import KVCache
+from tformer.nn.packed_linear import PackedLinear
+
+GELU_KINDS = {"gelu_tanh": False, "gelu": True}  # -> exact
+
+
+class FusedDecoding:
+    """The blocks of one GPT-2, laid out for kernels/decode_block.c."""
+
+    def __init__(self, model: nn.Module, library) -> None:
+        config = model.config
+        self.library = library
+        self.d_model, self.d_ff, self.heads = config.d_model, config.d_ff, config.n_heads
+        self.eps = config.layer_norm_eps
+        self.exact_gelu = GELU_KINDS[config.activation]
+        first = model.blocks[0]  # every block's layers have these shapes and limits
+        self.first_layers = (first.attn.w_qkv, first.attn.w_o, first.mlp.w1, first.mlp.w2)
+        layouts = []
+        for block in model.blocks:
+            norms = (block.attn_sublayer.norm, block.mlp_sublayer.norm)
+            linears = [
+                library.linear_layout(
+                    layer.panels, layer.scale, layer.bias, layer.out_features, layer.in_features
+                )
+                for layer in (block.attn.w_qkv, block.attn.w_o, block.mlp.w1, block.mlp.w2)
+            ]
+            layouts.append(
+                BlockLayout(
+                    norms[0].weight.data_ptr(),
+                    norms[0].bias.data_ptr(),
+                    norms[1].weight.data_ptr(),
+                    norms[1].bias.data_ptr(),
+                    *linears,
+                )  # fmt: skip
+            )
+        self.blocks = (BlockLayout * len(layouts))(*layouts)
+        # the blocks' modules whose hooks would be skipped
+        self.watched = [m for block in model.blocks for m in block.modules()]
+
+    @classmethod
+    def for_model(cls, model: nn.Module) -> "FusedDecoding | None":
+        """The fused step for a model packed for the kernels, or None where it cannot run."""
+        config = model.config
+        if config.norm_position != "pre" or not config.residual:
+            return None
+        if config.activation not in GELU_KINDS:
+            return None
+        library = kernels.load()
+        if library is None or not hasattr(library, "decode_blocks"):
+            return None
+        for block in model.blocks:
+            layers = (block.attn.w_qkv, block.attn.w_o, block.mlp.w1, block.mlp.w2)
+            if not all(isinstance(layer, PackedLinear) and layer.panels is not None
+                       for layer in layers):  # fmt: skip
+                return None
+            norms = (block.attn_sublayer.norm, block.mlp_sublayer.norm)
+            if any(norm.weight.dtype != torch.float32 or norm.weight.device.type != "cpu"
+                   for norm in norms):  # fmt: skip
+                return None
+        return cls(model, library)
+
+    def applies(
+        self,
+        model: nn.Module,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        position_ids: torch.Tensor | None,
+        caches: list | None,
+    ) -> bool:
+        if caches is None or attention_mask is not None or position_ids is not None:
+            return False
+        if model.training or input_ids.shape[1] != 1:
+            return False
+        if any(input_ids.shape[0] > layer.kernel_max_rows for layer in self.first_layers):
+            return False  # calibrated beyond: torch's matmul is faster for this many rows
+        length = caches[0].length
+        rows = input_ids.shape[0]
+        for cache in caches:
+            if type(cache) is not KVCache or cache.length != length:
+                return False
+            if cache.length >= cache.max_len or cache.k.shape[0] != rows:
+                return False
+            if cache.k.dtype != torch.float32 or not cache.k.is_contiguous():
+                return False
+        return not any(m._forward_hooks or m._forward_pre_hooks for m in self.watched)
+
+    def features(self, model: nn.Module, input_ids: torch.Tensor, caches: list[KVCache]):
+        """input_ids (B, 1) -> the final, normalised residual stream (B, 1, C)."""
+        past = caches[0].length
+        positions = torch.full((input_ids.shape[0],), past, dtype=torch.int64)
+        x = model.token_embedding(input_ids[:, 0]) + model.position_embedding(positions)
+        x = x.contiguous()  # (B, C), float32
+        work = torch.empty(x.shape[0], 6 * self.d_model + self.d_ff)
+        keys = (ctypes.c_void_p * len(caches))(*(cache.k.data_ptr() for cache in caches))
+        values = (ctypes.c_void_p * len(caches))(*(cache.v.data_ptr() for cache in caches))
+        self.library.decode_blocks(
+            self.blocks, x, work, keys, values, positions, self.d_ff, self.heads,
+            caches[0].max_len, self.eps, self.exact_gelu,
+        )  # fmt: skip
+        for cache in caches:
+            cache.length = past + 1
+        return model.final_norm(x)[:, None]
