@@ -230,9 +230,12 @@ ALWAYS_INLINE void store(vfloat acc[MR][2], float *y, int64_t n_len, int64_t col
    floats, and acc is touched once per group, so the tile keeps only the group's sums in
    registers (12 for 6 rows). Every row computes the same operations in the same order
    whatever the tile: a row's result does not depend on the batch. With one or two rows the
-   q are widened where they are used; with more, once into a buffer that every row reads. */
+   q are widened where they are used; with more, once into a buffer that every row reads:
+   the group's, or where there are several tiles of rows the whole panel's, `widened`
+   (rows_by_panel). The values are the same either way. */
 ALWAYS_INLINE void int4_group(vfloat acc[MR][2], const float *x, int64_t k_len, int mr,
-                              int64_t s, const char *at, const float *xsums, int64_t t_len) {
+                              int64_t s, const char *at, const float *xsums, int64_t t_len,
+                              const vfloat (*widened)[2]) {
     const uint8_t *q = (const uint8_t *)at + PANEL * 2;
     const int64_t k0 = s * GROUP, here = k_len - k0 < GROUP ? k_len - k0 : GROUP;
     vfloat sums[MR][2];
@@ -243,6 +246,9 @@ ALWAYS_INLINE void int4_group(vfloat acc[MR][2], const float *x, int64_t k_len, 
             load_nibbles(q + j * (PANEL / 2), &low, &high);
             multiply_add(sums, x, k_len, k0 + j, mr, low, high);
         }
+    } else if (widened) { /* the whole panel's q, widened once for every tile of rows */
+        for (int64_t j = 0; j < here; j++)
+            multiply_add(sums, x, k_len, k0 + j, mr, widened[j][0], widened[j][1]);
     } else {
         vfloat qf[GROUP][2];
         for (int64_t j = 0; j < here; j++) load_nibbles(q + j * (PANEL / 2), &qf[j][0], &qf[j][1]);
@@ -264,7 +270,8 @@ ALWAYS_INLINE void int4_group(vfloat acc[MR][2], const float *x, int64_t k_len, 
    panel) are fetched into the cache. */
 ALWAYS_INLINE void tile(const float *x, const char *panel, const float *scale, const float *bias,
                         float *y, int64_t n_len, int64_t cols, int64_t k_len, int mr,
-                        enum weights kind, const char *ahead, int every, const float *xsums) {
+                        enum weights kind, const char *ahead, int every, const float *xsums,
+                        const vfloat (*widened)[2]) {
     const size_t step = step_bytes(kind);
     const int64_t steps = kind == BF16 ? k_len / 2 : panel_steps(kind, k_len);
     vfloat acc[MR][2];
@@ -278,7 +285,8 @@ ALWAYS_INLINE void tile(const float *x, const char *panel, const float *scale, c
             countdown = every;
         }
         if (kind == I4) {
-            int4_group(acc, x, k_len, mr, s, at, xsums, steps);
+            int4_group(acc, x, k_len, mr, s, at, xsums, steps,
+                       widened ? widened + s * GROUP : NULL);
         } else if (kind == F32) {
             multiply_add(acc, x, k_len, s, mr, load_floats((const float *)at),
                          load_floats((const float *)at + LANES));
@@ -310,7 +318,7 @@ ALWAYS_INLINE void tile(const float *x, const char *panel, const float *scale, c
 ALWAYS_INLINE void rows_by_panel(const float *x, const void *panels, const float *scale,
                                  const float *bias, float *y, int64_t m_len, int64_t n_len,
                                  int64_t k_len, int64_t g, enum weights kind,
-                                 const float *xsums) {
+                                 const float *xsums, vfloat (*widened)[2]) {
     const int64_t steps = panel_steps(kind, k_len);
     const size_t panel_bytes = (size_t)steps * step_bytes(kind);
     const char *panel = (const char *)panels + g * panel_bytes;
@@ -320,6 +328,15 @@ ALWAYS_INLINE void rows_by_panel(const float *x, const void *panels, const float
     const char *next = g + 1 < n_panels ? panel + panel_bytes : panel;
     const int64_t tiles = (m_len + MR - 1) / MR;
     const float *sn = scale ? scale + n : NULL, *bn = bias ? bias + n : NULL;
+    if (kind == I4 && widened && tiles > 1) /* int4 with several tiles: widen q once */
+        for (int64_t s = 0; s < steps; s++) {
+            const uint8_t *q = (const uint8_t *)panel + s * step_bytes(kind) + PANEL * 2;
+            for (int64_t j = 0; j < GROUP; j++)
+                load_nibbles(q + j * (PANEL / 2), &widened[s * GROUP + j][0],
+                             &widened[s * GROUP + j][1]);
+        }
+    else
+        widened = NULL;
     for (int64_t t = 0, m = 0; t < tiles; t++) {
         int64_t left = tiles - t, mr = (m_len - m + left - 1) / left;
         const float *xm = x + m * k_len;
@@ -331,7 +348,8 @@ ALWAYS_INLINE void rows_by_panel(const float *x, const void *panels, const float
         /* Full panels get a tile of their own, where cols is the constant PANEL: in the one
            for the last, padded panel GCC keeps acc in memory (store reads it by lane). */
 #define TILE(rows, columns) \
-    tile(xm, panel, sn, bn, ym, n_len, columns, k_len, rows, kind, ahead, every, xs)
+    tile(xm, panel, sn, bn, ym, n_len, columns, k_len, rows, kind, ahead, every, xs,       \
+         (const vfloat(*)[2])widened)
 #define TILES(columns)                                                                           \
     switch (mr) {                                                                                \
     case 6: TILE(6, columns); break;                                                             \
@@ -359,7 +377,7 @@ void tformer_linear_f32(const float *x, const float *panels, const float *bias, 
     if (m_len == 0) return;
 #pragma omp parallel for schedule(static)
     for (int64_t g = 0; g < (n_len + PANEL - 1) / PANEL; g++)
-        rows_by_panel(x, panels, NULL, bias, y, m_len, n_len, k_len, g, F32, NULL);
+        rows_by_panel(x, panels, NULL, bias, y, m_len, n_len, k_len, g, F32, NULL, NULL);
 }
 
 void tformer_linear_i8(const float *x, const int8_t *panels, const float *scale,
@@ -368,7 +386,7 @@ void tformer_linear_i8(const float *x, const int8_t *panels, const float *scale,
     if (m_len == 0) return;
 #pragma omp parallel for schedule(static)
     for (int64_t g = 0; g < (n_len + PANEL - 1) / PANEL; g++)
-        rows_by_panel(x, panels, scale, bias, y, m_len, n_len, k_len, g, I8, NULL);
+        rows_by_panel(x, panels, scale, bias, y, m_len, n_len, k_len, g, I8, NULL, NULL);
 }
 
 void tformer_linear_bf16(const float *x, const uint16_t *panels, const float *bias, float *y,
@@ -376,27 +394,64 @@ void tformer_linear_bf16(const float *x, const uint16_t *panels, const float *bi
     if (m_len == 0) return;
 #pragma omp parallel for schedule(static)
     for (int64_t g = 0; g < (n_len + PANEL - 1) / PANEL; g++)
-        rows_by_panel(x, panels, NULL, bias, y, m_len, n_len, k_len, g, BF16, NULL);
+        rows_by_panel(x, panels, NULL, bias, y, m_len, n_len, k_len, g, BF16, NULL, NULL);
+}
+
+/* Each thread's buffer for a panel of int4 q as floats (rows in several tiles, int4_group),
+   `steps` of them: kept from call to call, since the pool's threads live on (memory got and
+   given back at every call cost page faults, a millisecond a token). NULL without memory:
+   each tile then widens its groups itself, the same values with more work. */
+static vfloat (*widening_buffer(int64_t steps))[2] {
+    static __thread vfloat(*buffer)[2] = NULL;
+    static __thread int64_t size = 0;
+    if (steps > size) {
+        free(buffer);
+        if (posix_memalign((void **)&buffer, 64, (size_t)steps * sizeof(vfloat[2])) != 0) {
+            buffer = NULL;
+            size = 0;
+            return NULL;
+        }
+        size = steps;
+    }
+    return buffer;
+}
+
+/* One row's sums over each group of k (int4_group's xsum): a whole group as GROUP / LANES
+   vectors added lane by lane, then the lanes in order; a short last group one by one. The
+   same order for a row whatever the batch. */
+static void group_sums(const float *x, int64_t k_len, float *sums) {
+    const int64_t whole = k_len / GROUP;
+    for (int64_t t = 0; t < whole; t++) {
+        vfloat v = load_floats(x + t * GROUP);
+        for (int64_t j = LANES; j < GROUP; j += LANES) v += load_floats(x + t * GROUP + j);
+        float sum = 0.0f;
+        for (int l = 0; l < LANES; l++) sum += v[l];
+        sums[t] = sum;
+    }
+    if (k_len % GROUP) {
+        float sum = 0.0f;
+        for (int64_t k = whole * GROUP; k < k_len; k++) sum += x[k];
+        sums[whole] = sum;
+    }
 }
 
 /* int4 also needs each row's sum over each group of k (int4_group): the rows' sums,
-   (m_len, groups), in order, once for every panel. Returns -1 if it has no memory for them. */
+   (m_len, groups), once for every panel. Returns -1 if it has no memory for them. */
 int tformer_linear_i4(const float *x, const uint8_t *panels, const float *bias, float *y,
                       int64_t m_len, int64_t n_len, int64_t k_len) {
     if (m_len == 0) return 0;
     const int64_t t_len = panel_steps(I4, k_len);
     float *xsums = malloc((size_t)(m_len * t_len) * sizeof(float));
     if (!xsums) return -1;
-    for (int64_t i = 0; i < m_len; i++)
-        for (int64_t t = 0; t < t_len; t++) {
-            float sum = 0.0f;
-            for (int64_t k = t * GROUP; k < k_len && k < (t + 1) * GROUP; k++)
-                sum += x[i * k_len + k];
-            xsums[i * t_len + t] = sum;
-        }
-#pragma omp parallel for schedule(static)
-    for (int64_t g = 0; g < (n_len + PANEL - 1) / PANEL; g++)
-        rows_by_panel(x, panels, NULL, bias, y, m_len, n_len, k_len, g, I4, xsums);
+#pragma omp parallel
+    {
+#pragma omp for schedule(static)
+        for (int64_t i = 0; i < m_len; i++) group_sums(x + i * k_len, k_len, xsums + i * t_len);
+        vfloat(*widened)[2] = m_len > MR ? widening_buffer(t_len * GROUP) : NULL;
+#pragma omp for schedule(static)
+        for (int64_t g = 0; g < (n_len + PANEL - 1) / PANEL; g++)
+            rows_by_panel(x, panels, NULL, bias, y, m_len, n_len, k_len, g, I4, xsums, widened);
+    }
     free(xsums);
     return 0;
 }
