@@ -158,6 +158,11 @@ def test_the_fused_decoding_step_computes_what_the_modules_compute(weights, acti
     assert caches[0][0].length == caches[1][0].length == 11
     config = SamplingConfig(max_new_tokens=20, do_sample=False)
     assert generate_ids(fused, prompt[:1], config) == generate_ids(plain, prompt[:1], config)
+    rows = [[3, 1, 4], [2, 7, 1], [8, 2, 8]]  # one length: generate_batch's steps fuse too
+    calls, step = [], fused.fused_decoding.features
+    fused.fused_decoding.features = lambda *args: calls.append(1) or step(*args)
+    assert generate_batch(fused, rows, config) == generate_batch(plain, rows, config)
+    assert len(calls) == config.max_new_tokens - 1  # every step after the prompt's
 
 
 def test_the_fused_step_steps_aside_where_it_cannot_run():
@@ -170,8 +175,9 @@ def test_the_fused_step_steps_aside_where_it_cannot_run():
         caches = model.new_caches(1)
         model(torch.tensor([[1, 2]]), caches=caches)
         assert fused.applies(model, one, None, None, caches)
-        assert not fused.applies(model, one, torch.ones(1, 3), None, caches)  # a mask
-        assert not fused.applies(model, one, None, torch.tensor([[2]]), caches)  # positions
+        assert not fused.applies(model, one, torch.tensor([[0, 1, 1]]), None, caches)  # padding
+        assert not fused.applies(model, one, None, torch.tensor([[1]]), caches)  # positions
+        assert fused.applies(model, one, torch.ones(1, 3), torch.tensor([[2]]), caches)
         assert not fused.applies(model, torch.tensor([[4, 5]]), None, None, caches)  # 2 tokens
         assert not fused.applies(model, one, None, None, None)
         model.blocks[0].mlp.w1.kernel_max_rows = 0  # calibrated: torch's matmul for any rows

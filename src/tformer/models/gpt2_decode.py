@@ -12,10 +12,11 @@ hold the two together.
 
 The step applies when: the model is pre-LN GPT-2 with residuals and GELU; every linear
 layer of its blocks is packed for the kernels; it is not training; the step has one new
-token per row, no attention mask and no explicit positions; every cache is a KVCache at the
-same length with room left; the rows are no more than the kernels' row limit; and no
-forward hook is registered on a block's modules (hooks see every activation, which the
-fused step never materialises).
+token per row; every cache is a KVCache at the
+same length with room left; any attention mask is all ones and any positions are the
+caches' length (a batch of prompts of one length, as generate_batch passes them); the rows
+are no more than the kernels' row limit; and no forward hook is registered on a block's
+modules (hooks see every activation, which the fused step never materialises).
 """
 
 import ctypes
@@ -94,9 +95,7 @@ class FusedDecoding:
         position_ids: torch.Tensor | None,
         caches: list | None,
     ) -> bool:
-        if caches is None or attention_mask is not None or position_ids is not None:
-            return False
-        if model.training or input_ids.shape[1] != 1:
+        if caches is None or model.training or input_ids.shape[1] != 1:
             return False
         if any(input_ids.shape[0] > layer.kernel_max_rows for layer in self.first_layers):
             return False  # calibrated beyond: torch's matmul is faster for this many rows
@@ -109,6 +108,11 @@ class FusedDecoding:
                 return False
             if cache.k.dtype != torch.float32 or not cache.k.is_contiguous():
                 return False
+        # a batch of prompts of one length: a mask of ones and the positions that follow
+        if attention_mask is not None and not bool(attention_mask.all()):
+            return False
+        if position_ids is not None and not bool((position_ids == length).all()):
+            return False
         return not any(m._forward_hooks or m._forward_pre_hooks for m in self.watched)
 
     def features(self, model: nn.Module, input_ids: torch.Tensor, caches: list[KVCache]):
