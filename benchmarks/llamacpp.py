@@ -80,10 +80,10 @@ def log(message: str) -> None:
 # llama.cpp: built once
 
 
-def llama_programs(source: Path, build: Path) -> Path:
+def llama_programs(source: Path, build: Path, programs: tuple[str, ...] = PROGRAMS) -> Path:
     """The directory of llama.cpp's programs: --llama-build's, built there if missing."""
     bin_dir = build / "bin"
-    if all((bin_dir / p).exists() for p in PROGRAMS):
+    if all((bin_dir / p).exists() for p in programs):
         return bin_dir
     if not (source / "CMakeLists.txt").exists():
         sys.exit(f"no llama.cpp source tree at {source} (see PEERS.md); pass --llama-cpp")
@@ -95,7 +95,7 @@ def llama_programs(source: Path, build: Path) -> Path:
                  "-DCMAKE_BUILD_TYPE=Release"]  # fmt: skip
     subprocess.run(configure, check=True, stdout=sys.stderr)
     jobs = str(os.cpu_count() or 1)
-    subprocess.run(["cmake", "--build", str(build), "-j", jobs, "--target", *PROGRAMS],
+    subprocess.run(["cmake", "--build", str(build), "-j", jobs, "--target", *programs],
                    check=True, stdout=sys.stderr)  # fmt: skip
     return bin_dir
 
