@@ -15,7 +15,8 @@ the engines taking turns:
               llama-batched-bench's S_TG against tformer's `generate_batch` (whole call,
               prompts included)
 
-each the best of --repeats; and the memory-bandwidth ceiling of batch-1 decoding (bytes of
+the engines taking turns for --repeats rounds (the order swapped each round), each
+engine's best figure; and the memory-bandwidth ceiling of batch-1 decoding (bytes of
 weights read per token, over a read bandwidth measured in the same run). llama.cpp's KV
 cache is float16, tformer's float32.
 
@@ -27,7 +28,7 @@ llama.cpp: the tree that the llama-cpp-python 0.3.36 sources ship (--llama-cpp, 
 built once into --llama-build (the cache) with cmake if its programs are missing, with the
 CPU's own instruction sets but not AMX (whose kernels crash on q8_0 there, PEERS.md).
 
-    python benchmarks/llamacpp.py [--types f32,bf16,q8_0,q4_0] [--repeats 2] [--json]
+    python benchmarks/llamacpp.py [--types f32,bf16,q8_0,q4_0] [--repeats 3] [--json]
 """
 
 import argparse
@@ -268,7 +269,7 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", type=Path, default=CACHE / "gpt2-random")
     parser.add_argument("--types", default="f32,bf16,q8_0,q4_0")
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3, help="rounds (default: 3)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--llama-cpp", type=Path, default=LLAMA_CPP, help="its source tree")
     parser.add_argument("--llama-build", type=Path, default=CACHE / "llama.cpp-build")
@@ -306,10 +307,23 @@ def main() -> None:
     for type_name in args.types:
         model = GPT2.from_pretrained(args.checkpoint).eval()
         pack_for_decoding(model, TYPES[type_name])
-        llama_decode, llama_prefill = llama_bench(bin_dir, files[type_name], args.threads,
-                                                  args.repeats)  # fmt: skip
-        ours = tformer_figures(model, args.repeats)
-        llama_batch = llama_batched(bin_dir, files[type_name], args.threads)
+        # the engines take turns, --repeats rounds, the order swapped each round; the best
+        # figure of each engine counts (the host's speed drifts by 10-20% over minutes)
+        llama_decode = llama_prefill = llama_batch = 0.0
+        ours = {"decode": 0.0, "prefill": 0.0, "batch8": 0.0}
+        for round_ in range(args.repeats):
+            for engine in ("llama", "tformer") if round_ % 2 == 0 else ("tformer", "llama"):
+                if engine == "llama":
+                    decode, prompt = llama_bench(bin_dir, files[type_name], args.threads, 1)
+                    batch = llama_batched(bin_dir, files[type_name], args.threads)
+                    llama_decode, llama_prefill = (
+                        max(llama_decode, decode),
+                        max(llama_prefill, prompt),
+                    )
+                    llama_batch = max(llama_batch, batch)
+                else:
+                    figures = tformer_figures(model, 1)
+                    ours = {k: max(v, figures[k]) for k, v in ours.items()}
         ours_bytes = weight_bytes(model)
         their_bytes = files[type_name].stat().st_size - 1024 * 768 * 4  # less positions
         row = {
