@@ -190,3 +190,6 @@ def test_the_fused_step_steps_aside_where_it_cannot_run():
         assert seen == [1]
         hook.remove()
         assert fused.applies(model, one, None, None, caches)
+    assert not fused.applies(model, one, None, None, caches)  # gradients are being recorded
+    model.to("cpu")  # moving the model may replace the tensors the fused step points at
+    assert model.fused_decoding is None

@@ -281,3 +281,41 @@ def test_a_translation_model_has_no_gguf_layout(tmp_path, capsys):
         main(["export", "gguf", str(tmp_path / "mt")])
     assert "holds a translation model" in capsys.readouterr().err
     assert not list((tmp_path / "mt").glob("*.gguf"))
+
+
+def test_a_padded_vocabulary_gets_unused_tokens_and_reads_back(tokenizers, tmp_path):
+    """An embedding with more rows than the tokenizer has tokens (padded for speed): GGUF
+    names one token per row, so the rest are llama.cpp's unused "[PAD<i>]" tokens."""
+    tokenizer = tokenizers["char"]
+    model = model_for(tokenizer, vocab_size=tokenizer.vocab_size + 7)
+    model.save_gguf(tmp_path / "m.gguf", tokenizer)
+    metadata = read_gguf(tmp_path / "m.gguf", with_tensors=False).metadata
+    assert len(metadata["tokenizer.ggml.tokens"]) == tokenizer.vocab_size + 7
+    assert metadata["tokenizer.ggml.tokens"][-1] == f"[PAD{tokenizer.vocab_size + 6}]"
+    assert metadata["tokenizer.ggml.token_type"][-7:] == [5] * 7
+    back, read_tokenizer = GPT2.from_gguf(tmp_path / "m.gguf")
+    assert back.config.vocab_size == tokenizer.vocab_size + 7
+    assert read_tokenizer.chars == tokenizer.chars
+    too_small = model_for(tokenizer, vocab_size=tokenizer.vocab_size - 1)
+    with pytest.raises(ValueError, match="do not belong together"):
+        too_small.save_gguf(tmp_path / "small.gguf", tokenizer)
+
+
+def test_a_head_rounded_wider_than_the_embedding_is_the_same_tied_matrix(tokenizers, tmp_path):
+    """llama.cpp's quantiser stores output.weight wider than token_embd (e.g. q8_0 over
+    q4_0): the same matrix in two roundings loads, the wider one kept."""
+    tokenizer = tokenizers["char"]
+    model = model_for(tokenizer)
+    state = model.state_dict()
+    tensors = []
+    for ours, theirs, _ in name_table(model.config):
+        type_name = "q4_0" if theirs == "token_embd.weight" else "f32"
+        tensors.append((theirs, state[ours].numpy(), type_name))
+    tensors.append(("output.weight", state["token_embedding.weight"].numpy(), "q8_0"))
+    model.save_gguf(tmp_path / "m.gguf", tokenizer)
+    metadata = read_gguf(tmp_path / "m.gguf", with_tensors=False).metadata
+    del metadata["general.architecture"]
+    write_gguf(tmp_path / "two.gguf", "gpt2", metadata, tensors)
+    back = GPT2.from_pretrained(tmp_path / "two.gguf")
+    wider = decode(encode(state["token_embedding.weight"].numpy(), "q8_0"), "q8_0")
+    assert torch.equal(back.token_embedding.weight, torch.from_numpy(wider))

@@ -49,7 +49,7 @@ def test_packed_linear_refuses_to_train():
 
 
 def test_unknown_weight_dtype_is_rejected():
-    with pytest.raises(ValueError, match="int4"):
+    with pytest.raises(ValueError, match="unknown weight dtype 'int2'"):
         PackedLinear.from_linear(nn.Linear(8, 4), "int2")
 
 

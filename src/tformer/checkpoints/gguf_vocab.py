@@ -37,7 +37,7 @@ from tformer.tokenizers import (
     merges_from_ranks,
 )
 
-NORMAL, CONTROL, USER_DEFINED = 1, 3, 4
+NORMAL, CONTROL, USER_DEFINED, UNUSED = 1, 3, 4, 5
 KIND_KEY = "tformer.tokenizer"  # "gpt2", "bpe" or "char": which of tformer's tokenizers
 
 
@@ -65,8 +65,26 @@ def unspell(text: str, source: str) -> bytes:
         raise CheckpointError(f"{source}: token {text!r} is not spelled byte by byte") from None
 
 
-def tokenizer_metadata(tokenizer: Tokenizer) -> dict[str, Any]:
-    """The tokenizer.ggml.* keys (and tformer's own kind) for one of tformer's tokenizers."""
+def check_tokenizer(tokenizer: Tokenizer, rows: int) -> None:
+    """Refuse, before anything is written, a tokenizer GGUF cannot carry for a model with
+    `rows` embedding rows (a smaller vocabulary is padded: tokenizer_metadata)."""
+    if not isinstance(tokenizer, GPT2Tokenizer | CharTokenizer | HFTokenizer):
+        raise ValueError(f"a {type(tokenizer).__name__} has no GGUF vocabulary")
+    if isinstance(tokenizer, HFTokenizer):
+        _bpe_spec(tokenizer)
+    if tokenizer.vocab_size > rows:
+        raise ValueError(
+            f"the tokenizer has {tokenizer.vocab_size} tokens but the model only {rows} "
+            "embedding rows: they do not belong together"
+        )
+
+
+def tokenizer_metadata(tokenizer: Tokenizer, rows: int | None = None) -> dict[str, Any]:
+    """The tokenizer.ggml.* keys (and tformer's own kind) for one of tformer's tokenizers.
+    A model with more embedding rows than tokens (a vocabulary padded for speed) gets
+    unused tokens "[PAD<i>]" for the rest, as llama.cpp's converter writes them: GGUF names
+    one token per row."""
+    check_tokenizer(tokenizer, rows or tokenizer.vocab_size)
     if isinstance(tokenizer, GPT2Tokenizer):
         kind, tokens, types, merges = "gpt2", *_gpt2_vocabulary(tokenizer)
     elif isinstance(tokenizer, CharTokenizer):
@@ -75,6 +93,9 @@ def tokenizer_metadata(tokenizer: Tokenizer) -> dict[str, Any]:
         kind, tokens, types, merges = "bpe", *_bpe_vocabulary(tokenizer)
     else:
         raise ValueError(f"a {type(tokenizer).__name__} has no GGUF vocabulary")
+    for i in range(len(tokens), rows or len(tokens)):
+        tokens.append(f"[PAD{i}]")
+        types.append(UNUSED)
     metadata = {
         "tokenizer.ggml.model": "gpt2",
         "tokenizer.ggml.pre": "gpt-2",
@@ -87,8 +108,15 @@ def tokenizer_metadata(tokenizer: Tokenizer) -> dict[str, Any]:
     if tokenizer.eos_id is not None:
         metadata["tokenizer.ggml.bos_token_id"] = tokenizer.eos_id  # GPT-2's: one token
         metadata["tokenizer.ggml.eos_token_id"] = tokenizer.eos_id
-    if isinstance(tokenizer.chat_template, str):
-        metadata["tokenizer.chat_template"] = tokenizer.chat_template
+    template = tokenizer.chat_template
+    if isinstance(template, str):
+        metadata["tokenizer.chat_template"] = template
+    elif isinstance(template, list):  # named templates: "default" and the others by name
+        for named in template:
+            name, text = named.get("name"), named.get("template")
+            if isinstance(name, str) and isinstance(text, str):
+                key = "tokenizer.chat_template" + ("" if name == "default" else f".{name}")
+                metadata[key] = text
     return metadata
 
 
@@ -116,7 +144,8 @@ def _char_vocabulary(tokenizer: CharTokenizer) -> tuple[list[str], list[int], li
     return tokens, [NORMAL] * len(tokens), merges
 
 
-def _bpe_vocabulary(tokenizer: HFTokenizer) -> tuple[list[str], list[int], list[str]]:
+def _bpe_spec(tokenizer: HFTokenizer) -> dict:
+    """The tokenizer's JSON, refused unless llama.cpp's GPT-2 BPE computes it."""
     spec = json.loads(tokenizer.tokenizer.to_str())
     model, pre = spec.get("model") or {}, spec.get("pre_tokenizer") or {}
     if model.get("type") != "BPE" or pre.get("type") != "ByteLevel":
@@ -130,6 +159,12 @@ def _bpe_vocabulary(tokenizer: HFTokenizer) -> tuple[list[str], list[int], list[
             "llama.cpp's GPT-2 pre-tokenizer splits text with GPT-2's pattern and adds no "
             "space in front; this tokenizer's ByteLevel pre-tokenizer does otherwise"
         )
+    return spec
+
+
+def _bpe_vocabulary(tokenizer: HFTokenizer) -> tuple[list[str], list[int], list[str]]:
+    spec = _bpe_spec(tokenizer)
+    model = spec["model"]
     tokens: list[str | None] = [None] * tokenizer.vocab_size
     types = [NORMAL] * tokenizer.vocab_size
     for token, i in model["vocab"].items():
@@ -155,6 +190,9 @@ def tokenizer_from_metadata(metadata: dict[str, Any], source: str) -> Tokenizer:
     tokens = metadata.get("tokenizer.ggml.tokens")
     if not tokens:
         raise CheckpointError(f"{source}: the GGUF metadata has no tokenizer.ggml.tokens")
+    types = metadata.get("tokenizer.ggml.token_type") or [NORMAL] * len(tokens)
+    while tokens and types[len(tokens) - 1] == UNUSED:  # padding rows: no tokens of the text
+        tokens = tokens[:-1]
     kind = metadata.get(KIND_KEY)
     if kind == "char":
         chars = [unspell(t, source).decode("utf-8", errors="surrogatepass") for t in tokens]
@@ -163,17 +201,18 @@ def tokenizer_from_metadata(metadata: dict[str, Any], source: str) -> Tokenizer:
         ranks = {unspell(t, source): i for i, t in enumerate(tokens[:GPT2_EOT_ID])}
         tokenizer = GPT2Tokenizer(ranks)
     else:
-        tokenizer = _bpe_tokenizer(metadata, tokens, source)
+        tokenizer = _bpe_tokenizer(metadata, tokens, types[: len(tokens)], source)
     template = metadata.get("tokenizer.chat_template")
     tokenizer.chat_template = template if isinstance(template, str) else None
     return tokenizer
 
 
-def _bpe_tokenizer(metadata: dict[str, Any], tokens: list[str], source: str) -> HFTokenizer:
+def _bpe_tokenizer(
+    metadata: dict[str, Any], tokens: list[str], types: list[int], source: str
+) -> HFTokenizer:
     from tokenizers import AddedToken, decoders, models, pre_tokenizers
     from tokenizers import Tokenizer as RustTokenizer
 
-    types = metadata.get("tokenizer.ggml.token_type") or [NORMAL] * len(tokens)
     merges = [tuple(m.split(" ", 1)) for m in metadata.get("tokenizer.ggml.merges") or []]
     vocab = {token: i for i, token in enumerate(tokens)}
     if len(vocab) != len(tokens):

@@ -73,7 +73,7 @@ def run_gguf(args) -> None:
         )
     model, tokenizer = load_gpt2_with_tokenizer(str(args.checkpoint), torch.device("cpu"),
                                                 torch.float32)  # fmt: skip
-    check_writable(model.config, args.type, args.approximate_gelu)  # before the bar
+    check_writable(model.config, args.type, args.approximate_gelu, tokenizer)  # before the bar
     total = len(name_table(model.config))
     with tqdm(total=total, unit="tensor", desc=out.name, disable=args.json) as bar:
         model.save_gguf(out, tokenizer, args.type, args.approximate_gelu,

@@ -28,7 +28,7 @@ def describe(source: str) -> dict:
     if source in PRESETS and not Path(source).exists():
         config = GPT2Config.from_preset(source)
     elif is_gguf(Path(source).expanduser()):
-        config = read_gpt2_gguf_config(source)
+        config = read_gpt2_gguf_config(Path(source).expanduser())
     else:
         config = load_config(resolve_checkpoint(source))
     with torch.device("meta"):

@@ -44,8 +44,8 @@ class DecodingPath:
             stored = "weights int8 (per-row scales, weight-only), activations float32"
         elif self.weights == "int4":
             stored = (
-                "weights int4 (a float16 scale per 32 weights of a row, weight-only; an "
-                "output head int8), activations float32"
+                "weights int4 (a float16 scale per 32 weights of a row, weight-only; "
+                "GPT-2's output head int8), activations float32"
             )
         else:
             stored = f"weights {self.weights}, activations float32"

@@ -66,11 +66,11 @@ MADV_HUGEPAGE = 14  # Linux's madvise advice
 
 
 def on_huge_pages(tensor: torch.Tensor) -> torch.Tensor:
-    """A contiguous copy of `tensor` whose memory Linux is asked to back with 2 MiB pages
+    """`tensor`, contiguous, in memory Linux is asked to back with 2 MiB pages
     (madvise MADV_HUGEPAGE) before it is written. Decoding streams every weight once per
     token: with 4 KiB pages each page is a TLB miss and a stop for the hardware
-    prefetchers (docs/LOG.md). For a tensor under a huge page, or off Linux, a plain
-    contiguous copy; where the system gives no huge pages, the advice changes nothing."""
+    prefetchers (docs/LOG.md). For a tensor under a huge page, or off Linux, just
+    `tensor.contiguous()`; where the system gives no huge pages, the advice changes nothing."""
     nbytes = tensor.numel() * tensor.element_size()
     if nbytes < HUGE_PAGE or sys.platform != "linux":
         return tensor.contiguous()

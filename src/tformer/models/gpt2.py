@@ -318,6 +318,12 @@ class GPT2(nn.Module):
             x = run_layer(block, x, attention_mask, cache, checkpointed=recompute)
         return self.final_norm(x)
 
+    def _apply(self, fn, recurse=True):
+        # .to(), .cuda(), .half() and the like replace the tensors whose addresses the fused
+        # step holds: it is dropped, and fuse_decoding makes it again if wanted
+        self.fused_decoding = None
+        return super()._apply(fn, recurse)
+
     def fuse_decoding(self) -> bool:
         """Once packed for decoding with the C kernels: run each one-token decoding step's
         blocks in one kernel call (models/gpt2_decode.py). Returns whether it can."""
@@ -373,8 +379,10 @@ class GPT2(nn.Module):
         weights are the same either way. A GGUF file (llama.cpp's, GPT-2's architecture)
         loads too, its quantised tensors dequantised: see from_gguf."""
         if is_gguf(Path(path_or_name).expanduser()):
-            gguf = cls.from_gguf(path_or_name, dtype, device, dropout=dropout, attention=attention)
-            return gguf[0]
+            model, _ = cls.from_gguf(
+                path_or_name, dtype, device, dropout=dropout, attention=attention
+            )
+            return model
         directory = resolve_checkpoint(path_or_name)
         if peft.is_adapter(directory):
             model = gpt2_adapters.load_base(

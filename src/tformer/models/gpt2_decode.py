@@ -15,8 +15,10 @@ layer of its blocks is packed for the kernels; it is not training; the step has 
 token per row; every cache is a KVCache at the
 same length with room left; any attention mask is all ones and any positions are the
 caches' length (a batch of prompts of one length, as generate_batch passes them); the rows
-are no more than the kernels' row limit; and no forward hook is registered on a block's
-modules (hooks see every activation, which the fused step never materialises).
+are no more than the kernels' row limit; no gradient is being recorded; and no forward
+hook would see a block's modules (hooks see every activation, which the fused step never
+materialises). Moving the model (`.to()`) drops the fused step: it holds the addresses of
+the packed weights.
 """
 
 import ctypes
@@ -26,6 +28,7 @@ from torch import nn
 
 from tformer import kernels
 from tformer.kernels.bindings import BlockLayout
+from tformer.nn.blocked_attention import hooked
 from tformer.nn.kv_cache import KVCache
 from tformer.nn.packed_linear import PackedLinear
 
@@ -74,7 +77,7 @@ class FusedDecoding:
         if config.activation not in GELU_KINDS:
             return None
         library = kernels.load()
-        if library is None or not hasattr(library, "decode_blocks"):
+        if library is None:
             return None
         for block in model.blocks:
             layers = (block.attn.w_qkv, block.attn.w_o, block.mlp.w1, block.mlp.w2)
@@ -97,23 +100,28 @@ class FusedDecoding:
     ) -> bool:
         if caches is None or model.training or input_ids.shape[1] != 1:
             return False
+        if input_ids.device.type != "cpu" or torch.is_grad_enabled():
+            return False  # the kernels read CPU memory and compute no gradients
         if any(input_ids.shape[0] > layer.kernel_max_rows for layer in self.first_layers):
             return False  # calibrated beyond: torch's matmul is faster for this many rows
-        length = caches[0].length
-        rows = input_ids.shape[0]
-        for cache in caches:
-            if type(cache) is not KVCache or cache.length != length:
+        first = caches[0]
+        if type(first) is not KVCache or first.length >= first.max_len:
+            return False
+        shape = (input_ids.shape[0], self.heads, first.max_len, self.d_model // self.heads)
+        for cache in caches:  # the kernel writes at (row, head, length) of each, in place
+            if type(cache) is not KVCache or cache.length != first.length:
                 return False
-            if cache.length >= cache.max_len or cache.k.shape[0] != rows:
-                return False
-            if cache.k.dtype != torch.float32 or not cache.k.is_contiguous():
-                return False
+            for tensor in (cache.k, cache.v):
+                if tuple(tensor.shape) != shape or tensor.dtype != torch.float32:
+                    return False
+                if tensor.device.type != "cpu" or not tensor.is_contiguous():
+                    return False
         # a batch of prompts of one length: a mask of ones and the positions that follow
         if attention_mask is not None and not bool(attention_mask.all()):
             return False
-        if position_ids is not None and not bool((position_ids == length).all()):
+        if position_ids is not None and not bool((position_ids == first.length).all()):
             return False
-        return not any(m._forward_hooks or m._forward_pre_hooks for m in self.watched)
+        return not any(hooked(m) for m in self.watched)
 
     def features(self, model: nn.Module, input_ids: torch.Tensor, caches: list[KVCache]):
         """input_ids (B, 1) -> the final, normalised residual stream (B, 1, C)."""

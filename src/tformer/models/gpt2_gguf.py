@@ -39,7 +39,11 @@ import torch
 
 from tformer.checkpoints import CheckpointError
 from tformer.checkpoints.gguf import TYPE_NAMES, GGUFFile, read_gguf, write_gguf
-from tformer.checkpoints.gguf_vocab import tokenizer_from_metadata, tokenizer_metadata
+from tformer.checkpoints.gguf_vocab import (
+    check_tokenizer,
+    tokenizer_from_metadata,
+    tokenizer_metadata,
+)
 from tformer.models.gpt2_config import GPT2Config
 from tformer.tokenizers import Tokenizer
 
@@ -82,9 +86,12 @@ def name_table(config: GPT2Config) -> list[tuple[str, str, bool]]:
     return table
 
 
-def check_writable(config: GPT2Config, type_name: str, approximate_gelu: bool) -> None:
+def check_writable(
+    config: GPT2Config, type_name: str, approximate_gelu: bool, tokenizer: Tokenizer
+) -> None:
     """Refuse, before anything is written, what llama.cpp's gpt2 architecture cannot
-    compute and what the type cannot store."""
+    compute, what the type cannot store, and a tokenizer GGUF cannot carry."""
+    check_tokenizer(tokenizer, config.vocab_size)
     if type_name not in TYPE_NAMES:
         raise ValueError(f"unknown GGUF type {type_name!r}; choose one of {', '.join(TYPE_NAMES)}")
     if config.norm_position != "pre" or not config.residual:
@@ -119,7 +126,7 @@ def metadata(config: GPT2Config, tokenizer: Tokenizer, type_name: str) -> dict:
         f"{ARCH}.block_count": config.n_layers,
         f"{ARCH}.attention.head_count": config.n_heads,
         f"{ARCH}.attention.layer_norm_epsilon": float(config.layer_norm_eps),
-        **tokenizer_metadata(tokenizer),
+        **tokenizer_metadata(tokenizer, config.vocab_size),
         CONFIG_KEY: json.dumps(config.to_dict()),
     }
 
@@ -143,12 +150,7 @@ def write_gpt2_gguf(
     progress=None,
 ) -> None:
     """A GPT-2's weights (tformer's state dict) and tokenizer as a GGUF file for llama.cpp."""
-    check_writable(config, type_name, approximate_gelu)
-    if tokenizer.vocab_size != config.vocab_size:
-        raise ValueError(
-            f"the tokenizer has {tokenizer.vocab_size} tokens and the model {config.vocab_size}: "
-            "a GGUF file names one token per embedding row"
-        )
+    check_writable(config, type_name, approximate_gelu, tokenizer)
 
     def tensors():
         for ours, theirs, quantised in name_table(config):
@@ -169,10 +171,19 @@ def read_gpt2_gguf(
     embedding = gguf.tensors["token_embd.weight"]
     head = gguf.tensors.pop("output.weight", None)
     if head is not None and not torch.equal(head, embedding):
-        raise CheckpointError(
-            f"{source}: output.weight differs from token_embd.weight; tformer's GPT-2 ties "
-            "its output head to the token embedding, and an untied head is not supported"
-        )
+        types = gguf.types["output.weight"], gguf.types["token_embd.weight"]
+        # llama.cpp's quantiser rounds the head wider than the embedding: the same matrix
+        # in two roundings, within their error (4 bits: ~10% of the norm)
+        rounded = types[0] != types[1] and (head - embedding).norm() <= 0.2 * embedding.norm()
+        if not rounded:
+            raise CheckpointError(
+                f"{source}: output.weight differs from token_embd.weight; tformer's GPT-2 "
+                "ties its output head to the token embedding, and an untied head is not "
+                "supported"
+            )
+        if bits_per_weight(types[0]) > bits_per_weight(types[1]):
+            embedding = head  # the tied matrix: the wider rounding of the two
+    gguf.tensors["token_embd.weight"] = embedding
     state, table = {}, name_table(config)
     missing = [theirs for _, theirs, _ in table if theirs not in gguf.tensors]
     if missing:
@@ -190,6 +201,14 @@ def read_gpt2_gguf(
             f"{config.vocab_size}"
         )
     return config, state, tokenizer
+
+
+def bits_per_weight(type_name: str) -> float:
+    """The bits a weight of a ggml type takes, its share of the block's scales included."""
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    block, size = GGML_QUANT_SIZES[GGMLQuantizationType[type_name.upper()]]
+    return 8 * size / block
 
 
 def read_gpt2_gguf_config(path: str | os.PathLike) -> GPT2Config:

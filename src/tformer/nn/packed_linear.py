@@ -69,7 +69,7 @@ def quantize_int4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     w = weight.detach().float()
     n, k = w.shape
     t = -(-k // GROUP)
-    groups = torch.zeros(n, t * GROUP)
+    groups = torch.zeros(n, t * GROUP, device=w.device)
     groups[:, :k] = w
     groups = groups.view(n, t, GROUP)
     largest = groups.gather(2, groups.abs().argmax(dim=2, keepdim=True))  # (N, T, 1)

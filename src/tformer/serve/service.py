@@ -12,12 +12,13 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
 from tformer.checkpoints import resolve_checkpoint
+from tformer.checkpoints.gguf import is_gguf
 from tformer.generate.chat import ChatTemplate, load_chat_template
 from tformer.generate.fast import load_for_decoding
 from tformer.models.load import checkpoint_kind
@@ -87,6 +88,12 @@ def load_language_model(service: Service, device: torch.device) -> None:
     model, tokenizer, path = load_for_decoding(
         str(service.directory), device, config.dtype, config.quantize
     )
+    template = tokenizer.chat_template
+    if is_gguf(service.directory) and config.chat_template is None and isinstance(template, str):
+        # a GGUF file carries its template in its metadata, not in a file beside it
+        where = f"tokenizer.chat_template of {service.directory}"
+        service.chat = ChatTemplate(template, "checkpoint", where)
+    path = replace(path, fused=False)  # the scheduler's slot caches take the modules' path
     service.decoding, service.parameters = path.describe(), path.parameters
     print(f"tformer serve: decoding: {service.decoding}", file=sys.stderr)
     if path.kernels is not None:  # where torch's matmul overtakes them, on this CPU
