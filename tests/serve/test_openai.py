@@ -220,6 +220,28 @@ def test_chat_template_file_overrides(tiny_lm, reference, tmp_path, start_server
     assert got.choices[0].message.content == greedy_text(reference, "<user>hi>", 6)
 
 
+def test_a_gguf_file_serves_with_the_chat_template_it_carries(
+    tiny_lm, reference, tmp_path, start_server
+):
+    from tformer import GPT2
+    from tformer.tokenizers import load_tokenizer
+
+    tokenizer = load_tokenizer(tiny_lm)
+    tokenizer.chat_template = "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}>"
+    GPT2.from_pretrained(tiny_lm).save_gguf(tmp_path / "tiny.gguf", tokenizer)
+    with start_server(tmp_path / "tiny.gguf") as server:
+        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="x", max_retries=0)
+        got = client.chat.completions.create(
+            model="tiny.gguf",
+            messages=[{"role": "user", "content": "hi"}],
+            max_tokens=6,
+            temperature=0,
+        )
+        details = httpx.get(f"{server.url}/v1/models/tiny.gguf").json()
+    assert got.choices[0].message.content == greedy_text(reference, "<user>hi>", 6)
+    assert details["chat_template"] == "checkpoint"
+
+
 @pytest.mark.parametrize(
     ("body", "param", "says"),
     [
