@@ -34,7 +34,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import machine_line  # noqa: E402
-from llamacpp import CACHE, LLAMA_CPP, TYPES  # noqa: E402
+from llamacpp import CACHE, LLAMA_CPP, TYPES, exported, llama_programs  # noqa: E402
 
 from tformer.data.sources import load_corpus  # noqa: E402
 from tformer.data.tokens import LMBatches, tokenize_cached  # noqa: E402
@@ -77,8 +77,6 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
-    from llamacpp import exported, llama_programs  # noqa: E402
-
     bin_dir = llama_programs(args.llama_cpp, args.llama_build, ("llama-perplexity",))
     print(machine_line(), file=sys.stderr)
     cpu = torch.device("cpu")
