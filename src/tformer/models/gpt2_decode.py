@@ -62,7 +62,7 @@ class FusedDecoding:
                     norms[1].weight.data_ptr(),
                     norms[1].bias.data_ptr(),
                     *linears,
-                )  # fmt: skip
+                )
             )
         self.blocks = (BlockLayout * len(layouts))(*layouts)
         # the blocks' modules whose hooks would be skipped
