@@ -319,3 +319,12 @@ def test_a_head_rounded_wider_than_the_embedding_is_the_same_tied_matrix(tokeniz
     back = GPT2.from_pretrained(tmp_path / "two.gguf")
     wider = decode(encode(state["token_embedding.weight"].numpy(), "q8_0"), "q8_0")
     assert torch.equal(back.token_embedding.weight, torch.from_numpy(wider))
+
+
+def test_a_failed_write_leaves_nothing_behind(tmp_path):
+    tensors = [("x", np.zeros((2, 32), np.float32), "f32"), ("y", np.zeros(3, np.float32), "q8_0")]
+    with pytest.raises(ValueError, match="multiple of 32"):
+        write_gguf(tmp_path / "m.gguf", "gpt2", {"a": 1}, tensors)
+    with pytest.raises(TypeError, match="cannot store a dict"):
+        write_gguf(tmp_path / "m.gguf", "gpt2", {"a": {"b": 1}}, tensors[:1])
+    assert list(tmp_path.iterdir()) == []

@@ -87,7 +87,8 @@ def write_gguf(
 ) -> None:
     """Write a GGUF file atomically. `metadata` values are typed by their Python type: str,
     bool, int (uint32), float (float32), and lists of str or of int (int32). `tensors` are
-    (name, float32 array in PyTorch's order, type name), encoded one by one."""
+    (name, float32 array in PyTorch's order, type name), encoded one by one; `progress`
+    is called with each name once it is encoded."""
     from gguf import GGUFValueType, GGUFWriter
 
     def value_type(key: str, value: Any) -> tuple[GGUFValueType, GGUFValueType | None]:
@@ -102,18 +103,20 @@ def write_gguf(
 
     def write(tmp: str) -> None:
         writer = GGUFWriter(tmp, architecture)
-        for key, value in metadata.items():
-            kind, item = value_type(key, value)
-            writer.add_key_value(key, value, kind, sub_type=item)
-        for name, array, type_name in tensors:
-            if progress is not None:
-                progress(name)
-            raw = ggml_type(type_name) if type_name not in ("f32", "f16") else None
-            writer.add_tensor(name, encode(array, type_name), raw_dtype=raw)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
+        try:
+            for key, value in metadata.items():
+                kind, item = value_type(key, value)
+                writer.add_key_value(key, value, kind, sub_type=item)
+            for name, array, type_name in tensors:  # encoded (quantised) here, the slow part
+                raw = ggml_type(type_name) if type_name not in ("f32", "f16") else None
+                writer.add_tensor(name, encode(array, type_name), raw_dtype=raw)
+                if progress is not None:
+                    progress(name)
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_tensors_to_file()
+        finally:  # the file is closed, then atomic_write removes it if this failed
+            writer.close()
 
     atomic_write(path, write)
 
