@@ -226,9 +226,29 @@ def bytes_to_unicode() -> dict[int, str]:
 
 
 @functools.cache
+def _char_of_byte() -> dict[int, str]:
+    """bytes_to_unicode, built once."""
+    return bytes_to_unicode()
+
+
+@functools.cache
 def _byte_of_char() -> dict[str, int]:
     """bytes_to_unicode reversed, built once: a stream decodes one token at a time."""
     return {c: b for b, c in bytes_to_unicode().items()}
+
+
+def spell_bytes(token: bytes) -> str:
+    """A token's bytes in GPT-2's byte-to-unicode spelling (vocab.json's, GGUF's)."""
+    to_str = _char_of_byte()
+    return "".join(to_str[b] for b in token)
+
+
+def unspell_bytes(text: str) -> bytes | None:
+    """spell_bytes reversed; None for text that is not spelled byte by byte."""
+    to_byte = _byte_of_char()
+    if any(c not in to_byte for c in text):
+        return None
+    return bytes(to_byte[c] for c in text)
 
 
 def merges_from_ranks(ranks: dict[bytes, int]) -> list[tuple[bytes, bytes]]:
@@ -280,14 +300,14 @@ class GPT2Tokenizer:
     @classmethod
     def from_vocab_json(cls, path: str | os.PathLike) -> "GPT2Tokenizer":
         """The ranks read back from a vocab.json that `save` wrote; no network needed."""
-        to_byte = {c: b for b, c in bytes_to_unicode().items()}
         ranks = {}
         for token, rank in read_json(path, "a GPT-2 vocabulary").items():
             if token == ENDOFTEXT:
                 continue
-            if not isinstance(rank, int) or any(c not in to_byte for c in token):
+            spelled = unspell_bytes(token)
+            if not isinstance(rank, int) or spelled is None:
                 raise ValueError(f"{path}: {token!r} is not a byte-level BPE token with an id")
-            ranks[bytes(to_byte[c] for c in token)] = rank
+            ranks[spelled] = rank
         return cls(ranks)
 
     @property
@@ -322,14 +342,9 @@ class GPT2Tokenizer:
     def save(self, directory: str | os.PathLike) -> None:
         """vocab.json + merges.txt + tokenizer_config.json: the Hugging Face GPT-2 layout."""
         directory = Path(directory)
-        to_str = bytes_to_unicode()
-
-        def spell(token: bytes) -> str:
-            return "".join(to_str[b] for b in token)
-
-        vocab = {spell(token): rank for token, rank in self.ranks.items()}
+        vocab = {spell_bytes(token): rank for token, rank in self.ranks.items()}
         vocab[ENDOFTEXT] = GPT2_EOT_ID
-        merges = [f"{spell(a)} {spell(b)}" for a, b in merges_from_ranks(self.ranks)]
+        merges = [f"{spell_bytes(a)} {spell_bytes(b)}" for a, b in merges_from_ranks(self.ranks)]
         directory.mkdir(parents=True, exist_ok=True)
         remove_other_tokenizers(directory, keep=("vocab.json", "merges.txt", CONFIG_FILE))
         atomic_write_text(directory / "vocab.json", json.dumps(vocab, ensure_ascii=False))

@@ -21,7 +21,6 @@ tokenizer_from_metadata(meta, source)   the tokenizer back (tformer's own kind w
                                         file says which, else a Hugging Face BPE)
 """
 
-import functools
 import json
 from typing import Any
 
@@ -33,36 +32,21 @@ from tformer.tokenizers import (
     GPT2Tokenizer,
     HFTokenizer,
     Tokenizer,
-    bytes_to_unicode,
     merges_from_ranks,
+    spell_bytes,
+    unspell_bytes,
 )
 
 NORMAL, CONTROL, USER_DEFINED, UNUSED = 1, 3, 4, 5
 KIND_KEY = "tformer.tokenizer"  # "gpt2", "bpe" or "char": which of tformer's tokenizers
 
 
-@functools.cache
-def _char_of_byte() -> dict[int, str]:
-    return bytes_to_unicode()
-
-
-@functools.cache
-def _byte_of_char() -> dict[str, int]:
-    return {c: b for b, c in bytes_to_unicode().items()}
-
-
-def spell(token: bytes) -> str:
-    """A token's bytes in GPT-2's byte-to-unicode spelling."""
-    to_str = _char_of_byte()
-    return "".join(to_str[b] for b in token)
-
-
 def unspell(text: str, source: str) -> bytes:
-    to_byte = _byte_of_char()
-    try:
-        return bytes(to_byte[c] for c in text)
-    except KeyError:
-        raise CheckpointError(f"{source}: token {text!r} is not spelled byte by byte") from None
+    """A token's bytes from its spelling, refused unless spelled byte by byte."""
+    spelled = unspell_bytes(text)
+    if spelled is None:
+        raise CheckpointError(f"{source}: token {text!r} is not spelled byte by byte")
+    return spelled
 
 
 def check_tokenizer(tokenizer: Tokenizer, rows: int) -> None:
@@ -123,10 +107,10 @@ def tokenizer_metadata(tokenizer: Tokenizer, rows: int | None = None) -> dict[st
 def _gpt2_vocabulary(tokenizer: GPT2Tokenizer) -> tuple[list[str], list[int], list[str]]:
     tokens = [""] * tokenizer.vocab_size
     for token, rank in tokenizer.ranks.items():
-        tokens[rank] = spell(token)
+        tokens[rank] = spell_bytes(token)
     tokens[GPT2_EOT_ID] = ENDOFTEXT
     types = [NORMAL] * GPT2_EOT_ID + [CONTROL]
-    merges = [f"{spell(a)} {spell(b)}" for a, b in merges_from_ranks(tokenizer.ranks)]
+    merges = [f"{spell_bytes(a)} {spell_bytes(b)}" for a, b in merges_from_ranks(tokenizer.ranks)]
     return tokens, types, merges
 
 
@@ -134,13 +118,15 @@ def _char_vocabulary(tokenizer: CharTokenizer) -> tuple[list[str], list[int], li
     tokens, merges = [], []
     for char in tokenizer.chars:
         encoded = char.encode("utf-8", errors="surrogatepass")
-        tokens.append(spell(encoded))
+        tokens.append(spell_bytes(encoded))
         for end in range(2, len(encoded) + 1):  # "a b", then "ab c": the bytes joined in order
-            merges.append(f"{spell(encoded[: end - 1])} {spell(encoded[end - 1 : end])}")
+            merges.append(
+                f"{spell_bytes(encoded[: end - 1])} {spell_bytes(encoded[end - 1 : end])}"
+            )
     if not merges:
         used = {b for char in tokenizer.chars for b in char.encode("utf-8", "surrogatepass")}
         unused = next((b for b in range(256) if b not in used), 0)
-        merges.append(f"{spell(bytes([unused]))} {spell(bytes([unused]))}")
+        merges.append(f"{spell_bytes(bytes([unused]))} {spell_bytes(bytes([unused]))}")
     return tokens, [NORMAL] * len(tokens), merges
 
 

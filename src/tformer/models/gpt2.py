@@ -429,8 +429,7 @@ class GPT2(nn.Module):
         """Write the model and its tokenizer as one GGUF file that llama.cpp runs, its weight
         matrices as `type_name` (f32, f16, bf16, q8_0, q4_0); see models/gpt2_gguf.py for
         the layout and what llama.cpp cannot compute (refused, with the reason)."""
-        if packed_layers(self) or lora_layers(self):
-            self.hf_tensors()  # refuses, saying why
+        self.check_plain_weights()
         gpt2_gguf.write_gpt2_gguf(
             path, self.config, self.state_dict(), tokenizer, type_name, approximate_gelu,
             progress,
@@ -454,6 +453,12 @@ class GPT2(nn.Module):
 
     def hf_tensors(self) -> dict[str, torch.Tensor]:
         """The weights in Hugging Face naming, refusing what that layout cannot hold."""
+        self.check_plain_weights()
+        return state_dict_to_hf(self.state_dict(), self.config)
+
+    def check_plain_weights(self) -> None:
+        """Refuse to write weights that are not the model's plain ones: packed for decoding,
+        or with LoRA layers beside them."""
         if packed_layers(self):
             raise ValueError(
                 "this model's weights were packed for decoding (tformer.generate.fast), which "
@@ -461,11 +466,10 @@ class GPT2(nn.Module):
             )
         if lora_layers(self):
             raise ValueError(
-                "this model has LoRA layers, which the GPT-2 layout cannot hold: merge them "
-                "into the weights first (tformer.nn.lora.merge_lora), or save the adapters "
-                "alone (GPT2.save_pretrained, tformer.models.adapters.save_adapter)"
+                "this model has LoRA layers, which a checkpoint's layout cannot hold: merge "
+                "them into the weights first (tformer.nn.lora.merge_lora), or save the "
+                "adapters alone (GPT2.save_pretrained, tformer.models.adapters.save_adapter)"
             )
-        return state_dict_to_hf(self.state_dict(), self.config)
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
         """Write config.json and model.safetensors in the Hugging Face layout, atomically;
