@@ -1,3 +1,5 @@
+import json
+
 import pytest
 import torch
 from torch import nn
@@ -99,3 +101,64 @@ def test_calibration_keeps_the_kernels_up_to_the_last_row_count_they_held_at(
     assert limits == {"8x8 float32": want, "4x8 float32": want}
     layers = packed_linear.packed_layers(model).values()
     assert all(layer.kernel_max_rows == want for layer in layers)
+
+
+def test_calibration_is_kept_for_the_kernel_library_and_read_back(monkeypatch, tmp_path):
+    """With cached=True what was measured once is read back, not measured again; another
+    row count, or a file that is not what calibration writes, is measured (and kept)."""
+    from tformer.nn import packed_linear
+
+    monkeypatch.setenv("TFORMER_CACHE", str(tmp_path / "cache"))
+    model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 4))
+    packed_linear.pack_linear_layers(model, "float32")
+    layer = packed_linear.packed_layers(model)["0"]
+    if layer.kernels is None:
+        pytest.skip("no C kernels here: nothing to calibrate")
+    seen = []
+
+    def fastest(run, x, repeats):  # torch twice as fast from 4 rows on
+        seen.append(x.shape[0])
+        return 1.0 if run.__name__ == "by_kernels" or x.shape[0] < 4 else 0.5
+
+    monkeypatch.setattr(packed_linear, "_fastest", fastest)
+    limits = packed_linear.calibrate_kernel_rows(model, most_rows=8, cached=True)
+    assert limits == {"8x8 float32": 2, "4x8 float32": 2} and seen
+    store = packed_linear.calibration_file(layer.kernels)
+    assert store.is_relative_to(tmp_path / "cache") and store.exists()
+
+    seen.clear()
+    for each in packed_linear.packed_layers(model).values():
+        each.kernel_max_rows = 99
+    assert packed_linear.calibrate_kernel_rows(model, most_rows=8, cached=True) == limits
+    assert not seen, "measured again what the cache holds"
+    assert all(each.kernel_max_rows == 2 for each in packed_linear.packed_layers(model).values())
+
+    assert packed_linear.calibrate_kernel_rows(model, most_rows=2, cached=True) == {
+        "8x8 float32": 2,
+        "4x8 float32": 2,
+    }
+    assert seen, "another row count is another measurement"
+    store.write_text("[not, json", encoding="utf-8")
+    seen.clear()
+    assert packed_linear.calibrate_kernel_rows(model, most_rows=8, cached=True) == limits
+    assert seen and json.loads(store.read_text(encoding="utf-8"))  # measured and written again
+
+
+def test_calibration_measures_an_output_head_at_batch_rows_only(monkeypatch):
+    """Prefill unembeds the last position only: a layer named in `heads` is never timed at a
+    prompt's rows (PROMPT_ROWS), the other layers are."""
+    from tformer.nn import packed_linear
+
+    model = nn.ModuleDict({"inner": nn.Linear(8, 8), "lm_head": nn.Linear(8, 11)})
+    packed_linear.pack_linear_layers(model, "float32")
+    if packed_linear.packed_layers(model)["inner"].kernels is None:
+        pytest.skip("no C kernels here: nothing to calibrate")
+    seen = {}
+
+    def fastest(run, x, repeats):
+        seen.setdefault(run.__self__.out_features, set()).add(x.shape[0])
+        return 1.0
+
+    monkeypatch.setattr(packed_linear, "_fastest", fastest)
+    packed_linear.calibrate_kernel_rows(model, most_rows=4, heads=("lm_head",))
+    assert seen == {8: {1, 2, 4, PROMPT_ROWS}, 11: {1, 2, 4}}

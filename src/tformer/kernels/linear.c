@@ -58,6 +58,7 @@
 #endif
 #define PANEL (2 * LANES) /* output columns per panel */
 #define MR 6              /* activation rows per tile (rows_by_panel has a case for 1..MR) */
+#define MAX_WIDTH 4       /* panels per tile (tile, unit_width) */
 
 typedef float vfloat __attribute__((vector_size(LANES * sizeof(float))));
 typedef uint32_t vbits __attribute__((vector_size(LANES * sizeof(uint32_t))));
@@ -221,7 +222,8 @@ ALWAYS_INLINE void store(vfloat acc[MR][2], float *y, int64_t n_len, int64_t col
     }
 }
 
-/* One int4 group of GROUP k (fewer in a short last group) for rows x[0:mr], added to acc:
+/* One int4 group of GROUP k (fewer in a short last group) for rows x[0:mr] and each of
+   `width` panels (panel_bytes apart; at is the group in the first), added to acc[p]:
 
      acc[i] += d * (sum_j x[i, k0+j] q_j  -  8 xsum[i])    = sum_j x[i, k0+j] (q_j - 8) d
 
@@ -233,99 +235,149 @@ ALWAYS_INLINE void store(vfloat acc[MR][2], float *y, int64_t n_len, int64_t col
    q are widened where they are used; with more, once into a buffer that every row reads:
    the group's, or where there are several tiles of rows the whole panel's, `widened`
    (rows_by_panel). The values are the same either way. */
-ALWAYS_INLINE void int4_group(vfloat acc[MR][2], const float *x, int64_t k_len, int mr,
-                              int64_t s, const char *at, const float *xsums, int64_t t_len,
+ALWAYS_INLINE void int4_group(vfloat acc[MAX_WIDTH][MR][2], const float *x, int64_t k_len,
+                              int mr, int width, int64_t s, const char *at, size_t panel_bytes,
+                              const float *xsums, int64_t t_len,
                               const vfloat (*widened)[2]) {
-    const uint8_t *q = (const uint8_t *)at + PANEL * 2;
     const int64_t k0 = s * GROUP, here = k_len - k0 < GROUP ? k_len - k0 : GROUP;
-    vfloat sums[MR][2];
-    for (int i = 0; i < MR; i++) sums[i][0] = sums[i][1] = (vfloat){0};
-    if (mr <= 2) {
+    vfloat sums[MAX_WIDTH][MR][2];
+    for (int p = 0; p < MAX_WIDTH; p++)
+        for (int i = 0; i < MR; i++) sums[p][i][0] = sums[p][i][1] = (vfloat){0};
+    if (mr <= 2) { /* the width panels side by side: width times the chains (tile) */
         for (int64_t j = 0; j < here; j++) {
-            vfloat low, high;
-            load_nibbles(q + j * (PANEL / 2), &low, &high);
-            multiply_add(sums, x, k_len, k0 + j, mr, low, high);
+#pragma GCC unroll 4
+            for (int p = 0; p < width; p++) {
+                vfloat low, high;
+                load_nibbles((const uint8_t *)at + p * panel_bytes + PANEL * 2 + j * (PANEL / 2),
+                             &low, &high);
+                multiply_add(sums[p], x, k_len, k0 + j, mr, low, high);
+            }
         }
     } else if (widened) { /* the whole panel's q, widened once for every tile of rows */
         for (int64_t j = 0; j < here; j++)
-            multiply_add(sums, x, k_len, k0 + j, mr, widened[j][0], widened[j][1]);
+            multiply_add(sums[0], x, k_len, k0 + j, mr, widened[j][0], widened[j][1]);
     } else {
+        const uint8_t *q = (const uint8_t *)at + PANEL * 2;
         vfloat qf[GROUP][2];
         for (int64_t j = 0; j < here; j++) load_nibbles(q + j * (PANEL / 2), &qf[j][0], &qf[j][1]);
-        for (int64_t j = 0; j < here; j++) multiply_add(sums, x, k_len, k0 + j, mr, qf[j][0], qf[j][1]);
+        for (int64_t j = 0; j < here; j++)
+            multiply_add(sums[0], x, k_len, k0 + j, mr, qf[j][0], qf[j][1]);
     }
-    const vfloat d0 = load_halves((const uint16_t *)at);
-    const vfloat d1 = load_halves((const uint16_t *)at + LANES);
+#pragma GCC unroll 4
+    for (int p = 0; p < width; p++) {
+        const vfloat d0 = load_halves((const uint16_t *)(at + p * panel_bytes));
+        const vfloat d1 = load_halves((const uint16_t *)(at + p * panel_bytes) + LANES);
 #pragma GCC unroll 6
-    for (int i = 0; i < mr; i++) {
-        vfloat eight = broadcast(xsums + i * t_len + s) * 8.0f; /* exact: times 2^3 */
-        acc[i][0] = fused(d0, sums[i][0] - eight, acc[i][0]);
-        acc[i][1] = fused(d1, sums[i][1] - eight, acc[i][1]);
+        for (int i = 0; i < mr; i++) {
+            vfloat eight = broadcast(xsums + i * t_len + s) * 8.0f; /* exact: times 2^3 */
+            acc[p][i][0] = fused(d0, sums[p][i][0] - eight, acc[p][i][0]);
+            acc[p][i][1] = fused(d1, sums[p][i][1] - eight, acc[p][i][1]);
+        }
     }
 }
 
-/* Rows x[0:mr] (each k_len long) times one panel, into y (rows n_len apart, cols valid
-   columns). Called with constant mr and kind, so the loops unroll, the branches on kind go,
-   and acc stays in registers. Every `every` steps one step's bytes of `ahead` (the next
-   panel) are fetched into the cache. */
-ALWAYS_INLINE void tile(const float *x, const char *panel, const float *scale, const float *bias,
-                        float *y, int64_t n_len, int64_t cols, int64_t k_len, int mr,
-                        enum weights kind, const char *ahead, int every, const float *xsums,
+/* Rows x[0:mr] (each k_len long) times `width` consecutive panels (panel_bytes apart), into
+   y (rows n_len apart; cols valid columns, all PANEL where width > 1). Called with constant
+   mr, width and kind, so the loops unroll, the branches on kind go, and acc stays in
+   registers. Every `every` steps one step's bytes of each of `ahead`'s width panels (the
+   next ones) are fetched into the cache.
+
+   With one or two rows a tile of one panel is a latency chain: each accumulator waits for
+   its last multiply-add (4 cycles) while the core could start two a cycle. Several panels
+   at once give it width times as many independent chains, each output still summed over k
+   in the same order: the values are those of one panel at a time. */
+ALWAYS_INLINE void tile(const float *x, const char *panel, size_t panel_bytes, int width,
+                        const float *scale, const float *bias, float *y, int64_t n_len,
+                        int64_t cols, int64_t k_len, int mr, enum weights kind,
+                        const char *ahead, int every, const float *xsums,
                         const vfloat (*widened)[2]) {
     const size_t step = step_bytes(kind);
     const int64_t steps = kind == BF16 ? k_len / 2 : panel_steps(kind, k_len);
-    vfloat acc[MR][2];
-    for (int i = 0; i < MR; i++) acc[i][0] = acc[i][1] = (vfloat){0};
+    vfloat acc[MAX_WIDTH][MR][2];
+    for (int p = 0; p < MAX_WIDTH; p++)
+        for (int i = 0; i < MR; i++) acc[p][i][0] = acc[p][i][1] = (vfloat){0};
     int countdown = every;
     for (int64_t s = 0; s < steps; s++) {
-        const char *at = panel + s * step;
         if (--countdown == 0) {
-            for (size_t line = 0; line < step; line += 64) __builtin_prefetch(ahead + line, 0, 3);
+            for (int p = 0; p < width; p++)
+                for (size_t line = 0; line < step; line += 64)
+                    __builtin_prefetch(ahead + p * panel_bytes + line, 0, 3);
             ahead += step;
             countdown = every;
         }
-        if (kind == I4) {
-            int4_group(acc, x, k_len, mr, s, at, xsums, steps,
+        if (kind == I4) { /* a group of k, the panels side by side inside */
+            int4_group(acc, x, k_len, mr, width, s, panel + s * step, panel_bytes, xsums, steps,
                        widened ? widened + s * GROUP : NULL);
-        } else if (kind == F32) {
-            multiply_add(acc, x, k_len, s, mr, load_floats((const float *)at),
-                         load_floats((const float *)at + LANES));
-        } else if (kind == I8) {
-            multiply_add(acc, x, k_len, s, mr, load_int8((const int8_t *)at),
-                         load_int8((const int8_t *)at + LANES));
-        } else {
+            continue;
+        }
+#pragma GCC unroll 4
+        for (int p = 0; p < width; p++) {
+            const char *at = panel + p * panel_bytes + s * step;
+            if (kind == F32) {
+                multiply_add(acc[p], x, k_len, s, mr, load_floats((const float *)at),
+                             load_floats((const float *)at + LANES));
+            } else if (kind == I8) {
+                multiply_add(acc[p], x, k_len, s, mr, load_int8((const int8_t *)at),
+                             load_int8((const int8_t *)at + LANES));
+            } else {
+                vbits b0, b1;
+                memcpy(&b0, at, sizeof b0);
+                memcpy(&b1, at + sizeof b0, sizeof b1);
+                multiply_add(acc[p], x, k_len, 2 * s, mr, bits_to_floats(b0 << 16),
+                             bits_to_floats(b1 << 16));
+                multiply_add(acc[p], x, k_len, 2 * s + 1, mr, bits_to_floats(b0 & 0xFFFF0000u),
+                             bits_to_floats(b1 & 0xFFFF0000u));
+            }
+        }
+    }
+#pragma GCC unroll 4
+    for (int p = 0; p < width; p++) {
+        if (kind == BF16 && k_len % 2) { /* the last k, paired with a zero */
+            const char *at = panel + p * panel_bytes + steps * step;
             vbits b0, b1;
             memcpy(&b0, at, sizeof b0);
             memcpy(&b1, at + sizeof b0, sizeof b1);
-            multiply_add(acc, x, k_len, 2 * s, mr, bits_to_floats(b0 << 16),
+            multiply_add(acc[p], x, k_len, k_len - 1, mr, bits_to_floats(b0 << 16),
                          bits_to_floats(b1 << 16));
-            multiply_add(acc, x, k_len, 2 * s + 1, mr, bits_to_floats(b0 & 0xFFFF0000u),
-                         bits_to_floats(b1 & 0xFFFF0000u));
         }
+        store(acc[p], y + p * PANEL, n_len, cols, mr, scale ? scale + p * PANEL : NULL,
+              bias ? bias + p * PANEL : NULL);
     }
-    if (kind == BF16 && k_len % 2) { /* the last k, paired with a zero */
-        vbits b0, b1;
-        memcpy(&b0, panel + steps * step, sizeof b0);
-        memcpy(&b1, panel + steps * step + sizeof b0, sizeof b1);
-        multiply_add(acc, x, k_len, k_len - 1, mr, bits_to_floats(b0 << 16),
-                     bits_to_floats(b1 << 16));
-    }
-    store(acc, y, n_len, cols, mr, scale, bias);
 }
 
-/* Every row of x by panel g: the rows in tiles of at most MR, as even as they go (16 rows:
-   6, 5, 5), each tile a call with a constant row count that the compiler specialises. */
+/* The units of work the panels are split into over the threads: with one row, groups of 4
+   consecutive full panels, with two rows groups of 2 (tile: more chains for the core), and
+   what is left over one panel each; with more rows, one panel each. */
+static inline int unit_width(int64_t m_len) { return m_len == 1 ? 4 : m_len == 2 ? 2 : 1; }
+
+static inline int64_t wide_units(int64_t n_len, int width) {
+    return width > 1 ? n_len / PANEL / width : 0;
+}
+
+static inline int64_t units(int64_t n_len, int width) {
+    const int64_t wide = wide_units(n_len, width);
+    return wide + (n_len + PANEL - 1) / PANEL - wide * width;
+}
+
+/* Every row of x by the panels of unit u: the rows in tiles of at most MR, as even as they go
+   (16 rows: 6, 5, 5), each tile a call with a constant row count that the compiler
+   specialises. */
 ALWAYS_INLINE void rows_by_panel(const float *x, const void *panels, const float *scale,
                                  const float *bias, float *y, int64_t m_len, int64_t n_len,
-                                 int64_t k_len, int64_t g, enum weights kind,
+                                 int64_t k_len, int64_t u, enum weights kind,
                                  const float *xsums, vfloat (*widened)[2]) {
+    const int width = unit_width(m_len);
+    const int64_t wide = wide_units(n_len, width);
+    const int64_t g = u < wide ? u * width : wide * width + (u - wide);
+    const int w = u < wide ? width : 1;
     const int64_t steps = panel_steps(kind, k_len);
     const size_t panel_bytes = (size_t)steps * step_bytes(kind);
     const char *panel = (const char *)panels + g * panel_bytes;
     const int64_t n = g * PANEL, cols = n_len - n < PANEL ? n_len - n : PANEL;
     const int64_t n_panels = (n_len + PANEL - 1) / PANEL;
-    /* the last panel fetches itself again: harmless, and no branch in the loop */
-    const char *next = g + 1 < n_panels ? panel + panel_bytes : panel;
+    /* the next w panels; at the end this unit's own again: harmless, and no branch in the
+       loop */
+    const char *next = g + 2 * w <= n_panels ? panel + w * panel_bytes : panel;
     const int64_t tiles = (m_len + MR - 1) / MR;
     const float *sn = scale ? scale + n : NULL, *bn = bias ? bias + n : NULL;
     if (kind == I4 && widened && tiles > 1) /* int4 with several tiles: widen q once */
@@ -342,24 +394,28 @@ ALWAYS_INLINE void rows_by_panel(const float *x, const void *panels, const float
         const float *xm = x + m * k_len;
         const float *xs = xsums ? xsums + m * steps : NULL;
         float *ym = y + m * n_len + n;
-        /* this tile's share of the next panel: steps / tiles steps' bytes */
+        /* this tile's share of the next panels: steps / tiles steps' bytes */
         const char *ahead = next + (size_t)(t * (steps / tiles)) * step_bytes(kind);
         int every = (int)tiles;
         /* Full panels get a tile of their own, where cols is the constant PANEL: in the one
            for the last, padded panel GCC keeps acc in memory (store reads it by lane). */
-#define TILE(rows, columns) \
-    tile(xm, panel, sn, bn, ym, n_len, columns, k_len, rows, kind, ahead, every, xs,       \
-         (const vfloat(*)[2])widened)
+#define TILE(rows, panels, columns)                                                          \
+    tile(xm, panel, panel_bytes, panels, sn, bn, ym, n_len, columns, k_len, rows, kind, ahead, \
+         every, xs, (const vfloat(*)[2])widened)
 #define TILES(columns)                                                                           \
     switch (mr) {                                                                                \
-    case 6: TILE(6, columns); break;                                                             \
-    case 5: TILE(5, columns); break;                                                             \
-    case 4: TILE(4, columns); break;                                                             \
-    case 3: TILE(3, columns); break;                                                             \
-    case 2: TILE(2, columns); break;                                                             \
-    default: TILE(1, columns); break;                                                            \
+    case 6: TILE(6, 1, columns); break;                                                          \
+    case 5: TILE(5, 1, columns); break;                                                          \
+    case 4: TILE(4, 1, columns); break;                                                          \
+    case 3: TILE(3, 1, columns); break;                                                          \
+    case 2: TILE(2, 1, columns); break;                                                          \
+    default: TILE(1, 1, columns); break;                                                         \
     }
-        if (cols == PANEL)
+        if (w == 4)
+            TILE(1, 4, PANEL);
+        else if (w == 2)
+            TILE(2, 2, PANEL);
+        else if (cols == PANEL)
             TILES(PANEL)
         else
             TILES(cols)
@@ -376,8 +432,8 @@ void tformer_linear_f32(const float *x, const float *panels, const float *bias, 
                         int64_t m_len, int64_t n_len, int64_t k_len) {
     if (m_len == 0) return;
 #pragma omp parallel for schedule(static)
-    for (int64_t g = 0; g < (n_len + PANEL - 1) / PANEL; g++)
-        rows_by_panel(x, panels, NULL, bias, y, m_len, n_len, k_len, g, F32, NULL, NULL);
+    for (int64_t u = 0; u < units(n_len, unit_width(m_len)); u++)
+        rows_by_panel(x, panels, NULL, bias, y, m_len, n_len, k_len, u, F32, NULL, NULL);
 }
 
 void tformer_linear_i8(const float *x, const int8_t *panels, const float *scale,
@@ -385,16 +441,16 @@ void tformer_linear_i8(const float *x, const int8_t *panels, const float *scale,
                        int64_t k_len) {
     if (m_len == 0) return;
 #pragma omp parallel for schedule(static)
-    for (int64_t g = 0; g < (n_len + PANEL - 1) / PANEL; g++)
-        rows_by_panel(x, panels, scale, bias, y, m_len, n_len, k_len, g, I8, NULL, NULL);
+    for (int64_t u = 0; u < units(n_len, unit_width(m_len)); u++)
+        rows_by_panel(x, panels, scale, bias, y, m_len, n_len, k_len, u, I8, NULL, NULL);
 }
 
 void tformer_linear_bf16(const float *x, const uint16_t *panels, const float *bias, float *y,
                          int64_t m_len, int64_t n_len, int64_t k_len) {
     if (m_len == 0) return;
 #pragma omp parallel for schedule(static)
-    for (int64_t g = 0; g < (n_len + PANEL - 1) / PANEL; g++)
-        rows_by_panel(x, panels, NULL, bias, y, m_len, n_len, k_len, g, BF16, NULL, NULL);
+    for (int64_t u = 0; u < units(n_len, unit_width(m_len)); u++)
+        rows_by_panel(x, panels, NULL, bias, y, m_len, n_len, k_len, u, BF16, NULL, NULL);
 }
 
 /* Each thread's buffer for a panel of int4 q as floats (rows in several tiles, int4_group),
@@ -449,8 +505,8 @@ int tformer_linear_i4(const float *x, const uint8_t *panels, const float *bias, 
         for (int64_t i = 0; i < m_len; i++) group_sums(x + i * k_len, k_len, xsums + i * t_len);
         vfloat(*widened)[2] = m_len > MR ? widening_buffer(t_len * GROUP) : NULL;
 #pragma omp for schedule(static)
-        for (int64_t g = 0; g < (n_len + PANEL - 1) / PANEL; g++)
-            rows_by_panel(x, panels, NULL, bias, y, m_len, n_len, k_len, g, I4, xsums, widened);
+        for (int64_t u = 0; u < units(n_len, unit_width(m_len)); u++)
+            rows_by_panel(x, panels, NULL, bias, y, m_len, n_len, k_len, u, I4, xsums, widened);
     }
     free(xsums);
     return 0;

@@ -24,14 +24,18 @@ the same weights (a tied output head included: it packs the shared weight); the 
 one-way, and `packed_layers` finds the packed layers again.
 """
 
+import contextlib
+import json
 import math
 import time
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from tformer import kernels
 from tformer.devices import bf16_supported
+from tformer.files import atomic_write_json, cache_dir
 
 WEIGHT_DTYPES = ("float32", "bfloat16", "int8", "int4")
 GROUP = 32  # int4: k per scale
@@ -41,11 +45,12 @@ GROUP = 32  # int4: k per scale
 # 14), where torch must first unpack the panels: float32 keeps to the kernels at any count.
 # On a CPU with native bfloat16 matrix units (AMX) torch's bfloat16 matmul computes several
 # times faster once there are enough rows to use them, so the bfloat16 and int8 limits stay
-# low. A server measures the crossover on its own CPU (calibrate_kernel_rows); these
-# defaults hold elsewhere. Measured on the AMD machine (benchmarks/decode_linear.py), where
-# the kernels were faster at every row count up to 128; not yet on the Intel one. int4's
-# torch path dequantises every weight at each call, which costs more than the kernels' work
-# for a 512-token prompt: its kernels run at any count unless a calibration says otherwise.
+# low. `tformer generate` and `tformer serve` measure the crossover on their CPU once and
+# keep it (calibrate_kernel_rows); these defaults hold elsewhere. Measured on the AMD
+# machine (benchmarks/decode_linear.py), where the kernels were faster at every row count
+# up to 128; not yet on the Intel one. int4's torch path dequantises every weight at each
+# call, which costs more than the kernels' work for a 512-token prompt: its kernels run at
+# any count unless a calibration says otherwise.
 ANY = math.inf  # a limit of no limit: compares with any row count (not JSON, not a range)
 KERNEL_MAX_ROWS = {"float32": ANY, "bfloat16": 16, "int8": 32, "int4": ANY}
 # The rows of a prompt's prefill, the last count calibrate_kernel_rows measures.
@@ -190,7 +195,13 @@ class PackedLinear(nn.Module):
 TAKEOVER = 1.1  # torch's matmul takes over where the kernels take 10% longer
 
 
-def calibrate_kernel_rows(model: nn.Module, most_rows: int, repeats: int = 5) -> dict:
+def calibrate_kernel_rows(
+    model: nn.Module,
+    most_rows: int,
+    repeats: int = 5,
+    cached: bool = False,
+    heads: tuple[str, ...] = (),
+) -> dict:
     """Measure, on the CPU in use, up to how many rows (1, 2, 4, ..., most_rows, then
     PROMPT_ROWS for a prefill) the C kernels are about as fast as torch's matmul or faster,
     for each shape of packed layer in the model, and set every layer's kernel_max_rows to
@@ -199,37 +210,92 @@ def calibrate_kernel_rows(model: nn.Module, most_rows: int, repeats: int = 5) ->
 
     Where the crossover lies depends on the CPU: on one without native bfloat16 torch
     widens bfloat16 weights at every call and the kernels win at any batch; with AMX
-    torch wins early. A server, decoding many rows at once, calls this once at start."""
+    torch wins early. With `cached`, what was measured once for this kernel library (this
+    CPU, compiler and sources), torch version and thread count is kept in the cache
+    (calibration_file) and read back instead of measured again: `tformer generate` and
+    `tformer serve` do so. The layers named in `heads` (a language model's output head:
+    prefill unembeds the last position only) never see a prompt's rows, so a shape that
+    only they have is measured up to most_rows."""
     shapes: dict[tuple[int, int, str], list[PackedLinear]] = {}
-    for layer in packed_layers(model).values():
+    prompt_shapes = set()
+    for name, layer in packed_layers(model).items():
         if layer.kernels is not None:
             key = (layer.out_features, layer.in_features, layer.weight_dtype)
             shapes.setdefault(key, []).append(layer)
-    counts = [2**i for i in range(most_rows.bit_length()) if 2**i < most_rows] + [most_rows]
-    counts += [PROMPT_ROWS] if most_rows < PROMPT_ROWS else []
-    limits = {}
+            if name not in heads:
+                prompt_shapes.add(key)
+    if not shapes:
+        return {}
+    store = calibration_file(next(iter(shapes.values()))[0].kernels) if cached else None
+    known = read_calibration(store) if store else {}
+    batch = [2**i for i in range(most_rows.bit_length()) if 2**i < most_rows] + [most_rows]
+    limits, measured = {}, False
     with torch.inference_mode():
         for (n, k, dtype), layers in shapes.items():
-            layer, limit = layers[0], ANY
-            for i, m in enumerate(counts):
-                x = torch.randn(m, k)
-                kernel_time = _fastest(layer.by_kernels, x, repeats)
-                if kernel_time > TAKEOVER * _fastest(layer.by_torch, x, repeats):
-                    limit = counts[i - 1] if i else 0  # the last count they held at
-                    break
+            prompt = (n, k, dtype) in prompt_shapes and most_rows < PROMPT_ROWS
+            counts = batch + [PROMPT_ROWS] if prompt else batch
+            entry = f"{n}x{k} {dtype} at {','.join(map(str, counts))} rows"
+            if entry in known:
+                limit = ANY if known[entry] is None else known[entry]
+            else:
+                limit, measured = _kernel_limit(layers[0], counts, repeats), True
+                known[entry] = None if limit == ANY else limit
             for each in layers:
                 each.kernel_max_rows = limit
             limits[f"{n}x{k} {dtype}"] = limit
+    if store and measured:
+        with contextlib.suppress(OSError):  # a read-only cache: measured again next time
+            atomic_write_json(store, known)
     return limits
+
+
+def _kernel_limit(layer: "PackedLinear", counts: list[int], repeats: int) -> int | float:
+    """The last of `counts` up to which the layer's kernels hold against torch (ANY: all)."""
+    for i, m in enumerate(counts):
+        x = torch.randn(m, layer.in_features)
+        kernel_time = _fastest(layer.by_kernels, x, repeats)
+        if kernel_time > TAKEOVER * _fastest(layer.by_torch, x, repeats):
+            return counts[i - 1] if i else 0
+    return ANY
+
+
+def calibration_file(library: kernels.Kernels) -> Path:
+    """Where calibrate_kernel_rows keeps its limits for a kernel library, in the cache's
+    kernels/: named by the library (a hash of the sources, compiler, flags and CPU), torch
+    and the threads."""
+    name = f"{library.path.stem}.rows.torch-{torch.__version__}.{torch.get_num_threads()}-threads"
+    return cache_dir() / "kernels" / f"{name}.json"
+
+
+def read_calibration(path: Path) -> dict:
+    """The limits kept in `path`, {} where there are none or the file is not what this
+    writes (it is then measured and written again)."""
+    try:
+        known = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(known, dict):
+        return {}
+    return {
+        entry: limit
+        for entry, limit in known.items()
+        if limit is None or (isinstance(limit, int) and not isinstance(limit, bool) and limit >= 0)
+    }
+
+
+MEASURE_SECONDS = 0.25  # _fastest stops repeating a call after this long (2 runs at least)
 
 
 def _fastest(run, x: torch.Tensor, repeats: int) -> float:
     run(x)  # warm: caches, and torch's first-call work
-    best = float("inf")
-    for _ in range(repeats):
+    best, spent = float("inf"), 0.0
+    for i in range(repeats):
         start = time.perf_counter()
         run(x)
-        best = min(best, time.perf_counter() - start)
+        seconds = time.perf_counter() - start
+        best, spent = min(best, seconds), spent + seconds
+        if i >= 1 and spent > MEASURE_SECONDS:  # a slow call varies little from run to run
+            break
     return best
 
 
