@@ -119,6 +119,23 @@ def test_eval_scores_a_translation_checkpoint_with_bleu(tmp_path, pairs_file):
     assert result["split"] == "test" and result["pairs"] == 30
     assert 0 <= result["bleu"] <= 100 and 0 <= result["accuracy"] <= 1
 
+    # the same run as a Marian directory: tformer and transformers translate as the run does
+    out = json.loads(tformer("export", "marian", run, "--out", tmp_path / "marian", "--json"))
+    assert out["directory"] == str(tmp_path / "marian")
+    sources = "five\nsixty-one\nnine hundred\n"
+    expected = tformer("translate", run, "--greedy", stdin=sources)
+    assert tformer("translate", tmp_path / "marian", "--greedy", stdin=sources) == expected
+    transformers = pytest.importorskip("transformers")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "marian")
+    model = transformers.MarianMTModel.from_pretrained(tmp_path / "marian").eval()
+    batch = tokenizer(sources.splitlines(), return_tensors="pt", padding=True)
+    ids = model.generate(**batch, num_beams=1, do_sample=False)  # up to max_len, as tformer
+    theirs = tokenizer.batch_decode(ids, skip_special_tokens=True)
+    assert [t.strip() for t in theirs] == expected.splitlines()
+    refused = subprocess.run([sys.executable, "-m", "tformer", "export", "marian", run,
+                              "--out", run], capture_output=True, text=True)  # fmt: skip
+    assert refused.returncode == 2 and "the checkpoint itself" in refused.stderr
+
 
 def test_translation_defaults_are_the_papers(pairs_file, tmp_path):
     """Without the flags: label smoothing 0.1, dropout 0.1, post-LN, as in the paper."""

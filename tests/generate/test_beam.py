@@ -41,7 +41,9 @@ def uncached_greedy(model, source, n):
     tgt = torch.tensor([[model.config.bos_id]])
     out = []
     for _ in range(n):
-        token = model(src, tgt)[0, -1].argmax().item()
+        logits = model(src, tgt)[0, -1]
+        logits[model.config.pad_id] = float("-inf")  # padding is never an output
+        token = logits.argmax().item()
         if token == model.config.eos_id:
             break
         out.append(token)
@@ -75,20 +77,23 @@ def test_batched_beam_search_equals_each_sentence_alone():
 
 def exhaustive_best(model, source, max_new_tokens, alpha):
     """Score every target sequence up to max_new_tokens: those ending in EOS, and those of
-    full length without it, by sum log p / length^alpha."""
+    full length without it, by sum log p / length^alpha (the padding token is never an
+    output: its probability is 0)."""
     c = model.config
     src = torch.tensor([source])
     best = (float("-inf"), None)
-    vocab = range(c.tgt_vocab_size)
+    words = [t for t in range(c.tgt_vocab_size) if t not in (c.eos_id, c.pad_id)]
     for n in range(0, max_new_tokens + 1):
-        for body in itertools.product([t for t in vocab if t != c.eos_id], repeat=n):
+        for body in itertools.product(words, repeat=n):
             ends = [c.eos_id] if n < max_new_tokens else [c.eos_id, None]
             for end in ends:
                 ids = list(body) + ([end] if end is not None else [])
                 if not ids:
                     continue
                 tgt = torch.tensor([[c.bos_id, *ids]])
-                log_p = torch.log_softmax(model(src, tgt[:, :-1])[0].double(), -1)
+                logits = model(src, tgt[:, :-1])[0].double()
+                logits[:, c.pad_id] = float("-inf")
+                log_p = torch.log_softmax(logits, -1)
                 total = log_p.gather(-1, tgt[0, 1:, None]).sum().item()
                 score = total / len(ids) ** alpha
                 if score > best[0]:
@@ -98,7 +103,7 @@ def exhaustive_best(model, source, max_new_tokens, alpha):
 
 @pytest.mark.parametrize("alpha", [0.0, 1.0])
 def test_a_beam_wide_enough_finds_the_best_sequence_of_an_exhaustive_search(alpha):
-    # 4 non-end tokens, up to 3 of them: 85 targets. Flat distributions (little sharpening)
+    # 3 words (5 tokens less the end and padding), up to 3 of them: 40 targets. Flat distributions (little sharpening)
     # make the greedy choice a poor one for some sources, so the search is really tested.
     model = sharp_model(tgt_vocab_size=5, seed=7, noise=0.2)
     config = BeamConfig(beam_size=64, length_penalty=alpha, max_new_tokens=3)

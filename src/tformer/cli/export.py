@@ -1,11 +1,12 @@
-"""`tformer export gguf CHECKPOINT`: a model in another engine's format."""
+"""`tformer export gguf CHECKPOINT`, `tformer export marian RUN`: a model in another engine's
+format."""
 
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from tformer.checkpoints import resolve_checkpoint
+from tformer.checkpoints import read_model_config, resolve_checkpoint
 from tformer.checkpoints.gguf import TYPE_NAMES
 from tformer.cli.common import print_json
 from tformer.models.gpt2_gguf import check_writable, name_table
@@ -15,13 +16,16 @@ from tformer.models.load import (
     TRANSLATION,
     checkpoint_kind,
     load_gpt2_with_tokenizer,
+    load_translation_model,
 )
+from tformer.models.seq2seq_marian import check_marian_writable, is_marian
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser(
         "export",
-        help="write a model in another engine's format (GGUF for llama.cpp)",
+        help="write a model in another engine's format (GGUF for llama.cpp, Marian for "
+        "transformers and CTranslate2)",
         description="Write a checkpoint in another engine's format.",
     )
     formats = p.add_subparsers(dest="format", metavar="FORMAT", required=True)
@@ -53,6 +57,21 @@ def add_parser(sub) -> None:
     )
     g.add_argument("--json", action="store_true", help="print what was written as JSON")
     g.set_defaults(run=run_gguf)
+    m = formats.add_parser(
+        "marian",
+        help="a translation model as a Hugging Face Marian directory (transformers, CTranslate2)",
+        description="Write a translation run's encoder-decoder (post-LN) and its tokenizer as "
+        "a Hugging Face MarianMTModel directory: config.json, model.safetensors, "
+        "generation_config.json, tokenizer.json (renumbered as the model: Marian's padding "
+        "token is its last id) and tokenizer_config.json. transformers' "
+        "MarianMTModel.from_pretrained and AutoTokenizer load it, CTranslate2's "
+        "ct2-transformers-converter converts it, and tformer reads it back (tformer "
+        "translate DIR).",
+    )
+    m.add_argument("checkpoint", help="translation run or checkpoint directory")
+    m.add_argument("--out", type=Path, help="the directory (default: CHECKPOINT/marian)")
+    m.add_argument("--json", action="store_true", help="print what was written as JSON")
+    m.set_defaults(run=run_marian)
 
 
 def run_gguf(args) -> None:
@@ -92,4 +111,32 @@ def run_gguf(args) -> None:
         f"wrote {out} ({report['bytes'] / 2**20:,.1f} MiB, {args.type}, "
         f"{report['parameters']:,} parameters); run it with llama.cpp, e.g. "
         f"llama-cli -m {out}, or read it back with tformer generate {out}"
+    )
+
+
+def run_marian(args) -> None:
+    checkpoint = resolve_checkpoint(args.checkpoint)
+    if checkpoint_kind(checkpoint) != TRANSLATION:
+        raise ValueError(
+            f"{args.checkpoint} holds no translation model; Marian is an encoder-decoder "
+            "(tformer export gguf takes a GPT-2)"
+        )
+    out = args.out if args.out is not None else checkpoint / "marian"
+    if out.exists() and (out.resolve() == checkpoint.resolve() or not out.is_dir()):
+        raise ValueError(f"--out {out} is the checkpoint itself or a file; name a new directory")
+    if (out / "config.json").is_file() and not is_marian(read_model_config(out)):
+        raise ValueError(f"--out {out} holds another model (config.json); name a new directory")
+    model, tokenizer = load_translation_model(checkpoint, torch.device("cpu"))
+    check_marian_writable(model.config)
+    model.save_pretrained(out, format="marian", tokenizer=tokenizer)
+    report = {"directory": str(out), "parameters": model.num_parameters(),
+              "vocab_size": model.config.tgt_vocab_size}  # fmt: skip
+    if args.json:
+        print_json(report)
+        return
+    print(
+        f"wrote {out} (MarianMTModel, {report['parameters']:,} parameters); load it with "
+        f"transformers.MarianMTModel.from_pretrained('{out}'), convert it with "
+        f"ct2-transformers-converter --model {out} --output_dir {out}-ct2, or translate with "
+        f"tformer translate {out}"
     )

@@ -60,6 +60,13 @@ def _steps(model: nn.Module, max_new_tokens: int) -> int:
     return min(max_new_tokens, model.config.max_len - 1)  # BOS takes position 0
 
 
+def never_padding(model: nn.Module, logits: torch.Tensor) -> torch.Tensor:
+    """Logits (..., V) with the padding token's at -inf: it is no word of any sentence, and
+    Marian's engines (seq2seq_marian) never emit it either, so the scores are theirs."""
+    return logits.index_fill(-1, torch.tensor([model.config.pad_id], device=logits.device),
+                             float("-inf"))  # fmt: skip
+
+
 def until_end(ids: list[int], eos: int) -> list[int]:
     """The ids before the first end token (all of them if there is none)."""
     return ids[: ids.index(eos)] if eos in ids else ids
@@ -88,7 +95,7 @@ def greedy_search(
         finished = torch.zeros(b, dtype=torch.bool, device=src_ids.device)
         for _ in range(steps):
             features = model.decode(token, memory, src_mask, caches, memory_kvs)  # (B, 1, C)
-            logits = mask_beyond(model.unembed(features[:, -1]), vocab_limit)  # (B, V)
+            logits = never_padding(model, mask_beyond(model.unembed(features[:, -1]), vocab_limit))
             token = logits.argmax(-1, keepdim=True)  # (B, 1)
             tokens.append(token)
             finished |= token[:, 0] == c.eos_id
@@ -150,6 +157,7 @@ def _beam_search(
     for step in range(steps):
         features = model.decode(generated[:, -1:], memory, src_mask, caches, memory_kvs)
         logits = mask_beyond(model.unembed(features[:, -1]).float(), config.vocab_limit)
+        logits = never_padding(model, logits)  # (B*K, V)
         log_p = torch.log_softmax(logits, dim=-1)  # (B*K, V)
         v = log_p.shape[-1]
         scores = (beam_scores.view(b * k, 1) + log_p).view(b, k * v)  # (B, K*V)

@@ -3,7 +3,8 @@
 load_gpt2_with_tokenizer(checkpoint, device, dtype)   GPT-2 (a LoRA adapter directory:
                                                       its base, the updates folded in; a
                                                       GGUF file)
-is_translation_checkpoint(directory)                  an encoder-decoder's?
+is_translation_checkpoint(directory)                  an encoder-decoder's (tformer's or
+                                                      a Marian directory)?
 checkpoint_kind(directory)                            "language", "translation" or "qa"
 load_translation_model(directory, device)             the encoder-decoder and its tokenizer
 """
@@ -19,6 +20,7 @@ from tformer.models import encoder_qa
 from tformer.models.gpt2 import GPT2
 from tformer.models.gpt2_layout import load_config
 from tformer.models.seq2seq import MODEL_TYPE, Seq2SeqTransformer
+from tformer.models.seq2seq_marian import is_marian
 from tformer.nn.lora import merge_lora
 from tformer.tokenizers import Tokenizer, load_tokenizer, tokenizer_for_model
 
@@ -43,7 +45,8 @@ def is_translation_checkpoint(directory: Path) -> bool:
     """Whether a resolved checkpoint directory holds an encoder-decoder model."""
     if is_gguf(directory) or is_adapter(directory):  # GGUF files, LoRA adapters: GPT-2's
         return False
-    return read_model_config(directory).get("model_type") == MODEL_TYPE
+    saved = read_model_config(directory)
+    return saved.get("model_type") == MODEL_TYPE or is_marian(saved)
 
 
 def load_translation_model(
@@ -74,7 +77,7 @@ def checkpoint_kind(directory: Path) -> str:
     if is_adapter(directory):
         return QA if peft.has_head(peft.read_config(directory)) else LANGUAGE
     config = read_model_config(directory)
-    if config.get("model_type") == MODEL_TYPE:
+    if config.get("model_type") == MODEL_TYPE or is_marian(config):
         return TRANSLATION
     if config.get("model_type") == encoder_qa.MODEL_TYPE:
         return QA

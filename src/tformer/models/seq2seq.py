@@ -45,6 +45,8 @@ from tformer.checkpoints import (
 from tformer.checkpoints.hf import WEIGHTS_FILE
 from tformer.checks import check_choice, check_number
 from tformer.errors import ConfigError
+from tformer.files import atomic_write_json
+from tformer.models import seq2seq_marian as marian
 from tformer.models.common import Model, count_parameters, from_state, switch_attention
 from tformer.nn import (
     Dropout,
@@ -528,18 +530,56 @@ class Seq2SeqTransformer(nn.Module):
             for _ in self.decoder_layers
         ]
 
-    def save_pretrained(self, directory: str | os.PathLike) -> None:
-        """config.json (with model_type "tformer-seq2seq") and model.safetensors, each
-        written atomically; shared embeddings are stored once."""
-        state = state_to_save(self, self.config.share_embeddings)
-        write_model(directory, state, {"model_type": MODEL_TYPE, **asdict(self.config)})
+    def save_pretrained(
+        self, directory: str | os.PathLike, format: str = "tformer", tokenizer=None
+    ) -> None:
+        """config.json and model.safetensors, each written atomically: tformer's own
+        (model_type "tformer-seq2seq"; shared embeddings stored once), or with
+        format="marian" a Hugging Face MarianMTModel that transformers and CTranslate2 load
+        (tformer.models.seq2seq_marian; a post-LN model only), with generation_config.json
+        and, given the model's tokenizer (a Hugging Face `tokenizers` one), its
+        tokenizer.json renumbered as the model is."""
+        if format == "tformer":
+            state = state_to_save(self, self.config.share_embeddings)
+            write_model(directory, state, {"model_type": MODEL_TYPE, **asdict(self.config)})
+            return
+        if format != "marian":
+            raise ValueError(f"format {format!r}: 'tformer' or 'marian'")
+        c = self.config
+        files = {}
+        if tokenizer is not None:  # checked before anything is written
+            if not hasattr(tokenizer, "tokenizer") or not hasattr(tokenizer.tokenizer, "to_str"):
+                raise ValueError(
+                    f"a {type(tokenizer).__name__} has no tokenizer.json; a Marian directory "
+                    "takes a Hugging Face `tokenizers` tokenizer (a BPE trained here)"
+                )
+            order = marian.vocabulary_order(c.tgt_vocab_size, c.pad_id)
+            files = marian.marian_tokenizer_files(
+                tokenizer.tokenizer.to_str(), order, c.eos_id, c.bos_id, c.pad_id, c.max_len
+            )
+        state = {k: v.detach().float().cpu() for k, v in self.state_dict().items()}
+        fields, tensors = marian.to_marian(c, state)
+        write_model(directory, tensors, fields)
+        atomic_write_json(Path(directory) / "generation_config.json",
+                          marian.generation_fields(fields))  # fmt: skip
+        for name, data in files.items():
+            atomic_write_json(Path(directory) / name, data)
 
     @classmethod
     def from_pretrained(
         cls, directory: str | os.PathLike, device: torch.device | str = "cpu"
     ) -> "Seq2SeqTransformer":
-        """A model saved by save_pretrained."""
+        """A model saved by save_pretrained, either format (a Marian directory written by
+        transformers too, where tformer's model can compute it)."""
         directory = Path(directory)
+        saved = read_model_config(directory)
+        if marian.is_marian(saved):  # transformers' MarianMTModel (seq2seq_marian)
+            fields = marian.config_fields_from_marian(saved, str(directory))
+            config = Seq2SeqConfig(**fields)
+            state = marian.from_marian(fields, read_tensors(directory), str(directory))
+            model = load_state(lambda: cls(config), state, device, directory)
+            model.positions = sinusoids(config, device)
+            return model.eval()
         _, saved = read_config(directory, (MODEL_TYPE,), WRONG_TYPE)
         config = config_from_saved(saved)
         state = read_state(directory, config.share_embeddings)
