@@ -91,17 +91,26 @@ def greedy_search(
         memory_kvs = model.project_memory(memory)
         caches = model.new_caches(b, max_len=steps + 1)
         token = torch.full((b, 1), c.bos_id, dtype=torch.long, device=src_ids.device)
-        tokens = []  # one (B, 1) tensor per step
-        finished = torch.zeros(b, dtype=torch.bool, device=src_ids.device)
+        outputs: list[list[int]] = [[] for _ in range(b)]
+        live = list(range(b))  # the sentence of each row still decoded
         for _ in range(steps):
-            features = model.decode(token, memory, src_mask, caches, memory_kvs)  # (B, 1, C)
+            features = model.decode(token, memory, src_mask, caches, memory_kvs)  # (N, 1, C)
             logits = never_padding(model, mask_beyond(model.unembed(features[:, -1]), vocab_limit))
-            token = logits.argmax(-1, keepdim=True)  # (B, 1)
-            tokens.append(token)
-            finished |= token[:, 0] == c.eos_id
-            if bool(finished.all()):
-                break
-        return [until_end(row, c.eos_id) for row in torch.cat(tokens, dim=1).tolist()]
+            token = logits.argmax(-1, keepdim=True)  # (N, 1)
+            chosen = token[:, 0].tolist()
+            for sentence, t in zip(live, chosen, strict=True):
+                outputs[sentence].append(t)
+            if c.eos_id in chosen:  # the finished sentences leave the batch
+                rows = [i for i, t in enumerate(chosen) if t != c.eos_id]
+                if not rows:
+                    break
+                live = [live[i] for i in rows]
+                keep = torch.tensor(rows, device=src_ids.device)
+                token, memory, src_mask = token[keep], memory[keep], src_mask[keep]
+                memory_kvs = [(k[keep], v[keep]) for k, v in memory_kvs]
+                for cache in caches:
+                    cache.keep(keep)
+        return [until_end(row, c.eos_id) for row in outputs]
     finally:
         model.train(was_training)
 
@@ -140,19 +149,19 @@ def _beam_search(
     beam_scores[:, 0] = 0.0
     first_row = torch.arange(b, device=device)[:, None] * k  # (B, 1) each sentence's row 0
     # The finished hypotheses, (score, ids) best first, at most K a sentence; how many each
-    # sentence has and the worst one's score, as tensors for the stopping test.
+    # sentence still searched has and the worst one's score, as tensors for the stopping test.
     finished: list[list[tuple[float, list[int]]]] = [[] for _ in range(b)]
     n_finished = torch.zeros(b, dtype=torch.long, device=device)
     worst_finished = torch.full((b,), float("-inf"), dtype=torch.float64, device=device)
-    done = torch.zeros(b, dtype=torch.bool, device=device)
+    live = list(range(b))  # the sentence of each group of K rows still searched
 
-    def add_finished(sentence: int, total: float, ids: list[int], length: int) -> None:
-        hypotheses = finished[sentence]
+    def add_finished(i: int, total: float, ids: list[int], length: int) -> None:
+        hypotheses = finished[live[i]]
         hypotheses.append((total / length**alpha, ids))
         hypotheses.sort(key=lambda h: -h[0])
         del hypotheses[k:]  # keep the K best
-        n_finished[sentence] = len(hypotheses)
-        worst_finished[sentence] = hypotheses[-1][0]
+        n_finished[i] = len(hypotheses)
+        worst_finished[i] = hypotheses[-1][0]
 
     for step in range(steps):
         features = model.decode(generated[:, -1:], memory, src_mask, caches, memory_kvs)
@@ -169,7 +178,7 @@ def _beam_search(
         length = step + 1  # tokens generated so far, this one included
 
         # An end token among a sentence's K best candidates finishes a hypothesis.
-        new_ends = ends[:, :k] & (top_scores[:, :k] > float("-inf")) & ~done[:, None]
+        new_ends = ends[:, :k] & (top_scores[:, :k] > float("-inf"))
         for i, rank in new_ends.nonzero().tolist():  # few: sentences end once or so
             ids = generated[top_rows[i, rank], 1:].tolist()
             add_finished(i, top_scores[i, rank].item(), ids, length)
@@ -184,20 +193,31 @@ def _beam_search(
         # them (the usual heuristic: with alpha > 0 a longer beam could still overtake).
         best_going_on = beam_scores[:, 0].double() / length**alpha
         can_stop = (worst_finished >= best_going_on) | config.early_stopping
-        done |= (n_finished == k) & can_stop
-        if bool(done.all()):
-            break
-        # A done sentence keeps feeding its first row an end token: nobody reads it.
-        beam_scores = beam_scores.masked_fill(done[:, None], float("-inf"))
-        rows = torch.where(done[:, None], first_row, rows)
-        tokens = tokens.masked_fill(done[:, None], eos)
+        done = (n_finished == k) & can_stop
+        dropped = bool(done.any())
+        if dropped:  # done sentences leave the batch: each step computes the rest
+            going = (~done).nonzero()[:, 0]
+            if going.numel() == 0:
+                break
+            live = [live[i] for i in going.tolist()]
+            beam_scores, rows, tokens = beam_scores[going], rows[going], tokens[going]
+            n_finished, worst_finished = n_finished[going], worst_finished[going]
+            b = len(live)
+            first_row = torch.arange(b, device=device)[:, None] * k
 
-        order = rows.flatten()  # (B*K,)
+        order = rows.flatten()  # (B*K,) the rows, of the batch before, that go on
         for cache in caches:
-            cache.reorder(order)
+            if dropped:
+                cache.keep(order)
+            else:
+                cache.reorder(order)
+        if dropped:
+            memory, src_mask = memory.index_select(0, order), src_mask.index_select(0, order)
+            memory_kvs = [(mk.index_select(0, order), mv.index_select(0, order))
+                          for mk, mv in memory_kvs]  # fmt: skip
         generated = torch.cat([generated.index_select(0, order), tokens.view(b * k, 1)], dim=1)
     else:  # out of steps: the live beams finish where they are
-        alive = (beam_scores > float("-inf")) & ~done[:, None]
+        alive = beam_scores > float("-inf")
         for i, j in alive.nonzero().tolist():
             add_finished(i, beam_scores[i, j].item(), generated[i * k + j, 1:].tolist(), steps)
     return [hypotheses[0][1] if hypotheses else [] for hypotheses in finished]

@@ -18,6 +18,8 @@ attention kernels, called once per layer, check it here.
     kernels.slot_attention(qkv, k_cache, v_cache, positions)   -> out (B, C)
     kernels.decode_blocks(blocks, x, work, k_caches, v_caches, positions, ...)   one decoding
         step of a stack of pre-LN GPT-2 blocks, x (M, C) in place
+    kernels.decode_cross_blocks(blocks, x, work, ..., memory_k, memory_v, strides, mask, ...)
+        the same for the encoder-decoder's post-LN decoder layers, with cross-attention
     kernels.flush_denormals(on)   on every thread of the pool -> threads set
     kernels.denormals_flushed()   on the calling thread?
 """
@@ -110,6 +112,26 @@ class BlockLayout(ctypes.Structure):
         ("norm2_bias", POINTER),
         ("qkv", LinearLayout),
         ("out", LinearLayout),
+        ("up", LinearLayout),
+        ("down", LinearLayout),
+    ]
+
+
+class CrossBlockLayout(ctypes.Structure):
+    """decode_block.c's struct tformer_cross_block: one post-LN decoder layer of the
+    encoder-decoder, its three norms and six layers."""
+
+    _fields_ = [
+        ("norm1_weight", POINTER),
+        ("norm1_bias", POINTER),
+        ("norm2_weight", POINTER),
+        ("norm2_bias", POINTER),
+        ("norm3_weight", POINTER),
+        ("norm3_bias", POINTER),
+        ("qkv", LinearLayout),
+        ("out", LinearLayout),
+        ("cross_q", LinearLayout),
+        ("cross_out", LinearLayout),
         ("up", LinearLayout),
         ("down", LinearLayout),
     ]
@@ -279,6 +301,46 @@ class Kernels:
         )  # fmt: skip
         if status != 0:
             raise MemoryError("decode_blocks: a kernel could not allocate its buffers")
+
+    @c_function(
+        "tformer_decode_cross_blocks",
+        [POINTER, SIZE] + [POINTER] * 9 + [SIZE] * 6 + [REAL, SIZE],
+        ctypes.c_int,
+    )
+    def decode_cross_blocks(
+        self,
+        blocks: ctypes.Array,
+        x: torch.Tensor,
+        work: torch.Tensor,
+        k_caches: ctypes.Array,
+        v_caches: ctypes.Array,
+        positions: torch.Tensor,
+        memory_k: ctypes.Array,
+        memory_v: ctypes.Array,
+        strides: torch.Tensor,
+        mask: torch.Tensor,
+        d_ff: int,
+        heads: int,
+        max_len: int,
+        eps: float,
+        activation: int,
+    ) -> None:
+        """One decoding step of every post-LN decoder layer of the encoder-decoder
+        (kernels/decode_block.c), x (M, C) float32 in place: blocks an array of
+        CrossBlockLayout, work (M, 5C + F) float32, the caches as for decode_blocks,
+        memory_k and memory_v arrays of pointers to each layer's cross-attention keys and
+        values with `strides` (3,) int64 (batch, head, position; d contiguous), mask (M, S)
+        bool, activation 0 ReLU, 1 GELU's tanh form, 2 GELU. Contiguous CPU tensors (the
+        caller checks: this is the inner loop)."""
+        m, c = x.shape
+        status = self.library.tformer_decode_cross_blocks(
+            ctypes.addressof(blocks), len(blocks), x.data_ptr(), work.data_ptr(),
+            ctypes.addressof(k_caches), ctypes.addressof(v_caches), positions.data_ptr(),
+            ctypes.addressof(memory_k), ctypes.addressof(memory_v), strides.data_ptr(),
+            mask.data_ptr(), mask.shape[1], m, c, d_ff, heads, max_len, eps, activation,
+        )  # fmt: skip
+        if status != 0:
+            raise MemoryError("decode_cross_blocks: a kernel could not allocate its buffers")
 
     @c_function("tformer_smoothed_ce_forward_bf16", [POINTER] * 4 + [SIZE] * 2 + [REAL])
     def smoothed_ce_forward(

@@ -125,3 +125,114 @@ int tformer_decode_blocks(const struct tformer_block *blocks, int64_t n_blocks, 
     }
     return 0;
 }
+
+/* One decoding step of the encoder-decoder's post-LN decoder layers
+   (models/seq2seq_decode.py), for rows whose self-attention caches stand at the same
+   position: per layer, on the residual stream x (M, C), in place,
+
+     x = LN_1(x + SelfAttention(x) W_o^T + b_o)      keys and values into the cache at p
+     x = LN_2(x + CrossAttention(x W_q^T + b_q, memory's K, V) W_co^T + b_co)
+     x = LN_3(x + act(x W_1^T + b_1) W_2^T + b_2)     act: ReLU, GELU's tanh form, or GELU
+
+   CrossAttention attends, for each row and head, over the row's source positions where
+   `mask` (M, S) is 1, to the memory's keys and values computed once per sentence
+   (project_memory), read with their strides: element (b, h, s, d) of K at
+   k + b sb + h sh + s ss + d. The sums x + F(x) are those of the modules, in their order. */
+struct tformer_cross_block {
+    const float *norm1_weight, *norm1_bias, *norm2_weight, *norm2_bias, *norm3_weight,
+        *norm3_bias;
+    struct tformer_linear qkv, out, cross_q, cross_out, up, down;
+};
+
+enum activation { ACT_RELU = 0, ACT_GELU_TANH = 1, ACT_GELU = 2 };
+
+/* out[b, h D : (h+1) D] = softmax_s(q . K[b, h, s] / sqrt(D), s where mask[b, s]) V[b, h, s]
+   for q = q_rows[b, h D : (h+1) D]: one task per (row, head). */
+static void cross_attention(const float *q_rows, const float *keys, const float *values,
+                            const int64_t *strides, const uint8_t *mask, float *out, int64_t m,
+                            int64_t s_len, int64_t heads, int64_t d_size) {
+    const int64_t c = heads * d_size, sb = strides[0], sh = strides[1], ss = strides[2];
+    const float scale = 1.0f / sqrtf((float)d_size);
+#pragma omp parallel for schedule(static)
+    for (int64_t task = 0; task < m * heads; task++) {
+        const int64_t b = task / heads, h = task % heads;
+        const float *q = q_rows + b * c + h * d_size;
+        const float *k_bh = keys + b * sb + h * sh, *v_bh = values + b * sb + h * sh;
+        const uint8_t *row_mask = mask + b * s_len;
+        float scores[s_len > 0 ? s_len : 1];
+        float highest = -INFINITY;
+        for (int64_t s = 0; s < s_len; s++) {
+            if (!row_mask[s]) continue;
+            const float *key = k_bh + s * ss;
+            float dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
+            for (int64_t d = 0; d < d_size; d++) dot += q[d] * key[d];
+            scores[s] = dot * scale;
+            highest = scores[s] > highest ? scores[s] : highest;
+        }
+        float total = 0.0f;
+        for (int64_t s = 0; s < s_len; s++) {
+            if (!row_mask[s]) continue;
+            scores[s] = expf(scores[s] - highest);
+            total += scores[s];
+        }
+        float *o = out + b * c + h * d_size;
+        for (int64_t d = 0; d < d_size; d++) o[d] = 0.0f;
+        if (total == 0.0f) continue; /* no source position: nothing to attend to */
+        const float inverse = 1.0f / total;
+        for (int64_t s = 0; s < s_len; s++) {
+            if (!row_mask[s]) continue;
+            const float w = scores[s] * inverse, *value = v_bh + s * ss;
+#pragma omp simd
+            for (int64_t d = 0; d < d_size; d++) o[d] += w * value[d];
+        }
+    }
+}
+
+static void activate(float *z, int64_t n, int64_t activation) {
+    if (activation == ACT_GELU_TANH) {
+        tformer_gelu_tanh_f32(z, z, n);
+    } else if (activation == ACT_GELU) {
+        tformer_gelu_f32(z, z, NULL, n);
+    } else {
+#pragma omp simd
+        for (int64_t i = 0; i < n; i++) z[i] = z[i] > 0.0f ? z[i] : 0.0f;
+    }
+}
+
+/* k_caches[i], v_caches[i]: layer i's self-attention caches, (M, H, L, D) float32;
+   memory_k[i], memory_v[i]: its cross-attention keys and values, with `strides` (the
+   batch's, the heads', the positions'; d is contiguous). work: (M, 5C + F) floats.
+   Returns 0, or non-zero if a kernel failed (no memory). */
+int tformer_decode_cross_blocks(const struct tformer_cross_block *blocks, int64_t n_blocks,
+                                float *x, float *work, float *const *k_caches,
+                                float *const *v_caches, const int64_t *positions,
+                                const float *const *memory_k, const float *const *memory_v,
+                                const int64_t *strides, const uint8_t *mask, int64_t s_len,
+                                int64_t m, int64_t c, int64_t f, int64_t heads, int64_t max_len,
+                                float eps, int64_t activation) {
+    float *qkv = work, *a = qkv + m * 3 * c, *o = a + m * c, *hidden = o + m * c;
+    for (int64_t i = 0; i < n_blocks; i++) {
+        const struct tformer_cross_block *block = blocks + i;
+        int failed = 0;
+        failed |= linear(&block->qkv, x, qkv, m);
+        failed |= tformer_slot_attention_f32(qkv, k_caches[i], v_caches[i], positions, a, m,
+                                             heads, c / heads, max_len);
+        failed |= linear(&block->out, a, o, m);
+        add(o, x, m * c); /* x + F(x): the same sum either way round */
+        layer_norm(o, block->norm1_weight, block->norm1_bias, x, m, c, eps);
+        failed |= linear(&block->cross_q, x, a, m);
+        cross_attention(a, memory_k[i], memory_v[i], strides, mask, o, m, s_len, heads,
+                        c / heads);
+        failed |= linear(&block->cross_out, o, a, m);
+        add(a, x, m * c);
+        layer_norm(a, block->norm2_weight, block->norm2_bias, x, m, c, eps);
+        failed |= linear(&block->up, x, hidden, m);
+        activate(hidden, m * f, activation);
+        failed |= linear(&block->down, hidden, o, m);
+        add(o, x, m * c);
+        layer_norm(o, block->norm3_weight, block->norm3_bias, x, m, c, eps);
+        if (failed) return failed;
+    }
+    return 0;
+}

@@ -48,6 +48,7 @@ from tformer.errors import ConfigError
 from tformer.files import atomic_write_json
 from tformer.models import seq2seq_marian as marian
 from tformer.models.common import Model, count_parameters, from_state, switch_attention
+from tformer.models.seq2seq_decode import FusedCrossDecoding
 from tformer.nn import (
     Dropout,
     FeedForward,
@@ -365,6 +366,7 @@ class Seq2SeqTransformer(nn.Module):
         self.encoder_norm = final_norm(c.d_model, c.norm_position, c.layer_norm_eps)
         self.decoder_norm = final_norm(c.d_model, c.norm_position, c.layer_norm_eps)
         self.activation_checkpointing = False  # see set_activation_checkpointing
+        self.fused_decoding: FusedCrossDecoding | None = None  # fuse_decoding, once packed
         self.init_weights(seed)
 
     @torch.no_grad()
@@ -470,6 +472,9 @@ class Seq2SeqTransformer(nn.Module):
         """
         past = caches[0].length if caches is not None else 0
         self.check_ids(tgt_ids, self.config.tgt_vocab_size, "target", past)
+        fused = self.fused_decoding
+        if fused is not None and fused.applies(self, tgt_ids, src_mask, caches, memory_kvs):
+            return fused.features(self, tgt_ids, src_mask, caches, memory_kvs)  # seq2seq_decode
         x = self.embed(self.tgt_embedding, tgt_ids, past)
         recompute = self.activation_checkpointing and self.training
         for i, layer in enumerate(self.decoder_layers):
@@ -477,6 +482,19 @@ class Seq2SeqTransformer(nn.Module):
             memory_kv = memory_kvs[i] if memory_kvs is not None else None
             x = run_layer(layer, x, memory, src_mask, cache, memory_kv, checkpointed=recompute)
         return self.decoder_norm(x)
+
+    def _apply(self, fn, recurse=True):
+        # .to(), .half() and the like replace the tensors whose addresses the fused step
+        # holds: it is dropped, and fuse_decoding makes it again if wanted
+        self.fused_decoding = None
+        return super()._apply(fn, recurse)
+
+    def fuse_decoding(self) -> bool:
+        """Once packed for decoding with the C kernels: run each one-token decoding step's
+        decoder layers in one kernel call (models/seq2seq_decode.py). Returns whether it
+        can."""
+        self.fused_decoding = FusedCrossDecoding.for_model(self)
+        return self.fused_decoding is not None
 
     def project_memory(self, memory: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Every decoder layer's cross-attention keys and values (B, H, S, D) of the memory."""
@@ -526,6 +544,7 @@ class Seq2SeqTransformer(nn.Module):
                 c.d_model // c.n_heads,
                 w.dtype,
                 w.device,
+                zeroed=False,  # the decoder reads its cache up to its length only
             )
             for _ in self.decoder_layers
         ]

@@ -19,11 +19,15 @@ class KVCache(nn.Module):
         d_head: int,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
+        zeroed: bool = True,
     ) -> None:
+        """zeroed=False leaves the room not yet written as memory holds it: for a caller that
+        reads nothing past `length` (update's views), it saves clearing the whole cache."""
         super().__init__()
         shape = (batch_size, n_heads, max_len, d_head)  # (B, H, L, D)
-        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        make = torch.zeros if zeroed else torch.empty
+        self.register_buffer("k", make(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", make(shape, dtype=dtype, device=device), persistent=False)
         self.max_len = max_len
         self.length = 0
 
@@ -44,3 +48,13 @@ class KVCache(nn.Module):
         end = self.length
         self.k[:, :, :end] = self.k[:, :, :end].index_select(0, rows)
         self.v[:, :, :end] = self.v[:, :, :end].index_select(0, rows)
+
+    def keep(self, rows: torch.Tensor) -> None:
+        """Keep only rows (N,) of the batch, in that order, in a cache of N rows: a search
+        drops the sentences it has finished, so that each step computes the live ones."""
+        end = self.length
+        for name in ("k", "v"):
+            old = getattr(self, name)
+            new = torch.empty((rows.numel(), *old.shape[1:]), dtype=old.dtype, device=old.device)
+            new[:, :, :end] = old[:, :, :end].index_select(0, rows)
+            setattr(self, name, new)

@@ -1,0 +1,95 @@
+"""The encoder-decoder's fused decoding step (models/seq2seq_decode.py) against the plain
+path of the same packed weights."""
+
+import pytest
+import torch
+
+from tformer import kernels
+from tformer.generate.beam import BeamConfig, beam_search, greedy_search
+from tformer.generate.fast import pack_for_decoding
+from tformer.models.seq2seq import Seq2SeqConfig, Seq2SeqTransformer
+
+pytestmark = pytest.mark.skipif(kernels.load() is None, reason="no C kernels here")
+
+SOURCES = [[5, 6, 7, 8, 9, 2], [3, 4, 2], [10, 11, 12, 13, 14, 15, 16, 2], [7, 2]]
+
+
+def packed_model(activation: str, fused: bool, seed: int = 2) -> Seq2SeqTransformer:
+    """2 + 2 layers, 40 wide, 5 heads (not a power of two), weights off their start."""
+    config = Seq2SeqConfig(src_vocab_size=31, tgt_vocab_size=31, max_len=24, d_model=40,
+                           n_heads=5, n_encoder_layers=2, n_decoder_layers=2, d_ff=72,
+                           dropout=0.0, activation=activation, share_embeddings=True)  # fmt: skip
+    model = Seq2SeqTransformer(config, seed=seed).eval()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.3)
+    pack_for_decoding(model, "float32")
+    assert (model.fused_decoding is not None) is True
+    if not fused:
+        model.fused_decoding = None
+    return model
+
+
+def padded(rows):
+    width = max(len(r) for r in rows)
+    return torch.tensor([r + [0] * (width - len(r)) for r in rows])
+
+
+@pytest.mark.parametrize("activation", ["relu", "gelu", "gelu_tanh"])
+def test_the_fused_step_computes_the_decoder_layers(activation):
+    fused, plain = packed_model(activation, True), packed_model(activation, False)
+    src = padded(SOURCES)  # padded: the cross-attention's mask matters
+    mask = fused.source_mask(src)
+    steps = [[1, 1, 1, 1], [9, 10, 11, 12], [13, 3, 14, 2], [4, 4, 4, 4]]
+    with torch.inference_mode():
+        memory = fused.encode(src, mask)
+        outputs = {}
+        for name, model in (("fused", fused), ("plain", plain)):
+            caches, kvs = model.new_caches(4, 8), model.project_memory(memory)
+            # one row dropped after two steps, as a search drops finished sentences: the
+            # memory's keys and values are then gathered copies, with other strides
+            keep = torch.tensor([0, 2, 3])
+            rows, m, out = list(range(4)), mask, []
+            for t, step in enumerate(steps):
+                ids = torch.tensor([[step[r]] for r in rows])
+                out.append(model.decode(ids, memory, m, caches, kvs))
+                if t == 1:
+                    rows, m = [0, 2, 3], m[keep]
+                    kvs = [(k[keep], v[keep]) for k, v in kvs]
+                    for cache in caches:
+                        cache.keep(keep)
+            outputs[name] = out
+    for a, b in zip(outputs["fused"], outputs["plain"], strict=True):
+        # another order of sums in attention and the norms: float32 rounding
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_searches_on_the_fused_step_choose_what_the_plain_path_chooses():
+    fused, plain = packed_model("relu", True), packed_model("relu", False)
+    src = padded(SOURCES)
+    assert greedy_search(fused, src, 12) == greedy_search(plain, src, 12)
+    for early in (False, True):
+        config = BeamConfig(beam_size=3, max_new_tokens=10, early_stopping=early)
+        assert beam_search(fused, src, config) == beam_search(plain, src, config)
+
+
+def test_the_fused_step_steps_aside_for_hooks_training_and_a_move():
+    model = packed_model("gelu", True)
+    src = padded(SOURCES[:2])
+    mask = model.source_mask(src)
+    with torch.inference_mode():
+        memory = model.encode(src, mask)
+        kvs = model.project_memory(memory)
+        caches = model.new_caches(2, 4)
+        ids = torch.tensor([[1], [1]])
+        assert model.fused_decoding.applies(model, ids, mask, caches, kvs)
+        seen = []
+        handle = model.decoder_layers[1].mlp.register_forward_hook(lambda *a: seen.append(1))
+        assert not model.fused_decoding.applies(model, ids, mask, caches, kvs)
+        model.decode(ids, memory, mask, caches, kvs)
+        assert seen  # the hook saw its module: the plain path ran
+        handle.remove()
+        assert not model.fused_decoding.applies(model, ids, mask, caches, None)
+    model.to(torch.float32)  # a move replaces the tensors the fused step points at
+    assert model.fused_decoding is None and model.fuse_decoding()
