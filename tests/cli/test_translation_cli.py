@@ -125,6 +125,8 @@ def test_eval_scores_a_translation_checkpoint_with_bleu(tmp_path, pairs_file):
     sources = "five\nsixty-one\nnine hundred\n"
     expected = tformer("translate", run, "--greedy", stdin=sources)
     assert tformer("translate", tmp_path / "marian", "--greedy", stdin=sources) == expected
+    int8 = tformer("translate", run, "--greedy", "--quantize", "int8", stdin=sources)
+    assert len(int8.splitlines()) == 3  # int8 weights: the same kernels, rounded weights
     transformers = pytest.importorskip("transformers")
     tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "marian")
     model = transformers.MarianMTModel.from_pretrained(tmp_path / "marian").eval()

@@ -27,8 +27,9 @@ def compiled():
 @pytest.mark.parametrize("k", [5, 37, 64, 200])
 @pytest.mark.parametrize("with_bias", [True, False])
 # panels of 16 columns (32 on AVX-512): n = 5 is one padded panel, 46 and 47 end in one;
-# 150: groups of 4 (2) panels side by side, then single panels and a padded one
-@pytest.mark.parametrize("n", [5, 46, 47, 64, 150])
+# 150, 300: groups of 4 or 2 panels side by side (as many as give each thread two groups),
+# then single panels and a padded one
+@pytest.mark.parametrize("n", [5, 46, 47, 64, 150, 300])
 def test_kernels_compute_x_times_w_transposed_plus_bias(compiled, rows, k, with_bias, n):
     g = torch.Generator().manual_seed(rows * 1000 + k + n)
     x = torch.randn(rows, k, generator=g)
@@ -64,21 +65,21 @@ def test_a_rows_result_does_not_depend_on_the_other_rows(compiled):
     request's logits on a server do not change with what else is in the batch."""
     g = torch.Generator().manual_seed(5)
     x = torch.randn(17, 301, generator=g)  # odd k: bfloat16's last pair
-    w = torch.randn(150, 301, generator=g)  # groups of panels side by side, then single ones
-    for bias in (None, torch.randn(150, generator=g)):
+    w = torch.randn(300, 301, generator=g)  # groups of panels side by side, then single ones
+    for bias in (None, torch.randn(300, generator=g)):
         for weight in (w, w.bfloat16(), quantize_int8(w)[0]):
             panels = compiled.pack_linear(weight)
             s = quantize_int8(w)[1] if weight.dtype == torch.int8 else None
-            together = compiled.linear(x, panels, s, bias, torch.empty(17, 150))
+            together = compiled.linear(x, panels, s, bias, torch.empty(17, 300))
             for rows in (slice(0, 1), slice(16, 17), slice(3, 5), slice(4, 11)):
                 part = x[rows].contiguous()
-                alone = compiled.linear(part, panels, s, bias, torch.empty(part.shape[0], 150))
+                alone = compiled.linear(part, panels, s, bias, torch.empty(part.shape[0], 300))
                 assert torch.equal(alone, together[rows]), (weight.dtype, bias is None, rows)
         panels = compiled.pack_int4(*quantize_int4(w))  # int4: 1 and 2 rows take another path
-        together = compiled.linear(x, panels, None, bias, torch.empty(17, 150))
+        together = compiled.linear(x, panels, None, bias, torch.empty(17, 300))
         for rows in (slice(0, 1), slice(16, 17), slice(3, 5), slice(4, 11), slice(0, 3)):
             part = x[rows].contiguous()
-            alone = compiled.linear(part, panels, None, bias, torch.empty(part.shape[0], 150))
+            alone = compiled.linear(part, panels, None, bias, torch.empty(part.shape[0], 300))
             assert torch.equal(alone, together[rows]), ("int4", bias is None, rows)
 
 

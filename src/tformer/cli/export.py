@@ -121,6 +121,8 @@ def run_marian(args) -> None:
             f"{args.checkpoint} holds no translation model; Marian is an encoder-decoder "
             "(tformer export gguf takes a GPT-2)"
         )
+    if args.out is None and not Path(args.checkpoint).expanduser().is_dir():
+        raise ValueError(f"{args.checkpoint} is no local directory: name the output with --out")
     out = args.out if args.out is not None else checkpoint / "marian"
     if out.exists() and (out.resolve() == checkpoint.resolve() or not out.is_dir()):
         raise ValueError(f"--out {out} is the checkpoint itself or a file; name a new directory")

@@ -5,13 +5,18 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
+from tformer import kernels
 from tformer.checkpoints import resolve_checkpoint
-from tformer.cli.common import number, read_utf8
+from tformer.cli.common import add_weight_flags, number, read_utf8
 from tformer.devices import pick_device
 from tformer.errors import ConfigError
 from tformer.generate.beam import BeamConfig
+from tformer.generate.fast import pack_for_decoding
 from tformer.generate.translate import translate_sentences
 from tformer.models.load import is_translation_checkpoint, load_translation_model
+from tformer.nn.packed_linear import calibrate_kernel_rows
 
 
 def add_parser(sub) -> None:
@@ -22,7 +27,8 @@ def add_parser(sub) -> None:
         "to standard output, with a model trained by 'tformer train --task translation'. "
         "Beam search by default; --greedy for greedy search. A sentence longer than the "
         "context window is cut to fit, with a warning on standard error (and "
-        "source_truncated in --json).",
+        "source_truncated in --json). On the CPU the weights are packed for tformer's C "
+        "kernels (--dtype, --quantize), as `tformer generate` does.",
     )
     p.add_argument("checkpoint", help="run or checkpoint directory")
     p.add_argument("--input", help="a file of sentences, one a line (default: standard input)")
@@ -49,6 +55,7 @@ def add_parser(sub) -> None:
         help="sentences at once (default: 32)",
     )
     p.add_argument("--device", default="auto", help="cpu, cuda, ... (default: auto)")
+    add_weight_flags(p)
     p.add_argument("--json", action="store_true", help="print one JSON object with the results")
     p.set_defaults(run=run)
 
@@ -82,8 +89,19 @@ def run(args) -> None:
         )
     sentences = read_lines(args.input)
     directory = check_is_translation_model(args.checkpoint)
-    model, tokenizer = load_translation_model(directory, pick_device(args.device))
+    device = pick_device(args.device)
+    model, tokenizer = load_translation_model(directory, device)
     model.set_attention("sdpa")  # the fused kernel decodes faster, whatever trained the model
+    quantize = None if args.quantize == "none" else args.quantize
+    if device.type == "cpu" and args.dtype == "float16":
+        raise ValueError("--dtype float16 is for GPUs; on the CPU use bfloat16 or float32")
+    if device.type == "cpu" or quantize:  # the C kernels' panels and one-call decoder step
+        pack_for_decoding(model, quantize or args.dtype)
+        if device.type == "cpu" and kernels.load() is not None:  # measured once a CPU
+            rows = args.batch_size * (1 if beam is None else beam.beam_size)
+            calibrate_kernel_rows(model, rows, cached=True)
+    elif args.dtype != "float32":
+        model.to(getattr(torch, args.dtype))
     start = time.perf_counter()
     # Empty lines stay empty: nothing to translate.
     todo = [i for i, s in enumerate(sentences) if s.strip()]

@@ -48,6 +48,8 @@
 
 #include "common.h"
 
+#include <omp.h>
+
 #if defined(__AVX2__) || defined(__AVX512F__) || defined(__F16C__) || defined(__FMA__)
 #include <immintrin.h>
 #endif
@@ -347,8 +349,14 @@ ALWAYS_INLINE void tile(const float *x, const char *panel, size_t panel_bytes, i
 
 /* The units of work the panels are split into over the threads: with one row, groups of 4
    consecutive full panels, with two rows groups of 2 (tile: more chains for the core), and
-   what is left over one panel each; with more rows, one panel each. */
-static inline int unit_width(int64_t m_len) { return m_len == 1 ? 4 : m_len == 2 ? 2 : 1; }
+   what is left over one panel each; with more rows, one panel each. Narrower groups where
+   wide ones would leave fewer than two units a thread (many threads, a small layer).
+   Called before the parallel region: `threads` is the region's. */
+static inline int unit_width(int64_t m_len, int64_t n_len, int threads) {
+    int width = m_len == 1 ? 4 : m_len == 2 ? 2 : 1;
+    while (width > 1 && n_len / PANEL / width < 2 * (int64_t)threads) width /= 2;
+    return width;
+}
 
 static inline int64_t wide_units(int64_t n_len, int width) {
     return width > 1 ? n_len / PANEL / width : 0;
@@ -364,9 +372,8 @@ static inline int64_t units(int64_t n_len, int width) {
    specialises. */
 ALWAYS_INLINE void rows_by_panel(const float *x, const void *panels, const float *scale,
                                  const float *bias, float *y, int64_t m_len, int64_t n_len,
-                                 int64_t k_len, int64_t u, enum weights kind,
+                                 int64_t k_len, int64_t u, int width, enum weights kind,
                                  const float *xsums, vfloat (*widened)[2]) {
-    const int width = unit_width(m_len);
     const int64_t wide = wide_units(n_len, width);
     const int64_t g = u < wide ? u * width : wide * width + (u - wide);
     const int w = u < wide ? width : 1;
@@ -411,8 +418,10 @@ ALWAYS_INLINE void rows_by_panel(const float *x, const void *panels, const float
     case 2: TILE(2, 1, columns); break;                                                          \
     default: TILE(1, 1, columns); break;                                                         \
     }
-        if (w == 4)
+        if (w == 4) /* one row */
             TILE(1, 4, PANEL);
+        else if (w == 2 && m_len == 1)
+            TILE(1, 2, PANEL);
         else if (w == 2)
             TILE(2, 2, PANEL);
         else if (cols == PANEL)
@@ -431,26 +440,29 @@ ALWAYS_INLINE void rows_by_panel(const float *x, const void *panels, const float
 void tformer_linear_f32(const float *x, const float *panels, const float *bias, float *y,
                         int64_t m_len, int64_t n_len, int64_t k_len) {
     if (m_len == 0) return;
+    const int width = unit_width(m_len, n_len, omp_get_max_threads());
 #pragma omp parallel for schedule(static)
-    for (int64_t u = 0; u < units(n_len, unit_width(m_len)); u++)
-        rows_by_panel(x, panels, NULL, bias, y, m_len, n_len, k_len, u, F32, NULL, NULL);
+    for (int64_t u = 0; u < units(n_len, width); u++)
+        rows_by_panel(x, panels, NULL, bias, y, m_len, n_len, k_len, u, width, F32, NULL, NULL);
 }
 
 void tformer_linear_i8(const float *x, const int8_t *panels, const float *scale,
                        const float *bias, float *y, int64_t m_len, int64_t n_len,
                        int64_t k_len) {
     if (m_len == 0) return;
+    const int width = unit_width(m_len, n_len, omp_get_max_threads());
 #pragma omp parallel for schedule(static)
-    for (int64_t u = 0; u < units(n_len, unit_width(m_len)); u++)
-        rows_by_panel(x, panels, scale, bias, y, m_len, n_len, k_len, u, I8, NULL, NULL);
+    for (int64_t u = 0; u < units(n_len, width); u++)
+        rows_by_panel(x, panels, scale, bias, y, m_len, n_len, k_len, u, width, I8, NULL, NULL);
 }
 
 void tformer_linear_bf16(const float *x, const uint16_t *panels, const float *bias, float *y,
                          int64_t m_len, int64_t n_len, int64_t k_len) {
     if (m_len == 0) return;
+    const int width = unit_width(m_len, n_len, omp_get_max_threads());
 #pragma omp parallel for schedule(static)
-    for (int64_t u = 0; u < units(n_len, unit_width(m_len)); u++)
-        rows_by_panel(x, panels, NULL, bias, y, m_len, n_len, k_len, u, BF16, NULL, NULL);
+    for (int64_t u = 0; u < units(n_len, width); u++)
+        rows_by_panel(x, panels, NULL, bias, y, m_len, n_len, k_len, u, width, BF16, NULL, NULL);
 }
 
 /* Each thread's buffer for a panel of int4 q as floats (rows in several tiles, int4_group),
@@ -499,14 +511,16 @@ int tformer_linear_i4(const float *x, const uint8_t *panels, const float *bias, 
     const int64_t t_len = panel_steps(I4, k_len);
     float *xsums = malloc((size_t)(m_len * t_len) * sizeof(float));
     if (!xsums) return -1;
+    const int width = unit_width(m_len, n_len, omp_get_max_threads());
 #pragma omp parallel
     {
 #pragma omp for schedule(static)
         for (int64_t i = 0; i < m_len; i++) group_sums(x + i * k_len, k_len, xsums + i * t_len);
         vfloat(*widened)[2] = m_len > MR ? widening_buffer(t_len * GROUP) : NULL;
 #pragma omp for schedule(static)
-        for (int64_t u = 0; u < units(n_len, unit_width(m_len)); u++)
-            rows_by_panel(x, panels, NULL, bias, y, m_len, n_len, k_len, u, I4, xsums, widened);
+        for (int64_t u = 0; u < units(n_len, width); u++)
+            rows_by_panel(x, panels, NULL, bias, y, m_len, n_len, k_len, u, width, I4, xsums,
+                          widened);
     }
     free(xsums);
     return 0;

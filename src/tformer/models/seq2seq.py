@@ -64,6 +64,7 @@ from tformer.nn.attention import IMPLEMENTATIONS, Implementation
 from tformer.nn.capture import NameFilter, run_with_cache
 from tformer.nn.checkpointing import run_layer
 from tformer.nn.feedforward import ACTIVATIONS, Activation
+from tformer.nn.packed_linear import packed_layers
 from tformer.nn.seeding import seeded_generator
 from tformer.nn.sublayer import NORM_POSITIONS, NormPosition, final_norm
 
@@ -565,12 +566,19 @@ class Seq2SeqTransformer(nn.Module):
         if format != "marian":
             raise ValueError(f"format {format!r}: 'tformer' or 'marian'")
         c = self.config
+        if packed_layers(self):
+            raise ValueError("this model is packed for decoding; export the model as loaded")
         files = {}
         if tokenizer is not None:  # checked before anything is written
             if not hasattr(tokenizer, "tokenizer") or not hasattr(tokenizer.tokenizer, "to_str"):
                 raise ValueError(
                     f"a {type(tokenizer).__name__} has no tokenizer.json; a Marian directory "
                     "takes a Hugging Face `tokenizers` tokenizer (a BPE trained here)"
+                )
+            if tokenizer.vocab_size > c.tgt_vocab_size:
+                raise ValueError(
+                    f"the tokenizer has {tokenizer.vocab_size} tokens, the model "
+                    f"{c.tgt_vocab_size}: they do not belong together"
                 )
             order = marian.vocabulary_order(c.tgt_vocab_size, c.pad_id)
             files = marian.marian_tokenizer_files(

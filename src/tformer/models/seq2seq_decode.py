@@ -107,7 +107,12 @@ class FusedCrossDecoding:
         if any(tgt_ids.shape[0] > layer.kernel_max_rows for layer in self.first_layers):
             return False  # calibrated beyond: torch's matmul is faster for this many rows
         b = tgt_ids.shape[0]
-        if src_mask.dtype != torch.bool or src_mask.dim() != 2 or src_mask.shape[0] != b:
+        if (
+            src_mask is None
+            or src_mask.dtype != torch.bool
+            or src_mask.dim() != 2
+            or src_mask.shape[0] != b
+        ):
             return False
         first = caches[0]
         if type(first) is not KVCache or first.length >= first.max_len:

@@ -15,7 +15,9 @@ and each is handled here so that the same weights compute the same logits:
   embedding is zero (CTranslate2 starts "from a zero embedding" whatever the file holds);
   tformer from <s>'s. The tables are stored in the file and both engines read them, so
   the export adds sqrt(C) E[<s>] to row 0 of the decoder's table, and the import takes it
-  back out into the start token's embedding.
+  back out into the start token's embedding. transformers' own save_pretrained leaves the
+  tables out (it computes them): a directory exported here and saved again by transformers
+  has lost its start embedding and translates differently. Convert the exported directory.
 - The padding token. Marian's is the last id, the decoder's start, and CTranslate2 drops
   that last row: the export moves tformer's pad to the end (the vocabulary and its
   tokenizer renumbered), its embedding zero.
@@ -318,8 +320,8 @@ def from_marian(
         bias = bias.float().flatten()
         other = torch.ones_like(bias, dtype=torch.bool)
         other[c["bos_id"]] = False  # -inf there: the start token is never an output
-        finite_start = torch.isfinite(bias[c["bos_id"]]) and bias[c["bos_id"]] != 0
-        if bool((bias[other] != 0).any()) or finite_start:
+        start_bias = float(bias[c["bos_id"]])
+        if bool((bias[other] != 0).any()) or start_bias not in (0.0, float("-inf")):
             raise CheckpointError(
                 f"{where}: a non-zero final_logits_bias; tformer's output is the tied "
                 "embedding alone, with no bias"
@@ -343,6 +345,11 @@ def from_marian(
         if kind == "decoder":
             start = table[0] - standard[0]  # sqrt(C) x the start token's own embedding
 
+    if bool(start.any()) and c["bos_id"] != c["pad_id"]:
+        raise CheckpointError(
+            f"{where}: row 0 of the decoder's position table holds a start embedding, but "
+            "the decoder starts from a token that is not the padding token"
+        )
     state = {}
     tgt = tgt.float().clone()
     tgt[c["bos_id"]] += start / math.sqrt(d)
@@ -409,8 +416,8 @@ def marian_tokenizer_files(
         "bos_token": bos,
         "pad_token": pad,
         # a byte-level BPE has no unknown token, but CTranslate2's converter needs one
-        # named: <s>, which no source holds
-        "unk_token": bos,
+        # named (and kept): <s>, which no source holds, or </s> where <s> is the padding
+        "unk_token": bos if bos != pad else eos,
         "model_max_length": max_len,
         "clean_up_tokenization_spaces": False,
     }

@@ -97,7 +97,8 @@ def load_language_model(service: Service, device: torch.device) -> None:
     service.decoding, service.parameters = path.describe(), path.parameters
     print(f"tformer serve: decoding: {service.decoding}", file=sys.stderr)
     if path.kernels is not None:  # where torch's matmul overtakes them, on this CPU
-        rows = calibrate_kernel_rows(model, config.max_batch, cached=True, heads=("lm_head",))
+        # the head is timed at a prompt's rows too: prompt log-probabilities unembed them
+        rows = calibrate_kernel_rows(model, config.max_batch, cached=True)
         shown = ", ".join(f"{shape}: {n if n < ANY else 'any'}" for shape, n in rows.items())
         print(f"tformer serve: C kernels up to rows: {shown}", file=sys.stderr)
     service.model, service.tokenizer = model, tokenizer
