@@ -29,7 +29,7 @@ from torch import nn
 from tformer import kernels
 from tformer.kernels.bindings import BlockLayout
 from tformer.nn.blocked_attention import hooked
-from tformer.nn.kv_cache import KVCache
+from tformer.nn.kv_cache import KVCache, fused_step_caches
 from tformer.nn.packed_linear import PackedLinear
 
 GELU_KINDS = {"gelu_tanh": False, "gelu": True}  # -> exact
@@ -104,18 +104,10 @@ class FusedDecoding:
             return False  # the kernels read CPU memory and compute no gradients
         if any(input_ids.shape[0] > layer.kernel_max_rows for layer in self.first_layers):
             return False  # calibrated beyond: torch's matmul is faster for this many rows
-        first = caches[0]
-        if type(first) is not KVCache or first.length >= first.max_len:
+        if not fused_step_caches(caches, input_ids.shape[0], self.heads,
+                                 self.d_model // self.heads):  # fmt: skip
             return False
-        shape = (input_ids.shape[0], self.heads, first.max_len, self.d_model // self.heads)
-        for cache in caches:  # the kernel writes at (row, head, length) of each, in place
-            if type(cache) is not KVCache or cache.length != first.length:
-                return False
-            for tensor in (cache.k, cache.v):
-                if tuple(tensor.shape) != shape or tensor.dtype != torch.float32:
-                    return False
-                if tensor.device.type != "cpu" or not tensor.is_contiguous():
-                    return False
+        first = caches[0]
         # a batch of prompts of one length: a mask of ones and the positions that follow
         if attention_mask is not None and not bool(attention_mask.all()):
             return False

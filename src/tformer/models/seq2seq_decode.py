@@ -28,7 +28,7 @@ from torch import nn
 from tformer import kernels
 from tformer.kernels.bindings import CrossBlockLayout
 from tformer.nn.blocked_attention import hooked
-from tformer.nn.kv_cache import KVCache
+from tformer.nn.kv_cache import KVCache, fused_step_caches
 from tformer.nn.packed_linear import PackedLinear
 
 ACTIVATIONS = {"relu": 0, "gelu_tanh": 1, "gelu": 2}  # decode_block.c's enum activation
@@ -114,18 +114,8 @@ class FusedCrossDecoding:
             or src_mask.shape[0] != b
         ):
             return False
-        first = caches[0]
-        if type(first) is not KVCache or first.length >= first.max_len:
+        if not fused_step_caches(caches, b, self.heads, self.d_model // self.heads):
             return False
-        shape = (b, self.heads, first.max_len, self.d_model // self.heads)
-        for cache in caches:  # the kernel writes at (row, head, length) of each, in place
-            if type(cache) is not KVCache or cache.length != first.length:
-                return False
-            for tensor in (cache.k, cache.v):
-                if tuple(tensor.shape) != shape or tensor.dtype != torch.float32:
-                    return False
-                if tensor.device.type != "cpu" or not tensor.is_contiguous():
-                    return False
         memory_shape = (b, self.heads, src_mask.shape[1], self.d_model // self.heads)
         strides = memory_kvs[0][0].stride()
         for keys, values in memory_kvs:  # one layout for all: one set of strides

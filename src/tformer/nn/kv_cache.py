@@ -58,3 +58,23 @@ class KVCache(nn.Module):
             new = torch.empty((rows.numel(), *old.shape[1:]), dtype=old.dtype, device=old.device)
             new[:, :, :end] = old[:, :, :end].index_select(0, rows)
             setattr(self, name, new)
+
+
+def fused_step_caches(caches: list, rows: int, heads: int, d_head: int) -> bool:
+    """Whether a one-call decoding step (models/gpt2_decode.py, seq2seq_decode.py) can write
+    into these caches: every one a KVCache at the same length with room left, its keys and
+    values (rows, heads, max_len, d_head) float32, contiguous, on the CPU (the kernel writes
+    at (row, head, length) of each, in place)."""
+    first = caches[0]
+    if type(first) is not KVCache or first.length >= first.max_len:
+        return False
+    shape = (rows, heads, first.max_len, d_head)
+    for cache in caches:
+        if type(cache) is not KVCache or cache.length != first.length:
+            return False
+        for tensor in (cache.k, cache.v):
+            if tuple(tensor.shape) != shape or tensor.dtype != torch.float32:
+                return False
+            if tensor.device.type != "cpu" or not tensor.is_contiguous():
+                return False
+    return True
