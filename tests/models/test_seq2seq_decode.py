@@ -93,3 +93,20 @@ def test_the_fused_step_steps_aside_for_hooks_training_and_a_move():
         assert not model.fused_decoding.applies(model, ids, mask, caches, None)
     model.to(torch.float32)  # a move replaces the tensors the fused step points at
     assert model.fused_decoding is None and model.fuse_decoding()
+
+
+@pytest.mark.parametrize(("weights", "head"), [("float32", "float32"), ("int4", "int8")])
+def test_the_packed_output_projection_computes_x_times_the_embedding(weights, head):
+    config = Seq2SeqConfig(src_vocab_size=97, tgt_vocab_size=97, d_model=64, n_heads=4,
+                           n_encoder_layers=1, n_decoder_layers=1, d_ff=64)  # fmt: skip
+    model = Seq2SeqTransformer(config, seed=0).eval()
+    x = torch.randn(5, 3, 64)
+    with torch.no_grad():
+        expected = model.unembed(x)
+    pack_for_decoding(model, weights)
+    assert model.fused_decoding.head.weight_dtype == head  # int4 keeps the head int8
+    with torch.inference_mode():
+        got = model.unembed(x)
+    # float32: the kernels' order of sums; int8: each weight within half a step of its row
+    tolerance = 1e-5 if head == "float32" else 0.05
+    torch.testing.assert_close(got, expected, rtol=0, atol=tolerance)

@@ -502,7 +502,11 @@ class Seq2SeqTransformer(nn.Module):
         return [layer.cross_attn.project_memory(memory) for layer in self.decoder_layers]
 
     def unembed(self, x: torch.Tensor) -> torch.Tensor:
-        """(..., C) -> logits (..., V): the target embedding matrix as the output projection."""
+        """(..., C) -> logits (..., V): the target embedding matrix as the output projection
+        (once packed for decoding, its packed copy where no gradient is recorded)."""
+        fused = self.fused_decoding
+        if fused is not None and not torch.is_grad_enabled() and x.device.type == "cpu":
+            return fused.head(x)  # seq2seq_decode
         return nn.functional.linear(x, self.tgt_embedding.weight)
 
     def forward(

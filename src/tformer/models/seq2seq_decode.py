@@ -11,6 +11,9 @@ feed-forward part, the post-LN norms and the residual sums, in place on the resi
 stream. The embedding before it and the output projection after it stay the modules'. The
 plain path (DecoderLayer.forward) is the reference; the tests hold the two together.
 
+The output projection (the tied target embedding) is packed too and runs in the kernels
+whenever no gradient is recorded (Seq2SeqTransformer.unembed).
+
 The step applies when: the model is post-LN with residuals and ReLU or GELU; every linear
 layer of its decoder is packed for the kernels; it is not training and records no
 gradient; the step has one new token per row; every cache is a KVCache at the same length
@@ -55,6 +58,12 @@ class FusedCrossDecoding:
         self.eps = config.layer_norm_eps
         self.activation = ACTIVATIONS[config.activation]
         self.first_layers = _layers(model.decoder_layers[0])
+        # The output projection x E^T, packed as the layers are (int4 models keep it int8,
+        # as GPT-2's head): at a step's 32-128 rows the kernels run it ~1.5x as fast as
+        # torch's matmul (docs/LOG.md). Not a module of the model: its state is unchanged.
+        weights = self.first_layers[0].weight_dtype
+        self.head = PackedLinear(model.tgt_embedding.weight.detach(), None,
+                                 "int8" if weights == "int4" else weights)  # fmt: skip
         layouts = []
         for layer in model.decoder_layers:
             norms = [p.data_ptr() for norm in _norms(layer) for p in (norm.weight, norm.bias)]
