@@ -1,3 +1,5 @@
+import os
+
 import pytest
 
 from tformer.cli.main import main
@@ -22,3 +24,13 @@ def checkpoint(tmp_path_factory):
         ]
     )
     return out
+
+
+@pytest.fixture
+def env(tmp_path):
+    return {**os.environ, "TFORMER_CACHE": str(tmp_path / "cache")}
+
+
+@pytest.fixture
+def corpus(corpus_file):
+    return corpus_file
