@@ -125,18 +125,7 @@ def test_eval_scores_a_translation_checkpoint_with_bleu(tmp_path, pairs_file):
     sources = "five\nsixty-one\nnine hundred\n"
     expected = tformer("translate", run, "--greedy", stdin=sources)
     assert tformer("translate", tmp_path / "marian", "--greedy", stdin=sources) == expected
-    int8 = tformer("translate", run, "--greedy", "--quantize", "int8", stdin=sources)
-    assert len(int8.splitlines()) == 3  # int8 weights: the same kernels, rounded weights
-    transformers = pytest.importorskip("transformers")
-    tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "marian")
-    model = transformers.MarianMTModel.from_pretrained(tmp_path / "marian").eval()
-    batch = tokenizer(sources.splitlines(), return_tensors="pt", padding=True)
-    ids = model.generate(**batch, num_beams=1, do_sample=False)  # up to max_len, as tformer
-    theirs = tokenizer.batch_decode(ids, skip_special_tokens=True)
-    assert [t.strip() for t in theirs] == expected.splitlines()
-    refused = subprocess.run([sys.executable, "-m", "tformer", "export", "marian", run,
-                              "--out", run], capture_output=True, text=True)  # fmt: skip
-    assert refused.returncode == 2 and "the checkpoint itself" in refused.stderr
+    # transformers on the same directory: tests/models/test_seq2seq_marian.py
 
 
 def test_translation_defaults_are_the_papers(pairs_file, tmp_path):

@@ -103,8 +103,9 @@ def exhaustive_best(model, source, max_new_tokens, alpha):
 
 @pytest.mark.parametrize("alpha", [0.0, 1.0])
 def test_a_beam_wide_enough_finds_the_best_sequence_of_an_exhaustive_search(alpha):
-    # 3 words (5 tokens less the end and padding), up to 3 of them: 40 targets. Flat distributions (little sharpening)
-    # make the greedy choice a poor one for some sources, so the search is really tested.
+    # 3 words (5 tokens less the end and padding), up to 3 of them: 40 targets. Flat
+    # distributions (little sharpening) make the greedy choice a poor one for some sources,
+    # so the search is really tested.
     model = sharp_model(tgt_vocab_size=5, seed=7, noise=0.2)
     config = BeamConfig(beam_size=64, length_penalty=alpha, max_new_tokens=3)
     differs_from_greedy = False

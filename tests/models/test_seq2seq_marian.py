@@ -231,3 +231,29 @@ def test_a_tokenizer_without_tokenizer_json_is_refused_before_writing(tmp_path):
     with pytest.raises(ValueError, match="no tokenizer.json"):
         odd_model().save_pretrained(tmp_path, format="marian", tokenizer=CharTokenizer("abc"))
     assert not any(tmp_path.iterdir())
+
+
+def test_export_marian_and_translate_from_the_command_line(tmp_path, capsys):
+    """`tformer export marian` on a checkpoint directory (model and tokenizer), its
+    refusals, and `tformer translate` of the export with int8 weights."""
+    from tformer.cli.main import main
+
+    run = tmp_path / "run"
+    model = odd_model(vocab=300)
+    model.save_pretrained(run)
+    trained_tokenizer().save(run)
+    with pytest.raises(SystemExit) as refused:
+        main(["export", "marian", str(run), "--out", str(run)])
+    assert refused.value.code == 2 and "the checkpoint itself" in capsys.readouterr().err
+    main(["export", "marian", str(run), "--json"])  # default: RUN/marian
+    assert json.loads(capsys.readouterr().out)["directory"] == str(run / "marian")
+    sources = tmp_path / "sources.txt"
+    sources.write_text("the cat sees the moon.\nun perro.\n", encoding="utf-8")
+    for directory in (run, run / "marian"):
+        main(["translate", str(directory), "--greedy", "--json", "--input", str(sources),
+              "--quantize", "int8", "--max-new-tokens", "8"])  # fmt: skip
+        result = json.loads(capsys.readouterr().out)
+        assert len(result["translations"]) == 2
+        if directory == run:
+            expected = result["translations"]
+    assert result["translations"] == expected  # the export translates as its checkpoint
