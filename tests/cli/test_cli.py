@@ -4,6 +4,7 @@ import sys
 
 import pytest
 
+from tformer import kernels
 from tformer.cli.main import main
 
 
@@ -138,7 +139,7 @@ def test_generate_reports_its_path_and_int8_runs(checkpoint, capsys, monkeypatch
     captured = capsys.readouterr()
     assert captured.out.startswith("Hello")
     assert "decoding: weights int8" in captured.err
-    if "C kernels" in captured.err:  # where torch's matmul overtakes them: measured, kept
+    if kernels.load() is not None:  # where torch's matmul overtakes them: measured, kept
         kept = json.loads(next((tmp_path / "kernels").glob("*.rows.*.json")).read_text())
         assert any(" int8 at 1,512 rows" in entry for entry in kept)
         assert any(" int8 at 1 rows" in entry for entry in kept)  # the head: one row a step

@@ -25,7 +25,7 @@ def packed_model(activation: str, fused: bool, seed: int = 2) -> Seq2SeqTransfor
         for p in model.parameters():
             p.add_(torch.randn(p.shape, generator=g) * 0.3)
     pack_for_decoding(model, "float32")
-    assert (model.fused_decoding is not None) is True
+    assert model.fused_decoding is not None
     if not fused:
         model.fused_decoding = None
     return model

@@ -257,3 +257,6 @@ def test_export_marian_and_translate_from_the_command_line(tmp_path, capsys):
         if directory == run:
             expected = result["translations"]
     assert result["translations"] == expected  # the export translates as its checkpoint
+    with pytest.raises(SystemExit) as refused:
+        main(["translate", str(run), "--dtype", "float16", "--input", str(sources)])
+    assert refused.value.code == 2 and "float16 is for GPUs" in capsys.readouterr().err

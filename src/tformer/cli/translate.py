@@ -90,11 +90,11 @@ def run(args) -> None:
     sentences = read_lines(args.input)
     directory = check_is_translation_model(args.checkpoint)
     device = pick_device(args.device)
+    if device.type == "cpu" and args.dtype == "float16":  # before loading anything
+        raise ValueError("--dtype float16 is for GPUs; on the CPU use bfloat16 or float32")
     model, tokenizer = load_translation_model(directory, device)
     model.set_attention("sdpa")  # the fused kernel decodes faster, whatever trained the model
     quantize = None if args.quantize == "none" else args.quantize
-    if device.type == "cpu" and args.dtype == "float16":
-        raise ValueError("--dtype float16 is for GPUs; on the CPU use bfloat16 or float32")
     if device.type == "cpu" or quantize:  # the C kernels' panels and one-call decoder step
         pack_for_decoding(model, quantize or args.dtype)
         if device.type == "cpu" and kernels.load() is not None:  # measured once a CPU
