@@ -131,6 +131,25 @@ def test_slot_attention_stores_each_row_and_attends_over_its_own_positions(compi
         compiled.slot_attention(qkv[:, 1:].contiguous(), k_cache, v_cache, positions)
 
 
+@pytest.mark.parametrize(("v", "n"), [(97, 8), (8000, 8), (40, 1), (33, 33)])
+def test_top_logits_are_the_log_sum_exp_and_the_n_largest(compiled, v, n):
+    g = torch.Generator().manual_seed(v)
+    logits = torch.randn(6, v, generator=g) * 4
+    logits[:, 3] = float("-inf")  # masked tokens (padding, beyond the tokenizer)
+    logits[1, 10:12] = 9.0  # a tie: the lower id first
+    logits[2] = float("-inf")  # no token at all
+    logits[2, 5] = 0.5
+    lse, values, ids = compiled.top_logits(logits, n)
+    assert torch.allclose(lse.double(), logits.double().logsumexp(-1), rtol=0, atol=1e-5)
+    expected = logits.double().sort(dim=-1, descending=True, stable=True)
+    assert torch.equal(values, expected.values[:, :n].float())
+    assert torch.equal(ids, expected.indices[:, :n])
+    everything_masked = torch.full((1, v), float("-inf"))
+    assert compiled.top_logits(everything_masked, n)[0].item() == float("-inf")
+    with pytest.raises(ValueError, match="n must"):
+        compiled.top_logits(logits, v + 1)
+
+
 def test_switched_off_kernels_report_why(monkeypatch):
     monkeypatch.setattr(kernels, "_loaded", None)
     monkeypatch.setattr(kernels, "_reason", None)

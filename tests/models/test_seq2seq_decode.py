@@ -65,6 +65,34 @@ def test_the_fused_step_computes_the_decoder_layers(activation):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
+def test_the_fused_step_reads_one_memory_row_for_each_sentence_s_beams():
+    # 3 sentences of 5 beams each (more than the kernel's 4 queries at a time), the memory
+    # one row per sentence; then the second sentence leaves
+    fused, plain = packed_model("relu", True), packed_model("relu", False)
+    src = padded(SOURCES[:3])
+    mask = fused.source_mask(src)
+    g = torch.Generator().manual_seed(0)
+    steps = [torch.randint(3, 31, (15, 1), generator=g) for _ in range(3)]
+    with torch.inference_mode():
+        memory = fused.encode(src, mask)
+        outputs = {}
+        for name, model in (("fused", fused), ("plain", plain)):
+            caches, kvs, m = model.new_caches(15, 8), model.project_memory(memory), mask
+            assert name == "plain" or model.fused_decoding.applies(model, steps[0], m,
+                                                                   caches, kvs)  # fmt: skip
+            out = [model.decode(steps[0], memory, m, caches, kvs)]
+            out.append(model.decode(steps[1], memory, m, caches, kvs))
+            sentences = torch.tensor([0, 2])
+            rows = torch.tensor([*range(5), *range(10, 15)])
+            m, kvs = m[sentences], [(k[sentences], v[sentences]) for k, v in kvs]
+            for cache in caches:
+                cache.keep(rows)
+            out.append(model.decode(steps[2][rows], memory[sentences], m, caches, kvs))
+            outputs[name] = out
+    for a, b in zip(outputs["fused"], outputs["plain"], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
 def test_searches_on_the_fused_step_choose_what_the_plain_path_chooses():
     fused, plain = packed_model("relu", True), packed_model("relu", False)
     src = padded(SOURCES)

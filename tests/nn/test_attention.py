@@ -268,6 +268,39 @@ def test_cross_attention_matches_torch(implementation):
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("implementation", ["sdpa", "explicit"])
+def test_a_sentence_s_beams_read_its_one_row_of_memory_keys(implementation):
+    # 2 sentences of 3 beams each: memory_kv with one row per sentence gives what copies
+    # of it for every beam give, queries of 1 or 2 positions
+    mha = MultiHeadAttention(8, 2, cross=True, implementation=implementation).eval()
+    memory = torch.randn(2, 9, 8)
+    mask = torch.ones(2, 9, dtype=torch.bool)
+    mask[0, 6:] = False
+    k, v = mha.project_memory(memory)
+    assert k.is_contiguous() and v.is_contiguous()
+    for t in (1, 2):
+        x = torch.randn(6, t, 8)
+        copies = [(kv.repeat_interleave(3, 0)) for kv in (k, v)]
+        expected = mha(x, attention_mask=mask.repeat_interleave(3, 0), memory_kv=tuple(copies))
+        shared = mha(x, attention_mask=mask, memory_kv=(k, v))
+        torch.testing.assert_close(shared, expected, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="memory_kv has 4 rows for 6 query rows"):
+        mha(x, memory_kv=(torch.zeros(4, 2, 9, 4), torch.zeros(4, 2, 9, 4)))
+
+
+def test_keeping_cache_rows_copies_each_kept_row_s_history():
+    cache = KVCache(5, 2, max_len=6, d_head=3)
+    written = torch.randn(5, 2, 4, 3)
+    cache.update(written, -written)
+    cache.keep(torch.tensor([0, 0, 4, 3, 2]))  # reorder: a beam follows beam 0, two swap
+    expected = written[[0, 0, 4, 3, 2]]
+    assert torch.equal(cache.k[:, :, :4], expected) and torch.equal(cache.v[:, :, :4], -expected)
+    cache.keep(torch.tensor([3, 1]))  # drop three rows
+    assert cache.k.shape == (2, 2, 6, 3) and cache.k.is_contiguous()
+    assert torch.equal(cache.k[:, :, :4], expected[[3, 1]])
+    assert torch.equal(cache.v[:, :, :4], -expected[[3, 1]])
+
+
 def test_self_and_cross_attention_refuse_each_others_inputs():
     x, memory = torch.randn(1, 2, 8), torch.randn(1, 3, 8)
     with pytest.raises(ValueError, match="self-attention takes no memory"):

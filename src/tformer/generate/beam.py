@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from tformer import kernels
 from tformer.checks import check_number
 from tformer.errors import ConfigError
 from tformer.generate.decode import Prompts, prompt_rows
@@ -131,6 +132,45 @@ def beam_search(model: nn.Module, src_ids: Prompts, config: BeamConfig) -> list[
         model.train(was_training)
 
 
+def most_likely(logits: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits (M, V) -> each row's n most likely tokens, best first: their
+    log-probabilities log_softmax(logits) (M, n) and their ids (M, n). On the CPU one pass
+    of the C kernels (kernels/top_logits.c) instead of a log-softmax of all V and a top-n."""
+    library = kernels.load() if logits.device.type == "cpu" else None
+    if library is not None and logits.dtype == torch.float32:
+        lse, values, ids = library.top_logits(logits, n)
+        return values - lse[:, None], ids
+    values, ids = logits.topk(n, dim=-1)
+    return values - logits.logsumexp(dim=-1, keepdim=True), ids
+
+
+def beam_slots(parents: list[int]) -> list[int]:
+    """A sentence's surviving beams in slot order, given the slot each extends (parents,
+    best beam first): a beam whose parent no better beam extends stays in the parent's
+    slot, where its history already is in the caches; the others take the free slots in
+    order. Only they need their history copied -> the beam (rank) of each slot."""
+    slot_of = [-1] * len(parents)
+    taken = [False] * len(parents)
+    for beam, parent in enumerate(parents):
+        if not taken[parent]:
+            taken[parent], slot_of[beam] = True, parent
+    free = iter(slot for slot, used in enumerate(taken) if not used)
+    slot_of = [slot if slot >= 0 else next(free) for slot in slot_of]
+    beams = [0] * len(parents)
+    for beam, slot in enumerate(slot_of):
+        beams[slot] = beam
+    return beams
+
+
+def places_kept(done: list[bool]) -> list[int]:
+    """The sentences that go on, by their new places: each of the first N (N of them go
+    on) keeps its place, and the others fill the places of done ones, so that only their
+    rows are copied."""
+    n = done.count(False)
+    movers = [i for i in range(n, len(done)) if not done[i]]
+    return [movers.pop() if done[i] else i for i in range(n)]
+
+
 def _beam_search(
     model: nn.Module, src_ids: torch.Tensor, config: BeamConfig, bos: int, eos: int
 ) -> list[list[int]]:
@@ -139,8 +179,8 @@ def _beam_search(
     device = src_ids.device
     src_mask = model.source_mask(src_ids)
     memory = model.encode(src_ids, src_mask)
-    # Every sentence's K beams are K consecutive rows: (B, ...) -> (B*K, ...).
-    memory, src_mask = memory.repeat_interleave(k, 0), src_mask.repeat_interleave(k, 0)
+    # Every sentence's K beams are K consecutive rows of the decoder, (B*K, ...), which read
+    # the sentence's one row of the memory, its keys and values and its mask, (B, ...).
     memory_kvs = model.project_memory(memory)
     caches = model.new_caches(b * k, max_len=steps + 1)
     generated = torch.full((b * k, 1), bos, dtype=torch.long, device=device)  # (B*K, 1 + t)
@@ -167,13 +207,15 @@ def _beam_search(
         features = model.decode(generated[:, -1:], memory, src_mask, caches, memory_kvs)
         logits = mask_beyond(model.unembed(features[:, -1]).float(), config.vocab_limit)
         logits = never_padding(model, logits)  # (B*K, V)
-        log_p = torch.log_softmax(logits, dim=-1)  # (B*K, V)
-        v = log_p.shape[-1]
-        scores = (beam_scores.view(b * k, 1) + log_p).view(b, k * v)  # (B, K*V)
-        # The 2K best: each beam has one end token, so at least K of them go on.
+        # A sentence's 2K best candidates are among its beams' own 2K best tokens each: each
+        # beam has one end token, so at least K of them go on.
+        n = min(2 * k, logits.shape[-1])
+        log_p, ids = most_likely(logits, n)  # (B*K, n)
+        scores = (beam_scores.view(b * k, 1) + log_p).view(b, k * n)  # (B, K*n)
         top_scores, top_index = scores.topk(2 * k, dim=1)  # (B, 2K), best first
-        top_rows = first_row + top_index // v  # (B, 2K) the beam each extends
-        top_tokens = top_index % v
+        top_parents = top_index // n  # (B, 2K) the beam (slot) each extends
+        top_rows = first_row + top_parents
+        top_tokens = ids.view(b, k * n).gather(1, top_index)
         ends = top_tokens == eos
         length = step + 1  # tokens generated so far, this one included
 
@@ -183,38 +225,36 @@ def _beam_search(
             ids = generated[top_rows[i, rank], 1:].tolist()
             add_finished(i, top_scores[i, rank].item(), ids, length)
 
-        # The K best candidates that do not end go on; a stable sort keeps their order.
+        # The K best candidates that do not end go on (a stable sort keeps their order),
+        # each in the slot where its history is if it can (beam_slots): (B, K) by slot.
         going_on = torch.sort(ends.to(torch.uint8), dim=1, stable=True).indices[:, :k]
-        beam_scores = top_scores.gather(1, going_on)  # (B, K), best first
+        parents = top_parents.gather(1, going_on).tolist()  # (B, K)
+        slots = torch.tensor([beam_slots(p) for p in parents], device=device)
+        going_on = going_on.gather(1, slots)
+        beam_scores = top_scores.gather(1, going_on)  # (B, K)
         rows, tokens = top_rows.gather(1, going_on), top_tokens.gather(1, going_on)
 
         # A sentence with K finished hypotheses is done when it stops early, or when its
         # best beam still going, scored as it stands now, is no better than the worst of
         # them (the usual heuristic: with alpha > 0 a longer beam could still overtake).
-        best_going_on = beam_scores[:, 0].double() / length**alpha
+        best_going_on = beam_scores.max(dim=1).values.double() / length**alpha
         can_stop = (worst_finished >= best_going_on) | config.early_stopping
         done = (n_finished == k) & can_stop
-        dropped = bool(done.any())
-        if dropped:  # done sentences leave the batch: each step computes the rest
-            going = (~done).nonzero()[:, 0]
-            if going.numel() == 0:
+        if done.any():  # done sentences leave the batch: each step computes the rest
+            if done.all():
                 break
+            going = torch.tensor(places_kept(done.tolist()), device=device)
             live = [live[i] for i in going.tolist()]
             beam_scores, rows, tokens = beam_scores[going], rows[going], tokens[going]
             n_finished, worst_finished = n_finished[going], worst_finished[going]
             b = len(live)
             first_row = torch.arange(b, device=device)[:, None] * k
+            memory, src_mask = memory[going], src_mask[going]
+            memory_kvs = [(mk[going], mv[going]) for mk, mv in memory_kvs]
 
         order = rows.flatten()  # (B*K,) the rows, of the batch before, that go on
         for cache in caches:
-            if dropped:
-                cache.keep(order)
-            else:
-                cache.reorder(order)
-        if dropped:
-            memory, src_mask = memory.index_select(0, order), src_mask.index_select(0, order)
-            memory_kvs = [(mk.index_select(0, order), mv.index_select(0, order))
-                          for mk, mv in memory_kvs]  # fmt: skip
+            cache.keep(order)  # copies the rows that change only
         generated = torch.cat([generated.index_select(0, order), tokens.view(b * k, 1)], dim=1)
     else:  # out of steps: the live beams finish where they are
         alive = beam_scores > float("-inf")

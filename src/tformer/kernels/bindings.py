@@ -20,6 +20,8 @@ attention kernels, called once per layer, check it here.
         step of a stack of pre-LN GPT-2 blocks, x (M, C) in place
     kernels.decode_cross_blocks(blocks, x, work, ..., memory_k, memory_v, strides, mask, ...)
         the same for the encoder-decoder's post-LN decoder layers, with cross-attention
+    kernels.top_logits(logits, n)   (M, V) float32 -> log-sum-exp (M,), the n largest
+        (M, n) best first and their ids (M, n) int64
     kernels.flush_denormals(on)   on every thread of the pool -> threads set
     kernels.denormals_flushed()   on the calling thread?
 """
@@ -304,7 +306,7 @@ class Kernels:
 
     @c_function(
         "tformer_decode_cross_blocks",
-        [POINTER, SIZE] + [POINTER] * 9 + [SIZE] * 6 + [REAL, SIZE],
+        [POINTER, SIZE] + [POINTER] * 9 + [SIZE] * 7 + [REAL, SIZE],
         ctypes.c_int,
     )
     def decode_cross_blocks(
@@ -329,15 +331,17 @@ class Kernels:
         (kernels/decode_block.c), x (M, C) float32 in place: blocks an array of
         CrossBlockLayout, work (M, 5C + F) float32, the caches as for decode_blocks,
         memory_k and memory_v arrays of pointers to each layer's cross-attention keys and
-        values with `strides` (3,) int64 (batch, head, position; d contiguous), mask (M, S)
-        bool, activation 0 ReLU, 1 GELU's tanh form, 2 GELU. Contiguous CPU tensors (the
-        caller checks: this is the inner loop)."""
+        values with `strides` (3,) int64 (sentence, head, position; d contiguous), mask
+        (N, S) bool for N sentences of M / N consecutive rows each (beam search's beams),
+        activation 0 ReLU, 1 GELU's tanh form, 2 GELU. Contiguous CPU tensors (the caller
+        checks: this is the inner loop)."""
         m, c = x.shape
         status = self.library.tformer_decode_cross_blocks(
             ctypes.addressof(blocks), len(blocks), x.data_ptr(), work.data_ptr(),
             ctypes.addressof(k_caches), ctypes.addressof(v_caches), positions.data_ptr(),
             ctypes.addressof(memory_k), ctypes.addressof(memory_v), strides.data_ptr(),
-            mask.data_ptr(), mask.shape[1], m, c, d_ff, heads, max_len, eps, activation,
+            mask.data_ptr(), mask.shape[1], m // mask.shape[0], m, c, d_ff, heads, max_len, eps,
+            activation,
         )  # fmt: skip
         if status != 0:
             raise MemoryError("decode_cross_blocks: a kernel could not allocate its buffers")
@@ -468,6 +472,27 @@ class Kernels:
         if failed:
             raise MemoryError(f"no memory for the attention kernel's {max_len} scores")
         return out
+
+    @c_function("tformer_top_logits", [POINTER, SIZE, SIZE, SIZE] + [POINTER] * 3)
+    def top_logits(
+        self, logits: torch.Tensor, n: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """logits (M, V) float32 on the CPU -> log sum_v exp(logits) (M,), and the n largest
+        logits of each row (M, n), best first (ties: the lower id first), with their ids
+        (M, n) int64 (kernels/top_logits.c)."""
+        if logits.dim() != 2 or logits.dtype != torch.float32 or logits.device.type != "cpu":
+            raise ValueError("logits must be (M, V) float32 on the CPU")
+        m, v = logits.shape
+        if not 1 <= n <= v:
+            raise ValueError(f"n must lie in 1..{v}, got {n}")
+        logits = logits.contiguous()
+        lse = torch.empty(m)
+        values = torch.empty(m, n)
+        ids = torch.empty(m, n, dtype=torch.int64)
+        self.library.tformer_top_logits(
+            logits.data_ptr(), m, v, n, lse.data_ptr(), values.data_ptr(), ids.data_ptr()
+        )
+        return lse, values, ids
 
     @c_function("tformer_causal_attention_bf16", [POINTER] * 3 + [SIZE] * 4, ctypes.c_int)
     def causal_attention(

@@ -30,6 +30,7 @@ SOURCES = tuple(
         "attention.c",
         "slot_attention.c",
         "decode_block.c",
+        "top_logits.c",
         "threads.c",
     )
 )

@@ -1,4 +1,5 @@
-/* What the CPU kernels share: bfloat16 <-> float32, and an exp that vectorises.
+/* What the CPU kernels share: bfloat16 <-> float32, an exp that vectorises, and a vector
+   of eight floats.
 
    Each kernel file includes this header; the functions are static inline, so every file
    gets its own copy and the compiler can vectorise the loops that call them (without
@@ -24,6 +25,35 @@ static inline uint16_t float_to_bf16_bits(float f) {
     memcpy(&bits, &f, sizeof bits);
     bits += 0x7FFFu + ((bits >> 16) & 1u);
     return (uint16_t)(bits >> 16);
+}
+
+/* Eight floats as one vector, for loops the compiler would not vectorise as they stand
+   (AVX2 and AVX-512 alike); load8 reads them from any address. */
+typedef float v8f __attribute__((vector_size(8 * sizeof(float))));
+
+static inline v8f load8(const float *p) {
+    v8f v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+
+/* The eight lanes' sum, pairwise in a fixed order. */
+static inline float sum8(v8f v) {
+    return ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7]));
+}
+
+typedef int32_t v8i __attribute__((vector_size(8 * sizeof(int32_t))));
+
+/* Lane by lane, the larger of a and b (b where they are unordered). */
+static inline v8f vmax8(v8f a, v8f b) {
+    const v8i a_larger = a > b;
+    return (v8f)(((v8i)a & a_larger) | ((v8i)b & ~a_larger));
+}
+
+static inline float max8(v8f v) {
+    float m = v[0];
+    for (int l = 1; l < 8; l++) m = v[l] > m ? v[l] : m;
+    return m;
 }
 
 /* exp(x) for x <= 0, relative error below 2e-7: x = k ln 2 + r with |r| <= ln(2) / 2,

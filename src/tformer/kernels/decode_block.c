@@ -15,12 +15,14 @@
 
    Each linear layer runs the kernel of its own weights (float32, bfloat16, int8 or int4,
    `struct tformer_linear`), over the OpenMP threads; the norms and sums are M x C, a few
-   microseconds. The mean and variance are sums in order (two passes, the variance of the
-   centred values), in float32 like torch's. `work` holds the step's intermediate rows:
+   microseconds, split over the threads for large batches. The mean and variance are
+   sums in eight lanes (two passes, the variance of the centred values), in float32 like
+   torch's, in an order that does not depend on the batch. `work` holds the step's intermediate rows:
    (M, 3C) + 3 (M, C) + (M, F) floats. */
 
 #include <math.h>
 #include <stdint.h>
+#include <string.h>
 
 #include "common.h"
 
@@ -76,17 +78,31 @@ static int linear(const struct tformer_linear *layer, const float *x, float *y, 
     }
 }
 
-/* y = LN(x) row by row, x and y (M, C). */
-static void layer_norm(const float *x, const float *weight, const float *bias, float *y,
-                       int64_t m, int64_t c, float eps) {
+/* The sum of x[0..n), in eight lanes (x[j] into lane j mod 8), then the lanes in order:
+   the same order for every row whatever the batch, and it vectorises. */
+static float lane_sum(const float *x, int64_t n) {
+    float lanes[8] = {0.0f};
+    int64_t j = 0;
+    for (; j + 8 <= n; j += 8)
+        for (int l = 0; l < 8; l++) lanes[l] += x[j + l];
+    for (; j < n; j++) lanes[j % 8] += x[j];
+    float sum = 0.0f;
+    for (int l = 0; l < 8; l++) sum += lanes[l];
+    return sum;
+}
+
+/* y = LN(x + r) row by row (r NULL: LN(x)), x, r, y (M, C); y may be x or r. The mean,
+   then the variance of the centred values (two passes, as torch), each a lane_sum. The
+   rows are split over the threads when there are enough of them to pay for it. */
+static void add_layer_norm(const float *x, const float *r, const float *weight,
+                           const float *bias, float *y, int64_t m, int64_t c, float eps) {
+#pragma omp parallel for schedule(static) if (m * c >= 16384)
     for (int64_t i = 0; i < m; i++) {
-        const float *row = x + i * c;
-        float sum = 0.0f;
-        for (int64_t j = 0; j < c; j++) sum += row[j];
-        const float mean = sum / (float)c;
-        float squares = 0.0f;
-        for (int64_t j = 0; j < c; j++) squares += (row[j] - mean) * (row[j] - mean);
-        const float inverse = 1.0f / sqrtf(squares / (float)c + eps);
+        float row[c], centred[c];
+        for (int64_t j = 0; j < c; j++) row[j] = r ? x[i * c + j] + r[i * c + j] : x[i * c + j];
+        const float mean = lane_sum(row, c) / (float)c;
+        for (int64_t j = 0; j < c; j++) centred[j] = (row[j] - mean) * (row[j] - mean);
+        const float inverse = 1.0f / sqrtf(lane_sum(centred, c) / (float)c + eps);
         for (int64_t j = 0; j < c; j++)
             y[i * c + j] = (row[j] - mean) * inverse * weight[j] + bias[j];
     }
@@ -107,13 +123,13 @@ int tformer_decode_blocks(const struct tformer_block *blocks, int64_t n_blocks, 
     for (int64_t i = 0; i < n_blocks; i++) {
         const struct tformer_block *block = blocks + i;
         int failed = 0;
-        layer_norm(x, block->norm1_weight, block->norm1_bias, h, m, c, eps);
+        add_layer_norm(x, NULL, block->norm1_weight, block->norm1_bias, h, m, c, eps);
         failed |= linear(&block->qkv, h, qkv, m);
         failed |= tformer_slot_attention_f32(qkv, k_caches[i], v_caches[i], positions, a, m,
                                              heads, c / heads, max_len);
         failed |= linear(&block->out, a, o, m);
         add(x, o, m * c);
-        layer_norm(x, block->norm2_weight, block->norm2_bias, h, m, c, eps);
+        add_layer_norm(x, NULL, block->norm2_weight, block->norm2_bias, h, m, c, eps);
         failed |= linear(&block->up, h, hidden, m);
         if (gelu == 0)
             tformer_gelu_tanh_f32(hidden, hidden, m * f);
@@ -134,10 +150,11 @@ int tformer_decode_blocks(const struct tformer_block *blocks, int64_t n_blocks, 
      x = LN_2(x + CrossAttention(x W_q^T + b_q, memory's K, V) W_co^T + b_co)
      x = LN_3(x + act(x W_1^T + b_1) W_2^T + b_2)     act: ReLU, GELU's tanh form, or GELU
 
-   CrossAttention attends, for each row and head, over the row's source positions where
-   `mask` (M, S) is 1, to the memory's keys and values computed once per sentence
-   (project_memory), read with their strides: element (b, h, s, d) of K at
-   k + b sb + h sh + s ss + d. The sums x + F(x) are those of the modules, in their order. */
+   CrossAttention attends, for each row and head, over its sentence's source positions
+   where `mask` (M / G, S) is 1, to the memory's keys and values computed once per
+   sentence (project_memory), read with their strides: element (b, h, s, d) of K at
+   k + b sb + h sh + s ss + d. Each sentence has G consecutive rows (`group`: beam
+   search's G beams, or 1), which read its keys and values together. The sums x + F(x) are those of the modules, in their order. */
 struct tformer_cross_block {
     const float *norm1_weight, *norm1_bias, *norm2_weight, *norm2_bias, *norm3_weight,
         *norm3_bias;
@@ -146,45 +163,90 @@ struct tformer_cross_block {
 
 enum activation { ACT_RELU = 0, ACT_GELU_TANH = 1, ACT_GELU = 2 };
 
-/* out[b, h D : (h+1) D] = softmax_s(q . K[b, h, s] / sqrt(D), s where mask[b, s]) V[b, h, s]
-   for q = q_rows[b, h D : (h+1) D]: one task per (row, head). */
+/* q . key over d_size floats, eight lanes at a time in two chains, then the rest. */
+static inline float dot(const float *q, const float *key, int64_t d_size) {
+    v8f even = {0.0f}, odd = {0.0f};
+    int64_t d = 0;
+    for (; d + 16 <= d_size; d += 16) {
+        even += load8(q + d) * load8(key + d);
+        odd += load8(q + d + 8) * load8(key + d + 8);
+    }
+    if (d + 8 <= d_size) {
+        even += load8(q + d) * load8(key + d);
+        d += 8;
+    }
+    float total = sum8(even + odd);
+    for (; d < d_size; d++) total += q[d] * key[d];
+    return total;
+}
+
+/* Queries of one task taken together: each value row read serves them all. */
+enum { QUERY_CHUNK = 4 };
+
+/* out[r, h D : (h+1) D] = softmax_s(q . K[b, h, s] / sqrt(D), s where mask[b, s]) V[b, h, s]
+   for q = q_rows[r, h D : (h+1) D] and b = r / group: the rows come in groups of `group`
+   consecutive rows that read one memory row (beam search's beams of one sentence). One
+   task per (memory row, head) reads its keys and values once for the group's queries,
+   QUERY_CHUNK at a time; the weighted sum of values keeps each query's eight outputs
+   in registers while it runs over the positions. */
 static void cross_attention(const float *q_rows, const float *keys, const float *values,
                             const int64_t *strides, const uint8_t *mask, float *out, int64_t m,
-                            int64_t s_len, int64_t heads, int64_t d_size) {
+                            int64_t group, int64_t s_len, int64_t heads, int64_t d_size) {
     const int64_t c = heads * d_size, sb = strides[0], sh = strides[1], ss = strides[2];
     const float scale = 1.0f / sqrtf((float)d_size);
 #pragma omp parallel for schedule(static)
-    for (int64_t task = 0; task < m * heads; task++) {
+    for (int64_t task = 0; task < m / group * heads; task++) {
         const int64_t b = task / heads, h = task % heads;
-        const float *q = q_rows + b * c + h * d_size;
         const float *k_bh = keys + b * sb + h * sh, *v_bh = values + b * sb + h * sh;
         const uint8_t *row_mask = mask + b * s_len;
-        float scores[s_len > 0 ? s_len : 1];
-        float highest = -INFINITY;
-        for (int64_t s = 0; s < s_len; s++) {
-            if (!row_mask[s]) continue;
-            const float *key = k_bh + s * ss;
-            float dot = 0.0f;
-#pragma omp simd reduction(+ : dot)
-            for (int64_t d = 0; d < d_size; d++) dot += q[d] * key[d];
-            scores[s] = dot * scale;
-            highest = scores[s] > highest ? scores[s] : highest;
-        }
-        float total = 0.0f;
-        for (int64_t s = 0; s < s_len; s++) {
-            if (!row_mask[s]) continue;
-            scores[s] = expf(scores[s] - highest);
-            total += scores[s];
-        }
-        float *o = out + b * c + h * d_size;
-        for (int64_t d = 0; d < d_size; d++) o[d] = 0.0f;
-        if (total == 0.0f) continue; /* no source position: nothing to attend to */
-        const float inverse = 1.0f / total;
-        for (int64_t s = 0; s < s_len; s++) {
-            if (!row_mask[s]) continue;
-            const float w = scores[s] * inverse, *value = v_bh + s * ss;
+        float weights[QUERY_CHUNK][s_len > 0 ? s_len : 1];
+        for (int64_t first = b * group; first < (b + 1) * group; first += QUERY_CHUNK) {
+            const int64_t left = (b + 1) * group - first;
+            const int64_t n = left < QUERY_CHUNK ? left : QUERY_CHUNK;
+            const float *q[QUERY_CHUNK];
+            float *o[QUERY_CHUNK];
+            for (int64_t j = 0; j < n; j++) {
+                q[j] = q_rows + (first + j) * c + h * d_size;
+                o[j] = out + (first + j) * c + h * d_size;
+            }
+            for (int64_t s = 0; s < s_len; s++)
+                for (int64_t j = 0; j < n; j++)
+                    weights[j][s] = row_mask[s] ? dot(q[j], k_bh + s * ss, d_size) * scale
+                                                : -INFINITY;
+            for (int64_t j = 0; j < n; j++) {
+                float highest = -INFINITY, total = 0.0f;
+                for (int64_t s = 0; s < s_len; s++)
+                    highest = weights[j][s] > highest ? weights[j][s] : highest;
+                if (highest == -INFINITY) { /* no source position: nothing to attend to */
+                    for (int64_t s = 0; s < s_len; s++) weights[j][s] = 0.0f;
+                    continue;
+                }
+#pragma omp simd reduction(+ : total)
+                for (int64_t s = 0; s < s_len; s++) {
+                    weights[j][s] = exp_neg(weights[j][s] - highest); /* masked: 0 */
+                    total += weights[j][s];
+                }
+                const float inverse = 1.0f / total;
 #pragma omp simd
-            for (int64_t d = 0; d < d_size; d++) o[d] += w * value[d];
+                for (int64_t s = 0; s < s_len; s++) weights[j][s] *= inverse;
+            }
+            int64_t d = 0;
+            for (; d + 8 <= d_size; d += 8) {
+                v8f sums[QUERY_CHUNK] = {{0.0f}};
+                for (int64_t s = 0; s < s_len; s++) {
+                    if (!row_mask[s]) continue;
+                    const v8f value = load8(v_bh + s * ss + d);
+                    for (int64_t j = 0; j < n; j++) sums[j] += weights[j][s] * value;
+                }
+                for (int64_t j = 0; j < n; j++) memcpy(o[j] + d, &sums[j], sizeof sums[j]);
+            }
+            for (; d < d_size; d++)
+                for (int64_t j = 0; j < n; j++) {
+                    float sum = 0.0f;
+                    for (int64_t s = 0; s < s_len; s++)
+                        if (row_mask[s]) sum += weights[j][s] * v_bh[s * ss + d];
+                    o[j][d] = sum;
+                }
         }
     }
 }
@@ -202,15 +264,16 @@ static void activate(float *z, int64_t n, int64_t activation) {
 
 /* k_caches[i], v_caches[i]: layer i's self-attention caches, (M, H, L, D) float32;
    memory_k[i], memory_v[i]: its cross-attention keys and values, with `strides` (the
-   batch's, the heads', the positions'; d is contiguous). work: (M, 5C + F) floats.
+   batch's, the heads', the positions'; d is contiguous), M / group sentences of them.
+   work: (M, 5C + F) floats.
    Returns 0, or non-zero if a kernel failed (no memory). */
 int tformer_decode_cross_blocks(const struct tformer_cross_block *blocks, int64_t n_blocks,
                                 float *x, float *work, float *const *k_caches,
                                 float *const *v_caches, const int64_t *positions,
                                 const float *const *memory_k, const float *const *memory_v,
                                 const int64_t *strides, const uint8_t *mask, int64_t s_len,
-                                int64_t m, int64_t c, int64_t f, int64_t heads, int64_t max_len,
-                                float eps, int64_t activation) {
+                                int64_t group, int64_t m, int64_t c, int64_t f, int64_t heads,
+                                int64_t max_len, float eps, int64_t activation) {
     float *qkv = work, *a = qkv + m * 3 * c, *o = a + m * c, *hidden = o + m * c;
     for (int64_t i = 0; i < n_blocks; i++) {
         const struct tformer_cross_block *block = blocks + i;
@@ -219,19 +282,17 @@ int tformer_decode_cross_blocks(const struct tformer_cross_block *blocks, int64_
         failed |= tformer_slot_attention_f32(qkv, k_caches[i], v_caches[i], positions, a, m,
                                              heads, c / heads, max_len);
         failed |= linear(&block->out, a, o, m);
-        add(o, x, m * c); /* x + F(x): the same sum either way round */
-        layer_norm(o, block->norm1_weight, block->norm1_bias, x, m, c, eps);
+        /* x + F(x): the same sum either way round */
+        add_layer_norm(o, x, block->norm1_weight, block->norm1_bias, x, m, c, eps);
         failed |= linear(&block->cross_q, x, a, m);
-        cross_attention(a, memory_k[i], memory_v[i], strides, mask, o, m, s_len, heads,
+        cross_attention(a, memory_k[i], memory_v[i], strides, mask, o, m, group, s_len, heads,
                         c / heads);
         failed |= linear(&block->cross_out, o, a, m);
-        add(a, x, m * c);
-        layer_norm(a, block->norm2_weight, block->norm2_bias, x, m, c, eps);
+        add_layer_norm(a, x, block->norm2_weight, block->norm2_bias, x, m, c, eps);
         failed |= linear(&block->up, x, hidden, m);
         activate(hidden, m * f, activation);
         failed |= linear(&block->down, hidden, o, m);
-        add(o, x, m * c);
-        layer_norm(o, block->norm3_weight, block->norm3_bias, x, m, c, eps);
+        add_layer_norm(o, x, block->norm3_weight, block->norm3_bias, x, m, c, eps);
         if (failed) return failed;
     }
     return 0;

@@ -468,6 +468,8 @@ class Seq2SeqTransformer(nn.Module):
 
         caches: one self-attention KVCache per decoder layer; memory_kvs: the layers'
         cross-attention keys and values from `project_memory`, computed once per sentence.
+        With memory_kvs, memory and src_mask may hold one row per sentence for G
+        consecutive target rows each (N = B / G rows; beam search's G beams of a sentence).
         Target padding needs no mask: it is on the right, where causal attention keeps every
         real position from seeing it, and the loss ignores the padded positions themselves.
         """

@@ -18,8 +18,9 @@ The step applies when: the model is post-LN with residuals and ReLU or GELU; eve
 layer of its decoder is packed for the kernels; it is not training and records no
 gradient; the step has one new token per row; every cache is a KVCache at the same length
 with room left; the memory's keys and values are given (project_memory) in float32 with
-d contiguous; the rows are no more than the kernels' row limit; and no forward hook would
-see a decoder layer's modules. Moving the model (`.to()`) drops the fused step: it holds
+d contiguous, one row per target row or per group of them (a sentence's beams); the rows
+are no more than the kernels' row limit; and no forward hook would see a decoder layer's
+modules. Moving the model (`.to()`) drops the fused step: it holds
 the addresses of the packed weights.
 """
 
@@ -116,16 +117,14 @@ class FusedCrossDecoding:
         if any(tgt_ids.shape[0] > layer.kernel_max_rows for layer in self.first_layers):
             return False  # calibrated beyond: torch's matmul is faster for this many rows
         b = tgt_ids.shape[0]
-        if (
-            src_mask is None
-            or src_mask.dtype != torch.bool
-            or src_mask.dim() != 2
-            or src_mask.shape[0] != b
-        ):
+        if src_mask is None or src_mask.dtype != torch.bool or src_mask.dim() != 2:
+            return False
+        sentences = src_mask.shape[0]  # each read by b / sentences consecutive rows
+        if sentences == 0 or b % sentences != 0 or not src_mask.is_contiguous():
             return False
         if not fused_step_caches(caches, b, self.heads, self.d_model // self.heads):
             return False
-        memory_shape = (b, self.heads, src_mask.shape[1], self.d_model // self.heads)
+        memory_shape = (sentences, self.heads, src_mask.shape[1], self.d_model // self.heads)
         strides = memory_kvs[0][0].stride()
         for keys, values in memory_kvs:  # one layout for all: one set of strides
             for tensor in (keys, values):
@@ -158,7 +157,7 @@ class FusedCrossDecoding:
         strides = torch.tensor(memory_kvs[0][0].stride()[:3], dtype=torch.int64)
         self.library.decode_cross_blocks(
             self.blocks, x, work, keys, values, positions, memory_k, memory_v, strides,
-            src_mask.contiguous(), self.d_ff, self.heads, caches[0].max_len, self.eps,
+            src_mask, self.d_ff, self.heads, caches[0].max_len, self.eps,
             self.activation,
         )  # fmt: skip
         for cache in caches:

@@ -124,6 +124,17 @@ def causal_mask(t: int, s: int, device: torch.device | None = None) -> torch.Ten
     return torch.arange(s, device=device).unsqueeze(0) <= rows
 
 
+def rows_per_memory_row(rows: int, memory_rows: int) -> int:
+    """How many consecutive query rows read each row of the memory's keys and values:
+    1, or G where the memory holds one row per G query rows."""
+    if memory_rows < 1 or rows % memory_rows != 0:
+        raise ValueError(
+            f"memory_kv has {memory_rows} rows for {rows} query rows: it needs one row per "
+            "query row or per group of as many consecutive query rows"
+        )
+    return rows // memory_rows
+
+
 class MultiHeadAttention(nn.Module):
     """Multi-head attention: self, causal self, or cross.
 
@@ -202,14 +213,15 @@ class MultiHeadAttention(nn.Module):
         """Cross-attention's keys and values (B, H, S, D) from the memory (B, S, C).
 
         They depend only on the source, so a decoder computes them once per sentence and
-        passes them as `memory_kv` at every step.
+        passes them as `memory_kv` at every step; each is contiguous, one head's positions
+        after another's, as every step reads them.
         """
         if not self.cross:
             raise ValueError(
                 "only cross-attention reads a memory; use MultiHeadAttention(cross=True)"
             )
         k, v = self.w_kv(memory).split(self.d_model, dim=-1)
-        return self.split_heads(k), self.split_heads(v)
+        return self.split_heads(k).contiguous(), self.split_heads(v).contiguous()
 
     def forward(
         self,
@@ -224,6 +236,8 @@ class MultiHeadAttention(nn.Module):
 
         attention_mask (B, S) marks the keys that are real tokens (1/True) rather than
         padding; with a cache it covers every position in the cache, old and new.
+        memory_kv (and then attention_mask) may hold one row for each G consecutive rows of
+        x, N = B / G rows: beam search's G beams of a sentence read its keys once.
         """
         b, t, _ = x.shape
         dropout_p = self.dropout if self.training else 0.0
@@ -252,10 +266,12 @@ class MultiHeadAttention(nn.Module):
             if out is not None:
                 return self.w_o(out)
             projected = qkv.split(self.d_model, dim=-1)
+        group = 1  # consecutive query rows that read one row of memory_kv
         if memory_kv is not None:
             if not self.cross:
                 raise ValueError("only cross-attention takes memory_kv")
             q, (k, v) = self.split_heads(self.w_q(x)), memory_kv  # (B, H, *, D)
+            group = rows_per_memory_row(b, k.shape[0])
         else:
             if projected is None:
                 projected = self.project(x, memory)
@@ -268,9 +284,10 @@ class MultiHeadAttention(nn.Module):
 
         mask = None
         if attention_mask is not None:
-            if attention_mask.shape != (b, s):
+            if attention_mask.shape != (b // group, s):
                 raise ValueError(
-                    f"attention_mask has shape {tuple(attention_mask.shape)}, expected {(b, s)}"
+                    f"attention_mask has shape {tuple(attention_mask.shape)}, "
+                    f"expected {(b // group, s)}"
                 )
             mask = attention_mask.bool()[:, None, None, :]  # (B, S) -> (B, 1, 1, S)
         # Without padding, a causal block with no cache (T = S) takes the kernel's own causal
@@ -279,7 +296,18 @@ class MultiHeadAttention(nn.Module):
             causal = causal_mask(t, s, x.device)  # (T, S)
             mask = causal if mask is None else mask & causal  # -> (B, 1, T, S)
 
-        out = self.attend(q, k, v, mask, dropout_p)  # (B, H, T, D)
+        if group == 1:
+            out = self.attend(q, k, v, mask, dropout_p)  # (B, H, T, D)
+        elif self.implementation == "sdpa":
+            # A sentence's G query rows attend to its keys as G * T queries of one row:
+            # (N G, H, T, D) -> (N, H, G T, D) and back.
+            folded = q.unflatten(0, (-1, group)).transpose(1, 2).flatten(2, 3)
+            out = self.attend(folded, k, v, mask, dropout_p)  # (N, H, G T, D)
+            out = out.unflatten(2, (group, t)).transpose(1, 2).flatten(0, 1)  # (B, H, T, D)
+        else:  # each row its own copy: the explicit path's hook shows patterns per row
+            k, v = k.repeat_interleave(group, 0), v.repeat_interleave(group, 0)
+            mask = mask.repeat_interleave(group, 0) if mask is not None else None
+            out = self.attend(q, k, v, mask, dropout_p)
         out = out.transpose(1, 2).reshape(b, t, self.d_model)  # (B, H, T, D) -> (B, T, C)
         return self.w_o(out)
 

@@ -43,21 +43,19 @@ class KVCache(nn.Module):
         self.length = end
         return self.k[:, :, :end], self.v[:, :, :end]
 
-    def reorder(self, rows: torch.Tensor) -> None:
-        """Keep rows[i] of the cache as row i (B,): beam search follows its surviving beams."""
-        end = self.length
-        self.k[:, :, :end] = self.k[:, :, :end].index_select(0, rows)
-        self.v[:, :, :end] = self.v[:, :, :end].index_select(0, rows)
-
     def keep(self, rows: torch.Tensor) -> None:
-        """Keep only rows (N,) of the batch, in that order, in a cache of N rows: a search
-        drops the sentences it has finished, so that each step computes the live ones."""
-        end = self.length
-        for name in ("k", "v"):
-            old = getattr(self, name)
-            new = torch.empty((rows.numel(), *old.shape[1:]), dtype=old.dtype, device=old.device)
-            new[:, :, :end] = old[:, :, :end].index_select(0, rows)
-            setattr(self, name, new)
+        """Make row rows[i] of the cache its row i, for the N = len(rows) rows kept: beam
+        search follows its surviving beams, and a search drops the sentences it has
+        finished so that each step computes the live ones. Only the rows that change are
+        copied; the cache then has N rows (the first N of its tensors)."""
+        end, n = self.length, rows.numel()
+        moved = (rows != torch.arange(n, device=rows.device)).nonzero()[:, 0]  # (moved,)
+        if moved.numel() > 0:
+            sources = rows.index_select(0, moved)
+            for tensor in (self.k, self.v):
+                written = tensor[:, :, :end]  # (B, H, length, D), a view
+                written.index_copy_(0, moved, written.index_select(0, sources))
+        self.k, self.v = self.k[:n], self.v[:n]
 
 
 def fused_step_caches(caches: list, rows: int, heads: int, d_head: int) -> bool:
