@@ -8,7 +8,8 @@ log-probability over its length in both), taking turns for --repeats rounds (thi
 speed drifts by 10-20% over minutes; each engine's best time counts), at each precision:
 
     tformer      float32 (the model as trained), and its decoding packs (pack_for_decoding:
-                 the linear layers as float32, bfloat16 or int8 panels for the C kernels)
+                 the linear layers as float32, bfloat16 or int8 panels for the C kernels,
+                 which run up to the row counts calibrated on this CPU, as in translate)
     CTranslate2  compute_type float32 and int8 (int8 weights, per row)
 
 Each timing runs in a process of its own (the model loaded and one batch translated first,
@@ -34,20 +35,25 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from common import machine_line  # noqa: E402
 
+from tformer import kernels  # noqa: E402
 from tformer.data.parallel import load_parallel  # noqa: E402
 from tformer.generate.beam import BeamConfig  # noqa: E402
 from tformer.generate.fast import pack_for_decoding  # noqa: E402
 from tformer.generate.translate import corpus_scores, translate  # noqa: E402
 from tformer.models.load import load_translation_model  # noqa: E402
+from tformer.nn.packed_linear import calibrate_kernel_rows  # noqa: E402
 
 TFORMER = ("float32", "packed float32", "packed bfloat16", "packed int8")
 CT2 = ("float32", "int8")
 
 
-def tformer_engine(run: Path, setting: str, batch: int):
+def tformer_engine(run: Path, setting: str, batch: int, beam: int):
     model, tokenizer = load_translation_model(run, torch.device("cpu"))
     if setting != "float32":
         pack_for_decoding(model, setting.split()[-1])
+        if kernels.load() is not None:  # kernels or torch's matmul, by rows: as translate
+            calibrate_kernel_rows(model, batch * beam, cached=True,
+                                  heads=("fused_decoding.head",))  # fmt: skip
 
     def run_it(sources: list[str], beam: int, max_new_tokens: int) -> list[str]:
         # early_stopping: a sentence ends with its beam_size-th finished hypothesis, as in
@@ -86,7 +92,7 @@ def ct2_engine(marian: Path, converted: Path, compute_type: str, threads: int, b
 def engine(spec: dict):
     """The translate function of one engine at one precision (in the child process)."""
     if spec["engine"] == "tformer":
-        return tformer_engine(Path(spec["run"]), spec["precision"], spec["batch"])
+        return tformer_engine(Path(spec["run"]), spec["precision"], spec["batch"], spec["beam"])
     return ct2_engine(Path(spec["marian"]), Path(spec["ct2"]), spec["precision"],
                       spec["threads"], spec["batch"])  # fmt: skip
 

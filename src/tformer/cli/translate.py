@@ -99,7 +99,8 @@ def run(args) -> None:
         pack_for_decoding(model, quantize or args.dtype)
         if device.type == "cpu" and kernels.load() is not None:  # measured once a CPU
             rows = args.batch_size * (1 if beam is None else beam.beam_size)
-            calibrate_kernel_rows(model, rows, cached=True)
+            # the output projection sees only the decoder's rows
+            calibrate_kernel_rows(model, rows, cached=True, heads=("fused_decoding.head",))
     elif args.dtype != "float32":
         model.to(getattr(torch, args.dtype))
     start = time.perf_counter()

@@ -62,10 +62,11 @@ def _steps(model: nn.Module, max_new_tokens: int) -> int:
 
 
 def never_padding(model: nn.Module, logits: torch.Tensor) -> torch.Tensor:
-    """Logits (..., V) with the padding token's at -inf: it is no word of any sentence, and
-    Marian's engines (seq2seq_marian) never emit it either, so the scores are theirs."""
-    return logits.index_fill(-1, torch.tensor([model.config.pad_id], device=logits.device),
-                             float("-inf"))  # fmt: skip
+    """Logits (..., V), in place, with the padding token's at -inf: it is no word of any
+    sentence, and Marian's engines (seq2seq_marian) never emit it either, so the scores are
+    theirs. For logits the caller made (a step's output): no copy of V a row."""
+    logits[..., model.config.pad_id] = float("-inf")
+    return logits
 
 
 def until_end(ids: list[int], eos: int) -> list[int]:
@@ -102,9 +103,9 @@ def greedy_search(
             for sentence, t in zip(live, chosen, strict=True):
                 outputs[sentence].append(t)
             if c.eos_id in chosen:  # the finished sentences leave the batch
-                rows = [i for i, t in enumerate(chosen) if t != c.eos_id]
-                if not rows:
+                if all(t == c.eos_id for t in chosen):
                     break
+                rows = places_kept([t == c.eos_id for t in chosen])
                 live = [live[i] for i in rows]
                 keep = torch.tensor(rows, device=src_ids.device)
                 token, memory, src_mask = token[keep], memory[keep], src_mask[keep]

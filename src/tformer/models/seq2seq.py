@@ -499,6 +499,12 @@ class Seq2SeqTransformer(nn.Module):
         self.fused_decoding = FusedCrossDecoding.for_model(self)
         return self.fused_decoding is not None
 
+    def packed_outside_modules(self) -> dict[str, nn.Module]:
+        """The packed output projection of the fused decoding step, which is no module of
+        the model, for the kernels' calibration (nn.packed_linear.packed_layers)."""
+        fused = self.fused_decoding
+        return {"fused_decoding.head": fused.head} if fused is not None else {}
+
     def project_memory(self, memory: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Every decoder layer's cross-attention keys and values (B, H, S, D) of the memory."""
         return [layer.cross_attn.project_memory(memory) for layer in self.decoder_layers]

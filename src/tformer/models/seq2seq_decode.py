@@ -31,7 +31,7 @@ from torch import nn
 
 from tformer import kernels
 from tformer.kernels.bindings import CrossBlockLayout
-from tformer.nn.blocked_attention import hooked
+from tformer.nn.blocked_attention import any_hooked
 from tformer.nn.kv_cache import KVCache, fused_step_caches
 from tformer.nn.packed_linear import PackedLinear
 
@@ -134,7 +134,7 @@ class FusedCrossDecoding:
                     return False
         if strides[3] != 1:
             return False
-        return not any(hooked(m) for m in self.watched)
+        return not any_hooked(self.watched)
 
     def features(
         self,

@@ -19,6 +19,7 @@ this path and QUERY_BLOCK was measured: docs/LOG.md.
 """
 
 import math
+from collections.abc import Iterable
 
 import torch
 from torch import nn
@@ -135,12 +136,15 @@ def hooked(module: nn.Module) -> bool:
     """Whether a forward hook would see `module`'s output: its own hooks, or global ones
     (nn.modules.module.register_module_forward_hook). torch has no public way to ask, so
     this reads the dictionaries nn.Module keeps them in."""
-    return bool(
-        module._forward_hooks
-        or module._forward_pre_hooks
-        or module_hooks._global_forward_hooks
-        or module_hooks._global_forward_pre_hooks
-    )
+    return any_hooked((module,))
+
+
+def any_hooked(modules: Iterable[nn.Module]) -> bool:
+    """Whether a forward hook would see any of the modules' outputs (as `hooked`): the
+    global hooks looked up once, for a decoding step that checks a whole stack of layers."""
+    if module_hooks._global_forward_hooks or module_hooks._global_forward_pre_hooks:
+        return True
+    return any(m._forward_hooks or m._forward_pre_hooks for m in modules)
 
 
 def kernels_for(qkv: torch.Tensor) -> kernels.Kernels | None:

@@ -332,5 +332,9 @@ def pack_linear_layers(
 
 
 def packed_layers(model: nn.Module) -> dict[str, PackedLinear]:
-    """Every PackedLinear of `model`, by module name."""
-    return {name: m for name, m in model.named_modules() if isinstance(m, PackedLinear)}
+    """Every PackedLinear of `model`, by module name, and those it holds outside its
+    modules, by the names its `packed_outside_modules()` gives them (the encoder-decoder's
+    packed copy of its output projection)."""
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, PackedLinear)}
+    outside = getattr(model, "packed_outside_modules", None)
+    return {**layers, **(outside() if callable(outside) else {})}
