@@ -4,14 +4,7 @@ import pytest
 import torch
 
 from tformer import kernels
-from tformer.generate.beam import (
-    BeamConfig,
-    beam_search,
-    beam_slots,
-    greedy_search,
-    most_likely,
-    places_kept,
-)
+from tformer.generate.beam import BeamConfig, beam_search, greedy_search, most_likely
 from tformer.models.seq2seq import Seq2SeqConfig, Seq2SeqTransformer
 
 
@@ -138,22 +131,6 @@ def test_the_kernels_choose_each_beam_s_candidates_as_torch_does(monkeypatch):
     searched_by_torch = beam_search(model, padded(SOURCES), config)
     monkeypatch.undo()
     assert beam_search(model, padded(SOURCES), config) == searched_by_torch
-
-
-def test_a_surviving_beam_stays_in_its_parent_s_slot_when_no_better_one_took_it():
-    # beams best first, by the slot each extends: beams 0, 1 and 3 extend slot 2, beam 2
-    # slot 1. Beam 0 stays in slot 2, beam 2 in slot 1; beams 1 and 3 take the free slots
-    # 0 and 3 (their history copied there). The result: the beam in each slot.
-    assert beam_slots([2, 2, 1, 2]) == [1, 2, 0, 3]
-    assert beam_slots([0, 1, 2, 3]) == [0, 1, 2, 3]
-    assert beam_slots([3, 2, 1, 0]) == [3, 2, 1, 0]  # each in its own slot: nothing copied
-    assert beam_slots([0, 0, 0]) == [0, 1, 2]
-
-
-def test_finished_sentences_leave_their_places_to_the_last_ones():
-    assert places_kept([False, True, False, False]) == [0, 3, 2]
-    assert places_kept([True, False, True, False, False]) == [4, 1, 3]
-    assert places_kept([False, False, True]) == [0, 1]
 
 
 def test_bad_beam_settings_are_rejected():

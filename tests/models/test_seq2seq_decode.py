@@ -8,6 +8,7 @@ from tformer import kernels
 from tformer.generate.beam import BeamConfig, beam_search, greedy_search
 from tformer.generate.fast import pack_for_decoding
 from tformer.models.seq2seq import Seq2SeqConfig, Seq2SeqTransformer
+from tformer.nn.kv_cache import follow_paths
 
 pytestmark = pytest.mark.skipif(kernels.load() is None, reason="no C kernels here")
 
@@ -57,8 +58,7 @@ def test_the_fused_step_computes_the_decoder_layers(activation):
                 if t == 1:
                     rows, m = [0, 2, 3], m[keep]
                     kvs = [(k[keep], v[keep]) for k, v in kvs]
-                    for cache in caches:
-                        cache.keep(keep)
+                    follow_paths(caches, keep, keep)  # each row stays in its slot
             outputs[name] = out
     for a, b in zip(outputs["fused"], outputs["plain"], strict=True):
         # another order of sums in attention and the norms: float32 rounding
@@ -67,7 +67,7 @@ def test_the_fused_step_computes_the_decoder_layers(activation):
 
 def test_the_fused_step_reads_one_memory_row_for_each_sentence_s_beams():
     # 3 sentences of 5 beams each (more than the kernel's 4 queries at a time), the memory
-    # one row per sentence; then the second sentence leaves
+    # one row per sentence; then the second sentence leaves, and beams branch
     fused, plain = packed_model("relu", True), packed_model("relu", False)
     src = padded(SOURCES[:3])
     mask = fused.source_mask(src)
@@ -83,10 +83,14 @@ def test_the_fused_step_reads_one_memory_row_for_each_sentence_s_beams():
             out = [model.decode(steps[0], memory, m, caches, kvs)]
             out.append(model.decode(steps[1], memory, m, caches, kvs))
             sentences = torch.tensor([0, 2])
-            rows = torch.tensor([*range(5), *range(10, 15)])
+            # beams branch (two go on from row 0, two from row 11), and write in their
+            # sentences' slots
+            rows = torch.tensor([0, 0, 1, 2, 3, 10, 11, 11, 12, 14])
+            slots = torch.tensor([*range(5), *range(10, 15)])
             m, kvs = m[sentences], [(k[sentences], v[sentences]) for k, v in kvs]
-            for cache in caches:
-                cache.keep(rows)
+            follow_paths(caches, rows, slots)
+            assert name == "plain" or model.fused_decoding.applies(model, steps[2][rows], m,
+                                                                   caches, kvs)  # fmt: skip
             out.append(model.decode(steps[2][rows], memory[sentences], m, caches, kvs))
             outputs[name] = out
     for a, b in zip(outputs["fused"], outputs["plain"], strict=True):

@@ -15,6 +15,7 @@ from tformer.nn import (
     explicit_attention,
     fused_attention,
 )
+from tformer.nn.kv_cache import follow_paths
 
 
 @pytest.fixture(autouse=True)
@@ -288,17 +289,27 @@ def test_a_sentence_s_beams_read_its_one_row_of_memory_keys(implementation):
         mha(x, memory_kv=(torch.zeros(4, 2, 9, 4), torch.zeros(4, 2, 9, 4)))
 
 
-def test_keeping_cache_rows_copies_each_kept_row_s_history():
-    cache = KVCache(5, 2, max_len=6, d_head=3)
-    written = torch.randn(5, 2, 4, 3)
-    cache.update(written, -written)
-    cache.keep(torch.tensor([0, 0, 4, 3, 2]))  # reorder: a beam follows beam 0, two swap
-    expected = written[[0, 0, 4, 3, 2]]
-    assert torch.equal(cache.k[:, :, :4], expected) and torch.equal(cache.v[:, :, :4], -expected)
-    cache.keep(torch.tensor([3, 1]))  # drop three rows
-    assert cache.k.shape == (2, 2, 6, 3) and cache.k.is_contiguous()
-    assert torch.equal(cache.k[:, :, :4], expected[[3, 1]])
-    assert torch.equal(cache.v[:, :, :4], -expected[[3, 1]])
+def test_rows_that_follow_paths_read_their_past_where_it_was_written():
+    cache = KVCache(4, 2, max_len=6, d_head=3)
+    first = torch.randn(4, 2, 3, 3)  # 3 positions of 4 rows, each in its own slot
+    cache.update(first, -first)
+    # 3 rows go on: two from row 2, one from row 0, writing in slots 1, 3 and 0
+    follow_paths([cache], torch.tensor([2, 2, 0]), torch.tensor([1, 3, 0]))
+    second = torch.randn(3, 2, 1, 3)
+    k, v = cache.update(second, -second)
+    expected = torch.cat([first[[2, 2, 0]], second], dim=2)  # (3, H, 4, D)
+    assert torch.equal(k, expected) and torch.equal(v, -expected)
+    assert torch.equal(cache.k[[1, 3, 0], :, 3], second[:, :, 0])  # each in its own slot
+    assert torch.equal(cache.k[2], torch.cat([first[2], torch.zeros(2, 3, 3)], 1)[:, :6])
+    # again: the rows swap, and one leaves; the past now lies in two slots for each
+    follow_paths([cache], torch.tensor([1, 0]), torch.tensor([2, 1]))
+    third = torch.randn(2, 2, 1, 3)
+    k, _ = cache.update(third, -third)
+    assert torch.equal(k, torch.cat([expected[[1, 0]], third], dim=2))
+    with pytest.raises(ValueError, match="distinct slot"):
+        follow_paths([cache], torch.tensor([0, 1]), torch.tensor([3, 3]))
+    with pytest.raises(ValueError, match="slots must lie in 0..3"):
+        follow_paths([cache], torch.tensor([0]), torch.tensor([4]))
 
 
 def test_self_and_cross_attention_refuse_each_others_inputs():

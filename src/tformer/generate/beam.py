@@ -27,6 +27,7 @@ from tformer.checks import check_number
 from tformer.errors import ConfigError
 from tformer.generate.decode import Prompts, prompt_rows
 from tformer.generate.sampling import mask_beyond
+from tformer.nn.kv_cache import follow_paths
 
 
 @dataclass
@@ -103,15 +104,15 @@ def greedy_search(
             for sentence, t in zip(live, chosen, strict=True):
                 outputs[sentence].append(t)
             if c.eos_id in chosen:  # the finished sentences leave the batch
-                if all(t == c.eos_id for t in chosen):
+                rows = [i for i, t in enumerate(chosen) if t != c.eos_id]
+                if not rows:
                     break
-                rows = places_kept([t == c.eos_id for t in chosen])
                 live = [live[i] for i in rows]
                 keep = torch.tensor(rows, device=src_ids.device)
                 token, memory, src_mask = token[keep], memory[keep], src_mask[keep]
                 memory_kvs = [(k[keep], v[keep]) for k, v in memory_kvs]
-                for cache in caches:
-                    cache.keep(keep)
+                # nothing moves in the caches: each row stays in its sentence's slot
+                follow_paths(caches, keep, torch.tensor(live, device=src_ids.device))
         return [until_end(row, c.eos_id) for row in outputs]
     finally:
         model.train(was_training)
@@ -145,33 +146,6 @@ def most_likely(logits: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tenso
     return values - logits.logsumexp(dim=-1, keepdim=True), ids
 
 
-def beam_slots(parents: list[int]) -> list[int]:
-    """A sentence's surviving beams in slot order, given the slot each extends (parents,
-    best beam first): a beam whose parent no better beam extends stays in the parent's
-    slot, where its history already is in the caches; the others take the free slots in
-    order. Only they need their history copied -> the beam (rank) of each slot."""
-    slot_of = [-1] * len(parents)
-    taken = [False] * len(parents)
-    for beam, parent in enumerate(parents):
-        if not taken[parent]:
-            taken[parent], slot_of[beam] = True, parent
-    free = iter(slot for slot, used in enumerate(taken) if not used)
-    slot_of = [slot if slot >= 0 else next(free) for slot in slot_of]
-    beams = [0] * len(parents)
-    for beam, slot in enumerate(slot_of):
-        beams[slot] = beam
-    return beams
-
-
-def places_kept(done: list[bool]) -> list[int]:
-    """The sentences that go on, by their new places: each of the first N (N of them go
-    on) keeps its place, and the others fill the places of done ones, so that only their
-    rows are copied."""
-    n = done.count(False)
-    movers = [i for i in range(n, len(done)) if not done[i]]
-    return [movers.pop() if done[i] else i for i in range(n)]
-
-
 def _beam_search(
     model: nn.Module, src_ids: torch.Tensor, config: BeamConfig, bos: int, eos: int
 ) -> list[list[int]]:
@@ -184,6 +158,8 @@ def _beam_search(
     # the sentence's one row of the memory, its keys and values and its mask, (B, ...).
     memory_kvs = model.project_memory(memory)
     caches = model.new_caches(b * k, max_len=steps + 1)
+    beam = torch.arange(k, device=device)
+    slots = torch.arange(b * k, device=device)  # sentence i's K beams write in slots iK..iK+K-1
     generated = torch.full((b * k, 1), bos, dtype=torch.long, device=device)  # (B*K, 1 + t)
     # The K beams start identical: only the first is live, or the top K would be K copies.
     beam_scores = torch.full((b, k), float("-inf"), device=device)
@@ -211,12 +187,11 @@ def _beam_search(
         # A sentence's 2K best candidates are among its beams' own 2K best tokens each: each
         # beam has one end token, so at least K of them go on.
         n = min(2 * k, logits.shape[-1])
-        log_p, ids = most_likely(logits, n)  # (B*K, n)
-        scores = (beam_scores.view(b * k, 1) + log_p).view(b, k * n)  # (B, K*n)
+        best_log_p, best_tokens = most_likely(logits, n)  # (B*K, n)
+        scores = (beam_scores.view(b * k, 1) + best_log_p).view(b, k * n)  # (B, K*n)
         top_scores, top_index = scores.topk(2 * k, dim=1)  # (B, 2K), best first
-        top_parents = top_index // n  # (B, 2K) the beam (slot) each extends
-        top_rows = first_row + top_parents
-        top_tokens = ids.view(b, k * n).gather(1, top_index)
+        top_rows = first_row + top_index // n  # (B, 2K) the beam each extends
+        top_tokens = best_tokens.view(b, k * n).gather(1, top_index)
         ends = top_tokens == eos
         length = step + 1  # tokens generated so far, this one included
 
@@ -226,25 +201,21 @@ def _beam_search(
             ids = generated[top_rows[i, rank], 1:].tolist()
             add_finished(i, top_scores[i, rank].item(), ids, length)
 
-        # The K best candidates that do not end go on (a stable sort keeps their order),
-        # each in the slot where its history is if it can (beam_slots): (B, K) by slot.
+        # The K best candidates that do not end go on; a stable sort keeps their order.
         going_on = torch.sort(ends.to(torch.uint8), dim=1, stable=True).indices[:, :k]
-        parents = top_parents.gather(1, going_on).tolist()  # (B, K)
-        slots = torch.tensor([beam_slots(p) for p in parents], device=device)
-        going_on = going_on.gather(1, slots)
-        beam_scores = top_scores.gather(1, going_on)  # (B, K)
+        beam_scores = top_scores.gather(1, going_on)  # (B, K), best first
         rows, tokens = top_rows.gather(1, going_on), top_tokens.gather(1, going_on)
 
         # A sentence with K finished hypotheses is done when it stops early, or when its
         # best beam still going, scored as it stands now, is no better than the worst of
         # them (the usual heuristic: with alpha > 0 a longer beam could still overtake).
-        best_going_on = beam_scores.max(dim=1).values.double() / length**alpha
+        best_going_on = beam_scores[:, 0].double() / length**alpha
         can_stop = (worst_finished >= best_going_on) | config.early_stopping
         done = (n_finished == k) & can_stop
         if done.any():  # done sentences leave the batch: each step computes the rest
-            if done.all():
+            going = (~done).nonzero()[:, 0]
+            if going.numel() == 0:
                 break
-            going = torch.tensor(places_kept(done.tolist()), device=device)
             live = [live[i] for i in going.tolist()]
             beam_scores, rows, tokens = beam_scores[going], rows[going], tokens[going]
             n_finished, worst_finished = n_finished[going], worst_finished[going]
@@ -252,10 +223,12 @@ def _beam_search(
             first_row = torch.arange(b, device=device)[:, None] * k
             memory, src_mask = memory[going], src_mask[going]
             memory_kvs = [(mk[going], mv[going]) for mk, mv in memory_kvs]
+            slots = (torch.tensor(live, device=device)[:, None] * k + beam).flatten()
 
         order = rows.flatten()  # (B*K,) the rows, of the batch before, that go on
-        for cache in caches:
-            cache.keep(order)  # copies the rows that change only
+        # Each beam goes on from its row's past, wherever that lies in the caches, and
+        # writes its next positions in a slot of its sentence's own (nothing is copied).
+        follow_paths(caches, order, slots)
         generated = torch.cat([generated.index_select(0, order), tokens.view(b * k, 1)], dim=1)
     else:  # out of steps: the live beams finish where they are
         alive = beam_scores > float("-inf")

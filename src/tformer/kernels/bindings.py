@@ -306,7 +306,7 @@ class Kernels:
 
     @c_function(
         "tformer_decode_cross_blocks",
-        [POINTER, SIZE] + [POINTER] * 9 + [SIZE] * 7 + [REAL, SIZE],
+        [POINTER, SIZE] + [POINTER] * 10 + [SIZE] * 7 + [REAL, SIZE],
         ctypes.c_int,
     )
     def decode_cross_blocks(
@@ -317,6 +317,7 @@ class Kernels:
         k_caches: ctypes.Array,
         v_caches: ctypes.Array,
         positions: torch.Tensor,
+        paths: torch.Tensor | None,
         memory_k: ctypes.Array,
         memory_v: ctypes.Array,
         strides: torch.Tensor,
@@ -329,7 +330,8 @@ class Kernels:
     ) -> None:
         """One decoding step of every post-LN decoder layer of the encoder-decoder
         (kernels/decode_block.c), x (M, C) float32 in place: blocks an array of
-        CrossBlockLayout, work (M, 5C + F) float32, the caches as for decode_blocks,
+        CrossBlockLayout, work (M, 5C + F) float32, the caches as for decode_blocks, or
+        with paths (M, L) int64, the slot of each row's every position (nn/kv_cache.py),
         memory_k and memory_v arrays of pointers to each layer's cross-attention keys and
         values with `strides` (3,) int64 (sentence, head, position; d contiguous), mask
         (N, S) bool for N sentences of M / N consecutive rows each (beam search's beams),
@@ -339,7 +341,8 @@ class Kernels:
         status = self.library.tformer_decode_cross_blocks(
             ctypes.addressof(blocks), len(blocks), x.data_ptr(), work.data_ptr(),
             ctypes.addressof(k_caches), ctypes.addressof(v_caches), positions.data_ptr(),
-            ctypes.addressof(memory_k), ctypes.addressof(memory_v), strides.data_ptr(),
+            None if paths is None else paths.data_ptr(), ctypes.addressof(memory_k),
+            ctypes.addressof(memory_v), strides.data_ptr(),
             mask.data_ptr(), mask.shape[1], m // mask.shape[0], m, c, d_ff, heads, max_len, eps,
             activation,
         )  # fmt: skip

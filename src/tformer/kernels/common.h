@@ -56,6 +56,23 @@ static inline float max8(v8f v) {
     return m;
 }
 
+/* q . key over d_size floats, eight lanes at a time in two chains, then the rest. */
+static inline float dot8(const float *q, const float *key, int64_t d_size) {
+    v8f even = {0.0f}, odd = {0.0f};
+    int64_t d = 0;
+    for (; d + 16 <= d_size; d += 16) {
+        even += load8(q + d) * load8(key + d);
+        odd += load8(q + d + 8) * load8(key + d + 8);
+    }
+    if (d + 8 <= d_size) {
+        even += load8(q + d) * load8(key + d);
+        d += 8;
+    }
+    float total = sum8(even + odd);
+    for (; d < d_size; d++) total += q[d] * key[d];
+    return total;
+}
+
 /* exp(x) for x <= 0, relative error below 2e-7: x = k ln 2 + r with |r| <= ln(2) / 2,
    exp(r) by its Taylor series to r^7, times 2^k built in the exponent bits. Below -87 the
    result is 0 (float32 would be denormal there). */

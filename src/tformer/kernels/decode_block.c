@@ -59,6 +59,9 @@ void tformer_gelu_f32(const float *z, float *y, float *d, int64_t n);
 int tformer_slot_attention_f32(const float *qkv, float *k_cache, float *v_cache,
                                const int64_t *positions, float *out, int64_t b_size,
                                int64_t h_size, int64_t d_size, int64_t max_len);
+int tformer_path_attention_f32(const float *qkv, float *k_cache, float *v_cache,
+                               const int64_t *positions, const int64_t *paths, float *out,
+                               int64_t b_size, int64_t h_size, int64_t d_size, int64_t max_len);
 
 static int linear(const struct tformer_linear *layer, const float *x, float *y, int64_t m) {
     switch (layer->kind) {
@@ -163,23 +166,6 @@ struct tformer_cross_block {
 
 enum activation { ACT_RELU = 0, ACT_GELU_TANH = 1, ACT_GELU = 2 };
 
-/* q . key over d_size floats, eight lanes at a time in two chains, then the rest. */
-static inline float dot(const float *q, const float *key, int64_t d_size) {
-    v8f even = {0.0f}, odd = {0.0f};
-    int64_t d = 0;
-    for (; d + 16 <= d_size; d += 16) {
-        even += load8(q + d) * load8(key + d);
-        odd += load8(q + d + 8) * load8(key + d + 8);
-    }
-    if (d + 8 <= d_size) {
-        even += load8(q + d) * load8(key + d);
-        d += 8;
-    }
-    float total = sum8(even + odd);
-    for (; d < d_size; d++) total += q[d] * key[d];
-    return total;
-}
-
 /* Queries of one task taken together: each value row read serves them all. */
 enum { QUERY_CHUNK = 4 };
 
@@ -211,7 +197,7 @@ static void cross_attention(const float *q_rows, const float *keys, const float 
             }
             for (int64_t s = 0; s < s_len; s++)
                 for (int64_t j = 0; j < n; j++)
-                    weights[j][s] = row_mask[s] ? dot(q[j], k_bh + s * ss, d_size) * scale
+                    weights[j][s] = row_mask[s] ? dot8(q[j], k_bh + s * ss, d_size) * scale
                                                 : -INFINITY;
             for (int64_t j = 0; j < n; j++) {
                 float highest = -INFINITY, total = 0.0f;
@@ -262,7 +248,9 @@ static void activate(float *z, int64_t n, int64_t activation) {
     }
 }
 
-/* k_caches[i], v_caches[i]: layer i's self-attention caches, (M, H, L, D) float32;
+/* k_caches[i], v_caches[i]: layer i's self-attention caches, (slots, H, L, D) float32,
+   row b's position t in slot paths[b, t] (paths (M, L) int64, the same for every layer),
+   or in slot b where paths is NULL;
    memory_k[i], memory_v[i]: its cross-attention keys and values, with `strides` (the
    batch's, the heads', the positions'; d is contiguous), M / group sentences of them.
    work: (M, 5C + F) floats.
@@ -270,6 +258,7 @@ static void activate(float *z, int64_t n, int64_t activation) {
 int tformer_decode_cross_blocks(const struct tformer_cross_block *blocks, int64_t n_blocks,
                                 float *x, float *work, float *const *k_caches,
                                 float *const *v_caches, const int64_t *positions,
+                                const int64_t *paths,
                                 const float *const *memory_k, const float *const *memory_v,
                                 const int64_t *strides, const uint8_t *mask, int64_t s_len,
                                 int64_t group, int64_t m, int64_t c, int64_t f, int64_t heads,
@@ -279,8 +268,8 @@ int tformer_decode_cross_blocks(const struct tformer_cross_block *blocks, int64_
         const struct tformer_cross_block *block = blocks + i;
         int failed = 0;
         failed |= linear(&block->qkv, x, qkv, m);
-        failed |= tformer_slot_attention_f32(qkv, k_caches[i], v_caches[i], positions, a, m,
-                                             heads, c / heads, max_len);
+        failed |= tformer_path_attention_f32(qkv, k_caches[i], v_caches[i], positions, paths,
+                                             a, m, heads, c / heads, max_len);
         failed |= linear(&block->out, a, o, m);
         /* x + F(x): the same sum either way round */
         add_layer_norm(o, x, block->norm1_weight, block->norm1_bias, x, m, c, eps);

@@ -16,33 +16,46 @@
    output projection reads, heads side by side.
 
    The cache is (slots, H, L, D) float32, contiguous. Returns 0, or 1 if a thread's buffer
-   of scores (L floats) could not be allocated. */
+   of scores (L floats) could not be allocated.
+
+   tformer_path_attention_f32 is the same step for rows whose earlier positions lie in
+   other slots (beam search's beams share their common past, nn/kv_cache.py): row b's
+   position t is in slot paths[b, t] of the cache, paths (B, L) int64, its new key and
+   value stored in slot paths[b, p_b]. */
 
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 
 #include "common.h"
 
+/* Where row b's position t of one head begins in a cache: in slot path[t], or slot b
+   without a path. */
+static inline int64_t position_offset(const int64_t *path, int64_t b, int64_t t,
+                                      int64_t slot_stride, int64_t head_offset,
+                                      int64_t d_size) {
+    return (path ? path[t] : b) * slot_stride + head_offset + t * d_size;
+}
+
 static void attend_one(const float *qkv, float *k_cache, float *v_cache, float *out,
-                       float *scores, int64_t b, int64_t h, int64_t position, int64_t h_size,
-                       int64_t d_size, int64_t max_len) {
+                       float *scores, int64_t b, int64_t h, int64_t position,
+                       const int64_t *path, int64_t h_size, int64_t d_size, int64_t max_len) {
     const int64_t c = h_size * d_size;
     const float *q = qkv + b * 3 * c + h * d_size, *k = q + c, *v = q + 2 * c;
-    float *keys = k_cache + (b * h_size + h) * max_len * d_size;
-    float *values = v_cache + (b * h_size + h) * max_len * d_size;
+    const int64_t slot_stride = h_size * max_len * d_size, head_offset = h * max_len * d_size;
+    const int64_t now = position_offset(path, b, position, slot_stride, head_offset, d_size);
+    float *key_now = k_cache + now, *value_now = v_cache + now;
     for (int64_t d = 0; d < d_size; d++) {
-        keys[position * d_size + d] = k[d];
-        values[position * d_size + d] = v[d];
+        key_now[d] = k[d];
+        value_now[d] = v[d];
     }
     const float scale = 1.0f / sqrtf((float)d_size);
     float highest = -INFINITY;
     for (int64_t t = 0; t <= position; t++) {
-        const float *key = keys + t * d_size;
-        float dot = 0.0f;
-#pragma omp simd reduction(+ : dot)
-        for (int64_t d = 0; d < d_size; d++) dot += q[d] * key[d];
-        scores[t] = dot * scale;
+        const float *key =
+            k_cache + position_offset(path, b, t, slot_stride, head_offset, d_size);
+        scores[t] = dot8(q, key, d_size) * scale;
         highest = scores[t] > highest ? scores[t] : highest;
     }
     float total = 0.0f;
@@ -51,19 +64,29 @@ static void attend_one(const float *qkv, float *k_cache, float *v_cache, float *
         scores[t] = exp_neg(scores[t] - highest);
         total += scores[t];
     }
+    const float inverse = 1.0f / total;
     float *o = out + b * c + h * d_size;
-    for (int64_t d = 0; d < d_size; d++) o[d] = 0.0f;
-    for (int64_t t = 0; t <= position; t++) {
-        const float *value = values + t * d_size;
-        const float w = scores[t] / total;
-#pragma omp simd
-        for (int64_t d = 0; d < d_size; d++) o[d] += w * value[d];
+    int64_t d = 0;
+    for (; d + 8 <= d_size; d += 8) { /* eight outputs in a register over the positions */
+        v8f sum = {0.0f};
+        for (int64_t t = 0; t <= position; t++)
+            sum += scores[t] * load8(v_cache + d +
+                                     position_offset(path, b, t, slot_stride, head_offset, d_size));
+        sum *= inverse;
+        memcpy(o + d, &sum, sizeof sum);
+    }
+    for (; d < d_size; d++) {
+        float sum = 0.0f;
+        for (int64_t t = 0; t <= position; t++)
+            sum += scores[t] *
+                   v_cache[d + position_offset(path, b, t, slot_stride, head_offset, d_size)];
+        o[d] = sum * inverse;
     }
 }
 
-int tformer_slot_attention_f32(const float *qkv, float *k_cache, float *v_cache,
-                               const int64_t *positions, float *out, int64_t b_size,
-                               int64_t h_size, int64_t d_size, int64_t max_len) {
+int tformer_path_attention_f32(const float *qkv, float *k_cache, float *v_cache,
+                               const int64_t *positions, const int64_t *paths, float *out,
+                               int64_t b_size, int64_t h_size, int64_t d_size, int64_t max_len) {
     int failed = 0;
 #pragma omp parallel
     {
@@ -74,10 +97,19 @@ int tformer_slot_attention_f32(const float *qkv, float *k_cache, float *v_cache,
         }
 #pragma omp for schedule(static)
         for (int64_t task = 0; task < b_size * h_size; task++)
-            if (scores != NULL)
-                attend_one(qkv, k_cache, v_cache, out, scores, task / h_size, task % h_size,
-                           positions[task / h_size], h_size, d_size, max_len);
+            if (scores != NULL) {
+                const int64_t b = task / h_size;
+                attend_one(qkv, k_cache, v_cache, out, scores, b, task % h_size, positions[b],
+                           paths ? paths + b * max_len : NULL, h_size, d_size, max_len);
+            }
         free(scores);
     }
     return failed;
+}
+
+int tformer_slot_attention_f32(const float *qkv, float *k_cache, float *v_cache,
+                               const int64_t *positions, float *out, int64_t b_size,
+                               int64_t h_size, int64_t d_size, int64_t max_len) {
+    return tformer_path_attention_f32(qkv, k_cache, v_cache, positions, NULL, out, b_size,
+                                      h_size, d_size, max_len);
 }

@@ -156,8 +156,8 @@ class FusedCrossDecoding:
         memory_v = pointers(*(v.data_ptr() for _, v in memory_kvs))
         strides = torch.tensor(memory_kvs[0][0].stride()[:3], dtype=torch.int64)
         self.library.decode_cross_blocks(
-            self.blocks, x, work, keys, values, positions, memory_k, memory_v, strides,
-            src_mask, self.d_ff, self.heads, caches[0].max_len, self.eps,
+            self.blocks, x, work, keys, values, positions, caches[0].paths, memory_k, memory_v,
+            strides, src_mask, self.d_ff, self.heads, caches[0].max_len, self.eps,
             self.activation,
         )  # fmt: skip
         for cache in caches:

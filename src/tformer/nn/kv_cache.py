@@ -4,6 +4,13 @@ In causal self-attention the keys and values of earlier positions never change, 
 keeps them: each new token then costs one position of work instead of the whole sequence.
 The tensors are allocated once at full length and filled in place; `update` returns views of
 the part written so far.
+
+A search whose rows branch (beam search: two beams may continue one, and a finished
+sentence's rows leave) need not copy any history: every step writes one new position, and
+the positions before it are never written again, so a row's past may stay in whichever
+slots it was written in. `follow_paths` records, for each row and position, the slot
+holding it (`paths`, (B, max_len)); `update` then writes each row's new positions in its
+own slot and gathers its past along its path.
 """
 
 import torch
@@ -30,6 +37,7 @@ class KVCache(nn.Module):
         self.register_buffer("v", make(shape, dtype=dtype, device=device), persistent=False)
         self.max_len = max_len
         self.length = 0
+        self.paths: torch.Tensor | None = None  # (B, max_len) int64 slots, follow_paths
 
     def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Append (B, H, T, D) keys and values; return all (B, H, length, D) so far."""
@@ -38,37 +46,67 @@ class KVCache(nn.Module):
             raise ValueError(
                 f"KV cache is full: {end} positions requested, room for {self.max_len}"
             )
-        self.k[:, :, start:end] = k
-        self.v[:, :, start:end] = v
         self.length = end
-        return self.k[:, :, :end], self.v[:, :, :end]
+        if self.paths is None:
+            self.k[:, :, start:end] = k
+            self.v[:, :, start:end] = v
+            return self.k[:, :, :end], self.v[:, :, :end]
+        # (slot of each row and new position (B, T), those positions (T,)) -> (B, T, H, D)
+        self.k[self.paths[:, start:end], :, self.positions(start, end)] = k.transpose(1, 2)
+        self.v[self.paths[:, start:end], :, self.positions(start, end)] = v.transpose(1, 2)
+        path, past = self.paths[:, :end], self.positions(0, end)  # every row's so far
+        return self.k[path, :, past].transpose(1, 2), self.v[path, :, past].transpose(1, 2)
 
-    def keep(self, rows: torch.Tensor) -> None:
-        """Make row rows[i] of the cache its row i, for the N = len(rows) rows kept: beam
-        search follows its surviving beams, and a search drops the sentences it has
-        finished so that each step computes the live ones. Only the rows that change are
-        copied; the cache then has N rows (the first N of its tensors)."""
-        end, n = self.length, rows.numel()
-        moved = (rows != torch.arange(n, device=rows.device)).nonzero()[:, 0]  # (moved,)
-        if moved.numel() > 0:
-            sources = rows.index_select(0, moved)
-            for tensor in (self.k, self.v):
-                written = tensor[:, :, :end]  # (B, H, length, D), a view
-                written.index_copy_(0, moved, written.index_select(0, sources))
-        self.k, self.v = self.k[:n], self.v[:n]
+    def positions(self, start: int, end: int) -> torch.Tensor:
+        return torch.arange(start, end, device=self.k.device)
+
+
+def follow_paths(caches: list[KVCache], rows: torch.Tensor, slots: torch.Tensor) -> None:
+    """The rows of a search go on as rows (N,) of the batch before (a row may go on twice,
+    or not at all), each writing its next positions in slots (N,), distinct: each row's
+    past stays where it was written, and every cache's `paths` (the same tensor) record
+    which slot holds each position of each row. Nothing is copied but the (N, max_len)
+    table of slots."""
+    first = caches[0]
+    n_slots, length = first.k.shape[0], first.length
+    if slots.shape != rows.shape or slots.unique().numel() != slots.numel():
+        raise ValueError("follow_paths needs one distinct slot for each row that goes on")
+    if slots.numel() and not 0 <= int(slots.min()) <= int(slots.max()) < n_slots:
+        raise ValueError(f"slots must lie in 0..{n_slots - 1}")
+    paths = first.paths
+    if paths is None:  # so far row b's positions are all in slot b
+        paths = torch.arange(n_slots, device=rows.device)[:, None].expand(n_slots, first.max_len)
+    paths = paths.index_select(0, rows)
+    paths[:, length:] = slots[:, None]  # the positions to come: each row's own slot
+    for cache in caches:
+        if cache.length != length or cache.k.shape[0] != n_slots:
+            raise ValueError("the caches of one search must have the same slots and length")
+        cache.paths = paths
 
 
 def fused_step_caches(caches: list, rows: int, heads: int, d_head: int) -> bool:
     """Whether a one-call decoding step (models/gpt2_decode.py, seq2seq_decode.py) can write
     into these caches: every one a KVCache at the same length with room left, its keys and
-    values (rows, heads, max_len, d_head) float32, contiguous, on the CPU (the kernel writes
-    at (row, head, length) of each, in place)."""
+    values (slots, heads, max_len, d_head) float32, contiguous, on the CPU (the kernel
+    writes at (slot, head, length) of each, in place), with one slot per row, or paths
+    (follow_paths) for the rows, the same for all."""
     first = caches[0]
     if type(first) is not KVCache or first.length >= first.max_len:
         return False
-    shape = (rows, heads, first.max_len, d_head)
+    slots = first.k.shape[0]
+    if first.paths is None and slots != rows:
+        return False
+    if first.paths is not None:
+        paths = first.paths
+        if paths.shape != (rows, first.max_len) or paths.device.type != "cpu":
+            return False
+        if paths.dtype != torch.int64 or not paths.is_contiguous():
+            return False
+    shape = (slots, heads, first.max_len, d_head)
     for cache in caches:
         if type(cache) is not KVCache or cache.length != first.length:
+            return False
+        if cache.paths is not first.paths:
             return False
         for tensor in (cache.k, cache.v):
             if tuple(tensor.shape) != shape or tensor.dtype != torch.float32:
