@@ -15,6 +15,12 @@ beams. A sentence is done when it has K finished hypotheses and either early_sto
 or no beam can still beat the worst of them (its current normalised score is lower); at
 max_new_tokens the remaining beams finish as they are. alpha = 0 ranks by probability
 alone; alpha = 1 by mean log-probability per token; K = 1 is greedy search.
+
+What it costs: the first step runs one beam a sentence (the K are alike); a sentence's K
+beams read its one row of the memory's keys and values; a beam's candidates are its 2K
+most likely tokens (one pass over the logits, kernels/top_logits.c on the CPU); and no
+cache row is ever copied: a beam goes on from its parent's past where that lies in the
+caches (nn/kv_cache.follow_paths), and so does a row when finished sentences leave.
 """
 
 from dataclasses import dataclass
@@ -160,11 +166,12 @@ def _beam_search(
     caches = model.new_caches(b * k, max_len=steps + 1)
     beam = torch.arange(k, device=device)
     slots = torch.arange(b * k, device=device)  # sentence i's K beams write in slots iK..iK+K-1
-    generated = torch.full((b * k, 1), bos, dtype=torch.long, device=device)  # (B*K, 1 + t)
-    # The K beams start identical: only the first is live, or the top K would be K copies.
-    beam_scores = torch.full((b, k), float("-inf"), device=device)
-    beam_scores[:, 0] = 0.0
-    first_row = torch.arange(b, device=device)[:, None] * k  # (B, 1) each sentence's row 0
+    # The first step has one beam a sentence (K would be K copies of it), in its first slot.
+    width = 1  # beams a sentence: 1, then K
+    follow_paths(caches, torch.arange(b, device=device), slots[::k])
+    generated = torch.full((b, 1), bos, dtype=torch.long, device=device)  # (B*width, 1 + t)
+    beam_scores = torch.zeros(b, 1, device=device)  # (B, width)
+    first_row = torch.arange(b, device=device)[:, None]  # (B, 1) each sentence's first row
     # The finished hypotheses, (score, ids) best first, at most K a sentence; how many each
     # sentence still searched has and the worst one's score, as tensors for the stopping test.
     finished: list[list[tuple[float, list[int]]]] = [[] for _ in range(b)]
@@ -187,11 +194,17 @@ def _beam_search(
         # A sentence's 2K best candidates are among its beams' own 2K best tokens each: each
         # beam has one end token, so at least K of them go on.
         n = min(2 * k, logits.shape[-1])
-        best_log_p, best_tokens = most_likely(logits, n)  # (B*K, n)
-        scores = (beam_scores.view(b * k, 1) + best_log_p).view(b, k * n)  # (B, K*n)
+        best_log_p, best_tokens = most_likely(logits, n)  # (B*width, n)
+        scores = (beam_scores.view(-1, 1) + best_log_p).view(b, width * n)  # (B, width*n)
+        if width * n < 2 * k:  # fewer candidates than 2K (a vocabulary smaller than 2K)
+            scores = nn.functional.pad(scores, (0, 2 * k - width * n), value=float("-inf"))
         top_scores, top_index = scores.topk(2 * k, dim=1)  # (B, 2K), best first
+        # a padding candidate (-inf, a dead beam if it goes on) extends a real one
+        top_index = top_index.clamp(max=width * n - 1)
         top_rows = first_row + top_index // n  # (B, 2K) the beam each extends
-        top_tokens = best_tokens.view(b, k * n).gather(1, top_index)
+        top_tokens = best_tokens.view(b, width * n).gather(1, top_index)
+        if width == 1:  # from the second step on, K beams a sentence
+            width, first_row = k, torch.arange(b, device=device)[:, None] * k
         ends = top_tokens == eos
         length = step + 1  # tokens generated so far, this one included
 
@@ -220,7 +233,7 @@ def _beam_search(
             beam_scores, rows, tokens = beam_scores[going], rows[going], tokens[going]
             n_finished, worst_finished = n_finished[going], worst_finished[going]
             b = len(live)
-            first_row = torch.arange(b, device=device)[:, None] * k
+            first_row = first_row[: b]
             memory, src_mask = memory[going], src_mask[going]
             memory_kvs = [(mk[going], mv[going]) for mk, mv in memory_kvs]
             slots = (torch.tensor(live, device=device)[:, None] * k + beam).flatten()
