@@ -117,6 +117,7 @@ def test_a_beam_wide_enough_finds_the_best_sequence_of_an_exhaustive_search(alph
     assert differs_from_greedy
 
 
+@pytest.mark.skipif(kernels.load() is None, reason="no C kernels here")
 def test_the_kernels_choose_each_beam_s_candidates_as_torch_does(monkeypatch):
     logits = torch.randn(12, 50, generator=torch.Generator().manual_seed(0)) * 3
     logits[:, 0] = float("-inf")
@@ -131,6 +132,14 @@ def test_the_kernels_choose_each_beam_s_candidates_as_torch_does(monkeypatch):
     searched_by_torch = beam_search(model, padded(SOURCES), config)
     monkeypatch.undo()
     assert beam_search(model, padded(SOURCES), config) == searched_by_torch
+
+
+def test_a_window_of_one_position_leaves_no_room_for_a_word():
+    config = Seq2SeqConfig(src_vocab_size=17, tgt_vocab_size=13, max_len=1, d_model=8,
+                           n_heads=2, n_encoder_layers=1, n_decoder_layers=1, d_ff=8)  # fmt: skip
+    model = Seq2SeqTransformer(config, seed=0).eval()
+    sources = torch.tensor([[5], [3], [7]])  # the source fits; the target has BOS alone
+    assert beam_search(model, sources, BeamConfig(beam_size=2)) == [[], [], []]
 
 
 def test_bad_beam_settings_are_rejected():

@@ -4,6 +4,7 @@ import torch
 from tformer import GPT2, GPT2Config
 from tformer.generate import SamplingConfig, generate_batch, generate_ids
 from tformer.generate.fast import decoding_path, pack_for_decoding
+from tformer.nn.kv_cache import follow_paths
 from tformer.nn.packed_linear import PackedLinear
 
 
@@ -190,6 +191,8 @@ def test_the_fused_step_steps_aside_where_it_cannot_run():
         assert seen == [1]
         hook.remove()
         assert fused.applies(model, one, None, None, caches)
+        follow_paths(caches, torch.tensor([0]), torch.tensor([0]))  # its kernel reads slot b
+        assert not fused.applies(model, one, None, None, caches)
     assert not fused.applies(model, one, None, None, caches)  # gradients are being recorded
     model.to("cpu")  # moving the model may replace the tensors the fused step points at
     assert model.fused_decoding is None

@@ -15,9 +15,11 @@ pytestmark = pytest.mark.skipif(kernels.load() is None, reason="no C kernels her
 SOURCES = [[5, 6, 7, 8, 9, 2], [3, 4, 2], [10, 11, 12, 13, 14, 15, 16, 2], [7, 2]]
 
 
-def packed_model(activation: str, fused: bool, seed: int = 2) -> Seq2SeqTransformer:
+def packed_model(
+    activation: str, fused: bool, seed: int = 2, d_model: int = 40
+) -> Seq2SeqTransformer:
     """2 + 2 layers, 40 wide, 5 heads (not a power of two), weights off their start."""
-    config = Seq2SeqConfig(src_vocab_size=31, tgt_vocab_size=31, max_len=24, d_model=40,
+    config = Seq2SeqConfig(src_vocab_size=31, tgt_vocab_size=31, max_len=24, d_model=d_model,
                            n_heads=5, n_encoder_layers=2, n_decoder_layers=2, d_ff=72,
                            dropout=0.0, activation=activation, share_embeddings=True)  # fmt: skip
     model = Seq2SeqTransformer(config, seed=seed).eval()
@@ -65,28 +67,33 @@ def test_the_fused_step_computes_the_decoder_layers(activation):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
-def test_the_fused_step_reads_one_memory_row_for_each_sentence_s_beams():
-    # 3 sentences of 5 beams each (more than the kernel's 4 queries at a time), the memory
+# d_head 8; d_head 20 (16 + a tail of 4 in the vectorised loops) with 330 rows (the norms
+# split over the threads)
+@pytest.mark.parametrize(("d_model", "beams"), [(40, 5), (100, 110)])
+def test_the_fused_step_reads_one_memory_row_for_each_sentence_s_beams(d_model, beams):
+    # 3 sentences of several beams (more than the kernel's 4 queries at a time), the memory
     # one row per sentence; then the second sentence leaves, and beams branch
-    fused, plain = packed_model("relu", True), packed_model("relu", False)
+    fused = packed_model("relu", True, d_model=d_model)
+    plain = packed_model("relu", False, d_model=d_model)
     src = padded(SOURCES[:3])
     mask = fused.source_mask(src)
     g = torch.Generator().manual_seed(0)
-    steps = [torch.randint(3, 31, (15, 1), generator=g) for _ in range(3)]
+    steps = [torch.randint(3, 31, (3 * beams, 1), generator=g) for _ in range(3)]
     with torch.inference_mode():
         memory = fused.encode(src, mask)
         outputs = {}
         for name, model in (("fused", fused), ("plain", plain)):
-            caches, kvs, m = model.new_caches(15, 8), model.project_memory(memory), mask
+            caches, kvs, m = model.new_caches(3 * beams, 8), model.project_memory(memory), mask
             assert name == "plain" or model.fused_decoding.applies(model, steps[0], m,
                                                                    caches, kvs)  # fmt: skip
             out = [model.decode(steps[0], memory, m, caches, kvs)]
             out.append(model.decode(steps[1], memory, m, caches, kvs))
             sentences = torch.tensor([0, 2])
-            # beams branch (two go on from row 0, two from row 11), and write in their
-            # sentences' slots
-            rows = torch.tensor([0, 0, 1, 2, 3, 10, 11, 11, 12, 14])
-            slots = torch.tensor([*range(5), *range(10, 15)])
+            # beams branch (beam 0 of each goes on twice, the last beam not at all), and
+            # write in their sentences' slots
+            first, third = list(range(beams)), list(range(2 * beams, 3 * beams))
+            rows = torch.tensor([0, *first[:-1], 2 * beams, *third[:-1]])
+            slots = torch.tensor([*first, *third])
             m, kvs = m[sentences], [(k[sentences], v[sentences]) for k, v in kvs]
             follow_paths(caches, rows, slots)
             assert name == "plain" or model.fused_decoding.applies(model, steps[2][rows], m,

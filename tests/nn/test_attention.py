@@ -293,16 +293,17 @@ def test_rows_that_follow_paths_read_their_past_where_it_was_written():
     cache = KVCache(4, 2, max_len=6, d_head=3)
     first = torch.randn(4, 2, 3, 3)  # 3 positions of 4 rows, each in its own slot
     cache.update(first, -first)
-    # 3 rows go on: two from row 2, one from row 0, writing in slots 1, 3 and 0
-    follow_paths([cache], torch.tensor([2, 2, 0]), torch.tensor([1, 3, 0]))
+    # 3 rows go on: two from row 2, one from row 0; row i writes its next positions in slot i
+    follow_paths([cache], torch.tensor([2, 2, 0]))
+    assert cache.paths.tolist() == [[2, 2, 2, 0, 0, 0], [2, 2, 2, 1, 1, 1], [0, 0, 0, 2, 2, 2]]
     second = torch.randn(3, 2, 1, 3)
-    k, v = cache.update(second, -second)
+    k, v = cache.update(second, -second)  # the plain path lays the paths out, then appends
     expected = torch.cat([first[[2, 2, 0]], second], dim=2)  # (3, H, 4, D)
     assert torch.equal(k, expected) and torch.equal(v, -expected)
-    assert torch.equal(cache.k[[1, 3, 0], :, 3], second[:, :, 0])  # each in its own slot
-    assert torch.equal(cache.k[2], torch.cat([first[2], torch.zeros(2, 3, 3)], 1)[:, :6])
-    # again: the rows swap, and one leaves; the past now lies in two slots for each
-    follow_paths([cache], torch.tensor([1, 0]), torch.tensor([2, 1]))
+    assert cache.paths is None and torch.equal(cache.k[:3, :, :4], expected)
+    # again: the rows swap, and one leaves
+    follow_paths([cache], torch.tensor([1, 0]), torch.tensor([3, 0]))
+    assert cache.paths[:, 4].tolist() == [3, 0]
     third = torch.randn(2, 2, 1, 3)
     k, _ = cache.update(third, -third)
     assert torch.equal(k, torch.cat([expected[[1, 0]], third], dim=2))

@@ -173,9 +173,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
         default="auto",
         choices=CHOICES["attention"],
         help="sdpa: PyTorch's fused kernel; explicit: the equation written out; blocked: "
-        "tformer's C kernel for contexts up to 128 without padding, else explicit skipping "
-        "the key blocks a causal mask hides; auto: blocked for training on a CPU, where it is "
-        "fastest, else sdpa",
+        "tformer's C kernel for bf16 contexts up to 128 without padding, else explicit "
+        "skipping the key blocks a causal mask hides; auto: blocked for training on a CPU, "
+        "where it is fastest, else sdpa",
     )
 
     train = p.add_argument_group("training")

@@ -18,9 +18,10 @@ alone; alpha = 1 by mean log-probability per token; K = 1 is greedy search.
 
 What it costs: the first step runs one beam a sentence (the K are alike); a sentence's K
 beams read its one row of the memory's keys and values; a beam's candidates are its 2K
-most likely tokens (one pass over the logits, kernels/top_logits.c on the CPU); and no
-cache row is ever copied: a beam goes on from its parent's past where that lies in the
-caches (nn/kv_cache.follow_paths), and so does a row when finished sentences leave.
+most likely tokens (one pass over the logits, kernels/top_logits.c on the CPU); and a
+beam goes on from its parent's past where that lies in the caches, as a row does when
+finished sentences leave (nn/kv_cache.follow_paths): the one-call decoding step copies
+no cache row at all, the plain path one gather a step.
 """
 
 from dataclasses import dataclass
@@ -117,8 +118,7 @@ def greedy_search(
                 keep = torch.tensor(rows, device=src_ids.device)
                 token, memory, src_mask = token[keep], memory[keep], src_mask[keep]
                 memory_kvs = [(k[keep], v[keep]) for k, v in memory_kvs]
-                # nothing moves in the caches: each row stays in its sentence's slot
-                follow_paths(caches, keep, torch.tensor(live, device=src_ids.device))
+                follow_paths(caches, keep)  # nothing moves in the caches
         return [until_end(row, c.eos_id) for row in outputs]
     finally:
         model.train(was_training)
@@ -157,6 +157,8 @@ def _beam_search(
 ) -> list[list[int]]:
     b, k, alpha = src_ids.shape[0], config.beam_size, config.length_penalty
     steps = _steps(model, config.max_new_tokens)
+    if steps == 0:  # a window of one position: BOS fills it, no word fits
+        return [[] for _ in range(b)]
     device = src_ids.device
     src_mask = model.source_mask(src_ids)
     memory = model.encode(src_ids, src_mask)
@@ -164,11 +166,9 @@ def _beam_search(
     # the sentence's one row of the memory, its keys and values and its mask, (B, ...).
     memory_kvs = model.project_memory(memory)
     caches = model.new_caches(b * k, max_len=steps + 1)
-    beam = torch.arange(k, device=device)
-    slots = torch.arange(b * k, device=device)  # sentence i's K beams write in slots iK..iK+K-1
-    # The first step has one beam a sentence (K would be K copies of it), in its first slot.
+    # The first step has one beam a sentence (K would be K copies of it), row i in slot i.
     width = 1  # beams a sentence: 1, then K
-    follow_paths(caches, torch.arange(b, device=device), slots[::k])
+    follow_paths(caches, torch.arange(b, device=device))
     generated = torch.full((b, 1), bos, dtype=torch.long, device=device)  # (B*width, 1 + t)
     beam_scores = torch.zeros(b, 1, device=device)  # (B, width)
     first_row = torch.arange(b, device=device)[:, None]  # (B, 1) each sentence's first row
@@ -233,18 +233,17 @@ def _beam_search(
             beam_scores, rows, tokens = beam_scores[going], rows[going], tokens[going]
             n_finished, worst_finished = n_finished[going], worst_finished[going]
             b = len(live)
-            first_row = first_row[: b]
+            first_row = first_row[:b]
             memory, src_mask = memory[going], src_mask[going]
             memory_kvs = [(mk[going], mv[going]) for mk, mv in memory_kvs]
-            slots = (torch.tensor(live, device=device)[:, None] * k + beam).flatten()
 
         order = rows.flatten()  # (B*K,) the rows, of the batch before, that go on
-        # Each beam goes on from its row's past, wherever that lies in the caches, and
-        # writes its next positions in a slot of its sentence's own (nothing is copied).
-        follow_paths(caches, order, slots)
+        # Each beam goes on from its row's past, wherever that lies in the caches (nothing
+        # is copied), and writes its next positions in a slot of its own.
+        follow_paths(caches, order)
         generated = torch.cat([generated.index_select(0, order), tokens.view(b * k, 1)], dim=1)
     else:  # out of steps: the live beams finish where they are
         alive = beam_scores > float("-inf")
         for i, j in alive.nonzero().tolist():
-            add_finished(i, beam_scores[i, j].item(), generated[i * k + j, 1:].tolist(), steps)
+            add_finished(i, beam_scores[i, j].item(), generated[i * width + j, 1:].tolist(), steps)
     return [hypotheses[0][1] if hypotheses else [] for hypotheses in finished]

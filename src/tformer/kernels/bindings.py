@@ -489,8 +489,8 @@ class Kernels:
         if not 1 <= n <= v:
             raise ValueError(f"n must lie in 1..{v}, got {n}")
         logits = logits.contiguous()
-        lse = torch.empty(m)
-        values = torch.empty(m, n)
+        lse = torch.empty(m, dtype=torch.float32)
+        values = torch.empty(m, n, dtype=torch.float32)
         ids = torch.empty(m, n, dtype=torch.int64)
         self.library.tformer_top_logits(
             logits.data_ptr(), m, v, n, lse.data_ptr(), values.data_ptr(), ids.data_ptr()

@@ -172,68 +172,68 @@ enum { QUERY_CHUNK = 4 };
 /* out[r, h D : (h+1) D] = softmax_s(q . K[b, h, s] / sqrt(D), s where mask[b, s]) V[b, h, s]
    for q = q_rows[r, h D : (h+1) D] and b = r / group: the rows come in groups of `group`
    consecutive rows that read one memory row (beam search's beams of one sentence). One
-   task per (memory row, head) reads its keys and values once for the group's queries,
-   QUERY_CHUNK at a time; the weighted sum of values keeps each query's eight outputs
+   task per (memory row, head, QUERY_CHUNK of the group's rows) reads the keys and values
+   once for its queries; the weighted sum of values keeps each query's eight outputs
    in registers while it runs over the positions. */
 static void cross_attention(const float *q_rows, const float *keys, const float *values,
                             const int64_t *strides, const uint8_t *mask, float *out, int64_t m,
                             int64_t group, int64_t s_len, int64_t heads, int64_t d_size) {
     const int64_t c = heads * d_size, sb = strides[0], sh = strides[1], ss = strides[2];
     const float scale = 1.0f / sqrtf((float)d_size);
+    const int64_t chunks = (group + QUERY_CHUNK - 1) / QUERY_CHUNK; /* of a group's rows */
 #pragma omp parallel for schedule(static)
-    for (int64_t task = 0; task < m / group * heads; task++) {
-        const int64_t b = task / heads, h = task % heads;
+    for (int64_t task = 0; task < m / group * heads * chunks; task++) {
+        const int64_t b = task / (heads * chunks), h = task / chunks % heads;
         const float *k_bh = keys + b * sb + h * sh, *v_bh = values + b * sb + h * sh;
         const uint8_t *row_mask = mask + b * s_len;
         float weights[QUERY_CHUNK][s_len > 0 ? s_len : 1];
-        for (int64_t first = b * group; first < (b + 1) * group; first += QUERY_CHUNK) {
-            const int64_t left = (b + 1) * group - first;
-            const int64_t n = left < QUERY_CHUNK ? left : QUERY_CHUNK;
-            const float *q[QUERY_CHUNK];
-            float *o[QUERY_CHUNK];
-            for (int64_t j = 0; j < n; j++) {
-                q[j] = q_rows + (first + j) * c + h * d_size;
-                o[j] = out + (first + j) * c + h * d_size;
-            }
-            for (int64_t s = 0; s < s_len; s++)
-                for (int64_t j = 0; j < n; j++)
-                    weights[j][s] = row_mask[s] ? dot8(q[j], k_bh + s * ss, d_size) * scale
-                                                : -INFINITY;
-            for (int64_t j = 0; j < n; j++) {
-                float highest = -INFINITY, total = 0.0f;
-                for (int64_t s = 0; s < s_len; s++)
-                    highest = weights[j][s] > highest ? weights[j][s] : highest;
-                if (highest == -INFINITY) { /* no source position: nothing to attend to */
-                    for (int64_t s = 0; s < s_len; s++) weights[j][s] = 0.0f;
-                    continue;
-                }
-#pragma omp simd reduction(+ : total)
-                for (int64_t s = 0; s < s_len; s++) {
-                    weights[j][s] = exp_neg(weights[j][s] - highest); /* masked: 0 */
-                    total += weights[j][s];
-                }
-                const float inverse = 1.0f / total;
-#pragma omp simd
-                for (int64_t s = 0; s < s_len; s++) weights[j][s] *= inverse;
-            }
-            int64_t d = 0;
-            for (; d + 8 <= d_size; d += 8) {
-                v8f sums[QUERY_CHUNK] = {{0.0f}};
-                for (int64_t s = 0; s < s_len; s++) {
-                    if (!row_mask[s]) continue;
-                    const v8f value = load8(v_bh + s * ss + d);
-                    for (int64_t j = 0; j < n; j++) sums[j] += weights[j][s] * value;
-                }
-                for (int64_t j = 0; j < n; j++) memcpy(o[j] + d, &sums[j], sizeof sums[j]);
-            }
-            for (; d < d_size; d++)
-                for (int64_t j = 0; j < n; j++) {
-                    float sum = 0.0f;
-                    for (int64_t s = 0; s < s_len; s++)
-                        if (row_mask[s]) sum += weights[j][s] * v_bh[s * ss + d];
-                    o[j][d] = sum;
-                }
+        const int64_t first = b * group + task % chunks * QUERY_CHUNK;
+        const int64_t left = (b + 1) * group - first;
+        const int64_t n = left < QUERY_CHUNK ? left : QUERY_CHUNK;
+        const float *q[QUERY_CHUNK];
+        float *o[QUERY_CHUNK];
+        for (int64_t j = 0; j < n; j++) {
+            q[j] = q_rows + (first + j) * c + h * d_size;
+            o[j] = out + (first + j) * c + h * d_size;
         }
+        for (int64_t s = 0; s < s_len; s++)
+            for (int64_t j = 0; j < n; j++)
+                weights[j][s] = row_mask[s] ? dot8(q[j], k_bh + s * ss, d_size) * scale
+                                            : -INFINITY;
+        for (int64_t j = 0; j < n; j++) {
+            float highest = -INFINITY, total = 0.0f;
+            for (int64_t s = 0; s < s_len; s++)
+                highest = weights[j][s] > highest ? weights[j][s] : highest;
+            if (highest == -INFINITY) { /* no source position: nothing to attend to */
+                for (int64_t s = 0; s < s_len; s++) weights[j][s] = 0.0f;
+                continue;
+            }
+#pragma omp simd reduction(+ : total)
+            for (int64_t s = 0; s < s_len; s++) {
+                weights[j][s] = exp_neg(weights[j][s] - highest); /* masked: 0 */
+                total += weights[j][s];
+            }
+            const float inverse = 1.0f / total;
+#pragma omp simd
+            for (int64_t s = 0; s < s_len; s++) weights[j][s] *= inverse;
+        }
+        int64_t d = 0;
+        for (; d + 8 <= d_size; d += 8) {
+            v8f sums[QUERY_CHUNK] = {{0.0f}};
+            for (int64_t s = 0; s < s_len; s++) {
+                if (!row_mask[s]) continue;
+                const v8f value = load8(v_bh + s * ss + d);
+                for (int64_t j = 0; j < n; j++) sums[j] += weights[j][s] * value;
+            }
+            for (int64_t j = 0; j < n; j++) memcpy(o[j] + d, &sums[j], sizeof sums[j]);
+        }
+        for (; d < d_size; d++)
+            for (int64_t j = 0; j < n; j++) {
+                float sum = 0.0f;
+                for (int64_t s = 0; s < s_len; s++)
+                    if (row_mask[s]) sum += weights[j][s] * v_bh[s * ss + d];
+                o[j][d] = sum;
+            }
     }
 }
 

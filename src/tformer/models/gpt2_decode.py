@@ -100,6 +100,8 @@ class FusedDecoding:
     ) -> bool:
         if caches is None or model.training or input_ids.shape[1] != 1:
             return False
+        if getattr(caches[0], "paths", None) is not None:  # its kernel reads slot b for row b
+            return False
         if input_ids.device.type != "cpu" or torch.is_grad_enabled():
             return False  # the kernels read CPU memory and compute no gradients
         if any(input_ids.shape[0] > layer.kernel_max_rows for layer in self.first_layers):

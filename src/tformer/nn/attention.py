@@ -19,8 +19,9 @@ on every path.
 Three paths compute the same thing, chosen by `implementation`: "explicit" writes the
 equation out and shows the weights at a hook, the reference for the others; "sdpa" is
 PyTorch's fused kernel, which never forms the weights; "blocked" (nn/blocked_attention.py)
-is the path for bf16 training on a CPU, causal self-attention that skips the work the mask
-would throw away: query blocks for long sequences, a compiled kernel for short ones.
+is the path for training on a CPU, causal self-attention that skips the work the mask
+would throw away: query blocks for long sequences, a compiled kernel for short bf16 ones
+(the explicit path for the rest: on a CPU it trains faster than the fused kernel).
 """
 
 import math
@@ -127,6 +128,8 @@ def causal_mask(t: int, s: int, device: torch.device | None = None) -> torch.Ten
 def rows_per_memory_row(rows: int, memory_rows: int) -> int:
     """How many consecutive query rows read each row of the memory's keys and values:
     1, or G where the memory holds one row per G query rows."""
+    if rows == memory_rows:
+        return 1
     if memory_rows < 1 or rows % memory_rows != 0:
         raise ValueError(
             f"memory_kv has {memory_rows} rows for {rows} query rows: it needs one row per "
@@ -338,9 +341,9 @@ class MultiHeadAttention(nn.Module):
 def set_implementation(model: nn.Module, implementation: Implementation) -> None:
     """Switch every MultiHeadAttention inside `model` to the explicit, fused or blocked path.
 
-    They agree to float rounding and differ in speed: the blocked one is meant for bf16
-    training on a CPU (the compiled kernel for short contexts, query blocks for long ones),
-    the fused one for inference; the measurements are in docs/LOG.md. The blocked path's
+    They agree to float rounding and differ in speed: the blocked one is meant for
+    training on a CPU (the compiled kernel for short bf16 contexts, query blocks for long
+    ones), the fused one for inference; the measurements are in docs/LOG.md. The blocked path's
     kernel gives first-order gradients only: for second-order ones (or torch.func) use the
     explicit path.
     """

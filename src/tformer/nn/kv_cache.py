@@ -9,8 +9,9 @@ A search whose rows branch (beam search: two beams may continue one, and a finis
 sentence's rows leave) need not copy any history: every step writes one new position, and
 the positions before it are never written again, so a row's past may stay in whichever
 slots it was written in. `follow_paths` records, for each row and position, the slot
-holding it (`paths`, (B, max_len)); `update` then writes each row's new positions in its
-own slot and gathers its past along its path.
+holding it (`paths`, (B, max_len)). The one-call decoding steps of the C kernels read and
+write along the paths; `update` (the plain path) first lays each row's past out in a slot
+of its own, once per follow_paths, and then returns views again.
 """
 
 import torch
@@ -46,29 +47,44 @@ class KVCache(nn.Module):
             raise ValueError(
                 f"KV cache is full: {end} positions requested, room for {self.max_len}"
             )
+        if self.paths is not None:
+            self.lay_out_paths()
+        rows = k.shape[0]  # rows 0..B-1 of the slots (fewer once a search has dropped some)
+        self.k[:rows, :, start:end] = k
+        self.v[:rows, :, start:end] = v
         self.length = end
-        if self.paths is None:
-            self.k[:, :, start:end] = k
-            self.v[:, :, start:end] = v
-            return self.k[:, :, :end], self.v[:, :, :end]
-        # (slot of each row and new position (B, T), those positions (T,)) -> (B, T, H, D)
-        self.k[self.paths[:, start:end], :, self.positions(start, end)] = k.transpose(1, 2)
-        self.v[self.paths[:, start:end], :, self.positions(start, end)] = v.transpose(1, 2)
-        path, past = self.paths[:, :end], self.positions(0, end)  # every row's so far
-        return self.k[path, :, past].transpose(1, 2), self.v[path, :, past].transpose(1, 2)
+        return self.k[:rows, :, :end], self.v[:rows, :, :end]
+
+    def lay_out_paths(self) -> None:
+        """Copy each row's past along its path into slot b for row b (the plain path reads
+        the cache as views): one gather per follow_paths, as a search that copied rows
+        paid; the one-call decoding step reads along the paths instead."""
+        path, past = self.paths[:, : self.length], self.positions(0, self.length)
+        rows = path.shape[0]
+        for name in ("k", "v"):
+            old = getattr(self, name)
+            new = torch.empty_like(old)
+            new[:rows, :, : self.length] = old[path, :, past].transpose(1, 2)  # (B, H, t, D)
+            setattr(self, name, new)
+        self.paths = None
 
     def positions(self, start: int, end: int) -> torch.Tensor:
         return torch.arange(start, end, device=self.k.device)
 
 
-def follow_paths(caches: list[KVCache], rows: torch.Tensor, slots: torch.Tensor) -> None:
+def follow_paths(
+    caches: list[KVCache], rows: torch.Tensor, slots: torch.Tensor | None = None
+) -> None:
     """The rows of a search go on as rows (N,) of the batch before (a row may go on twice,
-    or not at all), each writing its next positions in slots (N,), distinct: each row's
-    past stays where it was written, and every cache's `paths` (the same tensor) record
-    which slot holds each position of each row. Nothing is copied but the (N, max_len)
-    table of slots."""
+    or not at all), each writing its next positions in slots (N,), distinct (by default
+    row i in slot i: every slot's next position is free, whoever wrote its earlier ones):
+    each row's past stays where it was written, and every cache's `paths` (the same
+    tensor) record which slot holds each position of each row. Nothing is copied but the
+    (N, max_len) table of slots."""
     first = caches[0]
     n_slots, length = first.k.shape[0], first.length
+    if slots is None:
+        slots = torch.arange(rows.numel(), device=rows.device)
     if slots.shape != rows.shape or slots.unique().numel() != slots.numel():
         raise ValueError("follow_paths needs one distinct slot for each row that goes on")
     if slots.numel() and not 0 <= int(slots.min()) <= int(slots.max()) < n_slots:
@@ -101,6 +117,9 @@ def fused_step_caches(caches: list, rows: int, heads: int, d_head: int) -> bool:
         if paths.shape != (rows, first.max_len) or paths.device.type != "cpu":
             return False
         if paths.dtype != torch.int64 or not paths.is_contiguous():
+            return False
+        written = paths[:, : first.length + 1]  # the kernel reads and writes these slots
+        if not 0 <= int(written.min()) <= int(written.max()) < slots:
             return False
     shape = (slots, heads, first.max_len, d_head)
     for cache in caches:
