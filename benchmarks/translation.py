@@ -101,14 +101,14 @@ def tformer_loss(logits, targets):
     return label_smoothed_cross_entropy(logits, targets, 0.1, IGNORE_INDEX)
 
 
-def tformer_contender(vocab_size: int, max_len: int, tokenizer) -> Contender:
+def tformer_contender(vocab_size: int, max_len: int, tokenizer, dtype: str) -> Contender:
     config = Seq2SeqConfig.from_preset(
         "small",
         vocab_size,
         vocab_size,
         max_len=max_len,
         share_embeddings=True,
-        attention=attention_for("auto", torch.device("cpu")),  # as `tformer train`
+        attention=attention_for("auto", torch.device("cpu"), dtype),  # as `tformer train`
     )
     model = Seq2SeqTransformer(config, seed=0)
 
@@ -127,7 +127,7 @@ def tformer_contender(vocab_size: int, max_len: int, tokenizer) -> Contender:
     return Contender("tformer", model, logits, training_logits, tformer_loss, translate_fn)
 
 
-def marian_contender(vocab_size: int, max_len: int, tokenizer) -> Contender:
+def marian_contender(vocab_size: int, max_len: int, tokenizer, dtype: str) -> Contender:
     model = marian(vocab_size, max_len)
 
     def logits(src, tgt_in):
@@ -258,7 +258,7 @@ def main() -> None:
     sources = [s for s, _ in corpus.test]
     references = [t for _, t in corpus.test]
     contenders = [
-        make(tokenizer.vocab_size, args.max_len, tokenizer)
+        make(tokenizer.vocab_size, args.max_len, tokenizer, dtype)
         for make in (tformer_contender, marian_contender)
     ]
     runs = [TrainingRun(contender, train, args, dtype) for contender in contenders]

@@ -174,8 +174,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
         choices=CHOICES["attention"],
         help="sdpa: PyTorch's fused kernel; explicit: the equation written out; blocked: "
         "tformer's C kernel for bf16 contexts up to 128 without padding, else explicit "
-        "skipping the key blocks a causal mask hides; auto: blocked for training on a CPU, "
-        "where it is fastest, else sdpa",
+        "skipping the key blocks a causal mask hides; auto: blocked for bf16 training on a "
+        "CPU, where it is fastest, else sdpa",
     )
 
     train = p.add_argument_group("training")

@@ -19,9 +19,8 @@ on every path.
 Three paths compute the same thing, chosen by `implementation`: "explicit" writes the
 equation out and shows the weights at a hook, the reference for the others; "sdpa" is
 PyTorch's fused kernel, which never forms the weights; "blocked" (nn/blocked_attention.py)
-is the path for training on a CPU, causal self-attention that skips the work the mask
-would throw away: query blocks for long sequences, a compiled kernel for short bf16 ones
-(the explicit path for the rest: on a CPU it trains faster than the fused kernel).
+is the path for bf16 training on a CPU, causal self-attention that skips the work the mask
+would throw away: query blocks for long sequences, a compiled kernel for short ones.
 """
 
 import math
@@ -341,9 +340,9 @@ class MultiHeadAttention(nn.Module):
 def set_implementation(model: nn.Module, implementation: Implementation) -> None:
     """Switch every MultiHeadAttention inside `model` to the explicit, fused or blocked path.
 
-    They agree to float rounding and differ in speed: the blocked one is meant for
-    training on a CPU (the compiled kernel for short bf16 contexts, query blocks for long
-    ones), the fused one for inference; the measurements are in docs/LOG.md. The blocked path's
+    They agree to float rounding and differ in speed: the blocked one is meant for bf16
+    training on a CPU (the compiled kernel for short contexts, query blocks for long ones),
+    the fused one for inference; the measurements are in docs/LOG.md. The blocked path's
     kernel gives first-order gradients only: for second-order ones (or torch.func) use the
     explicit path.
     """

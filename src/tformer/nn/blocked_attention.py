@@ -1,4 +1,4 @@
-"""The blocked attention path: causal self-attention for training on a CPU.
+"""The blocked attention path: causal self-attention for bf16 training on a CPU.
 
 The reference is nn/attention.py's explicit path, softmax(Q K^T / sqrt(d_k) + M) V written
 out. MultiHeadAttention(implementation="blocked") computes the same causal self-attention
