@@ -39,6 +39,7 @@ class KVCache(nn.Module):
         self.max_len = max_len
         self.length = 0
         self.paths: torch.Tensor | None = None  # (B, max_len) int64 slots, follow_paths
+        self.spare: tuple[torch.Tensor, torch.Tensor] | None = None  # lay_out_paths' room
 
     def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Append (B, H, T, D) keys and values; return all (B, H, length, D) so far."""
@@ -61,11 +62,13 @@ class KVCache(nn.Module):
         paid; the one-call decoding step reads along the paths instead."""
         path, past = self.paths[:, : self.length], self.positions(0, self.length)
         rows = path.shape[0]
-        for name in ("k", "v"):
-            old = getattr(self, name)
-            new = torch.empty_like(old)
+        if self.spare is None:  # the tensors it lays out into; the old ones are then spare
+            self.spare = (torch.empty_like(self.k), torch.empty_like(self.v))
+        laid_out = self.spare
+        for old, new in zip((self.k, self.v), laid_out, strict=True):
             new[:rows, :, : self.length] = old[path, :, past].transpose(1, 2)  # (B, H, t, D)
-            setattr(self, name, new)
+        self.spare = (self.k, self.v)
+        self.k, self.v = laid_out
         self.paths = None
 
     def positions(self, start: int, end: int) -> torch.Tensor:
