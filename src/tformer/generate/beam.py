@@ -190,7 +190,7 @@ def _beam_search(
     for step in range(steps):
         features = model.decode(generated[:, -1:], memory, src_mask, caches, memory_kvs)
         logits = mask_beyond(model.unembed(features[:, -1]).float(), config.vocab_limit)
-        logits = never_padding(model, logits)  # (B*K, V)
+        logits = never_padding(model, logits)  # (B*width, V)
         # A sentence's 2K best candidates are among its beams' own 2K best tokens each: each
         # beam has one end token, so at least K of them go on.
         n = min(2 * k, logits.shape[-1])
