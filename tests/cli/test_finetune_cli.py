@@ -29,13 +29,18 @@ def capital_letter_questions(path, n, seed):
     return path
 
 
+def qa_training(data) -> list:
+    """250 steps of the QA task on `data`, windows of 20 tokens, one-token answers."""
+    options = ["--task", "qa", "--data", data, "--steps", "250", "--batch-size", "16"]
+    options += ["--lr", "3e-3", "--min-lr", "3e-4", "--warmup-steps", "10", "--stride", "4"]
+    return [*options, "--context", "20", "--max-answer-tokens", "1", "--no-progress", "--json"]
+
+
 def test_qa_task_trains_a_reader_from_scratch_and_resumes(tmp_path, env):
     data = capital_letter_questions(tmp_path / "qa.jsonl", 400, seed=0)
     run = tmp_path / "qa"
-    model = ["--n-layers", "2", "--n-heads", "2", "--d-model", "32", "--context", "20"]
-    options = ["--task", "qa", "--data", data, "--steps", "250", "--batch-size", "16"]
-    options += ["--lr", "3e-3", "--min-lr", "3e-4", "--warmup-steps", "10", "--stride", "4"]
-    options += ["--max-answer-tokens", "1", "--dtype", "float32", "--no-progress", "--json"]
+    model = ["--n-layers", "2", "--n-heads", "2", "--d-model", "32"]
+    options = [*qa_training(data), "--dtype", "float32"]
     result = tformer("train", *options, *model, "--out", run, env=env)
     scores = json.loads(result.stdout.strip().splitlines()[-1])
     assert scores["questions"] == 40  # the last 10% of the 400 contexts
@@ -245,10 +250,7 @@ def test_qa_task_trains_a_bidirectional_reader_and_answers_with_it(tmp_path, env
     data = capital_letter_questions(tmp_path / "qa.jsonl", 400, seed=0)
     run = tmp_path / "encoder"
     model = ["--reader", "encoder", "--n-layers", "2", "--n-heads", "2", "--d-model", "32"]
-    options = ["--task", "qa", "--data", data, "--steps", "250", "--batch-size", "16"]
-    options += ["--lr", "3e-3", "--min-lr", "3e-4", "--warmup-steps", "10", "--stride", "4"]
-    options += ["--context", "20", "--max-answer-tokens", "1", "--no-progress", "--json"]
-    result = tformer("train", *options, *model, "--out", run, env=env)
+    result = tformer("train", *qa_training(data), *model, "--out", run, env=env)
     scores = json.loads(result.stdout.strip().splitlines()[-1])
     assert scores["exact_match"] > 60, scores
     assert json.loads((run / "config.json").read_text())["model_type"] == "tformer-encoder-qa"

@@ -86,12 +86,15 @@ def follow_paths(
     (N, max_len) table of slots."""
     first = caches[0]
     n_slots, length = first.k.shape[0], first.length
-    if slots is None:
+    if slots is None:  # distinct and in range as long as the rows fit the slots
+        if rows.numel() > n_slots:
+            raise ValueError(f"{rows.numel()} rows for {n_slots} slots")
         slots = torch.arange(rows.numel(), device=rows.device)
-    if slots.shape != rows.shape or slots.unique().numel() != slots.numel():
-        raise ValueError("follow_paths needs one distinct slot for each row that goes on")
-    if slots.numel() and not 0 <= int(slots.min()) <= int(slots.max()) < n_slots:
-        raise ValueError(f"slots must lie in 0..{n_slots - 1}")
+    else:
+        if slots.shape != rows.shape or slots.unique().numel() != slots.numel():
+            raise ValueError("follow_paths needs one distinct slot for each row that goes on")
+        if slots.numel() and not 0 <= int(slots.min()) <= int(slots.max()) < n_slots:
+            raise ValueError(f"slots must lie in 0..{n_slots - 1}")
     paths = first.paths
     if paths is None:  # so far row b's positions are all in slot b
         paths = torch.arange(n_slots, device=rows.device)[:, None].expand(n_slots, first.max_len)
