@@ -9,8 +9,10 @@ speed drifts by 10-20% over minutes; each engine's best time counts), at each pr
 
     tformer      float32 (the model as trained), and its decoding packs (pack_for_decoding:
                  the linear layers as float32, bfloat16 or int8 panels for the C kernels,
-                 which run up to the row counts calibrated on this CPU, as in translate)
-    CTranslate2  compute_type float32 and int8 (int8 weights, per row)
+                 which run up to the row counts calibrated on this CPU, as in translate;
+                 and w8a8, int8 weights times activations quantised to int8 per row)
+    CTranslate2  compute_type float32 and int8 (int8 weights, per row, and activations
+                 quantised to int8 per row)
 
 Each timing runs in a process of its own (the model loaded and one batch translated first,
 untimed): two engines' thread pools in one process spin against each other on 2 cores.
@@ -43,7 +45,7 @@ from tformer.generate.translate import corpus_scores, translate  # noqa: E402
 from tformer.models.load import load_translation_model  # noqa: E402
 from tformer.nn.packed_linear import calibrate_kernel_rows  # noqa: E402
 
-TFORMER = ("float32", "packed float32", "packed bfloat16", "packed int8")
+TFORMER = ("float32", "packed float32", "packed bfloat16", "packed int8", "packed w8a8")
 CT2 = ("float32", "int8")
 
 

@@ -125,9 +125,11 @@ def add_weight_flags(p) -> None:
     )
     p.add_argument(
         "--quantize",
-        choices=["none", "int8", "int4"],
+        choices=["none", "int8", "int4", "w8a8"],
         default="none",
-        help="weight-only quantisation: int8, one scale per output row, a quarter of "
-        "float32's memory traffic; int4, a float16 scale per 32 weights of a row (ggml's "
-        "q4_0), 14%% of it (default: none)",
+        help="quantisation: int8, weight-only, one scale per output row, a quarter of "
+        "float32's memory traffic; int4, weight-only, a float16 scale per 32 weights of a "
+        "row (ggml's q4_0), 14%% of it; w8a8, int8 weights and each step's activations "
+        "quantised to int8 per row, integer products: faster where a step has many rows "
+        "(batches, beams, prompts) (default: none)",
     )

@@ -35,6 +35,7 @@ from tformer.errors import ConfigError
 from tformer.generate.decode import Prompts, prompt_rows
 from tformer.generate.sampling import mask_beyond
 from tformer.nn.kv_cache import follow_paths
+from tformer.nn.modes import evaluating
 
 
 @dataclass
@@ -92,9 +93,7 @@ def greedy_search(
     check_number("vocab_limit", vocab_limit, integer=True, low=1, optional=True)
     src_ids = source_batch(model, src_ids)
     c = model.config
-    was_training = model.training
-    model.eval()
-    try:
+    with evaluating(model):
         b, steps = src_ids.shape[0], _steps(model, max_new_tokens)
         src_mask = model.source_mask(src_ids)
         memory = model.encode(src_ids, src_mask)
@@ -120,8 +119,6 @@ def greedy_search(
                 memory_kvs = [(k[keep], v[keep]) for k, v in memory_kvs]
                 follow_paths(caches, keep)  # nothing moves in the caches
         return [until_end(row, c.eos_id) for row in outputs]
-    finally:
-        model.train(was_training)
 
 
 @torch.inference_mode()
@@ -132,12 +129,8 @@ def beam_search(model: nn.Module, src_ids: Prompts, config: BeamConfig) -> list[
         raise ConfigError(f"config must be a BeamConfig, got {type(config).__name__}")
     src_ids = source_batch(model, src_ids)
     c = model.config
-    was_training = model.training
-    model.eval()
-    try:
+    with evaluating(model):
         return _beam_search(model, src_ids, config, c.bos_id, c.eos_id)
-    finally:
-        model.train(was_training)
 
 
 def most_likely(logits: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:

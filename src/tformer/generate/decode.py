@@ -38,6 +38,7 @@ from tformer.generate.sampling import (
     top_p_filter,
 )
 from tformer.nn import KVCache
+from tformer.nn.modes import evaluating
 from tformer.nn.slot_cache import SlotCache, decode_mask
 
 # What the Python API takes as prompts: see prompt_rows.
@@ -252,9 +253,7 @@ def stream_tokens(model: nn.Module, prompt: Prompts, config: SamplingConfig) -> 
     generator = None
     if config.seed is not None:
         generator = torch.Generator(device=prompt.device).manual_seed(config.seed)
-    was_training = model.training
-    model.eval()
-    try:
+    with evaluating(model):
         tokens = prompt[0].tolist()  # what the model sees (the window)
         history = list(tokens)  # everything so far, for the repetition penalty
         caches = model.new_caches(batch_size=1)
@@ -279,8 +278,6 @@ def stream_tokens(model: nn.Module, prompt: Prompts, config: SamplingConfig) -> 
                 caches = model.new_caches(batch_size=1)
                 logits = prefill(model, kept, caches)
                 tokens = kept[0].tolist()
-    finally:
-        model.train(was_training)
 
 
 def generate_ids(model: nn.Module, prompt: Prompts, config: SamplingConfig) -> list[int]:
@@ -352,12 +349,8 @@ def continue_batch(
         torch.Generator(device=device).manual_seed(seed) if seed is not None else None
         for seed in seeds
     ]
-    was_training = model.training
-    model.eval()
-    try:
+    with evaluating(model):
         outputs, finished = _decode_batch(model, ids, mask, prompts, config, generators)
-    finally:
-        model.train(was_training)
     reasons = [
         STOP if done else LENGTH if len(out) == config.max_new_tokens else CONTEXT
         for out, done in zip(outputs, finished, strict=True)

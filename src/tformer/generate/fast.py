@@ -3,9 +3,9 @@
 Decoding one token reads every weight once, so on a CPU its speed is memory bandwidth
 divided by the bytes of weights. `pack_for_decoding(model, "int8")` swaps every linear layer
 of the model (the blocks' and the tied output head) for a PackedLinear
-(tformer.nn.packed_linear) holding float32, bfloat16, int8 or int4 weights; embeddings, norms,
-attention and the KV cache stay float32. On the CPU the packed layers run the C kernels in
-tformer.kernels when they build.
+(tformer.nn.packed_linear) holding float32, bfloat16, int8 or int4 weights (or w8a8: int8
+weights and int8 activations); embeddings, norms, attention and the KV cache stay float32.
+On the CPU the packed layers run the C kernels in tformer.kernels when they build.
 
     path = pack_for_decoding(model, "bfloat16")
     print(path.describe())     # weights bfloat16 (activations float32); linear layers: ...
@@ -28,7 +28,7 @@ from tformer.tokenizers import Tokenizer
 class DecodingPath:
     """Where decoding's time goes: the stored weights and the kernels that read them."""
 
-    weights: str  # float32, bfloat16, int8, int4, or "model" (not packed: the model's own)
+    weights: str  # float32, bfloat16, int8, int4, w8a8, or "model" (not packed: the model's own)
     model_dtype: str  # the dtype of the model's parameters (activations, KV cache)
     device: str
     kernels: str | None  # the compiled C kernels' file, when they run the linear layers
@@ -42,6 +42,11 @@ class DecodingPath:
             stored = f"weights {self.model_dtype} (not packed)"
         elif self.weights == "int8":
             stored = "weights int8 (per-row scales, weight-only), activations float32"
+        elif self.weights == "w8a8":
+            stored = (
+                "weights int8 (per-row scales), activations int8 (per-row scales at each "
+                "step), products summed in int32"
+            )
         elif self.weights == "int4":
             stored = (
                 "weights int4 (a float16 scale per 32 weights of a row, weight-only; "

@@ -9,6 +9,9 @@ attention kernels, called once per layer, check it here.
     kernels.unpack_linear(panels, n, k) -> weight (N, K)
     kernels.pack_int4(q, scale) -> panels   int4: q (N, K) in [0, 15], a float16 scale per 32 k
     kernels.linear(x, panels, scale, bias, out)   x (M, K) float32 -> out (M, N)
+    kernels.pack_w8a8(q) -> panels   int8 q (N, K) for linear_w8a8, four k a column in 32 bits
+    kernels.linear_w8a8(x, panels, scale, bias, out)   the same with x quantised to int8 per
+        row and integer products (kernels/integer_linear.c)
     kernels.smoothed_ce_forward(logits, targets, eps)   (N, V) bf16 -> loss, lse (N,)
     kernels.dropout_mask(n, seed, threshold)   -> (n,) bool, True with P = threshold / 65536
     kernels.gelu_tanh(z), kernels.gelu_tanh_backward(grad, z)   float32 or bfloat16
@@ -62,7 +65,9 @@ def by_dtype(z: torch.Tensor) -> str:
 
 
 GROUP = 32  # int4: k per scale, as kernels/linear.c
-LINEAR_KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2, torch.uint8: 3}
+# decode_block.c's enum linear_kind, by PackedLinear's weight dtype
+LINEAR_KINDS = {"float32": 0, "bfloat16": 1, "int8": 2, "int4": 3, "w8a8": 4}
+W8A8_STEP = 4  # w8a8: k per 32-bit lane of a panel, as kernels/integer_linear.c
 
 
 HUGE_PAGE = 2 << 20
@@ -145,17 +150,23 @@ class Kernels:
     path: Path
     avx512: bool
     panel: int  # output columns per panel of linear's weights: two vectors of the build
+    w8a8_panel: int  # output columns per panel of linear_w8a8's weights
 
     @classmethod
     @c_function("tformer_has_avx512", [], ctypes.c_int)
     @c_function("tformer_linear_panel", [], ctypes.c_int)
+    @c_function("tformer_w8a8_panel", [], ctypes.c_int)
     def bind(cls, library: ctypes.CDLL, path: Path) -> "Kernels":
         """The wrappers over a loaded library, each of its C functions given its signature."""
         for name, (argtypes, restype) in SIGNATURES.items():
             function = getattr(library, name)
             function.argtypes, function.restype = argtypes, restype
         return cls(
-            library, path, bool(library.tformer_has_avx512()), library.tformer_linear_panel()
+            library,
+            path,
+            bool(library.tformer_has_avx512()),
+            library.tformer_linear_panel(),
+            library.tformer_w8a8_panel(),
         )
 
     def pack_linear(self, weight: torch.Tensor) -> torch.Tensor:
@@ -217,6 +228,45 @@ class Kernels:
         q = q.permute(0, 3, 1, 2).reshape(groups * p, t * GROUP)[:n, :k].contiguous()
         return q, scales.permute(0, 2, 1).reshape(groups * p, t)[:n].contiguous()
 
+    def pack_w8a8(self, q: torch.Tensor) -> torch.Tensor:
+        """int8 q (N, K) -> the panels linear_w8a8 reads (kernels/integer_linear.c), a copy:
+        N padded with zero rows to G panels of P = self.w8a8_panel columns, K with zeros to
+        a multiple of 4,
+
+            (G, K/4, P, 4)     panels[g, t, j, l] = q[g P + j, 4 t + l]"""
+        n, k = q.shape
+        groups, p = -(-n // self.w8a8_panel), self.w8a8_panel
+        steps = -(-k // W8A8_STEP)
+        padded = torch.zeros(groups * p, steps * W8A8_STEP, dtype=torch.int8)
+        padded[:n, :k] = q
+        return on_huge_pages(padded.view(groups, p, steps, W8A8_STEP).transpose(1, 2))
+
+    def unpack_w8a8(self, panels: torch.Tensor, n: int, k: int) -> torch.Tensor:
+        """The int8 q (N, K) that pack_w8a8 packed into `panels`, a new tensor."""
+        rows = panels.transpose(1, 2)  # (G, P, K/4, 4)
+        return rows.reshape(panels.shape[0] * self.w8a8_panel, -1)[:n, :k].contiguous()
+
+    @c_function("tformer_linear_w8a8", [POINTER] * 5 + [SIZE] * 3, ctypes.c_int)
+    def linear_w8a8(
+        self,
+        x: torch.Tensor,
+        panels: torch.Tensor,
+        scale: torch.Tensor,
+        bias: torch.Tensor | None,
+        out: torch.Tensor,
+    ) -> torch.Tensor:
+        """out (M, N) = x (M, K) W (N, K)^T + bias (N), W = q * scale[:, None] with q packed
+        by pack_w8a8, each row of x quantised to int8 (kernels/integer_linear.c). Every
+        tensor contiguous and on the CPU, as linear's."""
+        m, k = x.shape
+        b = bias.data_ptr() if bias is not None else None
+        status = self.library.tformer_linear_w8a8(
+            x.data_ptr(), panels.data_ptr(), scale.data_ptr(), b, out.data_ptr(), m, out.shape[1], k
+        )
+        if status != 0:
+            raise MemoryError(f"w8a8 linear: no memory for {m} quantised rows")
+        return out
+
     @c_function("tformer_linear_f32", [POINTER] * 4 + [SIZE] * 3)
     @c_function("tformer_linear_bf16", [POINTER] * 4 + [SIZE] * 3)
     @c_function("tformer_linear_i8", [POINTER] * 5 + [SIZE] * 3)
@@ -259,16 +309,22 @@ class Kernels:
 
     @staticmethod
     def linear_layout(
-        panels: torch.Tensor, scale: torch.Tensor | None, bias: torch.Tensor | None, n: int, k: int
+        panels: torch.Tensor,
+        scale: torch.Tensor | None,
+        bias: torch.Tensor | None,
+        n: int,
+        k: int,
+        weights: str,
     ) -> LinearLayout:
-        """A packed layer as decode_blocks reads it (the tensors must outlive its use)."""
+        """A packed layer of `weights` (PackedLinear's weight dtype) as decode_blocks reads
+        it (the tensors must outlive its use)."""
         return LinearLayout(
             panels.data_ptr(),
             scale.data_ptr() if scale is not None else None,
             bias.data_ptr() if bias is not None else None,
             n,
             k,
-            LINEAR_KINDS[panels.dtype],
+            LINEAR_KINDS[weights],
         )
 
     @c_function(

@@ -24,6 +24,7 @@ SOURCES = tuple(
     Path(__file__).with_name(name)
     for name in (
         "linear.c",
+        "integer_linear.c",
         "cross_entropy.c",
         "dropout.c",
         "gelu.c",

@@ -50,9 +50,7 @@ class FusedDecoding:
         for block in model.blocks:
             norms = (block.attn_sublayer.norm, block.mlp_sublayer.norm)
             linears = [
-                library.linear_layout(
-                    layer.panels, layer.scale, layer.bias, layer.out_features, layer.in_features
-                )
+                layer.layout()
                 for layer in (block.attn.w_qkv, block.attn.w_o, block.mlp.w1, block.mlp.w2)
             ]
             layouts.append(

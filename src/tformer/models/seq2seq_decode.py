@@ -68,16 +68,7 @@ class FusedCrossDecoding:
         layouts = []
         for layer in model.decoder_layers:
             norms = [p.data_ptr() for norm in _norms(layer) for p in (norm.weight, norm.bias)]
-            linears = [
-                library.linear_layout(
-                    linear.panels,
-                    linear.scale,
-                    linear.bias,
-                    linear.out_features,
-                    linear.in_features,
-                )  # fmt: skip
-                for linear in _layers(layer)
-            ]
+            linears = [linear.layout() for linear in _layers(layer)]
             layouts.append(CrossBlockLayout(*norms, *linears))
         self.blocks = (CrossBlockLayout * len(layouts))(*layouts)
         self.watched = [m for layer in model.decoder_layers for m in layer.modules()]

@@ -1,4 +1,4 @@
-"""A linear layer with its weights stored narrower, for fast decoding (weight-only).
+"""A linear layer with its weights stored narrower, for fast decoding.
 
     y = x W^T + b,   W stored as float32, bfloat16, int8 with one scale per output row, or
     int4 with one scale per group of 32 k of a row (ggml's q4_0):
@@ -8,16 +8,27 @@
 
 Decoding reads every weight once per token, so narrower weights mean proportionally less
 memory traffic: bfloat16 halves it, int8 quarters it, int4 (4.5 bits a weight with its
-scales) takes it to 14%. Only the stored weights change:
+scales) takes it to 14%. For these only the stored weights change (weight-only):
 activations, bias and accumulation stay float32 (`x` in, float32 out).
+
+w8a8 stores the weights as int8 does and also quantises each row of x, at each call, to
+int8 with a scale of its own (the same formula over the row's K values):
+
+    y_in = ((x_q q_n^T) s_x,i) s_n + b_n     x_q q^T summed in int32, exactly
+
+Where a step has many rows (batches, beams, prompts) a linear layer is bound by the
+multiply-adds, and the integer units issue more of them a cycle (kernels/integer_linear.c);
+the price is the rounding of x, which the weight-only formats do not pay.
 
 On the CPU, where the C kernels load, the weights are stored in the panels they read
 (tformer.kernels, kernels/linear.c: each weight read once for all the rows, in register
 tiles), and the kernels run up to `kernel_max_rows` rows. Beyond it (a long prompt), or on
 a GPU, torch's matmul runs: float32 weights as they are, the others in bfloat16 where the
 hardware computes in it natively, else in float32 (on the CPU from the panels unpacked, a
-copy per call). Inference only: no gradients flow through; and a packed layer stays on the
-device and in the dtypes it was packed with (pack again rather than move it).
+copy per call); w8a8's quantised rows and weights in float32, whose sums are exact up to
+K = 1040 (127^2 K < 2^24) and rounded beyond. Inference only: no gradients flow through;
+and a packed layer stays on the device and in the dtypes it was packed with (pack again
+rather than move it).
 
 `pack_linear_layers(model, "int8")` swaps every nn.Linear of a model for a PackedLinear of
 the same weights (a tied output head included: it packs the shared weight); the swap is
@@ -37,7 +48,7 @@ from tformer import kernels
 from tformer.devices import bf16_supported
 from tformer.files import atomic_write_json, cache_dir
 
-WEIGHT_DTYPES = ("float32", "bfloat16", "int8", "int4")
+WEIGHT_DTYPES = ("float32", "bfloat16", "int8", "int4", "w8a8")
 GROUP = 32  # int4: k per scale
 
 # Up to this many rows the C kernels run. With one row they read the weights at memory
@@ -50,9 +61,10 @@ GROUP = 32  # int4: k per scale
 # machine (benchmarks/decode_linear.py), where the kernels were faster at every row count
 # up to 128; not yet on the Intel one. int4's torch path dequantises every weight at each
 # call, which costs more than the kernels' work for a 512-token prompt: its kernels run at
-# any count unless a calibration says otherwise.
+# any count unless a calibration says otherwise; nor does w8a8's, whose torch path multiplies
+# in float32.
 ANY = math.inf  # a limit of no limit: compares with any row count (not JSON, not a range)
-KERNEL_MAX_ROWS = {"float32": ANY, "bfloat16": 16, "int8": 32, "int4": ANY}
+KERNEL_MAX_ROWS = {"float32": ANY, "bfloat16": 16, "int8": 32, "int4": ANY, "w8a8": ANY}
 # The rows of a prompt's prefill, the last count calibrate_kernel_rows measures.
 PROMPT_ROWS = 512
 
@@ -64,6 +76,15 @@ def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # an all-zero row stays zero
     q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
     return q, scale
+
+
+def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Activations (M, K) float32 -> w8a8's int8 rows x_q (M, K) and scales s_x (M,), as the
+    kernels compute them: s_x = max_k |x| / 127 (1 for a row of zeros), x_q = round(x / s_x)
+    to nearest even, in [-127, 127]."""
+    largest = x.abs().amax(dim=1)
+    scale = torch.where(largest > 0, largest / 127.0, torch.ones_like(largest))
+    return torch.round(x / scale[:, None]).clamp(-127, 127).to(torch.int8), scale
 
 
 def quantize_int4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -103,7 +124,7 @@ class PackedLinear(nn.Module):
         self.weight_dtype = weight_dtype
         self.out_features, self.in_features = weight.shape
         scale = group_scale = None
-        if weight_dtype == "int8":
+        if weight_dtype in ("int8", "w8a8"):
             stored, scale = quantize_int8(weight)
         elif weight_dtype == "int4":
             stored, group_scale = quantize_int4(weight)
@@ -116,6 +137,9 @@ class PackedLinear(nn.Module):
         if self.kernels is not None and weight_dtype == "int4":
             self.register_buffer("panels", self.kernels.pack_int4(stored, group_scale))
             self.weight = self.group_scale = None
+        elif self.kernels is not None and weight_dtype == "w8a8":
+            self.register_buffer("panels", self.kernels.pack_w8a8(stored))
+            self.weight = self.group_scale = None
         elif self.kernels is not None:
             self.register_buffer("panels", self.kernels.pack_linear(stored))
             self.weight = self.group_scale = None
@@ -123,11 +147,11 @@ class PackedLinear(nn.Module):
             self.register_buffer("weight", stored)  # (N, K)
             self.register_buffer("group_scale", group_scale)  # (N, K / GROUP) for int4
             self.panels = None
-        self.register_buffer("scale", scale)  # (N,) for int8, else None
+        self.register_buffer("scale", scale)  # (N,) for int8 and w8a8, else None
         b = bias.detach().float().contiguous() if bias is not None else None
         self.register_buffer("bias", b)  # (N,)
         self.compute_dtype = torch.float32
-        if weight_dtype != "float32" and bf16_supported(device):
+        if weight_dtype not in ("float32", "w8a8") and bf16_supported(device):
             self.compute_dtype = torch.bfloat16
         # Up to this many rows the C kernels run, beyond it torch's matmul; measured on the
         # CPU in use by calibrate_kernel_rows, else the figures of KERNEL_MAX_ROWS.
@@ -167,13 +191,24 @@ class PackedLinear(nn.Module):
             return dequantize_int4(*self.kernels.unpack_int4(self.panels, n, k))
         if self.panels is None:
             return self.weight
+        if self.weight_dtype == "w8a8":
+            return self.kernels.unpack_w8a8(self.panels, n, k)
         return self.kernels.unpack_linear(self.panels, n, k)
 
     def by_kernels(self, x: torch.Tensor) -> torch.Tensor:
         """(M, K) float32 -> (M, N) through the C kernels."""
         out = torch.empty(x.shape[0], self.out_features, device=x.device)
-        self.kernels.linear(x.contiguous(), self.panels, self.scale, self.bias, out)
+        linear = self.kernels.linear_w8a8 if self.weight_dtype == "w8a8" else self.kernels.linear
+        linear(x.contiguous(), self.panels, self.scale, self.bias, out)
         return out
+
+    def layout(self):
+        """This layer as the fused decoding steps read it (kernels/decode_block.c), a
+        kernels.LinearLayout pointing at this layer's tensors."""
+        n, k = self.out_features, self.in_features
+        return self.kernels.linear_layout(
+            self.panels, self.scale, self.bias, n, k, self.weight_dtype
+        )
 
     def torch_weight(self) -> torch.Tensor:
         """The (N, K) weight by_torch multiplies by, in the compute dtype (int8 values are
@@ -184,7 +219,11 @@ class PackedLinear(nn.Module):
         """(M, K) float32 -> (M, N) through torch's matmul, by `weight` if given (the
         torch_weight() made beforehand), else made now."""
         weight = self.torch_weight() if weight is None else weight
-        out = nn.functional.linear(x.to(self.compute_dtype), weight).float()
+        if self.weight_dtype == "w8a8":  # the integer sums, in float32 (see the top)
+            rows, row_scale = quantize_rows(x)
+            out = nn.functional.linear(rows.float(), weight) * row_scale[:, None]
+        else:
+            out = nn.functional.linear(x.to(self.compute_dtype), weight).float()
         if self.scale is not None:  # x (q s)^T = (x q^T) s: cheaper than dequantising
             out = out * self.scale
         if self.bias is not None:

@@ -17,6 +17,7 @@ from tformer.files import read_json
 from tformer.models import encoder_qa, seq2seq
 from tformer.models.encoder_qa import EncoderForQuestionAnswering
 from tformer.models.gpt2_qa import GPT2ForQuestionAnswering
+from tformer.nn.modes import evaluating
 from tformer.qa.batches import QABatches
 from tformer.qa.retrieval import Passage, PassageIndex
 from tformer.qa.windows import Prediction, QAExample, best_answer, make_windows, marker_tokens
@@ -69,14 +70,12 @@ def answer(
     per_example = [make_windows(tokenizer, e, max_len, stride, separator, null) for e in examples]
     flat = [w for windows in per_example for w in windows]
     collate = QABatches(flat, separator).collate
-    was_training = model.training
-    model.eval()
     logits = []
-    for i in range(0, len(flat), batch_size):
-        rows = flat[i : i + batch_size]
-        spans = model(*collate(rows).to(device).inputs).float().cpu()  # (B, 2, T)
-        logits += [span[:, : len(w.ids)] for span, w in zip(spans, rows, strict=True)]
-    model.train(was_training)
+    with evaluating(model):
+        for i in range(0, len(flat), batch_size):
+            rows = flat[i : i + batch_size]
+            spans = model(*collate(rows).to(device).inputs).float().cpu()  # (B, 2, T)
+            logits += [span[:, : len(w.ids)] for span, w in zip(spans, rows, strict=True)]
     predictions, position = [], 0
     for example, windows in zip(examples, per_example, strict=True):
         mine = logits[position : position + len(windows)]

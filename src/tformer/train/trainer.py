@@ -36,6 +36,7 @@ from tformer.data.tokens import IGNORE_INDEX, LMBatches
 from tformer.devices import flush_denormals, keep_freed_memory
 from tformer.errors import ConfigError, RunDirectoryError, TrainingInterrupted
 from tformer.files import WRITE_ERRORS, atomic_write_json, is_write_error, write_failure
+from tformer.nn.modes import evaluating
 from tformer.tokenizers import Tokenizer
 from tformer.train import distributed
 from tformer.train.checkpoint import (
@@ -198,33 +199,31 @@ def evaluate(
     else:
         generator = torch.Generator().manual_seed(EVAL_SEED)
         batches = [data.sample(batch_size, generator) for _ in range(max_batches)]
-    was_training = model.training
-    model.eval()
-    totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, count
-    mine = batches[dist.rank :: dist.world_size]
-    if distributed.is_sharded(model):
-        # A sharded model's forward is a collective: every process runs as many as the
-        # busiest one, and the spare passes (on a batch already scored) count nothing.
-        rounds = math.ceil(len(batches) / dist.world_size)
-        mine += [None] * (rounds - len(mine))
-    for batch in mine:
-        if batch is None:
+    with evaluating(model):
+        totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, count
+        mine = batches[dist.rank :: dist.world_size]
+        if distributed.is_sharded(model):
+            # A sharded model's forward is a collective: every process runs as many as the
+            # busiest one, and the spare passes (on a batch already scored) count nothing.
+            rounds = math.ceil(len(batches) / dist.world_size)
+            mine += [None] * (rounds - len(mine))
+        for batch in mine:
+            if batch is None:
+                with autocast(device, dtype):
+                    model(*batches[0].to(device).inputs)
+                continue
+            batch = batch.to(device)
             with autocast(device, dtype):
-                model(*batches[0].to(device).inputs)
-            continue
-        batch = batch.to(device)
-        with autocast(device, dtype):
-            logits = model(*batch.inputs)
-        scored = batch.targets != IGNORE_INDEX
-        loss_sum = nn.functional.cross_entropy(
-            logits.float().flatten(0, 1),
-            batch.targets.flatten(),
-            reduction="sum",
-            ignore_index=IGNORE_INDEX,
-        )
-        correct = ((logits.argmax(-1) == batch.targets) & scored).sum()
-        totals += torch.stack([loss_sum.double(), correct.double(), scored.sum().double()])
-    model.train(was_training)
+                logits = model(*batch.inputs)
+            scored = batch.targets != IGNORE_INDEX
+            loss_sum = nn.functional.cross_entropy(
+                logits.float().flatten(0, 1),
+                batch.targets.flatten(),
+                reduction="sum",
+                ignore_index=IGNORE_INDEX,
+            )
+            correct = ((logits.argmax(-1) == batch.targets) & scored).sum()
+            totals += torch.stack([loss_sum.double(), correct.double(), scored.sum().double()])
     loss_sum, correct, count = distributed.all_reduce_sum(totals).tolist()
     loss = loss_sum / count
     perplexity = math.exp(loss) if loss < 700 else math.inf  # a diverged model
