@@ -83,6 +83,67 @@ def test_a_rows_result_does_not_depend_on_the_other_rows(compiled):
             assert torch.equal(alone, together[rows]), ("int4", bias is None, rows)
 
 
+def w8a8_reference(x, q, scale, bias):
+    """integer_linear.c's formula, written out: x rounded to int8 per row, the integer sums
+    exact in float64, then ((float)acc * s_x) * s_w + b (the last two one fma, here in
+    float64 and rounded once more to float32)."""
+    largest = x.abs().amax(dim=1)
+    s_x = torch.where(largest > 0, largest / 127.0, torch.ones_like(largest))
+    x_q = torch.round(x / s_x[:, None]).clamp(-127, 127)
+    acc = (x_q.double() @ q.double().T).float()  # exact sums, rounded to float32 as C's cast
+    r = acc * s_x[:, None]
+    if bias is None:
+        return r * scale
+    return (r.double() * scale.double() + bias.double()).float()
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 7, 17])
+@pytest.mark.parametrize("k", [1, 5, 64, 203])  # k not a multiple of 4: padded with zeros
+@pytest.mark.parametrize("n", [5, 16, 47, 300])  # panels of 16 columns; padded ones
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_w8a8_kernels_compute_the_integer_formula(compiled, rows, k, n, with_bias):
+    g = torch.Generator().manual_seed(rows * 1000 + k + n)
+    x = torch.randn(rows, k, generator=g) * torch.rand(rows, 1, generator=g) * 10
+    x[rows // 2] = 0.0  # a row of zeros: scale 1, all products 0
+    w = torch.randn(n, k, generator=g)
+    bias = torch.randn(n, generator=g) if with_bias else None
+    q, scale = quantize_int8(w)
+    panels = compiled.pack_w8a8(q)
+    assert panels.shape == (-(-n // 16), -(-k // 4), 16, 4)
+    assert torch.equal(compiled.unpack_w8a8(panels, n, k), q)
+    out = compiled.linear_w8a8(x, panels, scale, bias, torch.empty(rows, n))
+    expected = w8a8_reference(x, q, scale, bias)
+    if with_bias:  # float64's fma against C's: at most a float32 rounding apart
+        torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6)
+    else:
+        assert torch.equal(out, expected)
+    if with_bias:
+        assert torch.equal(out[rows // 2], bias)
+    # and it is x W^T within its two roundings: each x and each w within half a step,
+    # |x W^T - x' W'^T| <= sum_k |x - x'| |w| + |x'| |w - w'|
+    exact = x.double() @ w.double().T + (bias.double() if with_bias else 0)
+    s_x = (x.abs().amax(dim=1) / 127).double()[:, None]
+    x_size = x.abs().double().sum(1, keepdim=True) + k * s_x / 2  # sum_k |x'|
+    bound = s_x / 2 * w.abs().double().sum(1) + x_size * scale.double() / 2 + 1e-4
+    assert ((out.double() - exact).abs() <= bound).all()
+
+
+def test_w8a8_rounds_ties_to_even_and_a_rows_result_does_not_depend_on_the_others(compiled):
+    x = torch.tensor([[127.0, 0.5, 1.5, -2.5, -0.5, 3.0, 2.5, 0.0]])  # s_x = 1: ties
+    q = torch.eye(8, dtype=torch.int8)
+    out = compiled.linear_w8a8(x, compiled.pack_w8a8(q), torch.ones(8), None, torch.empty(1, 8))
+    assert out.tolist() == [[127.0, 0.0, 2.0, -2.0, -0.0, 3.0, 2.0, 0.0]]
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(17, 301, generator=g)
+    q, scale = quantize_int8(torch.randn(300, 301, generator=g))
+    panels = compiled.pack_w8a8(q)
+    together = compiled.linear_w8a8(x, panels, scale, None, torch.empty(17, 300))
+    for rows in (slice(0, 1), slice(16, 17), slice(3, 5), slice(4, 11)):
+        part = x[rows].contiguous()
+        alone = compiled.linear_w8a8(part, panels, scale, None, torch.empty(part.shape[0], 300))
+        assert torch.equal(alone, together[rows]), rows
+
+
 def test_int4_quantisation_is_ggml_q4_0():
     """quantize_int4 against the gguf package's q4_0 (llama.cpp's own numpy reference):
     the same weights to the bit, a short last group as a group of its own."""

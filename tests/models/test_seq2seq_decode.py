@@ -16,7 +16,7 @@ SOURCES = [[5, 6, 7, 8, 9, 2], [3, 4, 2], [10, 11, 12, 13, 14, 15, 16, 2], [7, 2
 
 
 def packed_model(
-    activation: str, fused: bool, seed: int = 2, d_model: int = 40
+    activation: str, fused: bool, seed: int = 2, d_model: int = 40, weights: str = "float32"
 ) -> Seq2SeqTransformer:
     """2 + 2 layers, 40 wide, 5 heads (not a power of two), weights off their start."""
     config = Seq2SeqConfig(src_vocab_size=31, tgt_vocab_size=31, max_len=24, d_model=d_model,
@@ -27,7 +27,7 @@ def packed_model(
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn(p.shape, generator=g) * 0.3)
-    pack_for_decoding(model, "float32")
+    pack_for_decoding(model, weights)
     assert model.fused_decoding is not None
     if not fused:
         model.fused_decoding = None
@@ -39,9 +39,14 @@ def padded(rows):
     return torch.tensor([r + [0] * (width - len(r)) for r in rows])
 
 
-@pytest.mark.parametrize("activation", ["relu", "gelu", "gelu_tanh"])
-def test_the_fused_step_computes_the_decoder_layers(activation):
-    fused, plain = packed_model(activation, True), packed_model(activation, False)
+# w8a8: the same integer kernels on both paths (the rows quantised alike)
+@pytest.mark.parametrize(
+    ("activation", "weights"),
+    [("relu", "float32"), ("gelu", "float32"), ("gelu_tanh", "float32"), ("relu", "w8a8")],
+)
+def test_the_fused_step_computes_the_decoder_layers(activation, weights):
+    fused = packed_model(activation, True, weights=weights)
+    plain = packed_model(activation, False, weights=weights)
     src = padded(SOURCES)  # padded: the cross-attention's mask matters
     mask = fused.source_mask(src)
     steps = [[1, 1, 1, 1], [9, 10, 11, 12], [13, 3, 14, 2], [4, 4, 4, 4]]
@@ -105,6 +110,7 @@ def test_the_fused_step_reads_one_memory_row_for_each_sentence_s_beams(d_model, 
 
 
 def test_searches_on_the_fused_step_choose_what_the_plain_path_chooses():
+    # float32: the plain path's output projection is the model's own (not packed)
     fused, plain = packed_model("relu", True), packed_model("relu", False)
     src = padded(SOURCES)
     assert greedy_search(fused, src, 12) == greedy_search(plain, src, 12)
@@ -134,7 +140,9 @@ def test_the_fused_step_steps_aside_for_hooks_training_and_a_move():
     assert model.fused_decoding is None and model.fuse_decoding()
 
 
-@pytest.mark.parametrize(("weights", "head"), [("float32", "float32"), ("int4", "int8")])
+@pytest.mark.parametrize(
+    ("weights", "head"), [("float32", "float32"), ("int4", "int8"), ("w8a8", "w8a8")]
+)
 def test_the_packed_output_projection_computes_x_times_the_embedding(weights, head):
     config = Seq2SeqConfig(src_vocab_size=97, tgt_vocab_size=97, d_model=64, n_heads=4,
                            n_encoder_layers=1, n_decoder_layers=1, d_ff=64)  # fmt: skip

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from tformer.nn.packed_linear import PROMPT_ROWS, PackedLinear, quantize_int8
+from tformer.nn.packed_linear import PROMPT_ROWS, PackedLinear, quantize_int8, quantize_rows
 
 
 def test_int8_quantisation_error_is_at_most_half_a_step_per_weight():
@@ -42,6 +42,31 @@ def test_packed_linear_equals_linear_on_its_rounded_weights_for_few_and_many_row
         tight = weight_dtype == "float32" or 2 * rows <= most
         tolerance = 1e-4 if tight or packed.compute_dtype == torch.float32 else 0.3
         torch.testing.assert_close(out.double(), reference, rtol=0, atol=tolerance)
+
+
+def test_w8a8_rounds_each_row_of_x_and_both_paths_compute_the_same_sums():
+    """w8a8: x_q = round(x / s_x), s_x = max |x| / 127 per row; then the integer sums times
+    both scales. The kernels (few rows) and torch's float32 matmul (many rows) agree to a
+    rounding of float32 (their sums are exact for K <= 1040, then scaled)."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(6, 40, generator=g)
+    x[2] = 0.0
+    x_q, s_x = quantize_rows(x)
+    assert x_q.dtype == torch.int8 and x_q.abs().max() == 127
+    assert s_x[2] == 1.0 and torch.equal(x_q[2], torch.zeros(40, dtype=torch.int8))
+    torch.testing.assert_close(s_x[[0, 1, 3]], x[[0, 1, 3]].abs().amax(1) / 127)
+    assert ((x_q.float() * s_x[:, None] - x).abs() <= s_x[:, None] / 2 + 1e-7).all()
+    linear = nn.Linear(40, 24)
+    packed = PackedLinear.from_linear(linear, "w8a8")
+    assert packed.compute_dtype == torch.float32  # never bfloat16: the sums must stay exact
+    q, scale = quantize_int8(linear.weight)
+    assert torch.equal(packed.stored_weight(), q) and torch.equal(packed.scale, scale)
+    with torch.inference_mode():
+        by_torch = packed.by_torch(x)
+        expected = (x_q.double() @ q.double().T) * s_x.double()[:, None] * scale.double()
+        torch.testing.assert_close(by_torch.double(), expected + linear.bias.double())
+        if packed.kernels is not None:
+            torch.testing.assert_close(packed.by_kernels(x), by_torch, rtol=1e-6, atol=1e-6)
 
 
 def test_packed_linear_refuses_to_train():
