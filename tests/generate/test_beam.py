@@ -4,7 +4,13 @@ import pytest
 import torch
 
 from tformer import kernels
-from tformer.generate.beam import BeamConfig, beam_search, greedy_search, most_likely
+from tformer.generate.beam import (
+    BeamConfig,
+    beam_search,
+    best_token,
+    greedy_search,
+    most_likely,
+)
 from tformer.models.seq2seq import Seq2SeqConfig, Seq2SeqTransformer
 
 
@@ -132,6 +138,18 @@ def test_the_kernels_choose_each_beam_s_candidates_as_torch_does(monkeypatch):
     searched_by_torch = beam_search(model, padded(SOURCES), config)
     monkeypatch.undo()
     assert beam_search(model, padded(SOURCES), config) == searched_by_torch
+
+
+@pytest.mark.skipif(kernels.load() is None, reason="no C kernels here")
+def test_greedy_s_best_token_is_argmax_with_ties_to_the_lower_id(monkeypatch):
+    logits = torch.randint(-3, 3, (40, 97), generator=torch.Generator().manual_seed(1)).float()
+    logits[5] = float("-inf")  # no token can follow: id 0, as argmax
+    logits[6, 40:] = 9.0  # a tie far from the start of the row
+    chosen = best_token(logits)
+    assert chosen.shape == (40, 1) and chosen[6, 0] == 40
+    assert torch.equal(chosen, logits.argmax(-1, keepdim=True))
+    monkeypatch.setattr(kernels, "load", lambda: None)  # torch's argmax
+    assert torch.equal(best_token(logits), chosen)
 
 
 def test_a_window_of_one_position_leaves_no_room_for_a_word():

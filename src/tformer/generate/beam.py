@@ -105,7 +105,7 @@ def greedy_search(
         for _ in range(steps):
             features = model.decode(token, memory, src_mask, caches, memory_kvs)  # (N, 1, C)
             logits = never_padding(model, mask_beyond(model.unembed(features[:, -1]), vocab_limit))
-            token = logits.argmax(-1, keepdim=True)  # (N, 1)
+            token = best_token(logits)  # (N, 1)
             chosen = token[:, 0].tolist()
             for sentence, t in zip(live, chosen, strict=True):
                 outputs[sentence].append(t)
@@ -131,6 +131,16 @@ def beam_search(model: nn.Module, src_ids: Prompts, config: BeamConfig) -> list[
     c = model.config
     with evaluating(model):
         return _beam_search(model, src_ids, config, c.bos_id, c.eos_id)
+
+
+def best_token(logits: torch.Tensor) -> torch.Tensor:
+    """Logits (M, V) -> each row's most likely id (M, 1), the lower id on a tie, as
+    argmax; on the CPU one pass of the C kernels over the rows' logits (top_logits.c), in
+    parallel. (A NaN logit, which argmax would choose, is never chosen there.)"""
+    library = kernels.load() if logits.device.type == "cpu" else None
+    if library is not None and logits.dtype == torch.float32:
+        return library.top_logits(logits, 1, log_sum_exp=False)[2]
+    return logits.argmax(-1, keepdim=True)
 
 
 def most_likely(logits: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -534,22 +534,28 @@ class Kernels:
 
     @c_function("tformer_top_logits", [POINTER, SIZE, SIZE, SIZE] + [POINTER] * 3)
     def top_logits(
-        self, logits: torch.Tensor, n: int
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """logits (M, V) float32 on the CPU -> log sum_v exp(logits) (M,), and the n largest
-        logits of each row (M, n), best first (ties: the lower id first), with their ids
-        (M, n) int64 (kernels/top_logits.c)."""
+        self, logits: torch.Tensor, n: int, log_sum_exp: bool = True
+    ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+        """logits (M, V) float32 on the CPU -> log sum_v exp(logits) (M,) (None without
+        log_sum_exp), and the n largest logits of each row (M, n), best first (ties: the
+        lower id first), with their ids (M, n) int64 (kernels/top_logits.c)."""
         if logits.dim() != 2 or logits.dtype != torch.float32 or logits.device.type != "cpu":
             raise ValueError("logits must be (M, V) float32 on the CPU")
         m, v = logits.shape
         if not 1 <= n <= v:
             raise ValueError(f"n must lie in 1..{v}, got {n}")
         logits = logits.contiguous()
-        lse = torch.empty(m, dtype=torch.float32)
+        lse = torch.empty(m, dtype=torch.float32) if log_sum_exp else None
         values = torch.empty(m, n, dtype=torch.float32)
         ids = torch.empty(m, n, dtype=torch.int64)
         self.library.tformer_top_logits(
-            logits.data_ptr(), m, v, n, lse.data_ptr(), values.data_ptr(), ids.data_ptr()
+            logits.data_ptr(),
+            m,
+            v,
+            n,
+            lse.data_ptr() if lse is not None else None,
+            values.data_ptr(),
+            ids.data_ptr(),
         )
         return lse, values, ids
 

@@ -8,7 +8,7 @@
    the sentence are among the n best of their own beams). Ties keep the lower id first.
    The sum of exponentials runs in eight lanes (x_v into lane v mod 8) with exp_neg, then
    the lanes in order: an order that does not depend on the batch. Rows are split over
-   the OpenMP threads. */
+   the OpenMP threads. Without lse (NULL) only the n largest: greedy search's argmax. */
 
 #include <math.h>
 #include <stdint.h>
@@ -41,6 +41,7 @@ static void top_of_row(const float *x, int64_t v_len, int64_t n, float *lse, flo
             for (int l = 0; l < 32; l++) insert(x[v + l], v + l, values, ids, &held, n);
     }
     for (; v < v_len; v++) insert(x[v], v, values, ids, &held, n);
+    if (!lse) return;
     const float highest = values[0];
     if (highest == -INFINITY) { /* every logit -inf: no token can follow */
         *lse = -INFINITY;
@@ -55,10 +56,12 @@ static void top_of_row(const float *x, int64_t v_len, int64_t n, float *lse, flo
     *lse = highest + logf(total);
 }
 
-/* logits (M, V) float32 -> lse (M,), values (M, n) float32 and ids (M, n) int64, n <= V. */
+/* logits (M, V) float32 -> lse (M,) (unless NULL), values (M, n) float32 and ids (M, n)
+   int64, n <= V. */
 void tformer_top_logits(const float *logits, int64_t m, int64_t v_len, int64_t n, float *lse,
                         float *values, int64_t *ids) {
 #pragma omp parallel for schedule(static)
     for (int64_t r = 0; r < m; r++)
-        top_of_row(logits + r * v_len, v_len, n, lse + r, values + r * n, ids + r * n);
+        top_of_row(logits + r * v_len, v_len, n, lse ? lse + r : NULL, values + r * n,
+                   ids + r * n);
 }
