@@ -39,6 +39,7 @@ from common import machine_line  # noqa: E402
 
 from tformer import kernels  # noqa: E402
 from tformer.data.parallel import load_parallel  # noqa: E402
+from tformer.devices import keep_freed_memory  # noqa: E402
 from tformer.generate.beam import BeamConfig  # noqa: E402
 from tformer.generate.fast import pack_for_decoding  # noqa: E402
 from tformer.generate.translate import corpus_scores, translate  # noqa: E402
@@ -50,6 +51,7 @@ CT2 = ("float32", "int8")
 
 
 def tformer_engine(run: Path, setting: str, batch: int, beam: int):
+    keep_freed_memory()  # as the `tformer` program does (cli/main.py)
     model, tokenizer = load_translation_model(run, torch.device("cpu"))
     if setting != "float32":
         pack_for_decoding(model, setting.split()[-1])

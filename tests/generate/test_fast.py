@@ -29,6 +29,8 @@ def test_packing_replaces_every_linear_layer_and_the_head():
     model, path = packed_copy(sharp_model(), "int8")
     assert not any(type(m) is torch.nn.Linear for m in model.modules())
     assert isinstance(model.lm_head, PackedLinear)  # the tied head, packed like the rest
+    # every module in evaluation mode, the packed layers too: a search leaves it as it is
+    assert not any(m.training for m in model.modules())
     assert sum(isinstance(m, PackedLinear) for m in model.modules()) == 4 * 2 + 1
     assert path.weights == "int8" and "int8" in path.describe()
 

@@ -111,6 +111,8 @@ def test_w8a8_kernels_compute_the_integer_formula(compiled, rows, k, n, with_bia
     panels = compiled.pack_w8a8(q)
     assert panels.shape == (-(-n // 16), -(-k // 4), 16, 4)
     assert torch.equal(compiled.unpack_w8a8(panels, n, k), q)
+    with pytest.raises(ValueError, match="linear_w8a8 reads them"):
+        compiled.linear(x, panels, scale, bias, torch.empty(rows, n))  # another layout
     out = compiled.linear_w8a8(x, panels, scale, bias, torch.empty(rows, n))
     expected = w8a8_reference(x, q, scale, bias)
     if with_bias:  # float64's fma against C's: at most a float32 rounding apart
@@ -129,6 +131,8 @@ def test_w8a8_kernels_compute_the_integer_formula(compiled, rows, k, n, with_bia
 
 
 def test_w8a8_rounds_ties_to_even_and_a_rows_result_does_not_depend_on_the_others(compiled):
+    with pytest.raises(ValueError, match=r"\[-127, 127\]"):  # vpsignb cannot negate -128
+        compiled.pack_w8a8(torch.full((2, 4), -128, dtype=torch.int8))
     x = torch.tensor([[127.0, 0.5, 1.5, -2.5, -0.5, 3.0, 2.5, 0.0]])  # s_x = 1: ties
     q = torch.eye(8, dtype=torch.int8)
     out = compiled.linear_w8a8(x, compiled.pack_w8a8(q), torch.ones(8), None, torch.empty(1, 8))

@@ -25,6 +25,7 @@ from tformer.cli import (
     translate,
 )
 from tformer.cli.common import warnings_as_lines
+from tformer.devices import keep_freed_memory
 from tformer.errors import TrainingInterrupted
 
 COMMANDS = [
@@ -107,11 +108,17 @@ def one_line(error: BaseException) -> str:
 def entry() -> None:
     """The `tformer` program: main(), then the interpreter's exit without its last sweep.
 
+    Its C allocator keeps freed memory for reuse (tformer.devices.keep_freed_memory): a
+    training step, a decoding step and a layer of a batch allocate and free the same
+    buffers of a few MB each time, which glibc would otherwise map afresh, with page faults
+    (~10% of translating short sentences, docs/LOG.md).
+
     At exit Python's garbage collector walks every live object (~200,000 once torch and
     matplotlib are loaded): most of the time a process takes to end (docs/LOG.md). Every
     file is written and closed by then, so the objects are frozen (left out of that walk)
     instead; they are freed with the process all the same.
     """
+    keep_freed_memory()
     try:
         main()
     finally:  # an error's exit (sys.exit) ends the process just the same

@@ -136,7 +136,7 @@ def beam_search(model: nn.Module, src_ids: Prompts, config: BeamConfig) -> list[
 def best_token(logits: torch.Tensor) -> torch.Tensor:
     """Logits (M, V) -> each row's most likely id (M, 1), the lower id on a tie, as
     argmax; on the CPU one pass of the C kernels over the rows' logits (top_logits.c), in
-    parallel. (A NaN logit, which argmax would choose, is never chosen there.)"""
+    parallel. (A row with a NaN logit may get another token there: argmax picks the NaN.)"""
     library = kernels.load() if logits.device.type == "cpu" else None
     if library is not None and logits.dtype == torch.float32:
         return library.top_logits(logits, 1, log_sum_exp=False)[2]

@@ -19,7 +19,6 @@ import torch
 from torch import nn
 
 from tformer import kernels
-from tformer.devices import keep_freed_memory
 from tformer.models.load import load_gpt2_with_tokenizer
 from tformer.nn.packed_linear import WEIGHT_DTYPES, pack_linear_layers, packed_layers
 from tformer.tokenizers import Tokenizer
@@ -45,8 +44,8 @@ class DecodingPath:
             stored = "weights int8 (per-row scales, weight-only), activations float32"
         elif self.weights == "w8a8":
             stored = (
-                "weights int8 (per-row scales), activations int8 (per-row scales at each "
-                "step), products summed in int32"
+                "weights int8 (per-row scales), activations rounded to int8 (a scale per row "
+                "at each step)"
             )
         elif self.weights == "int4":
             stored = (
@@ -81,8 +80,7 @@ class DecodingPath:
 
 
 def pack_for_decoding(model: nn.Module, weights: str) -> DecodingPath:
-    """Replace every linear layer of the model with a packed one, in place. On the CPU the
-    process's C allocator then keeps freed memory for reuse (tformer.devices)."""
+    """Replace every linear layer of the model with a packed one, in place."""
     if weights not in WEIGHT_DTYPES:
         raise ValueError(f"unknown weights {weights!r}; choose one of {', '.join(WEIGHT_DTYPES)}")
     if packed_layers(model):
@@ -93,19 +91,14 @@ def pack_for_decoding(model: nn.Module, weights: str) -> DecodingPath:
             "pack a float32 model: packing keeps activations in float32 and rounds only the "
             f"weights, but this model is {dtype}"
         )
-    model.eval()
     # int4 keeps a model's output head in int8: the head is the matrix whose rounding costs
     # the most (llama.cpp's quantiser keeps it wider too, and `export gguf --type q4_0`).
     head = {"lm_head": "int8"} if weights == "int4" else {}
     pack_linear_layers(model, weights, head)
+    model.eval()  # the packed layers too
     fuse = getattr(model, "fuse_decoding", None)  # GPT-2's one-call decoding step
     if fuse is not None:
         fuse()
-    if next(model.parameters()).device.type == "cpu":
-        # A batch's activations (a few MB) are allocated and freed at every layer; kept for
-        # reuse they cost no page faults the next time (~10% of translating short sentences,
-        # docs/LOG.md), as the trainer keeps them.
-        keep_freed_memory()
     return decoding_path(model)
 
 
@@ -132,8 +125,8 @@ def load_for_decoding(
     checkpoint: str, device: torch.device, dtype: str, quantize: str | None
 ) -> tuple[nn.Module, Tokenizer, DecodingPath]:
     """A GPT-2 checkpoint ready to decode, with its tokenizer and the path decoding takes:
-    on the CPU (or quantized) its weights packed as `dtype` (as `quantize`, "int8" or
-    "int4", where given), else the model in `dtype`; attention on the fused kernel, the
+    on the CPU (or quantized) its weights packed as `dtype` (as `quantize`, "int8", "int4"
+    or "w8a8", where given), else the model in `dtype`; attention on the fused kernel, the
     fastest for decoding."""
     if device.type == "cpu" and dtype == "float16":
         raise ValueError("float16 is for GPUs; on the CPU use --dtype bfloat16 or float32")

@@ -10,6 +10,7 @@ attention kernels, called once per layer, check it here.
     kernels.pack_int4(q, scale) -> panels   int4: q (N, K) in [0, 15], a float16 scale per 32 k
     kernels.linear(x, panels, scale, bias, out)   x (M, K) float32 -> out (M, N)
     kernels.pack_w8a8(q) -> panels   int8 q (N, K) for linear_w8a8, four k a column in 32 bits
+    kernels.unpack_w8a8(panels, n, k) -> q (N, K)
     kernels.linear_w8a8(x, panels, scale, bias, out)   the same with x quantised to int8 per
         row and integer products (kernels/integer_linear.c)
     kernels.smoothed_ce_forward(logits, targets, eps)   (N, V) bf16 -> loss, lse (N,)
@@ -23,8 +24,8 @@ attention kernels, called once per layer, check it here.
         step of a stack of pre-LN GPT-2 blocks, x (M, C) in place
     kernels.decode_cross_blocks(blocks, x, work, ..., memory_k, memory_v, strides, mask, ...)
         the same for the encoder-decoder's post-LN decoder layers, with cross-attention
-    kernels.top_logits(logits, n)   (M, V) float32 -> log-sum-exp (M,), the n largest
-        (M, n) best first and their ids (M, n) int64
+    kernels.top_logits(logits, n, log_sum_exp=True)   (M, V) float32 -> log-sum-exp (M,)
+        (or None), the n largest (M, n) best first and their ids (M, n) int64
     kernels.flush_denormals(on)   on every thread of the pool -> threads set
     kernels.denormals_flushed()   on the calling thread?
 """
@@ -234,6 +235,8 @@ class Kernels:
         a multiple of 4,
 
             (G, K/4, P, 4)     panels[g, t, j, l] = q[g P + j, 4 t + l]"""
+        if q.dtype != torch.int8 or (q.numel() and int(q.min()) < -127):
+            raise ValueError("w8a8 weights are int8 in [-127, 127] (quantize_int8's)")
         n, k = q.shape
         groups, p = -(-n // self.w8a8_panel), self.w8a8_panel
         steps = -(-k // W8A8_STEP)
@@ -294,6 +297,8 @@ class Kernels:
             if status != 0:
                 raise MemoryError(f"int4 linear: no memory for the sums of {m} rows")
         elif panels.dtype == torch.int8:
+            if panels.dim() != 3:  # w8a8's (G, K/4, P, 4), read by linear_w8a8 alone
+                raise ValueError("these int8 panels are w8a8's: linear_w8a8 reads them")
             self.library.tformer_linear_i8(
                 x.data_ptr(), panels.data_ptr(), scale.data_ptr(), b, out.data_ptr(), m, n, k
             )

@@ -14,8 +14,9 @@
      x = x + GELU(h W_1^T + b_1) W_2^T + b_2
 
    Each linear layer runs the kernel of its own weights (float32, bfloat16, int8, int4, or
-   w8a8's integer products, integer_linear.c; `struct tformer_linear`), over the OpenMP threads; the norms and sums are M x C, a few
-   microseconds, split over the threads for large batches. The mean and variance are
+   w8a8's integer products, integer_linear.c; `struct tformer_linear`), over the OpenMP
+   threads; the norms and sums are M x C, a few microseconds, split over the threads for
+   large batches. The mean and variance are
    sums in eight lanes (two passes, the variance of the centred values), in float32 like
    torch's, in an order that does not depend on the batch. `work` holds the step's intermediate rows:
    (M, 3C) + 3 (M, C) + (M, F) floats. */

@@ -30,8 +30,11 @@
    the same integer, the step's sum_l p[i, 4t + l] q[n, 4t + l]: the results are identical
    on every CPU, and a row's do not depend on the other rows of the batch.
 
-   Tiles of up to W8_MR = 4 rows by one panel: 8 int32 accumulators, 2 weight vectors and
-   the row's broadcast and its absolute value fit AVX2's 16 registers. The panels are split
+   Tiles of up to W8_MR = 3 rows by one panel: 6 int32 accumulators, 2 weight vectors and
+   a row's broadcast p and |p| (stored beside p, quantise_row) fit AVX2's 16 registers with
+   room for the products; with 4 rows GCC kept accumulators on the stack (docs/LOG.md).
+   The int32 sums cannot overflow below K = 133,144 (127^2 K < 2^31). x must be finite: a
+   NaN or an infinity makes its row's outputs meaningless (as in the torch path). The panels are split
    over the OpenMP threads; the rows are quantised first, in the same parallel region. */
 
 #include <math.h>
@@ -169,7 +172,8 @@ static void rows_by_panel(const int8_t *p, int64_t magnitudes, int64_t row_bytes
         const int64_t left = tiles - t, mr = (m_len - m + left - 1) / left;
         const int8_t *pm = p + m * row_bytes;
         float *ym = y + m * n_len + n;
-#define TILE(rows, columns) tile(pm, magnitudes, row_bytes, s_x + m, panel, steps, rows, sw, b, ym, n_len, columns)
+#define TILE(rows, columns) \
+    tile(pm, magnitudes, row_bytes, s_x + m, panel, steps, rows, sw, b, ym, n_len, columns)
 #define TILES(columns)                     \
     switch (mr) {                          \
     case 3: TILE(3, columns); break;       \

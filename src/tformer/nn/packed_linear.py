@@ -14,7 +14,7 @@ activations, bias and accumulation stay float32 (`x` in, float32 out).
 w8a8 stores the weights as int8 does and also quantises each row of x, at each call, to
 int8 with a scale of its own (the same formula over the row's K values):
 
-    y_in = ((x_q q_n^T) s_x,i) s_n + b_n     x_q q^T summed in int32, exactly
+    y_in = ((x_q,i . q_n) s_x,i) s_n + b_n     the dot product x_q,i . q_n summed exactly
 
 Where a step has many rows (batches, beams, prompts) a linear layer is bound by the
 multiply-adds, and the integer units issue more of them a cycle (kernels/integer_linear.c);
@@ -26,7 +26,8 @@ tiles), and the kernels run up to `kernel_max_rows` rows. Beyond it (a long prom
 a GPU, torch's matmul runs: float32 weights as they are, the others in bfloat16 where the
 hardware computes in it natively, else in float32 (on the CPU from the panels unpacked, a
 copy per call); w8a8's quantised rows and weights in float32, whose sums are exact up to
-K = 1040 (127^2 K < 2^24) and rounded beyond. Inference only: no gradients flow through;
+K = 1040 (127^2 K < 2^24) and rounded beyond (the kernels' int32 sums are exact up to
+K = 133,144). Inference only: no gradients flow through;
 and a packed layer stays on the device and in the dtypes it was packed with (pack again
 rather than move it).
 
@@ -202,7 +203,7 @@ class PackedLinear(nn.Module):
         linear(x.contiguous(), self.panels, self.scale, self.bias, out)
         return out
 
-    def layout(self):
+    def layout(self) -> "kernels.LinearLayout":
         """This layer as the fused decoding steps read it (kernels/decode_block.c), a
         kernels.LinearLayout pointing at this layer's tensors."""
         n, k = self.out_features, self.in_features
