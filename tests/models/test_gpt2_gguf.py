@@ -190,6 +190,61 @@ def test_blocks_of_32_need_rows_of_whole_blocks(tokenizers, tmp_path):
     model.save_gguf(tmp_path / "m.gguf", tokenizer, "bf16")  # any width for the float types
 
 
+@pytest.mark.parametrize("alignment", [None, 64])
+def test_the_reader_reads_what_the_gguf_package_s_reader_reads(alignment, tmp_path):
+    """checkpoints/gguf.py parses the layout itself: every metadata type, arrays of
+    numbers and of strings, every ggml type tformer writes, another alignment; the same
+    values as gguf.GGUFReader, the package llama.cpp maintains."""
+    import gguf
+
+    writer = gguf.GGUFWriter(tmp_path / "all.gguf", "gpt2")
+    if alignment:
+        writer.add_custom_alignment(alignment)
+    writer.add_uint8("t.u8", 200)
+    writer.add_int8("t.i8", -100)
+    writer.add_uint16("t.u16", 60000)
+    writer.add_int16("t.i16", -30000)
+    writer.add_uint32("t.u32", 4_000_000_000)
+    writer.add_int32("t.i32", -2_000_000_000)
+    writer.add_float32("t.f32", 0.1)
+    writer.add_bool("t.bool", True)
+    writer.add_string("t.str", "héllo ☃")
+    writer.add_uint64("t.u64", 2**63 + 5)
+    writer.add_int64("t.i64", -(2**62))
+    writer.add_float64("t.f64", 1 / 3)
+    writer.add_array("t.strs", ["a", "", "Ġthe", "😀"])
+    writer.add_array("t.ints", [1, -2, 3])
+    writer.add_array("t.floats", [0.5, -1.25])
+    g = np.random.default_rng(0)
+    for type_name in TYPE_NAMES:
+        array = g.standard_normal((3, 64)).astype(np.float32)
+        raw = None if type_name in ("f32", "f16") else gguf.GGMLQuantizationType[type_name.upper()]
+        writer.add_tensor(f"w.{type_name}", encode(array, type_name), raw_dtype=raw)
+    writer.add_tensor("bias", g.standard_normal(5).astype(np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+    ours = read_gguf(tmp_path / "all.gguf")
+    theirs = gguf.GGUFReader(tmp_path / "all.gguf")
+    expected = {}
+    for key, field in theirs.fields.items():
+        if not key.startswith("GGUF."):
+            value = field.contents()
+            expected[key] = value.tolist() if isinstance(value, np.ndarray) else value
+    assert ours.metadata == expected
+    assert ours.metadata["t.str"] == "héllo ☃" and ours.metadata["t.u64"] == 2**63 + 5
+    assert ours.metadata["t.strs"] == ["a", "", "Ġthe", "😀"]
+    assert len(ours.tensors) == len(theirs.tensors) == len(TYPE_NAMES) + 1
+    for tensor in theirs.tensors:
+        type_name = tensor.tensor_type.name.lower()
+        shape = tuple(int(n) for n in reversed(tensor.shape.tolist()))
+        assert ours.types[tensor.name] == type_name and ours.shapes[tensor.name] == shape
+        values = decode(np.asarray(tensor.data), type_name).reshape(shape)
+        assert torch.equal(ours.tensors[tensor.name], torch.from_numpy(values))
+
+
 def test_foreign_and_broken_files_are_refused(tokenizers, tmp_path):
     (tmp_path / "text.gguf").write_text("not a model")
     with pytest.raises(CheckpointError, match="not a GGUF file"):
@@ -203,6 +258,13 @@ def test_foreign_and_broken_files_are_refused(tokenizers, tmp_path):
     (tmp_path / "cut.gguf").write_bytes(data[: len(data) // 2])
     with pytest.raises(CheckpointError, match="cut.gguf"):
         GPT2.from_gguf(tmp_path / "cut.gguf")
+    for cut in (10, 30, 200):  # inside the header, a key, the metadata
+        (tmp_path / "cut.gguf").write_bytes(data[:cut])
+        with pytest.raises(CheckpointError, match="cut.gguf: cannot read this GGUF file"):
+            read_gguf(tmp_path / "cut.gguf")
+    (tmp_path / "v1.gguf").write_bytes(b"GGUF" + (1).to_bytes(4, "little") + data[8:])
+    with pytest.raises(CheckpointError, match="GGUF version 1: tformer reads versions 2 and 3"):
+        read_gguf(tmp_path / "v1.gguf")
 
 
 def test_an_untied_output_head_is_refused(tokenizers, tmp_path):
