@@ -15,6 +15,7 @@ from tformer.nn import (
     explicit_attention,
     fused_attention,
 )
+from tformer.nn.attention import PADDED_KERNEL_MAX_LEN
 from tformer.nn.kv_cache import follow_paths
 
 
@@ -244,6 +245,40 @@ def test_self_attention_matches_torch_multihead_attention(implementation):
     padding[1, 5:] = False  # the second sequence has two padding tokens at its end
     expected, _ = ref(x, x, x, key_padding_mask=~padding, need_weights=False)
     torch.testing.assert_close(mha(x, attention_mask=padding), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(kernels.load() is None, reason="no C kernels here")
+@pytest.mark.parametrize(("d_model", "heads", "t"), [(12, 3, 7), (40, 5, 1), (100, 5, 32)])
+def test_an_encoder_s_attention_in_inference_runs_in_one_kernel(d_model, heads, t, monkeypatch):
+    """Non-causal self-attention with no gradients on the CPU: kernels.padded_attention
+    (d_head 4, 8 and 20, a tail of 4 past the 8-lane loops), against torch's module; a
+    sentence of padding alone gets zeros, as on every path."""
+    calls = []
+    original = kernels.Kernels.padded_attention
+    monkeypatch.setattr(kernels.Kernels, "padded_attention",
+                        lambda *a: calls.append(1) or original(*a))  # fmt: skip
+    g = torch.Generator().manual_seed(t)
+    x = torch.randn(3, t, d_model, generator=g)
+    padding = torch.ones(3, t, dtype=torch.bool)
+    padding[1, t // 2 + 1 :] = False
+    padding[2] = False  # nothing to attend to
+    for implementation in ("sdpa", "blocked"):
+        mha = MultiHeadAttention(d_model, heads, implementation=implementation).eval()
+        expected, _ = copy_to_torch_mha(mha)(x[:2], x[:2], x[:2], key_padding_mask=~padding[:2],
+                                             need_weights=False)  # fmt: skip
+        with torch.inference_mode():
+            out = mha(x, attention_mask=padding)
+            unpadded = mha(x)  # no mask: every position a token
+        torch.testing.assert_close(out[:2], expected, rtol=1e-5, atol=1e-5)
+        assert torch.equal(out[2], mha.w_o.bias.detach().expand(t, d_model))  # zeros, then W_o
+        mha.implementation = "explicit"  # the reference path: no kernel
+        with torch.inference_mode():
+            torch.testing.assert_close(unpadded, mha(x), rtol=1e-5, atol=1e-5)
+    assert len(calls) == 4
+    mha.implementation = "sdpa"
+    with torch.inference_mode():  # longer: torch's fused kernel is faster there
+        mha(torch.randn(1, PADDED_KERNEL_MAX_LEN + 1, d_model))
+    assert len(calls) == 4
 
 
 @pytest.mark.parametrize("implementation", ["sdpa", "explicit", "blocked"])

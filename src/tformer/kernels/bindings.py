@@ -20,6 +20,8 @@ attention kernels, called once per layer, check it here.
     kernels.causal_attention(qkv, n_heads)   qkv (B, T, 3C) bf16 -> out (B, T, C), weights
     kernels.causal_attention_backward(qkv, weights, grad_out, n_heads)   -> grad_qkv
     kernels.slot_attention(qkv, k_cache, v_cache, positions)   -> out (B, C)
+    kernels.padded_attention(qkv, mask, n_heads)   qkv (B, T, 3C) float32, mask (B, T) ->
+        out (B, T, C): an encoder's self-attention over padded sequences
     kernels.decode_blocks(blocks, x, work, k_caches, v_caches, positions, ...)   one decoding
         step of a stack of pre-LN GPT-2 blocks, x (M, C) in place
     kernels.decode_cross_blocks(blocks, x, work, ..., memory_k, memory_v, strides, mask, ...)
@@ -409,6 +411,26 @@ class Kernels:
         )  # fmt: skip
         if status != 0:
             raise MemoryError("decode_cross_blocks: a kernel could not allocate its buffers")
+
+    @c_function("tformer_padded_attention_f32", [POINTER] * 3 + [SIZE] * 4)
+    def padded_attention(self, qkv: torch.Tensor, mask: torch.Tensor, n_heads: int) -> torch.Tensor:
+        """Self-attention over whole padded sequences, every head at once (an encoder
+        layer's; kernels/decode_block.c): qkv (B, T, 3C) float32, the fused projection, and
+        mask (B, T) bool, True for real tokens -> out (B, T, C) float32, the heads side by
+        side. A position with no real token to attend to gets zeros."""
+        if qkv.dim() != 3 or qkv.dtype != torch.float32 or qkv.device.type != "cpu":
+            raise ValueError("qkv must be (B, T, 3C) float32 on the CPU")
+        b, t, three_c = qkv.shape
+        if three_c % (3 * n_heads) != 0:
+            raise ValueError(f"qkv's last dimension {three_c} is not 3 x heads ({n_heads}) x D")
+        if mask.shape != (b, t) or mask.dtype != torch.bool or mask.device.type != "cpu":
+            raise ValueError(f"mask must be ({b}, {t}) bool on the CPU")
+        qkv, mask = qkv.contiguous(), mask.contiguous()
+        out = torch.empty(b, t, three_c // 3)
+        self.library.tformer_padded_attention_f32(
+            qkv.data_ptr(), mask.data_ptr(), out.data_ptr(), b, t, n_heads, three_c // 3 // n_heads
+        )
+        return out
 
     @c_function("tformer_smoothed_ce_forward_bf16", [POINTER] * 4 + [SIZE] * 2 + [REAL])
     def smoothed_ce_forward(

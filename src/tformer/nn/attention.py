@@ -21,6 +21,9 @@ equation out and shows the weights at a hook, the reference for the others; "sdp
 PyTorch's fused kernel, which never forms the weights; "blocked" (nn/blocked_attention.py)
 is the path for bf16 training on a CPU, causal self-attention that skips the work the mask
 would throw away: query blocks for long sequences, a compiled kernel for short ones.
+Beside them, in inference on the CPU (no gradients, no dropout, no hook), the compiled
+kernels take an encoder's self-attention over whole padded sequences (padded_attention)
+and a server's decoding step (nn/slot_cache.py).
 """
 
 import math
@@ -29,6 +32,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from tformer import kernels
 from tformer.nn.blocked_attention import (
     QUERY_BLOCK,
     blocked_causal_attention,
@@ -115,6 +119,35 @@ def fused_attention(
     return nn.functional.scaled_dot_product_attention(
         q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal
     )
+
+
+# Up to this many positions the compiled kernel runs an encoder's attention: torch's fused
+# kernel spends ~0.45 ms a call on (32, 4, 9, 64) where the kernel takes 0.07, but its
+# blocked products overtake the kernel's per-position loops past ~50 positions (1.3 against
+# 1.7 ms at 45, 4.0 against 3.1 at 80; docs/LOG.md). Measured on the AMD machine only.
+PADDED_KERNEL_MAX_LEN = 32
+
+
+def padded_attention(
+    qkv: torch.Tensor, attention_mask: torch.Tensor | None, n_heads: int
+) -> torch.Tensor | None:
+    """Non-causal self-attention over whole padded sequences in one compiled kernel, every
+    head at once (kernels/decode_block.c): the fused projection qkv (B, T, 3C) float32 and
+    attention_mask (B, T) (None: no padding) -> (B, T, C); None where the kernels do not
+    take it (not float32 on the CPU, no kernels, more than PADDED_KERNEL_MAX_LEN positions,
+    a mask of another shape: the modules' path then runs, and says what is wrong).
+    Inference only: no backward."""
+    library = kernels.load_for(qkv, (torch.float32,))
+    b, t, _ = qkv.shape
+    if library is None or not 0 < t <= PADDED_KERNEL_MAX_LEN:
+        return None
+    if attention_mask is None:
+        mask = torch.ones(b, t, dtype=torch.bool)
+    elif attention_mask.shape == (b, t):
+        mask = attention_mask.bool()
+    else:
+        return None
+    return library.padded_attention(qkv, mask, n_heads)
 
 
 def causal_mask(t: int, s: int, device: torch.device | None = None) -> torch.Tensor:
@@ -257,11 +290,21 @@ class MultiHeadAttention(nn.Module):
                     out = compiled_causal_attention(qkv, self.n_heads, library)  # (B, T, C)
                     return self.w_o(out)
                 projected = qkv.split(self.d_model, dim=-1)  # not bf16 on the CPU: as below
+        inference = dropout_p == 0.0 and not torch.is_grad_enabled()  # the kernels: no backward
+        self_only = memory is None and memory_kv is None
+        # An encoder's layer: whole padded sequences, every head in one compiled kernel, from
+        # the fused projection straight to the output projection (explicit: the reference).
+        whole = not self.causal and not self.cross and cache is None and self_only
+        fast = inference and self.implementation != "explicit"
+        if whole and fast and not hooked(self.hook_pattern):
+            qkv = self.w_qkv(x)  # (B, T, 3C)
+            out = padded_attention(qkv, attention_mask, self.n_heads)  # (B, T, C)
+            if out is not None:
+                return self.w_o(out)
+            projected = qkv.split(self.d_model, dim=-1)
         # A server's decoding step (nn/slot_cache.py): each row's key and value stored and
         # its attention over its own positions, in one kernel, when the cache can take it.
         decoding = isinstance(cache, SlotCache) and t == 1 and self.causal and not self.cross
-        inference = dropout_p == 0.0 and not torch.is_grad_enabled()  # the kernel: no backward
-        self_only = memory is None and memory_kv is None
         if decoding and inference and self_only and not hooked(self.hook_pattern):
             qkv = self.w_qkv(x)  # (B, 1, 3C)
             out = cache.attend(qkv, attention_mask)
