@@ -176,88 +176,6 @@ enum activation { ACT_RELU = 0, ACT_GELU_TANH = 1, ACT_GELU = 2 };
 /* Queries of one task taken together: each value row read serves them all. */
 enum { QUERY_CHUNK = 4 };
 
-/* The eight lanes' sums of a, b, c and d, each pairwise in sum8's order,
-   ((l0 + l1) + (l2 + l3)) + ((l4 + l5) + (l6 + l7)), the four side by side. */
-static inline void sum8x4(v8f a, v8f b, v8f c, v8f d, float *out) {
-    const v8f ab = __builtin_shufflevector(a, b, 0, 2, 8, 10, 4, 6, 12, 14) +
-                   __builtin_shufflevector(a, b, 1, 3, 9, 11, 5, 7, 13, 15);
-    const v8f cd = __builtin_shufflevector(c, d, 0, 2, 8, 10, 4, 6, 12, 14) +
-                   __builtin_shufflevector(c, d, 1, 3, 9, 11, 5, 7, 13, 15);
-    /* (a01, a23, b01, b23, a45, a67, b45, b67) and the same for c, d */
-    const v8f all = __builtin_shufflevector(ab, cd, 0, 2, 8, 10, 4, 6, 12, 14) +
-                    __builtin_shufflevector(ab, cd, 1, 3, 9, 11, 5, 7, 13, 15);
-    /* (a0123, b0123, c0123, d0123, a4567, b4567, c4567, d4567) */
-    for (int j = 0; j < 4; j++) out[j] = all[j] + all[j + 4];
-}
-
-#define ALWAYS_INLINE static inline __attribute__((always_inline))
-
-/* out[j] = q[j] . key over d_size floats for the n <= QUERY_CHUNK queries: each eight of
-   the key's floats loaded once for all of them, a query's products summed in eight lanes,
-   then the lanes (sum8x4), then the tail one by one. Called with a constant n. */
-ALWAYS_INLINE void dots(const float *const *q, int n, const float *key, int64_t d_size,
-                        float *out) {
-    v8f acc[QUERY_CHUNK] = {{0.0f}};
-    int64_t d = 0;
-    for (; d + 8 <= d_size; d += 8) {
-        const v8f k = load8(key + d);
-        for (int j = 0; j < n; j++) acc[j] += load8(q[j] + d) * k;
-    }
-    sum8x4(acc[0], acc[1], acc[2], acc[3], out);
-    for (int j = 0; j < n; j++)
-        for (int64_t t = d; t < d_size; t++) out[j] += q[j][t] * key[t];
-}
-
-/* One task of cross_attention: n <= QUERY_CHUNK queries q[j] (outputs o[j]) of one head
-   over its s_len positions, keys and values ss apart. Called with a constant n, so that
-   the loops over the queries unroll. */
-ALWAYS_INLINE void attend_chunk(const float *const *q, float *const *o, int n,
-                                const float *k_bh, const float *v_bh, int64_t ss,
-                                const uint8_t *row_mask, int64_t s_len, int64_t d_size,
-                                float scale) {
-    float weights[QUERY_CHUNK][s_len > 0 ? s_len : 1];
-    for (int64_t s = 0; s < s_len; s++) {
-        float scores[QUERY_CHUNK];
-        if (row_mask[s]) dots(q, n, k_bh + s * ss, d_size, scores);
-        for (int j = 0; j < n; j++) weights[j][s] = row_mask[s] ? scores[j] * scale : -INFINITY;
-    }
-    for (int j = 0; j < n; j++) {
-        float highest = -INFINITY, total = 0.0f;
-        for (int64_t s = 0; s < s_len; s++)
-            highest = weights[j][s] > highest ? weights[j][s] : highest;
-        if (highest == -INFINITY) { /* no source position: nothing to attend to */
-            for (int64_t s = 0; s < s_len; s++) weights[j][s] = 0.0f;
-            continue;
-        }
-#pragma omp simd reduction(+ : total)
-        for (int64_t s = 0; s < s_len; s++) {
-            weights[j][s] = exp_neg(weights[j][s] - highest); /* masked: 0 */
-            total += weights[j][s];
-        }
-        const float inverse = 1.0f / total;
-#pragma omp simd
-        for (int64_t s = 0; s < s_len; s++) weights[j][s] *= inverse;
-    }
-    int64_t d = 0;
-    for (; d + 8 <= d_size; d += 8) {
-        v8f sums[QUERY_CHUNK];
-        for (int j = 0; j < n; j++) sums[j] = (v8f){0.0f};
-        for (int64_t s = 0; s < s_len; s++) {
-            if (!row_mask[s]) continue;
-            const v8f value = load8(v_bh + s * ss + d);
-            for (int j = 0; j < n; j++) sums[j] += weights[j][s] * value;
-        }
-        for (int j = 0; j < n; j++) memcpy(o[j] + d, &sums[j], sizeof sums[j]);
-    }
-    for (; d < d_size; d++)
-        for (int j = 0; j < n; j++) {
-            float sum = 0.0f;
-            for (int64_t s = 0; s < s_len; s++)
-                if (row_mask[s]) sum += weights[j][s] * v_bh[s * ss + d];
-            o[j][d] = sum;
-        }
-}
-
 /* out[r, h D : (h+1) D] = softmax_s(q . K[b, h, s] / sqrt(D), s where mask[b, s]) V[b, h, s]
    for q = q_rows[r, h D : (h+1) D] (rows q_stride apart) and b = r / group: the rows come
    in groups of `group` consecutive rows that read one memory row (beam search's beams of
@@ -277,23 +195,54 @@ static void cross_attention(const float *q_rows, int64_t q_stride, const float *
         const int64_t b = task / (heads * chunks), h = task / chunks % heads;
         const float *k_bh = keys + b * sb + h * sh, *v_bh = values + b * sb + h * sh;
         const uint8_t *row_mask = mask + b * s_len;
+        float weights[QUERY_CHUNK][s_len > 0 ? s_len : 1];
         const int64_t first = b * group + task % chunks * QUERY_CHUNK;
         const int64_t left = (b + 1) * group - first;
-        const int n = left < QUERY_CHUNK ? (int)left : QUERY_CHUNK;
+        const int64_t n = left < QUERY_CHUNK ? left : QUERY_CHUNK;
         const float *q[QUERY_CHUNK];
         float *o[QUERY_CHUNK];
-        for (int j = 0; j < QUERY_CHUNK; j++) { /* past n: the first again, unused */
-            q[j] = q_rows + (first + (j < n ? j : 0)) * q_stride + h * d_size;
-            o[j] = out + (first + (j < n ? j : 0)) * c + h * d_size;
+        for (int64_t j = 0; j < n; j++) {
+            q[j] = q_rows + (first + j) * q_stride + h * d_size;
+            o[j] = out + (first + j) * c + h * d_size;
         }
-#define CHUNK(rows) attend_chunk(q, o, rows, k_bh, v_bh, ss, row_mask, s_len, d_size, scale)
-        switch (n) {
-        case 4: CHUNK(4); break;
-        case 3: CHUNK(3); break;
-        case 2: CHUNK(2); break;
-        default: CHUNK(1); break;
+        for (int64_t s = 0; s < s_len; s++)
+            for (int64_t j = 0; j < n; j++)
+                weights[j][s] = row_mask[s] ? dot8(q[j], k_bh + s * ss, d_size) * scale
+                                            : -INFINITY;
+        for (int64_t j = 0; j < n; j++) {
+            float highest = -INFINITY, total = 0.0f;
+            for (int64_t s = 0; s < s_len; s++)
+                highest = weights[j][s] > highest ? weights[j][s] : highest;
+            if (highest == -INFINITY) { /* no source position: nothing to attend to */
+                for (int64_t s = 0; s < s_len; s++) weights[j][s] = 0.0f;
+                continue;
+            }
+#pragma omp simd reduction(+ : total)
+            for (int64_t s = 0; s < s_len; s++) {
+                weights[j][s] = exp_neg(weights[j][s] - highest); /* masked: 0 */
+                total += weights[j][s];
+            }
+            const float inverse = 1.0f / total;
+#pragma omp simd
+            for (int64_t s = 0; s < s_len; s++) weights[j][s] *= inverse;
         }
-#undef CHUNK
+        int64_t d = 0;
+        for (; d + 8 <= d_size; d += 8) {
+            v8f sums[QUERY_CHUNK] = {{0.0f}};
+            for (int64_t s = 0; s < s_len; s++) {
+                if (!row_mask[s]) continue;
+                const v8f value = load8(v_bh + s * ss + d);
+                for (int64_t j = 0; j < n; j++) sums[j] += weights[j][s] * value;
+            }
+            for (int64_t j = 0; j < n; j++) memcpy(o[j] + d, &sums[j], sizeof sums[j]);
+        }
+        for (; d < d_size; d++)
+            for (int64_t j = 0; j < n; j++) {
+                float sum = 0.0f;
+                for (int64_t s = 0; s < s_len; s++)
+                    if (row_mask[s]) sum += weights[j][s] * v_bh[s * ss + d];
+                o[j][d] = sum;
+            }
     }
 }
 

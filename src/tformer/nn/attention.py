@@ -122,9 +122,9 @@ def fused_attention(
 
 
 # Up to this many positions the compiled kernel runs an encoder's attention: torch's fused
-# kernel spends ~0.45 ms a call on (32, 4, 9, 64) where the kernel takes 0.07, but its
-# blocked products overtake the kernel's per-position loops past ~50 positions (1.3 against
-# 1.7 ms at 45, 4.0 against 3.1 at 80; docs/LOG.md). Measured on the AMD machine only.
+# kernel spends 0.45-0.68 ms a call on (32, 4, 9, 64) where the kernel takes 0.09-0.15,
+# they tie at 32 positions, and torch's blocked products win on long ones (3.1 against 4.5
+# ms at 80; docs/LOG.md). Measured on the AMD machine only.
 PADDED_KERNEL_MAX_LEN = 32
 
 
