@@ -27,9 +27,8 @@ a GPU, torch's matmul runs: float32 weights as they are, the others in bfloat16 
 hardware computes in it natively, else in float32 (on the CPU from the panels unpacked, a
 copy per call); w8a8's quantised rows and weights in float32, whose sums are exact up to
 K = 1040 (127^2 K < 2^24) and rounded beyond (the kernels' int32 sums are exact up to
-K = 133,144). Inference only: no gradients flow through;
-and a packed layer stays on the device and in the dtypes it was packed with (pack again
-rather than move it).
+K = 133,144). Inference only: no gradients flow through; and a packed layer stays on the
+device and in the dtypes it was packed with (pack again rather than move it).
 
 `pack_linear_layers(model, "int8")` swaps every nn.Linear of a model for a PackedLinear of
 the same weights (a tied output head included: it packs the shared weight); the swap is
@@ -48,6 +47,7 @@ from torch import nn
 from tformer import kernels
 from tformer.devices import bf16_supported
 from tformer.files import atomic_write_json, cache_dir
+from tformer.kernels.bindings import LinearLayout
 
 WEIGHT_DTYPES = ("float32", "bfloat16", "int8", "int4", "w8a8")
 GROUP = 32  # int4: k per scale
@@ -203,9 +203,9 @@ class PackedLinear(nn.Module):
         linear(x.contiguous(), self.panels, self.scale, self.bias, out)
         return out
 
-    def layout(self) -> "kernels.LinearLayout":
+    def layout(self) -> "LinearLayout":
         """This layer as the fused decoding steps read it (kernels/decode_block.c), a
-        kernels.LinearLayout pointing at this layer's tensors."""
+        LinearLayout (kernels/bindings.py) pointing at this layer's tensors."""
         n, k = self.out_features, self.in_features
         return self.kernels.linear_layout(
             self.panels, self.scale, self.bias, n, k, self.weight_dtype
