@@ -34,8 +34,9 @@
    a row's broadcast p and |p| (stored beside p, quantise_row) fit AVX2's 16 registers with
    room for the products; with 4 rows GCC kept accumulators on the stack (docs/LOG.md).
    The int32 sums cannot overflow below K = 133,144 (127^2 K < 2^31). x must be finite: a
-   NaN or an infinity makes its row's outputs meaningless (as in the torch path). The panels are split
-   over the OpenMP threads; the rows are quantised first, in the same parallel region. */
+   NaN or an infinity makes its row's outputs meaningless (as in the torch path). The
+   panels are split over the OpenMP threads; the rows are quantised first, in the same
+   parallel region. */
 
 #include <math.h>
 #include <stdint.h>
