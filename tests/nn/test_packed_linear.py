@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from tformer.nn.packed_linear import PROMPT_ROWS, PackedLinear, quantize_int8, quantize_rows
+from tformer.nn.packed_linear import PROMPT_ROWS, PackedLinear, quantize_int8
 
 
 def test_int8_quantisation_error_is_at_most_half_a_step_per_weight():
@@ -51,7 +51,7 @@ def test_w8a8_rounds_each_row_of_x_and_both_paths_compute_the_same_sums():
     g = torch.Generator().manual_seed(3)
     x = torch.randn(6, 40, generator=g)
     x[2] = 0.0
-    x_q, s_x = quantize_rows(x)
+    x_q, s_x = quantize_int8(x)  # the activations' rounding: the weights' formula
     assert x_q.dtype == torch.int8 and x_q.abs().max() == 127
     assert s_x[2] == 1.0 and torch.equal(x_q[2], torch.zeros(40, dtype=torch.int8))
     torch.testing.assert_close(s_x[[0, 1, 3]], x[[0, 1, 3]].abs().amax(1) / 127)

@@ -71,21 +71,13 @@ PROMPT_ROWS = 512
 
 
 def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(N, K) float -> int8 q (N, K) and float32 scale (N,), with q * scale[:, None] ≈ weight."""
+    """(N, K) float -> int8 q (N, K) and float32 scale (N,), with q * scale[:, None] ≈ weight.
+    w8a8 rounds each step's activation rows (M, K) the same way (as its kernels do)."""
     w = weight.detach().float()
     scale = w.abs().amax(dim=1) / 127.0  # (N,)
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # an all-zero row stays zero
     q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
     return q, scale
-
-
-def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Activations (M, K) float32 -> w8a8's int8 rows x_q (M, K) and scales s_x (M,), as the
-    kernels compute them: s_x = max_k |x| / 127 (1 for a row of zeros), x_q = round(x / s_x)
-    to nearest even, in [-127, 127]."""
-    largest = x.abs().amax(dim=1)
-    scale = torch.where(largest > 0, largest / 127.0, torch.ones_like(largest))
-    return torch.round(x / scale[:, None]).clamp(-127, 127).to(torch.int8), scale
 
 
 def quantize_int4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -221,7 +213,7 @@ class PackedLinear(nn.Module):
         torch_weight() made beforehand), else made now."""
         weight = self.torch_weight() if weight is None else weight
         if self.weight_dtype == "w8a8":  # the integer sums, in float32 (see the top)
-            rows, row_scale = quantize_rows(x)
+            rows, row_scale = quantize_int8(x)
             out = nn.functional.linear(rows.float(), weight) * row_scale[:, None]
         else:
             out = nn.functional.linear(x.to(self.compute_dtype), weight).float()
