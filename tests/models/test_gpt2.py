@@ -146,7 +146,71 @@ def test_named_hook_points_expose_the_residual_stream():
     )
 
 
-def test_xavier_initialisation_is_the_original_transformers():
+def test_vaswani_initialisation_is_the_original_transformers():
+    c = 64
+    a = GPT2(tiny(init="vaswani", d_model=c, n_heads=4, n_layers=3), seed=3)
+    b = GPT2(tiny(init="vaswani", d_model=c, n_heads=4, n_layers=3), seed=3)
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters(), strict=True))
+    assert a.config.scale_embeddings and a.token_embedding.multiplier == math.sqrt(c)
+    # W^Q, W^K, W^V: the bound of one stacked (3C, C) matrix, written out
+    stacked = math.sqrt(6 / (c + 3 * c))
+    qkv = torch.cat([b.attn.w_qkv.weight for b in a.blocks])  # (3 layers x 3C, C)
+    assert qkv.abs().max() <= stacked and qkv.abs().max() > 0.99 * stacked
+    assert qkv.var().item() == pytest.approx(stacked**2 / 3, rel=0.03)  # U(-b, b): b^2 / 3
+    # ... which is what torch.nn.MultiheadAttention draws for its stacked in_proj_weight
+    reference = torch.cat(
+        [torch.nn.MultiheadAttention(c, 4).in_proj_weight.detach() for _ in range(3)]
+    )
+    assert reference.abs().max() <= stacked
+    assert qkv.var().item() == pytest.approx(reference.var().item(), rel=0.05)
+    square = math.sqrt(6 / (c + c))
+    w_o = torch.cat([b.attn.w_o.weight for b in a.blocks])
+    assert w_o.abs().max() <= square and w_o.abs().max() > 0.99 * square
+    wide = math.sqrt(6 / (c + 4 * c))
+    w1 = torch.cat([b.mlp.w1.weight.flatten() for b in a.blocks])
+    assert w1.abs().max() <= wide and w1.var().item() == pytest.approx(wide**2 / 3, rel=0.03)
+    assert torch.equal(a.blocks[0].attn.w_qkv.bias, torch.zeros(3 * c))
+    # token vectors enter the stream with unit-variance entries (N(0, 1/C) times sqrt(C))
+    tokens = a.token_embedding(torch.arange(97))
+    assert tokens.std().item() == pytest.approx(1.0, rel=0.05)
+    assert a.position_embedding.weight.std().item() == pytest.approx(c**-0.5, rel=0.05)
+
+
+def test_sinusoidal_positions_and_scaled_tokens_are_what_the_model_adds():
+    from tformer.nn.embedding import sinusoidal_table
+
+    config = tiny(init="vaswani", positions="sinusoidal")
+    model = GPT2(config, seed=0)
+    assert "position_embedding.weight" not in model.state_dict()
+    ids = torch.tensor([[5, 1, 7, 7]])
+    x = model.token_embedding.weight[ids] * math.sqrt(24) + sinusoidal_table(16, 24)[:4]
+    for block in model.blocks:
+        x = block(x)
+    torch.testing.assert_close(model.features(ids), model.final_norm(x))
+    # scale_embeddings is decided by init unless given; either may be set alone
+    assert not tiny(init="vaswani", scale_embeddings=False).scale_embeddings
+    assert tiny(scale_embeddings=True).scale_embeddings and not tiny().scale_embeddings
+    with pytest.raises(ValueError, match="positions"):
+        tiny(positions="rotary")
+    with pytest.raises(ValueError, match="scale_embeddings"):
+        tiny(scale_embeddings="yes")
+
+
+@pytest.mark.parametrize("change", [{"positions": "sinusoidal"}, {"scale_embeddings": True}])
+def test_a_model_that_is_not_gpt2_has_no_hugging_face_or_gguf_layout(tmp_path, change):
+    from tformer.checkpoints import CheckpointError
+    from tformer.models.gpt2_gguf import check_writable
+    from tformer.tokenizers import CharTokenizer
+
+    tokenizer = CharTokenizer.from_text("abcdefgh")
+    model = GPT2(tiny(vocab_size=tokenizer.vocab_size, **change), seed=0)
+    with pytest.raises(CheckpointError, match="Hugging Face layout"):
+        model.save_pretrained(tmp_path / "hf")
+    with pytest.raises(ValueError, match="llama.cpp's gpt2 architecture adds learned"):
+        check_writable(model.config, "f32", False, tokenizer)
+
+
+def test_xavier_initialisation_keeps_the_labs_earlier_variant():
     a = GPT2(tiny(init="xavier", d_model=48, n_heads=4), seed=3)
     b = GPT2(tiny(init="xavier", d_model=48, n_heads=4), seed=3)
     assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters(), strict=True))
@@ -159,6 +223,7 @@ def test_xavier_initialisation_is_the_original_transformers():
     for w in (block.mlp.w1.weight, block.mlp.w2.weight):
         assert w.std().item() == pytest.approx(wide / math.sqrt(3), rel=0.1)
     assert a.token_embedding.weight.std().item() == pytest.approx(48**-0.5, rel=0.1)
+    assert a.token_embedding.multiplier == 1.0  # not scaled
     assert torch.equal(block.mlp.w2.bias, torch.zeros(48))
     with pytest.raises(ValueError, match="init"):
         tiny(init="orthogonal")

@@ -205,6 +205,31 @@ def test_initialisation_is_half_xavier_uniform_and_unit_embeddings():
     assert torch.equal(norm.weight, torch.ones(256)) and norm.bias.abs().max() == 0
 
 
+def test_vaswani_initialisation_is_the_papers_as_torch_draws_it():
+    import math
+
+    config = Seq2SeqConfig.from_preset("small", 1000, 1000, init="vaswani")
+    model = Seq2SeqTransformer(config, seed=0)
+    c = 256
+    stacked = math.sqrt(6 / (c + 3 * c))  # W^Q, W^K, W^V as one (3C, C) matrix
+    reference = torch.nn.MultiheadAttention(c, 4).in_proj_weight.detach()
+    for attention in (model.encoder_layers[0].self_attn, model.decoder_layers[0].cross_attn):
+        qkv = torch.cat(attention.weight_blocks()[:3])  # (3C, C), however it is stored
+        assert qkv.abs().max() <= stacked and qkv.abs().max() > 0.99 * stacked
+        assert qkv.var().item() == pytest.approx(stacked**2 / 3, rel=0.02)
+        assert qkv.var().item() == pytest.approx(reference.var().item(), rel=0.03)
+        w_o = attention.weight_blocks()[3]
+        assert w_o.abs().max() <= math.sqrt(6 / (2 * c)) and w_o.abs().max() > 0.99 * math.sqrt(
+            6 / (2 * c)
+        )
+    ff = model.decoder_layers[1].mlp.w2.weight  # (256, 1024): the full bound
+    assert ff.var().item() == pytest.approx(6 / (c + 1024) / 3, rel=0.02)
+    token = model.src_embedding(torch.arange(1000))
+    assert token.std().item() == pytest.approx(1.0, rel=0.02)
+    with pytest.raises(ValueError, match="Seq2SeqConfig.init"):
+        Seq2SeqConfig.from_preset("small", 10, 10, init="gpt2")
+
+
 def test_a_checkpoint_with_the_old_attention_layout_is_refused_with_a_reason(tmp_path):
     from safetensors.torch import save_file
 

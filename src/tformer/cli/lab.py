@@ -19,6 +19,9 @@ from tformer.lab.report import (
     summary_rows,
     write_report,
 )
+from tformer.lab.xiong import PLACEMENTS, XiongConfig, run_xiong
+from tformer.lab.xiong_report import write_xiong_report
+from tformer.models.gpt2_config import INITS
 from tformer.recipes.output_dir import existing_names
 from tformer.recipes.run_dir import listing, output_directory
 
@@ -49,6 +52,21 @@ def add_parser(sub) -> None:
     )
     p.add_argument("--out", default="lab-report", help="report directory")
     p.add_argument("--quick", action="store_true", help="a small grid for a first look or a test")
+    p.add_argument(
+        "--reproduce",
+        choices=["xiong"],
+        help="instead of the grid, a paper's own measurement. xiong: Xiong et al. (2020)'s "
+        "||dL/dW2|| of every block at initialisation (nothing is trained), over --depths, "
+        "post-LN, pre-LN and no LayerNorm, the original Transformer's and GPT-2's "
+        "initialisations, --seeds seeds, at d_model 256, 4 heads, context 128, batch 16, "
+        "with each of the paper's predictions checked; writes OUT/xiong.md, xiong.png, "
+        "xiong.json (about 5 minutes on two CPU cores)",
+    )
+    p.add_argument(
+        "--seeds",
+        type=COUNT,
+        help=f"with --reproduce: model seeds 0..N-1 (default: {XiongConfig().seeds})",
+    )
     p.add_argument(
         "--depths",
         type=int_list,
@@ -83,10 +101,9 @@ def add_parser(sub) -> None:
     )
     p.add_argument(
         "--init",
-        choices=["xavier", "gpt2"],
-        help="xavier: the original Transformer's initialisation, as Xiong et al. used; gpt2: "
-        "N(0, 0.02) with the projections into the residual stream scaled by 1/sqrt(2 layers) "
-        f"(default: {defaults.init})",
+        choices=list(INITS),
+        help="; ".join(f"{name}: {words}" for name, words in INITS.items())
+        + f" (default: {defaults.init})",
     )
     p.add_argument("--fresh", action="store_true", help="rerun runs already saved in OUT/runs")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ...")
@@ -102,6 +119,25 @@ def lab_config(args) -> LabConfig:
     if args.variants is not None:
         overrides["variants"] = tuple(v.strip() for v in args.variants.split(",") if v.strip())
     return replace(base, **{k: v for k, v in overrides.items() if v is not None})
+
+
+# flags of the trained grid, which a reproduction (nothing trained) does not take
+GRID_ONLY = ("variants", "steps", "lr", "warmup_steps", "seed", "init")
+REPRODUCTION_ONLY = ("seeds",)
+
+
+def xiong_config(args) -> XiongConfig:
+    """Xiong et al.'s configuration (or --quick's) with the sizes given."""
+    given = [name for name in GRID_ONLY if getattr(args, name) is not None]
+    if given:
+        flag = "--" + given[0].replace("_", "-")
+        raise ValueError(f"{flag} is a setting of the trained grid; --reproduce xiong trains "
+                         "nothing (it takes --depths, --d-model, --n-heads, --context, "
+                         "--batch-size, --seeds)")  # fmt: skip
+    base = XiongConfig.quick() if args.quick else XiongConfig()
+    names = ("depths", "d_model", "n_heads", "context", "batch_size", "seeds")
+    overrides = {n: getattr(args, n) for n in names if getattr(args, n) is not None}
+    return replace(base, **overrides)
 
 
 def run_with_progress(config: LabConfig, out, args):
@@ -124,7 +160,9 @@ def run_with_progress(config: LabConfig, out, args):
 
 
 def run(args) -> None:
-    config = lab_config(args)
+    if args.reproduce is None and args.seeds is not None:
+        raise ValueError("--seeds is a setting of --reproduce; the grid has one --seed")
+    config = xiong_config(args) if args.reproduce == "xiong" else lab_config(args)
     # A new or empty directory, or an earlier report of the lab's own (whose runs resume).
     out = output_directory(args.out)
     names = existing_names(out, "--out")
@@ -137,6 +175,9 @@ def run(args) -> None:
     lock = lock_directory(out)  # one lab writes a report at a time
     try:
         lock.announce()
+        if isinstance(config, XiongConfig):
+            reproduce_xiong(config, out, args)
+            return
         results, data, machine = run_with_progress(config, out, args)
         report = write_report(out, config, data, results, machine)
     finally:
@@ -152,5 +193,34 @@ def run(args) -> None:
         print(
             f"{row['depth']:>3} layers  {row['label']:<20} val loss {loss:>6}  "
             f"{row['status']:<8}  gradient ratio last/first {ratio}"
+        )
+    print(f"report: {report}")
+
+
+def reproduce_xiong(config: XiongConfig, out, args) -> None:
+    device = pick_device(args.device)
+    machine = machine_line()
+    print(machine, file=sys.stderr)
+    total = len(config.placements) * len(config.inits) * len(config.depths) * config.seeds
+    with tqdm(total=total, unit="model", dynamic_ncols=True, disable=args.json) as bar:
+
+        def on_run(index: int, total: int, name: str) -> None:
+            bar.n = index
+            bar.set_description(name)
+            bar.refresh()
+
+        results = run_xiong(config, out, device, args.fresh, on_run)
+        bar.n = total
+    report, rows = write_xiong_report(out, config, results, machine)
+    if args.json:
+        print_json(json_safe({"machine": machine, "report": str(report), "summary": rows}))
+        return
+    for row in rows:
+        slope = "—" if row["depth_slope"] is None else f"{row['depth_slope']:+.2f}"
+        across, within = row["verdict"]
+        print(
+            f"{PLACEMENTS[row['placement']]:<13} {row['init']:<8} last layer ~ L^{slope:<6}"
+            f"{'(' + across + ')' if across else '':<17} growth within {row['deepest']} layers "
+            f"{row['growth']:.2f} {'(' + within + ')' if within else ''}"
         )
     print(f"report: {report}")

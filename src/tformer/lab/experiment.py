@@ -40,6 +40,9 @@ from tformer.nn.sublayer import NormPosition
 from tformer.tokenizers import CharTokenizer
 from tformer.train.trainer import TrainConfig, fit
 
+# each initialisation with the positions of the model family it comes from
+POSITIONS_OF = {"vaswani": "sinusoidal", "gpt2": "learned", "xavier": "learned"}
+
 
 @dataclass(frozen=True)
 class Variant:
@@ -76,7 +79,7 @@ class LabConfig:
     probe_batch_size: int = 32  # windows in the batch the instruments measure
     seed: int = 0
     dtype: str = "float32"
-    init: str = "xavier"  # the original Transformer's, as in Xiong et al.; or "gpt2"
+    init: str = "vaswani"  # the original Transformer's, as Xiong et al. used; GPT2Config.init
 
     def __post_init__(self) -> None:
         self.depths = tuple(self.depths)
@@ -128,6 +131,7 @@ class LabConfig:
             norm_position=variant.norm_position,
             residual=variant.residual,
             init=self.init,
+            positions=POSITIONS_OF[self.init],
         )
 
     def train_config(self, variant: Variant) -> TrainConfig:

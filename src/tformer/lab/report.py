@@ -30,7 +30,8 @@ from tformer.files import (
     read_json,
     write_failure,
 )
-from tformer.lab.experiment import VARIANTS, LabConfig, LabData, RunResult
+from tformer.lab.experiment import POSITIONS_OF, VARIANTS, LabConfig, LabData, RunResult
+from tformer.models.gpt2_config import INITS
 from tformer.train.plots import new_figure
 
 REPORT_FILE = "report.md"
@@ -113,8 +114,11 @@ def markdown_report(
         f"context {config.context}, batch "
         f"{config.batch_size}, {config.steps} steps of AdamW (lr {config.lr:g}, cosine decay to "
         f"{config.min_lr:g}; warm-up {config.warmup_steps} steps where the variant has it), "
-        f"gradient clipping 1.0, {config.dtype}, seed {config.seed}, initialisation "
-        f"`{config.init}`. The loss is the mean over "
+        f"gradient clipping 1.0, {config.dtype}, seed {config.seed}; exact GELU, d_ff "
+        f"{4 * config.d_model}, dropout 0, {POSITIONS_OF[config.init]} positions; "
+        f"initialisation `{config.init}`: {INITS[config.init]}. The instruments measure "
+        f"one batch of {config.probe_batch_size} training windows (seed {config.seed}) at "
+        "initialisation. The loss is the mean over "
         f"{config.eval_batches} validation batches at the last step. Predicting each character "
         f"from its frequency alone gives {data.unigram_loss:.3f} (the unigram loss), and a "
         f"uniform guess {math.log(data.tokenizer.vocab_size):.3f}.",
@@ -150,12 +154,12 @@ def _by_depth(results: list[RunResult]) -> dict[int, list[RunResult]]:
     return grouped
 
 
-def _figure(rows: int, columns: int):
+def panels(rows: int, columns: int):
     fig = new_figure(figsize=(4.2 * columns, 3.4 * rows), dpi=110)
     return fig, fig.subplots(rows, columns, squeeze=False)
 
 
-def _save(fig, path: Path) -> None:
+def save_png(fig, path: Path) -> None:
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
 
@@ -172,7 +176,7 @@ def _smooth(values: list[float], window: int) -> list[float]:
 
 def plot_loss_curves(results: list[RunResult], data: LabData, path: Path) -> None:
     grouped = _by_depth(results)
-    fig, axes = _figure(1, len(grouped))
+    fig, axes = panels(1, len(grouped))
     ceiling = math.log(data.tokenizer.vocab_size) + 0.5
     for ax, (depth, runs) in zip(axes[0], grouped.items(), strict=True):
         for r in runs:
@@ -192,7 +196,7 @@ def plot_loss_curves(results: list[RunResult], data: LabData, path: Path) -> Non
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("training loss (nats, smoothed)")
     axes[0][-1].legend(fontsize=7)
-    _save(fig, path)
+    save_png(fig, path)
 
 
 def color_of(variant: str) -> str:
@@ -230,7 +234,7 @@ def _by_layer(ax, runs: list[tuple[RunResult, str]], values, ylabel: str) -> Non
 
 def plot_grad_norms(results: list[RunResult], path: Path) -> None:
     grouped = _by_depth(results)
-    fig, axes = _figure(2, len(grouped))
+    fig, axes = panels(2, len(grouped))
     for column, (depth, runs) in enumerate(grouped.items()):
         top, bottom = axes[0][column], axes[1][column]
         first = at_initialisation(runs)
@@ -239,12 +243,12 @@ def plot_grad_norms(results: list[RunResult], path: Path) -> None:
         top.set_title(f"{depth} layers, at initialisation")
         bottom.set_xlabel("layer (0 = first)")
     axes[0][-1].legend(fontsize=7)
-    _save(fig, path)
+    save_png(fig, path)
 
 
 def plot_residual_norms(results: list[RunResult], path: Path) -> None:
     grouped = _by_depth(results)
-    fig, axes = _figure(2, len(grouped))
+    fig, axes = panels(2, len(grouped))
     for column, (depth, runs) in enumerate(grouped.items()):
         top, bottom = axes[0][column], axes[1][column]
         after = [(r, VARIANTS[r.variant].label) for r in runs]
@@ -256,7 +260,7 @@ def plot_residual_norms(results: list[RunResult], path: Path) -> None:
         bottom.set_xlabel("residual stream after layer (0 = embeddings)")
     axes[0][-1].legend(fontsize=7)
     axes[1][-1].legend(fontsize=7)
-    _save(fig, path)
+    save_png(fig, path)
 
 
 def write_report(

@@ -17,13 +17,23 @@ The output head `lm_head` is an nn.Linear whose weight is the token embedding's 
 Parameter (weight tying): one tensor, counted once, updated once. Generation lives outside
 the model (tformer.generate): the model computes logits for positions, given KV caches.
 
-Initialisation (one place, `init_weights`): every weight matrix and embedding ~ N(0, 0.02),
-biases 0, LayerNorm gains 1; the two projections that write into the residual stream in each
-block (attention output, second MLP layer) ~ N(0, 0.02 / sqrt(2 n_layers)), so that the
-stream's variance does not grow with depth. `init="xavier"` instead gives the original
-Transformer's: Xavier-uniform matrices, U(-b, b) with b = sqrt(6 / (fan_in + fan_out)) (W^Q,
-W^K, W^V each as its own C x C matrix), embeddings ~ N(0, 1/C), nothing scaled by depth;
-the residual / LayerNorm lab uses it, as Xiong et al. (2020) did.
+Initialisation (one place, `init_weights`; GPT2Config.init):
+    "gpt2"     every weight matrix and embedding ~ N(0, 0.02), biases 0, LayerNorm gains 1;
+               the two projections that write into the residual stream in each block
+               (attention output, second MLP layer) ~ N(0, 0.02 / sqrt(2 n_layers)), so
+               that the stream's variance does not grow with depth.
+    "vaswani"  the original Transformer's (tformer.nn.init): Xavier-uniform matrices,
+               U(-b, b) with b = sqrt(6 / (fan_in + fan_out)), W^Q, W^K, W^V with the bound
+               of one stacked (3C, C) matrix, sqrt(6 / 4C), as torch.nn.MultiheadAttention
+               and fairseq draw them; embeddings ~ N(0, 1/C), token vectors multiplied by
+               sqrt(C) (scale_embeddings); nothing scaled by depth. The residual / LayerNorm
+               lab uses it, with sinusoidal positions, as Xiong et al. (2020) did.
+    "xavier"   as "vaswani" but W^Q, W^K, W^V each with its own C x C bound, sqrt(6 / 2C),
+               and token vectors not scaled: the lab's initialisation before "vaswani",
+               kept so that its earlier figures can be reproduced.
+Neither changes which tensors a checkpoint holds. Scaled token vectors and sinusoidal
+positions (positions="sinusoidal": tformer.nn.embedding) change what the model computes:
+such a model is not GPT-2, and has no Hugging Face or GGUF layout.
 """
 
 import math
@@ -61,12 +71,14 @@ from tformer.nn import (
     LayerNorm,
     LearnedPositionalEmbedding,
     MultiHeadAttention,
+    SinusoidalPositionalEncoding,
     SublayerConnection,
     TokenEmbedding,
 )
 from tformer.nn.attention import Implementation
 from tformer.nn.capture import NameFilter, run_with_cache
 from tformer.nn.checkpointing import run_layer
+from tformer.nn.init import init_attention_xavier, init_embedding
 from tformer.nn.lora import lora_layers
 from tformer.nn.packed_linear import packed_layers
 from tformer.nn.seeding import seeded_generator
@@ -132,8 +144,12 @@ class GPT2(nn.Module):
         super().__init__()
         self.config = config
         c = config
-        self.token_embedding = TokenEmbedding(c.vocab_size, c.d_model)
-        self.position_embedding = LearnedPositionalEmbedding(c.max_len, c.d_model)
+        self.token_embedding = TokenEmbedding(c.vocab_size, c.d_model, scale=c.scale_embeddings)
+        self.position_embedding = (
+            SinusoidalPositionalEncoding(c.max_len, c.d_model)
+            if c.positions == "sinusoidal"
+            else LearnedPositionalEmbedding(c.max_len, c.d_model)
+        )
         self.embedding_dropout = Dropout(c.embedding_dropout)
         self.blocks = nn.ModuleList(Block(c) for _ in range(c.n_layers))
         self.final_norm = final_norm(c.d_model, c.norm_position, c.layer_norm_eps)
@@ -160,14 +176,14 @@ class GPT2(nn.Module):
 
     @torch.no_grad()
     def init_weights(self, seed: int | None = None) -> None:
-        """GPT-2's initialisation, or with config.init == "xavier" the original Transformer's
-        (see the module's docstring); the same seed gives the same weights."""
+        """config.init's initialisation (see the module's docstring); the same seed gives
+        the same weights."""
         device = self.token_embedding.weight.device
         if device.type == "meta":
             return
         g = seeded_generator(seed, device)
-        if self.config.init == "xavier":
-            self.init_xavier(g)
+        if self.config.init in ("vaswani", "xavier"):
+            self.init_xavier(g, stacked_qkv=self.config.init == "vaswani")
             return
         std = self.config.init_std
         for module in self.modules():
@@ -187,17 +203,16 @@ class GPT2(nn.Module):
             nn.init.normal_(block.attn.w_o.weight, 0.0, residual_std, generator=g)
             nn.init.normal_(block.mlp.w2.weight, 0.0, residual_std, generator=g)
 
-    def init_xavier(self, g: torch.Generator) -> None:
+    def init_xavier(self, g: torch.Generator, stacked_qkv: bool) -> None:
         for block in self.blocks:
-            for weight in block.attn.weight_blocks():  # W^Q, W^K, W^V, W^O
-                nn.init.xavier_uniform_(weight, generator=g)
+            init_attention_xavier(block.attn.weight_blocks(), g, stacked=stacked_qkv)
             for linear in (block.mlp.w1, block.mlp.w2):
                 nn.init.xavier_uniform_(linear.weight, generator=g)
         for module in self.modules():
             if isinstance(module, nn.Linear) and module.bias is not None:
                 nn.init.zeros_(module.bias)
             elif isinstance(module, (TokenEmbedding, LearnedPositionalEmbedding)):
-                nn.init.normal_(module.weight, 0.0, self.config.d_model**-0.5, generator=g)
+                init_embedding(module.weight, g)
             elif isinstance(module, LayerNorm):
                 nn.init.ones_(module.weight)
                 nn.init.zeros_(module.bias)

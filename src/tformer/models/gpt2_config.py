@@ -17,6 +17,15 @@ PRESETS: dict[str, tuple[int, int, int]] = {
     "gpt2-xl": (48, 25, 1600),
 }
 END_OF_TEXT = 50256  # <|endoftext|> in GPT-2's vocabulary
+# The initialisations (GPT2.init_weights; tformer.nn.init has the original Transformer's):
+INITS = {
+    "gpt2": "N(0, 0.02) everywhere, the residual-stream projections / sqrt(2 n_layers)",
+    "vaswani": "the original Transformer's: Xavier-uniform, W^Q/W^K/W^V with the stacked "
+    "(3C, C) matrix's bound, embeddings N(0, 1/C) scaled by sqrt(C)",
+    "xavier": "Xavier-uniform with W^Q/W^K/W^V each its own C x C matrix, embeddings "
+    "N(0, 1/C) unscaled (tformer's lab before it had 'vaswani')",
+}
+POSITIONS = ("learned", "sinusoidal")
 
 
 @dataclass
@@ -37,7 +46,9 @@ class GPT2Config:
     norm_position: NormPosition = "pre"
     residual: bool = True
     attention: Implementation = "sdpa"
-    init: str = "gpt2"  # "gpt2", or "xavier": the original Transformer's (see GPT2.init_weights)
+    init: str = "gpt2"  # "gpt2", "vaswani" (the original Transformer's) or "xavier" (see INITS)
+    scale_embeddings: bool | None = None  # token vectors x sqrt(d_model); None: with "vaswani"
+    positions: str = "learned"  # "learned" (GPT-2's) or "sinusoidal" (the original Transformer's)
 
     def __post_init__(self) -> None:
         if self.d_ff is None and is_count(self.d_model):
@@ -46,6 +57,8 @@ class GPT2Config:
             self.attention_dropout = self.dropout
         if self.embedding_dropout is None:
             self.embedding_dropout = self.dropout
+        if self.scale_embeddings is None:
+            self.scale_embeddings = self.init == "vaswani"
         for name in ("vocab_size", "max_len", "d_model", "n_layers", "n_heads", "d_ff"):
             if not is_count(getattr(self, name)):
                 raise ConfigError(
@@ -61,8 +74,11 @@ class GPT2Config:
             if not isinstance(value, numbers.Real) or isinstance(value, bool):
                 raise ConfigError(f"GPT2Config.{name} must be a number, got {value!r}")
             check_number(f"GPT2Config.{name}", value, low=0.0, high=1.0, high_open=True)
-        if not isinstance(self.residual, bool):
-            raise ConfigError(f"GPT2Config.residual must be True or False, got {self.residual!r}")
+        for name in ("residual", "scale_embeddings"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(
+                    f"GPT2Config.{name} must be True or False, got {getattr(self, name)!r}"
+                )
         if self.d_model % self.n_heads != 0:
             raise ConfigError(
                 f"GPT2Config: d_model ({self.d_model}) must be divisible by "
@@ -70,7 +86,8 @@ class GPT2Config:
             )
         check_choice("GPT2Config.norm_position", self.norm_position, NORM_POSITIONS)
         check_choice("GPT2Config.activation", self.activation, ACTIVATIONS)
-        check_choice("GPT2Config.init", self.init, ("gpt2", "xavier"))
+        check_choice("GPT2Config.init", self.init, tuple(INITS))
+        check_choice("GPT2Config.positions", self.positions, POSITIONS)
         check_choice("GPT2Config.attention", self.attention, IMPLEMENTATIONS)
         eos = self.eos_id
         if eos is not None and (not isinstance(eos, numbers.Integral) or isinstance(eos, bool)):

@@ -99,6 +99,12 @@ def check_writable(
             "llama.cpp's gpt2 architecture computes pre-LN blocks with residual connections; "
             f"this model has norm_position={config.norm_position!r}, residual={config.residual}"
         )
+    if config.positions != "learned" or config.scale_embeddings:
+        raise ValueError(
+            "llama.cpp's gpt2 architecture adds learned positions to unscaled token "
+            f"embeddings; this model has positions={config.positions!r}, "
+            f"scale_embeddings={config.scale_embeddings}"
+        )
     if config.activation == "relu":
         raise ValueError("llama.cpp's gpt2 architecture computes GELU; this model uses ReLU")
     if config.activation == "gelu" and not approximate_gelu:
@@ -238,6 +244,9 @@ def config_from_file(gguf: GGUFFile) -> GPT2Config:
         "layer_norm_eps": gguf.require(f"{ARCH}.attention.layer_norm_epsilon"),
         "eos_id": eos if isinstance(eos, int) and 0 <= eos < vocab_size else None,
         "activation": "gelu_tanh",
+        # what llama.cpp's gpt2 computes, whatever tformer.config's init was
+        "positions": "learned",
+        "scale_embeddings": False,
     }
     saved = _saved_config(gguf.metadata.get(CONFIG_KEY), source)
     known = {f.name for f in fields(GPT2Config)}

@@ -155,12 +155,19 @@ def name_table(config: GPT2Config) -> NameTable:
 
 
 def check_hf_architecture(config: GPT2Config) -> None:
-    """Only GPT-2 itself (pre-LN, with residuals) has a Hugging Face layout."""
+    """Only GPT-2 itself (pre-LN, with residuals, learned positions, token vectors as they
+    are stored) has a Hugging Face layout."""
     if config.norm_position != "pre" or not config.residual:
         raise CheckpointError(
             "only the GPT-2 architecture (pre-LN with residuals) has a Hugging Face layout; "
             f"this model has norm_position={config.norm_position!r}, "
             f"residual={config.residual}"
+        )
+    if config.positions != "learned" or config.scale_embeddings:
+        raise CheckpointError(
+            "only the GPT-2 architecture (learned positions, unscaled token embeddings) has a "
+            f"Hugging Face layout; this model has positions={config.positions!r}, "
+            f"scale_embeddings={config.scale_embeddings}"
         )
 
 

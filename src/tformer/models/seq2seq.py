@@ -64,12 +64,14 @@ from tformer.nn.attention import IMPLEMENTATIONS, Implementation
 from tformer.nn.capture import NameFilter, run_with_cache
 from tformer.nn.checkpointing import run_layer
 from tformer.nn.feedforward import ACTIVATIONS, Activation
+from tformer.nn.init import init_attention_xavier, init_embedding
 from tformer.nn.packed_linear import packed_layers
 from tformer.nn.seeding import seeded_generator
 from tformer.nn.sublayer import NORM_POSITIONS, NormPosition, final_norm
 
 MODEL_TYPE = "tformer-seq2seq"  # config.json's model_type for this model
-INIT_GAIN = 0.5  # Xavier-uniform bounds are halved (see Seq2SeqTransformer.init_weights)
+INIT_GAIN = 0.5  # init "xavier-half": Xavier bounds halved (Seq2SeqTransformer.init_weights)
+INITS = ("xavier-half", "vaswani")
 
 # name -> (d_model, n_heads, layers per stack, d_ff, dropout)
 PRESETS: dict[str, tuple[int, int, int, int, float]] = {
@@ -99,6 +101,7 @@ class Seq2SeqConfig:
     bos_id: int = 1
     eos_id: int = 2
     attention: Implementation = "sdpa"
+    init: str = "xavier-half"  # or "vaswani", the paper's (Seq2SeqTransformer.init_weights)
 
     def __post_init__(self) -> None:
         for name in ("src_vocab_size", "tgt_vocab_size", "max_len", "d_model", "n_heads", "d_ff"):
@@ -122,6 +125,7 @@ class Seq2SeqConfig:
         check_choice("Seq2SeqConfig.activation", self.activation, ACTIVATIONS)
         check_choice("Seq2SeqConfig.norm_position", self.norm_position, NORM_POSITIONS)
         check_choice("Seq2SeqConfig.attention", self.attention, IMPLEMENTATIONS)
+        check_choice("Seq2SeqConfig.init", self.init, INITS)
         if self.share_embeddings and self.src_vocab_size != self.tgt_vocab_size:
             raise ConfigError(
                 "share_embeddings needs one joint vocabulary: src_vocab_size "
@@ -372,36 +376,42 @@ class Seq2SeqTransformer(nn.Module):
 
     @torch.no_grad()
     def init_weights(self, seed: int | None = None) -> None:
-        """Xavier-uniform matrices scaled by INIT_GAIN, zero biases; embeddings N(0, 1/d_model),
+        """Xavier-uniform matrices, zero biases, LayerNorm gains 1, embeddings N(0, 1/d_model),
         so that after the sqrt(d_model) scaling a token vector has unit-variance entries, like
-        the sinusoids it is added to.
+        the sinusoids it is added to (tformer.nn.init). Xavier's bound is
+        sqrt(6 / (fan_in + fan_out)); config.init chooses how it is applied:
 
-        Xavier's bound is sqrt(6 / (fan_in + fan_out)) (the Annotated Transformer and
-        torch.nn.Transformer use it as it is). Halving it makes each post-LN sublayer start
-        small next to the residual stream it is added to, which trains faster than either
-        the full bound or GPT-2's and Marian's N(0, 0.02^2) (measured: docs/LOG.md)."""
+            "vaswani"      the paper's, as torch.nn.MultiheadAttention and fairseq draw it:
+                           W^Q, W^K, W^V with the bound of one stacked (3C, C) matrix,
+                           sqrt(6 / 4C); every other matrix with its own bound
+            "xavier-half"  (the default) every matrix, W^Q, W^K, W^V each as C x C, with half
+                           its own bound: each post-LN sublayer starts small next to the
+                           residual stream it is added to, which trained faster than the
+                           paper's, the full per-matrix bound or GPT-2's and Marian's
+                           N(0, 0.02^2) (measured: docs/LOG.md)"""
         device = self.tgt_embedding.weight.device
         if device.type == "meta":
             return
         g = seeded_generator(seed, device)
+        stacked = self.config.init == "vaswani"
+        gain = 1.0 if stacked else INIT_GAIN
 
         done: set[nn.Module] = set()
         for module in self.modules():
             if isinstance(module, MultiHeadAttention):
                 # W^Q, W^K, W^V are C x C matrices even where they are stored stacked.
-                for weight in module.weight_blocks():
-                    nn.init.xavier_uniform_(weight, gain=INIT_GAIN, generator=g)
+                init_attention_xavier(module.weight_blocks(), g, stacked=stacked, gain=gain)
                 for linear in module.children():
                     if isinstance(linear, nn.Linear):
                         if linear.bias is not None:
                             nn.init.zeros_(linear.bias)
                         done.add(linear)
             elif isinstance(module, nn.Linear) and module not in done:
-                nn.init.xavier_uniform_(module.weight, gain=INIT_GAIN, generator=g)
+                nn.init.xavier_uniform_(module.weight, gain=gain, generator=g)
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
             elif isinstance(module, TokenEmbedding):
-                nn.init.normal_(module.weight, 0.0, self.config.d_model**-0.5, generator=g)
+                init_embedding(module.weight, g)
             elif isinstance(module, LayerNorm):
                 nn.init.ones_(module.weight)
                 nn.init.zeros_(module.bias)
