@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from tformer.cli.main import main
+from tformer.data.tokens import Batch
 from tformer.lab import xiong
 from tformer.lab.xiong import (
     Measurement,
@@ -59,8 +60,7 @@ def test_the_measured_model_is_the_papers_architecture(placement):
     ids = torch.randint(0, 31, (3, 20), generator=torch.Generator().manual_seed(0))
     targets = torch.randint(0, 31, (3, 20), generator=torch.Generator().manual_seed(1))
     torch.testing.assert_close(model(ids), reference(ids), rtol=1e-4, atol=1e-4)
-    batch = type("Batch", (), {"inputs": (ids,), "targets": targets})
-    ours = xiong.measure(config, placement, "vaswani", 3, 5, batch, 31)
+    ours = xiong.measure(config, placement, "vaswani", 3, 5, Batch((ids,), targets), 31)
     theirs = reference_w2_grads(reference, ids, targets)
     assert ours.w2_grads == pytest.approx(theirs, rel=1e-4)
 
@@ -120,9 +120,9 @@ def test_quick_reproduction_writes_its_report_and_resumes(tmp_path, capsys, monk
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["--reproduce", "xiong", "--steps", "5"], "--steps is a setting of the trained grid"),
-        (["--reproduce", "xiong", "--init", "gpt2"], "--init is a setting of the trained grid"),
-        (["--seeds", "3"], "--seeds is a setting of --reproduce"),
+        (["--reproduce", "xiong", "--steps", "5"], "--steps does not apply to --reproduce xiong"),
+        (["--reproduce", "xiong", "--init", "gpt2"], "--init does not apply to --reproduce xiong"),
+        (["--seeds", "3"], "--seeds does not apply to the trained grid"),
         (["--reproduce", "xiong", "--depths", "0"], "depths must be positive"),
     ],
 )

@@ -1,12 +1,13 @@
 """`tformer lab`: the residual / LayerNorm experiment, with a report and plots."""
 
 import sys
-from dataclasses import replace
+from dataclasses import asdict, replace
 
 from tqdm import tqdm
 
 from tformer.cli.common import DefaultsFormatter, number, print_json, seed
-from tformer.devices import machine_line, pick_device
+from tformer.data.parallel import BUILTIN_PARALLEL
+from tformer.devices import bf16_supported, machine_line, pick_device
 from tformer.errors import RunDirectoryError
 from tformer.files import lock_directory
 from tformer.lab.experiment import VARIANTS, LabConfig, run_lab
@@ -19,6 +20,10 @@ from tformer.lab.report import (
     summary_rows,
     write_report,
 )
+from tformer.lab.warmup import LABELS as WARMUP_LABELS
+from tformer.lab.warmup import VARIANTS as WARMUP_VARIANTS
+from tformer.lab.warmup import WarmupConfig, finding, run_warmup
+from tformer.lab.warmup_report import write_warmup_report
 from tformer.lab.xiong import PLACEMENTS, XiongConfig, run_xiong
 from tformer.lab.xiong_report import write_xiong_report
 from tformer.models.gpt2_config import INITS
@@ -54,13 +59,23 @@ def add_parser(sub) -> None:
     p.add_argument("--quick", action="store_true", help="a small grid for a first look or a test")
     p.add_argument(
         "--reproduce",
-        choices=["xiong"],
+        choices=["xiong", "warmup"],
         help="instead of the grid, a paper's own measurement. xiong: Xiong et al. (2020)'s "
         "||dL/dW2|| of every block at initialisation (nothing is trained), over --depths, "
         "post-LN, pre-LN and no LayerNorm, the original Transformer's and GPT-2's "
         "initialisations, --seeds seeds, at d_model 256, 4 heads, context 128, batch 16, "
         "with each of the paper's predictions checked; writes OUT/xiong.md, xiong.png, "
-        "xiong.json (about 5 minutes on two CPU cores)",
+        "xiong.json (about 5 minutes on two CPU cores). warmup: Xiong et al.'s finding "
+        "that post-LN needs warm-up and pre-LN does not, where they found it: four "
+        "encoder-decoders (post-LN and pre-LN, each with and without warm-up) trained on "
+        "--data with the same budget, scored by BLEU and chrF on its test pairs; writes "
+        "OUT/warmup.md, warmup.png, warmup.json",
+    )
+    p.add_argument(
+        "--data",
+        choices=list(BUILTIN_PARALLEL),
+        help=f"with --reproduce warmup: the corpus (default: {WarmupConfig().data}; "
+        f"--quick: {WarmupConfig.quick().data})",
     )
     p.add_argument(
         "--seeds",
@@ -111,58 +126,53 @@ def add_parser(sub) -> None:
     p.set_defaults(run=run)
 
 
-def lab_config(args) -> LabConfig:
-    """The default grid (or --quick's) with the options given on the command line."""
-    base = LabConfig.quick() if args.quick else LabConfig()
-    names = ("depths", "steps", "d_model", "n_heads", "context", "batch_size", "lr")
-    overrides = {n: getattr(args, n) for n in (*names, "warmup_steps", "seed", "init")}
-    if args.variants is not None:
+# The options each mode takes: the trained grid (no --reproduce) and each reproduction.
+OPTIONS = {
+    None: ("depths", "variants", "steps", "d_model", "n_heads", "context", "batch_size", "lr",
+           "warmup_steps", "seed", "init"),
+    "xiong": ("depths", "d_model", "n_heads", "context", "batch_size", "seeds"),
+    "warmup": ("data", "steps", "d_model", "n_heads", "batch_size", "lr", "warmup_steps",
+               "seed"),
+}  # fmt: skip
+
+
+def check_options(args) -> None:
+    """Refuse, in one line, an option the chosen mode does not take."""
+    takes = OPTIONS[args.reproduce]
+    every = {name for names in OPTIONS.values() for name in names}
+    for name in sorted(every - set(takes)):
+        if getattr(args, name) is not None:
+            mode = f"--reproduce {args.reproduce}" if args.reproduce else "the trained grid"
+            flags = ", ".join("--" + n.replace("_", "-") for n in takes)
+            raise ValueError(f"--{name.replace('_', '-')} does not apply to {mode} (it takes "
+                             f"{flags})")  # fmt: skip
+
+
+def given(args, config_type):
+    """The base config (or --quick's) with the options given on the command line."""
+    base = config_type.quick() if args.quick else config_type()
+    overrides = {n: getattr(args, n) for n in OPTIONS[args.reproduce]}
+    if overrides.get("variants") is not None:
         overrides["variants"] = tuple(v.strip() for v in args.variants.split(",") if v.strip())
     return replace(base, **{k: v for k, v in overrides.items() if v is not None})
 
 
-# flags of the trained grid, which a reproduction (nothing trained) does not take
-GRID_ONLY = ("variants", "steps", "lr", "warmup_steps", "seed", "init")
-REPRODUCTION_ONLY = ("seeds",)
-
-
-def xiong_config(args) -> XiongConfig:
-    """Xiong et al.'s configuration (or --quick's) with the sizes given."""
-    given = [name for name in GRID_ONLY if getattr(args, name) is not None]
-    if given:
-        flag = "--" + given[0].replace("_", "-")
-        raise ValueError(f"{flag} is a setting of the trained grid; --reproduce xiong trains "
-                         "nothing (it takes --depths, --d-model, --n-heads, --context, "
-                         "--batch-size, --seeds)")  # fmt: skip
-    base = XiongConfig.quick() if args.quick else XiongConfig()
-    names = ("depths", "d_model", "n_heads", "context", "batch_size", "seeds")
-    overrides = {n: getattr(args, n) for n in names if getattr(args, n) is not None}
-    return replace(base, **overrides)
-
-
-def run_with_progress(config: LabConfig, out, args):
-    """run_lab with the machine's line and a progress bar; -> results, data, machine line."""
-    device = pick_device(args.device)
-    machine = machine_line()
-    print(machine, file=sys.stderr)
-    total = len(config.depths) * len(config.variants)
-    bar = tqdm(total=total, unit="run", dynamic_ncols=True, disable=args.json)
+def progress(total: int, unit: str, args):
+    """A progress bar (none with --json) and the on_run callback that moves it."""
+    bar = tqdm(total=total, unit=unit, dynamic_ncols=True, disable=args.json)
 
     def on_run(index: int, total: int, name: str) -> None:
         bar.n = index
         bar.set_description(name)
         bar.refresh()
 
-    results, data = run_lab(config, out, device, args.fresh, on_run)
-    bar.n = total
-    bar.close()
-    return results, data, machine
+    return bar, on_run
 
 
 def run(args) -> None:
-    if args.reproduce is None and args.seeds is not None:
-        raise ValueError("--seeds is a setting of --reproduce; the grid has one --seed")
-    config = xiong_config(args) if args.reproduce == "xiong" else lab_config(args)
+    check_options(args)
+    config_type = {None: LabConfig, "xiong": XiongConfig, "warmup": WarmupConfig}
+    config = given(args, config_type[args.reproduce])
     # A new or empty directory, or an earlier report of the lab's own (whose runs resume).
     out = output_directory(args.out)
     names = existing_names(out, "--out")
@@ -175,10 +185,19 @@ def run(args) -> None:
     lock = lock_directory(out)  # one lab writes a report at a time
     try:
         lock.announce()
+        device = pick_device(args.device)
+        machine = machine_line()
+        print(machine, file=sys.stderr)
         if isinstance(config, XiongConfig):
-            reproduce_xiong(config, out, args)
+            reproduce_xiong(config, out, device, machine, args)
             return
-        results, data, machine = run_with_progress(config, out, args)
+        if isinstance(config, WarmupConfig):
+            reproduce_warmup(config, out, device, machine, args)
+            return
+        bar, on_run = progress(len(config.depths) * len(config.variants), "run", args)
+        with bar:
+            results, data = run_lab(config, out, device, args.fresh, on_run)
+            bar.n = bar.total
         report = write_report(out, config, data, results, machine)
     finally:
         lock.release()
@@ -197,20 +216,12 @@ def run(args) -> None:
     print(f"report: {report}")
 
 
-def reproduce_xiong(config: XiongConfig, out, args) -> None:
-    device = pick_device(args.device)
-    machine = machine_line()
-    print(machine, file=sys.stderr)
+def reproduce_xiong(config: XiongConfig, out, device, machine: str, args) -> None:
     total = len(config.placements) * len(config.inits) * len(config.depths) * config.seeds
-    with tqdm(total=total, unit="model", dynamic_ncols=True, disable=args.json) as bar:
-
-        def on_run(index: int, total: int, name: str) -> None:
-            bar.n = index
-            bar.set_description(name)
-            bar.refresh()
-
+    bar, on_run = progress(total, "model", args)
+    with bar:
         results = run_xiong(config, out, device, args.fresh, on_run)
-        bar.n = total
+        bar.n = bar.total
     report, rows = write_xiong_report(out, config, results, machine)
     if args.json:
         print_json(json_safe({"machine": machine, "report": str(report), "summary": rows}))
@@ -223,4 +234,27 @@ def reproduce_xiong(config: XiongConfig, out, args) -> None:
             f"{'(' + across + ')' if across else '':<17} growth within {row['deepest']} layers "
             f"{row['growth']:.2f} {'(' + within + ')' if within else ''}"
         )
+    print(f"report: {report}")
+
+
+def reproduce_warmup(config: WarmupConfig, out, device, machine: str, args) -> None:
+    if config.dtype == "bfloat16" and not bf16_supported(device):
+        print("this device computes no bfloat16 natively: training in float32", file=sys.stderr)
+        config = replace(config, dtype="float32")
+    bar, on_run = progress(len(WARMUP_VARIANTS), "run", args)
+    with bar:
+        results, data = run_warmup(config, out, device, args.fresh, on_run)
+        bar.n = bar.total
+    report = write_warmup_report(out, config, data, results, machine)
+    if args.json:
+        runs = [{k: v for k, v in asdict(r).items() if k not in ("train_loss", "val_loss")}
+                for r in results]  # fmt: skip
+        print_json(json_safe({"machine": machine, "report": str(report),
+                              "finding": finding(results), "runs": runs}))  # fmt: skip
+        return
+    for r in results:
+        loss = "—" if r.final_val_loss is None else f"{r.final_val_loss:.3f}"
+        bleu = "—" if r.bleu is None else f"{r.bleu:.2f}"
+        print(f"{WARMUP_LABELS[r.variant]:<22} val loss {loss:>6}  test BLEU {bleu:>6}  {r.status}")
+    print(f"Xiong et al.'s warm-up finding {finding(results)}")
     print(f"report: {report}")

@@ -18,8 +18,10 @@ by a name alone that a user may have too (a `runs/`). A failed write says which 
 """
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
+from typing import TypeVar
 
 from tformer.files import (
     WRITE_ERRORS,
@@ -34,6 +36,7 @@ from tformer.lab.experiment import POSITIONS_OF, VARIANTS, LabConfig, LabData, R
 from tformer.models.gpt2_config import INITS
 from tformer.train.plots import new_figure
 
+T = TypeVar("T")
 REPORT_FILE = "report.md"
 RESULTS_FILE = "results.json"
 PLOTS = ("loss_curves.png", "grad_norms.png", "residual_norms.png")
@@ -93,10 +96,19 @@ def summary_rows(results: list[RunResult]) -> list[dict]:
                 if r.init_residual_norms[0] > 0
                 else math.inf
             ),
+            "steps_done": r.steps_done,
             "seconds": r.seconds,
         }
         for r in results
     ]
+
+
+def status_words(row: dict) -> str:
+    """A row's status, with the step whose loss was not finite (the steps before it are
+    recorded, that one is not)."""
+    if row["status"] == "diverged":
+        return f"diverged at step {row['steps_done'] + 1}"
+    return row["status"]
 
 
 def _number(x: float | None, digits: int) -> str:
@@ -138,7 +150,7 @@ def markdown_report(
     for row in summary_rows(results):
         lines.append(
             f"| {row['depth']} | {row['label']} | {_number(row['final_val_loss'], 3)} | "
-            f"{row['status']} | {_number(row['grad_ratio'], 2)} | "
+            f"{status_words(row)} | {_number(row['grad_ratio'], 2)} | "
             f"{_number(row['residual_growth_init'], 2)} | {row['seconds']:.0f} |"
         )
     lines += ["", "## Plots", ""]
@@ -164,7 +176,7 @@ def save_png(fig, path: Path) -> None:
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
 
 
-def _smooth(values: list[float], window: int) -> list[float]:
+def smooth(values: list[float], window: int) -> list[float]:
     out, total = [], 0.0
     for i, v in enumerate(values):
         total += v
@@ -184,7 +196,7 @@ def plot_loss_curves(results: list[RunResult], data: LabData, path: Path) -> Non
             window = max(1, len(losses) // 50)
             ax.plot(
                 range(1, len(losses) + 1),
-                _smooth(losses, window),
+                smooth(losses, window),
                 lw=1.1,
                 color=color_of(r.variant),
                 label=VARIANTS[r.variant].label,
@@ -273,8 +285,14 @@ def write_report(
     """Write report.md, results.json and the plots into out_dir; return report.md's path. A
     failed write is a WriteError naming the file (each is written whole or not at all)."""
     out_dir = Path(out_dir)
+    return writing(out_dir, lambda: _write_report(out_dir, config, data, results, machine))
+
+
+def writing(out_dir: Path, write: Callable[[], T]) -> T:
+    """write() (the report's files into out_dir), with a failed write turned into a
+    WriteError that names the file and says the finished runs in out_dir/runs are kept."""
     try:
-        return _write_report(out_dir, config, data, results, machine)
+        return write()
     except WRITE_ERRORS as e:
         if not is_write_error(e):
             raise

@@ -14,20 +14,15 @@ import math
 from dataclasses import asdict
 from pathlib import Path
 
-from tformer.files import (
-    WRITE_ERRORS,
-    atomic_write_json,
-    atomic_write_text,
-    is_write_error,
-    write_failure,
-)
-from tformer.lab.report import json_safe, panels, save_png
+from tformer.files import atomic_write_json, atomic_write_text
+from tformer.lab.report import json_safe, panels, save_png, writing
 from tformer.lab.xiong import (
     FLAT_SLOPE,
     GROWS,
     LEVEL,
     PLACEMENTS,
     POSITIONS_OF,
+    PREDICTIONS,
     SLOPE_BAND,
     Measurement,
     XiongConfig,
@@ -110,16 +105,23 @@ def markdown(config: XiongConfig, rows: list[dict], machine: str, seconds: float
         + ".",
         "",
         f"![{PLOT_FILE}]({PLOT_FILE})",
+        "",
+        "The plot shows post-LN and pre-LN; no LayerNorm's gradients are in the tables only.",
     ]
     return "\n".join(lines)
 
 
 def plot(rows: list[dict], path: Path) -> None:
+    """post-LN and pre-LN (the placements the paper predicts for), every init."""
+    from matplotlib.ticker import FixedLocator, NullLocator, ScalarFormatter
+
     fig, axes = panels(1, 2)
     left, right = axes[0]
     styles = {"vaswani": "-", "gpt2": "--", "xavier": ":"}
     colors = {"post": "C2", "pre": "C0", "none": "C4"}
     for row in rows:
+        if row["placement"] not in PREDICTIONS:  # no LayerNorm: its scale would hide the rest
+            continue
         label = f"{PLACEMENTS[row['placement']]}, {row['init']}"
         style = dict(color=colors[row["placement"]], ls=styles[row["init"]], lw=1.2)
         depths = sorted(row["last_w2_grad"])
@@ -132,6 +134,9 @@ def plot(rows: list[dict], path: Path) -> None:
             left.plot(depths, [scale / math.sqrt(d) for d in depths], color="grey", ls=":",
                       lw=1, label="1/sqrt(L) from pre-LN's first")  # fmt: skip
     left.set_xscale("log")
+    left.xaxis.set_major_locator(FixedLocator(sorted({d for r in rows for d in r["last_w2_grad"]})))
+    left.xaxis.set_major_formatter(ScalarFormatter())
+    left.xaxis.set_minor_locator(NullLocator())
     left.set_yscale("log")
     left.set_xlabel("layers L")
     left.set_ylabel("last layer's ||dL/dW2||")
@@ -157,7 +162,8 @@ def write_xiong_report(
     out_dir = Path(out_dir)
     rows = summary(results, config)
     seconds = sum(m.seconds for m in results)
-    try:
+
+    def write() -> Path:
         out_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_json(
             out_dir / RESULTS_FILE,
@@ -174,9 +180,6 @@ def write_xiong_report(
         plot(rows, out_dir / PLOT_FILE)
         path = out_dir / REPORT_FILE
         atomic_write_text(path, markdown(config, rows, machine, seconds) + "\n")
-    except WRITE_ERRORS as e:
-        if not is_write_error(e):
-            raise
-        where = e.filename if isinstance(e, OSError) and e.filename else out_dir
-        raise write_failure(where, e, f"the measurements in {out_dir / 'runs'} are kept") from None
-    return path, rows
+        return path
+
+    return writing(out_dir, write), rows
