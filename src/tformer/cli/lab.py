@@ -243,7 +243,7 @@ def reproduce_warmup(config: WarmupConfig, out, device, machine: str, args) -> N
         config = replace(config, dtype="float32")
     bar, on_run = progress(len(WARMUP_VARIANTS), "run", args)
     with bar:
-        results, data = run_warmup(config, out, device, args.fresh, on_run)
+        results, data = run_warmup(config, out, device, args.fresh, on_run, not args.json)
         bar.n = bar.total
     report = write_warmup_report(out, config, data, results, machine)
     if args.json:

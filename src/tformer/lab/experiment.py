@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -39,6 +39,8 @@ from tformer.models.gpt2 import GPT2, GPT2Config
 from tformer.nn.sublayer import NormPosition
 from tformer.tokenizers import CharTokenizer
 from tformer.train.trainer import TrainConfig, fit
+
+T = TypeVar("T")
 
 # each initialisation with the positions of the model family it comes from
 POSITIONS_OF = {"vaswani": "sinusoidal", "gpt2": "learned", "xavier": "learned"}
@@ -120,19 +122,8 @@ class LabConfig:
         )
 
     def model_config(self, depth: int, variant: Variant, vocab_size: int) -> GPT2Config:
-        return GPT2Config(
-            vocab_size=vocab_size,
-            max_len=self.context,
-            d_model=self.d_model,
-            n_layers=depth,
-            n_heads=self.n_heads,
-            dropout=0.0,
-            activation="gelu",  # exact GELU: faster than tanh's on CPUs (docs/LOG.md)
-            norm_position=variant.norm_position,
-            residual=variant.residual,
-            init=self.init,
-            positions=POSITIONS_OF[self.init],
-        )
+        return char_gpt(vocab_size, self.context, self.d_model, self.n_heads, depth,
+                        variant.norm_position, self.init, variant.residual)  # fmt: skip
 
     def train_config(self, variant: Variant) -> TrainConfig:
         return TrainConfig(
@@ -153,6 +144,33 @@ class LabConfig:
         """Identifies the settings a run's result depends on (not the grid's extent)."""
         settings = {k: v for k, v in asdict(self).items() if k not in ("depths", "variants")}
         return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def char_gpt(
+    vocab_size: int,
+    context: int,
+    d_model: int,
+    n_heads: int,
+    depth: int,
+    norm_position: NormPosition,
+    init: str,
+    residual: bool = True,
+) -> GPT2Config:
+    """The lab's character-level GPT: no dropout, exact GELU (faster than tanh's on CPUs,
+    docs/LOG.md), d_ff 4 d_model, the positions of the initialisation's model family."""
+    return GPT2Config(
+        vocab_size=vocab_size,
+        max_len=context,
+        d_model=d_model,
+        n_layers=depth,
+        n_heads=n_heads,
+        dropout=0.0,
+        activation="gelu",
+        norm_position=norm_position,
+        residual=residual,
+        init=init,
+        positions=POSITIONS_OF[init],
+    )
 
 
 @dataclass
@@ -280,18 +298,32 @@ def run_lab(
         path = runs_dir / f"{depth}-{variant}.json"
         if on_run is not None:
             on_run(index, len(grid), f"{depth} layers, {VARIANTS[variant].label}")
-        if path.is_file() and not fresh:
-            saved = read_json(path, "a saved lab run")
-            if saved.get("fingerprint") == fingerprint:
-                try:
-                    results.append(result_from_dict(saved["result"]))
-                    continue
-                except (KeyError, TypeError):  # saved by another version: run it again
-                    pass
-        result = run_one(config, depth, variant, data, device)
-        atomic_write_json(path, {"fingerprint": fingerprint, "result": asdict(result)})
+        result = None if fresh else saved_run(path, fingerprint, result_from_dict)
+        if result is None:
+            result = run_one(config, depth, variant, data, device)
+            save_run(path, fingerprint, result)
         results.append(result)
     return results, data
+
+
+def saved_run(path: Path, fingerprint: str, load: Callable[[dict], T]) -> T | None:
+    """The run saved at `path` by save_run with the same settings (fingerprint), made by
+    load(its fields); None if there is none, or it was saved with other settings or by
+    another version (whose fields load refuses)."""
+    if not path.is_file():
+        return None
+    saved = read_json(path, "a saved lab run")
+    if saved.get("fingerprint") != fingerprint:
+        return None
+    try:
+        return load(saved["result"])
+    except (KeyError, TypeError):
+        return None
+
+
+def save_run(path: Path, fingerprint: str, result) -> None:
+    """A finished run (a dataclass), at once and atomically: a killed lab resumes from it."""
+    atomic_write_json(path, {"fingerprint": fingerprint, "result": asdict(result)})
 
 
 def result_from_dict(saved: dict) -> RunResult:

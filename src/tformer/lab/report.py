@@ -21,7 +21,6 @@ import math
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
-from typing import TypeVar
 
 from tformer.files import (
     WRITE_ERRORS,
@@ -36,7 +35,6 @@ from tformer.lab.experiment import POSITIONS_OF, VARIANTS, LabConfig, LabData, R
 from tformer.models.gpt2_config import INITS
 from tformer.train.plots import new_figure
 
-T = TypeVar("T")
 REPORT_FILE = "report.md"
 RESULTS_FILE = "results.json"
 PLOTS = ("loss_curves.png", "grad_norms.png", "residual_norms.png")
@@ -284,41 +282,42 @@ def write_report(
 ) -> Path:
     """Write report.md, results.json and the plots into out_dir; return report.md's path. A
     failed write is a WriteError naming the file (each is written whole or not at all)."""
-    out_dir = Path(out_dir)
-    return writing(out_dir, lambda: _write_report(out_dir, config, data, results, machine))
+    numbers = {
+        "machine": machine,
+        "config": asdict(config),
+        "unigram_loss": data.unigram_loss,
+        "summary": summary_rows(results),
+        "runs": [asdict(r) for r in results],
+    }
+    plots = {
+        PLOTS[0]: lambda path: plot_loss_curves(results, data, path),
+        PLOTS[1]: lambda path: plot_grad_norms(results, path),
+        PLOTS[2]: lambda path: plot_residual_norms(results, path),
+    }
+    text = markdown_report(config, data, results, machine)
+    return write_files(Path(out_dir), (RESULTS_FILE, numbers), plots, (REPORT_FILE, text))
 
 
-def writing(out_dir: Path, write: Callable[[], T]) -> T:
-    """write() (the report's files into out_dir), with a failed write turned into a
-    WriteError that names the file and says the finished runs in out_dir/runs are kept."""
+def write_files(
+    out_dir: Path,
+    numbers: tuple[str, dict],
+    plots: dict[str, Callable[[Path], None]],
+    report: tuple[str, str],
+) -> Path:
+    """A report's files, each written whole or not at all: the numbers as JSON (NaN and
+    infinity as null), each plot by its function, then the Markdown; -> the Markdown's path.
+    A failed write is a WriteError that names the file and says that the finished runs in
+    out_dir/runs are kept."""
     try:
-        return write()
+        out_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(out_dir / numbers[0], json_safe(numbers[1]))
+        for name, draw in plots.items():
+            draw(out_dir / name)
+        path = out_dir / report[0]
+        atomic_write_text(path, report[1] + "\n")
+        return path
     except WRITE_ERRORS as e:
         if not is_write_error(e):
             raise
         where = e.filename if isinstance(e, OSError) and e.filename else out_dir
         raise write_failure(where, e, f"the finished runs in {out_dir / 'runs'} are kept") from None
-
-
-def _write_report(
-    out_dir: Path, config: LabConfig, data: LabData, results: list[RunResult], machine: str
-) -> Path:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(
-        out_dir / RESULTS_FILE,
-        json_safe(
-            {
-                "machine": machine,
-                "config": asdict(config),
-                "unigram_loss": data.unigram_loss,
-                "summary": summary_rows(results),
-                "runs": [asdict(r) for r in results],
-            }
-        ),
-    )
-    plot_loss_curves(results, data, out_dir / PLOTS[0])
-    plot_grad_norms(results, out_dir / PLOTS[1])
-    plot_residual_norms(results, out_dir / PLOTS[2])
-    path = out_dir / REPORT_FILE
-    atomic_write_text(path, markdown_report(config, data, results, machine) + "\n")
-    return path

@@ -35,8 +35,8 @@ from typing import Any
 import torch
 
 from tformer.data.parallel import BUILTIN_PARALLEL, ParallelBatches, load_parallel
-from tformer.files import atomic_write_json, read_json
 from tformer.generate.translate import corpus_scores, translate
+from tformer.lab.experiment import save_run, saved_run
 from tformer.lab.instruments import gradient_report, norm_of
 from tformer.models.seq2seq import Seq2SeqConfig, Seq2SeqTransformer
 from tformer.tokenizers import Tokenizer, train_bpe
@@ -185,7 +185,11 @@ def w2_grads(model: Seq2SeqTransformer) -> list[float]:
 
 
 def run_variant(
-    config: WarmupConfig, variant: str, data: WarmupData, device: torch.device
+    config: WarmupConfig,
+    variant: str,
+    data: WarmupData,
+    device: torch.device,
+    progress: bool = False,
 ) -> WarmupRun:
     placement, warmup = VARIANTS[variant]
     vocab = data.tokenizer.vocab_size
@@ -203,7 +207,7 @@ def run_variant(
     started = time.perf_counter()
     diverged = False
     try:
-        fit(model, data.train, data.val, config.train_config(warmup), progress=False,
+        fit(model, data.train, data.val, config.train_config(warmup), progress=progress,
             on_record=records.append, print_evaluations=False)  # fmt: skip
     except FloatingPointError:
         diverged = True
@@ -239,9 +243,11 @@ def run_warmup(
     device: torch.device | str = "cpu",
     fresh: bool = False,
     on_run: Callable[[int, int, str], None] | None = None,
+    progress: bool = False,
 ) -> tuple[list[WarmupRun], WarmupData]:
     """The four variants, each saved in out_dir/runs as it ends and reused by a later call
-    with the same settings unless `fresh`. on_run(index, total, name) before each."""
+    with the same settings unless `fresh`. on_run(index, total, name) before each;
+    progress: a bar of each run's training steps too."""
     runs_dir = Path(out_dir) / "runs"
     runs_dir.mkdir(parents=True, exist_ok=True)
     device = torch.device(device)
@@ -252,20 +258,18 @@ def run_warmup(
         path = runs_dir / f"warmup-{config.data}-{variant}.json"
         if on_run is not None:
             on_run(index, len(VARIANTS), LABELS[variant])
-        if path.is_file() and not fresh:
-            saved = read_json(path, "a saved warm-up run")
-            if saved.get("fingerprint") == fingerprint:
-                try:
-                    result = WarmupRun(**saved["result"])
-                    result.val_loss = [tuple(pair) for pair in result.val_loss]
-                    results.append(result)
-                    continue
-                except (KeyError, TypeError):  # written by another version: run it again
-                    pass
-        result = run_variant(config, variant, data, device)
-        atomic_write_json(path, {"fingerprint": fingerprint, "result": asdict(result)})
+        result = None if fresh else saved_run(path, fingerprint, run_from_dict)
+        if result is None:
+            result = run_variant(config, variant, data, device, progress)
+            save_run(path, fingerprint, result)
         results.append(result)
     return results, data
+
+
+def run_from_dict(saved: dict) -> WarmupRun:
+    saved = dict(saved)
+    saved["val_loss"] = [tuple(pair) for pair in saved.get("val_loss", [])]
+    return WarmupRun(**saved)
 
 
 def warmup_effect(results: list[WarmupRun], placement: str) -> float | None:
@@ -281,7 +285,7 @@ def finding(results: list[WarmupRun]) -> str:
     """Whether Xiong et al.'s finding reproduces here, in words (see the module docstring)."""
     post, pre = warmup_effect(results, "post"), warmup_effect(results, "pre")
     if post is None or pre is None:
-        return "cannot say: a run with warm-up scored no BLEU"
+        return "cannot be judged: a run with warm-up scored no BLEU"
     if pre < KEPT:
         return (f"does not reproduce cleanly: pre-LN also loses without warm-up (BLEU ratio "
                 f"{pre:.2f})")  # fmt: skip

@@ -12,8 +12,7 @@ runs/         each finished run (tformer.lab.warmup), so a track resumes
 from dataclasses import asdict
 from pathlib import Path
 
-from tformer.files import atomic_write_json, atomic_write_text
-from tformer.lab.report import json_safe, panels, save_png, smooth, writing
+from tformer.lab.report import panels, save_png, smooth, write_files
 from tformer.lab.warmup import LABELS, WarmupConfig, WarmupData, WarmupRun, finding, warmup_effect
 
 REPORT_FILE, RESULTS_FILE, PLOT_FILE = "warmup.md", "warmup.json", "warmup.png"
@@ -59,9 +58,25 @@ def markdown(config: WarmupConfig, data: WarmupData, results: list[WarmupRun], m
         f"**{finding(results)}** (it reproduces if post-LN keeps at most 0.5 and pre-LN at "
         "least 0.9; between 0.5 and 0.9, weakly).",
         "",
+        "||dL/dW2|| of each layer at initialisation, on one batch of "
+        f"{c.probe_batch_size} training pairs (encoder layers | decoder layers; a variant "
+        "and its twin without warm-up start from the same weights): "
+        + "; ".join(
+            f"{LABELS[r.variant]} {profile(r.init_w2_grads)}"
+            for r in results
+            if not r.variant.endswith("-nowarmup")
+        )
+        + ".",
+        "",
         f"![{PLOT_FILE}]({PLOT_FILE})",
     ]
     return "\n".join(lines)
+
+
+def profile(grads: list[float]) -> str:
+    """'a, b | c, d': the encoder's layers, then the decoder's."""
+    half = len(grads) // 2
+    return " | ".join(", ".join(f"{g:.3g}" for g in part) for part in (grads[:half], grads[half:]))
 
 
 def plot(results: list[WarmupRun], path: Path) -> None:
@@ -74,9 +89,12 @@ def plot(results: list[WarmupRun], path: Path) -> None:
         left.plot(range(1, len(losses) + 1), smooth(losses, window), lw=1.1,
                   color=colors[r.variant], label=LABELS[r.variant])  # fmt: skip
         if not r.variant.endswith("-nowarmup"):  # its twin starts from the same weights
-            label = LABELS[r.variant] + " (± warm-up)"
-            right.plot(range(len(r.init_w2_grads)), r.init_w2_grads, "o-", ms=3, lw=1.1,
-                       color=colors[r.variant], label=label)  # fmt: skip
+            half = len(r.init_w2_grads) // 2
+            for stack, label in ((slice(0, half), LABELS[r.variant] + " (± warm-up)"),
+                                 (slice(half, None), None)):  # fmt: skip
+                xs = range(len(r.init_w2_grads))[stack]
+                right.plot(xs, r.init_w2_grads[stack], "o-", ms=3, lw=1.1,
+                           color=colors[r.variant], label=label)  # fmt: skip
     left.set_xlabel("step")
     left.set_ylabel("training loss (smoothed)")
     left.grid(alpha=0.3)
@@ -100,24 +118,12 @@ def write_warmup_report(
 ) -> Path:
     """Write warmup.md, warmup.json and warmup.png; -> the report's path. A failed write is
     a WriteError naming the file (each is written whole or not at all)."""
-    out_dir = Path(out_dir)
-
-    def write() -> Path:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(
-            out_dir / RESULTS_FILE,
-            json_safe(
-                {
-                    "machine": machine,
-                    "config": asdict(config),
-                    "finding": finding(results),
-                    "runs": [asdict(r) for r in results],
-                }
-            ),
-        )
-        plot(results, out_dir / PLOT_FILE)
-        path = out_dir / REPORT_FILE
-        atomic_write_text(path, markdown(config, data, results, machine) + "\n")
-        return path
-
-    return writing(out_dir, write)
+    numbers = {
+        "machine": machine,
+        "config": asdict(config),
+        "finding": finding(results),
+        "runs": [asdict(r) for r in results],
+    }
+    text = markdown(config, data, results, machine)
+    plots = {PLOT_FILE: lambda path: plot(results, path)}
+    return write_files(Path(out_dir), (RESULTS_FILE, numbers), plots, (REPORT_FILE, text))

@@ -38,8 +38,7 @@ from pathlib import Path
 import torch
 
 from tformer.data.tokens import Batch
-from tformer.files import atomic_write_json, read_json
-from tformer.lab.experiment import POSITIONS_OF, load_lab_data
+from tformer.lab.experiment import char_gpt, load_lab_data, save_run, saved_run
 from tformer.lab.instruments import norm_of
 from tformer.models.gpt2 import GPT2, GPT2Config
 from tformer.models.gpt2_config import INITS
@@ -93,18 +92,8 @@ class XiongConfig:
         return cls(depths=(2, 4), seeds=2, d_model=32, n_heads=2, context=16, batch_size=4)
 
     def model_config(self, depth: int, placement: str, init: str, vocab_size: int) -> GPT2Config:
-        return GPT2Config(
-            vocab_size=vocab_size,
-            max_len=self.context,
-            d_model=self.d_model,
-            n_layers=depth,
-            n_heads=self.n_heads,
-            dropout=0.0,
-            activation="gelu",
-            norm_position=placement,
-            init=init,
-            positions=POSITIONS_OF[init],
-        )
+        return char_gpt(vocab_size, self.context, self.d_model, self.n_heads, depth, placement,
+                        init)  # fmt: skip
 
     def fingerprint(self) -> str:
         """The settings one measurement depends on (not the grid's extent)."""
@@ -178,16 +167,10 @@ def run_xiong(
         path = runs_dir / f"xiong-{placement}-{init}-{depth}-{seed}.json"
         if on_run is not None:
             on_run(index, len(grid), f"{PLACEMENTS[placement]}, {init}, {depth} layers")
-        if path.is_file() and not fresh:
-            saved = read_json(path, "a saved measurement")
-            if saved.get("fingerprint") == fingerprint:
-                try:
-                    results.append(Measurement(**saved["result"]))
-                    continue
-                except (KeyError, TypeError):  # written by another version: measure again
-                    pass
-        result = measure(config, placement, init, depth, seed, batch, vocab, device)
-        atomic_write_json(path, {"fingerprint": fingerprint, "result": asdict(result)})
+        result = None if fresh else saved_run(path, fingerprint, lambda f: Measurement(**f))
+        if result is None:
+            result = measure(config, placement, init, depth, seed, batch, vocab, device)
+            save_run(path, fingerprint, result)
         results.append(result)
     return results
 

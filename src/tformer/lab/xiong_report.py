@@ -14,14 +14,13 @@ import math
 from dataclasses import asdict
 from pathlib import Path
 
-from tformer.files import atomic_write_json, atomic_write_text
-from tformer.lab.report import json_safe, panels, save_png, writing
+from tformer.lab.experiment import POSITIONS_OF
+from tformer.lab.report import panels, save_png, write_files
 from tformer.lab.xiong import (
     FLAT_SLOPE,
     GROWS,
     LEVEL,
     PLACEMENTS,
-    POSITIONS_OF,
     PREDICTIONS,
     SLOPE_BAND,
     Measurement,
@@ -162,24 +161,15 @@ def write_xiong_report(
     out_dir = Path(out_dir)
     rows = summary(results, config)
     seconds = sum(m.seconds for m in results)
-
-    def write() -> Path:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(
-            out_dir / RESULTS_FILE,
-            json_safe(
-                {
-                    "machine": machine,
-                    "seconds": seconds,
-                    "config": asdict(config),
-                    "summary": rows,
-                    "measurements": [asdict(m) for m in results],
-                }
-            ),
-        )
-        plot(rows, out_dir / PLOT_FILE)
-        path = out_dir / REPORT_FILE
-        atomic_write_text(path, markdown(config, rows, machine, seconds) + "\n")
-        return path
-
-    return writing(out_dir, write), rows
+    numbers = {
+        "machine": machine,
+        "seconds": seconds,
+        "config": asdict(config),
+        "summary": rows,
+        "measurements": [asdict(m) for m in results],
+    }
+    text = markdown(config, rows, machine, seconds)
+    path = write_files(
+        out_dir, (RESULTS_FILE, numbers), {PLOT_FILE: lambda p: plot(rows, p)}, (REPORT_FILE, text)
+    )
+    return path, rows
