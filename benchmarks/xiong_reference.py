@@ -14,7 +14,7 @@ For the same batch of the built-in Shakespeare as `tformer lab --reproduce xiong
 measure each block's ||dL/dW2|| over --seeds seeds at each depth; printed side by side: the
 last layer's mean ± standard deviation, and whether tformer's mean lies within the
 reference's mean ± 2 standard deviations. tformer's figures come from --report (a
-reproduction's xiong.json) or are measured here.
+reproduction's xiong.json, whose sizes and batch are then used) or are measured here.
 
     python benchmarks/xiong_reference.py [--depths 2,6,12,24] [--seeds 5] [--report DIR]
 """
@@ -34,6 +34,9 @@ from common import machine_line  # noqa: E402
 
 from tformer.lab.experiment import load_lab_data  # noqa: E402
 from tformer.lab.xiong import XiongConfig, mean_and_spread, run_xiong  # noqa: E402
+
+PLACEMENTS = ("post", "pre", "none")
+SIZES = ("d_model", "n_heads", "context", "batch_size", "batch_seed")
 
 
 class PaperBlock(nn.Module):
@@ -105,18 +108,23 @@ def main() -> None:
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     depths = tuple(int(d) for d in args.depths.split(","))
-    config = XiongConfig(depths=depths, placements=("post", "pre"), inits=("vaswani",),
-                         seeds=args.seeds)  # fmt: skip
+    sizes = {}
+    if args.report is not None:  # the report's own sizes and depths
+        saved = json.loads((args.report / "xiong.json").read_text())
+        ours = [m for m in saved["measurements"] if m["init"] == "vaswani"]
+        sizes = {k: saved["config"][k] for k in SIZES}
+        depths = tuple(d for d in depths if any(m["depth"] == d for m in ours))
+        if not depths:
+            sys.exit(f"{args.report}: no measurement at --depths {args.depths}")
+    config = XiongConfig(depths=depths, placements=PLACEMENTS, inits=("vaswani",),
+                         seeds=args.seeds, **sizes)  # fmt: skip
     print(machine_line(), file=sys.stderr)
     data = load_lab_data(config.context)
     batch = data.train.sample(config.batch_size, torch.Generator().manual_seed(config.batch_seed))
     (inputs,), targets = batch.inputs, batch.targets
     vocab = data.tokenizer.vocab_size
 
-    if args.report is not None:
-        saved = json.loads((args.report / "xiong.json").read_text())
-        ours = [m for m in saved["measurements"] if m["init"] == "vaswani"]
-    else:
+    if args.report is None:
         started = time.perf_counter()
         ours = [vars(m) for m in run_xiong(config, Path("/tmp/xiong-reference-tformer"))]
         print(f"tformer measured in {time.perf_counter() - started:.0f} s", file=sys.stderr)
@@ -131,6 +139,8 @@ def main() -> None:
                 theirs.append(reference_w2_grads(model, inputs, targets)[-1])
             mine = [m["w2_grads"][-1] for m in ours
                     if m["placement"] == placement and m["depth"] == depth]  # fmt: skip
+            if not mine:
+                continue
             (ref_mean, ref_sd), (our_mean, our_sd) = mean_and_spread(theirs), mean_and_spread(mine)
             rows.append({"placement": placement, "depth": depth, "reference": [ref_mean, ref_sd],
                          "tformer": [our_mean, our_sd],
@@ -140,11 +150,13 @@ def main() -> None:
         return
     print(machine_line())
     print("last layer's ||dL/dW2|| at initialisation, mean ± sd over seeds")
-    print(f"{'placement':<10}{'L':>4}  {'reference':>16}  {'tformer vaswani':>16}  within 2 sd")
+    print(f"{'placement':<10}{'L':>4}  {'reference':>21}  {'tformer vaswani':>21}  within 2 sd")
     for r in rows:
         ref, ours_ = r["reference"], r["tformer"]
-        print(f"{r['placement'] + '-LN':<10}{r['depth']:>4}  {ref[0]:>8.3f} ± {ref[1]:<5.3f}  "
-              f"{ours_[0]:>8.3f} ± {ours_[1]:<5.3f}  {'yes' if r['within'] else 'NO'}")  # fmt: skip
+        name = {"post": "post-LN", "pre": "pre-LN", "none": "no LN"}[r["placement"]]
+        within = "yes" if r["within"] else "NO"
+        print(f"{name:<10}{r['depth']:>4}  {ref[0]:>10.4g} ± {ref[1]:<8.3g}  "
+              f"{ours_[0]:>10.4g} ± {ours_[1]:<8.3g}  {within}")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -164,6 +164,8 @@ def test_a_file_written_by_the_gguf_package_itself_loads(tokenizers, tmp_path):
         (dict(residual=False), "pre-LN blocks with residual connections"),
         (dict(activation="relu"), "this model uses ReLU"),
         (dict(activation="gelu"), "--approximate-gelu"),
+        (dict(positions="sinusoidal"), "adds learned positions to unscaled token embeddings"),
+        (dict(init="vaswani"), "adds learned positions to unscaled token embeddings"),
     ],
 )
 def test_what_llama_cpp_cannot_compute_is_refused(overrides, message, tokenizers, tmp_path):
@@ -390,3 +392,17 @@ def test_a_failed_write_leaves_nothing_behind(tmp_path):
     with pytest.raises(TypeError, match="cannot store a dict"):
         write_gguf(tmp_path / "m.gguf", "gpt2", {"a": {"b": 1}}, tensors[:1])
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_original_initialisation_without_scaled_embeddings_reads_back_as_it_computes(
+    tokenizers, tmp_path
+):
+    """tformer.config keeps init "vaswani", whose scale_embeddings would default to True;
+    the file computes unscaled embeddings, and reads back so."""
+    tokenizer = tokenizers["char"]
+    model = model_for(tokenizer, init="vaswani", scale_embeddings=False)
+    model.save_gguf(tmp_path / "m.gguf", tokenizer)
+    back = GPT2.from_pretrained(tmp_path / "m.gguf")
+    assert back.config.init == "vaswani" and back.config.scale_embeddings is False
+    assert back.config.positions == "learned"
+    assert (logits(back, tokenizer) - logits(model, tokenizer)).abs().max().item() <= 1e-5

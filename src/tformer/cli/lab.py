@@ -80,7 +80,7 @@ def add_parser(sub) -> None:
     p.add_argument(
         "--seeds",
         type=COUNT,
-        help=f"with --reproduce: model seeds 0..N-1 (default: {XiongConfig().seeds})",
+        help=f"with --reproduce xiong: model seeds 0..N-1 (default: {XiongConfig().seeds})",
     )
     p.add_argument(
         "--depths",

@@ -169,7 +169,7 @@ def char_gpt(
         norm_position=norm_position,
         residual=residual,
         init=init,
-        positions=POSITIONS_OF[init],
+        positions=POSITIONS_OF.get(init, "learned"),  # an unknown init: GPT2Config says so
     )
 
 

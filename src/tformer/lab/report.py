@@ -101,11 +101,13 @@ def summary_rows(results: list[RunResult]) -> list[dict]:
     ]
 
 
-def status_words(row: dict) -> str:
-    """A row's status, with the step whose loss was not finite (the steps before it are
-    recorded, that one is not)."""
-    if row["status"] == "diverged":
+def status_words(row: dict, steps: int) -> str:
+    """A row's status, with the step whose loss was not finite where training stopped there
+    (the steps before it are recorded, that one is not)."""
+    if row["status"] == "diverged" and row["steps_done"] < steps:
         return f"diverged at step {row['steps_done'] + 1}"
+    if row["status"] == "diverged":
+        return "diverged (the final evaluation's loss)"
     return row["status"]
 
 
@@ -148,7 +150,7 @@ def markdown_report(
     for row in summary_rows(results):
         lines.append(
             f"| {row['depth']} | {row['label']} | {_number(row['final_val_loss'], 3)} | "
-            f"{status_words(row)} | {_number(row['grad_ratio'], 2)} | "
+            f"{status_words(row, config.steps)} | {_number(row['grad_ratio'], 2)} | "
             f"{_number(row['residual_growth_init'], 2)} | {row['seconds']:.0f} |"
         )
     lines += ["", "## Plots", ""]

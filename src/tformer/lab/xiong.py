@@ -66,9 +66,10 @@ class XiongConfig:
     batch_seed: int = 0  # which windows of the training text make the batch
 
     def __post_init__(self) -> None:
-        self.depths = tuple(self.depths)
-        self.placements = tuple(self.placements)
-        self.inits = tuple(self.inits)
+        # each once, in the order given
+        self.depths = tuple(dict.fromkeys(self.depths))
+        self.placements = tuple(dict.fromkeys(self.placements))
+        self.inits = tuple(dict.fromkeys(self.inits))
         if not self.depths or any(not isinstance(d, int) or d <= 0 for d in self.depths):
             raise ValueError(f"depths must be positive integers, got {self.depths}")
         for name, given, known in (
@@ -96,10 +97,10 @@ class XiongConfig:
                         init)  # fmt: skip
 
     def fingerprint(self) -> str:
-        """The settings one measurement depends on (not the grid's extent)."""
-        settings = {
-            k: v for k, v in asdict(self).items() if k not in ("depths", "placements", "inits")
-        }
+        """The settings one measurement depends on (not the grid's extent, nor how many
+        seeds: a measurement's own seed is in its file's name)."""
+        extent = ("depths", "placements", "inits", "seeds")
+        settings = {k: v for k, v in asdict(self).items() if k not in extent}
         return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
 

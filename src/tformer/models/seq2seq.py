@@ -387,8 +387,8 @@ class Seq2SeqTransformer(nn.Module):
             "xavier-half"  (the default) every matrix, W^Q, W^K, W^V each as C x C, with half
                            its own bound: each post-LN sublayer starts small next to the
                            residual stream it is added to, which trained faster than the
-                           paper's, the full per-matrix bound or GPT-2's and Marian's
-                           N(0, 0.02^2) (measured: docs/LOG.md)"""
+                           full per-matrix bound or GPT-2's and Marian's N(0, 0.02^2)
+                           (measured: docs/LOG.md; not compared with "vaswani")"""
         device = self.tgt_embedding.weight.device
         if device.type == "meta":
             return

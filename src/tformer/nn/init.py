@@ -1,13 +1,14 @@
-"""The original Transformer's initialisation, as its reference implementations compute it.
+"""The original Transformer's initialisation, as the implementations that reproduce it draw it.
 
 Xavier-uniform (Glorot & Bengio, 2010) draws a (fan_out, fan_in) matrix from U(-b, b),
 
     b = gain * sqrt(6 / (fan_in + fan_out)),
 
 which keeps, on average, the variance of a layer's input in its output (and of the gradient
-going back). Vaswani et al. (2017) used it for every matrix. Their reference implementations
-(tensor2tensor), torch.nn.MultiheadAttention and fairseq draw attention's W^Q, W^K, W^V as
-one stacked (3C, C) matrix, so each of the three gets
+going back). The paper (Vaswani et al., 2017) does not state its initialisation; the
+implementations that reproduce it (fairseq, torch.nn.Transformer) and Xiong et al.'s
+analysis use Xavier-uniform for every matrix. torch.nn.MultiheadAttention and fairseq draw
+attention's W^Q, W^K, W^V as one stacked (3C, C) matrix, so each of the three gets
 
     b_qkv = sqrt(6 / (C + 3C)) = sqrt(6 / 4C)          not sqrt(6 / 2C), its own C x C bound
 
