@@ -29,7 +29,6 @@ from tformer.lab.xiong import (
 )
 
 REPORT_FILE, RESULTS_FILE, PLOT_FILE = "xiong.md", "xiong.json", "xiong.png"
-OUTPUT_NAMES = (REPORT_FILE, RESULTS_FILE, PLOT_FILE)
 
 
 def markdown(config: XiongConfig, rows: list[dict], machine: str, seconds: float) -> str:
