@@ -2,15 +2,15 @@
 
 Decoding a token multiplies a few activation rows by all 49 weight matrices of GPT-2 124M
 (4 per block, 12 blocks, and the 50257 x 768 head). This times that, for 1 to 64 rows and
-float32, bfloat16, int8 and int4 weights, three ways in the same run, taking turns: tformer's
-PackedLinear through its C kernels (`by_kernels`); through torch's matmul on (N, K) weights
-made once beforehand (`F.linear` in the compute dtype; int8 as `(x q^T) s`, for lack of a
-faster torch kernel for many rows; int4 dequantised), the peer; and PackedLinear's own
-torch path, which unpacks the kernels' panels at each call (`by_torch`), what a row count
-past the kernels' limit costs. It prints milliseconds per step (the fastest of --repeats),
-the effective weight bandwidth and arithmetic rate, and the ratio to the peer. The
-matrices total 124M weights, more than any cache, so every step reads them from memory, as
-in decoding.
+float32, bfloat16, int8 and int4 weights (w8a8 and w4a8 on request), three ways in the same
+run, taking turns: tformer's PackedLinear through its C kernels (`by_kernels`); through
+torch's matmul on (N, K) weights made once beforehand (`F.linear` in the compute dtype;
+int8 as `(x q^T) s`, for lack of a faster torch kernel for many rows; int4 dequantised),
+the peer; and PackedLinear's own torch path, which unpacks the kernels' panels at each call
+(`by_torch`), what a row count past the kernels' limit costs. It prints milliseconds per
+step (the fastest of --repeats), the effective weight bandwidth and arithmetic rate, and
+the ratio to the peer. The matrices total 124M weights, more than any cache, so every step
+reads them from memory, as in decoding.
 
 The default row limits up to which PackedLinear uses the C kernels (KERNEL_MAX_ROWS, marked
 "default") come from this; a server measures its own (calibrate_kernel_rows).
@@ -34,7 +34,8 @@ from tformer.nn import packed_linear  # noqa: E402
 from tformer.nn.packed_linear import PackedLinear  # noqa: E402
 
 SHAPES = [(3 * 768, 768), (768, 768), (4 * 768, 768), (768, 4 * 768)] * 12 + [(50257, 768)]
-BYTES = {"float32": 4, "bfloat16": 2, "int8": 1, "int4": 18 / 32}  # int4: q4_0's bytes
+# bytes a weight, scales included: int4 and w4a8 as q4_0 (18 bytes for 32)
+BYTES = {"float32": 4, "bfloat16": 2, "int8": 1, "int4": 18 / 32, "w8a8": 1, "w4a8": 18 / 32}
 
 
 def step_seconds(

@@ -3,8 +3,10 @@
 One tformer checkpoint (GPT-2 124M, random weights: --checkpoint, made with `tformer init`
 if missing) is exported with `tformer export gguf` as f32, bf16, q8_0 and q4_0, and both
 engines run the same file's weights: llama.cpp the GGUF file, tformer the checkpoint packed
-for decoding as float32, bfloat16, int8 and int4 (its own per-row int8 and q4_0-style int4;
-the q4_0 file and tformer's int4 both keep the output head in 8 bits). For each precision,
+for decoding as float32, bfloat16, int8, and for q4_0 both int4 (weight-only) and w4a8
+(int4's weights times activations rounded to int8 per 32, as llama.cpp multiplies q4_0 by
+q8_0 activations); its own per-row int8, and q4_0's own 4-bit format; the q4_0 file and
+tformer's 4-bit packings keep the output head in 8 bits. For each precision and packing,
 the engines taking turns:
 
   decode      batch 1: llama-bench's tg256 (256 tokens from an empty context, no sampling)
@@ -56,8 +58,13 @@ CACHE = Path(os.environ.get("TFORMER_BENCH_CACHE", Path.home() / ".cache" / "tfo
 PEERS = Path("/root/peers")
 LLAMA_CPP = PEERS / "llama_cpp_python-0.3.36" / "vendor" / "llama.cpp"
 PROGRAMS = ("llama-bench", "llama-batched-bench", "llama-server")
-# GGUF type -> tformer's packing of the same precision
-TYPES = {"f32": "float32", "bf16": "bfloat16", "q8_0": "int8", "q4_0": "int4"}
+# GGUF type -> tformer's packings of the same precision
+TYPES = {
+    "f32": ("float32",),
+    "bf16": ("bfloat16",),
+    "q8_0": ("int8",),
+    "q4_0": ("int4", "w4a8"),
+}
 PROMPT, NEW, PREFILL, BATCH, CHECK_TOKENS = 32, 256, 512, 8, 64
 # x86 flags in /proc/cpuinfo -> llama.cpp's cmake switches (AMX left out: PEERS.md)
 CPU_SWITCHES = {
@@ -302,12 +309,12 @@ def main() -> None:
     log(machine)
     files = {t: exported(args.checkpoint, t) for t in args.types}
     rows, bandwidth = [], 0.0
-    for type_name in args.types:
+    for type_name, packing in [(t, p) for t in args.types for p in TYPES[t]]:
         # probed again before each type, the best kept: one probe can fall in a slow moment
         bandwidth = max(bandwidth, read_bandwidth())
         log(f"read bandwidth {bandwidth / 1e9:.1f} GB/s (best so far)")
         model = GPT2.from_pretrained(args.checkpoint).eval()
-        pack_for_decoding(model, TYPES[type_name])
+        pack_for_decoding(model, packing)
         # the engines take turns, --repeats rounds, the order swapped each round; the best
         # figure of each engine counts (the host's speed drifts by 10-20% over minutes)
         llama_decode = llama_prefill = llama_batch = 0.0
@@ -329,7 +336,7 @@ def main() -> None:
         their_bytes = files[type_name].stat().st_size - 1024 * 768 * 4  # less positions
         row = {
             "type": type_name,
-            "tformer": TYPES[type_name],
+            "tformer": packing,
             "llama_decode": llama_decode,
             "tformer_decode": ours["decode"],
             "decode_ratio": ours["decode"] / llama_decode,
@@ -346,7 +353,7 @@ def main() -> None:
         }
         rows.append(row)
         log(
-            f"{type_name:>5} / {TYPES[type_name]:<8} decode {llama_decode:6.1f} vs "
+            f"{type_name:>5} / {packing:<8} decode {llama_decode:6.1f} vs "
             f"{ours['decode']:6.1f} tok/s ({row['decode_ratio']:.2f}x; ceilings "
             f"{row['llama_ceiling']:.0f} / {row['tformer_ceiling']:.0f}) | prefill "
             f"{llama_prefill:6.0f} vs {ours['prefill']:6.0f} ({row['prefill_ratio']:.2f}x) | "

@@ -145,10 +145,10 @@ def test_generate_reports_its_path_and_int8_runs(checkpoint, capsys, monkeypatch
         assert any(" int8 at 1 rows" in entry for entry in kept)  # the head: one row a step
     d = json.loads(run_cli(capsys, *argv, "--dtype", "bfloat16", "--json"))
     assert d["path"]["weights"] == "bfloat16" and d["new_tokens"] <= 5
-    d = json.loads(run_cli(capsys, *argv, "--quantize", "w8a8", "--json"))
-    assert (
-        d["path"]["weights"] == "w8a8" and "activations rounded to int8" in d["path"]["description"]
-    )
+    for weights in ("w8a8", "w4a8"):
+        d = json.loads(run_cli(capsys, *argv, "--quantize", weights, "--json"))
+        description = d["path"]["description"]
+        assert d["path"]["weights"] == weights and "activations rounded to int8" in description
 
 
 def test_prompts_file_errors_name_the_line(checkpoint, tmp_path):

@@ -66,7 +66,7 @@ def test_narrow_weights_change_the_logits_only_by_their_rounding(weights, tolera
     assert same >= len(step_logits) - 1
 
 
-@pytest.mark.parametrize("weights", ["int8", "int4", "w8a8"])
+@pytest.mark.parametrize("weights", ["int8", "int4", "w8a8", "w4a8"])
 def test_packed_batched_generation_equals_each_prompt_alone(weights):
     packed, _ = packed_copy(sharp_model(), weights)
     prompts = [[5, 6, 7], [1, 2, 3, 4, 5, 6, 7], [42]]
@@ -131,7 +131,7 @@ def test_a_model_with_lora_layers_is_refused_until_merged():
     assert pack_for_decoding(model, "int8").weights == "int8"
 
 
-@pytest.mark.parametrize("weights", ["float32", "bfloat16", "int8", "int4", "w8a8"])
+@pytest.mark.parametrize("weights", ["float32", "bfloat16", "int8", "int4", "w8a8", "w4a8"])
 @pytest.mark.parametrize("activation", ["gelu_tanh", "gelu"])
 def test_the_fused_decoding_step_computes_what_the_modules_compute(weights, activation):
     """models/gpt2_decode.py against the blocks' own forward, on the same packed weights:

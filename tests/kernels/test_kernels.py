@@ -148,6 +148,79 @@ def test_w8a8_rounds_ties_to_even_and_a_rows_result_does_not_depend_on_the_other
         assert torch.equal(alone, together[rows]), rows
 
 
+def w4a8_reference(x, q, d, bias):
+    """integer_linear.c's w4a8 formula, written out: each group of 32 k of a row of x rounded
+    to int8 with its own scale, the group's integer sums against q - 8 exact in float64,
+    then the terms c (d s_x) added in order of groups (float64 here: the kernels' float32
+    fused multiply-adds round each term, hence the tolerance of the test)."""
+    m, k = x.shape
+    t = d.shape[1]
+    groups = torch.zeros(m, t * 32, dtype=torch.float64)
+    groups[:, :k] = x.double()
+    groups = groups.view(m, t, 32)
+    largest = groups.abs().amax(dim=2).float()  # as float32, as C computes it
+    s_x = torch.where(largest > 0, largest / 127.0, torch.ones_like(largest))  # (M, T)
+    p = torch.round(groups.float() / s_x[:, :, None]).clamp(-127, 127).double()
+    w = torch.full((q.shape[0], t * 32), 8.0, dtype=torch.float64)
+    w[:, :k] = q.double()
+    sums = torch.einsum("mtk,ntk->mnt", p, (w - 8.0).view(-1, t, 32))  # exact integers
+    scales = (d.float()[None, :, :] * s_x[:, None, :]).double()  # d s_x in float32, as C
+    out = (sums * scales).sum(dim=2)
+    return out + bias.double() if bias is not None else out
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 9])  # 1 and 2 rows: several panels a tile
+@pytest.mark.parametrize("k", [7, 32, 100, 256])  # a short last group: padded with p = 0
+@pytest.mark.parametrize("n", [5, 16, 47, 130])  # panels of 16 columns; padded ones
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_w4a8_kernels_compute_the_integer_formula(compiled, rows, k, n, with_bias):
+    g = torch.Generator().manual_seed(rows * 1000 + k + n)
+    x = torch.randn(rows, k, generator=g) * torch.rand(rows, 1, generator=g) * 10
+    x[rows // 2, : min(k, 32)] = 0.0  # a group of zeros: scale 1, its products 0
+    w = torch.randn(n, k, generator=g)
+    bias = torch.randn(n, generator=g) if with_bias else None
+    q, d = quantize_int4(w)
+    panels = compiled.pack_w4a8(q, d)
+    assert panels.shape == (-(-n // 16), -(-k // 32), 16 * 2 + 32 * 16 // 2)
+    unpacked_q, unpacked_d = compiled.unpack_w4a8(panels, n, k)
+    assert torch.equal(unpacked_q, q) and torch.equal(unpacked_d, d)
+    out = compiled.linear_w4a8(x, panels, None, bias, torch.empty(rows, n))
+    expected = w4a8_reference(x, q, d, bias)
+    size = (w4a8_reference(x.abs(), torch.full_like(q, 15), d.abs(), None)).abs()
+    assert ((out.double() - expected).abs() <= 1e-6 * size + 1e-6).all()
+    # and it is x W'^T (W' the int4 weights) within the rounding of x: half a step per k,
+    # |x W'^T - x' W'^T| <= sum_k |x - x'| |w'| <= sum_t s_x,t / 2 sum_{k in t} |w'|
+    dequantised = dequantize_int4(q, d).double()
+    exact = x.double() @ dequantised.T + (bias.double() if with_bias else 0)
+    t = d.shape[1]
+    padded_x = torch.zeros(rows, t * 32)
+    padded_x[:, :k] = x
+    s_x = padded_x.view(rows, t, 32).abs().amax(dim=2).double() / 127  # (M, T)
+    padded_w = torch.zeros(n, t * 32, dtype=torch.float64)
+    padded_w[:, :k] = dequantised.abs()
+    bound = s_x / 2 @ padded_w.view(n, t, 32).sum(dim=2).T + 1e-4
+    assert ((out.double() - exact).abs() <= bound).all()
+
+
+def test_w4a8_rounds_ties_to_even_and_a_rows_result_does_not_depend_on_the_others(compiled):
+    x = torch.zeros(1, 32)
+    x[0, :8] = torch.tensor([127.0, 0.5, 1.5, -2.5, -0.5, 3.0, 2.5, -127.0])  # s_x = 1: ties
+    q = torch.full((8, 32), 8, dtype=torch.uint8)
+    q[torch.arange(8), torch.arange(8)] = 9  # w = (q - 8) d = d on the diagonal
+    d = torch.ones(8, 1, dtype=torch.float16)
+    out = compiled.linear_w4a8(x, compiled.pack_w4a8(q, d), None, None, torch.empty(1, 8))
+    assert out.tolist() == [[127.0, 0.0, 2.0, -2.0, -0.0, 3.0, 2.0, -127.0]]
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(17, 301, generator=g)
+    panels = compiled.pack_w4a8(*quantize_int4(torch.randn(300, 301, generator=g)))
+    bias = torch.randn(300, generator=g)
+    together = compiled.linear_w4a8(x, panels, None, bias, torch.empty(17, 300))
+    for rows in (slice(0, 1), slice(16, 17), slice(3, 5), slice(4, 11), slice(0, 3)):
+        part = x[rows].contiguous()
+        alone = compiled.linear_w4a8(part, panels, None, bias, torch.empty(part.shape[0], 300))
+        assert torch.equal(alone, together[rows]), rows
+
+
 def test_int4_quantisation_is_ggml_q4_0():
     """quantize_int4 against the gguf package's q4_0 (llama.cpp's own numpy reference):
     the same weights to the bit, a short last group as a group of its own."""

@@ -39,10 +39,16 @@ def padded(rows):
     return torch.tensor([r + [0] * (width - len(r)) for r in rows])
 
 
-# w8a8: the same integer kernels on both paths (the rows quantised alike)
+# w8a8, w4a8: the same integer kernels on both paths (the rows quantised alike)
 @pytest.mark.parametrize(
     ("activation", "weights"),
-    [("relu", "float32"), ("gelu", "float32"), ("gelu_tanh", "float32"), ("relu", "w8a8")],
+    [
+        ("relu", "float32"),
+        ("gelu", "float32"),
+        ("gelu_tanh", "float32"),
+        ("relu", "w8a8"),
+        ("relu", "w4a8"),
+    ],
 )
 def test_the_fused_step_computes_the_decoder_layers(activation, weights):
     fused = packed_model(activation, True, weights=weights)
@@ -141,7 +147,8 @@ def test_the_fused_step_steps_aside_for_hooks_training_and_a_move():
 
 
 @pytest.mark.parametrize(
-    ("weights", "head"), [("float32", "float32"), ("int4", "int8"), ("w8a8", "w8a8")]
+    ("weights", "head"),
+    [("float32", "float32"), ("int4", "int8"), ("w8a8", "w8a8"), ("w4a8", "w8a8")],
 )
 def test_the_packed_output_projection_computes_x_times_the_embedding(weights, head):
     config = Seq2SeqConfig(src_vocab_size=97, tgt_vocab_size=97, d_model=64, n_heads=4,
@@ -151,7 +158,7 @@ def test_the_packed_output_projection_computes_x_times_the_embedding(weights, he
     with torch.no_grad():
         expected = model.unembed(x)
     pack_for_decoding(model, weights)
-    assert model.fused_decoding.head.weight_dtype == head  # int4 keeps the head int8
+    assert model.fused_decoding.head.weight_dtype == head  # 4 bits keep the head in 8
     with torch.inference_mode():
         got = model.unembed(x)
     # float32: the kernels' order of sums; int8: each weight within half a step of its row

@@ -69,6 +69,39 @@ def test_w8a8_rounds_each_row_of_x_and_both_paths_compute_the_same_sums():
             torch.testing.assert_close(packed.by_kernels(x), by_torch, rtol=1e-6, atol=1e-6)
 
 
+def test_w4a8_rounds_each_group_of_x_and_both_paths_compute_the_same_sums():
+    """w4a8: int4's weights (quantize_int4), x rounded per group of 32 k of a row
+    (quantize_groups); the kernels and the torch path (a group at a time) against the
+    formula written out in float64, and the head-free layer against nn.Linear within the
+    two roundings' bound."""
+    from tformer.nn.packed_linear import dequantize_int4, quantize_groups, quantize_int4
+
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(6, 70, generator=g) * 3
+    x[2, 32:64] = 0.0  # a group of zeros: scale 1, p 0
+    p, s_x = quantize_groups(x)
+    assert p.shape == (6, 3, 32) and s_x.shape == (6, 3) and s_x[2, 1] == 1.0
+    assert torch.equal(p[:, 2, 6:], torch.zeros(6, 26))  # the short last group: zeros
+    torch.testing.assert_close(s_x[:, 0], x[:, :32].abs().amax(1) / 127)
+    assert ((p.view(6, -1)[:, :70] * s_x.repeat_interleave(32, 1)[:, :70] - x).abs()
+            <= s_x.repeat_interleave(32, 1)[:, :70] / 2 + 1e-6).all()  # fmt: skip
+    linear = nn.Linear(70, 24)
+    packed = PackedLinear.from_linear(linear, "w4a8")
+    assert packed.compute_dtype == torch.float32 and packed.scale is None
+    q, d = quantize_int4(linear.weight)
+    torch.testing.assert_close(packed.stored_weight(), dequantize_int4(q, d), rtol=0, atol=0)
+    w = torch.full((24, 96), 8.0, dtype=torch.float64)
+    w[:, :70] = q.double()
+    sums = torch.einsum("mtk,ntk->mnt", p.double(), (w - 8).view(24, 3, 32))
+    expected = (sums * d.double()[None] * s_x.double()[:, None]).sum(2) + linear.bias.double()
+    with torch.inference_mode():
+        paths = [packed.by_torch(x)] + ([packed.by_kernels(x)] if packed.kernels else [])
+    for out in paths:
+        torch.testing.assert_close(out.double(), expected, rtol=1e-6, atol=1e-5)
+    exact = x.double() @ dequantize_int4(q, d).double().T + linear.bias.double()
+    assert (paths[0].double() - exact).abs().max() < 0.05 * exact.abs().max()
+
+
 def test_packed_linear_refuses_to_train():
     packed = PackedLinear.from_linear(nn.Linear(8, 4), "int8")
     with pytest.raises(RuntimeError, match="inference"):

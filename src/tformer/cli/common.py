@@ -125,11 +125,12 @@ def add_weight_flags(p) -> None:
     )
     p.add_argument(
         "--quantize",
-        choices=["none", "int8", "int4", "w8a8"],
+        choices=["none", "int8", "int4", "w8a8", "w4a8"],
         default="none",
         help="quantisation: int8, weight-only, one scale per output row, a quarter of "
         "float32's memory traffic; int4, weight-only, a float16 scale per 32 weights of a "
         "row (ggml's q4_0), 14%% of it; w8a8, int8 weights and each step's activations "
         "quantised to int8 per row, integer products: faster where a step has many rows "
-        "(batches, beams, prompts) (default: none)",
+        "(batches, beams, prompts); w4a8, int4's weights and the activations quantised to "
+        "int8 per 32, integer products, as llama.cpp computes q4_0 (default: none)",
     )

@@ -1,11 +1,12 @@
 """Fast decoding: pack a model's weights narrower and say which path decoding takes.
 
 Decoding one token reads every weight once, so on a CPU its speed is memory bandwidth
-divided by the bytes of weights. `pack_for_decoding(model, "int8")` swaps every linear layer
-of the model (the blocks' and the tied output head) for a PackedLinear
-(tformer.nn.packed_linear) holding float32, bfloat16, int8 or int4 weights (or w8a8: int8
-weights and int8 activations); embeddings, norms, attention and the KV cache stay float32.
-On the CPU the packed layers run the C kernels in tformer.kernels when they build.
+divided by the bytes of weights. `pack_for_decoding(model, "int8")` swaps every linear
+layer of the model (the blocks' and the tied output head) for a PackedLinear
+(tformer.nn.packed_linear) holding float32, bfloat16, int8 or int4 weights (or w8a8 and
+w4a8: int8 or int4 weights and int8 activations); embeddings, norms, attention and the KV
+cache stay float32. On the CPU the packed layers run the C kernels in tformer.kernels when
+they build.
 
     path = pack_for_decoding(model, "bfloat16")
     print(path.describe())     # weights bfloat16 (activations float32); linear layers: ...
@@ -28,7 +29,7 @@ from tformer.tokenizers import Tokenizer
 class DecodingPath:
     """Where decoding's time goes: the stored weights and the kernels that read them."""
 
-    weights: str  # float32, bfloat16, int8, int4, w8a8, or "model" (not packed: the model's own)
+    weights: str  # float32, bfloat16, int8, int4, w8a8, w4a8, or "model" (not packed)
     model_dtype: str  # the dtype of the model's parameters (activations, KV cache)
     device: str
     kernels: str | None  # the compiled C kernels' file, when they run the linear layers
@@ -51,6 +52,11 @@ class DecodingPath:
             stored = (
                 "weights int4 (a float16 scale per 32 weights of a row, weight-only; "
                 "GPT-2's output head int8), activations float32"
+            )
+        elif self.weights == "w4a8":
+            stored = (
+                "weights int4 (a float16 scale per 32 weights of a row; GPT-2's output head "
+                "int8, weight-only), activations rounded to int8 (a scale per 32 at each step)"
             )
         else:
             stored = f"weights {self.weights}, activations float32"
@@ -91,9 +97,9 @@ def pack_for_decoding(model: nn.Module, weights: str) -> DecodingPath:
             "pack a float32 model: packing keeps activations in float32 and rounds only the "
             f"weights, but this model is {dtype}"
         )
-    # int4 keeps a model's output head in int8: the head is the matrix whose rounding costs
-    # the most (llama.cpp's quantiser keeps it wider too, and `export gguf --type q4_0`).
-    head = {"lm_head": "int8"} if weights == "int4" else {}
+    # int4 and w4a8 keep a model's output head in int8: the head is the matrix whose rounding
+    # costs the most (llama.cpp's quantiser keeps it wider too, and `export gguf --type q4_0`).
+    head = {"lm_head": "int8"} if weights in ("int4", "w4a8") else {}
     pack_linear_layers(model, weights, head)
     model.eval()  # the packed layers too
     fuse = getattr(model, "fuse_decoding", None)  # GPT-2's one-call decoding step
@@ -125,8 +131,8 @@ def load_for_decoding(
     checkpoint: str, device: torch.device, dtype: str, quantize: str | None
 ) -> tuple[nn.Module, Tokenizer, DecodingPath]:
     """A GPT-2 checkpoint ready to decode, with its tokenizer and the path decoding takes:
-    on the CPU (or quantized) its weights packed as `dtype` (as `quantize`, "int8", "int4"
-    or "w8a8", where given), else the model in `dtype`; attention on the fused kernel, the
+    on the CPU (or quantized) its weights packed as `dtype` (as `quantize`, "int8", "int4",
+    "w8a8" or "w4a8", where given), else the model in `dtype`; attention on the fused kernel, the
     fastest for decoding."""
     if device.type == "cpu" and dtype == "float16":
         raise ValueError("float16 is for GPUs; on the CPU use --dtype bfloat16 or float32")

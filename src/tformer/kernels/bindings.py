@@ -13,6 +13,10 @@ attention kernels, called once per layer, check it here.
     kernels.unpack_w8a8(panels, n, k) -> q (N, K)
     kernels.linear_w8a8(x, panels, scale, bias, out)   the same with x quantised to int8 per
         row and integer products (kernels/integer_linear.c)
+    kernels.pack_w4a8(q, scale) -> panels   int4's q and scales for linear_w4a8
+    kernels.unpack_w4a8(panels, n, k) -> q (N, K), scale (N, T)
+    kernels.linear_w4a8(x, panels, bias, out)   int4 weights times x quantised to int8 per
+        group of 32 k, integer products (kernels/integer_linear.c)
     kernels.smoothed_ce_forward(logits, targets, eps)   (N, V) bf16 -> loss, lse (N,)
     kernels.dropout_mask(n, seed, threshold)   -> (n,) bool, True with P = threshold / 65536
     kernels.gelu_tanh(z), kernels.gelu_tanh_backward(grad, z)   float32 or bfloat16
@@ -69,8 +73,9 @@ def by_dtype(z: torch.Tensor) -> str:
 
 GROUP = 32  # int4: k per scale, as kernels/linear.c
 # decode_block.c's enum linear_kind, by PackedLinear's weight dtype
-LINEAR_KINDS = {"float32": 0, "bfloat16": 1, "int8": 2, "int4": 3, "w8a8": 4}
+LINEAR_KINDS = {"float32": 0, "bfloat16": 1, "int8": 2, "int4": 3, "w8a8": 4, "w4a8": 5}
 W8A8_STEP = 4  # w8a8: k per 32-bit lane of a panel, as kernels/integer_linear.c
+W4A8_PANEL = 16  # w4a8: output columns per panel, as kernels/integer_linear.c
 
 
 HUGE_PAGE = 2 << 20
@@ -159,11 +164,14 @@ class Kernels:
     @c_function("tformer_has_avx512", [], ctypes.c_int)
     @c_function("tformer_linear_panel", [], ctypes.c_int)
     @c_function("tformer_w8a8_panel", [], ctypes.c_int)
+    @c_function("tformer_w4a8_panel", [], ctypes.c_int)
     def bind(cls, library: ctypes.CDLL, path: Path) -> "Kernels":
         """The wrappers over a loaded library, each of its C functions given its signature."""
         for name, (argtypes, restype) in SIGNATURES.items():
             function = getattr(library, name)
             function.argtypes, function.restype = argtypes, restype
+        if library.tformer_w4a8_panel() != W4A8_PANEL:
+            raise RuntimeError(f"{path}: w4a8 panels of another width than W4A8_PANEL")
         return cls(
             library,
             path,
@@ -250,6 +258,65 @@ class Kernels:
         """The int8 q (N, K) that pack_w8a8 packed into `panels`, a new tensor."""
         rows = panels.transpose(1, 2)  # (G, P, K/4, 4)
         return rows.reshape(panels.shape[0] * self.w8a8_panel, -1)[:n, :k].contiguous()
+
+    def pack_w4a8(self, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """q (N, K) uint8 in [0, 15] and scale (N, T) float16, as pack_int4 takes them ->
+        the uint8 panels linear_w4a8 reads (kernels/integer_linear.c), a copy:
+
+            (G, T, 2 P + GROUP P / 2)   per panel g of P = W4A8_PANEL columns and group t:
+                                        the P scales' bytes, then 4 steps s of 8 k, each 2
+                                        vectors v of 8 columns c, 4 bytes l a column:
+                                        q[g P + 8 v + c, GROUP t + 8 s + l] (low 4 bits) |
+                                        q[.., GROUP t + 8 s + 4 + l] << 4
+
+        N padded with zero weights (q = 8, scale 0) to whole panels, K with q = 8 to
+        whole groups (the kernel multiplies those by zeros)."""
+        n, k = q.shape
+        groups, p, t = -(-n // W4A8_PANEL), W4A8_PANEL, -(-k // GROUP)
+        padded = torch.full((groups * p, t * GROUP), 8, dtype=torch.uint8)
+        padded[:n, :k] = q
+        scales = torch.zeros(groups * p, t, dtype=torch.float16)
+        scales[:n] = scale
+        # k = GROUP t + 8 s + 4 h + l: (G, v, c, T, s, h, l)
+        split = padded.view(groups, 2, p // 2, t, GROUP // 8, 2, 4)
+        nibbles = split[..., 0, :] | (split[..., 1, :] << 4)  # (G, v, c, T, s, l)
+        nibbles = nibbles.permute(0, 3, 4, 1, 2, 5).reshape(groups, t, GROUP * p // 2)
+        scale_bytes = scales.view(groups, p, t).permute(0, 2, 1).contiguous().view(torch.uint8)
+        return on_huge_pages(torch.cat([scale_bytes, nibbles], dim=2))
+
+    def unpack_w4a8(
+        self, panels: torch.Tensor, n: int, k: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The q (N, K) and scale (N, T) that pack_w4a8 packed into `panels`, new tensors."""
+        groups, t, _ = panels.shape
+        p = W4A8_PANEL
+        scales = panels[:, :, : 2 * p].contiguous().view(torch.float16)  # (G, T, P)
+        nibbles = panels[:, :, 2 * p :].reshape(groups, t, GROUP // 8, 2, p // 2, 4)
+        split = torch.stack([nibbles & 15, nibbles >> 4], dim=5)  # (G, T, s, v, c, h, l)
+        q = split.permute(0, 3, 4, 1, 2, 5, 6).reshape(groups * p, t * GROUP)[:n, :k]
+        return q.contiguous(), scales.permute(0, 2, 1).reshape(groups * p, t)[:n].contiguous()
+
+    @c_function("tformer_linear_w4a8", [POINTER] * 4 + [SIZE] * 3, ctypes.c_int)
+    def linear_w4a8(
+        self,
+        x: torch.Tensor,
+        panels: torch.Tensor,
+        scale: torch.Tensor | None,
+        bias: torch.Tensor | None,
+        out: torch.Tensor,
+    ) -> torch.Tensor:
+        """out (M, N) = x (M, K) W (N, K)^T + bias (N), W = (q - 8) d packed by pack_w4a8
+        (`scale` unused: the d are inside), each group of 32 k of a row of x quantised to
+        int8 (kernels/integer_linear.c). Every tensor contiguous and on the CPU, as
+        linear's."""
+        m, k = x.shape
+        b = bias.data_ptr() if bias is not None else None
+        status = self.library.tformer_linear_w4a8(
+            x.data_ptr(), panels.data_ptr(), b, out.data_ptr(), m, out.shape[1], k
+        )
+        if status != 0:
+            raise MemoryError(f"w4a8 linear: no memory for {m} quantised rows")
+        return out
 
     @c_function("tformer_linear_w8a8", [POINTER] * 5 + [SIZE] * 3, ctypes.c_int)
     def linear_w8a8(

@@ -27,6 +27,24 @@ static inline uint16_t float_to_bf16_bits(float f) {
     return (uint16_t)(bits >> 16);
 }
 
+/* float16 -> float32 by its bits: sign, exponent rebiased, mantissa (or subnormal); for
+   CPUs without F16C's conversion. */
+static inline float half_to_float(uint16_t h) {
+    const uint32_t sign = (uint32_t)(h & 0x8000u) << 16, e = (h >> 10) & 0x1F, m = h & 0x3FF;
+    float f;
+    if (e == 0) f = (float)m * 0x1p-24f;
+    else if (e == 31) f = m ? __builtin_nanf("") : __builtin_inff();
+    else {
+        const uint32_t bits = ((e + 112) << 23) | (m << 13);
+        memcpy(&f, &bits, sizeof f);
+    }
+    uint32_t bits;
+    memcpy(&bits, &f, sizeof bits);
+    bits |= sign;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
 /* Eight floats as one vector, for loops the compiler would not vectorise as they stand
    (AVX2 and AVX-512 alike); load8 reads them from any address. */
 typedef float v8f __attribute__((vector_size(8 * sizeof(float))));

@@ -14,8 +14,8 @@
      x = x + GELU(h W_1^T + b_1) W_2^T + b_2
 
    Each linear layer runs the kernel of its own weights (float32, bfloat16, int8, int4, or
-   w8a8's integer products, integer_linear.c; `struct tformer_linear`), over the OpenMP
-   threads; the norms and sums are M x C, a few microseconds, split over the threads for
+   w8a8's and w4a8's integer products, integer_linear.c; `struct tformer_linear`), over the
+   OpenMP threads; the norms and sums are M x C, a few microseconds, split over the threads for
    large batches. The mean and variance are
    sums in eight lanes (two passes, the variance of the centred values), in float32 like
    torch's, in an order that does not depend on the batch. `work` holds the step's intermediate rows:
@@ -27,10 +27,17 @@
 
 #include "common.h"
 
-enum linear_kind { LINEAR_F32 = 0, LINEAR_BF16 = 1, LINEAR_I8 = 2, LINEAR_I4 = 3, LINEAR_W8A8 = 4 };
+enum linear_kind {
+    LINEAR_F32 = 0,
+    LINEAR_BF16 = 1,
+    LINEAR_I8 = 2,
+    LINEAR_I4 = 3,
+    LINEAR_W8A8 = 4,
+    LINEAR_W4A8 = 5
+};
 
-/* One packed linear layer: its panels (kernels.pack_linear / pack_int4 / pack_w8a8), int8's
-   and w8a8's row scales, the bias (or NULL), and its shape (N, K). */
+/* One packed linear layer: its panels (kernels.pack_linear / pack_int4 / pack_w8a8 /
+   pack_w4a8), int8's and w8a8's row scales, the bias (or NULL), and its shape (N, K). */
 struct tformer_linear {
     const void *panels;
     const float *scale;
@@ -55,6 +62,8 @@ void tformer_linear_i8(const float *x, const int8_t *panels, const float *scale,
                        int64_t k_len);
 int tformer_linear_i4(const float *x, const uint8_t *panels, const float *bias, float *y,
                       int64_t m_len, int64_t n_len, int64_t k_len);
+int tformer_linear_w4a8(const float *x, const uint8_t *panels, const float *bias, float *y,
+                        int64_t m_len, int64_t n_len, int64_t k_len);
 int tformer_linear_w8a8(const float *x, const int8_t *panels, const float *s_w,
                         const float *bias, float *y, int64_t m_len, int64_t n_len,
                         int64_t k_len);
@@ -83,6 +92,8 @@ static int linear(const struct tformer_linear *layer, const float *x, float *y, 
     case LINEAR_W8A8:
         return tformer_linear_w8a8(x, layer->panels, layer->scale, layer->bias, y, m, layer->n,
                                    layer->k);
+    case LINEAR_W4A8:
+        return tformer_linear_w4a8(x, layer->panels, layer->bias, y, m, layer->n, layer->k);
     default:
         return 2;
     }

@@ -117,19 +117,9 @@ static inline vfloat load_halves(const uint16_t *p) {
     return (vfloat)_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p));
 #elif defined(__F16C__)
     return (vfloat)_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p));
-#else /* float16 -> float32 by its bits: sign, exponent rebiased, mantissa (or subnormal) */
+#else
     vfloat v;
-    for (int l = 0; l < LANES; l++) {
-        uint32_t h = p[l], sign = (h & 0x8000u) << 16, e = (h >> 10) & 0x1F, m = h & 0x3FF;
-        float f;
-        if (e == 0) f = (float)m * 0x1p-24f;
-        else if (e == 31) f = m ? __builtin_nanf("") : __builtin_inff();
-        else { uint32_t bits = ((e + 112) << 23) | (m << 13); memcpy(&f, &bits, 4); }
-        uint32_t bits;
-        memcpy(&bits, &f, 4);
-        bits |= sign;
-        memcpy(&v[l], &bits, 4);
-    }
+    for (int l = 0; l < LANES; l++) v[l] = half_to_float(p[l]);
     return v;
 #endif
 }

@@ -59,12 +59,13 @@ class FusedCrossDecoding:
         self.eps = config.layer_norm_eps
         self.activation = ACTIVATIONS[config.activation]
         self.first_layers = _layers(model.decoder_layers[0])
-        # The output projection x E^T, packed as the layers are (int4 models keep it int8,
-        # as GPT-2's head): at a step's 32-128 rows the kernels run it ~1.5x as fast as
-        # torch's matmul (docs/LOG.md). Not a module of the model: its state is unchanged.
+        # The output projection x E^T, packed as the layers are (int4 models keep it in 8
+        # bits, as GPT-2's head: int8, or w8a8 for w4a8): at a step's 32-128 rows the kernels
+        # run it ~1.5x as fast as torch's matmul (docs/LOG.md). Not a module of the model:
+        # its state is unchanged.
         weights = self.first_layers[0].weight_dtype
-        self.head = PackedLinear(model.tgt_embedding.weight.detach(), None,
-                                 "int8" if weights == "int4" else weights)  # fmt: skip
+        head = {"int4": "int8", "w4a8": "w8a8"}.get(weights, weights)
+        self.head = PackedLinear(model.tgt_embedding.weight.detach(), None, head)
         layouts = []
         for layer in model.decoder_layers:
             norms = [p.data_ptr() for norm in _norms(layer) for p in (norm.weight, norm.bias)]

@@ -20,6 +20,16 @@ Where a step has many rows (batches, beams, prompts) a linear layer is bound by 
 multiply-adds, and the integer units issue more of them a cycle (kernels/integer_linear.c);
 the price is the rounding of x, which the weight-only formats do not pay.
 
+w4a8 stores the weights as int4 does and rounds x to int8 per group of 32 k of a row, with
+a scale per group (as llama.cpp multiplies q4_0 weights by q8_0 activations):
+
+    s_x,it = max_{k in t} |x_ik| / 127,   p_ik = round(x_ik / s_x,it)
+    y_in = sum_t (p_i,t . (q_n,t - 8)) d_nt s_x,it + b_n     each dot product exact
+
+For int4 weights this is the cheap product: a byte of two weights meets the integer
+multiply-adds after an `and` and a shift, where the weight-only kernel widens each weight to
+a float first.
+
 On the CPU, where the C kernels load, the weights are stored in the panels they read
 (tformer.kernels, kernels/linear.c: each weight read once for all the rows, in register
 tiles), and the kernels run up to `kernel_max_rows` rows. Beyond it (a long prompt), or on
@@ -27,8 +37,9 @@ a GPU, torch's matmul runs: float32 weights as they are, the others in bfloat16 
 hardware computes in it natively, else in float32 (on the CPU from the panels unpacked, a
 copy per call); w8a8's quantised rows and weights in float32, whose sums are exact up to
 K = 1040 (127^2 K < 2^24) and rounded beyond (the kernels' int32 sums are exact up to
-K = 133,144). Inference only: no gradients flow through; and a packed layer stays on the
-device and in the dtypes it was packed with (pack again rather than move it).
+K = 133,144); w4a8's the same, a group at a time (always exact). Inference only: no
+gradients flow through; and a packed layer stays on the device and in the dtypes it was
+packed with (pack again rather than move it).
 
 `pack_linear_layers(model, "int8")` swaps every nn.Linear of a model for a PackedLinear of
 the same weights (a tied output head included: it packs the shared weight); the swap is
@@ -49,7 +60,7 @@ from tformer.devices import bf16_supported
 from tformer.files import atomic_write_json, cache_dir
 from tformer.kernels.bindings import LinearLayout
 
-WEIGHT_DTYPES = ("float32", "bfloat16", "int8", "int4", "w8a8")
+WEIGHT_DTYPES = ("float32", "bfloat16", "int8", "int4", "w8a8", "w4a8")
 GROUP = 32  # int4: k per scale
 
 # Up to this many rows the C kernels run. With one row they read the weights at memory
@@ -62,10 +73,17 @@ GROUP = 32  # int4: k per scale
 # machine (benchmarks/decode_linear.py), where the kernels were faster at every row count
 # up to 128; not yet on the Intel one. int4's torch path dequantises every weight at each
 # call, which costs more than the kernels' work for a 512-token prompt: its kernels run at
-# any count unless a calibration says otherwise; nor does w8a8's, whose torch path multiplies
-# in float32.
+# any count unless a calibration says otherwise; nor do w8a8's and w4a8's, whose torch paths
+# multiply in float32.
 ANY = math.inf  # a limit of no limit: compares with any row count (not JSON, not a range)
-KERNEL_MAX_ROWS = {"float32": ANY, "bfloat16": 16, "int8": 32, "int4": ANY, "w8a8": ANY}
+KERNEL_MAX_ROWS = {
+    "float32": ANY,
+    "bfloat16": 16,
+    "int8": 32,
+    "int4": ANY,
+    "w8a8": ANY,
+    "w4a8": ANY,
+}
 # The rows of a prompt's prefill, the last count calibrate_kernel_rows measures.
 PROMPT_ROWS = 512
 
@@ -98,6 +116,20 @@ def quantize_int4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q.view(n, t * GROUP)[:, :k].contiguous(), d.squeeze(2).to(torch.float16)
 
 
+def quantize_groups(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows x (M, K) float -> p (M, T, GROUP) float32 holding integers in [-127, 127]
+    (K padded with zeros to T whole groups) and the scales s_x (M, T), as w4a8's kernels
+    round each group of GROUP k of a row: s_x = max |x| / 127 (1 for zeros), p = round(x / s_x)."""
+    m, k = x.shape
+    t = -(-k // GROUP)
+    groups = torch.zeros(m, t * GROUP, device=x.device)
+    groups[:, :k] = x
+    groups = groups.view(m, t, GROUP)
+    scale = groups.abs().amax(dim=2) / 127.0  # (M, T)
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    return torch.round(groups / scale[:, :, None]).clamp(-127, 127), scale
+
+
 def dequantize_int4(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """The float32 (N, K) weights of quantize_int4's q and scale."""
     n, k = q.shape
@@ -119,7 +151,7 @@ class PackedLinear(nn.Module):
         scale = group_scale = None
         if weight_dtype in ("int8", "w8a8"):
             stored, scale = quantize_int8(weight)
-        elif weight_dtype == "int4":
+        elif weight_dtype in ("int4", "w4a8"):
             stored, group_scale = quantize_int4(weight)
         else:
             stored = weight.detach().to(getattr(torch, weight_dtype)).contiguous()
@@ -133,18 +165,21 @@ class PackedLinear(nn.Module):
         elif self.kernels is not None and weight_dtype == "w8a8":
             self.register_buffer("panels", self.kernels.pack_w8a8(stored))
             self.weight = self.group_scale = None
+        elif self.kernels is not None and weight_dtype == "w4a8":
+            self.register_buffer("panels", self.kernels.pack_w4a8(stored, group_scale))
+            self.weight = self.group_scale = None
         elif self.kernels is not None:
             self.register_buffer("panels", self.kernels.pack_linear(stored))
             self.weight = self.group_scale = None
         else:
             self.register_buffer("weight", stored)  # (N, K)
-            self.register_buffer("group_scale", group_scale)  # (N, K / GROUP) for int4
+            self.register_buffer("group_scale", group_scale)  # (N, K / GROUP): int4, w4a8
             self.panels = None
         self.register_buffer("scale", scale)  # (N,) for int8 and w8a8, else None
         b = bias.detach().float().contiguous() if bias is not None else None
         self.register_buffer("bias", b)  # (N,)
         self.compute_dtype = torch.float32
-        if weight_dtype not in ("float32", "w8a8") and bf16_supported(device):
+        if weight_dtype not in ("float32", "w8a8", "w4a8") and bf16_supported(device):
             self.compute_dtype = torch.bfloat16
         # Up to this many rows the C kernels run, beyond it torch's matmul; measured on the
         # CPU in use by calibrate_kernel_rows, else the figures of KERNEL_MAX_ROWS.
@@ -174,24 +209,34 @@ class PackedLinear(nn.Module):
         return out.view(*shape, self.out_features)
 
     def stored_weight(self) -> torch.Tensor:
-        """The stored weights as (N, K), in their dtype (int8 without its scale; int4, which
-        has no dtype, as the float32 values of q and its scales): a copy where the kernels'
-        panels hold them."""
+        """The stored weights as (N, K), in their dtype (int8 without its scale; int4 and
+        w4a8, which have no dtype, as the float32 values of q and its scales): a copy where
+        the kernels' panels hold them."""
         n, k = self.out_features, self.in_features
-        if self.weight_dtype == "int4":
-            if self.panels is None:
-                return dequantize_int4(self.weight, self.group_scale)
-            return dequantize_int4(*self.kernels.unpack_int4(self.panels, n, k))
+        if self.weight_dtype in ("int4", "w4a8"):
+            return dequantize_int4(*self.int4_weight())
         if self.panels is None:
             return self.weight
         if self.weight_dtype == "w8a8":
             return self.kernels.unpack_w8a8(self.panels, n, k)
         return self.kernels.unpack_linear(self.panels, n, k)
 
+    def int4_weight(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """int4's and w4a8's q (N, K) and scale (N, T), unpacked where the panels hold them."""
+        n, k = self.out_features, self.in_features
+        if self.panels is None:
+            return self.weight, self.group_scale
+        if self.weight_dtype == "w4a8":
+            return self.kernels.unpack_w4a8(self.panels, n, k)
+        return self.kernels.unpack_int4(self.panels, n, k)
+
     def by_kernels(self, x: torch.Tensor) -> torch.Tensor:
         """(M, K) float32 -> (M, N) through the C kernels."""
         out = torch.empty(x.shape[0], self.out_features, device=x.device)
-        linear = self.kernels.linear_w8a8 if self.weight_dtype == "w8a8" else self.kernels.linear
+        linear = {
+            "w8a8": self.kernels.linear_w8a8,
+            "w4a8": self.kernels.linear_w4a8,
+        }.get(self.weight_dtype, self.kernels.linear)
         linear(x.contiguous(), self.panels, self.scale, self.bias, out)
         return out
 
@@ -210,7 +255,9 @@ class PackedLinear(nn.Module):
 
     def by_torch(self, x: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
         """(M, K) float32 -> (M, N) through torch's matmul, by `weight` if given (the
-        torch_weight() made beforehand), else made now."""
+        torch_weight() made beforehand), else made now (w4a8: its q and scales, by_groups)."""
+        if self.weight_dtype == "w4a8":
+            return self.by_groups(x) + (self.bias if self.bias is not None else 0.0)
         weight = self.torch_weight() if weight is None else weight
         if self.weight_dtype == "w8a8":  # the integer sums, in float32 (see the top)
             rows, row_scale = quantize_int8(x)
@@ -221,6 +268,24 @@ class PackedLinear(nn.Module):
             out = out * self.scale
         if self.bias is not None:
             out = out + self.bias
+        return out
+
+    def by_groups(self, x: torch.Tensor) -> torch.Tensor:
+        """w4a8's y (M, N) = sum_t (p_t . (q_t - 8)) d_t s_x,t in torch, a group t at a time:
+        each group's integer sum is exact in float32 (at most 32 * 127 * 8 < 2^24); the
+        terms are added in order of t, as the kernels add them (not fused, so the last bit
+        may differ)."""
+        q, d = self.int4_weight()
+        n, k = q.shape
+        t = d.shape[1]
+        weights = torch.full((n, t * GROUP), 8.0, device=x.device)
+        weights[:, :k] = q.float()
+        weights = (weights - 8.0).view(n, t, GROUP)
+        rows, row_scale = quantize_groups(x)  # (M, T, GROUP), (M, T)
+        out = torch.zeros(x.shape[0], n, device=x.device)
+        for g in range(t):
+            sums = rows[:, g] @ weights[:, g].T  # (M, N)
+            out = out + sums * (d[:, g].float()[None, :] * row_scale[:, g, None])
         return out
 
 

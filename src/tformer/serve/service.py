@@ -34,7 +34,7 @@ class ServeConfig:
     max_batch: int = 16
     max_queue: int = 256
     dtype: str = "float32"
-    quantize: str | None = None  # "int8" or "int4" (weight-only), or "w8a8"
+    quantize: str | None = None  # "int8" or "int4" (weight-only), "w8a8" or "w4a8"
     device: torch.device | None = None
     chat_template: str | None = None  # a Jinja file that overrides the checkpoint's
     corpus: str | None = None  # /v1/answers: the text retrieved from when no context is given
