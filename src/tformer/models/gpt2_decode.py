@@ -28,7 +28,7 @@ from torch import nn
 
 from tformer import kernels
 from tformer.kernels.bindings import BlockLayout
-from tformer.nn.blocked_attention import any_hooked
+from tformer.nn.blocked_attention import any_hooked, hook_dicts
 from tformer.nn.kv_cache import KVCache, fused_step_caches
 from tformer.nn.packed_linear import PackedLinear
 
@@ -63,8 +63,8 @@ class FusedDecoding:
                 )
             )
         self.blocks = (BlockLayout * len(layouts))(*layouts)
-        # the blocks' modules whose hooks would be skipped
-        self.watched = [m for block in model.blocks for m in block.modules()]
+        # the hooks of the blocks' modules, which the fused step would skip
+        self.hooks = hook_dicts(m for block in model.blocks for m in block.modules())
 
     @classmethod
     def for_model(cls, model: nn.Module) -> "FusedDecoding | None":
@@ -113,7 +113,7 @@ class FusedDecoding:
             return False
         if position_ids is not None and not bool((position_ids == first.length).all()):
             return False
-        return not any_hooked(self.watched)
+        return not any_hooked(self.hooks)
 
     def features(self, model: nn.Module, input_ids: torch.Tensor, caches: list[KVCache]):
         """input_ids (B, 1) -> the final, normalised residual stream (B, 1, C)."""

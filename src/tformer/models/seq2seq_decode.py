@@ -31,7 +31,7 @@ from torch import nn
 
 from tformer import kernels
 from tformer.kernels.bindings import CrossBlockLayout
-from tformer.nn.blocked_attention import any_hooked
+from tformer.nn.blocked_attention import any_hooked, hook_dicts
 from tformer.nn.kv_cache import KVCache, fused_step_caches
 from tformer.nn.packed_linear import PackedLinear
 
@@ -72,7 +72,7 @@ class FusedCrossDecoding:
             linears = [linear.layout() for linear in _layers(layer)]
             layouts.append(CrossBlockLayout(*norms, *linears))
         self.blocks = (CrossBlockLayout * len(layouts))(*layouts)
-        self.watched = [m for layer in model.decoder_layers for m in layer.modules()]
+        self.hooks = hook_dicts(m for layer in model.decoder_layers for m in layer.modules())
 
     @classmethod
     def for_model(cls, model: nn.Module) -> "FusedCrossDecoding | None":
@@ -126,7 +126,7 @@ class FusedCrossDecoding:
                     return False
         if strides[3] != 1:
             return False
-        return not any_hooked(self.watched)
+        return not any_hooked(self.hooks)
 
     def features(
         self,

@@ -136,15 +136,23 @@ def hooked(module: nn.Module) -> bool:
     """Whether a forward hook would see `module`'s output: its own hooks, or global ones
     (nn.modules.module.register_module_forward_hook). torch has no public way to ask, so
     this reads the dictionaries nn.Module keeps them in."""
-    return any_hooked((module,))
+    return any_hooked(hook_dicts((module,)))
 
 
-def any_hooked(modules: Iterable[nn.Module]) -> bool:
-    """Whether a forward hook would see any of the modules' outputs (as `hooked`): the
-    global hooks looked up once, for a decoding step that checks a whole stack of layers."""
+def hook_dicts(modules: Iterable[nn.Module]) -> list[dict]:
+    """The dictionaries in which the modules keep their forward hooks and pre-hooks (the
+    same objects, which registering and removing a hook change), for any_hooked."""
+    return [hooks for m in modules for hooks in (m._forward_hooks, m._forward_pre_hooks)]
+
+
+def any_hooked(dicts: list[dict]) -> bool:
+    """Whether a forward hook would see the output of any module whose hook_dicts these
+    are (as `hooked`), or a global hook any module's. A decoding step checks a whole stack
+    of layers at every token: `any` over the dictionaries runs in C, where a loop over the
+    modules in Python took a quarter of a millisecond a token (docs/LOG.md)."""
     if module_hooks._global_forward_hooks or module_hooks._global_forward_pre_hooks:
         return True
-    return any(m._forward_hooks or m._forward_pre_hooks for m in modules)
+    return any(dicts)
 
 
 def kernels_for(qkv: torch.Tensor) -> kernels.Kernels | None:
