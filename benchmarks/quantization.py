@@ -1,14 +1,14 @@
 """What narrower weights cost a trained model: tformer's validation loss at float32,
-bfloat16, int8 and int4, and the same model's perplexity in llama.cpp at f32, bf16, q8_0
-and q4_0, on the same text.
+bfloat16, int8, int4 and w4a8, and the same model's perplexity in llama.cpp at f32, bf16,
+q8_0 and q4_0, on the same text.
 
 A run directory (a GPT-2 with GELU's tanh form, widths a multiple of 32, any of tformer's
 tokenizers) is scored on its corpus's validation split (the last 10%, as training split
 it) two ways, for each precision:
 
   tformer loss     `tformer eval`'s: every window of --context tokens, each position
-                   scored (packed for decoding as float32, bfloat16, int8, int4; and the
-                   plain float32 model as the reference)
+                   scored (packed for decoding as float32, bfloat16, int8, int4, w4a8;
+                   and the plain float32 model as the reference)
   chunk perplexity llama-perplexity's way of scoring, computed by tformer: the tokens cut
                    into chunks of --context, the second half of each chunk scored
   llama.cpp        llama-perplexity on `tformer export gguf` of the run (f32, bf16, q8_0,
@@ -16,7 +16,8 @@ it) two ways, for each precision:
 
 so that the last two columns compare like with like: they differ by the engines' rounding
 and by the quantisation formats (tformer's int8 has one scale per row, q8_0 one per 32
-weights; int4 and q4_0 are the same format).
+weights; int4 and q4_0 are the same format, and w4a8 also rounds the activations to
+8 bits per 32 as llama.cpp does when it multiplies q4_0).
 
     python benchmarks/quantization.py RUN_DIR [--data shakespeare] [--context 128] [--json]
 """
@@ -90,7 +91,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         text_file = Path(tmp) / "val.txt"
         text_file.write_text(text, encoding="utf-8")
-        for type_name, weights in [(None, None), *TYPES.items()]:
+        packings = [(t, p) for t, packing in TYPES.items() for p in packing]
+        for type_name, weights in [(None, None), *packings]:
             model, _ = load_gpt2_with_tokenizer(str(args.run), cpu, torch.float32)
             if weights is not None:
                 pack_for_decoding(model, weights)
