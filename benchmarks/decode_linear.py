@@ -5,12 +5,12 @@ Decoding a token multiplies a few activation rows by all 49 weight matrices of G
 float32, bfloat16, int8 and int4 weights (w8a8 and w4a8 on request), three ways in the same
 run, taking turns: tformer's PackedLinear through its C kernels (`by_kernels`); through
 torch's matmul on (N, K) weights made once beforehand (`F.linear` in the compute dtype;
-int8 as `(x q^T) s`, for lack of a faster torch kernel for many rows; int4 dequantised),
-the peer; and PackedLinear's own torch path, which unpacks the kernels' panels at each call
-(`by_torch`), what a row count past the kernels' limit costs. It prints milliseconds per
-step (the fastest of --repeats), the effective weight bandwidth and arithmetic rate, and
-the ratio to the peer. The matrices total 124M weights, more than any cache, so every step
-reads them from memory, as in decoding.
+int8 as `(x q^T) s`, for lack of a faster torch kernel for many rows; int4 and w4a8
+dequantised, w4a8 in float32), the peer; and PackedLinear's own torch path, which unpacks
+the kernels' panels at each call (`by_torch`), what a row count past the kernels' limit
+costs. It prints milliseconds per step (the fastest of --repeats), the effective weight
+bandwidth and arithmetic rate, and the ratio to the peer. The matrices total 124M weights,
+more than any cache, so every step reads them from memory, as in decoding.
 
 The default row limits up to which PackedLinear uses the C kernels (KERNEL_MAX_ROWS, marked
 "default") come from this; a server measures its own (calibrate_kernel_rows).
@@ -45,7 +45,12 @@ def step_seconds(
     kernels, by torch's matmul on `weights` (each layer's torch_weight), or by PackedLinear's
     torch path."""
     inputs = {k: torch.randn(rows, k) for k in (768, 4 * 768)}
-    if path == "matmul":
+    if path == "matmul" and layers[0].weight_dtype == "w4a8":  # its own torch path unpacks
+        runs = [
+            (lambda x, w=w, b=layer.bias: torch.nn.functional.linear(x, w, b), inputs[w.shape[1]])
+            for layer, w in zip(layers, weights, strict=True)
+        ]
+    elif path == "matmul":
         runs = [
             (lambda x, layer=layer, w=w: layer.by_torch(x, w), inputs[layer.in_features])
             for layer, w in zip(layers, weights, strict=True)

@@ -92,6 +92,7 @@ def main() -> None:
         text_file = Path(tmp) / "val.txt"
         text_file.write_text(text, encoding="utf-8")
         packings = [(t, p) for t, packing in TYPES.items() for p in packing]
+        scored = {}  # llama.cpp's perplexity of each type's file
         for type_name, weights in [(None, None), *packings]:
             model, _ = load_gpt2_with_tokenizer(str(args.run), cpu, torch.float32)
             if weights is not None:
@@ -99,10 +100,12 @@ def main() -> None:
             loss = evaluate(model, data, 16)["loss"]
             ours = chunk_perplexity(model, tokens, context)
             theirs = None
-            if type_name is not None:
+            if type_name is not None and type_name not in scored:  # once a file
                 gguf = exported(args.run, type_name)
-                theirs = llama_perplexity(bin_dir / "llama-perplexity", gguf, text_file,
-                                          context, args.threads)  # fmt: skip
+                scored[type_name] = llama_perplexity(bin_dir / "llama-perplexity", gguf,
+                                                     text_file, context, args.threads)  # fmt: skip
+            if type_name is not None:
+                theirs = scored[type_name]
             row = {"llama_type": type_name, "tformer": weights or "float32 (not packed)",
                    "loss": loss, "chunk_perplexity": ours, "llama_perplexity": theirs}  # fmt: skip
             rows.append(row)

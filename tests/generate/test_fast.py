@@ -75,6 +75,13 @@ def test_packed_batched_generation_equals_each_prompt_alone(weights):
     assert generate_batch(packed, prompts, config) == alone
 
 
+@pytest.mark.parametrize("weights", ["int4", "w4a8"])
+def test_four_bit_packings_keep_the_output_head_in_int8(weights):
+    packed, path = packed_copy(sharp_model(), weights)
+    assert packed.blocks[0].mlp.w1.weight_dtype == weights == path.weights
+    assert packed.lm_head.weight_dtype == "int8"  # weight-only: one row a step reads it
+
+
 def test_int4_packing_computes_what_its_dequantised_weights_compute():
     """A packed int4 model against the unpacked model holding the same dequantised weights
     (quantize_int4's, which equal ggml's q4_0; the head's int8): the logits agree to float

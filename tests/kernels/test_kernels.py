@@ -171,7 +171,8 @@ def w4a8_reference(x, q, d, bias):
 
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 9])  # 1 and 2 rows: several panels a tile
 @pytest.mark.parametrize("k", [7, 32, 100, 256])  # a short last group: padded with p = 0
-@pytest.mark.parametrize("n", [5, 16, 47, 130])  # panels of 16 columns; padded ones
+# panels of 16 columns; padded ones; 65 panels: one and two rows run 4 and 2 at once
+@pytest.mark.parametrize("n", [5, 16, 47, 130, 1040])
 @pytest.mark.parametrize("with_bias", [True, False])
 def test_w4a8_kernels_compute_the_integer_formula(compiled, rows, k, n, with_bias):
     g = torch.Generator().manual_seed(rows * 1000 + k + n)
@@ -181,9 +182,11 @@ def test_w4a8_kernels_compute_the_integer_formula(compiled, rows, k, n, with_bia
     bias = torch.randn(n, generator=g) if with_bias else None
     q, d = quantize_int4(w)
     panels = compiled.pack_w4a8(q, d)
-    assert panels.shape == (-(-n // 16), -(-k // 32), 16 * 2 + 32 * 16 // 2)
+    assert panels.shape == (-(-n // 16), -(-k // 32), 9, 32)  # d, then 4 steps x 2 vectors
     unpacked_q, unpacked_d = compiled.unpack_w4a8(panels, n, k)
     assert torch.equal(unpacked_q, q) and torch.equal(unpacked_d, d)
+    with pytest.raises(ValueError, match="linear_w4a8 reads them"):
+        compiled.linear(x, panels, None, bias, torch.empty(rows, n))  # int4's are another
     out = compiled.linear_w4a8(x, panels, None, bias, torch.empty(rows, n))
     expected = w4a8_reference(x, q, d, bias)
     size = (w4a8_reference(x.abs(), torch.full_like(q, 15), d.abs(), None)).abs()
@@ -203,6 +206,14 @@ def test_w4a8_kernels_compute_the_integer_formula(compiled, rows, k, n, with_bia
 
 
 def test_w4a8_rounds_ties_to_even_and_a_rows_result_does_not_depend_on_the_others(compiled):
+    q, d = quantize_int4(torch.randn(4, 40))
+    with pytest.raises(ValueError, match=r"\[0, 15\]"):  # 16 would spill into the next
+        compiled.pack_w4a8(q | 16, d)
+    with pytest.raises(ValueError, match=r"float16 \(4, 2\)"):
+        compiled.pack_w4a8(q, d[:, :1])
+    empty = compiled.pack_w4a8(*quantize_int4(torch.zeros(3, 0)))  # K = 0: the bias
+    out = compiled.linear_w4a8(torch.zeros(2, 0), empty, None, torch.ones(3), torch.empty(2, 3))
+    assert torch.equal(out, torch.ones(2, 3))
     x = torch.zeros(1, 32)
     x[0, :8] = torch.tensor([127.0, 0.5, 1.5, -2.5, -0.5, 3.0, 2.5, -127.0])  # s_x = 1: ties
     q = torch.full((8, 32), 8, dtype=torch.uint8)
@@ -211,14 +222,15 @@ def test_w4a8_rounds_ties_to_even_and_a_rows_result_does_not_depend_on_the_other
     out = compiled.linear_w4a8(x, compiled.pack_w4a8(q, d), None, None, torch.empty(1, 8))
     assert out.tolist() == [[127.0, 0.0, 2.0, -2.0, -0.0, 3.0, 2.0, -127.0]]
     g = torch.Generator().manual_seed(6)
-    x = torch.randn(17, 301, generator=g)
-    panels = compiled.pack_w4a8(*quantize_int4(torch.randn(300, 301, generator=g)))
-    bias = torch.randn(300, generator=g)
-    together = compiled.linear_w4a8(x, panels, None, bias, torch.empty(17, 300))
-    for rows in (slice(0, 1), slice(16, 17), slice(3, 5), slice(4, 11), slice(0, 3)):
-        part = x[rows].contiguous()
-        alone = compiled.linear_w4a8(part, panels, None, bias, torch.empty(part.shape[0], 300))
-        assert torch.equal(alone, together[rows]), rows
+    for n in (300, 1040):  # 1040: one and two rows take four and two panels at once
+        x = torch.randn(17, 301, generator=g)
+        panels = compiled.pack_w4a8(*quantize_int4(torch.randn(n, 301, generator=g)))
+        bias = torch.randn(n, generator=g)
+        together = compiled.linear_w4a8(x, panels, None, bias, torch.empty(17, n))
+        for rows in (slice(0, 1), slice(16, 17), slice(3, 5), slice(4, 11), slice(0, 3)):
+            part = x[rows].contiguous()
+            alone = compiled.linear_w4a8(part, panels, None, bias, torch.empty(part.shape[0], n))
+            assert torch.equal(alone, together[rows]), (n, rows)
 
 
 def test_int4_quantisation_is_ggml_q4_0():

@@ -15,8 +15,9 @@ attention kernels, called once per layer, check it here.
         row and integer products (kernels/integer_linear.c)
     kernels.pack_w4a8(q, scale) -> panels   int4's q and scales for linear_w4a8
     kernels.unpack_w4a8(panels, n, k) -> q (N, K), scale (N, T)
-    kernels.linear_w4a8(x, panels, bias, out)   int4 weights times x quantised to int8 per
-        group of 32 k, integer products (kernels/integer_linear.c)
+    kernels.linear_w4a8(x, panels, scale, bias, out)   int4 weights (scale unused: the
+        panels hold theirs) times x quantised to int8 per group of 32 k, integer products
+        (kernels/integer_linear.c)
     kernels.smoothed_ce_forward(logits, targets, eps)   (N, V) bf16 -> loss, lse (N,)
     kernels.dropout_mask(n, seed, threshold)   -> (n,) bool, True with P = threshold / 65536
     kernels.gelu_tanh(z), kernels.gelu_tanh_backward(grad, z)   float32 or bfloat16
@@ -44,6 +45,8 @@ from pathlib import Path
 from typing import TypeVar
 
 import torch
+
+from tformer.kernels.build import KernelUnavailable
 
 POINTER, SIZE, REAL = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
 Wrapper = TypeVar("Wrapper", bound=Callable)
@@ -102,6 +105,16 @@ def on_huge_pages(tensor: torch.Tensor) -> torch.Tensor:
     aligned = out[start : start + nbytes].view(tensor.dtype).view(tensor.shape)
     aligned.copy_(tensor)
     return aligned
+
+
+def check_int4(q: torch.Tensor, scale: torch.Tensor) -> None:
+    """ValueError unless q (N, K) is uint8 in [0, 15] and scale (N, ceil(K / GROUP)) float16,
+    as quantize_int4 makes them: a wider q would spill into its neighbour's 4 bits."""
+    n, k = q.shape
+    if q.dtype != torch.uint8 or (q.numel() and int(q.max()) > 15):
+        raise ValueError("int4 weights are uint8 in [0, 15] (quantize_int4's)")
+    if scale.dtype != torch.float16 or tuple(scale.shape) != (n, -(-k // GROUP)):
+        raise ValueError(f"int4 scales are float16 ({n}, {-(-k // GROUP)}), one per {GROUP} k")
 
 
 class LinearLayout(ctypes.Structure):
@@ -171,7 +184,7 @@ class Kernels:
             function = getattr(library, name)
             function.argtypes, function.restype = argtypes, restype
         if library.tformer_w4a8_panel() != W4A8_PANEL:
-            raise RuntimeError(f"{path}: w4a8 panels of another width than W4A8_PANEL")
+            raise KernelUnavailable(f"{path}: w4a8 panels of another width than W4A8_PANEL")
         return cls(
             library,
             path,
@@ -215,6 +228,7 @@ class Kernels:
 
         N padded to G panels with q = 8, scale 0 (zero weights); K to whole groups the same
         way (the kernel never reads the padding's k)."""
+        check_int4(q, scale)
         n, k = q.shape
         groups, p, t = -(-n // self.panel), self.panel, -(-k // GROUP)
         padded = torch.full((groups * p, t * GROUP), 8, dtype=torch.uint8)
@@ -263,14 +277,16 @@ class Kernels:
         """q (N, K) uint8 in [0, 15] and scale (N, T) float16, as pack_int4 takes them ->
         the uint8 panels linear_w4a8 reads (kernels/integer_linear.c), a copy:
 
-            (G, T, 2 P + GROUP P / 2)   per panel g of P = W4A8_PANEL columns and group t:
-                                        the P scales' bytes, then 4 steps s of 8 k, each 2
-                                        vectors v of 8 columns c, 4 bytes l a column:
-                                        q[g P + 8 v + c, GROUP t + 8 s + l] (low 4 bits) |
-                                        q[.., GROUP t + 8 s + 4 + l] << 4
+            (G, T, 9, 2 P)   per panel g of P = W4A8_PANEL columns and group t, 9 rows of
+                             32 bytes: the P scales, then for each of 4 steps s of 8 k
+                             the 2 vectors v of 8 columns c, 4 bytes l a column:
+                             q[g P + 8 v + c, GROUP t + 8 s + l] (low 4 bits) |
+                             q[.., GROUP t + 8 s + 4 + l] << 4
 
-        N padded with zero weights (q = 8, scale 0) to whole panels, K with q = 8 to
-        whole groups (the kernel multiplies those by zeros)."""
+        (four dimensions, where int4's panels have three: `linear` refuses these). N padded
+        with zero weights (q = 8, scale 0) to whole panels, K with q = 8 to whole groups
+        (the kernel multiplies those by zeros)."""
+        check_int4(q, scale)
         n, k = q.shape
         groups, p, t = -(-n // W4A8_PANEL), W4A8_PANEL, -(-k // GROUP)
         padded = torch.full((groups * p, t * GROUP), 8, dtype=torch.uint8)
@@ -282,16 +298,17 @@ class Kernels:
         nibbles = split[..., 0, :] | (split[..., 1, :] << 4)  # (G, v, c, T, s, l)
         nibbles = nibbles.permute(0, 3, 4, 1, 2, 5).reshape(groups, t, GROUP * p // 2)
         scale_bytes = scales.view(groups, p, t).permute(0, 2, 1).contiguous().view(torch.uint8)
-        return on_huge_pages(torch.cat([scale_bytes, nibbles], dim=2))
+        rows = torch.cat([scale_bytes, nibbles], dim=2).view(groups, t, 9, 2 * p)
+        return on_huge_pages(rows)
 
     def unpack_w4a8(
         self, panels: torch.Tensor, n: int, k: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The q (N, K) and scale (N, T) that pack_w4a8 packed into `panels`, new tensors."""
-        groups, t, _ = panels.shape
+        groups, t = panels.shape[:2]
         p = W4A8_PANEL
-        scales = panels[:, :, : 2 * p].contiguous().view(torch.float16)  # (G, T, P)
-        nibbles = panels[:, :, 2 * p :].reshape(groups, t, GROUP // 8, 2, p // 2, 4)
+        scales = panels[:, :, 0].contiguous().view(torch.float16)  # (G, T, P)
+        nibbles = panels[:, :, 1:].reshape(groups, t, GROUP // 8, 2, p // 2, 4)
         split = torch.stack([nibbles & 15, nibbles >> 4], dim=5)  # (G, T, s, v, c, h, l)
         q = split.permute(0, 3, 4, 1, 2, 5, 6).reshape(groups * p, t * GROUP)[:n, :k]
         return q.contiguous(), scales.permute(0, 2, 1).reshape(groups * p, t)[:n].contiguous()
@@ -360,6 +377,8 @@ class Kernels:
         n = out.shape[1]
         b = bias.data_ptr() if bias is not None else None
         if panels.dtype == torch.uint8:
+            if panels.dim() != 3:  # w4a8's (G, T, 9, 2P), read by linear_w4a8 alone
+                raise ValueError("these uint8 panels are w4a8's: linear_w4a8 reads them")
             status = self.library.tformer_linear_i4(
                 x.data_ptr(), panels.data_ptr(), b, out.data_ptr(), m, n, k
             )

@@ -451,7 +451,10 @@ int tformer_linear_w4a8(const float *x, const uint8_t *panels, const float *bias
     if (m_len == 0) return 0;
     const int64_t groups = (k_len + W4_GROUP - 1) / W4_GROUP, row_bytes = groups * W4_GROUP;
     const size_t p_bytes = (size_t)(m_len * row_bytes + 63) / 64 * 64;
-    int8_t *p = row_buffer(p_bytes + (size_t)(m_len * groups) * (sizeof(float) + sizeof(int32_t)));
+    /* 64 bytes more than used: with K = 0 none would be asked for, and row_buffer's NULL
+       would read as no memory */
+    const size_t scales = (size_t)(m_len * groups) * (sizeof(float) + sizeof(int32_t));
+    int8_t *p = row_buffer(p_bytes + scales + 64);
     if (!p) return -1;
     float *s_x = (float *)(p + p_bytes);
     int32_t *offset = (int32_t *)(s_x + m_len * groups);
