@@ -262,15 +262,13 @@ int tformer_w8a8_panel(void) { return W8_PANEL; }
    lane that two vpdpbusd multiply by a row's four p broadcast: 64 weights a load, where the
    weight-only int4 kernel (linear.c) widens 16 at a time to float. 4.5 bits a weight, as
    q4_0. A K that is not a multiple of 32 is padded with p = 0 (and q = 8), which adds
-   nothing. Tiles of up to W4_MR rows by `width` panels: with one or two rows several
-   panels at once, for independent chains of vpdpbusd (a row's values are the same either
-   way: the order of every sum is fixed). */
+   nothing. Tiles of up to W4_MR rows by one panel. (Several panels at once for one or two
+   rows, as linear.c does for floats, was slower here: docs/LOG.md.) */
 
 #define W4_PANEL 16
 #define W4_GROUP 32
 #define W4_GROUP_BYTES (W4_PANEL * 2 + W4_GROUP * W4_PANEL / 2)
 #define W4_MR 4
-#define W4_WIDTH 4
 
 /* Row x -> p (groups * W4_GROUP bytes, 0 past k_len) with, per group, its scale and
    offset (-8 sum p). The largest |x| of a whole group in eight lanes, compared (not
@@ -306,141 +304,109 @@ static void quantise_groups(const float *x, int64_t k_len, int64_t groups, int8_
 
 #if defined(__AVX2__) && defined(__F16C__)
 
-/* Rows p[0:mr] (row_bytes apart; their scales and offsets `groups` apart) times `width`
-   panels (panel_bytes apart) into y (rows n_len apart, cols valid columns: W4_PANEL where
-   width > 1). Called with constant mr and width, so the loops unroll. */
+/* Rows p[0:mr] (row_bytes apart; their scales and offsets `groups` apart) times one panel
+   into y (rows n_len apart, cols valid columns). Called with a constant mr, so the loops
+   unroll. */
 ALWAYS_INLINE void w4_tile(const int8_t *p, int64_t row_bytes, const float *s_x,
-                           const int32_t *offset, int64_t groups, const uint8_t *panel,
-                           size_t panel_bytes, int mr, int width, const float *bias, float *y,
-                           int64_t n_len, int64_t cols) {
-    __m256 acc[W4_WIDTH][W4_MR][2];
-    for (int w = 0; w < W4_WIDTH; w++)
-        for (int i = 0; i < W4_MR; i++) acc[w][i][0] = acc[w][i][1] = _mm256_setzero_ps();
+                           const int32_t *offset, int64_t groups, const uint8_t *panel, int mr,
+                           const float *bias, float *y, int64_t n_len, int64_t cols) {
+    __m256 acc[W4_MR][2];
+    for (int i = 0; i < W4_MR; i++) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
     const __m256i nibble = _mm256_set1_epi8(0x0F);
     for (int64_t t = 0; t < groups; t++) {
-        __m256i sums[W4_WIDTH][W4_MR][2];
+        __m256i sums[W4_MR][2];
 #pragma GCC unroll 4
-        for (int i = 0; i < mr; i++) {
-            const __m256i start = _mm256_set1_epi32(offset[i * groups + t]);
-            for (int w = 0; w < width; w++) sums[w][i][0] = sums[w][i][1] = start;
-        }
+        for (int i = 0; i < mr; i++)
+            sums[i][0] = sums[i][1] = _mm256_set1_epi32(offset[i * groups + t]);
         const int8_t *pt = p + t * W4_GROUP;
         const uint8_t *group = panel + t * W4_GROUP_BYTES;
 #pragma GCC unroll 4
         for (int s = 0; s < 4; s++) {
-#pragma GCC unroll 4
-            for (int w = 0; w < width; w++) {
-                const uint8_t *at = group + w * panel_bytes + W4_PANEL * 2 + s * 64;
 #pragma GCC unroll 2
-                for (int v = 0; v < 2; v++) {
-                    const __m256i bytes = _mm256_loadu_si256((const __m256i *)(at + 32 * v));
-                    const __m256i low = _mm256_and_si256(bytes, nibble);
-                    const __m256i high = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), nibble);
+            for (int v = 0; v < 2; v++) {
+                const __m256i bytes =
+                    _mm256_loadu_si256((const __m256i *)(group + W4_PANEL * 2 + s * 64 + 32 * v));
+                const __m256i low = _mm256_and_si256(bytes, nibble);
+                const __m256i high = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), nibble);
 #pragma GCC unroll 4
-                    for (int i = 0; i < mr; i++) {
-                        int32_t first, second;
-                        memcpy(&first, pt + i * row_bytes + 8 * s, sizeof first);
-                        memcpy(&second, pt + i * row_bytes + 8 * s + 4, sizeof second);
-                        sums[w][i][v] = dot4(sums[w][i][v], low, _mm256_set1_epi32(first));
-                        sums[w][i][v] = dot4(sums[w][i][v], high, _mm256_set1_epi32(second));
-                    }
+                for (int i = 0; i < mr; i++) {
+                    int32_t first, second;
+                    memcpy(&first, pt + i * row_bytes + 8 * s, sizeof first);
+                    memcpy(&second, pt + i * row_bytes + 8 * s + 4, sizeof second);
+                    sums[i][v] = dot4(sums[i][v], low, _mm256_set1_epi32(first));
+                    sums[i][v] = dot4(sums[i][v], high, _mm256_set1_epi32(second));
                 }
             }
         }
+        const __m128i *d = (const __m128i *)group;
+        const __m256 d0 = _mm256_cvtph_ps(_mm_loadu_si128(d));
+        const __m256 d1 = _mm256_cvtph_ps(_mm_loadu_si128(d + 1));
 #pragma GCC unroll 4
-        for (int w = 0; w < width; w++) {
-            const __m128i *d = (const __m128i *)(group + w * panel_bytes);
-            const __m256 d0 = _mm256_cvtph_ps(_mm_loadu_si128(d));
-            const __m256 d1 = _mm256_cvtph_ps(_mm_loadu_si128(d + 1));
-#pragma GCC unroll 4
-            for (int i = 0; i < mr; i++) {
-                const __m256 sx = _mm256_set1_ps(s_x[i * groups + t]);
-                acc[w][i][0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums[w][i][0]),
-                                               _mm256_mul_ps(d0, sx), acc[w][i][0]);
-                acc[w][i][1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums[w][i][1]),
-                                               _mm256_mul_ps(d1, sx), acc[w][i][1]);
-            }
+        for (int i = 0; i < mr; i++) {
+            const __m256 sx = _mm256_set1_ps(s_x[i * groups + t]);
+            acc[i][0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums[i][0]), _mm256_mul_ps(d0, sx),
+                                        acc[i][0]);
+            acc[i][1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums[i][1]), _mm256_mul_ps(d1, sx),
+                                        acc[i][1]);
         }
     }
-    for (int w = 0; w < width; w++)
-        for (int i = 0; i < mr; i++) {
-            float r[W4_PANEL];
-            memcpy(r, acc[w][i], sizeof r);
-            const float *b = bias ? bias + w * W4_PANEL : NULL;
-            float *out = y + i * n_len + w * W4_PANEL;
-            for (int64_t j = 0; j < cols; j++) out[j] = b ? r[j] + b[j] : r[j];
-        }
+    for (int i = 0; i < mr; i++) {
+        float r[W4_PANEL];
+        memcpy(r, acc[i], sizeof r);
+        for (int64_t j = 0; j < cols; j++) y[i * n_len + j] = bias ? r[j] + bias[j] : r[j];
+    }
 }
 
 #else /* without AVX2: the same integers and the same float operations, one at a time */
 
 ALWAYS_INLINE void w4_tile(const int8_t *p, int64_t row_bytes, const float *s_x,
-                           const int32_t *offset, int64_t groups, const uint8_t *panel,
-                           size_t panel_bytes, int mr, int width, const float *bias, float *y,
-                           int64_t n_len, int64_t cols) {
-    for (int w = 0; w < width; w++)
-        for (int i = 0; i < mr; i++)
-            for (int64_t j = 0; j < cols; j++) {
-                const int v = (int)(j / 8), c = (int)(j % 8);
-                float acc = 0.0f;
-                for (int64_t t = 0; t < groups; t++) {
-                    const uint8_t *group = panel + w * panel_bytes + t * W4_GROUP_BYTES;
-                    int32_t sum = offset[i * groups + t];
-                    for (int s = 0; s < 4; s++)
-                        for (int l = 0; l < 4; l++) {
-                            const uint8_t byte = group[W4_PANEL * 2 + s * 64 + v * 32 + 4 * c + l];
-                            const int8_t *pk = p + i * row_bytes + t * W4_GROUP + 8 * s + l;
-                            sum += (int32_t)(byte & 15) * pk[0] + (int32_t)(byte >> 4) * pk[4];
-                        }
-                    uint16_t h;
-                    memcpy(&h, group + 2 * j, sizeof h);
-                    acc = fmaf((float)sum, half_to_float(h) * s_x[i * groups + t], acc);
-                }
-                const float *b = bias ? bias + w * W4_PANEL + j : NULL;
-                y[i * n_len + w * W4_PANEL + j] = b ? acc + *b : acc;
+                           const int32_t *offset, int64_t groups, const uint8_t *panel, int mr,
+                           const float *bias, float *y, int64_t n_len, int64_t cols) {
+    for (int i = 0; i < mr; i++)
+        for (int64_t j = 0; j < cols; j++) {
+            const int v = (int)(j / 8), c = (int)(j % 8);
+            float acc = 0.0f;
+            for (int64_t t = 0; t < groups; t++) {
+                const uint8_t *group = panel + t * W4_GROUP_BYTES;
+                int32_t sum = offset[i * groups + t];
+                for (int s = 0; s < 4; s++)
+                    for (int l = 0; l < 4; l++) {
+                        const uint8_t byte = group[W4_PANEL * 2 + s * 64 + v * 32 + 4 * c + l];
+                        const int8_t *pk = p + i * row_bytes + t * W4_GROUP + 8 * s + l;
+                        sum += (int32_t)(byte & 15) * pk[0] + (int32_t)(byte >> 4) * pk[4];
+                    }
+                uint16_t h;
+                memcpy(&h, group + 2 * j, sizeof h);
+                acc = fmaf((float)sum, half_to_float(h) * s_x[i * groups + t], acc);
             }
+            y[i * n_len + j] = bias ? acc + bias[j] : acc;
+        }
 }
 
 #endif
 
-/* Every row of p by the panels g0 .. g0 + count (width at a time where they are whole),
-   in tiles of at most W4_MR rows, as even as they go. */
-static void w4_rows_by_panels(const int8_t *p, int64_t row_bytes, const float *s_x,
-                              const int32_t *offset, int64_t groups, const uint8_t *panels,
-                              const float *bias, float *y, int64_t m_len, int64_t n_len,
-                              int64_t g0, int64_t count, int width) {
-    const size_t panel_bytes = (size_t)groups * W4_GROUP_BYTES;
+/* Every row of p by panel g, in tiles of at most W4_MR rows, as even as they go. */
+static void w4_rows_by_panel(const int8_t *p, int64_t row_bytes, const float *s_x,
+                             const int32_t *offset, int64_t groups, const uint8_t *panels,
+                             const float *bias, float *y, int64_t m_len, int64_t n_len,
+                             int64_t g) {
+    const int64_t n = g * W4_PANEL, cols = n_len - n < W4_PANEL ? n_len - n : W4_PANEL;
+    const uint8_t *panel = panels + (size_t)g * groups * W4_GROUP_BYTES;
+    const float *b = bias ? bias + n : NULL;
     const int64_t tiles = (m_len + W4_MR - 1) / W4_MR;
-    for (int64_t g = g0; g < g0 + count;) {
-        const int64_t n = g * W4_PANEL;
-        const int whole = count - (g - g0) >= width && n + width * W4_PANEL <= n_len;
-        const int w = whole ? width : 1;
-        const int64_t cols = n_len - n < W4_PANEL ? n_len - n : W4_PANEL;
-        const uint8_t *panel = panels + g * panel_bytes;
-        const float *b = bias ? bias + n : NULL;
-        for (int64_t t = 0, m = 0; t < tiles; t++) {
-            const int64_t left = tiles - t, mr = (m_len - m + left - 1) / left;
-#define W4_TILE(rows, panels_)                                                                \
+    for (int64_t t = 0, m = 0; t < tiles; t++) {
+        const int64_t left = tiles - t, mr = (m_len - m + left - 1) / left;
+#define W4_TILE(rows)                                                                          \
     w4_tile(p + m * row_bytes, row_bytes, s_x + m * groups, offset + m * groups, groups, panel, \
-            panel_bytes, rows, panels_, b, y + m * n_len + n, n_len, cols)
-            if (w == 4) /* one row */
-                W4_TILE(1, 4);
-            else if (w == 2 && mr == 1)
-                W4_TILE(1, 2);
-            else if (w == 2) /* two rows */
-                W4_TILE(2, 2);
-            else if (mr == 4)
-                W4_TILE(4, 1);
-            else if (mr == 3)
-                W4_TILE(3, 1);
-            else if (mr == 2)
-                W4_TILE(2, 1);
-            else
-                W4_TILE(1, 1);
-#undef W4_TILE
-            m += mr;
+            rows, b, y + m * n_len + n, n_len, cols)
+        switch (mr) {
+        case 4: W4_TILE(4); break;
+        case 3: W4_TILE(3); break;
+        case 2: W4_TILE(2); break;
+        default: W4_TILE(1); break;
         }
-        g += w;
+#undef W4_TILE
+        m += mr;
     }
 }
 
@@ -458,13 +424,7 @@ int tformer_linear_w4a8(const float *x, const uint8_t *panels, const float *bias
     if (!p) return -1;
     float *s_x = (float *)(p + p_bytes);
     int32_t *offset = (int32_t *)(s_x + m_len * groups);
-    /* units of work: `width` consecutive panels with one or two rows (more chains for the
-       core), one panel with more; narrower where there would be fewer than two a thread */
     const int64_t n_panels = (n_len + W4_PANEL - 1) / W4_PANEL;
-    const int threads = omp_get_max_threads();
-    int width = m_len == 1 ? 4 : m_len == 2 ? 2 : 1;
-    while (width > 1 && n_panels / width < 2 * (int64_t)threads) width /= 2;
-    const int64_t n_units = (n_panels + width - 1) / width;
 #pragma omp parallel
     {
 #pragma omp for schedule(static)
@@ -472,11 +432,9 @@ int tformer_linear_w4a8(const float *x, const uint8_t *panels, const float *bias
             quantise_groups(x + i * k_len, k_len, groups, p + i * row_bytes, s_x + i * groups,
                             offset + i * groups);
 #pragma omp for schedule(static)
-        for (int64_t u = 0; u < n_units; u++) {
-            const int64_t g0 = u * width, count = n_panels - g0 < width ? n_panels - g0 : width;
-            w4_rows_by_panels(p, row_bytes, s_x, offset, groups, panels, bias, y, m_len, n_len,
-                              g0, count, width);
-        }
+        for (int64_t g = 0; g < n_panels; g++)
+            w4_rows_by_panel(p, row_bytes, s_x, offset, groups, panels, bias, y, m_len, n_len,
+                             g);
     }
     return 0;
 }
