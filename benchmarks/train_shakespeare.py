@@ -19,13 +19,13 @@ every 250 steps on 20 batches.
    package index: without --nanogpt, `nanogpt_style.py` (next to this file) stands in for
    it, doing the same work with transformers' GPT-2 (float32, torch's AdamW, evaluation of
    both splits, checkpoints), its import of transformers, which nanoGPT does not have,
-   taken off its time. The target: tformer's whole process at most 0.55 of the peer's
-   time, with a validation loss of at most 1.89. With --pairs N the bf16 run and the peer take turns N times, each going
-   first in every other pair, because this VM's speed changes for seconds to minutes at a
-   time (docs/LOG.md): a ratio is read within a pair. tformer's run evaluates less than
-   nanoGPT's: the validation split at steps 250-2000 (8 x 20 batches), where nanoGPT scores
-   both splits from step 0 (9 x 2 x 20); the report gives what the difference costs,
-   timed on tformer's final model (the seconds of 200 more batches).
+   taken off its time. The target: tformer's whole process at most 0.55 of the peer's time,
+   with a validation loss of at most 1.89. With --pairs N the bf16 run and the peer take
+   turns N times, each going first in every other pair, because this VM's speed changes for
+   seconds to minutes at a time (docs/LOG.md): a ratio is read within a pair. tformer's run
+   evaluates less than nanoGPT's: the validation split at steps 250-2000 (8 x 20 batches),
+   where nanoGPT scores both splits from step 0 (9 x 2 x 20); the report gives what the
+   difference costs, timed on tformer's final model (the seconds of 200 more batches).
 3. Tokens per second against transformers' GPT2LMHeadModel of the same shape, trained with
    the same optimizer and schedule on the same windows for the same 2000 steps in a minimal
    loop (no evaluation, no checkpoints), in each dtype. That loop's process keeps freed

@@ -516,6 +516,43 @@ int tformer_linear_i4(const float *x, const uint8_t *panels, const float *bias, 
     return 0;
 }
 
+/* The (N, K) weight that kernels.pack_linear packed into `panels` (float32, bfloat16 or
+   int8; `bytes` a value), written into `out` row after row: what torch's matmul reads where
+   the kernels stop (a long prompt). Each panel is P columns of K values, (K / r, P, r) with
+   r = 2 for bfloat16's pairs, 1 otherwise; its column j becomes row g P + j of out, 64 k
+   at a time (64 P values, in the first-level cache, while the P rows' pieces are written);
+   panels are split over the threads. */
+ALWAYS_INLINE void unpack_panel(const char *panels, char *out, int64_t g, int64_t n_len,
+                                int64_t k_len, int64_t bytes) {
+    const int64_t r = bytes == 2 ? 2 : 1, k_pad = (k_len + r - 1) / r * r;
+    const char *panel = panels + g * k_pad * PANEL * bytes;
+    const int64_t cols = n_len - g * PANEL < PANEL ? n_len - g * PANEL : PANEL;
+    for (int64_t k0 = 0; k0 < k_len; k0 += 64) {
+        const int64_t k1 = k0 + 64 < k_len ? k0 + 64 : k_len;
+        for (int64_t k = k0; k < k1; k++) /* k of column j: pair k / r, half k % r */
+            for (int64_t j = 0; j < cols; j++)
+                memcpy(out + ((g * PANEL + j) * k_len + k) * bytes,
+                       panel + (((k / r) * PANEL + j) * r + k % r) * bytes, (size_t)bytes);
+    }
+}
+
+/* Each size with its own parallel loop, so that the size is a constant in the loop's body
+   (which becomes a function of its own before inlining) and memcpy one move. */
+void tformer_unpack_linear(const void *panels, void *out, int64_t n_len, int64_t k_len,
+                           int64_t bytes) {
+    const int64_t n_panels = (n_len + PANEL - 1) / PANEL;
+    if (bytes == 4) {
+#pragma omp parallel for schedule(static)
+        for (int64_t g = 0; g < n_panels; g++) unpack_panel(panels, out, g, n_len, k_len, 4);
+    } else if (bytes == 2) {
+#pragma omp parallel for schedule(static)
+        for (int64_t g = 0; g < n_panels; g++) unpack_panel(panels, out, g, n_len, k_len, 2);
+    } else {
+#pragma omp parallel for schedule(static)
+        for (int64_t g = 0; g < n_panels; g++) unpack_panel(panels, out, g, n_len, k_len, 1);
+    }
+}
+
 /* The output columns per panel, for packing weights (kernels.pack_linear). */
 int tformer_linear_panel(void) { return PANEL; }
 
