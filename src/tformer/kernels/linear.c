@@ -37,7 +37,8 @@
    the cache while every tile of rows runs over it; meanwhile each tile fetches its share of
    the next panel, one step's bytes every (number of tiles) steps, so that reading memory
    goes on evenly while the multiply-adds run (docs/LOG.md, session 14). (An int8 step is
-   less than a cache line, so a line is asked for more than once: harmless.)
+   less than a cache line, so a line is asked for more than once: harmless.) With one row
+   nothing is fetched ahead: there it was slower (session 20).
 
    Compiled on first use with the machine's C compiler (-O3 -march=native -fopenmp) by
    tformer/kernels/build.py; tformer.kernels.load() falls back to torch when it cannot. */
@@ -272,7 +273,7 @@ ALWAYS_INLINE void int4_group(vfloat acc[MAX_WIDTH][MR][2], const float *x, int6
    y (rows n_len apart; cols valid columns, all PANEL where width > 1). Called with constant
    mr, width and kind, so the loops unroll, the branches on kind go, and acc stays in
    registers. Every `every` steps one step's bytes of each of `ahead`'s width panels (the
-   next ones) are fetched into the cache.
+   next ones) are fetched into the cache (never where `every` is 0).
 
    With one or two rows a tile of one panel is a latency chain: each accumulator waits for
    its last multiply-add (4 cycles) while the core could start two a cycle. Several panels
@@ -290,7 +291,7 @@ ALWAYS_INLINE void tile(const float *x, const char *panel, size_t panel_bytes, i
         for (int i = 0; i < MR; i++) acc[p][i][0] = acc[p][i][1] = (vfloat){0};
     int countdown = every;
     for (int64_t s = 0; s < steps; s++) {
-        if (--countdown == 0) {
+        if (every && --countdown == 0) {
             for (int p = 0; p < width; p++)
                 for (size_t line = 0; line < step; line += 64)
                     __builtin_prefetch(ahead + p * panel_bytes + line, 0, 3);
@@ -393,7 +394,10 @@ ALWAYS_INLINE void rows_by_panel(const float *x, const void *panels, const float
         float *ym = y + m * n_len + n;
         /* this tile's share of the next panels: steps / tiles steps' bytes */
         const char *ahead = next + (size_t)(t * (steps / tiles)) * step_bytes(kind);
-        int every = (int)tiles;
+        /* none at one row: the next panel's stream beside this one's made one-row decoding
+           slower on Zen 4 (bfloat16 and int8 by 9-14%, LOG), the hardware prefetchers
+           keeping up alone */
+        int every = m_len == 1 ? 0 : (int)tiles;
         /* Full panels get a tile of their own, where cols is the constant PANEL: in the one
            for the last, padded panel GCC keeps acc in memory (store reads it by lane). */
 #define TILE(rows, panels, columns)                                                          \
