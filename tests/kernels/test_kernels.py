@@ -83,6 +83,32 @@ def test_a_rows_result_does_not_depend_on_the_other_rows(compiled):
             assert torch.equal(alone, together[rows]), ("int4", bias is None, rows)
 
 
+def test_unpack_linear_is_the_panels_read_back(compiled):
+    """The C unpacking against the same read-back written with torch's views, for every
+    stored dtype, an odd K (bfloat16 pads it to even), N short of a whole panel, and empty
+    shapes; and its refusals of panels it cannot read."""
+    p = compiled.panel
+    g = torch.Generator().manual_seed(5)
+    for dtype in (torch.float32, torch.bfloat16, torch.int8):
+        for n, k in ((p + 3, 37), (1, 2), (2 * p, 64), (3, 0), (0, 5)):
+            w = (torch.randn(n, k, generator=g) * 20).to(dtype)
+            panels = compiled.pack_linear(w)
+            # bfloat16 (G, K/2, P, 2) -> (G, P, K/2, 2); the others (G, K, P) -> (G, P, K)
+            pairs = dtype == torch.bfloat16
+            rows = panels.permute(0, 2, 1, 3) if pairs else panels.transpose(1, 2)
+            k_pad = k + k % 2 if pairs else k
+            expected = rows.reshape(panels.shape[0] * p, k_pad)[:n, :k]
+            assert torch.equal(compiled.unpack_linear(panels, n, k), expected), (dtype, n, k)
+            assert torch.equal(expected, w)
+    panels = compiled.pack_linear(torch.randn(p, 8))
+    with pytest.raises(ValueError, match="panels"):
+        compiled.unpack_linear(panels, p + 1, 8)  # more columns than they hold
+    with pytest.raises(ValueError, match="contiguous"):
+        compiled.unpack_linear(panels.transpose(1, 2), p, 8)
+    with pytest.raises(ValueError, match="float32, bfloat16 or int8"):
+        compiled.unpack_linear(panels.double(), p, 8)
+
+
 def w8a8_reference(x, q, scale, bias):
     """integer_linear.c's formula, written out: x rounded to int8 per row, the integer sums
     exact in float64, then ((float)acc * s_x) * s_w + b (the last two one fma, here in
@@ -169,9 +195,9 @@ def w4a8_reference(x, q, d, bias):
     return out + bias.double() if bias is not None else out
 
 
-@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 9])  # 1 and 2 rows: several panels a tile
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 9])  # tiles of 1 to 4 rows; 9: 3 + 3 + 3
 @pytest.mark.parametrize("k", [7, 32, 100, 256])  # a short last group: padded with p = 0
-# panels of 16 columns; padded ones; 65 panels: one and two rows run 4 and 2 at once
+# panels of 16 columns; padded ones; 65 panels, several a thread
 @pytest.mark.parametrize("n", [5, 16, 47, 130, 1040])
 @pytest.mark.parametrize("with_bias", [True, False])
 def test_w4a8_kernels_compute_the_integer_formula(compiled, rows, k, n, with_bias):
@@ -222,7 +248,7 @@ def test_w4a8_rounds_ties_to_even_and_a_rows_result_does_not_depend_on_the_other
     out = compiled.linear_w4a8(x, compiled.pack_w4a8(q, d), None, None, torch.empty(1, 8))
     assert out.tolist() == [[127.0, 0.0, 2.0, -2.0, -0.0, 3.0, 2.0, -127.0]]
     g = torch.Generator().manual_seed(6)
-    for n in (300, 1040):  # 1040: one and two rows take four and two panels at once
+    for n in (300, 1040):
         x = torch.randn(17, 301, generator=g)
         panels = compiled.pack_w4a8(*quantize_int4(torch.randn(n, 301, generator=g)))
         bias = torch.randn(n, generator=g)

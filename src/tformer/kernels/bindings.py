@@ -212,9 +212,18 @@ class Kernels:
 
     @c_function("tformer_unpack_linear", [POINTER, POINTER] + [SIZE] * 3)
     def unpack_linear(self, panels: torch.Tensor, n: int, k: int) -> torch.Tensor:
-        """The (N, K) weight that pack_linear packed into `panels`, a new tensor (in C:
-        torch's permute and copy, the reference in the tests, is several times slower, and
-        a long prompt's torch path unpacks at every call)."""
+        """The (N, K) weight that pack_linear packed into `panels`, a new tensor, in C
+        (torch's permute and copy, the reference in the tests, was 2.3x slower for bfloat16:
+        a long prompt's torch path unpacks at every call). ValueError for panels that are
+        not an (N, K) weight's of this build."""
+        if panels.dtype not in (torch.float32, torch.bfloat16, torch.int8):
+            raise ValueError(f"panels of float32, bfloat16 or int8, not {panels.dtype}")
+        if panels.device.type != "cpu" or not panels.is_contiguous():
+            raise ValueError("unpack_linear reads contiguous panels on the CPU")
+        pairs = 2 if panels.dtype == torch.bfloat16 else 1
+        size = -(-n // self.panel) * self.panel * (-(-k // pairs) * pairs)
+        if panels.numel() != size:
+            raise ValueError(f"these panels do not hold an ({n}, {k}) weight of this build")
         out = torch.empty(n, k, dtype=panels.dtype)
         self.library.tformer_unpack_linear(
             panels.data_ptr(), out.data_ptr(), n, k, panels.element_size()
