@@ -195,10 +195,10 @@ def w4a8_reference(x, q, d, bias):
     return out + bias.double() if bias is not None else out
 
 
-@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 9])  # tiles of 1 to 4 rows; 9: 3 + 3 + 3
-@pytest.mark.parametrize("k", [7, 32, 100, 256])  # a short last group: padded with p = 0
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 9])  # tiles of 1 to 4 rows; 9: 3 + 3 + 3
+@pytest.mark.parametrize("k", [7, 32, 100])  # a short last group: padded with p = 0
 # panels of 16 columns; padded ones; 65 panels, several a thread
-@pytest.mark.parametrize("n", [5, 16, 47, 130, 1040])
+@pytest.mark.parametrize("n", [5, 47, 1040])
 @pytest.mark.parametrize("with_bias", [True, False])
 def test_w4a8_kernels_compute_the_integer_formula(compiled, rows, k, n, with_bias):
     g = torch.Generator().manual_seed(rows * 1000 + k + n)
