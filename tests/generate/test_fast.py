@@ -75,6 +75,19 @@ def test_packed_batched_generation_equals_each_prompt_alone(weights):
     assert generate_batch(packed, prompts, config) == alone
 
 
+def test_scaled_or_sinusoidal_embeddings_decode_by_the_modules():
+    """The fused step sums the two embedding tables' rows as they are: a model that scales
+    its tokens or computes its positions keeps the modules' path, and decodes the same."""
+    for options in ({"init": "vaswani"}, {"positions": "sinusoidal"}):
+        config = GPT2Config(vocab_size=61, max_len=32, d_model=32, n_layers=1, n_heads=2,
+                            dropout=0.0, **options)  # fmt: skip
+        model = GPT2(config, seed=0).eval()
+        packed, path = packed_copy(model, "float32")
+        assert packed.fused_decoding is None and not path.fused
+        greedy = SamplingConfig(max_new_tokens=8, do_sample=False)
+        assert generate_ids(packed, [3, 1, 4], greedy) == generate_ids(model, [3, 1, 4], greedy)
+
+
 @pytest.mark.parametrize("weights", ["int4", "w4a8"])
 def test_four_bit_packings_keep_the_output_head_in_int8(weights):
     packed, path = packed_copy(sharp_model(), weights)
@@ -199,6 +212,11 @@ def test_the_fused_step_steps_aside_where_it_cannot_run():
         model(one, caches=caches)  # the modules' path: the hook sees its activation
         assert seen == [1]
         hook.remove()
+        assert fused.applies(model, one, None, None, caches)
+        for module in (model.token_embedding, model.position_embedding, model.final_norm):
+            hook = module.register_forward_hook(lambda *a: None)  # the step sums and norms too
+            assert not fused.applies(model, one, None, None, caches)
+            hook.remove()
         assert fused.applies(model, one, None, None, caches)
         follow_paths(caches, torch.tensor([0]), torch.tensor([0]))  # its kernel reads slot b
         assert not fused.applies(model, one, None, None, caches)

@@ -27,8 +27,8 @@ attention kernels, called once per layer, check it here.
     kernels.slot_attention(qkv, k_cache, v_cache, positions)   -> out (B, C)
     kernels.padded_attention(qkv, mask, n_heads)   qkv (B, T, 3C) float32, mask (B, T) ->
         out (B, T, C): an encoder's self-attention over padded sequences
-    kernels.decode_blocks(blocks, x, work, k_caches, v_caches, positions, ...)   one decoding
-        step of a stack of pre-LN GPT-2 blocks, x (M, C) in place
+    kernels.decode_step(blocks, ids, embeddings, final_norm, x, work, ...)   one decoding step
+        of pre-LN GPT-2 before its head: embeddings, blocks, final norm -> x (M, C)
     kernels.decode_cross_blocks(blocks, x, work, ..., memory_k, memory_v, strides, mask, ...)
         the same for the encoder-decoder's post-LN decoder layers, with cross-attention
     kernels.top_logits(logits, n, log_sum_exp=True)   (M, V) float32 -> log-sum-exp (M,)
@@ -421,7 +421,7 @@ class Kernels:
         k: int,
         weights: str,
     ) -> LinearLayout:
-        """A packed layer of `weights` (PackedLinear's weight dtype) as decode_blocks reads
+        """A packed layer of `weights` (PackedLinear's weight dtype) as decode_step reads
         it (the tensors must outlive its use)."""
         return LinearLayout(
             panels.data_ptr(),
@@ -433,37 +433,45 @@ class Kernels:
         )
 
     @c_function(
-        "tformer_decode_blocks",
-        [POINTER, SIZE] + [POINTER] * 5 + [SIZE] * 5 + [REAL, SIZE],
+        "tformer_decode_step",
+        [POINTER, SIZE] + [POINTER] * 10 + [SIZE] * 5 + [REAL, SIZE],
         ctypes.c_int,
     )
-    def decode_blocks(
+    def decode_step(
         self,
         blocks: ctypes.Array,
+        ids: torch.Tensor,
+        embeddings: tuple[torch.Tensor, torch.Tensor],
+        final_norm: tuple[torch.Tensor, torch.Tensor],
         x: torch.Tensor,
         work: torch.Tensor,
         k_caches: ctypes.Array,
         v_caches: ctypes.Array,
-        positions: torch.Tensor,
+        position: int,
         d_ff: int,
         heads: int,
         max_len: int,
         eps: float,
         exact_gelu: bool,
     ) -> None:
-        """One decoding step of every block (kernels/decode_block.c), x (M, C) float32 in
-        place: blocks an array of BlockLayout, work (M, 6C + F) float32, the caches arrays of
-        pointers to each block's (M, H, max_len, D) float32 keys and values, positions (M,)
-        int64 where each row's new key and value go. Contiguous CPU tensors (the caller
+        """One decoding step of GPT-2 before its output head (kernels/decode_block.c): ids
+        (M,) int64 -> x (M, C) float32, the embeddings (token (V, C), position (L, C))
+        summed, every block (BlockLayout array), and the final norm's (weight, bias): work
+        (M, 6C + F) float32, the caches arrays of pointers to each block's (M, H, max_len,
+        D) float32 keys and values, every row's new key and value at `position`.
+        Contiguous CPU tensors, ids within the vocabulary and position below L (the caller
         checks: this is the inner loop)."""
         m, c = x.shape
-        status = self.library.tformer_decode_blocks(
-            ctypes.addressof(blocks), len(blocks), x.data_ptr(), work.data_ptr(),
-            ctypes.addressof(k_caches), ctypes.addressof(v_caches), positions.data_ptr(),
-            m, c, d_ff, heads, max_len, eps, int(exact_gelu),
+        positions = (ctypes.c_int64 * m)(*([position] * m))
+        status = self.library.tformer_decode_step(
+            ctypes.addressof(blocks), len(blocks), ids.data_ptr(), embeddings[0].data_ptr(),
+            embeddings[1].data_ptr(), final_norm[0].data_ptr(), final_norm[1].data_ptr(),
+            x.data_ptr(), work.data_ptr(), ctypes.addressof(k_caches),
+            ctypes.addressof(v_caches), ctypes.addressof(positions), m, c, d_ff, heads,
+            max_len, eps, int(exact_gelu),
         )  # fmt: skip
         if status != 0:
-            raise MemoryError("decode_blocks: a kernel could not allocate its buffers")
+            raise MemoryError("decode_step: a kernel could not allocate its buffers")
 
     @c_function(
         "tformer_decode_cross_blocks",
@@ -491,7 +499,7 @@ class Kernels:
     ) -> None:
         """One decoding step of every post-LN decoder layer of the encoder-decoder
         (kernels/decode_block.c), x (M, C) float32 in place: blocks an array of
-        CrossBlockLayout, work (M, 5C + F) float32, the caches as for decode_blocks, or
+        CrossBlockLayout, work (M, 5C + F) float32, the caches as for decode_step, or
         with paths (M, L) int64, the slot of each row's every position (nn/kv_cache.py),
         memory_k and memory_v arrays of pointers to each layer's cross-attention keys and
         values with `strides` (3,) int64 (sentence, head, position; d contiguous), mask

@@ -163,6 +163,29 @@ int tformer_decode_blocks(const struct tformer_block *blocks, int64_t n_blocks, 
     return 0;
 }
 
+/* The whole step before the output head, for GPT-2 with learned positions: the
+   embeddings x[i] = E[ids[i]] + P[positions[i]] (the modules' one float32 sum), the blocks
+   (tformer_decode_blocks), and the final LayerNorm, x in place. One call where the
+   embeddings and the norm were three more torch calls a token, each slow with the caches
+   cold after a token's weights (docs/LOG.md). ids must be token ids of E's vocabulary and
+   positions rows of P (the caller checks). */
+int tformer_decode_step(const struct tformer_block *blocks, int64_t n_blocks, const int64_t *ids,
+                        const float *token_embedding, const float *position_embedding,
+                        const float *final_weight, const float *final_bias, float *x,
+                        float *work, float *const *k_caches, float *const *v_caches,
+                        const int64_t *positions, int64_t m, int64_t c, int64_t f,
+                        int64_t heads, int64_t max_len, float eps, int64_t gelu) {
+    for (int64_t i = 0; i < m; i++) {
+        const float *e = token_embedding + ids[i] * c, *p = position_embedding + positions[i] * c;
+        for (int64_t j = 0; j < c; j++) x[i * c + j] = e[j] + p[j];
+    }
+    const int failed = tformer_decode_blocks(blocks, n_blocks, x, work, k_caches, v_caches,
+                                             positions, m, c, f, heads, max_len, eps, gelu);
+    if (failed) return failed;
+    add_layer_norm(x, NULL, final_weight, final_bias, x, m, c, eps); /* row by row: in place */
+    return 0;
+}
+
 /* One decoding step of the encoder-decoder's post-LN decoder layers
    (models/seq2seq_decode.py), for rows whose self-attention caches stand at the same
    position: per layer, on the residual stream x (M, C), in place,

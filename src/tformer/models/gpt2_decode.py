@@ -3,22 +3,22 @@
 A decoding step feeds one new token per row through every block. Run module by module it
 is some fifteen PyTorch calls a block, and at batch 1 on a CPU those calls (each a few
 microseconds of Python and dispatch) took about as long as the arithmetic (docs/LOG.md).
-When a model is packed for decoding with the C kernels (tformer.generate.fast), the
-blocks of such a step run in one call instead (kernels/decode_block.c): LayerNorm, the
-packed projections, attention over the KV cache, GELU and the residual sums, for all the
-blocks, in place on the residual stream. The embeddings before it and the final norm and
-head after it stay the modules'. The plain path (Block.forward) is the reference; the tests
-hold the two together.
+When a model is packed for decoding with the C kernels (tformer.generate.fast), such a
+step runs in one call instead (kernels/decode_block.c): the token and position embeddings'
+sum, then for every block LayerNorm, the packed projections, attention over the KV cache,
+GELU and the residual sums, in place on the residual stream, then the final LayerNorm.
+The output head after it stays the module's. The plain path (GPT2.features) is the
+reference; the tests hold the two together.
 
-The step applies when: the model is pre-LN GPT-2 with residuals and GELU; every linear
-layer of its blocks is packed for the kernels; it is not training; the step has one new
-token per row; every cache is a KVCache at the
+The step applies when: the model is pre-LN GPT-2 with residuals, GELU, learned positions
+and unscaled token embeddings; every linear layer of its blocks is packed for the kernels;
+it is not training; the step has one new token per row; every cache is a KVCache at the
 same length with room left; any attention mask is all ones and any positions are the
 caches' length (a batch of prompts of one length, as generate_batch passes them); the rows
 are no more than the kernels' row limit; no gradient is being recorded; and no forward
-hook would see a block's modules (hooks see every activation, which the fused step never
-materialises). Moving the model (`.to()`) drops the fused step: it holds the addresses of
-the packed weights.
+hook would see the modules it replaces (hooks see every activation, which the fused step
+never materialises). Moving the model (`.to()`) drops the fused step: it holds the
+addresses of the packed weights, the embeddings and the norms.
 """
 
 import ctypes
@@ -63,8 +63,15 @@ class FusedDecoding:
                 )
             )
         self.blocks = (BlockLayout * len(layouts))(*layouts)
-        # the hooks of the blocks' modules, which the fused step would skip
-        self.hooks = hook_dicts(m for block in model.blocks for m in block.modules())
+        self.embeddings = (model.token_embedding.weight, model.position_embedding.weight)
+        self.final_norm = (model.final_norm.weight, model.final_norm.bias)
+        # the hooks of the modules whose forward the fused step replaces
+        around = (model.token_embedding, model.position_embedding, model.embedding_dropout,
+                  model.final_norm)  # fmt: skip
+        self.hooks = hook_dicts(
+            [m for block in model.blocks for m in block.modules()]
+            + [m for module in around for m in module.modules()]
+        )
 
     @classmethod
     def for_model(cls, model: nn.Module) -> "FusedDecoding | None":
@@ -73,6 +80,13 @@ class FusedDecoding:
         if config.norm_position != "pre" or not config.residual:
             return None
         if config.activation not in GELU_KINDS:
+            return None
+        if config.scale_embeddings or config.positions != "learned":
+            return None  # the kernel sums the two tables' rows as they are
+        tables = (model.token_embedding.weight, model.position_embedding.weight,
+                  model.final_norm.weight, model.final_norm.bias)  # fmt: skip
+        if any(t.dtype != torch.float32 or t.device.type != "cpu" or not t.is_contiguous()
+               for t in tables):  # fmt: skip
             return None
         library = kernels.load()
         if library is None:
@@ -118,16 +132,17 @@ class FusedDecoding:
     def features(self, model: nn.Module, input_ids: torch.Tensor, caches: list[KVCache]):
         """input_ids (B, 1) -> the final, normalised residual stream (B, 1, C)."""
         past = caches[0].length
-        positions = torch.full((input_ids.shape[0],), past, dtype=torch.int64)
-        x = model.token_embedding(input_ids[:, 0]) + model.position_embedding(positions)
-        x = x.contiguous()  # (B, C), float32
-        work = torch.empty(x.shape[0], 6 * self.d_model + self.d_ff)
+        ids = input_ids
+        if ids.dtype != torch.int64 or not ids.is_contiguous():
+            ids = ids.to(torch.int64).contiguous()
+        x = torch.empty(ids.shape[0], self.d_model)
+        work = torch.empty(ids.shape[0], 6 * self.d_model + self.d_ff)
         keys = (ctypes.c_void_p * len(caches))(*(cache.k.data_ptr() for cache in caches))
         values = (ctypes.c_void_p * len(caches))(*(cache.v.data_ptr() for cache in caches))
-        self.library.decode_blocks(
-            self.blocks, x, work, keys, values, positions, self.d_ff, self.heads,
-            caches[0].max_len, self.eps, self.exact_gelu,
+        self.library.decode_step(
+            self.blocks, ids, self.embeddings, self.final_norm, x, work, keys, values, past,
+            self.d_ff, self.heads, caches[0].max_len, self.eps, self.exact_gelu,
         )  # fmt: skip
         for cache in caches:
             cache.length = past + 1
-        return model.final_norm(x)[:, None]
+        return x[:, None]
