@@ -233,10 +233,12 @@ class PackedLinear(nn.Module):
     def by_kernels(self, x: torch.Tensor) -> torch.Tensor:
         """(M, K) float32 -> (M, N) through the C kernels."""
         out = torch.empty(x.shape[0], self.out_features, device=x.device)
-        linear = {
-            "w8a8": self.kernels.linear_w8a8,
-            "w4a8": self.kernels.linear_w4a8,
-        }.get(self.weight_dtype, self.kernels.linear)
+        if self.weight_dtype == "w4a8":
+            linear = self.kernels.linear_w4a8
+        elif self.weight_dtype == "w8a8":
+            linear = self.kernels.linear_w8a8
+        else:
+            linear = self.kernels.linear
         linear(x.contiguous(), self.panels, self.scale, self.bias, out)
         return out
 
