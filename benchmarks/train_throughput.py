@@ -5,8 +5,9 @@ For GPT-2 124M (context 1024, batch 1) and the small character model (6 layers, 
 tokens per second of one full step (forward, loss, backward, gradient clipping, fused
 AdamW), for tformer's GPT2 and transformers' GPT2LMHeadModel of the same configuration
 (no dropout), taking turns step by step so that both meet the same machine. tformer runs
-the way `tformer train` does (the blocked attention path for bf16 on a CPU, its own loss);
-transformers the way its users do (`labels=`, its own loss).
+the way `tformer train` does (the blocked attention path for bf16 on a CPU, its own loss,
+the clipping inside AdamW's pass); transformers the way its users do (`labels=`, its own
+loss, clip_grad_norm_ before the same AdamW).
 
 MFU = tokens/s x FLOPs per token / peak FLOP/s, with FLOPs per token = 6 N + 12 L T C
 (N the parameters that multiply, i.e. all but the position embeddings, the head counted
@@ -94,8 +95,11 @@ def build(name: str, dtype: str):
 class Trainer:
     """One model's training step on fixed random tokens."""
 
-    def __init__(self, model, loss_fn, dtype: str, batch: int, context: int, vocab: int):
+    def __init__(
+        self, model, loss_fn, dtype: str, batch: int, context: int, vocab: int, fused_clip: bool
+    ):
         self.model, self.loss_fn, self.dtype = model.train(), loss_fn, dtype
+        self.fused_clip = fused_clip  # clipped inside AdamW's pass, as `tformer train` does
         self.optimizer = build_optimizer(model, 1e-4, 0.1, (0.9, 0.95))
         g = torch.Generator().manual_seed(0)
         self.ids = torch.randint(0, vocab, (batch, context + 1), generator=g)
@@ -106,8 +110,11 @@ class Trainer:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.dtype == "bfloat16"):
             loss = self.loss_fn(self.model, self.ids)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
-        self.optimizer.step()
+        if self.fused_clip:
+            self.optimizer.step(max_grad_norm=1.0)
+        else:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         if timed:
             self.seconds += time.perf_counter() - start
@@ -152,8 +159,10 @@ def main() -> None:
         for dtype in dtypes:
             ours, theirs = build(name, dtype)
             runs = {
-                "tformer": Trainer(ours, tformer_loss, dtype, batch, context, vocab),
-                "transformers": Trainer(theirs, transformers_loss, dtype, batch, context, vocab),
+                "tformer": Trainer(ours, tformer_loss, dtype, batch, context, vocab, True),
+                "transformers": Trainer(
+                    theirs, transformers_loss, dtype, batch, context, vocab, False
+                ),
             }
             for run in runs.values():
                 run.step(timed=False)  # warm-up

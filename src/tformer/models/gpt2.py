@@ -76,12 +76,14 @@ from tformer.nn import (
     TokenEmbedding,
 )
 from tformer.nn.attention import Implementation
+from tformer.nn.blocked_attention import hooked
 from tformer.nn.capture import NameFilter, run_with_cache
 from tformer.nn.checkpointing import run_layer
 from tformer.nn.init import init_attention_xavier, init_embedding
 from tformer.nn.lora import lora_layers
 from tformer.nn.packed_linear import packed_layers
 from tformer.nn.seeding import seeded_generator
+from tformer.nn.sliced_head import sliced_head, sliced_head_applies
 from tformer.nn.slot_cache import SlotCache
 from tformer.nn.sublayer import final_norm
 from tformer.tokenizers import Tokenizer
@@ -346,8 +348,19 @@ class GPT2(nn.Module):
         return self.fused_decoding is not None
 
     def unembed(self, x: torch.Tensor) -> torch.Tensor:
-        """(..., C) -> logits (..., V) = x E^T: the output head, tied to the token embedding."""
-        return self.lm_head(x)
+        """(..., C) -> logits (..., V) = x E^T: the output head, tied to the token embedding.
+
+        A training step on the CPU computes a large vocabulary's product in slices
+        (nn/sliced_head.py): the same numbers, faster."""
+        head = self.lm_head
+        if (
+            torch.is_grad_enabled()
+            and type(head) is nn.Linear
+            and sliced_head_applies(x, head.weight)
+            and not hooked(head)
+        ):
+            return sliced_head(x, head.weight)  # (..., V)
+        return head(x)
 
     def new_caches(
         self, batch_size: int, max_len: int | None = None, dtype: torch.dtype | None = None

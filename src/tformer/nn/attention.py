@@ -20,7 +20,9 @@ Three paths compute the same thing, chosen by `implementation`: "explicit" write
 equation out and shows the weights at a hook, the reference for the others; "sdpa" is
 PyTorch's fused kernel, which never forms the weights; "blocked" (nn/blocked_attention.py)
 is the path for bf16 training on a CPU, causal self-attention that skips the work the mask
-would throw away: query blocks for long sequences, a compiled kernel for short ones.
+would throw away: query blocks for long sequences, a compiled kernel for short ones. A long
+sequence without padding goes to torch's fused kernel instead where that trains faster on
+the CPU in use, as measured there once (nn/attention_choice.py).
 Beside them, in inference on the CPU (no gradients, no dropout, no hook), the compiled
 kernels take an encoder's self-attention over whole padded sequences (padded_attention)
 and a server's decoding step (nn/slot_cache.py).
@@ -33,6 +35,7 @@ import torch
 from torch import nn
 
 from tformer import kernels
+from tformer.nn.attention_choice import long_attention_path
 from tformer.nn.blocked_attention import (
     QUERY_BLOCK,
     blocked_causal_attention,
@@ -148,6 +151,16 @@ def padded_attention(
     else:
         return None
     return library.padded_attention(qkv, mask, n_heads)
+
+
+def blocked_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Causal self-attention without padding on the blocked path: (B, H, T, D) x3 -> same."""
+    return blocked_causal_attention(q, k, v, causal_mask(q.shape[2], k.shape[2], q.device))
+
+
+def fused_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """The same through torch's fused kernel: (B, H, T, D) x3 -> (B, H, T, D)."""
+    return fused_attention(q, k, v, is_causal=True)
 
 
 def causal_mask(t: int, s: int, device: torch.device | None = None) -> torch.Tensor:
@@ -373,9 +386,14 @@ class MultiHeadAttention(nn.Module):
         if self.implementation == "sdpa":
             is_causal = self.causal and t > 1 and mask is None
             return fused_attention(q, k, v, mask, is_causal, dropout_p)
+        long_causal = self.implementation == "blocked" and self.causal and in_query_blocks(t, s)
+        # Training without padding: the blocked path or torch's fused kernel, the faster here
+        plain = long_causal and mask is None and dropout_p == 0.0 and torch.is_grad_enabled()
+        if plain and long_attention_path(q, blocked_causal, fused_causal) == "fused":
+            return fused_causal(q, k, v)
         if self.causal and mask is None and t > 1:
             mask = causal_mask(t, s, q.device)
-        if self.implementation == "blocked" and self.causal and in_query_blocks(t, s):
+        if long_causal:
             return blocked_causal_attention(q, k, v, mask, dropout_p)
         return explicit_attention(q, k, v, mask, dropout_p, self.hook_pattern)
 

@@ -6,7 +6,9 @@ in one of two ways that skip the work the causal mask would throw away:
 
   * more than QUERY_BLOCK positions and no cache: one block of queries at a time
     (BlockedCausalAttention). Queries [a, b) may only see keys [0, b), so the key blocks
-    above the diagonal are never computed, in the forward pass or the backward.
+    above the diagonal are never computed, in the forward pass or the backward. Where torch's
+    fused kernel trains faster on the CPU in use, a step without padding or attention
+    dropout takes that instead (nn/attention_choice.py).
   * at most QUERY_BLOCK positions, with no padding, cache, attention dropout or hook on the
     weights, and the fused Q, K, V projection in bfloat16 on the CPU: the compiled kernel
     tformer/kernels/attention.c (CompiledCausalAttention). It runs each head in float32
