@@ -10,7 +10,8 @@ tformer's 4-bit packings keep the output head in 8 bits. For each precision and 
 the engines taking turns:
 
   decode      batch 1: llama-bench's tg256 (256 tokens from an empty context, no sampling)
-              against tformer's greedy `stream_tokens` after `pack_for_decoding`, 256 new
+              against tformer's greedy `stream_tokens` after `pack_for_decoding` and the
+              kernels' row calibration `tformer generate` runs on its CPU, 256 new
               tokens after a 32-token prompt, timed from the first new token to the last
   prefill     512 tokens at once: llama-bench's pp512 against tformer's prefill of 512
   batch 8     aggregate new tokens/s of 8 sequences, 32-token prompts, 256 new tokens each:
@@ -52,7 +53,7 @@ from tformer import GPT2  # noqa: E402
 from tformer.generate import SamplingConfig, generate_batch, generate_ids  # noqa: E402
 from tformer.generate.decode import prefill, stream_tokens  # noqa: E402
 from tformer.generate.fast import pack_for_decoding  # noqa: E402
-from tformer.nn.packed_linear import packed_layers  # noqa: E402
+from tformer.nn.packed_linear import calibrate_kernel_rows, packed_layers  # noqa: E402
 
 CACHE = Path(os.environ.get("TFORMER_BENCH_CACHE", Path.home() / ".cache" / "tformer-bench"))
 PEERS = Path("/root/peers")
@@ -315,6 +316,9 @@ def main() -> None:
         log(f"read bandwidth {bandwidth / 1e9:.1f} GB/s (best so far)")
         model = GPT2.from_pretrained(args.checkpoint).eval()
         pack_for_decoding(model, packing)
+        # where torch's matmul overtakes the kernels on this CPU, as `tformer generate`
+        # measures it (once a CPU, then cached): a batch of BATCH rows, a PREFILL prompt
+        calibrate_kernel_rows(model, BATCH, cached=True, heads=("lm_head",))
         # the engines take turns, --repeats rounds, the order swapped each round; the best
         # figure of each engine counts (the host's speed drifts by 10-20% over minutes)
         llama_decode = llama_prefill = llama_batch = 0.0

@@ -8,13 +8,13 @@ from tformer import kernels
 from tformer.nn import (
     KVCache,
     MultiHeadAttention,
-    attention_choice,
     attention_weights,
     blocked_attention,
     blocked_causal_attention,
     causal_mask,
     explicit_attention,
     fused_attention,
+    measured,
 )
 from tformer.nn.attention import PADDED_KERNEL_MAX_LEN
 from tformer.nn.kv_cache import follow_paths
@@ -182,7 +182,7 @@ def test_blocked_implementation_runs_query_blocks_only_past_one_block(monkeypatc
     """QUERY_BLOCK (2 here) decides the path: more positions and no cache, query blocks
     (where they, not torch's fused kernel, are the faster: so chosen here); otherwise
     (float32, so not the kernel) the explicit path."""
-    monkeypatch.setitem(attention_choice._chosen, "1x2x5x4 float32", "blocked")
+    monkeypatch.setitem(measured._chosen, ("attention", "1x2x5x4 float32"), "blocked")
     mha = MultiHeadAttention(8, 2, causal=True, implementation="blocked")
     blocked = "BlockedCausalAttentionBackward"
     assert blocked in autograd_nodes(mha(torch.randn(1, 5, 8)))

@@ -1,68 +1,53 @@
-import json
-import time
-
 import pytest
 import torch
 
 from tformer.nn import attention as attention_module
 from tformer.nn import attention_choice as choice
+from tformer.nn import measured
 from tformer.nn.attention import QUERY_BLOCK, MultiHeadAttention
 
 
 @pytest.fixture
 def private_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("TFORMER_CACHE", str(tmp_path))
-    monkeypatch.setattr(choice, "_chosen", {})
+    monkeypatch.setattr(measured, "_chosen", {})
     return tmp_path
-
-
-def counting(seconds: float, calls: list):
-    def path(q, k, v):
-        calls.append(1)
-        time.sleep(seconds)
-        return q * k + v
-
-    return path
-
-
-def test_the_faster_path_is_measured_once_and_kept_in_the_cache(private_cache, monkeypatch):
-    q = torch.zeros(1, 2, 3, 4, dtype=torch.bfloat16)
-    slow, fast = [], []
-    assert choice.long_attention_path(q, counting(0.02, slow), counting(0.0, fast)) == "fused"
-    assert len(slow) == len(fast) == 1 + choice.TURNS  # a warm-up, then the turns
-    assert json.loads(choice.choice_file().read_text()) == {"1x2x3x4 bfloat16": "fused"}
-    assert choice.long_attention_path(q, counting(0.0, slow), counting(0.02, fast)) == "fused"
-    monkeypatch.setattr(choice, "_chosen", {})  # a new process reads the file: no timing
-    assert choice.long_attention_path(q, counting(0.0, slow), counting(0.02, fast)) == "fused"
-    assert len(slow) == len(fast) == 1 + choice.TURNS
-    other = torch.zeros(2, 2, 3, 4)  # another shape and dtype: measured for itself
-    assert choice.long_attention_path(other, counting(0.0, slow), counting(0.02, fast)) == (
-        "blocked"
-    )
-    assert json.loads(choice.choice_file().read_text()) == {
-        "1x2x3x4 bfloat16": "fused",
-        "2x2x3x4 float32": "blocked",
-    }
-
-
-def test_an_unreadable_choice_file_is_measured_again(private_cache):
-    choice.choice_file().parent.mkdir(parents=True)
-    choice.choice_file().write_text('{"1x2x3x4 float32": "teleport"')
-    q = torch.zeros(1, 2, 3, 4)
-    assert choice.long_attention_path(q, counting(0.0, []), counting(0.02, [])) == "blocked"
-    assert choice.read_choices(choice.choice_file()) == {"1x2x3x4 float32": "blocked"}
-    choice.choice_file().write_text('{"1x2x3x4 float32": "teleport", "x": 3}')
-    assert choice.read_choices(choice.choice_file()) == {}
 
 
 def test_off_the_cpu_the_fused_kernel_runs_without_timing():
     calls = []
     q = torch.zeros(1, 2, 3, 4, device="meta")
-    assert choice.long_attention_path(q, counting(0, calls), counting(0, calls)) == "fused"
+    assert choice.long_attention_path(q, calls.append, calls.append) == "fused"
     assert calls == []
 
 
-@pytest.mark.parametrize("path", choice.PATHS)
+def test_the_faster_path_is_timed_forward_and_backward(private_cache):
+    calls = []
+
+    def path(name):
+        def run(q, k, v):
+            calls.append((name, q.shape, q.requires_grad, q.is_contiguous()))
+            return q * k + v
+
+        return run
+
+    q = torch.zeros(2, 3, 5, 4, dtype=torch.bfloat16)
+    assert choice.long_attention_path(q, path("blocked"), path("fused")) in choice_names()
+    assert {c[0] for c in calls} == {"blocked", "fused"}
+    # the heads of a projection: (B, H, T, D) views of (B, T, H, D), with gradients
+    assert all(c[1] == q.shape and c[2] and not c[3] for c in calls)
+    key = choice.choice_key(q)
+    assert key == "2x3x5x4 bfloat16"
+    assert measured.read_choices(measured.choices_file(choice.KIND), choice_names()) == {
+        key: measured._chosen[choice.KIND, key]
+    }
+
+
+def choice_names() -> tuple[str, ...]:
+    return ("blocked", "fused")
+
+
+@pytest.mark.parametrize("path", ["blocked", "fused"])
 def test_either_choice_trains_as_the_explicit_path(private_cache, monkeypatch, path):
     t = QUERY_BLOCK + 21
     g = torch.Generator().manual_seed(0)
@@ -81,7 +66,7 @@ def test_either_choice_trains_as_the_explicit_path(private_cache, monkeypatch, p
     explicit = MultiHeadAttention(32, 4, causal=True, implementation="explicit")
     blocked = MultiHeadAttention(32, 4, causal=True, implementation="blocked")
     blocked.load_state_dict(explicit.state_dict())
-    monkeypatch.setitem(choice._chosen, f"2x4x{t}x8 bfloat16", path)
+    monkeypatch.setitem(measured._chosen, (choice.KIND, f"2x4x{t}x8 bfloat16"), path)
     results = []
     for module in (explicit, blocked):
         inputs = x.clone().requires_grad_()
@@ -93,4 +78,4 @@ def test_either_choice_trains_as_the_explicit_path(private_cache, monkeypatch, p
         scale = reference.abs().max()  # bf16's rounding, relative to each tensor's size
         torch.testing.assert_close(ours / scale, reference / scale, rtol=0, atol=2e-2)
     assert taken == ["fused_causal" if path == "fused" else "blocked_causal_attention"]
-    assert not choice.choice_file().exists()  # the forced choice was not measured
+    assert not measured.choices_file(choice.KIND).exists()  # forced: not timed

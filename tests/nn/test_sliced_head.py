@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from tformer import GPT2, GPT2Config
+from tformer.nn import measured
 from tformer.nn import sliced_head as sliced
 from tformer.nn.sliced_head import sliced_head, sliced_head_applies
 
@@ -64,8 +65,10 @@ def test_gpt2_training_takes_the_sliced_head_with_the_plain_heads_numbers(monkey
     plain_logits, plain_grads = step()
     assert "SlicedHead" not in plain_logits.grad_fn.name()
     monkeypatch.setattr(sliced, "VOCAB_SLICE", 16)
-    assert sliced_head_applies(torch.zeros(1, 16), model.lm_head.weight)
+    asked = []  # where the slices are chosen (as if this CPU had timed them faster)
+    monkeypatch.setattr(sliced, "fastest", lambda kind, key, runs: asked.append(key) or "sliced")
     logits, grads = step()
+    assert asked == ["18x16x50 torch.float32 torch.float32 autocast None"]
     assert "SlicedHead" in logits.grad_fn.name()
     torch.testing.assert_close(logits, plain_logits, rtol=1e-6, atol=1e-6)
     for grad, plain in zip(grads, plain_grads, strict=True):
@@ -75,3 +78,23 @@ def test_gpt2_training_takes_the_sliced_head_with_the_plain_heads_numbers(monkey
     assert "SlicedHead" not in model(ids).grad_fn.name()  # a hook sees the module run
     hook.remove()
     assert seen == [1]
+
+
+def test_slicing_is_timed_against_the_whole_product_once(tmp_path, monkeypatch, small_slices):
+    monkeypatch.setenv("TFORMER_CACHE", str(tmp_path))
+    monkeypatch.setattr(measured, "_chosen", {})
+    x, w = torch.randn(4, 6, 8), torch.randn(40, 8)
+    timed = []
+    original = measured._time
+    monkeypatch.setattr(
+        measured, "_time", lambda runs: timed.append(sorted(runs)) or original(runs)
+    )
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        choice = sliced_head_applies(x, w)
+        assert sliced_head_applies(x, w) == choice  # kept: not timed again
+    assert timed == [["sliced", "whole"]]
+    key = "24x8x40 torch.float32 torch.float32 autocast torch.bfloat16"
+    assert measured._chosen == {("head", key): "sliced" if choice else "whole"}
+    assert not sliced_head_applies(x, torch.randn(32, 8))  # two slices or fewer: never
+    assert not sliced_head_applies(x.to("meta"), w.to("meta"))  # off the CPU: never
+    assert len(timed) == 1

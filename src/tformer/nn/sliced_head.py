@@ -10,18 +10,45 @@ column's sum runs over the same C terms); only the speed differs. With GPT-2's 5
 the whole product writes an output larger than the CPU's caches, and torch's matmul then
 runs at a fraction of the speed it reaches on slices of a few thousand columns; the backward
 pass's two products (dx = dlogits W, dW = dlogits^T x) are faster whole, so they stay whole
-(docs/LOG.md, session 21). The plain path is nn.Linear; a test holds the two to each other.
+(docs/LOG.md, session 21). That was measured on one CPU: whether the slices win is timed on
+the CPU in use, once per shape (nn/measured.py). The plain path is nn.Linear; a test holds
+the two to each other.
 """
 
 import torch
 
+from tformer.nn.measured import fastest
+
 VOCAB_SLICE = 8192  # columns per slice of the forward product (docs/LOG.md)
+KIND = "head"  # the measured choices' file (nn/measured.py)
 
 
 def sliced_head_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether the head's product is worth slicing: on the CPU, with more than two slices'
-    worth of vocabulary."""
-    return x.device.type == "cpu" and weight.shape[0] > 2 * VOCAB_SLICE
+    """Whether the head's product x W^T (x (..., C), W (V, C)) runs in slices: on the CPU,
+    with more than two slices' worth of vocabulary, where this CPU trains a product of this
+    shape faster so (timed once, forward and backward, against nn.Linear's)."""
+    if x.device.type != "cpu" or weight.shape[0] <= 2 * VOCAB_SLICE:
+        return False
+    rows = x.numel() // x.shape[-1]
+    autocast = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None
+    key = f"{rows}x{x.shape[-1]}x{weight.shape[0]} {x.dtype} {weight.dtype} autocast {autocast}"
+    inputs: list[torch.Tensor] = []  # made only if the shape is timed
+
+    def train(head):
+        def step() -> None:
+            if not inputs:
+                g = torch.Generator().manual_seed(0)
+                inputs.append(torch.randn(rows, x.shape[-1], generator=g).to(x.dtype))
+                inputs.append(torch.randn(weight.shape, generator=g).to(weight.dtype))
+            x_, w_ = (t.detach().requires_grad_() for t in inputs)
+            with torch.enable_grad():
+                out = head(x_, w_)
+                out.backward(torch.ones_like(out))
+
+        return step
+
+    candidates = {"whole": train(torch.nn.functional.linear), "sliced": train(sliced_head)}
+    return fastest(KIND, key, candidates) == "sliced"
 
 
 def sliced_head(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

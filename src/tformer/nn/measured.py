@@ -1,0 +1,71 @@
+"""Choosing between computations that give the same numbers, by timing them on the CPU in use.
+
+Some fast paths win on one CPU and lose on another: torch's fused attention against the
+blocked path, the output head's product whole or in slices of the vocabulary (the
+measurements are in docs/LOG.md). A constant tuned on one machine would be wrong on the
+other, so each such choice is timed where it runs: once per kind and key (a shape and
+dtype), the candidates taking turns, the fastest kept in memory for the process and in the
+cache directory (choices_file) for later runs on the same CPU, torch version and thread
+count.
+"""
+
+import contextlib
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from tformer.devices import cpu_model
+from tformer.files import atomic_write_json, cache_dir
+
+TURNS = 3  # timed turns of each candidate after one warm-up; the fastest of each counts
+_chosen: dict[tuple[str, str], str] = {}  # this process's choices, by (kind, key)
+
+
+def choices_file(kind: str) -> Path:
+    """Where the choices of one kind are kept: a file per CPU, torch version and threads."""
+    cpu = "".join(c if c.isalnum() else "-" for c in cpu_model())
+    name = f"{kind}.{cpu}.torch-{torch.__version__}.{torch.get_num_threads()}-threads.json"
+    return cache_dir() / "kernels" / name
+
+
+def read_choices(path: Path, names: tuple[str, ...]) -> dict[str, str]:
+    """The choices kept in `path` that name one of `names`; {} where there are none or the
+    file is not what this writes (they are then measured and written again)."""
+    try:
+        known = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(known, dict):
+        return {}
+    return {key: name for key, name in known.items() if name in names}
+
+
+def fastest(kind: str, key: str, candidates: dict[str, Callable[[], object]]) -> str:
+    """The name of the fastest of `candidates` for `key`: each a call that does the work
+    once. Timed the first time a (kind, key) is asked for on this CPU, unless the cache
+    already holds the answer; read back after that."""
+    if (kind, key) in _chosen:
+        return _chosen[kind, key]
+    store = choices_file(kind)
+    known = read_choices(store, tuple(candidates))
+    if key not in known:
+        known[key] = _time(candidates)
+        with contextlib.suppress(OSError):  # a read-only cache: measured again next time
+            atomic_write_json(store, known)
+    _chosen[kind, key] = known[key]
+    return known[key]
+
+
+def _time(candidates: dict[str, Callable[[], object]]) -> str:
+    for run in candidates.values():
+        run()  # warm: torch's first-call work
+    best = dict.fromkeys(candidates, float("inf"))
+    for _ in range(TURNS):
+        for name, run in candidates.items():
+            start = time.perf_counter()
+            run()
+            best[name] = min(best[name], time.perf_counter() - start)
+    return min(best, key=best.get)
