@@ -9,6 +9,18 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture(autouse=True)
+def _private_measured_choices(tmp_path_factory, monkeypatch):
+    """Choices timed on this CPU (tformer.nn.measured) are kept in a folder of the test's
+    own, and none is remembered from another test: no test reads what another one timed,
+    or writes to the user's cache."""
+    from tformer.nn import measured
+
+    folder = tmp_path_factory.mktemp("measured")
+    monkeypatch.setattr(measured, "choices_file", lambda kind: folder / f"{kind}.json")
+    monkeypatch.setattr(measured, "_chosen", {})
+
+
 @pytest.fixture(scope="session")
 def tiny_text() -> str:
     """A few thousand characters with structure a tiny model learns in a few dozen steps."""

@@ -39,7 +39,7 @@ def test_the_faster_path_is_timed_forward_and_backward(private_cache):
     key = choice.choice_key(q)
     assert key == "2x3x5x4 bfloat16"
     assert measured.read_choices(measured.choices_file(choice.KIND), choice_names()) == {
-        key: measured._chosen[choice.KIND, key]
+        key: measured._chosen[choice.KIND, key, torch.get_num_threads()]
     }
 
 
@@ -66,7 +66,8 @@ def test_either_choice_trains_as_the_explicit_path(private_cache, monkeypatch, p
     explicit = MultiHeadAttention(32, 4, causal=True, implementation="explicit")
     blocked = MultiHeadAttention(32, 4, causal=True, implementation="blocked")
     blocked.load_state_dict(explicit.state_dict())
-    monkeypatch.setitem(measured._chosen, (choice.KIND, f"2x4x{t}x8 bfloat16"), path)
+    key = (choice.KIND, f"2x4x{t}x8 bfloat16", torch.get_num_threads())
+    monkeypatch.setitem(measured._chosen, key, path)
     results = []
     for module in (explicit, blocked):
         inputs = x.clone().requires_grad_()
@@ -79,3 +80,15 @@ def test_either_choice_trains_as_the_explicit_path(private_cache, monkeypatch, p
         torch.testing.assert_close(ours / scale, reference / scale, rtol=0, atol=2e-2)
     assert taken == ["fused_causal" if path == "fused" else "blocked_causal_attention"]
     assert not measured.choices_file(choice.KIND).exists()  # forced: not timed
+
+
+def test_the_first_timing_inside_a_checkpointed_layer_trains(private_cache):
+    """Activation checkpointing recomputes the layer's forward pass; the timing inside the
+    first one (nothing cached yet) must not change what that pass saved."""
+    attention = MultiHeadAttention(16, 2, causal=True, implementation="blocked")
+    x = torch.randn(1, QUERY_BLOCK + 2, 16, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = torch.utils.checkpoint.checkpoint(attention, x, use_reentrant=False)
+    out.float().sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+    assert measured.choices_file(choice.KIND).exists()  # it was timed in there

@@ -2,13 +2,16 @@ import json
 import time
 
 import pytest
+import torch
 
 from tformer.nn import measured
+from tformer.nn.measured import choices_file  # the real one (conftest redirects the module's)
 
 
 @pytest.fixture
 def private_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("TFORMER_CACHE", str(tmp_path))
+    monkeypatch.setattr(measured, "choices_file", choices_file)
     monkeypatch.setattr(measured, "_chosen", {})
     return tmp_path
 
@@ -49,7 +52,35 @@ def test_an_unreadable_or_foreign_choices_file_is_timed_again(private_cache):
     assert measured.read_choices(store, ("x", "y")) == {}
 
 
-def test_the_file_names_the_cpu_torch_and_threads(private_cache):
-    name = measured.choices_file("attention").name
-    assert name.startswith("attention.") and name.endswith("-threads.json")
-    assert "/" not in name and " " not in name
+def test_the_file_names_the_cpu_torch_and_threads(tmp_path, monkeypatch):
+    monkeypatch.setenv("TFORMER_CACHE", str(tmp_path))
+    path = choices_file("attention-v1")
+    assert path.parent == tmp_path / "kernels"
+    assert path.name.startswith("attention-v1.") and path.name.endswith("-threads.json")
+    assert torch.__version__ in path.name and " " not in path.name
+
+
+def test_under_checkpointing_the_timing_leaves_the_recomputation_alone(private_cache):
+    """The timing's own backward passes run inside a checkpointed forward pass; the
+    checkpoint must see the same tensors saved when it recomputes (a fresh cache: timed)."""
+    layer = torch.nn.Linear(4, 4)
+
+    def forward(x):
+        def run():
+            y = layer(torch.randn(3, 4)).sum()
+            y.backward()
+
+        measured.fastest("k", "a", {"x": run, "y": run})
+        return layer(x).relu()
+
+    x = torch.randn(2, 4, requires_grad=True)
+    out = torch.utils.checkpoint.checkpoint(forward, x, use_reentrant=False)
+    out.sum().backward()
+    assert x.grad is not None
+
+
+def test_under_torch_compile_nothing_is_timed(private_cache, monkeypatch):
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    calls = []
+    assert measured.fastest("k", "a", {"x": counting(0, calls), "y": counting(0, calls)}) == "x"
+    assert calls == [] and measured._chosen == {}

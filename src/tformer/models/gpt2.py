@@ -76,14 +76,13 @@ from tformer.nn import (
     TokenEmbedding,
 )
 from tformer.nn.attention import Implementation
-from tformer.nn.blocked_attention import hooked
 from tformer.nn.capture import NameFilter, run_with_cache
 from tformer.nn.checkpointing import run_layer
 from tformer.nn.init import init_attention_xavier, init_embedding
 from tformer.nn.lora import lora_layers
 from tformer.nn.packed_linear import packed_layers
 from tformer.nn.seeding import seeded_generator
-from tformer.nn.sliced_head import sliced_head, sliced_head_applies
+from tformer.nn.sliced_head import sliced_head, sliced_head_is_faster, takes_slices
 from tformer.nn.slot_cache import SlotCache
 from tformer.nn.sublayer import final_norm
 from tformer.tokenizers import Tokenizer
@@ -350,15 +349,12 @@ class GPT2(nn.Module):
     def unembed(self, x: torch.Tensor) -> torch.Tensor:
         """(..., C) -> logits (..., V) = x E^T: the output head, tied to the token embedding.
 
-        A training step on the CPU computes a large vocabulary's product in slices
-        (nn/sliced_head.py): the same numbers, faster."""
+        A training step on the CPU computes a large vocabulary's product in slices where
+        this CPU runs it faster so, as timed there once (nn/sliced_head.py): the same
+        products, only the matmul's own order of summing may differ."""
         head = self.lm_head
-        if (
-            torch.is_grad_enabled()
-            and type(head) is nn.Linear
-            and sliced_head_applies(x, head.weight)
-            and not hooked(head)
-        ):
+        grad = torch.is_grad_enabled()
+        if grad and takes_slices(head) and sliced_head_is_faster(x, head.weight):
             return sliced_head(x, head.weight)  # (..., V)
         return head(x)
 

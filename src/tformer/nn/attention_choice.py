@@ -11,11 +11,15 @@ is timed once on the CPU in use, forward and backward of both paths taking turns
 faster one is kept (nn/measured.py).
 """
 
+from collections.abc import Callable
+
 import torch
 
 from tformer.nn.measured import fastest
 
-KIND = "attention"  # the measured choices' file (nn/measured.py)
+KIND = "attention-v1"  # the measured choices' file and version (nn/measured.py)
+# a path of causal self-attention: (q, k, v) -> out, each (B, H, T, D)
+AttentionPath = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def choice_key(q: torch.Tensor) -> str:
@@ -23,7 +27,7 @@ def choice_key(q: torch.Tensor) -> str:
     return f"{'x'.join(map(str, q.shape))} {str(q.dtype).removeprefix('torch.')}"
 
 
-def long_attention_path(q: torch.Tensor, blocked, fused) -> str:
+def long_attention_path(q: torch.Tensor, blocked: AttentionPath, fused: AttentionPath) -> str:
     """ "blocked" or "fused": the faster of the two for q's shape and dtype on this CPU.
 
     `blocked` and `fused` are the two paths, each (q, k, v) -> out; they are timed on random
@@ -32,14 +36,14 @@ def long_attention_path(q: torch.Tensor, blocked, fused) -> str:
     if q.device.type != "cpu":
         return "fused"
     b, h, t, d = q.shape
-    g = torch.Generator().manual_seed(0)
-    # q, k, v and the output's gradient, each (B, H, T, D) laid out as the heads of a
-    # projection (B, T, H, D) are, as a model's are; made only if the shape is timed
-    inputs: list[torch.Tensor] = []
+    inputs: list[torch.Tensor] = []  # made only if the shape is timed
 
-    def train(path):
+    def train(path: AttentionPath):
         def step() -> None:
             if not inputs:
+                # q, k, v and the output's gradient, each (B, H, T, D) laid out as the
+                # heads of a projection (B, T, H, D) are, as a model's are
+                g = torch.Generator().manual_seed(0)
                 inputs.extend(
                     torch.randn(b, t, h, d, generator=g).to(q.dtype).transpose(1, 2)
                     for _ in range(4)

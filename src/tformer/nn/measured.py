@@ -6,7 +6,13 @@ measurements are in docs/LOG.md). A constant tuned on one machine would be wrong
 other, so each such choice is timed where it runs: once per kind and key (a shape and
 dtype), the candidates taking turns, the fastest kept in memory for the process and in the
 cache directory (choices_file) for later runs on the same CPU, torch version and thread
-count.
+count. A kind names its version (e.g. "head-v1"): a change to its candidates bumps it, so
+that choices timed on the old ones are not read back.
+
+The timing runs forward and backward passes of its own, inside whatever the caller is
+doing (a training step's forward pass): saved-tensor hooks (activation checkpointing,
+offloading) are kept away from them. Under torch.compile nothing is timed: the first
+candidate, the plain path, is taken.
 """
 
 import contextlib
@@ -21,7 +27,7 @@ from tformer.devices import cpu_model
 from tformer.files import atomic_write_json, cache_dir
 
 TURNS = 3  # timed turns of each candidate after one warm-up; the fastest of each counts
-_chosen: dict[tuple[str, str], str] = {}  # this process's choices, by (kind, key)
+_chosen: dict[tuple[str, str, int], str] = {}  # this process's choices: (kind, key, threads)
 
 
 def choices_file(kind: str) -> Path:
@@ -47,25 +53,30 @@ def fastest(kind: str, key: str, candidates: dict[str, Callable[[], object]]) ->
     """The name of the fastest of `candidates` for `key`: each a call that does the work
     once. Timed the first time a (kind, key) is asked for on this CPU, unless the cache
     already holds the answer; read back after that."""
-    if (kind, key) in _chosen:
-        return _chosen[kind, key]
+    if torch.compiler.is_compiling():
+        return next(iter(candidates))
+    memo = (kind, key, torch.get_num_threads())
+    if memo in _chosen:
+        return _chosen[memo]
     store = choices_file(kind)
     known = read_choices(store, tuple(candidates))
     if key not in known:
         known[key] = _time(candidates)
         with contextlib.suppress(OSError):  # a read-only cache: measured again next time
             atomic_write_json(store, known)
-    _chosen[kind, key] = known[key]
+    _chosen[memo] = known[key]
     return known[key]
 
 
 def _time(candidates: dict[str, Callable[[], object]]) -> str:
-    for run in candidates.values():
-        run()  # warm: torch's first-call work
-    best = dict.fromkeys(candidates, float("inf"))
-    for _ in range(TURNS):
-        for name, run in candidates.items():
-            start = time.perf_counter()
-            run()
-            best[name] = min(best[name], time.perf_counter() - start)
+    # identity hooks: a checkpointed forward pass around this must not see these tensors
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+        for run in candidates.values():
+            run()  # warm: torch's first-call work
+        best = dict.fromkeys(candidates, float("inf"))
+        for _ in range(TURNS):
+            for name, run in candidates.items():
+                start = time.perf_counter()
+                run()
+                best[name] = min(best[name], time.perf_counter() - start)
     return min(best, key=best.get)

@@ -16,22 +16,36 @@ the two to each other.
 """
 
 import torch
+from torch import nn
+from torch.autograd.function import once_differentiable
+from torch.nn.modules import module as module_hooks
 
+from tformer.nn.blocked_attention import hooked
 from tformer.nn.measured import fastest
 
 VOCAB_SLICE = 8192  # columns per slice of the forward product (docs/LOG.md)
-KIND = "head"  # the measured choices' file (nn/measured.py)
+KIND = "head-v1"  # the measured choices' file and version (nn/measured.py)
 
 
-def sliced_head_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether the head's product x W^T (x (..., C), W (V, C)) runs in slices: on the CPU,
-    with more than two slices' worth of vocabulary, where this CPU trains a product of this
-    shape faster so (timed once, forward and backward, against nn.Linear's)."""
-    if x.device.type != "cpu" or weight.shape[0] <= 2 * VOCAB_SLICE:
+def takes_slices(head: nn.Module) -> bool:
+    """Whether the head module may be computed here instead: a plain nn.Linear without bias
+    that no hook would miss (a forward or backward hook, its own or global)."""
+    if type(head) is not nn.Linear or head.bias is not None or hooked(head):
         return False
-    rows = x.numel() // x.shape[-1]
-    autocast = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None
-    key = f"{rows}x{x.shape[-1]}x{weight.shape[0]} {x.dtype} {weight.dtype} autocast {autocast}"
+    backward = head._backward_hooks or head._backward_pre_hooks
+    return not (backward or module_hooks._global_backward_hooks)
+
+
+def sliced_head_is_faster(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether the head's product x W^T (x (..., C), W (V, C), of one dtype) runs in slices:
+    on the CPU, with more than two slices' worth of vocabulary, where this CPU trains a
+    product of this shape faster so, as timed once (forward and backward, against
+    nn.Linear's) at the row count rounded up to a power of two."""
+    if x.device.type != "cpu" or x.dtype != weight.dtype or weight.shape[0] <= 2 * VOCAB_SLICE:
+        return False
+    rows = 1 << max(x.numel() // x.shape[-1] - 1, 0).bit_length()  # N, rounded up
+    autocast = autocast_dtype(x)
+    key = f"{rows}x{x.shape[-1]}x{weight.shape[0]} {name(x.dtype)} autocast {name(autocast)}"
     inputs: list[torch.Tensor] = []  # made only if the shape is timed
 
     def train(head):
@@ -51,34 +65,46 @@ def sliced_head_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
     return fastest(KIND, key, candidates) == "sliced"
 
 
+def name(dtype: torch.dtype | None) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
+    """The dtype CPU autocast would multiply x in (float32 only is cast), or None."""
+    if torch.is_autocast_enabled("cpu") and x.dtype == torch.float32:
+        return torch.get_autocast_dtype("cpu")
+    return None
+
+
 def sliced_head(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """logits = x W^T, the forward product in slices of VOCAB_SLICE words:
-    x (..., C), weight (V, C) -> (..., V). Under autocast both are cast to its dtype first,
-    as nn.Linear's product would be."""
+    x (..., C), weight (V, C) -> (..., V). Under autocast float32 inputs are cast to its
+    dtype first, as nn.Linear's product would be."""
     return SlicedHead.apply(x, weight)
 
 
 class SlicedHead(torch.autograd.Function):
     """x W^T with the forward product in vocabulary slices; the backward is the plain one:
-    dx = dlogits W, dW = dlogits^T x, in the product's dtype, then cast back to the inputs'."""
+    dx = dlogits W, dW = dlogits^T x, in the product's dtype, then cast back to the inputs'.
+    First-order gradients only."""
 
     @staticmethod
     def forward(ctx, x, weight):
-        dtype = x.dtype
-        if torch.is_autocast_enabled("cpu"):
-            dtype = torch.get_autocast_dtype("cpu")
+        dtype = autocast_dtype(x) or x.dtype
         rows = x.reshape(-1, x.shape[-1]).to(dtype)  # (N, C)
         w = weight.to(dtype)  # (V, C)
+        out = torch.empty(*x.shape[:-1], w.shape[0], dtype=dtype, device=x.device)  # (..., V)
+        flat = out.view(-1, w.shape[0])  # (N, V)
         with torch.autocast("cpu", enabled=False):
-            out = torch.empty(rows.shape[0], w.shape[0], dtype=dtype, device=x.device)
             for start in range(0, w.shape[0], VOCAB_SLICE):
                 end = min(start + VOCAB_SLICE, w.shape[0])
-                torch.mm(rows, w[start:end].t(), out=out[:, start:end])  # (N, b - a)
+                torch.mm(rows, w[start:end].t(), out=flat[:, start:end])  # (N, b - a)
         ctx.save_for_backward(rows, w)
         ctx.x_dtype, ctx.weight_dtype, ctx.shape = x.dtype, weight.dtype, x.shape
-        return out.view(*x.shape[:-1], w.shape[0])  # (..., V)
+        return out
 
     @staticmethod
+    @once_differentiable  # the backward's products are not themselves differentiated
     def backward(ctx, grad_out):
         rows, w = ctx.saved_tensors
         grad = grad_out.reshape(-1, w.shape[0]).to(w.dtype)  # (N, V)
