@@ -402,8 +402,10 @@ def set_implementation(model: nn.Module, implementation: Implementation) -> None
     """Switch every MultiHeadAttention inside `model` to the explicit, fused or blocked path.
 
     They agree to float rounding and differ in speed: the blocked one is meant for bf16
-    training on a CPU (the compiled kernel for short contexts, query blocks for long ones),
-    the fused one for inference; the measurements are in docs/LOG.md. The blocked path's
+    training on a CPU (the compiled kernel for short contexts, query blocks for long ones,
+    or for long ones without padding torch's fused kernel where this CPU trains faster on
+    it: nn/attention_choice.py), the fused one for inference; the measurements are in
+    docs/LOG.md. The blocked path's
     kernel gives first-order gradients only: for second-order ones (or torch.func) use the
     explicit path.
     """
