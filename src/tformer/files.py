@@ -104,6 +104,16 @@ def read_json(path: str | os.PathLike, what: str) -> dict:
     return obj
 
 
+def read_cached_json(path: str | os.PathLike) -> dict:
+    """A JSON object the cache keeps (measurements that can be made again): {} where the
+    file is missing, unreadable or not a JSON object, rather than an error."""
+    try:
+        obj = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return obj if isinstance(obj, dict) else {}
+
+
 def cache_dir() -> Path:
     """$TFORMER_CACHE, else ~/.cache/tformer: token caches, corpora, compiled kernels."""
     return Path(os.environ.get("TFORMER_CACHE", Path.home() / ".cache" / "tformer"))

@@ -16,7 +16,6 @@ candidate, the plain path, is taken.
 """
 
 import contextlib
-import json
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -24,7 +23,7 @@ from pathlib import Path
 import torch
 
 from tformer.devices import cpu_model
-from tformer.files import atomic_write_json, cache_dir
+from tformer.files import atomic_write_json, cache_dir, read_cached_json
 
 TURNS = 3  # timed turns of each candidate after one warm-up; the fastest of each counts
 _chosen: dict[tuple[str, str, int], str] = {}  # this process's choices: (kind, key, threads)
@@ -40,13 +39,7 @@ def choices_file(kind: str) -> Path:
 def read_choices(path: Path, names: tuple[str, ...]) -> dict[str, str]:
     """The choices kept in `path` that name one of `names`; {} where there are none or the
     file is not what this writes (they are then measured and written again)."""
-    try:
-        known = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    if not isinstance(known, dict):
-        return {}
-    return {key: name for key, name in known.items() if name in names}
+    return {key: name for key, name in read_cached_json(path).items() if name in names}
 
 
 def fastest(kind: str, key: str, candidates: dict[str, Callable[[], object]]) -> str:

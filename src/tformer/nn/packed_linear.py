@@ -47,7 +47,6 @@ one-way, and `packed_layers` finds the packed layers again.
 """
 
 import contextlib
-import json
 import math
 import time
 from pathlib import Path
@@ -57,7 +56,7 @@ from torch import nn
 
 from tformer import kernels
 from tformer.devices import bf16_supported
-from tformer.files import atomic_write_json, cache_dir
+from tformer.files import atomic_write_json, cache_dir, read_cached_json
 from tformer.kernels.bindings import LinearLayout
 
 WEIGHT_DTYPES = ("float32", "bfloat16", "int8", "int4", "w8a8", "w4a8")
@@ -369,15 +368,9 @@ def calibration_file(library: kernels.Kernels) -> Path:
 def read_calibration(path: Path) -> dict:
     """The limits kept in `path`, {} where there are none or the file is not what this
     writes (it is then measured and written again)."""
-    try:
-        known = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    if not isinstance(known, dict):
-        return {}
     return {
         entry: limit
-        for entry, limit in known.items()
+        for entry, limit in read_cached_json(path).items()
         if limit is None or (isinstance(limit, int) and not isinstance(limit, bool) and limit >= 0)
     }
 
