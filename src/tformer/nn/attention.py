@@ -405,9 +405,8 @@ def set_implementation(model: nn.Module, implementation: Implementation) -> None
     training on a CPU (the compiled kernel for short contexts, query blocks for long ones,
     or for long ones without padding torch's fused kernel where this CPU trains faster on
     it: nn/attention_choice.py), the fused one for inference; the measurements are in
-    docs/LOG.md. The blocked path's
-    kernel gives first-order gradients only: for second-order ones (or torch.func) use the
-    explicit path.
+    docs/LOG.md. The blocked path's kernel gives first-order gradients only: for
+    second-order ones (or torch.func) use the explicit path.
     """
     check_implementation(implementation)
     for module in model.modules():
