@@ -96,7 +96,7 @@ class Trainer:
     """One model's training step on fixed random tokens."""
 
     def __init__(
-        self, model, loss_fn, dtype: str, batch: int, context: int, vocab: int, fused_clip: bool
+        self, model, loss_fn, dtype: str, batch: int, context: int, vocab: int, *, fused_clip: bool
     ):
         self.model, self.loss_fn, self.dtype = model.train(), loss_fn, dtype
         self.fused_clip = fused_clip  # clipped inside AdamW's pass, as `tformer train` does
@@ -159,9 +159,11 @@ def main() -> None:
         for dtype in dtypes:
             ours, theirs = build(name, dtype)
             runs = {
-                "tformer": Trainer(ours, tformer_loss, dtype, batch, context, vocab, True),
+                "tformer": Trainer(
+                    ours, tformer_loss, dtype, batch, context, vocab, fused_clip=True
+                ),
                 "transformers": Trainer(
-                    theirs, transformers_loss, dtype, batch, context, vocab, False
+                    theirs, transformers_loss, dtype, batch, context, vocab, fused_clip=False
                 ),
             }
             for run in runs.values():
