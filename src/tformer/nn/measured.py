@@ -25,7 +25,7 @@ import torch
 from tformer.devices import cpu_model
 from tformer.files import atomic_write_json, cache_dir, read_cached_json
 
-TURNS = 3  # timed turns of each candidate after one warm-up; the fastest of each counts
+TURNS = 5  # timed turns of each candidate after one warm-up; the fastest of each counts
 _chosen: dict[tuple[str, str, int], str] = {}  # this process's choices: (kind, key, threads)
 
 
