@@ -16,6 +16,11 @@ def private_cache(tmp_path, monkeypatch):
     return tmp_path
 
 
+def pick(key: str, runs: dict) -> str:
+    """measured.fastest of kind "k" over these runs."""
+    return measured.fastest("k", key, tuple(runs), lambda: runs)
+
+
 def counting(seconds: float, calls: list):
     def run():
         calls.append(1)
@@ -26,16 +31,17 @@ def counting(seconds: float, calls: list):
 
 def test_the_fastest_is_timed_once_and_kept_in_the_cache(private_cache, monkeypatch):
     slow, fast = [], []
-    assert measured.fastest("k", "a", {"x": counting(0.02, slow), "y": counting(0, fast)}) == "y"
+    assert pick("a", {"x": counting(0.02, slow), "y": counting(0, fast)}) == "y"
     assert len(slow) == len(fast) == 1 + measured.TURNS  # a warm-up, then the turns
     assert json.loads(measured.choices_file("k").read_text()) == {"a": "y"}
-    # asked again in this process: the answer, without timing
-    assert measured.fastest("k", "a", {"x": counting(0, slow), "y": counting(0.02, fast)}) == "y"
+    # asked again in this process: the answer, without even making the candidates
+    assert measured.fastest("k", "a", ("x", "y"), lambda: pytest.fail("made")) == "y"
+    assert pick("a", {"x": counting(0, slow), "y": counting(0.02, fast)}) == "y"
     monkeypatch.setattr(measured, "_chosen", {})  # a new process reads the file: no timing
-    assert measured.fastest("k", "a", {"x": counting(0, slow), "y": counting(0.02, fast)}) == "y"
+    assert pick("a", {"x": counting(0, slow), "y": counting(0.02, fast)}) == "y"
     assert len(slow) == len(fast) == 1 + measured.TURNS
     # another key is timed for itself, and kept beside the first
-    assert measured.fastest("k", "b", {"x": counting(0, slow), "y": counting(0.02, fast)}) == "x"
+    assert pick("b", {"x": counting(0, slow), "y": counting(0.02, fast)}) == "x"
     assert json.loads(measured.choices_file("k").read_text()) == {"a": "y", "b": "x"}
     assert not measured.choices_file("other").exists()  # each kind its own file
 
@@ -44,7 +50,7 @@ def test_an_unreadable_or_foreign_choices_file_is_timed_again(private_cache):
     store = measured.choices_file("k")
     store.parent.mkdir(parents=True)
     store.write_text('{"a": "teleport"')  # cut short
-    assert measured.fastest("k", "a", {"x": counting(0, []), "y": counting(0.02, [])}) == "x"
+    assert pick("a", {"x": counting(0, []), "y": counting(0.02, [])}) == "x"
     assert measured.read_choices(store, ("x", "y")) == {"a": "x"}
     store.write_text('{"a": "teleport", "b": 3, "c": "y"}')
     assert measured.read_choices(store, ("x", "y")) == {"c": "y"}
@@ -70,7 +76,7 @@ def test_under_checkpointing_the_timing_leaves_the_recomputation_alone(private_c
             y = layer(torch.randn(3, 4)).sum()
             y.backward()
 
-        measured.fastest("k", "a", {"x": run, "y": run})
+        pick("a", {"x": run, "y": run})
         return layer(x).relu()
 
     x = torch.randn(2, 4, requires_grad=True)
@@ -82,5 +88,5 @@ def test_under_checkpointing_the_timing_leaves_the_recomputation_alone(private_c
 def test_under_torch_compile_nothing_is_timed(private_cache, monkeypatch):
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
     calls = []
-    assert measured.fastest("k", "a", {"x": counting(0, calls), "y": counting(0, calls)}) == "x"
+    assert pick("a", {"x": counting(0, calls), "y": counting(0, calls)}) == "x"
     assert calls == [] and measured._chosen == {}

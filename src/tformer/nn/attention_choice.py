@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 import torch
 
-from tformer.nn.measured import fastest
+from tformer.nn.measured import dtype_name, fastest, training_runs
 
 KIND = "attention-v1"  # the measured choices' file and version (nn/measured.py)
 # a path of causal self-attention: (q, k, v) -> out, each (B, H, T, D)
@@ -24,7 +24,7 @@ AttentionPath = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tenso
 
 def choice_key(q: torch.Tensor) -> str:
     """The entry for a shape: "BxHxTxD dtype"."""
-    return f"{'x'.join(map(str, q.shape))} {str(q.dtype).removeprefix('torch.')}"
+    return f"{'x'.join(map(str, q.shape))} {dtype_name(q.dtype)}"
 
 
 def long_attention_path(q: torch.Tensor, blocked: AttentionPath, fused: AttentionPath) -> str:
@@ -36,22 +36,14 @@ def long_attention_path(q: torch.Tensor, blocked: AttentionPath, fused: Attentio
     if q.device.type != "cpu":
         return "fused"
     b, h, t, d = q.shape
-    inputs: list[torch.Tensor] = []  # made only if the shape is timed
 
-    def train(path: AttentionPath):
-        def step() -> None:
-            if not inputs:
-                # q, k, v and the output's gradient, each (B, H, T, D) laid out as the
-                # heads of a projection (B, T, H, D) are, as a model's are
-                g = torch.Generator().manual_seed(0)
-                inputs.extend(
-                    torch.randn(b, t, h, d, generator=g).to(q.dtype).transpose(1, 2)
-                    for _ in range(4)
-                )
-            q_, k_, v_ = (x.detach().requires_grad_() for x in inputs[:3])
-            with torch.enable_grad():
-                path(q_, k_, v_).backward(inputs[3])
+    def make_inputs() -> list[torch.Tensor]:
+        # q, k, v and the output's gradient, each (B, H, T, D) laid out as the heads of a
+        # projection (B, T, H, D) are, as a model's are
+        g = torch.Generator().manual_seed(0)
+        return [torch.randn(b, t, h, d, generator=g).to(q.dtype).transpose(1, 2) for _ in range(4)]
 
-        return step
+    def candidates():
+        return training_runs(make_inputs, {"blocked": blocked, "fused": fused})
 
-    return fastest(KIND, choice_key(q), {"blocked": train(blocked), "fused": train(fused)})
+    return fastest(KIND, choice_key(q), ("blocked", "fused"), candidates)

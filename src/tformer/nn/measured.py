@@ -42,19 +42,22 @@ def read_choices(path: Path, names: tuple[str, ...]) -> dict[str, str]:
     return {key: name for key, name in read_cached_json(path).items() if name in names}
 
 
-def fastest(kind: str, key: str, candidates: dict[str, Callable[[], object]]) -> str:
-    """The name of the fastest of `candidates` for `key`: each a call that does the work
-    once. Timed the first time a (kind, key) is asked for on this CPU, unless the cache
-    already holds the answer; read back after that."""
+def fastest(
+    kind: str, key: str, names: tuple[str, ...], candidates: Callable[[], dict[str, Callable]]
+) -> str:
+    """Which of `names` runs fastest for `key`. `candidates()` gives, by name, a call that
+    does the work once; it is made only when the key is timed: the first time a (kind,
+    key) is asked for on this CPU, unless the cache already holds the answer. Under
+    torch.compile, the first name."""
     if torch.compiler.is_compiling():
-        return next(iter(candidates))
+        return names[0]
     memo = (kind, key, torch.get_num_threads())
     if memo in _chosen:
         return _chosen[memo]
     store = choices_file(kind)
-    known = read_choices(store, tuple(candidates))
+    known = read_choices(store, names)
     if key not in known:
-        known[key] = _time(candidates)
+        known[key] = _time(candidates())
         with contextlib.suppress(OSError):  # a read-only cache: measured again next time
             atomic_write_json(store, known)
     _chosen[memo] = known[key]
@@ -73,3 +76,30 @@ def _time(candidates: dict[str, Callable[[], object]]) -> str:
                 run()
                 best[name] = min(best[name], time.perf_counter() - start)
     return min(best, key=best.get)
+
+
+def training_runs(
+    make_inputs: Callable[[], list[torch.Tensor | None]], paths: dict[str, Callable]
+) -> dict[str, Callable[[], None]]:
+    """Candidates for `fastest` that each run one path forward and backward, by name.
+    `make_inputs()` gives the paths' inputs and, last, the output's gradient (None: ones);
+    it is called once, on the first run."""
+    made: list[torch.Tensor | None] = []
+
+    def run(path: Callable) -> Callable[[], None]:
+        def step() -> None:
+            if not made:
+                made.extend(make_inputs())
+            *inputs, grad = made
+            with torch.enable_grad():
+                out = path(*(x.detach().requires_grad_() for x in inputs))
+                out.backward(torch.ones_like(out) if grad is None else grad)
+
+        return step
+
+    return {name: run(path) for name, path in paths.items()}
+
+
+def dtype_name(dtype: torch.dtype | None) -> str:
+    """ "float32" for torch.float32, as the keys spell dtypes."""
+    return str(dtype).removeprefix("torch.")

@@ -21,7 +21,7 @@ from torch.autograd.function import once_differentiable
 from torch.nn.modules import module as module_hooks
 
 from tformer.nn.blocked_attention import hooked
-from tformer.nn.measured import fastest
+from tformer.nn.measured import dtype_name, fastest, training_runs
 
 VOCAB_SLICE = 8192  # columns per slice of the forward product (docs/LOG.md)
 KIND = "head-v1"  # the measured choices' file and version (nn/measured.py)
@@ -44,29 +44,19 @@ def sliced_head_is_faster(x: torch.Tensor, weight: torch.Tensor) -> bool:
     if x.device.type != "cpu" or x.dtype != weight.dtype or weight.shape[0] <= 2 * VOCAB_SLICE:
         return False
     rows = 1 << max(x.numel() // x.shape[-1] - 1, 0).bit_length()  # N, rounded up
-    autocast = autocast_dtype(x)
-    key = f"{rows}x{x.shape[-1]}x{weight.shape[0]} {name(x.dtype)} autocast {name(autocast)}"
-    inputs: list[torch.Tensor] = []  # made only if the shape is timed
+    size = f"{rows}x{x.shape[-1]}x{weight.shape[0]}"
+    key = f"{size} {dtype_name(x.dtype)} autocast {dtype_name(autocast_dtype(x))}"
 
-    def train(head):
-        def step() -> None:
-            if not inputs:
-                g = torch.Generator().manual_seed(0)
-                inputs.append(torch.randn(rows, x.shape[-1], generator=g).to(x.dtype))
-                inputs.append(torch.randn(weight.shape, generator=g).to(weight.dtype))
-            x_, w_ = (t.detach().requires_grad_() for t in inputs)
-            with torch.enable_grad():
-                out = head(x_, w_)
-                out.backward(torch.ones_like(out))
+    def make_inputs() -> list[torch.Tensor | None]:
+        g = torch.Generator().manual_seed(0)
+        x_ = torch.randn(rows, x.shape[-1], generator=g).to(x.dtype)
+        return [x_, torch.randn(weight.shape, generator=g).to(weight.dtype), None]
 
-        return step
+    def candidates():
+        paths = {"whole": torch.nn.functional.linear, "sliced": sliced_head}
+        return training_runs(make_inputs, paths)
 
-    candidates = {"whole": train(torch.nn.functional.linear), "sliced": train(sliced_head)}
-    return fastest(KIND, key, candidates) == "sliced"
-
-
-def name(dtype: torch.dtype | None) -> str:
-    return str(dtype).removeprefix("torch.")
+    return fastest(KIND, key, ("whole", "sliced"), candidates) == "sliced"
 
 
 def autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
