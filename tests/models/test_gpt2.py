@@ -74,7 +74,7 @@ def test_blocked_attention_trains_the_same_model_at_a_long_context(monkeypatch):
     """Past 128 positions the blocked path skips the hidden key blocks: same loss and
     gradients as the fused kernel (the blocked path taken here, whatever this CPU's timing
     would choose: nn/attention_choice.py)."""
-    monkeypatch.setattr(attention, "long_attention_path", lambda q, blocked, fused: "blocked")
+    monkeypatch.setattr(attention, "long_attention_path", lambda q, paths: "blocked")
     fast = GPT2(tiny(max_len=300), seed=4)
     blocked = GPT2(tiny(max_len=300, attention="blocked"))
     blocked.load_state_dict(fast.state_dict())

@@ -145,7 +145,7 @@ def test_blocked_path_of_the_module_equals_explicit_in_bf16(monkeypatch):
     """Past QUERY_BLOCK positions the module takes the blocked path; its bf16 softmax and
     gradients agree with the explicit path's (float32 softmax) to bf16 rounding."""
     monkeypatch.setattr(blocked_attention, "QUERY_BLOCK", 128)  # as in training
-    monkeypatch.setattr(attention, "long_attention_path", lambda q, blocked, fused: "blocked")
+    monkeypatch.setattr(attention, "long_attention_path", lambda q, paths: "blocked")
     torch.manual_seed(0)
     explicit = MultiHeadAttention(32, 2, causal=True, implementation="explicit")
     blocked = MultiHeadAttention(32, 2, causal=True, implementation="blocked")
@@ -183,7 +183,7 @@ def test_blocked_implementation_runs_query_blocks_only_past_one_block(monkeypatc
     """QUERY_BLOCK (2 here) decides the path: more positions and no cache, query blocks
     (where they, not torch's fused kernel, are the faster: so chosen here); otherwise
     (float32, so not the kernel) the explicit path."""
-    monkeypatch.setattr(attention, "long_attention_path", lambda q, blocked, fused: "blocked")
+    monkeypatch.setattr(attention, "long_attention_path", lambda q, paths: "blocked")
     mha = MultiHeadAttention(8, 2, causal=True, implementation="blocked")
     blocked = "BlockedCausalAttentionBackward"
     assert blocked in autograd_nodes(mha(torch.randn(1, 5, 8)))

@@ -5,6 +5,7 @@ from tformer.nn import attention as attention_module
 from tformer.nn import attention_choice as choice
 from tformer.nn import measured
 from tformer.nn.attention import QUERY_BLOCK, MultiHeadAttention
+from tformer.nn.flash_attention import flash_takes
 
 
 @pytest.fixture
@@ -17,7 +18,8 @@ def private_cache(tmp_path, monkeypatch):
 def test_off_the_cpu_the_fused_kernel_runs_without_timing():
     calls = []
     q = torch.zeros(1, 2, 3, 4, device="meta")
-    assert choice.long_attention_path(q, calls.append, calls.append) == "fused"
+    paths = {"blocked": calls.append, "fused": calls.append}
+    assert choice.long_attention_path(q, paths) == "fused"
     assert calls == []
 
 
@@ -32,7 +34,8 @@ def test_the_faster_path_is_timed_forward_and_backward(private_cache):
         return run
 
     q = torch.zeros(2, 3, 5, 4, dtype=torch.bfloat16)
-    assert choice.long_attention_path(q, path("blocked"), path("fused")) in choice_names()
+    paths = {name: path(name) for name in choice_names()}
+    assert choice.long_attention_path(q, paths) in choice_names()
     assert {c[0] for c in calls} == {"blocked", "fused"}
     # the heads of a projection: (B, H, T, D) views of (B, T, H, D), with gradients
     assert all(c[1] == q.shape and c[2] and not c[3] for c in calls)
@@ -47,14 +50,16 @@ def choice_names() -> tuple[str, ...]:
     return ("blocked", "fused")
 
 
-@pytest.mark.parametrize("path", ["blocked", "fused"])
-def test_either_choice_trains_as_the_explicit_path(private_cache, monkeypatch, path):
+@pytest.mark.parametrize("path", ["blocked", "fused", "flash"])
+def test_each_choice_trains_as_the_explicit_path(private_cache, monkeypatch, path):
+    if path == "flash" and not flash_takes(torch.zeros(1, 1, 1, 32, dtype=torch.bfloat16)):
+        pytest.skip("the FlashAttention kernel needs a CPU with AMX")
     t = QUERY_BLOCK + 21
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(2, t, 32, generator=g)
-    grad = torch.randn(2, t, 32, generator=g)
+    x = torch.randn(2, t, 128, generator=g)
+    grad = torch.randn(2, t, 128, generator=g)
     taken = []
-    for name in ("fused_causal", "blocked_causal_attention"):
+    for name in ("fused_causal", "blocked_causal_attention", "flash_causal"):
         original = getattr(attention_module, name)
 
         def recorded(*args, original=original, name=name):
@@ -63,10 +68,10 @@ def test_either_choice_trains_as_the_explicit_path(private_cache, monkeypatch, p
 
         monkeypatch.setattr(attention_module, name, recorded)
     torch.manual_seed(0)
-    explicit = MultiHeadAttention(32, 4, causal=True, implementation="explicit")
-    blocked = MultiHeadAttention(32, 4, causal=True, implementation="blocked")
+    explicit = MultiHeadAttention(128, 4, causal=True, implementation="explicit")
+    blocked = MultiHeadAttention(128, 4, causal=True, implementation="blocked")
     blocked.load_state_dict(explicit.state_dict())
-    key = (choice.KIND, f"2x4x{t}x8 bfloat16", torch.get_num_threads())
+    key = (choice.KIND, f"2x4x{t}x32 bfloat16", torch.get_num_threads())
     monkeypatch.setitem(measured._chosen, key, path)
     results = []
     for module in (explicit, blocked):
@@ -78,7 +83,7 @@ def test_either_choice_trains_as_the_explicit_path(private_cache, monkeypatch, p
     for ours, reference in zip(results[1], results[0], strict=True):
         scale = reference.abs().max()  # bf16's rounding, relative to each tensor's size
         torch.testing.assert_close(ours / scale, reference / scale, rtol=0, atol=2e-2)
-    assert taken == ["fused_causal" if path == "fused" else "blocked_causal_attention"]
+    assert taken == [{"blocked": "blocked_causal_attention"}.get(path, f"{path}_causal")]
     assert not measured.choices_file(choice.KIND).exists()  # forced: not timed
 
 

@@ -24,6 +24,9 @@ attention kernels, called once per layer, check it here.
     kernels.gelu(z), kernels.gelu_and_derivative(z) -> y, dy/dz   float32 or bfloat16
     kernels.causal_attention(qkv, n_heads)   qkv (B, T, 3C) bf16 -> out (B, T, C), weights
     kernels.causal_attention_backward(qkv, weights, grad_out, n_heads)   -> grad_qkv
+    kernels.flash_attention(q, k, v)   (B, H, T, D) bf16 -> out (B, T, H, D), lse (B, H, T):
+        long causal self-attention on AMX (flash_attention_available())
+    kernels.flash_attention_backward(q, k, v, grad_out, out, lse)   -> grad (B, T, 3, H, D)
     kernels.slot_attention(qkv, k_cache, v_cache, positions)   -> out (B, C)
     kernels.padded_attention(qkv, mask, n_heads)   qkv (B, T, 3C) float32, mask (B, T) ->
         out (B, T, C): an encoder's self-attention over padded sequences
@@ -741,6 +744,59 @@ class Kernels:
         check_allocated(failed, t)
         return grad_qkv
 
+    @c_function("tformer_flash_attention_available", [], ctypes.c_int)
+    def flash_attention_available(self) -> bool:
+        """Whether flash_attention runs here: built for a CPU with AMX, and Linux lets this
+        process use its tiles."""
+        return bool(self.library.tformer_flash_attention_available())
+
+    @c_function("tformer_flash_attention_bf16", [POINTER] * 6 + [SIZE] * 4, ctypes.c_int)
+    def flash_attention(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Causal self-attention of every head on AMX (kernels/flash_attention.c): q, k, v
+        (B, H, T, D) bfloat16, any strides with D contiguous -> out (B, T, H, D) bfloat16 and
+        the scores' log-sum-exp per query, lse (B, H, T) float32, for the backward pass."""
+        b, h, t, d = flash_shape({"q": q, "k": k, "v": v})
+        out = torch.empty(b, t, h, d, dtype=torch.bfloat16)
+        lse = torch.empty(b, h, t, dtype=torch.float32)
+        strides = head_strides(q, k, v)
+        failed = self.library.tformer_flash_attention_bf16(
+            q.data_ptr(), k.data_ptr(), v.data_ptr(), strides.data_ptr(), out.data_ptr(),
+            lse.data_ptr(), b, t, h, d,
+        )  # fmt: skip
+        check_flash(failed, t)
+        return out, lse
+
+    @c_function("tformer_flash_attention_backward_bf16", [POINTER] * 8 + [SIZE] * 4, ctypes.c_int)
+    def flash_attention_backward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        grad_out: torch.Tensor,
+        out: torch.Tensor,
+        lse: torch.Tensor,
+    ) -> torch.Tensor:
+        """The gradient of q, k and v side by side, (B, T, 3, H, D) bfloat16 (the fused
+        projection's layout), from the output's gradient grad_out (B, H, T, D) bfloat16 (any
+        strides, D contiguous) and flash_attention's q, k, v, out and lse."""
+        b, h, t, d = flash_shape({"q": q, "k": k, "v": v, "grad_out": grad_out})
+        if tuple(out.shape) != (b, t, h, d) or out.dtype != torch.bfloat16:
+            raise ValueError(f"flash_attention_backward: out must be bfloat16 {(b, t, h, d)}")
+        if tuple(lse.shape) != (b, h, t) or lse.dtype != torch.float32:
+            raise ValueError(f"flash_attention_backward: lse must be float32 {(b, h, t)}")
+        if not (out.is_contiguous() and lse.is_contiguous()):
+            raise ValueError("flash_attention_backward: out and lse must be contiguous")
+        grad = torch.empty(b, t, 3, h, d, dtype=torch.bfloat16)
+        strides = head_strides(q, k, v, grad_out)
+        failed = self.library.tformer_flash_attention_backward_bf16(
+            q.data_ptr(), k.data_ptr(), v.data_ptr(), grad_out.data_ptr(), strides.data_ptr(),
+            out.data_ptr(), lse.data_ptr(), grad.data_ptr(), b, t, h, d,
+        )  # fmt: skip
+        check_flash(failed, t)
+        return grad
+
     @c_function("tformer_flush_denormals", [ctypes.c_int], ctypes.c_int)
     def flush_denormals(self, on: bool) -> int:
         """Flush denormal numbers to zero (on) or not on every thread of the OpenMP pool
@@ -761,6 +817,38 @@ def attention_shape(qkv: torch.Tensor, n_heads: int) -> tuple[int, int, int]:
     if qkv.dtype != torch.bfloat16 or not qkv.is_contiguous() or qkv.device.type != "cpu":
         raise ValueError("the attention kernels take a contiguous bfloat16 CPU tensor")
     return qkv.shape[0], qkv.shape[1], qkv.shape[2] // (3 * n_heads)
+
+
+FLASH_D = 32  # flash_attention: the head width is a multiple of this (one AMX tile's k)
+
+
+def flash_shape(heads: dict[str, torch.Tensor]) -> tuple[int, int, int, int]:
+    """(B, H, T, D) of flash_attention's inputs, checked: the kernel reads raw memory."""
+    shape = tuple(heads["q"].shape)
+    for name, x in heads.items():
+        if x.dim() != 4 or tuple(x.shape) != shape:
+            raise ValueError(
+                f"flash_attention: {name} must be (B, H, T, D) as q, got {tuple(x.shape)}"
+            )
+        if x.dtype != torch.bfloat16 or x.device.type != "cpu" or x.stride(3) != 1:
+            raise ValueError(f"flash_attention: {name} must be bfloat16 on the CPU, D contiguous")
+    if shape[3] % FLASH_D or shape[2] == 0:
+        raise ValueError(
+            f"flash_attention: D must be a multiple of {FLASH_D} and T > 0, got {shape}"
+        )
+    return shape
+
+
+def head_strides(*heads: torch.Tensor) -> torch.Tensor:
+    """The (B, H, T) strides of each tensor, in elements, as the C functions read them."""
+    return torch.tensor([s for x in heads for s in x.stride()[:3]], dtype=torch.int64)
+
+
+def check_flash(failed: int, t: int) -> None:
+    """flash_attention returns 1 when a thread could not allocate its buffers, 2 without AMX."""
+    if failed == 2:
+        raise KernelUnavailable("flash_attention: this CPU or build has no AMX tiles")
+    check_allocated(failed, t)
 
 
 def check_allocated(failed: int, t: int) -> None:

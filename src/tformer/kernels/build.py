@@ -29,6 +29,7 @@ SOURCES = tuple(
         "dropout.c",
         "gelu.c",
         "attention.c",
+        "flash_attention.c",
         "slot_attention.c",
         "decode_block.c",
         "top_logits.c",

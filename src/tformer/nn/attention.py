@@ -21,8 +21,9 @@ equation out and shows the weights at a hook, the reference for the others; "sdp
 PyTorch's fused kernel, which never forms the weights; "blocked" (nn/blocked_attention.py)
 is the path for bf16 training on a CPU, causal self-attention that skips the work the mask
 would throw away: query blocks for long sequences, a compiled kernel for short ones. A long
-sequence without padding goes to torch's fused kernel instead where that trains faster on
-the CPU in use, as measured there once (nn/attention_choice.py).
+sequence without padding goes to torch's fused kernel or to the FlashAttention kernel on
+AMX (nn/flash_attention.py) instead where that trains faster on the CPU in use, as measured
+there once (nn/attention_choice.py).
 Beside them, in inference on the CPU (no gradients, no dropout, no hook), the compiled
 kernels take an encoder's self-attention over whole padded sequences (padded_attention)
 and a server's decoding step (nn/slot_cache.py).
@@ -35,7 +36,7 @@ import torch
 from torch import nn
 
 from tformer import kernels
-from tformer.nn.attention_choice import long_attention_path
+from tformer.nn.attention_choice import AttentionPath, long_attention_path
 from tformer.nn.blocked_attention import (
     QUERY_BLOCK,
     blocked_causal_attention,
@@ -46,6 +47,7 @@ from tformer.nn.blocked_attention import (
     kernels_for,
 )
 from tformer.nn.dropout import dropout
+from tformer.nn.flash_attention import flash_causal, flash_takes
 from tformer.nn.hooks import HookPoint
 from tformer.nn.kv_cache import KVCache
 from tformer.nn.slot_cache import SlotCache
@@ -161,6 +163,15 @@ def blocked_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.T
 def fused_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """The same through torch's fused kernel: (B, H, T, D) x3 -> (B, H, T, D)."""
     return fused_attention(q, k, v, is_causal=True)
+
+
+def long_attention_paths(q: torch.Tensor) -> dict[str, AttentionPath]:
+    """The paths that can train causal self-attention without padding over q's heads (B,
+    H, T, D), by name, the plain one first: each (q, k, v) -> out."""
+    paths = {"blocked": blocked_causal, "fused": fused_causal}
+    if flash_takes(q):
+        paths["flash"] = flash_causal
+    return paths
 
 
 def causal_mask(t: int, s: int, device: torch.device | None = None) -> torch.Tensor:
@@ -389,8 +400,11 @@ class MultiHeadAttention(nn.Module):
         long_causal = self.implementation == "blocked" and self.causal and in_query_blocks(t, s)
         # Training without padding: the blocked path or torch's fused kernel, the faster here
         plain = long_causal and mask is None and dropout_p == 0.0 and torch.is_grad_enabled()
-        if plain and long_attention_path(q, blocked_causal, fused_causal) == "fused":
-            return fused_causal(q, k, v)
+        if plain:
+            paths = long_attention_paths(q)
+            chosen = long_attention_path(q, paths)
+            if chosen != "blocked":
+                return paths[chosen](q, k, v)
         if self.causal and mask is None and t > 1:
             mask = causal_mask(t, s, q.device)
         if long_causal:

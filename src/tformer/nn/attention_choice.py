@@ -1,14 +1,15 @@
 """Which path runs a training step's long causal attention on this CPU, chosen by measurement.
 
 Causal self-attention over more than QUERY_BLOCK positions, with no padding and no attention
-dropout, has two paths that compute the same softmax(Q K^T / sqrt(d_k) + M) V with its
-gradients: the blocked path (nn/blocked_attention.py, torch's matmuls a block of queries at
-a time) and torch's fused kernel (scaled_dot_product_attention, which never forms the
-weights). Which one is faster depends on the CPU: where bf16 matmuls run on matrix units
-(AMX) the fused kernel's fewer passes over memory can win, where they do not the blocked
-path's larger products win (docs/LOG.md, session 21). So each shape (B, H, T, D) and dtype
-is timed once on the CPU in use, forward and backward of both paths taking turns, and the
-faster one is kept (nn/measured.py).
+dropout, has up to three paths that compute the same softmax(Q K^T / sqrt(d_k) + M) V with
+its gradients: the blocked path (nn/blocked_attention.py, torch's matmuls a block of queries
+at a time), torch's fused kernel (scaled_dot_product_attention, which never forms the
+weights) and, in bf16 where the CPU has AMX, tformer's FlashAttention kernel
+(nn/flash_attention.py). Which one is faster depends on the CPU: where bf16 matmuls run on
+matrix units (AMX) the fewer passes over memory of the fused kernels win, where they do not
+the blocked path's larger products win (docs/LOG.md, sessions 21 and 22). So each shape
+(B, H, T, D) and dtype is timed once on the CPU in use, forward and backward of every path
+taking turns, and the fastest is kept (nn/measured.py).
 """
 
 from collections.abc import Callable
@@ -17,7 +18,7 @@ import torch
 
 from tformer.nn.measured import dtype_name, fastest, training_runs
 
-KIND = "attention-v1"  # the measured choices' file and version (nn/measured.py)
+KIND = "attention-v2"  # the measured choices' file and version (nn/measured.py)
 # a path of causal self-attention: (q, k, v) -> out, each (B, H, T, D)
 AttentionPath = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -27,12 +28,12 @@ def choice_key(q: torch.Tensor) -> str:
     return f"{'x'.join(map(str, q.shape))} {dtype_name(q.dtype)}"
 
 
-def long_attention_path(q: torch.Tensor, blocked: AttentionPath, fused: AttentionPath) -> str:
-    """ "blocked" or "fused": the faster of the two for q's shape and dtype on this CPU.
+def long_attention_path(q: torch.Tensor, paths: dict[str, AttentionPath]) -> str:
+    """The name of the fastest of `paths` for q's shape and dtype on this CPU.
 
-    `blocked` and `fused` are the two paths, each (q, k, v) -> out; they are timed on random
-    tensors of q's shape (forward and backward) the first time a shape is seen, unless the
-    cache already holds the answer. Not on a CPU: "fused"."""
+    `paths` are equivalent computations, each (q, k, v) -> out, by name; they are timed on
+    random tensors of q's shape (forward and backward) the first time a shape is seen,
+    unless the cache already holds the answer. Not on a CPU: "fused"."""
     if q.device.type != "cpu":
         return "fused"
     b, h, t, d = q.shape
@@ -44,6 +45,6 @@ def long_attention_path(q: torch.Tensor, blocked: AttentionPath, fused: Attentio
         return [torch.randn(b, t, h, d, generator=g).to(q.dtype).transpose(1, 2) for _ in range(4)]
 
     def candidates():
-        return training_runs(make_inputs, {"blocked": blocked, "fused": fused})
+        return training_runs(make_inputs, paths)
 
-    return fastest(KIND, choice_key(q), ("blocked", "fused"), candidates)
+    return fastest(KIND, choice_key(q), tuple(paths), candidates)

@@ -1,0 +1,68 @@
+"""Causal self-attention that never forms its weights, on the CPU's matrix units (AMX).
+
+FlashAttention (Dao et al., 2022) computes
+
+    O = softmax(Q K^T / sqrt(d_k) + M) V
+
+a block of queries at a time against chunks of keys, keeping each query's running maximum
+and sum of exponentials (the online softmax), so the (T, T) weights exist only a block at a
+time, in the core's cache; the backward pass (as in FlashAttention-2, Dao, 2023) recomputes
+them from the log-sum-exp L of each query's scores:
+
+    P = exp(S - L),   dV = P^T dO,   dP = dO V^T,   dS = P * (dP - rowsum(dO * O)),
+    dQ = dS K / sqrt(d_k),   dK = dS^T Q / sqrt(d_k)
+
+The kernel is tformer/kernels/flash_attention.c: bf16 products summed in float32 on AMX
+tiles, the softmax in float32. It reads the heads where the fused projection left them and
+writes the output in the (B, T, C) layout the output projection reads, so no head is copied
+into a layout of its own in torch. It runs where the CPU has AMX (Sapphire Rapids and
+later) and the head width is a multiple of 32; whether it beats the other paths of long
+causal attention is measured on the CPU in use (nn/attention_choice.py). First-order
+gradients only: for second-order ones use the explicit path.
+"""
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from tformer import kernels
+from tformer.kernels.bindings import FLASH_D
+
+
+def flash_takes(q: torch.Tensor) -> bool:
+    """Whether the kernel can run causal self-attention over q's heads (B, H, T, D): bf16
+    on a CPU with AMX, D a multiple of FLASH_D, outside torch.compile."""
+    if q.shape[-1] % FLASH_D:
+        return False
+    library = kernels.load_for(q, (torch.bfloat16,))
+    return library is not None and library.flash_attention_available()
+
+
+def flash_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Causal self-attention without padding in the kernel: (B, H, T, D) x3 bf16 -> same,
+    any strides with D contiguous (the heads of a projection, as split_heads gives them).
+    Only where flash_takes(q)."""
+    library = kernels.load_for(q, (torch.bfloat16,))
+    assert library is not None  # flash_takes said so
+    return FlashCausalAttention.apply(q, k, v, library)
+
+
+class FlashCausalAttention(torch.autograd.Function):
+    """(B, H, T, D) x3 bf16 -> (B, H, T, D) bf16, a view of the kernel's (B, T, H, D)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, library):
+        out, lse = library.flash_attention(q, k, v)  # (B, T, H, D), (B, H, T)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.library = library
+        return out.transpose(1, 2)  # (B, T, H, D) -> (B, H, T, D)
+
+    @staticmethod
+    @once_differentiable  # the kernel's gradient is not itself differentiable
+    def backward(ctx, grad_out):
+        q, k, v, out, lse = ctx.saved_tensors
+        grad_out = grad_out.to(torch.bfloat16)
+        if grad_out.stride(-1) != 1:
+            grad_out = grad_out.contiguous()
+        grad = ctx.library.flash_attention_backward(q, k, v, grad_out, out, lse)
+        # (B, T, 3, H, D): the fused projection's layout, each part -> (B, H, T, D)
+        return (*(grad[:, :, part].transpose(1, 2) for part in range(3)), None)

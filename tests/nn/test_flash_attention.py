@@ -1,0 +1,94 @@
+"""The FlashAttention kernel on AMX against float64 attention and torch's own bf16 kernel."""
+
+import math
+
+import pytest
+import torch
+
+from tformer import kernels
+from tformer.nn.flash_attention import flash_causal, flash_takes
+
+AMX = flash_takes(torch.zeros(1, 1, 1, 32, dtype=torch.bfloat16))
+needs_amx = pytest.mark.skipif(not AMX, reason="the FlashAttention kernel needs a CPU with AMX")
+
+
+def projection(b, h, t, d, seed=0):
+    """A fused projection's output (B, T, 3, H, D) bf16, a leaf for gradients."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(b, t, 3, h, d, generator=g).bfloat16().requires_grad_()
+
+
+def heads(qkv):
+    """q, k, v (B, H, T, D) as split_heads leaves them: views of the projection."""
+    return [qkv[:, :, part].transpose(1, 2) for part in range(3)]
+
+
+def heads_of_a_projection(b, h, t, d, seed=0):
+    return heads(projection(b, h, t, d, seed).detach())
+
+
+def reference(q, k, v):
+    """softmax(Q K^T / sqrt(d) + M) V, and its log-sum-exp per query."""
+    t = q.shape[2]
+    scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])
+    future = torch.ones(t, t, dtype=torch.bool).triu(1)
+    scores = scores.masked_fill(future, float("-inf"))
+    return torch.softmax(scores, -1) @ v, torch.logsumexp(scores, -1)
+
+
+@needs_amx
+@pytest.mark.parametrize(
+    "shape",
+    [(1, 2, 64, 32), (2, 3, 100, 64), (1, 2, 129, 64), (1, 1, 300, 128), (2, 2, 1000, 64)],
+)
+def test_flash_attention_is_as_close_to_float64_as_torchs_bf16_kernel(shape):
+    """Output and gradient of the projection, for sequences in whole blocks and not: the
+    kernel's error against float64 is at most a little over torch's fused bf16 kernel's
+    (bf16 inputs and products, float32 sums, both)."""
+    ours = projection(*shape)
+    torchs = ours.detach().clone().requires_grad_()
+    exact = ours.detach().double().requires_grad_()
+    grad_out = torch.randn(shape, generator=torch.Generator().manual_seed(1)).bfloat16()
+    out = flash_causal(*heads(ours))
+    theirs = torch.nn.functional.scaled_dot_product_attention(*heads(torchs), is_causal=True)
+    expected, _ = reference(*heads(exact))
+    for y, grad in ((out, grad_out), (theirs, grad_out), (expected, grad_out.double())):
+        y.backward(grad)
+    for mine, torch_bf16, truth in [(out, theirs, expected), (ours.grad, torchs.grad, exact.grad)]:
+        scale = truth.abs().max().item()
+        error = (mine.double() - truth).abs().max().item()
+        torch_error = (torch_bf16.double() - truth).abs().max().item()
+        assert error <= 1.25 * torch_error + 2e-3 * scale, (error, torch_error, scale)
+        assert error <= 1e-2 * scale
+
+
+@needs_amx
+def test_flash_attention_keeps_each_querys_log_sum_exp_and_writes_the_projections_layout():
+    q, k, v = heads_of_a_projection(2, 3, 200, 64)
+    library = kernels.load()
+    out, lse = library.flash_attention(q, k, v)
+    expected, expected_lse = reference(q.double(), k.double(), v.double())
+    assert out.shape == (2, 200, 3, 64) and lse.shape == (2, 3, 200)
+    torch.testing.assert_close(lse.double(), expected_lse, rtol=0, atol=1e-4)
+    torch.testing.assert_close(out.transpose(1, 2).double(), expected, rtol=0, atol=2e-2)
+
+
+@needs_amx
+def test_flash_attention_reads_any_strides_and_needs_whole_tile_heads():
+    q, k, v = heads_of_a_projection(1, 2, 70, 32)
+    library = kernels.load()
+    strided, _ = library.flash_attention(q, k, v)
+    contiguous, _ = library.flash_attention(q.contiguous(), k.contiguous(), v.contiguous())
+    assert torch.equal(strided, contiguous)
+    with pytest.raises(ValueError, match="multiple of 32"):
+        library.flash_attention(*(x[..., :16] for x in (q, k, v)))
+    with pytest.raises(ValueError, match="bfloat16"):
+        library.flash_attention(q.float(), k, v)
+    with pytest.raises(ValueError, match="as q"):
+        library.flash_attention(q, k[:, :1], v)
+
+
+def test_flash_attention_is_offered_only_for_bf16_heads_of_whole_tiles():
+    assert not flash_takes(torch.zeros(1, 2, 8, 48, dtype=torch.bfloat16))
+    assert not flash_takes(torch.zeros(1, 2, 8, 64, dtype=torch.float32))
+    assert not flash_takes(torch.zeros(1, 2, 8, 64, dtype=torch.bfloat16, device="meta"))
