@@ -50,6 +50,7 @@ from tformer.nn.dropout import dropout
 from tformer.nn.flash_attention import flash_causal, flash_takes
 from tformer.nn.hooks import HookPoint
 from tformer.nn.kv_cache import KVCache
+from tformer.nn.row_blocks import linear
 from tformer.nn.slot_cache import SlotCache
 
 __all__ = [
@@ -262,11 +263,11 @@ class MultiHeadAttention(nn.Module):
                 raise ValueError(
                     "self-attention takes no memory; use MultiHeadAttention(cross=True)"
                 )
-            return self.w_qkv(x).split(self.d_model, dim=-1)
+            return linear(self.w_qkv, x).split(self.d_model, dim=-1)
         if memory is None:
             raise ValueError("cross-attention needs the memory (or its keys and values)")
         k, v = self.w_kv(memory).split(self.d_model, dim=-1)
-        return self.w_q(x), k, v
+        return linear(self.w_q, x), k, v
 
     def project_memory(self, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Cross-attention's keys and values (B, H, S, D) from the memory (B, S, C).
@@ -308,11 +309,11 @@ class MultiHeadAttention(nn.Module):
                 memory is None and memory_kv is None and cache is None and attention_mask is None
             )
             if plain and kernel_may_take(t, dropout_p, self.hook_pattern):
-                qkv = self.w_qkv(x)  # (B, T, 3C)
+                qkv = linear(self.w_qkv, x)  # (B, T, 3C)
                 library = kernels_for(qkv)
                 if library is not None:
                     out = compiled_causal_attention(qkv, self.n_heads, library)  # (B, T, C)
-                    return self.w_o(out)
+                    return linear(self.w_o, out)
                 projected = qkv.split(self.d_model, dim=-1)  # not bf16 on the CPU: as below
         inference = dropout_p == 0.0 and not torch.is_grad_enabled()  # the kernels: no backward
         self_only = memory is None and memory_kv is None
@@ -378,7 +379,7 @@ class MultiHeadAttention(nn.Module):
             mask = mask.repeat_interleave(group, 0) if mask is not None else None
             out = self.attend(q, k, v, mask, dropout_p)
         out = out.transpose(1, 2).reshape(b, t, self.d_model)  # (B, H, T, D) -> (B, T, C)
-        return self.w_o(out)
+        return linear(self.w_o, out)
 
     def attend(
         self,

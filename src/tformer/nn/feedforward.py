@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from tformer.nn.activations import ACTIVATIONS, Activation, activation_fn, unknown_activation
+from tformer.nn.row_blocks import linear
 
 __all__ = ["ACTIVATIONS", "Activation", "FeedForward"]
 
@@ -31,4 +32,5 @@ class FeedForward(nn.Module):
         return f"activation={self.activation!r}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(activation_fn(self.activation, self.w1(x)))  # (B, T, C) -> (B, T, C)
+        hidden = activation_fn(self.activation, linear(self.w1, x))  # (B, T, C) -> (B, T, d_ff)
+        return linear(self.w2, hidden)  # (B, T, d_ff) -> (B, T, C)

@@ -18,10 +18,9 @@ the two to each other.
 import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
-from torch.nn.modules import module as module_hooks
 
-from tformer.nn.blocked_attention import hooked
 from tformer.nn.measured import dtype_name, fastest, training_runs
+from tformer.nn.row_blocks import autocast_dtype, matmul, plain_linear
 
 VOCAB_SLICE = 8192  # columns per slice of the forward product (docs/LOG.md)
 KIND = "head-v1"  # the measured choices' file and version (nn/measured.py)
@@ -30,10 +29,7 @@ KIND = "head-v1"  # the measured choices' file and version (nn/measured.py)
 def takes_slices(head: nn.Module) -> bool:
     """Whether the head module may be computed here instead: a plain nn.Linear without bias
     that no hook would miss (a forward or backward hook, its own or global)."""
-    if type(head) is not nn.Linear or head.bias is not None or hooked(head):
-        return False
-    backward = head._backward_hooks or head._backward_pre_hooks
-    return not (backward or module_hooks._global_backward_hooks)
+    return plain_linear(head) and head.bias is None
 
 
 def sliced_head_is_faster(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -57,13 +53,6 @@ def sliced_head_is_faster(x: torch.Tensor, weight: torch.Tensor) -> bool:
         return training_runs(make_inputs, paths)
 
     return fastest(KIND, key, ("whole", "sliced"), candidates) == "sliced"
-
-
-def autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
-    """The dtype CPU autocast would multiply x in (float32 only is cast), or None."""
-    if torch.is_autocast_enabled("cpu") and x.dtype == torch.float32:
-        return torch.get_autocast_dtype("cpu")
-    return None
 
 
 def sliced_head(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -100,7 +89,7 @@ class SlicedHead(torch.autograd.Function):
         grad = grad_out.reshape(-1, w.shape[0]).to(w.dtype)  # (N, V)
         grad_x = grad_w = None
         if ctx.needs_input_grad[0]:
-            grad_x = (grad @ w).to(ctx.x_dtype).view(ctx.shape)  # (N, C) -> (..., C)
+            grad_x = matmul(grad, w).to(ctx.x_dtype).view(ctx.shape)  # (N, C) -> (..., C)
         if ctx.needs_input_grad[1]:
             grad_w = (grad.t() @ rows).to(ctx.weight_dtype)  # (V, C)
         return grad_x, grad_w

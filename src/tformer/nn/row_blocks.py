@@ -1,0 +1,137 @@
+"""A training step's linear layers with each matrix product in blocks of rows where faster.
+
+A linear layer is y = x W^T + b, and its backward pass two more products,
+
+    dx = dy W,   dW = dy^T x,   db = sum over rows of dy.
+
+The rows of a product are independent: A B = [A_1 B; A_2 B] for A's rows split in two, each
+half written straight into its place in the one output, so the values are the product's
+(every element sums over the same terms). Only the speed differs: on the Intel machine,
+torch's bf16 matmul runs the products whose output is model-wide (N = 768 for GPT-2) but
+whose sum is long (K = 2304, 3072) at half the speed of the same product as two calls of
+half the rows (docs/LOG.md, session 22), while wide outputs lose by the split. So each
+product's shape, layout and dtype is timed once on the CPU in use, whole against halves,
+and the faster kept (nn/measured.py). The plain path is nn.Linear; a test holds the two to
+each other.
+"""
+
+import torch
+from torch import nn
+from torch.autograd.function import once_differentiable
+from torch.nn.modules import module as module_hooks
+
+from tformer.nn.blocked_attention import hooked
+from tformer.nn.measured import dtype_name, fastest
+
+KIND = "matmul-v1"  # the measured choices' file and version (nn/measured.py)
+NAMES = ("whole", "halves")
+MIN_ROWS = 256  # fewer rows than this: one call (a split would only add a call's cost)
+
+
+def linear(module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """module(x), (..., K) -> (..., N), with its products in row blocks where faster: in a
+    training step on the CPU, for a plain nn.Linear that no hook would miss; otherwise the
+    module itself."""
+    if x.device.type == "cpu" and torch.is_grad_enabled() and plain_linear(module):
+        return RowBlockLinear.apply(x, module.weight, module.bias)
+    return module(x)
+
+
+def plain_linear(module: nn.Module) -> bool:
+    """Whether `module` is a plain nn.Linear (not an adapter wrapping one) that no hook
+    would miss: a forward or backward hook, its own or global."""
+    if type(module) is not nn.Linear or hooked(module):
+        return False
+    backward = module._backward_hooks or module._backward_pre_hooks
+    return not (backward or module_hooks._global_backward_hooks)
+
+
+def autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
+    """The dtype CPU autocast would multiply x in (float32 only is cast), or None."""
+    if torch.is_autocast_enabled("cpu") and x.dtype == torch.float32:
+        return torch.get_autocast_dtype("cpu")
+    return None
+
+
+def matmul(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """a b (+ bias): (M, K) x (K, N) -> (M, N), whole or in two blocks of rows, whichever
+    this CPU runs faster for the shape, the operands' layouts and the dtype."""
+    m, n = a.shape[0], b.shape[1]
+    if a.device.type != "cpu" or m < MIN_ROWS or m % 2 or not halves_are_faster(a, b):
+        return torch.mm(a, b) if bias is None else torch.addmm(bias, a, b)
+    return in_halves(a, b, bias, torch.empty(m, n, dtype=a.dtype, device=a.device))
+
+
+def in_halves(
+    a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor
+) -> torch.Tensor:
+    """out = a b (+ bias), the first half of a's rows, then the second, each into its rows."""
+    half = a.shape[0] // 2
+    for rows in (slice(0, half), slice(half, None)):
+        if bias is None:
+            torch.mm(a[rows], b, out=out[rows])
+        else:
+            torch.addmm(bias, a[rows], b, out=out[rows])
+    return out
+
+
+def layout(x: torch.Tensor) -> str:
+    """ "n" for a row-major matrix, "t" for a transposed one (column-major), "s" otherwise."""
+    if x.stride(1) == 1:
+        return "n"
+    return "t" if x.stride(0) == 1 else "s"
+
+
+def halves_are_faster(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether a b runs faster as two products of half the rows on this CPU, as timed once
+    for the shape M x K x N, the layouts and the dtype."""
+    (m, k), n = a.shape, b.shape[1]
+    key = f"{m}x{k}x{n} {layout(a)}{layout(b)} {dtype_name(a.dtype)}"
+
+    def candidates():
+        g = torch.Generator().manual_seed(0)
+        a_ = torch.randn(a.shape[::-1] if layout(a) == "t" else a.shape, generator=g)
+        b_ = torch.randn(b.shape[::-1] if layout(b) == "t" else b.shape, generator=g)
+        a_ = (a_.t() if layout(a) == "t" else a_).to(a.dtype)
+        b_ = (b_.t() if layout(b) == "t" else b_).to(b.dtype)
+        out = torch.empty(m, n, dtype=a.dtype)
+        return {
+            "whole": lambda: torch.mm(a_, b_, out=out),
+            "halves": lambda: in_halves(a_, b_, None, out),
+        }
+
+    return fastest(KIND, key, NAMES, candidates) == "halves"
+
+
+class RowBlockLinear(torch.autograd.Function):
+    """y = x W^T + b with each of its three products through `matmul`: x (..., K), weight
+    (N, K), bias (N,) or None -> (..., N). Under autocast float32 inputs are cast to its
+    dtype first, and the gradients cast back, as nn.Linear's are. First-order only."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        dtype = autocast_dtype(x) or x.dtype
+        rows = x.reshape(-1, x.shape[-1]).to(dtype)  # (M, K)
+        w = weight.to(dtype)  # (N, K)
+        with torch.autocast("cpu", enabled=False):
+            out = matmul(rows, w.t(), None if bias is None else bias.to(dtype))  # (M, N)
+        ctx.save_for_backward(rows, w)
+        ctx.dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype)
+        ctx.shape = x.shape
+        return out.view(*x.shape[:-1], w.shape[0])
+
+    @staticmethod
+    @once_differentiable  # the backward's products are not themselves differentiated
+    def backward(ctx, grad_out):
+        rows, w = ctx.saved_tensors
+        x_dtype, weight_dtype, bias_dtype = ctx.dtypes
+        grad = grad_out.reshape(-1, w.shape[0]).to(w.dtype)  # (M, N)
+        grad_x = grad_w = grad_b = None
+        with torch.autocast("cpu", enabled=False):
+            if ctx.needs_input_grad[0]:
+                grad_x = matmul(grad, w).to(x_dtype).view(ctx.shape)  # (M, K) -> (..., K)
+            if ctx.needs_input_grad[1]:
+                grad_w = matmul(grad.t(), rows).to(weight_dtype)  # (N, K)
+            if bias_dtype is not None and ctx.needs_input_grad[2]:
+                grad_b = grad.sum(0).to(bias_dtype)  # (N,)
+        return grad_x, grad_w, grad_b
