@@ -150,6 +150,18 @@ static inline void store_pairs(uint16_t *dst, __m512 even, __m512 odd) {
     _mm512_storeu_si512(dst, _mm512_permutexvar_epi16(order, both));
 }
 
+/* Lanes 0 .. n - 1 of 16 (none for n <= 0, all for n >= 16). */
+static inline __mmask16 first_lanes(int64_t n) {
+    return n >= 16 ? 0xFFFF : n <= 0 ? 0 : (__mmask16)((1u << n) - 1);
+}
+
+/* l st for the 16 lanes l: where 16 rows, st bf16 apart, start. */
+static inline __m512i row_offsets(int64_t st) {
+    return _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3,
+                                               2, 1, 0),
+                              _mm512_set1_epi32((int32_t)st));
+}
+
 /* The layouts of the header, from a head's rows src (row t at src + t st, D contiguous)
    into tp padded rows. */
 static void copy_rows(const uint16_t *src, int64_t st, int64_t t_size, int64_t tp,
@@ -161,13 +173,16 @@ static void copy_rows(const uint16_t *src, int64_t st, int64_t t_size, int64_t t
 
 static void copy_columns(const uint16_t *src, int64_t st, int64_t t_size, int64_t tp,
                          int64_t d_size, uint16_t *dst) {
-    const int64_t words = d_size / 2; /* a pair (d, d + 1) of one row is one 32-bit word */
-    for (int64_t t = 0; t < tp; t++) {
-        uint16_t *block = dst + (t / 16) * 32 * words + 2 * (t % 16);
-        for (int64_t w = 0; w < words; w++) {
-            if (t < t_size) memcpy(block + 32 * w, src + t * st + 2 * w, 4);
-            else memset(block + 32 * w, 0, 4);
-        }
+    /* A pair (d, d + 1) of one row is one 32-bit word: 16 rows' words are gathered into
+       16 consecutive ones. */
+    const __m512i rows = row_offsets(st);
+    for (int64_t t0 = 0; t0 < tp; t0 += 16) {
+        const __mmask16 real = first_lanes(t_size - t0);
+        uint16_t *block = dst + t0 * d_size;
+        for (int64_t d = 0; d < d_size; d += 2)
+            _mm512_storeu_si512(block + 16 * d,
+                                _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), real, rows,
+                                                            src + t0 * st + d, 2));
     }
 }
 
@@ -192,10 +207,32 @@ static void copy_pairs(const uint16_t *src, int64_t st, int64_t t_size, int64_t 
 
 static void copy_blocks(const uint16_t *src, int64_t st, int64_t t_size, int64_t tp,
                         int64_t d_size, uint16_t *dst) {
-    for (int64_t t = 0; t < tp; t++) {
-        uint16_t *block = dst + (t / 32) * 32 * d_size + t % 32;
-        for (int64_t d = 0; d < d_size; d++) block[d * 32] = t < t_size ? src[t * st + d] : 0;
+    /* 16 rows' pairs (d, d + 1) gathered as words, twice (rows 0-15, 16-31), then split
+       into d's 32 values and d + 1's. */
+    const __m512i rows = row_offsets(st);
+    const __m512i even = _mm512_set_epi16(62, 60, 58, 56, 54, 52, 50, 48, 46, 44, 42, 40, 38,
+                                          36, 34, 32, 30, 28, 26, 24, 22, 20, 18, 16, 14, 12,
+                                          10, 8, 6, 4, 2, 0);
+    const __m512i odd = _mm512_add_epi16(even, _mm512_set1_epi16(1));
+    for (int64_t t0 = 0; t0 < tp; t0 += 32) {
+        const __mmask16 low_real = first_lanes(t_size - t0);
+        const __mmask16 high_real = first_lanes(t_size - t0 - 16);
+        uint16_t *block = dst + t0 * d_size;
+        for (int64_t d = 0; d < d_size; d += 2) {
+            const __m512i low = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), low_real,
+                                                            rows, src + t0 * st + d, 2);
+            const __m512i high = _mm512_mask_i32gather_epi32(
+                _mm512_setzero_si512(), high_real, rows, src + (t0 + 16) * st + d, 2);
+            _mm512_storeu_si512(block + 32 * d, _mm512_permutex2var_epi16(low, even, high));
+            _mm512_storeu_si512(block + 32 * (d + 1), _mm512_permutex2var_epi16(low, odd, high));
+        }
     }
+}
+
+/* 16 bf16 as floats. */
+static inline __m512 load_bf16(const uint16_t *src) {
+    const __m256i bits = _mm256_loadu_si256((const __m256i *)src);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
 }
 
 /* One row's chunk of n scores s (unscaled), of which the first `visible` are not masked:
@@ -206,9 +243,7 @@ static inline void online_softmax(const float *s, int64_t n, int64_t visible, fl
     const __m512 scale16 = _mm512_set1_ps(scale);
     __m512 top = _mm512_set1_ps(-INFINITY);
     for (int64_t j = 0; j < n; j += 16) {
-        const __mmask16 seen = visible - j >= 16 ? 0xFFFF
-                               : visible - j <= 0 ? 0
-                                                  : (__mmask16)((1u << (visible - j)) - 1);
+        const __mmask16 seen = first_lanes(visible - j);
         top = _mm512_mask_max_ps(top, seen, top, _mm512_mul_ps(_mm512_loadu_ps(s + j), scale16));
     }
     const float m_new = fmaxf(*m, _mm512_reduce_max_ps(top));
@@ -216,9 +251,7 @@ static inline void online_softmax(const float *s, int64_t n, int64_t visible, fl
     const __m512 shift = _mm512_set1_ps(m_new);
     __m512 sum = _mm512_setzero_ps();
     for (int64_t j = 0; j < n; j += 16) {
-        const __mmask16 seen = visible - j >= 16 ? 0xFFFF
-                               : visible - j <= 0 ? 0
-                                                  : (__mmask16)((1u << (visible - j)) - 1);
+        const __mmask16 seen = first_lanes(visible - j);
         __m512 x = _mm512_sub_ps(_mm512_mul_ps(_mm512_loadu_ps(s + j), scale16), shift);
         __m512 e = _mm512_maskz_mov_ps(seen, exp16(x));
         sum = _mm512_add_ps(sum, e);
@@ -323,8 +356,10 @@ static void backward_head(const struct heads *x, int64_t b, int64_t h, const uin
         float sum = 0.0f;
         if (i < t_size) {
             const uint16_t *oi = out + (b * t_size + i) * c + h * d_size, *gi = go + i * st[11];
-            for (int64_t d = 0; d < d_size; d++)
-                sum += bf16_bits_to_float(oi[d]) * bf16_bits_to_float(gi[d]);
+            __m512 products = _mm512_setzero_ps();
+            for (int64_t d = 0; d < d_size; d += 16)
+                products = _mm512_fmadd_ps(load_bf16(oi + d), load_bf16(gi + d), products);
+            sum = _mm512_reduce_add_ps(products);
         }
         delta[i] = sum;
         l[i] = i < t_size ? lse[(b * h_size + h) * t_size + i] : INFINITY; /* P = 0 */
@@ -394,10 +429,13 @@ static void backward_head(const struct heads *x, int64_t b, int64_t h, const uin
             }
         }
     }
+    const __m512i columns = row_offsets(32); /* 16 d's places in a block of dQ^T */
     for (int64_t i = 0; i < t_size; i++) { /* dQ = s (dQ^T)^T */
         uint16_t *row = grad + (b * t_size + i) * 3 * c + h * d_size;
         const float *block = dqt + (i / 32) * 32 * d_size + i % 32;
-        for (int64_t d = 0; d < d_size; d++) row[d] = float_to_bf16_bits(block[d * 32] * scale);
+        for (int64_t d = 0; d < d_size; d += 16)
+            store_bf16(row + d, _mm512_mul_ps(_mm512_i32gather_ps(columns, block + d * 32, 4),
+                                              scale16));
     }
 }
 

@@ -24,7 +24,6 @@ from tformer.nn.blocked_attention import hooked
 from tformer.nn.measured import dtype_name, fastest
 
 KIND = "matmul-v1"  # the measured choices' file and version (nn/measured.py)
-NAMES = ("whole", "halves")
 MIN_ROWS = 256  # fewer rows than this: one call (a split would only add a call's cost)
 
 
@@ -54,12 +53,15 @@ def autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
 
 
 def matmul(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """a b (+ bias): (M, K) x (K, N) -> (M, N), whole or in two blocks of rows, whichever
-    this CPU runs faster for the shape, the operands' layouts and the dtype."""
-    m, n = a.shape[0], b.shape[1]
-    if a.device.type != "cpu" or m < MIN_ROWS or m % 2 or not halves_are_faster(a, b):
-        return torch.mm(a, b) if bias is None else torch.addmm(bias, a, b)
-    return in_halves(a, b, bias, torch.empty(m, n, dtype=a.dtype, device=a.device))
+    """a b (+ bias): (M, K) x (K, N) -> (M, N) on the path this CPU runs fastest for the
+    shape, the operands' layouts and the dtype (fastest_path)."""
+    path = fastest_path(a, b) if a.device.type == "cpu" and a.shape[0] >= MIN_ROWS else "whole"
+    if path == "halves":
+        out = torch.empty(a.shape[0], b.shape[1], dtype=a.dtype, device=a.device)
+        return in_halves(a, b, bias, out)
+    if path == "copied":
+        a = a.contiguous()
+    return torch.mm(a, b) if bias is None else torch.addmm(bias, a, b)
 
 
 def in_halves(
@@ -82,25 +84,36 @@ def layout(x: torch.Tensor) -> str:
     return "t" if x.stride(0) == 1 else "s"
 
 
-def halves_are_faster(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Whether a b runs faster as two products of half the rows on this CPU, as timed once
-    for the shape M x K x N, the layouts and the dtype."""
+def fastest_path(a: torch.Tensor, b: torch.Tensor) -> str:
+    """How a b runs fastest on this CPU, as timed once for the shape M x K x N, the layouts
+    and the dtype: "whole" (one call), "halves" (two calls of half the rows, M even) or,
+    where a is transposed, "copied" (a copied row-major first: torch's matmul reads a
+    transposed left operand at half speed on some CPUs, docs/LOG.md)."""
     (m, k), n = a.shape, b.shape[1]
+    names = (
+        ("whole",) + (("halves",) if m % 2 == 0 else ()) + (("copied",) if layout(a) == "t" else ())
+    )
     key = f"{m}x{k}x{n} {layout(a)}{layout(b)} {dtype_name(a.dtype)}"
 
     def candidates():
         g = torch.Generator().manual_seed(0)
-        a_ = torch.randn(a.shape[::-1] if layout(a) == "t" else a.shape, generator=g)
-        b_ = torch.randn(b.shape[::-1] if layout(b) == "t" else b.shape, generator=g)
-        a_ = (a_.t() if layout(a) == "t" else a_).to(a.dtype)
-        b_ = (b_.t() if layout(b) == "t" else b_).to(b.dtype)
+        a_, b_ = (like(x, g) for x in (a, b))
         out = torch.empty(m, n, dtype=a.dtype)
-        return {
+        paths = {
             "whole": lambda: torch.mm(a_, b_, out=out),
             "halves": lambda: in_halves(a_, b_, None, out),
+            "copied": lambda: torch.mm(a_.contiguous(), b_, out=out),
         }
+        return {name: paths[name] for name in names}
 
-    return fastest(KIND, key, NAMES, candidates) == "halves"
+    return fastest(KIND, key, names, candidates)
+
+
+def like(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """A random matrix of x's shape, dtype and layout (row-major, or transposed)."""
+    if layout(x) == "t":
+        return torch.randn(x.shape[::-1], generator=g).to(x.dtype).t()
+    return torch.randn(x.shape, generator=g).to(x.dtype)
 
 
 class RowBlockLinear(torch.autograd.Function):

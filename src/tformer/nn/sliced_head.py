@@ -91,5 +91,5 @@ class SlicedHead(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_x = matmul(grad, w).to(ctx.x_dtype).view(ctx.shape)  # (N, C) -> (..., C)
         if ctx.needs_input_grad[1]:
-            grad_w = (grad.t() @ rows).to(ctx.weight_dtype)  # (V, C)
+            grad_w = matmul(grad.t(), rows).to(ctx.weight_dtype)  # (V, C)
         return grad_x, grad_w
