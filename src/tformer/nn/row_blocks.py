@@ -24,15 +24,19 @@ from tformer.nn.blocked_attention import hooked
 from tformer.nn.measured import dtype_name, fastest
 
 KIND = "matmul-v1"  # the measured choices' file and version (nn/measured.py)
-MIN_ROWS = 256  # fewer rows than this: one call (a split would only add a call's cost)
+# Smaller products than these run whole, through nn.Linear itself: a split would only add
+# a call's cost, and this path's Python costs more than a small product gains.
+MIN_ROWS = 256
+MIN_WEIGHT = 1 << 18  # weight elements, K N (512 x 512)
 
 
 def linear(module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     """module(x), (..., K) -> (..., N), with its products in row blocks where faster: in a
-    training step on the CPU, for a plain nn.Linear that no hook would miss; otherwise the
-    module itself."""
+    training step on the CPU, for a plain nn.Linear that no hook would miss, of at least
+    MIN_WEIGHT weights over at least MIN_ROWS rows; otherwise the module itself."""
     if x.device.type == "cpu" and torch.is_grad_enabled() and plain_linear(module):
-        return RowBlockLinear.apply(x, module.weight, module.bias)
+        if module.weight.numel() >= MIN_WEIGHT and x.numel() >= MIN_ROWS * x.shape[-1]:
+            return RowBlockLinear.apply(x, module.weight, module.bias)
     return module(x)
 
 
