@@ -34,10 +34,16 @@ def linear(module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     """module(x), (..., K) -> (..., N), with its products in row blocks where faster: in a
     training step on the CPU, for a plain nn.Linear that no hook would miss, of at least
     MIN_WEIGHT weights over at least MIN_ROWS rows; otherwise the module itself."""
-    if x.device.type == "cpu" and torch.is_grad_enabled() and plain_linear(module):
-        if module.weight.numel() >= MIN_WEIGHT and x.numel() >= MIN_ROWS * x.shape[-1]:
-            return RowBlockLinear.apply(x, module.weight, module.bias)
+    if x.device.type == "cpu" and torch.is_grad_enabled() and large_plain_linear(module, x):
+        return RowBlockLinear.apply(x, module.weight, module.bias)
     return module(x)
+
+
+def large_plain_linear(module: nn.Module, x: torch.Tensor) -> bool:
+    """A plain_linear module of at least MIN_WEIGHT weights, over at least MIN_ROWS rows."""
+    if not plain_linear(module):
+        return False
+    return module.weight.numel() >= MIN_WEIGHT and x.numel() >= MIN_ROWS * x.shape[-1]
 
 
 def plain_linear(module: nn.Module) -> bool:
