@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from tformer import kernels
-from tformer.nn.attention_choice import AttentionPath, long_attention_path
+from tformer.nn.attention_choice import AttentionPath, long_attention_path, short_attention_path
 from tformer.nn.blocked_attention import (
     QUERY_BLOCK,
     blocked_causal_attention,
@@ -47,7 +47,7 @@ from tformer.nn.blocked_attention import (
     kernels_for,
 )
 from tformer.nn.dropout import dropout
-from tformer.nn.flash_attention import flash_causal, flash_takes
+from tformer.nn.flash_attention import flash_causal, flash_causal_projection, flash_takes
 from tformer.nn.hooks import HookPoint
 from tformer.nn.kv_cache import KVCache
 from tformer.nn.row_blocks import linear
@@ -164,6 +164,23 @@ def blocked_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.T
 def fused_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """The same through torch's fused kernel: (B, H, T, D) x3 -> (B, H, T, D)."""
     return fused_attention(q, k, v, is_causal=True)
+
+
+def short_causal_attention(
+    qkv: torch.Tensor, n_heads: int, library: kernels.Kernels
+) -> torch.Tensor:
+    """Short causal self-attention of the fused projection qkv (B, T, 3C) bf16 -> (B, T, C):
+    the compiled kernel, or in training the FlashAttention kernel where the CPU has AMX and
+    that trains faster here (nn/attention_choice.py)."""
+    heads = qkv.unflatten(-1, (3 * n_heads, -1))  # (B, T, 3C) -> (B, T, 3H, D), a view
+    if torch.is_grad_enabled() and flash_takes(heads):
+        paths = {
+            "kernel": lambda x: compiled_causal_attention(x, n_heads, library),
+            "flash": lambda x: flash_causal_projection(x, n_heads),
+        }
+        chosen = short_attention_path(qkv, n_heads, paths)
+        return paths[chosen](qkv)
+    return compiled_causal_attention(qkv, n_heads, library)
 
 
 def long_attention_paths(q: torch.Tensor) -> dict[str, AttentionPath]:
@@ -312,7 +329,7 @@ class MultiHeadAttention(nn.Module):
                 qkv = linear(self.w_qkv, x)  # (B, T, 3C)
                 library = kernels_for(qkv)
                 if library is not None:
-                    out = compiled_causal_attention(qkv, self.n_heads, library)  # (B, T, C)
+                    out = short_causal_attention(qkv, self.n_heads, library)  # (B, T, C)
                     return linear(self.w_o, out)
                 projected = qkv.split(self.d_model, dim=-1)  # not bf16 on the CPU: as below
         inference = dropout_p == 0.0 and not torch.is_grad_enabled()  # the kernels: no backward

@@ -21,6 +21,8 @@ from tformer.nn.measured import dtype_name, fastest, training_runs
 KIND = "attention-v2"  # the measured choices' file and version (nn/measured.py)
 # a path of causal self-attention: (q, k, v) -> out, each (B, H, T, D)
 AttentionPath = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+# a path of short causal self-attention: the fused projection (B, T, 3C) -> (B, T, C)
+ProjectionPath = Callable[[torch.Tensor], torch.Tensor]
 
 
 def choice_key(q: torch.Tensor) -> str:
@@ -48,3 +50,21 @@ def long_attention_path(q: torch.Tensor, paths: dict[str, AttentionPath]) -> str
         return training_runs(make_inputs, paths)
 
     return fastest(KIND, choice_key(q), tuple(paths), candidates)
+
+
+def short_attention_path(qkv: torch.Tensor, n_heads: int, paths: dict[str, ProjectionPath]) -> str:
+    """The name of the fastest of `paths` for short causal self-attention (no more than
+    QUERY_BLOCK positions) over the fused projection qkv (B, T, 3C) of n_heads heads, timed
+    as long_attention_path's are."""
+    b, t, width = qkv.shape
+
+    def make_inputs() -> list[torch.Tensor]:
+        g = torch.Generator().manual_seed(0)
+        projection = torch.randn(b, t, width, generator=g).to(qkv.dtype)
+        return [projection, torch.randn(b, t, width // 3, generator=g).to(qkv.dtype)]
+
+    def candidates():
+        return training_runs(make_inputs, paths)
+
+    key = f"{b}x{t}x{width} {n_heads} heads, short {dtype_name(qkv.dtype)}"
+    return fastest(KIND, key, tuple(paths), candidates)

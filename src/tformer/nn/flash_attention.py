@@ -46,6 +46,15 @@ def flash_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Ten
     return FlashCausalAttention.apply(q, k, v, library)
 
 
+def flash_causal_projection(qkv: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """The same from the fused projection: qkv (B, T, 3C) bf16 -> (B, T, C) bf16, the heads
+    side by side, as the output projection reads them. Only where flash_takes(qkv's heads)."""
+    b, t, _ = qkv.shape
+    heads = qkv.view(b, t, 3, n_heads, -1)  # (B, T, 3C) -> (B, T, 3, H, D)
+    q, k, v = (heads[:, :, part].transpose(1, 2) for part in range(3))  # (B, H, T, D)
+    return flash_causal(q, k, v).transpose(1, 2).reshape(b, t, -1)  # -> (B, T, C), no copy
+
+
 class FlashCausalAttention(torch.autograd.Function):
     """(B, H, T, D) x3 bf16 -> (B, H, T, D) bf16, a view of the kernel's (B, T, H, D)."""
 
