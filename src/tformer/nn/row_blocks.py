@@ -32,16 +32,18 @@ MIN_WEIGHT = 1 << 18  # weight elements, K N (512 x 512)
 
 def linear(module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     """module(x), (..., K) -> (..., N), with its products in row blocks where faster: in a
-    training step on the CPU, for a plain nn.Linear that no hook would miss, of at least
-    MIN_WEIGHT weights over at least MIN_ROWS rows; otherwise the module itself."""
+    training step on the CPU, for a large_plain_linear; otherwise the module itself."""
     if x.device.type == "cpu" and torch.is_grad_enabled() and large_plain_linear(module, x):
         return RowBlockLinear.apply(x, module.weight, module.bias)
     return module(x)
 
 
 def large_plain_linear(module: nn.Module, x: torch.Tensor) -> bool:
-    """A plain_linear module of at least MIN_WEIGHT weights, over at least MIN_ROWS rows."""
-    if not plain_linear(module):
+    """A plain_linear module of at least MIN_WEIGHT weights, over at least MIN_ROWS rows,
+    multiplying in bf16 or float16 (its input's dtype, or autocast's). float32 products
+    stay on nn.Linear: no split was faster there, and this path cost 2.7% of a GPT-2 step
+    in float32 with every product whole (docs/LOG.md)."""
+    if not plain_linear(module) or (autocast_dtype(x) or x.dtype) == torch.float32:
         return False
     return module.weight.numel() >= MIN_WEIGHT and x.numel() >= MIN_ROWS * x.shape[-1]
 
