@@ -97,3 +97,42 @@ def test_the_first_timing_inside_a_checkpointed_layer_trains(private_cache):
     out.float().sum().backward()
     assert x.grad is not None and torch.isfinite(x.grad).all()
     assert measured.choices_file(choice.KIND).exists()  # it was timed in there
+
+
+@pytest.mark.parametrize("path", ["kernel", "flash"])
+def test_each_choice_of_short_attention_trains_as_the_explicit_path(monkeypatch, path):
+    """At most QUERY_BLOCK positions: the compiled kernel or, where the CPU has AMX, the
+    FlashAttention kernel, as chosen for the shape (forced here)."""
+    if path == "flash" and not flash_takes(torch.zeros(1, 1, 1, 32, dtype=torch.bfloat16)):
+        pytest.skip("the FlashAttention kernel needs a CPU with AMX")
+    t, width, heads = QUERY_BLOCK - 28, 128, 4
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, t, width, generator=g)
+    grad = torch.randn(2, t, width, generator=g)
+    torch.manual_seed(0)
+    explicit = MultiHeadAttention(width, heads, causal=True, implementation="explicit")
+    blocked = MultiHeadAttention(width, heads, causal=True, implementation="blocked")
+    blocked.load_state_dict(explicit.state_dict())
+    key = (choice.KIND, f"2x{t}x{3 * width} {heads} heads, short bfloat16", torch.get_num_threads())
+    monkeypatch.setitem(measured._chosen, key, path)
+    taken = []
+    for name in ("compiled_causal_attention", "flash_causal_projection"):
+        original = getattr(attention_module, name)
+
+        def recorded(*args, original=original, name=name):
+            taken.append(name)
+            return original(*args)
+
+        monkeypatch.setattr(attention_module, name, recorded)
+    results = []
+    for module in (explicit, blocked):
+        inputs = x.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = module(inputs)
+        out.float().backward(grad)
+        results.append([out.float(), inputs.grad, *(p.grad for p in module.parameters())])
+    for ours, reference in zip(results[1], results[0], strict=True):
+        scale = reference.abs().max()
+        torch.testing.assert_close(ours / scale, reference / scale, rtol=0, atol=2e-2)
+    expected = "compiled_causal_attention" if path == "kernel" else "flash_causal_projection"
+    assert taken == [expected]

@@ -304,3 +304,18 @@ def test_fit_flushes_denormals_while_it_trains_and_restores_the_caller_s_setting
         assert library.denormals_flushed() is caller_flushes
     flush_denormals(False)
     assert seen == [True, True, True, True]  # flushed during every step
+
+
+def test_training_leaves_the_objects_alive_before_it_out_of_the_collectors_passes():
+    import gc
+
+    from tformer.train.trainer import long_lived_objects_frozen
+
+    before = gc.get_freeze_count()
+    with long_lived_objects_frozen():
+        assert gc.get_freeze_count() > before
+        garbage = [[]]
+        garbage[0].append(garbage)  # a cycle made inside is still collected
+        del garbage
+        assert gc.collect() >= 1
+    assert gc.get_freeze_count() == before

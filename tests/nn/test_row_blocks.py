@@ -1,0 +1,97 @@
+import pytest
+import torch
+from torch import nn
+
+from tformer.nn import measured
+from tformer.nn import row_blocks as rb
+from tformer.nn.row_blocks import RowBlockLinear, fastest_path, linear, matmul
+
+
+def operands(m, k, n, dtype, a_layout, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(m, k, generator=g)
+    a = (a.t().contiguous().t() if a_layout == "t" else a).to(dtype)  # same values, transposed
+    return a, torch.randn(k, n, generator=g).to(dtype), torch.randn(n, generator=g).to(dtype)
+
+
+def force(monkeypatch, path):
+    monkeypatch.setattr(rb, "fastest_path", lambda a, b: path)
+
+
+@pytest.mark.parametrize("path", ["whole", "halves", "copied"])
+@pytest.mark.parametrize("a_layout", ["n", "t"])
+def test_every_path_is_the_product_to_its_summing_order(monkeypatch, path, a_layout):
+    """Each element sums the same k products on every path: float64 agrees to rounding, and
+    bf16 to the order of the float32 sum (far inside one bf16 step)."""
+    for dtype, tolerance in ((torch.float64, 1e-12), (torch.bfloat16, 2**-8)):
+        a, b, bias = operands(512, 48, 40, dtype, a_layout)
+        force(monkeypatch, path)
+        expected = (a.double() @ b.double() + bias.double()).to(dtype)
+        for with_bias in (False, True):
+            out = matmul(a, b, bias if with_bias else None)
+            reference = expected if with_bias else (a.double() @ b.double()).to(dtype)
+            assert out.shape == (512, 40) and out.dtype == dtype and out.is_contiguous()
+            torch.testing.assert_close(
+                out.double(), reference.double(), rtol=tolerance, atol=tolerance
+            )
+
+
+def test_too_few_rows_never_time_a_split(monkeypatch):
+    monkeypatch.setattr(rb, "fastest_path", lambda a, b: pytest.fail("timed"))
+    a, b, _ = operands(rb.MIN_ROWS - 2, 8, 8, torch.bfloat16, "n")
+    torch.testing.assert_close(matmul(a, b), a @ b)
+
+
+def test_the_path_is_timed_once_per_shape_layout_and_dtype():
+    a, b, _ = operands(512, 32, 16, torch.bfloat16, "t")
+    chosen = fastest_path(a, b)
+    assert chosen in ("whole", "halves", "copied")
+    known = measured.read_choices(measured.choices_file(rb.KIND), ("whole", "halves", "copied"))
+    assert known == {"512x32x16 tn bfloat16": chosen}
+    odd = operands(513, 32, 16, torch.bfloat16, "n")[:2]
+    assert fastest_path(*odd) == "whole"  # one candidate: nothing to time
+    assert "halves" not in measured.read_choices(measured.choices_file(rb.KIND), ("halves",))
+
+
+@pytest.mark.parametrize("path", ["whole", "halves", "copied"])
+def test_row_block_linear_trains_as_nn_linear_under_bf16_autocast(monkeypatch, path):
+    """Output and the gradients of x, W and b, against nn.Linear's own bf16 autocast path:
+    the same bf16 products, in the same dtypes (the gradients cast back to float32)."""
+    force(monkeypatch, path)
+    g = torch.Generator().manual_seed(1)
+    layer = nn.Linear(96, 80)
+    x = torch.randn(2, 300, 96, generator=g)
+    grad = torch.randn(2, 300, 80, generator=g)
+    results = []
+    for run in (lambda x_: RowBlockLinear.apply(x_, layer.weight, layer.bias), layer):
+        layer.zero_grad()
+        x_ = x.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = run(x_)
+        out.float().backward(grad)
+        results.append((out, x_.grad, layer.weight.grad.clone(), layer.bias.grad.clone()))
+    for ours, theirs in zip(*results, strict=True):
+        assert ours.dtype == theirs.dtype and ours.shape == theirs.shape
+        scale = theirs.abs().max()
+        torch.testing.assert_close(ours / scale, theirs / scale, rtol=0, atol=2**-7)
+
+
+def grad_nodes(out):
+    return {type(out.grad_fn).__name__}
+
+
+def test_linear_takes_the_row_blocks_only_for_large_plain_bf16_layers_in_training():
+    large, small = nn.Linear(512, 512), nn.Linear(64, 64)
+    x = torch.randn(1, rb.MIN_ROWS, 512)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert grad_nodes(linear(large, x)) == {"RowBlockLinearBackward"}
+        assert grad_nodes(linear(large, x.bfloat16())) == {"RowBlockLinearBackward"}
+        assert grad_nodes(linear(small, x[..., :64])) != {"RowBlockLinearBackward"}
+        assert grad_nodes(linear(large, x[:, :8])) != {"RowBlockLinearBackward"}  # few rows
+        with torch.no_grad():
+            assert linear(large, x).grad_fn is None
+        handle = large.register_forward_hook(lambda module, args, out: None)
+        assert grad_nodes(linear(large, x)) != {"RowBlockLinearBackward"}  # the hook sees it
+        handle.remove()
+    # float32 products stay nn.Linear's
+    assert grad_nodes(linear(large, x)) != {"RowBlockLinearBackward"}
