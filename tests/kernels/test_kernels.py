@@ -393,7 +393,10 @@ def test_gelu_tanh_and_its_gradient_match_the_formula_in_float64(compiled, dtype
     exact = x * s
     slope = math.sqrt(2 / math.pi) * (1 + 3 * 0.044715 * x**2)
     exact_grad = grad.double() * (s + torch.nan_to_num(2 * x * s * (1 - s) * slope))
-    y, dz = compiled.gelu_tanh(z), compiled.gelu_tanh_backward(grad, z)
+    y = compiled.gelu_tanh(z)
+    y_too, derivative = compiled.gelu_tanh_and_derivative(z)  # the forward pass in training
+    assert torch.equal(y_too, y) and derivative.dtype == torch.float32
+    dz = grad * derivative if dtype == torch.float32 else compiled.scale_bf16(grad, derivative)
     assert y.dtype == dz.dtype == dtype
     if dtype == torch.float32:
         torch.testing.assert_close(y.double(), exact, rtol=2e-6, atol=1e-7)
@@ -409,18 +412,23 @@ def test_gelu_tanh_and_its_gradient_match_the_formula_in_float64(compiled, dtype
     torch.testing.assert_close(dz[:-1], torch_grad[:-1])  # torch's is NaN at 1e30
 
 
-def test_the_model_s_gelu_uses_the_kernels_and_autograd_agrees(compiled):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_model_s_gelu_uses_the_kernels_and_autograd_agrees(compiled, dtype):
     from tformer.nn.activations import gelu_tanh
 
-    z = torch.randn(64, 300, dtype=torch.float64).float().requires_grad_()
+    z = torch.randn(64, 300, dtype=torch.float64).to(dtype).requires_grad_()
     ours = gelu_tanh(z)
     assert ours.grad_fn is not None and "Compiled" in type(ours.grad_fn).__name__
     reference = gelu_tanh(z, compiled=False)
     weights = torch.randn_like(z)
     (grad,) = torch.autograd.grad((ours * weights).sum(), z)
     (expected,) = torch.autograd.grad((reference * weights).sum(), z)
-    torch.testing.assert_close(ours, reference, rtol=2e-6, atol=1e-7)
-    torch.testing.assert_close(grad, expected, rtol=2e-5, atol=1e-6)
+    if dtype == torch.float32:
+        torch.testing.assert_close(ours, reference, rtol=2e-6, atol=1e-7)
+        torch.testing.assert_close(grad, expected, rtol=2e-5, atol=1e-6)
+    else:  # both float32 inside, rounded once to bfloat16
+        torch.testing.assert_close(ours, reference, rtol=2**-7, atol=1e-6)
+        torch.testing.assert_close(grad, expected, rtol=2**-7, atol=1e-6)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -20,7 +20,8 @@ attention kernels, called once per layer, check it here.
         (kernels/integer_linear.c)
     kernels.smoothed_ce_forward(logits, targets, eps)   (N, V) bf16 -> loss, lse (N,)
     kernels.dropout_mask(n, seed, threshold)   -> (n,) bool, True with P = threshold / 65536
-    kernels.gelu_tanh(z), kernels.gelu_tanh_backward(grad, z)   float32 or bfloat16
+    kernels.gelu_tanh(z), kernels.gelu_tanh_and_derivative(z) -> y, dy/dz (float32)
+        float32 or bfloat16; kernels.scale_bf16(grad, d) -> grad * d in bfloat16
     kernels.gelu(z), kernels.gelu_and_derivative(z) -> y, dy/dz   float32 or bfloat16
     kernels.causal_attention(qkv, n_heads)   qkv (B, T, 3C) bf16 -> out (B, T, C), weights
     kernels.causal_attention_backward(qkv, weights, grad_out, n_heads)   -> grad_qkv
@@ -596,13 +597,24 @@ class Kernels:
         function(z.data_ptr(), y.data_ptr(), z.numel())
         return y
 
-    @c_function("tformer_gelu_tanh_backward_f32", [POINTER] * 3 + [SIZE])
-    @c_function("tformer_gelu_tanh_backward_bf16", [POINTER] * 3 + [SIZE])
-    def gelu_tanh_backward(self, grad: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        """grad * d gelu_tanh(z) / dz; both contiguous, of z's dtype and shape."""
-        out = torch.empty_like(z)
-        function = getattr(self.library, f"tformer_gelu_tanh_backward_{by_dtype(z)}")
-        function(grad.data_ptr(), z.data_ptr(), out.data_ptr(), z.numel())
+    @c_function("tformer_gelu_tanh_derivative_f32", [POINTER] * 3 + [SIZE])
+    @c_function("tformer_gelu_tanh_derivative_bf16", [POINTER] * 3 + [SIZE])
+    def gelu_tanh_and_derivative(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """gelu_tanh(z) in z's dtype and its derivative dy/dz in float32, from a contiguous
+        float32 or bfloat16 CPU tensor: the backward pass is then grad * dy/dz."""
+        y, d = torch.empty_like(z), torch.empty_like(z, dtype=torch.float32)
+        function = getattr(self.library, f"tformer_gelu_tanh_derivative_{by_dtype(z)}")
+        function(z.data_ptr(), y.data_ptr(), d.data_ptr(), z.numel())
+        return y, d
+
+    @c_function("tformer_scale_bf16", [POINTER] * 3 + [SIZE])
+    def scale_bf16(self, grad: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+        """grad * d, rounded to bfloat16 once: grad bfloat16, d float32, both contiguous and
+        of one shape."""
+        if grad.shape != d.shape or grad.dtype != torch.bfloat16 or d.dtype != torch.float32:
+            raise ValueError("scale_bf16: grad bfloat16 and d float32 of one shape")
+        out = torch.empty_like(grad)
+        self.library.tformer_scale_bf16(grad.data_ptr(), d.data_ptr(), out.data_ptr(), grad.numel())
         return out
 
     @c_function("tformer_gelu_f32", [POINTER] * 3 + [SIZE])

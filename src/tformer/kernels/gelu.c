@@ -8,7 +8,8 @@
 
    using 0.5 (1 + tanh(u)) = sigmoid(2u) and 1 - tanh(u)^2 = 4 s (1 - s). torch's CPU
    kernels spend most of their time in tanh (docs/LOG.md); here each value costs one exp
-   (exp_neg, which vectorises) and one division.
+   (exp_neg, which vectorises) and one division. In training the forward pass writes dy/dz
+   too, in float32, and the backward pass only multiplies the gradient by it.
 
    The exact GELU, with Phi and phi the standard normal's distribution and density:
 
@@ -75,13 +76,6 @@ static void forward_f32(const float *z, float *y, int64_t begin, int64_t end) {
         y[i] = z[i] * gelu_gate(z[i]);
 }
 
-static void backward_f32(const float *grad, const float *z, float *out, int64_t begin,
-                         int64_t end) {
-#pragma omp simd
-    for (int64_t i = begin; i < end; i++)
-        out[i] = grad[i] * gelu_derivative(z[i]);
-}
-
 static void forward_bf16(const uint16_t *z, uint16_t *y, int64_t begin, int64_t end) {
 #pragma omp simd
     for (int64_t i = begin; i < end; i++) {
@@ -90,13 +84,34 @@ static void forward_bf16(const uint16_t *z, uint16_t *y, int64_t begin, int64_t 
     }
 }
 
-static void backward_bf16(const uint16_t *grad, const uint16_t *z, uint16_t *out,
-                          int64_t begin, int64_t end) {
+/* The tanh GELU y and its derivative dy/dz in float32, d: the backward pass then only
+   multiplies (scale_bf16), where recomputing the derivative from a z long out of the
+   cache took twice as long (docs/LOG.md). */
+static void forward_derivative_f32(const float *z, float *y, float *d, int64_t begin,
+                                   int64_t end) {
+#pragma omp simd
+    for (int64_t i = begin; i < end; i++) {
+        y[i] = z[i] * gelu_gate(z[i]);
+        d[i] = gelu_derivative(z[i]);
+    }
+}
+
+static void forward_derivative_bf16(const uint16_t *z, uint16_t *y, float *d, int64_t begin,
+                                    int64_t end) {
 #pragma omp simd
     for (int64_t i = begin; i < end; i++) {
         float x = bf16_bits_to_float(z[i]);
-        out[i] = float_to_bf16_bits(bf16_bits_to_float(grad[i]) * gelu_derivative(x));
+        y[i] = float_to_bf16_bits(x * gelu_gate(x));
+        d[i] = gelu_derivative(x);
     }
+}
+
+/* out = grad * d, rounded to bf16 once: the gradient through the GELU, from its saved d. */
+static void scale_bf16(const uint16_t *grad, const float *d, uint16_t *out, int64_t begin,
+                       int64_t end) {
+#pragma omp simd
+    for (int64_t i = begin; i < end; i++)
+        out[i] = float_to_bf16_bits(bf16_bits_to_float(grad[i]) * d[i]);
 }
 
 /* The exact GELU: y, and with d (not NULL) dy/dz, in z's dtype. */
@@ -155,17 +170,8 @@ void tformer_gelu_tanh_f32(const float *z, float *y, int64_t n) {
     OVER_THREADS(n, forward_f32(z, y, begin, end));
 }
 
-void tformer_gelu_tanh_backward_f32(const float *grad, const float *z, float *out, int64_t n) {
-    OVER_THREADS(n, backward_f32(grad, z, out, begin, end));
-}
-
 void tformer_gelu_tanh_bf16(const uint16_t *z, uint16_t *y, int64_t n) {
     OVER_THREADS(n, forward_bf16(z, y, begin, end));
-}
-
-void tformer_gelu_tanh_backward_bf16(const uint16_t *grad, const uint16_t *z, uint16_t *out,
-                                     int64_t n) {
-    OVER_THREADS(n, backward_bf16(grad, z, out, begin, end));
 }
 
 void tformer_gelu_f32(const float *z, float *y, float *d, int64_t n) {
@@ -174,4 +180,16 @@ void tformer_gelu_f32(const float *z, float *y, float *d, int64_t n) {
 
 void tformer_gelu_bf16(const uint16_t *z, uint16_t *y, uint16_t *d, int64_t n) {
     OVER_THREADS(n, exact_bf16(z, y, d, begin, end));
+}
+
+void tformer_gelu_tanh_derivative_f32(const float *z, float *y, float *d, int64_t n) {
+    OVER_THREADS(n, forward_derivative_f32(z, y, d, begin, end));
+}
+
+void tformer_gelu_tanh_derivative_bf16(const uint16_t *z, uint16_t *y, float *d, int64_t n) {
+    OVER_THREADS(n, forward_derivative_bf16(z, y, d, begin, end));
+}
+
+void tformer_scale_bf16(const uint16_t *grad, const float *d, uint16_t *out, int64_t n) {
+    OVER_THREADS(n, scale_bf16(grad, d, out, begin, end));
 }
