@@ -5,7 +5,9 @@ header for why they beat a general matmul when decoding); `cross_entropy.c` the
 label-smoothed cross-entropy over bfloat16 logits, forward and backward, in one pass each;
 `dropout.c` dropout masks from a counter-based generator; `gelu.c` GPT-2's tanh GELU and the
 exact GELU, with their derivatives; `attention.c` causal self-attention over short
-sequences, forward and backward, head by head in float32; `slot_attention.c` a decoding
+sequences, forward and backward, head by head in float32; `flash_attention.c` causal
+self-attention over long ones on AMX's tiles (FlashAttention, where the CPU has AMX);
+`slot_attention.c` a decoding
 step's attention over a server's slot cache, each row over its own positions; `threads.c`
 denormals flushed on every thread; `common.h` what they share.
 
