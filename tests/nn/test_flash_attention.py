@@ -39,7 +39,16 @@ def reference(q, k, v):
 @needs_amx
 @pytest.mark.parametrize(
     "shape",
-    [(1, 2, 64, 32), (2, 3, 100, 64), (1, 2, 129, 64), (1, 1, 300, 128), (2, 2, 1000, 64)],
+    [
+        (1, 1, 1, 32),  # one position; a single head, fewer tasks than threads
+        (1, 1, 5, 64),
+        (2, 1, 31, 32),
+        (1, 2, 64, 32),
+        (2, 3, 100, 64),
+        (1, 2, 129, 64),
+        (1, 1, 300, 128),
+        (2, 2, 1000, 64),
+    ],
 )
 def test_flash_attention_is_as_close_to_float64_as_torchs_bf16_kernel(shape):
     """Output and gradient of the projection, for sequences in whole blocks and not: the
@@ -92,3 +101,17 @@ def test_flash_attention_is_offered_only_for_bf16_heads_of_whole_tiles():
     assert not flash_takes(torch.zeros(1, 2, 8, 48, dtype=torch.bfloat16))
     assert not flash_takes(torch.zeros(1, 2, 8, 64, dtype=torch.float32))
     assert not flash_takes(torch.zeros(1, 2, 8, 64, dtype=torch.bfloat16, device="meta"))
+
+
+@needs_amx
+def test_flash_attention_takes_a_gradient_of_any_strides():
+    """The output's gradient as autograd may hand it over: broadcast (stride 0) here."""
+    qkv = projection(2, 2, 40, 32)
+    out = flash_causal(*heads(qkv))
+    grad_out = torch.randn(1, 1, 1, 32).bfloat16().expand(out.shape)  # strides (0, 0, 0, 1)
+    out.backward(grad_out)
+    exact = qkv.detach().double().requires_grad_()
+    expected, _ = reference(*heads(exact))
+    expected.backward(grad_out.double())
+    scale = exact.grad.abs().max()
+    torch.testing.assert_close(qkv.grad.double() / scale, exact.grad / scale, rtol=0, atol=1e-2)

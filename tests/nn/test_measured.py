@@ -90,3 +90,18 @@ def test_under_torch_compile_nothing_is_timed(private_cache, monkeypatch):
     calls = []
     assert pick("a", {"x": counting(0, calls), "y": counting(0, calls)}) == "x"
     assert calls == [] and measured._chosen == {}
+
+
+def test_a_kind_s_file_keeps_every_key_whatever_names_it_was_chosen_from():
+    """Keys of one kind may choose among different names (the short and long attention
+    paths): timing one must not drop the others' choices; one name is not timed at all."""
+    assert measured.fastest(
+        "mix-v1", "one", ("a", "b"), lambda: {"a": lambda: None, "b": lambda: None}
+    ) in ("a", "b")
+    first = measured.read_choices(measured.choices_file("mix-v1"), ("a", "b"))
+    measured._chosen.clear()
+    measured.fastest("mix-v1", "two", ("c", "d"), lambda: {"c": lambda: None, "d": lambda: None})
+    kept = measured.read_choices(measured.choices_file("mix-v1"), ("a", "b", "c", "d"))
+    assert kept["one"] == first["one"] and kept["two"] in ("c", "d")
+    assert measured.fastest("mix-v1", "three", ("e",), lambda: pytest.fail("timed")) == "e"
+    assert "three" not in measured.read_choices(measured.choices_file("mix-v1"), ("e",))

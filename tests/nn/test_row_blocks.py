@@ -42,15 +42,16 @@ def test_too_few_rows_never_time_a_split(monkeypatch):
     torch.testing.assert_close(matmul(a, b), a @ b)
 
 
-def test_the_path_is_timed_once_per_shape_layout_and_dtype():
+def test_the_path_is_timed_once_per_shape_layout_and_dtype(monkeypatch):
     a, b, _ = operands(512, 32, 16, torch.bfloat16, "t")
     chosen = fastest_path(a, b)
     assert chosen in ("whole", "halves", "copied")
-    known = measured.read_choices(measured.choices_file(rb.KIND), ("whole", "halves", "copied"))
-    assert known == {"512x32x16 tn bfloat16": chosen}
-    odd = operands(513, 32, 16, torch.bfloat16, "n")[:2]
-    assert fastest_path(*odd) == "whole"  # one candidate: nothing to time
-    assert "halves" not in measured.read_choices(measured.choices_file(rb.KIND), ("halves",))
+    names = ("whole", "halves", "copied")
+    known = measured.read_choices(measured.choices_file(rb.KIND), names)
+    assert known == {"512x256x16 tn bfloat16": chosen}  # M and K rounded up to KEY_STEP
+    # another batch length in the same step of KEY_STEP: the same choice, not timed again
+    monkeypatch.setattr(measured, "_time", lambda candidates: pytest.fail("timed again"))
+    assert fastest_path(*operands(500, 40, 16, torch.bfloat16, "t")[:2]) == chosen
 
 
 @pytest.mark.parametrize("path", ["whole", "halves", "copied"])
@@ -59,9 +60,9 @@ def test_row_block_linear_trains_as_nn_linear_under_bf16_autocast(monkeypatch, p
     the same bf16 products, in the same dtypes (the gradients cast back to float32)."""
     force(monkeypatch, path)
     g = torch.Generator().manual_seed(1)
-    layer = nn.Linear(96, 80)
+    layer = nn.Linear(96, 272)  # N >= MIN_ROWS: dW's product may take a path of its own
     x = torch.randn(2, 300, 96, generator=g)
-    grad = torch.randn(2, 300, 80, generator=g)
+    grad = torch.randn(2, 300, 272, generator=g)
     results = []
     for run in (lambda x_: RowBlockLinear.apply(x_, layer.weight, layer.bias), layer):
         layer.zero_grad()
@@ -93,5 +94,20 @@ def test_linear_takes_the_row_blocks_only_for_large_plain_bf16_layers_in_trainin
         handle = large.register_forward_hook(lambda module, args, out: None)
         assert grad_nodes(linear(large, x)) != {"RowBlockLinearBackward"}  # the hook sees it
         handle.remove()
-    # float32 products stay nn.Linear's
+    # float32 and float64 products stay nn.Linear's (second-order gradients work there)
     assert grad_nodes(linear(large, x)) != {"RowBlockLinearBackward"}
+    wide = nn.Linear(512, 512).double()
+    x64 = x.double().requires_grad_()
+    (grad,) = torch.autograd.grad(linear(wide, x64).square().sum(), x64, create_graph=True)
+    assert grad.grad_fn is not None
+
+
+def test_the_output_is_a_tensor_of_its_own_as_nn_linears():
+    layer = nn.Linear(512, 512)
+    x = torch.randn(1, rb.MIN_ROWS, 512, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = linear(layer, x)
+    assert grad_nodes(out) == {"RowBlockLinearBackward"}
+    out.add_(1.0)  # in place, as a residual or a hook may do
+    out.float().sum().backward()
+    assert x.grad is not None and layer.weight.grad.shape == (512, 512)

@@ -319,3 +319,11 @@ def test_training_leaves_the_objects_alive_before_it_out_of_the_collectors_passe
         del garbage
         assert gc.collect() >= 1
     assert gc.get_freeze_count() == before
+    gc.freeze()  # the caller's own freeze is left as it is
+    try:
+        frozen = gc.get_freeze_count()
+        with long_lived_objects_frozen():
+            pass
+        assert gc.get_freeze_count() == frozen
+    finally:
+        gc.unfreeze()

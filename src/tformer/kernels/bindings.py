@@ -848,6 +848,9 @@ def flash_shape(heads: dict[str, torch.Tensor]) -> tuple[int, int, int, int]:
         raise ValueError(
             f"flash_attention: D must be a multiple of {FLASH_D} and T > 0, got {shape}"
         )
+    for name, x in heads.items():  # the kernel gathers 16 rows at 32-bit offsets
+        if 16 * x.stride(2) >= 1 << 31:
+            raise ValueError(f"flash_attention: {name}'s rows are too far apart ({x.stride(2)})")
     return shape
 
 

@@ -54,7 +54,8 @@
 #define BWD_KEYS 64     /* keys per block of the backward pass */
 #define BWD_QUERIES 64  /* queries per block of the backward pass: the same, so that a */
                         /* block of queries is either past a block of keys or on its diagonal */
-#define PAD 64          /* T is padded to a multiple of the blocks (FWD_KEYS: see forward_head) */
+#define PAD 64          /* T is padded to a multiple of the blocks; a forward chunk of */
+                        /* keys stops at its block's last query, inside the padding */
 _Static_assert(BWD_KEYS == BWD_QUERIES, "the backward pass's diagonal blocks are square");
 _Static_assert(PAD % BWD_KEYS == 0 && PAD % FWD_ROWS == 0, "whole blocks");
 #define ARCH_REQ_XCOMP_PERM 0x1023 /* Linux: ask for an extended state component */
@@ -450,7 +451,8 @@ static size_t backward_work(int64_t tp, int64_t d_size) {
 
 int tformer_flash_attention_available(void) { return tiles_permitted(); }
 
-/* Every head's forward pass: out (B, T, H, D) bf16, lse (B, H, T) float32. */
+/* Every head's forward pass (out, lse written) or backward pass (grad written, from
+   out_in and lse), a head a task for the threads. */
 static int run_heads(const struct heads *x, int backward, const uint16_t *out_in, uint16_t *out,
                      float *lse, uint16_t *grad) {
     if (!tiles_permitted()) return 2;

@@ -437,8 +437,9 @@ def set_implementation(model: nn.Module, implementation: Implementation) -> None
     training on a CPU (the compiled kernel for short contexts, query blocks for long ones,
     or for long ones without padding torch's fused kernel where this CPU trains faster on
     it: nn/attention_choice.py), the fused one for inference; the measurements are in
-    docs/LOG.md. The blocked path's kernel gives first-order gradients only: for
-    second-order ones (or torch.func) use the explicit path.
+    docs/LOG.md. The blocked path's kernels, and in bf16 on a CPU the linear layers' row
+    blocks (nn/row_blocks.py), give first-order gradients only: for second-order ones (or
+    torch.func) use the explicit path in float32 or float64.
     """
     check_implementation(implementation)
     for module in model.modules():

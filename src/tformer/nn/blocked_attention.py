@@ -16,7 +16,8 @@ in one of two ways that skip the work the causal mask would throw away:
     transposed in memory, and comes closer to the exact values than torch's bf16 operations.
 
 Anything else on this switch takes the explicit path. The kernel gives first-order
-gradients only: for second-order ones (or torch.func) use the explicit path. What chose
+gradients only: for second-order ones (or torch.func) use the explicit path in float32
+or float64 (nn/attention.py's set_implementation). What chose
 this path and QUERY_BLOCK was measured: docs/LOG.md.
 """
 

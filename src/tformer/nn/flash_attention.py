@@ -14,11 +14,12 @@ them from the log-sum-exp L of each query's scores:
 
 The kernel is tformer/kernels/flash_attention.c: bf16 products summed in float32 on AMX
 tiles, the softmax in float32. It reads the heads where the fused projection left them and
-writes the output in the (B, T, C) layout the output projection reads, so no head is copied
-into a layout of its own in torch. It runs where the CPU has AMX (Sapphire Rapids and
-later) and the head width is a multiple of 32; whether it beats the other paths of long
-causal attention is measured on the CPU in use (nn/attention_choice.py). First-order
-gradients only: for second-order ones use the explicit path.
+writes the output in the (B, T, C) layout the output projection reads, so the forward pass
+copies no head into a layout of its own in torch (the backward pass's gradients come in the
+projection's layout, and autograd gathers them from there). It runs where the CPU has AMX
+(Sapphire Rapids and later) and the head width is a multiple of 32; whether it beats the
+other paths of causal attention is measured on the CPU in use (nn/attention_choice.py).
+First-order gradients only: for second-order ones use the explicit path in float32.
 """
 
 import torch

@@ -48,15 +48,16 @@ def fastest(
     """Which of `names` runs fastest for `key`. `candidates()` gives, by name, a call that
     does the work once; it is made only when the key is timed: the first time a (kind,
     key) is asked for on this CPU, unless the cache already holds the answer. Under
-    torch.compile, the first name."""
-    if torch.compiler.is_compiling():
+    torch.compile, or with one name, the first name. The file keeps every key's choice,
+    whatever names other keys of the kind are chosen from."""
+    if torch.compiler.is_compiling() or len(names) == 1:
         return names[0]
     memo = (kind, key, torch.get_num_threads())
     if memo in _chosen:
         return _chosen[memo]
     store = choices_file(kind)
-    known = read_choices(store, names)
-    if key not in known:
+    known = read_cached_json(store)
+    if known.get(key) not in names:
         known[key] = _time(candidates())
         with contextlib.suppress(OSError):  # a read-only cache: measured again next time
             atomic_write_json(store, known)

@@ -28,12 +28,15 @@ KIND = "matmul-v1"  # the measured choices' file and version (nn/measured.py)
 # a call's cost, and this path's Python costs more than a small product gains.
 MIN_ROWS = 256
 MIN_WEIGHT = 1 << 18  # weight elements, K N (512 x 512)
+HALF_DTYPES = (torch.bfloat16, torch.float16)  # the products this path takes
+KEY_STEP = 256  # M and K are rounded up to this in a choice's key: token counts vary
 
 
 def linear(module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     """module(x), (..., K) -> (..., N), with its products in row blocks where faster: in a
     training step on the CPU, for a large_plain_linear; otherwise the module itself."""
-    if x.device.type == "cpu" and torch.is_grad_enabled() and large_plain_linear(module, x):
+    training = torch.is_grad_enabled() and not torch.compiler.is_compiling()
+    if x.device.type == "cpu" and training and large_plain_linear(module, x):
         return RowBlockLinear.apply(x, module.weight, module.bias)
     return module(x)
 
@@ -42,8 +45,9 @@ def large_plain_linear(module: nn.Module, x: torch.Tensor) -> bool:
     """A plain_linear module of at least MIN_WEIGHT weights, over at least MIN_ROWS rows,
     multiplying in bf16 or float16 (its input's dtype, or autocast's). float32 products
     stay on nn.Linear: no split was faster there, and this path cost 2.7% of a GPT-2 step
-    in float32 with every product whole (docs/LOG.md)."""
-    if not plain_linear(module) or (autocast_dtype(x) or x.dtype) == torch.float32:
+    in float32 with every product whole (docs/LOG.md); float64 too, and with them second-
+    order gradients and torch.func, which this path (first-order only) does not give."""
+    if not plain_linear(module) or (autocast_dtype(x) or x.dtype) not in HALF_DTYPES:
         return False
     return module.weight.numel() >= MIN_WEIGHT and x.numel() >= MIN_ROWS * x.shape[-1]
 
@@ -54,7 +58,9 @@ def plain_linear(module: nn.Module) -> bool:
     if type(module) is not nn.Linear or hooked(module):
         return False
     backward = module._backward_hooks or module._backward_pre_hooks
-    return not (backward or module_hooks._global_backward_hooks)
+    return not (
+        backward or module_hooks._global_backward_hooks or module_hooks._global_backward_pre_hooks
+    )
 
 
 def autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
@@ -64,16 +70,22 @@ def autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
     return None
 
 
-def matmul(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """a b (+ bias): (M, K) x (K, N) -> (M, N) on the path this CPU runs fastest for the
-    shape, the operands' layouts and the dtype (fastest_path)."""
+def matmul(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """a b (+ bias): (M, K) x (K, N) -> (M, N), into `out` if given, on the path this CPU
+    runs fastest for the shape, the operands' layouts and the dtype (fastest_path)."""
     path = fastest_path(a, b) if a.device.type == "cpu" and a.shape[0] >= MIN_ROWS else "whole"
-    if path == "halves":
+    if out is None:
         out = torch.empty(a.shape[0], b.shape[1], dtype=a.dtype, device=a.device)
+    if path == "halves":
         return in_halves(a, b, bias, out)
     if path == "copied":
         a = a.contiguous()
-    return torch.mm(a, b) if bias is None else torch.addmm(bias, a, b)
+    return torch.mm(a, b, out=out) if bias is None else torch.addmm(bias, a, b, out=out)
 
 
 def in_halves(
@@ -89,6 +101,11 @@ def in_halves(
     return out
 
 
+def round_up(size: int) -> int:
+    """size rounded up to a multiple of KEY_STEP."""
+    return -(-size // KEY_STEP) * KEY_STEP
+
+
 def layout(x: torch.Tensor) -> str:
     """ "n" for a row-major matrix, "t" for a transposed one (column-major), "s" otherwise."""
     if x.stride(1) == 1:
@@ -97,19 +114,18 @@ def layout(x: torch.Tensor) -> str:
 
 
 def fastest_path(a: torch.Tensor, b: torch.Tensor) -> str:
-    """How a b runs fastest on this CPU, as timed once for the shape M x K x N, the layouts
-    and the dtype: "whole" (one call), "halves" (two calls of half the rows, M even) or,
-    where a is transposed, "copied" (a copied row-major first: torch's matmul reads a
+    """How a b runs fastest on this CPU, as timed once for the shape M x K x N (M and K,
+    where token counts go, rounded up to KEY_STEP: a new batch length is not timed anew),
+    the layouts and the dtype: "whole" (one call), "halves" (two calls of half the rows)
+    or, where a is transposed, "copied" (a copied row-major first: torch's matmul reads a
     transposed left operand at half speed on some CPUs, docs/LOG.md)."""
-    (m, k), n = a.shape, b.shape[1]
-    names = (
-        ("whole",) + (("halves",) if m % 2 == 0 else ()) + (("copied",) if layout(a) == "t" else ())
-    )
+    m, k, n = round_up(a.shape[0]), round_up(a.shape[1]), b.shape[1]
+    names = ("whole", "halves") + (("copied",) if layout(a) == "t" else ())
     key = f"{m}x{k}x{n} {layout(a)}{layout(b)} {dtype_name(a.dtype)}"
 
     def candidates():
         g = torch.Generator().manual_seed(0)
-        a_, b_ = (like(x, g) for x in (a, b))
+        a_, b_ = like(a, (m, k), g), like(b, (k, n), g)
         out = torch.empty(m, n, dtype=a.dtype)
         paths = {
             "whole": lambda: torch.mm(a_, b_, out=out),
@@ -121,11 +137,11 @@ def fastest_path(a: torch.Tensor, b: torch.Tensor) -> str:
     return fastest(KIND, key, names, candidates)
 
 
-def like(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-    """A random matrix of x's shape, dtype and layout (row-major, or transposed)."""
+def like(x: torch.Tensor, shape: tuple[int, int], g: torch.Generator) -> torch.Tensor:
+    """A random matrix of `shape` in x's dtype and layout (row-major, or transposed)."""
     if layout(x) == "t":
-        return torch.randn(x.shape[::-1], generator=g).to(x.dtype).t()
-    return torch.randn(x.shape, generator=g).to(x.dtype)
+        return torch.randn(shape[::-1], generator=g, dtype=x.dtype).t()
+    return torch.randn(shape, generator=g, dtype=x.dtype)
 
 
 class RowBlockLinear(torch.autograd.Function):
@@ -138,12 +154,15 @@ class RowBlockLinear(torch.autograd.Function):
         dtype = autocast_dtype(x) or x.dtype
         rows = x.reshape(-1, x.shape[-1]).to(dtype)  # (M, K)
         w = weight.to(dtype)  # (N, K)
+        # a tensor of its own, not a view: in-place changes to it are allowed, as nn.Linear's
+        out = torch.empty(*x.shape[:-1], w.shape[0], dtype=dtype, device=x.device)  # (..., N)
         with torch.autocast("cpu", enabled=False):
-            out = matmul(rows, w.t(), None if bias is None else bias.to(dtype))  # (M, N)
+            b = None if bias is None else bias.to(dtype)
+            matmul(rows, w.t(), b, out=out.view(-1, w.shape[0]))  # (M, N)
         ctx.save_for_backward(rows, w)
         ctx.dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype)
         ctx.shape = x.shape
-        return out.view(*x.shape[:-1], w.shape[0])
+        return out
 
     @staticmethod
     @once_differentiable  # the backward's products are not themselves differentiated

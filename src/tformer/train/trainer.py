@@ -236,8 +236,14 @@ def long_lived_objects_frozen() -> Iterator[None]:
     """Leave the objects alive now (torch's modules, the model, the data: ~200,000 Python
     objects) out of the garbage collector's passes until the block ends. A training step
     makes and drops enough objects to set off full collections, and each walked all of
-    them: 3% of a step on the character model (docs/LOG.md). They are collected as usual
-    once the block ends (gc.unfreeze)."""
+    them: 3% of a step on the character model (docs/LOG.md). Garbage already there is
+    collected first, and everything is collected as usual once the block ends
+    (gc.unfreeze). Where the caller has frozen objects itself, nothing changes: unfreezing
+    would undo theirs too."""
+    if gc.get_freeze_count():
+        yield
+        return
+    gc.collect()
     gc.freeze()
     try:
         yield
