@@ -416,7 +416,8 @@ class MultiHeadAttention(nn.Module):
             is_causal = self.causal and t > 1 and mask is None
             return fused_attention(q, k, v, mask, is_causal, dropout_p)
         long_causal = self.implementation == "blocked" and self.causal and in_query_blocks(t, s)
-        # Training without padding: the blocked path or torch's fused kernel, the faster here
+        # Training without padding: the blocked path, torch's fused kernel or, with AMX, the
+        # FlashAttention kernel, the fastest here
         plain = long_causal and mask is None and dropout_p == 0.0 and torch.is_grad_enabled()
         if plain:
             paths = long_attention_paths(q)
@@ -435,8 +436,9 @@ def set_implementation(model: nn.Module, implementation: Implementation) -> None
 
     They agree to float rounding and differ in speed: the blocked one is meant for bf16
     training on a CPU (the compiled kernel for short contexts, query blocks for long ones,
-    or for long ones without padding torch's fused kernel where this CPU trains faster on
-    it: nn/attention_choice.py), the fused one for inference; the measurements are in
+    or for long ones without padding torch's fused kernel or the FlashAttention kernel on
+    AMX where this CPU trains faster on them: nn/attention_choice.py), the fused one for
+    inference; the measurements are in
     docs/LOG.md. The blocked path's kernels, and in bf16 on a CPU the linear layers' row
     blocks (nn/row_blocks.py), give first-order gradients only: for second-order ones (or
     torch.func) use the explicit path in float32 or float64.
