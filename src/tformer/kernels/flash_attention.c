@@ -279,8 +279,8 @@ static const uint16_t *head_rows(const uint16_t *x, const int64_t *st, int64_t b
     return x + b * st[0] + h * st[1];
 }
 
-/* One head's forward pass, in a work buffer of 3 tp D bf16 + FWD_ROWS (2 FWD_KEYS + D)
-   floats' room. out (B, T, H, D) bf16, lse (B, H, T) float32. */
+/* One head's forward pass, in `work` (forward_work's bytes). out (B, T, H, D) bf16, lse
+   (B, H, T) float32. */
 static void forward_head(const struct heads *x, int64_t b, int64_t h, uint16_t *out,
                          float *lse, void *work) {
     const int64_t t_size = x->t_size, d_size = x->d_size, tp = round_up(t_size, PAD);
