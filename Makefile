@@ -30,10 +30,14 @@ run: install
 # The import contracts first (pyproject.toml: every import points down, no circles), then
 # the tests, on two pytest-xdist workers: much of the suite waits on the processes it
 # starts. Each test file goes to one worker (--dist loadfile), so a file's servers and
-# checkpoints are made once and its tests that share a port never overlap.
+# checkpoints are made once and its tests that share a port never overlap. Two workers of
+# two OpenMP threads each share the machine's cores: a thread that waits spins (libgomp's
+# default), taking the core another worker needs, so waiting threads sleep soon here
+# (GOMP_SPINCOUNT): the suite took 6.4 minutes so against 10.1, one lab test 17 s
+# against 240 (docs/LOG.md). Training and the benchmarks keep the default.
 test: install
 	$(BIN)/lint-imports
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile
+	GOMP_SPINCOUNT=10000 $(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 lint: install
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
