@@ -50,6 +50,35 @@ def choice_names() -> tuple[str, ...]:
     return ("blocked", "fused")
 
 
+def record_calls(monkeypatch, names: tuple[str, ...]) -> list[str]:
+    """The names of the attention module's functions `names`, in the order they are called."""
+    taken = []
+    for name in names:
+        original = getattr(attention_module, name)
+
+        def recorded(*args, original=original, name=name):
+            taken.append(name)
+            return original(*args)
+
+        monkeypatch.setattr(attention_module, name, recorded)
+    return taken
+
+
+def trains_as(module, reference, x, grad):
+    """module's output and gradients under bf16 autocast equal reference's to bf16 rounding,
+    relative to each tensor's size."""
+    results = []
+    for m in (module, reference):
+        inputs = x.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = m(inputs)
+        out.float().backward(grad)
+        results.append([out.float(), inputs.grad, *(p.grad for p in m.parameters())])
+    for ours, expected in zip(*results, strict=True):
+        scale = expected.abs().max()
+        torch.testing.assert_close(ours / scale, expected / scale, rtol=0, atol=2e-2)
+
+
 @pytest.mark.parametrize("path", ["blocked", "fused", "flash"])
 def test_each_choice_trains_as_the_explicit_path(private_cache, monkeypatch, path):
     if path == "flash" and not flash_takes(torch.zeros(1, 1, 1, 32, dtype=torch.bfloat16)):
@@ -58,31 +87,14 @@ def test_each_choice_trains_as_the_explicit_path(private_cache, monkeypatch, pat
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, t, 128, generator=g)
     grad = torch.randn(2, t, 128, generator=g)
-    taken = []
-    for name in ("fused_causal", "blocked_causal_attention", "flash_causal"):
-        original = getattr(attention_module, name)
-
-        def recorded(*args, original=original, name=name):
-            taken.append(name)
-            return original(*args)
-
-        monkeypatch.setattr(attention_module, name, recorded)
+    taken = record_calls(monkeypatch, ("fused_causal", "blocked_causal_attention", "flash_causal"))
     torch.manual_seed(0)
     explicit = MultiHeadAttention(128, 4, causal=True, implementation="explicit")
     blocked = MultiHeadAttention(128, 4, causal=True, implementation="blocked")
     blocked.load_state_dict(explicit.state_dict())
     key = (choice.KIND, f"2x4x{t}x32 bfloat16", torch.get_num_threads())
     monkeypatch.setitem(measured._chosen, key, path)
-    results = []
-    for module in (explicit, blocked):
-        inputs = x.clone().requires_grad_()
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            out = module(inputs)
-        out.float().backward(grad)
-        results.append([out.float(), inputs.grad, *(p.grad for p in module.parameters())])
-    for ours, reference in zip(results[1], results[0], strict=True):
-        scale = reference.abs().max()  # bf16's rounding, relative to each tensor's size
-        torch.testing.assert_close(ours / scale, reference / scale, rtol=0, atol=2e-2)
+    trains_as(blocked, explicit, x, grad)
     assert taken == [{"blocked": "blocked_causal_attention"}.get(path, f"{path}_causal")]
     assert not measured.choices_file(choice.KIND).exists()  # forced: not timed
 
@@ -115,24 +127,7 @@ def test_each_choice_of_short_attention_trains_as_the_explicit_path(monkeypatch,
     blocked.load_state_dict(explicit.state_dict())
     key = (choice.KIND, f"2x{t}x{3 * width} {heads} heads, short bfloat16", torch.get_num_threads())
     monkeypatch.setitem(measured._chosen, key, path)
-    taken = []
-    for name in ("compiled_causal_attention", "flash_causal_projection"):
-        original = getattr(attention_module, name)
-
-        def recorded(*args, original=original, name=name):
-            taken.append(name)
-            return original(*args)
-
-        monkeypatch.setattr(attention_module, name, recorded)
-    results = []
-    for module in (explicit, blocked):
-        inputs = x.clone().requires_grad_()
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            out = module(inputs)
-        out.float().backward(grad)
-        results.append([out.float(), inputs.grad, *(p.grad for p in module.parameters())])
-    for ours, reference in zip(results[1], results[0], strict=True):
-        scale = reference.abs().max()
-        torch.testing.assert_close(ours / scale, reference / scale, rtol=0, atol=2e-2)
+    taken = record_calls(monkeypatch, ("compiled_causal_attention", "flash_causal_projection"))
+    trains_as(blocked, explicit, x, grad)
     expected = "compiled_causal_attention" if path == "kernel" else "flash_causal_projection"
     assert taken == [expected]

@@ -283,7 +283,7 @@ class MultiHeadAttention(nn.Module):
             return linear(self.w_qkv, x).split(self.d_model, dim=-1)
         if memory is None:
             raise ValueError("cross-attention needs the memory (or its keys and values)")
-        k, v = self.w_kv(memory).split(self.d_model, dim=-1)
+        k, v = linear(self.w_kv, memory).split(self.d_model, dim=-1)
         return linear(self.w_q, x), k, v
 
     def project_memory(self, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -297,7 +297,7 @@ class MultiHeadAttention(nn.Module):
             raise ValueError(
                 "only cross-attention reads a memory; use MultiHeadAttention(cross=True)"
             )
-        k, v = self.w_kv(memory).split(self.d_model, dim=-1)
+        k, v = linear(self.w_kv, memory).split(self.d_model, dim=-1)
         return self.split_heads(k).contiguous(), self.split_heads(v).contiguous()
 
     def forward(
