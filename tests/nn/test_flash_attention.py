@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from tformer import kernels
-from tformer.nn.flash_attention import flash_causal, flash_takes
+from tformer.nn.flash_attention import flash_causal, flash_causal_projection, flash_takes
 
 AMX = flash_takes(torch.zeros(1, 1, 1, 32, dtype=torch.bfloat16))
 needs_amx = pytest.mark.skipif(not AMX, reason="the FlashAttention kernel needs a CPU with AMX")
@@ -115,3 +115,21 @@ def test_flash_attention_takes_a_gradient_of_any_strides():
     expected.backward(grad_out.double())
     scale = exact.grad.abs().max()
     torch.testing.assert_close(qkv.grad.double() / scale, exact.grad / scale, rtol=0, atol=1e-2)
+
+
+@needs_amx
+@pytest.mark.parametrize("shape", [(12, 4, 64, 32), (2, 3, 100, 64)])
+def test_flash_attention_of_a_projection_gives_the_heads_paths_numbers_in_its_layout(shape):
+    """From the fused projection (B, T, 3C): the same output and gradient as the kernel on
+    its heads' views, bit for bit, the gradient in the projection's own layout."""
+    b, h, t, d = shape
+    fused = projection(b, h, t, d).detach().flatten(2).requires_grad_()  # (B, T, 3C)
+    split = fused.detach().clone().requires_grad_()
+    grad_out = torch.randn(b, t, h * d, generator=torch.Generator().manual_seed(1)).bfloat16()
+    out = flash_causal_projection(fused, h)
+    expected = flash_causal(*heads(split.view(b, t, 3, h, d))).transpose(1, 2).flatten(2)
+    out.backward(grad_out)
+    expected.backward(grad_out)
+    assert out.shape == (b, t, h * d) and fused.grad.shape == fused.shape
+    assert torch.equal(out, expected)
+    assert torch.equal(fused.grad, split.grad)

@@ -332,6 +332,14 @@ class MultiHeadAttention(nn.Module):
                     out = short_causal_attention(qkv, self.n_heads, library)  # (B, T, C)
                     return linear(self.w_o, out)
                 projected = qkv.split(self.d_model, dim=-1)  # not bf16 on the CPU: as below
+            elif plain and dropout_p == 0.0 and torch.is_grad_enabled() and in_query_blocks(t, t):
+                # Long, in training: where FlashAttention is this CPU's fastest path, it takes
+                # the fused projection whole and gives its gradient back in that layout.
+                qkv = linear(self.w_qkv, x)  # (B, T, 3C)
+                q = self.split_heads(qkv[..., : self.d_model])  # (B, H, T, D), a view
+                if long_attention_path(q, long_attention_paths(q)) == "flash":
+                    return linear(self.w_o, flash_causal_projection(qkv, self.n_heads))
+                projected = qkv.split(self.d_model, dim=-1)
         inference = dropout_p == 0.0 and not torch.is_grad_enabled()  # the kernels: no backward
         self_only = memory is None and memory_kv is None
         # An encoder's layer: whole padded sequences, every head in one compiled kernel, from

@@ -18,7 +18,7 @@ import torch
 
 from tformer.nn.measured import dtype_name, fastest, training_runs
 
-KIND = "attention-v2"  # the measured choices' file and version (nn/measured.py)
+KIND = "attention-v3"  # the measured choices' file and version (nn/measured.py)
 # a path of causal self-attention: (q, k, v) -> out, each (B, H, T, D)
 AttentionPath = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 # a path of short causal self-attention: the fused projection (B, T, 3C) -> (B, T, C)

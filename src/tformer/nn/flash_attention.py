@@ -49,11 +49,18 @@ def flash_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Ten
 
 def flash_causal_projection(qkv: torch.Tensor, n_heads: int) -> torch.Tensor:
     """The same from the fused projection: qkv (B, T, 3C) bf16 -> (B, T, C) bf16, the heads
-    side by side, as the output projection reads them. Only where flash_takes(qkv's heads)."""
+    side by side, as the output projection reads them; the gradient comes back in qkv's
+    layout. Only where flash_takes(qkv's heads)."""
+    library = kernels.load_for(qkv, (torch.bfloat16,))
+    assert library is not None  # flash_takes said so
+    return FlashCausalProjection.apply(qkv, n_heads, library)
+
+
+def projection_heads(qkv: torch.Tensor, n_heads: int) -> list[torch.Tensor]:
+    """q, k and v of the fused projection (B, T, 3C), each (B, H, T, D): views, no copy."""
     b, t, _ = qkv.shape
     heads = qkv.view(b, t, 3, n_heads, -1)  # (B, T, 3C) -> (B, T, 3, H, D)
-    q, k, v = (heads[:, :, part].transpose(1, 2) for part in range(3))  # (B, H, T, D)
-    return flash_causal(q, k, v).transpose(1, 2).reshape(b, t, -1)  # -> (B, T, C), no copy
+    return [heads[:, :, part].transpose(1, 2) for part in range(3)]  # (B, H, T, D)
 
 
 class FlashCausalAttention(torch.autograd.Function):
@@ -76,3 +83,30 @@ class FlashCausalAttention(torch.autograd.Function):
         grad = ctx.library.flash_attention_backward(q, k, v, grad_out, out, lse)
         # (B, T, 3, H, D): the fused projection's layout, each part -> (B, H, T, D)
         return (*(grad[:, :, part].transpose(1, 2) for part in range(3)), None)
+
+
+class FlashCausalProjection(torch.autograd.Function):
+    """qkv (B, T, 3C) bf16 -> (B, T, C) bf16, a view of the kernel's (B, T, H, D). The
+    kernel writes the gradient of q, k and v side by side, (B, T, 3, H, D), which is qkv's
+    own layout: it is returned as it is, where three gradients of views (as
+    FlashCausalAttention's are for a projection) would be gathered into a zero-filled tensor
+    by autograd, a cost that outweighed the kernel's gain on short sequences (docs/LOG.md)."""
+
+    @staticmethod
+    def forward(ctx, qkv, n_heads, library):
+        out, lse = library.flash_attention(*projection_heads(qkv, n_heads))  # (B, T, H, D)
+        ctx.save_for_backward(qkv, out, lse)
+        ctx.n_heads, ctx.library = n_heads, library
+        return out.flatten(2)  # (B, T, H, D) -> (B, T, C), a view
+
+    @staticmethod
+    @once_differentiable  # the kernel's gradient is not itself differentiable
+    def backward(ctx, grad_out):
+        qkv, out, lse = ctx.saved_tensors
+        grad_out = grad_out.to(torch.bfloat16)
+        if grad_out.stride(-1) != 1:
+            grad_out = grad_out.contiguous()
+        heads = grad_out.unflatten(-1, (ctx.n_heads, -1)).transpose(1, 2)  # (B, H, T, D)
+        q, k, v = projection_heads(qkv, ctx.n_heads)
+        grad = ctx.library.flash_attention_backward(q, k, v, heads, out, lse)
+        return grad.view(qkv.shape), None, None  # (B, T, 3, H, D) -> (B, T, 3C)
