@@ -1,5 +1,7 @@
+import pytest
 import torch
 
+from tformer import kernels
 from tformer.nn import LayerNorm
 
 
@@ -37,3 +39,78 @@ def test_layer_norm_gamma_beta_are_applied_per_channel():
     x = torch.tensor([[1.0, 2.0, 3.0, 4.0]])
     normalised = layer_norm_formula(x, torch.ones(4), torch.zeros(4), 1e-5)
     torch.testing.assert_close(ln(x), normalised * ln.weight + ln.bias)
+
+
+def bf16_out_case(shape, seed=0):
+    """A LayerNorm with random gamma and beta, its input (a leaf) and a bf16 gradient."""
+    g = torch.Generator().manual_seed(seed)
+    ln = LayerNorm(shape[-1])
+    with torch.no_grad():
+        ln.weight.copy_(torch.randn(shape[-1], generator=g))
+        ln.bias.copy_(torch.randn(shape[-1], generator=g))
+    x = (torch.randn(shape, generator=g) * 3 + 1).requires_grad_()
+    grad = torch.randn(shape, generator=g).bfloat16()
+    return ln, x, grad
+
+
+@pytest.mark.skipif(kernels.load() is None, reason="the compiled kernels are not built here")
+@pytest.mark.parametrize("shape", [(12, 64, 128), (3, 5, 384), (1, 1, 768), (2, 7, 100)])
+def test_a_norm_that_feeds_matmuls_writes_bf16_under_autocast_as_torch_would_cast_it(shape):
+    """Under CPU bf16 autocast the kernel writes what autocast's cast of torch's float32
+    norm gives, to one bf16 rounding step; its gradients are float32 and equal the float64
+    formula's to float32 rounding (the gradient itself comes in bf16, as the product's)."""
+    ln, x, grad = bf16_out_case(shape)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = ln(x, feeds_matmul=True)
+        expected = ln(x.detach()).bfloat16()  # torch's norm, then the cast a product makes
+    assert y.dtype == torch.bfloat16 and y.shape == x.shape
+    ulp = expected.float().abs().clamp(min=1e-30) * 2.0**-7  # bf16 has 8 significant bits
+    assert ((y.float() - expected.float()).abs() <= ulp).all()
+    y.backward(grad)
+    exact = x.detach().double().requires_grad_()
+    weight, bias = (p.detach().double().requires_grad_() for p in (ln.weight, ln.bias))
+    formula = layer_norm_formula(exact, weight, bias, ln.eps)
+    formula.backward(grad.double())
+    for ours, truth in (
+        (x.grad, exact.grad),
+        (ln.weight.grad, weight.grad),
+        (ln.bias.grad, bias.grad),
+    ):
+        assert ours.dtype == torch.float32
+        scale = truth.abs().max()
+        torch.testing.assert_close(ours.double() / scale, truth / scale, rtol=0, atol=1e-5)
+
+
+@pytest.mark.skipif(kernels.load() is None, reason="the compiled kernels are not built here")
+def test_a_norm_writes_bf16_only_under_bf16_autocast_and_for_matmuls():
+    ln, x, _ = bf16_out_case((2, 3, 16))
+    assert ln(x, feeds_matmul=True).dtype == torch.float32  # no autocast: the plain norm
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert ln(x).dtype == torch.float32  # it may feed anything
+
+
+@pytest.mark.skipif(kernels.load() is None, reason="the compiled kernels are not built here")
+def test_a_frozen_norm_that_feeds_matmuls_gives_its_input_a_gradient_only():
+    ln, x, grad = bf16_out_case((4, 32))
+    ln.requires_grad_(False)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = ln(x, feeds_matmul=True)
+    y.backward(grad)
+    assert x.grad is not None and ln.weight.grad is None and ln.bias.grad is None
+
+
+@pytest.mark.skipif(kernels.load() is None, reason="the compiled kernels are not built here")
+def test_the_bf16_norm_kernel_checks_what_it_is_given():
+    library = kernels.load()
+    x, gamma = torch.randn(4, 8), torch.ones(8)
+    with pytest.raises(ValueError, match="gamma must be float32"):
+        library.layer_norm_bf16_out(x, gamma[:4], gamma, 1e-5)
+    with pytest.raises(ValueError, match="x must be float32"):
+        library.layer_norm_bf16_out(x.bfloat16(), gamma, gamma, 1e-5)
+    with pytest.raises(ValueError, match="contiguous"):
+        library.layer_norm_bf16_out(torch.randn(8, 4).t(), gamma, gamma, 1e-5)
+    y, mean, rstd = library.layer_norm_bf16_out(x, gamma, gamma, 1e-5)
+    with pytest.raises(ValueError, match="dy must be contiguous bfloat16"):
+        library.layer_norm_backward_bf16(y.float(), x, mean, rstd, gamma)
+    with pytest.raises(ValueError, match="rstd must be float32"):
+        library.layer_norm_backward_bf16(y, x, mean, rstd[:2], gamma)

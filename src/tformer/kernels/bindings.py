@@ -23,6 +23,9 @@ attention kernels, called once per layer, check it here.
     kernels.gelu_tanh(z), kernels.gelu_tanh_and_derivative(z) -> y, dy/dz (float32)
         float32 or bfloat16; kernels.scale_bf16(grad, d) -> grad * d in bfloat16
     kernels.gelu(z), kernels.gelu_and_derivative(z) -> y, dy/dz   float32 or bfloat16
+    kernels.layer_norm_bf16_out(x, gamma, beta, eps)   x (N, C) float32 -> y (N, C) bfloat16,
+        mean, rstd (N,); kernels.layer_norm_backward_bf16(dy, x, mean, rstd, gamma) -> dx
+        (N, C) float32, dgamma, dbeta (C,)
     kernels.causal_attention(qkv, n_heads)   qkv (B, T, 3C) bf16 -> out (B, T, C), weights
     kernels.causal_attention_backward(qkv, weights, grad_out, n_heads)   -> grad_qkv
     kernels.flash_attention(q, k, v)   (B, H, T, D) bf16 -> out (B, T, H, D), lse (B, H, T):
@@ -635,6 +638,49 @@ class Kernels:
         function(z.data_ptr(), y.data_ptr(), d.data_ptr(), z.numel())
         return y, d
 
+    @c_function("tformer_layer_norm_bf16_out", [POINTER] * 3 + [REAL] + [POINTER] * 3 + [SIZE] * 2)
+    def layer_norm_bf16_out(
+        self, x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, eps: float
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """LayerNorm over the last dimension of x (N, C) float32 with gamma and beta (C,)
+        float32, written in bfloat16 -> y (N, C), and each row's mean and 1 / sqrt(var + eps)
+        (N,) float32 for the backward pass. Checked here."""
+        n, c = layer_norm_shape(x, gamma, beta)
+        y = torch.empty(n, c, dtype=torch.bfloat16)
+        mean, rstd = torch.empty(n), torch.empty(n)
+        self.library.tformer_layer_norm_bf16_out(
+            x.data_ptr(), gamma.data_ptr(), beta.data_ptr(), eps, y.data_ptr(),
+            mean.data_ptr(), rstd.data_ptr(), n, c,
+        )  # fmt: skip
+        return y, mean, rstd
+
+    @c_function("tformer_layer_norm_backward_bf16", [POINTER] * 8 + [SIZE] * 2, ctypes.c_int)
+    def layer_norm_backward_bf16(
+        self,
+        dy: torch.Tensor,
+        x: torch.Tensor,
+        mean: torch.Tensor,
+        rstd: torch.Tensor,
+        gamma: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The gradients of layer_norm_bf16_out's x, gamma and beta from dy (N, C) bfloat16
+        and its x, mean, rstd and gamma: dx (N, C), dgamma and dbeta (C,), all float32."""
+        n, c = layer_norm_shape(x, gamma, gamma)
+        if dy.shape != x.shape or dy.dtype != torch.bfloat16 or not dy.is_contiguous():
+            raise ValueError(f"layer_norm_backward_bf16: dy must be contiguous bfloat16 {(n, c)}")
+        for name, row_values in (("mean", mean), ("rstd", rstd)):
+            if row_values.shape != (n,) or row_values.dtype != torch.float32:
+                raise ValueError(f"layer_norm_backward_bf16: {name} must be float32 ({n},)")
+        dx = torch.empty(n, c)
+        dgamma, dbeta = torch.empty(c), torch.empty(c)
+        failed = self.library.tformer_layer_norm_backward_bf16(
+            dy.data_ptr(), x.data_ptr(), mean.data_ptr(), rstd.data_ptr(), gamma.data_ptr(),
+            dx.data_ptr(), dgamma.data_ptr(), dbeta.data_ptr(), n, c,
+        )  # fmt: skip
+        if failed:
+            raise MemoryError("layer_norm_backward_bf16: out of memory for the threads' sums")
+        return dx, dgamma, dbeta
+
     @c_function("tformer_slot_attention_f32", [POINTER] * 5 + [SIZE] * 4, ctypes.c_int)
     def slot_attention(
         self,
@@ -870,3 +916,17 @@ def check_allocated(failed: int, t: int) -> None:
     """The attention kernels return 1 when a thread could not allocate its buffers."""
     if failed:
         raise MemoryError(f"causal_attention: no memory for a head's buffers at T = {t}")
+
+
+def layer_norm_shape(x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor) -> tuple[int, int]:
+    """(N, C) of a LayerNorm kernel's input: x (N, C), gamma and beta (C,), all contiguous
+    float32 on the CPU; else ValueError."""
+    if x.dim() != 2:
+        raise ValueError(f"layer_norm: x must be (N, C), got {tuple(x.shape)}")
+    n, c = x.shape
+    for name, tensor, shape in (("x", x, (n, c)), ("gamma", gamma, (c,)), ("beta", beta, (c,))):
+        if tensor.shape != shape or tensor.dtype != torch.float32 or tensor.device.type != "cpu":
+            raise ValueError(f"layer_norm: {name} must be float32 {shape} on the CPU")
+        if not tensor.is_contiguous():
+            raise ValueError(f"layer_norm: {name} must be contiguous")
+    return n, c

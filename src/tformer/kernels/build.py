@@ -28,6 +28,7 @@ SOURCES = tuple(
         "cross_entropy.c",
         "dropout.c",
         "gelu.c",
+        "layer_norm.c",
         "attention.c",
         "flash_attention.c",
         "slot_attention.c",

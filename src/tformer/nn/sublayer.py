@@ -13,7 +13,9 @@ where the norm sits differs (x is the residual stream):
 
 With residual=False the skip path is cut ("x +" disappears) and the norm stays where it was:
 pre gives Dropout(F(LN(x))), post gives LN(Dropout(F(x))), none gives Dropout(F(x)).
-These two switches are what the residual/LayerNorm experiments vary.
+These two switches are what the residual/LayerNorm experiments vary. F begins with matrix
+products (attention's projections, the feed-forward's first layer), so a pre-LN norm may
+write its output in the precision they read (nn/norm.py).
 
 A stack of pre-LN sublayers never normalises its residual stream, so one final LayerNorm
 closes the stack (GPT-2's ln_f; Xiong et al., 2020); post-LN's stream is normalised by its
@@ -67,7 +69,9 @@ class SublayerConnection(nn.Module):
     ) -> torch.Tensor:
         """(B, T, C) -> (B, T, C)."""
         if self.norm_position == "pre":
-            y = self.dropout(sublayer(self.norm(x)))
+            # the sublayer begins with matrix products (attention's projections, the
+            # feed-forward's first layer): the norm may write what they read (nn/norm.py)
+            y = self.dropout(sublayer(self.norm(x, feeds_matmul=True)))
             return x + y if self.residual else y
         y = self.dropout(sublayer(x))
         z = x + y if self.residual else y

@@ -1,0 +1,139 @@
+/* LayerNorm in mixed precision on the CPU: a float32 residual stream in, bfloat16 out, for a
+   norm whose output only feeds matrix products (which under bf16 autocast read it in bf16
+   anyway), and its backward pass from a bfloat16 gradient.
+
+   Forward, for each row x of width C:
+
+     mean = (1/C) sum_j x_j,   var = (1/C) sum_j (x_j - mean)^2,   r = 1 / sqrt(var + eps)
+     xhat = (x - mean) r,      y = bf16(xhat gamma + beta)
+
+   mean and r are kept for the backward pass. Backward, from dy (bf16), with g = dy gamma:
+
+     dx     = r (g - mean_j(g) - xhat mean_j(g xhat))     (float32, the stream's dtype)
+     dgamma = sum over rows of dy xhat,   dbeta = sum over rows of dy
+
+   The same numbers as torch's float32 layer_norm followed by autocast's cast to bf16 (and,
+   backwards, the cast of dy to float32 and layer_norm's backward), up to float32 rounding:
+   one pass instead of the norm's and the cast's, each way. Arithmetic is float32; bf16 is
+   rounded to nearest even, as torch rounds it.
+
+   Rows are split over the OpenMP threads in contiguous ranges when there are enough
+   elements; in the backward pass each thread sums dgamma and dbeta over its rows in its own
+   buffer, and the buffers are added in thread order, so the result does not depend on which
+   thread finishes first. */
+
+#include <math.h>
+#include <omp.h>
+#include <stdint.h>
+#include <stdlib.h>
+
+#include "common.h"
+
+#define PARALLEL_FROM 32768 /* elements; fewer are not worth waking the threads for */
+
+static void forward_rows(const float *x, const float *gamma, const float *beta, float eps,
+                         uint16_t *y, float *mean, float *rstd, int64_t c, int64_t begin,
+                         int64_t end) {
+    for (int64_t i = begin; i < end; i++) {
+        const float *xi = x + i * c;
+        float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+        for (int64_t j = 0; j < c; j++) sum += xi[j];
+        const float m = sum / (float)c;
+        float squares = 0.0f;
+#pragma omp simd reduction(+ : squares)
+        for (int64_t j = 0; j < c; j++) squares += (xi[j] - m) * (xi[j] - m);
+        const float r = 1.0f / sqrtf(squares / (float)c + eps);
+        uint16_t *yi = y + i * c;
+#pragma omp simd
+        for (int64_t j = 0; j < c; j++)
+            yi[j] = float_to_bf16_bits((xi[j] - m) * r * gamma[j] + beta[j]);
+        mean[i] = m;
+        rstd[i] = r;
+    }
+}
+
+/* dx for rows [begin, end); dgamma and dbeta of those rows added to sums (2C floats). */
+static void backward_rows(const uint16_t *dy, const float *x, const float *mean,
+                          const float *rstd, const float *gamma, float *dx, float *sums,
+                          int64_t c, int64_t begin, int64_t end) {
+    float *dgamma = sums, *dbeta = sums + c;
+    for (int64_t i = begin; i < end; i++) {
+        const uint16_t *dyi = dy + i * c;
+        const float *xi = x + i * c;
+        const float m = mean[i], r = rstd[i];
+        float g_sum = 0.0f, gx_sum = 0.0f;
+#pragma omp simd reduction(+ : g_sum, gx_sum)
+        for (int64_t j = 0; j < c; j++) {
+            const float d = bf16_bits_to_float(dyi[j]), xhat = (xi[j] - m) * r;
+            const float g = d * gamma[j];
+            g_sum += g;
+            gx_sum += g * xhat;
+            dgamma[j] += d * xhat;
+            dbeta[j] += d;
+        }
+        const float g_mean = g_sum / (float)c, gx_mean = gx_sum / (float)c;
+        float *dxi = dx + i * c;
+#pragma omp simd
+        for (int64_t j = 0; j < c; j++) {
+            const float xhat = (xi[j] - m) * r;
+            dxi[j] = r * (bf16_bits_to_float(dyi[j]) * gamma[j] - g_mean - xhat * gx_mean);
+        }
+    }
+}
+
+/* This thread's contiguous share of n rows: [*begin, *end). */
+static void my_rows(int64_t n, int64_t *begin, int64_t *end) {
+    const int64_t threads = omp_get_num_threads(), me = omp_get_thread_num();
+    const int64_t chunk = (n + threads - 1) / threads;
+    *begin = me * chunk < n ? me * chunk : n;
+    *end = *begin + chunk < n ? *begin + chunk : n;
+}
+
+/* x (N, C) float32, gamma and beta (C) float32 -> y (N, C) bf16, mean and rstd (N). */
+void tformer_layer_norm_bf16_out(const float *x, const float *gamma, const float *beta,
+                                 float eps, uint16_t *y, float *mean, float *rstd, int64_t n,
+                                 int64_t c) {
+    if (n * c < PARALLEL_FROM) {
+        forward_rows(x, gamma, beta, eps, y, mean, rstd, c, 0, n);
+        return;
+    }
+#pragma omp parallel
+    {
+        int64_t begin, end;
+        my_rows(n, &begin, &end);
+        forward_rows(x, gamma, beta, eps, y, mean, rstd, c, begin, end);
+    }
+}
+
+/* From dy (N, C) bf16 and the forward pass's x, mean, rstd and gamma: dx (N, C) float32,
+   dgamma and dbeta (C) float32. Returns 1 if the threads' sums could not be allocated. */
+int tformer_layer_norm_backward_bf16(const uint16_t *dy, const float *x, const float *mean,
+                                     const float *rstd, const float *gamma, float *dx,
+                                     float *dgamma, float *dbeta, int64_t n, int64_t c) {
+    const int threads = n * c < PARALLEL_FROM ? 1 : omp_get_max_threads();
+    float *sums = calloc((size_t)threads * 2 * c, sizeof *sums);
+    if (sums == NULL) return 1;
+    if (threads == 1) {
+        backward_rows(dy, x, mean, rstd, gamma, dx, sums, c, 0, n);
+    } else {
+#pragma omp parallel num_threads(threads)
+        {
+            int64_t begin, end;
+            my_rows(n, &begin, &end);
+            backward_rows(dy, x, mean, rstd, gamma, dx, sums + omp_get_thread_num() * 2 * c, c,
+                          begin, end);
+        }
+    }
+    for (int64_t j = 0; j < c; j++) {
+        float g = 0.0f, b = 0.0f;
+        for (int t = 0; t < threads; t++) {
+            g += sums[t * 2 * c + j];
+            b += sums[t * 2 * c + c + j];
+        }
+        dgamma[j] = g;
+        dbeta[j] = b;
+    }
+    free(sums);
+    return 0;
+}
