@@ -1,3 +1,3 @@
-from tformer.cli.main import entry
+from tformer.cli.launch import entry
 
 entry()
