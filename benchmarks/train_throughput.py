@@ -7,7 +7,8 @@ AdamW), for tformer's GPT2 and transformers' GPT2LMHeadModel of the same configu
 (no dropout), taking turns step by step so that both meet the same machine. tformer runs
 the way `tformer train` does (the blocked attention path for bf16 on a CPU, its own loss,
 the clipping inside AdamW's pass); transformers the way its users do (`labels=`, its own
-loss, clip_grad_norm_ before the same AdamW).
+loss, clip_grad_norm_ before the same AdamW). Both run under the C allocator `tformer
+train` starts under (jemalloc where it is installed: tformer/cli/launch.py).
 
 MFU = tokens/s x FLOPs per token / peak FLOP/s, with FLOPs per token = 6 N + 12 L T C
 (N the parameters that multiply, i.e. all but the position embeddings, the head counted
@@ -19,11 +20,18 @@ large float32 and bf16 matmul.
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
 
-import torch
+from tformer.cli.launch import start_under_allocator
+
+# Both models run under the C allocator `tformer train` runs under (jemalloc where it is
+# installed; TFORMER_ALLOCATOR=system for the C library's), chosen before torch is loaded.
+start_under_allocator(["train"])
+
+import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import machine_line  # noqa: E402
@@ -138,7 +146,8 @@ def main() -> None:
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     machine = machine_line()
-    print(machine, file=sys.stderr)
+    allocator = "jemalloc" if "jemalloc" in os.environ.get("LD_PRELOAD", "") else "system"
+    print(f"{machine}; allocator: {allocator}", file=sys.stderr)
     keep_freed_memory()  # for both models, as tformer's trainer does
     # Without native bf16 (AMX or AVX-512-BF16) a CPU emulates it about 100x slower than
     # float32: nobody trains so, and the runs would take hours.
@@ -192,7 +201,8 @@ def main() -> None:
             del ours, theirs, runs
     if args.json:
         peak_tflops = {k: round(v / 1e12, 3) for k, v in peaks.items()}
-        print(json.dumps({"machine": machine, "peak_tflops": peak_tflops, "rows": rows}))
+        summary = {"machine": machine, "allocator": allocator, "peak_tflops": peak_tflops}
+        print(json.dumps({**summary, "rows": rows}))
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from tformer import CharTokenizer
-from tformer.data.tokens import LMBatches, tokenize_cached
+from tformer.data.tokens import Batch, LMBatches, stacked, tokenize_cached
 
 
 @pytest.fixture(autouse=True)
@@ -65,3 +65,27 @@ def test_sequential_windows_score_every_token_once():
 def test_corpus_shorter_than_one_window_is_refused():
     with pytest.raises(ValueError, match="fewer than one context window needs"):
         LMBatches(np.arange(8, dtype=np.uint16), context=8, name="validation")
+
+
+def test_batches_stacked_for_scoring_keep_their_rows_in_order():
+    data = LMBatches(np.arange(500, dtype=np.uint16), 8)
+    g = torch.Generator().manual_seed(0)
+    batches = [data.sample(3, g) for _ in range(10)]
+    joined = stacked(batches, 4)
+    assert [len(b) for b in joined] == [12, 12, 6]
+    assert torch.equal(
+        torch.cat([b.inputs[0] for b in joined]), torch.cat([b.inputs[0] for b in batches])
+    )
+    assert torch.equal(
+        torch.cat([b.targets for b in joined]), torch.cat([b.targets for b in batches])
+    )
+
+
+def test_batches_of_other_shapes_stay_apart_and_token_counts_add_up():
+    def batch(rows, length, tokens=None):
+        return Batch((torch.zeros(rows, length),), torch.zeros(rows, length), tokens)
+
+    joined = stacked([batch(2, 5, 7), batch(1, 5, 3), batch(2, 6), batch(2, 6), batch(1, 5)], 8)
+    assert [tuple(b.targets.shape) for b in joined] == [(3, 5), (4, 6), (1, 5)]
+    assert [b.tokens for b in joined] == [10, None, None]
+    assert stacked([], 4) == []

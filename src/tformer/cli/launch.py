@@ -58,10 +58,14 @@ def start_under_allocator(argv: list[str]) -> None:
     if not sys.platform.startswith("linux") or subcommand(argv) not in COMMANDS:
         return
     environ = allocator_environment(argv, dict(os.environ), ctypes.util.find_library("jemalloc"))
-    if environ is not None:
-        sys.stdout.flush()
-        sys.stderr.flush()
+    if environ is None or not sys.executable:
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    try:
         os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], environ)
+    except OSError:  # cannot start again: go on under the C library's allocator
+        return
 
 
 def entry() -> None:

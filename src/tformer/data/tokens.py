@@ -53,6 +53,37 @@ class Batch:
         return self.targets.shape[0]
 
 
+def stacked(batches: Sequence[Batch], most: int) -> list[Batch]:
+    """The batches with runs of up to `most` consecutive ones of the same shape (but for
+    their rows) joined into one: the same rows in the same order, in fewer and larger
+    forward passes, for scoring. Batches of other shapes (padded to other lengths) stay
+    apart."""
+    out: list[Batch] = []
+    group: list[Batch] = []
+
+    def close() -> None:
+        if len(group) == 1:
+            out.append(group[0])
+        elif group:
+            inputs = tuple(
+                torch.cat(parts) for parts in zip(*(b.inputs for b in group), strict=True)
+            )
+            counts = [b.tokens for b in group]
+            tokens = None if None in counts else sum(counts)
+            out.append(Batch(inputs, torch.cat([b.targets for b in group]), tokens))
+        group.clear()
+
+    def shapes(batch: Batch) -> list[tuple[int, ...]]:
+        return [tuple(x.shape[1:]) for x in (*batch.inputs, batch.targets)]
+
+    for batch in batches:
+        if group and (len(group) == most or shapes(batch) != shapes(group[0])):
+            close()
+        group.append(batch)
+    close()
+    return out
+
+
 def draw(items: Sequence[T], n: int, generator: torch.Generator) -> list[T]:
     """n items drawn uniformly, with replacement, from `generator`: a training batch's rows."""
     rows = torch.randint(0, len(items), (n,), generator=generator)

@@ -33,7 +33,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from tformer.checks import MAX_SEED, check_choice, check_number
-from tformer.data.tokens import IGNORE_INDEX, LMBatches
+from tformer.data.tokens import IGNORE_INDEX, LMBatches, stacked
 from tformer.devices import flush_denormals, keep_freed_memory
 from tformer.errors import ConfigError, RunDirectoryError, TrainingInterrupted
 from tformer.files import WRITE_ERRORS, atomic_write_json, is_write_error, write_failure
@@ -59,6 +59,7 @@ from tformer.train.optim import (
 from tformer.train.plots import plot_losses
 
 EVAL_SEED = 1234  # the periodic evaluation always scores the same windows
+EVAL_STACK = 4  # its batches scored four at a time, as the final whole-split one's rows
 
 
 @dataclass
@@ -200,6 +201,9 @@ def evaluate(
     else:
         generator = torch.Generator().manual_seed(EVAL_SEED)
         batches = [data.sample(batch_size, generator) for _ in range(max_batches)]
+        # the same windows in fewer, larger forward passes: a small model's evaluation is
+        # otherwise mostly the cost of each call (docs/LOG.md)
+        batches = stacked(batches, EVAL_STACK)
     with evaluating(model):
         totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, count
         mine = batches[dist.rank :: dist.world_size]
