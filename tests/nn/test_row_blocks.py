@@ -2,6 +2,7 @@ import pytest
 import torch
 from torch import nn
 
+from tformer import kernels
 from tformer.nn import measured
 from tformer.nn import row_blocks as rb
 from tformer.nn.row_blocks import RowBlockLinear, fastest_path, linear, matmul
@@ -111,3 +112,27 @@ def test_the_output_is_a_tensor_of_its_own_as_nn_linears():
     out.add_(1.0)  # in place, as a residual or a hook may do
     out.float().sum().backward()
     assert x.grad is not None and layer.weight.grad.shape == (512, 512)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(1, 5), (70, 130), (300, 64), (64, 1)])
+def test_a_transposed_view_is_copied_row_major_value_for_value(dtype, shape):
+    """The compiled transpose (where built) or torch's copy: the same values, row-major."""
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(shape, generator=g).to(dtype).t()  # (C, R), strides (1, C)
+    copied = rb.row_major(a)
+    assert copied.is_contiguous() and torch.equal(copied, a)
+    wider = torch.randn(shape[0], shape[1] + 3, generator=g).to(dtype)[:, : shape[1]].t()
+    assert torch.equal(rb.row_major(wider), wider)  # rows ld > C apart
+    other = torch.randn(6, 4, 2, generator=g).to(dtype)[:, :, 0]  # neither layout
+    assert torch.equal(rb.row_major(other), other)
+
+
+def test_the_compiled_transpose_checks_its_layout():
+    library = kernels.load()
+    if library is None:
+        pytest.skip("the compiled kernels are not built here")
+    with pytest.raises(ValueError, match="transposed view"):
+        library.transpose16(torch.zeros(4, 6, dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match="bfloat16 or float16"):
+        library.transpose16(torch.zeros(6, 4).t())

@@ -26,6 +26,8 @@ attention kernels, called once per layer, check it here.
     kernels.layer_norm_bf16_out(x, gamma, beta, eps)   x (N, C) float32 -> y (N, C) bfloat16,
         mean, rstd (N,); kernels.layer_norm_backward_bf16(dy, x, mean, rstd, gamma) -> dx
         (N, C) float32, dgamma, dbeta (C,)
+    kernels.transpose16(a)   a (C, R) bfloat16 or float16, the transposed view of a row-major
+        (R, C) -> a copy of it, row-major
     kernels.causal_attention(qkv, n_heads)   qkv (B, T, 3C) bf16 -> out (B, T, C), weights
     kernels.causal_attention_backward(qkv, weights, grad_out, n_heads)   -> grad_qkv
     kernels.flash_attention(q, k, v)   (B, H, T, D) bf16 -> out (B, T, H, D), lse (B, H, T):
@@ -637,6 +639,19 @@ class Kernels:
         function = getattr(self.library, f"tformer_gelu_{by_dtype(z)}")
         function(z.data_ptr(), y.data_ptr(), d.data_ptr(), z.numel())
         return y, d
+
+    @c_function("tformer_transpose16", [POINTER, SIZE, SIZE, SIZE, POINTER])
+    def transpose16(self, a: torch.Tensor) -> torch.Tensor:
+        """a row-major copy of `a`, a 2-D bfloat16 or float16 CPU tensor laid out as the
+        transposed view of a row-major one (strides (1, ld)): the same values, contiguous."""
+        if a.dim() != 2 or a.dtype not in (torch.bfloat16, torch.float16) or a.device.type != "cpu":
+            raise ValueError("transpose16: a must be a 2-D bfloat16 or float16 CPU tensor")
+        c, r = a.shape
+        if a.stride(0) != 1 or a.stride(1) < max(c, 1):
+            raise ValueError("transpose16: a must be the transposed view of a row-major matrix")
+        out = torch.empty(c, r, dtype=a.dtype)
+        self.library.tformer_transpose16(a.data_ptr(), r, c, a.stride(1), out.data_ptr())
+        return out
 
     @c_function("tformer_layer_norm_bf16_out", [POINTER] * 3 + [REAL] + [POINTER] * 3 + [SIZE] * 2)
     def layer_norm_bf16_out(

@@ -29,6 +29,7 @@ SOURCES = tuple(
         "dropout.c",
         "gelu.c",
         "layer_norm.c",
+        "transpose.c",
         "attention.c",
         "flash_attention.c",
         "slot_attention.c",

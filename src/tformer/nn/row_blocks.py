@@ -20,10 +20,11 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 from torch.nn.modules import module as module_hooks
 
+from tformer import kernels
 from tformer.nn.blocked_attention import hooked
 from tformer.nn.measured import dtype_name, fastest
 
-KIND = "matmul-v1"  # the measured choices' file and version (nn/measured.py)
+KIND = "matmul-v2"  # the measured choices' file and version (nn/measured.py)
 # Smaller products than these run whole, through nn.Linear itself: a split would only add
 # a call's cost, and this path's Python costs more than a small product gains.
 MIN_ROWS = 256
@@ -84,7 +85,7 @@ def matmul(
     if path == "halves":
         return in_halves(a, b, bias, out)
     if path == "copied":
-        a = a.contiguous()
+        a = row_major(a)
     return torch.mm(a, b, out=out) if bias is None else torch.addmm(bias, a, b, out=out)
 
 
@@ -130,11 +131,21 @@ def fastest_path(a: torch.Tensor, b: torch.Tensor) -> str:
         paths = {
             "whole": lambda: torch.mm(a_, b_, out=out),
             "halves": lambda: in_halves(a_, b_, None, out),
-            "copied": lambda: torch.mm(a_.contiguous(), b_, out=out),
+            "copied": lambda: torch.mm(row_major(a_), b_, out=out),
         }
         return {name: paths[name] for name in names}
 
     return fastest(KIND, key, names, candidates)
+
+
+def row_major(a: torch.Tensor) -> torch.Tensor:
+    """a's values, row-major: for a 16-bit transposed view on the CPU the compiled
+    transpose (kernels/transpose.c; 2.5-4x torch's copy of an activation's gradient here,
+    docs/LOG.md), else torch's own copy."""
+    library = kernels.load_for(a, HALF_DTYPES)
+    if library is not None and a.dim() == 2 and a.stride(0) == 1 and a.stride(1) >= a.shape[0]:
+        return library.transpose16(a)
+    return a.contiguous()
 
 
 def like(x: torch.Tensor, shape: tuple[int, int], g: torch.Generator) -> torch.Tensor:
