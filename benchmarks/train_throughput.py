@@ -20,16 +20,16 @@ large float32 and bf16 matmul.
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
 
-from tformer.cli.launch import start_under_allocator
+from tformer.cli.launch import allocator_in_use, start_under_allocator
 
-# Both models run under the C allocator `tformer train` runs under (jemalloc where it is
-# installed; TFORMER_ALLOCATOR=system for the C library's), chosen before torch is loaded.
-start_under_allocator(["train"])
+if __name__ == "__main__":
+    # Both models run under the C allocator `tformer train` runs under (jemalloc where it
+    # is installed; TFORMER_ALLOCATOR=system for the C library's), chosen before torch loads.
+    start_under_allocator(["train"], own_command=True)
 
 import torch  # noqa: E402
 
@@ -146,7 +146,7 @@ def main() -> None:
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     machine = machine_line()
-    allocator = "jemalloc" if "jemalloc" in os.environ.get("LD_PRELOAD", "") else "system"
+    allocator = allocator_in_use()
     print(f"{machine}; allocator: {allocator}", file=sys.stderr)
     keep_freed_memory()  # for both models, as tformer's trainer does
     # Without native bf16 (AMX or AVX-512-BF16) a CPU emulates it about 100x slower than

@@ -53,9 +53,16 @@ __version__ = "0.1.0"
 
 
 def __getattr__(name: str) -> object:
-    if name not in _MODULES:
-        raise AttributeError(f"module 'tformer' has no attribute {name!r}")
-    value = getattr(importlib.import_module(_MODULES[name]), name)
+    """A public name, or a subpackage (`tformer.nn`), imported on first use."""
+    if name in _MODULES:
+        value = getattr(importlib.import_module(_MODULES[name]), name)
+    else:
+        try:
+            value = importlib.import_module(f"tformer.{name}")
+        except ModuleNotFoundError as e:
+            if e.name != f"tformer.{name}":
+                raise
+            raise AttributeError(f"module 'tformer' has no attribute {name!r}") from None
     globals()[name] = value  # found directly from now on
     return value
 

@@ -9,16 +9,20 @@ it, keeping the memory it frees for reuse as tformer does with glibc's
 
     LD_PRELOAD=libjemalloc.so.2   MALLOC_CONF=dirty_decay_ms:-1,muzzy_decay_ms:-1
 
-An allocator is chosen when the process starts, so the command starts itself again under
-it (os.execv: the same process, arguments and environment, nothing else run yet; torch is
-not imported before this). TFORMER_ALLOCATOR=system keeps the C library's own; a
-LD_PRELOAD that already names an allocator is left alone. Only training was measured, so
-only `train` takes it.
+An allocator is chosen when a process starts, so the command starts itself again under it
+(os.execve: the same process, with its command line, and that environment; torch is not
+imported before this). In the process started again, LD_PRELOAD and MALLOC_CONF are put
+back as they were, so that the processes it starts (the C compiler, workers) run as the
+user set them. TFORMER_ALLOCATOR=system keeps the C library's allocator, and a LD_PRELOAD
+that already names an allocator is left alone. Only training was measured, so only `train`
+takes it.
 """
 
 import ctypes.util
+import json
 import os
 import sys
+from collections.abc import Callable
 
 COMMANDS = ("train",)  # the subcommands measured to gain (docs/LOG.md)
 ALLOCATORS = ("jemalloc", "system")
@@ -26,22 +30,28 @@ ALLOCATORS = ("jemalloc", "system")
 # not faulted in again; without this the character model's step took 65% longer
 KEEP_FREED = "dirty_decay_ms:-1,muzzy_decay_ms:-1"
 ALREADY = ("jemalloc", "tcmalloc", "mimalloc")  # a preloaded allocator the user chose
+STARTED = "TFORMER_ALLOCATOR_STARTED"  # set in the process started again: what to put back
+SAVED = ("LD_PRELOAD", "MALLOC_CONF")
 
 
 def allocator_environment(
-    argv: list[str], environ: dict[str, str], library: str | None
+    argv: list[str], environ: dict[str, str], find_library: Callable[[], str | None]
 ) -> dict[str, str] | None:
-    """The environment to start `tformer argv` again under jemalloc (its library's name or
-    path `library`, None where it is not installed), or None to go on as it is."""
-    if subcommand(argv) not in COMMANDS or library is None or "--help" in argv or "-h" in argv:
+    """The environment to start `tformer argv` again under jemalloc (find_library gives its
+    library's name, or None where it is not installed), or None to go on as it is."""
+    if subcommand(argv) not in COMMANDS or "--help" in argv or "-h" in argv:
         return None
     choice = environ.get("TFORMER_ALLOCATOR", "jemalloc")
     if choice not in ALLOCATORS:
         sys.exit(f"tformer: TFORMER_ALLOCATOR={choice!r}: choose one of {', '.join(ALLOCATORS)}")
     preloaded = environ.get("LD_PRELOAD", "")
-    if choice == "system" or any(name in preloaded for name in ALREADY):
+    if choice == "system" or STARTED in environ or any(name in preloaded for name in ALREADY):
+        return None
+    library = find_library()
+    if library is None:
         return None
     changed = dict(environ)
+    changed[STARTED] = json.dumps({name: environ.get(name) for name in SAVED})
     changed["LD_PRELOAD"] = f"{library} {preloaded}".strip()
     changed.setdefault("MALLOC_CONF", KEEP_FREED)
     return changed
@@ -52,13 +62,35 @@ def subcommand(argv: list[str]) -> str | None:
     return next((arg for arg in argv if not arg.startswith("-")), None)
 
 
-def start_under_allocator(argv: list[str]) -> None:
+def put_back(environ: dict[str, str]) -> None:
+    """In the process started again: LD_PRELOAD and MALLOC_CONF as they were before."""
+    saved = environ.pop(STARTED, None)
+    if saved is None:
+        return
+    for name, value in json.loads(saved).items():
+        if value is None:
+            environ.pop(name, None)
+        else:
+            environ[name] = value
+
+
+def start_under_allocator(argv: list[str], own_command: bool = False) -> None:
     """Start this process again under jemalloc if allocator_environment says so (Linux
-    only); otherwise return."""
+    only); otherwise return. argv are the `tformer` arguments, which must end the process's
+    command line (a caller that only runs tformer in-process, as a test does, is left
+    alone), or own_command: the process is this command's, whatever its command line."""
     if not sys.platform.startswith("linux") or subcommand(argv) not in COMMANDS:
         return
-    environ = allocator_environment(argv, dict(os.environ), ctypes.util.find_library("jemalloc"))
-    if environ is None or not sys.executable:
+    if STARTED in os.environ:  # started again already
+        put_back(os.environ)
+        return
+    own = own_command or (bool(argv) and sys.orig_argv[-len(argv) :] == argv)
+    if not own or not sys.executable:
+        return
+    environ = allocator_environment(
+        argv, dict(os.environ), lambda: ctypes.util.find_library("jemalloc")
+    )
+    if environ is None:
         return
     sys.stdout.flush()
     sys.stderr.flush()
@@ -66,6 +98,15 @@ def start_under_allocator(argv: list[str]) -> None:
         os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], environ)
     except OSError:  # cannot start again: go on under the C library's allocator
         return
+
+
+def allocator_in_use() -> str:
+    """ "jemalloc" where it is loaded in this process, else "system"."""
+    try:
+        with open("/proc/self/maps") as maps:
+            return "jemalloc" if "libjemalloc" in maps.read() else "system"
+    except OSError:
+        return "system"
 
 
 def entry() -> None:

@@ -58,6 +58,8 @@ def stacked(batches: Sequence[Batch], most: int) -> list[Batch]:
     their rows) joined into one: the same rows in the same order, in fewer and larger
     forward passes, for scoring. Batches of other shapes (padded to other lengths) stay
     apart."""
+    if most < 1:
+        raise ValueError(f"stacked: most must be at least 1, got {most}")
     out: list[Batch] = []
     group: list[Batch] = []
 

@@ -655,13 +655,20 @@ class Kernels:
 
     @c_function("tformer_layer_norm_bf16_out", [POINTER] * 3 + [REAL] + [POINTER] * 3 + [SIZE] * 2)
     def layer_norm_bf16_out(
-        self, x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, eps: float
+        self,
+        x: torch.Tensor,
+        gamma: torch.Tensor,
+        beta: torch.Tensor,
+        eps: float,
+        out: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """LayerNorm over the last dimension of x (N, C) float32 with gamma and beta (C,)
-        float32, written in bfloat16 -> y (N, C), and each row's mean and 1 / sqrt(var + eps)
-        (N,) float32 for the backward pass. Checked here."""
+        float32, written in bfloat16 -> y (N, C) (into `out` if given), and each row's mean
+        and 1 / sqrt(var + eps) (N,) float32 for the backward pass. Checked here."""
         n, c = layer_norm_shape(x, gamma, beta)
-        y = torch.empty(n, c, dtype=torch.bfloat16)
+        y = torch.empty(n, c, dtype=torch.bfloat16) if out is None else out
+        if y.shape != (n, c) or y.dtype != torch.bfloat16 or not y.is_contiguous():
+            raise ValueError(f"layer_norm_bf16_out: out must be contiguous bfloat16 {(n, c)}")
         mean, rstd = torch.empty(n), torch.empty(n)
         self.library.tformer_layer_norm_bf16_out(
             x.data_ptr(), gamma.data_ptr(), beta.data_ptr(), eps, y.data_ptr(),
@@ -680,12 +687,17 @@ class Kernels:
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The gradients of layer_norm_bf16_out's x, gamma and beta from dy (N, C) bfloat16
         and its x, mean, rstd and gamma: dx (N, C), dgamma and dbeta (C,), all float32."""
-        n, c = layer_norm_shape(x, gamma, gamma)
-        if dy.shape != x.shape or dy.dtype != torch.bfloat16 or not dy.is_contiguous():
-            raise ValueError(f"layer_norm_backward_bf16: dy must be contiguous bfloat16 {(n, c)}")
-        for name, row_values in (("mean", mean), ("rstd", rstd)):
-            if row_values.shape != (n,) or row_values.dtype != torch.float32:
-                raise ValueError(f"layer_norm_backward_bf16: {name} must be float32 ({n},)")
+        n, c = layer_norm_shape(x, gamma)
+        for name, tensor, shape, dtype in (
+            ("dy", dy, (n, c), torch.bfloat16),
+            ("mean", mean, (n,), torch.float32),
+            ("rstd", rstd, (n,), torch.float32),
+        ):
+            wanted = f"{name} must be contiguous {str(dtype).removeprefix('torch.')} {shape}"
+            if tensor.shape != shape or tensor.dtype != dtype or tensor.device.type != "cpu":
+                raise ValueError(f"layer_norm_backward_bf16: {wanted} on the CPU")
+            if not tensor.is_contiguous():
+                raise ValueError(f"layer_norm_backward_bf16: {wanted}")
         dx = torch.empty(n, c)
         dgamma, dbeta = torch.empty(c), torch.empty(c)
         failed = self.library.tformer_layer_norm_backward_bf16(
@@ -825,13 +837,17 @@ class Kernels:
 
     @c_function("tformer_flash_attention_bf16", [POINTER] * 6 + [SIZE] * 4, ctypes.c_int)
     def flash_attention(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Causal self-attention of every head on AMX (kernels/flash_attention.c): q, k, v
-        (B, H, T, D) bfloat16, any strides with D contiguous -> out (B, T, H, D) bfloat16 and
-        the scores' log-sum-exp per query, lse (B, H, T) float32, for the backward pass."""
+        (B, H, T, D) bfloat16, any strides with D contiguous -> out (B, T, H, D) bfloat16
+        (into `out` if given, contiguous) and the scores' log-sum-exp per query, lse (B, H,
+        T) float32, for the backward pass."""
         b, h, t, d = flash_shape({"q": q, "k": k, "v": v})
-        out = torch.empty(b, t, h, d, dtype=torch.bfloat16)
+        if out is None:
+            out = torch.empty(b, t, h, d, dtype=torch.bfloat16)
+        elif out.shape != (b, t, h, d) or out.dtype != torch.bfloat16 or not out.is_contiguous():
+            raise ValueError(f"flash_attention: out must be contiguous bfloat16 {(b, t, h, d)}")
         lse = torch.empty(b, h, t, dtype=torch.float32)
         strides = head_strides(q, k, v)
         failed = self.library.tformer_flash_attention_bf16(
@@ -933,13 +949,17 @@ def check_allocated(failed: int, t: int) -> None:
         raise MemoryError(f"causal_attention: no memory for a head's buffers at T = {t}")
 
 
-def layer_norm_shape(x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor) -> tuple[int, int]:
-    """(N, C) of a LayerNorm kernel's input: x (N, C), gamma and beta (C,), all contiguous
-    float32 on the CPU; else ValueError."""
+def layer_norm_shape(
+    x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor | None = None
+) -> tuple[int, int]:
+    """(N, C) of a LayerNorm kernel's input: x (N, C), gamma and beta (C,) (beta if given),
+    all contiguous float32 on the CPU; else ValueError."""
     if x.dim() != 2:
         raise ValueError(f"layer_norm: x must be (N, C), got {tuple(x.shape)}")
     n, c = x.shape
-    for name, tensor, shape in (("x", x, (n, c)), ("gamma", gamma, (c,)), ("beta", beta, (c,))):
+    given = [("x", x, (n, c)), ("gamma", gamma, (c,))]
+    given += [] if beta is None else [("beta", beta, (c,))]
+    for name, tensor, shape in given:
         if tensor.shape != shape or tensor.dtype != torch.float32 or tensor.device.type != "cpu":
             raise ValueError(f"layer_norm: {name} must be float32 {shape} on the CPU")
         if not tensor.is_contiguous():

@@ -26,10 +26,20 @@
 #include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 
 #include "common.h"
 
 #define PARALLEL_FROM 32768 /* elements; fewer are not worth waking the threads for */
+
+/* float32 -> bfloat16 rounded to nearest even, a NaN kept a NaN: a diverging run's NaN must
+   reach the loss, which the trainer checks (common.h's rounding is for finite values). */
+static inline uint16_t to_bf16(float f) {
+    uint32_t bits;
+    memcpy(&bits, &f, sizeof bits);
+    if ((bits & 0x7FFFFFFFu) > 0x7F800000u) return (uint16_t)((bits >> 16) | 0x40u);
+    return float_to_bf16_bits(f);
+}
 
 static void forward_rows(const float *x, const float *gamma, const float *beta, float eps,
                          uint16_t *y, float *mean, float *rstd, int64_t c, int64_t begin,
@@ -47,7 +57,7 @@ static void forward_rows(const float *x, const float *gamma, const float *beta, 
         uint16_t *yi = y + i * c;
 #pragma omp simd
         for (int64_t j = 0; j < c; j++)
-            yi[j] = float_to_bf16_bits((xi[j] - m) * r * gamma[j] + beta[j]);
+            yi[j] = to_bf16((xi[j] - m) * r * gamma[j] + beta[j]);
         mean[i] = m;
         rstd[i] = r;
     }
@@ -111,6 +121,7 @@ void tformer_layer_norm_bf16_out(const float *x, const float *gamma, const float
 int tformer_layer_norm_backward_bf16(const uint16_t *dy, const float *x, const float *mean,
                                      const float *rstd, const float *gamma, float *dx,
                                      float *dgamma, float *dbeta, int64_t n, int64_t c) {
+    if (c == 0) return 0;
     const int threads = n * c < PARALLEL_FROM ? 1 : omp_get_max_threads();
     float *sums = calloc((size_t)threads * 2 * c, sizeof *sums);
     if (sums == NULL) return 1;

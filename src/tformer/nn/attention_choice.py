@@ -16,9 +16,10 @@ from collections.abc import Callable
 
 import torch
 
+from tformer.nn.flash_attention import flash_causal_projection, projection_heads
 from tformer.nn.measured import dtype_name, fastest, training_runs
 
-KIND = "attention-v3"  # the measured choices' file and version (nn/measured.py)
+KIND = "attention-v4"  # the measured choices' file and version (nn/measured.py)
 # a path of causal self-attention: (q, k, v) -> out, each (B, H, T, D)
 AttentionPath = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 # a path of short causal self-attention: the fused projection (B, T, 3C) -> (B, T, C)
@@ -33,21 +34,29 @@ def choice_key(q: torch.Tensor) -> str:
 def long_attention_path(q: torch.Tensor, paths: dict[str, AttentionPath]) -> str:
     """The name of the fastest of `paths` for q's shape and dtype on this CPU.
 
-    `paths` are equivalent computations, each (q, k, v) -> out, by name; they are timed on
-    random tensors of q's shape (forward and backward) the first time a shape is seen,
-    unless the cache already holds the answer. Not on a CPU: "fused"."""
+    `paths` are equivalent computations, each (q, k, v) -> out, by name; they are timed
+    (forward and backward) the first time a shape is seen, unless the cache already holds
+    the answer, as a model runs them: from a random fused projection to the output
+    projection's input, "flash" taking the projection whole. Not on a CPU: "fused"."""
     if q.device.type != "cpu":
         return "fused"
     b, h, t, d = q.shape
 
     def make_inputs() -> list[torch.Tensor]:
-        # q, k, v and the output's gradient, each (B, H, T, D) laid out as the heads of a
-        # projection (B, T, H, D) are, as a model's are
+        # the fused projection (B, T, 3C) and the output's gradient (B, T, C), as in a model
         g = torch.Generator().manual_seed(0)
-        return [torch.randn(b, t, h, d, generator=g).to(q.dtype).transpose(1, 2) for _ in range(4)]
+        projection = torch.randn(b, t, 3 * h * d, generator=g).to(q.dtype)
+        return [projection, torch.randn(b, t, h * d, generator=g).to(q.dtype)]
+
+    def from_projection(name: str) -> ProjectionPath:
+        # each path as the model runs it: from the projection to the output projection's
+        # input; FlashAttention takes the projection whole (MultiHeadAttention.forward)
+        if name == "flash":
+            return lambda x: flash_causal_projection(x, h)
+        return lambda x: paths[name](*projection_heads(x, h)).transpose(1, 2).reshape(b, t, -1)
 
     def candidates():
-        return training_runs(make_inputs, paths)
+        return training_runs(make_inputs, {name: from_projection(name) for name in paths})
 
     return fastest(KIND, choice_key(q), tuple(paths), candidates)
 

@@ -16,9 +16,10 @@ The kernel is tformer/kernels/flash_attention.c: bf16 products summed in float32
 tiles, the softmax in float32. It reads the heads where the fused projection left them and
 writes the output in the (B, T, C) layout the output projection reads, so the forward pass
 copies no head into a layout of its own in torch (the backward pass's gradients come in the
-projection's layout, and autograd gathers them from there). It runs where the CPU has AMX
-(Sapphire Rapids and later) and the head width is a multiple of 32; whether it beats the
-other paths of causal attention is measured on the CPU in use (nn/attention_choice.py).
+projection's layout, and FlashCausalProjection returns them as they are). It runs where the
+CPU has AMX (Sapphire Rapids and later) and the head width is a multiple of 32; whether it
+beats the other paths of causal attention is measured on the CPU in use
+(nn/attention_choice.py).
 First-order gradients only: for second-order ones use the explicit path in float32.
 """
 
@@ -88,16 +89,19 @@ class FlashCausalAttention(torch.autograd.Function):
 class FlashCausalProjection(torch.autograd.Function):
     """qkv (B, T, 3C) bf16 -> (B, T, C) bf16, a view of the kernel's (B, T, H, D). The
     kernel writes the gradient of q, k and v side by side, (B, T, 3, H, D), which is qkv's
-    own layout: it is returned as it is, where three gradients of views (as
-    FlashCausalAttention's are for a projection) would be gathered into a zero-filled tensor
-    by autograd, a cost that outweighed the kernel's gain on short sequences (docs/LOG.md)."""
+    own layout: it is returned as it is, where the three gradients of q, k and v split from
+    the projection would be concatenated again by autograd (3% of a character-model step,
+    docs/LOG.md)."""
 
     @staticmethod
     def forward(ctx, qkv, n_heads, library):
-        out, lse = library.flash_attention(*projection_heads(qkv, n_heads))  # (B, T, H, D)
+        b, t, width = qkv.shape
+        out = torch.empty(b, t, width // 3, dtype=torch.bfloat16)  # (B, T, C), its own tensor
+        heads = out.view(b, t, n_heads, -1)  # (B, T, H, D), where the kernel writes
+        _, lse = library.flash_attention(*projection_heads(qkv, n_heads), out=heads)
         ctx.save_for_backward(qkv, out, lse)
         ctx.n_heads, ctx.library = n_heads, library
-        return out.flatten(2)  # (B, T, H, D) -> (B, T, C), a view
+        return out
 
     @staticmethod
     @once_differentiable  # the kernel's gradient is not itself differentiable
@@ -108,5 +112,6 @@ class FlashCausalProjection(torch.autograd.Function):
             grad_out = grad_out.contiguous()
         heads = grad_out.unflatten(-1, (ctx.n_heads, -1)).transpose(1, 2)  # (B, H, T, D)
         q, k, v = projection_heads(qkv, ctx.n_heads)
+        out = out.view(heads.shape[0], heads.shape[2], ctx.n_heads, -1)  # (B, T, H, D)
         grad = ctx.library.flash_attention_backward(q, k, v, heads, out, lse)
         return grad.view(qkv.shape), None, None  # (B, T, 3, H, D) -> (B, T, 3C)

@@ -26,6 +26,7 @@ from torch import nn
 from tformer.checks import check_number
 from tformer.errors import ConfigError
 from tformer.nn.dropout import Dropout
+from tformer.nn.sublayer import SublayerConnection
 
 
 @dataclass
@@ -154,6 +155,7 @@ def _adapt(model: nn.Module, config: LoRAConfig, names: list[str], seed: int | N
         parameter.requires_grad_(False)
     for name in names:
         _replace(model, name, LoRALinear(model.get_submodule(name), config, generator))
+    norms_write_bf16(model, False)
     return names
 
 
@@ -163,7 +165,17 @@ def merge_lora(model: nn.Module) -> list[str]:
     layers = lora_layers(model)
     for name, layer in layers.items():
         _replace(model, name, layer.merged())
+    norms_write_bf16(model, True)
     return list(layers)
+
+
+def norms_write_bf16(model: nn.Module, on: bool) -> None:
+    """Whether the pre-LN norms of `model` may write bf16 for their sublayers' products
+    (nn/sublayer.py): not while LoRA adapters read a norm's output beside their base
+    layer, where autograd would sum the two gradients in bf16 instead of float32."""
+    for module in model.modules():
+        if isinstance(module, SublayerConnection):
+            module.norm_writes_bf16 = on
 
 
 def _replace(model: nn.Module, name: str, module: nn.Module) -> None:

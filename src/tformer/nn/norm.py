@@ -12,8 +12,10 @@ Under bf16 autocast on the CPU, a norm whose output only feeds matrix products (
 sublayer's: attention's projections, the feed-forward's first layer) would be written in
 float32 and then cast to bf16 by the first product. There the compiled kernel
 (kernels/layer_norm.c) writes bf16 straight away, and its backward pass reads the bf16
-gradient: the same numbers (up to float32 rounding) without the float32 output and its
-casts each way (docs/LOG.md).
+gradient: within one bf16 rounding step of the cast of torch's norm (float32 sums in
+another order), without the float32 output and its casts each way (docs/LOG.md). Only
+for a norm that one product reads (nn/sublayer.py): two readers' gradients would be added
+in bf16.
 """
 
 import torch
@@ -65,10 +67,11 @@ class LayerNormBf16Out(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, eps, library):
         rows = x.reshape(-1, x.shape[-1]).contiguous()  # (..., C) -> (N, C)
-        y, mean, rstd = library.layer_norm_bf16_out(rows, weight, bias, eps)
+        y = torch.empty(x.shape, dtype=torch.bfloat16)  # its own tensor, not a view
+        _, mean, rstd = library.layer_norm_bf16_out(rows, weight, bias, eps, out=y.view(rows.shape))
         ctx.save_for_backward(rows, mean, rstd, weight)
         ctx.library, ctx.shape = library, x.shape
-        return y.view(x.shape)
+        return y
 
     @staticmethod
     @once_differentiable  # the kernel's gradient is not itself differentiable

@@ -60,6 +60,9 @@ class SublayerConnection(nn.Module):
         self.residual = residual
         self.norm = LayerNorm(d_model, eps) if norm_position != "none" else None
         self.dropout = Dropout(dropout)
+        # a pre-LN norm may write bf16 for the sublayer's products under CPU autocast
+        # (nn/norm.py); off while LoRA adapters read it too (nn/lora.py)
+        self.norm_writes_bf16 = True
 
     def extra_repr(self) -> str:
         return f"norm_position={self.norm_position!r}, residual={self.residual}"
@@ -71,7 +74,7 @@ class SublayerConnection(nn.Module):
         if self.norm_position == "pre":
             # the sublayer begins with matrix products (attention's projections, the
             # feed-forward's first layer): the norm may write what they read (nn/norm.py)
-            y = self.dropout(sublayer(self.norm(x, feeds_matmul=True)))
+            y = self.dropout(sublayer(self.norm(x, feeds_matmul=self.norm_writes_bf16)))
             return x + y if self.residual else y
         y = self.dropout(sublayer(x))
         z = x + y if self.residual else y

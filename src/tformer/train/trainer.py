@@ -201,12 +201,13 @@ def evaluate(
     else:
         generator = torch.Generator().manual_seed(EVAL_SEED)
         batches = [data.sample(batch_size, generator) for _ in range(max_batches)]
-        # the same windows in fewer, larger forward passes: a small model's evaluation is
-        # otherwise mostly the cost of each call (docs/LOG.md)
-        batches = stacked(batches, EVAL_STACK)
+    # a sharded model's passes must match across processes: its batches are not stacked
+    stack = 1 if max_batches is None or distributed.is_sharded(model) else EVAL_STACK
     with evaluating(model):
         totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, count
-        mine = batches[dist.rank :: dist.world_size]
+        # each process's share, the sample's batches in fewer, larger forward passes (the
+        # same windows): a small model's evaluation is otherwise mostly each call's cost
+        mine = stacked(batches[dist.rank :: dist.world_size], stack)
         if distributed.is_sharded(model):
             # A sharded model's forward is a collective: every process runs as many as the
             # busiest one, and the spare passes (on a batch already scored) count nothing.
