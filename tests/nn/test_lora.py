@@ -93,3 +93,27 @@ def test_the_same_seed_draws_the_same_adapters():
     for a, b in zip(first, second, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     assert not torch.equal(first[0], first[1])  # each layer its own draw
+
+
+def test_while_adapters_read_a_norm_it_writes_float32_for_them():
+    """Under CPU bf16 autocast a pre-LN norm writes bf16 for its one reader (nn/norm.py);
+    with LoRA two layers read it, whose gradients must add in float32: not while adapted."""
+    from tformer.nn.sublayer import SublayerConnection
+
+    model = GPT2(GPT2Config(vocab_size=50, max_len=16, d_model=32, n_layers=2, n_heads=2))
+    sublayers = [m for m in model.modules() if isinstance(m, SublayerConnection)]
+    seen = []
+    sublayers[0].norm.register_forward_hook(lambda module, args, out: seen.append(out.dtype))
+
+    def norm_dtype():
+        seen.clear()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            model(torch.zeros(1, 4, dtype=torch.long))
+        return seen[0]
+
+    assert all(s.norm_writes_bf16 for s in sublayers)
+    plain = norm_dtype()  # bf16 where the compiled kernels are built
+    add_lora(model, LoRAConfig(rank=2, targets=("w_qkv", "w1")), seed=0)
+    assert not any(s.norm_writes_bf16 for s in sublayers) and norm_dtype() == torch.float32
+    merge_lora(model)
+    assert all(s.norm_writes_bf16 for s in sublayers) and norm_dtype() == plain
