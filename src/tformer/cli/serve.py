@@ -2,18 +2,14 @@
 
 import ipaddress
 import os
-import signal
 import sys
 import threading
 from pathlib import Path
 
 import torch
-import uvicorn
 
 from tformer.cli.common import add_weight_flags, non_empty, number
 from tformer.devices import pick_device
-from tformer.serve.app import LOADERS, create_app
-from tformer.serve.service import ServeConfig, Service
 
 
 def add_parser(sub) -> None:
@@ -83,23 +79,6 @@ def add_parser(sub) -> None:
     p.set_defaults(run=run)
 
 
-class Server(uvicorn.Server):
-    """uvicorn's server; on SIGTERM or Ctrl-C the service answers 503 from then on, and the
-    process exits 0 once the running requests are done (uvicorn would raise the signal
-    again at the end)."""
-
-    def __init__(self, config: uvicorn.Config, service: Service) -> None:
-        super().__init__(config)
-        self.service = service
-
-    def handle_exit(self, sig: int, frame) -> None:
-        self.service.draining = True
-        if self.should_exit and sig == signal.SIGINT:
-            self.force_exit = True
-        else:
-            self.should_exit = True
-
-
 def is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
@@ -110,6 +89,14 @@ def is_loopback(host: str) -> bool:
 
 
 def run(args) -> None:
+    # The serving stack (uvicorn, FastAPI) is imported here, not with the program: every
+    # other command would load it for nothing (0.2 s, docs/LOG.md).
+    import uvicorn
+
+    from tformer.serve.app import LOADERS, create_app
+    from tformer.serve.server import Server
+    from tformer.serve.service import ServeConfig, Service
+
     if args.chat_template is not None and not Path(args.chat_template).is_file():
         raise FileNotFoundError(f"--chat-template: {args.chat_template}: no such file")
     if args.threads is not None:
