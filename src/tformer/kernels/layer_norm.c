@@ -12,10 +12,11 @@
      dx     = r (g - mean_j(g) - xhat mean_j(g xhat))     (float32, the stream's dtype)
      dgamma = sum over rows of dy xhat,   dbeta = sum over rows of dy
 
-   The same numbers as torch's float32 layer_norm followed by autocast's cast to bf16 (and,
-   backwards, the cast of dy to float32 and layer_norm's backward), up to float32 rounding:
-   one pass instead of the norm's and the cast's, each way. Arithmetic is float32; bf16 is
-   rounded to nearest even, as torch rounds it.
+   What torch's float32 layer_norm followed by autocast's cast to bf16 gives (and, backwards,
+   the cast of dy to float32 and layer_norm's backward), but for float32 sums taken in
+   another order (y within one bf16 rounding step of it): one pass instead of the norm's and
+   the cast's, each way. Arithmetic is float32; bf16 is rounded to nearest even, as torch
+   rounds it, and a NaN stays a NaN.
 
    Rows are split over the OpenMP threads in contiguous ranges when there are enough
    elements; in the backward pass each thread sums dgamma and dbeta over its rows in its own
