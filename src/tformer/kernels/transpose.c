@@ -2,14 +2,15 @@
 
      dst[j][i] = src[i][j],   src (R, C) with rows ld elements apart, dst (C, R) contiguous.
 
-   torch's copy of a transposed view runs at a few hundred MB/s for some shapes on the Intel
-   machine (10.9 ms for a 4096 x 1152 bf16 matrix), where a matrix product that reads the
-   copy runs twice as fast as one that reads the transposed view (docs/LOG.md): the weight
-   gradient dW = dy^T x of a linear layer. Here the matrix goes in square tiles small enough
-   for the core's cache: each of a tile's output rows is written whole, from a column of the
-   tile read out of the cache; the tiles are split over the OpenMP threads. It is 2.5-4x torch's copy for a training step's activations
-   (4096 x 1152: 1.35 against 4.03 ms) but no faster for a (1024, 50257) one (76 ms): used
-   only where a measurement chose it (nn/row_blocks.py). */
+   torch's copy of a transposed view is slow for some shapes on the Intel machine (3.4-10.9
+   ms for a 4096 x 1152 bf16 matrix), where a matrix product that reads the copy runs up to
+   twice as fast as one that reads the transposed view (docs/LOG.md): the weight gradient
+   dW = dy^T x of a linear layer. Here the matrix goes in square tiles small enough for the
+   core's cache: each of a tile's output rows is written whole, from a column of the tile
+   read out of the cache; the tiles are split over the OpenMP threads. It is 2.5-4x torch's
+   copy for a training step's activations (4096 x 1152: 1.35 against 3.4-4.0 ms) but no
+   faster for a (1024, 50257) one (76 ms): used only where a measurement chose it
+   (nn/row_blocks.py). */
 
 #include <stdint.h>
 
