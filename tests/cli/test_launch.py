@@ -78,10 +78,13 @@ def run_python(code, *args):
     return out.stdout.splitlines()
 
 
-@pytest.mark.skipif(
+needs_jemalloc = pytest.mark.skipif(
     not sys.platform.startswith("linux") or ctypes.util.find_library("jemalloc") is None,
     reason="jemalloc is not installed (apt-get install libjemalloc2)",
 )
+
+
+@needs_jemalloc
 def test_the_process_runs_on_under_jemalloc_with_its_arguments_and_the_users_settings():
     """The same command line starts again (os.execve) with jemalloc loaded, once, and with
     the environment as it was for what it starts."""
@@ -96,6 +99,7 @@ def test_the_process_runs_on_under_jemalloc_with_its_arguments_and_the_users_set
     assert lines == ["started ['a', 'b c']", "started ['a', 'b c']", "jemalloc None None"]
 
 
+@needs_jemalloc  # without it nothing would start again anyway
 def test_a_caller_that_runs_tformer_in_process_is_not_started_again():
     """Only a process whose command line ends with the tformer arguments starts again."""
     code = (
