@@ -47,6 +47,27 @@ def test_windows_are_contiguous_and_targets_are_shifted_inputs():
     assert int(batch.targets.max()) <= 99
 
 
+@pytest.mark.parametrize("dtype", [np.uint16, np.uint32])
+def test_windows_of_a_read_only_map_are_its_slices_up_to_the_last(tmp_path, dtype, recwarn):
+    path = tmp_path / "ids.bin"
+    values = (np.arange(40) * 977 % 65_536).astype(dtype)  # the top of uint16's range too
+    values.tofile(path)
+    data = LMBatches(np.memmap(path, dtype=dtype, mode="r"), context=6)
+    assert not recwarn.list  # torch's warning about a read-only array is not the user's
+    starts = torch.tensor([0, 33, 17])  # 33: the last window that fits
+    batch = data.windows(starts)
+    expected = torch.tensor(
+        np.stack([values[s : s + 7] for s in starts.tolist()]), dtype=torch.int64
+    )
+    assert torch.equal(batch.inputs[0], expected[:, :-1])
+    assert torch.equal(batch.targets, expected[:, 1:])
+    assert batch.token_count() == 3 * 6
+    firsts = [data.sample(64, torch.Generator().manual_seed(i)).inputs[0][:, 0] for i in range(8)]
+    position = {int(v): i for i, v in enumerate(values)}  # the values are distinct
+    drawn = {position[int(v)] for v in torch.cat(firsts)}
+    assert drawn == set(range(34))  # every start that fits is drawn in time, none past it
+
+
 def test_same_generator_state_same_batch():
     data = LMBatches(np.arange(1000, dtype=np.uint16), context=16)
     g = torch.Generator().manual_seed(3)

@@ -13,7 +13,7 @@ from tformer import GPT2
 from tformer.errors import DataError, WriteError
 from tformer.train import checkpoint as checkpoint_module
 from tformer.train import fit, metrics
-from tformer.train.metrics import MetricsLog
+from tformer.train.metrics import MetricsLog, read_metrics
 
 CONFIG = quick(steps=20, eval_every=0, final_eval="sample")  # checkpoints at steps 10 and 20
 
@@ -95,32 +95,48 @@ def test_only_a_torch_error_that_says_a_write_failed_is_reported_as_one(
 
 def test_a_full_disk_while_logging_leaves_no_torn_line(tmp_path, monkeypatch):
     path = tmp_path / "metrics.jsonl"
+
+    class FillsUp:
+        """The log's file: its first record is written whole, the next one in part before
+        the disk is full."""
+
+        def __init__(self, file):
+            self.file, self.records = file, 0
+
+        def close(self):
+            self.file.close()
+
+        def write(self, data):
+            self.records += 1
+            if self.records == 1:
+                return self.file.write(data)
+            self.file.write(data[:7])
+            full_disk()
+
+    def fills_up(*args, **kwargs):
+        return FillsUp(open(*args, **kwargs))  # noqa: SIM115 (closed by the log)
+
+    monkeypatch.setattr(metrics, "open", fills_up, raising=False)
     log = MetricsLog(path)
     log.write({"type": "train", "step": 1, "loss": 2.0})
     before = path.read_bytes()
-
-    class HalfWritten:
-        def __init__(self, file):
-            self.file = file
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            self.file.close()
-
-        def write(self, text):
-            self.file.write(text[:7])
-            self.file.flush()
-            full_disk()
-
-    def half_written(*args, **kwargs):
-        return HalfWritten(open(*args, **kwargs))  # noqa: SIM115 (closed by HalfWritten)
-
-    monkeypatch.setattr(metrics, "open", half_written, raising=False)
     with pytest.raises(WriteError, match=f"while writing {path}; step 1 .* is intact"):
         log.write({"type": "train", "step": 2, "loss": 1.9}, "step 1 (RUN/last) is intact")
     assert path.read_bytes() == before
+    log.close()
+
+
+def test_the_log_keeps_its_file_open_and_follows_a_rewrite(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    log = MetricsLog(path)
+    for step in (1, 2, 3):
+        log.write({"type": "train", "step": step, "loss": 1.0})
+    assert log.file is not None  # opened once, kept
+    assert log.truncate_after(2) is None  # replaces the file: the log writes to the new one
+    log.write({"type": "train", "step": 3, "loss": 0.5})
+    log.close()
+    assert [r["loss"] for r in read_metrics(tmp_path)] == [1.0, 1.0, 0.5]
+    assert log.size == path.stat().st_size
 
 
 @pytest.fixture

@@ -120,3 +120,29 @@ def test_targets_outside_the_vocabulary_are_refused(bad):
     targets = torch.tensor([1, -100, bad, 3])
     with pytest.raises(ValueError, match=r"targets must be in \[0, 11\)"):
         label_smoothed_cross_entropy(logits, targets, 0.1)
+
+
+@pytest.mark.parametrize("bad", [-5, 11])
+def test_targets_outside_the_vocabulary_are_refused_without_padding_too(bad):
+    with pytest.raises(ValueError, match=r"targets must be in \[0, 11\)"):
+        label_smoothed_cross_entropy(torch.randn(3, 11), torch.tensor([1, bad, 3]), 0.1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_without_padding_the_loss_and_its_gradient_are_the_padded_path_s(dtype):
+    """Every target scored takes a shorter path (no mask): the same numbers as with one."""
+    g = torch.Generator().manual_seed(1)
+    logits = (torch.randn(2, 9, 13, generator=g) * 2).to(dtype).requires_grad_()
+    targets = torch.randint(0, 13, (2, 9), generator=g)
+    ours = label_smoothed_cross_entropy(logits, targets, 0.1)
+    (grad,) = torch.autograd.grad(ours, logits)
+    # the same rows once more, with a padded row after them that the mean leaves out
+    padded_logits = torch.cat([logits.detach(), torch.randn(1, 9, 13).to(dtype)]).requires_grad_()
+    padded_targets = torch.cat([targets, torch.full((1, 9), -100)])
+    reference = label_smoothed_cross_entropy(padded_logits, padded_targets, 0.1)
+    (reference_grad,) = torch.autograd.grad(reference, padded_logits)
+    assert torch.equal(ours, reference)
+    assert torch.equal(grad, reference_grad[:2])
+    # targets read through a stride (every other one) are the targets, not their neighbours
+    every_other = torch.stack([targets.flatten(), torch.full((18,), 99)], 1).flatten()[::2]
+    assert torch.equal(label_smoothed_cross_entropy(logits, every_other, 0.1), ours)

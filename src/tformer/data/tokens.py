@@ -9,6 +9,7 @@ T and is scored on predicting each of the T that follow (x = w[:-1], y = w[1:]).
 """
 
 import hashlib
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
@@ -129,25 +130,30 @@ class LMBatches:
             )
         self.tokens = tokens
         self.context = context
-        self.offsets = np.arange(context + 1)
+        with warnings.catch_warnings():  # a read-only map: torch warns, and it is never written
+            warnings.simplefilter("ignore", UserWarning)
+            ids = torch.from_numpy(np.asarray(tokens))  # the same memory, no copy
+        # every window as a row of one strided view, (N - T, T + 1): a batch is one gather
+        # of its rows, in torch (a training step's numpy calls ran from a cold cache)
+        self.all_windows = ids.as_strided((len(tokens) - context, context + 1), (1, 1))
 
     def __len__(self) -> int:
         """Number of tokens."""
         return len(self.tokens)
 
-    def windows(self, starts: np.ndarray) -> Batch:
-        w = torch.from_numpy(self.tokens[starts[:, None] + self.offsets].astype(np.int64))
-        return Batch((w[:, :-1],), w[:, 1:])  # (B, T) inputs, (B, T) targets
+    def windows(self, starts: torch.Tensor) -> Batch:
+        """The windows at `starts` (B,) int64: (B, T) inputs, (B, T) targets, all scored."""
+        w = self.all_windows[starts].long()  # (B, T + 1)
+        return Batch((w[:, :-1],), w[:, 1:], tokens=w.shape[0] * self.context)
 
     def sample(self, batch_size: int, generator: torch.Generator) -> Batch:
         """`batch_size` windows at uniformly random positions drawn from `generator`."""
         high = len(self.tokens) - self.context  # last start whose window fits
-        starts = torch.randint(0, high, (batch_size,), generator=generator).numpy()
-        return self.windows(starts)
+        return self.windows(torch.randint(0, high, (batch_size,), generator=generator))
 
     def sequential(self, batch_size: int) -> Iterator[Batch]:
         """Non-overlapping windows from the start: every token after the first is a target
         exactly once (up to the last incomplete window)."""
-        starts = np.arange(0, len(self.tokens) - self.context, self.context)
+        starts = torch.arange(0, len(self.tokens) - self.context, self.context)
         for i in range(0, len(starts), batch_size):
             yield self.windows(starts[i : i + batch_size])

@@ -99,8 +99,17 @@ def label_smoothed_cross_entropy(
         raise ValueError(f"label smoothing must be in [0, 1), got {smoothing}")
     logits = logits.flatten(0, -2)  # (N, V)
     targets = targets.flatten()  # (N,)
+    n, v = logits.shape
+    weight_dtype = torch.promote_types(logits.dtype, torch.float32)
+    if logits.device.type == "cpu" and n:  # (on a GPU, an index out of range fails in gather)
+        lowest, highest = (int(bound) for bound in torch.aminmax(targets))
+        if lowest >= 0 and highest < v:  # every target scored, all in range (no padding)
+            weights = torch.full((n,), 1.0 / n, dtype=weight_dtype)  # the mean, in fewer calls
+            return SmoothedCrossEntropy.apply(
+                logits.contiguous(), targets.contiguous(), weights, float(smoothing)
+            )
     keep = targets != ignore_index
-    if logits.device.type == "cpu":  # (on a GPU, an index out of range fails in gather)
+    if logits.device.type == "cpu":
         kept = targets[keep]
         if kept.numel() and not 0 <= int(kept.min()) <= int(kept.max()) < logits.shape[-1]:
             raise ValueError(
@@ -109,8 +118,7 @@ def label_smoothed_cross_entropy(
             )
     # Every position is computed and the ignored ones weighted 0: cheaper than selecting
     # the kept rows, which copies the whole (N, V) array.
-    weights = keep.to(torch.promote_types(logits.dtype, torch.float32))
-    weights = weights / keep.sum().clamp(min=1)  # (N,) 1 / (kept rows) or 0
+    weights = keep.to(weight_dtype) / keep.sum().clamp(min=1)  # (N,) 1 / (kept rows) or 0
     return SmoothedCrossEntropy.apply(
         logits.contiguous(), targets.clamp(min=0), weights, float(smoothing)
     )

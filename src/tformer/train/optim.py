@@ -102,13 +102,13 @@ class AdamW:
                 if p.grad is not None:
                     by_kind.setdefault((p.device, p.dtype), []).append(p)
             kinds += [(params, group) for params in by_kind.values()]
-        norm = None if max_grad_norm is None else global_norm([p for ps, _ in kinds for p in ps])
+        norm = scale = None
+        if max_grad_norm is not None:  # grad / scale, scale = max(1, (||g|| + 1e-6) / c)
+            norm = global_norm([p for ps, _ in kinds for p in ps])
+            scale = ((norm + 1e-6) / max_grad_norm).clamp(min=1.0)  # float32, as the norm
         for params, group in kinds:  # the fused kernel takes one device and dtype
-            scale = None
-            if norm is not None:  # grad / scale, scale = max(1, (||g|| + 1e-6) / c)
-                scale = ((norm + 1e-6) / max_grad_norm).clamp(min=1.0)
-                scale = scale.to(device=params[0].device, dtype=torch.float32)
-            self.update(params, group, scale)
+            device = params[0].device
+            self.update(params, group, None if scale is None else scale.to(device))
         return norm
 
     def update(
@@ -208,6 +208,8 @@ def global_norm(params: list[torch.Tensor]) -> torch.Tensor:
     for grads in by_kind.values():  # torch's foreach norm takes one device and dtype at a time
         each = torch._foreach_norm(grads, dtype=torch.float32)
         norms.append(torch.linalg.vector_norm(torch.stack(each)).to(device))
+    if len(norms) == 1:
+        return norms[0]
     return torch.linalg.vector_norm(torch.stack(norms))
 
 

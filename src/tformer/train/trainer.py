@@ -382,7 +382,7 @@ def _fit(
         dynamic_ncols=True,
     )
     started = time.perf_counter()
-    with StopRequests() as stops, long_lived_objects_frozen():
+    with StopRequests() as stops, long_lived_objects_frozen(), contextlib.closing(log):
         for step in range(start, config.steps):
             lr = config.learning_rate(step)
             for group in optimizer.param_groups:
@@ -429,9 +429,12 @@ def _fit(
 
             # One all-reduce carries the loss and whether any process was asked to stop, so
             # that all of them stop after the same step.
-            both = torch.cat([total.reshape(1), torch.tensor(stops.votes(), device=device)])
-            loss_sum, *votes = distributed.all_reduce_sum(both).tolist()
-            loss_value = loss_sum / dist.world_size
+            if dist.world_size > 1:
+                both = torch.cat([total.reshape(1), torch.tensor(stops.votes(), device=device)])
+                loss_sum, *votes = distributed.all_reduce_sum(both).tolist()
+                loss_value = loss_sum / dist.world_size
+            else:
+                loss_value = total.item()
             if not math.isfinite(loss_value):
                 raise FloatingPointError(
                     f"the training loss became {loss_value} at step {step + 1}; lower --lr, "
