@@ -65,7 +65,11 @@ def test_row_block_linear_trains_as_nn_linear_under_bf16_autocast(monkeypatch, p
     x = torch.randn(2, 300, 96, generator=g)
     grad = torch.randn(2, 300, 272, generator=g)
     results = []
-    for run in (lambda x_: RowBlockLinear.apply(x_, layer.weight, layer.bias), layer):
+
+    def ours(x_):
+        return RowBlockLinear.apply(x_.view(-1, 96), layer.weight, layer.bias).view(2, 300, 272)
+
+    for run in (ours, layer):
         layer.zero_grad()
         x_ = x.clone().requires_grad_()
         with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -78,8 +82,44 @@ def test_row_block_linear_trains_as_nn_linear_under_bf16_autocast(monkeypatch, p
         torch.testing.assert_close(ours / scale, theirs / scale, rtol=0, atol=2**-7)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_the_bias_added_by_onednn_s_product_is_addmm_s_result(monkeypatch, dtype):
+    if not rb.bias_fused_available():
+        pytest.skip("this torch has no oneDNN linear with a fused bias")
+    g = torch.Generator().manual_seed(2)
+    a = torch.randn(300, 96, generator=g).to(dtype)
+    weight = torch.randn(72, 96, generator=g).to(dtype)
+    bias = torch.randn(72, generator=g).to(dtype)
+    fused = rb.bias_fused(a, weight.t(), bias)
+    assert fused.shape == (300, 72) and fused.is_contiguous() and fused._base is None
+    assert torch.equal(fused, torch.addmm(bias, a, weight.t()))
+    # matmul takes it where it was timed faster, once per shape
+    monkeypatch.setattr(rb, "bias_fused_faster", lambda a, b, bias, path: True)
+    assert torch.equal(matmul(a, weight.t(), bias), fused)
+
+
+def test_the_fused_bias_is_timed_once_and_only_for_the_operands_it_takes(monkeypatch):
+    if not rb.bias_fused_available():
+        pytest.skip("this torch has no oneDNN linear with a fused bias")
+    a, b, bias = operands(512, 32, 16, torch.bfloat16, "n")
+    weight = b.t().contiguous()
+    chosen = rb.bias_fused_faster(a, weight.t(), bias, "whole")
+    known = measured.read_choices(measured.choices_file(rb.KIND), ("whole", "fused"))
+    assert known == {"512x256x16 nt bfloat16 bias, else whole": "fused" if chosen else "whole"}
+    monkeypatch.setattr(measured, "_time", lambda candidates: pytest.fail("timed again"))
+    assert rb.bias_fused_faster(a[:500], weight.t(), bias, "whole") == chosen
+    # a b that is not a transposed weight, a strided a, a bias of another dtype: addmm's
+    assert not rb.bias_fused_faster(a, b, bias, "whole")
+    assert not rb.bias_fused_faster(a[:, ::2], weight[:, ::2].t(), bias, "whole")
+    assert not rb.bias_fused_faster(a, weight.t(), bias.float(), "whole")
+
+
 def grad_nodes(out):
-    return {type(out.grad_fn).__name__}
+    """The node that made `out`, under the view that gives it the input's leading dims."""
+    node = out.grad_fn
+    if type(node).__name__ == "ViewBackward0":
+        node = node.next_functions[0][0]
+    return {type(node).__name__}
 
 
 def test_linear_takes_the_row_blocks_only_for_large_plain_bf16_layers_in_training():

@@ -15,6 +15,8 @@ and the faster kept (nn/measured.py). The plain path is nn.Linear; a test holds 
 each other.
 """
 
+import functools
+
 import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
@@ -24,7 +26,7 @@ from tformer import kernels
 from tformer.nn.blocked_attention import hooked
 from tformer.nn.measured import dtype_name, fastest
 
-KIND = "matmul-v2"  # the measured choices' file and version (nn/measured.py)
+KIND = "matmul-v3"  # the measured choices' file and version (nn/measured.py)
 # Smaller products than these run whole, through nn.Linear itself: a split would only add
 # a call's cost, and this path's Python costs more than a small product gains.
 MIN_ROWS = 256
@@ -38,7 +40,9 @@ def linear(module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     training step on the CPU, for a large_plain_linear; otherwise the module itself."""
     training = torch.is_grad_enabled() and not torch.compiler.is_compiling()
     if x.device.type == "cpu" and training and large_plain_linear(module, x):
-        return RowBlockLinear.apply(x, module.weight, module.bias)
+        rows = x.reshape(-1, x.shape[-1])  # (M, K)
+        # viewed back outside the Function, so that autograd knows the view for what it is
+        return RowBlockLinear.apply(rows, module.weight, module.bias).view(*x.shape[:-1], -1)
     return module(x)
 
 
@@ -78,8 +82,12 @@ def matmul(
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """a b (+ bias): (M, K) x (K, N) -> (M, N), into `out` if given, on the path this CPU
-    runs fastest for the shape, the operands' layouts and the dtype (fastest_path)."""
+    runs fastest for the shape, the operands' layouts and the dtype (fastest_path); with a
+    bias and no `out`, oneDNN's product with the bias added as it writes, where faster
+    (bias_fused_faster)."""
     path = fastest_path(a, b) if a.device.type == "cpu" and a.shape[0] >= MIN_ROWS else "whole"
+    if bias is not None and out is None and bias_fused_faster(a, b, bias, path):
+        return bias_fused(a, b, bias)
     if out is None:
         out = torch.empty(a.shape[0], b.shape[1], dtype=a.dtype, device=a.device)
     if path == "halves":
@@ -100,6 +108,55 @@ def in_halves(
         else:
             torch.addmm(bias, a[rows], b, out=out[rows])
     return out
+
+
+def bias_fused(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """a b + bias in one oneDNN product whose output stage adds the bias: a (M, K) row-major,
+    b (K, N) the transposed view of a row-major (N, K) weight. torch's addmm first copies
+    the bias into every output row and then has the product add onto them: a whole extra
+    pass over the output (docs/LOG.md). The op is the one torch.compile's CPU backend
+    emits for a linear layer; the values are addmm's."""
+    return torch.ops.mkldnn._linear_pointwise(a, b.t(), bias, "none", [], "")
+
+
+@functools.cache
+def bias_fused_available() -> bool:
+    """Whether this torch has oneDNN's linear with a fused bias, and it runs here."""
+    if not torch.backends.mkldnn.is_available():
+        return False
+    try:
+        a, w = torch.ones(2, 3), torch.ones(4, 3)
+        return bool(torch.equal(bias_fused(a, w.t(), torch.ones(4)), torch.full((2, 4), 4.0)))
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def bias_fused_faster(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor, path: str) -> bool:
+    """Whether a b + bias runs faster as bias_fused than on `path` with addmm, as timed
+    once on this CPU for the shape (M, K rounded up as in fastest_path) and dtype. Only for
+    the operands bias_fused takes, on the CPU."""
+    if a.device.type != "cpu" or layout(a) != "n" or layout(b) != "t" or bias.dim() != 1:
+        return False
+    if not (a.is_contiguous() and b.t().is_contiguous() and bias.is_contiguous()):
+        return False
+    if bias.dtype != a.dtype or not bias_fused_available():
+        return False
+    m, k, n = round_up(a.shape[0]), round_up(a.shape[1]), b.shape[1]
+    key = f"{m}x{k}x{n} nt {dtype_name(a.dtype)} bias, else {path}"
+
+    def candidates():
+        g = torch.Generator().manual_seed(0)
+        a_, b_ = like(a, (m, k), g), like(b, (k, n), g)
+        bias_ = torch.randn(n, generator=g, dtype=a.dtype)
+        out = torch.empty(m, n, dtype=a.dtype)
+        addmm = {
+            "whole": lambda: torch.addmm(bias_, a_, b_, out=out),
+            "halves": lambda: in_halves(a_, b_, bias_, out),
+            "copied": lambda: torch.addmm(bias_, a_, b_, out=out),  # (a is row-major here)
+        }
+        return {path: addmm[path], "fused": lambda: bias_fused(a_, b_, bias_)}
+
+    return fastest(KIND, key, (path, "fused"), candidates) == "fused"
 
 
 def round_up(size: int) -> int:
@@ -156,23 +213,22 @@ def like(x: torch.Tensor, shape: tuple[int, int], g: torch.Generator) -> torch.T
 
 
 class RowBlockLinear(torch.autograd.Function):
-    """y = x W^T + b with each of its three products through `matmul`: x (..., K), weight
-    (N, K), bias (N,) or None -> (..., N). Under autocast float32 inputs are cast to its
+    """y = x W^T + b with each of its three products through `matmul`: x (M, K), weight
+    (N, K), bias (N,) or None -> (M, N). Under autocast float32 inputs are cast to its
     dtype first, and the gradients cast back, as nn.Linear's are. First-order only."""
 
     @staticmethod
     def forward(ctx, x, weight, bias):
         dtype = autocast_dtype(x) or x.dtype
-        rows = x.reshape(-1, x.shape[-1]).to(dtype)  # (M, K)
+        rows = x.to(dtype)  # (M, K)
         w = weight.to(dtype)  # (N, K)
-        # a tensor of its own, not a view: in-place changes to it are allowed, as nn.Linear's
-        out = torch.empty(*x.shape[:-1], w.shape[0], dtype=dtype, device=x.device)  # (..., N)
         with torch.autocast("cpu", enabled=False):
             b = None if bias is None else bias.to(dtype)
-            matmul(rows, w.t(), b, out=out.view(-1, w.shape[0]))  # (M, N)
+            # a tensor of its own, not a view: in-place changes to it are allowed, as to
+            # nn.Linear's
+            out = matmul(rows, w.t(), b)  # (M, N)
         ctx.save_for_backward(rows, w)
         ctx.dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype)
-        ctx.shape = x.shape
         return out
 
     @staticmethod
@@ -180,11 +236,11 @@ class RowBlockLinear(torch.autograd.Function):
     def backward(ctx, grad_out):
         rows, w = ctx.saved_tensors
         x_dtype, weight_dtype, bias_dtype = ctx.dtypes
-        grad = grad_out.reshape(-1, w.shape[0]).to(w.dtype)  # (M, N)
+        grad = grad_out.to(w.dtype)  # (M, N)
         grad_x = grad_w = grad_b = None
         with torch.autocast("cpu", enabled=False):
             if ctx.needs_input_grad[0]:
-                grad_x = matmul(grad, w).to(x_dtype).view(ctx.shape)  # (M, K) -> (..., K)
+                grad_x = matmul(grad, w).to(x_dtype)  # (M, K)
             if ctx.needs_input_grad[1]:
                 grad_w = matmul(grad.t(), rows).to(weight_dtype)  # (N, K)
             if bias_dtype is not None and ctx.needs_input_grad[2]:
