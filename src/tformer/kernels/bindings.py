@@ -21,7 +21,8 @@ attention kernels, called once per layer, check it here.
     kernels.smoothed_ce_forward(logits, targets, eps)   (N, V) bf16 -> loss, lse (N,)
     kernels.dropout_mask(n, seed, threshold)   -> (n,) bool, True with P = threshold / 65536
     kernels.gelu_tanh(z), kernels.gelu_tanh_and_derivative(z) -> y, dy/dz (float32)
-        float32 or bfloat16; kernels.scale_bf16(grad, d) -> grad * d in bfloat16
+        float32 or bfloat16; kernels.scale_bf16(grad, d) -> grad * d in bfloat16;
+        kernels.scale_bf16_column_sums(grad, d) -> the same (rows, cols), its column sums
     kernels.gelu(z), kernels.gelu_and_derivative(z) -> y, dy/dz   float32 or bfloat16
     kernels.layer_norm_bf16_out(x, gamma, beta, eps)   x (N, C) float32 -> y (N, C) bfloat16,
         mean, rstd (N,); kernels.layer_norm_backward_bf16(dy, x, mean, rstd, gamma) -> dx
@@ -621,6 +622,31 @@ class Kernels:
         out = torch.empty_like(grad)
         self.library.tformer_scale_bf16(grad.data_ptr(), d.data_ptr(), out.data_ptr(), grad.numel())
         return out
+
+    @c_function("tformer_scale_bf16_column_sums", [POINTER] * 4 + [SIZE] * 2, ctypes.c_int)
+    def scale_bf16_column_sums(
+        self, grad: torch.Tensor, d: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """scale_bf16's grad * d for 2-D operands (rows, cols), and the sum of each column of
+        the product over the rows, (cols,) float32. Checked here."""
+        if (
+            grad.dim() != 2
+            or grad.shape != d.shape
+            or grad.dtype != torch.bfloat16
+            or d.dtype != torch.float32
+            or not (grad.is_contiguous() and d.is_contiguous())
+        ):
+            raise ValueError(
+                "scale_bf16_column_sums: grad bfloat16 and d float32, contiguous, one 2-D shape"
+            )
+        rows, cols = grad.shape
+        out, sums = torch.empty_like(grad), torch.empty(cols)
+        failed = self.library.tformer_scale_bf16_column_sums(
+            grad.data_ptr(), d.data_ptr(), out.data_ptr(), sums.data_ptr(), rows, cols
+        )
+        if failed:
+            raise MemoryError("scale_bf16_column_sums: out of memory for the threads' sums")
+        return out, sums
 
     @c_function("tformer_gelu_f32", [POINTER] * 3 + [SIZE])
     @c_function("tformer_gelu_bf16", [POINTER] * 3 + [SIZE])

@@ -33,6 +33,7 @@
 #include <math.h>
 #include <omp.h>
 #include <stdint.h>
+#include <stdlib.h>
 
 #include "common.h"
 
@@ -114,6 +115,23 @@ static void scale_bf16(const uint16_t *grad, const float *d, uint16_t *out, int6
         out[i] = float_to_bf16_bits(bf16_bits_to_float(grad[i]) * d[i]);
 }
 
+/* scale_bf16 over rows [begin, end) of a (rows, cols) gradient, adding each row of out (the
+   bf16 values written, widened) into sums (cols): the bias gradient of the layer before the
+   GELU comes out of the same pass. */
+static void scale_bf16_rows(const uint16_t *grad, const float *d, uint16_t *out, float *sums,
+                            int64_t cols, int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; r++) {
+        const uint16_t *g = grad + r * cols;
+        const float *dr = d + r * cols;
+        uint16_t *o = out + r * cols;
+#pragma omp simd
+        for (int64_t j = 0; j < cols; j++) {
+            o[j] = float_to_bf16_bits(bf16_bits_to_float(g[j]) * dr[j]);
+            sums[j] += bf16_bits_to_float(o[j]);
+        }
+    }
+}
+
 /* The exact GELU: y, and with d (not NULL) dy/dz, in z's dtype. */
 static void exact_f32(const float *z, float *y, float *d, int64_t begin, int64_t end) {
     if (d == NULL) {
@@ -192,4 +210,33 @@ void tformer_gelu_tanh_derivative_bf16(const uint16_t *z, uint16_t *y, float *d,
 
 void tformer_scale_bf16(const uint16_t *grad, const float *d, uint16_t *out, int64_t n) {
     OVER_THREADS(n, scale_bf16(grad, d, out, begin, end));
+}
+
+/* grad (rows, cols) bf16 and d float32 -> out = grad * d in bf16 and sums (cols) float32,
+   each column of out summed over the rows. Returns 1 if the threads' sums could not be
+   allocated. */
+int tformer_scale_bf16_column_sums(const uint16_t *grad, const float *d, uint16_t *out,
+                                   float *sums, int64_t rows, int64_t cols) {
+    const int threads = rows * cols < PARALLEL_FROM ? 1 : omp_get_max_threads();
+    float *partial = calloc((size_t)threads * cols, sizeof *partial);
+    if (partial == NULL) return 1;
+    if (threads == 1) {
+        scale_bf16_rows(grad, d, out, partial, cols, 0, rows);
+    } else {
+#pragma omp parallel num_threads(threads)
+        {
+            const int64_t me = omp_get_thread_num(), team = omp_get_num_threads();
+            const int64_t chunk = (rows + team - 1) / team;
+            const int64_t begin = me * chunk < rows ? me * chunk : rows;
+            const int64_t end = begin + chunk < rows ? begin + chunk : rows;
+            scale_bf16_rows(grad, d, out, partial + me * cols, cols, begin, end);
+        }
+    }
+    for (int64_t j = 0; j < cols; j++) {
+        float sum = 0.0f;
+        for (int t = 0; t < threads; t++) sum += partial[t * cols + j];
+        sums[j] = sum;
+    }
+    free(partial);
+    return 0;
 }

@@ -11,6 +11,7 @@ straight back to the residual stream.
 import torch
 from torch import nn
 
+from tformer.nn import linear_gelu
 from tformer.nn.activations import ACTIVATIONS, Activation, activation_fn, unknown_activation
 from tformer.nn.row_blocks import linear
 
@@ -32,5 +33,8 @@ class FeedForward(nn.Module):
         return f"activation={self.activation!r}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        hidden = activation_fn(self.activation, linear(self.w1, x))  # (B, T, C) -> (B, T, d_ff)
+        if self.activation == "gelu_tanh" and linear_gelu.takes(self.w1, x):
+            hidden = linear_gelu.linear_gelu_tanh(self.w1, x)  # one step (nn/linear_gelu.py)
+        else:
+            hidden = activation_fn(self.activation, linear(self.w1, x))  # (B, T, d_ff)
         return linear(self.w2, hidden)  # (B, T, d_ff) -> (B, T, C)
