@@ -3,7 +3,8 @@ import math
 import pytest
 import torch
 
-from tformer import GPT2, GPT2Config
+from tformer import GPT2, GPT2Config, kernels
+from tformer.models import gpt2 as model_module
 from tformer.models.gpt2 import PRESETS
 from tformer.nn import attention
 
@@ -360,3 +361,42 @@ def test_load_weights_loads_a_saved_model_in_place(tmp_path):
 
     with pytest.raises(CheckpointError, match="saved with n_layers=2"):
         GPT2(tiny(n_layers=3)).load_weights(tmp_path)
+
+
+@pytest.mark.skipif(kernels.load() is None, reason="the compiled kernels are not built here")
+def test_a_block_s_joined_residual_add_and_norm_train_as_the_plain_block(monkeypatch):
+    """Under CPU bf16 autocast a block adds attention's output and takes the MLP's norm in
+    one step (nn/norm.py's add_then_norm): the loss and every gradient equal to the bit
+    what the sublayers give apart; a hook on resid_mid sees it and keeps the plain path."""
+    from tformer.nn import sublayer
+
+    config = GPT2Config(vocab_size=50, max_len=32, d_model=64, n_layers=2, n_heads=4, dropout=0.0)
+    model = GPT2(config)
+    ids = torch.randint(0, 50, (3, 32), generator=torch.Generator().manual_seed(0))
+
+    def step():
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(ids).float().logsumexp(-1).mean()
+        loss.backward()
+        return loss, {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    joined = step()
+    seen = []
+    handle = model.blocks[0].hook_resid_mid.register_forward_hook(lambda m, a, out: seen.append(1))
+    hooked = step()
+    handle.remove()
+    assert seen == [1]
+    joins = sublayer.SublayerConnection.joins
+    monkeypatch.setattr(sublayer.SublayerConnection, "joins", lambda self, other: False)
+    apart = step()
+    monkeypatch.setattr(sublayer.SublayerConnection, "joins", joins)
+    calls = []
+    real = model_module.add_then_norm
+    monkeypatch.setattr(model_module, "add_then_norm", lambda *a: calls.append(1) or real(*a))
+    step()
+    assert len(calls) == config.n_layers  # the joined step was the one taken
+    for other in (hooked, apart):
+        assert torch.equal(joined[0], other[0])
+        for name, grad in joined[1].items():
+            assert torch.equal(grad, other[1][name]), name

@@ -134,3 +134,50 @@ def test_the_bf16_norm_keeps_a_nan_a_nan_and_takes_empty_rows():
     y, mean, rstd = library.layer_norm_bf16_out(empty, torch.ones(16), torch.zeros(16), 1e-5)
     dx, dgamma, dbeta = library.layer_norm_backward_bf16(y, empty, mean, rstd, torch.ones(16))
     assert dx.shape == (0, 16) and torch.equal(dgamma, torch.zeros(16))
+
+
+@pytest.mark.skipif(kernels.load() is None, reason="the compiled kernels are not built here")
+@pytest.mark.parametrize("shape", [(3, 5, 40), (12, 64, 128), (4, 256, 384)])  # 1 thread; pool
+def test_the_residual_add_and_the_next_norm_in_one_step_are_the_two_apart(shape):
+    """h = x + y and its bf16 norm, forward and backward, to the bit what the add and the
+    norm give apart: the same float32 sum, the same kernel on it; backwards the norm's
+    gradient and the residual path's added in float32 and cast to y's bf16 once."""
+    from tformer.nn.norm import add_then_norm
+
+    ln, x, grad = bf16_out_case(shape)
+    y = torch.randn(shape, generator=torch.Generator().manual_seed(9)).bfloat16()
+    grad_h = torch.randn(shape, generator=torch.Generator().manual_seed(10))
+    results = []
+    for joined in (True, False):
+        ln.zero_grad()
+        x_, y_ = x.detach().clone().requires_grad_(), y.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            if joined:
+                h, normed = add_then_norm(x_, y_, ln)
+            else:
+                h = x_ + y_
+                normed = ln(h, feeds_matmul=True)
+        torch.autograd.backward([h, normed], [grad_h, grad.bfloat16()])
+        results.append((h, normed, x_.grad, y_.grad, ln.weight.grad.clone(), ln.bias.grad.clone()))
+    for ours, theirs in zip(*results, strict=True):
+        assert ours.dtype == theirs.dtype and torch.equal(ours, theirs)
+    h, normed = results[0][:2]
+    assert h.dtype == torch.float32 and normed.dtype == torch.bfloat16 and h._base is None
+
+
+@pytest.mark.skipif(kernels.load() is None, reason="the compiled kernels are not built here")
+def test_the_joined_step_is_taken_only_where_it_applies():
+    from tformer.nn.norm import add_then_norm
+
+    ln, x, _ = bf16_out_case((2, 3, 16))
+    y = torch.randn(2, 3, 16).bfloat16()
+    assert add_then_norm(x, y, ln) is None  # not under autocast
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert add_then_norm(x, y.float(), ln) is None  # a float32 sublayer output
+        assert add_then_norm(x, y[:, :1], ln) is None  # a broadcast
+        assert add_then_norm(x, y, ln) is not None
+    library = kernels.load()
+    with pytest.raises(ValueError, match="add must be contiguous bfloat16"):
+        library.add_layer_norm_bf16_out(
+            x.reshape(6, 16), y.reshape(6, 16).float(), ln.weight, ln.bias, 1e-5
+        )

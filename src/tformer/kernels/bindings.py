@@ -26,7 +26,10 @@ attention kernels, called once per layer, check it here.
     kernels.gelu(z), kernels.gelu_and_derivative(z) -> y, dy/dz   float32 or bfloat16
     kernels.layer_norm_bf16_out(x, gamma, beta, eps)   x (N, C) float32 -> y (N, C) bfloat16,
         mean, rstd (N,); kernels.layer_norm_backward_bf16(dy, x, mean, rstd, gamma) -> dx
-        (N, C) float32, dgamma, dbeta (C,)
+        (N, C) float32, dgamma, dbeta (C,); kernels.add_layer_norm_bf16_out(x, add, gamma,
+        beta, eps) -> h = x + add, y = its norm in bf16, mean, rstd, and its backward
+        add_layer_norm_backward_bf16(dy, dh, h, mean, rstd, gamma) -> dx, dx in bf16, dgamma,
+        dbeta
     kernels.transpose16(a)   a (C, R) bfloat16 or float16, the transposed view of a row-major
         (R, C) -> a copy of it, row-major
     kernels.causal_attention(qkv, n_heads)   qkv (B, T, 3C) bf16 -> out (B, T, C), weights
@@ -733,6 +736,69 @@ class Kernels:
         if failed:
             raise MemoryError("layer_norm_backward_bf16: out of memory for the threads' sums")
         return dx, dgamma, dbeta
+
+    @c_function(
+        "tformer_add_layer_norm_bf16_out", [POINTER] * 4 + [REAL] + [POINTER] * 4 + [SIZE] * 2
+    )
+    def add_layer_norm_bf16_out(
+        self,
+        x: torch.Tensor,
+        add: torch.Tensor,
+        gamma: torch.Tensor,
+        beta: torch.Tensor,
+        eps: float,
+        out: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """h = x + add, x (N, C) float32 and add (N, C) bfloat16, and layer_norm_bf16_out of
+        h in one pass -> h (N, C) float32, y (N, C) bfloat16 (into `out`'s two if given),
+        mean, rstd (N,). Checked here."""
+        n, c = layer_norm_shape(x, gamma, beta)
+        if add.shape != (n, c) or add.dtype != torch.bfloat16 or not add.is_contiguous():
+            raise ValueError(f"add_layer_norm_bf16_out: add must be contiguous bfloat16 {(n, c)}")
+        h, y = (torch.empty(n, c), torch.empty(n, c, dtype=torch.bfloat16)) if out is None else out
+        for tensor, dtype in ((h, torch.float32), (y, torch.bfloat16)):
+            if tensor.shape != (n, c) or tensor.dtype != dtype or not tensor.is_contiguous():
+                raise ValueError(f"add_layer_norm_bf16_out: out must be contiguous {(n, c)}")
+        mean, rstd = torch.empty(n), torch.empty(n)
+        self.library.tformer_add_layer_norm_bf16_out(
+            x.data_ptr(), add.data_ptr(), gamma.data_ptr(), beta.data_ptr(), eps, h.data_ptr(),
+            y.data_ptr(), mean.data_ptr(), rstd.data_ptr(), n, c,
+        )  # fmt: skip
+        return h, y, mean, rstd
+
+    @c_function("tformer_add_layer_norm_backward_bf16", [POINTER] * 10 + [SIZE] * 2, ctypes.c_int)
+    def add_layer_norm_backward_bf16(
+        self,
+        dy: torch.Tensor,
+        dh: torch.Tensor,
+        h: torch.Tensor,
+        mean: torch.Tensor,
+        rstd: torch.Tensor,
+        gamma: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The gradients of add_layer_norm_bf16_out from dy (N, C) bfloat16 (the norm's
+        output's) and dh (N, C) float32 (h's own): dx = dh + the norm's (N, C) float32, the
+        same in bfloat16 (add's), dgamma and dbeta (C,)."""
+        n, c = layer_norm_shape(h, gamma)
+        for name, tensor, shape, dtype in (
+            ("dy", dy, (n, c), torch.bfloat16),
+            ("dh", dh, (n, c), torch.float32),
+            ("mean", mean, (n,), torch.float32),
+            ("rstd", rstd, (n,), torch.float32),
+        ):
+            if tensor.shape != shape or tensor.dtype != dtype or not tensor.is_contiguous():
+                wanted = f"{name} must be contiguous {str(dtype).removeprefix('torch.')} {shape}"
+                raise ValueError(f"add_layer_norm_backward_bf16: {wanted}")
+        dx, dx_bf16 = torch.empty(n, c), torch.empty(n, c, dtype=torch.bfloat16)
+        dgamma, dbeta = torch.empty(c), torch.empty(c)
+        failed = self.library.tformer_add_layer_norm_backward_bf16(
+            dy.data_ptr(), dh.data_ptr(), h.data_ptr(), mean.data_ptr(), rstd.data_ptr(),
+            gamma.data_ptr(), dx.data_ptr(), dx_bf16.data_ptr(), dgamma.data_ptr(),
+            dbeta.data_ptr(), n, c,
+        )  # fmt: skip
+        if failed:
+            raise MemoryError("add_layer_norm_backward_bf16: out of memory for the threads' sums")
+        return dx, dx_bf16, dgamma, dbeta
 
     @c_function("tformer_slot_attention_f32", [POINTER] * 5 + [SIZE] * 4, ctypes.c_int)
     def slot_attention(

@@ -42,11 +42,20 @@ static inline uint16_t to_bf16(float f) {
     return float_to_bf16_bits(f);
 }
 
-static void forward_rows(const float *x, const float *gamma, const float *beta, float eps,
-                         uint16_t *y, float *mean, float *rstd, int64_t c, int64_t begin,
-                         int64_t end) {
+/* With `add` (not NULL): the norm of h = x + add instead of x, h written first (the
+   residual add before the next sublayer's norm; add bf16, h float32). */
+static void forward_rows(const float *x, const uint16_t *add, float *h, const float *gamma,
+                         const float *beta, float eps, uint16_t *y, float *mean, float *rstd,
+                         int64_t c, int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; i++) {
         const float *xi = x + i * c;
+        if (add != NULL) {
+            const uint16_t *ai = add + i * c;
+            float *hi = h + i * c;
+#pragma omp simd
+            for (int64_t j = 0; j < c; j++) hi[j] = xi[j] + bf16_bits_to_float(ai[j]);
+            xi = hi;
+        }
         float sum = 0.0f;
 #pragma omp simd reduction(+ : sum)
         for (int64_t j = 0; j < c; j++) sum += xi[j];
@@ -64,10 +73,13 @@ static void forward_rows(const float *x, const float *gamma, const float *beta, 
     }
 }
 
-/* dx for rows [begin, end); dgamma and dbeta of those rows added to sums (2C floats). */
+/* dx for rows [begin, end); dgamma and dbeta of those rows added to sums (2C floats). With
+   `residual` (not NULL), dx is the norm's gradient plus residual (the gradient reaching x
+   by the residual path), and dx_bf16 gets it rounded to bf16 as well. */
 static void backward_rows(const uint16_t *dy, const float *x, const float *mean,
-                          const float *rstd, const float *gamma, float *dx, float *sums,
-                          int64_t c, int64_t begin, int64_t end) {
+                          const float *rstd, const float *gamma, const float *residual,
+                          float *dx, uint16_t *dx_bf16, float *sums, int64_t c, int64_t begin,
+                          int64_t end) {
     float *dgamma = sums, *dbeta = sums + c;
     for (int64_t i = begin; i < end; i++) {
         const uint16_t *dyi = dy + i * c;
@@ -90,6 +102,15 @@ static void backward_rows(const uint16_t *dy, const float *x, const float *mean,
             const float xhat = (xi[j] - m) * r;
             dxi[j] = r * (bf16_bits_to_float(dyi[j]) * gamma[j] - g_mean - xhat * gx_mean);
         }
+        if (residual != NULL) {
+            const float *ri = residual + i * c;
+            uint16_t *bi = dx_bf16 + i * c;
+#pragma omp simd
+            for (int64_t j = 0; j < c; j++) {
+                dxi[j] += ri[j];
+                bi[j] = to_bf16(dxi[j]);
+            }
+        }
     }
 }
 
@@ -102,39 +123,53 @@ static void my_rows(int64_t n, int64_t *begin, int64_t *end) {
 }
 
 /* x (N, C) float32, gamma and beta (C) float32 -> y (N, C) bf16, mean and rstd (N). */
-void tformer_layer_norm_bf16_out(const float *x, const float *gamma, const float *beta,
-                                 float eps, uint16_t *y, float *mean, float *rstd, int64_t n,
-                                 int64_t c) {
+static void forward(const float *x, const uint16_t *add, float *h, const float *gamma,
+                    const float *beta, float eps, uint16_t *y, float *mean, float *rstd,
+                    int64_t n, int64_t c) {
     if (n * c < PARALLEL_FROM) {
-        forward_rows(x, gamma, beta, eps, y, mean, rstd, c, 0, n);
+        forward_rows(x, add, h, gamma, beta, eps, y, mean, rstd, c, 0, n);
         return;
     }
 #pragma omp parallel
     {
         int64_t begin, end;
         my_rows(n, &begin, &end);
-        forward_rows(x, gamma, beta, eps, y, mean, rstd, c, begin, end);
+        forward_rows(x, add, h, gamma, beta, eps, y, mean, rstd, c, begin, end);
     }
+}
+
+void tformer_layer_norm_bf16_out(const float *x, const float *gamma, const float *beta,
+                                 float eps, uint16_t *y, float *mean, float *rstd, int64_t n,
+                                 int64_t c) {
+    forward(x, NULL, NULL, gamma, beta, eps, y, mean, rstd, n, c);
+}
+
+/* h = x + add (N, C) float32, add bf16, then y = LayerNorm(h) in bf16 as above (the
+   residual add of one sublayer and the next one's norm, in one pass). */
+void tformer_add_layer_norm_bf16_out(const float *x, const uint16_t *add, const float *gamma,
+                                     const float *beta, float eps, float *h, uint16_t *y,
+                                     float *mean, float *rstd, int64_t n, int64_t c) {
+    forward(x, add, h, gamma, beta, eps, y, mean, rstd, n, c);
 }
 
 /* From dy (N, C) bf16 and the forward pass's x, mean, rstd and gamma: dx (N, C) float32,
    dgamma and dbeta (C) float32. Returns 1 if the threads' sums could not be allocated. */
-int tformer_layer_norm_backward_bf16(const uint16_t *dy, const float *x, const float *mean,
-                                     const float *rstd, const float *gamma, float *dx,
-                                     float *dgamma, float *dbeta, int64_t n, int64_t c) {
+static int backward(const uint16_t *dy, const float *x, const float *mean, const float *rstd,
+                    const float *gamma, const float *residual, float *dx, uint16_t *dx_bf16,
+                    float *dgamma, float *dbeta, int64_t n, int64_t c) {
     if (c == 0) return 0;
     const int threads = n * c < PARALLEL_FROM ? 1 : omp_get_max_threads();
     float *sums = calloc((size_t)threads * 2 * c, sizeof *sums);
     if (sums == NULL) return 1;
     if (threads == 1) {
-        backward_rows(dy, x, mean, rstd, gamma, dx, sums, c, 0, n);
+        backward_rows(dy, x, mean, rstd, gamma, residual, dx, dx_bf16, sums, c, 0, n);
     } else {
 #pragma omp parallel num_threads(threads)
         {
             int64_t begin, end;
             my_rows(n, &begin, &end);
-            backward_rows(dy, x, mean, rstd, gamma, dx, sums + omp_get_thread_num() * 2 * c, c,
-                          begin, end);
+            backward_rows(dy, x, mean, rstd, gamma, residual, dx, dx_bf16,
+                          sums + omp_get_thread_num() * 2 * c, c, begin, end);
         }
     }
     for (int64_t j = 0; j < c; j++) {
@@ -148,4 +183,22 @@ int tformer_layer_norm_backward_bf16(const uint16_t *dy, const float *x, const f
     }
     free(sums);
     return 0;
+}
+
+int tformer_layer_norm_backward_bf16(const uint16_t *dy, const float *x, const float *mean,
+                                     const float *rstd, const float *gamma, float *dx,
+                                     float *dgamma, float *dbeta, int64_t n, int64_t c) {
+    return backward(dy, x, mean, rstd, gamma, NULL, dx, NULL, dgamma, dbeta, n, c);
+}
+
+/* The backward pass of tformer_add_layer_norm_bf16_out: from dy (the norm's output's
+   gradient, bf16) and dh (h's own, float32, from the residual path), the gradient of x,
+   dx = dh + the norm's (float32), the same in bf16 for `add` (dx_bf16), dgamma and dbeta.
+   h, mean and rstd are the forward pass's. Returns 1 if the threads' sums could not be
+   allocated. */
+int tformer_add_layer_norm_backward_bf16(const uint16_t *dy, const float *dh, const float *h,
+                                         const float *mean, const float *rstd,
+                                         const float *gamma, float *dx, uint16_t *dx_bf16,
+                                         float *dgamma, float *dbeta, int64_t n, int64_t c) {
+    return backward(dy, h, mean, rstd, gamma, dh, dx, dx_bf16, dgamma, dbeta, n, c);
 }

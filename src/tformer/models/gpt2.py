@@ -76,10 +76,12 @@ from tformer.nn import (
     TokenEmbedding,
 )
 from tformer.nn.attention import Implementation
+from tformer.nn.blocked_attention import any_hooked, hook_dicts
 from tformer.nn.capture import NameFilter, run_with_cache
 from tformer.nn.checkpointing import run_layer
 from tformer.nn.init import init_attention_xavier, init_embedding
 from tformer.nn.lora import lora_layers
+from tformer.nn.norm import add_then_norm
 from tformer.nn.packed_linear import packed_layers
 from tformer.nn.seeding import seeded_generator
 from tformer.nn.sliced_head import sliced_head, sliced_head_is_faster, takes_slices
@@ -133,9 +135,30 @@ class Block(nn.Module):
         def attend(h: torch.Tensor) -> torch.Tensor:
             return self.hook_attn_out(self.attn(h, attention_mask=attention_mask, cache=cache))
 
-        x = self.hook_resid_mid(self.attn_sublayer(x, attend))
-        x = self.mlp_sublayer(x, lambda h: self.hook_mlp_out(self.mlp(h)))
+        def feed_forward(h: torch.Tensor) -> torch.Tensor:
+            return self.hook_mlp_out(self.mlp(h))
+
+        if self.attn_sublayer.joins(self.mlp_sublayer) and not any_hooked(self.joined_hooks):
+            # resid_mid = x + Dropout(Attn(LN_1(x))) and LN_2(resid_mid) in one step where
+            # the kernels take it (nn/norm.py's add_then_norm)
+            y = self.attn_sublayer.branch(x, attend)
+            joined = add_then_norm(x, y, self.mlp_sublayer.norm)
+            if joined is not None:
+                mid, normed = joined
+                return self.hook_resid_post(mid + self.mlp_sublayer.dropout(feed_forward(normed)))
+            x = self.hook_resid_mid(x + y)
+        else:
+            x = self.hook_resid_mid(self.attn_sublayer(x, attend))
+        x = self.mlp_sublayer(x, feed_forward)
         return self.hook_resid_post(x)
+
+    @property
+    def joined_hooks(self) -> list[dict]:
+        """The hooks that would see what the joined step skips: the two sublayer modules'
+        (called through their parts), resid_mid's, the second norm's (blocked_attention's
+        hook_dicts)."""
+        skipped = (self.attn_sublayer, self.mlp_sublayer, self.hook_resid_mid)
+        return hook_dicts((*skipped, self.mlp_sublayer.norm))
 
 
 class GPT2(nn.Module):

@@ -16,6 +16,13 @@ gradient: within one bf16 rounding step of the cast of torch's norm (float32 sum
 another order), without the float32 output and its casts each way (docs/LOG.md). Only
 for a norm that one product reads (nn/sublayer.py): two readers' gradients would be added
 in bf16.
+
+Such a norm usually reads a residual stream just summed, h = x + y with y a sublayer's bf16
+output. add_then_norm takes both in one pass (h and its norm written together), and its
+backward pass writes h's gradient, the residual path's plus the norm's, in float32 for x and
+in bf16 for y (kernels/layer_norm.c). Apart, torch's mixed add copies y to float32 first,
+the norm reads h again, and backwards autograd adds the two gradients in a pass of its own
+and casts y's in another (docs/LOG.md).
 """
 
 import torch
@@ -84,6 +91,60 @@ class LayerNormBf16Out(torch.autograd.Function):
             dx.view(ctx.shape) if needs[0] else None,
             dgamma if needs[1] else None,
             dbeta if needs[2] else None,
+            None,
+            None,
+        )
+
+
+def add_then_norm(
+    x: torch.Tensor, y: torch.Tensor, norm: LayerNorm
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(h, norm(h, feeds_matmul=True)) for h = x + y, in one pass where the compiled kernels
+    take it: x float32 and y bf16 of one shape on the CPU, under bf16 autocast. None
+    otherwise (the caller adds and normalises apart)."""
+    library = bf16_output_kernels(x, norm.weight)
+    if (
+        library is None
+        or y.dtype != torch.bfloat16
+        or y.shape != x.shape
+        or x.dtype != torch.float32
+    ):
+        return None
+    return AddLayerNormBf16Out.apply(x, y, norm.weight, norm.bias, norm.eps, library)
+
+
+class AddLayerNormBf16Out(torch.autograd.Function):
+    """x (..., C) float32 and y (..., C) bf16 -> h = x + y (..., C) float32 and the norm of h
+    (..., C) bf16, with gamma and beta (C,) float32 (kernels/layer_norm.c)."""
+
+    @staticmethod
+    def forward(ctx, x, y, weight, bias, eps, library):
+        c = x.shape[-1]
+        rows, adds = x.reshape(-1, c).contiguous(), y.reshape(-1, c).contiguous()  # (N, C)
+        # tensors of their own, not views: in-place changes to them are allowed
+        h, normed = torch.empty(x.shape), torch.empty(x.shape, dtype=torch.bfloat16)
+        out = (h.view(rows.shape), normed.view(rows.shape))
+        _, _, mean, rstd = library.add_layer_norm_bf16_out(rows, adds, weight, bias, eps, out)
+        ctx.save_for_backward(h, mean, rstd, weight)
+        ctx.library = library
+        return h, normed
+
+    @staticmethod
+    @once_differentiable  # the kernel's gradient is not itself differentiable
+    def backward(ctx, grad_h, grad_normed):
+        h, mean, rstd, weight = ctx.saved_tensors
+        shape, rows = h.shape, (-1, h.shape[-1])  # (..., C), (N, C)
+        grad_h = grad_h.to(torch.float32).reshape(rows).contiguous()
+        grad_normed = grad_normed.to(torch.bfloat16).reshape(rows).contiguous()
+        dx, dy, dgamma, dbeta = ctx.library.add_layer_norm_backward_bf16(
+            grad_normed, grad_h, h.view(rows), mean, rstd, weight
+        )
+        needs = ctx.needs_input_grad
+        return (
+            dx.view(shape) if needs[0] else None,
+            dy.view(shape) if needs[1] else None,
+            dgamma if needs[2] else None,
+            dbeta if needs[3] else None,
             None,
             None,
         )

@@ -67,14 +67,27 @@ class SublayerConnection(nn.Module):
     def extra_repr(self) -> str:
         return f"norm_position={self.norm_position!r}, residual={self.residual}"
 
+    def branch(
+        self, x: torch.Tensor, sublayer: Callable[[torch.Tensor], torch.Tensor]
+    ) -> torch.Tensor:
+        """Pre-LN's Dropout(F(LN(x))), what is added to x: (B, T, C) -> (B, T, C)."""
+        # the sublayer begins with matrix products (attention's projections, the
+        # feed-forward's first layer): the norm may write what they read (nn/norm.py)
+        return self.dropout(sublayer(self.norm(x, feeds_matmul=self.norm_writes_bf16)))
+
+    def joins(self, following: "SublayerConnection") -> bool:
+        """Whether this sublayer's residual add and `following`'s norm may run as one step
+        (nn/norm.py's add_then_norm): both pre-LN with their residual paths, and the norm
+        free to write bf16 for its products. The caller checks for hooks."""
+        pre = self.norm_position == following.norm_position == "pre"
+        return pre and self.residual and following.residual and following.norm_writes_bf16
+
     def forward(
         self, x: torch.Tensor, sublayer: Callable[[torch.Tensor], torch.Tensor]
     ) -> torch.Tensor:
         """(B, T, C) -> (B, T, C)."""
         if self.norm_position == "pre":
-            # the sublayer begins with matrix products (attention's projections, the
-            # feed-forward's first layer): the norm may write what they read (nn/norm.py)
-            y = self.dropout(sublayer(self.norm(x, feeds_matmul=self.norm_writes_bf16)))
+            y = self.branch(x, sublayer)
             return x + y if self.residual else y
         y = self.dropout(sublayer(x))
         z = x + y if self.residual else y
