@@ -68,6 +68,13 @@ def test_windows_of_a_read_only_map_are_its_slices_up_to_the_last(tmp_path, dtyp
     assert drawn == set(range(34))  # every start that fits is drawn in time, none past it
 
 
+def test_windows_of_a_strided_array_are_its_own_elements():
+    every_other = np.arange(40, dtype=np.uint16)[::2]  # 0, 2, 4, ...
+    batch = LMBatches(every_other, context=3).windows(torch.tensor([0, 5]))
+    assert batch.inputs[0].tolist() == [[0, 2, 4], [10, 12, 14]]
+    assert batch.targets.tolist() == [[2, 4, 6], [12, 14, 16]]
+
+
 def test_same_generator_state_same_batch():
     data = LMBatches(np.arange(1000, dtype=np.uint16), context=16)
     g = torch.Generator().manual_seed(3)

@@ -25,6 +25,12 @@ def test_the_scaled_gradient_s_column_sums_are_its_rows_summed(compiled, shape):
     assert torch.equal(out, compiled.scale_bf16(grad, d))  # the same values as apart
     assert sums.dtype == torch.float32 and sums.shape == (shape[1],)
     torch.testing.assert_close(sums.double(), out.double().sum(0), rtol=1e-5, atol=1e-5)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)  # the sums are float32 whatever the default
+    try:
+        assert torch.equal(compiled.scale_bf16_column_sums(grad, d)[1], sums)
+    finally:
+        torch.set_default_dtype(default)
     with pytest.raises(ValueError, match="scale_bf16_column_sums"):
         compiled.scale_bf16_column_sums(grad.flatten(), d.flatten())
     with pytest.raises(ValueError, match="scale_bf16_column_sums"):
@@ -78,9 +84,23 @@ def test_the_feed_forward_takes_it_only_where_it_applies(compiled):
     assert not linear_gelu.takes(ffn.w1, x)  # float32 products: nn.Linear's
     exact = FeedForward(128, 2048, activation="gelu")
     exact.load_state_dict(ffn.state_dict())
+
+    def took_the_step(out):
+        """Whether LinearGeluTanh is in out's graph (below fc2's products)."""
+        seen, nodes = set(), [out.grad_fn]
+        while nodes:
+            node = nodes.pop()
+            if node is None or node in seen:
+                continue
+            seen.add(node)
+            if node.name().startswith("LinearGeluTanh"):
+                return True
+            nodes += [next_node for next_node, _ in node.next_functions]
+        return False
+
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = ffn(x.requires_grad_())
         other = exact(x)
+    assert took_the_step(out) and not took_the_step(other)  # the exact GELU: the plain path
     out.float().sum().backward()  # the fused step inside the module trains
-    assert x.grad is not None and ffn.w1.bias.grad.dtype == torch.float32
-    assert not torch.equal(out, other)  # the exact GELU took the plain path
+    assert x.grad is not None and ffn.w1.bias.grad is not None

@@ -146,3 +146,12 @@ def test_without_padding_the_loss_and_its_gradient_are_the_padded_path_s(dtype):
     # targets read through a stride (every other one) are the targets, not their neighbours
     every_other = torch.stack([targets.flatten(), torch.full((18,), 99)], 1).flatten()[::2]
     assert torch.equal(label_smoothed_cross_entropy(logits, every_other, 0.1), ours)
+
+
+def test_a_non_negative_ignore_index_is_still_ignored():
+    """A pad id inside the vocabulary (0 here) is left out, as torch's ignore_index does."""
+    g = torch.Generator().manual_seed(2)
+    logits = torch.randn(6, 5, generator=g)
+    targets = torch.tensor([0, 3, 1, 0, 4, 2])
+    ours = label_smoothed_cross_entropy(logits, targets, 0.0, ignore_index=0)
+    torch.testing.assert_close(ours, F.cross_entropy(logits, targets, ignore_index=0))

@@ -132,7 +132,7 @@ class LMBatches:
         self.context = context
         with warnings.catch_warnings():  # a read-only map: torch warns, and it is never written
             warnings.simplefilter("ignore", UserWarning)
-            ids = torch.from_numpy(np.asarray(tokens))  # the same memory, no copy
+            ids = torch.from_numpy(np.ascontiguousarray(tokens))  # a memmap's memory, no copy
         # every window as a row of one strided view, (N - T, T + 1): a batch is one gather
         # of its rows, in torch (a training step's numpy calls ran from a cold cache)
         self.all_windows = ids.as_strided((len(tokens) - context, context + 1), (1, 1))
@@ -143,7 +143,7 @@ class LMBatches:
 
     def windows(self, starts: torch.Tensor) -> Batch:
         """The windows at `starts` (B,) int64: (B, T) inputs, (B, T) targets, all scored."""
-        w = self.all_windows[starts].long()  # (B, T + 1)
+        w = self.all_windows.index_select(0, starts).long()  # (B, T + 1)
         return Batch((w[:, :-1],), w[:, 1:], tokens=w.shape[0] * self.context)
 
     def sample(self, batch_size: int, generator: torch.Generator) -> Batch:

@@ -643,7 +643,7 @@ class Kernels:
                 "scale_bf16_column_sums: grad bfloat16 and d float32, contiguous, one 2-D shape"
             )
         rows, cols = grad.shape
-        out, sums = torch.empty_like(grad), torch.empty(cols)
+        out, sums = torch.empty_like(grad), torch.empty(cols, dtype=torch.float32)
         failed = self.library.tformer_scale_bf16_column_sums(
             grad.data_ptr(), d.data_ptr(), out.data_ptr(), sums.data_ptr(), rows, cols
         )
@@ -698,7 +698,7 @@ class Kernels:
         y = torch.empty(n, c, dtype=torch.bfloat16) if out is None else out
         if y.shape != (n, c) or y.dtype != torch.bfloat16 or not y.is_contiguous():
             raise ValueError(f"layer_norm_bf16_out: out must be contiguous bfloat16 {(n, c)}")
-        mean, rstd = torch.empty(n), torch.empty(n)
+        mean, rstd = torch.empty(n, dtype=torch.float32), torch.empty(n, dtype=torch.float32)
         self.library.tformer_layer_norm_bf16_out(
             x.data_ptr(), gamma.data_ptr(), beta.data_ptr(), eps, y.data_ptr(),
             mean.data_ptr(), rstd.data_ptr(), n, c,
@@ -727,8 +727,8 @@ class Kernels:
                 raise ValueError(f"layer_norm_backward_bf16: {wanted} on the CPU")
             if not tensor.is_contiguous():
                 raise ValueError(f"layer_norm_backward_bf16: {wanted}")
-        dx = torch.empty(n, c)
-        dgamma, dbeta = torch.empty(c), torch.empty(c)
+        dx = torch.empty(n, c, dtype=torch.float32)
+        dgamma, dbeta = torch.empty(c, dtype=torch.float32), torch.empty(c, dtype=torch.float32)
         failed = self.library.tformer_layer_norm_backward_bf16(
             dy.data_ptr(), x.data_ptr(), mean.data_ptr(), rstd.data_ptr(), gamma.data_ptr(),
             dx.data_ptr(), dgamma.data_ptr(), dbeta.data_ptr(), n, c,
@@ -755,11 +755,12 @@ class Kernels:
         n, c = layer_norm_shape(x, gamma, beta)
         if add.shape != (n, c) or add.dtype != torch.bfloat16 or not add.is_contiguous():
             raise ValueError(f"add_layer_norm_bf16_out: add must be contiguous bfloat16 {(n, c)}")
-        h, y = (torch.empty(n, c), torch.empty(n, c, dtype=torch.bfloat16)) if out is None else out
+        h = torch.empty(n, c, dtype=torch.float32)
+        h, y = (h, torch.empty(n, c, dtype=torch.bfloat16)) if out is None else out
         for tensor, dtype in ((h, torch.float32), (y, torch.bfloat16)):
             if tensor.shape != (n, c) or tensor.dtype != dtype or not tensor.is_contiguous():
                 raise ValueError(f"add_layer_norm_bf16_out: out must be contiguous {(n, c)}")
-        mean, rstd = torch.empty(n), torch.empty(n)
+        mean, rstd = torch.empty(n, dtype=torch.float32), torch.empty(n, dtype=torch.float32)
         self.library.tformer_add_layer_norm_bf16_out(
             x.data_ptr(), add.data_ptr(), gamma.data_ptr(), beta.data_ptr(), eps, h.data_ptr(),
             y.data_ptr(), mean.data_ptr(), rstd.data_ptr(), n, c,
@@ -789,8 +790,8 @@ class Kernels:
             if tensor.shape != shape or tensor.dtype != dtype or not tensor.is_contiguous():
                 wanted = f"{name} must be contiguous {str(dtype).removeprefix('torch.')} {shape}"
                 raise ValueError(f"add_layer_norm_backward_bf16: {wanted}")
-        dx, dx_bf16 = torch.empty(n, c), torch.empty(n, c, dtype=torch.bfloat16)
-        dgamma, dbeta = torch.empty(c), torch.empty(c)
+        dx, dx_bf16 = torch.empty(n, c, dtype=torch.float32), torch.empty_like(dy)
+        dgamma, dbeta = torch.empty(c, dtype=torch.float32), torch.empty(c, dtype=torch.float32)
         failed = self.library.tformer_add_layer_norm_backward_bf16(
             dy.data_ptr(), dh.data_ptr(), h.data_ptr(), mean.data_ptr(), rstd.data_ptr(),
             gamma.data_ptr(), dx.data_ptr(), dx_bf16.data_ptr(), dgamma.data_ptr(),

@@ -120,13 +120,14 @@ def bias_fused(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor) -> torch.Te
 
 
 @functools.cache
-def bias_fused_available() -> bool:
-    """Whether this torch has oneDNN's linear with a fused bias, and it runs here."""
+def bias_fused_available(dtype: torch.dtype) -> bool:
+    """Whether this torch has oneDNN's linear with a fused bias for `dtype`, and it runs
+    here."""
     if not torch.backends.mkldnn.is_available():
         return False
     try:
-        a, w = torch.ones(2, 3), torch.ones(4, 3)
-        return bool(torch.equal(bias_fused(a, w.t(), torch.ones(4)), torch.full((2, 4), 4.0)))
+        a, w, bias = (torch.ones(shape, dtype=dtype) for shape in ((2, 3), (4, 3), (4,)))
+        return bool(torch.equal(bias_fused(a, w.t(), bias), torch.full((2, 4), 4.0, dtype=dtype)))
     except (AttributeError, RuntimeError):
         return False
 
@@ -139,7 +140,7 @@ def bias_fused_faster(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor, path
         return False
     if not (a.is_contiguous() and b.t().is_contiguous() and bias.is_contiguous()):
         return False
-    if bias.dtype != a.dtype or not bias_fused_available():
+    if bias.dtype != a.dtype or not bias_fused_available(a.dtype):
         return False
     m, k, n = round_up(a.shape[0]), round_up(a.shape[1]), b.shape[1]
     key = f"{m}x{k}x{n} nt {dtype_name(a.dtype)} bias, else {path}"

@@ -103,7 +103,8 @@ def label_smoothed_cross_entropy(
     weight_dtype = torch.promote_types(logits.dtype, torch.float32)
     if logits.device.type == "cpu" and n:  # (on a GPU, an index out of range fails in gather)
         lowest, highest = (int(bound) for bound in torch.aminmax(targets))
-        if lowest >= 0 and highest < v:  # every target scored, all in range (no padding)
+        scored = not lowest <= ignore_index <= highest  # no target is ignore_index
+        if lowest >= 0 and highest < v and scored:  # every target scored, all in range
             weights = torch.full((n,), 1.0 / n, dtype=weight_dtype)  # the mean, in fewer calls
             return SmoothedCrossEntropy.apply(
                 logits.contiguous(), targets.contiguous(), weights, float(smoothing)

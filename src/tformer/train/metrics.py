@@ -86,16 +86,15 @@ class MetricsLog:
             if self.file is None:
                 self.size = self.path.stat().st_size if self.path.exists() else 0
                 self.file = open(self.path, "ab", buffering=0)  # noqa: SIM115 (kept open)
-            written = self.file.write(line)
-            if written != len(line):  # a short write: the disk is full
+            if self.file.write(line) != len(line):  # a short write: the disk is full
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-            self.size += written
         except BaseException as e:
             if self.path.exists():
                 os.truncate(self.path, self.size)  # needs no room: the file is as it was
             if isinstance(e, OSError):
                 raise write_failure(self.path, e, intact) from None
             raise
+        self.size += len(line)  # (after the try: an interrupt here keeps the whole record)
 
     def close(self) -> None:
         if self.file is not None:
