@@ -383,19 +383,29 @@ def test_a_block_s_joined_residual_add_and_norm_train_as_the_plain_block(monkeyp
 
     joined = step()
     seen = []
-    handle = model.blocks[0].hook_resid_mid.register_forward_hook(lambda m, a, out: seen.append(1))
+    mid = model.blocks[0].hook_resid_mid
+    handle = mid.register_forward_hook(lambda m, a, out: seen.append("forward"))
     hooked = step()
     handle.remove()
-    assert seen == [1]
+    handle = mid.register_full_backward_hook(lambda m, gin, gout: seen.append("backward"))
+    step()
+    handle.remove()
+    assert seen == ["forward", "backward"]  # each hook saw resid_mid: the plain path
     joins = sublayer.SublayerConnection.joins
     monkeypatch.setattr(sublayer.SublayerConnection, "joins", lambda self, other: False)
     apart = step()
     monkeypatch.setattr(sublayer.SublayerConnection, "joins", joins)
-    calls = []
+    joined_steps = []
+
+    def counted(*args):
+        result = real(*args)
+        joined_steps.append(result is not None)
+        return result
+
     real = model_module.add_then_norm
-    monkeypatch.setattr(model_module, "add_then_norm", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(model_module, "add_then_norm", counted)
     step()
-    assert len(calls) == config.n_layers  # the joined step was the one taken
+    assert joined_steps == [True] * config.n_layers  # the joined step was the one taken
     for other in (hooked, apart):
         assert torch.equal(joined[0], other[0])
         for name, grad in joined[1].items():

@@ -755,11 +755,14 @@ class Kernels:
         n, c = layer_norm_shape(x, gamma, beta)
         if add.shape != (n, c) or add.dtype != torch.bfloat16 or not add.is_contiguous():
             raise ValueError(f"add_layer_norm_bf16_out: add must be contiguous bfloat16 {(n, c)}")
-        h = torch.empty(n, c, dtype=torch.float32)
-        h, y = (h, torch.empty(n, c, dtype=torch.bfloat16)) if out is None else out
+        if out is None:
+            out = torch.empty(n, c, dtype=torch.float32), torch.empty(n, c, dtype=torch.bfloat16)
+        h, y = out
         for tensor, dtype in ((h, torch.float32), (y, torch.bfloat16)):
             if tensor.shape != (n, c) or tensor.dtype != dtype or not tensor.is_contiguous():
                 raise ValueError(f"add_layer_norm_bf16_out: out must be contiguous {(n, c)}")
+            if tensor.device.type != "cpu" or add.device.type != "cpu":
+                raise ValueError("add_layer_norm_bf16_out: add and out must be on the CPU")
         mean, rstd = torch.empty(n, dtype=torch.float32), torch.empty(n, dtype=torch.float32)
         self.library.tformer_add_layer_norm_bf16_out(
             x.data_ptr(), add.data_ptr(), gamma.data_ptr(), beta.data_ptr(), eps, h.data_ptr(),
@@ -787,8 +790,10 @@ class Kernels:
             ("mean", mean, (n,), torch.float32),
             ("rstd", rstd, (n,), torch.float32),
         ):
-            if tensor.shape != shape or tensor.dtype != dtype or not tensor.is_contiguous():
-                wanted = f"{name} must be contiguous {str(dtype).removeprefix('torch.')} {shape}"
+            wanted = f"{name} must be contiguous {str(dtype).removeprefix('torch.')} {shape}"
+            if tensor.shape != shape or tensor.dtype != dtype or tensor.device.type != "cpu":
+                raise ValueError(f"add_layer_norm_backward_bf16: {wanted} on the CPU")
+            if not tensor.is_contiguous():
                 raise ValueError(f"add_layer_norm_backward_bf16: {wanted}")
         dx, dx_bf16 = torch.empty(n, c, dtype=torch.float32), torch.empty_like(dy)
         dgamma, dbeta = torch.empty(c, dtype=torch.float32), torch.empty(c, dtype=torch.float32)

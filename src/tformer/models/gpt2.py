@@ -42,6 +42,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.nn.modules import module as module_hooks
 
 from tformer.checkpoints import (
     CheckpointError,
@@ -138,7 +139,7 @@ class Block(nn.Module):
         def feed_forward(h: torch.Tensor) -> torch.Tensor:
             return self.hook_mlp_out(self.mlp(h))
 
-        if self.attn_sublayer.joins(self.mlp_sublayer) and not any_hooked(self.joined_hooks):
+        if self.attn_sublayer.joins(self.mlp_sublayer) and self.no_hook_skipped():
             # resid_mid = x + Dropout(Attn(LN_1(x))) and LN_2(resid_mid) in one step where
             # the kernels take it (nn/norm.py's add_then_norm)
             y = self.attn_sublayer.branch(x, attend)
@@ -152,13 +153,18 @@ class Block(nn.Module):
         x = self.mlp_sublayer(x, feed_forward)
         return self.hook_resid_post(x)
 
-    @property
-    def joined_hooks(self) -> list[dict]:
-        """The hooks that would see what the joined step skips: the two sublayer modules'
-        (called through their parts), resid_mid's, the second norm's (blocked_attention's
-        hook_dicts)."""
+    def no_hook_skipped(self) -> bool:
+        """Whether no hook, forward or backward, their own or global, would miss a module
+        that the joined step does not call: the two sublayer modules (called through their
+        parts), resid_mid's hook point, the second norm."""
         skipped = (self.attn_sublayer, self.mlp_sublayer, self.hook_resid_mid)
-        return hook_dicts((*skipped, self.mlp_sublayer.norm))
+        skipped += (self.mlp_sublayer.norm,)
+        if any_hooked(hook_dicts(skipped)):
+            return False
+        if any(m._backward_hooks or m._backward_pre_hooks for m in skipped):
+            return False
+        global_backward = module_hooks._global_backward_hooks
+        return not (global_backward or module_hooks._global_backward_pre_hooks)
 
 
 class GPT2(nn.Module):

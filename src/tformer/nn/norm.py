@@ -122,8 +122,8 @@ class AddLayerNormBf16Out(torch.autograd.Function):
         c = x.shape[-1]
         rows, adds = x.reshape(-1, c).contiguous(), y.reshape(-1, c).contiguous()  # (N, C)
         # tensors of their own, not views: in-place changes to them are allowed
-        h = torch.empty(x.shape, dtype=torch.float32)
-        normed = torch.empty(x.shape, dtype=torch.bfloat16)
+        h = torch.empty(x.shape, dtype=torch.float32, device="cpu")
+        normed = torch.empty(x.shape, dtype=torch.bfloat16, device="cpu")
         out = (h.view(rows.shape), normed.view(rows.shape))
         _, _, mean, rstd = library.add_layer_norm_bf16_out(rows, adds, weight, bias, eps, out)
         ctx.save_for_backward(h, mean, rstd, weight)
