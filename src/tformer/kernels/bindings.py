@@ -717,16 +717,14 @@ class Kernels:
         """The gradients of layer_norm_bf16_out's x, gamma and beta from dy (N, C) bfloat16
         and its x, mean, rstd and gamma: dx (N, C), dgamma and dbeta (C,), all float32."""
         n, c = layer_norm_shape(x, gamma)
-        for name, tensor, shape, dtype in (
-            ("dy", dy, (n, c), torch.bfloat16),
-            ("mean", mean, (n,), torch.float32),
-            ("rstd", rstd, (n,), torch.float32),
-        ):
-            wanted = f"{name} must be contiguous {str(dtype).removeprefix('torch.')} {shape}"
-            if tensor.shape != shape or tensor.dtype != dtype or tensor.device.type != "cpu":
-                raise ValueError(f"layer_norm_backward_bf16: {wanted} on the CPU")
-            if not tensor.is_contiguous():
-                raise ValueError(f"layer_norm_backward_bf16: {wanted}")
+        check_cpu_tensors(
+            "layer_norm_backward_bf16",
+            [
+                ("dy", dy, (n, c), torch.bfloat16),
+                ("mean", mean, (n,), torch.float32),
+                ("rstd", rstd, (n,), torch.float32),
+            ],
+        )
         dx = torch.empty(n, c, dtype=torch.float32)
         dgamma, dbeta = torch.empty(c, dtype=torch.float32), torch.empty(c, dtype=torch.float32)
         failed = self.library.tformer_layer_norm_backward_bf16(
@@ -753,16 +751,17 @@ class Kernels:
         h in one pass -> h (N, C) float32, y (N, C) bfloat16 (into `out`'s two if given),
         mean, rstd (N,). Checked here."""
         n, c = layer_norm_shape(x, gamma, beta)
-        if add.shape != (n, c) or add.dtype != torch.bfloat16 or not add.is_contiguous():
-            raise ValueError(f"add_layer_norm_bf16_out: add must be contiguous bfloat16 {(n, c)}")
         if out is None:
             out = torch.empty(n, c, dtype=torch.float32), torch.empty(n, c, dtype=torch.bfloat16)
         h, y = out
-        for tensor, dtype in ((h, torch.float32), (y, torch.bfloat16)):
-            if tensor.shape != (n, c) or tensor.dtype != dtype or not tensor.is_contiguous():
-                raise ValueError(f"add_layer_norm_bf16_out: out must be contiguous {(n, c)}")
-            if tensor.device.type != "cpu" or add.device.type != "cpu":
-                raise ValueError("add_layer_norm_bf16_out: add and out must be on the CPU")
+        check_cpu_tensors(
+            "add_layer_norm_bf16_out",
+            [
+                ("add", add, (n, c), torch.bfloat16),
+                ("h", h, (n, c), torch.float32),
+                ("y", y, (n, c), torch.bfloat16),
+            ],
+        )
         mean, rstd = torch.empty(n, dtype=torch.float32), torch.empty(n, dtype=torch.float32)
         self.library.tformer_add_layer_norm_bf16_out(
             x.data_ptr(), add.data_ptr(), gamma.data_ptr(), beta.data_ptr(), eps, h.data_ptr(),
@@ -784,17 +783,15 @@ class Kernels:
         output's) and dh (N, C) float32 (h's own): dx = dh + the norm's (N, C) float32, the
         same in bfloat16 (add's), dgamma and dbeta (C,)."""
         n, c = layer_norm_shape(h, gamma)
-        for name, tensor, shape, dtype in (
-            ("dy", dy, (n, c), torch.bfloat16),
-            ("dh", dh, (n, c), torch.float32),
-            ("mean", mean, (n,), torch.float32),
-            ("rstd", rstd, (n,), torch.float32),
-        ):
-            wanted = f"{name} must be contiguous {str(dtype).removeprefix('torch.')} {shape}"
-            if tensor.shape != shape or tensor.dtype != dtype or tensor.device.type != "cpu":
-                raise ValueError(f"add_layer_norm_backward_bf16: {wanted} on the CPU")
-            if not tensor.is_contiguous():
-                raise ValueError(f"add_layer_norm_backward_bf16: {wanted}")
+        check_cpu_tensors(
+            "add_layer_norm_backward_bf16",
+            [
+                ("dy", dy, (n, c), torch.bfloat16),
+                ("dh", dh, (n, c), torch.float32),
+                ("mean", mean, (n,), torch.float32),
+                ("rstd", rstd, (n,), torch.float32),
+            ],
+        )
         dx, dx_bf16 = torch.empty(n, c, dtype=torch.float32), torch.empty_like(dy)
         dgamma, dbeta = torch.empty(c, dtype=torch.float32), torch.empty(c, dtype=torch.float32)
         failed = self.library.tformer_add_layer_norm_backward_bf16(
@@ -1045,6 +1042,19 @@ def check_allocated(failed: int, t: int) -> None:
     """The attention kernels return 1 when a thread could not allocate its buffers."""
     if failed:
         raise MemoryError(f"causal_attention: no memory for a head's buffers at T = {t}")
+
+
+def check_cpu_tensors(
+    function: str, expected: list[tuple[str, torch.Tensor, tuple[int, ...], torch.dtype]]
+) -> None:
+    """ValueError naming `function` and the tensor unless each (name, tensor, shape, dtype)
+    is a contiguous CPU tensor of that shape and dtype."""
+    for name, tensor, shape, dtype in expected:
+        wanted = f"{name} must be contiguous {str(dtype).removeprefix('torch.')} {shape}"
+        if tensor.shape != shape or tensor.dtype != dtype or tensor.device.type != "cpu":
+            raise ValueError(f"{function}: {wanted} on the CPU")
+        if not tensor.is_contiguous():
+            raise ValueError(f"{function}: {wanted}")
 
 
 def layer_norm_shape(
