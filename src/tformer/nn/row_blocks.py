@@ -150,9 +150,11 @@ def bias_fused_faster(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor, path
         a_, b_ = like(a, (m, k), g), like(b, (k, n), g)
         bias_ = torch.randn(n, generator=g, dtype=a.dtype)
         out = torch.empty(m, n, dtype=a.dtype)
-        addmm = {  # (a is row-major: fastest_path chose between these two)
+        addmm = {
             "whole": lambda: torch.addmm(bias_, a_, b_, out=out),
             "halves": lambda: in_halves(a_, b_, bias_, out),
+            # a row-major a's copy is a itself: matmul's "copied" is addmm on it
+            "copied": lambda: torch.addmm(bias_, a_, b_, out=out),
         }
         return {path: addmm[path], "fused": lambda: bias_fused(a_, b_, bias_)}
 
