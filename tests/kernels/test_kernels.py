@@ -626,3 +626,22 @@ def test_the_attention_kernel_gives_the_same_bits_on_any_number_of_threads(compi
         torch.set_num_threads(threads)
     for other in results[1:]:
         assert all(torch.equal(x, y) for x, y in zip(results[0], other, strict=True))
+
+
+# below the kernel's 65,536 elements one thread sums; above, each thread's range ends inside
+# one tensor and the next starts there
+@pytest.mark.parametrize("sizes", [[0], [1], [5, 0, 17], [40_000, 3, 30_001, 1], [300_000, 77]])
+def test_sum_squares_is_the_exact_sum_over_all_the_tensors(compiled, sizes):
+    g = torch.Generator().manual_seed(sum(sizes))
+    tensors = [
+        torch.randn(n, generator=g) * 10 ** torch.randint(-3, 4, (), generator=g) for n in sizes
+    ]
+    exact = sum((t.double() ** 2).sum().item() for t in tensors)
+    # squares and sums in double: ~1e-16 relative, where float32 sums would drift to ~1e-5
+    assert compiled.sum_squares(tensors) == pytest.approx(exact, rel=1e-12, abs=1e-300)
+
+
+def test_sum_squares_refuses_what_it_cannot_read(compiled):
+    for bad in (torch.ones(4, dtype=torch.float64), torch.ones(4, 4).t(), torch.ones(4).bfloat16()):
+        with pytest.raises(ValueError, match="contiguous float32 CPU"):
+            compiled.sum_squares([torch.ones(3), bad])

@@ -155,7 +155,7 @@ def test_the_output_is_a_tensor_of_its_own_as_nn_linears():
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("shape", [(1, 5), (70, 130), (300, 64), (64, 1), (300, 260)])
+@pytest.mark.parametrize("shape", [(1, 5), (70, 130), (130, 70), (300, 64), (64, 1), (300, 260)])
 def test_a_transposed_view_is_copied_row_major_value_for_value(dtype, shape):
     """The compiled transpose (where built) or torch's copy: the same values, row-major, in
     whole tiles and not, on one thread and (300 x 260) on the pool."""

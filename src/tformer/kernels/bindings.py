@@ -24,6 +24,7 @@ attention kernels, called once per layer, check it here.
         float32 or bfloat16; kernels.scale_bf16(grad, d) -> grad * d in bfloat16;
         kernels.scale_bf16_column_sums(grad, d) -> the same (rows, cols), its column sums
     kernels.gelu(z), kernels.gelu_and_derivative(z) -> y, dy/dz   float32 or bfloat16
+    kernels.sum_squares(tensors)   float32 tensors -> the sum of all their elements' squares
     kernels.layer_norm_bf16_out(x, gamma, beta, eps)   x (N, C) float32 -> y (N, C) bfloat16,
         mean, rstd (N,); kernels.layer_norm_backward_bf16(dy, x, mean, rstd, gamma) -> dx
         (N, C) float32, dgamma, dbeta (C,); kernels.add_layer_norm_bf16_out(x, add, gamma,
@@ -595,6 +596,17 @@ class Kernels:
         mask = torch.empty(n, dtype=torch.bool)
         self.library.tformer_dropout_mask(mask.data_ptr(), n, seed, threshold)
         return mask
+
+    @c_function("tformer_sum_squares_f32", [POINTER, POINTER, SIZE], ctypes.c_double)
+    def sum_squares(self, tensors: list[torch.Tensor]) -> float:
+        """The sum of the squares of every element of `tensors`, contiguous float32 CPU
+        tensors taken as one vector, summed in double (kernels/global_norm.c). Checked here."""
+        for t in tensors:
+            if t.dtype != torch.float32 or t.device.type != "cpu" or not t.is_contiguous():
+                raise ValueError("sum_squares: every tensor must be a contiguous float32 CPU one")
+        arrays = (ctypes.c_void_p * len(tensors))(*(t.data_ptr() for t in tensors))
+        sizes = (ctypes.c_int64 * len(tensors))(*(t.numel() for t in tensors))
+        return self.library.tformer_sum_squares_f32(arrays, sizes, len(tensors))
 
     @c_function("tformer_gelu_tanh_f32", [POINTER, POINTER, SIZE])
     @c_function("tformer_gelu_tanh_bf16", [POINTER, POINTER, SIZE])

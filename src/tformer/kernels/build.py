@@ -28,6 +28,7 @@ SOURCES = tuple(
         "cross_entropy.c",
         "dropout.c",
         "gelu.c",
+        "global_norm.c",
         "layer_norm.c",
         "transpose.c",
         "attention.c",

@@ -6,15 +6,66 @@
    ms for a 4096 x 1152 bf16 matrix), where a matrix product that reads the copy runs up to
    twice as fast as one that reads the transposed view (docs/LOG.md): the weight gradient
    dW = dy^T x of a linear layer. Here the matrix goes in square tiles small enough for the
-   core's cache: each of a tile's output rows is written whole, from a column of the tile
-   read out of the cache; the tiles are split over the OpenMP threads. It is 2.5-4x torch's
-   copy for a training step's activations (4096 x 1152: 1.35 against 3.4-4.0 ms) but no
-   faster for a (1024, 50257) one (76 ms): used only where a measurement chose it
-   (nn/row_blocks.py). */
+   core's cache, split over the OpenMP threads. With AVX2 each tile goes in blocks of 16 x 16
+   elements: sixteen 32-byte rows in registers, interleaved in four rounds (16-bit, 32-bit,
+   64-bit and 128-bit units; block_16x16) into the block's sixteen columns, each stored as
+   one row of dst. Elements outside whole blocks, and CPUs without AVX2, go one at a time. */
 
 #include <stdint.h>
 
+#if defined(__AVX2__)
+#include <immintrin.h>
+
+/* dst[j][i] = src[i][j] for i, j < 16, with rows ld (src) and dst_ld (dst) elements apart.
+   After round r, each 2^r-element unit of a register holds one column of src over 2^r
+   consecutive rows; each 128-bit half of a register keeps to its half of the columns
+   (0-7 or 8-15) until the last round joins the halves. */
+static inline void block_16x16(const uint16_t *src, int64_t ld, uint16_t *dst, int64_t dst_ld) {
+    __m256i a[16], b[16];
+    for (int k = 0; k < 16; k++)
+        a[k] = _mm256_loadu_si256((const __m256i *)(src + k * ld));
+    /* rows 2p, 2p+1 -> b[2p]: columns 0-3 | 8-11, b[2p+1]: columns 4-7 | 12-15 */
+    for (int p = 0; p < 8; p++) {
+        b[2 * p] = _mm256_unpacklo_epi16(a[2 * p], a[2 * p + 1]);
+        b[2 * p + 1] = _mm256_unpackhi_epi16(a[2 * p], a[2 * p + 1]);
+    }
+    /* rows 4q..4q+3 -> a[4q + m]: columns {2m, 2m+1} | {2m+8, 2m+9}, m = 0..3 */
+    for (int q = 0; q < 4; q++)
+        for (int h = 0; h < 2; h++) { /* h: b's columns 0-3 (0) or 4-7 (1) */
+            __m256i x = b[4 * q + h], y = b[4 * q + 2 + h];
+            a[4 * q + 2 * h] = _mm256_unpacklo_epi32(x, y);
+            a[4 * q + 2 * h + 1] = _mm256_unpackhi_epi32(x, y);
+        }
+    /* rows 8o..8o+7 -> b[8o + c]: column c | column c + 8, c = 0..7 */
+    for (int o = 0; o < 2; o++)
+        for (int m = 0; m < 4; m++) {
+            __m256i x = a[8 * o + m], y = a[8 * o + 4 + m];
+            b[8 * o + 2 * m] = _mm256_unpacklo_epi64(x, y);
+            b[8 * o + 2 * m + 1] = _mm256_unpackhi_epi64(x, y);
+        }
+    /* column c: rows 0-7 from b[c], rows 8-15 from b[8 + c]; the same for column c + 8 */
+    for (int c = 0; c < 8; c++) {
+        _mm256_storeu_si256((__m256i *)(dst + c * dst_ld),
+                            _mm256_permute2x128_si256(b[c], b[8 + c], 0x20));
+        _mm256_storeu_si256((__m256i *)(dst + (c + 8) * dst_ld),
+                            _mm256_permute2x128_si256(b[c], b[8 + c], 0x31));
+    }
+}
+#define BLOCK 16
+#else
+#define BLOCK 0 /* no blocks: every element one at a time */
+#endif
+
 #define TILE 64 /* elements a side: two 8 KB tiles stay in the first-level cache */
+
+/* dst[j][i] = src[i][j] for i in [i0, i1), j in [j0, j1), one element at a time. */
+static void elements(const uint16_t *src, int64_t rows, int64_t ld, uint16_t *dst, int64_t i0,
+                     int64_t i1, int64_t j0, int64_t j1) {
+    for (int64_t j = j0; j < j1; j++) {
+        uint16_t *out = dst + j * rows;
+        for (int64_t i = i0; i < i1; i++) out[i] = src[i * ld + j];
+    }
+}
 
 void tformer_transpose16(const uint16_t *src, int64_t rows, int64_t cols, int64_t ld,
                          uint16_t *dst) {
@@ -25,9 +76,15 @@ void tformer_transpose16(const uint16_t *src, int64_t rows, int64_t cols, int64_
             const int64_t i0 = ti * TILE, j0 = tj * TILE;
             const int64_t i1 = i0 + TILE < rows ? i0 + TILE : rows;
             const int64_t j1 = j0 + TILE < cols ? j0 + TILE : cols;
-            for (int64_t j = j0; j < j1; j++) {
-                uint16_t *out = dst + j * rows;
-                for (int64_t i = i0; i < i1; i++) out[i] = src[i * ld + j];
-            }
+            int64_t i_whole = i0, j_whole = j0; /* where the whole blocks end */
+#if BLOCK
+            i_whole = i0 + (i1 - i0) / BLOCK * BLOCK;
+            j_whole = j0 + (j1 - j0) / BLOCK * BLOCK;
+            for (int64_t i = i0; i < i_whole; i += BLOCK)
+                for (int64_t j = j0; j < j_whole; j += BLOCK)
+                    block_16x16(src + i * ld + j, ld, dst + j * rows + i, rows);
+#endif
+            elements(src, rows, ld, dst, i0, i1, j_whole, j1);      /* the last columns */
+            elements(src, rows, ld, dst, i_whole, i1, j0, j_whole); /* the last rows */
         }
 }

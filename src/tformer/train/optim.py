@@ -38,6 +38,8 @@ import math
 import torch
 from torch import nn
 
+from tformer import kernels
+
 
 class AdamW:
     """AdamW over parameter groups (the equations above), each group with its own lr, betas,
@@ -197,20 +199,34 @@ class AdamW:
 
 def global_norm(params: list[torch.Tensor]) -> torch.Tensor:
     """||g||: the L2 norm of all the parameters' gradients as one vector (float32, on the
-    first parameter's device)."""
+    first parameter's device).
+
+    Float32 gradients on the CPU go to one C call that reads each once, summing the squares
+    in double (kernels/global_norm.c): within a step that was 1.8x faster than torch's norm
+    per tensor, and closer to the exact norm (docs/LOG.md). Other dtypes and devices take
+    torch's foreach norm, a device and dtype at a time."""
     if not params:
         return torch.zeros(())
     device = params[0].device
+    grads = [p.grad for p in params]
+    library = kernels.load() if all(on_cpu_f32(g) for g in grads) else None
+    if library is not None:
+        return torch.tensor(math.sqrt(library.sum_squares(grads)), dtype=torch.float32)
     by_kind: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
-    for p in params:
-        by_kind.setdefault((p.device, p.grad.dtype), []).append(p.grad)
+    for g in grads:
+        by_kind.setdefault((g.device, g.dtype), []).append(g)
     norms = []
-    for grads in by_kind.values():  # torch's foreach norm takes one device and dtype at a time
-        each = torch._foreach_norm(grads, dtype=torch.float32)
+    for kind in by_kind.values():  # torch's foreach norm takes one device and dtype at a time
+        each = torch._foreach_norm(kind, dtype=torch.float32)
         norms.append(torch.linalg.vector_norm(torch.stack(each)).to(device))
     if len(norms) == 1:
         return norms[0]
     return torch.linalg.vector_norm(torch.stack(norms))
+
+
+def on_cpu_f32(tensor: torch.Tensor) -> bool:
+    """A contiguous float32 CPU tensor, as the C kernels read them."""
+    return tensor.device.type == "cpu" and tensor.dtype == torch.float32 and tensor.is_contiguous()
 
 
 def build_optimizer(
