@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from tformer.cli.launch import KEEP_FREED, STARTED, allocator_environment, put_back
+from tformer.cli.launch import MALLOC_SETTINGS, STARTED, allocator_environment, put_back
 
 JEMALLOC = "libjemalloc.so.2"
 
@@ -23,7 +23,7 @@ def test_training_starts_again_under_jemalloc_keeping_freed_memory():
     assert env == {
         "PATH": "/bin",
         "LD_PRELOAD": JEMALLOC,
-        "MALLOC_CONF": KEEP_FREED,
+        "MALLOC_CONF": MALLOC_SETTINGS,
         STARTED: json.dumps(saved),
     }
     put_back(env)  # as the process started again does first

@@ -5,9 +5,9 @@ sorts and merges freed blocks on every call, took 8% of a small model's step (na
 configuration; docs/LOG.md). jemalloc serves the same requests from size classes: where its
 library is installed (Debian: `apt-get install libjemalloc2`), `tformer train` runs under
 it, keeping the memory it frees for reuse as tformer does with glibc's
-(tformer.devices.keep_freed_memory):
+(tformer.devices.keep_freed_memory), and asking Linux to back it with 2 MiB pages:
 
-    LD_PRELOAD=libjemalloc.so.2   MALLOC_CONF=dirty_decay_ms:-1,muzzy_decay_ms:-1
+    LD_PRELOAD=libjemalloc.so.2   MALLOC_CONF=dirty_decay_ms:-1,muzzy_decay_ms:-1,thp:always
 
 An allocator is chosen when a process starts, so the command starts itself again under it
 (os.execve: the same process, with its command line, and that environment; torch is not
@@ -29,6 +29,11 @@ ALLOCATORS = ("jemalloc", "system")
 # jemalloc keeps freed pages (no decay back to the system): a step's buffers are reused,
 # not faulted in again; without this the character model's step took 65% longer
 KEEP_FREED = "dirty_decay_ms:-1,muzzy_decay_ms:-1"
+# and asks for transparent huge pages (madvise; nothing changes where the system has them
+# off): with 4 KiB pages, a pass over GPT-2's 0.5 GB of gradients or a transpose of its
+# (1024, 50257) logits' gradient stops for a TLB miss every few KiB; GPT-2's and the
+# character model's bf16 steps were 3-7% faster so on the Intel machine (docs/LOG.md)
+MALLOC_SETTINGS = f"{KEEP_FREED},thp:always"
 ALREADY = ("jemalloc", "tcmalloc", "mimalloc")  # a preloaded allocator the user chose
 STARTED = "TFORMER_ALLOCATOR_STARTED"  # set in the process started again: what to put back
 SAVED = ("LD_PRELOAD", "MALLOC_CONF")
@@ -53,7 +58,7 @@ def allocator_environment(
     changed = dict(environ)
     changed[STARTED] = json.dumps({name: environ.get(name) for name in SAVED})
     changed["LD_PRELOAD"] = f"{library} {preloaded}".strip()
-    changed.setdefault("MALLOC_CONF", KEEP_FREED)
+    changed.setdefault("MALLOC_CONF", MALLOC_SETTINGS)
     return changed
 
 
