@@ -26,7 +26,7 @@ from tformer import kernels
 from tformer.nn.blocked_attention import hooked
 from tformer.nn.measured import dtype_name, fastest
 
-KIND = "matmul-v4"  # the measured choices' file and version (nn/measured.py)
+KIND = "matmul-v5"  # the measured choices' file and version (nn/measured.py)
 # Smaller products than these run whole, through nn.Linear itself: a split would only add
 # a call's cost, and this path's Python costs more than a small product gains.
 MIN_ROWS = 256
