@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import machine_line  # noqa: E402
 
 from tformer import GPT2, GPT2Config  # noqa: E402
-from tformer.devices import bf16_supported, keep_freed_memory  # noqa: E402
+from tformer.devices import allow_huge_pages, bf16_supported, keep_freed_memory  # noqa: E402
 from tformer.train.optim import build_optimizer  # noqa: E402
 from tformer.train.trainer import cross_entropy  # noqa: E402
 
@@ -167,6 +167,7 @@ def main() -> None:
         per_token = flops_per_token(n_layers, d_model, context, vocab)
         for dtype in dtypes:
             ours, theirs = build(name, dtype)
+            allow_huge_pages(ours)  # for both models, as tformer's trainer would for ours
             runs = {
                 "tformer": Trainer(
                     ours, tformer_loss, dtype, batch, context, vocab, fused_clip=True

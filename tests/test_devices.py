@@ -20,3 +20,34 @@ def test_device_and_dtype_choices_explain_what_is_wrong():
     assert training_dtype("float32", torch.device("cpu")) == "float32"
     with pytest.raises(ValueError, match="float16 training needs a CUDA GPU"):
         training_dtype("float16", torch.device("cpu"))
+
+
+HUGE_PAGES_CHECK = """
+import ctypes, sys
+import torch
+from tformer.cli.launch import withhold_huge_pages
+from tformer.devices import HUGE_PAGES_FROM, allow_huge_pages
+
+def withheld():
+    return ctypes.CDLL(None).prctl(42, 0, 0, 0, 0)  # PR_GET_THP_DISABLE
+
+print(withheld())
+withhold_huge_pages()
+print(withheld())
+small = torch.nn.Linear(100, 100)
+print(allow_huge_pages(small), withheld())
+large = torch.nn.Linear(2000, HUGE_PAGES_FROM // 2000)  # HUGE_PAGES_FROM weights + a bias
+print(allow_huge_pages(large), withheld())
+print(allow_huge_pages(large), withheld())  # nothing left to allow
+"""
+
+
+@pytest.mark.skipif(platform.system() != "Linux", reason="transparent huge pages are Linux's")
+def test_huge_pages_withheld_at_the_start_are_allowed_for_a_large_model_only():
+    import subprocess
+    import sys
+
+    # in a process of its own: the setting is the process's, and lasts
+    run = subprocess.run([sys.executable, "-c", HUGE_PAGES_CHECK], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split("\n")[1:5] == ["1", "False 1", "True 0", "False 0"]

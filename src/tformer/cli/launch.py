@@ -9,6 +9,10 @@ it, keeping the memory it frees for reuse as tformer does with glibc's
 
     LD_PRELOAD=libjemalloc.so.2   MALLOC_CONF=dirty_decay_ms:-1,muzzy_decay_ms:-1,thp:always
 
+Huge pages are withheld from the process at its start (prctl PR_SET_THP_DISABLE, which
+lasts across the new start): the trainer gives them back once it knows the model is large
+enough to gain from them (tformer.devices.allow_huge_pages).
+
 An allocator is chosen when a process starts, so the command starts itself again under it
 (os.execve: the same process, with its command line, and that environment; torch is not
 imported before this). In the process started again, LD_PRELOAD and MALLOC_CONF are put
@@ -18,6 +22,7 @@ that already names an allocator is left alone. Only training was measured, so on
 takes it.
 """
 
+import contextlib
 import ctypes.util
 import json
 import os
@@ -30,10 +35,9 @@ ALLOCATORS = ("jemalloc", "system")
 # not faulted in again; without this the character model's step took 65% longer
 KEEP_FREED = "dirty_decay_ms:-1,muzzy_decay_ms:-1"
 # and asks for transparent huge pages (madvise; nothing changes where the system has them
-# off): with 4 KiB pages, a pass over GPT-2's 0.5 GB of gradients or a transpose of its
-# (1024, 50257) logits' gradient stops for a TLB miss every few KiB; GPT-2's and the
-# character model's bf16 steps were 3-7% faster so on the Intel machine (docs/LOG.md)
+# off), for the trainer to allow or not (tformer.devices.allow_huge_pages)
 MALLOC_SETTINGS = f"{KEEP_FREED},thp:always"
+PR_SET_THP_DISABLE = 41  # Linux's prctl option (linux/prctl.h)
 ALREADY = ("jemalloc", "tcmalloc", "mimalloc")  # a preloaded allocator the user chose
 STARTED = "TFORMER_ALLOCATOR_STARTED"  # set in the process started again: what to put back
 SAVED = ("LD_PRELOAD", "MALLOC_CONF")
@@ -99,10 +103,18 @@ def start_under_allocator(argv: list[str], own_command: bool = False) -> None:
         return
     sys.stdout.flush()
     sys.stderr.flush()
+    withhold_huge_pages()
     try:
         os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], environ)
     except OSError:  # cannot start again: go on under the C library's allocator
         return
+
+
+def withhold_huge_pages() -> None:
+    """No transparent huge pages for this process and what it starts, until the trainer
+    allows them (tformer.devices.allow_huge_pages); a failure changes nothing."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_THP_DISABLE, 1, 0, 0, 0)
 
 
 def allocator_in_use() -> str:

@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 from tformer.checks import MAX_SEED, check_choice, check_number
 from tformer.data.tokens import IGNORE_INDEX, LMBatches, stacked
-from tformer.devices import flush_denormals, keep_freed_memory
+from tformer.devices import allow_huge_pages, flush_denormals, keep_freed_memory
 from tformer.errors import ConfigError, RunDirectoryError, TrainingInterrupted
 from tformer.files import WRITE_ERRORS, atomic_write_json, is_write_error, write_failure
 from tformer.nn.modes import evaluating
@@ -289,8 +289,10 @@ def fit(
     # slower (docs/LOG.md). Flushing them to zero changes no printed digit of the loss.
     on_cpu = next(model.parameters()).device.type == "cpu"
     flushed_before = flush_denormals(True, pool=on_cpu)
-    # Reuse freed activation buffers instead of fresh pages from the OS every step.
+    # Reuse freed activation buffers instead of fresh pages from the OS every step, and
+    # take those pages 2 MiB at a time where the model is large enough to gain.
     keep_freed_memory()
+    allow_huge_pages(model)
     try:
         return _fit(
             model,
