@@ -2,6 +2,7 @@
 
 import ctypes
 import ctypes.util
+import os
 import platform
 
 import torch
@@ -74,31 +75,36 @@ def keep_freed_memory() -> bool:
         return False
 
 
-PR_SET_THP_DISABLE, PR_GET_THP_DISABLE = 41, 42  # Linux's prctl options (linux/prctl.h)
+PR_SET_THP_DISABLE = 41  # Linux's prctl option (linux/prctl.h)
+HUGE_PAGES_WITHHELD = "TFORMER_HUGE_PAGES_WITHHELD"  # as tformer/cli/launch.py sets it
 HUGE_PAGES_FROM = 4_000_000  # parameters: a model this large gains from huge pages
 
 
 def allow_huge_pages(model: torch.nn.Module) -> bool:
     """Let Linux back this process's new memory with 2 MiB pages from now on, if `model`
-    has at least HUGE_PAGES_FROM parameters and the process was started without them;
+    has at least HUGE_PAGES_FROM parameters and `tformer train` withheld them at its start;
     return whether that changed anything.
 
     `tformer train` starts under jemalloc asking for huge pages (thp:always) but with them
-    withheld from the process (prctl PR_SET_THP_DISABLE; tformer/cli/launch.py). A large
-    model's step streams tensors of many MB, and there a TLB miss every 4 KiB cost GPT-2's
-    and the character model's bf16 steps 3-7% on the Intel machine; a small model's step
-    does not stream, while each huge page costs its fault up front (~20 ms in the virtual
-    machine measured: 1.2 s of nanoGPT's 40 s recipe). Memory already in use keeps its
-    pages; what the training steps allocate from here gets huge ones (docs/LOG.md)."""
-    if platform.system() != "Linux" or sum(p.numel() for p in model.parameters()) < HUGE_PAGES_FROM:
+    withheld from the process (prctl PR_SET_THP_DISABLE, and HUGE_PAGES_WITHHELD=1 in its
+    environment; tformer/cli/launch.py). A large model's step streams tensors of many MB,
+    and there a TLB miss every 4 KiB cost GPT-2's and the character model's bf16 steps 3-7%
+    on the Intel machine; a small model's step does not stream, while each huge page costs
+    its fault up front (~20 ms in the virtual machine measured: 1.2 s of nanoGPT's 40 s
+    recipe). Memory already in use keeps its pages; what the training steps allocate from
+    here gets huge ones (docs/LOG.md). A process started without huge pages otherwise is
+    left so."""
+    if os.environ.get(HUGE_PAGES_WITHHELD) != "1" or platform.system() != "Linux":
+        return False
+    if sum(p.numel() for p in model.parameters()) < HUGE_PAGES_FROM:
         return False
     try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        if libc.prctl(PR_GET_THP_DISABLE, 0, 0, 0, 0) != 1:
-            return False
-        return libc.prctl(PR_SET_THP_DISABLE, 0, 0, 0, 0) == 0
+        allowed = ctypes.CDLL(None, use_errno=True).prctl(PR_SET_THP_DISABLE, 0, 0, 0, 0) == 0
     except (OSError, AttributeError):
         return False
+    if allowed:
+        del os.environ[HUGE_PAGES_WITHHELD]  # what this process starts from now on has them
+    return allowed
 
 
 def flush_denormals(on: bool, pool: bool = True) -> bool:

@@ -629,16 +629,30 @@ def test_the_attention_kernel_gives_the_same_bits_on_any_number_of_threads(compi
 
 
 # below the kernel's 65,536 elements one thread sums; above, each thread's range ends inside
-# one tensor and the next starts there
+# one tensor and the next starts there (for 1 and 3 threads at different places)
 @pytest.mark.parametrize("sizes", [[0], [1], [5, 0, 17], [40_000, 3, 30_001, 1], [300_000, 77]])
-def test_sum_squares_is_the_exact_sum_over_all_the_tensors(compiled, sizes):
+@pytest.mark.parametrize("threads", [1, 3])
+def test_sum_squares_is_the_exact_sum_over_all_the_tensors(compiled, sizes, threads):
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)  # the kernels' OpenMP threads follow torch's
+    try:
+        check_sum_squares(compiled, sizes)
+    finally:
+        torch.set_num_threads(before)
+
+
+def check_sum_squares(compiled, sizes):
     g = torch.Generator().manual_seed(sum(sizes))
     tensors = [
-        torch.randn(n, generator=g) * 10 ** torch.randint(-3, 4, (), generator=g) for n in sizes
+        torch.randn(n, generator=g) * 10.0 ** torch.randint(-3, 4, (), generator=g).item()
+        for n in sizes
     ]
-    exact = sum((t.double() ** 2).sum().item() for t in tensors)
-    # squares and sums in double: ~1e-16 relative, where float32 sums would drift to ~1e-5
+    exact = math.fsum((t.double() ** 2).sum().item() for t in tensors)
+    # squares and sums in double: ~1e-14 relative at these counts, where float32 sums drift
+    # to ~1e-5
     assert compiled.sum_squares(tensors) == pytest.approx(exact, rel=1e-12, abs=1e-300)
+    if sum(sizes):
+        assert exact > 0
 
 
 def test_sum_squares_refuses_what_it_cannot_read(compiled):

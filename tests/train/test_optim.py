@@ -184,12 +184,12 @@ def test_clipping_to_a_norm_that_is_not_positive_is_refused(bad):
 
 
 def test_the_global_norm_of_many_gradients_is_the_exact_one():
-    # one 40M-element gradient: torch's float32 norm of it is off in the third digit
-    params = [torch.nn.Parameter(torch.empty(n)) for n in (50_000_000, 1, 3_000)]
+    # one 20M-element gradient: torch's float32 norm of it is off in the third or fourth digit
+    params = [torch.nn.Parameter(torch.empty(n)) for n in (20_000_000, 1, 3_000)]
     g = torch.Generator().manual_seed(0)
     for p in params:
-        p.grad = torch.randn(p.shape, generator=g) * 3
-    exact = math.sqrt(sum((p.grad.double() ** 2).sum().item() for p in params))
+        p.grad = torch.randn(p.shape, generator=g).mul_(3)
+    exact = math.sqrt(sum(torch.dot(p.grad.double(), p.grad.double()).item() for p in params))
     rel = 2**-24 if kernels.load() is not None else 1e-2  # the kernel's; torch's, as measured
     assert global_norm(params).item() == pytest.approx(exact, rel=rel)
     assert global_norm(params).dtype == torch.float32

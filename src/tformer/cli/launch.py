@@ -10,8 +10,9 @@ it, keeping the memory it frees for reuse as tformer does with glibc's
     LD_PRELOAD=libjemalloc.so.2   MALLOC_CONF=dirty_decay_ms:-1,muzzy_decay_ms:-1,thp:always
 
 Huge pages are withheld from the process at its start (prctl PR_SET_THP_DISABLE, which
-lasts across the new start): the trainer gives them back once it knows the model is large
-enough to gain from them (tformer.devices.allow_huge_pages).
+lasts across the new start, marked by TFORMER_HUGE_PAGES_WITHHELD=1 in its environment):
+the trainer gives them back once it knows the model is large enough to gain from them
+(tformer.devices.allow_huge_pages).
 
 An allocator is chosen when a process starts, so the command starts itself again under it
 (os.execve: the same process, with its command line, and that environment; torch is not
@@ -22,7 +23,6 @@ that already names an allocator is left alone. Only training was measured, so on
 takes it.
 """
 
-import contextlib
 import ctypes.util
 import json
 import os
@@ -37,7 +37,10 @@ KEEP_FREED = "dirty_decay_ms:-1,muzzy_decay_ms:-1"
 # and asks for transparent huge pages (madvise; nothing changes where the system has them
 # off), for the trainer to allow or not (tformer.devices.allow_huge_pages)
 MALLOC_SETTINGS = f"{KEEP_FREED},thp:always"
-PR_SET_THP_DISABLE = 41  # Linux's prctl option (linux/prctl.h)
+PR_SET_THP_DISABLE, PR_GET_THP_DISABLE = 41, 42  # Linux's prctl options (linux/prctl.h)
+# set in the environment of the process started again where its huge pages were withheld
+# here; the trainer gives back only those (tformer.devices.allow_huge_pages)
+HUGE_PAGES_WITHHELD = "TFORMER_HUGE_PAGES_WITHHELD"
 ALREADY = ("jemalloc", "tcmalloc", "mimalloc")  # a preloaded allocator the user chose
 STARTED = "TFORMER_ALLOCATOR_STARTED"  # set in the process started again: what to put back
 SAVED = ("LD_PRELOAD", "MALLOC_CONF")
@@ -103,18 +106,28 @@ def start_under_allocator(argv: list[str], own_command: bool = False) -> None:
         return
     sys.stdout.flush()
     sys.stderr.flush()
-    withhold_huge_pages()
+    if withhold_huge_pages(True):
+        environ[HUGE_PAGES_WITHHELD] = "1"  # for tformer.devices.allow_huge_pages
     try:
         os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], environ)
-    except OSError:  # cannot start again: go on under the C library's allocator
+    except OSError:  # cannot start again: go on under the C library's allocator, as it was
+        if HUGE_PAGES_WITHHELD in environ:
+            withhold_huge_pages(False)
         return
 
 
-def withhold_huge_pages() -> None:
-    """No transparent huge pages for this process and what it starts, until the trainer
-    allows them (tformer.devices.allow_huge_pages); a failure changes nothing."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_THP_DISABLE, 1, 0, 0, 0)
+def withhold_huge_pages(withhold: bool) -> bool:
+    """Withhold transparent huge pages from this process and what it starts (prctl
+    PR_SET_THP_DISABLE, kept across execve), or give them back; return whether the setting
+    changed. Only a process that has them is made to withhold them: one started without
+    them on purpose stays so."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if withhold and libc.prctl(PR_GET_THP_DISABLE, 0, 0, 0, 0) != 0:
+            return False
+        return libc.prctl(PR_SET_THP_DISABLE, int(withhold), 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
 
 
 def allocator_in_use() -> str:

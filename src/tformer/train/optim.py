@@ -209,7 +209,8 @@ def global_norm(params: list[torch.Tensor]) -> torch.Tensor:
         return torch.zeros(())
     device = params[0].device
     grads = [p.grad for p in params]
-    library = kernels.load() if all(on_cpu_f32(g) for g in grads) else None
+    compiling = torch.compiler.is_compiling()  # a C call torch.compile cannot see into
+    library = kernels.load() if not compiling and all(on_cpu_f32(g) for g in grads) else None
     if library is not None:
         return torch.tensor(math.sqrt(library.sum_squares(grads)), dtype=torch.float32)
     by_kind: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
