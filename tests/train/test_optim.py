@@ -193,3 +193,16 @@ def test_the_global_norm_of_many_gradients_is_the_exact_one():
     rel = 2**-24 if kernels.load() is not None else 1e-2  # the kernel's; torch's, as measured
     assert global_norm(params).item() == pytest.approx(exact, rel=rel)
     assert global_norm(params).dtype == torch.float32
+
+
+def test_the_global_norm_of_gradients_the_kernel_cannot_read_is_torch_s():
+    # a bfloat16 gradient and a transposed one: the C kernel refuses them, torch's norm takes all
+    params = [torch.nn.Parameter(torch.empty(n, 3)) for n in (4, 5)]
+    params[0].grad = torch.randn(4, 3)
+    params[1].grad = torch.randn(3, 5).t()
+    expected = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params]))
+    torch.testing.assert_close(global_norm(params), expected, rtol=1e-6, atol=0)
+    bf16 = torch.nn.Parameter(torch.empty(6, dtype=torch.bfloat16))
+    bf16.grad = torch.randn(6).bfloat16()
+    exact = math.sqrt(sum((p.grad.double() ** 2).sum().item() for p in [*params, bf16]))
+    assert global_norm([*params, bf16]).item() == pytest.approx(exact, rel=1e-6)

@@ -601,12 +601,16 @@ class Kernels:
     def sum_squares(self, tensors: list[torch.Tensor]) -> float:
         """The sum of the squares of every element of `tensors`, contiguous float32 CPU
         tensors taken as one vector, summed in double (kernels/global_norm.c). Checked here."""
-        for t in tensors:
+        pointers, sizes = [], []
+        for t in tensors:  # one pass: this runs once a training step
             if t.dtype != torch.float32 or t.device.type != "cpu" or not t.is_contiguous():
                 raise ValueError("sum_squares: every tensor must be a contiguous float32 CPU one")
-        arrays = (ctypes.c_void_p * len(tensors))(*(t.data_ptr() for t in tensors))
-        sizes = (ctypes.c_int64 * len(tensors))(*(t.numel() for t in tensors))
-        return self.library.tformer_sum_squares_f32(arrays, sizes, len(tensors))
+            pointers.append(t.data_ptr())
+            sizes.append(t.numel())
+        count = len(tensors)
+        return self.library.tformer_sum_squares_f32(
+            (ctypes.c_void_p * count)(*pointers), (ctypes.c_int64 * count)(*sizes), count
+        )
 
     @c_function("tformer_gelu_tanh_f32", [POINTER, POINTER, SIZE])
     @c_function("tformer_gelu_tanh_bf16", [POINTER, POINTER, SIZE])

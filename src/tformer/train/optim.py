@@ -209,10 +209,12 @@ def global_norm(params: list[torch.Tensor]) -> torch.Tensor:
         return torch.zeros(())
     device = params[0].device
     grads = [p.grad for p in params]
-    compiling = torch.compiler.is_compiling()  # a C call torch.compile cannot see into
-    library = kernels.load() if not compiling and all(on_cpu_f32(g) for g in grads) else None
+    library = kernels.load_for(grads[0], (torch.float32,))  # None under torch.compile too
     if library is not None:
-        return torch.tensor(math.sqrt(library.sum_squares(grads)), dtype=torch.float32)
+        try:  # it checks every gradient once; one it cannot read sends all to torch's norm
+            return torch.tensor(math.sqrt(library.sum_squares(grads)), dtype=torch.float32)
+        except ValueError:
+            pass
     by_kind: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
     for g in grads:
         by_kind.setdefault((g.device, g.dtype), []).append(g)
@@ -223,11 +225,6 @@ def global_norm(params: list[torch.Tensor]) -> torch.Tensor:
     if len(norms) == 1:
         return norms[0]
     return torch.linalg.vector_norm(torch.stack(norms))
-
-
-def on_cpu_f32(tensor: torch.Tensor) -> bool:
-    """A contiguous float32 CPU tensor, as the C kernels read them."""
-    return tensor.device.type == "cpu" and tensor.dtype == torch.float32 and tensor.is_contiguous()
 
 
 def build_optimizer(
