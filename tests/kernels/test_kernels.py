@@ -347,12 +347,14 @@ def test_a_failing_compiler_gives_its_message_and_no_library(monkeypatch, tmp_pa
     assert not list((tmp_path / "kernels").glob("*.so"))  # nothing half-written is left
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("smoothing", [0.0, 0.1])
 @pytest.mark.parametrize("v", [5, 37, 8000])  # 37: rows end in a partial vector
-def test_cross_entropy_kernel_equals_the_float64_formula(compiled, smoothing, v):
-    """Each row's loss and log-sum-exp, and the bf16 gradient, against float64 torch."""
+def test_cross_entropy_kernel_equals_the_float64_formula(compiled, smoothing, v, dtype):
+    """Each row's loss and log-sum-exp, and the gradient in the logits' dtype, against
+    float64 torch."""
     g = torch.Generator().manual_seed(v)
-    logits = (torch.randn(67, v, generator=g) * 6).bfloat16()
+    logits = (torch.randn(67, v, generator=g) * 6).to(dtype)
     logits[3, :] = -30.0  # a flat row, and a row whose target is far below its maximum
     logits[4, 0] = 80.0
     targets = torch.randint(0, v, (67,), generator=g)
@@ -369,12 +371,19 @@ def test_cross_entropy_kernel_equals_the_float64_formula(compiled, smoothing, v)
     q = torch.full_like(exact, smoothing / v)
     q[torch.arange(67), targets] += 1 - smoothing
     expected_grad = row_scale.double()[:, None] * (log_p.exp() - q)
-    assert grad.dtype == torch.bfloat16
-    # bf16 keeps 8 bits: within half a unit in the last place, plus the float32 arithmetic.
+    assert grad.dtype == dtype
     # Where p ~ eps / V, p - eps / V cancels: float32 leaves it a few units in the last
     # place of eps / V (2^-24 eps / V each), whatever the CPU's exp rounds to.
     cancellation = 4 * 2**-24 * smoothing / v
-    torch.testing.assert_close(grad.double(), expected_grad, rtol=2**-8, atol=cancellation + 1e-30)
+    if dtype == torch.bfloat16:  # 8 bits: within half a unit in the last place, and the above
+        torch.testing.assert_close(
+            grad.double(), expected_grad, rtol=2**-8, atol=cancellation + 1e-30
+        )
+    else:  # p = exp(x - lse) carries lse's rounding, half a unit of |lse| < 2^7: 2^-18 of p
+        scale = row_scale.double()[:, None]  # compared as p - q, where that rounding is absolute
+        torch.testing.assert_close(
+            grad.double() / scale, expected_grad / scale, rtol=2**-20, atol=2**-17 + cancellation
+        )
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -92,6 +92,25 @@ def test_label_smoothing_on_bfloat16_logits_is_computed_in_float32(compiled, mon
     torch.testing.assert_close(grad.float(), expected, rtol=1e-2, atol=1e-9)
 
 
+@pytest.mark.parametrize("compiled", [True, False], ids=["compiled", "torch"])
+def test_label_smoothing_on_float32_logits_equals_torch(compiled, monkeypatch):
+    """float32 logits (a float32 model): loss and gradient equal torch's cross_entropy, on
+    the compiled C path and on torch's."""
+    if not compiled:
+        monkeypatch.setattr(losses, "cpu_kernels", lambda logits: None)
+    g = torch.Generator().manual_seed(5)
+    logits = (torch.randn(130, 8000, generator=g) * 3).requires_grad_()
+    targets = torch.randint(0, 8000, (130,), generator=g)
+    ours = label_smoothed_cross_entropy(logits, targets, 0.1)
+    (grad,) = torch.autograd.grad(ours * 2.0, logits)
+    exact = logits.detach().double().requires_grad_()
+    reference = F.cross_entropy(exact, targets, label_smoothing=0.1)
+    (expected,) = torch.autograd.grad(reference * 2.0, exact)
+    assert ours.dtype == torch.float32 and grad.dtype == torch.float32
+    torch.testing.assert_close(ours.double(), reference, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(grad.double(), expected, rtol=1e-5, atol=1e-11)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("compiled", [True, False], ids=["compiled", "torch"])
 def test_impossible_classes_at_minus_infinity_give_a_finite_loss(compiled, dtype, monkeypatch):

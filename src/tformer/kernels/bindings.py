@@ -18,7 +18,7 @@ attention kernels, called once per layer, check it here.
     kernels.linear_w4a8(x, panels, scale, bias, out)   int4 weights (scale unused: the
         panels hold theirs) times x quantised to int8 per group of 32 k, integer products
         (kernels/integer_linear.c)
-    kernels.smoothed_ce_forward(logits, targets, eps)   (N, V) bf16 -> loss, lse (N,)
+    kernels.smoothed_ce_forward(logits, targets, eps)   (N, V) float32 or bf16 -> loss, lse (N,)
     kernels.dropout_mask(n, seed, threshold)   -> (n,) bool, True with P = threshold / 65536
     kernels.gelu_tanh(z), kernels.gelu_tanh_and_derivative(z) -> y, dy/dz (float32)
         float32 or bfloat16; kernels.scale_bf16(grad, d) -> grad * d in bfloat16;
@@ -552,20 +552,22 @@ class Kernels:
         )
         return out
 
+    @c_function("tformer_smoothed_ce_forward_f32", [POINTER] * 4 + [SIZE] * 2 + [REAL])
     @c_function("tformer_smoothed_ce_forward_bf16", [POINTER] * 4 + [SIZE] * 2 + [REAL])
     def smoothed_ce_forward(
         self, logits: torch.Tensor, targets: torch.Tensor, eps: float
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """logits (N, V) bfloat16, targets (N,) int64 in [0, V) -> each row's label-smoothed
-        loss and log-sum-exp, (N,) float32 each. Contiguous CPU tensors (the caller checks)."""
+        """logits (N, V) float32 or bfloat16, targets (N,) int64 in [0, V) -> each row's
+        label-smoothed loss and log-sum-exp, (N,) float32 each. Contiguous CPU tensors (the
+        caller checks)."""
         n, v = logits.shape
         loss = torch.empty(n, dtype=torch.float32)
         lse = torch.empty(n, dtype=torch.float32)
-        self.library.tformer_smoothed_ce_forward_bf16(
-            logits.data_ptr(), targets.data_ptr(), loss.data_ptr(), lse.data_ptr(), n, v, eps
-        )
+        function = getattr(self.library, f"tformer_smoothed_ce_forward_{by_dtype(logits)}")
+        function(logits.data_ptr(), targets.data_ptr(), loss.data_ptr(), lse.data_ptr(), n, v, eps)
         return loss, lse
 
+    @c_function("tformer_smoothed_ce_backward_f32", [POINTER] * 5 + [SIZE] * 2 + [REAL])
     @c_function("tformer_smoothed_ce_backward_bf16", [POINTER] * 5 + [SIZE] * 2 + [REAL])
     def smoothed_ce_backward(
         self,
@@ -575,10 +577,12 @@ class Kernels:
         row_scale: torch.Tensor,
         eps: float,
     ) -> torch.Tensor:
-        """The gradient (N, V) bfloat16 of sum_i row_scale[i] loss_i with respect to logits."""
+        """The gradient (N, V), in the logits' dtype, of sum_i row_scale[i] loss_i with
+        respect to logits."""
         n, v = logits.shape
         grad = torch.empty_like(logits)
-        self.library.tformer_smoothed_ce_backward_bf16(
+        function = getattr(self.library, f"tformer_smoothed_ce_backward_{by_dtype(logits)}")
+        function(
             logits.data_ptr(),
             targets.data_ptr(),
             lse.data_ptr(),

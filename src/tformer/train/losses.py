@@ -17,9 +17,9 @@ eps = 0 is the ordinary cross-entropy.
 Both lines are computed here directly, a block of rows at a time, in float32 (or wider)
 from logits of any dtype: the (N, V) log-probabilities are never stored, and the gradient
 is written once, in the logits' dtype: cheaper than log_softmax with autograd's chain
-behind it for a large vocabulary (docs/LOG.md). For bfloat16 logits on the CPU
-(autocast training) the same two lines run as one compiled C loop each
-(tformer/kernels/cross_entropy.c) when a compiler is there.
+behind it for a large vocabulary (docs/LOG.md). For float32 and bfloat16 logits on the CPU
+the same two lines run as one compiled C loop each (tformer/kernels/cross_entropy.c) when a
+compiler is there.
 """
 
 import torch
@@ -30,10 +30,9 @@ ROWS_PER_BLOCK = 64  # a (64, V) float32 block stays in the CPU's cache for V up
 
 
 def cpu_kernels(logits: torch.Tensor) -> kernels.Kernels | None:
-    """The compiled kernels, for bfloat16 logits on the CPU where they can be built."""
-    if logits.device.type != "cpu" or logits.dtype != torch.bfloat16:
-        return None
-    return kernels.load()
+    """The compiled kernels, for float32 or bfloat16 logits on the CPU where they can be
+    built."""
+    return kernels.load_for(logits, (torch.float32, torch.bfloat16))
 
 
 class SmoothedCrossEntropy(torch.autograd.Function):
@@ -42,7 +41,7 @@ class SmoothedCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, targets, weights, smoothing):
         ctx.smoothing = smoothing
-        compiled = cpu_kernels(logits)
+        ctx.compiled = compiled = cpu_kernels(logits)
         if compiled is not None:
             per_row, lse = compiled.smoothed_ce_forward(logits, targets, smoothing)  # (N,) x2
             ctx.save_for_backward(logits, targets, weights, lse)
@@ -67,10 +66,9 @@ class SmoothedCrossEntropy(torch.autograd.Function):
         eps, (n, v) = ctx.smoothing, logits.shape
         dtype = torch.promote_types(logits.dtype, torch.float32)
         row_scale = (weights * grad_loss).to(dtype)  # (N,)
-        if lse is not None:  # the forward pass ran the compiled kernel
-            compiled = cpu_kernels(logits)
+        if ctx.compiled is not None:  # the forward pass ran the compiled kernel
             return (
-                compiled.smoothed_ce_backward(logits, targets, lse, row_scale, eps),
+                ctx.compiled.smoothed_ce_backward(logits, targets, lse, row_scale, eps),
                 None,
                 None,
                 None,
