@@ -5,7 +5,7 @@ For GPT-2 124M (context 1024, batch 1) and the small character model (6 layers, 
 tokens per second of one full step (forward, loss, backward, gradient clipping, fused
 AdamW), for tformer's GPT2 and transformers' GPT2LMHeadModel of the same configuration
 (no dropout), taking turns step by step so that both meet the same machine. tformer runs
-the way `tformer train` does (the blocked attention path for bf16 on a CPU, its own loss,
+the way `tformer train` does (the blocked attention path on a CPU, its own loss,
 the clipping inside AdamW's pass); transformers the way its users do (`labels=`, its own
 loss, clip_grad_norm_ before the same AdamW). Both run under the C allocator `tformer
 train` starts under (jemalloc where it is installed: tformer/cli/launch.py).
@@ -45,6 +45,7 @@ from common import machine_line  # noqa: E402
 
 from tformer import GPT2, GPT2Config  # noqa: E402
 from tformer.devices import allow_huge_pages, bf16_supported, keep_freed_memory  # noqa: E402
+from tformer.recipes.start import attention_for  # noqa: E402
 from tformer.train.optim import build_optimizer  # noqa: E402
 from tformer.train.trainer import cross_entropy  # noqa: E402
 
@@ -86,7 +87,7 @@ def build(name: str, dtype: str):
             n_layers=n_layers,
             n_heads=n_heads,
             dropout=0.0,
-            attention="blocked" if dtype == "bfloat16" else "sdpa",  # as `tformer train`
+            attention=attention_for("auto", torch.device("cpu")),  # as `tformer train`
         ),
         seed=0,
     )

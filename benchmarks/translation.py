@@ -108,7 +108,7 @@ def tformer_contender(vocab_size: int, max_len: int, tokenizer, dtype: str) -> C
         vocab_size,
         max_len=max_len,
         share_embeddings=True,
-        attention=attention_for("auto", torch.device("cpu"), dtype),  # as `tformer train`
+        attention=attention_for("auto", torch.device("cpu")),  # as `tformer train`
     )
     model = Seq2SeqTransformer(config, seed=0)
 

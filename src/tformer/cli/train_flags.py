@@ -173,9 +173,10 @@ def add_parser(sub) -> argparse.ArgumentParser:
         default="auto",
         choices=CHOICES["attention"],
         help="sdpa: PyTorch's fused kernel; explicit: the equation written out; blocked: "
-        "tformer's C kernel for bf16 contexts up to 128 without padding, else explicit "
-        "skipping the key blocks a causal mask hides; auto: blocked for bf16 training on a "
-        "CPU, where it is fastest, else sdpa",
+        "tformer's C kernel for bf16 contexts up to 128 without padding; for longer causal "
+        "training the fastest on this CPU (measured) of explicit skipping the key blocks a "
+        "causal mask hides, sdpa and tformer's FlashAttention kernels; else explicit in bf16, "
+        "sdpa in float32; auto: blocked for training on a CPU, else sdpa",
     )
 
     train = p.add_argument_group("training")

@@ -35,8 +35,9 @@ attention kernels, called once per layer, check it here.
         (R, C) -> a copy of it, row-major
     kernels.causal_attention(qkv, n_heads)   qkv (B, T, 3C) bf16 -> out (B, T, C), weights
     kernels.causal_attention_backward(qkv, weights, grad_out, n_heads)   -> grad_qkv
-    kernels.flash_attention(q, k, v)   (B, H, T, D) bf16 -> out (B, T, H, D), lse (B, H, T):
-        long causal self-attention on AMX (flash_attention_available())
+    kernels.flash_attention(q, k, v)   (B, H, T, D) bf16 or float32 -> out (B, T, H, D), lse
+        (B, H, T): long causal self-attention, bf16 on AMX (flash_attention_available()),
+        float32 on the vector units
     kernels.flash_attention_backward(q, k, v, grad_out, out, lse)   -> grad (B, T, 3, H, D)
     kernels.slot_attention(qkv, k_cache, v_cache, positions)   -> out (B, C)
     kernels.padded_attention(qkv, mask, n_heads)   qkv (B, T, 3C) float32, mask (B, T) ->
@@ -950,28 +951,32 @@ class Kernels:
         process use its tiles."""
         return bool(self.library.tformer_flash_attention_available())
 
+    @c_function("tformer_flash_attention_f32", [POINTER] * 6 + [SIZE] * 4, ctypes.c_int)
     @c_function("tformer_flash_attention_bf16", [POINTER] * 6 + [SIZE] * 4, ctypes.c_int)
     def flash_attention(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Causal self-attention of every head on AMX (kernels/flash_attention.c): q, k, v
-        (B, H, T, D) bfloat16, any strides with D contiguous -> out (B, T, H, D) bfloat16
-        (into `out` if given, contiguous) and the scores' log-sum-exp per query, lse (B, H,
-        T) float32, for the backward pass."""
+        """Causal self-attention of every head: q, k, v (B, H, T, D) bfloat16 (on AMX,
+        kernels/flash_attention.c) or float32 (kernels/flash_attention_f32.c), one dtype,
+        any strides with D contiguous -> out (B, T, H, D) in that dtype (into `out` if
+        given, contiguous) and the scores' log-sum-exp per query, lse (B, H, T) float32, for
+        the backward pass."""
         b, h, t, d = flash_shape({"q": q, "k": k, "v": v})
         if out is None:
-            out = torch.empty(b, t, h, d, dtype=torch.bfloat16)
-        elif out.shape != (b, t, h, d) or out.dtype != torch.bfloat16 or not out.is_contiguous():
-            raise ValueError(f"flash_attention: out must be contiguous bfloat16 {(b, t, h, d)}")
+            out = torch.empty(b, t, h, d, dtype=q.dtype)
+        elif out.shape != (b, t, h, d) or out.dtype != q.dtype or not out.is_contiguous():
+            raise ValueError(f"flash_attention: out must be contiguous {q.dtype} {(b, t, h, d)}")
         lse = torch.empty(b, h, t, dtype=torch.float32)
         strides = head_strides(q, k, v)
-        failed = self.library.tformer_flash_attention_bf16(
+        function = getattr(self.library, f"tformer_flash_attention_{by_dtype(q)}")
+        failed = function(
             q.data_ptr(), k.data_ptr(), v.data_ptr(), strides.data_ptr(), out.data_ptr(),
             lse.data_ptr(), b, t, h, d,
         )  # fmt: skip
         check_flash(failed, t)
         return out, lse
 
+    @c_function("tformer_flash_attention_backward_f32", [POINTER] * 8 + [SIZE] * 4, ctypes.c_int)
     @c_function("tformer_flash_attention_backward_bf16", [POINTER] * 8 + [SIZE] * 4, ctypes.c_int)
     def flash_attention_backward(
         self,
@@ -982,19 +987,20 @@ class Kernels:
         out: torch.Tensor,
         lse: torch.Tensor,
     ) -> torch.Tensor:
-        """The gradient of q, k and v side by side, (B, T, 3, H, D) bfloat16 (the fused
-        projection's layout), from the output's gradient grad_out (B, H, T, D) bfloat16 (any
+        """The gradient of q, k and v side by side, (B, T, 3, H, D) in their dtype (the
+        fused projection's layout), from the output's gradient grad_out (B, H, T, D) (any
         strides, D contiguous) and flash_attention's q, k, v, out and lse."""
         b, h, t, d = flash_shape({"q": q, "k": k, "v": v, "grad_out": grad_out})
-        if tuple(out.shape) != (b, t, h, d) or out.dtype != torch.bfloat16:
-            raise ValueError(f"flash_attention_backward: out must be bfloat16 {(b, t, h, d)}")
+        if tuple(out.shape) != (b, t, h, d) or out.dtype != q.dtype:
+            raise ValueError(f"flash_attention_backward: out must be {q.dtype} {(b, t, h, d)}")
         if tuple(lse.shape) != (b, h, t) or lse.dtype != torch.float32:
             raise ValueError(f"flash_attention_backward: lse must be float32 {(b, h, t)}")
         if not (out.is_contiguous() and lse.is_contiguous()):
             raise ValueError("flash_attention_backward: out and lse must be contiguous")
-        grad = torch.empty(b, t, 3, h, d, dtype=torch.bfloat16)
+        grad = torch.empty(b, t, 3, h, d, dtype=q.dtype)
         strides = head_strides(q, k, v, grad_out)
-        failed = self.library.tformer_flash_attention_backward_bf16(
+        function = getattr(self.library, f"tformer_flash_attention_backward_{by_dtype(q)}")
+        failed = function(
             q.data_ptr(), k.data_ptr(), v.data_ptr(), grad_out.data_ptr(), strides.data_ptr(),
             out.data_ptr(), lse.data_ptr(), grad.data_ptr(), b, t, h, d,
         )  # fmt: skip
@@ -1023,19 +1029,22 @@ def attention_shape(qkv: torch.Tensor, n_heads: int) -> tuple[int, int, int]:
     return qkv.shape[0], qkv.shape[1], qkv.shape[2] // (3 * n_heads)
 
 
-FLASH_D = 32  # flash_attention: the head width is a multiple of this (one AMX tile's k)
+FLASH_D = 32  # flash_attention: the head width is a multiple of this (one AMX tile's k;
+# kernels/flash_attention_f32.c's WIDE)
 
 
 def flash_shape(heads: dict[str, torch.Tensor]) -> tuple[int, int, int, int]:
     """(B, H, T, D) of flash_attention's inputs, checked: the kernel reads raw memory."""
-    shape = tuple(heads["q"].shape)
+    shape, dtype = tuple(heads["q"].shape), heads["q"].dtype
+    if dtype not in (torch.bfloat16, torch.float32):
+        raise ValueError(f"flash_attention: q must be bfloat16 or float32, got {dtype}")
     for name, x in heads.items():
         if x.dim() != 4 or tuple(x.shape) != shape:
             raise ValueError(
                 f"flash_attention: {name} must be (B, H, T, D) as q, got {tuple(x.shape)}"
             )
-        if x.dtype != torch.bfloat16 or x.device.type != "cpu" or x.stride(3) != 1:
-            raise ValueError(f"flash_attention: {name} must be bfloat16 on the CPU, D contiguous")
+        if x.dtype != dtype or x.device.type != "cpu" or x.stride(3) != 1:
+            raise ValueError(f"flash_attention: {name} must be {dtype} on the CPU, D contiguous")
     if shape[3] % FLASH_D or shape[2] == 0:
         raise ValueError(
             f"flash_attention: D must be a multiple of {FLASH_D} and T > 0, got {shape}"

@@ -1,5 +1,6 @@
 /* What the CPU kernels share: bfloat16 <-> float32, an exp that vectorises, and a vector
-   of eight floats.
+   of eight floats; where the build has AVX-512, the same exp on sixteen lanes and the mask
+   of a vector's first lanes.
 
    Each kernel file includes this header; the functions are static inline, so every file
    gets its own copy and the compiler can vectorise the loops that call them (without
@@ -113,5 +114,32 @@ static inline float exp_neg(float x) {
     memcpy(&two_k, &e, sizeof two_k);
     return x < -87.0f ? 0.0f : p * two_k;
 }
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+
+/* exp_neg lane by lane (the same series and error), 0 below -87 and for -inf. */
+static inline __m512 exp_neg16(__m512 x) {
+    const __mmask16 kept = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.0f), _CMP_GE_OQ);
+    const __m512 k = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(k, _mm512_set1_ps(0.693145751953125f), x);
+    r = _mm512_fnmadd_ps(k, _mm512_set1_ps(1.42860682030941723212e-6f), r);
+    __m512 p = _mm512_set1_ps(1.0f / 5040.0f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 720.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    return _mm512_maskz_scalef_ps(kept, p, k);
+}
+
+/* Lanes 0 .. n - 1 of 16 (none for n <= 0, all for n >= 16). */
+static inline __mmask16 first_lanes(int64_t n) {
+    return n >= 16 ? 0xFFFF : n <= 0 ? 0 : (__mmask16)((1u << n) - 1);
+}
+#endif
 
 #endif

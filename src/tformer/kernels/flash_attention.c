@@ -153,11 +153,6 @@ static inline void store_pairs(uint16_t *dst, __m512 even, __m512 odd) {
     _mm512_storeu_si512(dst, _mm512_permutexvar_epi16(order, both));
 }
 
-/* Lanes 0 .. n - 1 of 16 (none for n <= 0, all for n >= 16). */
-static inline __mmask16 first_lanes(int64_t n) {
-    return n >= 16 ? 0xFFFF : n <= 0 ? 0 : (__mmask16)((1u << n) - 1);
-}
-
 /* l st for the 16 lanes l: where 16 rows, st bf16 apart, start. */
 static inline __m512i row_offsets(int64_t st) {
     return _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3,

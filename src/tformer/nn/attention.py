@@ -424,14 +424,20 @@ class MultiHeadAttention(nn.Module):
             is_causal = self.causal and t > 1 and mask is None
             return fused_attention(q, k, v, mask, is_causal, dropout_p)
         long_causal = self.implementation == "blocked" and self.causal and in_query_blocks(t, s)
-        # Training without padding: the blocked path, torch's fused kernel or, with AMX, the
-        # FlashAttention kernel, the fastest here
+        # Training without padding: the blocked path, torch's fused kernel or a FlashAttention
+        # kernel (bf16 with AMX, float32), the fastest here
         plain = long_causal and mask is None and dropout_p == 0.0 and torch.is_grad_enabled()
         if plain:
             paths = long_attention_paths(q)
             chosen = long_attention_path(q, paths)
             if chosen != "blocked":
                 return paths[chosen](q, k, v)
+        # float32 has no compiled path of its own for the rest: torch's fused kernel, unless
+        # a hook wants the weights
+        short = self.implementation == "blocked" and not long_causal
+        if short and q.dtype == torch.float32 and not hooked(self.hook_pattern):
+            is_causal = self.causal and t > 1 and mask is None
+            return fused_attention(q, k, v, mask, is_causal, dropout_p)
         if self.causal and mask is None and t > 1:
             mask = causal_mask(t, s, q.device)
         if long_causal:
@@ -442,11 +448,11 @@ class MultiHeadAttention(nn.Module):
 def set_implementation(model: nn.Module, implementation: Implementation) -> None:
     """Switch every MultiHeadAttention inside `model` to the explicit, fused or blocked path.
 
-    They agree to float rounding and differ in speed: the blocked one is meant for bf16
-    training on a CPU (the compiled kernel for short contexts, query blocks for long ones,
-    or for long ones without padding torch's fused kernel or the FlashAttention kernel on
-    AMX where this CPU trains faster on them: nn/attention_choice.py), the fused one for
-    inference; the measurements are in
+    They agree to float rounding and differ in speed: the blocked one is meant for training
+    on a CPU (in bf16 the compiled kernel for short contexts; query blocks for long ones, or
+    for long ones without padding torch's fused kernel or a FlashAttention kernel, bf16 on
+    AMX or float32, where this CPU trains faster on them: nn/attention_choice.py; else, in
+    float32, torch's fused kernel), the fused one for inference; the measurements are in
     docs/LOG.md. The blocked path's kernels, and in bf16 on a CPU the linear layers' row
     blocks (nn/row_blocks.py), give first-order gradients only: for second-order ones (or
     torch.func) use the explicit path in float32 or float64.

@@ -4,8 +4,8 @@ Causal self-attention over more than QUERY_BLOCK positions, with no padding and 
 dropout, has up to three paths that compute the same softmax(Q K^T / sqrt(d_k) + M) V with
 its gradients: the blocked path (nn/blocked_attention.py, torch's matmuls a block of queries
 at a time), torch's fused kernel (scaled_dot_product_attention, which never forms the
-weights) and, in bf16 where the CPU has AMX, tformer's FlashAttention kernel
-(nn/flash_attention.py). Which one is faster depends on the CPU: where bf16 matmuls run on
+weights) and tformer's FlashAttention kernels (nn/flash_attention.py: bf16 where the CPU has
+AMX, float32 everywhere). Which one is faster depends on the CPU: where bf16 matmuls run on
 matrix units (AMX) the fewer passes over memory of the fused kernels win, where they do not
 the blocked path's larger products win (docs/LOG.md, sessions 21 and 22). So each shape
 (B, H, T, D) and dtype is timed once on the CPU in use, forward and backward of every path
@@ -19,7 +19,7 @@ import torch
 from tformer.nn.flash_attention import flash_causal_projection, projection_heads
 from tformer.nn.measured import dtype_name, fastest, training_runs
 
-KIND = "attention-v4"  # the measured choices' file and version (nn/measured.py)
+KIND = "attention-v5"  # the measured choices' file and version (nn/measured.py)
 # a path of causal self-attention: (q, k, v) -> out, each (B, H, T, D)
 AttentionPath = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 # a path of short causal self-attention: the fused projection (B, T, 3C) -> (B, T, C)

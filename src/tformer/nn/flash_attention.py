@@ -1,4 +1,5 @@
-"""Causal self-attention that never forms its weights, on the CPU's matrix units (AMX).
+"""Causal self-attention that never forms its weights: bf16 on the CPU's matrix units (AMX),
+float32 on its vector units.
 
 FlashAttention (Dao et al., 2022) computes
 
@@ -12,14 +13,16 @@ them from the log-sum-exp L of each query's scores:
     P = exp(S - L),   dV = P^T dO,   dP = dO V^T,   dS = P * (dP - rowsum(dO * O)),
     dQ = dS K / sqrt(d_k),   dK = dS^T Q / sqrt(d_k)
 
-The kernel is tformer/kernels/flash_attention.c: bf16 products summed in float32 on AMX
-tiles, the softmax in float32. It reads the heads where the fused projection left them and
+The kernels are tformer/kernels/flash_attention.c, bf16 products summed in float32 on AMX
+tiles and the softmax in float32, and tformer/kernels/flash_attention_f32.c, the same blocks
+in float32 throughout (fused multiply-adds on AVX-512 where the CPU has it). Each reads the
+heads where the fused projection left them and
 writes the output in the (B, T, C) layout the output projection reads, so the forward pass
 copies no head into a layout of its own in torch (the backward pass's gradients come in the
-projection's layout, and FlashCausalProjection returns them as they are). It runs where the
-CPU has AMX (Sapphire Rapids and later) and the head width is a multiple of 32; whether it
-beats the other paths of causal attention is measured on the CPU in use
-(nn/attention_choice.py).
+projection's layout, and FlashCausalProjection returns them as they are). bf16 runs where
+the CPU has AMX (Sapphire Rapids and later), float32 on any CPU the kernels build for, the
+head width a multiple of 32; whether it beats the other paths of causal attention is
+measured on the CPU in use (nn/attention_choice.py).
 First-order gradients only: for second-order ones use the explicit path in float32.
 """
 
@@ -29,30 +32,34 @@ from torch.autograd.function import once_differentiable
 from tformer import kernels
 from tformer.kernels.bindings import FLASH_D
 
+DTYPES = (torch.bfloat16, torch.float32)  # the kernels' dtypes: inputs, output, gradients
+
 
 def flash_takes(q: torch.Tensor) -> bool:
-    """Whether the kernel can run causal self-attention over q's heads (B, H, T, D): bf16
-    on a CPU with AMX, D a multiple of FLASH_D, outside torch.compile."""
+    """Whether a kernel can run causal self-attention over q's heads (B, H, T, D): bf16 on
+    a CPU with AMX or float32, D a multiple of FLASH_D, outside torch.compile."""
     if q.shape[-1] % FLASH_D:
         return False
-    library = kernels.load_for(q, (torch.bfloat16,))
-    return library is not None and library.flash_attention_available()
+    library = kernels.load_for(q, DTYPES)
+    if library is None:
+        return False
+    return q.dtype == torch.float32 or library.flash_attention_available()
 
 
 def flash_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Causal self-attention without padding in the kernel: (B, H, T, D) x3 bf16 -> same,
-    any strides with D contiguous (the heads of a projection, as split_heads gives them).
-    Only where flash_takes(q)."""
-    library = kernels.load_for(q, (torch.bfloat16,))
+    """Causal self-attention without padding in the kernel: (B, H, T, D) x3, bf16 or
+    float32 -> same, any strides with D contiguous (the heads of a projection, as
+    split_heads gives them). Only where flash_takes(q)."""
+    library = kernels.load_for(q, DTYPES)
     assert library is not None  # flash_takes said so
     return FlashCausalAttention.apply(q, k, v, library)
 
 
 def flash_causal_projection(qkv: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """The same from the fused projection: qkv (B, T, 3C) bf16 -> (B, T, C) bf16, the heads
-    side by side, as the output projection reads them; the gradient comes back in qkv's
-    layout. Only where flash_takes(qkv's heads)."""
-    library = kernels.load_for(qkv, (torch.bfloat16,))
+    """The same from the fused projection: qkv (B, T, 3C) -> (B, T, C) in its dtype, the
+    heads side by side, as the output projection reads them; the gradient comes back in
+    qkv's layout. Only where flash_takes(qkv's heads)."""
+    library = kernels.load_for(qkv, DTYPES)
     assert library is not None  # flash_takes said so
     return FlashCausalProjection.apply(qkv, n_heads, library)
 
@@ -65,7 +72,8 @@ def projection_heads(qkv: torch.Tensor, n_heads: int) -> list[torch.Tensor]:
 
 
 class FlashCausalAttention(torch.autograd.Function):
-    """(B, H, T, D) x3 bf16 -> (B, H, T, D) bf16, a view of the kernel's (B, T, H, D)."""
+    """(B, H, T, D) x3 -> (B, H, T, D), a view of the kernel's (B, T, H, D); bf16 or
+    float32."""
 
     @staticmethod
     def forward(ctx, q, k, v, library):
@@ -78,7 +86,7 @@ class FlashCausalAttention(torch.autograd.Function):
     @once_differentiable  # the kernel's gradient is not itself differentiable
     def backward(ctx, grad_out):
         q, k, v, out, lse = ctx.saved_tensors
-        grad_out = grad_out.to(torch.bfloat16)
+        grad_out = grad_out.to(q.dtype)
         if grad_out.stride(-1) != 1:
             grad_out = grad_out.contiguous()
         grad = ctx.library.flash_attention_backward(q, k, v, grad_out, out, lse)
@@ -87,7 +95,7 @@ class FlashCausalAttention(torch.autograd.Function):
 
 
 class FlashCausalProjection(torch.autograd.Function):
-    """qkv (B, T, 3C) bf16 -> (B, T, C) bf16, a view of the kernel's (B, T, H, D). The
+    """qkv (B, T, 3C) -> (B, T, C), bf16 or float32, a view of the kernel's (B, T, H, D). The
     kernel writes the gradient of q, k and v side by side, (B, T, 3, H, D), which is qkv's
     own layout: it is returned as it is, where the three gradients of q, k and v split from
     the projection would be concatenated again by autograd (3% of a character-model step,
@@ -96,7 +104,7 @@ class FlashCausalProjection(torch.autograd.Function):
     @staticmethod
     def forward(ctx, qkv, n_heads, library):
         b, t, width = qkv.shape
-        out = torch.empty(b, t, width // 3, dtype=torch.bfloat16)  # (B, T, C), its own tensor
+        out = torch.empty(b, t, width // 3, dtype=qkv.dtype)  # (B, T, C), its own tensor
         heads = out.view(b, t, n_heads, -1)  # (B, T, H, D), where the kernel writes
         _, lse = library.flash_attention(*projection_heads(qkv, n_heads), out=heads)
         ctx.save_for_backward(qkv, out, lse)
@@ -107,7 +115,7 @@ class FlashCausalProjection(torch.autograd.Function):
     @once_differentiable  # the kernel's gradient is not itself differentiable
     def backward(ctx, grad_out):
         qkv, out, lse = ctx.saved_tensors
-        grad_out = grad_out.to(torch.bfloat16)
+        grad_out = grad_out.to(qkv.dtype)
         if grad_out.stride(-1) != 1:
             grad_out = grad_out.contiguous()
         heads = grad_out.unflatten(-1, (ctx.n_heads, -1)).transpose(1, 2)  # (B, H, T, D)

@@ -145,7 +145,7 @@ def train_run(
     else:
         saved, config = {"task": task.NAME}, new_train_config(spec, device)
     say = print if dist.is_main and spec.messages else _silent
-    attention = attention_for(spec.attention, device, config.dtype)
+    attention = attention_for(spec.attention, device)
     run = Run(spec, saved, config, device, dist, out, attention, say)
     if not spec.resume:
         saved.update(task.new_record(run))

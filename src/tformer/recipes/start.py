@@ -23,12 +23,13 @@ from tformer.recipes.spec import TrainSpec
 SMALL_MODEL = dict(n_layers=4, n_heads=4, d_model=128)  # sizes no flag or preset gives
 
 
-def attention_for(choice: str, device: torch.device, dtype: str) -> str:
-    """--attention auto: the blocked path for bf16 training on a CPU, where it is the
-    fastest (docs/LOG.md: PyTorch's fused CPU attention is slow backwards in bf16); else
-    PyTorch's fused kernel."""
+def attention_for(choice: str, device: torch.device) -> str:
+    """--attention auto: the blocked path for training on a CPU, where it is the fastest
+    (docs/LOG.md: PyTorch's fused CPU attention is slow backwards in bf16, and for long
+    contexts its path is measured against the FlashAttention kernels, in float32 too);
+    else PyTorch's fused kernel."""
     if choice == "auto":
-        return "blocked" if device.type == "cpu" and dtype != "float32" else "sdpa"
+        return "blocked" if device.type == "cpu" else "sdpa"
     return choice
 
 
