@@ -54,6 +54,7 @@
 #define BWD_KEYS 64     /* keys per block of the backward pass */
 #define BWD_QUERIES 64  /* queries per block of the backward pass: the same, so that a */
                         /* block of queries is either past a block of keys or on its diagonal */
+#define LOG2E 1.44269504088896341f
 #define PAD 64          /* T is padded to a multiple of the blocks; a forward chunk of */
                         /* keys stops at its block's last query, inside the padding */
 _Static_assert(BWD_KEYS == BWD_QUERIES, "the backward pass's diagonal blocks are square");
@@ -121,23 +122,22 @@ static inline void tile_product(float *c, int64_t ldc, int accumulate, const uin
     _tile_stored(3, c + 16 * ldc + 16, ldc * 4);
 }
 
-/* exp(x) lane by lane for x <= 0 (a little above is fine): 0 below -87 and for -inf. As
-   common.h's exp_neg, but the series stops at r^5: a relative error below 3e-6, far inside
-   the bf16 rounding every weight meets before it is used. */
-static inline __m512 exp16(__m512 x) {
-    const __m512 low = _mm512_set1_ps(-87.0f);
-    const __mmask16 kept = _mm512_cmp_ps_mask(x, low, _CMP_GE_OQ);
-    const __m512 k = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(k, _mm512_set1_ps(0.693145751953125f), x);
-    r = _mm512_fnmadd_ps(k, _mm512_set1_ps(1.42860682030941723212e-6f), r);
-    __m512 p = _mm512_set1_ps(1.0f / 120.0f);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24.0f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6.0f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-    return _mm512_maskz_scalef_ps(kept, p, k);
+/* 2^x lane by lane for finite x <= 0 (a little above is fine): 2^x = 2^k 2^f, k the
+   nearest integer, |f| <= 1/2, 2^f = e^(f ln 2) by its series to f^5, a relative error
+   below 3e-6: far inside the bf16 rounding every weight meets before it is used. The
+   softmax's exponents come in base 2 (log2(e) rides in the scale, the maximum and L), which
+   saves a change of base per lane. Lanes far below float32's range come out 0 or, where
+   denormals are not flushed, denormal. */
+static inline __m512 exp2_16(__m512 x) {
+    const __m512 k = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m512 f = _mm512_sub_ps(x, k);
+    __m512 p = _mm512_set1_ps(1.3333558146428443e-3f); /* ln(2)^5 / 120 */
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.6181291076284772e-3f)); /* ln(2)^4 / 24 */
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5504108664821580e-2f)); /* ln(2)^3 / 6 */
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.24022650695910071f));  /* ln(2)^2 / 2 */
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.69314718055994531f));  /* ln(2) */
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+    return _mm512_scalef_ps(p, k);
 }
 
 static inline void store_bf16(uint16_t *dst, __m512 x) {
@@ -233,25 +233,40 @@ static inline __m512 load_bf16(const uint16_t *src) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
 }
 
-/* One row's chunk of n scores s (unscaled), of which the first `visible` are not masked:
-   updates its running maximum *m and sum *l, rescales its output row o (D floats) by
-   exp(m_old - m_new), and writes exp(scale s - m_new) in bf16 to p (zeros where masked). */
+/* One row's chunk of n scores s (unscaled), of which the first `visible` (>= 1) are not
+   masked: updates its running maximum *m and sum *l, rescales its output row o (D floats)
+   by exp(m_old - m_new), and writes exp(scale s - m_new) in bf16 to p (zeros where
+   masked). Vectors wholly seen (every chunk but the diagonal's last) skip the masks, and
+   the maximum is taken unscaled (scale > 0), the scale riding in one fused multiply-add. */
 static inline void online_softmax(const float *s, int64_t n, int64_t visible, float scale,
                                   float *m, float *l, uint16_t *p, float *o, int64_t d_size) {
-    const __m512 scale16 = _mm512_set1_ps(scale);
-    __m512 top = _mm512_set1_ps(-INFINITY);
-    for (int64_t j = 0; j < n; j += 16) {
-        const __mmask16 seen = first_lanes(visible - j);
-        top = _mm512_mask_max_ps(top, seen, top, _mm512_mul_ps(_mm512_loadu_ps(s + j), scale16));
+    const int64_t whole = visible >= n ? n : visible / 16 * 16; /* lanes all seen below */
+    __m512 top = _mm512_set1_ps(-INFINITY), top2 = top, top3 = top, top4 = top;
+    int64_t j = 0;
+    for (; j + 64 <= whole; j += 64) { /* four maxima apart: no wait on the one before */
+        top = _mm512_max_ps(top, _mm512_loadu_ps(s + j));
+        top2 = _mm512_max_ps(top2, _mm512_loadu_ps(s + j + 16));
+        top3 = _mm512_max_ps(top3, _mm512_loadu_ps(s + j + 32));
+        top4 = _mm512_max_ps(top4, _mm512_loadu_ps(s + j + 48));
     }
-    const float m_new = fmaxf(*m, _mm512_reduce_max_ps(top));
+    top = _mm512_max_ps(_mm512_max_ps(top, top2), _mm512_max_ps(top3, top4));
+    for (; j < whole; j += 16)
+        top = _mm512_max_ps(top, _mm512_loadu_ps(s + j));
+    for (; j < n; j += 16)
+        top = _mm512_mask_max_ps(top, first_lanes(visible - j), top, _mm512_loadu_ps(s + j));
+    const float m_new = fmaxf(*m, scale * _mm512_reduce_max_ps(top));
     const float alpha = expf(*m - m_new); /* 0 for the first chunk, where *m = -inf */
-    const __m512 shift = _mm512_set1_ps(m_new);
+    /* exp(scale s - m_new) = 2^(s log2(e) scale - log2(e) m_new) */
+    const __m512 scale16 = _mm512_set1_ps(scale * LOG2E), shift = _mm512_set1_ps(m_new * LOG2E);
     __m512 sum = _mm512_setzero_ps();
-    for (int64_t j = 0; j < n; j += 16) {
-        const __mmask16 seen = first_lanes(visible - j);
-        __m512 x = _mm512_sub_ps(_mm512_mul_ps(_mm512_loadu_ps(s + j), scale16), shift);
-        __m512 e = _mm512_maskz_mov_ps(seen, exp16(x));
+    for (j = 0; j < whole; j += 16) {
+        const __m512 e = exp2_16(_mm512_fmsub_ps(_mm512_loadu_ps(s + j), scale16, shift));
+        sum = _mm512_add_ps(sum, e);
+        store_bf16(p + j, e);
+    }
+    for (; j < n; j += 16) {
+        const __m512 x = _mm512_fmsub_ps(_mm512_loadu_ps(s + j), scale16, shift);
+        const __m512 e = _mm512_maskz_mov_ps(first_lanes(visible - j), exp2_16(x));
         sum = _mm512_add_ps(sum, e);
         store_bf16(p + j, e);
     }
@@ -361,10 +376,12 @@ static void backward_head(const struct heads *x, int64_t b, int64_t h, const uin
             sum = _mm512_reduce_add_ps(products);
         }
         delta[i] = sum;
-        l[i] = i < t_size ? lse[(b * h_size + h) * t_size + i] : INFINITY; /* P = 0 */
+        /* L in base 2 (P = 2^(S s log2(e) - L log2(e))); padded queries far below every
+           score, so that P = 0 (a finite value: exp2_16 takes no infinities) */
+        l[i] = i < t_size ? lse[(b * h_size + h) * t_size + i] * LOG2E : 1e30f;
     }
     memset(dqt, 0, n * sizeof *dqt);
-    const __m512 scale16 = _mm512_set1_ps(scale);
+    const __m512 scale16 = _mm512_set1_ps(scale), scale2 = _mm512_set1_ps(scale * LOG2E);
     for (int64_t j0 = 0; j0 < t_size; j0 += BWD_KEYS) {
         memset(dk, 0, BWD_KEYS * d_size * sizeof *dk);
         memset(dv, 0, BWD_KEYS * d_size * sizeof *dv);
@@ -381,17 +398,18 @@ static void backward_head(const struct heads *x, int64_t b, int64_t h, const uin
                                  go_columns + (i0 + j) * d_size, 32, 16 * 32, 16 * d_size,
                                  d_size / 32);
                 }
-            /* P^T = exp(s S^T - L), dS^T = P^T * (dP^T - delta): a row is a key, a lane a
-               query; on the diagonal block a key is hidden from the queries before it */
+            /* P^T = exp(s S^T - L) (in base 2), dS^T = P^T * (dP^T - delta): a row is a key,
+               a lane a query; on the diagonal block a key is hidden from the queries before
+               it */
             const int diagonal = i0 == j0;
             for (int64_t r = 0; r < BWD_KEYS; r += 2) {
                 for (int64_t j = 0; j < BWD_QUERIES; j += 16) {
                     __m512 ds2[2];
                     for (int64_t e = 0; e < 2; e++) {
                         const int64_t at = (r + e) * BWD_QUERIES + j;
-                        __m512 x16 = _mm512_fmsub_ps(_mm512_loadu_ps(s + at), scale16,
+                        __m512 x16 = _mm512_fmsub_ps(_mm512_loadu_ps(s + at), scale2,
                                                      _mm512_loadu_ps(l + i0 + j));
-                        __m512 p16 = exp16(x16);
+                        __m512 p16 = exp2_16(x16);
                         if (diagonal) p16 = _mm512_maskz_mov_ps(at_or_after(r + e, j), p16);
                         __m512 d16 = _mm512_sub_ps(_mm512_loadu_ps(dp + at),
                                                    _mm512_loadu_ps(delta + i0 + j));

@@ -200,8 +200,8 @@ static void online_softmax(float *s, int64_t n, int64_t visible, float *m, float
             o[d] *= alpha;
 }
 
-/* Floats of one head's forward buffers: Q, V (tp, D), K^T (tp / WIDE, D, WIDE), a chunk of scores
-   (FWD_ROWS, FWD_KEYS) and the block's output (FWD_ROWS, D). */
+/* Floats of one head's forward buffers: Q, V (tp, D), K^T (tp / WIDE, D, WIDE), a chunk of
+   scores (FWD_ROWS, FWD_KEYS) and the block's output (FWD_ROWS, D). */
 static size_t forward_work(int64_t tp, int64_t d_size) {
     return 3 * tp * d_size + FWD_ROWS * FWD_KEYS + FWD_ROWS * d_size;
 }
@@ -252,8 +252,8 @@ static void forward_head(const struct heads *x, int64_t b, int64_t h, float *out
     }
 }
 
-/* Floats of one head's backward buffers: s Q, K, dO, dQ (tp, D), K^T, V^T (tp / WIDE, D, WIDE), L and
-   delta (tp), P and dS (BWD_BLOCK, BWD_BLOCK), dK and dV (BWD_BLOCK, D). */
+/* Floats of one head's backward buffers: s Q, K, dO, dQ (tp, D), K^T, V^T (tp / WIDE, D,
+   WIDE), L and delta (tp), P and dS (BWD_BLOCK, BWD_BLOCK), dK and dV (BWD_BLOCK, D). */
 static size_t backward_work(int64_t tp, int64_t d_size) {
     return 6 * tp * d_size + 2 * tp + 2 * BWD_BLOCK * BWD_BLOCK + 2 * BWD_BLOCK * d_size;
 }
@@ -310,8 +310,8 @@ static void backward_head(const struct heads *x, int64_t b, int64_t h, const flo
                         first_lanes(visible - j),
                         exp_neg16(_mm512_sub_ps(_mm512_loadu_ps(pr + j), l16)));
                     _mm512_storeu_ps(pr + j, e);
-                    _mm512_storeu_ps(
-                        dsr + j, _mm512_mul_ps(e, _mm512_sub_ps(_mm512_loadu_ps(dsr + j), delta16)));
+                    const __m512 dp16 = _mm512_sub_ps(_mm512_loadu_ps(dsr + j), delta16);
+                    _mm512_storeu_ps(dsr + j, _mm512_mul_ps(e, dp16));
                 }
 #else
 #pragma omp simd
