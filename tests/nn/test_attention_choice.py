@@ -134,3 +134,79 @@ def test_each_choice_of_short_attention_trains_as_the_explicit_path(monkeypatch,
     trains_as(blocked, explicit, x, grad)
     expected = "compiled_causal_attention" if path == "kernel" else "flash_causal_projection"
     assert taken == [expected]
+
+
+def trains_as_in_float32(module, reference, x, grad):
+    """module's output and gradients in float32 equal reference's to float32 rounding."""
+    results = []
+    for m in (module, reference):
+        inputs = x.clone().requires_grad_()
+        out = m(inputs)
+        out.backward(grad)
+        results.append([out, inputs.grad, *(p.grad for p in m.parameters())])
+    for ours, expected in zip(*results, strict=True):
+        scale = expected.abs().max()
+        torch.testing.assert_close(ours / scale, expected / scale, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("path", ["blocked", "fused", "flash"])
+def test_each_choice_trains_as_the_explicit_path_in_float32(private_cache, monkeypatch, path):
+    """A long float32 sequence: the float32 FlashAttention kernel is one of the paths (any
+    CPU the kernels build for), taking the fused projection whole."""
+    if path == "flash" and not flash_takes(torch.zeros(1, 1, 1, 32)):
+        pytest.skip("no compiled kernels here")
+    t = QUERY_BLOCK + 21
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, t, 128, generator=g)
+    grad = torch.randn(2, t, 128, generator=g)
+    names = ("fused_causal", "blocked_causal_attention", "flash_causal_projection")
+    taken = record_calls(monkeypatch, names)
+    torch.manual_seed(0)
+    explicit = MultiHeadAttention(128, 4, causal=True, implementation="explicit")
+    blocked = MultiHeadAttention(128, 4, causal=True, implementation="blocked")
+    blocked.load_state_dict(explicit.state_dict())
+    key = (choice.KIND, f"2x4x{t}x32 float32", torch.get_num_threads())
+    monkeypatch.setitem(measured._chosen, key, path)
+    trains_as_in_float32(blocked, explicit, x, grad)
+    called = {"blocked": "blocked_causal_attention", "fused": "fused_causal"}
+    assert taken == [called.get(path, "flash_causal_projection")]
+
+
+@pytest.mark.parametrize("t", [QUERY_BLOCK - 28, QUERY_BLOCK + 21])
+def test_float32_outside_the_measured_path_takes_torchs_fused_kernel_unless_hooked(t):
+    """Short sequences, and long ones with padding, in float32: torch's fused kernel (the
+    "sdpa" path's numbers, bit for bit); with a hook on the weights, the explicit path,
+    whose hook sees them."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, t, 64, generator=g)
+    padding = torch.ones(2, t, dtype=torch.bool)
+    padding[1, -5:] = False
+    torch.manual_seed(0)
+    blocked = MultiHeadAttention(64, 4, causal=True, implementation="blocked")
+    sdpa = MultiHeadAttention(64, 4, causal=True, implementation="sdpa")
+    sdpa.load_state_dict(blocked.state_dict())
+    for mask in (None, padding):
+        with torch.no_grad():
+            assert torch.equal(blocked(x, attention_mask=mask), sdpa(x, attention_mask=mask))
+    seen = []
+    blocked.hook_pattern.register_forward_hook(lambda module, args, out: seen.append(out))
+    with torch.no_grad():
+        out = blocked(x, attention_mask=padding)
+    assert len(seen) == 1 and seen[0].shape == (2, 4, t, t)
+    torch.testing.assert_close(out, sdpa(x, attention_mask=padding), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_hook_on_the_weights_sees_them_in_long_training_too(private_cache, dtype):
+    """A long causal sequence in training, where a measured path (fused, FlashAttention,
+    query blocks) would never form the weights: with a hook on them, the explicit path."""
+    t = QUERY_BLOCK + 21
+    x = torch.randn(2, t, 64, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    blocked = MultiHeadAttention(64, 4, causal=True, implementation="blocked")
+    seen = []
+    blocked.hook_pattern.register_forward_hook(lambda module, args, out: seen.append(out))
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+        out = blocked(x)
+    out.float().sum().backward()
+    assert len(seen) == 1 and seen[0].shape == (2, 4, t, t)
+    assert x.grad is not None and not measured.choices_file(choice.KIND).exists()  # not timed

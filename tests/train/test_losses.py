@@ -174,3 +174,29 @@ def test_a_non_negative_ignore_index_is_still_ignored():
     targets = torch.tensor([0, 3, 1, 0, 4, 2])
     ours = label_smoothed_cross_entropy(logits, targets, 0.0, ignore_index=0)
     torch.testing.assert_close(ours, F.cross_entropy(logits, targets, ignore_index=0))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_targets_of_any_integer_dtype_give_the_int64_loss(dtype):
+    """int32 targets (as a user's own data may hold them) on the compiled path too, which
+    reads int64; and the kernel's binding refuses what it cannot read."""
+    g = torch.Generator().manual_seed(6)
+    logits = torch.randn(40, 300, generator=g).to(dtype)
+    targets = torch.randint(0, 300, (40,), generator=g)
+    expected = label_smoothed_cross_entropy(logits, targets, 0.1)
+    torch.testing.assert_close(label_smoothed_cross_entropy(logits, targets.int(), 0.1), expected)
+    compiled = losses.cpu_kernels(logits)
+    if compiled is not None:
+        with pytest.raises(ValueError, match="targets must be int64"):
+            compiled.smoothed_ce_forward(logits, targets.int(), 0.1)
+        with pytest.raises(ValueError, match="logits must be"):
+            compiled.smoothed_ce_forward(logits.half(), targets, 0.1)
+
+
+def test_the_loss_has_no_second_derivative_to_give_wrongly():
+    """The gradient is computed, not traced: differentiating it again is refused."""
+    logits = torch.randn(8, 50, requires_grad=True)
+    loss = label_smoothed_cross_entropy(logits, torch.randint(0, 50, (8,)), 0.1)
+    (grad,) = torch.autograd.grad(loss, logits, create_graph=True)
+    with pytest.raises(RuntimeError):
+        torch.autograd.grad(grad.square().sum(), logits)

@@ -175,8 +175,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
         help="sdpa: PyTorch's fused kernel; explicit: the equation written out; blocked: "
         "tformer's C kernel for bf16 contexts up to 128 without padding; for longer causal "
         "training the fastest on this CPU (measured) of explicit skipping the key blocks a "
-        "causal mask hides, sdpa and tformer's FlashAttention kernels; else explicit in bf16, "
-        "sdpa in float32; auto: blocked for training on a CPU, else sdpa",
+        "causal mask hides, sdpa and tformer's FlashAttention kernels; otherwise explicit "
+        "(query blocks where long) in bf16, sdpa in float32; auto: blocked for training on a "
+        "CPU, else sdpa",
     )
 
     train = p.add_argument_group("training")

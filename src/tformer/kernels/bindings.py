@@ -561,6 +561,7 @@ class Kernels:
         """logits (N, V) float32 or bfloat16, targets (N,) int64 in [0, V) -> each row's
         label-smoothed loss and log-sum-exp, (N,) float32 each. Contiguous CPU tensors (the
         caller checks)."""
+        check_loss_inputs("smoothed_ce_forward", logits, targets)
         n, v = logits.shape
         loss = torch.empty(n, dtype=torch.float32)
         lse = torch.empty(n, dtype=torch.float32)
@@ -580,6 +581,7 @@ class Kernels:
     ) -> torch.Tensor:
         """The gradient (N, V), in the logits' dtype, of sum_i row_scale[i] loss_i with
         respect to logits."""
+        check_loss_inputs("smoothed_ce_backward", logits, targets)
         n, v = logits.shape
         grad = torch.empty_like(logits)
         function = getattr(self.library, f"tformer_smoothed_ce_backward_{by_dtype(logits)}")
@@ -1053,6 +1055,15 @@ def flash_shape(heads: dict[str, torch.Tensor]) -> tuple[int, int, int, int]:
         if 16 * x.stride(2) >= 1 << 31:
             raise ValueError(f"flash_attention: {name}'s rows are too far apart ({x.stride(2)})")
     return shape
+
+
+def check_loss_inputs(function: str, logits: torch.Tensor, targets: torch.Tensor) -> None:
+    """ValueError unless logits are (N, V) float32 or bfloat16 and targets (N,) int64: the
+    C loops read them as such (the values' range is the caller's to check)."""
+    if logits.dim() != 2 or logits.dtype not in (torch.float32, torch.bfloat16):
+        raise ValueError(f"{function}: logits must be (N, V) float32 or bfloat16")
+    if targets.dtype != torch.int64 or tuple(targets.shape) != logits.shape[:1]:
+        raise ValueError(f"{function}: targets must be int64 (N,), one per row of logits")
 
 
 def head_strides(*heads: torch.Tensor) -> torch.Tensor:

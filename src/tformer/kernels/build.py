@@ -118,21 +118,30 @@ def compile_library(compiler: str, path: Path) -> None:
     """Compile the sources into `path`, written whole or not at all: each source to an
     object file, several at once (a first run's wait: 11 s as one command here, half that
     on two cores), then one link."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(prefix=".objects-", dir=path.parent) as folder:
             objects = [str(Path(folder) / f"{source.stem}.o") for source in SOURCES]
             compiles = [
                 [compiler, *flags(), "-c", str(source), "-o", obj]
                 for source, obj in zip(SOURCES, objects, strict=True)
             ]
-            with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+            with ThreadPoolExecutor(max_workers=usable_cores()) as pool:
                 list(pool.map(run_compiler, compiles))
             run_compiler([compiler, *flags(), *objects, "-lm", "-o", str(tmp)])
         os.replace(tmp, path)  # concurrent builders each write their own file; last one wins
+    except OSError as e:  # an unwritable cache, a full disk: torch's kernels instead
+        raise KernelUnavailable(f"compiling the kernels failed: {e}") from e
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity where the OS tells it)."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return os.cpu_count() or 1
 
 
 def run_compiler(command: list[str]) -> None:

@@ -8,8 +8,8 @@
      grad_v = s (exp(x_v - lse) - eps / V - (1 - eps) [v = y])      s: the row's weight
 
    The forward pass reads each row twice (its maximum, then the sums) and the backward pass
-   reads it once and writes the gradient, in the logits' dtype, once; all arithmetic is
-   float32. Rows are split over the OpenMP threads. exp is computed by hand (exp_neg in
+   reads it once and writes the gradient, in the logits' dtype, once; the arithmetic is
+   float32, but for the row's sums (below). Rows are split over the OpenMP threads. exp is computed by hand (exp_neg in
    common.h) so that the loops vectorise without -ffast-math.
 
    The two dtypes differ only in how a logit is read and a gradient written: a row's work

@@ -28,7 +28,8 @@
      blocks    X^T as a left operand, k along T, 32 rows of X to a block: [t / 32][d][t % 32]
 
    T is padded with zeros to a whole number of blocks: padded keys are hidden by the causal
-   mask from every real query, and padded queries have L = +inf (so P = 0) and dO = 0.
+   mask from every real query, and padded queries have L far above every score (so P = 0)
+   and dO = 0.
    Inputs are read through strides, (B, H, T, D) with D contiguous, so the heads of a fused
    projection are read where they are. The output is written (B, T, H, D), the layout the
    output projection reads, and the gradient (B, T, 3, H, D), the fused projection's.

@@ -19,11 +19,12 @@ on every path.
 Three paths compute the same thing, chosen by `implementation`: "explicit" writes the
 equation out and shows the weights at a hook, the reference for the others; "sdpa" is
 PyTorch's fused kernel, which never forms the weights; "blocked" (nn/blocked_attention.py)
-is the path for bf16 training on a CPU, causal self-attention that skips the work the mask
-would throw away: query blocks for long sequences, a compiled kernel for short ones. A long
-sequence without padding goes to torch's fused kernel or to the FlashAttention kernel on
-AMX (nn/flash_attention.py) instead where that trains faster on the CPU in use, as measured
-there once (nn/attention_choice.py).
+is the path for training on a CPU, causal self-attention that skips the work the mask
+would throw away: query blocks for long sequences, in bf16 a compiled kernel for short
+ones. A long sequence without padding goes to torch's fused kernel or to a FlashAttention
+kernel (nn/flash_attention.py: bf16 on AMX, float32) instead where that trains faster on
+the CPU in use, as measured there once (nn/attention_choice.py); anything else in float32
+to torch's fused kernel, as "sdpa" (unless a hook wants the weights).
 Beside them, in inference on the CPU (no gradients, no dropout, no hook), the compiled
 kernels take an encoder's self-attention over whole padded sequences (padded_attention)
 and a server's decoding step (nn/slot_cache.py).
@@ -332,7 +333,13 @@ class MultiHeadAttention(nn.Module):
                     out = short_causal_attention(qkv, self.n_heads, library)  # (B, T, C)
                     return linear(self.w_o, out)
                 projected = qkv.split(self.d_model, dim=-1)  # not bf16 on the CPU: as below
-            elif plain and dropout_p == 0.0 and torch.is_grad_enabled() and in_query_blocks(t, t):
+            elif (
+                plain
+                and dropout_p == 0.0
+                and torch.is_grad_enabled()
+                and in_query_blocks(t, t)
+                and not hooked(self.hook_pattern)
+            ):
                 # Long, in training: where FlashAttention is this CPU's fastest path, it takes
                 # the fused projection whole and gives its gradient back in that layout.
                 qkv = linear(self.w_qkv, x)  # (B, T, 3C)
@@ -426,21 +433,21 @@ class MultiHeadAttention(nn.Module):
         long_causal = self.implementation == "blocked" and self.causal and in_query_blocks(t, s)
         # Training without padding: the blocked path, torch's fused kernel or a FlashAttention
         # kernel (bf16 with AMX, float32), the fastest here
+        hooked_pattern = hooked(self.hook_pattern)  # a hook wants the weights: formed whole
         plain = long_causal and mask is None and dropout_p == 0.0 and torch.is_grad_enabled()
-        if plain:
+        if plain and not hooked_pattern:
             paths = long_attention_paths(q)
             chosen = long_attention_path(q, paths)
             if chosen != "blocked":
                 return paths[chosen](q, k, v)
-        # float32 has no compiled path of its own for the rest: torch's fused kernel, unless
-        # a hook wants the weights
-        short = self.implementation == "blocked" and not long_causal
-        if short and q.dtype == torch.float32 and not hooked(self.hook_pattern):
+        elif self.implementation == "blocked" and q.dtype == torch.float32 and not hooked_pattern:
+            # float32 has no compiled path of its own outside the measured one: torch's fused
+            # kernel, as "sdpa", unless a hook wants the weights
             is_causal = self.causal and t > 1 and mask is None
             return fused_attention(q, k, v, mask, is_causal, dropout_p)
         if self.causal and mask is None and t > 1:
             mask = causal_mask(t, s, q.device)
-        if long_causal:
+        if long_causal and not hooked_pattern:  # (the blocks never form the whole weights)
             return blocked_causal_attention(q, k, v, mask, dropout_p)
         return explicit_attention(q, k, v, mask, dropout_p, self.hook_pattern)
 

@@ -1,4 +1,4 @@
-"""The blocked attention path: causal self-attention for bf16 training on a CPU.
+"""The blocked attention path: causal self-attention for training on a CPU.
 
 The reference is nn/attention.py's explicit path, softmax(Q K^T / sqrt(d_k) + M) V written
 out. MultiHeadAttention(implementation="blocked") computes the same causal self-attention
@@ -7,15 +7,17 @@ in one of two ways that skip the work the causal mask would throw away:
   * more than QUERY_BLOCK positions and no cache: one block of queries at a time
     (BlockedCausalAttention). Queries [a, b) may only see keys [0, b), so the key blocks
     above the diagonal are never computed, in the forward pass or the backward. Where torch's
-    fused kernel trains faster on the CPU in use, a step without padding or attention
-    dropout takes that instead (nn/attention_choice.py).
+    fused kernel or a FlashAttention kernel trains faster on the CPU in use, a step without
+    padding or attention dropout takes that instead (nn/attention_choice.py).
   * at most QUERY_BLOCK positions, with no padding, cache, attention dropout or hook on the
     weights, and the fused Q, K, V projection in bfloat16 on the CPU: the compiled kernel
     tformer/kernels/attention.c (CompiledCausalAttention). It runs each head in float32
     straight from the projection to the output projection's layout, so no head is ever
     transposed in memory, and comes closer to the exact values than torch's bf16 operations.
 
-Anything else on this switch takes the explicit path. The kernel gives first-order
+Anything else on this switch takes the explicit path in bf16, torch's fused kernel in
+float32 (nn/attention.py; the explicit path where a hook wants the weights). The kernel
+gives first-order
 gradients only: for second-order ones (or torch.func) use the explicit path in float32
 or float64 (nn/attention.py's set_implementation). What chose
 this path and QUERY_BLOCK was measured: docs/LOG.md.

@@ -68,7 +68,7 @@ class Run:
     device: torch.device
     dist: distributed.Distributed
     out: Path
-    attention: str  # the attention path the spec asks for on this device and dtype
+    attention: str  # the attention path the spec asks for on this device
     say: Callable[[str], None]  # the run's messages: the main process's, unless silenced
 
     @property

@@ -23,6 +23,7 @@ compiler is there.
 """
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from tformer import kernels
 
@@ -61,6 +62,7 @@ class SmoothedCrossEntropy(torch.autograd.Function):
         return (per_row * weights).sum()
 
     @staticmethod
+    @once_differentiable  # the gradient is computed, not traced: no second derivative
     def backward(ctx, grad_loss):
         logits, targets, weights, lse = ctx.saved_tensors
         eps, (n, v) = ctx.smoothing, logits.shape
@@ -105,7 +107,7 @@ def label_smoothed_cross_entropy(
         if lowest >= 0 and highest < v and scored:  # every target scored, all in range
             weights = torch.full((n,), 1.0 / n, dtype=weight_dtype)  # the mean, in fewer calls
             return SmoothedCrossEntropy.apply(
-                logits.contiguous(), targets.contiguous(), weights, float(smoothing)
+                logits.contiguous(), targets.long().contiguous(), weights, float(smoothing)
             )
     keep = targets != ignore_index
     if logits.device.type == "cpu":
