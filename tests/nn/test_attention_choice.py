@@ -64,25 +64,30 @@ def record_calls(monkeypatch, names: tuple[str, ...]) -> list[str]:
     return taken
 
 
-def trains_as(module, reference, x, grad):
-    """module's output and gradients under bf16 autocast equal reference's to bf16 rounding,
-    relative to each tensor's size."""
+def trains_as(module, reference, x, grad, dtype=torch.bfloat16):
+    """module's output and gradients, under bf16 autocast or in float32, equal reference's
+    to that dtype's rounding, relative to each tensor's size."""
     results = []
     for m in (module, reference):
         inputs = x.clone().requires_grad_()
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
             out = m(inputs)
         out.float().backward(grad)
         results.append([out.float(), inputs.grad, *(p.grad for p in m.parameters())])
+    tolerance = 2e-2 if dtype == torch.bfloat16 else 1e-5
     for ours, expected in zip(*results, strict=True):
         scale = expected.abs().max()
-        torch.testing.assert_close(ours / scale, expected / scale, rtol=0, atol=2e-2)
+        torch.testing.assert_close(ours / scale, expected / scale, rtol=0, atol=tolerance)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("path", ["blocked", "fused", "flash"])
-def test_each_choice_trains_as_the_explicit_path(private_cache, monkeypatch, path):
-    if path == "flash" and not flash_takes(torch.zeros(1, 1, 1, 32, dtype=torch.bfloat16)):
-        pytest.skip("the FlashAttention kernel needs a CPU with AMX")
+def test_each_choice_trains_as_the_explicit_path(private_cache, monkeypatch, path, dtype):
+    """A long sequence in training, each measured path forced: bf16 under autocast (its
+    FlashAttention kernel where the CPU has AMX) and float32 (its kernel on any CPU the
+    kernels build for)."""
+    if path == "flash" and not flash_takes(torch.zeros(1, 1, 1, 32, dtype=dtype)):
+        pytest.skip("no FlashAttention kernel for this dtype here (bf16 needs AMX)")
     t = QUERY_BLOCK + 21
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, t, 128, generator=g)
@@ -93,9 +98,9 @@ def test_each_choice_trains_as_the_explicit_path(private_cache, monkeypatch, pat
     explicit = MultiHeadAttention(128, 4, causal=True, implementation="explicit")
     blocked = MultiHeadAttention(128, 4, causal=True, implementation="blocked")
     blocked.load_state_dict(explicit.state_dict())
-    key = (choice.KIND, f"2x4x{t}x32 bfloat16", torch.get_num_threads())
+    key = (choice.KIND, f"2x4x{t}x32 {measured.dtype_name(dtype)}", torch.get_num_threads())
     monkeypatch.setitem(measured._chosen, key, path)
-    trains_as(blocked, explicit, x, grad)
+    trains_as(blocked, explicit, x, grad, dtype)
     # flash takes the fused projection whole (its gradient comes back in that layout)
     called = {"blocked": "blocked_causal_attention", "fused": "fused_causal"}
     assert taken == [called.get(path, "flash_causal_projection")]
@@ -134,42 +139,6 @@ def test_each_choice_of_short_attention_trains_as_the_explicit_path(monkeypatch,
     trains_as(blocked, explicit, x, grad)
     expected = "compiled_causal_attention" if path == "kernel" else "flash_causal_projection"
     assert taken == [expected]
-
-
-def trains_as_in_float32(module, reference, x, grad):
-    """module's output and gradients in float32 equal reference's to float32 rounding."""
-    results = []
-    for m in (module, reference):
-        inputs = x.clone().requires_grad_()
-        out = m(inputs)
-        out.backward(grad)
-        results.append([out, inputs.grad, *(p.grad for p in m.parameters())])
-    for ours, expected in zip(*results, strict=True):
-        scale = expected.abs().max()
-        torch.testing.assert_close(ours / scale, expected / scale, rtol=0, atol=1e-5)
-
-
-@pytest.mark.parametrize("path", ["blocked", "fused", "flash"])
-def test_each_choice_trains_as_the_explicit_path_in_float32(private_cache, monkeypatch, path):
-    """A long float32 sequence: the float32 FlashAttention kernel is one of the paths (any
-    CPU the kernels build for), taking the fused projection whole."""
-    if path == "flash" and not flash_takes(torch.zeros(1, 1, 1, 32)):
-        pytest.skip("no compiled kernels here")
-    t = QUERY_BLOCK + 21
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(2, t, 128, generator=g)
-    grad = torch.randn(2, t, 128, generator=g)
-    names = ("fused_causal", "blocked_causal_attention", "flash_causal_projection")
-    taken = record_calls(monkeypatch, names)
-    torch.manual_seed(0)
-    explicit = MultiHeadAttention(128, 4, causal=True, implementation="explicit")
-    blocked = MultiHeadAttention(128, 4, causal=True, implementation="blocked")
-    blocked.load_state_dict(explicit.state_dict())
-    key = (choice.KIND, f"2x4x{t}x32 float32", torch.get_num_threads())
-    monkeypatch.setitem(measured._chosen, key, path)
-    trains_as_in_float32(blocked, explicit, x, grad)
-    called = {"blocked": "blocked_causal_attention", "fused": "fused_causal"}
-    assert taken == [called.get(path, "flash_causal_projection")]
 
 
 @pytest.mark.parametrize("t", [QUERY_BLOCK - 28, QUERY_BLOCK + 21])
