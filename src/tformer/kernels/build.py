@@ -1,6 +1,6 @@
 """Building the C kernels: compiler, flags, the cache of built libraries, and loading one.
 
-The sources are compiled, each on its own and as many at once as the machine has cores,
+The sources are compiled, each on its own and as many at once as this process has cores,
 with the machine's C compiler for this CPU, and linked into one shared library in
 $TFORMER_CACHE/kernels/. Its name is a hash of everything the machine code
 depends on (the sources and the header they include, the compiler's version, the flags, the
@@ -116,8 +116,8 @@ def cpu_id() -> bytes:
 
 def compile_library(compiler: str, path: Path) -> None:
     """Compile the sources into `path`, written whole or not at all: each source to an
-    object file, several at once (a first run's wait: 11 s as one command here, half that
-    on two cores), then one link."""
+    object file, several at once (a first run waits for the slowest, not for their sum),
+    then one link."""
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
