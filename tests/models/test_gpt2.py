@@ -333,6 +333,28 @@ def test_the_output_head_is_the_token_embedding_parameter_itself():
     assert model.lm_head.weight is model.token_embedding.weight
 
 
+def test_the_tied_table_s_gradient_is_dense_and_sums_both_of_its_uses():
+    # reference: the head given a copy of the table of its own, the two gradients summed
+    model = GPT2(tiny(), seed=0).double()
+    ids = torch.randint(0, 97, (3, 6), generator=torch.Generator().manual_seed(1))
+    ids[0, :3] = 5  # a token looked up more than once
+    model(ids).square().mean().backward()
+    tied = model.token_embedding.weight.grad
+    assert tied.layout == torch.strided and tied.shape == (97, 24)
+    table = model.token_embedding.weight.detach()
+    lookup = table.clone().requires_grad_()
+    head = table.clone().requires_grad_()
+    model.zero_grad()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    x = torch.nn.functional.embedding(ids, lookup) + model.position_embedding.weight[:6]
+    for block in model.blocks:
+        x = block(x)
+    (model.final_norm(x) @ head.T).square().mean().backward()
+    torch.testing.assert_close(tied, lookup.grad + head.grad, rtol=1e-12, atol=1e-15)
+    assert lookup.grad[5].abs().sum() > 0 and head.grad.abs().sum() > 0
+
+
 def test_loading_by_assignment_ties_the_head_again_and_old_state_dicts_load():
     model = GPT2(tiny(), seed=0).eval()
     old = {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}  # before lm_head

@@ -317,7 +317,12 @@ class GPT2(nn.Module):
         `(attention_mask.cumsum(-1) - 1).clamp(min=0)` so each row's text starts at position
         0. caches: one KVCache per block, for decoding.
         """
-        return self.unembed(self.features(input_ids, attention_mask, position_ids, caches))
+        # The head tied to the token embedding gives the table a dense gradient of V x C;
+        # the lookup's own is then taken sparse (the rows of the T tokens), and autograd adds
+        # it into the head's in place, where two dense tables would be filled and summed.
+        tied = self.lm_head.weight is self.token_embedding.weight
+        h = self.features(input_ids, attention_mask, position_ids, caches, sparse_token_grad=tied)
+        return self.unembed(h)
 
     def run_with_cache(
         self,
@@ -337,11 +342,14 @@ class GPT2(nn.Module):
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         caches: list[KVCache] | None = None,
+        sparse_token_grad: bool = False,
     ) -> torch.Tensor:
         """input_ids (B, T) -> the final, normalised residual stream (B, T, C).
 
         The arguments are forward's. Generation calls this and then `unembed` on the last
-        position only: a prompt's other positions need no logits.
+        position only: a prompt's other positions need no logits. sparse_token_grad: the
+        token embedding's gradient as a sparse tensor (nn/embedding.py), only for a caller
+        that also backpropagates through the tied head, whose dense gradient it joins.
         """
         past = caches[0].length if caches is not None else 0
         self.check_input(input_ids, position_ids, past)
@@ -355,7 +363,8 @@ class GPT2(nn.Module):
         b, t = input_ids.shape
         if position_ids is None:
             position_ids = torch.arange(past, past + t, device=input_ids.device).unsqueeze(0)
-        x = self.token_embedding(input_ids) + self.position_embedding(position_ids)  # (B, T, C)
+        tokens = self.token_embedding(input_ids, sparse_grad=sparse_token_grad)  # (B, T, C)
+        x = tokens + self.position_embedding(position_ids)
         x = self.embedding_dropout(x)
         recompute = self.activation_checkpointing and self.training
         for i, block in enumerate(self.blocks):

@@ -29,8 +29,10 @@ class TokenEmbedding(nn.Module):
         self.weight = nn.Parameter(torch.empty(vocab_size, d_model))
         self.multiplier = math.sqrt(d_model) if scale else 1.0
 
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        x = nn.functional.embedding(ids, self.weight)  # (..., T) -> (..., T, C)
+    def forward(self, ids: torch.Tensor, sparse_grad: bool = False) -> torch.Tensor:
+        """With sparse_grad, the table's gradient is a sparse tensor of the looked-up rows
+        only (for a caller that knows it will be added into a dense one: GPT2.forward)."""
+        x = nn.functional.embedding(ids, self.weight, sparse=sparse_grad)  # (..., T) -> (..., T, C)
         return x * self.multiplier if self.multiplier != 1.0 else x
 
     def extra_repr(self) -> str:
