@@ -206,3 +206,52 @@ def test_the_global_norm_of_gradients_the_kernel_cannot_read_is_torch_s():
     bf16.grad = torch.randn(6).bfloat16()
     exact = math.sqrt(sum((p.grad.double() ** 2).sum().item() for p in [*params, bf16]))
     assert global_norm([*params, bf16]).item() == pytest.approx(exact, rel=1e-6)
+
+
+def test_the_compiled_update_is_torch_s_fused_adamw_to_the_last_bit_with_clipping():
+    # sizes that are multiples of 16 go to the C kernel, the others to torch's: both exact
+    g = torch.Generator().manual_seed(3)
+    shapes = [(32, 48), (16,), (5, 3), (7,), (64, 64)]
+    ours = [torch.nn.Parameter(torch.randn(s, generator=g)) for s in shapes]
+    theirs = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    settings = dict(lr=3e-2, betas=(0.9, 0.95), eps=1e-8)
+    our_optimizer = AdamW([{"params": ours, "weight_decay": 0.1}], **settings)
+    their_optimizer = torch.optim.AdamW(
+        [{"params": theirs, "weight_decay": 0.1}], **settings, fused=True
+    )
+    for step in range(4):
+        for p, q in zip(ours, theirs, strict=True):
+            p.grad = torch.randn(p.shape, generator=g) * (step + 1)
+            q.grad = p.grad.clone()
+        # the same scale for both: s = max(1, ||g|| / c) as a float32 scalar tensor
+        scale = (global_norm(ours) + 1e-6) / 0.5
+        for group in our_optimizer.param_groups:
+            our_optimizer.update(group["params"], group, scale)
+        torch._foreach_div_([q.grad for q in theirs], scale)
+        their_optimizer.step()
+        for p, q in zip(ours, theirs, strict=True):
+            assert torch.equal(p, q) and torch.equal(p.grad, q.grad)
+    for p, q in zip(ours, theirs, strict=True):
+        for name in ("exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(our_optimizer.state[p][name], their_optimizer.state[q][name])
+    group = our_optimizer.param_groups[0]
+    states = [our_optimizer.state_of(p) for p in ours]
+    left = AdamW.compiled_update(ours, states, group, None)
+    if kernels.load() is not None:  # the kernel took the sizes it takes, and only those
+        assert left == [2, 3]
+    else:
+        assert left == [0, 1, 2, 3, 4]
+
+
+def test_the_kernel_refuses_states_it_cannot_update():
+    library = kernels.load()
+    if library is None:
+        pytest.skip("the C kernels are not built here")
+    p, half = torch.zeros(16), torch.zeros(16, dtype=torch.bfloat16)
+    group = {"lr": 0.1, "betas": (0.9, 0.99), "eps": 1e-8, "weight_decay": 0.0}
+    with pytest.raises(ValueError, match="contiguous float32"):
+        library.adamw([(p, half, p.clone(), p.clone(), None)], [1.0], group, None)
+    with pytest.raises(ValueError, match="another size"):
+        library.adamw([(p, torch.zeros(32), p.clone(), p.clone(), None)], [1.0], group, None)
+    with pytest.raises(ValueError, match="bf16 tensor"):
+        library.adamw([(p, p.clone(), p.clone(), p.clone(), torch.zeros(16))], [1.0], group, None)

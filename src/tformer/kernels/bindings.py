@@ -53,6 +53,7 @@ attention kernels, called once per layer, check it here.
 """
 
 import ctypes
+import math
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -130,6 +131,34 @@ def check_int4(q: torch.Tensor, scale: torch.Tensor) -> None:
         raise ValueError("int4 weights are uint8 in [0, 15] (quantize_int4's)")
     if scale.dtype != torch.float16 or tuple(scale.shape) != (n, -(-k // GROUP)):
         raise ValueError(f"int4 scales are float16 ({n}, {-(-k // GROUP)}), one per {GROUP} k")
+
+
+class AdamWTensor(ctypes.Structure):
+    """adamw.c's struct adamw_tensor: one parameter's update."""
+
+    _fields_ = [
+        ("param", POINTER),
+        ("grad", POINTER),
+        ("exp_avg", POINTER),
+        ("exp_avg_sq", POINTER),
+        ("copy", POINTER),
+        ("size", SIZE),
+        ("step_size", ctypes.c_double),
+        ("bias_correction2_sqrt", ctypes.c_double),
+    ]
+
+
+class AdamWSettings(ctypes.Structure):
+    """adamw.c's struct adamw_settings: a parameter group's."""
+
+    _fields_ = [
+        ("lr", ctypes.c_double),
+        ("beta1", ctypes.c_double),
+        ("beta2", ctypes.c_double),
+        ("weight_decay", ctypes.c_double),
+        ("eps", ctypes.c_double),
+        ("grad_scale", ctypes.c_float),
+    ]
 
 
 class LinearLayout(ctypes.Structure):
@@ -618,6 +647,52 @@ class Kernels:
         return self.library.tformer_sum_squares_f32(
             (ctypes.c_void_p * count)(*pointers), (ctypes.c_int64 * count)(*sizes), count
         )
+
+    @c_function("tformer_adamw_f32", [POINTER, SIZE, POINTER])
+    def adamw(
+        self,
+        tensors: list[tuple[torch.Tensor, ...]],
+        steps: list[float],
+        group: dict,
+        grad_scale: float | None,
+    ) -> None:
+        """AdamW's update in place (kernels/adamw.c), in one call for every tensor: each an
+        (param, grad, exp_avg, exp_avg_sq, copy) of contiguous float32 CPU tensors of one
+        size but copy, a bf16 tensor of that size or None; steps[i] is t after this
+        update; group holds lr, betas, eps, weight_decay; grads are divided by grad_scale
+        first (and left divided) when given. Checked here: ValueError."""
+        count = len(tensors)
+        array = (AdamWTensor * count)()
+        beta1, beta2 = group["betas"]
+        for entry, (param, grad, exp_avg, exp_avg_sq, copy), t in zip(
+            array, tensors, steps, strict=True
+        ):
+            for x in (param, grad, exp_avg, exp_avg_sq):
+                if x.dtype != torch.float32 or x.device.type != "cpu" or not x.is_contiguous():
+                    raise ValueError("adamw: the states must be contiguous float32 CPU tensors")
+                if x.numel() != param.numel():
+                    raise ValueError(
+                        "adamw: a gradient or moment of another size than its parameter"
+                    )
+            if copy is not None and (
+                copy.dtype != torch.bfloat16
+                or not copy.is_contiguous()
+                or copy.numel() != param.numel()
+            ):
+                raise ValueError(
+                    "adamw: a copy must be a contiguous bf16 tensor of the parameter's size"
+                )
+            entry.param, entry.grad = param.data_ptr(), grad.data_ptr()
+            entry.exp_avg, entry.exp_avg_sq = exp_avg.data_ptr(), exp_avg_sq.data_ptr()
+            entry.copy = None if copy is None else copy.data_ptr()
+            entry.size = param.numel()
+            # as torch's fused AdamW: the bias corrections in double
+            entry.step_size = group["lr"] / (1 - beta1**t)
+            entry.bias_correction2_sqrt = math.sqrt(1 - beta2**t)
+        settings = AdamWSettings(
+            group["lr"], beta1, beta2, group["weight_decay"], group["eps"], grad_scale or 0.0
+        )
+        self.library.tformer_adamw_f32(array, count, ctypes.byref(settings))
 
     @c_function("tformer_gelu_tanh_f32", [POINTER, POINTER, SIZE])
     @c_function("tformer_gelu_tanh_bf16", [POINTER, POINTER, SIZE])

@@ -32,6 +32,7 @@ SOURCES = tuple(
         "dropout.c",
         "gelu.c",
         "global_norm.c",
+        "adamw.c",
         "layer_norm.c",
         "transpose.c",
         "attention.c",
@@ -50,6 +51,10 @@ HEADERS = (Path(__file__).with_name("common.h"),)  # part of the key, not compil
 # Values are unchanged; reassociation is a different flag, not given.
 FLAGS = ["-O3", "-march=native", "-fno-trapping-math", "-fopenmp", "-shared", "-fPIC"]
 WIDE_VECTORS = "-mprefer-vector-width=512"
+# Flags of one source only. adamw.c rounds each operation once, as torch's AdamW does, so
+# that the two agree to the bit: no contraction of a multiply and an add into one fma (GCC
+# contracts by default); sqrtf need not set errno (so that its loop vectorises).
+SOURCE_FLAGS = {"adamw.c": ["-ffp-contract=off", "-fno-math-errno"]}
 
 
 class KernelUnavailable(RuntimeError):
@@ -88,7 +93,8 @@ def library_path(compiler: str) -> Path:
         sources = [source.read_bytes() for source in (*SOURCES, *HEADERS)]
     except OSError as e:  # an installation without the sources: torch's kernels instead
         raise KernelUnavailable(f"the kernel sources are not installed: {e}") from e
-    for part in (*sources, version.encode(), " ".join(flags()).encode(), cpu_id()):
+    flag_text = " ".join(flags()) + repr(sorted(SOURCE_FLAGS.items()))
+    for part in (*sources, version.encode(), flag_text.encode(), cpu_id()):
         key.update(part)
         key.update(b"\0")
     return cache_dir() / "kernels" / f"tformer-{key.hexdigest()[:24]}.so"
@@ -124,7 +130,15 @@ def compile_library(compiler: str, path: Path) -> None:
         with tempfile.TemporaryDirectory(prefix=".objects-", dir=path.parent) as folder:
             objects = [str(Path(folder) / f"{source.stem}.o") for source in SOURCES]
             compiles = [
-                [compiler, *flags(), "-c", str(source), "-o", obj]
+                [
+                    compiler,
+                    *flags(),
+                    *SOURCE_FLAGS.get(source.name, []),
+                    "-c",
+                    str(source),
+                    "-o",
+                    obj,
+                ]
                 for source, obj in zip(SOURCES, objects, strict=True)
             ]
             with ThreadPoolExecutor(max_workers=usable_cores()) as pool:

@@ -22,6 +22,7 @@ from torch.autograd.function import once_differentiable
 
 from tformer import kernels
 from tformer.nn.row_blocks import autocast_dtype, large_plain_linear, matmul
+from tformer.nn.weight_copies import half_weight
 
 
 def takes(module: nn.Linear, x: torch.Tensor) -> bool:
@@ -50,7 +51,7 @@ class LinearGeluTanh(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, library):
         rows = x.to(torch.bfloat16)  # (M, K)
-        w = weight.to(torch.bfloat16)  # (N, K)
+        w = half_weight(weight, torch.bfloat16)  # (N, K)
         with torch.autocast("cpu", enabled=False):
             z = matmul(rows, w.t(), bias.to(torch.bfloat16))  # (M, N)
         h, derivative = library.gelu_tanh_and_derivative(z)

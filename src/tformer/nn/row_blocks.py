@@ -25,6 +25,7 @@ from torch.nn.modules import module as module_hooks
 from tformer import kernels
 from tformer.nn.blocked_attention import hooked
 from tformer.nn.measured import dtype_name, fastest
+from tformer.nn.weight_copies import half_weight
 
 KIND = "matmul-v5"  # the measured choices' file and version (nn/measured.py)
 # Smaller products than these run whole, through nn.Linear itself: a split would only add
@@ -223,7 +224,7 @@ class RowBlockLinear(torch.autograd.Function):
     def forward(ctx, x, weight, bias):
         dtype = autocast_dtype(x) or x.dtype
         rows = x.to(dtype)  # (M, K)
-        w = weight.to(dtype)  # (N, K)
+        w = half_weight(weight, dtype)  # (N, K), kept from the last step where unchanged
         with torch.autocast("cpu", enabled=False):
             b = None if bias is None else bias.to(dtype)
             # a tensor of its own, not a view: in-place changes to it are allowed, as to

@@ -21,6 +21,7 @@ from torch.autograd.function import once_differentiable
 
 from tformer.nn.measured import dtype_name, fastest, training_runs
 from tformer.nn.row_blocks import autocast_dtype, matmul, plain_linear
+from tformer.nn.weight_copies import half_weight
 
 VOCAB_SLICE = 8192  # columns per slice of the forward product (docs/LOG.md)
 KIND = "head-v1"  # the measured choices' file and version (nn/measured.py)
@@ -71,7 +72,7 @@ class SlicedHead(torch.autograd.Function):
     def forward(ctx, x, weight):
         dtype = autocast_dtype(x) or x.dtype
         rows = x.reshape(-1, x.shape[-1]).to(dtype)  # (N, C)
-        w = weight.to(dtype)  # (V, C)
+        w = half_weight(weight, dtype)  # (V, C)
         out = torch.empty(*x.shape[:-1], w.shape[0], dtype=dtype, device=x.device)  # (..., V)
         flat = out.view(-1, w.shape[0])  # (N, V)
         with torch.autocast("cpu", enabled=False):

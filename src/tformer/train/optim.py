@@ -39,14 +39,17 @@ import torch
 from torch import nn
 
 from tformer import kernels
+from tformer.nn import weight_copies
 
 
 class AdamW:
     """AdamW over parameter groups (the equations above), each group with its own lr, betas,
     eps and weight_decay (the constructor's by default, as in torch.optim).
 
-    The update itself is PyTorch's fused AdamW kernel, one pass over each tensor, so the
-    numbers are torch.optim.AdamW(fused=True)'s to the last bit (a test holds them to each
+    The update itself is one pass over each tensor: for float32 on the CPU a C kernel
+    (kernels/adamw.c) that also writes each weight's bf16 copy for the next forward pass
+    (nn/weight_copies.py), elsewhere PyTorch's fused AdamW kernel; the numbers are
+    torch.optim.AdamW(fused=True)'s to the last bit either way (tests hold them to each
     other; with clipping, see step). What this class leaves out is torch.optim's machinery:
     its bookkeeping on every step, and the compiler stack (torch._dynamo) that creating any
     torch.optim optimizer imports, both of which a small model's run notices (docs/LOG.md).
@@ -120,8 +123,11 @@ class AdamW:
         betas, eps and weight decay: t += 1, then one fused pass over each tensor, which
         first divides each gradient by grad_scale (a scalar tensor) if given."""
         states = [self.state_of(p) for p in params]
-        steps = [state["step"] for state in states]
-        torch._foreach_add_(steps, 1)  # t
+        torch._foreach_add_([state["step"] for state in states], 1)  # t
+        rest = self.compiled_update(params, states, group, grad_scale)
+        if not rest:
+            return
+        params, states = [params[i] for i in rest], [states[i] for i in rest]
         beta1, beta2 = group["betas"]
         torch._fused_adamw_(
             params,
@@ -129,7 +135,7 @@ class AdamW:
             [state["exp_avg"] for state in states],
             [state["exp_avg_sq"] for state in states],
             [],  # no AMSGrad
-            steps,
+            [state["step"] for state in states],
             lr=group["lr"],
             beta1=beta1,
             beta2=beta2,
@@ -139,6 +145,47 @@ class AdamW:
             maximize=False,
             grad_scale=grad_scale,
         )
+
+    @staticmethod
+    def compiled_update(
+        params: list[torch.Tensor],
+        states: list[dict[str, torch.Tensor]],
+        group: dict,
+        grad_scale: torch.Tensor | None,
+    ) -> list[int]:
+        """update's pass in C (kernels/adamw.c) for the float32 parameters on the CPU whose
+        size is a multiple of 16: the same arithmetic as torch's fused kernel, in one call
+        for all of them, which also writes each weight's bf16 copy where one is kept
+        (nn/weight_copies.py), so that the next forward pass casts none. (torch updates a
+        tensor's last size % 16 elements in a loop of its own, whose rounding the kernel
+        does not reproduce.) Returns the indices of the parameters left to torch's kernel."""
+        library = kernels.load_for(params[0], (torch.float32,))
+        if library is None:
+            return list(range(len(params)))
+        taken = [
+            i
+            for i, p in enumerate(params)
+            if p.numel() % 16 == 0 and p.grad.layout == torch.strided
+        ]
+        if not taken:
+            return list(range(len(params)))
+        copies = [weight_copies.copy_to_write(params[i]) for i in taken]
+        tensors = [
+            (params[i], params[i].grad, states[i]["exp_avg"], states[i]["exp_avg_sq"], copy)
+            for i, copy in zip(taken, copies, strict=True)
+        ]
+        steps = torch.stack([states[i]["step"] for i in taken]).tolist()
+        scale = None if grad_scale is None else float(grad_scale)
+        try:  # it checks every tensor first; one it cannot take sends all to torch's kernel
+            library.adamw(tensors, steps, group, scale)
+        except ValueError:
+            return list(range(len(params)))
+        written = [x for entry in tensors for x in entry if x is not None]
+        torch.autograd.graph.increment_version(written)  # in place, as torch's kernel
+        for i, copy in zip(taken, copies, strict=True):
+            if copy is not None:
+                weight_copies.written(params[i], copy)
+        return sorted(set(range(len(params))) - set(taken))
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         for p in self.parameters():

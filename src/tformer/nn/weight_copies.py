@@ -1,0 +1,75 @@
+"""A weight's bf16 copy, kept from one training step to the next while the weight is
+unchanged, and rewritten by the optimizer in the pass that updates the weight.
+
+Under bf16 autocast a linear layer multiplies x W^T with W cast to bf16, so every step
+reads each float32 weight once more and writes its bf16 copy (6 bytes a weight) before the
+first product can start. The optimizer already reads and writes every weight once a step:
+written there, the copy costs 2 bytes a weight more in a pass that is running anyway
+(kernels/adamw.c, train/optim.py), and the forward pass reads it as it is.
+
+A copy is used only while it is the weight's current value: it remembers the weight's
+version counter (which every in-place change to a tensor bumps, the optimizer's included)
+and storage, and any other change makes half_weight cast afresh. The copy is
+bf16(W) rounded to nearest even, the cast's own value, so the products are the same with
+or without it. Only float32 Parameters that train on the CPU keep one (2 bytes a weight of
+memory, for as long as the Parameter lives).
+"""
+
+from dataclasses import dataclass
+
+import torch
+from torch.utils.weak import WeakIdKeyDictionary
+
+
+@dataclass
+class Copy:
+    tensor: torch.Tensor  # bf16, the weight's shape
+    version: int  # the weight's _version when the copy was its value
+    address: int  # the weight's data_ptr then: a Parameter given new storage is not the same
+
+
+# by the weight's identity (a tensor's == is elementwise), forgotten when the weight goes
+_COPIES = WeakIdKeyDictionary()
+
+
+def keeps_copy(weight: torch.Tensor) -> bool:
+    """Whether `weight` keeps a bf16 copy: a float32 Parameter that trains, on the CPU."""
+    return (
+        isinstance(weight, torch.nn.Parameter)
+        and weight.requires_grad
+        and weight.dtype == torch.float32
+        and weight.device.type == "cpu"
+    )
+
+
+def half_weight(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """weight in `dtype` (not a view: a tensor that may be saved for the backward pass):
+    the kept bf16 copy where it is current, else the cast, kept for the next use where
+    keeps_copy(weight)."""
+    if dtype != torch.bfloat16 or not keeps_copy(weight):
+        return weight.to(dtype)
+    kept = _COPIES.get(weight)
+    if kept is not None and is_current(kept, weight):
+        return kept.tensor
+    copy = weight.detach().to(dtype)  # (N, K), a tensor of its own
+    _COPIES[weight] = Copy(copy, weight._version, weight.data_ptr())
+    return copy
+
+
+def is_current(kept: Copy, weight: torch.Tensor) -> bool:
+    return kept.version == weight._version and kept.address == weight.data_ptr()
+
+
+def copy_to_write(weight: torch.Tensor) -> torch.Tensor | None:
+    """The bf16 copy the optimizer should write with weight's next value, or None where the
+    weight keeps none (or it is stale: then the next use casts afresh)."""
+    kept = _COPIES.get(weight)
+    if kept is None or not is_current(kept, weight) or not kept.tensor.is_contiguous():
+        return None
+    return kept.tensor
+
+
+def written(weight: torch.Tensor, copy: torch.Tensor) -> None:
+    """Record that `copy` (copy_to_write's) now holds bf16 of weight's new value: call after
+    the weight's own version was bumped for the update."""
+    _COPIES[weight] = Copy(copy, weight._version, weight.data_ptr())

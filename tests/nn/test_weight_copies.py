@@ -1,0 +1,43 @@
+import pytest
+import torch
+
+from tformer import kernels
+from tformer.nn import weight_copies
+from tformer.nn.weight_copies import half_weight
+from tformer.train.optim import AdamW
+
+
+def test_a_training_weight_keeps_its_bf16_cast_until_it_changes():
+    w = torch.nn.Parameter(torch.randn(32, 16))
+    first = half_weight(w, torch.bfloat16)
+    assert first.dtype == torch.bfloat16 and torch.equal(first, w.detach().bfloat16())
+    assert half_weight(w, torch.bfloat16) is first  # kept
+    with torch.no_grad():
+        w.mul_(3.0)  # an in-place change bumps the version: the copy is stale
+    second = half_weight(w, torch.bfloat16)
+    assert second is not first and torch.equal(second, w.detach().bfloat16())
+    w.data = torch.randn(32, 16)  # new storage
+    assert torch.equal(half_weight(w, torch.bfloat16), w.detach().bfloat16())
+
+
+@pytest.mark.parametrize(
+    "weight",
+    [torch.randn(4, 4), torch.nn.Parameter(torch.randn(4, 4), requires_grad=False)],
+)
+def test_only_trainable_parameters_keep_a_copy(weight):
+    assert half_weight(weight, torch.bfloat16) is not half_weight(weight, torch.bfloat16)
+    assert torch.equal(half_weight(weight, torch.float16), weight.half())
+
+
+def test_the_optimizer_writes_the_copy_the_next_forward_pass_reads():
+    if kernels.load() is None:
+        pytest.skip("the C kernels are not built here")
+    w = torch.nn.Parameter(torch.randn(64, 32))
+    optimizer = AdamW([{"params": [w]}], lr=1e-2, betas=(0.9, 0.95))
+    copy = half_weight(w, torch.bfloat16)
+    for _ in range(3):
+        w.grad = torch.randn_like(w)
+        optimizer.step(max_grad_norm=1.0)
+        assert torch.equal(copy, w.detach().bfloat16())  # written in the update's pass
+        assert half_weight(w, torch.bfloat16) is copy  # and taken as it is, no new cast
+    assert weight_copies.copy_to_write(w) is copy
