@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from tformer import GPT2, GPT2Config, kernels
+from tformer.nn.weight_copies import half_weight
 from tformer.train.optim import AdamW, build_optimizer, global_norm, learning_rate
 
 
@@ -209,11 +210,13 @@ def test_the_global_norm_of_gradients_the_kernel_cannot_read_is_torch_s():
 
 
 def test_the_compiled_update_is_torch_s_fused_adamw_to_the_last_bit_with_clipping():
-    # sizes that are multiples of 16 go to the C kernel, the others to torch's: both exact
+    # weights with a kept bf16 copy and a size that is a multiple of 16 go to the C kernel,
+    # the others to torch's: both exact
     g = torch.Generator().manual_seed(3)
-    shapes = [(32, 48), (16,), (5, 3), (7,), (64, 64)]
+    shapes = [(32, 48), (16,), (5, 3), (7,), (64, 64), (32,)]
     ours = [torch.nn.Parameter(torch.randn(s, generator=g)) for s in shapes]
     theirs = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    copies = [half_weight(p, torch.bfloat16) for p in ours[:5]]  # as a forward pass keeps
     settings = dict(lr=3e-2, betas=(0.9, 0.95), eps=1e-8)
     our_optimizer = AdamW([{"params": ours, "weight_decay": 0.1}], **settings)
     their_optimizer = torch.optim.AdamW(
@@ -231,16 +234,19 @@ def test_the_compiled_update_is_torch_s_fused_adamw_to_the_last_bit_with_clippin
         their_optimizer.step()
         for p, q in zip(ours, theirs, strict=True):
             assert torch.equal(p, q) and torch.equal(p.grad, q.grad)
+        if kernels.load() is not None:  # the kernel wrote the copies it took
+            for i in (0, 1, 4):
+                assert torch.equal(copies[i], ours[i].detach().bfloat16())
     for p, q in zip(ours, theirs, strict=True):
         for name in ("exp_avg", "exp_avg_sq", "step"):
             assert torch.equal(our_optimizer.state[p][name], their_optimizer.state[q][name])
     group = our_optimizer.param_groups[0]
     states = [our_optimizer.state_of(p) for p in ours]
     left = AdamW.compiled_update(ours, states, group, None)
-    if kernels.load() is not None:  # the kernel took the sizes it takes, and only those
-        assert left == [2, 3]
+    if kernels.load() is not None:  # the kernel took the tensors it takes, and only those
+        assert left == [2, 3, 5]
     else:
-        assert left == [0, 1, 2, 3, 4]
+        assert left == [0, 1, 2, 3, 4, 5]
 
 
 def test_the_kernel_refuses_states_it_cannot_update():

@@ -60,6 +60,11 @@ def is_current(kept: Copy, weight: torch.Tensor) -> bool:
     return kept.version == weight._version and kept.address == weight.data_ptr()
 
 
+def any_kept() -> bool:
+    """Whether any weight keeps a copy now."""
+    return len(_COPIES) > 0
+
+
 def copy_to_write(weight: torch.Tensor) -> torch.Tensor | None:
     """The bf16 copy the optimizer should write with weight's next value, or None where the
     weight keeps none (or it is stale: then the next use casts afresh)."""

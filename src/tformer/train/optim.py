@@ -153,39 +153,40 @@ class AdamW:
         group: dict,
         grad_scale: torch.Tensor | None,
     ) -> list[int]:
-        """update's pass in C (kernels/adamw.c) for the float32 parameters on the CPU whose
-        size is a multiple of 16: the same arithmetic as torch's fused kernel, in one call
-        for all of them, which also writes each weight's bf16 copy where one is kept
-        (nn/weight_copies.py), so that the next forward pass casts none. (torch updates a
-        tensor's last size % 16 elements in a loop of its own, whose rounding the kernel
-        does not reproduce.) Returns the indices of the parameters left to torch's kernel."""
+        """update's pass in C (kernels/adamw.c) for float32 weights on the CPU that keep a
+        bf16 copy (nn/weight_copies.py): the same arithmetic as torch's fused kernel, in one
+        call for all of them, which also writes each copy, so that the next forward pass
+        casts none. Only for sizes that are multiples of 16: torch updates a tensor's last
+        size % 16 elements in a loop of its own, whose rounding the kernel does not
+        reproduce. The rest, and all where no weight keeps a copy (the kernel is as fast
+        as torch's there, and its Python costs more on a small model), go to torch's
+        kernel: returns their indices."""
+        everything = list(range(len(params)))
         library = kernels.load_for(params[0], (torch.float32,))
-        if library is None:
-            return list(range(len(params)))
+        if library is None or not weight_copies.any_kept():
+            return everything
+        copies = [weight_copies.copy_to_write(p) for p in params]
         taken = [
             i
             for i, p in enumerate(params)
-            if p.numel() % 16 == 0 and p.grad.layout == torch.strided
+            if copies[i] is not None and p.numel() % 16 == 0 and p.grad.layout == torch.strided
         ]
         if not taken:
-            return list(range(len(params)))
-        copies = [weight_copies.copy_to_write(params[i]) for i in taken]
+            return everything
         tensors = [
-            (params[i], params[i].grad, states[i]["exp_avg"], states[i]["exp_avg_sq"], copy)
-            for i, copy in zip(taken, copies, strict=True)
+            (params[i], params[i].grad, states[i]["exp_avg"], states[i]["exp_avg_sq"], copies[i])
+            for i in taken
         ]
         steps = torch.stack([states[i]["step"] for i in taken]).tolist()
         scale = None if grad_scale is None else float(grad_scale)
         try:  # it checks every tensor first; one it cannot take sends all to torch's kernel
             library.adamw(tensors, steps, group, scale)
         except ValueError:
-            return list(range(len(params)))
-        written = [x for entry in tensors for x in entry if x is not None]
-        torch.autograd.graph.increment_version(written)  # in place, as torch's kernel
-        for i, copy in zip(taken, copies, strict=True):
-            if copy is not None:
-                weight_copies.written(params[i], copy)
-        return sorted(set(range(len(params))) - set(taken))
+            return everything
+        torch.autograd.graph.increment_version([x for entry in tensors for x in entry])
+        for i in taken:  # in place, as torch's kernel: the versions are bumped
+            weight_copies.written(params[i], copies[i])
+        return sorted(set(everything) - set(taken))
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         for p in self.parameters():
