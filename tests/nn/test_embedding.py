@@ -9,6 +9,8 @@ from tformer.nn import (
     TokenEmbedding,
     sinusoidal_table,
 )
+from tformer.nn.embedding import TiedGradient
+from tformer.nn.sliced_head import sliced_head
 
 
 @pytest.mark.parametrize("d_model", [8, 7, 64])
@@ -57,3 +59,32 @@ def test_learned_positional_embedding_is_trainable_lookup():
     assert torch.equal(out, pe.weight)
     out.sum().backward()
     assert pe.weight.grad is not None
+
+
+@pytest.mark.parametrize("head_leaves_its_gradient", [True, False])
+def test_a_tied_table_s_lookup_adds_its_rows_into_the_head_s_gradient(head_leaves_its_gradient):
+    # the head's dense gradient, with the lookup's rows added in place (or, where the head
+    # is a plain product that leaves none, given sparse and summed by autograd): against
+    # the two gradients taken apart and summed
+    g = torch.Generator().manual_seed(0)
+    table = torch.randn(50, 8, generator=g, dtype=torch.float64)
+    ids = torch.tensor([[3, 7, 3], [0, 49, 3]])
+    mix = torch.randn(8, 8, generator=g, dtype=torch.float64)
+
+    def loss(lookup_out, head):
+        return (head(torch.tanh(lookup_out @ mix)) ** 2).sum()
+
+    embedding = TokenEmbedding(50, 8).double()
+    with torch.no_grad():
+        embedding.weight.copy_(table)
+    tied = TiedGradient()
+    w = embedding.weight
+    if head_leaves_its_gradient:
+        head = lambda h: sliced_head(h, w, tied)  # noqa: E731
+    else:
+        head = lambda h: h @ w.T  # noqa: E731
+    loss(embedding(ids, tied=tied), head).backward()
+    assert w.grad.layout == torch.strided and tied.grad is None
+    apart = [table.clone().requires_grad_() for _ in range(2)]
+    loss(torch.nn.functional.embedding(ids, apart[0]), lambda h: h @ apart[1].T).backward()
+    torch.testing.assert_close(w.grad, apart[0].grad + apart[1].grad, rtol=1e-12, atol=1e-14)

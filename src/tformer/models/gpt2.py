@@ -80,6 +80,7 @@ from tformer.nn.attention import Implementation
 from tformer.nn.blocked_attention import any_hooked, hook_dicts
 from tformer.nn.capture import NameFilter, run_with_cache
 from tformer.nn.checkpointing import run_layer
+from tformer.nn.embedding import TiedGradient
 from tformer.nn.init import init_attention_xavier, init_embedding
 from tformer.nn.lora import lora_layers
 from tformer.nn.norm import add_then_norm
@@ -318,11 +319,11 @@ class GPT2(nn.Module):
         0. caches: one KVCache per block, for decoding.
         """
         # The head tied to the token embedding gives the table a dense gradient of V x C;
-        # the lookup's own is then taken sparse (the rows of the T tokens), and autograd adds
-        # it into the head's in place, where two dense tables would be filled and summed.
-        tied = self.lm_head.weight is self.token_embedding.weight
-        h = self.features(input_ids, attention_mask, position_ids, caches, sparse_token_grad=tied)
-        return self.unembed(h)
+        # the lookup adds its T rows into it (nn/embedding.py's TiedGradient) where two
+        # dense tables would be filled and summed.
+        tied = TiedGradient() if self.lm_head.weight is self.token_embedding.weight else None
+        h = self.features(input_ids, attention_mask, position_ids, caches, tied=tied)
+        return self.unembed(h, tied=tied)
 
     def run_with_cache(
         self,
@@ -342,14 +343,14 @@ class GPT2(nn.Module):
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         caches: list[KVCache] | None = None,
-        sparse_token_grad: bool = False,
+        tied: TiedGradient | None = None,
     ) -> torch.Tensor:
         """input_ids (B, T) -> the final, normalised residual stream (B, T, C).
 
         The arguments are forward's. Generation calls this and then `unembed` on the last
-        position only: a prompt's other positions need no logits. sparse_token_grad: the
-        token embedding's gradient as a sparse tensor (nn/embedding.py), only for a caller
-        that also backpropagates through the tied head, whose dense gradient it joins.
+        position only: a prompt's other positions need no logits. tied: the link to the
+        head tied to the token embedding, for a caller that also runs `unembed` with it
+        (the lookup's gradient then joins the head's: nn/embedding.py).
         """
         past = caches[0].length if caches is not None else 0
         self.check_input(input_ids, position_ids, past)
@@ -363,7 +364,7 @@ class GPT2(nn.Module):
         b, t = input_ids.shape
         if position_ids is None:
             position_ids = torch.arange(past, past + t, device=input_ids.device).unsqueeze(0)
-        tokens = self.token_embedding(input_ids, sparse_grad=sparse_token_grad)  # (B, T, C)
+        tokens = self.token_embedding(input_ids, tied=tied)  # (B, T, C)
         x = tokens + self.position_embedding(position_ids)
         x = self.embedding_dropout(x)
         recompute = self.activation_checkpointing and self.training
@@ -384,7 +385,7 @@ class GPT2(nn.Module):
         self.fused_decoding = FusedDecoding.for_model(self)
         return self.fused_decoding is not None
 
-    def unembed(self, x: torch.Tensor) -> torch.Tensor:
+    def unembed(self, x: torch.Tensor, tied: TiedGradient | None = None) -> torch.Tensor:
         """(..., C) -> logits (..., V) = x E^T: the output head, tied to the token embedding.
 
         A training step on the CPU computes a large vocabulary's product in slices where
@@ -393,7 +394,7 @@ class GPT2(nn.Module):
         head = self.lm_head
         grad = torch.is_grad_enabled()
         if grad and takes_slices(head) and sliced_head_is_faster(x, head.weight):
-            return sliced_head(x, head.weight)  # (..., V)
+            return sliced_head(x, head.weight, tied)  # (..., V)
         return head(x)
 
     def new_caches(

@@ -12,12 +12,58 @@ Even dimensions carry the sine, odd dimensions the cosine of the same frequency.
 
 Learned positional embedding (GPT, GPT-2): a second lookup table P of shape (max_len, C),
 trained like any other weight; position pos becomes the row P[pos].
+
+A table tied to the output head (GPT-2's E, logits = h E^T) has two gradients that autograd
+sums: the head's, dense (V, C), and the lookup's, nonzero in the looked-up rows only,
+
+    dE = dlogits^T h + sum over positions t of e_{x_t} dx_t^T.
+
+TiedGradient lets the head hand its dense gradient to the lookup, whose backward pass (it
+comes last: the lookup is the first step of the forward pass) adds its T rows into it in
+place, where autograd would otherwise fill a second (V, C) table with them, or copy the
+first to add a sparse one.
 """
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.autograd.function import once_differentiable
+
+
+@dataclass
+class TiedGradient:
+    """The head's gradient of a tied table, left by the head's backward pass (a tensor
+    autograd holds until every use of the table has given its part) for the lookup's."""
+
+    grad: torch.Tensor | None = None
+
+
+class TiedLookup(torch.autograd.Function):
+    """ids (...) and the table (V, C) -> its rows (..., C), whose backward pass adds the rows'
+    gradients into the head's dense gradient in place where the head left one (and then
+    gives none of its own), else gives them as a sparse gradient."""
+
+    @staticmethod
+    def forward(ctx, ids, weight, tied):
+        ctx.save_for_backward(ids)
+        ctx.tied, ctx.num_weights = tied, weight.shape[0]
+        return nn.functional.embedding(ids, weight)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        (ids,) = ctx.saved_tensors
+        head_grad, ctx.tied.grad = ctx.tied.grad, None
+        rows = grad_out.reshape(-1, grad_out.shape[-1])  # (N, C)
+        if head_grad is not None:
+            head_grad.index_add_(0, ids.reshape(-1), rows.to(head_grad.dtype))
+            return None, None, None
+        sparse = torch.ops.aten.embedding_backward(
+            rows, ids.reshape(-1), ctx.num_weights, -1, False, True
+        )
+        return None, sparse, None
 
 
 class TokenEmbedding(nn.Module):
@@ -29,10 +75,13 @@ class TokenEmbedding(nn.Module):
         self.weight = nn.Parameter(torch.empty(vocab_size, d_model))
         self.multiplier = math.sqrt(d_model) if scale else 1.0
 
-    def forward(self, ids: torch.Tensor, sparse_grad: bool = False) -> torch.Tensor:
-        """With sparse_grad, the table's gradient is a sparse tensor of the looked-up rows
-        only (for a caller that knows it will be added into a dense one: GPT2.forward)."""
-        x = nn.functional.embedding(ids, self.weight, sparse=sparse_grad)  # (..., T) -> (..., T, C)
+    def forward(self, ids: torch.Tensor, tied: TiedGradient | None = None) -> torch.Tensor:
+        """With `tied`, the link to the head tied to this table (GPT2.forward): the lookup's
+        gradient joins the head's (TiedLookup), or comes sparse where the head left none."""
+        if tied is not None and torch.is_grad_enabled():
+            x = TiedLookup.apply(ids, self.weight, tied)  # (..., T) -> (..., T, C)
+        else:
+            x = nn.functional.embedding(ids, self.weight)  # (..., T) -> (..., T, C)
         return x * self.multiplier if self.multiplier != 1.0 else x
 
     def extra_repr(self) -> str:

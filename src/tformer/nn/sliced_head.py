@@ -19,6 +19,7 @@ import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
+from tformer.nn.embedding import TiedGradient
 from tformer.nn.measured import dtype_name, fastest, training_runs
 from tformer.nn.row_blocks import autocast_dtype, matmul, plain_linear
 from tformer.nn.weight_copies import half_weight
@@ -56,11 +57,14 @@ def sliced_head_is_faster(x: torch.Tensor, weight: torch.Tensor) -> bool:
     return fastest(KIND, key, ("whole", "sliced"), candidates) == "sliced"
 
 
-def sliced_head(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+def sliced_head(
+    x: torch.Tensor, weight: torch.Tensor, tied: TiedGradient | None = None
+) -> torch.Tensor:
     """logits = x W^T, the forward product in slices of VOCAB_SLICE words:
     x (..., C), weight (V, C) -> (..., V). Under autocast float32 inputs are cast to its
-    dtype first, as nn.Linear's product would be."""
-    return SlicedHead.apply(x, weight)
+    dtype first, as nn.Linear's product would be. With `tied`, the backward pass leaves the
+    weight's gradient there too, for the lookup of the table tied to it (nn/embedding.py)."""
+    return SlicedHead.apply(x, weight, tied)
 
 
 class SlicedHead(torch.autograd.Function):
@@ -69,7 +73,7 @@ class SlicedHead(torch.autograd.Function):
     First-order gradients only."""
 
     @staticmethod
-    def forward(ctx, x, weight):
+    def forward(ctx, x, weight, tied):
         dtype = autocast_dtype(x) or x.dtype
         rows = x.reshape(-1, x.shape[-1]).to(dtype)  # (N, C)
         w = half_weight(weight, dtype)  # (V, C)
@@ -81,6 +85,7 @@ class SlicedHead(torch.autograd.Function):
                 torch.mm(rows, w[start:end].t(), out=flat[:, start:end])  # (N, b - a)
         ctx.save_for_backward(rows, w)
         ctx.x_dtype, ctx.weight_dtype, ctx.shape = x.dtype, weight.dtype, x.shape
+        ctx.tied = tied
         return out
 
     @staticmethod
@@ -93,4 +98,6 @@ class SlicedHead(torch.autograd.Function):
             grad_x = matmul(grad, w).to(ctx.x_dtype).view(ctx.shape)  # (N, C) -> (..., C)
         if ctx.needs_input_grad[1]:
             grad_w = matmul(grad.t(), rows).to(ctx.weight_dtype)  # (V, C)
-        return grad_x, grad_w
+            if ctx.tied is not None:  # for the tied lookup to add its rows into
+                ctx.tied.grad = grad_w
+        return grad_x, grad_w, None
