@@ -45,6 +45,7 @@ from common import machine_line  # noqa: E402
 
 from tformer import GPT2, GPT2Config  # noqa: E402
 from tformer.devices import allow_huge_pages, bf16_supported, keep_freed_memory  # noqa: E402
+from tformer.nn import weight_copies  # noqa: E402
 from tformer.recipes.start import attention_for  # noqa: E402
 from tformer.train.optim import build_optimizer  # noqa: E402
 from tformer.train.trainer import cross_entropy  # noqa: E402
@@ -168,49 +169,53 @@ def main() -> None:
     if dtypes == ["float32"]:
         print("bf16 left out: this CPU has no native bf16", file=sys.stderr)
     rows = []
-    for name in [args.only] if args.only else list(MODELS):
-        n_layers, _, d_model, context, vocab, batch = MODELS[name]
-        per_token = flops_per_token(n_layers, d_model, context, vocab)
-        for dtype in dtypes:
-            ours, theirs = build(name, dtype)
-            allow_huge_pages(ours)  # for both models, as tformer's trainer would for ours
-            runs = {
-                "tformer": Trainer(
-                    ours, tformer_loss, dtype, batch, context, vocab, fused_clip=True
-                ),
-                "transformers": Trainer(
-                    theirs, transformers_loss, dtype, batch, context, vocab, fused_clip=False
-                ),
-            }
-            peak_before = peak_flops(getattr(torch, dtype))
-            for _ in range(args.warmup):
-                for run in runs.values():
-                    run.step(timed=False)
-            for _ in range(args.steps):
-                for run in runs.values():  # alternate, step by step
-                    run.step(timed=True)
-            peak = max(peak_before, peak_flops(getattr(torch, dtype)))
-            row = {"model": name, "dtype": dtype, "batch": batch, "context": context}
-            row["peak_tflops"] = round(peak / 1e12, 3)
-            for who, run in runs.items():
-                tokens_per_second = run.tokens / run.seconds
-                row[who] = {
-                    "tokens_per_second": round(tokens_per_second, 1),
-                    "mfu": round(tokens_per_second * per_token / peak, 4),
+    # each weight's bf16 copy kept from step to step, as tformer's trainer keeps it
+    with weight_copies.kept_between_steps():
+        for name in [args.only] if args.only else list(MODELS):
+            n_layers, _, d_model, context, vocab, batch = MODELS[name]
+            per_token = flops_per_token(n_layers, d_model, context, vocab)
+            for dtype in dtypes:
+                ours, theirs = build(name, dtype)
+                allow_huge_pages(ours)  # for both models, as tformer's trainer would for ours
+                runs = {
+                    "tformer": Trainer(
+                        ours, tformer_loss, dtype, batch, context, vocab, fused_clip=True
+                    ),
+                    "transformers": Trainer(
+                        theirs, transformers_loss, dtype, batch, context, vocab, fused_clip=False
+                    ),
                 }
-            row["ratio"] = round(
-                row["tformer"]["tokens_per_second"] / row["transformers"]["tokens_per_second"], 2
-            )
-            rows.append(row)
-            print(
-                f"{name:>5} {dtype:>8}: tformer {row['tformer']['tokens_per_second']:8.1f} tok/s "
-                f"(MFU {row['tformer']['mfu']:.1%}) | transformers "
-                f"{row['transformers']['tokens_per_second']:8.1f} tok/s "
-                f"(MFU {row['transformers']['mfu']:.1%}) | ratio {row['ratio']:.2f}x | "
-                f"peak {row['peak_tflops']:.3f} TFLOP/s",
-                file=sys.stderr,
-            )
-            del ours, theirs, runs
+                peak_before = peak_flops(getattr(torch, dtype))
+                for _ in range(args.warmup):
+                    for run in runs.values():
+                        run.step(timed=False)
+                for _ in range(args.steps):
+                    for run in runs.values():  # alternate, step by step
+                        run.step(timed=True)
+                peak = max(peak_before, peak_flops(getattr(torch, dtype)))
+                row = {"model": name, "dtype": dtype, "batch": batch, "context": context}
+                row["peak_tflops"] = round(peak / 1e12, 3)
+                for who, run in runs.items():
+                    tokens_per_second = run.tokens / run.seconds
+                    row[who] = {
+                        "tokens_per_second": round(tokens_per_second, 1),
+                        "mfu": round(tokens_per_second * per_token / peak, 4),
+                    }
+                row["ratio"] = round(
+                    row["tformer"]["tokens_per_second"] / row["transformers"]["tokens_per_second"],
+                    2,
+                )
+                rows.append(row)
+                ours_per_second = row["tformer"]["tokens_per_second"]
+                print(
+                    f"{name:>5} {dtype:>8}: tformer {ours_per_second:8.1f} tok/s "
+                    f"(MFU {row['tformer']['mfu']:.1%}) | transformers "
+                    f"{row['transformers']['tokens_per_second']:8.1f} tok/s "
+                    f"(MFU {row['transformers']['mfu']:.1%}) | ratio {row['ratio']:.2f}x | "
+                    f"peak {row['peak_tflops']:.3f} TFLOP/s",
+                    file=sys.stderr,
+                )
+                del ours, theirs, runs
     if args.json:
         print(json.dumps({"machine": machine, "allocator": allocator, "rows": rows}))
 

@@ -9,7 +9,7 @@ from tformer.nn import (
     TokenEmbedding,
     sinusoidal_table,
 )
-from tformer.nn.embedding import TiedGradient
+from tformer.nn.embedding import TiedGradient, TiedLookup
 from tformer.nn.sliced_head import sliced_head
 
 
@@ -61,30 +61,58 @@ def test_learned_positional_embedding_is_trainable_lookup():
     assert pe.weight.grad is not None
 
 
-@pytest.mark.parametrize("head_leaves_its_gradient", [True, False])
-def test_a_tied_table_s_lookup_adds_its_rows_into_the_head_s_gradient(head_leaves_its_gradient):
-    # the head's dense gradient, with the lookup's rows added in place (or, where the head
-    # is a plain product that leaves none, given sparse and summed by autograd): against
-    # the two gradients taken apart and summed
+@pytest.mark.parametrize(
+    "case", ["sliced head", "plain head", "penalty", "two passes", "no logits"]
+)
+def test_a_tied_table_s_gradient_is_dense_and_the_sum_of_all_its_uses(case):
+    # the lookup's part sparse where its pass's head gave a dense one, else dense; with a
+    # third use of the table (a penalty), two forward passes in one backward, or the logits
+    # unused: always the exact sum, dense, against the uses taken apart and summed
     g = torch.Generator().manual_seed(0)
     table = torch.randn(50, 8, generator=g, dtype=torch.float64)
     ids = torch.tensor([[3, 7, 3], [0, 49, 3]])
     mix = torch.randn(8, 8, generator=g, dtype=torch.float64)
 
-    def loss(lookup_out, head):
-        return (head(torch.tanh(lookup_out @ mix)) ** 2).sum()
+    def loss(lookup, head, w):
+        h = torch.tanh(lookup(ids) @ mix)
+        total = h.sum() if case == "no logits" else (head(h) ** 2).sum()
+        if case == "two passes":
+            total = total + (head(torch.tanh(lookup(ids.flip(0)) @ mix)) ** 3).sum()
+        return total + (w**2).sum() if case == "penalty" else total
 
-    embedding = TokenEmbedding(50, 8).double()
-    with torch.no_grad():
-        embedding.weight.copy_(table)
+    w = torch.nn.Parameter(table.clone())
+
+    def linked(ids_):
+        tied = links.setdefault(ids_.data_ptr(), TiedGradient())
+        return TiedLookup.apply(ids_, w, tied)
+
+    def head(h):
+        if case == "plain head":
+            return h @ w.T
+        return sliced_head(h, w, list(links.values())[-1])
+
+    links: dict = {}
+    loss(linked, head, w).backward()
+    assert w.grad.layout == torch.strided
+    apart = [table.clone().requires_grad_() for _ in range(3)]
+    loss(
+        lambda i: torch.nn.functional.embedding(i, apart[0]),
+        lambda h: h @ apart[1].T,
+        apart[2],
+    ).backward()
+    expected = sum(a.grad for a in apart if a.grad is not None)
+    torch.testing.assert_close(w.grad, expected, rtol=1e-12, atol=1e-14)
+    gave = [tied.head_gave for tied in links.values()]
+    assert gave == ([False] if case in ("plain head", "no logits") else [True] * len(links))
+
+
+def test_the_tied_lookup_runs_only_in_training_under_half_precision_autocast_on_the_cpu():
+    embedding = TokenEmbedding(50, 8)
+    ids = torch.tensor([[1, 2]])
     tied = TiedGradient()
-    w = embedding.weight
-    if head_leaves_its_gradient:
-        head = lambda h: sliced_head(h, w, tied)  # noqa: E731
-    else:
-        head = lambda h: h @ w.T  # noqa: E731
-    loss(embedding(ids, tied=tied), head).backward()
-    assert w.grad.layout == torch.strided and tied.grad is None
-    apart = [table.clone().requires_grad_() for _ in range(2)]
-    loss(torch.nn.functional.embedding(ids, apart[0]), lambda h: h @ apart[1].T).backward()
-    torch.testing.assert_close(w.grad, apart[0].grad + apart[1].grad, rtol=1e-12, atol=1e-14)
+    out = embedding(ids, tied=tied)  # float32: the plain lookup, twice differentiable
+    assert out.grad_fn.name() == "EmbeddingBackward0"
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert "TiedLookup" in embedding(ids, tied=tied).grad_fn.name()
+        with torch.no_grad():
+            assert embedding(ids, tied=tied).grad_fn is None

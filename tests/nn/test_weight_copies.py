@@ -7,6 +7,12 @@ from tformer.nn.weight_copies import half_weight
 from tformer.train.optim import AdamW
 
 
+@pytest.fixture(autouse=True)
+def keeping():
+    with weight_copies.kept_between_steps():
+        yield
+
+
 def test_a_training_weight_keeps_its_bf16_cast_until_it_changes():
     w = torch.nn.Parameter(torch.randn(32, 16))
     first = half_weight(w, torch.bfloat16)
@@ -41,3 +47,23 @@ def test_the_optimizer_writes_the_copy_the_next_forward_pass_reads():
         assert torch.equal(copy, w.detach().bfloat16())  # written in the update's pass
         assert half_weight(w, torch.bfloat16) is copy  # and taken as it is, no new cast
     assert weight_copies.copy_to_write(w) is copy
+
+
+def test_copies_are_kept_only_inside_the_block_and_dropped_on_leaving_it():
+    w = torch.nn.Parameter(torch.randn(8, 8))
+    with weight_copies.kept_between_steps():  # nested in the fixture's block
+        kept = half_weight(w, torch.bfloat16)
+    assert half_weight(w, torch.bfloat16) is kept  # the outer block is still open
+    weight_copies._COPIES.clear()
+    assert not weight_copies.any_kept()
+
+
+def test_outside_the_block_nothing_is_kept():
+    w = torch.nn.Parameter(torch.randn(8, 8))
+    # the fixture's block is open: leave it for this check by hand
+    weight_copies._KEEPING -= 1
+    try:
+        assert half_weight(w, torch.bfloat16) is not half_weight(w, torch.bfloat16)
+        assert weight_copies.copy_to_write(w) is None
+    finally:
+        weight_copies._KEEPING += 1

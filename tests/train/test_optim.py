@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from tformer import GPT2, GPT2Config, kernels
+from tformer.nn import weight_copies
 from tformer.nn.weight_copies import half_weight
 from tformer.train.optim import AdamW, build_optimizer, global_norm, learning_rate
 
@@ -216,37 +217,40 @@ def test_the_compiled_update_is_torch_s_fused_adamw_to_the_last_bit_with_clippin
     shapes = [(32, 48), (16,), (5, 3), (7,), (64, 64), (32,)]
     ours = [torch.nn.Parameter(torch.randn(s, generator=g)) for s in shapes]
     theirs = [torch.nn.Parameter(p.detach().clone()) for p in ours]
-    copies = [half_weight(p, torch.bfloat16) for p in ours[:5]]  # as a forward pass keeps
-    settings = dict(lr=3e-2, betas=(0.9, 0.95), eps=1e-8)
-    our_optimizer = AdamW([{"params": ours, "weight_decay": 0.1}], **settings)
-    their_optimizer = torch.optim.AdamW(
-        [{"params": theirs, "weight_decay": 0.1}], **settings, fused=True
-    )
-    for step in range(4):
+    # as the trainer's loop: a forward pass keeps copies of the first five
+    with weight_copies.kept_between_steps():
+        copies = [half_weight(p, torch.bfloat16) for p in ours[:5]]
+        settings = dict(lr=3e-2, betas=(0.9, 0.95), eps=1e-8)
+        our_optimizer = AdamW([{"params": ours, "weight_decay": 0.1}], **settings)
+        their_optimizer = torch.optim.AdamW(
+            [{"params": theirs, "weight_decay": 0.1}], **settings, fused=True
+        )
+        for step in range(4):
+            for p, q in zip(ours, theirs, strict=True):
+                p.grad = torch.randn(p.shape, generator=g) * (step + 1)
+                q.grad = p.grad.clone()
+            # the same scale for both: s = max(1, ||g|| / c) as a float32 scalar tensor
+            scale = (global_norm(ours) + 1e-6) / 0.5
+            for group in our_optimizer.param_groups:
+                our_optimizer.update(group["params"], group, scale)
+            torch._foreach_div_([q.grad for q in theirs], scale)
+            their_optimizer.step()
+            for p, q in zip(ours, theirs, strict=True):
+                assert torch.equal(p, q) and torch.equal(p.grad, q.grad)
+            if kernels.load() is not None:  # the kernel wrote the copies it took
+                for i in (0, 1, 4):
+                    assert torch.equal(copies[i], ours[i].detach().bfloat16())
         for p, q in zip(ours, theirs, strict=True):
-            p.grad = torch.randn(p.shape, generator=g) * (step + 1)
-            q.grad = p.grad.clone()
-        # the same scale for both: s = max(1, ||g|| / c) as a float32 scalar tensor
-        scale = (global_norm(ours) + 1e-6) / 0.5
-        for group in our_optimizer.param_groups:
-            our_optimizer.update(group["params"], group, scale)
-        torch._foreach_div_([q.grad for q in theirs], scale)
-        their_optimizer.step()
-        for p, q in zip(ours, theirs, strict=True):
-            assert torch.equal(p, q) and torch.equal(p.grad, q.grad)
-        if kernels.load() is not None:  # the kernel wrote the copies it took
-            for i in (0, 1, 4):
-                assert torch.equal(copies[i], ours[i].detach().bfloat16())
-    for p, q in zip(ours, theirs, strict=True):
-        for name in ("exp_avg", "exp_avg_sq", "step"):
-            assert torch.equal(our_optimizer.state[p][name], their_optimizer.state[q][name])
-    group = our_optimizer.param_groups[0]
-    states = [our_optimizer.state_of(p) for p in ours]
-    left = AdamW.compiled_update(ours, states, group, None)
+            for name in ("exp_avg", "exp_avg_sq", "step"):
+                assert torch.equal(our_optimizer.state[p][name], their_optimizer.state[q][name])
+        group = our_optimizer.param_groups[0]
+        states = [our_optimizer.state_of(p) for p in ours]
+        left = AdamW.compiled_update(ours, states, group, None)
     if kernels.load() is not None:  # the kernel took the tensors it takes, and only those
         assert left == [2, 3, 5]
     else:
         assert left == [0, 1, 2, 3, 4, 5]
+    assert not weight_copies.any_kept()  # dropped with the block
 
 
 def test_the_kernel_refuses_states_it_cannot_update():
@@ -261,3 +265,20 @@ def test_the_kernel_refuses_states_it_cannot_update():
         library.adamw([(p, torch.zeros(32), p.clone(), p.clone(), None)], [1.0], group, None)
     with pytest.raises(ValueError, match="bf16 tensor"):
         library.adamw([(p, p.clone(), p.clone(), p.clone(), torch.zeros(16))], [1.0], group, None)
+
+
+def test_the_kernel_s_copy_is_torch_s_cast_to_the_bit_nan_and_infinities_included():
+    library = kernels.load()
+    if library is None:
+        pytest.skip("the C kernels are not built here")
+    p = torch.randn(48, generator=torch.Generator().manual_seed(0)) * 1e3
+    p[[3, 20]] = float("nan")
+    p[[4, 21]] = -float("nan")
+    p[[5, 22]] = float("inf")
+    p[[6, 40]] = -float("inf")
+    p[7] = 1.0 + 2**-8  # halfway between two bf16 values: rounds to the even one
+    g, m, v = torch.zeros(48), torch.zeros(48), torch.zeros(48)
+    copy = torch.empty(48, dtype=torch.bfloat16)
+    group = {"lr": 0.1, "betas": (0.9, 0.99), "eps": 1e-8, "weight_decay": 0.0}
+    library.adamw([(p, g, m, v, copy)], [1.0], group, None)
+    assert torch.equal(copy.view(torch.int16), p.bfloat16().view(torch.int16))

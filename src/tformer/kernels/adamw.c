@@ -10,16 +10,18 @@
                                     fma(w - 1, g - m, g)
      v = fma((1 - b2) g, g, v b2)  one rounding for the product and the sum
      p = p + (-step) m / (sqrt(v) / sqrt(1 - b2^t) + eps),   step = lr / (1 - b1^t)
-     copy = bf16(p)                 rounded to nearest even, as torch's cast
+     copy = bf16(p)                 rounded to nearest even, as torch's cast (NaN: 0xFFFF)
 
    in float32, each operation rounded once (an fma once for both of its operations), in
    this order: torch's fused AdamW on the CPU (torch.optim.AdamW(fused=True)) computes the
    same operations in the same order, so the two agree to the bit (a test holds them to
-   it) for tensors whose size is a multiple of 16: torch updates a tensor's last size % 16
-   elements in a scalar loop of its own, whose v can differ by an ulp, and the caller
-   leaves such tensors to torch (train/optim.py). This file is compiled without
-   contraction (build.py): the compiler would fuse other multiplies and adds into fmas,
-   and change the last bit.
+   it) for tensors whose size is a multiple of 16: torch updates the elements past its
+   vector loop's last whole vector (size % 16 with AVX-512, % 8 with AVX2) in a scalar loop
+   of its own, whose v can differ by an ulp, and the caller leaves such tensors to torch
+   (train/optim.py). The match rests on torch's build rounding v's product and sum once,
+   as its CPU kernels are built (the test checks it against the torch installed). This
+   file is compiled without contraction (build.py): the compiler would fuse other
+   multiplies and adds into fmas, and change the last bit.
 
    The tensors' elements, end to end, are split into one contiguous range per OpenMP
    thread: one call reads and writes every state once, at the memory's speed. */
@@ -69,7 +71,8 @@ static inline void update_one(const struct adamw_tensor *x, const struct coeffic
     const float denom = sqrtf(vi) / k->bc2 + k->eps;
     param = param + k->neg_step * mi / denom;
     p[i] = param;
-    if (x->copy) x->copy[i] = float_to_bf16_bits(param);
+    if (x->copy) /* NaN as torch's cast gives it */
+        x->copy[i] = param != param ? 0xFFFF : float_to_bf16_bits(param);
 }
 
 #ifdef __AVX512F__
@@ -86,6 +89,7 @@ static void update_vectors(const struct adamw_tensor *x, const struct coefficien
     const __m512 scale = _mm512_set1_ps(k->scale), neg_step = _mm512_set1_ps(k->neg_step);
     const __m512 bc2 = _mm512_set1_ps(k->bc2);
     const __m512i round = _mm512_set1_epi32(0x7FFF), one = _mm512_set1_epi32(1);
+    const __m512i nan_bits = _mm512_set1_epi32((int)0xFFFF0000u);
     float *p = x->param, *g = x->grad, *m = x->exp_avg, *v = x->exp_avg_sq;
     for (int64_t i = lo; i < hi; i += 16) {
         __m512 grad = _mm512_loadu_ps(g + i);
@@ -108,7 +112,9 @@ static void update_vectors(const struct adamw_tensor *x, const struct coefficien
         if (x->copy) { /* float_to_bf16_bits on 16 lanes */
             const __m512i bits = _mm512_castps_si512(param);
             const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), one);
-            const __m512i rounded = _mm512_add_epi32(bits, _mm512_add_epi32(round, odd));
+            __m512i rounded = _mm512_add_epi32(bits, _mm512_add_epi32(round, odd));
+            const __mmask16 nan = _mm512_cmp_ps_mask(param, param, _CMP_UNORD_Q);
+            rounded = _mm512_mask_mov_epi32(rounded, nan, nan_bits); /* torch's NaN */
             const __m256i half = _mm512_cvtepi32_epi16(_mm512_srli_epi32(rounded, 16));
             if (((uintptr_t)(x->copy + i) & 31) == 0)
                 _mm256_stream_si256((__m256i *)(x->copy + i), half);

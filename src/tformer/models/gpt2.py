@@ -86,7 +86,7 @@ from tformer.nn.lora import lora_layers
 from tformer.nn.norm import add_then_norm
 from tformer.nn.packed_linear import packed_layers
 from tformer.nn.seeding import seeded_generator
-from tformer.nn.sliced_head import sliced_head, sliced_head_is_faster, takes_slices
+from tformer.nn.sliced_head import may_slice, sliced_head, sliced_head_is_faster, takes_slices
 from tformer.nn.slot_cache import SlotCache
 from tformer.nn.sublayer import final_norm
 from tformer.tokenizers import Tokenizer
@@ -318,10 +318,11 @@ class GPT2(nn.Module):
         `(attention_mask.cumsum(-1) - 1).clamp(min=0)` so each row's text starts at position
         0. caches: one KVCache per block, for decoding.
         """
-        # The head tied to the token embedding gives the table a dense gradient of V x C;
-        # the lookup adds its T rows into it (nn/embedding.py's TiedGradient) where two
-        # dense tables would be filled and summed.
-        tied = TiedGradient() if self.lm_head.weight is self.token_embedding.weight else None
+        # The sliced head tied to the token embedding gives the table a dense gradient of
+        # V x C; the lookup's T rows then come sparse (nn/embedding.py's TiedGradient),
+        # where two dense tables would be filled and summed.
+        w = self.token_embedding.weight
+        tied = TiedGradient() if self.lm_head.weight is w and may_slice(w) else None
         h = self.features(input_ids, attention_mask, position_ids, caches, tied=tied)
         return self.unembed(h, tied=tied)
 
@@ -350,7 +351,7 @@ class GPT2(nn.Module):
         The arguments are forward's. Generation calls this and then `unembed` on the last
         position only: a prompt's other positions need no logits. tied: the link to the
         head tied to the token embedding, for a caller that also runs `unembed` with it
-        (the lookup's gradient then joins the head's: nn/embedding.py).
+        (the lookup's gradient then comes sparse where the head's is dense: nn/embedding.py).
         """
         past = caches[0].length if caches is not None else 0
         self.check_input(input_ids, position_ids, past)

@@ -18,10 +18,9 @@ sums: the head's, dense (V, C), and the lookup's, nonzero in the looked-up rows 
 
     dE = dlogits^T h + sum over positions t of e_{x_t} dx_t^T.
 
-TiedGradient lets the head hand its dense gradient to the lookup, whose backward pass (it
-comes last: the lookup is the first step of the forward pass) adds its T rows into it in
-place, where autograd would otherwise fill a second (V, C) table with them, or copy the
-first to add a sparse one.
+Where the head is known to give its dense part in the same backward pass (TiedGradient, set
+by the sliced head), the lookup gives its part sparse, which autograd adds into the dense
+one, where a dense lookup gradient would fill a second (V, C) table first.
 """
 
 import math
@@ -34,16 +33,16 @@ from torch.autograd.function import once_differentiable
 
 @dataclass
 class TiedGradient:
-    """The head's gradient of a tied table, left by the head's backward pass (a tensor
-    autograd holds until every use of the table has given its part) for the lookup's."""
+    """One forward pass's link between a tied table's lookup and its head: whether the
+    head's backward pass gave the table a dense gradient (it runs before the lookup's)."""
 
-    grad: torch.Tensor | None = None
+    head_gave: bool = False
 
 
 class TiedLookup(torch.autograd.Function):
-    """ids (...) and the table (V, C) -> its rows (..., C), whose backward pass adds the rows'
-    gradients into the head's dense gradient in place where the head left one (and then
-    gives none of its own), else gives them as a sparse gradient."""
+    """ids (...) and the table (V, C) -> its rows (..., C). The backward pass gives the
+    rows' gradient sparse where this pass's head gave a dense one (their sum is then
+    dense), else dense, as nn.functional.embedding's. First-order gradients only."""
 
     @staticmethod
     def forward(ctx, ids, weight, tied):
@@ -55,15 +54,23 @@ class TiedLookup(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_out):
         (ids,) = ctx.saved_tensors
-        head_grad, ctx.tied.grad = ctx.tied.grad, None
-        rows = grad_out.reshape(-1, grad_out.shape[-1])  # (N, C)
-        if head_grad is not None:
-            head_grad.index_add_(0, ids.reshape(-1), rows.to(head_grad.dtype))
-            return None, None, None
-        sparse = torch.ops.aten.embedding_backward(
-            rows, ids.reshape(-1), ctx.num_weights, -1, False, True
-        )
-        return None, sparse, None
+        rows, flat = grad_out.reshape(-1, grad_out.shape[-1]), ids.reshape(-1)  # (N, C), (N,)
+        sparse = ctx.tied.head_gave
+        grad = torch.ops.aten.embedding_backward(rows, flat, ctx.num_weights, -1, False, sparse)
+        return None, grad, None
+
+
+def links_tied_gradients(weight: torch.Tensor) -> bool:
+    """Whether a lookup of `weight` takes TiedLookup: training on the CPU under bf16 or
+    float16 autocast (the head's fast paths), outside torch.compile. Elsewhere the plain
+    lookup keeps second-order gradients and torch.func working."""
+    return (
+        torch.is_grad_enabled()
+        and weight.device.type == "cpu"
+        and torch.is_autocast_enabled("cpu")
+        and torch.get_autocast_dtype("cpu") in (torch.bfloat16, torch.float16)
+        and not torch.compiler.is_compiling()
+    )
 
 
 class TokenEmbedding(nn.Module):
@@ -77,8 +84,8 @@ class TokenEmbedding(nn.Module):
 
     def forward(self, ids: torch.Tensor, tied: TiedGradient | None = None) -> torch.Tensor:
         """With `tied`, the link to the head tied to this table (GPT2.forward): the lookup's
-        gradient joins the head's (TiedLookup), or comes sparse where the head left none."""
-        if tied is not None and torch.is_grad_enabled():
+        gradient comes sparse where the head gives a dense one (TiedLookup)."""
+        if tied is not None and links_tied_gradients(self.weight):
             x = TiedLookup.apply(ids, self.weight, tied)  # (..., T) -> (..., T, C)
         else:
             x = nn.functional.embedding(ids, self.weight)  # (..., T) -> (..., T, C)

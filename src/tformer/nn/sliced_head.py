@@ -34,12 +34,18 @@ def takes_slices(head: nn.Module) -> bool:
     return plain_linear(head) and head.bias is None
 
 
+def may_slice(weight: torch.Tensor) -> bool:
+    """Whether a head of this weight (V, C) could run in slices at all: more than two
+    slices' worth of vocabulary."""
+    return weight.shape[0] > 2 * VOCAB_SLICE
+
+
 def sliced_head_is_faster(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether the head's product x W^T (x (..., C), W (V, C), of one dtype) runs in slices:
     on the CPU, with more than two slices' worth of vocabulary, where this CPU trains a
     product of this shape faster so, as timed once (forward and backward, against
     nn.Linear's) at the row count rounded up to a power of two."""
-    if x.device.type != "cpu" or x.dtype != weight.dtype or weight.shape[0] <= 2 * VOCAB_SLICE:
+    if x.device.type != "cpu" or x.dtype != weight.dtype or not may_slice(weight):
         return False
     rows = 1 << max(x.numel() // x.shape[-1] - 1, 0).bit_length()  # N, rounded up
     size = f"{rows}x{x.shape[-1]}x{weight.shape[0]}"
@@ -62,8 +68,9 @@ def sliced_head(
 ) -> torch.Tensor:
     """logits = x W^T, the forward product in slices of VOCAB_SLICE words:
     x (..., C), weight (V, C) -> (..., V). Under autocast float32 inputs are cast to its
-    dtype first, as nn.Linear's product would be. With `tied`, the backward pass leaves the
-    weight's gradient there too, for the lookup of the table tied to it (nn/embedding.py)."""
+    dtype first, as nn.Linear's product would be. With `tied`, the backward pass says there
+    that it gave the weight a dense gradient, for the lookup of the table tied to it
+    (nn/embedding.py)."""
     return SlicedHead.apply(x, weight, tied)
 
 
@@ -98,6 +105,6 @@ class SlicedHead(torch.autograd.Function):
             grad_x = matmul(grad, w).to(ctx.x_dtype).view(ctx.shape)  # (N, C) -> (..., C)
         if ctx.needs_input_grad[1]:
             grad_w = matmul(grad.t(), rows).to(ctx.weight_dtype)  # (V, C)
-            if ctx.tied is not None:  # for the tied lookup to add its rows into
-                ctx.tied.grad = grad_w
+            if ctx.tied is not None:  # the tied lookup's part may come sparse
+                ctx.tied.head_gave = True
         return grad_x, grad_w, None

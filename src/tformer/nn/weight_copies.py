@@ -8,13 +8,18 @@ written there, the copy costs 2 bytes a weight more in a pass that is running an
 (kernels/adamw.c, train/optim.py), and the forward pass reads it as it is.
 
 A copy is used only while it is the weight's current value: it remembers the weight's
-version counter (which every in-place change to a tensor bumps, the optimizer's included)
-and storage, and any other change makes half_weight cast afresh. The copy is
-bf16(W) rounded to nearest even, the cast's own value, so the products are the same with
-or without it. Only float32 Parameters that train on the CPU keep one (2 bytes a weight of
-memory, for as long as the Parameter lives).
+version counter, which torch bumps at every in-place change made through the weight (the
+optimizer's included), and its storage; either changed, half_weight casts afresh. A write
+that bypasses the counter (through `p.data`, or a NumPy view of the storage) would leave
+the copy stale, so copies are kept only inside `kept_between_steps()`, which tformer's
+trainer wraps around its loop, where nothing writes so, and all are dropped on leaving it.
+The copy is bf16(W) rounded to nearest even, the cast's own value, so the products are
+the same with or without it. Only float32 Parameters that train on the CPU keep one (2
+bytes a weight of memory).
 """
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -30,12 +35,30 @@ class Copy:
 
 # by the weight's identity (a tensor's == is elementwise), forgotten when the weight goes
 _COPIES = WeakIdKeyDictionary()
+_KEEPING = 0  # how many kept_between_steps blocks are open
+
+
+@contextlib.contextmanager
+def kept_between_steps() -> Iterator[None]:
+    """Within this block trainable weights keep their bf16 copies from step to step; every
+    copy is dropped when the outermost block ends. For a training loop whose weights change
+    only through the optimizer and torch's in-place operations."""
+    global _KEEPING
+    _KEEPING += 1
+    try:
+        yield
+    finally:
+        _KEEPING -= 1
+        if _KEEPING == 0:
+            _COPIES.clear()
 
 
 def keeps_copy(weight: torch.Tensor) -> bool:
-    """Whether `weight` keeps a bf16 copy: a float32 Parameter that trains, on the CPU."""
+    """Whether `weight` keeps a bf16 copy: inside kept_between_steps, a float32 Parameter
+    that trains, on the CPU."""
     return (
-        isinstance(weight, torch.nn.Parameter)
+        _KEEPING > 0
+        and isinstance(weight, torch.nn.Parameter)
         and weight.requires_grad
         and weight.dtype == torch.float32
         and weight.device.type == "cpu"

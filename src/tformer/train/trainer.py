@@ -37,6 +37,7 @@ from tformer.data.tokens import IGNORE_INDEX, LMBatches, stacked
 from tformer.devices import allow_huge_pages, flush_denormals, keep_freed_memory
 from tformer.errors import ConfigError, RunDirectoryError, TrainingInterrupted
 from tformer.files import WRITE_ERRORS, atomic_write_json, is_write_error, write_failure
+from tformer.nn import weight_copies
 from tformer.nn.modes import evaluating
 from tformer.tokenizers import Tokenizer
 from tformer.train import distributed
@@ -294,18 +295,20 @@ def fit(
     keep_freed_memory()
     allow_huge_pages(model)
     try:
-        return _fit(
-            model,
-            train,
-            val,
-            config,
-            run_dir,
-            tokenizer,
-            resume,
-            progress,
-            on_record,
-            print_evaluations,
-        )
+        # bf16 products read each weight's copy as the optimizer last wrote it
+        with weight_copies.kept_between_steps():
+            return _fit(
+                model,
+                train,
+                val,
+                config,
+                run_dir,
+                tokenizer,
+                resume,
+                progress,
+                on_record,
+                print_evaluations,
+            )
     finally:
         flush_denormals(flushed_before, pool=on_cpu)
 
