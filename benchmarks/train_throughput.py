@@ -20,9 +20,11 @@ Each model first takes --warmup untimed steps: the first steps fault in the memo
 every later step reuses (the gradients, AdamW's moments, the step's activations), which
 under huge pages costs seconds a step on some machines (GPT-2 float32 here: 12.4, 5.3, 4.0,
 then 3.0 s), and the figure wanted is the steady step's (nanoGPT's train.py likewise counts
-its MFU from the sixth iteration).
+its MFU from the sixth iteration). With the two models taking turns, the fourth step was
+still slow in bf16 (GPT-2: tformer 1,060 and 1,249 ms against 870-1,000 after it,
+transformers 1,950 and 2,065 against 1,470-1,580, in two runs): five are untimed.
 
-    python benchmarks/train_throughput.py [--steps 4] [--warmup 3] [--only gpt2|char] [--json]
+    python benchmarks/train_throughput.py [--steps 4] [--warmup 5] [--only gpt2|char] [--json]
 """
 
 import argparse
@@ -152,7 +154,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=4, help="timed steps per model and dtype")
     parser.add_argument(
-        "--warmup", type=int, default=3, help="untimed steps per model before the timed ones"
+        "--warmup", type=int, default=5, help="untimed steps per model before the timed ones"
     )
     parser.add_argument("--only", choices=list(MODELS))
     parser.add_argument("--json", action="store_true")
