@@ -177,3 +177,21 @@ def test_the_compiled_transpose_checks_its_layout():
         library.transpose16(torch.zeros(4, 6, dtype=torch.bfloat16))
     with pytest.raises(ValueError, match="bfloat16 or float16"):
         library.transpose16(torch.zeros(6, 4).t())
+
+
+@pytest.mark.parametrize("shape", [(3, 5), (16, 16), (64, 48), (70, 130), (300, 260)])
+def test_the_compiled_transpose_into_float32_widens_each_value_exactly(shape):
+    library = kernels.load()
+    if library is None:
+        pytest.skip("the compiled kernels are not built here")
+    g = torch.Generator().manual_seed(1)
+    a = torch.randn(shape, generator=g).to(torch.bfloat16)
+    turned = library.transpose_to_f32(a)
+    assert turned.is_contiguous() and turned.dtype == torch.float32
+    assert torch.equal(turned, a.t().float())
+    wider = torch.randn(shape[0], shape[1] + 5, generator=g).to(torch.bfloat16)[:, : shape[1]]
+    assert torch.equal(library.transpose_to_f32(wider), wider.t().float())  # rows ld apart
+    with pytest.raises(ValueError, match="rows must be contiguous"):
+        library.transpose_to_f32(a.t())
+    with pytest.raises(ValueError, match="bfloat16"):
+        library.transpose_to_f32(a.float())

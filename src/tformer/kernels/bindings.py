@@ -780,6 +780,19 @@ class Kernels:
         self.library.tformer_transpose16(a.data_ptr(), r, c, a.stride(1), out.data_ptr())
         return out
 
+    @c_function("tformer_transpose_bf16_to_f32", [POINTER, SIZE, SIZE, SIZE, POINTER])
+    def transpose_to_f32(self, a: torch.Tensor) -> torch.Tensor:
+        """a.t() in float32, contiguous: a (R, C) a 2-D bfloat16 CPU tensor with rows
+        contiguous -> (C, R) float32, each value widened exactly."""
+        if a.dim() != 2 or a.dtype != torch.bfloat16 or a.device.type != "cpu":
+            raise ValueError("transpose_to_f32: a must be a 2-D bfloat16 CPU tensor")
+        r, c = a.shape
+        if a.stride(1) != 1 or a.stride(0) < max(c, 1):
+            raise ValueError("transpose_to_f32: a's rows must be contiguous")
+        out = torch.empty(c, r, dtype=torch.float32)
+        self.library.tformer_transpose_bf16_to_f32(a.data_ptr(), r, c, a.stride(0), out.data_ptr())
+        return out
+
     @c_function("tformer_layer_norm_bf16_out", [POINTER] * 3 + [REAL] + [POINTER] * 3 + [SIZE] * 2)
     def layer_norm_bf16_out(
         self,

@@ -14,6 +14,7 @@
    one row of dst. Elements outside whole blocks, and CPUs without AVX2, go one at a time. */
 
 #include <stdint.h>
+#include <string.h>
 
 #if defined(__AVX2__)
 #include <immintrin.h>
@@ -89,5 +90,57 @@ void tformer_transpose16(const uint16_t *src, int64_t rows, int64_t cols, int64_
 #endif
             elements(src, rows, ld, dst, i0, i1, j_whole, j1);      /* the last columns */
             elements(src, rows, ld, dst, i_whole, i1, j0, j_whole); /* the last rows */
+        }
+}
+
+#if BLOCK
+/* dst[j][i] = float(src[i][j]) for i, j < 16: the block turned in bf16 (block_16x16, into
+   the stack), then each row of it widened to float32. */
+static inline void block_16x16_to_f32(const uint16_t *src, int64_t ld, float *dst,
+                                      int64_t dst_ld) {
+    uint16_t turned[16 * 16];
+    block_16x16(src, ld, turned, 16);
+    for (int c = 0; c < 16; c++) {
+        const __m256i row = _mm256_loadu_si256((const __m256i *)(turned + c * 16));
+        const __m256i low = _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm256_castsi256_si128(row)), 16);
+        const __m256i high =
+            _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm256_extracti128_si256(row, 1)), 16);
+        _mm256_storeu_si256((__m256i *)(dst + c * dst_ld), low);
+        _mm256_storeu_si256((__m256i *)(dst + c * dst_ld + 8), high);
+    }
+}
+#endif
+
+/* dst[j][i] = float(src[i][j]) for i in [i0, i1), j in [j0, j1), one element at a time. */
+static void elements_to_f32(const uint16_t *src, int64_t rows, int64_t ld, float *dst,
+                            int64_t i0, int64_t i1, int64_t j0, int64_t j1) {
+    for (int64_t j = j0; j < j1; j++) {
+        float *out = dst + j * rows;
+        for (int64_t i = i0; i < i1; i++) {
+            const uint32_t bits = (uint32_t)src[i * ld + j] << 16;
+            memcpy(out + i, &bits, sizeof bits);
+        }
+    }
+}
+
+void tformer_transpose_bf16_to_f32(const uint16_t *src, int64_t rows, int64_t cols, int64_t ld,
+                                   float *dst) {
+    const int64_t row_tiles = (rows + TILE - 1) / TILE, col_tiles = (cols + TILE - 1) / TILE;
+#pragma omp parallel for collapse(2) schedule(static) if (rows * cols >= 65536)
+    for (int64_t tj = 0; tj < col_tiles; tj++)
+        for (int64_t ti = 0; ti < row_tiles; ti++) {
+            const int64_t i0 = ti * TILE, j0 = tj * TILE;
+            const int64_t i1 = i0 + TILE < rows ? i0 + TILE : rows;
+            const int64_t j1 = j0 + TILE < cols ? j0 + TILE : cols;
+            int64_t i_whole = i0, j_whole = j0;
+#if BLOCK
+            i_whole = i0 + (i1 - i0) / BLOCK * BLOCK;
+            j_whole = j0 + (j1 - j0) / BLOCK * BLOCK;
+            for (int64_t i = i0; i < i_whole; i += BLOCK)
+                for (int64_t j = j0; j < j_whole; j += BLOCK)
+                    block_16x16_to_f32(src + i * ld + j, ld, dst + j * rows + i, rows);
+#endif
+            elements_to_f32(src, rows, ld, dst, i0, i1, j_whole, j1);
+            elements_to_f32(src, rows, ld, dst, i_whole, i1, j0, j_whole);
         }
 }
