@@ -195,3 +195,19 @@ def test_the_compiled_transpose_into_float32_widens_each_value_exactly(shape):
         library.transpose_to_f32(a.t())
     with pytest.raises(ValueError, match="bfloat16"):
         library.transpose_to_f32(a.float())
+
+
+@pytest.mark.parametrize("path", ["as it reads", "transposed"])
+def test_a_weight_gradient_either_way_is_dy_t_x_in_float32(path, monkeypatch):
+    # both ways sum the same products in float32 and round once to bf16; against float64
+    if kernels.load() is None:
+        pytest.skip("the C kernels are not built here")
+    monkeypatch.setattr(rb, "fastest", lambda kind, key, names, candidates: path)
+    g = torch.Generator().manual_seed(2)
+    grad = torch.randn(300, 520, generator=g).to(torch.bfloat16)  # (M, N), K < N
+    rows = torch.randn(300, 96, generator=g).to(torch.bfloat16)  # (M, K)
+    dw = rb.weight_gradient(grad, rows, torch.float32)
+    assert dw.shape == (520, 96) and dw.dtype == torch.float32 and dw.is_contiguous()
+    exact = grad.double().t() @ rows.double()
+    torch.testing.assert_close(dw.double(), exact, rtol=2**-8, atol=1e-3)
+    assert torch.equal(dw, dw.bfloat16().float())  # a bf16 product's values, widened

@@ -21,7 +21,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from tformer import kernels
-from tformer.nn.row_blocks import autocast_dtype, large_plain_linear, matmul
+from tformer.nn.row_blocks import autocast_dtype, large_plain_linear, matmul, weight_gradient
 from tformer.nn.weight_copies import half_weight
 
 
@@ -72,6 +72,6 @@ class LinearGeluTanh(torch.autograd.Function):
             if ctx.needs_input_grad[0]:
                 grad_x = matmul(grad_z, w).to(x_dtype)  # (M, K)
             if ctx.needs_input_grad[1]:
-                grad_w = matmul(grad_z.t(), rows).to(weight_dtype)  # (N, K)
+                grad_w = weight_gradient(grad_z, rows, weight_dtype)  # (N, K)
         grad_b = grad_b.to(bias_dtype) if ctx.needs_input_grad[2] else None
         return grad_x, grad_w, grad_b, None

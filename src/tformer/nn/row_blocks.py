@@ -245,7 +245,37 @@ class RowBlockLinear(torch.autograd.Function):
             if ctx.needs_input_grad[0]:
                 grad_x = matmul(grad, w).to(x_dtype)  # (M, K)
             if ctx.needs_input_grad[1]:
-                grad_w = matmul(grad.t(), rows).to(weight_dtype)  # (N, K)
+                grad_w = weight_gradient(grad, rows, weight_dtype)  # (N, K)
             if bias_dtype is not None and ctx.needs_input_grad[2]:
                 grad_b = grad.sum(0).to(bias_dtype)  # (N,)
         return grad_x, grad_w, grad_b
+
+
+def weight_gradient(grad: torch.Tensor, rows: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A linear layer's dW = dy^T x in `dtype`: grad dy (M, N), rows x (M, K) -> (N, K).
+    Either as it reads (dy^T, a transposed view, through matmul), then cast; or transposed,
+    dW^T = x^T dy (K, N), turned into (N, K) by the cast to float32 it gets anyway
+    (kernels/transpose.c): then x^T is the transposed operand, where dy^T was, the smaller
+    one where K < N. Each element sums the same M products either way; which runs faster
+    is timed on the CPU in use once per shape (M rounded up as in fastest_path), for a bf16
+    product of a float32 weight over at least MIN_ROWS rows (elsewhere as it reads)."""
+    library = kernels.load_for(grad, (torch.bfloat16,))
+    if library is None or dtype != torch.float32 or rows.dtype != torch.bfloat16:
+        return matmul(grad.t(), rows).to(dtype)
+    if grad.shape[0] < MIN_ROWS:  # as matmul: too small to be worth a timing
+        return matmul(grad.t(), rows).to(dtype)
+    m, n, k = round_up(grad.shape[0]), grad.shape[1], rows.shape[1]
+    key = f"weight gradient {m}x{n}x{k} bfloat16 to float32"
+
+    def candidates():
+        g = torch.Generator().manual_seed(0)
+        grad_ = torch.randn(m, n, generator=g).to(torch.bfloat16)
+        rows_ = torch.randn(m, k, generator=g).to(torch.bfloat16)
+        return {
+            "as it reads": lambda: matmul(grad_.t(), rows_).to(dtype),
+            "transposed": lambda: library.transpose_to_f32(matmul(rows_.t(), grad_)),
+        }
+
+    if fastest(KIND, key, ("as it reads", "transposed"), candidates) == "transposed":
+        return library.transpose_to_f32(matmul(rows.t(), grad))  # (K, N) -> (N, K)
+    return matmul(grad.t(), rows).to(dtype)

@@ -19,10 +19,9 @@ import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from tformer import kernels
 from tformer.nn.embedding import TiedGradient
 from tformer.nn.measured import dtype_name, fastest, training_runs
-from tformer.nn.row_blocks import autocast_dtype, matmul, plain_linear
+from tformer.nn.row_blocks import autocast_dtype, matmul, plain_linear, weight_gradient
 from tformer.nn.weight_copies import half_weight
 
 VOCAB_SLICE = 8192  # columns per slice of the forward product (docs/LOG.md)
@@ -109,32 +108,3 @@ class SlicedHead(torch.autograd.Function):
             if ctx.tied is not None:  # the tied lookup's part may come sparse
                 ctx.tied.head_gave = True
         return grad_x, grad_w, None
-
-
-def weight_gradient(grad: torch.Tensor, rows: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """dW = dlogits^T x in `dtype`: grad (N, V), rows (N, C) -> (V, C). Either as it reads,
-    grad^T copied row-major first (a (V, N) copy), or transposed, dW^T = x^T grad (C, V),
-    turned into (V, C) by the cast to float32 it gets anyway (kernels/transpose.c): a copy
-    of x^T (C, N) in place of grad's, which is larger where C < N. The same sums either way
-    (each element sums the same N products); which runs faster is timed on the CPU in use,
-    once per shape (the rows rounded up to a power of two)."""
-    library = kernels.load_for(grad, (torch.bfloat16,))
-    if library is None or dtype != torch.float32 or rows.dtype != torch.bfloat16:
-        return matmul(grad.t(), rows).to(dtype)
-    n, c = rows.shape
-    v = grad.shape[1]
-    size = 1 << max(n - 1, 0).bit_length()  # N, rounded up
-    key = f"weight gradient {size}x{v}x{c} bfloat16 to float32"
-
-    def candidates():
-        g = torch.Generator().manual_seed(0)
-        grad_ = torch.randn(size, v, generator=g).to(torch.bfloat16)
-        rows_ = torch.randn(size, c, generator=g).to(torch.bfloat16)
-        return {
-            "as it reads": lambda: matmul(grad_.t(), rows_).to(dtype),
-            "transposed": lambda: library.transpose_to_f32(matmul(rows_.t(), grad_)),
-        }
-
-    if fastest(KIND, key, ("as it reads", "transposed"), candidates) == "transposed":
-        return library.transpose_to_f32(matmul(rows.t(), grad))  # (C, V) -> (V, C)
-    return matmul(grad.t(), rows).to(dtype)
