@@ -258,19 +258,20 @@ def weight_gradient(grad: torch.Tensor, rows: torch.Tensor, dtype: torch.dtype) 
     (kernels/transpose.c): then x^T is the transposed operand, where dy^T was, the smaller
     one where K < N. Each element sums the same M products either way; which runs faster
     is timed on the CPU in use once per shape (M rounded up as in fastest_path), for a bf16
-    product of a float32 weight over at least MIN_ROWS rows (elsewhere as it reads)."""
+    product of a float32 weight over at least MIN_ROWS rows, both operands row-major
+    (elsewhere as it reads)."""
     library = kernels.load_for(grad, (torch.bfloat16,))
     if library is None or dtype != torch.float32 or rows.dtype != torch.bfloat16:
         return matmul(grad.t(), rows).to(dtype)
-    if grad.shape[0] < MIN_ROWS:  # as matmul: too small to be worth a timing
-        return matmul(grad.t(), rows).to(dtype)
+    if grad.shape[0] < MIN_ROWS or not (grad.is_contiguous() and rows.is_contiguous()):
+        return matmul(grad.t(), rows).to(dtype)  # as matmul, too small to time; or strided
     m, n, k = round_up(grad.shape[0]), grad.shape[1], rows.shape[1]
     key = f"weight gradient {m}x{n}x{k} bfloat16 to float32"
 
     def candidates():
         g = torch.Generator().manual_seed(0)
-        grad_ = torch.randn(m, n, generator=g).to(torch.bfloat16)
-        rows_ = torch.randn(m, k, generator=g).to(torch.bfloat16)
+        grad_ = torch.randn(m, n, generator=g, dtype=torch.bfloat16)
+        rows_ = torch.randn(m, k, generator=g, dtype=torch.bfloat16)
         return {
             "as it reads": lambda: matmul(grad_.t(), rows_).to(dtype),
             "transposed": lambda: library.transpose_to_f32(matmul(rows_.t(), grad_)),

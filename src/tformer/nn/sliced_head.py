@@ -25,7 +25,7 @@ from tformer.nn.row_blocks import autocast_dtype, matmul, plain_linear, weight_g
 from tformer.nn.weight_copies import half_weight
 
 VOCAB_SLICE = 8192  # columns per slice of the forward product (docs/LOG.md)
-KIND = "head-v1"  # the measured choices' file and version (nn/measured.py)
+KIND = "head-v2"  # the measured choices' file and version (nn/measured.py)
 
 
 def takes_slices(head: nn.Module) -> bool:
