@@ -70,29 +70,6 @@ static void elements(const uint16_t *src, int64_t rows, int64_t ld, uint16_t *ds
     }
 }
 
-void tformer_transpose16(const uint16_t *src, int64_t rows, int64_t cols, int64_t ld,
-                         uint16_t *dst) {
-    const int64_t row_tiles = (rows + TILE - 1) / TILE, col_tiles = (cols + TILE - 1) / TILE;
-    /* a column of tiles at a time: its TILE rows of dst are written whole, one region */
-#pragma omp parallel for collapse(2) schedule(static) if (rows * cols >= 65536)
-    for (int64_t tj = 0; tj < col_tiles; tj++)
-        for (int64_t ti = 0; ti < row_tiles; ti++) {
-            const int64_t i0 = ti * TILE, j0 = tj * TILE;
-            const int64_t i1 = i0 + TILE < rows ? i0 + TILE : rows;
-            const int64_t j1 = j0 + TILE < cols ? j0 + TILE : cols;
-            int64_t i_whole = i0, j_whole = j0; /* where the whole blocks end */
-#if BLOCK
-            i_whole = i0 + (i1 - i0) / BLOCK * BLOCK;
-            j_whole = j0 + (j1 - j0) / BLOCK * BLOCK;
-            for (int64_t i = i0; i < i_whole; i += BLOCK)
-                for (int64_t j = j0; j < j_whole; j += BLOCK)
-                    block_16x16(src + i * ld + j, ld, dst + j * rows + i, rows);
-#endif
-            elements(src, rows, ld, dst, i0, i1, j_whole, j1);      /* the last columns */
-            elements(src, rows, ld, dst, i_whole, i1, j0, j_whole); /* the last rows */
-        }
-}
-
 #if BLOCK
 /* dst[j][i] = float(src[i][j]) for i, j < 16: the block turned in bf16 (block_16x16, into
    the stack), then each row of it widened to float32. */
@@ -102,9 +79,10 @@ static inline void block_16x16_to_f32(const uint16_t *src, int64_t ld, float *ds
     block_16x16(src, ld, turned, 16);
     for (int c = 0; c < 16; c++) {
         const __m256i row = _mm256_loadu_si256((const __m256i *)(turned + c * 16));
-        const __m256i low = _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm256_castsi256_si128(row)), 16);
-        const __m256i high =
-            _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm256_extracti128_si256(row, 1)), 16);
+        const __m128i first = _mm256_castsi256_si128(row);
+        const __m128i second = _mm256_extracti128_si256(row, 1);
+        const __m256i low = _mm256_slli_epi32(_mm256_cvtepu16_epi32(first), 16);
+        const __m256i high = _mm256_slli_epi32(_mm256_cvtepu16_epi32(second), 16);
         _mm256_storeu_si256((__m256i *)(dst + c * dst_ld), low);
         _mm256_storeu_si256((__m256i *)(dst + c * dst_ld + 8), high);
     }
@@ -123,24 +101,47 @@ static void elements_to_f32(const uint16_t *src, int64_t rows, int64_t ld, float
     }
 }
 
-void tformer_transpose_bf16_to_f32(const uint16_t *src, int64_t rows, int64_t cols, int64_t ld,
-                                   float *dst) {
+/* The tiles of src, split over the threads, each turned into dst: uint16_t elements, or
+   with to_f32 float32 ones (each bf16 widened). */
+static void transpose_tiles(const uint16_t *src, int64_t rows, int64_t cols, int64_t ld,
+                            void *dst, int to_f32) {
     const int64_t row_tiles = (rows + TILE - 1) / TILE, col_tiles = (cols + TILE - 1) / TILE;
+    /* a column of tiles at a time: its TILE rows of dst are written whole, one region */
 #pragma omp parallel for collapse(2) schedule(static) if (rows * cols >= 65536)
     for (int64_t tj = 0; tj < col_tiles; tj++)
         for (int64_t ti = 0; ti < row_tiles; ti++) {
             const int64_t i0 = ti * TILE, j0 = tj * TILE;
             const int64_t i1 = i0 + TILE < rows ? i0 + TILE : rows;
             const int64_t j1 = j0 + TILE < cols ? j0 + TILE : cols;
-            int64_t i_whole = i0, j_whole = j0;
+            int64_t i_whole = i0, j_whole = j0; /* where the whole blocks end */
 #if BLOCK
             i_whole = i0 + (i1 - i0) / BLOCK * BLOCK;
             j_whole = j0 + (j1 - j0) / BLOCK * BLOCK;
             for (int64_t i = i0; i < i_whole; i += BLOCK)
-                for (int64_t j = j0; j < j_whole; j += BLOCK)
-                    block_16x16_to_f32(src + i * ld + j, ld, dst + j * rows + i, rows);
+                for (int64_t j = j0; j < j_whole; j += BLOCK) {
+                    if (to_f32)
+                        block_16x16_to_f32(src + i * ld + j, ld, (float *)dst + j * rows + i,
+                                           rows);
+                    else
+                        block_16x16(src + i * ld + j, ld, (uint16_t *)dst + j * rows + i, rows);
+                }
 #endif
-            elements_to_f32(src, rows, ld, dst, i0, i1, j_whole, j1);
-            elements_to_f32(src, rows, ld, dst, i_whole, i1, j0, j_whole);
+            if (to_f32) { /* the last columns, then the last rows */
+                elements_to_f32(src, rows, ld, dst, i0, i1, j_whole, j1);
+                elements_to_f32(src, rows, ld, dst, i_whole, i1, j0, j_whole);
+            } else {
+                elements(src, rows, ld, dst, i0, i1, j_whole, j1);
+                elements(src, rows, ld, dst, i_whole, i1, j0, j_whole);
+            }
         }
+}
+
+void tformer_transpose16(const uint16_t *src, int64_t rows, int64_t cols, int64_t ld,
+                         uint16_t *dst) {
+    transpose_tiles(src, rows, cols, ld, dst, 0);
+}
+
+void tformer_transpose_bf16_to_f32(const uint16_t *src, int64_t rows, int64_t cols, int64_t ld,
+                                   float *dst) {
+    transpose_tiles(src, rows, cols, ld, dst, 1);
 }
