@@ -15,6 +15,7 @@ def keeping():
 
 def test_a_training_weight_keeps_its_bf16_cast_until_it_changes():
     w = torch.nn.Parameter(torch.randn(32, 16))
+    weight_copies.register([w])  # as its optimizer does
     first = half_weight(w, torch.bfloat16)
     assert first.dtype == torch.bfloat16 and torch.equal(first, w.detach().bfloat16())
     assert half_weight(w, torch.bfloat16) is first  # kept
@@ -31,6 +32,7 @@ def test_a_training_weight_keeps_its_bf16_cast_until_it_changes():
     [torch.randn(4, 4), torch.nn.Parameter(torch.randn(4, 4), requires_grad=False)],
 )
 def test_only_trainable_parameters_keep_a_copy(weight):
+    weight_copies.register([weight])
     assert half_weight(weight, torch.bfloat16) is not half_weight(weight, torch.bfloat16)
     assert torch.equal(half_weight(weight, torch.float16), weight.half())
 
@@ -51,6 +53,7 @@ def test_the_optimizer_writes_the_copy_the_next_forward_pass_reads():
 
 def test_copies_are_kept_only_inside_the_block_and_dropped_on_leaving_it():
     w = torch.nn.Parameter(torch.randn(8, 8))
+    weight_copies.register([w])
     with weight_copies.kept_between_steps():  # nested in the fixture's block
         kept = half_weight(w, torch.bfloat16)
     assert half_weight(w, torch.bfloat16) is kept  # the outer block is still open
@@ -60,6 +63,7 @@ def test_copies_are_kept_only_inside_the_block_and_dropped_on_leaving_it():
 
 def test_outside_the_block_nothing_is_kept():
     w = torch.nn.Parameter(torch.randn(8, 8))
+    weight_copies.register([w])
     # the fixture's block is open: leave it for this check by hand
     weight_copies._KEEPING -= 1
     try:
@@ -67,3 +71,11 @@ def test_outside_the_block_nothing_is_kept():
         assert weight_copies.copy_to_write(w) is None
     finally:
         weight_copies._KEEPING += 1
+
+
+def test_a_weight_no_optimizer_writes_the_copy_of_keeps_none():
+    # a sharded model's gathered weights, say: written in place by a collective
+    w = torch.nn.Parameter(torch.randn(8, 8))
+    assert half_weight(w, torch.bfloat16) is not half_weight(w, torch.bfloat16)
+    torch.optim.AdamW([w])  # torch's optimizer writes no copies either
+    assert weight_copies.copy_to_write(w) is None and not weight_copies.keeps_copy(w)

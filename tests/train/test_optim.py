@@ -219,12 +219,12 @@ def test_the_compiled_update_is_torch_s_fused_adamw_to_the_last_bit_with_clippin
     theirs = [torch.nn.Parameter(p.detach().clone()) for p in ours]
     # as the trainer's loop: a forward pass keeps copies of the first five
     with weight_copies.kept_between_steps():
-        copies = [half_weight(p, torch.bfloat16) for p in ours[:5]]
         settings = dict(lr=3e-2, betas=(0.9, 0.95), eps=1e-8)
         our_optimizer = AdamW([{"params": ours, "weight_decay": 0.1}], **settings)
         their_optimizer = torch.optim.AdamW(
             [{"params": theirs, "weight_decay": 0.1}], **settings, fused=True
         )
+        copies = [half_weight(p, torch.bfloat16) for p in ours[:5]]
         for step in range(4):
             for p, q in zip(ours, theirs, strict=True):
                 p.grad = torch.randn(p.shape, generator=g) * (step + 1)

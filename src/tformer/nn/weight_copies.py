@@ -12,7 +12,10 @@ version counter, which torch bumps at every in-place change made through the wei
 optimizer's included), and its storage; either changed, half_weight casts afresh. A write
 that bypasses the counter (through `p.data`, or a NumPy view of the storage) would leave
 the copy stale, so copies are kept only inside `kept_between_steps()`, which tformer's
-trainer wraps around its loop, where nothing writes so, and all are dropped on leaving it.
+trainer wraps around its loop, where nothing writes so, and all are dropped on leaving it;
+and only for weights that an optimizer which writes their copies holds (`register`:
+tformer's AdamW), so that weights written another way (a sharded model's, gathered into
+place for each step by the collective) cast afresh every time.
 The copy is bf16(W) rounded to nearest even, the cast's own value, so the products are
 the same with or without it. Only float32 Parameters that train on the CPU keep one (2
 bytes a weight of memory).
@@ -36,6 +39,14 @@ class Copy:
 # by the weight's identity (a tensor's == is elementwise), forgotten when the weight goes
 _COPIES = WeakIdKeyDictionary()
 _KEEPING = 0  # how many kept_between_steps blocks are open
+_REGISTERED = WeakIdKeyDictionary()  # the weights an optimizer writes the copies of
+
+
+def register(weights: list[torch.Tensor]) -> None:
+    """For an optimizer that writes the copies of `weights` when it updates them (with
+    copy_to_write and written): they may keep one."""
+    for w in weights:
+        _REGISTERED[w] = True
 
 
 @contextlib.contextmanager
@@ -55,9 +66,10 @@ def kept_between_steps() -> Iterator[None]:
 
 def keeps_copy(weight: torch.Tensor) -> bool:
     """Whether `weight` keeps a bf16 copy: inside kept_between_steps, a float32 Parameter
-    that trains, on the CPU."""
+    that trains, on the CPU, registered by its optimizer."""
     return (
         _KEEPING > 0
+        and weight in _REGISTERED
         and isinstance(weight, torch.nn.Parameter)
         and weight.requires_grad
         and weight.dtype == torch.float32

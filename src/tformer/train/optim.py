@@ -72,6 +72,7 @@ class AdamW:
         for group in self.param_groups:
             group["params"] = list(group["params"])
         self.state: dict[torch.Tensor, dict[str, torch.Tensor]] = {}
+        weight_copies.register(self.parameters())  # compiled_update writes their bf16 copies
 
     def parameters(self) -> list[torch.Tensor]:
         return [p for group in self.param_groups for p in group["params"]]
