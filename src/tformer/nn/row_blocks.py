@@ -261,10 +261,11 @@ def weight_gradient(grad: torch.Tensor, rows: torch.Tensor, dtype: torch.dtype) 
     product of a float32 weight over at least MIN_ROWS rows, both operands row-major
     (elsewhere as it reads)."""
     library = kernels.load_for(grad, (torch.bfloat16,))
-    if library is None or dtype != torch.float32 or rows.dtype != torch.bfloat16:
+    takes = library is not None and dtype == torch.float32 and rows.dtype == torch.bfloat16
+    # as matmul: fewer than MIN_ROWS rows are not worth a timing
+    takes = takes and grad.shape[0] >= MIN_ROWS and grad.is_contiguous() and rows.is_contiguous()
+    if not takes:
         return matmul(grad.t(), rows).to(dtype)
-    if grad.shape[0] < MIN_ROWS or not (grad.is_contiguous() and rows.is_contiguous()):
-        return matmul(grad.t(), rows).to(dtype)  # as matmul, too small to time; or strided
     m, n, k = round_up(grad.shape[0]), grad.shape[1], rows.shape[1]
     key = f"weight gradient {m}x{n}x{k} bfloat16 to float32"
 
