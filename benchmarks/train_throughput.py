@@ -4,31 +4,40 @@ For GPT-2 124M (context 1024, batch 1) and the small character model (6 layers, 
 6 heads, context 256, vocabulary 65, batch 16), in float32 and with bf16 autocast: training
 tokens per second of one full step (forward, loss, backward, gradient clipping, fused
 AdamW), for tformer's GPT2 and transformers' GPT2LMHeadModel of the same configuration
-(no dropout), taking turns step by step so that both meet the same machine. tformer runs
-the way `tformer train` does (the blocked attention path on a CPU, its own loss,
-the clipping inside AdamW's pass); transformers the way its users do (`labels=`, its own
-loss, clip_grad_norm_ before the same AdamW). Both run under the C allocator `tformer
-train` starts under (jemalloc where it is installed: tformer/cli/launch.py).
+(no dropout). tformer runs the way `tformer train` does (the blocked attention path on a
+CPU, its own loss, the clipping inside AdamW's pass); transformers the way its users do
+(`labels=`, its own loss, clip_grad_norm_ before the same AdamW). Both run under the C
+allocator `tformer train` starts under (jemalloc where it is installed:
+tformer/cli/launch.py).
+
+Each model trains in a process of its own, as a user's run does, and the two take turns
+(--rounds times, each going first in every other round), because the host's speed drifts
+by 10-20% over minutes: a row gives each side's best round. With --in-process both models
+live in one process and take turns step by step, which is quicker but costs both: the
+other model's memory and caches between one's steps (docs/LOG.md, session 27: tformer's
+GPT-2 bf16 5-7% slower than alone, transformers 2-5%).
 
 MFU = tokens/s x FLOPs per token / peak FLOP/s, with FLOPs per token = 6 N + 12 L T C
 (N the parameters that multiply, i.e. all but the position embeddings, the head counted
 once; Chowdhery et al., 2022, appendix B), and the peak measured by a large matmul of the
-row's dtype just before and just after the row's steps, the larger of the two (the host's
-speed drifts by 10-20% over minutes; the larger peak gives the smaller, stricter MFU).
+row's dtype just before and just after each run's steps, the largest of a row's (the
+larger peak gives the smaller, stricter MFU).
 
 Each model first takes --warmup untimed steps: the first steps fault in the memory that
 every later step reuses (the gradients, AdamW's moments, the step's activations), which
 under huge pages costs seconds a step on some machines (GPT-2 float32 here: 12.4, 5.3, 4.0,
 then 3.0 s), and the figure wanted is the steady step's (nanoGPT's train.py likewise counts
-its MFU from the sixth iteration). With the two models taking turns, the fourth step was
-still slow in bf16 (GPT-2: tformer 1,060 and 1,249 ms against 870-1,000 after it,
-transformers 1,950 and 2,065 against 1,470-1,580, in two runs): five are untimed.
+its MFU from the sixth iteration). With the two models taking turns in one process, the
+fourth step was still slow in bf16 (GPT-2: tformer 1,060 and 1,249 ms against 870-1,000
+after it, transformers 1,950 and 2,065 against 1,470-1,580, in two runs): five are untimed.
 
-    python benchmarks/train_throughput.py [--steps 4] [--warmup 5] [--only gpt2|char] [--json]
+    python benchmarks/train_throughput.py [--steps 4] [--warmup 5] [--rounds 2]
+        [--in-process] [--only gpt2|char] [--json]
 """
 
 import argparse
 import json
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -78,12 +87,11 @@ def flops_per_token(n_layers: int, d_model: int, context: int, vocab: int) -> fl
     return 6 * n + 12 * n_layers * context * d_model
 
 
-def build(name: str, dtype: str):
-    import transformers
-
+def build(name: str, who: str) -> torch.nn.Module:
+    """`who`'s model ("tformer" or "transformers") of MODELS[name]'s shape."""
     n_layers, n_heads, d_model, context, vocab, _ = MODELS[name]
-    ours = GPT2(
-        GPT2Config(
+    if who == "tformer":
+        config = GPT2Config(
             vocab_size=vocab,
             max_len=context,
             d_model=d_model,
@@ -91,10 +99,13 @@ def build(name: str, dtype: str):
             n_heads=n_heads,
             dropout=0.0,
             attention=attention_for("auto", torch.device("cpu")),  # as `tformer train`
-        ),
-        seed=0,
-    )
-    theirs = transformers.GPT2LMHeadModel(
+        )
+        model = GPT2(config, seed=0)
+        allow_huge_pages(model)  # as tformer's trainer does
+        return model
+    import transformers
+
+    return transformers.GPT2LMHeadModel(
         transformers.GPT2Config(
             vocab_size=vocab,
             n_positions=context,
@@ -108,7 +119,6 @@ def build(name: str, dtype: str):
             eos_token_id=vocab - 1,
         )
     )
-    return ours, theirs
 
 
 class Trainer:
@@ -150,76 +160,137 @@ def transformers_loss(model, ids):
     return model(input_ids=ids[:, :-1], labels=ids[:, :-1]).loss
 
 
+WHO = ("tformer", "transformers")
+
+
+def trainer(name: str, dtype: str, who: str) -> Trainer:
+    _, _, _, context, vocab, batch = MODELS[name]
+    loss_fn = tformer_loss if who == "tformer" else transformers_loss
+    # tformer's clipping inside AdamW's pass, as `tformer train` does
+    return Trainer(
+        build(name, who), loss_fn, dtype, batch, context, vocab, fused_clip=who == WHO[0]
+    )
+
+
+def in_process(name: str, dtype: str, steps: int, warmup: int) -> tuple[dict, list[float]]:
+    """Both models in this process, taking turns step by step: each one's tokens/s, and the
+    peaks measured before and after."""
+    runs = {who: trainer(name, dtype, who) for who in WHO}
+    peaks = [peak_flops(getattr(torch, dtype))]
+    for _ in range(warmup):
+        for run in runs.values():
+            run.step(timed=False)
+    for _ in range(steps):
+        for run in runs.values():  # alternate, step by step
+            run.step(timed=True)
+    peaks.append(peak_flops(getattr(torch, dtype)))
+    return {who: [run.tokens / run.seconds] for who, run in runs.items()}, peaks
+
+
+def alone(name: str, dtype: str, who: str, steps: int, warmup: int) -> dict:
+    """`who`'s model alone in this process (--child): its tokens/s, and the peaks measured
+    before and after its steps."""
+    run = trainer(name, dtype, who)
+    peaks = [peak_flops(getattr(torch, dtype))]
+    for _ in range(warmup):
+        run.step(timed=False)
+    for _ in range(steps):
+        run.step(timed=True)
+    peaks.append(peak_flops(getattr(torch, dtype)))
+    return {"tokens_per_second": run.tokens / run.seconds, "peaks": peaks}
+
+
+def in_turns(
+    name: str, dtype: str, steps: int, warmup: int, rounds: int
+) -> tuple[dict, list[float]]:
+    """Each model in a process of its own, the two taking turns `rounds` times, each going
+    first in every other round: each one's tokens/s per round, and every peak measured."""
+    figures, peaks = {who: [] for who in WHO}, []
+    for r in range(rounds):
+        for who in WHO if r % 2 == 0 else WHO[::-1]:
+            command = [sys.executable, __file__, "--child", f"{name},{dtype},{who}"]
+            command += ["--steps", str(steps), "--warmup", str(warmup)]
+            out = subprocess.run(command, capture_output=True, text=True)
+            if out.returncode != 0:
+                sys.exit(f"{who}'s {name} {dtype} run failed:\n{out.stderr[-2000:]}")
+            result = json.loads(out.stdout.strip().splitlines()[-1])
+            figures[who].append(result["tokens_per_second"])
+            peaks += result["peaks"]
+    return figures, peaks
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=4, help="timed steps per model and dtype")
     parser.add_argument(
         "--warmup", type=int, default=5, help="untimed steps per model before the timed ones"
     )
+    parser.add_argument(
+        "--rounds", type=int, default=2, help="turns of the two models' processes per row"
+    )
+    parser.add_argument(
+        "--in-process",
+        action="store_true",
+        help="both models in this process, taking turns step by step (quicker, slower steps)",
+    )
     parser.add_argument("--only", choices=list(MODELS))
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--child", help=argparse.SUPPRESS)  # MODEL,DTYPE,WHO: one run, alone
     args = parser.parse_args()
-    if args.steps < 1 or args.warmup < 0:
-        parser.error("--steps must be at least 1 and --warmup at least 0")
+    if args.steps < 1 or args.warmup < 0 or args.rounds < 1:
+        parser.error("--steps and --rounds must be at least 1 and --warmup at least 0")
+    keep_freed_memory()  # for both models, as tformer's trainer does
+    if args.child:
+        name, dtype, who = args.child.split(",")
+        # each weight's bf16 copy kept from step to step, as tformer's trainer keeps it
+        with weight_copies.kept_between_steps():
+            print(json.dumps(alone(name, dtype, who, args.steps, args.warmup)))
+        return
     machine = machine_line()
     allocator = allocator_in_use()
-    print(f"{machine}; allocator: {allocator}", file=sys.stderr)
-    keep_freed_memory()  # for both models, as tformer's trainer does
+    mode = "both in one process" if args.in_process else f"a process each, {args.rounds} rounds"
+    print(f"{machine}; allocator: {allocator}; {mode}", file=sys.stderr)
     # Without native bf16 (AMX or AVX-512-BF16) a CPU emulates it about 100x slower than
     # float32: nobody trains so, and the runs would take hours.
     dtypes = ["float32", "bfloat16"] if bf16_supported(torch.device("cpu")) else ["float32"]
     if dtypes == ["float32"]:
         print("bf16 left out: this CPU has no native bf16", file=sys.stderr)
     rows = []
-    # each weight's bf16 copy kept from step to step, as tformer's trainer keeps it
-    with weight_copies.kept_between_steps():
-        for name in [args.only] if args.only else list(MODELS):
-            n_layers, _, d_model, context, vocab, batch = MODELS[name]
-            per_token = flops_per_token(n_layers, d_model, context, vocab)
-            for dtype in dtypes:
-                ours, theirs = build(name, dtype)
-                allow_huge_pages(ours)  # for both models, as tformer's trainer would for ours
-                runs = {
-                    "tformer": Trainer(
-                        ours, tformer_loss, dtype, batch, context, vocab, fused_clip=True
-                    ),
-                    "transformers": Trainer(
-                        theirs, transformers_loss, dtype, batch, context, vocab, fused_clip=False
-                    ),
+    for name in [args.only] if args.only else list(MODELS):
+        n_layers, _, d_model, context, vocab, batch = MODELS[name]
+        per_token = flops_per_token(n_layers, d_model, context, vocab)
+        for dtype in dtypes:
+            if args.in_process:
+                with weight_copies.kept_between_steps():
+                    figures, peaks = in_process(name, dtype, args.steps, args.warmup)
+            else:
+                figures, peaks = in_turns(name, dtype, args.steps, args.warmup, args.rounds)
+            peak = max(peaks)
+            row = {"model": name, "dtype": dtype, "batch": batch, "context": context}
+            row["peak_tflops"] = round(peak / 1e12, 3)
+            for who in WHO:
+                tokens_per_second = max(figures[who])  # the best round
+                row[who] = {
+                    "tokens_per_second": round(tokens_per_second, 1),
+                    "mfu": round(tokens_per_second * per_token / peak, 4),
+                    "rounds": [round(f, 1) for f in figures[who]],
                 }
-                peak_before = peak_flops(getattr(torch, dtype))
-                for _ in range(args.warmup):
-                    for run in runs.values():
-                        run.step(timed=False)
-                for _ in range(args.steps):
-                    for run in runs.values():  # alternate, step by step
-                        run.step(timed=True)
-                peak = max(peak_before, peak_flops(getattr(torch, dtype)))
-                row = {"model": name, "dtype": dtype, "batch": batch, "context": context}
-                row["peak_tflops"] = round(peak / 1e12, 3)
-                for who, run in runs.items():
-                    tokens_per_second = run.tokens / run.seconds
-                    row[who] = {
-                        "tokens_per_second": round(tokens_per_second, 1),
-                        "mfu": round(tokens_per_second * per_token / peak, 4),
-                    }
-                row["ratio"] = round(
-                    row["tformer"]["tokens_per_second"] / row["transformers"]["tokens_per_second"],
-                    2,
-                )
-                rows.append(row)
-                ours_per_second = row["tformer"]["tokens_per_second"]
-                print(
-                    f"{name:>5} {dtype:>8}: tformer {ours_per_second:8.1f} tok/s "
-                    f"(MFU {row['tformer']['mfu']:.1%}) | transformers "
-                    f"{row['transformers']['tokens_per_second']:8.1f} tok/s "
-                    f"(MFU {row['transformers']['mfu']:.1%}) | ratio {row['ratio']:.2f}x | "
-                    f"peak {row['peak_tflops']:.3f} TFLOP/s",
-                    file=sys.stderr,
-                )
-                del ours, theirs, runs
+            row["ratio"] = round(
+                row["tformer"]["tokens_per_second"] / row["transformers"]["tokens_per_second"], 2
+            )
+            rows.append(row)
+            ours_per_second = row["tformer"]["tokens_per_second"]
+            print(
+                f"{name:>5} {dtype:>8}: tformer {ours_per_second:8.1f} tok/s "
+                f"(MFU {row['tformer']['mfu']:.1%}) | transformers "
+                f"{row['transformers']['tokens_per_second']:8.1f} tok/s "
+                f"(MFU {row['transformers']['mfu']:.1%}) | ratio {row['ratio']:.2f}x | "
+                f"peak {row['peak_tflops']:.3f} TFLOP/s",
+                file=sys.stderr,
+            )
     if args.json:
-        print(json.dumps({"machine": machine, "allocator": allocator, "rows": rows}))
+        mode = "in-process" if args.in_process else "a process each"
+        print(json.dumps({"machine": machine, "allocator": allocator, "mode": mode, "rows": rows}))
 
 
 if __name__ == "__main__":

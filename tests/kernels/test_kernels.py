@@ -347,12 +347,14 @@ def test_a_failing_compiler_gives_its_message_and_no_library(monkeypatch, tmp_pa
     assert not list((tmp_path / "kernels").glob("*.so"))  # nothing half-written is left
 
 
+@pytest.mark.parametrize("one_visit", [False, True], ids=["two passes", "one visit"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("smoothing", [0.0, 0.1])
 @pytest.mark.parametrize("v", [5, 37, 8000])  # 37: rows end in a partial vector
-def test_cross_entropy_kernel_equals_the_float64_formula(compiled, smoothing, v, dtype):
+def test_cross_entropy_kernel_equals_the_float64_formula(compiled, smoothing, v, dtype, one_visit):
     """Each row's loss and log-sum-exp, and the gradient in the logits' dtype, against
-    float64 torch."""
+    float64 torch: from the forward and backward kernels, and from the one that does both
+    in one visit of each row."""
     g = torch.Generator().manual_seed(v)
     logits = (torch.randn(67, v, generator=g) * 6).to(dtype)
     logits[3, :] = -30.0  # a flat row, and a row whose target is far below its maximum
@@ -360,14 +362,19 @@ def test_cross_entropy_kernel_equals_the_float64_formula(compiled, smoothing, v,
     targets = torch.randint(0, v, (67,), generator=g)
     targets[4] = 1
     row_scale = torch.rand(67, generator=g)
-    loss, lse = compiled.smoothed_ce_forward(logits, targets, smoothing)
+    if one_visit:
+        loss, lse, grad = compiled.smoothed_ce_forward_backward(
+            logits, targets, row_scale, smoothing
+        )
+    else:
+        loss, lse = compiled.smoothed_ce_forward(logits, targets, smoothing)
+        grad = compiled.smoothed_ce_backward(logits, targets, lse, row_scale, smoothing)
     exact = logits.double()
     log_p = torch.log_softmax(exact, -1)
     expected = -(1 - smoothing) * log_p.gather(-1, targets[:, None])[:, 0]
     expected -= smoothing * log_p.mean(-1)
     torch.testing.assert_close(lse.double(), torch.logsumexp(exact, -1), rtol=1e-6, atol=1e-5)
     torch.testing.assert_close(loss.double(), expected, rtol=1e-6, atol=1e-5)
-    grad = compiled.smoothed_ce_backward(logits, targets, lse, row_scale, smoothing)
     q = torch.full_like(exact, smoothing / v)
     q[torch.arange(67), targets] += 1 - smoothing
     expected_grad = row_scale.double()[:, None] * (log_p.exp() - q)

@@ -200,3 +200,49 @@ def test_the_loss_has_no_second_derivative_to_give_wrongly():
     (grad,) = torch.autograd.grad(loss, logits, create_graph=True)
     with pytest.raises(RuntimeError):
         torch.autograd.grad(grad.square().sum(), logits)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("upstream", [1.0, 0.3, 0.25])  # the loss as it is, scaled, halved
+def test_the_gradient_written_by_the_forward_pass_is_the_loss_s_gradient(dtype, upstream):
+    """The compiled path writes the gradient for d(total)/d(loss) = 1 in the forward pass
+    and scales it in the backward pass: against float64 torch, for the loss as it is and
+    scaled (as gradient accumulation divides it); a second backward pass over the same
+    graph gives the same gradient, computed afresh."""
+    if losses.cpu_kernels(torch.empty(0)) is None:
+        pytest.skip("the compiled kernels are not available here")
+    g = torch.Generator().manual_seed(6)
+    logits = (torch.randn(70, 3000, generator=g) * 3).to(dtype).requires_grad_()
+    targets = torch.randint(0, 3000, (70,), generator=g)
+    loss = label_smoothed_cross_entropy(logits, targets, 0.1) * upstream
+    (first,) = torch.autograd.grad(loss, logits, retain_graph=True)
+    (second,) = torch.autograd.grad(loss, logits)
+    exact = logits.detach().double().requires_grad_()
+    (expected,) = torch.autograd.grad(
+        F.cross_entropy(exact, targets, label_smoothing=0.1) * upstream, exact
+    )
+    # bf16: the gradient rounded to 8 bits, and once more where scaled by 0.3
+    rtol = 2**-7 if dtype == torch.bfloat16 else 1e-5
+    for grad in (first, second):
+        assert grad.dtype == dtype
+        torch.testing.assert_close(grad.double(), expected, rtol=rtol, atol=1e-11)
+
+
+def test_no_gradient_is_written_where_none_is_wanted(monkeypatch):
+    """Scoring without autograd (evaluation) or logits that need no gradient take the
+    forward kernel alone."""
+    if losses.cpu_kernels(torch.empty(0)) is None:
+        pytest.skip("the compiled kernels are not available here")
+    kernels = type(losses.cpu_kernels(torch.empty(0)))
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the gradient was computed")
+
+    monkeypatch.setattr(kernels, "smoothed_ce_forward_backward", refuse)
+    logits = torch.randn(5, 40).bfloat16()
+    targets = torch.randint(0, 40, (5,))
+    expected = F.cross_entropy(logits.float(), targets)
+    torch.testing.assert_close(label_smoothed_cross_entropy(logits, targets, 0.0), expected)
+    with torch.no_grad():
+        scored = label_smoothed_cross_entropy(logits.requires_grad_(), targets, 0.0)
+    torch.testing.assert_close(scored, expected)

@@ -19,6 +19,7 @@ attention kernels, called once per layer, check it here.
         panels hold theirs) times x quantised to int8 per group of 32 k, integer products
         (kernels/integer_linear.c)
     kernels.smoothed_ce_forward(logits, targets, eps)   (N, V) float32 or bf16 -> loss, lse (N,)
+    kernels.smoothed_ce_forward_backward(logits, targets, row_scale, eps) -> loss, lse, grad
     kernels.dropout_mask(n, seed, threshold)   -> (n,) bool, True with P = threshold / 65536
     kernels.gelu_tanh(z), kernels.gelu_tanh_and_derivative(z) -> y, dy/dz (float32)
         float32 or bfloat16; kernels.scale_bf16(grad, d) -> grad * d in bfloat16;
@@ -625,6 +626,45 @@ class Kernels:
             eps,
         )
         return grad
+
+    @c_function(
+        "tformer_smoothed_ce_forward_backward_f32",
+        [POINTER] * 6 + [SIZE] * 2 + [REAL],
+        ctypes.c_int,
+    )
+    @c_function(
+        "tformer_smoothed_ce_forward_backward_bf16",
+        [POINTER] * 6 + [SIZE] * 2 + [REAL],
+        ctypes.c_int,
+    )
+    def smoothed_ce_forward_backward(
+        self, logits: torch.Tensor, targets: torch.Tensor, row_scale: torch.Tensor, eps: float
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """smoothed_ce_forward's loss and lse and smoothed_ce_backward's gradient (for
+        row_scale, (N,) float32) in one visit of each row, each exp computed once."""
+        check_loss_inputs("smoothed_ce_forward_backward", logits, targets)
+        n, v = logits.shape
+        if row_scale.shape != (n,) or row_scale.dtype != torch.float32:
+            raise ValueError(f"smoothed_ce_forward_backward: row_scale must be ({n},) float32")
+        row_scale = row_scale.contiguous()
+        loss = torch.empty(n, dtype=torch.float32)
+        lse = torch.empty(n, dtype=torch.float32)
+        grad = torch.empty_like(logits)
+        name = f"tformer_smoothed_ce_forward_backward_{by_dtype(logits)}"
+        status = getattr(self.library, name)(
+            logits.data_ptr(),
+            targets.data_ptr(),
+            row_scale.data_ptr(),
+            loss.data_ptr(),
+            lse.data_ptr(),
+            grad.data_ptr(),
+            n,
+            v,
+            eps,
+        )
+        if status != 0:
+            raise MemoryError(f"smoothed_ce_forward_backward: no memory for a row of {v} floats")
+        return loss, lse, grad
 
     @c_function("tformer_dropout_mask", [POINTER, SIZE, ctypes.c_uint64, ctypes.c_uint32])
     def dropout_mask(self, n: int, seed: int, threshold: int) -> torch.Tensor:

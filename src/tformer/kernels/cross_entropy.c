@@ -12,6 +12,12 @@
    float32, but for the row's sums (below). Rows are split over the OpenMP threads. exp is computed by hand (exp_neg in
    common.h) so that the loops vectorise without -ffast-math.
 
+   Where the gradient is wanted, forward_backward does both in one visit of each row: it
+   keeps e_v = exp(x_v - m) (V floats, in the thread's cache) from the sums and writes
+   grad_v = s (e_v / sum_v e_v - eps / V - (1 - eps) [v = y]), the same softmax with one
+   exp per logit where the two passes take two (the softmax's share of a GPT-2 step,
+   docs/LOG.md).
+
    The two dtypes differ only in how a logit is read and a gradient written: a row's work
    is written once, with `bf16` saying which, and each exported function calls it with a
    constant inside its own parallel loop, so the compiler builds one vectorised loop per
@@ -23,6 +29,7 @@
 
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 
 #include "common.h"
 
@@ -87,6 +94,50 @@ static inline __attribute__((always_inline)) void backward_row(const void *row, 
     }
 }
 
+/* forward_row and backward_row in one visit of row i, for weight s: each exp(x_v - m) is
+   computed once and kept in e (v floats). */
+static inline __attribute__((always_inline)) void forward_backward_row(
+    const void *row, int64_t y, int64_t v, float eps, float s, float *loss, float *lse,
+    float *e, void *out, int bf16) {
+    float m = -INFINITY;
+#pragma omp simd reduction(max : m)
+    for (int64_t j = 0; j < v; j++) {
+        float x = load(row, j, bf16);
+        m = x > m ? x : m;
+    }
+    double sum_exp = 0.0, sum_x = 0.0;
+    for (int64_t j0 = 0; j0 < v; j0 += SUM_BLOCK) {
+        const int64_t j1 = j0 + SUM_BLOCK < v ? j0 + SUM_BLOCK : v;
+        float block_exp = 0.0f, block_x = 0.0f;
+#pragma omp simd reduction(+ : block_exp, block_x)
+        for (int64_t j = j0; j < j1; j++) {
+            float x = load(row, j, bf16);
+            e[j] = exp_neg(x - m);
+            block_exp += e[j];
+            block_x += x;
+        }
+        sum_exp += block_exp;
+        sum_x += block_x;
+    }
+    *lse = m + (float)log(sum_exp);
+    float smooth = eps > 0.0f ? (eps / (float)v) * (float)sum_x : 0.0f; /* as forward_row */
+    *loss = *lse - (1.0f - eps) * load(row, y, bf16) - smooth;
+    const float inverse = (float)(1.0 / sum_exp), uniform = eps / (float)v;
+    if (bf16) {
+        uint16_t *g = out;
+#pragma omp simd
+        for (int64_t j = 0; j < v; j++)
+            g[j] = float_to_bf16_bits(s * (e[j] * inverse - uniform));
+        g[y] = float_to_bf16_bits(s * (e[y] * inverse - uniform - (1.0f - eps)));
+    } else {
+        float *g = out;
+#pragma omp simd
+        for (int64_t j = 0; j < v; j++)
+            g[j] = s * (e[j] * inverse - uniform);
+        g[y] = s * (e[y] * inverse - uniform - (1.0f - eps));
+    }
+}
+
 /* loss_rows[i] = the smoothed cross-entropy of row i (not yet weighted), lse_rows[i] its
    log-sum-exp. */
 void tformer_smoothed_ce_forward_f32(const float *logits, const int64_t *targets,
@@ -122,4 +173,61 @@ void tformer_smoothed_ce_backward_bf16(const uint16_t *logits, const int64_t *ta
     for (int64_t i = 0; i < n; i++)
         backward_row(logits + i * v, targets[i], v, eps, lse_rows[i], row_scale[i],
                      grad + i * v, 1);
+}
+
+/* The forward pass's loss_rows and lse_rows and the backward pass's grad (for row_scale)
+   in one visit of each row. 0, or -1 where a thread's v floats could not be allocated
+   (then nothing is written). */
+int tformer_smoothed_ce_forward_backward_f32(const float *logits, const int64_t *targets,
+                                             const float *row_scale, float *loss_rows,
+                                             float *lse_rows, float *grad, int64_t n,
+                                             int64_t v, float eps) {
+    int failed = 0;
+#pragma omp parallel
+    {
+        float *e = malloc(v * sizeof *e);
+        if (e == NULL) {
+#pragma omp atomic write
+            failed = 1;
+        }
+#pragma omp barrier
+        int stop;
+#pragma omp atomic read
+        stop = failed;
+        if (!stop) { /* every thread or none */
+#pragma omp for schedule(static)
+            for (int64_t i = 0; i < n; i++)
+                forward_backward_row(logits + i * v, targets[i], v, eps, row_scale[i],
+                                     loss_rows + i, lse_rows + i, e, grad + i * v, 0);
+        }
+        free(e);
+    }
+    return failed ? -1 : 0;
+}
+
+int tformer_smoothed_ce_forward_backward_bf16(const uint16_t *logits, const int64_t *targets,
+                                              const float *row_scale, float *loss_rows,
+                                              float *lse_rows, uint16_t *grad, int64_t n,
+                                              int64_t v, float eps) {
+    int failed = 0;
+#pragma omp parallel
+    {
+        float *e = malloc(v * sizeof *e);
+        if (e == NULL) {
+#pragma omp atomic write
+            failed = 1;
+        }
+#pragma omp barrier
+        int stop;
+#pragma omp atomic read
+        stop = failed;
+        if (!stop) { /* every thread or none */
+#pragma omp for schedule(static)
+            for (int64_t i = 0; i < n; i++)
+                forward_backward_row(logits + i * v, targets[i], v, eps, row_scale[i],
+                                     loss_rows + i, lse_rows + i, e, grad + i * v, 1);
+        }
+        free(e);
+    }
+    return failed ? -1 : 0;
 }

@@ -19,7 +19,11 @@ from logits of any dtype: the (N, V) log-probabilities are never stored, and the
 is written once, in the logits' dtype: cheaper than log_softmax with autograd's chain
 behind it for a large vocabulary (docs/LOG.md). For float32 and bfloat16 logits on the CPU
 the same two lines run as one compiled C loop each (tformer/kernels/cross_entropy.c) when a
-compiler is there.
+compiler is there; and when the logits need a gradient, as one loop that writes the
+gradient during the forward pass, for d(total)/d(loss) = 1, computing softmax(x) once where
+the two loops compute it twice. The backward pass then hands that gradient on, scaled by
+d(total)/d(loss) where that is not 1 (the loss divided for gradient accumulation, or scaled
+for float16): one more rounding in the logits' dtype, none for a power of two.
 """
 
 import torch
@@ -36,13 +40,28 @@ def cpu_kernels(logits: torch.Tensor) -> kernels.Kernels | None:
     return kernels.load_for(logits, (torch.float32, torch.bfloat16))
 
 
+def wants_gradient(logits: torch.Tensor) -> bool:
+    """Whether the loss of `logits` will have a backward pass to give them a gradient."""
+    return torch.is_grad_enabled() and logits.requires_grad
+
+
 class SmoothedCrossEntropy(torch.autograd.Function):
-    """sum_n w_n loss_n for logits (N, V), targets (N,) in [0, V), row weights w (N,)."""
+    """sum_n w_n loss_n for logits (N, V), targets (N,) in [0, V), row weights w (N,);
+    with_gradient: whether a backward pass is expected (the compiled path then writes the
+    gradient in the forward pass)."""
 
     @staticmethod
-    def forward(ctx, logits, targets, weights, smoothing):
+    def forward(ctx, logits, targets, weights, smoothing, with_gradient):
         ctx.smoothing = smoothing
         ctx.compiled = compiled = cpu_kernels(logits)
+        ctx.grad = None  # the gradient for d(total)/d(loss) = 1, written by the forward pass
+        if compiled is not None and with_gradient:
+            row_scale = weights.to(torch.float32)  # (N,)
+            per_row, lse, ctx.grad = compiled.smoothed_ce_forward_backward(
+                logits, targets, row_scale, smoothing
+            )  # (N,) x2, (N, V)
+            ctx.save_for_backward(logits, targets, weights, lse)
+            return (per_row * weights).sum()
         if compiled is not None:
             per_row, lse = compiled.smoothed_ce_forward(logits, targets, smoothing)  # (N,) x2
             ctx.save_for_backward(logits, targets, weights, lse)
@@ -64,6 +83,11 @@ class SmoothedCrossEntropy(torch.autograd.Function):
     @staticmethod
     @once_differentiable  # the gradient is computed, not traced: no second derivative
     def backward(ctx, grad_loss):
+        if ctx.grad is not None:  # once: a second backward pass computes it afresh
+            grad, ctx.grad = ctx.grad, None
+            if not bool(grad_loss == 1.0):
+                grad.mul_(grad_loss)  # in float32, rounded once to the logits' dtype
+            return grad, None, None, None, None
         logits, targets, weights, lse = ctx.saved_tensors
         eps, (n, v) = ctx.smoothing, logits.shape
         dtype = torch.promote_types(logits.dtype, torch.float32)
@@ -71,6 +95,7 @@ class SmoothedCrossEntropy(torch.autograd.Function):
         if ctx.compiled is not None:  # the forward pass ran the compiled kernel
             return (
                 ctx.compiled.smoothed_ce_backward(logits, targets, lse, row_scale, eps),
+                None,
                 None,
                 None,
                 None,
@@ -85,7 +110,7 @@ class SmoothedCrossEntropy(torch.autograd.Function):
             # p - q: the target's column loses 1 - eps more
             block.scatter_add_(-1, targets[rows, None], torch.full_like(row_scale[rows], eps - 1))
             grad[rows] = block.mul_(row_scale[rows])
-        return grad, None, None, None
+        return grad, None, None, None, None
 
 
 def label_smoothed_cross_entropy(
@@ -107,7 +132,11 @@ def label_smoothed_cross_entropy(
         if lowest >= 0 and highest < v and scored:  # every target scored, all in range
             weights = torch.full((n,), 1.0 / n, dtype=weight_dtype)  # the mean, in fewer calls
             return SmoothedCrossEntropy.apply(
-                logits.contiguous(), targets.long().contiguous(), weights, float(smoothing)
+                logits.contiguous(),
+                targets.long().contiguous(),
+                weights,
+                float(smoothing),
+                wants_gradient(logits),
             )
     keep = targets != ignore_index
     if logits.device.type == "cpu":
@@ -121,5 +150,5 @@ def label_smoothed_cross_entropy(
     # the kept rows, which copies the whole (N, V) array.
     weights = keep.to(weight_dtype) / keep.sum().clamp(min=1)  # (N,) 1 / (kept rows) or 0
     return SmoothedCrossEntropy.apply(
-        logits.contiguous(), targets.clamp(min=0), weights, float(smoothing)
+        logits.contiguous(), targets.clamp(min=0), weights, float(smoothing), wants_gradient(logits)
     )
