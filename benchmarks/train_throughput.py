@@ -8,7 +8,8 @@ AdamW), for tformer's GPT2 and transformers' GPT2LMHeadModel of the same configu
 CPU, its own loss, the clipping inside AdamW's pass); transformers the way its users do
 (`labels=`, its own loss, clip_grad_norm_ before the same AdamW). Both run under the C
 allocator `tformer train` starts under (jemalloc where it is installed:
-tformer/cli/launch.py).
+tformer/cli/launch.py), with huge pages for a large model as `tformer train` gives its own
+(tformer/devices.py's allow_huge_pages).
 
 Each model trains in a process of its own, as a user's run does, and the two take turns
 (--rounds times, each going first in every other round), because the host's speed drifts
@@ -101,24 +102,27 @@ def build(name: str, who: str) -> torch.nn.Module:
             attention=attention_for("auto", torch.device("cpu")),  # as `tformer train`
         )
         model = GPT2(config, seed=0)
-        allow_huge_pages(model)  # as tformer's trainer does
-        return model
-    import transformers
+    else:
+        import transformers
 
-    return transformers.GPT2LMHeadModel(
-        transformers.GPT2Config(
-            vocab_size=vocab,
-            n_positions=context,
-            n_embd=d_model,
-            n_layer=n_layers,
-            n_head=n_heads,
-            resid_pdrop=0.0,
-            embd_pdrop=0.0,
-            attn_pdrop=0.0,
-            bos_token_id=vocab - 1,  # GPT-2's 50256 is outside a character vocabulary
-            eos_token_id=vocab - 1,
+        model = transformers.GPT2LMHeadModel(
+            transformers.GPT2Config(
+                vocab_size=vocab,
+                n_positions=context,
+                n_embd=d_model,
+                n_layer=n_layers,
+                n_head=n_heads,
+                resid_pdrop=0.0,
+                embd_pdrop=0.0,
+                attn_pdrop=0.0,
+                bos_token_id=vocab - 1,  # GPT-2's 50256 is outside a character vocabulary
+                eos_token_id=vocab - 1,
+            )
         )
-    )
+    # Huge pages for either side's large model, as tformer's trainer gives its own (the
+    # process starts with them withheld, as `tformer train` does: tformer/devices.py).
+    allow_huge_pages(model)
+    return model
 
 
 class Trainer:
@@ -211,9 +215,10 @@ def in_turns(
             command = [sys.executable, __file__, "--child", f"{name},{dtype},{who}"]
             command += ["--steps", str(steps), "--warmup", str(warmup)]
             out = subprocess.run(command, capture_output=True, text=True)
-            if out.returncode != 0:
+            lines = out.stdout.strip().splitlines()
+            if out.returncode != 0 or not lines:
                 sys.exit(f"{who}'s {name} {dtype} run failed:\n{out.stderr[-2000:]}")
-            result = json.loads(out.stdout.strip().splitlines()[-1])
+            result = json.loads(lines[-1])
             figures[who].append(result["tokens_per_second"])
             peaks += result["peaks"]
     return figures, peaks
@@ -226,7 +231,10 @@ def main() -> None:
         "--warmup", type=int, default=5, help="untimed steps per model before the timed ones"
     )
     parser.add_argument(
-        "--rounds", type=int, default=2, help="turns of the two models' processes per row"
+        "--rounds",
+        type=int,
+        default=2,
+        help="turns of the two models' processes per row (not with --in-process)",
     )
     parser.add_argument(
         "--in-process",

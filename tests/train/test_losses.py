@@ -185,6 +185,10 @@ def test_targets_of_any_integer_dtype_give_the_int64_loss(dtype):
     targets = torch.randint(0, 300, (40,), generator=g)
     expected = label_smoothed_cross_entropy(logits, targets, 0.1)
     torch.testing.assert_close(label_smoothed_cross_entropy(logits, targets.int(), 0.1), expected)
+    padded = targets.clone()
+    padded[::3] = -100  # with ignored positions, which take the masked path
+    expected = label_smoothed_cross_entropy(logits, padded, 0.1)
+    torch.testing.assert_close(label_smoothed_cross_entropy(logits, padded.int(), 0.1), expected)
     compiled = losses.cpu_kernels(logits)
     if compiled is not None:
         with pytest.raises(ValueError, match="targets must be int64"):

@@ -150,5 +150,9 @@ def label_smoothed_cross_entropy(
     # the kept rows, which copies the whole (N, V) array.
     weights = keep.to(weight_dtype) / keep.sum().clamp(min=1)  # (N,) 1 / (kept rows) or 0
     return SmoothedCrossEntropy.apply(
-        logits.contiguous(), targets.clamp(min=0), weights, float(smoothing), wants_gradient(logits)
+        logits.contiguous(),
+        targets.clamp(min=0).long(),  # ignored positions weigh 0; any class stands in
+        weights,
+        float(smoothing),
+        wants_gradient(logits),
     )
