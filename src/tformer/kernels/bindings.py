@@ -627,16 +627,8 @@ class Kernels:
         )
         return grad
 
-    @c_function(
-        "tformer_smoothed_ce_forward_backward_f32",
-        [POINTER] * 6 + [SIZE] * 2 + [REAL],
-        ctypes.c_int,
-    )
-    @c_function(
-        "tformer_smoothed_ce_forward_backward_bf16",
-        [POINTER] * 6 + [SIZE] * 2 + [REAL],
-        ctypes.c_int,
-    )
+    @c_function("tformer_smoothed_ce_forward_backward_f32", [POINTER] * 7 + [SIZE] * 3 + [REAL])
+    @c_function("tformer_smoothed_ce_forward_backward_bf16", [POINTER] * 7 + [SIZE] * 3 + [REAL])
     def smoothed_ce_forward_backward(
         self, logits: torch.Tensor, targets: torch.Tensor, row_scale: torch.Tensor, eps: float
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -650,20 +642,22 @@ class Kernels:
         loss = torch.empty(n, dtype=torch.float32)
         lse = torch.empty(n, dtype=torch.float32)
         grad = torch.empty_like(logits)
-        name = f"tformer_smoothed_ce_forward_backward_{by_dtype(logits)}"
-        status = getattr(self.library, name)(
+        threads = torch.get_num_threads()
+        scratch = torch.empty(threads, v, dtype=torch.float32)  # a row's exps per thread
+        function = getattr(self.library, f"tformer_smoothed_ce_forward_backward_{by_dtype(logits)}")
+        function(
             logits.data_ptr(),
             targets.data_ptr(),
             row_scale.data_ptr(),
             loss.data_ptr(),
             lse.data_ptr(),
             grad.data_ptr(),
+            scratch.data_ptr(),
+            threads,
             n,
             v,
             eps,
         )
-        if status != 0:
-            raise MemoryError(f"smoothed_ce_forward_backward: no memory for a row of {v} floats")
         return loss, lse, grad
 
     @c_function("tformer_dropout_mask", [POINTER, SIZE, ctypes.c_uint64, ctypes.c_uint32])

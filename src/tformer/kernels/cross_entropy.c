@@ -28,8 +28,8 @@
 #define SUM_BLOCK 1024
 
 #include <math.h>
+#include <omp.h>
 #include <stdint.h>
-#include <stdlib.h>
 
 #include "common.h"
 
@@ -176,58 +176,26 @@ void tformer_smoothed_ce_backward_bf16(const uint16_t *logits, const int64_t *ta
 }
 
 /* The forward pass's loss_rows and lse_rows and the backward pass's grad (for row_scale)
-   in one visit of each row. 0, or -1 where a thread's v floats could not be allocated
-   (then nothing is written). */
-int tformer_smoothed_ce_forward_backward_f32(const float *logits, const int64_t *targets,
-                                             const float *row_scale, float *loss_rows,
-                                             float *lse_rows, float *grad, int64_t n,
-                                             int64_t v, float eps) {
-    int failed = 0;
-#pragma omp parallel
-    {
-        float *e = malloc(v * sizeof *e);
-        if (e == NULL) {
-#pragma omp atomic write
-            failed = 1;
-        }
-#pragma omp barrier
-        int stop;
-#pragma omp atomic read
-        stop = failed;
-        if (!stop) { /* every thread or none */
-#pragma omp for schedule(static)
-            for (int64_t i = 0; i < n; i++)
-                forward_backward_row(logits + i * v, targets[i], v, eps, row_scale[i],
-                                     loss_rows + i, lse_rows + i, e, grad + i * v, 0);
-        }
-        free(e);
-    }
-    return failed ? -1 : 0;
+   in one visit of each row, on at most `threads` threads, thread k keeping its row's
+   exponentials in scratch[k v, (k + 1) v). */
+void tformer_smoothed_ce_forward_backward_f32(const float *logits, const int64_t *targets,
+                                              const float *row_scale, float *loss_rows,
+                                              float *lse_rows, float *grad, float *scratch,
+                                              int64_t threads, int64_t n, int64_t v,
+                                              float eps) {
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t i = 0; i < n; i++)
+        forward_backward_row(logits + i * v, targets[i], v, eps, row_scale[i], loss_rows + i,
+                             lse_rows + i, scratch + omp_get_thread_num() * v, grad + i * v, 0);
 }
 
-int tformer_smoothed_ce_forward_backward_bf16(const uint16_t *logits, const int64_t *targets,
-                                              const float *row_scale, float *loss_rows,
-                                              float *lse_rows, uint16_t *grad, int64_t n,
-                                              int64_t v, float eps) {
-    int failed = 0;
-#pragma omp parallel
-    {
-        float *e = malloc(v * sizeof *e);
-        if (e == NULL) {
-#pragma omp atomic write
-            failed = 1;
-        }
-#pragma omp barrier
-        int stop;
-#pragma omp atomic read
-        stop = failed;
-        if (!stop) { /* every thread or none */
-#pragma omp for schedule(static)
-            for (int64_t i = 0; i < n; i++)
-                forward_backward_row(logits + i * v, targets[i], v, eps, row_scale[i],
-                                     loss_rows + i, lse_rows + i, e, grad + i * v, 1);
-        }
-        free(e);
-    }
-    return failed ? -1 : 0;
+void tformer_smoothed_ce_forward_backward_bf16(const uint16_t *logits, const int64_t *targets,
+                                               const float *row_scale, float *loss_rows,
+                                               float *lse_rows, uint16_t *grad, float *scratch,
+                                               int64_t threads, int64_t n, int64_t v,
+                                               float eps) {
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t i = 0; i < n; i++)
+        forward_backward_row(logits + i * v, targets[i], v, eps, row_scale[i], loss_rows + i,
+                             lse_rows + i, scratch + omp_get_thread_num() * v, grad + i * v, 1);
 }
