@@ -29,6 +29,7 @@
 
 #include <math.h>
 #include <omp.h>
+#include <stddef.h>
 #include <stdint.h>
 
 #include "common.h"
@@ -39,11 +40,11 @@ static inline float load(const void *row, int64_t j, int bf16) {
 }
 
 /* Row i's smoothed cross-entropy (not yet weighted) into *loss and its log-sum-exp into
-   *lse. */
-static inline __attribute__((always_inline)) void forward_row(const void *row, int64_t y,
-                                                              int64_t v, float eps,
-                                                              float *loss, float *lse,
-                                                              int bf16) {
+   *lse; each exp(x_v - m) also into e[v] unless e is NULL. Returns sum_v exp(x_v - m). */
+static inline __attribute__((always_inline)) double forward_row(const void *row, int64_t y,
+                                                                int64_t v, float eps,
+                                                                float *loss, float *lse,
+                                                                float *e, int bf16) {
     float m = -INFINITY;
 #pragma omp simd reduction(max : m)
     for (int64_t j = 0; j < v; j++) {
@@ -57,7 +58,9 @@ static inline __attribute__((always_inline)) void forward_row(const void *row, i
 #pragma omp simd reduction(+ : block_exp, block_x)
         for (int64_t j = j0; j < j1; j++) {
             float x = load(row, j, bf16);
-            block_exp += exp_neg(x - m);
+            float exp_x = exp_neg(x - m);
+            if (e != NULL) e[j] = exp_x;
+            block_exp += exp_x;
             block_x += x;
         }
         sum_exp += block_exp;
@@ -68,6 +71,7 @@ static inline __attribute__((always_inline)) void forward_row(const void *row, i
        answer) give a finite loss instead of 0 x -inf */
     float smooth = eps > 0.0f ? (eps / (float)v) * (float)sum_x : 0.0f;
     *loss = *lse - (1.0f - eps) * load(row, y, bf16) - smooth;
+    return sum_exp;
 }
 
 /* Row i's gradient s (softmax(x) - q), q the smoothed target, in the logits' dtype. */
@@ -99,29 +103,7 @@ static inline __attribute__((always_inline)) void backward_row(const void *row, 
 static inline __attribute__((always_inline)) void forward_backward_row(
     const void *row, int64_t y, int64_t v, float eps, float s, float *loss, float *lse,
     float *e, void *out, int bf16) {
-    float m = -INFINITY;
-#pragma omp simd reduction(max : m)
-    for (int64_t j = 0; j < v; j++) {
-        float x = load(row, j, bf16);
-        m = x > m ? x : m;
-    }
-    double sum_exp = 0.0, sum_x = 0.0;
-    for (int64_t j0 = 0; j0 < v; j0 += SUM_BLOCK) {
-        const int64_t j1 = j0 + SUM_BLOCK < v ? j0 + SUM_BLOCK : v;
-        float block_exp = 0.0f, block_x = 0.0f;
-#pragma omp simd reduction(+ : block_exp, block_x)
-        for (int64_t j = j0; j < j1; j++) {
-            float x = load(row, j, bf16);
-            e[j] = exp_neg(x - m);
-            block_exp += e[j];
-            block_x += x;
-        }
-        sum_exp += block_exp;
-        sum_x += block_x;
-    }
-    *lse = m + (float)log(sum_exp);
-    float smooth = eps > 0.0f ? (eps / (float)v) * (float)sum_x : 0.0f; /* as forward_row */
-    *loss = *lse - (1.0f - eps) * load(row, y, bf16) - smooth;
+    const double sum_exp = forward_row(row, y, v, eps, loss, lse, e, bf16);
     const float inverse = (float)(1.0 / sum_exp), uniform = eps / (float)v;
     if (bf16) {
         uint16_t *g = out;
@@ -145,7 +127,7 @@ void tformer_smoothed_ce_forward_f32(const float *logits, const int64_t *targets
                                      float eps) {
 #pragma omp parallel for schedule(static)
     for (int64_t i = 0; i < n; i++)
-        forward_row(logits + i * v, targets[i], v, eps, loss_rows + i, lse_rows + i, 0);
+        forward_row(logits + i * v, targets[i], v, eps, loss_rows + i, lse_rows + i, NULL, 0);
 }
 
 void tformer_smoothed_ce_forward_bf16(const uint16_t *logits, const int64_t *targets,
@@ -153,7 +135,7 @@ void tformer_smoothed_ce_forward_bf16(const uint16_t *logits, const int64_t *tar
                                       float eps) {
 #pragma omp parallel for schedule(static)
     for (int64_t i = 0; i < n; i++)
-        forward_row(logits + i * v, targets[i], v, eps, loss_rows + i, lse_rows + i, 1);
+        forward_row(logits + i * v, targets[i], v, eps, loss_rows + i, lse_rows + i, NULL, 1);
 }
 
 /* grad (N, V) = row_scale[i] (softmax(x_i) - q_i), in the logits' dtype. */
