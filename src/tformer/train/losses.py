@@ -22,8 +22,8 @@ the same two lines run as one compiled C loop each (tformer/kernels/cross_entrop
 compiler is there; and when the logits need a gradient, as one loop that writes the
 gradient during the forward pass, for d(total)/d(loss) = 1, computing softmax(x) once where
 the two loops compute it twice. The backward pass then hands that gradient on, scaled by
-d(total)/d(loss) where that is not 1 (the loss divided for gradient accumulation, or scaled
-for float16): one more rounding in the logits' dtype, none for a power of two.
+d(total)/d(loss) where that is not 1 (the loss divided for gradient accumulation, say): one
+more rounding in the logits' dtype, none for a power of two.
 """
 
 import torch
