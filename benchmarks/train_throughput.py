@@ -226,7 +226,9 @@ def in_turns(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=4, help="timed steps per model and dtype")
+    parser.add_argument(
+        "--steps", type=int, default=4, help="timed steps per model, dtype and round"
+    )
     parser.add_argument(
         "--warmup", type=int, default=5, help="untimed steps per model before the timed ones"
     )

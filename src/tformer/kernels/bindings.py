@@ -627,8 +627,8 @@ class Kernels:
         )
         return grad
 
-    @c_function("tformer_smoothed_ce_forward_backward_f32", [POINTER] * 7 + [SIZE] * 3 + [REAL])
-    @c_function("tformer_smoothed_ce_forward_backward_bf16", [POINTER] * 7 + [SIZE] * 3 + [REAL])
+    @c_function("tformer_smoothed_ce_forward_backward_f32", [POINTER] * 7 + [SIZE] * 4 + [REAL])
+    @c_function("tformer_smoothed_ce_forward_backward_bf16", [POINTER] * 7 + [SIZE] * 4 + [REAL])
     def smoothed_ce_forward_backward(
         self, logits: torch.Tensor, targets: torch.Tensor, row_scale: torch.Tensor, eps: float
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -643,7 +643,8 @@ class Kernels:
         lse = torch.empty(n, dtype=torch.float32)
         grad = torch.empty_like(logits)
         threads = torch.get_num_threads()
-        scratch = torch.empty(threads, v, dtype=torch.float32)  # a row's exps per thread
+        stride = -(-v // 16) * 16  # whole 64-byte lines: no line shared by two threads
+        scratch = torch.empty(threads, stride, dtype=torch.float32)  # a row's exps per thread
         function = getattr(self.library, f"tformer_smoothed_ce_forward_backward_{by_dtype(logits)}")
         function(
             logits.data_ptr(),
@@ -653,6 +654,7 @@ class Kernels:
             lse.data_ptr(),
             grad.data_ptr(),
             scratch.data_ptr(),
+            stride,
             threads,
             n,
             v,

@@ -40,7 +40,7 @@ static inline float load(const void *row, int64_t j, int bf16) {
 }
 
 /* Row i's smoothed cross-entropy (not yet weighted) into *loss and its log-sum-exp into
-   *lse; each exp(x_v - m) also into e[v] unless e is NULL. Returns sum_v exp(x_v - m). */
+   *lse; each exp(x_j - m) also into e[j] unless e is NULL. Returns sum_j exp(x_j - m). */
 static inline __attribute__((always_inline)) double forward_row(const void *row, int64_t y,
                                                                 int64_t v, float eps,
                                                                 float *loss, float *lse,
@@ -159,25 +159,28 @@ void tformer_smoothed_ce_backward_bf16(const uint16_t *logits, const int64_t *ta
 
 /* The forward pass's loss_rows and lse_rows and the backward pass's grad (for row_scale)
    in one visit of each row, on at most `threads` threads, thread k keeping its row's
-   exponentials in scratch[k v, (k + 1) v). */
+   exponentials in scratch + k stride (stride >= v, a whole number of cache lines, so that
+   no two threads write one line). */
 void tformer_smoothed_ce_forward_backward_f32(const float *logits, const int64_t *targets,
                                               const float *row_scale, float *loss_rows,
                                               float *lse_rows, float *grad, float *scratch,
-                                              int64_t threads, int64_t n, int64_t v,
-                                              float eps) {
+                                              int64_t stride, int64_t threads, int64_t n,
+                                              int64_t v, float eps) {
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t i = 0; i < n; i++)
         forward_backward_row(logits + i * v, targets[i], v, eps, row_scale[i], loss_rows + i,
-                             lse_rows + i, scratch + omp_get_thread_num() * v, grad + i * v, 0);
+                             lse_rows + i, scratch + omp_get_thread_num() * stride,
+                             grad + i * v, 0);
 }
 
 void tformer_smoothed_ce_forward_backward_bf16(const uint16_t *logits, const int64_t *targets,
                                                const float *row_scale, float *loss_rows,
                                                float *lse_rows, uint16_t *grad, float *scratch,
-                                               int64_t threads, int64_t n, int64_t v,
-                                               float eps) {
+                                               int64_t stride, int64_t threads, int64_t n,
+                                               int64_t v, float eps) {
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t i = 0; i < n; i++)
         forward_backward_row(logits + i * v, targets[i], v, eps, row_scale[i], loss_rows + i,
-                             lse_rows + i, scratch + omp_get_thread_num() * v, grad + i * v, 1);
+                             lse_rows + i, scratch + omp_get_thread_num() * stride,
+                             grad + i * v, 1);
 }
