@@ -56,10 +56,9 @@ class SmoothedCrossEntropy(torch.autograd.Function):
         ctx.compiled = compiled = cpu_kernels(logits)
         ctx.grad = None  # the gradient for d(total)/d(loss) = 1, written by the forward pass
         if compiled is not None and with_gradient:
-            row_scale = weights.to(torch.float32)  # (N,)
             per_row, lse, ctx.grad = compiled.smoothed_ce_forward_backward(
-                logits, targets, row_scale, smoothing
-            )  # (N,) x2, (N, V)
+                logits, targets, weights, smoothing
+            )  # (N,) x2, (N, V); weights are float32 beside float32 or bf16 logits
             ctx.save_for_backward(logits, targets, weights, lse)
             return (per_row * weights).sum()
         if compiled is not None:
