@@ -210,67 +210,103 @@ def test_the_global_norm_of_gradients_the_kernel_cannot_read_is_torch_s():
     assert global_norm([*params, bf16]).item() == pytest.approx(exact, rel=1e-6)
 
 
-def test_the_compiled_update_is_torch_s_fused_adamw_to_the_last_bit_with_clipping():
-    # weights with a kept bf16 copy and a size that is a multiple of 16 go to the C kernel,
-    # the others to torch's: both exact
+@pytest.mark.parametrize("max_norm", [0.5, 1e9, None])
+def test_the_compiled_step_is_torch_s_fused_adamw_to_the_last_bit(max_norm):
+    # two groups; sizes that are multiples of 16 go to the C kernel, the others to torch's,
+    # in the same step with the same scale: both exact; clipping (0.5), a bound no norm
+    # reaches (a scale of 1) and none
     g = torch.Generator().manual_seed(3)
     shapes = [(32, 48), (16,), (5, 3), (7,), (64, 64), (32,)]
     ours = [torch.nn.Parameter(torch.randn(s, generator=g)) for s in shapes]
     theirs = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    settings = dict(lr=3e-2, betas=(0.9, 0.95), eps=1e-8)
+
+    def split(params):
+        return [{"params": params[:3], "weight_decay": 0.1}, {"params": params[3:]}]
+
     # as the trainer's loop: a forward pass keeps copies of the first five
     with weight_copies.kept_between_steps():
-        settings = dict(lr=3e-2, betas=(0.9, 0.95), eps=1e-8)
-        our_optimizer = AdamW([{"params": ours, "weight_decay": 0.1}], **settings)
-        their_optimizer = torch.optim.AdamW(
-            [{"params": theirs, "weight_decay": 0.1}], **settings, fused=True
-        )
+        our_optimizer = AdamW(split(ours), weight_decay=0.0, **settings)
+        their_optimizer = torch.optim.AdamW(split(theirs), weight_decay=0.0, **settings, fused=True)
         copies = [half_weight(p, torch.bfloat16) for p in ours[:5]]
         for step in range(4):
+            for group in (*our_optimizer.param_groups, *their_optimizer.param_groups):
+                group["lr"] = 3e-2 / (step + 1)  # a schedule
             for p, q in zip(ours, theirs, strict=True):
                 p.grad = torch.randn(p.shape, generator=g) * (step + 1)
                 q.grad = p.grad.clone()
-            # the same scale for both: s = max(1, ||g|| / c) as a float32 scalar tensor
-            scale = (global_norm(ours) + 1e-6) / 0.5
-            for group in our_optimizer.param_groups:
-                our_optimizer.update(group["params"], group, scale)
-            torch._foreach_div_([q.grad for q in theirs], scale)
+            expected_norm = global_norm(theirs)
+            norm = our_optimizer.step(max_grad_norm=max_norm)
+            if max_norm is None:
+                assert norm is None
+            else:  # the same scale for torch: s = max(1, ||g|| / c) as a float32 tensor
+                assert torch.equal(norm, expected_norm)
+                torch._foreach_div_(
+                    [q.grad for q in theirs], ((norm + 1e-6) / max_norm).clamp(min=1.0)
+                )
             their_optimizer.step()
             for p, q in zip(ours, theirs, strict=True):
                 assert torch.equal(p, q) and torch.equal(p.grad, q.grad)
-            if kernels.load() is not None:  # the kernel wrote the copies it took
+            if kernels.load() is not None:  # the kernel wrote the copies of what it took
                 for i in (0, 1, 4):
                     assert torch.equal(copies[i], ours[i].detach().bfloat16())
+                    assert weight_copies.copy_to_write(ours[i]) is copies[i]  # still current
         for p, q in zip(ours, theirs, strict=True):
             for name in ("exp_avg", "exp_avg_sq", "step"):
                 assert torch.equal(our_optimizer.state[p][name], their_optimizer.state[q][name])
-        group = our_optimizer.param_groups[0]
-        states = [our_optimizer.state_of(p) for p in ours]
-        left = AdamW.compiled_update(ours, states, group, None)
-    if kernels.load() is not None:  # the kernel took the tensors it takes, and only those
-        assert left == [2, 3, 5]
-    else:
-        assert left == [0, 1, 2, 3, 4, 5]
+        assert (our_optimizer.layout is not None) == (kernels.load() is not None)
     assert not weight_copies.any_kept()  # dropped with the block
 
 
-def test_the_kernel_refuses_states_it_cannot_update():
+def test_the_compiled_step_follows_state_that_moved():
+    # a state loaded into the same optimizer mid-run: the next step updates the new tensors
+    ours, theirs = tiny_pair()
+    our_optimizer = AdamW(groups(ours), lr=1e-2, betas=(0.9, 0.95))
+    train_steps(ours, our_optimizer, 2)
+    saved = our_optimizer.state_dict()
+    their_optimizer = torch.optim.AdamW(groups(theirs), lr=1e-2, betas=(0.9, 0.95), fused=True)
+    theirs.load_state_dict(ours.state_dict())
+    their_optimizer.load_state_dict(saved)
+    our_optimizer.load_state_dict(saved)  # new tensors for every moment and step
+    train_steps(ours, our_optimizer, 2, seed=1)
+    train_steps(theirs, their_optimizer, 2, seed=1)
+    for p, q in zip(ours.parameters(), theirs.parameters(), strict=True):
+        assert torch.equal(p, q)
+
+
+def compiled_kernels():
     library = kernels.load()
     if library is None:
         pytest.skip("the C kernels are not built here")
-    p, half = torch.zeros(16), torch.zeros(16, dtype=torch.bfloat16)
-    group = {"lr": 0.1, "betas": (0.9, 0.99), "eps": 1e-8, "weight_decay": 0.0}
+    return library
+
+
+GROUP = {"lr": 0.1, "betas": (0.9, 0.99), "eps": 1e-8, "weight_decay": 0.0}
+
+
+def test_the_kernel_refuses_states_it_cannot_update():
+    library = compiled_kernels()
+    p, step = torch.zeros(16), torch.zeros(())
     with pytest.raises(ValueError, match="contiguous float32"):
-        library.adamw([(p, half, p.clone(), p.clone(), None)], [1.0], group, None)
+        kernels.AdamWPlan([(p, p.clone().bfloat16(), p.clone(), step, 0, True)])
     with pytest.raises(ValueError, match="another size"):
-        library.adamw([(p, torch.zeros(32), p.clone(), p.clone(), None)], [1.0], group, None)
-    with pytest.raises(ValueError, match="bf16 tensor"):
-        library.adamw([(p, p.clone(), p.clone(), p.clone(), torch.zeros(16))], [1.0], group, None)
+        kernels.AdamWPlan([(p, torch.zeros(32), p.clone(), step, 0, True)])
+    with pytest.raises(ValueError, match="float32 CPU scalar"):
+        kernels.AdamWPlan([(p, p.clone(), p.clone(), torch.zeros(2), 0, True)])
+    plan = kernels.AdamWPlan([(p, p.clone(), p.clone(), step, 0, True)])
+    for grad, copy, message in [
+        (torch.ones(16).bfloat16(), None, "contiguous float32"),
+        (torch.ones(32, 2)[:, 0], None, "contiguous float32"),
+        (torch.ones(32), None, "another size"),
+        (torch.ones(16), torch.zeros(16), "bf16 tensor"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            library.adamw_step(plan, [grad], [copy], [GROUP], 1.0)
+    assert torch.equal(p, torch.zeros(16)) and step.item() == 0  # nothing changed
 
 
 def test_the_kernel_s_copy_is_torch_s_cast_to_the_bit_nan_and_infinities_included():
-    library = kernels.load()
-    if library is None:
-        pytest.skip("the C kernels are not built here")
+    library = compiled_kernels()
     p = torch.randn(48, generator=torch.Generator().manual_seed(0)) * 1e3
     p[[3, 20]] = float("nan")
     p[[4, 21]] = -float("nan")
@@ -279,6 +315,6 @@ def test_the_kernel_s_copy_is_torch_s_cast_to_the_bit_nan_and_infinities_include
     p[7] = 1.0 + 2**-8  # halfway between two bf16 values: rounds to the even one
     g, m, v = torch.zeros(48), torch.zeros(48), torch.zeros(48)
     copy = torch.empty(48, dtype=torch.bfloat16)
-    group = {"lr": 0.1, "betas": (0.9, 0.99), "eps": 1e-8, "weight_decay": 0.0}
-    library.adamw([(p, g, m, v, copy)], [1.0], group, None)
+    plan = kernels.AdamWPlan([(p, m, v, torch.zeros(()), 0, True)])
+    library.adamw_step(plan, [g], [copy], [GROUP], None)
     assert torch.equal(copy.view(torch.int16), p.bfloat16().view(torch.int16))

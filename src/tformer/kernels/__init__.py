@@ -21,10 +21,11 @@ then use torch's own kernels.
 
 import torch
 
-from tformer.kernels.bindings import Kernels
+from tformer.kernels.bindings import AdamWPlan, Kernels
 from tformer.kernels.build import HEADERS, SOURCES, KernelUnavailable, open_library
 
 __all__ = [
+    "AdamWPlan",
     "HEADERS",
     "SOURCES",
     "KernelUnavailable",

@@ -54,7 +54,6 @@ attention kernels, called once per layer, check it here.
 """
 
 import ctypes
-import math
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -135,22 +134,21 @@ def check_int4(q: torch.Tensor, scale: torch.Tensor) -> None:
 
 
 class AdamWTensor(ctypes.Structure):
-    """adamw.c's struct adamw_tensor: one parameter's update."""
+    """adamw.c's struct adamw_tensor: one parameter's place in an AdamW step."""
 
     _fields_ = [
         ("param", POINTER),
-        ("grad", POINTER),
         ("exp_avg", POINTER),
         ("exp_avg_sq", POINTER),
-        ("copy", POINTER),
+        ("step", POINTER),
         ("size", SIZE),
-        ("step_size", ctypes.c_double),
-        ("bias_correction2_sqrt", ctypes.c_double),
+        ("group", SIZE),
+        ("compiled", SIZE),
     ]
 
 
-class AdamWSettings(ctypes.Structure):
-    """adamw.c's struct adamw_settings: a parameter group's."""
+class AdamWGroup(ctypes.Structure):
+    """adamw.c's struct adamw_group: a parameter group's settings."""
 
     _fields_ = [
         ("lr", ctypes.c_double),
@@ -158,8 +156,36 @@ class AdamWSettings(ctypes.Structure):
         ("beta2", ctypes.c_double),
         ("weight_decay", ctypes.c_double),
         ("eps", ctypes.c_double),
-        ("grad_scale", ctypes.c_float),
     ]
+
+
+class AdamWPlan:
+    """The tensors of an AdamW step laid out for kernels/adamw.c once, to be reused while
+    none of them has moved: a step then writes only the gradients' and the copies'
+    addresses. entries: per parameter (param, exp_avg, exp_avg_sq, step, group index,
+    compiled), param and the moments contiguous float32 CPU tensors of one size, step its
+    float32 scalar; compiled False for a tensor whose update the caller leaves to torch (its
+    gradient still counts towards the norm). Checked here: ValueError."""
+
+    def __init__(self, entries: list[tuple]) -> None:
+        count = len(entries)
+        self.tensors = (AdamWTensor * count)()
+        for entry, (param, exp_avg, exp_avg_sq, step, group, compiled) in zip(
+            self.tensors, entries, strict=True
+        ):
+            for x in (param, exp_avg, exp_avg_sq):
+                if x.dtype != torch.float32 or x.device.type != "cpu" or not x.is_contiguous():
+                    raise ValueError("adamw: the states must be contiguous float32 CPU tensors")
+                if x.numel() != param.numel():
+                    raise ValueError("adamw: a moment of another size than its parameter")
+            if step.dtype != torch.float32 or step.device.type != "cpu" or step.numel() != 1:
+                raise ValueError("adamw: a step must be a float32 CPU scalar")
+            entry.param, entry.exp_avg = param.data_ptr(), exp_avg.data_ptr()
+            entry.exp_avg_sq, entry.step = exp_avg_sq.data_ptr(), step.data_ptr()
+            entry.size, entry.group, entry.compiled = param.numel(), group, int(compiled)
+        self.sizes = [entry.size for entry in self.tensors]
+        self.grads = (POINTER * count)()
+        self.copies = (POINTER * count)()
 
 
 class LinearLayout(ctypes.Structure):
@@ -684,51 +710,53 @@ class Kernels:
             (ctypes.c_void_p * count)(*pointers), (ctypes.c_int64 * count)(*sizes), count
         )
 
-    @c_function("tformer_adamw_f32", [POINTER, SIZE, POINTER])
-    def adamw(
+    @c_function(
+        "tformer_adamw_step_f32",
+        [POINTER, POINTER, POINTER, SIZE, POINTER, ctypes.c_double, POINTER],
+        ctypes.c_int,
+    )
+    def adamw_step(
         self,
-        tensors: list[tuple[torch.Tensor, ...]],
-        steps: list[float],
-        group: dict,
-        grad_scale: float | None,
-    ) -> None:
-        """AdamW's update in place (kernels/adamw.c), in one call for every tensor: each an
-        (param, grad, exp_avg, exp_avg_sq, copy) of contiguous float32 CPU tensors of one
-        size but copy, a bf16 tensor of that size or None; steps[i] is t after this
-        update; group holds lr, betas, eps, weight_decay; grads are divided by grad_scale
-        first (and left divided) when given. Checked here: ValueError."""
-        count = len(tensors)
-        array = (AdamWTensor * count)()
-        beta1, beta2 = group["betas"]
-        for entry, (param, grad, exp_avg, exp_avg_sq, copy), t in zip(
-            array, tensors, steps, strict=True
-        ):
-            for x in (param, grad, exp_avg, exp_avg_sq):
-                if x.dtype != torch.float32 or x.device.type != "cpu" or not x.is_contiguous():
-                    raise ValueError("adamw: the states must be contiguous float32 CPU tensors")
-                if x.numel() != param.numel():
-                    raise ValueError(
-                        "adamw: a gradient or moment of another size than its parameter"
-                    )
-            if copy is not None and (
-                copy.dtype != torch.bfloat16
-                or not copy.is_contiguous()
-                or copy.numel() != param.numel()
+        plan: AdamWPlan,
+        grads: list[torch.Tensor],
+        copies: list[torch.Tensor | None],
+        groups: list[dict],
+        max_norm: float | None,
+    ) -> tuple[float, float] | None:
+        """One AdamW step in place (kernels/adamw.c) of the plan's tensors, in one call:
+        grads and copies (a bf16 tensor of the parameter's size to write its new value
+        into, or None) in the plan's order, groups the settings (lr, betas, eps,
+        weight_decay) its group indices point to. With max_norm the gradients are clipped to
+        that global norm first (and left clipped): returns (the norm before clipping, the
+        scale s the gradients were divided by, or 1), both float32 values; else None.
+        Checked here before anything changes: ValueError."""
+        count = len(plan.sizes)
+        if len(grads) != count or len(copies) != count:
+            raise ValueError("adamw_step: one gradient and one copy (or None) per tensor")
+        for g, size in zip(grads, plan.sizes, strict=True):  # this runs once a step
+            if g.dtype != torch.float32 or not g.is_cpu or not g.is_contiguous():
+                raise ValueError("adamw_step: the gradients must be contiguous float32 CPU ones")
+            if g.numel() != size:
+                raise ValueError("adamw_step: a gradient of another size than its parameter")
+        for c, size in zip(copies, plan.sizes, strict=True):
+            if c is not None and (
+                c.dtype != torch.bfloat16 or not c.is_contiguous() or c.numel() != size
             ):
                 raise ValueError(
-                    "adamw: a copy must be a contiguous bf16 tensor of the parameter's size"
+                    "adamw_step: a copy must be a contiguous bf16 tensor of the parameter's size"
                 )
-            entry.param, entry.grad = param.data_ptr(), grad.data_ptr()
-            entry.exp_avg, entry.exp_avg_sq = exp_avg.data_ptr(), exp_avg_sq.data_ptr()
-            entry.copy = None if copy is None else copy.data_ptr()
-            entry.size = param.numel()
-            # as torch's fused AdamW: the bias corrections in double
-            entry.step_size = group["lr"] / (1 - beta1**t)
-            entry.bias_correction2_sqrt = math.sqrt(1 - beta2**t)
-        settings = AdamWSettings(
-            group["lr"], beta1, beta2, group["weight_decay"], group["eps"], grad_scale or 0.0
+        plan.grads[:] = [g.data_ptr() for g in grads]
+        plan.copies[:] = [None if c is None else c.data_ptr() for c in copies]
+        settings = (AdamWGroup * len(groups))(
+            *(AdamWGroup(g["lr"], *g["betas"], g["weight_decay"], g["eps"]) for g in groups)
         )
-        self.library.tformer_adamw_f32(array, count, ctypes.byref(settings))
+        out = (ctypes.c_float * 2)()
+        failed = self.library.tformer_adamw_step_f32(
+            plan.tensors, plan.grads, plan.copies, count, settings, max_norm or 0.0, out
+        )
+        if failed:
+            raise MemoryError("adamw_step: no memory for the step's bookkeeping")
+        return (out[0], out[1]) if max_norm else None
 
     @c_function("tformer_gelu_tanh_f32", [POINTER, POINTER, SIZE])
     @c_function("tformer_gelu_tanh_bf16", [POINTER, POINTER, SIZE])

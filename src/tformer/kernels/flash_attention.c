@@ -271,9 +271,10 @@ static inline void online_softmax(const float *s, int64_t n, int64_t visible, fl
         sum = _mm512_add_ps(sum, e);
         store_bf16(p + j, e);
     }
+    const int first = *m == -INFINITY; /* o holds nothing yet: the product overwrites it */
     *l = *l * alpha + _mm512_reduce_add_ps(sum);
     *m = m_new;
-    if (alpha != 1.0f) {
+    if (alpha != 1.0f && !first) {
         const __m512 a = _mm512_set1_ps(alpha);
         for (int64_t d = 0; d < d_size; d += 16)
             _mm512_storeu_ps(o + d, _mm512_mul_ps(_mm512_loadu_ps(o + d), a));
@@ -306,7 +307,6 @@ static void forward_head(const struct heads *x, int64_t b, int64_t h, uint16_t *
     for (int64_t i0 = 0; i0 < t_size; i0 += FWD_ROWS) {
         float m[FWD_ROWS], l[FWD_ROWS];
         for (int r = 0; r < FWD_ROWS; r++) m[r] = -INFINITY, l[r] = 0.0f;
-        memset(o, 0, FWD_ROWS * d_size * sizeof *o);
         /* the block's queries see keys < end <= tp; a chunk stops there */
         const int64_t end = i0 + FWD_ROWS;
         for (int64_t k0 = 0; k0 < end; k0 += FWD_KEYS) {
@@ -317,8 +317,8 @@ static void forward_head(const struct heads *x, int64_t b, int64_t h, uint16_t *
             for (int r = 0; r < FWD_ROWS; r++) /* query i0 + r sees keys <= i0 + r */
                 online_softmax(s + r * FWD_KEYS, n, i0 + r + 1 - k0, scale, m + r, l + r,
                                p + r * FWD_KEYS, o + r * d_size, d_size);
-            for (int64_t d = 0; d < d_size; d += 32) /* O += P V */
-                tile_product(o + d, d_size, 1, p, FWD_KEYS, 32, v + k0 * d_size + 2 * d,
+            for (int64_t d = 0; d < d_size; d += 32) /* O = P V, then O += P V */
+                tile_product(o + d, d_size, k0 > 0, p, FWD_KEYS, 32, v + k0 * d_size + 2 * d,
                              2 * d_size, 32 * d_size, 32, n / 32);
         }
         const int64_t c = x->h_size * d_size;
@@ -381,11 +381,8 @@ static void backward_head(const struct heads *x, int64_t b, int64_t h, const uin
            score, so that P = 0 (a finite value: exp2_16 takes no infinities) */
         l[i] = i < t_size ? lse[(b * h_size + h) * t_size + i] * LOG2E : 1e30f;
     }
-    memset(dqt, 0, n * sizeof *dqt);
     const __m512 scale16 = _mm512_set1_ps(scale), scale2 = _mm512_set1_ps(scale * LOG2E);
     for (int64_t j0 = 0; j0 < t_size; j0 += BWD_KEYS) {
-        memset(dk, 0, BWD_KEYS * d_size * sizeof *dk);
-        memset(dv, 0, BWD_KEYS * d_size * sizeof *dv);
         for (int64_t i0 = j0; i0 < t_size; i0 += BWD_QUERIES) {
             /* S^T = K Q^T and dP^T = V dO^T, keys by queries, 32 x 32 at a time */
             for (int64_t r = 0; r < BWD_KEYS; r += 32)
@@ -425,16 +422,16 @@ static void backward_head(const struct heads *x, int64_t b, int64_t h, const uin
             }
             for (int64_t r = 0; r < BWD_KEYS; r += 32) /* dV += P^T dO, dK += dS^T Q */
                 for (int64_t d = 0; d < d_size; d += 32) {
-                    tile_product(dv + r * d_size + d, d_size, 1, pt + r * BWD_QUERIES,
+                    tile_product(dv + r * d_size + d, d_size, i0 > j0, pt + r * BWD_QUERIES,
                                  BWD_QUERIES, 32, go_pairs + i0 * d_size + 2 * d, 2 * d_size,
                                  32 * d_size, 32, BWD_QUERIES / 32);
-                    tile_product(dk + r * d_size + d, d_size, 1, dst + r * BWD_QUERIES,
+                    tile_product(dk + r * d_size + d, d_size, i0 > j0, dst + r * BWD_QUERIES,
                                  BWD_QUERIES, 32, q_pairs + i0 * d_size + 2 * d, 2 * d_size,
                                  32 * d_size, 32, BWD_QUERIES / 32);
                 }
             for (int64_t d = 0; d < d_size; d += 32) /* dQ^T += K^T dS^T */
                 for (int64_t j = 0; j < BWD_QUERIES; j += 32)
-                    tile_product(dqt + (i0 + j) * d_size + d * 32, 32, 1,
+                    tile_product(dqt + (i0 + j) * d_size + d * 32, 32, j0 > 0,
                                  k_blocks + j0 * d_size + d * 32, 32, 32 * d_size,
                                  ds_pairs + (j / 16) * (BWD_KEYS / 2) * 32, 32, 16 * 32,
                                  (BWD_KEYS / 2) * 32, BWD_KEYS / 32);

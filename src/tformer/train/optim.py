@@ -42,13 +42,47 @@ from tformer import kernels
 from tformer.nn import weight_copies
 
 
+class StepLayout:
+    """The tensors of a compiled AdamW step, laid out for the C kernel once and reused while
+    it fits them: entries per parameter (param, exp_avg, exp_avg_sq, step, group index,
+    compiled), each parameter's state dict, the kernel's plan of them, and what follows
+    from them. The layout holds the tensors, so the plan's addresses stay valid."""
+
+    def __init__(
+        self, entries: list[tuple], states: list[dict], plan: "kernels.AdamWPlan", groups: int
+    ) -> None:
+        self.entries, self.states, self.plan = entries, states, plan
+        self.addresses = [entry[0].data_ptr() for entry in entries]
+        self.compiled = [entry[-1] for entry in entries]
+        # what the kernel writes in place each step, for the version counters
+        self.written = [x for *tensors, _, compiled in entries if compiled for x in tensors]
+        # per group, the parameters left to torch's kernel
+        self.rest = [[e[0] for e in entries if e[4] == g and not e[-1]] for g in range(groups)]
+
+    def fits(self, params: list[torch.Tensor]) -> bool:
+        """Whether `params` are this layout's, in its order, each where it was, with the
+        same moments and step in its state dict. (A new state dict for a parameter, as
+        AdamW.load_state_dict makes, drops the layout there.)"""
+        if len(params) != len(self.entries):
+            return False
+        for p, (q, m, v, t, _, _), state, address in zip(
+            params, self.entries, self.states, self.addresses, strict=True
+        ):
+            if p is not q or p.data_ptr() != address or state["step"] is not t:
+                return False
+            if state["exp_avg"] is not m or state["exp_avg_sq"] is not v:
+                return False
+        return True
+
+
 class AdamW:
     """AdamW over parameter groups (the equations above), each group with its own lr, betas,
     eps and weight_decay (the constructor's by default, as in torch.optim).
 
-    The update itself is one pass over each tensor: for float32 on the CPU a C kernel
-    (kernels/adamw.c) that also writes each weight's bf16 copy for the next forward pass
-    (nn/weight_copies.py), elsewhere PyTorch's fused AdamW kernel; the numbers are
+    For float32 on the CPU the whole step is one C call (kernels/adamw.c): the gradients'
+    norm, then one pass over every tensor that also counts its step and writes each
+    weight's bf16 copy for the next forward pass (nn/weight_copies.py); elsewhere PyTorch's
+    fused AdamW kernel runs, a call per group. The numbers are
     torch.optim.AdamW(fused=True)'s to the last bit either way (tests hold them to each
     other; with clipping, see step). What this class leaves out is torch.optim's machinery:
     its bookkeeping on every step, and the compiler stack (torch._dynamo) that creating any
@@ -72,7 +106,8 @@ class AdamW:
         for group in self.param_groups:
             group["params"] = list(group["params"])
         self.state: dict[torch.Tensor, dict[str, torch.Tensor]] = {}
-        weight_copies.register(self.parameters())  # compiled_update writes their bf16 copies
+        self.layout: StepLayout | None = None  # compiled_layout's, kept while current
+        weight_copies.register(self.parameters())  # compiled_step writes their bf16 copies
 
     def parameters(self) -> list[torch.Tensor]:
         return [p for group in self.param_groups for p in group["params"]]
@@ -108,6 +143,9 @@ class AdamW:
                 if p.grad is not None:
                     by_kind.setdefault((p.device, p.dtype), []).append(p)
             kinds += [(params, group) for params in by_kind.values()]
+        taken, norm = self.compiled_step(kinds, max_grad_norm)
+        if taken:
+            return norm
         norm = scale = None
         if max_grad_norm is not None:  # grad / scale, scale = max(1, (||g|| + 1e-6) / c)
             norm = global_norm([p for ps, _ in kinds for p in ps])
@@ -120,22 +158,19 @@ class AdamW:
     def update(
         self, params: list[torch.Tensor], group: dict, grad_scale: torch.Tensor | None = None
     ) -> None:
-        """The equations above for `params` (one device, one dtype), with the group's lr,
-        betas, eps and weight decay: t += 1, then one fused pass over each tensor, which
-        first divides each gradient by grad_scale (a scalar tensor) if given."""
+        """The equations above for `params` (one device, one dtype) in torch's fused kernel,
+        with the group's lr, betas, eps and weight decay: t += 1, then one fused pass over
+        each tensor, which first divides each gradient by grad_scale (a scalar tensor) if
+        given."""
         states = [self.state_of(p) for p in params]
         torch._foreach_add_([state["step"] for state in states], 1)  # t
-        rest = self.compiled_update(params, states, group, grad_scale)
-        if not rest:
-            return
-        params, states = [params[i] for i in rest], [states[i] for i in rest]
         beta1, beta2 = group["betas"]
         torch._fused_adamw_(
             params,
             [p.grad for p in params],
             [state["exp_avg"] for state in states],
             [state["exp_avg_sq"] for state in states],
-            [],  # no AMSGrad
+            [],  # max_exp_avg_sqs: no amsgrad
             [state["step"] for state in states],
             lr=group["lr"],
             beta1=beta1,
@@ -147,47 +182,67 @@ class AdamW:
             grad_scale=grad_scale,
         )
 
-    @staticmethod
-    def compiled_update(
-        params: list[torch.Tensor],
-        states: list[dict[str, torch.Tensor]],
-        group: dict,
-        grad_scale: torch.Tensor | None,
-    ) -> list[int]:
-        """update's pass in C (kernels/adamw.c) for float32 weights on the CPU that keep a
-        bf16 copy (nn/weight_copies.py): the same arithmetic as torch's fused kernel, in one
-        call for all of them, which also writes each copy, so that the next forward pass
-        casts none. Only for sizes that are multiples of 16: torch updates a tensor's last
-        size % 16 elements in a loop of its own, whose rounding the kernel does not
-        reproduce. The rest, and all where no weight keeps a copy (the kernel is as fast
-        as torch's there, and its Python costs more on a small model), go to torch's
-        kernel: returns their indices."""
-        everything = list(range(len(params)))
-        library = kernels.load_for(params[0], (torch.float32,))
-        if library is None or not weight_copies.any_kept():
-            return everything
-        copies = [weight_copies.copy_to_write(p) for p in params]
-        taken = [
-            i
-            for i, p in enumerate(params)
-            if copies[i] is not None and p.numel() % 16 == 0 and p.grad.layout == torch.strided
-        ]
-        if not taken:
-            return everything
-        tensors = [
-            (params[i], params[i].grad, states[i]["exp_avg"], states[i]["exp_avg_sq"], copies[i])
-            for i in taken
-        ]
-        steps = torch.stack([states[i]["step"] for i in taken]).tolist()
-        scale = None if grad_scale is None else float(grad_scale)
-        try:  # it checks every tensor first; one it cannot take sends all to torch's kernel
-            library.adamw(tensors, steps, group, scale)
-        except ValueError:
-            return everything
-        torch.autograd.graph.increment_version([x for entry in tensors for x in entry])
-        for i in taken:  # in place, as torch's kernel: the versions are bumped
-            weight_copies.written(params[i], copies[i])
-        return sorted(set(everything) - set(taken))
+    def compiled_step(
+        self, kinds: list[tuple[list[torch.Tensor], dict]], max_grad_norm: float | None
+    ) -> tuple[bool, torch.Tensor | None]:
+        """step's work in one C call (kernels/adamw.c) where every parameter with a gradient
+        is a contiguous float32 CPU tensor: the norm of all the gradients (global_norm's
+        value), then the update of each tensor whose size is a multiple of 16, which also
+        writes its bf16 copy where it keeps one (nn/weight_copies.py), so that the next
+        forward pass casts none. torch updates the elements past its vector loop's last
+        whole vector in a scalar loop whose rounding the kernel does not reproduce, so the
+        other tensors go to torch's kernel, with the same scale. Returns (True, step's
+        value); (False, None), having changed nothing, where the kernel cannot take them.
+
+        The tensors' addresses are laid out once (kernels.AdamWPlan) and reused while none
+        has moved: a small model's step spent more in Python calling the kernel than in it.
+        """
+        params = [p for ps, _ in kinds for p in ps]  # global_norm's order
+        library = kernels.load_for(params[0], (torch.float32,)) if params else None
+        if library is None:
+            return False, None
+        groups = [group for _, group in kinds]  # one kind per group here
+        try:  # the plan checks every parameter and state, the kernel every gradient, first
+            layout = self.compiled_layout(kinds)
+            keeping = weight_copies.any_kept()
+            copies = [
+                weight_copies.copy_to_write(p) if keeping and compiled else None
+                for p, compiled in zip(params, layout.compiled, strict=True)
+            ]
+            grads = [p.grad for p in params]
+            clipped = library.adamw_step(layout.plan, grads, copies, groups, max_grad_norm)
+        except ValueError:  # one tensor it cannot take: torch's path for all
+            return False, None
+        written = layout.written + [c for c in copies if c is not None]
+        if clipped is not None:
+            written += grads
+        torch.autograd.graph.increment_version(written)  # in place, as torch's kernel
+        for p, copy in zip(params, copies, strict=True):
+            if copy is not None:
+                weight_copies.written(p, copy)
+        norm = scale = None
+        if clipped is not None:
+            norm, scale = (torch.tensor(x, dtype=torch.float32) for x in clipped)
+        for rest, group in zip(layout.rest, groups, strict=True):  # torch's kernel, same scale
+            if rest:
+                self.update(rest, group, scale)
+        return True, norm
+
+    def compiled_layout(self, kinds: list[tuple[list[torch.Tensor], dict]]) -> "StepLayout":
+        """compiled_step's layout of these parameters' tensors: the last one while it fits
+        them (StepLayout.fits), else a new one."""
+        params = [p for ps, _ in kinds for p in ps]
+        if self.layout is not None and self.layout.fits(params):
+            return self.layout
+        entries = []  # (param, exp_avg, exp_avg_sq, step, group index, compiled)
+        for i, (ps, _) in enumerate(kinds):
+            for p in ps:
+                state = self.state_of(p)
+                moments = state["exp_avg"], state["exp_avg_sq"]
+                entries.append((p, *moments, state["step"], i, p.numel() % 16 == 0))
+        states = [self.state[p] for p in params]
+        self.layout = StepLayout(entries, states, kernels.AdamWPlan(entries), len(kinds))
+        return self.layout
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         for p in self.parameters():
@@ -244,6 +299,7 @@ class AdamW:
                 value = saved_group[setting]
                 group[setting] = tuple(value) if setting == "betas" else value
         self.state = state
+        self.layout = None  # new moments and steps
 
 
 def global_norm(params: list[torch.Tensor]) -> torch.Tensor:
