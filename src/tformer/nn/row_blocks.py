@@ -39,8 +39,12 @@ KEY_STEP = 256  # M and K are rounded up to this in a choice's key: token counts
 def linear(module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     """module(x), (..., K) -> (..., N), with its products in row blocks where faster: in a
     training step on the CPU, for a large_plain_linear; otherwise the module itself."""
-    training = torch.is_grad_enabled() and not torch.compiler.is_compiling()
-    if x.device.type == "cpu" and training and large_plain_linear(module, x):
+    if (
+        large_plain_linear(module, x)  # first: most small layers stop at its size test
+        and x.device.type == "cpu"
+        and torch.is_grad_enabled()
+        and not torch.compiler.is_compiling()
+    ):
         rows = x.reshape(-1, x.shape[-1])  # (M, K)
         # viewed back outside the Function, so that autograd knows the view for what it is
         return RowBlockLinear.apply(rows, module.weight, module.bias).view(*x.shape[:-1], -1)
@@ -53,9 +57,11 @@ def large_plain_linear(module: nn.Module, x: torch.Tensor) -> bool:
     stay on nn.Linear: no split was faster there, and this path cost 2.7% of a GPT-2 step
     in float32 with every product whole (docs/LOG.md); float64 too, and with them second-
     order gradients and torch.func, which this path (first-order only) does not give."""
-    if not plain_linear(module) or (autocast_dtype(x) or x.dtype) not in HALF_DTYPES:
+    if type(module) is not nn.Linear:
         return False
-    return module.weight.numel() >= MIN_WEIGHT and x.numel() >= MIN_ROWS * x.shape[-1]
+    if module.weight.numel() < MIN_WEIGHT or x.numel() < MIN_ROWS * x.shape[-1]:
+        return False  # the sizes first: the cheapest to ask, and most small layers stop here
+    return plain_linear(module) and (autocast_dtype(x) or x.dtype) in HALF_DTYPES
 
 
 def plain_linear(module: nn.Module) -> bool:
