@@ -1,0 +1,123 @@
+"""A small model's feed-forward network as one training step on the CPU.
+
+    z = x W1^T + b1,    h = act(z),    y = h W2^T + b2
+
+and backwards, from dy,
+
+    dh = dy W2,   dW2 = dy^T h,   db2 = sum over rows of dy,
+    dz = dh * act'(z),   dx = dz W1,   dW1 = dz^T x,   db1 = sum over rows of dz.
+
+For a small model a training step is mostly the fixed cost of each operation: under bf16
+autocast each nn.Linear casts its weight and bias to bf16 in the forward pass and its two
+gradients back to float32 in the backward pass, each operation an autograd node of its
+own. Here the whole network is one node: the weights' bf16 copies are kept from step to
+step (nn/weight_copies.py), each product adds its bias in oneDNN's output stage where that
+was timed faster for its shape on the CPU in use (nn/row_blocks.py's bias_fused_faster),
+and the activation's derivative is kept from the forward pass (nn/activations.py). Every
+product, cast and sum is one the plain path computes, in its dtype; a test holds the two to
+each other. Taken in bf16 training steps on the CPU, for plain layers below
+nn/row_blocks.py's sizes (its paths take the larger ones), with either GELU. It does less
+than the plain path, on any CPU: in nanoGPT's CPU recipe 0.5 ms of a 20 ms step
+(docs/LOG.md).
+"""
+
+import torch
+from torch import nn
+from torch.autograd.function import once_differentiable
+
+from tformer import kernels
+from tformer.nn.row_blocks import (
+    MIN_WEIGHT,
+    autocast_dtype,
+    bias_fused_faster,
+    plain_linear,
+)
+from tformer.nn.weight_copies import half_weight
+
+ACTIVATIONS = ("gelu", "gelu_tanh")  # those whose kernels keep the derivative
+BF16 = torch.bfloat16
+
+
+def takes(ffn: nn.Module, x: torch.Tensor) -> bool:
+    """Whether feed_forward(ffn, x) runs as one step here: ffn a FeedForward (w1, w2,
+    activation)."""
+    w1, w2 = ffn.w1, ffn.w2
+    if type(w1) is not nn.Linear or type(w2) is not nn.Linear or w1.bias is None:
+        return False
+    if w1.weight.numel() >= MIN_WEIGHT or ffn.activation not in ACTIVATIONS:
+        return False  # a larger layer's products take nn/row_blocks.py's paths
+    if x.device.type != "cpu" or not torch.is_grad_enabled() or torch.compiler.is_compiling():
+        return False
+    if (autocast_dtype(x) or x.dtype) != BF16 or w2.bias is None:
+        return False
+    return plain_linear(w1) and plain_linear(w2) and kernels.load() is not None
+
+
+def feed_forward(ffn: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """ffn(x), (..., C) -> (..., C), as one step where `takes` says so."""
+    rows = x.reshape(-1, x.shape[-1])  # (M, C)
+    w1, w2 = ffn.w1, ffn.w2
+    y = FusedFeedForward.apply(
+        rows, w1.weight, w1.bias, w2.weight, w2.bias, ffn.activation, kernels.load()
+    )
+    return y.view(*x.shape[:-1], -1)  # viewed outside the Function, as nn/row_blocks.py
+
+
+def product(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """x w^T + b, bf16 (M, K) x (N, K) + (N,) -> (M, N): nn/row_blocks.py's bias_fused
+    (oneDNN's linear, the bias in its output stage) where that was timed faster for the
+    shape here, else addmm; the same values."""
+    m, (n, k) = x.shape[0], w.shape
+    key = (m, k, n, torch.get_num_threads())
+    fused = _bias_fused.get(key)
+    if fused is None:  # asked once per shape: the question itself costs more than a cast
+        fused = _bias_fused[key] = bias_fused_faster(x, w.t(), b, "whole")
+    if fused:
+        return torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
+    return torch.addmm(b, x, w.t())
+
+
+_bias_fused: dict[tuple[int, int, int, int], bool] = {}  # product's answers: (M, K, N, threads)
+
+
+class FusedFeedForward(torch.autograd.Function):
+    """y = act(x W1^T + b1) W2^T + b2 in bf16: x (M, C), the float32 (or bf16) parameters of
+    the two layers, the activation's name -> y (M, C). Saves x, h and act'(z) in bf16 (the
+    tanh GELU's derivative in float32, as its kernel writes it) and the weights' copies."""
+
+    @staticmethod
+    def forward(ctx, x, w1, b1, w2, b2, activation, library):
+        ctx.dtypes = [t.dtype for t in (x, w1, b1, w2, b2)]
+        x = x.to(BF16).contiguous()
+        w1_, b1_, w2_, b2_ = (half_weight(t, BF16) for t in (w1, b1, w2, b2))
+        z = product(x, w1_, b1_)  # (M, F)
+        if activation == "gelu":
+            h, derivative = library.gelu_and_derivative(z)
+        else:
+            h, derivative = library.gelu_tanh_and_derivative(z)
+        ctx.save_for_backward(x, h, derivative, w1_, w2_)
+        ctx.library = library
+        return product(h, w2_, b2_)  # (M, C)
+
+    @staticmethod
+    @once_differentiable  # the products and the kernel's derivative are not differentiated
+    def backward(ctx, grad_y):
+        x, h, derivative, w1, w2 = ctx.saved_tensors
+        grad_y = grad_y.to(BF16).contiguous()  # (M, C)
+        grad_h = grad_y.mm(w2)  # (M, F)
+        if derivative.dtype == BF16:  # the exact GELU's, as CompiledGelu
+            grad_z = grad_h * derivative
+        else:  # the tanh GELU's float32 derivative, as CompiledGeluTanh
+            grad_z = ctx.library.scale_bf16(grad_h, derivative)
+        wanted = ctx.needs_input_grad[:5]  # a frozen layer's gradients are not computed
+        grads = [
+            grad_z.mm(w1) if wanted[0] else None,  # dx (M, C)
+            grad_z.t().mm(x) if wanted[1] else None,  # dW1 (F, C)
+            grad_z.sum(0) if wanted[2] else None,  # db1 (F,)
+            grad_y.t().mm(h) if wanted[3] else None,  # dW2 (C, F)
+            grad_y.sum(0) if wanted[4] else None,  # db2 (C,)
+        ]
+        grads = [
+            None if g is None else g.to(dtype) for g, dtype in zip(grads, ctx.dtypes, strict=True)
+        ]
+        return *grads, None, None
