@@ -3,7 +3,7 @@ import torch
 
 from tformer.nn import attention as attention_module
 from tformer.nn import attention_choice as choice
-from tformer.nn import measured
+from tformer.nn import attention_step, measured
 from tformer.nn.attention import QUERY_BLOCK, MultiHeadAttention
 from tformer.nn.flash_attention import flash_takes
 
@@ -119,11 +119,13 @@ def test_the_first_timing_inside_a_checkpointed_layer_trains(private_cache):
     assert measured.choices_file(choice.KIND).exists()  # it was timed in there
 
 
-@pytest.mark.parametrize("path", ["kernel", "flash"])
+@pytest.mark.parametrize("path", ["kernel", "flash", "flash step"])
 def test_each_choice_of_short_attention_trains_as_the_explicit_path(monkeypatch, path):
     """At most QUERY_BLOCK positions: the compiled kernel or, where the CPU has AMX, the
-    FlashAttention kernel, as chosen for the shape (forced here)."""
-    if path == "flash" and not flash_takes(torch.zeros(1, 1, 1, 32, dtype=torch.bfloat16)):
+    FlashAttention kernel, as chosen for the shape (forced here); with the kernel chosen, a
+    small layer's sublayer trains as one step (nn/attention_step.py), and, where a hook on
+    a projection must see it, through the modules."""
+    if path != "kernel" and not flash_takes(torch.zeros(1, 1, 1, 32, dtype=torch.bfloat16)):
         pytest.skip("the FlashAttention kernel needs a CPU with AMX")
     t, width, heads = QUERY_BLOCK - 28, 128, 4
     g = torch.Generator().manual_seed(0)
@@ -133,12 +135,16 @@ def test_each_choice_of_short_attention_trains_as_the_explicit_path(monkeypatch,
     explicit = MultiHeadAttention(width, heads, causal=True, implementation="explicit")
     blocked = MultiHeadAttention(width, heads, causal=True, implementation="blocked")
     blocked.load_state_dict(explicit.state_dict())
+    if path == "flash":  # a hook on the output projection keeps the modules' path
+        blocked.w_o.register_forward_hook(lambda module, inputs, output: None)
     key = (choice.KIND, f"2x{t}x{3 * width} {heads} heads, short bfloat16", torch.get_num_threads())
-    monkeypatch.setitem(measured._chosen, key, path)
+    monkeypatch.setitem(measured._chosen, key, path.removesuffix(" step"))
     taken = record_calls(monkeypatch, ("compiled_causal_attention", "flash_causal_projection"))
+    attend = attention_step.attend
+    monkeypatch.setattr(attention_step, "attend", lambda *a: taken.append("step") or attend(*a))
     trains_as(blocked, explicit, x, grad)
-    expected = "compiled_causal_attention" if path == "kernel" else "flash_causal_projection"
-    assert taken == [expected]
+    expected = {"kernel": "compiled_causal_attention", "flash": "flash_causal_projection"}
+    assert taken == [expected.get(path, "step")]
 
 
 @pytest.mark.parametrize("t", [QUERY_BLOCK - 28, QUERY_BLOCK + 21])

@@ -37,7 +37,8 @@ import torch
 from torch import nn
 
 from tformer import kernels
-from tformer.nn.attention_choice import AttentionPath, long_attention_path, short_attention_path
+from tformer.nn import attention_step
+from tformer.nn.attention_choice import AttentionPath, long_attention_path, short_flash_chosen
 from tformer.nn.blocked_attention import (
     QUERY_BLOCK,
     blocked_causal_attention,
@@ -173,14 +174,8 @@ def short_causal_attention(
     """Short causal self-attention of the fused projection qkv (B, T, 3C) bf16 -> (B, T, C):
     the compiled kernel, or in training the FlashAttention kernel where the CPU has AMX and
     that trains faster here (nn/attention_choice.py)."""
-    heads = qkv.unflatten(-1, (3 * n_heads, -1))  # (B, T, 3C) -> (B, T, 3H, D), a view
-    if torch.is_grad_enabled() and flash_takes(heads):
-        paths = {
-            "kernel": lambda x: compiled_causal_attention(x, n_heads, library),
-            "flash": lambda x: flash_causal_projection(x, n_heads),
-        }
-        chosen = short_attention_path(qkv, n_heads, paths)
-        return paths[chosen](qkv)
+    if torch.is_grad_enabled() and short_flash_chosen(qkv, n_heads, library):
+        return flash_causal_projection(qkv, n_heads)
     return compiled_causal_attention(qkv, n_heads, library)
 
 
@@ -327,6 +322,8 @@ class MultiHeadAttention(nn.Module):
                 memory is None and memory_kv is None and cache is None and attention_mask is None
             )
             if plain and kernel_may_take(t, dropout_p, self.hook_pattern):
+                if attention_step.takes(self, x):  # a small model's step: one autograd node
+                    return attention_step.attend(self, x)
                 qkv = linear(self.w_qkv, x)  # (B, T, 3C)
                 library = kernels_for(qkv)
                 if library is not None:

@@ -16,7 +16,9 @@ from collections.abc import Callable
 
 import torch
 
-from tformer.nn.flash_attention import flash_causal_projection, projection_heads
+from tformer import kernels
+from tformer.nn.blocked_attention import compiled_causal_attention
+from tformer.nn.flash_attention import flash_causal_projection, flash_takes, projection_heads
 from tformer.nn.measured import dtype_name, fastest, training_runs
 
 KIND = "attention-v5"  # the measured choices' file and version (nn/measured.py)
@@ -77,3 +79,17 @@ def short_attention_path(qkv: torch.Tensor, n_heads: int, paths: dict[str, Proje
 
     key = f"{b}x{t}x{width} {n_heads} heads, short {dtype_name(qkv.dtype)}"
     return fastest(KIND, key, tuple(paths), candidates)
+
+
+def short_flash_chosen(qkv: torch.Tensor, n_heads: int, library: kernels.Kernels) -> bool:
+    """Whether a training step's short causal self-attention over the fused projection qkv
+    (B, T, 3C) bf16 runs in the FlashAttention kernel on this CPU: where that kernel takes
+    its heads and was timed faster than the compiled kernel (short_attention_path). Only
+    qkv's shape and dtype are read."""
+    if not flash_takes(qkv.unflatten(-1, (3 * n_heads, -1))):  # (B, T, 3H, D)
+        return False
+    paths = {
+        "kernel": lambda x: compiled_causal_attention(x, n_heads, library),
+        "flash": lambda x: flash_causal_projection(x, n_heads),
+    }
+    return short_attention_path(qkv, n_heads, paths) == "flash"

@@ -11,7 +11,7 @@ straight back to the residual stream.
 import torch
 from torch import nn
 
-from tformer.nn import fused_feedforward, linear_gelu
+from tformer.nn import feedforward_step, linear_gelu
 from tformer.nn.activations import ACTIVATIONS, Activation, activation_fn, unknown_activation
 from tformer.nn.row_blocks import linear
 
@@ -33,8 +33,8 @@ class FeedForward(nn.Module):
         return f"activation={self.activation!r}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if fused_feedforward.takes(self, x):  # a small model's, one step (its module)
-            return fused_feedforward.feed_forward(self, x)
+        if feedforward_step.takes(self, x):  # a small model's, one step (its module)
+            return feedforward_step.feed_forward(self, x)
         if self.activation == "gelu_tanh" and linear_gelu.takes(self.w1, x):
             hidden = linear_gelu.linear_gelu_tanh(self.w1, x)  # one step (nn/linear_gelu.py)
         else:

@@ -168,6 +168,24 @@ def bias_fused_faster(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor, path
     return fastest(KIND, key, (path, "fused"), candidates) == "fused"
 
 
+def bias_product(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """x w^T + b for a small layer's step, bf16 (M, K) x (N, K) + (N,) -> (M, N), row-major
+    operands: bias_fused where that was timed faster for the shape here, else addmm (the
+    same values). Without row blocks or the questions matmul asks at every call, which
+    cost a small layer more than they save."""
+    m, (n, k) = x.shape[0], w.shape
+    key = (m, k, n, torch.get_num_threads())
+    fused = _bias_fused.get(key)
+    if fused is None:  # asked once per shape: the question itself costs more than a cast
+        fused = _bias_fused[key] = bias_fused_faster(x, w.t(), b, "whole")
+    if fused:  # bias_fused's op, given the weight as it is stored
+        return torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
+    return torch.addmm(b, x, w.t())
+
+
+_bias_fused: dict[tuple[int, int, int, int], bool] = {}  # bias_product's: (M, K, N, threads)
+
+
 def round_up(size: int) -> int:
     """size rounded up to a multiple of KEY_STEP."""
     return -(-size // KEY_STEP) * KEY_STEP

@@ -12,7 +12,7 @@ autocast each nn.Linear casts its weight and bias to bf16 in the forward pass an
 gradients back to float32 in the backward pass, each operation an autograd node of its
 own. Here the whole network is one node: the weights' bf16 copies are kept from step to
 step (nn/weight_copies.py), each product adds its bias in oneDNN's output stage where that
-was timed faster for its shape on the CPU in use (nn/row_blocks.py's bias_fused_faster),
+was timed faster for its shape on the CPU in use (nn/row_blocks.py's bias_product),
 and the activation's derivative is kept from the forward pass (nn/activations.py). Every
 product, cast and sum is one the plain path computes, in its dtype; a test holds the two to
 each other. Taken in bf16 training steps on the CPU, for plain layers below
@@ -29,7 +29,7 @@ from tformer import kernels
 from tformer.nn.row_blocks import (
     MIN_WEIGHT,
     autocast_dtype,
-    bias_fused_faster,
+    bias_product,
     plain_linear,
 )
 from tformer.nn.weight_copies import half_weight
@@ -63,23 +63,6 @@ def feed_forward(ffn: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return y.view(*x.shape[:-1], -1)  # viewed outside the Function, as nn/row_blocks.py
 
 
-def product(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """x w^T + b, bf16 (M, K) x (N, K) + (N,) -> (M, N): nn/row_blocks.py's bias_fused
-    (oneDNN's linear, the bias in its output stage) where that was timed faster for the
-    shape here, else addmm; the same values."""
-    m, (n, k) = x.shape[0], w.shape
-    key = (m, k, n, torch.get_num_threads())
-    fused = _bias_fused.get(key)
-    if fused is None:  # asked once per shape: the question itself costs more than a cast
-        fused = _bias_fused[key] = bias_fused_faster(x, w.t(), b, "whole")
-    if fused:
-        return torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
-    return torch.addmm(b, x, w.t())
-
-
-_bias_fused: dict[tuple[int, int, int, int], bool] = {}  # product's answers: (M, K, N, threads)
-
-
 class FusedFeedForward(torch.autograd.Function):
     """y = act(x W1^T + b1) W2^T + b2 in bf16: x (M, C), the float32 (or bf16) parameters of
     the two layers, the activation's name -> y (M, C). Saves x, h and act'(z) in bf16 (the
@@ -90,14 +73,14 @@ class FusedFeedForward(torch.autograd.Function):
         ctx.dtypes = [t.dtype for t in (x, w1, b1, w2, b2)]
         x = x.to(BF16).contiguous()
         w1_, b1_, w2_, b2_ = (half_weight(t, BF16) for t in (w1, b1, w2, b2))
-        z = product(x, w1_, b1_)  # (M, F)
+        z = bias_product(x, w1_, b1_)  # (M, F)
         if activation == "gelu":
             h, derivative = library.gelu_and_derivative(z)
         else:
             h, derivative = library.gelu_tanh_and_derivative(z)
         ctx.save_for_backward(x, h, derivative, w1_, w2_)
         ctx.library = library
-        return product(h, w2_, b2_)  # (M, C)
+        return bias_product(h, w2_, b2_)  # (M, C)
 
     @staticmethod
     @once_differentiable  # the products and the kernel's derivative are not differentiated

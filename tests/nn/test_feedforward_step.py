@@ -3,7 +3,7 @@ import torch
 from torch import nn
 
 from tformer import kernels
-from tformer.nn import fused_feedforward
+from tformer.nn import feedforward_step
 from tformer.nn.activations import activation_fn
 from tformer.nn.feedforward import FeedForward
 from tformer.nn.row_blocks import MIN_WEIGHT
@@ -23,7 +23,7 @@ def run(ffn: FeedForward, x: torch.Tensor, grad: torch.Tensor, fused: bool):
     x = x.clone().requires_grad_()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         h = x.bfloat16()  # as the bf16 LayerNorm hands it on
-        assert fused_feedforward.takes(ffn, h)
+        assert feedforward_step.takes(ffn, h)
         if fused:
             y = ffn(h)
             assert y.grad_fn.next_functions[0][0].name().startswith("FusedFeedForward")
@@ -78,14 +78,14 @@ def test_it_is_taken_only_where_it_applies(compiled):
     ffn = FeedForward(32, 128, activation="gelu")
     x = torch.randn(2, 8, 32).bfloat16()
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert fused_feedforward.takes(ffn, x)
-        assert fused_feedforward.takes(ffn, x.float())  # autocast multiplies it in bf16
+        assert feedforward_step.takes(ffn, x)
+        assert feedforward_step.takes(ffn, x.float())  # autocast multiplies it in bf16
         with torch.no_grad():  # nothing to train: the plain path
-            assert not fused_feedforward.takes(ffn, x)
+            assert not feedforward_step.takes(ffn, x)
         handle = ffn.w1.register_forward_hook(lambda *args: None)
-        assert not fused_feedforward.takes(ffn, x)  # the hook would not see w1
+        assert not feedforward_step.takes(ffn, x)  # the hook would not see w1
         handle.remove()
-        assert not fused_feedforward.takes(FeedForward(32, 128, activation="relu"), x)
+        assert not feedforward_step.takes(FeedForward(32, 128, activation="relu"), x)
         large = FeedForward(128, MIN_WEIGHT // 128)  # nn/row_blocks.py's sizes: its paths
-        assert not fused_feedforward.takes(large, torch.randn(2, 8, 128))
-    assert not fused_feedforward.takes(ffn, x.float())  # float32 products: nn.Linear's
+        assert not feedforward_step.takes(large, torch.randn(2, 8, 128))
+    assert not feedforward_step.takes(ffn, x.float())  # float32 products: nn.Linear's
