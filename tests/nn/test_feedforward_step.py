@@ -89,3 +89,14 @@ def test_it_is_taken_only_where_it_applies(compiled):
         large = FeedForward(128, MIN_WEIGHT // 128)  # nn/row_blocks.py's sizes: its paths
         assert not feedforward_step.takes(large, torch.randn(2, 8, 128))
     assert not feedforward_step.takes(ffn, x.float())  # float32 products: nn.Linear's
+
+
+@pytest.mark.parametrize("shape", [(7, 40), (300, 200)])  # one thread; the pool
+def test_the_gradient_through_a_bf16_derivative_is_torch_s_product_and_its_sums(compiled, shape):
+    g = torch.Generator().manual_seed(0)
+    grad = torch.randn(shape, generator=g).bfloat16()
+    d = torch.rand(shape, generator=g).bfloat16()
+    out, sums = compiled.scale_bf16_column_sums(grad, d)
+    assert torch.equal(out, grad * d)  # rounded once, as torch's bf16 multiply
+    assert sums.dtype == torch.float32
+    torch.testing.assert_close(sums.double(), out.double().sum(0), rtol=1e-5, atol=1e-5)

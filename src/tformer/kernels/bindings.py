@@ -788,27 +788,34 @@ class Kernels:
         self.library.tformer_scale_bf16(grad.data_ptr(), d.data_ptr(), out.data_ptr(), grad.numel())
         return out
 
-    @c_function("tformer_scale_bf16_column_sums", [POINTER] * 4 + [SIZE] * 2, ctypes.c_int)
+    @c_function(
+        "tformer_scale_bf16_column_sums",
+        [POINTER, POINTER, SIZE] + [POINTER] * 2 + [SIZE] * 2,
+        ctypes.c_int,
+    )
     def scale_bf16_column_sums(
         self, grad: torch.Tensor, d: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """scale_bf16's grad * d for 2-D operands (rows, cols), and the sum of each column of
-        the product over the rows, (cols,) float32. Checked here."""
+        """scale_bf16's grad * d for 2-D operands (rows, cols), d float32 or bfloat16 (each
+        product rounded to bf16 once, as torch's bf16 multiply), and the sum of each column
+        of the product over the rows, (cols,) float32. Checked here."""
         if (
             grad.dim() != 2
             or grad.shape != d.shape
             or grad.dtype != torch.bfloat16
-            or d.dtype != torch.float32
+            or d.dtype not in (torch.float32, torch.bfloat16)
             or not (grad.is_contiguous() and d.is_contiguous())
         ):
             raise ValueError(
-                "scale_bf16_column_sums: grad bfloat16 and d float32, contiguous, one 2-D shape"
+                "scale_bf16_column_sums: grad bfloat16 and d float32 or bfloat16, contiguous, "
+                "one 2-D shape"
             )
         rows, cols = grad.shape
         out, sums = torch.empty_like(grad), torch.empty(cols, dtype=torch.float32)
         failed = self.library.tformer_scale_bf16_column_sums(
-            grad.data_ptr(), d.data_ptr(), out.data_ptr(), sums.data_ptr(), rows, cols
-        )
+            grad.data_ptr(), d.data_ptr(), int(d.dtype == torch.bfloat16), out.data_ptr(),
+            sums.data_ptr(), rows, cols,
+        )  # fmt: skip
         if failed:
             raise MemoryError("scale_bf16_column_sums: out of memory for the threads' sums")
         return out, sums

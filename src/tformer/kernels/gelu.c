@@ -117,17 +117,27 @@ static void scale_bf16(const uint16_t *grad, const float *d, uint16_t *out, int6
 
 /* scale_bf16 over rows [begin, end) of a (rows, cols) gradient, adding each row of out (the
    bf16 values written, widened) into sums (cols): the bias gradient of the layer before the
-   GELU comes out of the same pass. */
-static void scale_bf16_rows(const uint16_t *grad, const float *d, uint16_t *out, float *sums,
-                            int64_t cols, int64_t begin, int64_t end) {
+   GELU comes out of the same pass. d is float32, or bf16 where d_bf16 (the exact GELU's
+   saved derivative): each product is then rounded once, as torch's bf16 multiply. */
+static void scale_bf16_rows(const uint16_t *grad, const void *d, int d_bf16, uint16_t *out,
+                            float *sums, int64_t cols, int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; r++) {
         const uint16_t *g = grad + r * cols;
-        const float *dr = d + r * cols;
         uint16_t *o = out + r * cols;
+        if (d_bf16) {
+            const uint16_t *dr = (const uint16_t *)d + r * cols;
 #pragma omp simd
-        for (int64_t j = 0; j < cols; j++) {
-            o[j] = float_to_bf16_bits(bf16_bits_to_float(g[j]) * dr[j]);
-            sums[j] += bf16_bits_to_float(o[j]);
+            for (int64_t j = 0; j < cols; j++) {
+                o[j] = float_to_bf16_bits(bf16_bits_to_float(g[j]) * bf16_bits_to_float(dr[j]));
+                sums[j] += bf16_bits_to_float(o[j]);
+            }
+        } else {
+            const float *dr = (const float *)d + r * cols;
+#pragma omp simd
+            for (int64_t j = 0; j < cols; j++) {
+                o[j] = float_to_bf16_bits(bf16_bits_to_float(g[j]) * dr[j]);
+                sums[j] += bf16_bits_to_float(o[j]);
+            }
         }
     }
 }
@@ -212,16 +222,16 @@ void tformer_scale_bf16(const uint16_t *grad, const float *d, uint16_t *out, int
     OVER_THREADS(n, scale_bf16(grad, d, out, begin, end));
 }
 
-/* grad (rows, cols) bf16 and d float32 -> out = grad * d in bf16 and sums (cols) float32,
-   each column of out summed over the rows. Returns 1 if the threads' sums could not be
-   allocated. */
-int tformer_scale_bf16_column_sums(const uint16_t *grad, const float *d, uint16_t *out,
-                                   float *sums, int64_t rows, int64_t cols) {
+/* grad (rows, cols) bf16 and d float32 (bf16 where d_bf16) -> out = grad * d in bf16 and
+   sums (cols) float32, each column of out summed over the rows. Returns 1 if the threads'
+   sums could not be allocated. */
+int tformer_scale_bf16_column_sums(const uint16_t *grad, const void *d, int64_t d_bf16,
+                                   uint16_t *out, float *sums, int64_t rows, int64_t cols) {
     const int threads = rows * cols < PARALLEL_FROM ? 1 : omp_get_max_threads();
     float *partial = calloc((size_t)threads * cols, sizeof *partial);
     if (partial == NULL) return 1;
     if (threads == 1) {
-        scale_bf16_rows(grad, d, out, partial, cols, 0, rows);
+        scale_bf16_rows(grad, d, (int)d_bf16, out, partial, cols, 0, rows);
     } else {
 #pragma omp parallel num_threads(threads)
         {
@@ -229,7 +239,7 @@ int tformer_scale_bf16_column_sums(const uint16_t *grad, const float *d, uint16_
             const int64_t chunk = (rows + team - 1) / team;
             const int64_t begin = me * chunk < rows ? me * chunk : rows;
             const int64_t end = begin + chunk < rows ? begin + chunk : rows;
-            scale_bf16_rows(grad, d, out, partial + me * cols, cols, begin, end);
+            scale_bf16_rows(grad, d, (int)d_bf16, out, partial + me * cols, cols, begin, end);
         }
     }
     for (int64_t j = 0; j < cols; j++) {

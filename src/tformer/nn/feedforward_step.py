@@ -13,12 +13,13 @@ gradients back to float32 in the backward pass, each operation an autograd node 
 own. Here the whole network is one node: the weights' bf16 copies are kept from step to
 step (nn/weight_copies.py), each product adds its bias in oneDNN's output stage where that
 was timed faster for its shape on the CPU in use (nn/row_blocks.py's bias_product),
-and the activation's derivative is kept from the forward pass (nn/activations.py). Every
-product, cast and sum is one the plain path computes, in its dtype; a test holds the two to
-each other. Taken in bf16 training steps on the CPU, for plain layers below
-nn/row_blocks.py's sizes (its paths take the larger ones), with either GELU. It does less
-than the plain path, on any CPU: in nanoGPT's CPU recipe 0.5 ms of a 20 ms step
-(docs/LOG.md).
+the activation's derivative is kept from the forward pass (nn/activations.py), and db1
+comes out of the pass that multiplies by it (kernels/gelu.c), summed in float32 where the
+plain path rounds its sum to bf16 first. Every other product, cast and sum is one the plain
+path computes, in its dtype; a test holds the two to each other. Taken in bf16 training
+steps on the CPU, for plain layers below nn/row_blocks.py's sizes (its paths take the
+larger ones), with either GELU. It does less than the plain path on any CPU (docs/LOG.md,
+session 29).
 """
 
 import torch
@@ -88,15 +89,14 @@ class FusedFeedForward(torch.autograd.Function):
         x, h, derivative, w1, w2 = ctx.saved_tensors
         grad_y = grad_y.to(BF16).contiguous()  # (M, C)
         grad_h = grad_y.mm(w2)  # (M, F)
-        if derivative.dtype == BF16:  # the exact GELU's, as CompiledGelu
-            grad_z = grad_h * derivative
-        else:  # the tanh GELU's float32 derivative, as CompiledGeluTanh
-            grad_z = ctx.library.scale_bf16(grad_h, derivative)
+        # dz = dh * act'(z) rounded to bf16 once, as CompiledGelu(Tanh) gives it, and db1,
+        # its column sums, summed in float32 in the same pass
+        grad_z, grad_b1 = ctx.library.scale_bf16_column_sums(grad_h, derivative)
         wanted = ctx.needs_input_grad[:5]  # a frozen layer's gradients are not computed
         grads = [
             grad_z.mm(w1) if wanted[0] else None,  # dx (M, C)
             grad_z.t().mm(x) if wanted[1] else None,  # dW1 (F, C)
-            grad_z.sum(0) if wanted[2] else None,  # db1 (F,)
+            grad_b1 if wanted[2] else None,  # db1 (F,)
             grad_y.t().mm(h) if wanted[3] else None,  # dW2 (C, F)
             grad_y.sum(0) if wanted[4] else None,  # db2 (C,)
         ]
