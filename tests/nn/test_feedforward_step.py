@@ -68,7 +68,9 @@ def test_a_frozen_layer_gets_no_gradient(compiled):
     ffn.w1.requires_grad_(False)
     x = torch.randn(2, 8, 32, requires_grad=True)
     with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert feedforward_step.takes(ffn, x.bfloat16())
         y = ffn(x.bfloat16())
+    assert y.grad_fn.next_functions[0][0].name().startswith("FusedFeedForward")
     y.float().sum().backward()
     assert ffn.w1.weight.grad is None and ffn.w1.bias.grad is None
     assert ffn.w2.weight.grad is not None and x.grad is not None

@@ -1,3 +1,4 @@
+import copy
 import math
 
 import pytest
@@ -260,16 +261,31 @@ def test_the_compiled_step_is_torch_s_fused_adamw_to_the_last_bit(max_norm):
 
 def test_the_compiled_step_follows_state_that_moved():
     # a state loaded into the same optimizer mid-run: the next step updates the new tensors
+    # (the loaded moments differ from the ones in place, so the old tensors would not do)
     ours, theirs = tiny_pair()
     our_optimizer = AdamW(groups(ours), lr=1e-2, betas=(0.9, 0.95))
     train_steps(ours, our_optimizer, 2)
-    saved = our_optimizer.state_dict()
+    saved = copy.deepcopy(our_optimizer.state_dict())
+    for state in saved["state"].values():
+        state["exp_avg"].mul_(0.5)
     their_optimizer = torch.optim.AdamW(groups(theirs), lr=1e-2, betas=(0.9, 0.95), fused=True)
     theirs.load_state_dict(ours.state_dict())
-    their_optimizer.load_state_dict(saved)
+    their_optimizer.load_state_dict(copy.deepcopy(saved))
     our_optimizer.load_state_dict(saved)  # new tensors for every moment and step
     train_steps(ours, our_optimizer, 2, seed=1)
     train_steps(theirs, their_optimizer, 2, seed=1)
+    for p, q in zip(ours.parameters(), theirs.parameters(), strict=True):
+        assert torch.equal(p, q)
+    # one parameter's state replaced by hand: its moments start again, in both
+    p, q = next(ours.parameters()), next(theirs.parameters())
+    for optimizer, param in ((our_optimizer, p), (their_optimizer, q)):
+        optimizer.state[param] = {
+            "step": torch.zeros(()),
+            "exp_avg": torch.zeros_like(param),
+            "exp_avg_sq": torch.zeros_like(param),
+        }
+    train_steps(ours, our_optimizer, 2, seed=2)
+    train_steps(theirs, their_optimizer, 2, seed=2)
     for p, q in zip(ours.parameters(), theirs.parameters(), strict=True):
         assert torch.equal(p, q)
 
@@ -294,14 +310,14 @@ def test_the_kernel_refuses_states_it_cannot_update():
     with pytest.raises(ValueError, match="float32 CPU scalar"):
         kernels.AdamWPlan([(p, p.clone(), p.clone(), torch.zeros(2), 0, True)])
     plan = kernels.AdamWPlan([(p, p.clone(), p.clone(), step, 0, True)])
-    for grad, copy, message in [
+    for grad, half, message in [
         (torch.ones(16).bfloat16(), None, "contiguous float32"),
         (torch.ones(32, 2)[:, 0], None, "contiguous float32"),
         (torch.ones(32), None, "another size"),
         (torch.ones(16), torch.zeros(16), "bf16 tensor"),
     ]:
         with pytest.raises(ValueError, match=message):
-            library.adamw_step(plan, [grad], [copy], [GROUP], 1.0)
+            library.adamw_step(plan, [grad], [half], [GROUP], 1.0)
     assert torch.equal(p, torch.zeros(16)) and step.item() == 0  # nothing changed
 
 
@@ -314,7 +330,15 @@ def test_the_kernel_s_copy_is_torch_s_cast_to_the_bit_nan_and_infinities_include
     p[[6, 40]] = -float("inf")
     p[7] = 1.0 + 2**-8  # halfway between two bf16 values: rounds to the even one
     g, m, v = torch.zeros(48), torch.zeros(48), torch.zeros(48)
-    copy = torch.empty(48, dtype=torch.bfloat16)
-    plan = kernels.AdamWPlan([(p, m, v, torch.zeros(()), 0, True)])
-    library.adamw_step(plan, [g], [copy], [GROUP], None)
-    assert torch.equal(copy.view(torch.int16), p.bfloat16().view(torch.int16))
+    half = torch.empty(48, dtype=torch.bfloat16)
+    step = torch.zeros(())
+    plan = kernels.AdamWPlan([(p, m, v, step, 0, True)])
+    library.adamw_step(plan, [g], [half], [GROUP], None)
+    assert step.item() == 1
+    assert torch.equal(half.view(torch.int16), p.bfloat16().view(torch.int16))
+
+
+def test_a_parameter_given_twice_is_refused():
+    p = torch.nn.Parameter(torch.zeros(16))
+    with pytest.raises(ValueError, match="appears twice"):
+        AdamW([{"params": [p]}, {"params": [p]}], lr=0.1, betas=(0.9, 0.99))

@@ -35,7 +35,8 @@
 
    The tensors' elements, end to end, are split into one contiguous range per OpenMP
    thread: one call reads and writes every state once, at the memory's speed. The norm's
-   pass splits the gradients alike, so each thread then updates what it has just read. */
+   pass splits every gradient the same way (to within 16 elements where all are updated
+   here), so each thread mostly updates what it has just read. */
 
 #include <math.h>
 #include <omp.h>

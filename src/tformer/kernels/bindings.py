@@ -161,8 +161,9 @@ class AdamWGroup(ctypes.Structure):
 
 class AdamWPlan:
     """The tensors of an AdamW step laid out for kernels/adamw.c once, to be reused while
-    none of them has moved: a step then writes only the gradients' and the copies'
-    addresses. entries: per parameter (param, exp_avg, exp_avg_sq, step, group index,
+    none of them has moved (the plan holds them: their addresses stay theirs while it
+    lives): a step then writes only the gradients' and the copies' addresses. entries: per
+    parameter (param, exp_avg, exp_avg_sq, step, group index,
     compiled), param and the moments contiguous float32 CPU tensors of one size, step its
     float32 scalar; compiled False for a tensor whose update the caller leaves to torch (its
     gradient still counts towards the norm). Checked here: ValueError."""
@@ -183,7 +184,9 @@ class AdamWPlan:
             entry.param, entry.exp_avg = param.data_ptr(), exp_avg.data_ptr()
             entry.exp_avg_sq, entry.step = exp_avg_sq.data_ptr(), step.data_ptr()
             entry.size, entry.group, entry.compiled = param.numel(), group, int(compiled)
+        self.entries = entries
         self.sizes = [entry.size for entry in self.tensors]
+        self.groups = 1 + max((entry.group for entry in self.tensors), default=-1)
         self.grads = (POINTER * count)()
         self.copies = (POINTER * count)()
 
@@ -733,8 +736,11 @@ class Kernels:
         count = len(plan.sizes)
         if len(grads) != count or len(copies) != count:
             raise ValueError("adamw_step: one gradient and one copy (or None) per tensor")
+        if len(groups) < plan.groups:
+            raise ValueError(f"adamw_step: the plan's tensors name {plan.groups} groups")
         for g, size in zip(grads, plan.sizes, strict=True):  # this runs once a step
-            if g.dtype != torch.float32 or not g.is_cpu or not g.is_contiguous():
+            strided = g.layout == torch.strided  # a sparse one has no is_contiguous
+            if not (strided and g.dtype == torch.float32 and g.is_cpu and g.is_contiguous()):
                 raise ValueError("adamw_step: the gradients must be contiguous float32 CPU ones")
             if g.numel() != size:
                 raise ValueError("adamw_step: a gradient of another size than its parameter")

@@ -59,14 +59,15 @@ def takes(attention: nn.Module, x: torch.Tensor) -> bool:
 def attend(attention: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """attention(x), (B, T, C) -> (B, T, C), as one step where `takes` says so."""
     w_qkv, w_o = attention.w_qkv, attention.w_o
-    return FusedSelfAttention.apply(
+    y = FusedSelfAttention.apply(
         x, w_qkv.weight, w_qkv.bias, w_o.weight, w_o.bias, attention.n_heads, kernels.load()
     )
+    return y.view(x.shape)  # (M, C) -> (B, T, C) outside the Function, as nn/row_blocks.py
 
 
 class FusedSelfAttention(torch.autograd.Function):
     """y = Attention(x W_qkv^T + b_qkv) W_O^T + b_O in bf16: x (B, T, C), the float32 (or
-    bf16) parameters of the two projections -> y (B, T, C). Saves x, qkv, o and the
+    bf16) parameters of the two projections -> y (B T, C). Saves x, qkv, o and the
     kernel's log-sum-exp, and the weights' copies."""
 
     @staticmethod
@@ -82,7 +83,7 @@ class FusedSelfAttention(torch.autograd.Function):
         )
         ctx.save_for_backward(rows, qkv, o, lse, w_qkv_, w_o_)
         ctx.n_heads, ctx.library = n_heads, library
-        return bias_product(o.view(b * t, c), w_o_, b_o_).view(b, t, c)
+        return bias_product(o.view(b * t, c), w_o_, b_o_)  # (M, C)
 
     @staticmethod
     @once_differentiable  # the products and the kernel's gradient are not differentiated
@@ -90,7 +91,7 @@ class FusedSelfAttention(torch.autograd.Function):
         rows, qkv, o, lse, w_qkv, w_o = ctx.saved_tensors
         b, t, c = o.shape
         h = ctx.n_heads
-        grad_y = grad_y.to(BF16).reshape(b * t, c).contiguous()  # (M, C)
+        grad_y = grad_y.to(BF16).contiguous()  # (M, C)
         grad_o = grad_y.mm(w_o)  # (M, C), the heads side by side
         heads = grad_o.view(b, t, h, -1).transpose(1, 2)  # (B, H, T, D), a view
         # (B, T, 3, H, D): the projection's own layout

@@ -40,10 +40,10 @@ def linear(module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     """module(x), (..., K) -> (..., N), with its products in row blocks where faster: in a
     training step on the CPU, for a large_plain_linear; otherwise the module itself."""
     if (
-        large_plain_linear(module, x)  # first: most small layers stop at its size test
+        not torch.compiler.is_compiling()
+        and large_plain_linear(module, x)  # then: most small layers stop at its size test
         and x.device.type == "cpu"
         and torch.is_grad_enabled()
-        and not torch.compiler.is_compiling()
     ):
         rows = x.reshape(-1, x.shape[-1])  # (M, K)
         # viewed back outside the Function, so that autograd knows the view for what it is

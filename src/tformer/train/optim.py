@@ -46,31 +46,41 @@ class StepLayout:
     """The tensors of a compiled AdamW step, laid out for the C kernel once and reused while
     it fits them: entries per parameter (param, exp_avg, exp_avg_sq, step, group index,
     compiled), each parameter's state dict, the kernel's plan of them, and what follows
-    from them. The layout holds the tensors, so the plan's addresses stay valid."""
+    from them."""
 
     def __init__(
-        self, entries: list[tuple], states: list[dict], plan: "kernels.AdamWPlan", groups: int
+        self,
+        kinds: list[tuple[list[torch.Tensor], dict]],
+        entries: list[tuple],
+        states: list[dict],
+        plan: "kernels.AdamWPlan",
     ) -> None:
         self.entries, self.states, self.plan = entries, states, plan
-        self.addresses = [entry[0].data_ptr() for entry in entries]
+        self.groups = [(len(ps), id(group)) for ps, group in kinds]  # how they split
+        # where each tensor the kernel reads and writes is: moved storage is a new layout
+        self.addresses = [tuple(x.data_ptr() for x in entry[:4]) for entry in entries]
         self.compiled = [entry[-1] for entry in entries]
         # what the kernel writes in place each step, for the version counters
         self.written = [x for *tensors, _, compiled in entries if compiled for x in tensors]
         # per group, the parameters left to torch's kernel
-        self.rest = [[e[0] for e in entries if e[4] == g and not e[-1]] for g in range(groups)]
+        self.rest = [[e[0] for e in entries if e[4] == g and not e[-1]] for g in range(len(kinds))]
 
-    def fits(self, params: list[torch.Tensor]) -> bool:
-        """Whether `params` are this layout's, in its order, each where it was, with the
-        same moments and step in its state dict. (A new state dict for a parameter, as
-        AdamW.load_state_dict makes, drops the layout there.)"""
-        if len(params) != len(self.entries):
+    def fits(self, kinds: list[tuple[list[torch.Tensor], dict]], state: dict) -> bool:
+        """Whether the parameters of `kinds` are this layout's, split into the same groups
+        in its order, each tensor where it was, with the same state dict in `state` (the
+        optimizer's) holding the same moments and step."""
+        if [(len(ps), id(group)) for ps, group in kinds] != self.groups:
             return False
-        for p, (q, m, v, t, _, _), state, address in zip(
+        params = (p for ps, _ in kinds for p in ps)
+        for p, entry, kept, address in zip(
             params, self.entries, self.states, self.addresses, strict=True
         ):
-            if p is not q or p.data_ptr() != address or state["step"] is not t:
+            q, m, v, t = entry[:4]
+            if p is not q or state.get(p) is not kept:
                 return False
-            if state["exp_avg"] is not m or state["exp_avg_sq"] is not v:
+            if kept["step"] is not t or kept["exp_avg"] is not m or kept["exp_avg_sq"] is not v:
+                return False
+            if (p.data_ptr(), m.data_ptr(), v.data_ptr(), t.data_ptr()) != address:
                 return False
         return True
 
@@ -105,6 +115,9 @@ class AdamW:
         self.param_groups = [{**defaults, **group} for group in param_groups]
         for group in self.param_groups:
             group["params"] = list(group["params"])
+        params = self.parameters()
+        if len({id(p) for p in params}) != len(params):
+            raise ValueError("a parameter appears twice in AdamW's groups: give each one once")
         self.state: dict[torch.Tensor, dict[str, torch.Tensor]] = {}
         self.layout: StepLayout | None = None  # compiled_layout's, kept while current
         weight_copies.register(self.parameters())  # compiled_step writes their bf16 copies
@@ -228,12 +241,15 @@ class AdamW:
                 self.update(rest, group, scale)
         return True, norm
 
-    def compiled_layout(self, kinds: list[tuple[list[torch.Tensor], dict]]) -> "StepLayout":
+    def compiled_layout(self, kinds: list[tuple[list[torch.Tensor], dict]]) -> StepLayout:
         """compiled_step's layout of these parameters' tensors: the last one while it fits
-        them (StepLayout.fits), else a new one."""
-        params = [p for ps, _ in kinds for p in ps]
-        if self.layout is not None and self.layout.fits(params):
+        them (StepLayout.fits), else a new one. ValueError for a parameter given twice:
+        the kernel would update it twice at once."""
+        if self.layout is not None and self.layout.fits(kinds, self.state):
             return self.layout
+        params = [p for ps, _ in kinds for p in ps]
+        if len({id(p) for p in params}) != len(params):
+            raise ValueError("a parameter in two places: torch's kernel, a tensor at a time")
         entries = []  # (param, exp_avg, exp_avg_sq, step, group index, compiled)
         for i, (ps, _) in enumerate(kinds):
             for p in ps:
@@ -241,7 +257,7 @@ class AdamW:
                 moments = state["exp_avg"], state["exp_avg_sq"]
                 entries.append((p, *moments, state["step"], i, p.numel() % 16 == 0))
         states = [self.state[p] for p in params]
-        self.layout = StepLayout(entries, states, kernels.AdamWPlan(entries), len(kinds))
+        self.layout = StepLayout(kinds, entries, states, kernels.AdamWPlan(entries))
         return self.layout
 
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -299,7 +315,7 @@ class AdamW:
                 value = saved_group[setting]
                 group[setting] = tuple(value) if setting == "betas" else value
         self.state = state
-        self.layout = None  # new moments and steps
+        self.layout = None  # new moments and steps: the old ones are freed now
 
 
 def global_norm(params: list[torch.Tensor]) -> torch.Tensor:
