@@ -21,6 +21,17 @@ def _private_measured_choices(tmp_path_factory, monkeypatch):
     monkeypatch.setattr(measured, "_chosen", {})
 
 
+@pytest.fixture(scope="module")
+def compiled():
+    """The compiled kernels; the test is skipped where they are not built."""
+    from tformer import kernels
+
+    library = kernels.load()
+    if library is None:
+        pytest.skip(f"the compiled kernels are not built here: {kernels.unavailable_reason()}")
+    return library
+
+
 @pytest.fixture(scope="session")
 def tiny_text() -> str:
     """A few thousand characters with structure a tiny model learns in a few dozen steps."""

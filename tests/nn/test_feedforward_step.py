@@ -2,19 +2,10 @@ import pytest
 import torch
 from torch import nn
 
-from tformer import kernels
 from tformer.nn import feedforward_step
 from tformer.nn.activations import activation_fn
 from tformer.nn.feedforward import FeedForward
 from tformer.nn.row_blocks import MIN_WEIGHT
-
-
-@pytest.fixture(scope="module")
-def compiled():
-    library = kernels.load()
-    if library is None:
-        pytest.skip(f"the compiled kernels are not built here: {kernels.unavailable_reason()}")
-    return library
 
 
 def run(ffn: FeedForward, x: torch.Tensor, grad: torch.Tensor, fused: bool):

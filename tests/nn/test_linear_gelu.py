@@ -2,18 +2,9 @@ import pytest
 import torch
 from torch import nn
 
-from tformer import kernels
 from tformer.nn import linear_gelu, row_blocks
 from tformer.nn.activations import gelu_tanh
 from tformer.nn.feedforward import FeedForward
-
-
-@pytest.fixture(scope="module")
-def compiled():
-    library = kernels.load()
-    if library is None:
-        pytest.skip(f"the compiled kernels are not built here: {kernels.unavailable_reason()}")
-    return library
 
 
 @pytest.mark.parametrize("shape", [(7, 40), (300, 200), (2048, 96)])  # one thread; the pool
