@@ -166,7 +166,8 @@ static void update_range(const struct job *jobs, int64_t count, int64_t begin, i
     }
 }
 
-/* Tensor x's coefficients for this step, t its step after it; scale s, or 0 for none. */
+/* A tensor's coefficients for this step: its group's settings g, its step t after this
+   one, and the scale s (0 for none). */
 static struct coefficients coefficients(const struct adamw_group *g, float t, float scale) {
     struct coefficients k;
     k.w = (float)(1.0 - g->beta1);

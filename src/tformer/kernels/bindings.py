@@ -162,11 +162,12 @@ class AdamWGroup(ctypes.Structure):
 class AdamWPlan:
     """The tensors of an AdamW step laid out for kernels/adamw.c once, to be reused while
     none of them has moved (the plan holds them: their addresses stay theirs while it
-    lives): a step then writes only the gradients' and the copies' addresses. entries: per
-    parameter (param, exp_avg, exp_avg_sq, step, group index,
-    compiled), param and the moments contiguous float32 CPU tensors of one size, step its
-    float32 scalar; compiled False for a tensor whose update the caller leaves to torch (its
-    gradient still counts towards the norm). Checked here: ValueError."""
+    lives): a step then writes only the gradients' and the copies' addresses.
+
+    entries: per parameter (param, exp_avg, exp_avg_sq, step, group index, compiled), param
+    and the moments contiguous float32 CPU tensors of one size, step its float32 scalar;
+    compiled False for a tensor whose update the caller leaves to torch (its gradient still
+    counts towards the norm). Checked here: ValueError."""
 
     def __init__(self, entries: list[tuple]) -> None:
         count = len(entries)

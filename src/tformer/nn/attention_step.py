@@ -17,7 +17,7 @@ step (nn/weight_copies.py), each product adds its bias in its output stage where
 wrote them. Every product, cast and sum is one the plain path computes, in its dtype; a
 test holds the two to each other. Taken in bf16 training steps on the CPU, for plain
 projections below nn/row_blocks.py's sizes, where the FlashAttention kernel is the short
-path chosen on this CPU (nn/attention_choice.py): 0.6-1.2 ms of a 20 ms step of nanoGPT's
+path chosen on this CPU (nn/attention_choice.py): 0.6 ms of a 20 ms step of nanoGPT's
 CPU recipe (docs/LOG.md, session 29).
 """
 
