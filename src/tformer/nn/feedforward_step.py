@@ -35,7 +35,7 @@ from tformer.nn.row_blocks import (
 )
 from tformer.nn.weight_copies import half_weight
 
-ACTIVATIONS = ("gelu", "gelu_tanh")  # those whose kernels keep the derivative
+STEP_ACTIVATIONS = ("gelu", "gelu_tanh")  # the activations whose kernels keep the derivative
 BF16 = torch.bfloat16
 
 
@@ -45,7 +45,7 @@ def takes(ffn: nn.Module, x: torch.Tensor) -> bool:
     w1, w2 = ffn.w1, ffn.w2
     if type(w1) is not nn.Linear or type(w2) is not nn.Linear or w1.bias is None:
         return False
-    if w1.weight.numel() >= MIN_WEIGHT or ffn.activation not in ACTIVATIONS:
+    if w1.weight.numel() >= MIN_WEIGHT or ffn.activation not in STEP_ACTIVATIONS:
         return False  # a larger layer's products take nn/row_blocks.py's paths
     if x.device.type != "cpu" or not torch.is_grad_enabled() or torch.compiler.is_compiling():
         return False
