@@ -109,6 +109,30 @@ def test_unpack_linear_is_the_panels_read_back(compiled):
         compiled.unpack_linear(panels.double(), p, 8)
 
 
+def test_dequantize_int4_is_torchs_dequantisation_then_cast(compiled):
+    """int4 panels dequantised in C against torch's (q - 8) d from the same q and scales,
+    then cast: equal bit for bit in float32 and bfloat16 (including bfloat16's rounding of
+    values between two of its own), for a short last group, N short of a panel, empty
+    shapes; and its refusals."""
+    p = compiled.panel
+    g = torch.Generator().manual_seed(6)
+    for n, k in ((p + 3, 37), (1, 2), (2 * p, 64), (5, 95), (3, 0), (0, 5)):
+        # scales of 11 bits: (q - 8) d has up to 15, so bfloat16's 8 must round most of them
+        q4, d4 = quantize_int4(torch.randn(n, k, generator=g) * 3)
+        panels = compiled.pack_int4(q4, d4)
+        for dtype in (torch.float32, torch.bfloat16):
+            expected = dequantize_int4(q4, d4).to(dtype)
+            out = compiled.dequantize_int4(panels, n, k, dtype)
+            assert out.dtype == dtype and torch.equal(out, expected), (n, k, dtype)
+    panels = compiled.pack_int4(*quantize_int4(torch.randn(p, 40)))
+    with pytest.raises(ValueError, match="panels"):
+        compiled.dequantize_int4(panels, p + 1, 40, torch.float32)  # more columns than they hold
+    with pytest.raises(ValueError, match="panels"):
+        compiled.dequantize_int4(panels, p, 70, torch.float32)  # more groups
+    with pytest.raises(ValueError, match="float32 or bfloat16"):
+        compiled.dequantize_int4(panels, p, 40, torch.float16)
+
+
 def w8a8_reference(x, q, scale, bias):
     """integer_linear.c's formula, written out: x rounded to int8 per row, the integer sums
     exact in float64, then ((float)acc * s_x) * s_w + b (the last two one fma, here in

@@ -6,6 +6,7 @@ from tformer.nn import attention_choice as choice
 from tformer.nn import attention_step, measured
 from tformer.nn.attention import QUERY_BLOCK, MultiHeadAttention
 from tformer.nn.flash_attention import flash_takes
+from tformer.nn.kv_cache import KVCache
 
 
 @pytest.fixture
@@ -185,3 +186,65 @@ def test_a_hook_on_the_weights_sees_them_in_long_training_too(private_cache, dty
     out.float().sum().backward()
     assert len(seen) == 1 and seen[0].shape == (2, 4, t, t)
     assert x.grad is not None and not measured.choices_file(choice.KIND).exists()  # not timed
+
+
+@pytest.mark.parametrize("path", ["fused", "flash"])
+@pytest.mark.parametrize("implementation", ["sdpa", "blocked"])
+def test_a_prompt_in_inference_takes_the_chosen_kernel(
+    private_cache, monkeypatch, path, implementation
+):
+    """A prompt's causal self-attention in float32 without a gradient (into an empty KV
+    cache, or without one) runs in the kernel chosen for its shape (forced here: torch's
+    fused kernel or FlashAttention) and equals the explicit path; a token after it (T = 1),
+    padding or a gradient keep torch's fused kernel."""
+    if path == "flash" and not flash_takes(torch.zeros(1, 1, 1, 32)):
+        pytest.skip("no compiled kernels here")
+    t = choice.PROMPT_FROM + 9  # timed at the next power of two
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, t + 1, 128, generator=g)
+    torch.manual_seed(0)
+    explicit = MultiHeadAttention(128, 4, causal=True, implementation="explicit")
+    fast = MultiHeadAttention(128, 4, causal=True, implementation=implementation)
+    fast.load_state_dict(explicit.state_dict())
+    positions = 1 << (t - 1).bit_length()
+    key = (choice.PROMPT_KIND, f"2x4x{positions}x32 float32, inference", torch.get_num_threads())
+    monkeypatch.setitem(measured._chosen, key, path)
+    taken = record_calls(monkeypatch, ("fused_attention", "flash_causal"))
+    chosen = {"fused": "fused_attention", "flash": "flash_causal"}[path]
+    with torch.inference_mode():
+        expected = explicit(x[:, :t])
+        torch.testing.assert_close(fast(x[:, :t]), expected, rtol=0, atol=1e-5)
+        assert taken == [chosen]
+        taken.clear()
+        caches = [KVCache(2, 4, t + 1, 32) for _ in range(2)]
+        prompt = fast(x[:, :t], cache=caches[0])
+        token = fast(x[:, t:], cache=caches[0])  # one more position, after the prompt
+        torch.testing.assert_close(prompt, expected, rtol=0, atol=1e-5)
+        reference = explicit(x, cache=caches[1])[:, t:]
+        torch.testing.assert_close(token, reference, rtol=0, atol=1e-5)
+        assert taken == [chosen, "fused_attention"]
+        taken.clear()
+        fast(x[:, :t], attention_mask=torch.ones(2, t, dtype=torch.bool))  # padding: a mask
+        assert taken == ["fused_attention"]
+    if implementation == "sdpa":  # ("blocked" trains on paths of its own)
+        taken.clear()
+        fast(x[:, :t].clone().requires_grad_())
+        assert taken == ["fused_attention"]
+    assert not measured.choices_file(choice.PROMPT_KIND).exists()  # forced: not timed
+
+
+def test_a_prompts_kernel_is_timed_once_forward_only(private_cache):
+    """Unforced, the first prompt of a shape times both kernels and keeps the choice; a
+    prompt shorter than PROMPT_FROM is not timed."""
+    attention = MultiHeadAttention(64, 2, causal=True)
+    with torch.inference_mode():
+        attention(torch.randn(1, choice.PROMPT_FROM - 1, 64))
+        assert not measured.choices_file(choice.PROMPT_KIND).exists()
+        out = attention(torch.randn(1, choice.PROMPT_FROM + 1, 64))
+    assert out.shape == (1, choice.PROMPT_FROM + 1, 64)
+    kept = measured.read_choices(measured.choices_file(choice.PROMPT_KIND), ("fused", "flash"))
+    if flash_takes(torch.zeros(1, 1, 1, 32)):  # timed at the next power of two
+        key = f"1x2x{2 * choice.PROMPT_FROM}x32 float32, inference"
+        assert list(kept) == [key] and kept[key] in ("fused", "flash")
+    else:  # nothing to choose from
+        assert kept == {}

@@ -8,6 +8,7 @@ attention kernels, called once per layer, check it here.
     kernels.pack_linear(weight) -> panels   (N, K) float32, bfloat16 or int8, as linear reads it
     kernels.unpack_linear(panels, n, k) -> weight (N, K)
     kernels.pack_int4(q, scale) -> panels   int4: q (N, K) in [0, 15], a float16 scale per 32 k
+    kernels.dequantize_int4(panels, n, k, dtype) -> (N, K) (q - 8) d, float32 or bfloat16
     kernels.linear(x, panels, scale, bias, out)   x (M, K) float32 -> out (M, N)
     kernels.pack_w8a8(q) -> panels   int8 q (N, K) for linear_w8a8, four k a column in 32 bits
     kernels.unpack_w8a8(panels, n, k) -> q (N, K)
@@ -339,6 +340,27 @@ class Kernels:
         q = torch.cat([nibbles & 15, nibbles >> 4], dim=3)  # (G, T, GROUP, P)
         q = q.permute(0, 3, 1, 2).reshape(groups * p, t * GROUP)[:n, :k].contiguous()
         return q, scales.permute(0, 2, 1).reshape(groups * p, t)[:n].contiguous()
+
+    @c_function("tformer_dequantize_int4", [POINTER, POINTER] + [SIZE] * 3)
+    def dequantize_int4(
+        self, panels: torch.Tensor, n: int, k: int, dtype: torch.dtype
+    ) -> torch.Tensor:
+        """The (N, K) weights w = (q - 8) d that pack_int4 packed into `panels`, float32 or
+        bfloat16 (rounded), a new tensor in one pass in C: what torch's matmul multiplies by
+        where the int4 kernels stop. ValueError for panels that are not an (N, K) weight's
+        of this build."""
+        if dtype not in (torch.float32, torch.bfloat16):
+            raise ValueError(f"int4 weights dequantise to float32 or bfloat16, not {dtype}")
+        if panels.dtype != torch.uint8 or panels.device.type != "cpu":
+            raise ValueError("dequantize_int4 reads uint8 panels on the CPU")
+        shape = (-(-n // self.panel), -(-k // GROUP), self.panel * 2 + GROUP * self.panel // 2)
+        if tuple(panels.shape) != shape or not panels.is_contiguous():
+            raise ValueError(f"these panels do not hold an ({n}, {k}) int4 weight of this build")
+        out = torch.empty(n, k, dtype=dtype)
+        self.library.tformer_dequantize_int4(
+            panels.data_ptr(), out.data_ptr(), n, k, out.element_size()
+        )
+        return out
 
     def pack_w8a8(self, q: torch.Tensor) -> torch.Tensor:
         """int8 q (N, K) -> the panels linear_w8a8 reads (kernels/integer_linear.c), a copy:

@@ -557,6 +557,55 @@ void tformer_unpack_linear(const void *panels, void *out, int64_t n_len, int64_t
     }
 }
 
+/* The (N, K) weights w = (q - 8) d that kernels.pack_int4 packed into `panels`, written
+   row after row as float32 (bytes 4) or rounded to bfloat16 (bytes 2): what torch's matmul
+   reads where the int4 kernels stop (a long prompt), in one pass. A group of one panel at a
+   time: its GROUP x PANEL values made a k at a time as vectors over the columns (as the
+   kernels widen them), kept in the first-level cache, then written out a row (a column of
+   the block) at a time. (q - 8) d is exact in float32 (a float16 times an integer of four
+   bits), so this equals torch's dequantisation then cast, bit for bit. */
+ALWAYS_INLINE void dequantize_int4_panel(const uint8_t *panels, char *out, int64_t g,
+                                         int64_t n_len, int64_t k_len, int64_t bytes) {
+    const int64_t t_len = panel_steps(I4, k_len);
+    const int64_t cols = n_len - g * PANEL < PANEL ? n_len - g * PANEL : PANEL;
+    float block[GROUP][PANEL]; /* [k of the group][column of the panel] */
+    for (int64_t t = 0; t < t_len; t++) {
+        const uint8_t *at = panels + (g * t_len + t) * step_bytes(I4);
+        const vfloat d_low = load_halves((const uint16_t *)at);
+        const vfloat d_high = load_halves((const uint16_t *)at + LANES);
+        const int64_t k0 = t * GROUP, here = k_len - k0 < GROUP ? k_len - k0 : GROUP;
+        for (int64_t j = 0; j < here; j++) {
+            vfloat low, high;
+            load_nibbles(at + PANEL * 2 + j * (PANEL / 2), &low, &high);
+            low = (low - 8.0f) * d_low;
+            high = (high - 8.0f) * d_high;
+            memcpy(block[j], &low, sizeof low);
+            memcpy(block[j] + LANES, &high, sizeof high);
+        }
+        for (int64_t c = 0; c < cols; c++) {
+            char *row = out + ((g * PANEL + c) * k_len + k0) * bytes;
+            for (int64_t j = 0; j < here; j++) {
+                if (bytes == 4) ((float *)row)[j] = block[j][c];
+                else ((uint16_t *)row)[j] = float_to_bf16_bits(block[j][c]);
+            }
+        }
+    }
+}
+
+void tformer_dequantize_int4(const void *panels, void *out, int64_t n_len, int64_t k_len,
+                             int64_t bytes) {
+    const int64_t n_panels = (n_len + PANEL - 1) / PANEL;
+    if (bytes == 4) {
+#pragma omp parallel for schedule(static)
+        for (int64_t g = 0; g < n_panels; g++)
+            dequantize_int4_panel(panels, out, g, n_len, k_len, 4);
+    } else {
+#pragma omp parallel for schedule(static)
+        for (int64_t g = 0; g < n_panels; g++)
+            dequantize_int4_panel(panels, out, g, n_len, k_len, 2);
+    }
+}
+
 /* The output columns per panel, for packing weights (kernels.pack_linear). */
 int tformer_linear_panel(void) { return PANEL; }
 

@@ -27,7 +27,9 @@ the CPU in use, as measured there once (nn/attention_choice.py); anything else i
 to torch's fused kernel, as "sdpa" (unless a hook wants the weights).
 Beside them, in inference on the CPU (no gradients, no dropout, no hook), the compiled
 kernels take an encoder's self-attention over whole padded sequences (padded_attention)
-and a server's decoding step (nn/slot_cache.py).
+and a server's decoding step (nn/slot_cache.py), and a prompt's causal self-attention
+(nothing cached before it, no padding) goes to the FlashAttention kernel in place of
+torch's fused kernel where that runs faster on the CPU in use (fused_or_flash).
 """
 
 import math
@@ -38,7 +40,12 @@ from torch import nn
 
 from tformer import kernels
 from tformer.nn import attention_step
-from tformer.nn.attention_choice import AttentionPath, long_attention_path, short_flash_chosen
+from tformer.nn.attention_choice import (
+    AttentionPath,
+    long_attention_path,
+    prompt_flash_chosen,
+    short_flash_chosen,
+)
 from tformer.nn.blocked_attention import (
     QUERY_BLOCK,
     blocked_causal_attention,
@@ -127,6 +134,24 @@ def fused_attention(
     return nn.functional.scaled_dot_product_attention(
         q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal
     )
+
+
+def fused_or_flash(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None,
+    is_causal: bool,
+    dropout_p: float,
+) -> torch.Tensor:
+    """fused_attention, except for a prompt in inference (causal, no mask, T = S: nothing
+    cached before it, no gradient), which runs in torch's fused kernel or the FlashAttention
+    kernel, whichever was timed faster on this CPU (nn/attention_choice.py)."""
+    t, s = q.shape[2], k.shape[2]
+    prompt = is_causal and t == s and dropout_p == 0.0 and not torch.is_grad_enabled()
+    if prompt and prompt_flash_chosen(q):
+        return flash_causal(q, k, v)
+    return fused_attention(q, k, v, mask, is_causal, dropout_p)
 
 
 # Up to this many positions the compiled kernel runs an encoder's attention: torch's fused
@@ -426,7 +451,7 @@ class MultiHeadAttention(nn.Module):
         t, s = q.shape[2], k.shape[2]
         if self.implementation == "sdpa":
             is_causal = self.causal and t > 1 and mask is None
-            return fused_attention(q, k, v, mask, is_causal, dropout_p)
+            return fused_or_flash(q, k, v, mask, is_causal, dropout_p)
         long_causal = self.implementation == "blocked" and self.causal and in_query_blocks(t, s)
         # Training without padding: the blocked path, torch's fused kernel or a FlashAttention
         # kernel (bf16 with AMX, float32), the fastest here
@@ -441,7 +466,7 @@ class MultiHeadAttention(nn.Module):
             # float32 has no compiled path of its own outside the measured one: torch's fused
             # kernel, as "sdpa", unless a hook wants the weights
             is_causal = self.causal and t > 1 and mask is None
-            return fused_attention(q, k, v, mask, is_causal, dropout_p)
+            return fused_or_flash(q, k, v, mask, is_causal, dropout_p)
         if self.causal and mask is None and t > 1:
             mask = causal_mask(t, s, q.device)
         if long_causal and not hooked_pattern:  # (the blocks never form the whole weights)

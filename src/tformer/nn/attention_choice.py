@@ -10,6 +10,10 @@ matrix units (AMX) the fewer passes over memory of the fused kernels win, where 
 the blocked path's larger products win (docs/LOG.md, sessions 21 and 22). So each shape
 (B, H, T, D) and dtype is timed once on the CPU in use, forward and backward of every path
 taking turns, and the fastest is kept (nn/measured.py).
+
+A prompt's causal self-attention in inference (a prefill: no gradient, no padding) is
+chosen the same way between torch's fused kernel and the FlashAttention kernel, forward
+only (prompt_flash_chosen).
 """
 
 from collections.abc import Callable
@@ -18,10 +22,17 @@ import torch
 
 from tformer import kernels
 from tformer.nn.blocked_attention import compiled_causal_attention
-from tformer.nn.flash_attention import flash_causal_projection, flash_takes, projection_heads
+from tformer.nn.flash_attention import (
+    flash_causal,
+    flash_causal_projection,
+    flash_takes,
+    projection_heads,
+)
 from tformer.nn.measured import dtype_name, fastest, training_runs
 
 KIND = "attention-v5"  # the measured choices' file and version (nn/measured.py)
+PROMPT_KIND = "prompt-attention-v1"  # the same for inference's prompts
+PROMPT_FROM = 64  # positions: shorter prompts keep torch's fused kernel, unmeasured
 # a path of causal self-attention: (q, k, v) -> out, each (B, H, T, D)
 AttentionPath = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 # a path of short causal self-attention: the fused projection (B, T, 3C) -> (B, T, C)
@@ -93,3 +104,29 @@ def short_flash_chosen(qkv: torch.Tensor, n_heads: int, library: kernels.Kernels
         "flash": lambda x: flash_causal_projection(x, n_heads),
     }
     return short_attention_path(qkv, n_heads, paths) == "flash"
+
+
+def prompt_flash_chosen(q: torch.Tensor) -> bool:
+    """Whether inference's causal self-attention without padding over q's heads (B, H, T,
+    D), a prompt's prefill, runs in the FlashAttention kernel: where that kernel takes q
+    and was timed faster than torch's fused kernel on this CPU, forward only, at T rounded
+    up to a power of two (one measurement covers the prompts of that range). Only q's
+    shape and dtype are read."""
+    b, h, t, d = q.shape
+    if t < PROMPT_FROM or q.device.type != "cpu" or not flash_takes(q):
+        return False
+    positions = 1 << (t - 1).bit_length()
+
+    def candidates() -> dict[str, Callable[[], torch.Tensor]]:
+        g = torch.Generator().manual_seed(0)
+        qkv = torch.randn(b, positions, 3, h, d, generator=g).to(q.dtype)
+        heads = [qkv[:, :, i].transpose(1, 2) for i in range(3)]  # (B, H, T, D) views
+        sdpa = torch.nn.functional.scaled_dot_product_attention
+        return {
+            "fused": lambda: sdpa(*heads, is_causal=True),
+            "flash": lambda: flash_causal(*heads),
+        }
+
+    key = f"{b}x{h}x{positions}x{d} {dtype_name(q.dtype)}, inference"
+    with torch.inference_mode():
+        return fastest(PROMPT_KIND, key, ("fused", "flash"), candidates) == "flash"

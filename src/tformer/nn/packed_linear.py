@@ -251,7 +251,11 @@ class PackedLinear(nn.Module):
 
     def torch_weight(self) -> torch.Tensor:
         """The (N, K) weight by_torch multiplies by, in the compute dtype (int8 values are
-        exact in bfloat16; int4's, q times a float16 scale, are rounded to it)."""
+        exact in bfloat16; int4's, q times a float16 scale, are rounded to it): for int4
+        panels dequantised in C, in one pass."""
+        if self.weight_dtype == "int4" and self.panels is not None:
+            n, k = self.out_features, self.in_features
+            return self.kernels.dequantize_int4(self.panels, n, k, self.compute_dtype)
         return self.stored_weight().to(self.compute_dtype)
 
     def by_torch(self, x: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
