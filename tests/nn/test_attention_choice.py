@@ -201,13 +201,13 @@ def test_a_prompt_in_inference_takes_the_chosen_kernel(
         pytest.skip("no compiled kernels here")
     t = choice.PROMPT_FROM + 9  # timed at the next power of two
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(2, t + 1, 128, generator=g)
+    x = torch.randn(3, t + 1, 128, generator=g)  # timed at 4 rows
     torch.manual_seed(0)
     explicit = MultiHeadAttention(128, 4, causal=True, implementation="explicit")
     fast = MultiHeadAttention(128, 4, causal=True, implementation=implementation)
     fast.load_state_dict(explicit.state_dict())
     positions = 1 << (t - 1).bit_length()
-    key = (choice.PROMPT_KIND, f"2x4x{positions}x32 float32, inference", torch.get_num_threads())
+    key = (choice.PROMPT_KIND, f"4x4x{positions}x32 float32, inference", torch.get_num_threads())
     monkeypatch.setitem(measured._chosen, key, path)
     taken = record_calls(monkeypatch, ("fused_attention", "flash_causal"))
     chosen = {"fused": "fused_attention", "flash": "flash_causal"}[path]
@@ -216,7 +216,7 @@ def test_a_prompt_in_inference_takes_the_chosen_kernel(
         torch.testing.assert_close(fast(x[:, :t]), expected, rtol=0, atol=1e-5)
         assert taken == [chosen]
         taken.clear()
-        caches = [KVCache(2, 4, t + 1, 32) for _ in range(2)]
+        caches = [KVCache(3, 4, t + 1, 32) for _ in range(2)]
         prompt = fast(x[:, :t], cache=caches[0])
         token = fast(x[:, t:], cache=caches[0])  # one more position, after the prompt
         torch.testing.assert_close(prompt, expected, rtol=0, atol=1e-5)
@@ -224,7 +224,7 @@ def test_a_prompt_in_inference_takes_the_chosen_kernel(
         torch.testing.assert_close(token, reference, rtol=0, atol=1e-5)
         assert taken == [chosen, "fused_attention"]
         taken.clear()
-        fast(x[:, :t], attention_mask=torch.ones(2, t, dtype=torch.bool))  # padding: a mask
+        fast(x[:, :t], attention_mask=torch.ones(3, t, dtype=torch.bool))  # padding: a mask
         assert taken == ["fused_attention"]
     if implementation == "sdpa":  # ("blocked" trains on paths of its own)
         taken.clear()

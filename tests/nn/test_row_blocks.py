@@ -55,6 +55,22 @@ def test_the_path_is_timed_once_per_shape_layout_and_dtype(monkeypatch):
     assert fastest_path(*operands(500, 40, 16, torch.bfloat16, "t")[:2]) == chosen
 
 
+def test_keys_round_token_counts_up_to_few_sizes():
+    """Up to KEY_STEPS steps a multiple of KEY_STEP; above, less than half again the size,
+    two keys in each doubling: a model trained on many batch lengths times few shapes."""
+    small = rb.KEY_STEP * rb.KEY_STEPS
+    for size in range(1, 40_000):
+        key = rb.round_up(size)
+        assert key >= size and key % rb.KEY_STEP == 0
+        assert key - size < rb.KEY_STEP if size <= small else key < 1.5 * size
+    assert {rb.round_up(size) for size in range(small + 1, 2 * small + 1)} == {
+        1.5 * small,
+        2 * small,
+    }
+    # batches of 600 to 6,400 tokens: 8 keys (23 at one step of 256)
+    assert len({rb.round_up(size) for size in range(600, 6401)}) == 8
+
+
 @pytest.mark.parametrize("path", ["whole", "halves", "copied"])
 def test_row_block_linear_trains_as_nn_linear_under_bf16_autocast(monkeypatch, path):
     """Output and the gradients of x, W and b, against nn.Linear's own bf16 autocast path:

@@ -27,13 +27,19 @@ from tformer.nn.blocked_attention import hooked
 from tformer.nn.measured import dtype_name, fastest
 from tformer.nn.weight_copies import half_weight
 
-KIND = "matmul-v5"  # the measured choices' file and version (nn/measured.py)
+KIND = "matmul-v6"  # the measured choices' file and version (nn/measured.py)
 # Smaller products than these run whole, through nn.Linear itself: a split would only add
 # a call's cost, and this path's Python costs more than a small product gains.
 MIN_ROWS = 256
 MIN_WEIGHT = 1 << 18  # weight elements, K N (512 x 512)
 HALF_DTYPES = (torch.bfloat16, torch.float16)  # the products this path takes
-KEY_STEP = 256  # M and K are rounded up to this in a choice's key: token counts vary
+# M and K, where token counts go, are rounded up in a choice's key (round_up): to a
+# multiple of KEY_STEP up to KEY_STEPS of them, and above that to a step that doubles with
+# each doubling of the size: two keys in each range (s, 2 s] from there. A model that trains
+# on batches of many lengths (translation) then times a few dozen shapes, not hundreds:
+# each timing costs a dozen or more products of its size (docs/LOG.md).
+KEY_STEP = 256
+KEY_STEPS = 4
 
 
 def linear(module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
@@ -187,8 +193,12 @@ _bias_fused: dict[tuple[int, int, int, int], bool] = {}  # bias_product's: (M, K
 
 
 def round_up(size: int) -> int:
-    """size rounded up to a multiple of KEY_STEP."""
-    return -(-size // KEY_STEP) * KEY_STEP
+    """size rounded up to a multiple of KEY_STEP, or above KEY_STEPS of them to a multiple
+    of step = KEY_STEP 2^i with size <= KEY_STEPS step: less than half again as large."""
+    step = KEY_STEP
+    while size > KEY_STEPS * step:
+        step *= 2
+    return -(-size // step) * step
 
 
 def layout(x: torch.Tensor) -> str:
@@ -200,7 +210,7 @@ def layout(x: torch.Tensor) -> str:
 
 def fastest_path(a: torch.Tensor, b: torch.Tensor) -> str:
     """How a b runs fastest on this CPU, as timed once for the shape M x K x N (M and K,
-    where token counts go, rounded up to KEY_STEP: a new batch length is not timed anew),
+    where token counts go, rounded up as round_up does: a new batch length is not timed anew),
     the layouts and the dtype: "whole" (one call), "halves" (two calls of half the rows)
     or, where a is transposed, "copied" (a copied row-major first: torch's matmul reads a
     transposed left operand at half speed on some CPUs, docs/LOG.md)."""
