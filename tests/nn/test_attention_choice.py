@@ -194,38 +194,42 @@ def test_a_prompt_in_inference_takes_the_chosen_kernel(
     private_cache, monkeypatch, path, implementation
 ):
     """A prompt's causal self-attention in float32 without a gradient (into an empty KV
-    cache, or without one) runs in the kernel chosen for its shape (forced here: torch's
-    fused kernel or FlashAttention) and equals the explicit path; a token after it (T = 1),
-    padding or a gradient keep torch's fused kernel."""
+    cache or without one; under inference_mode or no_grad) runs in the kernel chosen for
+    its shape (forced here: torch's fused kernel or FlashAttention) and equals the explicit
+    path; a token after it (T = 1), a chunk of a prompt after cached positions, padding or
+    a gradient keep torch's fused kernel."""
     if path == "flash" and not flash_takes(torch.zeros(1, 1, 1, 32)):
         pytest.skip("no compiled kernels here")
-    t = choice.PROMPT_FROM + 9  # timed at the next power of two
+    t = choice.PROMPT_FROM + 9  # timed at the power of two below
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(3, t + 1, 128, generator=g)  # timed at 4 rows
+    x = torch.randn(3, t + 5, 128, generator=g)  # timed at 2 rows
     torch.manual_seed(0)
     explicit = MultiHeadAttention(128, 4, causal=True, implementation="explicit")
     fast = MultiHeadAttention(128, 4, causal=True, implementation=implementation)
     fast.load_state_dict(explicit.state_dict())
-    positions = 1 << (t - 1).bit_length()
-    key = (choice.PROMPT_KIND, f"4x4x{positions}x32 float32, inference", torch.get_num_threads())
-    monkeypatch.setitem(measured._chosen, key, path)
+    key = f"2x4x{choice.PROMPT_FROM}x32 float32, inference"
+    monkeypatch.setitem(measured._chosen, (choice.PROMPT_KIND, key, torch.get_num_threads()), path)
     taken = record_calls(monkeypatch, ("fused_attention", "flash_causal"))
     chosen = {"fused": "fused_attention", "flash": "flash_causal"}[path]
     with torch.inference_mode():
         expected = explicit(x[:, :t])
-        torch.testing.assert_close(fast(x[:, :t]), expected, rtol=0, atol=1e-5)
-        assert taken == [chosen]
+        reference = explicit(x, cache=KVCache(3, 4, t + 5, 32))
+    for mode in (torch.inference_mode, torch.no_grad):
         taken.clear()
-        caches = [KVCache(3, 4, t + 1, 32) for _ in range(2)]
-        prompt = fast(x[:, :t], cache=caches[0])
-        token = fast(x[:, t:], cache=caches[0])  # one more position, after the prompt
+        with mode():
+            torch.testing.assert_close(fast(x[:, :t]), expected, rtol=0, atol=1e-5)
+            cache = KVCache(3, 4, t + 5, 32)
+            prompt = fast(x[:, :t], cache=cache)
+            token = fast(x[:, t : t + 1], cache=cache)  # one more position after the prompt
+            chunk = fast(x[:, t + 1 :], cache=cache)  # four more: a mask for the cached ones
+        assert taken == [chosen, chosen, "fused_attention", "fused_attention"], mode
         torch.testing.assert_close(prompt, expected, rtol=0, atol=1e-5)
-        reference = explicit(x, cache=caches[1])[:, t:]
-        torch.testing.assert_close(token, reference, rtol=0, atol=1e-5)
-        assert taken == [chosen, "fused_attention"]
-        taken.clear()
+        torch.testing.assert_close(token, reference[:, t : t + 1], rtol=0, atol=1e-5)
+        torch.testing.assert_close(chunk, reference[:, t + 1 :], rtol=0, atol=1e-5)
+    taken.clear()
+    with torch.no_grad():
         fast(x[:, :t], attention_mask=torch.ones(3, t, dtype=torch.bool))  # padding: a mask
-        assert taken == ["fused_attention"]
+    assert taken == ["fused_attention"]
     if implementation == "sdpa":  # ("blocked" trains on paths of its own)
         taken.clear()
         fast(x[:, :t].clone().requires_grad_())
@@ -233,18 +237,51 @@ def test_a_prompt_in_inference_takes_the_chosen_kernel(
     assert not measured.choices_file(choice.PROMPT_KIND).exists()  # forced: not timed
 
 
-def test_a_prompts_kernel_is_timed_once_forward_only(private_cache):
-    """Unforced, the first prompt of a shape times both kernels and keeps the choice; a
-    prompt shorter than PROMPT_FROM is not timed."""
+def test_a_prompt_with_a_float32_cache_under_autocast_keeps_torchs_kernel(
+    private_cache, monkeypatch
+):
+    """Under bf16 autocast the queries are bf16 and a float32 cache hands back float32 keys
+    and values: only torch's kernel takes that mix, whatever was chosen for the shape."""
+    x = torch.randn(1, choice.PROMPT_FROM, 64)
     attention = MultiHeadAttention(64, 2, causal=True)
-    with torch.inference_mode():
-        attention(torch.randn(1, choice.PROMPT_FROM - 1, 64))
-        assert not measured.choices_file(choice.PROMPT_KIND).exists()
-        out = attention(torch.randn(1, choice.PROMPT_FROM + 1, 64))
-    assert out.shape == (1, choice.PROMPT_FROM + 1, 64)
+    for dtype in ("float32", "bfloat16"):
+        key = (
+            choice.PROMPT_KIND,
+            f"1x2x{choice.PROMPT_FROM}x32 {dtype}, inference",
+            torch.get_num_threads(),
+        )
+        monkeypatch.setitem(measured._chosen, key, "flash")
+    taken = record_calls(monkeypatch, ("fused_attention", "flash_causal"))
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = attention(x, cache=KVCache(1, 2, choice.PROMPT_FROM, 32))
+    assert taken == ["fused_attention"] and out.shape == x.shape
+
+
+def test_a_prompts_kernel_is_timed_once_forward_only(private_cache, monkeypatch):
+    """Unforced, the first prompt of a shape times both kernels forward only (inference)
+    and keeps the choice; a prompt of the same range after it is not timed again; a prompt
+    shorter than PROMPT_FROM is not timed."""
+    torch.manual_seed(0)
+    attention = MultiHeadAttention(64, 2, causal=True)
+    explicit = MultiHeadAttention(64, 2, causal=True, implementation="explicit")
+    explicit.load_state_dict(attention.state_dict())
+    seen = []
+    run = measured._time
+    monkeypatch.setattr(
+        measured, "_time", lambda c: seen.append(torch.is_inference_mode_enabled()) or run(c)
+    )
+    x = torch.randn(1, 2 * choice.PROMPT_FROM - 1, 64)
+    with torch.no_grad():
+        attention(x[:, : choice.PROMPT_FROM - 1])
+        assert not measured.choices_file(choice.PROMPT_KIND).exists() and seen == []
+        out = attention(x[:, : choice.PROMPT_FROM + 1])
+        again = attention(x)  # the same power of two below
+        torch.testing.assert_close(out, explicit(x[:, : choice.PROMPT_FROM + 1]), rtol=0, atol=1e-5)
+        torch.testing.assert_close(again, explicit(x), rtol=0, atol=1e-5)
     kept = measured.read_choices(measured.choices_file(choice.PROMPT_KIND), ("fused", "flash"))
-    if flash_takes(torch.zeros(1, 1, 1, 32)):  # timed at the next power of two
-        key = f"1x2x{2 * choice.PROMPT_FROM}x32 float32, inference"
+    if flash_takes(torch.zeros(1, 1, 1, 32)):
+        key = f"1x2x{choice.PROMPT_FROM}x32 float32, inference"
         assert list(kept) == [key] and kept[key] in ("fused", "flash")
+        assert seen == [True]  # timed once, in inference: no graph, no gradient
     else:  # nothing to choose from
-        assert kept == {}
+        assert kept == {} and seen == []

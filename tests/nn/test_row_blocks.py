@@ -57,18 +57,20 @@ def test_the_path_is_timed_once_per_shape_layout_and_dtype(monkeypatch):
 
 def test_keys_round_token_counts_up_to_few_sizes():
     """Up to KEY_STEPS steps a multiple of KEY_STEP; above, less than half again the size,
-    two keys in each doubling: a model trained on many batch lengths times few shapes."""
+    two keys in each doubling: a model trained on many batch lengths times few shapes. A
+    layer's width keeps its multiple of KEY_STEP, on whichever side of the product."""
     small = rb.KEY_STEP * rb.KEY_STEPS
     for size in range(1, 40_000):
-        key = rb.round_up(size)
+        key = rb.round_tokens(size)
         assert key >= size and key % rb.KEY_STEP == 0
         assert key - size < rb.KEY_STEP if size <= small else key < 1.5 * size
-    assert {rb.round_up(size) for size in range(small + 1, 2 * small + 1)} == {
-        1.5 * small,
-        2 * small,
-    }
+    rounded = {rb.round_tokens(size) for size in range(small + 1, 2 * small + 1)}
+    assert rounded == {1.5 * small, 2 * small}
     # batches of 600 to 6,400 tokens: 8 keys (23 at one step of 256)
-    assert len({rb.round_up(size) for size in range(600, 6401)}) == 8
+    assert len({rb.round_tokens(size) for size in range(600, 6401)}) == 8
+    tokens = torch.zeros(2049, 1280)  # x (M, K) or dy (M, N): the rows are tokens
+    assert rb.key_sizes(tokens) == (3072, 1280)
+    assert rb.key_sizes(tokens.t()) == (1280, 3072)  # x^T or dy^T: the columns are
 
 
 @pytest.mark.parametrize("path", ["whole", "halves", "copied"])

@@ -146,9 +146,11 @@ def fused_or_flash(
 ) -> torch.Tensor:
     """fused_attention, except for a prompt in inference (causal, no mask, T = S: nothing
     cached before it, no gradient), which runs in torch's fused kernel or the FlashAttention
-    kernel, whichever was timed faster on this CPU (nn/attention_choice.py)."""
+    kernel, whichever was timed faster on this CPU (nn/attention_choice.py). (Under
+    autocast a float32 cache may hand bf16 queries float32 keys: torch's kernel then.)"""
     t, s = q.shape[2], k.shape[2]
     prompt = is_causal and t == s and dropout_p == 0.0 and not torch.is_grad_enabled()
+    prompt = prompt and k.dtype == v.dtype == q.dtype
     if prompt and prompt_flash_chosen(q):
         return flash_causal(q, k, v)
     return fused_attention(q, k, v, mask, is_causal, dropout_p)

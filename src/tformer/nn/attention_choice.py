@@ -31,7 +31,7 @@ from tformer.nn.flash_attention import (
 from tformer.nn.measured import dtype_name, fastest, training_runs
 
 KIND = "attention-v5"  # the measured choices' file and version (nn/measured.py)
-PROMPT_KIND = "prompt-attention-v2"  # the same for inference's prompts
+PROMPT_KIND = "prompt-attention-v3"  # the same for inference's prompts
 PROMPT_FROM = 64  # positions: shorter prompts keep torch's fused kernel, unmeasured
 # a path of causal self-attention: (q, k, v) -> out, each (B, H, T, D)
 AttentionPath = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -110,16 +110,17 @@ def prompt_flash_chosen(q: torch.Tensor) -> bool:
     """Whether inference's causal self-attention without padding over q's heads (B, H, T,
     D), a prompt's prefill, runs in the FlashAttention kernel: where that kernel takes q
     and was timed faster than torch's fused kernel on this CPU, forward only, at B and T
-    rounded up to powers of two (one measurement covers the batches and prompts of that
-    range). Only q's shape and dtype are read."""
+    rounded down to powers of two (one measurement covers the batches and prompts of that
+    range, and never takes more memory than the call). Only q's shape and dtype are
+    read."""
     b, h, t, d = q.shape
     if t < PROMPT_FROM or q.device.type != "cpu" or not flash_takes(q):
         return False
-    rows, positions = (1 << (size - 1).bit_length() for size in (b, t))
+    rows, positions = (1 << (size.bit_length() - 1) for size in (b, t))
 
     def candidates() -> dict[str, Callable[[], torch.Tensor]]:
         g = torch.Generator().manual_seed(0)
-        qkv = torch.randn(rows, positions, 3, h, d, generator=g).to(q.dtype)
+        qkv = torch.randn(rows, positions, 3, h, d, generator=g, dtype=q.dtype)
         heads = [qkv[:, :, i].transpose(1, 2) for i in range(3)]  # (B, H, T, D) views
         sdpa = torch.nn.functional.scaled_dot_product_attention
         return {

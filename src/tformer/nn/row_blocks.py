@@ -33,11 +33,12 @@ KIND = "matmul-v6"  # the measured choices' file and version (nn/measured.py)
 MIN_ROWS = 256
 MIN_WEIGHT = 1 << 18  # weight elements, K N (512 x 512)
 HALF_DTYPES = (torch.bfloat16, torch.float16)  # the products this path takes
-# M and K, where token counts go, are rounded up in a choice's key (round_up): to a
-# multiple of KEY_STEP up to KEY_STEPS of them, and above that to a step that doubles with
-# each doubling of the size: two keys in each range (s, 2 s] from there. A model that trains
-# on batches of many lengths (translation) then times a few dozen shapes, not hundreds:
-# each timing costs a dozen or more products of its size (docs/LOG.md).
+# M and K are rounded up in a choice's key, so that a new batch length is not timed anew:
+# to a multiple of KEY_STEP (round_up), and the token count, above KEY_STEPS of them, to a
+# step that doubles with each doubling of the count (round_tokens): two keys in each range
+# (s, 2 s] from there. A model that trains on batches of many lengths (translation) then
+# times a few dozen shapes, not hundreds: each timing costs a dozen or more products of
+# its size (docs/LOG.md). The layers' widths keep their multiples of KEY_STEP.
 KEY_STEP = 256
 KEY_STEPS = 4
 
@@ -155,7 +156,7 @@ def bias_fused_faster(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor, path
         return False
     if bias.dtype != a.dtype or not bias_fused_available(a.dtype):
         return False
-    m, k, n = round_up(a.shape[0]), round_up(a.shape[1]), b.shape[1]
+    (m, k), n = key_sizes(a), b.shape[1]
     key = f"{m}x{k}x{n} nt {dtype_name(a.dtype)} bias, else {path}"
 
     def candidates():
@@ -193,12 +194,29 @@ _bias_fused: dict[tuple[int, int, int, int], bool] = {}  # bias_product's: (M, K
 
 
 def round_up(size: int) -> int:
-    """size rounded up to a multiple of KEY_STEP, or above KEY_STEPS of them to a multiple
-    of step = KEY_STEP 2^i with size <= KEY_STEPS step: less than half again as large."""
+    """size rounded up to a multiple of KEY_STEP."""
+    return -(-size // KEY_STEP) * KEY_STEP
+
+
+def round_tokens(size: int) -> int:
+    """A token count rounded up to a multiple of KEY_STEP, or above KEY_STEPS of them to a
+    multiple of step = KEY_STEP 2^i with size <= KEY_STEPS step: less than half again as
+    large."""
     step = KEY_STEP
     while size > KEY_STEPS * step:
         step *= 2
     return -(-size // step) * step
+
+
+def key_sizes(a: torch.Tensor) -> tuple[int, int]:
+    """The (M, K) of a product's left operand a as a choice's key has them: a linear
+    layer's tokens are the rows of a row-major a (the forward pass, the input's gradient)
+    and the columns of a transposed one (dy^T or x^T in the weight's gradient), rounded by
+    round_tokens; the other size, a layer's width, by round_up."""
+    m, k = a.shape
+    if layout(a) == "t":
+        return round_up(m), round_tokens(k)
+    return round_tokens(m), round_up(k)
 
 
 def layout(x: torch.Tensor) -> str:
@@ -210,11 +228,11 @@ def layout(x: torch.Tensor) -> str:
 
 def fastest_path(a: torch.Tensor, b: torch.Tensor) -> str:
     """How a b runs fastest on this CPU, as timed once for the shape M x K x N (M and K,
-    where token counts go, rounded up as round_up does: a new batch length is not timed anew),
+    rounded up as key_sizes does: a new batch length is not timed anew),
     the layouts and the dtype: "whole" (one call), "halves" (two calls of half the rows)
     or, where a is transposed, "copied" (a copied row-major first: torch's matmul reads a
     transposed left operand at half speed on some CPUs, docs/LOG.md)."""
-    m, k, n = round_up(a.shape[0]), round_up(a.shape[1]), b.shape[1]
+    (m, k), n = key_sizes(a), b.shape[1]
     names = ("whole", "halves") + (("copied",) if layout(a) == "t" else ())
     key = f"{m}x{k}x{n} {layout(a)}{layout(b)} {dtype_name(a.dtype)}"
 
@@ -300,7 +318,7 @@ def weight_gradient(grad: torch.Tensor, rows: torch.Tensor, dtype: torch.dtype) 
     takes = takes and grad.shape[0] >= MIN_ROWS and grad.is_contiguous() and rows.is_contiguous()
     if not takes:
         return matmul(grad.t(), rows).to(dtype)
-    m, n, k = round_up(grad.shape[0]), grad.shape[1], rows.shape[1]
+    m, n, k = round_tokens(grad.shape[0]), grad.shape[1], rows.shape[1]
     key = f"weight gradient {m}x{n}x{k} bfloat16 to float32"
 
     def candidates():
