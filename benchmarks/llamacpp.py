@@ -275,20 +275,44 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--checkpoint", type=Path, default=CACHE / "gpt2-random")
-    parser.add_argument("--types", default="f32,bf16,q8_0,q4_0")
-    parser.add_argument("--repeats", type=int, default=3, help="rounds (default: 3)")
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
-    parser.add_argument("--llama-cpp", type=Path, default=LLAMA_CPP, help="its source tree")
-    parser.add_argument("--llama-build", type=Path, default=CACHE / "llama.cpp-build")
+    parser.add_argument(
+        "--checkpoint",
+        type=Path,
+        default=CACHE / "gpt2-random",
+        help="a GPT-2 checkpoint directory; made with random weights (tformer init) if absent",
+    )
+    parser.add_argument(
+        "--types",
+        default="f32,bf16,q8_0,q4_0",
+        help="GGUF types to compare, comma-separated (q4_0 runs tformer's int4 and w4a8)",
+    )
+    parser.add_argument(
+        "--repeats", type=int, default=3, help="rounds the engines take in turns; best counts"
+    )
+    parser.add_argument(
+        "--threads", type=int, default=torch.get_num_threads(), help="threads for both engines"
+    )
+    parser.add_argument(
+        "--llama-cpp", type=Path, default=LLAMA_CPP, help="llama.cpp's source tree (PEERS.md)"
+    )
+    parser.add_argument(
+        "--llama-build",
+        type=Path,
+        default=CACHE / "llama.cpp-build",
+        help="where llama.cpp is built (once, if its programs are missing)",
+    )
     parser.add_argument(
         "--convert-python",
         type=Path,
         default=PEERS / "venv" / "bin" / "python",
         help="a Python with llama.cpp's gguf-py, torch and transformers (PEERS.md)",
     )
-    parser.add_argument("--skip-interop", action="store_true")
-    parser.add_argument("--json", action="store_true")
+    parser.add_argument(
+        "--skip-interop",
+        action="store_true",
+        help="skip the greedy-token checks against llama.cpp and its converter",
+    )
+    parser.add_argument("--json", action="store_true", help="print the rows as JSON")
     args = parser.parse_args()
     args.types = args.types.split(",")
     unknown = set(args.types) - set(TYPES)
