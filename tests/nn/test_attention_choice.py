@@ -241,7 +241,8 @@ def test_a_prompt_with_a_float32_cache_under_autocast_keeps_torchs_kernel(
     private_cache, monkeypatch
 ):
     """Under bf16 autocast the queries are bf16 and a float32 cache hands back float32 keys
-    and values: only torch's kernel takes that mix, whatever was chosen for the shape."""
+    and values: only torch's kernel takes that mix, whatever was chosen for the shape.
+    (Where bf16 has a FlashAttention kernel, AMX, forcing "flash" would otherwise run it.)"""
     x = torch.randn(1, choice.PROMPT_FROM, 64)
     attention = MultiHeadAttention(64, 2, causal=True)
     for dtype in ("float32", "bfloat16"):
