@@ -1,7 +1,17 @@
+import os
 import random
 
 import pytest
 import torch
+
+from tformer.files import cache_dir
+
+# The compiled kernels are built once for the whole suite, in the folder a tformer run here
+# builds them in: tests and the processes they start keep private caches (for tokens,
+# corpora and timed choices), and each would otherwise compile the C sources anew, 6-11 s on
+# two cores. A library's name is a hash of its sources, compiler, flags and CPU, so a shared
+# one is the one each would build.
+os.environ.setdefault("TFORMER_KERNELS_DIR", str(cache_dir() / "kernels"))
 
 
 @pytest.fixture(autouse=True)

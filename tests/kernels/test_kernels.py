@@ -1,5 +1,6 @@
 import math
 import os
+import shutil
 
 import pytest
 import torch
@@ -362,6 +363,7 @@ def test_a_failing_compiler_gives_its_message_and_no_library(monkeypatch, tmp_pa
     monkeypatch.setattr(kernels, "_loaded", None)
     monkeypatch.setattr(kernels, "_reason", None)
     monkeypatch.setenv("TFORMER_CACHE", str(tmp_path))
+    monkeypatch.delenv("TFORMER_KERNELS_DIR")  # built in the cache's kernels/
     fake = tmp_path / "cc"
     fake.write_text("#!/bin/sh\necho 'cc: error: no such option' >&2\nexit 1\n")
     fake.chmod(0o755)
@@ -700,3 +702,14 @@ def test_sum_squares_refuses_what_it_cannot_read(compiled):
     for bad in (torch.ones(4, dtype=torch.float64), torch.ones(4, 4).t(), torch.ones(4).bfloat16()):
         with pytest.raises(ValueError, match="contiguous float32 CPU"):
             compiled.sum_squares([torch.ones(3), bad])
+
+
+def test_the_library_is_kept_in_tformer_kernels_dir_else_in_the_cache(monkeypatch, tmp_path):
+    monkeypatch.setenv("TFORMER_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("TFORMER_KERNELS_DIR", raising=False)
+    assert build.library_dir() == tmp_path / "cache" / "kernels"
+    monkeypatch.setenv("TFORMER_KERNELS_DIR", str(tmp_path / "built"))
+    assert build.library_dir() == tmp_path / "built"
+    compiler = shutil.which(os.environ.get("CC", "cc"))
+    if compiler is not None:
+        assert build.library_path(compiler).parent == tmp_path / "built"

@@ -12,11 +12,11 @@ step's attention over a server's slot cache, each row over its own positions; `t
 denormals flushed on every thread; `common.h` what they share.
 
 The first call to `load()` compiles them with the machine's C compiler for this CPU
-(`-O3 -march=native -fopenmp`) into one library in $TFORMER_CACHE/kernels/, keyed by the
-sources, the compiler and the CPU, so later runs load it at once (build.py). What comes back
-is a `Kernels`, a Python function for each C function (bindings.py). Without a compiler, or
-with TFORMER_KERNELS=0, `load()` returns None and `unavailable_reason()` says why; callers
-then use torch's own kernels.
+(`-O3 -march=native -fopenmp`) into one library in $TFORMER_CACHE/kernels/ (or
+$TFORMER_KERNELS_DIR), keyed by the sources, the compiler and the CPU, so later runs load
+it at once (build.py). What comes back is a `Kernels`, a Python function for each C
+function (bindings.py). Without a compiler, or with TFORMER_KERNELS=0, `load()` returns
+None and `unavailable_reason()` says why; callers then use torch's own kernels.
 """
 
 import torch

@@ -2,12 +2,13 @@
 
 The sources are compiled, each on its own and as many at once as this process has cores,
 with the machine's C compiler for this CPU, and linked into one shared library in
-$TFORMER_CACHE/kernels/. Its name is a hash of everything the machine code
-depends on (the sources and the header they include, the compiler's version, the flags, the
-CPU's model and features), so a library is built once per machine and reused by every later
-run; a change to any of them builds a new one. Everything that can go wrong here (no
-compiler, a failed compilation, sources missing from an installation) raises
-KernelUnavailable with a message that says what, so that the caller can use torch instead.
+$TFORMER_CACHE/kernels/ (or $TFORMER_KERNELS_DIR). Its name is a hash of everything the
+machine code depends on (the sources and the header they include, the compiler's version,
+the flags, the CPU's model and features), so a library is built once per machine and
+reused by every later run; a change to any of them builds a new one. Everything that can
+go wrong here (no compiler, a failed compilation, sources missing from an installation)
+raises KernelUnavailable with a message that says what, so that the caller can use torch
+instead.
 """
 
 import ctypes
@@ -97,7 +98,15 @@ def library_path(compiler: str) -> Path:
     for part in (*sources, version.encode(), flag_text.encode(), cpu_id()):
         key.update(part)
         key.update(b"\0")
-    return cache_dir() / "kernels" / f"tformer-{key.hexdigest()[:24]}.so"
+    return library_dir() / f"tformer-{key.hexdigest()[:24]}.so"
+
+
+def library_dir() -> Path:
+    """Where built libraries are kept: $TFORMER_KERNELS_DIR, else the cache's kernels/. A
+    library's name is its key, so one folder can serve several caches: the test suite
+    builds once for tests that each keep a private cache (tests/conftest.py)."""
+    folder = os.environ.get("TFORMER_KERNELS_DIR")
+    return Path(folder) if folder else cache_dir() / "kernels"
 
 
 def flags() -> list[str]:
