@@ -37,6 +37,7 @@ from tformer.devices import bf16_supported, keep_freed_memory  # noqa: E402
 from tformer.generate.beam import BeamConfig  # noqa: E402
 from tformer.generate.translate import corpus_scores, translate  # noqa: E402
 from tformer.models.seq2seq import Seq2SeqConfig, Seq2SeqTransformer  # noqa: E402
+from tformer.nn.weight_copies import kept_between_steps  # noqa: E402
 from tformer.recipes.start import attention_for  # noqa: E402
 from tformer.tokenizers import train_bpe  # noqa: E402
 from tformer.train.losses import label_smoothed_cross_entropy  # noqa: E402
@@ -180,22 +181,24 @@ class TrainingRun:
 
     def train(self, seconds: float) -> None:
         """Take steps until `seconds` more have passed (the last step may overrun)."""
-        args, model, optimizer = self.args, self.model, self.optimizer
+        args, optimizer = self.args, self.optimizer
         start = time.perf_counter()
-        while time.perf_counter() - start < seconds:
-            for group in optimizer.param_groups:
-                group["lr"] = inverse_sqrt_learning_rate(self.steps, args.lr, args.warmup)
-            batch = self.data.sample(args.batch_size, self.generator)
-            src, tgt_in = batch.inputs
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.dtype == "bfloat16"):
-                logits, targets = self.contender.training_logits(src, tgt_in, batch.targets)
-            loss = self.contender.loss(logits, targets)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            self.tokens += int((batch.targets != IGNORE_INDEX).sum())
-            self.steps += 1
+        # as tformer's trainer (fit): the weights' bf16 copies kept from step to step (only
+        # tformer's layers read them), the gradients clipped inside AdamW's pass
+        with kept_between_steps():
+            while time.perf_counter() - start < seconds:
+                for group in optimizer.param_groups:
+                    group["lr"] = inverse_sqrt_learning_rate(self.steps, args.lr, args.warmup)
+                batch = self.data.sample(args.batch_size, self.generator)
+                src, tgt_in = batch.inputs
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.dtype == "bfloat16"):
+                    logits, targets = self.contender.training_logits(src, tgt_in, batch.targets)
+                loss = self.contender.loss(logits, targets)
+                loss.backward()
+                optimizer.step(max_grad_norm=1.0)
+                optimizer.zero_grad(set_to_none=True)
+                self.tokens += int((batch.targets != IGNORE_INDEX).sum())
+                self.steps += 1
         self.seconds += time.perf_counter() - start
 
     def summary(self) -> dict:
