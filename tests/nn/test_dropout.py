@@ -90,3 +90,48 @@ def test_compiled_masks_follow_torch_seed_and_not_the_thread_count(compiled):
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n", [1, 37, 40_000])  # one element, a partial vector, threaded
+def test_the_mask_applied_in_one_pass_equals_torch_s_products(dtype, n):
+    """kernels.masked_scale against x.mul(mask).mul_(scale), bit for bit: the product x m
+    is exact (x, a signed zero, or NaN), the one with s is rounded once; NaN and the
+    infinities stay where torch leaves them."""
+    library = kernels.load()
+    if library is None:
+        pytest.skip(f"the compiled kernels are not built here: {kernels.unavailable_reason()}")
+    g = torch.Generator().manual_seed(n)
+    x = (torch.randn(n, generator=g) * 1e3).to(dtype)
+    x[::7] = -x[::7].abs()
+    special = torch.tensor([float("nan"), float("inf"), -float("inf"), -0.0, 1e-40, 3e38])
+    x[: min(n, 6)] = special[: min(n, 6)].to(dtype)
+    for p in (0.1, 0.5):
+        mask, scale = dropout_mask(x.shape, p, CPU)
+        mask[: min(n, 6)] = torch.tensor([True, False, True, False, True, True])[: min(n, 6)]
+        got, want = library.masked_scale(x, mask, scale), x.mul(mask).mul_(scale)
+        assert got.dtype == dtype and got.shape == x.shape
+        assert torch.equal(got.isnan(), want.isnan())
+        finite = ~want.isnan()
+        assert torch.equal(got[finite].view(-1).view(torch.int16 if dtype == torch.bfloat16
+                                                      else torch.int32),
+                           want[finite].view(-1).view(torch.int16 if dtype == torch.bfloat16
+                                                       else torch.int32))  # fmt: skip
+
+
+def test_dropout_s_gradient_is_its_mask_through_either_path(monkeypatch):
+    """The module's forward and backward through the kernel equal torch's products with the
+    same mask, and a transposed (non-contiguous) gradient takes torch's."""
+    if kernels.load() is None:
+        pytest.skip(f"the compiled kernels are not built here: {kernels.unavailable_reason()}")
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.randn(6, 50, dtype=dtype, requires_grad=True)
+        torch.manual_seed(3)
+        y = dropout(x, 0.3)
+        y.t().backward(torch.ones(50, 6, dtype=dtype))  # a gradient of another layout
+        torch.manual_seed(3)
+        mask, scale = dropout_mask(x.shape, 0.3, CPU)
+        assert torch.equal(y, x.detach().mul(mask).mul_(scale))
+        assert torch.equal(x.grad, torch.ones_like(x).mul(mask).mul_(scale))
+    with pytest.raises(ValueError, match="masked_scale"):
+        kernels.load().masked_scale(torch.ones(4), torch.ones(3, dtype=torch.bool), 1.0)

@@ -22,6 +22,7 @@ attention kernels, called once per layer, check it here.
     kernels.smoothed_ce_forward(logits, targets, eps)   (N, V) float32 or bf16 -> loss, lse (N,)
     kernels.smoothed_ce_forward_backward(logits, targets, row_scale, eps) -> loss, lse, grad
     kernels.dropout_mask(n, seed, threshold)   -> (n,) bool, True with P = threshold / 65536
+    kernels.masked_scale(x, mask, scale)   -> x * mask * scale, float32 or bfloat16, one pass
     kernels.gelu_tanh(z), kernels.gelu_tanh_and_derivative(z) -> y, dy/dz (float32)
         float32 or bfloat16; kernels.scale_bf16(grad, d) -> grad * d in bfloat16;
         kernels.scale_bf16_column_sums(grad, d) -> the same (rows, cols), its column sums
@@ -720,6 +721,25 @@ class Kernels:
         mask = torch.empty(n, dtype=torch.bool)
         self.library.tformer_dropout_mask(mask.data_ptr(), n, seed, threshold)
         return mask
+
+    @c_function("tformer_masked_scale_f32", [POINTER, POINTER, ctypes.c_float, POINTER, SIZE])
+    @c_function("tformer_masked_scale_bf16", [POINTER, POINTER, ctypes.c_float, POINTER, SIZE])
+    def masked_scale(self, x: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
+        """x * mask * scale in one pass, equal to x.mul(mask).mul_(scale): x a contiguous
+        float32 or bfloat16 CPU tensor, mask a bool one of its shape. Checked here."""
+        if (
+            x.dtype not in (torch.float32, torch.bfloat16)
+            or mask.dtype != torch.bool
+            or x.shape != mask.shape
+            or not (x.is_contiguous() and mask.is_contiguous())
+        ):
+            raise ValueError(
+                "masked_scale: x float32 or bfloat16 and mask bool, contiguous, one shape"
+            )
+        out = torch.empty_like(x)
+        function = getattr(self.library, f"tformer_masked_scale_{by_dtype(x)}")
+        function(x.data_ptr(), mask.data_ptr(), scale, out.data_ptr(), x.numel())
+        return out
 
     @c_function("tformer_sum_squares_f32", [POINTER, POINTER, SIZE], ctypes.c_double)
     def sum_squares(self, tensors: list[torch.Tensor]) -> float:

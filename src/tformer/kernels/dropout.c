@@ -3,9 +3,18 @@
    Word w of a mask is splitmix64(seed + (w + 1) * golden), a counter-based generator: each
    word depends only on the seed and its index, so the threads fill their parts of the
    mask independently and the result does not depend on how many there are. Each 64-bit
-   word gives four 16-bit lanes u, and mask = [u < threshold] (see tformer/nn/dropout.py). */
+   word gives four 16-bit lanes u, and mask = [u < threshold] (see tformer/nn/dropout.py).
 
+   The mask applied, out = x m s (and the same to the gradient), in one pass: rounded as
+   torch's x.mul(m).mul_(s) rounds it, where x m is exact (x, a signed zero, or NaN) and the
+   product with s, in float32, is rounded once to the tensor's dtype. */
+
+#include <math.h>
 #include <stdint.h>
+
+#include "common.h"
+
+#define PARALLEL_FROM 32768 /* elements; fewer are not worth waking the threads for */
 
 static inline uint64_t splitmix64(uint64_t z) {
     z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
@@ -27,4 +36,19 @@ void tformer_dropout_mask(uint8_t *mask, int64_t n, uint64_t seed, uint32_t thre
     uint64_t z = splitmix64(seed + (uint64_t)(whole + 1) * golden);
     for (int64_t i = 4 * whole; i < n; i++, z >>= 16)
         mask[i] = (uint32_t)(z & 0xFFFF) < threshold;
+}
+
+void tformer_masked_scale_f32(const float *x, const uint8_t *mask, float scale, float *out,
+                              int64_t n) {
+#pragma omp parallel for simd schedule(static) if (n >= PARALLEL_FROM)
+    for (int64_t i = 0; i < n; i++) out[i] = x[i] * (float)mask[i] * scale;
+}
+
+void tformer_masked_scale_bf16(const uint16_t *x, const uint8_t *mask, float scale,
+                               uint16_t *out, int64_t n) {
+#pragma omp parallel for simd schedule(static) if (n >= PARALLEL_FROM)
+    for (int64_t i = 0; i < n; i++) {
+        float y = bf16_bits_to_float(x[i]) * (float)mask[i] * scale;
+        out[i] = isnan(y) ? 0x7FC0 : float_to_bf16_bits(y); /* torch's NaN */
+    }
 }
