@@ -1,21 +1,23 @@
 """Translation: tformer's encoder-decoder Transformer against transformers' Marian, same size,
 same data, same tokenizer, the same wall-clock budget, in one run.
 
-Both models are the `small` preset's shape (3 + 3 post-LN layers, d_model 256, 4 heads,
-FFN 1024, ReLU, sinusoidal positions, embeddings scaled by sqrt(d_model) and shared between
+Both models are the `small` preset's shape (3 + 3 post-LN layers, d_model 256, 4 heads, FFN
+1024, ReLU, sinusoidal positions, embeddings scaled by sqrt(d_model) and shared between
 source, target and output, dropout 0.1), initialised from scratch. Both train with the same
 loop: AdamW (decay 0.01 on matrices), the paper's inverse-square-root schedule (peak --lr
 after --warmup steps, which needs no total step count), label smoothing 0.1, gradient
-clipping 1.0, bf16 autocast where the CPU has it, batches of --batch-size pairs bucketed by
-length, drawn from the same seeded generator. Each computes the label-smoothed loss its own
-library's way: tformer's fused loss (tformer.train.losses), and for Marian the float32 upcast
-and torch's cross_entropy as transformers' own loss functions do. The process keeps freed
-memory for reuse (tformer.devices.keep_freed_memory, which tformer's trainer sets) for both
-models. Each trains for --budget seconds, the two taking turns of --slice seconds so that
-both meet the same machine (this host's speed drifts by 10-20% over minutes). Then both
-are scored on the validation pairs (loss, token accuracy) and translate the test pairs with
-greedy search and beam search (4 beams), batches of 32; BLEU and chrF by sacrebleu;
-decoding speed in target tokens per second.
+clipping 1.0 (inside AdamW's pass, as tformer's trainer clips), bf16 autocast where the CPU
+has it, batches of --batch-size pairs bucketed by length, drawn from the same seeded
+generator. tformer's layers also keep their weights' bf16 copies between steps, as its
+trainer has them do (Marian's nn.Linear casts its weights each step). Each computes the
+label-smoothed loss its own library's way: tformer's fused loss (tformer.train.losses), and
+for Marian the float32 upcast and torch's cross_entropy as transformers' own loss functions
+do. The process keeps freed memory for reuse (tformer.devices.keep_freed_memory, which
+tformer's trainer sets) for both models. Each trains for --budget seconds, the two taking
+turns of --slice seconds so that both meet the same machine (this host's speed drifts by
+10-20% over minutes). Then both are scored on the validation pairs (loss, token accuracy)
+and translate the test pairs with greedy search and beam search (4 beams), batches of 32;
+BLEU and chrF by sacrebleu; decoding speed in target tokens per second.
 
     python benchmarks/translation.py [--data bible-en-es|number-words] [--budget 300] [--json]
 """
