@@ -11,7 +11,7 @@ from tformer.files import cache_dir
 # corpora and timed choices), and each would otherwise compile the C sources anew, 6-11 s on
 # two cores. A library's name is a hash of its sources, compiler, flags and CPU, so a shared
 # one is the one each would build.
-os.environ.setdefault("TFORMER_KERNELS_DIR", str(cache_dir() / "kernels"))
+os.environ.setdefault("TFORMER_KERNELS_DIR", str((cache_dir() / "kernels").resolve()))
 
 
 @pytest.fixture(autouse=True)

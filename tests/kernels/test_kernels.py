@@ -363,7 +363,7 @@ def test_a_failing_compiler_gives_its_message_and_no_library(monkeypatch, tmp_pa
     monkeypatch.setattr(kernels, "_loaded", None)
     monkeypatch.setattr(kernels, "_reason", None)
     monkeypatch.setenv("TFORMER_CACHE", str(tmp_path))
-    monkeypatch.delenv("TFORMER_KERNELS_DIR")  # built in the cache's kernels/
+    monkeypatch.delenv("TFORMER_KERNELS_DIR", raising=False)  # built in the cache's kernels/
     fake = tmp_path / "cc"
     fake.write_text("#!/bin/sh\necho 'cc: error: no such option' >&2\nexit 1\n")
     fake.chmod(0o755)
@@ -713,3 +713,10 @@ def test_the_library_is_kept_in_tformer_kernels_dir_else_in_the_cache(monkeypatc
     compiler = shutil.which(os.environ.get("CC", "cc"))
     if compiler is not None:
         assert build.library_path(compiler).parent == tmp_path / "built"
+
+
+def test_a_relative_kernels_dir_is_made_absolute(monkeypatch, tmp_path):
+    """ctypes looks a bare file name up in the system's library paths, not here."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("TFORMER_KERNELS_DIR", ".")
+    assert build.library_dir() == tmp_path.resolve()

@@ -5,7 +5,7 @@ import torch
 
 from tformer import kernels
 from tformer.nn import Dropout, dropout
-from tformer.nn.dropout import dropout_mask, keep_threshold
+from tformer.nn.dropout import dropout_mask, keep_threshold, masked_scale
 
 CPU = torch.device("cpu")
 
@@ -92,20 +92,28 @@ def test_compiled_masks_follow_torch_seed_and_not_the_thread_count(compiled):
     assert torch.equal(a, b)
 
 
+def built_kernels():
+    """The compiled kernels; skipped only where TFORMER_KERNELS=0 turned them off."""
+    library = kernels.load()
+    if library is None:
+        assert os.environ.get("TFORMER_KERNELS") == "0", kernels.unavailable_reason()
+        pytest.skip("TFORMER_KERNELS=0: testing the torch path only")
+    return library
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("n", [1, 37, 40_000])  # one element, a partial vector, threaded
 def test_the_mask_applied_in_one_pass_equals_torch_s_products(dtype, n):
     """kernels.masked_scale against x.mul(mask).mul_(scale), bit for bit: the product x m
-    is exact (x, a signed zero, or NaN), the one with s is rounded once; NaN and the
-    infinities stay where torch leaves them."""
-    library = kernels.load()
-    if library is None:
-        pytest.skip(f"the compiled kernels are not built here: {kernels.unavailable_reason()}")
+    is exact (x, a signed zero, or NaN), the one with s rounded as torch rounds it; NaN
+    where torch gives NaN (its bits are not compared), the infinities where it has them."""
+    library = built_kernels()
     g = torch.Generator().manual_seed(n)
     x = (torch.randn(n, generator=g) * 1e3).to(dtype)
     x[::7] = -x[::7].abs()
     special = torch.tensor([float("nan"), float("inf"), -float("inf"), -0.0, 1e-40, 3e38])
     x[: min(n, 6)] = special[: min(n, 6)].to(dtype)
+    bits = torch.int16 if dtype == torch.bfloat16 else torch.int32
     for p in (0.1, 0.5):
         mask, scale = dropout_mask(x.shape, p, CPU)
         mask[: min(n, 6)] = torch.tensor([True, False, True, False, True, True])[: min(n, 6)]
@@ -113,25 +121,60 @@ def test_the_mask_applied_in_one_pass_equals_torch_s_products(dtype, n):
         assert got.dtype == dtype and got.shape == x.shape
         assert torch.equal(got.isnan(), want.isnan())
         finite = ~want.isnan()
-        assert torch.equal(got[finite].view(-1).view(torch.int16 if dtype == torch.bfloat16
-                                                      else torch.int32),
-                           want[finite].view(-1).view(torch.int16 if dtype == torch.bfloat16
-                                                       else torch.int32))  # fmt: skip
+        assert torch.equal(got[finite].view(bits), want[finite].view(bits))
 
 
-def test_dropout_s_gradient_is_its_mask_through_either_path(monkeypatch):
-    """The module's forward and backward through the kernel equal torch's products with the
-    same mask, and a transposed (non-contiguous) gradient takes torch's."""
-    if kernels.load() is None:
-        pytest.skip(f"the compiled kernels are not built here: {kernels.unavailable_reason()}")
-    for dtype in (torch.float32, torch.bfloat16):
-        x = torch.randn(6, 50, dtype=dtype, requires_grad=True)
-        torch.manual_seed(3)
-        y = dropout(x, 0.3)
-        y.t().backward(torch.ones(50, 6, dtype=dtype))  # a gradient of another layout
-        torch.manual_seed(3)
-        mask, scale = dropout_mask(x.shape, 0.3, CPU)
-        assert torch.equal(y, x.detach().mul(mask).mul_(scale))
-        assert torch.equal(x.grad, torch.ones_like(x).mul(mask).mul_(scale))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dropout_through_the_kernel_equals_torch_s_products_forward_and_backward(
+    dtype, monkeypatch
+):
+    """The forward pass and a contiguous gradient's backward pass run in the kernel (counted)
+    and equal torch's products with the same mask; a transposed gradient takes torch's."""
+    library = built_kernels()
+    calls = []
+    kernel = type(library).masked_scale
+    monkeypatch.setattr(
+        type(library), "masked_scale", lambda self, *a: calls.append(1) or kernel(self, *a)
+    )
+    x = torch.randn(6, 50, dtype=dtype, requires_grad=True)
+    grad = torch.randn(6, 50, dtype=dtype)
+    torch.manual_seed(3)
+    y = dropout(x, 0.3)
+    y.backward(grad)
+    assert len(calls) == 2  # forward and backward
+    torch.manual_seed(3)
+    mask, scale = dropout_mask(x.shape, 0.3, CPU)
+    assert torch.equal(y, x.detach().mul(mask).mul_(scale))
+    assert torch.equal(x.grad, grad.mul(mask).mul_(scale))
+    x.grad = None
+    torch.manual_seed(3)
+    dropout(x, 0.3).t().backward(grad.t().contiguous())  # its gradient is a transposed view
+    assert len(calls) == 3  # the forward pass only
+    assert torch.equal(x.grad, grad.mul(mask).mul_(scale))
+
+
+def test_dropout_s_gradient_is_differentiable_again():
+    """The backward pass is MaskedScale itself (its own adjoint), so the gradient is
+    differentiable in the incoming gradient w (create_graph): d(sum of w m s)/dw = m s."""
+    built_kernels()
+    x = torch.randn(5, 40, requires_grad=True)
+    w = torch.randn(5, 40, requires_grad=True)
+    torch.manual_seed(1)
+    y = dropout(x, 0.5)
+    (g,) = torch.autograd.grad(y, x, w, create_graph=True)
+    assert g.requires_grad
+    (gw,) = torch.autograd.grad(g.sum(), w)
+    torch.manual_seed(1)
+    mask, scale = dropout_mask(x.shape, 0.5, CPU)
+    assert torch.equal(gw, torch.ones_like(w).mul(mask).mul_(scale))
+
+
+def test_the_kernel_refuses_what_it_cannot_take_and_dropout_leaves_it_to_torch():
+    library = built_kernels()
     with pytest.raises(ValueError, match="masked_scale"):
-        kernels.load().masked_scale(torch.ones(4), torch.ones(3, dtype=torch.bool), 1.0)
+        library.masked_scale(torch.ones(4), torch.ones(3, dtype=torch.bool), 1.0)
+    with pytest.raises(ValueError, match="masked_scale"):
+        library.masked_scale(torch.ones(4), torch.ones(4), 1.0)  # a float mask
+    x = torch.randn(3, 4)
+    broadcast = torch.tensor([True, False, True, True])  # (4,) over (3, 4): torch's path
+    assert torch.equal(masked_scale(x, broadcast, 2.0), x.mul(broadcast).mul_(2.0))

@@ -725,16 +725,20 @@ class Kernels:
     @c_function("tformer_masked_scale_f32", [POINTER, POINTER, ctypes.c_float, POINTER, SIZE])
     @c_function("tformer_masked_scale_bf16", [POINTER, POINTER, ctypes.c_float, POINTER, SIZE])
     def masked_scale(self, x: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
-        """x * mask * scale in one pass, equal to x.mul(mask).mul_(scale): x a contiguous
-        float32 or bfloat16 CPU tensor, mask a bool one of its shape. Checked here."""
+        """x * mask * scale in one pass, equal to x.mul(mask).mul_(scale) (NaN bits aside):
+        x a contiguous float32 or bfloat16 CPU tensor, mask a bool one of its shape. Not
+        differentiable. Checked here."""
         if (
             x.dtype not in (torch.float32, torch.bfloat16)
             or mask.dtype != torch.bool
             or x.shape != mask.shape
+            or x.device.type != "cpu"
+            or mask.device.type != "cpu"
             or not (x.is_contiguous() and mask.is_contiguous())
         ):
             raise ValueError(
-                "masked_scale: x float32 or bfloat16 and mask bool, contiguous, one shape"
+                "masked_scale: x float32 or bfloat16 and mask bool, contiguous CPU tensors of "
+                "one shape"
             )
         out = torch.empty_like(x)
         function = getattr(self.library, f"tformer_masked_scale_{by_dtype(x)}")

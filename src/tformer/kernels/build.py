@@ -106,7 +106,8 @@ def library_dir() -> Path:
     library's name is its key, so one folder can serve several caches: the test suite
     builds once for tests that each keep a private cache (tests/conftest.py)."""
     folder = os.environ.get("TFORMER_KERNELS_DIR")
-    return Path(folder) if folder else cache_dir() / "kernels"
+    # absolute: ctypes looks up a bare file name in the system's library paths
+    return Path(folder).expanduser().resolve() if folder else cache_dir() / "kernels"
 
 
 def flags() -> list[str]:

@@ -5,9 +5,9 @@
    mask independently and the result does not depend on how many there are. Each 64-bit
    word gives four 16-bit lanes u, and mask = [u < threshold] (see tformer/nn/dropout.py).
 
-   The mask applied, out = x m s (and the same to the gradient), in one pass: rounded as
-   torch's x.mul(m).mul_(s) rounds it, where x m is exact (x, a signed zero, or NaN) and the
-   product with s, in float32, is rounded once to the tensor's dtype. */
+   The mask applied, out = x m s (and the same to the gradient), in one pass, with torch's
+   x.mul(m).mul_(s)'s values: x m is exact (x, a signed zero, or NaN), and the product with
+   s (a float32) is rounded to float32, then for bf16 to bf16 (nearest even), as torch's. */
 
 #include <math.h>
 #include <stdint.h>
@@ -49,6 +49,6 @@ void tformer_masked_scale_bf16(const uint16_t *x, const uint8_t *mask, float sca
 #pragma omp parallel for simd schedule(static) if (n >= PARALLEL_FROM)
     for (int64_t i = 0; i < n; i++) {
         float y = bf16_bits_to_float(x[i]) * (float)mask[i] * scale;
-        out[i] = isnan(y) ? 0x7FC0 : float_to_bf16_bits(y); /* torch's NaN */
+        out[i] = isnan(y) ? 0xFFFF : float_to_bf16_bits(y); /* torch's vectorised NaN */
     }
 }

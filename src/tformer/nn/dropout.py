@@ -55,11 +55,14 @@ def dropout_mask(
 
 
 def masked_scale(x: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
-    """x m s: in one pass of the compiled kernels where they take x (contiguous, float32 or
-    bfloat16, on the CPU), else torch's three (the bool mask widened, two products). The
-    values are the same (a test holds them to each other)."""
+    """x m s: in one pass of the compiled kernels where they take it (x contiguous, float32
+    or bfloat16, on the CPU, with a bool mask of its shape there, and no gradient to record
+    through x), else torch's three operations (the mask widened, two products). The values
+    are the same (a test holds them to each other)."""
     library = kernels.load_for(x, (torch.float32, torch.bfloat16))
-    if library is not None and x.is_contiguous() and mask.is_contiguous():
+    takes = library is not None and mask.dtype == torch.bool and mask.device == x.device
+    takes = takes and mask.shape == x.shape and x.is_contiguous() and mask.is_contiguous()
+    if takes and not (x.requires_grad and torch.is_grad_enabled()):
         return library.masked_scale(x, mask, scale)
     return x.mul(mask).mul_(scale)
 
@@ -76,7 +79,8 @@ class MaskedScale(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y):
         (mask,) = ctx.saved_tensors
-        return masked_scale(grad_y, mask, ctx.scale), None, None
+        # its own adjoint: a gradient of the gradient (create_graph) multiplies by m s again
+        return MaskedScale.apply(grad_y, mask, ctx.scale), None, None
 
 
 def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
