@@ -709,10 +709,10 @@ def test_the_library_is_kept_in_tformer_kernels_dir_else_in_the_cache(monkeypatc
     monkeypatch.delenv("TFORMER_KERNELS_DIR", raising=False)
     assert build.library_dir() == tmp_path / "cache" / "kernels"
     monkeypatch.setenv("TFORMER_KERNELS_DIR", str(tmp_path / "built"))
-    assert build.library_dir() == tmp_path / "built"
+    assert build.library_dir() == (tmp_path / "built").resolve()
     compiler = shutil.which(os.environ.get("CC", "cc"))
     if compiler is not None:
-        assert build.library_path(compiler).parent == tmp_path / "built"
+        assert build.library_path(compiler).parent == (tmp_path / "built").resolve()
 
 
 def test_a_relative_kernels_dir_is_made_absolute(monkeypatch, tmp_path):
