@@ -10,12 +10,20 @@ from tformer.nn.dropout import dropout_mask, keep_threshold, masked_scale
 CPU = torch.device("cpu")
 
 
+def built_kernels():
+    """The compiled kernels; skipped only where TFORMER_KERNELS=0 turned them off."""
+    library = kernels.load()
+    if library is None:
+        assert os.environ.get("TFORMER_KERNELS") == "0", kernels.unavailable_reason()
+        pytest.skip("TFORMER_KERNELS=0: testing the torch path only")
+    return library
+
+
 @pytest.fixture(params=[True, False], ids=["compiled", "torch"])
 def compiled(request):
     """Both ways of drawing the words: the C kernels' generator and torch's random_."""
-    if request.param and kernels.load() is None:
-        assert os.environ.get("TFORMER_KERNELS") == "0", kernels.unavailable_reason()
-        pytest.skip("TFORMER_KERNELS=0: testing the torch path only")
+    if request.param:
+        built_kernels()
     return request.param
 
 
@@ -90,15 +98,6 @@ def test_compiled_masks_follow_torch_seed_and_not_the_thread_count(compiled):
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(a, b)
-
-
-def built_kernels():
-    """The compiled kernels; skipped only where TFORMER_KERNELS=0 turned them off."""
-    library = kernels.load()
-    if library is None:
-        assert os.environ.get("TFORMER_KERNELS") == "0", kernels.unavailable_reason()
-        pytest.skip("TFORMER_KERNELS=0: testing the torch path only")
-    return library
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
