@@ -19,6 +19,11 @@
 
    Both functions return 0, or 1 if a thread's buffers could not be allocated.
 
+   A row's maximum and sums are taken in AVX-512 registers where the CPU has them, the
+   sixteen lanes combined once at the end (a compiler's own vector reduction combines them
+   one after another: sixteen dependent steps per row, more than the row's own work at
+   T 64; docs/LOG.md). The plain loops are the same equations.
+
    Every product is the same small kernel (block8): eight rows of a float32 result, sixteen
    columns wide, summed over k, with eight independent accumulators so that consecutive
    multiply-adds do not wait for each other. Buffers are padded with zeros to whole blocks;
@@ -35,6 +40,56 @@
 #define LANES 16 /* result columns per block: one AVX-512 register of floats */
 
 static inline int64_t round_up(int64_t n, int64_t to) { return (n + to - 1) / to * to; }
+
+/* max_{j < n} s_j, for s of round_up(n, LANES) floats. */
+static inline float row_max(const float *s, int64_t n) {
+#ifdef __AVX512F__
+    __m512 m = _mm512_set1_ps(-INFINITY);
+    for (int64_t j0 = 0; j0 < n; j0 += LANES)
+        m = _mm512_mask_max_ps(m, first_lanes(n - j0), m, _mm512_loadu_ps(s + j0));
+    return _mm512_reduce_max_ps(m);
+#else
+    float m = -INFINITY;
+#pragma omp simd reduction(max : m)
+    for (int64_t j = 0; j < n; j++)
+        m = s[j] > m ? s[j] : m;
+    return m;
+#endif
+}
+
+/* sum_{j < n} s_j, for s of round_up(n, LANES) floats. */
+static inline float row_sum(const float *s, int64_t n) {
+#ifdef __AVX512F__
+    __m512 sum = _mm512_setzero_ps();
+    for (int64_t j0 = 0; j0 < n; j0 += LANES)
+        sum = _mm512_add_ps(sum, _mm512_maskz_loadu_ps(first_lanes(n - j0), s + j0));
+    return _mm512_reduce_add_ps(sum);
+#else
+    float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t j = 0; j < n; j++)
+        sum += s[j];
+    return sum;
+#endif
+}
+
+/* sum_{j < n} a_j b_j, for a and b of round_up(n, LANES) floats. */
+static inline float row_dot(const float *a, const float *b, int64_t n) {
+#ifdef __AVX512F__
+    __m512 sum = _mm512_setzero_ps();
+    for (int64_t j0 = 0; j0 < n; j0 += LANES) {
+        const __mmask16 in = first_lanes(n - j0);
+        sum = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(in, a + j0), _mm512_loadu_ps(b + j0), sum);
+    }
+    return _mm512_reduce_add_ps(sum);
+#else
+    float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t j = 0; j < n; j++)
+        sum += a[j] * b[j];
+    return sum;
+#endif
+}
 
 /* out[r * ldo + l] = sum_{k < n} a[r * a_row + k * a_col] * b[k * ldb + l],
    for r < ROWS, l < LANES. */
@@ -101,21 +156,15 @@ static void forward_head(const uint16_t *qkv, uint16_t *out, float *p_out, float
         for (int64_t j0 = 0; j0 < i0 + ROWS && j0 < t_size; j0 += LANES)
             block8(q + i0 * dp, dp, 1, kt + j0, tp, d_size, s + i0 * tp + j0, tp);
     for (int64_t i = 0; i < t_size; i++) { /* P = softmax over j <= i; 0 beyond */
-        float *si = s + i * tp, m = -INFINITY, sum = 0.0f;
-        int64_t n = i + 1, whole = round_up(n, LANES);
-        /* Whole vectors, lanes j >= n masked: no scalar remainder loop per row. */
+        float *si = s + i * tp;
+        const int64_t n = i + 1, whole = round_up(n, LANES);
+        const float m = row_max(si, n);
+        /* Whole vectors, lanes j >= n zero: no scalar remainder loop per row. */
         for (int64_t j0 = 0; j0 < whole; j0 += LANES)
-#pragma omp simd reduction(max : m)
+#pragma omp simd
             for (int64_t l = 0; l < LANES; l++)
-                m = j0 + l < n && si[j0 + l] > m ? si[j0 + l] : m;
-        for (int64_t j0 = 0; j0 < whole; j0 += LANES)
-#pragma omp simd reduction(+ : sum)
-            for (int64_t l = 0; l < LANES; l++) {
-                float e = j0 + l < n ? exp_neg(si[j0 + l] - m) : 0.0f;
-                si[j0 + l] = e;
-                sum += e;
-            }
-        float inv = 1.0f / sum;
+                si[j0 + l] = j0 + l < n ? exp_neg(si[j0 + l] - m) : 0.0f;
+        float inv = 1.0f / row_sum(si, n);
 #pragma omp simd
         for (int64_t j = 0; j < tp; j++)
             si[j] = j < n ? si[j] * inv : 0.0f;
@@ -174,11 +223,9 @@ static void backward_head(const uint16_t *qkv, const float *p_in, const uint16_t
         for (int64_t j0 = 0; j0 < i0 + ROWS && j0 < t_size; j0 += LANES)
             block8(go + i0 * dp, dp, 1, vt + j0, tp, d_size, ds + i0 * tp + j0, tp);
     for (int64_t i = 0; i < t_size; i++) { /* dS = P (dP - rowsum(P dP)) */
-        float *pi = p + i * tp, *di = ds + i * tp, r = 0.0f;
-        int64_t n = i + 1;
-#pragma omp simd reduction(+ : r)
-        for (int64_t j = 0; j < n; j++)
-            r += pi[j] * di[j];
+        float *pi = p + i * tp, *di = ds + i * tp;
+        const int64_t n = i + 1;
+        const float r = row_dot(pi, di, n);
 #pragma omp simd
         for (int64_t j = 0; j < tp; j++)
             di[j] = j < n ? pi[j] * (di[j] - r) : 0.0f;

@@ -1,6 +1,6 @@
 /* What the CPU kernels share: bfloat16 <-> float32, an exp that vectorises, and a vector
-   of eight floats; where the build has AVX-512, the same exp on sixteen lanes and the mask
-   of a vector's first lanes.
+   of eight floats; where the build has AVX-512, the same exp on sixteen lanes, the mask
+   of a vector's first lanes and a masked load of sixteen bf16 values.
 
    Each kernel file includes this header; the functions are static inline, so every file
    gets its own copy and the compiler can vectorise the loops that call them (without
@@ -140,6 +140,15 @@ static inline __m512 exp_neg16(__m512 x) {
 static inline __mmask16 first_lanes(int64_t n) {
     return n >= 16 ? 0xFFFF : n <= 0 ? 0 : (__mmask16)((1u << n) - 1);
 }
+
+#if defined(__AVX512BW__) && defined(__AVX512VL__)
+/* The lanes `m` of sixteen bf16 values at p, widened to float32; the other lanes 0 (and
+   not read). */
+static inline __m512 load_bf16x16(const uint16_t *p, __mmask16 m) {
+    const __m512i wide = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
+}
+#endif
 #endif
 
 #endif

@@ -18,6 +18,11 @@
    the cast's, each way. Arithmetic is float32; bf16 is rounded to nearest even, as torch
    rounds it, and a NaN stays a NaN.
 
+   Each row's sums are taken in AVX-512 registers where the CPU has them, sixteen lanes
+   added across once at the row's end: a compiler's own vector reduction adds the lanes one
+   after another, a chain of sixteen dependent adds per sum that cost more than the sums
+   at GPT-2's widths and below (docs/LOG.md). The plain loops are the same equations.
+
    Rows are split over the OpenMP threads in contiguous ranges when there are enough
    elements; in the backward pass each thread sums dgamma and dbeta over its rows in its own
    buffer, and the buffers are added in thread order, so the result does not depend on which
@@ -30,6 +35,34 @@
 #include <string.h>
 
 #include "common.h"
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#define VECTOR_SUMS 1
+
+/* sum_j x_j, two accumulators (the adds' latency), lanes added across at the end. */
+static inline float vector_sum(const float *x, int64_t c) {
+    __m512 a = _mm512_setzero_ps(), b = _mm512_setzero_ps();
+    for (int64_t j = 0; j < c; j += 32) {
+        a = _mm512_add_ps(a, _mm512_maskz_loadu_ps(first_lanes(c - j), x + j));
+        b = _mm512_add_ps(b, _mm512_maskz_loadu_ps(first_lanes(c - j - 16), x + j + 16));
+    }
+    return _mm512_reduce_add_ps(_mm512_add_ps(a, b));
+}
+
+/* sum_j (x_j - m)^2, as vector_sum. */
+static inline float vector_squares(const float *x, float m, int64_t c) {
+    const __m512 mean = _mm512_set1_ps(m);
+    __m512 a = _mm512_setzero_ps(), b = _mm512_setzero_ps();
+    for (int64_t j = 0; j < c; j += 32) {
+        const __mmask16 ma = first_lanes(c - j), mb = first_lanes(c - j - 16);
+        const __m512 da = _mm512_maskz_sub_ps(ma, _mm512_maskz_loadu_ps(ma, x + j), mean);
+        const __m512 db = _mm512_maskz_sub_ps(mb, _mm512_maskz_loadu_ps(mb, x + j + 16), mean);
+        a = _mm512_fmadd_ps(da, da, a);
+        b = _mm512_fmadd_ps(db, db, b);
+    }
+    return _mm512_reduce_add_ps(_mm512_add_ps(a, b));
+}
+#endif
 
 #define PARALLEL_FROM 32768 /* elements; fewer are not worth waking the threads for */
 
@@ -56,6 +89,10 @@ static void forward_rows(const float *x, const uint16_t *add, float *h, const fl
             for (int64_t j = 0; j < c; j++) hi[j] = xi[j] + bf16_bits_to_float(ai[j]);
             xi = hi;
         }
+#ifdef VECTOR_SUMS
+        const float m = vector_sum(xi, c) / (float)c;
+        const float squares = vector_squares(xi, m, c);
+#else
         float sum = 0.0f;
 #pragma omp simd reduction(+ : sum)
         for (int64_t j = 0; j < c; j++) sum += xi[j];
@@ -63,6 +100,7 @@ static void forward_rows(const float *x, const uint16_t *add, float *h, const fl
         float squares = 0.0f;
 #pragma omp simd reduction(+ : squares)
         for (int64_t j = 0; j < c; j++) squares += (xi[j] - m) * (xi[j] - m);
+#endif
         const float r = 1.0f / sqrtf(squares / (float)c + eps);
         uint16_t *yi = y + i * c;
 #pragma omp simd
@@ -86,6 +124,27 @@ static void backward_rows(const uint16_t *dy, const float *x, const float *mean,
         const float *xi = x + i * c;
         const float m = mean[i], r = rstd[i];
         float g_sum = 0.0f, gx_sum = 0.0f;
+#ifdef VECTOR_SUMS
+        {
+            const __m512 mean_v = _mm512_set1_ps(m), r_v = _mm512_set1_ps(r);
+            __m512 gs = _mm512_setzero_ps(), gxs = _mm512_setzero_ps();
+            for (int64_t j = 0; j < c; j += 16) { /* lanes beyond c: d = 0, so g = 0 */
+                const __mmask16 in = first_lanes(c - j);
+                const __m512 d = load_bf16x16(dyi + j, in);
+                const __m512 xhat =
+                    _mm512_mul_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(in, xi + j), mean_v), r_v);
+                const __m512 g = _mm512_mul_ps(d, _mm512_maskz_loadu_ps(in, gamma + j));
+                gs = _mm512_add_ps(gs, g);
+                gxs = _mm512_fmadd_ps(g, xhat, gxs);
+                const __m512 dg = _mm512_maskz_loadu_ps(in, dgamma + j);
+                const __m512 db = _mm512_maskz_loadu_ps(in, dbeta + j);
+                _mm512_mask_storeu_ps(dgamma + j, in, _mm512_fmadd_ps(d, xhat, dg));
+                _mm512_mask_storeu_ps(dbeta + j, in, _mm512_add_ps(db, d));
+            }
+            g_sum = _mm512_reduce_add_ps(gs);
+            gx_sum = _mm512_reduce_add_ps(gxs);
+        }
+#else
 #pragma omp simd reduction(+ : g_sum, gx_sum)
         for (int64_t j = 0; j < c; j++) {
             const float d = bf16_bits_to_float(dyi[j]), xhat = (xi[j] - m) * r;
@@ -95,6 +154,7 @@ static void backward_rows(const uint16_t *dy, const float *x, const float *mean,
             dgamma[j] += d * xhat;
             dbeta[j] += d;
         }
+#endif
         const float g_mean = g_sum / (float)c, gx_mean = gx_sum / (float)c;
         float *dxi = dx + i * c;
 #pragma omp simd
