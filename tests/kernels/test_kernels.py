@@ -591,6 +591,24 @@ def test_causal_attention_kernel_matches_the_formula_in_float64(compiled, b, t, 
         torch.testing.assert_close(ours.double() / scale, exact / scale, rtol=2**-7, atol=2**-9)
 
 
+def test_causal_attention_kernel_gradient_reads_nothing_from_the_future(compiled):
+    """A value at a later position that overflows dO V^T (inf there) leaves the earlier
+    rows' gradients finite: row i's sums run over j <= i only, as the formula's."""
+    b, t, h, d = 1, 24, 1, 16
+    g = torch.Generator().manual_seed(0)
+    qkv = torch.randn(b, t, 3 * h * d, generator=g).bfloat16()
+    qkv[0, 20, 2 * d :] = 3e38  # V at position 20
+    grad_out = torch.randn(b, t, h * d, generator=g).bfloat16()
+    grad_out[0, 17] = 1e10  # dO_17 . V_20 overflows float32
+    _, weights = compiled.causal_attention(qkv, h)
+    grad_qkv = compiled.causal_attention_backward(qkv, weights, grad_out, h)
+    dq = grad_qkv[0, :, :d]  # row i of dQ reads dS row i: positions j <= i
+    assert torch.isfinite(dq[:20]).all()
+    exact = attention_in_float64(qkv, h, grad_out)[2][0, :17, :d]
+    scale = exact.abs().max()
+    torch.testing.assert_close(dq[:17].double() / scale, exact / scale, rtol=2**-7, atol=2**-9)
+
+
 def test_causal_attention_kernel_is_closer_to_the_exact_values_than_the_explicit_path(compiled):
     g = torch.Generator().manual_seed(0)
     b, t, h, d = 4, 64, 4, 32

@@ -123,6 +123,22 @@ def test_the_bf16_norm_kernel_checks_what_it_is_given():
 
 
 @pytest.mark.skipif(kernels.load() is None, reason="the compiled kernels are not built here")
+def test_the_bf16_norm_backward_of_a_large_constant_row_is_finite():
+    """A row of 20 equal values near float32's range (mean x r beyond it): xhat is 0, so dx
+    is r (g - mean(g)); the lanes past the row's end take no part in its sums."""
+    library = kernels.load()
+    x = torch.full((2, 20), 2.0**120)  # exact sums; mean x r = 4.2e38
+    gamma, beta = torch.ones(20), torch.zeros(20)
+    _, mean, rstd = library.layer_norm_bf16_out(x, gamma, beta, 1e-5)
+    dy = torch.randn(2, 20, generator=torch.Generator().manual_seed(0)).bfloat16()
+    dx, dgamma, dbeta = library.layer_norm_backward_bf16(dy, x, mean, rstd, gamma)
+    g = dy.double()
+    expected = rstd.double()[:, None] * (g - g.mean(-1, keepdim=True))
+    torch.testing.assert_close(dx.double(), expected, rtol=1e-5, atol=1e-5)
+    assert torch.equal(dgamma, torch.zeros(20)) and torch.isfinite(dbeta).all()
+
+
+@pytest.mark.skipif(kernels.load() is None, reason="the compiled kernels are not built here")
 def test_the_bf16_norm_keeps_a_nan_a_nan_and_takes_empty_rows():
     """A diverging run's NaN stays NaN (the trainer stops on it), not an infinity or -0."""
     library = kernels.load()

@@ -78,8 +78,9 @@ static inline float row_dot(const float *a, const float *b, int64_t n) {
 #ifdef __AVX512F__
     __m512 sum = _mm512_setzero_ps();
     for (int64_t j0 = 0; j0 < n; j0 += LANES) {
-        const __mmask16 in = first_lanes(n - j0);
-        sum = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(in, a + j0), _mm512_loadu_ps(b + j0), sum);
+        const __mmask16 in = first_lanes(n - j0); /* both masked: 0 x inf would be NaN */
+        const __m512 x = _mm512_maskz_loadu_ps(in, a + j0), y = _mm512_maskz_loadu_ps(in, b + j0);
+        sum = _mm512_fmadd_ps(x, y, sum);
     }
     return _mm512_reduce_add_ps(sum);
 #else

@@ -131,8 +131,8 @@ static void backward_rows(const uint16_t *dy, const float *x, const float *mean,
             for (int64_t j = 0; j < c; j += 16) { /* lanes beyond c: d = 0, so g = 0 */
                 const __mmask16 in = first_lanes(c - j);
                 const __m512 d = load_bf16x16(dyi + j, in);
-                const __m512 xhat =
-                    _mm512_mul_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(in, xi + j), mean_v), r_v);
+                const __m512 x = _mm512_maskz_loadu_ps(in, xi + j);
+                const __m512 xhat = _mm512_mul_ps(_mm512_maskz_sub_ps(in, x, mean_v), r_v);
                 const __m512 g = _mm512_mul_ps(d, _mm512_maskz_loadu_ps(in, gamma + j));
                 gs = _mm512_add_ps(gs, g);
                 gxs = _mm512_fmadd_ps(g, xhat, gxs);
