@@ -20,8 +20,9 @@
 
    Each row's sums are taken in AVX-512 registers where the CPU has them, sixteen lanes
    added across once at the row's end: a compiler's own vector reduction adds the lanes one
-   after another, a chain of sixteen dependent adds per sum that cost more than the sums
-   at GPT-2's widths and below (docs/LOG.md). The plain loops are the same equations.
+   after another, a chain of sixteen dependent adds per sum, which at a width of 128 (eight
+   vectors) cost more than the sums themselves (docs/LOG.md). The plain loops are the same
+   equations.
 
    Rows are split over the OpenMP threads in contiguous ranges when there are enough
    elements; in the backward pass each thread sums dgamma and dbeta over its rows in its own
@@ -128,7 +129,7 @@ static void backward_rows(const uint16_t *dy, const float *x, const float *mean,
         {
             const __m512 mean_v = _mm512_set1_ps(m), r_v = _mm512_set1_ps(r);
             __m512 gs = _mm512_setzero_ps(), gxs = _mm512_setzero_ps();
-            for (int64_t j = 0; j < c; j += 16) { /* lanes beyond c: d = 0, so g = 0 */
+            for (int64_t j = 0; j < c; j += 16) { /* lanes beyond c: d, g, xhat all 0 */
                 const __mmask16 in = first_lanes(c - j);
                 const __m512 d = load_bf16x16(dyi + j, in);
                 const __m512 x = _mm512_maskz_loadu_ps(in, xi + j);
