@@ -60,10 +60,7 @@ static inline float row_max(const float *s, int64_t n) {
 /* sum_{j < n} s_j, for s of round_up(n, LANES) floats. */
 static inline float row_sum(const float *s, int64_t n) {
 #ifdef __AVX512F__
-    __m512 sum = _mm512_setzero_ps();
-    for (int64_t j0 = 0; j0 < n; j0 += LANES)
-        sum = _mm512_add_ps(sum, _mm512_maskz_loadu_ps(first_lanes(n - j0), s + j0));
-    return _mm512_reduce_add_ps(sum);
+    return masked_sum(s, n);
 #else
     float sum = 0.0f;
 #pragma omp simd reduction(+ : sum)

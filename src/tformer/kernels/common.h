@@ -1,6 +1,6 @@
 /* What the CPU kernels share: bfloat16 <-> float32, an exp that vectorises, and a vector
    of eight floats; where the build has AVX-512, the same exp on sixteen lanes, the mask
-   of a vector's first lanes and a masked load of sixteen bf16 values.
+   of a vector's first lanes, a row's sum and a masked load of sixteen bf16 values.
 
    Each kernel file includes this header; the functions are static inline, so every file
    gets its own copy and the compiler can vectorise the loops that call them (without
@@ -139,6 +139,17 @@ static inline __m512 exp_neg16(__m512 x) {
 /* Lanes 0 .. n - 1 of 16 (none for n <= 0, all for n >= 16). */
 static inline __mmask16 first_lanes(int64_t n) {
     return n >= 16 ? 0xFFFF : n <= 0 ? 0 : (__mmask16)((1u << n) - 1);
+}
+
+/* sum_{j < n} x_j, reading no x_j past n: two accumulators (the adds' latency), the lanes
+   added across once at the end. */
+static inline float masked_sum(const float *x, int64_t n) {
+    __m512 a = _mm512_setzero_ps(), b = _mm512_setzero_ps();
+    for (int64_t j = 0; j < n; j += 32) {
+        a = _mm512_add_ps(a, _mm512_maskz_loadu_ps(first_lanes(n - j), x + j));
+        b = _mm512_add_ps(b, _mm512_maskz_loadu_ps(first_lanes(n - j - 16), x + j + 16));
+    }
+    return _mm512_reduce_add_ps(_mm512_add_ps(a, b));
 }
 
 #if defined(__AVX512BW__) && defined(__AVX512VL__)

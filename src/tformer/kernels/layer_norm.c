@@ -40,17 +40,7 @@
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 #define VECTOR_SUMS 1
 
-/* sum_j x_j, two accumulators (the adds' latency), lanes added across at the end. */
-static inline float vector_sum(const float *x, int64_t c) {
-    __m512 a = _mm512_setzero_ps(), b = _mm512_setzero_ps();
-    for (int64_t j = 0; j < c; j += 32) {
-        a = _mm512_add_ps(a, _mm512_maskz_loadu_ps(first_lanes(c - j), x + j));
-        b = _mm512_add_ps(b, _mm512_maskz_loadu_ps(first_lanes(c - j - 16), x + j + 16));
-    }
-    return _mm512_reduce_add_ps(_mm512_add_ps(a, b));
-}
-
-/* sum_j (x_j - m)^2, as vector_sum. */
+/* sum_j (x_j - m)^2, as common.h's masked_sum. */
 static inline float vector_squares(const float *x, float m, int64_t c) {
     const __m512 mean = _mm512_set1_ps(m);
     __m512 a = _mm512_setzero_ps(), b = _mm512_setzero_ps();
@@ -91,7 +81,7 @@ static void forward_rows(const float *x, const uint16_t *add, float *h, const fl
             xi = hi;
         }
 #ifdef VECTOR_SUMS
-        const float m = vector_sum(xi, c) / (float)c;
+        const float m = masked_sum(xi, c) / (float)c;
         const float squares = vector_squares(xi, m, c);
 #else
         float sum = 0.0f;
