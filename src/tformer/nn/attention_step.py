@@ -77,10 +77,7 @@ class FusedSelfAttention(torch.autograd.Function):
         rows = x.reshape(b * t, c).to(BF16).contiguous()  # (M, C)
         w_qkv_, b_qkv_, w_o_, b_o_ = (half_weight(p, BF16) for p in (w_qkv, b_qkv, w_o, b_o))
         qkv = bias_product(rows, w_qkv_, b_qkv_).view(b, t, 3 * c)
-        o = torch.empty(b, t, c, dtype=BF16)  # the heads side by side, (B, T, H, D)
-        _, lse = library.flash_attention(
-            *projection_heads(qkv, n_heads), out=o.view(b, t, n_heads, -1)
-        )
+        o, lse = flash_forward(qkv, n_heads, library)
         ctx.save_for_backward(rows, qkv, o, lse, w_qkv_, w_o_)
         ctx.n_heads, ctx.library = n_heads, library
         return bias_product(o.view(b * t, c), w_o_, b_o_)  # (M, C)
@@ -93,11 +90,7 @@ class FusedSelfAttention(torch.autograd.Function):
         h = ctx.n_heads
         grad_y = grad_y.to(BF16).contiguous()  # (M, C)
         grad_o = grad_y.mm(w_o)  # (M, C), the heads side by side
-        heads = grad_o.view(b, t, h, -1).transpose(1, 2)  # (B, H, T, D), a view
-        # (B, T, 3, H, D): the projection's own layout
-        grad_qkv = ctx.library.flash_attention_backward(
-            *projection_heads(qkv, h), heads, o.view(b, t, h, -1), lse
-        ).view(b * t, 3 * c)
+        grad_qkv = flash_backward(qkv, o, lse, grad_o, h, ctx.library)  # (M, 3C)
         wanted = ctx.needs_input_grad[:5]  # a frozen projection's gradients are not computed
         grads = [
             grad_qkv.mm(w_qkv).view(b, t, c) if wanted[0] else None,  # dx
@@ -108,3 +101,32 @@ class FusedSelfAttention(torch.autograd.Function):
         ]
         grads = [None if g is None else g.to(d) for g, d in zip(grads, ctx.dtypes, strict=True)]
         return *grads, None, None
+
+
+def flash_forward(
+    qkv: torch.Tensor, n_heads: int, library: kernels.Kernels
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The FlashAttention kernel's causal self-attention of the fused projection qkv (B, T,
+    3C) bf16: o (B, T, C) bf16, the heads side by side, and the log-sum-exp (B, H, T) its
+    backward pass reads."""
+    b, t, c3 = qkv.shape
+    o = torch.empty(b, t, c3 // 3, dtype=BF16)  # (B, T, H, D) as the kernel writes it
+    _, lse = library.flash_attention(*projection_heads(qkv, n_heads), out=o.view(b, t, n_heads, -1))
+    return o, lse
+
+
+def flash_backward(
+    qkv: torch.Tensor,
+    o: torch.Tensor,
+    lse: torch.Tensor,
+    grad_o: torch.Tensor,
+    n_heads: int,
+    library: kernels.Kernels,
+) -> torch.Tensor:
+    """flash_forward's gradient: from grad_o (B T, C) bf16 to the projection's, (B T, 3C)."""
+    b, t, c = o.shape
+    heads = grad_o.view(b, t, n_heads, -1).transpose(1, 2)  # (B, H, T, D), a view
+    # (B, T, 3, H, D): the projection's own layout
+    return library.flash_attention_backward(
+        *projection_heads(qkv, n_heads), heads, o.view(b, t, n_heads, -1), lse
+    ).view(b * t, 3 * c)

@@ -1,0 +1,197 @@
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from tformer import GPT2, GPT2Config
+from tformer.models.gpt2 import Block
+from tformer.nn import attention_choice as choice
+from tformer.nn import block_step, measured
+from tformer.nn.flash_attention import flash_takes
+from tformer.nn.kv_cache import KVCache
+from tformer.nn.row_blocks import MIN_WEIGHT
+from tformer.nn.weight_copies import kept_between_steps
+from tformer.train.optim import build_optimizer
+
+
+def config(**changes) -> GPT2Config:
+    settings = dict(vocab_size=40, max_len=64, d_model=64, n_layers=2, n_heads=2, dropout=0.0)
+    settings.update(attention="blocked", activation="gelu")
+    return GPT2Config(**{**settings, **changes})
+
+
+@pytest.fixture(params=["kernel", "flash"])
+def attention_path(request, compiled, monkeypatch):
+    """The attention kernel the step and the modules' path both take, chosen for every
+    shape these tests use: the compiled kernel, or FlashAttention where the CPU has AMX."""
+    path = request.param
+    if path == "flash" and not flash_takes(torch.zeros(1, 1, 1, 32, dtype=torch.bfloat16)):
+        pytest.skip("the FlashAttention kernel needs a CPU with AMX")
+
+    def choose(b: int, t: int, width: int, heads: int) -> None:
+        key = f"{b}x{t}x{width} {heads} heads, short bfloat16"
+        monkeypatch.setitem(measured._chosen, (choice.KIND, key, torch.get_num_threads()), path)
+
+    return choose
+
+
+def run(block: Block, x: torch.Tensor, grad: torch.Tensor, step: bool):
+    """The block's output and every gradient, as one step or through its modules (a hook
+    on its last hook point keeps the modules' path: the same kernels)."""
+    block.zero_grad()
+    handle = None if step else block.hook_resid_post.register_forward_hook(lambda *args: None)
+    x = x.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert block_step.takes(block, x, None, None) == step
+        y = block(x)
+    assert (y.grad_fn.name() == "FusedBlockBackward") == step
+    y.backward(grad)
+    if handle is not None:
+        handle.remove()
+    return y, [x.grad, *(p.grad.clone() for p in block.parameters())]
+
+
+@torch.no_grad()
+def exact(block: Block, x: torch.Tensor) -> torch.Tensor:
+    """The block's output in float64 from the bf16 values its products read."""
+    first, second, attention, ffn = block.attn_sublayer, block.mlp_sublayer, block.attn, block.mlp
+    x = x.double()
+    b, t, c = x.shape
+    h = attention.n_heads
+
+    def norm(z: torch.Tensor, ln: nn.Module) -> torch.Tensor:
+        z = nn.functional.layer_norm(z, (c,), ln.weight.double(), ln.bias.double(), ln.eps)
+        return z.bfloat16().double()
+
+    def product(z: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
+        w, bias = (p.detach().bfloat16().double() for p in (layer.weight, layer.bias))
+        return z @ w.t() + bias
+
+    qkv = product(norm(x, first.norm), attention.w_qkv).bfloat16().double()
+    q, k, v = qkv.view(b, t, 3, h, -1).permute(2, 0, 3, 1, 4)
+    scores = q @ k.transpose(-1, -2) / math.sqrt(c // h)
+    scores = scores.masked_fill(torch.ones(t, t, dtype=torch.bool).triu(1), -math.inf)
+    o = (scores.softmax(-1) @ v).transpose(1, 2).reshape(b, t, c).bfloat16().double()
+    r = x + product(o, attention.w_o).bfloat16().double()
+    hidden = nn.functional.gelu(product(norm(r, second.norm), ffn.w1))
+    return r + product(hidden.bfloat16().double(), ffn.w2).bfloat16().double()
+
+
+@pytest.mark.parametrize("activation", ["gelu", "gelu_tanh"])
+def test_the_block_in_one_step_trains_as_its_modules(attention_path, activation):
+    """The same kernels, products and casts: the output and every gradient equal to the
+    bit; the output as close to float64's as bf16 products allow."""
+    torch.manual_seed(0)
+    block = Block(config(activation=activation)).train()
+    for p in block.parameters():  # gains and biases away from 1 and 0
+        nn.init.normal_(p, mean=p.mean().item(), std=0.1)
+    x = torch.randn(3, 50, 64)
+    grad = torch.randn(3, 50, 64)
+    attention_path(3, 50, 192, 2)
+    y, ours = run(block, x, grad, step=True)
+    y0, plain = run(block, x, grad, step=False)
+    assert y.dtype == torch.float32 and torch.equal(y, y0)
+    for g, g0 in zip(ours, plain, strict=True):
+        assert g.dtype == g0.dtype == torch.float32 and torch.equal(g, g0)
+    if activation == "gelu":
+        best = exact(block, x)
+        torch.testing.assert_close(y.double(), best, rtol=0, atol=2**-7 * best.abs().max().item())
+
+
+def test_a_model_trains_the_same_with_its_blocks_in_one_step(attention_path, monkeypatch):
+    """Three AdamW steps, the weights' bf16 copies written by the optimizer: the same
+    losses and weights to the bit as through the modules."""
+    ids = torch.randint(0, 40, (4, 33), generator=torch.Generator().manual_seed(0))
+    attention_path(4, 32, 192, 2)
+    results = []
+    for step in (True, False):
+        if not step:
+            monkeypatch.setattr(block_step, "takes", lambda *args: False)
+        model = GPT2(config(), seed=0).train()
+        optimizer = build_optimizer(model, 1e-2, 0.1, (0.9, 0.99))
+        taken = []
+        losses = []
+        with kept_between_steps():
+            for _ in range(3):
+                with torch.autocast("cpu", dtype=torch.bfloat16):
+                    logits = model(ids[:, :-1])
+                    taken.append(any("FusedBlock" in str(n) for n in graph_nodes(logits)))
+                loss = nn.functional.cross_entropy(
+                    logits.float().flatten(0, 1), ids[:, 1:].flatten()
+                )
+                loss.backward()
+                optimizer.step(max_grad_norm=1.0)
+                optimizer.zero_grad(set_to_none=True)
+                losses.append(loss.item())
+        assert taken == [step] * 3
+        results.append((losses, [p.detach().clone() for p in model.parameters()]))
+    (losses, weights), (losses_0, weights_0) = results
+    assert losses == losses_0
+    assert all(torch.equal(w, w0) for w, w0 in zip(weights, weights_0, strict=True))
+
+
+def graph_nodes(t: torch.Tensor) -> list[str]:
+    """The names of the autograd nodes behind t."""
+    seen, stack, names = set(), [t.grad_fn], []
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.append(node.name())
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return names
+
+
+def test_frozen_parameters_get_no_gradient(attention_path):
+    block = Block(config()).train()
+    block.attn.w_qkv.requires_grad_(False)
+    block.mlp_sublayer.norm.requires_grad_(False)
+    attention_path(2, 8, 192, 2)
+    x = torch.randn(2, 8, 64)  # an input that does not train either
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert block_step.takes(block, x, None, None)
+        y = block(x)
+    assert y.grad_fn.name() == "FusedBlockBackward"
+    y.sum().backward()
+    frozen = [block.attn.w_qkv, block.mlp_sublayer.norm]
+    assert all(p.grad is None for layer in frozen for p in layer.parameters())
+    assert block.attn.w_o.weight.grad is not None and block.attn_sublayer.norm.bias.grad is not None
+    assert block.mlp.w1.weight.grad is not None and block.mlp.w2.bias.grad is not None
+
+
+def test_it_is_taken_only_where_it_applies(compiled):
+    block = Block(config()).train()
+    x = torch.randn(2, 8, 64)
+
+    def takes(block=block, x=x, mask=None, cache=None) -> bool:
+        return block_step.takes(block, x, mask, cache)
+
+    assert not takes()  # float32 products: outside autocast, the modules' path
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert takes()
+        with torch.no_grad():  # nothing to train
+            assert not takes()
+        assert not takes(mask=torch.ones(2, 8))
+        assert not takes(cache=KVCache(2, 2, 8, 32, torch.float32, torch.device("cpu")))
+        assert not takes(x=torch.randn(2, 200, 64))  # longer than the kernel takes
+        for hooked in (block.hook_attn_out, block.attn.w_o, block.mlp_sublayer.norm):
+            handle = hooked.register_forward_hook(lambda *args: None)
+            assert not takes()  # the hook would not see its module
+            handle.remove()
+        handle = block.mlp.w1.register_full_backward_hook(lambda *args: None)
+        assert not takes()
+        handle.remove()
+        assert takes()
+        assert not takes(Block(config(dropout=0.1)).train())  # dropout while training
+        assert takes(Block(config(dropout=0.1)).eval())
+        assert not takes(Block(config(attention_dropout=0.1)).train())
+        assert not takes(Block(config(norm_position="post")))
+        assert not takes(Block(config(residual=False)))
+        assert not takes(Block(config(activation="relu")))
+        assert not takes(Block(config(attention="explicit")))
+        width = 256  # 256 x 1024 weights in the feed-forward network: nn/row_blocks.py's
+        assert 4 * width * width >= MIN_WEIGHT
+        large = Block(config(d_model=width, n_heads=4))
+        assert not takes(large, torch.randn(2, 8, width))
