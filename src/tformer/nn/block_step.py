@@ -118,13 +118,15 @@ def run(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
     )
     eps = (first.norm.eps, second.norm.eps)
     options = (attention.n_heads, ffn.activation, eps, flash, library)
-    return FusedBlock.apply(x, options, *params)
+    # viewed outside the Function, as nn/row_blocks.py: a view made inside one could not be
+    # changed in place (by a hook on the block, say), where the modules' output can
+    return FusedBlock.apply(x, options, *params).view(b, t, c)
 
 
 class FusedBlock(torch.autograd.Function):
     """y = Block(x): x (B, T, C) float32, options (heads, activation, the norms' eps, whether
     the FlashAttention kernel attends, the kernels), then the block's twelve parameters in
-    `run`'s order -> y (B, T, C) float32. Saves what the backward pass reads, in bf16 where
+    `run`'s order -> y (B T, C) float32. Saves what the backward pass reads, in bf16 where
     the products read it."""
 
     @staticmethod
@@ -162,7 +164,7 @@ class FusedBlock(torch.autograd.Function):
             g_1, w_qkv, w_o, g_2, w_1, w_2,
         )  # fmt: skip
         ctx.n_heads, ctx.flash, ctx.library = n_heads, flash, library
-        return y.view(b, t, c)
+        return y  # (M, C)
 
     @staticmethod
     @once_differentiable  # the products and the kernels' gradients are not differentiated
