@@ -219,7 +219,7 @@ class FusedBlock(torch.autograd.Function):
             grad_b_2,
         ]
         grads = [
-            None if g is None or not want else g.to(dtype)
-            for g, want, dtype in zip(grads, wanted, ctx.dtypes, strict=True)
+            None if grad is None or not want else grad.to(dtype)
+            for grad, want, dtype in zip(grads, wanted, ctx.dtypes, strict=True)
         ]
         return grad_x, None, *grads
