@@ -19,7 +19,7 @@ modules, the checks of each fast path, autocast's casts of the projections' weig
 their gradients back, a dozen autograd nodes and their Python (docs/LOG.md, session 33).
 Here the block is one autograd node that calls the same kernels and products the modules'
 path calls (nn/norm.py's LayerNorm kernels, the attention kernel this CPU trains fastest,
-nn/feedforward_step.py's GELU and its derivative), on the weights' kept bf16 copies
+nn/feedforward_step.py's network with the GELU's derivative), on the weights' kept bf16 copies
 (nn/weight_copies.py): the values are the modules' path's to the bit, and a test holds
 the two to each other. Taken in bf16 training steps on the CPU for blocks whose layers are
 below nn/row_blocks.py's sizes, with nothing that the one node would hide: no dropout,
@@ -35,7 +35,7 @@ from tformer import kernels
 from tformer.nn.attention_choice import short_flash_chosen
 from tformer.nn.attention_step import flash_backward, flash_forward
 from tformer.nn.blocked_attention import any_hooked, hook_dicts, kernel_may_take
-from tformer.nn.feedforward_step import STEP_ACTIVATIONS
+from tformer.nn.feedforward_step import STEP_ACTIVATIONS, network_backward, network_forward
 from tformer.nn.norm import bf16_output_kernels
 from tformer.nn.row_blocks import MIN_WEIGHT, bias_product
 from tformer.nn.weight_copies import half_weight
@@ -153,12 +153,8 @@ class FusedBlock(torch.autograd.Function):
         _, _, mean_2, rstd_2 = library.add_layer_norm_bf16_out(
             rows, attended, g_2, beta_2, eps_2, (r, n)
         )
-        z = bias_product(n, w_1, b_1)  # (M, F)
-        if activation == "gelu":
-            g, derivative = library.gelu_and_derivative(z)
-        else:
-            g, derivative = library.gelu_tanh_and_derivative(z)
-        y = r + bias_product(g, w_2, b_2)  # (M, C) float32
+        ffn_out, g, derivative = network_forward(n, w_1, b_1, w_2, b_2, activation, library)
+        y = r + ffn_out  # (M, C) float32
         ctx.save_for_backward(
             rows, mean_1, rstd_1, a, qkv, o, kept, r, mean_2, rstd_2, n, g, derivative,
             g_1, w_qkv, w_o, g_2, w_1, w_2,
@@ -177,13 +173,9 @@ class FusedBlock(torch.autograd.Function):
         b, t, _ = qkv.shape
         grad_y = grad_y.reshape(rows.shape).to(torch.float32).contiguous()  # (M, C)
         dy = grad_y.to(BF16)
-        # the feed-forward network, as nn/feedforward_step.py
-        grad_g = dy.mm(w_2)  # (M, F)
-        grad_z, grad_b_1 = library.scale_bf16_column_sums(grad_g, derivative)
-        grad_n = grad_z.mm(w_1)  # (M, C)
-        grad_w_1 = grad_z.t().mm(n) if wanted[8] else None
-        grad_w_2 = dy.t().mm(g) if wanted[10] else None
-        grad_b_2 = dy.sum(0) if wanted[11] else None
+        grad_n, grad_w_1, grad_b_1, grad_w_2, grad_b_2 = network_backward(
+            dy, n, g, derivative, w_1, w_2, library, (True, *wanted[8:])
+        )
         # the residual path and LN_2: dr in float32, and in bf16 for the product
         grad_r, dr, grad_g_2, grad_beta_2 = library.add_layer_norm_backward_bf16(
             grad_n, grad_y, r, mean_2, rstd_2, g_2

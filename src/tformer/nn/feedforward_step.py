@@ -74,33 +74,63 @@ class FusedFeedForward(torch.autograd.Function):
         ctx.dtypes = [t.dtype for t in (x, w1, b1, w2, b2)]
         x = x.to(BF16).contiguous()
         w1_, b1_, w2_, b2_ = (half_weight(t, BF16) for t in (w1, b1, w2, b2))
-        z = bias_product(x, w1_, b1_)  # (M, F)
-        if activation == "gelu":
-            h, derivative = library.gelu_and_derivative(z)
-        else:
-            h, derivative = library.gelu_tanh_and_derivative(z)
+        y, h, derivative = network_forward(x, w1_, b1_, w2_, b2_, activation, library)
         ctx.save_for_backward(x, h, derivative, w1_, w2_)
         ctx.library = library
-        return bias_product(h, w2_, b2_)  # (M, C)
+        return y  # (M, C)
 
     @staticmethod
     @once_differentiable  # the products and the kernel's derivative are not differentiated
     def backward(ctx, grad_y):
         x, h, derivative, w1, w2 = ctx.saved_tensors
         grad_y = grad_y.to(BF16).contiguous()  # (M, C)
-        grad_h = grad_y.mm(w2)  # (M, F)
-        # dz = dh * act'(z) rounded to bf16 once, as CompiledGelu(Tanh) gives it, and db1,
-        # its column sums, summed in float32 in the same pass
-        grad_z, grad_b1 = ctx.library.scale_bf16_column_sums(grad_h, derivative)
         wanted = ctx.needs_input_grad[:5]  # a frozen layer's gradients are not computed
-        grads = [
-            grad_z.mm(w1) if wanted[0] else None,  # dx (M, C)
-            grad_z.t().mm(x) if wanted[1] else None,  # dW1 (F, C)
-            grad_b1 if wanted[2] else None,  # db1 (F,)
-            grad_y.t().mm(h) if wanted[3] else None,  # dW2 (C, F)
-            grad_y.sum(0) if wanted[4] else None,  # db2 (C,)
-        ]
+        grads = network_backward(grad_y, x, h, derivative, w1, w2, ctx.library, wanted)
         grads = [
             None if g is None else g.to(dtype) for g, dtype in zip(grads, ctx.dtypes, strict=True)
         ]
         return *grads, None, None
+
+
+def network_forward(
+    x: torch.Tensor,
+    w1: torch.Tensor,
+    b1: torch.Tensor,
+    w2: torch.Tensor,
+    b2: torch.Tensor,
+    activation: str,
+    library: kernels.Kernels,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The forward pass in bf16, x (M, C) and the weights' copies: y (M, C), and what the
+    backward pass reads, h (M, F) and act'(z)."""
+    z = bias_product(x, w1, b1)  # (M, F)
+    if activation == "gelu":
+        h, derivative = library.gelu_and_derivative(z)
+    else:
+        h, derivative = library.gelu_tanh_and_derivative(z)
+    return bias_product(h, w2, b2), h, derivative
+
+
+def network_backward(
+    grad_y: torch.Tensor,
+    x: torch.Tensor,
+    h: torch.Tensor,
+    derivative: torch.Tensor,
+    w1: torch.Tensor,
+    w2: torch.Tensor,
+    library: kernels.Kernels,
+    wanted: tuple[bool, ...],
+) -> list[torch.Tensor | None]:
+    """From grad_y (M, C) bf16: [dx, dW1, db1, dW2, db2] in bf16 (db1 float32), each None
+    where `wanted` (five flags, in that order) says it is not."""
+    grad_h = grad_y.mm(w2)  # (M, F)
+    # dz = dh * act'(z) rounded to bf16 once, as CompiledGelu(Tanh) gives it, and db1, its
+    # column sums, summed in float32 in the same pass
+    grad_z, grad_b1 = library.scale_bf16_column_sums(grad_h, derivative)
+    return [
+        grad_z.mm(w1) if wanted[0] else None,  # dx (M, C)
+        grad_z.t().mm(x) if wanted[1] else None,  # dW1 (F, C)
+        grad_b1 if wanted[2] else None,  # db1 (F,)
+        grad_y.t().mm(h) if wanted[3] else None,  # dW2 (C, F)
+        grad_y.sum(0) if wanted[4] else None,  # db2 (C,)
+    ]
