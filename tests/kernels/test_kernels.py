@@ -474,6 +474,49 @@ def test_the_model_s_gelu_uses_the_kernels_and_autograd_agrees(compiled, dtype):
         torch.testing.assert_close(grad, expected, rtol=2**-7, atol=1e-6)
 
 
+@pytest.mark.parametrize("n", [1001, 1 << 16])  # one thread; split over the threads
+def test_round_bf16_rounds_as_torch_does_and_keeps_nan(compiled, n):
+    g = torch.Generator().manual_seed(n)
+    # normal values only: a CPU's own conversion instruction may flush subnormal ones
+    x = torch.randn(n, generator=g) * torch.logspace(-30, 30, n)
+    # halfway between two bf16 values (the lower 16 bits 0x8000): to the even one; an
+    # exponent field of 1 to 254
+    top = torch.randint(0x0080, 0x7F00, (64,), generator=g, dtype=torch.int32)
+    ties = (top << 16) | 0x8000
+    x[:64] = ties.view(torch.float32)
+    x[64:70] = torch.tensor([float("inf"), -float("inf"), 0.0, -0.0, 3.4e38, -3.4e38])
+    x[70] = float("nan")
+    b = compiled.round_bf16(x)
+    expected = x.to(torch.bfloat16)
+    assert b.dtype == torch.bfloat16 and b.shape == x.shape
+    finite = ~x.isnan()
+    assert torch.equal(b[finite].view(torch.int16), expected[finite].view(torch.int16))
+    assert b[70].isnan()
+
+
+@pytest.mark.parametrize("n", [1001, 1 << 16])
+def test_add_bf16_is_torch_s_mixed_dtype_add(compiled, n):
+    g = torch.Generator().manual_seed(n)
+    x = torch.randn(12, n // 12, generator=g) * 100
+    b = torch.randn(x.shape, generator=g).to(torch.bfloat16)
+    x[0, :3] = torch.tensor([float("inf"), float("nan"), 1.0])
+    b[0, :3] = torch.tensor([-float("inf"), 1.0, float("nan")])
+    y = compiled.add_bf16(x, b)
+    assert y.dtype == torch.float32
+    assert torch.equal(y[1:], x[1:] + b[1:]) and torch.equal(y[0, 3:], x[0, 3:] + b[0, 3:])
+    assert y[0, :3].isnan().all()
+
+
+def test_the_casts_refuse_what_they_cannot_read(compiled):
+    x, b = torch.randn(4, 6), torch.randn(4, 6).to(torch.bfloat16)
+    for bad in (x.t(), x.double(), b):
+        with pytest.raises(ValueError, match="round_bf16"):
+            compiled.round_bf16(bad)
+    for bad_x, bad_b in ((x, b.float()), (x.bfloat16(), b), (x.t(), b.t()), (x, b[:, :5])):
+        with pytest.raises(ValueError, match="add_bf16"):
+            compiled.add_bf16(bad_x, bad_b)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("n", [1001, 1 << 16])  # one thread; split over the threads
 def test_exact_gelu_and_its_derivative_match_the_formula_in_float64(compiled, dtype, n):

@@ -34,6 +34,8 @@ attention kernels, called once per layer, check it here.
         beta, eps) -> h = x + add, y = its norm in bf16, mean, rstd, and its backward
         add_layer_norm_backward_bf16(dy, dh, h, mean, rstd, gamma) -> dx, dx in bf16, dgamma,
         dbeta
+    kernels.round_bf16(x) -> bfloat16 of float32 x; kernels.add_bf16(x, b) -> x + b, x
+        float32, b bfloat16 (kernels/casts.c)
     kernels.transpose16(a)   a (C, R) bfloat16 or float16, the transposed view of a row-major
         (R, C) -> a copy of it, row-major
     kernels.causal_attention(qkv, n_heads)   qkv (B, T, 3C) bf16 -> out (B, T, C), weights
@@ -890,6 +892,35 @@ class Kernels:
         function = getattr(self.library, f"tformer_gelu_{by_dtype(z)}")
         function(z.data_ptr(), y.data_ptr(), d.data_ptr(), z.numel())
         return y, d
+
+    @c_function("tformer_round_bf16", [POINTER, POINTER, SIZE])
+    def round_bf16(self, x: torch.Tensor) -> torch.Tensor:
+        """x rounded to bfloat16 (to nearest even, as torch's cast), x a contiguous float32
+        CPU tensor. Checked here."""
+        if x.dtype != torch.float32 or x.device.type != "cpu" or not x.is_contiguous():
+            raise ValueError("round_bf16: x must be a contiguous float32 CPU tensor")
+        b = torch.empty(x.shape, dtype=torch.bfloat16)
+        self.library.tformer_round_bf16(x.data_ptr(), b.data_ptr(), x.numel())
+        return b
+
+    @c_function("tformer_add_bf16", [POINTER] * 3 + [SIZE])
+    def add_bf16(self, x: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """x + b in float32, x float32 and b bfloat16, contiguous CPU tensors of one shape
+        (torch's x + b, without its cast of b to a temporary first). Checked here."""
+        if (
+            x.shape != b.shape
+            or x.dtype != torch.float32
+            or b.dtype != torch.bfloat16
+            or x.device.type != "cpu"
+            or b.device.type != "cpu"
+            or not (x.is_contiguous() and b.is_contiguous())
+        ):
+            raise ValueError(
+                "add_bf16: x float32 and b bfloat16, contiguous CPU tensors of one shape"
+            )
+        y = torch.empty_like(x)
+        self.library.tformer_add_bf16(x.data_ptr(), b.data_ptr(), y.data_ptr(), x.numel())
+        return y
 
     @c_function("tformer_transpose16", [POINTER, SIZE, SIZE, SIZE, POINTER])
     def transpose16(self, a: torch.Tensor) -> torch.Tensor:

@@ -35,6 +35,7 @@ SOURCES = tuple(
         "global_norm.c",
         "adamw.c",
         "layer_norm.c",
+        "casts.c",
         "transpose.c",
         "attention.c",
         "flash_attention.c",

@@ -28,6 +28,15 @@ static inline uint16_t float_to_bf16_bits(float f) {
     return (uint16_t)(bits >> 16);
 }
 
+/* float_to_bf16_bits with a NaN kept a NaN (its quiet bit set): for values that a
+   diverging run may make NaN, whose NaN must reach the loss, which the trainer checks. */
+static inline uint16_t float_to_bf16_keeping_nan(float f) {
+    uint32_t bits;
+    memcpy(&bits, &f, sizeof bits);
+    if ((bits & 0x7FFFFFFFu) > 0x7F800000u) return (uint16_t)((bits >> 16) | 0x40u);
+    return float_to_bf16_bits(f);
+}
+
 /* float16 -> float32 by its bits: sign, exponent rebiased, mantissa (or subnormal); for
    CPUs without F16C's conversion. */
 static inline float half_to_float(uint16_t h) {

@@ -57,15 +57,6 @@ static inline float vector_squares(const float *x, float m, int64_t c) {
 
 #define PARALLEL_FROM 32768 /* elements; fewer are not worth waking the threads for */
 
-/* float32 -> bfloat16 rounded to nearest even, a NaN kept a NaN: a diverging run's NaN must
-   reach the loss, which the trainer checks (common.h's rounding is for finite values). */
-static inline uint16_t to_bf16(float f) {
-    uint32_t bits;
-    memcpy(&bits, &f, sizeof bits);
-    if ((bits & 0x7FFFFFFFu) > 0x7F800000u) return (uint16_t)((bits >> 16) | 0x40u);
-    return float_to_bf16_bits(f);
-}
-
 /* With `add` (not NULL): the norm of h = x + add instead of x, h written first (the
    residual add before the next sublayer's norm; add bf16, h float32). */
 static void forward_rows(const float *x, const uint16_t *add, float *h, const float *gamma,
@@ -96,7 +87,7 @@ static void forward_rows(const float *x, const uint16_t *add, float *h, const fl
         uint16_t *yi = y + i * c;
 #pragma omp simd
         for (int64_t j = 0; j < c; j++)
-            yi[j] = to_bf16((xi[j] - m) * r * gamma[j] + beta[j]);
+            yi[j] = float_to_bf16_keeping_nan((xi[j] - m) * r * gamma[j] + beta[j]);
         mean[i] = m;
         rstd[i] = r;
     }
@@ -159,7 +150,7 @@ static void backward_rows(const uint16_t *dy, const float *x, const float *mean,
 #pragma omp simd
             for (int64_t j = 0; j < c; j++) {
                 dxi[j] += ri[j];
-                bi[j] = to_bf16(dxi[j]);
+                bi[j] = float_to_bf16_keeping_nan(dxi[j]);
             }
         }
     }

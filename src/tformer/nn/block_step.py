@@ -21,7 +21,9 @@ Here the block is one autograd node that calls the same kernels and products the
 path calls (nn/norm.py's LayerNorm kernels, the attention kernel this CPU trains fastest,
 nn/feedforward_step.py's network with the GELU's derivative), on the weights' kept bf16 copies
 (nn/weight_copies.py): the values are the modules' path's to the bit, and a test holds
-the two to each other. Taken in bf16 training steps on the CPU for blocks whose layers are
+the two to each other. The residual adds and the casts between float32 and bf16 that the
+modules leave to torch take one pass each here (kernels/casts.c, and LN_1's backward pass
+with dr added in, as LN_2's). Taken in bf16 training steps on the CPU for blocks whose layers are
 below nn/row_blocks.py's sizes, with nothing that the one node would hide: no dropout,
 hook, mask or cache, pre-LN with both residual paths.
 """
@@ -154,7 +156,7 @@ class FusedBlock(torch.autograd.Function):
             rows, attended, g_2, beta_2, eps_2, (r, n)
         )
         ffn_out, g, derivative = network_forward(n, w_1, b_1, w_2, b_2, activation, library)
-        y = r + ffn_out  # (M, C) float32
+        y = library.add_bf16(r, ffn_out)  # (M, C) float32
         ctx.save_for_backward(
             rows, mean_1, rstd_1, a, qkv, o, kept, r, mean_2, rstd_2, n, g, derivative,
             g_1, w_qkv, w_o, g_2, w_1, w_2,
@@ -172,7 +174,7 @@ class FusedBlock(torch.autograd.Function):
         library, wanted = ctx.library, ctx.needs_input_grad[2:]
         b, t, _ = qkv.shape
         grad_y = grad_y.reshape(rows.shape).to(torch.float32).contiguous()  # (M, C)
-        dy = grad_y.to(BF16)
+        dy = library.round_bf16(grad_y)
         grad_n, grad_w_1, grad_b_1, grad_w_2, grad_b_2 = network_backward(
             dy, n, g, derivative, w_1, w_2, library, (True, *wanted[8:])
         )
@@ -192,10 +194,11 @@ class FusedBlock(torch.autograd.Function):
         grad_a = grad_qkv.mm(w_qkv)
         grad_w_qkv = grad_qkv.t().mm(a) if wanted[2] else None
         grad_b_qkv = grad_qkv.sum(0) if wanted[3] else None
-        grad_x, grad_g_1, grad_beta_1 = library.layer_norm_backward_bf16(
-            grad_a, rows, mean_1, rstd_1, g_1
+        # the residual path and LN_1: dx = dr + LN_1's backward(da), in one pass
+        grad_x, _, grad_g_1, grad_beta_1 = library.add_layer_norm_backward_bf16(
+            grad_a, grad_r, rows, mean_1, rstd_1, g_1
         )
-        grad_x = (grad_r + grad_x).view(b, t, -1) if ctx.needs_input_grad[0] else None
+        grad_x = grad_x.view(b, t, -1) if ctx.needs_input_grad[0] else None
         grads = [
             grad_g_1,
             grad_beta_1,
