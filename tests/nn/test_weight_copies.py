@@ -1,3 +1,5 @@
+import gc
+
 import pytest
 import torch
 
@@ -79,3 +81,16 @@ def test_a_weight_no_optimizer_writes_the_copy_of_keeps_none():
     assert half_weight(w, torch.bfloat16) is not half_weight(w, torch.bfloat16)
     torch.optim.AdamW([w])  # torch's optimizer writes no copies either
     assert weight_copies.copy_to_write(w) is None and not weight_copies.keeps_copy(w)
+
+
+def test_copies_are_filed_by_identity_and_go_with_their_weight():
+    files = weight_copies.ByIdentity()
+    a, b = torch.zeros(4), torch.zeros(4)  # equal, yet two weights
+    files[a], files[b] = "a", "b"
+    assert (files.get(a), files.get(b), len(files)) == ("a", "b", 2)
+    files[a] = "a again"  # replaced, not added
+    assert files.get(a) == "a again" and len(files) == 2 and a in files
+    del a
+    gc.collect()
+    assert len(files) == 1 and files.get(b) == "b"
+    assert files.get(torch.zeros(4)) is None and torch.zeros(4) not in files

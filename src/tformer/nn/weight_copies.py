@@ -22,11 +22,12 @@ bytes a weight of memory).
 """
 
 import contextlib
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
-from torch.utils.weak import WeakIdKeyDictionary
 
 
 @dataclass
@@ -36,10 +37,56 @@ class Copy:
     address: int  # the weight's data_ptr then: a Parameter given new storage is not the same
 
 
-# by the weight's identity (a tensor's == is elementwise), forgotten when the weight goes
-_COPIES = WeakIdKeyDictionary()
+class KeyReference(weakref.ref):
+    """A weak reference that remembers the id it is filed under."""
+
+    __slots__ = ("key",)
+
+
+class ByIdentity:
+    """A mapping keyed by a tensor's identity (a tensor's == is elementwise) that holds
+    each key weakly: an entry goes when its tensor does. torch's WeakIdKeyDictionary does
+    the same, but makes a weak reference at every lookup: a small model's step asks ~150
+    times, and spent ~0.3 ms a step so (docs/LOG.md). Here an entry keeps its key's weak
+    reference, and a lookup checks that it still points at the key (ids are reused)."""
+
+    def __init__(self) -> None:
+        self.entries: dict[int, tuple[weakref.ref, Any]] = {}
+
+    def get(self, key: torch.Tensor) -> Any:
+        entry = self.entries.get(id(key))
+        return entry[1] if entry is not None and entry[0]() is key else None
+
+    def __contains__(self, key: torch.Tensor) -> bool:
+        entry = self.entries.get(id(key))
+        return entry is not None and entry[0]() is key
+
+    def __setitem__(self, key: torch.Tensor, value: Any) -> None:
+        entry = self.entries.get(id(key))
+        if entry is not None and entry[0]() is key:
+            reference = entry[0]
+        else:
+            reference = KeyReference(key, self.forget)
+            reference.key = id(key)
+        self.entries[id(key)] = (reference, value)
+
+    def forget(self, reference: "KeyReference") -> None:
+        """The weak reference's callback, when its tensor goes: its entry goes too (unless
+        another tensor has taken the id, and an entry, since)."""
+        entry = self.entries.get(reference.key)
+        if entry is not None and entry[0] is reference:
+            del self.entries[reference.key]
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def clear(self) -> None:
+        self.entries.clear()
+
+
+_COPIES = ByIdentity()  # forgotten when the weight goes
 _KEEPING = 0  # how many kept_between_steps blocks are open
-_REGISTERED = WeakIdKeyDictionary()  # the weights an optimizer writes the copies of
+_REGISTERED = ByIdentity()  # the weights an optimizer writes the copies of
 
 
 def register(weights: list[torch.Tensor]) -> None:
