@@ -132,6 +132,23 @@ def test_the_fused_bias_is_timed_once_and_only_for_the_operands_it_takes(monkeyp
     assert not rb.bias_fused_faster(a, weight.t(), bias.float(), "whole")
 
 
+def test_a_small_layer_s_fused_bias_is_timed_at_its_own_shape(monkeypatch):
+    if not rb.bias_fused_available(torch.bfloat16):
+        pytest.skip("this torch has no oneDNN linear with a fused bias")
+    a, b, bias = operands(512, 32, 16, torch.bfloat16, "n")
+    weight = b.t().contiguous()
+    rb.bias_fused_faster(a, weight.t(), bias, "whole", exact=True)
+    known = measured.read_choices(measured.choices_file(rb.KIND), ("whole", "fused"))
+    assert set(known) == {"512x32x16 nt bfloat16 bias, else whole"}  # not K rounded to 256
+    asked = []
+    monkeypatch.setattr(rb, "_bias_fused", {})
+    monkeypatch.setattr(
+        rb, "bias_fused_faster", lambda *args, **kwargs: asked.append(kwargs) or False
+    )
+    assert torch.equal(rb.bias_product(a, weight, bias), torch.addmm(bias, a, weight.t()))
+    assert asked == [{"exact": True}]
+
+
 def grad_nodes(out):
     """The node that made `out`, under the view that gives it the input's leading dims."""
     node = out.grad_fn
