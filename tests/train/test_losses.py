@@ -62,6 +62,22 @@ def test_label_smoothing_gradient_equals_torch_over_several_blocks():
     assert grad[4, 3:].abs().max() == 0  # padding gets no gradient
 
 
+def test_a_gpu_s_blocks_are_larger_and_give_the_same_loss(monkeypatch):
+    assert losses.block_rows(torch.empty(10, 50257)) == losses.ROWS_PER_BLOCK  # the CPU's
+    # off the CPU: as many rows as fit 2^26 values, for few kernel launches
+    assert losses.block_rows(torch.empty(10, 50257, device="meta")) == (1 << 26) // 50257
+    assert losses.block_rows(torch.empty(10, 1 << 27, device="meta")) == losses.ROWS_PER_BLOCK
+    g = torch.Generator().manual_seed(3)
+    logits = (torch.randn(200, 37, generator=g, dtype=torch.float64) * 4).requires_grad_()
+    targets = torch.randint(0, 37, (200,), generator=g)
+    results = []
+    for rows in (7, 1000):  # float64: torch's path, a block at a time
+        monkeypatch.setattr(losses, "block_rows", lambda logits, rows=rows: rows)
+        loss = label_smoothed_cross_entropy(logits, targets, 0.1)
+        results.append((loss, *torch.autograd.grad(loss, logits)))
+    assert all(torch.equal(a, b) for a, b in zip(*results, strict=True))
+
+
 def test_label_smoothing_passes_gradcheck():
     g = torch.Generator().manual_seed(2)
     logits = torch.randn(70, 5, generator=g, dtype=torch.float64, requires_grad=True)

@@ -32,6 +32,17 @@ from torch.autograd.function import once_differentiable
 from tformer import kernels
 
 ROWS_PER_BLOCK = 64  # a (64, V) float32 block stays in the CPU's cache for V up to ~8k
+# elsewhere (a GPU) a block is sized for few kernel launches instead: up to 2^26 float32
+# values (256 MiB), 1,335 rows of GPT-2's vocabulary, where 64 rows made 256 blocks of a
+# 16 x 1024 batch, each a handful of launches, forward and backward
+DEVICE_BLOCK = 1 << 26
+
+
+def block_rows(logits: torch.Tensor) -> int:
+    """Rows of logits (N, V) per block of the loss's loops (torch's path)."""
+    if logits.device.type == "cpu":
+        return ROWS_PER_BLOCK
+    return max(ROWS_PER_BLOCK, DEVICE_BLOCK // max(logits.shape[-1], 1))
 
 
 def cpu_kernels(logits: torch.Tensor) -> kernels.Kernels | None:
@@ -68,8 +79,9 @@ class SmoothedCrossEntropy(torch.autograd.Function):
         n, v = logits.shape
         dtype = torch.promote_types(logits.dtype, torch.float32)  # bf16 -> float32
         per_row = torch.empty(n, dtype=dtype, device=logits.device)  # (N,)
-        for start in range(0, n, ROWS_PER_BLOCK):
-            rows = slice(start, start + ROWS_PER_BLOCK)
+        block = block_rows(logits)
+        for start in range(0, n, block):
+            rows = slice(start, start + block)
             log_p = torch.log_softmax(logits[rows], dim=-1, dtype=dtype)  # (n_b, V)
             log_p_target = log_p.gather(-1, targets[rows, None]).squeeze(-1)  # (n_b,)
             # -sum_v q_v log p_v with q = (1 - eps) one-hot + eps / V
@@ -101,8 +113,9 @@ class SmoothedCrossEntropy(torch.autograd.Function):
             )
         row_scale = row_scale[:, None]  # (N, 1)
         grad = torch.empty_like(logits)  # (N, V), the logits' dtype
-        for start in range(0, n, ROWS_PER_BLOCK):
-            rows = slice(start, start + ROWS_PER_BLOCK)
+        step = block_rows(logits)
+        for start in range(0, n, step):
+            rows = slice(start, start + step)
             block = torch.softmax(logits[rows], dim=-1, dtype=dtype)  # p, (n_b, V)
             if eps > 0:
                 block.sub_(eps / v)  # p - eps / V
