@@ -121,6 +121,24 @@ static inline void narrow_row(const float *src, uint16_t *dst, int64_t n, float 
         dst[i] = float_to_bf16_bits(src[i] * scale);
 }
 
+/* dst[j][i] = float(src[i][j]) for i < rows, j < cols: src bf16 with rows ld elements
+   apart, dst float32 with rows dst_ld apart (K^T and V^T of a head, from the projection).
+   Whole 16 x 16 blocks are turned in registers where the CPU has AVX2 (common.h), the
+   rest one element at a time, which cost the forward pass 15% (docs/LOG.md). */
+static void widen_transposed(const uint16_t *src, int64_t ld, int64_t rows, int64_t cols,
+                             float *dst, int64_t dst_ld) {
+    int64_t rows_whole = 0, cols_whole = 0;
+#if defined(__AVX2__)
+    rows_whole = rows / 16 * 16, cols_whole = cols / 16 * 16;
+    for (int64_t i = 0; i < rows_whole; i += 16)
+        for (int64_t j = 0; j < cols_whole; j += 16)
+            block_16x16_to_f32(src + i * ld + j, ld, dst + j * dst_ld + i, dst_ld);
+#endif
+    for (int64_t j = 0; j < cols; j++)
+        for (int64_t i = j < cols_whole ? rows_whole : 0; i < rows; i++)
+            dst[j * dst_ld + i] = bf16_bits_to_float(src[i * ld + j]);
+}
+
 /* A thread's buffer of n floats, zeroed; NULL, with *failed set, if there is no memory. */
 static float *thread_buffer(int64_t n, int *failed) {
     float *buffer = calloc(n, sizeof(float));
@@ -147,9 +165,7 @@ static void forward_head(const uint16_t *qkv, uint16_t *out, float *p_out, float
         widen_row(base + j * row, q + j * dp, d_size, scale);
         widen_row(base + j * row + 2 * c, v + j * dp, d_size, 1.0f);
     }
-    for (int64_t d = 0; d < d_size; d++) /* K^T: row d is column d of K */
-        for (int64_t j = 0; j < t_size; j++)
-            kt[d * tp + j] = bf16_bits_to_float(base[j * row + c + d]);
+    widen_transposed(base + c, row, t_size, d_size, kt, tp); /* K^T: row d is K's column d */
     for (int64_t i0 = 0; i0 < t_size; i0 += ROWS) /* S = (s Q) K^T, causal blocks */
         for (int64_t j0 = 0; j0 < i0 + ROWS && j0 < t_size; j0 += LANES)
             block8(q + i0 * dp, dp, 1, kt + j0, tp, d_size, s + i0 * tp + j0, tp);
@@ -214,9 +230,7 @@ static void backward_head(const uint16_t *qkv, const float *p_in, const uint16_t
         widen_row(grad_out + (b * t_size + j) * c + h * d_size, go + j * dp, d_size, 1.0f);
         memcpy(p + j * tp, p_in + j * t_size, t_size * sizeof(float));
     }
-    for (int64_t d = 0; d < d_size; d++) /* V^T: row d is column d of V */
-        for (int64_t j = 0; j < t_size; j++)
-            vt[d * tp + j] = bf16_bits_to_float(base[j * row + 2 * c + d]);
+    widen_transposed(base + 2 * c, row, t_size, d_size, vt, tp); /* V^T: row d is V's column d */
     for (int64_t i0 = 0; i0 < t_size; i0 += ROWS) /* dP = dO V^T, into ds */
         for (int64_t j0 = 0; j0 < i0 + ROWS && j0 < t_size; j0 += LANES)
             block8(go + i0 * dp, dp, 1, vt + j0, tp, d_size, ds + i0 * tp + j0, tp);

@@ -16,44 +16,9 @@
 #include <stdint.h>
 #include <string.h>
 
-#if defined(__AVX2__)
-#include <immintrin.h>
+#include "common.h" /* block_16x16, block_16x16_to_f32 */
 
-/* dst[j][i] = src[i][j] for i, j < 16, with rows ld (src) and dst_ld (dst) elements apart.
-   After round r, each 2^r-element unit of a register holds one column of src over 2^r
-   consecutive rows; each 128-bit half of a register keeps to its half of the columns
-   (0-7 or 8-15) until the last round joins the halves. */
-static inline void block_16x16(const uint16_t *src, int64_t ld, uint16_t *dst, int64_t dst_ld) {
-    __m256i a[16], b[16];
-    for (int k = 0; k < 16; k++)
-        a[k] = _mm256_loadu_si256((const __m256i *)(src + k * ld));
-    /* rows 2p, 2p+1 -> b[2p]: columns 0-3 | 8-11, b[2p+1]: columns 4-7 | 12-15 */
-    for (int p = 0; p < 8; p++) {
-        b[2 * p] = _mm256_unpacklo_epi16(a[2 * p], a[2 * p + 1]);
-        b[2 * p + 1] = _mm256_unpackhi_epi16(a[2 * p], a[2 * p + 1]);
-    }
-    /* rows 4q..4q+3 -> a[4q + m]: columns {2m, 2m+1} | {2m+8, 2m+9}, m = 0..3 */
-    for (int q = 0; q < 4; q++)
-        for (int h = 0; h < 2; h++) { /* h: b's columns 0-3 (0) or 4-7 (1) */
-            __m256i x = b[4 * q + h], y = b[4 * q + 2 + h];
-            a[4 * q + 2 * h] = _mm256_unpacklo_epi32(x, y);
-            a[4 * q + 2 * h + 1] = _mm256_unpackhi_epi32(x, y);
-        }
-    /* rows 8o..8o+7 -> b[8o + c]: column c | column c + 8, c = 0..7 */
-    for (int o = 0; o < 2; o++)
-        for (int m = 0; m < 4; m++) {
-            __m256i x = a[8 * o + m], y = a[8 * o + 4 + m];
-            b[8 * o + 2 * m] = _mm256_unpacklo_epi64(x, y);
-            b[8 * o + 2 * m + 1] = _mm256_unpackhi_epi64(x, y);
-        }
-    /* column c: rows 0-7 from b[c], rows 8-15 from b[8 + c]; the same for column c + 8 */
-    for (int c = 0; c < 8; c++) {
-        _mm256_storeu_si256((__m256i *)(dst + c * dst_ld),
-                            _mm256_permute2x128_si256(b[c], b[8 + c], 0x20));
-        _mm256_storeu_si256((__m256i *)(dst + (c + 8) * dst_ld),
-                            _mm256_permute2x128_si256(b[c], b[8 + c], 0x31));
-    }
-}
+#if defined(__AVX2__)
 #define BLOCK 16
 #else
 #define BLOCK 0 /* no blocks: every element one at a time */
@@ -70,24 +35,6 @@ static void elements(const uint16_t *src, int64_t rows, int64_t ld, uint16_t *ds
     }
 }
 
-#if BLOCK
-/* dst[j][i] = float(src[i][j]) for i, j < 16: the block turned in bf16 (block_16x16, into
-   the stack), then each row of it widened to float32. */
-static inline void block_16x16_to_f32(const uint16_t *src, int64_t ld, float *dst,
-                                      int64_t dst_ld) {
-    uint16_t turned[16 * 16];
-    block_16x16(src, ld, turned, 16);
-    for (int c = 0; c < 16; c++) {
-        const __m256i row = _mm256_loadu_si256((const __m256i *)(turned + c * 16));
-        const __m128i first = _mm256_castsi256_si128(row);
-        const __m128i second = _mm256_extracti128_si256(row, 1);
-        const __m256i low = _mm256_slli_epi32(_mm256_cvtepu16_epi32(first), 16);
-        const __m256i high = _mm256_slli_epi32(_mm256_cvtepu16_epi32(second), 16);
-        _mm256_storeu_si256((__m256i *)(dst + c * dst_ld), low);
-        _mm256_storeu_si256((__m256i *)(dst + c * dst_ld + 8), high);
-    }
-}
-#endif
 
 /* dst[j][i] = float(src[i][j]) for i in [i0, i1), j in [j0, j1), one element at a time. */
 static void elements_to_f32(const uint16_t *src, int64_t rows, int64_t ld, float *dst,
