@@ -182,6 +182,26 @@ def test_the_residual_add_and_the_next_norm_in_one_step_are_the_two_apart(shape)
 
 
 @pytest.mark.skipif(kernels.load() is None, reason="the compiled kernels are not built here")
+@pytest.mark.parametrize("n", [7, 768])  # 1 thread; pool
+def test_the_joined_backward_writes_its_bf16_gradient_only_where_asked(n):
+    library = kernels.load()
+    g = torch.Generator().manual_seed(n)
+    x, gamma = torch.randn(n, 128, generator=g), torch.randn(128, generator=g)
+    _, _, mean, rstd = library.add_layer_norm_bf16_out(
+        x, torch.zeros(n, 128, dtype=torch.bfloat16), gamma, torch.zeros(128), 1e-5
+    )
+    dy, dh = torch.randn(n, 128, generator=g).bfloat16(), torch.randn(n, 128, generator=g)
+    both = library.add_layer_norm_backward_bf16(dy, dh, x, mean, rstd, gamma)
+    alone = library.add_layer_norm_backward_bf16(dy, dh, x, mean, rstd, gamma, bf16_too=False)
+    assert alone[1] is None and torch.equal(both[1], both[0].bfloat16())
+    for i in (0, 2, 3):  # dx, dgamma, dbeta
+        assert torch.equal(both[i], alone[i])
+    # dx is the norm's gradient plus dh's, as the plain kernel's plus dh
+    dx, dgamma, dbeta = library.layer_norm_backward_bf16(dy, x, mean, rstd, gamma)
+    assert torch.equal(alone[0], dx + dh) and torch.equal(alone[2], dgamma)
+
+
+@pytest.mark.skipif(kernels.load() is None, reason="the compiled kernels are not built here")
 def test_the_joined_step_is_taken_only_where_it_applies():
     from tformer.nn.norm import add_then_norm
 

@@ -70,11 +70,14 @@ def test_a_gpu_s_blocks_are_larger_and_give_the_same_loss(monkeypatch):
     g = torch.Generator().manual_seed(3)
     logits = (torch.randn(200, 37, generator=g, dtype=torch.float64) * 4).requires_grad_()
     targets = torch.randint(0, 37, (200,), generator=g)
-    results = []
+    results, asked = [], []
     for rows in (7, 1000):  # float64: torch's path, a block at a time
-        monkeypatch.setattr(losses, "block_rows", lambda logits, rows=rows: rows)
+        monkeypatch.setattr(
+            losses, "block_rows", lambda logits, rows=rows: asked.append(rows) or rows
+        )
         loss = label_smoothed_cross_entropy(logits, targets, 0.1)
         results.append((loss, *torch.autograd.grad(loss, logits)))
+    assert asked == [7, 7, 1000, 1000]  # forward and backward each ask
     assert all(torch.equal(a, b) for a, b in zip(*results, strict=True))
 
 

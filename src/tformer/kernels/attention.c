@@ -129,7 +129,8 @@ static void widen_transposed(const uint16_t *src, int64_t ld, int64_t rows, int6
                              float *dst, int64_t dst_ld) {
     int64_t rows_whole = 0, cols_whole = 0;
 #if defined(__AVX2__)
-    rows_whole = rows / 16 * 16, cols_whole = cols / 16 * 16;
+    rows_whole = rows / 16 * 16;
+    cols_whole = cols / 16 * 16;
     for (int64_t i = 0; i < rows_whole; i += 16)
         for (int64_t j = 0; j < cols_whole; j += 16)
             block_16x16_to_f32(src + i * ld + j, ld, dst + j * dst_ld + i, dst_ld);

@@ -1044,10 +1044,11 @@ class Kernels:
         mean: torch.Tensor,
         rstd: torch.Tensor,
         gamma: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        bf16_too: bool = True,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
         """The gradients of add_layer_norm_bf16_out from dy (N, C) bfloat16 (the norm's
         output's) and dh (N, C) float32 (h's own): dx = dh + the norm's (N, C) float32, the
-        same in bfloat16 (add's), dgamma and dbeta (C,)."""
+        same in bfloat16 (add's; None unless bf16_too), dgamma and dbeta (C,)."""
         n, c = layer_norm_shape(h, gamma)
         check_cpu_tensors(
             "add_layer_norm_backward_bf16",
@@ -1058,12 +1059,13 @@ class Kernels:
                 ("rstd", rstd, (n,), torch.float32),
             ],
         )
-        dx, dx_bf16 = torch.empty(n, c, dtype=torch.float32), torch.empty_like(dy)
+        dx = torch.empty(n, c, dtype=torch.float32)
+        dx_bf16 = torch.empty_like(dy) if bf16_too else None
         dgamma, dbeta = torch.empty(c, dtype=torch.float32), torch.empty(c, dtype=torch.float32)
         failed = self.library.tformer_add_layer_norm_backward_bf16(
             dy.data_ptr(), dh.data_ptr(), h.data_ptr(), mean.data_ptr(), rstd.data_ptr(),
-            gamma.data_ptr(), dx.data_ptr(), dx_bf16.data_ptr(), dgamma.data_ptr(),
-            dbeta.data_ptr(), n, c,
+            gamma.data_ptr(), dx.data_ptr(), None if dx_bf16 is None else dx_bf16.data_ptr(),
+            dgamma.data_ptr(), dbeta.data_ptr(), n, c,
         )  # fmt: skip
         if failed:
             raise MemoryError("add_layer_norm_backward_bf16: out of memory for the threads' sums")

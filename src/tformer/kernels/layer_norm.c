@@ -95,7 +95,7 @@ static void forward_rows(const float *x, const uint16_t *add, float *h, const fl
 
 /* dx for rows [begin, end); dgamma and dbeta of those rows added to sums (2C floats). With
    `residual` (not NULL), dx is the norm's gradient plus residual (the gradient reaching x
-   by the residual path), and dx_bf16 gets it rounded to bf16 as well. */
+   by the residual path), and dx_bf16 (where not NULL) gets it rounded to bf16 as well. */
 static void backward_rows(const uint16_t *dy, const float *x, const float *mean,
                           const float *rstd, const float *gamma, const float *residual,
                           float *dx, uint16_t *dx_bf16, float *sums, int64_t c, int64_t begin,
@@ -144,7 +144,7 @@ static void backward_rows(const uint16_t *dy, const float *x, const float *mean,
             const float xhat = (xi[j] - m) * r;
             dxi[j] = r * (bf16_bits_to_float(dyi[j]) * gamma[j] - g_mean - xhat * gx_mean);
         }
-        if (residual != NULL) {
+        if (residual != NULL && dx_bf16 != NULL) {
             const float *ri = residual + i * c;
             uint16_t *bi = dx_bf16 + i * c;
 #pragma omp simd
@@ -152,6 +152,11 @@ static void backward_rows(const uint16_t *dy, const float *x, const float *mean,
                 dxi[j] += ri[j];
                 bi[j] = float_to_bf16_keeping_nan(dxi[j]);
             }
+        } else if (residual != NULL) {
+            const float *ri = residual + i * c;
+#pragma omp simd
+            for (int64_t j = 0; j < c; j++)
+                dxi[j] += ri[j];
         }
     }
 }
@@ -235,7 +240,8 @@ int tformer_layer_norm_backward_bf16(const uint16_t *dy, const float *x, const f
 
 /* The backward pass of tformer_add_layer_norm_bf16_out: from dy (the norm's output's
    gradient, bf16) and dh (h's own, float32, from the residual path), the gradient of x,
-   dx = dh + the norm's (float32), the same in bf16 for `add` (dx_bf16), dgamma and dbeta.
+   dx = dh + the norm's (float32), the same in bf16 for `add` (dx_bf16; NULL: not written),
+   dgamma and dbeta.
    h, mean and rstd are the forward pass's. Returns 1 if the threads' sums could not be
    allocated. */
 int tformer_add_layer_norm_backward_bf16(const uint16_t *dy, const float *dh, const float *h,

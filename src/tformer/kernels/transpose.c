@@ -35,7 +35,6 @@ static void elements(const uint16_t *src, int64_t rows, int64_t ld, uint16_t *ds
     }
 }
 
-
 /* dst[j][i] = float(src[i][j]) for i in [i0, i1), j in [j0, j1), one element at a time. */
 static void elements_to_f32(const uint16_t *src, int64_t rows, int64_t ld, float *dst,
                             int64_t i0, int64_t i1, int64_t j0, int64_t j1) {

@@ -196,7 +196,7 @@ class FusedBlock(torch.autograd.Function):
         grad_b_qkv = grad_qkv.sum(0) if wanted[3] else None
         # the residual path and LN_1: dx = dr + LN_1's backward(da), in one pass
         grad_x, _, grad_g_1, grad_beta_1 = library.add_layer_norm_backward_bf16(
-            grad_a, grad_r, rows, mean_1, rstd_1, g_1
+            grad_a, grad_r, rows, mean_1, rstd_1, g_1, bf16_too=False
         )
         grad_x = grad_x.view(b, t, -1) if ctx.needs_input_grad[0] else None
         grads = [

@@ -147,18 +147,20 @@ def bias_fused_available(dtype: torch.dtype) -> bool:
 
 
 def bias_fused_faster(
-    a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor, path: str, exact: bool = False
+    a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor, path: str, exact_width: bool = False
 ) -> bool:
     """Whether a b + bias runs faster as bias_fused than on `path` with addmm, as timed
-    once on this CPU for the shape (M, K rounded up as in fastest_path, or as they are
-    where `exact`) and dtype. Only for the operands bias_fused takes, on the CPU."""
+    once on this CPU for the shape (M, K rounded up as in fastest_path; K as it is where
+    `exact_width`) and dtype. Only for the operands bias_fused takes, on the CPU."""
     if a.device.type != "cpu" or layout(a) != "n" or layout(b) != "t" or bias.dim() != 1:
         return False
     if not (a.is_contiguous() and b.t().is_contiguous() and bias.is_contiguous()):
         return False
     if bias.dtype != a.dtype or not bias_fused_available(a.dtype):
         return False
-    (m, k), n = a.shape if exact else key_sizes(a), b.shape[1]
+    (m, k), n = key_sizes(a), b.shape[1]
+    if exact_width:
+        k = a.shape[1]
     key = f"{m}x{k}x{n} nt {dtype_name(a.dtype)} bias, else {path}"
 
     def candidates():
@@ -181,14 +183,15 @@ def bias_product(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Ten
     """x w^T + b for a small layer's step, bf16 (M, K) x (N, K) + (N,) -> (M, N), row-major
     operands: bias_fused where that was timed faster for the shape here, else addmm (the
     same values). Without row blocks or the questions matmul asks at every call, which
-    cost a small layer more than they save. Timed at the shape itself: rounded up as a
-    large layer's key is, a width of 128 was timed at 256, where the other path won
-    (docs/LOG.md)."""
+    cost a small layer more than they save. Timed at the layer's own width (K): rounded up
+    as a large layer's key is, a width of 128 was timed at 256, where the other path won
+    (docs/LOG.md); the tokens (M) rounded as for any layer, so that a new batch length is
+    not timed anew."""
     m, (n, k) = x.shape[0], w.shape
     key = (m, k, n, torch.get_num_threads())
     fused = _bias_fused.get(key)
     if fused is None:  # asked once per shape: the question itself costs more than a cast
-        fused = _bias_fused[key] = bias_fused_faster(x, w.t(), b, "whole", exact=True)
+        fused = _bias_fused[key] = bias_fused_faster(x, w.t(), b, "whole", exact_width=True)
     if fused:  # bias_fused's op, given the weight as it is stored
         return torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
     return torch.addmm(b, x, w.t())

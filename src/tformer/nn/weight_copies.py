@@ -75,7 +75,7 @@ class ByIdentity:
         another tensor has taken the id, and an entry, since)."""
         entry = self.entries.get(reference.key)
         if entry is not None and entry[0] is reference:
-            del self.entries[reference.key]
+            self.entries.pop(reference.key, None)  # (a clear() may have come between)
 
     def __len__(self) -> int:
         return len(self.entries)

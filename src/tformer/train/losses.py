@@ -79,9 +79,9 @@ class SmoothedCrossEntropy(torch.autograd.Function):
         n, v = logits.shape
         dtype = torch.promote_types(logits.dtype, torch.float32)  # bf16 -> float32
         per_row = torch.empty(n, dtype=dtype, device=logits.device)  # (N,)
-        block = block_rows(logits)
-        for start in range(0, n, block):
-            rows = slice(start, start + block)
+        size = block_rows(logits)
+        for start in range(0, n, size):
+            rows = slice(start, start + size)
             log_p = torch.log_softmax(logits[rows], dim=-1, dtype=dtype)  # (n_b, V)
             log_p_target = log_p.gather(-1, targets[rows, None]).squeeze(-1)  # (n_b,)
             # -sum_v q_v log p_v with q = (1 - eps) one-hot + eps / V
@@ -113,9 +113,9 @@ class SmoothedCrossEntropy(torch.autograd.Function):
             )
         row_scale = row_scale[:, None]  # (N, 1)
         grad = torch.empty_like(logits)  # (N, V), the logits' dtype
-        step = block_rows(logits)
-        for start in range(0, n, step):
-            rows = slice(start, start + step)
+        size = block_rows(logits)
+        for start in range(0, n, size):
+            rows = slice(start, start + size)
             block = torch.softmax(logits[rows], dim=-1, dtype=dtype)  # p, (n_b, V)
             if eps > 0:
                 block.sub_(eps / v)  # p - eps / V
