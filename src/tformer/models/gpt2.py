@@ -287,7 +287,8 @@ class GPT2(nn.Module):
                 f"(max_len={max_len}); cut the input to its last {max_len} tokens"
             )
         if input_ids.numel() > 0:
-            low, high = int(input_ids.min()), int(input_ids.max())
+            # one pass, and one wait for a GPU's result (a sync per forward pass)
+            low, high = torch.stack(torch.aminmax(input_ids)).tolist()
             if low < 0 or high >= v:
                 bad = low if low < 0 else high
                 raise ValueError(
@@ -300,11 +301,10 @@ class GPT2(nn.Module):
                     f"position_ids must have shape (batch, {t}) like input_ids, "
                     f"got {tuple(position_ids.shape)}"
                 )
-            if (
-                position_ids.numel() > 0
-                and not 0 <= int(position_ids.min()) <= int(position_ids.max()) < max_len
-            ):
-                raise ValueError(f"position_ids must lie in 0..{max_len - 1}")
+            if position_ids.numel() > 0:
+                low, high = torch.stack(torch.aminmax(position_ids)).tolist()
+                if not 0 <= low <= high < max_len:
+                    raise ValueError(f"position_ids must lie in 0..{max_len - 1}")
 
     def forward(
         self,
