@@ -23,9 +23,9 @@ nn/feedforward_step.py's network with the GELU's derivative), on the weights' ke
 (nn/weight_copies.py): the values are the modules' path's to the bit, and a test holds
 the two to each other. The residual adds and the casts between float32 and bf16 that the
 modules leave to torch take one pass each here (kernels/casts.c, and LN_1's backward pass
-with dr added in, as LN_2's). Taken in bf16 training steps on the CPU for blocks whose layers are
-below nn/row_blocks.py's sizes, with nothing that the one node would hide: no dropout,
-hook, mask or cache, pre-LN with both residual paths.
+with dr added in, as LN_2's). Taken in bf16 training steps on the CPU for blocks whose
+layers are below nn/row_blocks.py's sizes, with nothing that the one node would hide: no
+dropout, hook, mask or cache, pre-LN with both residual paths.
 """
 
 import torch
