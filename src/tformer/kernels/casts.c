@@ -14,15 +14,9 @@
 
 #define PARALLEL_FROM 32768 /* elements; fewer are not worth waking the threads for */
 
-/* This thread's contiguous share [*begin, *end) of n elements. (A loop under `omp
-   parallel for simd if (...)` is not vectorised when the condition is false.) */
-static void my_share(int64_t n, int64_t *begin, int64_t *end) {
-    const int64_t threads = omp_get_num_threads(), me = omp_get_thread_num();
-    const int64_t chunk = (n + threads - 1) / threads;
-    *begin = me * chunk < n ? me * chunk : n;
-    *end = *begin + chunk < n ? *begin + chunk : n;
-}
-
+/* Each loop runs over [begin, end): the whole of it where n is small, else a share per
+   thread (common.h's my_share). (A loop under `omp parallel for simd if (...)` is not
+   vectorised when the condition is false.) */
 static void round_range(const float *x, uint16_t *b, int64_t begin, int64_t end) {
 #pragma omp simd
     for (int64_t i = begin; i < end; i++) b[i] = float_to_bf16_keeping_nan(x[i]);

@@ -1,8 +1,8 @@
-/* What the CPU kernels share: bfloat16 <-> float32, an exp that vectorises, and a vector
-   of eight floats; where the build has AVX2, a 16 x 16 block of 16-bit elements transposed
-   in registers (transpose.c's, and attention.c's K^T and V^T); where it has AVX-512, the
-   same exp on sixteen lanes, the mask of a vector's first lanes, a row's sum and a masked
-   load of sixteen bf16 values.
+/* What the CPU kernels share: bfloat16 <-> float32, an exp that vectorises, a vector of
+   eight floats and a thread's share of a parallel loop; where the build has AVX2, a 16 x 16
+   block of 16-bit elements transposed in registers (transpose.c's, and attention.c's K^T
+   and V^T); where it has AVX-512, the same exp on sixteen lanes, the mask of a vector's
+   first lanes, a row's sum and a masked load of sixteen bf16 values.
 
    Each kernel file includes this header; the functions are static inline, so every file
    gets its own copy and the compiler can vectorise the loops that call them (without
@@ -12,6 +12,7 @@
 #define TFORMER_COMMON_H
 
 #include <math.h>
+#include <omp.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -37,6 +38,15 @@ static inline uint16_t float_to_bf16_keeping_nan(float f) {
     memcpy(&bits, &f, sizeof bits);
     if ((bits & 0x7FFFFFFFu) > 0x7F800000u) return (uint16_t)((bits >> 16) | 0x40u);
     return float_to_bf16_bits(f);
+}
+
+/* Inside an OpenMP parallel region: this thread's contiguous share [*begin, *end) of n
+   items (rows, elements), the shares in thread order. */
+static inline void my_share(int64_t n, int64_t *begin, int64_t *end) {
+    const int64_t threads = omp_get_num_threads(), me = omp_get_thread_num();
+    const int64_t chunk = (n + threads - 1) / threads;
+    *begin = me * chunk < n ? me * chunk : n;
+    *end = *begin + chunk < n ? *begin + chunk : n;
 }
 
 /* float16 -> float32 by its bits: sign, exponent rebiased, mantissa (or subnormal); for

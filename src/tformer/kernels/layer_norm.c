@@ -161,14 +161,6 @@ static void backward_rows(const uint16_t *dy, const float *x, const float *mean,
     }
 }
 
-/* This thread's contiguous share of n rows: [*begin, *end). */
-static void my_rows(int64_t n, int64_t *begin, int64_t *end) {
-    const int64_t threads = omp_get_num_threads(), me = omp_get_thread_num();
-    const int64_t chunk = (n + threads - 1) / threads;
-    *begin = me * chunk < n ? me * chunk : n;
-    *end = *begin + chunk < n ? *begin + chunk : n;
-}
-
 /* x (N, C) float32, gamma and beta (C) float32 -> y (N, C) bf16, mean and rstd (N). */
 static void forward(const float *x, const uint16_t *add, float *h, const float *gamma,
                     const float *beta, float eps, uint16_t *y, float *mean, float *rstd,
@@ -180,7 +172,7 @@ static void forward(const float *x, const uint16_t *add, float *h, const float *
 #pragma omp parallel
     {
         int64_t begin, end;
-        my_rows(n, &begin, &end);
+        my_share(n, &begin, &end);
         forward_rows(x, add, h, gamma, beta, eps, y, mean, rstd, c, begin, end);
     }
 }
@@ -214,7 +206,7 @@ static int backward(const uint16_t *dy, const float *x, const float *mean, const
 #pragma omp parallel num_threads(threads)
         {
             int64_t begin, end;
-            my_rows(n, &begin, &end);
+            my_share(n, &begin, &end);
             backward_rows(dy, x, mean, rstd, gamma, residual, dx, dx_bf16,
                           sums + omp_get_thread_num() * 2 * c, c, begin, end);
         }
