@@ -152,7 +152,8 @@ static float *thread_buffer(int64_t n, int *failed) {
 
 /* One head of the forward pass, in buffer (4 tp dp + tp tp floats). qkv (B, T, 3C) bf16,
    C = H D: head h's q, k, v at columns h D, C + h D, 2C + h D. out (B, T, C) bf16; p_out
-   (T, T) float32, this head's P with zeros above the diagonal. */
+   (T, T) float32, this head's P with zeros above the diagonal. Where T is a whole number
+   of blocks (T = tp), S and P are formed in p_out itself, with no copy. */
 static void forward_head(const uint16_t *qkv, uint16_t *out, float *p_out, float *buffer,
                          int64_t b, int64_t h, int64_t t_size, int64_t h_size,
                          int64_t d_size) {
@@ -162,6 +163,8 @@ static void forward_head(const uint16_t *qkv, uint16_t *out, float *p_out, float
     const uint16_t *base = qkv + b * t_size * row + h * d_size;
     float *q = buffer, *kt = q + tp * dp, *v = kt + dp * tp, *s = v + tp * dp;
     float *o = s + tp * tp;
+    if (t_size == tp)
+        s = p_out;
     for (int64_t j = 0; j < t_size; j++) {
         widen_row(base + j * row, q + j * dp, d_size, scale);
         widen_row(base + j * row + 2 * c, v + j * dp, d_size, 1.0f);
@@ -183,7 +186,8 @@ static void forward_head(const uint16_t *qkv, uint16_t *out, float *p_out, float
 #pragma omp simd
         for (int64_t j = 0; j < tp; j++)
             si[j] = j < n ? si[j] * inv : 0.0f;
-        memcpy(p_out + i * t_size, si, t_size * sizeof(float));
+        if (s != p_out)
+            memcpy(p_out + i * t_size, si, t_size * sizeof(float));
     }
     for (int64_t i0 = 0; i0 < t_size; i0 += ROWS) { /* O = P V */
         int64_t n = i0 + ROWS < t_size ? i0 + ROWS : t_size;
@@ -214,7 +218,8 @@ int tformer_causal_attention_bf16(const uint16_t *qkv, uint16_t *out, float *wei
 }
 
 /* One head of the backward pass, in buffer (7 tp dp + 2 tp tp floats): from qkv, the
-   head's P (T, T) p_in and grad_out (B, T, C) bf16 into grad_qkv (B, T, 3C) bf16. */
+   head's P (T, T) p_in and grad_out (B, T, C) bf16 into grad_qkv (B, T, 3C) bf16. Where T
+   is a whole number of blocks, P is read where it is, not copied. */
 static void backward_head(const uint16_t *qkv, const float *p_in, const uint16_t *grad_out,
                           uint16_t *grad_qkv, float *buffer, int64_t b, int64_t h,
                           int64_t t_size, int64_t h_size, int64_t d_size) {
@@ -223,20 +228,23 @@ static void backward_head(const uint16_t *qkv, const float *p_in, const uint16_t
     const float scale = 1.0f / sqrtf((float)d_size);
     const uint16_t *base = qkv + b * t_size * row + h * d_size;
     float *q = buffer, *k = q + tp * dp, *vt = k + tp * dp, *go = vt + dp * tp;
-    float *p = go + tp * dp, *ds = p + tp * tp, *dq = ds + tp * tp, *dk = dq + tp * dp;
+    float *copy = go + tp * dp, *ds = copy + tp * tp, *dq = ds + tp * tp, *dk = dq + tp * dp;
     float *dv = dk + tp * dp;
+    const float *p = t_size == tp ? p_in : copy;
     for (int64_t j = 0; j < t_size; j++) {
         widen_row(base + j * row, q + j * dp, d_size, scale);
         widen_row(base + j * row + c, k + j * dp, d_size, 1.0f);
         widen_row(grad_out + (b * t_size + j) * c + h * d_size, go + j * dp, d_size, 1.0f);
-        memcpy(p + j * tp, p_in + j * t_size, t_size * sizeof(float));
+        if (p == copy)
+            memcpy(copy + j * tp, p_in + j * t_size, t_size * sizeof(float));
     }
     widen_transposed(base + 2 * c, row, t_size, d_size, vt, tp); /* V^T: row d is V's column d */
     for (int64_t i0 = 0; i0 < t_size; i0 += ROWS) /* dP = dO V^T, into ds */
         for (int64_t j0 = 0; j0 < i0 + ROWS && j0 < t_size; j0 += LANES)
             block8(go + i0 * dp, dp, 1, vt + j0, tp, d_size, ds + i0 * tp + j0, tp);
     for (int64_t i = 0; i < t_size; i++) { /* dS = P (dP - rowsum(P dP)) */
-        float *pi = p + i * tp, *di = ds + i * tp;
+        const float *pi = p + i * tp;
+        float *di = ds + i * tp;
         const int64_t n = i + 1;
         const float r = row_dot(pi, di, n);
 #pragma omp simd
