@@ -83,12 +83,12 @@ def trains_as(module, reference, x, grad, dtype=torch.bfloat16):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("path", ["blocked", "fused", "flash"])
-def test_each_choice_trains_as_the_explicit_path(private_cache, monkeypatch, path, dtype):
+def test_each_choice_trains_as_the_explicit_path(private_cache, monkeypatch, request, path, dtype):
     """A long sequence in training, each measured path forced: bf16 under autocast (its
-    FlashAttention kernel where the CPU has AMX) and float32 (its kernel on any CPU the
-    kernels build for)."""
-    if path == "flash" and not flash_takes(torch.zeros(1, 1, 1, 32, dtype=dtype)):
-        pytest.skip("no FlashAttention kernel for this dtype here (bf16 needs AMX)")
+    FlashAttention kernel; on a CPU without AMX the float32 one in its place, conftest.py's
+    bf16_flash) and float32 (its kernel on any CPU the kernels build for)."""
+    if path == "flash" and dtype == torch.bfloat16:
+        request.getfixturevalue("bf16_flash")
     t = QUERY_BLOCK + 21
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, t, 128, generator=g)
@@ -121,13 +121,14 @@ def test_the_first_timing_inside_a_checkpointed_layer_trains(private_cache):
 
 
 @pytest.mark.parametrize("path", ["kernel", "flash", "flash step"])
-def test_each_choice_of_short_attention_trains_as_the_explicit_path(monkeypatch, path):
-    """At most QUERY_BLOCK positions: the compiled kernel or, where the CPU has AMX, the
-    FlashAttention kernel, as chosen for the shape (forced here); with the kernel chosen, a
-    small layer's sublayer trains as one step (nn/attention_step.py), and, where a hook on
-    a projection must see it, through the modules."""
-    if path != "kernel" and not flash_takes(torch.zeros(1, 1, 1, 32, dtype=torch.bfloat16)):
-        pytest.skip("the FlashAttention kernel needs a CPU with AMX")
+def test_each_choice_of_short_attention_trains_as_the_explicit_path(monkeypatch, request, path):
+    """At most QUERY_BLOCK positions: the compiled kernel or the FlashAttention kernel (on a
+    CPU without AMX, its float32 kernel in the bf16 one's place: conftest.py's bf16_flash),
+    as chosen for the shape (forced here); with the kernel chosen, a small layer's sublayer
+    trains as one step (nn/attention_step.py), and, where a hook on a projection must see
+    it, through the modules."""
+    if path != "kernel":
+        request.getfixturevalue("bf16_flash")
     t, width, heads = QUERY_BLOCK - 28, 128, 4
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, t, width, generator=g)

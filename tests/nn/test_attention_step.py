@@ -6,15 +6,13 @@ import torch
 from tformer.nn import attention_choice as choice
 from tformer.nn import attention_step, measured
 from tformer.nn.attention import MultiHeadAttention
-from tformer.nn.flash_attention import flash_takes
 from tformer.nn.row_blocks import MIN_WEIGHT
 
 
 @pytest.fixture
-def flash_chosen(monkeypatch):
-    """The FlashAttention kernel chosen for every shape these tests use (where there is one)."""
-    if not flash_takes(torch.zeros(1, 1, 1, 32, dtype=torch.bfloat16)):
-        pytest.skip("the FlashAttention kernel needs a CPU with AMX")
+def flash_chosen(bf16_flash, monkeypatch):
+    """The FlashAttention kernel chosen for every shape these tests use (on a CPU without
+    AMX, its float32 kernel in the bf16 one's place: conftest.py's bf16_flash)."""
 
     def choose(b: int, t: int, width: int, heads: int, path: str = "flash") -> None:
         key = f"{b}x{t}x{width} {heads} heads, short bfloat16"

@@ -8,7 +8,6 @@ from tformer import GPT2, GPT2Config
 from tformer.models.gpt2 import Block
 from tformer.nn import attention_choice as choice
 from tformer.nn import block_step, measured
-from tformer.nn.flash_attention import flash_takes
 from tformer.nn.kv_cache import KVCache
 from tformer.nn.row_blocks import MIN_WEIGHT
 from tformer.nn.weight_copies import kept_between_steps
@@ -24,10 +23,11 @@ def config(**changes) -> GPT2Config:
 @pytest.fixture(params=["kernel", "flash"])
 def attention_path(request, compiled, monkeypatch):
     """The attention kernel the step and the modules' path both take, chosen for every
-    shape these tests use: the compiled kernel, or FlashAttention where the CPU has AMX."""
+    shape these tests use: the compiled kernel, or FlashAttention (on a CPU without AMX,
+    its float32 kernel in the bf16 one's place: tests/nn/conftest.py's bf16_flash)."""
     path = request.param
-    if path == "flash" and not flash_takes(torch.zeros(1, 1, 1, 32, dtype=torch.bfloat16)):
-        pytest.skip("the FlashAttention kernel needs a CPU with AMX")
+    if path == "flash":
+        request.getfixturevalue("bf16_flash")
 
     def choose(b: int, t: int, width: int, heads: int) -> None:
         key = f"{b}x{t}x{width} {heads} heads, short bfloat16"
