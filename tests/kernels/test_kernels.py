@@ -712,10 +712,33 @@ def test_denormals_are_flushed_on_every_thread_of_the_pool(compiled):
         torch.set_num_threads(threads)
 
 
-def test_the_attention_kernel_gives_the_same_bits_on_any_number_of_threads(compiled):
+@pytest.mark.parametrize("t", [64, 48, 13])  # whole blocks of 16 (P formed in place), or not
+def test_the_attention_kernel_reads_only_what_it_wrote_of_the_weights_tensor(compiled, t):
+    """The weights tensor handed to the kernel is uninitialised memory, which the forward
+    pass uses as its scratch where T is whole blocks: filled with NaN first, the results are
+    those of a zeroed one, to the bit."""
+    b, h, d = 2, 3, 32
+    g = torch.Generator().manual_seed(t)
+    qkv = torch.randn(b, t, 3 * h * d, generator=g).bfloat16()
+    grad = torch.randn(b, t, h * d, generator=g).bfloat16()
+    results = []
+    for fill in (float("nan"), 0.0):
+        out = torch.empty(b, t, h * d, dtype=torch.bfloat16)
+        weights = torch.full((b, h, t, t), fill)
+        failed = compiled.library.tformer_causal_attention_bf16(
+            qkv.data_ptr(), out.data_ptr(), weights.data_ptr(), b, t, h, d
+        )
+        assert failed == 0
+        results.append((out, weights, compiled.causal_attention_backward(qkv, weights, grad, h)))
+    assert all(torch.equal(x, y) for x, y in zip(*results, strict=True))
+    assert torch.equal(results[0][1].triu(1), torch.zeros(b, h, t, t))
+
+
+@pytest.mark.parametrize("t", [33, 64])  # T a whole number of blocks or not; D 24 is not
+def test_the_attention_kernel_gives_the_same_bits_on_any_number_of_threads(compiled, t):
     # Each thread's buffer serves several heads in turn: a head that read what the one
     # before left behind would come out differently when the heads are shared out otherwise.
-    b, t, h, d = 3, 33, 4, 24  # neither T nor D a whole number of blocks
+    b, h, d = 3, 4, 24
     g = torch.Generator().manual_seed(0)
     qkv = torch.randn(b, t, 3 * h * d, generator=g).bfloat16()
     grad = torch.randn(b, t, h * d, generator=g).bfloat16()

@@ -87,8 +87,8 @@ def test_each_choice_trains_as_the_explicit_path(private_cache, monkeypatch, req
     """A long sequence in training, each measured path forced: bf16 under autocast (its
     FlashAttention kernel; on a CPU without AMX the float32 one in its place, conftest.py's
     bf16_flash) and float32 (its kernel on any CPU the kernels build for)."""
-    if path == "flash" and dtype == torch.bfloat16:
-        request.getfixturevalue("bf16_flash")
+    if path == "flash":  # (the float32 kernel needs the compiled kernels)
+        request.getfixturevalue("bf16_flash" if dtype == torch.bfloat16 else "compiled")
     t = QUERY_BLOCK + 21
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, t, 128, generator=g)

@@ -18,6 +18,7 @@ def flash_chosen(bf16_flash, monkeypatch):
         key = f"{b}x{t}x{width} {heads} heads, short bfloat16"
         monkeypatch.setitem(measured._chosen, (choice.KIND, key, torch.get_num_threads()), path)
 
+    choose.calls = bf16_flash  # the FlashAttention kernel's calls, as they happen
     return choose
 
 
@@ -62,7 +63,9 @@ def test_the_sublayer_in_one_step_trains_as_its_modules(flash_chosen):
     grad = torch.randn(3, 40, 128)
     flash_chosen(3, 40, 384, 4)
     y, ours = run(attention, x, grad, step=True)
+    assert flash_chosen.calls == ["forward", "backward"]  # the kernel chosen, on both paths
     y0, plain = run(attention, x, grad, step=False)
+    assert flash_chosen.calls == ["forward", "backward"] * 2
     assert y.dtype == torch.bfloat16 and torch.equal(y, y0)
     for g, g0, best in zip(ours, plain, exact(attention, x, grad), strict=True):
         assert g.dtype == g0.dtype and g.shape == g0.shape

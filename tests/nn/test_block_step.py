@@ -21,13 +21,12 @@ def config(**changes) -> GPT2Config:
 
 
 @pytest.fixture(params=["kernel", "flash"])
-def attention_path(request, compiled, monkeypatch):
+def attention_path(request, compiled, bf16_flash, monkeypatch):
     """The attention kernel the step and the modules' path both take, chosen for every
     shape these tests use: the compiled kernel, or FlashAttention (on a CPU without AMX,
-    its float32 kernel in the bf16 one's place: tests/nn/conftest.py's bf16_flash)."""
+    its float32 kernel in the bf16 one's place: tests/nn/conftest.py's bf16_flash). Its
+    `calls` are the FlashAttention kernel's, as they happen."""
     path = request.param
-    if path == "flash":
-        request.getfixturevalue("bf16_flash")
 
     def choose(b: int, t: int, width: int, heads: int) -> None:
         key = f"{b}x{t}x{width} {heads} heads, short bfloat16"
@@ -35,7 +34,21 @@ def attention_path(request, compiled, monkeypatch):
         shaped = torch.empty(b, t, width, dtype=torch.bfloat16)
         assert choice.short_flash_chosen(shaped, heads, compiled) == (path == "flash")
 
+    choose.flash = path == "flash"
+    choose.calls = bf16_flash
     return choose
+
+
+def took_flash(attention_path, passes: int) -> None:
+    """Since the last look, the FlashAttention kernel ran `passes` forward and backward
+    passes if it was chosen, and none if not."""
+    calls, passes = attention_path.calls, passes if attention_path.flash else 0
+    assert (calls.count("forward"), calls.count("backward"), len(calls)) == (
+        passes,
+        passes,
+        2 * passes,
+    )
+    calls.clear()
 
 
 def run(block: Block, x: torch.Tensor, grad: torch.Tensor, step: bool):
@@ -92,7 +105,9 @@ def test_the_block_in_one_step_trains_as_its_modules(attention_path, activation)
     grad = torch.randn(3, 50, 64)
     attention_path(3, 50, 192, 2)
     y, ours = run(block, x, grad, step=True)
+    took_flash(attention_path, 1)
     y0, plain = run(block, x, grad, step=False)
+    took_flash(attention_path, 1)
     assert y.dtype == torch.float32 and torch.equal(y, y0)
     for g, g0 in zip(ours, plain, strict=True):
         assert g.dtype == g0.dtype == torch.float32 and torch.equal(g, g0)
@@ -127,6 +142,7 @@ def test_a_model_trains_the_same_with_its_blocks_in_one_step(attention_path, mon
                 optimizer.zero_grad(set_to_none=True)
                 losses.append(loss.item())
         assert taken == [len(model.blocks) if step else 0] * 3
+        took_flash(attention_path, 3 * len(model.blocks))
         results.append((losses, [p.detach().clone() for p in model.parameters()]))
     (losses, weights), (losses_0, weights_0) = results
     assert losses == losses_0
@@ -166,6 +182,7 @@ def test_frozen_parameters_get_no_gradient_and_the_rest_the_modules_one(attentio
         if handle is not None:
             handle.remove()
         found.append([None if p.grad is None else p.grad.clone() for p in block.parameters()])
+    took_flash(attention_path, 2)
     for p, g, g0 in zip(block.parameters(), *found, strict=True):
         if any(p is q for q in frozen):
             assert g is None and g0 is None

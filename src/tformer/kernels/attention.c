@@ -15,7 +15,9 @@
 
    A thread's buffers are zeroed once and reused by each of its heads. That is safe because
    every head writes the same places: what a head reads it has written itself, or nobody
-   writes (the zero padding).
+   writes (the zero padding). Where T is a whole number of blocks the forward pass forms S
+   and P in the weights tensor itself (uninitialised memory: only what the head has written
+   there is read) and the backward pass reads P where it is; otherwise both copy it.
 
    Both functions return 0, or 1 if a thread's buffers could not be allocated.
 
@@ -184,8 +186,10 @@ static void forward_head(const uint16_t *qkv, uint16_t *out, float *p_out, float
                 si[j0 + l] = j0 + l < n ? exp_neg(si[j0 + l] - m) : 0.0f;
         float inv = 1.0f / row_sum(si, n);
 #pragma omp simd
-        for (int64_t j = 0; j < tp; j++)
+        for (int64_t j = 0; j < whole; j++)
             si[j] = j < n ? si[j] * inv : 0.0f;
+        /* the rest of the row zero, written without reading what was there */
+        memset(si + whole, 0, (tp - whole) * sizeof(float));
         if (s != p_out)
             memcpy(p_out + i * t_size, si, t_size * sizeof(float));
     }
