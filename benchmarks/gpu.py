@@ -17,7 +17,10 @@ Face layout by its own save_pretrained and read back by transformers' from_pretr
    MFU = tokens/s x (6 N + 12 L T C) / peak, train_throughput.py's count of FLOPs per token,
    against the peak of a bf16 matmul (8192^3, timed with CUDA events) measured before and
    after the steps, the larger taken (the stricter MFU). Each side's first and last loss
-   are printed: from the same weights and tokens the first two agree to bf16's rounding.
+   are printed: from the same weights and tokens the first two agree to bf16's rounding
+   (transformers' `labels=` scores the window's last T - 1 targets, tformer all T). Each
+   side's peak memory is what its warm-up steps allocated at most above what the GPU held
+   before them (both models' weights, and the first side's optimizer state once it ran).
    Beside it, the loss alone on logits of one step's shape, forward and backward: tformer's
    cross_entropy against torch's as transformers calls it (a part of the step where the
    two differ in how many kernels they launch: tformer's runs a block of rows at a time,
@@ -143,7 +146,7 @@ class Side:
         self.optimizer = build_optimizer(model, 1e-4, 0.1, (0.9, 0.95))
         self.turns: list[float] = []  # tokens/s of each timed turn
         self.losses: list[float] = []  # the first step's and the last step's
-        self.peak_memory: int | None = None  # bytes allocated at most in its warm-up (GPU)
+        self.peak_memory: int | None = None  # bytes its warm-up added at most (GPU)
         self.last_loss: torch.Tensor | None = None  # the last timed step's
 
     def loss(self) -> torch.Tensor:
@@ -193,13 +196,14 @@ def training(
         for side in sides:
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
+                held = torch.cuda.memory_allocated(device)  # both models, and what ran before
             for i in range(max(args.warmup, 1)):
                 loss = side.step()
                 if i == 0:
                     side.losses.append(loss.item())
             synchronize(device)
             if device.type == "cuda":
-                side.peak_memory = torch.cuda.max_memory_allocated(device)
+                side.peak_memory = torch.cuda.max_memory_allocated(device) - held
         peaks.append(matmul_peak(device, args.peak_n))
         for r in range(args.rounds):
             for side in sides if r % 2 == 0 else sides[::-1]:
@@ -480,6 +484,8 @@ def main() -> None:
     if device.type == "cuda" and not torch.cuda.is_available():
         sys.exit(f"--device {args.device}: PyTorch sees no CUDA GPU here (try --device cpu)")
     if device.type == "cuda":
+        if device.index is None:  # "cuda": the current GPU (set_device needs an index)
+            device = torch.device("cuda", torch.cuda.current_device())
         torch.cuda.set_device(device)
     import transformers
 

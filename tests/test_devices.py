@@ -22,6 +22,44 @@ def test_device_and_dtype_choices_explain_what_is_wrong():
         training_dtype("float16", torch.device("cpu"))
 
 
+@pytest.fixture
+def two_gpus(monkeypatch):
+    """torch.cuda as a machine with two GPUs shows it (their bf16: `native`, a list to
+    change), for the choices made before any GPU work."""
+    native = [True]
+
+    def is_bf16_supported(including_emulation: bool = True) -> bool:
+        return native[0] or including_emulation  # torch counts emulation by default
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", is_bf16_supported)
+    return native
+
+
+def test_auto_takes_float16_on_a_gpu_without_native_bfloat16(two_gpus):
+    cuda = torch.device("cuda")
+    assert training_dtype("auto", cuda) == "bfloat16"
+    two_gpus[0] = False  # a V100 or T4: bf16 only emulated
+    assert training_dtype("auto", cuda) == "float16"
+    with pytest.raises(ValueError, match="no native bfloat16"):
+        training_dtype("bfloat16", cuda)
+
+
+def test_a_gpu_that_is_not_there_is_named(two_gpus, monkeypatch):
+    from tformer.train import distributed
+
+    assert pick_device("cuda:1") == torch.device("cuda", 1)
+    with pytest.raises(ValueError, match=r"'cuda:2' asked for, but PyTorch sees 2 GPU\(s\)"):
+        pick_device("cuda:2")
+    # torchrun's third process on this two-GPU machine: refused before joining any group
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    monkeypatch.setenv("LOCAL_RANK", "2")
+    monkeypatch.setattr(torch.cuda, "set_device", lambda index: pytest.fail("set_device"))
+    with pytest.raises(ValueError, match="local rank 2 .* sees 2 GPU.*--nproc_per_node"):
+        distributed.init_from_env(torch.device("cuda"))
+
+
 HUGE_PAGES_CHECK = """
 import ctypes, os
 import torch

@@ -21,6 +21,13 @@ def pick_device(name: str = "auto") -> torch.device:
         raise ValueError(
             f"device {name!r} asked for, but PyTorch sees no CUDA GPU; use --device cpu"
         )
+    if device.type == "cuda" and device.index is not None:
+        gpus = torch.cuda.device_count()
+        if device.index >= gpus:
+            raise ValueError(
+                f"device {name!r} asked for, but PyTorch sees {gpus} GPU(s) "
+                f"(cuda:0{f' to cuda:{gpus - 1}' if gpus > 1 else ''})"
+            )
     return device
 
 
@@ -31,22 +38,27 @@ def parse_dtype(name: str) -> torch.dtype:
 
 
 def bf16_supported(device: torch.device) -> bool:
-    """Whether this hardware computes in bfloat16 natively (AMX or AVX-512-BF16; CUDA >= sm80)."""
+    """Whether this hardware computes in bfloat16 natively (AMX or AVX-512-BF16; CUDA >= sm80,
+    not the emulation torch also counts by default, which is slow)."""
     if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
+        return torch.cuda.is_bf16_supported(including_emulation=False)
     if device.type == "cpu":
         return torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()
     return False
 
 
 def training_dtype(name: str, device: torch.device) -> str:
-    """'auto' picks bfloat16 autocast where the hardware has it, else float32."""
+    """'auto' picks bfloat16 autocast where the hardware has it, float16 (with loss scaling)
+    on a CUDA GPU without it (before sm80: V100, T4), else float32."""
     if name == "auto":
-        return "bfloat16" if bf16_supported(device) else "float32"
+        if bf16_supported(device):
+            return "bfloat16"
+        return "float16" if device.type == "cuda" else "float32"
     if name == "float16" and device.type != "cuda":
         raise ValueError("float16 training needs a CUDA GPU; on the CPU use bfloat16 or float32")
     if name == "bfloat16" and not bf16_supported(device):
-        raise ValueError(f"this {device.type} has no native bfloat16; use --dtype float32")
+        instead = "float16 or float32" if device.type == "cuda" else "float32"
+        raise ValueError(f"this {device.type} has no native bfloat16; use --dtype {instead}")
     parse_dtype(name)
     return name
 

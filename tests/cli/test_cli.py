@@ -134,7 +134,9 @@ def test_generate_batch_of_prompts_with_several_samples_as_json(checkpoint, caps
 
 def test_generate_reports_its_path_and_int8_runs(checkpoint, capsys, monkeypatch, tmp_path):
     monkeypatch.setenv("TFORMER_CACHE", str(tmp_path))
+    # the CPU's paths (the kernels' row limits, kept per CPU), on a machine with a GPU too
     argv = ["generate", str(checkpoint), "--prompt", "Hello", "--max-new-tokens", "5"]
+    argv += ["--device", "cpu"]
     main([*argv, "--quantize", "int8", "--greedy"])
     captured = capsys.readouterr()
     assert captured.out.startswith("Hello")

@@ -322,6 +322,7 @@ def test_two_processes_match_one_process_when_rows_score_unequally(base_run, tmp
     common = ["--task", "sft", "--data", tmp_path / "pairs.jsonl", "--init", base_run]
     common += ["--steps", "10", "--batch-size", "8", "--eval-every", "5", "--dropout", "0"]
     common += ["--dtype", "float32", "--threads", "1", "--no-progress", "--sample-tokens", "0"]
+    common += ["--device", "cpu"]  # gloo processes, as on a machine with one GPU or none
     tformer("train", *common, "--out", tmp_path / "single", env=env)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2"]
     cmd += ["--master_port", "29519", "-m", "tformer", "train", *map(str, common)]

@@ -77,6 +77,7 @@ def test_two_processes_match_one_process(corpus, tmp_path, env, options):
     activation checkpointing (layers recomputed inside sharded units), on 2 gloo processes
     give one process's losses; the FSDP run saves whole checkpoints."""
     common = ["--data", corpus, "--steps", "15", "--eval-every", "5", *SMALL, *options]
+    common += ["--device", "cpu"]  # gloo processes, as on a machine with one GPU or none
     single = tmp_path / "single"
     tformer("train", *common, "--out", single, "--dropout", "0", env=env)
     ddp = tmp_path / options[1]

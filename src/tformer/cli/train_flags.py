@@ -276,7 +276,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
         "--dtype",
         default="auto",
         choices=["auto", "float32", "bfloat16", "float16"],
-        help="autocast dtype; auto: bfloat16 where the hardware has it",
+        help="autocast dtype; auto: bfloat16 where the hardware has it, float16 with loss "
+        "scaling on older GPUs, else float32",
     )
     train.add_argument(
         "--threads", type=ranged("threads"), help="CPU threads (default: torch's choice)"

@@ -48,9 +48,20 @@ class Distributed:
 
 
 def init_from_env(device: torch.device) -> Distributed:
-    """Join the process group torchrun describes; a plain process is rank 0 of 1."""
+    """Join the process group torchrun describes; a plain process is rank 0 of 1. On GPUs
+    each process takes the one its LOCAL_RANK names (cuda:LOCAL_RANK) before joining, as
+    NCCL expects."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return Distributed()
+    if device.type == "cuda":
+        local_rank, gpus = int(os.environ.get("LOCAL_RANK", "0")), torch.cuda.device_count()
+        if local_rank >= gpus:
+            raise ValueError(
+                f"this process is local rank {local_rank} of torchrun's, but PyTorch sees "
+                f"{gpus} GPU(s) here: start at most {gpus} per machine (--nproc_per_node), "
+                "or train on the CPU with --device cpu"
+            )
+        torch.cuda.set_device(local_rank)
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     return current()
