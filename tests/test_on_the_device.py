@@ -8,6 +8,7 @@ pick there (devices.training_dtype).
 """
 
 import numpy as np
+import pytest
 import torch
 from torch import nn
 
@@ -128,3 +129,26 @@ def test_padding_stays_finite_in_the_autocast_dtype_here():
             scale = single.abs().max()
             ours = logits[row, -len(prompt) :]
             torch.testing.assert_close(ours / scale, single / scale, rtol=0, atol=2e-2)
+
+
+def test_a_model_made_for_the_cpu_attends_in_torchs_fused_kernel_here(monkeypatch):
+    """A model trained on a CPU keeps attention "blocked" in its config; off the CPU that
+    path is torch's fused kernel (as "sdpa"), never the explicit one, short or long."""
+    from tformer.nn import attention
+
+    if DEVICE.type != "cpu":
+        monkeypatch.setattr(attention, "explicit_attention", lambda *a: pytest.fail("explicit"))
+    for context in (32, 200):  # the short kernel's length and a long one
+        sizes = dict(vocab_size=50, max_len=context, d_model=32, n_layers=1, n_heads=2)
+        blocked, sdpa = (
+            GPT2(GPT2Config(**sizes, dropout=0.0, attention=path), seed=0)
+            for path in ("blocked", "sdpa")
+        )
+        ids = torch.randint(0, 50, (2, context), generator=torch.Generator().manual_seed(0))
+        for model in (blocked, sdpa):
+            model.to(DEVICE).train()
+        with torch.autocast(DEVICE.type, dtype=DTYPES[DTYPE], enabled=DTYPE != "float32"):
+            ours, theirs = (m(ids.to(DEVICE)).float() for m in (blocked, sdpa))
+            ours.sum().backward()
+        scale = theirs.abs().max()
+        torch.testing.assert_close(ours / scale, theirs / scale, rtol=0, atol=2e-2)

@@ -39,7 +39,7 @@ from tformer.generate.sampling import (
 )
 from tformer.nn import KVCache
 from tformer.nn.modes import evaluating
-from tformer.nn.slot_cache import SlotCache, decode_mask
+from tformer.nn.slot_cache import SlotCache, decode_mask, position_bounds
 
 # What the Python API takes as prompts: see prompt_rows.
 # Numpy arrays are taken too (through .tolist()); numpy is not a dependency of this module.
@@ -209,9 +209,10 @@ def decode_slots(
 ) -> torch.Tensor:
     """One new token per slot 0..B-1 (B,), each at its own position (B,), attending to its
     own slot only up to there; -> the tokens' logits (B, V)."""
-    mask = decode_mask(positions)  # (B, P)
+    bounds = position_bounds(positions)  # one read of the positions for every layer
+    mask = decode_mask(positions, bounds[1] + 1)  # (B, P)
     for cache in caches:
-        cache.decode(positions, mask)
+        cache.decode(positions, mask, bounds)
     features = model.features(tokens[:, None], mask, positions[:, None], caches)  # (B, 1, C)
     return model.unembed(features[:, -1])
 

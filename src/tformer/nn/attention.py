@@ -24,7 +24,8 @@ would throw away: query blocks for long sequences, in bf16 a compiled kernel for
 ones. A long sequence without padding goes to torch's fused kernel or to a FlashAttention
 kernel (nn/flash_attention.py: bf16 on AMX, float32) instead where that trains faster on
 the CPU in use, as measured there once (nn/attention_choice.py); anything else in float32
-to torch's fused kernel, as "sdpa" (unless a hook wants the weights).
+to torch's fused kernel, as "sdpa" (unless a hook wants the weights), and so does every
+dtype off the CPU: a model trained with "blocked" runs on a GPU as one made there.
 Beside them, in inference on the CPU (no gradients, no dropout, no hook), the compiled
 kernels take an encoder's self-attention over whole padded sequences (padded_attention)
 and a server's decoding step (nn/slot_cache.py), and a prompt's causal self-attention
@@ -464,9 +465,14 @@ class MultiHeadAttention(nn.Module):
             chosen = long_attention_path(q, paths)
             if chosen != "blocked":
                 return paths[chosen](q, k, v)
-        elif self.implementation == "blocked" and q.dtype == torch.float32 and not hooked_pattern:
-            # float32 has no compiled path of its own outside the measured one: torch's fused
-            # kernel, as "sdpa", unless a hook wants the weights
+        elif (
+            self.implementation == "blocked"
+            and (q.dtype == torch.float32 or q.device.type != "cpu")
+            and not hooked_pattern
+        ):
+            # float32 has no compiled path of its own outside the measured one, nor has any
+            # dtype off the CPU (a CPU-trained model on a GPU): torch's fused kernel, as
+            # "sdpa", unless a hook wants the weights
             is_causal = self.causal and t > 1 and mask is None
             return fused_or_flash(q, k, v, mask, is_causal, dropout_p)
         if self.causal and mask is None and t > 1:

@@ -61,17 +61,24 @@ class SlotCache(nn.Module):
             )
         self._slot, self._count, self._positions, self.length = first, count, None, 0
 
-    def decode(self, positions: torch.Tensor, mask: torch.Tensor | None = None) -> None:
+    def decode(
+        self,
+        positions: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        bounds: tuple[int, int] | None = None,
+    ) -> None:
         """The next update writes one token (B, H, 1, D) to each of slots 0..B-1, row i at
         positions[i]; attention then reads positions 0..max(positions). `mask`, if given,
-        is decode_mask(positions), made once for every layer's cache."""
-        span = int(positions.max()) + 1
+        is decode_mask(positions), and `bounds` (min, max) of positions, both found once for
+        every layer's cache (on a GPU, reading them is a wait for the device)."""
+        lowest, highest = position_bounds(positions) if bounds is None else bounds
+        span = highest + 1
         if span > self.max_len:
             raise ValueError(f"KV cache slot is full: position {span - 1} of {self.max_len}")
-        if int(positions.min()) < 0 or positions.shape[0] > self.slots:
+        if lowest < 0 or positions.shape[0] > self.slots:
             raise ValueError(f"decode takes up to {self.slots} positions, none negative")
         self._slot, self._positions, self._span = None, positions, span
-        self._mask = decode_mask(positions) if mask is None else mask  # what `attend` applies
+        self._mask = decode_mask(positions, span) if mask is None else mask  # what `attend` applies
         self.length = span - 1
 
     def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -120,7 +127,15 @@ class SlotCache(nn.Module):
         self.v[target, :, :length] = self.v[source, :, :length]
 
 
-def decode_mask(positions: torch.Tensor) -> torch.Tensor:
-    """(B,) each row's new position -> (B, P) True where row i may attend: 0..p_i."""
-    span = int(positions.max()) + 1
+def position_bounds(positions: torch.Tensor) -> tuple[int, int]:
+    """(B,) positions -> their (min, max), read in one transfer."""
+    lowest, highest = torch.stack(torch.aminmax(positions)).tolist()
+    return lowest, highest
+
+
+def decode_mask(positions: torch.Tensor, span: int | None = None) -> torch.Tensor:
+    """(B,) each row's new position -> (B, P) True where row i may attend: 0..p_i; P is
+    span, max(positions) + 1, given or found."""
+    if span is None:
+        span = position_bounds(positions)[1] + 1
     return torch.arange(span, device=positions.device)[None, :] <= positions[:, None]
