@@ -92,7 +92,8 @@ def test_translations_of_a_list_equal_translate_sentences(translation_server, re
 
 
 def test_int8_weights_translate_as_the_same_model_packed_in_process(translator, serve_session):
-    with serve_session(translator, "--quantize", "int8") as server:
+    # the CPU's int8 kernels on both sides (on a GPU, packed weights compute in bf16)
+    with serve_session(translator, "--quantize", "int8", "--device", "cpu") as server:
         response = translate(server, input=SENTENCES, beam_size=2, max_tokens=10)
     assert response.status_code == 200, response.text
     model, tokenizer = load_translation_model(translator, torch.device("cpu"))

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from tformer.cli.main import main
+from tformer.devices import pick_device
 from tformer.generate import SamplingConfig
 from tformer.generate.decode import generate_ids
 from tformer.generate.fast import load_for_decoding
@@ -27,8 +28,10 @@ def client(lm_server) -> openai.OpenAI:
 
 @pytest.fixture(scope="module")
 def reference(tiny_lm):
-    """The model as `tformer generate` loads it, and its tokenizer."""
-    model, tokenizer, _ = load_for_decoding(str(tiny_lm), torch.device("cpu"), "float32", None)
+    """The model as `tformer generate` loads it, and its tokenizer, on the device the
+    server takes by default (`--device auto`: a seeded draw depends on the device's
+    generator)."""
+    model, tokenizer, _ = load_for_decoding(str(tiny_lm), pick_device("auto"), "float32", None)
     return model, tokenizer
 
 
@@ -111,7 +114,7 @@ def test_a_stop_string_spanning_tokens_ends_the_text_before_it(client, reference
 
 
 def test_unicode_streams_whole_characters(unicode_lm, start_server):
-    model, tokenizer, _ = load_for_decoding(str(unicode_lm), torch.device("cpu"), "float32", None)
+    model, tokenizer, _ = load_for_decoding(str(unicode_lm), pick_device("auto"), "float32", None)
     prompt = "中文 🙂"
     with start_server(unicode_lm) as server:
         client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="x", max_retries=0)
