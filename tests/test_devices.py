@@ -28,12 +28,12 @@ def two_gpus(monkeypatch):
     change), for the choices made before any GPU work."""
     native = [True]
 
-    def is_bf16_supported(including_emulation: bool = True) -> bool:
-        return native[0] or including_emulation  # torch counts emulation by default
+    def capability(device=None) -> tuple[int, int]:
+        return (9, 0) if native[0] else (7, 0)  # an H100, or a V100 (bf16 only emulated)
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", is_bf16_supported)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", capability)
     return native
 
 

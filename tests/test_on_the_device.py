@@ -37,7 +37,12 @@ def small_model(vocab_size: int, context: int = 32) -> GPT2:
     return GPT2(config, seed=0)
 
 
-def test_a_model_trains_here_and_its_saved_weights_load_on_the_cpu(corpus_file, tmp_path):
+# --dtype auto's choice here, and on a GPU float16 with loss scaling (auto's on older GPUs)
+TRAIN_DTYPES = [DTYPE, *(["float16"] if DEVICE.type == "cuda" and DTYPE != "float16" else [])]
+
+
+@pytest.mark.parametrize("dtype", TRAIN_DTYPES)
+def test_a_model_trains_here_and_its_saved_weights_load_on_the_cpu(corpus_file, tmp_path, dtype):
     text = corpus_file.read_text()
     tok = CharTokenizer.from_text(text)
     train_text, val_text = split_text(text)
@@ -48,7 +53,7 @@ def test_a_model_trains_here_and_its_saved_weights_load_on_the_cpu(corpus_file, 
     model = small_model(tok.vocab_size, 16).to(DEVICE)
     config = TrainConfig(
         steps=40, batch_size=8, lr=3e-3, min_lr=3e-4, warmup_steps=5, eval_every=20,
-        eval_batches=2, checkpoint_every=20, dtype=DTYPE,
+        eval_batches=2, checkpoint_every=20, dtype=dtype,
     )  # fmt: skip
     history = fit(model, train, val, config, tmp_path / "run", tok, progress=False)
     losses = [r["loss"] for r in history if r["type"] == "train"]
@@ -133,11 +138,13 @@ def test_padding_stays_finite_in_the_autocast_dtype_here():
 
 def test_a_model_made_for_the_cpu_attends_in_torchs_fused_kernel_here(monkeypatch):
     """A model trained on a CPU keeps attention "blocked" in its config; off the CPU that
-    path is torch's fused kernel (as "sdpa"), never the explicit one, short or long."""
+    path is torch's fused kernel (as "sdpa"), never the explicit one nor query blocks, short
+    or long."""
     from tformer.nn import attention
 
-    if DEVICE.type != "cpu":
-        monkeypatch.setattr(attention, "explicit_attention", lambda *a: pytest.fail("explicit"))
+    if DEVICE.type != "cpu":  # the CPU's own paths
+        for path in ("explicit_attention", "blocked_causal_attention"):
+            monkeypatch.setattr(attention, path, lambda *a, path=path: pytest.fail(path))
     for context in (32, 200):  # the short kernel's length and a long one
         sizes = dict(vocab_size=50, max_len=context, d_model=32, n_layers=1, n_heads=2)
         blocked, sdpa = (

@@ -40,8 +40,10 @@ def parse_dtype(name: str) -> torch.dtype:
 def bf16_supported(device: torch.device) -> bool:
     """Whether this hardware computes in bfloat16 natively (AMX or AVX-512-BF16; CUDA >= sm80,
     not the emulation torch also counts by default, which is slow)."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported(including_emulation=False)
+    if device.type == "cuda":  # this device, not the current one torch would ask about
+        if torch.version.hip is not None:
+            return torch.cuda.is_bf16_supported(including_emulation=False)
+        return torch.cuda.get_device_capability(device)[0] >= 8
     if device.type == "cpu":
         return torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()
     return False

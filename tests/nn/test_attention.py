@@ -493,11 +493,12 @@ def test_blocked_path_hands_short_bf16_causal_attention_to_the_compiled_kernel(m
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("t", [32, 200])  # the short kernel's lengths, a long one
 def test_blocked_attention_off_the_cpu_is_torchs_fused_kernel(monkeypatch, dtype, t):
-    """ "blocked" is a CPU path: a model trained with it, moved to a GPU, attends in torch's
-    fused kernel there, never in the explicit one (checked on the meta device, which no
-    compiled kernel takes either)."""
+    """The "blocked" path is for CPUs: a model trained with it, moved to a GPU, attends in
+    torch's fused kernel there, never in the explicit path nor in query blocks (checked on
+    the meta device, which no compiled kernel takes either)."""
     monkeypatch.setattr(blocked_attention, "QUERY_BLOCK", 128)  # as in training
-    monkeypatch.setattr(attention, "explicit_attention", lambda *a: pytest.fail("explicit"))
+    for path in ("explicit_attention", "blocked_causal_attention"):  # the CPU's paths
+        monkeypatch.setattr(attention, path, lambda *a, path=path: pytest.fail(path))
     layer = MultiHeadAttention(32, 2, causal=True, implementation="blocked").to("meta", dtype)
     x = torch.empty(2, t, 32, device="meta", dtype=dtype, requires_grad=True)
     assert layer.train()(x).shape == (2, t, 32)

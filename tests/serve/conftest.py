@@ -166,11 +166,12 @@ def reader(tiny_lm, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def translation_server(translator, serve_session):
-    with serve_session(translator) as server:
+    # its tests compare with translations and answers computed on the CPU in process
+    with serve_session(translator, "--device", "cpu") as server:
         yield server
 
 
 @pytest.fixture(scope="module")
 def reader_server(reader, serve_session):
-    with serve_session(reader) as server:
+    with serve_session(reader, "--device", "cpu") as server:
         yield server

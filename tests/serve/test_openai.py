@@ -163,7 +163,8 @@ def test_logprobs_are_the_models(client, reference):
     ids = tokenizer.encode(PROMPTS[3])
     for k in range(6):
         with torch.no_grad():
-            logits = model(torch.tensor([ids]))[0, -1, : tokenizer.vocab_size]
+            here = torch.tensor([ids], device=next(model.parameters()).device)
+            logits = model(here)[0, -1, : tokenizer.vocab_size]
         logp = torch.log_softmax(logits.double(), -1)
         token = int(logp.argmax())
         assert lp.token_logprobs[k] == pytest.approx(float(logp[token]), abs=1e-4)
