@@ -7,6 +7,8 @@ device-generic code (and themselves). Under autocast they use the dtype `--dtype
 pick there (devices.training_dtype).
 """
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -159,3 +161,45 @@ def test_a_model_made_for_the_cpu_attends_in_torchs_fused_kernel_here(monkeypatc
             ours.sum().backward()
         scale = theirs.abs().max()
         torch.testing.assert_close(ours / scale, theirs / scale, rtol=0, atol=2e-2)
+
+
+def test_an_encoder_decoder_trains_and_translates_here():
+    """The original Transformer: a few steps on number words in `--dtype auto`'s autocast
+    dtype here, then teacher-forced logits as the same weights give them on the CPU, and
+    greedy and beam translations made here."""
+    from tformer.data.parallel import ParallelBatches, number_words, split_pairs
+    from tformer.generate import TruncationWarning
+    from tformer.generate.beam import BeamConfig
+    from tformer.generate.translate import translate
+    from tformer.models.seq2seq import Seq2SeqConfig, Seq2SeqTransformer
+    from tformer.tokenizers import train_bpe
+
+    specials = ("<pad>", "<s>", "</s>")  # ids 0, 1, 2: the model's pad, start and end
+    train, val, test = split_pairs(number_words(2_000, seed=0), val=50, test=8)
+    tokenizer = train_bpe([s for pair in train for s in pair], 300, special_tokens=specials)
+    data = [ParallelBatches(p, tokenizer, 0, 1, 2, max_len=32) for p in (train, val)]
+    config = Seq2SeqConfig(
+        tokenizer.vocab_size, tokenizer.vocab_size, max_len=32, d_model=32, n_heads=2,
+        n_encoder_layers=1, n_decoder_layers=1, d_ff=64, dropout=0.0, share_embeddings=True,
+    )  # fmt: skip
+    model = Seq2SeqTransformer(config, seed=0).to(DEVICE)
+    config = TrainConfig(
+        steps=60, batch_size=32, lr=3e-3, warmup_steps=10, weight_decay=0.0, eval_every=0,
+        eval_batches=2, final_eval="sample", checkpoint_every=0, dtype=DTYPE,
+    )  # fmt: skip
+    history = fit(model, data[0], data[1], config, run_dir=None, progress=False)
+    losses = [r["loss"] for r in history if r["type"] == "train"]
+    assert all(np.isfinite(losses)) and np.mean(losses[-10:]) < 0.7 * np.mean(losses[:10])
+    batch = data[1].sample(4, torch.Generator().manual_seed(0))
+    src, tgt = batch.inputs
+    with torch.no_grad():
+        here = model.eval()(src.to(DEVICE), tgt.to(DEVICE)).cpu()
+        on_cpu = Seq2SeqTransformer(model.config)
+        on_cpu.load_state_dict({k: v.cpu() for k, v in model.state_dict().items()})
+        torch.testing.assert_close(here, on_cpu.eval()(src, tgt), **CLOSE)
+    sources = [s for s, _ in test]
+    for beam in (None, BeamConfig(beam_size=3)):
+        with warnings.catch_warnings():  # 60 steps may not have learnt to stop yet
+            warnings.simplefilter("ignore", TruncationWarning)
+            translations = translate(model, tokenizer, sources, beam, max_new_tokens=16)
+        assert len(translations) == len(sources) and all(isinstance(t, str) for t in translations)
