@@ -897,8 +897,7 @@ class Kernels:
     def round_bf16(self, x: torch.Tensor) -> torch.Tensor:
         """x rounded to bfloat16 (to nearest even, as torch's cast), x a contiguous float32
         CPU tensor. Checked here."""
-        if x.dtype != torch.float32 or x.device.type != "cpu" or not x.is_contiguous():
-            raise ValueError("round_bf16: x must be a contiguous float32 CPU tensor")
+        check_cpu_tensors("round_bf16", [("x", x, tuple(x.shape), torch.float32)])
         b = torch.empty(x.shape, dtype=torch.bfloat16)
         self.library.tformer_round_bf16(x.data_ptr(), b.data_ptr(), x.numel())
         return b
@@ -907,17 +906,10 @@ class Kernels:
     def add_bf16(self, x: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """x + b in float32, x float32 and b bfloat16, contiguous CPU tensors of one shape
         (torch's x + b, without its cast of b to a temporary first). Checked here."""
-        if (
-            x.shape != b.shape
-            or x.dtype != torch.float32
-            or b.dtype != torch.bfloat16
-            or x.device.type != "cpu"
-            or b.device.type != "cpu"
-            or not (x.is_contiguous() and b.is_contiguous())
-        ):
-            raise ValueError(
-                "add_bf16: x float32 and b bfloat16, contiguous CPU tensors of one shape"
-            )
+        shape = tuple(x.shape)
+        check_cpu_tensors(
+            "add_bf16", [("x", x, shape, torch.float32), ("b", b, shape, torch.bfloat16)]
+        )
         y = torch.empty_like(x)
         self.library.tformer_add_bf16(x.data_ptr(), b.data_ptr(), y.data_ptr(), x.numel())
         return y
@@ -1335,11 +1327,10 @@ def check_cpu_tensors(
     """ValueError naming `function` and the tensor unless each (name, tensor, shape, dtype)
     is a contiguous CPU tensor of that shape and dtype."""
     for name, tensor, shape, dtype in expected:
-        wanted = f"{name} must be contiguous {str(dtype).removeprefix('torch.')} {shape}"
-        if tensor.shape != shape or tensor.dtype != dtype or tensor.device.type != "cpu":
-            raise ValueError(f"{function}: {wanted} on the CPU")
-        if not tensor.is_contiguous():
-            raise ValueError(f"{function}: {wanted}")
+        on_cpu = tensor.shape == shape and tensor.dtype == dtype and tensor.device.type == "cpu"
+        if not (on_cpu and tensor.is_contiguous()):  # (the message made only when needed)
+            wanted = f"{name} must be contiguous {str(dtype).removeprefix('torch.')} {shape}"
+            raise ValueError(f"{function}: {wanted}{'' if on_cpu else ' on the CPU'}")
 
 
 def layer_norm_shape(
