@@ -7,10 +7,11 @@ from tformer.nn import (
     LearnedPositionalEmbedding,
     SinusoidalPositionalEncoding,
     TokenEmbedding,
+    embedding,
     sinusoidal_table,
 )
-from tformer.nn.embedding import TiedGradient, TiedLookup
-from tformer.nn.sliced_head import sliced_head
+from tformer.nn.embedding import TiedLookup, TiedTable
+from tformer.nn.head_product import head_product
 
 
 @pytest.mark.parametrize("d_model", [8, 7, 64])
@@ -62,15 +63,16 @@ def test_learned_positional_embedding_is_trainable_lookup():
 
 
 @pytest.mark.parametrize(
-    "case", ["sliced head", "plain head", "penalty", "two passes", "no logits"]
+    "case", ["head product", "plain head", "penalty", "two passes", "two heads", "no logits"]
 )
-def test_a_tied_table_s_gradient_is_dense_and_the_sum_of_all_its_uses(case):
-    # the lookup's part sparse where its pass's head gave a dense one, else dense; with a
-    # third use of the table (a penalty), two forward passes in one backward, or the logits
+def test_a_tied_table_s_gradient_is_dense_and_the_sum_of_all_its_uses(case, monkeypatch):
+    # the lookup's rows added into the head's gradient where both take the pass's
+    # TiedTable; with the head on the Parameter itself, a third use of the table (a
+    # penalty), two forward passes in one backward, the head used twice, or the logits
     # unused: always the exact sum, dense, against the uses taken apart and summed
     g = torch.Generator().manual_seed(0)
     table = torch.randn(50, 8, generator=g, dtype=torch.float64)
-    ids = torch.tensor([[3, 7, 3], [0, 49, 3]])
+    ids = torch.tensor([[3, 7, 3], [0, 49, 3]])  # a row looked up three times
     mix = torch.randn(8, 8, generator=g, dtype=torch.float64)
 
     def loss(lookup, head, w):
@@ -78,20 +80,31 @@ def test_a_tied_table_s_gradient_is_dense_and_the_sum_of_all_its_uses(case):
         total = h.sum() if case == "no logits" else (head(h) ** 2).sum()
         if case == "two passes":
             total = total + (head(torch.tanh(lookup(ids.flip(0)) @ mix)) ** 3).sum()
+        if case == "two heads":
+            total = total + head(h * 0.5).sum()
         return total + (w**2).sum() if case == "penalty" else total
 
     w = torch.nn.Parameter(table.clone())
+    tables: list[TiedTable] = []
 
     def linked(ids_):
-        tied = links.setdefault(ids_.data_ptr(), TiedGradient())
-        return TiedLookup.apply(ids_, w, tied)
+        tables.append(TiedTable(w))  # one per forward pass
+        return TiedLookup.apply(ids_, tables[-1].lookup)
 
     def head(h):
         if case == "plain head":
             return h @ w.T
-        return sliced_head(h, w, list(links.values())[-1])
+        return head_product(h, w, tables[-1])
 
-    links: dict = {}
+    in_place = []  # whether each sum came back as the head's own gradient
+    original = embedding.SumTiedGradients.backward
+
+    def spied(ctx, grad_head, grad_lookup):
+        out = original(ctx, grad_head, grad_lookup)
+        in_place.append(out[0] is grad_head and grad_lookup is not None)
+        return out
+
+    monkeypatch.setattr(embedding.SumTiedGradients, "backward", staticmethod(spied))
     loss(linked, head, w).backward()
     assert w.grad.layout == torch.strided
     apart = [table.clone().requires_grad_() for _ in range(3)]
@@ -102,17 +115,45 @@ def test_a_tied_table_s_gradient_is_dense_and_the_sum_of_all_its_uses(case):
     ).backward()
     expected = sum(a.grad for a in apart if a.grad is not None)
     torch.testing.assert_close(w.grad, expected, rtol=1e-12, atol=1e-14)
-    gave = [tied.head_gave for tied in links.values()]
-    assert gave == ([False] if case in ("plain head", "no logits") else [True] * len(links))
+    # in place where the head's own dW came (two heads' sum is autograd's tensor)
+    summed = case in ("head product", "penalty", "two passes")
+    assert in_place == [summed] * len(tables)
 
 
-def test_the_tied_lookup_runs_only_in_training_under_half_precision_autocast_on_the_cpu():
-    embedding = TokenEmbedding(50, 8)
+def test_a_gradient_the_head_product_did_not_make_is_not_written_in_place():
+    # the head alias taken by an operation that hands its gradient on as it came: that
+    # tensor is another's gradient too, and the sum goes into a new one
+    w = torch.nn.Parameter(torch.zeros(5, 2))
+    p = torch.nn.Parameter(torch.zeros(5, 2))
+    other = p * 2  # made first: its backward runs after the table's, reading the gradient
+    tied = TiedTable(w)
+    ids = torch.tensor([1, 1, 3])
+    head = (tied.head + other) * torch.ones(5, 2)
+    (head.sum() + TiedLookup.apply(ids, tied.lookup).sum()).backward()
+    torch.testing.assert_close(p.grad, torch.full((5, 2), 2.0))
+    expected = torch.ones(5, 2)
+    expected[1] += 2
+    expected[3] += 1
+    torch.testing.assert_close(w.grad, expected)
+
+
+def test_a_tied_table_s_head_alone_gives_its_gradient_and_the_table_is_not_copied():
+    w = torch.nn.Parameter(torch.randn(40, 4, dtype=torch.float64))
+    tied = TiedTable(w)
+    assert tied.head.data_ptr() == tied.lookup.data_ptr() == w.data_ptr()
+    x = torch.randn(3, 4, dtype=torch.float64)
+    head_product(x, w, tied).sum().backward()  # the lookup unused
+    torch.testing.assert_close(w.grad, x.sum(0).expand(40, 4), rtol=1e-12, atol=1e-12)
+
+
+def test_tied_tables_are_linked_only_in_training_under_half_precision_autocast_on_the_cpu():
+    table = TokenEmbedding(50, 8)
     ids = torch.tensor([[1, 2]])
-    tied = TiedGradient()
-    out = embedding(ids, tied=tied)  # float32: the plain lookup, twice differentiable
-    assert out.grad_fn.name() == "EmbeddingBackward0"
+    assert not embedding.links_tied_gradients(table.weight)  # float32: twice differentiable
+    assert table(ids).grad_fn.name() == "EmbeddingBackward0"
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert "TiedLookup" in embedding(ids, tied=tied).grad_fn.name()
+        assert embedding.links_tied_gradients(table.weight)
+        assert "TiedLookup" in table(ids, tied=TiedTable(table.weight)).grad_fn.name()
+        assert not embedding.links_tied_gradients(table.weight.to("meta"))  # off the CPU
         with torch.no_grad():
-            assert embedding(ids, tied=tied).grad_fn is None
+            assert not embedding.links_tied_gradients(table.weight)

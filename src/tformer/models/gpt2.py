@@ -81,13 +81,19 @@ from tformer.nn.attention import Implementation
 from tformer.nn.blocked_attention import any_hooked, hook_dicts
 from tformer.nn.capture import NameFilter, run_with_cache
 from tformer.nn.checkpointing import run_layer
-from tformer.nn.embedding import TiedGradient
+from tformer.nn.embedding import TiedTable, links_tied_gradients
+from tformer.nn.head_product import (
+    head_product,
+    may_slice,
+    plain_head,
+    slices_are_faster,
+    takes_product,
+)
 from tformer.nn.init import init_attention_xavier, init_embedding
 from tformer.nn.lora import lora_layers
 from tformer.nn.norm import add_then_norm
 from tformer.nn.packed_linear import packed_layers
 from tformer.nn.seeding import seeded_generator
-from tformer.nn.sliced_head import may_slice, sliced_head, sliced_head_is_faster, takes_slices
 from tformer.nn.slot_cache import SlotCache
 from tformer.nn.sublayer import final_norm
 from tformer.tokenizers import Tokenizer
@@ -321,13 +327,19 @@ class GPT2(nn.Module):
         `(attention_mask.cumsum(-1) - 1).clamp(min=0)` so each row's text starts at position
         0. caches: one KVCache per block, for decoding.
         """
-        # The sliced head tied to the token embedding gives the table a dense gradient of
-        # V x C; the lookup's T rows then come sparse (nn/embedding.py's TiedGradient),
-        # where two dense tables would be filled and summed.
-        w = self.token_embedding.weight
-        tied = TiedGradient() if self.lm_head.weight is w and may_slice(w) else None
+        tied = self.tied_table()
         h = self.features(input_ids, attention_mask, position_ids, caches, tied=tied)
         return self.unembed(h, tied=tied)
+
+    def tied_table(self) -> TiedTable | None:
+        """A TiedTable of the token embedding for one forward pass, where the lookup's rows
+        are added into the head's gradient in place (nn/embedding.py): a training step on
+        the CPU under half-precision autocast, with the head tied and large enough to
+        gain, and head_product's to take. Else None: the plain lookup and head."""
+        w, head = self.token_embedding.weight, self.lm_head
+        if head.weight is w and may_slice(w) and plain_head(head) and links_tied_gradients(w):
+            return TiedTable(w)
+        return None
 
     def run_with_cache(
         self,
@@ -347,14 +359,13 @@ class GPT2(nn.Module):
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         caches: list[KVCache] | None = None,
-        tied: TiedGradient | None = None,
+        tied: TiedTable | None = None,
     ) -> torch.Tensor:
         """input_ids (B, T) -> the final, normalised residual stream (B, T, C).
 
         The arguments are forward's. Generation calls this and then `unembed` on the last
-        position only: a prompt's other positions need no logits. tied: the link to the
-        head tied to the token embedding, for a caller that also runs `unembed` with it
-        (the lookup's gradient then comes sparse where the head's is dense: nn/embedding.py).
+        position only: a prompt's other positions need no logits. tied: the forward pass's
+        TiedTable (tied_table), for a caller that also runs `unembed` with it.
         """
         past = caches[0].length if caches is not None else 0
         self.check_input(input_ids, position_ids, past)
@@ -389,16 +400,18 @@ class GPT2(nn.Module):
         self.fused_decoding = FusedDecoding.for_model(self)
         return self.fused_decoding is not None
 
-    def unembed(self, x: torch.Tensor, tied: TiedGradient | None = None) -> torch.Tensor:
+    def unembed(self, x: torch.Tensor, tied: TiedTable | None = None) -> torch.Tensor:
         """(..., C) -> logits (..., V) = x E^T: the output head, tied to the token embedding.
 
-        A training step on the CPU computes a large vocabulary's product in slices where
-        this CPU runs it faster so, as timed there once (nn/sliced_head.py): the same
-        products, only the matmul's own order of summing may differ."""
+        A training step on the CPU takes nn/head_product.py's path: with `tied` (the
+        forward pass's TiedTable), or where this CPU computes a large vocabulary's product
+        faster in slices, as timed there once. The same products: only the order of sums
+        may differ (the matmul's own, and the tied table's rows of repeated tokens)."""
         head = self.lm_head
-        grad = torch.is_grad_enabled()
-        if grad and takes_slices(head) and sliced_head_is_faster(x, head.weight):
-            return sliced_head(x, head.weight, tied)  # (..., V)
+        if takes_product(head, x):
+            sliced = slices_are_faster(x, head.weight)
+            if sliced or tied is not None:
+                return head_product(x, head.weight, tied, sliced)  # (..., V)
         return head(x)
 
     def new_caches(

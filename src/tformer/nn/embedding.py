@@ -18,9 +18,11 @@ sums: the head's, dense (V, C), and the lookup's, nonzero in the looked-up rows 
 
     dE = dlogits^T h + sum over positions t of e_{x_t} dx_t^T.
 
-Where the head is known to give its dense part in the same backward pass (TiedGradient, set
-by the sliced head), the lookup gives its part sparse, which autograd adds into the dense
-one, where a dense lookup gradient would fill a second (V, C) table first.
+autograd would fill a second (V, C) table with the lookup's rows and add the two, passes
+over 2 V C floats (GPT-2: 154 MB each) to place T rows. In a training step the two uses
+take their weight from a TiedTable instead: two aliases of the table whose gradients meet
+in one autograd node (SumTiedGradients), which receives the lookup's part as its T rows
+(sparse) and adds them into the head's dense gradient in place.
 """
 
 import math
@@ -32,22 +34,59 @@ from torch.autograd.function import once_differentiable
 
 
 @dataclass
-class TiedGradient:
-    """One forward pass's link between a tied table's lookup and its head: whether the
-    head's backward pass gave the table a dense gradient (it runs before the lookup's)."""
+class HeadGradient:
+    """The dW that the head's backward (nn/head_product.py's HeadProduct) made for a
+    TiedTable's head alias: a tensor of its own, which SumTiedGradients may add into."""
 
-    head_gave: bool = False
+    tensor: torch.Tensor | None = None
+
+
+class TiedTable:
+    """One forward pass's two uses of a table tied to its output head, where `weight` is
+    the Parameter: `head` and `lookup` are aliases of it (its storage, no copy) for the
+    head's product (nn/head_product.py) and the lookup, whose gradients SumTiedGradients
+    sums. Made for each forward pass."""
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        self.weight = weight
+        self.made = HeadGradient()
+        self.head, self.lookup = SumTiedGradients.apply(weight, self.made)
+
+
+class SumTiedGradients(torch.autograd.Function):
+    """table (V, C) -> two aliases of it; backwards, the sum of their gradients, dense: the
+    lookup's sparse rows added into the head's dense gradient, in place where that is the
+    tensor the head's backward made (`made`: no one else holds it), else into a new one;
+    or either gradient alone."""
+
+    @staticmethod
+    def forward(ctx, weight, made):
+        ctx.set_materialize_grads(False)  # an unused alias gives None, not a zero table
+        ctx.made = made
+        return weight.detach(), weight.detach()
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_head, grad_lookup):
+        made, ctx.made.tensor = ctx.made.tensor, None  # dropped: autograd may keep it as is
+        if grad_head is None:
+            return (None if grad_lookup is None else grad_lookup.to_dense()), None
+        if grad_lookup is None:
+            return grad_head, None
+        rows = grad_lookup.to(grad_head.dtype)  # T rows of (V, C), duplicates summed
+        if grad_head is made and grad_head.is_contiguous():
+            return grad_head.add_(rows), None
+        return grad_head + rows, None
 
 
 class TiedLookup(torch.autograd.Function):
-    """ids (...) and the table (V, C) -> its rows (..., C). The backward pass gives the
-    rows' gradient sparse where this pass's head gave a dense one (their sum is then
-    dense), else dense, as nn.functional.embedding's. First-order gradients only."""
+    """ids (...) and the table's lookup alias (V, C) -> its rows (..., C); backwards the
+    rows' gradient sparse (T rows of V), for SumTiedGradients. First-order gradients only."""
 
     @staticmethod
-    def forward(ctx, ids, weight, tied):
+    def forward(ctx, ids, weight):
         ctx.save_for_backward(ids)
-        ctx.tied, ctx.num_weights = tied, weight.shape[0]
+        ctx.num_weights = weight.shape[0]
         return nn.functional.embedding(ids, weight)
 
     @staticmethod
@@ -55,15 +94,14 @@ class TiedLookup(torch.autograd.Function):
     def backward(ctx, grad_out):
         (ids,) = ctx.saved_tensors
         rows, flat = grad_out.reshape(-1, grad_out.shape[-1]), ids.reshape(-1)  # (N, C), (N,)
-        sparse = ctx.tied.head_gave
-        grad = torch.ops.aten.embedding_backward(rows, flat, ctx.num_weights, -1, False, sparse)
-        return None, grad, None
+        grad = torch.ops.aten.embedding_backward(rows, flat, ctx.num_weights, -1, False, True)
+        return None, grad
 
 
 def links_tied_gradients(weight: torch.Tensor) -> bool:
-    """Whether a lookup of `weight` takes TiedLookup: training on the CPU under bf16 or
-    float16 autocast (the head's fast paths), outside torch.compile. Elsewhere the plain
-    lookup keeps second-order gradients and torch.func working."""
+    """Whether a forward pass of a table tied to its head takes a TiedTable: training on
+    the CPU under bf16 or float16 autocast (the head's fast path), outside torch.compile.
+    Elsewhere the plain lookup keeps second-order gradients and torch.func working."""
     return (
         torch.is_grad_enabled()
         and weight.device.type == "cpu"
@@ -82,11 +120,11 @@ class TokenEmbedding(nn.Module):
         self.weight = nn.Parameter(torch.empty(vocab_size, d_model))
         self.multiplier = math.sqrt(d_model) if scale else 1.0
 
-    def forward(self, ids: torch.Tensor, tied: TiedGradient | None = None) -> torch.Tensor:
-        """With `tied`, the link to the head tied to this table (GPT2.forward): the lookup's
-        gradient comes sparse where the head gives a dense one (TiedLookup)."""
-        if tied is not None and links_tied_gradients(self.weight):
-            x = TiedLookup.apply(ids, self.weight, tied)  # (..., T) -> (..., T, C)
+    def forward(self, ids: torch.Tensor, tied: TiedTable | None = None) -> torch.Tensor:
+        """With `tied`, this forward pass's TiedTable of this table (GPT2.forward): the
+        lookup takes its alias, and its gradient goes there as rows (TiedLookup)."""
+        if tied is not None:
+            x = TiedLookup.apply(ids, tied.lookup)  # (..., T) -> (..., T, C)
         else:
             x = nn.functional.embedding(ids, self.weight)  # (..., T) -> (..., T, C)
         return x * self.multiplier if self.multiplier != 1.0 else x
