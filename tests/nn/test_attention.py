@@ -102,6 +102,23 @@ def test_blocked_causal_attention_matches_formula(block):
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("block", [1, 3, 4, 10])
+def test_blocked_causal_attention_without_a_mask_is_the_causal_mask_s_to_the_bit(block, dtype):
+    # no mask: causality alone, masked in each block's diagonal square only
+    q, k, v = (t.to(dtype).requires_grad_() for t in qkv(t=10, s=10))
+    grad = torch.randn(2, 3, 10, 4).to(dtype)
+    implied = blocked_causal_attention(q, k, v, block=block)
+    given = blocked_causal_attention(q, k, v, causal_mask(10, 10), block=block)
+    assert torch.equal(implied, given)
+    for a, b in zip(
+        torch.autograd.grad(implied, (q, k, v), grad),
+        torch.autograd.grad(given, (q, k, v), grad),
+        strict=True,
+    ):
+        assert torch.equal(a, b)
+
+
 def test_blocked_causal_attention_with_padding_and_an_empty_query():
     q, k, v = qkv(b=2, t=9, s=9)
     padding = torch.ones(2, 9, dtype=torch.bool)

@@ -188,7 +188,7 @@ def padded_attention(
 
 def blocked_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Causal self-attention without padding on the blocked path: (B, H, T, D) x3 -> same."""
-    return blocked_causal_attention(q, k, v, causal_mask(q.shape[2], k.shape[2], q.device))
+    return blocked_causal_attention(q, k, v)
 
 
 def fused_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -475,10 +475,10 @@ class MultiHeadAttention(nn.Module):
             # "sdpa", unless a hook wants the weights
             is_causal = self.causal and t > 1 and mask is None
             return fused_or_flash(q, k, v, mask, is_causal, dropout_p)
+        if long_causal and not hooked_pattern:  # (the blocks never form the whole weights)
+            return blocked_causal_attention(q, k, v, mask, dropout_p)  # None: causal alone
         if self.causal and mask is None and t > 1:
             mask = causal_mask(t, s, q.device)
-        if long_causal and not hooked_pattern:  # (the blocks never form the whole weights)
-            return blocked_causal_attention(q, k, v, mask, dropout_p)
         return explicit_attention(q, k, v, mask, dropout_p, self.hook_pattern)
 
 

@@ -47,13 +47,13 @@ def blocked_causal_attention(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    mask: torch.Tensor,
+    mask: torch.Tensor | None = None,
     dropout_p: float = 0.0,
     block: int | None = None,
 ) -> torch.Tensor:
     """Causal self-attention skipping the hidden key blocks (BlockedCausalAttention):
     (B, H, T, D) x3 -> (B, H, T, D). `mask` (T, T) or (B, 1, T, T) must include causality;
-    `block` queries at a time, QUERY_BLOCK by default."""
+    None: causality alone. `block` queries at a time, QUERY_BLOCK by default."""
     block = QUERY_BLOCK if block is None else block
     return BlockedCausalAttention.apply(q, k, v, mask, dropout_p, block)
 
@@ -79,14 +79,21 @@ class BlockedCausalAttention(torch.autograd.Function):
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         t, scale = q.shape[-2], 1.0 / math.sqrt(q.shape[-1])
         out = torch.empty(*q.shape[:-1], v.shape[-1], dtype=q.dtype, device=q.device)
+        # causality alone hides keys only in each block's diagonal square: above its diagonal
+        above = torch.ones(block, block, dtype=torch.bool, device=q.device).triu_(1)
         saved = []  # per block: the weights P, and the dropout mask if any
         for start in range(0, t, block):
             end = min(start + block, t)
-            visible = mask[..., start:end, :end]
             scores = (q[..., start:end, :] * scale) @ k[..., :end, :].transpose(-2, -1)
-            weights = torch.softmax(scores.masked_fill_(~visible, float("-inf")), dim=-1)
+            if mask is None:  # (B, H, b - a, end): keys [a, b) of queries [a, b)
+                n = end - start
+                scores[..., start:end].masked_fill_(above[:n, :n], float("-inf"))
+            else:
+                scores.masked_fill_(~mask[..., start:end, :end], float("-inf"))
+            weights = torch.softmax(scores, dim=-1)
             weights = weights.to(v.dtype)  # CUDA autocast computes softmax in float32
-            if mask.dim() > 2:  # padding: a query that sees no key attends to nothing
+            if mask is not None and mask.dim() > 2:  # padding: a query seeing no key
+                visible = mask[..., start:end, :end]  # attends to nothing
                 weights.masked_fill_(~visible.any(dim=-1, keepdim=True), 0.0)
             kept, keep = weights, None
             if dropout_p > 0.0:
