@@ -254,3 +254,15 @@ def test_a_weight_gradient_either_way_is_dy_t_x_in_float32(path, monkeypatch):
     exact = grad.double().t() @ rows.double()
     torch.testing.assert_close(dw.double(), exact, rtol=2**-8, atol=1e-3)
     assert torch.equal(dw, dw.bfloat16().float())  # a bf16 product's values, widened
+
+
+@pytest.mark.parametrize("autocast", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_autocast_dtype_is_the_dtype_autocast_multiplies_in(dtype, autocast):
+    # the reference: the dtype of nn.functional.linear's output under CPU autocast
+    x, w = torch.randn(2, 4, dtype=dtype), torch.randn(3, 4, dtype=dtype)
+    assert rb.autocast_dtype(x) is None
+    with torch.autocast("cpu", dtype=autocast):
+        expected = torch.nn.functional.linear(x, w).dtype
+        assert (rb.autocast_dtype(x) or x.dtype) == expected
+        assert rb.autocast_dtype(torch.ones(2, dtype=torch.int64)) is None

@@ -30,7 +30,7 @@ from torch.autograd.function import once_differentiable
 
 from tformer.nn.embedding import TiedTable
 from tformer.nn.measured import dtype_name, fastest
-from tformer.nn.row_blocks import matmul, plain_linear, weight_gradient
+from tformer.nn.row_blocks import autocast_dtype, matmul, plain_linear, weight_gradient
 from tformer.nn.weight_copies import half_weight
 
 VOCAB_SLICE = 8192  # columns per slice of the forward product (docs/LOG.md)
@@ -38,11 +38,8 @@ KIND = "head-v3"  # the measured choices' file and version (nn/measured.py)
 
 
 def product_dtype(t: torch.Tensor) -> torch.dtype:
-    """The dtype t is multiplied in: CPU autocast's for any floating dtype but float64 (as
-    autocast casts a product's inputs), else its own."""
-    if torch.is_autocast_enabled("cpu") and t.is_floating_point() and t.dtype != torch.float64:
-        return torch.get_autocast_dtype("cpu")
-    return t.dtype
+    """The dtype t is multiplied in: CPU autocast's where it casts t, else its own."""
+    return autocast_dtype(t) or t.dtype
 
 
 def plain_head(head: nn.Module) -> bool:

@@ -83,8 +83,9 @@ def plain_linear(module: nn.Module) -> bool:
 
 
 def autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
-    """The dtype CPU autocast would multiply x in (float32 only is cast), or None."""
-    if torch.is_autocast_enabled("cpu") and x.dtype == torch.float32:
+    """The dtype CPU autocast would multiply x in, or None: its own for any floating x but
+    float64 (which it leaves as it is), as it casts a product's inputs."""
+    if torch.is_autocast_enabled("cpu") and x.is_floating_point() and x.dtype != torch.float64:
         return torch.get_autocast_dtype("cpu")
     return None
 
