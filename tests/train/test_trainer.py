@@ -288,6 +288,45 @@ def test_scored_logits_skip_padding_with_the_same_loss_and_gradients():
     assert torch.equal(kept, targets.flatten())
 
 
+def test_scored_logits_of_a_tied_gpt2_in_bf16_sum_the_table_s_gradients_in_place(monkeypatch):
+    # padding takes features + unembed, with the forward pass's TiedTable as GPT2.forward
+    # has it; against the plain lookup and head, the same sums in another order
+    from tformer import GPT2, GPT2Config
+    from tformer.data.tokens import IGNORE_INDEX
+    from tformer.models import gpt2 as gpt2_module
+    from tformer.nn import head_product
+    from tformer.train.trainer import ScoredLogits
+
+    monkeypatch.setattr(head_product, "VOCAB_SLICE", 16)  # 50 words: more than two slices
+    monkeypatch.setattr(head_product, "slices_are_faster", lambda x, w: False)
+    model = GPT2(GPT2Config(vocab_size=50, max_len=16, d_model=16, n_layers=1, n_heads=2), seed=0)
+    model.eval()  # no dropout
+    ids = torch.randint(0, 50, (3, 9), generator=torch.Generator().manual_seed(0))
+    targets = ids[:, 1:].clone()
+    targets[0, 5:] = IGNORE_INDEX
+    made = []
+    make_table = gpt2_module.TiedTable
+    monkeypatch.setattr(gpt2_module, "TiedTable", lambda w: made.append(1) or make_table(w))
+
+    def grads(one_path=False):
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits, kept = ScoredLogits(model, one_path)((ids[:, :-1],), targets)
+        assert logits.shape[0] == 24 - 3
+        torch.nn.functional.cross_entropy(logits.float(), kept).backward()
+        return [p.grad.clone() for p in model.parameters()]
+
+    tied = grads()
+    assert made == [1]
+    sharded = grads(one_path=True)  # a sharded model's path: never tied
+    assert made == [1]
+    monkeypatch.setattr(gpt2_module.GPT2, "tied_table", lambda self: None)
+    plain = grads()
+    for a, b, c in zip(tied, plain, sharded, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-8)
+        torch.testing.assert_close(c, b, rtol=0, atol=0)
+
+
 def test_fit_flushes_denormals_while_it_trains_and_restores_the_caller_s_setting(corpus_file):
     from tformer import kernels
     from tformer.devices import flush_denormals

@@ -175,8 +175,15 @@ class ScoredLogits(nn.Module):
         has_features = hasattr(model, "features") and hasattr(model, "unembed")
         if not has_features or (not self.one_path and bool(scored.all())):
             return model(*inputs).flatten(0, -2), targets.flatten()  # (B T, V), (B T,)
-        features = model.features(*inputs)[scored]  # (B, T, C) -> (N, C)
-        return model.unembed(features), targets[scored]
+        # a head tied to the token table takes the pass's TiedTable, as the model's own
+        # forward does (GPT2.tied_table); not a sharded model's, whose weights the
+        # collective gathers into place
+        tied = None if self.one_path or not hasattr(model, "tied_table") else model.tied_table()
+        if tied is None:
+            features = model.features(*inputs)[scored]  # (B, T, C) -> (N, C)
+            return model.unembed(features), targets[scored]
+        features = model.features(*inputs, tied=tied)[scored]  # (B, T, C) -> (N, C)
+        return model.unembed(features, tied=tied), targets[scored]
 
 
 @torch.inference_mode()
