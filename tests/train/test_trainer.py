@@ -294,7 +294,7 @@ def test_scored_logits_of_a_tied_gpt2_in_bf16_sum_the_table_s_gradients_in_place
     from tformer import GPT2, GPT2Config
     from tformer.data.tokens import IGNORE_INDEX
     from tformer.models import gpt2 as gpt2_module
-    from tformer.nn import head_product
+    from tformer.nn import embedding, head_product
     from tformer.train.trainer import ScoredLogits
 
     monkeypatch.setattr(head_product, "VOCAB_SLICE", 16)  # 50 words: more than two slices
@@ -307,22 +307,32 @@ def test_scored_logits_of_a_tied_gpt2_in_bf16_sum_the_table_s_gradients_in_place
     made = []
     make_table = gpt2_module.TiedTable
     monkeypatch.setattr(gpt2_module, "TiedTable", lambda w: made.append(1) or make_table(w))
+    in_place = []  # whether the table's node summed into the head's own gradient
+    original = embedding.SumTiedGradients.backward
 
-    def grads(one_path=False):
+    def spied(ctx, grad_head, grad_lookup):
+        out = original(ctx, grad_head, grad_lookup)
+        in_place.append(out[0] is grad_head and grad_lookup is not None)
+        return out
+
+    monkeypatch.setattr(embedding.SumTiedGradients, "backward", staticmethod(spied))
+
+    def grads(one_path=False, tied=True):
         model.zero_grad()
         with torch.autocast("cpu", dtype=torch.bfloat16):
             logits, kept = ScoredLogits(model, one_path)((ids[:, :-1],), targets)
         assert logits.shape[0] == 24 - 3
+        assert ("HeadProduct" in logits.grad_fn.name()) == (tied and not one_path)
         torch.nn.functional.cross_entropy(logits.float(), kept).backward()
         return [p.grad.clone() for p in model.parameters()]
 
-    tied = grads()
-    assert made == [1]
+    with_table = grads()
+    assert made == [1] and in_place == [True]  # the head and the lookup both took the table
     sharded = grads(one_path=True)  # a sharded model's path: never tied
-    assert made == [1]
+    assert made == [1] and in_place == [True]
     monkeypatch.setattr(gpt2_module.GPT2, "tied_table", lambda self: None)
-    plain = grads()
-    for a, b, c in zip(tied, plain, sharded, strict=True):
+    plain = grads(tied=False)
+    for a, b, c in zip(with_table, plain, sharded, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-8)
         torch.testing.assert_close(c, b, rtol=0, atol=0)
 

@@ -79,8 +79,9 @@ class BlockedCausalAttention(torch.autograd.Function):
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         t, scale = q.shape[-2], 1.0 / math.sqrt(q.shape[-1])
         out = torch.empty(*q.shape[:-1], v.shape[-1], dtype=q.dtype, device=q.device)
-        # causality alone hides keys only in each block's diagonal square: above its diagonal
-        above = torch.ones(block, block, dtype=torch.bool, device=q.device).triu_(1)
+        if mask is None:  # causality alone hides keys only above each block's diagonal
+            side = min(block, t)
+            above = torch.ones(side, side, dtype=torch.bool, device=q.device).triu_(1)
         saved = []  # per block: the weights P, and the dropout mask if any
         for start in range(0, t, block):
             end = min(start + block, t)

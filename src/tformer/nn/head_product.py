@@ -103,9 +103,9 @@ def head_product(
 ) -> torch.Tensor:
     """logits = x W^T: x (..., C), weight (V, C) -> (..., V), the forward product in slices
     of VOCAB_SLICE words where `sliced` (slices_are_faster says where that is faster).
-    Under autocast float32 inputs are cast to its dtype first, as nn.Linear's product would
-    be. With `tied`, this forward pass's TiedTable of `weight`, the gradient goes to its
-    head alias, which sums it with the lookup's rows."""
+    Under autocast the inputs are cast to its dtype first (any floating dtype but float64),
+    as nn.Linear's would be. With `tied`, this forward pass's TiedTable of `weight`, the
+    gradient goes to its head alias, which sums it with the lookup's rows."""
     columns = VOCAB_SLICE if sliced else weight.shape[0]
     if tied is None:
         return HeadProduct.apply(x, weight, weight, columns, None)

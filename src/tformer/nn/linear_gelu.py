@@ -11,9 +11,10 @@ more to sum its rows for db1 (5 ms of a character-model step, docs/LOG.md). Here
 pass adds each row of dz into the column sums as it writes it (kernels/gelu.c). Everything
 else is what the two parts do alone: the products of nn/row_blocks.py (with its measured
 choices), the GELU and its saved derivative of nn/activations.py; db1 is summed in float32
-and kept so, where the plain path rounds it to bf16 first. Taken for bf16 products (autocast
-or bf16 weights) on the CPU in a training step, for the layers nn/row_blocks.py takes;
-nn.Linear and torch's GELU otherwise (a test holds the two paths to each other).
+and kept so, where the plain path rounds it to bf16 first. Taken for bf16 products (bf16
+autocast, or a bf16 model without autocast) on the CPU in a training step, for the layers
+nn/row_blocks.py takes; nn.Linear and torch's GELU otherwise (a test holds the two paths to
+each other).
 """
 
 import torch

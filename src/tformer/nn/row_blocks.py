@@ -277,8 +277,9 @@ def like(x: torch.Tensor, shape: tuple[int, int], g: torch.Generator) -> torch.T
 
 class RowBlockLinear(torch.autograd.Function):
     """y = x W^T + b with each of its three products through `matmul`: x (M, K), weight
-    (N, K), bias (N,) or None -> (M, N). Under autocast float32 inputs are cast to its
-    dtype first, and the gradients cast back, as nn.Linear's are. First-order only."""
+    (N, K), bias (N,) or None -> (M, N). Under autocast the inputs are cast to its dtype
+    first (any floating dtype but float64), and the gradients cast back, as nn.Linear's are.
+    First-order only."""
 
     @staticmethod
     def forward(ctx, x, weight, bias):
