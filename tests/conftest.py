@@ -62,3 +62,21 @@ def corpus_file(tmp_path, monkeypatch, tiny_text):
     path = tmp_path / "corpus.txt"
     path.write_text(tiny_text, encoding="utf-8")
     return path
+
+
+@pytest.fixture
+def tied_sums(monkeypatch):
+    """A list that gets, for each backward pass of nn/embedding.py's SumTiedGradients,
+    whether it summed the lookup's rows into the head's own gradient in place."""
+    from tformer.nn import embedding
+
+    in_place = []
+    original = embedding.SumTiedGradients.backward
+
+    def spied(ctx, grad_head, grad_lookup):
+        out = original(ctx, grad_head, grad_lookup)
+        in_place.append(out[0] is grad_head and grad_lookup is not None)
+        return out
+
+    monkeypatch.setattr(embedding.SumTiedGradients, "backward", staticmethod(spied))
+    return in_place

@@ -65,7 +65,7 @@ def test_learned_positional_embedding_is_trainable_lookup():
 @pytest.mark.parametrize(
     "case", ["head product", "plain head", "penalty", "two passes", "two heads", "no logits"]
 )
-def test_a_tied_table_s_gradient_is_dense_and_the_sum_of_all_its_uses(case, monkeypatch):
+def test_a_tied_table_s_gradient_is_dense_and_the_sum_of_all_its_uses(case, tied_sums):
     # the lookup's rows added into the head's gradient where both take the pass's
     # TiedTable; with the head on the Parameter itself, a third use of the table (a
     # penalty), two forward passes in one backward, the head used twice, or the logits
@@ -96,15 +96,7 @@ def test_a_tied_table_s_gradient_is_dense_and_the_sum_of_all_its_uses(case, monk
             return h @ w.T
         return head_product(h, w, tables[-1])
 
-    in_place = []  # whether each sum came back as the head's own gradient
-    original = embedding.SumTiedGradients.backward
-
-    def spied(ctx, grad_head, grad_lookup):
-        out = original(ctx, grad_head, grad_lookup)
-        in_place.append(out[0] is grad_head and grad_lookup is not None)
-        return out
-
-    monkeypatch.setattr(embedding.SumTiedGradients, "backward", staticmethod(spied))
+    in_place = tied_sums  # whether each sum came back as the head's own gradient
     loss(linked, head, w).backward()
     assert w.grad.layout == torch.strided
     apart = [table.clone().requires_grad_() for _ in range(3)]

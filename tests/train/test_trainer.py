@@ -288,13 +288,15 @@ def test_scored_logits_skip_padding_with_the_same_loss_and_gradients():
     assert torch.equal(kept, targets.flatten())
 
 
-def test_scored_logits_of_a_tied_gpt2_in_bf16_sum_the_table_s_gradients_in_place(monkeypatch):
+def test_scored_logits_of_a_tied_gpt2_in_bf16_sum_the_table_s_gradients_in_place(
+    monkeypatch, tied_sums
+):
     # padding takes features + unembed, with the forward pass's TiedTable as GPT2.forward
     # has it; against the plain lookup and head, the same sums in another order
     from tformer import GPT2, GPT2Config
     from tformer.data.tokens import IGNORE_INDEX
     from tformer.models import gpt2 as gpt2_module
-    from tformer.nn import embedding, head_product
+    from tformer.nn import head_product
     from tformer.train.trainer import ScoredLogits
 
     monkeypatch.setattr(head_product, "VOCAB_SLICE", 16)  # 50 words: more than two slices
@@ -307,15 +309,7 @@ def test_scored_logits_of_a_tied_gpt2_in_bf16_sum_the_table_s_gradients_in_place
     made = []
     make_table = gpt2_module.TiedTable
     monkeypatch.setattr(gpt2_module, "TiedTable", lambda w: made.append(1) or make_table(w))
-    in_place = []  # whether the table's node summed into the head's own gradient
-    original = embedding.SumTiedGradients.backward
-
-    def spied(ctx, grad_head, grad_lookup):
-        out = original(ctx, grad_head, grad_lookup)
-        in_place.append(out[0] is grad_head and grad_lookup is not None)
-        return out
-
-    monkeypatch.setattr(embedding.SumTiedGradients, "backward", staticmethod(spied))
+    in_place = tied_sums  # whether the table's node summed into the head's own gradient
 
     def grads(one_path=False, tied=True):
         model.zero_grad()

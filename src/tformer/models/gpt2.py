@@ -337,7 +337,7 @@ class GPT2(nn.Module):
         the CPU under half-precision autocast, with the head tied and large enough to
         gain, and head_product's to take. Else None: the plain lookup and head."""
         w, head = self.token_embedding.weight, self.lm_head
-        if head.weight is w and may_slice(w) and plain_head(head) and links_tied_gradients(w):
+        if head.weight is w and links_tied_gradients(w) and may_slice(w) and plain_head(head):
             return TiedTable(w)
         return None
 

@@ -52,10 +52,10 @@ def takes_product(head: nn.Module, x: torch.Tensor) -> bool:
     """Whether head(x) may be computed by head_product: a plain_head, training on the CPU,
     where x and the weight are multiplied in one dtype (else nn.Linear's own error says
     why)."""
-    return (
-        plain_head(head)
-        and torch.is_grad_enabled()
+    return (  # the cheapest first: decoding asks at every step
+        torch.is_grad_enabled()
         and x.device.type == "cpu"
+        and plain_head(head)
         and product_dtype(x) == product_dtype(head.weight)
     )
 
