@@ -228,9 +228,18 @@ def test_it_is_taken_only_where_it_applies(compiled):
         handle = block.mlp.w1.register_full_backward_hook(lambda *args: None)
         assert not takes()
         handle.remove()
-        handle = nn.modules.module.register_module_forward_hook(lambda *args: None)
-        assert not takes()  # a global hook would see every module
+        handle = block.attn.w_qkv.register_full_backward_pre_hook(lambda *args: None)
+        assert not takes()
         handle.remove()
+        module_hooks = nn.modules.module
+        for register in (
+            module_hooks.register_module_forward_hook,
+            module_hooks.register_module_full_backward_hook,
+        ):
+            handle = register(lambda *args: None)
+            assert not takes()  # a global hook would see every module
+            handle.remove()
+        assert takes()
         block.attn_sublayer.norm_writes_bf16 = False  # as while LoRA adapters read the norm
         assert not takes()
         block.attn_sublayer.norm_writes_bf16 = True

@@ -71,7 +71,6 @@ class FusedFeedForward(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, w1, b1, w2, b2, activation, library):
-        ctx.dtypes = [t.dtype for t in (x, w1, b1, w2, b2)]
         x = x.to(BF16).contiguous()
         w1_, b1_, w2_, b2_ = (half_weight(t, BF16) for t in (w1, b1, w2, b2))
         y, h, derivative = network_forward(x, w1_, b1_, w2_, b2_, activation, library)
@@ -86,10 +85,7 @@ class FusedFeedForward(torch.autograd.Function):
         grad_y = grad_y.to(BF16).contiguous()  # (M, C)
         wanted = ctx.needs_input_grad[:5]  # a frozen layer's gradients are not computed
         grads = network_backward(grad_y, x, h, derivative, w1, w2, ctx.library, wanted)
-        grads = [
-            None if g is None else g.to(dtype) for g, dtype in zip(grads, ctx.dtypes, strict=True)
-        ]
-        return *grads, None, None
+        return *grads, None, None  # bf16: autograd casts each to its input's dtype
 
 
 def network_forward(
