@@ -40,6 +40,8 @@ attention kernels, called once per layer, check it here.
         (R, C) -> a copy of it, row-major
     kernels.causal_attention(qkv, n_heads)   qkv (B, T, 3C) bf16 -> out (B, T, C), weights
     kernels.causal_attention_backward(qkv, weights, grad_out, n_heads)   -> grad_qkv
+    kernels.causal_softmax(scores, first)   a block's causal scores (..., n, e) bf16, in place
+        -> the weights P; kernels.causal_softmax_backward(weights, grad, first) -> dS in grad
     kernels.flash_attention(q, k, v)   (B, H, T, D) bf16 or float32 -> out (B, T, H, D), lse
         (B, H, T): long causal self-attention, bf16 on AMX (flash_attention_available()),
         float32 on the vector units
@@ -1152,6 +1154,34 @@ class Kernels:
         check_allocated(failed, t)
         return out, weights
 
+    @c_function("tformer_causal_softmax_bf16", [POINTER] + [SIZE] * 4, ctypes.c_int)
+    def causal_softmax(self, scores: torch.Tensor, first: int) -> torch.Tensor:
+        """A block's causal softmax in place: scores (..., n, e) contiguous bfloat16, of
+        queries first, ..., first + n - 1 over keys 0, ..., e - 1 -> the weights P, each
+        row's softmax over the keys it may see and zeros after (kernels/softmax.c)."""
+        n, cols = causal_block_shape("causal_softmax", scores, first)
+        rows = scores.numel() // cols
+        failed = self.library.tformer_causal_softmax_bf16(scores.data_ptr(), rows, n, cols, first)
+        if failed:
+            raise MemoryError(f"causal_softmax: no memory for a row of {cols} floats")
+        return scores
+
+    @c_function("tformer_causal_softmax_backward_bf16", [POINTER] * 2 + [SIZE] * 4)
+    def causal_softmax_backward(
+        self, weights: torch.Tensor, grad: torch.Tensor, first: int
+    ) -> torch.Tensor:
+        """The scores' gradient in place of the weights' grad (..., n, e), from causal_softmax's
+        weights P of the same shape, both contiguous bfloat16: dS = P (dP - rowsum(P dP))."""
+        n, cols = causal_block_shape("causal_softmax_backward", weights, first)
+        check_cpu_tensors(
+            "causal_softmax_backward", [("grad", grad, tuple(weights.shape), torch.bfloat16)]
+        )
+        rows = weights.numel() // cols
+        self.library.tformer_causal_softmax_backward_bf16(
+            weights.data_ptr(), grad.data_ptr(), rows, n, cols, first
+        )
+        return grad
+
     @c_function("tformer_causal_attention_backward_bf16", [POINTER] * 4 + [SIZE] * 4, ctypes.c_int)
     def causal_attention_backward(
         self, qkv: torch.Tensor, weights: torch.Tensor, grad_out: torch.Tensor, n_heads: int
@@ -1319,6 +1349,18 @@ def check_allocated(failed: int, t: int) -> None:
     """The attention kernels return 1 when a thread could not allocate its buffers."""
     if failed:
         raise MemoryError(f"causal_attention: no memory for a head's buffers at T = {t}")
+
+
+def causal_block_shape(function: str, scores: torch.Tensor, first: int) -> tuple[int, int]:
+    """(n, e) of a block of causal scores (..., n, e): contiguous bfloat16 on the CPU, with
+    n and e positive and the block's first query at most e - n; else ValueError."""
+    check_cpu_tensors(function, [("scores", scores, tuple(scores.shape), torch.bfloat16)])
+    if scores.dim() < 2 or scores.numel() == 0:
+        raise ValueError(f"{function}: scores must be a nonempty (..., n, e) block")
+    n, cols = scores.shape[-2:]
+    if not 0 <= first <= cols - n:
+        raise ValueError(f"{function}: queries {first}..{first + n - 1} run past {cols} keys")
+    return n, cols
 
 
 def check_cpu_tensors(

@@ -30,7 +30,7 @@ from tformer.nn.flash_attention import (
 )
 from tformer.nn.measured import dtype_name, fastest, training_runs
 
-KIND = "attention-v6"  # the measured choices' file and version (nn/measured.py)
+KIND = "attention-v7"  # the measured choices' file and version (nn/measured.py)
 PROMPT_KIND = "prompt-attention-v3"  # the same for inference's prompts
 PROMPT_FROM = 64  # positions: shorter prompts keep torch's fused kernel, unmeasured
 # a path of causal self-attention: (q, k, v) -> out, each (B, H, T, D)

@@ -32,6 +32,7 @@ from torch.autograd.function import once_differentiable
 from torch.nn.modules import module as module_hooks
 
 from tformer import kernels
+from tformer.nn.causal_softmax import softmax_kernels
 from tformer.nn.dropout import dropout_mask
 
 QUERY_BLOCK = 128  # queries per block, and the most positions the kernel takes (docs/LOG.md)
@@ -71,7 +72,9 @@ class BlockedCausalAttention(torch.autograd.Function):
 
     The backward is written out because autograd through the slices would allocate and
     zero-fill a full-size gradient for every block's K and V slice. The softmax runs in the
-    scores' dtype (in bf16 its sums are float32 inside the kernel).
+    scores' dtype (in bf16 its sums are float32 inside the kernel); without a mask, in bf16
+    on the CPU, each row's softmax and its gradient take one pass in place where that was
+    timed faster (nn/causal_softmax.py).
     """
 
     @staticmethod
@@ -79,19 +82,24 @@ class BlockedCausalAttention(torch.autograd.Function):
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         t, scale = q.shape[-2], 1.0 / math.sqrt(q.shape[-1])
         out = torch.empty(*q.shape[:-1], v.shape[-1], dtype=q.dtype, device=q.device)
-        if mask is None:  # causality alone hides keys only above each block's diagonal
+        # causality alone: each row's softmax in one pass where the kernel was timed faster
+        library = softmax_kernels(q, block) if mask is None else None
+        if mask is None and library is None:  # it hides keys above each block's diagonal
             side = min(block, t)
             above = torch.ones(side, side, dtype=torch.bool, device=q.device).triu_(1)
         saved = []  # per block: the weights P, and the dropout mask if any
         for start in range(0, t, block):
             end = min(start + block, t)
             scores = (q[..., start:end, :] * scale) @ k[..., :end, :].transpose(-2, -1)
-            if mask is None:  # (B, H, b - a, end): keys [a, b) of queries [a, b)
+            if library is not None:  # (B, H, b - a, end) in place, as the masked softmax
+                weights = library.causal_softmax(scores, start)
+            elif mask is None:  # (B, H, b - a, end): keys [a, b) of queries [a, b)
                 n = end - start
                 scores[..., start:end].masked_fill_(above[:n, :n], float("-inf"))
+                weights = torch.softmax(scores, dim=-1)
             else:
                 scores.masked_fill_(~mask[..., start:end, :end], float("-inf"))
-            weights = torch.softmax(scores, dim=-1)
+                weights = torch.softmax(scores, dim=-1)
             weights = weights.to(v.dtype)  # CUDA autocast computes softmax in float32
             if mask is not None and mask.dim() > 2:  # padding: a query seeing no key
                 visible = mask[..., start:end, :end]  # attends to nothing
@@ -103,7 +111,7 @@ class BlockedCausalAttention(torch.autograd.Function):
             out[..., start:end, :] = kept @ v[..., :end, :]  # (B, H, b - a, D)
             saved += [weights] if keep is None else [weights, keep]
         ctx.save_for_backward(q, k, v, *saved)
-        ctx.block, ctx.dropout = block, dropout_p > 0.0
+        ctx.block, ctx.dropout, ctx.library = block, dropout_p > 0.0, library
         return out
 
     @staticmethod
@@ -128,8 +136,12 @@ class BlockedCausalAttention(torch.autograd.Function):
             grad_weights = grad_o @ v[..., :end, :].transpose(-2, -1)  # (B, H, b - a, end)
             if ctx.dropout:
                 grad_weights = grad_weights * keep * ctx.keep_scale
-            # PyTorch's softmax backward kernel: P * (dP - rowsum(dP * P)), summed in float32
-            grad_scores = torch._softmax_backward_data(grad_weights, weights, -1, weights.dtype)
+            # dS = P * (dP - rowsum(dP * P)), summed in float32: in place in the kernel, or
+            # PyTorch's softmax backward kernel
+            if ctx.library is not None:
+                grad_scores = ctx.library.causal_softmax_backward(weights, grad_weights, start)
+            else:
+                grad_scores = torch._softmax_backward_data(grad_weights, weights, -1, weights.dtype)
             grad_q[..., start:end, :] = (grad_scores @ k[..., :end, :]) * scale
             grad_k[..., :end, :] += grad_scores.transpose(-2, -1) @ (q[..., start:end, :] * scale)
         return grad_q, grad_k.to(k.dtype), grad_v.to(v.dtype), None, None, None
