@@ -235,6 +235,7 @@ def test_it_is_taken_only_where_it_applies(compiled):
         for register in (
             module_hooks.register_module_forward_hook,
             module_hooks.register_module_full_backward_hook,
+            module_hooks.register_module_full_backward_pre_hook,
         ):
             handle = register(lambda *args: None)
             assert not takes()  # a global hook would see every module

@@ -32,7 +32,8 @@ def test_the_softmax_is_float64_s_rounded_once(compiled, n, first):
     ours = compiled.causal_softmax(scores.clone(), first)
     assert ours.dtype == torch.bfloat16
     assert torch.equal(ours.masked_select(~visible), torch.zeros(3 * int((~visible).sum())))
-    # rounded once to bf16 (8 bits): within half a unit, 2^-9 of the value, of float64's
+    # rounded once to bf16 (8 significant bits): within half a unit of float64's, at most
+    # 2^-8 of the value
     torch.testing.assert_close(ours.double(), expected, rtol=2**-8, atol=1e-7)
     theirs = masked_softmax(scores.clone(), first)
     torch.testing.assert_close(ours.double(), theirs.double(), rtol=2**-7, atol=1e-7)
@@ -52,14 +53,17 @@ def test_the_gradient_is_the_formula_s_in_float64(compiled, n, first):
     assert torch.equal(ours.masked_select(~visible_keys(n, first)).abs().sum(), torch.tensor(0.0))
 
 
-def test_a_nan_score_makes_its_row_nan_and_no_other(compiled):
+def test_a_nan_or_infinite_score_makes_its_row_nan_and_no_other(compiled):
     scores = block_scores(1, 4, 4)
-    scores[0, 2, 1] = math.nan  # query 6 sees key 1
+    scores[0, 0, 1] = math.nan  # query 4 sees key 1
+    scores[0, 1, 3] = math.inf  # query 5 sees key 3
+    scores[0, 2, :7] = -math.inf  # query 6 sees no finite score
     ours = compiled.causal_softmax(scores.clone(), 4)
-    assert ours[0, 2, :7].isnan().all()
-    rows = [0, 1, 3]
     theirs = masked_softmax(scores.clone(), 4)
-    torch.testing.assert_close(ours[0, rows].float(), theirs[0, rows].float(), rtol=2**-7, atol=0)
+    for row in range(3):  # NaN over what the query sees, as torch's
+        assert ours[0, row, : 5 + row].isnan().all() and theirs[0, row].isnan().all()
+        assert not ours[0, row, 5 + row :].any()
+    torch.testing.assert_close(ours[0, 3].float(), theirs[0, 3].float(), rtol=2**-7, atol=0)
 
 
 def test_the_kernels_refuse_what_they_cannot_take(compiled):
@@ -68,8 +72,10 @@ def test_the_kernels_refuse_what_they_cannot_take(compiled):
         compiled.causal_softmax(torch.randn(2, 4, 8), 4)
     with pytest.raises(ValueError, match="contiguous"):
         compiled.causal_softmax(block_scores(2, 4, 12)[..., ::2], 4)
-    with pytest.raises(ValueError, match="queries 5..8 run past 8 keys"):
+    with pytest.raises(ValueError, match="queries 5..8 need 9 keys, got 8"):
         compiled.causal_softmax(block_scores(2, 4, 4), 5)
+    with pytest.raises(ValueError, match="queries 3..6 need 7 keys, got 8"):
+        compiled.causal_softmax(block_scores(2, 4, 4), 3)
     with pytest.raises(ValueError, match="causal_softmax_backward: grad must be"):
         compiled.causal_softmax_backward(weights, torch.randn(2, 4, 8), 4)
     with pytest.raises(ValueError, match="causal_softmax_backward: grad must be"):
@@ -91,6 +97,11 @@ class Counted:
         return self.library.causal_softmax_backward(weights, grad, first)
 
 
+def take_the_kernel(monkeypatch, library) -> None:
+    """Blocked attention takes the softmax kernel (library, or None for torch's path)."""
+    monkeypatch.setattr(blocked_attention, "softmax_kernels", lambda q, block: library)
+
+
 @pytest.mark.parametrize("block", [1, 3, 4, 10])
 def test_blocked_attention_taking_the_kernel_is_float64_s_to_bf16_rounding(
     compiled, monkeypatch, block
@@ -107,7 +118,7 @@ def test_blocked_attention_taking_the_kernel_is_float64_s_to_bf16_rounding(
     for path in ("kernel", "torch"):
         counted = Counted(compiled)
         chosen = counted if path == "kernel" else None
-        monkeypatch.setattr(blocked_attention, "softmax_kernels", lambda q, b, c=chosen: c)
+        take_the_kernel(monkeypatch, chosen)
         inputs = [t.to(torch.bfloat16).requires_grad_() for t in (q, k, v)]
         out = blocked_causal_attention(*inputs, block=block)
         grads = torch.autograd.grad(out, inputs, grad.to(torch.bfloat16))
@@ -123,11 +134,40 @@ def test_blocked_attention_taking_the_kernel_is_float64_s_to_bf16_rounding(
         assert error < 2e-2 and error < 2 * torch_error + 2e-3
 
 
-def test_the_kernel_is_asked_for_only_for_bf16_on_the_cpu(compiled, monkeypatch):
+def test_with_dropout_the_kernel_gives_torch_s_path(compiled, monkeypatch):
+    q, k, v = (t.to(torch.bfloat16).requires_grad_() for t in torch.randn(3, 2, 3, 10, 8))
+    grad = torch.randn(2, 3, 10, 8).to(torch.bfloat16)
+    results = []
+    for library in (compiled, None):
+        take_the_kernel(monkeypatch, library)
+        torch.manual_seed(0)  # the same dropout masks
+        out = blocked_causal_attention(q, k, v, None, 0.3, block=4)
+        results.append([out, *torch.autograd.grad(out, (q, k, v), grad)])
+    for ours, theirs in zip(*results, strict=True):
+        scale = theirs.abs().max()
+        torch.testing.assert_close(ours / scale, theirs / scale, rtol=0, atol=2e-2)
+
+
+def test_its_gradient_is_first_order_only(compiled, monkeypatch):
+    take_the_kernel(monkeypatch, compiled)
+    q, k, v, grad = (t.to(torch.bfloat16).requires_grad_() for t in torch.randn(4, 1, 1, 6, 4))
+    out = blocked_causal_attention(q, k, v, block=3)
+    (grad_q,) = torch.autograd.grad(out, q, grad, create_graph=True)
+    with pytest.raises(RuntimeError, match="marked with @once_differentiable"):
+        grad_q.sum().backward()  # its gradient with respect to grad: refused, not wrong
+
+
+def test_the_kernel_is_timed_only_for_bf16_on_the_cpu(compiled, monkeypatch):
+    from tformer.nn import measured
+
+    store = measured.choices_file(causal_softmax.KIND)
     q = torch.randn(1, 2, 300, 8)
-    assert softmax_kernels(q, 128) is None  # float32: torch's path, unmeasured
-    chosen = softmax_kernels(q.bfloat16(), 128)  # timed here, both candidates run
-    assert chosen is compiled or chosen is None
+    assert softmax_kernels(q, 128) is None  # float32: torch's path, not timed
+    assert softmax_kernels(q.to("meta", torch.bfloat16), 128) is None  # not on the CPU
+    assert not store.exists()
+    chosen = softmax_kernels(q.bfloat16(), 128)  # timed here: both ways run
+    assert store.exists() and chosen in (compiled, None)
+    assert softmax_kernels(q[0].bfloat16(), 128) is chosen  # (H, T, D): the same rows
     for name, library in (("kernel", compiled), ("torch", None)):
         monkeypatch.setattr(causal_softmax, "fastest", lambda *args, name=name: name)
         assert softmax_kernels(q.bfloat16(), 128) is library

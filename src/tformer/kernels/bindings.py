@@ -1352,14 +1352,17 @@ def check_allocated(failed: int, t: int) -> None:
 
 
 def causal_block_shape(function: str, scores: torch.Tensor, first: int) -> tuple[int, int]:
-    """(n, e) of a block of causal scores (..., n, e): contiguous bfloat16 on the CPU, with
-    n and e positive and the block's first query at most e - n; else ValueError."""
+    """(n, e) of a block of causal scores (..., n, e): contiguous bfloat16 on the CPU, n
+    and e positive, e = first + n (the block's last query sees every key); else
+    ValueError."""
     check_cpu_tensors(function, [("scores", scores, tuple(scores.shape), torch.bfloat16)])
     if scores.dim() < 2 or scores.numel() == 0:
         raise ValueError(f"{function}: scores must be a nonempty (..., n, e) block")
     n, cols = scores.shape[-2:]
-    if not 0 <= first <= cols - n:
-        raise ValueError(f"{function}: queries {first}..{first + n - 1} run past {cols} keys")
+    if first < 0 or first + n != cols:
+        raise ValueError(
+            f"{function}: queries {first}..{first + n - 1} need {first + n} keys, got {cols}"
+        )
     return n, cols
 
 

@@ -13,8 +13,10 @@
    S, P, dP and dS are bfloat16, rows of `cols` (= e) elements: batch x heads x n of them,
    the block's query r being row r mod n. The exponentials and the sums are taken in
    float32 and each result is rounded to bfloat16 once, as torch's bf16 softmax and its
-   backward kernel do; this replaces their three passes (the mask filled in, the softmax,
-   a new tensor) with one over each row's visible part, in place.
+   backward kernel do. Where torch fills the hidden scores in with -inf and then runs its
+   softmax into a new tensor, and its backward kernel reads whole rows, these read each
+   row's visible part once from memory and write it back in place (a row's float32 copy
+   stays in the core's cache).
 
    The forward pass returns 0, or 1 if a thread's row buffer could not be allocated. */
 
@@ -31,9 +33,19 @@ static inline int64_t seen_keys(int64_t row, int64_t n, int64_t first, int64_t c
     return seen < cols ? seen : cols;
 }
 
+#define BF16_NAN 0x7FC0 /* a quiet NaN */
+
+/* A row with a NaN score, or with an infinite largest one (+inf, or no finite score): NaN
+   over the keys it sees, zeros after. torch's softmax makes such a row NaN (the hidden
+   keys too: P V is NaN either way), where the exponentials would read NaN here. */
+static void nan_row(uint16_t *s, int64_t seen, int64_t cols) {
+    for (int64_t j = 0; j < seen; j++)
+        s[j] = BF16_NAN;
+    memset(s + seen, 0, (size_t)(cols - seen) * sizeof(uint16_t));
+}
+
 #if defined(__AVX512BF16__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 #define VECTOR_ROWS 1 /* the rows below in AVX-512, sixteen lanes at a time */
-#define BF16_NAN 0x7FC0  /* a quiet NaN */
 
 /* The lanes `m` of x rounded to bf16 (to nearest even, a NaN kept a NaN) at p. */
 static inline void store_bf16x16(uint16_t *p, __m512 x, __mmask16 m) {
@@ -54,13 +66,12 @@ static void softmax_row(uint16_t *s, int64_t seen, int64_t cols, float *e) {
         largest = _mm512_mask_max_ps(largest, in, largest, x);
         nan |= _mm512_mask_cmp_ps_mask(in, x, x, _CMP_UNORD_Q);
     }
-    if (nan) { /* a NaN score: the row NaN, as torch's softmax gives it */
-        for (int64_t j = 0; j < seen; j++)
-            s[j] = BF16_NAN;
-        memset(s + seen, 0, (size_t)(cols - seen) * sizeof(uint16_t));
+    const float top = _mm512_reduce_max_ps(largest);
+    if (nan || isinf(top)) {
+        nan_row(s, seen, cols);
         return;
     }
-    const __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(largest));
+    const __m512 m = _mm512_set1_ps(top);
     __m512 sums = _mm512_setzero_ps();
     for (int64_t j = 0; j < seen; j += 16) {
         const __m512 x = _mm512_sub_ps(_mm512_loadu_ps(e + j), m);
@@ -73,10 +84,16 @@ static void softmax_row(uint16_t *s, int64_t seen, int64_t cols, float *e) {
         store_bf16x16(s + j, _mm512_mul_ps(_mm512_loadu_ps(e + j), inv), first_lanes(seen - j));
 #else
     float m = -INFINITY;
-#pragma omp simd reduction(max : m)
+    int nan = 0;
+#pragma omp simd reduction(max : m) reduction(| : nan)
     for (int64_t j = 0; j < seen; j++) {
         e[j] = bf16_bits_to_float(s[j]);
         m = e[j] > m ? e[j] : m;
+        nan |= e[j] != e[j];
+    }
+    if (nan || isinf(m)) {
+        nan_row(s, seen, cols);
+        return;
     }
     float sum = 0.0f;
 #pragma omp simd reduction(+ : sum)

@@ -16,11 +16,10 @@ in one of two ways that skip the work the causal mask would throw away:
     transposed in memory, and comes closer to the exact values than torch's bf16 operations.
 
 Anything else on this switch takes the explicit path in bf16, torch's fused kernel in
-float32 (nn/attention.py; the explicit path where a hook wants the weights). The kernel
-gives first-order
-gradients only: for second-order ones (or torch.func) use the explicit path in float32
-or float64 (nn/attention.py's set_implementation). What chose
-this path and QUERY_BLOCK was measured: docs/LOG.md.
+float32 (nn/attention.py; the explicit path where a hook wants the weights). Both ways
+give first-order gradients only (a gradient of their gradient raises): for second-order
+ones (or torch.func) use the explicit path in float32 or float64 (nn/attention.py's
+set_implementation). What chose this path and QUERY_BLOCK was measured: docs/LOG.md.
 """
 
 import math
@@ -115,6 +114,7 @@ class BlockedCausalAttention(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable  # the softmax kernel's gradient is written in place, not recorded
     def backward(ctx, grad_out):
         q, k, v, *saved = ctx.saved_tensors
         t, scale = q.shape[-2], 1.0 / math.sqrt(q.shape[-1])

@@ -14,18 +14,23 @@ they were timed faster, forward and backward, than torch's path (once per CPU an
 class, nn/measured.py).
 """
 
+import math
+
 import torch
 
 from tformer import kernels
 from tformer.nn.measured import fastest
 
 KIND = "causal-softmax-v1"
-TIMED_ROWS = 16  # at most this many (batch x head) rows of blocks in a timing
+# a timing's size at most: the time is per row and grows with its length, and both ways
+# read the same rows
+TIMED_ROWS, TIMED_POSITIONS = 16, 2048  # (batch x heads) rows of blocks; positions
 
 
 def masked_softmax(scores: torch.Tensor, first: int) -> torch.Tensor:
-    """torch's path: scores (..., n, e) of queries first, ..., first + n - 1 -> P (..., n, e).
-    Fills the hidden scores (of keys first, ..., e - 1) with -inf in place."""
+    """torch's path: scores (..., n, e) of queries first, ..., first + n - 1 over keys 0,
+    ..., e - 1 = first + n - 1 -> P (..., n, e). Fills the hidden scores (each query's
+    keys after its own) with -inf in place."""
     n = scores.shape[-2]
     above = torch.ones(n, n, dtype=torch.bool, device=scores.device).triu_(1)
     scores[..., first : first + n].masked_fill_(above, float("-inf"))
@@ -33,47 +38,50 @@ def masked_softmax(scores: torch.Tensor, first: int) -> torch.Tensor:
 
 
 def softmax_kernels(q: torch.Tensor, block: int) -> kernels.Kernels | None:
-    """The compiled kernels if the blocks of causal self-attention over q (B, H, T, D), with
+    """The compiled kernels if the blocks of causal self-attention over q (..., T, D), with
     `block` queries each and no mask, take their softmax there: bf16 on the CPU, outside
     torch.compile, where the kernels were timed faster than torch's path for the call's
-    blocks, at B H and T rounded down to powers of two (B H at most TIMED_ROWS: the time
-    is per row). Else None."""
+    blocks, at the rows (the product of q's leading sizes) and T rounded down to powers of
+    two, and at most TIMED_ROWS and TIMED_POSITIONS. Else None."""
     library = kernels.load_for(q, (torch.bfloat16,))
-    b, h, t, _ = q.shape
-    if library is None or b * h * t == 0:
+    t, heads = q.shape[-2], math.prod(q.shape[:-2])
+    if library is None or heads * t == 0:
         return None
-    rows, positions = (1 << (size.bit_length() - 1) for size in (b * h, t))
-    rows = min(rows, TIMED_ROWS)
+    rows, positions = (1 << (size.bit_length() - 1) for size in (heads, t))
+    rows, positions = min(rows, TIMED_ROWS), min(positions, TIMED_POSITIONS)
     key = f"{rows}x{positions} block {block}"
 
     def candidates():
         g = torch.Generator().manual_seed(0)
-        blocks = []  # per block: its first query, scores and their gradient (rows, n, e)
+        size = rows * min(block, positions) * positions  # the largest block's elements
+        # the scores and their gradient, and the two each way works in, block by block
+        source = [torch.randn(size, generator=g).to(torch.bfloat16) for _ in range(2)]
+        work = [t.clone() for t in source]
+        blocks = []  # (first query, (rows, n, e))
         for start in range(0, positions, block):
             end = min(start + block, positions)
-            pair = (torch.randn(rows, end - start, end, generator=g) for _ in range(2))
-            blocks.append((start, *(t.to(torch.bfloat16) for t in pair)))
-        work = [(start, s.clone(), d.clone()) for start, s, d in blocks]
+            blocks.append((start, (rows, end - start, end)))
+
+        def fresh(shape: tuple[int, int, int]) -> list[torch.Tensor]:
+            """A block's scores and gradient in the work buffers, copied from the source
+            (both ways work in place)."""
+            views = [t[: math.prod(shape)].view(shape) for t in work]
+            for view, t in zip(views, source, strict=True):
+                view.copy_(t[: math.prod(shape)].view(shape))
+            return views
 
         def compiled() -> None:
-            for start, s, d in work:
+            for start, shape in blocks:
+                s, d = fresh(shape)
                 library.causal_softmax(s, start)
                 library.causal_softmax_backward(s, d, start)
 
         def plain() -> None:
-            for start, s, d in work:
+            for start, shape in blocks:
+                s, d = fresh(shape)
                 p = masked_softmax(s, start)
                 torch._softmax_backward_data(d, p, -1, p.dtype)
 
-        def fresh(run):  # each call from the same scores and gradients (both work in place)
-            def call() -> None:
-                for (_, s, d), (_, s0, d0) in zip(work, blocks, strict=True):
-                    s.copy_(s0)
-                    d.copy_(d0)
-                run()
-
-            return call
-
-        return {"kernel": fresh(compiled), "torch": fresh(plain)}
+        return {"kernel": compiled, "torch": plain}
 
     return library if fastest(KIND, key, ("kernel", "torch"), candidates) == "kernel" else None
