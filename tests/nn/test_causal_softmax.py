@@ -31,7 +31,7 @@ def test_the_softmax_is_float64_s_rounded_once(compiled, n, first):
     expected = torch.softmax(scores.double().masked_fill(~visible, -math.inf), dim=-1)
     ours = compiled.causal_softmax(scores.clone(), first)
     assert ours.dtype == torch.bfloat16
-    assert torch.equal(ours.masked_select(~visible), torch.zeros(3 * int((~visible).sum())))
+    assert not ours.masked_select(~visible).any()  # the hidden keys' weights 0
     # rounded once to bf16 (8 significant bits): within half a unit of float64's, at most
     # 2^-8 of the value
     torch.testing.assert_close(ours.double(), expected, rtol=2**-8, atol=1e-7)
@@ -50,7 +50,7 @@ def test_the_gradient_is_the_formula_s_in_float64(compiled, n, first):
     torch.testing.assert_close(ours.double(), expected, rtol=2**-8, atol=1e-6)
     theirs = torch._softmax_backward_data(grad, weights, -1, torch.bfloat16)
     torch.testing.assert_close(ours.double(), theirs.double(), rtol=2**-7, atol=1e-6)
-    assert torch.equal(ours.masked_select(~visible_keys(n, first)).abs().sum(), torch.tensor(0.0))
+    assert not ours.masked_select(~visible_keys(n, first)).any()
 
 
 def test_a_nan_or_infinite_score_makes_its_row_nan_and_no_other(compiled):
