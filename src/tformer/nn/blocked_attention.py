@@ -31,7 +31,7 @@ from torch.autograd.function import once_differentiable
 from torch.nn.modules import module as module_hooks
 
 from tformer import kernels
-from tformer.nn.causal_softmax import softmax_kernels
+from tformer.nn.causal_softmax import masked_softmax, softmax_kernels
 from tformer.nn.dropout import dropout_mask
 
 QUERY_BLOCK = 128  # queries per block, and the most positions the kernel takes (docs/LOG.md)
@@ -83,19 +83,14 @@ class BlockedCausalAttention(torch.autograd.Function):
         out = torch.empty(*q.shape[:-1], v.shape[-1], dtype=q.dtype, device=q.device)
         # causality alone: each row's softmax in one pass where the kernel was timed faster
         library = softmax_kernels(q, block) if mask is None else None
-        if mask is None and library is None:  # it hides keys above each block's diagonal
-            side = min(block, t)
-            above = torch.ones(side, side, dtype=torch.bool, device=q.device).triu_(1)
         saved = []  # per block: the weights P, and the dropout mask if any
         for start in range(0, t, block):
             end = min(start + block, t)
             scores = (q[..., start:end, :] * scale) @ k[..., :end, :].transpose(-2, -1)
             if library is not None:  # (B, H, b - a, end) in place, as the masked softmax
                 weights = library.causal_softmax(scores, start)
-            elif mask is None:  # (B, H, b - a, end): keys [a, b) of queries [a, b)
-                n = end - start
-                scores[..., start:end].masked_fill_(above[:n, :n], float("-inf"))
-                weights = torch.softmax(scores, dim=-1)
+            elif mask is None:  # causality hides keys only above the block's diagonal
+                weights = masked_softmax(scores, start)
             else:
                 scores.masked_fill_(~mask[..., start:end, :end], float("-inf"))
                 weights = torch.softmax(scores, dim=-1)

@@ -179,11 +179,9 @@ class ScoredLogits(nn.Module):
         # forward does (GPT2.tied_table); not a sharded model's, whose weights the
         # collective gathers into place
         tied = None if self.one_path or not hasattr(model, "tied_table") else model.tied_table()
-        if tied is None:
-            features = model.features(*inputs)[scored]  # (B, T, C) -> (N, C)
-            return model.unembed(features), targets[scored]
-        features = model.features(*inputs, tied=tied)[scored]  # (B, T, C) -> (N, C)
-        return model.unembed(features, tied=tied), targets[scored]
+        table = {} if tied is None else {"tied": tied}  # (a model without one takes none)
+        features = model.features(*inputs, **table)[scored]  # (B, T, C) -> (N, C)
+        return model.unembed(features, **table), targets[scored]
 
 
 @torch.inference_mode()
