@@ -110,3 +110,27 @@ def test_a_caller_that_runs_tformer_in_process_is_not_started_again():
         "print(allocator_in_use())\n"
     )
     assert run_python(code, "--other") == ["started", "system"]
+
+
+def test_the_collector_is_off_while_the_modules_load_and_on_for_the_command(monkeypatch):
+    """entry() loads the CLI with the garbage collector off, then hands main() a collector
+    that is on and has nothing frozen (the trainer freezes the model and data itself,
+    tformer.train.trainer.long_lived_objects_frozen, unless the caller froze objects)."""
+    import gc
+
+    import tformer.cli.launch as launch
+    import tformer.cli.main
+
+    seen = {}
+    monkeypatch.setattr(sys, "argv", ["tformer", "generate"])
+    monkeypatch.setattr(
+        launch, "start_under_allocator", lambda argv: seen.update(start=gc.isenabled())
+    )
+    monkeypatch.setattr(
+        tformer.cli.main, "entry", lambda: seen.update(main=(gc.isenabled(), gc.get_freeze_count()))
+    )
+    try:
+        launch.entry()
+    finally:
+        gc.enable()
+    assert seen == {"start": False, "main": (True, 0)}
