@@ -7,10 +7,10 @@ import re
 
 import pytest
 
+from tformer.data.prompts import SFT_TEMPLATE
 from tformer.errors import ConfigError
 from tformer.generate.chat import (
     DEFAULT_TEMPLATE,
-    SFT_TEMPLATE,
     ChatTemplate,
     check_messages,
     load_chat_template,

@@ -8,7 +8,8 @@ import random
 import pytest
 import torch
 
-from tformer.generate.chat import SFT_TEMPLATE, load_chat_template, read_chat_template
+from tformer.data.prompts import SFT_TEMPLATE
+from tformer.generate.chat import load_chat_template, read_chat_template
 from tformer.models.encoder_qa import EncoderForQuestionAnswering
 from tformer.models.gpt2 import GPT2
 from tformer.models.seq2seq import Seq2SeqTransformer

@@ -28,6 +28,20 @@ from tformer.errors import DataError
 from tformer.files import sha256_of
 from tformer.tokenizers import Tokenizer
 
+# The same sequences as a chat template (tformer.generate.chat renders it): the prompt's
+# text, the response's and the end-of-text token, with no separator and no role names. The
+# SFT task saves it with the tokenizer, so a fine-tuned checkpoint is prompted as it was
+# trained.
+SFT_TEMPLATE = """\
+{% for message in messages %}
+    {% if message['role'] == 'assistant' %}
+{{ message['content'] + eos_token }}
+    {%- else %}
+{{ message['content'] }}
+    {%- endif %}
+{% endfor %}
+"""
+
 
 @dataclass
 class PromptResponse:

@@ -37,13 +37,14 @@ The model then writes the reply (" Hello", with its space, as the lines before i
 and, having seen a transcript, goes on with the next "\\nuser:" line itself. Stopping there
 is the caller's choice (a stop string), not the template's.
 
-SFT_TEMPLATE is what `tformer train --task sft` trains (tformer.data.prompts): a prompt's
-text followed directly by its response's and the end-of-text token, with no separator and
-no role names. So a conversation renders as its system and user messages' contents as they
-are, and each assistant message's content followed by eos_token; a generation prompt adds
-nothing (the model goes on after the user's text), and more turns are concatenated. The SFT
-task saves it with the tokenizer (its tokenizer_config.json), so a fine-tuned checkpoint
-is prompted as it was trained.
+SFT_TEMPLATE (tformer.data.prompts, beside the sequences it writes out, so that training
+does not load jinja2) is what `tformer train --task sft` trains: a prompt's text followed
+directly by its response's and the end-of-text token, with no separator and no role names.
+So a conversation renders as its system and user messages' contents as they are, and each
+assistant message's content followed by eos_token; a generation prompt adds nothing (the
+model goes on after the user's text), and more turns are concatenated. The SFT task saves
+it with the tokenizer (its tokenizer_config.json), so a fine-tuned checkpoint is prompted
+as it was trained.
 
 The rendered text holds special tokens as text (eos_token between turns): encode it with
 allow_special=True, so that they become their ids. (Training encodes a prompt and its
@@ -85,17 +86,6 @@ DEFAULT_TEMPLATE = """\
 {% if add_generation_prompt %}
 assistant:
 {%- endif %}
-"""
-
-# The SFT task's sequences: prompt + response + end of text (see the docstring).
-SFT_TEMPLATE = """\
-{% for message in messages %}
-    {% if message['role'] == 'assistant' %}
-{{ message['content'] + eos_token }}
-    {%- else %}
-{{ message['content'] }}
-    {%- endif %}
-{% endfor %}
 """
 
 

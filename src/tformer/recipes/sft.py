@@ -6,7 +6,7 @@ or with LoRA, and the same trainer as for language models fits it with the loss 
 response tokens only (tformer.data.prompts). At the end the first validation prompts are
 answered greedily, next to the reference responses.
 
-The tokenizer carries SFT_TEMPLATE (tformer.generate.chat), the chat template of that
+The tokenizer carries SFT_TEMPLATE (tformer.data.prompts), the chat template of that
 format, into every checkpoint's tokenizer_config.json: a chat request to the fine-tuned
 model is then written out as its training pairs were.
 """
@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from tformer.data.prompts import (
+    SFT_TEMPLATE,
     PromptBatches,
     PromptResponse,
     encode_pairs,
@@ -25,7 +26,6 @@ from tformer.data.prompts import (
 from tformer.data.prompts import fingerprint as pairs_fingerprint
 from tformer.errors import ConfigError, DataError
 from tformer.generate import SamplingConfig, generate_ids
-from tformer.generate.chat import SFT_TEMPLATE
 from tformer.models.gpt2 import GPT2
 from tformer.recipes.run_dir import absolute, data_record
 from tformer.recipes.skeleton import Run, window_length
