@@ -143,11 +143,12 @@ def allocator_in_use() -> str:
 def entry() -> None:
     """The `tformer` program.
 
-    The garbage collector is off while the modules load: importing torch makes ~200,000
-    objects that live as long as the process, and the full collections they set off
-    walked them all, again and again (0.15-0.3 s of a command's ~1.3 s start; docs/LOG.md).
-    They go into its oldest generation without a walk instead (frozen and unfrozen), to
-    be looked at in the first full collection that comes of the command's own work."""
+    The garbage collector is off while the modules load: they make ~270,000 objects
+    (torch's, mostly) that live as long as the process, and the three full collections
+    they set off walked them again and again (0.1-0.2 s of a command's ~1.3 s start;
+    docs/LOG.md). They go into its oldest generation without a walk instead (frozen, then
+    unfrozen), to be looked at in the first full collection the command's own work sets
+    off."""
     gc.disable()
     start_under_allocator(sys.argv[1:])
     from tformer.cli.main import entry as main_entry  # torch is imported from here on
