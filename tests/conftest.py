@@ -42,6 +42,16 @@ def compiled():
     return library
 
 
+@pytest.fixture(params=[False, True], ids=["float32 products", "bf16 pairs"])
+def pairs(request, compiled) -> bool:
+    """Whether the short attention kernel under test multiplies bf16 pairs
+    (kernels/attention_pairs.c) rather than float32 values (kernels/attention.c); the pairs
+    are skipped on a CPU without AVX-512 BF16, where that kernel is not built."""
+    if request.param and not compiled.attention_pairs_available():
+        pytest.skip("the bf16 pairs' attention kernel needs a CPU with AVX-512 BF16")
+    return request.param
+
+
 @pytest.fixture(scope="session")
 def tiny_text() -> str:
     """A few thousand characters with structure a tiny model learns in a few dozen steps."""

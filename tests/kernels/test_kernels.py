@@ -619,23 +619,30 @@ def attention_in_float64(qkv: torch.Tensor, n_heads: int, grad_out: torch.Tensor
     [(3, 64, 4, 32), (2, 13, 3, 24), (1, 1, 2, 16), (2, 128, 2, 64), (1, 9, 1, 8), (2, 40, 2, 24)],
 )  # nanoGPT's shape; sizes that end in partial blocks of 8 rows and 16 lanes; one position;
 # K^T and V^T in whole 16 x 16 blocks and the rest (40 x 24)
-def test_causal_attention_kernel_matches_the_formula_in_float64(compiled, b, t, h, d):
+def test_causal_attention_kernel_matches_the_formula_in_float64(compiled, pairs, b, t, h, d):
     g = torch.Generator().manual_seed(t * 100 + d)
     qkv = (torch.randn(b, t, 3 * h * d, generator=g) * 1.5).bfloat16()
     grad_out = torch.randn(b, t, h * d, generator=g).bfloat16()
-    out, weights = compiled.causal_attention(qkv, h)
+    out, weights = compiled.causal_attention(qkv, h, pairs)
     grad_qkv = compiled.causal_attention_backward(qkv, weights, grad_out, h)
     exact_out, exact_weights, exact_grad = attention_in_float64(qkv, h, grad_out)
-    assert out.dtype == grad_qkv.dtype == torch.bfloat16 and weights.dtype == torch.float32
+    assert out.dtype == grad_qkv.dtype == torch.bfloat16
+    assert weights.dtype == (torch.bfloat16 if pairs else torch.float32)
     assert torch.equal(weights.triu(1), torch.zeros_like(weights))  # nothing from the future
-    torch.testing.assert_close(weights.double(), exact_weights, rtol=0, atol=1e-6)
-    # float32 inside, one rounding to bfloat16 at the end: within about one bf16 step
+    # P: float32's error, or one rounding to bf16 (half a step: at most 2^-8 of the value)
+    rtol, atol = (2**-8, 1e-6) if pairs else (0, 1e-6)
+    torch.testing.assert_close(weights.double(), exact_weights, rtol=rtol, atol=atol)
+    # float32 inside, one rounding to bfloat16 at the end: within about one bf16 step; with
+    # pairs, P and dS rounded to bf16 before their products as well: within two
+    steps = 2 if pairs else 1
     for ours, exact in ((out, exact_out), (grad_qkv, exact_grad)):
         scale = exact.abs().max()
-        torch.testing.assert_close(ours.double() / scale, exact / scale, rtol=2**-7, atol=2**-9)
+        torch.testing.assert_close(
+            ours.double() / scale, exact / scale, rtol=steps * 2**-7, atol=steps * 2**-9
+        )
 
 
-def test_causal_attention_kernel_gradient_reads_nothing_from_the_future(compiled):
+def test_causal_attention_kernel_gradient_reads_nothing_from_the_future(compiled, pairs):
     """A value at a later position that overflows dO V^T (inf there) leaves the earlier
     rows' gradients finite: row i's sums run over j <= i only, as the formula's."""
     b, t, h, d = 1, 24, 1, 16
@@ -644,21 +651,25 @@ def test_causal_attention_kernel_gradient_reads_nothing_from_the_future(compiled
     qkv[0, 20, 2 * d :] = 3e38  # V at position 20
     grad_out = torch.randn(b, t, h * d, generator=g).bfloat16()
     grad_out[0, 17] = 1e10  # dO_17 . V_20 overflows float32
-    _, weights = compiled.causal_attention(qkv, h)
+    _, weights = compiled.causal_attention(qkv, h, pairs)
     grad_qkv = compiled.causal_attention_backward(qkv, weights, grad_out, h)
     dq = grad_qkv[0, :, :d]  # row i of dQ reads dS row i: positions j <= i
     assert torch.isfinite(dq[:20]).all()
     exact = attention_in_float64(qkv, h, grad_out)[2][0, :17, :d]
-    scale = exact.abs().max()
-    torch.testing.assert_close(dq[:17].double() / scale, exact / scale, rtol=2**-7, atol=2**-9)
+    scale, steps = exact.abs().max(), 2 if pairs else 1  # as the test above
+    torch.testing.assert_close(
+        dq[:17].double() / scale, exact / scale, rtol=steps * 2**-7, atol=steps * 2**-9
+    )
 
 
-def test_causal_attention_kernel_is_closer_to_the_exact_values_than_the_explicit_path(compiled):
+def test_causal_attention_kernel_is_closer_to_the_exact_values_than_the_explicit_path(
+    compiled, pairs
+):
     g = torch.Generator().manual_seed(0)
     b, t, h, d = 4, 64, 4, 32
     qkv = torch.randn(b, t, 3 * h * d, generator=g).bfloat16()
     grad_out = torch.randn(b, t, h * d, generator=g).bfloat16()
-    out, weights = compiled.causal_attention(qkv, h)
+    out, weights = compiled.causal_attention(qkv, h, pairs)
     grad_qkv = compiled.causal_attention_backward(qkv, weights, grad_out, h)
     exact_out, _, exact_grad = attention_in_float64(qkv, h, grad_out)
     x = qkv.clone().requires_grad_()  # the explicit path's torch operations in bf16
@@ -686,7 +697,20 @@ def test_causal_attention_kernel_refuses_what_it_cannot_read(compiled):
         lambda: compiled.causal_attention_backward(qkv, weights[:, :1], grad, 2),
         lambda: compiled.causal_attention_backward(qkv, weights, grad.float(), 2),
         lambda: compiled.causal_attention_backward(qkv, weights, grad[:, :4], 2),
+        lambda: compiled.causal_attention_backward(qkv, weights.half(), grad, 2),
     ]
+    if compiled.attention_pairs_available():  # bf16 weights: the pairs' backward's
+        bf16_weights = compiled.causal_attention(qkv, 2, pairs=True)[1]
+        bad_inputs += [
+            lambda: compiled.causal_attention(qkv.float(), 2, pairs=True),
+            lambda: compiled.causal_attention_backward(qkv, bf16_weights[:, :1], grad, 2),
+            lambda: compiled.causal_attention_backward(qkv, bf16_weights, grad.float(), 2),
+        ]
+    else:  # neither pairs nor their weights where the kernel is not built
+        bad_inputs += [
+            lambda: compiled.causal_attention(qkv, 2, pairs=True),
+            lambda: compiled.causal_attention_backward(qkv, weights.bfloat16(), grad, 2),
+        ]
     for call in bad_inputs:
         with pytest.raises(ValueError):
             call()
@@ -713,7 +737,7 @@ def test_denormals_are_flushed_on_every_thread_of_the_pool(compiled):
 
 
 @pytest.mark.parametrize("t", [64, 48, 13])  # whole blocks of 16 (P formed in place), or not
-def test_the_attention_kernel_reads_only_what_it_wrote_of_the_weights_tensor(compiled, t):
+def test_the_attention_kernel_reads_only_what_it_wrote_of_the_weights_tensor(compiled, pairs, t):
     """The weights tensor handed to the kernel is uninitialised memory, which the forward
     pass uses as its scratch where T is whole blocks: filled with NaN first, the results are
     those of a zeroed one, to the bit."""
@@ -722,20 +746,21 @@ def test_the_attention_kernel_reads_only_what_it_wrote_of_the_weights_tensor(com
     qkv = torch.randn(b, t, 3 * h * d, generator=g).bfloat16()
     grad = torch.randn(b, t, h * d, generator=g).bfloat16()
     results = []
+    kernel = compiled.library.tformer_causal_attention_bf16
+    if pairs:
+        kernel = compiled.library.tformer_causal_attention_pairs
     for fill in (float("nan"), 0.0):
         out = torch.empty(b, t, h * d, dtype=torch.bfloat16)
-        weights = torch.full((b, h, t, t), fill)
-        failed = compiled.library.tformer_causal_attention_bf16(
-            qkv.data_ptr(), out.data_ptr(), weights.data_ptr(), b, t, h, d
-        )
+        weights = torch.full((b, h, t, t), fill, dtype=torch.bfloat16 if pairs else torch.float32)
+        failed = kernel(qkv.data_ptr(), out.data_ptr(), weights.data_ptr(), b, t, h, d)
         assert failed == 0
         results.append((out, weights, compiled.causal_attention_backward(qkv, weights, grad, h)))
     assert all(torch.equal(x, y) for x, y in zip(*results, strict=True))
-    assert torch.equal(results[0][1].triu(1), torch.zeros(b, h, t, t))
+    assert not results[0][1].triu(1).any()
 
 
 @pytest.mark.parametrize("t", [33, 64])  # T a whole number of blocks or not; D 24 is not
-def test_the_attention_kernel_gives_the_same_bits_on_any_number_of_threads(compiled, t):
+def test_the_attention_kernel_gives_the_same_bits_on_any_number_of_threads(compiled, pairs, t):
     # Each thread's buffer serves several heads in turn: a head that read what the one
     # before left behind would come out differently when the heads are shared out otherwise.
     b, h, d = 3, 4, 24
@@ -747,7 +772,7 @@ def test_the_attention_kernel_gives_the_same_bits_on_any_number_of_threads(compi
     try:
         for n in (1, 2, 3):
             torch.set_num_threads(n)
-            out, weights = compiled.causal_attention(qkv, h)
+            out, weights = compiled.causal_attention(qkv, h, pairs)
             grad_qkv = compiled.causal_attention_backward(qkv, weights, grad, h)
             results.append((out, weights, grad_qkv))
     finally:

@@ -52,14 +52,15 @@ def choice_names() -> tuple[str, ...]:
 
 
 def record_calls(monkeypatch, names: tuple[str, ...]) -> list[str]:
-    """The names of the attention module's functions `names`, in the order they are called."""
+    """The names of the attention module's functions `names`, in the order they are called
+    (" pairs" added where the compiled kernel is asked for its bf16 pairs)."""
     taken = []
     for name in names:
         original = getattr(attention_module, name)
 
-        def recorded(*args, original=original, name=name):
-            taken.append(name)
-            return original(*args)
+        def recorded(*args, original=original, name=name, **kwargs):
+            taken.append(name + (" pairs" if kwargs.get("pairs") else ""))
+            return original(*args, **kwargs)
 
         monkeypatch.setattr(attention_module, name, recorded)
     return taken
@@ -120,14 +121,17 @@ def test_the_first_timing_inside_a_checkpointed_layer_trains(private_cache):
     assert measured.choices_file(choice.KIND).exists()  # it was timed in there
 
 
-@pytest.mark.parametrize("path", ["kernel", "flash", "flash step"])
+@pytest.mark.parametrize("path", ["kernel", "pairs", "flash", "flash step"])
 def test_each_choice_of_short_attention_trains_as_the_explicit_path(monkeypatch, request, path):
-    """At most QUERY_BLOCK positions: the compiled kernel or the FlashAttention kernel (on a
-    CPU without AMX, its float32 kernel in the bf16 one's place: conftest.py's bf16_flash),
-    as chosen for the shape (forced here); with the kernel chosen, a small layer's sublayer
-    trains as one step (nn/attention_step.py), and, where a hook on a projection must see
-    it, through the modules."""
-    if path != "kernel":
+    """At most QUERY_BLOCK positions: the compiled kernel (float32 products, or bf16 pairs
+    where the CPU has AVX-512 BF16) or the FlashAttention kernel (on a CPU without AMX, its
+    float32 kernel in the bf16 one's place: conftest.py's bf16_flash), as chosen for the
+    shape (forced here); with the kernel chosen, a small layer's sublayer trains as one step
+    (nn/attention_step.py), and, where a hook on a projection must see it, through the
+    modules."""
+    if path == "pairs" and not request.getfixturevalue("compiled").attention_pairs_available():
+        pytest.skip("the bf16 pairs' attention kernel needs a CPU with AVX-512 BF16")
+    if path.startswith("flash"):
         request.getfixturevalue("bf16_flash")
     t, width, heads = QUERY_BLOCK - 28, 128, 4
     g = torch.Generator().manual_seed(0)
@@ -145,8 +149,13 @@ def test_each_choice_of_short_attention_trains_as_the_explicit_path(monkeypatch,
     attend = attention_step.attend
     monkeypatch.setattr(attention_step, "attend", lambda *a: taken.append("step") or attend(*a))
     trains_as(blocked, explicit, x, grad)
-    expected = {"kernel": "compiled_causal_attention", "flash": "flash_causal_projection"}
-    assert taken == [expected.get(path, "step")]
+    expected = {
+        "kernel": "compiled_causal_attention",
+        "pairs": "compiled_causal_attention pairs",
+        "flash": "flash_causal_projection",
+        "flash step": "step",
+    }
+    assert taken == [expected[path]]
 
 
 @pytest.mark.parametrize("t", [QUERY_BLOCK - 28, QUERY_BLOCK + 21])

@@ -20,19 +20,22 @@ def config(**changes) -> GPT2Config:
     return GPT2Config(**{**settings, **changes})
 
 
-@pytest.fixture(params=["kernel", "flash"])
+@pytest.fixture(params=["kernel", "pairs", "flash"])
 def attention_path(request, compiled, bf16_flash, monkeypatch):
     """The attention kernel the step and the modules' path both take, chosen for every
-    shape these tests use: the compiled kernel, or FlashAttention (on a CPU without AMX,
-    its float32 kernel in the bf16 one's place: tests/nn/conftest.py's bf16_flash). Its
-    `calls` are the FlashAttention kernel's, as they happen."""
+    shape these tests use: the compiled kernel with float32 products or bf16 pairs (where
+    the CPU has AVX-512 BF16), or FlashAttention (on a CPU without AMX, its float32 kernel
+    in the bf16 one's place: tests/nn/conftest.py's bf16_flash). Its `calls` are the
+    FlashAttention kernel's, as they happen."""
     path = request.param
+    if path == "pairs" and not compiled.attention_pairs_available():
+        pytest.skip("the bf16 pairs' attention kernel needs a CPU with AVX-512 BF16")
 
     def choose(b: int, t: int, width: int, heads: int) -> None:
         key = f"{b}x{t}x{width} {heads} heads, short bfloat16"
         monkeypatch.setitem(measured._chosen, (choice.KIND, key, torch.get_num_threads()), path)
         shaped = torch.empty(b, t, width, dtype=torch.bfloat16)
-        assert choice.short_flash_chosen(shaped, heads, compiled) == (path == "flash")
+        assert choice.short_attention_kernel(shaped, heads, compiled) == path
 
     choose.flash = path == "flash"
     choose.calls = bf16_flash

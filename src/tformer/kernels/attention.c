@@ -41,8 +41,6 @@
 #define ROWS 8   /* result rows per block */
 #define LANES 16 /* result columns per block: one AVX-512 register of floats */
 
-static inline int64_t round_up(int64_t n, int64_t to) { return (n + to - 1) / to * to; }
-
 /* max_{j < n} s_j, for s of round_up(n, LANES) floats. */
 static inline float row_max(const float *s, int64_t n) {
 #ifdef __AVX512F__

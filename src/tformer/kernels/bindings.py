@@ -38,7 +38,9 @@ attention kernels, called once per layer, check it here.
         float32, b bfloat16 (kernels/casts.c)
     kernels.transpose16(a)   a (C, R) bfloat16 or float16, the transposed view of a row-major
         (R, C) -> a copy of it, row-major
-    kernels.causal_attention(qkv, n_heads)   qkv (B, T, 3C) bf16 -> out (B, T, C), weights
+    kernels.causal_attention(qkv, n_heads, pairs=False)   qkv (B, T, 3C) bf16 -> out (B, T,
+        C), weights P: float32 products, or bf16 pairs on AVX-512 BF16
+        (attention_pairs_available())
     kernels.causal_attention_backward(qkv, weights, grad_out, n_heads)   -> grad_qkv
     kernels.causal_softmax(scores, first)   a block's causal scores (..., n, e) bf16, in place
         -> the weights P; kernels.causal_softmax_backward(weights, grad, first) -> dS in grad
@@ -1138,21 +1140,34 @@ class Kernels:
         return lse, values, ids
 
     @c_function("tformer_causal_attention_bf16", [POINTER] * 3 + [SIZE] * 4, ctypes.c_int)
+    @c_function("tformer_causal_attention_pairs", [POINTER] * 3 + [SIZE] * 4, ctypes.c_int)
     def causal_attention(
-        self, qkv: torch.Tensor, n_heads: int
+        self, qkv: torch.Tensor, n_heads: int, pairs: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Causal self-attention of every head: qkv (B, T, 3C) contiguous bfloat16, the
         fused Q, K, V projection -> out (B, T, C) bfloat16 (heads side by side, as the
-        output projection reads them) and the weights P (B, H, T, T) float32, zero above
-        the diagonal, which the backward pass needs."""
+        output projection reads them) and the weights P (B, H, T, T), zero above the
+        diagonal, which the backward pass needs: float32, each product in float32
+        (kernels/attention.c), or with `pairs` bf16, the products of bf16 pairs
+        (kernels/attention_pairs.c, where attention_pairs_available())."""
         b, t, d = attention_shape(qkv, n_heads)
+        if pairs and not self.attention_pairs_available():
+            raise ValueError("causal_attention: pairs need a build for AVX-512 BF16")
         out = torch.empty(b, t, n_heads * d, dtype=torch.bfloat16)
-        weights = torch.empty(b, n_heads, t, t, dtype=torch.float32)
-        failed = self.library.tformer_causal_attention_bf16(
-            qkv.data_ptr(), out.data_ptr(), weights.data_ptr(), b, t, n_heads, d
+        weights = torch.empty(b, n_heads, t, t, dtype=torch.bfloat16 if pairs else torch.float32)
+        function = (
+            self.library.tformer_causal_attention_pairs
+            if pairs
+            else self.library.tformer_causal_attention_bf16
         )
+        failed = function(qkv.data_ptr(), out.data_ptr(), weights.data_ptr(), b, t, n_heads, d)
         check_allocated(failed, t)
         return out, weights
+
+    @c_function("tformer_attention_pairs_available", [], ctypes.c_int)
+    def attention_pairs_available(self) -> bool:
+        """Whether causal_attention takes `pairs` here: built for a CPU with AVX-512 BF16."""
+        return bool(self.library.tformer_attention_pairs_available())
 
     @c_function("tformer_causal_softmax_bf16", [POINTER] + [SIZE] * 4, ctypes.c_int)
     def causal_softmax(self, scores: torch.Tensor, first: int) -> torch.Tensor:
@@ -1183,14 +1198,19 @@ class Kernels:
         return grad
 
     @c_function("tformer_causal_attention_backward_bf16", [POINTER] * 4 + [SIZE] * 4, ctypes.c_int)
+    @c_function("tformer_causal_attention_pairs_backward", [POINTER] * 4 + [SIZE] * 4, ctypes.c_int)
     def causal_attention_backward(
         self, qkv: torch.Tensor, weights: torch.Tensor, grad_out: torch.Tensor, n_heads: int
     ) -> torch.Tensor:
         """The gradient (B, T, 3C) bfloat16 of the projection qkv, from the forward pass's
-        qkv and weights and the output's gradient grad_out (B, T, C) bfloat16, contiguous."""
+        qkv and weights and the output's gradient grad_out (B, T, C) bfloat16, contiguous:
+        by the kernel whose weights these are (bf16: the pairs' kernel)."""
         b, t, d = attention_shape(qkv, n_heads)
+        pairs = weights.dtype == torch.bfloat16
+        if pairs and not self.attention_pairs_available():
+            raise ValueError("causal_attention_backward: bf16 weights need AVX-512 BF16")
         expected = {
-            "weights": (weights, (b, n_heads, t, t), torch.float32),
+            "weights": (weights, (b, n_heads, t, t), weights.dtype if pairs else torch.float32),
             "grad_out": (grad_out, (b, t, n_heads * d), torch.bfloat16),
         }
         for name, (tensor, shape, dtype) in expected.items():
@@ -1201,7 +1221,12 @@ class Kernels:
                     f"causal_attention_backward: {name} must be contiguous, on the CPU"
                 )
         grad_qkv = torch.empty_like(qkv)
-        failed = self.library.tformer_causal_attention_backward_bf16(
+        function = (
+            self.library.tformer_causal_attention_pairs_backward
+            if pairs
+            else self.library.tformer_causal_attention_backward_bf16
+        )
+        failed = function(
             qkv.data_ptr(),
             weights.data_ptr(),
             grad_out.data_ptr(),

@@ -38,6 +38,7 @@ SOURCES = tuple(
         "casts.c",
         "transpose.c",
         "attention.c",
+        "attention_pairs.c",
         "softmax.c",
         "flash_attention.c",
         "flash_attention_f32.c",

@@ -40,6 +40,9 @@ static inline uint16_t float_to_bf16_keeping_nan(float f) {
     return float_to_bf16_bits(f);
 }
 
+/* n rounded up to a multiple of `to`. */
+static inline int64_t round_up(int64_t n, int64_t to) { return (n + to - 1) / to * to; }
+
 /* Inside an OpenMP parallel region: this thread's contiguous share [*begin, *end) of n
    items (rows, elements), the shares in thread order. */
 static inline void my_share(int64_t n, int64_t *begin, int64_t *end) {

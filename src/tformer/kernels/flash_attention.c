@@ -63,8 +63,6 @@ _Static_assert(PAD % BWD_KEYS == 0 && PAD % FWD_ROWS == 0, "whole blocks");
 #define ARCH_REQ_XCOMP_PERM 0x1023 /* Linux: ask for an extended state component */
 #define XFEATURE_XTILEDATA 18      /* the AMX tiles' state */
 
-static inline int64_t round_up(int64_t n, int64_t to) { return (n + to - 1) / to * to; }
-
 /* Linux gives a process the tiles' state only when asked; 1 if granted. */
 static int tiles_permitted(void) {
     static int permitted = -1;

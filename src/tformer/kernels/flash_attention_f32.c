@@ -49,8 +49,6 @@
 #define PAD 256         /* T is padded to a multiple of every block */
 _Static_assert(PAD % FWD_ROWS == 0 && PAD % FWD_KEYS == 0 && PAD % BWD_BLOCK == 0, "blocks");
 
-static inline int64_t round_up(int64_t n, int64_t to) { return (n + to - 1) / to * to; }
-
 /* out[r][l] (rows ldo apart) = [out +] sum_{k < n} a[r a_row + k a_col] b[k ldb + l], for
    r < ROWS and l < WIDE. */
 #if defined(__AVX512F__)

@@ -45,7 +45,7 @@ from tformer.nn.attention_choice import (
     AttentionPath,
     long_attention_path,
     prompt_flash_chosen,
-    short_flash_chosen,
+    short_attention_kernel,
 )
 from tformer.nn.blocked_attention import (
     QUERY_BLOCK,
@@ -200,11 +200,12 @@ def short_causal_attention(
     qkv: torch.Tensor, n_heads: int, library: kernels.Kernels
 ) -> torch.Tensor:
     """Short causal self-attention of the fused projection qkv (B, T, 3C) bf16 -> (B, T, C):
-    the compiled kernel, or in training the FlashAttention kernel where the CPU has AMX and
-    that trains faster here (nn/attention_choice.py)."""
-    if torch.is_grad_enabled() and short_flash_chosen(qkv, n_heads, library):
+    the compiled kernel, or in training the one of the compiled kernels and FlashAttention
+    that trains fastest here (nn/attention_choice.py)."""
+    kernel = short_attention_kernel(qkv, n_heads, library) if torch.is_grad_enabled() else None
+    if kernel == "flash":
         return flash_causal_projection(qkv, n_heads)
-    return compiled_causal_attention(qkv, n_heads, library)
+    return compiled_causal_attention(qkv, n_heads, library, pairs=kernel == "pairs")
 
 
 def long_attention_paths(q: torch.Tensor) -> dict[str, AttentionPath]:

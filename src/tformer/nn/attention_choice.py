@@ -30,7 +30,7 @@ from tformer.nn.flash_attention import (
 )
 from tformer.nn.measured import dtype_name, fastest, training_runs
 
-KIND = "attention-v7"  # the measured choices' file and version (nn/measured.py)
+KIND = "attention-v8"  # the measured choices' file and version (nn/measured.py)
 PROMPT_KIND = "prompt-attention-v3"  # the same for inference's prompts
 PROMPT_FROM = 64  # positions: shorter prompts keep torch's fused kernel, unmeasured
 # a path of causal self-attention: (q, k, v) -> out, each (B, H, T, D)
@@ -92,18 +92,19 @@ def short_attention_path(qkv: torch.Tensor, n_heads: int, paths: dict[str, Proje
     return fastest(KIND, key, tuple(paths), candidates)
 
 
-def short_flash_chosen(qkv: torch.Tensor, n_heads: int, library: kernels.Kernels) -> bool:
-    """Whether a training step's short causal self-attention over the fused projection qkv
-    (B, T, 3C) bf16 runs in the FlashAttention kernel on this CPU: where that kernel takes
-    its heads and was timed faster than the compiled kernel (short_attention_path). Only
-    qkv's shape and dtype are read."""
-    if not flash_takes(qkv.unflatten(-1, (3 * n_heads, -1))):  # (B, T, 3H, D)
-        return False
-    paths = {
-        "kernel": lambda x: compiled_causal_attention(x, n_heads, library),
-        "flash": lambda x: flash_causal_projection(x, n_heads),
-    }
-    return short_attention_path(qkv, n_heads, paths) == "flash"
+def short_attention_kernel(qkv: torch.Tensor, n_heads: int, library: kernels.Kernels) -> str:
+    """Which kernel runs a training step's short causal self-attention over the fused
+    projection qkv (B, T, 3C) bf16 on this CPU: "kernel" (kernels/attention.c, float32
+    products), "pairs" (kernels/attention_pairs.c, bf16 products, where the CPU has AVX-512
+    BF16) or "flash" (the FlashAttention kernel, where it takes the heads), whichever of
+    those that run here was timed fastest (short_attention_path). Only qkv's shape and dtype
+    are read."""
+    paths = {"kernel": lambda x: compiled_causal_attention(x, n_heads, library)}
+    if library.attention_pairs_available():
+        paths["pairs"] = lambda x: compiled_causal_attention(x, n_heads, library, pairs=True)
+    if flash_takes(qkv.unflatten(-1, (3 * n_heads, -1))):  # (B, T, 3H, D)
+        paths["flash"] = lambda x: flash_causal_projection(x, n_heads)
+    return short_attention_path(qkv, n_heads, paths)
 
 
 def prompt_flash_chosen(q: torch.Tensor) -> bool:

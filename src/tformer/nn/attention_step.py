@@ -26,7 +26,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from tformer import kernels
-from tformer.nn.attention_choice import short_flash_chosen
+from tformer.nn.attention_choice import short_attention_kernel
 from tformer.nn.flash_attention import projection_heads
 from tformer.nn.row_blocks import MIN_WEIGHT, autocast_dtype, bias_product, plain_linear
 from tformer.nn.weight_copies import half_weight
@@ -53,7 +53,7 @@ def takes(attention: nn.Module, x: torch.Tensor) -> bool:
         return False
     b, t, c = x.shape
     shaped = torch.empty((), dtype=BF16).expand(b, t, 3 * c)  # the projection's shape only
-    return short_flash_chosen(shaped, attention.n_heads, library)
+    return short_attention_kernel(shaped, attention.n_heads, library) == "flash"
 
 
 def attend(attention: nn.Module, x: torch.Tensor) -> torch.Tensor:

@@ -34,7 +34,7 @@ from torch.autograd.function import once_differentiable
 from torch.nn.modules import module as module_hooks
 
 from tformer import kernels
-from tformer.nn.attention_choice import short_flash_chosen
+from tformer.nn.attention_choice import short_attention_kernel
 from tformer.nn.attention_step import flash_backward, flash_forward
 from tformer.nn.blocked_attention import any_hooked, hook_dicts, kernel_may_take
 from tformer.nn.feedforward_step import STEP_ACTIVATIONS, network_backward, network_forward
@@ -116,7 +116,7 @@ def run(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
     library = kernels.load()
     b, t, c = x.shape
     shaped = torch.empty((), dtype=BF16).expand(b, t, 3 * c)  # the projection's shape only
-    flash = short_flash_chosen(shaped, attention.n_heads, library)
+    kernel = short_attention_kernel(shaped, attention.n_heads, library)
     params = (
         first.norm.weight,
         first.norm.bias,
@@ -132,21 +132,21 @@ def run(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
         ffn.w2.bias,
     )
     eps = (first.norm.eps, second.norm.eps)
-    options = (attention.n_heads, ffn.activation, eps, flash, library)
+    options = (attention.n_heads, ffn.activation, eps, kernel, library)
     # viewed outside the Function, as nn/row_blocks.py: a view made inside one could not be
     # changed in place (by a hook on the block, say), where the modules' output can
     return FusedBlock.apply(x, options, *params).view(b, t, c)
 
 
 class FusedBlock(torch.autograd.Function):
-    """y = Block(x): x (B, T, C) float32, options (heads, activation, the norms' eps, whether
-    the FlashAttention kernel attends, the kernels), then the block's twelve parameters in
-    `run`'s order -> y (B T, C) float32. Saves what the backward pass reads, in bf16 where
-    the products read it."""
+    """y = Block(x): x (B, T, C) float32, options (heads, activation, the norms' eps, the
+    attention kernel chosen: "kernel", "pairs" or "flash", the kernels), then the block's
+    twelve parameters in `run`'s order -> y (B T, C) float32. Saves what the backward pass
+    reads, in bf16 where the products read it."""
 
     @staticmethod
     def forward(ctx, x, options, *params):
-        n_heads, activation, (eps_1, eps_2), flash, library = options
+        n_heads, activation, (eps_1, eps_2), kernel, library = options
         g_1, beta_1, w_qkv, b_qkv, w_o, b_o, g_2, beta_2, w_1, b_1, w_2, b_2 = params
         w_qkv, b_qkv, w_o, b_o, w_1, b_1, w_2, b_2 = (
             half_weight(p, BF16) for p in (w_qkv, b_qkv, w_o, b_o, w_1, b_1, w_2, b_2)
@@ -156,10 +156,11 @@ class FusedBlock(torch.autograd.Function):
         a = torch.empty(b * t, c, dtype=BF16)
         _, mean_1, rstd_1 = library.layer_norm_bf16_out(rows, g_1, beta_1, eps_1, out=a)
         qkv = bias_product(a, w_qkv, b_qkv).view(b, t, 3 * c)
+        flash = kernel == "flash"
         if flash:
             o, kept = flash_forward(qkv, n_heads, library)  # kept: the log-sum-exp
-        else:
-            o, kept = library.causal_attention(qkv, n_heads)  # kept: the weights P
+        else:  # kept: the weights P (bf16 from the pairs' kernel: its backward reads them)
+            o, kept = library.causal_attention(qkv, n_heads, pairs=kernel == "pairs")
         o = o.view(b * t, c)  # the heads side by side
         r = torch.empty(b * t, c)
         n = torch.empty(b * t, c, dtype=BF16)

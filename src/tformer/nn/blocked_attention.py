@@ -182,21 +182,23 @@ def kernels_for(qkv: torch.Tensor) -> kernels.Kernels | None:
 
 
 def compiled_causal_attention(
-    qkv: torch.Tensor, n_heads: int, library: kernels.Kernels
+    qkv: torch.Tensor, n_heads: int, library: kernels.Kernels, pairs: bool = False
 ) -> torch.Tensor:
     """Causal self-attention of every head in the compiled kernel: the fused projection
-    qkv (B, T, 3C) bfloat16 -> (B, T, C) bfloat16, the heads side by side."""
-    return CompiledCausalAttention.apply(qkv.contiguous(), n_heads, library)
+    qkv (B, T, 3C) bfloat16 -> (B, T, C) bfloat16, the heads side by side; with `pairs`,
+    the kernel of bf16 products (kernels/attention_pairs.c)."""
+    return CompiledCausalAttention.apply(qkv.contiguous(), n_heads, library, pairs)
 
 
 class CompiledCausalAttention(torch.autograd.Function):
     """Causal self-attention in the compiled CPU kernels: qkv (B, T, 3C) bfloat16, the fused
     projection -> (B, T, C) bfloat16, the heads side by side. The equations are the blocked
-    path's (forward and backward), computed head by head in float32."""
+    path's (forward and backward), computed head by head with float32 products or, with
+    `pairs`, bf16 ones."""
 
     @staticmethod
-    def forward(ctx, qkv, n_heads, library):
-        out, weights = library.causal_attention(qkv, n_heads)
+    def forward(ctx, qkv, n_heads, library, pairs):
+        out, weights = library.causal_attention(qkv, n_heads, pairs)
         ctx.save_for_backward(qkv, weights)
         ctx.n_heads, ctx.library = n_heads, library
         return out
@@ -206,8 +208,5 @@ class CompiledCausalAttention(torch.autograd.Function):
     def backward(ctx, grad_out):
         qkv, weights = ctx.saved_tensors
         grad_out = grad_out.contiguous().to(torch.bfloat16)
-        return (
-            ctx.library.causal_attention_backward(qkv, weights, grad_out, ctx.n_heads),
-            None,
-            None,
-        )
+        grad_qkv = ctx.library.causal_attention_backward(qkv, weights, grad_out, ctx.n_heads)
+        return grad_qkv, None, None, None
