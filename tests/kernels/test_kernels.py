@@ -616,9 +616,18 @@ def attention_in_float64(qkv: torch.Tensor, n_heads: int, grad_out: torch.Tensor
 
 @pytest.mark.parametrize(
     "b, t, h, d",
-    [(3, 64, 4, 32), (2, 13, 3, 24), (1, 1, 2, 16), (2, 128, 2, 64), (1, 9, 1, 8), (2, 40, 2, 24)],
+    [
+        (3, 64, 4, 32),
+        (2, 13, 3, 24),
+        (1, 1, 2, 16),
+        (2, 128, 2, 64),
+        (1, 9, 1, 8),
+        (2, 40, 2, 24),
+        (2, 21, 3, 17),
+    ],
 )  # nanoGPT's shape; sizes that end in partial blocks of 8 rows and 16 lanes; one position;
-# K^T and V^T in whole 16 x 16 blocks and the rest (40 x 24)
+# K^T and V^T in whole 16 x 16 blocks and the rest (40 x 24); an odd head width (the bf16
+# pairs' last pair half padding)
 def test_causal_attention_kernel_matches_the_formula_in_float64(compiled, pairs, b, t, h, d):
     g = torch.Generator().manual_seed(t * 100 + d)
     qkv = (torch.randn(b, t, 3 * h * d, generator=g) * 1.5).bfloat16()

@@ -92,28 +92,20 @@ static void interleave(const uint16_t *src, int64_t ld, int64_t pairs, int64_t c
         }
 }
 
-/* dst[p][j] = src[j][2p] | src[j][2p + 1] << 16 for j < rows, p < (d + 1) / 2, with rows ld
-   apart in src and tp columns in dst (the second value 0 past d). Sixteen rows' pair p in
-   one gather where d is even (the rows' pairs then 32-bit values of their own). */
-static void turn(const uint16_t *src, int64_t ld, int64_t rows, int64_t d, uint32_t *dst,
+/* dst[p][j] = src[j][2p] | src[j][2p + 1] << 16 for j < rows, p < pairs: the 32-bit
+   transpose of a head's rows copied into a buffer (ld even; rows a multiple of LANES, the
+   padding zero), sixteen rows' pair p in one gather. Gathered from the copy, not from the
+   projection: there each of the sixteen rows is a line from memory, and the gather waits
+   for all of them (docs/LOG.md). */
+static void turn(const uint16_t *src, int64_t ld, int64_t rows, int64_t pairs, uint32_t *dst,
                  int64_t tp) {
-    int64_t done = 0;
-    if (d % 2 == 0 && ld % 2 == 0 && ((uintptr_t)src & 3) == 0 && 16 * ld < INT32_MAX) {
-        const __m512i rows16 = _mm512_mullo_epi32(
-            _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-            _mm512_set1_epi32((int)(ld / 2)));
-        for (; done + 16 <= rows; done += 16)
-            for (int64_t p = 0; 2 * p < d; p++)
-                _mm512_storeu_si512(dst + p * tp + done,
-                                    _mm512_i32gather_epi32(rows16, src + done * ld + 2 * p, 4));
-    }
-    for (int64_t j = done; j < rows; j++) {
-        const uint16_t *row = src + j * ld;
-        for (int64_t p = 0; 2 * p < d; p++) {
-            const uint32_t hi = 2 * p + 1 < d ? row[2 * p + 1] : 0;
-            dst[p * tp + j] = row[2 * p] | hi << 16;
-        }
-    }
+    const __m512i rows16 = _mm512_mullo_epi32(
+        _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+        _mm512_set1_epi32((int)(ld / 2)));
+    for (int64_t j0 = 0; j0 < rows; j0 += LANES)
+        for (int64_t p = 0; p < pairs; p++)
+            _mm512_storeu_si512(dst + p * tp + j0,
+                                _mm512_i32gather_epi32(rows16, src + j0 * ld + 2 * p, 4));
 }
 
 /* n float32 values rounded to bf16 (to nearest even) at dst. */
@@ -205,7 +197,7 @@ static void write_weights(const uint16_t *p, const struct shape *sh, uint16_t *w
 
 /* The forward pass's buffers, in bytes (forward_head's layout). */
 static size_t forward_bytes(const struct shape *s) {
-    return 2 * (size_t)(s->tp * s->dp) * 2     /* Q rows, V rows (bf16) */
+    return 3 * (size_t)(s->tp * s->dp) * 2     /* Q, K, V rows (bf16) */
            + (size_t)(s->d_pairs * s->tp) * 4  /* K turned */
            + (size_t)(s->tp / 2 * s->dp) * 4   /* V interleaved */
            + (size_t)(s->tp * s->tp) * 4       /* S (float32) */
@@ -220,14 +212,15 @@ static void forward_head(const uint16_t *qkv, uint16_t *out, uint16_t *weights, 
                          int64_t b, int64_t h, const struct shape *sh) {
     const int64_t t = sh->t, d = sh->d, tp = sh->tp, dp = sh->dp, row = sh->row, c = sh->c;
     const uint16_t *base = qkv + b * t * row + h * d;
-    uint16_t *q = (uint16_t *)buffer, *v = q + tp * dp;
+    uint16_t *q = (uint16_t *)buffer, *k = q + tp * dp, *v = k + tp * dp;
     uint32_t *k_turned = (uint32_t *)(v + tp * dp), *v_pairs = k_turned + sh->d_pairs * tp;
     float *s = (float *)(v_pairs + tp / 2 * dp);
     uint16_t *p = (uint16_t *)(s + tp * tp);
     float *o = (float *)(p + tp * tp), *e = o + tp * dp;
     copy_rows(base, row, t, d, q, dp);
+    copy_rows(base + c, row, t, d, k, dp);
     copy_rows(base + 2 * c, row, t, d, v, dp);
-    turn(base + c, row, t, d, k_turned, tp);
+    turn(k, dp, tp, sh->d_pairs, k_turned, tp);
     interleave(v, dp, tp / 2, dp, v_pairs);
     for (int64_t i0 = 0; i0 < t; i0 += ROWS) /* S = Q K^T, the blocks on or below the diagonal */
         for (int64_t j0 = 0; j0 < i0 + ROWS && j0 < t; j0 += LANES)
@@ -248,7 +241,7 @@ static void forward_head(const uint16_t *qkv, uint16_t *out, uint16_t *weights, 
 
 /* The backward pass's buffers, in bytes (backward_head's layout). */
 static size_t backward_bytes(const struct shape *s) {
-    return 3 * (size_t)(s->tp * s->dp) * 2     /* Q, K, dO rows (bf16) */
+    return 4 * (size_t)(s->tp * s->dp) * 2     /* Q, K, V, dO rows (bf16) */
            + 3 * (size_t)(s->tp / 2 * s->dp) * 4 /* the same interleaved */
            + (size_t)(s->d_pairs * s->tp) * 4  /* V turned */
            + 2 * (size_t)(s->tp * s->tp) * 2   /* P, dS rows (bf16) */
@@ -264,7 +257,7 @@ static void backward_head(const uint16_t *qkv, const uint16_t *weights, const ui
                           const struct shape *sh) {
     const int64_t t = sh->t, d = sh->d, tp = sh->tp, dp = sh->dp, row = sh->row, c = sh->c;
     const uint16_t *base = qkv + b * t * row + h * d;
-    uint16_t *q = (uint16_t *)buffer, *k = q + tp * dp, *go = k + tp * dp;
+    uint16_t *q = (uint16_t *)buffer, *k = q + tp * dp, *v = k + tp * dp, *go = v + tp * dp;
     uint32_t *q_pairs = (uint32_t *)(go + tp * dp), *k_pairs = q_pairs + tp / 2 * dp;
     uint32_t *go_pairs = k_pairs + tp / 2 * dp, *v_turned = go_pairs + tp / 2 * dp;
     uint16_t *p = (uint16_t *)(v_turned + sh->d_pairs * tp), *ds = p + tp * tp;
@@ -273,9 +266,10 @@ static void backward_head(const uint16_t *qkv, const uint16_t *weights, const ui
     float *dv = dk + tp * dp;
     copy_rows(base, row, t, d, q, dp);
     copy_rows(base + c, row, t, d, k, dp);
+    copy_rows(base + 2 * c, row, t, d, v, dp);
     copy_rows(grad_out + b * t * c + h * d, c, t, d, go, dp);
     copy_rows(weights, t, t, t, p, tp);
-    turn(base + 2 * c, row, t, d, v_turned, tp);
+    turn(v, dp, tp, sh->d_pairs, v_turned, tp);
     for (int64_t i0 = 0; i0 < t; i0 += ROWS) /* dP = dO V^T, on or below the diagonal */
         for (int64_t j0 = 0; j0 < i0 + ROWS && j0 < t; j0 += LANES)
             tile((const uint32_t *)(go + i0 * dp), dp / 2, 1, v_turned + j0, tp, sh->d_pairs,
