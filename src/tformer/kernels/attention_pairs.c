@@ -79,7 +79,7 @@ static void copy_rows(const uint16_t *src, int64_t ld, int64_t rows, int64_t col
 }
 
 /* dst[p][j] = src[2p][j] | src[2p + 1][j] << 16 for p < pairs, j < cols (cols a multiple of
-   LANES), src bf16 with rows ld apart and at least 2 pairs rows. */
+   LANES): src bf16, 2 pairs rows ld apart. */
 static void interleave(const uint16_t *src, int64_t ld, int64_t pairs, int64_t cols,
                        uint32_t *dst) {
     for (int64_t p = 0; p < pairs; p++)
@@ -262,7 +262,7 @@ static void backward_head(const uint16_t *qkv, const uint16_t *weights, const ui
     uint32_t *go_pairs = k_pairs + tp / 2 * dp, *v_turned = go_pairs + tp / 2 * dp;
     uint16_t *p = (uint16_t *)(v_turned + sh->d_pairs * tp), *ds = p + tp * tp;
     uint32_t *p_pairs = (uint32_t *)(ds + tp * tp), *ds_pairs = p_pairs + tp / 2 * tp;
-    float *dp_ = (float *)(ds_pairs + tp / 2 * tp), *dq = dp_ + tp * tp, *dk = dq + tp * dp;
+    float *grad_p = (float *)(ds_pairs + tp / 2 * tp), *dq = grad_p + tp * tp, *dk = dq + tp * dp;
     float *dv = dk + tp * dp;
     copy_rows(base, row, t, d, q, dp);
     copy_rows(base + c, row, t, d, k, dp);
@@ -273,11 +273,11 @@ static void backward_head(const uint16_t *qkv, const uint16_t *weights, const ui
     for (int64_t i0 = 0; i0 < t; i0 += ROWS) /* dP = dO V^T, on or below the diagonal */
         for (int64_t j0 = 0; j0 < i0 + ROWS && j0 < t; j0 += LANES)
             tile((const uint32_t *)(go + i0 * dp), dp / 2, 1, v_turned + j0, tp, sh->d_pairs,
-                 dp_ + i0 * tp + j0, tp);
+                 grad_p + i0 * tp + j0, tp);
     for (int64_t i = 0; i < t; i++) { /* dS = P (dP - rowsum(P dP)), rounded to bf16 */
         const int64_t n = i + 1;
         const uint16_t *pi = p + i * tp;
-        const float *di = dp_ + i * tp;
+        const float *di = grad_p + i * tp;
         __m512 r = _mm512_setzero_ps();
         for (int64_t j = 0; j < n; j += LANES) {
             const __mmask16 in = first_lanes(n - j);
