@@ -51,6 +51,41 @@ def choice_names() -> tuple[str, ...]:
     return ("blocked", "fused")
 
 
+def test_short_attention_times_the_kernels_this_cpu_runs(private_cache, compiled, monkeypatch):
+    """The short kernel is chosen among those built and taken here, each timed forward and
+    backward on the first call for a shape, then read from the cache; with only the kernel
+    of float32 products, it is taken untimed."""
+    calls = []
+    for name in ("causal_attention", "causal_attention_backward", "flash_attention"):
+        original = getattr(type(compiled), name)
+
+        def counted(self, *args, name=name, original=original, **kwargs):
+            pairs = kwargs.get("pairs", args[2] if name == "causal_attention" else False)
+            calls.append(name + (" pairs" if pairs is True else ""))
+            return original(self, *args, **kwargs)
+
+        monkeypatch.setattr(type(compiled), name, counted)
+    qkv = torch.empty(2, 16, 3 * 2 * 16, dtype=torch.bfloat16)
+    expected = {"kernel"}
+    if compiled.attention_pairs_available():
+        expected.add("pairs")
+    if flash_takes(qkv.unflatten(-1, (6, -1))):
+        expected.add("flash")
+    chosen = choice.short_attention_kernel(qkv, 2, compiled)
+    assert chosen in expected
+    timed = {"kernel": "causal_attention", "pairs": "causal_attention pairs"}
+    timed["flash"] = "flash_attention"
+    assert {timed[name] for name in expected} <= set(calls)
+    stored = measured.read_cached_json(measured.choices_file(choice.KIND))
+    assert stored == ({"2x16x96 2 heads, short bfloat16": chosen} if len(expected) > 1 else {})
+    calls.clear()
+    assert choice.short_attention_kernel(qkv, 2, compiled) == chosen and calls == []
+    monkeypatch.setattr(measured, "_chosen", {})
+    monkeypatch.setattr(type(compiled), "attention_pairs_available", lambda self: False)
+    monkeypatch.setattr(choice, "flash_takes", lambda heads: False)
+    assert choice.short_attention_kernel(qkv[:1], 2, compiled) == "kernel" and calls == []
+
+
 def record_calls(monkeypatch, names: tuple[str, ...]) -> list[str]:
     """The names of the attention module's functions `names`, in the order they are called
     (" pairs" added where the compiled kernel is asked for its bf16 pairs)."""
