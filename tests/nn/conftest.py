@@ -1,8 +1,11 @@
 """Fixtures of the layer tests."""
 
+from collections.abc import Callable
+
 import pytest
 import torch
 
+from tformer.nn import small_products
 from tformer.nn.flash_attention import flash_takes
 
 
@@ -52,3 +55,31 @@ def bf16_flash(compiled, monkeypatch) -> list[str]:
     monkeypatch.setattr(kernels_type, "flash_attention", flash_attention)
     monkeypatch.setattr(kernels_type, "flash_attention_backward", flash_attention_backward)
     return calls
+
+
+@pytest.fixture(params=["torch", "rows"])
+def products(request, compiled, monkeypatch) -> str:
+    """The path every product of the small models' one-step paths takes, pinned
+    (nn/small_products.py): torch's products, or kernels/products.c's rows (skipped on a CPU
+    without AVX-512 BF16, where that kernel is not built)."""
+    if request.param == "rows" and not compiled.products_available():
+        pytest.skip("kernels/products.c needs a CPU with AVX-512 BF16")
+    monkeypatch.setattr(small_products, "chosen", lambda *shape: request.param)
+    return request.param
+
+
+@pytest.fixture
+def agree(products) -> Callable[[torch.Tensor, torch.Tensor], None]:
+    """agree(ours, plain): equal to the bit where every product on both paths is torch's;
+    with kernels/products.c's on one path, as close as one bf16 rounding carried through a
+    layer or two (its sums are torch's own on some CPUs, not on all)."""
+
+    def check(ours: torch.Tensor, plain: torch.Tensor) -> None:
+        assert ours.dtype == plain.dtype and ours.shape == plain.shape
+        if products == "torch":
+            assert torch.equal(ours, plain)
+        else:
+            scale = plain.abs().max().item()
+            torch.testing.assert_close(ours, plain, rtol=2**-6, atol=2**-6 * scale)
+
+    return check

@@ -314,7 +314,9 @@ def test_a_prompts_kernel_is_timed_once_forward_only(private_cache, monkeypatch)
     seen = []
     run = measured._time
     monkeypatch.setattr(
-        measured, "_time", lambda c: seen.append(torch.is_inference_mode_enabled()) or run(c)
+        measured,
+        "_time",
+        lambda c, turns: seen.append(torch.is_inference_mode_enabled()) or run(c, turns),
     )
     x = torch.randn(1, 2 * choice.PROMPT_FROM - 1, 64)
     with torch.no_grad():

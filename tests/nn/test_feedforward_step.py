@@ -37,16 +37,18 @@ def exact(ffn: FeedForward, x: torch.Tensor, grad: torch.Tensor) -> list[torch.T
 
 
 @pytest.mark.parametrize("activation", ["gelu", "gelu_tanh"])
-def test_the_feed_forward_in_one_step_trains_as_its_layers_apart(compiled, activation):
-    """The same products, GELU kernel and casts: the output equal to the bit, each gradient
-    as close to float64's as the plain path's."""
+def test_the_feed_forward_in_one_step_trains_as_its_layers_apart(activation, products, agree):
+    """The same GELU kernel and casts: with torch's products the output equal to the bit
+    (with kernels/products.c's, within a rounding), each gradient as close to float64's as
+    the plain path's."""
     torch.manual_seed(0)
     ffn = FeedForward(64, 256, activation=activation)
     x = torch.randn(3, 50, 64)
     grad = torch.randn(3, 50, 64)
     y, fused = run(ffn, x, grad, fused=True)
     y0, plain = run(ffn, x, grad, fused=False)
-    assert y.dtype == torch.bfloat16 and torch.equal(y, y0)
+    assert y.dtype == torch.bfloat16
+    agree(y, y0)
     for ours, theirs, best in zip(fused, plain, exact(ffn, x, grad), strict=True):
         assert ours.dtype == theirs.dtype and ours.shape == theirs.shape
         torch.testing.assert_close(ours, theirs, rtol=2**-6, atol=1e-3)

@@ -164,9 +164,9 @@ def test_slicing_is_timed_against_the_whole_product_once(tmp_path, monkeypatch):
     x, w = torch.randn(4, 6, 8), torch.randn(40, 8)
     timed, original = [], measured._time
 
-    def timing(runs):
+    def timing(runs, turns):
         timed.append(sorted(runs))
-        return original(runs)
+        return original(runs, turns)
 
     monkeypatch.setattr(measured, "_time", timing)
     with torch.autocast("cpu", dtype=torch.bfloat16):

@@ -46,6 +46,13 @@ def test_the_fastest_is_timed_once_and_kept_in_the_cache(private_cache, monkeypa
     assert not measured.choices_file("other").exists()  # each kind its own file
 
 
+def test_a_kind_may_ask_for_more_turns(private_cache):
+    slow, fast = [], []
+    runs = {"x": counting(0.002, slow), "y": counting(0, fast)}
+    assert measured.fastest("k", "c", ("x", "y"), lambda: runs, turns=12) == "y"
+    assert len(slow) == len(fast) == 1 + 12
+
+
 def test_an_unreadable_or_foreign_choices_file_is_timed_again(private_cache):
     store = measured.choices_file("k")
     store.parent.mkdir(parents=True)

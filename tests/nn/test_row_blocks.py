@@ -51,7 +51,7 @@ def test_the_path_is_timed_once_per_shape_layout_and_dtype(monkeypatch):
     known = measured.read_choices(measured.choices_file(rb.KIND), names)
     assert known == {"512x256x16 tn bfloat16": chosen}  # M and K rounded up to KEY_STEP
     # another batch length in the same step of KEY_STEP: the same choice, not timed again
-    monkeypatch.setattr(measured, "_time", lambda candidates: pytest.fail("timed again"))
+    monkeypatch.setattr(measured, "_time", lambda candidates, turns: pytest.fail("timed again"))
     assert fastest_path(*operands(500, 40, 16, torch.bfloat16, "t")[:2]) == chosen
 
 
@@ -124,7 +124,7 @@ def test_the_fused_bias_is_timed_once_and_only_for_the_operands_it_takes(monkeyp
     chosen = rb.bias_fused_faster(a, weight.t(), bias, "whole")
     known = measured.read_choices(measured.choices_file(rb.KIND), ("whole", "fused"))
     assert known == {"512x256x16 nt bfloat16 bias, else whole": "fused" if chosen else "whole"}
-    monkeypatch.setattr(measured, "_time", lambda candidates: pytest.fail("timed again"))
+    monkeypatch.setattr(measured, "_time", lambda candidates, turns: pytest.fail("timed again"))
     assert rb.bias_fused_faster(a[:500], weight.t(), bias, "whole") == chosen
     # a b that is not a transposed weight, a strided a, a bias of another dtype: addmm's
     assert not rb.bias_fused_faster(a, b, bias, "whole")
@@ -141,7 +141,7 @@ def test_a_small_layer_s_fused_bias_is_timed_at_its_own_width(monkeypatch):
     known = measured.read_choices(measured.choices_file(rb.KIND), ("whole", "fused"))
     assert set(known) == {"512x32x16 nt bfloat16 bias, else whole"}  # not K rounded to 256
     # the tokens are rounded as for any layer: another batch length is not timed again
-    monkeypatch.setattr(measured, "_time", lambda candidates: pytest.fail("timed again"))
+    monkeypatch.setattr(measured, "_time", lambda candidates, turns: pytest.fail("timed again"))
     assert rb.bias_fused_faster(a[:500], weight.t(), bias, "whole", exact_width=True) == chosen
     asked = []
     monkeypatch.setattr(rb, "_bias_fused", {})

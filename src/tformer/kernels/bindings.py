@@ -36,6 +36,10 @@ attention kernels, called once per layer, check it here.
         dbeta
     kernels.round_bf16(x) -> bfloat16 of float32 x; kernels.add_bf16(x, b) -> x + b, x
         float32, b bfloat16 (kernels/casts.c)
+    kernels.product_bf16(a, w, bias=None, transposed=True)   a (M, K) bf16 times w^T (w (N,
+        K)) or w (K, N), plus bias -> (M, N) bf16, the rows split over the threads as the
+        other kernels split them; kernels.weight_gradient_bf16(dy, x) -> dy^T x (N, K)
+        float32 (kernels/products.c, on AVX-512 BF16: products_available())
     kernels.transpose16(a)   a (C, R) bfloat16 or float16, the transposed view of a row-major
         (R, C) -> a copy of it, row-major
     kernels.causal_attention(qkv, n_heads, pairs=False)   qkv (B, T, 3C) bf16 -> out (B, T,
@@ -1169,6 +1173,66 @@ class Kernels:
         """Whether causal_attention takes `pairs` here: built for a CPU with AVX-512 BF16."""
         return bool(self.library.tformer_attention_pairs_available())
 
+    @c_function(
+        "tformer_product_bf16",
+        [POINTER, POINTER, ctypes.c_int, POINTER, POINTER] + [SIZE] * 3,
+        ctypes.c_int,
+    )
+    def product_bf16(
+        self,
+        a: torch.Tensor,
+        w: torch.Tensor,
+        bias: torch.Tensor | None = None,
+        transposed: bool = True,
+    ) -> torch.Tensor:
+        """a B + bias in bf16 with float32 sums (kernels/products.c): a (M, K), B = w^T for w
+        (N, K) as a linear layer stores its weight (transposed) or B = w for w (K, N),
+        bias (N,) or None, all contiguous bfloat16 on the CPU -> (M, N) bfloat16, each
+        thread computing the rows the other kernels give it. Checked here."""
+        if a.dim() != 2 or w.dim() != 2:
+            raise ValueError("product_bf16: a and w must be matrices")
+        (m, k), (rows, cols) = a.shape, w.shape
+        n, inner = (rows, cols) if transposed else (cols, rows)
+        if inner != k:
+            how = "w^T" if transposed else "w"
+            raise ValueError(
+                f"product_bf16: a {(m, k)} and {how} of w {(rows, cols)} do not multiply"
+            )
+        given = [("a", a, (m, k), torch.bfloat16), ("w", w, (rows, cols), torch.bfloat16)]
+        given += [] if bias is None else [("bias", bias, (n,), torch.bfloat16)]
+        check_cpu_tensors("product_bf16", given)
+        c = torch.empty(m, n, dtype=torch.bfloat16)
+        failed = self.library.tformer_product_bf16(
+            a.data_ptr(), w.data_ptr(), int(transposed), None if bias is None else bias.data_ptr(),
+            c.data_ptr(), m, n, k,
+        )  # fmt: skip
+        check_products(failed, "product_bf16")
+        return c
+
+    @c_function("tformer_weight_gradient_bf16", [POINTER] * 3 + [SIZE] * 3, ctypes.c_int)
+    def weight_gradient_bf16(self, dy: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """dy^T x summed in float32 (kernels/products.c): dy (M, N) and x (M, K) contiguous
+        bfloat16 on the CPU -> (N, K) float32, not rounded: a linear layer's weight
+        gradient. Each thread sums its share of the rows; the threads' sums are added in
+        thread order. Checked here."""
+        if dy.dim() != 2 or x.dim() != 2 or dy.shape[0] != x.shape[0]:
+            raise ValueError("weight_gradient_bf16: dy (M, N) and x (M, K) must share M rows")
+        (m, n), k = dy.shape, x.shape[1]
+        given = [("dy", dy, (m, n), torch.bfloat16), ("x", x, (m, k), torch.bfloat16)]
+        check_cpu_tensors("weight_gradient_bf16", given)
+        out = torch.empty(n, k, dtype=torch.float32)
+        failed = self.library.tformer_weight_gradient_bf16(
+            dy.data_ptr(), x.data_ptr(), out.data_ptr(), m, n, k
+        )
+        check_products(failed, "weight_gradient_bf16")
+        return out
+
+    @c_function("tformer_products_available", [], ctypes.c_int)
+    def products_available(self) -> bool:
+        """Whether product_bf16 and weight_gradient_bf16 run here: built for a CPU with
+        AVX-512 BF16."""
+        return bool(self.library.tformer_products_available())
+
     @c_function("tformer_causal_softmax_bf16", [POINTER] + [SIZE] * 4, ctypes.c_int)
     def causal_softmax(self, scores: torch.Tensor, first: int) -> torch.Tensor:
         """A block's causal softmax in place: scores (..., n, e) contiguous bfloat16, of
@@ -1374,6 +1438,15 @@ def check_allocated(failed: int, t: int) -> None:
     """The attention kernels return 1 when a thread could not allocate its buffers."""
     if failed:
         raise MemoryError(f"causal_attention: no memory for a head's buffers at T = {t}")
+
+
+def check_products(failed: int, function: str) -> None:
+    """kernels/products.c's return codes: 1, a buffer could not be allocated; 2, the
+    kernels are not built for this CPU."""
+    if failed == 2:
+        raise ValueError(f"{function}: needs a build for AVX-512 BF16 (products_available())")
+    if failed:
+        raise MemoryError(f"{function}: no memory for the product's buffers")
 
 
 def causal_block_shape(function: str, scores: torch.Tensor, first: int) -> tuple[int, int]:

@@ -39,6 +39,7 @@ SOURCES = tuple(
         "transpose.c",
         "attention.c",
         "attention_pairs.c",
+        "products.c",
         "softmax.c",
         "flash_attention.c",
         "flash_attention_f32.c",

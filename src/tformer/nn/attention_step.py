@@ -12,10 +12,11 @@ As for the feed-forward network (nn/feedforward_step.py): in a small model's ste
 projections under autocast cast their weights and biases, and their gradients back, each
 operation an autograd node of its own, and the path to the kernel asks its questions at
 every call. Here the sublayer is one node: the weights' bf16 copies are kept from step to
-step (nn/weight_copies.py), each product adds its bias in its output stage where faster
-(nn/row_blocks.py's bias_product), and the kernel reads the heads where the projection
-wrote them. Every product, cast and sum is one the plain path computes, in its dtype; a
-test holds the two to each other. Taken in bf16 training steps on the CPU, for plain
+step (nn/weight_copies.py), each product runs where it was timed fastest in the step
+(nn/small_products.py), and the kernel reads the heads where the projection wrote them.
+With torch's products every product, cast and sum is one the plain path computes, in its
+dtype (products.c's weight gradients are float32 sums, not rounded); tests hold the two to
+each other. Taken in bf16 training steps on the CPU, for plain
 projections below nn/row_blocks.py's sizes, where the FlashAttention kernel is the short
 path chosen on this CPU (nn/attention_choice.py): 0.6 ms of a 20 ms step of nanoGPT's
 CPU recipe (docs/LOG.md, session 29).
@@ -28,7 +29,8 @@ from torch.autograd.function import once_differentiable
 from tformer import kernels
 from tformer.nn.attention_choice import short_attention_kernel
 from tformer.nn.flash_attention import projection_heads
-from tformer.nn.row_blocks import MIN_WEIGHT, autocast_dtype, bias_product, plain_linear
+from tformer.nn.row_blocks import MIN_WEIGHT, autocast_dtype, plain_linear
+from tformer.nn.small_products import input_gradient, linear, weight_gradient
 from tformer.nn.weight_copies import half_weight
 
 BF16 = torch.bfloat16
@@ -76,11 +78,11 @@ class FusedSelfAttention(torch.autograd.Function):
         b, t, c = x.shape
         rows = x.reshape(b * t, c).to(BF16).contiguous()  # (M, C)
         w_qkv_, b_qkv_, w_o_, b_o_ = (half_weight(p, BF16) for p in (w_qkv, b_qkv, w_o, b_o))
-        qkv = bias_product(rows, w_qkv_, b_qkv_).view(b, t, 3 * c)
+        qkv = linear(rows, w_qkv_, b_qkv_).view(b, t, 3 * c)
         o, lse = flash_forward(qkv, n_heads, library)
         ctx.save_for_backward(rows, qkv, o, lse, w_qkv_, w_o_)
         ctx.n_heads, ctx.library = n_heads, library
-        return bias_product(o.view(b * t, c), w_o_, b_o_)  # (M, C)
+        return linear(o.view(b * t, c), w_o_, b_o_)  # (M, C)
 
     @staticmethod
     @once_differentiable  # the products and the kernel's gradient are not differentiated
@@ -89,14 +91,14 @@ class FusedSelfAttention(torch.autograd.Function):
         b, t, c = o.shape
         h = ctx.n_heads
         grad_y = grad_y.to(BF16).contiguous()  # (M, C)
-        grad_o = grad_y.mm(w_o)  # (M, C), the heads side by side
+        grad_o = input_gradient(grad_y, w_o)  # (M, C), the heads side by side
         grad_qkv = flash_backward(qkv, o, lse, grad_o, h, ctx.library)  # (M, 3C)
         wanted = ctx.needs_input_grad[:5]  # a frozen projection's gradients are not computed
         grads = [
-            grad_qkv.mm(w_qkv).view(b, t, c) if wanted[0] else None,  # dx
-            grad_qkv.t().mm(rows) if wanted[1] else None,  # dW_qkv (3C, C)
+            input_gradient(grad_qkv, w_qkv).view(b, t, c) if wanted[0] else None,  # dx
+            weight_gradient(grad_qkv, rows) if wanted[1] else None,  # dW_qkv (3C, C)
             grad_qkv.sum(0) if wanted[2] else None,  # db_qkv (3C,)
-            grad_y.t().mm(o.view(b * t, c)) if wanted[3] else None,  # dW_O (C, C)
+            weight_gradient(grad_y, o.view(b * t, c)) if wanted[3] else None,  # dW_O (C, C)
             grad_y.sum(0) if wanted[4] else None,  # db_O (C,)
         ]
         grads = [None if g is None else g.to(d) for g, d in zip(grads, ctx.dtypes, strict=True)]

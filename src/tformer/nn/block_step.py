@@ -17,15 +17,18 @@ and backwards, from dy (products in bf16, the stream's gradients in float32),
 A small model's training step is mostly the fixed cost of its operations: the block's
 modules, the checks of each fast path, autocast's casts of the projections' weights and
 their gradients back, a dozen autograd nodes and their Python (docs/LOG.md, session 33).
-Here the block is one autograd node that calls the same kernels and products the modules'
-path calls (nn/norm.py's LayerNorm kernels, the attention kernel this CPU trains fastest,
+Here the block is one autograd node that calls the same kernels the modules' path calls
+(nn/norm.py's LayerNorm kernels, the attention kernel this CPU trains fastest,
 nn/feedforward_step.py's network with the GELU's derivative), on the weights' kept bf16 copies
-(nn/weight_copies.py): the values are the modules' path's to the bit, and a test holds
-the two to each other. The residual adds and the casts between float32 and bf16 that the
-modules leave to torch take one pass each here (kernels/casts.c, and LN_1's backward pass
-with dr added in, as LN_2's). Taken in bf16 training steps on the CPU for blocks whose
-layers are below nn/row_blocks.py's sizes, with nothing that the one node would hide: no
-dropout, hook, mask or cache, pre-LN with both residual paths.
+(nn/weight_copies.py), its products where they were timed fastest in the step
+(nn/small_products.py). With torch's products the values are the modules' path's to the
+bit, and a test holds the two to each other; with kernels/products.c's, the projections'
+weight gradients are float32 sums where the modules' are rounded to bf16. The residual
+adds and the casts between float32 and bf16 that the modules leave to torch take one pass
+each here (kernels/casts.c, and LN_1's backward pass with dr added in, as LN_2's). Taken
+in bf16 training steps on the CPU for blocks whose layers are below nn/row_blocks.py's
+sizes, with nothing that the one node would hide: no dropout, hook, mask or cache, pre-LN
+with both residual paths.
 """
 
 import torch
@@ -39,7 +42,8 @@ from tformer.nn.attention_step import flash_backward, flash_forward
 from tformer.nn.blocked_attention import any_hooked, hook_dicts, kernel_may_take
 from tformer.nn.feedforward_step import STEP_ACTIVATIONS, network_backward, network_forward
 from tformer.nn.norm import bf16_output_kernels
-from tformer.nn.row_blocks import MIN_WEIGHT, bias_product
+from tformer.nn.row_blocks import MIN_WEIGHT
+from tformer.nn.small_products import input_gradient, linear, weight_gradient
 from tformer.nn.weight_copies import half_weight
 
 BF16 = torch.bfloat16
@@ -155,7 +159,7 @@ class FusedBlock(torch.autograd.Function):
         rows = x.reshape(b * t, c).contiguous()  # (M, C)
         a = torch.empty(b * t, c, dtype=BF16)
         _, mean_1, rstd_1 = library.layer_norm_bf16_out(rows, g_1, beta_1, eps_1, out=a)
-        qkv = bias_product(a, w_qkv, b_qkv).view(b, t, 3 * c)
+        qkv = linear(a, w_qkv, b_qkv).view(b, t, 3 * c)
         flash = kernel == "flash"
         if flash:
             o, kept = flash_forward(qkv, n_heads, library)  # kept: the log-sum-exp
@@ -164,7 +168,7 @@ class FusedBlock(torch.autograd.Function):
         o = o.view(b * t, c)  # the heads side by side
         r = torch.empty(b * t, c)
         n = torch.empty(b * t, c, dtype=BF16)
-        attended = bias_product(o, w_o, b_o)
+        attended = linear(o, w_o, b_o)
         _, _, mean_2, rstd_2 = library.add_layer_norm_bf16_out(
             rows, attended, g_2, beta_2, eps_2, (r, n)
         )
@@ -195,8 +199,8 @@ class FusedBlock(torch.autograd.Function):
         grad_r, dr, grad_g_2, grad_beta_2 = library.add_layer_norm_backward_bf16(
             grad_n, grad_y, r, mean_2, rstd_2, g_2
         )
-        grad_o = dr.mm(w_o)  # (M, C), the heads side by side
-        grad_w_o = dr.t().mm(o) if wanted[4] else None
+        grad_o = input_gradient(dr, w_o)  # (M, C), the heads side by side
+        grad_w_o = weight_gradient(dr, o) if wanted[4] else None
         grad_b_o = dr.sum(0) if wanted[5] else None
         if ctx.flash:
             grad_qkv = flash_backward(qkv, o.view(b, t, -1), kept, grad_o, ctx.n_heads, library)
@@ -204,8 +208,8 @@ class FusedBlock(torch.autograd.Function):
             grad_o = grad_o.view(b, t, -1)
             grad_qkv = library.causal_attention_backward(qkv, kept, grad_o, ctx.n_heads)
         grad_qkv = grad_qkv.view(rows.shape[0], -1)  # (M, 3C)
-        grad_a = grad_qkv.mm(w_qkv)
-        grad_w_qkv = grad_qkv.t().mm(a) if wanted[2] else None
+        grad_a = input_gradient(grad_qkv, w_qkv)
+        grad_w_qkv = weight_gradient(grad_qkv, a) if wanted[2] else None
         grad_b_qkv = grad_qkv.sum(0) if wanted[3] else None
         # the residual path and LN_1: dx = dr + LN_1's backward(da), in one pass
         grad_x, _, grad_g_1, grad_beta_1 = library.add_layer_norm_backward_bf16(
@@ -226,6 +230,6 @@ class FusedBlock(torch.autograd.Function):
             grad_w_2,
             grad_b_2,
         ]
-        # in bf16 where a product made them: autograd casts each to its parameter's dtype
+        # in bf16 where torch's product made them: autograd casts each to its parameter's dtype
         grads = [grad if want else None for grad, want in zip(grads, wanted, strict=True)]
         return grad_x, None, *grads

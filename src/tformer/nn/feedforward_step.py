@@ -11,12 +11,14 @@ For a small model a training step is mostly the fixed cost of each operation: un
 autocast each nn.Linear casts its weight and bias to bf16 in the forward pass and its two
 gradients back to float32 in the backward pass, each operation an autograd node of its
 own. Here the whole network is one node: the weights' bf16 copies are kept from step to
-step (nn/weight_copies.py), each product adds its bias in oneDNN's output stage where that
-was timed faster for its shape on the CPU in use (nn/row_blocks.py's bias_product),
-the activation's derivative is kept from the forward pass (nn/activations.py), and db1
-comes out of the pass that multiplies by it (kernels/gelu.c), summed in float32 where the
-plain path rounds its sum to bf16 first. Every other product, cast and sum is one the plain
-path computes, in its dtype; a test holds the two to each other. Taken in bf16 training
+step (nn/weight_copies.py), each product runs where it was timed fastest in the step on the
+CPU in use (nn/small_products.py: torch's, or kernels/products.c, whose threads keep to the
+rows the other kernels give them), the activation's derivative is kept from the forward
+pass (nn/activations.py), and db1 comes out of the pass that multiplies by it
+(kernels/gelu.c), summed in float32 where the plain path rounds its sum to bf16 first. With
+torch's products every other product, cast and sum is one the plain path computes, in its
+dtype (products.c's weight gradients are float32 sums, not rounded); tests hold the two to
+each other. Taken in bf16 training
 steps on the CPU, for plain layers below nn/row_blocks.py's sizes (its paths take the
 larger ones), with either GELU. It does less than the plain path on any CPU (docs/LOG.md,
 session 29).
@@ -27,12 +29,8 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from tformer import kernels
-from tformer.nn.row_blocks import (
-    MIN_WEIGHT,
-    autocast_dtype,
-    bias_product,
-    plain_linear,
-)
+from tformer.nn.row_blocks import MIN_WEIGHT, autocast_dtype, plain_linear
+from tformer.nn.small_products import input_gradient, linear, weight_gradient
 from tformer.nn.weight_copies import half_weight
 
 STEP_ACTIVATIONS = ("gelu", "gelu_tanh")  # the activations whose kernels keep the derivative
@@ -99,12 +97,12 @@ def network_forward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The forward pass in bf16, x (M, C) and the weights' copies: y (M, C), and what the
     backward pass reads, h (M, F) and act'(z)."""
-    z = bias_product(x, w1, b1)  # (M, F)
+    z = linear(x, w1, b1)  # (M, F)
     if activation == "gelu":
         h, derivative = library.gelu_and_derivative(z)
     else:
         h, derivative = library.gelu_tanh_and_derivative(z)
-    return bias_product(h, w2, b2), h, derivative
+    return linear(h, w2, b2), h, derivative
 
 
 def network_backward(
@@ -119,14 +117,14 @@ def network_backward(
 ) -> list[torch.Tensor | None]:
     """From grad_y (M, C) bf16: [dx, dW1, db1, dW2, db2] in bf16 (db1 float32), each None
     where `wanted` (five flags, in that order) says it is not."""
-    grad_h = grad_y.mm(w2)  # (M, F)
+    grad_h = input_gradient(grad_y, w2)  # (M, F)
     # dz = dh * act'(z) rounded to bf16 once, as CompiledGelu(Tanh) gives it, and db1, its
     # column sums, summed in float32 in the same pass
     grad_z, grad_b1 = library.scale_bf16_column_sums(grad_h, derivative)
     return [
-        grad_z.mm(w1) if wanted[0] else None,  # dx (M, C)
-        grad_z.t().mm(x) if wanted[1] else None,  # dW1 (F, C)
+        input_gradient(grad_z, w1) if wanted[0] else None,  # dx (M, C)
+        weight_gradient(grad_z, x) if wanted[1] else None,  # dW1 (F, C)
         grad_b1 if wanted[2] else None,  # db1 (F,)
-        grad_y.t().mm(h) if wanted[3] else None,  # dW2 (C, F)
+        weight_gradient(grad_y, h) if wanted[3] else None,  # dW2 (C, F)
         grad_y.sum(0) if wanted[4] else None,  # db2 (C,)
     ]

@@ -43,13 +43,18 @@ def read_choices(path: Path, names: tuple[str, ...]) -> dict[str, str]:
 
 
 def fastest(
-    kind: str, key: str, names: tuple[str, ...], candidates: Callable[[], dict[str, Callable]]
+    kind: str,
+    key: str,
+    names: tuple[str, ...],
+    candidates: Callable[[], dict[str, Callable]],
+    turns: int = TURNS,
 ) -> str:
     """Which of `names` runs fastest for `key`. `candidates()` gives, by name, a call that
     does the work once; it is made only when the key is timed: the first time a (kind,
-    key) is asked for on this CPU, unless the cache already holds the answer. Under
-    torch.compile, or with one name, the first name. The file keeps every key's choice,
-    whatever names other keys of the kind are chosen from."""
+    key) is asked for on this CPU, unless the cache already holds the answer, each name
+    taking `turns` timed turns (more where the candidates are close). Under torch.compile,
+    or with one name, the first name. The file keeps every key's choice, whatever names
+    other keys of the kind are chosen from."""
     if torch.compiler.is_compiling() or len(names) == 1:
         return names[0]
     memo = (kind, key, torch.get_num_threads())
@@ -58,20 +63,20 @@ def fastest(
     store = choices_file(kind)
     known = read_cached_json(store)
     if known.get(key) not in names:
-        known[key] = _time(candidates())
+        known[key] = _time(candidates(), turns)
         with contextlib.suppress(OSError):  # a read-only cache: measured again next time
             atomic_write_json(store, known)
     _chosen[memo] = known[key]
     return known[key]
 
 
-def _time(candidates: dict[str, Callable[[], object]]) -> str:
+def _time(candidates: dict[str, Callable[[], object]], turns: int) -> str:
     # identity hooks: a checkpointed forward pass around this must not see these tensors
     with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
         for run in candidates.values():
             run()  # warm: torch's first-call work
         best = dict.fromkeys(candidates, float("inf"))
-        for _ in range(TURNS):
+        for _ in range(turns):
             for name, run in candidates.items():
                 start = time.perf_counter()
                 run()
