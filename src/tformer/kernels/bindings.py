@@ -1195,9 +1195,7 @@ class Kernels:
         n, inner = (rows, cols) if transposed else (cols, rows)
         if inner != k:
             how = "w^T" if transposed else "w"
-            raise ValueError(
-                f"product_bf16: a {(m, k)} and {how} of w {(rows, cols)} do not multiply"
-            )
+            raise ValueError(f"product_bf16: a {(m, k)} does not multiply {how}, w {(rows, cols)}")
         given = [("a", a, (m, k), torch.bfloat16), ("w", w, (rows, cols), torch.bfloat16)]
         given += [] if bias is None else [("bias", bias, (n,), torch.bfloat16)]
         check_cpu_tensors("product_bf16", given)
