@@ -58,7 +58,7 @@ def test_the_weight_gradient_is_the_float32_sum_not_rounded(built, m, k, n):
     assert ((dw.double() - exact).abs() <= sum_bound(dy.t(), x) + 1e-30).all()
 
 
-def test_torch_s_product_is_as_close_and_no_closer(built):
+def test_the_products_are_torch_s_within_a_bf16_step(built):
     """On the shapes of a small model's step: products.c's results are torch's within one
     bf16 step (the same sums; torch's rounded once as well)."""
     a, w, bias = operands(768, 128, 512)
