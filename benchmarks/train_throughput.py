@@ -21,8 +21,8 @@ GPT-2 bf16 5-7% slower than alone, transformers 2-5%).
 MFU = tokens/s x FLOPs per token / peak FLOP/s, with FLOPs per token = 6 N + 12 L T C
 (N the parameters that multiply, i.e. all but the position embeddings, the head counted
 once; Chowdhery et al., 2022, appendix B), and the peak measured by a large matmul of the
-row's dtype just before and just after each run's steps, the largest of a row's (the
-larger peak gives the smaller, stricter MFU).
+row's dtype (torch's and oneDNN's, the faster) just before and just after each run's
+steps, the largest of a row's (the larger peak gives the smaller, stricter MFU).
 
 Each model first takes --warmup untimed steps: the first steps fault in the memory that
 every later step reuses (the gradients, AdamW's moments, the step's activations), which
@@ -70,15 +70,21 @@ MODELS = {
 
 
 def peak_flops(dtype: torch.dtype, n: int = 4096, repeats: int = 5) -> float:
-    """FLOP/s of an n x n x n matmul: this machine's practical peak for the dtype."""
+    """FLOP/s of an n x n x n matmul: this machine's practical peak for the dtype, the
+    faster of torch's matmul and oneDNN's (in float32 torch multiplies in MKL, which on
+    AMD's Zen 5 runs at half oneDNN's speed: docs/LOG.md, session 41)."""
     a = torch.randn(n, n).to(dtype)
     b = torch.randn(n, n).to(dtype)
-    a @ b  # warm-up
+    products = [lambda: a @ b]
+    if torch.backends.mkldnn.is_available():
+        products.append(lambda: torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], ""))
     best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - start)
+    for product in products:
+        product()  # warm-up
+        for _ in range(repeats):
+            start = time.perf_counter()
+            product()
+            best = min(best, time.perf_counter() - start)
     return 2 * n**3 / best
 
 

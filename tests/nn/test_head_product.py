@@ -5,22 +5,23 @@ from tformer import GPT2, GPT2Config
 from tformer.models import gpt2 as gpt2_module
 from tformer.nn import head_product as product
 from tformer.nn import measured
-from tformer.nn.head_product import head_product, plain_head, slices_are_faster, takes_product
+from tformer.nn.head_product import forward_path, head_product, plain_head, takes_product
+from tformer.nn.row_blocks import bias_fused_available
 
 
-@pytest.fixture(params=[False, True], ids=["whole", "sliced"])
-def sliced(request, monkeypatch):
-    """The forward product whole or in slices of 16 words."""
+@pytest.fixture(params=["whole", "sliced"])
+def path(request, monkeypatch):
+    """The forward product whole or in slices of 16 words (its path)."""
     monkeypatch.setattr(product, "VOCAB_SLICE", 16)
     return request.param
 
 
-def test_the_head_product_equals_the_whole_product_and_its_gradients(sliced):
+def test_the_head_product_equals_the_whole_product_and_its_gradients(path):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 5, 12, generator=g, dtype=torch.float64, requires_grad=True)
     w = torch.randn(53, 12, generator=g, dtype=torch.float64, requires_grad=True)  # 3 slices + 5
     grad = torch.randn(2, 5, 53, generator=g, dtype=torch.float64)
-    out = head_product(x, w, sliced=sliced)
+    out = head_product(x, w, path=path)
     out.backward(grad)
     assert "HeadProduct" in out.grad_fn.name()
     x_ref, w_ref = x.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
@@ -31,13 +32,13 @@ def test_the_head_product_equals_the_whole_product_and_its_gradients(sliced):
     torch.testing.assert_close(w.grad, w_ref.grad, rtol=1e-12, atol=1e-12)
 
 
-def test_the_head_product_under_bf16_autocast_matches_linear(sliced):
+def test_the_head_product_under_bf16_autocast_matches_linear(path):
     g = torch.Generator().manual_seed(1)
     x = torch.randn(7, 24, generator=g, requires_grad=True)
     w = torch.randn(40, 24, generator=g, requires_grad=True)
     grad = torch.randn(7, 40, generator=g)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = head_product(x, w, sliced=sliced)
+        out = head_product(x, w, path=path)
     out.float().backward(grad)
     x_ref, w_ref = x.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -54,10 +55,32 @@ def test_the_head_product_under_bf16_autocast_matches_linear(sliced):
     torch.testing.assert_close(w.grad, w_ref.grad, rtol=2**-7, atol=0.05)
 
 
-def test_the_logits_are_a_tensor_of_their_own_and_second_order_gradients_refused(sliced):
+def test_oneDNN_s_float32_head_product_is_the_product_and_its_gradients():
+    if not bias_fused_available(torch.float32):
+        pytest.skip("this torch has no oneDNN linear")
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 5, 24, generator=g, requires_grad=True)
+    w = torch.randn(53, 24, generator=g, requires_grad=True)
+    grad = torch.randn(2, 5, 53, generator=g)
+    out = head_product(x, w, path="onednn")
+    out.backward(grad)
+    assert "HeadProduct" in out.grad_fn.name() and out.shape == (2, 5, 53)
+    assert out.dtype == torch.float32 and out.is_contiguous()
+    # against float64: within float32's rounding of a 24-term sum
+    x64, w64, grad64 = x.detach().double(), w.detach().double(), grad.double()
+    torch.testing.assert_close(out.double(), x64 @ w64.t(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(x.grad.double(), grad64 @ w64, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        w.grad.double(), grad64.reshape(10, 53).t() @ x64.reshape(10, 24), rtol=1e-5, atol=1e-5
+    )
+    with pytest.raises(ValueError, match="unknown path 'slices'"):
+        head_product(x, w, path="slices")
+
+
+def test_the_logits_are_a_tensor_of_their_own_and_second_order_gradients_refused(path):
     x = torch.randn(2, 3, 8, requires_grad=True)
     w = torch.randn(40, 8, requires_grad=True)
-    logits = head_product(x, w, sliced=sliced)
+    logits = head_product(x, w, path=path)
     logits[..., 0] = 0.0  # in place, as nn.Linear's output allows
     logits.div_(2.0)
     (grad_x,) = torch.autograd.grad(logits.sum(), x, create_graph=True)
@@ -65,11 +88,11 @@ def test_the_logits_are_a_tensor_of_their_own_and_second_order_gradients_refused
         grad_x.sum().backward()
 
 
-def test_autocast_casts_as_for_nn_linear_and_two_dtypes_take_nn_linear(sliced):
+def test_autocast_casts_as_for_nn_linear_and_two_dtypes_take_nn_linear(path):
     x, w = torch.randn(3, 8, dtype=torch.float64), torch.randn(40, 8, dtype=torch.float64)
     head = torch.nn.Linear(8, 40, bias=False, dtype=torch.float64)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = head_product(x, w, sliced=sliced)
+        out = head_product(x, w, path=path)
         reference = torch.nn.functional.linear(x, w)
         assert takes_product(head, x)
         assert not takes_product(head, x.float())  # bf16 against float64: nn.Linear says why
@@ -79,7 +102,7 @@ def test_autocast_casts_as_for_nn_linear_and_two_dtypes_take_nn_linear(sliced):
         assert not takes_product(head, x)
     x, w = x.bfloat16(), w.bfloat16()  # any other floating dtype is cast, as nn.Linear's is
     with torch.autocast("cpu", dtype=torch.float16):
-        out = head_product(x, w, sliced=sliced)
+        out = head_product(x, w, path=path)
         reference = torch.nn.functional.linear(x, w)
     assert out.dtype == reference.dtype == torch.float16
     torch.testing.assert_close(out, reference, rtol=2**-10, atol=2**-10)
@@ -94,12 +117,15 @@ def gpt2_grads(model, ids, dtype):
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-@pytest.mark.parametrize("choice", ["whole", "sliced"])
+@pytest.mark.parametrize("choice", ["whole", "sliced", "onednn"])
 def test_gpt2_training_takes_the_head_product_with_the_plain_heads_numbers(
     dtype, choice, monkeypatch
 ):
-    # float32: where slices are faster; bf16: always, the head tied to the embedding by the
-    # forward pass's TiedTable (50 words are more than two slices of 16 here)
+    # float32: where slices or oneDNN's product are faster; bf16: always, the head tied to
+    # the embedding by the forward pass's TiedTable (50 words are more than two slices of 16
+    # here); oneDNN's is a float32 choice
+    if choice == "onednn" and (dtype == "bfloat16" or not bias_fused_available(torch.float32)):
+        pytest.skip("oneDNN's product is a choice for float32 heads, where torch has it")
     config = GPT2Config(vocab_size=50, max_len=16, d_model=16, n_layers=1, n_heads=2)
     model = GPT2(config, seed=0).eval()  # no dropout: every pass sees the same function
     ids = torch.randint(0, 50, (2, 9), generator=torch.Generator().manual_seed(0))
@@ -121,7 +147,7 @@ def test_gpt2_training_takes_the_head_product_with_the_plain_heads_numbers(
     )
     logits, grads = gpt2_grads(model, ids, dtype)
     assert asked == [f"32x16x50 {dtype}"]  # 18 rows, timed as 32
-    taken = dtype == "bfloat16" or choice == "sliced"
+    taken = dtype == "bfloat16" or choice != "whole"
     assert ("HeadProduct" in logits.grad_fn.name()) == taken
     assert len(tables) == (dtype == "bfloat16")
     if dtype == "bfloat16":
@@ -129,7 +155,7 @@ def test_gpt2_training_takes_the_head_product_with_the_plain_heads_numbers(
         # and the lookup's gradients): only the order of the table's sums differs
         with monkeypatch.context() as m:
             m.setattr(gpt2_module.GPT2, "tied_table", lambda self: None)
-            m.setattr(gpt2_module, "slices_are_faster", lambda x, w: True)
+            m.setattr(gpt2_module, "forward_path", lambda x, w: "sliced")
             m.setattr(product, "VOCAB_SLICE", 16 if choice == "sliced" else 1000)
             untied_logits, untied_grads = gpt2_grads(model, ids, dtype)
         assert "HeadProduct" in untied_logits.grad_fn.name() and len(tables) == 1
@@ -170,13 +196,18 @@ def test_slicing_is_timed_against_the_whole_product_once(tmp_path, monkeypatch):
 
     monkeypatch.setattr(measured, "_time", timing)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        choice = slices_are_faster(x, w)
-        assert slices_are_faster(x, w) == choice  # kept: not timed again
-        assert slices_are_faster(x[:, :5], w) == choice  # 20 rows: timed as 32 too
-    assert timed == [["sliced", "whole"]]
-    key = "32x8x40 bfloat16"
-    stored = measured.read_choices(measured.choices_file(product.KIND), ("sliced", "whole"))
-    assert stored == {key: "sliced" if choice else "whole"}
-    assert not slices_are_faster(x, torch.randn(32, 8))  # two slices or fewer: never
-    assert not slices_are_faster(x.to("meta"), w.to("meta"))  # off the CPU: never
-    assert len(timed) == 1
+        choice = forward_path(x, w)
+        assert forward_path(x, w) == choice  # kept: not timed again
+        assert forward_path(x[:, :5], w) == choice  # 20 rows: timed as 32 too
+    assert timed == [["sliced", "whole"]]  # oneDNN's product is timed for float32 only
+    names = ("whole", "sliced", "onednn")
+    stored = measured.read_choices(measured.choices_file(product.KIND), names)
+    assert stored == {"32x8x40 bfloat16": choice}
+    float32 = forward_path(x, w)
+    onednn = ["onednn"] if bias_fused_available(torch.float32) else []
+    assert timed[1] == sorted(["sliced", "whole", *onednn])
+    stored = measured.read_choices(measured.choices_file(product.KIND), names)
+    assert stored == {"32x8x40 bfloat16": choice, "32x8x40 float32": float32}
+    assert forward_path(x, torch.randn(32, 8)) == "whole"  # two slices or fewer: never timed
+    assert forward_path(x.to("meta"), w.to("meta")) == "whole"  # off the CPU: never timed
+    assert len(timed) == 2

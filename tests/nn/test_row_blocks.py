@@ -37,6 +37,51 @@ def test_every_path_is_the_product_to_its_summing_order(monkeypatch, path, a_lay
             )
 
 
+def onednn_or_skip():
+    if not rb.bias_fused_available(torch.float32):
+        pytest.skip("this torch has no oneDNN linear for float32")
+
+
+@pytest.mark.parametrize("b_layout", ["n", "t"])
+@pytest.mark.parametrize("a_layout", ["n", "t"])
+def test_onednn_s_path_is_the_float32_product_to_its_rounding(monkeypatch, a_layout, b_layout):
+    """oneDNN's float32 product, each operand read where it lies: within the float32 bound
+    of a k-term sum of float64's, with and without a bias, and into `out` when given."""
+    onednn_or_skip()
+    a, b, bias = operands(300, 96, 40, torch.float32, a_layout)
+    b = b.t().contiguous().t() if b_layout == "t" else b
+    force(monkeypatch, "onednn")
+    magnitude = a.double().abs() @ b.double().abs() + bias.double().abs()
+    bound = 96 * 2**-24 * magnitude  # the float32 sums' worst case, elementwise
+    for with_bias in (False, True):
+        exact = a.double() @ b.double() + (bias.double() if with_bias else 0)
+        out = matmul(a, b, bias if with_bias else None)
+        assert out.shape == (300, 40) and out.dtype == torch.float32 and out.is_contiguous()
+        assert ((out.double() - exact).abs() <= bound).all()
+        into = torch.empty(300, 40)
+        assert matmul(a, b, bias if with_bias else None, out=into) is into
+        assert torch.equal(into, out)
+
+
+def test_onednn_s_path_is_offered_for_float32_products_only(monkeypatch):
+    onednn_or_skip()
+    offered = []
+
+    def timing(candidates, turns):
+        offered.append(sorted(candidates))
+        return "whole"
+
+    monkeypatch.setattr(measured, "_time", timing)
+    for dtype in (torch.float32, torch.bfloat16, torch.float64):
+        a, b, _ = operands(512, 32, 16, dtype, "t")
+        assert fastest_path(a, b) == "whole"
+    assert offered == [
+        ["copied", "halves", "onednn", "whole"],
+        ["copied", "halves", "whole"],
+        ["copied", "halves", "whole"],
+    ]
+
+
 def test_too_few_rows_never_time_a_split(monkeypatch):
     monkeypatch.setattr(rb, "fastest_path", lambda a, b: pytest.fail("timed"))
     a, b, _ = operands(rb.MIN_ROWS - 2, 8, 8, torch.bfloat16, "n")
@@ -160,7 +205,7 @@ def grad_nodes(out):
     return {type(node).__name__}
 
 
-def test_linear_takes_the_row_blocks_only_for_large_plain_bf16_layers_in_training():
+def test_linear_takes_the_row_blocks_only_for_large_plain_bf16_layers_in_training(monkeypatch):
     large, small = nn.Linear(512, 512), nn.Linear(64, 64)
     x = torch.randn(1, rb.MIN_ROWS, 512)
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -173,12 +218,69 @@ def test_linear_takes_the_row_blocks_only_for_large_plain_bf16_layers_in_trainin
         handle = large.register_forward_hook(lambda module, args, out: None)
         assert grad_nodes(linear(large, x)) != {"RowBlockLinearBackward"}  # the hook sees it
         handle.remove()
-    # float32 and float64 products stay nn.Linear's (second-order gradients work there)
+    # float32 products stay nn.Linear's where oneDNN's product is not the faster, float64's
+    # always (second-order gradients work on either path: below)
+    monkeypatch.setattr(rb, "fastest_path", lambda a, b: "whole")
     assert grad_nodes(linear(large, x)) != {"RowBlockLinearBackward"}
     wide = nn.Linear(512, 512).double()
     x64 = x.double().requires_grad_()
     (grad,) = torch.autograd.grad(linear(wide, x64).square().sum(), x64, create_graph=True)
     assert grad.grad_fn is not None
+
+
+def test_a_float32_layer_takes_the_row_blocks_where_onednn_s_product_was_faster(monkeypatch):
+    onednn_or_skip()
+    force(monkeypatch, "onednn")
+    layer = nn.Linear(512, 512)
+    x = torch.randn(2, rb.MIN_ROWS, 512, requires_grad=True)
+    assert grad_nodes(linear(layer, x)) == {"RowBlockLinearBackward"}
+    with torch.no_grad():  # inference: nn.Linear (and nothing timed)
+        assert linear(layer, x).grad_fn is None
+    monkeypatch.setattr(rb, "fastest_path", lambda a, b: pytest.fail("timed"))
+    assert grad_nodes(linear(layer, x[:, :8])) != {"RowBlockLinearBackward"}  # few rows
+    assert grad_nodes(linear(layer.double(), x.double())) != {"RowBlockLinearBackward"}
+
+    # torch.func's transforms see nn.Linear, whose products they can follow
+    class Layer(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = nn.Linear(512, 512)
+
+        def forward(self, inputs):
+            return linear(self.inner, inputs)
+
+    module = Layer()
+
+    def loss(weight, inputs):
+        return torch.func.functional_call(module, {"inner.weight": weight}, (inputs,)).sum()
+
+    grads = torch.func.grad(loss)(module.inner.weight.detach(), x.detach())
+    expected = x.detach().sum((0, 1)).expand(512, 512)
+    torch.testing.assert_close(grads, expected, rtol=1e-5, atol=1e-3)
+
+
+def test_a_float32_row_block_linear_trains_as_nn_linear_second_order_too(monkeypatch):
+    """oneDNN's products against nn.Linear's, to float32's rounding: the output, the three
+    gradients and, with create_graph, a gradient of a gradient (torch's products then)."""
+    onednn_or_skip()
+    force(monkeypatch, "onednn")
+    g = torch.Generator().manual_seed(3)
+    layer = nn.Linear(512, 520)
+    x = torch.randn(2, 150, 512, generator=g, requires_grad=True)
+    results = []
+    for run in (lambda x_: linear(layer, x_), layer):
+        out = run(x)
+        first = torch.autograd.grad(
+            out.square().sum(), (x, layer.weight, layer.bias), create_graph=True
+        )
+        second = torch.autograd.grad(first[0].square().sum(), (x, layer.weight))
+        results.append((out, *first, *second))
+        assert grad_nodes(out) == (
+            {"RowBlockLinearBackward"} if not results[1:] else {"AddmmBackward0"}
+        )
+    for ours, theirs in zip(*results, strict=True):
+        scale = theirs.abs().max()
+        torch.testing.assert_close(ours / scale, theirs / scale, rtol=0, atol=1e-5)
 
 
 def test_the_output_is_a_tensor_of_its_own_as_nn_linears():

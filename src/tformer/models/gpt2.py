@@ -83,10 +83,10 @@ from tformer.nn.capture import NameFilter, run_with_cache
 from tformer.nn.checkpointing import run_layer
 from tformer.nn.embedding import TiedTable, links_tied_gradients
 from tformer.nn.head_product import (
+    forward_path,
     head_product,
     may_slice,
     plain_head,
-    slices_are_faster,
     takes_product,
 )
 from tformer.nn.init import init_attention_xavier, init_embedding
@@ -405,13 +405,14 @@ class GPT2(nn.Module):
 
         A training step on the CPU takes nn/head_product.py's path: with `tied` (the
         forward pass's TiedTable), or where this CPU computes a large vocabulary's product
-        faster in slices, as timed there once. The same products: only the order of sums
-        may differ (the matmul's own, and the tied table's rows of repeated tokens)."""
+        faster in slices or (float32) as oneDNN's, as timed there once. The same products:
+        only the order of sums may differ (the matmul's own, and the tied table's rows of
+        repeated tokens)."""
         head = self.lm_head
         if takes_product(head, x):
-            sliced = slices_are_faster(x, head.weight)
-            if sliced or tied is not None:
-                return head_product(x, head.weight, tied, sliced)  # (..., V)
+            path = forward_path(x, head.weight)
+            if path != "whole" or tied is not None:
+                return head_product(x, head.weight, tied, path)  # (..., V)
         return head(x)
 
     def new_caches(

@@ -12,7 +12,9 @@ Here they run as one autograd step (HeadProduct) beside nn.Linear's path, for th
   writes an output larger than the CPU's caches, and on some CPUs torch's matmul then runs
   at a fraction of the speed it reaches on slices of a few thousand columns (docs/LOG.md,
   session 21). Whether the slices win is timed on the CPU in use, once per shape
-  (nn/measured.py). The backward's two products are faster whole, so they stay whole.
+  (nn/measured.py); in float32 also oneDNN's product, twice as fast as torch's (MKL's) on
+  some CPUs (nn/row_blocks.py). The backward's two products are faster whole, so they stay
+  whole, each on nn/row_blocks.py's fastest path for its shape.
 - Under bf16 autocast it multiplies by the weight's kept bf16 copy (nn/weight_copies.py)
   and casts dW to float32 in the pass that transposes it anyway (nn/row_blocks.py's
   weight_gradient), where nn.Linear casts the weight to bf16 and its gradient back in
@@ -30,11 +32,19 @@ from torch.autograd.function import once_differentiable
 
 from tformer.nn.embedding import TiedTable
 from tformer.nn.measured import dtype_name, fastest
-from tformer.nn.row_blocks import autocast_dtype, matmul, plain_linear, weight_gradient
+from tformer.nn.row_blocks import (
+    autocast_dtype,
+    bias_fused_available,
+    matmul,
+    onednn_product,
+    plain_linear,
+    weight_gradient,
+)
 from tformer.nn.weight_copies import half_weight
 
 VOCAB_SLICE = 8192  # columns per slice of the forward product (docs/LOG.md)
-KIND = "head-v3"  # the measured choices' file and version (nn/measured.py)
+PATHS = ("whole", "sliced", "onednn")  # the forward product's ways (forward_path)
+KIND = "head-v4"  # the measured choices' file and version (nn/measured.py)
 
 
 def product_dtype(t: torch.Tensor) -> torch.dtype:
@@ -66,29 +76,33 @@ def may_slice(weight: torch.Tensor) -> bool:
     return weight.shape[0] > 2 * VOCAB_SLICE
 
 
-def slices_are_faster(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether the forward product x W^T (x (..., C), W (V, C)) runs in slices: on the CPU,
-    with more than two slices' worth of vocabulary, where this CPU computes a product of
-    this shape faster so, as timed once against the whole product, at the row count
-    rounded up to a power of two. (The backward pass's products are nn.Linear's either
-    way.)"""
+def forward_path(x: torch.Tensor, weight: torch.Tensor) -> str:
+    """How the forward product x W^T (x (..., C), W (V, C)) runs fastest on this CPU: "whole"
+    (torch's one product), "sliced" (in slices of VOCAB_SLICE words) or, in float32,
+    "onednn" (oneDNN's one product), as timed once at the row count rounded up to a power
+    of two. On the CPU with more than two slices' worth of vocabulary; else "whole"."""
     if x.device.type != "cpu" or not may_slice(weight):
-        return False
+        return "whole"
     dtype = product_dtype(x)
     rows = 1 << max(x.numel() // x.shape[-1] - 1, 0).bit_length()  # N, rounded up
     key = f"{rows}x{x.shape[-1]}x{weight.shape[0]} {dtype_name(dtype)}"
+    names = ("whole", "sliced")
+    if dtype == torch.float32 and bias_fused_available(dtype):
+        names += ("onednn",)
 
     def candidates():
         g = torch.Generator().manual_seed(0)
         x_ = torch.randn(rows, x.shape[-1], generator=g).to(dtype)  # (N, C)
         w_ = torch.randn(weight.shape, generator=g).to(dtype)  # (V, C)
         out = torch.empty(rows, weight.shape[0], dtype=dtype)  # (N, V)
-        return {
+        runs = {
             "whole": lambda: product_into(x_, w_, out, weight.shape[0]),
             "sliced": lambda: product_into(x_, w_, out, VOCAB_SLICE),
+            "onednn": lambda: onednn_product(x_, w_.t()),
         }
+        return {name: runs[name] for name in names}
 
-    return fastest(KIND, key, ("whole", "sliced"), candidates) == "sliced"
+    return fastest(KIND, key, names, candidates)
 
 
 def product_into(rows: torch.Tensor, w: torch.Tensor, out: torch.Tensor, columns: int) -> None:
@@ -99,19 +113,20 @@ def product_into(rows: torch.Tensor, w: torch.Tensor, out: torch.Tensor, columns
 
 
 def head_product(
-    x: torch.Tensor, weight: torch.Tensor, tied: TiedTable | None = None, sliced: bool = False
+    x: torch.Tensor, weight: torch.Tensor, tied: TiedTable | None = None, path: str = "whole"
 ) -> torch.Tensor:
-    """logits = x W^T: x (..., C), weight (V, C) -> (..., V), the forward product in slices
-    of VOCAB_SLICE words where `sliced` (slices_are_faster says where that is faster).
-    Under autocast the inputs are cast to its dtype first (any floating dtype but float64),
-    as nn.Linear's would be. With `tied`, this forward pass's TiedTable of `weight`, the
-    gradient goes to its head alias, which sums it with the lookup's rows."""
-    columns = VOCAB_SLICE if sliced else weight.shape[0]
+    """logits = x W^T: x (..., C), weight (V, C) -> (..., V), the forward product on `path`
+    (forward_path's names: which is fastest here). Under autocast the inputs are cast to its
+    dtype first (any floating dtype but float64), as nn.Linear's would be. With `tied`, this
+    forward pass's TiedTable of `weight`, the gradient goes to its head alias, which sums it
+    with the lookup's rows."""
+    if path not in PATHS:
+        raise ValueError(f"head_product: unknown path {path!r}: choose one of {', '.join(PATHS)}")
     if tied is None:
-        return HeadProduct.apply(x, weight, weight, columns, None)
+        return HeadProduct.apply(x, weight, weight, path, None)
     if tied.weight is not weight:
         raise ValueError("head_product: `tied` is the TiedTable of another weight")
-    return HeadProduct.apply(x, tied.head, weight, columns, tied.made)
+    return HeadProduct.apply(x, tied.head, weight, path, tied.made)
 
 
 class HeadProduct(torch.autograd.Function):
@@ -122,13 +137,17 @@ class HeadProduct(torch.autograd.Function):
     None. First-order gradients only."""
 
     @staticmethod
-    def forward(ctx, x, weight, table, columns, made):
+    def forward(ctx, x, weight, table, path, made):
         dtype = product_dtype(x)
         rows = x.reshape(-1, x.shape[-1]).to(dtype)  # (N, C)
         w = half_weight(table, dtype)  # (V, C)
-        out = torch.empty(*x.shape[:-1], w.shape[0], dtype=dtype, device=x.device)  # (..., V)
         with torch.autocast("cpu", enabled=False):
-            product_into(rows, w, out.view(-1, w.shape[0]), columns)  # (N, V)
+            if path == "onednn":
+                out = onednn_product(rows, w.t()).view(*x.shape[:-1], w.shape[0])  # (..., V)
+            else:
+                out = torch.empty(*x.shape[:-1], w.shape[0], dtype=dtype, device=x.device)
+                columns = VOCAB_SLICE if path == "sliced" else w.shape[0]
+                product_into(rows, w, out.view(-1, w.shape[0]), columns)  # (N, V)
         ctx.save_for_backward(rows, w)
         ctx.x_dtype, ctx.weight_dtype, ctx.shape = x.dtype, weight.dtype, x.shape
         ctx.made = made

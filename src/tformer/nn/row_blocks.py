@@ -9,10 +9,13 @@ half written straight into its place in the one output, so the values are the pr
 (every element sums over the same terms). Only the speed differs: on the Intel machine,
 torch's bf16 matmul runs the products whose output is model-wide (N = 768 for GPT-2) but
 whose sum is long (K = 2304, 3072) at half the speed of the same product as two calls of
-half the rows (docs/LOG.md, session 22), while wide outputs lose by the split. So each
-product's shape, layout and dtype is timed once on the CPU in use, whole against halves,
-and the faster kept (nn/measured.py). The plain path is nn.Linear; a test holds the two to
-each other.
+half the rows (docs/LOG.md, session 22), while wide outputs lose by the split. In float32
+torch multiplies in its BLAS (MKL), which on some CPUs runs at half the speed of oneDNN's
+float32 product (AMD's Zen 5, where MKL takes its AVX2 code: docs/LOG.md, session 41); so a
+float32 product may also run as oneDNN's linear ("onednn"), the same sums in another order.
+Each product's shape, layout and dtype is timed once on the CPU in use, whole against
+halves (and oneDNN's, in float32), and the fastest kept (nn/measured.py). The plain path is
+nn.Linear; a test holds the two to each other.
 """
 
 import functools
@@ -27,7 +30,7 @@ from tformer.nn.blocked_attention import hooked
 from tformer.nn.measured import dtype_name, fastest
 from tformer.nn.weight_copies import half_weight
 
-KIND = "matmul-v6"  # the measured choices' file and version (nn/measured.py)
+KIND = "matmul-v7"  # the measured choices' file and version (nn/measured.py)
 # Smaller products than these run whole, through nn.Linear itself: a split would only add
 # a call's cost, and this path's Python costs more than a small product gains.
 MIN_ROWS = 256
@@ -60,15 +63,33 @@ def linear(module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
 
 def large_plain_linear(module: nn.Module, x: torch.Tensor) -> bool:
     """A plain_linear module of at least MIN_WEIGHT weights, over at least MIN_ROWS rows,
-    multiplying in bf16 or float16 (its input's dtype, or autocast's). float32 products
-    stay on nn.Linear: no split was faster there, and this path cost 2.7% of a GPT-2 step
-    in float32 with every product whole (docs/LOG.md); float64 too, and with them second-
-    order gradients and torch.func, which this path (first-order only) does not give."""
+    multiplying in bf16 or float16 (its input's dtype, or autocast's), or in float32 where
+    its forward product was timed faster as oneDNN's than as torch's (onednn_wins).
+    Elsewhere float32 stays on nn.Linear: no split was faster there, and this path cost
+    2.7% of a GPT-2 step in float32 with every product whole (docs/LOG.md); float64
+    always."""
     if type(module) is not nn.Linear:
         return False
     if module.weight.numel() < MIN_WEIGHT or x.numel() < MIN_ROWS * x.shape[-1]:
         return False  # the sizes first: the cheapest to ask, and most small layers stop here
-    return plain_linear(module) and (autocast_dtype(x) or x.dtype) in HALF_DTYPES
+    if not plain_linear(module):
+        return False
+    dtype = autocast_dtype(x) or x.dtype
+    if dtype == torch.float32 and x.dtype == module.weight.dtype == torch.float32:
+        # asked only where the path is taken: a training step on the CPU (nothing is timed
+        # for inference, or for a GPU)
+        cpu_training = x.device.type == "cpu" and torch.is_grad_enabled()
+        return cpu_training and onednn_wins(x.reshape(-1, x.shape[-1]), module.weight.t())
+    return dtype in HALF_DTYPES
+
+
+def onednn_wins(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether the float32 product a b runs fastest here as oneDNN's (fastest_path), and
+    may run so: outside torch.func's transforms, which oneDNN's op does not take part in
+    (nn.Linear's path keeps them working)."""
+    if torch._C._are_functorch_transforms_active() or not bias_fused_available(torch.float32):
+        return False
+    return fastest_path(a, b) == "onednn"
 
 
 def plain_linear(module: nn.Module) -> bool:
@@ -99,8 +120,12 @@ def matmul(
     """a b (+ bias): (M, K) x (K, N) -> (M, N), into `out` if given, on the path this CPU
     runs fastest for the shape, the operands' layouts and the dtype (fastest_path); with a
     bias and no `out`, oneDNN's product with the bias added as it writes, where faster
-    (bias_fused_faster)."""
+    (bias_fused_faster); in float32 oneDNN's product, bias and all, where that is the
+    fastest path."""
     path = fastest_path(a, b) if a.device.type == "cpu" and a.shape[0] >= MIN_ROWS else "whole"
+    if path == "onednn":
+        product = onednn_product(a, b, bias)  # (M, N)
+        return product if out is None else out.copy_(product)
     if bias is not None and out is None and bias_fused_faster(a, b, bias, path):
         return bias_fused(a, b, bias)
     if out is None:
@@ -131,6 +156,14 @@ def bias_fused(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor) -> torch.Te
     the bias into every output row and then has the product add onto them: a whole extra
     pass over the output (docs/LOG.md). The op is the one torch.compile's CPU backend
     emits for a linear layer; the values are addmm's."""
+    return onednn_product(a, b, bias)
+
+
+def onednn_product(
+    a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """a b (+ bias) as oneDNN's linear layer computes it: (M, K) x (K, N) -> (M, N), each
+    operand row-major or transposed, read where it lies (oneDNN takes the strides)."""
     return torch.ops.mkldnn._linear_pointwise(a, b.t(), bias, "none", [], "")
 
 
@@ -239,9 +272,12 @@ def fastest_path(a: torch.Tensor, b: torch.Tensor) -> str:
     rounded up as key_sizes does: a new batch length is not timed anew),
     the layouts and the dtype: "whole" (one call), "halves" (two calls of half the rows)
     or, where a is transposed, "copied" (a copied row-major first: torch's matmul reads a
-    transposed left operand at half speed on some CPUs, docs/LOG.md)."""
+    transposed left operand at half speed on some CPUs, docs/LOG.md); in float32, with
+    both operands row-major or transposed, also "onednn" (onednn_product)."""
     (m, k), n = key_sizes(a), b.shape[1]
     names = ("whole", "halves") + (("copied",) if layout(a) == "t" else ())
+    if a.dtype == torch.float32 and "s" not in (layout(a), layout(b)):
+        names += ("onednn",) if bias_fused_available(torch.float32) else ()
     key = f"{m}x{k}x{n} {layout(a)}{layout(b)} {dtype_name(a.dtype)}"
 
     def candidates():
@@ -252,6 +288,7 @@ def fastest_path(a: torch.Tensor, b: torch.Tensor) -> str:
             "whole": lambda: torch.mm(a_, b_, out=out),
             "halves": lambda: in_halves(a_, b_, None, out),
             "copied": lambda: torch.mm(row_major(a_), b_, out=out),
+            "onednn": lambda: onednn_product(a_, b_),
         }
         return {name: paths[name] for name in names}
 
@@ -279,7 +316,8 @@ class RowBlockLinear(torch.autograd.Function):
     """y = x W^T + b with each of its three products through `matmul`: x (M, K), weight
     (N, K), bias (N,) or None -> (M, N). Under autocast the inputs are cast to its dtype
     first (any floating dtype but float64), and the gradients cast back, as nn.Linear's are.
-    First-order only."""
+    First-order only in bf16 and float16; in float32 a backward pass that is itself to be
+    differentiated (create_graph) takes torch's products, which autograd records."""
 
     @staticmethod
     def forward(ctx, x, weight, bias):
@@ -293,23 +331,46 @@ class RowBlockLinear(torch.autograd.Function):
             out = matmul(rows, w.t(), b)  # (M, N)
         ctx.save_for_backward(rows, w)
         ctx.dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype)
+        ctx.cast = dtype != x.dtype or dtype != weight.dtype  # then first-order only
         return out
 
     @staticmethod
-    @once_differentiable  # the backward's products are not themselves differentiated
     def backward(ctx, grad_out):
-        rows, w = ctx.saved_tensors
-        x_dtype, weight_dtype, bias_dtype = ctx.dtypes
-        grad = grad_out.to(w.dtype)  # (M, N)
-        grad_x = grad_w = grad_b = None
-        with torch.autocast("cpu", enabled=False):
-            if ctx.needs_input_grad[0]:
-                grad_x = matmul(grad, w).to(x_dtype)  # (M, K)
-            if ctx.needs_input_grad[1]:
-                grad_w = weight_gradient(grad, rows, weight_dtype)  # (N, K)
-            if bias_dtype is not None and ctx.needs_input_grad[2]:
-                grad_b = grad.sum(0).to(bias_dtype)  # (N,)
-        return grad_x, grad_w, grad_b
+        if torch.is_grad_enabled() and ctx.dtypes[0] == torch.float32 and not ctx.cast:
+            return differentiable_backward(ctx, grad_out)
+        return first_order_backward(ctx, grad_out)
+
+
+def differentiable_backward(ctx, grad_out):
+    """RowBlockLinear's gradients in float32 as torch's own products, recorded by autograd:
+    dx = dy W, dW = dy^T x, db = the column sums of dy."""
+    rows, w = ctx.saved_tensors  # x and W themselves: float32 saves no cast of either
+    grad_x = grad_w = grad_b = None
+    if ctx.needs_input_grad[0]:
+        grad_x = grad_out @ w  # (M, K)
+    if ctx.needs_input_grad[1]:
+        grad_w = grad_out.t() @ rows  # (N, K)
+    if ctx.dtypes[2] is not None and ctx.needs_input_grad[2]:
+        grad_b = grad_out.sum(0)  # (N,)
+    return grad_x, grad_w, grad_b
+
+
+@once_differentiable  # the backward's products are not themselves differentiated
+def first_order_backward(ctx, grad_out):
+    """RowBlockLinear's gradients through `matmul`, in the forward pass's dtype, cast back
+    to the inputs': dx = dy W, dW = dy^T x (weight_gradient), db = the column sums of dy."""
+    rows, w = ctx.saved_tensors
+    x_dtype, weight_dtype, bias_dtype = ctx.dtypes
+    grad = grad_out.to(w.dtype)  # (M, N)
+    grad_x = grad_w = grad_b = None
+    with torch.autocast("cpu", enabled=False):
+        if ctx.needs_input_grad[0]:
+            grad_x = matmul(grad, w).to(x_dtype)  # (M, K)
+        if ctx.needs_input_grad[1]:
+            grad_w = weight_gradient(grad, rows, weight_dtype)  # (N, K)
+        if bias_dtype is not None and ctx.needs_input_grad[2]:
+            grad_b = grad.sum(0).to(bias_dtype)  # (N,)
+    return grad_x, grad_w, grad_b
 
 
 def weight_gradient(grad: torch.Tensor, rows: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
