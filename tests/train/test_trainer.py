@@ -300,7 +300,7 @@ def test_scored_logits_of_a_tied_gpt2_in_bf16_sum_the_table_s_gradients_in_place
     from tformer.train.trainer import ScoredLogits
 
     monkeypatch.setattr(head_product, "VOCAB_SLICE", 16)  # 50 words: more than two slices
-    monkeypatch.setattr(head_product, "slices_are_faster", lambda x, w: False)
+    monkeypatch.setattr(gpt2_module, "forward_path", lambda x, w: "whole")
     model = GPT2(GPT2Config(vocab_size=50, max_len=16, d_model=16, n_layers=1, n_heads=2), seed=0)
     model.eval()  # no dropout
     ids = torch.randint(0, 50, (3, 9), generator=torch.Generator().manual_seed(0))
