@@ -337,25 +337,36 @@ def test_the_compiled_transpose_into_float32_widens_each_value_exactly(shape):
         library.transpose_to_f32(a.float())
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("path", ["as it reads", "transposed"])
-def test_a_weight_gradient_either_way_is_dy_t_x_in_float32(path, monkeypatch):
-    # both ways sum the same products in float32 and round once to bf16; against float64
-    if kernels.load() is None:
+def test_a_weight_gradient_either_way_is_dy_t_x_in_float32(path, dtype, monkeypatch):
+    # both ways sum the same products in float32 (and for bf16 round once); against float64
+    if kernels.load() is None and dtype == torch.bfloat16:
         pytest.skip("the C kernels are not built here")
     real = rb.fastest
 
+    asked = []
+
     def chosen(kind, key, names, candidates):  # this path for the weight gradient only
-        return path if key.startswith("weight gradient") else real(kind, key, names, candidates)
+        if key.startswith("weight gradient"):
+            asked.append(key)
+            return path
+        return real(kind, key, names, candidates)
 
     monkeypatch.setattr(rb, "fastest", chosen)
     g = torch.Generator().manual_seed(2)
-    grad = torch.randn(300, 520, generator=g).to(torch.bfloat16)  # (M, N), K < N
-    rows = torch.randn(300, 96, generator=g).to(torch.bfloat16)  # (M, K)
+    grad = torch.randn(300, 520, generator=g).to(dtype)  # (M, N), K < N
+    rows = torch.randn(300, 96, generator=g).to(dtype)  # (M, K)
     dw = rb.weight_gradient(grad, rows, torch.float32)
     assert dw.shape == (520, 96) and dw.dtype == torch.float32 and dw.is_contiguous()
     exact = grad.double().t() @ rows.double()
-    torch.testing.assert_close(dw.double(), exact, rtol=2**-8, atol=1e-3)
-    assert torch.equal(dw, dw.bfloat16().float())  # a bf16 product's values, widened
+    if dtype == torch.bfloat16:
+        torch.testing.assert_close(dw.double(), exact, rtol=2**-8, atol=1e-3)
+        assert torch.equal(dw, dw.bfloat16().float())  # a bf16 product's values, widened
+    else:  # within the float32 bound of a 300-term sum
+        bound = 300 * 2**-24 * (grad.double().abs().t() @ rows.double().abs())
+        assert ((dw.double() - exact).abs() <= bound).all()
+    assert asked == [f"weight gradient 512x520x96 {rb.dtype_name(dtype)} to float32"]
 
 
 @pytest.mark.parametrize("autocast", [torch.bfloat16, torch.float16])

@@ -35,6 +35,10 @@ KIND = "matmul-v7"  # the measured choices' file and version (nn/measured.py)
 # a call's cost, and this path's Python costs more than a small product gains.
 MIN_ROWS = 256
 MIN_WEIGHT = 1 << 18  # weight elements, K N (512 x 512)
+# float32 layers from this size may take oneDNN's products, where timed faster: on Zen 5,
+# at twice torch's speed, they saved more than this path's calls cost down to nanoGPT's
+# smallest layers (128 x 128; docs/LOG.md, session 41)
+MIN_FLOAT32_WEIGHT = 1 << 14
 HALF_DTYPES = (torch.bfloat16, torch.float16)  # the products this path takes
 # M and K are rounded up in a choice's key, so that a new batch length is not timed anew:
 # to a multiple of KEY_STEP (round_up), and the token count, above KEY_STEPS of them, to a
@@ -62,25 +66,25 @@ def linear(module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
 
 
 def large_plain_linear(module: nn.Module, x: torch.Tensor) -> bool:
-    """A plain_linear module of at least MIN_WEIGHT weights, over at least MIN_ROWS rows,
-    multiplying in bf16 or float16 (its input's dtype, or autocast's), or in float32 where
-    its forward product was timed faster as oneDNN's than as torch's (onednn_wins).
-    Elsewhere float32 stays on nn.Linear: no split was faster there, and this path cost
-    2.7% of a GPT-2 step in float32 with every product whole (docs/LOG.md); float64
-    always."""
-    if type(module) is not nn.Linear:
-        return False
-    if module.weight.numel() < MIN_WEIGHT or x.numel() < MIN_ROWS * x.shape[-1]:
+    """A plain_linear module over at least MIN_ROWS rows: of at least MIN_WEIGHT weights
+    multiplying in bf16 or float16 (its input's dtype, or autocast's), or of at least
+    MIN_FLOAT32_WEIGHT in float32 where its forward product was timed faster as oneDNN's
+    than as torch's (onednn_wins). Elsewhere float32 stays on nn.Linear: no split was
+    faster there, and this path cost 2.7% of a GPT-2 step in float32 with every product
+    whole (docs/LOG.md); float64 always."""
+    if type(module) is not nn.Linear or x.numel() < MIN_ROWS * x.shape[-1]:
         return False  # the sizes first: the cheapest to ask, and most small layers stop here
-    if not plain_linear(module):
+    weights = module.weight.numel()
+    if weights < min(MIN_WEIGHT, MIN_FLOAT32_WEIGHT) or not plain_linear(module):
         return False
     dtype = autocast_dtype(x) or x.dtype
     if dtype == torch.float32 and x.dtype == module.weight.dtype == torch.float32:
         # asked only where the path is taken: a training step on the CPU (nothing is timed
         # for inference, or for a GPU)
         cpu_training = x.device.type == "cpu" and torch.is_grad_enabled()
-        return cpu_training and onednn_wins(x.reshape(-1, x.shape[-1]), module.weight.t())
-    return dtype in HALF_DTYPES
+        takes = weights >= MIN_FLOAT32_WEIGHT and cpu_training
+        return takes and onednn_wins(x.reshape(-1, x.shape[-1]), module.weight.t())
+    return weights >= MIN_WEIGHT and dtype in HALF_DTYPES
 
 
 def onednn_wins(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -376,30 +380,43 @@ def first_order_backward(ctx, grad_out):
 def weight_gradient(grad: torch.Tensor, rows: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """A linear layer's dW = dy^T x in `dtype`: grad dy (M, N), rows x (M, K) -> (N, K).
     Either as it reads (dy^T, a transposed view, through matmul), then cast; or transposed,
-    dW^T = x^T dy (K, N), turned into (N, K) by the cast to float32 it gets anyway
-    (kernels/transpose.c): then x^T is the transposed operand, where dy^T was, the smaller
-    one where K < N. Each element sums the same M products either way; which runs faster
-    is timed on the CPU in use once per shape (M rounded up as in fastest_path), for a bf16
-    product of a float32 weight over at least MIN_ROWS rows, both operands row-major
-    (elsewhere as it reads)."""
+    dW^T = x^T dy (K, N), turned into (N, K): for a bf16 product by the cast to float32 it
+    gets anyway (kernels/transpose.c), for a float32 one by a copy the size of the weight.
+    Then x^T is the transposed operand, where dy^T was, the smaller one where K < N (oneDNN
+    copies a transposed operand first). Each element sums the same M products either way;
+    which runs faster is timed on the CPU in use once per shape (M rounded up as in
+    fastest_path), for a float32 weight's gradient from a bf16 or float32 product over at
+    least MIN_ROWS rows, both operands row-major (elsewhere as it reads)."""
+    if not (dtype == torch.float32 and rows.dtype in (torch.bfloat16, torch.float32)):
+        return matmul(grad.t(), rows).to(dtype)
     library = kernels.load_for(grad, (torch.bfloat16,))
-    takes = library is not None and dtype == torch.float32 and rows.dtype == torch.bfloat16
+    if rows.dtype == torch.bfloat16:
+        if library is None:
+            return matmul(grad.t(), rows).to(dtype)
+        turn = library.transpose_to_f32  # (K, N) bf16 -> (N, K) float32
+    else:
+        turn = float32_transposed
     # as matmul: fewer than MIN_ROWS rows are not worth a timing
-    takes = takes and grad.shape[0] >= MIN_ROWS and grad.is_contiguous() and rows.is_contiguous()
+    takes = grad.shape[0] >= MIN_ROWS and grad.is_contiguous() and rows.is_contiguous()
     if not takes:
         return matmul(grad.t(), rows).to(dtype)
     m, n, k = round_tokens(grad.shape[0]), grad.shape[1], rows.shape[1]
-    key = f"weight gradient {m}x{n}x{k} bfloat16 to float32"
+    key = f"weight gradient {m}x{n}x{k} {dtype_name(rows.dtype)} to float32"
 
     def candidates():
         g = torch.Generator().manual_seed(0)
-        grad_ = torch.randn(m, n, generator=g, dtype=torch.bfloat16)
-        rows_ = torch.randn(m, k, generator=g, dtype=torch.bfloat16)
+        grad_ = torch.randn(m, n, generator=g, dtype=rows.dtype)
+        rows_ = torch.randn(m, k, generator=g, dtype=rows.dtype)
         return {
             "as it reads": lambda: matmul(grad_.t(), rows_).to(dtype),
-            "transposed": lambda: library.transpose_to_f32(matmul(rows_.t(), grad_)),
+            "transposed": lambda: turn(matmul(rows_.t(), grad_)),
         }
 
     if fastest(KIND, key, ("as it reads", "transposed"), candidates) == "transposed":
-        return library.transpose_to_f32(matmul(rows.t(), grad))  # (K, N) -> (N, K)
+        return turn(matmul(rows.t(), grad))  # (K, N) -> (N, K)
     return matmul(grad.t(), rows).to(dtype)
+
+
+def float32_transposed(a: torch.Tensor) -> torch.Tensor:
+    """A float32 (K, N) matrix as its transpose (N, K), row-major: torch's copy."""
+    return a.t().contiguous()
