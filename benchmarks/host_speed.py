@@ -11,13 +11,22 @@ core for a while (the hypervisor may place two virtual CPUs on the two hardware 
 core), the one-thread columns stay put and only the two-thread column rises: the speed-up
 falls from ~1.6 towards ~1.2.
 
+After each turn it also times a cache line's round trip between the two CPUs (round_trip.c,
+compiled here with the system's `cc`; the column is left out without one). On Zen 4 this
+was 55 ns in the host's fast phase and 320-340 ns in its slow one, when the two CPUs no
+longer share a cache and every kernel that reads what the other CPU wrote pays for it
+(docs/LOG.md, session 40).
+
     python benchmarks/host_speed.py [--seconds 120] [--json]
 """
 
 import argparse
 import json
 import os
+import shutil
+import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -68,6 +77,36 @@ def ms_per_step(step: Callable[[], None], cpus: set[int], seconds: float) -> flo
     return (time.perf_counter() - start) / n * 1000
 
 
+def round_trip_timer(directory: str) -> Path | None:
+    """round_trip.c compiled into `directory`, or None where there is no C compiler or it
+    fails (said on stderr)."""
+    compiler = shutil.which("cc")
+    if compiler is None:
+        print("no C compiler (cc): the round trip is not timed", file=sys.stderr)
+        return None
+    binary = Path(directory) / "round_trip"
+    source = Path(__file__).with_name("round_trip.c")
+    built = subprocess.run(
+        [compiler, "-O2", "-pthread", "-o", str(binary), str(source)],
+        capture_output=True,
+        text=True,
+    )
+    if built.returncode != 0:
+        print(f"round_trip.c did not compile: {built.stderr.strip()}", file=sys.stderr)
+        return None
+    return binary
+
+
+def round_trip_ns(binary: Path, first: int, second: int, trips: int = 200_000) -> float:
+    """Nanoseconds a cache line takes from CPU `first` to `second` and back (round_trip.c)."""
+    done = subprocess.run(
+        [str(binary), str(first), str(second), str(trips)], capture_output=True, text=True
+    )
+    if done.returncode != 0:
+        raise SystemExit(f"host_speed: {done.stderr.strip()}")
+    return float(done.stdout)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=120.0, help="how long to watch")
@@ -79,26 +118,34 @@ def main() -> None:
     first, second = cpus[:2]
     keep_freed_memory()
     flush_denormals(True)
-    print(machine_line(), file=sys.stderr)
+    machine = machine_line()  # before the turns set the thread count to one and back
+    print(machine, file=sys.stderr)
     step = training_step()
     for _ in range(20):
         step()
     turns = {"both": {first, second}, f"cpu{first}": {first}, f"cpu{second}": {second}}
-    print("time      " + " ".join(f"{name:>8}" for name in turns) + "  speed-up", file=sys.stderr)
-    rows, end = [], time.time() + args.seconds
-    while time.time() < end:
-        row = {name: round(ms_per_step(step, set(c), 0.4), 1) for name, c in turns.items()}
-        row["speedup"] = round(min(row[f"cpu{first}"], row[f"cpu{second}"]) / row["both"], 2)
-        row["time"] = time.strftime("%H:%M:%S")
-        rows.append(row)
-        print(
-            f"{row['time']} "
-            + " ".join(f"{row[name]:8.1f}" for name in turns)
-            + f"  {row['speedup']:8.2f}",
-            file=sys.stderr,
-        )
+    with tempfile.TemporaryDirectory() as directory:
+        timer = round_trip_timer(directory)
+        trip = "  round trip" if timer is not None else ""
+        header = "time      " + " ".join(f"{name:>8}" for name in turns) + "  speed-up" + trip
+        print(header, file=sys.stderr)
+        rows, end = [], time.time() + args.seconds
+        while time.time() < end:
+            row = {name: round(ms_per_step(step, set(c), 0.4), 1) for name, c in turns.items()}
+            row["speedup"] = round(min(row[f"cpu{first}"], row[f"cpu{second}"]) / row["both"], 2)
+            row["time"] = time.strftime("%H:%M:%S")
+            if timer is not None:
+                row["round_trip_ns"] = round(round_trip_ns(timer, first, second), 1)
+            rows.append(row)
+            print(
+                f"{row['time']} "
+                + " ".join(f"{row[name]:8.1f}" for name in turns)
+                + f"  {row['speedup']:8.2f}"
+                + (f"  {row['round_trip_ns']:7.1f} ns" if timer is not None else ""),
+                file=sys.stderr,
+            )
     if args.json:
-        print(json.dumps({"machine": machine_line(), "ms_per_step": rows}))
+        print(json.dumps({"machine": machine, "ms_per_step": rows}))
 
 
 if __name__ == "__main__":
