@@ -35,9 +35,9 @@ KIND = "matmul-v7"  # the measured choices' file and version (nn/measured.py)
 # a call's cost, and this path's Python costs more than a small product gains.
 MIN_ROWS = 256
 MIN_WEIGHT = 1 << 18  # weight elements, K N (512 x 512)
-# float32 layers from this size may take oneDNN's products, where timed faster: on Zen 5,
-# at twice torch's speed, they saved more than this path's calls cost down to nanoGPT's
-# smallest layers (128 x 128; docs/LOG.md, session 41)
+# float32 layers from this size may take oneDNN's products, where timed faster: down to
+# nanoGPT's smallest layers (128 x 128) they saved more than this path's calls cost
+# (docs/LOG.md, session 41)
 MIN_FLOAT32_WEIGHT = 1 << 14
 HALF_DTYPES = (torch.bfloat16, torch.float16)  # the products this path takes
 # M and K are rounded up in a choice's key, so that a new batch length is not timed anew:
