@@ -260,24 +260,24 @@ def test_a_float32_layer_takes_the_row_blocks_where_onednn_s_product_was_faster(
 
 
 def test_a_float32_row_block_linear_trains_as_nn_linear_second_order_too(monkeypatch):
-    """oneDNN's products against nn.Linear's, to float32's rounding: the output, the three
-    gradients and, with create_graph, a gradient of a gradient (torch's products then)."""
+    """oneDNN's products against nn.Linear's, to float32's rounding: the output and the three
+    gradients (oneDNN's products) and, with create_graph, a gradient of a gradient (torch's
+    products then, which autograd records)."""
     onednn_or_skip()
     force(monkeypatch, "onednn")
     g = torch.Generator().manual_seed(3)
     layer = nn.Linear(512, 520)
     x = torch.randn(2, 150, 512, generator=g, requires_grad=True)
+    inputs = (x, layer.weight, layer.bias)
     results = []
-    for run in (lambda x_: linear(layer, x_), layer):
+    paths = ((lambda x_: linear(layer, x_), "RowBlockLinearBackward"), (layer, "AddmmBackward0"))
+    for run, node in paths:
         out = run(x)
-        first = torch.autograd.grad(
-            out.square().sum(), (x, layer.weight, layer.bias), create_graph=True
-        )
-        second = torch.autograd.grad(first[0].square().sum(), (x, layer.weight))
-        results.append((out, *first, *second))
-        assert grad_nodes(out) == (
-            {"RowBlockLinearBackward"} if not results[1:] else {"AddmmBackward0"}
-        )
+        assert grad_nodes(out) == {node}
+        first = torch.autograd.grad(out.square().sum(), inputs)
+        again = torch.autograd.grad(run(x).square().sum(), inputs, create_graph=True)
+        second = torch.autograd.grad(again[0].square().sum(), (x, layer.weight))
+        results.append((out, *first, *again, *second))
     for ours, theirs in zip(*results, strict=True):
         scale = theirs.abs().max()
         torch.testing.assert_close(ours / scale, theirs / scale, rtol=0, atol=1e-5)
