@@ -259,6 +259,59 @@ def test_a_float32_layer_takes_the_row_blocks_where_onednn_s_product_was_faster(
     torch.testing.assert_close(grads, expected, rtol=1e-5, atol=1e-3)
 
 
+def test_float32_inference_takes_onednn_s_product_where_it_was_faster(monkeypatch):
+    """Without gradients a float32 layer is oneDNN's product where that was timed faster:
+    within float32's rounding of float64's; nn.Linear for few rows, float64, autocast, a
+    hooked layer, or where torch's product was the faster."""
+    onednn_or_skip()
+    g = torch.Generator().manual_seed(4)
+    layer = nn.Linear(512, 300)
+    x = torch.randn(2, 150, 512, generator=g)
+    called = []
+    product = rb.onednn_product
+    monkeypatch.setattr(rb, "onednn_product", lambda *args: called.append(1) or product(*args))
+    force(monkeypatch, "onednn")
+    with torch.no_grad():
+        out = linear(layer, x)
+    assert called == [1] and out.shape == (2, 150, 300) and out.grad_fn is None
+    exact = x.double() @ layer.weight.double().t() + layer.bias.double()
+    bound = 512 * 2**-24 * (x.double().abs() @ layer.weight.double().abs().t() + 1)
+    assert ((out.double() - exact).abs() <= bound).all()
+    with torch.inference_mode():
+        assert torch.equal(linear(layer, x), out) and len(called) == 2
+    with torch.no_grad():
+        linear(layer, x[:, :8])  # 16 rows
+        linear(layer.double(), x.double())
+        layer.float()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert linear(layer, x).dtype == torch.bfloat16
+        handle = layer.register_forward_hook(lambda module, args, output: None)
+        linear(layer, x)
+        handle.remove()
+        force(monkeypatch, "whole")
+        assert torch.equal(linear(layer, x), layer(x))
+    assert len(called) == 2
+
+
+def test_gpt2_s_float32_inference_takes_onednn_s_products_with_the_plain_numbers(monkeypatch):
+    onednn_or_skip()
+    from tformer import GPT2, GPT2Config
+
+    config = GPT2Config(vocab_size=300, max_len=300, d_model=128, n_layers=1, n_heads=4)
+    model = GPT2(config, seed=0).eval()
+    ids = torch.randint(0, 300, (1, 260), generator=torch.Generator().manual_seed(0))
+    called = []
+    product = rb.onednn_product
+    monkeypatch.setattr(rb, "onednn_product", lambda *args: called.append(1) or product(*args))
+    with torch.no_grad():
+        force(monkeypatch, "whole")
+        plain = model(ids)
+        force(monkeypatch, "onednn")
+        ours = model(ids)
+    assert len(called) == 5  # the fused Q, K, V, the output projection, the FFN's two, the head
+    torch.testing.assert_close(ours, plain, rtol=1e-5, atol=1e-5)
+
+
 def test_a_float32_row_block_linear_trains_as_nn_linear_second_order_too(monkeypatch):
     """oneDNN's products against nn.Linear's, to float32's rounding: the output and the three
     gradients (oneDNN's products) and, with create_graph, a gradient of a gradient (torch's

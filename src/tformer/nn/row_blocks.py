@@ -52,7 +52,9 @@ KEY_STEPS = 4
 
 def linear(module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     """module(x), (..., K) -> (..., N), with its products in row blocks where faster: in a
-    training step on the CPU, for a large_plain_linear; otherwise the module itself."""
+    training step on the CPU, for a large_plain_linear; without gradients, a float32 layer
+    as oneDNN's product where that is faster (float32_inference); otherwise the module
+    itself."""
     if (
         not torch.compiler.is_compiling()
         and large_plain_linear(module, x)  # then: most small layers stop at its size test
@@ -62,7 +64,27 @@ def linear(module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, x.shape[-1])  # (M, K)
         # viewed back outside the Function, so that autograd knows the view for what it is
         return RowBlockLinear.apply(rows, module.weight, module.bias).view(*x.shape[:-1], -1)
+    if not torch.is_grad_enabled() and float32_inference(module, x):
+        rows = x.reshape(-1, x.shape[-1])  # (M, K)
+        out = onednn_product(rows, module.weight.t(), module.bias)  # (M, N)
+        return out.view(*x.shape[:-1], -1)
     return module(x)
+
+
+def float32_inference(module: nn.Module, x: torch.Tensor) -> bool:
+    """Whether module(x), with no gradient to come, runs as oneDNN's product: a plain_linear
+    float32 layer of at least MIN_FLOAT32_WEIGHT weights over at least MIN_ROWS rows on the
+    CPU, outside autocast and torch.compile, where oneDNN's product was timed faster for its
+    shape (onednn_wins; the same choice as a training step's forward product)."""
+    if type(module) is not nn.Linear or x.numel() < MIN_ROWS * x.shape[-1]:
+        return False  # the sizes first: decoding's one row a step stops here
+    if module.weight.numel() < MIN_FLOAT32_WEIGHT or x.device.type != "cpu":
+        return False
+    if not (x.dtype == module.weight.dtype == torch.float32) or autocast_dtype(x) is not None:
+        return False
+    if torch.compiler.is_compiling() or not plain_linear(module):
+        return False
+    return onednn_wins(x.reshape(-1, x.shape[-1]), module.weight.t())
 
 
 def large_plain_linear(module: nn.Module, x: torch.Tensor) -> bool:
