@@ -6,7 +6,7 @@ from tformer.models import gpt2 as gpt2_module
 from tformer.nn import head_product as product
 from tformer.nn import measured
 from tformer.nn.head_product import forward_path, head_product, plain_head, takes_product
-from tformer.nn.row_blocks import bias_fused_available
+from tformer.nn.row_blocks import onednn_available
 
 
 @pytest.fixture(params=["whole", "sliced"])
@@ -56,7 +56,7 @@ def test_the_head_product_under_bf16_autocast_matches_linear(path):
 
 
 def test_oneDNN_s_float32_head_product_is_the_product_and_its_gradients():
-    if not bias_fused_available(torch.float32):
+    if not onednn_available(torch.float32):
         pytest.skip("this torch has no oneDNN linear")
     g = torch.Generator().manual_seed(3)
     x = torch.randn(2, 5, 24, generator=g, requires_grad=True)
@@ -124,7 +124,7 @@ def test_gpt2_training_takes_the_head_product_with_the_plain_heads_numbers(
     # float32: where slices or oneDNN's product are faster; bf16: always, the head tied to
     # the embedding by the forward pass's TiedTable (50 words are more than two slices of 16
     # here); oneDNN's is a float32 choice
-    if choice == "onednn" and (dtype == "bfloat16" or not bias_fused_available(torch.float32)):
+    if choice == "onednn" and (dtype == "bfloat16" or not onednn_available(torch.float32)):
         pytest.skip("oneDNN's product is a choice for float32 heads, where torch has it")
     config = GPT2Config(vocab_size=50, max_len=16, d_model=16, n_layers=1, n_heads=2)
     model = GPT2(config, seed=0).eval()  # no dropout: every pass sees the same function
@@ -204,7 +204,7 @@ def test_slicing_is_timed_against_the_whole_product_once(tmp_path, monkeypatch):
     stored = measured.read_choices(measured.choices_file(product.KIND), names)
     assert stored == {"32x8x40 bfloat16": choice}
     float32 = forward_path(x, w)
-    onednn = ["onednn"] if bias_fused_available(torch.float32) else []
+    onednn = ["onednn"] if onednn_available(torch.float32) else []
     assert timed[1] == sorted(["sliced", "whole", *onednn])
     stored = measured.read_choices(measured.choices_file(product.KIND), names)
     assert stored == {"32x8x40 bfloat16": choice, "32x8x40 float32": float32}

@@ -38,7 +38,7 @@ def test_every_path_is_the_product_to_its_summing_order(monkeypatch, path, a_lay
 
 
 def onednn_or_skip():
-    if not rb.bias_fused_available(torch.float32):
+    if not rb.onednn_available(torch.float32):
         pytest.skip("this torch has no oneDNN linear for float32")
 
 
@@ -147,13 +147,13 @@ def test_row_block_linear_trains_as_nn_linear_under_bf16_autocast(monkeypatch, p
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_the_bias_added_by_onednn_s_product_is_addmm_s_result(monkeypatch, dtype):
-    if not rb.bias_fused_available(dtype):
+    if not rb.onednn_available(dtype):
         pytest.skip("this torch has no oneDNN linear with a fused bias")
     g = torch.Generator().manual_seed(2)
     a = torch.randn(300, 96, generator=g).to(dtype)
     weight = torch.randn(72, 96, generator=g).to(dtype)
     bias = torch.randn(72, generator=g).to(dtype)
-    fused = rb.bias_fused(a, weight.t(), bias)
+    fused = rb.onednn_product(a, weight.t(), bias)
     assert fused.shape == (300, 72) and fused.is_contiguous() and fused._base is None
     assert torch.equal(fused, torch.addmm(bias, a, weight.t()))
     # matmul takes it where it was timed faster, once per shape
@@ -162,7 +162,7 @@ def test_the_bias_added_by_onednn_s_product_is_addmm_s_result(monkeypatch, dtype
 
 
 def test_the_fused_bias_is_timed_once_and_only_for_the_operands_it_takes(monkeypatch):
-    if not rb.bias_fused_available(torch.bfloat16):
+    if not rb.onednn_available(torch.bfloat16):
         pytest.skip("this torch has no oneDNN linear with a fused bias")
     a, b, bias = operands(512, 32, 16, torch.bfloat16, "n")
     weight = b.t().contiguous()
@@ -178,7 +178,7 @@ def test_the_fused_bias_is_timed_once_and_only_for_the_operands_it_takes(monkeyp
 
 
 def test_a_small_layer_s_fused_bias_is_timed_at_its_own_width(monkeypatch):
-    if not rb.bias_fused_available(torch.bfloat16):
+    if not rb.onednn_available(torch.bfloat16):
         pytest.skip("this torch has no oneDNN linear with a fused bias")
     a, b, bias = operands(512, 32, 16, torch.bfloat16, "n")
     weight = b.t().contiguous()

@@ -34,8 +34,8 @@ from tformer.nn.embedding import TiedTable
 from tformer.nn.measured import dtype_name, fastest
 from tformer.nn.row_blocks import (
     autocast_dtype,
-    bias_fused_available,
     matmul,
+    onednn_available,
     onednn_product,
     plain_linear,
     weight_gradient,
@@ -87,7 +87,7 @@ def forward_path(x: torch.Tensor, weight: torch.Tensor) -> str:
     rows = 1 << max(x.numel() // x.shape[-1] - 1, 0).bit_length()  # N, rounded up
     key = f"{rows}x{x.shape[-1]}x{weight.shape[0]} {dtype_name(dtype)}"
     names = ("whole", "sliced")
-    if dtype == torch.float32 and bias_fused_available(dtype):
+    if dtype == torch.float32 and onednn_available(dtype):
         names += ("onednn",)
 
     def candidates():

@@ -52,9 +52,8 @@ KEY_STEPS = 4
 
 def linear(module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     """module(x), (..., K) -> (..., N), with its products in row blocks where faster: in a
-    training step on the CPU, for a large_plain_linear; without gradients, a float32 layer
-    as oneDNN's product where that is faster (float32_inference); otherwise the module
-    itself."""
+    training step on the CPU, for a large_plain_linear; without gradients, for an
+    onednn_layer, as oneDNN's product; otherwise the module itself."""
     if (
         not torch.compiler.is_compiling()
         and large_plain_linear(module, x)  # then: most small layers stop at its size test
@@ -64,58 +63,42 @@ def linear(module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, x.shape[-1])  # (M, K)
         # viewed back outside the Function, so that autograd knows the view for what it is
         return RowBlockLinear.apply(rows, module.weight, module.bias).view(*x.shape[:-1], -1)
-    if not torch.is_grad_enabled() and float32_inference(module, x):
+    if not torch.is_grad_enabled() and onednn_layer(module, x):
         rows = x.reshape(-1, x.shape[-1])  # (M, K)
         out = onednn_product(rows, module.weight.t(), module.bias)  # (M, N)
         return out.view(*x.shape[:-1], -1)
     return module(x)
 
 
-def float32_inference(module: nn.Module, x: torch.Tensor) -> bool:
-    """Whether module(x), with no gradient to come, runs as oneDNN's product: a plain_linear
-    float32 layer of at least MIN_FLOAT32_WEIGHT weights over at least MIN_ROWS rows on the
-    CPU, outside autocast and torch.compile, where oneDNN's product was timed faster for its
-    shape (onednn_wins; the same choice as a training step's forward product)."""
+def large_plain_linear(module: nn.Module, x: torch.Tensor) -> bool:
+    """A plain_linear module over at least MIN_ROWS rows of at least MIN_WEIGHT weights,
+    multiplying in bf16 or float16 (its input's dtype, or autocast's); in float32, in a
+    training step, an onednn_layer. Elsewhere float32 stays on nn.Linear: no split was
+    faster there, and this path cost 2.7% of a GPT-2 step in float32 with every product
+    whole (docs/LOG.md); float64 always."""
+    if type(module) is not nn.Linear or x.numel() < MIN_ROWS * x.shape[-1]:
+        return False  # the sizes first: the cheapest to ask, and most small layers stop here
+    if (autocast_dtype(x) or x.dtype) in HALF_DTYPES:
+        return module.weight.numel() >= MIN_WEIGHT and plain_linear(module)
+    return torch.is_grad_enabled() and onednn_layer(module, x)
+
+
+def onednn_layer(module: nn.Module, x: torch.Tensor) -> bool:
+    """Whether module(x) is a plain_linear float32 layer of at least MIN_FLOAT32_WEIGHT
+    weights over at least MIN_ROWS rows on the CPU, outside autocast, torch.compile and
+    torch.func's transforms (which oneDNN's op takes no part in: nn.Linear keeps them
+    working), whose forward product was timed faster here as oneDNN's (fastest_path)."""
     if type(module) is not nn.Linear or x.numel() < MIN_ROWS * x.shape[-1]:
         return False  # the sizes first: decoding's one row a step stops here
     if module.weight.numel() < MIN_FLOAT32_WEIGHT or x.device.type != "cpu":
         return False
     if not (x.dtype == module.weight.dtype == torch.float32) or autocast_dtype(x) is not None:
         return False
-    if torch.compiler.is_compiling() or not plain_linear(module):
+    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
         return False
-    return onednn_wins(x.reshape(-1, x.shape[-1]), module.weight.t())
-
-
-def large_plain_linear(module: nn.Module, x: torch.Tensor) -> bool:
-    """A plain_linear module over at least MIN_ROWS rows: of at least MIN_WEIGHT weights
-    multiplying in bf16 or float16 (its input's dtype, or autocast's), or of at least
-    MIN_FLOAT32_WEIGHT in float32 where its forward product was timed faster as oneDNN's
-    than as torch's (onednn_wins). Elsewhere float32 stays on nn.Linear: no split was
-    faster there, and this path cost 2.7% of a GPT-2 step in float32 with every product
-    whole (docs/LOG.md); float64 always."""
-    if type(module) is not nn.Linear or x.numel() < MIN_ROWS * x.shape[-1]:
-        return False  # the sizes first: the cheapest to ask, and most small layers stop here
-    weights = module.weight.numel()
-    if weights < min(MIN_WEIGHT, MIN_FLOAT32_WEIGHT) or not plain_linear(module):
+    if not plain_linear(module):
         return False
-    dtype = autocast_dtype(x) or x.dtype
-    if dtype == torch.float32 and x.dtype == module.weight.dtype == torch.float32:
-        # asked only where the path is taken: a training step on the CPU (nothing is timed
-        # for inference, or for a GPU)
-        cpu_training = x.device.type == "cpu" and torch.is_grad_enabled()
-        takes = weights >= MIN_FLOAT32_WEIGHT and cpu_training
-        return takes and onednn_wins(x.reshape(-1, x.shape[-1]), module.weight.t())
-    return weights >= MIN_WEIGHT and dtype in HALF_DTYPES
-
-
-def onednn_wins(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Whether the float32 product a b runs fastest here as oneDNN's (fastest_path), and
-    may run so: outside torch.func's transforms, which oneDNN's op does not take part in
-    (nn.Linear's path keeps them working)."""
-    if torch._C._are_functorch_transforms_active() or not bias_fused_available(torch.float32):
-        return False
-    return fastest_path(a, b) == "onednn"
+    return fastest_path(x.reshape(-1, x.shape[-1]), module.weight.t()) == "onednn"
 
 
 def plain_linear(module: nn.Module) -> bool:
@@ -153,7 +136,7 @@ def matmul(
         product = onednn_product(a, b, bias)  # (M, N)
         return product if out is None else out.copy_(product)
     if bias is not None and out is None and bias_fused_faster(a, b, bias, path):
-        return bias_fused(a, b, bias)
+        return onednn_product(a, b, bias)
     if out is None:
         out = torch.empty(a.shape[0], b.shape[1], dtype=a.dtype, device=a.device)
     if path == "halves":
@@ -176,32 +159,30 @@ def in_halves(
     return out
 
 
-def bias_fused(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """a b + bias in one oneDNN product whose output stage adds the bias: a (M, K) row-major,
-    b (K, N) the transposed view of a row-major (N, K) weight. torch's addmm first copies
-    the bias into every output row and then has the product add onto them: a whole extra
-    pass over the output (docs/LOG.md). The op is the one torch.compile's CPU backend
-    emits for a linear layer; the values are addmm's."""
-    return onednn_product(a, b, bias)
-
-
 def onednn_product(
     a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None
 ) -> torch.Tensor:
     """a b (+ bias) as oneDNN's linear layer computes it: (M, K) x (K, N) -> (M, N), each
-    operand row-major or transposed, read where it lies (oneDNN takes the strides)."""
+    operand row-major or transposed, read where it lies (oneDNN takes the strides). Its
+    output stage adds the bias as it writes, where torch's addmm first copies the bias into
+    every output row and then has the product add onto them, a whole extra pass over the
+    output (docs/LOG.md); with a row-major a and b the transposed view of a row-major
+    weight, the values are addmm's. The op is the one torch.compile's CPU backend emits for
+    a linear layer. In float32 it is oneDNN's own product, where torch's is MKL's."""
     return torch.ops.mkldnn._linear_pointwise(a, b.t(), bias, "none", [], "")
 
 
 @functools.cache
-def bias_fused_available(dtype: torch.dtype) -> bool:
-    """Whether this torch has oneDNN's linear with a fused bias for `dtype`, and it runs
-    here."""
+def onednn_available(dtype: torch.dtype) -> bool:
+    """Whether this torch has oneDNN's linear (onednn_product) for `dtype`, bias and all,
+    and it runs here."""
     if not torch.backends.mkldnn.is_available():
         return False
     try:
         a, w, bias = (torch.ones(shape, dtype=dtype) for shape in ((2, 3), (4, 3), (4,)))
-        return bool(torch.equal(bias_fused(a, w.t(), bias), torch.full((2, 4), 4.0, dtype=dtype)))
+        return bool(
+            torch.equal(onednn_product(a, w.t(), bias), torch.full((2, 4), 4.0, dtype=dtype))
+        )
     except (AttributeError, RuntimeError):
         return False
 
@@ -209,14 +190,14 @@ def bias_fused_available(dtype: torch.dtype) -> bool:
 def bias_fused_faster(
     a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor, path: str, exact_width: bool = False
 ) -> bool:
-    """Whether a b + bias runs faster as bias_fused than on `path` with addmm, as timed
+    """Whether a b + bias runs faster as onednn_product than on `path` with addmm, as timed
     once on this CPU for the shape (M, K rounded up as in fastest_path; K as it is where
-    `exact_width`) and dtype. Only for the operands bias_fused takes, on the CPU."""
+    `exact_width`) and dtype. Only for a row-major a and a transposed weight b, on the CPU."""
     if a.device.type != "cpu" or layout(a) != "n" or layout(b) != "t" or bias.dim() != 1:
         return False
     if not (a.is_contiguous() and b.t().is_contiguous() and bias.is_contiguous()):
         return False
-    if bias.dtype != a.dtype or not bias_fused_available(a.dtype):
+    if bias.dtype != a.dtype or not onednn_available(a.dtype):
         return False
     (m, k), n = key_sizes(a), b.shape[1]
     if exact_width:
@@ -234,14 +215,14 @@ def bias_fused_faster(
             # a row-major a's copy is a itself: matmul's "copied" is addmm on it
             "copied": lambda: torch.addmm(bias_, a_, b_, out=out),
         }
-        return {path: addmm[path], "fused": lambda: bias_fused(a_, b_, bias_)}
+        return {path: addmm[path], "fused": lambda: onednn_product(a_, b_, bias_)}
 
     return fastest(KIND, key, (path, "fused"), candidates) == "fused"
 
 
 def bias_product(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """x w^T + b for a small layer's step, bf16 (M, K) x (N, K) + (N,) -> (M, N), row-major
-    operands: bias_fused where that was timed faster for the shape here, else addmm (the
+    operands: onednn_product where that was timed faster for the shape here, else addmm (the
     same values). Without row blocks or the questions matmul asks at every call, which
     cost a small layer more than they save. Timed at the layer's own width (K): rounded up
     as a large layer's key is, a width of 128 was timed at 256, where the other path won
@@ -252,7 +233,7 @@ def bias_product(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Ten
     fused = _bias_fused.get(key)
     if fused is None:  # asked once per shape: the question itself costs more than a cast
         fused = _bias_fused[key] = bias_fused_faster(x, w.t(), b, "whole", exact_width=True)
-    if fused:  # bias_fused's op, given the weight as it is stored
+    if fused:  # onednn_product's op, given the weight as it is stored
         return torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
     return torch.addmm(b, x, w.t())
 
@@ -303,7 +284,7 @@ def fastest_path(a: torch.Tensor, b: torch.Tensor) -> str:
     (m, k), n = key_sizes(a), b.shape[1]
     names = ("whole", "halves") + (("copied",) if layout(a) == "t" else ())
     if a.dtype == torch.float32 and "s" not in (layout(a), layout(b)):
-        names += ("onednn",) if bias_fused_available(torch.float32) else ()
+        names += ("onednn",) if onednn_available(torch.float32) else ()
     key = f"{m}x{k}x{n} {layout(a)}{layout(b)} {dtype_name(a.dtype)}"
 
     def candidates():
